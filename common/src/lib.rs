@@ -1,0 +1,13 @@
+//! Shared by every stage: models in Hugging Face layout, checkpoint I/O, generation with a
+//! KV cache, tensor ops, and device/dtype selection.
+
+pub mod checkpoint;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod logging;
+pub mod models;
+pub mod ops;
+
+pub use error::{Error, Result};
+pub use models::{Head, Model, ModelConfig};

@@ -1,0 +1,248 @@
+//! GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners").
+//!
+//! Mirrors `transformers/models/gpt2/modeling_gpt2.py`: learned positions, pre-LayerNorm
+//! blocks, fused `c_attn`, `gelu_new`. Parameters keep Hugging Face's names *and* layouts:
+//! GPT-2's `Conv1D` stores weights as `[in, out]`, so `Conv1D::forward` is `x·W + b` and
+//! no checkpoint tensor is ever transposed.
+
+use serde::Deserialize;
+use tch::nn::{self, Init};
+use tch::Tensor;
+
+use super::attention::{KvCache, Masking};
+use super::layers::{Embedding, LayerNorm};
+
+/// GPT-2's `config.json`, with Hugging Face's field names and defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: i64,
+    #[serde(default = "defaults::n_positions")]
+    pub n_positions: i64,
+    #[serde(default = "defaults::n_embd")]
+    pub n_embd: i64,
+    #[serde(default = "defaults::n_layer")]
+    pub n_layer: i64,
+    #[serde(default = "defaults::n_head")]
+    pub n_head: i64,
+    #[serde(default)]
+    pub n_inner: Option<i64>,
+    #[serde(default = "defaults::activation")]
+    pub activation_function: String,
+    #[serde(default = "defaults::eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "defaults::init_range")]
+    pub initializer_range: f64,
+    #[serde(default = "defaults::yes")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default = "defaults::yes")]
+    pub tie_word_embeddings: bool,
+}
+
+mod defaults {
+    pub fn vocab_size() -> i64 {
+        50257
+    }
+    pub fn n_positions() -> i64 {
+        1024
+    }
+    pub fn n_embd() -> i64 {
+        768
+    }
+    pub fn n_layer() -> i64 {
+        12
+    }
+    pub fn n_head() -> i64 {
+        12
+    }
+    pub fn activation() -> String {
+        "gelu_new".into()
+    }
+    pub fn eps() -> f64 {
+        1e-5
+    }
+    pub fn init_range() -> f64 {
+        0.02
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+pub const ACTIVATIONS: &[&str] = &["gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu"];
+
+impl Config {
+    /// Values this implementation cannot honour, as `field: problem` messages.
+    pub fn validate(&self) -> Result<(), String> {
+        if !ACTIVATIONS.contains(&self.activation_function.as_str()) {
+            return Err(format!(
+                "activation_function '{}' is not supported (supported: {})",
+                self.activation_function,
+                ACTIVATIONS.join(", ")
+            ));
+        }
+        if self.n_embd % self.n_head != 0 {
+            return Err(format!(
+                "n_embd {} is not a multiple of n_head {}",
+                self.n_embd, self.n_head
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn activate(name: &str, x: &Tensor) -> Tensor {
+    match name {
+        "gelu_new" | "gelu_pytorch_tanh" => x.gelu("tanh"),
+        "gelu" => x.gelu("none"),
+        "relu" => x.relu(),
+        _ => x.silu(),
+    }
+}
+
+/// `transformers.pytorch_utils.Conv1D`: weight `[in, out]`, bias `[out]`.
+#[derive(Debug)]
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn new(p: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> Self {
+        let weight = p.var(
+            "weight",
+            &[in_dim, out_dim],
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        );
+        let bias = p.zeros("bias", &[out_dim]);
+        Conv1D { weight, bias }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.weight) + &self.bias
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+    n_head: i64,
+    scale: Option<f64>,
+}
+
+impl Block {
+    fn new(p: nn::Path, cfg: &Config, layer: i64) -> Self {
+        let h = cfg.n_embd;
+        let inner = cfg.n_inner.unwrap_or(4 * h);
+        let std = cfg.initializer_range;
+        // GPT-2 scales the residual projections by 1/sqrt(2·n_layer) at initialisation.
+        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+        let head_dim = (h / cfg.n_head) as f64;
+        let mut scale = if cfg.scale_attn_weights {
+            1.0 / head_dim.sqrt()
+        } else {
+            1.0
+        };
+        if cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (layer + 1) as f64;
+        }
+        Block {
+            ln_1: LayerNorm::new(&p / "ln_1", h, cfg.layer_norm_epsilon),
+            c_attn: Conv1D::new(&p / "attn" / "c_attn", h, 3 * h, std),
+            attn_proj: Conv1D::new(&p / "attn" / "c_proj", h, h, proj_std),
+            ln_2: LayerNorm::new(&p / "ln_2", h, cfg.layer_norm_epsilon),
+            c_fc: Conv1D::new(&p / "mlp" / "c_fc", h, inner, std),
+            mlp_proj: Conv1D::new(&p / "mlp" / "c_proj", inner, h, proj_std),
+            n_head: cfg.n_head,
+            scale: Some(scale),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        masking: &Masking,
+        activation: &str,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
+        let (b, t, h) = x.size3().unwrap();
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x));
+        let heads = |t_: Tensor| {
+            t_.view([b, t, self.n_head, h / self.n_head])
+                .transpose(1, 2)
+        };
+        let mut parts = qkv.split(h, -1).into_iter();
+        let q = heads(parts.next().unwrap());
+        let k = heads(parts.next().unwrap());
+        let v = heads(parts.next().unwrap());
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let attn = masking
+            .attend(&q, &k, &v, self.scale)
+            .transpose(1, 2)
+            .reshape([b, t, h]);
+        let x = x + self.attn_proj.forward(&attn);
+        let mlp = self.mlp_proj.forward(&activate(
+            activation,
+            &self.c_fc.forward(&self.ln_2.forward(&x)),
+        ));
+        x + mlp
+    }
+}
+
+/// `GPT2Model`: embeddings, blocks and the final LayerNorm, under `transformer.`.
+#[derive(Debug)]
+pub struct Gpt2 {
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    activation: String,
+}
+
+impl Gpt2 {
+    pub fn new(p: nn::Path, cfg: &Config) -> Self {
+        let std = cfg.initializer_range;
+        Gpt2 {
+            wte: Embedding::new(&p / "wte", cfg.vocab_size, cfg.n_embd, std),
+            wpe: Embedding::new(&p / "wpe", cfg.n_positions, cfg.n_embd, std),
+            blocks: (0..cfg.n_layer)
+                .map(|i| Block::new(&p / "h" / i, cfg, i))
+                .collect(),
+            ln_f: LayerNorm::new(&p / "ln_f", cfg.n_embd, cfg.layer_norm_epsilon),
+            activation: cfg.activation_function.clone(),
+        }
+    }
+
+    pub fn embedding_weight(&self) -> &Tensor {
+        &self.wte.weight
+    }
+
+    /// Final hidden states `[B, T, H]` of `ids` at `positions`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        masking: &Masking,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let mut x = self.wte.forward(ids) + self.wpe.forward(positions);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            x = block.forward(&x, masking, &self.activation, layer_cache);
+        }
+        self.ln_f.forward(&x)
+    }
+}

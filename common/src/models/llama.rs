@@ -1,0 +1,423 @@
+//! The Llama family: Llama 2/3 (Touvron et al. 2023), Mistral and Qwen2, which differ only
+//! in configuration.
+//!
+//! Mirrors `transformers/models/llama/modeling_llama.py` (and the `mistral`, `qwen2`
+//! copies): RMSNorm, rotary embeddings (default, linear or llama3 frequencies), SwiGLU,
+//! grouped-query attention, optional q/k/v bias, tied or untied embeddings.
+
+use serde::Deserialize;
+use serde_json::Value;
+use tch::nn::{self};
+use tch::{Kind, Tensor};
+
+use super::attention::{KvCache, Masking};
+use super::layers::{Embedding, Linear};
+
+/// `config.json` of `llama`, `mistral` and `qwen2`, with Hugging Face's field names.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub model_type: String,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    #[serde(default)]
+    pub num_key_value_heads: Option<i64>,
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+    #[serde(default = "defaults::rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "defaults::hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "defaults::init_range")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// transformers 4 layout: `rope_theta` and `rope_scaling` at the top level.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    /// transformers 5 layout: everything under `rope_parameters`.
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    #[serde(default)]
+    pub sliding_window: Option<i64>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+}
+
+mod defaults {
+    pub fn rms_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn hidden_act() -> String {
+        "silu".into()
+    }
+    pub fn init_range() -> f64 {
+        0.02
+    }
+}
+
+/// How rotary frequencies are derived from the base ones.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+impl Config {
+    pub fn num_kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || self.attention_bias
+    }
+
+    /// The attention window, where the architecture uses one.
+    pub fn sliding_window(&self) -> Option<i64> {
+        match self.model_type.as_str() {
+            "mistral" => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    /// Rotary parameters from either config layout.
+    pub fn rope(&self) -> Result<Rope, String> {
+        let params = self
+            .rope_parameters
+            .as_ref()
+            .or(self.rope_scaling.as_ref())
+            .filter(|v| !v.is_null());
+        let get = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_f64);
+        let theta = get("rope_theta").or(self.rope_theta).unwrap_or(10000.0);
+        let kind = params
+            .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let need = |key: &str| get(key).ok_or(format!("rope {kind} scaling needs '{key}'"));
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: need("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: need("original_max_position_embeddings")?,
+            },
+            other => {
+                return Err(format!(
+                    "rope_type '{other}' is not supported (supported: default, linear, llama3)"
+                ))
+            }
+        };
+        Ok(Rope { theta, scaling })
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.hidden_act != "silu" {
+            return Err(format!(
+                "hidden_act '{}' is not supported (supported: silu)",
+                self.hidden_act
+            ));
+        }
+        if self.num_attention_heads % self.num_kv_heads() != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.num_kv_heads()
+            ));
+        }
+        if self.model_type == "qwen2" && self.use_sliding_window == Some(true) {
+            return Err("use_sliding_window true is not supported for qwen2".into());
+        }
+        self.rope().map(|_| ())
+    }
+}
+
+/// Inverse frequencies `[D/2]` (f32), as `transformers`' `ROPE_INIT_FUNCTIONS` compute them.
+pub fn inv_freq(rope: &Rope, head_dim: i64) -> Vec<f64> {
+    let base: Vec<f64> = (0..head_dim / 2)
+        .map(|i| 1.0 / rope.theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect();
+    match rope.scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old_len,
+        } => {
+            let low_wavelen = old_len / low_freq_factor;
+            let high_wavelen = old_len / high_freq_factor;
+            base.into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old_len / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// `LlamaRMSNorm`: normalise in f32, scale in the input dtype.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        RmsNorm {
+            weight: p.ones("weight", &[dim]),
+            eps,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.square().mean_dim([-1].as_slice(), true, Kind::Float);
+        &self.weight * (xf * (var + self.eps).rsqrt()).to_kind(kind)
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    n_heads: i64,
+    n_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Layer {
+    fn new(p: nn::Path, cfg: &Config) -> Self {
+        let (h, d, std) = (cfg.hidden_size, cfg.head_dim(), cfg.initializer_range);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let attn = &p / "self_attn";
+        let mlp = &p / "mlp";
+        let i = cfg.intermediate_size;
+        Layer {
+            input_layernorm: RmsNorm::new(&p / "input_layernorm", h, cfg.rms_norm_eps),
+            q_proj: Linear::new(&attn / "q_proj", h, nh * d, cfg.qkv_bias(), std),
+            k_proj: Linear::new(&attn / "k_proj", h, nkv * d, cfg.qkv_bias(), std),
+            v_proj: Linear::new(&attn / "v_proj", h, nkv * d, cfg.qkv_bias(), std),
+            o_proj: Linear::new(&attn / "o_proj", nh * d, h, cfg.attention_bias, std),
+            post_attention_layernorm: RmsNorm::new(
+                &p / "post_attention_layernorm",
+                h,
+                cfg.rms_norm_eps,
+            ),
+            gate_proj: Linear::new(&mlp / "gate_proj", h, i, cfg.mlp_bias, std),
+            up_proj: Linear::new(&mlp / "up_proj", h, i, cfg.mlp_bias, std),
+            down_proj: Linear::new(&mlp / "down_proj", i, h, cfg.mlp_bias, std),
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: d,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        masking: &Masking,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().unwrap();
+        let normed = self.input_layernorm.forward(x);
+        let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
+        let rope = |y: Tensor| &y * cos + rotate_half(&y) * sin;
+        let q = rope(heads(self.q_proj.forward(&normed), self.n_heads));
+        let k = rope(heads(self.k_proj.forward(&normed), self.n_kv_heads));
+        let v = heads(self.v_proj.forward(&normed), self.n_kv_heads);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let attn = masking.attend(&q, &k, &v, None).transpose(1, 2).reshape([
+            b,
+            t,
+            self.n_heads * self.head_dim,
+        ]);
+        let x = x + self.o_proj.forward(&attn);
+        let normed = self.post_attention_layernorm.forward(&x);
+        let mlp = self
+            .down_proj
+            .forward(&(self.gate_proj.forward(&normed).silu() * self.up_proj.forward(&normed)));
+        x + mlp
+    }
+}
+
+/// `LlamaModel`: embeddings, decoder layers and the final norm, under `model.`.
+#[derive(Debug)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    inv_freq: Tensor,
+    sliding_window: Option<i64>,
+}
+
+impl Llama {
+    /// `cfg` must have passed [`Config::validate`].
+    pub fn new(p: nn::Path, cfg: &Config) -> Self {
+        let rope = cfg.rope().expect("validated config");
+        let inv_freq: Vec<f32> = inv_freq(&rope, cfg.head_dim())
+            .into_iter()
+            .map(|f| f as f32)
+            .collect();
+        Llama {
+            embed_tokens: Embedding::new(
+                &p / "embed_tokens",
+                cfg.vocab_size,
+                cfg.hidden_size,
+                cfg.initializer_range,
+            ),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| Layer::new(&p / "layers" / i, cfg))
+                .collect(),
+            norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.rms_norm_eps),
+            inv_freq: Tensor::from_slice(&inv_freq).to_device(p.device()),
+            sliding_window: cfg.sliding_window(),
+        }
+    }
+
+    pub fn embedding_weight(&self) -> &Tensor {
+        &self.embed_tokens.weight
+    }
+
+    /// Final hidden states `[B, T, H]` of `ids` at `positions`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        masking: &Masking,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let mut x = self.embed_tokens.forward(ids);
+        // cos/sin in f32 like transformers, then in the activations' dtype: [B, 1, T, D].
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        let (cos, sin) = (emb.cos().to_kind(x.kind()), emb.sin().to_kind(x.kind()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            x = layer.forward(&x, (&cos, &sin), masking, layer_cache);
+        }
+        self.norm.forward(&x)
+    }
+
+    pub fn sliding_window(&self) -> Option<i64> {
+        self.sliding_window
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> Config {
+        let mut v = serde_json::json!({
+            "model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn rope_from_both_config_layouts() {
+        let v4 = config(serde_json::json!({"rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}));
+        let v5 = config(
+            serde_json::json!({"rope_parameters": {"rope_theta": 500000.0,
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+        );
+        assert_eq!(v4.rope().unwrap(), v5.rope().unwrap());
+        assert_eq!(v4.rope().unwrap().theta, 500000.0);
+        let plain = config(serde_json::json!({}));
+        assert_eq!(plain.rope().unwrap().scaling, RopeScaling::None);
+        let bad = config(serde_json::json!({"rope_parameters": {"rope_type": "yarn"}}));
+        assert!(bad.validate().unwrap_err().contains("yarn"));
+    }
+
+    #[test]
+    fn llama3_frequencies_keep_high_and_scale_low() {
+        let rope = Rope {
+            theta: 500000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            },
+        };
+        let plain = inv_freq(
+            &Rope {
+                theta: 500000.0,
+                scaling: RopeScaling::None,
+            },
+            128,
+        );
+        let scaled = inv_freq(&rope, 128);
+        assert_eq!(scaled[0], plain[0]);
+        assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-15);
+    }
+}

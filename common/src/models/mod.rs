@@ -1,0 +1,357 @@
+//! Causal language models in Hugging Face layout: a backbone per architecture (one file
+//! each) and a head that is either the language-model head or the scalar `score` head of
+//! `*ForSequenceClassification`.
+
+pub mod attention;
+pub mod gpt2;
+mod layers;
+pub mod llama;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use serde_json::Value;
+use tch::nn::{self, Init};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, LoadReport};
+use crate::error::{Error, Result};
+pub use attention::{positions_from_mask, KvCache, Masking};
+
+/// `model_type` values this crate implements.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2"];
+
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per model, never in a hot loop
+pub enum Arch {
+    Gpt2(gpt2::Config),
+    Llama(llama::Config),
+}
+
+/// A parsed `config.json`, keeping the original JSON so that saving preserves every field.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub raw: serde_json::Map<String, Value>,
+}
+
+impl ModelConfig {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let raw: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_json(raw, &path)
+    }
+
+    /// `path` names the file in errors.
+    pub fn from_json(raw: Value, path: &Path) -> Result<Self> {
+        let Value::Object(raw) = raw else {
+            return Err(Error::config(path, "expected a JSON object"));
+        };
+        let model_type = raw
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config(path, "field 'model_type' is missing"))?;
+        let invalid = |e: serde_json::Error| Error::config(path, e.to_string());
+        let arch = match model_type {
+            "gpt2" => {
+                let c: gpt2::Config =
+                    serde_json::from_value(Value::Object(raw.clone())).map_err(invalid)?;
+                c.validate().map_err(|m| Error::config(path, m))?;
+                Arch::Gpt2(c)
+            }
+            "llama" | "mistral" | "qwen2" => {
+                let c: llama::Config =
+                    serde_json::from_value(Value::Object(raw.clone())).map_err(invalid)?;
+                c.validate().map_err(|m| Error::config(path, m))?;
+                Arch::Llama(c)
+            }
+            other => {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "model_type '{other}' is not supported (supported: {})",
+                        SUPPORTED_MODEL_TYPES.join(", ")
+                    ),
+                ))
+            }
+        };
+        Ok(ModelConfig { arch, raw })
+    }
+
+    pub fn model_type(&self) -> &str {
+        self.raw["model_type"].as_str().unwrap_or_default()
+    }
+
+    pub fn hidden_size(&self) -> i64 {
+        match &self.arch {
+            Arch::Gpt2(c) => c.n_embd,
+            Arch::Llama(c) => c.hidden_size,
+        }
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        match &self.arch {
+            Arch::Gpt2(c) => c.vocab_size,
+            Arch::Llama(c) => c.vocab_size,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        (match &self.arch {
+            Arch::Gpt2(c) => c.n_layer,
+            Arch::Llama(c) => c.num_hidden_layers,
+        }) as usize
+    }
+
+    pub fn tie_word_embeddings(&self) -> bool {
+        match &self.arch {
+            Arch::Gpt2(c) => c.tie_word_embeddings,
+            Arch::Llama(c) => c.tie_word_embeddings,
+        }
+    }
+
+    /// Integer or list field of `config.json` (`eos_token_id` may be either).
+    pub fn token_ids(&self, field: &str) -> Vec<i64> {
+        ids_of(self.raw.get(field))
+    }
+
+    fn backbone_prefix(&self) -> &'static str {
+        match self.arch {
+            Arch::Gpt2(_) => "transformer",
+            Arch::Llama(_) => "model",
+        }
+    }
+
+    /// The single adapter between stored names and ours: our variables carry
+    /// `transformers`' names and layouts, and a base-model checkpoint (`GPT2Model`,
+    /// `LlamaModel`) stores the backbone without its prefix.
+    fn checkpoint_aliases(&self, name: &str) -> Vec<String> {
+        let prefix = format!("{}.", self.backbone_prefix());
+        name.strip_prefix(&prefix)
+            .map(|short| vec![short.to_string()])
+            .unwrap_or_default()
+    }
+}
+
+/// An integer, or a list of integers, from a JSON field.
+pub fn ids_of(value: Option<&Value>) -> Vec<i64> {
+    match value {
+        Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+        _ => vec![],
+    }
+}
+
+/// Which output a model produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Next-token logits `[B, T, V]` (`*ForCausalLM`).
+    Lm,
+    /// One scalar per position `[B, T]` (`*ForSequenceClassification`, `num_labels = 1`).
+    Score,
+}
+
+#[derive(Debug)]
+enum Backbone {
+    Gpt2(gpt2::Gpt2),
+    Llama(llama::Llama),
+}
+
+/// A backbone and a head, with its variables in one `VarStore` under HF names.
+#[derive(Debug)]
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub config: ModelConfig,
+    pub head: Head,
+    backbone: Backbone,
+    /// `[V, H]` (possibly the tied input embedding) or `[1, H]`: both heads are a
+    /// bias-free linear map of the final hidden states.
+    head_weight: Tensor,
+}
+
+const SCORE_WEIGHT: &str = "score.weight";
+
+impl Model {
+    /// A model with freshly initialised weights (`transformers`' initialisation scheme).
+    pub fn new(config: ModelConfig, head: Head, device: Device, kind: Kind) -> Self {
+        let mut vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let backbone = match &config.arch {
+            Arch::Gpt2(c) => Backbone::Gpt2(gpt2::Gpt2::new(&root / "transformer", c)),
+            Arch::Llama(c) => Backbone::Llama(llama::Llama::new(&root / "model", c)),
+        };
+        let hidden = config.hidden_size();
+        let head_weight = match head {
+            Head::Score => (&root / "score").var(
+                "weight",
+                &[1, hidden],
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0 / ((hidden + 1) as f64).sqrt(),
+                },
+            ),
+            Head::Lm if config.tie_word_embeddings() => match &backbone {
+                Backbone::Gpt2(b) => b.embedding_weight().shallow_clone(),
+                Backbone::Llama(b) => b.embedding_weight().shallow_clone(),
+            },
+            Head::Lm => {
+                let std = match &config.arch {
+                    Arch::Gpt2(c) => c.initializer_range,
+                    Arch::Llama(c) => c.initializer_range,
+                };
+                (&root / "lm_head").var(
+                    "weight",
+                    &[config.vocab_size(), hidden],
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: std,
+                    },
+                )
+            }
+        };
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
+        Model {
+            vs,
+            config,
+            head,
+            backbone,
+            head_weight,
+        }
+    }
+
+    /// Loads a Hugging Face model directory. A `Score` model may come from a causal LM
+    /// (its `score` head is then initialised, as `transformers` does); an `Lm` model from
+    /// a reward model only when its embeddings are tied.
+    pub fn load(dir: &Path, head: Head, device: Device, kind: Kind) -> Result<(Self, LoadReport)> {
+        let config = ModelConfig::load(dir)?;
+        let model = Model::new(config, head, device, kind);
+        let optional: &[&str] = match head {
+            Head::Score => &[SCORE_WEIGHT],
+            Head::Lm => &[],
+        };
+        let report = checkpoint::load_into(
+            &model.vs.variables(),
+            dir,
+            |name| model.config.checkpoint_aliases(name),
+            optional,
+        )?;
+        if !report.unexpected.is_empty() {
+            tracing::debug!(
+                "{}: {} stored tensors unused: {}",
+                dir.display(),
+                report.unexpected.len(),
+                report.unexpected.join(", ")
+            );
+        }
+        Ok((model, report))
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.head_weight.kind()
+    }
+
+    /// Final hidden states `[B, T, H]`. `attention_mask` is `[B, S]` over the cached and
+    /// the new tokens (S = cached + T); positions come from it.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let t = ids.size()[1];
+        let s = attention_mask.size()[1];
+        let positions = positions_from_mask(attention_mask).narrow(1, s - t, t);
+        let window = match &self.backbone {
+            Backbone::Llama(b) => b.sliding_window(),
+            Backbone::Gpt2(_) => None,
+        };
+        let masking = Masking::new(attention_mask, t, window);
+        match &self.backbone {
+            Backbone::Gpt2(b) => b.forward(ids, &positions, &masking, cache),
+            Backbone::Llama(b) => b.forward(ids, &positions, &masking, cache),
+        }
+    }
+
+    /// The head applied to hidden states: `[B, T, V]` logits or `[B, T]` scores.
+    pub fn head_output(&self, hidden: &Tensor) -> Tensor {
+        let out = hidden.linear::<Tensor>(&self.head_weight, None);
+        match self.head {
+            Head::Lm => out,
+            Head::Score => out.squeeze_dim(-1),
+        }
+    }
+
+    /// Logits `[B, T, V]` (Lm) or scores `[B, T]` (Score) at every position.
+    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Tensor {
+        self.head_output(&self.hidden(ids, attention_mask, None))
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers())
+    }
+
+    /// Every variable under its Hugging Face name.
+    pub fn named_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vs.variables().into_iter().collect()
+    }
+
+    /// Writes a Hugging Face directory: `config.json` (architecture and dtype updated),
+    /// the weights, and the tokenizer files of `sidecar_from` if given.
+    pub fn save(&self, dir: &Path, sidecar_from: Option<&Path>) -> Result<()> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        checkpoint::save_tensors(
+            &self.named_tensors(),
+            dir,
+            checkpoint::DEFAULT_MAX_SHARD_BYTES,
+        )?;
+        let config = self.export_config();
+        checkpoint::write_atomic(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&config).unwrap().as_bytes(),
+        )?;
+        if let Some(from) = sidecar_from {
+            checkpoint::copy_sidecar_files(from, dir)?;
+        }
+        Ok(())
+    }
+
+    fn export_config(&self) -> Value {
+        let mut raw = self.config.raw.clone();
+        let class = match (&self.config.arch, self.config.model_type()) {
+            (Arch::Gpt2(_), _) => "GPT2",
+            (_, "mistral") => "Mistral",
+            (_, "qwen2") => "Qwen2",
+            _ => "Llama",
+        };
+        let suffix = match self.head {
+            Head::Lm => "ForCausalLM",
+            Head::Score => "ForSequenceClassification",
+        };
+        raw.insert(
+            "architectures".into(),
+            serde_json::json!([format!("{class}{suffix}")]),
+        );
+        raw.insert(
+            "dtype".into(),
+            Value::from(crate::device::hf_dtype_name(self.kind())),
+        );
+        raw.remove("torch_dtype");
+        if self.head == Head::Score {
+            raw.insert("num_labels".into(), Value::from(1));
+            raw.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+            raw.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+        }
+        Value::Object(raw)
+    }
+}

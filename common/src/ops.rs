@@ -1,0 +1,108 @@
+//! Tensor helpers the stages share: per-token log-probs and entropy from logits, and
+//! masked reductions. Masks are 0/1 tensors of the same shape as the values (any dtype).
+
+use tch::{Kind, Tensor};
+
+/// Log-probability of `labels` under `logits` (`[.., V]` → `[..]`), in f32.
+///
+/// Computed as `logit[label] − logsumexp(logits)`, which never materialises a second
+/// `[B, T, V]` tensor of log-probs (the gather touches one value per position).
+pub fn logprobs_of(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let logits = logits.to_kind(Kind::Float);
+    let picked = logits
+        .gather(-1, &labels.unsqueeze(-1), false)
+        .squeeze_dim(-1);
+    picked - logits.logsumexp([-1].as_slice(), false)
+}
+
+/// Entropy of the categorical distribution given by `logits` (`[.., V]` → `[..]`), in f32.
+pub fn entropy(logits: &Tensor) -> Tensor {
+    let logits = logits.to_kind(Kind::Float);
+    let lse = logits.logsumexp([-1].as_slice(), false);
+    let expected_logit = (logits.softmax(-1, Kind::Float) * &logits).sum_dim_intlist(
+        [-1].as_slice(),
+        false,
+        Kind::Float,
+    );
+    lse - expected_logit
+}
+
+/// Sum of `values` where `mask` is 1.
+pub fn masked_sum(values: &Tensor, mask: &Tensor) -> Tensor {
+    (values * mask.to_kind(values.kind())).sum(values.kind())
+}
+
+/// Mean of `values` where `mask` is 1 (0 when the mask is empty).
+pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Tensor {
+    let mask = mask.to_kind(values.kind());
+    (values * &mask).sum(values.kind()) / mask.sum(values.kind()).clamp_min(1.0)
+}
+
+/// Variance of `values` where `mask` is 1; Bessel-corrected, as TRL's `masked_var`.
+pub fn masked_var(values: &Tensor, mask: &Tensor) -> Tensor {
+    let mask_f = mask.to_kind(values.kind());
+    let mean = masked_mean(values, mask);
+    let centred = (values - mean).square();
+    let n = mask_f.sum(values.kind());
+    let var = (centred * &mask_f).sum(values.kind()) / n.clamp_min(1.0);
+    // n / (n − 1); a single element has no spread to correct.
+    var * &n / (&n - 1.0).clamp_min(1.0)
+}
+
+/// `(values − mean) / sqrt(var + 1e-8)` over the masked elements; with `shift_mean` false
+/// the mean is added back (TRL's `masked_whiten`). Masked-out elements are returned as 0.
+pub fn masked_whiten(values: &Tensor, mask: &Tensor, shift_mean: bool) -> Tensor {
+    let mean = masked_mean(values, mask);
+    let var = masked_var(values, mask);
+    let mut whitened = (values - &mean) * (var + 1e-8).rsqrt();
+    if !shift_mean {
+        whitened += mean;
+    }
+    whitened * mask.to_kind(values.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &Tensor, b: &Tensor, tol: f64) -> bool {
+        (a - b).abs().max().double_value(&[]) < tol
+    }
+
+    #[test]
+    fn logprobs_match_log_softmax() {
+        tch::manual_seed(0);
+        let logits = Tensor::randn([2, 3, 7], (Kind::Float, tch::Device::Cpu));
+        let labels = Tensor::from_slice(&[1i64, 6, 0, 3, 3, 2]).view([2, 3]);
+        let ours = logprobs_of(&logits, &labels);
+        let reference = logits
+            .log_softmax(-1, Kind::Float)
+            .gather(-1, &labels.unsqueeze(-1), false)
+            .squeeze_dim(-1);
+        assert!(close(&ours, &reference, 1e-6));
+    }
+
+    #[test]
+    fn entropy_of_uniform_and_peaked() {
+        let uniform = Tensor::zeros([1, 4], (Kind::Float, tch::Device::Cpu));
+        assert!((entropy(&uniform).double_value(&[0]) - 4f64.ln()).abs() < 1e-6);
+        let peaked = Tensor::from_slice(&[100f32, 0., 0., 0.]).view([1, 4]);
+        assert!(entropy(&peaked).double_value(&[0]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn masked_stats_ignore_masked_values() {
+        let v = Tensor::from_slice(&[1f32, 2., 3., 1000.]);
+        let m = Tensor::from_slice(&[1f32, 1., 1., 0.]);
+        assert!((masked_mean(&v, &m).double_value(&[]) - 2.0).abs() < 1e-6);
+        // unbiased variance of [1, 2, 3] is 1
+        assert!((masked_var(&v, &m).double_value(&[]) - 1.0).abs() < 1e-6);
+        let w = masked_whiten(&v, &m, true);
+        let expected = Tensor::from_slice(&[-1f32, 0., 1., 0.]);
+        assert!(close(&w, &expected, 1e-4));
+        let w = masked_whiten(&v, &m, false);
+        let expected = Tensor::from_slice(&[1f32, 2., 3., 0.]);
+        assert!(close(&w, &expected, 1e-4));
+        assert!((masked_sum(&v, &m).double_value(&[]) - 6.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,1 @@
+//! Step 2 of InstructGPT: a reward model trained on human rankings.

@@ -1,0 +1,1 @@
+//! Step 1 of InstructGPT: supervised fine-tuning on demonstrations.

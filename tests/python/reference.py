@@ -1,0 +1,113 @@
+"""Independent reference computations with `transformers`, for the Rust parity tests.
+
+    reference.py make  --root DIR --cases CASES.json   build tiny random models, save them
+                                                      under DIR/<name>, print references
+    reference.py check --root DIR --cases CASES.json   load what the Rust side saved under
+                                                      DIR/<name>-saved-{lm,score}, print outputs
+
+CASES.json: {"batches": {name: {"ids": [[...]], "mask": [[...]]}}, "prompts": {"ids", "mask"},
+"max_new_tokens": N}. Output: one JSON document on stdout.
+"""
+import argparse
+import json
+import sys
+
+import torch
+import transformers as tf
+
+VOCAB = 97
+
+
+def configs():
+    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {
+        "gpt2": tf.GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, initializer_range=0.1, **common),
+        "llama": tf.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64,
+            initializer_range=0.1,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16},
+            **common),
+        "qwen2": tf.Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64,
+            initializer_range=0.1, **common),
+        "mistral": tf.MistralConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, sliding_window=6, max_position_embeddings=64,
+            initializer_range=0.1, **common),
+    }
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(model, ids, mask):
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
+    logp = logits[:, :-1].log_softmax(-1)
+    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def batch(case):
+    return torch.tensor(case["ids"]), torch.tensor(case["mask"])
+
+
+def make(root, cases):
+    torch.manual_seed(0)
+    out = {}
+    for name, config in configs().items():
+        # eager attention: an implementation independent of the SDPA kernel we call.
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+        with torch.no_grad():
+            # Random norms and biases, so that every parameter matters to the comparison.
+            for pname, p in model.named_parameters():
+                if pname.endswith("bias") or "norm" in pname or "ln_" in pname:
+                    p.add_(torch.randn_like(p) * 0.2)
+        model.save_pretrained(f"{root}/{name}")
+        res = {"logprobs": {}}
+        with torch.no_grad():
+            for bname, case in cases["batches"].items():
+                ids, mask = batch(case)
+                res["logprobs"][bname] = token_logprobs(model, ids, mask).tolist()
+            ids, mask = batch(cases["prompts"])
+            gen = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False,
+                max_new_tokens=cases["max_new_tokens"], min_new_tokens=cases["max_new_tokens"],
+                eos_token_id=None, pad_token_id=0)
+            res["greedy"] = gen[:, ids.shape[1]:].tolist()
+        out[name] = res
+    return out
+
+
+def check(root, cases):
+    out = {}
+    for name in configs():
+        lm = tf.AutoModelForCausalLM.from_pretrained(f"{root}/{name}-saved-lm").eval()
+        score = tf.AutoModelForSequenceClassification.from_pretrained(f"{root}/{name}-saved-score").eval()
+        ids, mask = batch(cases["batches"]["right"])
+        with torch.no_grad():
+            out[name] = {
+                "logprobs": token_logprobs(lm, ids, mask).tolist(),
+                # pad_token_id 0 never occurs in the inputs: the score is read at each
+                # row's last real token.
+                "scores": score(input_ids=ids, attention_mask=mask).logits[:, 0].tolist(),
+            }
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command", choices=["make", "check"])
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--cases", required=True)
+    args = ap.parse_args()
+    cases = json.load(open(args.cases))
+    result = make(args.root, cases) if args.command == "make" else check(args.root, cases)
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+//! Our models against `transformers` on the same random weights (f32, CPU): per-token
+//! log-probs with right, left and no padding; greedy generation; KV-cache decoding; and
+//! directories we save, loaded back by `transformers`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::generate::{generate, SamplingConfig};
+use common::ops::logprobs_of;
+use common::{Head, Model};
+use rlhf_tests::{max_masked_diff, run_python, tensor_2d_f32, tensor_2d_i64};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+const ARCHS: &[&str] = &["gpt2", "llama", "qwen2", "mistral"];
+const MAX_NEW_TOKENS: i64 = 24;
+
+struct Fixture {
+    root: PathBuf,
+    cases: Value,
+    reference: Value,
+}
+
+/// Rows of the given lengths, padded to the longest on the left or the right.
+fn padded(lengths: &[i64], left: bool, seed: i64) -> Value {
+    tch::manual_seed(seed);
+    let t = *lengths.iter().max().unwrap();
+    let mut ids = vec![];
+    let mut mask = vec![];
+    for &len in lengths {
+        // Token ids 3.. avoid pad (0), bos (1) and eos (2).
+        let row: Vec<i64> = Vec::try_from(Tensor::randint_low(
+            3,
+            97,
+            [len],
+            (Kind::Int64, Device::Cpu),
+        ))
+        .unwrap();
+        let pad = (t - len) as usize;
+        let (mut r, mut m) = (vec![0i64; pad], vec![0i64; pad]);
+        if left {
+            r.extend(&row);
+            m.extend(vec![1; len as usize]);
+        } else {
+            r = row.clone();
+            r.extend(vec![0; pad]);
+            m = vec![1; len as usize];
+            m.extend(vec![0; pad]);
+        }
+        ids.push(r);
+        mask.push(m);
+    }
+    json!({"ids": ids, "mask": mask})
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let cases = json!({
+            "batches": {
+                "right": padded(&[10, 7, 4], false, 1),
+                "left": padded(&[10, 7, 4], true, 1),
+                "full": padded(&[12, 12], false, 2),
+            },
+            "prompts": padded(&[6, 3, 5], true, 3),
+            "max_new_tokens": MAX_NEW_TOKENS,
+        });
+        let cases_path = root.join("cases.json");
+        std::fs::write(&cases_path, cases.to_string()).unwrap();
+        let reference = run_python(
+            "reference.py",
+            &[
+                "make",
+                "--root",
+                root.to_str().unwrap(),
+                "--cases",
+                cases_path.to_str().unwrap(),
+            ],
+        );
+        Fixture {
+            root,
+            cases,
+            reference,
+        }
+    })
+}
+
+fn load(dir: &Path, head: Head) -> Model {
+    Model::load(dir, head, Device::Cpu, Kind::Float).unwrap().0
+}
+
+fn batch(case: &Value) -> (Tensor, Tensor) {
+    (tensor_2d_i64(&case["ids"]), tensor_2d_i64(&case["mask"]))
+}
+
+/// Log-prob of each next token `[B, T-1]` and where it is defined (both tokens real).
+fn next_token_logprobs(model: &Model, ids: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+    let t = ids.size()[1];
+    let logits = model.forward(ids, mask);
+    let lp = logprobs_of(&logits.narrow(1, 0, t - 1), &ids.narrow(1, 1, t - 1));
+    let valid = mask.narrow(1, 0, t - 1) * mask.narrow(1, 1, t - 1);
+    (lp, valid)
+}
+
+/// Score at each row's last real token (right padding).
+fn last_token_scores(model: &Model, ids: &Tensor, mask: &Tensor) -> Tensor {
+    let scores = model.forward(ids, mask);
+    let last = mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64) - 1;
+    scores.gather(1, &last.unsqueeze(1), false).squeeze_dim(1)
+}
+
+#[test]
+fn logprobs_match_transformers() {
+    let f = fixture();
+    for arch in ARCHS {
+        let model = load(&f.root.join(arch), Head::Lm);
+        for name in ["right", "left", "full"] {
+            let (ids, mask) = batch(&f.cases["batches"][name]);
+            let (ours, valid) = next_token_logprobs(&model, &ids, &mask);
+            let theirs = tensor_2d_f32(&f.reference[arch]["logprobs"][name]);
+            let diff = max_masked_diff(&ours, &theirs, &valid);
+            assert!(diff < 1e-4, "{arch}/{name}: max |Δ log-prob| = {diff:e}");
+        }
+    }
+}
+
+#[test]
+fn padding_side_does_not_change_logprobs() {
+    let f = fixture();
+    let model = load(&f.root.join("llama"), Head::Lm);
+    let (ids_r, mask_r) = batch(&f.cases["batches"]["right"]);
+    let (ids_l, mask_l) = batch(&f.cases["batches"]["left"]);
+    let (lp_r, valid_r) = next_token_logprobs(&model, &ids_r, &mask_r);
+    let (lp_l, valid_l) = next_token_logprobs(&model, &ids_l, &mask_l);
+    let take = |lp: &Tensor, valid: &Tensor| lp.masked_select(&valid.to_kind(Kind::Bool));
+    let diff = (take(&lp_r, &valid_r) - take(&lp_l, &valid_l))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(diff < 1e-5, "left vs right padding differ by {diff:e}");
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    let f = fixture();
+    let (ids, mask) = batch(&f.cases["prompts"]);
+    for arch in ARCHS {
+        let model = load(&f.root.join(arch), Head::Lm);
+        let cfg = SamplingConfig {
+            max_new_tokens: MAX_NEW_TOKENS,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            eos_ids: vec![],
+            pad_id: 0,
+            seed: 0,
+        };
+        let out = generate(&model, &ids, &mask, &cfg);
+        let theirs = tensor_2d_i64(&f.reference[arch]["greedy"]);
+        assert_eq!(out.tokens.size(), [3, MAX_NEW_TOKENS]);
+        assert!(
+            out.tokens.equal(&theirs),
+            "{arch}: ours {:?}\ntheirs {:?}",
+            Vec::<i64>::try_from(out.tokens.view([-1])).unwrap(),
+            Vec::<i64>::try_from(theirs.view([-1])).unwrap()
+        );
+        assert!(out.finish.iter().all(|r| r.as_str() == "length"));
+    }
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_forward() {
+    let f = fixture();
+    let (ids, mask) = batch(&f.cases["batches"]["left"]);
+    let t = ids.size()[1];
+    let _guard = tch::no_grad_guard();
+    for arch in ARCHS {
+        let model = load(&f.root.join(arch), Head::Lm);
+        let full = model.forward(&ids, &mask);
+        let mut cache = model.new_cache();
+        let prefill = 4;
+        let mut pieces = vec![model.head_output(&model.hidden(
+            &ids.narrow(1, 0, prefill),
+            &mask.narrow(1, 0, prefill),
+            Some(&mut cache),
+        ))];
+        for i in prefill..t {
+            let h = model.hidden(
+                &ids.narrow(1, i, 1),
+                &mask.narrow(1, 0, i + 1),
+                Some(&mut cache),
+            );
+            pieces.push(model.head_output(&h));
+        }
+        let incremental = Tensor::cat(&pieces, 1);
+        let diff = ((full - incremental).abs() * mask.unsqueeze(-1))
+            .max()
+            .double_value(&[]);
+        assert!(
+            diff < 1e-5,
+            "{arch}: cached vs full logits differ by {diff:e}"
+        );
+    }
+}
+
+#[test]
+fn saved_directories_load_in_transformers_and_round_trip() {
+    let f = fixture();
+    let (ids, mask) = batch(&f.cases["batches"]["right"]);
+    let mut ours = std::collections::HashMap::new();
+    for arch in ARCHS {
+        let src = f.root.join(arch);
+        let lm = load(&src, Head::Lm);
+        let lm_dir = f.root.join(format!("{arch}-saved-lm"));
+        lm.save(&lm_dir, Some(&src)).unwrap();
+        let reloaded = load(&lm_dir, Head::Lm);
+        for (name, t) in lm.named_tensors() {
+            assert!(
+                t.equal(&reloaded.named_tensors()[&name]),
+                "{arch}: {name} changed"
+            );
+        }
+
+        let (score, report) = Model::load(&src, Head::Score, Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(report.initialised, ["score.weight"], "{arch}");
+        let score_dir = f.root.join(format!("{arch}-saved-score"));
+        score.save(&score_dir, Some(&src)).unwrap();
+        let (reloaded, report) =
+            Model::load(&score_dir, Head::Score, Device::Cpu, Kind::Float).unwrap();
+        assert!(report.initialised.is_empty());
+        let scores = last_token_scores(&reloaded, &ids, &mask);
+        assert!(scores.equal(&last_token_scores(&score, &ids, &mask)));
+        ours.insert(*arch, (next_token_logprobs(&lm, &ids, &mask), scores));
+    }
+    let cases_path = f.root.join("cases.json");
+    let theirs = run_python(
+        "reference.py",
+        &[
+            "check",
+            "--root",
+            f.root.to_str().unwrap(),
+            "--cases",
+            cases_path.to_str().unwrap(),
+        ],
+    );
+    for arch in ARCHS {
+        let ((lp, valid), scores) = &ours[arch];
+        let diff = max_masked_diff(lp, &tensor_2d_f32(&theirs[arch]["logprobs"]), valid);
+        assert!(
+            diff < 1e-4,
+            "{arch}: transformers on our saved LM: {diff:e}"
+        );
+        let their_scores: Vec<f32> =
+            serde_json::from_value(theirs[arch]["scores"].clone()).unwrap();
+        let diff = (scores - Tensor::from_slice(&their_scores))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            diff < 1e-4,
+            "{arch}: AutoModelForSequenceClassification scores differ by {diff:e}"
+        );
+    }
+}
