@@ -2,6 +2,7 @@
 //! KV cache, tensor ops, and device/dtype selection.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod device;
 pub mod error;
 pub mod generate;

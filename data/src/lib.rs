@@ -1,2 +1,33 @@
-//! Datasets of every stage: JSON Lines readers, tokenization with chat templates, loss
-//! masks, collation and seeded resumable sampling (issue 4 fills this crate).
+//! Datasets of every stage: JSON Lines readers with file/line/field errors, the tokenizer
+//! with special tokens and chat templates, loss masks and truncation, collation, and
+//! seeded resumable sampling.
+
+pub mod chat;
+pub mod error;
+pub mod formats;
+pub mod jsonl;
+pub mod prompts;
+pub mod sampler;
+pub mod sft;
+pub mod tokenizer;
+
+pub use error::{DataError, Result};
+pub use formats::{Content, Message, PreferenceExample, PromptExample, SftExample};
+pub use tokenizer::Tokenizer;
+
+use std::path::Path;
+
+/// Reads an SFT file (`{"prompt","completion"}`, `{"messages"}` or `{"text"}` rows).
+pub fn read_sft(path: &Path) -> Result<Vec<SftExample>> {
+    jsonl::read(path, SftExample::decode)
+}
+
+/// Reads a preference file (pairs and rankings, plain or conversational).
+pub fn read_preferences(path: &Path) -> Result<Vec<PreferenceExample>> {
+    jsonl::read(path, PreferenceExample::decode)
+}
+
+/// Reads a prompt file (`{"prompt"}` or `{"messages"}` rows).
+pub fn read_prompts(path: &Path) -> Result<Vec<PromptExample>> {
+    jsonl::read(path, formats::decode_prompt)
+}

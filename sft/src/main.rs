@@ -1,15 +1,43 @@
-//! `sft`: Step 1 of InstructGPT: supervised fine-tuning on demonstrations.
+//! `sft`: step 1 of InstructGPT, supervised fine-tuning on demonstrations.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use serde_json::json;
 
-/// Step 1 of InstructGPT: supervised fine-tuning on demonstrations.
+/// Supervised fine-tuning of a causal language model (InstructGPT step 1).
 #[derive(Debug, Parser)]
 #[command(name = "sft", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Per-row completion NLL of a model on SFT rows; a JSON summary line on stdout.
+    Eval(sft::eval::EvalArgs),
+    /// Sample completions for a file of prompts.
+    Generate(sft::generate::GenerateArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
     common::logging::init();
-    eprintln!("sft: no subcommand has landed yet; see the README for the stages that work today");
-    std::process::exit(2)
+    let result = match &cli.command {
+        Command::Eval(args) => sft::eval::run(args).map(|s| {
+            json!({"rows": s.rows, "tokens": s.tokens, "loss": s.loss,
+                   "perplexity": s.loss.exp(), "dropped": s.dropped})
+        }),
+        Command::Generate(args) => sft::generate::run(args).map(|s| {
+            json!({"rows": s.rows, "finished_eos": s.finished_eos, "tokens": s.tokens,
+                   "output": args.output})
+        }),
+    };
+    match result {
+        Ok(summary) => println!("{summary}"),
+        Err(e) => {
+            // One line: the error and its causes, no backtrace.
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
 }

@@ -1,0 +1,230 @@
+//! SFT rows as token ids with a loss mask, the truncation rule, and the right-padded batch.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{DataError, Result};
+use crate::formats::{Message, SftExample};
+use crate::tokenizer::Tokenizer;
+
+/// One row's tokens; `loss_mask[t]` is 1 where token `t` is a training target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizedSft {
+    pub ids: Vec<i64>,
+    pub loss_mask: Vec<i64>,
+}
+
+/// What to do with rows longer than `max_length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Truncation {
+    /// Cut the end of the row (the completion's end); a row left with no target is dropped.
+    #[default]
+    Truncate,
+    /// Drop the row.
+    Drop,
+}
+
+impl std::str::FromStr for Truncation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "truncate" => Ok(Truncation::Truncate),
+            "drop" => Ok(Truncation::Drop),
+            _ => Err(format!(
+                "'{s}' is not a truncation rule (expected truncate or drop)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Truncation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Truncation::Truncate => "truncate",
+            Truncation::Drop => "drop",
+        })
+    }
+}
+
+/// Tokenizes one row. Prompt/completion follows TRL: `prompt + completion` is tokenized
+/// as one text and the loss starts after the prompt's tokens; the EOS is appended when
+/// `append_eos` and the row does not already end with it. Conversations put the loss on
+/// the assistant turns (each turn's text as the template renders it, end-of-turn tokens
+/// included).
+pub fn tokenize(ex: &SftExample, tok: &Tokenizer, append_eos: bool) -> Result<TokenizedSft> {
+    let mut out = match ex {
+        SftExample::PromptCompletion { prompt, completion } => {
+            let prompt_len = tok.encode(prompt, true)?.len();
+            let ids = tok.encode(&format!("{prompt}{completion}"), true)?;
+            let loss_mask = (0..ids.len()).map(|i| i64::from(i >= prompt_len)).collect();
+            TokenizedSft { ids, loss_mask }
+        }
+        SftExample::Text(text) => {
+            let ids = tok.encode(text, true)?;
+            let loss_mask = vec![1; ids.len()];
+            TokenizedSft { ids, loss_mask }
+        }
+        SftExample::Messages(messages) => return tokenize_chat(messages, tok),
+    };
+    if append_eos {
+        if let Some(eos) = tok.eos_id {
+            if out.ids.last() != Some(&eos) {
+                out.ids.push(eos);
+                out.loss_mask.push(1);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Byte spans of the assistant turns: from the end of the conversation-so-far rendered with
+/// the generation prompt to the end of the conversation including the turn.
+fn tokenize_chat(messages: &[Message], tok: &Tokenizer) -> Result<TokenizedSft> {
+    let full = tok.render_chat(messages, false)?;
+    let mut spans = vec![];
+    for (i, m) in messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.role == "assistant")
+    {
+        let before = tok.render_chat(&messages[..i], true)?;
+        let through = tok.render_chat(&messages[..=i], false)?;
+        if !full.starts_with(&before) || !full.starts_with(&through) {
+            return Err(DataError::file(
+                "tokenizer_config.json",
+                format!("the chat template does not render turn {i} ({}) as a prefix of the whole conversation, so its loss mask cannot be derived", m.role),
+            ));
+        }
+        spans.push((before.len(), through.len()));
+    }
+    let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
+    let loss_mask = offsets
+        .iter()
+        .map(|&(start, _)| i64::from(spans.iter().any(|&(a, b)| start >= a && start < b)))
+        .collect();
+    Ok(TokenizedSft { ids, loss_mask })
+}
+
+/// Applies `max_length`; `None` means the row is dropped.
+pub fn truncate(row: TokenizedSft, max_length: usize, rule: Truncation) -> Option<TokenizedSft> {
+    if row.ids.len() <= max_length {
+        return Some(row);
+    }
+    match rule {
+        Truncation::Drop => None,
+        Truncation::Truncate => {
+            let row = TokenizedSft {
+                ids: row.ids[..max_length].to_vec(),
+                loss_mask: row.loss_mask[..max_length].to_vec(),
+            };
+            // A target at position 0 is never predicted: some later token must remain.
+            row.loss_mask[1..].contains(&1).then_some(row)
+        }
+    }
+}
+
+/// Counts from preparing a dataset, reported when a stage starts.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Prepared {
+    pub rows: Vec<TokenizedSft>,
+    /// Indices (in the file) of the kept rows.
+    pub kept: Vec<usize>,
+    pub truncated: usize,
+    pub dropped: usize,
+}
+
+/// Tokenizes and truncates every row.
+pub fn prepare(
+    examples: &[SftExample],
+    tok: &Tokenizer,
+    max_length: usize,
+    rule: Truncation,
+    append_eos: bool,
+) -> Result<Prepared> {
+    let mut out = Prepared::default();
+    for (i, ex) in examples.iter().enumerate() {
+        let row = tokenize(ex, tok, append_eos)?;
+        let long = row.ids.len() > max_length;
+        match truncate(row, max_length, rule) {
+            Some(r) => {
+                out.truncated += usize::from(long);
+                out.rows.push(r);
+                out.kept.push(i);
+            }
+            None => out.dropped += 1,
+        }
+    }
+    Ok(out)
+}
+
+/// A right-padded training batch, `[B, T]` each.
+#[derive(Debug)]
+pub struct SftBatch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub loss_mask: Tensor,
+}
+
+pub fn collate(rows: &[&TokenizedSft], pad_id: i64, device: Device) -> SftBatch {
+    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let pad = |v: &[i64], fill: i64| {
+        let mut v = v.to_vec();
+        v.resize(t, fill);
+        v
+    };
+    let ids: Vec<Vec<i64>> = rows.iter().map(|r| pad(&r.ids, pad_id)).collect();
+    let attn: Vec<Vec<i64>> = rows.iter().map(|r| pad(&vec![1; r.ids.len()], 0)).collect();
+    let loss: Vec<Vec<i64>> = rows.iter().map(|r| pad(&r.loss_mask, 0)).collect();
+    let to = |v: Vec<Vec<i64>>| {
+        Tensor::from_slice2(&v)
+            .to_kind(Kind::Int64)
+            .to_device(device)
+    };
+    SftBatch {
+        input_ids: to(ids),
+        attention_mask: to(attn),
+        loss_mask: to(loss),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: usize, targets_from: usize) -> TokenizedSft {
+        TokenizedSft {
+            ids: (0..n as i64).collect(),
+            loss_mask: (0..n).map(|i| i64::from(i >= targets_from)).collect(),
+        }
+    }
+
+    #[test]
+    fn truncation_rules() {
+        assert_eq!(truncate(row(5, 2), 5, Truncation::Drop), Some(row(5, 2)));
+        assert_eq!(truncate(row(6, 2), 5, Truncation::Drop), None);
+        let cut = truncate(row(8, 2), 5, Truncation::Truncate).unwrap();
+        assert_eq!(cut.ids, [0, 1, 2, 3, 4]);
+        assert_eq!(cut.loss_mask, [0, 0, 1, 1, 1]);
+        // the prompt alone fills max_length: nothing left to learn
+        assert_eq!(truncate(row(8, 6), 5, Truncation::Truncate), None);
+    }
+
+    #[test]
+    fn collate_pads_right_and_masks_by_length() {
+        // pad id 4 equals a real token id: the masks must still come from lengths
+        let a = row(3, 1);
+        let b = row(5, 2);
+        let batch = collate(&[&a, &b], 4, Device::Cpu);
+        assert_eq!(
+            Vec::<i64>::try_from(batch.input_ids.view([-1])).unwrap(),
+            [0, 1, 2, 4, 4, 0, 1, 2, 3, 4]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(batch.attention_mask.view([-1])).unwrap(),
+            [1, 1, 1, 0, 0, 1, 1, 1, 1, 1]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(batch.loss_mask.view([-1])).unwrap(),
+            [0, 1, 1, 0, 0, 0, 0, 1, 1, 1]
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! A model directory's tokenizer: `tokenizer.json` through the `tokenizers` crate, special
+//! tokens from `tokenizer_config.json` / `special_tokens_map.json` / `config.json`, and the
+//! chat template (`tokenizer_config.json`'s `chat_template`, or `chat_template.jinja`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::chat::ChatTemplate;
+use crate::error::{DataError, Result};
+use crate::formats::{Content, Message};
+
+/// `[start, end)` in bytes of the encoded text.
+pub type ByteSpan = (usize, usize);
+
+#[derive(Debug)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub bos_id: Option<i64>,
+    pub eos_id: Option<i64>,
+    /// Used only to fill padding; masks come from lengths, never from this id, so it may
+    /// equal the EOS id.
+    pub pad_id: i64,
+    chat_template: Option<ChatTemplate>,
+    dir: PathBuf,
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text =
+        fs::read_to_string(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| DataError::file(path, format!("invalid JSON: {e}")))
+}
+
+/// A special token given as a string or as an `AddedToken` object.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(DataError::file(
+                &path,
+                "missing (the model directory needs a tokenizer.json)",
+            ));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| DataError::file(&path, format!("cannot load tokenizer: {e}")))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config = read_json(&config_path)?.unwrap_or(Value::Null);
+        let map = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or(Value::Null);
+        let model_config = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+        let special =
+            |name: &str| token_text(config.get(name)).or_else(|| token_text(map.get(name)));
+        let id_of = |text: &Option<String>, field: &str| {
+            text.as_deref()
+                .and_then(|t| inner.token_to_id(t))
+                .map(i64::from)
+                .or_else(|| model_config.get(field).and_then(Value::as_i64))
+        };
+        let bos_token = special("bos_token");
+        let eos_token = special("eos_token");
+        let pad_token = special("pad_token");
+        let bos_id = id_of(&bos_token, "bos_token_id");
+        let eos_id = id_of(&eos_token, "eos_token_id");
+        let pad_id = id_of(&pad_token, "pad_token_id").or(eos_id).unwrap_or(0);
+
+        let template_source = match config.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => {
+                let file = dir.join("chat_template.jinja");
+                file.exists()
+                    .then(|| fs::read_to_string(&file))
+                    .transpose()
+                    .map_err(|e| DataError::file(&file, format!("cannot read: {e}")))?
+            }
+        };
+        let chat_template = template_source
+            .map(|s| ChatTemplate::new(&s).map_err(|m| DataError::file(&config_path, m)))
+            .transpose()?;
+        Ok(Tokenizer {
+            inner,
+            bos_token,
+            eos_token,
+            bos_id,
+            eos_id,
+            pad_id,
+            chat_template,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
+        Ok(self.encode_with_offsets(text, add_special_tokens)?.0)
+    }
+
+    /// Ids and the byte span of `text` each token came from.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<i64>, Vec<ByteSpan>)> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| {
+            DataError::file(
+                self.dir.join("tokenizer.json"),
+                format!("encoding failed: {e}"),
+            )
+        })?;
+        let ids = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+        Ok((ids, enc.get_offsets().to_vec()))
+    }
+
+    pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> String {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.inner
+            .decode(&ids, skip_special_tokens)
+            .unwrap_or_default()
+    }
+
+    /// Renders a conversation with the chat template.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            DataError::file(
+                self.dir.join("tokenizer_config.json"),
+                "the tokenizer has no chat_template, so rows with 'messages' cannot be used",
+            )
+        })?;
+        template
+            .render(
+                messages,
+                add_generation_prompt,
+                self.bos_token.as_deref().unwrap_or(""),
+                self.eos_token.as_deref().unwrap_or(""),
+            )
+            .map_err(|m| DataError::file(self.dir.join("tokenizer_config.json"), m))
+    }
+
+    /// Token ids of a prompt, ready for generation: plain text with the tokenizer's special
+    /// tokens, a conversation through the template with the generation prompt added.
+    pub fn encode_prompt(&self, prompt: &Content) -> Result<Vec<i64>> {
+        match prompt {
+            Content::Text(t) => self.encode(t, true),
+            Content::Messages(m) => self.encode(&self.render_chat(m, true)?, false),
+        }
+    }
+
+    /// The ids that end generation: `generation_config.json`'s `eos_token_id` (an int or a
+    /// list), else `config.json`'s, else the tokenizer's EOS.
+    pub fn generation_eos_ids(&self) -> Result<Vec<i64>> {
+        for file in ["generation_config.json", "config.json"] {
+            if let Some(v) = read_json(&self.dir.join(file))? {
+                let ids = match v.get("eos_token_id") {
+                    Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+                    Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+                    _ => vec![],
+                };
+                if !ids.is_empty() {
+                    return Ok(ids);
+                }
+            }
+        }
+        Ok(self.eos_id.into_iter().collect())
+    }
+}

@@ -1,0 +1,102 @@
+//! `sft eval`: the mean negative log-likelihood of every row's target tokens.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use common::cli::DeviceArgs;
+use common::ops::logprobs_of;
+use common::Head;
+use data::sft::{collate, prepare, Truncation};
+use serde_json::json;
+use tch::Kind;
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Hugging Face model directory (weights, config.json, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// SFT rows: {"prompt","completion"}, {"messages"} or {"text"} per line.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Per-row results as JSON Lines: {"index","nll","tokens"}.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Longest row in tokens; longer rows follow --truncation.
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// truncate (cut the completion's end) or drop rows over --max-length.
+    #[arg(long, default_value = "truncate")]
+    pub truncation: Truncation,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Token-weighted totals of an evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalSummary {
+    pub rows: usize,
+    pub tokens: i64,
+    pub loss: f64,
+    pub dropped: usize,
+}
+
+pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(args.max_length > 1, "--max-length must be at least 2");
+    let (device, kind) = args.device.resolve();
+    let examples = data::read_sft(&args.data)?;
+    let (model, tok) = crate::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
+    let prepared = prepare(&examples, &tok, args.max_length, args.truncation, true)?;
+    if prepared.truncated + prepared.dropped > 0 {
+        tracing::warn!(
+            "{}: {} rows truncated and {} dropped at --max-length {}",
+            args.data.display(),
+            prepared.truncated,
+            prepared.dropped,
+            args.max_length
+        );
+    }
+    let _guard = tch::no_grad_guard();
+    let mut rows = Vec::with_capacity(prepared.rows.len());
+    let (mut total_nll, mut total_tokens) = (0f64, 0i64);
+    for (chunk, kept) in prepared
+        .rows
+        .chunks(args.batch_size)
+        .zip(prepared.kept.chunks(args.batch_size))
+    {
+        let refs: Vec<_> = chunk.iter().collect();
+        let batch = collate(&refs, tok.pad_id, device);
+        let t = batch.input_ids.size()[1];
+        let logits = model.forward(&batch.input_ids, &batch.attention_mask);
+        let lp = logprobs_of(
+            &logits.narrow(1, 0, t - 1),
+            &batch.input_ids.narrow(1, 1, t - 1),
+        );
+        let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+        let nll_sum = Vec::<f64>::try_from((-lp * &mask).sum_dim_intlist(
+            [1].as_slice(),
+            false,
+            Kind::Double,
+        ))?;
+        let counts =
+            Vec::<i64>::try_from(mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64))?;
+        for ((&index, nll), n) in kept.iter().zip(nll_sum).zip(counts) {
+            total_nll += nll;
+            total_tokens += n;
+            rows.push(json!({"index": index, "nll": nll / n.max(1) as f64, "tokens": n}));
+        }
+    }
+    if let Some(out) = &args.output {
+        crate::write_jsonl(out, &rows)?;
+    }
+    Ok(EvalSummary {
+        rows: rows.len(),
+        tokens: total_tokens,
+        loss: total_nll / total_tokens.max(1) as f64,
+        dropped: prepared.dropped,
+    })
+}

@@ -1,0 +1,111 @@
+//! `generate`: sample completions for a file of prompts (shared by `sft` and `ppo`).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use common::cli::DeviceArgs;
+use common::generate::{generate, FinishReason, SamplingConfig};
+use common::Head;
+use data::prompts::collate_left;
+use serde_json::json;
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Hugging Face model directory (weights, config.json, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompts: {"prompt"} or {"messages"} per line (messages use the chat template).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Results as JSON Lines: {"index","prompt","completion","finish_reason"}.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Most tokens generated per prompt.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: i64,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Sample among the K most likely tokens; 0 keeps all.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: i64,
+    /// Sample among the most likely tokens holding this much probability; 1 keeps all.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the sampling; the same seed gives the same completions.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompts per generation batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Counts of a generation run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateSummary {
+    pub rows: usize,
+    pub finished_eos: usize,
+    pub tokens: i64,
+}
+
+pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(
+        args.max_new_tokens > 0,
+        "--max-new-tokens must be at least 1"
+    );
+    anyhow::ensure!(args.temperature >= 0.0, "--temperature must be ≥ 0");
+    anyhow::ensure!(
+        args.top_p > 0.0 && args.top_p <= 1.0,
+        "--top-p must be in (0, 1]"
+    );
+    anyhow::ensure!(args.top_k >= 0, "--top-k must be ≥ 0");
+    let (device, kind) = args.device.resolve();
+    let prompts = data::read_prompts(&args.prompts)?;
+    let (model, tok) = crate::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
+    let encoded = prompts
+        .iter()
+        .map(|p| tok.encode_prompt(p))
+        .collect::<data::Result<Vec<_>>>()?;
+    let eos_ids = tok.generation_eos_ids()?;
+    let mut rows = Vec::with_capacity(prompts.len());
+    let mut summary = GenerateSummary {
+        rows: 0,
+        finished_eos: 0,
+        tokens: 0,
+    };
+    for (b, chunk) in encoded.chunks(args.batch_size).enumerate() {
+        let refs: Vec<&[i64]> = chunk.iter().map(Vec::as_slice).collect();
+        let batch = collate_left(&refs, tok.pad_id, device);
+        let cfg = SamplingConfig {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            eos_ids: eos_ids.clone(),
+            pad_id: tok.pad_id,
+            // One stream per batch, derived from the seed.
+            seed: args.seed.wrapping_add(b as u64),
+        };
+        let out = generate(&model, &batch.input_ids, &batch.attention_mask, &cfg);
+        let tokens = Vec::<Vec<i64>>::try_from(out.tokens.to_device(tch::Device::Cpu))?;
+        for (i, row) in tokens.iter().enumerate() {
+            let index = b * args.batch_size + i;
+            let len = out.lengths[i] as usize;
+            summary.tokens += len as i64;
+            summary.finished_eos += usize::from(out.finish[i] == FinishReason::Eos);
+            rows.push(json!({
+                "index": index,
+                "prompt": prompts[index].to_json(),
+                "completion": tok.decode(&row[..len], true),
+                "finish_reason": out.finish[i].as_str(),
+            }));
+        }
+    }
+    summary.rows = rows.len();
+    crate::write_jsonl(&args.output, &rows)?;
+    Ok(summary)
+}

@@ -1,0 +1,143 @@
+"""References for the data and SFT-command tests, computed with `transformers`.
+
+    data_reference.py make --root DIR
+
+Builds DIR/model (a tiny Llama with a byte-level BPE tokenizer trained here, ChatML chat
+template, pad == eos), writes DIR/sft.jsonl and DIR/prompts.jsonl, and prints per-row token
+ids, loss masks, completion NLLs and greedy completions as one JSON document.
+"""
+import argparse
+import json
+import sys
+
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+SFT_ROWS = [
+    {"prompt": "There are 3 heads and 10 legs. ", "completion": "2 rabbits and 1 chicken."},
+    {"prompt": "Question: 2+2=", "completion": " 4"},
+    {"text": "Chickens have two legs; rabbits have four legs."},
+    {"messages": [
+        {"role": "system", "content": "You solve cage puzzles."},
+        {"role": "user", "content": "5 heads, 14 legs?"},
+        {"role": "assistant", "content": "2 rabbits, 3 chickens. Café!"},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "Yes: 2*4 + 3*2 = 14."},
+    ]},
+]
+PROMPTS = [
+    {"prompt": "There are 7 heads"},
+    {"messages": [{"role": "user", "content": "How many legs?"}]},
+    {"prompt": "Rabbits"},
+]
+CORPUS = [
+    "There are 35 heads and 94 legs in the cage. How many chickens and rabbits?",
+    "Chickens have two legs; rabbits have four legs. Café au lait.",
+    "If all were chickens there would be 70 legs; the 24 extra legs belong to 12 rabbits.",
+    "Question: 2+2= 4. Yes: 2*4 + 3*2 = 14. Sure? You solve cage puzzles.",
+] * 20
+
+
+def build_tokenizer(path):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                      pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    return fast
+
+
+def chat_ids_and_mask(tok, messages):
+    full = tok.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            through = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+            # byte offsets, as the Rust side uses
+            spans.append((len(before.encode()), len(through.encode())))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    mask = []
+    for start_char, _ in enc["offset_mapping"]:
+        start = len(full[:start_char].encode())
+        mask.append(int(any(a <= start < b for a, b in spans)))
+    return ids, mask
+
+
+def sft_ids_and_mask(tok, row):
+    """TRL's rule: prompt+completion tokenized together, loss after the prompt's tokens."""
+    if "messages" in row:
+        return chat_ids_and_mask(tok, row["messages"])
+    if "prompt" in row:
+        n = len(tok(row["prompt"])["input_ids"])
+        ids = tok(row["prompt"] + row["completion"])["input_ids"]
+        mask = [0] * n + [1] * (len(ids) - n)
+    else:
+        ids = tok(row["text"])["input_ids"]
+        mask = [1] * len(ids)
+    if ids[-1] != tok.eos_token_id:
+        ids, mask = ids + [tok.eos_token_id], mask + [1]
+    return ids, mask
+
+
+def make(root):
+    torch.manual_seed(0)
+    tok = build_tokenizer(f"{root}/model")
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, initializer_range=0.1,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                            bos_token_id=None)
+    model = tf.LlamaForCausalLM(config).eval()
+    model.save_pretrained(f"{root}/model")
+    for name, rows in [("sft", SFT_ROWS), ("prompts", PROMPTS)]:
+        with open(f"{root}/{name}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    out = {"sft": [], "generate": []}
+    with torch.no_grad():
+        for row in SFT_ROWS:
+            ids, mask = sft_ids_and_mask(tok, row)
+            t = torch.tensor([ids])
+            logp = model(input_ids=t).logits[0, :-1].float().log_softmax(-1)
+            lp = logp.gather(-1, t[0, 1:, None]).squeeze(-1)
+            m = torch.tensor(mask[1:], dtype=torch.float32)
+            out["sft"].append({"ids": ids, "mask": mask,
+                               "nll": float(-(lp * m).sum() / m.sum()), "tokens": int(m.sum())})
+        for p in PROMPTS:
+            if "messages" in p:
+                ids = tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
+                                              return_dict=False)
+            else:
+                ids = tok(p["prompt"])["input_ids"]
+            t = torch.tensor([ids])
+            gen = model.generate(input_ids=t, attention_mask=torch.ones_like(t), do_sample=False,
+                                 max_new_tokens=16, pad_token_id=tok.pad_token_id)
+            out["generate"].append(tok.decode(gen[0, len(ids):], skip_special_tokens=True))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command", choices=["make"])
+    ap.add_argument("--root", required=True)
+    args = ap.parse_args()
+    json.dump(make(args.root), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
