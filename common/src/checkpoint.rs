@@ -110,14 +110,29 @@ pub fn load_into(
     aliases: impl Fn(&str) -> Vec<String>,
     optional: &[&str],
 ) -> Result<LoadReport> {
-    let files = weight_files(dir)?;
+    load_from_files(vars, &weight_files(dir)?, dir, aliases, optional)
+}
+
+/// Fills every variable of `vars` from one safetensors file (optimizer state, EMA weights);
+/// all must be present.
+pub fn load_file(vars: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    load_from_files(vars, &[path.to_path_buf()], path, |_| vec![], &[]).map(|_| ())
+}
+
+fn load_from_files(
+    vars: &HashMap<String, Tensor>,
+    files: &[PathBuf],
+    source: &Path,
+    aliases: impl Fn(&str) -> Vec<String>,
+    optional: &[&str],
+) -> Result<LoadReport> {
     let maps = files
         .iter()
         .map(|f| map_file(f))
         .collect::<Result<Vec<_>>>()?;
     let mut stored: BTreeMap<String, (usize, &PathBuf)> = BTreeMap::new();
     let mut parsed = Vec::with_capacity(maps.len());
-    for (i, (map, path)) in maps.iter().zip(&files).enumerate() {
+    for (i, (map, path)) in maps.iter().zip(files).enumerate() {
         let st = SafeTensors::deserialize(map)
             .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
         for name in st.names() {
@@ -142,7 +157,10 @@ pub fn load_into(
                 report.initialised.push(name.clone());
                 continue;
             }
-            return Err(Error::checkpoint(dir, format!("missing tensor '{name}'")));
+            return Err(Error::checkpoint(
+                source,
+                format!("missing tensor '{name}'"),
+            ));
         };
         let view = parsed[file_idx]
             .tensor(&key)
@@ -184,7 +202,7 @@ pub fn save_tensors(
     let mut shard_bytes = 0usize;
     let mut total = 0usize;
     for (name, t) in tensors {
-        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+        let t = to_storable(t);
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
         if shard_bytes > 0 && shard_bytes + bytes > max_shard_bytes {
             shards.push(vec![]);
@@ -223,6 +241,16 @@ pub fn save_tensors(
         }
     }
     Ok(())
+}
+
+fn to_storable(t: &Tensor) -> Tensor {
+    t.detach().to_device(tch::Device::Cpu).contiguous()
+}
+
+/// Writes `tensors` into one safetensors file at `path` (through a temporary name).
+pub fn save_file(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let stored: Vec<(&String, Tensor)> = tensors.iter().map(|(k, t)| (k, to_storable(t))).collect();
+    write_safetensors(&stored, path)
 }
 
 fn write_safetensors(tensors: &[(&String, Tensor)], path: &Path) -> Result<()> {

@@ -1,12 +1,18 @@
-//! Command-line pieces every stage shares.
+//! Command-line pieces every stage shares, flattened into each stage's arguments. Each is
+//! also settable from the `--config` TOML file and serialised into `OUT/config.toml`.
+
+use std::path::PathBuf;
 
 use clap::Args;
+use serde::Serialize;
 use tch::{Device, Kind};
 
 use crate::device::{self, DeviceChoice, DtypeChoice};
+use crate::optim::AdamWConfig;
+use crate::schedule::ScheduleKind;
 
 /// `--device` and `--dtype`.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct DeviceArgs {
     /// Where to run: auto (CUDA when present), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -28,4 +34,109 @@ impl DeviceArgs {
         );
         (device, kind)
     }
+}
+
+/// The optimiser and its schedule.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct OptimArgs {
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f64,
+    /// Learning-rate schedule after warmup: constant, linear or cosine.
+    #[arg(long, default_value = "linear")]
+    pub schedule: ScheduleKind,
+    /// Steps of linear warmup from 0.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u64,
+    /// The schedule decays to lr × this.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr_ratio: f64,
+    /// Decoupled weight decay (not applied to biases, norms and embeddings).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// AdamW β1.
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    /// AdamW ε (1e-5 is the common RLHF choice).
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
+    /// Clip gradients to this global norm; 0 disables clipping.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+}
+
+impl OptimArgs {
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    /// Nonsensical values, as the option that holds them.
+    pub fn validate(&self) -> Result<(), String> {
+        let checks = [
+            (self.lr > 0.0 && self.lr.is_finite(), "--lr must be > 0"),
+            (
+                (0.0..=1.0).contains(&self.min_lr_ratio),
+                "--min-lr-ratio must be in [0, 1]",
+            ),
+            (self.weight_decay >= 0.0, "--weight-decay must be ≥ 0"),
+            (
+                (0.0..1.0).contains(&self.adam_beta1),
+                "--adam-beta1 must be in [0, 1)",
+            ),
+            (
+                (0.0..1.0).contains(&self.adam_beta2),
+                "--adam-beta2 must be in [0, 1)",
+            ),
+            (self.adam_eps > 0.0, "--adam-eps must be > 0"),
+            (self.max_grad_norm >= 0.0, "--max-grad-norm must be ≥ 0"),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, message)) => Err(message.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a run writes, how long it runs, how it checkpoints and resumes.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct RunArgs {
+    /// Output directory: config.toml, checkpoints/, final/, tb/, metrics.jsonl.
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// TOML file setting any of these options (flags on the command line win).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Continue from the newest complete checkpoint in --output-dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// Replace a run already in --output-dir.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Passes over the training data (ignored when --max-steps is given).
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u64,
+    /// Total optimiser steps (PPO: iterations); overrides --epochs.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Write a checkpoint every N steps; 0 writes one only at the end.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: u64,
+    /// Keep only the newest N checkpoints; 0 keeps all.
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: usize,
+    /// Seed of the data order and of any sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Log a line every N steps when stderr is not a terminal.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
 }

@@ -123,6 +123,17 @@ pub fn describe(device: Device) -> String {
     }
 }
 
+macro_rules! serialize_as_text {
+    ($($t:ty),*) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+    )*};
+}
+serialize_as_text!(DeviceChoice, DtypeChoice);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,12 +3,19 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod config_file;
 pub mod device;
 pub mod error;
+pub mod faults;
 pub mod generate;
 pub mod logging;
+pub mod metrics;
 pub mod models;
 pub mod ops;
+pub mod optim;
+pub mod run_dir;
+pub mod schedule;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use models::{Head, Model, ModelConfig};

@@ -14,7 +14,8 @@ pub struct TokenizedSft {
 }
 
 /// What to do with rows longer than `max_length`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Truncation {
     /// Cut the end of the row (the completion's end); a row left with no target is dropped.
     #[default]

@@ -6,10 +6,10 @@ use anyhow::Result;
 use clap::Args;
 use common::cli::DeviceArgs;
 use common::ops::logprobs_of;
-use common::Head;
-use data::sft::{collate, prepare, Truncation};
+use common::{Head, Model};
+use data::sft::{collate, prepare, SftBatch, TokenizedSft, Truncation};
 use serde_json::json;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
@@ -33,6 +33,46 @@ pub struct EvalArgs {
     pub truncation: Truncation,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// Summed negative log-likelihood of the target tokens and their count, per row.
+pub fn nll_per_row(
+    model: &Model,
+    rows: &[TokenizedSft],
+    batch_size: usize,
+    pad_id: i64,
+) -> Vec<(f64, i64)> {
+    let _guard = tch::no_grad_guard();
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch_size) {
+        let refs: Vec<_> = chunk.iter().collect();
+        let batch = collate(&refs, pad_id, model.device());
+        let (nll, mask) = token_nll(model, &batch);
+        let sums = Vec::<f64>::try_from(
+            nll.sum_dim_intlist([1].as_slice(), false, Kind::Double)
+                .to_device(tch::Device::Cpu),
+        )
+        .expect("cpu f64");
+        let counts = Vec::<i64>::try_from(
+            mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64)
+                .to_device(tch::Device::Cpu),
+        )
+        .expect("cpu i64");
+        out.extend(sums.into_iter().zip(counts));
+    }
+    out
+}
+
+/// Per-token NLL of the targets `[B, T-1]` (0 elsewhere) and the target mask.
+pub fn token_nll(model: &Model, batch: &SftBatch) -> (Tensor, Tensor) {
+    let t = batch.input_ids.size()[1];
+    let logits = model.forward(&batch.input_ids, &batch.attention_mask);
+    let lp = logprobs_of(
+        &logits.narrow(1, 0, t - 1),
+        &batch.input_ids.narrow(1, 1, t - 1),
+    );
+    let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+    (-lp * &mask, mask)
 }
 
 /// Token-weighted totals of an evaluation.
@@ -60,35 +100,13 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
             args.max_length
         );
     }
-    let _guard = tch::no_grad_guard();
-    let mut rows = Vec::with_capacity(prepared.rows.len());
+    let per_row = nll_per_row(&model, &prepared.rows, args.batch_size, tok.pad_id);
+    let mut rows = Vec::with_capacity(per_row.len());
     let (mut total_nll, mut total_tokens) = (0f64, 0i64);
-    for (chunk, kept) in prepared
-        .rows
-        .chunks(args.batch_size)
-        .zip(prepared.kept.chunks(args.batch_size))
-    {
-        let refs: Vec<_> = chunk.iter().collect();
-        let batch = collate(&refs, tok.pad_id, device);
-        let t = batch.input_ids.size()[1];
-        let logits = model.forward(&batch.input_ids, &batch.attention_mask);
-        let lp = logprobs_of(
-            &logits.narrow(1, 0, t - 1),
-            &batch.input_ids.narrow(1, 1, t - 1),
-        );
-        let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
-        let nll_sum = Vec::<f64>::try_from((-lp * &mask).sum_dim_intlist(
-            [1].as_slice(),
-            false,
-            Kind::Double,
-        ))?;
-        let counts =
-            Vec::<i64>::try_from(mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64))?;
-        for ((&index, nll), n) in kept.iter().zip(nll_sum).zip(counts) {
-            total_nll += nll;
-            total_tokens += n;
-            rows.push(json!({"index": index, "nll": nll / n.max(1) as f64, "tokens": n}));
-        }
+    for (&index, &(nll, n)) in prepared.kept.iter().zip(&per_row) {
+        total_nll += nll;
+        total_tokens += n;
+        rows.push(json!({"index": index, "nll": nll / n.max(1) as f64, "tokens": n}));
     }
     if let Some(out) = &args.output {
         crate::write_jsonl(out, &rows)?;

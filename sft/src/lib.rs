@@ -3,6 +3,7 @@
 
 pub mod eval;
 pub mod generate;
+pub mod train;
 
 use std::fs;
 use std::io::Write;

@@ -1,6 +1,7 @@
 //! `sft`: step 1 of InstructGPT, supervised fine-tuning on demonstrations.
 
 use clap::{Parser, Subcommand};
+
 use serde_json::json;
 
 /// Supervised fine-tuning of a causal language model (InstructGPT step 1).
@@ -13,6 +14,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Fine-tune a model on demonstrations (loss on completions / assistant turns).
+    Train(sft::train::TrainArgs),
     /// Per-row completion NLL of a model on SFT rows; a JSON summary line on stdout.
     Eval(sft::eval::EvalArgs),
     /// Sample completions for a file of prompts.
@@ -20,9 +23,13 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = common::config_file::parse();
     common::logging::init();
     let result = match &cli.command {
+        Command::Train(args) => sft::train::run(args).map(|s| {
+            json!({"steps": s.steps, "train_loss": s.final_loss, "eval_loss": s.eval_loss,
+                   "final": args.run.output_dir.join("final")})
+        }),
         Command::Eval(args) => sft::eval::run(args).map(|s| {
             json!({"rows": s.rows, "tokens": s.tokens, "loss": s.loss,
                    "perplexity": s.loss.exp(), "dropped": s.dropped})

@@ -253,6 +253,12 @@ impl Model {
         Ok((model, report))
     }
 
+    /// Replaces this model's weights with those stored in `dir` (a checkpoint of the same
+    /// model); every variable must be there.
+    pub fn load_weights(&self, dir: &Path) -> Result<()> {
+        checkpoint::load_into(&self.vs.variables(), dir, |_| vec![], &[]).map(|_| ())
+    }
+
     pub fn device(&self) -> Device {
         self.vs.device()
     }

@@ -1,0 +1,25 @@
+//! Crash points for the crash-and-resume tests: when `RLHF_CRASH_AT` names a point (e.g.
+//! `checkpoint-before-rename` or `checkpoint-before-rename@2` for its second hit), the
+//! process kills itself with SIGKILL there — no destructor, no flush, exactly like a
+//! machine being taken away. Unset, `hit` costs one environment lookup.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static HITS: AtomicUsize = AtomicUsize::new(0);
+
+pub fn hit(point: &str) {
+    let Ok(spec) = std::env::var("RLHF_CRASH_AT") else {
+        return;
+    };
+    let (name, nth) = match spec.split_once('@') {
+        Some((n, k)) => (n.to_string(), k.parse().unwrap_or(1)),
+        None => (spec, 1),
+    };
+    if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on our own pid; nothing is touched afterwards.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! `sft train` end to end on a tiny Llama: the loss falls, accumulation equals a big batch,
+//! a killed run resumes to the same weights, the outputs load in `transformers` and
+//! TensorBoard, and bad configurations are refused before anything is written.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use common::{Head, Model};
+use rlhf_tests::run_python;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+struct Fixture {
+    root: PathBuf,
+    model: PathBuf,
+    train: PathBuf,
+    eval: PathBuf,
+}
+
+fn cage_rows(range: std::ops::Range<i64>) -> String {
+    range
+        .map(|i| {
+            let (rabbits, chickens) = (i % 7 + 1, i % 5 + 2);
+            let heads = rabbits + chickens;
+            let legs = 4 * rabbits + 2 * chickens;
+            json!({"prompt": format!("There are {heads} heads and {legs} legs. "),
+                   "completion": format!("{rabbits} rabbits and {chickens} chickens.")})
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sft-train");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        run_python(
+            "data_reference.py",
+            &["make", "--root", root.to_str().unwrap()],
+        );
+        let train = root.join("train.jsonl");
+        let eval = root.join("eval.jsonl");
+        std::fs::write(&train, cage_rows(0..24)).unwrap();
+        std::fs::write(&eval, cage_rows(100..108)).unwrap();
+        Fixture {
+            model: root.join("model"),
+            root,
+            train,
+            eval,
+        }
+    })
+}
+
+fn sft(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sft"));
+    cmd.args(args).env_remove("RLHF_CRASH_AT");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn ok(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `sft train` on the fixture, writing to `out`, with `extra` options.
+fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let f = fixture();
+    let mut args = vec![
+        "train",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--data",
+        f.train.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+        "--seed",
+        "7",
+    ];
+    args.extend_from_slice(extra);
+    sft(&args, env)
+}
+
+fn weights(dir: &Path) -> BTreeMap<String, Tensor> {
+    Model::load(dir, Head::Lm, Device::Cpu, Kind::Float)
+        .unwrap()
+        .0
+        .named_tensors()
+}
+
+fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(k, t)| (t - &b[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn loss_falls_and_outputs_load_in_transformers_and_tensorboard() {
+    let f = fixture();
+    let out = f.root.join("run-learn");
+    let before = ok(&sft(
+        &[
+            "eval",
+            "--model",
+            f.model.to_str().unwrap(),
+            "--data",
+            f.eval.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        &[],
+    ));
+    let summary = ok(&train(
+        &out,
+        &[
+            "--max-steps",
+            "40",
+            "--eval-data",
+            f.eval.to_str().unwrap(),
+            "--eval-every",
+            "20",
+            "--warmup-steps",
+            "4",
+        ],
+        &[],
+    ));
+    let m = metrics(&out);
+    assert_eq!(m.len(), 40);
+    let first = m[0]["train/loss"].as_f64().unwrap();
+    let last = m[39]["train/loss"].as_f64().unwrap();
+    assert!(
+        last < first / 4.0,
+        "train loss {first} → {last}: expected a 4× drop"
+    );
+    let eval_before = before["loss"].as_f64().unwrap();
+    let eval_after = summary["eval_loss"].as_f64().unwrap();
+    assert!(
+        eval_after < eval_before / 2.0,
+        "eval loss {eval_before} → {eval_after}: expected a 2× drop"
+    );
+    assert!(m[19]["eval/loss"].as_f64().is_some());
+    assert!(m[0]["train/lr"].as_f64().unwrap() == 0.0 && m[4]["train/lr"].as_f64().unwrap() > 0.0);
+
+    // The final directory: our logits vs transformers', and TensorBoard's view of the run.
+    let final_dir = out.join("final");
+    let model = Model::load(&final_dir, Head::Lm, Device::Cpu, Kind::Float)
+        .unwrap()
+        .0;
+    let tok = data::Tokenizer::load(&final_dir).unwrap();
+    let rows: Vec<Vec<i64>> = [
+        "There are 9 heads and 28 legs. 5 rabbits",
+        "Chickens have two legs",
+    ]
+    .iter()
+    .map(|t| tok.encode(t, true).unwrap())
+    .collect();
+    let ids_path = f.root.join("check-ids.json");
+    std::fs::write(&ids_path, serde_json::to_string(&rows).unwrap()).unwrap();
+    let theirs = run_python(
+        "check_run.py",
+        &[
+            "--model",
+            final_dir.to_str().unwrap(),
+            "--ids",
+            ids_path.to_str().unwrap(),
+            "--tb",
+            out.join("tb").to_str().unwrap(),
+        ],
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let ids = Tensor::from_slice(row).unsqueeze(0);
+        let logits = model.forward(&ids, &Tensor::ones_like(&ids));
+        let t = row.len() as i64;
+        let ours = common::ops::logprobs_of(&logits.narrow(1, 0, t - 1), &ids.narrow(1, 1, t - 1))
+            .squeeze_dim(0);
+        let reference: Vec<f32> = serde_json::from_value(theirs["logprobs"][i].clone()).unwrap();
+        let diff = (ours - Tensor::from_slice(&reference))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            diff < 1e-4,
+            "row {i}: final/ in transformers differs by {diff:e}"
+        );
+    }
+    let tb = &theirs["tb"];
+    let steps: Vec<u64> = (1..=40).collect();
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_second",
+    ] {
+        assert_eq!(tb[tag], json!(steps), "{tag}");
+    }
+    assert_eq!(tb["eval/loss"], json!([20, 40]));
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config.contains("lr = 0.003") && config.contains("max_steps = 40"),
+        "{config}"
+    );
+}
+
+#[test]
+fn gradient_accumulation_equals_one_big_batch() {
+    let f = fixture();
+    let (big, split) = (f.root.join("run-big"), f.root.join("run-split"));
+    ok(&train(
+        &big,
+        &["--max-steps", "3", "--batch-size", "8"],
+        &[],
+    ));
+    ok(&train(
+        &split,
+        &["--max-steps", "3", "--batch-size", "2", "--grad-accum", "4"],
+        &[],
+    ));
+    let diff = max_weight_diff(&big.join("final"), &split.join("final"));
+    assert!(
+        diff < 1e-5,
+        "4 × 2 accumulated vs batch 8: weights differ by {diff:e}"
+    );
+}
+
+#[test]
+fn killed_runs_resume_to_the_uninterrupted_result() {
+    let f = fixture();
+    let straight = f.root.join("run-straight");
+    let common_args = [
+        "--max-steps",
+        "6",
+        "--save-every",
+        "2",
+        "--weight-decay",
+        "0.1",
+    ];
+    ok(&train(&straight, &common_args, &[]));
+    // Killed (SIGKILL) while writing the second checkpoint, and once after writing it but
+    // before the rename that makes it complete.
+    for point in ["checkpoint-mid-write@2", "checkpoint-before-rename@2"] {
+        let out = f
+            .root
+            .join(format!("run-killed-{}", point.replace('@', "-")));
+        let killed = train(&out, &common_args, &[("RLHF_CRASH_AT", point)]);
+        assert!(
+            !killed.status.success(),
+            "{point}: the crash point was not reached"
+        );
+        assert!(out
+            .join("checkpoints/step-000002/trainer_state.json")
+            .exists());
+        assert!(
+            !out.join("checkpoints/step-000004").exists(),
+            "{point}: a half checkpoint was left complete"
+        );
+        assert!(!out.join("final").exists());
+        let mut args = common_args.to_vec();
+        args.push("--resume");
+        ok(&train(&out, &args, &[]));
+        let diff = max_weight_diff(&straight.join("final"), &out.join("final"));
+        assert!(diff < 1e-6, "{point}: resumed weights differ by {diff:e}");
+        let (a, b) = (metrics(&straight), metrics(&out));
+        let steps: Vec<u64> = b.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, (1..=6).collect::<Vec<_>>(), "{point}: metrics steps");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(
+                x["train/loss"], y["train/loss"],
+                "{point}: step {}",
+                x["step"]
+            );
+        }
+        assert!(
+            !out.join("checkpoints/.step-000004.tmp").exists(),
+            "leftover not cleaned"
+        );
+    }
+}
+
+#[test]
+fn bad_configurations_are_refused_before_writing() {
+    let f = fixture();
+    let out = f.root.join("run-refused");
+    let toml = f.root.join("bad.toml");
+    std::fs::write(&toml, "lr = 1e-4\nlearning_rate = 3\n").unwrap();
+    let res = train(&out, &["--config", toml.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("unknown key 'learning_rate'"),
+        "{err}"
+    );
+    std::fs::write(&toml, "batch_size = 'eight'\n").unwrap();
+    let res = train(&out, &["--config", toml.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("key 'batch_size': invalid value 'eight'"),
+        "{err}"
+    );
+    for (flag, value, message) in [
+        ("--lr", "0", "--lr must be > 0"),
+        ("--batch-size", "0", "--batch-size must be at least 1"),
+    ] {
+        let res = train(&out, &[flag, value], &[]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success() && err.contains(message), "{err}");
+    }
+    assert!(!out.exists(), "a refused run created its output directory");
+
+    // A finished run is not overwritten without --overwrite.
+    let done = f.root.join("run-done");
+    ok(&train(&done, &["--max-steps", "1"], &[]));
+    let before = std::fs::read(done.join("final/model.safetensors")).unwrap();
+    let res = train(&done, &["--max-steps", "1"], &[]);
+    assert!(String::from_utf8_lossy(&res.stderr).contains("holds a finished run; pass --overwrite"));
+    assert_eq!(
+        std::fs::read(done.join("final/model.safetensors")).unwrap(),
+        before
+    );
+    ok(&train(&done, &["--max-steps", "2", "--overwrite"], &[]));
+    assert_eq!(metrics(&done).len(), 2);
+}
