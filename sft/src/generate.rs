@@ -36,6 +36,10 @@ pub struct GenerateArgs {
     /// Seed of the sampling; the same seed gives the same completions.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Token ids that end a completion (comma-separated); default: generation_config.json's
+    /// eos_token_id, else config.json's, else the tokenizer's EOS.
+    #[arg(long, value_delimiter = ',')]
+    pub eos_token_id: Vec<i64>,
     /// Prompts per generation batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -70,7 +74,15 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
         .iter()
         .map(|p| tok.encode_prompt(p))
         .collect::<data::Result<Vec<_>>>()?;
-    let eos_ids = tok.generation_eos_ids()?;
+    let eos_ids = if args.eos_token_id.is_empty() {
+        tok.generation_eos_ids()?
+    } else {
+        args.eos_token_id.clone()
+    };
+    anyhow::ensure!(
+        !eos_ids.is_empty(),
+        "no EOS token id is known; pass --eos-token-id"
+    );
     let mut rows = Vec::with_capacity(prompts.len());
     let mut summary = GenerateSummary {
         rows: 0,

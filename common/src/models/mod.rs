@@ -361,3 +361,65 @@ impl Model {
         Value::Object(raw)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tiny_llama() -> Value {
+        json!({"model_type": "llama", "vocab_size": 11, "hidden_size": 8, "intermediate_size": 16,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
+    }
+
+    #[test]
+    fn unsupported_configs_are_named() {
+        let p = Path::new("m/config.json");
+        let e = ModelConfig::from_json(json!({"model_type": "bert"}), p)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2)"
+        );
+        let mut bad = tiny_llama();
+        bad["hidden_act"] = json!("gelu");
+        let e = ModelConfig::from_json(bad, p).unwrap_err().to_string();
+        assert!(e.contains("hidden_act 'gelu' is not supported"), "{e}");
+        let e = ModelConfig::from_json(json!({"model_type": "llama"}), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `vocab_size`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_shapes_and_missing_tensors_in_a_model_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ModelConfig::from_json(tiny_llama(), Path::new("x")).unwrap();
+        let model = Model::new(config, Head::Lm, Device::Cpu, Kind::Float);
+        model.save(dir.path(), None).unwrap();
+        // A config that disagrees with the stored tensors: hidden size 8 → 16.
+        let mut raw = tiny_llama();
+        raw["hidden_size"] = json!(16);
+        std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();
+        let e = Model::load(dir.path(), Head::Lm, Device::Cpu, Kind::Float)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("has shape [11, 8], the model expects [11, 16]"),
+            "{e}"
+        );
+        // Untied lm_head missing from the file.
+        let mut raw = tiny_llama();
+        raw["tie_word_embeddings"] = json!(false);
+        std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();
+        let mut tensors = model.named_tensors();
+        tensors.remove("lm_head.weight");
+        checkpoint::save_tensors(&tensors, dir.path(), checkpoint::DEFAULT_MAX_SHARD_BYTES)
+            .unwrap();
+        let e = Model::load(dir.path(), Head::Lm, Device::Cpu, Kind::Float)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing tensor 'lm_head.weight'"), "{e}");
+    }
+}
