@@ -14,6 +14,7 @@ pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod run_dir;
+pub mod sampler;
 pub mod schedule;
 pub mod train;
 

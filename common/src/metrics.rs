@@ -128,7 +128,7 @@ impl Metrics {
         self.tb.flush();
     }
 
-    pub fn finish(mut self) {
+    pub fn finish(&mut self) {
         self.flush();
         if let Some(bar) = self.bar.take() {
             bar.finish();

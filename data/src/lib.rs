@@ -5,9 +5,9 @@
 pub mod chat;
 pub mod error;
 pub mod formats;
+pub mod io;
 pub mod jsonl;
 pub mod prompts;
-pub mod sampler;
 pub mod sft;
 pub mod tokenizer;
 

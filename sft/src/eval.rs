@@ -89,7 +89,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
     anyhow::ensure!(args.max_length > 1, "--max-length must be at least 2");
     let (device, kind) = args.device.resolve();
     let examples = data::read_sft(&args.data)?;
-    let (model, tok) = crate::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
+    let (model, tok) = data::io::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
     let prepared = prepare(&examples, &tok, args.max_length, args.truncation, true)?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(
@@ -109,7 +109,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
         rows.push(json!({"index": index, "nll": nll / n.max(1) as f64, "tokens": n}));
     }
     if let Some(out) = &args.output {
-        crate::write_jsonl(out, &rows)?;
+        data::io::write_jsonl(out, &rows)?;
     }
     Ok(EvalSummary {
         rows: rows.len(),

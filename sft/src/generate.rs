@@ -69,7 +69,7 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
     anyhow::ensure!(args.top_k >= 0, "--top-k must be ≥ 0");
     let (device, kind) = args.device.resolve();
     let prompts = data::read_prompts(&args.prompts)?;
-    let (model, tok) = crate::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
+    let (model, tok) = data::io::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
     let encoded = prompts
         .iter()
         .map(|p| tok.encode_prompt(p))
@@ -117,6 +117,6 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
         }
     }
     summary.rows = rows.len();
-    crate::write_jsonl(&args.output, &rows)?;
+    data::io::write_jsonl(&args.output, &rows)?;
     Ok(summary)
 }

@@ -10,15 +10,12 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use common::cli::{DeviceArgs, OptimArgs, RunArgs};
-use common::metrics::Metrics;
 use common::optim::AdamW;
-use common::run_dir::RunDir;
-use common::schedule::Schedule;
-use common::train::{load_checkpoint, optimizer_step, save_checkpoint, Trainable};
+use common::sampler::Sampler;
+use common::train::{optimizer_step, Session, Trainable};
 use common::Head;
-use data::sampler::{Sampler, SamplerPosition};
 use data::sft::{collate, prepare, Prepared, Truncation};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tch::Kind;
 
 use crate::eval::{nll_per_row, token_nll};
@@ -58,18 +55,6 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub device: DeviceArgs,
-}
-
-/// What `trainer_state.json` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainerState {
-    pub stage: String,
-    pub step: u64,
-    pub total_steps: u64,
-    pub sampler: SamplerPosition,
-    pub seed: u64,
-    pub skipped_steps: u64,
-    pub last_loss: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -126,18 +111,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     // Read everything that can be wrong before the output directory is touched.
     let (device, kind) = args.device.resolve();
-    let (model, tok) = crate::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
+    let (model, tok) = data::io::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
     let train = prepare_file(&args.data, &tok, args)?;
     let eval = args
         .eval_data
         .as_deref()
         .map(|p| prepare_file(p, &tok, args))
         .transpose()?;
-    let run = RunDir::prepare(&args.run.output_dir, args.run.resume, args.run.overwrite)?;
-    common::checkpoint::write_atomic(
-        &run.root.join("config.toml"),
-        common::config_file::to_toml(args).as_bytes(),
-    )?;
 
     let rows_per_step = args.batch_size * args.grad_accum;
     let steps_per_epoch = train.rows.len().div_ceil(rows_per_step) as u64;
@@ -145,39 +125,18 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .run
         .max_steps
         .unwrap_or(args.run.epochs * steps_per_epoch);
-    let schedule = Schedule {
-        kind: args.optim.schedule,
-        base_lr: args.optim.lr,
-        warmup_steps: args.optim.warmup_steps,
-        total_steps,
-        min_lr_ratio: args.optim.min_lr_ratio,
-    };
     let mut opt = AdamW::new(model.vs.variables(), args.optim.adamw());
-    let mut sampler = Sampler::new(train.rows.len(), args.run.seed, true);
-    let mut state = TrainerState {
-        stage: "sft".into(),
-        step: 0,
+    let mut session = Session::start(
+        "sft",
+        args,
+        &args.run,
+        &args.optim,
         total_steps,
-        sampler: sampler.position(),
-        seed: args.run.seed,
-        skipped_steps: 0,
-        last_loss: f64::NAN,
-    };
-    let mut resumed_at = None;
-    if args.run.resume {
-        if let Some((step, dir)) = run.latest_checkpoint() {
-            state = load_checkpoint(&dir, &mut [("", &model, &mut opt)])
-                .with_context(|| format!("resuming from {}", dir.display()))?;
-            sampler.restore(state.sampler);
-            resumed_at = Some(step);
-            tracing::info!("resumed from {} (step {step})", dir.display());
-        } else {
-            tracing::info!(
-                "--resume: no checkpoint in {}, starting at step 0",
-                run.checkpoints().display()
-            );
-        }
-    }
+        &mut [("", &model, &mut opt)],
+    )
+    .context("starting the run")?;
+    let mut sampler = Sampler::new(train.rows.len(), args.run.seed, true);
+    sampler.restore(session.state.sampler);
     tracing::info!(
         "sft: {} rows, {} steps of {} rows ({} × {} accumulated)",
         train.rows.len(),
@@ -186,19 +145,6 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         args.batch_size,
         args.grad_accum
     );
-    let mut metrics = Metrics::open(&run, resumed_at, total_steps, args.run.log_every)?;
-    let save = |state: &TrainerState, opt: &AdamW| -> Result<()> {
-        let t = Trainable {
-            subdir: "",
-            model: &model,
-            optimizer: opt,
-            sidecar_from: &args.model,
-        };
-        let dir = save_checkpoint(&run, state.step, &[t], state, |_| Ok(()))?;
-        run.prune(args.run.keep_last)?;
-        tracing::info!("checkpoint {}", dir.display());
-        Ok(())
-    };
     let evaluate = |eval: &Prepared| -> f64 {
         let per_row = nll_per_row(&model, &eval.rows, args.batch_size, tok.pad_id);
         let (nll, n) = per_row
@@ -208,7 +154,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     };
     let mut eval_loss = None;
 
-    while state.step < total_steps {
+    while !session.done() {
         let started = Instant::now();
         let indices = sampler.next_batch(rows_per_step);
         let rows: Vec<_> = indices.iter().map(|&i| &train.rows[i]).collect();
@@ -226,72 +172,50 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             loss_value += loss.double_value(&[]);
             tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
         }
+        let step = session.state.step;
         let outcome = optimizer_step(
             &mut opt,
-            &schedule,
-            state.step,
+            &session.schedule,
+            step,
             args.optim.max_grad_norm,
             loss_value,
         );
-        if outcome.skipped {
-            state.skipped_steps += 1;
-            tracing::warn!(
-                "step {}: non-finite loss or gradient, update skipped",
-                state.step + 1
-            );
-        }
-        state.step += 1;
-        state.sampler = sampler.position();
-        state.last_loss = loss_value;
+        session.finish_step(&outcome, loss_value, sampler.position());
         let elapsed = started.elapsed().as_secs_f64();
         let mut scalars = vec![
             ("train/loss", loss_value),
             ("train/lr", outcome.lr),
             ("train/grad_norm", outcome.grad_norm),
             ("train/tokens_per_second", tokens as f64 / elapsed.max(1e-9)),
-            ("train/skipped_steps", state.skipped_steps as f64),
+            ("train/skipped_steps", session.state.skipped_steps as f64),
         ];
-        let last = state.step == total_steps;
         if let Some(eval) = &eval {
-            if last || (args.eval_every > 0 && state.step % args.eval_every == 0) {
+            if session.at_end()
+                || (args.eval_every > 0 && session.state.step % args.eval_every == 0)
+            {
                 let loss = evaluate(eval);
                 eval_loss = Some(loss);
                 scalars.push(("eval/loss", loss));
                 scalars.push(("eval/perplexity", loss.exp()));
             }
         }
-        metrics.log(state.step, &scalars)?;
-        if last || (args.run.save_every > 0 && state.step % args.run.save_every == 0) {
-            metrics.flush();
-            save(&state, &opt)?;
+        session.metrics.log(session.state.step, &scalars)?;
+        if session.checkpoint_due() {
+            let t = Trainable {
+                subdir: "",
+                model: &model,
+                optimizer: &opt,
+                sidecar_from: &args.model,
+            };
+            session.save(&[t], |_| Ok(()))?;
         }
     }
-    metrics.finish();
-    write_final(&run, &model, &args.model)?;
-    Ok(TrainSummary {
-        steps: state.step,
-        final_loss: state.last_loss,
+    session.write_model("final", &model, &args.model)?;
+    let summary = TrainSummary {
+        steps: session.state.step,
+        final_loss: session.state.last_loss,
         eval_loss,
-    })
-}
-
-/// `OUT/final/`: the model as a Hugging Face directory, written aside and renamed.
-pub fn write_final(
-    run: &RunDir,
-    model: &common::Model,
-    sidecar_from: &std::path::Path,
-) -> Result<()> {
-    let final_dir = run.final_dir();
-    let tmp = run.root.join(".final.tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    model.save(&tmp, Some(sidecar_from))?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("writing {}", final_dir.display()))?;
-    tracing::info!("final model in {}", final_dir.display());
-    Ok(())
+    };
+    session.metrics.finish();
+    Ok(summary)
 }

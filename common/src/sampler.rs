@@ -1,4 +1,4 @@
-//! Seeded shuffling over a dataset, with a position (epoch, index) that can be saved and
+//! Seeded shuffling over a dataset (rows, prompts), with a position (epoch, index) that can be saved and
 //! restored, so a resumed run sees exactly the batches it would have seen.
 
 use rand::seq::SliceRandom;
