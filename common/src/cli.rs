@@ -140,3 +140,26 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
 }
+
+impl RunArgs {
+    /// Seeds libtorch's generator, so that freshly initialised weights (a new `score` head)
+    /// are the same in every run with this seed. Call before loading models.
+    pub fn seed_torch(&self) {
+        tch::manual_seed(self.seed as i64);
+    }
+}
+
+/// Ends a command: its JSON summary on stdout and exit 0, or the error with its causes on
+/// one line of stderr and exit 1 (no panic, no backtrace).
+pub fn finish<E: std::fmt::Display>(result: Result<serde_json::Value, E>) -> ! {
+    match result {
+        Ok(summary) => {
+            println!("{summary}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1)
+        }
+    }
+}

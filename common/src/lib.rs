@@ -16,6 +16,7 @@ pub mod optim;
 pub mod run_dir;
 pub mod sampler;
 pub mod schedule;
+pub mod scoring;
 pub mod train;
 
 pub use error::{Error, Result};

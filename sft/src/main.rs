@@ -12,6 +12,8 @@ struct Cli {
     command: Command,
 }
 
+// One value per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Fine-tune a model on demonstrations (loss on completions / assistant turns).
@@ -39,12 +41,5 @@ fn main() {
                    "output": args.output})
         }),
     };
-    match result {
-        Ok(summary) => println!("{summary}"),
-        Err(e) => {
-            // One line: the error and its causes, no backtrace.
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
-        }
-    }
+    common::cli::finish(result)
 }

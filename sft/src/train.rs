@@ -14,7 +14,8 @@ use common::optim::AdamW;
 use common::sampler::Sampler;
 use common::train::{optimizer_step, Session, Trainable};
 use common::Head;
-use data::sft::{collate, prepare, Prepared, Truncation};
+use data::cli::TrainDataArgs;
+use data::sft::{collate, prepare, Prepared};
 use serde::Serialize;
 use tch::Kind;
 
@@ -25,27 +26,10 @@ pub struct TrainArgs {
     /// Hugging Face model directory to fine-tune (weights, config.json, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// Demonstrations: {"prompt","completion"}, {"messages"} or {"text"} per line.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Held-out rows in the same format, for eval/loss.
-    #[arg(long)]
-    pub eval_data: Option<PathBuf>,
-    /// Evaluate every N steps (and at the end); 0 evaluates only at the end.
-    #[arg(long, default_value_t = 0)]
-    pub eval_every: u64,
-    /// Rows per micro-batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Micro-batches per optimiser step.
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    /// Longest row in tokens; longer rows follow --truncation.
-    #[arg(long, default_value_t = 1024)]
-    pub max_length: usize,
-    /// truncate (cut the completion's end) or drop rows over --max-length.
-    #[arg(long, default_value = "truncate")]
-    pub truncation: Truncation,
+    /// Demonstrations ({"prompt","completion"}, {"messages"} or {"text"}) and eval rows.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: TrainDataArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -66,9 +50,7 @@ pub struct TrainSummary {
 
 impl TrainArgs {
     fn validate(&self) -> Result<()> {
-        ensure!(self.batch_size > 0, "--batch-size must be at least 1");
-        ensure!(self.grad_accum > 0, "--grad-accum must be at least 1");
-        ensure!(self.max_length > 1, "--max-length must be at least 2");
+        self.data.validate().map_err(anyhow::Error::msg)?;
         ensure!(
             self.run.epochs > 0 || self.run.max_steps.is_some(),
             "--epochs must be at least 1"
@@ -87,21 +69,27 @@ fn prepare_file(
     args: &TrainArgs,
 ) -> Result<Prepared> {
     let examples = data::read_sft(path)?;
-    let prepared = prepare(&examples, tok, args.max_length, args.truncation, true)?;
+    let prepared = prepare(
+        &examples,
+        tok,
+        args.data.max_length,
+        args.data.truncation,
+        true,
+    )?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(
             "{}: {} rows truncated and {} dropped at --max-length {}",
             path.display(),
             prepared.truncated,
             prepared.dropped,
-            args.max_length
+            args.data.max_length
         );
     }
     if prepared.rows.is_empty() {
         bail!(
             "{}: no row is left to train on after --max-length {}",
             path.display(),
-            args.max_length
+            args.data.max_length
         );
     }
     Ok(prepared)
@@ -111,20 +99,20 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     // Read everything that can be wrong before the output directory is touched.
     let (device, kind) = args.device.resolve();
+    args.run.seed_torch();
     let (model, tok) = data::io::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
-    let train = prepare_file(&args.data, &tok, args)?;
+    let train = prepare_file(&args.data.data, &tok, args)?;
     let eval = args
+        .data
         .eval_data
         .as_deref()
         .map(|p| prepare_file(p, &tok, args))
         .transpose()?;
 
-    let rows_per_step = args.batch_size * args.grad_accum;
-    let steps_per_epoch = train.rows.len().div_ceil(rows_per_step) as u64;
+    let rows_per_step = args.data.rows_per_step();
     let total_steps = args
-        .run
-        .max_steps
-        .unwrap_or(args.run.epochs * steps_per_epoch);
+        .data
+        .total_steps(train.rows.len(), args.run.epochs, args.run.max_steps);
     let mut opt = AdamW::new(model.vs.variables(), args.optim.adamw());
     let mut session = Session::start(
         "sft",
@@ -142,11 +130,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         train.rows.len(),
         total_steps,
         rows_per_step,
-        args.batch_size,
-        args.grad_accum
+        args.data.batch_size,
+        args.data.grad_accum
     );
     let evaluate = |eval: &Prepared| -> f64 {
-        let per_row = nll_per_row(&model, &eval.rows, args.batch_size, tok.pad_id);
+        let per_row = nll_per_row(&model, &eval.rows, args.data.batch_size, tok.pad_id);
         let (nll, n) = per_row
             .iter()
             .fold((0.0, 0), |(a, b), (x, y)| (a + x, b + y));
@@ -164,7 +152,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             .sum();
         let mut loss_value = 0.0;
         let mut tokens = 0i64;
-        for micro in rows.chunks(args.batch_size) {
+        for micro in rows.chunks(args.data.batch_size) {
             let batch = collate(micro, tok.pad_id, device);
             let (nll, _) = token_nll(&model, &batch);
             let loss = nll.sum(Kind::Float) / targets.max(1) as f64;
@@ -190,9 +178,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             ("train/skipped_steps", session.state.skipped_steps as f64),
         ];
         if let Some(eval) = &eval {
-            if session.at_end()
-                || (args.eval_every > 0 && session.state.step % args.eval_every == 0)
-            {
+            if args.data.eval_due(session.state.step, session.at_end()) {
                 let loss = evaluate(eval);
                 eval_loss = Some(loss);
                 scalars.push(("eval/loss", loss));

@@ -1,0 +1,261 @@
+//! `reward train` / `reward eval` end to end on a tiny Llama: a learnable preference rule
+//! reaches high held-out accuracy, the rewards are centred on the normalisation set, the
+//! saved model scores as `AutoModelForSequenceClassification` does, and a killed run
+//! resumes to the same weights.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use common::{Head, Model};
+use rlhf_tests::run_python;
+use serde_json::{json, Value};
+use tch::{Device, Kind};
+
+struct Fixture {
+    root: PathBuf,
+    model: PathBuf,
+    train: PathBuf,
+    eval: PathBuf,
+}
+
+/// The rule: the more times "legs" appears, the better. Rankings of 3 and pairs mixed.
+fn preference_rows(seed: u64, n: usize) -> String {
+    let words = ["rabbits", "chickens", "heads", "cage"];
+    let mut state = seed;
+    let mut next = move |m: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % m
+    };
+    let mut out = String::new();
+    for i in 0..n {
+        let k = if i % 2 == 0 { 3 } else { 2 };
+        let mut responses = vec![];
+        for legs in (0..k).rev() {
+            let mut r: Vec<&str> = (0..5).map(|_| words[next(words.len())]).collect();
+            for _ in 0..legs {
+                let at = next(r.len() + 1);
+                r.insert(at, "legs");
+            }
+            responses.push(format!("{}.", r.join(" ")));
+        }
+        let row = if k == 2 {
+            json!({"prompt": "Count: ", "chosen": responses[0], "rejected": responses[1]})
+        } else {
+            json!({"prompt": "Count: ", "responses": responses})
+        };
+        out.push_str(&format!("{row}\n"));
+    }
+    out
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("reward");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        run_python(
+            "data_reference.py",
+            &["make", "--root", root.to_str().unwrap()],
+        );
+        let (train, eval) = (root.join("train.jsonl"), root.join("eval.jsonl"));
+        std::fs::write(&train, preference_rows(1, 64)).unwrap();
+        std::fs::write(&eval, preference_rows(2, 24)).unwrap();
+        Fixture {
+            model: root.join("model"),
+            root,
+            train,
+            eval,
+        }
+    })
+}
+
+fn reward(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reward"));
+    cmd.args(args).env_remove("RLHF_CRASH_AT");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn ok(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let f = fixture();
+    let mut args = vec![
+        "train",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--data",
+        f.train.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--lr",
+        "2e-3",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+        "--schedule",
+        "constant",
+    ];
+    args.extend_from_slice(extra);
+    reward(&args, env)
+}
+
+#[test]
+fn learns_the_rule_normalises_and_matches_transformers() {
+    let f = fixture();
+    let out = f.root.join("run-learn");
+    let summary = ok(&train(
+        &out,
+        &[
+            "--max-steps",
+            "150",
+            "--eval-data",
+            f.eval.to_str().unwrap(),
+            "--eval-every",
+            "50",
+        ],
+        &[],
+    ));
+    let final_dir = out.join("final");
+    // Held-out pairwise accuracy through `reward eval`.
+    let eval = ok(&reward(
+        &[
+            "eval",
+            "--model",
+            final_dir.to_str().unwrap(),
+            "--data",
+            f.eval.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        &[],
+    ));
+    let accuracy = eval["accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.95, "held-out pairwise accuracy {accuracy}");
+    assert_eq!(eval["pairs"], 12 * 3 + 12);
+    let during = summary["eval_accuracy"].as_f64().unwrap();
+    assert!(
+        (during - accuracy).abs() < 1e-9,
+        "train's eval {during} vs reward eval {accuracy}"
+    );
+
+    // Normalisation: the default set is the best response of each training ranking.
+    let best: String = std::fs::read_to_string(&f.train)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let best = v.get("chosen").unwrap_or_else(|| &v["responses"][0]);
+            format!("{}\n", json!({"prompt": v["prompt"], "completion": best}))
+        })
+        .collect();
+    let best_path = f.root.join("best.jsonl");
+    std::fs::write(&best_path, best).unwrap();
+    let scored = ok(&reward(
+        &[
+            "eval",
+            "--model",
+            final_dir.to_str().unwrap(),
+            "--data",
+            best_path.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        &[],
+    ));
+    let mean = scored["mean_reward"].as_f64().unwrap();
+    assert!(
+        mean.abs() < 1e-4,
+        "normalised mean over the normalisation set is {mean}"
+    );
+    assert!(
+        summary["reward_bias"].as_f64().unwrap().abs() > 1e-3,
+        "no bias stored"
+    );
+
+    // Raw scores against AutoModelForSequenceClassification on the saved model, right padding.
+    let (model, _) = Model::load(&final_dir, Head::Score, Device::Cpu, Kind::Float).unwrap();
+    let tok = data::Tokenizer::load(&final_dir).unwrap();
+    let rows: Vec<Vec<i64>> = [
+        "Count: rabbits legs cage.",
+        "Count: heads",
+        "Count: legs legs legs rabbits chickens.",
+    ]
+    .iter()
+    .map(|t| tok.encode(t, true).unwrap())
+    .collect();
+    let ids_path = f.root.join("score-ids.json");
+    std::fs::write(&ids_path, serde_json::to_string(&rows).unwrap()).unwrap();
+    let theirs = run_python(
+        "check_run.py",
+        &[
+            "--model",
+            final_dir.to_str().unwrap(),
+            "--ids",
+            ids_path.to_str().unwrap(),
+            "--score",
+        ],
+    );
+    assert_eq!(theirs["pad_token_id"], json!(tok.pad_id));
+    let ours = reward::score_sequences(&model, &rows, 8, tok.pad_id);
+    let theirs: Vec<f64> = serde_json::from_value(theirs["scores"].clone()).unwrap();
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "ours {ours:?} vs transformers {theirs:?}"
+        );
+    }
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_weights() {
+    let f = fixture();
+    let straight = f.root.join("run-straight");
+    let args = ["--max-steps", "4", "--save-every", "2"];
+    ok(&train(&straight, &args, &[]));
+    let out = f.root.join("run-killed");
+    let killed = train(&out, &args, &[("RLHF_CRASH_AT", "checkpoint-mid-write@2")]);
+    assert!(!killed.status.success());
+    let mut resumed = args.to_vec();
+    resumed.push("--resume");
+    ok(&train(&out, &resumed, &[]));
+    let load = |d: &Path| {
+        Model::load(&d.join("final"), Head::Score, Device::Cpu, Kind::Float)
+            .unwrap()
+            .0
+            .named_tensors()
+    };
+    let (a, b) = (load(&straight), load(&out));
+    for (name, t) in &a {
+        let diff = (t - &b[name]).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{name} differs by {diff:e}");
+    }
+    let cfg = |d: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("final/config.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(
+        cfg(&straight)["rlhf_reward_bias"],
+        cfg(&out)["rlhf_reward_bias"]
+    );
+    assert_eq!(
+        cfg(&out)["architectures"],
+        json!(["LlamaForSequenceClassification"])
+    );
+}
