@@ -8,13 +8,37 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
-use tensorboard_rs::summary_writer::SummaryWriter;
+use tensorboard_proto::summary::{
+    Summary, SummaryMetadata, SummaryMetadata_PluginData, Summary_Value,
+};
+use tensorboard_proto::tensor::TensorProto;
+use tensorboard_proto::types::DataType;
+use tensorboard_rs::summary_writer::FileWriter;
 
 use crate::error::{Error, Result};
 use crate::run_dir::RunDir;
 
+/// Removes the lines of a `{"step": N, …}` JSON Lines file whose step is after `step`.
+fn drop_lines_after(path: &std::path::Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step")?.as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::checkpoint::write_atomic(path, kept.as_bytes())
+}
+
 pub struct Metrics {
-    tb: SummaryWriter,
+    tb: FileWriter,
     jsonl: File,
     jsonl_path: std::path::PathBuf,
     bar: Option<ProgressBar>,
@@ -36,19 +60,8 @@ impl Metrics {
     ) -> Result<Self> {
         let jsonl_path = run.root.join("metrics.jsonl");
         let keep_until = resumed_at.unwrap_or(0);
-        if jsonl_path.exists() {
-            let text = fs::read_to_string(&jsonl_path).map_err(|e| Error::io(&jsonl_path, e))?;
-            let kept: String = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step")?.as_u64())
-                        .is_some_and(|s| s <= keep_until)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            crate::checkpoint::write_atomic(&jsonl_path, kept.as_bytes())?;
+        for stream in [&jsonl_path, &run.root.join("samples.jsonl")] {
+            drop_lines_after(stream, keep_until)?;
         }
         let jsonl = OpenOptions::new()
             .create(true)
@@ -67,7 +80,7 @@ impl Metrics {
             bar
         });
         Ok(Metrics {
-            tb: SummaryWriter::new(&tb_dir),
+            tb: FileWriter::new(&tb_dir),
             jsonl,
             jsonl_path,
             bar,
@@ -83,7 +96,10 @@ impl Metrics {
         let mut row = Map::new();
         row.insert("step".into(), Value::from(step));
         for &(tag, value) in scalars {
-            self.tb.add_scalar(tag, value as f32, step as usize);
+            self.tb.add_summary(
+                tensorboard_rs::summary::scalar(tag, value as f32),
+                step as usize,
+            );
             row.insert(
                 tag.into(),
                 serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number),
@@ -122,6 +138,24 @@ impl Metrics {
             None => {}
         }
         Ok(())
+    }
+
+    /// A text summary (TensorBoard's Text tab), e.g. sample responses as Markdown.
+    pub fn text(&mut self, step: u64, tag: &str, text: &str) {
+        let mut plugin = SummaryMetadata_PluginData::new();
+        plugin.set_plugin_name("text".into());
+        let mut metadata = SummaryMetadata::new();
+        metadata.set_plugin_data(plugin);
+        let mut tensor = TensorProto::new();
+        tensor.set_dtype(DataType::DT_STRING);
+        tensor.mut_string_val().push(text.as_bytes().to_vec());
+        let mut value = Summary_Value::new();
+        value.set_tag(tag.into());
+        value.set_metadata(metadata);
+        value.set_tensor(tensor);
+        let mut summary = Summary::new();
+        summary.mut_value().push(value);
+        self.tb.add_summary(summary, step as usize);
     }
 
     pub fn flush(&mut self) {

@@ -107,6 +107,11 @@ impl Tokenizer {
         })
     }
 
+    /// Whether both map every token to the same id (added tokens included).
+    pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

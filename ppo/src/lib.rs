@@ -1,1 +1,10 @@
-//! Step 3 of InstructGPT: PPO against the reward model with a KL penalty.
+//! Step 3 of InstructGPT: PPO against a reward model with a per-token KL penalty to the
+//! frozen SFT policy, a value model initialised from the reward model, GAE, clipped policy
+//! and value losses, an adaptive or fixed KL coefficient, and optionally PPO-ptx.
+
+pub mod args;
+pub mod math;
+pub mod reward_fn;
+pub mod rollout;
+pub mod train;
+pub mod update;

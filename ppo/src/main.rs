@@ -1,15 +1,38 @@
-//! `ppo`: Step 3 of InstructGPT: PPO against the reward model with a KL penalty.
+//! `ppo`: step 3 of InstructGPT, PPO against the reward model with a KL penalty.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use serde_json::json;
 
-/// Step 3 of InstructGPT: PPO against the reward model with a KL penalty.
+/// PPO of the SFT policy against a reward model (InstructGPT step 3).
 #[derive(Debug, Parser)]
 #[command(name = "ppo", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
+// One value per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Optimise a policy with PPO against a reward model.
+    Train(ppo::train::TrainArgs),
+    /// Sample completions for a file of prompts (as `sft generate`).
+    Generate(sft::generate::GenerateArgs),
+}
+
+fn main() {
+    let cli: Cli = common::config_file::parse();
     common::logging::init();
-    eprintln!("ppo: no subcommand has landed yet; see the README for the stages that work today");
-    std::process::exit(2)
+    let result = match &cli.command {
+        Command::Train(args) => ppo::train::run(args).map(|s| {
+            json!({"steps": s.steps, "first_score": s.first_score, "last_score": s.last_score,
+                   "kl": s.kl, "kl_coef": s.kl_coef, "final": args.run.output_dir.join("final")})
+        }),
+        Command::Generate(args) => sft::generate::run(args).map(|s| {
+            json!({"rows": s.rows, "finished_eos": s.finished_eos, "tokens": s.tokens,
+                   "output": args.output})
+        }),
+    };
+    common::cli::finish(result)
 }

@@ -1,0 +1,383 @@
+//! The PPO math as pure functions over tensors: no model, no configuration object.
+//! Shapes: `[B, T]` over response tokens, with a 0/1 `mask` (1 on real response tokens,
+//! the EOS included); masked positions never change any result.
+//!
+//! References: Schulman et al. 2017 (clipped surrogate), Schulman et al. 2016 (GAE),
+//! Ziegler et al. 2019 (per-token KL penalty, adaptive KL controller), and TRL's
+//! `PPOTrainer` whose metric definitions we keep.
+
+use common::ops::{masked_mean, masked_var};
+use tch::{Kind, Tensor};
+
+/// How the per-token KL between policy and reference is estimated (Schulman's k1/k3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KlEstimator {
+    /// `log π − log π_ref`: unbiased, can be negative per token.
+    #[default]
+    K1,
+    /// `(r − 1) − log r` with `r = π_ref / π`: unbiased, always ≥ 0, lower variance.
+    K3,
+}
+
+impl std::str::FromStr for KlEstimator {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "k1" => Ok(KlEstimator::K1),
+            "k3" => Ok(KlEstimator::K3),
+            _ => Err(format!("'{s}' is not a KL estimator (expected k1 or k3)")),
+        }
+    }
+}
+
+impl std::fmt::Display for KlEstimator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KlEstimator::K1 => "k1",
+            KlEstimator::K3 => "k3",
+        })
+    }
+}
+
+/// Per-token KL estimate, 0 where `mask` is 0.
+pub fn kl_per_token(
+    logprobs: &Tensor,
+    ref_logprobs: &Tensor,
+    mask: &Tensor,
+    estimator: KlEstimator,
+) -> Tensor {
+    let log_ratio = logprobs - ref_logprobs;
+    let kl = match estimator {
+        KlEstimator::K1 => log_ratio,
+        KlEstimator::K3 => {
+            let neg = -log_ratio;
+            neg.exp() - 1.0 - neg
+        }
+    };
+    kl * mask.to_kind(Kind::Float)
+}
+
+/// Index of the last real token of each row (`[B]`); rows with no token give 0.
+fn last_index(mask: &Tensor) -> Tensor {
+    (mask
+        .to_kind(Kind::Int64)
+        .sum_dim_intlist([1].as_slice(), false, Kind::Int64)
+        - 1)
+    .clamp_min(0)
+}
+
+/// Rewards per token: `−β · kl` everywhere, plus the sequence's `score` on its last real
+/// token. Returns `(rewards, non_score_rewards)`.
+pub fn shaped_rewards(kl: &Tensor, scores: &Tensor, mask: &Tensor, beta: f64) -> (Tensor, Tensor) {
+    let mask_f = mask.to_kind(Kind::Float);
+    let non_score = -(kl * beta) * &mask_f;
+    let at_end = Tensor::zeros_like(&non_score).scatter(
+        1,
+        &last_index(mask).unsqueeze(1),
+        &scores.to_kind(Kind::Float).unsqueeze(1),
+    );
+    ((&non_score + at_end * mask_f), non_score)
+}
+
+/// Generalised advantage estimation over each row's real tokens:
+/// `δ_t = r_t + γ·V_{t+1} − V_t`, `A_t = δ_t + γλ·A_{t+1}`, with `V` and `A` taken as 0
+/// past the last real token. Returns `(advantages, returns = advantages + values)`, both 0
+/// where `mask` is 0.
+pub fn gae(
+    rewards: &Tensor,
+    values: &Tensor,
+    mask: &Tensor,
+    gamma: f64,
+    lam: f64,
+) -> (Tensor, Tensor) {
+    let mask_f = mask.to_kind(Kind::Float);
+    let values = values.to_kind(Kind::Float) * &mask_f;
+    let rewards = rewards.to_kind(Kind::Float) * &mask_f;
+    let t = rewards.size()[1];
+    let mut last = Tensor::zeros_like(&rewards.select(1, 0));
+    let mut advantages = Vec::with_capacity(t as usize);
+    for i in (0..t).rev() {
+        let next_value = if i + 1 < t {
+            values.select(1, i + 1)
+        } else {
+            Tensor::zeros_like(&last)
+        };
+        let delta = rewards.select(1, i) + gamma * next_value - values.select(1, i);
+        last = (delta + gamma * lam * &last) * mask_f.select(1, i);
+        advantages.push(last.shallow_clone());
+    }
+    advantages.reverse();
+    let advantages = Tensor::stack(&advantages, 1);
+    let returns = (&advantages + &values) * &mask_f;
+    (advantages, returns)
+}
+
+/// Results of the clipped surrogate objective.
+#[derive(Debug)]
+pub struct PolicyLoss {
+    /// `mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)))` over masked tokens.
+    pub loss: Tensor,
+    /// Fraction of tokens where the clipped term was the larger.
+    pub clipfrac: f64,
+    /// `½·mean((log π − log π_old)²)`, as TRL reports it.
+    pub approxkl: f64,
+    pub ratio_mean: f64,
+    /// Largest `|ρ − 1|` over masked tokens.
+    pub ratio_max_dev: f64,
+}
+
+pub fn policy_loss(
+    logprobs: &Tensor,
+    old_logprobs: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    cliprange: f64,
+) -> PolicyLoss {
+    let log_ratio = logprobs - old_logprobs;
+    let ratio = log_ratio.exp();
+    let unclipped = -advantages * &ratio;
+    let clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange);
+    let loss = masked_mean(&unclipped.maximum(&clipped), mask);
+    let d = log_ratio.detach();
+    let mask_b = mask.to_kind(Kind::Bool);
+    PolicyLoss {
+        loss,
+        clipfrac: masked_mean(&clipped.gt_tensor(&unclipped).to_kind(Kind::Float), mask)
+            .double_value(&[]),
+        approxkl: 0.5 * masked_mean(&d.square(), mask).double_value(&[]),
+        ratio_mean: masked_mean(&ratio.detach(), mask).double_value(&[]),
+        ratio_max_dev: (ratio.detach() - 1.0)
+            .abs()
+            .masked_select(&mask_b)
+            .max()
+            .double_value(&[]),
+    }
+}
+
+/// Clipped value loss: `½·mean(max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²))` and the
+/// fraction of tokens where the clipped term was the larger.
+pub fn value_loss(
+    values: &Tensor,
+    old_values: &Tensor,
+    returns: &Tensor,
+    mask: &Tensor,
+    cliprange_value: f64,
+) -> (Tensor, f64) {
+    let clipped_values =
+        old_values + (values - old_values).clamp(-cliprange_value, cliprange_value);
+    let unclipped = (values - returns).square();
+    let clipped = (clipped_values - returns).square();
+    let loss = 0.5 * masked_mean(&unclipped.maximum(&clipped), mask);
+    let clipfrac =
+        masked_mean(&clipped.gt_tensor(&unclipped).to_kind(Kind::Float), mask).double_value(&[]);
+    (loss, clipfrac)
+}
+
+/// `1 − Var(returns − values) / Var(returns)` over masked tokens.
+pub fn explained_variance(values: &Tensor, returns: &Tensor, mask: &Tensor) -> f64 {
+    let var_returns = masked_var(returns, mask).double_value(&[]);
+    let var_residual = masked_var(&(returns - values), mask).double_value(&[]);
+    if var_returns == 0.0 {
+        return f64::NAN;
+    }
+    1.0 - var_residual / var_returns
+}
+
+/// The KL coefficient β: fixed, or adapted towards a target KL (Ziegler et al. 2019):
+/// `β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon)`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KlController {
+    pub value: f64,
+    /// `None` keeps β fixed.
+    pub target: Option<f64>,
+    pub horizon: f64,
+}
+
+impl KlController {
+    /// After a batch of `n_steps` samples whose mean KL was `kl`.
+    pub fn update(&mut self, kl: f64, n_steps: f64) {
+        if let Some(target) = self.target {
+            let error = (kl / target - 1.0).clamp(-0.2, 0.2);
+            self.value *= 1.0 + error * n_steps / self.horizon;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn t(rows: &[&[f32]]) -> Tensor {
+        let v: Vec<Vec<f32>> = rows.iter().map(|r| r.to_vec()).collect();
+        Tensor::from_slice2(&v)
+    }
+
+    fn to_vec(x: &Tensor) -> Vec<Vec<f32>> {
+        Vec::<Vec<f32>>::try_from(x.to_kind(Kind::Float)).unwrap()
+    }
+
+    /// GAE by a plain loop over each row's real tokens.
+    fn gae_loop(r: &[f32], v: &[f32], n: usize, gamma: f32, lam: f32) -> Vec<f32> {
+        let mut adv = vec![0f32; r.len()];
+        let mut last = 0f32;
+        for i in (0..n).rev() {
+            let next = if i + 1 < n { v[i + 1] } else { 0.0 };
+            let delta = r[i] + gamma * next - v[i];
+            last = delta + gamma * lam * last;
+            adv[i] = last;
+        }
+        adv
+    }
+
+    #[test]
+    fn gae_matches_a_plain_loop_and_ignores_padding() {
+        tch::manual_seed(1);
+        let rewards = Tensor::randn([3, 6], (Kind::Float, Device::Cpu));
+        let values = Tensor::randn([3, 6], (Kind::Float, Device::Cpu));
+        let lengths = [6usize, 4, 1];
+        let mask = t(&[
+            &[1., 1., 1., 1., 1., 1.],
+            &[1., 1., 1., 1., 0., 0.],
+            &[1., 0., 0., 0., 0., 0.],
+        ]);
+        let (adv, ret) = gae(&rewards, &values, &mask, 0.9, 0.8);
+        let (r, v, a, rt) = (
+            to_vec(&rewards),
+            to_vec(&values),
+            to_vec(&adv),
+            to_vec(&ret),
+        );
+        for (b, &n) in lengths.iter().enumerate() {
+            let expected = gae_loop(&r[b], &v[b], n, 0.9, 0.8);
+            for i in 0..6 {
+                assert!((a[b][i] - expected[i]).abs() < 1e-5, "row {b} token {i}");
+                let want_ret = if i < n { expected[i] + v[b][i] } else { 0.0 };
+                assert!((rt[b][i] - want_ret).abs() < 1e-5);
+            }
+        }
+        // Garbage in masked positions changes nothing.
+        let noisy_r = &rewards + (1 - &mask) * 1000.0;
+        let noisy_v = &values - (1 - &mask) * 1000.0;
+        let (adv2, ret2) = gae(&noisy_r, &noisy_v, &mask, 0.9, 0.8);
+        assert!(adv2.allclose(&adv, 1e-6, 1e-6, false) && ret2.allclose(&ret, 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn gae_with_gamma_lambda_one_is_reward_to_go_minus_values() {
+        tch::manual_seed(2);
+        let rewards = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
+        let values = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
+        let mask = t(&[&[1., 1., 1., 1., 1.], &[1., 1., 1., 0., 0.]]);
+        let (adv, _) = gae(&rewards, &values, &mask, 1.0, 1.0);
+        let masked_r = &rewards * &mask;
+        let to_go = masked_r.flip([1]).cumsum(1, Kind::Float).flip([1]);
+        let expected = (to_go - &values) * &mask;
+        assert!(adv.allclose(&expected, 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn shaped_rewards_put_the_score_on_the_last_token() {
+        let kl = t(&[&[0.1, 0.2, 0.3], &[0.5, 9.0, 9.0]]);
+        let mask = t(&[&[1., 1., 1.], &[1., 0., 0.]]);
+        let scores = Tensor::from_slice(&[1.0f32, -2.0]);
+        let (rewards, non_score) = shaped_rewards(&(&kl * &mask), &scores, &mask, 0.5);
+        let r = to_vec(&rewards);
+        let expected = [[-0.05, -0.1, -0.15 + 1.0], [-0.25 - 2.0, 0.0, 0.0]];
+        for b in 0..2 {
+            for i in 0..3 {
+                assert!((r[b][i] - expected[b][i]).abs() < 1e-6, "{r:?}");
+            }
+        }
+        assert!((non_score.sum(Kind::Float).double_value(&[]) + 0.55).abs() < 1e-6);
+    }
+
+    #[test]
+    fn kl_estimators() {
+        let lp = t(&[&[-1.0, -2.0]]);
+        let rlp = t(&[&[-1.5, -1.0]]);
+        let mask = t(&[&[1., 0.]]);
+        let k1 = to_vec(&kl_per_token(&lp, &rlp, &mask, KlEstimator::K1));
+        assert_eq!(k1, [[0.5, 0.0]]);
+        let k3 = to_vec(&kl_per_token(&lp, &rlp, &mask, KlEstimator::K3));
+        let expected = (-0.5f32).exp() - 1.0 + 0.5;
+        assert!((k3[0][0] - expected).abs() < 1e-6 && k3[0][1] == 0.0);
+    }
+
+    #[test]
+    fn ratio_one_means_no_clipping_and_minus_mean_advantage() {
+        tch::manual_seed(3);
+        let lp = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
+        let adv = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
+        let mask = t(&[&[1., 1., 1., 1.], &[1., 1., 0., 0.]]);
+        let out = policy_loss(&lp, &lp, &adv, &mask, 0.2);
+        assert_eq!(out.clipfrac, 0.0);
+        assert_eq!(out.approxkl, 0.0);
+        assert_eq!(out.ratio_max_dev, 0.0);
+        let expected = -masked_mean(&adv, &mask).double_value(&[]);
+        assert!((out.loss.double_value(&[]) - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn policy_loss_matches_a_plain_loop() {
+        let lp = [-0.5f32, -1.0, -2.0, -0.1];
+        let old = [-1.0f32, -1.0, -1.0, -5.0];
+        let adv = [1.0f32, -1.0, 2.0, 3.0];
+        let mask = [1f32, 1.0, 1.0, 0.0];
+        let out = policy_loss(&t(&[&lp]), &t(&[&old]), &t(&[&adv]), &t(&[&mask]), 0.2);
+        let (mut sum, mut clipped, mut n) = (0f64, 0, 0);
+        for i in 0..3 {
+            let ratio = f64::from(lp[i] - old[i]).exp();
+            let a = f64::from(adv[i]);
+            let (u, c) = (-a * ratio, -a * ratio.clamp(0.8, 1.2));
+            sum += u.max(c);
+            clipped += usize::from(c > u);
+            n += 1;
+        }
+        assert!((out.loss.double_value(&[]) - sum / n as f64).abs() < 1e-5);
+        assert!((out.clipfrac - clipped as f64 / n as f64).abs() < 1e-6);
+        assert_eq!(clipped, 1);
+    }
+
+    #[test]
+    fn value_loss_clips_around_the_old_values() {
+        let v = t(&[&[2.0, 0.0]]);
+        let old = t(&[&[0.0, 0.0]]);
+        let ret = t(&[&[3.0, 1.0]]);
+        let mask = t(&[&[1., 1.]]);
+        let (loss, clipfrac) = value_loss(&v, &old, &ret, &mask, 0.5);
+        // token 0: unclipped (2−3)² = 1, clipped (0.5−3)² = 6.25 → 6.25; token 1: 1 and 1 → 1
+        assert!((loss.double_value(&[]) - 0.5 * (6.25 + 1.0) / 2.0).abs() < 1e-6);
+        assert!((clipfrac - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn adaptive_kl_moves_towards_the_target() {
+        let mut c = KlController {
+            value: 0.1,
+            target: Some(6.0),
+            horizon: 10000.0,
+        };
+        c.update(12.0, 100.0); // error clipped to +0.2
+        assert!((c.value - 0.1 * (1.0 + 0.2 * 0.01)).abs() < 1e-12);
+        c.update(3.0, 100.0); // error −0.5 → −0.2
+        assert!(c.value < 0.1 * (1.0 + 0.2 * 0.01));
+        let mut fixed = KlController {
+            value: 0.1,
+            target: None,
+            horizon: 10000.0,
+        };
+        fixed.update(100.0, 100.0);
+        assert_eq!(fixed.value, 0.1);
+    }
+
+    #[test]
+    fn explained_variance_is_one_for_perfect_values() {
+        let r = t(&[&[1.0, 2.0, 3.0, 99.0]]);
+        let mask = t(&[&[1., 1., 1., 0.]]);
+        assert!((explained_variance(&r, &r, &mask) - 1.0).abs() < 1e-9);
+        let zeros = Tensor::zeros_like(&r);
+        assert!(explained_variance(&zeros, &r, &mask).abs() < 1e-6);
+    }
+}

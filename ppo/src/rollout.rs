@@ -1,0 +1,176 @@
+//! A rollout: sample responses to a batch of prompts with the KV cache, then score every
+//! sampled token once under the policy, the reference and the value model (no gradient),
+//! and the whole response under the reward.
+
+use anyhow::Result;
+use common::generate::{generate, FinishReason, SamplingConfig};
+use common::ops::{entropy, logprobs_of};
+use common::Model;
+use data::Tokenizer;
+use tch::{Kind, Tensor};
+
+use crate::reward_fn::{RewardFunction, RewardInput};
+
+/// Everything PPO needs of one batch, `[B, N]` over response tokens unless noted.
+pub struct Rollout {
+    /// Prompt and response, `[B, P + N]` (prompt left-padded, response right-padded).
+    pub full_ids: Tensor,
+    pub full_mask: Tensor,
+    pub prompt_len: i64,
+    pub response: Tensor,
+    /// 1 on sampled tokens (the EOS included), f32.
+    pub mask: Tensor,
+    pub logprobs: Tensor,
+    pub ref_logprobs: Tensor,
+    pub values: Tensor,
+    pub entropy: Tensor,
+    /// Reward per response `[B]`, after the missing-EOS penalty and clipping.
+    pub scores: Tensor,
+    pub ended_with_eos: Vec<bool>,
+    pub prompts: Vec<Vec<i64>>,
+    pub texts: Vec<String>,
+    /// Largest |log-prob at sampling − log-prob recomputed|: should be ~0.
+    pub logprob_check: f64,
+}
+
+/// `[B, N]` log-probs (at `temperature`) and entropies of the response tokens.
+pub fn response_logprobs(
+    model: &Model,
+    full_ids: &Tensor,
+    full_mask: &Tensor,
+    prompt_len: i64,
+    temperature: f64,
+) -> (Tensor, Tensor) {
+    let n = full_ids.size()[1] - prompt_len;
+    let logits = model
+        .forward(full_ids, full_mask)
+        .narrow(1, prompt_len - 1, n)
+        / temperature;
+    let response = full_ids.narrow(1, prompt_len, n);
+    (logprobs_of(&logits, &response), entropy(&logits.detach()))
+}
+
+/// `[B, N]` values: the value of the state before each response token.
+pub fn response_values(
+    model: &Model,
+    full_ids: &Tensor,
+    full_mask: &Tensor,
+    prompt_len: i64,
+) -> Tensor {
+    let n = full_ids.size()[1] - prompt_len;
+    model
+        .forward(full_ids, full_mask)
+        .narrow(1, prompt_len - 1, n)
+        .to_kind(Kind::Float)
+}
+
+pub struct RolloutModels<'a> {
+    pub policy: &'a Model,
+    pub reference: &'a Model,
+    pub value: &'a Model,
+    pub reward: &'a dyn RewardFunction,
+    pub tokenizer: &'a Tokenizer,
+}
+
+pub struct RolloutOptions {
+    pub sampling: SamplingConfig,
+    pub missing_eos_penalty: Option<f64>,
+    pub score_clip: Option<f64>,
+}
+
+pub fn rollout(
+    models: &RolloutModels,
+    prompt_ids: &Tensor,
+    prompt_mask: &Tensor,
+    opts: &RolloutOptions,
+) -> Result<Rollout> {
+    let _guard = tch::no_grad_guard();
+    let device = models.policy.device();
+    let generated = generate(models.policy, prompt_ids, prompt_mask, &opts.sampling);
+    let prompt_len = prompt_ids.size()[1];
+    let mask = generated.mask.to_kind(Kind::Float);
+    let full_ids = Tensor::cat(
+        &[
+            prompt_ids.to_device(device),
+            generated.tokens.shallow_clone(),
+        ],
+        1,
+    );
+    let full_mask = Tensor::cat(
+        &[
+            prompt_mask.to_device(device),
+            generated.mask.shallow_clone(),
+        ],
+        1,
+    );
+    let t = opts.sampling.temperature;
+    let (logprobs, entropy) =
+        response_logprobs(models.policy, &full_ids, &full_mask, prompt_len, t);
+    let (ref_logprobs, _) =
+        response_logprobs(models.reference, &full_ids, &full_mask, prompt_len, t);
+    let values = response_values(models.value, &full_ids, &full_mask, prompt_len);
+    let logprob_check = ((&generated.logprobs - &logprobs).abs() * &mask)
+        .max()
+        .double_value(&[]);
+
+    // What the reward sees: unpadded prompt, response without its EOS, decoded text.
+    let prompt_rows = Vec::<Vec<i64>>::try_from(prompt_ids.to_device(tch::Device::Cpu))?;
+    let prompt_masks = Vec::<Vec<i64>>::try_from(prompt_mask.to_device(tch::Device::Cpu))?;
+    let response_rows = Vec::<Vec<i64>>::try_from(generated.tokens.to_device(tch::Device::Cpu))?;
+    let ended_with_eos: Vec<bool> = generated
+        .finish
+        .iter()
+        .map(|f| *f == FinishReason::Eos)
+        .collect();
+    let prompts: Vec<Vec<i64>> = prompt_rows
+        .iter()
+        .zip(&prompt_masks)
+        .map(|(r, m)| {
+            r.iter()
+                .zip(m)
+                .filter(|(_, &m)| m == 1)
+                .map(|(&t, _)| t)
+                .collect()
+        })
+        .collect();
+    let responses: Vec<Vec<i64>> = response_rows
+        .iter()
+        .zip(&generated.lengths)
+        .zip(&ended_with_eos)
+        .map(|((r, &len), &eos)| r[..(len as usize - usize::from(eos))].to_vec())
+        .collect();
+    let texts: Vec<String> = responses
+        .iter()
+        .map(|r| models.tokenizer.decode(r, true))
+        .collect();
+    let mut scores = models.reward.scores(&RewardInput {
+        prompts: &prompts,
+        responses: &responses,
+        texts: &texts,
+    })?;
+    for (s, &eos) in scores.iter_mut().zip(&ended_with_eos) {
+        if let (Some(penalty), false) = (opts.missing_eos_penalty, eos) {
+            *s -= penalty;
+        }
+        if let Some(c) = opts.score_clip {
+            *s = s.clamp(-c, c);
+        }
+    }
+    let scores: Vec<f32> = scores.into_iter().map(|s| s as f32).collect();
+    Ok(Rollout {
+        full_ids,
+        full_mask,
+        prompt_len,
+        response: generated.tokens,
+        mask,
+        logprobs,
+        ref_logprobs,
+        values,
+        entropy,
+        scores: Tensor::from_slice(&scores).to_device(device),
+        ended_with_eos,
+        prompts,
+        texts,
+        logprob_check,
+    })
+}

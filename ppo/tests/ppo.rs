@@ -1,0 +1,320 @@
+//! PPO end to end on a tiny Llama: a rule reward rises with KL bounded, the first-minibatch
+//! ratio is 1, a killed run resumes to the same policy and KL coefficient, PPO-ptx moves
+//! the policy, and the CLI runs against a reward model (and refuses a foreign tokenizer).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use clap::Parser;
+use common::{Head, Model};
+use ppo::reward_fn::TextRule;
+use ppo::train::{run_with_reward, TrainArgs};
+use rlhf_tests::run_python;
+use serde_json::Value;
+use tch::{Device, Kind};
+
+struct Fixture {
+    root: PathBuf,
+    policy: PathBuf,
+    reward: PathBuf,
+    prompts: PathBuf,
+    ptx: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ppo");
+        let policy = root.join("model");
+        let (reward, prompts, ptx) = (root.join("reward"), root.join("prompts-ppo.jsonl"), root.join("ptx.jsonl"));
+        if std::env::var_os("PPO_CHILD_OUT").is_some() {
+            // The child process of the kill test uses its parent's fixture as it is.
+            return Fixture { root, policy, reward, prompts, ptx };
+        }
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        run_python("data_reference.py", &["make", "--root", root.to_str().unwrap()]);
+        // A reward model: the policy's backbone with a fresh score head and a stored bias.
+        tch::manual_seed(5);
+        let (mut rm, _) = Model::load(&policy, Head::Score, Device::Cpu, Kind::Float).unwrap();
+        common::scoring::Normalization { bias: 0.5, std: Some(1.0) }.store(&mut rm);
+        rm.save(&reward, Some(&policy)).unwrap();
+        let lines: String = (0..32)
+            .map(|i| format!("{}\n", serde_json::json!({"prompt": format!("There are {} heads", i + 3)})))
+            .collect();
+        std::fs::write(&prompts, lines).unwrap();
+        std::fs::write(&ptx, "{\"prompt\": \"There are 3 heads and 10 legs. \", \"completion\": \"2 rabbits.\"}\n{\"text\": \"Rabbits have four legs.\"}\n").unwrap();
+        Fixture { root, policy, reward, prompts, ptx }
+    })
+}
+
+fn args(out: &Path, extra: &[&str]) -> TrainArgs {
+    let f = fixture();
+    let mut argv = vec![
+        "ppo".to_string(),
+        "--policy".into(),
+        f.policy.display().to_string(),
+        "--reward-model".into(),
+        f.reward.display().to_string(),
+        "--prompts".into(),
+        f.prompts.display().to_string(),
+        "--output-dir".into(),
+        out.display().to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--rollout-batch-size".into(),
+        "16".into(),
+        "--response-length".into(),
+        "12".into(),
+        "--ppo-epochs".into(),
+        "2".into(),
+        "--num-minibatches".into(),
+        "2".into(),
+        "--lr".into(),
+        "1e-3".into(),
+        "--schedule".into(),
+        "constant".into(),
+        "--seed".into(),
+        "11".into(),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+    Wrapper::parse_from(argv).args
+}
+
+/// The share of the response's characters that are digits.
+fn digit_share(text: &str) -> f64 {
+    let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
+    chars.iter().filter(|c| c.is_ascii_digit()).count() as f64 / chars.len().max(1) as f64
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn weights_diff(a: &Path, b: &Path) -> f64 {
+    let load = |d: &Path| {
+        Model::load(d, Head::Lm, Device::Cpu, Kind::Float)
+            .unwrap()
+            .0
+            .named_tensors()
+    };
+    let (a, b) = (load(a), load(b));
+    a.iter()
+        .map(|(k, t)| (t - &b[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn the_score_rises_with_kl_bounded_and_the_first_ratio_is_one() {
+    let f = fixture();
+    let out = f.root.join("run-learn");
+    let rule = TextRule(|t: &str| 4.0 * digit_share(t));
+    let summary = run_with_reward(
+        &args(&out, &["--max-steps", "30", "--kl-coef", "0.1"]),
+        &rule,
+    )
+    .unwrap();
+    let m = metrics(&out);
+    assert_eq!(m.len(), 30);
+    let score = |r: &Value| r["objective/scores"].as_f64().unwrap();
+    let first: f64 = m[..3].iter().map(score).sum::<f64>() / 3.0;
+    let last: f64 = m[27..].iter().map(score).sum::<f64>() / 3.0;
+    assert!(
+        last > first + 0.25,
+        "mean score {first:.3} → {last:.3}: expected a rise of 0.25"
+    );
+    for r in &m {
+        let kl = r["objective/kl"].as_f64().unwrap();
+        assert!(kl < 10.0, "step {}: KL {kl} not bounded", r["step"]);
+        let dev = r["policy/first_ratio_max_dev"].as_f64().unwrap();
+        assert!(
+            dev < 1e-5,
+            "step {}: first-minibatch ratio deviates by {dev:e}",
+            r["step"]
+        );
+        assert!(r["policy/rollout_logprob_diff"].as_f64().unwrap() < 1e-4);
+    }
+    assert!(summary.last_score > summary.first_score);
+    for dir in ["final", "final_value"] {
+        assert!(out.join(dir).join("model.safetensors").exists(), "{dir}");
+    }
+    let samples = std::fs::read_to_string(out.join("samples.jsonl")).unwrap();
+    assert!(samples.lines().count() >= 4);
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_policy_and_kl_coefficient() {
+    let f = fixture();
+    let extra = [
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--kl-target",
+        "0.5",
+        "--kl-horizon",
+        "100",
+        "--ema-decay",
+        "0.9",
+    ];
+    let straight = f.root.join("run-straight");
+    let a = run_with_reward(&args(&straight, &extra), &TextRule(digit_share)).unwrap();
+    // Killed by SIGKILL while writing the second checkpoint: needs a separate process.
+    let killed = f.root.join("run-killed");
+    // The CLI scores with the reward model; the rule reward needs the library, so the
+    // killed run uses the library in a child process of this test binary instead.
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_killed_ppo_run",
+            "--nocapture",
+            "--include-ignored",
+        ])
+        .env("PPO_CHILD_OUT", &killed)
+        .env("RLHF_CRASH_AT", "checkpoint-mid-write@2")
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child was not killed");
+    assert!(killed
+        .join("checkpoints/step-000002/trainer_state.json")
+        .exists());
+    assert!(!killed.join("checkpoints/step-000004").exists());
+    let mut resumed_extra = extra.to_vec();
+    resumed_extra.push("--resume");
+    let b = run_with_reward(&args(&killed, &resumed_extra), &TextRule(digit_share)).unwrap();
+    assert_eq!(a.kl_coef, b.kl_coef);
+    assert!(a.kl_coef != 0.05, "the adaptive controller never moved");
+    for dir in ["final", "final_ema"] {
+        let diff = weights_diff(&straight.join(dir), &killed.join(dir));
+        assert!(diff < 1e-6, "{dir}: resumed weights differ by {diff:e}");
+    }
+    let steps: Vec<u64> = metrics(&killed)
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+}
+
+/// The process that `killed_run_resumes…` starts and kills (ignored on its own).
+#[test]
+#[ignore]
+fn child_killed_ppo_run() {
+    let Some(out) = std::env::var_os("PPO_CHILD_OUT") else {
+        return;
+    };
+    let extra = [
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--kl-target",
+        "0.5",
+        "--kl-horizon",
+        "100",
+        "--ema-decay",
+        "0.9",
+    ];
+    run_with_reward(&args(Path::new(&out), &extra), &TextRule(digit_share)).unwrap();
+}
+
+#[test]
+fn ptx_loss_is_logged_and_moves_the_policy() {
+    let f = fixture();
+    let (plain, ptx) = (f.root.join("run-noptx"), f.root.join("run-ptx"));
+    run_with_reward(&args(&plain, &["--max-steps", "2"]), &TextRule(digit_share)).unwrap();
+    let ptx_args = [
+        "--max-steps",
+        "2",
+        "--ptx-data",
+        f.ptx.to_str().unwrap(),
+        "--ptx-coef",
+        "1.0",
+    ];
+    run_with_reward(&args(&ptx, &ptx_args), &TextRule(digit_share)).unwrap();
+    let m = metrics(&ptx);
+    assert!(
+        m.iter().all(|r| r["loss/ptx_avg"].as_f64().unwrap() > 0.1),
+        "ptx loss not logged"
+    );
+    assert!(metrics(&plain)
+        .iter()
+        .all(|r| r["loss/ptx_avg"].as_f64().unwrap() == 0.0));
+    let diff = weights_diff(&plain.join("final"), &ptx.join("final"));
+    assert!(
+        diff > 1e-4,
+        "the ptx gradient did not reach the policy (Δ {diff:e})"
+    );
+}
+
+#[test]
+fn cli_trains_against_a_reward_model_and_refuses_a_foreign_tokenizer() {
+    let f = fixture();
+    let ppo = |out: &Path, reward: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_ppo"))
+            .args([
+                "train",
+                "--policy",
+                f.policy.to_str().unwrap(),
+                "--reward-model",
+                reward.to_str().unwrap(),
+                "--prompts",
+                f.prompts.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--max-steps",
+                "1",
+                "--rollout-batch-size",
+                "4",
+                "--response-length",
+                "6",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = f.root.join("run-cli");
+    let res = ppo(&out, &f.reward);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&res.stdout).unwrap();
+    assert_eq!(summary["steps"], 1);
+    assert!(out.join("tb").exists() && out.join("config.toml").exists());
+
+    // A reward model whose tokenizer maps tokens differently.
+    let foreign = f.root.join("reward-foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    for entry in std::fs::read_dir(&f.reward).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, foreign.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(foreign.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = (vocab["a"].clone(), vocab["b"].clone());
+    vocab.insert("a".into(), b);
+    vocab.insert("b".into(), a);
+    std::fs::write(foreign.join("tokenizer.json"), tok.to_string()).unwrap();
+    let out = f.root.join("run-foreign");
+    let res = ppo(&out, &foreign);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("different tokenizers"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a refused run created its output directory");
+}
