@@ -139,6 +139,10 @@ pub struct RunArgs {
     /// Log a line every N steps when stderr is not a terminal.
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient (each is
+    /// skipped); the last good checkpoint stays.
+    #[arg(long, default_value_t = 5)]
+    pub max_bad_steps: u64,
 }
 
 impl RunArgs {

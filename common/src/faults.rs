@@ -2,6 +2,9 @@
 //! `checkpoint-before-rename` or `checkpoint-before-rename@2` for its second hit), the
 //! process kills itself with SIGKILL there — no destructor, no flush, exactly like a
 //! machine being taken away. Unset, `hit` costs one environment lookup.
+//!
+//! `RLHF_NAN_FROM_STEP=k` makes [`nan_from`] true from step k on, so tests can drive the
+//! non-finite-loss path.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -22,4 +25,12 @@ pub fn hit(point: &str) {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+}
+
+/// Whether the loss of (0-based) `step` should be poisoned with NaN (tests only).
+pub fn nan_from(step: u64) -> bool {
+    std::env::var("RLHF_NAN_FROM_STEP")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|k| step >= k)
 }

@@ -118,6 +118,19 @@ pub struct Session {
     pub state: TrainerState,
     keep_last: usize,
     save_every: u64,
+    max_bad_steps: u64,
+    consecutive_bad: u64,
+    /// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit cleanly.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The checkpoint this run resumed from.
+    pub resumed_from: Option<PathBuf>,
+}
+
+/// Why a training loop ended before its last step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGINT or SIGTERM: the current step finished and was checkpointed.
+    Signal,
 }
 
 impl Session {
@@ -155,6 +168,7 @@ impl Session {
             extra: serde_json::Value::Null,
         };
         let mut resumed_at = None;
+        let mut resumed_from = None;
         if run_args.resume {
             match run.latest_checkpoint() {
                 Some((step, dir)) => {
@@ -162,6 +176,7 @@ impl Session {
                     state.total_steps = total_steps;
                     resumed_at = Some(step);
                     tracing::info!("resumed from {} (step {step})", dir.display());
+                    resumed_from = Some(dir);
                 }
                 None => tracing::info!(
                     "--resume: no checkpoint in {}, starting at step 0",
@@ -170,6 +185,12 @@ impl Session {
             }
         }
         let metrics = Metrics::open(&run, resumed_at, total_steps, run_args.log_every)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, stop.clone()).map_err(|e| {
+                Error::config(&run.root, format!("cannot install the signal handler: {e}"))
+            })?;
+        }
         Ok(Session {
             run,
             schedule,
@@ -177,7 +198,27 @@ impl Session {
             state,
             keep_last: run_args.keep_last,
             save_every: run_args.save_every,
+            max_bad_steps: run_args.max_bad_steps,
+            consecutive_bad: 0,
+            stop,
+            resumed_from,
         })
+    }
+
+    /// Whether SIGINT/SIGTERM asked the run to stop after the step that just finished.
+    pub fn stop_requested(&self) -> Option<Stop> {
+        self.stop
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some(Stop::Signal)
+    }
+
+    /// Logs how to resume a run stopped by a signal (after its checkpoint was written).
+    pub fn report_stop(&self) {
+        tracing::warn!(
+            "stopped by signal after step {} of {}; checkpoint written. Continue with the same command and --resume",
+            self.state.step,
+            self.state.total_steps
+        );
     }
 
     pub fn done(&self) -> bool {
@@ -189,23 +230,51 @@ impl Session {
         self.state.step == self.state.total_steps
     }
 
-    /// Counts a finished step (its optimiser outcome and loss).
-    pub fn finish_step(&mut self, outcome: &StepOutcome, loss: f64, sampler: SamplerPosition) {
+    /// Counts a finished step (its optimiser outcome and loss). Too many consecutive
+    /// non-finite steps end the run with an error; the last checkpoint is left as it was.
+    pub fn finish_step(
+        &mut self,
+        outcome: &StepOutcome,
+        loss: f64,
+        sampler: SamplerPosition,
+    ) -> Result<()> {
         if outcome.skipped {
             self.state.skipped_steps += 1;
+            self.consecutive_bad += 1;
             tracing::warn!(
                 "step {}: non-finite loss or gradient, update skipped",
                 self.state.step + 1
             );
+            if self.consecutive_bad >= self.max_bad_steps.max(1) {
+                let last = self
+                    .run
+                    .latest_checkpoint()
+                    .map(|(_, p)| p.display().to_string());
+                return Err(Error::config(
+                    &self.run.root,
+                    format!(
+                        "{} consecutive steps had a non-finite loss or gradient (--max-bad-steps); stopped at step {}. Last good checkpoint: {}. Lower --lr or check the data",
+                        self.consecutive_bad,
+                        self.state.step + 1,
+                        last.unwrap_or_else(|| "none".into())
+                    ),
+                ));
+            }
+        } else {
+            self.consecutive_bad = 0;
         }
         self.state.step += 1;
         self.state.sampler = sampler;
         self.state.last_loss = loss;
+        Ok(())
     }
 
-    /// Whether a checkpoint is due after the step just finished (always after the last).
+    /// Whether a checkpoint is due after the step just finished (always after the last,
+    /// and when a signal asked the run to stop).
     pub fn checkpoint_due(&self) -> bool {
-        self.at_end() || (self.save_every > 0 && self.state.step % self.save_every == 0)
+        self.at_end()
+            || self.stop_requested().is_some()
+            || (self.save_every > 0 && self.state.step % self.save_every == 0)
     }
 
     /// Writes a checkpoint of the current step and applies --keep-last.
@@ -216,8 +285,13 @@ impl Session {
     ) -> Result<PathBuf> {
         self.metrics.flush();
         let dir = save_checkpoint(&self.run, self.state.step, trainables, &self.state, extra)?;
+        crate::faults::hit("checkpoint-after-rename");
         self.run.prune(self.keep_last)?;
-        tracing::info!("checkpoint {}", dir.display());
+        tracing::info!(
+            "checkpoint {} ({})",
+            dir.display(),
+            human_size(dir_size(&dir))
+        );
         Ok(dir)
     }
 
@@ -240,5 +314,28 @@ impl Session {
         std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
         tracing::info!("model written to {}", dest.display());
         Ok(dest)
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn human_size(bytes: u64) -> String {
+    let mb = bytes as f64 / 1e6;
+    if mb >= 1000.0 {
+        format!("{:.2} GB", mb / 1000.0)
+    } else {
+        format!("{mb:.1} MB")
     }
 }

@@ -27,7 +27,7 @@ fn main() {
     let result = match &cli.command {
         Command::Train(args) => ppo::train::run(args).map(|s| {
             json!({"steps": s.steps, "first_score": s.first_score, "last_score": s.last_score,
-                   "kl": s.kl, "kl_coef": s.kl_coef, "final": args.run.output_dir.join("final")})
+                   "kl": s.kl, "kl_coef": s.kl_coef, "stopped": s.stopped, "final": args.run.output_dir.join("final")})
         }),
         Command::Generate(args) => sft::generate::run(args).map(|s| {
             json!({"rows": s.rows, "finished_eos": s.finished_eos, "tokens": s.tokens,

@@ -40,6 +40,8 @@ pub struct TrainSummary {
     pub last_score: f64,
     pub kl: f64,
     pub kl_coef: f64,
+    /// A signal stopped the run (checkpointed; no `final/` yet).
+    pub stopped: bool,
 }
 
 fn check_same_tokenizer(a: &Tokenizer, b: &Tokenizer, args: &TrainArgs) -> Result<()> {
@@ -212,7 +214,7 @@ fn train(
     let mut first_score = None;
     let (mut last_score, mut last_kl) = (f64::NAN, f64::NAN);
 
-    while !session.done() {
+    while !session.done() && session.stop_requested().is_none() {
         let step = session.state.step;
         let started = Instant::now();
         let indices = sampler.next_batch(args.rollout_batch_size);
@@ -279,7 +281,7 @@ fn train(
         }
         session.state.extra = serde_json::to_value(&ppo_state)?;
         let loss = stats.policy_loss + args.vf_coef * stats.value_loss;
-        session.finish_step(&stats.outcome, loss, sampler.position());
+        session.finish_step(&stats.outcome, loss, sampler.position())?;
 
         let response_tokens = ro.mask.sum(Kind::Float).double_value(&[]);
         let eos_rate = ro.ended_with_eos.iter().filter(|&&e| e).count() as f64
@@ -360,15 +362,20 @@ fn train(
             })?;
         }
     }
-    session.write_model("final", &policy, &args.policy)?;
-    session.write_model("final_value", &value, value_dir)?;
-    if let Some(e) = &ema {
-        let (averaged, _) = Model::load(&session.run.final_dir(), Head::Lm, device, kind)?;
-        let _guard = tch::no_grad_guard();
-        for (name, mut var) in averaged.vs.variables() {
-            var.copy_(&e.weights[&name]);
-        }
-        session.write_model("final_ema", &averaged, &args.policy)?;
+    let stopped = session.stop_requested().is_some();
+    if stopped {
+        session.report_stop();
+    } else {
+        write_finals(
+            &session,
+            &policy,
+            &value,
+            ema.as_ref(),
+            args,
+            value_dir,
+            device,
+            kind,
+        )?;
     }
     session.metrics.finish();
     Ok(TrainSummary {
@@ -377,9 +384,33 @@ fn train(
         last_score,
         kl: last_kl,
         kl_coef: kl_ctl.value,
+        stopped,
     })
 }
 
+/// `final/` (policy), `final_value/` and, with an EMA, `final_ema/`.
+fn write_finals(
+    session: &Session,
+    policy: &Model,
+    value: &Model,
+    ema: Option<&Ema>,
+    args: &TrainArgs,
+    value_dir: &std::path::Path,
+    device: tch::Device,
+    kind: Kind,
+) -> Result<()> {
+    session.write_model("final", policy, &args.policy)?;
+    session.write_model("final_value", value, value_dir)?;
+    if let Some(e) = ema {
+        let (averaged, _) = Model::load(&session.run.final_dir(), Head::Lm, device, kind)?;
+        let _guard = tch::no_grad_guard();
+        for (name, mut var) in averaged.vs.variables() {
+            var.copy_(&e.weights[&name]);
+        }
+        session.write_model("final_ema", &averaged, &args.policy)?;
+    }
+    Ok(())
+}
 fn write_samples(session: &mut Session, ro: &Rollout, tok: &Tokenizer, n: usize) -> Result<()> {
     let step = session.state.step;
     let scores = Vec::<f32>::try_from(ro.scores.to_device(tch::Device::Cpu))?;

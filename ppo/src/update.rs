@@ -179,7 +179,11 @@ pub fn update(
                     *mb_stats.entry("ptx").or_default() += ptx_loss.double_value(&[]);
                 }
             }
-            let loss = mb_stats.get("policy").copied().unwrap_or(0.0);
+            let mut loss = mb_stats.get("policy").copied().unwrap_or(0.0);
+            common::faults::hit("mid-step");
+            if common::faults::nan_from(step) {
+                loss = f64::NAN;
+            }
             let o = optimizer_step(
                 policy_opt,
                 policy_schedule,

@@ -169,35 +169,41 @@ fn killed_run_resumes_to_the_same_policy_and_kl_coefficient() {
     ];
     let straight = f.root.join("run-straight");
     let a = run_with_reward(&args(&straight, &extra), &TextRule(digit_share)).unwrap();
-    // Killed by SIGKILL while writing the second checkpoint: needs a separate process.
-    let killed = f.root.join("run-killed");
-    // The CLI scores with the reward model; the rule reward needs the library, so the
-    // killed run uses the library in a child process of this test binary instead.
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_killed_ppo_run",
-            "--nocapture",
-            "--include-ignored",
-        ])
-        .env("PPO_CHILD_OUT", &killed)
-        .env("RLHF_CRASH_AT", "checkpoint-mid-write@2")
-        .status()
-        .unwrap();
-    assert!(!status.success(), "the child was not killed");
-    assert!(killed
-        .join("checkpoints/step-000002/trainer_state.json")
-        .exists());
-    assert!(!killed.join("checkpoints/step-000004").exists());
-    let mut resumed_extra = extra.to_vec();
-    resumed_extra.push("--resume");
-    let b = run_with_reward(&args(&killed, &resumed_extra), &TextRule(digit_share)).unwrap();
-    assert_eq!(a.kl_coef, b.kl_coef);
-    assert!(a.kl_coef != 0.05, "the adaptive controller never moved");
-    for dir in ["final", "final_ema"] {
-        let diff = weights_diff(&straight.join(dir), &killed.join(dir));
-        assert!(diff < 1e-6, "{dir}: resumed weights differ by {diff:e}");
+    // Killed by SIGKILL while writing the second checkpoint, and in the middle of the
+    // second iteration's first minibatch (mid-step is hit once per minibatch: 4 per
+    // iteration here). The rule reward needs the library, so the killed run is this test
+    // binary's `child_killed_ppo_run` in a child process.
+    let mut killed = f.root.join("run-killed");
+    for point in ["checkpoint-mid-write@2", "mid-step@5"] {
+        killed = f
+            .root
+            .join(format!("run-killed-{}", point.replace('@', "-")));
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_killed_ppo_run",
+                "--nocapture",
+                "--include-ignored",
+            ])
+            .env("PPO_CHILD_OUT", &killed)
+            .env("RLHF_CRASH_AT", point)
+            .status()
+            .unwrap();
+        assert!(!status.success(), "{point}: the child was not killed");
+        assert!(!killed.join("final").exists());
+        let mut resumed_extra = extra.to_vec();
+        resumed_extra.push("--resume");
+        let b = run_with_reward(&args(&killed, &resumed_extra), &TextRule(digit_share)).unwrap();
+        assert_eq!(a.kl_coef, b.kl_coef, "{point}");
+        for dir in ["final", "final_ema"] {
+            let diff = weights_diff(&straight.join(dir), &killed.join(dir));
+            assert!(
+                diff < 1e-6,
+                "{point}: {dir}: resumed weights differ by {diff:e}"
+            );
+        }
     }
+    assert!(a.kl_coef != 0.05, "the adaptive controller never moved");
     let steps: Vec<u64> = metrics(&killed)
         .iter()
         .map(|r| r["step"].as_u64().unwrap())

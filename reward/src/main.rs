@@ -26,7 +26,7 @@ fn main() {
     common::logging::init();
     let result = match &cli.command {
         Command::Train(args) => reward::train::run(args).map(|s| {
-            json!({"steps": s.steps, "train_loss": s.final_loss, "eval_accuracy": s.eval_accuracy,
+            json!({"steps": s.steps, "train_loss": s.final_loss, "eval_accuracy": s.eval_accuracy, "stopped": s.stopped,
                    "reward_bias": s.normalization.bias, "reward_std": s.normalization.std,
                    "final": args.run.output_dir.join("final")})
         }),

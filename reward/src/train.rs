@@ -52,6 +52,8 @@ pub struct TrainSummary {
     pub final_loss: f64,
     pub eval_accuracy: Option<f64>,
     pub normalization: Normalization,
+    /// A signal stopped the run (checkpointed; no `final/` yet).
+    pub stopped: bool,
 }
 
 fn prepare_file(
@@ -210,13 +212,17 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         args.data.rows_per_step()
     );
     let mut eval_accuracy = None;
-    while !session.done() {
+    while !session.done() && session.stop_requested().is_none() {
         let started = Instant::now();
         let indices = sampler.next_batch(args.data.rows_per_step());
         let rows: Vec<_> = indices.iter().map(|&i| &train.rows[i]).collect();
         let stats = run_rows(&model, &rows, args, tok.pad_id, true, rows.len());
-        let loss = stats.loss_sum / stats.elements.max(1) as f64;
+        let mut loss = stats.loss_sum / stats.elements.max(1) as f64;
         let step = session.state.step;
+        common::faults::hit("mid-step");
+        if common::faults::nan_from(step) {
+            loss = f64::NAN;
+        }
         let outcome = optimizer_step(
             &mut opt,
             &session.schedule,
@@ -224,7 +230,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             args.optim.max_grad_norm,
             loss,
         );
-        session.finish_step(&outcome, loss, sampler.position());
+        session.finish_step(&outcome, loss, sampler.position())?;
         let tokens: usize = rows
             .iter()
             .flat_map(|r| r.sequences.iter().map(Vec::len))
@@ -264,6 +270,17 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             session.save(&[t], |_| Ok(()))?;
         }
     }
+    if session.stop_requested().is_some() {
+        session.report_stop();
+        session.metrics.finish();
+        return Ok(TrainSummary {
+            steps: session.state.step,
+            final_loss: session.state.last_loss,
+            eval_accuracy,
+            normalization: Normalization::of(&model),
+            stopped: true,
+        });
+    }
     // Centre the rewards on the normalisation set, and record the pad id with which
     // transformers finds each sequence's last token.
     let raw = score_sequences(&model, &normalize_set, args.data.batch_size, tok.pad_id);
@@ -286,5 +303,6 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         final_loss: session.state.last_loss,
         eval_accuracy,
         normalization,
+        stopped: false,
     })
 }

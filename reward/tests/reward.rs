@@ -229,23 +229,29 @@ fn killed_run_resumes_to_the_same_weights() {
     let straight = f.root.join("run-straight");
     let args = ["--max-steps", "4", "--save-every", "2"];
     ok(&train(&straight, &args, &[]));
-    let out = f.root.join("run-killed");
-    let killed = train(&out, &args, &[("RLHF_CRASH_AT", "checkpoint-mid-write@2")]);
-    assert!(!killed.status.success());
-    let mut resumed = args.to_vec();
-    resumed.push("--resume");
-    ok(&train(&out, &resumed, &[]));
     let load = |d: &Path| {
         Model::load(&d.join("final"), Head::Score, Device::Cpu, Kind::Float)
             .unwrap()
             .0
             .named_tensors()
     };
-    let (a, b) = (load(&straight), load(&out));
-    for (name, t) in &a {
-        let diff = (t - &b[name]).abs().max().double_value(&[]);
-        assert!(diff < 1e-6, "{name} differs by {diff:e}");
+    let a = load(&straight);
+    for point in ["checkpoint-mid-write@2", "mid-step@3"] {
+        let out = f
+            .root
+            .join(format!("run-killed-{}", point.replace('@', "-")));
+        let killed = train(&out, &args, &[("RLHF_CRASH_AT", point)]);
+        assert!(!killed.status.success(), "{point} not reached");
+        let mut resumed = args.to_vec();
+        resumed.push("--resume");
+        ok(&train(&out, &resumed, &[]));
+        let b = load(&out);
+        for (name, t) in &a {
+            let diff = (t - &b[name]).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{point}: {name} differs by {diff:e}");
+        }
     }
+    let out = f.root.join("run-killed-mid-step-3");
     let cfg = |d: &Path| -> Value {
         serde_json::from_str(&std::fs::read_to_string(d.join("final/config.json")).unwrap())
             .unwrap()

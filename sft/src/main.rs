@@ -29,7 +29,7 @@ fn main() {
     common::logging::init();
     let result = match &cli.command {
         Command::Train(args) => sft::train::run(args).map(|s| {
-            json!({"steps": s.steps, "train_loss": s.final_loss, "eval_loss": s.eval_loss,
+            json!({"steps": s.steps, "train_loss": s.final_loss, "eval_loss": s.eval_loss, "stopped": s.stopped,
                    "final": args.run.output_dir.join("final")})
         }),
         Command::Eval(args) => sft::eval::run(args).map(|s| {

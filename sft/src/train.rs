@@ -46,6 +46,8 @@ pub struct TrainSummary {
     pub steps: u64,
     pub final_loss: f64,
     pub eval_loss: Option<f64>,
+    /// A signal stopped the run (checkpointed; no `final/` yet).
+    pub stopped: bool,
 }
 
 impl TrainArgs {
@@ -142,7 +144,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     };
     let mut eval_loss = None;
 
-    while !session.done() {
+    while !session.done() && session.stop_requested().is_none() {
         let started = Instant::now();
         let indices = sampler.next_batch(rows_per_step);
         let rows: Vec<_> = indices.iter().map(|&i| &train.rows[i]).collect();
@@ -161,6 +163,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
         }
         let step = session.state.step;
+        common::faults::hit("mid-step");
+        if common::faults::nan_from(step) {
+            loss_value = f64::NAN;
+        }
         let outcome = optimizer_step(
             &mut opt,
             &session.schedule,
@@ -168,7 +174,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             args.optim.max_grad_norm,
             loss_value,
         );
-        session.finish_step(&outcome, loss_value, sampler.position());
+        session.finish_step(&outcome, loss_value, sampler.position())?;
         let elapsed = started.elapsed().as_secs_f64();
         let mut scalars = vec![
             ("train/loss", loss_value),
@@ -196,11 +202,17 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             session.save(&[t], |_| Ok(()))?;
         }
     }
-    session.write_model("final", &model, &args.model)?;
+    let stopped = session.stop_requested().is_some();
+    if stopped {
+        session.report_stop();
+    } else {
+        session.write_model("final", &model, &args.model)?;
+    }
     let summary = TrainSummary {
         steps: session.state.step,
         final_loss: session.state.last_loss,
         eval_loss,
+        stopped,
     };
     session.metrics.finish();
     Ok(summary)

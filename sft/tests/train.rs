@@ -262,9 +262,15 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
         "0.1",
     ];
     ok(&train(&straight, &common_args, &[]));
-    // Killed (SIGKILL) while writing the second checkpoint, and once after writing it but
-    // before the rename that makes it complete.
-    for point in ["checkpoint-mid-write@2", "checkpoint-before-rename@2"] {
+    // Killed (SIGKILL) while writing the second checkpoint, after writing it but before the
+    // rename that makes it complete, in the middle of step 3 (after its backward pass),
+    // and right after the first checkpoint became complete.
+    for point in [
+        "checkpoint-mid-write@2",
+        "checkpoint-before-rename@2",
+        "mid-step@3",
+        "checkpoint-after-rename@1",
+    ] {
         let out = f
             .root
             .join(format!("run-killed-{}", point.replace('@', "-")));
@@ -344,4 +350,132 @@ fn bad_configurations_are_refused_before_writing() {
     );
     ok(&train(&done, &["--max-steps", "2", "--overwrite"], &[]));
     assert_eq!(metrics(&done).len(), 2);
+}
+
+#[test]
+fn sigterm_checkpoints_and_exits_cleanly_then_resume_finishes_the_run() {
+    let f = fixture();
+    let args = [
+        "--max-steps",
+        "150",
+        "--batch-size",
+        "2",
+        "--schedule",
+        "constant",
+    ];
+    let straight = f.root.join("run-signal-straight");
+    ok(&train(&straight, &args, &[]));
+    let out = f.root.join("run-signal");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sft"));
+    let fx = fixture();
+    cmd.args([
+        "train",
+        "--model",
+        fx.model.to_str().unwrap(),
+        "--data",
+        fx.train.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "7",
+    ])
+    .args(args)
+    .env_remove("RLHF_CRASH_AT")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    // Wait for a few steps to be logged, then ask it to stop.
+    let metrics_path = out.join("metrics.jsonl");
+    for _ in 0..600 {
+        let lines = std::fs::read_to_string(&metrics_path)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.success(),
+        "SIGTERM should end the run cleanly: {err}"
+    );
+    assert!(err.contains("--resume"), "no resume hint: {err}");
+    let summary: Value = serde_json::from_slice(&res.stdout).unwrap();
+    assert_eq!(summary["stopped"], true);
+    let stopped_at = summary["steps"].as_u64().unwrap();
+    assert!(
+        stopped_at < 150,
+        "the run finished before the signal arrived"
+    );
+    assert!(out
+        .join(format!(
+            "checkpoints/step-{stopped_at:06}/trainer_state.json"
+        ))
+        .exists());
+    assert!(!out.join("final").exists());
+    let mut resumed = args.to_vec();
+    resumed.push("--resume");
+    ok(&train(&out, &resumed, &[]));
+    let diff = max_weight_diff(&straight.join("final"), &out.join("final"));
+    assert!(
+        diff < 1e-6,
+        "resumed after SIGTERM: weights differ by {diff:e}"
+    );
+    assert_eq!(metrics(&out).len(), 150);
+}
+
+#[test]
+fn consecutive_non_finite_steps_stop_the_run_and_keep_the_last_checkpoint() {
+    let f = fixture();
+    let out = f.root.join("run-nan");
+    let res = train(
+        &out,
+        &[
+            "--max-steps",
+            "10",
+            "--save-every",
+            "2",
+            "--max-bad-steps",
+            "2",
+        ],
+        &[("RLHF_NAN_FROM_STEP", "2")],
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        err.contains("2 consecutive steps had a non-finite loss or gradient"),
+        "{err}"
+    );
+    assert!(
+        err.contains("step-000002"),
+        "the message should name the last good checkpoint: {err}"
+    );
+    assert!(!err.contains("panicked"));
+    let m = metrics(&out);
+    assert_eq!(
+        m.len(),
+        3,
+        "steps 1-2 trained, step 3 skipped and logged, step 4 stopped the run"
+    );
+    assert_eq!(m[2]["train/skipped_steps"], 1.0);
+    // The checkpoint of step 2 is intact and loads.
+    Model::load(
+        &out.join("checkpoints/step-000002"),
+        Head::Lm,
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    assert!(!out.join("checkpoints/step-000004").exists());
 }
