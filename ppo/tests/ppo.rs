@@ -324,3 +324,59 @@ fn cli_trains_against_a_reward_model_and_refuses_a_foreign_tokenizer() {
     );
     assert!(!out.exists(), "a refused run created its output directory");
 }
+
+/// Nonsensical PPO hyperparameters and missing inputs: one line, no panic, nothing written.
+#[test]
+fn bad_ppo_options_are_refused_with_one_line() {
+    let f = fixture();
+    let out = f.root.join("run-bad");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--cliprange", "0"], "--cliprange must be > 0"),
+        (&["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+        (&["--lam=-0.1"], "--lam must be in [0, 1]"),
+        (
+            &["--rollout-batch-size", "0"],
+            "--rollout-batch-size must be at least 1",
+        ),
+        (&["--temperature", "0"], "--temperature must be > 0"),
+        (
+            &["--num-minibatches", "3"],
+            "--rollout-batch-size must be a multiple of --num-minibatches",
+        ),
+        (&["--ptx-coef", "0.5"], "--ptx-coef needs --ptx-data"),
+        (
+            &["--prompts", "/nonexistent/prompts.jsonl"],
+            "/nonexistent/prompts.jsonl: cannot open",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut argv = vec![
+            "train",
+            "--policy",
+            f.policy.to_str().unwrap(),
+            "--reward-model",
+            f.reward.to_str().unwrap(),
+            "--prompts",
+            f.prompts.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--rollout-batch-size",
+            "4",
+        ];
+        argv.extend_from_slice(extra);
+        let res = Command::new(env!("CARGO_BIN_EXE_ppo"))
+            .args(&argv)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            !res.status.success() && last.contains(expected),
+            "expected '{expected}': {err}"
+        );
+        assert!(!err.contains("panicked"));
+        assert!(!out.exists());
+    }
+}

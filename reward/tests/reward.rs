@@ -265,3 +265,90 @@ fn killed_run_resumes_to_the_same_weights() {
         json!(["LlamaForSequenceClassification"])
     );
 }
+
+/// Bad data and options: exit ≠ 0, one line naming the file/line/field or option, no
+/// panic, nothing written.
+#[test]
+fn bad_inputs_are_refused_with_one_line() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let one = write(
+        "one.jsonl",
+        "{\"prompt\": \"p\", \"responses\": [\"only\"]}\n",
+    );
+    let json = write(
+        "json.jsonl",
+        "{\"prompt\": \"p\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{oops\n",
+    );
+    let empty_resp = write(
+        "empty.jsonl",
+        "{\"prompt\": \"p\", \"chosen\": \"\", \"rejected\": \"b\"}\n",
+    );
+    let missing = dir.path().join("missing.jsonl");
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec!["--data".into(), one.display().to_string()],
+            format!(
+                "{}:1: field 'responses': a ranking needs at least 2 responses, got 1",
+                one.display()
+            ),
+        ),
+        (
+            vec!["--data".into(), json.display().to_string()],
+            format!("{}:2: invalid JSON", json.display()),
+        ),
+        (
+            vec!["--data".into(), empty_resp.display().to_string()],
+            format!("{}:1: field 'chosen': is empty", empty_resp.display()),
+        ),
+        (
+            vec!["--data".into(), missing.display().to_string()],
+            format!("{}: cannot open", missing.display()),
+        ),
+        (
+            vec![
+                "--data".into(),
+                f.train.display().to_string(),
+                "--lr=-1".into(),
+            ],
+            "--lr must be > 0".into(),
+        ),
+        (
+            vec![
+                "--data".into(),
+                f.train.display().to_string(),
+                "--grad-accum".into(),
+                "0".into(),
+            ],
+            "--grad-accum must be at least 1".into(),
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = dir.path().join("out");
+        let mut argv = vec![
+            "train".to_string(),
+            "--model".into(),
+            f.model.display().to_string(),
+            "--output-dir".into(),
+            out.display().to_string(),
+            "--device".into(),
+            "cpu".into(),
+        ];
+        argv.extend(args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let res = reward(&argv, &[]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            !res.status.success() && last.contains(&expected),
+            "expected '{expected}': {err}"
+        );
+        assert!(!err.contains("panicked"));
+        assert!(!out.exists());
+    }
+}

@@ -479,3 +479,123 @@ fn consecutive_non_finite_steps_stop_the_run_and_keep_the_last_checkpoint() {
     .unwrap();
     assert!(!out.join("checkpoints/step-000004").exists());
 }
+
+/// Broken model directories and unusable outputs: one clear line, exit ≠ 0, no panic, and
+/// nothing written.
+#[test]
+fn bad_models_and_outputs_are_refused_with_one_line() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let copy_model = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(&f.model).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+        }
+        d
+    };
+    let edit_config = |d: &Path, key: &str, value: Value| {
+        let path = d.join("config.json");
+        let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        c[key] = value;
+        std::fs::write(path, c.to_string()).unwrap();
+    };
+    let unknown = copy_model("unknown-type");
+    edit_config(&unknown, "model_type", json!("bert"));
+    let shape = copy_model("wrong-shape");
+    edit_config(&shape, "intermediate_size", json!(100));
+    // A model of 50 tokens with the fixture's 320-token tokenizer.
+    let small_vocab = dir.path().join("small-vocab");
+    {
+        let mut c: Value =
+            serde_json::from_str(&std::fs::read_to_string(f.model.join("config.json")).unwrap())
+                .unwrap();
+        c["vocab_size"] = json!(50);
+        let config = common::ModelConfig::from_json(c, Path::new("config.json")).unwrap();
+        Model::new(config, Head::Lm, Device::Cpu, Kind::Float)
+            .save(&small_vocab, Some(&f.model))
+            .unwrap();
+    }
+    let missing = copy_model("missing-tensor");
+    {
+        let (m, _) = Model::load(&missing, Head::Lm, Device::Cpu, Kind::Float).unwrap();
+        let mut t = m.named_tensors();
+        t.remove("model.norm.weight");
+        common::checkpoint::save_tensors(&t, &missing, usize::MAX).unwrap();
+    }
+    let cases: Vec<(&Path, &str)> = vec![
+        (&unknown, "model_type 'bert' is not supported"),
+        (&shape, "has shape [64, 128], the model expects [64, 100]"),
+        (
+            &small_vocab,
+            "the tokenizer has 320 tokens but the model embeds only 50",
+        ),
+        (&missing, "missing tensor 'model.norm.weight'"),
+    ];
+    for (model, expected) in cases {
+        let out = dir.path().join("out");
+        let res = sft(
+            &[
+                "train",
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                f.train.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ],
+            &[],
+        );
+        let err = String::from_utf8_lossy(&res.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            !res.status.success() && last.contains(expected),
+            "{}: {err}",
+            model.display()
+        );
+        assert!(!err.contains("panicked"));
+        assert!(
+            !out.exists(),
+            "{}: the output directory was created",
+            model.display()
+        );
+    }
+    // An output directory that cannot be created (its parent is a file).
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let res = train(&file.join("out"), &["--max-steps", "1"], &[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("a-file/out"), "{err}");
+    assert!(!err.contains("panicked"));
+    // Rows over --max-length are reported, and a run left with nothing to learn refuses.
+    let res = train(
+        &dir.path().join("short"),
+        &[
+            "--max-steps",
+            "1",
+            "--max-length",
+            "4",
+            "--truncation",
+            "drop",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("no row is left to train on after --max-length 4"),
+        "{err}"
+    );
+    let res = train(
+        &dir.path().join("cut"),
+        &["--max-steps", "1", "--max-length", "20"],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.success() && err.contains("rows truncated and"),
+        "{err}"
+    );
+}
