@@ -10,7 +10,7 @@ use clap::Parser;
 use common::{Head, Model};
 use ppo::reward_fn::TextRule;
 use ppo::train::{run_with_reward, TrainArgs};
-use rlhf_tests::run_python;
+use rlhf_tests::read_jsonl;
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -32,9 +32,7 @@ fn fixture() -> &'static Fixture {
             // The child process of the kill test uses its parent's fixture as it is.
             return Fixture { root, policy, reward, prompts, ptx };
         }
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        run_python("data_reference.py", &["make", "--root", root.to_str().unwrap()]);
+        rlhf_tests::tiny_llama_fixture(&root);
         // A reward model: the policy's backbone with a fresh score head and a stored bias.
         tch::manual_seed(5);
         let (mut rm, _) = Model::load(&policy, Head::Score, Device::Cpu, Kind::Float).unwrap();
@@ -94,24 +92,11 @@ fn digit_share(text: &str) -> f64 {
 }
 
 fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    read_jsonl(&out.join("metrics.jsonl"))
 }
 
 fn weights_diff(a: &Path, b: &Path) -> f64 {
-    let load = |d: &Path| {
-        Model::load(d, Head::Lm, Device::Cpu, Kind::Float)
-            .unwrap()
-            .0
-            .named_tensors()
-    };
-    let (a, b) = (load(a), load(b));
-    a.iter()
-        .map(|(k, t)| (t - &b[k]).abs().max().double_value(&[]))
-        .fold(0.0, f64::max)
+    rlhf_tests::max_weight_diff(a, b, Head::Lm)
 }
 
 #[test]

@@ -4,11 +4,11 @@
 //! resumes to the same weights.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use common::{Head, Model};
-use rlhf_tests::run_python;
+use rlhf_tests::{ok, run_bin, run_python};
 use serde_json::{json, Value};
 use tch::{Device, Kind};
 
@@ -74,21 +74,7 @@ fn fixture() -> &'static Fixture {
 }
 
 fn reward(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reward"));
-    cmd.args(args).env_remove("RLHF_CRASH_AT");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-fn ok(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    run_bin(env!("CARGO_BIN_EXE_reward"), args, env)
 }
 
 fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {

@@ -3,12 +3,12 @@
 //! the fixture (ChatML template in `chat_template.jinja`, pad == eos).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use data::sft::tokenize;
 use data::Tokenizer;
-use rlhf_tests::run_python;
+use rlhf_tests::{ok as stdout_json, read_jsonl, run_bin, run_python};
 use serde_json::Value;
 
 struct Fixture {
@@ -31,27 +31,7 @@ fn fixture() -> &'static Fixture {
 }
 
 fn sft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sft"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stdout_json(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON summary line")
-}
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    run_bin(env!("CARGO_BIN_EXE_sft"), args, &[])
 }
 
 #[test]

@@ -2,13 +2,12 @@
 //! a killed run resumes to the same weights, the outputs load in `transformers` and
 //! TensorBoard, and bad configurations are refused before anything is written.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use common::{Head, Model};
-use rlhf_tests::run_python;
+use rlhf_tests::{ok, read_jsonl, run_bin, run_python};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -56,25 +55,19 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-fn sft(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sft"));
-    cmd.args(args).env_remove("RLHF_CRASH_AT");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-fn ok(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// `sft train` on the fixture, writing to `out`, with `extra` options.
+fn sft(args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_bin(env!("CARGO_BIN_EXE_sft"), args, env)
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    read_jsonl(&out.join("metrics.jsonl"))
+}
+
+fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    rlhf_tests::max_weight_diff(a, b, Head::Lm)
+}
+
 fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let f = fixture();
     let mut args = vec![
@@ -96,29 +89,6 @@ fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     ];
     args.extend_from_slice(extra);
     sft(&args, env)
-}
-
-fn weights(dir: &Path) -> BTreeMap<String, Tensor> {
-    Model::load(dir, Head::Lm, Device::Cpu, Kind::Float)
-        .unwrap()
-        .0
-        .named_tensors()
-}
-
-fn max_weight_diff(a: &Path, b: &Path) -> f64 {
-    let (a, b) = (weights(a), weights(b));
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .map(|(k, t)| (t - &b[k]).abs().max().double_value(&[]))
-        .fold(0.0, f64::max)
-}
-
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

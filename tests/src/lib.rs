@@ -59,3 +59,61 @@ pub fn max_masked_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
         .max()
         .double_value(&[])
 }
+
+/// Runs a stage binary (`env!("CARGO_BIN_EXE_…")`) with `args` and extra environment; a
+/// crash point inherited from the caller's environment is cleared first.
+pub fn run_bin(exe: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(exe);
+    cmd.args(args).env_remove("RLHF_CRASH_AT");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {exe}: {e}"))
+}
+
+/// The JSON summary a successful command printed; panics with its stderr otherwise.
+pub fn ok(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON summary line on stdout")
+}
+
+/// Every line of a JSON Lines file.
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Largest absolute difference between the weights of two model directories.
+pub fn max_weight_diff(a: &Path, b: &Path, head: common::Head) -> f64 {
+    let load = |d: &Path| {
+        common::Model::load(d, head, tch::Device::Cpu, tch::Kind::Float)
+            .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
+            .0
+            .named_tensors()
+    };
+    let (a, b) = (load(a), load(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(k, t)| (t - &b[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+/// A fresh `root` holding `model/`: a tiny Llama with a BPE tokenizer (ChatML template,
+/// pad == eos) made by `data_reference.py`, plus that script's data files. Returns the
+/// script's reference outputs.
+pub fn tiny_llama_fixture(root: &Path) -> serde_json::Value {
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::create_dir_all(root).unwrap();
+    run_python(
+        "data_reference.py",
+        &["make", "--root", root.to_str().unwrap()],
+    )
+}
