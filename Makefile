@@ -1,7 +1,7 @@
 # Entry points. Each one bootstraps what it needs (scripts/bootstrap.sh: torch into .venv).
 CARGO ?= cargo
 
-.PHONY: bootstrap build test fmt lint clean
+.PHONY: bootstrap build test bench fmt clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -13,6 +13,10 @@ test: bootstrap
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
+
+# Throughput of every stage on a fixed workload (ppo/benches/stages.rs); a table at the end.
+bench: bootstrap
+	$(CARGO) bench -p ppo --bench stages
 
 fmt:
 	$(CARGO) fmt --all
