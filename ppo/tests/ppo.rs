@@ -154,12 +154,16 @@ fn killed_run_resumes_to_the_same_policy_and_kl_coefficient() {
     ];
     let straight = f.root.join("run-straight");
     let a = run_with_reward(&args(&straight, &extra), &TextRule(digit_share)).unwrap();
-    // Killed by SIGKILL while writing the second checkpoint, and in the middle of the
-    // second iteration's first minibatch (mid-step is hit once per minibatch: 4 per
-    // iteration here). The rule reward needs the library, so the killed run is this test
+    // Killed by SIGKILL while writing the second checkpoint, in the middle of the second
+    // iteration's first minibatch (mid-step is hit once per minibatch: 4 per iteration
+    // here), and right after the first checkpoint became complete. The rule reward needs the library, so the killed run is this test
     // binary's `child_killed_ppo_run` in a child process.
     let mut killed = f.root.join("run-killed");
-    for point in ["checkpoint-mid-write@2", "mid-step@5"] {
+    for point in [
+        "checkpoint-mid-write@2",
+        "mid-step@5",
+        "checkpoint-after-rename@1",
+    ] {
         killed = f
             .root
             .join(format!("run-killed-{}", point.replace('@', "-")));

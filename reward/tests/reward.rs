@@ -222,7 +222,11 @@ fn killed_run_resumes_to_the_same_weights() {
             .named_tensors()
     };
     let a = load(&straight);
-    for point in ["checkpoint-mid-write@2", "mid-step@3"] {
+    for point in [
+        "checkpoint-mid-write@2",
+        "mid-step@3",
+        "checkpoint-after-rename@1",
+    ] {
         let out = f
             .root
             .join(format!("run-killed-{}", point.replace('@', "-")));
