@@ -185,15 +185,7 @@ fn train(
         s
     });
     let mut ema = args.ema_decay.map(|d| Ema::new(&policy, d));
-    if let (Some(ema), Some((_, dir))) = (
-        &ema,
-        session
-            .state
-            .step
-            .gt(&0)
-            .then(|| session.run.latest_checkpoint())
-            .flatten(),
-    ) {
+    if let (Some(ema), Some(dir)) = (&ema, &session.resumed_from) {
         common::checkpoint::load_file(&ema.vars(), &dir.join("ema.safetensors"))?;
     }
     let eos_ids = tok.generation_eos_ids()?;
