@@ -569,3 +569,54 @@ fn bad_models_and_outputs_are_refused_with_one_line() {
         "{err}"
     );
 }
+
+/// Unmounts the test's tmpfs even when an assertion fails.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Disk full while writing a checkpoint: the run fails with the error, the earlier
+/// checkpoint stays intact and loadable, and no partial checkpoint is left behind.
+#[test]
+fn a_full_disk_fails_the_run_and_keeps_the_earlier_checkpoint() {
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid has no preconditions.
+    let root_user = unsafe { libc::geteuid() } == 0;
+    if !root_user {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let f = fixture();
+    let disk = f.root.join("tiny-disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    // One checkpoint of the fixture model takes 1.4 MB: the second does not fit.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2200k", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "could not mount a tmpfs at {}",
+        disk.display()
+    );
+    let _unmount = Unmount(disk.clone());
+    let out = disk.join("run");
+    let res = train(&out, &["--max-steps", "6", "--save-every", "2"], &[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "the run should fail on a full disk");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let good = out.join("checkpoints/step-000002");
+    assert!(good.join("trainer_state.json").exists());
+    Model::load(&good, Head::Lm, Device::Cpu, Kind::Float).unwrap();
+    assert!(!out.join("checkpoints/step-000004").exists());
+    assert!(
+        !out.join("checkpoints/.step-000004.tmp").exists(),
+        "partial checkpoint left"
+    );
+}
