@@ -8,7 +8,7 @@ use std::process::Output;
 use std::sync::OnceLock;
 
 use common::{Head, Model};
-use rlhf_tests::{ok, run_bin, run_python};
+use rlhf_tests::{ok, run_bin};
 use serde_json::{json, Value};
 use tch::{Device, Kind};
 
@@ -55,12 +55,7 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("reward");
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        run_python(
-            "data_reference.py",
-            &["make", "--root", root.to_str().unwrap()],
-        );
+        rlhf_tests::tiny_llama_fixture(&root);
         let (train, eval) = (root.join("train.jsonl"), root.join("eval.jsonl"));
         std::fs::write(&train, preference_rows(1, 64)).unwrap();
         std::fs::write(&eval, preference_rows(2, 24)).unwrap();
@@ -186,18 +181,7 @@ fn learns_the_rule_normalises_and_matches_transformers() {
     .iter()
     .map(|t| tok.encode(t, true).unwrap())
     .collect();
-    let ids_path = f.root.join("score-ids.json");
-    std::fs::write(&ids_path, serde_json::to_string(&rows).unwrap()).unwrap();
-    let theirs = run_python(
-        "check_run.py",
-        &[
-            "--model",
-            final_dir.to_str().unwrap(),
-            "--ids",
-            ids_path.to_str().unwrap(),
-            "--score",
-        ],
-    );
+    let theirs = rlhf_tests::check_run(&f.root, &final_dir, &rows, &["--score"]);
     assert_eq!(theirs["pad_token_id"], json!(tok.pad_id));
     let ours = reward::score_sequences(&model, &rows, 8, tok.pad_id);
     let theirs: Vec<f64> = serde_json::from_value(theirs["scores"].clone()).unwrap();

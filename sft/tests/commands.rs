@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use data::sft::tokenize;
 use data::Tokenizer;
-use rlhf_tests::{ok as stdout_json, read_jsonl, run_bin, run_python};
+use rlhf_tests::{ok as stdout_json, read_jsonl, run_bin};
 use serde_json::Value;
 
 struct Fixture {
@@ -20,12 +20,7 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sft-commands");
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        let reference = run_python(
-            "data_reference.py",
-            &["make", "--root", root.to_str().unwrap()],
-        );
+        let reference = rlhf_tests::tiny_llama_fixture(&root);
         Fixture { root, reference }
     })
 }

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use common::{Head, Model};
-use rlhf_tests::{ok, read_jsonl, run_bin, run_python};
+use rlhf_tests::{ok, read_jsonl, run_bin};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -36,12 +36,7 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sft-train");
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        run_python(
-            "data_reference.py",
-            &["make", "--root", root.to_str().unwrap()],
-        );
+        rlhf_tests::tiny_llama_fixture(&root);
         let train = root.join("train.jsonl");
         let eval = root.join("eval.jsonl");
         std::fs::write(&train, cage_rows(0..24)).unwrap();
@@ -151,18 +146,12 @@ fn loss_falls_and_outputs_load_in_transformers_and_tensorboard() {
     .iter()
     .map(|t| tok.encode(t, true).unwrap())
     .collect();
-    let ids_path = f.root.join("check-ids.json");
-    std::fs::write(&ids_path, serde_json::to_string(&rows).unwrap()).unwrap();
-    let theirs = run_python(
-        "check_run.py",
-        &[
-            "--model",
-            final_dir.to_str().unwrap(),
-            "--ids",
-            ids_path.to_str().unwrap(),
-            "--tb",
-            out.join("tb").to_str().unwrap(),
-        ],
+    let tb_dir = out.join("tb");
+    let theirs = rlhf_tests::check_run(
+        &f.root,
+        &final_dir,
+        &rows,
+        &["--tb", tb_dir.to_str().unwrap()],
     );
     for (i, row) in rows.iter().enumerate() {
         let ids = Tensor::from_slice(row).unsqueeze(0);

@@ -117,3 +117,23 @@ pub fn tiny_llama_fixture(root: &Path) -> serde_json::Value {
         &["make", "--root", root.to_str().unwrap()],
     )
 }
+
+/// Runs `check_run.py` on `model_dir` for the token-id rows `rows` (written to
+/// `scratch/ids.json`) with `extra` arguments (`--tb DIR`, `--score`).
+pub fn check_run(
+    scratch: &Path,
+    model_dir: &Path,
+    rows: &[Vec<i64>],
+    extra: &[&str],
+) -> serde_json::Value {
+    let ids_path = scratch.join(format!("ids-{}.json", std::process::id()));
+    std::fs::write(&ids_path, serde_json::to_string(rows).unwrap()).unwrap();
+    let mut args = vec![
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--ids",
+        ids_path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_python("check_run.py", &args)
+}
