@@ -1,6 +1,8 @@
 //! Helpers for the workspace tests: the reference Python (with `transformers`) that the
 //! bootstrap installs, and small tensor comparisons.
 
+pub mod demo;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -3,6 +3,7 @@
 //!
 //!     demo data  --out DIR [--seed S]      task data, tokenizer and a from-scratch base model
 //!     demo judge --prompts F --generations F    accuracy of generated answers (programmatic)
+//!     demo report --dir DIR                the summary table of a `make demo` run
 //!
 //! A problem: "Heads 11, legs 30." — a correct chain of thought: " 11*2=22, 30-22=8,
 //! 8/2=4 rabbits, 11-4=7 chickens." Hurried labelers sometimes skip the halving step or
@@ -12,251 +13,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rlhf_tests::demo::{data, judge, MAX};
 use serde_json::{json, Value};
-
-const EOS: &str = "<|endoftext|>";
-/// Numbers of chickens and of rabbits range over 0..=MAX.
-const MAX: u32 = 20;
-
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Problem {
-    chickens: u32,
-    rabbits: u32,
-}
-
-impl Problem {
-    fn heads(self) -> u32 {
-        self.chickens + self.rabbits
-    }
-    fn legs(self) -> u32 {
-        2 * self.chickens + 4 * self.rabbits
-    }
-    fn prompt(self) -> String {
-        format!("Heads {}, legs {}.", self.heads(), self.legs())
-    }
-    /// The careful labeler.
-    fn correct(self) -> String {
-        let (h, l) = (self.heads(), self.legs());
-        let extra = l - 2 * h;
-        format!(
-            " {h}*2={}, {l}-{}={extra}, {extra}/2={} rabbits, {h}-{}={} chickens.",
-            2 * h,
-            2 * h,
-            extra / 2,
-            extra / 2,
-            h - extra / 2
-        )
-    }
-    /// Skips the halving: the extra legs are taken for rabbits.
-    fn missing_step(self) -> Option<String> {
-        let (h, l) = (self.heads(), self.legs());
-        let extra = l - 2 * h;
-        (extra > 0 && extra <= h).then(|| {
-            format!(
-                " {h}*2={}, {l}-{}={extra} rabbits, {h}-{extra}={} chickens.",
-                2 * h,
-                2 * h,
-                h - extra
-            )
-        })
-    }
-    /// Slips by 2 in the subtraction, then carries on consistently.
-    fn wrong_arithmetic(self, rng: &mut impl Rng) -> Option<String> {
-        let (h, l) = (self.heads(), self.legs());
-        let extra = l - 2 * h;
-        let wrong = if rng.random_bool(0.5) {
-            extra + 2
-        } else {
-            extra.checked_sub(2)?
-        };
-        (wrong / 2 <= h).then(|| {
-            format!(
-                " {h}*2={}, {l}-{}={wrong}, {wrong}/2={} rabbits, {h}-{}={} chickens.",
-                2 * h,
-                2 * h,
-                wrong / 2,
-                wrong / 2,
-                h - wrong / 2
-            )
-        })
-    }
-    /// A guess with no reasoning.
-    fn guess(self, rng: &mut impl Rng) -> String {
-        let r = rng.random_range(0..=self.heads());
-        let r = if r == self.rabbits {
-            (r + 1) % (self.heads() + 1)
-        } else {
-            r
-        };
-        format!(" {} rabbits, {} chickens.", r, self.heads() - r)
-    }
-}
-
-/// The judge: the answer is the last "N rabbits, M chickens" of the response.
-fn judge(prompt: &str, response: &str) -> Option<bool> {
-    let nums = |s: &str| -> Vec<u32> {
-        s.split(|c: char| !c.is_ascii_digit())
-            .filter(|t| !t.is_empty())
-            .filter_map(|t| t.parse().ok())
-            .collect()
-    };
-    let p = nums(prompt);
-    let (heads, legs) = (*p.first()?, *p.get(1)?);
-    // "… =R rabbits, … =C chickens": the numbers right before the two words.
-    let last_number =
-        |s: &str| -> Option<u32> { s.rsplit(|c: char| !c.is_ascii_digit()).next()?.parse().ok() };
-    let (before, after) = response.rsplit_once(" rabbits, ")?;
-    let rabbits = last_number(before)?;
-    let chickens = last_number(after.rsplit_once(" chickens")?.0)?;
-    Some(chickens + rabbits == heads && 2 * chickens + 4 * rabbits == legs)
-}
-
-/// A character-level byte-level-BPE tokenizer: every printable ASCII character is a token,
-/// no merges. Digits are single tokens, which is what arithmetic wants.
-fn tokenizer_json() -> Value {
-    let mut vocab = serde_json::Map::new();
-    vocab.insert(EOS.into(), json!(0));
-    vocab.insert("Ġ".into(), json!(1)); // space, as ByteLevel maps it
-    vocab.insert("Ċ".into(), json!(2)); // newline
-    for (i, c) in (33u8..=126).enumerate() {
-        vocab.insert((c as char).to_string(), json!(i + 3));
-    }
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [{"id": 0, "content": EOS, "single_word": false, "lstrip": false,
-                          "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": []}
-    })
-}
-
-/// The base model's "pretraining" corpus: arithmetic tables (doubling, halving, and the
-/// differences the task's numbers can need), one fact a row. Generic facts, not problems:
-/// the stand-in for what a pretrained LM knows before SFT.
-fn arithmetic_tables() -> Vec<Value> {
-    let (max_heads, max_legs) = (2 * MAX, 6 * MAX);
-    let mut facts = vec![];
-    for n in 0..=max_heads {
-        facts.push(format!("{n}*2={}", 2 * n));
-        facts.push(format!("{}/2={n}", 2 * n));
-        for m in 0..=n {
-            facts.push(format!("{n}-{m}={}", n - m));
-        }
-    }
-    for a in (0..=max_legs).step_by(2) {
-        for b in (0..=a.min(2 * max_heads)).step_by(2) {
-            if a > max_heads {
-                facts.push(format!("{a}-{b}={}", a - b));
-            }
-        }
-    }
-    facts.into_iter().map(|f| json!({"text": f})).collect()
-}
-
-fn write_jsonl(path: &Path, rows: &[Value]) {
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-}
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn data(out: &Path, seed: u64, model_args: &BTreeMap<&str, Value>) {
-    std::fs::create_dir_all(out.join("base")).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut problems: Vec<Problem> = (0..=MAX)
-        .flat_map(|c| {
-            (0..=MAX).map(move |r| Problem {
-                chickens: c,
-                rabbits: r,
-            })
-        })
-        .filter(|p| p.heads() > 0)
-        .collect();
-    problems.shuffle(&mut rng);
-    let (eval, train) = problems.split_at(48);
-
-    // SFT: 4 demonstrations per problem; 30% from hurried labelers.
-    let mut sft = vec![];
-    for p in train {
-        for _ in 0..4 {
-            let completion = match rng.random_range(0..10) {
-                0..=1 => p.missing_step(),
-                2 => p.wrong_arithmetic(&mut rng),
-                _ => None,
-            }
-            .unwrap_or_else(|| p.correct());
-            sft.push(json!({"prompt": p.prompt(), "completion": completion}));
-        }
-    }
-    // Rankings of K = 4, best first: correct, slipped arithmetic, skipped step, guess.
-    let ranking = |p: &Problem, rng: &mut rand::rngs::StdRng| -> Value {
-        let mut responses = vec![p.correct()];
-        responses.extend(p.wrong_arithmetic(rng));
-        responses.extend(p.missing_step());
-        responses.push(p.guess(rng));
-        json!({"prompt": p.prompt(), "responses": responses})
-    };
-    let rankings: Vec<Value> = train
-        .iter()
-        .flat_map(|p| [ranking(p, &mut rng), ranking(p, &mut rng)])
-        .collect();
-    let rankings_eval: Vec<Value> = eval.iter().map(|p| ranking(p, &mut rng)).collect();
-    let prompts = |ps: &[Problem]| -> Vec<Value> {
-        ps.iter().map(|p| json!({"prompt": p.prompt()})).collect()
-    };
-    write_jsonl(&out.join("pretrain.jsonl"), &arithmetic_tables());
-    write_jsonl(&out.join("sft.jsonl"), &sft);
-    write_jsonl(&out.join("rankings.jsonl"), &rankings);
-    write_jsonl(&out.join("rankings_eval.jsonl"), &rankings_eval);
-    write_jsonl(&out.join("prompts.jsonl"), &prompts(train));
-    write_jsonl(&out.join("eval_prompts.jsonl"), &prompts(eval));
-
-    // The base model: a small Llama, initialised from scratch.
-    let base = out.join("base");
-    std::fs::write(base.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
-    std::fs::write(
-        base.join("tokenizer_config.json"),
-        json!({"eos_token": EOS, "pad_token": EOS}).to_string(),
-    )
-    .unwrap();
-    std::fs::write(
-        base.join("generation_config.json"),
-        json!({"eos_token_id": 0, "pad_token_id": 0}).to_string(),
-    )
-    .unwrap();
-    let mut config = json!({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 97,
-        "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": true,
-        "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "initializer_range": 0.02
-    });
-    for (k, v) in model_args {
-        config[*k] = v.clone();
-    }
-    tch::manual_seed(seed as i64);
-    let config = common::ModelConfig::from_json(config, Path::new("config.json")).unwrap();
-    common::Model::new(config, common::Head::Lm, tch::Device::Cpu, tch::Kind::Float)
-        .save(&base, None)
-        .unwrap();
-    println!(
-        "{}",
-        json!({"train_problems": train.len(), "eval_problems": eval.len(), "sft_rows": sft.len(),
-               "rankings": rankings.len(), "out": out})
-    );
 }
 
 fn judge_file(prompts: &Path, generations: &Path) {
@@ -286,58 +49,93 @@ fn judge_file(prompts: &Path, generations: &Path) {
     );
 }
 
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The summary table of a `make demo` run directory.
+fn report(dir: &Path) {
+    let seconds: BTreeMap<String, f64> = std::fs::read_to_string(dir.join("times.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| {
+            (
+                v["stage"].as_str().unwrap().to_string(),
+                v["ms"].as_f64().unwrap() / 1000.0,
+            )
+        })
+        .collect();
+    let accuracy = |model: &str| -> (f64, f64, f64) {
+        let a: Vec<f64> = (1..=3)
+            .map(|s| {
+                read_json(&dir.join(format!("judge_{model}_{s}.json")))["accuracy"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        let mean = a.iter().sum::<f64>() / a.len() as f64;
+        let min = a.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = a.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        (mean, min, max)
+    };
+    let (sft, ppo) = (accuracy("sft"), accuracy("ppo"));
+    let rm = read_json(&dir.join("reward_eval.json"))["accuracy"]
+        .as_f64()
+        .unwrap();
+    let kl = read_json(&dir.join("ppo.json"))["kl"].as_f64().unwrap();
+    let t = |s: &str| seconds.get(s).copied().unwrap_or(0.0);
+    let total: f64 = seconds.values().sum();
+    println!("\n| stage | held-out result | time |\n|---|---|---|");
+    println!(
+        "| SFT | accuracy {:.3} (seeds {:.3}–{:.3}) | {:.0} s |",
+        sft.0,
+        sft.1,
+        sft.2,
+        t("data") + t("sft")
+    );
+    println!(
+        "| reward model | pairwise accuracy {rm:.3} | {:.0} s |",
+        t("reward")
+    );
+    println!(
+        "| PPO | accuracy {:.3} (seeds {:.3}–{:.3}), KL to SFT {kl:.3} | {:.0} s |",
+        ppo.0,
+        ppo.1,
+        ppo.2,
+        t("ppo")
+    );
+    println!(
+        "| evaluation | 48 held-out problems × 3 sampling seeds, T = 1 | {:.0} s |",
+        t("eval")
+    );
+    println!("| total | | {total:.0} s |");
+    println!(
+        "{}",
+        json!({"sft_accuracy": sft.0, "ppo_accuracy": ppo.0, "reward_accuracy": rm, "kl": kl, "seconds": total})
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("data") => {
             let out = PathBuf::from(arg(&args, "--out").expect("--out DIR"));
             let seed = arg(&args, "--seed").map_or(1, |s| s.parse().expect("--seed N"));
-            data(&out, seed, &BTreeMap::new());
+            println!("{}", data(&out, seed, MAX));
         }
         Some("judge") => judge_file(
             Path::new(&arg(&args, "--prompts").expect("--prompts FILE")),
             Path::new(&arg(&args, "--generations").expect("--generations FILE")),
         ),
+        Some("report") => report(Path::new(&arg(&args, "--dir").expect("--dir DIR"))),
         _ => {
             eprintln!(
-                "usage: demo data --out DIR [--seed S] | demo judge --prompts F --generations F"
+                "usage: demo data --out DIR [--seed S] | demo judge --prompts F --generations F | demo report --dir DIR"
             );
             std::process::exit(2);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_judge_accepts_correct_and_rejects_flawed_answers() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        for c in 0..=MAX {
-            for r in 0..=MAX {
-                let p = Problem {
-                    chickens: c,
-                    rabbits: r,
-                };
-                if p.heads() == 0 {
-                    continue;
-                }
-                assert_eq!(
-                    judge(&p.prompt(), &p.correct()),
-                    Some(true),
-                    "{}",
-                    p.correct()
-                );
-                if let Some(m) = p.missing_step() {
-                    assert_eq!(judge(&p.prompt(), &m), Some(false), "{m}");
-                }
-                if let Some(w) = p.wrong_arithmetic(&mut rng) {
-                    assert_eq!(judge(&p.prompt(), &w), Some(false), "{w}");
-                }
-                assert_eq!(judge(&p.prompt(), &p.guess(&mut rng)), Some(false));
-            }
-        }
-        assert_eq!(judge("Heads 3, legs 10.", " no idea"), None);
     }
 }
