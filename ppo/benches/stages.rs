@@ -12,7 +12,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use clap::Parser;
 use common::generate::{generate, SamplingConfig};
 use common::{Head, Model, ModelConfig};
 use serde_json::{json, Value};
@@ -106,15 +105,6 @@ fn measured(m: &[Value], key: &str) -> Vec<f64> {
         .collect()
 }
 
-fn parse<T: clap::Args>(argv: Vec<String>) -> T {
-    #[derive(Parser)]
-    struct Wrapper<A: clap::Args> {
-        #[command(flatten)]
-        args: A,
-    }
-    Wrapper::<T>::parse_from(std::iter::once("bench".to_string()).chain(argv)).args
-}
-
 fn main() {
     let device = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let dtype = std::env::var("BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
@@ -193,7 +183,7 @@ fn main() {
             SEQ.to_string(),
         ];
         argv.extend(common_args(&out, MEASURED));
-        sft::train::run(&parse::<sft::train::TrainArgs>(argv)).unwrap();
+        sft::train::run(&rlhf_tests::parse_args::<sft::train::TrainArgs, _>(&argv)).unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
         rows.push(json!({"stage": "sft", "model": arch, "tokens_per_second": tps,
                          "steps_per_second": tps / (BATCH * SEQ) as f64, "peak_rss_mb": peak_rss_mb()}));
@@ -209,7 +199,10 @@ fn main() {
             (BATCH / 2).to_string(),
         ];
         argv.extend(common_args(&out, MEASURED));
-        reward::train::run(&parse::<reward::train::TrainArgs>(argv)).unwrap();
+        reward::train::run(&rlhf_tests::parse_args::<reward::train::TrainArgs, _>(
+            &argv,
+        ))
+        .unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
         rows.push(json!({"stage": "reward", "model": arch, "tokens_per_second": tps,
                          "steps_per_second": tps / (BATCH * SEQ) as f64, "peak_rss_mb": peak_rss_mb()}));
@@ -235,7 +228,7 @@ fn main() {
             "0".into(),
         ];
         argv.extend(common_args(&out, MEASURED));
-        ppo::train::run(&parse::<ppo::train::TrainArgs>(argv)).unwrap();
+        ppo::train::run(&rlhf_tests::parse_args::<ppo::train::TrainArgs, _>(&argv)).unwrap();
         let m = metrics(&out);
         let (rollout, train) = (
             median(measured(&m, "time/rollout")),

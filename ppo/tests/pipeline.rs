@@ -4,17 +4,7 @@
 
 use std::path::Path;
 
-use clap::Parser;
 use rlhf_tests::read_jsonl;
-
-fn parse<T: clap::Args>(argv: &[&str]) -> T {
-    #[derive(Parser)]
-    struct Wrapper<A: clap::Args> {
-        #[command(flatten)]
-        args: A,
-    }
-    Wrapper::<T>::parse_from(std::iter::once("test").chain(argv.iter().copied())).args
-}
 
 #[test]
 fn sft_then_reward_then_ppo_raises_the_reward() {
@@ -31,7 +21,7 @@ fn sft_then_reward_then_ppo_raises_the_reward() {
     let p = |x: &Path| x.to_str().unwrap().to_string();
     let (sft_out, rm_out, ppo_out) = (root.join("sft"), root.join("reward"), root.join("ppo"));
 
-    sft::train::run(&parse(&[
+    sft::train::run(&rlhf_tests::parse_args(&[
         "--model",
         &p(&data.join("base")),
         "--data",
@@ -52,7 +42,7 @@ fn sft_then_reward_then_ppo_raises_the_reward() {
         "cosine",
     ]))
     .unwrap();
-    let rm = reward::train::run(&parse(&[
+    let rm = reward::train::run(&rlhf_tests::parse_args(&[
         "--model",
         &p(&sft_out.join("final")),
         "--data",
@@ -71,7 +61,7 @@ fn sft_then_reward_then_ppo_raises_the_reward() {
         "128",
     ]))
     .unwrap();
-    let ppo = ppo::train::run(&parse(&[
+    let ppo = ppo::train::run(&rlhf_tests::parse_args(&[
         "--policy",
         &p(&sft_out.join("final")),
         "--reward-model",

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use clap::Parser;
 use common::{Head, Model};
 use ppo::reward_fn::TextRule;
 use ppo::train::{run_with_reward, TrainArgs};
@@ -50,8 +49,7 @@ fn fixture() -> &'static Fixture {
 fn args(out: &Path, extra: &[&str]) -> TrainArgs {
     let f = fixture();
     let mut argv = vec![
-        "ppo".to_string(),
-        "--policy".into(),
+        "--policy".to_string(),
         f.policy.display().to_string(),
         "--reward-model".into(),
         f.reward.display().to_string(),
@@ -77,12 +75,7 @@ fn args(out: &Path, extra: &[&str]) -> TrainArgs {
         "11".into(),
     ];
     argv.extend(extra.iter().map(|s| s.to_string()));
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        args: TrainArgs,
-    }
-    Wrapper::parse_from(argv).args
+    rlhf_tests::parse_args(&argv)
 }
 
 /// The share of the response's characters that are digits.

@@ -139,3 +139,14 @@ pub fn check_run(
     args.extend_from_slice(extra);
     run_python("check_run.py", &args)
 }
+
+/// A stage's argument struct parsed from `argv` (no program name), as its binary would.
+pub fn parse_args<T: clap::Args, S: AsRef<str>>(argv: &[S]) -> T {
+    #[derive(clap::Parser)]
+    struct Wrapper<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    let argv = std::iter::once("test").chain(argv.iter().map(AsRef::as_ref));
+    <Wrapper<T> as clap::Parser>::parse_from(argv).args
+}

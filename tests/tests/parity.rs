@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use common::generate::{generate, SamplingConfig};
 use common::ops::logprobs_of;
+use common::scoring::last_token_scores;
 use common::{Head, Model};
 use rlhf_tests::{max_masked_diff, run_python, tensor_2d_f32, tensor_2d_i64};
 use serde_json::{json, Value};
@@ -103,13 +104,6 @@ fn next_token_logprobs(model: &Model, ids: &Tensor, mask: &Tensor) -> (Tensor, T
     let lp = logprobs_of(&logits.narrow(1, 0, t - 1), &ids.narrow(1, 1, t - 1));
     let valid = mask.narrow(1, 0, t - 1) * mask.narrow(1, 1, t - 1);
     (lp, valid)
-}
-
-/// Score at each row's last real token (right padding).
-fn last_token_scores(model: &Model, ids: &Tensor, mask: &Tensor) -> Tensor {
-    let scores = model.forward(ids, mask);
-    let last = mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64) - 1;
-    scores.gather(1, &last.unsqueeze(1), false).squeeze_dim(1)
 }
 
 #[test]
