@@ -54,12 +54,30 @@ pub struct Generation {
     pub finish: Vec<FinishReason>,
 }
 
+/// On a GPU, how many steps pass between checks that every row has finished.
+const STOP_CHECK: i64 = 8;
+
 /// Samples continuations of `prompt_ids` (`[B, P]`, left-padded; `prompt_mask` 0 on pads).
 pub fn generate(
     model: &Model,
     prompt_ids: &Tensor,
     prompt_mask: &Tensor,
     cfg: &SamplingConfig,
+) -> Generation {
+    let stop_check = if model.device().is_cuda() {
+        STOP_CHECK
+    } else {
+        1
+    };
+    generate_checking_every(model, prompt_ids, prompt_mask, cfg, stop_check)
+}
+
+fn generate_checking_every(
+    model: &Model,
+    prompt_ids: &Tensor,
+    prompt_mask: &Tensor,
+    cfg: &SamplingConfig,
+    stop_check: i64,
 ) -> Generation {
     assert_eq!(
         model.head,
@@ -69,9 +87,20 @@ pub fn generate(
     let _guard = tch::no_grad_guard();
     let device = model.device();
     let (b, p) = prompt_ids.size2().unwrap();
+    let n = cfg.max_new_tokens;
+    // Everything the loop needs from the host is made here: the step loop itself never
+    // waits for the device except to ask whether every row has finished, which it does
+    // every step on the CPU (where it is free) and every STOP_CHECK steps on a GPU (so
+    // kernel launches run ahead). Steps after the last row finished only add pad columns,
+    // which are trimmed: the result is the same either way.
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let uniforms: Vec<f32> = (0..n * b).map(|_| rng.random::<f32>()).collect();
+    let uniforms = Tensor::from_slice(&uniforms).view([n, b]).to_device(device);
     let eos = Tensor::from_slice(&cfg.eos_ids).to_device(device);
-    let mut cache = model.new_cache();
+    let pad = Tensor::from(cfg.pad_id).to_device(device);
+    let zero = Tensor::from(0f32).to_device(device);
+    let ones = Tensor::ones([b, 1], (Kind::Int64, device));
+    let mut cache = model.new_cache_with_capacity(p + n);
     let mut mask = prompt_mask.to_kind(Kind::Int64).to_device(device);
     let hidden = model.hidden(&prompt_ids.to_device(device), &mask, Some(&mut cache));
     let mut logits = model
@@ -80,40 +109,33 @@ pub fn generate(
 
     let mut finished = Tensor::zeros([b], (Kind::Bool, device));
     let (mut tokens, mut alive, mut logprobs) = (vec![], vec![], vec![]);
-    for step in 0..cfg.max_new_tokens {
-        let uniforms: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
-        let (token, logprob) = sample(
-            &logits,
-            cfg,
-            &Tensor::from_slice(&uniforms).to_device(device),
-        );
-        let token = token.where_self(
-            &finished.logical_not(),
-            &Tensor::from(cfg.pad_id).to_device(device),
-        );
-        let logprob = logprob.where_self(
-            &finished.logical_not(),
-            &Tensor::from(0f32).to_device(device),
-        );
-        alive.push(finished.logical_not());
+    for step in 0..n {
+        let (token, logprob) = sample(&logits, cfg, &uniforms.get(step));
+        let running = finished.logical_not();
+        let token = token.where_self(&running, &pad);
+        let logprob = logprob.where_self(&running, &zero);
+        alive.push(running);
         finished = finished.logical_or(&Tensor::isin(&token, &eos, false, false));
         tokens.push(token.shallow_clone());
         logprobs.push(logprob);
-        if step + 1 == cfg.max_new_tokens || finished.all().int64_value(&[]) == 1 {
+        if step + 1 == n || ((step + 1) % stop_check == 0 && finished.all().int64_value(&[]) == 1) {
             break;
         }
-        mask = Tensor::cat(&[&mask, &Tensor::ones([b, 1], (Kind::Int64, device))], 1);
+        mask = Tensor::cat(&[&mask, &ones], 1);
         let hidden = model.hidden(&token.unsqueeze(1), &mask, Some(&mut cache));
         logits = model.head_output(&hidden).squeeze_dim(1);
     }
-    let tokens = Tensor::stack(&tokens, 1);
     let mask = Tensor::stack(&alive, 1).to_kind(Kind::Int64);
-    let logprobs = Tensor::stack(&logprobs, 1);
     let lengths = Vec::<i64>::try_from(
         mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64)
             .to_device(tch::Device::Cpu),
     )
     .unwrap();
+    // Columns after the longest row are padding only (steps taken between stop checks).
+    let width = lengths.iter().copied().max().unwrap_or(0).max(1);
+    let tokens = Tensor::stack(&tokens, 1).narrow(1, 0, width);
+    let mask = mask.narrow(1, 0, width);
+    let logprobs = Tensor::stack(&logprobs, 1).narrow(1, 0, width);
     let ended = Vec::<bool>::try_from(finished.to_device(tch::Device::Cpu)).unwrap();
     let finish = ended
         .into_iter()
@@ -220,6 +242,34 @@ mod tests {
         // top-p 0.8 keeps 0.7 and 0.2: u = 0.999 of their mass lands on 0.2.
         let (tok, _) = sample(&logits, &cfg(1.0, 0, 0.8), &u);
         assert_eq!(Vec::<i64>::try_from(tok).unwrap(), [2, 1]);
+    }
+
+    #[test]
+    fn checking_for_the_end_less_often_changes_nothing() {
+        tch::manual_seed(3);
+        let config = serde_json::json!({"model_type": "llama", "vocab_size": 6, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "max_position_embeddings": 64});
+        let config =
+            crate::ModelConfig::from_json(config, std::path::Path::new("config.json")).unwrap();
+        let model = Model::new(config, Head::Lm, tch::Device::Cpu, Kind::Float);
+        let ids = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 1, 2]).view([2, 4]);
+        let mask = Tensor::from_slice(&[0i64, 1, 1, 1, 1, 1, 1, 1]).view([2, 4]);
+        let cfg = SamplingConfig {
+            max_new_tokens: 30,
+            eos_ids: vec![0],
+            seed: 11,
+            ..cfg(1.0, 0, 1.0)
+        };
+        let every = generate_checking_every(&model, &ids, &mask, &cfg, 1);
+        // Both rows finish early and at different steps, so the check matters.
+        assert!(every.lengths.iter().all(|&l| l < 30), "{:?}", every.lengths);
+        assert_ne!(every.lengths[0], every.lengths[1]);
+        let sparse = generate_checking_every(&model, &ids, &mask, &cfg, 7);
+        assert_eq!(every.lengths, sparse.lengths);
+        assert!(every.tokens.equal(&sparse.tokens));
+        assert!(every.mask.equal(&sparse.mask));
+        assert!(every.logprobs.equal(&sparse.logprobs));
     }
 
     #[test]

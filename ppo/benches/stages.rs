@@ -7,7 +7,13 @@
 //! epoch, 2 minibatches. Every number is the median over the measured steps, after 2
 //! warm-up steps. Output: one JSON line per stage and model, then a table.
 //!
-//! `BENCH_DEVICE=cuda BENCH_DTYPE=bf16` runs the same on a GPU.
+//! `BENCH_DEVICE=cuda BENCH_DTYPE=bf16` runs the same on a GPU. Other knobs (environment):
+//! `BENCH_SHAPES` (comma list of `gpt2`, `llama`, `gpt2-medium`, `qwen2-0.5b`; default the
+//! first two), `BENCH_BATCH` (8), `BENCH_SEQ` (128), `BENCH_ROLLOUT` (16 PPO rollout and
+//! generation rows), `BENCH_RESPONSE` (32 new tokens). With `BENCH_PEAK_TFLOPS` (the card's
+//! dense bf16 peak) training rows get a model-FLOPs utilisation, and with
+//! `BENCH_PEAK_GBPS` (its memory bandwidth) generation rows get the bandwidth bound.
+//! `BENCH_KEEP=DIR` keeps the generated models, data and runs in DIR.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,8 +25,86 @@ use tch::{Device, Kind, Tensor};
 
 const WARMUP: usize = 2;
 const MEASURED: usize = 8;
-const SEQ: usize = 128;
-const BATCH: usize = 8;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Hugging Face `config.json` of a named benchmark shape.
+fn shape(name: &str, positions: usize) -> Value {
+    match name {
+        "gpt2" => json!({"model_type": "gpt2", "vocab_size": 2048, "n_positions": positions,
+                         "n_embd": 256, "n_layer": 4, "n_head": 4, "eos_token_id": 0}),
+        "llama" => json!({"model_type": "llama", "vocab_size": 2048, "hidden_size": 256,
+                          "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
+                          "num_key_value_heads": 2, "max_position_embeddings": positions,
+                          "tie_word_embeddings": false, "eos_token_id": 0}),
+        // GPT-2 medium (355M).
+        "gpt2-medium" => {
+            json!({"model_type": "gpt2", "vocab_size": 50257, "n_positions": positions,
+                                "n_embd": 1024, "n_layer": 24, "n_head": 16, "eos_token_id": 0})
+        }
+        // Qwen2.5-0.5B's shape (494M): GQA 14/2, q/k/v bias, tied embeddings.
+        "qwen2-0.5b" => json!({"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
+                               "intermediate_size": 4864, "num_hidden_layers": 24,
+                               "num_attention_heads": 14, "num_key_value_heads": 2,
+                               "max_position_embeddings": positions, "rope_theta": 1000000.0,
+                               "tie_word_embeddings": true, "eos_token_id": 0}),
+        other => panic!("unknown BENCH_SHAPES entry {other:?}"),
+    }
+}
+
+/// Parameters that take part in matrix products per token (everything but the embedding
+/// tables; the LM head counted even when tied), and the model's layers, width and KV width.
+struct Dims {
+    matmul_params: f64,
+    layers: f64,
+    width: f64,
+    kv_width: f64,
+}
+
+fn dims(model: &Model, config: &Value) -> Dims {
+    let tensors = model.named_tensors();
+    let numel = |t: &Tensor| t.size().iter().product::<i64>() as f64;
+    let total: f64 = tensors.values().map(numel).sum();
+    let embeddings: f64 = tensors
+        .iter()
+        .filter(|(k, _)| {
+            k.ends_with("wte.weight")
+                || k.ends_with("wpe.weight")
+                || k.ends_with("embed_tokens.weight")
+        })
+        .map(|(_, t)| numel(t))
+        .sum();
+    let get = |a: &str, b: &str| {
+        config
+            .get(a)
+            .or(config.get(b))
+            .and_then(Value::as_f64)
+            .unwrap()
+    };
+    let (layers, width, heads) = (
+        get("num_hidden_layers", "n_layer"),
+        get("hidden_size", "n_embd"),
+        get("num_attention_heads", "n_head"),
+    );
+    let kv_heads = config["num_key_value_heads"].as_f64().unwrap_or(heads);
+    let vocab = config["vocab_size"].as_f64().unwrap();
+    let head = if tensors.contains_key("lm_head.weight") {
+        0.0
+    } else {
+        vocab * width
+    };
+    Dims {
+        matmul_params: total - embeddings + head,
+        layers,
+        width,
+        kv_width: width / heads * kv_heads,
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -108,44 +192,44 @@ fn measured(m: &[Value], key: &str) -> Vec<f64> {
 fn main() {
     let device = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let dtype = std::env::var("BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
+    let shapes: String = env_or("BENCH_SHAPES", "gpt2,llama".to_string());
+    let (batch, seq): (usize, usize) = (env_or("BENCH_BATCH", 8), env_or("BENCH_SEQ", 128));
+    let rollout: i64 = env_or("BENCH_ROLLOUT", 16);
+    let response: i64 = env_or("BENCH_RESPONSE", 32);
+    let peak_tflops: Option<f64> = std::env::var("BENCH_PEAK_TFLOPS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let peak_gbps: Option<f64> = std::env::var("BENCH_PEAK_GBPS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    const PROMPT: usize = 64;
     common::logging::init();
-    let root = tempfile::tempdir().unwrap();
-    let root = root.path();
+    // BENCH_KEEP=DIR writes the models and data there and keeps them (to reuse them).
+    let temp = tempfile::tempdir().unwrap();
+    let kept = std::env::var_os("BENCH_KEEP").map(PathBuf::from);
+    let root = kept.as_deref().unwrap_or(temp.path());
+    std::fs::create_dir_all(root).unwrap();
     let mut rng = 7u64;
     // Data: SFT rows of exactly SEQ tokens (127 characters + EOS), preference pairs of the
     // same length, and prompts of 64 tokens.
     let sft_data = root.join("sft.jsonl");
     write_jsonl(
         &sft_data,
-        (0..64).map(|_| json!({"text": text(&mut rng, SEQ - 1)})),
+        (0..64).map(|_| json!({"text": text(&mut rng, seq - 1)})),
     );
     let pairs = root.join("pairs.jsonl");
     write_jsonl(
         &pairs,
         (0..64).map(|_| {
-            json!({"prompt": text(&mut rng, 64), "chosen": text(&mut rng, 64), "rejected": text(&mut rng, 64)})
+            json!({"prompt": text(&mut rng, seq / 2), "chosen": text(&mut rng, seq / 2), "rejected": text(&mut rng, seq / 2)})
         }),
     );
     let prompts = root.join("prompts.jsonl");
     write_jsonl(
         &prompts,
-        (0..64).map(|_| json!({"prompt": text(&mut rng, 64)})),
+        (0..(rollout as usize).max(64)).map(|_| json!({"prompt": text(&mut rng, PROMPT)})),
     );
 
-    let shapes = [
-        (
-            "gpt2",
-            json!({"model_type": "gpt2", "vocab_size": 2048, "n_positions": 512, "n_embd": 256,
-                        "n_layer": 4, "n_head": 4, "eos_token_id": 0}),
-        ),
-        (
-            "llama",
-            json!({"model_type": "llama", "vocab_size": 2048, "hidden_size": 256,
-                         "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-                         "num_key_value_heads": 2, "max_position_embeddings": 512,
-                         "tie_word_embeddings": false, "eos_token_id": 0}),
-        ),
-    ];
     let common_args = |out: &Path, steps: usize| -> Vec<String> {
         [
             "--output-dir",
@@ -166,9 +250,30 @@ fn main() {
         .collect()
     };
     let mut rows = vec![];
-    for (arch, config) in shapes {
+    for arch in shapes.split(',') {
+        let config = shape(arch, (seq + response as usize).max(512));
         let lm = model_dir(root, &format!("{arch}-lm"), config.clone(), Head::Lm);
         let rm = model_dir(root, &format!("{arch}-rm"), config.clone(), Head::Score);
+        // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's 12·L·d·T).
+        let flops = {
+            let (model, _) = Model::load(&lm, Head::Lm, Device::Cpu, Kind::Float).unwrap();
+            let d = dims(&model, &config);
+            move |t: usize| 6.0 * d.matmul_params + 12.0 * d.layers * d.width * t as f64
+        };
+        let training_row = |stage: &str,
+                            arch: &str,
+                            tps: f64,
+                            step_tokens: usize,
+                            t: usize,
+                            flops: &dyn Fn(usize) -> f64| {
+            let mut row = json!({"stage": stage, "model": arch, "tokens_per_second": tps,
+                                 "steps_per_second": tps / step_tokens as f64, "peak_rss_mb": peak_rss_mb(),
+                                 "train_tflops": tps * flops(t) / 1e12});
+            if let Some(peak) = peak_tflops {
+                row["mfu"] = json!(tps * flops(t) / 1e12 / peak);
+            }
+            row
+        };
 
         reset_peak_rss();
         let out = root.join(format!("{arch}-sft"));
@@ -178,15 +283,14 @@ fn main() {
             "--data".into(),
             sft_data.display().to_string(),
             "--batch-size".into(),
-            BATCH.to_string(),
+            batch.to_string(),
             "--max-length".into(),
-            SEQ.to_string(),
+            seq.to_string(),
         ];
         argv.extend(common_args(&out, MEASURED));
         sft::train::run(&rlhf_tests::parse_args::<sft::train::TrainArgs, _>(&argv)).unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
-        rows.push(json!({"stage": "sft", "model": arch, "tokens_per_second": tps,
-                         "steps_per_second": tps / (BATCH * SEQ) as f64, "peak_rss_mb": peak_rss_mb()}));
+        rows.push(training_row("sft", arch, tps, batch * seq, seq, &flops));
 
         reset_peak_rss();
         let out = root.join(format!("{arch}-reward"));
@@ -196,7 +300,7 @@ fn main() {
             "--data".into(),
             pairs.display().to_string(),
             "--batch-size".into(),
-            (BATCH / 2).to_string(),
+            (batch / 2).to_string(),
         ];
         argv.extend(common_args(&out, MEASURED));
         reward::train::run(&rlhf_tests::parse_args::<reward::train::TrainArgs, _>(
@@ -204,8 +308,7 @@ fn main() {
         ))
         .unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
-        rows.push(json!({"stage": "reward", "model": arch, "tokens_per_second": tps,
-                         "steps_per_second": tps / (BATCH * SEQ) as f64, "peak_rss_mb": peak_rss_mb()}));
+        rows.push(training_row("reward", arch, tps, batch * seq, seq, &flops));
 
         reset_peak_rss();
         let out = root.join(format!("{arch}-ppo"));
@@ -217,9 +320,9 @@ fn main() {
             "--prompts".into(),
             prompts.display().to_string(),
             "--rollout-batch-size".into(),
-            "16".into(),
+            rollout.to_string(),
             "--response-length".into(),
-            "32".into(),
+            response.to_string(),
             "--ppo-epochs".into(),
             "1".into(),
             "--num-minibatches".into(),
@@ -230,26 +333,26 @@ fn main() {
         argv.extend(common_args(&out, MEASURED));
         ppo::train::run(&rlhf_tests::parse_args::<ppo::train::TrainArgs, _>(&argv)).unwrap();
         let m = metrics(&out);
-        let (rollout, train) = (
+        let (t_rollout, t_train) = (
             median(measured(&m, "time/rollout")),
             median(measured(&m, "time/train")),
         );
-        let tokens = median(measured(&m, "response_length")) * 16.0;
-        rows.push(json!({"stage": "ppo", "model": arch, "iterations_per_second": 1.0 / (rollout + train),
-                         "seconds_rollout": rollout, "seconds_train": train,
-                         "tokens_per_second": tokens / (rollout + train), "peak_rss_mb": peak_rss_mb()}));
+        let tokens = median(measured(&m, "response_length")) * rollout as f64;
+        rows.push(json!({"stage": "ppo", "model": arch, "iterations_per_second": 1.0 / (t_rollout + t_train),
+                         "seconds_rollout": t_rollout, "seconds_train": t_train,
+                         "tokens_per_second": tokens / (t_rollout + t_train), "peak_rss_mb": peak_rss_mb()}));
 
-        // Generation alone: 16 prompts of 64 tokens, 32 new tokens each, no EOS.
+        // Generation alone: `rollout` prompts of 64 tokens, `response` new tokens each, no EOS.
         let (dev, kind) = common::cli::DeviceArgs {
             device: device.parse().unwrap(),
             dtype: dtype.parse().unwrap(),
         }
         .resolve();
         let (model, _) = Model::load(&lm, Head::Lm, dev, kind).unwrap();
-        let ids = Tensor::randint_low(1, 95, [16, 64], (Kind::Int64, dev));
-        let mask = Tensor::ones([16, 64], (Kind::Int64, dev));
+        let ids = Tensor::randint_low(1, 95, [rollout, PROMPT as i64], (Kind::Int64, dev));
+        let mask = Tensor::ones([rollout, PROMPT as i64], (Kind::Int64, dev));
         let cfg = SamplingConfig {
-            max_new_tokens: 32,
+            max_new_tokens: response,
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
@@ -266,12 +369,27 @@ fn main() {
                 times.push(started.elapsed().as_secs_f64());
             }
         }
-        rows.push(json!({"stage": "generate", "model": arch, "tokens_per_second": 16.0 * 32.0 / median(times)}));
+        let tps = (rollout * response) as f64 / median(times);
+        let mut row = json!({"stage": "generate", "model": arch, "tokens_per_second": tps});
+        if let Some(gbps) = peak_gbps {
+            // Each step reads every matrix once and the KV cache (average length).
+            let d = dims(&model, &config);
+            let bytes = model.kind().elt_size_in_bytes() as f64;
+            let kv = 2.0
+                * d.layers
+                * d.kv_width
+                * (PROMPT as f64 + response as f64 / 2.0)
+                * rollout as f64;
+            let bound = rollout as f64 * gbps * 1e9 / ((d.matmul_params + kv) * bytes);
+            row["bandwidth_bound_tokens_per_second"] = json!(bound);
+            row["fraction_of_bound"] = json!(tps / bound);
+        }
+        rows.push(row);
     }
     for r in &rows {
         println!("{r}");
     }
-    println!("\n| stage | model | tokens/s | steps/s | peak RSS (MB) |\n|---|---|---|---|---|");
+    println!("\n| stage | model | tokens/s | steps/s | peak RSS (MB) | MFU or fraction of bandwidth bound |\n|---|---|---|---|---|---|");
     for r in &rows {
         let f = |k: &str| {
             r.get(k)
@@ -279,15 +397,21 @@ fn main() {
                 .map_or("–".into(), |v| format!("{v:.1}"))
         };
         let steps = r.get("steps_per_second").or(r.get("iterations_per_second"));
+        let utilisation = r
+            .get("mfu")
+            .or(r.get("fraction_of_bound"))
+            .and_then(Value::as_f64)
+            .map_or("–".into(), |v| format!("{:.1} %", 100.0 * v));
         println!(
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             r["stage"].as_str().unwrap(),
             r["model"].as_str().unwrap(),
             f("tokens_per_second"),
             steps
                 .and_then(Value::as_f64)
                 .map_or("–".into(), |v| format!("{v:.2}")),
-            f("peak_rss_mb")
+            f("peak_rss_mb"),
+            utilisation
         );
     }
 }

@@ -5,38 +5,77 @@
 use tch::{Kind, Tensor};
 
 /// Keys and values of the tokens seen so far, per layer (`[B, H_kv, S, D]`).
+///
+/// With a capacity, each layer's buffers are allocated once at the first append and later
+/// steps copy into them (no `cat` of the whole cache per token); past the capacity the
+/// cache grows by `cat`. The cache also remembers whether the prompt had padding: tokens
+/// appended after the first forward must be real ones (generation appends mask ones), so
+/// later forwards need not ask the device again.
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+    capacity: i64,
+    pub(crate) padded: Option<bool>,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache whose buffers hold `capacity` positions without reallocation.
+    pub fn with_capacity(num_layers: usize, capacity: i64) -> Self {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity,
+            padded: None,
         }
     }
 
     /// Number of positions cached (0 before the first forward).
     pub fn len(&self) -> i64 {
-        match &self.layers[0] {
-            Some((k, _)) => k.size()[2],
-            None => 0,
-        }
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Appends this step's keys and values to layer `layer` and returns all of them.
+    /// Appends this step's keys and values to layer `layer` and returns all of them (the
+    /// positions cached before this forward and the new ones). Every layer appends the
+    /// same number of positions per forward; the last layer's append advances `len`.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+        let (start, t) = (self.len, k.size()[2]);
+        let end = start + t;
+        let stored = match self.layers[layer].take() {
+            None if end < self.capacity => {
+                let mut shape = k.size();
+                shape[2] = self.capacity;
+                let bk = Tensor::empty(&shape[..], (k.kind(), k.device()));
+                let bv = Tensor::empty(&shape[..], (v.kind(), v.device()));
+                bk.narrow(2, 0, t).copy_(&k);
+                bv.narrow(2, 0, t).copy_(&v);
+                (bk, bv)
+            }
             None => (k, v),
+            Some((bk, bv)) if end <= bk.size()[2] => {
+                bk.narrow(2, start, t).copy_(&k);
+                bv.narrow(2, start, t).copy_(&v);
+                (bk, bv)
+            }
+            Some((bk, bv)) => (
+                Tensor::cat(&[bk.narrow(2, 0, start), k], 2),
+                Tensor::cat(&[bv.narrow(2, 0, start), v], 2),
+            ),
         };
-        self.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
-        (k, v)
+        let out = (stored.0.narrow(2, 0, end), stored.1.narrow(2, 0, end));
+        self.layers[layer] = Some(stored);
+        if layer + 1 == self.layers.len() {
+            self.len = end;
+        }
+        out
     }
 
     /// Keeps only the rows in `index` (rows that finished generating can be dropped).
@@ -68,11 +107,18 @@ impl Masking {
     /// `key_mask` is the `[B, S]` attention mask over cached and new tokens; the `q_len`
     /// queries are the last ones. A query always sees itself, so padded queries never get
     /// an empty softmax (their outputs are garbage that nothing reads, but finite).
-    pub fn new(key_mask: &Tensor, q_len: i64, sliding_window: Option<i64>) -> Self {
+    /// `padded` says whether `key_mask` has a 0 when the caller knows; `None` asks the
+    /// device (one host sync).
+    pub fn new(
+        key_mask: &Tensor,
+        q_len: i64,
+        sliding_window: Option<i64>,
+        padded: Option<bool>,
+    ) -> Self {
         let s = key_mask.size()[1];
         let window_matters = sliding_window.is_some_and(|w| s > w);
-        let no_padding = key_mask.min().int64_value(&[]) == 1;
-        if no_padding && !window_matters {
+        let padded = padded.unwrap_or_else(|| Self::has_padding(key_mask));
+        if !padded && !window_matters {
             if q_len == 1 {
                 return Masking {
                     mask: None,
@@ -103,6 +149,11 @@ impl Masking {
             mask: Some(mask),
             causal: false,
         }
+    }
+
+    /// Whether a `[B, S]` 0/1 mask has a 0 (one host sync).
+    pub fn has_padding(key_mask: &Tensor) -> bool {
+        key_mask.min().int64_value(&[]) != 1
     }
 
     /// `scaled_dot_product_attention` over `[B, H, T, D]` queries and `[B, H_kv, S, D]`
@@ -139,7 +190,7 @@ mod tests {
     #[test]
     fn mask_is_causal_and_hides_padding() {
         let key_mask = Tensor::from_slice(&[0i64, 1, 1]).view([1, 3]);
-        let m = Masking::new(&key_mask, 3, None).mask.unwrap();
+        let m = Masking::new(&key_mask, 3, None, None).mask.unwrap();
         let got = Vec::<bool>::try_from(m.view([-1])).unwrap();
         // row 0 (a pad query) sees only itself; rows 1, 2 skip the pad key.
         assert_eq!(
@@ -147,8 +198,8 @@ mod tests {
             [true, false, false, false, true, false, false, true, true]
         );
         let full = Tensor::ones([2, 5], (Kind::Int64, tch::Device::Cpu));
-        assert!(Masking::new(&full, 5, None).causal);
-        let windowed = Masking::new(&full, 5, Some(2)).mask.unwrap();
+        assert!(Masking::new(&full, 5, None, None).causal);
+        let windowed = Masking::new(&full, 5, Some(2), None).mask.unwrap();
         let last_row = Vec::<bool>::try_from(windowed.get(0).get(0).get(4)).unwrap();
         assert_eq!(last_row, [false, false, false, true, true]);
     }

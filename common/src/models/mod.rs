@@ -273,7 +273,7 @@ impl Model {
         &self,
         ids: &Tensor,
         attention_mask: &Tensor,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let t = ids.size()[1];
         let s = attention_mask.size()[1];
@@ -282,7 +282,14 @@ impl Model {
             Backbone::Llama(b) => b.sliding_window(),
             Backbone::Gpt2(_) => None,
         };
-        let masking = Masking::new(attention_mask, t, window);
+        // A cache remembers whether its prompt was padded (later tokens are real ones).
+        let padded = match cache.as_deref_mut() {
+            Some(c) => *c
+                .padded
+                .get_or_insert_with(|| Masking::has_padding(attention_mask)),
+            None => Masking::has_padding(attention_mask),
+        };
+        let masking = Masking::new(attention_mask, t, window, Some(padded));
         match &self.backbone {
             Backbone::Gpt2(b) => b.forward(ids, &positions, &masking, cache),
             Backbone::Llama(b) => b.forward(ids, &positions, &masking, cache),
@@ -305,6 +312,11 @@ impl Model {
 
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_layers())
+    }
+
+    /// A cache that holds `capacity` positions without reallocating.
+    pub fn new_cache_with_capacity(&self, capacity: i64) -> KvCache {
+        KvCache::with_capacity(self.config.num_layers(), capacity)
     }
 
     /// Every variable under its Hugging Face name.
