@@ -1,7 +1,7 @@
 # Entry points. Each one bootstraps what it needs (scripts/bootstrap.sh: torch into .venv).
 CARGO ?= cargo
 
-.PHONY: bootstrap build test bench demo fmt clean
+.PHONY: bootstrap build test bench bench-trl demo fmt clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -17,6 +17,10 @@ test: bootstrap
 # Throughput of every stage on a fixed workload (ppo/benches/stages.rs); a table at the end.
 bench: bootstrap
 	$(CARGO) bench -p ppo --bench stages
+
+# The same workload run by TRL (installed for the benchmark only); our/TRL ratios.
+bench-trl: bootstrap
+	bench/trl_compare.sh
 
 # The whole pipeline on the bundled chickens-and-rabbits task (scripts/demo.sh), runs/demo/.
 demo: bootstrap

@@ -32,6 +32,10 @@ pub struct TrainDataArgs {
     /// model keeps the end and cuts the prompt's start).
     #[arg(long, default_value = "truncate")]
     pub truncation: Truncation,
+    /// Batch rows of similar length together (less padding, faster steps when lengths
+    /// vary), as transformers' `group_by_length`; batches are still shuffled.
+    #[arg(long)]
+    pub group_by_length: bool,
 }
 
 impl TrainDataArgs {

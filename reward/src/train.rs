@@ -199,7 +199,16 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         &mut [("", &model, &mut opt)],
     )
     .context("starting the run")?;
-    let mut sampler = Sampler::new(train.rows.len(), args.run.seed, true);
+    let mut sampler = if args.data.group_by_length {
+        let lengths = train
+            .rows
+            .iter()
+            .map(|r| r.sequences.iter().map(Vec::len).max().unwrap_or(0))
+            .collect();
+        Sampler::grouped_by_length(lengths, args.data.batch_size, args.run.seed)
+    } else {
+        Sampler::new(train.rows.len(), args.run.seed, true)
+    };
     sampler.restore(session.state.sampler);
     let pairs: usize = train
         .rows

@@ -87,6 +87,10 @@ def check(root, cases):
     for name in configs():
         lm = tf.AutoModelForCausalLM.from_pretrained(f"{root}/{name}-saved-lm").eval()
         score = tf.AutoModelForSequenceClassification.from_pretrained(f"{root}/{name}-saved-score").eval()
+        # `architectures` must name the class transformers itself would (vLLM looks it up).
+        for model in (lm, score):
+            named = model.config.architectures[0]
+            assert named == type(model).__name__, f"{name}: config names {named}, transformers uses {type(model).__name__}"
         ids, mask = batch(cases["batches"]["right"])
         with torch.no_grad():
             out[name] = {

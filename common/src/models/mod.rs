@@ -346,20 +346,19 @@ impl Model {
 
     fn export_config(&self) -> Value {
         let mut raw = self.config.raw.clone();
-        let class = match (&self.config.arch, self.config.model_type()) {
-            (Arch::Gpt2(_), _) => "GPT2",
-            (_, "mistral") => "Mistral",
-            (_, "qwen2") => "Qwen2",
-            _ => "Llama",
+        // The class names transformers (and vLLM) look up: GPT-2's LM class is the
+        // historical `GPT2LMHeadModel`.
+        let class = match (&self.config.arch, self.config.model_type(), self.head) {
+            (Arch::Gpt2(_), _, Head::Lm) => "GPT2LMHeadModel",
+            (Arch::Gpt2(_), _, Head::Score) => "GPT2ForSequenceClassification",
+            (_, "mistral", Head::Lm) => "MistralForCausalLM",
+            (_, "mistral", Head::Score) => "MistralForSequenceClassification",
+            (_, "qwen2", Head::Lm) => "Qwen2ForCausalLM",
+            (_, "qwen2", Head::Score) => "Qwen2ForSequenceClassification",
+            (_, _, Head::Lm) => "LlamaForCausalLM",
+            (_, _, Head::Score) => "LlamaForSequenceClassification",
         };
-        let suffix = match self.head {
-            Head::Lm => "ForCausalLM",
-            Head::Score => "ForSequenceClassification",
-        };
-        raw.insert(
-            "architectures".into(),
-            serde_json::json!([format!("{class}{suffix}")]),
-        );
+        raw.insert("architectures".into(), serde_json::json!([class]));
         raw.insert(
             "dtype".into(),
             Value::from(crate::device::hf_dtype_name(self.kind())),

@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""Our/TRL ratios from the JSON lines of `make bench` and bench/trl/compare.py."""
+
+import json
+import platform
+import sys
+from datetime import date
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path) if line.startswith("{")]
+
+
+ours = {(r["stage"], r["model"]): r for r in rows(sys.argv[1])}
+trl = rows(sys.argv[2])
+if trl[0]["device"] == "cuda":
+    import torch
+
+    where = f"{torch.cuda.get_device_name()}, bf16 (ours: bf16 weights, f32 master; TRL: f32 weights, bf16 autocast)"
+else:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.machine())
+    where = f"{cpu}, torch threads {trl[0]['torch_threads']}, f32"
+print(f"\n{date.today()}, {where}\n")
+print("| stage | model | ours | TRL | TRL version | ours / TRL |")
+print("|---|---|---|---|---|---|")
+for t in trl:
+    # RLOO is compared with our PPO (the closest current TRL method; it has no value model).
+    o = ours[("ppo" if t["stage"] in ("ppo", "rloo") else t["stage"], t["model"])]
+    key = "iterations_per_second" if "iterations_per_second" in t else "steps_per_second"
+    unit = "it/s" if key.startswith("it") else "steps/s"
+    name = {"sft": "SFT", "reward": "reward", "ppo": "PPO", "rloo": "PPO vs RLOO"}[t["stage"]]
+    print(f"| {name} | {t['model']} | {o[key]:.2f} {unit} | {t[key]:.2f} {unit} | {t['trl']} | {o[key] / t[key]:.2f}× |")
+    print(json.dumps({"stage": t["stage"], "model": t["model"], "ours": o[key], "trl": t[key],
+                      "ratio": o[key] / t[key]}), file=sys.stderr)
