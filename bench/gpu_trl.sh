@@ -15,6 +15,7 @@ run() { # run NAME SECONDS [ENV...]: one side-by-side
     env "$@" DEVICE=cuda BENCH_BIN=.gpu/bench PYTHON=python3 TRL_INSTALLED=1 \
         timeout "$limit" bench/trl_compare.sh "/tmp/w-$name" 2>&1 | tee "$OUT/trl-$name.txt"
     cp "/tmp/w-$name/ours.jsonl" "$OUT/ours-$name.jsonl" 2>/dev/null
+    cp "/tmp/w-$name/trl.jsonl" "$OUT/trl-$name.jsonl" 2>/dev/null
 }
 run small 200
 run large 230 BENCH_SHAPES=gpt2-medium BENCH_SEQ=1024 BENCH_ROLLOUT=64 BENCH_RESPONSE=128 \
