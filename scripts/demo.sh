@@ -21,7 +21,7 @@ stage() { # stage NAME CMD...: run, time, keep the JSON summary line
 stage data $B/demo data --out "$D/data" --seed "$SEED"
 cat "$D/data/sft.jsonl" "$D/data/pretrain.jsonl" > "$D/data/sft_and_facts.jsonl"
 stage sft $B/sft train --model "$D/data/base" --data "$D/data/sft_and_facts.jsonl" --output-dir "$D/sft" \
-    --lr 2e-3 --warmup-steps 20 --schedule cosine --batch-size 64 --epochs 30 --max-length 128 --group-by-length \
+    --lr 2e-3 --warmup-steps 20 --schedule cosine --batch-size 64 --epochs 50 --max-length 128 \
     --seed "$SEED" --log-every 200
 stage reward $B/reward train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
     --eval-data "$D/data/rankings_eval.jsonl" --output-dir "$D/reward" --lr 1e-3 --batch-size 16 \

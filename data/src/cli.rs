@@ -51,6 +51,16 @@ impl TrainDataArgs {
         }
     }
 
+    /// The training order over rows of these `lengths` (in tokens): shuffled, and grouped
+    /// by length with `--group-by-length`.
+    pub fn sampler(&self, lengths: Vec<usize>, seed: u64) -> common::sampler::Sampler {
+        if self.group_by_length {
+            common::sampler::Sampler::grouped_by_length(lengths, self.batch_size, seed)
+        } else {
+            common::sampler::Sampler::new(lengths.len(), seed, true)
+        }
+    }
+
     /// Rows per optimiser step.
     pub fn rows_per_step(&self) -> usize {
         self.batch_size * self.grad_accum

@@ -254,11 +254,16 @@ fn main() {
         let config = shape(arch, (seq + response as usize).max(512));
         let lm = model_dir(root, &format!("{arch}-lm"), config.clone(), Head::Lm);
         let rm = model_dir(root, &format!("{arch}-rm"), config.clone(), Head::Score);
-        // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's 12·L·d·T).
-        let flops = {
+        // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's 12·L·d·T);
+        // the reward model has a one-output score head instead of the vocabulary head.
+        let (flops, reward_flops) = {
             let (model, _) = Model::load(&lm, Head::Lm, Device::Cpu, Kind::Float).unwrap();
             let d = dims(&model, &config);
-            move |t: usize| 6.0 * d.matmul_params + 12.0 * d.layers * d.width * t as f64
+            let vocab_head = config["vocab_size"].as_f64().unwrap() * d.width;
+            let attention = 12.0 * d.layers * d.width;
+            let lm = move |t: usize| 6.0 * d.matmul_params + attention * t as f64;
+            let rm = move |t: usize| 6.0 * (d.matmul_params - vocab_head) + attention * t as f64;
+            (lm, rm)
         };
         let training_row = |stage: &str,
                             arch: &str,
@@ -308,7 +313,14 @@ fn main() {
         ))
         .unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
-        rows.push(training_row("reward", arch, tps, batch * seq, seq, &flops));
+        rows.push(training_row(
+            "reward",
+            arch,
+            tps,
+            batch * seq,
+            seq,
+            &reward_flops,
+        ));
 
         reset_peak_rss();
         let out = root.join(format!("{arch}-ppo"));

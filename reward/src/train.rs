@@ -8,7 +8,6 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use common::cli::{DeviceArgs, OptimArgs, RunArgs};
 use common::optim::AdamW;
-use common::sampler::Sampler;
 use common::scoring::{last_token_scores, Normalization};
 use common::train::{optimizer_step, Session, Trainable};
 use common::{Head, Model};
@@ -199,16 +198,12 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         &mut [("", &model, &mut opt)],
     )
     .context("starting the run")?;
-    let mut sampler = if args.data.group_by_length {
-        let lengths = train
-            .rows
-            .iter()
-            .map(|r| r.sequences.iter().map(Vec::len).max().unwrap_or(0))
-            .collect();
-        Sampler::grouped_by_length(lengths, args.data.batch_size, args.run.seed)
-    } else {
-        Sampler::new(train.rows.len(), args.run.seed, true)
-    };
+    let lengths = train
+        .rows
+        .iter()
+        .map(|r| r.sequences.iter().map(Vec::len).max().unwrap_or(0))
+        .collect();
+    let mut sampler = args.data.sampler(lengths, args.run.seed);
     sampler.restore(session.state.sampler);
     let pairs: usize = train
         .rows

@@ -11,7 +11,6 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use common::cli::{DeviceArgs, OptimArgs, RunArgs};
 use common::optim::AdamW;
-use common::sampler::Sampler;
 use common::train::{optimizer_step, Session, Trainable};
 use common::Head;
 use data::cli::TrainDataArgs;
@@ -125,12 +124,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         &mut [("", &model, &mut opt)],
     )
     .context("starting the run")?;
-    let mut sampler = if args.data.group_by_length {
-        let lengths = train.rows.iter().map(|r| r.ids.len()).collect();
-        Sampler::grouped_by_length(lengths, args.data.batch_size, args.run.seed)
-    } else {
-        Sampler::new(train.rows.len(), args.run.seed, true)
-    };
+    let lengths = train.rows.iter().map(|r| r.ids.len()).collect();
+    let mut sampler = args.data.sampler(lengths, args.run.seed);
     sampler.restore(session.state.sampler);
     tracing::info!(
         "sft: {} rows, {} steps of {} rows ({} × {} accumulated)",

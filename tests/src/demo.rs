@@ -135,10 +135,32 @@ fn tokenizer_json() -> Value {
     })
 }
 
+/// Rankings per training problem (each one draws its own slips and guesses).
+const RANKINGS_PER_PROBLEM: usize = 2;
+
 /// The base model's "pretraining" corpus: arithmetic tables (doubling, halving, and the
-/// differences the task's numbers can need), one fact a row. Generic facts, not problems:
-/// the stand-in for what a pretrained LM knows before SFT.
-fn arithmetic_tables(max: u32) -> Vec<Value> {
+/// differences the task's numbers can need) in shuffled order, packed into rows of up to
+/// `PACKED` characters ("7*2=14, 30-12=18, ..."), so that rows are about as long as the
+/// demonstrations and batches carry little padding. Generic facts, not problems: the
+/// stand-in for what a pretrained LM knows before SFT.
+fn arithmetic_tables(max: u32, seed: u64) -> Vec<Value> {
+    const PACKED: usize = 72;
+    let mut facts = arithmetic_facts(max);
+    facts.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let mut rows: Vec<String> = vec![];
+    for fact in facts {
+        match rows.last_mut() {
+            Some(row) if row.len() + 2 + fact.len() <= PACKED => {
+                row.push_str(", ");
+                row.push_str(&fact);
+            }
+            _ => rows.push(fact),
+        }
+    }
+    rows.into_iter().map(|r| json!({"text": r})).collect()
+}
+
+fn arithmetic_facts(max: u32) -> Vec<String> {
     let (max_heads, max_legs) = (2 * max, 6 * max);
     let mut facts = vec![];
     for n in 0..=max_heads {
@@ -155,7 +177,7 @@ fn arithmetic_tables(max: u32) -> Vec<Value> {
             }
         }
     }
-    facts.into_iter().map(|f| json!({"text": f})).collect()
+    facts
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) {
@@ -204,13 +226,20 @@ pub fn data(out: &Path, seed: u64, max: u32) -> Value {
     };
     let rankings: Vec<Value> = train
         .iter()
-        .flat_map(|p| [ranking(p, &mut rng), ranking(p, &mut rng)])
+        .flat_map(|p| {
+            (0..RANKINGS_PER_PROBLEM)
+                .map(|_| ranking(p, &mut rng))
+                .collect::<Vec<_>>()
+        })
         .collect();
     let rankings_eval: Vec<Value> = eval.iter().map(|p| ranking(p, &mut rng)).collect();
     let prompts = |ps: &[Problem]| -> Vec<Value> {
         ps.iter().map(|p| json!({"prompt": p.prompt()})).collect()
     };
-    write_jsonl(&out.join("pretrain.jsonl"), &arithmetic_tables(max));
+    write_jsonl(
+        &out.join("pretrain.jsonl"),
+        &arithmetic_tables(max, seed.wrapping_add(1)),
+    );
     write_jsonl(&out.join("sft.jsonl"), &sft);
     write_jsonl(&out.join("rankings.jsonl"), &rankings);
     write_jsonl(&out.join("rankings_eval.jsonl"), &rankings_eval);
