@@ -41,6 +41,7 @@ for model in sft ppo; do
             > "$D/judge_${model}_$s.json"
     done
 done
-$B/reward eval --model "$D/reward/final" --data "$D/data/rankings_eval.jsonl" > "$D/reward_eval.json" 2>> "$D/eval.log"
+$B/reward eval --model "$D/reward/final" --data "$D/data/rankings_eval.jsonl" \
+    --output "$D/reward_eval_rows.jsonl" > "$D/reward_eval.json" 2>> "$D/eval.log"
 echo "{\"stage\": \"eval\", \"ms\": $(( ($(date +%s%N) - start) / 1000000 ))}" >> "$times"
 $B/demo report --dir "$D"

@@ -58,26 +58,26 @@ impl Problem {
             )
         })
     }
-    /// Slips by 2 in the subtraction, then carries on consistently.
+    /// Slips by 1 in the halving, then carries on consistently.
     fn wrong_arithmetic(self, rng: &mut impl Rng) -> Option<String> {
         let (h, l) = (self.heads(), self.legs());
         let extra = l - 2 * h;
+        let half = extra / 2;
         let wrong = if rng.random_bool(0.5) {
-            extra + 2
+            half + 1
         } else {
-            extra.checked_sub(2)?
+            half.checked_sub(1)?
         };
-        (wrong / 2 <= h).then(|| {
+        (wrong <= h).then(|| {
             format!(
-                " {h}*2={}, {l}-{}={wrong}, {wrong}/2={} rabbits, {h}-{}={} chickens.",
+                " {h}*2={}, {l}-{}={extra}, {extra}/2={wrong} rabbits, {h}-{wrong}={} chickens.",
                 2 * h,
                 2 * h,
-                wrong / 2,
-                wrong / 2,
-                h - wrong / 2
+                h - wrong
             )
         })
     }
+
     /// A guess with no reasoning.
     fn guess(self, rng: &mut impl Rng) -> String {
         let r = rng.random_range(0..=self.heads());
@@ -203,13 +203,15 @@ pub fn data(out: &Path, seed: u64, max: u32) -> Value {
     // 48 held out (a quarter of the problems at most, for small tests).
     let (eval, train) = problems.split_at(48.min(problems.len() / 4));
 
-    // SFT: 4 demonstrations per problem; 30% from hurried labelers.
+    // SFT: 4 demonstrations per problem; half from hurried labelers (40 % skip the
+    // halving step, 10 % slip by one in it): flaws SFT imitates and a reward model learns
+    // to see.
     let mut sft = vec![];
     for p in train {
         for _ in 0..4 {
             let completion = match rng.random_range(0..10) {
-                0..=1 => p.missing_step(),
-                2 => p.wrong_arithmetic(&mut rng),
+                0..=3 => p.missing_step(),
+                4 => p.wrong_arithmetic(&mut rng),
                 _ => None,
             }
             .unwrap_or_else(|| p.correct());

@@ -55,6 +55,32 @@ fn read_json(path: &Path) -> Value {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The reward model's held-out pairwise accuracy on the (correct, slipped arithmetic)
+/// pairs and on all the others, from `reward eval --output` rows; `None` without them.
+/// In a ranking the first response is correct; the others are told apart by their text
+/// (a slip keeps the halving step, a skipped step has "*2=" without it, a guess neither).
+fn slipped_pairs(dir: &Path) -> Option<(f64, f64)> {
+    let rows = std::fs::read_to_string(dir.join("reward_eval_rows.jsonl")).ok()?;
+    let rankings = std::fs::read_to_string(dir.join("data/rankings_eval.jsonl")).ok()?;
+    let (mut slipped, mut rest) = ((0, 0), (0, 0));
+    for (row, ranking) in rows.lines().zip(rankings.lines()) {
+        let row: Value = serde_json::from_str(row).ok()?;
+        let ranking: Value = serde_json::from_str(ranking).ok()?;
+        let rewards: Vec<f64> = serde_json::from_value(row["rewards"].clone()).ok()?;
+        let responses = ranking["responses"].as_array()?;
+        for i in 0..rewards.len() {
+            for j in i + 1..rewards.len() {
+                let is_slip = i == 0 && responses[j].as_str()?.contains("/2=");
+                let counter = if is_slip { &mut slipped } else { &mut rest };
+                counter.0 += usize::from(rewards[i] > rewards[j]);
+                counter.1 += 1;
+            }
+        }
+    }
+    let ratio = |(right, all): (usize, usize)| right as f64 / all.max(1) as f64;
+    Some((ratio(slipped), ratio(rest)))
+}
+
 /// The summary table of a `make demo` run directory.
 fn report(dir: &Path) {
     let seconds: BTreeMap<String, f64> = std::fs::read_to_string(dir.join("times.jsonl"))
@@ -86,6 +112,7 @@ fn report(dir: &Path) {
         .as_f64()
         .unwrap();
     let kl = read_json(&dir.join("ppo.json"))["kl"].as_f64().unwrap();
+    let slips = slipped_pairs(dir);
     let t = |s: &str| seconds.get(s).copied().unwrap_or(0.0);
     let total: f64 = seconds.values().sum();
     println!("\n| stage | held-out result | time |\n|---|---|---|");
@@ -96,8 +123,11 @@ fn report(dir: &Path) {
         sft.2,
         t("data") + t("sft")
     );
+    let breakdown = slips.map_or(String::new(), |(slipped, rest)| {
+        format!(" (correct vs slipped arithmetic {slipped:.3}, every other pair {rest:.3})")
+    });
     println!(
-        "| reward model | pairwise accuracy {rm:.3} | {:.0} s |",
+        "| reward model | pairwise accuracy {rm:.3}{breakdown} | {:.0} s |",
         t("reward")
     );
     println!(
@@ -114,7 +144,8 @@ fn report(dir: &Path) {
     println!("| total | | {total:.0} s |");
     println!(
         "{}",
-        json!({"sft_accuracy": sft.0, "ppo_accuracy": ppo.0, "reward_accuracy": rm, "kl": kl, "seconds": total})
+        json!({"sft_accuracy": sft.0, "ppo_accuracy": ppo.0, "reward_accuracy": rm,
+               "reward_accuracy_correct_vs_slipped": slips.map(|s| s.0), "kl": kl, "seconds": total})
     );
 }
 
