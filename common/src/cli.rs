@@ -4,12 +4,24 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use data::sampler::Sampler;
+use data::sft::Truncation;
 use serde::Serialize;
 use tch::{Device, Kind};
 
 use crate::device::{self, DeviceChoice, DtypeChoice};
+use crate::error::{Error, Result};
 use crate::optim::AdamWConfig;
-use crate::schedule::ScheduleKind;
+use crate::schedule::{Schedule, ScheduleKind};
+
+/// The message of the first failed check, as an error (each check is a condition and the
+/// message naming the option that breaks it).
+pub fn require(checks: &[(bool, &'static str)]) -> Result<()> {
+    match checks.iter().find(|(ok, _)| !ok) {
+        Some((_, message)) => Err(Error::InvalidArgument(message)),
+        None => Ok(()),
+    }
+}
 
 /// `--device` and `--dtype`.
 #[derive(Debug, Clone, Args, Serialize)]
@@ -78,9 +90,20 @@ impl OptimArgs {
         }
     }
 
+    /// The learning-rate schedule over `total_steps` optimiser updates.
+    pub fn schedule(&self, total_steps: u64) -> Schedule {
+        Schedule {
+            kind: self.schedule,
+            base_lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            total_steps,
+            min_lr_ratio: self.min_lr_ratio,
+        }
+    }
+
     /// Nonsensical values, as the option that holds them.
-    pub fn validate(&self) -> Result<(), String> {
-        let checks = [
+    pub fn validate(&self) -> Result<()> {
+        require(&[
             (self.lr > 0.0 && self.lr.is_finite(), "--lr must be > 0"),
             (
                 (0.0..=1.0).contains(&self.min_lr_ratio),
@@ -97,11 +120,7 @@ impl OptimArgs {
             ),
             (self.adam_eps > 0.0, "--adam-eps must be > 0"),
             (self.max_grad_norm >= 0.0, "--max-grad-norm must be ≥ 0"),
-        ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, message)) => Err(message.to_string()),
-            None => Ok(()),
-        }
+        ])
     }
 }
 
@@ -146,6 +165,16 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    pub fn validate(&self) -> Result<()> {
+        require(&[
+            (
+                self.epochs > 0 || self.max_steps.is_some(),
+                "--epochs must be at least 1",
+            ),
+            (self.max_steps != Some(0), "--max-steps must be at least 1"),
+        ])
+    }
+
     /// Seeds libtorch's generator, so that freshly initialised weights (a new `score` head)
     /// are the same in every run with this seed. Call before loading models.
     pub fn seed_torch(&self) {
@@ -153,9 +182,75 @@ impl RunArgs {
     }
 }
 
+/// Data options of the supervised stages (`sft train`, `reward train`).
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct TrainDataArgs {
+    /// Training rows, JSON Lines.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out rows in the same format, for the eval/ metrics.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N steps (and at the end); 0 evaluates only at the end.
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Longest sequence in tokens; longer rows follow --truncation.
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// truncate or drop rows over --max-length (SFT cuts the completion's end; the reward
+    /// model keeps the end and cuts the prompt's start).
+    #[arg(long, default_value = "truncate")]
+    pub truncation: Truncation,
+    /// Batch rows of similar length together (less padding, faster steps when lengths
+    /// vary), as transformers' `group_by_length`; batches are still shuffled.
+    #[arg(long)]
+    pub group_by_length: bool,
+}
+
+impl TrainDataArgs {
+    pub fn validate(&self) -> Result<()> {
+        require(&[
+            (self.batch_size > 0, "--batch-size must be at least 1"),
+            (self.grad_accum > 0, "--grad-accum must be at least 1"),
+            (self.max_length > 1, "--max-length must be at least 2"),
+        ])
+    }
+
+    /// The training order over rows of these `lengths` (in tokens): shuffled, and grouped
+    /// by length with `--group-by-length`.
+    pub fn sampler(&self, lengths: Vec<usize>, seed: u64) -> Sampler {
+        if self.group_by_length {
+            Sampler::grouped_by_length(lengths, self.batch_size, seed)
+        } else {
+            Sampler::new(lengths.len(), seed, true)
+        }
+    }
+
+    /// Rows per optimiser step.
+    pub fn rows_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum
+    }
+
+    /// Total steps for `rows` rows: `max_steps`, else `epochs` passes.
+    pub fn total_steps(&self, rows: usize, epochs: u64, max_steps: Option<u64>) -> u64 {
+        max_steps.unwrap_or(epochs * rows.div_ceil(self.rows_per_step()) as u64)
+    }
+
+    /// Whether to evaluate after `step` (always at the end).
+    pub fn eval_due(&self, step: u64, last: bool) -> bool {
+        last || (self.eval_every > 0 && step % self.eval_every == 0)
+    }
+}
+
 /// Ends a command: its JSON summary on stdout and exit 0, or the error with its causes on
 /// one line of stderr and exit 1 (no panic, no backtrace).
-pub fn finish<E: std::fmt::Display>(result: Result<serde_json::Value, E>) -> ! {
+pub fn finish<E: std::fmt::Display>(result: std::result::Result<serde_json::Value, E>) -> ! {
     match result {
         Ok(summary) => {
             println!("{summary}");

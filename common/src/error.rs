@@ -26,6 +26,17 @@ pub enum Error {
         value: String,
         expected: String,
     },
+    /// A command-line option (or its `--config` key) with a value that cannot be used.
+    #[error("{0}")]
+    InvalidArgument(&'static str),
+    #[error("{dir}: cannot load the model")]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error(transparent)]
+    Data(#[from] data::DataError),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

@@ -3,8 +3,9 @@
 //! process kills itself with SIGKILL there — no destructor, no flush, exactly like a
 //! machine being taken away. Unset, `hit` costs one environment lookup.
 //!
-//! `RLHF_NAN_FROM_STEP=k` makes [`nan_from`] true from step k on, so tests can drive the
-//! non-finite-loss path.
+//! `RLHF_NAN_FROM_STEP=k` makes [`nan_from`] true once a training unit has taken k
+//! updates, so tests can drive the non-finite-loss path. Both are used by the training
+//! unit's `step` (`common::trainee`) and the checkpoint writer only.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -27,10 +28,11 @@ pub fn hit(point: &str) {
     }
 }
 
-/// Whether the loss of (0-based) `step` should be poisoned with NaN (tests only).
-pub fn nan_from(step: u64) -> bool {
+/// Whether the loss of a step taken after `updates` updates should be poisoned with NaN
+/// (tests only).
+pub fn nan_from(updates: u64) -> bool {
     std::env::var("RLHF_NAN_FROM_STEP")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|k| step >= k)
+        .is_some_and(|k| updates >= k)
 }

@@ -1,5 +1,7 @@
-//! Shared by every stage: models in Hugging Face layout, checkpoint I/O, generation with a
-//! KV cache, tensor ops, and device/dtype selection.
+//! Shared by every stage: models in Hugging Face layout (loaded with their tokenizer),
+//! checkpoint I/O, generation with a KV cache, scoring with a scalar head, tensor ops,
+//! device/dtype selection, and the training machinery (the training unit, the world of
+//! processes, the run's session).
 
 pub mod checkpoint;
 pub mod cli;
@@ -14,10 +16,13 @@ pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod run_dir;
-pub mod sampler;
 pub mod schedule;
 pub mod scoring;
 pub mod train;
+pub mod trainee;
+pub mod world;
 
 pub use error::{Error, Result};
-pub use models::{Head, Model, ModelConfig};
+pub use models::{Head, Model, ModelConfig, ModelOptions};
+pub use trainee::Trainee;
+pub use world::World;

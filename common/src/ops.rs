@@ -3,6 +3,8 @@
 
 use tch::{Kind, Tensor};
 
+use crate::world::World;
+
 /// Log-probability of `labels` under `logits` (`[.., V]` → `[..]`), in f32.
 ///
 /// Computed as `logit[label] − logsumexp(logits)`, which never materialises a second
@@ -49,11 +51,18 @@ pub fn masked_var(values: &Tensor, mask: &Tensor) -> Tensor {
     var * &n / (&n - 1.0).clamp_min(1.0)
 }
 
-/// `(values − mean) / sqrt(var + 1e-8)` over the masked elements; with `shift_mean` false
-/// the mean is added back (TRL's `masked_whiten`). Masked-out elements are returned as 0.
-pub fn masked_whiten(values: &Tensor, mask: &Tensor, shift_mean: bool) -> Tensor {
-    let mean = masked_mean(values, mask);
-    let var = masked_var(values, mask);
+/// `(values − mean) / sqrt(var + 1e-8)` over the masked elements of every rank of `world`
+/// (mean and Bessel-corrected variance as [`masked_mean`] and [`masked_var`] compute them);
+/// with `shift_mean` false the mean is added back (TRL's `masked_whiten`). Masked-out
+/// elements are returned as 0.
+pub fn masked_whiten(values: &Tensor, mask: &Tensor, shift_mean: bool, world: &World) -> Tensor {
+    let kind = values.kind();
+    let mask_f = mask.to_kind(kind);
+    let n = world.summed(&mask_f.sum(kind));
+    let mean = world.summed(&(values * &mask_f).sum(kind)) / n.clamp_min(1.0);
+    let centred = (values - &mean).square();
+    let var = world.summed(&(centred * &mask_f).sum(kind)) / n.clamp_min(1.0);
+    let var = var * &n / (&n - 1.0).clamp_min(1.0);
     let mut whitened = (values - &mean) * (var + 1e-8).rsqrt();
     if !shift_mean {
         whitened += mean;
@@ -97,10 +106,14 @@ mod tests {
         assert!((masked_mean(&v, &m).double_value(&[]) - 2.0).abs() < 1e-6);
         // unbiased variance of [1, 2, 3] is 1
         assert!((masked_var(&v, &m).double_value(&[]) - 1.0).abs() < 1e-6);
-        let w = masked_whiten(&v, &m, true);
+        let world = World::single();
+        let w = masked_whiten(&v, &m, true, &world);
         let expected = Tensor::from_slice(&[-1f32, 0., 1., 0.]);
         assert!(close(&w, &expected, 1e-4));
-        let w = masked_whiten(&v, &m, false);
+        // The same numbers as whitening with masked_mean and masked_var.
+        let by_parts = (&v - masked_mean(&v, &m)) * (masked_var(&v, &m) + 1e-8).rsqrt() * &m;
+        assert!(w.equal(&by_parts));
+        let w = masked_whiten(&v, &m, false, &world);
         let expected = Tensor::from_slice(&[1f32, 2., 3., 0.]);
         assert!(close(&w, &expected, 1e-4));
         assert!((masked_sum(&v, &m).double_value(&[]) - 6.0).abs() < 1e-6);

@@ -151,6 +151,11 @@ impl AdamW {
         }
     }
 
+    /// The flat gradient buffers, one per group: what a data-parallel step sums over ranks.
+    pub fn grad_buffers(&self) -> impl Iterator<Item = &Tensor> {
+        self.groups.iter().map(|g| &g.grads)
+    }
+
     pub fn zero_grad(&self) {
         for g in &self.groups {
             let _ = g.grads.shallow_clone().zero_();

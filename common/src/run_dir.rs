@@ -65,6 +65,13 @@ impl RunDir {
         Ok(run)
     }
 
+    /// The run directory at `root` as it is, for ranks that read it but never write it.
+    pub fn at(root: &Path) -> Self {
+        RunDir {
+            root: root.to_path_buf(),
+        }
+    }
+
     pub fn checkpoints(&self) -> PathBuf {
         self.root.join("checkpoints")
     }

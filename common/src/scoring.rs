@@ -7,8 +7,9 @@
 //! `transformers`' `*ForSequenceClassification` (which reads the last token that is not
 //! `pad_token_id`) reads the same position — also where pad and EOS share one id.
 
+use data::preference::pad_right;
 use serde_json::Value;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::models::{Head, Model};
 
@@ -33,6 +34,30 @@ pub fn last_token_scores(model: &Model, ids: &Tensor, mask: &Tensor) -> Tensor {
         .gather(1, &last_real_index(mask).unsqueeze(1), false)
         .squeeze_dim(1)
         .to_kind(Kind::Float)
+}
+
+/// Raw rewards of `sequences` (token ids, unpadded) under a scalar-head `model`, read at
+/// each sequence's last token, in batches of `batch_size`.
+pub fn score_sequences(
+    model: &Model,
+    sequences: &[Vec<i64>],
+    batch_size: usize,
+    pad_id: i64,
+) -> Vec<f64> {
+    let _guard = tch::no_grad_guard();
+    let mut out = Vec::with_capacity(sequences.len());
+    for chunk in sequences.chunks(batch_size.max(1)) {
+        let refs: Vec<&[i64]> = chunk.iter().map(Vec::as_slice).collect();
+        let (ids, mask) = pad_right(&refs, pad_id, model.device());
+        let scores = last_token_scores(model, &ids, &mask).to_device(Device::Cpu);
+        out.extend(
+            Vec::<f32>::try_from(scores)
+                .expect("f32 scores")
+                .into_iter()
+                .map(f64::from),
+        );
+    }
+    out
 }
 
 /// The normalisation stored in a reward model's config (bias 0 when absent).

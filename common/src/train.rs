@@ -1,76 +1,33 @@
-//! Concrete helpers the three training loops share: the optimiser step (clip, skip a
-//! non-finite step, schedule, AdamW) and a checkpoint's save and restore.
+//! A training run as every stage's loop sees it: the output directory, the metric streams,
+//! the trainer state, checkpoints of the run's training units, signals and the non-finite
+//! step counter. Only the world's main rank writes files.
 
 use std::path::{Path, PathBuf};
 
+use data::sampler::SamplerPosition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::checkpoint;
-use crate::cli::{OptimArgs, RunArgs};
+use crate::cli::RunArgs;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::models::Model;
-use crate::optim::AdamW;
 use crate::run_dir::{RunDir, TRAINER_STATE};
-use crate::sampler::SamplerPosition;
-use crate::schedule::Schedule;
+use crate::trainee::{StepOutcome, Trainee};
+use crate::world::World;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepOutcome {
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    pub lr: f64,
-    /// The loss or the gradients were not finite: the update was skipped.
-    pub skipped: bool,
-}
-
-/// Clips, then applies one AdamW step at the schedule's rate for `step` steps taken, and
-/// zeroes the gradients. A non-finite `loss` or gradient skips the update.
-pub fn optimizer_step(
-    opt: &mut AdamW,
-    schedule: &Schedule,
-    step: u64,
-    max_grad_norm: f64,
-    loss: f64,
-) -> StepOutcome {
-    let grad_norm = opt.clip_grad_norm(max_grad_norm);
-    let lr = schedule.lr(step);
-    let skipped = !loss.is_finite() || !grad_norm.is_finite();
-    if !skipped {
-        opt.step(lr);
-    }
-    opt.zero_grad();
-    StepOutcome {
-        grad_norm,
-        lr,
-        skipped,
-    }
-}
-
-/// One trainable model and its optimiser, as a checkpoint holds them: the model as a
-/// Hugging Face directory under `subdir` (`""` for the checkpoint root), the optimiser's
-/// state next to it.
-pub struct Trainable<'a> {
-    pub subdir: &'a str,
-    pub model: &'a Model,
-    pub optimizer: &'a AdamW,
-    /// Tokenizer and generation files to copy along.
-    pub sidecar_from: &'a Path,
-}
-
-/// Writes checkpoint `step`: each trainable, then `trainer_state.json` last.
-pub fn save_checkpoint<S: Serialize>(
+/// Writes checkpoint `step`: each training unit, then `extra`, then `trainer_state.json`
+/// last.
+fn save_checkpoint<S: Serialize>(
     run: &RunDir,
     step: u64,
-    trainables: &[Trainable],
+    trainees: &[&Trainee],
     state: &S,
     extra: impl FnOnce(&Path) -> Result<()>,
-) -> Result<std::path::PathBuf> {
+) -> Result<PathBuf> {
     run.save_checkpoint(step, |dir| {
-        for t in trainables {
-            let sub = dir.join(t.subdir);
-            t.model.save(&sub, Some(t.sidecar_from))?;
-            t.optimizer.save(&sub)?;
+        for t in trainees {
+            t.save(dir)?;
         }
         extra(dir)?;
         crate::faults::hit("checkpoint-mid-write");
@@ -80,14 +37,9 @@ pub fn save_checkpoint<S: Serialize>(
 }
 
 /// Restores what [`save_checkpoint`] wrote into `dir` and returns the trainer state.
-pub fn load_checkpoint<S: DeserializeOwned>(
-    dir: &Path,
-    trainables: &mut [(&str, &Model, &mut AdamW)],
-) -> Result<S> {
-    for (subdir, model, opt) in trainables.iter_mut() {
-        let sub = dir.join(*subdir);
-        model.load_weights(&sub)?;
-        opt.load(&sub)?;
+fn load_checkpoint<S: DeserializeOwned>(dir: &Path, trainees: &mut [&mut Trainee]) -> Result<S> {
+    for t in trainees.iter_mut() {
+        t.load(dir)?;
     }
     let path = dir.join(TRAINER_STATE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
@@ -109,12 +61,13 @@ pub struct TrainerState {
     pub extra: serde_json::Value,
 }
 
-/// The parts of a training run every stage's loop uses: the output directory, the
-/// schedule, the metric streams and the trainer state, resumed when asked.
+/// The parts of a training run every stage's loop uses: the processes, the output
+/// directory, the metric streams and the trainer state, resumed when asked.
 pub struct Session {
+    pub world: World,
     pub run: RunDir,
-    pub schedule: Schedule,
-    pub metrics: Metrics,
+    /// The main rank's metric streams (`None` on the other ranks).
+    metrics: Option<Metrics>,
     pub state: TrainerState,
     keep_last: usize,
     save_every: u64,
@@ -135,28 +88,27 @@ pub enum Stop {
 
 impl Session {
     /// Prepares `OUT` (refusing an existing run without --resume/--overwrite), writes
-    /// `config.toml`, and with --resume restores the newest checkpoint into `trainables`.
+    /// `config.toml`, and with --resume restores the newest checkpoint into `trainees`.
     /// Call it only after every input was read and checked.
     pub fn start<C: Serialize>(
         stage: &str,
         config: &C,
         run_args: &RunArgs,
-        optim: &OptimArgs,
         total_steps: u64,
-        trainables: &mut [(&str, &Model, &mut AdamW)],
+        world: World,
+        trainees: &mut [&mut Trainee],
     ) -> Result<Session> {
-        let run = RunDir::prepare(&run_args.output_dir, run_args.resume, run_args.overwrite)?;
-        checkpoint::write_atomic(
-            &run.root.join("config.toml"),
-            crate::config_file::to_toml(config).as_bytes(),
-        )?;
-        let schedule = Schedule {
-            kind: optim.schedule,
-            base_lr: optim.lr,
-            warmup_steps: optim.warmup_steps,
-            total_steps,
-            min_lr_ratio: optim.min_lr_ratio,
+        let run = if world.is_main() {
+            let run = RunDir::prepare(&run_args.output_dir, run_args.resume, run_args.overwrite)?;
+            checkpoint::write_atomic(
+                &run.root.join("config.toml"),
+                crate::config_file::to_toml(config).as_bytes(),
+            )?;
+            run
+        } else {
+            RunDir::at(&run_args.output_dir)
         };
+        world.barrier();
         let mut state = TrainerState {
             stage: stage.into(),
             step: 0,
@@ -172,7 +124,7 @@ impl Session {
         if run_args.resume {
             match run.latest_checkpoint() {
                 Some((step, dir)) => {
-                    state = load_checkpoint(&dir, trainables)?;
+                    state = load_checkpoint(&dir, trainees)?;
                     state.total_steps = total_steps;
                     resumed_at = Some(step);
                     tracing::info!("resumed from {} (step {step})", dir.display());
@@ -184,7 +136,12 @@ impl Session {
                 ),
             }
         }
-        let metrics = Metrics::open(&run, resumed_at, total_steps, run_args.log_every)?;
+        let metrics = if world.is_main() {
+            let m = Metrics::open(&run, resumed_at, total_steps, run_args.log_every)?;
+            Some(m)
+        } else {
+            None
+        };
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(signal, stop.clone()).map_err(|e| {
@@ -192,8 +149,8 @@ impl Session {
             })?;
         }
         Ok(Session {
+            world,
             run,
-            schedule,
             metrics,
             state,
             keep_last: run_args.keep_last,
@@ -277,31 +234,70 @@ impl Session {
             || (self.save_every > 0 && self.state.step % self.save_every == 0)
     }
 
-    /// Writes a checkpoint of the current step and applies --keep-last.
-    pub fn save(
-        &mut self,
-        trainables: &[Trainable],
-        extra: impl FnOnce(&Path) -> Result<()>,
-    ) -> Result<PathBuf> {
-        self.metrics.flush();
-        let dir = save_checkpoint(&self.run, self.state.step, trainables, &self.state, extra)?;
-        crate::faults::hit("checkpoint-after-rename");
-        self.run.prune(self.keep_last)?;
-        tracing::info!(
-            "checkpoint {} ({})",
-            dir.display(),
-            human_size(dir_size(&dir))
-        );
-        Ok(dir)
+    /// Records `scalars` at `step` (TensorBoard, `metrics.jsonl`, progress).
+    pub fn log(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<()> {
+        match &mut self.metrics {
+            Some(m) => m.log(step, scalars),
+            None => Ok(()),
+        }
     }
 
-    /// Writes `dir_name` (e.g. `final`) as a Hugging Face directory, aside then renamed.
-    pub fn write_model(
-        &self,
-        dir_name: &str,
-        model: &Model,
-        sidecar_from: &Path,
-    ) -> Result<PathBuf> {
+    /// A text summary for TensorBoard's Text tab.
+    pub fn text(&mut self, step: u64, tag: &str, text: &str) {
+        if let Some(m) = &mut self.metrics {
+            m.text(step, tag, text);
+        }
+    }
+
+    /// Flushes the metric streams and closes the progress bar.
+    pub fn finish(&mut self) {
+        if let Some(m) = &mut self.metrics {
+            m.finish();
+        }
+    }
+
+    /// Writes a checkpoint of the current step (`trainees`, then what `extra` writes into
+    /// its directory) and applies --keep-last.
+    pub fn save(
+        &mut self,
+        trainees: &[&Trainee],
+        extra: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(m) = &mut self.metrics {
+            m.flush();
+            let dir = save_checkpoint(&self.run, self.state.step, trainees, &self.state, extra)?;
+            crate::faults::hit("checkpoint-after-rename");
+            self.run.prune(self.keep_last)?;
+            tracing::info!(
+                "checkpoint {} ({})",
+                dir.display(),
+                human_size(dir_size(&dir))
+            );
+        }
+        self.world.barrier();
+        Ok(())
+    }
+
+    /// Appends JSON lines to the run's `file` (e.g. `samples.jsonl`).
+    pub fn append(&self, file: &str, lines: &str) -> Result<()> {
+        if !self.world.is_main() {
+            return Ok(());
+        }
+        let path = self.run.root.join(file);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        std::io::Write::write_all(&mut f, lines.as_bytes()).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Writes `dir_name` (e.g. `final`) as a Hugging Face directory, aside then renamed,
+    /// with the tokenizer and generation files of `sidecar_from`.
+    pub fn write_model(&self, dir_name: &str, model: &Model, sidecar_from: &Path) -> Result<()> {
+        if !self.world.is_main() {
+            return Ok(());
+        }
         let dest = self.run.root.join(dir_name);
         let tmp = self.run.root.join(format!(".{dir_name}.tmp"));
         if tmp.exists() {
@@ -313,7 +309,7 @@ impl Session {
         }
         std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
         tracing::info!("model written to {}", dest.display());
-        Ok(dest)
+        Ok(())
     }
 }
 

@@ -11,6 +11,10 @@ pub struct DataError {
     pub line: Option<usize>,
     pub field: Option<String>,
     pub message: String,
+    /// What went wrong underneath (an I/O, JSON or tokenizer error), kept as the error's
+    /// source: `{:#}` (as every command prints its error) shows it after the message.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl fmt::Display for DataError {
@@ -34,6 +38,15 @@ impl DataError {
             line: None,
             field: None,
             message: message.into(),
+            source: None,
+        }
+    }
+
+    /// The same error, caused by `source`.
+    pub fn because(self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        DataError {
+            source: Some(source.into()),
+            ..self
         }
     }
 }

@@ -24,6 +24,7 @@ impl Row<'_> {
             line: Some(self.line),
             field: field.map(str::to_string),
             message: message.into(),
+            source: None,
         }
     }
 
@@ -90,7 +91,7 @@ pub fn type_name(v: &Value) -> &'static str {
 
 /// Reads every row of `path` through `decode`, stopping at the first error.
 pub fn read<T>(path: &Path, mut decode: impl FnMut(&Row) -> Result<T>) -> Result<Vec<T>> {
-    let file = File::open(path).map_err(|e| DataError::file(path, format!("cannot open: {e}")))?;
+    let file = File::open(path).map_err(|e| DataError::file(path, "cannot open").because(e))?;
     let mut reader = BufReader::new(file);
     let mut rows = Vec::new();
     let mut buf = Vec::new();
@@ -99,7 +100,7 @@ pub fn read<T>(path: &Path, mut decode: impl FnMut(&Row) -> Result<T>) -> Result
         buf.clear();
         let n = reader
             .read_until(b'\n', &mut buf)
-            .map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
+            .map_err(|e| DataError::file(path, "cannot read").because(e))?;
         if n == 0 {
             break;
         }
@@ -109,6 +110,7 @@ pub fn read<T>(path: &Path, mut decode: impl FnMut(&Row) -> Result<T>) -> Result
             line: Some(line),
             field: None,
             message,
+            source: None,
         };
         let text = std::str::from_utf8(&buf)
             .map_err(|e| at(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
@@ -117,7 +119,7 @@ pub fn read<T>(path: &Path, mut decode: impl FnMut(&Row) -> Result<T>) -> Result
             continue;
         }
         let value: Value =
-            serde_json::from_str(text).map_err(|e| at(format!("invalid JSON: {e}")))?;
+            serde_json::from_str(text).map_err(|e| at("invalid JSON".into()).because(e))?;
         let Value::Object(object) = value else {
             return Err(at(format!(
                 "expected a JSON object, got {}",

@@ -3,13 +3,13 @@
 //! seeded resumable sampling.
 
 pub mod chat;
-pub mod cli;
 pub mod error;
 pub mod formats;
 pub mod io;
 pub mod jsonl;
 pub mod preference;
 pub mod prompts;
+pub mod sampler;
 pub mod sft;
 pub mod tokenizer;
 

@@ -1,9 +1,7 @@
 //! Rankings for the reward model: every response of a prompt tokenized as one sequence
 //! (prompt + response, scored at its last token, no EOS appended — see
-//! `common::scoring`), and the batch that runs each response through the model once.
+//! `common::scoring`, which also scores them), and the batch that runs each response through the model once.
 
-use common::scoring::last_token_scores;
-use common::Model;
 use tch::{Device, Tensor};
 
 use crate::error::Result;
@@ -146,30 +144,6 @@ pub fn pad_right(sequences: &[&[i64]], pad_id: i64, device: Device) -> (Tensor, 
         Tensor::from_slice2(&ids).to_device(device),
         Tensor::from_slice2(&mask).to_device(device),
     )
-}
-
-/// Raw rewards of `sequences` under a scalar-head `model`, read at each sequence's last
-/// token (see `common::scoring`), in batches of `batch_size`.
-pub fn score_sequences(
-    model: &Model,
-    sequences: &[Vec<i64>],
-    batch_size: usize,
-    pad_id: i64,
-) -> Vec<f64> {
-    let _guard = tch::no_grad_guard();
-    let mut out = Vec::with_capacity(sequences.len());
-    for chunk in sequences.chunks(batch_size.max(1)) {
-        let refs: Vec<&[i64]> = chunk.iter().map(Vec::as_slice).collect();
-        let (ids, mask) = pad_right(&refs, pad_id, model.device());
-        let scores = last_token_scores(model, &ids, &mask).to_device(Device::Cpu);
-        out.extend(
-            Vec::<f32>::try_from(scores)
-                .expect("f32 scores")
-                .into_iter()
-                .map(f64::from),
-        );
-    }
-    out
 }
 
 pub fn collate(rows: &[&TokenizedRanking], pad_id: i64, device: Device) -> PreferenceBatch {

@@ -33,10 +33,10 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text =
-        fs::read_to_string(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
+        fs::read_to_string(path).map_err(|e| DataError::file(path, "cannot read").because(e))?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| DataError::file(path, format!("invalid JSON: {e}")))
+        .map_err(|e| DataError::file(path, "invalid JSON").because(e))
 }
 
 /// A special token given as a string or as an `AddedToken` object.
@@ -58,7 +58,7 @@ impl Tokenizer {
             ));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| DataError::file(&path, format!("cannot load tokenizer: {e}")))?;
+            .map_err(|e| DataError::file(&path, "cannot load tokenizer").because(e))?;
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json(&config_path)?.unwrap_or(Value::Null);
         let map = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or(Value::Null);
@@ -89,7 +89,7 @@ impl Tokenizer {
                 file.exists()
                     .then(|| fs::read_to_string(&file))
                     .transpose()
-                    .map_err(|e| DataError::file(&file, format!("cannot read: {e}")))?
+                    .map_err(|e| DataError::file(&file, "cannot read").because(e))?
             }
         };
         let chat_template = template_source

@@ -21,7 +21,7 @@ use std::time::Instant;
 use common::generate::{generate, SamplingConfig};
 use common::{Head, Model, ModelConfig};
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 const WARMUP: usize = 2;
 const MEASURED: usize = 8;
@@ -158,7 +158,7 @@ fn model_dir(root: &Path, name: &str, config: Value, head: Head) -> PathBuf {
     });
     tch::manual_seed(0);
     let config = ModelConfig::from_json(config, Path::new("config.json")).unwrap();
-    let model = Model::new(config, head, Device::Cpu, Kind::Float);
+    let model = Model::new(config, &common::ModelOptions::cpu(head));
     model.save(&dir, None).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     std::fs::write(
@@ -257,7 +257,7 @@ fn main() {
         // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's 12·L·d·T);
         // the reward model has a one-output score head instead of the vocabulary head.
         let (flops, reward_flops) = {
-            let (model, _) = Model::load(&lm, Head::Lm, Device::Cpu, Kind::Float).unwrap();
+            let (model, _) = Model::load(&lm, &common::ModelOptions::cpu(Head::Lm)).unwrap();
             let d = dims(&model, &config);
             let vocab_head = config["vocab_size"].as_f64().unwrap() * d.width;
             let attention = 12.0 * d.layers * d.width;
@@ -360,7 +360,7 @@ fn main() {
             dtype: dtype.parse().unwrap(),
         }
         .resolve();
-        let (model, _) = Model::load(&lm, Head::Lm, dev, kind).unwrap();
+        let (model, _) = Model::load(&lm, &common::ModelOptions::new(Head::Lm, dev, kind)).unwrap();
         let ids = Tensor::randint_low(1, 95, [rollout, PROMPT as i64], (Kind::Int64, dev));
         let mask = Tensor::ones([rollout, PROMPT as i64], (Kind::Int64, dev));
         let cfg = SamplingConfig {

@@ -1,13 +1,13 @@
 //! The options of `ppo train` (each also settable from the `--config` TOML file).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
-use common::cli::{DeviceArgs, OptimArgs, RunArgs};
+use common::cli::{require, DeviceArgs, OptimArgs, RunArgs};
 use serde::Serialize;
 
-use crate::math::KlEstimator;
+use crate::math::{AdvantageEstimator, KlEstimator};
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TrainArgs {
@@ -122,9 +122,23 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// How advantages are estimated (today GAE with --gamma and --lam).
+    pub fn advantage_estimator(&self) -> AdvantageEstimator {
+        AdvantageEstimator::Gae {
+            gamma: self.gamma,
+            lam: self.lam,
+        }
+    }
+
+    /// Where the critic starts: --value-model, else the reward model (as InstructGPT).
+    pub fn critic_source(&self) -> &Path {
+        self.value_model.as_ref().unwrap_or(&self.reward_model)
+    }
+
     pub fn validate(&self) -> Result<()> {
-        self.optim.validate().map_err(anyhow::Error::msg)?;
-        let checks = [
+        self.optim.validate()?;
+        self.run.validate()?;
+        require(&[
             (
                 self.rollout_batch_size > 0,
                 "--rollout-batch-size must be at least 1",
@@ -183,14 +197,7 @@ impl TrainArgs {
                 self.max_prompt_length > 0,
                 "--max-prompt-length must be at least 1",
             ),
-            (
-                self.run.max_steps != Some(0),
-                "--max-steps must be at least 1",
-            ),
-        ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, message)) => bail!("{message}"),
-            None => Ok(()),
-        }
+        ])?;
+        Ok(())
     }
 }

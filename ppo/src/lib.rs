@@ -1,8 +1,12 @@
 //! Step 3 of InstructGPT: PPO against a reward model with a per-token KL penalty to the
 //! frozen SFT policy, a value model initialised from the reward model, GAE, clipped policy
 //! and value losses, an adaptive or fixed KL coefficient, and optionally PPO-ptx.
+//!
+//! `train` runs the loop; `rollout`, `math` (rewards, advantage estimators, losses), and
+//! `update` (the minibatch passes over the policy and the optional critic) are its steps.
 
 pub mod args;
+mod log;
 pub mod math;
 pub mod reward_fn;
 pub mod rollout;

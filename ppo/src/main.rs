@@ -18,7 +18,7 @@ enum Command {
     /// Optimise a policy with PPO against a reward model.
     Train(ppo::train::TrainArgs),
     /// Sample completions for a file of prompts (as `sft generate`).
-    Generate(sft::generate::GenerateArgs),
+    Generate(common::generate::command::GenerateArgs),
 }
 
 fn main() {
@@ -29,10 +29,9 @@ fn main() {
             json!({"steps": s.steps, "first_score": s.first_score, "last_score": s.last_score,
                    "kl": s.kl, "kl_coef": s.kl_coef, "stopped": s.stopped, "final": args.run.output_dir.join("final")})
         }),
-        Command::Generate(args) => sft::generate::run(args).map(|s| {
-            json!({"rows": s.rows, "finished_eos": s.finished_eos, "tokens": s.tokens,
-                   "output": args.output})
-        }),
+        Command::Generate(args) => common::generate::command::run(args)
+            .map(|s| s.to_json(args))
+            .map_err(anyhow::Error::from),
     };
     common::cli::finish(result)
 }

@@ -6,7 +6,8 @@
 //! Ziegler et al. 2019 (per-token KL penalty, adaptive KL controller), and TRL's
 //! `PPOTrainer` whose metric definitions we keep.
 
-use common::ops::{masked_mean, masked_var};
+use common::ops::{masked_mean, masked_var, masked_whiten};
+use common::World;
 use tch::{Kind, Tensor};
 
 /// How the per-token KL between policy and reference is estimated (Schulman's k1/k3).
@@ -111,6 +112,74 @@ pub fn gae(
     let advantages = Tensor::stack(&advantages, 1);
     let returns = (&advantages + &values) * &mask_f;
     (advantages, returns)
+}
+
+/// How a rollout's per-token rewards become advantages. Each estimator is one arm here,
+/// matched in [`advantages`] only; the loop never looks inside.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdvantageEstimator {
+    /// Generalised advantage estimation over a learned critic's values (PPO's own).
+    Gae { gamma: f64, lam: f64 },
+}
+
+impl AdvantageEstimator {
+    /// Whether a critic (value model) is loaded, trained, checkpointed and exported.
+    pub fn needs_critic(&self) -> bool {
+        match self {
+            AdvantageEstimator::Gae { .. } => true,
+        }
+    }
+}
+
+/// What an estimator gives the update: advantages `[B, N]` whitened over the whole rollout
+/// batch (every rank), and the critic's regression targets where there is a critic.
+#[derive(Debug)]
+pub struct Advantages {
+    pub advantages: Tensor,
+    pub returns: Option<Tensor>,
+}
+
+/// The advantages of one rollout batch under `estimator`. `values` are the critic's (for
+/// estimators that need one).
+pub fn advantages(
+    estimator: AdvantageEstimator,
+    rewards: &Tensor,
+    values: Option<&Tensor>,
+    mask: &Tensor,
+    world: &World,
+) -> Advantages {
+    let _guard = tch::no_grad_guard();
+    let (raw, returns) = match estimator {
+        AdvantageEstimator::Gae { gamma, lam } => {
+            let values = values.expect("GAE needs the critic's values");
+            let (advantages, returns) = gae(rewards, values, mask, gamma, lam);
+            (advantages, Some(returns))
+        }
+    };
+    Advantages {
+        advantages: masked_whiten(&raw, mask, true, world),
+        returns,
+    }
+}
+
+/// Per-token rewards of a rollout: `−β·KL` on every token plus the score on the last
+/// (see [`shaped_rewards`]), whitened over the whole batch when `whiten` (with the mean
+/// kept, as TRL's `whiten_rewards`). Returns `(rewards, non_score_rewards)`.
+pub fn rewards(
+    kl: &Tensor,
+    scores: &Tensor,
+    mask: &Tensor,
+    beta: f64,
+    whiten: bool,
+    world: &World,
+) -> (Tensor, Tensor) {
+    let _guard = tch::no_grad_guard();
+    let (rewards, non_score) = shaped_rewards(kl, scores, mask, beta);
+    if whiten {
+        (masked_whiten(&rewards, mask, false, world), non_score)
+    } else {
+        (rewards, non_score)
+    }
 }
 
 /// Results of the clipped surrogate objective.
@@ -275,6 +344,37 @@ mod tests {
         let to_go = masked_r.flip([1]).cumsum(1, Kind::Float).flip([1]);
         let expected = (to_go - &values) * &mask;
         assert!(adv.allclose(&expected, 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn gae_advantages_are_whitened_and_returns_kept() {
+        tch::manual_seed(4);
+        let rewards = Tensor::randn([3, 5], (Kind::Float, Device::Cpu));
+        let values = Tensor::randn([3, 5], (Kind::Float, Device::Cpu));
+        let mask = t(&[
+            &[1., 1., 1., 1., 1.],
+            &[1., 1., 0., 0., 0.],
+            &[1., 1., 1., 0., 0.],
+        ]);
+        let est = AdvantageEstimator::Gae {
+            gamma: 1.0,
+            lam: 0.95,
+        };
+        assert!(est.needs_critic());
+        let out = advantages(est, &rewards, Some(&values), &mask, &World::single());
+        let (raw, returns) = gae(&rewards, &values, &mask, 1.0, 0.95);
+        assert!(out.returns.unwrap().equal(&returns));
+        let a = &out.advantages;
+        assert!(masked_mean(a, &mask).double_value(&[]).abs() < 1e-5);
+        assert!((masked_var(a, &mask).double_value(&[]) - 1.0).abs() < 1e-4);
+        // Whitening is affine: the order of the raw advantages is kept.
+        let (x, y) = (
+            raw.masked_select(&mask.to_kind(Kind::Bool)),
+            a.masked_select(&mask.to_kind(Kind::Bool)),
+        );
+        assert!(x.argsort(0, false).equal(&y.argsort(0, false)));
+        let outside: Tensor = a * (1.0 - &mask);
+        assert_eq!(outside.abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 
     #[test]

@@ -2,9 +2,8 @@
 //! rule over the text (tests, programmatic judges).
 
 use anyhow::Result;
-use common::scoring::Normalization;
+use common::scoring::{score_sequences, Normalization};
 use common::Model;
-use data::preference::score_sequences;
 
 /// One rollout batch as the reward sees it.
 pub struct RewardInput<'a> {

@@ -1,9 +1,9 @@
 //! A rollout: sample responses to a batch of prompts with the KV cache, then score every
-//! sampled token once under the policy, the reference and the value model (no gradient),
-//! and the whole response under the reward.
+//! sampled token once under the policy, the reference and the critic when there is one
+//! (no gradient), and the whole response under the reward.
 
 use anyhow::Result;
-use common::generate::{generate, FinishReason, SamplingConfig};
+use common::generate::{generate, FinishReason, Generation, SamplingConfig};
 use common::ops::{entropy, logprobs_of};
 use common::Model;
 use data::Tokenizer;
@@ -22,7 +22,8 @@ pub struct Rollout {
     pub mask: Tensor,
     pub logprobs: Tensor,
     pub ref_logprobs: Tensor,
-    pub values: Tensor,
+    /// The critic's values, when the run has a critic.
+    pub values: Option<Tensor>,
     pub entropy: Tensor,
     /// Reward per response `[B]`, after the missing-EOS penalty and clipping.
     pub scores: Tensor,
@@ -67,7 +68,7 @@ pub fn response_values(
 pub struct RolloutModels<'a> {
     pub policy: &'a Model,
     pub reference: &'a Model,
-    pub value: &'a Model,
+    pub critic: Option<&'a Model>,
     pub reward: &'a dyn RewardFunction,
     pub tokenizer: &'a Tokenizer,
 }
@@ -76,6 +77,61 @@ pub struct RolloutOptions {
     pub sampling: SamplingConfig,
     pub missing_eos_penalty: Option<f64>,
     pub score_clip: Option<f64>,
+}
+
+/// What the reward sees of a generated batch: unpadded prompts, responses without the EOS
+/// that ended them, and their decoded text.
+struct RewardView {
+    prompts: Vec<Vec<i64>>,
+    responses: Vec<Vec<i64>>,
+    texts: Vec<String>,
+    ended_with_eos: Vec<bool>,
+}
+
+impl RewardView {
+    fn of(
+        prompt_ids: &Tensor,
+        prompt_mask: &Tensor,
+        generated: &Generation,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self> {
+        let prompt_rows = Vec::<Vec<i64>>::try_from(prompt_ids.to_device(tch::Device::Cpu))?;
+        let prompt_masks = Vec::<Vec<i64>>::try_from(prompt_mask.to_device(tch::Device::Cpu))?;
+        let response_rows =
+            Vec::<Vec<i64>>::try_from(generated.tokens.to_device(tch::Device::Cpu))?;
+        let ended_with_eos: Vec<bool> = generated
+            .finish
+            .iter()
+            .map(|f| *f == FinishReason::Eos)
+            .collect();
+        let prompts = prompt_rows
+            .iter()
+            .zip(&prompt_masks)
+            .map(|(r, m)| {
+                r.iter()
+                    .zip(m)
+                    .filter(|(_, &m)| m == 1)
+                    .map(|(&t, _)| t)
+                    .collect()
+            })
+            .collect();
+        let responses: Vec<Vec<i64>> = response_rows
+            .iter()
+            .zip(&generated.lengths)
+            .zip(&ended_with_eos)
+            .map(|((r, &len), &eos)| r[..(len as usize - usize::from(eos))].to_vec())
+            .collect();
+        let texts = responses
+            .iter()
+            .map(|r| tokenizer.decode(r, true))
+            .collect();
+        Ok(RewardView {
+            prompts,
+            responses,
+            texts,
+            ended_with_eos,
+        })
+    }
 }
 
 pub fn rollout(
@@ -108,41 +164,16 @@ pub fn rollout(
         response_logprobs(models.policy, &full_ids, &full_mask, prompt_len, t);
     let (ref_logprobs, _) =
         response_logprobs(models.reference, &full_ids, &full_mask, prompt_len, t);
-    let values = response_values(models.value, &full_ids, &full_mask, prompt_len);
+    let values = models
+        .critic
+        .map(|critic| response_values(critic, &full_ids, &full_mask, prompt_len));
     let logprob_check = ((&generated.logprobs - &logprobs).abs() * &mask)
         .max()
         .double_value(&[]);
 
-    // What the reward sees: unpadded prompt, response without its EOS, decoded text.
-    let prompt_rows = Vec::<Vec<i64>>::try_from(prompt_ids.to_device(tch::Device::Cpu))?;
-    let prompt_masks = Vec::<Vec<i64>>::try_from(prompt_mask.to_device(tch::Device::Cpu))?;
-    let response_rows = Vec::<Vec<i64>>::try_from(generated.tokens.to_device(tch::Device::Cpu))?;
-    let ended_with_eos: Vec<bool> = generated
-        .finish
-        .iter()
-        .map(|f| *f == FinishReason::Eos)
-        .collect();
-    let prompts: Vec<Vec<i64>> = prompt_rows
-        .iter()
-        .zip(&prompt_masks)
-        .map(|(r, m)| {
-            r.iter()
-                .zip(m)
-                .filter(|(_, &m)| m == 1)
-                .map(|(&t, _)| t)
-                .collect()
-        })
-        .collect();
-    let responses: Vec<Vec<i64>> = response_rows
-        .iter()
-        .zip(&generated.lengths)
-        .zip(&ended_with_eos)
-        .map(|((r, &len), &eos)| r[..(len as usize - usize::from(eos))].to_vec())
-        .collect();
-    let texts: Vec<String> = responses
-        .iter()
-        .map(|r| models.tokenizer.decode(r, true))
-        .collect();
+    let seen = RewardView::of(prompt_ids, prompt_mask, &generated, models.tokenizer)?;
+    let (prompts, texts, ended_with_eos) = (seen.prompts, seen.texts, seen.ended_with_eos);
+    let responses = seen.responses;
     let mut scores = models.reward.scores(&RewardInput {
         prompts: &prompts,
         responses: &responses,

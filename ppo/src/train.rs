@@ -1,30 +1,30 @@
 //! `ppo train`: InstructGPT step 3. One iteration (one step) = one rollout batch of
 //! prompts, its rewards and advantages, then `--ppo-epochs` passes of clipped policy and
 //! value updates over shuffled minibatches, optionally with the pretraining loss mixed in
-//! (PPO-ptx).
+//! (PPO-ptx). [`train`] reads top to bottom: rollout → rewards → advantages → update →
+//! log → checkpoint.
 
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use common::generate::SamplingConfig;
-use common::ops::{masked_mean, masked_whiten};
-use common::optim::AdamW;
-use common::sampler::{Sampler, SamplerPosition};
 use common::schedule::Schedule;
 use common::scoring::Normalization;
-use common::train::{Session, Trainable};
-use common::{Head, Model};
+use common::train::Session;
+use common::{Head, Model, ModelOptions, Trainee, World};
 use data::prompts::collate_left;
+use data::sampler::{Sampler, SamplerPosition};
 use data::sft::{prepare, TokenizedSft, Truncation};
 use data::Tokenizer;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind};
 
 pub use crate::args::TrainArgs;
-use crate::math::{explained_variance, gae, kl_per_token, shaped_rewards, KlController};
+use crate::log::{iteration_scalars, write_samples, Timings};
+use crate::math::{advantages, kl_per_token, rewards, Advantages, KlController};
 use crate::reward_fn::{RewardFunction, RewardModel};
 use crate::rollout::{rollout, Rollout, RolloutModels, RolloutOptions};
-use crate::update::{derived_seed, update, Ema};
+use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
 
 /// PPO's own part of `trainer_state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -59,8 +59,8 @@ fn check_same_tokenizer(a: &Tokenizer, b: &Tokenizer, args: &TrainArgs) -> Resul
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     let (device, kind) = args.device.resolve();
-    let (mut model, tok) =
-        data::io::load_with_tokenizer(&args.reward_model, Head::Score, device, kind)?;
+    let frozen = ModelOptions::new(Head::Score, device, kind).frozen();
+    let (model, tok) = Model::load_with_tokenizer(&args.reward_model, &frozen)?;
     if !model.config.raw.contains_key(common::scoring::BIAS_KEY) {
         tracing::warn!(
             "{}: no {} in config.json — not a model from `reward train`? Its raw scores are used",
@@ -70,7 +70,6 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     }
     let policy_tok = Tokenizer::load(&args.policy)?;
     check_same_tokenizer(&policy_tok, &tok, args)?;
-    model.vs.freeze();
     let reward = RewardModel {
         normalization: Normalization::of(&model),
         model,
@@ -87,20 +86,11 @@ pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<
     train(args, reward, device, kind)
 }
 
-fn train(
-    args: &TrainArgs,
-    reward: &dyn RewardFunction,
-    device: tch::Device,
-    kind: Kind,
-) -> Result<TrainSummary> {
-    args.run.seed_torch();
-    let (policy, tok) = data::io::load_with_tokenizer(&args.policy, Head::Lm, device, kind)?;
-    let (mut reference, _) = Model::load(&args.policy, Head::Lm, device, kind)?;
-    reference.vs.freeze();
-    let value_dir = args.value_model.as_ref().unwrap_or(&args.reward_model);
-    let (value, _) = Model::load(value_dir, Head::Score, device, kind)
-        .with_context(|| format!("loading the value model from {}", value_dir.display()))?;
+/// Prompt token ids, one row each.
+type Prompts = Vec<Vec<i64>>;
 
+/// Prompts (cut to `--max-prompt-length`, keeping their end) and PPO-ptx rows.
+fn read_data(args: &TrainArgs, tok: &Tokenizer) -> Result<(Prompts, Option<Vec<TokenizedSft>>)> {
     let prompts: Vec<Vec<i64>> = data::read_prompts(&args.prompts)?
         .iter()
         .map(|p| tok.encode_prompt(p))
@@ -116,19 +106,14 @@ fn train(
             args.max_prompt_length
         );
     }
-    let prompts: Vec<Vec<i64>> = prompts
+    let prompts = prompts
         .into_iter()
         .map(|p| p[p.len().saturating_sub(args.max_prompt_length)..].to_vec())
         .collect();
-    let ptx: Option<Vec<TokenizedSft>> = match &args.ptx_data {
+    let ptx = match &args.ptx_data {
         Some(path) => {
-            let prepared = prepare(
-                &data::read_sft(path)?,
-                &tok,
-                args.ptx_max_length,
-                Truncation::Truncate,
-                true,
-            )?;
+            let rows = data::read_sft(path)?;
+            let prepared = prepare(&rows, tok, args.ptx_max_length, Truncation::Truncate, true)?;
             ensure!(
                 !prepared.rows.is_empty(),
                 "{}: no PPO-ptx row left",
@@ -138,296 +123,324 @@ fn train(
         }
         None => None,
     };
+    Ok((prompts, ptx))
+}
 
-    let iterations = args
-        .run
-        .max_steps
-        .unwrap_or(args.run.epochs * prompts.len().div_ceil(args.rollout_batch_size) as u64);
-    let opt_steps_per_iteration = (args.ppo_epochs * args.num_minibatches) as u64;
-    let mut policy_opt = AdamW::new(policy.vs.variables(), args.optim.adamw());
-    let mut value_opt = AdamW::new(value.vs.variables(), args.optim.adamw());
+/// Everything one PPO run holds between iterations.
+struct Ppo<'a> {
+    args: &'a TrainArgs,
+    iterations: u64,
+    tok: Tokenizer,
+    policy: Trainee,
+    /// The value model, when the advantage estimator needs one.
+    critic: Option<Trainee>,
+    reference: Model,
+    reward: &'a dyn RewardFunction,
+    prompts: Vec<Vec<i64>>,
+    sampler: Sampler,
+    ptx: Option<Ptx>,
+    ema: Option<Ema>,
+    kl_ctl: KlController,
+    eos_ids: Vec<i64>,
+}
+
+/// What one iteration measured, for the log and the summary.
+pub(crate) struct Iteration {
+    pub ro: Rollout,
+    pub adv: Advantages,
+    pub rewards: tch::Tensor,
+    pub non_score: tch::Tensor,
+    /// The KL estimate's per-sequence sum averaged over the batch (all ranks), and the
+    /// coefficient β it was weighted with.
+    pub mean_kl: f64,
+    pub beta: f64,
+    /// Mean score over the batch (all ranks).
+    pub mean_score: f64,
+    pub stats: UpdateStats,
+    pub timings: Timings,
+}
+
+fn train(
+    args: &TrainArgs,
+    reward: &dyn RewardFunction,
+    device: Device,
+    kind: Kind,
+) -> Result<TrainSummary> {
+    args.run.seed_torch();
+    let mut ppo = Ppo::load(args, reward, device, kind)?;
     let mut session = Session::start(
         "ppo",
         args,
         &args.run,
-        &args.optim,
-        iterations,
-        &mut [
-            ("policy", &policy, &mut policy_opt),
-            ("value", &value, &mut value_opt),
-        ],
+        ppo.iterations,
+        World::single(),
+        &mut ppo.trainees(),
     )
     .context("starting the run")?;
-    let schedule = |lr: f64| Schedule {
-        base_lr: lr,
-        total_steps: iterations * opt_steps_per_iteration,
-        ..session.schedule
-    };
-    let (policy_schedule, value_schedule) = (
-        schedule(args.optim.lr),
-        schedule(args.value_lr.unwrap_or(args.optim.lr)),
-    );
-    let mut ppo_state: PpoState =
-        serde_json::from_value(session.state.extra.clone()).unwrap_or(PpoState {
-            kl_coef: args.kl_coef,
-            ptx_sampler: SamplerPosition::default(),
-        });
-    let mut kl_ctl = KlController {
-        value: ppo_state.kl_coef,
-        target: args.kl_target,
-        horizon: args.kl_horizon,
-    };
-    let mut sampler = Sampler::new(prompts.len(), args.run.seed, true);
-    sampler.restore(session.state.sampler);
-    let mut ptx_sampler = ptx.as_ref().map(|rows| {
-        let mut s = Sampler::new(rows.len(), args.run.seed.wrapping_add(1), true);
-        s.restore(ppo_state.ptx_sampler);
-        s
-    });
-    let mut ema = args.ema_decay.map(|d| Ema::new(&policy, d));
-    if let (Some(ema), Some(dir)) = (&ema, &session.resumed_from) {
-        common::checkpoint::load_file(&ema.vars(), &dir.join("ema.safetensors"))?;
-    }
-    let eos_ids = tok.generation_eos_ids()?;
-    let models = RolloutModels {
-        policy: &policy,
-        reference: &reference,
-        value: &value,
-        reward,
-        tokenizer: &tok,
-    };
-    tracing::info!(
-        "ppo: {} prompts, {iterations} iterations of {} prompts × {} epochs × {} minibatches",
-        prompts.len(),
-        args.rollout_batch_size,
-        args.ppo_epochs,
-        args.num_minibatches
-    );
-    let mut first_score = None;
-    let (mut last_score, mut last_kl) = (f64::NAN, f64::NAN);
-
+    ppo.resume(&session)?;
+    let (mut first_score, mut last_score, mut last_kl) = (None, f64::NAN, f64::NAN);
     while !session.done() && session.stop_requested().is_none() {
-        let step = session.state.step;
-        let started = Instant::now();
-        let indices = sampler.next_batch(args.rollout_batch_size);
-        let rows: Vec<&[i64]> = indices.iter().map(|&i| prompts[i].as_slice()).collect();
-        let batch = collate_left(&rows, tok.pad_id, device);
-        let opts = RolloutOptions {
-            sampling: SamplingConfig {
-                max_new_tokens: args.response_length,
-                temperature: args.temperature,
-                top_k: args.top_k,
-                top_p: args.top_p,
-                eos_ids: eos_ids.clone(),
-                pad_id: tok.pad_id,
-                seed: derived_seed(args.run.seed, step, 1),
-            },
-            missing_eos_penalty: args.missing_eos_penalty,
-            score_clip: args.score_clip,
-        };
-        let ro = rollout(&models, &batch.input_ids, &batch.attention_mask, &opts)?;
-        let rollout_time = started.elapsed().as_secs_f64();
-
-        // Rewards and advantages (no gradient).
-        let beta = kl_ctl.value;
-        let (kl, advantages, returns, rewards, non_score) = {
-            let _guard = tch::no_grad_guard();
-            let kl = kl_per_token(&ro.logprobs, &ro.ref_logprobs, &ro.mask, args.kl_estimator);
-            let (mut rewards, non_score) = shaped_rewards(&kl, &ro.scores, &ro.mask, beta);
-            if args.whiten_rewards {
-                rewards = masked_whiten(&rewards, &ro.mask, false);
-            }
-            let (advantages, returns) = gae(&rewards, &ro.values, &ro.mask, args.gamma, args.lam);
-            let advantages = masked_whiten(&advantages, &ro.mask, true);
-            (kl, advantages, returns, rewards, non_score)
-        };
-        let per_seq = |x: &Tensor| {
-            x.sum_dim_intlist([1].as_slice(), false, Kind::Float)
-                .mean(Kind::Float)
-                .double_value(&[])
-        };
-        let mean_kl = per_seq(&kl);
-        let mean_score = ro.scores.mean(Kind::Float).double_value(&[]);
-
-        let train_started = Instant::now();
-        let stats = update(
-            args,
-            &ro,
-            &advantages,
-            &returns,
-            &policy,
-            &value,
-            &mut policy_opt,
-            &mut value_opt,
-            (&policy_schedule, &value_schedule),
-            ptx.as_deref().zip(ptx_sampler.as_mut()),
-            ema.as_mut(),
-            tok.pad_id,
-            step,
-        )?;
-        let train_time = train_started.elapsed().as_secs_f64();
-        kl_ctl.update(mean_kl, args.rollout_batch_size as f64);
-        ppo_state.kl_coef = kl_ctl.value;
-        if let Some(s) = &ptx_sampler {
-            ppo_state.ptx_sampler = s.position();
-        }
-        session.state.extra = serde_json::to_value(&ppo_state)?;
-        let loss = stats.policy_loss + args.vf_coef * stats.value_loss;
-        session.finish_step(&stats.outcome, loss, sampler.position())?;
-
-        let response_tokens = ro.mask.sum(Kind::Float).double_value(&[]);
-        let eos_rate = ro.ended_with_eos.iter().filter(|&&e| e).count() as f64
-            / ro.ended_with_eos.len() as f64;
-        let scalars = [
-            ("objective/kl", mean_kl),
-            ("objective/entropy", per_seq(&(&ro.entropy * &ro.mask))),
-            ("objective/non_score_reward", per_seq(&non_score)),
-            ("objective/rlhf_reward", mean_score + per_seq(&non_score)),
-            ("objective/scores", mean_score),
-            ("policy/approxkl_avg", stats.approxkl),
-            ("policy/clipfrac_avg", stats.clipfrac),
-            ("policy/first_ratio_max_dev", stats.first_ratio_max_dev),
-            ("policy/rollout_logprob_diff", ro.logprob_check),
-            ("loss/policy_avg", stats.policy_loss),
-            ("loss/value_avg", stats.value_loss),
-            ("loss/ptx_avg", stats.ptx_loss),
-            ("val/clipfrac_avg", stats.value_clipfrac),
-            (
-                "val/explained_variance",
-                explained_variance(&ro.values, &returns, &ro.mask),
-            ),
-            ("val/ratio", stats.ratio),
-            (
-                "val/mean_reward",
-                masked_mean(&rewards, &ro.mask).double_value(&[]),
-            ),
-            ("kl_coef", beta),
-            (
-                "response_length",
-                response_tokens / ro.mask.size()[0] as f64,
-            ),
-            ("eos_rate", eos_rate),
-            ("time/rollout", rollout_time),
-            ("time/train", train_time),
-            (
-                "train/tokens_per_second",
-                response_tokens / started.elapsed().as_secs_f64().max(1e-9),
-            ),
-            ("train/lr", stats.outcome.lr),
-            ("train/grad_norm", stats.outcome.grad_norm),
-            ("train/skipped_steps", session.state.skipped_steps as f64),
-        ];
-        session.metrics.log(session.state.step, &scalars)?;
-        if stats.first_ratio_max_dev > 1e-3 {
-            tracing::warn!(
-                "step {}: the policy ratio on the first minibatch deviates from 1 by {:.2e} (dropout on, or rollout and training forward disagree)",
-                session.state.step,
-                stats.first_ratio_max_dev
-            );
-        }
+        let it = ppo.iteration(&mut session)?;
+        let scalars = iteration_scalars(&it, &session);
+        session.log(session.state.step, &scalars)?;
+        ppo.warn_on_first_ratio(&it.stats, session.state.step);
         if args.sample_every > 0
             && (session.state.step % args.sample_every == 0 || session.state.step == 1)
         {
-            write_samples(&mut session, &ro, &tok, args.num_samples)?;
+            write_samples(&mut session, &it.ro, &ppo.tok, args.num_samples)?;
         }
-        first_score.get_or_insert(mean_score);
-        (last_score, last_kl) = (mean_score, mean_kl);
+        first_score.get_or_insert(it.mean_score);
+        (last_score, last_kl) = (it.mean_score, it.mean_kl);
         if session.checkpoint_due() {
-            let trainables = [
-                Trainable {
-                    subdir: "policy",
-                    model: &policy,
-                    optimizer: &policy_opt,
-                    sidecar_from: &args.policy,
-                },
-                Trainable {
-                    subdir: "value",
-                    model: &value,
-                    optimizer: &value_opt,
-                    sidecar_from: value_dir,
-                },
-            ];
-            let ema_ref = &ema;
-            session.save(&trainables, |dir| match ema_ref {
-                Some(e) => common::checkpoint::save_file(&e.weights, &dir.join("ema.safetensors")),
-                None => Ok(()),
-            })?;
+            ppo.save(&mut session)?;
         }
     }
     let stopped = session.stop_requested().is_some();
     if stopped {
         session.report_stop();
     } else {
-        write_finals(
-            &session,
-            &policy,
-            &value,
-            ema.as_ref(),
-            args,
-            value_dir,
-            device,
-            kind,
-        )?;
+        ppo.write_finals(&session, device, kind)?;
     }
-    session.metrics.finish();
+    session.finish();
     Ok(TrainSummary {
         steps: session.state.step,
         first_score: first_score.unwrap_or(f64::NAN),
         last_score,
         kl: last_kl,
-        kl_coef: kl_ctl.value,
+        kl_coef: ppo.kl_ctl.value,
         stopped,
     })
 }
 
-/// `final/` (policy), `final_value/` and, with an EMA, `final_ema/`.
-fn write_finals(
-    session: &Session,
-    policy: &Model,
-    value: &Model,
-    ema: Option<&Ema>,
-    args: &TrainArgs,
-    value_dir: &std::path::Path,
-    device: tch::Device,
-    kind: Kind,
-) -> Result<()> {
-    session.write_model("final", policy, &args.policy)?;
-    session.write_model("final_value", value, value_dir)?;
-    if let Some(e) = ema {
-        let (averaged, _) = Model::load(&session.run.final_dir(), Head::Lm, device, kind)?;
-        let _guard = tch::no_grad_guard();
-        for (name, mut var) in averaged.vs.variables() {
-            var.copy_(&e.weights[&name]);
+impl<'a> Ppo<'a> {
+    /// Reads the policy (trained), the reference (the same weights, frozen), the critic
+    /// (from `--value-model`, else the reward model) when the estimator has one, the
+    /// prompts and the PPO-ptx rows.
+    fn load(
+        args: &'a TrainArgs,
+        reward: &'a dyn RewardFunction,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        let lm = ModelOptions::new(Head::Lm, device, kind);
+        let (policy, tok) = Model::load_with_tokenizer(&args.policy, &lm)?;
+        let (reference, _) = Model::load(&args.policy, &lm.clone().frozen())?;
+        let critic = if args.advantage_estimator().needs_critic() {
+            let dir = args.critic_source();
+            let (critic, _) = Model::load(dir, &lm.with_head(Head::Score))
+                .with_context(|| format!("loading the value model from {}", dir.display()))?;
+            Some(critic)
+        } else {
+            None
+        };
+        let (prompts, ptx_rows) = read_data(args, &tok)?;
+        // Both learners' schedules run over every optimiser update of the run; the
+        // critic's at --value-lr.
+        let iterations = args
+            .run
+            .max_steps
+            .unwrap_or(args.run.epochs * prompts.len().div_ceil(args.rollout_batch_size) as u64);
+        let updates = iterations * (args.ppo_epochs * args.num_minibatches) as u64;
+        let schedule = args.optim.schedule(updates);
+        let policy = Trainee::new("policy", policy, &args.policy, &args.optim, schedule);
+        let critic = critic.map(|c| {
+            let schedule = Schedule {
+                base_lr: args.value_lr.unwrap_or(args.optim.lr),
+                ..schedule
+            };
+            Trainee::new("value", c, args.critic_source(), &args.optim, schedule)
+        });
+        let ptx = ptx_rows.filter(|_| args.ptx_coef > 0.0).map(|rows| Ptx {
+            sampler: Sampler::new(rows.len(), args.run.seed.wrapping_add(1), true),
+            rows,
+            coef: args.ptx_coef,
+            pad_id: tok.pad_id,
+        });
+        Ok(Ppo {
+            args,
+            iterations,
+            eos_ids: tok.generation_eos_ids()?,
+            sampler: Sampler::new(prompts.len(), args.run.seed, true),
+            tok,
+            policy,
+            critic,
+            reference,
+            reward,
+            prompts,
+            ptx,
+            ema: None,
+            kl_ctl: KlController {
+                value: args.kl_coef,
+                target: args.kl_target,
+                horizon: args.kl_horizon,
+            },
+        })
+    }
+
+    /// The training units, in checkpoint order.
+    fn trainees(&mut self) -> Vec<&mut Trainee> {
+        std::iter::once(&mut self.policy)
+            .chain(self.critic.as_mut())
+            .collect()
+    }
+
+    /// After `Session::start`: the sampler, KL coefficient, PPO-ptx order and EMA of the
+    /// checkpoint the session resumed from (the EMA starts at the policy otherwise).
+    fn resume(&mut self, session: &Session) -> Result<()> {
+        let state: Option<PpoState> = serde_json::from_value(session.state.extra.clone()).ok();
+        self.sampler.restore(session.state.sampler);
+        if let Some(state) = &state {
+            self.kl_ctl.value = state.kl_coef;
         }
-        session.write_model("final_ema", &averaged, &args.policy)?;
+        if let (Some(ptx), Some(state)) = (&mut self.ptx, &state) {
+            ptx.sampler.restore(state.ptx_sampler);
+        }
+        self.ema = self.args.ema_decay.map(|d| Ema::new(&self.policy.model, d));
+        if let (Some(ema), Some(dir)) = (&self.ema, &session.resumed_from) {
+            common::checkpoint::load_file(&ema.vars(), &dir.join("ema.safetensors"))?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// One PPO iteration on the next rollout batch; the session counts it.
+    fn iteration(&mut self, session: &mut Session) -> Result<Iteration> {
+        let (args, world) = (self.args, &session.world);
+        let step = session.state.step;
+        let started = Instant::now();
+        let ro = self.rollout(step, world)?;
+        let rollout_time = started.elapsed().as_secs_f64();
+
+        let beta = self.kl_ctl.value;
+        let kl = kl_per_token(&ro.logprobs, &ro.ref_logprobs, &ro.mask, args.kl_estimator);
+        let (rewards, non_score) =
+            rewards(&kl, &ro.scores, &ro.mask, beta, args.whiten_rewards, world);
+        let adv = advantages(
+            args.advantage_estimator(),
+            &rewards,
+            ro.values.as_ref(),
+            &ro.mask,
+            world,
+        );
+
+        let train_started = Instant::now();
+        let learners = Learners {
+            policy: &mut self.policy,
+            critic: self.critic.as_mut(),
+            ptx: self.ptx.as_mut(),
+            ema: self.ema.as_mut(),
+        };
+        let stats = update(args, (&ro, &adv), learners, world, step)?;
+        let train_time = train_started.elapsed().as_secs_f64();
+
+        let mean_kl = world.mean(per_sequence_mean(&kl));
+        let mean_score = world.mean(ro.scores.mean(Kind::Float).double_value(&[]));
+        // The controller's horizon counts samples of the whole (global) rollout batch.
+        self.kl_ctl.update(mean_kl, args.rollout_batch_size as f64);
+        let state = PpoState {
+            kl_coef: self.kl_ctl.value,
+            ptx_sampler: self
+                .ptx
+                .as_ref()
+                .map(|p| p.sampler.position())
+                .unwrap_or_default(),
+        };
+        session.state.extra = serde_json::to_value(&state)?;
+        let loss = stats.policy_loss + args.vf_coef * stats.value_loss;
+        session.finish_step(&stats.outcome, loss, self.sampler.position())?;
+        Ok(Iteration {
+            ro,
+            adv,
+            rewards,
+            non_score,
+            mean_kl,
+            beta,
+            mean_score,
+            stats,
+            timings: Timings {
+                rollout: rollout_time,
+                train: train_time,
+                total: started.elapsed().as_secs_f64(),
+            },
+        })
+    }
+
+    /// Samples responses to the next prompts and scores them.
+    fn rollout(&mut self, step: u64, world: &World) -> Result<Rollout> {
+        let args = self.args;
+        let indices = self.sampler.next_batch(args.rollout_batch_size);
+        let rows: Vec<&[i64]> = world
+            .shard(&indices)
+            .iter()
+            .map(|&i| self.prompts[i].as_slice())
+            .collect();
+        let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
+        let opts = RolloutOptions {
+            sampling: SamplingConfig {
+                max_new_tokens: args.response_length,
+                temperature: args.temperature,
+                top_k: args.top_k,
+                top_p: args.top_p,
+                eos_ids: self.eos_ids.clone(),
+                pad_id: self.tok.pad_id,
+                seed: derived_seed(args.run.seed, step, 1),
+            },
+            missing_eos_penalty: args.missing_eos_penalty,
+            score_clip: args.score_clip,
+        };
+        let models = RolloutModels {
+            policy: &self.policy.model,
+            reference: &self.reference,
+            critic: self.critic.as_ref().map(|c| &c.model),
+            reward: self.reward,
+            tokenizer: &self.tok,
+        };
+        rollout(&models, &batch.input_ids, &batch.attention_mask, &opts)
+    }
+
+    fn warn_on_first_ratio(&self, stats: &UpdateStats, step: u64) {
+        if stats.first_ratio_max_dev > 1e-3 {
+            tracing::warn!(
+                "step {step}: the policy ratio on the first minibatch deviates from 1 by {:.2e} (dropout on, or rollout and training forward disagree)",
+                stats.first_ratio_max_dev
+            );
+        }
+    }
+
+    /// A checkpoint: the policy, the critic, and the EMA beside them.
+    fn save(&self, session: &mut Session) -> Result<()> {
+        let trainees: Vec<&Trainee> = std::iter::once(&self.policy)
+            .chain(self.critic.as_ref())
+            .collect();
+        let ema = &self.ema;
+        session.save(&trainees, |dir| match ema {
+            Some(e) => common::checkpoint::save_file(&e.weights, &dir.join("ema.safetensors")),
+            None => Ok(()),
+        })?;
+        Ok(())
+    }
+
+    /// `final/` (policy), `final_value/` (the critic) and, with an EMA, `final_ema/`.
+    fn write_finals(&self, session: &Session, device: Device, kind: Kind) -> Result<()> {
+        session.write_model("final", &self.policy.model, &self.args.policy)?;
+        if let Some(critic) = &self.critic {
+            session.write_model("final_value", &critic.model, &critic.source)?;
+        }
+        if let (Some(e), true) = (&self.ema, session.world.is_main()) {
+            let opts = ModelOptions::new(Head::Lm, device, kind);
+            let (averaged, _) = Model::load(&session.run.final_dir(), &opts)?;
+            let _guard = tch::no_grad_guard();
+            for (name, mut var) in averaged.vs.variables() {
+                var.copy_(&e.weights[&name]);
+            }
+            session.write_model("final_ema", &averaged, &self.args.policy)?;
+        }
+        Ok(())
+    }
 }
-fn write_samples(session: &mut Session, ro: &Rollout, tok: &Tokenizer, n: usize) -> Result<()> {
-    let step = session.state.step;
-    let scores = Vec::<f32>::try_from(ro.scores.to_device(tch::Device::Cpu))?;
-    let mut markdown = String::from("| prompt | response | score |\n|---|---|---|\n");
-    let mut lines = String::new();
-    for ((prompt_ids, text), score) in ro.prompts.iter().zip(&ro.texts).zip(&scores).take(n) {
-        let prompt = tok.decode(prompt_ids, true);
-        lines.push_str(&format!(
-            "{}\n",
-            serde_json::json!({"step": step, "prompt": prompt, "response": text, "score": score})
-        ));
-        let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
-        markdown.push_str(&format!(
-            "| {} | {} | {:.3} |\n",
-            cell(&prompt),
-            cell(text),
-            score
-        ));
-    }
-    let path = session.run.root.join("samples.jsonl");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)?;
-    std::io::Write::write_all(&mut f, lines.as_bytes())?;
-    session.metrics.text(step, "samples", &markdown);
-    Ok(())
+
+/// Mean over the batch of each row's sum (`[B, N]` → scalar).
+pub(crate) fn per_sequence_mean(x: &tch::Tensor) -> f64 {
+    x.sum_dim_intlist([1].as_slice(), false, Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[])
 }

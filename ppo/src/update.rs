@@ -6,18 +6,16 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Result;
 use common::ops::masked_mean;
-use common::optim::AdamW;
-use common::sampler::Sampler;
-use common::schedule::Schedule;
-use common::train::{optimizer_step, StepOutcome};
-use common::Model;
+use common::trainee::StepOutcome;
+use common::{Model, Trainee, World};
+use data::sampler::Sampler;
 use data::sft::{collate, TokenizedSft};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::{Kind, Tensor};
 
 use crate::args::TrainArgs;
-use crate::math::{policy_loss, value_loss};
+use crate::math::{policy_loss, value_loss, Advantages};
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
 /// An exponential moving average of the policy's weights.
@@ -61,6 +59,23 @@ pub fn derived_seed(seed: u64, step: u64, purpose: u64) -> u64 {
     seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ purpose.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
 }
 
+/// PPO-ptx: SFT rows whose language-modelling loss joins the policy loss, and their order.
+pub struct Ptx {
+    pub rows: Vec<TokenizedSft>,
+    pub sampler: Sampler,
+    pub coef: f64,
+    pub pad_id: i64,
+}
+
+/// What the update trains: the policy, the critic (when the estimator has one), and what
+/// rides along with the policy's steps.
+pub struct Learners<'a> {
+    pub policy: &'a mut Trainee,
+    pub critic: Option<&'a mut Trainee>,
+    pub ptx: Option<&'a mut Ptx>,
+    pub ema: Option<&'a mut Ema>,
+}
+
 /// Averages over the minibatches of one iteration.
 pub struct UpdateStats {
     pub policy_loss: f64,
@@ -77,25 +92,18 @@ pub struct UpdateStats {
     pub outcome: StepOutcome,
 }
 
+/// `--ppo-epochs` passes over the rollout batch in `--num-minibatches` shuffled
+/// minibatches, one optimiser step of each learner per minibatch. `step` is the
+/// iteration (it seeds the shuffles).
 pub fn update(
     args: &TrainArgs,
-    ro: &Rollout,
-    advantages: &Tensor,
-    returns: &Tensor,
-    policy: &Model,
-    value: &Model,
-    policy_opt: &mut AdamW,
-    value_opt: &mut AdamW,
-    (policy_schedule, value_schedule): (&Schedule, &Schedule),
-    mut ptx: Option<(&[TokenizedSft], &mut Sampler)>,
-    mut ema: Option<&mut Ema>,
-    pad_id: i64,
+    (ro, adv): (&Rollout, &Advantages),
+    mut learners: Learners,
+    world: &World,
     step: u64,
 ) -> Result<UpdateStats> {
     let b = ro.full_ids.size()[0] as usize;
     let minibatch = b / args.num_minibatches;
-    let micro = minibatch / args.grad_accum;
-    let device = ro.full_ids.device();
     let mut sums: BTreeMap<&str, f64> = BTreeMap::new();
     let mut count = 0f64;
     let mut first_ratio_max_dev = 0.0;
@@ -108,100 +116,23 @@ pub fn update(
             100 + epoch as u64,
         )));
         for (mb_index, mb) in order.chunks(minibatch).enumerate() {
-            let mb_idx = Tensor::from_slice(mb).to_device(device);
-            let mb_tokens = ro
-                .mask
-                .index_select(0, &mb_idx)
-                .sum(Kind::Float)
-                .double_value(&[])
-                .max(1.0);
-            let mut mb_stats: BTreeMap<&str, f64> = BTreeMap::new();
-            for part in mb.chunks(micro) {
-                let idx = Tensor::from_slice(part).to_device(device);
-                let pick = |t: &Tensor| t.index_select(0, &idx);
-                let (ids, full_mask, mask) =
-                    (pick(&ro.full_ids), pick(&ro.full_mask), pick(&ro.mask));
-                // Token-weighted: micro-batches of one minibatch sum to its token mean.
-                let weight = mask.sum(Kind::Float).double_value(&[]) / mb_tokens;
-                let (new_lp, ent) =
-                    response_logprobs(policy, &ids, &full_mask, ro.prompt_len, args.temperature);
-                let pl = policy_loss(
-                    &new_lp,
-                    &pick(&ro.logprobs),
-                    &pick(advantages),
-                    &mask,
-                    args.cliprange,
-                );
-                let mut policy_total = &pl.loss * weight;
-                if args.entropy_coef > 0.0 {
-                    policy_total -= masked_mean(&ent, &mask) * (args.entropy_coef * weight);
-                }
-                policy_total.backward();
-                let new_values = response_values(value, &ids, &full_mask, ro.prompt_len);
-                let (vl, vclip) = value_loss(
-                    &new_values,
-                    &pick(&ro.values),
-                    &pick(returns),
-                    &mask,
-                    args.cliprange_value,
-                );
-                (&vl * (args.vf_coef * weight)).backward();
-                if epoch == 0 && mb_index == 0 {
-                    first_ratio_max_dev = f64::max(first_ratio_max_dev, pl.ratio_max_dev);
-                }
-                for (k, v) in [
-                    ("policy", pl.loss.double_value(&[])),
-                    ("value", vl.double_value(&[])),
-                    ("approxkl", pl.approxkl),
-                    ("clipfrac", pl.clipfrac),
-                    ("vclip", vclip),
-                    ("ratio", pl.ratio_mean),
-                ] {
-                    *mb_stats.entry(k).or_default() += v * weight;
-                }
+            let mut mb_stats = minibatch_backward(args, (ro, adv), &learners, mb, world);
+            if epoch == 0 && mb_index == 0 {
+                first_ratio_max_dev = mb_stats.remove("ratio_max_dev").unwrap_or(0.0);
             }
-            if let Some((rows, sampler)) = ptx.as_mut() {
-                if args.ptx_coef > 0.0 {
-                    let picked: Vec<&TokenizedSft> = sampler
-                        .next_batch(minibatch)
-                        .iter()
-                        .map(|&i| &rows[i])
-                        .collect();
-                    let batch = collate(&picked, pad_id, device);
-                    let t = batch.input_ids.size()[1];
-                    let logits = policy.forward(&batch.input_ids, &batch.attention_mask);
-                    let lp = common::ops::logprobs_of(
-                        &logits.narrow(1, 0, t - 1),
-                        &batch.input_ids.narrow(1, 1, t - 1),
-                    );
-                    let ptx_loss = -masked_mean(&lp, &batch.loss_mask.narrow(1, 1, t - 1));
-                    (&ptx_loss * args.ptx_coef).backward();
-                    *mb_stats.entry("ptx").or_default() += ptx_loss.double_value(&[]);
-                }
+            mb_stats.remove("ratio_max_dev");
+            if let Some(ptx) = learners.ptx.as_deref_mut() {
+                let loss = ptx_backward(learners.policy, ptx, minibatch);
+                mb_stats.insert("ptx", loss);
             }
-            let mut loss = mb_stats.get("policy").copied().unwrap_or(0.0);
-            common::faults::hit("mid-step");
-            if common::faults::nan_from(step) {
-                loss = f64::NAN;
+            let policy_loss = mb_stats.get("policy").copied().unwrap_or(0.0);
+            outcome = Some(learners.policy.step(policy_loss, world));
+            if let Some(critic) = learners.critic.as_deref_mut() {
+                critic.step(mb_stats["value"], world);
             }
-            let o = optimizer_step(
-                policy_opt,
-                policy_schedule,
-                policy_opt.step as u64,
-                args.optim.max_grad_norm,
-                loss,
-            );
-            optimizer_step(
-                value_opt,
-                value_schedule,
-                value_opt.step as u64,
-                args.optim.max_grad_norm,
-                mb_stats["value"],
-            );
-            if let Some(ema) = ema.as_mut() {
-                ema.update(policy);
+            if let Some(ema) = learners.ema.as_deref_mut() {
+                ema.update(&learners.policy.model);
             }
-            outcome = Some(o);
             for (k, v) in mb_stats {
                 *sums.entry(k).or_default() += v;
             }
@@ -220,4 +151,95 @@ pub fn update(
         first_ratio_max_dev,
         outcome: outcome.expect("at least one minibatch"),
     })
+}
+
+/// Forward and backward of the clipped policy loss (with the entropy bonus) and of the
+/// critic's clipped value loss over the micro-batches of minibatch `mb` (rollout row
+/// indices). Losses are token-weighted, so the micro-batches sum to the minibatch's token
+/// mean over every rank. Returns the minibatch's weighted statistics.
+fn minibatch_backward(
+    args: &TrainArgs,
+    (ro, adv): (&Rollout, &Advantages),
+    learners: &Learners,
+    mb: &[i64],
+    world: &World,
+) -> BTreeMap<&'static str, f64> {
+    let device = ro.full_ids.device();
+    let micro = mb.len() / args.grad_accum;
+    let mb_idx = Tensor::from_slice(mb).to_device(device);
+    let local_tokens = ro
+        .mask
+        .index_select(0, &mb_idx)
+        .sum(Kind::Float)
+        .double_value(&[]);
+    let mb_tokens = world.sum(local_tokens).max(1.0);
+    let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut ratio_max_dev = 0f64;
+    for part in mb.chunks(micro) {
+        let idx = Tensor::from_slice(part).to_device(device);
+        let pick = |t: &Tensor| t.index_select(0, &idx);
+        let (ids, full_mask, mask) = (pick(&ro.full_ids), pick(&ro.full_mask), pick(&ro.mask));
+        let weight = mask.sum(Kind::Float).double_value(&[]) / mb_tokens;
+        let policy = &learners.policy.model;
+        let (new_lp, ent) =
+            response_logprobs(policy, &ids, &full_mask, ro.prompt_len, args.temperature);
+        let pl = policy_loss(
+            &new_lp,
+            &pick(&ro.logprobs),
+            &pick(&adv.advantages),
+            &mask,
+            args.cliprange,
+        );
+        let mut policy_total = &pl.loss * weight;
+        if args.entropy_coef > 0.0 {
+            policy_total -= masked_mean(&ent, &mask) * (args.entropy_coef * weight);
+        }
+        policy_total.backward();
+        ratio_max_dev = ratio_max_dev.max(pl.ratio_max_dev);
+        let mut add = |k, v: f64| *stats.entry(k).or_default() += v * weight;
+        add("policy", pl.loss.double_value(&[]));
+        add("approxkl", pl.approxkl);
+        add("clipfrac", pl.clipfrac);
+        add("ratio", pl.ratio_mean);
+        if let (Some(critic), Some(values), Some(returns)) =
+            (&learners.critic, &ro.values, &adv.returns)
+        {
+            let new_values = response_values(&critic.model, &ids, &full_mask, ro.prompt_len);
+            let (vl, vclip) = value_loss(
+                &new_values,
+                &pick(values),
+                &pick(returns),
+                &mask,
+                args.cliprange_value,
+            );
+            (&vl * (args.vf_coef * weight)).backward();
+            add("value", vl.double_value(&[]));
+            add("vclip", vclip);
+        }
+    }
+    stats.insert("ratio_max_dev", ratio_max_dev);
+    stats
+}
+
+/// PPO-ptx: the language-modelling loss of the next `rows` SFT rows, times its weight,
+/// backpropagated into the policy. Returns the (unweighted) loss.
+fn ptx_backward(policy: &Trainee, ptx: &mut Ptx, rows: usize) -> f64 {
+    let picked: Vec<&TokenizedSft> = ptx
+        .sampler
+        .next_batch(rows)
+        .iter()
+        .map(|&i| &ptx.rows[i])
+        .collect();
+    let batch = collate(&picked, ptx.pad_id, policy.model.device());
+    let t = batch.input_ids.size()[1];
+    let logits = policy
+        .model
+        .forward(&batch.input_ids, &batch.attention_mask);
+    let lp = common::ops::logprobs_of(
+        &logits.narrow(1, 0, t - 1),
+        &batch.input_ids.narrow(1, 1, t - 1),
+    );
+    let loss = -masked_mean(&lp, &batch.loss_mask.narrow(1, 1, t - 1));
+    (&loss * ptx.coef).backward();
+    loss.double_value(&[])
 }

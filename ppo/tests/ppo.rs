@@ -11,7 +11,6 @@ use ppo::reward_fn::TextRule;
 use ppo::train::{run_with_reward, TrainArgs};
 use rlhf_tests::read_jsonl;
 use serde_json::Value;
-use tch::{Device, Kind};
 
 struct Fixture {
     root: PathBuf,
@@ -34,7 +33,7 @@ fn fixture() -> &'static Fixture {
         rlhf_tests::tiny_llama_fixture(&root);
         // A reward model: the policy's backbone with a fresh score head and a stored bias.
         tch::manual_seed(5);
-        let (mut rm, _) = Model::load(&policy, Head::Score, Device::Cpu, Kind::Float).unwrap();
+        let (mut rm, _) = Model::load(&policy, &common::ModelOptions::cpu(Head::Score)).unwrap();
         common::scoring::Normalization { bias: 0.5, std: Some(1.0) }.store(&mut rm);
         rm.save(&reward, Some(&policy)).unwrap();
         let lines: String = (0..32)
@@ -148,13 +147,14 @@ fn killed_run_resumes_to_the_same_policy_and_kl_coefficient() {
     let straight = f.root.join("run-straight");
     let a = run_with_reward(&args(&straight, &extra), &TextRule(digit_share)).unwrap();
     // Killed by SIGKILL while writing the second checkpoint, in the middle of the second
-    // iteration's first minibatch (mid-step is hit once per minibatch: 4 per iteration
-    // here), and right after the first checkpoint became complete. The rule reward needs the library, so the killed run is this test
-    // binary's `child_killed_ppo_run` in a child process.
+    // iteration's first minibatch (mid-step is hit at each training unit's step: the
+    // policy's and the critic's, so 8 per iteration of 4 minibatches here), and right after
+    // the first checkpoint became complete. The rule reward needs the library, so the
+    // killed run is this test binary's `child_killed_ppo_run` in a child process.
     let mut killed = f.root.join("run-killed");
     for point in [
         "checkpoint-mid-write@2",
-        "mid-step@5",
+        "mid-step@9",
         "checkpoint-after-rename@1",
     ] {
         killed = f

@@ -5,16 +5,15 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use common::cli::DeviceArgs;
-use common::scoring::Normalization;
-use common::Head;
+use common::cli::{require, DeviceArgs};
+use common::scoring::{score_sequences, Normalization};
+use common::{Head, Model, ModelOptions};
 use data::formats::{PreferenceExample, SftExample};
 use data::preference::{sft_sequence, tokenize, truncate_left};
 use data::sft::Truncation;
 use serde_json::json;
 
 use crate::loss::pairs;
-use crate::score_sequences;
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
@@ -52,8 +51,10 @@ pub struct EvalSummary {
 }
 
 pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
-    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    anyhow::ensure!(args.max_length > 1, "--max-length must be at least 2");
+    require(&[
+        (args.batch_size > 0, "--batch-size must be at least 1"),
+        (args.max_length > 1, "--max-length must be at least 2"),
+    ])?;
     let (device, kind) = args.device.resolve();
     let rows = data::jsonl::read(&args.data, |row| {
         if row.has("chosen") || row.has("rejected") || row.has("responses") {
@@ -62,7 +63,8 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
             SftExample::decode(row).map(Row::Single)
         }
     })?;
-    let (model, tok) = data::io::load_with_tokenizer(&args.model, Head::Score, device, kind)?;
+    let opts = ModelOptions::new(Head::Score, device, kind);
+    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let norm = Normalization::of(&model);
     // Every sequence of every row, scored in one pass.
     let mut sequences = vec![];

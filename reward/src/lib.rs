@@ -6,4 +6,4 @@ pub mod eval;
 pub mod loss;
 pub mod train;
 
-pub use data::preference::score_sequences;
+pub use common::scoring::score_sequences;

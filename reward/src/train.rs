@@ -4,20 +4,18 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::cli::{DeviceArgs, OptimArgs, RunArgs};
-use common::optim::AdamW;
-use common::scoring::{last_token_scores, Normalization};
-use common::train::{optimizer_step, Session, Trainable};
-use common::{Head, Model};
-use data::cli::TrainDataArgs;
-use data::preference::{collate, prepare, sft_sequence, PreparedRankings};
+use common::cli::{DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
+use common::scoring::{last_token_scores, score_sequences, Normalization};
+use common::train::Session;
+use common::{Head, Model, ModelOptions, Trainee, World};
+use data::preference::{collate, prepare, sft_sequence, PreparedRankings, TokenizedRanking};
+use data::sampler::Sampler;
 use data::Tokenizer;
 use serde::Serialize;
 
 use crate::loss::ranking_loss;
-use crate::score_sequences;
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TrainArgs {
@@ -129,22 +127,22 @@ impl Stats {
     }
 }
 
-/// Forward, loss and (when `train`) backward over `rows` in micro-batches; the loss is
-/// divided by `elements_total`, the number of rankings in the whole step.
+/// Forward, loss and (when `train`) backward over `rows` in micro-batches of
+/// `batch_size`; the loss is divided by `elements_total`, the number of rankings in the
+/// whole step (all ranks).
 fn run_rows(
     model: &Model,
-    rows: &[&data::preference::TokenizedRanking],
-    args: &TrainArgs,
-    pad_id: i64,
+    rows: &[&TokenizedRanking],
+    (batch_size, pad_id): (usize, i64),
     train: bool,
-    elements_total: usize,
+    elements_total: f64,
 ) -> Stats {
     let mut stats = Stats::default();
-    for micro in rows.chunks(args.data.batch_size) {
+    for micro in rows.chunks(batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let rewards = last_token_scores(model, &batch.input_ids, &batch.attention_mask);
         let out = ranking_loss(&rewards, &batch.group_sizes, &batch.margins);
-        let loss = &out.loss_sum / elements_total.max(1) as f64;
+        let loss = &out.loss_sum / elements_total.max(1.0);
         if train {
             loss.backward();
         }
@@ -160,16 +158,37 @@ fn run_rows(
     stats
 }
 
-pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
-    args.data.validate().map_err(anyhow::Error::msg)?;
-    args.optim.validate().map_err(anyhow::Error::msg)?;
-    ensure!(
-        args.run.max_steps != Some(0),
-        "--max-steps must be at least 1"
-    );
+impl Stats {
+    /// The same statistics summed over the world's ranks.
+    fn summed(&self, world: &World) -> Stats {
+        Stats {
+            loss_sum: world.sum(self.loss_sum),
+            elements: world.sum(self.elements as f64) as usize,
+            pairs: world.sum(self.pairs as f64) as usize,
+            correct: world.sum(self.correct as f64) as i64,
+            margin_sum: world.sum(self.margin_sum),
+            reward_sum: world.sum(self.reward_sum),
+            reward_sq_sum: world.sum(self.reward_sq_sum),
+            rewards: world.sum(self.rewards as f64) as usize,
+        }
+    }
+}
+
+/// What a run reads before it starts: the model, its tokenizer, the rankings to train and
+/// evaluate on, and the sequences that normalise the rewards at the end.
+struct Inputs {
+    model: Model,
+    tok: Tokenizer,
+    train: PreparedRankings,
+    eval: Option<PreparedRankings>,
+    normalize_set: Vec<Vec<i64>>,
+}
+
+fn read_inputs(args: &TrainArgs) -> Result<Inputs> {
     let (device, kind) = args.device.resolve();
     args.run.seed_torch();
-    let (mut model, tok) = data::io::load_with_tokenizer(&args.model, Head::Score, device, kind)?;
+    let opts = ModelOptions::new(Head::Score, device, kind);
+    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let train = prepare_file(&args.data.data, &tok, args)?;
     let eval = args
         .data
@@ -184,18 +203,39 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             .collect::<data::Result<_>>()?,
         None => train.rows.iter().map(|r| r.sequences[0].clone()).collect(),
     };
+    Ok(Inputs {
+        model,
+        tok,
+        train,
+        eval,
+        normalize_set,
+    })
+}
 
+pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
+    args.data.validate()?;
+    args.optim.validate()?;
+    args.run.validate()?;
+    let Inputs {
+        model,
+        tok,
+        train,
+        eval,
+        normalize_set,
+    } = read_inputs(args)?;
     let total_steps = args
         .data
         .total_steps(train.rows.len(), args.run.epochs, args.run.max_steps);
-    let mut opt = AdamW::new(model.vs.variables(), args.optim.adamw());
+    let schedule = args.optim.schedule(total_steps);
+    let mut trainee = Trainee::new("", model, &args.model, &args.optim, schedule);
+    let world = World::single();
     let mut session = Session::start(
         "reward",
         args,
         &args.run,
-        &args.optim,
         total_steps,
-        &mut [("", &model, &mut opt)],
+        world,
+        &mut [&mut trainee],
     )
     .context("starting the run")?;
     let lengths = train
@@ -215,98 +255,133 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         train.rows.len(),
         args.data.rows_per_step()
     );
+    let shape = (args.data.batch_size, tok.pad_id);
     let mut eval_accuracy = None;
     while !session.done() && session.stop_requested().is_none() {
-        let started = Instant::now();
-        let indices = sampler.next_batch(args.data.rows_per_step());
-        let rows: Vec<_> = indices.iter().map(|&i| &train.rows[i]).collect();
-        let stats = run_rows(&model, &rows, args, tok.pad_id, true, rows.len());
-        let mut loss = stats.loss_sum / stats.elements.max(1) as f64;
-        let step = session.state.step;
-        common::faults::hit("mid-step");
-        if common::faults::nan_from(step) {
-            loss = f64::NAN;
-        }
-        let outcome = optimizer_step(
-            &mut opt,
-            &session.schedule,
-            step,
-            args.optim.max_grad_norm,
-            loss,
-        );
-        session.finish_step(&outcome, loss, sampler.position())?;
-        let tokens: usize = rows
-            .iter()
-            .flat_map(|r| r.sequences.iter().map(Vec::len))
-            .sum();
-        let mut scalars = stats.scalars("train");
-        scalars.extend([
-            ("train/lr".to_string(), outcome.lr),
-            ("train/grad_norm".to_string(), outcome.grad_norm),
-            (
-                "train/tokens_per_second".to_string(),
-                tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
-            ),
-            (
-                "train/skipped_steps".to_string(),
-                session.state.skipped_steps as f64,
-            ),
-        ]);
-        if let Some(eval) = &eval {
-            if args.data.eval_due(session.state.step, session.at_end()) {
-                let _guard = tch::no_grad_guard();
-                let all: Vec<_> = eval.rows.iter().collect();
-                let stats = run_rows(&model, &all, args, tok.pad_id, false, all.len());
-                let s = stats.scalars("eval");
-                eval_accuracy = Some(s[1].1);
-                scalars.extend(s);
-            }
+        let mut scalars = train_step(
+            &mut session,
+            &mut trainee,
+            &mut sampler,
+            &train,
+            args,
+            tok.pad_id,
+        )?;
+        let eval_due = args.data.eval_due(session.state.step, session.at_end());
+        if let Some(eval) = eval.as_ref().filter(|_| eval_due) {
+            let s = evaluate(&trainee.model, eval, shape, &session.world);
+            eval_accuracy = Some(s[1].1);
+            scalars.extend(s);
         }
         let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        session.metrics.log(session.state.step, &refs)?;
+        session.log(session.state.step, &refs)?;
         if session.checkpoint_due() {
-            let t = Trainable {
-                subdir: "",
-                model: &model,
-                optimizer: &opt,
-                sidecar_from: &args.model,
-            };
-            session.save(&[t], |_| Ok(()))?;
+            session.save(&[&trainee], |_| Ok(()))?;
         }
     }
-    if session.stop_requested().is_some() {
+    let stopped = session.stop_requested().is_some();
+    let normalization = if stopped {
         session.report_stop();
-        session.metrics.finish();
-        return Ok(TrainSummary {
-            steps: session.state.step,
-            final_loss: session.state.last_loss,
-            eval_accuracy,
-            normalization: Normalization::of(&model),
-            stopped: true,
-        });
-    }
-    // Centre the rewards on the normalisation set, and record the pad id with which
-    // transformers finds each sequence's last token.
-    let raw = score_sequences(&model, &normalize_set, args.data.batch_size, tok.pad_id);
+        Normalization::of(&trainee.model)
+    } else {
+        finish(
+            &session,
+            &mut trainee.model,
+            &normalize_set,
+            shape,
+            &args.model,
+        )?
+    };
+    session.finish();
+    Ok(TrainSummary {
+        steps: session.state.step,
+        final_loss: session.state.last_loss,
+        eval_accuracy,
+        normalization,
+        stopped,
+    })
+}
+
+/// The `eval/` scalars over every held-out ranking (spread over the ranks).
+fn evaluate(
+    model: &Model,
+    eval: &PreparedRankings,
+    shape: (usize, i64),
+    world: &World,
+) -> Vec<(String, f64)> {
+    let _guard = tch::no_grad_guard();
+    let rows: Vec<_> = world.shard(&eval.rows).iter().collect();
+    let n = world.sum(rows.len() as f64);
+    run_rows(model, &rows, shape, false, n)
+        .summed(world)
+        .scalars("eval")
+}
+
+/// One optimiser step over the sampler's next rankings; returns the step's scalars.
+fn train_step(
+    session: &mut Session,
+    trainee: &mut Trainee,
+    sampler: &mut Sampler,
+    train: &PreparedRankings,
+    args: &TrainArgs,
+    pad_id: i64,
+) -> Result<Vec<(String, f64)>> {
+    let started = Instant::now();
+    let indices = sampler.next_batch(args.data.rows_per_step());
+    let world = &session.world;
+    let rows: Vec<_> = world
+        .shard(&indices)
+        .iter()
+        .map(|&i| &train.rows[i])
+        .collect();
+    let elements = world.sum(rows.len() as f64);
+    let shape = (args.data.batch_size, pad_id);
+    let stats = run_rows(&trainee.model, &rows, shape, true, elements).summed(world);
+    let loss = stats.loss_sum / stats.elements.max(1) as f64;
+    let outcome = trainee.step(loss, world);
+    let local_tokens: usize = rows
+        .iter()
+        .flat_map(|r| r.sequences.iter().map(Vec::len))
+        .sum();
+    let tokens = world.sum(local_tokens as f64);
+    session.finish_step(&outcome, loss, sampler.position())?;
+    let mut scalars = stats.scalars("train");
+    scalars.extend([
+        ("train/lr".to_string(), outcome.lr),
+        ("train/grad_norm".to_string(), outcome.grad_norm),
+        (
+            "train/tokens_per_second".to_string(),
+            tokens / started.elapsed().as_secs_f64().max(1e-9),
+        ),
+        (
+            "train/skipped_steps".to_string(),
+            session.state.skipped_steps as f64,
+        ),
+    ]);
+    Ok(scalars)
+}
+
+/// Centres the rewards on the normalisation set, records the pad id with which
+/// `transformers` finds each sequence's last token, and writes `final/`.
+fn finish(
+    session: &Session,
+    model: &mut Model,
+    normalize_set: &[Vec<i64>],
+    (batch_size, pad_id): (usize, i64),
+    source: &std::path::Path,
+) -> Result<Normalization> {
+    let raw = score_sequences(model, normalize_set, batch_size, pad_id);
     let normalization = Normalization::from_rewards(&raw);
-    normalization.store(&mut model);
+    normalization.store(model);
     model
         .config
         .raw
-        .insert("pad_token_id".into(), serde_json::Value::from(tok.pad_id));
+        .insert("pad_token_id".into(), serde_json::Value::from(pad_id));
     tracing::info!(
         "normalisation over {} sequences: bias {:.4}, std {:.4}",
         raw.len(),
         normalization.bias,
         normalization.std.unwrap_or(0.0)
     );
-    session.write_model("final", &model, &args.model)?;
-    session.metrics.finish();
-    Ok(TrainSummary {
-        steps: session.state.step,
-        final_loss: session.state.last_loss,
-        eval_accuracy,
-        normalization,
-        stopped: false,
-    })
+    session.write_model("final", model, source)?;
+    Ok(normalization)
 }

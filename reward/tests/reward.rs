@@ -10,7 +10,6 @@ use std::sync::OnceLock;
 use common::{Head, Model};
 use rlhf_tests::{ok, run_bin};
 use serde_json::{json, Value};
-use tch::{Device, Kind};
 
 struct Fixture {
     root: PathBuf,
@@ -171,7 +170,7 @@ fn learns_the_rule_normalises_and_matches_transformers() {
     );
 
     // Raw scores against AutoModelForSequenceClassification on the saved model, right padding.
-    let (model, _) = Model::load(&final_dir, Head::Score, Device::Cpu, Kind::Float).unwrap();
+    let (model, _) = Model::load(&final_dir, &common::ModelOptions::cpu(Head::Score)).unwrap();
     let tok = data::Tokenizer::load(&final_dir).unwrap();
     let rows: Vec<Vec<i64>> = [
         "Count: rabbits legs cage.",
@@ -200,7 +199,7 @@ fn killed_run_resumes_to_the_same_weights() {
     let args = ["--max-steps", "4", "--save-every", "2"];
     ok(&train(&straight, &args, &[]));
     let load = |d: &Path| {
-        Model::load(&d.join("final"), Head::Score, Device::Cpu, Kind::Float)
+        Model::load(&d.join("final"), &common::ModelOptions::cpu(Head::Score))
             .unwrap()
             .0
             .named_tensors()

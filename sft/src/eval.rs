@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use common::cli::DeviceArgs;
+use common::cli::{require, DeviceArgs};
 use common::ops::logprobs_of;
-use common::{Head, Model};
+use common::{Head, Model, ModelOptions};
 use data::sft::{collate, prepare, SftBatch, TokenizedSft, Truncation};
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -85,11 +85,14 @@ pub struct EvalSummary {
 }
 
 pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
-    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    anyhow::ensure!(args.max_length > 1, "--max-length must be at least 2");
+    require(&[
+        (args.batch_size > 0, "--batch-size must be at least 1"),
+        (args.max_length > 1, "--max-length must be at least 2"),
+    ])?;
     let (device, kind) = args.device.resolve();
     let examples = data::read_sft(&args.data)?;
-    let (model, tok) = data::io::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
+    let opts = ModelOptions::new(Head::Lm, device, kind);
+    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let prepared = prepare(&examples, &tok, args.max_length, args.truncation, true)?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(

@@ -2,5 +2,6 @@
 //! read a language model with its tokenizer: `eval` (per-row NLL) and `generate`.
 
 pub mod eval;
-pub mod generate;
 pub mod train;
+
+pub use common::generate::command as generate;

@@ -36,10 +36,9 @@ fn main() {
             json!({"rows": s.rows, "tokens": s.tokens, "loss": s.loss,
                    "perplexity": s.loss.exp(), "dropped": s.dropped})
         }),
-        Command::Generate(args) => sft::generate::run(args).map(|s| {
-            json!({"rows": s.rows, "finished_eos": s.finished_eos, "tokens": s.tokens,
-                   "output": args.output})
-        }),
+        Command::Generate(args) => sft::generate::run(args)
+            .map(|s| s.to_json(args))
+            .map_err(anyhow::Error::from),
     };
     common::cli::finish(result)
 }

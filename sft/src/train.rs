@@ -4,17 +4,16 @@
 //! token-weighted mean over the whole accumulated batch, so it does not depend on how the
 //! batch is split into micro-batches.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::cli::{DeviceArgs, OptimArgs, RunArgs};
-use common::optim::AdamW;
-use common::train::{optimizer_step, Session, Trainable};
-use common::Head;
-use data::cli::TrainDataArgs;
-use data::sft::{collate, prepare, Prepared};
+use common::cli::{DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
+use common::train::Session;
+use common::{Head, Model, ModelOptions, Trainee, World};
+use data::sampler::Sampler;
+use data::sft::{collate, prepare, Prepared, TokenizedSft};
 use serde::Serialize;
 use tch::Kind;
 
@@ -51,24 +50,14 @@ pub struct TrainSummary {
 
 impl TrainArgs {
     fn validate(&self) -> Result<()> {
-        self.data.validate().map_err(anyhow::Error::msg)?;
-        ensure!(
-            self.run.epochs > 0 || self.run.max_steps.is_some(),
-            "--epochs must be at least 1"
-        );
-        ensure!(
-            self.run.max_steps != Some(0),
-            "--max-steps must be at least 1"
-        );
-        self.optim.validate().map_err(anyhow::Error::msg)
+        self.data.validate()?;
+        self.run.validate()?;
+        self.optim.validate()?;
+        Ok(())
     }
 }
 
-fn prepare_file(
-    path: &std::path::Path,
-    tok: &data::Tokenizer,
-    args: &TrainArgs,
-) -> Result<Prepared> {
+fn prepare_file(path: &Path, tok: &data::Tokenizer, args: &TrainArgs) -> Result<Prepared> {
     let examples = data::read_sft(path)?;
     let prepared = prepare(
         &examples,
@@ -96,12 +85,49 @@ fn prepare_file(
     Ok(prepared)
 }
 
+/// Mean NLL per target token over `eval`'s rows.
+fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> f64 {
+    let per_row = nll_per_row(model, &eval.rows, batch_size, pad_id);
+    let (nll, n) = per_row
+        .iter()
+        .fold((0.0, 0), |(a, b), (x, y)| (a + x, b + y));
+    nll / n.max(1) as f64
+}
+
+/// Forward and backward over this rank's rows of one step, in micro-batches; the loss is
+/// divided by the target tokens of the whole step on every rank, so it is the same
+/// whatever the split. Returns the step's loss and the tokens seen here.
+fn accumulate(
+    model: &Model,
+    rows: &[&TokenizedSft],
+    batch_size: usize,
+    pad_id: i64,
+    world: &World,
+) -> (f64, i64) {
+    let local_targets: i64 = rows
+        .iter()
+        .map(|r| r.loss_mask[1..].iter().sum::<i64>())
+        .sum();
+    let targets = world.sum(local_targets as f64).max(1.0);
+    let (mut loss_value, mut tokens) = (0.0, 0i64);
+    for micro in rows.chunks(batch_size) {
+        let batch = collate(micro, pad_id, model.device());
+        let (nll, _) = token_nll(model, &batch);
+        let loss = nll.sum(Kind::Float) / targets;
+        loss.backward();
+        loss_value += loss.double_value(&[]);
+        tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
+    }
+    (world.sum(loss_value), tokens)
+}
+
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     // Read everything that can be wrong before the output directory is touched.
     let (device, kind) = args.device.resolve();
     args.run.seed_torch();
-    let (model, tok) = data::io::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
+    let opts = ModelOptions::new(Head::Lm, device, kind);
+    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let train = prepare_file(&args.data.data, &tok, args)?;
     let eval = args
         .data
@@ -110,18 +136,19 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .map(|p| prepare_file(p, &tok, args))
         .transpose()?;
 
-    let rows_per_step = args.data.rows_per_step();
     let total_steps = args
         .data
         .total_steps(train.rows.len(), args.run.epochs, args.run.max_steps);
-    let mut opt = AdamW::new(model.vs.variables(), args.optim.adamw());
+    let schedule = args.optim.schedule(total_steps);
+    let mut trainee = Trainee::new("", model, &args.model, &args.optim, schedule);
+    let world = World::single();
     let mut session = Session::start(
         "sft",
         args,
         &args.run,
-        &args.optim,
         total_steps,
-        &mut [("", &model, &mut opt)],
+        world,
+        &mut [&mut trainee],
     )
     .context("starting the run")?;
     let lengths = train.rows.iter().map(|r| r.ids.len()).collect();
@@ -131,89 +158,79 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         "sft: {} rows, {} steps of {} rows ({} × {} accumulated)",
         train.rows.len(),
         total_steps,
-        rows_per_step,
+        args.data.rows_per_step(),
         args.data.batch_size,
         args.data.grad_accum
     );
-    let evaluate = |eval: &Prepared| -> f64 {
-        let per_row = nll_per_row(&model, &eval.rows, args.data.batch_size, tok.pad_id);
-        let (nll, n) = per_row
-            .iter()
-            .fold((0.0, 0), |(a, b), (x, y)| (a + x, b + y));
-        nll / n.max(1) as f64
-    };
     let mut eval_loss = None;
-
     while !session.done() && session.stop_requested().is_none() {
-        let started = Instant::now();
-        let indices = sampler.next_batch(rows_per_step);
-        let rows: Vec<_> = indices.iter().map(|&i| &train.rows[i]).collect();
-        let targets: i64 = rows
-            .iter()
-            .map(|r| r.loss_mask[1..].iter().sum::<i64>())
-            .sum();
-        let mut loss_value = 0.0;
-        let mut tokens = 0i64;
-        for micro in rows.chunks(args.data.batch_size) {
-            let batch = collate(micro, tok.pad_id, device);
-            let (nll, _) = token_nll(&model, &batch);
-            let loss = nll.sum(Kind::Float) / targets.max(1) as f64;
-            loss.backward();
-            loss_value += loss.double_value(&[]);
-            tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
+        let batch = Batch {
+            sampler: &mut sampler,
+            rows: &train,
+            pad_id: tok.pad_id,
+        };
+        let mut scalars = train_step(&mut session, &mut trainee, batch, args)?;
+        let eval_due = args.data.eval_due(session.state.step, session.at_end());
+        if let Some(eval) = eval.as_ref().filter(|_| eval_due) {
+            let loss = evaluate(&trainee.model, eval, args.data.batch_size, tok.pad_id);
+            eval_loss = Some(loss);
+            scalars.extend([("eval/loss", loss), ("eval/perplexity", loss.exp())]);
         }
-        let step = session.state.step;
-        common::faults::hit("mid-step");
-        if common::faults::nan_from(step) {
-            loss_value = f64::NAN;
-        }
-        let outcome = optimizer_step(
-            &mut opt,
-            &session.schedule,
-            step,
-            args.optim.max_grad_norm,
-            loss_value,
-        );
-        session.finish_step(&outcome, loss_value, sampler.position())?;
-        let elapsed = started.elapsed().as_secs_f64();
-        let mut scalars = vec![
-            ("train/loss", loss_value),
-            ("train/lr", outcome.lr),
-            ("train/grad_norm", outcome.grad_norm),
-            ("train/tokens_per_second", tokens as f64 / elapsed.max(1e-9)),
-            ("train/skipped_steps", session.state.skipped_steps as f64),
-        ];
-        if let Some(eval) = &eval {
-            if args.data.eval_due(session.state.step, session.at_end()) {
-                let loss = evaluate(eval);
-                eval_loss = Some(loss);
-                scalars.push(("eval/loss", loss));
-                scalars.push(("eval/perplexity", loss.exp()));
-            }
-        }
-        session.metrics.log(session.state.step, &scalars)?;
+        session.log(session.state.step, &scalars)?;
         if session.checkpoint_due() {
-            let t = Trainable {
-                subdir: "",
-                model: &model,
-                optimizer: &opt,
-                sidecar_from: &args.model,
-            };
-            session.save(&[t], |_| Ok(()))?;
+            session.save(&[&trainee], |_| Ok(()))?;
         }
     }
     let stopped = session.stop_requested().is_some();
     if stopped {
         session.report_stop();
     } else {
-        session.write_model("final", &model, &args.model)?;
+        session.write_model("final", &trainee.model, &args.model)?;
     }
-    let summary = TrainSummary {
+    session.finish();
+    Ok(TrainSummary {
         steps: session.state.step,
         final_loss: session.state.last_loss,
         eval_loss,
         stopped,
-    };
-    session.metrics.finish();
-    Ok(summary)
+    })
+}
+
+/// Where a step's rows come from.
+struct Batch<'a> {
+    sampler: &'a mut Sampler,
+    rows: &'a Prepared,
+    pad_id: i64,
+}
+
+/// One optimiser step over the sampler's next rows; returns the step's scalars.
+fn train_step(
+    session: &mut Session,
+    trainee: &mut Trainee,
+    batch: Batch,
+    args: &TrainArgs,
+) -> Result<Vec<(&'static str, f64)>> {
+    let started = Instant::now();
+    let indices = batch.sampler.next_batch(args.data.rows_per_step());
+    let world = &session.world;
+    let rows: Vec<_> = world
+        .shard(&indices)
+        .iter()
+        .map(|&i| &batch.rows.rows[i])
+        .collect();
+    let model = &trainee.model;
+    let (loss, tokens) = accumulate(model, &rows, args.data.batch_size, batch.pad_id, world);
+    let outcome = trainee.step(loss, world);
+    let tokens = world.sum(tokens as f64);
+    session.finish_step(&outcome, loss, batch.sampler.position())?;
+    Ok(vec![
+        ("train/loss", loss),
+        ("train/lr", outcome.lr),
+        ("train/grad_norm", outcome.grad_norm),
+        (
+            "train/tokens_per_second",
+            tokens / started.elapsed().as_secs_f64().max(1e-9),
+        ),
+        ("train/skipped_steps", session.state.skipped_steps as f64),
+    ])
 }

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use common::{Head, Model};
 use rlhf_tests::{ok, read_jsonl, run_bin};
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 struct Fixture {
     root: PathBuf,
@@ -135,7 +135,7 @@ fn loss_falls_and_outputs_load_in_transformers_and_tensorboard() {
 
     // The final directory: our logits vs transformers', and TensorBoard's view of the run.
     let final_dir = out.join("final");
-    let model = Model::load(&final_dir, Head::Lm, Device::Cpu, Kind::Float)
+    let model = Model::load(&final_dir, &common::ModelOptions::cpu(Head::Lm))
         .unwrap()
         .0;
     let tok = data::Tokenizer::load(&final_dir).unwrap();
@@ -431,9 +431,7 @@ fn consecutive_non_finite_steps_stop_the_run_and_keep_the_last_checkpoint() {
     // The checkpoint of step 2 is intact and loads.
     Model::load(
         &out.join("checkpoints/step-000002"),
-        Head::Lm,
-        Device::Cpu,
-        Kind::Float,
+        &common::ModelOptions::cpu(Head::Lm),
     )
     .unwrap();
     assert!(!out.join("checkpoints/step-000004").exists());
@@ -472,13 +470,13 @@ fn bad_models_and_outputs_are_refused_with_one_line() {
                 .unwrap();
         c["vocab_size"] = json!(50);
         let config = common::ModelConfig::from_json(c, Path::new("config.json")).unwrap();
-        Model::new(config, Head::Lm, Device::Cpu, Kind::Float)
+        Model::new(config, &common::ModelOptions::cpu(Head::Lm))
             .save(&small_vocab, Some(&f.model))
             .unwrap();
     }
     let missing = copy_model("missing-tensor");
     {
-        let (m, _) = Model::load(&missing, Head::Lm, Device::Cpu, Kind::Float).unwrap();
+        let (m, _) = Model::load(&missing, &common::ModelOptions::cpu(Head::Lm)).unwrap();
         let mut t = m.named_tensors();
         t.remove("model.norm.weight");
         common::checkpoint::save_tensors(&t, &missing, usize::MAX).unwrap();
@@ -602,7 +600,7 @@ fn a_full_disk_fails_the_run_and_keeps_the_earlier_checkpoint() {
     assert!(!err.contains("panicked"), "{err}");
     let good = out.join("checkpoints/step-000002");
     assert!(good.join("trainer_state.json").exists());
-    Model::load(&good, Head::Lm, Device::Cpu, Kind::Float).unwrap();
+    Model::load(&good, &common::ModelOptions::cpu(Head::Lm)).unwrap();
     assert!(!out.join("checkpoints/step-000004").exists());
     assert!(
         !out.join("checkpoints/.step-000004.tmp").exists(),

@@ -270,7 +270,7 @@ pub fn data(out: &Path, seed: u64, max: u32) -> Value {
     });
     tch::manual_seed(seed as i64);
     let config = common::ModelConfig::from_json(config, Path::new("config.json")).unwrap();
-    common::Model::new(config, common::Head::Lm, tch::Device::Cpu, tch::Kind::Float)
+    common::Model::new(config, &common::ModelOptions::cpu(common::Head::Lm))
         .save(&base, None)
         .unwrap();
     json!({"train_problems": train.len(), "eval_problems": eval.len(), "sft_rows": sft.len(),

@@ -96,7 +96,7 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
 /// Largest absolute difference between the weights of two model directories.
 pub fn max_weight_diff(a: &Path, b: &Path, head: common::Head) -> f64 {
     let load = |d: &Path| {
-        common::Model::load(d, head, tch::Device::Cpu, tch::Kind::Float)
+        common::Model::load(d, &common::ModelOptions::cpu(head))
             .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
             .0
             .named_tensors()

@@ -90,7 +90,9 @@ fn fixture() -> &'static Fixture {
 }
 
 fn load(dir: &Path, head: Head) -> Model {
-    Model::load(dir, head, Device::Cpu, Kind::Float).unwrap().0
+    Model::load(dir, &common::ModelOptions::cpu(head))
+        .unwrap()
+        .0
 }
 
 fn batch(case: &Value) -> (Tensor, Tensor) {
@@ -218,12 +220,12 @@ fn saved_directories_load_in_transformers_and_round_trip() {
             );
         }
 
-        let (score, report) = Model::load(&src, Head::Score, Device::Cpu, Kind::Float).unwrap();
+        let (score, report) = Model::load(&src, &common::ModelOptions::cpu(Head::Score)).unwrap();
         assert_eq!(report.initialised, ["score.weight"], "{arch}");
         let score_dir = f.root.join(format!("{arch}-saved-score"));
         score.save(&score_dir, Some(&src)).unwrap();
         let (reloaded, report) =
-            Model::load(&score_dir, Head::Score, Device::Cpu, Kind::Float).unwrap();
+            Model::load(&score_dir, &common::ModelOptions::cpu(Head::Score)).unwrap();
         assert!(report.initialised.is_empty());
         let scores = last_token_scores(&reloaded, &ids, &mask);
         assert!(scores.equal(&last_token_scores(&score, &ids, &mask)));

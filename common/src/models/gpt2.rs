@@ -5,12 +5,16 @@
 //! GPT-2's `Conv1D` stores weights as `[in, out]`, so `Conv1D::forward` is `x·W + b` and
 //! no checkpoint tensor is ever transposed.
 
+use std::path::Path;
+
 use serde::Deserialize;
-use tch::nn::{self, Init};
+use tch::nn;
 use tch::Tensor;
 
 use super::attention::{KvCache, Masking};
-use super::layers::{Embedding, LayerNorm};
+use super::layers::{Activation, Conv1D, Embedding, LayerNorm};
+use super::options::ModelOptions;
+use crate::error::{Error, Result};
 
 /// GPT-2's `config.json`, with Hugging Face's field names and defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -27,8 +31,11 @@ pub struct Config {
     pub n_head: i64,
     #[serde(default)]
     pub n_inner: Option<i64>,
-    #[serde(default = "defaults::activation")]
-    pub activation_function: String,
+    #[serde(
+        default = "defaults::activation",
+        deserialize_with = "defaults::activation_field"
+    )]
+    pub activation_function: Activation,
     #[serde(default = "defaults::eps")]
     pub layer_norm_epsilon: f64,
     #[serde(default = "defaults::init_range")]
@@ -57,8 +64,13 @@ mod defaults {
     pub fn n_head() -> i64 {
         12
     }
-    pub fn activation() -> String {
-        "gelu_new".into()
+    pub fn activation() -> super::Activation {
+        super::Activation::GeluNew
+    }
+    pub fn activation_field<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<super::Activation, D::Error> {
+        super::Activation::deserialize_field(d, "activation_function")
     }
     pub fn eps() -> f64 {
         1e-5
@@ -71,60 +83,19 @@ mod defaults {
     }
 }
 
-pub const ACTIVATIONS: &[&str] = &["gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu"];
-
 impl Config {
-    /// Values this implementation cannot honour, as `field: problem` messages.
-    pub fn validate(&self) -> Result<(), String> {
-        if !ACTIVATIONS.contains(&self.activation_function.as_str()) {
-            return Err(format!(
-                "activation_function '{}' is not supported (supported: {})",
-                self.activation_function,
-                ACTIVATIONS.join(", ")
-            ));
-        }
+    /// Values this implementation cannot honour, named with `path`.
+    pub fn validate(&self, path: &Path) -> Result<()> {
         if self.n_embd % self.n_head != 0 {
-            return Err(format!(
-                "n_embd {} is not a multiple of n_head {}",
-                self.n_embd, self.n_head
+            return Err(Error::config(
+                path,
+                format!(
+                    "n_embd {} is not a multiple of n_head {}",
+                    self.n_embd, self.n_head
+                ),
             ));
         }
         Ok(())
-    }
-}
-
-fn activate(name: &str, x: &Tensor) -> Tensor {
-    match name {
-        "gelu_new" | "gelu_pytorch_tanh" => x.gelu("tanh"),
-        "gelu" => x.gelu("none"),
-        "relu" => x.relu(),
-        _ => x.silu(),
-    }
-}
-
-/// `transformers.pytorch_utils.Conv1D`: weight `[in, out]`, bias `[out]`.
-#[derive(Debug)]
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    fn new(p: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> Self {
-        let weight = p.var(
-            "weight",
-            &[in_dim, out_dim],
-            Init::Randn {
-                mean: 0.0,
-                stdev: std,
-            },
-        );
-        let bias = p.zeros("bias", &[out_dim]);
-        Conv1D { weight, bias }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.matmul(&self.weight) + &self.bias
     }
 }
 
@@ -136,12 +107,13 @@ struct Block {
     ln_2: LayerNorm,
     c_fc: Conv1D,
     mlp_proj: Conv1D,
+    activation: Activation,
     n_head: i64,
     scale: Option<f64>,
 }
 
 impl Block {
-    fn new(p: nn::Path, cfg: &Config, layer: i64) -> Self {
+    fn new(p: nn::Path, cfg: &Config, layer: i64, opts: &ModelOptions) -> Self {
         let h = cfg.n_embd;
         let inner = cfg.n_inner.unwrap_or(4 * h);
         let std = cfg.initializer_range;
@@ -157,12 +129,13 @@ impl Block {
             scale /= (layer + 1) as f64;
         }
         Block {
-            ln_1: LayerNorm::new(&p / "ln_1", h, cfg.layer_norm_epsilon),
-            c_attn: Conv1D::new(&p / "attn" / "c_attn", h, 3 * h, std),
-            attn_proj: Conv1D::new(&p / "attn" / "c_proj", h, h, proj_std),
-            ln_2: LayerNorm::new(&p / "ln_2", h, cfg.layer_norm_epsilon),
-            c_fc: Conv1D::new(&p / "mlp" / "c_fc", h, inner, std),
-            mlp_proj: Conv1D::new(&p / "mlp" / "c_proj", inner, h, proj_std),
+            ln_1: LayerNorm::new(&p / "ln_1", h, cfg.layer_norm_epsilon, opts),
+            c_attn: Conv1D::new(&p / "attn" / "c_attn", (h, 3 * h), std, opts),
+            attn_proj: Conv1D::new(&p / "attn" / "c_proj", (h, h), proj_std, opts),
+            ln_2: LayerNorm::new(&p / "ln_2", h, cfg.layer_norm_epsilon, opts),
+            c_fc: Conv1D::new(&p / "mlp" / "c_fc", (h, inner), std, opts),
+            mlp_proj: Conv1D::new(&p / "mlp" / "c_proj", (inner, h), proj_std, opts),
+            activation: cfg.activation_function,
             n_head: cfg.n_head,
             scale: Some(scale),
         }
@@ -172,7 +145,6 @@ impl Block {
         &self,
         x: &Tensor,
         masking: &Masking,
-        activation: &str,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
         let (b, t, h) = x.size3().unwrap();
@@ -194,10 +166,11 @@ impl Block {
             .transpose(1, 2)
             .reshape([b, t, h]);
         let x = x + self.attn_proj.forward(&attn);
-        let mlp = self.mlp_proj.forward(&activate(
-            activation,
-            &self.c_fc.forward(&self.ln_2.forward(&x)),
-        ));
+        let mlp = self.mlp_proj.forward(
+            &self
+                .activation
+                .forward(&self.c_fc.forward(&self.ln_2.forward(&x))),
+        );
         x + mlp
     }
 }
@@ -209,20 +182,18 @@ pub struct Gpt2 {
     wpe: Embedding,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    activation: String,
 }
 
 impl Gpt2 {
-    pub fn new(p: nn::Path, cfg: &Config) -> Self {
+    pub fn new(p: nn::Path, cfg: &Config, opts: &ModelOptions) -> Self {
         let std = cfg.initializer_range;
         Gpt2 {
-            wte: Embedding::new(&p / "wte", cfg.vocab_size, cfg.n_embd, std),
-            wpe: Embedding::new(&p / "wpe", cfg.n_positions, cfg.n_embd, std),
+            wte: Embedding::new(&p / "wte", cfg.vocab_size, cfg.n_embd, std, opts),
+            wpe: Embedding::new(&p / "wpe", cfg.n_positions, cfg.n_embd, std, opts),
             blocks: (0..cfg.n_layer)
-                .map(|i| Block::new(&p / "h" / i, cfg, i))
+                .map(|i| Block::new(&p / "h" / i, cfg, i, opts))
                 .collect(),
-            ln_f: LayerNorm::new(&p / "ln_f", cfg.n_embd, cfg.layer_norm_epsilon),
-            activation: cfg.activation_function.clone(),
+            ln_f: LayerNorm::new(&p / "ln_f", cfg.n_embd, cfg.layer_norm_epsilon, opts),
         }
     }
 
@@ -241,7 +212,7 @@ impl Gpt2 {
         let mut x = self.wte.forward(ids) + self.wpe.forward(positions);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = block.forward(&x, masking, &self.activation, layer_cache);
+            x = block.forward(&x, masking, layer_cache);
         }
         self.ln_f.forward(&x)
     }

@@ -1,7 +1,94 @@
 //! Small building blocks shared by the architectures, with Hugging Face parameter names.
+//! Every layer is built with the model's [`ModelOptions`], which decide how its parameters
+//! are made (today: trainable or frozen; adapters attach here later).
 
+use serde::{Deserialize, Deserializer};
 use tch::nn::{self, Init};
 use tch::Tensor;
+
+use super::options::ModelOptions;
+
+/// A parameter `name` under `p`: trainable unless the options freeze the model.
+pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: Init, opts: &ModelOptions) -> Tensor {
+    let t = p.var(name, shape, init);
+    if opts.trainable {
+        t
+    } else {
+        t.set_requires_grad(false)
+    }
+}
+
+fn normal(std: f64) -> Init {
+    Init::Randn {
+        mean: 0.0,
+        stdev: std,
+    }
+}
+
+/// The activation functions of `transformers`' `ACT2FN` that we implement, parsed once
+/// from `config.json` (`activation_function`, `hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    GeluNew,
+    GeluPytorchTanh,
+    Gelu,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    pub const ALL: [Activation; 5] = [
+        Activation::GeluNew,
+        Activation::GeluPytorchTanh,
+        Activation::Gelu,
+        Activation::Relu,
+        Activation::Silu,
+    ];
+
+    /// The name `config.json` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::GeluNew => "gelu_new",
+            Activation::GeluPytorchTanh => "gelu_pytorch_tanh",
+            Activation::Gelu => "gelu",
+            Activation::Relu => "relu",
+            Activation::Silu => "silu",
+        }
+    }
+
+    pub fn forward(self, x: &Tensor) -> Tensor {
+        match self {
+            // GPT-2's `gelu_new` is the tanh approximation.
+            Activation::GeluNew | Activation::GeluPytorchTanh => x.gelu("tanh"),
+            Activation::Gelu => x.gelu("none"),
+            Activation::Relu => x.relu(),
+            Activation::Silu => x.silu(),
+        }
+    }
+
+    /// `field`'s value from a config, or a message naming the field and the choices.
+    pub fn parse(field: &str, value: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name() == value)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|a| a.name()).collect();
+                format!(
+                    "{field} '{value}' is not supported (supported: {})",
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// A serde field reader for `field` (its errors name the field).
+    pub(crate) fn deserialize_field<'de, D: Deserializer<'de>>(
+        d: D,
+        field: &str,
+    ) -> Result<Self, D::Error> {
+        let value = String::deserialize(d)?;
+        Self::parse(field, &value).map_err(serde::de::Error::custom)
+    }
+}
 
 /// `nn.Linear`: weight `[out, in]` named `weight`, optional `bias`.
 #[derive(Debug)]
@@ -11,16 +98,15 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Self {
-        let weight = p.var(
-            "weight",
-            &[out_dim, in_dim],
-            Init::Randn {
-                mean: 0.0,
-                stdev: std,
-            },
-        );
-        let bias = bias.then(|| p.zeros("bias", &[out_dim]));
+    pub fn new(
+        p: nn::Path,
+        (in_dim, out_dim): (i64, i64),
+        bias: bool,
+        std: f64,
+        opts: &ModelOptions,
+    ) -> Self {
+        let weight = param(&p, "weight", &[out_dim, in_dim], normal(std), opts);
+        let bias = bias.then(|| param(&p, "bias", &[out_dim], Init::Const(0.0), opts));
         Linear { weight, bias }
     }
 
@@ -36,16 +122,10 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    pub fn new(p: nn::Path, num: i64, dim: i64, std: f64) -> Self {
-        let weight = p.var(
-            "weight",
-            &[num, dim],
-            Init::Randn {
-                mean: 0.0,
-                stdev: std,
-            },
-        );
-        Embedding { weight }
+    pub fn new(p: nn::Path, num: i64, dim: i64, std: f64, opts: &ModelOptions) -> Self {
+        Embedding {
+            weight: param(&p, "weight", &[num, dim], normal(std), opts),
+        }
     }
 
     pub fn forward(&self, ids: &Tensor) -> Tensor {
@@ -62,10 +142,10 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+    pub fn new(p: nn::Path, dim: i64, eps: f64, opts: &ModelOptions) -> Self {
         LayerNorm {
-            weight: p.ones("weight", &[dim]),
-            bias: p.zeros("bias", &[dim]),
+            weight: param(&p, "weight", &[dim], Init::Const(1.0), opts),
+            bias: param(&p, "bias", &[dim], Init::Const(0.0), opts),
             eps,
         }
     }
@@ -78,5 +158,54 @@ impl LayerNorm {
             self.eps,
             true,
         )
+    }
+}
+
+/// `transformers.pytorch_utils.Conv1D` (GPT-2): weight `[in, out]`, bias `[out]`, so the
+/// forward is `x·W + b` and a stored tensor is never transposed.
+#[derive(Debug)]
+pub struct Conv1D {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Conv1D {
+    pub fn new(p: nn::Path, (in_dim, out_dim): (i64, i64), std: f64, opts: &ModelOptions) -> Self {
+        Conv1D {
+            weight: param(&p, "weight", &[in_dim, out_dim], normal(std), opts),
+            bias: param(&p, "bias", &[out_dim], Init::Const(0.0), opts),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.weight) + &self.bias
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Head;
+
+    #[test]
+    fn frozen_options_make_frozen_parameters() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let cpu = ModelOptions::cpu(Head::Lm);
+        let a = Linear::new(vs.root() / "a", (3, 2), true, 0.02, &cpu);
+        let b = Linear::new(vs.root() / "b", (3, 2), true, 0.02, &cpu.clone().frozen());
+        assert!(a.weight.requires_grad() && a.bias.unwrap().requires_grad());
+        assert!(!b.weight.requires_grad() && !b.bias.unwrap().requires_grad());
+    }
+
+    #[test]
+    fn activation_names_round_trip_and_unknown_ones_are_named() {
+        for a in Activation::ALL {
+            assert_eq!(Activation::parse("hidden_act", a.name()), Ok(a));
+        }
+        let e = Activation::parse("activation_function", "swishy").unwrap_err();
+        assert!(
+            e.starts_with("activation_function 'swishy' is not supported (supported: gelu_new"),
+            "{e}"
+        );
     }
 }

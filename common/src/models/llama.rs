@@ -5,18 +5,23 @@
 //! copies): RMSNorm, rotary embeddings (default, linear or llama3 frequencies), SwiGLU,
 //! grouped-query attention, optional q/k/v bias, tied or untied embeddings.
 
+use std::path::Path;
+
 use serde::Deserialize;
 use serde_json::Value;
-use tch::nn::{self};
+use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
 use super::attention::{KvCache, Masking};
-use super::layers::{Embedding, Linear};
+use super::layers::{param, Activation, Embedding, Linear};
+use super::options::ModelOptions;
+use super::ModelType;
+use crate::error::{Error, Result};
 
 /// `config.json` of `llama`, `mistral` and `qwen2`, with Hugging Face's field names.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    pub model_type: String,
+    pub model_type: ModelType,
     pub vocab_size: i64,
     pub hidden_size: i64,
     pub intermediate_size: i64,
@@ -28,8 +33,11 @@ pub struct Config {
     pub head_dim: Option<i64>,
     #[serde(default = "defaults::rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "defaults::hidden_act")]
-    pub hidden_act: String,
+    #[serde(
+        default = "defaults::hidden_act",
+        deserialize_with = "defaults::hidden_act_field"
+    )]
+    pub hidden_act: Activation,
     #[serde(default = "defaults::init_range")]
     pub initializer_range: f64,
     #[serde(default)]
@@ -56,8 +64,13 @@ mod defaults {
     pub fn rms_norm_eps() -> f64 {
         1e-6
     }
-    pub fn hidden_act() -> String {
-        "silu".into()
+    pub fn hidden_act() -> super::Activation {
+        super::Activation::Silu
+    }
+    pub fn hidden_act_field<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<super::Activation, D::Error> {
+        super::Activation::deserialize_field(d, "hidden_act")
     }
     pub fn init_range() -> f64 {
         0.02
@@ -97,13 +110,13 @@ impl Config {
 
     /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.
     pub fn qkv_bias(&self) -> bool {
-        self.model_type == "qwen2" || self.attention_bias
+        self.model_type == ModelType::Qwen2 || self.attention_bias
     }
 
     /// The attention window, where the architecture uses one.
     pub fn sliding_window(&self) -> Option<i64> {
-        match self.model_type.as_str() {
-            "mistral" => self.sliding_window,
+        match self.model_type {
+            ModelType::Mistral => self.sliding_window,
             _ => None,
         }
     }
@@ -142,24 +155,28 @@ impl Config {
         Ok(Rope { theta, scaling })
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        if self.hidden_act != "silu" {
-            return Err(format!(
+    /// Values this implementation cannot honour, named with `path`.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let problem = if self.hidden_act != Activation::Silu {
+            Some(format!(
                 "hidden_act '{}' is not supported (supported: silu)",
-                self.hidden_act
-            ));
-        }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
-            return Err(format!(
+                self.hidden_act.name()
+            ))
+        } else if self.num_attention_heads % self.num_kv_heads() != 0 {
+            Some(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_kv_heads()
-            ));
+            ))
+        } else if self.model_type == ModelType::Qwen2 && self.use_sliding_window == Some(true) {
+            Some("use_sliding_window true is not supported for qwen2".into())
+        } else {
+            self.rope().err()
+        };
+        match problem {
+            Some(message) => Err(Error::config(path, message)),
+            None => Ok(()),
         }
-        if self.model_type == "qwen2" && self.use_sliding_window == Some(true) {
-            return Err("use_sliding_window true is not supported for qwen2".into());
-        }
-        self.rope().map(|_| ())
     }
 }
 
@@ -205,9 +222,9 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+    fn new(p: nn::Path, dim: i64, eps: f64, opts: &ModelOptions) -> Self {
         RmsNorm {
-            weight: p.ones("weight", &[dim]),
+            weight: param(&p, "weight", &[dim], Init::Const(1.0), opts),
             eps,
         }
     }
@@ -244,26 +261,24 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(p: nn::Path, cfg: &Config) -> Self {
+    fn new(p: nn::Path, cfg: &Config, opts: &ModelOptions) -> Self {
         let (h, d, std) = (cfg.hidden_size, cfg.head_dim(), cfg.initializer_range);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
         let attn = &p / "self_attn";
         let mlp = &p / "mlp";
         let i = cfg.intermediate_size;
+        let linear = |path: nn::Path, dims, bias| Linear::new(path, dims, bias, std, opts);
+        let norm = |path: nn::Path| RmsNorm::new(path, h, cfg.rms_norm_eps, opts);
         Layer {
-            input_layernorm: RmsNorm::new(&p / "input_layernorm", h, cfg.rms_norm_eps),
-            q_proj: Linear::new(&attn / "q_proj", h, nh * d, cfg.qkv_bias(), std),
-            k_proj: Linear::new(&attn / "k_proj", h, nkv * d, cfg.qkv_bias(), std),
-            v_proj: Linear::new(&attn / "v_proj", h, nkv * d, cfg.qkv_bias(), std),
-            o_proj: Linear::new(&attn / "o_proj", nh * d, h, cfg.attention_bias, std),
-            post_attention_layernorm: RmsNorm::new(
-                &p / "post_attention_layernorm",
-                h,
-                cfg.rms_norm_eps,
-            ),
-            gate_proj: Linear::new(&mlp / "gate_proj", h, i, cfg.mlp_bias, std),
-            up_proj: Linear::new(&mlp / "up_proj", h, i, cfg.mlp_bias, std),
-            down_proj: Linear::new(&mlp / "down_proj", i, h, cfg.mlp_bias, std),
+            input_layernorm: norm(&p / "input_layernorm"),
+            q_proj: linear(&attn / "q_proj", (h, nh * d), cfg.qkv_bias()),
+            k_proj: linear(&attn / "k_proj", (h, nkv * d), cfg.qkv_bias()),
+            v_proj: linear(&attn / "v_proj", (h, nkv * d), cfg.qkv_bias()),
+            o_proj: linear(&attn / "o_proj", (nh * d, h), cfg.attention_bias),
+            post_attention_layernorm: norm(&p / "post_attention_layernorm"),
+            gate_proj: linear(&mlp / "gate_proj", (h, i), cfg.mlp_bias),
+            up_proj: linear(&mlp / "up_proj", (h, i), cfg.mlp_bias),
+            down_proj: linear(&mlp / "down_proj", (i, h), cfg.mlp_bias),
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: d,
@@ -314,7 +329,7 @@ pub struct Llama {
 
 impl Llama {
     /// `cfg` must have passed [`Config::validate`].
-    pub fn new(p: nn::Path, cfg: &Config) -> Self {
+    pub fn new(p: nn::Path, cfg: &Config, opts: &ModelOptions) -> Self {
         let rope = cfg.rope().expect("validated config");
         let inv_freq: Vec<f32> = inv_freq(&rope, cfg.head_dim())
             .into_iter()
@@ -326,11 +341,12 @@ impl Llama {
                 cfg.vocab_size,
                 cfg.hidden_size,
                 cfg.initializer_range,
+                opts,
             ),
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| Layer::new(&p / "layers" / i, cfg))
+                .map(|i| Layer::new(&p / "layers" / i, cfg, opts))
                 .collect(),
-            norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.rms_norm_eps),
+            norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.rms_norm_eps, opts),
             inv_freq: Tensor::from_slice(&inv_freq).to_device(p.device()),
             sliding_window: cfg.sliding_window(),
         }
@@ -395,7 +411,8 @@ mod tests {
         let plain = config(serde_json::json!({}));
         assert_eq!(plain.rope().unwrap().scaling, RopeScaling::None);
         let bad = config(serde_json::json!({"rope_parameters": {"rope_type": "yarn"}}));
-        assert!(bad.validate().unwrap_err().contains("yarn"));
+        let e = bad.validate(Path::new("c.json")).unwrap_err().to_string();
+        assert!(e.starts_with("c.json: rope_type 'yarn'"), "{e}");
     }
 
     #[test]

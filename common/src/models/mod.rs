@@ -6,6 +6,7 @@ pub mod attention;
 pub mod gpt2;
 mod layers;
 pub mod llama;
+mod options;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -15,12 +16,53 @@ use serde_json::Value;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
+use data::Tokenizer;
+
 use crate::checkpoint::{self, LoadReport};
 use crate::error::{Error, Result};
 pub use attention::{positions_from_mask, KvCache, Masking};
+use layers::param;
+pub use layers::Activation;
+pub use options::ModelOptions;
 
-/// `model_type` values this crate implements.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2"];
+/// The `model_type` values this crate implements, parsed once from `config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelType {
+    Gpt2,
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl ModelType {
+    pub const ALL: [ModelType; 4] = [
+        ModelType::Gpt2,
+        ModelType::Llama,
+        ModelType::Mistral,
+        ModelType::Qwen2,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelType::Gpt2 => "gpt2",
+            ModelType::Llama => "llama",
+            ModelType::Mistral => "mistral",
+            ModelType::Qwen2 => "qwen2",
+        }
+    }
+
+    /// `transformers`' class names (also what vLLM looks up): causal LM and scalar head.
+    /// GPT-2's LM class is the historical `GPT2LMHeadModel`.
+    fn classes(self) -> (&'static str, &'static str) {
+        match self {
+            ModelType::Gpt2 => ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+            ModelType::Llama => ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+            ModelType::Mistral => ("MistralForCausalLM", "MistralForSequenceClassification"),
+            ModelType::Qwen2 => ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // one per model, never in a hot loop
@@ -32,6 +74,7 @@ pub enum Arch {
 /// A parsed `config.json`, keeping the original JSON so that saving preserves every field.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
+    pub model_type: ModelType,
     pub arch: Arch,
     pub raw: serde_json::Map<String, Value>,
 }
@@ -52,39 +95,42 @@ impl ModelConfig {
         let Value::Object(raw) = raw else {
             return Err(Error::config(path, "expected a JSON object"));
         };
-        let model_type = raw
+        let name = raw
             .get("model_type")
             .and_then(Value::as_str)
             .ok_or_else(|| Error::config(path, "field 'model_type' is missing"))?;
-        let invalid = |e: serde_json::Error| Error::config(path, e.to_string());
-        let arch = match model_type {
-            "gpt2" => {
-                let c: gpt2::Config =
-                    serde_json::from_value(Value::Object(raw.clone())).map_err(invalid)?;
-                c.validate().map_err(|m| Error::config(path, m))?;
-                Arch::Gpt2(c)
-            }
-            "llama" | "mistral" | "qwen2" => {
-                let c: llama::Config =
-                    serde_json::from_value(Value::Object(raw.clone())).map_err(invalid)?;
-                c.validate().map_err(|m| Error::config(path, m))?;
-                Arch::Llama(c)
-            }
-            other => {
-                return Err(Error::config(
+        let model_type = ModelType::ALL
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = ModelType::ALL.iter().map(|t| t.name()).collect();
+                Error::config(
                     path,
                     format!(
-                        "model_type '{other}' is not supported (supported: {})",
-                        SUPPORTED_MODEL_TYPES.join(", ")
+                        "model_type '{name}' is not supported (supported: {})",
+                        names.join(", ")
                     ),
-                ))
+                )
+            })?;
+        let invalid = |e: serde_json::Error| Error::config(path, e.to_string());
+        let json = Value::Object(raw.clone());
+        let arch = match model_type {
+            ModelType::Gpt2 => {
+                let c: gpt2::Config = serde_json::from_value(json).map_err(invalid)?;
+                c.validate(path)?;
+                Arch::Gpt2(c)
+            }
+            ModelType::Llama | ModelType::Mistral | ModelType::Qwen2 => {
+                let c: llama::Config = serde_json::from_value(json).map_err(invalid)?;
+                c.validate(path)?;
+                Arch::Llama(c)
             }
         };
-        Ok(ModelConfig { arch, raw })
-    }
-
-    pub fn model_type(&self) -> &str {
-        self.raw["model_type"].as_str().unwrap_or_default()
+        Ok(ModelConfig {
+            model_type,
+            arch,
+            raw,
+        })
     }
 
     pub fn hidden_size(&self) -> i64 {
@@ -168,6 +214,8 @@ pub struct Model {
     pub vs: nn::VarStore,
     pub config: ModelConfig,
     pub head: Head,
+    /// How it was built.
+    pub options: ModelOptions,
     backbone: Backbone,
     /// `[V, H]` (possibly the tied input embedding) or `[1, H]`: both heads are a
     /// bias-free linear map of the final hidden states.
@@ -178,22 +226,25 @@ const SCORE_WEIGHT: &str = "score.weight";
 
 impl Model {
     /// A model with freshly initialised weights (`transformers`' initialisation scheme).
-    pub fn new(config: ModelConfig, head: Head, device: Device, kind: Kind) -> Self {
-        let mut vs = nn::VarStore::new(device);
+    pub fn new(config: ModelConfig, opts: &ModelOptions) -> Self {
+        let mut vs = nn::VarStore::new(opts.device);
         let root = vs.root();
         let backbone = match &config.arch {
-            Arch::Gpt2(c) => Backbone::Gpt2(gpt2::Gpt2::new(&root / "transformer", c)),
-            Arch::Llama(c) => Backbone::Llama(llama::Llama::new(&root / "model", c)),
+            Arch::Gpt2(c) => Backbone::Gpt2(gpt2::Gpt2::new(&root / "transformer", c, opts)),
+            Arch::Llama(c) => Backbone::Llama(llama::Llama::new(&root / "model", c, opts)),
         };
         let hidden = config.hidden_size();
+        let head = opts.head;
         let head_weight = match head {
-            Head::Score => (&root / "score").var(
+            Head::Score => param(
+                &(&root / "score"),
                 "weight",
                 &[1, hidden],
                 Init::Randn {
                     mean: 0.0,
                     stdev: 1.0 / ((hidden + 1) as f64).sqrt(),
                 },
+                opts,
             ),
             Head::Lm if config.tie_word_embeddings() => match &backbone {
                 Backbone::Gpt2(b) => b.embedding_weight().shallow_clone(),
@@ -204,23 +255,26 @@ impl Model {
                     Arch::Gpt2(c) => c.initializer_range,
                     Arch::Llama(c) => c.initializer_range,
                 };
-                (&root / "lm_head").var(
+                param(
+                    &(&root / "lm_head"),
                     "weight",
                     &[config.vocab_size(), hidden],
                     Init::Randn {
                         mean: 0.0,
                         stdev: std,
                     },
+                    opts,
                 )
             }
         };
-        if kind != Kind::Float {
-            vs.set_kind(kind);
+        if opts.kind != Kind::Float {
+            vs.set_kind(opts.kind);
         }
         Model {
             vs,
             config,
             head,
+            options: opts.clone(),
             backbone,
             head_weight,
         }
@@ -229,10 +283,10 @@ impl Model {
     /// Loads a Hugging Face model directory. A `Score` model may come from a causal LM
     /// (its `score` head is then initialised, as `transformers` does); an `Lm` model from
     /// a reward model only when its embeddings are tied.
-    pub fn load(dir: &Path, head: Head, device: Device, kind: Kind) -> Result<(Self, LoadReport)> {
+    pub fn load(dir: &Path, opts: &ModelOptions) -> Result<(Self, LoadReport)> {
         let config = ModelConfig::load(dir)?;
-        let model = Model::new(config, head, device, kind);
-        let optional: &[&str] = match head {
+        let model = Model::new(config, opts);
+        let optional: &[&str] = match opts.head {
             Head::Score => &[SCORE_WEIGHT],
             Head::Lm => &[],
         };
@@ -251,6 +305,24 @@ impl Model {
             );
         }
         Ok((model, report))
+    }
+
+    /// A model directory's weights and its tokenizer, checked against each other.
+    pub fn load_with_tokenizer(dir: &Path, opts: &ModelOptions) -> Result<(Self, Tokenizer)> {
+        let tokenizer = Tokenizer::load(dir)?;
+        let (model, _) = Model::load(dir, opts).map_err(|source| Error::Load {
+            dir: dir.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let (tokens, embedded) = (tokenizer.vocab_size() as i64, model.config.vocab_size());
+        if tokens > embedded {
+            return Err(data::DataError::file(
+                dir.join("tokenizer.json"),
+                format!("the tokenizer has {tokens} tokens but the model embeds only {embedded} (vocab_size in config.json)"),
+            )
+            .into());
+        }
+        Ok((model, tokenizer))
     }
 
     /// Replaces this model's weights with those stored in `dir` (a checkpoint of the same
@@ -346,17 +418,10 @@ impl Model {
 
     fn export_config(&self) -> Value {
         let mut raw = self.config.raw.clone();
-        // The class names transformers (and vLLM) look up: GPT-2's LM class is the
-        // historical `GPT2LMHeadModel`.
-        let class = match (&self.config.arch, self.config.model_type(), self.head) {
-            (Arch::Gpt2(_), _, Head::Lm) => "GPT2LMHeadModel",
-            (Arch::Gpt2(_), _, Head::Score) => "GPT2ForSequenceClassification",
-            (_, "mistral", Head::Lm) => "MistralForCausalLM",
-            (_, "mistral", Head::Score) => "MistralForSequenceClassification",
-            (_, "qwen2", Head::Lm) => "Qwen2ForCausalLM",
-            (_, "qwen2", Head::Score) => "Qwen2ForSequenceClassification",
-            (_, _, Head::Lm) => "LlamaForCausalLM",
-            (_, _, Head::Score) => "LlamaForSequenceClassification",
+        let (lm, score) = self.config.model_type.classes();
+        let class = match self.head {
+            Head::Lm => lm,
+            Head::Score => score,
         };
         raw.insert("architectures".into(), serde_json::json!([class]));
         raw.insert(
@@ -407,13 +472,13 @@ mod tests {
     fn wrong_shapes_and_missing_tensors_in_a_model_directory() {
         let dir = tempfile::tempdir().unwrap();
         let config = ModelConfig::from_json(tiny_llama(), Path::new("x")).unwrap();
-        let model = Model::new(config, Head::Lm, Device::Cpu, Kind::Float);
+        let model = Model::new(config, &ModelOptions::cpu(Head::Lm));
         model.save(dir.path(), None).unwrap();
         // A config that disagrees with the stored tensors: hidden size 8 → 16.
         let mut raw = tiny_llama();
         raw["hidden_size"] = json!(16);
         std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();
-        let e = Model::load(dir.path(), Head::Lm, Device::Cpu, Kind::Float)
+        let e = Model::load(dir.path(), &ModelOptions::cpu(Head::Lm))
             .unwrap_err()
             .to_string();
         assert!(
@@ -428,7 +493,7 @@ mod tests {
         tensors.remove("lm_head.weight");
         checkpoint::save_tensors(&tensors, dir.path(), checkpoint::DEFAULT_MAX_SHARD_BYTES)
             .unwrap();
-        let e = Model::load(dir.path(), Head::Lm, Device::Cpu, Kind::Float)
+        let e = Model::load(dir.path(), &ModelOptions::cpu(Head::Lm))
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing tensor 'lm_head.weight'"), "{e}");

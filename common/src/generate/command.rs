@@ -1,14 +1,15 @@
-//! `generate`: sample completions for a file of prompts (shared by `sft` and `ppo`).
+//! The `generate` command of `sft` and `ppo`: sample completions for a file of prompts.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
 use clap::Args;
-use common::cli::DeviceArgs;
-use common::generate::{generate, FinishReason, SamplingConfig};
-use common::Head;
 use data::prompts::collate_left;
 use serde_json::json;
+
+use super::{generate, FinishReason, SamplingConfig};
+use crate::cli::{require, DeviceArgs};
+use crate::error::Result;
+use crate::models::{Head, Model, ModelOptions};
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
@@ -55,21 +56,32 @@ pub struct GenerateSummary {
     pub tokens: i64,
 }
 
+impl GenerateSummary {
+    /// The summary line the command prints.
+    pub fn to_json(&self, args: &GenerateArgs) -> serde_json::Value {
+        json!({"rows": self.rows, "finished_eos": self.finished_eos, "tokens": self.tokens,
+               "output": args.output})
+    }
+}
+
 pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
-    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    anyhow::ensure!(
-        args.max_new_tokens > 0,
-        "--max-new-tokens must be at least 1"
-    );
-    anyhow::ensure!(args.temperature >= 0.0, "--temperature must be ≥ 0");
-    anyhow::ensure!(
-        args.top_p > 0.0 && args.top_p <= 1.0,
-        "--top-p must be in (0, 1]"
-    );
-    anyhow::ensure!(args.top_k >= 0, "--top-k must be ≥ 0");
+    require(&[
+        (args.batch_size > 0, "--batch-size must be at least 1"),
+        (
+            args.max_new_tokens > 0,
+            "--max-new-tokens must be at least 1",
+        ),
+        (args.temperature >= 0.0, "--temperature must be ≥ 0"),
+        (
+            args.top_p > 0.0 && args.top_p <= 1.0,
+            "--top-p must be in (0, 1]",
+        ),
+        (args.top_k >= 0, "--top-k must be ≥ 0"),
+    ])?;
     let (device, kind) = args.device.resolve();
     let prompts = data::read_prompts(&args.prompts)?;
-    let (model, tok) = data::io::load_with_tokenizer(&args.model, Head::Lm, device, kind)?;
+    let (model, tok) =
+        Model::load_with_tokenizer(&args.model, &ModelOptions::new(Head::Lm, device, kind))?;
     let encoded = prompts
         .iter()
         .map(|p| tok.encode_prompt(p))

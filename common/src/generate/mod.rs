@@ -4,6 +4,8 @@
 //! Randomness comes from a `StdRng` seeded by the caller (one uniform per row and step,
 //! inverse-CDF sampling on the device), so a seed reproduces its samples on a given device.
 
+pub mod command;
+
 use rand::{Rng, SeedableRng};
 use tch::{Kind, Tensor};
 
@@ -252,7 +254,7 @@ mod tests {
             "num_key_value_heads": 1, "max_position_embeddings": 64});
         let config =
             crate::ModelConfig::from_json(config, std::path::Path::new("config.json")).unwrap();
-        let model = Model::new(config, Head::Lm, tch::Device::Cpu, Kind::Float);
+        let model = Model::new(config, &crate::ModelOptions::cpu(Head::Lm));
         let ids = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 1, 2]).view([2, 4]);
         let mask = Tensor::from_slice(&[0i64, 1, 1, 1, 1, 1, 1, 1]).view([2, 4]);
         let cfg = SamplingConfig {

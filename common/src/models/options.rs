@@ -1,0 +1,53 @@
+//! How a model is built: its head, its device and dtype, and what attaches to its layers.
+//! Given to [`Model::new`](super::Model::new) and [`Model::load`](super::Model::load) and
+//! passed down to every layer (linear, GPT-2's Conv1D, embeddings, norms, attention
+//! blocks), so that adapters, soft prompts or activation recomputation arrive as new
+//! fields here rather than as new parameters of every constructor.
+
+use tch::{Device, Kind};
+
+use super::Head;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelOptions {
+    pub head: Head,
+    pub device: Device,
+    /// The dtype of weights and activations (f32 master weights live in the optimiser).
+    pub kind: Kind,
+    /// False for a model that never trains (a PPO reference or reward model): every
+    /// parameter is created without a gradient.
+    pub trainable: bool,
+}
+
+impl ModelOptions {
+    /// A trainable model with `head` on `device` in `kind`.
+    pub fn new(head: Head, device: Device, kind: Kind) -> Self {
+        ModelOptions {
+            head,
+            device,
+            kind,
+            trainable: true,
+        }
+    }
+
+    /// f32 on the CPU (tests, references).
+    pub fn cpu(head: Head) -> Self {
+        Self::new(head, Device::Cpu, Kind::Float)
+    }
+
+    /// The same model with every parameter frozen.
+    pub fn frozen(self) -> Self {
+        ModelOptions {
+            trainable: false,
+            ..self
+        }
+    }
+
+    /// The same placement with another head.
+    pub fn with_head(&self, head: Head) -> Self {
+        ModelOptions {
+            head,
+            ..self.clone()
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The training unit: a model together with its optimiser, its learning-rate schedule and
+//! its name in checkpoints. A stage holds one per model it trains (SFT and reward: one;
+//! PPO: the policy and, when the advantage estimator needs one, the critic).
+//!
+//! Everything that happens to a trained model happens here, once: the optimiser step
+//! (gradients summed over the world's ranks, global-norm clipping, the non-finite check,
+//! the update at the schedule's rate), the crash and NaN injection points of the
+//! reliability tests, and the checkpoint's save and restore.
+
+use std::path::{Path, PathBuf};
+
+use crate::cli::OptimArgs;
+use crate::error::Result;
+use crate::faults;
+use crate::models::Model;
+use crate::optim::AdamW;
+use crate::schedule::Schedule;
+use crate::world::World;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// The loss or the gradients were not finite: the update was skipped.
+    pub skipped: bool,
+}
+
+pub struct Trainee {
+    /// Its sub-directory in a checkpoint (`""`: the checkpoint's root).
+    pub name: &'static str,
+    pub model: Model,
+    pub optimizer: AdamW,
+    pub schedule: Schedule,
+    /// Global gradient-norm clip (0: none).
+    pub max_grad_norm: f64,
+    /// The directory the model was loaded from: its tokenizer and generation files go
+    /// along with every save.
+    pub source: PathBuf,
+}
+
+impl Trainee {
+    /// Trains `model` (loaded from `source`) with AdamW as `optim` says, at the rates of
+    /// `schedule`.
+    pub fn new(
+        name: &'static str,
+        model: Model,
+        source: &Path,
+        optim: &OptimArgs,
+        schedule: Schedule,
+    ) -> Self {
+        let optimizer = AdamW::new(model.vs.variables(), optim.adamw());
+        Trainee {
+            name,
+            model,
+            optimizer,
+            schedule,
+            max_grad_norm: optim.max_grad_norm,
+            source: source.to_path_buf(),
+        }
+    }
+
+    /// One optimiser step after the backward passes of a step's micro-batches (`loss` is
+    /// the step's loss, only checked for being finite): gradients summed over the ranks,
+    /// clipped, and applied at the schedule's rate for the updates taken so far — unless
+    /// the loss or the gradient norm is not finite, when the update is skipped (and the
+    /// schedule does not advance, as `transformers` does for a skipped step). The
+    /// gradients are zeroed either way.
+    pub fn step(&mut self, loss: f64, world: &World) -> StepOutcome {
+        faults::hit("mid-step");
+        let updates = self.optimizer.step as u64;
+        let loss = if faults::nan_from(updates) {
+            f64::NAN
+        } else {
+            loss
+        };
+        for grads in self.optimizer.grad_buffers() {
+            world.sum_(grads);
+        }
+        let grad_norm = self.optimizer.clip_grad_norm(self.max_grad_norm);
+        let lr = self.schedule.lr(updates);
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        if !skipped {
+            self.optimizer.step(lr);
+        }
+        self.optimizer.zero_grad();
+        StepOutcome {
+            grad_norm,
+            lr,
+            skipped,
+        }
+    }
+
+    /// Writes the model (a Hugging Face directory) and the optimiser's state into
+    /// `checkpoint/<name>`.
+    pub fn save(&self, checkpoint: &Path) -> Result<()> {
+        let dir = checkpoint.join(self.name);
+        self.model.save(&dir, Some(&self.source))?;
+        self.optimizer.save(&dir)
+    }
+
+    /// Restores what [`Trainee::save`] wrote into `checkpoint`.
+    pub fn load(&mut self, checkpoint: &Path) -> Result<()> {
+        let dir = checkpoint.join(self.name);
+        self.model.load_weights(&dir)?;
+        self.optimizer.load(&dir)
+    }
+}

@@ -1,0 +1,107 @@
+//! What an iteration logs: TRL's metric names (so curves compare with TRL's), the built-in
+//! checks, and sample prompts and responses for TensorBoard's Text tab and
+//! `samples.jsonl`. Every scalar is averaged over the world's ranks.
+
+use anyhow::Result;
+use common::ops::masked_mean;
+use common::train::Session;
+use data::Tokenizer;
+use tch::Kind;
+
+use crate::math::explained_variance;
+use crate::rollout::Rollout;
+use crate::train::{per_sequence_mean, Iteration};
+
+/// Seconds spent in one iteration.
+pub struct Timings {
+    pub rollout: f64,
+    pub train: f64,
+    pub total: f64,
+}
+
+/// The scalars of one iteration, in the order they are written.
+pub(crate) fn iteration_scalars(it: &Iteration, session: &Session) -> Vec<(&'static str, f64)> {
+    let (ro, stats, world) = (&it.ro, &it.stats, &session.world);
+    let mean = |x: f64| world.mean(x);
+    let response_tokens = ro.mask.sum(Kind::Float).double_value(&[]);
+    let rows = ro.mask.size()[0] as f64;
+    let eos = ro.ended_with_eos.iter().filter(|&&e| e).count() as f64;
+    let non_score = mean(per_sequence_mean(&it.non_score));
+    let mut scalars = vec![
+        ("objective/kl", it.mean_kl),
+        (
+            "objective/entropy",
+            mean(per_sequence_mean(&(&ro.entropy * &ro.mask))),
+        ),
+        ("objective/non_score_reward", non_score),
+        ("objective/rlhf_reward", it.mean_score + non_score),
+        ("objective/scores", it.mean_score),
+        ("policy/approxkl_avg", mean(stats.approxkl)),
+        ("policy/clipfrac_avg", mean(stats.clipfrac)),
+        ("policy/first_ratio_max_dev", stats.first_ratio_max_dev),
+        ("policy/rollout_logprob_diff", ro.logprob_check),
+        ("loss/policy_avg", mean(stats.policy_loss)),
+    ];
+    if let (Some(values), Some(returns)) = (&ro.values, &it.adv.returns) {
+        scalars.push(("loss/value_avg", mean(stats.value_loss)));
+        scalars.push(("loss/ptx_avg", mean(stats.ptx_loss)));
+        scalars.push(("val/clipfrac_avg", mean(stats.value_clipfrac)));
+        scalars.push((
+            "val/explained_variance",
+            mean(explained_variance(values, returns, &ro.mask)),
+        ));
+    } else {
+        scalars.push(("loss/ptx_avg", mean(stats.ptx_loss)));
+    }
+    scalars.extend([
+        ("val/ratio", mean(stats.ratio)),
+        (
+            "val/mean_reward",
+            mean(masked_mean(&it.rewards, &ro.mask).double_value(&[])),
+        ),
+        ("kl_coef", it.beta),
+        ("response_length", mean(response_tokens / rows)),
+        ("eos_rate", mean(eos / ro.ended_with_eos.len() as f64)),
+        ("time/rollout", it.timings.rollout),
+        ("time/train", it.timings.train),
+        (
+            "train/tokens_per_second",
+            world.sum(response_tokens) / it.timings.total.max(1e-9),
+        ),
+        ("train/lr", stats.outcome.lr),
+        ("train/grad_norm", stats.outcome.grad_norm),
+        ("train/skipped_steps", session.state.skipped_steps as f64),
+    ]);
+    scalars
+}
+
+/// The first `n` prompts, responses and scores of this rank's rollout, as Markdown in
+/// TensorBoard and as lines of `samples.jsonl`.
+pub(crate) fn write_samples(
+    session: &mut Session,
+    ro: &Rollout,
+    tok: &Tokenizer,
+    n: usize,
+) -> Result<()> {
+    let step = session.state.step;
+    let scores = Vec::<f32>::try_from(ro.scores.to_device(tch::Device::Cpu))?;
+    let mut markdown = String::from("| prompt | response | score |\n|---|---|---|\n");
+    let mut lines = String::new();
+    for ((prompt_ids, text), score) in ro.prompts.iter().zip(&ro.texts).zip(&scores).take(n) {
+        let prompt = tok.decode(prompt_ids, true);
+        lines.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"step": step, "prompt": prompt, "response": text, "score": score})
+        ));
+        let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+        markdown.push_str(&format!(
+            "| {} | {} | {:.3} |\n",
+            cell(&prompt),
+            cell(text),
+            score
+        ));
+    }
+    session.append("samples.jsonl", &lines)?;
+    session.text(step, "samples", &markdown);
+    Ok(())
+}
