@@ -18,7 +18,7 @@ use crate::schedule::{Schedule, ScheduleKind};
 /// message naming the option that breaks it).
 pub fn require(checks: &[(bool, &'static str)]) -> Result<()> {
     match checks.iter().find(|(ok, _)| !ok) {
-        Some((_, message)) => Err(Error::InvalidArgument(message)),
+        Some((_, message)) => Err(Error::InvalidArgument(message.to_string())),
         None => Ok(()),
     }
 }

@@ -28,7 +28,7 @@ pub enum Error {
     },
     /// A command-line option (or its `--config` key) with a value that cannot be used.
     #[error("{0}")]
-    InvalidArgument(&'static str),
+    InvalidArgument(String),
     #[error("{dir}: cannot load the model")]
     Load {
         dir: PathBuf,

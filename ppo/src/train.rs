@@ -89,31 +89,42 @@ pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<
 /// Prompt token ids, one row each.
 type Prompts = Vec<Vec<i64>>;
 
-/// Prompts (cut to `--max-prompt-length`, keeping their end) and PPO-ptx rows.
-fn read_data(args: &TrainArgs, tok: &Tokenizer) -> Result<(Prompts, Option<Vec<TokenizedSft>>)> {
+/// Prompts (cut to `--max-prompt-length`, keeping their end) and PPO-ptx rows, both also
+/// cut to what the policy's position table holds.
+fn read_data(
+    args: &TrainArgs,
+    tok: &Tokenizer,
+    policy: &Model,
+) -> Result<(Prompts, Option<Vec<TokenizedSft>>)> {
+    let room = policy
+        .config
+        .prompt_room(args.response_length as usize, "--response-length")?;
+    let max_prompt_length = args.max_prompt_length.min(room);
     let prompts: Vec<Vec<i64>> = data::read_prompts(&args.prompts)?
         .iter()
         .map(|p| tok.encode_prompt(p))
         .collect::<data::Result<_>>()?;
     let long = prompts
         .iter()
-        .filter(|p| p.len() > args.max_prompt_length)
+        .filter(|p| p.len() > max_prompt_length)
         .count();
     if long > 0 {
         tracing::warn!(
-            "{}: {long} prompts cut to their last {} tokens",
+            "{}: {long} prompts cut to their last {max_prompt_length} tokens",
             args.prompts.display(),
-            args.max_prompt_length
         );
     }
     let prompts = prompts
         .into_iter()
-        .map(|p| p[p.len().saturating_sub(args.max_prompt_length)..].to_vec())
+        .map(|p| p[p.len().saturating_sub(max_prompt_length)..].to_vec())
         .collect();
     let ptx = match &args.ptx_data {
         Some(path) => {
             let rows = data::read_sft(path)?;
-            let prepared = prepare(&rows, tok, args.ptx_max_length, Truncation::Truncate, true)?;
+            let max_length = policy
+                .config
+                .cap_length(args.ptx_max_length, "--ptx-max-length");
+            let prepared = prepare(&rows, tok, max_length, Truncation::Truncate, true)?;
             ensure!(
                 !prepared.rows.is_empty(),
                 "{}: no PPO-ptx row left",
@@ -233,7 +244,7 @@ impl<'a> Ppo<'a> {
         } else {
             None
         };
-        let (prompts, ptx_rows) = read_data(args, &tok)?;
+        let (prompts, ptx_rows) = read_data(args, &tok, &policy)?;
         // Both learners' schedules run over every optimiser update of the run; the
         // critic's at --value-lr.
         let iterations = args

@@ -66,6 +66,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
     let opts = ModelOptions::new(Head::Score, device, kind);
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let norm = Normalization::of(&model);
+    let max_length = model.config.cap_length(args.max_length, "--max-length");
     // Every sequence of every row, scored in one pass.
     let mut sequences = vec![];
     let mut spans = vec![];
@@ -76,9 +77,8 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
         };
         spans.push((sequences.len(), seqs.len()));
         for s in seqs {
-            sequences.push(
-                truncate_left(&s, args.max_length, Truncation::Truncate).expect("truncate keeps"),
-            );
+            sequences
+                .push(truncate_left(&s, max_length, Truncation::Truncate).expect("truncate keeps"));
         }
     }
     let raw = score_sequences(&model, &sequences, args.batch_size, tok.pad_id);

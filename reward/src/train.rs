@@ -10,8 +10,11 @@ use common::cli::{DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::scoring::{last_token_scores, score_sequences, Normalization};
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
-use data::preference::{collate, prepare, sft_sequence, PreparedRankings, TokenizedRanking};
+use data::preference::{
+    collate, prepare, sft_sequence, truncate_left, PreparedRankings, TokenizedRanking,
+};
 use data::sampler::Sampler;
+use data::sft::Truncation;
 use data::Tokenizer;
 use serde::Serialize;
 
@@ -53,27 +56,29 @@ pub struct TrainSummary {
     pub stopped: bool,
 }
 
+/// Tokenizes `path`'s rankings, cut or dropped at `max_length` tokens.
 fn prepare_file(
     path: &std::path::Path,
     tok: &Tokenizer,
     args: &TrainArgs,
+    max_length: usize,
 ) -> Result<PreparedRankings> {
     let examples = data::read_preferences(path)?;
-    let prepared = prepare(&examples, tok, args.data.max_length, args.data.truncation)?;
+    let prepared = prepare(&examples, tok, max_length, args.data.truncation)?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(
             "{}: {} rankings truncated and {} dropped at --max-length {}",
             path.display(),
             prepared.truncated,
             prepared.dropped,
-            args.data.max_length
+            max_length
         );
     }
     if prepared.rows.is_empty() {
         bail!(
             "{}: no ranking is left after --max-length {}",
             path.display(),
-            args.data.max_length
+            max_length
         );
     }
     Ok(prepared)
@@ -189,17 +194,25 @@ fn read_inputs(args: &TrainArgs) -> Result<Inputs> {
     args.run.seed_torch();
     let opts = ModelOptions::new(Head::Score, device, kind);
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let train = prepare_file(&args.data.data, &tok, args)?;
+    let max_length = model
+        .config
+        .cap_length(args.data.max_length, "--max-length");
+    let train = prepare_file(&args.data.data, &tok, args, max_length)?;
     let eval = args
         .data
         .eval_data
         .as_deref()
-        .map(|p| prepare_file(p, &tok, args))
+        .map(|p| prepare_file(p, &tok, args, max_length))
         .transpose()?;
+    // Scored whole, unless the model's position table is shorter (then their end counts).
+    let limit = model.config.max_positions().unwrap_or(usize::MAX);
     let normalize_set: Vec<Vec<i64>> = match &args.normalize_data {
         Some(path) => data::read_sft(path)?
             .iter()
-            .map(|ex| sft_sequence(&tok, ex))
+            .map(|ex| {
+                let seq = sft_sequence(&tok, ex)?;
+                Ok(truncate_left(&seq, limit, Truncation::Truncate).expect("truncate keeps"))
+            })
             .collect::<data::Result<_>>()?,
         None => train.rows.iter().map(|r| r.sequences[0].clone()).collect(),
     };

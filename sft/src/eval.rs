@@ -93,14 +93,15 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
     let examples = data::read_sft(&args.data)?;
     let opts = ModelOptions::new(Head::Lm, device, kind);
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let prepared = prepare(&examples, &tok, args.max_length, args.truncation, true)?;
+    let max_length = model.config.cap_length(args.max_length, "--max-length");
+    let prepared = prepare(&examples, &tok, max_length, args.truncation, true)?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(
             "{}: {} rows truncated and {} dropped at --max-length {}",
             args.data.display(),
             prepared.truncated,
             prepared.dropped,
-            args.max_length
+            max_length
         );
     }
     let per_row = nll_per_row(&model, &prepared.rows, args.batch_size, tok.pad_id);

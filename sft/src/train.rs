@@ -57,29 +57,29 @@ impl TrainArgs {
     }
 }
 
-fn prepare_file(path: &Path, tok: &data::Tokenizer, args: &TrainArgs) -> Result<Prepared> {
+/// Tokenizes `path`'s rows, cut or dropped at `max_length` tokens.
+fn prepare_file(
+    path: &Path,
+    tok: &data::Tokenizer,
+    args: &TrainArgs,
+    max_length: usize,
+) -> Result<Prepared> {
     let examples = data::read_sft(path)?;
-    let prepared = prepare(
-        &examples,
-        tok,
-        args.data.max_length,
-        args.data.truncation,
-        true,
-    )?;
+    let prepared = prepare(&examples, tok, max_length, args.data.truncation, true)?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(
             "{}: {} rows truncated and {} dropped at --max-length {}",
             path.display(),
             prepared.truncated,
             prepared.dropped,
-            args.data.max_length
+            max_length
         );
     }
     if prepared.rows.is_empty() {
         bail!(
             "{}: no row is left to train on after --max-length {}",
             path.display(),
-            args.data.max_length
+            max_length
         );
     }
     Ok(prepared)
@@ -128,12 +128,15 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.run.seed_torch();
     let opts = ModelOptions::new(Head::Lm, device, kind);
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let train = prepare_file(&args.data.data, &tok, args)?;
+    let max_length = model
+        .config
+        .cap_length(args.data.max_length, "--max-length");
+    let train = prepare_file(&args.data.data, &tok, args, max_length)?;
     let eval = args
         .data
         .eval_data
         .as_deref()
-        .map(|p| prepare_file(p, &tok, args))
+        .map(|p| prepare_file(p, &tok, args, max_length))
         .transpose()?;
 
     let total_steps = args

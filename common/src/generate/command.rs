@@ -82,10 +82,25 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
     let prompts = data::read_prompts(&args.prompts)?;
     let (model, tok) =
         Model::load_with_tokenizer(&args.model, &ModelOptions::new(Head::Lm, device, kind))?;
+    let room = model
+        .config
+        .prompt_room(args.max_new_tokens as usize, "--max-new-tokens")?;
+    let mut cut = 0;
     let encoded = prompts
         .iter()
-        .map(|p| tok.encode_prompt(p))
+        .map(|p| {
+            let ids = tok.encode_prompt(p)?;
+            cut += usize::from(ids.len() > room);
+            Ok(ids[ids.len().saturating_sub(room)..].to_vec())
+        })
         .collect::<data::Result<Vec<_>>>()?;
+    if cut > 0 {
+        tracing::warn!(
+            "{}: {cut} prompts cut to their last {room} tokens to fit the model's positions with --max-new-tokens {}",
+            args.prompts.display(),
+            args.max_new_tokens
+        );
+    }
     let eos_ids = if args.eos_token_id.is_empty() {
         tok.generation_eos_ids()?
     } else {

@@ -161,6 +161,41 @@ impl ModelConfig {
         }
     }
 
+    /// The most positions the model can read, where it has a position table (GPT-2's
+    /// `n_positions`); rotary models have none.
+    pub fn max_positions(&self) -> Option<usize> {
+        match &self.arch {
+            Arch::Gpt2(c) => Some(c.n_positions as usize),
+            Arch::Llama(_) => None,
+        }
+    }
+
+    /// `requested` (the value of `option`, a length in tokens) capped by the position
+    /// table, with a warning when it is cut.
+    pub fn cap_length(&self, requested: usize, option: &str) -> usize {
+        match self.max_positions() {
+            Some(limit) if requested > limit => {
+                tracing::warn!(
+                    "{option} {requested} is more than the model's {limit} positions (n_positions in config.json): longer sequences are cut at {limit}"
+                );
+                limit
+            }
+            _ => requested,
+        }
+    }
+
+    /// How many prompt tokens fit before `new_tokens` generated ones: unlimited without a
+    /// position table; an error naming `option` when the table leaves no room.
+    pub fn prompt_room(&self, new_tokens: usize, option: &str) -> Result<usize> {
+        match self.max_positions() {
+            None => Ok(usize::MAX),
+            Some(limit) if new_tokens < limit => Ok(limit - new_tokens),
+            Some(limit) => Err(Error::InvalidArgument(format!(
+                "{option} {new_tokens} leaves no room for a prompt: the model reads at most {limit} positions (n_positions in config.json)"
+            ))),
+        }
+    }
+
     /// Integer or list field of `config.json` (`eos_token_id` may be either).
     pub fn token_ids(&self, field: &str) -> Vec<i64> {
         ids_of(self.raw.get(field))
