@@ -11,6 +11,8 @@ use tch::{Device, Kind};
 
 use crate::device::{self, DeviceChoice, DtypeChoice};
 use crate::error::{Error, Result};
+use crate::models::lora::{LoraConfig, TargetModules};
+use crate::models::ModelOptions;
 use crate::optim::AdamWConfig;
 use crate::schedule::{Schedule, ScheduleKind};
 
@@ -179,6 +181,85 @@ impl RunArgs {
     /// are the same in every run with this seed. Call before loading models.
     pub fn seed_torch(&self) {
         tch::manual_seed(self.seed as i64);
+    }
+}
+
+/// Parameter-efficient training: LoRA adapters (PEFT's semantics and file format).
+#[derive(Debug, Clone, Args, Serialize, Default)]
+pub struct AdapterArgs {
+    /// LoRA rank; LoRA is off when absent (every weight trains).
+    #[arg(long)]
+    pub lora_r: Option<i64>,
+    /// LoRA α (the update is scaled by α / r); default: the rank.
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input while training.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Layers that get adapters: module names, comma-separated (a layer matches its name
+    /// or a dotted suffix), or all-linear; default: PEFT's for the architecture (c_attn
+    /// for GPT-2, q_proj,v_proj for the Llama family).
+    #[arg(long)]
+    pub lora_target_modules: Option<String>,
+    /// rsLoRA: scale by α / √r instead of α / r.
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Also write OUT/final_merged/: a plain Hugging Face model with the adapters folded in.
+    #[arg(long)]
+    pub save_merged: bool,
+    /// The base model of an adapter directory given as --model (default: its
+    /// base_model_name_or_path).
+    #[arg(long)]
+    pub base_model: Option<PathBuf>,
+}
+
+impl AdapterArgs {
+    pub fn validate(&self) -> Result<()> {
+        require(&[
+            (
+                self.lora_r.is_none_or(|r| r > 0),
+                "--lora-r must be at least 1",
+            ),
+            (
+                self.lora_alpha.is_none_or(|a| a > 0.0),
+                "--lora-alpha must be > 0",
+            ),
+            (
+                (0.0..1.0).contains(&self.lora_dropout),
+                "--lora-dropout must be in [0, 1)",
+            ),
+            (
+                self.lora_r.is_some()
+                    || (self.lora_alpha.is_none()
+                        && self.lora_target_modules.is_none()
+                        && !self.use_rslora
+                        && self.lora_dropout == 0.0),
+                "--lora-alpha, --lora-dropout, --lora-target-modules and --use-rslora need --lora-r",
+            ),
+        ])
+    }
+
+    /// The LoRA configuration, when --lora-r is given.
+    pub fn lora(&self) -> Option<LoraConfig> {
+        let r = self.lora_r?;
+        Some(LoraConfig {
+            r,
+            alpha: self.lora_alpha.unwrap_or(r as f64),
+            dropout: self.lora_dropout,
+            target_modules: self
+                .lora_target_modules
+                .as_deref()
+                .map_or(TargetModules::Default, TargetModules::parse),
+            use_rslora: self.use_rslora,
+        })
+    }
+
+    /// `opts` with these adapters and base model.
+    pub fn apply(&self, opts: ModelOptions) -> ModelOptions {
+        ModelOptions {
+            base_model: self.base_model.clone(),
+            ..opts.with_lora(self.lora())
+        }
     }
 }
 

@@ -151,6 +151,11 @@ impl AdamW {
         }
     }
 
+    /// The names of the parameters it trains (those that require a gradient).
+    pub fn parameter_names(&self) -> Vec<String> {
+        self.params.keys().cloned().collect()
+    }
+
     /// The flat gradient buffers, one per group: what a data-parallel step sums over ranks.
     pub fn grad_buffers(&self) -> impl Iterator<Item = &Tensor> {
         self.groups.iter().map(|g| &g.grads)

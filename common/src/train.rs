@@ -292,9 +292,19 @@ impl Session {
         std::io::Write::write_all(&mut f, lines.as_bytes()).map_err(|e| Error::io(&path, e))
     }
 
-    /// Writes `dir_name` (e.g. `final`) as a Hugging Face directory, aside then renamed,
-    /// with the tokenizer and generation files of `sidecar_from`.
+    /// Writes `dir_name` (e.g. `final`) as a Hugging Face directory (an adapter directory
+    /// for a model with adapters), aside then renamed, with the tokenizer and generation
+    /// files of `sidecar_from`.
     pub fn write_model(&self, dir_name: &str, model: &Model, sidecar_from: &Path) -> Result<()> {
+        self.write_dir(dir_name, |tmp| model.save(tmp, Some(sidecar_from)))
+    }
+
+    /// Writes `dir_name` as a plain Hugging Face model with the adapters folded in.
+    pub fn write_merged(&self, dir_name: &str, model: &Model, sidecar_from: &Path) -> Result<()> {
+        self.write_dir(dir_name, |tmp| model.save_merged(tmp, Some(sidecar_from)))
+    }
+
+    fn write_dir(&self, dir_name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         if !self.world.is_main() {
             return Ok(());
         }
@@ -303,7 +313,7 @@ impl Session {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        model.save(&tmp, Some(sidecar_from))?;
+        write(&tmp)?;
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
         }

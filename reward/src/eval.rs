@@ -17,9 +17,13 @@ use crate::loss::pairs;
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// Reward model directory (from `reward train`).
+    /// Reward model directory (from `reward train`), or a LoRA adapter directory with its
+    /// score head (PEFT's `SEQ_CLS` format).
     #[arg(long)]
     pub model: PathBuf,
+    /// The base model of an adapter directory (default: its base_model_name_or_path).
+    #[arg(long)]
+    pub base_model: Option<PathBuf>,
     /// Rankings/pairs, or SFT-format rows (prompt/completion, messages, text) to score.
     #[arg(long)]
     pub data: PathBuf,
@@ -63,7 +67,10 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
             SftExample::decode(row).map(Row::Single)
         }
     })?;
-    let opts = ModelOptions::new(Head::Score, device, kind);
+    let opts = ModelOptions {
+        base_model: args.base_model.clone(),
+        ..ModelOptions::new(Head::Score, device, kind)
+    };
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let norm = Normalization::of(&model);
     let max_length = model.config.cap_length(args.max_length, "--max-length");

@@ -13,9 +13,13 @@ use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// Hugging Face model directory (weights, config.json, tokenizer.json).
+    /// Hugging Face model directory (weights, config.json, tokenizer.json), or a LoRA
+    /// adapter directory (PEFT's format).
     #[arg(long)]
     pub model: PathBuf,
+    /// The base model of an adapter directory (default: its base_model_name_or_path).
+    #[arg(long)]
+    pub base_model: Option<PathBuf>,
     /// SFT rows: {"prompt","completion"}, {"messages"} or {"text"} per line.
     #[arg(long)]
     pub data: PathBuf,
@@ -91,7 +95,10 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
     ])?;
     let (device, kind) = args.device.resolve();
     let examples = data::read_sft(&args.data)?;
-    let opts = ModelOptions::new(Head::Lm, device, kind);
+    let opts = ModelOptions {
+        base_model: args.base_model.clone(),
+        ..ModelOptions::new(Head::Lm, device, kind)
+    };
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let max_length = model.config.cap_length(args.max_length, "--max-length");
     let prepared = prepare(&examples, &tok, max_length, args.truncation, true)?;

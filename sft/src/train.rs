@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::cli::{DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
+use common::cli::{AdapterArgs, DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
 use data::sampler::Sampler;
@@ -28,6 +28,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub data: TrainDataArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub adapter: AdapterArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -53,6 +56,7 @@ impl TrainArgs {
         self.data.validate()?;
         self.run.validate()?;
         self.optim.validate()?;
+        self.adapter.validate()?;
         Ok(())
     }
 }
@@ -126,7 +130,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     // Read everything that can be wrong before the output directory is touched.
     let (device, kind) = args.device.resolve();
     args.run.seed_torch();
-    let opts = ModelOptions::new(Head::Lm, device, kind);
+    let opts = args
+        .adapter
+        .apply(ModelOptions::new(Head::Lm, device, kind));
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let max_length = model
         .config
@@ -189,6 +195,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         session.report_stop();
     } else {
         session.write_model("final", &trainee.model, &args.model)?;
+        if args.adapter.save_merged && trainee.model.options.lora.is_some() {
+            session.write_merged("final_merged", &trainee.model, &args.model)?;
+        }
     }
     session.finish();
     Ok(TrainSummary {

@@ -13,9 +13,13 @@ use crate::models::{Head, Model, ModelOptions};
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
-    /// Hugging Face model directory (weights, config.json, tokenizer.json).
+    /// Hugging Face model directory (weights, config.json, tokenizer.json), or a LoRA
+    /// adapter directory (PEFT's format).
     #[arg(long)]
     pub model: PathBuf,
+    /// The base model of an adapter directory (default: its base_model_name_or_path).
+    #[arg(long)]
+    pub base_model: Option<PathBuf>,
     /// Prompts: {"prompt"} or {"messages"} per line (messages use the chat template).
     #[arg(long)]
     pub prompts: PathBuf,
@@ -80,8 +84,11 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
     ])?;
     let (device, kind) = args.device.resolve();
     let prompts = data::read_prompts(&args.prompts)?;
-    let (model, tok) =
-        Model::load_with_tokenizer(&args.model, &ModelOptions::new(Head::Lm, device, kind))?;
+    let opts = ModelOptions {
+        base_model: args.base_model.clone(),
+        ..ModelOptions::new(Head::Lm, device, kind)
+    };
+    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let room = model
         .config
         .prompt_room(args.max_new_tokens as usize, "--max-new-tokens")?;

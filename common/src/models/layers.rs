@@ -6,16 +6,33 @@ use serde::{Deserialize, Deserializer};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
+use super::lora::LoraAdapter;
 use super::options::ModelOptions;
 
-/// A parameter `name` under `p`: trainable unless the options freeze the model.
+/// A base parameter `name` under `p`: trainable unless the options freeze the model or
+/// put adapters on it.
 pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: Init, opts: &ModelOptions) -> Tensor {
     let t = p.var(name, shape, init);
-    if opts.trainable {
+    if opts.base_trains() {
         t
     } else {
         t.set_requires_grad(false)
     }
+}
+
+/// The LoRA adapter of the layer at `p` (`[in → out]`), when the options target it.
+fn adapter(p: &nn::Path, in_dim: i64, out_dim: i64, opts: &ModelOptions) -> Option<LoraAdapter> {
+    let cfg = opts.lora.as_ref()?;
+    let module = p.components().collect::<Vec<_>>().join(".");
+    if !cfg.targets(&module) {
+        return None;
+    }
+    let adapter = LoraAdapter::new(p, in_dim, out_dim, cfg);
+    if !opts.trainable {
+        let _ = adapter.a.set_requires_grad(false);
+        let _ = adapter.b.set_requires_grad(false);
+    }
+    Some(adapter)
 }
 
 fn normal(std: f64) -> Init {
@@ -90,11 +107,13 @@ impl Activation {
     }
 }
 
-/// `nn.Linear`: weight `[out, in]` named `weight`, optional `bias`.
+/// `nn.Linear`: weight `[out, in]` named `weight`, optional `bias`, and a LoRA adapter
+/// when the options target it.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -107,11 +126,16 @@ impl Linear {
     ) -> Self {
         let weight = param(&p, "weight", &[out_dim, in_dim], normal(std), opts);
         let bias = bias.then(|| param(&p, "bias", &[out_dim], Init::Const(0.0), opts));
-        Linear { weight, bias }
+        let lora = adapter(&p, in_dim, out_dim, opts);
+        Linear { weight, bias, lora }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            Some(lora) => y + lora.forward(x),
+            None => y,
+        }
     }
 }
 
@@ -162,11 +186,13 @@ impl LayerNorm {
 }
 
 /// `transformers.pytorch_utils.Conv1D` (GPT-2): weight `[in, out]`, bias `[out]`, so the
-/// forward is `x·W + b` and a stored tensor is never transposed.
+/// forward is `x·W + b` and a stored tensor is never transposed; a LoRA adapter when the
+/// options target it.
 #[derive(Debug)]
 pub struct Conv1D {
     pub weight: Tensor,
     pub bias: Tensor,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Conv1D {
@@ -174,11 +200,16 @@ impl Conv1D {
         Conv1D {
             weight: param(&p, "weight", &[in_dim, out_dim], normal(std), opts),
             bias: param(&p, "bias", &[out_dim], Init::Const(0.0), opts),
+            lora: adapter(&p, in_dim, out_dim, opts),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.matmul(&self.weight) + &self.bias
+        let y = x.matmul(&self.weight) + &self.bias;
+        match &self.lora {
+            Some(lora) => y + lora.forward(x),
+            None => y,
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod gpt2;
 mod layers;
 pub mod llama;
+pub mod lora;
 mod options;
 
 use std::collections::BTreeMap;
@@ -249,8 +250,10 @@ pub struct Model {
     pub vs: nn::VarStore,
     pub config: ModelConfig,
     pub head: Head,
-    /// How it was built.
+    /// How it was built (LoRA targets spelled out for the architecture).
     pub options: ModelOptions,
+    /// With adapters: the directory the base weights came from.
+    pub base_dir: Option<std::path::PathBuf>,
     backbone: Backbone,
     /// `[V, H]` (possibly the tied input embedding) or `[1, H]`: both heads are a
     /// bias-free linear map of the final hidden states.
@@ -260,8 +263,13 @@ pub struct Model {
 const SCORE_WEIGHT: &str = "score.weight";
 
 impl Model {
-    /// A model with freshly initialised weights (`transformers`' initialisation scheme).
+    /// A model with freshly initialised weights (`transformers`' initialisation scheme);
+    /// with LoRA, the adapters as PEFT initialises them and the base frozen.
     pub fn new(config: ModelConfig, opts: &ModelOptions) -> Self {
+        let opts = &ModelOptions {
+            lora: opts.lora.as_ref().map(|l| l.resolved(config.model_type)),
+            ..opts.clone()
+        };
         let mut vs = nn::VarStore::new(opts.device);
         let root = vs.root();
         let backbone = match &config.arch {
@@ -271,6 +279,7 @@ impl Model {
         let hidden = config.hidden_size();
         let head = opts.head;
         let head_weight = match head {
+            // Beside adapters the scalar head trains too (PEFT's `modules_to_save`).
             Head::Score => param(
                 &(&root / "score"),
                 "weight",
@@ -279,7 +288,7 @@ impl Model {
                     mean: 0.0,
                     stdev: 1.0 / ((hidden + 1) as f64).sqrt(),
                 },
-                opts,
+                &opts.clone().with_lora(None),
             ),
             Head::Lm if config.tie_word_embeddings() => match &backbone {
                 Backbone::Gpt2(b) => b.embedding_weight().shallow_clone(),
@@ -304,12 +313,20 @@ impl Model {
         };
         if opts.kind != Kind::Float {
             vs.set_kind(opts.kind);
+            // Adapters train in f32 whatever the base's dtype.
+            let _guard = tch::no_grad_guard();
+            for (name, mut var) in vs.variables() {
+                if lora::is_adapter(&name) {
+                    var.set_data(&var.to_kind(Kind::Float));
+                }
+            }
         }
         Model {
             vs,
             config,
             head,
             options: opts.clone(),
+            base_dir: None,
             backbone,
             head_weight,
         }
@@ -318,19 +335,41 @@ impl Model {
     /// Loads a Hugging Face model directory. A `Score` model may come from a causal LM
     /// (its `score` head is then initialised, as `transformers` does); an `Lm` model from
     /// a reward model only when its embeddings are tied.
+    ///
+    /// An adapter directory (`adapter_config.json`, PEFT's format) loads its base model
+    /// (`--base-model`, else `base_model_name_or_path`) with the adapter on it; with
+    /// `opts.lora` a plain directory gets fresh adapters.
     pub fn load(dir: &Path, opts: &ModelOptions) -> Result<(Self, LoadReport)> {
+        if let Some(adapter) = lora::AdapterDir::read(dir)? {
+            let base = adapter.base_dir(opts.base_model.as_deref())?;
+            if opts.lora.is_some() && opts.lora.as_ref() != Some(&adapter.lora) {
+                tracing::warn!(
+                    "{}: the adapter's own LoRA settings are used, not the command line's",
+                    dir.display()
+                );
+            }
+            let opts = opts.clone().with_lora(Some(adapter.lora));
+            let (model, report) = Model::load(&base, &opts)?;
+            model.load_adapter(dir)?;
+            return Ok((model, report));
+        }
         let config = ModelConfig::load(dir)?;
-        let model = Model::new(config, opts);
-        let optional: &[&str] = match opts.head {
-            Head::Score => &[SCORE_WEIGHT],
-            Head::Lm => &[],
-        };
+        let mut model = Model::new(config, opts);
+        let adapters: Vec<String> = model.adapter_tensors().into_keys().collect();
+        let mut optional: Vec<&str> = adapters.iter().map(String::as_str).collect();
+        if opts.head == Head::Score {
+            optional.push(SCORE_WEIGHT);
+        }
         let report = checkpoint::load_into(
             &model.vs.variables(),
             dir,
             |name| model.config.checkpoint_aliases(name),
-            optional,
+            &optional,
         )?;
+        if let Some(cfg) = &model.options.lora {
+            model.base_dir = Some(std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf()));
+            model.check_targets(cfg, dir)?;
+        }
         if !report.unexpected.is_empty() {
             tracing::debug!(
                 "{}: {} stored tensors unused: {}",
@@ -342,9 +381,16 @@ impl Model {
         Ok((model, report))
     }
 
-    /// A model directory's weights and its tokenizer, checked against each other.
+    /// A model directory's weights and its tokenizer, checked against each other. An
+    /// adapter directory without tokenizer files uses its base model's.
     pub fn load_with_tokenizer(dir: &Path, opts: &ModelOptions) -> Result<(Self, Tokenizer)> {
-        let tokenizer = Tokenizer::load(dir)?;
+        let tokenizer_dir = match lora::AdapterDir::read(dir)? {
+            Some(a) if !dir.join("tokenizer.json").exists() => {
+                a.base_dir(opts.base_model.as_deref())?
+            }
+            _ => dir.to_path_buf(),
+        };
+        let tokenizer = Tokenizer::load(&tokenizer_dir)?;
         let (model, _) = Model::load(dir, opts).map_err(|source| Error::Load {
             dir: dir.to_path_buf(),
             source: Box::new(source),
@@ -361,9 +407,64 @@ impl Model {
     }
 
     /// Replaces this model's weights with those stored in `dir` (a checkpoint of the same
-    /// model); every variable must be there.
+    /// model); every variable must be there. With adapters, `dir` is an adapter
+    /// directory and only the adapters (and a scalar head) are read.
     pub fn load_weights(&self, dir: &Path) -> Result<()> {
+        if self.options.lora.is_some() {
+            return self.load_adapter(dir);
+        }
         checkpoint::load_into(&self.vs.variables(), dir, |_| vec![], &[]).map(|_| ())
+    }
+
+    /// The adapter tensors (and, beside them, a trained scalar head) under our names.
+    fn adapter_tensors(&self) -> BTreeMap<String, Tensor> {
+        let score = self.head == Head::Score && self.options.lora.is_some();
+        self.named_tensors()
+            .into_iter()
+            .filter(|(name, _)| lora::is_adapter(name) || (score && name == SCORE_WEIGHT))
+            .collect()
+    }
+
+    /// Reads `adapter_model.safetensors` of `dir` into the adapters.
+    fn load_adapter(&self, dir: &Path) -> Result<()> {
+        let vars = self
+            .adapter_tensors()
+            .into_iter()
+            .map(|(name, t)| (format!("{}{name}", lora::KEY_PREFIX), t))
+            .collect();
+        let _guard = tch::no_grad_guard();
+        checkpoint::load_file(&vars, &dir.join(lora::ADAPTER_WEIGHTS))
+    }
+
+    /// The modules that carry an adapter, by path.
+    pub fn adapted_modules(&self) -> Vec<String> {
+        self.named_tensors()
+            .into_keys()
+            .filter_map(|n| n.strip_suffix(".lora_A.weight").map(str::to_string))
+            .collect()
+    }
+
+    /// Every target name must name at least one layer (PEFT refuses a config whose targets
+    /// match nothing; a name that matches nothing is a typo).
+    fn check_targets(&self, cfg: &lora::LoraConfig, dir: &Path) -> Result<()> {
+        let adapted = self.adapted_modules();
+        let missing: Vec<&String> = match &cfg.target_modules {
+            lora::TargetModules::Names(names) => names
+                .iter()
+                .filter(|n| !adapted.iter().any(|m| lora::matches(m, n)))
+                .collect(),
+            _ => vec![],
+        };
+        if !missing.is_empty() || adapted.is_empty() {
+            return Err(Error::config(
+                dir.join("config.json"),
+                format!(
+                    "LoRA target modules {missing:?} match no layer of this {} model",
+                    self.config.model_type.name()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> Device {
@@ -432,14 +533,86 @@ impl Model {
     }
 
     /// Writes a Hugging Face directory: `config.json` (architecture and dtype updated),
-    /// the weights, and the tokenizer files of `sidecar_from` if given.
+    /// the weights, and the tokenizer files of `sidecar_from` if given. A model with
+    /// adapters writes PEFT's adapter directory instead: `adapter_config.json` and
+    /// `adapter_model.safetensors` (the adapters, and a trained scalar head).
     pub fn save(&self, dir: &Path, sidecar_from: Option<&Path>) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        if let Some(cfg) = &self.options.lora {
+            return self.save_adapter(cfg, dir, sidecar_from);
+        }
         checkpoint::save_tensors(
             &self.named_tensors(),
             dir,
             checkpoint::DEFAULT_MAX_SHARD_BYTES,
         )?;
+        let config = self.export_config();
+        checkpoint::write_atomic(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&config).unwrap().as_bytes(),
+        )?;
+        if let Some(from) = sidecar_from {
+            checkpoint::copy_sidecar_files(from, dir)?;
+        }
+        Ok(())
+    }
+
+    fn save_adapter(
+        &self,
+        cfg: &lora::LoraConfig,
+        dir: &Path,
+        sidecar_from: Option<&Path>,
+    ) -> Result<()> {
+        let tensors = self
+            .adapter_tensors()
+            .into_iter()
+            .map(|(name, t)| (format!("{}{name}", lora::KEY_PREFIX), t))
+            .collect();
+        checkpoint::save_file(&tensors, &dir.join(lora::ADAPTER_WEIGHTS))?;
+        let mut targets: Vec<String> = self
+            .adapted_modules()
+            .iter()
+            .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
+            .collect();
+        targets.sort();
+        targets.dedup();
+        let (task, to_save) = match self.head {
+            Head::Lm => ("CAUSAL_LM", None),
+            Head::Score => ("SEQ_CLS", Some(vec!["classifier".into(), "score".into()])),
+        };
+        let gpt2 = self.config.model_type == ModelType::Gpt2;
+        let config = cfg.to_peft(self.base_dir.as_deref(), task, &targets, gpt2, to_save);
+        checkpoint::write_atomic(
+            &dir.join(lora::ADAPTER_CONFIG),
+            serde_json::to_string_pretty(&config).unwrap().as_bytes(),
+        )?;
+        if let Some(from) = sidecar_from {
+            checkpoint::copy_sidecar_files(from, dir)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the model with every adapter folded into its base weight (`W + scaling·B·A`,
+    /// transposed for GPT-2's Conv1D) as a plain Hugging Face directory.
+    pub fn save_merged(&self, dir: &Path, sidecar_from: Option<&Path>) -> Result<()> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut tensors = self.named_tensors();
+        let _guard = tch::no_grad_guard();
+        for module in self.adapted_modules() {
+            let a = tensors.remove(&format!("{module}.lora_A.weight")).unwrap();
+            let b = tensors.remove(&format!("{module}.lora_B.weight")).unwrap();
+            let scaling = self.options.lora.as_ref().map_or(1.0, |l| l.scaling());
+            let delta = b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float)) * scaling;
+            let name = format!("{module}.weight");
+            let w = &tensors[&name];
+            let delta = match self.config.model_type {
+                ModelType::Gpt2 => delta.transpose(0, 1),
+                _ => delta,
+            };
+            let merged = (w.to_kind(Kind::Float) + delta).to_kind(w.kind());
+            tensors.insert(name, merged);
+        }
+        checkpoint::save_tensors(&tensors, dir, checkpoint::DEFAULT_MAX_SHARD_BYTES)?;
         let config = self.export_config();
         checkpoint::write_atomic(
             &dir.join("config.json"),

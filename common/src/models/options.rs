@@ -4,8 +4,11 @@
 //! blocks), so that adapters, soft prompts or activation recomputation arrive as new
 //! fields here rather than as new parameters of every constructor.
 
+use std::path::PathBuf;
+
 use tch::{Device, Kind};
 
+use super::lora::LoraConfig;
 use super::Head;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +20,11 @@ pub struct ModelOptions {
     /// False for a model that never trains (a PPO reference or reward model): every
     /// parameter is created without a gradient.
     pub trainable: bool,
+    /// LoRA adapters on the target layers, the base weights frozen (`None`: no adapter,
+    /// every weight trains). Loading an adapter directory sets it from the directory.
+    pub lora: Option<LoraConfig>,
+    /// The base model of an adapter directory, overriding its `base_model_name_or_path`.
+    pub base_model: Option<PathBuf>,
 }
 
 impl ModelOptions {
@@ -27,7 +35,19 @@ impl ModelOptions {
             device,
             kind,
             trainable: true,
+            lora: None,
+            base_model: None,
         }
+    }
+
+    /// The same model with LoRA adapters (or without, for `None`).
+    pub fn with_lora(self, lora: Option<LoraConfig>) -> Self {
+        ModelOptions { lora, ..self }
+    }
+
+    /// Whether a base weight (not an adapter, not a head trained beside an adapter) trains.
+    pub(crate) fn base_trains(&self) -> bool {
+        self.trainable && self.lora.is_none()
     }
 
     /// f32 on the CPU (tests, references).

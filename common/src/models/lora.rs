@@ -1,0 +1,352 @@
+//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") as PEFT
+//! implements it (`peft/tuners/lora/layer.py`): a target layer `y = W·x + b` becomes
+//! `y = W·x + b + B·A·dropout(x) · scaling` with `A` `[r, in]` (Kaiming-uniform, a = √5)
+//! and `B` `[out, r]` (zeros, so step 0 is the base model exactly), `scaling = α / r`
+//! (`α / √r` with rsLoRA). The base weights are frozen; only `A` and `B` train, in f32
+//! whatever the base's dtype. GPT-2's Conv1D (`fan_in_fan_out`) gets the same `A` and `B`
+//! shapes; only merging transposes the update.
+//!
+//! On disk an adapter is PEFT's directory: `adapter_config.json` and
+//! `adapter_model.safetensors` with keys `base_model.model.<module>.lora_{A,B}.weight`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+use super::ModelType;
+use crate::error::{Error, Result};
+
+/// PEFT's prefix of every key in `adapter_model.safetensors`.
+pub const KEY_PREFIX: &str = "base_model.model.";
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// Which layers get an adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TargetModules {
+    /// PEFT's default for the architecture (`c_attn` for GPT-2, `q_proj`, `v_proj` for the
+    /// Llama family).
+    Default,
+    /// Every linear (and Conv1D) layer except the output head.
+    AllLinear,
+    /// Module names: a layer matches when its path is the name or ends with `.name`.
+    Names(Vec<String>),
+}
+
+impl TargetModules {
+    /// `--lora-target-modules`: `all-linear` or a comma-separated list.
+    pub fn parse(s: &str) -> Self {
+        if s.eq_ignore_ascii_case("all-linear") {
+            TargetModules::AllLinear
+        } else {
+            TargetModules::Names(
+                s.split(',')
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// Whether a variable name is an adapter's (`….lora_A.weight`, `….lora_B.weight`).
+pub fn is_adapter(name: &str) -> bool {
+    name.contains(".lora_A.") || name.contains(".lora_B.")
+}
+
+/// PEFT's rule: a module matches a target name when its path is the name or ends with
+/// `.name`.
+pub fn matches(module: &str, name: &str) -> bool {
+    module == name || module.ends_with(&format!(".{name}"))
+}
+
+/// PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for our architectures.
+pub fn default_targets(model_type: ModelType) -> Vec<String> {
+    match model_type {
+        ModelType::Gpt2 => vec!["c_attn".into()],
+        ModelType::Llama | ModelType::Mistral | ModelType::Qwen2 => {
+            vec!["q_proj".into(), "v_proj".into()]
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// The same config with `Default` targets spelled out for `model_type`.
+    pub fn resolved(&self, model_type: ModelType) -> Self {
+        let target_modules = match &self.target_modules {
+            TargetModules::Default => TargetModules::Names(default_targets(model_type)),
+            other => other.clone(),
+        };
+        LoraConfig {
+            target_modules,
+            ..self.clone()
+        }
+    }
+
+    /// Whether the layer at `module` (its dotted path) gets an adapter (after
+    /// [`LoraConfig::resolved`]).
+    pub fn targets(&self, module: &str) -> bool {
+        match &self.target_modules {
+            TargetModules::AllLinear => true,
+            TargetModules::Default => false,
+            TargetModules::Names(names) => names.iter().any(|n| matches(module, n)),
+        }
+    }
+
+    /// `adapter_config.json` as PEFT writes it; `targets` are the adapted modules' names.
+    pub fn to_peft(
+        &self,
+        base: Option<&Path>,
+        task_type: &str,
+        targets: &[String],
+        fan_in_fan_out: bool,
+        modules_to_save: Option<Vec<String>>,
+    ) -> Value {
+        json!({
+            "peft_type": "LORA",
+            "task_type": task_type,
+            "base_model_name_or_path": base.map(|b| b.display().to_string()),
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": "none",
+            "use_rslora": self.use_rslora,
+            "use_dora": false,
+            "modules_to_save": modules_to_save,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+        })
+    }
+}
+
+/// What an adapter directory says (`adapter_config.json`).
+#[derive(Debug, Clone)]
+pub struct AdapterDir {
+    pub dir: PathBuf,
+    pub lora: LoraConfig,
+    /// `base_model_name_or_path` as written.
+    pub base: Option<String>,
+}
+
+impl AdapterDir {
+    /// `Some` when `dir` holds `adapter_config.json`.
+    pub fn read(dir: &Path) -> Result<Option<AdapterDir>> {
+        let path = dir.join(ADAPTER_CONFIG);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        let bad = |m: String| Error::config(&path, m);
+        match v.get("peft_type").and_then(Value::as_str) {
+            Some("LORA") => {}
+            other => {
+                return Err(bad(format!(
+                    "peft_type {other:?} is not supported (supported: LORA)"
+                )))
+            }
+        }
+        if v.get("use_dora") == Some(&Value::Bool(true)) {
+            return Err(bad("use_dora true is not supported".into()));
+        }
+        if let Some(bias) = v
+            .get("bias")
+            .and_then(Value::as_str)
+            .filter(|b| *b != "none")
+        {
+            return Err(bad(format!(
+                "bias '{bias}' is not supported (supported: none)"
+            )));
+        }
+        let r = v.get("r").and_then(Value::as_i64).unwrap_or(8);
+        let target_modules = match v.get("target_modules") {
+            Some(Value::String(s)) => TargetModules::parse(s),
+            Some(Value::Array(a)) => TargetModules::Names(
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            _ => TargetModules::Default,
+        };
+        let lora = LoraConfig {
+            r,
+            alpha: v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0),
+            dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+            target_modules,
+            use_rslora: v.get("use_rslora").and_then(Value::as_bool) == Some(true),
+        };
+        if r <= 0 {
+            return Err(bad(format!("r {r} must be at least 1")));
+        }
+        Ok(Some(AdapterDir {
+            dir: dir.to_path_buf(),
+            lora,
+            base: v
+                .get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        }))
+    }
+
+    /// The base model's directory: `explicit` (`--base-model`), else
+    /// `base_model_name_or_path` — absolute, or relative to the adapter directory, or to the
+    /// working directory.
+    pub fn base_dir(&self, explicit: Option<&Path>) -> Result<PathBuf> {
+        if let Some(dir) = explicit {
+            return Ok(dir.to_path_buf());
+        }
+        let config = self.dir.join(ADAPTER_CONFIG);
+        let Some(base) = &self.base else {
+            return Err(Error::config(
+                config,
+                "base_model_name_or_path is missing: pass --base-model DIR",
+            ));
+        };
+        let candidates = [self.dir.join(base), PathBuf::from(base)];
+        candidates
+            .into_iter()
+            .find(|c| c.join("config.json").exists())
+            .ok_or_else(|| {
+                Error::config(
+                    config,
+                    format!("the base model '{base}' (base_model_name_or_path) is not a model directory here: pass --base-model DIR"),
+                )
+            })
+    }
+}
+
+/// Whether autograd is recording: LoRA dropout is active only then (training passes),
+/// as in PyTorch's train mode; evaluation and rollouts run under `no_grad`.
+fn grad_enabled() -> bool {
+    #[allow(unsafe_code)]
+    // SAFETY: at_grad_set_enabled only swaps a thread-local flag and returns the old one;
+    // the old value is put back at once.
+    unsafe {
+        let previous = torch_sys::at_grad_set_enabled(1);
+        torch_sys::at_grad_set_enabled(previous);
+        previous != 0
+    }
+}
+
+/// One adapted layer's low-rank update.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+    pub scaling: f64,
+    dropout: f64,
+}
+
+impl LoraAdapter {
+    /// `lora_A.weight` and `lora_B.weight` under `p` (the adapted layer's path).
+    pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64, cfg: &LoraConfig) -> Self {
+        // kaiming_uniform_(a=√5) on [r, in]: bound = √(6 / ((1 + a²)·fan_in)) = 1/√in.
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a = (p / "lora_A").var(
+            "weight",
+            &[cfg.r, in_dim],
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
+        let b = (p / "lora_B").var("weight", &[out_dim, cfg.r], Init::Const(0.0));
+        LoraAdapter {
+            a,
+            b,
+            scaling: cfg.scaling(),
+            dropout: cfg.dropout,
+        }
+    }
+
+    /// `B·A·dropout(x) · scaling`, computed in the adapter's dtype and returned in `x`'s.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let xa = x.to_kind(self.a.kind());
+        let xa = if self.dropout > 0.0 {
+            xa.dropout(self.dropout, grad_enabled())
+        } else {
+            xa
+        };
+        (xa.linear::<Tensor>(&self.a, None)
+            .linear::<Tensor>(&self.b, None)
+            * self.scaling)
+            .to_kind(x.kind())
+    }
+
+    /// The update to the base weight, `[out, in]` (`scaling · B·A`), in f32.
+    pub fn delta(&self) -> Tensor {
+        self.b
+            .to_kind(Kind::Float)
+            .matmul(&self.a.to_kind(Kind::Float))
+            * self.scaling
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_match_whole_names_and_suffixes() {
+        let cfg = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: TargetModules::parse("q_proj, mlp.down_proj"),
+            use_rslora: false,
+        };
+        assert!(cfg.targets("model.layers.0.self_attn.q_proj"));
+        assert!(cfg.targets("model.layers.1.mlp.down_proj"));
+        assert!(!cfg.targets("model.layers.0.self_attn.k_proj"));
+        assert!(!cfg.targets("model.layers.0.self_attn.xq_proj"));
+        assert_eq!(cfg.scaling(), 2.0);
+        let rs = LoraConfig {
+            use_rslora: true,
+            r: 4,
+            ..cfg.clone()
+        };
+        assert_eq!(rs.scaling(), 2.0);
+        let default = LoraConfig {
+            target_modules: TargetModules::Default,
+            ..cfg
+        };
+        let gpt2 = default.resolved(ModelType::Gpt2);
+        assert!(gpt2.targets("transformer.h.0.attn.c_attn"));
+        assert!(!gpt2.targets("transformer.h.0.attn.c_proj"));
+        let qwen2 = default.resolved(ModelType::Qwen2);
+        assert!(qwen2.targets("model.layers.3.self_attn.v_proj"));
+    }
+}

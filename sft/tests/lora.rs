@@ -1,0 +1,373 @@
+//! LoRA as PEFT does it (f32, CPU), on tiny random `transformers` models of GPT-2 (Conv1D,
+//! `fan_in_fan_out`), Llama (GQA, untied, rsLoRA) and Qwen2 (q/k/v biases, tied):
+//! adapters PEFT made and randomised load here with PEFT's log-probs and scores; adapters
+//! `sft train` wrote load in PEFT, and their merged models in plain `transformers`, with
+//! ours; step 0 is the base model exactly, only the adapters train and the base stays
+//! bit-identical; a killed adapter run resumes to the same adapter; bad adapter inputs
+//! end in one line.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+use common::cli::OptimArgs;
+use common::models::lora::{LoraConfig, TargetModules};
+use common::ops::logprobs_of;
+use common::scoring::last_token_scores;
+use common::{Head, Model, ModelOptions, Trainee, World};
+use rlhf_tests::{ok, run_bin, run_python, tensor_2d_f32};
+use serde_json::{json, Value};
+use tch::{Kind, Tensor};
+
+const ARCHS: &[&str] = &["gpt2", "llama", "qwen2"];
+
+struct Fixture {
+    root: PathBuf,
+    ids_path: PathBuf,
+    rows: (Vec<Vec<i64>>, Vec<Vec<i64>>),
+    reference: Value,
+}
+
+impl Fixture {
+    /// The rows' ids and mask, `[B, T]`.
+    fn batch(&self) -> (Tensor, Tensor) {
+        (
+            Tensor::from_slice2(&self.rows.0),
+            Tensor::from_slice2(&self.rows.1),
+        )
+    }
+
+    /// 1 where the next token is real, `[B, T-1]`.
+    fn next_mask(&self) -> Tensor {
+        let (ids, mask) = self.batch();
+        mask.narrow(1, 1, ids.size()[1] - 1)
+    }
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lora");
+        rlhf_tests::tiny_llama_fixture(&root);
+        // Right-padded rows of ids 3..300 (0 is padding).
+        let lengths = [9usize, 6, 4];
+        let (mut ids, mut mask) = (vec![], vec![]);
+        for (r, &len) in lengths.iter().enumerate() {
+            let row: Vec<i64> = (0..9)
+                .map(|i| {
+                    if i < len {
+                        3 + ((r * 97 + i * 31) % 297) as i64
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            mask.push((0..9).map(|i| i64::from(i < len)).collect::<Vec<_>>());
+            ids.push(row);
+        }
+        let ids_path = root.join("ids.json");
+        std::fs::write(&ids_path, json!({"ids": ids, "mask": mask}).to_string()).unwrap();
+        let reference = run_python(
+            "peft_reference.py",
+            &[
+                "make",
+                "--root",
+                root.to_str().unwrap(),
+                "--tokenizer",
+                root.join("model").to_str().unwrap(),
+                "--ids",
+                ids_path.to_str().unwrap(),
+            ],
+        );
+        Fixture {
+            rows: (ids, mask),
+            root,
+            ids_path,
+            reference,
+        }
+    })
+}
+
+/// Next-token log-probs `[B, T-1]`, zeroed where the next token is padding.
+fn logprobs(model: &Model) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    logprobs_with_grad(model)
+}
+
+fn logprobs_with_grad(model: &Model) -> Tensor {
+    let f = fixture();
+    let (ids, mask) = f.batch();
+    let t = ids.size()[1];
+    let logits = model.forward(&ids, &mask);
+    logprobs_of(&logits.narrow(1, 0, t - 1), &ids.narrow(1, 1, t - 1)) * f.next_mask()
+}
+
+fn max_diff(ours: &Tensor, theirs: &Value) -> f64 {
+    let theirs = tensor_2d_f32(theirs);
+    ((ours - theirs) * fixture().next_mask())
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+fn load(dir: &Path, head: Head) -> Model {
+    Model::load(dir, &ModelOptions::cpu(head))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .0
+}
+
+fn sft(args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_bin(env!("CARGO_BIN_EXE_sft"), args, env)
+}
+
+/// `sft train` with LoRA on `arch` for `steps` steps into `out`.
+fn train_adapter(arch: &str, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let f = fixture();
+    let model = f.root.join(arch);
+    let data = f.root.join("sft.jsonl");
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--overwrite",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lr",
+        "2e-2",
+        "--batch-size",
+        "4",
+        "--schedule",
+        "constant",
+    ];
+    args.extend_from_slice(extra);
+    sft(&args, env)
+}
+
+#[test]
+fn peft_adapters_load_here_with_peft_numbers() {
+    let f = fixture();
+    for arch in ARCHS {
+        let r = &f.reference[arch];
+        let base = logprobs(&load(&f.root.join(arch), Head::Lm));
+        assert!(max_diff(&base, &r["base"]) < 1e-4, "{arch}: base");
+        let adapted = logprobs(&load(&f.root.join(format!("{arch}-peft")), Head::Lm));
+        let diff = max_diff(&adapted, &r["peft"]);
+        assert!(
+            diff < 1e-4,
+            "{arch}: PEFT adapter log-probs differ by {diff:e}"
+        );
+        assert!(
+            max_diff(&adapted, &r["base"]) > 1e-3,
+            "{arch}: the adapter changed nothing"
+        );
+        // A reward model's adapter: LoRA on every linear layer and a trained score head.
+        let scorer = load(&f.root.join(format!("{arch}-peft-score")), Head::Score);
+        let (ids, mask) = f.batch();
+        let ours = last_token_scores(&scorer, &ids, &mask);
+        let theirs = Tensor::from_slice(
+            &serde_json::from_value::<Vec<f32>>(r["peft_score"].clone()).unwrap(),
+        );
+        let diff = (ours - theirs).abs().max().double_value(&[]);
+        assert!(
+            diff < 1e-4,
+            "{arch}: PEFT reward adapter scores differ by {diff:e}"
+        );
+    }
+}
+
+#[test]
+fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
+    let f = fixture();
+    for arch in ARCHS {
+        let out = f.root.join(format!("run-{arch}"));
+        let targets: &[&str] = match *arch {
+            "qwen2" => &["--lora-target-modules", "all-linear"],
+            _ => &[],
+        };
+        let extra = [&["--max-steps", "3", "--save-merged"], targets].concat();
+        ok(&train_adapter(arch, &out, &extra, &[]));
+        let final_dir = out.join("final");
+        assert!(final_dir.join("adapter_config.json").exists());
+        assert!(
+            !final_dir.join("model.safetensors").exists(),
+            "{arch}: the base was saved"
+        );
+        let model = load(&final_dir, Head::Lm);
+        let b_max = model
+            .named_tensors()
+            .iter()
+            .filter(|(n, _)| n.contains(".lora_B."))
+            .map(|(_, t)| t.abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        assert!(b_max > 1e-4, "{arch}: B is still zero after training");
+        let ours = logprobs(&model);
+        let check = run_python(
+            "peft_reference.py",
+            &[
+                "check",
+                "--adapter",
+                final_dir.to_str().unwrap(),
+                "--merged",
+                out.join("final_merged").to_str().unwrap(),
+                "--ids",
+                f.ids_path.to_str().unwrap(),
+            ],
+        );
+        let diff = max_diff(&ours, &check["adapter"]);
+        assert!(diff < 1e-4, "{arch}: PEFT reads our adapter {diff:e} away");
+        let diff = max_diff(&ours, &check["merged"]);
+        assert!(
+            diff < 1e-4,
+            "{arch}: transformers reads our merged model {diff:e} away"
+        );
+        // The adapter is usable wherever a model directory is: sft eval.
+        let data = f.root.join("sft.jsonl");
+        let res = sft(
+            &[
+                "eval",
+                "--model",
+                final_dir.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ],
+            &[],
+        );
+        assert!(ok(&res)["loss"].as_f64().unwrap().is_finite());
+    }
+}
+
+#[test]
+fn step_zero_is_the_base_and_only_the_adapters_train() {
+    let f = fixture();
+    let dir = f.root.join("llama");
+    let base = load(&dir, Head::Lm);
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: TargetModules::AllLinear,
+        use_rslora: false,
+    };
+    let (model, _) = Model::load(&dir, &ModelOptions::cpu(Head::Lm).with_lora(Some(lora))).unwrap();
+    assert!(
+        logprobs(&model).equal(&logprobs(&base)),
+        "step 0 differs from the base"
+    );
+    let frozen: Vec<(String, Tensor)> = model
+        .named_tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.contains(".lora_"))
+        .map(|(n, t)| (n, t.detach().copy()))
+        .collect();
+    let optim: OptimArgs = rlhf_tests::parse_args(&["--lr", "5e-2"]);
+    let mut trainee = Trainee::new("", model, &dir, &optim, optim.schedule(3));
+    let trained: Vec<String> = trainee.optimizer.parameter_names();
+    assert!(
+        !trained.is_empty() && trained.iter().all(|n| n.contains(".lora_")),
+        "{trained:?}"
+    );
+    assert_eq!(
+        trained.len(),
+        2 * 7 * 2,
+        "A and B of 7 linear layers in 2 blocks"
+    );
+    for _ in 0..3 {
+        let loss = -logprobs_with_grad(&trainee.model).mean(Kind::Float);
+        loss.backward();
+        let outcome = trainee.step(loss.double_value(&[]), &World::single());
+        assert!(!outcome.skipped);
+    }
+    let after = trainee.model.named_tensors();
+    for (name, before) in &frozen {
+        assert!(after[name].equal(before), "{name} changed");
+    }
+    assert!(max_diff(&logprobs(&trainee.model), &f.reference["llama"]["base"]) > 1e-3);
+}
+
+#[test]
+fn killed_adapter_run_resumes_to_the_same_adapter() {
+    let f = fixture();
+    let args = ["--max-steps", "4", "--save-every", "2"];
+    let straight = f.root.join("run-resume-straight");
+    ok(&train_adapter("llama", &straight, &args, &[]));
+    let killed = f.root.join("run-resume-killed");
+    let res = train_adapter("llama", &killed, &args, &[("RLHF_CRASH_AT", "mid-step@3")]);
+    assert!(!res.status.success(), "the run was not killed");
+    // A checkpoint of an adapter run is megabytes of adapter, not the base.
+    let ckpt = killed.join("checkpoints/step-000002");
+    assert!(
+        ckpt.join("adapter_model.safetensors").exists() && !ckpt.join("model.safetensors").exists()
+    );
+    let resume = [args.as_slice(), &["--resume"]].concat();
+    ok(&train_adapter("llama", &killed, &resume, &[]));
+    let (a, b) = (
+        load(&straight.join("final"), Head::Lm),
+        load(&killed.join("final"), Head::Lm),
+    );
+    let b_tensors = b.named_tensors();
+    for (name, t) in a
+        .named_tensors()
+        .iter()
+        .filter(|(n, _)| n.contains(".lora_"))
+    {
+        let diff = (t - &b_tensors[name]).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{name} differs by {diff:e}");
+    }
+}
+
+#[test]
+fn bad_adapter_inputs_end_in_one_line() {
+    let f = fixture();
+    let out = f.root.join("run-bad");
+    let orphan = f.root.join("orphan-adapter");
+    std::fs::create_dir_all(&orphan).unwrap();
+    let peft = f.root.join("llama-peft");
+    std::fs::copy(
+        peft.join("adapter_model.safetensors"),
+        orphan.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    config["base_model_name_or_path"] = json!("../no-such-base");
+    std::fs::write(orphan.join("adapter_config.json"), config.to_string()).unwrap();
+    let data = f.root.join("sft.jsonl");
+    let cases: Vec<(Output, &str)> = vec![
+        (train_adapter("llama", &out, &["--lora-r", "0"], &[]), "--lora-r must be at least 1"),
+        (
+            train_adapter("llama", &out, &["--lora-target-modules", "q_proj,nope"], &[]),
+            "LoRA target modules [\"nope\"] match no layer of this llama model",
+        ),
+        (
+            sft(
+                &["eval", "--model", orphan.to_str().unwrap(), "--data", data.to_str().unwrap(), "--device", "cpu"],
+                &[],
+            ),
+            "the base model '../no-such-base' (base_model_name_or_path) is not a model directory here: pass --base-model DIR",
+        ),
+    ];
+    for (res, expected) in cases {
+        let err = String::from_utf8_lossy(&res.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            !res.status.success() && last.contains(expected),
+            "expected '{expected}': {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert!(
+        !out.join("checkpoints").exists(),
+        "a refused run wrote its output directory"
+    );
+}

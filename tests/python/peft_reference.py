@@ -1,0 +1,139 @@
+"""PEFT's side of the LoRA tests: tiny random models with the shared fixture's tokenizer,
+adapters made and randomised by `peft`, and log-probs of adapters and merged models that
+the Rust side wrote.
+
+    peft_reference.py make  --root DIR --tokenizer DIR --ids IDS.json
+        DIR/<arch>/          a tiny random transformers model (vocab 320) + tokenizer files
+        DIR/<arch>-peft/     a LoRA adapter on it made by peft, A and B random
+        prints {arch: {"base": logprobs, "peft": logprobs, "peft_score": scores}}
+    peft_reference.py check --adapter DIR [--merged DIR] [--score] --ids IDS.json
+        prints {"adapter": logprobs or scores, "merged": logprobs}
+
+IDS.json: {"ids": [[...]], "mask": [[...]]}, right-padded. Log-probs are of each next
+token ([B, T-1]); scores are read at each row's last real token (pad id 0 never occurs).
+"""
+import argparse
+import json
+import shutil
+import sys
+
+import torch
+import transformers as tf
+from peft import LoraConfig, PeftModel, get_peft_model
+
+VOCAB = 320
+
+
+def configs():
+    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {
+        "gpt2": tf.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.1, **common),
+        "llama": tf.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64,
+            initializer_range=0.1, **common),
+        "qwen2": tf.Qwen2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64,
+            initializer_range=0.1, **common),
+    }
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def logprobs(model, ids, mask):
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
+    logp = logits[:, :-1].log_softmax(-1)
+    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1).tolist()
+
+
+def scores(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist()
+
+
+def load_ids(path):
+    case = json.load(open(path))
+    return torch.tensor(case["ids"]), torch.tensor(case["mask"])
+
+
+def randomise(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "score" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+
+
+def make(root, tokenizer, ids, mask):
+    torch.manual_seed(0)
+    out = {}
+    for name, config in configs().items():
+        base = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+        base.save_pretrained(f"{root}/{name}")
+        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]:
+            try:
+                shutil.copy(f"{tokenizer}/{f}", f"{root}/{name}/{f}")
+            except FileNotFoundError:
+                pass
+        res = {}
+        with torch.no_grad():
+            res["base"] = logprobs(base, ids, mask)
+        # Default targets for the architecture, rsLoRA, and A and B both random.
+        lora = LoraConfig(r=4, lora_alpha=8, use_rslora=(name == "llama"), task_type="CAUSAL_LM")
+        peft = get_peft_model(base, lora)
+        randomise(peft)
+        # As if made from a model directory: relative to the adapter, as a user's files are.
+        peft.peft_config["default"].base_model_name_or_path = f"../{name}"
+        peft.save_pretrained(f"{root}/{name}-peft")
+        with torch.no_grad():
+            res["peft"] = logprobs(peft.eval(), ids, mask)
+        # A reward model's adapter: LoRA on every linear layer plus the score head.
+        seq = tf.AutoModelForSequenceClassification.from_pretrained(f"{root}/{name}", num_labels=1).eval()
+        seq_peft = get_peft_model(seq, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="SEQ_CLS"))
+        randomise(seq_peft)
+        seq_peft.peft_config["default"].base_model_name_or_path = f"{root}/{name}"
+        seq_peft.save_pretrained(f"{root}/{name}-peft-score")
+        with torch.no_grad():
+            res["peft_score"] = scores(seq_peft.eval(), ids, mask)
+        out[name] = res
+    return out
+
+
+def check(adapter, merged, score, ids, mask):
+    out = {}
+    with torch.no_grad():
+        if score:
+            model = tf.AutoModelForSequenceClassification
+        else:
+            model = tf.AutoModelForCausalLM
+        config = json.load(open(f"{adapter}/adapter_config.json"))
+        base = model.from_pretrained(config["base_model_name_or_path"], **({"num_labels": 1} if score else {}))
+        peft = PeftModel.from_pretrained(base, adapter).eval()
+        out["adapter"] = scores(peft, ids, mask) if score else logprobs(peft, ids, mask)
+        if merged:
+            plain = tf.AutoModelForCausalLM.from_pretrained(merged).eval()
+            out["merged"] = logprobs(plain, ids, mask)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command", choices=["make", "check"])
+    ap.add_argument("--root")
+    ap.add_argument("--tokenizer")
+    ap.add_argument("--adapter")
+    ap.add_argument("--merged")
+    ap.add_argument("--score", action="store_true")
+    ap.add_argument("--ids", required=True)
+    args = ap.parse_args()
+    ids, mask = load_ids(args.ids)
+    if args.command == "make":
+        result = make(args.root, args.tokenizer, ids, mask)
+    else:
+        result = check(args.adapter, args.merged, args.score, ids, mask)
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
