@@ -12,6 +12,7 @@ use tch::{Device, Kind};
 use crate::device::{self, DeviceChoice, DtypeChoice};
 use crate::error::{Error, Result};
 use crate::models::lora::{LoraConfig, TargetModules};
+use crate::models::prompt_tuning::{PromptInit, PromptTuningConfig};
 use crate::models::ModelOptions;
 use crate::optim::AdamWConfig;
 use crate::schedule::{Schedule, ScheduleKind};
@@ -204,6 +205,17 @@ pub struct AdapterArgs {
     /// rsLoRA: scale by α / √r instead of α / r.
     #[arg(long)]
     pub use_rslora: bool,
+    /// Prompt tuning: this many trainable virtual tokens before every input, the whole
+    /// model frozen (off when absent; not with --lora-r).
+    #[arg(long)]
+    pub prompt_tuning_tokens: Option<i64>,
+    /// How the virtual tokens start: random (N(0, 1)), vocab (embeddings of random
+    /// vocabulary tokens) or text (of --prompt-tuning-init-text's tokens, repeated).
+    #[arg(long, default_value = "random")]
+    pub prompt_tuning_init: PromptInitChoice,
+    /// The text whose token embeddings start the virtual tokens (--prompt-tuning-init text).
+    #[arg(long)]
+    pub prompt_tuning_init_text: Option<String>,
     /// Also write OUT/final_merged/: a plain Hugging Face model with the adapters folded in.
     #[arg(long)]
     pub save_merged: bool,
@@ -215,10 +227,27 @@ pub struct AdapterArgs {
 
 impl AdapterArgs {
     pub fn validate(&self) -> Result<()> {
+        let text_init = self.prompt_tuning_init == PromptInitChoice::Text;
         require(&[
             (
                 self.lora_r.is_none_or(|r| r > 0),
                 "--lora-r must be at least 1",
+            ),
+            (
+                self.prompt_tuning_tokens.is_none_or(|n| n > 0),
+                "--prompt-tuning-tokens must be at least 1",
+            ),
+            (
+                self.lora_r.is_none() || self.prompt_tuning_tokens.is_none(),
+                "--lora-r and --prompt-tuning-tokens cannot be combined (one adapter per run)",
+            ),
+            (
+                text_init == self.prompt_tuning_init_text.is_some(),
+                "--prompt-tuning-init text needs --prompt-tuning-init-text (and the text needs it)",
+            ),
+            (
+                !self.save_merged || self.lora_r.is_some(),
+                "--save-merged needs --lora-r (prompt tuning cannot be folded into the weights)",
             ),
             (
                 self.lora_alpha.is_none_or(|a| a > 0.0),
@@ -254,13 +283,42 @@ impl AdapterArgs {
         })
     }
 
+    /// The prompt-tuning configuration, when --prompt-tuning-tokens is given (a text
+    /// init is tokenized when the model is loaded).
+    pub fn prompt_tuning(&self) -> Option<PromptTuningConfig> {
+        let init = match self.prompt_tuning_init {
+            PromptInitChoice::Random => PromptInit::Random,
+            PromptInitChoice::Vocab => PromptInit::Vocab,
+            PromptInitChoice::Text => PromptInit::Text {
+                text: self.prompt_tuning_init_text.clone().unwrap_or_default(),
+                ids: vec![],
+            },
+        };
+        Some(PromptTuningConfig {
+            num_virtual_tokens: self.prompt_tuning_tokens?,
+            init,
+        })
+    }
+
     /// `opts` with these adapters and base model.
     pub fn apply(&self, opts: ModelOptions) -> ModelOptions {
         ModelOptions {
             base_model: self.base_model.clone(),
-            ..opts.with_lora(self.lora())
+            ..opts
+                .with_lora(self.lora())
+                .with_prompt_tuning(self.prompt_tuning())
         }
     }
+}
+
+/// `--prompt-tuning-init`: PEFT's RANDOM, SAMPLE_VOCAB and TEXT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptInitChoice {
+    #[default]
+    Random,
+    Vocab,
+    Text,
 }
 
 /// Data options of the supervised stages (`sft train`, `reward train`).

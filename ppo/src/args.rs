@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
-use common::cli::{require, DeviceArgs, OptimArgs, RunArgs};
+use common::cli::{require, AdapterArgs, DeviceArgs, OptimArgs, RunArgs};
 use serde::Serialize;
 
 use crate::math::{AdvantageEstimator, KlEstimator};
@@ -110,6 +110,12 @@ pub struct TrainArgs {
     /// How many samples each time.
     #[arg(long, default_value_t = 4)]
     pub num_samples: usize,
+    /// An adapter (LoRA or a soft prompt) on the policy and the critic: the reference is
+    /// the policy with its adapter off, and (without --value-model) the reward model is the
+    /// critic with its adapter off.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub adapter: AdapterArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -130,6 +136,14 @@ impl TrainArgs {
         }
     }
 
+    /// Whether the reward model is the critic's base with its adapter off (LoRA without a
+    /// separate --value-model): one copy of the reward model's weights serves both.
+    pub fn reward_is_critic_base(&self) -> bool {
+        (self.adapter.lora_r.is_some() || self.adapter.prompt_tuning_tokens.is_some())
+            && self.value_model.is_none()
+            && self.advantage_estimator().needs_critic()
+    }
+
     /// Where the critic starts: --value-model, else the reward model (as InstructGPT).
     pub fn critic_source(&self) -> &Path {
         self.value_model.as_ref().unwrap_or(&self.reward_model)
@@ -138,6 +152,7 @@ impl TrainArgs {
     pub fn validate(&self) -> Result<()> {
         self.optim.validate()?;
         self.run.validate()?;
+        self.adapter.validate()?;
         require(&[
             (
                 self.rollout_batch_size > 0,

@@ -22,14 +22,17 @@ pub trait RewardFunction {
 
 /// A reward model from `reward train`, with its normalisation applied. Each sequence is
 /// scored as the reward model was trained: prompt + response, no EOS, at the last token.
-pub struct RewardModel {
-    pub model: Model,
+pub struct RewardModel<'a> {
+    pub model: &'a Model,
     pub normalization: Normalization,
     pub pad_id: i64,
     pub batch_size: usize,
+    /// Score with the model's adapters switched off: with LoRA, the critic's base (and
+    /// its original head) is the reward model, so one copy of it serves both.
+    pub without_adapters: bool,
 }
 
-impl RewardFunction for RewardModel {
+impl RewardFunction for RewardModel<'_> {
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
         let sequences: Vec<Vec<i64>> = input
             .prompts
@@ -37,7 +40,11 @@ impl RewardFunction for RewardModel {
             .zip(input.responses)
             .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
             .collect();
-        let raw = score_sequences(&self.model, &sequences, self.batch_size, self.pad_id);
+        let score = || score_sequences(self.model, &sequences, self.batch_size, self.pad_id);
+        let raw = match self.without_adapters {
+            true => common::models::adapter::without_adapters(score),
+            false => score(),
+        };
         Ok(raw
             .into_iter()
             .map(|r| self.normalization.apply(r))

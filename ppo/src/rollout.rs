@@ -4,6 +4,7 @@
 
 use anyhow::Result;
 use common::generate::{generate, FinishReason, Generation, SamplingConfig};
+use common::models::adapter::without_adapters;
 use common::ops::{entropy, logprobs_of};
 use common::Model;
 use data::Tokenizer;
@@ -67,7 +68,8 @@ pub fn response_values(
 
 pub struct RolloutModels<'a> {
     pub policy: &'a Model,
-    pub reference: &'a Model,
+    /// The frozen reference; `None`: the policy with its adapters switched off.
+    pub reference: Option<&'a Model>,
     pub critic: Option<&'a Model>,
     pub reward: &'a dyn RewardFunction,
     pub tokenizer: &'a Tokenizer,
@@ -162,8 +164,11 @@ pub fn rollout(
     let t = opts.sampling.temperature;
     let (logprobs, entropy) =
         response_logprobs(models.policy, &full_ids, &full_mask, prompt_len, t);
-    let (ref_logprobs, _) =
-        response_logprobs(models.reference, &full_ids, &full_mask, prompt_len, t);
+    let reference = |model| response_logprobs(model, &full_ids, &full_mask, prompt_len, t).0;
+    let ref_logprobs = match models.reference {
+        Some(model) => reference(model),
+        None => without_adapters(|| reference(models.policy)),
+    };
     let values = models
         .critic
         .map(|critic| response_values(critic, &full_ids, &full_mask, prompt_len));

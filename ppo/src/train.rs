@@ -4,10 +4,12 @@
 //! (PPO-ptx). [`train`] reads top to bottom: rollout → rewards → advantages → update →
 //! log → checkpoint.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use common::generate::SamplingConfig;
+use common::models::adapter::AdapterDir;
 use common::schedule::Schedule;
 use common::scoring::Normalization;
 use common::train::Session;
@@ -55,35 +57,60 @@ fn check_same_tokenizer(a: &Tokenizer, b: &Tokenizer, args: &TrainArgs) -> Resul
     Ok(())
 }
 
+/// Where a rollout's scores come from.
+#[derive(Clone, Copy)]
+enum Scorer<'a> {
+    Function(&'a dyn RewardFunction),
+    /// The reward model of `--reward-model` is the critic with its adapter switched off.
+    CriticBase,
+}
+
+fn warn_without_normalization(config: &serde_json::Map<String, serde_json::Value>, dir: &Path) {
+    if !config.contains_key(common::scoring::BIAS_KEY) {
+        tracing::warn!(
+            "{}: no {} in config.json — not a model from `reward train`? Its raw scores are used",
+            dir.display(),
+            common::scoring::BIAS_KEY
+        );
+    }
+}
+
 /// `ppo train` with the reward model of `--reward-model`.
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     let (device, kind) = args.device.resolve();
-    let frozen = ModelOptions::new(Head::Score, device, kind).frozen();
-    let (model, tok) = Model::load_with_tokenizer(&args.reward_model, &frozen)?;
-    if !model.config.raw.contains_key(common::scoring::BIAS_KEY) {
-        tracing::warn!(
-            "{}: no {} in config.json — not a model from `reward train`? Its raw scores are used",
-            args.reward_model.display(),
-            common::scoring::BIAS_KEY
-        );
-    }
     let policy_tok = Tokenizer::load(&args.policy)?;
+    // With LoRA and a full reward model, the critic is that model with an adapter, and
+    // the reward the same weights with the adapter off: one copy in memory.
+    if args.reward_is_critic_base() && AdapterDir::read(&args.reward_model)?.is_none() {
+        let tok = Tokenizer::load(&args.reward_model)?;
+        check_same_tokenizer(&policy_tok, &tok, args)?;
+        let config = common::ModelConfig::load(&args.reward_model)?;
+        warn_without_normalization(&config.raw, &args.reward_model);
+        return train(args, Scorer::CriticBase, device, kind);
+    }
+    let frozen = ModelOptions {
+        base_model: args.adapter.base_model.clone(),
+        ..ModelOptions::new(Head::Score, device, kind).frozen()
+    };
+    let (model, tok) = Model::load_with_tokenizer(&args.reward_model, &frozen)?;
+    warn_without_normalization(&model.config.raw, &args.reward_model);
     check_same_tokenizer(&policy_tok, &tok, args)?;
     let reward = RewardModel {
         normalization: Normalization::of(&model),
-        model,
+        model: &model,
         pad_id: tok.pad_id,
         batch_size: args.rollout_batch_size,
+        without_adapters: false,
     };
-    train(args, &reward, device, kind)
+    train(args, Scorer::Function(&reward), device, kind)
 }
 
 /// `ppo train` against any reward function.
 pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<TrainSummary> {
     args.validate()?;
     let (device, kind) = args.device.resolve();
-    train(args, reward, device, kind)
+    train(args, Scorer::Function(reward), device, kind)
 }
 
 /// Prompt token ids, one row each.
@@ -96,9 +123,7 @@ fn read_data(
     tok: &Tokenizer,
     policy: &Model,
 ) -> Result<(Prompts, Option<Vec<TokenizedSft>>)> {
-    let room = policy
-        .config
-        .prompt_room(args.response_length as usize, "--response-length")?;
+    let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
     let max_prompt_length = args.max_prompt_length.min(room);
     let prompts: Vec<Vec<i64>> = data::read_prompts(&args.prompts)?
         .iter()
@@ -121,9 +146,7 @@ fn read_data(
     let ptx = match &args.ptx_data {
         Some(path) => {
             let rows = data::read_sft(path)?;
-            let max_length = policy
-                .config
-                .cap_length(args.ptx_max_length, "--ptx-max-length");
+            let max_length = policy.cap_length(args.ptx_max_length, "--ptx-max-length");
             let prepared = prepare(&rows, tok, max_length, Truncation::Truncate, true)?;
             ensure!(
                 !prepared.rows.is_empty(),
@@ -145,8 +168,9 @@ struct Ppo<'a> {
     policy: Trainee,
     /// The value model, when the advantage estimator needs one.
     critic: Option<Trainee>,
-    reference: Model,
-    reward: &'a dyn RewardFunction,
+    /// The frozen reference; `None` with LoRA: the policy with its adapter off.
+    reference: Option<Model>,
+    reward: Scorer<'a>,
     prompts: Vec<Vec<i64>>,
     sampler: Sampler,
     ptx: Option<Ptx>,
@@ -171,12 +195,7 @@ pub(crate) struct Iteration {
     pub timings: Timings,
 }
 
-fn train(
-    args: &TrainArgs,
-    reward: &dyn RewardFunction,
-    device: Device,
-    kind: Kind,
-) -> Result<TrainSummary> {
+fn train(args: &TrainArgs, reward: Scorer, device: Device, kind: Kind) -> Result<TrainSummary> {
     args.run.seed_torch();
     let mut ppo = Ppo::load(args, reward, device, kind)?;
     let mut session = Session::start(
@@ -224,18 +243,22 @@ fn train(
 }
 
 impl<'a> Ppo<'a> {
-    /// Reads the policy (trained), the reference (the same weights, frozen), the critic
-    /// (from `--value-model`, else the reward model) when the estimator has one, the
-    /// prompts and the PPO-ptx rows.
-    fn load(
-        args: &'a TrainArgs,
-        reward: &'a dyn RewardFunction,
-        device: Device,
-        kind: Kind,
-    ) -> Result<Self> {
-        let lm = ModelOptions::new(Head::Lm, device, kind);
+    /// Reads the policy (trained), the reference (the same weights, frozen; with a fresh
+    /// LoRA adapter the policy itself with the adapter off), the critic (from `--value-model`, else the
+    /// reward model) when the estimator has one, the prompts and the PPO-ptx rows.
+    fn load(args: &'a TrainArgs, reward: Scorer<'a>, device: Device, kind: Kind) -> Result<Self> {
+        let lm = args
+            .adapter
+            .apply(ModelOptions::new(Head::Lm, device, kind));
         let (policy, tok) = Model::load_with_tokenizer(&args.policy, &lm)?;
-        let (reference, _) = Model::load(&args.policy, &lm.clone().frozen())?;
+        // A fresh adapter on a full model switched off is the SFT policy; an adapter
+        // directory's base without its adapter is not, so it gets a frozen copy.
+        let fresh_adapter =
+            policy.options.has_adapter() && AdapterDir::read(&args.policy)?.is_none();
+        let reference = match fresh_adapter {
+            true => None,
+            false => Some(Model::load(&args.policy, &lm.clone().frozen())?.0),
+        };
         let critic = if args.advantage_estimator().needs_critic() {
             let dir = args.critic_source();
             let (critic, _) = Model::load(dir, &lm.with_head(Head::Score))
@@ -398,11 +421,27 @@ impl<'a> Ppo<'a> {
             missing_eos_penalty: args.missing_eos_penalty,
             score_clip: args.score_clip,
         };
+        let critic = self.critic.as_ref().map(|c| &c.model);
+        let critic_base;
+        let reward: &dyn RewardFunction = match self.reward {
+            Scorer::Function(f) => f,
+            Scorer::CriticBase => {
+                let model = critic.expect("a critic when the reward is its base");
+                critic_base = RewardModel {
+                    normalization: Normalization::of(model),
+                    model,
+                    pad_id: self.tok.pad_id,
+                    batch_size: args.rollout_batch_size,
+                    without_adapters: true,
+                };
+                &critic_base
+            }
+        };
         let models = RolloutModels {
             policy: &self.policy.model,
-            reference: &self.reference,
-            critic: self.critic.as_ref().map(|c| &c.model),
-            reward: self.reward,
+            reference: self.reference.as_ref(),
+            critic,
+            reward,
             tokenizer: &self.tok,
         };
         rollout(&models, &batch.input_ids, &batch.attention_mask, &opts)
@@ -440,8 +479,9 @@ impl<'a> Ppo<'a> {
             let opts = ModelOptions::new(Head::Lm, device, kind);
             let (averaged, _) = Model::load(&session.run.final_dir(), &opts)?;
             let _guard = tch::no_grad_guard();
-            for (name, mut var) in averaged.vs.variables() {
-                var.copy_(&e.weights[&name]);
+            let mut vars = averaged.vs.variables();
+            for (name, weights) in &e.weights {
+                vars.get_mut(name).expect("same model").copy_(weights);
             }
             session.write_model("final_ema", &averaged, &self.args.policy)?;
         }
@@ -454,4 +494,119 @@ pub(crate) fn per_sequence_mean(x: &tch::Tensor) -> f64 {
     x.sum_dim_intlist([1].as_slice(), false, Kind::Float)
         .mean(Kind::Float)
         .double_value(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::response_logprobs;
+    use tch::Tensor;
+
+    /// With a fresh adapter the policy is its own reference and the critic's base is the
+    /// reward model: two bases in memory, not four — and they compute what the separate
+    /// models would.
+    #[test]
+    fn with_lora_one_copy_serves_policy_and_reference_and_one_critic_and_reward() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("fixture");
+        rlhf_tests::tiny_llama_fixture(&root);
+        let policy_dir = root.join("model");
+        tch::manual_seed(5);
+        let (mut rm, _) = Model::load(&policy_dir, &ModelOptions::cpu(Head::Score)).unwrap();
+        Normalization {
+            bias: 0.5,
+            std: None,
+        }
+        .store(&mut rm);
+        let reward_dir = root.join("reward");
+        rm.save(&reward_dir, Some(&policy_dir)).unwrap();
+        let s = |p: &Path| p.display().to_string();
+        let args: TrainArgs = rlhf_tests::parse_args(&[
+            "--policy",
+            &s(&policy_dir),
+            "--reward-model",
+            &s(&reward_dir),
+            "--prompts",
+            &s(&root.join("prompts.jsonl")),
+            "--output-dir",
+            &s(&root.join("out")),
+            "--device",
+            "cpu",
+            "--lora-r",
+            "4",
+            "--rollout-batch-size",
+            "4",
+            "--response-length",
+            "6",
+        ]);
+        assert!(args.reward_is_critic_base());
+        let mut ppo = Ppo::load(&args, Scorer::CriticBase, Device::Cpu, Kind::Float).unwrap();
+        assert!(ppo.reference.is_none());
+        let critic = &ppo.critic.as_ref().unwrap().model;
+        // Every embedding the process holds: the policy's and the critic's, once each.
+        let embedding = |m: &Model| m.named_tensors()["model.embed_tokens.weight"].data_ptr();
+        let storages = [embedding(&ppo.policy.model), embedding(critic)];
+        assert_ne!(storages[0], storages[1]);
+        // Move the policy's adapters away from zero, as training would.
+        tch::manual_seed(9);
+        for (name, mut t) in ppo.policy.model.vs.variables() {
+            if name.contains(".lora_B.") {
+                let _guard = tch::no_grad_guard();
+                t.copy_(&(Tensor::randn_like(&t) * 0.5));
+            }
+        }
+        let ro = ppo.rollout(0, &World::single()).unwrap();
+        let base = Model::load(&policy_dir, &ModelOptions::cpu(Head::Lm))
+            .unwrap()
+            .0;
+        let (base_lp, _) = tch::no_grad(|| {
+            response_logprobs(&base, &ro.full_ids, &ro.full_mask, ro.prompt_len, 1.0)
+        });
+        let diff = ((&ro.ref_logprobs - base_lp) * &ro.mask)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            diff < 1e-6,
+            "reference log-probs are {diff:e} from the base model's"
+        );
+        let moved = ((&ro.logprobs - &ro.ref_logprobs) * &ro.mask)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(moved > 1e-3, "the policy's adapter changed nothing");
+        // The critic trains its adapter and its own copy of the head; with the adapter
+        // off it must still score exactly as the full reward model.
+        let critic = &ppo.critic.as_ref().unwrap().model;
+        for (name, mut t) in critic.vs.variables() {
+            if name.contains(".lora_B.") || name == "score.weight" {
+                let _guard = tch::no_grad_guard();
+                t.copy_(&(Tensor::randn_like(&t) * 0.5));
+            }
+        }
+        let scorer = |model, without_adapters| RewardModel {
+            normalization: Normalization::of(model),
+            model,
+            pad_id: ppo.tok.pad_id,
+            batch_size: 4,
+            without_adapters,
+        };
+        let input = crate::reward_fn::RewardInput {
+            prompts: &[vec![5, 9, 12], vec![8]],
+            responses: &[vec![40, 7, 3], vec![22, 31]],
+            texts: &[String::new(), String::new()],
+        };
+        let full = scorer(&rm, false).scores(&input).unwrap();
+        let shared = scorer(critic, true).scores(&input).unwrap();
+        let trained = scorer(critic, false).scores(&input).unwrap();
+        for i in 0..2 {
+            assert!((full[i] - shared[i]).abs() < 1e-6, "{full:?} vs {shared:?}");
+            assert!(
+                (full[i] - trained[i]).abs() > 1e-4,
+                "the critic's changes did nothing"
+            );
+        }
+        let scores = Vec::<f32>::try_from(&ro.scores).unwrap();
+        assert_eq!(scores.len(), 4);
+    }
 }

@@ -18,7 +18,8 @@ use crate::args::TrainArgs;
 use crate::math::{policy_loss, value_loss, Advantages};
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
-/// An exponential moving average of the policy's weights.
+/// An exponential moving average of the policy's trained weights (with LoRA, of its
+/// adapters: the frozen base never moves).
 pub struct Ema {
     decay: f64,
     pub weights: BTreeMap<String, Tensor>,
@@ -30,6 +31,7 @@ impl Ema {
         let weights = model
             .named_tensors()
             .into_iter()
+            .filter(|(_, t)| t.requires_grad())
             .map(|(k, t)| (k, t.detach().copy()))
             .collect();
         Ema { decay, weights }
@@ -37,12 +39,9 @@ impl Ema {
 
     pub fn update(&mut self, model: &Model) {
         let _guard = tch::no_grad_guard();
-        for (name, param) in model.named_tensors() {
-            let _ = self
-                .weights
-                .get_mut(&name)
-                .expect("same model")
-                .lerp_(&param, 1.0 - self.decay);
+        let params = model.named_tensors();
+        for (name, average) in &mut self.weights {
+            let _ = average.lerp_(&params[name], 1.0 - self.decay);
         }
     }
 

@@ -73,7 +73,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
     };
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let norm = Normalization::of(&model);
-    let max_length = model.config.cap_length(args.max_length, "--max-length");
+    let max_length = model.cap_length(args.max_length, "--max-length");
     // Every sequence of every row, scored in one pass.
     let mut sequences = vec![];
     let mut spans = vec![];

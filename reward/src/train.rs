@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::cli::{DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
+use common::cli::{AdapterArgs, DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::scoring::{last_token_scores, score_sequences, Normalization};
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
@@ -35,6 +35,9 @@ pub struct TrainArgs {
     /// response of each training ranking).
     #[arg(long)]
     pub normalize_data: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub adapter: AdapterArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -192,11 +195,11 @@ struct Inputs {
 fn read_inputs(args: &TrainArgs) -> Result<Inputs> {
     let (device, kind) = args.device.resolve();
     args.run.seed_torch();
-    let opts = ModelOptions::new(Head::Score, device, kind);
+    let opts = args
+        .adapter
+        .apply(ModelOptions::new(Head::Score, device, kind));
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let max_length = model
-        .config
-        .cap_length(args.data.max_length, "--max-length");
+    let max_length = model.cap_length(args.data.max_length, "--max-length");
     let train = prepare_file(&args.data.data, &tok, args, max_length)?;
     let eval = args
         .data
@@ -205,7 +208,7 @@ fn read_inputs(args: &TrainArgs) -> Result<Inputs> {
         .map(|p| prepare_file(p, &tok, args, max_length))
         .transpose()?;
     // Scored whole, unless the model's position table is shorter (then their end counts).
-    let limit = model.config.max_positions().unwrap_or(usize::MAX);
+    let limit = model.max_positions().unwrap_or(usize::MAX);
     let normalize_set: Vec<Vec<i64>> = match &args.normalize_data {
         Some(path) => data::read_sft(path)?
             .iter()
@@ -229,6 +232,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.data.validate()?;
     args.optim.validate()?;
     args.run.validate()?;
+    args.adapter.validate()?;
     let Inputs {
         model,
         tok,

@@ -100,7 +100,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
         ..ModelOptions::new(Head::Lm, device, kind)
     };
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let max_length = model.config.cap_length(args.max_length, "--max-length");
+    let max_length = model.cap_length(args.max_length, "--max-length");
     let prepared = prepare(&examples, &tok, max_length, args.truncation, true)?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(

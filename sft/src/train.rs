@@ -134,9 +134,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .adapter
         .apply(ModelOptions::new(Head::Lm, device, kind));
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let max_length = model
-        .config
-        .cap_length(args.data.max_length, "--max-length");
+    let max_length = model.cap_length(args.data.max_length, "--max-length");
     let train = prepare_file(&args.data.data, &tok, args, max_length)?;
     let eval = args
         .data

@@ -5,7 +5,9 @@ the Rust side wrote.
     peft_reference.py make  --root DIR --tokenizer DIR --ids IDS.json
         DIR/<arch>/          a tiny random transformers model (vocab 320) + tokenizer files
         DIR/<arch>-peft/     a LoRA adapter on it made by peft, A and B random
-        prints {arch: {"base": logprobs, "peft": logprobs, "peft_score": scores}}
+        DIR/<arch>-peft-score/  a SEQ_CLS LoRA adapter (every linear layer + score head)
+        DIR/<arch>-prompt/   a prompt-tuning adapter (5 random virtual tokens)
+        prints {arch: {"base", "peft", "prompt": logprobs, "peft_score": scores}}
     peft_reference.py check --adapter DIR [--merged DIR] [--score] --ids IDS.json
         prints {"adapter": logprobs or scores, "merged": logprobs}
 
@@ -19,7 +21,7 @@ import sys
 
 import torch
 import transformers as tf
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 
 VOCAB = 320
 
@@ -43,8 +45,13 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def logprobs(model, ids, mask):
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
+def logprobs(model, ids, mask, virtual_tokens=0):
+    if virtual_tokens:
+        # PEFT drops position ids for prompt learning (the model counts from 0 over the
+        # virtual tokens) and returns logits for the virtual positions too.
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()[:, virtual_tokens:]
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
     logp = logits[:, :-1].log_softmax(-1)
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1).tolist()
 
@@ -96,6 +103,13 @@ def make(root, tokenizer, ids, mask):
         seq_peft.save_pretrained(f"{root}/{name}-peft-score")
         with torch.no_grad():
             res["peft_score"] = scores(seq_peft.eval(), ids, mask)
+        # Prompt tuning: 5 virtual tokens, N(0, 1) as PEFT starts them.
+        base = tf.AutoModelForCausalLM.from_pretrained(f"{root}/{name}").eval()
+        prompt = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+        prompt.peft_config["default"].base_model_name_or_path = f"{root}/{name}"
+        prompt.save_pretrained(f"{root}/{name}-prompt")
+        with torch.no_grad():
+            res["prompt"] = logprobs(prompt.eval(), ids, mask, virtual_tokens=5)
         out[name] = res
     return out
 
@@ -110,7 +124,8 @@ def check(adapter, merged, score, ids, mask):
         config = json.load(open(f"{adapter}/adapter_config.json"))
         base = model.from_pretrained(config["base_model_name_or_path"], **({"num_labels": 1} if score else {}))
         peft = PeftModel.from_pretrained(base, adapter).eval()
-        out["adapter"] = scores(peft, ids, mask) if score else logprobs(peft, ids, mask)
+        virtual = config.get("num_virtual_tokens") or 0
+        out["adapter"] = scores(peft, ids, mask) if score else logprobs(peft, ids, mask, virtual)
         if merged:
             plain = tf.AutoModelForCausalLM.from_pretrained(merged).eval()
             out["merged"] = logprobs(plain, ids, mask)

@@ -89,9 +89,7 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
         ..ModelOptions::new(Head::Lm, device, kind)
     };
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let room = model
-        .config
-        .prompt_room(args.max_new_tokens as usize, "--max-new-tokens")?;
+    let room = model.prompt_room(args.max_new_tokens as usize, "--max-new-tokens")?;
     let mut cut = 0;
     let encoded = prompts
         .iter()

@@ -201,15 +201,20 @@ impl Gpt2 {
         &self.wte.weight
     }
 
-    /// Final hidden states `[B, T, H]` of `ids` at `positions`.
+    /// Token embeddings `[B, T, H]` of `ids`.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        self.wte.forward(ids)
+    }
+
+    /// Final hidden states `[B, T, H]` of token embeddings `embeds` at `positions`.
     pub fn forward(
         &self,
-        ids: &Tensor,
+        embeds: &Tensor,
         positions: &Tensor,
         masking: &Masking,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let mut x = self.wte.forward(ids) + self.wpe.forward(positions);
+        let mut x = embeds + self.wpe.forward(positions);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = block.forward(&x, masking, layer_cache);

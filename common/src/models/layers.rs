@@ -133,7 +133,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = x.linear(&self.weight, self.bias.as_ref());
         match &self.lora {
-            Some(lora) => y + lora.forward(x),
+            Some(lora) => lora.add_to(y, x),
             None => y,
         }
     }
@@ -207,7 +207,7 @@ impl Conv1D {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = x.matmul(&self.weight) + &self.bias;
         match &self.lora {
-            Some(lora) => y + lora.forward(x),
+            Some(lora) => lora.add_to(y, x),
             None => y,
         }
     }

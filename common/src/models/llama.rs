@@ -356,15 +356,20 @@ impl Llama {
         &self.embed_tokens.weight
     }
 
-    /// Final hidden states `[B, T, H]` of `ids` at `positions`.
+    /// Token embeddings `[B, T, H]` of `ids`.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// Final hidden states `[B, T, H]` of token embeddings `embeds` at `positions`.
     pub fn forward(
         &self,
-        ids: &Tensor,
+        embeds: &Tensor,
         positions: &Tensor,
         masking: &Masking,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let mut x = self.embed_tokens.forward(ids);
+        let mut x = embeds.shallow_clone();
         // cos/sin in f32 like transformers, then in the activations' dtype: [B, 1, T, D].
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq;
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);

@@ -6,23 +6,18 @@
 //! whatever the base's dtype. GPT-2's Conv1D (`fan_in_fan_out`) gets the same `A` and `B`
 //! shapes; only merging transposes the update.
 //!
-//! On disk an adapter is PEFT's directory: `adapter_config.json` and
+//! On disk an adapter is PEFT's directory (`super::adapter`): `adapter_config.json` and
 //! `adapter_model.safetensors` with keys `base_model.model.<module>.lora_{A,B}.weight`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+use super::adapter::adapters_enabled;
 use super::ModelType;
-use crate::error::{Error, Result};
-
-/// PEFT's prefix of every key in `adapter_model.safetensors`.
-pub const KEY_PREFIX: &str = "base_model.model.";
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
-pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// Which layers get an adapter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,106 +141,6 @@ impl LoraConfig {
     }
 }
 
-/// What an adapter directory says (`adapter_config.json`).
-#[derive(Debug, Clone)]
-pub struct AdapterDir {
-    pub dir: PathBuf,
-    pub lora: LoraConfig,
-    /// `base_model_name_or_path` as written.
-    pub base: Option<String>,
-}
-
-impl AdapterDir {
-    /// `Some` when `dir` holds `adapter_config.json`.
-    pub fn read(dir: &Path) -> Result<Option<AdapterDir>> {
-        let path = dir.join(ADAPTER_CONFIG);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.clone(),
-            source,
-        })?;
-        let bad = |m: String| Error::config(&path, m);
-        match v.get("peft_type").and_then(Value::as_str) {
-            Some("LORA") => {}
-            other => {
-                return Err(bad(format!(
-                    "peft_type {other:?} is not supported (supported: LORA)"
-                )))
-            }
-        }
-        if v.get("use_dora") == Some(&Value::Bool(true)) {
-            return Err(bad("use_dora true is not supported".into()));
-        }
-        if let Some(bias) = v
-            .get("bias")
-            .and_then(Value::as_str)
-            .filter(|b| *b != "none")
-        {
-            return Err(bad(format!(
-                "bias '{bias}' is not supported (supported: none)"
-            )));
-        }
-        let r = v.get("r").and_then(Value::as_i64).unwrap_or(8);
-        let target_modules = match v.get("target_modules") {
-            Some(Value::String(s)) => TargetModules::parse(s),
-            Some(Value::Array(a)) => TargetModules::Names(
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect(),
-            ),
-            _ => TargetModules::Default,
-        };
-        let lora = LoraConfig {
-            r,
-            alpha: v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0),
-            dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
-            target_modules,
-            use_rslora: v.get("use_rslora").and_then(Value::as_bool) == Some(true),
-        };
-        if r <= 0 {
-            return Err(bad(format!("r {r} must be at least 1")));
-        }
-        Ok(Some(AdapterDir {
-            dir: dir.to_path_buf(),
-            lora,
-            base: v
-                .get("base_model_name_or_path")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        }))
-    }
-
-    /// The base model's directory: `explicit` (`--base-model`), else
-    /// `base_model_name_or_path` — absolute, or relative to the adapter directory, or to the
-    /// working directory.
-    pub fn base_dir(&self, explicit: Option<&Path>) -> Result<PathBuf> {
-        if let Some(dir) = explicit {
-            return Ok(dir.to_path_buf());
-        }
-        let config = self.dir.join(ADAPTER_CONFIG);
-        let Some(base) = &self.base else {
-            return Err(Error::config(
-                config,
-                "base_model_name_or_path is missing: pass --base-model DIR",
-            ));
-        };
-        let candidates = [self.dir.join(base), PathBuf::from(base)];
-        candidates
-            .into_iter()
-            .find(|c| c.join("config.json").exists())
-            .ok_or_else(|| {
-                Error::config(
-                    config,
-                    format!("the base model '{base}' (base_model_name_or_path) is not a model directory here: pass --base-model DIR"),
-                )
-            })
-    }
-}
-
 /// Whether autograd is recording: LoRA dropout is active only then (training passes),
 /// as in PyTorch's train mode; evaluation and rollouts run under `no_grad`.
 fn grad_enabled() -> bool {
@@ -289,6 +184,16 @@ impl LoraAdapter {
             b,
             scaling: cfg.scaling(),
             dropout: cfg.dropout,
+        }
+    }
+
+    /// `y + B·A·dropout(x) · scaling` for the base layer's output `y` (just `y` while
+    /// adapters are switched off).
+    pub fn add_to(&self, y: Tensor, x: &Tensor) -> Tensor {
+        if adapters_enabled() {
+            y + self.forward(x)
+        } else {
+            y
         }
     }
 

@@ -2,12 +2,14 @@
 //! each) and a head that is either the language-model head or the scalar `score` head of
 //! `*ForSequenceClassification`.
 
+pub mod adapter;
 pub mod attention;
 pub mod gpt2;
 mod layers;
 pub mod llama;
 pub mod lora;
 mod options;
+pub mod prompt_tuning;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -171,32 +173,6 @@ impl ModelConfig {
         }
     }
 
-    /// `requested` (the value of `option`, a length in tokens) capped by the position
-    /// table, with a warning when it is cut.
-    pub fn cap_length(&self, requested: usize, option: &str) -> usize {
-        match self.max_positions() {
-            Some(limit) if requested > limit => {
-                tracing::warn!(
-                    "{option} {requested} is more than the model's {limit} positions (n_positions in config.json): longer sequences are cut at {limit}"
-                );
-                limit
-            }
-            _ => requested,
-        }
-    }
-
-    /// How many prompt tokens fit before `new_tokens` generated ones: unlimited without a
-    /// position table; an error naming `option` when the table leaves no room.
-    pub fn prompt_room(&self, new_tokens: usize, option: &str) -> Result<usize> {
-        match self.max_positions() {
-            None => Ok(usize::MAX),
-            Some(limit) if new_tokens < limit => Ok(limit - new_tokens),
-            Some(limit) => Err(Error::InvalidArgument(format!(
-                "{option} {new_tokens} leaves no room for a prompt: the model reads at most {limit} positions (n_positions in config.json)"
-            ))),
-        }
-    }
-
     /// Integer or list field of `config.json` (`eos_token_id` may be either).
     pub fn token_ids(&self, field: &str) -> Vec<i64> {
         ids_of(self.raw.get(field))
@@ -258,6 +234,11 @@ pub struct Model {
     /// `[V, H]` (possibly the tied input embedding) or `[1, H]`: both heads are a
     /// bias-free linear map of the final hidden states.
     head_weight: Tensor,
+    /// A scalar head trained beside adapters: the head it started from (frozen), used
+    /// while adapters are switched off (PEFT's `modules_to_save`).
+    original_head: Option<Tensor>,
+    /// Prompt tuning's virtual-token embeddings `[N, H]`, put before every input.
+    prompt: Option<Tensor>,
 }
 
 const SCORE_WEIGHT: &str = "score.weight";
@@ -288,7 +269,7 @@ impl Model {
                     mean: 0.0,
                     stdev: 1.0 / ((hidden + 1) as f64).sqrt(),
                 },
-                &opts.clone().with_lora(None),
+                &opts.clone().with_lora(None).with_prompt_tuning(None),
             ),
             Head::Lm if config.tie_word_embeddings() => match &backbone {
                 Backbone::Gpt2(b) => b.embedding_weight().shallow_clone(),
@@ -311,12 +292,23 @@ impl Model {
                 )
             }
         };
+        let prompt = opts.prompt_tuning.as_ref().map(|pt| {
+            let words = match &backbone {
+                Backbone::Gpt2(b) => b.embedding_weight(),
+                Backbone::Llama(b) => b.embedding_weight(),
+            };
+            let prompt = pt.create(&root, words);
+            match opts.trainable {
+                true => prompt,
+                false => prompt.set_requires_grad(false),
+            }
+        });
         if opts.kind != Kind::Float {
             vs.set_kind(opts.kind);
             // Adapters train in f32 whatever the base's dtype.
             let _guard = tch::no_grad_guard();
             for (name, mut var) in vs.variables() {
-                if lora::is_adapter(&name) {
+                if adapter::is_adapter_tensor(&name) {
                     var.set_data(&var.to_kind(Kind::Float));
                 }
             }
@@ -329,6 +321,8 @@ impl Model {
             base_dir: None,
             backbone,
             head_weight,
+            original_head: None,
+            prompt,
         }
     }
 
@@ -338,21 +332,33 @@ impl Model {
     ///
     /// An adapter directory (`adapter_config.json`, PEFT's format) loads its base model
     /// (`--base-model`, else `base_model_name_or_path`) with the adapter on it; with
-    /// `opts.lora` a plain directory gets fresh adapters.
+    /// `opts.lora` or `opts.prompt_tuning` a plain directory gets a fresh adapter.
     pub fn load(dir: &Path, opts: &ModelOptions) -> Result<(Self, LoadReport)> {
-        if let Some(adapter) = lora::AdapterDir::read(dir)? {
+        if let Some(adapter) = adapter::AdapterDir::read(dir)? {
             let base = adapter.base_dir(opts.base_model.as_deref())?;
-            if opts.lora.is_some() && opts.lora.as_ref() != Some(&adapter.lora) {
+            if opts.has_adapter() {
                 tracing::warn!(
-                    "{}: the adapter's own LoRA settings are used, not the command line's",
+                    "{}: the adapter's own settings are used, not the command line's",
                     dir.display()
                 );
             }
-            let opts = opts.clone().with_lora(Some(adapter.lora));
-            let (model, report) = Model::load(&base, &opts)?;
+            let opts = match adapter.kind {
+                adapter::AdapterKind::Lora(l) => opts.clone().with_lora(Some(l)),
+                adapter::AdapterKind::PromptTuning(p) => opts.clone().with_prompt_tuning(Some(p)),
+            };
+            let (mut model, report) = Model::load(&base, &opts)?;
             model.load_adapter(dir)?;
+            model.config.raw.extend(adapter.carried);
             return Ok((model, report));
         }
+        let mut opts = opts.clone();
+        if let Some(prompt_tuning::PromptInit::Text { text, ids }) =
+            opts.prompt_tuning.as_mut().map(|p| &mut p.init)
+        {
+            // PEFT tokenizes the init text with the model's tokenizer, special tokens on.
+            *ids = Tokenizer::load(dir)?.encode(text, true)?;
+        }
+        let opts = &opts;
         let config = ModelConfig::load(dir)?;
         let mut model = Model::new(config, opts);
         let adapters: Vec<String> = model.adapter_tensors().into_keys().collect();
@@ -366,9 +372,14 @@ impl Model {
             |name| model.config.checkpoint_aliases(name),
             &optional,
         )?;
-        if let Some(cfg) = &model.options.lora {
+        if model.options.has_adapter() {
             model.base_dir = Some(std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf()));
-            model.check_targets(cfg, dir)?;
+            if let Some(cfg) = &model.options.lora {
+                model.check_targets(cfg, dir)?;
+            }
+            if model.head == Head::Score {
+                model.original_head = Some(model.head_weight.detach().copy());
+            }
         }
         if !report.unexpected.is_empty() {
             tracing::debug!(
@@ -381,10 +392,45 @@ impl Model {
         Ok((model, report))
     }
 
+    /// The most real tokens a sequence may have: the position table (GPT-2's
+    /// `n_positions`) less prompt tuning's virtual tokens; rotary models have no table.
+    pub fn max_positions(&self) -> Option<usize> {
+        let virtual_tokens = self.prompt.as_ref().map_or(0, |p| p.size()[0] as usize);
+        self.config
+            .max_positions()
+            .map(|limit| limit.saturating_sub(virtual_tokens))
+    }
+
+    /// `requested` (the value of `option`, a length in tokens) capped by the position
+    /// table, with a warning when it is cut.
+    pub fn cap_length(&self, requested: usize, option: &str) -> usize {
+        match self.max_positions() {
+            Some(limit) if requested > limit => {
+                tracing::warn!(
+                    "{option} {requested} is more than the model's {limit} positions (n_positions in config.json): longer sequences are cut at {limit}"
+                );
+                limit
+            }
+            _ => requested,
+        }
+    }
+
+    /// How many prompt tokens fit before `new_tokens` generated ones: unlimited without a
+    /// position table; an error naming `option` when the table leaves no room.
+    pub fn prompt_room(&self, new_tokens: usize, option: &str) -> Result<usize> {
+        match self.max_positions() {
+            None => Ok(usize::MAX),
+            Some(limit) if new_tokens < limit => Ok(limit - new_tokens),
+            Some(limit) => Err(Error::InvalidArgument(format!(
+                "{option} {new_tokens} leaves no room for a prompt: the model reads at most {limit} positions (n_positions in config.json)"
+            ))),
+        }
+    }
+
     /// A model directory's weights and its tokenizer, checked against each other. An
     /// adapter directory without tokenizer files uses its base model's.
     pub fn load_with_tokenizer(dir: &Path, opts: &ModelOptions) -> Result<(Self, Tokenizer)> {
-        let tokenizer_dir = match lora::AdapterDir::read(dir)? {
+        let tokenizer_dir = match adapter::AdapterDir::read(dir)? {
             Some(a) if !dir.join("tokenizer.json").exists() => {
                 a.base_dir(opts.base_model.as_deref())?
             }
@@ -410,7 +456,7 @@ impl Model {
     /// model); every variable must be there. With adapters, `dir` is an adapter
     /// directory and only the adapters (and a scalar head) are read.
     pub fn load_weights(&self, dir: &Path) -> Result<()> {
-        if self.options.lora.is_some() {
+        if self.options.has_adapter() {
             return self.load_adapter(dir);
         }
         checkpoint::load_into(&self.vs.variables(), dir, |_| vec![], &[]).map(|_| ())
@@ -418,10 +464,10 @@ impl Model {
 
     /// The adapter tensors (and, beside them, a trained scalar head) under our names.
     fn adapter_tensors(&self) -> BTreeMap<String, Tensor> {
-        let score = self.head == Head::Score && self.options.lora.is_some();
+        let score = self.head == Head::Score && self.options.has_adapter();
         self.named_tensors()
             .into_iter()
-            .filter(|(name, _)| lora::is_adapter(name) || (score && name == SCORE_WEIGHT))
+            .filter(|(name, _)| adapter::is_adapter_tensor(name) || (score && name == SCORE_WEIGHT))
             .collect()
     }
 
@@ -430,10 +476,10 @@ impl Model {
         let vars = self
             .adapter_tensors()
             .into_iter()
-            .map(|(name, t)| (format!("{}{name}", lora::KEY_PREFIX), t))
+            .map(|(name, t)| (adapter::peft_key(&name), t))
             .collect();
         let _guard = tch::no_grad_guard();
-        checkpoint::load_file(&vars, &dir.join(lora::ADAPTER_WEIGHTS))
+        checkpoint::load_file(&vars, &dir.join(adapter::ADAPTER_WEIGHTS))
     }
 
     /// The modules that carry an adapter, by path.
@@ -476,37 +522,64 @@ impl Model {
     }
 
     /// Final hidden states `[B, T, H]`. `attention_mask` is `[B, S]` over the cached and
-    /// the new tokens (S = cached + T); positions come from it.
+    /// the new tokens (S = cached + T); positions come from it. With prompt tuning the
+    /// virtual tokens go before the first forward's tokens (and stay in the cache), the
+    /// mask gets their ones in front, and only the real tokens' states are returned.
     pub fn hidden(
         &self,
         ids: &Tensor,
         attention_mask: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let t = ids.size()[1];
-        let s = attention_mask.size()[1];
-        let positions = positions_from_mask(attention_mask).narrow(1, s - t, t);
+        let mut x = match &self.backbone {
+            Backbone::Gpt2(b) => b.embed(ids),
+            Backbone::Llama(b) => b.embed(ids),
+        };
+        let mut mask = attention_mask.shallow_clone();
+        let mut virtual_tokens = 0;
+        if let Some(prompt) = self.prompt.as_ref().filter(|_| adapter::adapters_enabled()) {
+            let (b, n) = (ids.size()[0], prompt.size()[0]);
+            let ones = Tensor::ones([b, n], (mask.kind(), mask.device()));
+            mask = Tensor::cat(&[&ones, &mask], 1);
+            if cache.as_deref().is_none_or(KvCache::is_empty) {
+                let prefix = prompt
+                    .to_kind(x.kind())
+                    .unsqueeze(0)
+                    .expand([b, n, -1], false);
+                x = Tensor::cat(&[&prefix, &x], 1);
+                virtual_tokens = n;
+            }
+        }
+        let t = x.size()[1];
+        let s = mask.size()[1];
+        let positions = positions_from_mask(&mask).narrow(1, s - t, t);
         let window = match &self.backbone {
             Backbone::Llama(b) => b.sliding_window(),
             Backbone::Gpt2(_) => None,
         };
         // A cache remembers whether its prompt was padded (later tokens are real ones).
         let padded = match cache.as_deref_mut() {
-            Some(c) => *c
-                .padded
-                .get_or_insert_with(|| Masking::has_padding(attention_mask)),
-            None => Masking::has_padding(attention_mask),
+            Some(c) => *c.padded.get_or_insert_with(|| Masking::has_padding(&mask)),
+            None => Masking::has_padding(&mask),
         };
-        let masking = Masking::new(attention_mask, t, window, Some(padded));
-        match &self.backbone {
-            Backbone::Gpt2(b) => b.forward(ids, &positions, &masking, cache),
-            Backbone::Llama(b) => b.forward(ids, &positions, &masking, cache),
+        let masking = Masking::new(&mask, t, window, Some(padded));
+        let h = match &self.backbone {
+            Backbone::Gpt2(b) => b.forward(&x, &positions, &masking, cache),
+            Backbone::Llama(b) => b.forward(&x, &positions, &masking, cache),
+        };
+        match virtual_tokens {
+            0 => h,
+            n => h.narrow(1, n, t - n),
         }
     }
 
     /// The head applied to hidden states: `[B, T, V]` logits or `[B, T]` scores.
     pub fn head_output(&self, hidden: &Tensor) -> Tensor {
-        let out = hidden.linear::<Tensor>(&self.head_weight, None);
+        let weight = match &self.original_head {
+            Some(original) if !adapter::adapters_enabled() => original,
+            _ => &self.head_weight,
+        };
+        let out = hidden.linear::<Tensor>(weight, None);
         match self.head {
             Head::Lm => out,
             Head::Score => out.squeeze_dim(-1),
@@ -522,9 +595,11 @@ impl Model {
         KvCache::new(self.config.num_layers())
     }
 
-    /// A cache that holds `capacity` positions without reallocating.
+    /// A cache that holds `capacity` positions (and prompt tuning's virtual tokens)
+    /// without reallocating.
     pub fn new_cache_with_capacity(&self, capacity: i64) -> KvCache {
-        KvCache::with_capacity(self.config.num_layers(), capacity)
+        let virtual_tokens = self.prompt.as_ref().map_or(0, |p| p.size()[0]);
+        KvCache::with_capacity(self.config.num_layers(), capacity + virtual_tokens)
     }
 
     /// Every variable under its Hugging Face name.
@@ -538,8 +613,8 @@ impl Model {
     /// `adapter_model.safetensors` (the adapters, and a trained scalar head).
     pub fn save(&self, dir: &Path, sidecar_from: Option<&Path>) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        if let Some(cfg) = &self.options.lora {
-            return self.save_adapter(cfg, dir, sidecar_from);
+        if self.options.has_adapter() {
+            return self.save_adapter(dir, sidecar_from);
         }
         checkpoint::save_tensors(
             &self.named_tensors(),
@@ -557,33 +632,54 @@ impl Model {
         Ok(())
     }
 
-    fn save_adapter(
-        &self,
-        cfg: &lora::LoraConfig,
-        dir: &Path,
-        sidecar_from: Option<&Path>,
-    ) -> Result<()> {
+    fn save_adapter(&self, dir: &Path, sidecar_from: Option<&Path>) -> Result<()> {
         let tensors = self
             .adapter_tensors()
             .into_iter()
-            .map(|(name, t)| (format!("{}{name}", lora::KEY_PREFIX), t))
+            .map(|(name, t)| (adapter::peft_key(&name), t))
             .collect();
-        checkpoint::save_file(&tensors, &dir.join(lora::ADAPTER_WEIGHTS))?;
-        let mut targets: Vec<String> = self
-            .adapted_modules()
-            .iter()
-            .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
-            .collect();
-        targets.sort();
-        targets.dedup();
+        checkpoint::save_file(&tensors, &dir.join(adapter::ADAPTER_WEIGHTS))?;
         let (task, to_save) = match self.head {
             Head::Lm => ("CAUSAL_LM", None),
             Head::Score => ("SEQ_CLS", Some(vec!["classifier".into(), "score".into()])),
         };
-        let gpt2 = self.config.model_type == ModelType::Gpt2;
-        let config = cfg.to_peft(self.base_dir.as_deref(), task, &targets, gpt2, to_save);
+        let base = self.base_dir.as_deref();
+        let mut config = match (&self.options.lora, &self.options.prompt_tuning) {
+            (Some(cfg), _) => {
+                let mut targets: Vec<String> = self
+                    .adapted_modules()
+                    .iter()
+                    .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
+                    .collect();
+                targets.sort();
+                targets.dedup();
+                let gpt2 = self.config.model_type == ModelType::Gpt2;
+                cfg.to_peft(base, task, &targets, gpt2, to_save)
+            }
+            (None, Some(cfg)) => {
+                let heads = match &self.config.arch {
+                    Arch::Gpt2(c) => c.n_head,
+                    Arch::Llama(c) => c.num_attention_heads,
+                };
+                let dims = (
+                    self.config.hidden_size(),
+                    heads,
+                    self.config.num_layers() as i64,
+                );
+                let mut config = cfg.to_peft(base, task, dims);
+                config["modules_to_save"] = serde_json::json!(to_save);
+                config
+            }
+            (None, None) => unreachable!("save_adapter without an adapter"),
+        };
+        // A reward model's normalisation travels in the adapter's config (PEFT ignores it).
+        for key in adapter::CARRIED_KEYS {
+            if let Some(v) = self.config.raw.get(*key) {
+                config[*key] = v.clone();
+            }
+        }
         checkpoint::write_atomic(
-            &dir.join(lora::ADAPTER_CONFIG),
+            &dir.join(adapter::ADAPTER_CONFIG),
             serde_json::to_string_pretty(&config).unwrap().as_bytes(),
         )?;
         if let Some(from) = sidecar_from {

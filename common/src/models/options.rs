@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use tch::{Device, Kind};
 
 use super::lora::LoraConfig;
+use super::prompt_tuning::PromptTuningConfig;
 use super::Head;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +24,8 @@ pub struct ModelOptions {
     /// LoRA adapters on the target layers, the base weights frozen (`None`: no adapter,
     /// every weight trains). Loading an adapter directory sets it from the directory.
     pub lora: Option<LoraConfig>,
+    /// Prompt tuning: trainable virtual tokens before every input, the model frozen.
+    pub prompt_tuning: Option<PromptTuningConfig>,
     /// The base model of an adapter directory, overriding its `base_model_name_or_path`.
     pub base_model: Option<PathBuf>,
 }
@@ -36,6 +39,7 @@ impl ModelOptions {
             kind,
             trainable: true,
             lora: None,
+            prompt_tuning: None,
             base_model: None,
         }
     }
@@ -45,9 +49,22 @@ impl ModelOptions {
         ModelOptions { lora, ..self }
     }
 
+    /// The same model with prompt tuning (or without, for `None`).
+    pub fn with_prompt_tuning(self, prompt_tuning: Option<PromptTuningConfig>) -> Self {
+        ModelOptions {
+            prompt_tuning,
+            ..self
+        }
+    }
+
+    /// Whether the model carries an adapter (LoRA or prompt tuning).
+    pub fn has_adapter(&self) -> bool {
+        self.lora.is_some() || self.prompt_tuning.is_some()
+    }
+
     /// Whether a base weight (not an adapter, not a head trained beside an adapter) trains.
     pub(crate) fn base_trains(&self) -> bool {
-        self.trainable && self.lora.is_none()
+        self.trainable && !self.has_adapter()
     }
 
     /// f32 on the CPU (tests, references).

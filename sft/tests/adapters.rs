@@ -1,5 +1,7 @@
-//! LoRA as PEFT does it (f32, CPU), on tiny random `transformers` models of GPT-2 (Conv1D,
-//! `fan_in_fan_out`), Llama (GQA, untied, rsLoRA) and Qwen2 (q/k/v biases, tied):
+//! LoRA and prompt tuning as PEFT does them (f32, CPU), on tiny random `transformers`
+//! models of GPT-2 (Conv1D, `fan_in_fan_out`), Llama (GQA, untied, rsLoRA) and Qwen2
+//! (q/k/v biases, tied). Prompt tuning: PEFT's adapters load with its log-probs, ours
+//! load in PEFT with ours, and generation with the KV cache equals full forwards. LoRA:
 //! adapters PEFT made and randomised load here with PEFT's log-probs and scores; adapters
 //! `sft train` wrote load in PEFT, and their merged models in plain `transformers`, with
 //! ours; step 0 is the base model exactly, only the adapters train and the base stays
@@ -246,6 +248,108 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
     }
 }
 
+/// `sft train --prompt-tuning-tokens` for `arch`, text-initialised, into `out`.
+fn train_prompt(arch: &str, out: &Path) -> Output {
+    let f = fixture();
+    let (model, data) = (f.root.join(arch), f.root.join("sft.jsonl"));
+    sft(
+        &[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--overwrite",
+            "--prompt-tuning-tokens",
+            "4",
+            "--prompt-tuning-init",
+            "text",
+            "--prompt-tuning-init-text",
+            "heads and legs",
+            "--lr",
+            "5e-2",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
+    let f = fixture();
+    for arch in ["gpt2", "llama"] {
+        let out = f.root.join(format!("run-prompt-{arch}"));
+        ok(&train_prompt(arch, &out));
+        let final_dir = out.join("final");
+        let config: Value = serde_json::from_str(
+            &std::fs::read_to_string(final_dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["peft_type"], "PROMPT_TUNING");
+        assert_eq!(config["prompt_tuning_init"], "TEXT");
+        let model = load(&final_dir, Head::Lm);
+        let names: Vec<String> = model.named_tensors().into_keys().collect();
+        assert!(names.contains(&"prompt_embeddings".to_string()));
+        // Only the virtual tokens trained: every other tensor is the base's.
+        let base = load(&f.root.join(arch), Head::Lm).named_tensors();
+        for (name, t) in model
+            .named_tensors()
+            .iter()
+            .filter(|(n, _)| *n != "prompt_embeddings")
+        {
+            assert!(t.equal(&base[name]), "{arch}: {name} changed");
+        }
+        let ours = logprobs(&model);
+        let check = run_python(
+            "peft_reference.py",
+            &[
+                "check",
+                "--adapter",
+                final_dir.to_str().unwrap(),
+                "--ids",
+                f.ids_path.to_str().unwrap(),
+            ],
+        );
+        let diff = max_diff(&ours, &check["adapter"]);
+        assert!(
+            diff < 1e-4,
+            "{arch}: PEFT reads our soft prompt {diff:e} away"
+        );
+        // Greedy decoding with the KV cache (the virtual tokens cached once) equals
+        // recomputing every step from scratch.
+        let prompt = Tensor::from_slice(&[5i64, 17, 42, 9]).unsqueeze(0);
+        let ones = Tensor::ones([1, 4], (Kind::Int64, tch::Device::Cpu));
+        let cfg = common::generate::SamplingConfig {
+            max_new_tokens: 6,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            eos_ids: vec![],
+            pad_id: 0,
+            seed: 0,
+        };
+        let cached = common::generate::generate(&model, &prompt, &ones, &cfg);
+        let mut ids = prompt.shallow_clone();
+        let _guard = tch::no_grad_guard();
+        for _ in 0..6 {
+            let mask = Tensor::ones_like(&ids);
+            let next = model.forward(&ids, &mask).select(1, -1).argmax(-1, false);
+            ids = Tensor::cat(&[ids, next.unsqueeze(1)], 1);
+        }
+        assert!(
+            cached.tokens.equal(&ids.narrow(1, 4, 6)),
+            "{arch}: cached decoding differs"
+        );
+    }
+}
+
 #[test]
 fn step_zero_is_the_base_and_only_the_adapters_train() {
     let f = fixture();
@@ -345,6 +449,10 @@ fn bad_adapter_inputs_end_in_one_line() {
     let data = f.root.join("sft.jsonl");
     let cases: Vec<(Output, &str)> = vec![
         (train_adapter("llama", &out, &["--lora-r", "0"], &[]), "--lora-r must be at least 1"),
+        (
+            train_adapter("llama", &out, &["--prompt-tuning-tokens", "3"], &[]),
+            "--lora-r and --prompt-tuning-tokens cannot be combined (one adapter per run)",
+        ),
         (
             train_adapter("llama", &out, &["--lora-target-modules", "q_proj,nope"], &[]),
             "LoRA target modules [\"nope\"] match no layer of this llama model",
