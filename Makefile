@@ -1,7 +1,7 @@
 # Entry points. Each one bootstraps what it needs (scripts/bootstrap.sh: torch into .venv).
 CARGO ?= cargo
 
-.PHONY: bootstrap build test bench bench-trl demo fmt clean
+.PHONY: bootstrap build test bench bench-trl demo demo-adapters fmt clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -26,6 +26,11 @@ bench-trl: bootstrap
 demo: bootstrap
 	$(CARGO) build --release --workspace --bins
 	scripts/demo.sh
+
+# Full fine-tuning vs LoRA vs prompt tuning for the demo's SFT step (scripts/demo_adapters.sh).
+demo-adapters: bootstrap
+	$(CARGO) build --release --workspace --bins
+	scripts/demo_adapters.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -50,6 +50,11 @@ impl Trainee {
         schedule: Schedule,
     ) -> Self {
         let optimizer = AdamW::new(model.vs.variables(), optim.adamw());
+        let (trained, total) = parameter_counts(&model);
+        tracing::info!(
+            "{}: training {trained} of {total} parameters",
+            if name.is_empty() { "model" } else { name }
+        );
         Trainee {
             name,
             model,
@@ -91,6 +96,11 @@ impl Trainee {
         }
     }
 
+    /// Parameters that train, and all parameters (tied tensors counted once).
+    pub fn parameter_counts(&self) -> (i64, i64) {
+        parameter_counts(&self.model)
+    }
+
     /// Writes the model (a Hugging Face directory) and the optimiser's state into
     /// `checkpoint/<name>`.
     pub fn save(&self, checkpoint: &Path) -> Result<()> {
@@ -105,4 +115,14 @@ impl Trainee {
         self.model.load_weights(&dir)?;
         self.optimizer.load(&dir)
     }
+}
+
+fn parameter_counts(model: &Model) -> (i64, i64) {
+    model
+        .named_tensors()
+        .values()
+        .fold((0, 0), |(trained, total), t| {
+            let n = t.numel() as i64;
+            (trained + if t.requires_grad() { n } else { 0 }, total + n)
+        })
 }

@@ -189,55 +189,76 @@ fn measured(m: &[Value], key: &str) -> Vec<f64> {
         .collect()
 }
 
-fn main() {
-    let device = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
-    let dtype = std::env::var("BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
-    let shapes: String = env_or("BENCH_SHAPES", "gpt2,llama".to_string());
-    let (batch, seq): (usize, usize) = (env_or("BENCH_BATCH", 8), env_or("BENCH_SEQ", 128));
-    let rollout: i64 = env_or("BENCH_ROLLOUT", 16);
-    let response: i64 = env_or("BENCH_RESPONSE", 32);
-    let peak_tflops: Option<f64> = std::env::var("BENCH_PEAK_TFLOPS")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let peak_gbps: Option<f64> = std::env::var("BENCH_PEAK_GBPS")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    const PROMPT: usize = 64;
-    common::logging::init();
-    // BENCH_KEEP=DIR writes the models and data there and keeps them (to reuse them).
-    let temp = tempfile::tempdir().unwrap();
-    let kept = std::env::var_os("BENCH_KEEP").map(PathBuf::from);
-    let root = kept.as_deref().unwrap_or(temp.path());
-    std::fs::create_dir_all(root).unwrap();
-    let mut rng = 7u64;
-    // Data: SFT rows of exactly SEQ tokens (127 characters + EOS), preference pairs of the
-    // same length, and prompts of 64 tokens.
-    let sft_data = root.join("sft.jsonl");
-    write_jsonl(
-        &sft_data,
-        (0..64).map(|_| json!({"text": text(&mut rng, seq - 1)})),
-    );
-    let pairs = root.join("pairs.jsonl");
-    write_jsonl(
-        &pairs,
-        (0..64).map(|_| {
-            json!({"prompt": text(&mut rng, seq / 2), "chosen": text(&mut rng, seq / 2), "rejected": text(&mut rng, seq / 2)})
-        }),
-    );
-    let prompts = root.join("prompts.jsonl");
-    write_jsonl(
-        &prompts,
-        (0..(rollout as usize).max(64)).map(|_| json!({"prompt": text(&mut rng, PROMPT)})),
-    );
+/// The workload, from the environment (see the module doc).
+struct Bench {
+    device: String,
+    dtype: String,
+    batch: usize,
+    seq: usize,
+    rollout: i64,
+    response: i64,
+    peak_tflops: Option<f64>,
+    peak_gbps: Option<f64>,
+    root: PathBuf,
+    sft_data: PathBuf,
+    pairs: PathBuf,
+    prompts: PathBuf,
+}
 
-    let common_args = |out: &Path, steps: usize| -> Vec<String> {
+/// Prompt length of the PPO and generation workloads.
+const PROMPT: usize = 64;
+
+/// Training FLOPs per token for sequences of `t` tokens.
+type Flops = dyn Fn(usize) -> f64;
+
+impl Bench {
+    /// Reads the knobs and writes the data: SFT rows of exactly SEQ tokens (127 characters +
+    /// EOS), preference pairs of the same length, and prompts of 64 tokens.
+    fn new(root: &Path) -> Self {
+        let peak = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
+        let bench = Bench {
+            device: std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+            dtype: std::env::var("BENCH_DTYPE").unwrap_or_else(|_| "f32".into()),
+            batch: env_or("BENCH_BATCH", 8),
+            seq: env_or("BENCH_SEQ", 128),
+            rollout: env_or("BENCH_ROLLOUT", 16),
+            response: env_or("BENCH_RESPONSE", 32),
+            peak_tflops: peak("BENCH_PEAK_TFLOPS"),
+            peak_gbps: peak("BENCH_PEAK_GBPS"),
+            root: root.to_path_buf(),
+            sft_data: root.join("sft.jsonl"),
+            pairs: root.join("pairs.jsonl"),
+            prompts: root.join("prompts.jsonl"),
+        };
+        let mut rng = 7u64;
+        let seq = bench.seq;
+        write_jsonl(
+            &bench.sft_data,
+            (0..64).map(|_| json!({"text": text(&mut rng, seq - 1)})),
+        );
+        write_jsonl(
+            &bench.pairs,
+            (0..64).map(|_| {
+                json!({"prompt": text(&mut rng, seq / 2), "chosen": text(&mut rng, seq / 2), "rejected": text(&mut rng, seq / 2)})
+            }),
+        );
+        let n_prompts = (bench.rollout as usize).max(64);
+        write_jsonl(
+            &bench.prompts,
+            (0..n_prompts).map(|_| json!({"prompt": text(&mut rng, PROMPT)})),
+        );
+        bench
+    }
+
+    /// The options every stage's run shares.
+    fn common_args(&self, out: &Path, steps: usize) -> Vec<String> {
         [
             "--output-dir",
             out.to_str().unwrap(),
             "--device",
-            &device,
+            &self.device,
             "--dtype",
-            &dtype,
+            &self.dtype,
             "--max-steps",
             &(WARMUP + steps).to_string(),
             "--log-every",
@@ -248,119 +269,106 @@ fn main() {
         .iter()
         .map(|s| s.to_string())
         .collect()
-    };
-    let mut rows = vec![];
-    for arch in shapes.split(',') {
-        let config = shape(arch, (seq + response as usize).max(512));
-        let lm = model_dir(root, &format!("{arch}-lm"), config.clone(), Head::Lm);
-        let rm = model_dir(root, &format!("{arch}-rm"), config.clone(), Head::Score);
-        // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's 12·L·d·T);
-        // the reward model has a one-output score head instead of the vocabulary head.
-        let (flops, reward_flops) = {
-            let (model, _) = Model::load(&lm, &common::ModelOptions::cpu(Head::Lm)).unwrap();
-            let d = dims(&model, &config);
-            let vocab_head = config["vocab_size"].as_f64().unwrap() * d.width;
-            let attention = 12.0 * d.layers * d.width;
-            let lm = move |t: usize| 6.0 * d.matmul_params + attention * t as f64;
-            let rm = move |t: usize| 6.0 * (d.matmul_params - vocab_head) + attention * t as f64;
-            (lm, rm)
-        };
-        let training_row = |stage: &str,
-                            arch: &str,
-                            tps: f64,
-                            step_tokens: usize,
-                            t: usize,
-                            flops: &dyn Fn(usize) -> f64| {
-            let mut row = json!({"stage": stage, "model": arch, "tokens_per_second": tps,
-                                 "steps_per_second": tps / step_tokens as f64, "peak_rss_mb": peak_rss_mb(),
-                                 "train_tflops": tps * flops(t) / 1e12});
-            if let Some(peak) = peak_tflops {
-                row["mfu"] = json!(tps * flops(t) / 1e12 / peak);
-            }
-            row
-        };
+    }
 
+    /// A training stage's row: tokens/s, steps/s, peak RSS, TFLOP/s and MFU.
+    fn training_row(&self, stage: &str, arch: &str, tps: f64, flops: &Flops) -> Value {
+        let step_tokens = self.batch * self.seq;
+        let train_flops = tps * flops(self.seq) / 1e12;
+        let mut row = json!({"stage": stage, "model": arch, "tokens_per_second": tps,
+                             "steps_per_second": tps / step_tokens as f64, "peak_rss_mb": peak_rss_mb(),
+                             "train_tflops": train_flops});
+        if let Some(peak) = self.peak_tflops {
+            row["mfu"] = json!(train_flops / peak);
+        }
+        row
+    }
+
+    fn sft(&self, arch: &str, lm: &Path, flops: &Flops) -> Value {
         reset_peak_rss();
-        let out = root.join(format!("{arch}-sft"));
+        let out = self.root.join(format!("{arch}-sft"));
         let mut argv = vec![
             "--model".into(),
             lm.display().to_string(),
             "--data".into(),
-            sft_data.display().to_string(),
+            self.sft_data.display().to_string(),
             "--batch-size".into(),
-            batch.to_string(),
+            self.batch.to_string(),
             "--max-length".into(),
-            seq.to_string(),
+            self.seq.to_string(),
         ];
-        argv.extend(common_args(&out, MEASURED));
+        argv.extend(self.common_args(&out, MEASURED));
         sft::train::run(&rlhf_tests::parse_args::<sft::train::TrainArgs, _>(&argv)).unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
-        rows.push(training_row("sft", arch, tps, batch * seq, seq, &flops));
+        self.training_row("sft", arch, tps, flops)
+    }
 
+    fn reward(&self, arch: &str, lm: &Path, flops: &Flops) -> Value {
         reset_peak_rss();
-        let out = root.join(format!("{arch}-reward"));
+        let out = self.root.join(format!("{arch}-reward"));
         let mut argv = vec![
             "--model".into(),
             lm.display().to_string(),
             "--data".into(),
-            pairs.display().to_string(),
+            self.pairs.display().to_string(),
             "--batch-size".into(),
-            (batch / 2).to_string(),
+            (self.batch / 2).to_string(),
         ];
-        argv.extend(common_args(&out, MEASURED));
+        argv.extend(self.common_args(&out, MEASURED));
         reward::train::run(&rlhf_tests::parse_args::<reward::train::TrainArgs, _>(
             &argv,
         ))
         .unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
-        rows.push(training_row(
-            "reward",
-            arch,
-            tps,
-            batch * seq,
-            seq,
-            &reward_flops,
-        ));
+        self.training_row("reward", arch, tps, flops)
+    }
 
+    fn ppo(&self, arch: &str, lm: &Path, rm: &Path) -> Value {
         reset_peak_rss();
-        let out = root.join(format!("{arch}-ppo"));
-        let mut argv = vec![
-            "--policy".into(),
-            lm.display().to_string(),
-            "--reward-model".into(),
-            rm.display().to_string(),
-            "--prompts".into(),
-            prompts.display().to_string(),
-            "--rollout-batch-size".into(),
-            rollout.to_string(),
-            "--response-length".into(),
-            response.to_string(),
-            "--ppo-epochs".into(),
-            "1".into(),
-            "--num-minibatches".into(),
-            "2".into(),
-            "--sample-every".into(),
-            "0".into(),
-        ];
-        argv.extend(common_args(&out, MEASURED));
+        let out = self.root.join(format!("{arch}-ppo"));
+        let mut argv: Vec<String> = [
+            "--policy",
+            &lm.display().to_string(),
+            "--reward-model",
+            &rm.display().to_string(),
+            "--prompts",
+            &self.prompts.display().to_string(),
+            "--rollout-batch-size",
+            &self.rollout.to_string(),
+            "--response-length",
+            &self.response.to_string(),
+            "--ppo-epochs",
+            "1",
+            "--num-minibatches",
+            "2",
+            "--sample-every",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(self.common_args(&out, MEASURED));
         ppo::train::run(&rlhf_tests::parse_args::<ppo::train::TrainArgs, _>(&argv)).unwrap();
         let m = metrics(&out);
         let (t_rollout, t_train) = (
             median(measured(&m, "time/rollout")),
             median(measured(&m, "time/train")),
         );
-        let tokens = median(measured(&m, "response_length")) * rollout as f64;
-        rows.push(json!({"stage": "ppo", "model": arch, "iterations_per_second": 1.0 / (t_rollout + t_train),
-                         "seconds_rollout": t_rollout, "seconds_train": t_train,
-                         "tokens_per_second": tokens / (t_rollout + t_train), "peak_rss_mb": peak_rss_mb()}));
+        let tokens = median(measured(&m, "response_length")) * self.rollout as f64;
+        json!({"stage": "ppo", "model": arch, "iterations_per_second": 1.0 / (t_rollout + t_train),
+               "seconds_rollout": t_rollout, "seconds_train": t_train,
+               "tokens_per_second": tokens / (t_rollout + t_train), "peak_rss_mb": peak_rss_mb()})
+    }
 
-        // Generation alone: `rollout` prompts of 64 tokens, `response` new tokens each, no EOS.
+    /// Generation alone: `rollout` prompts of 64 tokens, `response` new tokens each, no EOS.
+    fn generate(&self, arch: &str, lm: &Path, config: &Value) -> Value {
         let (dev, kind) = common::cli::DeviceArgs {
-            device: device.parse().unwrap(),
-            dtype: dtype.parse().unwrap(),
+            device: self.device.parse().unwrap(),
+            dtype: self.dtype.parse().unwrap(),
         }
         .resolve();
-        let (model, _) = Model::load(&lm, &common::ModelOptions::new(Head::Lm, dev, kind)).unwrap();
+        let (model, _) = Model::load(lm, &common::ModelOptions::new(Head::Lm, dev, kind)).unwrap();
+        let (rollout, response) = (self.rollout, self.response);
         let ids = Tensor::randint_low(1, 95, [rollout, PROMPT as i64], (Kind::Int64, dev));
         let mask = Tensor::ones([rollout, PROMPT as i64], (Kind::Int64, dev));
         let cfg = SamplingConfig {
@@ -383,9 +391,9 @@ fn main() {
         }
         let tps = (rollout * response) as f64 / median(times);
         let mut row = json!({"stage": "generate", "model": arch, "tokens_per_second": tps});
-        if let Some(gbps) = peak_gbps {
+        if let Some(gbps) = self.peak_gbps {
             // Each step reads every matrix once and the KV cache (average length).
-            let d = dims(&model, &config);
+            let d = dims(&model, config);
             let bytes = model.kind().elt_size_in_bytes() as f64;
             let kv = 2.0
                 * d.layers
@@ -396,13 +404,43 @@ fn main() {
             row["bandwidth_bound_tokens_per_second"] = json!(bound);
             row["fraction_of_bound"] = json!(tps / bound);
         }
-        rows.push(row);
+        row
     }
-    for r in &rows {
+
+    /// Every stage on the `arch` shape.
+    fn rows(&self, arch: &str) -> Vec<Value> {
+        let config = shape(arch, (self.seq + self.response as usize).max(512));
+        let lm = model_dir(&self.root, &format!("{arch}-lm"), config.clone(), Head::Lm);
+        let rm = model_dir(
+            &self.root,
+            &format!("{arch}-rm"),
+            config.clone(),
+            Head::Score,
+        );
+        // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's 12·L·d·T);
+        // the reward model has a one-output score head instead of the vocabulary head.
+        let (model, _) = Model::load(&lm, &common::ModelOptions::cpu(Head::Lm)).unwrap();
+        let d = dims(&model, &config);
+        let vocab_head = config["vocab_size"].as_f64().unwrap() * d.width;
+        let attention = 12.0 * d.layers * d.width;
+        let lm_flops = move |t: usize| 6.0 * d.matmul_params + attention * t as f64;
+        let rm_flops = move |t: usize| 6.0 * (d.matmul_params - vocab_head) + attention * t as f64;
+        vec![
+            self.sft(arch, &lm, &lm_flops),
+            self.reward(arch, &lm, &rm_flops),
+            self.ppo(arch, &lm, &rm),
+            self.generate(arch, &lm, &config),
+        ]
+    }
+}
+
+/// The rows as JSON lines, then as a table.
+fn print_table(rows: &[Value]) {
+    for r in rows {
         println!("{r}");
     }
     println!("\n| stage | model | tokens/s | steps/s | peak RSS (MB) | MFU or fraction of bandwidth bound |\n|---|---|---|---|---|---|");
-    for r in &rows {
+    for r in rows {
         let f = |k: &str| {
             r.get(k)
                 .and_then(Value::as_f64)
@@ -426,4 +464,20 @@ fn main() {
             utilisation
         );
     }
+}
+
+fn main() {
+    common::logging::init();
+    // BENCH_KEEP=DIR writes the models and data there and keeps them (to reuse them).
+    let temp = tempfile::tempdir().unwrap();
+    let kept = std::env::var_os("BENCH_KEEP").map(PathBuf::from);
+    let root = kept.as_deref().unwrap_or(temp.path());
+    std::fs::create_dir_all(root).unwrap();
+    let bench = Bench::new(root);
+    let shapes: String = env_or("BENCH_SHAPES", "gpt2,llama".to_string());
+    let rows: Vec<Value> = shapes
+        .split(',')
+        .flat_map(|arch| bench.rows(arch))
+        .collect();
+    print_table(&rows);
 }

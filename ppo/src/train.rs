@@ -502,14 +502,10 @@ mod tests {
     use crate::rollout::response_logprobs;
     use tch::Tensor;
 
-    /// With a fresh adapter the policy is its own reference and the critic's base is the
-    /// reward model: two bases in memory, not four — and they compute what the separate
-    /// models would.
-    #[test]
-    fn with_lora_one_copy_serves_policy_and_reference_and_one_critic_and_reward() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("fixture");
-        rlhf_tests::tiny_llama_fixture(&root);
+    /// The shared fixture's policy under `root`, a full reward model made from it, and
+    /// `ppo train` options with a fresh LoRA adapter.
+    fn lora_run(root: &Path) -> (TrainArgs, Model) {
+        rlhf_tests::tiny_llama_fixture(root);
         let policy_dir = root.join("model");
         tch::manual_seed(5);
         let (mut rm, _) = Model::load(&policy_dir, &ModelOptions::cpu(Head::Score)).unwrap();
@@ -521,7 +517,7 @@ mod tests {
         let reward_dir = root.join("reward");
         rm.save(&reward_dir, Some(&policy_dir)).unwrap();
         let s = |p: &Path| p.display().to_string();
-        let args: TrainArgs = rlhf_tests::parse_args(&[
+        let argv = [
             "--policy",
             &s(&policy_dir),
             "--reward-model",
@@ -538,7 +534,20 @@ mod tests {
             "4",
             "--response-length",
             "6",
-        ]);
+        ]
+        .map(str::to_string);
+        (rlhf_tests::parse_args(&argv), rm)
+    }
+
+    /// With a fresh adapter the policy is its own reference and the critic's base is the
+    /// reward model: two bases in memory, not four — and they compute what the separate
+    /// models would.
+    #[test]
+    fn with_lora_one_copy_serves_policy_and_reference_and_one_critic_and_reward() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("fixture");
+        let (args, rm) = lora_run(&root);
+        let policy_dir = root.join("model");
         assert!(args.reward_is_critic_base());
         let mut ppo = Ppo::load(&args, Scorer::CriticBase, Device::Cpu, Kind::Float).unwrap();
         assert!(ppo.reference.is_none());

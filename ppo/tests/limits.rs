@@ -49,32 +49,15 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-#[test]
-fn every_command_caps_lengths_at_the_position_table() {
-    let (root, lm, rm) = fixture();
-    let tok = data::Tokenizer::load(&lm).unwrap();
-    let row = data::read_sft(&root.join("sft.jsonl")).unwrap();
-    let n = data::sft::tokenize(&row[0], &tok, true).unwrap().ids.len();
-    assert!(n > 2 * POSITIONS, "the rows must overflow the table ({n})");
-    let (sft_data, prefs, prompts) = (
-        s(&root.join("sft.jsonl")),
-        s(&root.join("prefs.jsonl")),
-        s(&root.join("prompts.jsonl")),
-    );
-    let cpu = ["--device", "cpu"];
+const CPU: [&str; 2] = ["--device", "cpu"];
 
+/// `sft eval`, `sft train` and `sft generate` (which refuses a length with no room left).
+fn sft_commands(root: &Path, lm: &Path) {
+    let (data, prompts) = (s(&root.join("sft.jsonl")), s(&root.join("prompts.jsonl")));
     let eval: sft::eval::EvalArgs = parse_args(
         &[
-            [
-                "--model",
-                &s(&lm),
-                "--data",
-                &sft_data,
-                "--max-length",
-                "64",
-            ]
-            .as_slice(),
-            &cpu,
+            ["--model", &s(lm), "--data", &data, "--max-length", "64"].as_slice(),
+            &CPU,
         ]
         .concat(),
     );
@@ -82,27 +65,19 @@ fn every_command_caps_lengths_at_the_position_table() {
     assert_eq!((summary.rows, summary.dropped), (4, 0));
     assert!(summary.loss.is_finite());
 
-    let out = root.join("sft-run");
+    let out = s(&root.join("sft-run"));
     let train: sft::train::TrainArgs = parse_args(
         &[
-            [
-                "--model",
-                &s(&lm),
-                "--data",
-                &sft_data,
-                "--output-dir",
-                &s(&out),
-            ]
-            .as_slice(),
+            ["--model", &s(lm), "--data", &data, "--output-dir", &out].as_slice(),
             &[
                 "--max-length",
                 "64",
                 "--max-steps",
                 "2",
                 "--eval-data",
-                &sft_data,
+                &data,
             ],
-            &cpu,
+            &CPU,
         ]
         .concat(),
     );
@@ -112,71 +87,77 @@ fn every_command_caps_lengths_at_the_position_table() {
         .unwrap()
         .is_finite());
 
-    let generated = root.join("generated.jsonl");
-    let gen_argv = |new: &str| -> Vec<String> {
-        [
-            [
-                "--model",
-                &s(&lm),
-                "--prompts",
-                &prompts,
-                "--output",
-                &s(&generated),
+    let generated = s(&root.join("generated.jsonl"));
+    let gen_args = |new: &str| -> sft::generate::GenerateArgs {
+        parse_args(
+            &[
+                [
+                    "--model",
+                    &s(lm),
+                    "--prompts",
+                    &prompts,
+                    "--output",
+                    &generated,
+                ]
+                .as_slice(),
+                &["--max-new-tokens", new, "--temperature", "0"],
+                &CPU,
             ]
-            .as_slice(),
-            &["--max-new-tokens", new, "--temperature", "0"],
-            &cpu,
-        ]
-        .concat()
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
+            .concat(),
+        )
     };
-    let summary = sft::generate::run(&parse_args(&gen_argv("6"))).unwrap();
-    assert_eq!(summary.rows, 4);
-    let e = sft::generate::run(&parse_args(&gen_argv("16")))
-        .unwrap_err()
-        .to_string();
+    assert_eq!(sft::generate::run(&gen_args("6")).unwrap().rows, 4);
+    let e = sft::generate::run(&gen_args("16")).unwrap_err().to_string();
     assert_eq!(
         e,
         "--max-new-tokens 16 leaves no room for a prompt: the model reads at most 16 positions (n_positions in config.json)"
     );
+}
 
-    let out = root.join("reward-run");
+/// `reward train` (with a normalisation set longer than the table) and `reward eval`.
+fn reward_commands(root: &Path, rm: &Path) {
+    let (data, prefs) = (s(&root.join("sft.jsonl")), s(&root.join("prefs.jsonl")));
+    let out = s(&root.join("reward-run"));
     let train: reward::train::TrainArgs = parse_args(
         &[
-            [
-                "--model",
-                &s(&rm),
-                "--data",
-                &prefs,
-                "--output-dir",
-                &s(&out),
-            ]
-            .as_slice(),
+            ["--model", &s(rm), "--data", &prefs, "--output-dir", &out].as_slice(),
             &[
                 "--max-length",
                 "64",
                 "--max-steps",
                 "2",
                 "--normalize-data",
-                &sft_data,
+                &data,
             ],
-            &cpu,
+            &CPU,
         ]
         .concat(),
     );
     reward::train::run(&train).unwrap();
     let eval: reward::eval::EvalArgs = parse_args(
         &[
-            ["--model", &s(&rm), "--data", &prefs, "--max-length", "64"].as_slice(),
-            &cpu,
+            ["--model", &s(rm), "--data", &prefs, "--max-length", "64"].as_slice(),
+            &CPU,
         ]
         .concat(),
     );
     assert_eq!(reward::eval::run(&eval).unwrap().pairs, 4);
+}
 
-    let out = root.join("ppo-run");
+#[test]
+fn every_command_caps_lengths_at_the_position_table() {
+    let (root, lm, rm) = fixture();
+    let tok = data::Tokenizer::load(&lm).unwrap();
+    let row = data::read_sft(&root.join("sft.jsonl")).unwrap();
+    let n = data::sft::tokenize(&row[0], &tok, true).unwrap().ids.len();
+    assert!(n > 2 * POSITIONS, "the rows must overflow the table ({n})");
+    sft_commands(&root, &lm);
+    reward_commands(&root, &rm);
+    let (data, prompts, out) = (
+        s(&root.join("sft.jsonl")),
+        s(&root.join("prompts.jsonl")),
+        s(&root.join("ppo-run")),
+    );
     let ppo_args: ppo::train::TrainArgs = parse_args(
         &[
             [
@@ -190,7 +171,7 @@ fn every_command_caps_lengths_at_the_position_table() {
             .as_slice(),
             &[
                 "--output-dir",
-                &s(&out),
+                &out,
                 "--rollout-batch-size",
                 "4",
                 "--max-steps",
@@ -199,13 +180,13 @@ fn every_command_caps_lengths_at_the_position_table() {
             &["--response-length", "6", "--max-prompt-length", "64"],
             &[
                 "--ptx-data",
-                &sft_data,
+                &data,
                 "--ptx-coef",
                 "0.1",
                 "--ptx-max-length",
                 "64",
             ],
-            &cpu,
+            &CPU,
         ]
         .concat(),
     );

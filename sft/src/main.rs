@@ -30,6 +30,7 @@ fn main() {
     let result = match &cli.command {
         Command::Train(args) => sft::train::run(args).map(|s| {
             json!({"steps": s.steps, "train_loss": s.final_loss, "eval_loss": s.eval_loss, "stopped": s.stopped,
+                   "trainable_parameters": s.trainable_parameters, "total_parameters": s.total_parameters,
                    "final": args.run.output_dir.join("final")})
         }),
         Command::Eval(args) => sft::eval::run(args).map(|s| {

@@ -49,6 +49,9 @@ pub struct TrainSummary {
     pub eval_loss: Option<f64>,
     /// A signal stopped the run (checkpointed; no `final/` yet).
     pub stopped: bool,
+    /// Parameters trained (the adapter's with LoRA or prompt tuning), and all of them.
+    pub trainable_parameters: i64,
+    pub total_parameters: i64,
 }
 
 impl TrainArgs {
@@ -198,11 +201,14 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         }
     }
     session.finish();
+    let (trainable_parameters, total_parameters) = trainee.parameter_counts();
     Ok(TrainSummary {
         steps: session.state.step,
         final_loss: session.state.last_loss,
         eval_loss,
         stopped,
+        trainable_parameters,
+        total_parameters,
     })
 }
 

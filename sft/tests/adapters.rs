@@ -284,7 +284,7 @@ fn train_prompt(arch: &str, out: &Path) -> Output {
 #[test]
 fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
     let f = fixture();
-    for arch in ["gpt2", "llama"] {
+    for arch in ARCHS {
         let out = f.root.join(format!("run-prompt-{arch}"));
         ok(&train_prompt(arch, &out));
         let final_dir = out.join("final");

@@ -439,12 +439,13 @@ fn consecutive_non_finite_steps_stop_the_run_and_keep_the_last_checkpoint() {
 
 /// Broken model directories and unusable outputs: one clear line, exit ≠ 0, no panic, and
 /// nothing written.
-#[test]
-fn bad_models_and_outputs_are_refused_with_one_line() {
+/// Broken copies of the fixture's model under `dir`: an unknown `model_type`, a config
+/// that disagrees with the stored shapes, a vocabulary smaller than the tokenizer's, and a
+/// missing tensor.
+fn broken_models(dir: &Path) -> [PathBuf; 4] {
     let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
     let copy_model = |name: &str| {
-        let d = dir.path().join(name);
+        let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
         for e in std::fs::read_dir(&f.model).unwrap() {
             let p = e.unwrap().path();
@@ -463,7 +464,7 @@ fn bad_models_and_outputs_are_refused_with_one_line() {
     let shape = copy_model("wrong-shape");
     edit_config(&shape, "intermediate_size", json!(100));
     // A model of 50 tokens with the fixture's 320-token tokenizer.
-    let small_vocab = dir.path().join("small-vocab");
+    let small_vocab = dir.join("small-vocab");
     {
         let mut c: Value =
             serde_json::from_str(&std::fs::read_to_string(f.model.join("config.json")).unwrap())
@@ -481,6 +482,14 @@ fn bad_models_and_outputs_are_refused_with_one_line() {
         t.remove("model.norm.weight");
         common::checkpoint::save_tensors(&t, &missing, usize::MAX).unwrap();
     }
+    [unknown, shape, small_vocab, missing]
+}
+
+#[test]
+fn bad_models_and_outputs_are_refused_with_one_line() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let [unknown, shape, small_vocab, missing] = broken_models(dir.path());
     let cases: Vec<(&Path, &str)> = vec![
         (&unknown, "model_type 'bert' is not supported"),
         (&shape, "has shape [64, 128], the model expects [64, 100]"),

@@ -149,6 +149,79 @@ fn report(dir: &Path) {
     );
 }
 
+/// Total size in bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// `make demo-adapters`' table: full fine-tuning, LoRA and prompt tuning from the same
+/// pretrained base (`scripts/demo_adapters.sh`).
+fn adapters_report(dir: &Path) {
+    println!("\n| SFT from the pretrained base | trainable parameters | checkpoint (final/) | peak RSS | time | held-out accuracy (seeds) |");
+    println!("|---|---|---|---|---|---|");
+    let mut rows = vec![];
+    for (method, label) in [
+        ("pretrain", "none (the pretrained base)"),
+        ("full", "full fine-tuning"),
+        ("lora", "LoRA r 16, all-linear"),
+        ("prompt", "prompt tuning, 16 tokens"),
+    ] {
+        let summary = read_json(&dir.join(format!("{method}.json")));
+        let time = read_json(&dir.join(format!("{method}.time")));
+        let acc: Vec<f64> = (1..=3)
+            .map(|s| {
+                read_json(&dir.join(format!("judge_{method}_{s}.json")))["accuracy"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        let mean = acc.iter().sum::<f64>() / 3.0;
+        let (min, max) = acc
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        let trainable = summary["trainable_parameters"].as_i64().unwrap_or(0);
+        let total = summary["total_parameters"].as_i64().unwrap_or(0);
+        let bytes = dir_bytes(&dir.join(method).join("final"));
+        let (rss, secs) = (
+            time["peak_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+            time["seconds"].as_f64().unwrap_or(0.0),
+        );
+        let (what, time_cell) = match method {
+            "pretrain" => (
+                "(pretraining)".to_string(),
+                format!("{secs:.0} s (pretraining)"),
+            ),
+            _ => (
+                format!(
+                    "{trainable} of {total} ({:.2} %)",
+                    100.0 * trainable as f64 / total.max(1) as f64
+                ),
+                format!("{secs:.0} s"),
+            ),
+        };
+        println!(
+            "| {label} | {what} | {:.2} MB | {rss:.0} MB | {time_cell} | {mean:.3} ({min:.3}–{max:.3}) |",
+            bytes as f64 / 1e6
+        );
+        rows.push(json!({"method": method, "trainable_parameters": trainable, "total_parameters": total,
+                         "checkpoint_bytes": bytes, "peak_rss_mb": rss, "seconds": secs, "accuracy": mean}));
+    }
+    println!("{}", json!(rows));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -162,9 +235,12 @@ fn main() {
             Path::new(&arg(&args, "--generations").expect("--generations FILE")),
         ),
         Some("report") => report(Path::new(&arg(&args, "--dir").expect("--dir DIR"))),
+        Some("adapters-report") => {
+            adapters_report(Path::new(&arg(&args, "--dir").expect("--dir DIR")))
+        }
         _ => {
             eprintln!(
-                "usage: demo data --out DIR [--seed S] | demo judge --prompts F --generations F | demo report --dir DIR"
+                "usage: demo data --out DIR [--seed S] | demo judge --prompts F --generations F | demo report --dir DIR | demo adapters-report --dir DIR"
             );
             std::process::exit(2);
         }
