@@ -1,7 +1,7 @@
 //! Chat templates: the Jinja `chat_template` of `tokenizer_config.json` rendered with
 //! `minijinja`, configured the way `transformers` renders it (trim/lstrip blocks,
-//! `raise_exception`, a `tojson` with Python's separators and no HTML escaping), so the
-//! text matches `apply_chat_template` byte for byte.
+//! `raise_exception`, `strftime_now`, a `tojson` with Python's separators and no HTML
+//! escaping), so the text matches `apply_chat_template` byte for byte.
 
 use minijinja::{context, Environment, ErrorKind, Value};
 
@@ -59,6 +59,11 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
+        // transformers gives templates `strftime_now(format)`: the local time now, as
+        // Python's `datetime.now().strftime(format)` (Llama 3.2 dates its system header).
+        env.add_function("strftime_now", |format: String| -> String {
+            chrono::Local::now().format(&format).to_string()
+        });
         env.add_filter("tojson", |v: Value| -> Result<String, minijinja::Error> {
             let json = serde_json::to_value(&v)
                 .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
@@ -124,6 +129,21 @@ mod tests {
             .render(&[msg("assistant", "x")], false, "", "")
             .unwrap_err();
         assert!(e.contains("first must be user"), "{e}");
+    }
+
+    /// `strftime_now` formats as C's strftime does (here through `date`), so the date a
+    /// Llama 3.2 system header shows is today's, not the template's fallback.
+    #[test]
+    fn strftime_now_is_today() {
+        let t = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}").unwrap();
+        let ours = t.render(&[msg("user", "x")], false, "", "").unwrap();
+        let out = std::process::Command::new("date")
+            .arg("+%d %b %Y")
+            .env("LC_ALL", "C")
+            .output()
+            .unwrap();
+        let theirs = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(ours, theirs.trim_end());
     }
 
     #[test]

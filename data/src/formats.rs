@@ -92,9 +92,12 @@ fn messages(row: &Row, field: &str, value: &Value) -> Result<Vec<Message>> {
                 }
                 None => return Err(row.error(Some(&format!("{at}.role")), "missing")),
             };
-            let content = match m.get("content") {
-                Some(v) => row.text_value(&format!("{at}.content"), v)?,
-                None => return Err(row.error(Some(&format!("{at}.content")), "missing")),
+            let content = match (m.get("content"), role.as_str()) {
+                // An empty system message is rendered as transformers renders it (public
+                // SFT sets contain them); empty text elsewhere is a mistake.
+                (Some(Value::String(text)), "system") => text.clone(),
+                (Some(v), _) => row.text_value(&format!("{at}.content"), v)?,
+                (None, _) => return Err(row.error(Some(&format!("{at}.content")), "missing")),
             };
             Ok(Message { role, content })
         })
@@ -223,6 +226,23 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(&rows[0], SftExample::Messages(m) if m.len() == 2));
+    }
+
+    #[test]
+    fn an_empty_system_message_is_kept() {
+        let rows = read_one(
+            r#"{"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#,
+            SftExample::decode,
+        )
+        .unwrap();
+        assert!(
+            matches!(&rows[0], SftExample::Messages(m) if m[0].role == "system" && m[0].content.is_empty())
+        );
+        let e = err(read_one(
+            r#"{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "yo"}]}"#,
+            SftExample::decode,
+        ));
+        assert!(e.contains("field 'messages[0].content': is empty"), "{e}");
     }
 
     #[test]

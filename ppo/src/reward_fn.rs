@@ -41,9 +41,10 @@ impl RewardFunction for RewardModel<'_> {
             .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
             .collect();
         let score = || score_sequences(self.model, &sequences, self.batch_size, self.pad_id);
-        let raw = match self.without_adapters {
-            true => common::models::adapter::without_adapters(score),
-            false => score(),
+        let raw = if self.without_adapters {
+            common::models::adapter::without_adapters(score)
+        } else {
+            score()
         };
         Ok(raw
             .into_iter()

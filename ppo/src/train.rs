@@ -255,9 +255,10 @@ impl<'a> Ppo<'a> {
         // directory's base without its adapter is not, so it gets a frozen copy.
         let fresh_adapter =
             policy.options.has_adapter() && AdapterDir::read(&args.policy)?.is_none();
-        let reference = match fresh_adapter {
-            true => None,
-            false => Some(Model::load(&args.policy, &lm.clone().frozen())?.0),
+        let reference = if fresh_adapter {
+            None
+        } else {
+            Some(Model::load(&args.policy, &lm.clone().frozen())?.0)
         };
         let critic = if args.advantage_estimator().needs_critic() {
             let dir = args.critic_source();

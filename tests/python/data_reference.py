@@ -31,6 +31,12 @@ SFT_ROWS = [
         {"role": "user", "content": "Sure?"},
         {"role": "assistant", "content": "Yes: 2*4 + 3*2 = 14."},
     ]},
+    # An empty system message, as public SFT sets have: rendered, not refused.
+    {"messages": [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "3 heads, 10 legs?"},
+        {"role": "assistant", "content": "2 rabbits, 1 chicken."},
+    ]},
 ]
 PROMPTS = [
     {"prompt": "There are 7 heads"},

@@ -298,9 +298,10 @@ impl Model {
                 Backbone::Llama(b) => b.embedding_weight(),
             };
             let prompt = pt.create(&root, words);
-            match opts.trainable {
-                true => prompt,
-                false => prompt.set_requires_grad(false),
+            if opts.trainable {
+                prompt
+            } else {
+                prompt.set_requires_grad(false)
             }
         });
         if opts.kind != Kind::Float {
