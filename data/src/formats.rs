@@ -197,7 +197,7 @@ mod tests {
     fn read_one<T>(line: &str, decode: impl FnMut(&Row) -> Result<T>) -> Result<Vec<T>> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "\n{line}").unwrap();
-        jsonl::read(f.path(), decode)
+        jsonl::read(f.path(), decode).map(jsonl::Rows::into_vec)
     }
 
     fn err<T: std::fmt::Debug>(r: Result<T>) -> String {

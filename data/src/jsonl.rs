@@ -89,11 +89,46 @@ pub fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// The rows of a file, with where each came from; dereferences to the rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rows<T> {
+    pub path: PathBuf,
+    /// 1-based line of each row.
+    pub lines: Vec<usize>,
+    items: Vec<T>,
+}
+
+impl<T> std::ops::Deref for Rows<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.items
+    }
+}
+
+impl<T> Rows<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        self.items
+    }
+
+    /// `e`, raised while tokenizing row `index` (a chat template refusing it, a text the
+    /// tokenizer cannot encode), named by this file and the row's line, with what raised it.
+    pub fn locate(&self, index: usize, e: DataError) -> DataError {
+        DataError {
+            file: self.path.clone(),
+            line: self.lines.get(index).copied(),
+            field: None,
+            message: format!("{} ({})", e.message, e.file.display()),
+            source: e.source,
+        }
+    }
+}
+
 /// Reads every row of `path` through `decode`, stopping at the first error.
-pub fn read<T>(path: &Path, mut decode: impl FnMut(&Row) -> Result<T>) -> Result<Vec<T>> {
+pub fn read<T>(path: &Path, mut decode: impl FnMut(&Row) -> Result<T>) -> Result<Rows<T>> {
     let file = File::open(path).map_err(|e| DataError::file(path, "cannot open").because(e))?;
     let mut reader = BufReader::new(file);
     let mut rows = Vec::new();
+    let mut lines = Vec::new();
     let mut buf = Vec::new();
     let mut line = 0;
     loop {
@@ -131,9 +166,14 @@ pub fn read<T>(path: &Path, mut decode: impl FnMut(&Row) -> Result<T>) -> Result
             line,
             object,
         })?);
+        lines.push(line);
     }
     if rows.is_empty() {
         return Err(DataError::file(path, "no rows (the file is empty)"));
     }
-    Ok(rows)
+    Ok(Rows {
+        path: path.to_path_buf(),
+        lines,
+        items: rows,
+    })
 }

@@ -20,16 +20,16 @@ pub use tokenizer::Tokenizer;
 use std::path::Path;
 
 /// Reads an SFT file (`{"prompt","completion"}`, `{"messages"}` or `{"text"}` rows).
-pub fn read_sft(path: &Path) -> Result<Vec<SftExample>> {
+pub fn read_sft(path: &Path) -> Result<jsonl::Rows<SftExample>> {
     jsonl::read(path, SftExample::decode)
 }
 
 /// Reads a preference file (pairs and rankings, plain or conversational).
-pub fn read_preferences(path: &Path) -> Result<Vec<PreferenceExample>> {
+pub fn read_preferences(path: &Path) -> Result<jsonl::Rows<PreferenceExample>> {
     jsonl::read(path, PreferenceExample::decode)
 }
 
 /// Reads a prompt file (`{"prompt"}` or `{"messages"}` rows).
-pub fn read_prompts(path: &Path) -> Result<Vec<PromptExample>> {
+pub fn read_prompts(path: &Path) -> Result<jsonl::Rows<PromptExample>> {
     jsonl::read(path, formats::decode_prompt)
 }

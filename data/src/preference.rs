@@ -6,6 +6,7 @@ use tch::{Device, Tensor};
 
 use crate::error::Result;
 use crate::formats::{Content, Message, PreferenceExample, SftExample};
+use crate::jsonl::Rows;
 use crate::sft::Truncation;
 use crate::tokenizer::Tokenizer;
 
@@ -88,14 +89,14 @@ pub struct PreparedRankings {
 /// Tokenizes every ranking; a ranking with any sequence over `max_length` is truncated
 /// or dropped whole.
 pub fn prepare(
-    examples: &[PreferenceExample],
+    examples: &Rows<PreferenceExample>,
     tok: &Tokenizer,
     max_length: usize,
     rule: Truncation,
 ) -> Result<PreparedRankings> {
     let mut out = PreparedRankings::default();
     for (i, ex) in examples.iter().enumerate() {
-        let row = tokenize(ex, tok)?;
+        let row = tokenize(ex, tok).map_err(|e| examples.locate(i, e))?;
         let long = row.sequences.iter().any(|s| s.len() > max_length);
         let sequences: Option<Vec<_>> = row
             .sequences

@@ -4,6 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{DataError, Result};
 use crate::formats::{Message, SftExample};
+use crate::jsonl::Rows;
 use crate::tokenizer::Tokenizer;
 
 /// One row's tokens; `loss_mask[t]` is 1 where token `t` is a training target.
@@ -135,7 +136,7 @@ pub struct Prepared {
 
 /// Tokenizes and truncates every row.
 pub fn prepare(
-    examples: &[SftExample],
+    examples: &Rows<SftExample>,
     tok: &Tokenizer,
     max_length: usize,
     rule: Truncation,
@@ -143,7 +144,7 @@ pub fn prepare(
 ) -> Result<Prepared> {
     let mut out = Prepared::default();
     for (i, ex) in examples.iter().enumerate() {
-        let row = tokenize(ex, tok, append_eos)?;
+        let row = tokenize(ex, tok, append_eos).map_err(|e| examples.locate(i, e))?;
         let long = row.ids.len() > max_length;
         match truncate(row, max_length, rule) {
             Some(r) => {

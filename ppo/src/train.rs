@@ -125,9 +125,11 @@ fn read_data(
 ) -> Result<(Prompts, Option<Vec<TokenizedSft>>)> {
     let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
     let max_prompt_length = args.max_prompt_length.min(room);
-    let prompts: Vec<Vec<i64>> = data::read_prompts(&args.prompts)?
+    let rows = data::read_prompts(&args.prompts)?;
+    let prompts: Vec<Vec<i64>> = rows
         .iter()
-        .map(|p| tok.encode_prompt(p))
+        .enumerate()
+        .map(|(i, p)| tok.encode_prompt(p).map_err(|e| rows.locate(i, e)))
         .collect::<data::Result<_>>()?;
     let long = prompts
         .iter()

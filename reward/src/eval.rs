@@ -77,11 +77,12 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
     // Every sequence of every row, scored in one pass.
     let mut sequences = vec![];
     let mut spans = vec![];
-    for row in &rows {
+    for (i, row) in rows.iter().enumerate() {
         let seqs = match row {
-            Row::Ranking(ex) => tokenize(ex, &tok)?.sequences,
-            Row::Single(ex) => vec![sft_sequence(&tok, ex)?],
-        };
+            Row::Ranking(ex) => tokenize(ex, &tok).map(|r| r.sequences),
+            Row::Single(ex) => sft_sequence(&tok, ex).map(|s| vec![s]),
+        }
+        .map_err(|e| rows.locate(i, e))?;
         spans.push((sequences.len(), seqs.len()));
         for s in seqs {
             sequences

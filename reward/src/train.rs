@@ -210,13 +210,16 @@ fn read_inputs(args: &TrainArgs) -> Result<Inputs> {
     // Scored whole, unless the model's position table is shorter (then their end counts).
     let limit = model.max_positions().unwrap_or(usize::MAX);
     let normalize_set: Vec<Vec<i64>> = match &args.normalize_data {
-        Some(path) => data::read_sft(path)?
-            .iter()
-            .map(|ex| {
-                let seq = sft_sequence(&tok, ex)?;
-                Ok(truncate_left(&seq, limit, Truncation::Truncate).expect("truncate keeps"))
-            })
-            .collect::<data::Result<_>>()?,
+        Some(path) => {
+            let rows = data::read_sft(path)?;
+            rows.iter()
+                .enumerate()
+                .map(|(i, ex)| {
+                    let seq = sft_sequence(&tok, ex).map_err(|e| rows.locate(i, e))?;
+                    Ok(truncate_left(&seq, limit, Truncation::Truncate).expect("truncate keeps"))
+                })
+                .collect::<data::Result<_>>()?
+        }
         None => train.rows.iter().map(|r| r.sequences[0].clone()).collect(),
     };
     Ok(Inputs {

@@ -248,3 +248,96 @@ fn bad_data_files_fail_with_one_clear_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no chat_template"));
 }
+
+/// A row the chat template refuses (here a system turn, as Mistral's template refuses it)
+/// stops the command with the data file, the row's line and the template's own message —
+/// in `sft eval` and in `sft generate`.
+#[test]
+fn a_row_the_template_refuses_is_named_by_file_and_line() {
+    use serde_json::json;
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(f.root.join("model")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}\
+         {% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}\
+         {% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
+    )
+    .unwrap();
+    let turns = |system: bool| {
+        let mut m = vec![json!({"role": "user", "content": "5 heads, 14 legs?"})];
+        if system {
+            m.insert(0, json!({"role": "system", "content": "Be brief."}));
+        }
+        m
+    };
+    let data = dir.path().join("rows.jsonl");
+    let mut assistant = turns(false);
+    assistant.push(json!({"role": "assistant", "content": "2 rabbits."}));
+    let mut refused = turns(true);
+    refused.push(json!({"role": "assistant", "content": "2 rabbits."}));
+    std::fs::write(
+        &data,
+        format!(
+            "{}\n\n{}\n",
+            json!({"messages": assistant}),
+            json!({"messages": refused})
+        ),
+    )
+    .unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        format!(
+            "{}\n{}\n",
+            json!({"messages": turns(false)}),
+            json!({"messages": turns(true)})
+        ),
+    )
+    .unwrap();
+    let output = dir.path().join("out.jsonl");
+    let cases = [
+        (
+            sft(&[
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ]),
+            format!("{}:3: ", data.display()),
+        ),
+        (
+            sft(&[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompts",
+                prompts.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ]),
+            format!("{}:2: ", prompts.display()),
+        ),
+    ];
+    for (res, location) in cases {
+        let err = String::from_utf8_lossy(&res.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(!res.status.success(), "{err}");
+        assert!(
+            last.contains(&location) && last.contains("System role not supported"),
+            "expected {location}… System role not supported: {last}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

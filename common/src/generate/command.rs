@@ -93,8 +93,9 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
     let mut cut = 0;
     let encoded = prompts
         .iter()
-        .map(|p| {
-            let ids = tok.encode_prompt(p)?;
+        .enumerate()
+        .map(|(i, p)| {
+            let ids = tok.encode_prompt(p).map_err(|e| prompts.locate(i, e))?;
             cut += usize::from(ids.len() > room);
             Ok(ids[ids.len().saturating_sub(room)..].to_vec())
         })
