@@ -137,8 +137,78 @@ impl SftExample {
     }
 }
 
+/// The prompt shared by a chosen and a rejected completion that both contain it, as TRL's
+/// `extract_prompt` finds it: the elements (characters, or whole messages) before the
+/// first difference — one fewer when the element before it is a space, which stays with
+/// the completions; when one never differs from the other, all but the last shared
+/// element. Returns `(prompt, chosen, rejected)`.
+fn split_shared_prefix<T: PartialEq + Clone>(
+    chosen: &[T],
+    rejected: &[T],
+    is_space: impl Fn(&T) -> bool,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let shortest = chosen.len().min(rejected.len());
+    let idx = match (0..shortest).find(|&i| chosen[i] != rejected[i]) {
+        Some(i) if i > 0 && is_space(&chosen[i - 1]) => i - 1,
+        Some(i) => i,
+        None => shortest.saturating_sub(1),
+    };
+    (
+        chosen[..idx].to_vec(),
+        chosen[idx..].to_vec(),
+        rejected[idx..].to_vec(),
+    )
+}
+
+/// `{"chosen", "rejected"}` with the prompt inside both (Anthropic HH-RLHF's strings, or
+/// whole conversations): the shared prefix becomes the prompt.
+fn implicit_prompt(row: &Row) -> Result<(Content, Vec<Content>)> {
+    let (chosen, rejected) = (content(row, "chosen")?, content(row, "rejected")?);
+    let (prompt, chosen, rejected) = match (&chosen, &rejected) {
+        (Content::Text(c), Content::Text(r)) => {
+            let (c, r): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
+            let (p, c, r) = split_shared_prefix(&c, &r, |ch| *ch == ' ');
+            let text = |v: Vec<char>| Content::Text(v.into_iter().collect());
+            (text(p), text(c), text(r))
+        }
+        (Content::Messages(c), Content::Messages(r)) => {
+            let (p, c, r) = split_shared_prefix(c, r, |_| false);
+            (
+                Content::Messages(p),
+                Content::Messages(c),
+                Content::Messages(r),
+            )
+        }
+        _ => {
+            return Err(row.error(
+                Some("rejected"),
+                "without a 'prompt', 'chosen' and 'rejected' must both be text or both be conversations",
+            ))
+        }
+    };
+    let empty = |c: &Content| match c {
+        Content::Text(t) => t.trim().is_empty(),
+        Content::Messages(m) => m.is_empty(),
+    };
+    if empty(&prompt) || empty(&chosen) || empty(&rejected) {
+        return Err(row.error(
+            None,
+            "without a 'prompt', 'chosen' and 'rejected' must share a prompt and then differ",
+        ));
+    }
+    Ok((prompt, vec![chosen, rejected]))
+}
+
 impl PreferenceExample {
     pub fn decode(row: &Row) -> Result<Self> {
+        if !row.has("prompt") && row.has("chosen") && row.has("rejected") {
+            let (prompt, responses) = implicit_prompt(row)?;
+            return Ok(PreferenceExample {
+                prompt,
+                responses,
+                margin: row.number("margin")?,
+            });
+        }
         let prompt = content(row, "prompt")?;
         let responses = if row.has("responses") {
             let items = row.array("responses")?;
@@ -226,6 +296,61 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(&rows[0], SftExample::Messages(m) if m.len() == 2));
+    }
+
+    /// TRL's `extract_prompt` on its own examples: HH-RLHF strings (the space before the
+    /// first difference stays with the completions) and conversations (whole turns).
+    #[test]
+    fn an_implicit_prompt_is_the_shared_prefix() {
+        let rows = read_one(
+            r#"{"chosen": "\n\nHuman: 鸡兔同笼?\n\nAssistant: Hello there", "rejected": "\n\nHuman: 鸡兔同笼?\n\nAssistant: Go away"}"#,
+            PreferenceExample::decode,
+        )
+        .unwrap();
+        assert_eq!(
+            rows[0].prompt,
+            Content::Text("\n\nHuman: 鸡兔同笼?\n\nAssistant:".into())
+        );
+        assert_eq!(
+            rows[0].responses,
+            [
+                Content::Text(" Hello there".into()),
+                Content::Text(" Go away".into())
+            ]
+        );
+        let rows = read_one(
+            r#"{"chosen": [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "It is blue."}], "rejected": [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "It is green."}]}"#,
+            PreferenceExample::decode,
+        )
+        .unwrap();
+        let turn = |role: &str, content: &str| Message {
+            role: role.into(),
+            content: content.into(),
+        };
+        assert_eq!(
+            rows[0].prompt,
+            Content::Messages(vec![turn("user", "What color is the sky?")])
+        );
+        assert_eq!(
+            rows[0].responses,
+            [
+                Content::Messages(vec![turn("assistant", "It is blue.")]),
+                Content::Messages(vec![turn("assistant", "It is green.")])
+            ]
+        );
+        let e = err(read_one(
+            r#"{"chosen": "Yes", "rejected": "No"}"#,
+            PreferenceExample::decode,
+        ));
+        assert!(e.contains("must share a prompt and then differ"), "{e}");
+        let e = err(read_one(
+            r#"{"chosen": "a b", "rejected": [{"role": "user", "content": "a"}]}"#,
+            PreferenceExample::decode,
+        ));
+        assert!(
+            e.contains("must both be text or both be conversations"),
+            "{e}"
+        );
     }
 
     #[test]
