@@ -323,7 +323,8 @@ impl Session {
     }
 }
 
-fn dir_size(dir: &Path) -> u64 {
+/// Total size in bytes of the files under `dir` (0 where it cannot be read).
+pub fn dir_size(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

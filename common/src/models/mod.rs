@@ -617,11 +617,17 @@ impl Model {
         if self.options.has_adapter() {
             return self.save_adapter(dir, sidecar_from);
         }
-        checkpoint::save_tensors(
-            &self.named_tensors(),
-            dir,
-            checkpoint::DEFAULT_MAX_SHARD_BYTES,
-        )?;
+        self.write_directory(&self.named_tensors(), dir, sidecar_from)
+    }
+
+    /// `tensors` with this model's `config.json` and `sidecar_from`'s tokenizer files.
+    fn write_directory(
+        &self,
+        tensors: &BTreeMap<String, Tensor>,
+        dir: &Path,
+        sidecar_from: Option<&Path>,
+    ) -> Result<()> {
+        checkpoint::save_tensors(tensors, dir, checkpoint::DEFAULT_MAX_SHARD_BYTES)?;
         let config = self.export_config();
         checkpoint::write_atomic(
             &dir.join("config.json"),
@@ -709,16 +715,7 @@ impl Model {
             let merged = (w.to_kind(Kind::Float) + delta).to_kind(w.kind());
             tensors.insert(name, merged);
         }
-        checkpoint::save_tensors(&tensors, dir, checkpoint::DEFAULT_MAX_SHARD_BYTES)?;
-        let config = self.export_config();
-        checkpoint::write_atomic(
-            &dir.join("config.json"),
-            serde_json::to_string_pretty(&config).unwrap().as_bytes(),
-        )?;
-        if let Some(from) = sidecar_from {
-            checkpoint::copy_sidecar_files(from, dir)?;
-        }
-        Ok(())
+        self.write_directory(&tensors, dir, sidecar_from)
     }
 
     fn export_config(&self) -> Value {

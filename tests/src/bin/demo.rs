@@ -149,22 +149,6 @@ fn report(dir: &Path) {
     );
 }
 
-/// Total size in bytes of the files under `dir`.
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 /// `make demo-adapters`' table: full fine-tuning, LoRA and prompt tuning from the same
 /// pretrained base (`scripts/demo_adapters.sh`).
 fn adapters_report(dir: &Path) {
@@ -194,7 +178,7 @@ fn adapters_report(dir: &Path) {
             });
         let trainable = summary["trainable_parameters"].as_i64().unwrap_or(0);
         let total = summary["total_parameters"].as_i64().unwrap_or(0);
-        let bytes = dir_bytes(&dir.join(method).join("final"));
+        let bytes = common::train::dir_size(&dir.join(method).join("final"));
         let (rss, secs) = (
             time["peak_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0,
             time["seconds"].as_f64().unwrap_or(0.0),
