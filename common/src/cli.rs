@@ -51,6 +51,23 @@ impl DeviceArgs {
     }
 }
 
+/// `--cuda-graph` (the default) and `--no-cuda-graph`: how decoding runs on CUDA.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DecodeArgs {
+    /// On CUDA, capture the decode step as a CUDA graph and replay it (the default).
+    #[arg(long, overrides_with = "no_cuda_graph")]
+    pub cuda_graph: bool,
+    /// On CUDA, launch every kernel of every decode step from the host (no CUDA graphs).
+    #[arg(long, overrides_with = "cuda_graph")]
+    pub no_cuda_graph: bool,
+}
+
+impl DecodeArgs {
+    pub fn use_cuda_graph(&self) -> bool {
+        !self.no_cuda_graph
+    }
+}
+
 /// The optimiser and its schedule.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct OptimArgs {

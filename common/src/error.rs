@@ -35,6 +35,9 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// Capturing or replaying a CUDA graph failed (the shim's message).
+    #[error("{0}")]
+    CudaGraph(String),
     #[error(transparent)]
     Data(#[from] data::DataError),
     #[error(transparent)]

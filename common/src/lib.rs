@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config_file;
+pub mod cuda_graph;
 pub mod device;
 pub mod error;
 pub mod faults;

@@ -8,12 +8,19 @@
 //! warm-up steps. Output: one JSON line per stage and model, then a table.
 //!
 //! `BENCH_DEVICE=cuda BENCH_DTYPE=bf16` runs the same on a GPU. Other knobs (environment):
-//! `BENCH_SHAPES` (comma list of `gpt2`, `llama`, `gpt2-medium`, `qwen2-0.5b`; default the
+//! `BENCH_SHAPES` (comma list of `gpt2`, `llama`, `gpt2-medium`, `qwen2-0.5b`, `llama3.2-1b`,
+//! `llama3.2-3b`, `llama3-8b`; default the
 //! first two), `BENCH_BATCH` (8), `BENCH_SEQ` (128), `BENCH_ROLLOUT` (16 PPO rollout and
 //! generation rows), `BENCH_RESPONSE` (32 new tokens). With `BENCH_PEAK_TFLOPS` (the card's
 //! dense bf16 peak) training rows get a model-FLOPs utilisation, and with
 //! `BENCH_PEAK_GBPS` (its memory bandwidth) generation rows get the bandwidth bound.
-//! `BENCH_KEEP=DIR` keeps the generated models, data and runs in DIR.
+//! `BENCH_KEEP=DIR` keeps the generated models, data and runs in DIR. `BENCH_STAGES` (comma
+//! list of `sft`, `reward`, `ppo`, `generate`; default all) picks the rows, and
+//! `BENCH_GEN_BATCHES` (comma list; default `BENCH_ROLLOUT`) the generation batch sizes.
+//! On CUDA, PPO and generation run twice: decoding eagerly and with CUDA graphs (issue 20;
+//! `BENCH_DECODE=eager` or `graphs` runs one). `BENCH_PPO_ARGS` adds `ppo train` options
+//! (e.g. LoRA), `BENCH_RM_FROM_LM=1` uses the policy's directory as the reward model, and
+//! `BENCH_MEASURED` sets the measured steps (8).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,7 +31,10 @@ use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
 const WARMUP: usize = 2;
-const MEASURED: usize = 8;
+/// Measured steps (after WARMUP), `BENCH_MEASURED` to change.
+fn measured_steps() -> usize {
+    env_or("BENCH_MEASURED", 8)
+}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -46,6 +56,18 @@ fn shape(name: &str, positions: usize) -> Value {
         "gpt2-medium" => {
             json!({"model_type": "gpt2", "vocab_size": 50257, "n_positions": positions,
                                 "n_embd": 1024, "n_layer": 24, "n_head": 16, "eos_token_id": 0})
+        }
+        // Llama 3.2 1B and 3B, Llama 3 8B (GQA, untied above 3B); for memory checks.
+        "llama3.2-1b" | "llama3.2-3b" | "llama3-8b" => {
+            let (h, i, l, heads, tied) = match name {
+                "llama3.2-1b" => (2048, 8192, 16, 32, true),
+                "llama3.2-3b" => (3072, 8192, 28, 24, true),
+                _ => (4096, 14336, 32, 32, false),
+            };
+            json!({"model_type": "llama", "vocab_size": 128256, "hidden_size": h,
+                   "intermediate_size": i, "num_hidden_layers": l, "num_attention_heads": heads,
+                   "num_key_value_heads": 8, "max_position_embeddings": positions,
+                   "rope_theta": 500000.0, "tie_word_embeddings": tied, "eos_token_id": 0})
         }
         // Qwen2.5-0.5B's shape (494M): GQA 14/2, q/k/v bias, tied embeddings.
         "qwen2-0.5b" => json!({"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
@@ -140,7 +162,7 @@ fn text(rng: &mut u64, n: usize) -> String {
 }
 
 /// A model directory: random weights of `config`, a character-level tokenizer.
-fn model_dir(root: &Path, name: &str, config: Value, head: Head) -> PathBuf {
+fn model_dir(root: &Path, name: &str, config: Value, opts: &common::ModelOptions) -> PathBuf {
     let dir = root.join(name);
     let mut vocab = serde_json::Map::new();
     vocab.insert("<|endoftext|>".into(), json!(0));
@@ -158,8 +180,9 @@ fn model_dir(root: &Path, name: &str, config: Value, head: Head) -> PathBuf {
     });
     tch::manual_seed(0);
     let config = ModelConfig::from_json(config, Path::new("config.json")).unwrap();
-    let model = Model::new(config, &common::ModelOptions::cpu(head));
+    let model = Model::new(config, opts);
     model.save(&dir, None).unwrap();
+    drop(model);
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     std::fs::write(
         dir.join("tokenizer_config.json"),
@@ -199,6 +222,10 @@ struct Bench {
     response: i64,
     peak_tflops: Option<f64>,
     peak_gbps: Option<f64>,
+    stages: Vec<String>,
+    gen_batches: Vec<i64>,
+    /// `eager`, and on CUDA `graphs` too.
+    decode_modes: Vec<&'static str>,
     root: PathBuf,
     sft_data: PathBuf,
     pairs: PathBuf,
@@ -216,15 +243,31 @@ impl Bench {
     /// EOS), preference pairs of the same length, and prompts of 64 tokens.
     fn new(root: &Path) -> Self {
         let peak = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
+        let list = |k: &str, default: String| -> Vec<String> {
+            env_or(k, default).split(',').map(str::to_string).collect()
+        };
+        let device = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+        let rollout: i64 = env_or("BENCH_ROLLOUT", 16);
         let bench = Bench {
-            device: std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+            decode_modes: match std::env::var("BENCH_DECODE").ok().as_deref() {
+                Some("eager") => vec!["eager"],
+                Some("graphs") => vec!["graphs"],
+                _ if device.starts_with("cuda") => vec!["eager", "graphs"],
+                _ => vec!["eager"],
+            },
+            device,
             dtype: std::env::var("BENCH_DTYPE").unwrap_or_else(|_| "f32".into()),
             batch: env_or("BENCH_BATCH", 8),
             seq: env_or("BENCH_SEQ", 128),
-            rollout: env_or("BENCH_ROLLOUT", 16),
+            rollout,
             response: env_or("BENCH_RESPONSE", 32),
             peak_tflops: peak("BENCH_PEAK_TFLOPS"),
             peak_gbps: peak("BENCH_PEAK_GBPS"),
+            stages: list("BENCH_STAGES", "sft,reward,ppo,generate".into()),
+            gen_batches: list("BENCH_GEN_BATCHES", rollout.to_string())
+                .iter()
+                .map(|b| b.parse().expect("BENCH_GEN_BATCHES: integers"))
+                .collect(),
             root: root.to_path_buf(),
             sft_data: root.join("sft.jsonl"),
             pairs: root.join("pairs.jsonl"),
@@ -297,7 +340,7 @@ impl Bench {
             "--max-length".into(),
             self.seq.to_string(),
         ];
-        argv.extend(self.common_args(&out, MEASURED));
+        argv.extend(self.common_args(&out, measured_steps()));
         sft::train::run(&rlhf_tests::parse_args::<sft::train::TrainArgs, _>(&argv)).unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
         self.training_row("sft", arch, tps, flops)
@@ -314,7 +357,7 @@ impl Bench {
             "--batch-size".into(),
             (self.batch / 2).to_string(),
         ];
-        argv.extend(self.common_args(&out, MEASURED));
+        argv.extend(self.common_args(&out, measured_steps()));
         reward::train::run(&rlhf_tests::parse_args::<reward::train::TrainArgs, _>(
             &argv,
         ))
@@ -323,9 +366,9 @@ impl Bench {
         self.training_row("reward", arch, tps, flops)
     }
 
-    fn ppo(&self, arch: &str, lm: &Path, rm: &Path) -> Value {
+    fn ppo(&self, arch: &str, lm: &Path, rm: &Path, decode: &str) -> Value {
         reset_peak_rss();
-        let out = self.root.join(format!("{arch}-ppo"));
+        let out = self.root.join(format!("{arch}-ppo-{decode}"));
         let mut argv: Vec<String> = [
             "--policy",
             &lm.display().to_string(),
@@ -347,7 +390,17 @@ impl Bench {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        argv.extend(self.common_args(&out, MEASURED));
+        argv.extend(self.common_args(&out, measured_steps()));
+        // BENCH_PPO_ARGS: more `ppo train` options, e.g. "--lora-r 16".
+        argv.extend(
+            std::env::var("BENCH_PPO_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string),
+        );
+        if decode == "eager" {
+            argv.push("--no-cuda-graph".into());
+        }
         ppo::train::run(&rlhf_tests::parse_args::<ppo::train::TrainArgs, _>(&argv)).unwrap();
         let m = metrics(&out);
         let (t_rollout, t_train) = (
@@ -355,20 +408,21 @@ impl Bench {
             median(measured(&m, "time/train")),
         );
         let tokens = median(measured(&m, "response_length")) * self.rollout as f64;
-        json!({"stage": "ppo", "model": arch, "iterations_per_second": 1.0 / (t_rollout + t_train),
+        json!({"stage": "ppo", "model": arch, "decode": decode, "batch": self.rollout,
+               "iterations_per_second": 1.0 / (t_rollout + t_train),
                "seconds_rollout": t_rollout, "seconds_train": t_train,
                "tokens_per_second": tokens / (t_rollout + t_train), "peak_rss_mb": peak_rss_mb()})
     }
 
     /// Generation alone: `rollout` prompts of 64 tokens, `response` new tokens each, no EOS.
-    fn generate(&self, arch: &str, lm: &Path, config: &Value) -> Value {
+    fn generate(&self, arch: &str, lm: &Path, config: &Value, rollout: i64, decode: &str) -> Value {
         let (dev, kind) = common::cli::DeviceArgs {
             device: self.device.parse().unwrap(),
             dtype: self.dtype.parse().unwrap(),
         }
         .resolve();
         let (model, _) = Model::load(lm, &common::ModelOptions::new(Head::Lm, dev, kind)).unwrap();
-        let (rollout, response) = (self.rollout, self.response);
+        let response = self.response;
         let ids = Tensor::randint_low(1, 95, [rollout, PROMPT as i64], (Kind::Int64, dev));
         let mask = Tensor::ones([rollout, PROMPT as i64], (Kind::Int64, dev));
         let cfg = SamplingConfig {
@@ -379,9 +433,10 @@ impl Bench {
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,
+            cuda_graph: decode == "graphs",
         };
         let mut times = vec![];
-        for i in 0..WARMUP + MEASURED {
+        for i in 0..WARMUP + measured_steps() {
             let started = Instant::now();
             let out = generate(&model, &ids, &mask, &cfg);
             let _ = out.tokens.int64_value(&[0, 0]); // wait for the device
@@ -389,8 +444,11 @@ impl Bench {
                 times.push(started.elapsed().as_secs_f64());
             }
         }
-        let tps = (rollout * response) as f64 / median(times);
-        let mut row = json!({"stage": "generate", "model": arch, "tokens_per_second": tps});
+        let seconds = median(times);
+        let tps = (rollout * response) as f64 / seconds;
+        let mut row = json!({"stage": "generate", "model": arch, "decode": decode,
+            "batch": rollout, "tokens_per_second": tps,
+            "ms_per_step": 1e3 * seconds / response as f64});
         if let Some(gbps) = self.peak_gbps {
             // Each step reads every matrix once and the KV cache (average length).
             let d = dims(&model, config);
@@ -410,27 +468,63 @@ impl Bench {
     /// Every stage on the `arch` shape.
     fn rows(&self, arch: &str) -> Vec<Value> {
         let config = shape(arch, (self.seq + self.response as usize).max(512));
-        let lm = model_dir(&self.root, &format!("{arch}-lm"), config.clone(), Head::Lm);
-        let rm = model_dir(
+        // Random weights made on the benchmark's device (an 8B model in seconds on a GPU).
+        let (dev, kind) = common::cli::DeviceArgs {
+            device: self.device.parse().unwrap(),
+            dtype: self.dtype.parse().unwrap(),
+        }
+        .resolve();
+        let opts = |head| common::ModelOptions::new(head, dev, kind);
+        let lm = model_dir(
             &self.root,
-            &format!("{arch}-rm"),
+            &format!("{arch}-lm"),
             config.clone(),
-            Head::Score,
+            &opts(Head::Lm),
         );
-        // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's 12·L·d·T);
-        // the reward model has a one-output score head instead of the vocabulary head.
-        let (model, _) = Model::load(&lm, &common::ModelOptions::cpu(Head::Lm)).unwrap();
-        let d = dims(&model, &config);
-        let vocab_head = config["vocab_size"].as_f64().unwrap() * d.width;
-        let attention = 12.0 * d.layers * d.width;
-        let lm_flops = move |t: usize| 6.0 * d.matmul_params + attention * t as f64;
-        let rm_flops = move |t: usize| 6.0 * (d.matmul_params - vocab_head) + attention * t as f64;
-        vec![
-            self.sft(arch, &lm, &lm_flops),
-            self.reward(arch, &lm, &rm_flops),
-            self.ppo(arch, &lm, &rm),
-            self.generate(arch, &lm, &config),
-        ]
+        // BENCH_RM_FROM_LM=1: the policy's directory is the reward model too (its score head
+        // initialised at load), which saves writing a second copy of a large model.
+        let rm = if std::env::var_os("BENCH_RM_FROM_LM").is_some() {
+            lm.clone()
+        } else {
+            model_dir(
+                &self.root,
+                &format!("{arch}-rm"),
+                config.clone(),
+                &opts(Head::Score),
+            )
+        };
+        let wanted = |stage: &str| self.stages.iter().any(|s| s == stage);
+        let mut rows = vec![];
+        if wanted("sft") || wanted("reward") {
+            // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's
+            // 12·L·d·T); the reward model has a one-output score head instead of the
+            // vocabulary head.
+            let (model, _) = Model::load(&lm, &common::ModelOptions::cpu(Head::Lm)).unwrap();
+            let d = dims(&model, &config);
+            drop(model);
+            let vocab_head = config["vocab_size"].as_f64().unwrap() * d.width;
+            let attention = 12.0 * d.layers * d.width;
+            let lm_flops = move |t: usize| 6.0 * d.matmul_params + attention * t as f64;
+            let rm_flops =
+                move |t: usize| 6.0 * (d.matmul_params - vocab_head) + attention * t as f64;
+            if wanted("sft") {
+                rows.push(self.sft(arch, &lm, &lm_flops));
+            }
+            if wanted("reward") {
+                rows.push(self.reward(arch, &lm, &rm_flops));
+            }
+        }
+        for &decode in &self.decode_modes {
+            if wanted("ppo") {
+                rows.push(self.ppo(arch, &lm, &rm, decode));
+            }
+            if wanted("generate") {
+                for &batch in &self.gen_batches {
+                    rows.push(self.generate(arch, &lm, &config, batch, decode));
+                }
+            }
+        }
+        rows
     }
 }
 
@@ -452,9 +546,17 @@ fn print_table(rows: &[Value]) {
             .or(r.get("fraction_of_bound"))
             .and_then(Value::as_f64)
             .map_or("–".into(), |v| format!("{:.1} %", 100.0 * v));
+        let stage = match (r.get("decode"), r.get("batch")) {
+            (Some(d), Some(b)) => format!(
+                "{} ({}, batch {b})",
+                r["stage"].as_str().unwrap(),
+                d.as_str().unwrap()
+            ),
+            _ => r["stage"].as_str().unwrap().to_string(),
+        };
         println!(
             "| {} | {} | {} | {} | {} | {} |",
-            r["stage"].as_str().unwrap(),
+            stage,
             r["model"].as_str().unwrap(),
             f("tokens_per_second"),
             steps

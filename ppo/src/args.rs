@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
-use common::cli::{require, AdapterArgs, DeviceArgs, OptimArgs, RunArgs};
+use common::cli::{require, AdapterArgs, DecodeArgs, DeviceArgs, OptimArgs, RunArgs};
 use serde::Serialize;
 
 use crate::math::{AdvantageEstimator, KlEstimator};
@@ -125,6 +125,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub decode: DecodeArgs,
 }
 
 impl TrainArgs {

@@ -420,6 +420,7 @@ impl<'a> Ppo<'a> {
                 eos_ids: self.eos_ids.clone(),
                 pad_id: self.tok.pad_id,
                 seed: derived_seed(args.run.seed, step, 1),
+                cuda_graph: args.decode.use_cuda_graph(),
             },
             missing_eos_penalty: args.missing_eos_penalty,
             score_clip: args.score_clip,

@@ -334,6 +334,7 @@ fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,
+            cuda_graph: true,
         };
         let cached = common::generate::generate(&model, &prompt, &ones, &cfg);
         let mut ids = prompt.shallow_clone();

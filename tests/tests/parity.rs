@@ -153,6 +153,7 @@ fn greedy_generation_matches_transformers() {
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,
+            cuda_graph: true,
         };
         let out = generate(&model, &ids, &mask, &cfg);
         let theirs = tensor_2d_i64(&f.reference[arch]["greedy"]);

@@ -7,7 +7,7 @@ use data::prompts::collate_left;
 use serde_json::json;
 
 use super::{generate, FinishReason, SamplingConfig};
-use crate::cli::{require, DeviceArgs};
+use crate::cli::{require, DecodeArgs, DeviceArgs};
 use crate::error::Result;
 use crate::models::{Head, Model, ModelOptions};
 
@@ -50,6 +50,8 @@ pub struct GenerateArgs {
     pub batch_size: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
 }
 
 /// Counts of a generation run.
@@ -133,6 +135,7 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
             pad_id: tok.pad_id,
             // One stream per batch, derived from the seed.
             seed: args.seed.wrapping_add(b as u64),
+            cuda_graph: args.decode.use_cuda_graph(),
         };
         let out = generate(&model, &batch.input_ids, &batch.attention_mask, &cfg);
         let tokens = Vec::<Vec<i64>>::try_from(out.tokens.to_device(tch::Device::Cpu))?;

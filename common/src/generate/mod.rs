@@ -1,15 +1,23 @@
 //! Batched sampling from left-padded prompts with a KV cache: the prompt is run once, then
 //! one token per step; no prefix is ever recomputed.
 //!
+//! The decode step has fixed shapes and addresses: a static cache written at a slot held
+//! on the device, a mask built from that slot, and every per-step result written in place
+//! into buffers sized for the whole response. On CUDA the step is captured once per call
+//! as a CUDA graph and replayed (one host call per token instead of a few hundred kernel
+//! launches); elsewhere, or with `cuda_graph` off, the same step runs eagerly.
+//!
 //! Randomness comes from a `StdRng` seeded by the caller (one uniform per row and step,
-//! inverse-CDF sampling on the device), so a seed reproduces its samples on a given device.
+//! drawn up front, inverse-CDF sampling on the device), so a seed reproduces its samples
+//! on a given device, with or without graphs.
 
 pub mod command;
 
 use rand::{Rng, SeedableRng};
 use tch::{Kind, Tensor};
 
-use crate::models::{Head, Model};
+use crate::cuda_graph::{self, CudaGraph};
+use crate::models::{Head, KvCache, Masking, Model};
 
 #[derive(Debug, Clone)]
 pub struct SamplingConfig {
@@ -25,6 +33,8 @@ pub struct SamplingConfig {
     /// Written after a row has finished.
     pub pad_id: i64,
     pub seed: u64,
+    /// On CUDA, replay the decode step as a CUDA graph (`--no-cuda-graph` turns it off).
+    pub cuda_graph: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,74 +97,195 @@ fn generate_checking_every(
         "generation needs a language-model head"
     );
     let _guard = tch::no_grad_guard();
-    let device = model.device();
-    let (b, p) = prompt_ids.size2().unwrap();
     let n = cfg.max_new_tokens;
-    // Everything the loop needs from the host is made here: the step loop itself never
-    // waits for the device except to ask whether every row has finished, which it does
-    // every step on the CPU (where it is free) and every STOP_CHECK steps on a GPU (so
-    // kernel launches run ahead). Steps after the last row finished only add pad columns,
-    // which are trimmed: the result is the same either way.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let uniforms: Vec<f32> = (0..n * b).map(|_| rng.random::<f32>()).collect();
-    let uniforms = Tensor::from_slice(&uniforms).view([n, b]).to_device(device);
-    let eos = Tensor::from_slice(&cfg.eos_ids).to_device(device);
-    let pad = Tensor::from(cfg.pad_id).to_device(device);
-    let zero = Tensor::from(0f32).to_device(device);
-    let ones = Tensor::ones([b, 1], (Kind::Int64, device));
-    let mut cache = model.new_cache_with_capacity(p + n);
-    let mut mask = prompt_mask.to_kind(Kind::Int64).to_device(device);
-    let hidden = model.hidden(&prompt_ids.to_device(device), &mask, Some(&mut cache));
-    let mut logits = model
-        .head_output(&hidden.narrow(1, p - 1, 1))
-        .squeeze_dim(1);
-
-    let mut finished = Tensor::zeros([b], (Kind::Bool, device));
-    let (mut tokens, mut alive, mut logprobs) = (vec![], vec![], vec![]);
-    for step in 0..n {
-        let (token, logprob) = sample(&logits, cfg, &uniforms.get(step));
-        let running = finished.logical_not();
-        let token = token.where_self(&running, &pad);
-        let logprob = logprob.where_self(&running, &zero);
-        alive.push(running);
-        finished = finished.logical_or(&Tensor::isin(&token, &eos, false, false));
-        tokens.push(token.shallow_clone());
-        logprobs.push(logprob);
-        if step + 1 == n || ((step + 1) % stop_check == 0 && finished.all().int64_value(&[]) == 1) {
+    let mut decoder = Decoder::prefill(model, prompt_ids, prompt_mask, cfg);
+    // The loop never waits for the device except to ask whether every row has finished,
+    // which it does every step on the CPU (where it is free) and every STOP_CHECK steps on
+    // a GPU (so kernel launches run ahead). Steps after the last row finished only add pad
+    // columns, which are trimmed: the result is the same either way.
+    let use_graph = cfg.cuda_graph && model.device().is_cuda() && cuda_graph::available();
+    let mut graph: Option<CudaGraph> = None;
+    let mut step = 1;
+    while step < n {
+        if step % stop_check == 0 && decoder.finished.all().int64_value(&[]) == 1 {
             break;
         }
-        mask = Tensor::cat(&[&mask, &ones], 1);
-        let hidden = model.hidden(&token.unsqueeze(1), &mask, Some(&mut cache));
-        logits = model.head_output(&hidden).squeeze_dim(1);
-    }
-    let mask = Tensor::stack(&alive, 1).to_kind(Kind::Int64);
-    let lengths = Vec::<i64>::try_from(
-        mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64)
-            .to_device(tch::Device::Cpu),
-    )
-    .unwrap();
-    // Columns after the longest row are padding only (steps taken between stop checks).
-    let width = lengths.iter().copied().max().unwrap_or(0).max(1);
-    let tokens = Tensor::stack(&tokens, 1).narrow(1, 0, width);
-    let mask = mask.narrow(1, 0, width);
-    let logprobs = Tensor::stack(&logprobs, 1).narrow(1, 0, width);
-    let ended = Vec::<bool>::try_from(finished.to_device(tch::Device::Cpu)).unwrap();
-    let finish = ended
-        .into_iter()
-        .map(|e| {
-            if e {
-                FinishReason::Eos
-            } else {
-                FinishReason::Length
+        if let Some(graph) = &graph {
+            graph.replay().unwrap_or_else(|e| panic!("{e}"));
+            step += 1;
+        } else if use_graph && step == 1 && n > 2 {
+            // The warm-up call is step 1; the recorded call is step 2, run by the first
+            // replay. A capture that fails leaves the eager loop to carry on.
+            let mut calls = 0;
+            match CudaGraph::capture(|| {
+                calls += 1;
+                decoder.step();
+            }) {
+                Ok(g) => graph = Some(g),
+                Err(e) => tracing::warn!("{e}; decoding without CUDA graphs"),
             }
-        })
-        .collect();
-    Generation {
-        tokens,
-        mask,
-        logprobs,
-        lengths,
-        finish,
+            step += calls.min(1);
+        } else {
+            decoder.step();
+            step += 1;
+        }
+    }
+    drop(graph); // its memory pool back to the allocator before the results are read
+    decoder.finish()
+}
+
+/// The decode state: the static cache and every input and output of a step as a device
+/// tensor updated in place, so that a step never allocates a tensor another step reads.
+struct Decoder<'a> {
+    model: &'a Model,
+    cfg: &'a SamplingConfig,
+    cache: KvCache,
+    /// `[B, S]`: keys a query may see (prompt padding false), S the cache's length.
+    key_valid: Tensor,
+    /// `[B, 1]` the last sampled token, the next step's input.
+    token: Tensor,
+    /// `[B, 1]` its position id, and `[1]` its cache slot.
+    positions: Tensor,
+    slot: Tensor,
+    /// `[1]` the column being sampled.
+    column: Tensor,
+    /// `[N, B]` the uniforms, one per step and row.
+    uniforms: Tensor,
+    finished: Tensor,
+    /// `[B, N]` results: tokens (pad where not sampled), log-probs, and whether the row
+    /// was still running when the column was sampled.
+    tokens: Tensor,
+    logprobs: Tensor,
+    alive: Tensor,
+    eos: Tensor,
+    pad: Tensor,
+    zero: Tensor,
+}
+
+impl<'a> Decoder<'a> {
+    /// Runs the prompts (one forward, filling the cache) and samples the first token.
+    fn prefill(
+        model: &'a Model,
+        prompt_ids: &Tensor,
+        prompt_mask: &Tensor,
+        cfg: &'a SamplingConfig,
+    ) -> Self {
+        let device = model.device();
+        let (b, p) = prompt_ids.size2().unwrap();
+        let n = cfg.max_new_tokens;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        let uniforms: Vec<f32> = (0..n * b).map(|_| rng.random::<f32>()).collect();
+        // Room for every position, rounded up to a multiple of 16 (aligned rows for the
+        // fused attention kernels; the slots past the end stay masked).
+        let virtual_tokens = model.virtual_tokens();
+        let room = (virtual_tokens + p + n + 15) / 16 * 16 - virtual_tokens;
+        let mut cache = model.new_cache_with_capacity(room);
+        let mask = prompt_mask.to_kind(Kind::Int64).to_device(device);
+        let hidden = model.hidden(&prompt_ids.to_device(device), &mask, Some(&mut cache));
+        let logits = model
+            .head_output(&hidden.narrow(1, p - 1, 1))
+            .squeeze_dim(1);
+        let generated = cache.buffer_len() - virtual_tokens - p;
+        let ones = |width: i64| Tensor::ones([b, width], (Kind::Bool, device));
+        let key_valid = Tensor::cat(
+            &[
+                ones(virtual_tokens),
+                mask.to_kind(Kind::Bool),
+                ones(generated),
+            ],
+            1,
+        );
+        let real = mask.sum_dim_intlist([1].as_slice(), true, Kind::Int64);
+        let int = |v: i64| Tensor::from_slice(&[v]).to_device(device);
+        let mut decoder = Decoder {
+            model,
+            cfg,
+            cache,
+            key_valid,
+            token: Tensor::zeros([b, 1], (Kind::Int64, device)),
+            positions: real + virtual_tokens,
+            slot: int(virtual_tokens + p),
+            column: int(0),
+            uniforms: Tensor::from_slice(&uniforms).view([n, b]).to_device(device),
+            finished: Tensor::zeros([b], (Kind::Bool, device)),
+            tokens: Tensor::full([b, n], cfg.pad_id, (Kind::Int64, device)),
+            logprobs: Tensor::zeros([b, n], (Kind::Float, device)),
+            alive: Tensor::zeros([b, n], (Kind::Bool, device)),
+            eos: Tensor::from_slice(&cfg.eos_ids).to_device(device),
+            pad: Tensor::from(cfg.pad_id).to_device(device),
+            zero: Tensor::from(0f32).to_device(device),
+        };
+        decoder.record(&logits);
+        if n > 1 {
+            decoder.cache.write_at(&decoder.slot);
+        }
+        decoder
+    }
+
+    /// Samples the current column from `logits` `[B, V]` and writes it everywhere.
+    fn record(&mut self, logits: &Tensor) {
+        let uniforms = self.uniforms.index_select(0, &self.column).squeeze_dim(0);
+        let (token, logprob) = sample(logits, self.cfg, &uniforms);
+        let running = self.finished.logical_not();
+        let token = token.where_self(&running, &self.pad);
+        let logprob = logprob.where_self(&running, &self.zero);
+        let column = &self.column;
+        let _ = self.tokens.index_copy_(1, column, &token.unsqueeze(1));
+        let _ = self.logprobs.index_copy_(1, column, &logprob.unsqueeze(1));
+        let _ = self.alive.index_copy_(1, column, &running.unsqueeze(1));
+        // isin without a host sync: compare against every EOS id.
+        let eos = token
+            .unsqueeze(1)
+            .eq_tensor(&self.eos.unsqueeze(0))
+            .any_dim(1, false);
+        let _ = self.finished.logical_or_(&eos);
+        self.token.copy_(&token.unsqueeze(1));
+        let _ = self.column.g_add_scalar_(1);
+    }
+
+    /// One decode step: the last token through the model at its slot, then sampling.
+    fn step(&mut self) {
+        let masking = Masking::at_slot(
+            &self.key_valid,
+            &self.slot,
+            self.model.sliding_window(),
+            self.model.kind(),
+        );
+        let logits =
+            self.model
+                .decode_logits(&self.token, &self.positions, &masking, &mut self.cache);
+        self.record(&logits);
+        let _ = self.slot.g_add_scalar_(1);
+        let _ = self.positions.g_add_scalar_(1);
+    }
+
+    fn finish(self) -> Generation {
+        let lengths = Vec::<i64>::try_from(
+            self.alive
+                .sum_dim_intlist([1].as_slice(), false, Kind::Int64)
+                .to_device(tch::Device::Cpu),
+        )
+        .unwrap();
+        // Columns after the longest row are padding only.
+        let width = lengths.iter().copied().max().unwrap_or(0).max(1);
+        let ended = Vec::<bool>::try_from(self.finished.to_device(tch::Device::Cpu)).unwrap();
+        let finish = ended
+            .into_iter()
+            .map(|e| {
+                if e {
+                    FinishReason::Eos
+                } else {
+                    FinishReason::Length
+                }
+            })
+            .collect();
+        Generation {
+            tokens: self.tokens.narrow(1, 0, width),
+            mask: self.alive.narrow(1, 0, width).to_kind(Kind::Int64),
+            logprobs: self.logprobs.narrow(1, 0, width),
+            lengths,
+            finish,
+        }
     }
 }
 
@@ -213,6 +344,7 @@ mod tests {
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,
+            cuda_graph: true,
         }
     }
 
@@ -272,6 +404,110 @@ mod tests {
         assert!(every.tokens.equal(&sparse.tokens));
         assert!(every.mask.equal(&sparse.mask));
         assert!(every.logprobs.equal(&sparse.logprobs));
+    }
+
+    /// Today's decode before the static cache: a cache that grows by one position per
+    /// step and a mask extended by a column each time (the reference for the static one).
+    fn growing_cache_decode(
+        model: &Model,
+        ids: &Tensor,
+        mask: &Tensor,
+        cfg: &SamplingConfig,
+    ) -> (Tensor, Tensor) {
+        let _guard = tch::no_grad_guard();
+        let (b, n) = (ids.size()[0], cfg.max_new_tokens);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        let uniforms: Vec<f32> = (0..n * b).map(|_| rng.random::<f32>()).collect();
+        let uniforms = Tensor::from_slice(&uniforms).view([n, b]);
+        let mut cache = model.new_cache();
+        let mut mask = mask.shallow_clone();
+        let hidden = model.hidden(ids, &mask, Some(&mut cache));
+        let mut logits = model.head_output(&hidden.select(1, -1));
+        let mut finished = Tensor::zeros([b], (Kind::Bool, tch::Device::Cpu));
+        let eos = Tensor::from_slice(&cfg.eos_ids);
+        let (mut tokens, mut logprobs) = (vec![], vec![]);
+        for step in 0..n {
+            let (token, logprob) = sample(&logits, cfg, &uniforms.get(step));
+            let running = finished.logical_not();
+            let token = token.where_self(&running, &Tensor::from(cfg.pad_id));
+            logprobs.push(logprob.where_self(&running, &Tensor::from(0f32)));
+            finished = finished.logical_or(&Tensor::isin(&token, &eos, false, false));
+            tokens.push(token.shallow_clone());
+            if finished.all().int64_value(&[]) == 1 {
+                break;
+            }
+            mask = Tensor::cat(
+                &[
+                    &mask,
+                    &Tensor::ones([b, 1], (Kind::Int64, tch::Device::Cpu)),
+                ],
+                1,
+            );
+            let hidden = model.hidden(&token.unsqueeze(1), &mask, Some(&mut cache));
+            logits = model.head_output(&hidden.select(1, -1));
+        }
+        (Tensor::stack(&tokens, 1), Tensor::stack(&logprobs, 1))
+    }
+
+    fn tiny(model_type: &str, extra: serde_json::Value) -> Model {
+        tch::manual_seed(5);
+        let mut config = serde_json::json!({"model_type": model_type, "vocab_size": 7,
+            "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+            "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 64});
+        config
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let config =
+            crate::ModelConfig::from_json(config, std::path::Path::new("config.json")).unwrap();
+        Model::new(config, &crate::ModelOptions::cpu(Head::Lm))
+    }
+
+    #[test]
+    fn static_cache_decodes_as_the_growing_cache_did() {
+        let models = [
+            tiny("llama", serde_json::json!({})),
+            tiny("gpt2", serde_json::json!({})),
+            tiny("mistral", serde_json::json!({"sliding_window": 5})),
+        ];
+        // Left padding of 0, 2 and 3 positions.
+        let ids =
+            Tensor::from_slice(&[1i64, 2, 3, 4, 5, 0, 0, 3, 4, 1, 0, 0, 0, 6, 2]).view([3, 5]);
+        let mask = ids.ne(0).to_kind(Kind::Int64);
+        let mut early = 0;
+        for model in &models {
+            for (temperature, top_p) in [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)] {
+                let cfg = SamplingConfig {
+                    max_new_tokens: 12,
+                    eos_ids: vec![6],
+                    seed: 17,
+                    ..cfg(temperature, 0, top_p)
+                };
+                let (want_tokens, want_logprobs) = growing_cache_decode(model, &ids, &mask, &cfg);
+                let got = generate(model, &ids, &mask, &cfg);
+                let width = want_tokens.size()[1];
+                assert_eq!(got.tokens.size()[1], width);
+                assert!(
+                    got.tokens.equal(&want_tokens),
+                    "{:?} t={temperature}: {} vs {}",
+                    model.config.model_type,
+                    got.tokens,
+                    want_tokens
+                );
+                let diff = (&got.logprobs - want_logprobs)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(diff < 1e-5, "{diff}");
+                early += got
+                    .finish
+                    .iter()
+                    .filter(|f| **f == FinishReason::Eos)
+                    .count();
+            }
+        }
+        assert!(early >= 3, "rows ending at EOS: {early}");
     }
 
     #[test]

@@ -8,7 +8,10 @@ use tch::{Kind, Tensor};
 ///
 /// With a capacity, each layer's buffers are allocated once at the first append and later
 /// steps copy into them (no `cat` of the whole cache per token); past the capacity the
-/// cache grows by `cat`. The cache also remembers whether the prompt had padding: tokens
+/// cache grows by `cat`. After [`KvCache::write_at`] the cache is static: each forward of
+/// one token writes it at a slot held on the device and attends over the whole buffer
+/// (the caller's mask hides the slots not written yet), so a decode step has fixed shapes
+/// and addresses and can be captured in a CUDA graph. The cache also remembers whether the prompt had padding: tokens
 /// appended after the first forward must be real ones (generation appends mask ones), so
 /// later forwards need not ask the device again.
 #[derive(Debug)]
@@ -17,6 +20,8 @@ pub struct KvCache {
     len: i64,
     capacity: i64,
     pub(crate) padded: Option<bool>,
+    /// Static mode: the `[1]` slot the next token's keys and values go to.
+    slot: Option<Tensor>,
 }
 
 impl KvCache {
@@ -31,6 +36,7 @@ impl KvCache {
             len: 0,
             capacity,
             padded: None,
+            slot: None,
         }
     }
 
@@ -43,18 +49,50 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Positions the buffers hold (the capacity once they are allocated).
+    pub fn buffer_len(&self) -> i64 {
+        match &self.layers[0] {
+            Some((k, _)) => k.size()[2],
+            None => self.capacity,
+        }
+    }
+
+    /// Switches to static mode: later forwards (one token each) write their keys and values
+    /// at `slot` (a `[1]` int64 tensor on the device, which the caller advances in place)
+    /// and see the whole buffer. Needs the buffers allocated by a first forward that left
+    /// room (a capacity beyond it).
+    pub fn write_at(&mut self, slot: &Tensor) {
+        assert!(
+            self.layers
+                .iter()
+                .all(|l| l.as_ref().is_some_and(|(k, _)| k.size()[2] > self.len)),
+            "a static cache needs buffers with room left"
+        );
+        self.slot = Some(slot.shallow_clone());
+    }
+
     /// Appends this step's keys and values to layer `layer` and returns all of them (the
     /// positions cached before this forward and the new ones). Every layer appends the
     /// same number of positions per forward; the last layer's append advances `len`.
+    /// In static mode, writes them at the slot and returns the whole buffers.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        if let Some(slot) = &self.slot {
+            let (bk, bv) = self.layers[layer].as_ref().expect("static cache buffers");
+            let (mut bk, mut bv) = (bk.shallow_clone(), bv.shallow_clone());
+            let _ = bk.index_copy_(2, slot, &k);
+            let _ = bv.index_copy_(2, slot, &v);
+            return (bk, bv);
+        }
         let (start, t) = (self.len, k.size()[2]);
         let end = start + t;
         let stored = match self.layers[layer].take() {
             None if end < self.capacity => {
                 let mut shape = k.size();
                 shape[2] = self.capacity;
-                let bk = Tensor::empty(&shape[..], (k.kind(), k.device()));
-                let bv = Tensor::empty(&shape[..], (v.kind(), v.device()));
+                // Zeros, not garbage: a static cache attends over slots not written yet
+                // with weight 0, and 0 × NaN would still be NaN.
+                let bk = Tensor::zeros(&shape[..], (k.kind(), k.device()));
+                let bv = Tensor::zeros(&shape[..], (v.kind(), v.device()));
                 bk.narrow(2, 0, t).copy_(&k);
                 bv.narrow(2, 0, t).copy_(&v);
                 (bk, bv)
@@ -151,6 +189,32 @@ impl Masking {
         }
     }
 
+    /// One query at cache slot `slot` (`[1]`, on the device) over a static cache whose
+    /// `[B, S]` bool `key_valid` marks real keys (prompt padding false): it sees the valid
+    /// keys at or before its slot, within the sliding window. Never waits for the device.
+    /// The mask is additive (0 or −∞ in `kind`, the activations' dtype), built once per
+    /// step rather than converted from booleans in every layer.
+    pub fn at_slot(
+        key_valid: &Tensor,
+        slot: &Tensor,
+        sliding_window: Option<i64>,
+        kind: Kind,
+    ) -> Self {
+        let s = key_valid.size()[1];
+        let k_abs = Tensor::arange(s, (Kind::Int64, key_valid.device()));
+        let mut allowed = k_abs.le_tensor(slot);
+        if let Some(w) = sliding_window {
+            allowed = allowed.logical_and(&k_abs.gt_tensor(&(slot - w)));
+        }
+        let hidden = key_valid.logical_and(&allowed).logical_not();
+        let bias =
+            Tensor::zeros([1], (kind, key_valid.device())).masked_fill(&hidden, f64::NEG_INFINITY);
+        Masking {
+            mask: Some(bias.unsqueeze(1).unsqueeze(1)),
+            causal: false,
+        }
+    }
+
     /// Whether a `[B, S]` 0/1 mask has a 0 (one host sync).
     pub fn has_padding(key_mask: &Tensor) -> bool {
         key_mask.min().int64_value(&[]) != 1
@@ -159,7 +223,26 @@ impl Masking {
     /// `scaled_dot_product_attention` over `[B, H, T, D]` queries and `[B, H_kv, S, D]`
     /// keys/values; grouped-query attention when `H_kv < H`.
     pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: Option<f64>) -> Tensor {
-        let gqa = k.size()[1] != q.size()[1];
+        let (b, h, t, d) = q.size4().unwrap();
+        let h_kv = k.size()[1];
+        if t == 1 && h_kv != h {
+            // One query per head (decoding): the heads sharing a key/value head become that
+            // head's queries, so no kernel repeats the cache for each query head and the
+            // fused kernels that take a mask but not grouped heads apply.
+            let grouped = q.reshape([b, h_kv, h / h_kv, d]);
+            let out = Tensor::scaled_dot_product_attention(
+                &grouped,
+                k,
+                v,
+                self.mask.as_ref(),
+                0.0,
+                false,
+                scale,
+                false,
+            );
+            return out.reshape([b, h, 1, d]);
+        }
+        let gqa = h_kv != h;
         Tensor::scaled_dot_product_attention(
             q,
             k,

@@ -554,24 +554,65 @@ impl Model {
         let t = x.size()[1];
         let s = mask.size()[1];
         let positions = positions_from_mask(&mask).narrow(1, s - t, t);
-        let window = match &self.backbone {
-            Backbone::Llama(b) => b.sliding_window(),
-            Backbone::Gpt2(_) => None,
-        };
         // A cache remembers whether its prompt was padded (later tokens are real ones).
         let padded = match cache.as_deref_mut() {
             Some(c) => *c.padded.get_or_insert_with(|| Masking::has_padding(&mask)),
             None => Masking::has_padding(&mask),
         };
-        let masking = Masking::new(&mask, t, window, Some(padded));
-        let h = match &self.backbone {
-            Backbone::Gpt2(b) => b.forward(&x, &positions, &masking, cache),
-            Backbone::Llama(b) => b.forward(&x, &positions, &masking, cache),
-        };
+        let masking = Masking::new(&mask, t, self.sliding_window(), Some(padded));
+        let h = self.backbone_forward(&x, &positions, &masking, cache);
         match virtual_tokens {
             0 => h,
             n => h.narrow(1, n, t - n),
         }
+    }
+
+    fn backbone_forward(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        masking: &Masking,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        match &self.backbone {
+            Backbone::Gpt2(b) => b.forward(x, positions, masking, cache),
+            Backbone::Llama(b) => b.forward(x, positions, masking, cache),
+        }
+    }
+
+    /// Mistral's sliding window, in positions.
+    pub fn sliding_window(&self) -> Option<i64> {
+        match &self.backbone {
+            Backbone::Llama(b) => b.sliding_window(),
+            Backbone::Gpt2(_) => None,
+        }
+    }
+
+    /// Prompt tuning's virtual tokens put before the inputs (0 without, or while adapters
+    /// are switched off).
+    pub fn virtual_tokens(&self) -> i64 {
+        match &self.prompt {
+            Some(p) if adapter::adapters_enabled() => p.size()[0],
+            _ => 0,
+        }
+    }
+
+    /// One decode step over a static cache ([`KvCache::write_at`]): next-token logits
+    /// `[B, V]` for `ids` `[B, 1]` at `positions` `[B, 1]`. Never waits for the device, so
+    /// it can be captured in a CUDA graph.
+    pub fn decode_logits(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        masking: &Masking,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        let x = match &self.backbone {
+            Backbone::Gpt2(b) => b.embed(ids),
+            Backbone::Llama(b) => b.embed(ids),
+        };
+        let h = self.backbone_forward(&x, positions, masking, Some(cache));
+        self.head_output(&h).squeeze_dim(1)
     }
 
     /// The head applied to hidden states: `[B, T, V]` logits or `[B, T]` scores.

@@ -1,0 +1,59 @@
+//! Links libtorch (see `build/libtorch_link.rs`) and builds `cuda/graph.cpp`, the CUDA-graph
+//! shim, against the headers of the same torch wheel. A libtorch without CUDA (or without
+//! the CUDA runtime headers beside it) builds without the shim: decoding is then eager
+//! everywhere, and `cfg(cuda_graphs)` is unset.
+
+use std::path::{Path, PathBuf};
+
+include!("../build/libtorch_link.rs");
+
+/// The CUDA runtime headers from the wheel's `nvidia-*` packages (cu13: `nvidia/cu13/include`,
+/// completed by `nvidia-cuda-crt`) or a CUDA toolkit.
+fn cuda_include(torch_lib: &Path) -> Option<PathBuf> {
+    let mut candidates = vec![];
+    if let Some(site) = torch_lib.parent().and_then(Path::parent) {
+        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+            candidates.extend(entries.flatten().map(|e| e.path().join("include")));
+        }
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = std::env::var_os(var) {
+            candidates.push(PathBuf::from(home).join("include"));
+        }
+    }
+    candidates.push("/usr/local/cuda/include".into());
+    candidates
+        .into_iter()
+        .find(|dir| dir.join("crt/host_config.h").exists())
+}
+
+fn main() {
+    link_libtorch();
+    println!("cargo::rustc-check-cfg=cfg(cuda_graphs)");
+    println!("cargo:rerun-if-changed=cuda/graph.cpp");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap());
+    // The wheel's own path (.venv/libtorch is a link into site-packages), where nvidia/ is.
+    let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
+    let include = lib.parent().unwrap().join("include");
+    let has_cuda =
+        lib.join("libtorch_cuda.so").exists() && include.join("ATen/cuda/CUDAGraph.h").exists();
+    let Some(cuda) = cuda_include(&lib).filter(|_| has_cuda) else {
+        println!("cargo:warning=libtorch without CUDA or CUDA headers: no CUDA graphs");
+        return;
+    };
+    cc::Build::new()
+        .cpp(true)
+        .file("cuda/graph.cpp")
+        .include(&include)
+        .include(&cuda)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("rlhf_cuda_graph");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=cuda_graphs");
+}
