@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 venv=.venv
 req=scripts/requirements.txt
+nodeps=scripts/requirements-nodeps.txt
 stamp=$venv/.bootstrap-stamp
-want=$(cksum < "$req")
+want=$(cat "$req" "$nodeps" | cksum)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -e "$venv/libtorch/lib" ]; then
     exit 0
@@ -27,6 +28,7 @@ fi
 
 echo "bootstrap: installing $(grep -v '^#' "$req" | tr '\n' ' ')into $venv (first time: a few minutes, ~5 GB)" >&2
 "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$req"
+"$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r "$nodeps"
 
 # A relative link, so the checkout can move.
 site=$("$venv/bin/python" -c 'import torch, os, sys; print(os.path.relpath(os.path.dirname(torch.__file__), sys.prefix))')

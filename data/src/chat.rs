@@ -5,7 +5,7 @@
 
 use minijinja::{context, Environment, ErrorKind, Value};
 
-use crate::formats::Message;
+use crate::formats::{Message, TemplateArgs};
 
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -17,33 +17,38 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-/// `json.dumps(value, ensure_ascii=False)`: `", "` and `": "` separators.
-fn python_json(v: &serde_json::Value, out: &mut String) {
-    match v {
-        serde_json::Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                python_json(item, out);
-            }
-            out.push(']');
-        }
-        serde_json::Value::Object(map) => {
-            out.push('{');
-            for (i, (k, item)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                out.push_str(&serde_json::Value::String(k.clone()).to_string());
-                out.push_str(": ");
-                python_json(item, out);
-            }
-            out.push('}');
-        }
-        other => out.push_str(&other.to_string()),
+/// `json.dumps(value, ensure_ascii=False, indent=indent)`: `", "` and `": "` separators, or
+/// with an indent one item per line (`","` then a newline) as Python writes it.
+fn python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    let (open, close, items): (char, char, Vec<(Option<&String>, &serde_json::Value)>) = match v {
+        serde_json::Value::Array(a) => ('[', ']', a.iter().map(|x| (None, x)).collect()),
+        serde_json::Value::Object(m) => ('{', '}', m.iter().map(|(k, x)| (Some(k), x)).collect()),
+        other => return out.push_str(&other.to_string()),
+    };
+    out.push(open);
+    if items.is_empty() {
+        out.push(close);
+        return;
     }
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    for (i, (key, item)) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str(if indent.is_some() { "," } else { ", " });
+        }
+        newline(out, depth + 1);
+        if let Some(k) = key {
+            out.push_str(&serde_json::Value::String(k.clone()).to_string());
+            out.push_str(": ");
+        }
+        python_json(item, indent, depth + 1, out);
+    }
+    newline(out, depth);
+    out.push(close);
 }
 
 impl ChatTemplate {
@@ -64,13 +69,19 @@ impl ChatTemplate {
         env.add_function("strftime_now", |format: String| -> String {
             chrono::Local::now().format(&format).to_string()
         });
-        env.add_filter("tojson", |v: Value| -> Result<String, minijinja::Error> {
-            let json = serde_json::to_value(&v)
-                .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-            let mut out = String::new();
-            python_json(&json, &mut out);
-            Ok(out)
-        });
+        env.add_filter(
+            "tojson",
+            |v: Value, kwargs: minijinja::value::Kwargs| -> Result<String, minijinja::Error> {
+                let indent: Option<usize> = kwargs.get("indent")?;
+                kwargs.assert_all_used()?;
+                let json = serde_json::to_value(&v).map_err(|e| {
+                    minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string())
+                })?;
+                let mut out = String::new();
+                python_json(&json, indent, 0, &mut out);
+                Ok(out)
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| format!("chat_template does not parse: {e}"))?;
         Ok(ChatTemplate { env })
@@ -79,6 +90,7 @@ impl ChatTemplate {
     pub fn render(
         &self,
         messages: &[Message],
+        args: &TemplateArgs,
         add_generation_prompt: bool,
         bos_token: &str,
         eos_token: &str,
@@ -87,6 +99,8 @@ impl ChatTemplate {
         template
             .render(context! {
                 messages => messages,
+                tools => args.tools,
+                documents => args.documents,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => bos_token,
                 eos_token => eos_token,
@@ -102,16 +116,15 @@ mod tests {
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn msg(role: &str, content: &str) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message::new(role, content)
     }
 
     #[test]
     fn renders_chatml() {
         let t = ChatTemplate::new(CHATML).unwrap();
-        let text = t.render(&[msg("user", "hi")], true, "", "").unwrap();
+        let text = t
+            .render(&[msg("user", "hi")], &TemplateArgs::default(), true, "", "")
+            .unwrap();
         assert_eq!(
             text,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -122,11 +135,24 @@ mod tests {
     fn raise_exception_and_pycompat_methods() {
         let t = ChatTemplate::new("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip() | tojson }}").unwrap();
         assert_eq!(
-            t.render(&[msg("user", " a\"é ")], false, "", "").unwrap(),
+            t.render(
+                &[msg("user", " a\"é ")],
+                &TemplateArgs::default(),
+                false,
+                "",
+                ""
+            )
+            .unwrap(),
             "\"a\\\"é\""
         );
         let e = t
-            .render(&[msg("assistant", "x")], false, "", "")
+            .render(
+                &[msg("assistant", "x")],
+                &TemplateArgs::default(),
+                false,
+                "",
+                "",
+            )
             .unwrap_err();
         assert!(e.contains("first must be user"), "{e}");
     }
@@ -136,7 +162,9 @@ mod tests {
     #[test]
     fn strftime_now_is_today() {
         let t = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}").unwrap();
-        let ours = t.render(&[msg("user", "x")], false, "", "").unwrap();
+        let ours = t
+            .render(&[msg("user", "x")], &TemplateArgs::default(), false, "", "")
+            .unwrap();
         let out = std::process::Command::new("date")
             .arg("+%d %b %Y")
             .env("LC_ALL", "C")
@@ -146,13 +174,43 @@ mod tests {
         assert_eq!(ours, theirs.trim_end());
     }
 
+    /// Templates see `tools` and every message field (Qwen2.5-style tool calls).
+    #[test]
+    fn tools_and_message_fields_reach_the_template() {
+        let t = ChatTemplate::new("{% for tool in tools %}{{ tool.function.name }};{% endfor %}{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{{ c.function.arguments | tojson }}</call>{% endfor %}{% if m.content is none %}(none){% endif %}{% else %}{{ m.role }}:{{ m.content }}{% if m.name %}@{{ m.name }}{% endif %}|{% endif %}{% endfor %}").unwrap();
+        let mut call = msg("assistant", "");
+        call.extra.insert(
+            "tool_calls".into(),
+            serde_json::json!([{"function": {"name": "solve", "arguments": {"heads": 35}}}]),
+        );
+        call.extra.insert("content".into(), serde_json::Value::Null);
+        let mut result = msg("tool", "23");
+        result.extra.insert("name".into(), "solve".into());
+        let args = TemplateArgs {
+            tools: Some(serde_json::json!([{"function": {"name": "solve"}}])),
+            documents: None,
+        };
+        let text = t
+            .render(&[msg("user", "q"), call, result], &args, false, "", "")
+            .unwrap();
+        assert_eq!(
+            text,
+            r#"solve;user:q|<call>{"heads": 35}</call>(none)tool:23@solve|"#
+        );
+    }
+
     #[test]
     fn tojson_uses_python_separators() {
+        let v = serde_json::json!({"a": [1, "x"], "b": {"c": null}, "d": []});
         let mut out = String::new();
-        python_json(
-            &serde_json::json!({"a": [1, "x"], "b": {"c": null}}),
-            &mut out,
+        python_json(&v, None, 0, &mut out);
+        assert_eq!(out, r#"{"a": [1, "x"], "b": {"c": null}, "d": []}"#);
+        // json.dumps(v, indent=2)
+        let mut out = String::new();
+        python_json(&v, Some(2), 0, &mut out);
+        assert_eq!(
+            out,
+            "{\n  \"a\": [\n    1,\n    \"x\"\n  ],\n  \"b\": {\n    \"c\": null\n  },\n  \"d\": []\n}"
         );
-        assert_eq!(out, r#"{"a": [1, "x"], "b": {"c": null}}"#);
     }
 }

@@ -1,18 +1,84 @@
 //! The rows each stage reads (DESIGN.md's table; field names follow TRL). One type per use;
 //! extra fields are ignored.
 
+use serde::ser::SerializeMap;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::Result;
 use crate::jsonl::{type_name, Row};
 
-pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+pub const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "ipython",
+];
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub role: String,
+    /// Its text: a string as given, a list of typed text parts joined (no separator), or
+    /// empty for `null` beside `tool_calls`.
     pub content: String,
+    /// Every other field as the row gave it (`tool_calls`, `tool_call_id`, `name`,
+    /// `reasoning_content`, …), and `content: null` where the row had it: the chat template
+    /// sees them all, as `apply_chat_template` passes messages.
+    pub extra: Map<String, Value>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            extra: Map::new(),
+        }
+    }
+}
+
+/// What the template gets: `role`, `content`, then the other fields (a `content: null`
+/// among them wins over the empty text).
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut fields = Map::new();
+        fields.insert("role".into(), Value::String(self.role.clone()));
+        fields.insert("content".into(), Value::String(self.content.clone()));
+        fields.extend(self.extra.clone());
+        let mut map = serializer.serialize_map(Some(fields.len()))?;
+        for (k, v) in &fields {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// Row-level values a chat template reads besides the messages, as `apply_chat_template`
+/// passes them: `tools` (function schemas) and `documents` (retrieval templates).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct TemplateArgs {
+    pub tools: Option<Value>,
+    pub documents: Option<Value>,
+}
+
+impl TemplateArgs {
+    fn decode(row: &Row) -> Result<Self> {
+        let list = |field: &str| match row.object.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v @ Value::Array(_)) => Ok(Some(v.clone())),
+            Some(other) => Err(row.error(
+                Some(field),
+                format!("expected a list, got {}", type_name(other)),
+            )),
+        };
+        Ok(TemplateArgs {
+            tools: list("tools")?,
+            documents: list("documents")?,
+        })
+    }
 }
 
 /// Text given either plainly or as a conversation.
@@ -37,8 +103,13 @@ impl Content {
 pub enum SftExample {
     /// Loss on the completion only.
     PromptCompletion { prompt: String, completion: String },
-    /// Loss on the assistant turns; rendered with the tokenizer's chat template.
-    Messages(Vec<Message>),
+    /// Loss on the assistant turns from `first_target` on (earlier turns are a
+    /// conversational prompt); rendered with the tokenizer's chat template.
+    Messages {
+        messages: Vec<Message>,
+        template: TemplateArgs,
+        first_target: usize,
+    },
     /// Loss on every token.
     Text(String),
 }
@@ -92,16 +163,73 @@ fn messages(row: &Row, field: &str, value: &Value) -> Result<Vec<Message>> {
                 }
                 None => return Err(row.error(Some(&format!("{at}.role")), "missing")),
             };
-            let content = match (m.get("content"), role.as_str()) {
-                // An empty system message is rendered as transformers renders it (public
-                // SFT sets contain them); empty text elsewhere is a mistake.
-                (Some(Value::String(text)), "system") => text.clone(),
-                (Some(v), _) => row.text_value(&format!("{at}.content"), v)?,
-                (None, _) => return Err(row.error(Some(&format!("{at}.content")), "missing")),
+            let field = format!("{at}.content");
+            let tool_calls = m.get("tool_calls").is_some_and(|t| !t.is_null());
+            let text = match m.get("content") {
+                None => return Err(row.error(Some(&field), "missing")),
+                Some(Value::Null) if tool_calls => String::new(),
+                Some(Value::Null) => {
+                    return Err(row.error(
+                        Some(&field),
+                        "is null; text is required (null only beside 'tool_calls')",
+                    ))
+                }
+                Some(Value::String(text)) => text.clone(),
+                Some(Value::Array(parts)) => text_parts(row, &field, parts)?,
+                Some(other) => {
+                    return Err(row.error(
+                        Some(&field),
+                        format!(
+                            "expected a string or a list of text parts, got {}",
+                            type_name(other)
+                        ),
+                    ))
+                }
             };
-            Ok(Message { role, content })
+            // An empty system message is rendered as transformers renders it (public SFT
+            // sets contain them), and a turn that calls tools may say nothing; empty text
+            // elsewhere is a mistake.
+            if text.trim().is_empty() && role != "system" && !tool_calls {
+                return Err(row.error(Some(&field), "is empty; text is required"));
+            }
+            let mut extra: Map<String, Value> = m
+                .iter()
+                .filter(|(k, _)| *k != "role" && *k != "content")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if m["content"].is_null() {
+                extra.insert("content".into(), Value::Null);
+            }
+            Ok(Message {
+                role,
+                content: text,
+                extra,
+            })
         })
         .collect()
+}
+
+/// `[{"type": "text", "text": …}, …]` joined into one string; parts of other types (images,
+/// audio) are refused: the models here read text only.
+fn text_parts(row: &Row, field: &str, parts: &[Value]) -> Result<String> {
+    let mut text = String::new();
+    for (j, part) in parts.iter().enumerate() {
+        let at = format!("{field}[{j}]");
+        match (part.get("type").and_then(Value::as_str), part.get("text")) {
+            (Some("text"), Some(Value::String(t))) => text.push_str(t),
+            (Some("text"), _) => {
+                return Err(row.error(Some(&format!("{at}.text")), "missing or not a string"))
+            }
+            (Some(other), _) => {
+                return Err(row.error(
+                    Some(&format!("{at}.type")),
+                    format!("'{other}' parts are not supported (text-only models): only {{\"type\": \"text\"}}"),
+                ))
+            }
+            (None, _) => return Err(row.error(Some(&format!("{at}.type")), "missing")),
+        }
+    }
+    Ok(text)
 }
 
 /// A field holding either a string or a list of messages.
@@ -113,19 +241,68 @@ fn content(row: &Row, field: &str) -> Result<Content> {
     }
 }
 
+/// Shapes no stage here trains on, refused with what they are (TRL's dataset formats).
+fn refuse_unused_shapes(row: &Row, stage: &str) -> Result<()> {
+    if row.has("label") && row.has("completion") {
+        return Err(row.error(
+            Some("label"),
+            format!("an unpaired preference row ('prompt', 'completion', 'label'; KTO's format) cannot be used by {stage}: it needs {}", accepted(stage)),
+        ));
+    }
+    if row.has("completions") && row.has("labels") {
+        return Err(row.error(
+            Some("labels"),
+            format!("a stepwise-supervision row ('completions', 'labels') cannot be used by {stage}: it needs {}", accepted(stage)),
+        ));
+    }
+    Ok(())
+}
+
+fn accepted(stage: &str) -> &'static str {
+    match stage {
+        "SFT" => "'text', 'prompt' and 'completion' (text or conversations), or 'messages'",
+        _ => "'chosen' and 'rejected' (with or without 'prompt'), or a ranking 'responses'",
+    }
+}
+
 impl SftExample {
     pub fn decode(row: &Row) -> Result<Self> {
+        refuse_unused_shapes(row, "SFT")?;
+        let template = TemplateArgs::decode(row)?;
         if row.has("messages") {
-            let msgs = messages(row, "messages", &row.object["messages"])?;
-            if !msgs.iter().any(|m| m.role == "assistant") {
+            let messages = messages(row, "messages", &row.object["messages"])?;
+            if !messages.iter().any(|m| m.role == "assistant") {
                 return Err(row.error(Some("messages"), "has no assistant turn to learn from"));
             }
-            Ok(SftExample::Messages(msgs))
-        } else if row.has("prompt") {
-            Ok(SftExample::PromptCompletion {
-                prompt: row.text("prompt")?,
-                completion: row.text("completion")?,
+            Ok(SftExample::Messages {
+                messages,
+                template,
+                first_target: 0,
             })
+        } else if row.has("prompt") {
+            match (content(row, "prompt")?, content(row, "completion")?) {
+                (Content::Text(prompt), Content::Text(completion)) => {
+                    Ok(SftExample::PromptCompletion { prompt, completion })
+                }
+                // Conversational prompt–completion: the completion's turns are the targets.
+                (Content::Messages(prompt), Content::Messages(completion)) => {
+                    if !completion.iter().any(|m| m.role == "assistant") {
+                        return Err(
+                            row.error(Some("completion"), "has no assistant turn to learn from")
+                        );
+                    }
+                    let first_target = prompt.len();
+                    Ok(SftExample::Messages {
+                        messages: [prompt, completion].concat(),
+                        template,
+                        first_target,
+                    })
+                }
+                _ => Err(row.error(
+                    Some("completion"),
+                    "'prompt' and 'completion' must both be text or both be conversations",
+                )),
+            }
         } else if row.has("text") {
             Ok(SftExample::Text(row.text("text")?))
         } else {
@@ -201,13 +378,27 @@ fn implicit_prompt(row: &Row) -> Result<(Content, Vec<Content>)> {
 
 impl PreferenceExample {
     pub fn decode(row: &Row) -> Result<Self> {
-        if !row.has("prompt") && row.has("chosen") && row.has("rejected") {
-            let (prompt, responses) = implicit_prompt(row)?;
-            return Ok(PreferenceExample {
-                prompt,
-                responses,
-                margin: row.number("margin")?,
-            });
+        refuse_unused_shapes(row, "reward training")?;
+        refuse_tools(row)?;
+        // TRL's maybe_extract_prompt: without a prompt, or with a prompt of the other kind
+        // (ultrafeedback_binarized: a string prompt, then whole conversations that start
+        // with it), the prompt is the shared start of chosen and rejected.
+        let conversational = |field: &str| matches!(row.object.get(field), Some(Value::Array(_)));
+        // A string prompt before assistant-only conversations shares nothing with them: it
+        // stays the prompt (a user turn), as before.
+        if row.has("chosen") && row.has("rejected") {
+            let mixed = row.has("prompt") && conversational("prompt") != conversational("chosen");
+            match implicit_prompt(row) {
+                Ok((prompt, responses)) if !row.has("prompt") || mixed => {
+                    return Ok(PreferenceExample {
+                        prompt,
+                        responses,
+                        margin: row.number("margin")?,
+                    });
+                }
+                Err(e) if !row.has("prompt") => return Err(e),
+                _ => {}
+            }
         }
         let prompt = content(row, "prompt")?;
         let responses = if row.has("responses") {
@@ -245,8 +436,24 @@ impl PreferenceExample {
     }
 }
 
-/// Decodes a prompt row: `{"prompt"}` or `{"messages"}`.
+/// Rows whose template arguments would be lost: only SFT rows pass `tools` and `documents`
+/// to the template so far.
+fn refuse_tools(row: &Row) -> Result<()> {
+    for field in ["tools", "documents"] {
+        if row.object.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(row.error(
+                Some(field),
+                "is passed to the chat template for SFT rows only (not yet for prompts or preferences)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a prompt row: `{"prompt"}` or `{"messages"}` (any other fields of a dataset row,
+/// such as a completion or a label, are ignored: PPO needs the prompt only).
 pub fn decode_prompt(row: &Row) -> Result<PromptExample> {
+    refuse_tools(row)?;
     if row.has("messages") {
         Ok(Content::Messages(messages(
             row,
@@ -295,7 +502,7 @@ mod tests {
             SftExample::decode,
         )
         .unwrap();
-        assert!(matches!(&rows[0], SftExample::Messages(m) if m.len() == 2));
+        assert!(matches!(&rows[0], SftExample::Messages { messages, .. } if messages.len() == 2));
     }
 
     /// TRL's `extract_prompt` on its own examples: HH-RLHF strings (the space before the
@@ -323,10 +530,7 @@ mod tests {
             PreferenceExample::decode,
         )
         .unwrap();
-        let turn = |role: &str, content: &str| Message {
-            role: role.into(),
-            content: content.into(),
-        };
+        let turn = Message::new;
         assert_eq!(
             rows[0].prompt,
             Content::Messages(vec![turn("user", "What color is the sky?")])
@@ -353,6 +557,108 @@ mod tests {
         );
     }
 
+    /// Shapes from TRL's dataset-formats page and public sets beyond the basic ones.
+    #[test]
+    fn real_dataset_shapes() {
+        // Typed text parts, and a tool call with null content: every field is kept.
+        let rows = read_one(
+            r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "鸡兔"}, {"type": "text", "text": "同笼?"}]}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "solve", "arguments": {"heads": 35}}}]}, {"role": "tool", "name": "solve", "content": "23, 12"}, {"role": "assistant", "content": "23 chickens, 12 rabbits."}], "tools": [{"type": "function", "function": {"name": "solve"}}]}"#,
+            SftExample::decode,
+        )
+        .unwrap();
+        let SftExample::Messages {
+            messages,
+            template,
+            first_target,
+        } = &rows[0]
+        else {
+            panic!("{:?}", rows[0])
+        };
+        assert_eq!(messages[0].content, "鸡兔同笼?");
+        assert_eq!(messages[1].content, "");
+        assert!(messages[1].extra["tool_calls"].is_array());
+        let rendered = serde_json::to_value(&messages[1]).unwrap();
+        assert!(rendered["content"].is_null(), "{rendered}");
+        assert_eq!(messages[2].extra["name"], "solve");
+        assert!(template.tools.is_some());
+        assert_eq!(*first_target, 0);
+        let e = err(read_one(
+            r#"{"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}, {"role": "assistant", "content": "a"}]}"#,
+            SftExample::decode,
+        ));
+        assert!(
+            e.contains("field 'messages[0].content[0].type': 'image' parts are not supported"),
+            "{e}"
+        );
+        let e = err(read_one(
+            r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null}]}"#,
+            SftExample::decode,
+        ));
+        assert!(e.contains("field 'messages[1].content': is null"), "{e}");
+
+        // Conversational prompt–completion: only the completion's turns are targets.
+        let rows = read_one(
+            r#"{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}], "completion": [{"role": "assistant", "content": "a2"}]}"#,
+            SftExample::decode,
+        )
+        .unwrap();
+        assert!(
+            matches!(&rows[0], SftExample::Messages { messages, first_target: 3, .. } if messages.len() == 4)
+        );
+
+        // ultrafeedback_binarized: a string prompt, whole conversations after it.
+        let rows = read_one(
+            r#"{"prompt": "q", "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}], "score_chosen": 8.0}"#,
+            PreferenceExample::decode,
+        )
+        .unwrap();
+        assert_eq!(
+            rows[0].prompt,
+            Content::Messages(vec![Message::new("user", "q")])
+        );
+        assert_eq!(
+            rows[0].responses[0],
+            Content::Messages(vec![Message::new("assistant", "good")])
+        );
+        // A string prompt before assistant-only turns stays the prompt.
+        let rows = read_one(
+            r#"{"prompt": "q", "chosen": [{"role": "assistant", "content": "good"}], "rejected": [{"role": "assistant", "content": "bad"}]}"#,
+            PreferenceExample::decode,
+        )
+        .unwrap();
+        assert_eq!(rows[0].prompt, Content::Text("q".into()));
+
+        // Unpaired preference and stepwise supervision: refused with what they are.
+        let unpaired = r#"{"prompt": "q", "completion": "a", "label": false}"#;
+        let e = err(read_one(unpaired, SftExample::decode));
+        assert!(
+            e.contains("field 'label': an unpaired preference row"),
+            "{e}"
+        );
+        let e = err(read_one(unpaired, PreferenceExample::decode));
+        assert!(
+            e.contains("cannot be used by reward training: it needs 'chosen'"),
+            "{e}"
+        );
+        assert_eq!(
+            read_one(unpaired, decode_prompt).unwrap()[0],
+            Content::Text("q".into())
+        );
+        let e = err(read_one(
+            r#"{"prompt": "q", "completions": ["a", "b"], "labels": [true, false]}"#,
+            SftExample::decode,
+        ));
+        assert!(e.contains("a stepwise-supervision row"), "{e}");
+        let e = err(read_one(
+            r#"{"prompt": [{"role": "user", "content": "q"}], "tools": [{"type": "function"}]}"#,
+            decode_prompt,
+        ));
+        assert!(
+            e.contains("field 'tools': is passed to the chat template for SFT rows only"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn an_empty_system_message_is_kept() {
         let rows = read_one(
@@ -361,7 +667,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            matches!(&rows[0], SftExample::Messages(m) if m[0].role == "system" && m[0].content.is_empty())
+            matches!(&rows[0], SftExample::Messages { messages: m, .. } if m[0].role == "system" && m[0].content.is_empty())
         );
         let e = err(read_one(
             r#"{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "yo"}]}"#,

@@ -14,7 +14,7 @@ pub mod sft;
 pub mod tokenizer;
 
 pub use error::{DataError, Result};
-pub use formats::{Content, Message, PreferenceExample, PromptExample, SftExample};
+pub use formats::{Content, Message, PreferenceExample, PromptExample, SftExample, TemplateArgs};
 pub use tokenizer::Tokenizer;
 
 use std::path::Path;

@@ -5,7 +5,7 @@
 use tch::{Device, Tensor};
 
 use crate::error::Result;
-use crate::formats::{Content, Message, PreferenceExample, SftExample};
+use crate::formats::{Content, Message, PreferenceExample, SftExample, TemplateArgs};
 use crate::jsonl::Rows;
 use crate::sft::Truncation;
 use crate::tokenizer::Tokenizer;
@@ -20,10 +20,7 @@ pub struct TokenizedRanking {
 fn as_messages(c: &Content, role: &str) -> Vec<Message> {
     match c {
         Content::Messages(m) => m.clone(),
-        Content::Text(t) => vec![Message {
-            role: role.into(),
-            content: t.clone(),
-        }],
+        Content::Text(t) => vec![Message::new(role, t)],
     }
 }
 
@@ -36,7 +33,8 @@ pub fn sequence(tok: &Tokenizer, prompt: &Content, response: &Content) -> Result
         _ => {
             let mut messages = as_messages(prompt, "user");
             messages.extend(as_messages(response, "assistant"));
-            tok.encode(&tok.render_chat(&messages, false)?, false)
+            let none = TemplateArgs::default();
+            tok.encode(&tok.render_chat(&messages, &none, false)?, false)
         }
     }
 }
@@ -49,7 +47,9 @@ pub fn sft_sequence(tok: &Tokenizer, ex: &SftExample) -> Result<Vec<i64>> {
             &Content::Text(prompt.clone()),
             &Content::Text(completion.clone()),
         ),
-        SftExample::Messages(m) => tok.encode(&tok.render_chat(m, false)?, false),
+        SftExample::Messages {
+            messages, template, ..
+        } => tok.encode(&tok.render_chat(messages, template, false)?, false),
         SftExample::Text(t) => tok.encode(t, true),
     }
 }

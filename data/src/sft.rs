@@ -3,7 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{DataError, Result};
-use crate::formats::{Message, SftExample};
+use crate::formats::{Message, SftExample, TemplateArgs};
 use crate::jsonl::Rows;
 use crate::tokenizer::Tokenizer;
 
@@ -65,7 +65,11 @@ pub fn tokenize(ex: &SftExample, tok: &Tokenizer, append_eos: bool) -> Result<To
             let loss_mask = vec![1; ids.len()];
             TokenizedSft { ids, loss_mask }
         }
-        SftExample::Messages(messages) => return tokenize_chat(messages, tok),
+        SftExample::Messages {
+            messages,
+            template,
+            first_target,
+        } => return tokenize_chat(messages, template, *first_target, tok),
     };
     if append_eos {
         if let Some(eos) = tok.eos_id {
@@ -78,25 +82,37 @@ pub fn tokenize(ex: &SftExample, tok: &Tokenizer, append_eos: bool) -> Result<To
     Ok(out)
 }
 
-/// Byte spans of the assistant turns: from the end of the conversation-so-far rendered with
-/// the generation prompt to the end of the conversation including the turn.
-fn tokenize_chat(messages: &[Message], tok: &Tokenizer) -> Result<TokenizedSft> {
-    let full = tok.render_chat(messages, false)?;
+/// Byte spans of the assistant turns from `first_target` on: from where the
+/// conversation-so-far rendered with the generation prompt stops agreeing with the whole
+/// conversation to where the conversation rendered through the turn does.
+fn tokenize_chat(
+    messages: &[Message],
+    template: &TemplateArgs,
+    first_target: usize,
+    tok: &Tokenizer,
+) -> Result<TokenizedSft> {
+    let full = tok.render_chat(messages, template, false)?;
     let mut spans = vec![];
     for (i, m) in messages
         .iter()
         .enumerate()
-        .filter(|(_, m)| m.role == "assistant")
+        .filter(|(i, m)| m.role == "assistant" && *i >= first_target)
     {
-        let before = tok.render_chat(&messages[..i], true)?;
-        let through = tok.render_chat(&messages[..=i], false)?;
-        if !full.starts_with(&before) || !full.starts_with(&through) {
+        let before = tok.render_chat(&messages[..i], template, true)?;
+        let through = tok.render_chat(&messages[..=i], template, false)?;
+        // The turn starts where the rendering with the generation prompt stops agreeing with
+        // the whole conversation's (DeepSeek-V3's prompt adds "<think>\n"), and ends where
+        // the rendering through it does (Phi-3 closes every rendering with EOS; the whole
+        // conversation has it at its end only).
+        let start = common_prefix_len(&before, &full);
+        let end = common_prefix_len(&through, &full);
+        if end <= start {
             return Err(DataError::file(
                 "tokenizer_config.json",
                 format!("the chat template does not render turn {i} ({}) as a prefix of the whole conversation, so its loss mask cannot be derived", m.role),
             ));
         }
-        spans.push((before.len(), through.len()));
+        spans.push((start, end));
     }
     let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
     let loss_mask = offsets
@@ -104,6 +120,14 @@ fn tokenize_chat(messages: &[Message], tok: &Tokenizer) -> Result<TokenizedSft> 
         .map(|&(start, _)| i64::from(spans.iter().any(|&(a, b)| start >= a && start < b)))
         .collect();
     Ok(TokenizedSft { ids, loss_mask })
+}
+
+/// Bytes `a` and `b` share at their start, at a character boundary.
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
 }
 
 /// Applies `max_length`; `None` means the row is dropped.

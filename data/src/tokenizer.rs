@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::chat::ChatTemplate;
 use crate::error::{DataError, Result};
-use crate::formats::{Content, Message};
+use crate::formats::{Content, Message, TemplateArgs};
 
 /// `[start, end)` in bytes of the encoded text.
 pub type ByteSpan = (usize, usize);
@@ -149,7 +149,12 @@ impl Tokenizer {
     }
 
     /// Renders a conversation with the chat template.
-    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        template_args: &TemplateArgs,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             DataError::file(
                 self.dir.join("tokenizer_config.json"),
@@ -159,6 +164,7 @@ impl Tokenizer {
         template
             .render(
                 messages,
+                template_args,
                 add_generation_prompt,
                 self.bos_token.as_deref().unwrap_or(""),
                 self.eos_token.as_deref().unwrap_or(""),
@@ -171,7 +177,10 @@ impl Tokenizer {
     pub fn encode_prompt(&self, prompt: &Content) -> Result<Vec<i64>> {
         match prompt {
             Content::Text(t) => self.encode(t, true),
-            Content::Messages(m) => self.encode(&self.render_chat(m, true)?, false),
+            Content::Messages(m) => {
+                let none = TemplateArgs::default();
+                self.encode(&self.render_chat(m, &none, true)?, false)
+            }
         }
     }
 

@@ -1,0 +1,186 @@
+"""References for the chat-template test (issue 23): `transformers`' `apply_chat_template`
+on the chat templates real instruct models ship.
+
+    template_reference.py make --root DIR
+
+Templates: the originals TRL keeps in `trl/chat_templates/` (installed by the bootstrap as
+`trl==1.16.0 --no-deps`; read as files, TRL is never imported): Llama 3.1, Llama 3.2,
+Qwen2.5, Phi-3, Gemma (Gemma and Gemma 2 ship the same one), DeepSeek-V3; and ChatML.
+One byte-level BPE tokenizer (trained here, with every template's special tokens) goes
+into DIR/<template>/ with the template; DIR/<template>/rows.jsonl holds SFT rows (multi-turn
+with Chinese text, a system turn where the template allows one, tool calls where it
+supports them, and a row it refuses). Prints, per template and row: the token ids of the
+rendered conversation and the loss mask by the documented rule (each assistant turn from
+where the conversation-so-far rendered with the generation prompt stops agreeing with the
+whole conversation — DeepSeek-V3's generation prompt adds "<think>\n" — to where the
+conversation rendered through that turn stops agreeing with it — Phi-3 ends a rendering
+with EOS, which the whole conversation has only at its end), or the template's error.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+TRL_TEMPLATES = ["llama3_1", "llama3_2", "qwen2_5", "phi3", "gemma", "deepseekv3"]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# (bos, eos) of each template's model family.
+SPECIAL = {
+    "llama3_1": ("<|begin_of_text|>", "<|eot_id|>"),
+    "llama3_2": ("<|begin_of_text|>", "<|eot_id|>"),
+    "qwen2_5": (None, "<|im_end|>"),
+    "phi3": ("<s>", "<|endoftext|>"),
+    "gemma": ("<bos>", "<eos>"),
+    "deepseekv3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "chatml": (None, "<|im_end|>"),
+}
+SPECIALS = [
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+    "<|python_tag|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<|user|>", "<|assistant|>",
+    "<|system|>", "<|end|>", "<|endoftext|>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>",
+    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+    "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+]
+CORPUS = [
+    "你是一个解题助手。鸡兔同笼，35个头，94只脚？鸡23只，兔12只。",
+    "There are 35 heads and 94 legs. Why? 2*23 + 4*12 = 94. Cutting Knowledge Date: December 2023",
+    "Environment: ipython Today Date: function parameters name solve heads legs arguments type",
+    '{"name": "solve", "parameters": {"heads": 35, "legs": 94}} system user assistant model tool',
+] * 20
+
+SYSTEM = {"role": "system", "content": "你是一个解题助手。"}
+TURNS = [
+    {"role": "user", "content": "鸡兔同笼，35个头，94只脚？"},
+    {"role": "assistant", "content": "鸡23只，兔12只。"},
+    {"role": "user", "content": "Why?"},
+    {"role": "assistant", "content": "2*23 + 4*12 = 94."},
+]
+TOOLS = [{"type": "function", "function": {
+    "name": "solve", "description": "Chickens and rabbits from heads and legs.",
+    "parameters": {"type": "object", "properties": {
+        "heads": {"type": "integer"}, "legs": {"type": "integer"}}, "required": ["heads", "legs"]}}}]
+
+
+def tool_row(arguments, tool_role="tool"):
+    return {"messages": [
+        {"role": "user", "content": "35 heads, 94 legs?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "solve", "arguments": arguments}}]},
+        {"role": tool_role, "name": "solve", "content": "23, 12"},
+        {"role": "assistant", "content": "23 chickens and 12 rabbits."},
+    ], "tools": TOOLS}
+
+
+def rows_for(name):
+    """Rows for one template: what it accepts, then one it refuses where it refuses any."""
+    rows = [{"messages": TURNS}]
+    if name != "gemma":
+        rows.append({"messages": [SYSTEM] + TURNS})
+        # Content as typed text parts (joined), an empty system message.
+        rows.append({"messages": [{"role": "system", "content": ""},
+                                  {"role": "user", "content": [{"type": "text", "text": "鸡兔"},
+                                                               {"type": "text", "text": "同笼？"}]},
+                                  {"role": "assistant", "content": "23, 12."}]})
+    if name in ("llama3_1", "llama3_2", "qwen2_5"):
+        rows.append(tool_row({"heads": 35, "legs": 94}))
+    if name in ("qwen2_5", "chatml"):
+        # Conversational prompt-completion: the completion's turns only are targets.
+        rows.append({"prompt": TURNS[:3], "completion": TURNS[3:]})
+    if name == "gemma":
+        rows.append({"messages": [SYSTEM] + TURNS})  # System role not supported
+    if name == "llama3_1":
+        two = tool_row({"heads": 35, "legs": 94})
+        call = two["messages"][1]["tool_calls"][0]
+        two["messages"][1]["tool_calls"] = [call, call]  # only single tool-calls
+        rows.append(two)
+    return rows
+
+
+def template_source(name):
+    if name == "chatml":
+        return CHATML
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("template_reference.py: trl is not installed (scripts/bootstrap.sh installs it)")
+    path = os.path.join(spec.submodule_search_locations[0], "chat_templates", name + ".jinja")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def as_template_input(messages):
+    """What our loader hands the template: typed text parts joined."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if isinstance(m.get("content"), list):
+            m["content"] = "".join(p["text"] for p in m["content"])
+        out.append(m)
+    return out
+
+
+def reference(tok, row):
+    if "messages" in row:
+        messages, first_target = as_template_input(row["messages"]), 0
+    else:
+        messages = as_template_input(row["prompt"] + row["completion"])
+        first_target = len(row["prompt"])
+    tools = row.get("tools")
+    render = lambda msgs, gen: tok.apply_chat_template(
+        msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+    try:
+        full = render(messages, False)
+    except Exception as e:  # the template's raise_exception
+        return {"error": str(e)}
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and i >= first_target:
+            before, through = render(messages[:i], True), render(messages[: i + 1], False)
+            start = len(os.path.commonprefix([before, full]))
+            end = len(os.path.commonprefix([through, full]))
+            assert end > start, "turn not found"
+            spans.append((start, end))
+    mask = [int(any(a <= s < b for a, b in spans)) for s, _ in enc["offset_mapping"]]
+    return {"ids": enc["input_ids"], "mask": mask, "text": full}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["make"])
+    ap.add_argument("--root", required=True)
+    args = ap.parse_args()
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(CORPUS, trainer)
+    out = {}
+    for name in TRL_TEMPLATES + ["chatml"]:
+        d = os.path.join(args.root, name)
+        os.makedirs(d, exist_ok=True)
+        bos, eos = SPECIAL[name]
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=bos, eos_token=eos,
+                                      pad_token=eos)
+        tok.chat_template = template_source(name)
+        tok.save_pretrained(d)
+        tok = PreTrainedTokenizerFast.from_pretrained(d)
+        rows = rows_for(name)
+        with open(os.path.join(d, "rows.jsonl"), "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        out[name] = [reference(tok, r) for r in rows]
+    print(json.dumps(out, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+//! Real chat templates (issue 23): the originals of Llama 3.1, Llama 3.2, Qwen2.5, Phi-3,
+//! Gemma (and Gemma 2) and DeepSeek-V3 as TRL ships them, and ChatML, rendered and tokenized
+//! by our loader exactly as `transformers`' `apply_chat_template` does (same token ids), with
+//! the assistant-token loss mask by the documented rule; rows a template refuses fail with
+//! the data file, the line and the template's own message. References from
+//! `tests/python/template_reference.py`.
+
+use data::sft::{prepare, tokenize, Truncation};
+
+#[test]
+fn real_templates_render_and_mask_as_documented() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = rlhf_tests::run_python(
+        "template_reference.py",
+        &["make", "--root", root.path().to_str().unwrap()],
+    );
+    let mut checked = 0;
+    for (name, rows) in reference.as_object().unwrap() {
+        let dir = root.path().join(name);
+        let tok = data::Tokenizer::load(&dir).unwrap();
+        let file = dir.join("rows.jsonl");
+        let examples = data::read_sft(&file).unwrap();
+        let rows = rows.as_array().unwrap();
+        assert_eq!(examples.len(), rows.len(), "{name}");
+        for (i, (example, want)) in examples.iter().zip(rows).enumerate() {
+            if let Some(message) = want.get("error").and_then(|m| m.as_str()) {
+                // Refused rows come last: preparing the file stops at the first of them.
+                let e = prepare(&examples, &tok, 4096, Truncation::Truncate, false)
+                    .unwrap_err()
+                    .to_string();
+                let at = format!("{}:{}:", file.display(), examples.lines[i]);
+                assert!(e.starts_with(&at) && e.contains(message), "{name}: {e}");
+                checked += 1;
+                continue;
+            }
+            let got =
+                tokenize(example, &tok, false).unwrap_or_else(|e| panic!("{name} row {i}: {e}"));
+            let ids: Vec<i64> = serde_json::from_value(want["ids"].clone()).unwrap();
+            let mask: Vec<i64> = serde_json::from_value(want["mask"].clone()).unwrap();
+            assert_eq!(
+                got.ids, ids,
+                "{name} row {i}: token ids differ; transformers rendered:\n{}",
+                want["text"]
+            );
+            assert_eq!(got.loss_mask, mask, "{name} row {i}: loss mask differs");
+            assert!(mask.contains(&1), "{name} row {i}: no target");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked} rows checked");
+}
