@@ -465,6 +465,22 @@ pub fn decode_prompt(row: &Row) -> Result<PromptExample> {
     }
 }
 
+/// The other fields of a prompt row (an `answer`, an `id`, …): they travel with the prompt to
+/// the reward, as TRL passes dataset columns to its reward functions.
+pub type PromptFields = Map<String, Value>;
+
+/// A prompt row with its other fields.
+pub fn decode_prompt_with_fields(row: &Row) -> Result<(PromptExample, PromptFields)> {
+    let prompt = decode_prompt(row)?;
+    let fields = row
+        .object
+        .iter()
+        .filter(|(k, _)| *k != "prompt" && *k != "messages")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok((prompt, fields))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

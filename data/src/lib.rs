@@ -29,6 +29,13 @@ pub fn read_preferences(path: &Path) -> Result<jsonl::Rows<PreferenceExample>> {
     jsonl::read(path, PreferenceExample::decode)
 }
 
+/// Reads a prompt file keeping each row's other fields (for rewards that read them).
+pub fn read_prompts_with_fields(
+    path: &Path,
+) -> Result<jsonl::Rows<(PromptExample, formats::PromptFields)>> {
+    jsonl::read(path, formats::decode_prompt_with_fields)
+}
+
 /// Reads a prompt file (`{"prompt"}` or `{"messages"}` rows).
 pub fn read_prompts(path: &Path) -> Result<jsonl::Rows<PromptExample>> {
     jsonl::read(path, formats::decode_prompt)

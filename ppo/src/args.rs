@@ -7,16 +7,97 @@ use clap::Args;
 use common::cli::{require, AdapterArgs, DecodeArgs, DeviceArgs, OptimArgs, RunArgs};
 use serde::Serialize;
 
-use crate::math::{AdvantageEstimator, KlEstimator};
+use crate::math::{AdvantageEstimator, Clip, KlEstimator, LossAggregation};
+
+/// `--advantage-estimator`: the names users give; [`TrainArgs::advantage_estimator`] turns
+/// one into the [`AdvantageEstimator`] with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EstimatorName {
+    Gae,
+    Grpo,
+    DrGrpo,
+    Rloo,
+    ReinforcePlusPlus,
+}
+
+impl EstimatorName {
+    const ALL: [(&'static str, EstimatorName); 5] = [
+        ("gae", EstimatorName::Gae),
+        ("grpo", EstimatorName::Grpo),
+        ("dr-grpo", EstimatorName::DrGrpo),
+        ("rloo", EstimatorName::Rloo),
+        ("reinforce-plus-plus", EstimatorName::ReinforcePlusPlus),
+    ];
+}
+
+impl std::str::FromStr for EstimatorName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, e)| *e).ok_or_else(|| {
+            format!("'{s}' is not an advantage estimator (expected gae, grpo, dr-grpo, rloo or reinforce-plus-plus)")
+        })
+    }
+}
+
+impl std::fmt::Display for EstimatorName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Self::ALL.iter().find(|(_, e)| e == self).unwrap().0)
+    }
+}
+
+/// `--reward-rule`: a reward computed by a rule over the response and the prompt row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewardRule {
+    /// 1 when the answer extracted from the response equals the row's `answer`, else 0.
+    ExactAnswer,
+}
+
+impl std::str::FromStr for RewardRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exact-answer" => Ok(RewardRule::ExactAnswer),
+            _ => Err(format!(
+                "'{s}' is not a reward rule (expected exact-answer)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for RewardRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("exact-answer")
+    }
+}
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TrainArgs {
     /// The SFT policy (Hugging Face directory); also the frozen reference.
     #[arg(long)]
     pub policy: PathBuf,
-    /// The reward model from `reward train` (its normalisation is applied).
+    /// The reward model from `reward train` (its normalisation is applied). Optional when
+    /// another reward source is given.
     #[arg(long)]
-    pub reward_model: PathBuf,
+    pub reward_model: Option<PathBuf>,
+    /// Weight of the reward model's score in the summed reward.
+    #[arg(long, default_value_t = 1.0)]
+    pub reward_model_weight: f64,
+    /// A reward computed by a rule: exact-answer (the answer extracted from the response
+    /// against the prompt row's "answer" field).
+    #[arg(long)]
+    pub reward_rule: Option<RewardRule>,
+    /// Weight of the rule's reward in the summed reward.
+    #[arg(long, default_value_t = 1.0)]
+    pub reward_rule_weight: f64,
+    /// exact-answer: a regular expression whose first capture group is the answer
+    /// (default: the text after the last "The answer is").
+    #[arg(long)]
+    pub answer_pattern: Option<String>,
+    /// exact-answer: subtracted when no answer can be extracted (the reward is then −p).
+    #[arg(long, default_value_t = 0.0)]
+    pub format_penalty: f64,
     /// Initial value model (default: the reward model, as InstructGPT does).
     #[arg(long)]
     pub value_model: Option<PathBuf>,
@@ -62,7 +143,26 @@ pub struct TrainArgs {
     /// Horizon of the adaptive KL controller, in samples.
     #[arg(long, default_value_t = 10000.0)]
     pub kl_horizon: f64,
-    /// GAE discount γ.
+    /// How advantages are estimated: gae (with a value model), or critic-free: grpo,
+    /// dr-grpo, rloo (groups of --num-generations responses per prompt) or
+    /// reinforce-plus-plus.
+    #[arg(long, default_value = "gae")]
+    pub advantage_estimator: EstimatorName,
+    /// Responses sampled per prompt (the group of grpo, dr-grpo and rloo).
+    #[arg(long, default_value_t = 1)]
+    pub num_generations: usize,
+    /// The KL penalty as a loss term (k3 of policy and reference, times β, aggregated as
+    /// the policy loss; GRPO's form) instead of in the per-token rewards.
+    #[arg(long)]
+    pub kl_in_loss: bool,
+    /// How the per-token policy loss is averaged: token-mean, seq-mean-token-mean (GRPO)
+    /// or seq-mean-token-sum-norm (Dr. GRPO: over --response-length).
+    #[arg(long, default_value = "token-mean")]
+    pub loss_aggregation: LossAggregation,
+    /// Upper clip of the policy ratio, 1 + this (DAPO's clip-higher; default --cliprange).
+    #[arg(long)]
+    pub cliprange_high: Option<f64>,
+    /// GAE (and REINFORCE++) discount γ.
     #[arg(long, default_value_t = 1.0)]
     pub gamma: f64,
     /// GAE λ.
@@ -131,12 +231,34 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// How advantages are estimated (today GAE with --gamma and --lam).
+    /// How advantages are estimated: `--advantage-estimator` with its parameters.
     pub fn advantage_estimator(&self) -> AdvantageEstimator {
-        AdvantageEstimator::Gae {
-            gamma: self.gamma,
-            lam: self.lam,
+        let group = self.num_generations as i64;
+        match self.advantage_estimator {
+            EstimatorName::Gae => AdvantageEstimator::Gae {
+                gamma: self.gamma,
+                lam: self.lam,
+            },
+            EstimatorName::Grpo => AdvantageEstimator::Grpo { group },
+            EstimatorName::DrGrpo => AdvantageEstimator::DrGrpo { group },
+            EstimatorName::Rloo => AdvantageEstimator::Rloo { group },
+            EstimatorName::ReinforcePlusPlus => {
+                AdvantageEstimator::ReinforcePlusPlus { gamma: self.gamma }
+            }
         }
+    }
+
+    /// The policy ratio's clip interval.
+    pub fn clip(&self) -> Clip {
+        Clip {
+            low: self.cliprange,
+            high: self.cliprange_high.unwrap_or(self.cliprange),
+        }
+    }
+
+    /// Responses per rollout: prompts × generations.
+    pub fn rollout_rows(&self) -> usize {
+        self.rollout_batch_size * self.num_generations
     }
 
     /// Whether the reward model is the critic's base with its adapter off (LoRA without a
@@ -144,12 +266,16 @@ impl TrainArgs {
     pub fn reward_is_critic_base(&self) -> bool {
         (self.adapter.lora_r.is_some() || self.adapter.prompt_tuning_tokens.is_some())
             && self.value_model.is_none()
+            && self.reward_model.is_some()
             && self.advantage_estimator().needs_critic()
     }
 
     /// Where the critic starts: --value-model, else the reward model (as InstructGPT).
     pub fn critic_source(&self) -> &Path {
-        self.value_model.as_ref().unwrap_or(&self.reward_model)
+        self.value_model
+            .as_ref()
+            .or(self.reward_model.as_ref())
+            .expect("validated: gae has a value or reward model")
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -192,8 +318,30 @@ impl TrainArgs {
             ),
             (self.grad_accum > 0, "--grad-accum must be at least 1"),
             (
-                self.rollout_batch_size % (self.num_minibatches * self.grad_accum) == 0,
-                "--rollout-batch-size must be a multiple of --num-minibatches × --grad-accum",
+                self.rollout_rows() % (self.num_minibatches * self.grad_accum) == 0,
+                "--rollout-batch-size must be a multiple of --num-minibatches × --grad-accum (counting each prompt's --num-generations responses)",
+            ),
+            (
+                self.num_generations > 0,
+                "--num-generations must be at least 1",
+            ),
+            (
+                !self.advantage_estimator().is_group() || self.num_generations >= 2,
+                "--advantage-estimator grpo, dr-grpo and rloo compare responses to the same prompt: --num-generations must be at least 2",
+            ),
+            (
+                !self.advantage_estimator().needs_critic()
+                    || self.value_model.is_some()
+                    || self.reward_model.is_some(),
+                "--advantage-estimator gae trains a value model: give --value-model or --reward-model",
+            ),
+            (
+                self.cliprange_high.is_none_or(|c| c > 0.0),
+                "--cliprange-high must be > 0",
+            ),
+            (
+                self.answer_pattern.is_none() || self.reward_rule.is_some(),
+                "--answer-pattern needs --reward-rule exact-answer",
             ),
             (self.cliprange > 0.0, "--cliprange must be > 0"),
             (self.cliprange_value > 0.0, "--cliprange-value must be > 0"),

@@ -20,7 +20,11 @@ pub struct Timings {
 }
 
 /// The scalars of one iteration, in the order they are written.
-pub(crate) fn iteration_scalars(it: &Iteration, session: &Session) -> Vec<(&'static str, f64)> {
+pub(crate) fn iteration_scalars(
+    it: &Iteration,
+    session: &Session,
+    group: i64,
+) -> Vec<(String, f64)> {
     let (ro, stats, world) = (&it.ro, &it.stats, &session.world);
     let mean = |x: f64| world.mean(x);
     let response_tokens = ro.mask.sum(Kind::Float).double_value(&[]);
@@ -71,8 +75,33 @@ pub(crate) fn iteration_scalars(it: &Iteration, session: &Session) -> Vec<(&'sta
         ("train/lr", stats.outcome.lr),
         ("train/grad_norm", stats.outcome.grad_norm),
         ("train/skipped_steps", session.state.skipped_steps as f64),
+        ("completions/mean_length", mean(response_tokens / rows)),
+        ("reward", it.mean_score),
     ]);
-    scalars
+    if it.stats.kl_loss != 0.0 {
+        scalars.push(("loss/kl_avg", mean(it.stats.kl_loss)));
+    }
+    let mut named: Vec<(String, f64)> = scalars
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    if group > 1 {
+        // TRL's GRPO names: the mean of the groups' stds, and the share of groups whose
+        // rewards are all equal (which teach nothing).
+        let scores = ro.scores.to_kind(Kind::Float).view([-1, group]);
+        let std = scores.std_correction([1].as_slice(), 1, false);
+        named.push((
+            "reward_std".into(),
+            mean(std.mean(Kind::Float).double_value(&[])),
+        ));
+        let zero = std.eq(0.0).to_kind(Kind::Float).mean(Kind::Float);
+        named.push(("frac_reward_zero_std".into(), mean(zero.double_value(&[]))));
+    }
+    for (name, source_mean, source_std) in &ro.source_stats {
+        named.push((format!("rewards/{name}/mean"), mean(*source_mean)));
+        named.push((format!("rewards/{name}/std"), mean(*source_std)));
+    }
+    named
 }
 
 /// The first `n` prompts, responses and scores of this rank's rollout, as Markdown in

@@ -115,20 +115,84 @@ pub fn gae(
 }
 
 /// How a rollout's per-token rewards become advantages. Each estimator is one arm here,
-/// matched in [`advantages`] only; the loop never looks inside.
+/// matched in [`advantages`] only; the loop never looks inside. The group estimators see
+/// the rollout as consecutive groups of `group` responses to the same prompt, and give
+/// every token of a response its sequence's advantage.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AdvantageEstimator {
     /// Generalised advantage estimation over a learned critic's values (PPO's own).
     Gae { gamma: f64, lam: f64 },
+    /// GRPO (Shao et al. 2024): `(R − mean of the group) / (std of the group + 1e-4)`,
+    /// the unbiased std as TRL's `GRPOTrainer` computes it.
+    Grpo { group: i64 },
+    /// Dr. GRPO (Liu et al. 2025): `R − mean of the group`, no std division.
+    DrGrpo { group: i64 },
+    /// RLOO (Ahmadian et al. 2024): `R − mean of the other group − 1 responses`.
+    Rloo { group: i64 },
+    /// REINFORCE++ (Hu 2025): the discounted return-to-go of the per-token rewards (KL
+    /// penalty on every token, score on the last), whitened over the global batch.
+    ReinforcePlusPlus { gamma: f64 },
 }
 
 impl AdvantageEstimator {
     /// Whether a critic (value model) is loaded, trained, checkpointed and exported.
     pub fn needs_critic(&self) -> bool {
+        matches!(self, AdvantageEstimator::Gae { .. })
+    }
+
+    /// Whether advantages compare the responses of a group (grpo, dr-grpo, rloo).
+    pub fn is_group(&self) -> bool {
+        matches!(
+            self,
+            AdvantageEstimator::Grpo { .. }
+                | AdvantageEstimator::DrGrpo { .. }
+                | AdvantageEstimator::Rloo { .. }
+        )
+    }
+
+    /// Responses per prompt the estimator compares (1 for the others).
+    pub fn group(&self) -> i64 {
         match self {
-            AdvantageEstimator::Gae { .. } => true,
+            AdvantageEstimator::Grpo { group }
+            | AdvantageEstimator::DrGrpo { group }
+            | AdvantageEstimator::Rloo { group } => *group,
+            _ => 1,
         }
     }
+}
+
+/// Per-sequence advantages `[B]` of rewards `[B]` in consecutive groups of `group`:
+/// `R − baseline`, the baseline the group's mean (`leave_one_out`: of the others), divided
+/// by the group's std + 1e-4 when `scale`.
+pub fn group_advantages(rewards: &Tensor, group: i64, leave_one_out: bool, scale: bool) -> Tensor {
+    let r = rewards.to_kind(Kind::Float).view([-1, group]);
+    let sum = r.sum_dim_intlist([1].as_slice(), true, Kind::Float);
+    let baseline = if leave_one_out {
+        (&sum - &r) / (group - 1) as f64
+    } else {
+        sum / group as f64
+    };
+    let mut adv = &r - baseline;
+    if scale {
+        let std = r.std_correction([1].as_slice(), 1, true);
+        adv /= std + 1e-4;
+    }
+    adv.view([-1])
+}
+
+/// Discounted return-to-go of per-token rewards over each row's real tokens.
+pub fn returns_to_go(rewards: &Tensor, mask: &Tensor, gamma: f64) -> Tensor {
+    let mask_f = mask.to_kind(Kind::Float);
+    let rewards = rewards.to_kind(Kind::Float) * &mask_f;
+    let t = rewards.size()[1];
+    let mut running = Tensor::zeros_like(&rewards.select(1, 0));
+    let mut out = Vec::with_capacity(t as usize);
+    for i in (0..t).rev() {
+        running = (rewards.select(1, i) + gamma * &running) * mask_f.select(1, i);
+        out.push(running.shallow_clone());
+    }
+    out.reverse();
+    Tensor::stack(&out, 1)
 }
 
 /// What an estimator gives the update: advantages `[B, N]` whitened over the whole rollout
@@ -149,16 +213,107 @@ pub fn advantages(
     world: &World,
 ) -> Advantages {
     let _guard = tch::no_grad_guard();
-    let (raw, returns) = match estimator {
+    let mask_f = mask.to_kind(Kind::Float);
+    // A response's reward for the group estimators: its score plus its KL penalties.
+    let per_sequence = || {
+        rewards
+            .to_kind(Kind::Float)
+            .sum_dim_intlist([1].as_slice(), false, Kind::Float)
+    };
+    let broadcast = |a: Tensor| a.unsqueeze(1) * &mask_f;
+    match estimator {
         AdvantageEstimator::Gae { gamma, lam } => {
             let values = values.expect("GAE needs the critic's values");
-            let (advantages, returns) = gae(rewards, values, mask, gamma, lam);
-            (advantages, Some(returns))
+            let (raw, returns) = gae(rewards, values, mask, gamma, lam);
+            Advantages {
+                advantages: masked_whiten(&raw, mask, true, world),
+                returns: Some(returns),
+            }
         }
-    };
-    Advantages {
-        advantages: masked_whiten(&raw, mask, true, world),
-        returns,
+        AdvantageEstimator::Grpo { group } => Advantages {
+            advantages: broadcast(group_advantages(&per_sequence(), group, false, true)),
+            returns: None,
+        },
+        AdvantageEstimator::DrGrpo { group } => Advantages {
+            advantages: broadcast(group_advantages(&per_sequence(), group, false, false)),
+            returns: None,
+        },
+        AdvantageEstimator::Rloo { group } => Advantages {
+            advantages: broadcast(group_advantages(&per_sequence(), group, true, false)),
+            returns: None,
+        },
+        AdvantageEstimator::ReinforcePlusPlus { gamma } => Advantages {
+            advantages: masked_whiten(&returns_to_go(rewards, mask, gamma), mask, true, world),
+            returns: None,
+        },
+    }
+}
+
+/// How the per-token policy loss of a minibatch becomes one number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum LossAggregation {
+    /// Mean over every token of the minibatch (DAPO's; PPO's until now).
+    #[default]
+    TokenMean,
+    /// Each sequence's token mean, then the mean over sequences (GRPO's).
+    SeqMeanTokenMean,
+    /// Each sequence's token sum over a constant (the response length), then the mean over
+    /// sequences (Dr. GRPO's length-unbiased form).
+    SeqMeanTokenSumNorm,
+}
+
+impl LossAggregation {
+    const NAMES: [(&'static str, LossAggregation); 3] = [
+        ("token-mean", LossAggregation::TokenMean),
+        ("seq-mean-token-mean", LossAggregation::SeqMeanTokenMean),
+        (
+            "seq-mean-token-sum-norm",
+            LossAggregation::SeqMeanTokenSumNorm,
+        ),
+    ];
+
+    /// `per_token` `[B, N]` aggregated over this micro-batch's `mask`; `norm` is the
+    /// constant of `SeqMeanTokenSumNorm`.
+    pub fn aggregate(self, per_token: &Tensor, mask: &Tensor, norm: f64) -> Tensor {
+        let mask_f = mask.to_kind(per_token.kind());
+        let sums = (per_token * &mask_f).sum_dim_intlist([1].as_slice(), false, per_token.kind());
+        match self {
+            LossAggregation::TokenMean => masked_mean(per_token, mask),
+            LossAggregation::SeqMeanTokenMean => {
+                let tokens = mask_f.sum_dim_intlist([1].as_slice(), false, per_token.kind());
+                (sums / tokens.clamp_min(1.0)).mean(per_token.kind())
+            }
+            LossAggregation::SeqMeanTokenSumNorm => (sums / norm).mean(per_token.kind()),
+        }
+    }
+
+    /// The share of a minibatch's loss this micro-batch carries (so that micro-batches sum
+    /// to the minibatch's aggregate): its tokens, or its sequences.
+    pub fn weight(self, tokens: f64, mb_tokens: f64, rows: f64, mb_rows: f64) -> f64 {
+        match self {
+            LossAggregation::TokenMean => tokens / mb_tokens,
+            _ => rows / mb_rows,
+        }
+    }
+}
+
+impl std::str::FromStr for LossAggregation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| {
+                format!("'{s}' is not a loss aggregation (expected token-mean, seq-mean-token-mean or seq-mean-token-sum-norm)")
+            })
+    }
+}
+
+impl std::fmt::Display for LossAggregation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = Self::NAMES.iter().find(|(_, a)| a == self).unwrap().0;
+        f.write_str(name)
     }
 }
 
@@ -196,18 +351,37 @@ pub struct PolicyLoss {
     pub ratio_max_dev: f64,
 }
 
+/// The clip interval of the policy ratio: `[1 − low, 1 + high]` (DAPO's clip-higher when
+/// `high > low`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clip {
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Clip {
+    pub fn symmetric(eps: f64) -> Self {
+        Clip {
+            low: eps,
+            high: eps,
+        }
+    }
+}
+
 pub fn policy_loss(
     logprobs: &Tensor,
     old_logprobs: &Tensor,
     advantages: &Tensor,
     mask: &Tensor,
-    cliprange: f64,
+    clip: Clip,
+    aggregation: LossAggregation,
+    norm: f64,
 ) -> PolicyLoss {
     let log_ratio = logprobs - old_logprobs;
     let ratio = log_ratio.exp();
     let unclipped = -advantages * &ratio;
-    let clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange);
-    let loss = masked_mean(&unclipped.maximum(&clipped), mask);
+    let clipped = -advantages * ratio.clamp(1.0 - clip.low, 1.0 + clip.high);
+    let loss = aggregation.aggregate(&unclipped.maximum(&clipped), mask, norm);
     let d = log_ratio.detach();
     let mask_b = mask.to_kind(Kind::Bool);
     PolicyLoss {
@@ -377,6 +551,161 @@ mod tests {
         assert_eq!(outside.abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 
+    /// The group estimators by plain loops over each group of 4.
+    #[test]
+    fn group_estimators_match_plain_loops() {
+        let r = [1.0f32, 0.0, 0.5, 2.5, 3.0, 3.0, 3.0, 3.0];
+        let rewards = Tensor::from_slice(&r);
+        let grpo = Vec::<f32>::try_from(group_advantages(&rewards, 4, false, true)).unwrap();
+        let dr = Vec::<f32>::try_from(group_advantages(&rewards, 4, false, false)).unwrap();
+        let rloo = Vec::<f32>::try_from(group_advantages(&rewards, 4, true, false)).unwrap();
+        for g in r.chunks(4).enumerate() {
+            let (gi, xs) = g;
+            let mean = xs.iter().sum::<f32>() / 4.0;
+            let std = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / 3.0).sqrt();
+            for (j, &x) in xs.iter().enumerate() {
+                let i = gi * 4 + j;
+                assert!(
+                    (grpo[i] - (x - mean) / (std + 1e-4)).abs() < 1e-5,
+                    "grpo {i}"
+                );
+                assert!((dr[i] - (x - mean)).abs() < 1e-6, "dr-grpo {i}");
+                // RLOO's baseline is the mean of the other three: the sample itself is out.
+                let others = (xs.iter().sum::<f32>() - x) / 3.0;
+                assert!((rloo[i] - (x - others)).abs() < 1e-6, "rloo {i}");
+            }
+        }
+        // The second group's rewards are all equal: no advantage, whatever the estimator.
+        for a in [&grpo, &dr, &rloo] {
+            assert!(a[4..].iter().all(|&x| x == 0.0), "{a:?}");
+        }
+    }
+
+    #[test]
+    fn group_advantages_cover_every_token_and_need_no_critic() {
+        let rewards = t(&[&[0., 0., 1.], &[0., 2., 0.], &[5., 0., 0.], &[0., 0., 7.]]);
+        let mask = t(&[&[1., 1., 1.], &[1., 1., 0.], &[1., 0., 0.], &[1., 1., 1.]]);
+        for est in [
+            AdvantageEstimator::Grpo { group: 2 },
+            AdvantageEstimator::DrGrpo { group: 2 },
+            AdvantageEstimator::Rloo { group: 2 },
+        ] {
+            assert!(!est.needs_critic());
+            let out = advantages(est, &rewards, None, &mask, &World::single());
+            assert!(out.returns.is_none());
+            let a = to_vec(&out.advantages);
+            // Sequence rewards 1, 2 | 5, 7: every real token of a response gets its value.
+            let expected = match est {
+                AdvantageEstimator::Grpo { .. } => {
+                    let s = (0.5f32).sqrt();
+                    [
+                        -0.5 / (s + 1e-4),
+                        0.5 / (s + 1e-4),
+                        -1.0 / (2.0 * s + 1e-4),
+                        1.0 / (2.0 * s + 1e-4),
+                    ]
+                }
+                AdvantageEstimator::DrGrpo { .. } => [-0.5, 0.5, -1.0, 1.0],
+                _ => [-1.0, 1.0, -2.0, 2.0],
+            };
+            let m = to_vec(&mask);
+            for b in 0..4 {
+                for i in 0..3 {
+                    let want = expected[b] * m[b][i];
+                    assert!((a[b][i] - want).abs() < 1e-4, "{est:?} {b} {i}: {a:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reinforce_plus_plus_whitens_the_return_to_go() {
+        tch::manual_seed(6);
+        let rewards = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        let mask = t(&[&[1., 1., 1., 1.], &[1., 1., 0., 0.], &[1., 1., 1., 0.]]);
+        let to_go = to_vec(&returns_to_go(&rewards, &mask, 0.9));
+        let (r, m) = (to_vec(&rewards), to_vec(&mask));
+        for b in 0..3 {
+            let mut running = 0f32;
+            for i in (0..4).rev() {
+                running = (r[b][i] + 0.9 * running) * m[b][i];
+                assert!((to_go[b][i] - running).abs() < 1e-5);
+            }
+        }
+        let est = AdvantageEstimator::ReinforcePlusPlus { gamma: 0.9 };
+        assert!(!est.needs_critic());
+        let out = advantages(est, &rewards, None, &mask, &World::single());
+        let a = &out.advantages;
+        assert!(masked_mean(a, &mask).double_value(&[]).abs() < 1e-5);
+        assert!((masked_var(a, &mask).double_value(&[]) - 1.0).abs() < 1e-4);
+    }
+
+    /// Each aggregation against a loop, and micro-batches weighted by
+    /// `LossAggregation::weight` sum to the whole minibatch's aggregate.
+    #[test]
+    fn loss_aggregations_match_loops_and_split_into_micro_batches() {
+        let x = t(&[
+            &[1., 2., 3., 4.],
+            &[5., 6., 0., 0.],
+            &[7., 0., 0., 0.],
+            &[1., 1., 1., 9.],
+        ]);
+        let mask = t(&[
+            &[1., 1., 1., 1.],
+            &[1., 1., 0., 0.],
+            &[1., 0., 0., 0.],
+            &[1., 1., 1., 0.],
+        ]);
+        let get =
+            |a: LossAggregation, x: &Tensor, m: &Tensor| a.aggregate(x, m, 4.0).double_value(&[]);
+        assert!((get(LossAggregation::TokenMean, &x, &mask) - 31.0 / 10.0).abs() < 1e-6);
+        let seq_means = (2.5 + 5.5 + 7.0 + 1.0) / 4.0;
+        assert!((get(LossAggregation::SeqMeanTokenMean, &x, &mask) - seq_means).abs() < 1e-6);
+        let seq_sums = (10.0 + 11.0 + 7.0 + 3.0) / 4.0 / 4.0;
+        assert!((get(LossAggregation::SeqMeanTokenSumNorm, &x, &mask) - seq_sums).abs() < 1e-6);
+        for a in LossAggregation::NAMES.map(|(_, a)| a) {
+            let whole = get(a, &x, &mask);
+            let mb_tokens = mask.sum(Kind::Float).double_value(&[]);
+            let mut parts = 0.0;
+            for rows in [[0i64, 1], [2, 3]] {
+                let idx = Tensor::from_slice(&rows);
+                let (xp, mp) = (x.index_select(0, &idx), mask.index_select(0, &idx));
+                let w = a.weight(mp.sum(Kind::Float).double_value(&[]), mb_tokens, 2.0, 4.0);
+                parts += w * get(a, &xp, &mp);
+            }
+            assert!((parts - whole).abs() < 1e-6, "{a}: {parts} vs {whole}");
+            assert_eq!(a.to_string().parse::<LossAggregation>().unwrap(), a);
+        }
+    }
+
+    #[test]
+    fn clip_higher_widens_the_upper_side_only() {
+        // ratio e^0.25 ≈ 1.284 with a positive advantage: clipped at 1.2, not at 1.3.
+        let lp = t(&[&[0.25]]);
+        let old = t(&[&[0.0]]);
+        let adv = t(&[&[1.0]]);
+        let mask = t(&[&[1.0]]);
+        let loss = |clip| {
+            policy_loss(
+                &lp,
+                &old,
+                &adv,
+                &mask,
+                clip,
+                LossAggregation::TokenMean,
+                1.0,
+            )
+            .loss
+            .double_value(&[])
+        };
+        assert!((loss(Clip::symmetric(0.2)) + 1.2).abs() < 1e-6);
+        let higher = Clip {
+            low: 0.2,
+            high: 0.3,
+        };
+        assert!((loss(higher) + 0.25f64.exp()).abs() < 1e-6);
+    }
+
     #[test]
     fn shaped_rewards_put_the_score_on_the_last_token() {
         let kl = t(&[&[0.1, 0.2, 0.3], &[0.5, 9.0, 9.0]]);
@@ -411,7 +740,15 @@ mod tests {
         let lp = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
         let adv = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
         let mask = t(&[&[1., 1., 1., 1.], &[1., 1., 0., 0.]]);
-        let out = policy_loss(&lp, &lp, &adv, &mask, 0.2);
+        let out = policy_loss(
+            &lp,
+            &lp,
+            &adv,
+            &mask,
+            Clip::symmetric(0.2),
+            LossAggregation::TokenMean,
+            1.0,
+        );
         assert_eq!(out.clipfrac, 0.0);
         assert_eq!(out.approxkl, 0.0);
         assert_eq!(out.ratio_max_dev, 0.0);
@@ -425,7 +762,15 @@ mod tests {
         let old = [-1.0f32, -1.0, -1.0, -5.0];
         let adv = [1.0f32, -1.0, 2.0, 3.0];
         let mask = [1f32, 1.0, 1.0, 0.0];
-        let out = policy_loss(&t(&[&lp]), &t(&[&old]), &t(&[&adv]), &t(&[&mask]), 0.2);
+        let out = policy_loss(
+            &t(&[&lp]),
+            &t(&[&old]),
+            &t(&[&adv]),
+            &t(&[&mask]),
+            Clip::symmetric(0.2),
+            LossAggregation::TokenMean,
+            1.0,
+        );
         let (mut sum, mut clipped, mut n) = (0f64, 0, 0);
         for i in 0..3 {
             let ratio = f64::from(lp[i] - old[i]).exp();

@@ -1,9 +1,36 @@
-//! Where PPO's scores come from: any [`RewardFunction`] — the learned reward model, or a
-//! rule over the text (tests, programmatic judges).
+//! Where PPO's scores come from: any [`RewardFunction`] — the learned reward model, a rule
+//! over the text and the prompt row (`exact-answer`), or your own — several of them summed
+//! with weights ([`RewardSource`]).
+//!
+//! A reward of your own is a type implementing [`RewardFunction`], passed to
+//! [`crate::train::run_with_reward`]:
+//!
+//! ```
+//! use ppo::reward_fn::{RewardFunction, RewardInput};
+//!
+//! /// 1 for a response that mentions the row's "answer" field.
+//! struct Mentions;
+//!
+//! impl RewardFunction for Mentions {
+//!     fn scores(&self, input: &RewardInput) -> anyhow::Result<Vec<f64>> {
+//!         Ok(input
+//!             .texts
+//!             .iter()
+//!             .zip(input.fields)
+//!             .map(|(text, row)| match row.get("answer").and_then(|a| a.as_str()) {
+//!                 Some(answer) if text.contains(answer) => 1.0,
+//!                 _ => 0.0,
+//!             })
+//!             .collect())
+//!     }
+//! }
+//! ```
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use common::scoring::{score_sequences, Normalization};
 use common::Model;
+use data::formats::PromptFields;
+use regex::Regex;
 
 /// One rollout batch as the reward sees it.
 pub struct RewardInput<'a> {
@@ -13,6 +40,17 @@ pub struct RewardInput<'a> {
     pub responses: &'a [Vec<i64>],
     /// The responses decoded (special tokens skipped).
     pub texts: &'a [String],
+    /// The other fields of each response's prompt row (`answer`, `id`, …).
+    pub fields: &'a [PromptFields],
+}
+
+/// One reward source of a run: its name in the metrics (`rewards/NAME/mean`), its weight
+/// in the summed reward, and the function.
+#[derive(Clone, Copy)]
+pub struct RewardSource<'a> {
+    pub name: &'static str,
+    pub weight: f64,
+    pub function: &'a dyn RewardFunction,
 }
 
 pub trait RewardFunction {
@@ -59,5 +97,152 @@ pub struct TextRule<F: Fn(&str) -> f64>(pub F);
 impl<F: Fn(&str) -> f64> RewardFunction for TextRule<F> {
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
         Ok(input.texts.iter().map(|t| (self.0)(t)).collect())
+    }
+}
+
+/// `exact-answer`: the answer extracted from the response (the first capture group of
+/// `pattern`; by default the text after the last "The answer is", up to the end of its
+/// line), normalised (whitespace collapsed, thousands separators and a trailing period
+/// dropped), against the prompt row's normalised `answer`: 1 or 0, and `−format_penalty`
+/// when nothing could be extracted.
+pub struct ExactAnswer {
+    pub pattern: Regex,
+    pub format_penalty: f64,
+}
+
+pub const DEFAULT_ANSWER_PATTERN: &str = r"(?s).*The answer is[:\s]*([^\n]*)";
+
+impl ExactAnswer {
+    pub fn new(pattern: Option<&str>, format_penalty: f64) -> Result<Self> {
+        let source = pattern.unwrap_or(DEFAULT_ANSWER_PATTERN);
+        let pattern = match Regex::new(source) {
+            Ok(p) => p,
+            Err(e) => bail!("--answer-pattern '{source}': {e}"),
+        };
+        if pattern.captures_len() < 2 {
+            bail!("--answer-pattern '{source}' has no capture group: the first one is the answer");
+        }
+        Ok(ExactAnswer {
+            pattern,
+            format_penalty,
+        })
+    }
+
+    /// The answer in `text`, if the pattern finds one.
+    pub fn extract<'t>(&self, text: &'t str) -> Option<&'t str> {
+        self.pattern
+            .captures(text)
+            .and_then(|c| c.get(1))
+            .map(|m| m.as_str())
+            .filter(|a| !normalize(a).is_empty())
+    }
+}
+
+/// Whitespace collapsed, trailing periods dropped, commas between digits removed.
+pub fn normalize(answer: &str) -> String {
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    let joined = words.join(" ");
+    let trimmed = joined.trim_end_matches('.').trim_end();
+    let chars: Vec<char> = trimmed.chars().collect();
+    chars
+        .iter()
+        .enumerate()
+        .filter(|&(i, &c)| {
+            !(c == ','
+                && i > 0
+                && chars[i - 1].is_ascii_digit()
+                && chars.get(i + 1).is_some_and(|n| n.is_ascii_digit()))
+        })
+        .map(|(_, &c)| c)
+        .collect()
+}
+
+/// A row's `answer` as text (a number is written as JSON writes it).
+pub fn row_answer(fields: &PromptFields) -> Option<String> {
+    match fields.get("answer")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+impl RewardFunction for ExactAnswer {
+    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
+        Ok(input
+            .texts
+            .iter()
+            .zip(input.fields)
+            .map(|(text, row)| {
+                let want = row_answer(row).map(|a| normalize(&a));
+                match (self.extract(text), want) {
+                    (None, _) => -self.format_penalty,
+                    (Some(got), Some(want)) => f64::from(normalize(got) == want),
+                    (Some(_), None) => 0.0,
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn score(rule: &ExactAnswer, text: &str, answer: serde_json::Value) -> f64 {
+        let fields: PromptFields = [("answer".to_string(), answer)].into_iter().collect();
+        let input = RewardInput {
+            prompts: &[vec![]],
+            responses: &[vec![]],
+            texts: &[text.to_string()],
+            fields: &[fields],
+        };
+        rule.scores(&input).unwrap()[0]
+    }
+
+    #[test]
+    fn exact_answer_extracts_normalises_and_compares() {
+        let rule = ExactAnswer::new(None, 0.5).unwrap();
+        let a = || serde_json::json!("12 rabbits, 23 chickens");
+        assert_eq!(
+            score(
+                &rule,
+                "Let x... The answer is 12  rabbits, 23 chickens.",
+                a()
+            ),
+            1.0
+        );
+        // The last "The answer is" counts.
+        assert_eq!(
+            score(
+                &rule,
+                "The answer is 3. No: The answer is 12 rabbits, 23 chickens",
+                a()
+            ),
+            1.0
+        );
+        assert_eq!(
+            score(&rule, "The answer is 11 rabbits, 24 chickens.", a()),
+            0.0
+        );
+        assert_eq!(score(&rule, "no idea", a()), -0.5);
+        assert_eq!(
+            score(
+                &rule,
+                "The answer is 1,234.\nthen more",
+                serde_json::json!(1234)
+            ),
+            1.0
+        );
+        let custom = ExactAnswer::new(Some(r"rabbits: (\d+)"), 0.0).unwrap();
+        assert_eq!(
+            score(
+                &custom,
+                "rabbits: 12, chickens: 23",
+                serde_json::json!("12")
+            ),
+            1.0
+        );
+        assert!(ExactAnswer::new(Some(r"\d+"), 0.0).is_err());
+        assert!(ExactAnswer::new(Some(r"("), 0.0).is_err());
     }
 }

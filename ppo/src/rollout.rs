@@ -10,7 +10,8 @@ use common::Model;
 use data::Tokenizer;
 use tch::{Kind, Tensor};
 
-use crate::reward_fn::{RewardFunction, RewardInput};
+use crate::reward_fn::{RewardInput, RewardSource};
+use data::formats::PromptFields;
 
 /// Everything PPO needs of one batch, `[B, N]` over response tokens unless noted.
 pub struct Rollout {
@@ -26,8 +27,11 @@ pub struct Rollout {
     /// The critic's values, when the run has a critic.
     pub values: Option<Tensor>,
     pub entropy: Tensor,
-    /// Reward per response `[B]`, after the missing-EOS penalty and clipping.
+    /// Reward per response `[B]`: the weighted sum of the sources, after the missing-EOS
+    /// penalty and clipping.
     pub scores: Tensor,
+    /// Each source's mean and std over this batch (before weighting).
+    pub source_stats: Vec<(&'static str, f64, f64)>,
     pub ended_with_eos: Vec<bool>,
     pub prompts: Vec<Vec<i64>>,
     pub texts: Vec<String>,
@@ -71,7 +75,7 @@ pub struct RolloutModels<'a> {
     /// The frozen reference; `None`: the policy with its adapters switched off.
     pub reference: Option<&'a Model>,
     pub critic: Option<&'a Model>,
-    pub reward: &'a dyn RewardFunction,
+    pub rewards: &'a [RewardSource<'a>],
     pub tokenizer: &'a Tokenizer,
 }
 
@@ -136,10 +140,13 @@ impl RewardView {
     }
 }
 
+/// Samples one response to each row of `prompt_ids` (`fields`: the other fields of each
+/// row's prompt, for the rewards) and scores it.
 pub fn rollout(
     models: &RolloutModels,
     prompt_ids: &Tensor,
     prompt_mask: &Tensor,
+    fields: &[PromptFields],
     opts: &RolloutOptions,
 ) -> Result<Rollout> {
     let _guard = tch::no_grad_guard();
@@ -179,11 +186,31 @@ pub fn rollout(
     let seen = RewardView::of(prompt_ids, prompt_mask, &generated, models.tokenizer)?;
     let (prompts, texts, ended_with_eos) = (seen.prompts, seen.texts, seen.ended_with_eos);
     let responses = seen.responses;
-    let mut scores = models.reward.scores(&RewardInput {
+    let input = RewardInput {
         prompts: &prompts,
         responses: &responses,
         texts: &texts,
-    })?;
+        fields,
+    };
+    let mut scores = vec![0.0; texts.len()];
+    let mut source_stats = vec![];
+    for source in models.rewards {
+        let s = source.function.scores(&input)?;
+        anyhow::ensure!(
+            s.len() == scores.len(),
+            "reward source {} gave {} scores for {} responses",
+            source.name,
+            s.len(),
+            scores.len()
+        );
+        for (total, x) in scores.iter_mut().zip(&s) {
+            *total += source.weight * x;
+        }
+        let n = s.len() as f64;
+        let mean = s.iter().sum::<f64>() / n;
+        let var = s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        source_stats.push((source.name, mean, var.sqrt()));
+    }
     for (s, &eos) in scores.iter_mut().zip(&ended_with_eos) {
         if let (Some(penalty), false) = (opts.missing_eos_penalty, eos) {
             *s -= penalty;
@@ -204,6 +231,7 @@ pub fn rollout(
         values,
         entropy,
         scores: Tensor::from_slice(&scores).to_device(device),
+        source_stats,
         ended_with_eos,
         prompts,
         texts,

@@ -24,9 +24,10 @@ use tch::{Device, Kind};
 pub use crate::args::TrainArgs;
 use crate::log::{iteration_scalars, write_samples, Timings};
 use crate::math::{advantages, kl_per_token, rewards, Advantages, KlController};
-use crate::reward_fn::{RewardFunction, RewardModel};
+use crate::reward_fn::{row_answer, ExactAnswer, RewardFunction, RewardModel, RewardSource};
 use crate::rollout::{rollout, Rollout, RolloutModels, RolloutOptions};
 use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
+use data::formats::PromptFields;
 
 /// PPO's own part of `trainer_state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -46,23 +47,24 @@ pub struct TrainSummary {
     pub stopped: bool,
 }
 
-fn check_same_tokenizer(a: &Tokenizer, b: &Tokenizer, args: &TrainArgs) -> Result<()> {
+fn check_same_tokenizer(a: &Tokenizer, b: &Tokenizer, args: &TrainArgs, dir: &Path) -> Result<()> {
     if !a.same_vocabulary(b) {
         bail!(
             "{} and {} have different tokenizers (vocabularies differ): the policy and the reward model must share one",
             args.policy.join("tokenizer.json").display(),
-            args.reward_model.join("tokenizer.json").display()
+            dir.join("tokenizer.json").display()
         );
     }
     Ok(())
 }
 
-/// Where a rollout's scores come from.
+/// One source of a rollout's scores.
 #[derive(Clone, Copy)]
 enum Scorer<'a> {
-    Function(&'a dyn RewardFunction),
-    /// The reward model of `--reward-model` is the critic with its adapter switched off.
-    CriticBase,
+    Function(RewardSource<'a>),
+    /// The reward model of `--reward-model` is the critic with its adapter switched off
+    /// (with its weight).
+    CriticBase(f64),
 }
 
 fn warn_without_normalization(config: &serde_json::Map<String, serde_json::Value>, dir: &Path) {
@@ -75,46 +77,83 @@ fn warn_without_normalization(config: &serde_json::Map<String, serde_json::Value
     }
 }
 
-/// `ppo train` with the reward model of `--reward-model`.
+/// `ppo train` with the rewards of the command line: `--reward-rule` and `--reward-model`,
+/// summed with their weights.
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
+    ensure!(
+        args.reward_model.is_some() || args.reward_rule.is_some(),
+        "no reward: give --reward-model DIR and/or --reward-rule exact-answer"
+    );
     let (device, kind) = args.device.resolve();
+    let rule = match args.reward_rule {
+        Some(_) => Some(ExactAnswer::new(
+            args.answer_pattern.as_deref(),
+            args.format_penalty,
+        )?),
+        None => None,
+    };
+    let mut sources: Vec<Scorer> = rule
+        .as_ref()
+        .map(|r| {
+            Scorer::Function(RewardSource {
+                name: "exact_answer",
+                weight: args.reward_rule_weight,
+                function: r,
+            })
+        })
+        .into_iter()
+        .collect();
+    let Some(reward_dir) = &args.reward_model else {
+        return train(args, &sources, device, kind);
+    };
     let policy_tok = Tokenizer::load(&args.policy)?;
     // With LoRA and a full reward model, the critic is that model with an adapter, and
     // the reward the same weights with the adapter off: one copy in memory.
-    if args.reward_is_critic_base() && AdapterDir::read(&args.reward_model)?.is_none() {
-        let tok = Tokenizer::load(&args.reward_model)?;
-        check_same_tokenizer(&policy_tok, &tok, args)?;
-        let config = common::ModelConfig::load(&args.reward_model)?;
-        warn_without_normalization(&config.raw, &args.reward_model);
-        return train(args, Scorer::CriticBase, device, kind);
+    if args.reward_is_critic_base() && AdapterDir::read(reward_dir)?.is_none() {
+        let tok = Tokenizer::load(reward_dir)?;
+        check_same_tokenizer(&policy_tok, &tok, args, reward_dir)?;
+        let config = common::ModelConfig::load(reward_dir)?;
+        warn_without_normalization(&config.raw, reward_dir);
+        sources.push(Scorer::CriticBase(args.reward_model_weight));
+        return train(args, &sources, device, kind);
     }
     let frozen = ModelOptions {
         base_model: args.adapter.base_model.clone(),
         ..ModelOptions::new(Head::Score, device, kind).frozen()
     };
-    let (model, tok) = Model::load_with_tokenizer(&args.reward_model, &frozen)?;
-    warn_without_normalization(&model.config.raw, &args.reward_model);
-    check_same_tokenizer(&policy_tok, &tok, args)?;
+    let (model, tok) = Model::load_with_tokenizer(reward_dir, &frozen)?;
+    warn_without_normalization(&model.config.raw, reward_dir);
+    check_same_tokenizer(&policy_tok, &tok, args, reward_dir)?;
     let reward = RewardModel {
         normalization: Normalization::of(&model),
         model: &model,
         pad_id: tok.pad_id,
-        batch_size: args.rollout_batch_size,
+        batch_size: args.rollout_rows(),
         without_adapters: false,
     };
-    train(args, Scorer::Function(&reward), device, kind)
+    sources.push(Scorer::Function(RewardSource {
+        name: "reward_model",
+        weight: args.reward_model_weight,
+        function: &reward,
+    }));
+    train(args, &sources, device, kind)
 }
 
-/// `ppo train` against any reward function.
+/// `ppo train` against any reward function (the command line's reward options unused).
 pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<TrainSummary> {
     args.validate()?;
     let (device, kind) = args.device.resolve();
-    train(args, Scorer::Function(reward), device, kind)
+    let source = Scorer::Function(RewardSource {
+        name: "reward",
+        weight: 1.0,
+        function: reward,
+    });
+    train(args, &[source], device, kind)
 }
 
-/// Prompt token ids, one row each.
-type Prompts = Vec<Vec<i64>>;
+/// Prompt token ids, one row each, and each row's other fields.
+type Prompts = (Vec<Vec<i64>>, Vec<PromptFields>);
 
 /// Prompts (cut to `--max-prompt-length`, keeping their end) and PPO-ptx rows, both also
 /// cut to what the policy's position table holds.
@@ -125,11 +164,24 @@ fn read_data(
 ) -> Result<(Prompts, Option<Vec<TokenizedSft>>)> {
     let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
     let max_prompt_length = args.max_prompt_length.min(room);
-    let rows = data::read_prompts(&args.prompts)?;
+    let rows = data::read_prompts_with_fields(&args.prompts)?;
+    if args.reward_rule.is_some() {
+        if let Some(i) = rows.iter().position(|(_, f)| row_answer(f).is_none()) {
+            return Err(data::DataError {
+                file: args.prompts.clone(),
+                line: rows.lines.get(i).copied(),
+                field: Some("answer".into()),
+                message: "missing (or not a string or number): --reward-rule exact-answer compares responses with it".into(),
+                source: None,
+            }
+            .into());
+        }
+    }
+    let fields = rows.iter().map(|(_, f)| f.clone()).collect();
     let prompts: Vec<Vec<i64>> = rows
         .iter()
         .enumerate()
-        .map(|(i, p)| tok.encode_prompt(p).map_err(|e| rows.locate(i, e)))
+        .map(|(i, (p, _))| tok.encode_prompt(p).map_err(|e| rows.locate(i, e)))
         .collect::<data::Result<_>>()?;
     let long = prompts
         .iter()
@@ -145,6 +197,7 @@ fn read_data(
         .into_iter()
         .map(|p| p[p.len().saturating_sub(max_prompt_length)..].to_vec())
         .collect();
+    let prompts = (prompts, fields);
     let ptx = match &args.ptx_data {
         Some(path) => {
             let rows = data::read_sft(path)?;
@@ -172,8 +225,9 @@ struct Ppo<'a> {
     critic: Option<Trainee>,
     /// The frozen reference; `None` with LoRA: the policy with its adapter off.
     reference: Option<Model>,
-    reward: Scorer<'a>,
+    rewards: &'a [Scorer<'a>],
     prompts: Vec<Vec<i64>>,
+    fields: Vec<PromptFields>,
     sampler: Sampler,
     ptx: Option<Ptx>,
     ema: Option<Ema>,
@@ -197,9 +251,9 @@ pub(crate) struct Iteration {
     pub timings: Timings,
 }
 
-fn train(args: &TrainArgs, reward: Scorer, device: Device, kind: Kind) -> Result<TrainSummary> {
+fn train(args: &TrainArgs, rewards: &[Scorer], device: Device, kind: Kind) -> Result<TrainSummary> {
     args.run.seed_torch();
-    let mut ppo = Ppo::load(args, reward, device, kind)?;
+    let mut ppo = Ppo::load(args, rewards, device, kind)?;
     let mut session = Session::start(
         "ppo",
         args,
@@ -213,7 +267,8 @@ fn train(args: &TrainArgs, reward: Scorer, device: Device, kind: Kind) -> Result
     let (mut first_score, mut last_score, mut last_kl) = (None, f64::NAN, f64::NAN);
     while !session.done() && session.stop_requested().is_none() {
         let it = ppo.iteration(&mut session)?;
-        let scalars = iteration_scalars(&it, &session);
+        let scalars = iteration_scalars(&it, &session, args.advantage_estimator().group());
+        let scalars: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         session.log(session.state.step, &scalars)?;
         ppo.warn_on_first_ratio(&it.stats, session.state.step);
         if args.sample_every > 0
@@ -248,7 +303,12 @@ impl<'a> Ppo<'a> {
     /// Reads the policy (trained), the reference (the same weights, frozen; with a fresh
     /// LoRA adapter the policy itself with the adapter off), the critic (from `--value-model`, else the
     /// reward model) when the estimator has one, the prompts and the PPO-ptx rows.
-    fn load(args: &'a TrainArgs, reward: Scorer<'a>, device: Device, kind: Kind) -> Result<Self> {
+    fn load(
+        args: &'a TrainArgs,
+        rewards: &'a [Scorer<'a>],
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
         let lm = args
             .adapter
             .apply(ModelOptions::new(Head::Lm, device, kind));
@@ -270,7 +330,7 @@ impl<'a> Ppo<'a> {
         } else {
             None
         };
-        let (prompts, ptx_rows) = read_data(args, &tok, &policy)?;
+        let ((prompts, fields), ptx_rows) = read_data(args, &tok, &policy)?;
         // Both learners' schedules run over every optimiser update of the run; the
         // critic's at --value-lr.
         let iterations = args
@@ -302,8 +362,9 @@ impl<'a> Ppo<'a> {
             policy,
             critic,
             reference,
-            reward,
+            rewards,
             prompts,
+            fields,
             ptx,
             ema: None,
             kl_ctl: KlController {
@@ -349,8 +410,16 @@ impl<'a> Ppo<'a> {
 
         let beta = self.kl_ctl.value;
         let kl = kl_per_token(&ro.logprobs, &ro.ref_logprobs, &ro.mask, args.kl_estimator);
-        let (rewards, non_score) =
-            rewards(&kl, &ro.scores, &ro.mask, beta, args.whiten_rewards, world);
+        // With --kl-in-loss the penalty is a loss term instead of a reward.
+        let reward_beta = if args.kl_in_loss { 0.0 } else { beta };
+        let (rewards, non_score) = rewards(
+            &kl,
+            &ro.scores,
+            &ro.mask,
+            reward_beta,
+            args.whiten_rewards,
+            world,
+        );
         let adv = advantages(
             args.advantage_estimator(),
             &rewards,
@@ -366,13 +435,13 @@ impl<'a> Ppo<'a> {
             ptx: self.ptx.as_mut(),
             ema: self.ema.as_mut(),
         };
-        let stats = update(args, (&ro, &adv), learners, world, step)?;
+        let stats = update(args, (&ro, &adv), learners, world, (step, beta))?;
         let train_time = train_started.elapsed().as_secs_f64();
 
         let mean_kl = world.mean(per_sequence_mean(&kl));
         let mean_score = world.mean(ro.scores.mean(Kind::Float).double_value(&[]));
         // The controller's horizon counts samples of the whole (global) rollout batch.
-        self.kl_ctl.update(mean_kl, args.rollout_batch_size as f64);
+        self.kl_ctl.update(mean_kl, args.rollout_rows() as f64);
         let state = PpoState {
             kl_coef: self.kl_ctl.value,
             ptx_sampler: self
@@ -401,15 +470,18 @@ impl<'a> Ppo<'a> {
         })
     }
 
-    /// Samples responses to the next prompts and scores them.
+    /// Samples `--num-generations` responses to each of the next prompts (consecutive rows:
+    /// the groups) and scores them.
     fn rollout(&mut self, step: u64, world: &World) -> Result<Rollout> {
         let args = self.args;
         let indices = self.sampler.next_batch(args.rollout_batch_size);
-        let rows: Vec<&[i64]> = world
+        let mine: Vec<usize> = world
             .shard(&indices)
             .iter()
-            .map(|&i| self.prompts[i].as_slice())
+            .flat_map(|&i| std::iter::repeat_n(i, args.num_generations))
             .collect();
+        let rows: Vec<&[i64]> = mine.iter().map(|&i| self.prompts[i].as_slice()).collect();
+        let fields: Vec<PromptFields> = mine.iter().map(|&i| self.fields[i].clone()).collect();
         let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
         let opts = RolloutOptions {
             sampling: SamplingConfig {
@@ -426,29 +498,41 @@ impl<'a> Ppo<'a> {
             score_clip: args.score_clip,
         };
         let critic = self.critic.as_ref().map(|c| &c.model);
-        let critic_base;
-        let reward: &dyn RewardFunction = match self.reward {
-            Scorer::Function(f) => f,
-            Scorer::CriticBase => {
-                let model = critic.expect("a critic when the reward is its base");
-                critic_base = RewardModel {
-                    normalization: Normalization::of(model),
-                    model,
-                    pad_id: self.tok.pad_id,
-                    batch_size: args.rollout_batch_size,
-                    without_adapters: true,
-                };
-                &critic_base
-            }
-        };
+        let critic_base = critic.map(|model| RewardModel {
+            normalization: Normalization::of(model),
+            model,
+            pad_id: self.tok.pad_id,
+            batch_size: args.rollout_rows(),
+            without_adapters: true,
+        });
+        let sources: Vec<RewardSource> = self
+            .rewards
+            .iter()
+            .map(|s| match s {
+                Scorer::Function(f) => *f,
+                Scorer::CriticBase(weight) => RewardSource {
+                    name: "reward_model",
+                    weight: *weight,
+                    function: critic_base
+                        .as_ref()
+                        .expect("a critic when the reward is its base"),
+                },
+            })
+            .collect();
         let models = RolloutModels {
             policy: &self.policy.model,
             reference: self.reference.as_ref(),
             critic,
-            reward,
+            rewards: &sources,
             tokenizer: &self.tok,
         };
-        rollout(&models, &batch.input_ids, &batch.attention_mask, &opts)
+        rollout(
+            &models,
+            &batch.input_ids,
+            &batch.attention_mask,
+            &fields,
+            &opts,
+        )
     }
 
     fn warn_on_first_ratio(&self, stats: &UpdateStats, step: u64) {
@@ -553,7 +637,8 @@ mod tests {
         let (args, rm) = lora_run(&root);
         let policy_dir = root.join("model");
         assert!(args.reward_is_critic_base());
-        let mut ppo = Ppo::load(&args, Scorer::CriticBase, Device::Cpu, Kind::Float).unwrap();
+        let sources = [Scorer::CriticBase(1.0)];
+        let mut ppo = Ppo::load(&args, &sources, Device::Cpu, Kind::Float).unwrap();
         assert!(ppo.reference.is_none());
         let critic = &ppo.critic.as_ref().unwrap().model;
         // Every embedding the process holds: the policy's and the critic's, once each.
@@ -608,6 +693,7 @@ mod tests {
             prompts: &[vec![5, 9, 12], vec![8]],
             responses: &[vec![40, 7, 3], vec![22, 31]],
             texts: &[String::new(), String::new()],
+            fields: &[PromptFields::new(), PromptFields::new()],
         };
         let full = scorer(&rm, false).scores(&input).unwrap();
         let shared = scorer(critic, true).scores(&input).unwrap();

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use tch::{Kind, Tensor};
 
 use crate::args::TrainArgs;
-use crate::math::{policy_loss, value_loss, Advantages};
+use crate::math::{kl_per_token, policy_loss, value_loss, Advantages, KlEstimator};
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
 /// An exponential moving average of the policy's trained weights (with LoRA, of its
@@ -80,6 +80,8 @@ pub struct UpdateStats {
     pub policy_loss: f64,
     pub value_loss: f64,
     pub ptx_loss: f64,
+    /// The KL loss term (`--kl-in-loss`), before β.
+    pub kl_loss: f64,
     pub approxkl: f64,
     pub clipfrac: f64,
     pub value_clipfrac: f64,
@@ -93,13 +95,13 @@ pub struct UpdateStats {
 
 /// `--ppo-epochs` passes over the rollout batch in `--num-minibatches` shuffled
 /// minibatches, one optimiser step of each learner per minibatch. `step` is the
-/// iteration (it seeds the shuffles).
+/// iteration (it seeds the shuffles); `beta` weighs the KL loss term (`--kl-in-loss`).
 pub fn update(
     args: &TrainArgs,
     (ro, adv): (&Rollout, &Advantages),
     mut learners: Learners,
     world: &World,
-    step: u64,
+    (step, beta): (u64, f64),
 ) -> Result<UpdateStats> {
     let b = ro.full_ids.size()[0] as usize;
     let minibatch = b / args.num_minibatches;
@@ -115,7 +117,7 @@ pub fn update(
             100 + epoch as u64,
         )));
         for (mb_index, mb) in order.chunks(minibatch).enumerate() {
-            let mut mb_stats = minibatch_backward(args, (ro, adv), &learners, mb, world);
+            let mut mb_stats = minibatch_backward(args, (ro, adv), &learners, mb, world, beta);
             if epoch == 0 && mb_index == 0 {
                 first_ratio_max_dev = mb_stats.remove("ratio_max_dev").unwrap_or(0.0);
             }
@@ -143,6 +145,7 @@ pub fn update(
         policy_loss: avg("policy"),
         value_loss: avg("value"),
         ptx_loss: avg("ptx"),
+        kl_loss: avg("kl"),
         approxkl: avg("approxkl"),
         clipfrac: avg("clipfrac"),
         value_clipfrac: avg("vclip"),
@@ -152,16 +155,19 @@ pub fn update(
     })
 }
 
-/// Forward and backward of the clipped policy loss (with the entropy bonus) and of the
-/// critic's clipped value loss over the micro-batches of minibatch `mb` (rollout row
-/// indices). Losses are token-weighted, so the micro-batches sum to the minibatch's token
-/// mean over every rank. Returns the minibatch's weighted statistics.
+/// Forward and backward of the clipped policy loss (with the entropy bonus and the KL term
+/// of `--kl-in-loss`) and of the critic's clipped value loss over the micro-batches of
+/// minibatch `mb` (rollout row indices). Each micro-batch is weighted by its share of the
+/// minibatch (tokens, or sequences, as `--loss-aggregation` counts them), so the
+/// micro-batches sum to the minibatch's loss over every rank. Returns the minibatch's
+/// weighted statistics.
 fn minibatch_backward(
     args: &TrainArgs,
     (ro, adv): (&Rollout, &Advantages),
     learners: &Learners,
     mb: &[i64],
     world: &World,
+    beta: f64,
 ) -> BTreeMap<&'static str, f64> {
     let device = ro.full_ids.device();
     let micro = mb.len() / args.grad_accum;
@@ -172,13 +178,18 @@ fn minibatch_backward(
         .sum(Kind::Float)
         .double_value(&[]);
     let mb_tokens = world.sum(local_tokens).max(1.0);
+    let mb_rows = world.sum(mb.len() as f64);
+    let aggregation = args.loss_aggregation;
+    let norm = args.response_length as f64;
     let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
     let mut ratio_max_dev = 0f64;
     for part in mb.chunks(micro) {
         let idx = Tensor::from_slice(part).to_device(device);
         let pick = |t: &Tensor| t.index_select(0, &idx);
         let (ids, full_mask, mask) = (pick(&ro.full_ids), pick(&ro.full_mask), pick(&ro.mask));
-        let weight = mask.sum(Kind::Float).double_value(&[]) / mb_tokens;
+        let tokens = mask.sum(Kind::Float).double_value(&[]);
+        let weight = aggregation.weight(tokens, mb_tokens, part.len() as f64, mb_rows);
+        let value_weight = tokens / mb_tokens;
         let policy = &learners.policy.model;
         let (new_lp, ent) =
             response_logprobs(policy, &ids, &full_mask, ro.prompt_len, args.temperature);
@@ -187,11 +198,20 @@ fn minibatch_backward(
             &pick(&ro.logprobs),
             &pick(&adv.advantages),
             &mask,
-            args.cliprange,
+            args.clip(),
+            aggregation,
+            norm,
         );
         let mut policy_total = &pl.loss * weight;
         if args.entropy_coef > 0.0 {
-            policy_total -= masked_mean(&ent, &mask) * (args.entropy_coef * weight);
+            policy_total -= aggregation.aggregate(&ent, &mask, norm) * (args.entropy_coef * weight);
+        }
+        if args.kl_in_loss {
+            // GRPO's form: k3 of the reference against the current policy, per token.
+            let kl = kl_per_token(&new_lp, &pick(&ro.ref_logprobs), &mask, KlEstimator::K3);
+            let kl_loss = aggregation.aggregate(&kl, &mask, norm);
+            policy_total += &kl_loss * (beta * weight);
+            *stats.entry("kl").or_default() += kl_loss.double_value(&[]) * weight;
         }
         policy_total.backward();
         ratio_max_dev = ratio_max_dev.max(pl.ratio_max_dev);
@@ -211,9 +231,9 @@ fn minibatch_backward(
                 &mask,
                 args.cliprange_value,
             );
-            (&vl * (args.vf_coef * weight)).backward();
-            add("value", vl.double_value(&[]));
-            add("vclip", vclip);
+            (&vl * (args.vf_coef * value_weight)).backward();
+            *stats.entry("value").or_default() += vl.double_value(&[]) * value_weight;
+            *stats.entry("vclip").or_default() += vclip * value_weight;
         }
     }
     stats.insert("ratio_max_dev", ratio_max_dev);
