@@ -91,6 +91,16 @@ pub struct TrainArgs {
     /// Weight of the rule's reward in the summed reward.
     #[arg(long, default_value_t = 1.0)]
     pub reward_rule_weight: f64,
+    /// A reward program: `sh -c CMD` started once, one JSON line per response on its stdin
+    /// ({"prompt", "response", …the prompt row's fields}), one {"reward": x} line back each.
+    #[arg(long)]
+    pub reward_command: Option<String>,
+    /// Weight of the command's reward in the summed reward.
+    #[arg(long, default_value_t = 1.0)]
+    pub reward_command_weight: f64,
+    /// Seconds to wait for each answer of --reward-command.
+    #[arg(long, default_value_t = 60.0)]
+    pub reward_timeout: f64,
     /// exact-answer: a regular expression whose first capture group is the answer
     /// (default: the text after the last "The answer is").
     #[arg(long)]
@@ -339,6 +349,7 @@ impl TrainArgs {
                 self.cliprange_high.is_none_or(|c| c > 0.0),
                 "--cliprange-high must be > 0",
             ),
+            (self.reward_timeout > 0.0, "--reward-timeout must be > 0"),
             (
                 self.answer_pattern.is_none() || self.reward_rule.is_some(),
                 "--answer-pattern needs --reward-rule exact-answer",

@@ -24,7 +24,9 @@ use tch::{Device, Kind};
 pub use crate::args::TrainArgs;
 use crate::log::{iteration_scalars, write_samples, Timings};
 use crate::math::{advantages, kl_per_token, rewards, Advantages, KlController};
-use crate::reward_fn::{row_answer, ExactAnswer, RewardFunction, RewardModel, RewardSource};
+use crate::reward_fn::{
+    row_answer, ExactAnswer, RewardCommand, RewardFunction, RewardModel, RewardSource,
+};
 use crate::rollout::{rollout, Rollout, RolloutModels, RolloutOptions};
 use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
 use data::formats::PromptFields;
@@ -82,8 +84,8 @@ fn warn_without_normalization(config: &serde_json::Map<String, serde_json::Value
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     ensure!(
-        args.reward_model.is_some() || args.reward_rule.is_some(),
-        "no reward: give --reward-model DIR and/or --reward-rule exact-answer"
+        args.reward_model.is_some() || args.reward_rule.is_some() || args.reward_command.is_some(),
+        "no reward: give --reward-model DIR, --reward-rule exact-answer and/or --reward-command CMD"
     );
     let (device, kind) = args.device.resolve();
     let rule = match args.reward_rule {
@@ -93,17 +95,29 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         )?),
         None => None,
     };
-    let mut sources: Vec<Scorer> = rule
-        .as_ref()
-        .map(|r| {
-            Scorer::Function(RewardSource {
-                name: "exact_answer",
-                weight: args.reward_rule_weight,
-                function: r,
-            })
-        })
-        .into_iter()
-        .collect();
+    let command = match &args.reward_command {
+        Some(cmd) => Some(RewardCommand::start(
+            cmd,
+            Tokenizer::load(&args.policy)?,
+            std::time::Duration::from_secs_f64(args.reward_timeout),
+        )?),
+        None => None,
+    };
+    let mut sources: Vec<Scorer> = vec![];
+    if let Some(r) = &rule {
+        sources.push(Scorer::Function(RewardSource {
+            name: "exact_answer",
+            weight: args.reward_rule_weight,
+            function: r,
+        }));
+    }
+    if let Some(c) = &command {
+        sources.push(Scorer::Function(RewardSource {
+            name: "reward_command",
+            weight: args.reward_command_weight,
+            function: c,
+        }));
+    }
     let Some(reward_dir) = &args.reward_model else {
         return train(args, &sources, device, kind);
     };
@@ -215,6 +229,18 @@ fn read_data(
     Ok((prompts, ptx))
 }
 
+/// The context of an error raised while sampling or scoring a rollout (a reward program
+/// that crashed, hung or answered garbage): a checkpoint of the last completed step is
+/// written before the run stops (when a step has completed).
+#[derive(Debug)]
+struct RolloutFailed;
+
+impl std::fmt::Display for RolloutFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the rollout failed (the steps completed so far are checkpointed: fix the cause and continue with --resume)")
+    }
+}
+
 /// Everything one PPO run holds between iterations.
 struct Ppo<'a> {
     args: &'a TrainArgs,
@@ -266,7 +292,17 @@ fn train(args: &TrainArgs, rewards: &[Scorer], device: Device, kind: Kind) -> Re
     ppo.resume(&session)?;
     let (mut first_score, mut last_score, mut last_kl) = (None, f64::NAN, f64::NAN);
     while !session.done() && session.stop_requested().is_none() {
-        let it = ppo.iteration(&mut session)?;
+        let it = match ppo.iteration(&mut session) {
+            Ok(it) => it,
+            Err(e) if e.downcast_ref::<RolloutFailed>().is_some() => {
+                // Nothing of this iteration was applied: the run stays resumable from here.
+                if session.state.step > 0 {
+                    ppo.save(&mut session)?;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let scalars = iteration_scalars(&it, &session, args.advantage_estimator().group());
         let scalars: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         session.log(session.state.step, &scalars)?;
@@ -405,7 +441,7 @@ impl<'a> Ppo<'a> {
         let (args, world) = (self.args, &session.world);
         let step = session.state.step;
         let started = Instant::now();
-        let ro = self.rollout(step, world)?;
+        let ro = self.rollout(step, world).context(RolloutFailed)?;
         let rollout_time = started.elapsed().as_secs_f64();
 
         let beta = self.kl_ctl.value;

@@ -1,5 +1,7 @@
-//! Critic-free RL end to end on a tiny Llama (issue 16): GRPO raises a rule reward with KL
-//! bounded and never loads, trains or writes a value model; a killed GRPO run resumes to
+//! Critic-free RL end to end on a tiny Llama (issue 16): GRPO raises the reward of a reward
+//! program (`--reward-command`, a Python script) with KL bounded and never loads, trains or
+//! writes a value model; a reward program that crashes, hangs or answers garbage stops the
+//! run with one clear error and a checkpoint it resumes from; a killed GRPO run resumes to
 //! the uninterrupted weights; `exact-answer` scores every sample as its rule says, from the
 //! prompt rows' `answer` field, with no reward model at all; bad options get one line.
 
@@ -91,10 +93,23 @@ fn metrics(out: &Path) -> Vec<Value> {
     read_jsonl(&out.join("metrics.jsonl"))
 }
 
+/// `--reward-command` running `tests/python/digit_reward.py`.
+fn digit_command() -> String {
+    let script = rlhf_tests::repo_root().join("tests/python/digit_reward.py");
+    format!(
+        "'{}' '{}'",
+        rlhf_tests::python().display(),
+        script.display()
+    )
+}
+
 #[test]
 fn grpo_raises_the_reward_without_a_value_model() {
     let out = fixture().root.join("run-grpo");
+    let command = digit_command();
     let extra = [
+        "--reward-command",
+        &command,
         "--max-steps",
         "24",
         "--kl-coef",
@@ -103,8 +118,7 @@ fn grpo_raises_the_reward_without_a_value_model() {
         "--loss-aggregation",
         "seq-mean-token-mean",
     ];
-    let rule = TextRule(|t: &str| 4.0 * digit_share(t));
-    run_with_reward(&args(&out, &extra), &rule).unwrap();
+    run(&args(&out, &extra)).unwrap();
     let m = metrics(&out);
     assert_eq!(m.len(), 24);
     let reward = |r: &Value| r["reward"].as_f64().unwrap();
@@ -124,13 +138,75 @@ fn grpo_raises_the_reward_without_a_value_model() {
         assert!(r["loss/kl_avg"].as_f64().unwrap() >= 0.0);
         let zero_std = r["frac_reward_zero_std"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&zero_std));
-        assert!(r["rewards/reward/mean"].as_f64().is_some());
+        assert!(r["rewards/reward_command/mean"].as_f64().is_some());
     }
     // No value model anywhere: not exported, not in the checkpoints.
     assert!(out.join("final").join("model.safetensors").exists());
     assert!(!out.join("final_value").exists());
     for entry in std::fs::read_dir(out.join("checkpoints")).unwrap() {
         assert!(!entry.unwrap().path().join("value").exists());
+    }
+}
+
+/// A reward program that exits, answers garbage or hangs: one error naming the command and
+/// the response, after a checkpoint the run resumes from with a working program.
+#[test]
+fn a_failing_reward_program_stops_the_run_resumably() {
+    let f = fixture();
+    // Each answers the first iteration's 32 responses, then fails on the second.
+    let first = "i=0; while read line; do i=$((i+1)); if [ $i -gt 32 ]; then";
+    let ok = "fi; echo '{\"reward\": 1}'; done";
+    let cases = [
+        (
+            format!("{first} exit 3; {ok}"),
+            "its output ended before this answer (it exited: exit status: 3)",
+        ),
+        (
+            format!("{first} echo nope; {ok}"),
+            "expected a line {\"reward\": <finite number>}, got 'nope'",
+        ),
+        (
+            format!("{first} sleep 30; {ok}"),
+            "no answer within --reward-timeout 2 s",
+        ),
+    ];
+    for (i, (command, want)) in cases.iter().enumerate() {
+        let out = f.root.join(format!("run-command-{i}"));
+        let a = args(
+            &out,
+            &[
+                "--max-steps",
+                "3",
+                "--reward-command",
+                command,
+                "--reward-timeout",
+                "2",
+            ],
+        );
+        let e = format!("{:#}", run(&a).unwrap_err());
+        assert!(
+            e.contains(&format!(
+                "--reward-command '{command}': response 0 of the batch"
+            )),
+            "{e}"
+        );
+        assert!(e.contains(want), "{e}");
+        assert!(e.contains("continue with --resume"), "{e}");
+        assert!(
+            out.join("checkpoints").join("step-000001").exists(),
+            "{command}: no checkpoint"
+        );
+        let good = digit_command();
+        let resumed = args(
+            &out,
+            &["--max-steps", "3", "--reward-command", &good, "--resume"],
+        );
+        assert_eq!(run(&resumed).unwrap().steps, 3, "{command}");
+        let steps: Vec<u64> = metrics(&out)
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3], "{command}");
     }
 }
 
