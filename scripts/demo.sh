@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the InstructGPT pipeline on the bundled chickens-and-rabbits task, through
-# the real binaries: data → sft train → reward train → ppo train → held-out evaluation by a
-# programmatic judge. Everything goes under runs/demo/ (TensorBoard: tensorboard --logdir runs/demo).
+# the real binaries: data → sft train → reward train → ppo train (and GRPO with a verifier)
+# → held-out evaluation by a programmatic judge. Everything goes under runs/demo/ (TensorBoard: tensorboard --logdir runs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=target/release
@@ -30,9 +30,17 @@ stage ppo $B/ppo train --policy "$D/sft/final" --reward-model "$D/reward/final" 
     --prompts "$D/data/prompts.jsonl" --output-dir "$D/ppo" --rollout-batch-size 64 \
     --response-length 64 --ppo-epochs 2 --num-minibatches 2 --lr 1e-5 --kl-coef 0.05 \
     --max-steps 30 --seed "$SEED" --log-every 5
-# Held-out accuracy, sampled at temperature 1 with three sampling seeds, for both policies.
+# GRPO from the same SFT policy with a verifier instead of the reward model: the last
+# "N rabbits" of a response against the prompt row's answer (issue 16).
+stage grpo $B/ppo train --policy "$D/sft/final" --prompts "$D/data/prompts.jsonl" \
+    --output-dir "$D/grpo" --advantage-estimator grpo --num-generations 4 \
+    --reward-rule exact-answer --answer-pattern '(?s).*\D(\d+) rabbits' \
+    --kl-in-loss --kl-coef 0.05 --loss-aggregation seq-mean-token-mean \
+    --rollout-batch-size 16 --response-length 64 --ppo-epochs 2 --num-minibatches 2 --lr 1e-5 \
+    --max-steps 30 --seed "$SEED" --log-every 5
+# Held-out accuracy, sampled at temperature 1 with three sampling seeds, for every policy.
 start=$(date +%s%N)
-for model in sft ppo; do
+for model in sft ppo grpo; do
     for s in 1 2 3; do
         $B/sft generate --model "$D/$model/final" --prompts "$D/data/eval_prompts.jsonl" \
             --output "$D/eval_${model}_$s.jsonl" --max-new-tokens 64 --temperature 1 --seed "$s" \

@@ -2,7 +2,7 @@
 """The TRL side of `bench/trl_compare.sh`: one stage of the `make bench` workload run by
 TRL on the same model directories, data and batch shapes, printing one JSON line.
 
-    python bench/trl/compare.py {sft,reward,rloo,ppo} --work DIR --arch ARCH [--device cuda]
+    python bench/trl/compare.py {sft,reward,rloo,grpo,ppo} --work DIR --arch ARCH [--device cuda]
 
 DIR is what `BENCH_KEEP=DIR make bench` leaves: `<arch>-lm/`, `<arch>-rm/`, `sft.jsonl`,
 `pairs.jsonl`, `prompts.jsonl`. Settings mirror ppo/benches/stages.rs (and read the same
@@ -181,9 +181,36 @@ def rloo(work, arch, out):
     return {"iterations_per_second": 1 / it, "tokens_per_second": ROLLOUT * RESPONSE / it}
 
 
+def grpo(work, arch, out):
+    """GRPO (TRL 1.16): the RLOO setting above (8 prompts × 2 completions, 2 optimiser steps
+    per generation, β 0.05), advantages scaled by the group's std."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(f"{work}/{arch}-lm", dtype=torch.float32, **kwargs_for(arch))
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        f"{work}/{arch}-rm", num_labels=1, dtype=torch.float32, **kwargs_for(arch))
+    reward_tok = tokenizer(f"{work}/{arch}-rm")
+    reward_model.config.pad_token_id = reward_tok.pad_token_id
+    data = load_dataset("json", data_files=f"{work}/prompts.jsonl", split="train")
+    iterations = WARMUP + MEASURED
+    args = common_args(out, 2 * iterations)
+    args["per_device_train_batch_size"] = ROLLOUT // 2
+    cfg = GRPOConfig(**args, num_generations=2, steps_per_generation=2,
+                     max_completion_length=RESPONSE, num_iterations=1, beta=0.05,
+                     log_completions=False)
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_model, args=cfg, train_dataset=data,
+                          processing_class=tokenizer(f"{work}/{arch}-lm", padding_side="left"),
+                          reward_processing_classes=reward_tok, callbacks=[timer])
+    trainer.train()
+    pairs = [a + b for a, b in zip(timer.times[0::2], timer.times[1::2])]
+    it = statistics.median(pairs[WARMUP:])
+    return {"iterations_per_second": 1 / it, "tokens_per_second": ROLLOUT * RESPONSE / it}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["sft", "reward", "ppo", "rloo"])
+    p.add_argument("stage", choices=["sft", "reward", "ppo", "rloo", "grpo"])
     p.add_argument("--work", required=True)
     p.add_argument("--arch", required=True, help="model directories <work>/<arch>-lm, -rm")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -194,7 +221,7 @@ def main():
     CUDA = a.device == "cuda"
 
     with tempfile.TemporaryDirectory() as out:
-        row = {"sft": sft, "reward": reward, "ppo": ppo, "rloo": rloo}[a.stage](a.work, a.arch, out)
+        row = {"sft": sft, "reward": reward, "ppo": ppo, "rloo": rloo, "grpo": grpo}[a.stage](a.work, a.arch, out)
     row = {"stage": a.stage, "model": a.arch, "trl": trl.__version__, "device": a.device,
            "torch_threads": torch.get_num_threads(), **row}
     print(json.dumps(row), flush=True)

@@ -25,11 +25,11 @@ print(f"\n{date.today()}, {where}\n")
 print("| stage | model | ours | TRL | TRL version | ours / TRL |")
 print("|---|---|---|---|---|---|")
 for t in trl:
-    # RLOO is compared with our PPO (the closest current TRL method; it has no value model).
-    o = ours[("ppo" if t["stage"] in ("ppo", "rloo") else t["stage"], t["model"])]
+    # Our RLOO and GRPO (issue 16) against TRL's; older runs of ours had only PPO for RLOO.
+    o = ours.get((t["stage"], t["model"])) or ours[("ppo", t["model"])]
     key = "iterations_per_second" if "iterations_per_second" in t else "steps_per_second"
     unit = "it/s" if key.startswith("it") else "steps/s"
-    name = {"sft": "SFT", "reward": "reward", "ppo": "PPO", "rloo": "PPO vs RLOO"}[t["stage"]]
+    name = {"sft": "SFT", "reward": "reward", "ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}[t["stage"]]
     print(f"| {name} | {t['model']} | {o[key]:.2f} {unit} | {t[key]:.2f} {unit} | {t['trl']} | {o[key] / t[key]:.2f}× |")
     print(json.dumps({"stage": t["stage"], "model": t["model"], "ours": o[key], "trl": t[key],
                       "ratio": o[key] / t[key]}), file=sys.stderr)

@@ -114,8 +114,20 @@ pub enum SftExample {
     Text(String),
 }
 
-/// A prompt for PPO or for generation.
-pub type PromptExample = Content;
+/// A prompt for PPO or for generation, with the template arguments of its row (`tools`,
+/// `documents`), which a conversation is rendered with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptExample {
+    pub prompt: Content,
+    pub template: TemplateArgs,
+}
+
+impl PromptExample {
+    /// As JSON, the way the row gave it (for outputs that echo the prompt).
+    pub fn to_json(&self) -> Value {
+        self.prompt.to_json()
+    }
+}
 
 /// Responses to one prompt ordered best first: a chosen/rejected pair is a ranking of two.
 #[derive(Debug, Clone, PartialEq)]
@@ -436,33 +448,33 @@ impl PreferenceExample {
     }
 }
 
-/// Rows whose template arguments would be lost: only SFT rows pass `tools` and `documents`
-/// to the template so far.
+/// Rows whose template arguments would be lost: preference rows do not pass `tools` and
+/// `documents` to the template yet.
 fn refuse_tools(row: &Row) -> Result<()> {
     for field in ["tools", "documents"] {
         if row.object.get(field).is_some_and(|v| !v.is_null()) {
             return Err(row.error(
                 Some(field),
-                "is passed to the chat template for SFT rows only (not yet for prompts or preferences)",
+                "is passed to the chat template for SFT and prompt rows only (not yet for preferences)",
             ));
         }
     }
     Ok(())
 }
 
-/// Decodes a prompt row: `{"prompt"}` or `{"messages"}` (any other fields of a dataset row,
-/// such as a completion or a label, are ignored: PPO needs the prompt only).
+/// Decodes a prompt row: `{"prompt"}` or `{"messages"}`, with `tools` and `documents` for
+/// the chat template (any other fields of a dataset row, such as a completion or a label,
+/// are ignored: PPO needs the prompt only).
 pub fn decode_prompt(row: &Row) -> Result<PromptExample> {
-    refuse_tools(row)?;
-    if row.has("messages") {
-        Ok(Content::Messages(messages(
-            row,
-            "messages",
-            &row.object["messages"],
-        )?))
+    let prompt = if row.has("messages") {
+        Content::Messages(messages(row, "messages", &row.object["messages"])?)
     } else {
-        content(row, "prompt")
-    }
+        content(row, "prompt")?
+    };
+    Ok(PromptExample {
+        prompt,
+        template: TemplateArgs::decode(row)?,
+    })
 }
 
 /// The other fields of a prompt row (an `answer`, an `id`, …): they travel with the prompt to
@@ -475,7 +487,7 @@ pub fn decode_prompt_with_fields(row: &Row) -> Result<(PromptExample, PromptFiel
     let fields = row
         .object
         .iter()
-        .filter(|(k, _)| *k != "prompt" && *k != "messages")
+        .filter(|(k, _)| !["prompt", "messages", "tools", "documents"].contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Ok((prompt, fields))
@@ -657,7 +669,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(
-            read_one(unpaired, decode_prompt).unwrap()[0],
+            read_one(unpaired, decode_prompt).unwrap()[0].prompt,
             Content::Text("q".into())
         );
         let e = err(read_one(
@@ -665,12 +677,20 @@ mod tests {
             SftExample::decode,
         ));
         assert!(e.contains("a stepwise-supervision row"), "{e}");
-        let e = err(read_one(
+        let rows = read_one(
             r#"{"prompt": [{"role": "user", "content": "q"}], "tools": [{"type": "function"}]}"#,
             decode_prompt,
+        )
+        .unwrap();
+        assert!(rows[0].template.tools.is_some());
+        let e = err(read_one(
+            r#"{"prompt": "q", "chosen": "a", "rejected": "b", "tools": [{"type": "function"}]}"#,
+            PreferenceExample::decode,
         ));
         assert!(
-            e.contains("field 'tools': is passed to the chat template for SFT rows only"),
+            e.contains(
+                "field 'tools': is passed to the chat template for SFT and prompt rows only"
+            ),
             "{e}"
         );
     }

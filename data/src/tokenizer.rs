@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::chat::ChatTemplate;
 use crate::error::{DataError, Result};
-use crate::formats::{Content, Message, TemplateArgs};
+use crate::formats::{Content, Message, PromptExample, TemplateArgs};
 
 /// `[start, end)` in bytes of the encoded text.
 pub type ByteSpan = (usize, usize);
@@ -173,13 +173,13 @@ impl Tokenizer {
     }
 
     /// Token ids of a prompt, ready for generation: plain text with the tokenizer's special
-    /// tokens, a conversation through the template with the generation prompt added.
-    pub fn encode_prompt(&self, prompt: &Content) -> Result<Vec<i64>> {
-        match prompt {
+    /// tokens, a conversation through the template (with the row's `tools` and `documents`)
+    /// with the generation prompt added.
+    pub fn encode_prompt(&self, prompt: &PromptExample) -> Result<Vec<i64>> {
+        match &prompt.prompt {
             Content::Text(t) => self.encode(t, true),
             Content::Messages(m) => {
-                let none = TemplateArgs::default();
-                self.encode(&self.render_chat(m, &none, true)?, false)
+                self.encode(&self.render_chat(m, &prompt.template, true)?, false)
             }
         }
     }

@@ -15,7 +15,8 @@
 //! dense bf16 peak) training rows get a model-FLOPs utilisation, and with
 //! `BENCH_PEAK_GBPS` (its memory bandwidth) generation rows get the bandwidth bound.
 //! `BENCH_KEEP=DIR` keeps the generated models, data and runs in DIR. `BENCH_STAGES` (comma
-//! list of `sft`, `reward`, `ppo`, `generate`; default all) picks the rows, and
+//! list of `sft`, `reward`, `ppo`, `grpo`, `rloo`, `generate`; default all; `grpo` and `rloo`
+//! sample the PPO rollout's rows as half as many prompts × 2 responses) picks the rows, and
 //! `BENCH_GEN_BATCHES` (comma list; default `BENCH_ROLLOUT`) the generation batch sizes.
 //! On CUDA, PPO and generation run twice: decoding eagerly and with CUDA graphs (issue 20;
 //! `BENCH_DECODE=eager` or `graphs` runs one). `BENCH_PPO_ARGS` adds `ppo train` options
@@ -263,7 +264,7 @@ impl Bench {
             response: env_or("BENCH_RESPONSE", 32),
             peak_tflops: peak("BENCH_PEAK_TFLOPS"),
             peak_gbps: peak("BENCH_PEAK_GBPS"),
-            stages: list("BENCH_STAGES", "sft,reward,ppo,generate".into()),
+            stages: list("BENCH_STAGES", "sft,reward,ppo,grpo,rloo,generate".into()),
             gen_batches: list("BENCH_GEN_BATCHES", rollout.to_string())
                 .iter()
                 .map(|b| b.parse().expect("BENCH_GEN_BATCHES: integers"))
@@ -366,9 +367,16 @@ impl Bench {
         self.training_row("reward", arch, tps, flops)
     }
 
-    fn ppo(&self, arch: &str, lm: &Path, rm: &Path, decode: &str) -> Value {
+    /// `ppo train` with GAE (`stage` "ppo"), or critic-free (`stage` "grpo" or "rloo": the
+    /// same rollout rows as `rollout / 2` prompts × 2 responses, TRL's RLOO/GRPO setting).
+    fn ppo(&self, stage: &str, arch: &str, lm: &Path, rm: &Path, decode: &str) -> Value {
         reset_peak_rss();
-        let out = self.root.join(format!("{arch}-ppo-{decode}"));
+        let out = self.root.join(format!("{arch}-{stage}-{decode}"));
+        let prompts = if stage == "ppo" {
+            self.rollout
+        } else {
+            self.rollout / 2
+        };
         let mut argv: Vec<String> = [
             "--policy",
             &lm.display().to_string(),
@@ -377,7 +385,7 @@ impl Bench {
             "--prompts",
             &self.prompts.display().to_string(),
             "--rollout-batch-size",
-            &self.rollout.to_string(),
+            &prompts.to_string(),
             "--response-length",
             &self.response.to_string(),
             "--ppo-epochs",
@@ -391,6 +399,11 @@ impl Bench {
         .map(|s| s.to_string())
         .collect();
         argv.extend(self.common_args(&out, measured_steps()));
+        if stage != "ppo" {
+            argv.extend(
+                ["--advantage-estimator", stage, "--num-generations", "2"].map(str::to_string),
+            );
+        }
         // BENCH_PPO_ARGS: more `ppo train` options, e.g. "--lora-r 16".
         argv.extend(
             std::env::var("BENCH_PPO_ARGS")
@@ -408,7 +421,7 @@ impl Bench {
             median(measured(&m, "time/train")),
         );
         let tokens = median(measured(&m, "response_length")) * self.rollout as f64;
-        json!({"stage": "ppo", "model": arch, "decode": decode, "batch": self.rollout,
+        json!({"stage": stage, "model": arch, "decode": decode, "batch": self.rollout,
                "iterations_per_second": 1.0 / (t_rollout + t_train),
                "seconds_rollout": t_rollout, "seconds_train": t_train,
                "tokens_per_second": tokens / (t_rollout + t_train), "peak_rss_mb": peak_rss_mb()})
@@ -515,8 +528,10 @@ impl Bench {
             }
         }
         for &decode in &self.decode_modes {
-            if wanted("ppo") {
-                rows.push(self.ppo(arch, &lm, &rm, decode));
+            for stage in ["ppo", "grpo", "rloo"] {
+                if wanted(stage) {
+                    rows.push(self.ppo(stage, arch, &lm, &rm, decode));
+                }
             }
             if wanted("generate") {
                 for &batch in &self.gen_batches {

@@ -235,8 +235,12 @@ pub fn data(out: &Path, seed: u64, max: u32) -> Value {
         })
         .collect();
     let rankings_eval: Vec<Value> = eval.iter().map(|p| ranking(p, &mut rng)).collect();
+    // The answer (the number of rabbits) rides along for GRPO's exact-answer verifier;
+    // every other stage reads the prompt only.
     let prompts = |ps: &[Problem]| -> Vec<Value> {
-        ps.iter().map(|p| json!({"prompt": p.prompt()})).collect()
+        ps.iter()
+            .map(|p| json!({"prompt": p.prompt(), "answer": p.rabbits.to_string()}))
+            .collect()
     };
     write_jsonl(
         &out.join("pretrain.jsonl"),

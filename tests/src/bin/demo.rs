@@ -137,6 +137,18 @@ fn report(dir: &Path) {
         ppo.2,
         t("ppo")
     );
+    // GRPO with the exact-answer verifier, no reward model (when the run has it).
+    let grpo = dir.join("judge_grpo_1.json").exists().then(|| {
+        let (a, kl) = (accuracy("grpo"), read_json(&dir.join("grpo.json"))["kl"].as_f64().unwrap());
+        println!(
+            "| GRPO (verifier, no reward model) | accuracy {:.3} (seeds {:.3}–{:.3}), KL to SFT {kl:.3} | {:.0} s |",
+            a.0,
+            a.1,
+            a.2,
+            t("grpo")
+        );
+        (a.0, kl)
+    });
     println!(
         "| evaluation | 48 held-out problems × 3 sampling seeds, T = 1 | {:.0} s |",
         t("eval")
@@ -145,7 +157,8 @@ fn report(dir: &Path) {
     println!(
         "{}",
         json!({"sft_accuracy": sft.0, "ppo_accuracy": ppo.0, "reward_accuracy": rm,
-               "reward_accuracy_correct_vs_slipped": slips.map(|s| s.0), "kl": kl, "seconds": total})
+               "reward_accuracy_correct_vs_slipped": slips.map(|s| s.0), "kl": kl,
+               "grpo_accuracy": grpo.map(|g| g.0), "grpo_kl": grpo.map(|g| g.1), "seconds": total})
     );
 }
 
