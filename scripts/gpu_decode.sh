@@ -42,8 +42,8 @@ tail -8 "$OUT/cuda-graphs-test.txt"
 knobs=(BENCH_DEVICE=cuda BENCH_DTYPE=bf16 BENCH_SHAPES=gpt2-medium,qwen2-0.5b
     BENCH_ROLLOUT=64 BENCH_RESPONSE=128 BENCH_SEQ=256 BENCH_PEAK_GBPS=$gbps)
 
-step "ours: PPO (rollout 64) and generation (64, 256), eager vs graphs"
-env "${knobs[@]}" BENCH_STAGES=ppo,generate BENCH_GEN_BATCHES=64,256 BENCH_KEEP="$WORK/new" \
+step "ours: PPO and GRPO (64 rollout rows) and generation (64, 256), eager vs graphs"
+env "${knobs[@]}" BENCH_STAGES=ppo,grpo,generate BENCH_GEN_BATCHES=64,256 BENCH_KEEP="$WORK/new" \
     timeout 240 "$BIN/bench" >"$OUT/bench-new.txt" 2>&1
 echo "exit $?"
 grep '^|' "$OUT/bench-new.txt"
