@@ -13,8 +13,9 @@ checkpointing (TRL turns it on by default; we never recompute), dropout off, 2 w
 8 measured steps (median of step-end to step-end times, which include TRL's data loading
 and logging, as our numbers include ours). PPO (TRL 0.29.1 `trl.experimental.ppo`, run
 with that version first on PYTHONPATH): 16 rollout rows of 32 tokens, 1 epoch, 2
-minibatches, value model and GAE. RLOO (TRL 1.16): 8 prompts × 2 completions of 32 tokens
-per generation, 2 optimiser steps per generation (the same 16 sequences and 2 updates).
+minibatches, value model and GAE. RLOO and GRPO (TRL 1.16): 8 prompts × 2 completions of 32
+tokens per generation, 2 optimiser steps per generation (the same 16 sequences and 2
+updates), against our `rloo` and `grpo` rows, which sample the same.
 """
 
 import argparse
@@ -155,9 +156,10 @@ def ppo(work, arch, out):
     return {"iterations_per_second": 1 / it, "tokens_per_second": ROLLOUT * RESPONSE / it}
 
 
-def rloo(work, arch, out):
-    from trl import RLOOConfig, RLOOTrainer
-
+def group_method(work, arch, out, config_cls, trainer_cls):
+    """RLOO or GRPO (TRL 1.16) on the same setting: ROLLOUT // 2 prompts × 2 completions of
+    RESPONSE tokens per generation, 2 optimiser steps per generation (the same sequences and
+    updates as our PPO row), β 0.05, the reward model as the reward function."""
     model = AutoModelForCausalLM.from_pretrained(f"{work}/{arch}-lm", dtype=torch.float32, **kwargs_for(arch))
     reward_model = AutoModelForSequenceClassification.from_pretrained(
         f"{work}/{arch}-rm", num_labels=1, dtype=torch.float32, **kwargs_for(arch))
@@ -168,44 +170,29 @@ def rloo(work, arch, out):
     # One generation of ROLLOUT completions feeds two optimiser steps of ROLLOUT // 2.
     args = common_args(out, 2 * iterations)
     args["per_device_train_batch_size"] = ROLLOUT // 2
-    cfg = RLOOConfig(**args, num_generations=2, steps_per_generation=2,
+    cfg = config_cls(**args, num_generations=2, steps_per_generation=2,
                      max_completion_length=RESPONSE, num_iterations=1, beta=0.05,
                      log_completions=False)
     timer = StepTimer()
-    trainer = RLOOTrainer(model=model, reward_funcs=reward_model, args=cfg, train_dataset=data,
+    trainer = trainer_cls(model=model, reward_funcs=reward_model, args=cfg, train_dataset=data,
                           processing_class=tokenizer(f"{work}/{arch}-lm", padding_side="left"),
                           reward_processing_classes=reward_tok, callbacks=[timer])
     trainer.train()
     pairs = [a + b for a, b in zip(timer.times[0::2], timer.times[1::2])]
     it = statistics.median(pairs[WARMUP:])
     return {"iterations_per_second": 1 / it, "tokens_per_second": ROLLOUT * RESPONSE / it}
+
+
+def rloo(work, arch, out):
+    from trl import RLOOConfig, RLOOTrainer
+
+    return group_method(work, arch, out, RLOOConfig, RLOOTrainer)
 
 
 def grpo(work, arch, out):
-    """GRPO (TRL 1.16): the RLOO setting above (8 prompts × 2 completions, 2 optimiser steps
-    per generation, β 0.05), advantages scaled by the group's std."""
     from trl import GRPOConfig, GRPOTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(f"{work}/{arch}-lm", dtype=torch.float32, **kwargs_for(arch))
-    reward_model = AutoModelForSequenceClassification.from_pretrained(
-        f"{work}/{arch}-rm", num_labels=1, dtype=torch.float32, **kwargs_for(arch))
-    reward_tok = tokenizer(f"{work}/{arch}-rm")
-    reward_model.config.pad_token_id = reward_tok.pad_token_id
-    data = load_dataset("json", data_files=f"{work}/prompts.jsonl", split="train")
-    iterations = WARMUP + MEASURED
-    args = common_args(out, 2 * iterations)
-    args["per_device_train_batch_size"] = ROLLOUT // 2
-    cfg = GRPOConfig(**args, num_generations=2, steps_per_generation=2,
-                     max_completion_length=RESPONSE, num_iterations=1, beta=0.05,
-                     log_completions=False)
-    timer = StepTimer()
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_model, args=cfg, train_dataset=data,
-                          processing_class=tokenizer(f"{work}/{arch}-lm", padding_side="left"),
-                          reward_processing_classes=reward_tok, callbacks=[timer])
-    trainer.train()
-    pairs = [a + b for a, b in zip(timer.times[0::2], timer.times[1::2])]
-    it = statistics.median(pairs[WARMUP:])
-    return {"iterations_per_second": 1 / it, "tokens_per_second": ROLLOUT * RESPONSE / it}
+    return group_method(work, arch, out, GRPOConfig, GRPOTrainer)
 
 
 def main():

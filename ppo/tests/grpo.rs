@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use common::Head;
 use ppo::reward_fn::{ExactAnswer, RewardFunction, RewardInput, TextRule};
 use ppo::train::{run, run_with_reward, TrainArgs};
-use rlhf_tests::read_jsonl;
+use rlhf_tests::{digit_share, read_jsonl};
 use serde_json::Value;
 
 struct Fixture {
@@ -82,11 +82,6 @@ fn args(out: &Path, extra: &[&str]) -> TrainArgs {
     .to_vec();
     argv.extend(extra.iter().map(|s| s.to_string()));
     rlhf_tests::parse_args(&argv)
-}
-
-fn digit_share(text: &str) -> f64 {
-    let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
-    chars.iter().filter(|c| c.is_ascii_digit()).count() as f64 / chars.len().max(1) as f64
 }
 
 fn metrics(out: &Path) -> Vec<Value> {

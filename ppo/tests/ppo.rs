@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use common::{Head, Model};
 use ppo::reward_fn::TextRule;
 use ppo::train::{run_with_reward, TrainArgs};
-use rlhf_tests::read_jsonl;
+use rlhf_tests::{digit_share, read_jsonl};
 use serde_json::Value;
 
 struct Fixture {
@@ -75,12 +75,6 @@ fn args(out: &Path, extra: &[&str]) -> TrainArgs {
     ];
     argv.extend(extra.iter().map(|s| s.to_string()));
     rlhf_tests::parse_args(&argv)
-}
-
-/// The share of the response's characters that are digits.
-fn digit_share(text: &str) -> f64 {
-    let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
-    chars.iter().filter(|c| c.is_ascii_digit()).count() as f64 / chars.len().max(1) as f64
 }
 
 fn metrics(out: &Path) -> Vec<Value> {

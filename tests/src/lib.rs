@@ -93,6 +93,13 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The share of a text's non-space characters that are digits: the rule reward the PPO and
+/// GRPO tests (and `tests/python/digit_reward.py`) train towards.
+pub fn digit_share(text: &str) -> f64 {
+    let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
+    chars.iter().filter(|c| c.is_ascii_digit()).count() as f64 / chars.len().max(1) as f64
+}
+
 /// Largest absolute difference between the weights of two model directories.
 pub fn max_weight_diff(a: &Path, b: &Path, head: common::Head) -> f64 {
     let load = |d: &Path| {
