@@ -20,7 +20,9 @@ mkdir -p "$work"
 
 if [ -z "${TRL_INSTALLED:-}" ]; then
     scripts/bootstrap.sh
-    if ! $py -c 'import trl, sys; sys.exit(trl.__version__ != "1.16.0")' 2>/dev/null; then
+    # datasets and accelerate too: the bootstrap installs trl alone (--no-deps) for its
+    # chat templates, which imports but cannot train.
+    if ! $py -c 'import trl, datasets, accelerate, sys; sys.exit(trl.__version__ != "1.16.0")' 2>/dev/null; then
         echo "trl_compare: installing TRL 1.16.0 into .venv (benchmark only)" >&2
         $py -m pip install --disable-pip-version-check -q -r bench/trl/requirements.txt -c scripts/requirements.txt
     fi
