@@ -34,6 +34,11 @@ def configs():
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64,
             initializer_range=0.1, **common),
+        # Qwen3: q/k norms per head, an explicit head_dim different from hidden / heads.
+        "qwen3": tf.Qwen3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+            max_position_embeddings=64, initializer_range=0.1, **common),
         "mistral": tf.MistralConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=1, sliding_window=6, max_position_embeddings=64,

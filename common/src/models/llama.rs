@@ -1,9 +1,10 @@
-//! The Llama family: Llama 2/3 (Touvron et al. 2023), Mistral and Qwen2, which differ only
-//! in configuration.
+//! The Llama family: Llama 2/3 (Touvron et al. 2023), Mistral, Qwen2 and Qwen3, which differ
+//! only in configuration.
 //!
-//! Mirrors `transformers/models/llama/modeling_llama.py` (and the `mistral`, `qwen2`
-//! copies): RMSNorm, rotary embeddings (default, linear or llama3 frequencies), SwiGLU,
-//! grouped-query attention, optional q/k/v bias, tied or untied embeddings.
+//! Mirrors `transformers/models/llama/modeling_llama.py` (and the `mistral`, `qwen2`,
+//! `qwen3` copies): RMSNorm, rotary embeddings (default, linear or llama3 frequencies),
+//! SwiGLU, grouped-query attention, optional q/k/v bias, tied or untied embeddings, and
+//! Qwen3's per-head RMSNorm of queries and keys before rotary.
 
 use std::path::Path;
 
@@ -18,7 +19,7 @@ use super::options::ModelOptions;
 use super::ModelType;
 use crate::error::{Error, Result};
 
-/// `config.json` of `llama`, `mistral` and `qwen2`, with Hugging Face's field names.
+/// `config.json` of `llama`, `mistral`, `qwen2` and `qwen3`, with Hugging Face's field names.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub model_type: ModelType,
@@ -113,6 +114,11 @@ impl Config {
         self.model_type == ModelType::Qwen2 || self.attention_bias
     }
 
+    /// Qwen3 normalises each head's queries and keys (`q_norm`, `k_norm`) before rotary.
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == ModelType::Qwen3
+    }
+
     /// The attention window, where the architecture uses one.
     pub fn sliding_window(&self) -> Option<i64> {
         match self.model_type {
@@ -168,8 +174,13 @@ impl Config {
                 self.num_attention_heads,
                 self.num_kv_heads()
             ))
-        } else if self.model_type == ModelType::Qwen2 && self.use_sliding_window == Some(true) {
-            Some("use_sliding_window true is not supported for qwen2".into())
+        } else if matches!(self.model_type, ModelType::Qwen2 | ModelType::Qwen3)
+            && self.use_sliding_window == Some(true)
+        {
+            Some(format!(
+                "use_sliding_window true is not supported for {}",
+                self.model_type.name()
+            ))
         } else {
             self.rope().err()
         };
@@ -251,6 +262,8 @@ struct Layer {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3's per-head norms of queries and keys (over `head_dim`).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     post_attention_layernorm: RmsNorm,
     gate_proj: Linear,
     up_proj: Linear,
@@ -275,6 +288,10 @@ impl Layer {
             k_proj: linear(&attn / "k_proj", (h, nkv * d), cfg.qkv_bias()),
             v_proj: linear(&attn / "v_proj", (h, nkv * d), cfg.qkv_bias()),
             o_proj: linear(&attn / "o_proj", (nh * d, h), cfg.attention_bias),
+            qk_norm: cfg.qk_norm().then(|| {
+                let per_head = |path: nn::Path| RmsNorm::new(path, d, cfg.rms_norm_eps, opts);
+                (per_head(&attn / "q_norm"), per_head(&attn / "k_norm"))
+            }),
             post_attention_layernorm: norm(&p / "post_attention_layernorm"),
             gate_proj: linear(&mlp / "gate_proj", (h, i), cfg.mlp_bias),
             up_proj: linear(&mlp / "up_proj", (h, i), cfg.mlp_bias),
@@ -296,8 +313,14 @@ impl Layer {
         let normed = self.input_layernorm.forward(x);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
         let rope = |y: Tensor| &y * cos + rotate_half(&y) * sin;
-        let q = rope(heads(self.q_proj.forward(&normed), self.n_heads));
-        let k = rope(heads(self.k_proj.forward(&normed), self.n_kv_heads));
+        let (mut q, mut k) = (
+            heads(self.q_proj.forward(&normed), self.n_heads),
+            heads(self.k_proj.forward(&normed), self.n_kv_heads),
+        );
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
+        }
+        let (q, k) = (rope(q), rope(k));
         let v = heads(self.v_proj.forward(&normed), self.n_kv_heads);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),

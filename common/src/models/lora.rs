@@ -62,7 +62,7 @@ pub fn matches(module: &str, name: &str) -> bool {
 pub fn default_targets(model_type: ModelType) -> Vec<String> {
     match model_type {
         ModelType::Gpt2 => vec!["c_attn".into()],
-        ModelType::Llama | ModelType::Mistral | ModelType::Qwen2 => {
+        ModelType::Llama | ModelType::Mistral | ModelType::Qwen2 | ModelType::Qwen3 => {
             vec!["q_proj".into(), "v_proj".into()]
         }
     }

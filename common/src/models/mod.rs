@@ -36,14 +36,16 @@ pub enum ModelType {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 4] = [
+    pub const ALL: [ModelType; 5] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
+        ModelType::Qwen3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +54,7 @@ impl ModelType {
             ModelType::Llama => "llama",
             ModelType::Mistral => "mistral",
             ModelType::Qwen2 => "qwen2",
+            ModelType::Qwen3 => "qwen3",
         }
     }
 
@@ -63,6 +66,7 @@ impl ModelType {
             ModelType::Llama => ("LlamaForCausalLM", "LlamaForSequenceClassification"),
             ModelType::Mistral => ("MistralForCausalLM", "MistralForSequenceClassification"),
             ModelType::Qwen2 => ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+            ModelType::Qwen3 => ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
         }
     }
 }
@@ -123,7 +127,7 @@ impl ModelConfig {
                 c.validate(path)?;
                 Arch::Gpt2(c)
             }
-            ModelType::Llama | ModelType::Mistral | ModelType::Qwen2 => {
+            ModelType::Llama | ModelType::Mistral | ModelType::Qwen2 | ModelType::Qwen3 => {
                 let c: llama::Config = serde_json::from_value(json).map_err(invalid)?;
                 c.validate(path)?;
                 Arch::Llama(c)
