@@ -39,6 +39,13 @@ def configs():
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
             max_position_embeddings=64, initializer_range=0.1, **common),
+        # Phi-3: fused qkv_proj and gate_up_proj, partial rotary (Phi-4-mini's), a sliding
+        # window shorter than the inputs.
+        "phi3": tf.Phi3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=7,
+            tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1,
+            resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **common),
         "mistral": tf.MistralConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=1, sliding_window=6, max_position_embeddings=64,

@@ -13,7 +13,7 @@ use rlhf_tests::{max_masked_diff, run_python, tensor_2d_f32, tensor_2d_i64};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-const ARCHS: &[&str] = &["gpt2", "llama", "qwen2", "qwen3", "mistral"];
+const ARCHS: &[&str] = &["gpt2", "llama", "qwen2", "qwen3", "phi3", "mistral"];
 const MAX_NEW_TOKENS: i64 = 24;
 
 struct Fixture {

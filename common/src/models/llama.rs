@@ -1,10 +1,11 @@
-//! The Llama family: Llama 2/3 (Touvron et al. 2023), Mistral, Qwen2 and Qwen3, which differ
-//! only in configuration.
+//! The Llama family: Llama 2/3 (Touvron et al. 2023), Mistral, Qwen2, Qwen3 and Phi-3,
+//! which differ only in configuration.
 //!
 //! Mirrors `transformers/models/llama/modeling_llama.py` (and the `mistral`, `qwen2`,
 //! `qwen3` copies): RMSNorm, rotary embeddings (default, linear or llama3 frequencies),
 //! SwiGLU, grouped-query attention, optional q/k/v bias, tied or untied embeddings, and
-//! Qwen3's per-head RMSNorm of queries and keys before rotary.
+//! Qwen3's per-head RMSNorm of queries and keys before rotary; Phi-3's fused `qkv_proj` and
+//! `gate_up_proj` (kept as stored, split after the product) and partial rotary.
 
 use std::path::Path;
 
@@ -19,7 +20,8 @@ use super::options::ModelOptions;
 use super::ModelType;
 use crate::error::{Error, Result};
 
-/// `config.json` of `llama`, `mistral`, `qwen2` and `qwen3`, with Hugging Face's field names.
+/// `config.json` of `llama`, `mistral`, `qwen2`, `qwen3` and `phi3`, with Hugging Face's field
+/// names.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub model_type: ModelType,
@@ -59,6 +61,9 @@ pub struct Config {
     pub sliding_window: Option<i64>,
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+    /// The share of each head's dimensions that rotate (Phi-4-mini: 0.75).
+    #[serde(default = "defaults::one")]
+    pub partial_rotary_factor: f64,
 }
 
 mod defaults {
@@ -75,6 +80,9 @@ mod defaults {
     }
     pub fn init_range() -> f64 {
         0.02
+    }
+    pub fn one() -> f64 {
+        1.0
     }
 }
 
@@ -114,6 +122,16 @@ impl Config {
         self.model_type == ModelType::Qwen2 || self.attention_bias
     }
 
+    /// Phi-3 stores q, k and v as one `qkv_proj`, and gate and up as one `gate_up_proj`.
+    pub fn fused(&self) -> bool {
+        self.model_type == ModelType::Phi3
+    }
+
+    /// Dimensions of each head that rotary embeddings turn (the first ones).
+    pub fn rotary_dim(&self) -> i64 {
+        (self.head_dim() as f64 * self.partial_rotary_factor) as i64
+    }
+
     /// Qwen3 normalises each head's queries and keys (`q_norm`, `k_norm`) before rotary.
     pub fn qk_norm(&self) -> bool {
         self.model_type == ModelType::Qwen3
@@ -122,7 +140,7 @@ impl Config {
     /// The attention window, where the architecture uses one.
     pub fn sliding_window(&self) -> Option<i64> {
         match self.model_type {
-            ModelType::Mistral => self.sliding_window,
+            ModelType::Mistral | ModelType::Phi3 => self.sliding_window,
             _ => None,
         }
     }
@@ -255,22 +273,34 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[x2.neg(), x1], -1)
 }
 
+/// The attention's input projections: separate, or Phi-3's one `qkv_proj`.
+#[derive(Debug)]
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The MLP's gate and up projections: separate, or Phi-3's one `gate_up_proj` (gate first).
+#[derive(Debug)]
+enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 #[derive(Debug)]
 struct Layer {
     input_layernorm: RmsNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     /// Qwen3's per-head norms of queries and keys (over `head_dim`).
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     post_attention_layernorm: RmsNorm,
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
     n_heads: i64,
     n_kv_heads: i64,
     head_dim: i64,
+    rotary_dim: i64,
 }
 
 impl Layer {
@@ -284,21 +314,34 @@ impl Layer {
         let norm = |path: nn::Path| RmsNorm::new(path, h, cfg.rms_norm_eps, opts);
         Layer {
             input_layernorm: norm(&p / "input_layernorm"),
-            q_proj: linear(&attn / "q_proj", (h, nh * d), cfg.qkv_bias()),
-            k_proj: linear(&attn / "k_proj", (h, nkv * d), cfg.qkv_bias()),
-            v_proj: linear(&attn / "v_proj", (h, nkv * d), cfg.qkv_bias()),
+            qkv: if cfg.fused() {
+                Qkv::Fused(linear(&attn / "qkv_proj", (h, (nh + 2 * nkv) * d), false))
+            } else {
+                Qkv::Separate {
+                    q: linear(&attn / "q_proj", (h, nh * d), cfg.qkv_bias()),
+                    k: linear(&attn / "k_proj", (h, nkv * d), cfg.qkv_bias()),
+                    v: linear(&attn / "v_proj", (h, nkv * d), cfg.qkv_bias()),
+                }
+            },
             o_proj: linear(&attn / "o_proj", (nh * d, h), cfg.attention_bias),
             qk_norm: cfg.qk_norm().then(|| {
                 let per_head = |path: nn::Path| RmsNorm::new(path, d, cfg.rms_norm_eps, opts);
                 (per_head(&attn / "q_norm"), per_head(&attn / "k_norm"))
             }),
             post_attention_layernorm: norm(&p / "post_attention_layernorm"),
-            gate_proj: linear(&mlp / "gate_proj", (h, i), cfg.mlp_bias),
-            up_proj: linear(&mlp / "up_proj", (h, i), cfg.mlp_bias),
+            gate_up: if cfg.fused() {
+                GateUp::Fused(linear(&mlp / "gate_up_proj", (h, 2 * i), false))
+            } else {
+                GateUp::Separate {
+                    gate: linear(&mlp / "gate_proj", (h, i), cfg.mlp_bias),
+                    up: linear(&mlp / "up_proj", (h, i), cfg.mlp_bias),
+                }
+            },
             down_proj: linear(&mlp / "down_proj", (i, h), cfg.mlp_bias),
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: d,
+            rotary_dim: cfg.rotary_dim(),
         }
     }
 
@@ -312,16 +355,33 @@ impl Layer {
         let (b, t, _) = x.size3().unwrap();
         let normed = self.input_layernorm.forward(x);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
-        let rope = |y: Tensor| &y * cos + rotate_half(&y) * sin;
-        let (mut q, mut k) = (
-            heads(self.q_proj.forward(&normed), self.n_heads),
-            heads(self.k_proj.forward(&normed), self.n_kv_heads),
-        );
+        // Partial rotary: the first `rotary_dim` dimensions turn, the rest pass.
+        let (rd, d) = (self.rotary_dim, self.head_dim);
+        let rope = |y: Tensor| {
+            let turn = |r: &Tensor| r * cos + rotate_half(r) * sin;
+            if rd == d {
+                turn(&y)
+            } else {
+                Tensor::cat(&[turn(&y.narrow(-1, 0, rd)), y.narrow(-1, rd, d - rd)], -1)
+            }
+        };
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate { q, k, v } => {
+                (q.forward(&normed), k.forward(&normed), v.forward(&normed))
+            }
+            Qkv::Fused(qkv) => {
+                let sizes = [self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d];
+                let mut parts = qkv.forward(&normed).split_with_sizes(sizes, -1).into_iter();
+                let mut next = || parts.next().expect("three parts");
+                (next(), next(), next())
+            }
+        };
+        let (mut q, mut k) = (heads(q, self.n_heads), heads(k, self.n_kv_heads));
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
         }
         let (q, k) = (rope(q), rope(k));
-        let v = heads(self.v_proj.forward(&normed), self.n_kv_heads);
+        let v = heads(v, self.n_kv_heads);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
@@ -333,10 +393,14 @@ impl Layer {
         ]);
         let x = x + self.o_proj.forward(&attn);
         let normed = self.post_attention_layernorm.forward(&x);
-        let mlp = self
-            .down_proj
-            .forward(&(self.gate_proj.forward(&normed).silu() * self.up_proj.forward(&normed)));
-        x + mlp
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate, up } => (gate.forward(&normed), up.forward(&normed)),
+            GateUp::Fused(gate_up) => {
+                let both = gate_up.forward(&normed).chunk(2, -1);
+                (both[0].shallow_clone(), both[1].shallow_clone())
+            }
+        };
+        x + self.down_proj.forward(&(gate.silu() * up))
     }
 }
 
@@ -354,7 +418,7 @@ impl Llama {
     /// `cfg` must have passed [`Config::validate`].
     pub fn new(p: nn::Path, cfg: &Config, opts: &ModelOptions) -> Self {
         let rope = cfg.rope().expect("validated config");
-        let inv_freq: Vec<f32> = inv_freq(&rope, cfg.head_dim())
+        let inv_freq: Vec<f32> = inv_freq(&rope, cfg.rotary_dim())
             .into_iter()
             .map(|f| f as f32)
             .collect();

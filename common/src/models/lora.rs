@@ -65,6 +65,7 @@ pub fn default_targets(model_type: ModelType) -> Vec<String> {
         ModelType::Llama | ModelType::Mistral | ModelType::Qwen2 | ModelType::Qwen3 => {
             vec!["q_proj".into(), "v_proj".into()]
         }
+        ModelType::Phi3 => vec!["qkv_proj".into()],
     }
 }
 

@@ -37,15 +37,17 @@ pub enum ModelType {
     Mistral,
     Qwen2,
     Qwen3,
+    Phi3,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 5] = [
+    pub const ALL: [ModelType; 6] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
         ModelType::Qwen3,
+        ModelType::Phi3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +57,7 @@ impl ModelType {
             ModelType::Mistral => "mistral",
             ModelType::Qwen2 => "qwen2",
             ModelType::Qwen3 => "qwen3",
+            ModelType::Phi3 => "phi3",
         }
     }
 
@@ -67,6 +70,7 @@ impl ModelType {
             ModelType::Mistral => ("MistralForCausalLM", "MistralForSequenceClassification"),
             ModelType::Qwen2 => ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
             ModelType::Qwen3 => ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+            ModelType::Phi3 => ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
         }
     }
 }
@@ -127,7 +131,11 @@ impl ModelConfig {
                 c.validate(path)?;
                 Arch::Gpt2(c)
             }
-            ModelType::Llama | ModelType::Mistral | ModelType::Qwen2 | ModelType::Qwen3 => {
+            ModelType::Llama
+            | ModelType::Mistral
+            | ModelType::Qwen2
+            | ModelType::Qwen3
+            | ModelType::Phi3 => {
                 let c: llama::Config = serde_json::from_value(json).map_err(invalid)?;
                 c.validate(path)?;
                 Arch::Llama(c)
