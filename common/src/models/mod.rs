@@ -811,8 +811,15 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2)"
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3)"
         );
+        // Phi-3's 128k models scale rotary with longrope: refused, not misread.
+        let mut phi3 = tiny_llama();
+        phi3["model_type"] = json!("phi3");
+        phi3["rope_scaling"] =
+            json!({"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]});
+        let e = ModelConfig::from_json(phi3, p).unwrap_err().to_string();
+        assert!(e.contains("rope_type 'longrope' is not supported"), "{e}");
         let mut bad = tiny_llama();
         bad["hidden_act"] = json!("gelu");
         let e = ModelConfig::from_json(bad, p).unwrap_err().to_string();
