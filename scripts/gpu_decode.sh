@@ -13,7 +13,14 @@
 #      full fine-tuning on a Llama-3.2-3B shape.
 #
 #   GPU_BIN=.gpu OUT=/tmp/out bash scripts/gpu_decode.sh
+#
+# A dry run of the whole flow on a CPU, to check the script before spending device time:
+#   DEVICE=cpu SHAPES=gpt2,llama BENCH_MEASURED=1 GPU_BIN=.gpu bash scripts/gpu_decode.sh
 set -u
+DEVICE=${DEVICE:-cuda}
+SHAPES=${SHAPES:-gpt2-medium,qwen2-0.5b}
+DTYPE=bf16
+[ "$DEVICE" = cpu ] && DTYPE=f32
 BIN=${GPU_BIN:-.gpu}
 OUT=${OUT:-/tmp/gpu-decode}
 WORK=${WORK:-/tmp/gpu-decode-work}
@@ -22,8 +29,11 @@ export RUST_LOG=${RUST_LOG:-warn}
 step() { echo; echo "== $* ($(date +%T))"; }
 
 step card
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+name=none
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+fi
 case "$name" in
     *H200*) gbps=4800 ;;
     *H100*) gbps=3350 ;;
@@ -39,7 +49,7 @@ tail -8 "$OUT/cuda-graphs-test.txt"
 # Measuring is pointless if graphs and eager disagree: stop, so a fixed build can rerun.
 [ "$rc" = 0 ] || exit 1
 
-knobs=(BENCH_DEVICE=cuda BENCH_DTYPE=bf16 BENCH_SHAPES=gpt2-medium,qwen2-0.5b
+knobs=(BENCH_DEVICE=$DEVICE BENCH_DTYPE=$DTYPE BENCH_SHAPES=$SHAPES
     BENCH_ROLLOUT=64 BENCH_RESPONSE=128 BENCH_SEQ=256 BENCH_PEAK_GBPS=$gbps)
 
 step "ours: PPO and GRPO (64 rollout rows) and generation (64, 256), eager vs graphs"
@@ -55,12 +65,15 @@ echo "exit $?"
 grep '^|' "$OUT/bench-before.txt"
 
 step "transformers generate on the same model directories"
-python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-for arch in gpt2-medium qwen2-0.5b; do
-    timeout 90 python3 bench/hf_generate.py "$WORK/new/$arch-lm" --name "$arch" \
-        --batch 64 --batch 256 --response 128 2>"$OUT/hf-$arch.log" | tee -a "$OUT/hf-generate.jsonl"
+"${PYTHON:-python3}" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+for arch in ${SHAPES//,/ }; do
+    timeout 90 "${PYTHON:-python3}" bench/hf_generate.py "$WORK/new/$arch-lm" --name "$arch" \
+        --batch 64 --batch 256 --response 128 --device "$DEVICE" 2>"$OUT/hf-$arch.log" \
+        | tee -a "$OUT/hf-generate.jsonl"
     echo "exit $?"
 done
+
+[ "$DEVICE" = cuda ] || exit 0  # the memory check needs the GPU
 
 # Peak device memory of a benchmark run: nvidia-smi sampled every 200 ms.
 memory_run() { # memory_run NAME ENV...
