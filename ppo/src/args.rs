@@ -123,6 +123,13 @@ pub struct TrainArgs {
     /// Most tokens sampled per response.
     #[arg(long, default_value_t = 64)]
     pub response_length: i64,
+    /// Most responses sampled at once in a rollout (default: all of them).
+    #[arg(long)]
+    pub generation_batch_size: Option<usize>,
+    /// Most sequences through each model's forward at once in a rollout (policy,
+    /// reference, value and reward; default: all of them).
+    #[arg(long)]
+    pub forward_batch_size: Option<usize>,
     /// Sampling temperature (> 0); log-probs are computed at this temperature.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
@@ -350,6 +357,14 @@ impl TrainArgs {
                 "--cliprange-high must be > 0",
             ),
             (self.reward_timeout > 0.0, "--reward-timeout must be > 0"),
+            (
+                self.generation_batch_size != Some(0),
+                "--generation-batch-size must be at least 1",
+            ),
+            (
+                self.forward_batch_size != Some(0),
+                "--forward-batch-size must be at least 1",
+            ),
             (
                 self.answer_pattern.is_none() || self.reward_rule.is_some(),
                 "--answer-pattern needs --reward-rule exact-answer",

@@ -3,7 +3,7 @@
 //! (no gradient), and the whole response under the reward.
 
 use anyhow::Result;
-use common::generate::{generate, FinishReason, Generation, SamplingConfig};
+use common::generate::{generate_in_chunks, FinishReason, Generation, SamplingConfig};
 use common::models::adapter::without_adapters;
 use common::ops::{entropy, logprobs_of};
 use common::Model;
@@ -81,6 +81,9 @@ pub struct RolloutModels<'a> {
 
 pub struct RolloutOptions {
     pub sampling: SamplingConfig,
+    /// Most rows sampled at once, and through one forward at once (`None`: all).
+    pub generation_batch: Option<usize>,
+    pub forward_batch: Option<usize>,
     pub missing_eos_penalty: Option<f64>,
     pub score_clip: Option<f64>,
 }
@@ -151,7 +154,14 @@ pub fn rollout(
 ) -> Result<Rollout> {
     let _guard = tch::no_grad_guard();
     let device = models.policy.device();
-    let generated = generate(models.policy, prompt_ids, prompt_mask, &opts.sampling);
+    let rows = prompt_ids.size()[0] as usize;
+    let generated = generate_in_chunks(
+        models.policy,
+        prompt_ids,
+        prompt_mask,
+        &opts.sampling,
+        opts.generation_batch.unwrap_or(rows),
+    );
     let prompt_len = prompt_ids.size()[1];
     let mask = generated.mask.to_kind(Kind::Float);
     let full_ids = Tensor::cat(
@@ -169,16 +179,41 @@ pub fn rollout(
         1,
     );
     let t = opts.sampling.temperature;
+    // Every forward over blocks of at most --forward-batch-size rows.
+    let block = opts.forward_batch.unwrap_or(rows).max(1) as i64;
+    let in_blocks = |f: &dyn Fn(&Tensor, &Tensor) -> (Tensor, Tensor)| {
+        let (mut a, mut b) = (vec![], vec![]);
+        for start in (0..rows as i64).step_by(block as usize) {
+            let len = block.min(rows as i64 - start);
+            let (x, y) = f(
+                &full_ids.narrow(0, start, len),
+                &full_mask.narrow(0, start, len),
+            );
+            a.push(x);
+            b.push(y);
+        }
+        (Tensor::cat(&a, 0), Tensor::cat(&b, 0))
+    };
     let (logprobs, entropy) =
-        response_logprobs(models.policy, &full_ids, &full_mask, prompt_len, t);
-    let reference = |model| response_logprobs(model, &full_ids, &full_mask, prompt_len, t).0;
+        in_blocks(&|ids, mask| response_logprobs(models.policy, ids, mask, prompt_len, t));
+    let reference = |model| {
+        in_blocks(&|ids, mask| {
+            let lp = response_logprobs(model, ids, mask, prompt_len, t).0;
+            (lp.shallow_clone(), lp)
+        })
+        .0
+    };
     let ref_logprobs = match models.reference {
         Some(model) => reference(model),
         None => without_adapters(|| reference(models.policy)),
     };
-    let values = models
-        .critic
-        .map(|critic| response_values(critic, &full_ids, &full_mask, prompt_len));
+    let values = models.critic.map(|critic| {
+        in_blocks(&|ids, mask| {
+            let v = response_values(critic, ids, mask, prompt_len);
+            (v.shallow_clone(), v)
+        })
+        .0
+    });
     let logprob_check = ((&generated.logprobs - &logprobs).abs() * &mask)
         .max()
         .double_value(&[]);

@@ -76,12 +76,80 @@ pub fn generate(
     prompt_mask: &Tensor,
     cfg: &SamplingConfig,
 ) -> Generation {
+    let b = prompt_ids.size()[0];
+    generate_in_chunks(model, prompt_ids, prompt_mask, cfg, b as usize)
+}
+
+/// The seed's uniforms, `[N, B]`: step-major, so a row's numbers do not depend on how the
+/// batch is split.
+fn draw_uniforms(cfg: &SamplingConfig, b: i64) -> Tensor {
+    let n = cfg.max_new_tokens;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let uniforms: Vec<f32> = (0..n * b).map(|_| rng.random::<f32>()).collect();
+    Tensor::from_slice(&uniforms).view([n, b])
+}
+
+/// [`generate`] over at most `chunk` rows at a time (`--generation-batch-size`): the same
+/// tokens as one call, since each row keeps its uniforms and its padding.
+pub fn generate_in_chunks(
+    model: &Model,
+    prompt_ids: &Tensor,
+    prompt_mask: &Tensor,
+    cfg: &SamplingConfig,
+    chunk: usize,
+) -> Generation {
     let stop_check = if model.device().is_cuda() {
         STOP_CHECK
     } else {
         1
     };
-    generate_checking_every(model, prompt_ids, prompt_mask, cfg, stop_check)
+    let b = prompt_ids.size()[0];
+    let uniforms = draw_uniforms(cfg, b);
+    let parts: Vec<Generation> = (0..b)
+        .step_by(chunk.max(1))
+        .map(|start| {
+            let len = (chunk as i64).min(b - start);
+            let rows = |t: &Tensor| t.narrow(0, start, len);
+            let u = uniforms.narrow(1, start, len);
+            generate_checking_every(
+                model,
+                &rows(prompt_ids),
+                &rows(prompt_mask),
+                cfg,
+                stop_check,
+                u,
+            )
+        })
+        .collect();
+    Generation::concat(parts, cfg.pad_id)
+}
+
+impl Generation {
+    /// Row blocks of one batch as one generation (narrower blocks padded on the right).
+    fn concat(parts: Vec<Generation>, pad_id: i64) -> Generation {
+        if parts.len() == 1 {
+            return parts.into_iter().next().expect("one part");
+        }
+        let width = parts.iter().map(|g| g.tokens.size()[1]).max().unwrap_or(1);
+        let widen = |t: &Tensor, fill: f64| {
+            let missing = width - t.size()[1];
+            if missing == 0 {
+                return t.shallow_clone();
+            }
+            let pad = Tensor::full([t.size()[0], missing], fill, (t.kind(), t.device()));
+            Tensor::cat(&[t, &pad], 1)
+        };
+        let cat = |f: &dyn Fn(&Generation) -> Tensor| {
+            Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)
+        };
+        Generation {
+            tokens: cat(&|g| widen(&g.tokens, pad_id as f64)),
+            mask: cat(&|g| widen(&g.mask, 0.0)),
+            logprobs: cat(&|g| widen(&g.logprobs, 0.0)),
+            lengths: parts.iter().flat_map(|g| g.lengths.clone()).collect(),
+            finish: parts.iter().flat_map(|g| g.finish.clone()).collect(),
+        }
+    }
 }
 
 fn generate_checking_every(
@@ -90,6 +158,7 @@ fn generate_checking_every(
     prompt_mask: &Tensor,
     cfg: &SamplingConfig,
     stop_check: i64,
+    uniforms: Tensor,
 ) -> Generation {
     assert_eq!(
         model.head,
@@ -98,7 +167,7 @@ fn generate_checking_every(
     );
     let _guard = tch::no_grad_guard();
     let n = cfg.max_new_tokens;
-    let mut decoder = Decoder::prefill(model, prompt_ids, prompt_mask, cfg);
+    let mut decoder = Decoder::prefill(model, prompt_ids, prompt_mask, cfg, uniforms);
     // The loop never waits for the device except to ask whether every row has finished,
     // which it does every step on the CPU (where it is free) and every STOP_CHECK steps on
     // a GPU (so kernel launches run ahead). Steps after the last row finished only add pad
@@ -169,12 +238,11 @@ impl<'a> Decoder<'a> {
         prompt_ids: &Tensor,
         prompt_mask: &Tensor,
         cfg: &'a SamplingConfig,
+        uniforms: Tensor,
     ) -> Self {
         let device = model.device();
         let (b, p) = prompt_ids.size2().unwrap();
         let n = cfg.max_new_tokens;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-        let uniforms: Vec<f32> = (0..n * b).map(|_| rng.random::<f32>()).collect();
         // Room for every position, rounded up to a multiple of 16 (aligned rows for the
         // fused attention kernels; the slots past the end stay masked).
         let virtual_tokens = model.virtual_tokens();
@@ -206,7 +274,7 @@ impl<'a> Decoder<'a> {
             positions: real + virtual_tokens,
             slot: int(virtual_tokens + p),
             column: int(0),
-            uniforms: Tensor::from_slice(&uniforms).view([n, b]).to_device(device),
+            uniforms: uniforms.to_device(device),
             finished: Tensor::zeros([b], (Kind::Bool, device)),
             tokens: Tensor::full([b, n], cfg.pad_id, (Kind::Int64, device)),
             logprobs: Tensor::zeros([b, n], (Kind::Float, device)),
@@ -395,11 +463,11 @@ mod tests {
             seed: 11,
             ..cfg(1.0, 0, 1.0)
         };
-        let every = generate_checking_every(&model, &ids, &mask, &cfg, 1);
+        let every = generate_checking_every(&model, &ids, &mask, &cfg, 1, draw_uniforms(&cfg, 2));
         // Both rows finish early and at different steps, so the check matters.
         assert!(every.lengths.iter().all(|&l| l < 30), "{:?}", every.lengths);
         assert_ne!(every.lengths[0], every.lengths[1]);
-        let sparse = generate_checking_every(&model, &ids, &mask, &cfg, 7);
+        let sparse = generate_checking_every(&model, &ids, &mask, &cfg, 7, draw_uniforms(&cfg, 2));
         assert_eq!(every.lengths, sparse.lengths);
         assert!(every.tokens.equal(&sparse.tokens));
         assert!(every.mask.equal(&sparse.mask));
@@ -508,6 +576,34 @@ mod tests {
             }
         }
         assert!(early >= 3, "rows ending at EOS: {early}");
+    }
+
+    /// `--generation-batch-size`: blocks of rows sample what the whole batch samples.
+    #[test]
+    fn chunked_generation_equals_one_call() {
+        let model = tiny("llama", serde_json::json!({}));
+        let ids =
+            Tensor::from_slice(&[1i64, 2, 3, 4, 5, 0, 0, 3, 4, 1, 0, 0, 0, 6, 2]).view([3, 5]);
+        let mask = ids.ne(0).to_kind(Kind::Int64);
+        let cfg = SamplingConfig {
+            max_new_tokens: 10,
+            eos_ids: vec![6],
+            seed: 4,
+            ..cfg(1.0, 0, 1.0)
+        };
+        let whole = generate(&model, &ids, &mask, &cfg);
+        let chunked = generate_in_chunks(&model, &ids, &mask, &cfg, 2);
+        assert_eq!(whole.lengths, chunked.lengths);
+        assert!(
+            whole.tokens.equal(&chunked.tokens),
+            "{} vs {}",
+            whole.tokens,
+            chunked.tokens
+        );
+        assert!(whole.mask.equal(&chunked.mask));
+        assert!(whole
+            .logprobs
+            .allclose(&chunked.logprobs, 1e-5, 1e-6, false));
     }
 
     #[test]
