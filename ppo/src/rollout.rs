@@ -79,6 +79,35 @@ pub struct RolloutModels<'a> {
     pub tokenizer: &'a Tokenizer,
 }
 
+/// The weighted sum of every source's scores, and each source's mean and std.
+type SourceStats = Vec<(&'static str, f64, f64)>;
+
+fn summed_rewards(
+    sources: &[RewardSource],
+    input: &RewardInput,
+) -> Result<(Vec<f64>, SourceStats)> {
+    let mut scores = vec![0.0; input.texts.len()];
+    let mut stats = vec![];
+    for source in sources {
+        let s = source.function.scores(input)?;
+        anyhow::ensure!(
+            s.len() == scores.len(),
+            "reward source {} gave {} scores for {} responses",
+            source.name,
+            s.len(),
+            scores.len()
+        );
+        for (total, x) in scores.iter_mut().zip(&s) {
+            *total += source.weight * x;
+        }
+        let n = s.len() as f64;
+        let mean = s.iter().sum::<f64>() / n;
+        let var = s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        stats.push((source.name, mean, var.sqrt()));
+    }
+    Ok((scores, stats))
+}
+
 pub struct RolloutOptions {
     pub sampling: SamplingConfig,
     /// Most rows sampled at once, and through one forward at once (`None`: all).
@@ -143,6 +172,55 @@ impl RewardView {
     }
 }
 
+/// Log-probs and entropies under the policy, log-probs under the reference, values.
+type TokenScores = (Tensor, Tensor, Tensor, Option<Tensor>);
+
+/// Per-token log-probs and entropies under the policy, log-probs under the reference, and
+/// the critic's values, of `(ids, mask, prompt_len)`, each forward over blocks of at most
+/// `block` rows (`--forward-batch-size`).
+fn score_tokens(
+    models: &RolloutModels,
+    (full_ids, full_mask, prompt_len): (&Tensor, &Tensor, i64),
+    t: f64,
+    block: i64,
+) -> TokenScores {
+    let rows = full_ids.size()[0];
+    let in_blocks = |f: &dyn Fn(&Tensor, &Tensor) -> (Tensor, Tensor)| {
+        let (mut a, mut b) = (vec![], vec![]);
+        for start in (0..rows).step_by(block as usize) {
+            let len = block.min(rows - start);
+            let (x, y) = f(
+                &full_ids.narrow(0, start, len),
+                &full_mask.narrow(0, start, len),
+            );
+            a.push(x);
+            b.push(y);
+        }
+        (Tensor::cat(&a, 0), Tensor::cat(&b, 0))
+    };
+    let (logprobs, entropy) =
+        in_blocks(&|ids, mask| response_logprobs(models.policy, ids, mask, prompt_len, t));
+    let reference = |model| {
+        in_blocks(&|ids, mask| {
+            let lp = response_logprobs(model, ids, mask, prompt_len, t).0;
+            (lp.shallow_clone(), lp)
+        })
+        .0
+    };
+    let ref_logprobs = match models.reference {
+        Some(model) => reference(model),
+        None => without_adapters(|| reference(models.policy)),
+    };
+    let values = models.critic.map(|critic| {
+        in_blocks(&|ids, mask| {
+            let v = response_values(critic, ids, mask, prompt_len);
+            (v.shallow_clone(), v)
+        })
+        .0
+    });
+    (logprobs, entropy, ref_logprobs, values)
+}
+
 /// Samples one response to each row of `prompt_ids` (`fields`: the other fields of each
 /// row's prompt, for the rewards) and scores it.
 pub fn rollout(
@@ -178,42 +256,13 @@ pub fn rollout(
         ],
         1,
     );
-    let t = opts.sampling.temperature;
-    // Every forward over blocks of at most --forward-batch-size rows.
     let block = opts.forward_batch.unwrap_or(rows).max(1) as i64;
-    let in_blocks = |f: &dyn Fn(&Tensor, &Tensor) -> (Tensor, Tensor)| {
-        let (mut a, mut b) = (vec![], vec![]);
-        for start in (0..rows as i64).step_by(block as usize) {
-            let len = block.min(rows as i64 - start);
-            let (x, y) = f(
-                &full_ids.narrow(0, start, len),
-                &full_mask.narrow(0, start, len),
-            );
-            a.push(x);
-            b.push(y);
-        }
-        (Tensor::cat(&a, 0), Tensor::cat(&b, 0))
-    };
-    let (logprobs, entropy) =
-        in_blocks(&|ids, mask| response_logprobs(models.policy, ids, mask, prompt_len, t));
-    let reference = |model| {
-        in_blocks(&|ids, mask| {
-            let lp = response_logprobs(model, ids, mask, prompt_len, t).0;
-            (lp.shallow_clone(), lp)
-        })
-        .0
-    };
-    let ref_logprobs = match models.reference {
-        Some(model) => reference(model),
-        None => without_adapters(|| reference(models.policy)),
-    };
-    let values = models.critic.map(|critic| {
-        in_blocks(&|ids, mask| {
-            let v = response_values(critic, ids, mask, prompt_len);
-            (v.shallow_clone(), v)
-        })
-        .0
-    });
+    let (logprobs, entropy, ref_logprobs, values) = score_tokens(
+        models,
+        (&full_ids, &full_mask, prompt_len),
+        opts.sampling.temperature,
+        block,
+    );
     let logprob_check = ((&generated.logprobs - &logprobs).abs() * &mask)
         .max()
         .double_value(&[]);
@@ -227,25 +276,7 @@ pub fn rollout(
         texts: &texts,
         fields,
     };
-    let mut scores = vec![0.0; texts.len()];
-    let mut source_stats = vec![];
-    for source in models.rewards {
-        let s = source.function.scores(&input)?;
-        anyhow::ensure!(
-            s.len() == scores.len(),
-            "reward source {} gave {} scores for {} responses",
-            source.name,
-            s.len(),
-            scores.len()
-        );
-        for (total, x) in scores.iter_mut().zip(&s) {
-            *total += source.weight * x;
-        }
-        let n = s.len() as f64;
-        let mean = s.iter().sum::<f64>() / n;
-        let var = s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-        source_stats.push((source.name, mean, var.sqrt()));
-    }
+    let (mut scores, source_stats) = summed_rewards(models.rewards, &input)?;
     for (s, &eos) in scores.iter_mut().zip(&ended_with_eos) {
         if let (Some(penalty), false) = (opts.missing_eos_penalty, eos) {
             *s -= penalty;
