@@ -1,7 +1,6 @@
 //! The rows each stage reads (DESIGN.md's table; field names follow TRL). One type per use;
 //! extra fields are ignored.
 
-use serde::ser::SerializeMap;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -48,11 +47,7 @@ impl Serialize for Message {
         fields.insert("role".into(), Value::String(self.role.clone()));
         fields.insert("content".into(), Value::String(self.content.clone()));
         fields.extend(self.extra.clone());
-        let mut map = serializer.serialize_map(Some(fields.len()))?;
-        for (k, v) in &fields {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
+        fields.serialize(serializer)
     }
 }
 

@@ -185,38 +185,37 @@ fn score_tokens(
     block: i64,
 ) -> TokenScores {
     let rows = full_ids.size()[0];
-    let in_blocks = |f: &dyn Fn(&Tensor, &Tensor) -> (Tensor, Tensor)| {
-        let (mut a, mut b) = (vec![], vec![]);
-        for start in (0..rows).step_by(block as usize) {
-            let len = block.min(rows - start);
-            let (x, y) = f(
-                &full_ids.narrow(0, start, len),
-                &full_mask.narrow(0, start, len),
-            );
-            a.push(x);
-            b.push(y);
-        }
-        (Tensor::cat(&a, 0), Tensor::cat(&b, 0))
+    // `f` over each block of rows, each of its outputs concatenated over the blocks.
+    let in_blocks = |f: &dyn Fn(&Tensor, &Tensor) -> Vec<Tensor>| -> Vec<Tensor> {
+        let blocks: Vec<Vec<Tensor>> = (0..rows)
+            .step_by(block as usize)
+            .map(|start| {
+                let len = block.min(rows - start);
+                f(
+                    &full_ids.narrow(0, start, len),
+                    &full_mask.narrow(0, start, len),
+                )
+            })
+            .collect();
+        (0..blocks[0].len())
+            .map(|i| Tensor::cat(&blocks.iter().map(|b| &b[i]).collect::<Vec<_>>(), 0))
+            .collect()
     };
-    let (logprobs, entropy) =
-        in_blocks(&|ids, mask| response_logprobs(models.policy, ids, mask, prompt_len, t));
+    let [logprobs, entropy]: [Tensor; 2] = in_blocks(&|ids, mask| {
+        let (lp, ent) = response_logprobs(models.policy, ids, mask, prompt_len, t);
+        vec![lp, ent]
+    })
+    .try_into()
+    .expect("two outputs");
     let reference = |model| {
-        in_blocks(&|ids, mask| {
-            let lp = response_logprobs(model, ids, mask, prompt_len, t).0;
-            (lp.shallow_clone(), lp)
-        })
-        .0
+        in_blocks(&|ids, mask| vec![response_logprobs(model, ids, mask, prompt_len, t).0]).remove(0)
     };
     let ref_logprobs = match models.reference {
         Some(model) => reference(model),
         None => without_adapters(|| reference(models.policy)),
     };
     let values = models.critic.map(|critic| {
-        in_blocks(&|ids, mask| {
-            let v = response_values(critic, ids, mask, prompt_len);
-            (v.shallow_clone(), v)
-        })
-        .0
+        in_blocks(&|ids, mask| vec![response_values(critic, ids, mask, prompt_len)]).remove(0)
     });
     (logprobs, entropy, ref_logprobs, values)
 }

@@ -103,10 +103,10 @@ pub fn generate_in_chunks(
     } else {
         1
     };
-    let b = prompt_ids.size()[0];
+    let (b, chunk) = (prompt_ids.size()[0], chunk.max(1));
     let uniforms = draw_uniforms(cfg, b);
     let parts: Vec<Generation> = (0..b)
-        .step_by(chunk.max(1))
+        .step_by(chunk)
         .map(|start| {
             let len = (chunk as i64).min(b - start);
             let rows = |t: &Tensor| t.narrow(0, start, len);
@@ -484,9 +484,7 @@ mod tests {
     ) -> (Tensor, Tensor) {
         let _guard = tch::no_grad_guard();
         let (b, n) = (ids.size()[0], cfg.max_new_tokens);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-        let uniforms: Vec<f32> = (0..n * b).map(|_| rng.random::<f32>()).collect();
-        let uniforms = Tensor::from_slice(&uniforms).view([n, b]);
+        let uniforms = draw_uniforms(cfg, b);
         let mut cache = model.new_cache();
         let mut mask = mask.shallow_clone();
         let hidden = model.hidden(ids, &mask, Some(&mut cache));

@@ -11,9 +11,9 @@ use tch::{Kind, Tensor};
 /// cache grows by `cat`. After [`KvCache::write_at`] the cache is static: each forward of
 /// one token writes it at a slot held on the device and attends over the whole buffer
 /// (the caller's mask hides the slots not written yet), so a decode step has fixed shapes
-/// and addresses and can be captured in a CUDA graph. The cache also remembers whether the prompt had padding: tokens
-/// appended after the first forward must be real ones (generation appends mask ones), so
-/// later forwards need not ask the device again.
+/// and addresses and can be captured in a CUDA graph. The cache also remembers whether
+/// the prompt had padding: tokens appended after the first forward must be real ones
+/// (generation appends mask ones), so later forwards need not ask the device again.
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,

@@ -544,10 +544,7 @@ impl Model {
         attention_mask: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let mut x = match &self.backbone {
-            Backbone::Gpt2(b) => b.embed(ids),
-            Backbone::Llama(b) => b.embed(ids),
-        };
+        let mut x = self.embed(ids);
         let mut mask = attention_mask.shallow_clone();
         let mut virtual_tokens = 0;
         if let Some(prompt) = self.prompt.as_ref().filter(|_| adapter::adapters_enabled()) {
@@ -576,6 +573,14 @@ impl Model {
         match virtual_tokens {
             0 => h,
             n => h.narrow(1, n, t - n),
+        }
+    }
+
+    /// Token embeddings `[B, T, H]` of `ids`.
+    fn embed(&self, ids: &Tensor) -> Tensor {
+        match &self.backbone {
+            Backbone::Gpt2(b) => b.embed(ids),
+            Backbone::Llama(b) => b.embed(ids),
         }
     }
 
@@ -619,10 +624,7 @@ impl Model {
         masking: &Masking,
         cache: &mut KvCache,
     ) -> Tensor {
-        let x = match &self.backbone {
-            Backbone::Gpt2(b) => b.embed(ids),
-            Backbone::Llama(b) => b.embed(ids),
-        };
+        let x = self.embed(ids);
         let h = self.backbone_forward(&x, positions, masking, Some(cache));
         self.head_output(&h).squeeze_dim(1)
     }
