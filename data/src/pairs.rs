@@ -1,0 +1,289 @@
+//! Preference pairs for DPO, tokenized as TRL 1.16's `DPOTrainer` does, and their batch.
+//!
+//! The rule (README, "DPO"): a ranking of K responses gives its K·(K−1)/2 pairs (better
+//! first). Text rows: the chosen and rejected texts get the tokenizer's EOS appended
+//! (unless they already end with it); `prompt` and `prompt + response` are tokenized with
+//! the tokenizer's special tokens (BOS where it adds one). Conversational rows: the prompt
+//! is rendered with the generation prompt, `prompt + response` without it, both without
+//! extra special tokens. The completion starts where the tokenized prompt and the shorter
+//! common prefix with either tokenized `prompt + response` ends (`common_prefix_length`).
+//! `--max-prompt-length` keeps a prompt's last tokens; `--max-length` keeps the start of
+//! `prompt + completion` (`keep_start`), and a pair whose prompt alone fills it is dropped.
+
+use tch::{Device, Tensor};
+
+use crate::error::Result;
+use crate::formats::{Content, Message, PreferenceExample, TemplateArgs};
+use crate::jsonl::Rows;
+use crate::preference::pad_right;
+use crate::sft::Truncation;
+use crate::tokenizer::Tokenizer;
+
+/// One pair: the shared prompt's tokens and each completion's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizedPair {
+    pub prompt: Vec<i64>,
+    pub chosen: Vec<i64>,
+    pub rejected: Vec<i64>,
+}
+
+impl TokenizedPair {
+    /// The longer of its two sequences.
+    pub fn len(&self) -> usize {
+        self.prompt.len() + self.chosen.len().max(self.rejected.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn as_messages(c: &Content, role: &str) -> Vec<Message> {
+    match c {
+        Content::Messages(m) => m.clone(),
+        Content::Text(t) => vec![Message::new(role, t)],
+    }
+}
+
+fn common_prefix_length(a: &[i64], b: &[i64]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The prompt's tokens and `prompt + response`'s tokens for each response.
+fn encode_row(
+    tok: &Tokenizer,
+    prompt: &Content,
+    responses: &[&Content],
+) -> Result<(Vec<i64>, Vec<Vec<i64>>)> {
+    let conversational = matches!(prompt, Content::Messages(_))
+        || responses.iter().any(|r| matches!(r, Content::Messages(_)));
+    if conversational {
+        let none = TemplateArgs::default();
+        let prompt = as_messages(prompt, "user");
+        let prompt_ids = tok.encode(&tok.render_chat(&prompt, &none, true)?, false)?;
+        let full = responses
+            .iter()
+            .map(|r| {
+                let mut messages = prompt.clone();
+                messages.extend(as_messages(r, "assistant"));
+                tok.encode(&tok.render_chat(&messages, &none, false)?, false)
+            })
+            .collect::<Result<_>>()?;
+        return Ok((prompt_ids, full));
+    }
+    let text = |c: &Content| match c {
+        Content::Text(t) => t.clone(),
+        Content::Messages(_) => unreachable!("conversational rows are handled above"),
+    };
+    let prompt = text(prompt);
+    let eos = tok.eos_token.clone().unwrap_or_default();
+    let full = responses
+        .iter()
+        .map(|r| {
+            let mut r = text(r);
+            if !r.ends_with(&eos) {
+                r.push_str(&eos);
+            }
+            tok.encode(&format!("{prompt}{r}"), true)
+        })
+        .collect::<Result<_>>()?;
+    Ok((tok.encode(&prompt, true)?, full))
+}
+
+/// Every pair of a ranking (best first), tokenized.
+pub fn tokenize(ex: &PreferenceExample, tok: &Tokenizer) -> Result<Vec<TokenizedPair>> {
+    let responses: Vec<&Content> = ex.responses.iter().collect();
+    let (prompt, full) = encode_row(tok, &ex.prompt, &responses)?;
+    let mut pairs = vec![];
+    for i in 0..full.len() {
+        for j in i + 1..full.len() {
+            let (c, r) = (&full[i], &full[j]);
+            let len = common_prefix_length(&prompt, c).min(common_prefix_length(&prompt, r));
+            pairs.push(TokenizedPair {
+                prompt: prompt[..len].to_vec(),
+                chosen: c[len..].to_vec(),
+                rejected: r[len..].to_vec(),
+            });
+        }
+    }
+    Ok(pairs)
+}
+
+/// Length limits of a pair: `--max-prompt-length` (keep the prompt's end), `--max-length`
+/// (keep the start of each sequence) and what to do with a sequence over it.
+#[derive(Debug, Clone, Copy)]
+pub struct PairLimits {
+    pub max_prompt_length: Option<usize>,
+    pub max_length: usize,
+    pub truncation: Truncation,
+}
+
+/// `pair` within `limits`, or `None` when it is dropped; the flag says it was cut.
+pub fn truncate(mut pair: TokenizedPair, limits: PairLimits) -> Option<(TokenizedPair, bool)> {
+    let mut cut = false;
+    if let Some(n) = limits.max_prompt_length {
+        if pair.prompt.len() > n {
+            pair.prompt.drain(..pair.prompt.len() - n);
+            cut = true;
+        }
+    }
+    if pair.prompt.len() >= limits.max_length {
+        return None;
+    }
+    if pair.len() <= limits.max_length {
+        return Some((pair, cut));
+    }
+    if limits.truncation == Truncation::Drop {
+        return None;
+    }
+    let room = limits.max_length - pair.prompt.len();
+    pair.chosen.truncate(room);
+    pair.rejected.truncate(room);
+    Some((pair, true))
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct PreparedPairs {
+    pub pairs: Vec<TokenizedPair>,
+    /// For each pair: its row in the file and the two responses' places in the ranking.
+    pub origin: Vec<(usize, usize, usize)>,
+    pub truncated: usize,
+    pub dropped: usize,
+}
+
+/// Tokenizes every row's pairs and applies `limits`.
+pub fn prepare(
+    examples: &Rows<PreferenceExample>,
+    tok: &Tokenizer,
+    limits: PairLimits,
+) -> Result<PreparedPairs> {
+    let mut out = PreparedPairs::default();
+    for (row, ex) in examples.iter().enumerate() {
+        let pairs = tokenize(ex, tok).map_err(|e| examples.locate(row, e))?;
+        let k = ex.responses.len();
+        let places = (0..k).flat_map(|i| (i + 1..k).map(move |j| (i, j)));
+        for (pair, (i, j)) in pairs.into_iter().zip(places) {
+            match truncate(pair, limits) {
+                Some((pair, cut)) => {
+                    out.truncated += usize::from(cut);
+                    out.pairs.push(pair);
+                    out.origin.push((row, i, j));
+                }
+                None => out.dropped += 1,
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `[2B, T]` right-padded rows: every pair's `prompt + chosen`, then every pair's
+/// `prompt + rejected` (TRL's `DataCollatorForPreference`); `completion_mask` is 1 on the
+/// completion tokens.
+#[derive(Debug)]
+pub struct PairBatch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub completion_mask: Tensor,
+}
+
+pub fn collate(pairs: &[&TokenizedPair], pad_id: i64, device: Device) -> PairBatch {
+    let sequences: Vec<Vec<i64>> = [false, true]
+        .iter()
+        .flat_map(|&rejected| {
+            pairs.iter().map(move |p| {
+                let completion = if rejected { &p.rejected } else { &p.chosen };
+                [p.prompt.as_slice(), completion].concat()
+            })
+        })
+        .collect();
+    let completion: Vec<Vec<i64>> = [false, true]
+        .iter()
+        .flat_map(|&rejected| {
+            pairs.iter().map(move |p| {
+                let n = if rejected {
+                    p.rejected.len()
+                } else {
+                    p.chosen.len()
+                };
+                [vec![0; p.prompt.len()], vec![1; n]].concat()
+            })
+        })
+        .collect();
+    let refs: Vec<&[i64]> = sequences.iter().map(Vec::as_slice).collect();
+    let (input_ids, attention_mask) = pad_right(&refs, pad_id, device);
+    let refs: Vec<&[i64]> = completion.iter().map(Vec::as_slice).collect();
+    let (completion_mask, _) = pad_right(&refs, 0, device);
+    PairBatch {
+        input_ids,
+        attention_mask,
+        completion_mask,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(p: &[i64], c: &[i64], r: &[i64]) -> TokenizedPair {
+        TokenizedPair {
+            prompt: p.to_vec(),
+            chosen: c.to_vec(),
+            rejected: r.to_vec(),
+        }
+    }
+
+    /// TRL's collator example: chosen rows first, completion mask on the completions.
+    #[test]
+    fn collates_as_trl() {
+        let a = pair(&[1, 2, 3], &[4, 5], &[6]);
+        let b = pair(&[7, 8], &[9], &[10, 11]);
+        let batch = collate(&[&a, &b], 0, Device::Cpu);
+        let ids: Vec<Vec<i64>> = Vec::try_from(batch.input_ids).unwrap();
+        assert_eq!(
+            ids,
+            [
+                [1, 2, 3, 4, 5],
+                [7, 8, 9, 0, 0],
+                [1, 2, 3, 6, 0],
+                [7, 8, 10, 11, 0]
+            ]
+        );
+        let m: Vec<Vec<i64>> = Vec::try_from(batch.completion_mask).unwrap();
+        assert_eq!(
+            m,
+            [
+                [0, 0, 0, 1, 1],
+                [0, 0, 1, 0, 0],
+                [0, 0, 0, 1, 0],
+                [0, 0, 1, 1, 0]
+            ]
+        );
+        let a: Vec<Vec<i64>> = Vec::try_from(batch.attention_mask).unwrap();
+        assert_eq!(a[1], [1, 1, 1, 0, 0]);
+    }
+
+    #[test]
+    fn truncation_keeps_the_start_and_drops_full_prompts() {
+        let limits = PairLimits {
+            max_prompt_length: None,
+            max_length: 5,
+            truncation: Truncation::Truncate,
+        };
+        let (p, cut) = truncate(pair(&[1, 2, 3], &[4, 5, 6], &[7]), limits).unwrap();
+        assert!(cut);
+        assert_eq!((p.chosen, p.rejected), (vec![4, 5], vec![7]));
+        assert!(truncate(pair(&[1, 2, 3, 4, 5], &[6], &[7]), limits).is_none());
+        let drop = PairLimits {
+            truncation: Truncation::Drop,
+            ..limits
+        };
+        assert!(truncate(pair(&[1, 2, 3], &[4, 5, 6], &[7]), drop).is_none());
+        let prompt_cap = PairLimits {
+            max_prompt_length: Some(2),
+            ..limits
+        };
+        let (p, cut) = truncate(pair(&[1, 2, 3], &[4, 5, 6], &[7]), prompt_cap).unwrap();
+        assert!(cut);
+        assert_eq!((p.prompt, p.chosen), (vec![2, 3], vec![4, 5, 6]));
+    }
+}

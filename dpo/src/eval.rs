@@ -1,0 +1,106 @@
+//! `dpo eval`: the DPO loss and metrics of a policy against a reference on preference
+//! pairs; one JSON row per pair, and a summary.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use common::cli::{require, DeviceArgs};
+use common::{Head, Model, ModelOptions};
+use data::pairs::PairLimits;
+use data::sft::Truncation;
+use serde_json::{json, Value};
+
+use crate::loss::LossArgs;
+use crate::train::prepare_file;
+use crate::{run_pairs, Reference};
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// The policy: a Hugging Face model directory or an adapter directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The reference (default for an adapter directory: its base model, the adapter off).
+    #[arg(long)]
+    pub ref_model: Option<PathBuf>,
+    /// The base model of an adapter directory (default: its base_model_name_or_path).
+    #[arg(long)]
+    pub base_model: Option<PathBuf>,
+    /// Preference rows (pairs or rankings), as `dpo train` reads them.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Per-pair results as JSON Lines.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub loss: LossArgs,
+    /// Pairs per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Longest sequence in tokens (each sequence's start is kept).
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// Keep only the last N tokens of each prompt.
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    /// truncate or drop pairs over --max-length.
+    #[arg(long, default_value = "truncate")]
+    pub truncation: Truncation,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// The summary: the pair count, then `loss` and TRL's metric names.
+pub fn run(args: &EvalArgs) -> Result<Value> {
+    require(&[
+        (args.batch_size > 0, "--batch-size must be at least 1"),
+        (args.max_length > 1, "--max-length must be at least 2"),
+    ])?;
+    args.loss.validate()?;
+    let (device, kind) = args.device.resolve();
+    let opts = ModelOptions {
+        base_model: args.base_model.clone(),
+        ..ModelOptions::new(Head::Lm, device, kind).frozen()
+    };
+    let (policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    if args.ref_model.is_none() && !policy.options.has_adapter() {
+        bail!("--ref-model is required: --model {} is a full model (only an adapter directory has its base as the default reference)", args.model.display());
+    }
+    let reference = match &args.ref_model {
+        Some(dir) => Reference::load(&policy, &args.model, Some(dir), &opts)?,
+        None => Reference::AdapterOff,
+    };
+    let limits = PairLimits {
+        max_prompt_length: args.max_prompt_length,
+        max_length: policy.cap_length(args.max_length, "--max-length"),
+        truncation: args.truncation,
+    };
+    let prepared = prepare_file(&args.data, &tok, limits)?;
+    let pairs: Vec<_> = prepared.pairs.iter().enumerate().collect();
+    let shape = (args.batch_size, tok.pad_id);
+    let (stats, results) = run_pairs(&policy, &reference, &pairs, shape, &args.loss, None);
+    if let Some(out) = &args.output {
+        let beta = args.loss.beta;
+        let rows: Vec<Value> = prepared
+            .origin
+            .iter()
+            .zip(&results)
+            .map(|(&(index, chosen, rejected), r)| {
+                json!({"index": index, "chosen": chosen, "rejected": rejected,
+                       "logps_chosen": r.logps[0], "logps_rejected": r.logps[1],
+                       "ref_logps_chosen": r.ref_logps[0], "ref_logps_rejected": r.ref_logps[1],
+                       "reward_chosen": beta * (r.logps[0] - r.ref_logps[0]),
+                       "reward_rejected": beta * (r.logps[1] - r.ref_logps[1]),
+                       "loss": r.loss})
+            })
+            .collect();
+        data::io::write_jsonl(out, &rows)?;
+    }
+    let mut summary = serde_json::Map::new();
+    summary.insert("pairs".into(), json!(results.len()));
+    summary.insert("dropped".into(), json!(prepared.dropped));
+    for (k, v) in stats.named(args.loss.rpo_alpha) {
+        summary.insert(k.into(), json!(v));
+    }
+    Ok(Value::Object(summary))
+}

@@ -1,0 +1,242 @@
+//! Direct preference optimisation (Rafailov et al. 2023): the policy trained on preference
+//! pairs against a frozen reference, with the reward model implicit. The reward stage's
+//! preference data, the SFT model as policy and reference, the shared training unit.
+//!
+//! This file holds what `train` and `eval` share: where the reference's log-probs come
+//! from, and one pass over pairs in micro-batches (forward, loss, metrics, and backward
+//! when training).
+
+pub mod eval;
+pub mod loss;
+pub mod train;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use common::models::adapter::{without_adapters, AdapterDir};
+use common::ops::logprobs_of;
+use common::{Head, Model, ModelOptions};
+use data::pairs::{collate, PairBatch, TokenizedPair};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use loss::{pair_loss, LossArgs, PairLogps, Stats};
+
+/// Where the frozen reference's log-probs come from.
+pub enum Reference {
+    /// A frozen model (`--ref-model`, or a copy of the starting model).
+    Model(Box<Model>),
+    /// The policy with its adapter switched off (a fresh LoRA or prompt-tuning adapter:
+    /// the base model is the reference, as PEFT's `disable_adapter()` gives it).
+    AdapterOff,
+    /// Computed once before training (`--precompute-ref-logprobs`), by pair index.
+    Precomputed(Vec<[f32; 2]>),
+}
+
+impl Reference {
+    /// The reference for `policy` (loaded from `model_dir` with `opts`): `ref_model` when
+    /// given, else the starting model — the policy itself with a fresh adapter off, or a
+    /// frozen copy.
+    pub fn load(
+        policy: &Model,
+        model_dir: &Path,
+        ref_model: Option<&Path>,
+        opts: &ModelOptions,
+    ) -> Result<Reference> {
+        let reference = match ref_model {
+            Some(dir) => {
+                let plain = ModelOptions::new(Head::Lm, opts.device, opts.kind).frozen();
+                Model::load(dir, &plain)
+                    .with_context(|| format!("loading --ref-model {}", dir.display()))?
+                    .0
+            }
+            None if policy.options.has_adapter() && AdapterDir::read(model_dir)?.is_none() => {
+                return Ok(Reference::AdapterOff)
+            }
+            None => Model::load(model_dir, &opts.clone().frozen())?.0,
+        };
+        let (a, b) = (reference.config.vocab_size(), policy.config.vocab_size());
+        if a != b {
+            bail!(
+                "--ref-model {}: its vocabulary has {a} tokens, the policy's {b}; the reference must share the policy's tokenizer",
+                ref_model.unwrap_or(model_dir).display()
+            );
+        }
+        Ok(Reference::Model(Box::new(reference)))
+    }
+
+    /// The reference's `[2B]` sequence log-probs (chosen rows, then rejected) of `batch`,
+    /// whose pairs have the indices `indices`.
+    fn logps(&self, policy: &Model, batch: &PairBatch, indices: &[usize]) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        match self {
+            Reference::Model(m) => score(m, batch).logps,
+            Reference::AdapterOff => without_adapters(|| score(policy, batch).logps),
+            Reference::Precomputed(values) => {
+                let chosen: Vec<f32> = indices.iter().map(|&i| values[i][0]).collect();
+                let rejected: Vec<f32> = indices.iter().map(|&i| values[i][1]).collect();
+                Tensor::from_slice(&[chosen, rejected].concat()).to_device(policy.device())
+            }
+        }
+    }
+
+    /// Every pair's `[chosen, rejected]` log-probs under this reference, computed once.
+    pub fn precompute(
+        &self,
+        policy: &Model,
+        pairs: &[TokenizedPair],
+        (batch_size, pad_id): (usize, i64),
+    ) -> Vec<[f32; 2]> {
+        let mut out = Vec::with_capacity(pairs.len());
+        let indices: Vec<usize> = (0..pairs.len()).collect();
+        for chunk in indices.chunks(batch_size) {
+            let refs: Vec<&TokenizedPair> = chunk.iter().map(|&i| &pairs[i]).collect();
+            let batch = collate(&refs, pad_id, policy.device());
+            let lp = Vec::<f32>::try_from(self.logps(policy, &batch, chunk).to_device(Device::Cpu))
+                .expect("f32 log-probs");
+            let (c, r) = lp.split_at(chunk.len());
+            out.extend(c.iter().zip(r).map(|(&c, &r)| [c, r]));
+        }
+        out
+    }
+}
+
+/// The reference log-probs kept with a run (`OUT/ref_logps.json`) by
+/// `--precompute-ref-logprobs`, so that a resumed run reuses them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRefLogps {
+    pub train: Vec<[f32; 2]>,
+    pub eval: Vec<[f32; 2]>,
+}
+
+/// A model's sums over each row's completion tokens, `[N]` each.
+struct Scored {
+    /// Σ log π(token) over the completion (with the graph when grad is on).
+    logps: Tensor,
+    /// Σ over the completion of the mean logit over the vocabulary (detached).
+    logit_sums: Tensor,
+    /// Completion tokens that are scored (the first token of a sequence is not).
+    tokens: Tensor,
+}
+
+fn score(model: &Model, batch: &PairBatch) -> Scored {
+    let t = batch.input_ids.size()[1];
+    let logits = model
+        .forward(&batch.input_ids, &batch.attention_mask)
+        .narrow(1, 0, t - 1);
+    let mask = batch
+        .completion_mask
+        .narrow(1, 1, t - 1)
+        .to_kind(Kind::Float);
+    let lp = logprobs_of(&logits, &batch.input_ids.narrow(1, 1, t - 1)) * &mask;
+    let mean_logits =
+        logits
+            .detach()
+            .to_kind(Kind::Float)
+            .mean_dim([-1].as_slice(), false, Kind::Float);
+    let row_sum = |x: &Tensor| x.sum_dim_intlist([1].as_slice(), false, Kind::Float);
+    Scored {
+        logps: row_sum(&lp),
+        logit_sums: row_sum(&(mean_logits * &mask)),
+        tokens: row_sum(&mask),
+    }
+}
+
+/// One pair's numbers, for `dpo eval`'s rows: the policy's and the reference's chosen
+/// and rejected log-probs, and the pair's loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairResult {
+    pub logps: [f64; 2],
+    pub ref_logps: [f64; 2],
+    pub loss: f64,
+}
+
+/// How [`run_pairs`] divides each micro-batch's loss before its backward pass: by the
+/// pairs and the chosen completion tokens of the whole step (all ranks).
+#[derive(Debug, Clone, Copy)]
+pub struct StepTotals {
+    pub pairs: f64,
+    pub chosen_tokens: f64,
+}
+
+/// Chosen completion tokens that are scored (RPO's denominator).
+pub fn scored_chosen_tokens(pair: &TokenizedPair) -> usize {
+    pair.chosen.len() - usize::from(pair.prompt.is_empty() && !pair.chosen.is_empty())
+}
+
+/// Forward (policy and reference), loss and metrics over `pairs` (with their indices) in
+/// micro-batches of `batch_size`; with `backward`, each micro-batch's share of the step's
+/// loss is backpropagated.
+pub fn run_pairs(
+    policy: &Model,
+    reference: &Reference,
+    pairs: &[(usize, &TokenizedPair)],
+    (batch_size, pad_id): (usize, i64),
+    args: &LossArgs,
+    backward: Option<StepTotals>,
+) -> (Stats, Vec<PairResult>) {
+    let mut stats = Stats::default();
+    let mut results = Vec::with_capacity(pairs.len());
+    for micro in pairs.chunks(batch_size) {
+        let (indices, refs): (Vec<usize>, Vec<&TokenizedPair>) = micro.iter().copied().unzip();
+        let batch = collate(&refs, pad_id, policy.device());
+        let ref_logps = reference.logps(policy, &batch, &indices);
+        let _guard = backward.is_none().then(tch::no_grad_guard);
+        let scored = score(policy, &batch);
+        let b = micro.len() as i64;
+        let halves = |x: &Tensor| (x.narrow(0, 0, b), x.narrow(0, b, b));
+        let (chosen, rejected) = halves(&scored.logps);
+        let (ref_chosen, ref_rejected) = halves(&ref_logps);
+        let lengths = |rejected: bool| {
+            let n: Vec<f32> = refs
+                .iter()
+                .map(|p| if rejected { p.rejected.len() } else { p.chosen.len() } as f32)
+                .collect();
+            Tensor::from_slice(&n).to_device(policy.device())
+        };
+        let lp = PairLogps {
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            chosen_tokens: lengths(false),
+            rejected_tokens: lengths(true),
+        };
+        let losses = pair_loss(args, &lp);
+        if let Some(totals) = backward {
+            let mut loss = losses.sum(Kind::Float) / totals.pairs.max(1.0);
+            if args.rpo_alpha > 0.0 {
+                let nll = -lp.chosen.sum(Kind::Float);
+                loss += nll * (args.rpo_alpha / totals.chosen_tokens.max(1.0));
+            }
+            loss.backward();
+        }
+        let mut s = Stats::of(args, &lp, &losses);
+        let (logits_c, logits_r) = halves(&scored.logit_sums);
+        let (tokens_c, tokens_r) = halves(&scored.tokens);
+        let total = |x: &Tensor| x.sum(Kind::Double).double_value(&[]);
+        s.logits_chosen = total(&logits_c);
+        s.logits_rejected = total(&logits_r);
+        s.logit_tokens_chosen = total(&tokens_c);
+        s.logit_tokens_rejected = total(&tokens_r);
+        s.chosen_tokens = s.logit_tokens_chosen;
+        stats.add(&s);
+        let cpu = |x: &Tensor| {
+            Vec::<f64>::try_from(x.detach().to_kind(Kind::Double).to_device(Device::Cpu))
+                .expect("f64")
+        };
+        let (c, r, rc, rr, l) = (
+            cpu(&lp.chosen),
+            cpu(&lp.rejected),
+            cpu(&lp.ref_chosen),
+            cpu(&lp.ref_rejected),
+            cpu(&losses),
+        );
+        results.extend((0..micro.len()).map(|i| PairResult {
+            logps: [c[i], r[i]],
+            ref_logps: [rc[i], rr[i]],
+            loss: l[i],
+        }));
+    }
+    (stats, results)
+}

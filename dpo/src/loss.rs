@@ -1,0 +1,307 @@
+//! The DPO losses as TRL 1.16's `DPOTrainer` defines them, over per-pair sequence
+//! log-probabilities (summed over each completion's tokens) of the policy and the frozen
+//! reference. Pure functions over tensors, tested without a model.
+//!
+//! With Δ = (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r)):
+//! - `sigmoid` (Rafailov et al. 2023): −log σ(βΔ)
+//! - `hinge` (SLiC): relu(1 − βΔ)
+//! - `ipo` (Azar et al. 2023): (Δ' − 1/(2β))², where Δ' divides each log-ratio by its
+//!   completion's token count, as TRL does
+//! - `robust` (Chowdhury et al. 2024): (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε the
+//!   label smoothing
+//!
+//! and RPO adds α times the mean NLL of the chosen completions' tokens (TRL 1.16:
+//! `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, α]`).
+
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LossType {
+    #[default]
+    Sigmoid,
+    Ipo,
+    Hinge,
+    Robust,
+}
+
+/// The loss options `dpo train` and `dpo eval` share.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct LossArgs {
+    /// β: the strength of the implicit KL constraint (IPO's τ).
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// sigmoid (DPO), ipo, hinge or robust, as TRL 1.16 defines them.
+    #[arg(long, default_value = "sigmoid")]
+    pub loss_type: LossType,
+    /// ε, the assumed share of flipped labels (robust only, in [0, 0.5), as in TRL 1.16).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// RPO: add α × the mean NLL of the chosen completions' tokens (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub rpo_alpha: f64,
+}
+
+impl LossArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        common::cli::require(&[
+            (
+                self.beta > 0.0 && self.beta.is_finite(),
+                "--beta must be > 0",
+            ),
+            (
+                self.label_smoothing == 0.0 || self.loss_type == LossType::Robust,
+                "--label-smoothing applies to --loss-type robust only (TRL 1.16's sigmoid, ipo and hinge losses do not use it)",
+            ),
+            (
+                (0.0..0.5).contains(&self.label_smoothing),
+                "--label-smoothing must be in [0, 0.5)",
+            ),
+            (self.rpo_alpha >= 0.0, "--rpo-alpha must be ≥ 0"),
+        ])?;
+        Ok(())
+    }
+}
+
+/// Sequence log-probabilities of a batch of pairs, each `[B]` f32.
+pub struct PairLogps {
+    pub chosen: Tensor,
+    pub rejected: Tensor,
+    pub ref_chosen: Tensor,
+    pub ref_rejected: Tensor,
+    /// Completion tokens of each chosen and rejected response (IPO's normalisation).
+    pub chosen_tokens: Tensor,
+    pub rejected_tokens: Tensor,
+}
+
+/// The per-pair loss `[B]` (without RPO's term, which is per token).
+pub fn pair_loss(args: &LossArgs, lp: &PairLogps) -> Tensor {
+    let chosen_ratio = &lp.chosen - &lp.ref_chosen;
+    let rejected_ratio = &lp.rejected - &lp.ref_rejected;
+    let beta = args.beta;
+    let delta = &chosen_ratio - &rejected_ratio;
+    match args.loss_type {
+        LossType::Sigmoid => -(&delta * beta).log_sigmoid(),
+        LossType::Hinge => (-(&delta * beta) + 1.0).relu(),
+        LossType::Ipo => {
+            let d = chosen_ratio / lp.chosen_tokens.clamp_min(1.0)
+                - rejected_ratio / lp.rejected_tokens.clamp_min(1.0);
+            (d - 1.0 / (2.0 * beta)).square()
+        }
+        LossType::Robust => {
+            let eps = args.label_smoothing;
+            let clean = -(&delta * beta).log_sigmoid() * (1.0 - eps);
+            let flipped = -(&delta * -beta).log_sigmoid() * eps;
+            (clean - flipped) / (1.0 - 2.0 * eps)
+        }
+    }
+}
+
+/// The implicit rewards β·(log π − log π_ref) of the chosen and rejected responses
+/// (detached).
+pub fn implicit_rewards(beta: f64, lp: &PairLogps) -> (Tensor, Tensor) {
+    (
+        ((&lp.chosen - &lp.ref_chosen) * beta).detach(),
+        ((&lp.rejected - &lp.ref_rejected) * beta).detach(),
+    )
+}
+
+/// Sums of a set of pairs that give the logged metrics (TRL's names); add them over
+/// micro-batches and ranks, then read [`Stats::scalars`].
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub pairs: f64,
+    pub loss_sum: f64,
+    pub chosen_nll_sum: f64,
+    pub chosen_tokens: f64,
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    pub correct: f64,
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
+    /// Σ over completion tokens of the mean logit over the vocabulary, and the counts.
+    pub logits_chosen: f64,
+    pub logits_rejected: f64,
+    pub logit_tokens_chosen: f64,
+    pub logit_tokens_rejected: f64,
+}
+
+fn sum(t: &Tensor) -> f64 {
+    t.sum(Kind::Double).double_value(&[])
+}
+
+impl Stats {
+    /// The sums of one batch: its pair losses, log-probs and rewards.
+    pub fn of(args: &LossArgs, lp: &PairLogps, losses: &Tensor) -> Stats {
+        let (rc, rr) = implicit_rewards(args.beta, lp);
+        Stats {
+            pairs: losses.size()[0] as f64,
+            loss_sum: sum(&losses.detach()),
+            chosen_nll_sum: -sum(&lp.chosen.detach()),
+            rewards_chosen: sum(&rc),
+            rewards_rejected: sum(&rr),
+            correct: sum(&rc.gt_tensor(&rr)),
+            logps_chosen: sum(&lp.chosen.detach()),
+            logps_rejected: sum(&lp.rejected.detach()),
+            ..Stats::default()
+        }
+    }
+
+    pub fn add(&mut self, o: &Stats) {
+        self.pairs += o.pairs;
+        self.loss_sum += o.loss_sum;
+        self.chosen_nll_sum += o.chosen_nll_sum;
+        self.chosen_tokens += o.chosen_tokens;
+        self.rewards_chosen += o.rewards_chosen;
+        self.rewards_rejected += o.rewards_rejected;
+        self.correct += o.correct;
+        self.logps_chosen += o.logps_chosen;
+        self.logps_rejected += o.logps_rejected;
+        self.logits_chosen += o.logits_chosen;
+        self.logits_rejected += o.logits_rejected;
+        self.logit_tokens_chosen += o.logit_tokens_chosen;
+        self.logit_tokens_rejected += o.logit_tokens_rejected;
+    }
+
+    /// The whole loss: the mean pair loss plus RPO's α × the chosen tokens' mean NLL.
+    pub fn loss(&self, rpo_alpha: f64) -> f64 {
+        let mut loss = self.loss_sum / self.pairs.max(1.0);
+        if rpo_alpha > 0.0 {
+            loss += rpo_alpha * self.chosen_nll_sum / self.chosen_tokens.max(1.0);
+        }
+        loss
+    }
+
+    /// `(name, value)` with TRL's names: `loss`, `rewards/chosen`, `rewards/rejected`,
+    /// `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
+    /// `logits/chosen`, `logits/rejected`.
+    pub fn named(&self, rpo_alpha: f64) -> Vec<(&'static str, f64)> {
+        let n = self.pairs.max(1.0);
+        vec![
+            ("loss", self.loss(rpo_alpha)),
+            ("rewards/chosen", self.rewards_chosen / n),
+            ("rewards/rejected", self.rewards_rejected / n),
+            ("rewards/accuracies", self.correct / n),
+            (
+                "rewards/margins",
+                (self.rewards_chosen - self.rewards_rejected) / n,
+            ),
+            ("logps/chosen", self.logps_chosen / n),
+            ("logps/rejected", self.logps_rejected / n),
+            (
+                "logits/chosen",
+                self.logits_chosen / self.logit_tokens_chosen.max(1.0),
+            ),
+            (
+                "logits/rejected",
+                self.logits_rejected / self.logit_tokens_rejected.max(1.0),
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(loss_type: LossType, label_smoothing: f64) -> LossArgs {
+        LossArgs {
+            beta: 0.1,
+            loss_type,
+            label_smoothing,
+            rpo_alpha: 0.0,
+        }
+    }
+
+    fn t(v: &[f64]) -> Tensor {
+        Tensor::from_slice(&v.iter().map(|&x| x as f32).collect::<Vec<_>>())
+    }
+
+    fn logps(c: &[f64], r: &[f64], rc: &[f64], rr: &[f64]) -> PairLogps {
+        PairLogps {
+            chosen: t(c),
+            rejected: t(r),
+            ref_chosen: t(rc),
+            ref_rejected: t(rr),
+            chosen_tokens: t(&[4.0, 2.0]),
+            rejected_tokens: t(&[5.0, 1.0]),
+        }
+    }
+
+    fn log_sigmoid(x: f64) -> f64 {
+        -(1.0 + (-x).exp()).ln()
+    }
+
+    fn values(x: &Tensor) -> Vec<f64> {
+        Vec::<f32>::try_from(x)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    }
+
+    /// Policy = reference: every loss type's value at Δ = 0, and every reward is 0.
+    #[test]
+    fn at_the_reference_sigmoid_is_ln2_and_rewards_are_zero() {
+        let same = logps(&[-3.0, -5.0], &[-4.0, -2.0], &[-3.0, -5.0], &[-4.0, -2.0]);
+        let l = values(&pair_loss(&args(LossType::Sigmoid, 0.0), &same));
+        assert!(l.iter().all(|&x| (x - 2f64.ln()).abs() < 1e-7), "{l:?}");
+        let l = values(&pair_loss(&args(LossType::Hinge, 0.0), &same));
+        assert_eq!(l, [1.0, 1.0]);
+        let l = values(&pair_loss(&args(LossType::Ipo, 0.0), &same));
+        assert!(l.iter().all(|&x| (x - 25.0).abs() < 1e-5), "{l:?}");
+        let s = Stats::of(
+            &args(LossType::Sigmoid, 0.0),
+            &same,
+            &pair_loss(&args(LossType::Sigmoid, 0.0), &same),
+        );
+        assert_eq!(
+            (s.rewards_chosen, s.rewards_rejected, s.correct),
+            (0.0, 0.0, 0.0)
+        );
+    }
+
+    /// Each loss type against its formula written out in f64.
+    #[test]
+    fn losses_match_their_formulas() {
+        let lp = logps(&[-3.0, -6.0], &[-4.5, -2.0], &[-3.5, -5.0], &[-4.0, -2.5]);
+        let (beta, eps) = (0.1, 0.2);
+        // Δ per pair: (0.5 − (−0.5)) = 1.0 and (−1.0 − 0.5) = −1.5
+        let delta = [1.0, -1.5];
+        let sig: Vec<f64> = delta.iter().map(|d| -log_sigmoid(beta * d)).collect();
+        let hinge: Vec<f64> = delta.iter().map(|d| (1.0 - beta * d).max(0.0)).collect();
+        let ipo = [
+            (0.5 / 4.0 - (-0.5) / 5.0 - 1.0 / (2.0 * beta)).powi(2),
+            (-1.0 / 2.0 - 0.5 / 1.0 - 1.0 / (2.0 * beta)).powi(2),
+        ];
+        let robust: Vec<f64> = delta
+            .iter()
+            .map(|d| {
+                (-(1.0 - eps) * log_sigmoid(beta * d) + eps * log_sigmoid(-beta * d))
+                    / (1.0 - 2.0 * eps)
+            })
+            .collect();
+        for (kind, smoothing, expected) in [
+            (LossType::Sigmoid, 0.0, sig),
+            (LossType::Hinge, 0.0, hinge),
+            (LossType::Ipo, 0.0, ipo.to_vec()),
+            (LossType::Robust, eps, robust),
+        ] {
+            let got = values(&pair_loss(&args(kind, smoothing), &lp));
+            for (g, e) in got.iter().zip(&expected) {
+                assert!((g - e).abs() < 1e-5, "{kind:?}: {got:?} vs {expected:?}");
+            }
+        }
+        let s = Stats::of(&args(LossType::Sigmoid, 0.0), &lp, &t(&[0.0, 0.0]));
+        assert_eq!(s.correct, 1.0);
+        assert!((s.rewards_chosen - beta * (0.5 - 1.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn label_smoothing_is_refused_where_trl_ignores_it() {
+        assert!(args(LossType::Sigmoid, 0.1).validate().is_err());
+        assert!(args(LossType::Robust, 0.1).validate().is_ok());
+        assert!(args(LossType::Robust, 0.5).validate().is_err());
+    }
+}

@@ -1,0 +1,379 @@
+//! `dpo train`: the policy optimised on preference pairs against a frozen reference.
+//!
+//! One step is one optimiser step over `batch_size × grad_accum` pairs; its loss is the
+//! mean pair loss over the whole step (plus RPO's term), whatever the micro-batching.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use common::cli::{AdapterArgs, DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
+use common::train::Session;
+use common::{Head, Model, ModelOptions, Trainee, World};
+use data::pairs::{prepare, PairLimits, PreparedPairs};
+use data::sampler::Sampler;
+use data::Tokenizer;
+use serde::Serialize;
+
+use crate::loss::{LossArgs, Stats};
+use crate::{run_pairs, scored_chosen_tokens, Reference, StepTotals, StoredRefLogps};
+
+/// Where `--precompute-ref-logprobs` keeps the reference's log-probs in the run.
+pub const REF_LOGPS: &str = "ref_logps.json";
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct TrainArgs {
+    /// Hugging Face model directory to optimise (the SFT model), or a LoRA/prompt-tuning
+    /// adapter directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The frozen reference (default: the starting model; with a fresh adapter, the model
+    /// with its adapter off).
+    #[arg(long)]
+    pub ref_model: Option<PathBuf>,
+    /// Preference rows: {"prompt","chosen","rejected"} or a ranking {"prompt","responses"}
+    /// (all its pairs), text or conversations, as `reward train` reads them. --batch-size
+    /// counts pairs; --max-length keeps each sequence's start (TRL's keep_start).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: TrainDataArgs,
+    /// Keep only the last N tokens of each prompt (before --max-length applies).
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub loss: LossArgs,
+    /// Compute the reference's log-probs once before training (kept in OUT/ref_logps.json
+    /// and reused on --resume), so the reference is not held during training.
+    #[arg(long)]
+    pub precompute_ref_logprobs: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub adapter: AdapterArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub optim: OptimArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    /// A signal stopped the run (checkpointed; no `final/` yet).
+    pub stopped: bool,
+}
+
+/// The pairs of `path`, tokenized and cut to the limits; an error when none is left.
+pub fn prepare_file(path: &Path, tok: &Tokenizer, limits: PairLimits) -> Result<PreparedPairs> {
+    let examples = data::read_preferences(path)?;
+    let prepared = prepare(&examples, tok, limits)?;
+    if prepared.truncated + prepared.dropped > 0 {
+        tracing::warn!(
+            "{}: {} pairs truncated and {} dropped (--max-length {}, --max-prompt-length {:?})",
+            path.display(),
+            prepared.truncated,
+            prepared.dropped,
+            limits.max_length,
+            limits.max_prompt_length
+        );
+    }
+    if prepared.pairs.is_empty() {
+        bail!(
+            "{}: no pair is left after --max-length {}",
+            path.display(),
+            limits.max_length
+        );
+    }
+    Ok(prepared)
+}
+
+/// The data a run reads before it starts.
+struct Inputs {
+    tok: Tokenizer,
+    train: PreparedPairs,
+    eval: Option<PreparedPairs>,
+}
+
+/// The policy, its reference and the data, all checked before the run directory is touched.
+fn read_inputs(args: &TrainArgs) -> Result<(Model, Reference, Inputs)> {
+    let (device, kind) = args.device.resolve();
+    args.run.seed_torch();
+    let opts = args
+        .adapter
+        .apply(ModelOptions::new(Head::Lm, device, kind));
+    let (policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let reference = Reference::load(&policy, &args.model, args.ref_model.as_deref(), &opts)?;
+    let limits = PairLimits {
+        max_prompt_length: args.max_prompt_length,
+        max_length: policy.cap_length(args.data.max_length, "--max-length"),
+        truncation: args.data.truncation,
+    };
+    let train = prepare_file(&args.data.data, &tok, limits)?;
+    let eval = args
+        .data
+        .eval_data
+        .as_deref()
+        .map(|p| prepare_file(p, &tok, limits))
+        .transpose()?;
+    Ok((policy, reference, Inputs { tok, train, eval }))
+}
+
+/// With `--precompute-ref-logprobs`: the stored reference log-probs of a resumed run, or
+/// computed now and stored; the reference model is released either way. Returns the
+/// training and the evaluation pairs' references.
+fn precompute(
+    session: &Session,
+    reference: Reference,
+    inputs: &Inputs,
+    policy: &Model,
+    batch_size: usize,
+) -> Result<(Reference, Reference)> {
+    let path = session.run.root.join(REF_LOGPS);
+    let eval_pairs = inputs.eval.as_ref().map_or(&[][..], |e| &e.pairs[..]);
+    let stored = if session.resumed_from.is_some() && path.exists() {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+        let stored: StoredRefLogps = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not the reference log-probs of a run", path.display()))?;
+        if stored.train.len() != inputs.train.pairs.len() || stored.eval.len() != eval_pairs.len() {
+            bail!(
+                "{}: holds the reference log-probs of {} + {} pairs, the data now has {} + {}: resume with the data the run started with",
+                path.display(),
+                stored.train.len(),
+                stored.eval.len(),
+                inputs.train.pairs.len(),
+                eval_pairs.len()
+            );
+        }
+        tracing::info!("reference log-probs read from {}", path.display());
+        stored
+    } else {
+        let shape = (batch_size, inputs.tok.pad_id);
+        let started = Instant::now();
+        let stored = StoredRefLogps {
+            train: reference.precompute(policy, &inputs.train.pairs, shape),
+            eval: reference.precompute(policy, eval_pairs, shape),
+        };
+        if session.world.is_main() {
+            let json = serde_json::to_string(&stored).expect("serialises");
+            common::checkpoint::write_atomic(&path, json.as_bytes())?;
+        }
+        tracing::info!(
+            "reference log-probs of {} pairs precomputed in {:.1}s",
+            stored.train.len() + stored.eval.len(),
+            started.elapsed().as_secs_f64()
+        );
+        stored
+    };
+    Ok((
+        Reference::Precomputed(stored.train),
+        Reference::Precomputed(stored.eval),
+    ))
+}
+
+pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
+    args.data.validate()?;
+    args.optim.validate()?;
+    args.run.validate()?;
+    args.adapter.validate()?;
+    args.loss.validate()?;
+    let (policy, reference, inputs) = read_inputs(args)?;
+    let total_steps = args.data.total_steps(
+        inputs.train.pairs.len(),
+        args.run.epochs,
+        args.run.max_steps,
+    );
+    let schedule = args.optim.schedule(total_steps);
+    let mut trainee = Trainee::new("", policy, &args.model, &args.optim, schedule);
+    let mut session = Session::start(
+        "dpo",
+        args,
+        &args.run,
+        total_steps,
+        World::single(),
+        &mut [&mut trainee],
+    )
+    .context("starting the run")?;
+    let (train_ref, eval_ref) = if args.precompute_ref_logprobs {
+        let (t, e) = precompute(
+            &session,
+            reference,
+            &inputs,
+            &trainee.model,
+            args.data.batch_size,
+        )?;
+        (t, Some(e))
+    } else {
+        (reference, None)
+    };
+    let lengths = inputs.train.pairs.iter().map(|p| p.len()).collect();
+    let mut sampler = args.data.sampler(lengths, args.run.seed);
+    sampler.restore(session.state.sampler);
+    tracing::info!(
+        "dpo: {} pairs, {total_steps} steps of {} pairs, {:?} loss, β {}",
+        inputs.train.pairs.len(),
+        args.data.rows_per_step(),
+        args.loss.loss_type,
+        args.loss.beta
+    );
+    let pad_id = inputs.tok.pad_id;
+    let (mut eval_loss, mut eval_accuracy) = (None, None);
+    while !session.done() && session.stop_requested().is_none() {
+        let data = StepData {
+            sampler: &mut sampler,
+            pairs: &inputs.train,
+            reference: &train_ref,
+            pad_id,
+        };
+        let mut scalars = train_step(&mut session, &mut trainee, data, args)?;
+        let eval_due = args.data.eval_due(session.state.step, session.at_end());
+        if let Some(eval) = inputs.eval.as_ref().filter(|_| eval_due) {
+            let reference = eval_ref.as_ref().unwrap_or(&train_ref);
+            let s = evaluate(
+                &trainee.model,
+                reference,
+                eval,
+                (args.data.batch_size, pad_id),
+                &args.loss,
+            );
+            eval_loss = Some(s.loss(args.loss.rpo_alpha));
+            eval_accuracy = Some(s.correct / s.pairs.max(1.0));
+            let named = s.named(args.loss.rpo_alpha);
+            scalars.extend(named.into_iter().map(|(k, v)| (format!("eval/{k}"), v)));
+        }
+        let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        session.log(session.state.step, &refs)?;
+        if session.checkpoint_due() {
+            session.save(&[&trainee], |_| Ok(()))?;
+        }
+    }
+    let stopped = session.stop_requested().is_some();
+    if stopped {
+        session.report_stop();
+    } else {
+        session.write_model("final", &trainee.model, &args.model)?;
+        if args.adapter.save_merged && trainee.model.options.lora.is_some() {
+            session.write_merged("final_merged", &trainee.model, &args.model)?;
+        }
+    }
+    session.finish();
+    Ok(TrainSummary {
+        steps: session.state.step,
+        final_loss: session.state.last_loss,
+        eval_loss,
+        eval_accuracy,
+        stopped,
+    })
+}
+
+/// The metrics of every held-out pair.
+fn evaluate(
+    model: &Model,
+    reference: &Reference,
+    eval: &PreparedPairs,
+    shape: (usize, i64),
+    args: &LossArgs,
+) -> Stats {
+    let pairs: Vec<_> = eval.pairs.iter().enumerate().collect();
+    run_pairs(model, reference, &pairs, shape, args, None).0
+}
+
+/// Where a step's pairs come from.
+struct StepData<'a> {
+    sampler: &'a mut Sampler,
+    pairs: &'a PreparedPairs,
+    reference: &'a Reference,
+    pad_id: i64,
+}
+
+/// One optimiser step over the sampler's next pairs; returns the step's scalars.
+fn train_step(
+    session: &mut Session,
+    trainee: &mut Trainee,
+    data: StepData,
+    args: &TrainArgs,
+) -> Result<Vec<(String, f64)>> {
+    let started = Instant::now();
+    let indices = data.sampler.next_batch(args.data.rows_per_step());
+    let world = &session.world;
+    let pairs: Vec<_> = world
+        .shard(&indices)
+        .iter()
+        .map(|&i| (i, &data.pairs.pairs[i]))
+        .collect();
+    let totals = StepTotals {
+        pairs: world.sum(pairs.len() as f64),
+        chosen_tokens: world.sum(
+            pairs
+                .iter()
+                .map(|(_, p)| scored_chosen_tokens(p))
+                .sum::<usize>() as f64,
+        ),
+    };
+    let shape = (args.data.batch_size, data.pad_id);
+    let (stats, _) = run_pairs(
+        &trainee.model,
+        data.reference,
+        &pairs,
+        shape,
+        &args.loss,
+        Some(totals),
+    );
+    let stats = summed(&stats, world);
+    let loss = stats.loss(args.loss.rpo_alpha);
+    let outcome = trainee.step(loss, world);
+    let local_tokens: usize = pairs
+        .iter()
+        .map(|(_, p)| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len())
+        .sum();
+    let tokens = world.sum(local_tokens as f64);
+    session.finish_step(&outcome, loss, data.sampler.position())?;
+    let mut scalars: Vec<(String, f64)> = stats
+        .named(args.loss.rpo_alpha)
+        .into_iter()
+        .map(|(k, v)| match k {
+            "loss" => ("train/loss".to_string(), v),
+            _ => (k.to_string(), v),
+        })
+        .collect();
+    scalars.extend([
+        ("train/lr".to_string(), outcome.lr),
+        ("train/grad_norm".to_string(), outcome.grad_norm),
+        (
+            "train/tokens_per_second".to_string(),
+            tokens / started.elapsed().as_secs_f64().max(1e-9),
+        ),
+        (
+            "train/skipped_steps".to_string(),
+            session.state.skipped_steps as f64,
+        ),
+    ]);
+    Ok(scalars)
+}
+
+/// The same sums over every rank.
+fn summed(s: &Stats, world: &World) -> Stats {
+    Stats {
+        pairs: world.sum(s.pairs),
+        loss_sum: world.sum(s.loss_sum),
+        chosen_nll_sum: world.sum(s.chosen_nll_sum),
+        chosen_tokens: world.sum(s.chosen_tokens),
+        rewards_chosen: world.sum(s.rewards_chosen),
+        rewards_rejected: world.sum(s.rewards_rejected),
+        correct: world.sum(s.correct),
+        logps_chosen: world.sum(s.logps_chosen),
+        logps_rejected: world.sum(s.logps_rejected),
+        logits_chosen: world.sum(s.logits_chosen),
+        logits_rejected: world.sum(s.logits_rejected),
+        logit_tokens_chosen: world.sum(s.logit_tokens_chosen),
+        logit_tokens_rejected: world.sum(s.logit_tokens_rejected),
+    }
+}

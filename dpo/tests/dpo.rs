@@ -1,0 +1,465 @@
+//! `dpo train` / `dpo eval` end to end on a tiny Llama: the loss at the reference is ln 2,
+//! `dpo eval` equals an independent `transformers` computation for every loss type, a
+//! learnable preference is learned (held-out accuracy, greedy answers), and a killed run
+//! resumes to the same weights with and without precomputed reference log-probs.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+use common::generate::{generate, SamplingConfig};
+use common::{Head, Model, ModelOptions};
+use data::prompts::collate_left;
+use rlhf_tests::{max_weight_diff, ok, read_jsonl, run_bin, run_python};
+use serde_json::{json, Value};
+
+struct Fixture {
+    root: PathBuf,
+    model: PathBuf,
+    /// `model` with noise added: a policy that differs from its reference.
+    moved: PathBuf,
+    train: PathBuf,
+    eval: PathBuf,
+    prompts: Vec<String>,
+}
+
+const WORDS: [&str; 10] = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+];
+
+/// The preference: the same answer in digits is better than in words.
+fn rows(seed: u64, n: usize) -> (String, Vec<String>) {
+    let mut state = seed;
+    let mut next = move |m: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) % m
+    };
+    let (mut out, mut prompts) = (String::new(), vec![]);
+    for _ in 0..n {
+        let (r, c) = (next(10), next(10));
+        let prompt = format!("There are {} heads. ", WORDS[((r + c) % 10) as usize]);
+        let chosen = format!("{r} rabbits and {c} chickens.");
+        let rejected = format!(
+            "{} rabbits and {} chickens.",
+            WORDS[r as usize], WORDS[c as usize]
+        );
+        out.push_str(&format!(
+            "{}\n",
+            json!({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        ));
+        prompts.push(prompt);
+    }
+    (out, prompts)
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dpo");
+        rlhf_tests::tiny_llama_fixture(&root);
+        let (model, moved) = (root.join("model"), root.join("moved"));
+        run_python(
+            "dpo_reference.py",
+            &[
+                "perturb",
+                "--model",
+                model.to_str().unwrap(),
+                "--out",
+                moved.to_str().unwrap(),
+                "--seed",
+                "3",
+                "--scale",
+                "0.05",
+            ],
+        );
+        let (train, eval) = (root.join("train.jsonl"), root.join("eval.jsonl"));
+        std::fs::write(&train, rows(1, 48).0).unwrap();
+        let (eval_rows, prompts) = rows(2, 16);
+        std::fs::write(&eval, eval_rows).unwrap();
+        Fixture {
+            root,
+            model,
+            moved,
+            train,
+            eval,
+            prompts,
+        }
+    })
+}
+
+fn dpo(args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_bin(env!("CARGO_BIN_EXE_dpo"), args, env)
+}
+
+fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    train_from(&fixture().model, out, extra, env)
+}
+
+fn train_from(model: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let f = fixture();
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        f.train.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "8",
+        "--lr",
+        "5e-4",
+        "--seed",
+        "7",
+    ];
+    if !extra.contains(&"--resume") {
+        args.push("--overwrite");
+    }
+    args.extend_from_slice(extra);
+    dpo(&args, env)
+}
+
+/// Mixed data for the parity check: text pairs, a ranking of three and a conversation.
+fn parity_data(dir: &Path) -> PathBuf {
+    let path = dir.join("parity.jsonl");
+    let rows = [
+        json!({"prompt": "There are 3 heads and 10 legs. ", "chosen": "2 rabbits and 1 chicken.", "rejected": "3 rabbits."}),
+        json!({"prompt": "Question: 2+2=", "responses": [" 4", " four", " 5 legs"]}),
+        json!({"prompt": [{"role": "user", "content": "5 heads, 14 legs?"}],
+               "chosen": [{"role": "assistant", "content": "2 rabbits, 3 chickens."}],
+               "rejected": [{"role": "assistant", "content": "Sure?"}]}),
+    ];
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `dpo eval` of a policy against a different reference: per-pair log-probs, every loss
+/// type (and RPO) and every metric equal the `transformers` computation (1e-4).
+#[test]
+fn eval_matches_transformers_for_every_loss_type() {
+    let f = fixture();
+    let data = parity_data(&f.root);
+    let configs = [
+        ("sigmoid", "0.0", "0.0"),
+        ("hinge", "0.0", "0.0"),
+        ("ipo", "0.0", "0.0"),
+        ("robust", "0.2", "0.0"),
+        ("sigmoid", "0.0", "0.5"),
+    ];
+    let as_json: Vec<Value> = configs
+        .iter()
+        .map(|(t, e, a)| json!([t, e.parse::<f64>().unwrap(), a.parse::<f64>().unwrap()]))
+        .collect();
+    let (policy, reference) = (f.moved.to_str().unwrap(), f.model.to_str().unwrap());
+    let expected = run_python(
+        "dpo_reference.py",
+        &[
+            "compute",
+            "--policy",
+            policy,
+            "--ref",
+            reference,
+            "--data",
+            data.to_str().unwrap(),
+            "--beta",
+            "0.5",
+            "--configs",
+            &Value::from(as_json).to_string(),
+        ],
+    );
+    for ((loss_type, smoothing, rpo), expected) in
+        configs.iter().zip(expected["configs"].as_array().unwrap())
+    {
+        let rows_path = f.root.join(format!("parity-{loss_type}-{rpo}.jsonl"));
+        let summary = ok(&dpo(
+            &[
+                "eval",
+                "--model",
+                policy,
+                "--ref-model",
+                reference,
+                "--batch-size",
+                "2",
+                "--output",
+                rows_path.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--beta",
+                "0.5",
+                "--loss-type",
+                loss_type,
+                "--label-smoothing",
+                smoothing,
+                "--rpo-alpha",
+                rpo,
+            ],
+            &[],
+        ));
+        let ours = read_jsonl(&rows_path);
+        let theirs = expected["pairs"].as_array().unwrap();
+        assert_eq!(ours.len(), 5, "2 pairs + 3 from the ranking");
+        assert_eq!(ours.len(), theirs.len());
+        for (o, t) in ours.iter().zip(theirs) {
+            for key in [
+                "logps_chosen",
+                "logps_rejected",
+                "ref_logps_chosen",
+                "ref_logps_rejected",
+                "loss",
+            ] {
+                let (a, b) = (o[key].as_f64().unwrap(), t[key].as_f64().unwrap());
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{loss_type}: {key} {a} vs {b} ({o} / {t})"
+                );
+            }
+        }
+        for (key, value) in expected["metrics"].as_object().unwrap() {
+            let (a, b) = (summary[key].as_f64().unwrap(), value.as_f64().unwrap());
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{loss_type} rpo {rpo}: {key} {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// Policy = reference: the sigmoid loss is ln 2 and every implicit reward is 0, in
+/// `dpo eval` and at the first training step.
+#[test]
+fn at_the_reference_the_loss_is_ln2() {
+    let f = fixture();
+    let m = f.model.to_str().unwrap();
+    let s = ok(&dpo(
+        &[
+            "eval",
+            "--model",
+            m,
+            "--ref-model",
+            m,
+            "--data",
+            f.eval.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(
+        (s["loss"].as_f64().unwrap() - 2f64.ln()).abs() < 1e-7,
+        "{s}"
+    );
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+    ] {
+        assert_eq!(s[key].as_f64().unwrap(), 0.0, "{key}: {s}");
+    }
+    let out = f.root.join("step0");
+    ok(&train(&out, &["--max-steps", "1", "--log-every", "1"], &[]));
+    let metrics = read_jsonl(&out.join("metrics.jsonl"));
+    let loss = metrics[0]["train/loss"].as_f64().unwrap();
+    assert!((loss - 2f64.ln()).abs() < 1e-7, "{loss}");
+}
+
+/// The greedy answers to `prompts`.
+fn greedy_answers(model_dir: &Path, prompts: &[String]) -> Vec<String> {
+    let (model, tok) = Model::load_with_tokenizer(model_dir, &ModelOptions::cpu(Head::Lm)).unwrap();
+    let ids: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|p| tok.encode(p, true).unwrap())
+        .collect();
+    let refs: Vec<&[i64]> = ids.iter().map(Vec::as_slice).collect();
+    let batch = collate_left(&refs, tok.pad_id, tch::Device::Cpu);
+    let cfg = SamplingConfig {
+        max_new_tokens: 12,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        eos_ids: tok.generation_eos_ids().unwrap(),
+        pad_id: tok.pad_id,
+        seed: 0,
+        cuda_graph: false,
+    };
+    let g = generate(&model, &batch.input_ids, &batch.attention_mask, &cfg);
+    let tokens: Vec<Vec<i64>> = Vec::try_from(g.tokens).unwrap();
+    tokens
+        .iter()
+        .zip(&g.lengths)
+        .map(|(t, &n)| tok.decode(&t[..n as usize], true))
+        .collect()
+}
+
+/// The share of `answers` given in digits: with a digit and without a number word.
+fn in_digits(answers: &[String]) -> f64 {
+    let digits =
+        |a: &String| a.chars().any(|c| c.is_ascii_digit()) && !WORDS.iter().any(|w| a.contains(w));
+    answers.iter().filter(|a| digits(a)).count() as f64 / answers.len() as f64
+}
+
+/// An SFT model that answers in both styles, mostly in words: SFT on the training
+/// prompts with the rejected answer three times out of four.
+fn sft_model(f: &Fixture) -> PathBuf {
+    let rows: String = read_jsonl(&f.train)
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let completion = if i % 4 == 0 {
+                &r["chosen"]
+            } else {
+                &r["rejected"]
+            };
+            format!(
+                "{}\n",
+                json!({"prompt": r["prompt"], "completion": completion})
+            )
+        })
+        .collect();
+    let data = f.root.join("sft.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let out = f.root.join("sft");
+    let args: sft::train::TrainArgs = rlhf_tests::parse_args(&[
+        "--model",
+        f.model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--overwrite",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "12",
+        "--seed",
+        "1",
+    ]);
+    sft::train::run(&args).unwrap();
+    out.join("final")
+}
+
+/// A learnable preference (digits over words) from an SFT model that mostly answers in
+/// words: held-out `rewards/accuracies` rises above 0.9 and the greedy answers to held-out
+/// prompts move to digits.
+#[test]
+fn learns_the_preferred_style() {
+    let f = fixture();
+    let start = sft_model(f);
+    let out = f.root.join("learn");
+    let args = [
+        "--eval-data",
+        f.eval.to_str().unwrap(),
+        "--epochs",
+        "4",
+        "--log-every",
+        "1",
+    ];
+    let summary = ok(&train_from(&start, &out, &args, &[]));
+    let accuracy = summary["eval_accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.9, "held-out accuracy {accuracy}: {summary}");
+    let metrics: Vec<Value> = read_jsonl(&out.join("metrics.jsonl"));
+    let last = metrics.last().unwrap();
+    assert!(
+        last["eval/rewards/margins"].as_f64().unwrap() > 0.0,
+        "{last}"
+    );
+    let before = greedy_answers(&start, &f.prompts);
+    let after = greedy_answers(&out.join("final"), &f.prompts);
+    let (b, a) = (in_digits(&before), in_digits(&after));
+    assert!(
+        b <= 0.25 && a >= 0.75,
+        "answers in digits: {b:.2} → {a:.2}\nbefore: {before:?}\nafter: {after:?}"
+    );
+}
+
+/// A run killed mid-step resumes to the weights of an uninterrupted run (1e-6), with the
+/// reference held and with its log-probs precomputed (read back from the run).
+#[test]
+fn killed_run_resumes_to_the_same_weights() {
+    let f = fixture();
+    for precompute in [false, true] {
+        let tag = if precompute { "pre" } else { "held" };
+        let mut args = vec![
+            "--max-steps",
+            "4",
+            "--save-every",
+            "2",
+            "--eval-data",
+            f.eval.to_str().unwrap(),
+            "--eval-every",
+            "2",
+        ];
+        if precompute {
+            args.push("--precompute-ref-logprobs");
+        }
+        let full = f.root.join(format!("full-{tag}"));
+        ok(&train(&full, &args, &[]));
+        let out = f.root.join(format!("killed-{tag}"));
+        let killed = train(&out, &args, &[("RLHF_CRASH_AT", "mid-step@3")]);
+        assert!(!killed.status.success(), "the crash point was not hit");
+        let mut resumed: Vec<&str> = args.clone();
+        resumed.push("--resume");
+        ok(&train(&out, &resumed, &[]));
+        let diff = max_weight_diff(&full.join("final"), &out.join("final"), Head::Lm);
+        assert!(diff < 1e-6, "{tag}: resumed weights differ by {diff:e}");
+        assert_eq!(out.join("ref_logps.json").exists(), precompute);
+    }
+}
+
+/// Bad options and data: exit ≠ 0, one line naming the option or the file and line, no
+/// run directory.
+#[test]
+fn bad_inputs_are_refused_with_one_line() {
+    let f = fixture();
+    let bad = f.root.join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"p\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{\"prompt\": \"p\", \"chosen\": \"a\"}\n").unwrap();
+    let out = f.root.join("refused");
+    let _ = std::fs::remove_dir_all(&out);
+    let m = f.model.to_str().unwrap();
+    let cases: [(Vec<&str>, String); 3] = [
+        (
+            vec![
+                "train",
+                "--model",
+                m,
+                "--data",
+                f.train.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--label-smoothing",
+                "0.1",
+            ],
+            "--label-smoothing applies to --loss-type robust only".into(),
+        ),
+        (
+            vec![
+                "train",
+                "--model",
+                m,
+                "--data",
+                bad.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+            ],
+            format!("{}:2: field 'rejected'", bad.display()),
+        ),
+        (
+            vec!["eval", "--model", m, "--data", f.eval.to_str().unwrap()],
+            "--ref-model is required".into(),
+        ),
+    ];
+    for (args, expected) in cases {
+        let o = dpo(&args, &[]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let last = stderr.lines().last().unwrap_or("");
+        assert!(
+            !o.status.success() && last.contains(&expected),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert!(!out.exists(), "a refused run wrote its directory");
+}

@@ -1,0 +1,153 @@
+"""An independent DPO computation with `transformers`, for the `dpo eval` parity test.
+
+    dpo_reference.py perturb --model DIR --out DIR [--seed S --scale X]
+        a copy of DIR whose weights have seeded Gaussian noise added (a reference that differs)
+    dpo_reference.py compute --policy DIR --ref DIR --data FILE --beta B
+                             --configs '[["sigmoid", 0.0, 0.0], ["robust", 0.2, 0.0], ...]'
+        for each (loss type, label smoothing, RPO α): per-pair sequence log-probs and losses,
+        and the metrics; one JSON document {"configs": [{"pairs": [...], "metrics": {...}}]}
+
+Tokenization follows TRL 1.16's DPOTrainer (`_prepare_dataset`): text rows get the EOS appended
+to chosen and rejected, `prompt` and `prompt + response` are tokenized with the tokenizer's
+special tokens; conversational rows go through apply_chat_template (the prompt with the
+generation prompt); the completion starts after the common prefix of the tokenized prompt with
+both tokenized sequences. A ranking {"responses": [...]} is its pairs (i better than j, i < j).
+Each sequence is scored alone (no padding). The losses are copied from `_compute_loss`.
+"""
+import argparse
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+
+def common_prefix_length(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def pairs_of(row):
+    if "responses" in row:
+        r = row["responses"]
+        return [(row["prompt"], r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r))]
+    return [(row["prompt"], row["chosen"], row["rejected"])]
+
+
+def tokenize(tok, prompt, chosen, rejected):
+    if isinstance(prompt, list):
+        def chat(messages, **kw):
+            return tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
+        p = chat(prompt, add_generation_prompt=True)
+        c = chat(prompt + chosen)
+        r = chat(prompt + rejected)
+    else:
+        eos = tok.eos_token
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        p = tok(text=prompt)["input_ids"]
+        c = tok(text=prompt + chosen)["input_ids"]
+        r = tok(text=prompt + rejected)["input_ids"]
+    n = min(common_prefix_length(p, c), common_prefix_length(p, r))
+    return p[:n], c[n:], r[n:]
+
+
+@torch.no_grad()
+def score(model, prompt_ids, completion_ids):
+    ids = torch.tensor([prompt_ids + completion_ids])
+    mask = torch.tensor([[0] * len(prompt_ids) + [1] * len(completion_ids)])[:, 1:].float()
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return ((lp * mask).sum().item(), (logits.mean(-1) * mask).sum().item(), mask.sum().item())
+
+
+def loss_of(kind, beta, eps, c, r, rc, rr, nc, nr):
+    delta = (c - rc) - (r - rr)
+    ls = lambda x: F.logsigmoid(torch.tensor(x, dtype=torch.float64)).item()
+    if kind == "sigmoid":
+        return -ls(beta * delta)
+    if kind == "hinge":
+        return max(0.0, 1 - beta * delta)
+    if kind == "ipo":
+        d = (c - rc) / max(nc, 1) - (r - rr) / max(nr, 1)
+        return (d - 1 / (2 * beta)) ** 2
+    if kind == "robust":
+        return (-(1 - eps) * ls(beta * delta) + eps * ls(-beta * delta)) / (1 - 2 * eps)
+    raise ValueError(kind)
+
+
+def compute(a):
+    tok = tf.AutoTokenizer.from_pretrained(a.policy)
+    policy = tf.AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32).eval()
+    ref = tf.AutoModelForCausalLM.from_pretrained(a.ref, dtype=torch.float32).eval()
+    rows = [json.loads(l) for l in open(a.data) if l.strip()]
+    scored = []
+    for row in rows:
+        for prompt, chosen, rejected in pairs_of(row):
+            p, c, r = tokenize(tok, prompt, chosen, rejected)
+            scored.append((p, c, r, score(policy, p, c), score(policy, p, r), score(ref, p, c)[0],
+                           score(ref, p, r)[0]))
+    configs = [metrics(a.beta, *config, scored) for config in json.loads(a.configs)]
+    print(json.dumps({"configs": configs}))
+
+
+def metrics(beta, loss_type, eps, rpo_alpha, scored):
+    out = []
+    for p, c, r, (lc, gc, tc), (lr, gr, tr), rc, rr in scored:
+        loss = loss_of(loss_type, beta, eps, lc, lr, rc, rr, len(c), len(r))
+        out.append(dict(ids=[p, c, r], logps_chosen=lc, logps_rejected=lr, ref_logps_chosen=rc,
+                        ref_logps_rejected=rr, loss=loss, logit_sums=[gc, gr], tokens=[tc, tr]))
+    n = len(out)
+    rc = [beta * (x["logps_chosen"] - x["ref_logps_chosen"]) for x in out]
+    rr = [beta * (x["logps_rejected"] - x["ref_logps_rejected"]) for x in out]
+    loss = sum(x["loss"] for x in out) / n
+    if rpo_alpha > 0:
+        loss += rpo_alpha * -sum(x["logps_chosen"] for x in out) / sum(x["tokens"][0] for x in out)
+    summary = {
+        "loss": loss,
+        "rewards/chosen": sum(rc) / n,
+        "rewards/rejected": sum(rr) / n,
+        "rewards/accuracies": sum(float(x > y) for x, y in zip(rc, rr)) / n,
+        "rewards/margins": sum(x - y for x, y in zip(rc, rr)) / n,
+        "logps/chosen": sum(x["logps_chosen"] for x in out) / n,
+        "logps/rejected": sum(x["logps_rejected"] for x in out) / n,
+        "logits/chosen": sum(x["logit_sums"][0] for x in out) / sum(x["tokens"][0] for x in out),
+        "logits/rejected": sum(x["logit_sums"][1] for x in out) / sum(x["tokens"][1] for x in out),
+    }
+    return {"pairs": out, "metrics": summary}
+
+
+def perturb(a):
+    model = tf.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    g = torch.Generator().manual_seed(a.seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * a.scale)
+    model.save_pretrained(a.out)
+    tf.AutoTokenizer.from_pretrained(a.model).save_pretrained(a.out)
+    print(json.dumps({"out": a.out}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command", choices=["perturb", "compute"])
+    ap.add_argument("--model")
+    ap.add_argument("--out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=0.02)
+    ap.add_argument("--policy")
+    ap.add_argument("--ref")
+    ap.add_argument("--data")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--configs", default='[["sigmoid", 0.0, 0.0]]')
+    a = ap.parse_args()
+    perturb(a) if a.command == "perturb" else compute(a)
+
+
+if __name__ == "__main__":
+    main()
