@@ -2,14 +2,16 @@
 # Side by side with TRL (issue 10): our `make bench` workload, then TRL on the same model
 # directories, data and batch shapes, in one run; prints our/TRL ratios per stage.
 #   make bench-trl        (or: bench/trl_compare.sh [WORKDIR])
-# TRL is a benchmark-only dependency: 1.16 (SFTTrainer, RewardTrainer, RLOOTrainer) goes
-# into .venv with the project's pins as constraints; 0.29.1, the last TRL with a PPO trainer
+# TRL is a benchmark-only dependency: 1.16 (SFTTrainer, RewardTrainer, DPOTrainer,
+# RLOOTrainer, GRPOTrainer) goes into .venv with the project's pins as constraints; 0.29.1,
+# the last TRL with a PPO trainer
 # (trl.experimental.ppo), goes with --no-deps into bench/.trl-0.29.1 and is put first on
 # PYTHONPATH for the PPO run only.
 #
 # On a GPU machine without Rust (scripts/gpu_check.sh's setting): DEVICE=cuda
 # BENCH_BIN=.gpu/bench PYTHON=python3 TRL_INSTALLED=1 bench/trl_compare.sh DIR, with TRL
-# already importable; BENCH_SHAPES, BENCH_BATCH, ... size both sides alike.
+# already importable; BENCH_SHAPES, BENCH_BATCH, ... size both sides alike; TRL_STAGES (a
+# space-separated list) and BENCH_STAGES (comma-separated) pick the stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 device=${DEVICE:-cpu}
@@ -44,7 +46,7 @@ fi
 : >"$work/trl.jsonl"
 IFS=, read -ra archs <<<"${BENCH_SHAPES:-gpt2,llama}"
 for arch in "${archs[@]}"; do
-    for stage in sft reward rloo grpo ppo; do
+    for stage in ${TRL_STAGES:-sft reward dpo rloo grpo ppo}; do
         echo "trl_compare: TRL $stage $arch" >&2
         path=${PYTHONPATH:-}
         [ "$stage" = ppo ] && path=$old${path:+:$path}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the InstructGPT pipeline on the bundled chickens-and-rabbits task, through
 # the real binaries: data → sft train → reward train → ppo train (and GRPO with a verifier)
-# → held-out evaluation by a programmatic judge. Everything goes under runs/demo/ (TensorBoard: tensorboard --logdir runs/demo).
+# and DPO on the rankings → held-out evaluation by a programmatic judge. Everything goes under runs/demo/ (TensorBoard: tensorboard --logdir runs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=target/release
@@ -38,9 +38,14 @@ stage grpo $B/ppo train --policy "$D/sft/final" --prompts "$D/data/prompts.jsonl
     --kl-in-loss --kl-coef 0.05 --loss-aggregation seq-mean-token-mean \
     --rollout-batch-size 16 --response-length 64 --ppo-epochs 2 --num-minibatches 2 --lr 1e-5 \
     --max-steps 30 --seed "$SEED" --log-every 5
+# DPO from the same SFT policy on the reward model's rankings (all their pairs), with no
+# reward model and no sampling (issue 17); the reference is the SFT policy.
+stage dpo $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
+    --eval-data "$D/data/rankings_eval.jsonl" --output-dir "$D/dpo" --beta 0.1 --lr 3e-5 \
+    --batch-size 64 --epochs 1 --max-length 128 --seed "$SEED" --log-every 10
 # Held-out accuracy, sampled at temperature 1 with three sampling seeds, for every policy.
 start=$(date +%s%N)
-for model in sft ppo grpo; do
+for model in sft ppo grpo dpo; do
     for s in 1 2 3; do
         $B/sft generate --model "$D/$model/final" --prompts "$D/data/eval_prompts.jsonl" \
             --output "$D/eval_${model}_$s.jsonl" --max-new-tokens 64 --temperature 1 --seed "$s" \

@@ -2,7 +2,7 @@
 """The TRL side of `bench/trl_compare.sh`: one stage of the `make bench` workload run by
 TRL on the same model directories, data and batch shapes, printing one JSON line.
 
-    python bench/trl/compare.py {sft,reward,rloo,grpo,ppo} --work DIR --arch ARCH [--device cuda]
+    python bench/trl/compare.py {sft,reward,dpo,rloo,grpo,ppo} --work DIR --arch ARCH [--device cuda]
 
 DIR is what `BENCH_KEEP=DIR make bench` leaves: `<arch>-lm/`, `<arch>-rm/`, `sft.jsonl`,
 `pairs.jsonl`, `prompts.jsonl`. Settings mirror ppo/benches/stages.rs (and read the same
@@ -125,6 +125,29 @@ def reward(work, arch, out):
     return {"steps_per_second": 1 / step, "tokens_per_second": BATCH // 2 * tokens / step}
 
 
+def dpo(work, arch, out):
+    """TRL 1.16's DPOTrainer on the reward row's pairs: BATCH // 2 pairs a step (BATCH
+    sequences), sigmoid loss, β 0.1, the reference a frozen copy of the model (TRL's
+    default), no precomputed reference log-probs, as our `dpo` row."""
+    from trl import DPOConfig, DPOTrainer
+
+    tok = tokenizer(f"{work}/{arch}-lm")
+    model = AutoModelForCausalLM.from_pretrained(f"{work}/{arch}-lm", dtype=torch.float32, **kwargs_for(arch))
+    data = load_dataset("json", data_files=f"{work}/pairs.jsonl", split="train")
+    timer = StepTimer()
+    args = common_args(out, WARMUP + MEASURED)
+    args["per_device_train_batch_size"] = BATCH // 2
+    cfg = DPOConfig(**args, max_length=None, beta=0.1, loss_type=["sigmoid"])
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
+                         callbacks=[timer])
+    ds = trainer.train_dataset
+    tokens = statistics.mean(2 * len(p) + len(c) + len(r)
+                             for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
+    trainer.train()
+    step = statistics.median(timer.times[WARMUP:])
+    return {"steps_per_second": 1 / step, "tokens_per_second": BATCH // 2 * tokens / step}
+
+
 def ppo(work, arch, out):
     import trl
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -197,7 +220,7 @@ def grpo(work, arch, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["sft", "reward", "ppo", "rloo", "grpo"])
+    p.add_argument("stage", choices=["sft", "reward", "dpo", "ppo", "rloo", "grpo"])
     p.add_argument("--work", required=True)
     p.add_argument("--arch", required=True, help="model directories <work>/<arch>-lm, -rm")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -208,7 +231,8 @@ def main():
     CUDA = a.device == "cuda"
 
     with tempfile.TemporaryDirectory() as out:
-        row = {"sft": sft, "reward": reward, "ppo": ppo, "rloo": rloo, "grpo": grpo}[a.stage](a.work, a.arch, out)
+        row = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "rloo": rloo, "grpo": grpo}[a.stage](
+            a.work, a.arch, out)
     row = {"stage": a.stage, "model": a.arch, "trl": trl.__version__, "device": a.device,
            "torch_threads": torch.get_num_threads(), **row}
     print(json.dumps(row), flush=True)

@@ -29,7 +29,7 @@ for t in trl:
     o = ours.get((t["stage"], t["model"])) or ours[("ppo", t["model"])]
     key = "iterations_per_second" if "iterations_per_second" in t else "steps_per_second"
     unit = "it/s" if key.startswith("it") else "steps/s"
-    name = {"sft": "SFT", "reward": "reward", "ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}[t["stage"]]
+    name = {"sft": "SFT", "reward": "reward", "dpo": "DPO", "ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}[t["stage"]]
     print(f"| {name} | {t['model']} | {o[key]:.2f} {unit} | {t[key]:.2f} {unit} | {t['trl']} | {o[key] / t[key]:.2f}× |")
     print(json.dumps({"stage": t["stage"], "model": t["model"], "ours": o[key], "trl": t[key],
                       "ratio": o[key] / t[key]}), file=sys.stderr)

@@ -328,6 +328,26 @@ impl AdapterArgs {
     }
 }
 
+/// Memory options of the training stages.
+#[derive(Debug, Clone, Args, Serialize, Default)]
+pub struct MemoryArgs {
+    /// Recompute each transformer block's activations in the backward pass instead of
+    /// keeping them (activation memory of one block input per layer; about one more
+    /// forward pass of compute). Gradients equal the run without it.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+}
+
+impl MemoryArgs {
+    /// `opts` with these options.
+    pub fn apply(&self, opts: ModelOptions) -> ModelOptions {
+        ModelOptions {
+            gradient_checkpointing: self.gradient_checkpointing,
+            ..opts
+        }
+    }
+}
+
 /// `--prompt-tuning-init`: PEFT's RANDOM, SAMPLE_VOCAB and TEXT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

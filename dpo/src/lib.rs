@@ -14,7 +14,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use common::models::adapter::{without_adapters, AdapterDir};
-use common::ops::logprobs_of;
+use common::models::TokenSpec;
 use common::{Head, Model, ModelOptions};
 use data::pairs::{collate, PairBatch, TokenizedPair};
 use serde::{Deserialize, Serialize};
@@ -121,19 +121,20 @@ struct Scored {
 
 fn score(model: &Model, batch: &PairBatch) -> Scored {
     let t = batch.input_ids.size()[1];
-    let logits = model
-        .forward(&batch.input_ids, &batch.attention_mask)
+    let hidden = model
+        .hidden(&batch.input_ids, &batch.attention_mask, None)
         .narrow(1, 0, t - 1);
     let mask = batch
         .completion_mask
         .narrow(1, 1, t - 1)
         .to_kind(Kind::Float);
-    let lp = logprobs_of(&logits, &batch.input_ids.narrow(1, 1, t - 1)) * &mask;
-    let mean_logits =
-        logits
-            .detach()
-            .to_kind(Kind::Float)
-            .mean_dim([-1].as_slice(), false, Kind::Float);
+    let spec = TokenSpec {
+        mean_logit: true,
+        ..TokenSpec::default()
+    };
+    let out = model.token_outputs(&hidden, &batch.input_ids.narrow(1, 1, t - 1), spec);
+    let lp = out.logprobs * &mask;
+    let mean_logits = out.mean_logit.expect("asked for");
     let row_sum = |x: &Tensor| x.sum_dim_intlist([1].as_slice(), false, Kind::Float);
     Scored {
         logps: row_sum(&lp),
@@ -209,7 +210,7 @@ pub fn run_pairs(
                 let nll = -lp.chosen.sum(Kind::Float);
                 loss += nll * (args.rpo_alpha / totals.chosen_tokens.max(1.0));
             }
-            loss.backward();
+            policy.backward(&loss);
         }
         let mut s = Stats::of(args, &lp, &losses);
         let (logits_c, logits_r) = halves(&scored.logit_sums);

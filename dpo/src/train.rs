@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::cli::{AdapterArgs, DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
+use common::cli::{AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
 use data::pairs::{prepare, PairLimits, PreparedPairs};
@@ -51,6 +51,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub memory: MemoryArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -107,9 +110,10 @@ struct Inputs {
 fn read_inputs(args: &TrainArgs) -> Result<(Model, Reference, Inputs)> {
     let (device, kind) = args.device.resolve();
     args.run.seed_torch();
-    let opts = args
-        .adapter
-        .apply(ModelOptions::new(Head::Lm, device, kind));
+    let opts = args.memory.apply(
+        args.adapter
+            .apply(ModelOptions::new(Head::Lm, device, kind)),
+    );
     let (policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let reference = Reference::load(&policy, &args.model, args.ref_model.as_deref(), &opts)?;
     let limits = PairLimits {

@@ -109,13 +109,14 @@ fn train_from(model: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) ->
         out.to_str().unwrap(),
         "--batch-size",
         "8",
-        "--lr",
-        "5e-4",
         "--seed",
         "7",
     ];
     if !extra.contains(&"--resume") {
         args.push("--overwrite");
+    }
+    if !extra.contains(&"--lr") {
+        args.extend(["--lr", "5e-4"]);
     }
     args.extend_from_slice(extra);
     dpo(&args, env)
@@ -262,6 +263,41 @@ fn at_the_reference_the_loss_is_ln2() {
     let metrics = read_jsonl(&out.join("metrics.jsonl"));
     let loss = metrics[0]["train/loss"].as_f64().unwrap();
     assert!((loss - 2f64.ln()).abs() < 1e-7, "{loss}");
+    // A fresh LoRA adapter is its own reference (switched off): ln 2 at step 1, then the
+    // adapter moves the policy away from it; the adapter directory evaluates against its
+    // base by default.
+    let lora = f.root.join("step0-lora");
+    ok(&train(
+        &lora,
+        &[
+            "--max-steps",
+            "3",
+            "--log-every",
+            "1",
+            "--lora-r",
+            "4",
+            "--lr",
+            "1e-2",
+        ],
+        &[],
+    ));
+    let metrics = read_jsonl(&lora.join("metrics.jsonl"));
+    let first = metrics[0]["train/loss"].as_f64().unwrap();
+    assert!((first - 2f64.ln()).abs() < 1e-7, "{first}");
+    let s = ok(&dpo(
+        &[
+            "eval",
+            "--model",
+            lora.join("final").to_str().unwrap(),
+            "--data",
+            f.train.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(
+        s["loss"].as_f64().unwrap() < 2f64.ln() && s["rewards/margins"].as_f64().unwrap() > 0.0,
+        "{s}"
+    );
 }
 
 /// The greedy answers to `prompts`.

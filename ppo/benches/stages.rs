@@ -1,5 +1,6 @@
 //! `make bench`: throughput of each stage on a fixed workload, through the real training
-//! code (`sft::train`, `reward::train`, `ppo::train`), plus KV-cache generation alone.
+//! code (`sft::train`, `reward::train`, `dpo::train`, `ppo::train`), plus KV-cache
+//! generation alone.
 //!
 //! Workload (issue 10): a GPT-2-shaped model (4 layers, width 256, 4 heads) and a
 //! Llama-shaped one (4 layers, hidden 256, 4 heads, 2 KV heads, intermediate 688), vocab
@@ -15,12 +16,14 @@
 //! dense bf16 peak) training rows get a model-FLOPs utilisation, and with
 //! `BENCH_PEAK_GBPS` (its memory bandwidth) generation rows get the bandwidth bound.
 //! `BENCH_KEEP=DIR` keeps the generated models, data and runs in DIR. `BENCH_STAGES` (comma
-//! list of `sft`, `reward`, `ppo`, `grpo`, `rloo`, `generate`; default all; `grpo` and `rloo`
+//! list of `sft`, `reward`, `dpo`, `ppo`, `grpo`, `rloo`, `generate`; default all; `grpo` and `rloo`
 //! sample the PPO rollout's rows as half as many prompts × 2 responses) picks the rows, and
 //! `BENCH_GEN_BATCHES` (comma list; default `BENCH_ROLLOUT`) the generation batch sizes.
 //! On CUDA, PPO and generation run twice: decoding eagerly and with CUDA graphs (issue 20;
 //! `BENCH_DECODE=eager` or `graphs` runs one). `BENCH_PPO_ARGS` adds `ppo train` options
-//! (e.g. LoRA), `BENCH_RM_FROM_LM=1` uses the policy's directory as the reward model, and
+//! (e.g. LoRA), `BENCH_TRAIN_ARGS` options of every training stage (e.g.
+//! `--gradient-checkpointing`), `BENCH_RM_FROM_LM=1` uses the policy's directory as the
+//! reward model, and
 //! `BENCH_MEASURED` sets the measured steps (8).
 
 use std::path::{Path, PathBuf};
@@ -264,7 +267,10 @@ impl Bench {
             response: env_or("BENCH_RESPONSE", 32),
             peak_tflops: peak("BENCH_PEAK_TFLOPS"),
             peak_gbps: peak("BENCH_PEAK_GBPS"),
-            stages: list("BENCH_STAGES", "sft,reward,ppo,grpo,rloo,generate".into()),
+            stages: list(
+                "BENCH_STAGES",
+                "sft,reward,dpo,ppo,grpo,rloo,generate".into(),
+            ),
             gen_batches: list("BENCH_GEN_BATCHES", rollout.to_string())
                 .iter()
                 .map(|b| b.parse().expect("BENCH_GEN_BATCHES: integers"))
@@ -312,6 +318,14 @@ impl Bench {
         ]
         .iter()
         .map(|s| s.to_string())
+        // BENCH_TRAIN_ARGS: options every training stage takes, e.g.
+        // "--gradient-checkpointing", PPO included.
+        .chain(
+            std::env::var("BENCH_TRAIN_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string),
+        )
         .collect()
     }
 
@@ -365,6 +379,25 @@ impl Bench {
         .unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
         self.training_row("reward", arch, tps, flops)
+    }
+
+    /// `dpo train` on the same pairs as the reward row (batch / 2 pairs, so the policy sees
+    /// `batch` sequences a step, and the frozen reference scores them too).
+    fn dpo(&self, arch: &str, lm: &Path, flops: &Flops) -> Value {
+        reset_peak_rss();
+        let out = self.root.join(format!("{arch}-dpo"));
+        let mut argv = vec![
+            "--model".into(),
+            lm.display().to_string(),
+            "--data".into(),
+            self.pairs.display().to_string(),
+            "--batch-size".into(),
+            (self.batch / 2).to_string(),
+        ];
+        argv.extend(self.common_args(&out, measured_steps()));
+        dpo::train::run(&rlhf_tests::parse_args::<dpo::train::TrainArgs, _>(&argv)).unwrap();
+        let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
+        self.training_row("dpo", arch, tps, flops)
     }
 
     /// `ppo train` with GAE (`stage` "ppo"), or critic-free (`stage` "grpo" or "rloo": the
@@ -508,7 +541,7 @@ impl Bench {
         };
         let wanted = |stage: &str| self.stages.iter().any(|s| s == stage);
         let mut rows = vec![];
-        if wanted("sft") || wanted("reward") {
+        if wanted("sft") || wanted("reward") || wanted("dpo") {
             // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's
             // 12·L·d·T); the reward model has a one-output score head instead of the
             // vocabulary head.
@@ -525,6 +558,13 @@ impl Bench {
             }
             if wanted("reward") {
                 rows.push(self.reward(arch, &lm, &rm_flops));
+            }
+            // DPO: the policy's forward and backward (6 per parameter) and the reference's
+            // forward (2 more).
+            let dpo_flops =
+                move |t: usize| lm_flops(t) + (2.0 * d.matmul_params + attention / 3.0 * t as f64);
+            if wanted("dpo") {
+                rows.push(self.dpo(arch, &lm, &dpo_flops));
             }
         }
         for &decode in &self.decode_modes {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
-use common::cli::{require, AdapterArgs, DecodeArgs, DeviceArgs, OptimArgs, RunArgs};
+use common::cli::{require, AdapterArgs, DecodeArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs};
 use serde::Serialize;
 
 use crate::math::{AdvantageEstimator, Clip, KlEstimator, LossAggregation};
@@ -233,6 +233,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub memory: MemoryArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use common::generate::{generate_in_chunks, FinishReason, Generation, SamplingConfig};
 use common::models::adapter::without_adapters;
-use common::ops::{entropy, logprobs_of};
+use common::models::TokenSpec;
 use common::Model;
 use data::Tokenizer;
 use tch::{Kind, Tensor};
@@ -39,21 +39,28 @@ pub struct Rollout {
     pub logprob_check: f64,
 }
 
-/// `[B, N]` log-probs (at `temperature`) and entropies of the response tokens.
+/// `[B, N]` log-probs (at `temperature`) and entropies of the response tokens; the
+/// entropies keep their graph only with `entropy_grad` (an entropy bonus in the loss).
 pub fn response_logprobs(
     model: &Model,
     full_ids: &Tensor,
     full_mask: &Tensor,
     prompt_len: i64,
-    temperature: f64,
+    (temperature, entropy_grad): (f64, bool),
 ) -> (Tensor, Tensor) {
     let n = full_ids.size()[1] - prompt_len;
-    let logits = model
-        .forward(full_ids, full_mask)
-        .narrow(1, prompt_len - 1, n)
-        / temperature;
+    let hidden = model
+        .hidden(full_ids, full_mask, None)
+        .narrow(1, prompt_len - 1, n);
     let response = full_ids.narrow(1, prompt_len, n);
-    (logprobs_of(&logits, &response), entropy(&logits.detach()))
+    let spec = TokenSpec {
+        temperature,
+        entropy: true,
+        entropy_grad,
+        mean_logit: false,
+    };
+    let out = model.token_outputs(&hidden, &response, spec);
+    (out.logprobs, out.entropy.expect("asked for"))
 }
 
 /// `[B, N]` values: the value of the state before each response token.
@@ -202,13 +209,14 @@ fn score_tokens(
             .collect()
     };
     let [logprobs, entropy]: [Tensor; 2] = in_blocks(&|ids, mask| {
-        let (lp, ent) = response_logprobs(models.policy, ids, mask, prompt_len, t);
+        let (lp, ent) = response_logprobs(models.policy, ids, mask, prompt_len, (t, false));
         vec![lp, ent]
     })
     .try_into()
     .expect("two outputs");
     let reference = |model| {
-        in_blocks(&|ids, mask| vec![response_logprobs(model, ids, mask, prompt_len, t).0]).remove(0)
+        in_blocks(&|ids, mask| vec![response_logprobs(model, ids, mask, prompt_len, (t, false)).0])
+            .remove(0)
     };
     let ref_logprobs = match models.reference {
         Some(model) => reference(model),

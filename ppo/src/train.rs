@@ -345,9 +345,10 @@ impl<'a> Ppo<'a> {
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
-        let lm = args
-            .adapter
-            .apply(ModelOptions::new(Head::Lm, device, kind));
+        let lm = args.memory.apply(
+            args.adapter
+                .apply(ModelOptions::new(Head::Lm, device, kind)),
+        );
         let (policy, tok) = Model::load_with_tokenizer(&args.policy, &lm)?;
         // A fresh adapter on a full model switched off is the SFT policy; an adapter
         // directory's base without its adapter is not, so it gets a frozen copy.
@@ -734,7 +735,13 @@ mod tests {
             .unwrap()
             .0;
         let (base_lp, _) = tch::no_grad(|| {
-            response_logprobs(&base, &ro.full_ids, &ro.full_mask, ro.prompt_len, 1.0)
+            response_logprobs(
+                &base,
+                &ro.full_ids,
+                &ro.full_mask,
+                ro.prompt_len,
+                (1.0, false),
+            )
         });
         let diff = ((&ro.ref_logprobs - base_lp) * &ro.mask)
             .abs()

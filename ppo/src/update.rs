@@ -191,8 +191,13 @@ fn minibatch_backward(
         let weight = aggregation.weight(tokens, mb_tokens, part.len() as f64, mb_rows);
         let value_weight = tokens / mb_tokens;
         let policy = &learners.policy.model;
-        let (new_lp, ent) =
-            response_logprobs(policy, &ids, &full_mask, ro.prompt_len, args.temperature);
+        let (new_lp, ent) = response_logprobs(
+            policy,
+            &ids,
+            &full_mask,
+            ro.prompt_len,
+            (args.temperature, args.entropy_coef > 0.0),
+        );
         let pl = policy_loss(
             &new_lp,
             &pick(&ro.logprobs),
@@ -213,7 +218,7 @@ fn minibatch_backward(
             policy_total += &kl_loss * (beta * weight);
             *stats.entry("kl").or_default() += kl_loss.double_value(&[]) * weight;
         }
-        policy_total.backward();
+        policy.backward(&policy_total);
         ratio_max_dev = ratio_max_dev.max(pl.ratio_max_dev);
         let mut add = |k, v: f64| *stats.entry(k).or_default() += v * weight;
         add("policy", pl.loss.double_value(&[]));
@@ -231,7 +236,9 @@ fn minibatch_backward(
                 &mask,
                 args.cliprange_value,
             );
-            (&vl * (args.vf_coef * value_weight)).backward();
+            critic
+                .model
+                .backward(&(&vl * (args.vf_coef * value_weight)));
             *stats.entry("value").or_default() += vl.double_value(&[]) * value_weight;
             *stats.entry("vclip").or_default() += vclip * value_weight;
         }
@@ -251,14 +258,15 @@ fn ptx_backward(policy: &Trainee, ptx: &mut Ptx, rows: usize) -> f64 {
         .collect();
     let batch = collate(&picked, ptx.pad_id, policy.model.device());
     let t = batch.input_ids.size()[1];
-    let logits = policy
-        .model
-        .forward(&batch.input_ids, &batch.attention_mask);
-    let lp = common::ops::logprobs_of(
-        &logits.narrow(1, 0, t - 1),
-        &batch.input_ids.narrow(1, 1, t - 1),
-    );
+    let model = &policy.model;
+    let hidden = model
+        .hidden(&batch.input_ids, &batch.attention_mask, None)
+        .narrow(1, 0, t - 1);
+    let labels = batch.input_ids.narrow(1, 1, t - 1);
+    let lp = model
+        .token_outputs(&hidden, &labels, common::models::TokenSpec::default())
+        .logprobs;
     let loss = -masked_mean(&lp, &batch.loss_mask.narrow(1, 1, t - 1));
-    (&loss * ptx.coef).backward();
+    policy.model.backward(&(&loss * ptx.coef));
     loss.double_value(&[])
 }

@@ -2,7 +2,8 @@
 //! head) carries its normalisation and loads in PEFT with our scores; `ppo train --lora-r`
 //! (policy adapter, reference = the policy with it off, critic adapter on the reward
 //! model whose base with the adapter off is the reward) writes adapter directories and
-//! resumes to the same adapters after a kill.
+//! resumes to the same adapters after a kill. Also: `--gradient-checkpointing` leaves every
+//! stage's weights as they were.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -366,4 +367,156 @@ fn soft_prompts_train_in_the_reward_and_ppo_stages() {
         .unwrap();
         assert_eq!(config["peft_type"], "PROMPT_TUNING", "{dir}");
     }
+}
+
+/// `--gradient-checkpointing` in every training stage (SFT, reward, DPO, and PPO's policy
+/// and value model): after a few steps the weights equal the run that keeps every
+/// activation (f32 CPU, 1e-5). The model-level check (GPT-2 and Llama, both heads, LoRA,
+/// prompt tuning) is `common::models::recompute`'s unit test.
+#[test]
+fn gradient_checkpointing_leaves_every_stage_unchanged() {
+    let f = fixture();
+    let common = |out: &Path| -> Vec<String> {
+        [
+            "--output-dir",
+            &s(out),
+            "--overwrite",
+            "--max-steps",
+            "2",
+            "--seed",
+            "4",
+            "--lr",
+            "1e-3",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    for stage in ["sft", "reward", "dpo", "ppo"] {
+        let mut finals = vec![];
+        for checkpointing in [false, true] {
+            let out = f.root.join(format!("recompute-{stage}-{checkpointing}"));
+            let mut argv = common(&out);
+            if checkpointing {
+                argv.push("--gradient-checkpointing".into());
+            }
+            let data = |model: &str, data: &Path| {
+                vec![
+                    "--model".to_string(),
+                    model.to_string(),
+                    "--data".into(),
+                    s(data),
+                    "--batch-size".into(),
+                    "4".into(),
+                ]
+            };
+            match stage {
+                "sft" => {
+                    argv.extend(data(&s(&f.policy), &f.root.join("sft.jsonl")));
+                    sft::train::run(&parse_args(&argv)).unwrap();
+                }
+                "reward" => {
+                    // From the reward model: its head is kept, not drawn from the global
+                    // RNG (which tests running beside this one share).
+                    argv.extend(data(&s(&f.reward), &f.prefs));
+                    reward::train::run(&parse_args(&argv)).unwrap();
+                }
+                "dpo" => {
+                    argv.extend(data(&s(&f.policy), &f.prefs));
+                    dpo::train::run(&parse_args(&argv)).unwrap();
+                }
+                _ => {
+                    argv.extend(
+                        [
+                            "--policy",
+                            &s(&f.policy),
+                            "--reward-model",
+                            &s(&f.reward),
+                            "--prompts",
+                            &s(&f.prompts),
+                            "--rollout-batch-size",
+                            "8",
+                            "--response-length",
+                            "8",
+                            "--ppo-epochs",
+                            "1",
+                            "--num-minibatches",
+                            "2",
+                        ]
+                        .iter()
+                        .map(|a| a.to_string()),
+                    );
+                    ppo::train::run(&parse_args(&argv)).unwrap();
+                }
+            }
+            finals.push(out);
+        }
+        let head = if stage == "reward" {
+            Head::Score
+        } else {
+            Head::Lm
+        };
+        let diff =
+            rlhf_tests::max_weight_diff(&finals[0].join("final"), &finals[1].join("final"), head);
+        assert!(
+            diff < 1e-5,
+            "{stage}: weights differ by {diff:e} with --gradient-checkpointing"
+        );
+        if stage == "ppo" {
+            let v = rlhf_tests::max_weight_diff(
+                &finals[0].join("final_value"),
+                &finals[1].join("final_value"),
+                Head::Score,
+            );
+            assert!(v < 1e-5, "ppo value model: {v:e}");
+        }
+    }
+}
+
+/// `--entropy-coef` is a bonus with a gradient: with it the policy's weights move
+/// differently than without (it once entered the loss detached, changing nothing).
+#[test]
+fn an_entropy_bonus_reaches_the_gradients() {
+    let f = fixture();
+    let mut finals = vec![];
+    for coef in ["0", "1"] {
+        let out = f.root.join(format!("entropy-{coef}"));
+        let argv: Vec<String> = [
+            "--policy",
+            &s(&f.policy),
+            "--reward-model",
+            &s(&f.reward),
+            "--prompts",
+            &s(&f.prompts),
+            "--output-dir",
+            &s(&out),
+            "--overwrite",
+            "--max-steps",
+            "1",
+            "--seed",
+            "4",
+            "--lr",
+            "1e-3",
+            "--rollout-batch-size",
+            "8",
+            "--response-length",
+            "8",
+            "--ppo-epochs",
+            "1",
+            "--num-minibatches",
+            "1",
+            "--entropy-coef",
+            coef,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        ppo::train::run(&parse_args(&argv)).unwrap();
+        finals.push(out.join("final"));
+    }
+    let diff = rlhf_tests::max_weight_diff(&finals[0], &finals[1], Head::Lm);
+    assert!(
+        diff > 1e-6,
+        "the entropy bonus changed no weight ({diff:e})"
+    );
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::cli::{AdapterArgs, DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
+use common::cli::{AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::scoring::{last_token_scores, score_sequences, Normalization};
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
@@ -38,6 +38,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub memory: MemoryArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -152,7 +155,7 @@ fn run_rows(
         let out = ranking_loss(&rewards, &batch.group_sizes, &batch.margins);
         let loss = &out.loss_sum / elements_total.max(1.0);
         if train {
-            loss.backward();
+            model.backward(&loss);
         }
         stats.loss_sum += out.loss_sum.double_value(&[]);
         stats.elements += micro.len();
@@ -195,9 +198,10 @@ struct Inputs {
 fn read_inputs(args: &TrainArgs) -> Result<Inputs> {
     let (device, kind) = args.device.resolve();
     args.run.seed_torch();
-    let opts = args
-        .adapter
-        .apply(ModelOptions::new(Head::Score, device, kind));
+    let opts = args.memory.apply(
+        args.adapter
+            .apply(ModelOptions::new(Head::Score, device, kind)),
+    );
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let max_length = model.cap_length(args.data.max_length, "--max-length");
     let train = prepare_file(&args.data.data, &tok, args, max_length)?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use common::cli::{require, DeviceArgs};
-use common::ops::logprobs_of;
+use common::models::TokenSpec;
 use common::{Head, Model, ModelOptions};
 use data::sft::{collate, prepare, SftBatch, TokenizedSft, Truncation};
 use serde_json::json;
@@ -70,11 +70,13 @@ pub fn nll_per_row(
 /// Per-token NLL of the targets `[B, T-1]` (0 elsewhere) and the target mask.
 pub fn token_nll(model: &Model, batch: &SftBatch) -> (Tensor, Tensor) {
     let t = batch.input_ids.size()[1];
-    let logits = model.forward(&batch.input_ids, &batch.attention_mask);
-    let lp = logprobs_of(
-        &logits.narrow(1, 0, t - 1),
-        &batch.input_ids.narrow(1, 1, t - 1),
-    );
+    let hidden = model
+        .hidden(&batch.input_ids, &batch.attention_mask, None)
+        .narrow(1, 0, t - 1);
+    let labels = batch.input_ids.narrow(1, 1, t - 1);
+    let lp = model
+        .token_outputs(&hidden, &labels, TokenSpec::default())
+        .logprobs;
     let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
     (-lp * &mask, mask)
 }

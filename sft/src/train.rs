@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::cli::{AdapterArgs, DeviceArgs, OptimArgs, RunArgs, TrainDataArgs};
+use common::cli::{AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
 use data::sampler::Sampler;
@@ -31,6 +31,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub memory: MemoryArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -121,7 +124,7 @@ fn accumulate(
         let batch = collate(micro, pad_id, model.device());
         let (nll, _) = token_nll(model, &batch);
         let loss = nll.sum(Kind::Float) / targets;
-        loss.backward();
+        model.backward(&loss);
         loss_value += loss.double_value(&[]);
         tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
     }
@@ -133,9 +136,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     // Read everything that can be wrong before the output directory is touched.
     let (device, kind) = args.device.resolve();
     args.run.seed_torch();
-    let opts = args
-        .adapter
-        .apply(ModelOptions::new(Head::Lm, device, kind));
+    let opts = args.memory.apply(
+        args.adapter
+            .apply(ModelOptions::new(Head::Lm, device, kind)),
+    );
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let max_length = model.cap_length(args.data.max_length, "--max-length");
     let train = prepare_file(&args.data.data, &tok, args, max_length)?;

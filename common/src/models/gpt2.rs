@@ -14,6 +14,7 @@ use tch::Tensor;
 use super::attention::{KvCache, Masking};
 use super::layers::{Activation, Conv1D, Embedding, LayerNorm};
 use super::options::ModelOptions;
+use super::recompute::{backward_blocks, run_blocks, Saved};
 use crate::error::{Error, Result};
 
 /// GPT-2's `config.json`, with Hugging Face's field names and defaults.
@@ -220,5 +221,34 @@ impl Gpt2 {
             x = block.forward(&x, masking, layer_cache);
         }
         self.ln_f.forward(&x)
+    }
+
+    /// [`Gpt2::forward`] keeping only each block's input (activation recomputation);
+    /// [`Gpt2::backward_saved`] is its backward.
+    pub(crate) fn forward_saving(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        masking: Masking,
+    ) -> (Tensor, Saved) {
+        let first_input = embeds + self.wpe.forward(positions);
+        let (output, inputs) = run_blocks(&first_input, self.blocks.len(), |i, x| {
+            self.blocks[i].forward(x, &masking, None)
+        });
+        let hidden = self.ln_f.forward(&output);
+        let saved = Saved {
+            first_input,
+            inputs,
+            output,
+            positions: positions.shallow_clone(),
+            masking,
+        };
+        (hidden, saved)
+    }
+
+    pub(crate) fn backward_saved(&self, saved: Saved) {
+        backward_blocks(saved, |i, x, masking| {
+            self.blocks[i].forward(x, masking, None)
+        });
     }
 }

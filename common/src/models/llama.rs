@@ -17,6 +17,7 @@ use tch::{Kind, Tensor};
 use super::attention::{KvCache, Masking};
 use super::layers::{param, Activation, Embedding, Linear};
 use super::options::ModelOptions;
+use super::recompute::{backward_blocks, run_blocks, Saved};
 use super::ModelType;
 use crate::error::{Error, Result};
 
@@ -457,15 +458,50 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let mut x = embeds.shallow_clone();
-        // cos/sin in f32 like transformers, then in the activations' dtype: [B, 1, T, D].
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq;
-        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-        let (cos, sin) = (emb.cos().to_kind(x.kind()), emb.sin().to_kind(x.kind()));
+        let (cos, sin) = self.rotary(positions, x.kind());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, (&cos, &sin), masking, layer_cache);
         }
         self.norm.forward(&x)
+    }
+
+    /// cos/sin of the rotary embedding, in f32 like transformers, then in `kind`:
+    /// `[B, 1, T, D]` each.
+    fn rotary(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+
+    /// [`Llama::forward`] keeping only each layer's input (activation recomputation);
+    /// [`Llama::backward_saved`] is its backward.
+    pub(crate) fn forward_saving(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        masking: Masking,
+    ) -> (Tensor, Saved) {
+        let (cos, sin) = self.rotary(positions, embeds.kind());
+        let (output, inputs) = run_blocks(embeds, self.layers.len(), |i, x| {
+            self.layers[i].forward(x, (&cos, &sin), &masking, None)
+        });
+        let hidden = self.norm.forward(&output);
+        let saved = Saved {
+            first_input: embeds.shallow_clone(),
+            inputs,
+            output,
+            positions: positions.shallow_clone(),
+            masking,
+        };
+        (hidden, saved)
+    }
+
+    pub(crate) fn backward_saved(&self, saved: Saved) {
+        let (cos, sin) = self.rotary(&saved.positions, saved.first_input.kind());
+        backward_blocks(saved, |i, x, masking| {
+            self.layers[i].forward(x, (&cos, &sin), masking, None)
+        });
     }
 
     pub fn sliding_window(&self) -> Option<i64> {

@@ -144,7 +144,7 @@ impl LoraConfig {
 
 /// Whether autograd is recording: LoRA dropout is active only then (training passes),
 /// as in PyTorch's train mode; evaluation and rollouts run under `no_grad`.
-fn grad_enabled() -> bool {
+pub(crate) fn grad_enabled() -> bool {
     #[allow(unsafe_code)]
     // SAFETY: at_grad_set_enabled only swaps a thread-local flag and returns the old one;
     // the old value is put back at once.

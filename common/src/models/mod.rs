@@ -10,6 +10,8 @@ pub mod llama;
 pub mod lora;
 mod options;
 pub mod prompt_tuning;
+mod recompute;
+pub mod vocab;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -27,6 +29,7 @@ pub use attention::{positions_from_mask, KvCache, Masking};
 use layers::param;
 pub use layers::Activation;
 pub use options::ModelOptions;
+pub use vocab::{TokenOutputs, TokenSpec};
 
 /// The `model_type` values this crate implements, parsed once from `config.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -251,9 +254,19 @@ pub struct Model {
     original_head: Option<Tensor>,
     /// Prompt tuning's virtual-token embeddings `[N, H]`, put before every input.
     prompt: Option<Tensor>,
+    /// What forwards with grad since the last backward kept for recomputing: their
+    /// head's chunks and (with gradient checkpointing) their blocks.
+    pending: std::sync::Mutex<Pending>,
 }
 
 const SCORE_WEIGHT: &str = "score.weight";
+
+/// What forwards with grad keep until [`Model::backward_recomputed`].
+#[derive(Debug, Default)]
+struct Pending {
+    heads: Vec<vocab::HeadSaved>,
+    blocks: Vec<recompute::Saved>,
+}
 
 impl Model {
     /// A model with freshly initialised weights (`transformers`' initialisation scheme);
@@ -336,6 +349,7 @@ impl Model {
             head_weight,
             original_head: None,
             prompt,
+            pending: Default::default(),
         }
     }
 
@@ -389,6 +403,12 @@ impl Model {
             model.base_dir = Some(std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf()));
             if let Some(cfg) = &model.options.lora {
                 model.check_targets(cfg, dir)?;
+                if cfg.dropout > 0.0 && opts.gradient_checkpointing {
+                    return Err(Error::config(
+                        dir,
+                        format!("LoRA dropout {} with --gradient-checkpointing is not supported (the recomputed blocks would draw other dropout masks); set the dropout to 0 or leave checkpointing off", cfg.dropout),
+                    ));
+                }
             }
             if model.head == Head::Score {
                 model.original_head = Some(model.head_weight.detach().copy());
@@ -569,7 +589,21 @@ impl Model {
             None => Masking::has_padding(&mask),
         };
         let masking = Masking::new(&mask, t, self.sliding_window(), Some(padded));
-        let h = self.backbone_forward(&x, &positions, &masking, cache);
+        let recompute = self.options.gradient_checkpointing && self.options.trainable;
+        let h = if recompute && cache.is_none() && lora::grad_enabled() {
+            let (h, saved) = match &self.backbone {
+                Backbone::Gpt2(b) => b.forward_saving(&x, &positions, masking),
+                Backbone::Llama(b) => b.forward_saving(&x, &positions, masking),
+            };
+            self.pending
+                .lock()
+                .expect("not poisoned")
+                .blocks
+                .push(saved);
+            h
+        } else {
+            self.backbone_forward(&x, &positions, &masking, cache)
+        };
         match virtual_tokens {
             0 => h,
             n => h.narrow(1, n, t - n),
@@ -631,14 +665,70 @@ impl Model {
 
     /// The head applied to hidden states: `[B, T, V]` logits or `[B, T]` scores.
     pub fn head_output(&self, hidden: &Tensor) -> Tensor {
-        let weight = match &self.original_head {
-            Some(original) if !adapter::adapters_enabled() => original,
-            _ => &self.head_weight,
-        };
-        let out = hidden.linear::<Tensor>(weight, None);
+        let out = hidden.linear::<Tensor>(self.head_weight_in_use(), None);
         match self.head {
             Head::Lm => out,
             Head::Score => out.squeeze_dim(-1),
+        }
+    }
+
+    /// Backpropagates `loss` through this model: `loss.backward()`, then, with gradient
+    /// checkpointing, the blocks the forwards did not keep (recomputed one at a time).
+    pub fn backward(&self, loss: &Tensor) {
+        loss.backward();
+        self.backward_recomputed();
+    }
+
+    /// The recomputed blocks' part of a backward (see [`recompute`]): call it after
+    /// `loss.backward()` on every model whose outputs the loss used
+    /// ([`Model::backward`] does both for a loss of one model). Without gradient
+    /// checkpointing there is nothing to do.
+    pub fn backward_recomputed(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
+        // The head's gradients reach the hidden states first, then the blocks under them.
+        for s in pending.heads.into_iter().rev() {
+            vocab::backward_head(s, self.head_weight_in_use());
+        }
+        for s in pending.blocks.into_iter().rev() {
+            match &self.backbone {
+                Backbone::Gpt2(b) => b.backward_saved(s),
+                Backbone::Llama(b) => b.backward_saved(s),
+            }
+        }
+    }
+
+    /// Per-token log-probs of `labels` `[B, T]` given hidden states `[B, T, H]` (from
+    /// [`Model::hidden`]), and what `spec` asks for besides, with the LM head applied
+    /// [`vocab::POSITIONS_PER_CHUNK`] positions at a time: no `[B, T, V]` tensor exists.
+    /// With grad the outputs are leaves whose gradient [`Model::backward`] carries back
+    /// through recomputed chunks.
+    pub fn token_outputs(&self, hidden: &Tensor, labels: &Tensor, spec: TokenSpec) -> TokenOutputs {
+        self.token_outputs_in_chunks(hidden, labels, spec, vocab::POSITIONS_PER_CHUNK)
+    }
+
+    /// [`Model::token_outputs`] with `chunk` positions at a time.
+    pub fn token_outputs_in_chunks(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        spec: TokenSpec,
+        chunk: i64,
+    ) -> TokenOutputs {
+        assert_eq!(self.head, Head::Lm, "token log-probs need the LM head");
+        let (outputs, saved) =
+            vocab::token_outputs(self.head_weight_in_use(), hidden, labels, spec, chunk);
+        if let Some(saved) = saved {
+            self.pending.lock().expect("not poisoned").heads.push(saved);
+        }
+        outputs
+    }
+
+    /// The head's weight in use: a scalar head trained beside adapters falls back to the
+    /// one it started from while adapters are off.
+    fn head_weight_in_use(&self) -> &Tensor {
+        match &self.original_head {
+            Some(original) if !adapter::adapters_enabled() => original,
+            _ => &self.head_weight,
         }
     }
 

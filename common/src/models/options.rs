@@ -28,6 +28,10 @@ pub struct ModelOptions {
     pub prompt_tuning: Option<PromptTuningConfig>,
     /// The base model of an adapter directory, overriding its `base_model_name_or_path`.
     pub base_model: Option<PathBuf>,
+    /// Activation recomputation (`--gradient-checkpointing`): a forward that records
+    /// gradients keeps only each block's input, and [`Model::backward`](super::Model::backward)
+    /// recomputes the blocks one at a time.
+    pub gradient_checkpointing: bool,
 }
 
 impl ModelOptions {
@@ -41,6 +45,7 @@ impl ModelOptions {
             lora: None,
             prompt_tuning: None,
             base_model: None,
+            gradient_checkpointing: false,
         }
     }
 

@@ -149,6 +149,19 @@ fn report(dir: &Path) {
         );
         (a.0, kl)
     });
+    // DPO on the rankings, no reward model, no sampling (when the run has it).
+    let dpo = dir.join("judge_dpo_1.json").exists().then(|| {
+        let a = accuracy("dpo");
+        let pairs = read_json(&dir.join("dpo.json"))["eval_accuracy"].as_f64().unwrap();
+        println!(
+            "| DPO (rankings, no reward model) | accuracy {:.3} (seeds {:.3}–{:.3}), held-out pairs ranked by its implicit reward {pairs:.3} | {:.0} s |",
+            a.0,
+            a.1,
+            a.2,
+            t("dpo")
+        );
+        (a.0, pairs)
+    });
     println!(
         "| evaluation | 48 held-out problems × 3 sampling seeds, T = 1 | {:.0} s |",
         t("eval")
@@ -158,7 +171,8 @@ fn report(dir: &Path) {
         "{}",
         json!({"sft_accuracy": sft.0, "ppo_accuracy": ppo.0, "reward_accuracy": rm,
                "reward_accuracy_correct_vs_slipped": slips.map(|s| s.0), "kl": kl,
-               "grpo_accuracy": grpo.map(|g| g.0), "grpo_kl": grpo.map(|g| g.1), "seconds": total})
+               "grpo_accuracy": grpo.map(|g| g.0), "grpo_kl": grpo.map(|g| g.1),
+               "dpo_accuracy": dpo.map(|d| d.0), "dpo_pairwise_accuracy": dpo.map(|d| d.1), "seconds": total})
     );
 }
 

@@ -1,0 +1,254 @@
+//! Per-token log-probs, entropies and mean logits from hidden states with the LM head
+//! applied to chunks of positions, so that no `[B, T, V]` tensor exists at once (as fused
+//! linear–cross-entropy kernels do). Under `no_grad` the chunks are computed and dropped.
+//! With grad, the forward still runs chunk by chunk without keeping anything, and returns
+//! leaves; after `loss.backward()` has put the loss's gradient on them, [`backward_head`]
+//! recomputes each chunk with its graph and pulls the gradient back into the head weight
+//! and the hidden states. The numbers are the direct computation's (`ops::logprobs_of`,
+//! `ops::entropy` over the whole logits tensor): every operation is per position.
+
+use tch::{Kind, Tensor};
+
+use crate::ops::{entropy, logprobs_of};
+
+/// Positions whose logits exist at once: 1024 × a 152k vocabulary is 0.6 GB in f32.
+pub const POSITIONS_PER_CHUNK: i64 = 1024;
+
+/// What [`super::Model::token_outputs`] computes at each position besides the log-prob.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenSpec {
+    /// Logits are divided by it (PPO's sampling temperature); 1 elsewhere.
+    pub temperature: f64,
+    /// The entropy of the distribution, detached.
+    pub entropy: bool,
+    /// The entropy with its gradient (an entropy bonus in the loss).
+    pub entropy_grad: bool,
+    /// The mean logit over the vocabulary (TRL's `logits/chosen` metric), detached.
+    pub mean_logit: bool,
+}
+
+impl Default for TokenSpec {
+    fn default() -> Self {
+        TokenSpec {
+            temperature: 1.0,
+            entropy: false,
+            entropy_grad: false,
+            mean_logit: false,
+        }
+    }
+}
+
+/// Per-position results, each `[B, T]` f32.
+#[derive(Debug)]
+pub struct TokenOutputs {
+    pub logprobs: Tensor,
+    pub entropy: Option<Tensor>,
+    pub mean_logit: Option<Tensor>,
+}
+
+/// What a forward with grad keeps for [`backward_head`].
+#[derive(Debug)]
+pub(crate) struct HeadSaved {
+    /// `[R, H]` hidden states with their graph.
+    pub hidden: Tensor,
+    pub labels: Tensor,
+    pub spec: TokenSpec,
+    pub chunk: i64,
+    /// The leaves handed to the loss: log-probs and (with `entropy_grad`) entropies.
+    pub logprobs: Tensor,
+    pub entropy: Option<Tensor>,
+}
+
+/// The outputs of rows `[R, H]` of hidden states for `labels` `[R]`, `chunk` rows at a
+/// time: `(log-probs, entropies, mean logits)`, `[R]` each, in f32.
+fn chunked(
+    head: &Tensor,
+    hidden: &Tensor,
+    labels: &Tensor,
+    spec: TokenSpec,
+    chunk: i64,
+) -> (Tensor, Option<Tensor>, Option<Tensor>) {
+    let rows = hidden.size()[0];
+    let (mut lp, mut ent, mut mean) = (vec![], vec![], vec![]);
+    for start in (0..rows).step_by(chunk.max(1) as usize) {
+        let n = chunk.min(rows - start);
+        let logits = hidden.narrow(0, start, n).linear::<Tensor>(head, None);
+        let logits = if spec.temperature == 1.0 {
+            logits
+        } else {
+            logits / spec.temperature
+        };
+        lp.push(logprobs_of(&logits, &labels.narrow(0, start, n)));
+        if spec.entropy || spec.entropy_grad {
+            ent.push(entropy(&logits));
+        }
+        if spec.mean_logit {
+            mean.push(
+                logits
+                    .to_kind(Kind::Float)
+                    .mean_dim([-1].as_slice(), false, Kind::Float),
+            );
+        }
+    }
+    let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0));
+    (
+        cat(lp).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, hidden.device()))),
+        cat(ent),
+        cat(mean),
+    )
+}
+
+/// [`super::Model::token_outputs`] for hidden states `[B, T, H]` and labels `[B, T]`, the
+/// head weight `head` applied `chunk` positions at a time. Returns the outputs and, when
+/// the hidden states carry a graph and grad is on, what the backward needs.
+pub(crate) fn token_outputs(
+    head: &Tensor,
+    hidden: &Tensor,
+    labels: &Tensor,
+    spec: TokenSpec,
+    chunk: i64,
+) -> (TokenOutputs, Option<HeadSaved>) {
+    let (b, t, h) = hidden.size3().expect("[B, T, H] hidden states");
+    let rows = hidden.reshape([b * t, h]);
+    let flat_labels = labels.reshape([b * t]);
+    let with_grad = super::lora::grad_enabled() && hidden.requires_grad();
+    let (lp, ent, mean) = {
+        let _guard = with_grad.then(tch::no_grad_guard);
+        chunked(head, &rows.detach(), &flat_labels, spec, chunk)
+    };
+    let shape = |x: Tensor| x.reshape([b, t]);
+    if !with_grad {
+        let outputs = TokenOutputs {
+            logprobs: shape(lp),
+            entropy: ent.map(shape),
+            mean_logit: mean.map(shape),
+        };
+        return (outputs, None);
+    }
+    let lp = lp.set_requires_grad(true);
+    let ent = ent.map(|e| {
+        if spec.entropy_grad {
+            e.set_requires_grad(true)
+        } else {
+            e
+        }
+    });
+    let saved = HeadSaved {
+        hidden: rows,
+        labels: flat_labels,
+        spec,
+        chunk,
+        logprobs: lp.shallow_clone(),
+        entropy: ent
+            .as_ref()
+            .filter(|_| spec.entropy_grad)
+            .map(Tensor::shallow_clone),
+    };
+    let outputs = TokenOutputs {
+        logprobs: shape(lp),
+        entropy: ent.map(shape),
+        mean_logit: mean.map(shape),
+    };
+    (outputs, Some(saved))
+}
+
+/// Pulls the gradients the loss left on a forward's leaves back through the head, one
+/// recomputed chunk at a time, into the head weight and the hidden states' graph.
+pub(crate) fn backward_head(saved: HeadSaved, head: &Tensor) {
+    let grad_of = |leaf: &Tensor| {
+        let g = leaf.grad();
+        g.defined().then_some(g)
+    };
+    let lp_grad = grad_of(&saved.logprobs);
+    let ent_grad = saved.entropy.as_ref().and_then(grad_of);
+    if lp_grad.is_none() && ent_grad.is_none() {
+        return;
+    }
+    let rows = saved.hidden.size()[0];
+    if rows == 0 {
+        return;
+    }
+    let spec = TokenSpec {
+        entropy: false,
+        entropy_grad: ent_grad.is_some(),
+        mean_logit: false,
+        ..saved.spec
+    };
+    let mut hidden_grads = vec![];
+    for start in (0..rows).step_by(saved.chunk.max(1) as usize) {
+        let n = saved.chunk.min(rows - start);
+        let h = saved
+            .hidden
+            .narrow(0, start, n)
+            .detach()
+            .set_requires_grad(true);
+        let labels = saved.labels.narrow(0, start, n);
+        let (lp, ent, _) = chunked(head, &h, &labels, spec, n);
+        let mut surrogate = Tensor::zeros([], (Kind::Float, h.device()));
+        if let Some(g) = &lp_grad {
+            surrogate += (lp * g.narrow(0, start, n)).sum(Kind::Float);
+        }
+        if let (Some(e), Some(g)) = (ent, &ent_grad) {
+            surrogate += (e * g.narrow(0, start, n)).sum(Kind::Float);
+        }
+        surrogate.backward();
+        hidden_grads.push(h.grad());
+    }
+    let grad = Tensor::cat(&hidden_grads, 0);
+    (saved.hidden * grad.detach()).sum(Kind::Float).backward();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// Chunked (5 positions at a time over 2 × 7, so the chunks do not divide the rows)
+    /// equals the direct computation: values (1e-6) and gradients of the hidden states and
+    /// the head (1e-5), with a temperature and an entropy bonus.
+    #[test]
+    fn chunks_give_the_direct_numbers_and_gradients() {
+        tch::manual_seed(1);
+        let opts = (Kind::Float, Device::Cpu);
+        let head = Tensor::randn([29, 8], opts).set_requires_grad(true);
+        let base = Tensor::randn([2, 7, 8], opts).set_requires_grad(true);
+        let labels = Tensor::randint(29, [2, 7], (Kind::Int64, Device::Cpu));
+        let mask =
+            Tensor::from_slice2(&[[1f32, 1., 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1., 0.]]);
+        let weights = Tensor::randn([2, 7], opts);
+        let spec = TokenSpec {
+            temperature: 0.7,
+            entropy: true,
+            entropy_grad: true,
+            mean_logit: true,
+        };
+        let loss_of =
+            |lp: &Tensor, ent: &Tensor| ((lp * &weights - ent * 0.3) * &mask).sum(Kind::Float);
+        // Direct: the whole logits tensor.
+        let hidden = &base * 2.0;
+        let logits = hidden.linear::<Tensor>(&head, None) / 0.7;
+        let (lp, ent) = (logprobs_of(&logits, &labels), entropy(&logits));
+        let mean = logits.mean_dim([-1].as_slice(), false, Kind::Float);
+        loss_of(&lp, &ent).backward();
+        let (g_base, g_head) = (base.grad().copy(), head.grad().copy());
+        let _ = base.grad().zero_();
+        let _ = head.grad().zero_();
+        // Chunked, then the recomputing backward.
+        let hidden = &base * 2.0;
+        let (out, saved) = token_outputs(&head, &hidden, &labels, spec, 5);
+        let close = |a: &Tensor, b: &Tensor, tol: f64| {
+            let d = (a - b).abs().max().double_value(&[]);
+            assert!(d < tol, "differs by {d:e}");
+        };
+        close(&out.logprobs, &lp, 1e-6);
+        close(out.entropy.as_ref().unwrap(), &ent, 1e-6);
+        close(out.mean_logit.as_ref().unwrap(), &mean, 1e-6);
+        loss_of(&out.logprobs, out.entropy.as_ref().unwrap()).backward();
+        backward_head(saved.expect("grad is on"), &head);
+        close(&base.grad(), &g_base, 1e-5);
+        close(&head.grad(), &g_head, 1e-5);
+        // Under no_grad nothing is kept.
+        let _guard = tch::no_grad_guard();
+        assert!(token_outputs(&head, &hidden, &labels, spec, 5).1.is_none());
+    }
+}
