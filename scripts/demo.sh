@@ -43,9 +43,14 @@ stage grpo $B/ppo train --policy "$D/sft/final" --prompts "$D/data/prompts.jsonl
 stage dpo $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
     --eval-data "$D/data/rankings_eval.jsonl" --output-dir "$D/dpo" --beta 0.1 --lr 3e-5 \
     --batch-size 64 --epochs 1 --max-length 128 --seed "$SEED" --log-every 10
+# The same with RPO's NLL term on the chosen answers (TRL's loss_type ["sigmoid", "sft"]),
+# which keeps their likelihood up and tolerates a larger learning rate.
+stage rpo $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
+    --eval-data "$D/data/rankings_eval.jsonl" --output-dir "$D/rpo" --beta 0.1 --lr 1e-4 \
+    --rpo-alpha 1 --batch-size 64 --epochs 1 --max-length 128 --seed "$SEED" --log-every 10
 # Held-out accuracy, sampled at temperature 1 with three sampling seeds, for every policy.
 start=$(date +%s%N)
-for model in sft ppo grpo dpo; do
+for model in sft ppo grpo dpo rpo; do
     for s in 1 2 3; do
         $B/sft generate --model "$D/$model/final" --prompts "$D/data/eval_prompts.jsonl" \
             --output "$D/eval_${model}_$s.jsonl" --max-new-tokens 64 --temperature 1 --seed "$s" \

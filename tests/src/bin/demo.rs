@@ -149,19 +149,26 @@ fn report(dir: &Path) {
         );
         (a.0, kl)
     });
-    // DPO on the rankings, no reward model, no sampling (when the run has it).
-    let dpo = dir.join("judge_dpo_1.json").exists().then(|| {
-        let a = accuracy("dpo");
-        let pairs = read_json(&dir.join("dpo.json"))["eval_accuracy"].as_f64().unwrap();
-        println!(
-            "| DPO (rankings, no reward model) | accuracy {:.3} (seeds {:.3}–{:.3}), held-out pairs ranked by its implicit reward {pairs:.3} | {:.0} s |",
-            a.0,
-            a.1,
-            a.2,
-            t("dpo")
-        );
-        (a.0, pairs)
-    });
+    // DPO on the rankings, no reward model, no sampling, plain and with RPO's NLL term
+    // (when the run has them).
+    let dpo_row = |name: &str, label: &str| {
+        dir.join(format!("judge_{name}_1.json")).exists().then(|| {
+            let a = accuracy(name);
+            let pairs = read_json(&dir.join(format!("{name}.json")))["eval_accuracy"]
+                .as_f64()
+                .unwrap();
+            println!(
+                "| {label} | accuracy {:.3} (seeds {:.3}–{:.3}), held-out pairs ranked by its implicit reward {pairs:.3} | {:.0} s |",
+                a.0,
+                a.1,
+                a.2,
+                t(name)
+            );
+            (a.0, pairs)
+        })
+    };
+    let dpo = dpo_row("dpo", "DPO (rankings, no reward model)");
+    let rpo = dpo_row("rpo", "DPO + RPO α 1 (rankings, no reward model)");
     println!(
         "| evaluation | 48 held-out problems × 3 sampling seeds, T = 1 | {:.0} s |",
         t("eval")
@@ -172,7 +179,8 @@ fn report(dir: &Path) {
         json!({"sft_accuracy": sft.0, "ppo_accuracy": ppo.0, "reward_accuracy": rm,
                "reward_accuracy_correct_vs_slipped": slips.map(|s| s.0), "kl": kl,
                "grpo_accuracy": grpo.map(|g| g.0), "grpo_kl": grpo.map(|g| g.1),
-               "dpo_accuracy": dpo.map(|d| d.0), "dpo_pairwise_accuracy": dpo.map(|d| d.1), "seconds": total})
+               "dpo_accuracy": dpo.map(|d| d.0), "dpo_pairwise_accuracy": dpo.map(|d| d.1),
+               "rpo_accuracy": rpo.map(|d| d.0), "rpo_pairwise_accuracy": rpo.map(|d| d.1), "seconds": total})
     );
 }
 
