@@ -10,7 +10,8 @@
 #   tokens/s at GPT-2-medium and Qwen2.5-0.5B shapes, batch 64 and 256, eager vs graphs;
 #   4. the same before this change; 5. transformers' generate (what TRL rolls out with);
 #   6. issue 15: peak GPU memory of `ppo train` with LoRA on a Llama-3-8B shape and with
-#      full fine-tuning on a Llama-3.2-3B shape.
+#      full fine-tuning on a Llama-3.2-3B shape; 7. (MEMORY18=1) issue 18: SFT of the
+#      Llama-3-8B shape with --gradient-checkpointing, PPO and GRPO at 1B.
 #
 #   GPU_BIN=.gpu OUT=/tmp/out bash scripts/gpu_decode.sh
 #
@@ -92,3 +93,14 @@ memory=(BENCH_DEVICE=cuda BENCH_DTYPE=bf16 BENCH_STAGES=ppo BENCH_DECODE=graphs 
     BENCH_RESPONSE=64 BENCH_SEQ=256 BENCH_MEASURED=3 BENCH_RM_FROM_LM=1)
 memory_run lora-8b "${memory[@]}" BENCH_SHAPES=llama3-8b BENCH_PPO_ARGS="--lora-r 16 --lora-alpha 32"
 memory_run full-3b "${memory[@]}" BENCH_SHAPES=llama3.2-3b
+
+# Optional (MEMORY18=1; sized for what is left of a session's device time): issue 18's
+# largest shapes on one H200 — full fine-tuning SFT of the Llama-3-8B shape with activation
+# recomputation, and PPO/GRPO of the Llama-3.2-1B shape with it (the LM head is applied in
+# chunks of positions in every run).
+[ "${MEMORY18:-0}" = 1 ] || exit 0
+step "issue 18: SFT Llama-3-8B full fine-tuning with --gradient-checkpointing; PPO and GRPO at 1B"
+memory_run sft-8b-recompute BENCH_DEVICE=cuda BENCH_DTYPE=bf16 BENCH_STAGES=sft BENCH_SHAPES=llama3-8b \
+    BENCH_BATCH=4 BENCH_SEQ=1024 BENCH_MEASURED=2 BENCH_TRAIN_ARGS=--gradient-checkpointing
+memory_run rl-1b-recompute "${memory[@]}" BENCH_STAGES=ppo,grpo BENCH_SHAPES=llama3.2-1b \
+    BENCH_TRAIN_ARGS=--gradient-checkpointing
