@@ -70,8 +70,8 @@ impl Reference {
     fn logps(&self, policy: &Model, batch: &PairBatch, indices: &[usize]) -> Tensor {
         let _guard = tch::no_grad_guard();
         match self {
-            Reference::Model(m) => score(m, batch).logps,
-            Reference::AdapterOff => without_adapters(|| score(policy, batch).logps),
+            Reference::Model(m) => score(m, batch, false).logps,
+            Reference::AdapterOff => without_adapters(|| score(policy, batch, false).logps),
             Reference::Precomputed(values) => {
                 let chosen: Vec<f32> = indices.iter().map(|&i| values[i][0]).collect();
                 let rejected: Vec<f32> = indices.iter().map(|&i| values[i][1]).collect();
@@ -113,13 +113,16 @@ pub struct StoredRefLogps {
 struct Scored {
     /// Σ log π(token) over the completion (with the graph when grad is on).
     logps: Tensor,
-    /// Σ over the completion of the mean logit over the vocabulary (detached).
-    logit_sums: Tensor,
+    /// Σ over the completion of the mean logit over the vocabulary (detached; with
+    /// `metrics` only).
+    logit_sums: Option<Tensor>,
     /// Completion tokens that are scored (the first token of a sequence is not).
     tokens: Tensor,
 }
 
-fn score(model: &Model, batch: &PairBatch) -> Scored {
+/// [`Scored`] of `batch`; `metrics` adds the mean-logit sums (the policy's, for
+/// `logits/*`; the reference needs only its log-probs).
+fn score(model: &Model, batch: &PairBatch, metrics: bool) -> Scored {
     let t = batch.input_ids.size()[1];
     let hidden = model
         .hidden(&batch.input_ids, &batch.attention_mask, None)
@@ -129,16 +132,14 @@ fn score(model: &Model, batch: &PairBatch) -> Scored {
         .narrow(1, 1, t - 1)
         .to_kind(Kind::Float);
     let spec = TokenSpec {
-        mean_logit: true,
+        mean_logit: metrics,
         ..TokenSpec::default()
     };
     let out = model.token_outputs(&hidden, &batch.input_ids.narrow(1, 1, t - 1), spec);
-    let lp = out.logprobs * &mask;
-    let mean_logits = out.mean_logit.expect("asked for");
     let row_sum = |x: &Tensor| x.sum_dim_intlist([1].as_slice(), false, Kind::Float);
     Scored {
-        logps: row_sum(&lp),
-        logit_sums: row_sum(&(mean_logits * &mask)),
+        logps: row_sum(&(out.logprobs * &mask)),
+        logit_sums: out.mean_logit.map(|m| row_sum(&(m * &mask))),
         tokens: row_sum(&mask),
     }
 }
@@ -183,7 +184,7 @@ pub fn run_pairs(
         let batch = collate(&refs, pad_id, policy.device());
         let ref_logps = reference.logps(policy, &batch, &indices);
         let _guard = backward.is_none().then(tch::no_grad_guard);
-        let scored = score(policy, &batch);
+        let scored = score(policy, &batch, true);
         let b = micro.len() as i64;
         let halves = |x: &Tensor| (x.narrow(0, 0, b), x.narrow(0, b, b));
         let (chosen, rejected) = halves(&scored.logps);
@@ -213,14 +214,13 @@ pub fn run_pairs(
             policy.backward(&loss);
         }
         let mut s = Stats::of(args, &lp, &losses);
-        let (logits_c, logits_r) = halves(&scored.logit_sums);
+        let (logits_c, logits_r) = halves(scored.logit_sums.as_ref().expect("asked for"));
         let (tokens_c, tokens_r) = halves(&scored.tokens);
         let total = |x: &Tensor| x.sum(Kind::Double).double_value(&[]);
         s.logits_chosen = total(&logits_c);
         s.logits_rejected = total(&logits_r);
-        s.logit_tokens_chosen = total(&tokens_c);
-        s.logit_tokens_rejected = total(&tokens_r);
-        s.chosen_tokens = s.logit_tokens_chosen;
+        s.tokens_chosen = total(&tokens_c);
+        s.tokens_rejected = total(&tokens_r);
         stats.add(&s);
         let cpu = |x: &Tensor| {
             Vec::<f64>::try_from(x.detach().to_kind(Kind::Double).to_device(Device::Cpu))

@@ -108,23 +108,22 @@ pub fn implicit_rewards(beta: f64, lp: &PairLogps) -> (Tensor, Tensor) {
 }
 
 /// Sums of a set of pairs that give the logged metrics (TRL's names); add them over
-/// micro-batches and ranks, then read [`Stats::scalars`].
+/// micro-batches and ranks, then read [`Stats::named`].
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Stats {
     pub pairs: f64,
     pub loss_sum: f64,
-    pub chosen_nll_sum: f64,
-    pub chosen_tokens: f64,
     pub rewards_chosen: f64,
     pub rewards_rejected: f64,
     pub correct: f64,
     pub logps_chosen: f64,
     pub logps_rejected: f64,
-    /// Σ over completion tokens of the mean logit over the vocabulary, and the counts.
+    /// Σ over completion tokens of the mean logit over the vocabulary.
     pub logits_chosen: f64,
     pub logits_rejected: f64,
-    pub logit_tokens_chosen: f64,
-    pub logit_tokens_rejected: f64,
+    /// Completion tokens scored (the logits' and RPO's denominators).
+    pub tokens_chosen: f64,
+    pub tokens_rejected: f64,
 }
 
 fn sum(t: &Tensor) -> f64 {
@@ -138,7 +137,6 @@ impl Stats {
         Stats {
             pairs: losses.size()[0] as f64,
             loss_sum: sum(&losses.detach()),
-            chosen_nll_sum: -sum(&lp.chosen.detach()),
             rewards_chosen: sum(&rc),
             rewards_rejected: sum(&rr),
             correct: sum(&rc.gt_tensor(&rr)),
@@ -151,8 +149,6 @@ impl Stats {
     pub fn add(&mut self, o: &Stats) {
         self.pairs += o.pairs;
         self.loss_sum += o.loss_sum;
-        self.chosen_nll_sum += o.chosen_nll_sum;
-        self.chosen_tokens += o.chosen_tokens;
         self.rewards_chosen += o.rewards_chosen;
         self.rewards_rejected += o.rewards_rejected;
         self.correct += o.correct;
@@ -160,15 +156,32 @@ impl Stats {
         self.logps_rejected += o.logps_rejected;
         self.logits_chosen += o.logits_chosen;
         self.logits_rejected += o.logits_rejected;
-        self.logit_tokens_chosen += o.logit_tokens_chosen;
-        self.logit_tokens_rejected += o.logit_tokens_rejected;
+        self.tokens_chosen += o.tokens_chosen;
+        self.tokens_rejected += o.tokens_rejected;
+    }
+
+    /// The same sums over every rank of `world`.
+    pub fn summed(&self, world: &common::World) -> Stats {
+        Stats {
+            pairs: world.sum(self.pairs),
+            loss_sum: world.sum(self.loss_sum),
+            rewards_chosen: world.sum(self.rewards_chosen),
+            rewards_rejected: world.sum(self.rewards_rejected),
+            correct: world.sum(self.correct),
+            logps_chosen: world.sum(self.logps_chosen),
+            logps_rejected: world.sum(self.logps_rejected),
+            logits_chosen: world.sum(self.logits_chosen),
+            logits_rejected: world.sum(self.logits_rejected),
+            tokens_chosen: world.sum(self.tokens_chosen),
+            tokens_rejected: world.sum(self.tokens_rejected),
+        }
     }
 
     /// The whole loss: the mean pair loss plus RPO's α × the chosen tokens' mean NLL.
     pub fn loss(&self, rpo_alpha: f64) -> f64 {
         let mut loss = self.loss_sum / self.pairs.max(1.0);
         if rpo_alpha > 0.0 {
-            loss += rpo_alpha * self.chosen_nll_sum / self.chosen_tokens.max(1.0);
+            loss += rpo_alpha * -self.logps_chosen / self.tokens_chosen.max(1.0);
         }
         loss
     }
@@ -191,11 +204,11 @@ impl Stats {
             ("logps/rejected", self.logps_rejected / n),
             (
                 "logits/chosen",
-                self.logits_chosen / self.logit_tokens_chosen.max(1.0),
+                self.logits_chosen / self.tokens_chosen.max(1.0),
             ),
             (
                 "logits/rejected",
-                self.logits_rejected / self.logit_tokens_rejected.max(1.0),
+                self.logits_rejected / self.tokens_rejected.max(1.0),
             ),
         ]
     }

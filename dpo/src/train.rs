@@ -331,7 +331,7 @@ fn train_step(
         &args.loss,
         Some(totals),
     );
-    let stats = summed(&stats, world);
+    let stats = stats.summed(world);
     let loss = stats.loss(args.loss.rpo_alpha);
     let outcome = trainee.step(loss, world);
     let local_tokens: usize = pairs
@@ -361,23 +361,4 @@ fn train_step(
         ),
     ]);
     Ok(scalars)
-}
-
-/// The same sums over every rank.
-fn summed(s: &Stats, world: &World) -> Stats {
-    Stats {
-        pairs: world.sum(s.pairs),
-        loss_sum: world.sum(s.loss_sum),
-        chosen_nll_sum: world.sum(s.chosen_nll_sum),
-        chosen_tokens: world.sum(s.chosen_tokens),
-        rewards_chosen: world.sum(s.rewards_chosen),
-        rewards_rejected: world.sum(s.rewards_rejected),
-        correct: world.sum(s.correct),
-        logps_chosen: world.sum(s.logps_chosen),
-        logps_rejected: world.sum(s.logps_rejected),
-        logits_chosen: world.sum(s.logits_chosen),
-        logits_rejected: world.sum(s.logits_rejected),
-        logit_tokens_chosen: world.sum(s.logit_tokens_chosen),
-        logit_tokens_rejected: world.sum(s.logit_tokens_rejected),
-    }
 }

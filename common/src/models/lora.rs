@@ -142,19 +142,6 @@ impl LoraConfig {
     }
 }
 
-/// Whether autograd is recording: LoRA dropout is active only then (training passes),
-/// as in PyTorch's train mode; evaluation and rollouts run under `no_grad`.
-pub(crate) fn grad_enabled() -> bool {
-    #[allow(unsafe_code)]
-    // SAFETY: at_grad_set_enabled only swaps a thread-local flag and returns the old one;
-    // the old value is put back at once.
-    unsafe {
-        let previous = torch_sys::at_grad_set_enabled(1);
-        torch_sys::at_grad_set_enabled(previous);
-        previous != 0
-    }
-}
-
 /// One adapted layer's low-rank update.
 #[derive(Debug)]
 pub struct LoraAdapter {
@@ -202,7 +189,7 @@ impl LoraAdapter {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let xa = x.to_kind(self.a.kind());
         let xa = if self.dropout > 0.0 {
-            xa.dropout(self.dropout, grad_enabled())
+            xa.dropout(self.dropout, super::grad_enabled())
         } else {
             xa
         };

@@ -261,6 +261,20 @@ pub struct Model {
 
 const SCORE_WEIGHT: &str = "score.weight";
 
+/// Whether autograd is recording: training passes (LoRA dropout is active only then, as
+/// in PyTorch's train mode; forwards keep what their backward recomputes); evaluation
+/// and rollouts run under `no_grad`.
+pub(crate) fn grad_enabled() -> bool {
+    #[allow(unsafe_code)]
+    // SAFETY: at_grad_set_enabled only swaps a thread-local flag and returns the old one;
+    // the old value is put back at once.
+    unsafe {
+        let previous = torch_sys::at_grad_set_enabled(1);
+        torch_sys::at_grad_set_enabled(previous);
+        previous != 0
+    }
+}
+
 /// What forwards with grad keep until [`Model::backward_recomputed`].
 #[derive(Debug, Default)]
 struct Pending {
@@ -590,7 +604,7 @@ impl Model {
         };
         let masking = Masking::new(&mask, t, self.sliding_window(), Some(padded));
         let recompute = self.options.gradient_checkpointing && self.options.trainable;
-        let h = if recompute && cache.is_none() && lora::grad_enabled() {
+        let h = if recompute && cache.is_none() && grad_enabled() {
             let (h, saved) = match &self.backbone {
                 Backbone::Gpt2(b) => b.forward_saving(&x, &positions, masking),
                 Backbone::Llama(b) => b.forward_saving(&x, &positions, masking),
@@ -672,22 +686,22 @@ impl Model {
         }
     }
 
-    /// Backpropagates `loss` through this model: `loss.backward()`, then, with gradient
-    /// checkpointing, the blocks the forwards did not keep (recomputed one at a time).
+    /// Backpropagates `loss` through this model: `loss.backward()`, then the parts the
+    /// forwards did not keep — the LM head's chunks and, with gradient checkpointing, the
+    /// blocks — recomputed one at a time.
     pub fn backward(&self, loss: &Tensor) {
         loss.backward();
         self.backward_recomputed();
     }
 
-    /// The recomputed blocks' part of a backward (see [`recompute`]): call it after
-    /// `loss.backward()` on every model whose outputs the loss used
-    /// ([`Model::backward`] does both for a loss of one model). Without gradient
-    /// checkpointing there is nothing to do.
+    /// The recomputed part of a backward (see [`vocab`] and [`recompute`]): call it after
+    /// `loss.backward()` on every model whose outputs the loss used ([`Model::backward`]
+    /// does both for a loss of one model).
     pub fn backward_recomputed(&self) {
         let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
         // The head's gradients reach the hidden states first, then the blocks under them.
         for s in pending.heads.into_iter().rev() {
-            vocab::backward_head(s, self.head_weight_in_use());
+            vocab::backward_head(s);
         }
         for s in pending.blocks.into_iter().rev() {
             match &self.backbone {
@@ -703,20 +717,14 @@ impl Model {
     /// With grad the outputs are leaves whose gradient [`Model::backward`] carries back
     /// through recomputed chunks.
     pub fn token_outputs(&self, hidden: &Tensor, labels: &Tensor, spec: TokenSpec) -> TokenOutputs {
-        self.token_outputs_in_chunks(hidden, labels, spec, vocab::POSITIONS_PER_CHUNK)
-    }
-
-    /// [`Model::token_outputs`] with `chunk` positions at a time.
-    pub fn token_outputs_in_chunks(
-        &self,
-        hidden: &Tensor,
-        labels: &Tensor,
-        spec: TokenSpec,
-        chunk: i64,
-    ) -> TokenOutputs {
         assert_eq!(self.head, Head::Lm, "token log-probs need the LM head");
-        let (outputs, saved) =
-            vocab::token_outputs(self.head_weight_in_use(), hidden, labels, spec, chunk);
+        let (outputs, saved) = vocab::token_outputs(
+            self.head_weight_in_use(),
+            hidden,
+            labels,
+            spec,
+            vocab::POSITIONS_PER_CHUNK,
+        );
         if let Some(saved) = saved {
             self.pending.lock().expect("not poisoned").heads.push(saved);
         }

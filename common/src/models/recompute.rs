@@ -61,7 +61,7 @@ pub(crate) fn backward_blocks(saved: Saved, block: impl Fn(usize, &Tensor, &Mask
 }
 
 /// Accumulates `grad`'s pull-back through `y`'s graph into every leaf under it.
-fn pull_back(y: &Tensor, grad: &Tensor) {
+pub(crate) fn pull_back(y: &Tensor, grad: &Tensor) {
     if y.requires_grad() {
         (y * grad.detach()).sum(Kind::Float).backward();
     }

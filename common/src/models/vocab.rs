@@ -9,6 +9,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::recompute::pull_back;
 use crate::ops::{entropy, logprobs_of};
 
 /// Positions whose logits exist at once: 1024 × a 152k vocabulary is 0.6 GB in f32.
@@ -49,6 +50,8 @@ pub struct TokenOutputs {
 /// What a forward with grad keeps for [`backward_head`].
 #[derive(Debug)]
 pub(crate) struct HeadSaved {
+    /// The head weight the forward used (adapters may be switched off by then).
+    pub head: Tensor,
     /// `[R, H]` hidden states with their graph.
     pub hidden: Tensor,
     pub labels: Tensor,
@@ -111,7 +114,7 @@ pub(crate) fn token_outputs(
     let (b, t, h) = hidden.size3().expect("[B, T, H] hidden states");
     let rows = hidden.reshape([b * t, h]);
     let flat_labels = labels.reshape([b * t]);
-    let with_grad = super::lora::grad_enabled() && hidden.requires_grad();
+    let with_grad = super::grad_enabled() && hidden.requires_grad();
     let (lp, ent, mean) = {
         let _guard = with_grad.then(tch::no_grad_guard);
         chunked(head, &rows.detach(), &flat_labels, spec, chunk)
@@ -134,6 +137,7 @@ pub(crate) fn token_outputs(
         }
     });
     let saved = HeadSaved {
+        head: head.shallow_clone(),
         hidden: rows,
         labels: flat_labels,
         spec,
@@ -154,7 +158,7 @@ pub(crate) fn token_outputs(
 
 /// Pulls the gradients the loss left on a forward's leaves back through the head, one
 /// recomputed chunk at a time, into the head weight and the hidden states' graph.
-pub(crate) fn backward_head(saved: HeadSaved, head: &Tensor) {
+pub(crate) fn backward_head(saved: HeadSaved) {
     let grad_of = |leaf: &Tensor| {
         let g = leaf.grad();
         g.defined().then_some(g)
@@ -183,7 +187,7 @@ pub(crate) fn backward_head(saved: HeadSaved, head: &Tensor) {
             .detach()
             .set_requires_grad(true);
         let labels = saved.labels.narrow(0, start, n);
-        let (lp, ent, _) = chunked(head, &h, &labels, spec, n);
+        let (lp, ent, _) = chunked(&saved.head, &h, &labels, spec, n);
         let mut surrogate = Tensor::zeros([], (Kind::Float, h.device()));
         if let Some(g) = &lp_grad {
             surrogate += (lp * g.narrow(0, start, n)).sum(Kind::Float);
@@ -194,8 +198,7 @@ pub(crate) fn backward_head(saved: HeadSaved, head: &Tensor) {
         surrogate.backward();
         hidden_grads.push(h.grad());
     }
-    let grad = Tensor::cat(&hidden_grads, 0);
-    (saved.hidden * grad.detach()).sum(Kind::Float).backward();
+    pull_back(&saved.hidden, &Tensor::cat(&hidden_grads, 0));
 }
 
 #[cfg(test)]
@@ -244,7 +247,7 @@ mod tests {
         close(out.entropy.as_ref().unwrap(), &ent, 1e-6);
         close(out.mean_logit.as_ref().unwrap(), &mean, 1e-6);
         loss_of(&out.logprobs, out.entropy.as_ref().unwrap()).backward();
-        backward_head(saved.expect("grad is on"), &head);
+        backward_head(saved.expect("grad is on"));
         close(&base.grad(), &g_base, 1e-5);
         close(&head.grad(), &g_head, 1e-5);
         // Under no_grad nothing is kept.
