@@ -342,62 +342,36 @@ impl Bench {
         row
     }
 
-    fn sft(&self, arch: &str, lm: &Path, flops: &Flops) -> Value {
+    /// `sft train` on the SFT rows, or `reward train` or `dpo train` on the pairs (batch / 2
+    /// pairs, so every stage sees `batch` sequences a step; DPO's frozen reference scores
+    /// them too).
+    fn supervised(&self, stage: &str, arch: &str, lm: &Path, flops: &Flops) -> Value {
         reset_peak_rss();
-        let out = self.root.join(format!("{arch}-sft"));
+        let out = self.root.join(format!("{arch}-{stage}"));
+        let (data, batch) = match stage {
+            "sft" => (&self.sft_data, self.batch),
+            _ => (&self.pairs, self.batch / 2),
+        };
         let mut argv = vec![
             "--model".into(),
             lm.display().to_string(),
             "--data".into(),
-            self.sft_data.display().to_string(),
+            data.display().to_string(),
             "--batch-size".into(),
-            self.batch.to_string(),
-            "--max-length".into(),
-            self.seq.to_string(),
+            batch.to_string(),
         ];
+        if stage == "sft" {
+            argv.extend(["--max-length".into(), self.seq.to_string()]);
+        }
         argv.extend(self.common_args(&out, measured_steps()));
-        sft::train::run(&rlhf_tests::parse_args::<sft::train::TrainArgs, _>(&argv)).unwrap();
-        let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
-        self.training_row("sft", arch, tps, flops)
-    }
-
-    fn reward(&self, arch: &str, lm: &Path, flops: &Flops) -> Value {
-        reset_peak_rss();
-        let out = self.root.join(format!("{arch}-reward"));
-        let mut argv = vec![
-            "--model".into(),
-            lm.display().to_string(),
-            "--data".into(),
-            self.pairs.display().to_string(),
-            "--batch-size".into(),
-            (self.batch / 2).to_string(),
-        ];
-        argv.extend(self.common_args(&out, measured_steps()));
-        reward::train::run(&rlhf_tests::parse_args::<reward::train::TrainArgs, _>(
-            &argv,
-        ))
+        match stage {
+            "sft" => sft::train::run(&rlhf_tests::parse_args(&argv)).map(drop),
+            "reward" => reward::train::run(&rlhf_tests::parse_args(&argv)).map(drop),
+            _ => dpo::train::run(&rlhf_tests::parse_args(&argv)).map(drop),
+        }
         .unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
-        self.training_row("reward", arch, tps, flops)
-    }
-
-    /// `dpo train` on the same pairs as the reward row (batch / 2 pairs, so the policy sees
-    /// `batch` sequences a step, and the frozen reference scores them too).
-    fn dpo(&self, arch: &str, lm: &Path, flops: &Flops) -> Value {
-        reset_peak_rss();
-        let out = self.root.join(format!("{arch}-dpo"));
-        let mut argv = vec![
-            "--model".into(),
-            lm.display().to_string(),
-            "--data".into(),
-            self.pairs.display().to_string(),
-            "--batch-size".into(),
-            (self.batch / 2).to_string(),
-        ];
-        argv.extend(self.common_args(&out, measured_steps()));
-        dpo::train::run(&rlhf_tests::parse_args::<dpo::train::TrainArgs, _>(&argv)).unwrap();
-        let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
-        self.training_row("dpo", arch, tps, flops)
+        self.training_row(stage, arch, tps, flops)
     }
 
     /// `ppo train` with GAE (`stage` "ppo"), or critic-free (`stage` "grpo" or "rloo": the
@@ -554,17 +528,17 @@ impl Bench {
             let rm_flops =
                 move |t: usize| 6.0 * (d.matmul_params - vocab_head) + attention * t as f64;
             if wanted("sft") {
-                rows.push(self.sft(arch, &lm, &lm_flops));
+                rows.push(self.supervised("sft", arch, &lm, &lm_flops));
             }
             if wanted("reward") {
-                rows.push(self.reward(arch, &lm, &rm_flops));
+                rows.push(self.supervised("reward", arch, &lm, &rm_flops));
             }
             // DPO: the policy's forward and backward (6 per parameter) and the reference's
             // forward (2 more).
             let dpo_flops =
                 move |t: usize| lm_flops(t) + (2.0 * d.matmul_params + attention / 3.0 * t as f64);
             if wanted("dpo") {
-                rows.push(self.dpo(arch, &lm, &dpo_flops));
+                rows.push(self.supervised("dpo", arch, &lm, &dpo_flops));
             }
         }
         for &decode in &self.decode_modes {
