@@ -187,28 +187,16 @@ pub struct PairBatch {
 }
 
 pub fn collate(pairs: &[&TokenizedPair], pad_id: i64, device: Device) -> PairBatch {
-    let sequences: Vec<Vec<i64>> = [false, true]
+    let completions = pairs
         .iter()
-        .flat_map(|&rejected| {
-            pairs.iter().map(move |p| {
-                let completion = if rejected { &p.rejected } else { &p.chosen };
-                [p.prompt.as_slice(), completion].concat()
-            })
+        .map(|p| (p, &p.chosen))
+        .chain(pairs.iter().map(|p| (p, &p.rejected)));
+    let (sequences, completion): (Vec<Vec<i64>>, Vec<Vec<i64>>) = completions
+        .map(|(p, c)| {
+            let mask = [vec![0; p.prompt.len()], vec![1; c.len()]].concat();
+            ([p.prompt.as_slice(), c].concat(), mask)
         })
-        .collect();
-    let completion: Vec<Vec<i64>> = [false, true]
-        .iter()
-        .flat_map(|&rejected| {
-            pairs.iter().map(move |p| {
-                let n = if rejected {
-                    p.rejected.len()
-                } else {
-                    p.chosen.len()
-                };
-                [vec![0; p.prompt.len()], vec![1; n]].concat()
-            })
-        })
-        .collect();
+        .unzip();
     let refs: Vec<&[i64]> = sequences.iter().map(Vec::as_slice).collect();
     let (input_ids, attention_mask) = pad_right(&refs, pad_id, device);
     let refs: Vec<&[i64]> = completion.iter().map(Vec::as_slice).collect();
