@@ -7,6 +7,7 @@ pub mod error;
 pub mod formats;
 pub mod io;
 pub mod jsonl;
+pub mod lmeval;
 pub mod pairs;
 pub mod preference;
 pub mod prompts;

@@ -57,7 +57,7 @@ pub fn response_logprobs(
         temperature,
         entropy: true,
         entropy_grad,
-        mean_logit: false,
+        ..TokenSpec::default()
     };
     let out = model.token_outputs(&hidden, &response, spec);
     (out.logprobs, out.entropy.expect("asked for"))

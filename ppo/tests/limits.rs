@@ -61,7 +61,9 @@ fn sft_commands(root: &Path, lm: &Path) {
         ]
         .concat(),
     );
-    let summary = sft::eval::run(&eval).unwrap();
+    let sft::eval::EvalOutcome::Nll(summary) = sft::eval::run(&eval).unwrap() else {
+        panic!("--data gives the NLL summary")
+    };
     assert_eq!((summary.rows, summary.dropped), (4, 0));
     assert!(summary.loss.is_finite());
 

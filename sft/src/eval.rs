@@ -20,18 +20,24 @@ pub struct EvalArgs {
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
-    /// SFT rows: {"prompt","completion"}, {"messages"} or {"text"} per line.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Per-row results as JSON Lines: {"index","nll","tokens"}.
+    /// SFT rows: {"prompt","completion"}, {"messages"} or {"text"} per line (the NLL
+    /// mode; --tasks runs task files instead).
+    #[arg(long, required_unless_present = "tasks", conflicts_with = "tasks")]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub tasks: crate::tasks::TaskArgs,
+    /// Per-row results as JSON Lines: {"index","nll","tokens"}; with --tasks, one line per
+    /// document and filter (lm-eval's sample fields and the full prompt).
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Rows per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Longest row in tokens; longer rows follow --truncation.
-    #[arg(long, default_value_t = 1024)]
-    pub max_length: usize,
+    /// Longest row in tokens (default 1024); longer rows follow --truncation. With
+    /// --tasks: the longest sequence scored or generated (default, as lm-eval: the length
+    /// config.json states, else 2048), contexts cut on the left.
+    #[arg(long)]
+    pub max_length: Option<usize>,
     /// truncate (cut the completion's end) or drop rows over --max-length.
     #[arg(long, default_value = "truncate")]
     pub truncation: Truncation,
@@ -90,30 +96,66 @@ pub struct EvalSummary {
     pub dropped: usize,
 }
 
-pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
+/// What `sft eval` reports: the NLL summary, or one summary line per task.
+#[derive(Debug, Clone)]
+pub enum EvalOutcome {
+    Nll(EvalSummary),
+    Tasks(Vec<serde_json::Value>),
+}
+
+pub fn run(args: &EvalArgs) -> Result<EvalOutcome> {
     require(&[
         (args.batch_size > 0, "--batch-size must be at least 1"),
-        (args.max_length > 1, "--max-length must be at least 2"),
+        (
+            args.max_length.is_none_or(|n| n > 1),
+            "--max-length must be at least 2",
+        ),
     ])?;
     let (device, kind) = args.device.resolve();
-    let examples = data::read_sft(&args.data)?;
     let opts = ModelOptions {
         base_model: args.base_model.clone(),
         ..ModelOptions::new(Head::Lm, device, kind)
     };
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let max_length = model.cap_length(args.max_length, "--max-length");
-    let prepared = prepare(&examples, &tok, max_length, args.truncation, true)?;
+    let Some(data) = &args.data else {
+        let stated = model.config.stated_length();
+        let max_length = model.cap_length(args.max_length.unwrap_or(stated), "--max-length");
+        let evaluator = crate::tasks::Evaluator {
+            model: &model,
+            tok: &tok,
+            args: &args.tasks,
+            batch_size: args.batch_size,
+            max_length,
+        };
+        let (summaries, samples) = evaluator.run()?;
+        if let Some(out) = &args.output {
+            data::io::write_jsonl(out, &samples)?;
+        }
+        return Ok(EvalOutcome::Tasks(summaries));
+    };
+    let max_length = model.cap_length(args.max_length.unwrap_or(1024), "--max-length");
+    nll(args, data, &model, &tok, max_length).map(EvalOutcome::Nll)
+}
+
+fn nll(
+    args: &EvalArgs,
+    path: &std::path::Path,
+    model: &Model,
+    tok: &data::Tokenizer,
+    max_length: usize,
+) -> Result<EvalSummary> {
+    let examples = data::read_sft(path)?;
+    let prepared = prepare(&examples, tok, max_length, args.truncation, true)?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(
             "{}: {} rows truncated and {} dropped at --max-length {}",
-            args.data.display(),
+            path.display(),
             prepared.truncated,
             prepared.dropped,
             max_length
         );
     }
-    let per_row = nll_per_row(&model, &prepared.rows, args.batch_size, tok.pad_id);
+    let per_row = nll_per_row(model, &prepared.rows, args.batch_size, tok.pad_id);
     let mut rows = Vec::with_capacity(per_row.len());
     let (mut total_nll, mut total_tokens) = (0f64, 0i64);
     for (&index, &(nll, n)) in prepared.kept.iter().zip(&per_row) {

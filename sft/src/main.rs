@@ -18,7 +18,8 @@ struct Cli {
 enum Command {
     /// Fine-tune a model on demonstrations (loss on completions / assistant turns).
     Train(sft::train::TrainArgs),
-    /// Per-row completion NLL of a model on SFT rows; a JSON summary line on stdout.
+    /// Per-row completion NLL of a model on SFT rows, or lm-evaluation-harness task files
+    /// (--tasks); JSON summary lines on stdout.
     Eval(sft::eval::EvalArgs),
     /// Sample completions for a file of prompts.
     Generate(sft::generate::GenerateArgs),
@@ -33,9 +34,15 @@ fn main() {
                    "trainable_parameters": s.trainable_parameters, "total_parameters": s.total_parameters,
                    "final": args.run.output_dir.join("final")})
         }),
-        Command::Eval(args) => sft::eval::run(args).map(|s| {
-            json!({"rows": s.rows, "tokens": s.tokens, "loss": s.loss,
-                   "perplexity": s.loss.exp(), "dropped": s.dropped})
+        Command::Eval(args) => sft::eval::run(args).map(|outcome| match outcome {
+            sft::eval::EvalOutcome::Nll(s) => json!({"rows": s.rows, "tokens": s.tokens, "loss": s.loss,
+                   "perplexity": s.loss.exp(), "dropped": s.dropped}),
+            // One line per task; the last is printed by finish.
+            sft::eval::EvalOutcome::Tasks(mut lines) => {
+                let last = lines.pop().unwrap_or_default();
+                lines.iter().for_each(|l| println!("{l}"));
+                last
+            }
         }),
         Command::Generate(args) => sft::generate::run(args)
             .map(|s| s.to_json(args))

@@ -188,6 +188,15 @@ impl ModelConfig {
         }
     }
 
+    /// The sequence length `config.json` states (`n_positions`, `max_position_embeddings`
+    /// or `n_ctx`, the first present), else 2048: lm-eval's `HFLM.max_length`.
+    pub fn stated_length(&self) -> usize {
+        ["n_positions", "max_position_embeddings", "n_ctx"]
+            .iter()
+            .find_map(|k| self.raw.get(*k).and_then(serde_json::Value::as_u64))
+            .map_or(2048, |n| n as usize)
+    }
+
     /// Integer or list field of `config.json` (`eos_token_id` may be either).
     pub fn token_ids(&self, field: &str) -> Vec<i64> {
         ids_of(self.raw.get(field))

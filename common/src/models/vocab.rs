@@ -26,6 +26,8 @@ pub struct TokenSpec {
     pub entropy_grad: bool,
     /// The mean logit over the vocabulary (TRL's `logits/chosen` metric), detached.
     pub mean_logit: bool,
+    /// Whether the label is the argmax (lm-eval's `is_greedy`).
+    pub greedy: bool,
 }
 
 impl Default for TokenSpec {
@@ -35,6 +37,7 @@ impl Default for TokenSpec {
             entropy: false,
             entropy_grad: false,
             mean_logit: false,
+            greedy: false,
         }
     }
 }
@@ -45,6 +48,8 @@ pub struct TokenOutputs {
     pub logprobs: Tensor,
     pub entropy: Option<Tensor>,
     pub mean_logit: Option<Tensor>,
+    /// `[B, T]` bool: the label is the first argmax of the logits.
+    pub greedy: Option<Tensor>,
 }
 
 /// What a forward with grad keeps for [`backward_head`].
@@ -63,16 +68,16 @@ pub(crate) struct HeadSaved {
 }
 
 /// The outputs of rows `[R, H]` of hidden states for `labels` `[R]`, `chunk` rows at a
-/// time: `(log-probs, entropies, mean logits)`, `[R]` each, in f32.
+/// time, `[R]` each (f32, or bool for `greedy`).
 fn chunked(
     head: &Tensor,
     hidden: &Tensor,
     labels: &Tensor,
     spec: TokenSpec,
     chunk: i64,
-) -> (Tensor, Option<Tensor>, Option<Tensor>) {
+) -> TokenOutputs {
     let rows = hidden.size()[0];
-    let (mut lp, mut ent, mut mean) = (vec![], vec![], vec![]);
+    let (mut lp, mut ent, mut mean, mut greedy) = (vec![], vec![], vec![], vec![]);
     for start in (0..rows).step_by(chunk.max(1) as usize) {
         let n = chunk.min(rows - start);
         let logits = hidden.narrow(0, start, n).linear::<Tensor>(head, None);
@@ -81,7 +86,8 @@ fn chunked(
         } else {
             logits / spec.temperature
         };
-        lp.push(logprobs_of(&logits, &labels.narrow(0, start, n)));
+        let labels = labels.narrow(0, start, n);
+        lp.push(logprobs_of(&logits, &labels));
         if spec.entropy || spec.entropy_grad {
             ent.push(entropy(&logits));
         }
@@ -92,13 +98,17 @@ fn chunked(
                     .mean_dim([-1].as_slice(), false, Kind::Float),
             );
         }
+        if spec.greedy {
+            greedy.push(logits.argmax(-1, false).eq_tensor(&labels));
+        }
     }
     let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0));
-    (
-        cat(lp).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, hidden.device()))),
-        cat(ent),
-        cat(mean),
-    )
+    TokenOutputs {
+        logprobs: cat(lp).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, hidden.device()))),
+        entropy: cat(ent),
+        mean_logit: cat(mean),
+        greedy: cat(greedy),
+    }
 }
 
 /// [`super::Model::token_outputs`] for hidden states `[B, T, H]` and labels `[B, T]`, the
@@ -115,7 +125,12 @@ pub(crate) fn token_outputs(
     let rows = hidden.reshape([b * t, h]);
     let flat_labels = labels.reshape([b * t]);
     let with_grad = super::grad_enabled() && hidden.requires_grad();
-    let (lp, ent, mean) = {
+    let TokenOutputs {
+        logprobs: lp,
+        entropy: ent,
+        mean_logit: mean,
+        greedy,
+    } = {
         let _guard = with_grad.then(tch::no_grad_guard);
         chunked(head, &rows.detach(), &flat_labels, spec, chunk)
     };
@@ -125,6 +140,7 @@ pub(crate) fn token_outputs(
             logprobs: shape(lp),
             entropy: ent.map(shape),
             mean_logit: mean.map(shape),
+            greedy: greedy.map(shape),
         };
         return (outputs, None);
     }
@@ -152,6 +168,7 @@ pub(crate) fn token_outputs(
         logprobs: shape(lp),
         entropy: ent.map(shape),
         mean_logit: mean.map(shape),
+        greedy: greedy.map(shape),
     };
     (outputs, Some(saved))
 }
@@ -176,6 +193,7 @@ pub(crate) fn backward_head(saved: HeadSaved) {
         entropy: false,
         entropy_grad: ent_grad.is_some(),
         mean_logit: false,
+        greedy: false,
         ..saved.spec
     };
     let mut hidden_grads = vec![];
@@ -187,7 +205,11 @@ pub(crate) fn backward_head(saved: HeadSaved) {
             .detach()
             .set_requires_grad(true);
         let labels = saved.labels.narrow(0, start, n);
-        let (lp, ent, _) = chunked(&saved.head, &h, &labels, spec, n);
+        let TokenOutputs {
+            logprobs: lp,
+            entropy: ent,
+            ..
+        } = chunked(&saved.head, &h, &labels, spec, n);
         let mut surrogate = Tensor::zeros([], (Kind::Float, h.device()));
         if let Some(g) = &lp_grad {
             surrogate += (lp * g.narrow(0, start, n)).sum(Kind::Float);
@@ -224,6 +246,7 @@ mod tests {
             entropy: true,
             entropy_grad: true,
             mean_logit: true,
+            greedy: true,
         };
         let loss_of =
             |lp: &Tensor, ent: &Tensor| ((lp * &weights - ent * 0.3) * &mask).sum(Kind::Float);
@@ -246,6 +269,8 @@ mod tests {
         close(&out.logprobs, &lp, 1e-6);
         close(out.entropy.as_ref().unwrap(), &ent, 1e-6);
         close(out.mean_logit.as_ref().unwrap(), &mean, 1e-6);
+        let greedy = logits.argmax(-1, false).eq_tensor(&labels);
+        assert!(out.greedy.as_ref().unwrap().equal(&greedy));
         loss_of(&out.logprobs, out.entropy.as_ref().unwrap()).backward();
         backward_head(saved.expect("grad is on"));
         close(&base.grad(), &g_base, 1e-5);
