@@ -358,12 +358,71 @@ pub enum PromptInitChoice {
     Text,
 }
 
+/// One `--data FILE[:WEIGHT]`: a training file and its mixing weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSpec {
+    pub path: PathBuf,
+    pub weight: Option<f64>,
+}
+
+impl std::str::FromStr for DataSpec {
+    type Err = String;
+    /// `FILE:WEIGHT` when what follows the last `:` is a number and `FILE` is not itself
+    /// an existing file's whole name; else the whole text is the file.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if let Some((path, w)) = s.rsplit_once(':') {
+            if let Ok(weight) = w.parse::<f64>() {
+                if !std::path::Path::new(s).exists() {
+                    if !(weight.is_finite() && weight > 0.0) {
+                        return Err(format!("the weight in '{s}' must be a positive number"));
+                    }
+                    return Ok(DataSpec {
+                        path: path.into(),
+                        weight: Some(weight),
+                    });
+                }
+            }
+        }
+        Ok(DataSpec {
+            path: s.into(),
+            weight: None,
+        })
+    }
+}
+
+impl std::fmt::Display for DataSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(w) = self.weight {
+            write!(f, ":{w}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One file as a string (as `config.toml` always had it), several as a list.
+fn one_or_list<S: serde::Serializer>(
+    specs: &[DataSpec],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match specs {
+        [one] => s.serialize_str(&one.to_string()),
+        many => s.collect_seq(many.iter().map(ToString::to_string)),
+    }
+}
+
 /// Data options of the supervised stages (`sft train`, `reward train`).
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TrainDataArgs {
-    /// Training rows, JSON Lines.
+    /// Training rows, JSON Lines. `sft train` takes it several times for a mixture of
+    /// datasets (FLAN-style), each as FILE or FILE:WEIGHT.
+    #[arg(long, required = true)]
+    #[serde(serialize_with = "one_or_list")]
+    pub data: Vec<DataSpec>,
+    /// A mixture without weights draws from each dataset in proportion to its size, capped
+    /// at this many rows per mixture epoch (T5 / FLAN's examples-proportional mixing).
     #[arg(long)]
-    pub data: PathBuf,
+    pub max_examples_per_dataset: Option<usize>,
     /// Held-out rows in the same format, for the eval/ metrics.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
@@ -391,11 +450,33 @@ pub struct TrainDataArgs {
 
 impl TrainDataArgs {
     pub fn validate(&self) -> Result<()> {
+        let weighted = self.data.iter().filter(|d| d.weight.is_some()).count();
+        let mixture = self.data.len() > 1;
         require(&[
             (self.batch_size > 0, "--batch-size must be at least 1"),
             (self.grad_accum > 0, "--grad-accum must be at least 1"),
             (self.max_length > 1, "--max-length must be at least 2"),
+            (weighted == 0 || weighted == self.data.len(), "--data: give a weight (FILE:WEIGHT) for every file of the mixture, or for none"),
+            (weighted == 0 || self.max_examples_per_dataset.is_none(), "--max-examples-per-dataset caps size-proportional mixing; with weights (FILE:WEIGHT) leave it out"),
+            (self.max_examples_per_dataset != Some(0), "--max-examples-per-dataset must be at least 1"),
+            (!(mixture && self.group_by_length), "--group-by-length works on one dataset; a mixture of several --data files cannot use it"),
         ])
+    }
+
+    /// The one training file of a stage that does not mix datasets.
+    pub fn single(&self, stage: &str) -> Result<&std::path::Path> {
+        match self.data.as_slice() {
+            [one] if one.weight.is_none() && self.max_examples_per_dataset.is_none() => Ok(&one.path),
+            _ => Err(Error::InvalidArgument(format!(
+                "--data: {stage} reads one file without a weight (mixtures of datasets are for sft train)"
+            ))),
+        }
+    }
+
+    /// Rows per mixture epoch of each file, for files of `sizes` rows.
+    pub fn mixture_counts(&self, sizes: &[usize]) -> Vec<usize> {
+        let weights: Option<Vec<f64>> = self.data.iter().map(|d| d.weight).collect();
+        data::sampler::mixture_counts(sizes, weights.as_deref(), self.max_examples_per_dataset)
     }
 
     /// The training order over rows of these `lengths` (in tokens): shuffled, and grouped

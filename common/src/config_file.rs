@@ -48,13 +48,36 @@ pub fn expand(argv: &[OsString], cmd: clap::Command) -> Result<Vec<OsString>, St
         return Ok(argv.to_vec());
     };
     let mut out = argv[..2].to_vec();
-    out.extend(toml_args(&path, &sub)?.into_iter().map(OsString::from));
+    // A list option given on the command line replaces the file's list (single options
+    // are overridden by clap itself).
+    let on_line = |long: &str| {
+        argv[2..].iter().any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")))
+        })
+    };
+    for (long, args) in toml_options(&path, &sub)? {
+        let is_list = sub.get_arguments().any(|a| {
+            a.get_long() == Some(long.as_str()) && matches!(a.get_action(), ArgAction::Append)
+        });
+        if !(is_list && on_line(&long)) {
+            out.extend(args.into_iter().map(OsString::from));
+        }
+    }
     out.extend_from_slice(&argv[2..]);
     Ok(out)
 }
 
 /// The options a TOML file sets, as command-line arguments of `cmd`.
 pub fn toml_args(path: &Path, cmd: &clap::Command) -> Result<Vec<String>, String> {
+    Ok(toml_options(path, cmd)?
+        .into_iter()
+        .flat_map(|(_, a)| a)
+        .collect())
+}
+
+/// Each option a TOML file sets (its long name) with its command-line arguments.
+fn toml_options(path: &Path, cmd: &clap::Command) -> Result<Vec<(String, Vec<String>)>, String> {
     let at = path.display();
     let text = std::fs::read_to_string(path).map_err(|e| format!("{at}: cannot read: {e}"))?;
     let table: toml::Table = text
@@ -65,8 +88,9 @@ pub fn toml_args(path: &Path, cmd: &clap::Command) -> Result<Vec<String>, String
         .filter_map(|a| a.get_long())
         .filter(|l| *l != "config" && *l != "help" && *l != "version")
         .collect();
-    let mut args = vec![];
+    let mut options = vec![];
     for (key, value) in &table {
+        let mut args = vec![];
         let long = key.replace('_', "-");
         let Some(arg) = cmd
             .get_arguments()
@@ -83,6 +107,7 @@ pub fn toml_args(path: &Path, cmd: &clap::Command) -> Result<Vec<String>, String
                 if *b {
                     args.push(format!("--{long}"));
                 }
+                options.push((long, args));
                 continue;
             }
             _ if is_flag => return Err(format!("{at}: key '{key}' must be true or false")),
@@ -90,6 +115,18 @@ pub fn toml_args(path: &Path, cmd: &clap::Command) -> Result<Vec<String>, String
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
+            // A list: the option given once per item (`data = ["a.jsonl", "b.jsonl:2"]`).
+            toml::Value::Array(items) if matches!(arg.get_action(), ArgAction::Append) => {
+                for item in items {
+                    let toml::Value::String(text) = item else {
+                        return Err(format!("{at}: key '{key}': expected a list of strings"));
+                    };
+                    args.push(format!("--{long}"));
+                    args.push(text.clone());
+                }
+                options.push((long, args));
+                continue;
+            }
             other => return Err(format!("{at}: key '{key}': unsupported value {other}")),
         };
         // Check the value with the option's own parser, alone, to name the key on failure.
@@ -107,8 +144,9 @@ pub fn toml_args(path: &Path, cmd: &clap::Command) -> Result<Vec<String>, String
             })?;
         args.push(format!("--{long}"));
         args.push(text);
+        options.push((long, args));
     }
-    Ok(args)
+    Ok(options)
 }
 
 /// A resolved configuration as TOML (written to `OUT/config.toml` before step 0).
@@ -138,6 +176,8 @@ mod tests {
             batch_size: usize,
             #[arg(long)]
             resume: bool,
+            #[arg(long)]
+            data: Vec<String>,
             #[arg(long)]
             config: Option<PathBuf>,
         },
@@ -181,6 +221,27 @@ mod tests {
             (model.as_str(), lr, batch_size, resume),
             ("m", 0.25, 4, true)
         );
+    }
+
+    /// A list option: a TOML string or list; on the command line, repeated flags add up
+    /// and replace the file's list.
+    #[test]
+    fn lists_come_from_the_file_unless_the_line_gives_them() {
+        let data = |toml: &str, line: &[&str]| {
+            let Cmd::Train { data, .. } = run(toml, line).unwrap().cmd;
+            data
+        };
+        assert_eq!(data("model = 'm'\ndata = 'a'", &[]), ["a"]);
+        assert_eq!(data("model = 'm'\ndata = ['a', 'b:2']", &[]), ["a", "b:2"]);
+        assert_eq!(
+            data(
+                "model = 'm'\ndata = ['a', 'b']",
+                &["--data", "c", "--data", "d"]
+            ),
+            ["c", "d"]
+        );
+        let e = run("model = 'm'\ndata = [1]", &[]).unwrap_err();
+        assert!(e.contains("key 'data': expected a list of strings"), "{e}");
     }
 
     #[test]

@@ -121,7 +121,7 @@ fn read_inputs(args: &TrainArgs) -> Result<(Model, Reference, Inputs)> {
         max_length: policy.cap_length(args.data.max_length, "--max-length"),
         truncation: args.data.truncation,
     };
-    let train = prepare_file(&args.data.data, &tok, limits)?;
+    let train = prepare_file(args.data.single("dpo train")?, &tok, limits)?;
     let eval = args
         .data
         .eval_data

@@ -204,7 +204,7 @@ fn read_inputs(args: &TrainArgs) -> Result<Inputs> {
     );
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let max_length = model.cap_length(args.data.max_length, "--max-length");
-    let train = prepare_file(&args.data.data, &tok, args, max_length)?;
+    let train = prepare_file(args.data.single("reward train")?, &tok, args, max_length)?;
     let eval = args
         .data
         .eval_data

@@ -12,7 +12,7 @@ use clap::Args;
 use common::cli::{AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
-use data::sampler::Sampler;
+use data::sampler::{Mixture, RowOrder};
 use data::sft::{collate, prepare, Prepared, TokenizedSft};
 use serde::Serialize;
 use tch::Kind;
@@ -95,6 +95,75 @@ fn prepare_file(
     Ok(prepared)
 }
 
+/// The training rows: one file's, or (a mixture) every file's in order, each file with
+/// its name for `train/loss/<name>` and where its rows start.
+struct TrainRows {
+    rows: Vec<TokenizedSft>,
+    names: Vec<String>,
+    starts: Vec<usize>,
+}
+
+impl TrainRows {
+    fn read(args: &TrainArgs, tok: &data::Tokenizer, max_length: usize) -> Result<TrainRows> {
+        let (mut rows, mut names, mut starts) = (vec![], vec![], vec![]);
+        for spec in &args.data.data {
+            let stem = spec
+                .path
+                .file_stem()
+                .map_or("data".into(), |s| s.to_string_lossy().into_owned());
+            let name = if names.contains(&stem) {
+                format!("{stem}_{}", names.len())
+            } else {
+                stem
+            };
+            starts.push(rows.len());
+            rows.extend(prepare_file(&spec.path, tok, args, max_length)?.rows);
+            names.push(name);
+        }
+        Ok(TrainRows {
+            rows,
+            names,
+            starts,
+        })
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        let mut ends = self.starts[1..].to_vec();
+        ends.push(self.rows.len());
+        ends.iter().zip(&self.starts).map(|(e, s)| e - s).collect()
+    }
+
+    /// The training order, and the rows in one epoch of it.
+    fn order(&self, args: &TrainArgs) -> (RowOrder, usize) {
+        if self.names.len() == 1 {
+            let lengths = self.rows.iter().map(|r| r.ids.len()).collect();
+            return (
+                RowOrder::One(args.data.sampler(lengths, args.run.seed)),
+                self.rows.len(),
+            );
+        }
+        let sizes = self.sizes();
+        let counts = args.data.mixture_counts(&sizes);
+        tracing::info!(
+            "sft: a mixture of {} datasets, rows per epoch: {}",
+            self.names.len(),
+            self.names
+                .iter()
+                .zip(&counts)
+                .map(|(n, c)| format!("{n} {c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mix = Mixture::new(&sizes, counts, args.run.seed);
+        let len = mix.epoch_len();
+        (RowOrder::Mix(mix), len)
+    }
+
+    fn dataset_of(&self, row: usize) -> usize {
+        self.starts.partition_point(|&s| s <= row) - 1
+    }
+}
+
 /// Mean NLL per target token over `eval`'s rows.
 fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> f64 {
     let per_row = nll_per_row(model, &eval.rows, batch_size, pad_id);
@@ -107,28 +176,34 @@ fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> f
 /// Forward and backward over this rank's rows of one step, in micro-batches; the loss is
 /// divided by the target tokens of the whole step on every rank, so it is the same
 /// whatever the split. Returns the step's loss and the tokens seen here.
+/// Also returns each row's summed NLL.
 fn accumulate(
     model: &Model,
     rows: &[&TokenizedSft],
     batch_size: usize,
     pad_id: i64,
     world: &World,
-) -> (f64, i64) {
+) -> (f64, i64, Vec<f64>) {
     let local_targets: i64 = rows
         .iter()
         .map(|r| r.loss_mask[1..].iter().sum::<i64>())
         .sum();
     let targets = world.sum(local_targets as f64).max(1.0);
-    let (mut loss_value, mut tokens) = (0.0, 0i64);
+    let (mut loss_value, mut tokens, mut per_row) = (0.0, 0i64, vec![]);
     for micro in rows.chunks(batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let (nll, _) = token_nll(model, &batch);
+        let row_sums = nll
+            .detach()
+            .sum_dim_intlist([1].as_slice(), false, Kind::Double);
+        per_row
+            .extend(Vec::<f64>::try_from(row_sums.to_device(tch::Device::Cpu)).expect("cpu f64"));
         let loss = nll.sum(Kind::Float) / targets;
         model.backward(&loss);
         loss_value += loss.double_value(&[]);
         tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
     }
-    (world.sum(loss_value), tokens)
+    (world.sum(loss_value), tokens, per_row)
 }
 
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
@@ -142,7 +217,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     );
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let max_length = model.cap_length(args.data.max_length, "--max-length");
-    let train = prepare_file(&args.data.data, &tok, args, max_length)?;
+    let train = TrainRows::read(args, &tok, max_length)?;
     let eval = args
         .data
         .eval_data
@@ -150,9 +225,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .map(|p| prepare_file(p, &tok, args, max_length))
         .transpose()?;
 
+    let (mut order, epoch_rows) = train.order(args);
     let total_steps = args
         .data
-        .total_steps(train.rows.len(), args.run.epochs, args.run.max_steps);
+        .total_steps(epoch_rows, args.run.epochs, args.run.max_steps);
     let schedule = args.optim.schedule(total_steps);
     let mut trainee = Trainee::new("", model, &args.model, &args.optim, schedule);
     let world = World::single();
@@ -165,12 +241,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         &mut [&mut trainee],
     )
     .context("starting the run")?;
-    let lengths = train.rows.iter().map(|r| r.ids.len()).collect();
-    let mut sampler = args.data.sampler(lengths, args.run.seed);
-    sampler.restore(session.state.sampler);
+    order.restore(session.state.sampler);
     tracing::info!(
         "sft: {} rows, {} steps of {} rows ({} × {} accumulated)",
-        train.rows.len(),
+        epoch_rows,
         total_steps,
         args.data.rows_per_step(),
         args.data.batch_size,
@@ -179,7 +253,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let mut eval_loss = None;
     while !session.done() && session.stop_requested().is_none() {
         let batch = Batch {
-            sampler: &mut sampler,
+            order: &mut order,
             rows: &train,
             pad_id: tok.pad_id,
         };
@@ -188,8 +262,12 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         if let Some(eval) = eval.as_ref().filter(|_| eval_due) {
             let loss = evaluate(&trainee.model, eval, args.data.batch_size, tok.pad_id);
             eval_loss = Some(loss);
-            scalars.extend([("eval/loss", loss), ("eval/perplexity", loss.exp())]);
+            scalars.extend([
+                ("eval/loss".into(), loss),
+                ("eval/perplexity".into(), loss.exp()),
+            ]);
         }
+        let scalars: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         session.log(session.state.step, &scalars)?;
         if session.checkpoint_due() {
             session.save(&[&trainee], |_| Ok(()))?;
@@ -218,39 +296,60 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
 
 /// Where a step's rows come from.
 struct Batch<'a> {
-    sampler: &'a mut Sampler,
-    rows: &'a Prepared,
+    order: &'a mut RowOrder,
+    rows: &'a TrainRows,
     pad_id: i64,
 }
 
-/// One optimiser step over the sampler's next rows; returns the step's scalars.
+/// One optimiser step over the order's next rows; returns the step's scalars (with a
+/// mixture, `train/loss/<name>` too: the token-weighted loss of each dataset's rows in
+/// the step).
 fn train_step(
     session: &mut Session,
     trainee: &mut Trainee,
     batch: Batch,
     args: &TrainArgs,
-) -> Result<Vec<(&'static str, f64)>> {
+) -> Result<Vec<(String, f64)>> {
     let started = Instant::now();
-    let indices = batch.sampler.next_batch(args.data.rows_per_step());
+    let indices = batch.order.next_batch(args.data.rows_per_step());
     let world = &session.world;
-    let rows: Vec<_> = world
-        .shard(&indices)
-        .iter()
-        .map(|&i| &batch.rows.rows[i])
-        .collect();
+    let mine = world.shard(&indices);
+    let rows: Vec<_> = mine.iter().map(|&i| &batch.rows.rows[i]).collect();
     let model = &trainee.model;
-    let (loss, tokens) = accumulate(model, &rows, args.data.batch_size, batch.pad_id, world);
+    let (loss, tokens, per_row) =
+        accumulate(model, &rows, args.data.batch_size, batch.pad_id, world);
     let outcome = trainee.step(loss, world);
     let tokens = world.sum(tokens as f64);
-    session.finish_step(&outcome, loss, batch.sampler.position())?;
-    Ok(vec![
-        ("train/loss", loss),
-        ("train/lr", outcome.lr),
-        ("train/grad_norm", outcome.grad_norm),
+    let mut per_dataset = vec![];
+    if batch.rows.names.len() > 1 {
+        for (m, name) in batch.rows.names.iter().enumerate() {
+            let (mut nll, mut n) = (0.0, 0.0);
+            for ((&i, row), sum) in mine.iter().zip(&rows).zip(&per_row) {
+                if batch.rows.dataset_of(i) == m {
+                    nll += sum;
+                    n += row.loss_mask[1..].iter().sum::<i64>() as f64;
+                }
+            }
+            let (nll, n) = (world.sum(nll), world.sum(n));
+            if n > 0.0 {
+                per_dataset.push((format!("train/loss/{name}"), nll / n));
+            }
+        }
+    }
+    session.finish_step(&outcome, loss, batch.order.position())?;
+    let mut scalars: Vec<(String, f64)> = vec![
+        ("train/loss".into(), loss),
+        ("train/lr".into(), outcome.lr),
+        ("train/grad_norm".into(), outcome.grad_norm),
         (
-            "train/tokens_per_second",
+            "train/tokens_per_second".into(),
             tokens / started.elapsed().as_secs_f64().max(1e-9),
         ),
-        ("train/skipped_steps", session.state.skipped_steps as f64),
-    ])
+        (
+            "train/skipped_steps".into(),
+            session.state.skipped_steps as f64,
+        ),
+    ];
+    scalars.extend(per_dataset);
+    Ok(scalars)
 }

@@ -415,3 +415,56 @@ fn filters_extract_a_trained_models_answers_as_lm_eval() {
             .unwrap();
     assert_eq!(two["filtered_resps"], json!(["is"]));
 }
+
+/// The bundled chickens-and-rabbits tasks (`tasks/cage/`, relative data files and an
+/// `include`) read as lm-eval reads them: every greedy and multiple-choice task gives
+/// lm-eval's prompts and numbers; self-consistency samples 8 answers per problem and
+/// votes.
+#[test]
+fn the_bundled_tasks_equal_lm_eval() {
+    let f = fixture();
+    let dir = rlhf_tests::repo_root().join("tasks/cage");
+    let mut tasks: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("cage_")
+        })
+        .collect();
+    tasks.sort();
+    assert_eq!(tasks.len(), 8);
+    let (sampled, greedy): (Vec<PathBuf>, Vec<PathBuf>) = tasks
+        .into_iter()
+        .partition(|p| p.to_str().unwrap().contains("self_consistency"));
+    let flags = ["--limit", "3"];
+    let o = ours(&f.model, &greedy, &flags, "bundled");
+    assert_eq!(o.0.len(), 7);
+    assert_same(&o, &theirs(&f.model, &greedy, &flags));
+    let cot = o.1.iter().find(|x| x["task"] == "cage_cot").unwrap();
+    assert!(
+        cot["prompt"]
+            .as_str()
+            .unwrap()
+            .ends_with("chickens.\n\nHeads 33, legs 102."),
+        "{}",
+        cot["prompt"]
+    );
+    let (summary, samples) = ours(&f.model, &sampled, &flags, "self-consistency");
+    assert!(
+        summary[0]["exact_match,maj@8"].is_number(),
+        "{:?}",
+        summary[0]
+    );
+    for x in &samples {
+        let resps = x["resps"][0].as_array().unwrap();
+        assert_eq!(resps.len(), 8);
+        assert!(
+            resps.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+            "8 samples differ"
+        );
+    }
+}

@@ -616,3 +616,150 @@ fn a_full_disk_fails_the_run_and_keeps_the_earlier_checkpoint() {
         "partial checkpoint left"
     );
 }
+
+/// A FLAN-style mixture of three files capped at 8 rows each per epoch (T5's rule: 8, 8
+/// and all 4 of the smallest), with each dataset's loss logged; a run killed mid-step
+/// resumes to the same weights and the same per-dataset losses; explicit weights split
+/// the rows by their shares; what cannot be mixed is refused.
+#[test]
+fn a_mixture_follows_its_rule_logs_each_dataset_and_resumes() {
+    let f = fixture();
+    let files: Vec<PathBuf> = [("big", 0..24), ("mid", 200..212), ("small", 300..304)]
+        .into_iter()
+        .map(|(name, rows)| {
+            let p = f.root.join(format!("{name}.jsonl"));
+            std::fs::write(&p, cage_rows(rows)).unwrap();
+            p
+        })
+        .collect();
+    let mixed = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["train", "--model", f.model.to_str().unwrap()];
+        for p in &files {
+            args.extend(["--data", p.to_str().unwrap()]);
+        }
+        args.extend([
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "5",
+            "--seed",
+            "7",
+            "--max-examples-per-dataset",
+            "8",
+            "--epochs",
+            "2",
+            "--save-every",
+            "3",
+        ]);
+        args.extend_from_slice(extra);
+        sft(&args, env)
+    };
+    let straight = f.root.join("mix-straight");
+    let out = mixed(&straight, &[], &[]);
+    let summary = ok(&out);
+    assert_eq!(summary["steps"], 8, "2 epochs of 20 rows in steps of 5");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("rows per epoch: big 8, mid 8, small 4"),
+        "{log}"
+    );
+    let rows = metrics(&straight);
+    for name in ["big", "mid", "small"] {
+        let key = format!("train/loss/{name}");
+        assert!(rows.iter().any(|r| r[&key].is_number()), "no {key}");
+    }
+    let killed = f.root.join("mix-killed");
+    assert!(!mixed(&killed, &[], &[("RLHF_CRASH_AT", "mid-step@5")])
+        .status
+        .success());
+    ok(&mixed(&killed, &["--resume"], &[]));
+    let diff = max_weight_diff(&straight.join("final"), &killed.join("final"));
+    assert!(diff < 1e-6, "resumed mixture weights differ by {diff:e}");
+    let timeless = |rows: Vec<Value>| -> Vec<Value> {
+        rows.into_iter()
+            .map(|mut r| {
+                r.as_object_mut().unwrap().remove("train/tokens_per_second");
+                r
+            })
+            .collect()
+    };
+    assert_eq!(
+        timeless(metrics(&killed)),
+        timeless(rows),
+        "the same losses per dataset and step after the resume"
+    );
+
+    let weighted = f.root.join("mix-weighted");
+    let out = sft(
+        &[
+            "train",
+            "--model",
+            f.model.to_str().unwrap(),
+            "--data",
+            &format!("{}:1", files[0].display()),
+            "--data",
+            &format!("{}:3", files[1].display()),
+            "--output-dir",
+            weighted.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--max-steps",
+            "1",
+        ],
+        &[],
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rows per epoch: big 9, mid 27"));
+
+    let (a, b) = (files[0].to_str().unwrap(), files[1].to_str().unwrap());
+    let refused = |args: &[&str], want: &str| {
+        let out = sft(args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    };
+    let base = [
+        "train",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--output-dir",
+        "/nonexistent/x",
+        "--device",
+        "cpu",
+    ];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+    refused(
+        &with(&base, &["--data", &format!("{a}:2"), "--data", b]),
+        "give a weight (FILE:WEIGHT) for every file",
+    );
+    refused(
+        &with(
+            &base,
+            &[
+                "--data",
+                &format!("{a}:2"),
+                "--data",
+                &format!("{b}:1"),
+                "--max-examples-per-dataset",
+                "4",
+            ],
+        ),
+        "with weights (FILE:WEIGHT) leave it out",
+    );
+    refused(
+        &with(&base, &["--data", a, "--data", b, "--group-by-length"]),
+        "a mixture of several --data files cannot use it",
+    );
+    refused(
+        &with(&base, &["--data", &format!("{a}:0")]),
+        "must be a positive number",
+    );
+}

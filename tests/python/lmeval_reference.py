@@ -9,7 +9,8 @@
         lm_eval.simple_evaluate with the `hf` model on CPU in float32, batch size 1; prints
         {"results": {task: {...}}, "samples": {task: [sample, ...]}}
 
-The task files are loaded by path through a TaskManager on their directory. Nothing is
+The task files are loaded through a TaskManager on their directory, which is also the
+working directory (relative data files are read from there, as the bundled tasks need). Nothing is
 downloaded: the data are local JSON files and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set.
 """
 import argparse
@@ -53,8 +54,10 @@ def run(a):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    paths = a.tasks.split(",")
-    dirs = sorted({os.path.dirname(os.path.abspath(p)) for p in paths})
+    paths = [os.path.abspath(p) for p in a.tasks.split(",")]
+    dirs = sorted({os.path.dirname(p) for p in paths})
+    # lm-eval reads relative data files from the working directory: the tasks' own.
+    os.chdir(dirs[0])
     tm = TaskManager(include_path=dirs)
     names = []
     for p in paths:

@@ -78,6 +78,31 @@ impl Problem {
         })
     }
 
+    /// The answer alone (a standard exemplar).
+    fn answer(self) -> String {
+        format!("{} rabbits, {} chickens.", self.rabbits, self.chickens)
+    }
+    /// The ablation "equation only": one equation, then the answer.
+    fn equation(self) -> String {
+        let (h, l) = (self.heads(), self.legs());
+        format!(
+            "({l}-2*{h})/2={} rabbits, {h}-{}={} chickens.",
+            self.rabbits, self.rabbits, self.chickens
+        )
+    }
+    /// The ablation "reasoning after the answer": the answer, then the chain of thought.
+    fn answer_first(self) -> String {
+        let (h, l) = (self.heads(), self.legs());
+        let extra = l - 2 * h;
+        format!(
+            "{} {h}*2={}, {l}-{}={extra}, {extra}/2={}.",
+            self.answer(),
+            2 * h,
+            2 * h,
+            self.rabbits
+        )
+    }
+
     /// A guess with no reasoning.
     fn guess(self, rng: &mut impl Rng) -> String {
         let r = rng.random_range(0..=self.heads());
@@ -185,11 +210,8 @@ fn write_jsonl(path: &Path, rows: &[Value]) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
-/// Writes the task's data, tokenizer and from-scratch base model into `out`, for problems
-/// with 0..=`max` chickens and rabbits (48 held out for evaluation).
-pub fn data(out: &Path, seed: u64, max: u32) -> Value {
-    std::fs::create_dir_all(out.join("base")).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+/// Every problem with 0..=`max` chickens and rabbits (and at least one head), shuffled.
+fn shuffled_problems(rng: &mut rand::rngs::StdRng, max: u32) -> Vec<Problem> {
     let mut problems: Vec<Problem> = (0..=max)
         .flat_map(|c| {
             (0..=max).map(move |r| Problem {
@@ -199,7 +221,41 @@ pub fn data(out: &Path, seed: u64, max: u32) -> Value {
         })
         .filter(|p| p.heads() > 0)
         .collect();
-    problems.shuffle(&mut rng);
+    problems.shuffle(rng);
+    problems
+}
+
+/// The documents of the bundled lm-eval tasks (`tasks/cage/`): the 48 problems `data`
+/// holds out for `seed`, and 8 of its training problems as the shots. Each carries every
+/// form of its answer (standard, chain of thought, equation only, answer first) and the
+/// choices of the multiple-choice pair (up to four consecutive numbers of rabbits).
+pub fn task_docs(seed: u64, max: u32) -> (Vec<Value>, Vec<Value>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let problems = shuffled_problems(&mut rng, max);
+    let (eval, train) = problems.split_at(48.min(problems.len() / 4));
+    let doc = |(i, p): (usize, &Problem)| {
+        let (h, r) = (p.heads(), p.rabbits);
+        let start = r.saturating_sub(i as u32 % 4).min(h.saturating_sub(3));
+        let candidates: Vec<u32> = (start..=(start + 3).min(h)).collect();
+        json!({
+            "prompt": p.prompt(), "heads": h, "legs": p.legs(), "rabbits": r, "chickens": p.chickens,
+            "answer": p.answer(), "cot": p.correct().trim_start(), "equation": p.equation(),
+            "answer_first": p.answer_first(),
+            "choices": candidates.iter().map(|n| format!("{n} rabbits, {} chickens.", h - n)).collect::<Vec<_>>(),
+            "cloze": candidates.iter().map(|n| format!("There are {n}")).collect::<Vec<_>>(),
+            "label": candidates.iter().position(|&n| n == r).expect("r is a candidate"),
+        })
+    };
+    let docs = |ps: &[Problem]| ps.iter().enumerate().map(doc).collect();
+    (docs(eval), docs(&train[..8]))
+}
+
+/// Writes the task's data, tokenizer and from-scratch base model into `out`, for problems
+/// with 0..=`max` chickens and rabbits (48 held out for evaluation).
+pub fn data(out: &Path, seed: u64, max: u32) -> Value {
+    std::fs::create_dir_all(out.join("base")).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let problems = shuffled_problems(&mut rng, max);
     // 48 held out (a quarter of the problems at most, for small tests).
     let (eval, train) = problems.split_at(48.min(problems.len() / 4));
 
@@ -284,6 +340,38 @@ pub fn data(out: &Path, seed: u64, max: u32) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `tasks/cage/` holds what `demo tasks-data` writes: the demo's held-out problems.
+    #[test]
+    fn the_bundled_task_documents_are_the_generators() {
+        let (test, shots) = task_docs(1, MAX);
+        for (name, docs) in [("test.jsonl", test), ("shots.jsonl", shots)] {
+            let path = crate::repo_root().join("tasks/cage").join(name);
+            let stored: Vec<Value> = std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(
+                stored,
+                docs,
+                "{}: run `demo tasks-data --out tasks/cage`",
+                path.display()
+            );
+        }
+        // Every form of an answer is one the judge accepts.
+        let (test, _) = task_docs(1, MAX);
+        for d in &test {
+            let p = d["prompt"].as_str().unwrap();
+            for form in ["answer", "cot", "equation", "answer_first"] {
+                assert_eq!(
+                    judge(p, &format!(" {}", d[form].as_str().unwrap())),
+                    Some(true),
+                    "{form}: {d}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_judge_accepts_correct_and_rejects_flawed_answers() {

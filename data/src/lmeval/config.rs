@@ -143,12 +143,14 @@ impl TaskConfig {
             None | Some("generate_until") => OutputType::GenerateUntil,
             Some("multiple_choice") => OutputType::MultipleChoice,
             Some("loglikelihood") => OutputType::Loglikelihood,
-            Some(other) => return Err(k.error(
-                "output_type",
-                format!(
+            Some(other) => {
+                return Err(k.error(
+                    "output_type",
+                    format!(
                     "'{other}' is not supported (generate_until, multiple_choice or loglikelihood)"
                 ),
-            )),
+                ))
+            }
         };
         let doc_to_text = DocField::read(&mut k, "doc_to_text")?
             .ok_or_else(|| k.error("doc_to_text", "missing"))?;

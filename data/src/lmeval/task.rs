@@ -555,20 +555,20 @@ impl Task {
                     format!("loglikelihood scores a text, got {other:?}"),
                 )),
             },
-            OutputType::MultipleChoice if self.multiple_input => match self
-                .doc_to_target(doc, None)?
-            {
-                Target::Str(t) => Ok(contexts
-                    .iter()
-                    .map(|c| (c.clone(), format!("{delim}{t}")))
-                    .collect()),
-                other => Err(self.error(
-                    "doc_to_target",
-                    format!(
+            OutputType::MultipleChoice if self.multiple_input => {
+                match self.doc_to_target(doc, None)? {
+                    Target::Str(t) => Ok(contexts
+                        .iter()
+                        .map(|c| (c.clone(), format!("{delim}{t}")))
+                        .collect()),
+                    other => Err(self.error(
+                        "doc_to_target",
+                        format!(
                         "a multiple-input task's target is the continuation text, got {other:?}"
                     ),
-                )),
-            },
+                    )),
+                }
+            }
             OutputType::MultipleChoice => Ok(self
                 .doc_to_choice(doc, None)?
                 .into_iter()

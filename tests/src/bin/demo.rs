@@ -2,6 +2,7 @@
 //! chain-of-thought example of the lecture this project grew from.
 //!
 //!     demo data  --out DIR [--seed S]      task data, tokenizer and a from-scratch base model
+//!     demo tasks-data --out DIR [--seed S] the documents of the bundled lm-eval tasks (tasks/cage/)
 //!     demo judge --prompts F --generations F    accuracy of generated answers (programmatic)
 //!     demo report --dir DIR                the summary table of a `make demo` run
 //!
@@ -13,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rlhf_tests::demo::{data, judge, MAX};
+use rlhf_tests::demo::{data, judge, task_docs, MAX};
 use serde_json::{json, Value};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -249,6 +250,16 @@ fn main() {
             let seed = arg(&args, "--seed").map_or(1, |s| s.parse().expect("--seed N"));
             println!("{}", data(&out, seed, MAX));
         }
+        Some("tasks-data") => {
+            let out = PathBuf::from(arg(&args, "--out").expect("--out DIR"));
+            let seed = arg(&args, "--seed").map_or(1, |s| s.parse().expect("--seed N"));
+            let (test, shots) = task_docs(seed, MAX);
+            std::fs::create_dir_all(&out).unwrap();
+            for (name, docs) in [("test.jsonl", test), ("shots.jsonl", shots)] {
+                let text: String = docs.iter().map(|d| format!("{d}\n")).collect();
+                std::fs::write(out.join(name), text).unwrap();
+            }
+        }
         Some("judge") => judge_file(
             Path::new(&arg(&args, "--prompts").expect("--prompts FILE")),
             Path::new(&arg(&args, "--generations").expect("--generations FILE")),
@@ -259,7 +270,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: demo data --out DIR [--seed S] | demo judge --prompts F --generations F | demo report --dir DIR | demo adapters-report --dir DIR"
+                "usage: demo data --out DIR [--seed S] | demo tasks-data --out DIR [--seed S] | demo judge --prompts F --generations F | demo report --dir DIR | demo adapters-report --dir DIR"
             );
             std::process::exit(2);
         }
