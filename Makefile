@@ -1,7 +1,7 @@
 # Entry points. Each one bootstraps what it needs (scripts/bootstrap.sh: torch into .venv).
 CARGO ?= cargo
 
-.PHONY: bootstrap build test bench bench-trl demo demo-adapters fmt clean
+.PHONY: bootstrap build test bench bench-trl demo demo-adapters demo-prompting fmt clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -31,6 +31,12 @@ demo: bootstrap
 demo-adapters: bootstrap
 	$(CARGO) build --release --workspace --bins
 	scripts/demo_adapters.sh
+
+# The lecture's chain-of-thought table: SFT with four kinds of demonstrations, evaluated with
+# the bundled lm-eval task files (scripts/demo_prompting.sh), runs/demo-prompting/report.md.
+demo-prompting: bootstrap
+	$(CARGO) build --release --workspace --bins
+	scripts/demo_prompting.sh
 
 fmt:
 	$(CARGO) fmt --all

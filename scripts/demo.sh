@@ -10,13 +10,7 @@ SEED=${DEMO_SEED:-1}
 rm -rf "$D"
 mkdir -p "$D"
 times="$D/times.jsonl"
-stage() { # stage NAME CMD...: run, time, keep the JSON summary line
-    local name=$1; shift
-    local start=$(date +%s%N)
-    echo "== $name" >&2
-    "$@" > "$D/$name.json" 2> "$D/$name.log" || { echo "demo: $name failed, see $D/$name.log" >&2; tail -3 "$D/$name.log" >&2; exit 1; }
-    echo "{\"stage\": \"$name\", \"ms\": $(( ($(date +%s%N) - start) / 1000000 ))}" >> "$times"
-}
+. scripts/stage.sh
 
 stage data $B/demo data --out "$D/data" --seed "$SEED"
 cat "$D/data/sft.jsonl" "$D/data/pretrain.jsonl" > "$D/data/sft_and_facts.jsonl"

@@ -110,6 +110,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalOutcome> {
             args.max_length.is_none_or(|n| n > 1),
             "--max-length must be at least 2",
         ),
+        (args.tasks.limit != Some(0), "--limit must be at least 1"),
     ])?;
     let (device, kind) = args.device.resolve();
     let opts = ModelOptions {

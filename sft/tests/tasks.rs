@@ -38,7 +38,7 @@ fn documents() -> String {
         let doc = json!({
             "question": format!("There are {heads} heads and {legs} legs. How many rabbits?"),
             "answer": format!("{rabbits}"),
-            "reasoning": format!("If all were chickens there would be {} legs; the {} extra legs make {rabbits} rabbits.", 2 * heads, legs - 2 * heads),
+            "reasoning": format!("{} legs, {} over.", 2 * heads, legs - 2 * heads),
             "choices": shuffled.iter().map(|c| format!("{c} rabbits")).collect::<Vec<_>>(),
             "label": label,
             "cloze": shuffled.iter().map(|c| format!("{heads} heads and {legs} legs: {c}")).collect::<Vec<_>>(),
@@ -105,13 +105,13 @@ fewshot_config:
   sampler: first_n
   doc_to_target: "{{reasoning}} The answer is {{answer}}."
   samples:
-    - {question: "There are 2 heads and 6 legs. How many rabbits?", answer: "1", reasoning: "If all were chickens there would be 4 legs; the 2 extra legs make 1 rabbits."}
-    - {question: "There are 6 heads and 20 legs. How many rabbits?", answer: "4", reasoning: "If all were chickens there would be 12 legs; the 8 extra legs make 4 rabbits."}
+    - {question: "There are 2 heads and 6 legs. How many rabbits?", answer: "1", reasoning: "4 legs, 2 over."}
+    - {question: "There are 6 heads and 20 legs. How many rabbits?", answer: "4", reasoning: "12 legs, 8 over."}
 generation_kwargs:
   until: ["\n\n", "Q:"]
-  max_gen_toks: 64
+  max_gen_toks: 32
   do_sample: false
-repeats: 3
+repeats: 2
 filter_list:
   - name: strict
     filter:
@@ -233,11 +233,54 @@ fn ours(model: &Path, tasks: &[PathBuf], extra: &[&str], tag: &str) -> (Vec<Valu
     (summaries, read_jsonl(&out))
 }
 
-fn theirs(model: &Path, tasks: &[PathBuf], extra: &[&str]) -> Value {
-    let tasks = joined(tasks);
-    let mut args = vec!["run", "--model", s(model), "--tasks", &tasks];
-    args.extend_from_slice(extra);
-    run_python("lmeval_reference.py", &args)
+/// The bundled tasks run greedily (all but self-consistency, which samples).
+fn bundled_greedy() -> Vec<PathBuf> {
+    let dir = rlhf_tests::repo_root().join("tasks/cage");
+    let mut tasks: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            name.starts_with("cage_") && !name.contains("self_consistency")
+        })
+        .collect();
+    tasks.sort();
+    tasks
+}
+
+/// lm-eval's output for every run the tests compare with, from one Python process (its
+/// imports take longer than all these runs of a tiny model): name → {results, samples}.
+fn theirs(name: &str) -> &'static Value {
+    static RUNS: OnceLock<Value> = OnceLock::new();
+    let runs = RUNS.get_or_init(|| {
+        let f = fixture();
+        let run = |model: &Path, tasks: &[PathBuf], extra: Value| {
+            let mut spec = json!({"model": s(model), "tasks": joined(tasks)});
+            spec.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            spec
+        };
+        let chat = |multiturn: bool| {
+            run(
+                &f.bos_model,
+                &[f.tasks[0].clone(), f.tasks[3].clone()],
+                json!({"apply_chat_template": true, "fewshot_as_multiturn": multiturn, "limit": 3}),
+            )
+        };
+        let specs = json!({
+            "plain": run(&f.model, &f.tasks, json!({})),
+            "bos": run(&f.bos_model, &f.tasks[..1], json!({"num_fewshot": 3, "limit": 4})),
+            "chat-true": chat(true),
+            "chat-false": chat(false),
+            "trained": run(trained_model(), &f.tasks[3..4], json!({"num_fewshot": 0})),
+            "bundled": run(&f.model, &bundled_greedy(), json!({"limit": 2})),
+        });
+        let path = f.root.join("lmeval-runs.json");
+        std::fs::write(&path, specs.to_string()).unwrap();
+        run_python("lmeval_reference.py", &["runs", "--spec", s(&path)])
+    });
+    &runs[name]
 }
 
 /// Every sample and every summary number of ours equals lm-eval's.
@@ -332,7 +375,7 @@ fn every_number_equals_lm_eval() {
     let f = fixture();
     let ours = ours(&f.model, &f.tasks, &[], "plain");
     assert_eq!(ours.0.len(), 4, "one summary line per task");
-    assert_same(&ours, &theirs(&f.model, &f.tasks, &[]));
+    assert_same(&ours, theirs("plain"));
     // The generation task is not trivially right or wrong: the filters disagree somewhere.
     let gen: Vec<&Value> = ours.1.iter().filter(|x| x["task"] == "gen_cot").collect();
     let answers: std::collections::HashSet<String> = gen
@@ -342,7 +385,7 @@ fn every_number_equals_lm_eval() {
     assert!(answers.len() > 2, "{answers:?}");
     // The CoT shots are in the prompt, after their own questions.
     let prompt = gen[0]["prompt"].as_str().unwrap();
-    assert!(prompt.starts_with("Q: There are 2 heads and 6 legs. How many rabbits?\nA: If all were chickens there would be 4 legs; the 2 extra legs make 1 rabbits. The answer is 1.\n\nQ: There are 6 heads"), "{prompt}");
+    assert!(prompt.starts_with("Q: There are 2 heads and 6 legs. How many rabbits?\nA: 4 legs, 2 over. The answer is 1.\n\nQ: There are 6 heads"), "{prompt}");
 }
 
 #[test]
@@ -357,10 +400,7 @@ fn num_fewshot_limit_bos_and_chat_template_equal_lm_eval() {
         "bos",
     );
     assert_eq!(o.1.len(), 4);
-    assert_same(
-        &o,
-        &theirs(&f.bos_model, mc, &["--num-fewshot", "3", "--limit", "4"]),
-    );
+    assert_same(&o, theirs("bos"));
     // ChatML starts with <|im_start|>, the BOS: no second one is added.
     let tasks = [f.tasks[0].clone(), f.tasks[3].clone()];
     for multiturn in ["true", "false"] {
@@ -382,7 +422,7 @@ fn num_fewshot_limit_bos_and_chat_template_equal_lm_eval() {
             if multiturn == "true" { 3 } else { 1 },
             "{prompt}"
         );
-        assert_same(&o, &theirs(&f.bos_model, &tasks, &flags));
+        assert_same(&o, theirs(&format!("chat-{multiturn}")));
     }
 }
 
@@ -397,7 +437,7 @@ fn filters_extract_a_trained_models_answers_as_lm_eval() {
     let tasks = [f.tasks[3].clone()];
     let flags = ["--num-fewshot", "0"];
     let o = ours(model, &tasks, &flags, "trained");
-    assert_same(&o, &theirs(model, &tasks, &flags));
+    assert_same(&o, theirs("trained"));
     let summary = &o.0[0];
     assert_eq!(summary["exact_match,strict"], 1.0, "{summary}");
     assert!(
@@ -423,27 +463,13 @@ fn filters_extract_a_trained_models_answers_as_lm_eval() {
 #[test]
 fn the_bundled_tasks_equal_lm_eval() {
     let f = fixture();
-    let dir = rlhf_tests::repo_root().join("tasks/cage");
-    let mut tasks: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("cage_")
-        })
-        .collect();
-    tasks.sort();
-    assert_eq!(tasks.len(), 8);
-    let (sampled, greedy): (Vec<PathBuf>, Vec<PathBuf>) = tasks
-        .into_iter()
-        .partition(|p| p.to_str().unwrap().contains("self_consistency"));
-    let flags = ["--limit", "3"];
+    let greedy = bundled_greedy();
+    assert_eq!(greedy.len(), 7);
+    let sampled = [rlhf_tests::repo_root().join("tasks/cage/cage_self_consistency.yaml")];
+    let flags = ["--limit", "2"];
     let o = ours(&f.model, &greedy, &flags, "bundled");
     assert_eq!(o.0.len(), 7);
-    assert_same(&o, &theirs(&f.model, &greedy, &flags));
+    assert_same(&o, theirs("bundled"));
     let cot = o.1.iter().find(|x| x["task"] == "cage_cot").unwrap();
     assert!(
         cot["prompt"]
@@ -466,5 +492,38 @@ fn the_bundled_tasks_equal_lm_eval() {
             resps.iter().collect::<std::collections::HashSet<_>>().len() > 1,
             "8 samples differ"
         );
+    }
+}
+
+/// A task file outside the subset, a missing one and a bad option each end the command
+/// with one line naming the file and key (or the option), and exit 1.
+#[test]
+fn bad_task_files_are_refused_with_one_line() {
+    let f = fixture();
+    // Not beside the good files: lm-eval indexes every task file of their directory.
+    std::fs::create_dir_all(f.root.join("refused")).unwrap();
+    let bad = f.root.join("refused/bad.yaml");
+    let text = std::fs::read_to_string(&f.tasks[0]).unwrap()
+        + "process_results: !function utils.process\n";
+    std::fs::write(&bad, text).unwrap();
+    let missing = f.root.join("refused/missing.yaml");
+    for (args, want) in [
+        (
+            vec!["--tasks", s(&bad)],
+            "field 'process_results': the YAML tag !function",
+        ),
+        (vec!["--tasks", s(&missing)], "cannot read"),
+        (
+            vec!["--tasks", s(&f.tasks[0]), "--limit", "0"],
+            "--limit must be at least 1",
+        ),
+    ] {
+        let mut argv = vec!["eval", "--model", s(&f.model), "--device", "cpu"];
+        argv.extend(args);
+        let out = run_bin(env!("CARGO_BIN_EXE_sft"), &argv, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(last.starts_with("error: ") && last.contains(want), "{err}");
     }
 }

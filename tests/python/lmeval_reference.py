@@ -8,6 +8,9 @@
                             [--apply-chat-template] [--fewshot-as-multiturn true|false]
         lm_eval.simple_evaluate with the `hf` model on CPU in float32, batch size 1; prints
         {"results": {task: {...}}, "samples": {task: [sample, ...]}}
+    lmeval_reference.py runs --spec FILE
+        several runs in one process: FILE is {name: {"model", "tasks", "num_fewshot", "limit",
+        "apply_chat_template", "fewshot_as_multiturn"}}; prints {name: <run's output>}
 
 The task files are loaded through a TaskManager on their directory, which is also the
 working directory (relative data files are read from there, as the bundled tasks need). Nothing is
@@ -48,39 +51,52 @@ def bos(model, out):
     print(json.dumps({"bos_token_id": bos_id}))
 
 
-def run(a):
-    import logging
-    logging.disable(logging.WARNING)
+def run_one(model, tasks, num_fewshot=None, limit=None, apply_chat_template=False,
+            fewshot_as_multiturn=False):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    paths = [os.path.abspath(p) for p in a.tasks.split(",")]
+    paths = [os.path.abspath(p) for p in tasks.split(",")]
     dirs = sorted({os.path.dirname(p) for p in paths})
     # lm-eval reads relative data files from the working directory: the tasks' own.
     os.chdir(dirs[0])
-    tm = TaskManager(include_path=dirs)
+    # Only these files: indexing lm-eval's own thousands of tasks takes longer than the runs.
+    tm = TaskManager(include_path=dirs, include_defaults=False)
+    import yaml
     names = []
     for p in paths:
-        import yaml
         with open(p) as f:
             names.append(yaml.safe_load(f)["task"])
     kw = {}
-    if a.num_fewshot is not None:
-        kw["num_fewshot"] = a.num_fewshot
-    if a.limit is not None:
-        kw["limit"] = a.limit
+    if num_fewshot is not None:
+        kw["num_fewshot"] = num_fewshot
+    if limit is not None:
+        kw["limit"] = limit
     # lm-eval prints progress to stdout; keep stdout for the JSON.
     real_stdout = sys.stdout
     sys.stdout = sys.stderr
     try:
         r = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={a.model},dtype=float32", tasks=names,
+            model="hf", model_args=f"pretrained={model},dtype=float32", tasks=names,
             task_manager=tm, log_samples=True, device="cpu", batch_size=1,
-            apply_chat_template=a.apply_chat_template, fewshot_as_multiturn=a.fewshot_as_multiturn == "true",
+            apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
             **kw)
     finally:
         sys.stdout = real_stdout
-    print(json.dumps({"results": r["results"], "samples": r["samples"]}, default=str))
+    return {"results": r["results"], "samples": r["samples"]}
+
+
+def run(a):
+    print(json.dumps(run_one(a.model, a.tasks, a.num_fewshot, a.limit, a.apply_chat_template,
+                             a.fewshot_as_multiturn == "true"), default=str))
+
+
+def runs(spec):
+    """Several runs in one process (the imports cost more than a tiny model's runs)."""
+    with open(spec) as f:
+        specs = json.load(f)
+    out = {name: run_one(**kw) for name, kw in specs.items()}
+    print(json.dumps(out, default=str))
 
 
 def main():
@@ -96,10 +112,14 @@ def main():
     r.add_argument("--limit", type=int)
     r.add_argument("--apply-chat-template", action="store_true")
     r.add_argument("--fewshot-as-multiturn", choices=["true", "false"], default="false")
+    m = sub.add_parser("runs")
+    m.add_argument("--spec", required=True)
     a = p.parse_args()
     try:
         if a.cmd == "bos":
             bos(a.model, a.out)
+        elif a.cmd == "runs":
+            runs(a.spec)
         else:
             run(a)
     finally:

@@ -250,6 +250,31 @@ pub fn task_docs(seed: u64, max: u32) -> (Vec<Value>, Vec<Value>) {
     (docs(eval), docs(&train[..8]))
 }
 
+/// The SFT sets of `make demo-prompting`: every training problem of `data(…, seed, max)`
+/// once, demonstrated in each of the four styles of the lecture's chain-of-thought table
+/// (all correct: only the form differs), as `sft_<style>.jsonl` in `out`.
+pub fn prompting_data(out: &Path, seed: u64, max: u32) -> Value {
+    std::fs::create_dir_all(out).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let problems = shuffled_problems(&mut rng, max);
+    let (_, train) = problems.split_at(48.min(problems.len() / 4));
+    type Style = (&'static str, fn(Problem) -> String);
+    let styles: [Style; 4] = [
+        ("standard", Problem::answer),
+        ("cot", |p| p.correct().trim_start().to_string()),
+        ("equation", Problem::equation),
+        ("answer_first", Problem::answer_first),
+    ];
+    for (style, form) in styles {
+        let rows: Vec<Value> = train
+            .iter()
+            .map(|&p| json!({"prompt": p.prompt(), "completion": format!(" {}", form(p))}))
+            .collect();
+        write_jsonl(&out.join(format!("sft_{style}.jsonl")), &rows);
+    }
+    json!({"train_problems": train.len(), "styles": styles.map(|s| s.0)})
+}
+
 /// Writes the task's data, tokenizer and from-scratch base model into `out`, for problems
 /// with 0..=`max` chickens and rabbits (48 held out for evaluation).
 pub fn data(out: &Path, seed: u64, max: u32) -> Value {
@@ -371,6 +396,51 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The bundled tasks score a response as the demo's judge does: the regex filter and
+    /// exact_match of `tasks/cage/_cage.yaml` agree with [`judge`] on every kind of answer
+    /// (correct, a skipped step, a slip, a guess, and the ablations' forms).
+    #[test]
+    fn the_task_files_score_as_the_judge() {
+        use data::lmeval::metrics::Metric;
+        let path = crate::repo_root().join("tasks/cage/cage_zero_shot.yaml");
+        let task = data::lmeval::Task::load(&path, &Default::default()).unwrap();
+        let pipeline = &task.config.filters[0];
+        let Metric::ExactMatch(em) = &task.config.metrics[0] else {
+            panic!("exact_match")
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (mut right, mut wrong) = (0, 0);
+        for doc in &task.docs {
+            let (h, r) = (
+                doc["heads"].as_u64().unwrap() as u32,
+                doc["rabbits"].as_u64().unwrap() as u32,
+            );
+            let p = Problem {
+                chickens: h - r,
+                rabbits: r,
+            };
+            let gold = &task.gold_texts(doc).unwrap()[0];
+            let mut responses = vec![
+                p.correct(),
+                p.guess(&mut rng),
+                format!(" {}", p.equation()),
+                format!(" {}", p.answer_first()),
+            ];
+            responses.extend(p.missing_step());
+            responses.extend(p.wrong_arithmetic(&mut rng));
+            for resp in responses {
+                let scored = em.score(&pipeline.apply(std::slice::from_ref(&resp)), gold) == 1.0;
+                assert_eq!(Some(scored), judge(&p.prompt(), &resp), "{resp:?}");
+                if scored {
+                    right += 1
+                } else {
+                    wrong += 1
+                }
+            }
+        }
+        assert!(right > 100 && wrong > 100, "{right} {wrong}");
     }
 
     #[test]

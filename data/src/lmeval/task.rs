@@ -222,6 +222,35 @@ fn jinja_env() -> Environment<'static> {
     env
 }
 
+/// The Jinja environment with every template of `config` compiled (named by its source).
+fn templates(config: &TaskConfig) -> Result<Environment<'static>> {
+    let mut env = jinja_env();
+    let fs = &config.fewshot;
+    let description = DocField::Text(config.description.clone());
+    let fields = [
+        &config.doc_to_text,
+        &config.doc_to_target,
+        &fs.doc_to_text,
+        &fs.doc_to_target,
+        &description,
+    ]
+    .into_iter()
+    .chain(config.doc_to_choice.iter())
+    .chain(fs.doc_to_choice.iter());
+    for field in fields {
+        if let DocField::Text(src) = field {
+            env.add_template_owned(src.clone(), src.clone())
+                .map_err(|e| {
+                    DataError::file(
+                        &config.file,
+                        format!("template {src:?} does not parse: {e}"),
+                    )
+                })?;
+        }
+    }
+    Ok(env)
+}
+
 impl Task {
     pub fn load(path: &Path, options: &PromptOptions) -> Result<Task> {
         let config = TaskConfig::load(path)?;
@@ -276,24 +305,7 @@ impl Task {
                 format!("shots would come from the evaluated split '{eval_split}' without removing the evaluated document; set fewshot_split: {eval_split} (it is then removed), or give another split or fewshot_config.samples"),
             ));
         }
-        let mut env = jinja_env();
-        let mut templates: Vec<&DocField> = vec![
-            &config.doc_to_text,
-            &config.doc_to_target,
-            &fs.doc_to_text,
-            &fs.doc_to_target,
-        ];
-        templates.extend(config.doc_to_choice.iter().chain(fs.doc_to_choice.iter()));
-        let description = DocField::Text(config.description.clone());
-        templates.push(&description);
-        for t in templates {
-            if let DocField::Text(src) = t {
-                env.add_template_owned(src.clone(), src.clone())
-                    .map_err(|e| {
-                        DataError::file(path, format!("template {src:?} does not parse: {e}"))
-                    })?;
-            }
-        }
+        let env = templates(&config)?;
         let features = docs
             .first()
             .map(|d| d.keys().cloned().collect())

@@ -3,8 +3,10 @@
 //!
 //!     demo data  --out DIR [--seed S]      task data, tokenizer and a from-scratch base model
 //!     demo tasks-data --out DIR [--seed S] the documents of the bundled lm-eval tasks (tasks/cage/)
+//!     demo prompting-data --out DIR [--seed S]  the four SFT sets of `make demo-prompting`
 //!     demo judge --prompts F --generations F    accuracy of generated answers (programmatic)
 //!     demo report --dir DIR                the summary table of a `make demo` run
+//!     demo prompting-report --dir DIR      the table of a `make demo-prompting` run
 //!
 //! A problem: "Heads 11, legs 30." — a correct chain of thought: " 11*2=22, 30-22=8,
 //! 8/2=4 rabbits, 11-4=7 chickens." Hurried labelers sometimes skip the halving step or
@@ -14,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rlhf_tests::demo::{data, judge, task_docs, MAX};
+use rlhf_tests::demo::{data, judge, prompting_data, task_docs, MAX};
 use serde_json::{json, Value};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -242,6 +244,99 @@ fn adapters_report(dir: &Path) {
     println!("{}", json!(rows));
 }
 
+/// Every JSON line of a file (the summary lines of `sft eval --tasks`).
+fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// `key` of task `task`'s summary line in `path`.
+fn task_metric(path: &Path, task: &str, key: &str) -> f64 {
+    json_lines(path)
+        .iter()
+        .find(|l| l["task"] == task)
+        .and_then(|l| l[key].as_f64())
+        .unwrap_or_else(|| panic!("{}: no {key} for {task}", path.display()))
+}
+
+/// The table of a `make demo-prompting` run: the lecture's chain-of-thought ablation at
+/// this scale, with the sampling seeds' spread; written to DIR/report.md and printed.
+fn prompting_report(dir: &Path) {
+    let styles = [
+        ("standard", "the answer only (standard)", "cage_standard"),
+        ("cot", "chain of thought", "cage_cot"),
+        ("equation", "equation only", "cage_equation_only"),
+        (
+            "answer_first",
+            "reasoning after the answer",
+            "cage_answer_first",
+        ),
+    ];
+    let spread = |xs: &[f64]| {
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let (lo, hi) = xs
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        format!("{mean:.3} ({lo:.3}–{hi:.3})")
+    };
+    let mut out = String::new();
+    out.push_str("| demonstrations | SFT, greedy | SFT, one sample at T 0.7 (3 seeds) | SFT, majority of 8 (3 seeds) | SFT, MC prefix / cloze acc | base, 4 shots in context, greedy |\n|---|---|---|---|---|---|\n");
+    let mut rows = vec![];
+    for (style, label, fewshot_task) in styles {
+        let eval = dir.join(format!("eval_{style}.json"));
+        let greedy = task_metric(&eval, "cage_zero_shot", "exact_match,answer");
+        let sc = |filter: &str| -> Vec<f64> {
+            (1..=3)
+                .map(|s| {
+                    task_metric(
+                        &dir.join(format!("sc_{style}_{s}.json")),
+                        "cage_self_consistency",
+                        &format!("exact_match,{filter}"),
+                    )
+                })
+                .collect()
+        };
+        let (first, maj) = (sc("first"), sc("maj@8"));
+        let prefix = task_metric(&eval, "cage_mc_prefix", "acc,none");
+        let cloze = task_metric(&eval, "cage_mc_cloze", "acc,none");
+        let base = task_metric(
+            &dir.join("eval_base.json"),
+            fewshot_task,
+            "exact_match,answer",
+        );
+        out.push_str(&format!(
+            "| {label} | {greedy:.3} | {} | {} | {prefix:.3} / {cloze:.3} | {base:.3} |\n",
+            spread(&first),
+            spread(&maj)
+        ));
+        rows.push(
+            json!({"style": style, "greedy": greedy, "first": first, "maj8": maj,
+                         "mc_prefix": prefix, "mc_cloze": cloze, "base_fewshot": base}),
+        );
+    }
+    let base = dir.join("eval_base.json");
+    out.push_str(&format!(
+        "\nThe pretrained base on the multiple-choice pair: prefix acc {:.3}, cloze acc {:.3} (4 choices or fewer: chance ≥ 0.25).\n",
+        task_metric(&base, "cage_mc_prefix", "acc,none"),
+        task_metric(&base, "cage_mc_cloze", "acc,none")
+    ));
+    let total: u64 = std::fs::read_to_string(dir.join("times.jsonl"))
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["ms"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    out.push_str(&format!("Total time: {:.0} s.\n", total as f64 / 1000.0));
+    std::fs::write(dir.join("report.md"), &out).unwrap();
+    println!("{out}{}", json!(rows));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -249,6 +344,11 @@ fn main() {
             let out = PathBuf::from(arg(&args, "--out").expect("--out DIR"));
             let seed = arg(&args, "--seed").map_or(1, |s| s.parse().expect("--seed N"));
             println!("{}", data(&out, seed, MAX));
+        }
+        Some("prompting-data") => {
+            let out = PathBuf::from(arg(&args, "--out").expect("--out DIR"));
+            let seed = arg(&args, "--seed").map_or(1, |s| s.parse().expect("--seed N"));
+            println!("{}", prompting_data(&out, seed, MAX));
         }
         Some("tasks-data") => {
             let out = PathBuf::from(arg(&args, "--out").expect("--out DIR"));
@@ -265,12 +365,15 @@ fn main() {
             Path::new(&arg(&args, "--generations").expect("--generations FILE")),
         ),
         Some("report") => report(Path::new(&arg(&args, "--dir").expect("--dir DIR"))),
+        Some("prompting-report") => {
+            prompting_report(Path::new(&arg(&args, "--dir").expect("--dir DIR")))
+        }
         Some("adapters-report") => {
             adapters_report(Path::new(&arg(&args, "--dir").expect("--dir DIR")))
         }
         _ => {
             eprintln!(
-                "usage: demo data --out DIR [--seed S] | demo tasks-data --out DIR [--seed S] | demo judge --prompts F --generations F | demo report --dir DIR | demo adapters-report --dir DIR"
+                "usage: demo data --out DIR [--seed S] | demo tasks-data --out DIR [--seed S] | demo prompting-data --out DIR [--seed S] | demo judge --prompts F --generations F | demo report --dir DIR | demo adapters-report --dir DIR | demo prompting-report --dir DIR"
             );
             std::process::exit(2);
         }
