@@ -184,6 +184,15 @@ impl Tokenizer {
         }
     }
 
+    /// `generation_config.json`'s `top_k` and `top_p`, with `transformers`' defaults (50
+    /// and 1.0): how `generate` samples this model when asked only to sample.
+    pub fn generation_sampling(&self) -> Result<(i64, f64)> {
+        let config = read_json(&self.dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+        let top_k = config.get("top_k").and_then(Value::as_i64).unwrap_or(50);
+        let top_p = config.get("top_p").and_then(Value::as_f64).unwrap_or(1.0);
+        Ok((top_k, top_p))
+    }
+
     /// The ids that end generation: `generation_config.json`'s `eos_token_id` (an int or a
     /// list), else `config.json`'s, else the tokenizer's EOS.
     pub fn generation_eos_ids(&self) -> Result<Vec<i64>> {

@@ -263,13 +263,16 @@ impl Evaluator<'_> {
             .iter()
             .flat_map(|p| std::iter::repeat_n(p.as_slice(), copies))
             .collect();
+        // Sampling as transformers' generate samples the model (lm-eval passes only
+        // do_sample and temperature): the generation config's top-k and top-p.
+        let (top_k, top_p) = self.tok.generation_sampling()?;
         let mut texts = Vec::with_capacity(rows.len());
         for (b, chunk) in rows.chunks(self.batch_size.max(1) * copies).enumerate() {
             let cfg = SamplingConfig {
                 max_new_tokens: g.max_gen_toks as i64,
                 temperature: if g.do_sample { g.temperature } else { 0.0 },
-                top_k: 0,
-                top_p: 1.0,
+                top_k,
+                top_p,
                 eos_ids: self.tok.generation_eos_ids()?,
                 pad_id: self.tok.pad_id,
                 seed: self.args.seed.wrapping_add(b as u64),
