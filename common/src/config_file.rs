@@ -68,14 +68,6 @@ pub fn expand(argv: &[OsString], cmd: clap::Command) -> Result<Vec<OsString>, St
     Ok(out)
 }
 
-/// The options a TOML file sets, as command-line arguments of `cmd`.
-pub fn toml_args(path: &Path, cmd: &clap::Command) -> Result<Vec<String>, String> {
-    Ok(toml_options(path, cmd)?
-        .into_iter()
-        .flat_map(|(_, a)| a)
-        .collect())
-}
-
 /// Each option a TOML file sets (its long name) with its command-line arguments.
 fn toml_options(path: &Path, cmd: &clap::Command) -> Result<Vec<(String, Vec<String>)>, String> {
     let at = path.display();

@@ -140,15 +140,16 @@ impl Evaluator<'_> {
             let cont = self.tok.encode(continuation, false)?;
             let prefix = self.prefix_token().unwrap_or(0);
             if cont.first() == Some(&prefix) {
-                return Ok((cont.clone(), cont.len() - 1));
+                let n = cont.len() - 1;
+                return Ok((cont, n));
             }
             let n = cont.len();
             return Ok(([vec![prefix], cont].concat(), n));
         }
         let (context, continuation) = move_trailing_space(context, continuation);
         let whole = self.encode(&format!("{context}{continuation}"))?;
-        let n_context = self.encode(&context)?.len().min(whole.len());
-        Ok((whole.clone(), whole.len() - n_context))
+        let n_continuation = whole.len() - self.encode(&context)?.len().min(whole.len());
+        Ok((whole, n_continuation))
     }
 
     /// `(sum of log-probs, greedy)` of each pair, `--batch-size` rows per forward; the row
@@ -266,6 +267,7 @@ impl Evaluator<'_> {
         // Sampling as transformers' generate samples the model (lm-eval passes only
         // do_sample and temperature): the generation config's top-k and top-p.
         let (top_k, top_p) = self.tok.generation_sampling()?;
+        let eos_ids = self.tok.generation_eos_ids()?;
         let mut texts = Vec::with_capacity(rows.len());
         for (b, chunk) in rows.chunks(self.batch_size.max(1) * copies).enumerate() {
             let cfg = SamplingConfig {
@@ -273,7 +275,7 @@ impl Evaluator<'_> {
                 temperature: if g.do_sample { g.temperature } else { 0.0 },
                 top_k,
                 top_p,
-                eos_ids: self.tok.generation_eos_ids()?,
+                eos_ids: eos_ids.clone(),
                 pad_id: self.tok.pad_id,
                 seed: self.args.seed.wrapping_add(b as u64),
                 cuda_graph: true,

@@ -162,6 +162,31 @@ impl TrainRows {
     fn dataset_of(&self, row: usize) -> usize {
         self.starts.partition_point(|&s| s <= row) - 1
     }
+
+    /// `train/loss/<name>` of each dataset with rows in the step: the summed NLL of its
+    /// rows (`row_nll`, of this rank's `indices`) over their target tokens, on all ranks.
+    fn loss_by_dataset(
+        &self,
+        indices: &[usize],
+        row_nll: &[f64],
+        world: &World,
+    ) -> Vec<(String, f64)> {
+        let mut out = vec![];
+        for (m, name) in self.names.iter().enumerate() {
+            let (mut nll, mut n) = (0.0, 0.0);
+            for (&i, sum) in indices.iter().zip(row_nll) {
+                if self.dataset_of(i) == m {
+                    nll += sum;
+                    n += self.rows[i].loss_mask[1..].iter().sum::<i64>() as f64;
+                }
+            }
+            let (nll, n) = (world.sum(nll), world.sum(n));
+            if n > 0.0 {
+                out.push((format!("train/loss/{name}"), nll / n));
+            }
+        }
+        out
+    }
 }
 
 /// Mean NLL per target token over `eval`'s rows.
@@ -175,14 +200,15 @@ fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> f
 
 /// Forward and backward over this rank's rows of one step, in micro-batches; the loss is
 /// divided by the target tokens of the whole step on every rank, so it is the same
-/// whatever the split. Returns the step's loss and the tokens seen here.
-/// Also returns each row's summed NLL.
+/// whatever the split. Returns the step's loss, the tokens seen here, and (with
+/// `row_nll`, for a mixture's per-dataset losses) each row's summed NLL.
 fn accumulate(
     model: &Model,
     rows: &[&TokenizedSft],
     batch_size: usize,
     pad_id: i64,
     world: &World,
+    row_nll: bool,
 ) -> (f64, i64, Vec<f64>) {
     let local_targets: i64 = rows
         .iter()
@@ -193,11 +219,13 @@ fn accumulate(
     for micro in rows.chunks(batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let (nll, _) = token_nll(model, &batch);
-        let row_sums = nll
-            .detach()
-            .sum_dim_intlist([1].as_slice(), false, Kind::Double);
-        per_row
-            .extend(Vec::<f64>::try_from(row_sums.to_device(tch::Device::Cpu)).expect("cpu f64"));
+        if row_nll {
+            let sums = nll
+                .detach()
+                .sum_dim_intlist([1].as_slice(), false, Kind::Double);
+            per_row
+                .extend(Vec::<f64>::try_from(sums.to_device(tch::Device::Cpu)).expect("cpu f64"));
+        }
         let loss = nll.sum(Kind::Float) / targets;
         model.backward(&loss);
         loss_value += loss.double_value(&[]);
@@ -316,26 +344,22 @@ fn train_step(
     let mine = world.shard(&indices);
     let rows: Vec<_> = mine.iter().map(|&i| &batch.rows.rows[i]).collect();
     let model = &trainee.model;
-    let (loss, tokens, per_row) =
-        accumulate(model, &rows, args.data.batch_size, batch.pad_id, world);
+    let mixed = batch.rows.names.len() > 1;
+    let (loss, tokens, per_row) = accumulate(
+        model,
+        &rows,
+        args.data.batch_size,
+        batch.pad_id,
+        world,
+        mixed,
+    );
     let outcome = trainee.step(loss, world);
     let tokens = world.sum(tokens as f64);
-    let mut per_dataset = vec![];
-    if batch.rows.names.len() > 1 {
-        for (m, name) in batch.rows.names.iter().enumerate() {
-            let (mut nll, mut n) = (0.0, 0.0);
-            for ((&i, row), sum) in mine.iter().zip(&rows).zip(&per_row) {
-                if batch.rows.dataset_of(i) == m {
-                    nll += sum;
-                    n += row.loss_mask[1..].iter().sum::<i64>() as f64;
-                }
-            }
-            let (nll, n) = (world.sum(nll), world.sum(n));
-            if n > 0.0 {
-                per_dataset.push((format!("train/loss/{name}"), nll / n));
-            }
-        }
-    }
+    let per_dataset = if mixed {
+        batch.rows.loss_by_dataset(mine, &per_row, world)
+    } else {
+        vec![]
+    };
     session.finish_step(&outcome, loss, batch.order.position())?;
     let mut scalars: Vec<(String, f64)> = vec![
         ("train/loss".into(), loss),

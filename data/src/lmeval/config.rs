@@ -381,29 +381,18 @@ fn generation_kwargs(
 }
 
 fn filter_list(k: &mut Keys, repeats: usize) -> Result<Vec<FilterPipeline>> {
-    let Some(list) = k.list("filter_list")? else {
+    let Some(list) = k.mappings("filter_list", "'name' and 'filter'")? else {
         return Ok(vec![FilterPipeline::new("none", vec![Filter::TakeFirst])]);
     };
     let mut out = vec![];
-    for (i, item) in list.into_iter().enumerate() {
-        let Value::Object(m) = item else {
-            return Err(k.error("filter_list", "expected mappings with 'name' and 'filter'"));
-        };
-        let mut f = Keys::new(&k.file, &k.name(&format!("filter_list[{i}]")), m);
+    for mut f in list {
         let name = f
             .string("name")?
             .ok_or_else(|| f.error("name", "missing"))?;
         let steps = f
-            .list("filter")?
+            .mappings("filter", "'function'")?
             .ok_or_else(|| f.error("filter", "missing"))?;
-        let mut filters = vec![];
-        for (j, step) in steps.into_iter().enumerate() {
-            let Value::Object(m) = step else {
-                return Err(f.error("filter", "expected mappings with 'function'"));
-            };
-            let s = Keys::new(&f.file, &f.name(&format!("filter[{j}]")), m);
-            filters.push(Filter::read(s)?);
-        }
+        let filters = steps.into_iter().map(Filter::read).collect::<Result<_>>()?;
         let pipeline = FilterPipeline::new(&name, filters);
         pipeline.check(repeats).map_err(|m| f.error("filter", m))?;
         f.finish()?;
@@ -413,7 +402,7 @@ fn filter_list(k: &mut Keys, repeats: usize) -> Result<Vec<FilterPipeline>> {
 }
 
 fn metric_list(k: &mut Keys, output: OutputType) -> Result<Vec<Metric>> {
-    let Some(list) = k.list("metric_list")? else {
+    let Some(list) = k.mappings("metric_list", "'metric'")? else {
         return match output {
             OutputType::GenerateUntil => Ok(vec![Metric::ExactMatch(ExactMatch::default())]),
             OutputType::MultipleChoice => Ok(vec![Metric::Acc, Metric::AccNorm]),
@@ -424,11 +413,7 @@ fn metric_list(k: &mut Keys, output: OutputType) -> Result<Vec<Metric>> {
         };
     };
     let mut out = vec![];
-    for (i, item) in list.into_iter().enumerate() {
-        let Value::Object(m) = item else {
-            return Err(k.error("metric_list", "expected mappings with 'metric'"));
-        };
-        let mut m = Keys::new(&k.file, &k.name(&format!("metric_list[{i}]")), m);
+    for mut m in list {
         let name = m
             .string("metric")?
             .ok_or_else(|| m.error("metric", "missing"))?;

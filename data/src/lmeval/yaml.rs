@@ -205,6 +205,24 @@ impl Keys {
         }
     }
 
+    /// A list of mappings, each as its own `Keys` (named `key[i]`); `what` says what the
+    /// items must hold when one is not a mapping.
+    pub fn mappings(&mut self, key: &str, what: &str) -> Result<Option<Vec<Keys>>> {
+        let Some(list) = self.list(key)? else {
+            return Ok(None);
+        };
+        list.into_iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::Object(m) => {
+                    Ok(Keys::new(&self.file, &self.name(&format!("{key}[{i}]")), m))
+                }
+                _ => Err(self.error(key, format!("expected mappings with {what}"))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// Refuses every key not read: nothing in a task file is silently ignored.
     pub fn finish(self) -> Result<()> {
         match self.map.keys().next() {
