@@ -527,3 +527,25 @@ fn bad_task_files_are_refused_with_one_line() {
         assert!(last.starts_with("error: ") && last.contains(want), "{err}");
     }
 }
+
+/// Sampled task generations use the model's generation_config top-k and top-p, with
+/// transformers' defaults (50, 1.0) where it sets none.
+#[test]
+fn sampling_settings_come_from_the_generation_config() {
+    let f = fixture();
+    let tok = data::Tokenizer::load(&f.model).unwrap();
+    assert_eq!(tok.generation_sampling().unwrap(), (50, 1.0));
+    let dir = f.root.join("sampling-model");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(f.model.join(file), dir.join(file)).unwrap();
+    }
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"top_k": 7, "top_p": 0.9}"#,
+    )
+    .unwrap();
+    let tok = data::Tokenizer::load(&dir).unwrap();
+    assert_eq!(tok.generation_sampling().unwrap(), (7, 0.9));
+}
