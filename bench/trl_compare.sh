@@ -46,7 +46,7 @@ fi
 : >"$work/trl.jsonl"
 IFS=, read -ra archs <<<"${BENCH_SHAPES:-gpt2,llama}"
 for arch in "${archs[@]}"; do
-    for stage in ${TRL_STAGES:-sft reward dpo rloo grpo ppo}; do
+    for stage in ${TRL_STAGES:-sft sft-varied sft-packed reward dpo rloo grpo ppo}; do
         echo "trl_compare: TRL $stage $arch" >&2
         path=${PYTHONPATH:-}
         [ "$stage" = ppo ] && path=$old${path:+:$path}

@@ -2,10 +2,10 @@
 """The TRL side of `bench/trl_compare.sh`: one stage of the `make bench` workload run by
 TRL on the same model directories, data and batch shapes, printing one JSON line.
 
-    python bench/trl/compare.py {sft,reward,dpo,rloo,grpo,ppo} --work DIR --arch ARCH [--device cuda]
+    python bench/trl/compare.py {sft,sft-varied,sft-packed,reward,dpo,rloo,grpo,ppo} --work DIR --arch ARCH [--device cuda]
 
 DIR is what `BENCH_KEEP=DIR make bench` leaves: `<arch>-lm/`, `<arch>-rm/`, `sft.jsonl`,
-`pairs.jsonl`, `prompts.jsonl`. Settings mirror ppo/benches/stages.rs (and read the same
+`sft-varied.jsonl`, `pairs.jsonl`, `prompts.jsonl`. Settings mirror ppo/benches/stages.rs (and read the same
 BENCH_BATCH, BENCH_SEQ, BENCH_ROLLOUT, BENCH_RESPONSE): f32 on the CPU, TRL's default
 mixed precision on CUDA (f32 weights, bf16 autocast; we keep bf16 weights with f32 master
 copies in the optimiser), batch 8 × 128 tokens (reward: 4 pairs), lr 1e-5, constant schedule, AdamW, no gradient
@@ -102,6 +102,27 @@ def sft(work, arch, out):
     trainer.train()
     step = statistics.median(timer.times[WARMUP:])
     return {"steps_per_second": 1 / step, "tokens_per_second": BATCH * tokens / step}
+
+
+def sft_varied(work, arch, out, packed):
+    """SFT on rows of 16 to SEQ tokens (`sft-varied.jsonl`): padded to each batch's longest,
+    BATCH rows a step, or packed (TRL's packing=True, best-fit decreasing, padding-free
+    with position ids) with our `sft-packed` row's number of packs a step."""
+    from trl import SFTConfig, SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(f"{work}/{arch}-lm", dtype=torch.float32, **kwargs_for(arch))
+    data = load_dataset("json", data_files=f"{work}/sft-varied.jsonl", split="train")
+    mean = statistics.mean(len(r["text"]) + 1 for r in data)
+    batch = max(1, round(BATCH * mean / SEQ)) if packed else BATCH
+    timer = StepTimer()
+    cfg = SFTConfig(**{**common_args(out, WARMUP + MEASURED), "per_device_train_batch_size": batch},
+                    max_length=SEQ, packing=packed)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data,
+                         processing_class=tokenizer(f"{work}/{arch}-lm"), callbacks=[timer])
+    tokens = statistics.mean(len(r) for r in trainer.train_dataset["input_ids"])
+    trainer.train()
+    step = statistics.median(timer.times[WARMUP:])
+    return {"tokens_per_second": batch * tokens / step, "batch": batch}
 
 
 def reward(work, arch, out):
@@ -220,7 +241,7 @@ def grpo(work, arch, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["sft", "reward", "dpo", "ppo", "rloo", "grpo"])
+    p.add_argument("stage", choices=["sft", "sft-varied", "sft-packed", "reward", "dpo", "ppo", "rloo", "grpo"])
     p.add_argument("--work", required=True)
     p.add_argument("--arch", required=True, help="model directories <work>/<arch>-lm, -rm")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -231,8 +252,10 @@ def main():
     CUDA = a.device == "cuda"
 
     with tempfile.TemporaryDirectory() as out:
-        row = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "rloo": rloo, "grpo": grpo}[a.stage](
-            a.work, a.arch, out)
+        stages = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "rloo": rloo, "grpo": grpo,
+                  "sft-varied": lambda w, m, o: sft_varied(w, m, o, packed=False),
+                  "sft-packed": lambda w, m, o: sft_varied(w, m, o, packed=True)}
+        row = stages[a.stage](a.work, a.arch, out)
     row = {"stage": a.stage, "model": a.arch, "trl": trl.__version__, "device": a.device,
            "torch_threads": torch.get_num_threads(), **row}
     print(json.dumps(row), flush=True)

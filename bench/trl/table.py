@@ -27,9 +27,11 @@ print("|---|---|---|---|---|---|")
 for t in trl:
     # Our RLOO and GRPO (issue 16) against TRL's; older runs of ours had only PPO for RLOO.
     o = ours.get((t["stage"], t["model"])) or ours[("ppo", t["model"])]
-    key = "iterations_per_second" if "iterations_per_second" in t else "steps_per_second"
-    unit = "it/s" if key.startswith("it") else "steps/s"
-    name = {"sft": "SFT", "reward": "reward", "dpo": "DPO", "ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}[t["stage"]]
+    # Rows of varied length (padded or packed) compare real tokens per second.
+    key = next(k for k in ("iterations_per_second", "steps_per_second", "tokens_per_second") if k in t)
+    unit = {"iterations_per_second": "it/s", "steps_per_second": "steps/s", "tokens_per_second": "tokens/s"}[key]
+    name = {"sft": "SFT", "sft-varied": "SFT, varied lengths, padded", "sft-packed": "SFT, varied lengths, packed",
+            "reward": "reward", "dpo": "DPO", "ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}[t["stage"]]
     print(f"| {name} | {t['model']} | {o[key]:.2f} {unit} | {t[key]:.2f} {unit} | {t['trl']} | {o[key] / t[key]:.2f}× |")
     print(json.dumps({"stage": t["stage"], "model": t["model"], "ours": o[key], "trl": t[key],
                       "ratio": o[key] / t[key]}), file=sys.stderr)

@@ -8,6 +8,7 @@ pub mod formats;
 pub mod io;
 pub mod jsonl;
 pub mod lmeval;
+pub mod packing;
 pub mod pairs;
 pub mod preference;
 pub mod prompts;

@@ -8,10 +8,23 @@ use crate::jsonl::Rows;
 use crate::tokenizer::Tokenizer;
 
 /// One row's tokens; `loss_mask[t]` is 1 where token `t` is a training target.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TokenizedSft {
     pub ids: Vec<i64>,
     pub loss_mask: Vec<i64>,
+    /// A pack of several rows ([`crate::packing`]): their lengths, in order (TRL's
+    /// `seq_lengths`); empty for a plain row.
+    pub seq_lengths: Vec<usize>,
+}
+
+impl TokenizedSft {
+    pub fn new(ids: Vec<i64>, loss_mask: Vec<i64>) -> Self {
+        TokenizedSft {
+            ids,
+            loss_mask,
+            seq_lengths: vec![],
+        }
+    }
 }
 
 /// What to do with rows longer than `max_length`.
@@ -58,12 +71,12 @@ pub fn tokenize(ex: &SftExample, tok: &Tokenizer, append_eos: bool) -> Result<To
             let prompt_len = tok.encode(prompt, true)?.len();
             let ids = tok.encode(&format!("{prompt}{completion}"), true)?;
             let loss_mask = (0..ids.len()).map(|i| i64::from(i >= prompt_len)).collect();
-            TokenizedSft { ids, loss_mask }
+            TokenizedSft::new(ids, loss_mask)
         }
         SftExample::Text(text) => {
             let ids = tok.encode(text, true)?;
             let loss_mask = vec![1; ids.len()];
-            TokenizedSft { ids, loss_mask }
+            TokenizedSft::new(ids, loss_mask)
         }
         SftExample::Messages {
             messages,
@@ -119,7 +132,7 @@ fn tokenize_chat(
         .iter()
         .map(|&(start, _)| i64::from(spans.iter().any(|&(a, b)| start >= a && start < b)))
         .collect();
-    Ok(TokenizedSft { ids, loss_mask })
+    Ok(TokenizedSft::new(ids, loss_mask))
 }
 
 /// Bytes `a` and `b` share at their start, at a character boundary.
@@ -138,10 +151,10 @@ pub fn truncate(row: TokenizedSft, max_length: usize, rule: Truncation) -> Optio
     match rule {
         Truncation::Drop => None,
         Truncation::Truncate => {
-            let row = TokenizedSft {
-                ids: row.ids[..max_length].to_vec(),
-                loss_mask: row.loss_mask[..max_length].to_vec(),
-            };
+            let row = TokenizedSft::new(
+                row.ids[..max_length].to_vec(),
+                row.loss_mask[..max_length].to_vec(),
+            );
             // A target at position 0 is never predicted: some later token must remain.
             row.loss_mask[1..].contains(&1).then_some(row)
         }
@@ -188,6 +201,9 @@ pub struct SftBatch {
     pub input_ids: Tensor,
     pub attention_mask: Tensor,
     pub loss_mask: Tensor,
+    /// With packs in the batch: which row of its sequence each token belongs to (1, 2, …;
+    /// 0 for padding; a plain row is all 1).
+    pub segment_ids: Option<Tensor>,
 }
 
 pub fn collate(rows: &[&TokenizedSft], pad_id: i64, device: Device) -> SftBatch {
@@ -205,10 +221,25 @@ pub fn collate(rows: &[&TokenizedSft], pad_id: i64, device: Device) -> SftBatch 
             .to_kind(Kind::Int64)
             .to_device(device)
     };
+    let packed = rows.iter().any(|r| !r.seq_lengths.is_empty());
+    let segments = packed.then(|| {
+        let numbered = |r: &&TokenizedSft| -> Vec<i64> {
+            if r.seq_lengths.is_empty() {
+                return pad(&vec![1; r.ids.len()], 0);
+            }
+            let mut v = Vec::with_capacity(t);
+            for (k, &n) in r.seq_lengths.iter().enumerate() {
+                v.extend(std::iter::repeat_n(k as i64 + 1, n));
+            }
+            pad(&v, 0)
+        };
+        to(rows.iter().map(numbered).collect())
+    });
     SftBatch {
         input_ids: to(ids),
         attention_mask: to(attn),
         loss_mask: to(loss),
+        segment_ids: segments,
     }
 }
 
@@ -217,10 +248,10 @@ mod tests {
     use super::*;
 
     fn row(n: usize, targets_from: usize) -> TokenizedSft {
-        TokenizedSft {
-            ids: (0..n as i64).collect(),
-            loss_mask: (0..n).map(|i| i64::from(i >= targets_from)).collect(),
-        }
+        TokenizedSft::new(
+            (0..n as i64).collect(),
+            (0..n).map(|i| i64::from(i >= targets_from)).collect(),
+        )
     }
 
     #[test]
@@ -251,6 +282,15 @@ mod tests {
         assert_eq!(
             Vec::<i64>::try_from(batch.loss_mask.view([-1])).unwrap(),
             [0, 1, 1, 0, 0, 0, 0, 1, 1, 1]
+        );
+        assert!(batch.segment_ids.is_none());
+        // A pack beside a plain row: rows numbered from 1, padding 0.
+        let mut p = row(4, 0);
+        p.seq_lengths = vec![1, 3];
+        let batch = collate(&[&p, &a], 0, Device::Cpu);
+        assert_eq!(
+            Vec::<i64>::try_from(batch.segment_ids.unwrap().view([-1])).unwrap(),
+            [1, 2, 2, 2, 1, 1, 1, 0]
         );
     }
 }

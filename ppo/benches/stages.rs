@@ -16,8 +16,11 @@
 //! dense bf16 peak) training rows get a model-FLOPs utilisation, and with
 //! `BENCH_PEAK_GBPS` (its memory bandwidth) generation rows get the bandwidth bound.
 //! `BENCH_KEEP=DIR` keeps the generated models, data and runs in DIR. `BENCH_STAGES` (comma
-//! list of `sft`, `reward`, `dpo`, `ppo`, `grpo`, `rloo`, `generate`; default all; `grpo` and `rloo`
-//! sample the PPO rollout's rows as half as many prompts × 2 responses) picks the rows, and
+//! list of `sft`, `sft-varied`, `sft-packed`, `reward`, `dpo`, `ppo`, `grpo`, `rloo`, `generate`;
+//! default all; `sft-varied` and `sft-packed` train on rows of 16 to SEQ tokens, padded to
+//! the longest of each batch or packed (`--packing`, about as many real tokens a step);
+//! `grpo` and `rloo` sample the PPO rollout's rows as half as many prompts × 2 responses)
+//! picks the rows, and
 //! `BENCH_GEN_BATCHES` (comma list; default `BENCH_ROLLOUT`) the generation batch sizes.
 //! On CUDA, PPO and generation run twice: decoding eagerly and with CUDA graphs (issue 20;
 //! `BENCH_DECODE=eager` or `graphs` runs one). `BENCH_PPO_ARGS` adds `ppo train` options
@@ -232,6 +235,9 @@ struct Bench {
     decode_modes: Vec<&'static str>,
     root: PathBuf,
     sft_data: PathBuf,
+    /// SFT rows of 16 to `seq` tokens, and their mean length.
+    varied_data: PathBuf,
+    varied_mean: f64,
     pairs: PathBuf,
     prompts: PathBuf,
 }
@@ -252,7 +258,7 @@ impl Bench {
         };
         let device = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
         let rollout: i64 = env_or("BENCH_ROLLOUT", 16);
-        let bench = Bench {
+        let mut bench = Bench {
             decode_modes: match std::env::var("BENCH_DECODE").ok().as_deref() {
                 Some("eager") => vec!["eager"],
                 Some("graphs") => vec!["graphs"],
@@ -269,7 +275,7 @@ impl Bench {
             peak_gbps: peak("BENCH_PEAK_GBPS"),
             stages: list(
                 "BENCH_STAGES",
-                "sft,reward,dpo,ppo,grpo,rloo,generate".into(),
+                "sft,sft-varied,sft-packed,reward,dpo,ppo,grpo,rloo,generate".into(),
             ),
             gen_batches: list("BENCH_GEN_BATCHES", rollout.to_string())
                 .iter()
@@ -277,6 +283,8 @@ impl Bench {
                 .collect(),
             root: root.to_path_buf(),
             sft_data: root.join("sft.jsonl"),
+            varied_data: root.join("sft-varied.jsonl"),
+            varied_mean: 0.0,
             pairs: root.join("pairs.jsonl"),
             prompts: root.join("prompts.jsonl"),
         };
@@ -285,6 +293,17 @@ impl Bench {
         write_jsonl(
             &bench.sft_data,
             (0..64).map(|_| json!({"text": text(&mut rng, seq - 1)})),
+        );
+        // Lengths uniform in 16..=seq (EOS included).
+        let lengths: Vec<usize> = (0..256)
+            .map(|i| 16 + (i * 7919 + 13) % (seq - 15))
+            .collect();
+        bench.varied_mean = lengths.iter().sum::<usize>() as f64 / lengths.len() as f64;
+        write_jsonl(
+            &bench.varied_data,
+            lengths
+                .iter()
+                .map(|&n| json!({"text": text(&mut rng, n - 1)})),
         );
         write_jsonl(
             &bench.pairs,
@@ -372,6 +391,45 @@ impl Bench {
         .unwrap();
         let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
         self.training_row(stage, arch, tps, flops)
+    }
+
+    /// `sft train` on rows of varied length: padded to each batch's longest
+    /// (`sft-varied`, `batch` rows a step) or packed (`sft-packed`, `--packing` with
+    /// about as many real tokens a step). Tokens/s counts real tokens; MFU counts the
+    /// FLOPs of rows of the mean length.
+    fn sft_varied(&self, stage: &str, arch: &str, lm: &Path, flops: &Flops) -> Value {
+        reset_peak_rss();
+        let out = self.root.join(format!("{arch}-{stage}"));
+        let packed = stage == "sft-packed";
+        let batch = if packed {
+            ((self.batch as f64 * self.varied_mean / self.seq as f64).round() as usize).max(1)
+        } else {
+            self.batch
+        };
+        let mut argv = vec![
+            "--model".into(),
+            lm.display().to_string(),
+            "--data".into(),
+            self.varied_data.display().to_string(),
+            "--batch-size".into(),
+            batch.to_string(),
+            "--max-length".into(),
+            self.seq.to_string(),
+        ];
+        if packed {
+            argv.push("--packing".into());
+        }
+        argv.extend(self.common_args(&out, measured_steps()));
+        sft::train::run(&rlhf_tests::parse_args(&argv)).unwrap();
+        let tps = median(measured(&metrics(&out), "train/tokens_per_second"));
+        let train_flops = tps * flops(self.varied_mean as usize) / 1e12;
+        let mut row = json!({"stage": stage, "model": arch, "tokens_per_second": tps,
+                             "peak_rss_mb": peak_rss_mb(), "train_tflops": train_flops,
+                             "batch": batch});
+        if let Some(peak) = self.peak_tflops {
+            row["mfu"] = json!(train_flops / peak);
+        }
+        row
     }
 
     /// `ppo train` with GAE (`stage` "ppo"), or critic-free (`stage` "grpo" or "rloo": the
@@ -515,7 +573,8 @@ impl Bench {
         };
         let wanted = |stage: &str| self.stages.iter().any(|s| s == stage);
         let mut rows = vec![];
-        if wanted("sft") || wanted("reward") || wanted("dpo") {
+        let supervised = ["sft", "sft-varied", "sft-packed", "reward", "dpo"];
+        if supervised.iter().any(|s| wanted(s)) {
             // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's
             // 12·L·d·T); the reward model has a one-output score head instead of the
             // vocabulary head.
@@ -529,6 +588,11 @@ impl Bench {
                 move |t: usize| 6.0 * (d.matmul_params - vocab_head) + attention * t as f64;
             if wanted("sft") {
                 rows.push(self.supervised("sft", arch, &lm, &lm_flops));
+            }
+            for stage in ["sft-varied", "sft-packed"] {
+                if wanted(stage) {
+                    rows.push(self.sft_varied(stage, arch, &lm, &lm_flops));
+                }
             }
             if wanted("reward") {
                 rows.push(self.supervised("reward", arch, &lm, &rm_flops));
@@ -581,6 +645,7 @@ fn print_table(rows: &[Value]) {
                 r["stage"].as_str().unwrap(),
                 d.as_str().unwrap()
             ),
+            (None, Some(b)) => format!("{} (batch {b})", r["stage"].as_str().unwrap()),
             _ => r["stage"].as_str().unwrap().to_string(),
         };
         println!(

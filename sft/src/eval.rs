@@ -76,9 +76,11 @@ pub fn nll_per_row(
 /// Per-token NLL of the targets `[B, T-1]` (0 elsewhere) and the target mask.
 pub fn token_nll(model: &Model, batch: &SftBatch) -> (Tensor, Tensor) {
     let t = batch.input_ids.size()[1];
-    let hidden = model
-        .hidden(&batch.input_ids, &batch.attention_mask, None)
-        .narrow(1, 0, t - 1);
+    let hidden = match &batch.segment_ids {
+        Some(segments) => model.hidden_packed(&batch.input_ids, segments),
+        None => model.hidden(&batch.input_ids, &batch.attention_mask, None),
+    }
+    .narrow(1, 0, t - 1);
     let labels = batch.input_ids.narrow(1, 1, t - 1);
     let lp = model
         .token_outputs(&hidden, &labels, TokenSpec::default())

@@ -165,7 +165,7 @@ impl Evaluator<'_> {
                 let mut loss_mask = vec![0; ids.len()];
                 let start = ids.len().saturating_sub(n_cont).max(1);
                 loss_mask[start..].iter_mut().for_each(|m| *m = 1);
-                Ok(TokenizedSft { ids, loss_mask })
+                Ok(TokenizedSft::new(ids, loss_mask))
             })
             .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(rows.len());

@@ -12,6 +12,7 @@ use clap::Args;
 use common::cli::{AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
+use data::packing;
 use data::sampler::{Mixture, RowOrder};
 use data::sft::{collate, prepare, Prepared, TokenizedSft};
 use serde::Serialize;
@@ -28,6 +29,11 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub data: TrainDataArgs,
+    /// Pack rows into sequences of up to --max-length tokens (best-fit decreasing, as
+    /// TRL's packing="bfd"): no padding; positions restart at each row and attention never
+    /// crosses rows. --batch-size then counts packed sequences.
+    #[arg(long)]
+    pub packing: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
@@ -63,6 +69,10 @@ impl TrainArgs {
         self.run.validate()?;
         self.optim.validate()?;
         self.adapter.validate()?;
+        common::cli::require(&[
+            (!(self.packing && self.data.group_by_length), "--group-by-length has nothing to group with --packing (packed sequences are all about --max-length long)"),
+            (!(self.packing && self.adapter.prompt_tuning_tokens.is_some()), "--packing with --prompt-tuning-tokens is not supported (the virtual tokens go before one row, not before each packed row)"),
+        ])?;
         Ok(())
     }
 }
@@ -117,7 +127,20 @@ impl TrainRows {
                 stem
             };
             starts.push(rows.len());
-            rows.extend(prepare_file(&spec.path, tok, args, max_length)?.rows);
+            let prepared = prepare_file(&spec.path, tok, args, max_length)?.rows;
+            if args.packing {
+                let packs = packing::pack(&prepared, max_length);
+                tracing::info!(
+                    "{}: {} rows packed into {} sequences of up to {max_length} tokens ({:.1}% full)",
+                    spec.path.display(),
+                    prepared.len(),
+                    packs.len(),
+                    100.0 * packing::fill(&packs, max_length)
+                );
+                rows.extend(packs);
+            } else {
+                rows.extend(prepared);
+            }
             names.push(name);
         }
         Ok(TrainRows {
@@ -244,6 +267,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             .apply(ModelOptions::new(Head::Lm, device, kind)),
     );
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    if args.packing && model.virtual_tokens() > 0 {
+        bail!("--packing: {} is a prompt-tuning adapter, and packing with prompt tuning is not supported (the virtual tokens go before one row, not before each packed row)", args.model.display());
+    }
     let max_length = model.cap_length(args.data.max_length, "--max-length");
     let train = TrainRows::read(args, &tok, max_length)?;
     let eval = args
@@ -271,12 +297,17 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     .context("starting the run")?;
     order.restore(session.state.sampler);
     tracing::info!(
-        "sft: {} rows, {} steps of {} rows ({} × {} accumulated)",
+        "sft: {} {what}, {} steps of {} {what} ({} × {} accumulated)",
         epoch_rows,
         total_steps,
         args.data.rows_per_step(),
         args.data.batch_size,
-        args.data.grad_accum
+        args.data.grad_accum,
+        what = if args.packing {
+            "packed sequences"
+        } else {
+            "rows"
+        },
     );
     let mut eval_loss = None;
     while !session.done() && session.stop_requested().is_none() {

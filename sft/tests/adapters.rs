@@ -480,3 +480,56 @@ fn bad_adapter_inputs_end_in_one_line() {
         "a refused run wrote its output directory"
     );
 }
+
+/// PEFT's TEXT and SAMPLE_VOCAB inits start the virtual tokens from the loaded model's
+/// embeddings (of the text's tokens, cut or repeated to N; of tokens drawn from the
+/// vocabulary), not from the weights the model had before its checkpoint was read.
+#[test]
+fn text_and_vocab_inits_start_from_the_loaded_embeddings() {
+    use common::models::prompt_tuning::{PromptInit, PromptTuningConfig};
+    let f = fixture();
+    for arch in ARCHS {
+        let dir = f.root.join(arch);
+        let embeddings = load(&dir, Head::Lm).named_tensors()[match *arch {
+            "gpt2" => "transformer.wte.weight",
+            _ => "model.embed_tokens.weight",
+        }]
+        .shallow_clone();
+        let with_init = |init| {
+            let opts = ModelOptions::cpu(Head::Lm).with_prompt_tuning(Some(PromptTuningConfig {
+                num_virtual_tokens: 7,
+                init,
+            }));
+            Model::load(&dir, &opts).unwrap().0.named_tensors()["prompt_embeddings"].shallow_clone()
+        };
+        let text = "heads and legs";
+        let prompt = with_init(PromptInit::Text {
+            text: text.into(),
+            ids: vec![],
+        });
+        let ids = data::Tokenizer::load(&dir)
+            .unwrap()
+            .encode(text, true)
+            .unwrap();
+        assert!(ids.len() < 7, "{arch}: the text must repeat");
+        let repeated: Vec<i64> = ids.iter().copied().cycle().take(7).collect();
+        let want = embeddings.index_select(0, &Tensor::from_slice(&repeated));
+        assert!(
+            prompt.equal(&want),
+            "{arch}: TEXT init is not the text's embeddings"
+        );
+        let prompt = with_init(PromptInit::Vocab);
+        for row in 0..7 {
+            let hits = (embeddings.shallow_clone() - prompt.get(row))
+                .abs()
+                .sum_dim_intlist([1].as_slice(), false, Kind::Float)
+                .eq(0.0)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            assert!(
+                hits >= 1,
+                "{arch}: SAMPLE_VOCAB row {row} is no token's embedding"
+            );
+        }
+    }
+}

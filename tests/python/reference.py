@@ -46,10 +46,41 @@ def configs():
             num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=7,
             tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1,
             resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **common),
+        # Phi-3 128k-style LongRoPE: per-frequency short and long factors switching at
+        # original_max_position_embeddings 8, inside the test batches (all long) and inside
+        # greedy generation (the prompts start short and cross it), with the attention
+        # factor of max/original = 8.
+        "phi3_longrope": tf.Phi3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, partial_rotary_factor=0.5, tie_word_embeddings=False,
+            max_position_embeddings=64, original_max_position_embeddings=8,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                             "short_factor": [1.0, 1.3, 1.7, 2.0], "long_factor": [1.5, 2.5, 4.0, 6.0]},
+            initializer_range=0.1, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **common),
         "mistral": tf.MistralConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=1, sliding_window=6, max_position_embeddings=64,
             initializer_range=0.1, **common),
+        # Gemma 2: (1 + w) norms, scaled embeddings, GeGLU, pre/post norms, soft-capped
+        # attention and final logits (caps small enough to bite), query_pre_attn_scalar
+        # unlike head_dim, sliding (even) and global layers with a window shorter than the
+        # inputs, GQA, tied embeddings.
+        "gemma2": tf.Gemma2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
+            attn_logit_softcapping=1.5, final_logit_softcapping=3.0, max_position_embeddings=64,
+            initializer_range=0.1, **common),
+        # Gemma 3: q/k norms, a global layer every 3rd (sliding_window_pattern), separate
+        # rotary bases (linear scaling on the global ones), attn_logit_softcapping set but
+        # ignored (as transformers does), untied embeddings, one KV head.
+        "gemma3_text": tf.Gemma3TextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
+            sliding_window_pattern=3, attn_logit_softcapping=1.0, final_logit_softcapping=3.0,
+            tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+            **common),
     }
 
 

@@ -13,7 +13,17 @@ use rlhf_tests::{max_masked_diff, run_python, tensor_2d_f32, tensor_2d_i64};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-const ARCHS: &[&str] = &["gpt2", "llama", "qwen2", "qwen3", "phi3", "mistral"];
+const ARCHS: &[&str] = &[
+    "gpt2",
+    "llama",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "phi3_longrope",
+    "mistral",
+    "gemma2",
+    "gemma3_text",
+];
 const MAX_NEW_TOKENS: i64 = 24;
 
 struct Fixture {
@@ -174,7 +184,10 @@ fn kv_cache_decoding_matches_full_forward() {
     let (ids, mask) = batch(&f.cases["batches"]["left"]);
     let t = ids.size()[1];
     let _guard = tch::no_grad_guard();
-    for arch in ARCHS {
+    // LongRoPE is left out: a full forward past its switch length rotates every position
+    // with the long factors, while a cache keeps the prompt's short rotation (as in
+    // transformers); greedy generation against transformers' checks it instead.
+    for arch in ARCHS.iter().filter(|a| **a != "phi3_longrope") {
         let model = load(&f.root.join(arch), Head::Lm);
         let full = model.forward(&ids, &mask);
         let mut cache = model.new_cache();

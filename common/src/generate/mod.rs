@@ -1,5 +1,7 @@
 //! Batched sampling from left-padded prompts with a KV cache: the prompt is run once, then
-//! one token per step; no prefix is ever recomputed.
+//! one token per step; no prefix is recomputed, except once for Phi-3 with LongRoPE when
+//! the sequence crosses its switch length (as `transformers` does, see
+//! [`Decoder::restart`]).
 //!
 //! The decode step has fixed shapes and addresses: a static cache written at a slot held
 //! on the device, a mask built from that slot, and every per-step result written in place
@@ -168,21 +170,36 @@ fn generate_checking_every(
     let _guard = tch::no_grad_guard();
     let n = cfg.max_new_tokens;
     let mut decoder = Decoder::prefill(model, prompt_ids, prompt_mask, cfg, uniforms);
+    // Phi-3 with LongRoPE: the step whose input reaches past the switch length reruns the
+    // whole sequence instead.
+    let width = model.virtual_tokens() + prompt_ids.size()[1];
+    let restart_at = model
+        .rope_cache_reset()
+        .map(|original| original + 1 - width)
+        .filter(|&k| k >= 1 && k < n);
     // The loop never waits for the device except to ask whether every row has finished,
     // which it does every step on the CPU (where it is free) and every STOP_CHECK steps on
     // a GPU (so kernel launches run ahead). Steps after the last row finished only add pad
     // columns, which are trimmed: the result is the same either way.
     let use_graph = cfg.cuda_graph && model.device().is_cuda() && cuda_graph::available();
     let mut graph: Option<CudaGraph> = None;
+    // Capture once, and once more after a restart (the graph holds the old cache).
+    let mut capture = use_graph;
     let mut step = 1;
     while step < n {
         if step % stop_check == 0 && decoder.finished.all().int64_value(&[]) == 1 {
             break;
         }
-        if let Some(graph) = &graph {
+        if restart_at == Some(step) {
+            graph = None;
+            decoder.restart(prompt_ids, prompt_mask, step);
+            capture = use_graph;
+            step += 1;
+        } else if let Some(graph) = &graph {
             graph.replay().unwrap_or_else(|e| panic!("{e}"));
             step += 1;
-        } else if use_graph && step == 1 && n > 2 {
+        } else if capture && n - step > 1 {
+            capture = false;
             // The warm-up call is step 1; the recorded call is step 2, run by the first
             // replay. A capture that fails leaves the eager loop to carry on.
             let mut calls = 0;
@@ -311,14 +328,49 @@ impl<'a> Decoder<'a> {
         let _ = self.column.g_add_scalar_(1);
     }
 
+    /// `transformers`' Phi-3 rule for LongRoPE (`Phi3ForCausalLM.prepare_inputs_for_generation`):
+    /// the step whose input sequence first reaches past `original_max_position_embeddings`
+    /// drops the cache and runs the whole sequence so far (prompt and the `generated`
+    /// tokens) again, so that every cached key is rotated with the long factors from then
+    /// on; without it the prompt's keys would keep the short rotation. Samples column
+    /// `generated` and leaves the state as [`Decoder::step`] does.
+    fn restart(&mut self, prompt_ids: &Tensor, prompt_mask: &Tensor, generated: i64) {
+        let device = self.model.device();
+        let (b, p) = prompt_ids.size2().unwrap();
+        let ids = Tensor::cat(
+            &[
+                prompt_ids.to_device(device),
+                self.tokens.narrow(1, 0, generated),
+            ],
+            1,
+        );
+        let mask = Tensor::cat(
+            &[
+                prompt_mask.to_kind(Kind::Int64).to_device(device),
+                Tensor::ones([b, generated], (Kind::Int64, device)),
+            ],
+            1,
+        );
+        let capacity = self.cache.buffer_len() - self.model.virtual_tokens();
+        self.cache = self.model.new_cache_with_capacity(capacity);
+        let hidden = self.model.hidden(&ids, &mask, Some(&mut self.cache));
+        let logits = self
+            .model
+            .head_output(&hidden.narrow(1, p + generated - 1, 1))
+            .squeeze_dim(1);
+        self.record(&logits);
+        let _ = self.slot.g_add_scalar_(1);
+        let _ = self.positions.g_add_scalar_(1);
+        if generated + 1 < self.cfg.max_new_tokens {
+            self.cache.write_at(&self.slot);
+        }
+    }
+
     /// One decode step: the last token through the model at its slot, then sampling.
     fn step(&mut self) {
-        let masking = Masking::at_slot(
-            &self.key_valid,
-            &self.slot,
-            self.model.sliding_window(),
-            self.model.kind(),
-        );
+        let masking = self
+            .model
+            .masking(|w| Masking::at_slot(&self.key_valid, &self.slot, w, self.model.kind()));
         let logits =
             self.model
                 .decode_logits(&self.token, &self.positions, &masking, &mut self.cache);
@@ -536,6 +588,17 @@ mod tests {
             tiny("llama", serde_json::json!({})),
             tiny("gpt2", serde_json::json!({})),
             tiny("mistral", serde_json::json!({"sliding_window": 5})),
+            // Sliding and global layers; Gemma 2's soft-capped attention over the static
+            // cache's additive mask.
+            tiny(
+                "gemma2",
+                serde_json::json!({"sliding_window": 3, "head_dim": 4,
+                                   "attn_logit_softcapping": 1.0, "final_logit_softcapping": 2.0}),
+            ),
+            tiny(
+                "gemma3_text",
+                serde_json::json!({"sliding_window": 3, "head_dim": 4, "sliding_window_pattern": 2}),
+            ),
         ];
         // Left padding of 0, 2 and 3 positions.
         let ids =

@@ -132,6 +132,26 @@ pub fn positions_from_mask(mask: &Tensor) -> Tensor {
     (mask.to_kind(Kind::Int64).cumsum(-1, Kind::Int64) - 1).clamp_min(0)
 }
 
+/// Position ids of packed rows from `[B, T]` segment ids (1, 2, … per row, 0 for
+/// padding): each row's tokens count from 0, as the position ids TRL's padding-free
+/// collator gives `transformers`.
+pub fn positions_from_segments(segments: &Tensor) -> Tensor {
+    let t = segments.size()[1];
+    let index = Tensor::arange(t, (Kind::Int64, segments.device()))
+        .unsqueeze(0)
+        .expand_as(segments);
+    let previous = segments.narrow(1, 0, t - 1);
+    let starts = Tensor::cat(
+        &[
+            Tensor::ones_like(&segments.narrow(1, 0, 1)).to_kind(Kind::Bool),
+            segments.narrow(1, 1, t - 1).ne_tensor(&previous),
+        ],
+        1,
+    );
+    let row_start = index.where_scalarother(&starts, 0).cummax(1).0;
+    index - row_start
+}
+
 /// How the queries of one forward may attend.
 #[derive(Debug)]
 pub struct Masking {
@@ -139,6 +159,9 @@ pub struct Masking {
     /// every key is visible to every query.
     pub mask: Option<Tensor>,
     pub causal: bool,
+    /// Gemma's sliding-window layers beside global ones: their masking (the window
+    /// applied); `None` when every layer attends alike.
+    pub local: Option<Box<Masking>>,
 }
 
 impl Masking {
@@ -161,12 +184,14 @@ impl Masking {
                 return Masking {
                     mask: None,
                     causal: false,
+                    local: None,
                 };
             }
             if q_len == s {
                 return Masking {
                     mask: None,
                     causal: true,
+                    local: None,
                 };
             }
         }
@@ -186,6 +211,32 @@ impl Masking {
         Masking {
             mask: Some(mask),
             causal: false,
+            local: None,
+        }
+    }
+
+    /// Packed rows (`[B, T]` segment ids, 0 for padding): causal within each row, never
+    /// across rows, within the sliding window; a query always sees itself.
+    pub fn packed(segments: &Tensor, sliding_window: Option<i64>) -> Self {
+        let t = segments.size()[1];
+        let device = segments.device();
+        let q_abs = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1);
+        let k_abs = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0);
+        let mut allowed = k_abs.le_tensor(&q_abs);
+        if let Some(w) = sliding_window.filter(|&w| t > w) {
+            allowed = allowed.logical_and(&k_abs.gt_tensor(&(&q_abs - w)));
+        }
+        let same_row = segments
+            .unsqueeze(2)
+            .eq_tensor(&segments.unsqueeze(1))
+            .logical_and(&segments.ne(0).unsqueeze(1));
+        let mask = same_row
+            .logical_and(&allowed.unsqueeze(0))
+            .logical_or(&k_abs.eq_tensor(&q_abs).unsqueeze(0));
+        Masking {
+            mask: Some(mask.unsqueeze(1)),
+            causal: false,
+            local: None,
         }
     }
 
@@ -212,6 +263,23 @@ impl Masking {
         Masking {
             mask: Some(bias.unsqueeze(1).unsqueeze(1)),
             causal: false,
+            local: None,
+        }
+    }
+
+    /// With `local`, the masking of the sliding-window layers.
+    pub fn with_local(self, local: Masking) -> Self {
+        Masking {
+            local: Some(Box::new(local)),
+            ..self
+        }
+    }
+
+    /// The masking of a layer: the local one for a sliding-window layer when there is one.
+    pub fn for_layer(&self, sliding: bool) -> &Masking {
+        match &self.local {
+            Some(local) if sliding => local,
+            _ => self,
         }
     }
 
@@ -256,6 +324,47 @@ impl Masking {
     }
 }
 
+impl Masking {
+    /// Attention written out, for Gemma 2's soft-capped logits (`cap · tanh(s / cap)`
+    /// before the mask), which `scaled_dot_product_attention` cannot apply: scores in the
+    /// activations' dtype as `transformers`' eager attention, softmax in f32.
+    pub fn attend_softcapped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        cap: f64,
+    ) -> Tensor {
+        let (h, t) = (q.size()[1], q.size()[2]);
+        let (h_kv, s) = (k.size()[1], k.size()[2]);
+        let repeat = |x: &Tensor| {
+            if h_kv == h {
+                x.shallow_clone()
+            } else {
+                x.repeat_interleave_self_int(h / h_kv, 1, None)
+            }
+        };
+        let (k, v) = (repeat(k), repeat(v));
+        let scores = q.matmul(&k.transpose(2, 3)) * scale;
+        let scores = (scores / cap).tanh() * cap;
+        let scores = match (&self.mask, self.causal) {
+            (Some(m), _) if m.kind() == Kind::Bool => {
+                scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY)
+            }
+            (Some(bias), _) => scores + bias,
+            (None, true) => {
+                let device = q.device();
+                let q_abs = Tensor::arange_start(s - t, s, (Kind::Int64, device)).unsqueeze(1);
+                let k_abs = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0);
+                scores.masked_fill(&k_abs.gt_tensor(&q_abs), f64::NEG_INFINITY)
+            }
+            (None, false) => scores,
+        };
+        scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +377,28 @@ mod tests {
             Vec::<i64>::try_from(pos.view([-1])).unwrap(),
             [0, 0, 0, 1, 0, 1, 2, 2]
         );
+    }
+
+    #[test]
+    fn packed_rows_restart_positions_and_never_see_each_other() {
+        let segments = Tensor::from_slice(&[1i64, 1, 2, 2, 2, 0]).view([1, 6]);
+        let pos = positions_from_segments(&segments);
+        assert_eq!(
+            Vec::<i64>::try_from(pos.view([-1])).unwrap(),
+            [0, 1, 0, 1, 2, 0]
+        );
+        let m = Masking::packed(&segments, None).mask.unwrap();
+        let rows: Vec<Vec<bool>> = (0..6)
+            .map(|q| Vec::<bool>::try_from(m.get(0).get(0).get(q)).unwrap())
+            .collect();
+        let (t, f) = (true, false);
+        assert_eq!(rows[1], [t, t, f, f, f, f]);
+        assert_eq!(rows[2], [f, f, t, f, f, f]);
+        assert_eq!(rows[4], [f, f, t, t, t, f]);
+        assert_eq!(rows[5], [f, f, f, f, f, t]); // padding sees itself only
+        let windowed = Masking::packed(&segments, Some(2)).mask.unwrap();
+        let last = Vec::<bool>::try_from(windowed.get(0).get(0).get(4)).unwrap();
+        assert_eq!(last, [f, f, f, t, t, f]);
     }
 
     #[test]

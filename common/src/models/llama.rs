@@ -65,6 +65,12 @@ pub struct Config {
     /// The share of each head's dimensions that rotate (Phi-4-mini: 0.75).
     #[serde(default = "defaults::one")]
     pub partial_rotary_factor: f64,
+    #[serde(default)]
+    pub max_position_embeddings: Option<f64>,
+    /// Phi-3's pretraining length, which LongRoPE's switch and factor read (it wins over
+    /// the one in `rope_scaling`, as in `transformers`).
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<f64>,
 }
 
 mod defaults {
@@ -99,6 +105,17 @@ pub enum RopeScaling {
         low_freq_factor: f64,
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
+    },
+    /// LongRoPE (Phi-3's 128k models, Phi-4-mini): one factor per rotary frequency, the
+    /// short ones while a forward's positions stay within
+    /// `original_max_position_embeddings` and the long ones past it (chosen per forward,
+    /// as `transformers`' `longrope_frequency_update`), cos and sin scaled by
+    /// `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
     },
 }
 
@@ -153,31 +170,38 @@ impl Config {
             .as_ref()
             .or(self.rope_scaling.as_ref())
             .filter(|v| !v.is_null());
-        let get = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_f64);
-        let theta = get("rope_theta").or(self.rope_theta).unwrap_or(10000.0);
-        let kind = params
-            .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let need = |key: &str| get(key).ok_or(format!("rope {kind} scaling needs '{key}'"));
-        let scaling = match kind {
-            "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear {
-                factor: need("factor")?,
-            },
-            "llama3" => RopeScaling::Llama3 {
-                factor: need("factor")?,
-                low_freq_factor: need("low_freq_factor")?,
-                high_freq_factor: need("high_freq_factor")?,
-                original_max_position_embeddings: need("original_max_position_embeddings")?,
-            },
-            other => {
-                return Err(format!(
-                    "rope_type '{other}' is not supported (supported: default, linear, llama3)"
-                ))
-            }
+        // Phi-3's configs call LongRoPE "su" or "yarn" too (transformers renames them).
+        let renamed = params
+            .filter(|_| self.model_type == ModelType::Phi3)
+            .and_then(|p| {
+                let kind = p.get("rope_type").or_else(|| p.get("type"))?.as_str()?;
+                matches!(kind, "su" | "yarn").then(|| {
+                    let mut p = p.clone();
+                    p["rope_type"] = Value::from("longrope");
+                    p
+                })
+            });
+        let lengths = RopeLengths {
+            max: self.max_position_embeddings,
+            original: self.original_max_position_embeddings,
         };
-        Ok(Rope { theta, scaling })
+        let rope = parse_rope(
+            renamed.as_ref().or(params),
+            self.rope_theta.unwrap_or(10000.0),
+            lengths,
+        )?;
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope.scaling
+        {
+            let half = (self.rotary_dim() / 2) as usize;
+            if short_factor.len() != half || long_factor.len() != half {
+                return Err(format!("rope longrope: short_factor and long_factor need {half} entries each (half the rotary dimension), not {} and {}", short_factor.len(), long_factor.len()));
+            }
+        }
+        Ok(rope)
     }
 
     /// Values this implementation cannot honour, named with `path`.
@@ -210,13 +234,88 @@ impl Config {
     }
 }
 
+/// `max_position_embeddings` and `original_max_position_embeddings` at the top of a
+/// config, which LongRoPE and llama3 scaling read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RopeLengths {
+    pub max: Option<f64>,
+    pub original: Option<f64>,
+}
+
+/// Rotary parameters from a `rope_parameters` (transformers 5) or `rope_scaling`
+/// (transformers 4) object; `theta` when the object has no `rope_theta`.
+pub fn parse_rope(
+    params: Option<&Value>,
+    theta: f64,
+    lengths: RopeLengths,
+) -> Result<Rope, String> {
+    let get = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_f64);
+    let factors = |key: &str| -> Result<Vec<f64>, String> {
+        params
+            .and_then(|p| p.get(key))
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_f64).collect())
+            .ok_or(format!(
+                "rope longrope scaling needs '{key}', a list of numbers"
+            ))
+    };
+    // transformers gives the top-level field priority (Phi-3 stores it there).
+    let original = lengths.original.or(get("original_max_position_embeddings"));
+    let theta = get("rope_theta").unwrap_or(theta);
+    let kind = params
+        .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let need = |key: &str| get(key).ok_or(format!("rope {kind} scaling needs '{key}'"));
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: original
+                .ok_or("rope llama3 scaling needs 'original_max_position_embeddings'")?,
+        },
+        "longrope" => {
+            let original = original
+                .or(lengths.max)
+                .ok_or("rope longrope scaling needs 'original_max_position_embeddings'")?;
+            let factor = get("factor")
+                .or(lengths.max.map(|m| m / original))
+                .unwrap_or(1.0);
+            let attention_factor = get("attention_factor").unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / original.ln()).sqrt()
+            });
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
+        other => return Err(format!(
+            "rope_type '{other}' is not supported (supported: default, linear, llama3, longrope)"
+        )),
+    };
+    Ok(Rope { theta, scaling })
+}
+
 /// Inverse frequencies `[D/2]` (f32), as `transformers`' `ROPE_INIT_FUNCTIONS` compute them.
 pub fn inv_freq(rope: &Rope, head_dim: i64) -> Vec<f64> {
     let base: Vec<f64> = (0..head_dim / 2)
         .map(|i| 1.0 / rope.theta.powf((2 * i) as f64 / head_dim as f64))
         .collect();
-    match rope.scaling {
+    match &rope.scaling {
         RopeScaling::None => base,
+        // The short factors; [`long_inv_freq`] gives the long ones.
+        RopeScaling::LongRope { short_factor, .. } => {
+            base.iter().zip(short_factor).map(|(f, s)| f / s).collect()
+        }
         RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
         RopeScaling::Llama3 {
             factor,
@@ -224,6 +323,8 @@ pub fn inv_freq(rope: &Rope, head_dim: i64) -> Vec<f64> {
             high_freq_factor,
             original_max_position_embeddings: old_len,
         } => {
+            let (factor, low_freq_factor, high_freq_factor, old_len) =
+                (*factor, *low_freq_factor, *high_freq_factor, *old_len);
             let low_wavelen = old_len / low_freq_factor;
             let high_wavelen = old_len / high_freq_factor;
             base.into_iter()
@@ -242,6 +343,30 @@ pub fn inv_freq(rope: &Rope, head_dim: i64) -> Vec<f64> {
                 .collect()
         }
     }
+}
+
+/// LongRoPE's long-factor frequencies, its switch length and its cos/sin scale; `None`
+/// for the other scalings (their scale is 1).
+pub fn long_inv_freq(rope: &Rope, head_dim: i64) -> Option<(Vec<f64>, f64, f64)> {
+    let RopeScaling::LongRope {
+        long_factor,
+        original_max_position_embeddings,
+        attention_factor,
+        ..
+    } = &rope.scaling
+    else {
+        return None;
+    };
+    let plain = Rope {
+        theta: rope.theta,
+        scaling: RopeScaling::None,
+    };
+    let freqs = inv_freq(&plain, head_dim)
+        .iter()
+        .zip(long_factor)
+        .map(|(f, l)| f / l)
+        .collect();
+    Some((freqs, *original_max_position_embeddings, *attention_factor))
 }
 
 /// `LlamaRMSNorm`: normalise in f32, scale in the input dtype.
@@ -267,7 +392,7 @@ impl RmsNorm {
     }
 }
 
-fn rotate_half(x: &Tensor) -> Tensor {
+pub(crate) fn rotate_half(x: &Tensor) -> Tensor {
     let half = x.size()[x.dim() - 1] / 2;
     let x1 = x.narrow(-1, 0, half);
     let x2 = x.narrow(-1, half, half);
@@ -412,6 +537,9 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: RmsNorm,
     inv_freq: Tensor,
+    /// LongRoPE: the long-factor frequencies, the length past which a forward uses them,
+    /// and the cos/sin scale.
+    long_rope: Option<(Tensor, f64, f64)>,
     sliding_window: Option<i64>,
 }
 
@@ -419,10 +547,12 @@ impl Llama {
     /// `cfg` must have passed [`Config::validate`].
     pub fn new(p: nn::Path, cfg: &Config, opts: &ModelOptions) -> Self {
         let rope = cfg.rope().expect("validated config");
-        let inv_freq: Vec<f32> = inv_freq(&rope, cfg.rotary_dim())
-            .into_iter()
-            .map(|f| f as f32)
-            .collect();
+        let f32s = |v: Vec<f64>| {
+            let v: Vec<f32> = v.into_iter().map(|f| f as f32).collect();
+            Tensor::from_slice(&v).to_device(p.device())
+        };
+        let long_rope = long_inv_freq(&rope, cfg.rotary_dim())
+            .map(|(freqs, original, scale)| (f32s(freqs), original, scale));
         Llama {
             embed_tokens: Embedding::new(
                 &p / "embed_tokens",
@@ -435,7 +565,8 @@ impl Llama {
                 .map(|i| Layer::new(&p / "layers" / i, cfg, opts))
                 .collect(),
             norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.rms_norm_eps, opts),
-            inv_freq: Tensor::from_slice(&inv_freq).to_device(p.device()),
+            inv_freq: f32s(inv_freq(&rope, cfg.rotary_dim())),
+            long_rope,
             sliding_window: cfg.sliding_window(),
         }
     }
@@ -468,10 +599,25 @@ impl Llama {
 
     /// cos/sin of the rotary embedding, in f32 like transformers, then in `kind`:
     /// `[B, 1, T, D]` each.
+    /// LongRoPE picks its short or long frequencies for the whole forward from the
+    /// largest position in it, on the device (no host sync; a cached prompt keeps the
+    /// rotation it was cached with, as in `transformers`).
     fn rotary(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq;
+        let (inv_freq, scale) = match &self.long_rope {
+            Some((long, original, scale)) => {
+                let past = (positions.max() + 1).to_kind(Kind::Float).gt(*original);
+                (long.where_self(&past, &self.inv_freq), *scale)
+            }
+            None => (self.inv_freq.shallow_clone(), 1.0),
+        };
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+        let (cos, sin) = (emb.cos(), emb.sin());
+        if scale == 1.0 {
+            (cos.to_kind(kind), sin.to_kind(kind))
+        } else {
+            ((cos * scale).to_kind(kind), (sin * scale).to_kind(kind))
+        }
     }
 
     /// [`Llama::forward`] keeping only each layer's input (activation recomputation);
@@ -506,6 +652,13 @@ impl Llama {
 
     pub fn sliding_window(&self) -> Option<i64> {
         self.sliding_window
+    }
+
+    /// LongRoPE's switch length (`original_max_position_embeddings`).
+    pub fn long_rope_length(&self) -> Option<i64> {
+        self.long_rope
+            .as_ref()
+            .map(|(_, original, _)| *original as i64)
     }
 }
 

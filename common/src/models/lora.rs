@@ -62,7 +62,12 @@ pub fn matches(module: &str, name: &str) -> bool {
 pub fn default_targets(model_type: ModelType) -> Vec<String> {
     match model_type {
         ModelType::Gpt2 => vec!["c_attn".into()],
-        ModelType::Llama | ModelType::Mistral | ModelType::Qwen2 | ModelType::Qwen3 => {
+        ModelType::Llama
+        | ModelType::Mistral
+        | ModelType::Qwen2
+        | ModelType::Qwen3
+        | ModelType::Gemma2
+        | ModelType::Gemma3Text => {
             vec!["q_proj".into(), "v_proj".into()]
         }
         ModelType::Phi3 => vec!["qkv_proj".into()],

@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod gemma;
 pub mod gpt2;
 mod layers;
 pub mod llama;
@@ -25,7 +26,7 @@ use data::Tokenizer;
 
 use crate::checkpoint::{self, LoadReport};
 use crate::error::{Error, Result};
-pub use attention::{positions_from_mask, KvCache, Masking};
+pub use attention::{positions_from_mask, positions_from_segments, KvCache, Masking};
 use layers::param;
 pub use layers::Activation;
 pub use options::ModelOptions;
@@ -41,16 +42,21 @@ pub enum ModelType {
     Qwen2,
     Qwen3,
     Phi3,
+    Gemma2,
+    #[serde(rename = "gemma3_text")]
+    Gemma3Text,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 6] = [
+    pub const ALL: [ModelType; 8] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
         ModelType::Qwen3,
         ModelType::Phi3,
+        ModelType::Gemma2,
+        ModelType::Gemma3Text,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +67,8 @@ impl ModelType {
             ModelType::Qwen2 => "qwen2",
             ModelType::Qwen3 => "qwen3",
             ModelType::Phi3 => "phi3",
+            ModelType::Gemma2 => "gemma2",
+            ModelType::Gemma3Text => "gemma3_text",
         }
     }
 
@@ -74,6 +82,8 @@ impl ModelType {
             ModelType::Qwen2 => ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
             ModelType::Qwen3 => ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
             ModelType::Phi3 => ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
+            ModelType::Gemma2 => ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+            ModelType::Gemma3Text => ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
         }
     }
 }
@@ -83,6 +93,7 @@ impl ModelType {
 pub enum Arch {
     Gpt2(gpt2::Config),
     Llama(llama::Config),
+    Gemma(gemma::Config),
 }
 
 /// A parsed `config.json`, keeping the original JSON so that saving preserves every field.
@@ -143,6 +154,11 @@ impl ModelConfig {
                 c.validate(path)?;
                 Arch::Llama(c)
             }
+            ModelType::Gemma2 | ModelType::Gemma3Text => {
+                let c: gemma::Config = serde_json::from_value(json).map_err(invalid)?;
+                c.validate(path)?;
+                Arch::Gemma(c)
+            }
         };
         Ok(ModelConfig {
             model_type,
@@ -155,6 +171,7 @@ impl ModelConfig {
         match &self.arch {
             Arch::Gpt2(c) => c.n_embd,
             Arch::Llama(c) => c.hidden_size,
+            Arch::Gemma(c) => c.hidden_size,
         }
     }
 
@@ -162,6 +179,7 @@ impl ModelConfig {
         match &self.arch {
             Arch::Gpt2(c) => c.vocab_size,
             Arch::Llama(c) => c.vocab_size,
+            Arch::Gemma(c) => c.vocab_size,
         }
     }
 
@@ -169,6 +187,7 @@ impl ModelConfig {
         (match &self.arch {
             Arch::Gpt2(c) => c.n_layer,
             Arch::Llama(c) => c.num_hidden_layers,
+            Arch::Gemma(c) => c.num_hidden_layers,
         }) as usize
     }
 
@@ -176,6 +195,7 @@ impl ModelConfig {
         match &self.arch {
             Arch::Gpt2(c) => c.tie_word_embeddings,
             Arch::Llama(c) => c.tie_word_embeddings,
+            Arch::Gemma(c) => c.tie_word_embeddings,
         }
     }
 
@@ -184,7 +204,7 @@ impl ModelConfig {
     pub fn max_positions(&self) -> Option<usize> {
         match &self.arch {
             Arch::Gpt2(c) => Some(c.n_positions as usize),
-            Arch::Llama(_) => None,
+            Arch::Llama(_) | Arch::Gemma(_) => None,
         }
     }
 
@@ -205,7 +225,7 @@ impl ModelConfig {
     fn backbone_prefix(&self) -> &'static str {
         match self.arch {
             Arch::Gpt2(_) => "transformer",
-            Arch::Llama(_) => "model",
+            Arch::Llama(_) | Arch::Gemma(_) => "model",
         }
     }
 
@@ -242,6 +262,7 @@ pub enum Head {
 enum Backbone {
     Gpt2(gpt2::Gpt2),
     Llama(llama::Llama),
+    Gemma(gemma::Gemma),
 }
 
 /// A backbone and a head, with its variables in one `VarStore` under HF names.
@@ -304,6 +325,7 @@ impl Model {
         let backbone = match &config.arch {
             Arch::Gpt2(c) => Backbone::Gpt2(gpt2::Gpt2::new(&root / "transformer", c, opts)),
             Arch::Llama(c) => Backbone::Llama(llama::Llama::new(&root / "model", c, opts)),
+            Arch::Gemma(c) => Backbone::Gemma(gemma::Gemma::new(&root / "model", c, opts)),
         };
         let hidden = config.hidden_size();
         let head = opts.head;
@@ -322,11 +344,13 @@ impl Model {
             Head::Lm if config.tie_word_embeddings() => match &backbone {
                 Backbone::Gpt2(b) => b.embedding_weight().shallow_clone(),
                 Backbone::Llama(b) => b.embedding_weight().shallow_clone(),
+                Backbone::Gemma(b) => b.embedding_weight().shallow_clone(),
             },
             Head::Lm => {
                 let std = match &config.arch {
                     Arch::Gpt2(c) => c.initializer_range,
                     Arch::Llama(c) => c.initializer_range,
+                    Arch::Gemma(c) => c.initializer_range,
                 };
                 param(
                     &(&root / "lm_head"),
@@ -341,11 +365,7 @@ impl Model {
             }
         };
         let prompt = opts.prompt_tuning.as_ref().map(|pt| {
-            let words = match &backbone {
-                Backbone::Gpt2(b) => b.embedding_weight(),
-                Backbone::Llama(b) => b.embedding_weight(),
-            };
-            let prompt = pt.create(&root, words);
+            let prompt = pt.create(&root, hidden);
             if opts.trainable {
                 prompt
             } else {
@@ -422,6 +442,7 @@ impl Model {
             |name| model.config.checkpoint_aliases(name),
             &optional,
         )?;
+        model.start_prompt();
         if model.options.has_adapter() {
             model.base_dir = Some(std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf()));
             if let Some(cfg) = &model.options.lora {
@@ -446,6 +467,19 @@ impl Model {
             );
         }
         Ok((model, report))
+    }
+
+    /// Prompt tuning's SAMPLE_VOCAB and TEXT inits: the virtual tokens start as the
+    /// embeddings of their tokens in the loaded model (PEFT's `word_embeddings(ids)`).
+    fn start_prompt(&self) {
+        let (Some(cfg), Some(prompt)) = (&self.options.prompt_tuning, &self.prompt) else {
+            return;
+        };
+        if let Some(ids) = cfg.start_ids(self.config.vocab_size(), self.device()) {
+            let _guard = tch::no_grad_guard();
+            let rows = self.embed(&ids.unsqueeze(0)).squeeze_dim(0);
+            prompt.shallow_clone().copy_(&rows.to_kind(prompt.kind()));
+        }
     }
 
     /// The most real tokens a sequence may have: the position table (GPT-2's
@@ -611,26 +645,49 @@ impl Model {
             Some(c) => *c.padded.get_or_insert_with(|| Masking::has_padding(&mask)),
             None => Masking::has_padding(&mask),
         };
-        let masking = Masking::new(&mask, t, self.sliding_window(), Some(padded));
-        let recompute = self.options.gradient_checkpointing && self.options.trainable;
-        let h = if recompute && cache.is_none() && grad_enabled() {
-            let (h, saved) = match &self.backbone {
-                Backbone::Gpt2(b) => b.forward_saving(&x, &positions, masking),
-                Backbone::Llama(b) => b.forward_saving(&x, &positions, masking),
-            };
-            self.pending
-                .lock()
-                .expect("not poisoned")
-                .blocks
-                .push(saved);
-            h
-        } else {
-            self.backbone_forward(&x, &positions, &masking, cache)
-        };
+        let masking = self.masking(|w| Masking::new(&mask, t, w, Some(padded)));
+        let h = self.blocks(&x, &positions, masking, cache);
         match virtual_tokens {
             0 => h,
             n => h.narrow(1, n, t - n),
         }
+    }
+
+    /// Final hidden states `[B, T, H]` of packed rows ([`data::packing`]): `segment_ids`
+    /// `[B, T]` numbers the rows of each sequence (1, 2, …; 0 for padding); positions
+    /// restart at each row and attention never crosses rows, so each row's states are
+    /// those it has alone. Not with prompt tuning (its tokens go before one row only).
+    pub fn hidden_packed(&self, ids: &Tensor, segment_ids: &Tensor) -> Tensor {
+        assert_eq!(self.virtual_tokens(), 0, "packed rows with prompt tuning");
+        let positions = positions_from_segments(segment_ids);
+        let masking = self.masking(|w| Masking::packed(segment_ids, w));
+        self.blocks(&self.embed(ids), &positions, masking, None)
+    }
+
+    /// The transformer blocks (and final norm) over embeddings `x`, keeping only the
+    /// blocks' inputs when gradient checkpointing applies to this forward.
+    fn blocks(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        masking: Masking,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let recompute = self.options.gradient_checkpointing && self.options.trainable;
+        if !(recompute && cache.is_none() && grad_enabled()) {
+            return self.backbone_forward(x, positions, &masking, cache);
+        }
+        let (h, saved) = match &self.backbone {
+            Backbone::Gpt2(b) => b.forward_saving(x, positions, masking),
+            Backbone::Llama(b) => b.forward_saving(x, positions, masking),
+            Backbone::Gemma(b) => b.forward_saving(x, positions, masking),
+        };
+        self.pending
+            .lock()
+            .expect("not poisoned")
+            .blocks
+            .push(saved);
+        h
     }
 
     /// Token embeddings `[B, T, H]` of `ids`.
@@ -638,6 +695,7 @@ impl Model {
         match &self.backbone {
             Backbone::Gpt2(b) => b.embed(ids),
             Backbone::Llama(b) => b.embed(ids),
+            Backbone::Gemma(b) => b.embed(ids),
         }
     }
 
@@ -651,14 +709,30 @@ impl Model {
         match &self.backbone {
             Backbone::Gpt2(b) => b.forward(x, positions, masking, cache),
             Backbone::Llama(b) => b.forward(x, positions, masking, cache),
+            Backbone::Gemma(b) => b.forward(x, positions, masking, cache),
         }
     }
 
-    /// Mistral's sliding window, in positions.
-    pub fn sliding_window(&self) -> Option<i64> {
+    /// The attention masking of one forward: `build(window)` with the window every layer
+    /// uses (Mistral's, or none), and for Gemma's sliding layers beside global ones a
+    /// second masking with their window ([`Masking::for_layer`]).
+    pub fn masking(&self, build: impl Fn(Option<i64>) -> Masking) -> Masking {
         match &self.backbone {
-            Backbone::Llama(b) => b.sliding_window(),
-            Backbone::Gpt2(_) => None,
+            Backbone::Llama(b) => build(b.sliding_window()),
+            Backbone::Gpt2(_) => build(None),
+            Backbone::Gemma(b) => match b.local_window() {
+                Some(w) => build(None).with_local(build(Some(w))),
+                None => build(None),
+            },
+        }
+    }
+
+    /// Phi-3 with LongRoPE: its `original_max_position_embeddings`, past which generation
+    /// reruns the sequence once ([`crate::generate`]), as `transformers`' Phi-3 does.
+    pub fn rope_cache_reset(&self) -> Option<i64> {
+        match &self.backbone {
+            Backbone::Llama(b) if self.config.model_type == ModelType::Phi3 => b.long_rope_length(),
+            _ => None,
         }
     }
 
@@ -686,12 +760,26 @@ impl Model {
         self.head_output(&h).squeeze_dim(1)
     }
 
-    /// The head applied to hidden states: `[B, T, V]` logits or `[B, T]` scores.
+    /// The head applied to hidden states: `[B, T, V]` logits (soft-capped where the model
+    /// caps them) or `[B, T]` scores.
     pub fn head_output(&self, hidden: &Tensor) -> Tensor {
-        let out = hidden.linear::<Tensor>(self.head_weight_in_use(), None);
         match self.head {
-            Head::Lm => out,
-            Head::Score => out.squeeze_dim(-1),
+            Head::Lm => vocab::LmHead {
+                weight: self.head_weight_in_use().shallow_clone(),
+                softcap: self.logit_softcap(),
+            }
+            .logits(hidden),
+            Head::Score => hidden
+                .linear::<Tensor>(self.head_weight_in_use(), None)
+                .squeeze_dim(-1),
+        }
+    }
+
+    /// Gemma 2's final-logit soft-capping (`final_logit_softcapping`); none elsewhere.
+    fn logit_softcap(&self) -> Option<f64> {
+        match &self.config.arch {
+            Arch::Gemma(c) => c.final_logit_softcapping(),
+            _ => None,
         }
     }
 
@@ -716,6 +804,7 @@ impl Model {
             match &self.backbone {
                 Backbone::Gpt2(b) => b.backward_saved(s),
                 Backbone::Llama(b) => b.backward_saved(s),
+                Backbone::Gemma(b) => b.backward_saved(s),
             }
         }
     }
@@ -727,13 +816,12 @@ impl Model {
     /// through recomputed chunks.
     pub fn token_outputs(&self, hidden: &Tensor, labels: &Tensor, spec: TokenSpec) -> TokenOutputs {
         assert_eq!(self.head, Head::Lm, "token log-probs need the LM head");
-        let (outputs, saved) = vocab::token_outputs(
-            self.head_weight_in_use(),
-            hidden,
-            labels,
-            spec,
-            vocab::POSITIONS_PER_CHUNK,
-        );
+        let head = vocab::LmHead {
+            weight: self.head_weight_in_use().shallow_clone(),
+            softcap: self.logit_softcap(),
+        };
+        let (outputs, saved) =
+            vocab::token_outputs(head, hidden, labels, spec, vocab::POSITIONS_PER_CHUNK);
         if let Some(saved) = saved {
             self.pending.lock().expect("not poisoned").heads.push(saved);
         }
@@ -829,6 +917,7 @@ impl Model {
                 let heads = match &self.config.arch {
                     Arch::Gpt2(c) => c.n_head,
                     Arch::Llama(c) => c.num_attention_heads,
+                    Arch::Gemma(c) => c.num_attention_heads,
                 };
                 let dims = (
                     self.config.hidden_size(),
@@ -920,15 +1009,20 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3)"
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text)"
         );
-        // Phi-3's 128k models scale rotary with longrope: refused, not misread.
+        // LongRoPE needs one factor per rotary frequency (head_dim 4: two).
         let mut phi3 = tiny_llama();
         phi3["model_type"] = json!("phi3");
+        phi3["original_max_position_embeddings"] = json!(16);
         phi3["rope_scaling"] =
             json!({"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]});
         let e = ModelConfig::from_json(phi3, p).unwrap_err().to_string();
-        assert!(e.contains("rope_type 'longrope' is not supported"), "{e}");
+        assert!(e.contains("need 2 entries each"), "{e}");
+        let mut yarn = tiny_llama();
+        yarn["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        let e = ModelConfig::from_json(yarn, p).unwrap_err().to_string();
+        assert!(e.contains("rope_type 'yarn' is not supported"), "{e}");
         let mut bad = tiny_llama();
         bad["hidden_act"] = json!("gelu");
         let e = ModelConfig::from_json(bad, p).unwrap_err().to_string();

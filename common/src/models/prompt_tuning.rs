@@ -45,30 +45,30 @@ pub struct PromptTuningConfig {
 }
 
 impl PromptTuningConfig {
-    /// The `[N, H]` virtual-token embeddings under `root`, started as `init` says from the
-    /// word embeddings `[V, H]`.
-    pub fn create(&self, root: &nn::Path, word_embeddings: &Tensor) -> Tensor {
-        let (vocab, hidden) = word_embeddings.size2().unwrap();
-        let n = self.num_virtual_tokens;
-        let ids = match &self.init {
-            PromptInit::Random => None,
-            PromptInit::Vocab => Some(Tensor::randint(vocab, [n], (Kind::Int64, root.device()))),
-            PromptInit::Text { ids, .. } => {
-                let repeated: Vec<i64> = ids.iter().copied().cycle().take(n as usize).collect();
-                Some(Tensor::from_slice(&repeated).to_device(root.device()))
-            }
-        };
+    /// The `[N, H]` virtual-token embeddings under `root`, N(0, 1) (PEFT's RANDOM); the
+    /// other inits start from the loaded model's embeddings ([`Self::start_ids`]).
+    pub fn create(&self, root: &nn::Path, hidden: i64) -> Tensor {
         let init = Init::Randn {
             mean: 0.0,
             stdev: 1.0,
         };
-        let prompt = root.var(KEY, &[n, hidden], init);
-        if let Some(ids) = ids {
-            let _guard = tch::no_grad_guard();
-            let rows = word_embeddings.index_select(0, &ids).to_kind(Kind::Float);
-            prompt.shallow_clone().copy_(&rows);
+        root.var(KEY, &[self.num_virtual_tokens, hidden], init)
+    }
+
+    /// The tokens whose embeddings (the model's input embeddings, scaled where the model
+    /// scales them, as PEFT reads them through `word_embeddings(ids)`) start the virtual
+    /// tokens: drawn uniformly from the `vocab` (SAMPLE_VOCAB) or the text's tokens cut or
+    /// repeated to N (TEXT); none for RANDOM.
+    pub fn start_ids(&self, vocab: i64, device: tch::Device) -> Option<Tensor> {
+        let n = self.num_virtual_tokens;
+        match &self.init {
+            PromptInit::Random => None,
+            PromptInit::Vocab => Some(Tensor::randint(vocab, [n], (Kind::Int64, device))),
+            PromptInit::Text { ids, .. } => {
+                let repeated: Vec<i64> = ids.iter().copied().cycle().take(n as usize).collect();
+                Some(Tensor::from_slice(&repeated).to_device(device))
+            }
         }
-        prompt
     }
 
     /// `adapter_config.json` as PEFT writes it.

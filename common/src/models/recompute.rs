@@ -152,8 +152,13 @@ mod tests {
             num_virtual_tokens: 3,
             init: PromptInit::Random,
         };
+        let gemma2 = json!({"model_type": "gemma2", "vocab_size": 23, "hidden_size": 16,
+            "intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 4, "sliding_window": 3,
+            "attn_logit_softcapping": 1.0, "final_logit_softcapping": 2.0});
         let cases = [
             ("gpt2", gpt2(), ModelOptions::cpu(Head::Lm)),
+            ("gemma2", gemma2, ModelOptions::cpu(Head::Lm)),
             ("llama", llama(), ModelOptions::cpu(Head::Lm)),
             ("llama score", llama(), ModelOptions::cpu(Head::Score)),
             (

@@ -42,6 +42,24 @@ impl Default for TokenSpec {
     }
 }
 
+/// The LM head: a bias-free linear map, then Gemma 2's final-logit soft-capping
+/// (`cap · tanh(logits / cap)`) where the model has it.
+#[derive(Debug)]
+pub(crate) struct LmHead {
+    pub weight: Tensor,
+    pub softcap: Option<f64>,
+}
+
+impl LmHead {
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let logits = hidden.linear::<Tensor>(&self.weight, None);
+        match self.softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
+    }
+}
+
 /// Per-position results, each `[B, T]` f32.
 #[derive(Debug)]
 pub struct TokenOutputs {
@@ -55,8 +73,8 @@ pub struct TokenOutputs {
 /// What a forward with grad keeps for [`backward_head`].
 #[derive(Debug)]
 pub(crate) struct HeadSaved {
-    /// The head weight the forward used (adapters may be switched off by then).
-    pub head: Tensor,
+    /// The head the forward used (adapters may be switched off by then).
+    pub head: LmHead,
     /// `[R, H]` hidden states with their graph.
     pub hidden: Tensor,
     pub labels: Tensor,
@@ -70,7 +88,7 @@ pub(crate) struct HeadSaved {
 /// The outputs of rows `[R, H]` of hidden states for `labels` `[R]`, `chunk` rows at a
 /// time, `[R]` each (f32, or bool for `greedy`).
 fn chunked(
-    head: &Tensor,
+    head: &LmHead,
     hidden: &Tensor,
     labels: &Tensor,
     spec: TokenSpec,
@@ -80,7 +98,7 @@ fn chunked(
     let (mut lp, mut ent, mut mean, mut greedy) = (vec![], vec![], vec![], vec![]);
     for start in (0..rows).step_by(chunk.max(1) as usize) {
         let n = chunk.min(rows - start);
-        let logits = hidden.narrow(0, start, n).linear::<Tensor>(head, None);
+        let logits = head.logits(&hidden.narrow(0, start, n));
         let logits = if spec.temperature == 1.0 {
             logits
         } else {
@@ -112,10 +130,10 @@ fn chunked(
 }
 
 /// [`super::Model::token_outputs`] for hidden states `[B, T, H]` and labels `[B, T]`, the
-/// head weight `head` applied `chunk` positions at a time. Returns the outputs and, when
-/// the hidden states carry a graph and grad is on, what the backward needs.
+/// head applied `chunk` positions at a time. Returns the outputs and, when the hidden
+/// states carry a graph and grad is on, what the backward needs.
 pub(crate) fn token_outputs(
-    head: &Tensor,
+    head: LmHead,
     hidden: &Tensor,
     labels: &Tensor,
     spec: TokenSpec,
@@ -132,7 +150,7 @@ pub(crate) fn token_outputs(
         greedy,
     } = {
         let _guard = with_grad.then(tch::no_grad_guard);
-        chunked(head, &rows.detach(), &flat_labels, spec, chunk)
+        chunked(&head, &rows.detach(), &flat_labels, spec, chunk)
     };
     let shape = |x: Tensor| x.reshape([b, t]);
     if !with_grad {
@@ -153,7 +171,7 @@ pub(crate) fn token_outputs(
         }
     });
     let saved = HeadSaved {
-        head: head.shallow_clone(),
+        head,
         hidden: rows,
         labels: flat_labels,
         spec,
@@ -261,7 +279,11 @@ mod tests {
         let _ = head.grad().zero_();
         // Chunked, then the recomputing backward.
         let hidden = &base * 2.0;
-        let (out, saved) = token_outputs(&head, &hidden, &labels, spec, 5);
+        let lm = |softcap| LmHead {
+            weight: head.shallow_clone(),
+            softcap,
+        };
+        let (out, saved) = token_outputs(lm(None), &hidden, &labels, spec, 5);
         let close = |a: &Tensor, b: &Tensor, tol: f64| {
             let d = (a - b).abs().max().double_value(&[]);
             assert!(d < tol, "differs by {d:e}");
@@ -277,6 +299,13 @@ mod tests {
         close(&head.grad(), &g_head, 1e-5);
         // Under no_grad nothing is kept.
         let _guard = tch::no_grad_guard();
-        assert!(token_outputs(&head, &hidden, &labels, spec, 5).1.is_none());
+        assert!(token_outputs(lm(None), &hidden, &labels, spec, 5)
+            .1
+            .is_none());
+        // Gemma 2's soft-capped logits, chunked, equal the direct ones.
+        let capped = (hidden.linear::<Tensor>(&head, None) / 2.0).tanh() * 2.0 / 0.7;
+        let out = token_outputs(lm(Some(2.0)), &hidden, &labels, spec, 5).0;
+        close(&out.logprobs, &logprobs_of(&capped, &labels), 1e-6);
+        close(out.entropy.as_ref().unwrap(), &entropy(&capped), 1e-6);
     }
 }
