@@ -119,6 +119,7 @@ fn tokenize_chat(
         // conversation has it at its end only).
         let start = common_prefix_len(&before, &full);
         let end = common_prefix_len(&through, &full);
+        moved_turn_check(messages, i, template, &full, tok)?;
         if end <= start {
             return Err(DataError::file(
                 "tokenizer_config.json",
@@ -133,6 +134,33 @@ fn tokenize_chat(
         .map(|&(start, _)| i64::from(spans.iter().any(|&(a, b)| start >= a && start < b)))
         .collect();
     Ok(TokenizedSft::new(ids, loss_mask))
+}
+
+/// The prefix rule holds only where the turns before assistant turn `i` render the same
+/// whether or not later turns follow. Mistral's templates put the system message into
+/// the last user turn (and drop it once an assistant turn ends the conversation), so the
+/// conversation so far is not a start of the whole one and the rule would put the user's
+/// words in the loss: refused. A template that only closes every rendering with a trailer
+/// (Phi-3's EOS) passes: the last turn's text is inside the shared start.
+fn moved_turn_check(
+    messages: &[Message],
+    i: usize,
+    template: &TemplateArgs,
+    full: &str,
+    tok: &Tokenizer,
+) -> Result<()> {
+    let Some(last) = i.checked_sub(1).map(|j| &messages[j]) else {
+        return Ok(());
+    };
+    let so_far = tok.render_chat(&messages[..i], template, false)?;
+    let shared = common_prefix_len(&so_far, full);
+    if last.content.is_empty() || !so_far[shared..].contains(&last.content) {
+        return Ok(());
+    }
+    Err(DataError::file(
+        "tokenizer_config.json",
+        format!("the chat template renders turn {} ({}) differently once later turns follow (Mistral's templates move the system message into the last user turn), so the loss mask of assistant turn {i} cannot be derived by the prefix rule; leave out the system message, or give prompt/completion rows", i - 1, last.role),
+    ))
 }
 
 /// Bytes `a` and `b` share at their start, at a character boundary.

@@ -61,6 +61,12 @@ def configs():
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=1, sliding_window=6, max_position_embeddings=64,
             initializer_range=0.1, **common),
+        # Gemma: Llama's block with (1 + w) norms, scaled embeddings, GeGLU from the legacy
+        # hidden_act "gelu" (the tanh approximation), head_dim unlike hidden / heads, MQA.
+        "gemma": tf.GemmaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=24, hidden_act="gelu", max_position_embeddings=64,
+            initializer_range=0.1, **common),
         # Gemma 2: (1 + w) norms, scaled embeddings, GeGLU, pre/post norms, soft-capped
         # attention and final logits (caps small enough to bite), query_pre_attn_scalar
         # unlike head_dim, sliding (even) and global layers with a window shorter than the

@@ -5,7 +5,9 @@ on the chat templates real instruct models ship.
 
 Templates: the originals TRL keeps in `trl/chat_templates/` (installed by the bootstrap as
 `trl==1.16.0 --no-deps`; read as files, TRL is never imported): Llama 3.1, Llama 3.2,
-Qwen2.5, Phi-3, Gemma (Gemma and Gemma 2 ship the same one), DeepSeek-V3; and ChatML.
+Qwen2.5, Phi-3, Gemma (Gemma and Gemma 2 ship the same one), DeepSeek-V3; Mistral v0.2/v0.3
+as axolotl keeps it (`axolotl/utils/chat_templates/templates/mistral_v2v3.jinja`, installed
+the same way: Mistral's own with typed content parts read); and ChatML.
 One byte-level BPE tokenizer (trained here, with every template's special tokens) goes
 into DIR/<template>/ with the template; DIR/<template>/rows.jsonl holds SFT rows (multi-turn
 with Chinese text, a system turn where the template allows one, tool calls where it
@@ -39,6 +41,7 @@ SPECIAL = {
     "gemma": ("<bos>", "<eos>"),
     "deepseekv3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
     "chatml": (None, "<|im_end|>"),
+    "mistral_v2v3": ("<s>", "</s>"),
 }
 SPECIALS = [
     "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
@@ -47,7 +50,8 @@ SPECIALS = [
     "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
     "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
     "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
-    "<｜tool▁output▁end｜>",
+    "<｜tool▁output▁end｜>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
 ]
 CORPUS = [
     "你是一个解题助手。鸡兔同笼，35个头，94只脚？鸡23只，兔12只。",
@@ -79,8 +83,27 @@ def tool_row(arguments, tool_role="tool"):
     ], "tools": TOOLS}
 
 
+def mistral_rows():
+    """Mistral: without a system message, typed parts, tool calls with its 9-character ids;
+    then a system message, which its template moves into the last user turn (and drops
+    when an assistant turn ends the conversation), so the prefix rule is refused."""
+    tools = tool_row({"heads": 35, "legs": 94})
+    tools["messages"][1]["tool_calls"][0]["id"] = "call00001"
+    tools["messages"][2]["tool_call_id"] = "call00001"
+    return [
+        {"messages": TURNS},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "鸡兔"},
+                                                   {"type": "text", "text": "同笼？"}]},
+                      {"role": "assistant", "content": "23, 12."}]},
+        tools,
+        {"messages": [SYSTEM] + TURNS},
+    ]
+
+
 def rows_for(name):
     """Rows for one template: what it accepts, then one it refuses where it refuses any."""
+    if name == "mistral_v2v3":
+        return mistral_rows()
     rows = [{"messages": TURNS}]
     if name != "gemma":
         rows.append({"messages": [SYSTEM] + TURNS})
@@ -107,10 +130,12 @@ def rows_for(name):
 def template_source(name):
     if name == "chatml":
         return CHATML
-    spec = importlib.util.find_spec("trl")
+    package, folder = ("axolotl", "utils/chat_templates/templates") if name == "mistral_v2v3" \
+        else ("trl", "chat_templates")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("template_reference.py: trl is not installed (scripts/bootstrap.sh installs it)")
-    path = os.path.join(spec.submodule_search_locations[0], "chat_templates", name + ".jinja")
+        sys.exit(f"template_reference.py: {package} is not installed (scripts/bootstrap.sh installs it)")
+    path = os.path.join(spec.submodule_search_locations[0], folder, name + ".jinja")
     with open(path, encoding="utf-8") as f:
         return f.read()
 
@@ -144,6 +169,12 @@ def reference(tok, row):
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and i >= first_target:
             before, through = render(messages[:i], True), render(messages[: i + 1], False)
+            # The turns before must render the same with later turns after them (Mistral
+            # moves the system message into the last user turn): else refused.
+            so_far = render(messages[:i], False)
+            rest = so_far[len(os.path.commonprefix([so_far, full])):]
+            if i > 0 and messages[i - 1]["content"] and messages[i - 1]["content"] in rest:
+                return {"error": "cannot be derived by the prefix rule"}
             start = len(os.path.commonprefix([before, full]))
             end = len(os.path.commonprefix([through, full]))
             assert end > start, "turn not found"
@@ -165,7 +196,7 @@ def main():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     raw.train_from_iterator(CORPUS, trainer)
     out = {}
-    for name in TRL_TEMPLATES + ["chatml"]:
+    for name in TRL_TEMPLATES + ["mistral_v2v3", "chatml"]:
         d = os.path.join(args.root, name)
         os.makedirs(d, exist_ok=True)
         bos, eos = SPECIAL[name]

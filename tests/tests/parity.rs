@@ -21,6 +21,7 @@ const ARCHS: &[&str] = &[
     "phi3",
     "phi3_longrope",
     "mistral",
+    "gemma",
     "gemma2",
     "gemma3_text",
 ];

@@ -1,8 +1,10 @@
 //! Real chat templates (issue 23): the originals of Llama 3.1, Llama 3.2, Qwen2.5, Phi-3,
-//! Gemma (and Gemma 2) and DeepSeek-V3 as TRL ships them, and ChatML, rendered and tokenized
-//! by our loader exactly as `transformers`' `apply_chat_template` does (same token ids), with
-//! the assistant-token loss mask by the documented rule; rows a template refuses fail with
-//! the data file, the line and the template's own message. References from
+//! Gemma (and Gemma 2) and DeepSeek-V3 as TRL ships them, Mistral v0.2/v0.3's as axolotl
+//! ships it, and ChatML, rendered and tokenized by our loader exactly as `transformers`'
+//! `apply_chat_template` does (same token ids), with the assistant-token loss mask by the
+//! documented rule; rows a template refuses fail with the data file, the line and the
+//! template's own message, and rows whose mask the rule cannot derive (Mistral with a
+//! system message) with the data file, the line and why. References from
 //! `tests/python/template_reference.py`.
 
 use data::sft::{prepare, tokenize, Truncation};

@@ -1,6 +1,7 @@
-//! Gemma 2 and Gemma 3 (text): `gemma2` and `gemma3_text`.
+//! Gemma, Gemma 2 and Gemma 3 (text): `gemma`, `gemma2` and `gemma3_text`.
 //!
-//! Mirrors `transformers/models/gemma2/modeling_gemma2.py` and `gemma3/modeling_gemma3.py`:
+//! Mirrors `transformers/models/gemma{,2}/modeling_gemma{,2}.py` and
+//! `gemma3/modeling_gemma3.py`:
 //! RMSNorm scaling by `1 + weight` (in f32, then cast), embeddings scaled by √hidden (in
 //! the weights' dtype), GeGLU (`gelu_pytorch_tanh`), norms before and after both the
 //! attention and the feed-forward block, queries scaled by `query_pre_attn_scalar^-½`,
@@ -40,11 +41,12 @@ pub struct Config {
     pub num_key_value_heads: Option<i64>,
     #[serde(default = "defaults::head_dim")]
     pub head_dim: i64,
-    #[serde(
-        default = "defaults::activation",
-        deserialize_with = "defaults::activation_field"
-    )]
-    pub hidden_activation: Activation,
+    /// Gemma 2 and 3 read `hidden_activation`, Gemma `hidden_act` (its legacy "gelu"
+    /// meaning the tanh approximation, as `transformers` rewrites it).
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
     #[serde(default = "defaults::rms_norm_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "defaults::init_range")]
@@ -62,6 +64,7 @@ pub struct Config {
     /// Gemma 3 (transformers 4 layout): the local layers' rotary base.
     #[serde(default)]
     pub rope_local_base_freq: Option<f64>,
+    /// Gemma 2 and 3 (default 256); Gemma scales by `head_dim` instead.
     #[serde(default = "defaults::query_pre_attn_scalar")]
     pub query_pre_attn_scalar: f64,
     #[serde(default = "defaults::sliding_window")]
@@ -83,12 +86,6 @@ mod defaults {
 
     pub fn head_dim() -> i64 {
         256
-    }
-    pub fn activation() -> Activation {
-        Activation::GeluPytorchTanh
-    }
-    pub fn activation_field<'de, D: Deserializer<'de>>(d: D) -> Result<Activation, D::Error> {
-        Activation::deserialize_field(d, "hidden_activation")
     }
     pub fn rms_norm_eps() -> f64 {
         1e-6
@@ -116,19 +113,49 @@ impl Config {
         self.model_type == ModelType::Gemma3Text
     }
 
+    /// The first Gemma: Llama's block (no norms after attention and MLP), one window-free
+    /// attention, no soft-capping.
+    fn gemma1(&self) -> bool {
+        self.model_type == ModelType::Gemma
+    }
+
+    /// The MLP's activation (`gelu_pytorch_tanh` unless the config names another).
+    pub fn activation(&self) -> Result<Activation, String> {
+        let (field, value) = match self.gemma1() {
+            true => ("hidden_act", self.hidden_act.as_deref()),
+            false => ("hidden_activation", self.hidden_activation.as_deref()),
+        };
+        match value {
+            None | Some("gelu") if self.gemma1() => Ok(Activation::GeluPytorchTanh),
+            None => Ok(Activation::GeluPytorchTanh),
+            Some(v) => Activation::parse(field, v),
+        }
+    }
+
+    /// Queries are scaled by this to the −½: `query_pre_attn_scalar`, Gemma's `head_dim`.
+    fn query_scalar(&self) -> f64 {
+        match self.gemma1() {
+            true => self.head_dim as f64,
+            false => self.query_pre_attn_scalar,
+        }
+    }
+
     pub fn num_kv_heads(&self) -> i64 {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
     /// `tanh` soft-capping of the final logits: Gemma 2's default is 30, Gemma 3's none.
     pub fn final_logit_softcapping(&self) -> Option<f64> {
+        if self.gemma1() {
+            return None;
+        }
         let default = (!self.gemma3()).then_some(30.0);
         self.final_logit_softcapping.unwrap_or(default)
     }
 
     /// Gemma 2's soft-capping of attention logits (default 50); never for Gemma 3.
     pub fn attn_logit_softcapping(&self) -> Option<f64> {
-        match self.gemma3() {
+        match self.gemma3() || self.gemma1() {
             true => None,
             false => self.attn_logit_softcapping.unwrap_or(Some(50.0)),
         }
@@ -138,6 +165,9 @@ impl Config {
     /// all but every `sliding_window_pattern`-th (default 6) of Gemma 3's.
     pub fn sliding_layers(&self) -> Vec<bool> {
         let n = self.num_hidden_layers;
+        if self.gemma1() {
+            return vec![false; n as usize];
+        }
         match &self.layer_types {
             Some(types) => types.iter().map(|t| t == "sliding_attention").collect(),
             None => {
@@ -203,6 +233,8 @@ impl Config {
                 "layer_types must list {} entries, each sliding_attention or full_attention",
                 self.num_hidden_layers
             ))
+        } else if let Err(e) = self.activation() {
+            Some(e)
         } else if self.use_bidirectional_attention == Some(true) {
             Some("use_bidirectional_attention true (an embedding model) is not supported".into())
         } else if self.sliding_window.is_none() && self.sliding_layers().contains(&true) {
@@ -253,8 +285,9 @@ struct Layer {
     /// Gemma 3's per-head norms of queries and keys.
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     post_attention_layernorm: RmsNorm,
-    pre_feedforward_layernorm: RmsNorm,
-    post_feedforward_layernorm: RmsNorm,
+    /// Gemma 2 and 3: norms of the attention's output and of the MLP's input and output
+    /// (Gemma's `post_attention_layernorm` is its MLP's input norm, as Llama's).
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
@@ -289,14 +322,18 @@ impl Layer {
                 .gemma3()
                 .then(|| (norm(&attn / "q_norm", d), norm(&attn / "k_norm", d))),
             post_attention_layernorm: norm(&p / "post_attention_layernorm", h),
-            pre_feedforward_layernorm: norm(&p / "pre_feedforward_layernorm", h),
-            post_feedforward_layernorm: norm(&p / "post_feedforward_layernorm", h),
+            feedforward_norms: (!cfg.gemma1()).then(|| {
+                (
+                    norm(&p / "pre_feedforward_layernorm", h),
+                    norm(&p / "post_feedforward_layernorm", h),
+                )
+            }),
             gate_proj: linear(&mlp / "gate_proj", (h, i), false),
             up_proj: linear(&mlp / "up_proj", (h, i), false),
             down_proj: linear(&mlp / "down_proj", (i, h), false),
-            act: cfg.hidden_activation,
+            act: cfg.activation().expect("validated config"),
             sliding,
-            scale: cfg.query_pre_attn_scalar.powf(-0.5),
+            scale: cfg.query_scalar().powf(-0.5),
             softcap: cfg.attn_logit_softcapping(),
             n_heads: nh,
             n_kv_heads: nkv,
@@ -334,18 +371,24 @@ impl Layer {
         let attn = attn
             .transpose(1, 2)
             .reshape([b, t, self.n_heads * self.head_dim]);
-        let x = x + self
-            .post_attention_layernorm
-            .forward(&self.o_proj.forward(&attn));
-        let normed = self.pre_feedforward_layernorm.forward(&x);
-        let gated =
-            self.act.forward(&self.gate_proj.forward(&normed)) * self.up_proj.forward(&normed);
-        let mlp = self.down_proj.forward(&gated);
-        &x + self.post_feedforward_layernorm.forward(&mlp)
+        let out = self.o_proj.forward(&attn);
+        let Some((pre, post)) = &self.feedforward_norms else {
+            // Gemma: Llama's block.
+            let x = x + out;
+            let normed = self.post_attention_layernorm.forward(&x);
+            return &x + self.mlp(&normed);
+        };
+        let x = x + self.post_attention_layernorm.forward(&out);
+        &x + post.forward(&self.mlp(&pre.forward(&x)))
+    }
+
+    fn mlp(&self, x: &Tensor) -> Tensor {
+        let gated = self.act.forward(&self.gate_proj.forward(x)) * self.up_proj.forward(x);
+        self.down_proj.forward(&gated)
     }
 }
 
-/// `Gemma2Model` / `Gemma3TextModel`: scaled embeddings, decoder layers and the final
+/// `GemmaModel` / `Gemma2Model` / `Gemma3TextModel`: scaled embeddings, decoder layers and the final
 /// norm, under `model.`.
 #[derive(Debug)]
 pub struct Gemma {
@@ -529,6 +572,21 @@ mod tests {
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
         );
         assert_eq!(v5.ropes().unwrap(), (global, local));
+        // Gemma: every layer global, no caps, the legacy hidden_act "gelu" is the tanh one,
+        // queries scaled by head_dim (query_pre_attn_scalar is Gemma 2's).
+        let g1 = config(
+            serde_json::json!({"model_type": "gemma", "hidden_act": "gelu",
+            "hidden_activation": null, "query_pre_attn_scalar": 7}),
+        );
+        assert_eq!(g1.sliding_layers(), [false; 4]);
+        assert_eq!(
+            (g1.final_logit_softcapping(), g1.attn_logit_softcapping()),
+            (None, None)
+        );
+        assert_eq!(g1.activation(), Ok(Activation::GeluPytorchTanh));
+        assert_eq!(g1.query_scalar(), 256.0);
+        let relu = config(serde_json::json!({"hidden_activation": "relu"}));
+        assert_eq!(relu.activation(), Ok(Activation::Relu));
         let bad = config(serde_json::json!({"layer_types": ["sliding_attention"]}));
         let e = bad.validate(Path::new("c.json")).unwrap_err().to_string();
         assert!(e.contains("layer_types must list 4 entries"), "{e}");

@@ -298,9 +298,11 @@ pub fn parse_rope(
                 attention_factor,
             }
         }
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "rope_type '{other}' is not supported (supported: default, linear, llama3, longrope)"
-        )),
+        ))
+        }
     };
     Ok(Rope { theta, scaling })
 }

@@ -66,6 +66,7 @@ pub fn default_targets(model_type: ModelType) -> Vec<String> {
         | ModelType::Mistral
         | ModelType::Qwen2
         | ModelType::Qwen3
+        | ModelType::Gemma
         | ModelType::Gemma2
         | ModelType::Gemma3Text => {
             vec!["q_proj".into(), "v_proj".into()]

@@ -42,19 +42,21 @@ pub enum ModelType {
     Qwen2,
     Qwen3,
     Phi3,
+    Gemma,
     Gemma2,
     #[serde(rename = "gemma3_text")]
     Gemma3Text,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 8] = [
+    pub const ALL: [ModelType; 9] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
         ModelType::Qwen3,
         ModelType::Phi3,
+        ModelType::Gemma,
         ModelType::Gemma2,
         ModelType::Gemma3Text,
     ];
@@ -67,6 +69,7 @@ impl ModelType {
             ModelType::Qwen2 => "qwen2",
             ModelType::Qwen3 => "qwen3",
             ModelType::Phi3 => "phi3",
+            ModelType::Gemma => "gemma",
             ModelType::Gemma2 => "gemma2",
             ModelType::Gemma3Text => "gemma3_text",
         }
@@ -82,6 +85,7 @@ impl ModelType {
             ModelType::Qwen2 => ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
             ModelType::Qwen3 => ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
             ModelType::Phi3 => ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
+            ModelType::Gemma => ("GemmaForCausalLM", "GemmaForSequenceClassification"),
             ModelType::Gemma2 => ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
             ModelType::Gemma3Text => ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
         }
@@ -154,7 +158,7 @@ impl ModelConfig {
                 c.validate(path)?;
                 Arch::Llama(c)
             }
-            ModelType::Gemma2 | ModelType::Gemma3Text => {
+            ModelType::Gemma | ModelType::Gemma2 | ModelType::Gemma3Text => {
                 let c: gemma::Config = serde_json::from_value(json).map_err(invalid)?;
                 c.validate(path)?;
                 Arch::Gemma(c)
@@ -1009,7 +1013,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text)"
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text)"
         );
         // LongRoPE needs one factor per rotary frequency (head_dim 4: two).
         let mut phi3 = tiny_llama();
