@@ -1,5 +1,6 @@
-//! Links libtorch (see `build/libtorch_link.rs`) and builds `cuda/graph.cpp`, the CUDA-graph
-//! shim, against the headers of the same torch wheel. A libtorch without CUDA (or without
+//! Links libtorch (see `build/libtorch_link.rs`), builds `dist/store.cpp` (c10d's TCPStore
+//! for data-parallel runs) and `cuda/graph.cpp`, the CUDA-graph shim, against the headers
+//! of the same torch wheel. A libtorch without CUDA (or without
 //! the CUDA runtime headers beside it) builds without the shim: decoding is then eager
 //! everywhere, and `cfg(cuda_graphs)` is unset.
 
@@ -36,6 +37,19 @@ fn main() {
     // The wheel's own path (.venv/libtorch is a link into site-packages), where nvidia/ is.
     let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
     let include = lib.parent().unwrap().join("include");
+    println!("cargo:rerun-if-changed=dist/store.cpp");
+    cc::Build::new()
+        .cpp(true)
+        .file("dist/store.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("rlhf_c10d_store");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
     let has_cuda =
         lib.join("libtorch_cuda.so").exists() && include.join("ATen/cuda/CUDAGraph.h").exists();
     let Some(cuda) = cuda_include(&lib).filter(|_| has_cuda) else {

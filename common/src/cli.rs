@@ -182,9 +182,19 @@ pub struct RunArgs {
     /// skipped); the last good checkpoint stays.
     #[arg(long, default_value_t = 5)]
     pub max_bad_steps: u64,
+    /// Data parallel: seconds a rank waits for the others at a collective before it exits
+    /// non-zero naming the store (a checkpoint written by rank 0 holds the rest meanwhile).
+    #[arg(long, default_value_t = 1800)]
+    pub dist_timeout: u64,
 }
 
 impl RunArgs {
+    /// The processes of this run: the one process, or the ranks torchrun or Slurm launched
+    /// (connected to the run's c10d store).
+    pub fn world(&self) -> Result<crate::World> {
+        crate::World::from_env(std::time::Duration::from_secs(self.dist_timeout))
+    }
+
     pub fn validate(&self) -> Result<()> {
         require(&[
             (
@@ -192,6 +202,10 @@ impl RunArgs {
                 "--epochs must be at least 1",
             ),
             (self.max_steps != Some(0), "--max-steps must be at least 1"),
+            (
+                self.dist_timeout > 0,
+                "--dist-timeout must be at least 1 second",
+            ),
         ])
     }
 
@@ -489,14 +503,27 @@ impl TrainDataArgs {
         }
     }
 
-    /// Rows per optimiser step.
+    /// Rows per optimiser step on one rank (`--batch-size` is per rank, as TRL's
+    /// `per_device_train_batch_size`).
     pub fn rows_per_step(&self) -> usize {
         self.batch_size * self.grad_accum
     }
 
     /// Total steps for `rows` rows: `max_steps`, else `epochs` passes.
     pub fn total_steps(&self, rows: usize, epochs: u64, max_steps: Option<u64>) -> u64 {
-        max_steps.unwrap_or(epochs * rows.div_ceil(self.rows_per_step()) as u64)
+        self.total_steps_across(rows, epochs, max_steps, 1)
+    }
+
+    /// [`Self::total_steps`] when `ranks` processes each take [`Self::rows_per_step`] rows
+    /// of every step.
+    pub fn total_steps_across(
+        &self,
+        rows: usize,
+        epochs: u64,
+        max_steps: Option<u64>,
+        ranks: usize,
+    ) -> u64 {
+        max_steps.unwrap_or(epochs * rows.div_ceil(self.rows_per_step() * ranks) as u64)
     }
 
     /// Whether to evaluate after `step` (always at the end).

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config_file;
 pub mod cuda_graph;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod faults;
 pub mod generate;

@@ -163,10 +163,15 @@ impl Session {
     }
 
     /// Whether SIGINT/SIGTERM asked the run to stop after the step that just finished.
+    /// Whether a signal asked the run to stop, on any rank (a collective: every rank gets
+    /// the same answer at the same call, so all stop after the same step).
     pub fn stop_requested(&self) -> Option<Stop> {
-        self.stop
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then_some(Stop::Signal)
+        let here = self.stop.load(std::sync::atomic::Ordering::SeqCst);
+        let anywhere = match self.world.size() {
+            1 => here,
+            _ => self.world.sum(f64::from(u8::from(here))) > 0.0,
+        };
+        anywhere.then_some(Stop::Signal)
     }
 
     /// Logs how to resume a run stopped by a signal (after its checkpoint was written).

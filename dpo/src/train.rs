@@ -202,7 +202,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         args,
         &args.run,
         total_steps,
-        World::single(),
+        World::single_for("dpo train")?,
         &mut [&mut trainee],
     )
     .context("starting the run")?;

@@ -285,7 +285,7 @@ fn train(args: &TrainArgs, rewards: &[Scorer], device: Device, kind: Kind) -> Re
         args,
         &args.run,
         ppo.iterations,
-        World::single(),
+        World::single_for("ppo train")?,
         &mut ppo.trainees(),
     )
     .context("starting the run")?;

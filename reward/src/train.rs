@@ -252,7 +252,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .total_steps(train.rows.len(), args.run.epochs, args.run.max_steps);
     let schedule = args.optim.schedule(total_steps);
     let mut trainee = Trainee::new("", model, &args.model, &args.optim, schedule);
-    let world = World::single();
+    let world = World::single_for("reward train")?;
     let mut session = Session::start(
         "reward",
         args,

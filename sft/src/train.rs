@@ -260,7 +260,9 @@ fn accumulate(
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     // Read everything that can be wrong before the output directory is touched.
+    let world = args.run.world()?;
     let (device, kind) = args.device.resolve();
+    let device = world.device(device);
     args.run.seed_torch();
     let opts = args.memory.apply(
         args.adapter
@@ -280,12 +282,14 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .transpose()?;
 
     let (mut order, epoch_rows) = train.order(args);
-    let total_steps = args
-        .data
-        .total_steps(epoch_rows, args.run.epochs, args.run.max_steps);
+    let total_steps = args.data.total_steps_across(
+        epoch_rows,
+        args.run.epochs,
+        args.run.max_steps,
+        world.size(),
+    );
     let schedule = args.optim.schedule(total_steps);
     let mut trainee = Trainee::new("", model, &args.model, &args.optim, schedule);
-    let world = World::single();
     let mut session = Session::start(
         "sft",
         args,
@@ -297,12 +301,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     .context("starting the run")?;
     order.restore(session.state.sampler);
     tracing::info!(
-        "sft: {} {what}, {} steps of {} {what} ({} × {} accumulated)",
+        "sft: {} {what}, {} steps of {} {what} ({} × {} accumulated × {} ranks)",
         epoch_rows,
         total_steps,
-        args.data.rows_per_step(),
+        args.data.rows_per_step() * session.world.size(),
         args.data.batch_size,
         args.data.grad_accum,
+        session.world.size(),
         what = if args.packing {
             "packed sequences"
         } else {
@@ -370,7 +375,9 @@ fn train_step(
     args: &TrainArgs,
 ) -> Result<Vec<(String, f64)>> {
     let started = Instant::now();
-    let indices = batch.order.next_batch(args.data.rows_per_step());
+    let indices = batch
+        .order
+        .next_batch(args.data.rows_per_step() * session.world.size());
     let world = &session.world;
     let mine = world.shard(&indices);
     let rows: Vec<_> = mine.iter().map(|&i| &batch.rows.rows[i]).collect();

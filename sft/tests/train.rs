@@ -64,6 +64,11 @@ fn max_weight_diff(a: &Path, b: &Path) -> f64 {
 }
 
 fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    sft(&train_args(out, extra), env)
+}
+
+/// `sft train`'s arguments on the fixture, writing to `out`, with `extra` options.
+fn train_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let f = fixture();
     let mut args = vec![
         "train",
@@ -83,7 +88,7 @@ fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
         "7",
     ];
     args.extend_from_slice(extra);
-    sft(&args, env)
+    args
 }
 
 #[test]
@@ -851,6 +856,105 @@ fn packed_training_equals_unpacked_training() {
         assert!(err.contains(want), "{err}");
         assert!(!f.root.join("packing-refused").exists());
     }
+}
+
+/// Data parallel (issue 19): `torchrun --nproc-per-node 2` (torch's own launcher, its agent
+/// hosting the c10d store) runs `sft train` as two ranks of batch 4; they train the weights
+/// one process gets with batch 8 (1e-5), and rank 0 alone writes the metrics (each step
+/// once), the TensorBoard file and the model. A rank killed mid-run ends the run; two ranks
+/// resume it to the uninterrupted weights.
+#[test]
+fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
+    let f = fixture();
+    let (one, two) = (f.root.join("dp-one"), f.root.join("dp-two"));
+    ok(&train(
+        &one,
+        &["--max-steps", "3", "--batch-size", "8"],
+        &[],
+    ));
+    let torchrun = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec![
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--no-python",
+            env!("CARGO_BIN_EXE_sft"),
+        ];
+        let mut options = vec![
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--save-every",
+            "1",
+            "--dist-timeout",
+            "120",
+        ];
+        options.extend_from_slice(extra);
+        let train = train_args(out, &options);
+        args.extend(train);
+        let mut cmd = Command::new(rlhf_tests::python());
+        cmd.args(&args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = torchrun(&two, &[], &[]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "torchrun failed:\n{log}");
+    assert!(log.contains("data parallel: rank 1 of 2"), "{log}");
+    let diff = max_weight_diff(&one.join("final"), &two.join("final"));
+    assert!(
+        diff < 1e-5,
+        "2 ranks × 4 vs 1 × 8: weights differ by {diff:e}"
+    );
+    let (a, b) = (metrics(&one), metrics(&two));
+    assert_eq!(b.len(), 3, "each step once in metrics.jsonl");
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["train/loss", "train/grad_norm"] {
+            let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                ((x - y) / x).abs() < 1e-5,
+                "{key}: {x} one process, {y} two ranks"
+            );
+        }
+    }
+    let events = std::fs::read_dir(two.join("tb")).unwrap().count();
+    assert_eq!(events, 1, "one TensorBoard file");
+
+    // An error on rank 0 alone (the output directory exists): every rank ends, well
+    // before --dist-timeout (120 s), rather than waiting for rank 0 at a barrier.
+    let started = std::time::Instant::now();
+    let out = torchrun(&two, &[], &[]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && log.contains("--overwrite"),
+        "{log}"
+    );
+    assert!(log.contains("rank 1: another rank left the run"), "{log}");
+    assert!(
+        started.elapsed().as_secs() < 90,
+        "the ranks waited for the timeout"
+    );
+
+    // Rank 1 killed in the middle of step 2: torchrun ends the run non-zero; two ranks
+    // resume from the step-1 checkpoint to the uninterrupted weights.
+    let killed = f.root.join("dp-killed");
+    let crash = [("RLHF_CRASH_AT", "mid-step@2"), ("RLHF_CRASH_RANK", "1")];
+    let out = torchrun(&killed, &[], &crash);
+    assert!(!out.status.success(), "the run went on without rank 1");
+    assert!(!killed.join("final").exists());
+    let out = torchrun(&killed, &["--resume"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff = max_weight_diff(&two.join("final"), &killed.join("final"));
+    assert!(diff < 1e-6, "resumed two-rank weights differ by {diff:e}");
 }
 
 /// Sequence packing (`sft train --packing`) at the model: rows of very different lengths

@@ -1,0 +1,506 @@
+//! Data parallelism's engine: c10d's `TCPStore` from the torch wheel (`dist/store.cpp`),
+//! found the way torchrun and Slurm describe a run, and the collectives [`crate::World`]
+//! needs, carried over the same store: each rank writes its bytes under a key of the
+//! collective's sequence number and reads every rank's, summing in rank order so that
+//! every rank gets bit-identical results. That is c10d's store-based exchange, right for
+//! CPU runs and tests; NCCL for CUDA tensors plugs in beside it (issue 19).
+
+use std::ffi::{c_void, CStr, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+#[allow(unsafe_code)]
+mod ffi {
+    use std::ffi::{c_char, c_int, c_void};
+
+    extern "C" {
+        pub fn rlhf_store_error() -> *const c_char;
+        pub fn rlhf_store_connect(
+            host: *const c_char,
+            port: u16,
+            world_size: i64,
+            is_server: c_int,
+            timeout_ms: i64,
+        ) -> *mut c_void;
+        pub fn rlhf_store_close(handle: *mut c_void);
+        pub fn rlhf_store_set(
+            handle: *mut c_void,
+            key: *const c_char,
+            data: *const u8,
+            len: usize,
+        ) -> c_int;
+        pub fn rlhf_store_get(
+            handle: *mut c_void,
+            key: *const c_char,
+            out: *mut *mut u8,
+            len: *mut usize,
+        ) -> c_int;
+        pub fn rlhf_store_free(buffer: *mut u8);
+        pub fn rlhf_store_add(
+            handle: *mut c_void,
+            key: *const c_char,
+            value: i64,
+            out: *mut i64,
+        ) -> c_int;
+        pub fn rlhf_store_delete(handle: *mut c_void, key: *const c_char) -> c_int;
+    }
+}
+
+/// The message of this thread's last store failure.
+#[allow(unsafe_code)]
+fn last_error() -> String {
+    // SAFETY: the shim returns a pointer to a thread-local, NUL-terminated string that
+    // lives until the next failure on this thread; it is copied at once.
+    unsafe { CStr::from_ptr(ffi::rlhf_store_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A connection to a c10d `TCPStore` (the server runs in one of the processes).
+#[derive(Debug)]
+pub struct Store {
+    handle: *mut c_void,
+    address: String,
+}
+
+// SAFETY: c10d's TCPStore serialises its client socket behind a mutex; the handle is an
+// owned intrusive pointer released once, in Drop.
+#[allow(unsafe_code)]
+unsafe impl Send for Store {}
+#[allow(unsafe_code)]
+unsafe impl Sync for Store {}
+
+#[allow(unsafe_code)]
+impl Store {
+    /// Connects to (or, with `server`, starts and waits for `world_size` processes at) the
+    /// store at `host:port`.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        world_size: usize,
+        server: bool,
+        timeout: Duration,
+    ) -> Result<Store> {
+        let address = format!("{host}:{port}");
+        let c_host = CString::new(host).map_err(|_| Error::InvalidArgument(address.clone()))?;
+        // SAFETY: c_host outlives the call; the shim copies it.
+        let handle = unsafe {
+            ffi::rlhf_store_connect(
+                c_host.as_ptr(),
+                port,
+                world_size as i64,
+                i32::from(server),
+                timeout.as_millis() as i64,
+            )
+        };
+        if handle.is_null() {
+            return Err(Error::InvalidArgument(format!(
+                "data parallel: cannot reach the c10d store at {address}: {}",
+                last_error()
+            )));
+        }
+        Ok(Store { handle, address })
+    }
+
+    fn key(key: &str) -> CString {
+        CString::new(key).expect("store keys have no NUL")
+    }
+
+    /// A failed store call: the run cannot go on without the other ranks.
+    fn fail(&self, what: &str) -> ! {
+        self.fail_with(&format!(
+            "{what} on the c10d store at {} failed: {} (another rank stopped?)",
+            self.address,
+            last_error()
+        ))
+    }
+
+    /// Ends this rank with one line (torchrun then ends the others).
+    fn fail_with(&self, message: &str) -> ! {
+        eprintln!("error: data parallel: {message}");
+        std::process::exit(1)
+    }
+
+    pub fn set(&self, key: &str, value: &[u8]) {
+        let k = Self::key(key);
+        // SAFETY: the pointers are valid for the call; the shim copies the bytes.
+        if unsafe { ffi::rlhf_store_set(self.handle, k.as_ptr(), value.as_ptr(), value.len()) } != 0
+        {
+            self.fail("set");
+        }
+    }
+
+    /// Waits for `key` (up to the store's timeout) and returns its value.
+    pub fn get(&self, key: &str) -> Vec<u8> {
+        let k = Self::key(key);
+        let (mut out, mut len) = (std::ptr::null_mut(), 0usize);
+        // SAFETY: out/len are written by the shim on success; the buffer is copied, then
+        // freed with the shim's allocator.
+        unsafe {
+            if ffi::rlhf_store_get(self.handle, k.as_ptr(), &mut out, &mut len) != 0 {
+                self.fail("get");
+            }
+            let value = std::slice::from_raw_parts(out, len).to_vec();
+            ffi::rlhf_store_free(out);
+            value
+        }
+    }
+
+    /// Adds `value` to the counter `key` and returns the new count.
+    pub fn add(&self, key: &str, value: i64) -> i64 {
+        let k = Self::key(key);
+        let mut out = 0;
+        // SAFETY: valid pointers for the call.
+        if unsafe { ffi::rlhf_store_add(self.handle, k.as_ptr(), value, &mut out) } != 0 {
+            self.fail("add");
+        }
+        out
+    }
+
+    pub fn delete(&self, key: &str) {
+        let k = Self::key(key);
+        // SAFETY: valid pointers for the call.
+        if unsafe { ffi::rlhf_store_delete(self.handle, k.as_ptr()) } != 0 {
+            self.fail("delete");
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from rlhf_store_connect and is released once.
+        unsafe { ffi::rlhf_store_close(self.handle) }
+    }
+}
+
+/// The collectives of one run over its store.
+#[derive(Debug)]
+pub struct Comm {
+    store: Store,
+    prefix: String,
+    rank: usize,
+    size: usize,
+    /// Collectives so far; every rank calls them in the same order.
+    seq: AtomicU64,
+    /// This process hosts the store (and must outlive the others' use of it).
+    server: bool,
+    timeout: Duration,
+}
+
+impl Comm {
+    pub fn new(
+        store: Store,
+        prefix: String,
+        (rank, size): (usize, usize),
+        server: bool,
+        timeout: Duration,
+    ) -> Self {
+        Comm {
+            store,
+            prefix,
+            rank,
+            size,
+            seq: AtomicU64::new(0),
+            server,
+            timeout,
+        }
+    }
+
+    /// Waits until `count` (a counter every rank adds 1 to) reaches the world size. A rank
+    /// that got SIGTERM (torchrun ending the run after another rank died) and waits more
+    /// than a few seconds leaves at once instead of at the timeout.
+    /// A rank that has left never reaches a collective the others wait at (a rank leaves
+    /// only after writing to every collective of the run, or on an error of its own), so
+    /// seeing one gone ends the wait too.
+    fn wait_for_all(&self, count: &str) {
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_micros(50);
+        while self.store.add(count, 0) < self.size as i64 {
+            let waited = start.elapsed();
+            if self.store.add(&self.exit_key(), 0) > 0 {
+                self.fail(&format!(
+                    "rank {}: another rank left the run (it failed; see its message)",
+                    self.rank
+                ));
+            }
+            if waited > self.timeout {
+                self.fail(&format!(
+                    "rank {}: the other ranks did not arrive within --dist-timeout ({} s)",
+                    self.rank,
+                    self.timeout.as_secs()
+                ));
+            }
+            if TERMINATED.load(Ordering::SeqCst) && waited > Duration::from_secs(3) {
+                self.fail(&format!(
+                    "rank {}: stopped by a signal while waiting for the other ranks",
+                    self.rank
+                ));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    fn exit_key(&self) -> String {
+        format!("{}exit", self.prefix)
+    }
+
+    /// Counts this rank out and ends the process with one line (torchrun ends the others).
+    fn fail(&self, message: &str) -> ! {
+        self.store.add(&self.exit_key(), 1);
+        self.store.fail_with(message)
+    }
+
+    /// Every rank's `bytes`, in rank order. The last rank to read them deletes them, so
+    /// the store holds one collective's data at a time.
+    pub fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let key = |r: usize| format!("{}c{seq}/{r}", self.prefix);
+        self.store.set(&key(self.rank), bytes);
+        let written = format!("{}c{seq}/written", self.prefix);
+        self.store.add(&written, 1);
+        self.wait_for_all(&written);
+        let all: Vec<Vec<u8>> = (0..self.size).map(|r| self.store.get(&key(r))).collect();
+        let read = format!("{}c{seq}/read", self.prefix);
+        if self.store.add(&read, 1) == self.size as i64 {
+            for r in 0..self.size {
+                self.store.delete(&key(r));
+            }
+            self.store.delete(&written);
+            self.store.delete(&read);
+        }
+        all
+    }
+
+    /// Rank 0's `bytes` on every rank.
+    pub fn broadcast(&self, bytes: &[u8]) -> Vec<u8> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let key = format!("{}b{seq}", self.prefix);
+        if self.rank == 0 {
+            self.store.set(&key, bytes);
+        }
+        let value = self.store.get(&key);
+        let read = format!("{}b{seq}/read", self.prefix);
+        if self.store.add(&read, 1) == self.size as i64 {
+            self.store.delete(&key);
+            self.store.delete(&read);
+        }
+        value
+    }
+}
+
+/// Leaving: a rank that hosts the store waits until every rank has done its last store
+/// operation (each counts itself out as that last operation), so that no rank loses the
+/// store while it still needs it; the others count out and go.
+impl Drop for Comm {
+    fn drop(&mut self) {
+        let key = self.exit_key();
+        self.store.add(&key, 1);
+        if !self.server {
+            return;
+        }
+        let deadline = std::time::Instant::now() + self.timeout;
+        while self.store.add(&key, 0) < self.size as i64 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Set by SIGTERM or SIGINT in a data-parallel run (see [`Comm::wait_for_all`]).
+static TERMINATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Watches for SIGTERM and SIGINT (beside the run's own graceful-stop flag).
+fn watch_signals() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            #[allow(unsafe_code)]
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            let _ = unsafe {
+                signal_hook::low_level::register(signal, || {
+                    TERMINATED.store(true, Ordering::SeqCst)
+                })
+            };
+        }
+    });
+}
+
+/// How torchrun or Slurm describe this process, read from the environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    pub rank: usize,
+    pub size: usize,
+    pub local_rank: usize,
+    pub host: String,
+    pub port: u16,
+    /// torchrun's agent hosts the store (`TORCHELASTIC_USE_AGENT_STORE=True`): every
+    /// rank is a client. Otherwise rank 0 starts it.
+    pub agent_store: bool,
+    /// torchrun's restart count, so a restarted run never reads an earlier attempt's keys.
+    pub attempt: String,
+}
+
+impl Launch {
+    /// `None` for a run of one process (no `WORLD_SIZE`/`SLURM_NTASKS`, or 1).
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
+        let number = |names: &[&str]| -> Result<Option<usize>> {
+            for name in names {
+                if let Some(v) = var(name) {
+                    return v.trim().parse().map(Some).map_err(|_| {
+                        Error::InvalidArgument(format!(
+                            "environment variable {name}={v:?} is not a number"
+                        ))
+                    });
+                }
+            }
+            Ok(None)
+        };
+        let size = number(&["WORLD_SIZE", "SLURM_NTASKS"])?.unwrap_or(1);
+        if size <= 1 {
+            return Ok(None);
+        }
+        let rank = number(&["RANK", "SLURM_PROCID"])?.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "WORLD_SIZE is {size} but RANK (or SLURM_PROCID) is not set"
+            ))
+        })?;
+        if rank >= size {
+            return Err(Error::InvalidArgument(format!(
+                "RANK {rank} is not below WORLD_SIZE {size}"
+            )));
+        }
+        let host = var("MASTER_ADDR").ok_or_else(|| {
+            Error::InvalidArgument(format!("WORLD_SIZE is {size} but MASTER_ADDR is not set (torchrun sets it; under Slurm export the first node's name, e.g. MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1))"))
+        })?;
+        let port = match var("MASTER_PORT") {
+            None => 29500,
+            Some(p) => p.trim().parse().map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "environment variable MASTER_PORT={p:?} is not a port"
+                ))
+            })?,
+        };
+        Ok(Some(Launch {
+            rank,
+            size,
+            local_rank: number(&["LOCAL_RANK", "SLURM_LOCALID"])?.unwrap_or(0),
+            host,
+            port,
+            agent_store: var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True"),
+            attempt: var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into()),
+        }))
+    }
+
+    /// The run's collectives: the store reached (or started) and keys under a prefix of
+    /// this attempt.
+    pub fn connect(&self, timeout: Duration) -> Result<Comm> {
+        watch_signals();
+        let server = !self.agent_store && self.rank == 0;
+        let store = Store::connect(&self.host, self.port, self.size, server, timeout)?;
+        let prefix = format!("/rlhf/attempt_{}/", self.attempt);
+        Ok(Comm::new(
+            store,
+            prefix,
+            (self.rank, self.size),
+            server,
+            timeout,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn torchrun_and_slurm_environments() {
+        assert_eq!(Launch::from_env(env(&[])).unwrap(), None);
+        assert_eq!(Launch::from_env(env(&[("WORLD_SIZE", "1")])).unwrap(), None);
+        let torchrun = Launch::from_env(env(&[
+            ("WORLD_SIZE", "4"),
+            ("RANK", "3"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29400"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (
+                torchrun.rank,
+                torchrun.size,
+                torchrun.local_rank,
+                torchrun.port
+            ),
+            (3, 4, 1, 29400)
+        );
+        assert!(torchrun.agent_store);
+        assert_eq!(torchrun.attempt, "2");
+        let slurm = Launch::from_env(env(&[
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_PROCID", "1"),
+            ("SLURM_LOCALID", "1"),
+            ("MASTER_ADDR", "n1"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((slurm.rank, slurm.size, slurm.port), (1, 2, 29500));
+        assert!(!slurm.agent_store);
+        let e = Launch::from_env(env(&[("WORLD_SIZE", "2"), ("RANK", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MASTER_ADDR is not set"), "{e}");
+        let e = Launch::from_env(env(&[("WORLD_SIZE", "two")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WORLD_SIZE=\"two\" is not a number"), "{e}");
+    }
+
+    /// Two ranks in threads over a real TCPStore: gathers in rank order, broadcasts rank
+    /// 0's bytes, and leaves no keys behind.
+    #[test]
+    fn store_collectives_between_two_ranks() {
+        let port = 29000 + (std::process::id() % 1000) as u16;
+        let launch = |rank| Launch {
+            rank,
+            size: 2,
+            local_rank: rank,
+            host: "127.0.0.1".into(),
+            port,
+            agent_store: false,
+            attempt: "0".into(),
+        };
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let l = launch(rank);
+                std::thread::spawn(move || {
+                    let comm = l.connect(Duration::from_secs(60)).unwrap();
+                    let gathered = comm.all_gather(&[rank as u8; 3]);
+                    let again = comm.all_gather(&[10 + rank as u8]);
+                    let sent = comm.broadcast(&[7 + rank as u8, 1]);
+                    (gathered, again, sent)
+                })
+            })
+            .collect();
+        for handle in ranks {
+            let (gathered, again, sent) = handle.join().unwrap();
+            assert_eq!(gathered, [vec![0, 0, 0], vec![1, 1, 1]]);
+            assert_eq!(again, [vec![10], vec![11]]);
+            assert_eq!(sent, [7, 1]);
+        }
+    }
+}
