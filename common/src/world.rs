@@ -88,7 +88,7 @@ impl World {
         match Launch::from_env(|k| std::env::var(k).ok())? {
             None => Ok(World::single()),
             Some(l) => Err(crate::Error::InvalidArgument(format!(
-                "{stage} runs as one process for now (data parallel is in sft train); it was launched as rank {} of {}",
+                "{stage} runs as one process for now (data parallel is in sft, reward and dpo train); it was launched as rank {} of {}",
                 l.rank, l.size
             ))),
         }

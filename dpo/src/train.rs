@@ -107,8 +107,9 @@ struct Inputs {
 }
 
 /// The policy, its reference and the data, all checked before the run directory is touched.
-fn read_inputs(args: &TrainArgs) -> Result<(Model, Reference, Inputs)> {
+fn read_inputs(args: &TrainArgs, world: &World) -> Result<(Model, Reference, Inputs)> {
     let (device, kind) = args.device.resolve();
+    let device = world.device(device);
     args.run.seed_torch();
     let opts = args.memory.apply(
         args.adapter
@@ -189,11 +190,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.run.validate()?;
     args.adapter.validate()?;
     args.loss.validate()?;
-    let (policy, reference, inputs) = read_inputs(args)?;
-    let total_steps = args.data.total_steps(
+    let world = args.run.world()?;
+    let (policy, reference, inputs) = read_inputs(args, &world)?;
+    let total_steps = args.data.total_steps_across(
         inputs.train.pairs.len(),
         args.run.epochs,
         args.run.max_steps,
+        world.size(),
     );
     let schedule = args.optim.schedule(total_steps);
     let mut trainee = Trainee::new("", policy, &args.model, &args.optim, schedule);
@@ -202,7 +205,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         args,
         &args.run,
         total_steps,
-        World::single_for("dpo train")?,
+        world,
         &mut [&mut trainee],
     )
     .context("starting the run")?;
@@ -224,7 +227,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     tracing::info!(
         "dpo: {} pairs, {total_steps} steps of {} pairs, {:?} loss, β {}",
         inputs.train.pairs.len(),
-        args.data.rows_per_step(),
+        args.data.rows_per_step() * session.world.size(),
         args.loss.loss_type,
         args.loss.beta
     );
@@ -306,7 +309,9 @@ fn train_step(
     args: &TrainArgs,
 ) -> Result<Vec<(String, f64)>> {
     let started = Instant::now();
-    let indices = data.sampler.next_batch(args.data.rows_per_step());
+    let indices = data
+        .sampler
+        .next_batch(args.data.rows_per_step() * session.world.size());
     let world = &session.world;
     let pairs: Vec<_> = world
         .shard(&indices)

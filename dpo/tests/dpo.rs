@@ -98,6 +98,10 @@ fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn train_from(model: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    dpo(&train_args(model, out, extra), env)
+}
+
+fn train_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let f = fixture();
     let mut args = vec![
         "train",
@@ -119,7 +123,50 @@ fn train_from(model: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) ->
         args.extend(["--lr", "5e-4"]);
     }
     args.extend_from_slice(extra);
-    dpo(&args, env)
+    args
+}
+
+/// Data parallel (issue 19): two torchrun ranks of 4 pairs train the policy one process
+/// trains with 8, with the same losses and gradient norms.
+#[test]
+fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
+    let f = fixture();
+    let (one, two) = (f.root.join("dp-one"), f.root.join("dp-two"));
+    ok(&train(&one, &["--max-steps", "2"], &[]));
+    let options = [
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--dist-timeout",
+        "120",
+    ];
+    let exe = env!("CARGO_BIN_EXE_dpo");
+    let out = rlhf_tests::torchrun(exe, 2, &train_args(&f.model, &two, &options), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff = max_weight_diff(&one.join("final"), &two.join("final"), Head::Lm);
+    assert!(
+        diff < 1e-5,
+        "2 ranks × 4 vs 1 × 8: weights differ by {diff:e}"
+    );
+    let (a, b) = (
+        read_jsonl(&one.join("metrics.jsonl")),
+        read_jsonl(&two.join("metrics.jsonl")),
+    );
+    assert_eq!(b.len(), 2, "each step once");
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["train/loss", "train/grad_norm"] {
+            let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "{key}: {x} vs {y}"
+            );
+        }
+    }
 }
 
 /// Mixed data for the parity check: text pairs, a ranking of three and a conversation.

@@ -195,8 +195,9 @@ struct Inputs {
     normalize_set: Vec<Vec<i64>>,
 }
 
-fn read_inputs(args: &TrainArgs) -> Result<Inputs> {
+fn read_inputs(args: &TrainArgs, world: &World) -> Result<Inputs> {
     let (device, kind) = args.device.resolve();
+    let device = world.device(device);
     args.run.seed_torch();
     let opts = args.memory.apply(
         args.adapter
@@ -240,19 +241,22 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.optim.validate()?;
     args.run.validate()?;
     args.adapter.validate()?;
+    let world = args.run.world()?;
     let Inputs {
         model,
         tok,
         train,
         eval,
         normalize_set,
-    } = read_inputs(args)?;
-    let total_steps = args
-        .data
-        .total_steps(train.rows.len(), args.run.epochs, args.run.max_steps);
+    } = read_inputs(args, &world)?;
+    let total_steps = args.data.total_steps_across(
+        train.rows.len(),
+        args.run.epochs,
+        args.run.max_steps,
+        world.size(),
+    );
     let schedule = args.optim.schedule(total_steps);
     let mut trainee = Trainee::new("", model, &args.model, &args.optim, schedule);
-    let world = World::single_for("reward train")?;
     let mut session = Session::start(
         "reward",
         args,
@@ -277,7 +281,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     tracing::info!(
         "reward: {} rankings ({pairs} pairs), {total_steps} steps of {} rankings",
         train.rows.len(),
-        args.data.rows_per_step()
+        args.data.rows_per_step() * session.world.size()
     );
     let shape = (args.data.batch_size, tok.pad_id);
     let mut eval_accuracy = None;
@@ -350,7 +354,7 @@ fn train_step(
     pad_id: i64,
 ) -> Result<Vec<(String, f64)>> {
     let started = Instant::now();
-    let indices = sampler.next_batch(args.data.rows_per_step());
+    let indices = sampler.next_batch(args.data.rows_per_step() * session.world.size());
     let world = &session.world;
     let rows: Vec<_> = world
         .shard(&indices)

@@ -72,6 +72,10 @@ fn reward(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    reward(&train_args(out, extra), env)
+}
+
+fn train_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let f = fixture();
     let mut args = vec![
         "train",
@@ -93,7 +97,52 @@ fn train(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
         "constant",
     ];
     args.extend_from_slice(extra);
-    reward(&args, env)
+    args
+}
+
+/// Data parallel (issue 19): two torchrun ranks of 4 rankings train the weights (score
+/// head included) and log the losses one process gets with 8; rank 0 alone writes.
+#[test]
+fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
+    let f = fixture();
+    let (one, two) = (f.root.join("dp-one"), f.root.join("dp-two"));
+    ok(&train(
+        &one,
+        &["--max-steps", "2", "--batch-size", "8"],
+        &[],
+    ));
+    let options = [
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--dist-timeout",
+        "120",
+    ];
+    let exe = env!("CARGO_BIN_EXE_reward");
+    let out = rlhf_tests::torchrun(exe, 2, &train_args(&two, &options), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff = rlhf_tests::max_weight_diff(&one.join("final"), &two.join("final"), Head::Score);
+    assert!(
+        diff < 1e-5,
+        "2 ranks × 4 vs 1 × 8: weights differ by {diff:e}"
+    );
+    let metrics = |dir: &Path| rlhf_tests::read_jsonl(&dir.join("metrics.jsonl"));
+    let (a, b) = (metrics(&one), metrics(&two));
+    assert_eq!(b.len(), 2, "each step once");
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["train/loss", "train/grad_norm", "train/accuracy"] {
+            let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "{key}: {x} vs {y}"
+            );
+        }
+    }
 }
 
 #[test]

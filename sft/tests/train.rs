@@ -873,15 +873,6 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         &[],
     ));
     let torchrun = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
-        let mut args = vec![
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--no-python",
-            env!("CARGO_BIN_EXE_sft"),
-        ];
         let mut options = vec![
             "--max-steps",
             "3",
@@ -893,14 +884,12 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
             "120",
         ];
         options.extend_from_slice(extra);
-        let train = train_args(out, &options);
-        args.extend(train);
-        let mut cmd = Command::new(rlhf_tests::python());
-        cmd.args(&args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.output().unwrap()
+        rlhf_tests::torchrun(
+            env!("CARGO_BIN_EXE_sft"),
+            2,
+            &train_args(out, &options),
+            env,
+        )
     };
     let out = torchrun(&two, &[], &[]);
     let log = String::from_utf8_lossy(&out.stderr);

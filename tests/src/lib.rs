@@ -74,6 +74,32 @@ pub fn run_bin(exe: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::
         .unwrap_or_else(|e| panic!("cannot run {exe}: {e}"))
 }
 
+/// Runs a stage binary as `ranks` data-parallel processes under torch's own launcher
+/// (`python -m torch.distributed.run --standalone`, its agent hosting the c10d store).
+pub fn torchrun(
+    exe: &str,
+    ranks: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let ranks = ranks.to_string();
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+    ])
+    .args([ranks.as_str(), "--no-python", exe])
+    .args(args)
+    .env_remove("RLHF_CRASH_AT");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run torchrun: {e}"))
+}
+
 /// The JSON summary a successful command printed; panics with its stderr otherwise.
 pub fn ok(out: &std::process::Output) -> serde_json::Value {
     assert!(
