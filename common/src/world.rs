@@ -82,18 +82,6 @@ impl World {
         }
     }
 
-    /// For stages that run as one process so far: the single world, or an error when
-    /// torchrun or Slurm launched several.
-    pub fn single_for(stage: &str) -> Result<Self> {
-        match Launch::from_env(|k| std::env::var(k).ok())? {
-            None => Ok(World::single()),
-            Some(l) => Err(crate::Error::InvalidArgument(format!(
-                "{stage} runs as one process for now (data parallel is in sft, reward and dpo train); it was launched as rank {} of {}",
-                l.rank, l.size
-            ))),
-        }
-    }
-
     /// Whether this process writes the run's files and logs.
     pub fn is_main(&self) -> bool {
         self.rank == 0

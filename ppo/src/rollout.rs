@@ -3,7 +3,7 @@
 //! (no gradient), and the whole response under the reward.
 
 use anyhow::Result;
-use common::generate::{generate_in_chunks, FinishReason, Generation, SamplingConfig};
+use common::generate::{generate_rows, FinishReason, Generation, SamplingConfig};
 use common::models::adapter::without_adapters;
 use common::models::TokenSpec;
 use common::Model;
@@ -122,6 +122,9 @@ pub struct RolloutOptions {
     pub forward_batch: Option<usize>,
     pub missing_eos_penalty: Option<f64>,
     pub score_clip: Option<f64>,
+    /// These rows' place in the whole rollout batch (offset, rows of all ranks): what
+    /// seeds each row's sampling.
+    pub rows: (i64, i64),
 }
 
 /// What the reward sees of a generated batch: unpadded prompts, responses without the EOS
@@ -240,12 +243,13 @@ pub fn rollout(
     let _guard = tch::no_grad_guard();
     let device = models.policy.device();
     let rows = prompt_ids.size()[0] as usize;
-    let generated = generate_in_chunks(
+    let generated = generate_rows(
         models.policy,
         prompt_ids,
         prompt_mask,
         &opts.sampling,
         opts.generation_batch.unwrap_or(rows),
+        opts.rows,
     );
     let prompt_len = prompt_ids.size()[1];
     let mask = generated.mask.to_kind(Kind::Float);

@@ -87,7 +87,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         args.reward_model.is_some() || args.reward_rule.is_some() || args.reward_command.is_some(),
         "no reward: give --reward-model DIR, --reward-rule exact-answer and/or --reward-command CMD"
     );
+    let world = args.run.world()?;
     let (device, kind) = args.device.resolve();
+    let device = world.device(device);
     let rule = match args.reward_rule {
         Some(_) => Some(ExactAnswer::new(
             args.answer_pattern.as_deref(),
@@ -119,7 +121,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         }));
     }
     let Some(reward_dir) = &args.reward_model else {
-        return train(args, &sources, device, kind);
+        return train(args, &sources, (device, kind), world);
     };
     let policy_tok = Tokenizer::load(&args.policy)?;
     // With LoRA and a full reward model, the critic is that model with an adapter, and
@@ -130,7 +132,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let config = common::ModelConfig::load(reward_dir)?;
         warn_without_normalization(&config.raw, reward_dir);
         sources.push(Scorer::CriticBase(args.reward_model_weight));
-        return train(args, &sources, device, kind);
+        return train(args, &sources, (device, kind), world);
     }
     let frozen = ModelOptions {
         base_model: args.adapter.base_model.clone(),
@@ -151,19 +153,21 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         weight: args.reward_model_weight,
         function: &reward,
     }));
-    train(args, &sources, device, kind)
+    train(args, &sources, (device, kind), world)
 }
 
 /// `ppo train` against any reward function (the command line's reward options unused).
 pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<TrainSummary> {
     args.validate()?;
+    let world = args.run.world()?;
     let (device, kind) = args.device.resolve();
+    let device = world.device(device);
     let source = Scorer::Function(RewardSource {
         name: "reward",
         weight: 1.0,
         function: reward,
     });
-    train(args, &[source], device, kind)
+    train(args, &[source], (device, kind), world)
 }
 
 /// Prompt token ids, one row each, and each row's other fields.
@@ -277,7 +281,19 @@ pub(crate) struct Iteration {
     pub timings: Timings,
 }
 
-fn train(args: &TrainArgs, rewards: &[Scorer], device: Device, kind: Kind) -> Result<TrainSummary> {
+fn train(
+    args: &TrainArgs,
+    rewards: &[Scorer],
+    (device, kind): (Device, Kind),
+    world: World,
+) -> Result<TrainSummary> {
+    if args.rollout_batch_size % world.size() != 0 {
+        anyhow::bail!(
+            "--rollout-batch-size {} is not a multiple of the {} ranks (each rank samples an equal share of the prompts)",
+            args.rollout_batch_size,
+            world.size()
+        );
+    }
     args.run.seed_torch();
     let mut ppo = Ppo::load(args, rewards, device, kind)?;
     let mut session = Session::start(
@@ -285,7 +301,7 @@ fn train(args: &TrainArgs, rewards: &[Scorer], device: Device, kind: Kind) -> Re
         args,
         &args.run,
         ppo.iterations,
-        World::single_for("ppo train")?,
+        world,
         &mut ppo.trainees(),
     )
     .context("starting the run")?;
@@ -535,6 +551,7 @@ impl<'a> Ppo<'a> {
             forward_batch: args.forward_batch_size,
             missing_eos_penalty: args.missing_eos_penalty,
             score_clip: args.score_clip,
+            rows: rollout_rows_of(args, world),
         };
         let critic = self.critic.as_ref().map(|c| &c.model);
         let critic_base = critic.map(|model| RewardModel {
@@ -621,6 +638,15 @@ pub(crate) fn per_sequence_mean(x: &tch::Tensor) -> f64 {
     x.sum_dim_intlist([1].as_slice(), false, Kind::Float)
         .mean(Kind::Float)
         .double_value(&[])
+}
+
+/// This rank's rows of the rollout batch (each prompt's `--num-generations` responses
+/// together): where they start among all ranks' rows, and how many rows all ranks hold.
+pub fn rollout_rows_of(args: &TrainArgs, world: &World) -> (i64, i64) {
+    let (start, _) =
+        common::world::shard_range(args.rollout_batch_size, world.rank(), world.size());
+    let per_prompt = args.num_generations as i64;
+    (start as i64 * per_prompt, args.rollout_rows() as i64)
 }
 
 #[cfg(test)]

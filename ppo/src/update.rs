@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Result;
-use common::ops::masked_mean;
 use common::trainee::StepOutcome;
 use common::{Model, Trainee, World};
 use data::sampler::Sampler;
@@ -103,27 +102,42 @@ pub fn update(
     world: &World,
     (step, beta): (u64, f64),
 ) -> Result<UpdateStats> {
+    // The minibatches are drawn from the whole rollout batch (every rank's rows), and each
+    // rank works on its rows of each: the ranks together take the steps one process takes.
     let b = ro.full_ids.size()[0] as usize;
-    let minibatch = b / args.num_minibatches;
+    let (offset, total) = crate::train::rollout_rows_of(args, world);
+    let (offset, total) = (offset as usize, total as usize);
+    let minibatch = total / args.num_minibatches;
     let mut sums: BTreeMap<&str, f64> = BTreeMap::new();
     let mut count = 0f64;
     let mut first_ratio_max_dev = 0.0;
     let mut outcome = None;
     for epoch in 0..args.ppo_epochs {
-        let mut order: Vec<i64> = (0..b as i64).collect();
+        let mut order: Vec<usize> = (0..total).collect();
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(derived_seed(
             args.run.seed,
             step,
             100 + epoch as u64,
         )));
-        for (mb_index, mb) in order.chunks(minibatch).enumerate() {
-            let mut mb_stats = minibatch_backward(args, (ro, adv), &learners, mb, world, beta);
+        for (mb_index, global) in order.chunks(minibatch).enumerate() {
+            let mb: Vec<i64> = global
+                .iter()
+                .filter(|&&g| g >= offset && g < offset + b)
+                .map(|&g| (g - offset) as i64)
+                .collect();
+            let mut mb_stats = minibatch_backward(args, (ro, adv), &learners, &mb, world, beta);
+            let dev = mb_stats.remove("ratio_max_dev").unwrap_or(0.0);
             if epoch == 0 && mb_index == 0 {
-                first_ratio_max_dev = mb_stats.remove("ratio_max_dev").unwrap_or(0.0);
+                first_ratio_max_dev = dev;
             }
-            mb_stats.remove("ratio_max_dev");
+            // Each rank's statistics are its share of the minibatch's (weighted by global
+            // counts): their sum over ranks is the minibatch's.
+            for key in STAT_KEYS {
+                let local = mb_stats.get(key).copied().unwrap_or(0.0);
+                mb_stats.insert(key, world.sum(local));
+            }
             if let Some(ptx) = learners.ptx.as_deref_mut() {
-                let loss = ptx_backward(learners.policy, ptx, minibatch);
+                let loss = ptx_backward(learners.policy, ptx, minibatch, world);
                 mb_stats.insert("ptx", loss);
             }
             let policy_loss = mb_stats.get("policy").copied().unwrap_or(0.0);
@@ -170,7 +184,7 @@ fn minibatch_backward(
     beta: f64,
 ) -> BTreeMap<&'static str, f64> {
     let device = ro.full_ids.device();
-    let micro = mb.len() / args.grad_accum;
+    let micro = mb.len().div_ceil(args.grad_accum).max(1);
     let mb_idx = Tensor::from_slice(mb).to_device(device);
     let local_tokens = ro
         .mask
@@ -247,12 +261,18 @@ fn minibatch_backward(
     stats
 }
 
-/// PPO-ptx: the language-modelling loss of the next `rows` SFT rows, times its weight,
-/// backpropagated into the policy. Returns the (unweighted) loss.
-fn ptx_backward(policy: &Trainee, ptx: &mut Ptx, rows: usize) -> f64 {
-    let picked: Vec<&TokenizedSft> = ptx
-        .sampler
-        .next_batch(rows)
+/// The statistics a minibatch's ranks sum.
+const STAT_KEYS: [&str; 7] = [
+    "policy", "approxkl", "clipfrac", "ratio", "kl", "value", "vclip",
+];
+
+/// PPO-ptx: the language-modelling loss of the next `rows` SFT rows (this rank's share of
+/// them), times its weight, backpropagated into the policy. Returns the (unweighted) loss,
+/// the token mean over every rank's rows.
+fn ptx_backward(policy: &Trainee, ptx: &mut Ptx, rows: usize, world: &World) -> f64 {
+    let indices = ptx.sampler.next_batch(rows);
+    let picked: Vec<&TokenizedSft> = world
+        .shard(&indices)
         .iter()
         .map(|&i| &ptx.rows[i])
         .collect();
@@ -266,7 +286,9 @@ fn ptx_backward(policy: &Trainee, ptx: &mut Ptx, rows: usize) -> f64 {
     let lp = model
         .token_outputs(&hidden, &labels, common::models::TokenSpec::default())
         .logprobs;
-    let loss = -masked_mean(&lp, &batch.loss_mask.narrow(1, 1, t - 1));
+    let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(lp.kind());
+    let tokens = world.sum(mask.sum(Kind::Float).double_value(&[])).max(1.0);
+    let loss = -(lp * mask).sum(Kind::Float) / tokens;
     policy.model.backward(&(&loss * ptx.coef));
-    loss.double_value(&[])
+    world.sum(loss.double_value(&[]))
 }

@@ -356,3 +356,105 @@ fn bad_ppo_options_are_refused_with_one_line() {
         assert!(!out.exists());
     }
 }
+
+/// Data parallel (issue 19): two torchrun ranks of 8 prompts each sample (each row with the
+/// random numbers it has in the whole batch), score, whiten and train on their rows of the
+/// same global minibatches, so they end with the policy and critic one process trains on
+/// 16 prompts, with the same logged statistics.
+#[test]
+fn two_ranks_train_what_one_process_trains() {
+    let f = fixture();
+    let (one, two) = (f.root.join("dp-one"), f.root.join("dp-two"));
+    let s = |p: &Path| p.display().to_string();
+    let argv = |out: &Path| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--policy",
+            &s(&f.policy),
+            "--reward-model",
+            &s(&f.reward),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(
+            [
+                "--prompts",
+                &s(&f.prompts),
+                "--output-dir",
+                &s(out),
+                "--device",
+                "cpu",
+            ]
+            .iter()
+            .map(|x| x.to_string()),
+        );
+        v.extend(
+            [
+                "--rollout-batch-size",
+                "16",
+                "--response-length",
+                "12",
+                "--ppo-epochs",
+                "2",
+                "--num-minibatches",
+                "2",
+                "--lr",
+                "3e-4",
+                "--schedule",
+                "constant",
+                "--seed",
+                "11",
+                "--max-steps",
+                "2",
+                "--dist-timeout",
+                "120",
+            ]
+            .iter()
+            .map(|x| x.to_string()),
+        );
+        v
+    };
+    let exe = env!("CARGO_BIN_EXE_ppo");
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    rlhf_tests::ok(&rlhf_tests::run_bin(exe, &refs(&argv(&one)), &[]));
+    let out = rlhf_tests::torchrun(exe, 2, &refs(&argv(&two)), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (dir, head) in [("final", Head::Lm), ("final_value", Head::Score)] {
+        let diff = rlhf_tests::max_weight_diff(&one.join(dir), &two.join(dir), head);
+        assert!(
+            diff < 1e-5,
+            "{dir}: 2 ranks × 8 vs 1 × 16 prompts differ by {diff:e}"
+        );
+    }
+    let (a, b) = (metrics(&one), metrics(&two));
+    assert_eq!(b.len(), 2, "each iteration once");
+    for (x, y) in a.iter().zip(&b) {
+        for key in [
+            "objective/kl",
+            "objective/scores",
+            "objective/entropy",
+            "loss/policy_avg",
+            "policy/approxkl_avg",
+            "policy/clipfrac_avg",
+            "val/ratio",
+            "train/grad_norm",
+            "kl_coef",
+            "response_length",
+            "val/explained_variance",
+            "rewards/reward_model/std",
+        ] {
+            let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                "{key}: {x} vs {y}"
+            );
+        }
+    }
+}

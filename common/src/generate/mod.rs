@@ -100,13 +100,28 @@ pub fn generate_in_chunks(
     cfg: &SamplingConfig,
     chunk: usize,
 ) -> Generation {
+    let b = prompt_ids.size()[0];
+    generate_rows(model, prompt_ids, prompt_mask, cfg, chunk, (0, b))
+}
+
+/// [`generate_in_chunks`] for rows `offset..offset + B` of a batch of `total` rows (a
+/// data-parallel rank's share): each row gets the uniforms it has in the whole batch, so
+/// the ranks together sample what one process samples.
+pub fn generate_rows(
+    model: &Model,
+    prompt_ids: &Tensor,
+    prompt_mask: &Tensor,
+    cfg: &SamplingConfig,
+    chunk: usize,
+    (offset, total): (i64, i64),
+) -> Generation {
     let stop_check = if model.device().is_cuda() {
         STOP_CHECK
     } else {
         1
     };
     let (b, chunk) = (prompt_ids.size()[0], chunk.max(1));
-    let uniforms = draw_uniforms(cfg, b);
+    let uniforms = draw_uniforms(cfg, total).narrow(1, offset, b);
     let parts: Vec<Generation> = (0..b)
         .step_by(chunk)
         .map(|start| {
