@@ -474,7 +474,11 @@ mod tests {
     /// 0's bytes, and leaves no keys behind.
     #[test]
     fn store_collectives_between_two_ranks() {
-        let port = 29000 + (std::process::id() % 1000) as u16;
+        // A port the system just handed out (free a moment ago).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
         let launch = |rank| Launch {
             rank,
             size: 2,
