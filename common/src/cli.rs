@@ -509,14 +509,9 @@ impl TrainDataArgs {
         self.batch_size * self.grad_accum
     }
 
-    /// Total steps for `rows` rows: `max_steps`, else `epochs` passes.
-    pub fn total_steps(&self, rows: usize, epochs: u64, max_steps: Option<u64>) -> u64 {
-        self.total_steps_across(rows, epochs, max_steps, 1)
-    }
-
-    /// [`Self::total_steps`] when `ranks` processes each take [`Self::rows_per_step`] rows
-    /// of every step.
-    pub fn total_steps_across(
+    /// Total steps for `rows` rows when `ranks` processes each take
+    /// [`Self::rows_per_step`] rows of every step: `max_steps`, else `epochs` passes.
+    pub fn total_steps(
         &self,
         rows: usize,
         epochs: u64,

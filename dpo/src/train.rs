@@ -192,7 +192,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.loss.validate()?;
     let world = args.run.world()?;
     let (policy, reference, inputs) = read_inputs(args, &world)?;
-    let total_steps = args.data.total_steps_across(
+    let total_steps = args.data.total_steps(
         inputs.train.pairs.len(),
         args.run.epochs,
         args.run.max_steps,

@@ -5,10 +5,10 @@
 use anyhow::Result;
 use common::ops::masked_mean;
 use common::train::Session;
-use common::World;
 use data::Tokenizer;
-use tch::{Kind, Tensor};
+use tch::Kind;
 
+use crate::math::{explained_variance, var_over};
 use crate::rollout::Rollout;
 use crate::train::{per_sequence_mean, Iteration};
 
@@ -52,7 +52,7 @@ pub(crate) fn iteration_scalars(
         scalars.push(("val/clipfrac_avg", mean(stats.value_clipfrac)));
         scalars.push((
             "val/explained_variance",
-            explained_variance_over(world, values, returns, &ro.mask),
+            explained_variance(values, returns, &ro.mask, world),
         ));
     } else {
         scalars.push(("loss/ptx_avg", mean(stats.ptx_loss)));
@@ -108,30 +108,6 @@ pub(crate) fn iteration_scalars(
         ));
     }
     named
-}
-
-/// The Bessel-corrected variance of every rank's values from each rank's (count, Σx, Σx²).
-fn var_over(world: &World, (n, sum, sum_sq): (f64, f64, f64)) -> f64 {
-    let (n, sum, sum_sq) = (world.sum(n), world.sum(sum), world.sum(sum_sq));
-    ((sum_sq - sum * sum / n.max(1.0)) / (n - 1.0).max(1.0)).max(0.0)
-}
-
-/// (count, Σx, Σx²) of `x` where `mask` is 1, in f64.
-fn moments(x: &Tensor, mask: &Tensor) -> (f64, f64, f64) {
-    let m = mask.to_kind(Kind::Double);
-    let x = x.to_kind(Kind::Double) * &m;
-    let total = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
-    (total(&m), total(&x), total(&(&x * &x)))
-}
-
-/// `crate::math::explained_variance` over every rank's response tokens.
-fn explained_variance_over(world: &World, values: &Tensor, returns: &Tensor, mask: &Tensor) -> f64 {
-    let var_returns = var_over(world, moments(returns, mask));
-    let var_residual = var_over(world, moments(&(returns - values), mask));
-    if var_returns == 0.0 {
-        return f64::NAN;
-    }
-    1.0 - var_residual / var_returns
 }
 
 /// The first `n` prompts, responses and scores of this rank's rollout, as Markdown in

@@ -6,7 +6,7 @@
 //! Ziegler et al. 2019 (per-token KL penalty, adaptive KL controller), and TRL's
 //! `PPOTrainer` whose metric definitions we keep.
 
-use common::ops::{masked_mean, masked_var, masked_whiten};
+use common::ops::{masked_mean, masked_whiten};
 use common::World;
 use tch::{Kind, Tensor};
 
@@ -417,14 +417,28 @@ pub fn value_loss(
     (loss, clipfrac)
 }
 
-/// `1 − Var(returns − values) / Var(returns)` over masked tokens.
-pub fn explained_variance(values: &Tensor, returns: &Tensor, mask: &Tensor) -> f64 {
-    let var_returns = masked_var(returns, mask).double_value(&[]);
-    let var_residual = masked_var(&(returns - values), mask).double_value(&[]);
+/// `1 − Var(returns − values) / Var(returns)` over the masked tokens of every rank.
+pub fn explained_variance(values: &Tensor, returns: &Tensor, mask: &Tensor, world: &World) -> f64 {
+    let var_returns = var_over(world, moments(returns, mask));
+    let var_residual = var_over(world, moments(&(returns - values), mask));
     if var_returns == 0.0 {
         return f64::NAN;
     }
     1.0 - var_residual / var_returns
+}
+
+/// The Bessel-corrected variance of every rank's values from each rank's (count, Σx, Σx²).
+pub fn var_over(world: &World, (n, sum, sum_sq): (f64, f64, f64)) -> f64 {
+    let (n, sum, sum_sq) = (world.sum(n), world.sum(sum), world.sum(sum_sq));
+    ((sum_sq - sum * sum / n.max(1.0)) / (n - 1.0).max(1.0)).max(0.0)
+}
+
+/// (count, Σx, Σx²) of `x` where `mask` is 1, in f64.
+fn moments(x: &Tensor, mask: &Tensor) -> (f64, f64, f64) {
+    let m = mask.to_kind(Kind::Double);
+    let x = x.to_kind(Kind::Double) * &m;
+    let total = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
+    (total(&m), total(&x), total(&(&x * &x)))
 }
 
 /// The KL coefficient β: fixed, or adapted towards a target KL (Ziegler et al. 2019):
@@ -450,6 +464,7 @@ impl KlController {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::ops::masked_var;
     use tch::Device;
 
     fn t(rows: &[&[f32]]) -> Tensor {
@@ -821,8 +836,8 @@ mod tests {
     fn explained_variance_is_one_for_perfect_values() {
         let r = t(&[&[1.0, 2.0, 3.0, 99.0]]);
         let mask = t(&[&[1., 1., 1., 0.]]);
-        assert!((explained_variance(&r, &r, &mask) - 1.0).abs() < 1e-9);
+        assert!((explained_variance(&r, &r, &mask, &World::single()) - 1.0).abs() < 1e-9);
         let zeros = Tensor::zeros_like(&r);
-        assert!(explained_variance(&zeros, &r, &mask).abs() < 1e-6);
+        assert!(explained_variance(&zeros, &r, &mask, &World::single()).abs() < 1e-6);
     }
 }

@@ -249,7 +249,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         eval,
         normalize_set,
     } = read_inputs(args, &world)?;
-    let total_steps = args.data.total_steps_across(
+    let total_steps = args.data.total_steps(
         train.rows.len(),
         args.run.epochs,
         args.run.max_steps,

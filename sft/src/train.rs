@@ -282,7 +282,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .transpose()?;
 
     let (mut order, epoch_rows) = train.order(args);
-    let total_steps = args.data.total_steps_across(
+    let total_steps = args.data.total_steps(
         epoch_rows,
         args.run.epochs,
         args.run.max_steps,
