@@ -2,7 +2,7 @@
 //! boolean mask for `scaled_dot_product_attention` (causal + padding, left or right), and
 //! the key/value cache used by generation.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Keys and values of the tokens seen so far, per layer (`[B, H_kv, S, D]`).
 ///
@@ -152,6 +152,19 @@ pub fn positions_from_segments(segments: &Tensor) -> Tensor {
     index - row_start
 }
 
+/// `[T, S]` bools for the last `q_len` of `s` positions attending over all `s`: which keys
+/// each query may see (at or before it, and within `window` when given), and which key is
+/// the query's own.
+fn causal_window(q_len: i64, s: i64, window: Option<i64>, device: Device) -> (Tensor, Tensor) {
+    let q_abs = Tensor::arange_start(s - q_len, s, (Kind::Int64, device)).unsqueeze(1);
+    let k_abs = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0);
+    let mut allowed = k_abs.le_tensor(&q_abs);
+    if let Some(w) = window {
+        allowed = allowed.logical_and(&k_abs.gt_tensor(&(&q_abs - w)));
+    }
+    (allowed, k_abs.eq_tensor(&q_abs))
+}
+
 /// How the queries of one forward may attend.
 #[derive(Debug)]
 pub struct Masking {
@@ -195,19 +208,14 @@ impl Masking {
                 };
             }
         }
-        let device = key_mask.device();
-        let q_abs = Tensor::arange_start(s - q_len, s, (Kind::Int64, device)).unsqueeze(1);
-        let k_abs = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0);
-        let mut allowed = k_abs.le_tensor(&q_abs);
-        if let Some(w) = sliding_window.filter(|_| window_matters) {
-            allowed = allowed.logical_and(&k_abs.gt_tensor(&(&q_abs - w)));
-        }
+        let window = sliding_window.filter(|_| window_matters);
+        let (allowed, own) = causal_window(q_len, s, window, key_mask.device());
         let keys = key_mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
         let mask = allowed
             .unsqueeze(0)
             .unsqueeze(0)
             .logical_and(&keys)
-            .logical_or(&k_abs.eq_tensor(&q_abs).unsqueeze(0).unsqueeze(0));
+            .logical_or(&own.unsqueeze(0).unsqueeze(0));
         Masking {
             mask: Some(mask),
             causal: false,
@@ -219,20 +227,15 @@ impl Masking {
     /// across rows, within the sliding window; a query always sees itself.
     pub fn packed(segments: &Tensor, sliding_window: Option<i64>) -> Self {
         let t = segments.size()[1];
-        let device = segments.device();
-        let q_abs = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1);
-        let k_abs = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0);
-        let mut allowed = k_abs.le_tensor(&q_abs);
-        if let Some(w) = sliding_window.filter(|&w| t > w) {
-            allowed = allowed.logical_and(&k_abs.gt_tensor(&(&q_abs - w)));
-        }
+        let window = sliding_window.filter(|&w| t > w);
+        let (allowed, own) = causal_window(t, t, window, segments.device());
         let same_row = segments
             .unsqueeze(2)
             .eq_tensor(&segments.unsqueeze(1))
             .logical_and(&segments.ne(0).unsqueeze(1));
         let mask = same_row
             .logical_and(&allowed.unsqueeze(0))
-            .logical_or(&k_abs.eq_tensor(&q_abs).unsqueeze(0));
+            .logical_or(&own.unsqueeze(0));
         Masking {
             mask: Some(mask.unsqueeze(1)),
             causal: false,
@@ -354,10 +357,8 @@ impl Masking {
             }
             (Some(bias), _) => scores + bias,
             (None, true) => {
-                let device = q.device();
-                let q_abs = Tensor::arange_start(s - t, s, (Kind::Int64, device)).unsqueeze(1);
-                let k_abs = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0);
-                scores.masked_fill(&k_abs.gt_tensor(&q_abs), f64::NEG_INFINITY)
+                let (allowed, _) = causal_window(t, s, None, q.device());
+                scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
             }
             (None, false) => scores,
         };

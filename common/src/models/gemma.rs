@@ -20,7 +20,7 @@ use tch::{Kind, Tensor};
 
 use super::attention::{KvCache, Masking};
 use super::layers::{param, Activation, Embedding, Linear};
-use super::llama::{inv_freq, parse_rope, rotate_half, Rope, RopeLengths, RopeScaling};
+use super::llama::{cos_sin, inv_freq, parse_rope, rotate_half, Rope, RopeLengths, RopeScaling};
 use super::options::ModelOptions;
 use super::recompute::{backward_blocks, run_blocks, Saved};
 use super::ModelType;
@@ -465,11 +465,7 @@ impl Gemma {
 
     /// cos/sin of the global and the local rotary sets, in f32 then in `kind`.
     fn rotary(&self, positions: &Tensor, kind: Kind) -> (Rotary, Rotary) {
-        let one = |inv_freq: &Tensor| {
-            let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
-            let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-            (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
-        };
+        let one = |inv_freq: &Tensor| cos_sin(positions, inv_freq, 1.0, kind);
         (one(&self.inv_freq.0), one(&self.inv_freq.1))
     }
 
@@ -482,19 +478,18 @@ impl Gemma {
         masking: Masking,
     ) -> (Tensor, Saved) {
         let rotary = self.rotary(positions, embeds.kind());
-        let (output, inputs) = run_blocks(embeds, self.layers.len(), |i, x| {
-            let layer = &self.layers[i];
-            layer.forward(x, pick(&rotary, layer.sliding), &masking, None)
-        });
-        let hidden = self.norm.forward(&output);
-        let saved = Saved {
-            first_input: embeds.shallow_clone(),
-            inputs,
-            output,
-            positions: positions.shallow_clone(),
+        let first_input = embeds.shallow_clone();
+        let saved = run_blocks(
+            first_input,
+            positions,
             masking,
-        };
-        (hidden, saved)
+            self.layers.len(),
+            |i, x, m| {
+                let layer = &self.layers[i];
+                layer.forward(x, pick(&rotary, layer.sliding), m, None)
+            },
+        );
+        (self.norm.forward(&saved.output), saved)
     }
 
     pub(crate) fn backward_saved(&self, saved: Saved) {

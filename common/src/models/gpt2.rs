@@ -232,18 +232,14 @@ impl Gpt2 {
         masking: Masking,
     ) -> (Tensor, Saved) {
         let first_input = embeds + self.wpe.forward(positions);
-        let (output, inputs) = run_blocks(&first_input, self.blocks.len(), |i, x| {
-            self.blocks[i].forward(x, &masking, None)
-        });
-        let hidden = self.ln_f.forward(&output);
-        let saved = Saved {
+        let saved = run_blocks(
             first_input,
-            inputs,
-            output,
-            positions: positions.shallow_clone(),
+            positions,
             masking,
-        };
-        (hidden, saved)
+            self.blocks.len(),
+            |i, x, m| self.blocks[i].forward(x, m, None),
+        );
+        (self.ln_f.forward(&saved.output), saved)
     }
 
     pub(crate) fn backward_saved(&self, saved: Saved) {

@@ -371,6 +371,25 @@ pub fn long_inv_freq(rope: &Rope, head_dim: i64) -> Option<(Vec<f64>, f64, f64)>
     Some((freqs, *original_max_position_embeddings, *attention_factor))
 }
 
+/// cos and sin `[B, 1, T, D]` of the rotary embedding at `positions` for frequencies
+/// `inv_freq`: in f32 like transformers, times `scale` (LongRoPE's attention factor), then
+/// in `kind`.
+pub(crate) fn cos_sin(
+    positions: &Tensor,
+    inv_freq: &Tensor,
+    scale: f64,
+    kind: Kind,
+) -> (Tensor, Tensor) {
+    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
+    let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+    let (cos, sin) = (emb.cos(), emb.sin());
+    if scale == 1.0 {
+        (cos.to_kind(kind), sin.to_kind(kind))
+    } else {
+        ((cos * scale).to_kind(kind), (sin * scale).to_kind(kind))
+    }
+}
+
 /// `LlamaRMSNorm`: normalise in f32, scale in the input dtype.
 #[derive(Debug)]
 struct RmsNorm {
@@ -612,14 +631,7 @@ impl Llama {
             }
             None => (self.inv_freq.shallow_clone(), 1.0),
         };
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
-        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-        let (cos, sin) = (emb.cos(), emb.sin());
-        if scale == 1.0 {
-            (cos.to_kind(kind), sin.to_kind(kind))
-        } else {
-            ((cos * scale).to_kind(kind), (sin * scale).to_kind(kind))
-        }
+        cos_sin(positions, &inv_freq, scale, kind)
     }
 
     /// [`Llama::forward`] keeping only each layer's input (activation recomputation);
@@ -631,18 +643,15 @@ impl Llama {
         masking: Masking,
     ) -> (Tensor, Saved) {
         let (cos, sin) = self.rotary(positions, embeds.kind());
-        let (output, inputs) = run_blocks(embeds, self.layers.len(), |i, x| {
-            self.layers[i].forward(x, (&cos, &sin), &masking, None)
-        });
-        let hidden = self.norm.forward(&output);
-        let saved = Saved {
-            first_input: embeds.shallow_clone(),
-            inputs,
-            output,
-            positions: positions.shallow_clone(),
+        let first_input = embeds.shallow_clone();
+        let saved = run_blocks(
+            first_input,
+            positions,
             masking,
-        };
-        (hidden, saved)
+            self.layers.len(),
+            |i, x, m| self.layers[i].forward(x, (&cos, &sin), m, None),
+        );
+        (self.norm.forward(&saved.output), saved)
     }
 
     pub(crate) fn backward_saved(&self, saved: Saved) {

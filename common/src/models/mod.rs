@@ -768,22 +768,23 @@ impl Model {
     /// caps them) or `[B, T]` scores.
     pub fn head_output(&self, hidden: &Tensor) -> Tensor {
         match self.head {
-            Head::Lm => vocab::LmHead {
-                weight: self.head_weight_in_use().shallow_clone(),
-                softcap: self.logit_softcap(),
-            }
-            .logits(hidden),
+            Head::Lm => self.lm_head().logits(hidden),
             Head::Score => hidden
                 .linear::<Tensor>(self.head_weight_in_use(), None)
                 .squeeze_dim(-1),
         }
     }
 
-    /// Gemma 2's final-logit soft-capping (`final_logit_softcapping`); none elsewhere.
-    fn logit_softcap(&self) -> Option<f64> {
-        match &self.config.arch {
+    /// The LM head in use, with Gemma 2's final-logit soft-capping
+    /// (`final_logit_softcapping`; none elsewhere).
+    fn lm_head(&self) -> vocab::LmHead {
+        let softcap = match &self.config.arch {
             Arch::Gemma(c) => c.final_logit_softcapping(),
             _ => None,
+        };
+        vocab::LmHead {
+            weight: self.head_weight_in_use().shallow_clone(),
+            softcap,
         }
     }
 
@@ -820,12 +821,13 @@ impl Model {
     /// through recomputed chunks.
     pub fn token_outputs(&self, hidden: &Tensor, labels: &Tensor, spec: TokenSpec) -> TokenOutputs {
         assert_eq!(self.head, Head::Lm, "token log-probs need the LM head");
-        let head = vocab::LmHead {
-            weight: self.head_weight_in_use().shallow_clone(),
-            softcap: self.logit_softcap(),
-        };
-        let (outputs, saved) =
-            vocab::token_outputs(head, hidden, labels, spec, vocab::POSITIONS_PER_CHUNK);
+        let (outputs, saved) = vocab::token_outputs(
+            self.lm_head(),
+            hidden,
+            labels,
+            spec,
+            vocab::POSITIONS_PER_CHUNK,
+        );
         if let Some(saved) = saved {
             self.pending.lock().expect("not poisoned").heads.push(saved);
         }

@@ -26,22 +26,34 @@ pub(crate) struct Saved {
     pub masking: Masking,
 }
 
-/// Runs `n` blocks (`block(i, x)`) from `first_input` without keeping their activations;
-/// returns the last output as a leaf that requires grad, and each block's input.
+/// Runs `n` blocks (`block(i, x, masking)`) from `first_input` without keeping their
+/// activations; the returned [`Saved`] holds each block's input and, as `output`, the last
+/// block's output as a leaf that requires grad (what the rest of the forward builds on).
 pub(crate) fn run_blocks(
-    first_input: &Tensor,
+    first_input: Tensor,
+    positions: &Tensor,
+    masking: Masking,
     n: usize,
-    block: impl Fn(usize, &Tensor) -> Tensor,
-) -> (Tensor, Vec<Tensor>) {
-    let _guard = tch::no_grad_guard();
-    let mut inputs = Vec::with_capacity(n);
-    let mut x = first_input.detach();
-    for i in 0..n {
-        let y = block(i, &x);
-        inputs.push(x);
-        x = y;
+    block: impl Fn(usize, &Tensor, &Masking) -> Tensor,
+) -> Saved {
+    let (output, inputs) = {
+        let _guard = tch::no_grad_guard();
+        let mut inputs = Vec::with_capacity(n);
+        let mut x = first_input.detach();
+        for i in 0..n {
+            let y = block(i, &x, &masking);
+            inputs.push(x);
+            x = y;
+        }
+        (x.detach().set_requires_grad(true), inputs)
+    };
+    Saved {
+        first_input,
+        inputs,
+        output,
+        positions: positions.shallow_clone(),
+        masking,
     }
-    (x.detach().set_requires_grad(true), inputs)
 }
 
 /// Backpropagates the gradient on `saved.output` through the recomputed blocks into the
