@@ -158,15 +158,8 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         read_jsonl(&two.join("metrics.jsonl")),
     );
     assert_eq!(b.len(), 2, "each step once");
-    for (x, y) in a.iter().zip(&b) {
-        for key in ["train/loss", "train/grad_norm"] {
-            let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
-            assert!(
-                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
-                "{key}: {x} vs {y}"
-            );
-        }
-    }
+    let keys = ["train/loss", "train/grad_norm"];
+    rlhf_tests::assert_same_metrics(&a, &b, &keys, (1e-5, 1.0));
 }
 
 /// Mixed data for the parity check: text pairs, a ranking of three and a conversation.

@@ -134,15 +134,8 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     let metrics = |dir: &Path| rlhf_tests::read_jsonl(&dir.join("metrics.jsonl"));
     let (a, b) = (metrics(&one), metrics(&two));
     assert_eq!(b.len(), 2, "each step once");
-    for (x, y) in a.iter().zip(&b) {
-        for key in ["train/loss", "train/grad_norm", "train/accuracy"] {
-            let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
-            assert!(
-                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
-                "{key}: {x} vs {y}"
-            );
-        }
-    }
+    let keys = ["train/loss", "train/grad_norm", "train/accuracy"];
+    rlhf_tests::assert_same_metrics(&a, &b, &keys, (1e-5, 1.0));
 }
 
 #[test]

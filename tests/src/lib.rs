@@ -110,6 +110,26 @@ pub fn ok(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON summary line on stdout")
 }
 
+/// Asserts that two runs logged the same `keys` at every step (as many steps each):
+/// |x − y| < `rel` · max(|x|, `floor`) — purely relative with `floor` 0.
+pub fn assert_same_metrics(
+    a: &[serde_json::Value],
+    b: &[serde_json::Value],
+    keys: &[&str],
+    (rel, floor): (f64, f64),
+) {
+    assert_eq!(a.len(), b.len(), "steps logged");
+    for (x, y) in a.iter().zip(b) {
+        for key in keys {
+            let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() < rel * x.abs().max(floor),
+                "{key}: {x} vs {y}"
+            );
+        }
+    }
+}
+
 /// Every line of a JSON Lines file.
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
