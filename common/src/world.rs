@@ -89,14 +89,22 @@ impl World {
 
     /// Σ over ranks of a scalar.
     pub fn sum(&self, x: f64) -> f64 {
-        match &self.comm {
-            None => x,
-            Some(comm) => comm
-                .all_gather(&x.to_le_bytes())
-                .iter()
-                .map(|b| f64::from_le_bytes(b.as_slice().try_into().expect("8 bytes")))
-                .sum(),
+        self.sums([x])[0]
+    }
+
+    /// Σ over ranks of each of several scalars, in one exchange (summed in rank order).
+    pub fn sums<const N: usize>(&self, xs: [f64; N]) -> [f64; N] {
+        let Some(comm) = &self.comm else {
+            return xs;
+        };
+        let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut total = [0.0; N];
+        for part in comm.all_gather(&bytes) {
+            for (t, b) in total.iter_mut().zip(part.chunks_exact(8)) {
+                *t += f64::from_le_bytes(b.try_into().expect("8 bytes"));
+            }
         }
+        total
     }
 
     /// Mean over ranks of a scalar (each rank holding an equal share of the batch).

@@ -429,7 +429,7 @@ pub fn explained_variance(values: &Tensor, returns: &Tensor, mask: &Tensor, worl
 
 /// The Bessel-corrected variance of every rank's values from each rank's (count, Σx, Σx²).
 pub fn var_over(world: &World, (n, sum, sum_sq): (f64, f64, f64)) -> f64 {
-    let (n, sum, sum_sq) = (world.sum(n), world.sum(sum), world.sum(sum_sq));
+    let [n, sum, sum_sq] = world.sums([n, sum, sum_sq]);
     ((sum_sq - sum * sum / n.max(1.0)) / (n - 1.0).max(1.0)).max(0.0)
 }
 

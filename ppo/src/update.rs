@@ -132,9 +132,9 @@ pub fn update(
             }
             // Each rank's statistics are its share of the minibatch's (weighted by global
             // counts): their sum over ranks is the minibatch's.
-            for key in STAT_KEYS {
-                let local = mb_stats.get(key).copied().unwrap_or(0.0);
-                mb_stats.insert(key, world.sum(local));
+            let local = STAT_KEYS.map(|key| mb_stats.get(key).copied().unwrap_or(0.0));
+            for (key, total) in STAT_KEYS.into_iter().zip(world.sums(local)) {
+                mb_stats.insert(key, total);
             }
             if let Some(ptx) = learners.ptx.as_deref_mut() {
                 let loss = ptx_backward(learners.policy, ptx, minibatch, world);
