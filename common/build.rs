@@ -1,6 +1,6 @@
-//! Links libtorch (see `build/libtorch_link.rs`), builds `dist/store.cpp` (c10d's TCPStore
-//! for data-parallel runs) and `cuda/graph.cpp`, the CUDA-graph shim, against the headers
-//! of the same torch wheel. A libtorch without CUDA (or without
+//! Links libtorch (see `build/libtorch_link.rs`), builds the C++ shims in `shim/` against
+//! the headers of the same torch wheel: `store.cpp` (c10d's TCPStore for data-parallel
+//! runs), `rng.cpp` (the random generators' state) and `cuda_graph.cpp`. A libtorch without CUDA (or without
 //! the CUDA runtime headers beside it) builds without the shim: decoding is then eager
 //! everywhere, and `cfg(cuda_graphs)` is unset.
 
@@ -31,22 +31,22 @@ fn cuda_include(torch_lib: &Path) -> Option<PathBuf> {
 fn main() {
     link_libtorch();
     println!("cargo::rustc-check-cfg=cfg(cuda_graphs)");
-    println!("cargo:rerun-if-changed=cuda/graph.cpp");
+    println!("cargo:rerun-if-changed=shim");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap());
     // The wheel's own path (.venv/libtorch is a link into site-packages), where nvidia/ is.
     let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
     let include = lib.parent().unwrap().join("include");
-    println!("cargo:rerun-if-changed=dist/store.cpp");
     cc::Build::new()
         .cpp(true)
-        .file("dist/store.cpp")
+        .file("shim/store.cpp")
+        .file("shim/rng.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .warnings(false)
-        .compile("rlhf_c10d_store");
+        .compile("rlhf_shim");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
@@ -58,7 +58,7 @@ fn main() {
     };
     cc::Build::new()
         .cpp(true)
-        .file("cuda/graph.cpp")
+        .file("shim/cuda_graph.cpp")
         .include(&include)
         .include(&cuda)
         .flag("-std=c++17")

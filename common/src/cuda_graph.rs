@@ -1,4 +1,4 @@
-//! CUDA graphs through `cuda/graph.cpp`, a C shim over libtorch's `at::cuda::CUDAGraph`
+//! CUDA graphs through `shim/cuda_graph.cpp`, a C shim over libtorch's `at::cuda::CUDAGraph`
 //! (what `torch.cuda.graph` uses). A graph records every kernel one call of a closure
 //! launches, on fixed tensor addresses, and `replay` relaunches them all with one host
 //! call: a decode step's few hundred small kernels stop costing a host launch each.
@@ -17,9 +17,8 @@ pub fn available() -> bool {
 
 #[cfg(cuda_graphs)]
 mod ffi {
-    use std::ffi::{c_char, c_int, c_void};
+    use std::ffi::{c_int, c_void};
     unsafe extern "C" {
-        pub fn rlhf_graph_last_error() -> *const c_char;
         pub fn rlhf_graph_new(out: *mut *mut c_void) -> c_int;
         pub fn rlhf_graph_side_stream(g: *mut c_void) -> c_int;
         pub fn rlhf_graph_capture_begin(g: *mut c_void) -> c_int;
@@ -43,9 +42,7 @@ fn check(rc: std::ffi::c_int, what: &str) -> Result<()> {
     if rc == 0 {
         return Ok(());
     }
-    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
-    let msg = unsafe { std::ffi::CStr::from_ptr(ffi::rlhf_graph_last_error()) };
-    let first = msg.to_string_lossy();
+    let first = crate::shim::last_error();
     let first = first.lines().next().unwrap_or("").to_string();
     Err(Error::CudaGraph(format!("CUDA graph {what}: {first}")))
 }

@@ -1,11 +1,11 @@
-//! Data parallelism's engine: c10d's `TCPStore` from the torch wheel (`dist/store.cpp`),
+//! Data parallelism's engine: c10d's `TCPStore` from the torch wheel (`shim/store.cpp`),
 //! found the way torchrun and Slurm describe a run, and the collectives [`crate::World`]
 //! needs, carried over the same store: each rank writes its bytes under a key of the
 //! collective's sequence number and reads every rank's, summing in rank order so that
 //! every rank gets bit-identical results. That is c10d's store-based exchange, right for
 //! CPU runs and tests; NCCL for CUDA tensors plugs in beside it (issue 19).
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,7 +16,6 @@ mod ffi {
     use std::ffi::{c_char, c_int, c_void};
 
     extern "C" {
-        pub fn rlhf_store_error() -> *const c_char;
         pub fn rlhf_store_connect(
             host: *const c_char,
             port: u16,
@@ -37,7 +36,6 @@ mod ffi {
             out: *mut *mut u8,
             len: *mut usize,
         ) -> c_int;
-        pub fn rlhf_store_free(buffer: *mut u8);
         pub fn rlhf_store_add(
             handle: *mut c_void,
             key: *const c_char,
@@ -48,15 +46,7 @@ mod ffi {
     }
 }
 
-/// The message of this thread's last store failure.
-#[allow(unsafe_code)]
-fn last_error() -> String {
-    // SAFETY: the shim returns a pointer to a thread-local, NUL-terminated string that
-    // lives until the next failure on this thread; it is copied at once.
-    unsafe { CStr::from_ptr(ffi::rlhf_store_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
+use crate::shim::last_error;
 
 /// A connection to a c10d `TCPStore` (the server runs in one of the processes).
 #[derive(Debug)]
@@ -142,9 +132,7 @@ impl Store {
             if ffi::rlhf_store_get(self.handle, k.as_ptr(), &mut out, &mut len) != 0 {
                 self.fail("get");
             }
-            let value = std::slice::from_raw_parts(out, len).to_vec();
-            ffi::rlhf_store_free(out);
-            value
+            crate::shim::take_buffer(out, len)
         }
     }
 

@@ -12,6 +12,7 @@ use crate::cli::RunArgs;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::models::Model;
+use crate::rng;
 use crate::run_dir::{RunDir, TRAINER_STATE};
 use crate::trainee::{StepOutcome, Trainee};
 use crate::world::World;
@@ -44,6 +45,21 @@ fn load_checkpoint<S: DeserializeOwned>(dir: &Path, trainees: &mut [&mut Trainee
     let path = dir.join(TRAINER_STATE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_str(&text).map_err(|source| Error::Json { path, source })
+}
+
+/// Restores this rank's random generators from checkpoint `dir` (`rng_state_{rank}`); a
+/// checkpoint without them (an older one, or fewer ranks) leaves them as seeded.
+fn restore_rng(dir: &Path, world: &World, trainees: &[&mut Trainee]) -> Result<()> {
+    let path = rng::file(dir, world.rank());
+    if !path.exists() {
+        tracing::warn!(
+            "{} is not there: random draws (LoRA dropout) continue from the seed, not from where the run was",
+            path.display()
+        );
+        return Ok(());
+    }
+    let devices: Vec<_> = trainees.iter().map(|t| t.model.device()).collect();
+    rng::restore(&path, &devices)
 }
 
 /// What `trainer_state.json` holds; `extra` carries a stage's own state (PPO: the KL
@@ -126,6 +142,7 @@ impl Session {
                 Some((step, dir)) => {
                     state = load_checkpoint(&dir, trainees)?;
                     state.total_steps = total_steps;
+                    restore_rng(&dir, &world, trainees)?;
                     resumed_at = Some(step);
                     tracing::info!("resumed from {} (step {step})", dir.display());
                     resumed_from = Some(dir);
@@ -268,9 +285,16 @@ impl Session {
         trainees: &[&Trainee],
         extra: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<()> {
+        let devices: Vec<_> = trainees.iter().map(|t| t.model.device()).collect();
+        let rng_states = self.world.gather_bytes(&rng::snapshot(&devices)?);
         if let Some(m) = &mut self.metrics {
             m.flush();
-            let dir = save_checkpoint(&self.run, self.state.step, trainees, &self.state, extra)?;
+            let dir = save_checkpoint(&self.run, self.state.step, trainees, &self.state, |dir| {
+                for (rank, state) in rng_states.iter().enumerate() {
+                    checkpoint::write_atomic(&rng::file(dir, rank), state)?;
+                }
+                extra(dir)
+            })?;
             crate::faults::hit("checkpoint-after-rename");
             self.run.prune(self.keep_last)?;
             tracing::info!(

@@ -107,6 +107,14 @@ impl World {
         total
     }
 
+    /// Every rank's `bytes`, in rank order.
+    pub fn gather_bytes(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        match &self.comm {
+            None => vec![bytes.to_vec()],
+            Some(comm) => comm.all_gather(bytes),
+        }
+    }
+
     /// Mean over ranks of a scalar (each rank holding an equal share of the batch).
     pub fn mean(&self, x: f64) -> f64 {
         self.sum(x) / self.size as f64

@@ -399,10 +399,19 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
     assert!(max_diff(&logprobs(&trainee.model), &f.reference["llama"]["base"]) > 1e-3);
 }
 
+/// With LoRA dropout, too: the checkpoint keeps the random generator's state
+/// (`rng_state_0.safetensors`), so the resumed steps draw the uninterrupted run's masks.
 #[test]
 fn killed_adapter_run_resumes_to_the_same_adapter() {
     let f = fixture();
-    let args = ["--max-steps", "4", "--save-every", "2"];
+    let args = [
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--lora-dropout",
+        "0.3",
+    ];
     let straight = f.root.join("run-resume-straight");
     ok(&train_adapter("llama", &straight, &args, &[]));
     let killed = f.root.join("run-resume-killed");
@@ -413,6 +422,7 @@ fn killed_adapter_run_resumes_to_the_same_adapter() {
     assert!(
         ckpt.join("adapter_model.safetensors").exists() && !ckpt.join("model.safetensors").exists()
     );
+    assert!(ckpt.join("rng_state_0.safetensors").exists());
     let resume = [args.as_slice(), &["--resume"]].concat();
     ok(&train_adapter("llama", &killed, &resume, &[]));
     let (a, b) = (

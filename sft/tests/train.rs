@@ -899,6 +899,11 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     rlhf_tests::assert_same_metrics(&a, &b, &keys, (1e-5, 0.0));
     let events = std::fs::read_dir(two.join("tb")).unwrap().count();
     assert_eq!(events, 1, "one TensorBoard file");
+    let last = two.join("checkpoints/step-000003");
+    for rank in 0..2 {
+        let rng = last.join(format!("rng_state_{rank}.safetensors"));
+        assert!(rng.exists(), "{} is missing", rng.display());
+    }
 
     // An error on rank 0 alone (the output directory exists): every rank ends, well
     // before --dist-timeout (120 s), rather than waiting for rank 0 at a barrier.

@@ -1,11 +1,13 @@
 // CUDA graphs for the decode loop: a thin C ABI over libtorch's own at::cuda::CUDAGraph
 // (the mechanism behind torch.cuda.graph), built by common/build.rs against the torch
-// wheel's headers. Every function returns 0 on success, or 1 with the message available
-// from rlhf_graph_last_error() (a C++ exception never crosses into Rust).
+// wheel's headers. Every function returns 0 on success, or -1 with the message available
+// from rlhf_shim_error() (guarded.hpp).
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "guarded.hpp"
 
 #include <exception>
 #include <optional>
@@ -13,7 +15,7 @@
 
 namespace {
 
-thread_local std::string last_error;
+using rlhf::guarded;
 
 // One captured decode step: the graph, and while a side stream is current (capture is
 // not allowed on the default stream), the stream to go back to. Streams are switched with
@@ -38,24 +40,10 @@ struct Graph {
   }
 };
 
-template <typename F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return 1;
-}
-
 }  // namespace
 
 extern "C" {
 
-const char* rlhf_graph_last_error() { return last_error.c_str(); }
 
 int rlhf_graph_new(void** out) {
   return guarded([&] { *out = new Graph(); });

@@ -1,9 +1,11 @@
 // The c10d TCPStore of the torch wheel we build against, behind a C interface: the
 // rendezvous of a data-parallel run (torchrun's agent store, or one rank's server) and,
 // on CPU, the medium of the collectives (src/dist.rs). Every function catches C++
-// exceptions; the message of the last failure on this thread is rlhf_store_error().
+// exceptions (guarded.hpp).
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "guarded.hpp"
 
 #include <chrono>
 #include <cstdint>
@@ -13,31 +15,14 @@
 #include <vector>
 
 namespace {
-thread_local std::string last_error;
+using rlhf::guarded;
 
 c10d::Store* as_store(void* handle) {
   return static_cast<c10d::Store*>(handle);
 }
-
-template <typename F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return -1;
-}
 } // namespace
 
 extern "C" {
-
-const char* rlhf_store_error() {
-  return last_error.c_str();
-}
 
 // A TCPStore at host:port: the server (waiting for world_size processes, itself
 // included) or a client. Null on failure.
