@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::models::lora::{LoraConfig, TargetModules};
 use crate::models::prompt_tuning::{PromptInit, PromptTuningConfig};
 use crate::models::ModelOptions;
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, ZeroStage};
 use crate::schedule::{Schedule, ScheduleKind};
 
 /// The message of the first failed check, as an error (each check is a condition and the
@@ -98,6 +98,10 @@ pub struct OptimArgs {
     /// Clip gradients to this global norm; 0 disables clipping.
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    /// Data parallel: 1 shards the optimizer state (f32 master weights and Adam moments)
+    /// across the ranks, as DeepSpeed's ZeRO stage 1; 0 keeps all of it on every rank.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub zero_stage: u8,
 }
 
 impl OptimArgs {
@@ -107,6 +111,13 @@ impl OptimArgs {
             beta2: self.adam_beta2,
             eps: self.adam_eps,
             weight_decay: self.weight_decay,
+        }
+    }
+
+    pub fn zero(&self) -> ZeroStage {
+        match self.zero_stage {
+            0 => ZeroStage::Off,
+            _ => ZeroStage::Optimizer,
         }
     }
 

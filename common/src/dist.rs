@@ -263,20 +263,35 @@ impl Comm {
         all
     }
 
-    /// Rank 0's `bytes` on every rank.
-    pub fn broadcast(&self, bytes: &[u8]) -> Vec<u8> {
+    /// Point to point within one step: `parts[s]` goes to rank `s`; every rank gets, in rank
+    /// order, what each rank sent it. Every rank must agree on which ranks receive (send
+    /// `Some` to the same ones); a rank that receives nothing gets an empty list. Each
+    /// value is read once, by its receiver, who deletes it.
+    pub fn all_to_all(&self, parts: &[Option<&[u8]>]) -> Vec<Vec<u8>> {
+        assert_eq!(parts.len(), self.size, "one part per rank");
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        let key = format!("{}b{seq}", self.prefix);
-        if self.rank == 0 {
-            self.store.set(&key, bytes);
+        let key = |from: usize, to: usize| format!("{}p{seq}/{from}/{to}", self.prefix);
+        for (to, part) in parts.iter().enumerate() {
+            if let Some(bytes) = part {
+                self.store.set(&key(self.rank, to), bytes);
+            }
         }
-        let value = self.store.get(&key);
-        let read = format!("{}b{seq}/read", self.prefix);
+        let written = format!("{}p{seq}/written", self.prefix);
+        self.store.add(&written, 1);
+        self.wait_for_all(&written);
+        let mut received = vec![];
+        if parts[self.rank].is_some() {
+            for from in 0..self.size {
+                received.push(self.store.get(&key(from, self.rank)));
+                self.store.delete(&key(from, self.rank));
+            }
+        }
+        let read = format!("{}p{seq}/read", self.prefix);
         if self.store.add(&read, 1) == self.size as i64 {
-            self.store.delete(&key);
+            self.store.delete(&written);
             self.store.delete(&read);
         }
-        value
+        received
     }
 }
 
@@ -458,8 +473,8 @@ mod tests {
         assert!(e.contains("WORLD_SIZE=\"two\" is not a number"), "{e}");
     }
 
-    /// Two ranks in threads over a real TCPStore: gathers in rank order, broadcasts rank
-    /// 0's bytes, and leaves no keys behind.
+    /// Two ranks in threads over a real TCPStore: gathers in rank order and sends point to
+    /// point.
     #[test]
     fn store_collectives_between_two_ranks() {
         // A port the system just handed out (free a moment ago).
@@ -483,16 +498,27 @@ mod tests {
                     let comm = l.connect(Duration::from_secs(60)).unwrap();
                     let gathered = comm.all_gather(&[rank as u8; 3]);
                     let again = comm.all_gather(&[10 + rank as u8]);
-                    let sent = comm.broadcast(&[7 + rank as u8, 1]);
-                    (gathered, again, sent)
+                    // Rank r sends [r, s] to rank s; only rank 1 receives the second time.
+                    let parts: Vec<Vec<u8>> = (0..2).map(|s| vec![rank as u8, s]).collect();
+                    let refs: Vec<Option<&[u8]>> = parts.iter().map(|p| Some(&p[..])).collect();
+                    let swapped = comm.all_to_all(&refs);
+                    let one = comm.all_to_all(&[None, Some(&[rank as u8 + 5])]);
+                    (gathered, again, swapped, one)
                 })
             })
             .collect();
-        for handle in ranks {
-            let (gathered, again, sent) = handle.join().unwrap();
+        for (rank, handle) in ranks.into_iter().enumerate() {
+            let (gathered, again, swapped, one) = handle.join().unwrap();
             assert_eq!(gathered, [vec![0, 0, 0], vec![1, 1, 1]]);
             assert_eq!(again, [vec![10], vec![11]]);
-            assert_eq!(sent, [7, 1]);
+            let r = rank as u8;
+            assert_eq!(swapped, [vec![0, r], vec![1, r]]);
+            let want: Vec<Vec<u8>> = if rank == 1 {
+                vec![vec![5], vec![6]]
+            } else {
+                vec![]
+            };
+            assert_eq!(one, want);
         }
     }
 }

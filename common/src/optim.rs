@@ -3,6 +3,8 @@
 //! and embeddings, and global-norm gradient clipping that reports the pre-clip norm.
 //!
 //! The update is `torch.optim.AdamW`'s (non-fused, non-amsgrad) step, term for term.
+//! In a data-parallel run it sums the gradients over the ranks, and with ZeRO stage 1
+//! ([`ZeroStage`]) each rank keeps and updates only its shard of the state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -12,6 +14,7 @@ use tch::{Kind, Tensor};
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
+use crate::world::World;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -31,45 +34,120 @@ pub fn no_decay(name: &str) -> bool {
         || name.contains(".wpe.")
 }
 
-/// One parameter's slices of its group's buffers (what a checkpoint stores by name).
-#[derive(Debug)]
-struct ParamState {
-    /// f32 master copy when the parameter itself is half precision.
-    master: Option<Tensor>,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+/// Where a parameter lies in its group's flat buffers.
+#[derive(Debug, Clone)]
+struct Slot {
+    group: usize,
+    offset: i64,
+    shape: Vec<i64>,
+}
+
+impl Slot {
+    fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
 }
 
 /// Parameters of one weight-decay class and dtype, stored back to back: every parameter
 /// and its gradient are views of `params` and `grads`, so a step is a few whole-buffer
 /// operations instead of a dozen per parameter (and the gradient norm one reduction).
+/// The optimiser state covers this rank's range of the buffers: all of it, or its ZeRO-1
+/// shard.
 #[derive(Debug)]
 struct Group {
     decay: bool,
     params: Tensor,
     grads: Tensor,
+    /// This rank's range `(start, len)` of `params`/`grads`: the elements it updates.
+    owned: (i64, i64),
+    /// f32 master copy of the owned range when the parameters are half precision.
     master: Option<Tensor>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
 
+impl Group {
+    fn total(&self) -> i64 {
+        self.params.size()[0]
+    }
+
+    /// The owned range of a whole-length buffer.
+    fn owned_part(&self, t: &Tensor) -> Tensor {
+        t.narrow(0, self.owned.0, self.owned.1)
+    }
+
+    /// The state buffers, by the name prefix a checkpoint stores them under.
+    fn state(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut out = vec![("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)];
+        if let Some(m) = &self.master {
+            out.push(("master", m));
+        }
+        out
+    }
+}
+
 /// Elements per update chunk: bounds the step's temporaries (about 3 × 4 bytes each).
 const CHUNK: i64 = 1 << 26;
+
+/// How the optimiser state is spread over data-parallel ranks (DeepSpeed's ZeRO stages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ZeroStage {
+    /// Every rank holds all of it and updates every parameter.
+    #[default]
+    Off,
+    /// Stage 1: each rank holds the master weights and moments of its shard of every flat
+    /// buffer, receives only its shard of the summed gradients (reduce-scatter), updates
+    /// that shard, and sends it to the others (all-gather).
+    Optimizer,
+}
 
 #[derive(Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
     groups: Vec<Group>,
-    params: BTreeMap<String, ParamState>,
+    slots: BTreeMap<String, Slot>,
+    /// The ranks the gradients are summed over (and, under ZeRO-1, the state sharded).
+    world: World,
+    zero: ZeroStage,
     /// Optimiser steps taken.
     pub step: i64,
 }
 
+/// The optimiser's state as a checkpoint holds it: every parameter's moments (and master
+/// weights) by name, whole, whatever the sharding.
+#[derive(Debug)]
+pub struct OptimizerState {
+    step: i64,
+    config: AdamWConfig,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl OptimizerState {
+    /// Writes the moments (and master weights) to `dir/optimizer.safetensors` and the
+    /// step and hyperparameters to `dir/optimizer.json`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        checkpoint::save_file(&self.tensors, &dir.join("optimizer.safetensors"))?;
+        let meta = serde_json::json!({"step": self.step, "config": self.config});
+        checkpoint::write_atomic(&dir.join("optimizer.json"), meta.to_string().as_bytes())
+    }
+}
+
 impl AdamW {
-    /// Over the trainable variables `vars` (name → variable). The variables (and their
+    /// Over the trainable variables `vars` (name → variable), in one process.
+    pub fn new(vars: HashMap<String, Tensor>, config: AdamWConfig) -> Self {
+        Self::distributed(vars, config, &World::single(), ZeroStage::Off)
+    }
+
+    /// Over the trainable variables `vars` (name → variable), their gradients summed over
+    /// `world`'s ranks, the state sharded as `zero` says. The variables (and their
     /// gradients) are moved into the optimiser's flat buffers, values kept; gradients start
     /// at zero, and a parameter that gets no gradient in a step is updated with a zero one.
-    pub fn new(vars: HashMap<String, Tensor>, config: AdamWConfig) -> Self {
+    pub fn distributed(
+        vars: HashMap<String, Tensor>,
+        config: AdamWConfig,
+        world: &World,
+        zero: ZeroStage,
+    ) -> Self {
         let trainable: BTreeMap<String, Tensor> = vars
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
@@ -99,16 +177,13 @@ impl AdamW {
             classes.entry(key).or_default().push((name, p));
         }
         let mut groups = vec![];
-        let mut params = BTreeMap::new();
+        let mut slots = BTreeMap::new();
         for ((decay, _, _), members) in classes {
             let (kind, device) = (members[0].1.kind(), members[0].1.device());
             let total: i64 = members.iter().map(|(_, p)| p.numel() as i64).sum();
             let flat = Tensor::empty([total], (kind, device));
             let grads = Tensor::zeros([total], (kind, device));
-            let f32_zeros = || Tensor::zeros([total], (Kind::Float, device));
-            let (exp_avg, exp_avg_sq) = (f32_zeros(), f32_zeros());
             let mut offset = 0;
-            let mut views = vec![];
             for (name, p) in &members {
                 let n = p.numel() as i64;
                 let view = |t: &Tensor| t.narrow(0, offset, n).view(p.size().as_slice());
@@ -116,49 +191,67 @@ impl AdamW {
                 pv.shallow_clone().copy_(p);
                 let _ = p.shallow_clone().set_source_tensor_(&pv);
                 let _ = p.grad().set_source_tensor_(&view(&grads));
-                params.insert(
-                    (*name).clone(),
-                    ParamState {
-                        master: None,
-                        exp_avg: view(&exp_avg),
-                        exp_avg_sq: view(&exp_avg_sq),
-                    },
-                );
-                views.push(((*name).clone(), offset, n, p.size()));
+                let slot = Slot {
+                    group: groups.len(),
+                    offset,
+                    shape: p.size(),
+                };
+                slots.insert((*name).clone(), slot);
                 offset += n;
             }
-            let master = (kind != Kind::Float).then(|| flat.to_kind(Kind::Float));
-            if let Some(m) = &master {
-                for (name, offset, n, shape) in views {
-                    params.get_mut(&name).unwrap().master =
-                        Some(m.narrow(0, offset, n).view(shape.as_slice()));
-                }
-            }
+            let owned = match zero {
+                ZeroStage::Off => (0, total),
+                ZeroStage::Optimizer => world.shard_of(total),
+            };
+            let f32_zeros = || Tensor::zeros([owned.1], (Kind::Float, device));
+            let master = (kind != Kind::Float)
+                .then(|| flat.narrow(0, owned.0, owned.1).to_kind(Kind::Float));
             groups.push(Group {
                 decay,
                 params: flat,
                 grads,
+                owned,
                 master,
-                exp_avg,
-                exp_avg_sq,
+                exp_avg: f32_zeros(),
+                exp_avg_sq: f32_zeros(),
             });
         }
-        AdamW {
+        let optimizer = AdamW {
             config,
             groups,
-            params,
+            slots,
+            world: world.clone(),
+            zero,
             step: 0,
+        };
+        if zero == ZeroStage::Optimizer {
+            let (held, whole) = optimizer.state_bytes();
+            tracing::info!(
+                "--zero-stage 1: this rank holds {:.1} MB of optimizer state instead of {:.1} MB ({:.1} MB saved, {} ranks)",
+                held as f64 / 1e6,
+                whole as f64 / 1e6,
+                (whole - held) as f64 / 1e6,
+                world.size()
+            );
         }
+        optimizer
+    }
+
+    /// Bytes of optimiser state (moments and master weights) this rank holds, and what
+    /// one rank would hold without sharding.
+    pub fn state_bytes(&self) -> (i64, i64) {
+        self.groups.iter().fold((0, 0), |(held, whole), g| {
+            let per_element = 4 * g.state().len() as i64;
+            (
+                held + per_element * g.owned.1,
+                whole + per_element * g.total(),
+            )
+        })
     }
 
     /// The names of the parameters it trains (those that require a gradient).
     pub fn parameter_names(&self) -> Vec<String> {
-        self.params.keys().cloned().collect()
-    }
-
-    /// The flat gradient buffers, one per group: what a data-parallel step sums over ranks.
-    pub fn grad_buffers(&self) -> impl Iterator<Item = &Tensor> {
-        self.groups.iter().map(|g| &g.grads)
+        self.slots.keys().cloned().collect()
     }
 
     pub fn zero_grad(&self) {
@@ -167,21 +260,42 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of all gradients, read from the device once.
+    /// Sums the gradients over the ranks (after a step's backward passes): every flat
+    /// buffer whole, or under ZeRO-1 only this rank's shard of it (the rest is not read).
+    pub fn reduce_gradients(&self) {
+        for g in &self.groups {
+            match self.zero {
+                ZeroStage::Off => self.world.sum_(&g.grads),
+                ZeroStage::Optimizer => self.world.reduce_scatter_(&g.grads),
+            }
+        }
+    }
+
+    /// Global L2 norm of all gradients (over every rank's shard under ZeRO-1), read from
+    /// the device once.
     pub fn grad_norm(&self) -> f64 {
         let _guard = tch::no_grad_guard();
         let squares: Vec<Tensor> = self
             .groups
             .iter()
-            .map(|g| g.grads.to_kind(Kind::Float).square().sum(Kind::Float))
+            .map(|g| {
+                g.owned_part(&g.grads)
+                    .to_kind(Kind::Float)
+                    .square()
+                    .sum(Kind::Float)
+            })
             .collect();
-        if squares.is_empty() {
-            return 0.0;
+        let local = match squares.is_empty() {
+            true => 0.0,
+            false => Tensor::stack(&squares, 0)
+                .sum(Kind::Double)
+                .double_value(&[]),
+        };
+        match self.zero {
+            ZeroStage::Off => local,
+            ZeroStage::Optimizer => self.world.sum(local),
         }
-        Tensor::stack(&squares, 0)
-            .sum(Kind::Double)
-            .double_value(&[])
-            .sqrt()
+        .sqrt()
     }
 
     /// Scales the gradients so their global norm is at most `max_norm` (when > 0), as
@@ -193,14 +307,15 @@ impl AdamW {
             if coef < 1.0 {
                 let _guard = tch::no_grad_guard();
                 for g in &self.groups {
-                    let _ = g.grads.shallow_clone().g_mul_scalar_(coef);
+                    let _ = g.owned_part(&g.grads).g_mul_scalar_(coef);
                 }
             }
         }
         norm
     }
 
-    /// One AdamW step at learning rate `lr` using the current gradients.
+    /// One AdamW step at learning rate `lr` using the current gradients, on the owned
+    /// range of every buffer; under ZeRO-1 the updated shards then go to every rank.
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
         self.step += 1;
@@ -209,13 +324,14 @@ impl AdamW {
         let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
         let step_size = lr / bias_correction1;
         for g in &self.groups {
-            let total = g.params.size()[0];
+            let (params, grads) = (g.owned_part(&g.params), g.owned_part(&g.grads));
+            let total = g.owned.1;
             let mut start = 0;
             while start < total {
                 let n = CHUNK.min(total - start);
                 let part = |t: &Tensor| t.narrow(0, start, n);
-                let grad = part(&g.grads).to_kind(Kind::Float);
-                let mut p = part(g.master.as_ref().unwrap_or(&g.params));
+                let grad = part(&grads).to_kind(Kind::Float);
+                let mut p = part(g.master.as_ref().unwrap_or(&params));
                 let mut exp_avg = part(&g.exp_avg);
                 let mut exp_avg_sq = part(&g.exp_avg_sq);
                 if g.decay && c.weight_decay != 0.0 {
@@ -228,30 +344,59 @@ impl AdamW {
                 let denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()) + c.eps;
                 let _ = p.addcdiv_(&(&exp_avg * -step_size), &denom);
                 if g.master.is_some() {
-                    part(&g.params).copy_(&p);
+                    part(&params).copy_(&p);
                 }
                 start += n;
             }
-        }
-    }
-
-    /// Writes the moments (and master weights) to `dir/optimizer.safetensors` and the step
-    /// and hyperparameters to `dir/optimizer.json`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let mut tensors = BTreeMap::new();
-        for (name, s) in &self.params {
-            tensors.insert(format!("exp_avg.{name}"), s.exp_avg.shallow_clone());
-            tensors.insert(format!("exp_avg_sq.{name}"), s.exp_avg_sq.shallow_clone());
-            if let Some(m) = &s.master {
-                tensors.insert(format!("master.{name}"), m.shallow_clone());
+            if self.zero == ZeroStage::Optimizer {
+                self.world.all_gather_shards_(&g.params);
             }
         }
-        checkpoint::save_file(&tensors, &dir.join("optimizer.safetensors"))?;
-        let meta = serde_json::json!({"step": self.step, "config": self.config});
-        checkpoint::write_atomic(&dir.join("optimizer.json"), meta.to_string().as_bytes())
     }
 
-    /// Restores what [`AdamW::save`] wrote; every parameter's state must be there.
+    /// Each parameter's views of whole-length state buffers (`whole[group][i]` matching
+    /// `Group::state`), named as a checkpoint stores them.
+    fn named(&self, whole: &[Vec<(&'static str, Tensor)>]) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (name, slot) in &self.slots {
+            for (prefix, buffer) in &whole[slot.group] {
+                let view = buffer
+                    .narrow(0, slot.offset, slot.numel())
+                    .view(slot.shape.as_slice());
+                out.insert(format!("{prefix}.{name}"), view);
+            }
+        }
+        out
+    }
+
+    /// The state a checkpoint holds, whole: on the main rank (gathered from every rank's
+    /// shard under ZeRO-1), `None` on the others. Every rank must call it.
+    pub fn state(&self) -> Option<OptimizerState> {
+        let mut whole = vec![];
+        for g in &self.groups {
+            let mut buffers = vec![];
+            for (prefix, t) in g.state() {
+                let t = match self.zero {
+                    ZeroStage::Off => Some(t.shallow_clone()),
+                    ZeroStage::Optimizer => self.world.gather_shards(t, g.total()),
+                };
+                buffers.push(t.map(|t| (prefix, t)));
+            }
+            whole.push(buffers.into_iter().collect::<Option<Vec<_>>>());
+        }
+        let whole = match self.world.is_main() {
+            true => whole.into_iter().collect::<Option<Vec<_>>>()?,
+            false => return None,
+        };
+        Some(OptimizerState {
+            step: self.step,
+            config: self.config,
+            tensors: self.named(&whole),
+        })
+    }
+
+    /// Restores what [`OptimizerState::save`] wrote (every parameter's state must be
+    /// there), keeping this rank's shard of it under ZeRO-1.
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let meta_path = dir.join("optimizer.json");
         let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
@@ -263,15 +408,35 @@ impl AdamW {
         self.step = meta["step"]
             .as_i64()
             .ok_or_else(|| Error::checkpoint(&meta_path, "field 'step' is missing"))?;
-        let mut vars = HashMap::new();
-        for (name, s) in &self.params {
-            vars.insert(format!("exp_avg.{name}"), s.exp_avg.shallow_clone());
-            vars.insert(format!("exp_avg_sq.{name}"), s.exp_avg_sq.shallow_clone());
-            if let Some(m) = &s.master {
-                vars.insert(format!("master.{name}"), m.shallow_clone());
+        // Whole-length buffers: the state itself when this rank holds all of it, otherwise
+        // CPU buffers whose owned range is then copied in.
+        let whole: Vec<Vec<(&'static str, Tensor)>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                g.state()
+                    .into_iter()
+                    .map(|(prefix, t)| {
+                        let buffer = match g.owned.1 == g.total() {
+                            true => t.shallow_clone(),
+                            false => Tensor::zeros([g.total()], (Kind::Float, tch::Device::Cpu)),
+                        };
+                        (prefix, buffer)
+                    })
+                    .collect()
+            })
+            .collect();
+        let vars: HashMap<String, Tensor> = self.named(&whole).into_iter().collect();
+        checkpoint::load_file(&vars, &dir.join("optimizer.safetensors"))?;
+        let _guard = tch::no_grad_guard();
+        for (g, buffers) in self.groups.iter().zip(&whole) {
+            if g.owned.1 != g.total() {
+                for ((_, own), (_, buffer)) in g.state().into_iter().zip(buffers) {
+                    own.shallow_clone().copy_(&g.owned_part(buffer));
+                }
             }
         }
-        checkpoint::load_file(&vars, &dir.join("optimizer.safetensors"))
+        Ok(())
     }
 }
 
@@ -350,13 +515,70 @@ mod tests {
             ((&w * &w).sum(Kind::Float) + b.sum(Kind::Float)).backward();
             opt.step(0.1);
         }
+        let state = opt.state().unwrap();
         for (name, t) in [("w", &w), ("b.bias", &b)] {
-            let master = opt.params[name].master.as_ref().unwrap();
+            let master = &state.tensors[&format!("master.{name}")];
             assert!(t.equal(&master.to_kind(Kind::BFloat16)), "{name}");
             assert!(
                 (master - &init).abs().min().double_value(&[]) > 0.1,
                 "{name} moved"
             );
+        }
+    }
+
+    /// ZeRO-1 over two ranks (threads; buckets of 2 elements, smaller than a shard): bf16
+    /// parameters in two weight-decay groups, each rank with its own gradients, end where
+    /// the unsharded optimizer takes them, on both ranks, and the state gathered for a
+    /// checkpoint is the unsharded one.
+    #[test]
+    fn zero1_over_two_ranks_equals_the_unsharded_optimizer() {
+        let run = |zero: ZeroStage| {
+            crate::world::in_threads(2, 8, move |world| {
+                let mut vs = nn::VarStore::new(Device::Cpu);
+                let init = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 1.5, -0.75, 3.0]);
+                let w = vs.root().var_copy("w", &init);
+                let b = (vs.root() / "b").var_copy("bias", &init.narrow(0, 0, 3));
+                vs.bfloat16();
+                let mut opt = AdamW::distributed(vs.variables(), config(0.1), &world, zero);
+                let k = world.rank() as f64 + 1.0;
+                for _ in 0..3 {
+                    ((&w * &w).sum(Kind::Float) * k + (&b * k).sin().sum(Kind::Float)).backward();
+                    opt.reduce_gradients();
+                    opt.clip_grad_norm(1.0);
+                    opt.step(0.1);
+                    opt.zero_grad();
+                }
+                let moved = (&w.to_kind(Kind::Float) - &init)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(moved > 0.1, "w did not move");
+                let params = Tensor::cat(&[w.to_kind(Kind::Float), b.to_kind(Kind::Float)], 0);
+                (params, opt.state().map(|s| s.tensors), opt.state_bytes())
+            })
+        };
+        let (whole, sharded) = (run(ZeroStage::Off), run(ZeroStage::Optimizer));
+        for ((p0, _, _), (p1, _, bytes)) in whole.iter().zip(&sharded) {
+            assert!(
+                p1.equal(&sharded[0].0),
+                "the ranks hold different parameters"
+            );
+            let diff = (p0 - p1).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "ZeRO-1 parameters differ by {diff:e}");
+            // bf16: moments and master, 12 bytes per element; 10 elements, 2 groups.
+            assert_eq!(bytes.1, 120);
+            assert!(bytes.0 < bytes.1, "nothing sharded: {bytes:?}");
+        }
+        let (a, b) = (whole[0].1.as_ref().unwrap(), sharded[0].1.as_ref().unwrap());
+        assert!(
+            sharded[1].1.is_none(),
+            "only the main rank holds the whole state"
+        );
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        assert!(a.contains_key("master.w") && a.contains_key("exp_avg_sq.b.bias"));
+        for (key, t) in a {
+            let diff = (t - &b[key]).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{key}: gathered state differs by {diff:e}");
         }
     }
 
@@ -389,11 +611,13 @@ mod tests {
         let mut opt = AdamW::new(vs.variables(), config(0.0));
         (&w * 3.0).sum(Kind::Float).backward();
         opt.step(0.1);
-        opt.save(dir.path()).unwrap();
+        opt.state().unwrap().save(dir.path()).unwrap();
         let mut fresh = AdamW::new(vs.variables(), config(0.0));
         fresh.load(dir.path()).unwrap();
         assert_eq!(fresh.step, 1);
-        let (a, b) = (&opt.params["w"], &fresh.params["w"]);
-        assert!(a.exp_avg.equal(&b.exp_avg) && a.exp_avg_sq.equal(&b.exp_avg_sq));
+        let (a, b) = (opt.state().unwrap(), fresh.state().unwrap());
+        for key in ["exp_avg.w", "exp_avg_sq.w"] {
+            assert!(a.tensors[key].equal(&b.tensors[key]), "{key}");
+        }
     }
 }

@@ -12,6 +12,7 @@ use crate::cli::RunArgs;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::models::Model;
+use crate::optim::OptimizerState;
 use crate::rng;
 use crate::run_dir::{RunDir, TRAINER_STATE};
 use crate::trainee::{StepOutcome, Trainee};
@@ -22,13 +23,13 @@ use crate::world::World;
 fn save_checkpoint<S: Serialize>(
     run: &RunDir,
     step: u64,
-    trainees: &[&Trainee],
+    trainees: &[(&Trainee, OptimizerState)],
     state: &S,
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     run.save_checkpoint(step, |dir| {
-        for t in trainees {
-            t.save(dir)?;
+        for (t, optimizer) in trainees {
+            t.save(dir, optimizer)?;
         }
         extra(dir)?;
         crate::faults::hit("checkpoint-mid-write");
@@ -285,11 +286,25 @@ impl Session {
         trainees: &[&Trainee],
         extra: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<()> {
+        // What every rank takes part in: the optimiser states (whole on the main rank,
+        // gathered under ZeRO-1) and every rank's random generators.
+        let optimizers: Vec<Option<OptimizerState>> =
+            trainees.iter().map(|t| t.optimizer.state()).collect();
         let devices: Vec<_> = trainees.iter().map(|t| t.model.device()).collect();
         let rng_states = self.world.gather_bytes(&rng::snapshot(&devices)?);
         if let Some(m) = &mut self.metrics {
             m.flush();
-            let dir = save_checkpoint(&self.run, self.state.step, trainees, &self.state, |dir| {
+            let units: Vec<(&Trainee, OptimizerState)> = trainees
+                .iter()
+                .zip(optimizers)
+                .map(|(t, o)| {
+                    (
+                        *t,
+                        o.expect("the main rank holds the whole optimizer state"),
+                    )
+                })
+                .collect();
+            let dir = save_checkpoint(&self.run, self.state.step, &units, &self.state, |dir| {
                 for (rank, state) in rng_states.iter().enumerate() {
                     checkpoint::write_atomic(&rng::file(dir, rank), state)?;
                 }

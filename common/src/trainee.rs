@@ -13,7 +13,7 @@ use crate::cli::OptimArgs;
 use crate::error::Result;
 use crate::faults;
 use crate::models::Model;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, OptimizerState};
 use crate::schedule::Schedule;
 use crate::world::World;
 
@@ -40,16 +40,18 @@ pub struct Trainee {
 }
 
 impl Trainee {
-    /// Trains `model` (loaded from `source`) with AdamW as `optim` says, at the rates of
-    /// `schedule`.
+    /// Trains `model` (loaded from `source`) with AdamW as `optim` says, its gradients
+    /// summed over `world`'s ranks, at the rates of `schedule`.
     pub fn new(
         name: &'static str,
         model: Model,
         source: &Path,
         optim: &OptimArgs,
+        world: &World,
         schedule: Schedule,
     ) -> Self {
-        let optimizer = AdamW::new(model.vs.variables(), optim.adamw());
+        let optimizer =
+            AdamW::distributed(model.vs.variables(), optim.adamw(), world, optim.zero());
         let (trained, total) = parameter_counts(&model);
         tracing::info!(
             "{}: training {trained} of {total} parameters",
@@ -71,7 +73,7 @@ impl Trainee {
     /// the loss or the gradient norm is not finite, when the update is skipped (and the
     /// schedule does not advance, as `transformers` does for a skipped step). The
     /// gradients are zeroed either way.
-    pub fn step(&mut self, loss: f64, world: &World) -> StepOutcome {
+    pub fn step(&mut self, loss: f64) -> StepOutcome {
         faults::hit("mid-step");
         let updates = self.optimizer.step as u64;
         let loss = if faults::nan_from(updates) {
@@ -79,9 +81,7 @@ impl Trainee {
         } else {
             loss
         };
-        for grads in self.optimizer.grad_buffers() {
-            world.sum_(grads);
-        }
+        self.optimizer.reduce_gradients();
         let grad_norm = self.optimizer.clip_grad_norm(self.max_grad_norm);
         let lr = self.schedule.lr(updates);
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
@@ -101,12 +101,12 @@ impl Trainee {
         parameter_counts(&self.model)
     }
 
-    /// Writes the model (a Hugging Face directory) and the optimiser's state into
-    /// `checkpoint/<name>`.
-    pub fn save(&self, checkpoint: &Path) -> Result<()> {
+    /// Writes the model (a Hugging Face directory) and the optimiser's state (from
+    /// [`AdamW::state`]) into `checkpoint/<name>`.
+    pub fn save(&self, checkpoint: &Path, optimizer: &OptimizerState) -> Result<()> {
         let dir = checkpoint.join(self.name);
         self.model.save(&dir, Some(&self.source))?;
-        self.optimizer.save(&dir)
+        optimizer.save(&dir)
     }
 
     /// Restores what [`Trainee::save`] wrote into `checkpoint`.

@@ -11,10 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::dist::{Comm, Launch};
 use crate::error::Result;
+
+/// The largest message of one collective: a gradient buffer goes over in buckets, so that
+/// the store holds at most one bucket from each rank at a time, whatever the model's size.
+/// c10d's libuv TCPStore (the default) refuses values over 8 MiB (it resets the
+/// connection), so a bucket is half that.
+const BUCKET_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct World {
@@ -22,6 +28,7 @@ pub struct World {
     size: usize,
     local_rank: usize,
     comm: Option<Arc<Comm>>,
+    bucket_bytes: usize,
 }
 
 impl World {
@@ -32,6 +39,7 @@ impl World {
             size: 1,
             local_rank: 0,
             comm: None,
+            bucket_bytes: BUCKET_BYTES,
         }
     }
 
@@ -52,12 +60,18 @@ impl World {
             launch.host,
             launch.port
         );
-        Ok(World {
+        Ok(World::connected(&launch, comm))
+    }
+
+    /// The rank `launch` describes, exchanging over `comm`.
+    fn connected(launch: &Launch, comm: Comm) -> Self {
+        World {
             rank: launch.rank,
             size: launch.size,
             local_rank: launch.local_rank,
             comm: Some(Arc::new(comm)),
-        })
+            bucket_bytes: BUCKET_BYTES,
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -121,22 +135,135 @@ impl World {
     }
 
     /// Σ over ranks of a tensor, in place on every rank (summed in rank order, in the
-    /// tensor's dtype, on the CPU).
+    /// tensor's dtype, on the CPU; a bucket at a time).
     pub fn sum_(&self, t: &Tensor) {
         let Some(comm) = &self.comm else {
             return;
         };
-        let (cpu, bytes) = host_bytes(t);
-        let mut total: Option<Tensor> = None;
-        for part in comm.all_gather(&bytes) {
-            let x = Tensor::from_data_size(&part, &cpu.size(), cpu.kind());
-            total = Some(match total {
-                None => x,
-                Some(acc) => acc + x,
-            });
-        }
         let _guard = tch::no_grad_guard();
-        t.shallow_clone().copy_(&total.expect("one rank at least"));
+        let contiguous = t.is_contiguous();
+        let flat = if contiguous {
+            t.shallow_clone()
+        } else {
+            t.contiguous()
+        }
+        .view([-1]);
+        for (start, len) in self.buckets(flat.numel() as i64, t.kind()) {
+            let part = flat.narrow(0, start, len);
+            let total = sum_in_rank_order(comm.all_gather(&host_bytes(&part)), len, t.kind());
+            part.shallow_clone().copy_(&total);
+        }
+        if !contiguous {
+            t.shallow_clone().copy_(&flat.view(t.size().as_slice()));
+        }
+    }
+
+    /// This rank's shard `(start, len)` of a flat buffer of `n` elements under ZeRO-1: what
+    /// [`World::reduce_scatter_`] sums into and [`World::all_gather_shards_`] sends.
+    pub fn shard_of(&self, n: i64) -> (i64, i64) {
+        let (start, len) = shard_range(n as usize, self.rank, self.size);
+        (start as i64, len as i64)
+    }
+
+    /// Every rank's shard of `n` elements, in rank order.
+    fn shards(&self, n: i64) -> Vec<(i64, i64)> {
+        (0..self.size)
+            .map(|r| {
+                let (start, len) = shard_range(n as usize, r, self.size);
+                (start as i64, len as i64)
+            })
+            .collect()
+    }
+
+    /// Consecutive ranges of at most one bucket's elements covering `n` elements of `kind`.
+    fn buckets(&self, n: i64, kind: Kind) -> Vec<(i64, i64)> {
+        let per = (self.bucket_bytes / kind.elt_size_in_bytes()).max(1) as i64;
+        (0..n)
+            .step_by(per as usize)
+            .map(|a| (a, per.min(n - a)))
+            .collect()
+    }
+
+    /// ZeRO's reduce-scatter: Σ over ranks of the flat tensor `flat`, written only into this
+    /// rank's shard ([`World::shard_of`]); the rest keeps this rank's own values. Summed in
+    /// rank order as [`World::sum_`], so the shard holds exactly what `sum_` would give.
+    pub fn reduce_scatter_(&self, flat: &Tensor) {
+        let Some(comm) = &self.comm else {
+            return;
+        };
+        let _guard = tch::no_grad_guard();
+        let shards = self.shards(flat.numel() as i64);
+        for bucket in self.buckets(flat.numel() as i64, flat.kind()) {
+            let pieces: Vec<Option<(i64, i64)>> =
+                shards.iter().map(|s| overlap(bucket, *s)).collect();
+            let bytes: Vec<Option<Vec<u8>>> = pieces
+                .iter()
+                .map(|p| p.map(|(a, l)| host_bytes(&flat.narrow(0, a, l))))
+                .collect();
+            let parts: Vec<Option<&[u8]>> = bytes.iter().map(|b| b.as_deref()).collect();
+            let received = comm.all_to_all(&parts);
+            if let Some((a, l)) = pieces[self.rank] {
+                let total = sum_in_rank_order(received, l, flat.kind());
+                flat.narrow(0, a, l).copy_(&total);
+            }
+        }
+    }
+
+    /// ZeRO's all-gather: every rank's shard of the flat tensor `flat`, from that rank,
+    /// into every rank's copy.
+    pub fn all_gather_shards_(&self, flat: &Tensor) {
+        let Some(comm) = &self.comm else {
+            return;
+        };
+        let _guard = tch::no_grad_guard();
+        let shards = self.shards(flat.numel() as i64);
+        for bucket in self.buckets(flat.numel() as i64, flat.kind()) {
+            let pieces: Vec<Option<(i64, i64)>> =
+                shards.iter().map(|s| overlap(bucket, *s)).collect();
+            let mine = pieces[self.rank]
+                .map(|(a, l)| host_bytes(&flat.narrow(0, a, l)))
+                .unwrap_or_default();
+            for (piece, bytes) in pieces.iter().zip(comm.all_gather(&mine)) {
+                if let Some((a, l)) = piece {
+                    let value = from_bytes(&bytes, *l, flat.kind());
+                    flat.narrow(0, *a, *l).copy_(&value);
+                }
+            }
+        }
+    }
+
+    /// The whole flat tensor of `n` elements on the main rank (on the CPU), assembled from
+    /// every rank's shard (`shard` is this rank's, [`World::shard_of`]`(n)` long); `None`
+    /// on the other ranks. One process: `shard` itself.
+    pub fn gather_shards(&self, shard: &Tensor, n: i64) -> Option<Tensor> {
+        let Some(comm) = &self.comm else {
+            return Some(shard.shallow_clone());
+        };
+        let _guard = tch::no_grad_guard();
+        let kind = shard.kind();
+        let out = self
+            .is_main()
+            .then(|| Tensor::zeros([n], (kind, Device::Cpu)));
+        let shards = self.shards(n);
+        let my_start = shards[self.rank].0;
+        for bucket in self.buckets(n, kind) {
+            let pieces: Vec<Option<(i64, i64)>> =
+                shards.iter().map(|s| overlap(bucket, *s)).collect();
+            let mine = pieces[self.rank]
+                .map(|(a, l)| host_bytes(&shard.narrow(0, a - my_start, l)))
+                .unwrap_or_default();
+            let mut parts: Vec<Option<&[u8]>> = vec![None; self.size];
+            parts[0] = Some(&mine);
+            let received = comm.all_to_all(&parts);
+            if let Some(out) = &out {
+                for (piece, bytes) in pieces.iter().zip(received) {
+                    if let Some((a, l)) = piece {
+                        out.narrow(0, *a, *l).copy_(&from_bytes(&bytes, *l, kind));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Σ over ranks of a tensor, as a new tensor (the input is left as it was).
@@ -144,18 +271,6 @@ impl World {
         let out = t.copy();
         self.sum_(&out);
         out
-    }
-
-    /// The main rank's values of `t`, copied into `t` on every rank.
-    pub fn broadcast_(&self, t: &Tensor) {
-        let Some(comm) = &self.comm else {
-            return;
-        };
-        let (cpu, bytes) = host_bytes(t);
-        let value = comm.broadcast(&bytes);
-        let _guard = tch::no_grad_guard();
-        t.shallow_clone()
-            .copy_(&Tensor::from_data_size(&value, &cpu.size(), cpu.kind()));
     }
 
     /// Waits until every rank has reached this point.
@@ -171,13 +286,71 @@ impl World {
     }
 }
 
-/// `t` on the CPU, contiguous, and its bytes.
-fn host_bytes(t: &Tensor) -> (Tensor, Vec<u8>) {
+/// Runs `f` as each of `size` ranks, in threads of this process connected over a real
+/// TCPStore, with buckets of `bucket_bytes`; returns each rank's result in rank order.
+#[cfg(test)]
+pub(crate) fn in_threads<T: Send + 'static>(
+    size: usize,
+    bucket_bytes: usize,
+    f: impl Fn(World) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    // A port the system just handed out (free a moment ago).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let f = Arc::new(f);
+    let ranks: Vec<_> = (0..size)
+        .map(|rank| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let launch = Launch {
+                    rank,
+                    size,
+                    local_rank: rank,
+                    host: "127.0.0.1".into(),
+                    port,
+                    agent_store: false,
+                    attempt: "0".into(),
+                };
+                let comm = launch.connect(Duration::from_secs(60)).unwrap();
+                f(World {
+                    bucket_bytes,
+                    ..World::connected(&launch, comm)
+                })
+            })
+        })
+        .collect();
+    ranks.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// The bytes of `t` (copied to the CPU, contiguous).
+fn host_bytes(t: &Tensor) -> Vec<u8> {
     let cpu = t.detach().to_device(Device::Cpu).contiguous();
     let numel = cpu.numel();
     let mut bytes = vec![0u8; numel * cpu.kind().elt_size_in_bytes()];
     cpu.copy_data_u8(&mut bytes, numel);
-    (cpu, bytes)
+    bytes
+}
+
+/// A CPU tensor of `len` elements of `kind` from its bytes.
+fn from_bytes(bytes: &[u8], len: i64, kind: Kind) -> Tensor {
+    Tensor::from_data_size(bytes, &[len], kind)
+}
+
+/// Σ of every rank's `len` elements, added in rank order (what every rank computes alike).
+fn sum_in_rank_order(parts: Vec<Vec<u8>>, len: i64, kind: Kind) -> Tensor {
+    parts
+        .iter()
+        .map(|bytes| from_bytes(bytes, len, kind))
+        .reduce(|acc, x| acc + x)
+        .expect("one rank at least")
+}
+
+/// The common part of two element ranges `(start, len)`, if any.
+fn overlap((a, n): (i64, i64), (b, m): (i64, i64)) -> Option<(i64, i64)> {
+    let (start, end) = (a.max(b), (a + n).min(b + m));
+    (start < end).then_some((start, end - start))
 }
 
 /// `(start, len)` of rank `rank`'s share of `n` items split over `size` ranks.
@@ -207,5 +380,75 @@ mod tests {
         let world = World::single();
         assert_eq!(world.shard(&[1, 2, 3]), [1, 2, 3]);
         assert_eq!(world.mean(4.0), 4.0);
+        assert_eq!(world.shard_of(7), (0, 7));
+    }
+
+    /// A buffer bigger than the store takes in one value (8 MiB): summed in buckets.
+    #[test]
+    fn buffers_over_the_store_limit_sum_in_buckets() {
+        let n = 3 << 20; // 12 MiB of f32
+        let sums = in_threads(2, BUCKET_BYTES, move |world| {
+            let t = Tensor::ones([n], (Kind::Float, Device::Cpu)) * (world.rank() as f64 + 1.0);
+            world.sum_(&t);
+            t.min().double_value(&[]) == 3.0 && t.max().double_value(&[]) == 3.0
+        });
+        assert_eq!(sums, [true, true]);
+    }
+
+    /// Two ranks in threads over a real TCPStore, with buckets of 3 elements (so buckets
+    /// straddle the shards of a 10-element buffer): the sum, ZeRO's reduce-scatter (which
+    /// equals the sum on the rank's shard and leaves the rest), its all-gather, and the
+    /// gathering of shards on the main rank.
+    #[test]
+    fn bucketed_collectives_between_two_ranks() {
+        let results = in_threads(2, 12, |world| {
+            let rank = world.rank();
+            let mine = |k: f32| {
+                Tensor::from_slice(&(0..10).map(|i| k * (i as f32 + 1.0)).collect::<Vec<_>>())
+            };
+            let own = mine(rank as f32 + 1.0);
+            let summed = world.summed(&own);
+            // A non-contiguous tensor sums in place too.
+            let wide = mine(rank as f32 + 1.0).view([5, 2]).transpose(0, 1);
+            world.sum_(&wide);
+            let scattered = own.copy();
+            world.reduce_scatter_(&scattered);
+            let (start, len) = world.shard_of(10);
+            // Each rank's shard set to the rank's id + 1, then gathered everywhere.
+            let updated = Tensor::zeros([10], (Kind::Float, Device::Cpu));
+            let _ = updated.narrow(0, start, len).fill_(rank as f64 + 1.0);
+            world.all_gather_shards_(&updated);
+            let whole = world.gather_shards(&scattered.narrow(0, start, len), 10);
+            (rank, own, summed, wide, scattered, updated, whole)
+        });
+        for (rank, own, summed, wide, scattered, updated, whole) in results {
+            let want: Vec<f32> = (0..10).map(|i| 3.0 * (i as f32 + 1.0)).collect();
+            let want = Tensor::from_slice(&want);
+            assert!(summed.equal(&want), "rank {rank}: {summed}");
+            assert!(wide.transpose(0, 1).reshape([-1]).equal(&want));
+            let (start, len) = shard_range(10, rank, 2);
+            let (start, len) = (start as i64, len as i64);
+            for i in 0..10 {
+                let expect = if (start..start + len).contains(&i) {
+                    &want
+                } else {
+                    &own
+                };
+                assert_eq!(
+                    scattered.double_value(&[i]),
+                    expect.double_value(&[i]),
+                    "rank {rank} element {i}"
+                );
+            }
+            let ids: Vec<f32> = (0..10).map(|i| if i < 5 { 1.0 } else { 2.0 }).collect();
+            assert!(updated.equal(&Tensor::from_slice(&ids)));
+            match whole {
+                Some(w) => {
+                    assert_eq!(rank, 0);
+                    assert!(w.equal(&want));
+                }
+                None => assert_eq!(rank, 1),
+            }
+        }
     }
 }

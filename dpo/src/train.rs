@@ -199,7 +199,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         world.size(),
     );
     let schedule = args.optim.schedule(total_steps);
-    let mut trainee = Trainee::new("", policy, &args.model, &args.optim, schedule);
+    let mut trainee = Trainee::new("", policy, &args.model, &args.optim, &world, schedule);
     let mut session = Session::start(
         "dpo",
         args,
@@ -338,7 +338,7 @@ fn train_step(
     );
     let stats = stats.summed(world);
     let loss = stats.loss(args.loss.rpo_alpha);
-    let outcome = trainee.step(loss, world);
+    let outcome = trainee.step(loss);
     let local_tokens: usize = pairs
         .iter()
         .map(|(_, p)| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len())

@@ -295,7 +295,7 @@ fn train(
         );
     }
     args.run.seed_torch();
-    let mut ppo = Ppo::load(args, rewards, device, kind)?;
+    let mut ppo = Ppo::load(args, rewards, (device, kind), &world)?;
     let mut session = Session::start(
         "ppo",
         args,
@@ -358,8 +358,8 @@ impl<'a> Ppo<'a> {
     fn load(
         args: &'a TrainArgs,
         rewards: &'a [Scorer<'a>],
-        device: Device,
-        kind: Kind,
+        (device, kind): (Device, Kind),
+        world: &World,
     ) -> Result<Self> {
         let lm = args.memory.apply(
             args.adapter
@@ -392,13 +392,20 @@ impl<'a> Ppo<'a> {
             .unwrap_or(args.run.epochs * prompts.len().div_ceil(args.rollout_batch_size) as u64);
         let updates = iterations * (args.ppo_epochs * args.num_minibatches) as u64;
         let schedule = args.optim.schedule(updates);
-        let policy = Trainee::new("policy", policy, &args.policy, &args.optim, schedule);
+        let policy = Trainee::new("policy", policy, &args.policy, &args.optim, world, schedule);
         let critic = critic.map(|c| {
             let schedule = Schedule {
                 base_lr: args.value_lr.unwrap_or(args.optim.lr),
                 ..schedule
             };
-            Trainee::new("value", c, args.critic_source(), &args.optim, schedule)
+            Trainee::new(
+                "value",
+                c,
+                args.critic_source(),
+                &args.optim,
+                world,
+                schedule,
+            )
         });
         let ptx = ptx_rows.filter(|_| args.ptx_coef > 0.0).map(|rows| Ptx {
             sampler: Sampler::new(rows.len(), args.run.seed.wrapping_add(1), true),
@@ -710,7 +717,8 @@ mod tests {
         let rollout_with = |forward, generation| {
             let mut a = args.clone();
             (a.forward_batch_size, a.generation_batch_size) = (forward, generation);
-            let mut ppo = Ppo::load(&a, &sources, Device::Cpu, Kind::Float).unwrap();
+            let mut ppo =
+                Ppo::load(&a, &sources, (Device::Cpu, Kind::Float), &World::single()).unwrap();
             ppo.rollout(0, &World::single()).unwrap()
         };
         let (one, blocks) = (rollout_with(None, None), rollout_with(Some(3), Some(5)));
@@ -741,7 +749,13 @@ mod tests {
         let policy_dir = root.join("model");
         assert!(args.reward_is_critic_base());
         let sources = [Scorer::CriticBase(1.0)];
-        let mut ppo = Ppo::load(&args, &sources, Device::Cpu, Kind::Float).unwrap();
+        let mut ppo = Ppo::load(
+            &args,
+            &sources,
+            (Device::Cpu, Kind::Float),
+            &World::single(),
+        )
+        .unwrap();
         assert!(ppo.reference.is_none());
         let critic = &ppo.critic.as_ref().unwrap().model;
         // Every embedding the process holds: the policy's and the critic's, once each.

@@ -141,9 +141,9 @@ pub fn update(
                 mb_stats.insert("ptx", loss);
             }
             let policy_loss = mb_stats.get("policy").copied().unwrap_or(0.0);
-            outcome = Some(learners.policy.step(policy_loss, world));
+            outcome = Some(learners.policy.step(policy_loss));
             if let Some(critic) = learners.critic.as_deref_mut() {
-                critic.step(mb_stats["value"], world);
+                critic.step(mb_stats["value"]);
             }
             if let Some(ema) = learners.ema.as_deref_mut() {
                 ema.update(&learners.policy.model);

@@ -360,7 +360,8 @@ fn bad_ppo_options_are_refused_with_one_line() {
 /// Data parallel (issue 19): two torchrun ranks of 8 prompts each sample (each row with the
 /// random numbers it has in the whole batch), score, whiten and train on their rows of the
 /// same global minibatches, so they end with the policy and critic one process trains on
-/// 16 prompts, with the same logged statistics.
+/// 16 prompts, with the same logged statistics — also with the optimizer state sharded
+/// (`--zero-stage 1`).
 #[test]
 fn two_ranks_train_what_one_process_trains() {
     let f = fixture();
@@ -411,27 +412,28 @@ fn two_ranks_train_what_one_process_trains() {
     fn refs(v: &[String]) -> Vec<&str> {
         v.iter().map(String::as_str).collect()
     }
-    // GAE with the critic over 16 prompts; GRPO over 8 prompts × 2 responses (each group
-    // on one rank).
-    let cases: [(&str, &[&str]); 2] = [
-        ("gae", &["--rollout-batch-size", "16"]),
-        (
-            "grpo",
-            &[
-                "--rollout-batch-size",
-                "8",
-                "--advantage-estimator",
-                "grpo",
-                "--num-generations",
-                "2",
-            ],
-        ),
+    // GAE with the critic over 16 prompts, with the optimizer state whole on each rank
+    // and sharded (ZeRO-1); GRPO over 8 prompts × 2 responses (each group on one rank).
+    let gae: &[&str] = &["--rollout-batch-size", "16"];
+    let grpo: &[&str] = &[
+        "--rollout-batch-size",
+        "8",
+        "--advantage-estimator",
+        "grpo",
+        "--num-generations",
+        "2",
     ];
-    for (name, extra) in cases {
-        let one = f.root.join(format!("dp-one-{name}"));
-        let two = f.root.join(format!("dp-two-{name}"));
-        rlhf_tests::ok(&rlhf_tests::run_bin(exe, &refs(&argv(&one, extra)), &[]));
-        let out = rlhf_tests::torchrun(exe, 2, &refs(&argv(&two, extra)), &[]);
+    let cases = [("gae", gae, "0"), ("gae", gae, "1"), ("grpo", grpo, "1")];
+    let mut single_runs = std::collections::HashSet::new();
+    for (estimator, extra, zero) in cases {
+        let name = format!("{estimator} --zero-stage {zero}");
+        let one = f.root.join(format!("dp-one-{estimator}"));
+        let two = f.root.join(format!("dp-two-{estimator}-zero{zero}"));
+        if single_runs.insert(estimator) {
+            rlhf_tests::ok(&rlhf_tests::run_bin(exe, &refs(&argv(&one, extra)), &[]));
+        }
+        let two_ranks = [extra, &["--zero-stage", zero]].concat();
+        let out = rlhf_tests::torchrun(exe, 2, &refs(&argv(&two, &two_ranks)), &[]);
         assert!(
             out.status.success(),
             "{name}: {}",

@@ -256,7 +256,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         world.size(),
     );
     let schedule = args.optim.schedule(total_steps);
-    let mut trainee = Trainee::new("", model, &args.model, &args.optim, schedule);
+    let mut trainee = Trainee::new("", model, &args.model, &args.optim, &world, schedule);
     let mut session = Session::start(
         "reward",
         args,
@@ -365,7 +365,7 @@ fn train_step(
     let shape = (args.data.batch_size, pad_id);
     let stats = run_rows(&trainee.model, &rows, shape, true, elements).summed(world);
     let loss = stats.loss_sum / stats.elements.max(1) as f64;
-    let outcome = trainee.step(loss, world);
+    let outcome = trainee.step(loss);
     let local_tokens: usize = rows
         .iter()
         .flat_map(|r| r.sequences.iter().map(Vec::len))

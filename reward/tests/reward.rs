@@ -101,7 +101,8 @@ fn train_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 /// Data parallel (issue 19): two torchrun ranks of 4 rankings train the weights (score
-/// head included) and log the losses one process gets with 8; rank 0 alone writes.
+/// head included) and log the losses one process gets with 8, with the optimizer state
+/// whole on each rank or sharded (`--zero-stage 1`); rank 0 alone writes.
 #[test]
 fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     let f = fixture();
@@ -120,22 +121,26 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         "120",
     ];
     let exe = env!("CARGO_BIN_EXE_reward");
-    let out = rlhf_tests::torchrun(exe, 2, &train_args(&two, &options), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let diff = rlhf_tests::max_weight_diff(&one.join("final"), &two.join("final"), Head::Score);
-    assert!(
-        diff < 1e-5,
-        "2 ranks × 4 vs 1 × 8: weights differ by {diff:e}"
-    );
-    let metrics = |dir: &Path| rlhf_tests::read_jsonl(&dir.join("metrics.jsonl"));
-    let (a, b) = (metrics(&one), metrics(&two));
-    assert_eq!(b.len(), 2, "each step once");
-    let keys = ["train/loss", "train/grad_norm", "train/accuracy"];
-    rlhf_tests::assert_same_metrics(&a, &b, &keys, (1e-5, 1.0));
+    for zero in ["0", "1"] {
+        let two = two.with_extension(format!("zero{zero}"));
+        let options = [&options[..], &["--zero-stage", zero]].concat();
+        let out = rlhf_tests::torchrun(exe, 2, &train_args(&two, &options), &[]);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        if zero == "1" {
+            assert!(log.contains("--zero-stage 1: this rank holds"), "{log}");
+        }
+        let diff = rlhf_tests::max_weight_diff(&one.join("final"), &two.join("final"), Head::Score);
+        assert!(
+            diff < 1e-5,
+            "2 ranks × 4 vs 1 × 8, --zero-stage {zero}: weights differ by {diff:e}"
+        );
+        let metrics = |dir: &Path| rlhf_tests::read_jsonl(&dir.join("metrics.jsonl"));
+        let (a, b) = (metrics(&one), metrics(&two));
+        assert_eq!(b.len(), 2, "each step once");
+        let keys = ["train/loss", "train/grad_norm", "train/accuracy"];
+        rlhf_tests::assert_same_metrics(&a, &b, &keys, (1e-5, 1.0));
+    }
 }
 
 #[test]

@@ -289,7 +289,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         world.size(),
     );
     let schedule = args.optim.schedule(total_steps);
-    let mut trainee = Trainee::new("", model, &args.model, &args.optim, schedule);
+    let mut trainee = Trainee::new("", model, &args.model, &args.optim, &world, schedule);
     let mut session = Session::start(
         "sft",
         args,
@@ -391,7 +391,7 @@ fn train_step(
         world,
         mixed,
     );
-    let outcome = trainee.step(loss, world);
+    let outcome = trainee.step(loss);
     let tokens = world.sum(tokens as f64);
     let per_dataset = if mixed {
         batch.rows.loss_by_dataset(mine, &per_row, world)

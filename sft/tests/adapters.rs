@@ -375,7 +375,7 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
         .map(|(n, t)| (n, t.detach().copy()))
         .collect();
     let optim: OptimArgs = rlhf_tests::parse_args(&["--lr", "5e-2"]);
-    let mut trainee = Trainee::new("", model, &dir, &optim, optim.schedule(3));
+    let mut trainee = Trainee::new("", model, &dir, &optim, &World::single(), optim.schedule(3));
     let trained: Vec<String> = trainee.optimizer.parameter_names();
     assert!(
         !trained.is_empty() && trained.iter().all(|n| n.contains(".lora_")),
@@ -389,7 +389,7 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
     for _ in 0..3 {
         let loss = -logprobs_with_grad(&trainee.model).mean(Kind::Float);
         loss.backward();
-        let outcome = trainee.step(loss.double_value(&[]), &World::single());
+        let outcome = trainee.step(loss.double_value(&[]));
         assert!(!outcome.skipped);
     }
     let after = trainee.model.named_tensors();

@@ -854,8 +854,9 @@ fn packed_training_equals_unpacked_training() {
 /// Data parallel (issue 19): `torchrun --nproc-per-node 2` (torch's own launcher, its agent
 /// hosting the c10d store) runs `sft train` as two ranks of batch 4; they train the weights
 /// one process gets with batch 8 (1e-5), and rank 0 alone writes the metrics (each step
-/// once), the TensorBoard file and the model. A rank killed mid-run ends the run; two ranks
-/// resume it to the uninterrupted weights.
+/// once), the TensorBoard file and the model; also with the optimizer state sharded
+/// (`--zero-stage 1`). A rank killed mid-run ends the run; two ranks resume it to the
+/// uninterrupted weights.
 #[test]
 fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     let f = fixture();
@@ -920,20 +921,51 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         "the ranks waited for the timeout"
     );
 
-    // Rank 1 killed in the middle of step 2: torchrun ends the run non-zero; two ranks
-    // resume from the step-1 checkpoint to the uninterrupted weights.
+    // The optimizer state sharded (ZeRO-1): the same weights, and a checkpoint holding the
+    // same whole state (gathered on rank 0).
+    let sharded = f.root.join("dp-zero1");
+    let zero1 = ["--zero-stage", "1"];
+    let out = torchrun(&sharded, &zero1, &[]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "torchrun failed:\n{log}");
+    assert!(log.contains("--zero-stage 1: this rank holds"), "{log}");
+    let diff = max_weight_diff(&one.join("final"), &sharded.join("final"));
+    assert!(diff < 1e-5, "ZeRO-1 vs 1 × 8: weights differ by {diff:e}");
+    let state = |dir: &Path| {
+        let file = dir.join("checkpoints/step-000003/optimizer.safetensors");
+        let tensors = tch::Tensor::read_safetensors(&file).unwrap();
+        tensors
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (whole, gathered) = (state(&two), state(&sharded));
+    assert_eq!(
+        whole.keys().collect::<Vec<_>>(),
+        gathered.keys().collect::<Vec<_>>()
+    );
+    for (key, t) in &whole {
+        let diff = (t - &gathered[key]).abs().max().double_value(&[]);
+        assert!(
+            diff < 1e-6,
+            "{key}: ZeRO-1's checkpoint differs by {diff:e}"
+        );
+    }
+
+    // Rank 1 killed in the middle of step 2 (ZeRO-1): torchrun ends the run non-zero; two
+    // ranks resume from the step-1 checkpoint (each taking its shard of the whole state)
+    // to the uninterrupted weights.
     let killed = f.root.join("dp-killed");
     let crash = [("RLHF_CRASH_AT", "mid-step@2"), ("RLHF_CRASH_RANK", "1")];
-    let out = torchrun(&killed, &[], &crash);
+    let out = torchrun(&killed, &zero1, &crash);
     assert!(!out.status.success(), "the run went on without rank 1");
     assert!(!killed.join("final").exists());
-    let out = torchrun(&killed, &["--resume"], &[]);
+    let out = torchrun(&killed, &["--zero-stage", "1", "--resume"], &[]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let diff = max_weight_diff(&two.join("final"), &killed.join("final"));
+    let diff = max_weight_diff(&sharded.join("final"), &killed.join("final"));
     assert!(diff < 1e-6, "resumed two-rank weights differ by {diff:e}");
 }
 
