@@ -1,6 +1,7 @@
 //! Links libtorch (see `build/libtorch_link.rs`), builds the C++ shims in `shim/` against
 //! the headers of the same torch wheel: `store.cpp` (c10d's TCPStore for data-parallel
-//! runs), `rng.cpp` (the random generators' state) and `cuda_graph.cpp`. A libtorch without CUDA (or without
+//! runs), `rng.cpp` (the random generators' state), `cuda_graph.cpp` and `nccl.cpp`
+//! (ProcessGroupNCCL, when NCCL's header is there too). A libtorch without CUDA (or without
 //! the CUDA runtime headers beside it) builds without the shim: decoding is then eager
 //! everywhere, and `cfg(cuda_graphs)` is unset.
 
@@ -31,6 +32,7 @@ fn cuda_include(torch_lib: &Path) -> Option<PathBuf> {
 fn main() {
     link_libtorch();
     println!("cargo::rustc-check-cfg=cfg(cuda_graphs)");
+    println!("cargo::rustc-check-cfg=cfg(nccl)");
     println!("cargo:rerun-if-changed=shim");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap());
@@ -70,4 +72,33 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=cuda_graphs");
+    // ProcessGroupNCCL: its declarations need USE_C10D_NCCL and NCCL's header (the
+    // wheel's nvidia-nccl package); libtorch_cuda holds its code.
+    let Some(nccl) = nccl_include(&lib) else {
+        println!(
+            "cargo:warning=no nccl.h beside libtorch: data parallel on CUDA goes through the store"
+        );
+        return;
+    };
+    cc::Build::new()
+        .cpp(true)
+        .file("shim/nccl.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(&cuda)
+        .include(&nccl)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_NCCL", None)
+        .warnings(false)
+        .compile("rlhf_nccl");
+    println!("cargo:rustc-cfg=nccl");
+}
+
+/// NCCL's header: the wheel's `nvidia/nccl/include`, or a system one.
+fn nccl_include(torch_lib: &Path) -> Option<PathBuf> {
+    let site = torch_lib.parent().and_then(Path::parent)?;
+    [site.join("nvidia/nccl/include"), "/usr/include".into()]
+        .into_iter()
+        .find(|dir| dir.join("nccl.h").exists())
 }

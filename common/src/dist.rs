@@ -295,6 +295,119 @@ impl Comm {
     }
 }
 
+/// ProcessGroupNCCL from the torch wheel (`shim/nccl.cpp`), rendezvousing over the run's
+/// store: the collectives on CUDA tensors, device to device. A build without NCCL's
+/// header has none, and CUDA tensors go through the store (copied through the host).
+#[derive(Debug)]
+pub struct Nccl {
+    handle: *mut c_void,
+}
+
+// SAFETY: ProcessGroupNCCL is thread-safe (torch.distributed calls it from any thread);
+// the handle is an owned intrusive pointer released once, in Drop.
+#[allow(unsafe_code)]
+unsafe impl Send for Nccl {}
+#[allow(unsafe_code)]
+unsafe impl Sync for Nccl {}
+
+#[cfg(nccl)]
+#[allow(unsafe_code)]
+mod nccl_ffi {
+    use std::ffi::{c_char, c_int, c_void};
+
+    unsafe extern "C" {
+        pub fn rlhf_nccl_new(
+            store: *mut c_void,
+            prefix: *const c_char,
+            rank: c_int,
+            size: c_int,
+            timeout_ms: i64,
+            out: *mut *mut c_void,
+        ) -> c_int;
+        pub fn rlhf_nccl_all_reduce_sum(group: *mut c_void, tensor: *mut c_void) -> c_int;
+        pub fn rlhf_nccl_free(group: *mut c_void);
+    }
+}
+
+#[allow(unsafe_code)]
+impl Nccl {
+    /// Whether this build has ProcessGroupNCCL.
+    pub fn available() -> bool {
+        cfg!(nccl)
+    }
+
+    /// The process group of `comm`'s ranks (its communicator is made at the first
+    /// collective, on the device of that collective's tensor).
+    pub fn new(comm: &Comm) -> Result<Nccl> {
+        #[cfg(nccl)]
+        {
+            let prefix = CString::new(format!("{}nccl/", comm.prefix)).expect("no NUL");
+            let mut handle = std::ptr::null_mut();
+            // SAFETY: the store handle is live for the call (the shim takes its own
+            // reference); prefix outlives the call; handle is written on success.
+            let rc = unsafe {
+                nccl_ffi::rlhf_nccl_new(
+                    comm.store.handle,
+                    prefix.as_ptr(),
+                    comm.rank as i32,
+                    comm.size as i32,
+                    comm.timeout.as_millis() as i64,
+                    &mut handle,
+                )
+            };
+            if rc != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "data parallel: cannot create the NCCL process group: {}",
+                    last_error()
+                )));
+            }
+            Ok(Nccl { handle })
+        }
+        #[cfg(not(nccl))]
+        {
+            let _ = comm;
+            Err(Error::InvalidArgument(
+                "data parallel: this build has no NCCL (no nccl.h beside libtorch at build time)"
+                    .into(),
+            ))
+        }
+    }
+
+    /// Σ over ranks of the contiguous CUDA tensor `t`, in place; the current stream waits
+    /// for it. A failure ends the process with one line (as a store failure does).
+    pub fn all_reduce_sum(&self, t: &tch::Tensor) {
+        #[cfg(nccl)]
+        {
+            let mut t = t.shallow_clone();
+            // SAFETY: the group is live; the tensor pointer is tch's at::Tensor*, valid
+            // for the call.
+            let rc = unsafe {
+                nccl_ffi::rlhf_nccl_all_reduce_sum(self.handle, t.as_mut_ptr() as *mut c_void)
+            };
+            if rc != 0 {
+                eprintln!(
+                    "error: data parallel: NCCL all-reduce failed: {}",
+                    last_error()
+                );
+                std::process::exit(1);
+            }
+        }
+        #[cfg(not(nccl))]
+        let _ = t;
+    }
+}
+
+#[allow(unsafe_code)]
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        #[cfg(nccl)]
+        // SAFETY: the handle came from rlhf_nccl_new and is released once.
+        unsafe {
+            nccl_ffi::rlhf_nccl_free(self.handle)
+        }
+    }
+}
+
 /// Leaving: a rank that hosts the store waits until every rank has done its last store
 /// operation (each counts itself out as that last operation), so that no rank loses the
 /// store while it still needs it; the others count out and go.
@@ -347,7 +460,8 @@ pub struct Launch {
 }
 
 impl Launch {
-    /// `None` for a run of one process (no `WORLD_SIZE`/`SLURM_NTASKS`, or 1).
+    /// `None` for a run of one process (no `WORLD_SIZE`/`SLURM_NTASKS`, or 1 without
+    /// `MASTER_ADDR`).
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
         let number = |names: &[&str]| -> Result<Option<usize>> {
             for name in names {
@@ -362,7 +476,10 @@ impl Launch {
             Ok(None)
         };
         let size = number(&["WORLD_SIZE", "SLURM_NTASKS"])?.unwrap_or(1);
-        if size <= 1 {
+        // One process is a run of its own, unless a launcher set it up as a world of one
+        // (`torchrun --nproc-per-node 1` sets MASTER_ADDR): then it connects, and CUDA
+        // tensors go through NCCL as with more ranks.
+        if size == 0 || (size == 1 && var("MASTER_ADDR").is_none()) {
             return Ok(None);
         }
         let rank = number(&["RANK", "SLURM_PROCID"])?.ok_or_else(|| {
@@ -431,6 +548,13 @@ mod tests {
     fn torchrun_and_slurm_environments() {
         assert_eq!(Launch::from_env(env(&[])).unwrap(), None);
         assert_eq!(Launch::from_env(env(&[("WORLD_SIZE", "1")])).unwrap(), None);
+        let alone = [
+            ("WORLD_SIZE", "1"),
+            ("RANK", "0"),
+            ("MASTER_ADDR", "localhost"),
+        ];
+        let alone = Launch::from_env(env(&alone)).unwrap().unwrap();
+        assert_eq!((alone.rank, alone.size), (0, 1));
         let torchrun = Launch::from_env(env(&[
             ("WORLD_SIZE", "4"),
             ("RANK", "3"),

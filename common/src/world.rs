@@ -8,12 +8,12 @@
 //! run launched by torchrun or Slurm ([`World::from_env`]) exchanges over c10d's store
 //! ([`crate::dist`]), summing in rank order so that every rank holds the same numbers.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::{Comm, Launch};
+use crate::dist::{Comm, Launch, Nccl};
 use crate::error::Result;
 
 /// The largest message of one collective: a gradient buffer goes over in buckets, so that
@@ -27,6 +27,9 @@ pub struct World {
     rank: usize,
     size: usize,
     local_rank: usize,
+    /// NCCL for CUDA tensors, made at the first collective on one (when connected, in a
+    /// build with NCCL); dropped before the store it rendezvoused over.
+    nccl: Option<Arc<OnceLock<Nccl>>>,
     comm: Option<Arc<Comm>>,
     bucket_bytes: usize,
 }
@@ -38,6 +41,7 @@ impl World {
             rank: 0,
             size: 1,
             local_rank: 0,
+            nccl: None,
             comm: None,
             bucket_bytes: BUCKET_BYTES,
         }
@@ -69,6 +73,7 @@ impl World {
             rank: launch.rank,
             size: launch.size,
             local_rank: launch.local_rank,
+            nccl: Nccl::available().then(|| Arc::new(OnceLock::new())),
             comm: Some(Arc::new(comm)),
             bucket_bytes: BUCKET_BYTES,
         }
@@ -106,9 +111,35 @@ impl World {
         self.sums([x])[0]
     }
 
+    /// The store's collectives, when there are other ranks to exchange with.
+    fn store(&self) -> Option<&Comm> {
+        self.comm.as_deref().filter(|_| self.size > 1)
+    }
+
+    /// NCCL, for a CUDA tensor in a connected run of a build with NCCL (also with one
+    /// rank, so that `torchrun --nproc-per-node 1` goes through it).
+    fn nccl_for(&self, t: &Tensor) -> Option<&Nccl> {
+        let (cell, comm) = (self.nccl.as_ref()?, self.comm.as_ref()?);
+        if !t.device().is_cuda() {
+            return None;
+        }
+        Some(cell.get_or_init(|| {
+            let group = Nccl::new(comm).unwrap_or_else(|e| {
+                eprintln!("error: {e}");
+                std::process::exit(1)
+            });
+            tracing::info!(
+                "data parallel: NCCL process group of {} ranks for CUDA tensors (rank {})",
+                self.size,
+                self.rank
+            );
+            group
+        }))
+    }
+
     /// Σ over ranks of each of several scalars, in one exchange (summed in rank order).
     pub fn sums<const N: usize>(&self, xs: [f64; N]) -> [f64; N] {
-        let Some(comm) = &self.comm else {
+        let Some(comm) = self.store() else {
             return xs;
         };
         let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -123,7 +154,7 @@ impl World {
 
     /// Every rank's `bytes`, in rank order.
     pub fn gather_bytes(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
-        match &self.comm {
+        match self.store() {
             None => vec![bytes.to_vec()],
             Some(comm) => comm.all_gather(bytes),
         }
@@ -137,25 +168,30 @@ impl World {
     /// Σ over ranks of a tensor, in place on every rank (summed in rank order, in the
     /// tensor's dtype, on the CPU; a bucket at a time).
     pub fn sum_(&self, t: &Tensor) {
-        let Some(comm) = &self.comm else {
-            return;
-        };
         let _guard = tch::no_grad_guard();
         let contiguous = t.is_contiguous();
-        let flat = if contiguous {
-            t.shallow_clone()
-        } else {
-            t.contiguous()
+        let flat = match contiguous {
+            true => t.view([-1]),
+            false => t.contiguous().view([-1]),
+        };
+        let write_back = || {
+            if !contiguous {
+                t.shallow_clone().copy_(&flat.view(t.size().as_slice()));
+            }
+        };
+        if let Some(nccl) = self.nccl_for(t) {
+            nccl.all_reduce_sum(&flat);
+            return write_back();
         }
-        .view([-1]);
+        let Some(comm) = self.store() else {
+            return;
+        };
         for (start, len) in self.buckets(flat.numel() as i64, t.kind()) {
             let part = flat.narrow(0, start, len);
             let total = sum_in_rank_order(comm.all_gather(&host_bytes(&part)), len, t.kind());
             part.shallow_clone().copy_(&total);
         }
-        if !contiguous {
-            t.shallow_clone().copy_(&flat.view(t.size().as_slice()));
-        }
+        write_back();
     }
 
     /// This rank's shard `(start, len)` of a flat buffer of `n` elements under ZeRO-1: what
@@ -188,7 +224,11 @@ impl World {
     /// rank's shard ([`World::shard_of`]); the rest keeps this rank's own values. Summed in
     /// rank order as [`World::sum_`], so the shard holds exactly what `sum_` would give.
     pub fn reduce_scatter_(&self, flat: &Tensor) {
-        let Some(comm) = &self.comm else {
+        if let Some(nccl) = self.nccl_for(flat) {
+            // NCCL's own reduce-scatter needs equal shards: the whole sum is a superset.
+            return nccl.all_reduce_sum(flat);
+        }
+        let Some(comm) = self.store() else {
             return;
         };
         let _guard = tch::no_grad_guard();
@@ -212,10 +252,19 @@ impl World {
     /// ZeRO's all-gather: every rank's shard of the flat tensor `flat`, from that rank,
     /// into every rank's copy.
     pub fn all_gather_shards_(&self, flat: &Tensor) {
-        let Some(comm) = &self.comm else {
+        let _guard = tch::no_grad_guard();
+        if let Some(nccl) = self.nccl_for(flat) {
+            // NCCL's all-gather needs equal shards: the others' parts zeroed, then summed
+            // (x + 0 is exactly x).
+            let n = flat.numel() as i64;
+            let (start, len) = self.shard_of(n);
+            let _ = flat.narrow(0, 0, start).zero_();
+            let _ = flat.narrow(0, start + len, n - start - len).zero_();
+            return nccl.all_reduce_sum(flat);
+        }
+        let Some(comm) = self.store() else {
             return;
         };
-        let _guard = tch::no_grad_guard();
         let shards = self.shards(flat.numel() as i64);
         for bucket in self.buckets(flat.numel() as i64, flat.kind()) {
             let pieces: Vec<Option<(i64, i64)>> =
@@ -236,7 +285,7 @@ impl World {
     /// every rank's shard (`shard` is this rank's, [`World::shard_of`]`(n)` long); `None`
     /// on the other ranks. One process: `shard` itself.
     pub fn gather_shards(&self, shard: &Tensor, n: i64) -> Option<Tensor> {
-        let Some(comm) = &self.comm else {
+        let Some(comm) = self.store() else {
             return Some(shard.shallow_clone());
         };
         let _guard = tch::no_grad_guard();

@@ -885,6 +885,31 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
             env,
         )
     };
+    // A world of one under torchrun connects (on a GPU its tensors would go through
+    // NCCL) and trains what the plain process trains.
+    let alone = f.root.join("dp-alone");
+    let args = [
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--dist-timeout",
+        "120",
+    ];
+    let out = rlhf_tests::torchrun(
+        env!("CARGO_BIN_EXE_sft"),
+        1,
+        &train_args(&alone, &args),
+        &[],
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && log.contains("rank 0 of 1"), "{log}");
+    let diff = max_weight_diff(&one.join("final"), &alone.join("final"));
+    assert!(
+        diff < 1e-7,
+        "torchrun with one rank: weights differ by {diff:e}"
+    );
+
     let out = torchrun(&two, &[], &[]);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "torchrun failed:\n{log}");
