@@ -74,9 +74,11 @@ fn main() {
     println!("cargo:rustc-cfg=cuda_graphs");
     // ProcessGroupNCCL: its declarations need USE_C10D_NCCL and NCCL's header (the
     // wheel's nvidia-nccl package); libtorch_cuda holds its code.
-    let Some(nccl) = nccl_include(&lib) else {
+    // CCCL's nv/target, which cuda_fp16.h includes (pip's nvidia-cuda-cccl).
+    let cccl = cuda.join("nv/target").exists();
+    let Some(nccl) = nccl_include(&lib).filter(|_| cccl) else {
         println!(
-            "cargo:warning=no nccl.h beside libtorch: data parallel on CUDA goes through the store"
+            "cargo:warning=no nccl.h or CCCL headers beside libtorch: data parallel on CUDA goes through the store"
         );
         return;
     };
