@@ -597,6 +597,40 @@ mod tests {
         assert!(e.contains("WORLD_SIZE=\"two\" is not a number"), "{e}");
     }
 
+    /// ProcessGroupNCCL from the shim over a real store: on a machine with a GPU it is
+    /// made; without one, c10d's own refusal comes back as an error (no crash).
+    #[cfg(nccl)]
+    #[test]
+    fn nccl_group_is_made_or_refused_cleanly() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let launch = Launch {
+            rank: 0,
+            size: 1,
+            local_rank: 0,
+            host: "127.0.0.1".into(),
+            port,
+            agent_store: false,
+            attempt: "0".into(),
+        };
+        let comm = launch.connect(Duration::from_secs(30)).unwrap();
+        match Nccl::new(&comm) {
+            Ok(group) => {
+                assert!(tch::Cuda::is_available(), "made without a GPU");
+                let t = tch::Tensor::ones([4], (tch::Kind::Float, tch::Device::Cuda(0)));
+                group.all_reduce_sum(&t);
+                assert_eq!(t.sum(tch::Kind::Float).double_value(&[]), 4.0);
+            }
+            Err(e) => {
+                assert!(!tch::Cuda::is_available(), "{e}");
+                assert!(e.to_string().contains("NCCL"), "{e}");
+                eprintln!("{e}");
+            }
+        }
+    }
+
     /// Two ranks in threads over a real TCPStore: gathers in rank order and sends point to
     /// point.
     #[test]

@@ -10,13 +10,17 @@ unsafe extern "C" {
     fn rlhf_shim_free(buffer: *mut u8);
 }
 
-/// The message of this thread's last shim failure.
+/// The message of this thread's last shim failure, without the C++ backtrace c10's
+/// errors carry after it.
 pub fn last_error() -> String {
     // SAFETY: the shims return a pointer to a thread-local, NUL-terminated string that
     // lives until the next failure on this thread; it is copied at once.
-    unsafe { CStr::from_ptr(rlhf_shim_error()) }
-        .to_string_lossy()
-        .into_owned()
+    let text = unsafe { CStr::from_ptr(rlhf_shim_error()) }.to_string_lossy();
+    let message = text
+        .split("\nException raised from")
+        .next()
+        .unwrap_or_default();
+    message.trim_end().to_string()
 }
 
 /// Copies out and frees a buffer a shim allocated (`malloc`) and filled with `len` bytes.
