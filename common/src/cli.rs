@@ -49,6 +49,12 @@ impl DeviceArgs {
         );
         (device, kind)
     }
+
+    /// [`DeviceArgs::resolve`] for a rank of `world`: `cuda` means this rank's GPU.
+    pub fn resolve_for(&self, world: &crate::World) -> (Device, Kind) {
+        let (device, kind) = self.resolve();
+        (world.device(device), kind)
+    }
 }
 
 /// `--cuda-graph` (the default) and `--no-cuda-graph`: how decoding runs on CUDA.

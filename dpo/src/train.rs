@@ -108,8 +108,7 @@ struct Inputs {
 
 /// The policy, its reference and the data, all checked before the run directory is touched.
 fn read_inputs(args: &TrainArgs, world: &World) -> Result<(Model, Reference, Inputs)> {
-    let (device, kind) = args.device.resolve();
-    let device = world.device(device);
+    let (device, kind) = args.device.resolve_for(world);
     args.run.seed_torch();
     let opts = args.memory.apply(
         args.adapter

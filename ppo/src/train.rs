@@ -88,8 +88,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         "no reward: give --reward-model DIR, --reward-rule exact-answer and/or --reward-command CMD"
     );
     let world = args.run.world()?;
-    let (device, kind) = args.device.resolve();
-    let device = world.device(device);
+    let (device, kind) = args.device.resolve_for(&world);
     let rule = match args.reward_rule {
         Some(_) => Some(ExactAnswer::new(
             args.answer_pattern.as_deref(),
@@ -160,8 +159,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
 pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<TrainSummary> {
     args.validate()?;
     let world = args.run.world()?;
-    let (device, kind) = args.device.resolve();
-    let device = world.device(device);
+    let (device, kind) = args.device.resolve_for(&world);
     let source = Scorer::Function(RewardSource {
         name: "reward",
         weight: 1.0,

@@ -196,8 +196,7 @@ struct Inputs {
 }
 
 fn read_inputs(args: &TrainArgs, world: &World) -> Result<Inputs> {
-    let (device, kind) = args.device.resolve();
-    let device = world.device(device);
+    let (device, kind) = args.device.resolve_for(world);
     args.run.seed_torch();
     let opts = args.memory.apply(
         args.adapter

@@ -261,8 +261,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     // Read everything that can be wrong before the output directory is touched.
     let world = args.run.world()?;
-    let (device, kind) = args.device.resolve();
-    let device = world.device(device);
+    let (device, kind) = args.device.resolve_for(&world);
     args.run.seed_torch();
     let opts = args.memory.apply(
         args.adapter
