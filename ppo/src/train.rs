@@ -463,7 +463,20 @@ impl<'a> Ppo<'a> {
         let (args, world) = (self.args, &session.world);
         let step = session.state.step;
         let started = Instant::now();
-        let ro = self.rollout(step, world).context(RolloutFailed)?;
+        let ro = self.rollout(step, world);
+        // Every rank learns whether any rank's rollout failed (the rollout itself has no
+        // collective), so that they all stop here and checkpoint together.
+        let failed_anywhere = world.sum(f64::from(u8::from(ro.is_err()))) > 0.0;
+        let ro = match ro {
+            Err(e) => return Err(e.context(RolloutFailed)),
+            Ok(_) if failed_anywhere => {
+                return Err(
+                    anyhow::anyhow!("the rollout failed on another rank (see its message)")
+                        .context(RolloutFailed),
+                )
+            }
+            Ok(ro) => ro,
+        };
         let rollout_time = started.elapsed().as_secs_f64();
 
         let beta = self.kl_ctl.value;

@@ -49,6 +49,11 @@ fn fixture() -> &'static Fixture {
 
 /// GRPO options: 8 prompts × 4 responses an iteration, no reward model.
 fn args(out: &Path, extra: &[&str]) -> TrainArgs {
+    rlhf_tests::parse_args(&argv(out, extra))
+}
+
+/// The command line of [`args`] (after `ppo train`).
+fn argv(out: &Path, extra: &[&str]) -> Vec<String> {
     let f = fixture();
     let mut argv: Vec<String> = [
         "--policy",
@@ -81,7 +86,7 @@ fn args(out: &Path, extra: &[&str]) -> TrainArgs {
     .map(str::to_string)
     .to_vec();
     argv.extend(extra.iter().map(|s| s.to_string()));
-    rlhf_tests::parse_args(&argv)
+    argv
 }
 
 fn metrics(out: &Path) -> Vec<Value> {
@@ -203,6 +208,55 @@ fn a_failing_reward_program_stops_the_run_resumably() {
             .collect();
         assert_eq!(steps, [1, 2, 3], "{command}");
     }
+}
+
+/// Data parallel: a reward program that fails on rank 1 only (in the second iteration)
+/// stops both ranks together, soon and non-zero, after rank 0 checkpointed step 1 (the
+/// last completed one); two ranks then resume with a working program to the end.
+#[test]
+fn a_reward_program_failing_on_one_rank_stops_every_rank_resumably() {
+    let f = fixture();
+    let out = f.root.join("run-dp-command");
+    let exe = env!("CARGO_BIN_EXE_ppo");
+    // Each rank scores 4 prompts × 4 responses an iteration.
+    let failing = "i=0; while read line; do i=$((i+1)); if [ \"$RANK\" = 1 ] && [ $i -gt 16 ]; then exit 3; fi; echo '{\"reward\": 1}'; done";
+    let torchrun = |command: &str, extra: &[&str]| {
+        let options = [
+            &[
+                "--max-steps",
+                "3",
+                "--dist-timeout",
+                "120",
+                "--reward-command",
+                command,
+            ][..],
+            extra,
+        ]
+        .concat();
+        let line = [vec!["train".to_string()], argv(&out, &options)].concat();
+        let line: Vec<&str> = line.iter().map(String::as_str).collect();
+        rlhf_tests::torchrun(exe, 2, &line, &[])
+    };
+    let started = std::time::Instant::now();
+    let failed = torchrun(failing, &[]);
+    let log = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{log}");
+    assert!(
+        started.elapsed().as_secs() < 90,
+        "the ranks waited for the timeout"
+    );
+    assert!(log.contains("the rollout failed on another rank"), "{log}");
+    assert!(log.contains("exit status: 3"), "{log}");
+    assert!(out.join("checkpoints/step-000001").exists(), "{log}");
+    assert!(!out.join("checkpoints/step-000002").exists());
+    let resumed = torchrun(&digit_command(), &["--resume"]);
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{log}");
+    let steps: Vec<u64> = metrics(&out)
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3]);
 }
 
 #[test]
