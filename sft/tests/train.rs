@@ -946,6 +946,36 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         "the ranks waited for the timeout"
     );
 
+    // Two machines, as torchrun runs them (one agent each, c10d rendezvous; here both on
+    // this one): the same weights (up to the order of the sums: the rendezvous decides
+    // which machine's process is rank 0).
+    let nodes = f.root.join("dp-nodes");
+    let args = [
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--dist-timeout",
+        "120",
+    ];
+    let agents =
+        rlhf_tests::torchrun_nodes(env!("CARGO_BIN_EXE_sft"), 2, &train_args(&nodes, &args));
+    // Each rank finished (its summary line); an agent's own exit status is not checked:
+    // the agent hosting the rendezvous may leave first, and the other agent can then fail
+    // to reach it while closing (torchrun's, after our ranks are done).
+    for agent in &agents {
+        let (out, log) = (
+            String::from_utf8_lossy(&agent.stdout),
+            String::from_utf8_lossy(&agent.stderr),
+        );
+        assert!(out.contains("\"steps\":3"), "{out}\n{log}");
+    }
+    let diff = max_weight_diff(&two.join("final"), &nodes.join("final"));
+    assert!(
+        diff < 1e-6,
+        "two nodes vs two local ranks: weights differ by {diff:e}"
+    );
+
     // The optimizer state sharded (ZeRO-1): the same weights, and a checkpoint holding the
     // same whole state (gathered on rank 0).
     let sharded = f.root.join("dp-zero1");

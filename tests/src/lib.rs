@@ -100,6 +100,43 @@ pub fn torchrun(
         .unwrap_or_else(|e| panic!("cannot run torchrun: {e}"))
 }
 
+/// Runs a stage binary as `nodes` torchrun agents of one process each on this machine, as
+/// separate machines would run it (`--nnodes N --node-rank i --rdzv-backend c10d
+/// --rdzv-endpoint`, the endpoint a free local port); each agent's output, in node order.
+pub fn torchrun_nodes(exe: &str, nodes: usize, args: &[&str]) -> Vec<std::process::Output> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let nnodes = nodes.to_string();
+    let agents: Vec<_> = (0..nodes)
+        .map(|node| {
+            let rank = node.to_string();
+            Command::new(python())
+                .args(["-m", "torch.distributed.run", "--nnodes", nnodes.as_str()])
+                .args(["--nproc-per-node", "1", "--node-rank", rank.as_str()])
+                .args([
+                    "--rdzv-backend",
+                    "c10d",
+                    "--rdzv-endpoint",
+                    endpoint.as_str(),
+                ])
+                .args(["--rdzv-id", "nodes", "--no-python", exe])
+                .args(args)
+                .env_remove("RLHF_CRASH_AT")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run torchrun: {e}"))
+        })
+        .collect();
+    agents
+        .into_iter()
+        .map(|a| a.wait_with_output().expect("torchrun agent"))
+        .collect()
+}
+
 /// The JSON summary a successful command printed; panics with its stderr otherwise.
 pub fn ok(out: &std::process::Output) -> serde_json::Value {
     assert!(
