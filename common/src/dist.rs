@@ -482,7 +482,9 @@ impl Launch {
         if size == 0 || (size == 1 && var("MASTER_ADDR").is_none()) {
             return Ok(None);
         }
-        let rank = number(&["RANK", "SLURM_PROCID"])?.ok_or_else(|| {
+        // A world of one needs no rank to be said.
+        let rank = number(&["RANK", "SLURM_PROCID"])?;
+        let rank = rank.or((size == 1).then_some(0)).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "WORLD_SIZE is {size} but RANK (or SLURM_PROCID) is not set"
             ))
@@ -548,11 +550,7 @@ mod tests {
     fn torchrun_and_slurm_environments() {
         assert_eq!(Launch::from_env(env(&[])).unwrap(), None);
         assert_eq!(Launch::from_env(env(&[("WORLD_SIZE", "1")])).unwrap(), None);
-        let alone = [
-            ("WORLD_SIZE", "1"),
-            ("RANK", "0"),
-            ("MASTER_ADDR", "localhost"),
-        ];
+        let alone = [("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost")];
         let alone = Launch::from_env(env(&alone)).unwrap().unwrap();
         assert_eq!((alone.rank, alone.size), (0, 1));
         let torchrun = Launch::from_env(env(&[
