@@ -242,25 +242,47 @@ impl Comm {
         self.store.fail_with(message)
     }
 
-    /// Every rank's `bytes`, in rank order. The last rank to read them deletes them, so
-    /// the store holds one collective's data at a time.
-    pub fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+    /// One collective over the store: `write` sets this rank's values (keys under the
+    /// collective's own prefix), every rank waits until every rank has written, `read`
+    /// takes what this rank needs, and the last rank to have read runs `clean` and removes
+    /// the counters — so the store holds one collective's data at a time.
+    fn collective<T>(
+        &self,
+        write: impl FnOnce(&str),
+        read: impl FnOnce(&str) -> T,
+        clean: impl FnOnce(&str),
+    ) -> T {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        let key = |r: usize| format!("{}c{seq}/{r}", self.prefix);
-        self.store.set(&key(self.rank), bytes);
-        let written = format!("{}c{seq}/written", self.prefix);
+        let keys = format!("{}c{seq}/", self.prefix);
+        write(&keys);
+        let written = format!("{keys}written");
         self.store.add(&written, 1);
         self.wait_for_all(&written);
-        let all: Vec<Vec<u8>> = (0..self.size).map(|r| self.store.get(&key(r))).collect();
-        let read = format!("{}c{seq}/read", self.prefix);
+        let value = read(&keys);
+        let read = format!("{keys}read");
         if self.store.add(&read, 1) == self.size as i64 {
-            for r in 0..self.size {
-                self.store.delete(&key(r));
-            }
+            clean(&keys);
             self.store.delete(&written);
             self.store.delete(&read);
         }
-        all
+        value
+    }
+
+    /// Every rank's `bytes`, in rank order.
+    pub fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        self.collective(
+            |keys| self.store.set(&format!("{keys}{}", self.rank), bytes),
+            |keys| {
+                (0..self.size)
+                    .map(|r| self.store.get(&format!("{keys}{r}")))
+                    .collect()
+            },
+            |keys| {
+                for r in 0..self.size {
+                    self.store.delete(&format!("{keys}{r}"));
+                }
+            },
+        )
     }
 
     /// Point to point within one step: `parts[s]` goes to rank `s`; every rank gets, in rank
@@ -269,29 +291,27 @@ impl Comm {
     /// value is read once, by its receiver, who deletes it.
     pub fn all_to_all(&self, parts: &[Option<&[u8]>]) -> Vec<Vec<u8>> {
         assert_eq!(parts.len(), self.size, "one part per rank");
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        let key = |from: usize, to: usize| format!("{}p{seq}/{from}/{to}", self.prefix);
-        for (to, part) in parts.iter().enumerate() {
-            if let Some(bytes) = part {
-                self.store.set(&key(self.rank, to), bytes);
-            }
-        }
-        let written = format!("{}p{seq}/written", self.prefix);
-        self.store.add(&written, 1);
-        self.wait_for_all(&written);
-        let mut received = vec![];
-        if parts[self.rank].is_some() {
-            for from in 0..self.size {
-                received.push(self.store.get(&key(from, self.rank)));
-                self.store.delete(&key(from, self.rank));
-            }
-        }
-        let read = format!("{}p{seq}/read", self.prefix);
-        if self.store.add(&read, 1) == self.size as i64 {
-            self.store.delete(&written);
-            self.store.delete(&read);
-        }
-        received
+        let key = |keys: &str, from: usize, to: usize| format!("{keys}{from}/{to}");
+        self.collective(
+            |keys| {
+                for (to, part) in parts.iter().enumerate() {
+                    if let Some(bytes) = part {
+                        self.store.set(&key(keys, self.rank, to), bytes);
+                    }
+                }
+            },
+            |keys| {
+                let mut received = vec![];
+                if parts[self.rank].is_some() {
+                    for from in 0..self.size {
+                        received.push(self.store.get(&key(keys, from, self.rank)));
+                        self.store.delete(&key(keys, from, self.rank));
+                    }
+                }
+                received
+            },
+            |_| {},
+        )
     }
 }
 
@@ -534,6 +554,29 @@ impl Launch {
 }
 
 #[cfg(test)]
+impl Launch {
+    /// `size` ranks in this process's machine, rank 0 hosting the store on a port the
+    /// system just handed out (free a moment ago): each rank's launch, in rank order.
+    pub(crate) fn local(size: usize) -> Vec<Launch> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        (0..size)
+            .map(|rank| Launch {
+                rank,
+                size,
+                local_rank: rank,
+                host: "127.0.0.1".into(),
+                port,
+                agent_store: false,
+                attempt: "0".into(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
@@ -600,19 +643,7 @@ mod tests {
     #[cfg(nccl)]
     #[test]
     fn nccl_group_is_made_or_refused_cleanly() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let launch = Launch {
-            rank: 0,
-            size: 1,
-            local_rank: 0,
-            host: "127.0.0.1".into(),
-            port,
-            agent_store: false,
-            attempt: "0".into(),
-        };
+        let launch = Launch::local(1).remove(0);
         let comm = launch.connect(Duration::from_secs(30)).unwrap();
         match Nccl::new(&comm) {
             Ok(group) => {
@@ -633,23 +664,10 @@ mod tests {
     /// point.
     #[test]
     fn store_collectives_between_two_ranks() {
-        // A port the system just handed out (free a moment ago).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let launch = |rank| Launch {
-            rank,
-            size: 2,
-            local_rank: rank,
-            host: "127.0.0.1".into(),
-            port,
-            agent_store: false,
-            attempt: "0".into(),
-        };
-        let ranks: Vec<_> = (0..2)
-            .map(|rank| {
-                let l = launch(rank);
+        let ranks: Vec<_> = Launch::local(2)
+            .into_iter()
+            .map(|l| {
+                let rank = l.rank;
                 std::thread::spawn(move || {
                     let comm = l.connect(Duration::from_secs(60)).unwrap();
                     let gathered = comm.all_gather(&[rank as u8; 3]);

@@ -197,8 +197,7 @@ impl World {
     /// This rank's shard `(start, len)` of a flat buffer of `n` elements under ZeRO-1: what
     /// [`World::reduce_scatter_`] sums into and [`World::all_gather_shards_`] sends.
     pub fn shard_of(&self, n: i64) -> (i64, i64) {
-        let (start, len) = shard_range(n as usize, self.rank, self.size);
-        (start as i64, len as i64)
+        self.shards(n)[self.rank]
     }
 
     /// Every rank's shard of `n` elements, in rank order.
@@ -208,6 +207,16 @@ impl World {
                 let (start, len) = shard_range(n as usize, r, self.size);
                 (start as i64, len as i64)
             })
+            .collect()
+    }
+
+    /// The buckets of a sharded flat buffer of `n` elements of `kind`: for each, every
+    /// rank's part of it (`None` where the rank's shard misses the bucket), in rank order.
+    fn bucket_pieces(&self, n: i64, kind: Kind) -> Vec<Vec<Option<(i64, i64)>>> {
+        let shards = self.shards(n);
+        self.buckets(n, kind)
+            .into_iter()
+            .map(|bucket| shards.iter().map(|s| overlap(bucket, *s)).collect())
             .collect()
     }
 
@@ -232,10 +241,7 @@ impl World {
             return;
         };
         let _guard = tch::no_grad_guard();
-        let shards = self.shards(flat.numel() as i64);
-        for bucket in self.buckets(flat.numel() as i64, flat.kind()) {
-            let pieces: Vec<Option<(i64, i64)>> =
-                shards.iter().map(|s| overlap(bucket, *s)).collect();
+        for pieces in self.bucket_pieces(flat.numel() as i64, flat.kind()) {
             let bytes: Vec<Option<Vec<u8>>> = pieces
                 .iter()
                 .map(|p| p.map(|(a, l)| host_bytes(&flat.narrow(0, a, l))))
@@ -265,10 +271,7 @@ impl World {
         let Some(comm) = self.store() else {
             return;
         };
-        let shards = self.shards(flat.numel() as i64);
-        for bucket in self.buckets(flat.numel() as i64, flat.kind()) {
-            let pieces: Vec<Option<(i64, i64)>> =
-                shards.iter().map(|s| overlap(bucket, *s)).collect();
+        for pieces in self.bucket_pieces(flat.numel() as i64, flat.kind()) {
             let mine = pieces[self.rank]
                 .map(|(a, l)| host_bytes(&flat.narrow(0, a, l)))
                 .unwrap_or_default();
@@ -293,11 +296,8 @@ impl World {
         let out = self
             .is_main()
             .then(|| Tensor::zeros([n], (kind, Device::Cpu)));
-        let shards = self.shards(n);
-        let my_start = shards[self.rank].0;
-        for bucket in self.buckets(n, kind) {
-            let pieces: Vec<Option<(i64, i64)>> =
-                shards.iter().map(|s| overlap(bucket, *s)).collect();
+        let my_start = self.shard_of(n).0;
+        for pieces in self.bucket_pieces(n, kind) {
             let mine = pieces[self.rank]
                 .map(|(a, l)| host_bytes(&shard.narrow(0, a - my_start, l)))
                 .unwrap_or_default();
@@ -343,25 +343,12 @@ pub(crate) fn in_threads<T: Send + 'static>(
     bucket_bytes: usize,
     f: impl Fn(World) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
-    // A port the system just handed out (free a moment ago).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
     let f = Arc::new(f);
-    let ranks: Vec<_> = (0..size)
-        .map(|rank| {
+    let ranks: Vec<_> = Launch::local(size)
+        .into_iter()
+        .map(|launch| {
             let f = f.clone();
             std::thread::spawn(move || {
-                let launch = Launch {
-                    rank,
-                    size,
-                    local_rank: rank,
-                    host: "127.0.0.1".into(),
-                    port,
-                    agent_store: false,
-                    attempt: "0".into(),
-                };
                 let comm = launch.connect(Duration::from_secs(60)).unwrap();
                 f(World {
                     bucket_bytes,

@@ -167,6 +167,30 @@ pub fn assert_same_metrics(
     }
 }
 
+/// Asserts that the run written to `two` trained what the run in `one` trained (a data-
+/// parallel run against one process with its whole batch): final weights within 1e-5
+/// (loaded with `head`), each of `steps` steps once in `metrics.jsonl`, and the metrics
+/// `keys` of every step within 1e-5 (relative, `floor` as [`assert_same_metrics`]).
+pub fn assert_trains_like(
+    one: &Path,
+    two: &Path,
+    head: common::Head,
+    (keys, floor): (&[&str], f64),
+    steps: usize,
+) {
+    let diff = max_weight_diff(&one.join("final"), &two.join("final"), head);
+    assert!(
+        diff < 1e-5,
+        "{} vs {}: weights differ by {diff:e}",
+        two.display(),
+        one.display()
+    );
+    let metrics = |dir: &Path| read_jsonl(&dir.join("metrics.jsonl"));
+    let (a, b) = (metrics(one), metrics(two));
+    assert_eq!(b.len(), steps, "each step once in {}", two.display());
+    assert_same_metrics(&a, &b, keys, (1e-5, floor));
+}
+
 /// Every line of a JSON Lines file.
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
