@@ -1,6 +1,7 @@
 //! Links libtorch (see `build/libtorch_link.rs`), builds the C++ shims in `shim/` against
 //! the headers of the same torch wheel: `store.cpp` (c10d's TCPStore for data-parallel
-//! runs), `rng.cpp` (the random generators' state), `cuda_graph.cpp` and `nccl.cpp`
+//! runs), `rng.cpp` (the random generators' state), `grad_hook.cpp` (post-accumulate
+//! gradient hooks, for the overlapped exchange), `cuda_graph.cpp` and `nccl.cpp`
 //! (ProcessGroupNCCL, when NCCL's header is there too). A libtorch without CUDA (or without
 //! the CUDA runtime headers beside it) builds without the shim: decoding is then eager
 //! everywhere, and `cfg(cuda_graphs)` is unset.
@@ -43,6 +44,7 @@ fn main() {
         .cpp(true)
         .file("shim/store.cpp")
         .file("shim/rng.cpp")
+        .file("shim/grad_hook.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

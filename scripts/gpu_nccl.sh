@@ -4,7 +4,8 @@
 # $OUT. With one GPU, `torchrun --nproc-per-node 1` makes a world of one that connects to
 # the c10d store and sends every CUDA gradient through ProcessGroupNCCL (an all-reduce of
 # one rank: NCCL's communicator, stream and kernels run; nothing crosses a link).
-#   1. each training stage plain and under torchrun (ZeRO stage 0 and 1): same weights;
+#   1. each training stage plain and under torchrun (ZeRO stage 0 and 1, and stage 0 with
+#      --overlap-grad-reduce): same weights;
 #   2. the benchmark plain and under torchrun: the NCCL path's overhead (target ≤ 3 %).
 #
 #   GPU_BIN=.gpu bash scripts/gpu_nccl.sh
@@ -43,11 +44,15 @@ for stage in sft reward dpo ppo; do
     "$BIN/$stage" "${args[@]}" "${common[@]}" --output-dir "$WORK/$stage-plain" \
         >"$OUT/$stage-plain.json" 2>"$OUT/$stage-plain.log"
     echo "$stage plain: exit $?"
-    for zero in 0 1; do
-        torchrun1 "$BIN/$stage" "${args[@]}" "${common[@]}" --zero-stage $zero \
+    for zero in 0 1 o; do
+        # "o": ZeRO-0 with the exchange overlapped with the backward (a sender thread's
+        # NCCL all-reduces while the autograd engine's device thread runs).
+        flags=(--zero-stage $zero)
+        [ $zero = o ] && flags=(--zero-stage 0 --overlap-grad-reduce --bucket-cap-mb 1)
+        torchrun1 "$BIN/$stage" "${args[@]}" "${common[@]}" "${flags[@]}" \
             --output-dir "$WORK/$stage-nccl$zero" >"$OUT/$stage-nccl$zero.json" \
             2>"$OUT/$stage-nccl$zero.log"
-        echo "$stage torchrun zero $zero: exit $?; $(grep -o 'NCCL process group[^(]*' "$OUT/$stage-nccl$zero.log" | head -1)"
+        echo "$stage torchrun zero $zero: exit $?; $(grep -o 'NCCL process group[^(]*' "$OUT/$stage-nccl$zero.log" | head -1) $(grep -o 'overlap-grad-reduce: [0-9]* of [0-9]* buckets[^\n]*' "$OUT/$stage-nccl$zero.log" | head -1)"
     done
 done
 "$PY" - "$WORK" <<'PY' 2>&1 | tee "$OUT/weights.txt"
@@ -56,7 +61,7 @@ from safetensors.torch import load_file
 work = pathlib.Path(sys.argv[1])
 for stage in ["sft", "reward", "dpo", "ppo"]:
     plain = work / f"{stage}-plain" / "final" / "model.safetensors"
-    for zero in (0, 1):
+    for zero in (0, 1, "o"):
         other = work / f"{stage}-nccl{zero}" / "final" / "model.safetensors"
         if not (plain.exists() and other.exists()):
             print(f"{stage} zero {zero}: missing {plain if not plain.exists() else other}")
@@ -67,10 +72,12 @@ for stage in ["sft", "reward", "dpo", "ppo"]:
 PY
 
 step "bench: plain vs torchrun --nproc-per-node 1 (NCCL), same process otherwise"
-for run in plain nccl; do
-    launch=()
-    [ $run = nccl ] && launch=("$PY" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python)
-    BENCH_DEVICE=$DEVICE BENCH_DTYPE=$DTYPE BENCH_STAGES=sft,reward,ppo BENCH_SHAPES=${SHAPES:-qwen2-0.5b} \
+for run in plain nccl overlap; do
+    launch=() stages=sft,reward,ppo train_args=
+    [ $run != plain ] && launch=("$PY" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python)
+    # The overlapped exchange's own cost at world size 1 (hooks, the sender thread).
+    [ $run = overlap ] && stages=sft,reward train_args="--overlap-grad-reduce"
+    BENCH_TRAIN_ARGS=$train_args BENCH_DEVICE=$DEVICE BENCH_DTYPE=$DTYPE BENCH_STAGES=$stages BENCH_SHAPES=${SHAPES:-qwen2-0.5b} \
         BENCH_BATCH=${BATCH:-8} BENCH_SEQ=${SEQ:-512} BENCH_ROLLOUT=${ROLLOUT:-32} BENCH_RESPONSE=${RESPONSE:-64} \
         timeout 600 "${launch[@]}" "$BIN/bench" >"$OUT/bench-$run.txt" 2>&1
     echo "bench $run: exit $?"
@@ -85,10 +92,12 @@ def rows(run):
             r = json.loads(line)
             rows[(r["stage"], r["model"])] = r
     return rows
-plain, nccl = rows("plain"), rows("nccl")
-for key in plain:
-    if key in nccl:
-        a, b = plain[key].get("tokens_per_second"), nccl[key].get("tokens_per_second")
-        if a and b:
-            print(f"{key[0]:8} {key[1]:12} plain {a:10.0f} tok/s  NCCL {b:10.0f} tok/s  ratio {b / a:.3f}")
+plain = rows("plain")
+for run in ("nccl", "overlap"):
+    other = rows(run)
+    for key in plain:
+        if key in other:
+            a, b = plain[key].get("tokens_per_second"), other[key].get("tokens_per_second")
+            if a and b:
+                print(f"{key[0]:8} {key[1]:12} plain {a:10.0f} tok/s  {run} {b:10.0f} tok/s  ratio {b / a:.3f}")
 PY

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::models::lora::{LoraConfig, TargetModules};
 use crate::models::prompt_tuning::{PromptInit, PromptTuningConfig};
 use crate::models::ModelOptions;
-use crate::optim::{AdamWConfig, ZeroStage};
+use crate::optim::{AdamWConfig, GradExchange, ZeroStage};
 use crate::schedule::{Schedule, ScheduleKind};
 
 /// The message of the first failed check, as an error (each check is a condition and the
@@ -108,6 +108,14 @@ pub struct OptimArgs {
     /// across the ranks, as DeepSpeed's ZeRO stage 1; 0 keeps all of it on every rank.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub zero_stage: u8,
+    /// Data parallel: exchange the gradients during the step's last backward pass, in
+    /// buckets, as PyTorch's DDP does (same numbers; the exchange hides behind the
+    /// backward). Off: after it, in one go.
+    #[arg(long)]
+    pub overlap_grad_reduce: bool,
+    /// The bucket size of --overlap-grad-reduce, in MB (DDP's bucket_cap_mb).
+    #[arg(long, default_value_t = crate::overlap::DEFAULT_BUCKET_CAP_MB)]
+    pub bucket_cap_mb: f64,
 }
 
 impl OptimArgs {
@@ -120,10 +128,16 @@ impl OptimArgs {
         }
     }
 
-    pub fn zero(&self) -> ZeroStage {
-        match self.zero_stage {
-            0 => ZeroStage::Off,
-            _ => ZeroStage::Optimizer,
+    /// How the gradients are exchanged between data-parallel ranks.
+    pub fn grad_exchange(&self) -> GradExchange {
+        GradExchange {
+            zero: match self.zero_stage {
+                0 => ZeroStage::Off,
+                _ => ZeroStage::Optimizer,
+            },
+            overlap_bucket_bytes: self
+                .overlap_grad_reduce
+                .then_some((self.bucket_cap_mb * 1e6) as usize),
         }
     }
 
@@ -157,6 +171,10 @@ impl OptimArgs {
             ),
             (self.adam_eps > 0.0, "--adam-eps must be > 0"),
             (self.max_grad_norm >= 0.0, "--max-grad-norm must be ≥ 0"),
+            (
+                self.bucket_cap_mb > 0.0 && self.bucket_cap_mb.is_finite(),
+                "--bucket-cap-mb must be > 0",
+            ),
         ])
     }
 }

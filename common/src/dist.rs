@@ -542,7 +542,18 @@ impl Launch {
         watch_signals();
         let server = !self.agent_store && self.rank == 0;
         let store = Store::connect(&self.host, self.port, self.size, server, timeout)?;
-        let prefix = format!("/rlhf/attempt_{}/", self.attempt);
+        // A process may run several stages in turn (the bench does): each connection's
+        // keys (its collectives, its exit count, its NCCL group) are its own.
+        let run = {
+            static RUNS: std::sync::Mutex<Vec<(String, u16, usize)>> =
+                std::sync::Mutex::new(Vec::new());
+            let mut runs = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+            let me = (self.host.clone(), self.port, self.rank);
+            let earlier = runs.iter().filter(|r| **r == me).count();
+            runs.push(me);
+            earlier
+        };
+        let prefix = format!("/rlhf/attempt_{}/run_{run}/", self.attempt);
         Ok(Comm::new(
             store,
             prefix,

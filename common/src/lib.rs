@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod models;
 pub mod ops;
 pub mod optim;
+pub mod overlap;
 pub mod rng;
 pub mod run_dir;
 pub mod schedule;

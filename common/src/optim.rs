@@ -14,6 +14,7 @@ use tch::{Kind, Tensor};
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
+use crate::overlap::{self, Member, Overlap};
 use crate::world::World;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -101,6 +102,15 @@ pub enum ZeroStage {
     Optimizer,
 }
 
+/// How a data-parallel run exchanges its gradients (and shards the optimiser state).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct GradExchange {
+    pub zero: ZeroStage,
+    /// `--overlap-grad-reduce`: the exchange runs during the step's last backward, in
+    /// buckets of at most this many bytes ([`crate::overlap`]).
+    pub overlap_bucket_bytes: Option<usize>,
+}
+
 #[derive(Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
@@ -109,6 +119,9 @@ pub struct AdamW {
     /// The ranks the gradients are summed over (and, under ZeRO-1, the state sharded).
     world: World,
     zero: ZeroStage,
+    /// The bucketed exchange overlapped with the last backward, when asked for in a run of
+    /// several processes.
+    pub(crate) overlap: Option<Overlap>,
     /// Optimiser steps taken.
     pub step: i64,
 }
@@ -135,19 +148,21 @@ impl OptimizerState {
 impl AdamW {
     /// Over the trainable variables `vars` (name → variable), in one process.
     pub fn new(vars: HashMap<String, Tensor>, config: AdamWConfig) -> Self {
-        Self::distributed(vars, config, &World::single(), ZeroStage::Off)
+        Self::distributed(vars, config, &World::single(), GradExchange::default())
     }
 
     /// Over the trainable variables `vars` (name → variable), their gradients summed over
-    /// `world`'s ranks, the state sharded as `zero` says. The variables (and their
-    /// gradients) are moved into the optimiser's flat buffers, values kept; gradients start
-    /// at zero, and a parameter that gets no gradient in a step is updated with a zero one.
+    /// `world`'s ranks as `exchange` says. The variables (and their gradients) are moved
+    /// into the optimiser's flat buffers, values kept, in the order a backward pass
+    /// completes them ([`overlap::layout_key`]); gradients start at zero, and a parameter
+    /// that gets no gradient in a step is updated with a zero one.
     pub fn distributed(
         vars: HashMap<String, Tensor>,
         config: AdamWConfig,
         world: &World,
-        zero: ZeroStage,
+        exchange: GradExchange,
     ) -> Self {
+        let zero = exchange.zero;
         let trainable: BTreeMap<String, Tensor> = vars
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
@@ -178,7 +193,9 @@ impl AdamW {
         }
         let mut groups = vec![];
         let mut slots = BTreeMap::new();
-        for ((decay, _, _), members) in classes {
+        let mut members_in_order = vec![];
+        for ((decay, _, _), mut members) in classes {
+            members.sort_by_key(|(name, _)| overlap::layout_key(name));
             let (kind, device) = (members[0].1.kind(), members[0].1.device());
             let total: i64 = members.iter().map(|(_, p)| p.numel() as i64).sum();
             let flat = Tensor::empty([total], (kind, device));
@@ -197,6 +214,13 @@ impl AdamW {
                     shape: p.size(),
                 };
                 slots.insert((*name).clone(), slot);
+                members_in_order.push(Member {
+                    name: name.as_str(),
+                    group: groups.len(),
+                    offset,
+                    numel: n,
+                    tensor: p,
+                });
                 offset += n;
             }
             let owned = match zero {
@@ -216,12 +240,26 @@ impl AdamW {
                 exp_avg_sq: f32_zeros(),
             });
         }
+        let overlap = exchange
+            .overlap_bucket_bytes
+            .filter(|_| world.is_distributed())
+            .map(|cap| {
+                let grads: Vec<Tensor> = groups.iter().map(|g| g.grads.shallow_clone()).collect();
+                let overlap = Overlap::new(&members_in_order, &grads, cap, world, zero);
+                tracing::info!(
+                    "--overlap-grad-reduce: the gradients go in {} buckets of up to {:.1} MB during the last backward",
+                    overlap.bucket_count(),
+                    cap as f64 / 1e6
+                );
+                overlap
+            });
         let optimizer = AdamW {
             config,
             groups,
             slots,
             world: world.clone(),
             zero,
+            overlap,
             step: 0,
         };
         if zero == ZeroStage::Optimizer {
@@ -263,11 +301,24 @@ impl AdamW {
     /// Sums the gradients over the ranks (after a step's backward passes): every flat
     /// buffer whole, or under ZeRO-1 only this rank's shard of it (the rest is not read).
     pub fn reduce_gradients(&self) {
+        if let Some(overlap) = &self.overlap {
+            return overlap.reduce();
+        }
         for g in &self.groups {
             match self.zero {
                 ZeroStage::Off => self.world.sum_(&g.grads),
                 ZeroStage::Optimizer => self.world.reduce_scatter_(&g.grads),
             }
+        }
+    }
+
+    /// Runs `backward`, the last backward pass before the step: with the overlapped
+    /// exchange, the gradients are summed over the ranks while it runs (and
+    /// [`AdamW::reduce_gradients`] then has nothing left to do).
+    pub fn last_backward(&self, backward: impl FnOnce()) {
+        match &self.overlap {
+            Some(overlap) => overlap.during(backward),
+            None => backward(),
         }
     }
 
@@ -539,7 +590,11 @@ mod tests {
                 let w = vs.root().var_copy("w", &init);
                 let b = (vs.root() / "b").var_copy("bias", &init.narrow(0, 0, 3));
                 vs.bfloat16();
-                let mut opt = AdamW::distributed(vs.variables(), config(0.1), &world, zero);
+                let exchange = GradExchange {
+                    zero,
+                    overlap_bucket_bytes: None,
+                };
+                let mut opt = AdamW::distributed(vs.variables(), config(0.1), &world, exchange);
                 let k = world.rank() as f64 + 1.0;
                 for _ in 0..3 {
                     ((&w * &w).sum(Kind::Float) * k + (&b * k).sin().sum(Kind::Float)).backward();

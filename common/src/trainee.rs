@@ -50,8 +50,12 @@ impl Trainee {
         world: &World,
         schedule: Schedule,
     ) -> Self {
-        let optimizer =
-            AdamW::distributed(model.vs.variables(), optim.adamw(), world, optim.zero());
+        let optimizer = AdamW::distributed(
+            model.vs.variables(),
+            optim.adamw(),
+            world,
+            optim.grad_exchange(),
+        );
         let (trained, total) = parameter_counts(&model);
         tracing::info!(
             "{}: training {trained} of {total} parameters",
@@ -64,6 +68,17 @@ impl Trainee {
             schedule,
             max_grad_norm: optim.max_grad_norm,
             source: source.to_path_buf(),
+        }
+    }
+
+    /// Backpropagates a micro-batch's `loss` ([`Model::backward`]). `last`: no other
+    /// backward comes before [`Trainee::step`] — with `--overlap-grad-reduce` the gradients
+    /// are then exchanged while it runs. (Passing `false` for the last one only forgoes the
+    /// overlap; passing `true` before another backward stops the run at the step.)
+    pub fn backward(&self, loss: &tch::Tensor, last: bool) {
+        match last {
+            true => self.optimizer.last_backward(|| self.model.backward(loss)),
+            false => self.model.backward(loss),
         }
     }
 

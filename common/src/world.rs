@@ -101,6 +101,12 @@ impl World {
         }
     }
 
+    /// Whether this process exchanges with others (launched by torchrun or Slurm, also as
+    /// a world of one).
+    pub fn is_distributed(&self) -> bool {
+        self.comm.is_some()
+    }
+
     /// Whether this process writes the run's files and logs.
     pub fn is_main(&self) -> bool {
         self.rank == 0
@@ -210,13 +216,19 @@ impl World {
             .collect()
     }
 
-    /// The buckets of a sharded flat buffer of `n` elements of `kind`: for each, every
-    /// rank's part of it (`None` where the rank's shard misses the bucket), in rank order.
-    fn bucket_pieces(&self, n: i64, kind: Kind) -> Vec<Vec<Option<(i64, i64)>>> {
+    /// The buckets over the range `(start, len)` of a sharded flat buffer of `n` elements
+    /// of `kind`: for each, every rank's part of it (`None` where the rank's shard misses
+    /// the bucket), in rank order.
+    fn bucket_pieces(
+        &self,
+        n: i64,
+        (start, len): (i64, i64),
+        kind: Kind,
+    ) -> Vec<Vec<Option<(i64, i64)>>> {
         let shards = self.shards(n);
-        self.buckets(n, kind)
+        self.buckets(len, kind)
             .into_iter()
-            .map(|bucket| shards.iter().map(|s| overlap(bucket, *s)).collect())
+            .map(|(a, l)| shards.iter().map(|s| overlap((start + a, l), *s)).collect())
             .collect()
     }
 
@@ -233,15 +245,21 @@ impl World {
     /// rank's shard ([`World::shard_of`]); the rest keeps this rank's own values. Summed in
     /// rank order as [`World::sum_`], so the shard holds exactly what `sum_` would give.
     pub fn reduce_scatter_(&self, flat: &Tensor) {
+        self.reduce_scatter_range_(flat, (0, flat.numel() as i64));
+    }
+
+    /// [`World::reduce_scatter_`] of the elements `(start, len)` of `flat` (one bucket of
+    /// it): each rank's shard of the whole buffer gets the sum where it meets the range.
+    pub fn reduce_scatter_range_(&self, flat: &Tensor, range: (i64, i64)) {
         if let Some(nccl) = self.nccl_for(flat) {
             // NCCL's own reduce-scatter needs equal shards: the whole sum is a superset.
-            return nccl.all_reduce_sum(flat);
+            return nccl.all_reduce_sum(&flat.narrow(0, range.0, range.1));
         }
         let Some(comm) = self.store() else {
             return;
         };
         let _guard = tch::no_grad_guard();
-        for pieces in self.bucket_pieces(flat.numel() as i64, flat.kind()) {
+        for pieces in self.bucket_pieces(flat.numel() as i64, range, flat.kind()) {
             let bytes: Vec<Option<Vec<u8>>> = pieces
                 .iter()
                 .map(|p| p.map(|(a, l)| host_bytes(&flat.narrow(0, a, l))))
@@ -271,7 +289,8 @@ impl World {
         let Some(comm) = self.store() else {
             return;
         };
-        for pieces in self.bucket_pieces(flat.numel() as i64, flat.kind()) {
+        let n = flat.numel() as i64;
+        for pieces in self.bucket_pieces(n, (0, n), flat.kind()) {
             let mine = pieces[self.rank]
                 .map(|(a, l)| host_bytes(&flat.narrow(0, a, l)))
                 .unwrap_or_default();
@@ -297,7 +316,7 @@ impl World {
             .is_main()
             .then(|| Tensor::zeros([n], (kind, Device::Cpu)));
         let my_start = self.shard_of(n).0;
-        for pieces in self.bucket_pieces(n, kind) {
+        for pieces in self.bucket_pieces(n, (0, n), kind) {
             let mine = pieces[self.rank]
                 .map(|(a, l)| host_bytes(&shard.narrow(0, a - my_start, l)))
                 .unwrap_or_default();

@@ -15,7 +15,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use common::models::adapter::{without_adapters, AdapterDir};
 use common::models::TokenSpec;
-use common::{Head, Model, ModelOptions};
+use common::{Head, Model, ModelOptions, Trainee};
 use data::pairs::{collate, PairBatch, TokenizedPair};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -167,19 +167,20 @@ pub fn scored_chosen_tokens(pair: &TokenizedPair) -> usize {
 }
 
 /// Forward (policy and reference), loss and metrics over `pairs` (with their indices) in
-/// micro-batches of `batch_size`; with `backward`, each micro-batch's share of the step's
-/// loss is backpropagated.
+/// micro-batches of `batch_size`; with `backward` (the step's totals and the trainee whose
+/// model `policy` is), each micro-batch's share of the step's loss is backpropagated.
 pub fn run_pairs(
     policy: &Model,
     reference: &Reference,
     pairs: &[(usize, &TokenizedPair)],
     (batch_size, pad_id): (usize, i64),
     args: &LossArgs,
-    backward: Option<StepTotals>,
+    backward: Option<(StepTotals, &Trainee)>,
 ) -> (Stats, Vec<PairResult>) {
     let mut stats = Stats::default();
     let mut results = Vec::with_capacity(pairs.len());
-    for micro in pairs.chunks(batch_size) {
+    let micro_batches = pairs.len().div_ceil(batch_size);
+    for (i, micro) in pairs.chunks(batch_size).enumerate() {
         let (indices, refs): (Vec<usize>, Vec<&TokenizedPair>) = micro.iter().copied().unzip();
         let batch = collate(&refs, pad_id, policy.device());
         let ref_logps = reference.logps(policy, &batch, &indices);
@@ -205,13 +206,13 @@ pub fn run_pairs(
             rejected_tokens: lengths(true),
         };
         let losses = pair_loss(args, &lp);
-        if let Some(totals) = backward {
+        if let Some((totals, trainee)) = backward {
             let mut loss = losses.sum(Kind::Float) / totals.pairs.max(1.0);
             if args.rpo_alpha > 0.0 {
                 let nll = -lp.chosen.sum(Kind::Float);
                 loss += nll * (args.rpo_alpha / totals.chosen_tokens.max(1.0));
             }
-            policy.backward(&loss);
+            trainee.backward(&loss, i + 1 == micro_batches);
         }
         let mut s = Stats::of(args, &lp, &losses);
         let (logits_c, logits_r) = halves(scored.logit_sums.as_ref().expect("asked for"));

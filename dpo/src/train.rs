@@ -333,7 +333,7 @@ fn train_step(
         &pairs,
         shape,
         &args.loss,
-        Some(totals),
+        Some((totals, trainee)),
     );
     let stats = stats.summed(world);
     let loss = stats.loss(args.loss.rpo_alpha);

@@ -137,7 +137,13 @@ fn dims(model: &Model, config: &Value) -> Dims {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Under torchrun, whether this is rank 0, which writes the runs' metrics and the table
+/// (the other ranks train alongside and report nothing).
+fn main_rank() -> bool {
+    std::env::var("RANK").map_or(true, |r| r == "0")
 }
 
 /// Resets the kernel's peak-RSS counter of this process (Linux `clear_refs` 5).
@@ -205,6 +211,9 @@ fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = Value>) {
 }
 
 fn metrics(out: &Path) -> Vec<Value> {
+    if !main_rank() {
+        return vec![];
+    }
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -213,8 +222,8 @@ fn metrics(out: &Path) -> Vec<Value> {
 }
 
 fn measured(m: &[Value], key: &str) -> Vec<f64> {
-    m[WARMUP..]
-        .iter()
+    m.iter()
+        .skip(WARMUP)
         .map(|r| r[key].as_f64().unwrap())
         .collect()
 }
@@ -675,5 +684,7 @@ fn main() {
         .split(',')
         .flat_map(|arch| bench.rows(arch))
         .collect();
-    print_table(&rows);
+    if main_rank() {
+        print_table(&rows);
+    }
 }

@@ -197,7 +197,9 @@ fn minibatch_backward(
     let norm = args.response_length as f64;
     let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
     let mut ratio_max_dev = 0f64;
-    for part in mb.chunks(micro) {
+    let parts = mb.len().div_ceil(micro);
+    for (i, part) in mb.chunks(micro).enumerate() {
+        let last = i + 1 == parts;
         let idx = Tensor::from_slice(part).to_device(device);
         let pick = |t: &Tensor| t.index_select(0, &idx);
         let (ids, full_mask, mask) = (pick(&ro.full_ids), pick(&ro.full_mask), pick(&ro.mask));
@@ -232,7 +234,10 @@ fn minibatch_backward(
             policy_total += &kl_loss * (beta * weight);
             *stats.entry("kl").or_default() += kl_loss.double_value(&[]) * weight;
         }
-        policy.backward(&policy_total);
+        // PPO-ptx's backward comes after the minibatch's.
+        learners
+            .policy
+            .backward(&policy_total, last && learners.ptx.is_none());
         ratio_max_dev = ratio_max_dev.max(pl.ratio_max_dev);
         let mut add = |k, v: f64| *stats.entry(k).or_default() += v * weight;
         add("policy", pl.loss.double_value(&[]));
@@ -250,9 +255,7 @@ fn minibatch_backward(
                 &mask,
                 args.cliprange_value,
             );
-            critic
-                .model
-                .backward(&(&vl * (args.vf_coef * value_weight)));
+            critic.backward(&(&vl * (args.vf_coef * value_weight)), last);
             *stats.entry("value").or_default() += vl.double_value(&[]) * value_weight;
             *stats.entry("vclip").or_default() += vclip * value_weight;
         }
@@ -289,6 +292,6 @@ fn ptx_backward(policy: &Trainee, ptx: &mut Ptx, rows: usize, world: &World) -> 
     let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(lp.kind());
     let tokens = world.sum(mask.sum(Kind::Float).double_value(&[])).max(1.0);
     let loss = -(lp * mask).sum(Kind::Float) / tokens;
-    policy.model.backward(&(&loss * ptx.coef));
+    policy.backward(&(&loss * ptx.coef), true);
     world.sum(loss.double_value(&[]))
 }

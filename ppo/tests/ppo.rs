@@ -361,7 +361,7 @@ fn bad_ppo_options_are_refused_with_one_line() {
 /// random numbers it has in the whole batch), score, whiten and train on their rows of the
 /// same global minibatches, so they end with the policy and critic one process trains on
 /// 16 prompts, with the same logged statistics — also with the optimizer state sharded
-/// (`--zero-stage 1`).
+/// (`--zero-stage 1`) and the gradient exchange overlapped with the backward.
 #[test]
 fn two_ranks_train_what_one_process_trains() {
     let f = fixture();
@@ -423,16 +423,34 @@ fn two_ranks_train_what_one_process_trains() {
         "--num-generations",
         "2",
     ];
-    let cases = [("gae", gae, "0"), ("gae", gae, "1"), ("grpo", grpo, "1")];
+    // The exchange overlapped with the last backward (buckets of 10 kB): GAE over two
+    // micro-batches per minibatch (the policy's and the critic's last backward), GRPO with
+    // PPO-ptx (whose backward is the policy's last).
+    let overlap = ["--overlap-grad-reduce", "--bucket-cap-mb", "0.01"];
+    let ptx = f.ptx.display().to_string();
+    let grpo_ptx = [grpo, &["--ptx-data", &ptx, "--ptx-coef", "0.5"]].concat();
+    let cases: [(&str, &[&str], Vec<&str>); 3] = [
+        ("gae", gae, vec!["--zero-stage", "0"]),
+        (
+            "gae",
+            gae,
+            [&["--zero-stage", "1", "--grad-accum", "2"], &overlap[..]].concat(),
+        ),
+        (
+            "grpo",
+            &grpo_ptx,
+            [&["--zero-stage", "1"], &overlap[..]].concat(),
+        ),
+    ];
     let mut single_runs = std::collections::HashSet::new();
-    for (estimator, extra, zero) in cases {
-        let name = format!("{estimator} --zero-stage {zero}");
+    for (case, (estimator, extra, flags)) in cases.into_iter().enumerate() {
+        let name = format!("{estimator} {}", flags.join(" "));
         let one = f.root.join(format!("dp-one-{estimator}"));
-        let two = f.root.join(format!("dp-two-{estimator}-zero{zero}"));
+        let two = f.root.join(format!("dp-two-{estimator}-{case}"));
         if single_runs.insert(estimator) {
             rlhf_tests::ok(&rlhf_tests::run_bin(exe, &refs(&argv(&one, extra)), &[]));
         }
-        let two_ranks = [extra, &["--zero-stage", zero]].concat();
+        let two_ranks = [extra, &flags[..]].concat();
         let out = rlhf_tests::torchrun(exe, 2, &refs(&argv(&two, &two_ranks)), &[]);
         assert!(
             out.status.success(),
@@ -457,8 +475,15 @@ fn two_ranks_train_what_one_process_trains() {
                     continue;
                 }
                 let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+                // A clip fraction counts tokens past a threshold: a value within the
+                // summation-order noise (1e-7) of it may fall either side, so one token of
+                // the 96 in one of the 4 minibatches (1/384 of the average) may differ.
+                let tolerance = match key.contains("clipfrac") {
+                    true => 1.0 / 384.0 + 1e-9,
+                    false => 1e-4 * x.abs().max(1.0),
+                };
                 assert!(
-                    (x - y).abs() <= 1e-4 * x.abs().max(1.0) || (x.is_nan() && y.is_nan()),
+                    (x - y).abs() <= tolerance || (x.is_nan() && y.is_nan()),
                     "{name} {key}: {x} vs {y}"
                 );
             }

@@ -138,24 +138,25 @@ impl Stats {
     }
 }
 
-/// Forward, loss and (when `train`) backward over `rows` in micro-batches of
-/// `batch_size`; the loss is divided by `elements_total`, the number of rankings in the
-/// whole step (all ranks).
+/// Forward, loss and (when training `trainee`, whose model `model` is) backward over
+/// `rows` in micro-batches of `batch_size`; the loss is divided by `elements_total`, the
+/// number of rankings in the whole step (all ranks).
 fn run_rows(
     model: &Model,
     rows: &[&TokenizedRanking],
     (batch_size, pad_id): (usize, i64),
-    train: bool,
+    train: Option<&Trainee>,
     elements_total: f64,
 ) -> Stats {
     let mut stats = Stats::default();
-    for micro in rows.chunks(batch_size) {
+    let micro_batches = rows.len().div_ceil(batch_size);
+    for (i, micro) in rows.chunks(batch_size).enumerate() {
         let batch = collate(micro, pad_id, model.device());
         let rewards = last_token_scores(model, &batch.input_ids, &batch.attention_mask);
         let out = ranking_loss(&rewards, &batch.group_sizes, &batch.margins);
         let loss = &out.loss_sum / elements_total.max(1.0);
-        if train {
-            model.backward(&loss);
+        if let Some(trainee) = train {
+            trainee.backward(&loss, i + 1 == micro_batches);
         }
         stats.loss_sum += out.loss_sum.double_value(&[]);
         stats.elements += micro.len();
@@ -338,7 +339,7 @@ fn evaluate(
     let _guard = tch::no_grad_guard();
     let rows: Vec<_> = world.shard(&eval.rows).iter().collect();
     let n = world.sum(rows.len() as f64);
-    run_rows(model, &rows, shape, false, n)
+    run_rows(model, &rows, shape, None, n)
         .summed(world)
         .scalars("eval")
 }
@@ -362,7 +363,7 @@ fn train_step(
         .collect();
     let elements = world.sum(rows.len() as f64);
     let shape = (args.data.batch_size, pad_id);
-    let stats = run_rows(&trainee.model, &rows, shape, true, elements).summed(world);
+    let stats = run_rows(&trainee.model, &rows, shape, Some(trainee), elements).summed(world);
     let loss = stats.loss_sum / stats.elements.max(1) as f64;
     let outcome = trainee.step(loss);
     let local_tokens: usize = rows

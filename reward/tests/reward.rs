@@ -102,7 +102,8 @@ fn train_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
 
 /// Data parallel (issue 19): two torchrun ranks of 4 rankings train the weights (score
 /// head included) and log the losses one process gets with 8, with the optimizer state
-/// whole on each rank or sharded (`--zero-stage 1`); rank 0 alone writes.
+/// whole on each rank or sharded (`--zero-stage 1`, with the exchange overlapped with the
+/// backward); rank 0 alone writes.
 #[test]
 fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     let f = fixture();
@@ -121,14 +122,30 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         "120",
     ];
     let exe = env!("CARGO_BIN_EXE_reward");
-    for zero in ["0", "1"] {
-        let two = two.with_extension(format!("zero{zero}"));
-        let options = [&options[..], &["--zero-stage", zero]].concat();
+    // ZeRO-1 with the exchange overlapped with the last of two micro-batches' backward.
+    let zero1 = [
+        "--zero-stage",
+        "1",
+        "--overlap-grad-reduce",
+        "--bucket-cap-mb",
+        "0.01",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+    ];
+    for (case, flags) in [&["--zero-stage", "0"][..], &zero1].into_iter().enumerate() {
+        let two = two.with_extension(format!("case{case}"));
+        let options = [&options[..], flags].concat();
         let out = rlhf_tests::torchrun(exe, 2, &train_args(&two, &options), &[]);
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{log}");
-        if zero == "1" {
+        if case == 1 {
             assert!(log.contains("--zero-stage 1: this rank holds"), "{log}");
+            assert!(
+                log.contains("--overlap-grad-reduce: the gradients go in"),
+                "{log}"
+            );
         }
         let keys = ["train/loss", "train/grad_norm", "train/accuracy"];
         rlhf_tests::assert_trains_like(&one, &two, Head::Score, (&keys, 1.0), 2);

@@ -226,7 +226,7 @@ fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> f
 /// whatever the split. Returns the step's loss, the tokens seen here, and (with
 /// `row_nll`, for a mixture's per-dataset losses) each row's summed NLL.
 fn accumulate(
-    model: &Model,
+    trainee: &Trainee,
     rows: &[&TokenizedSft],
     batch_size: usize,
     pad_id: i64,
@@ -239,7 +239,9 @@ fn accumulate(
         .sum();
     let targets = world.sum(local_targets as f64).max(1.0);
     let (mut loss_value, mut tokens, mut per_row) = (0.0, 0i64, vec![]);
-    for micro in rows.chunks(batch_size) {
+    let model = &trainee.model;
+    let micro_batches = rows.len().div_ceil(batch_size);
+    for (i, micro) in rows.chunks(batch_size).enumerate() {
         let batch = collate(micro, pad_id, model.device());
         let (nll, _) = token_nll(model, &batch);
         if row_nll {
@@ -250,7 +252,7 @@ fn accumulate(
                 .extend(Vec::<f64>::try_from(sums.to_device(tch::Device::Cpu)).expect("cpu f64"));
         }
         let loss = nll.sum(Kind::Float) / targets;
-        model.backward(&loss);
+        trainee.backward(&loss, i + 1 == micro_batches);
         loss_value += loss.double_value(&[]);
         tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
     }
@@ -380,10 +382,9 @@ fn train_step(
     let world = &session.world;
     let mine = world.shard(&indices);
     let rows: Vec<_> = mine.iter().map(|&i| &batch.rows.rows[i]).collect();
-    let model = &trainee.model;
     let mixed = batch.rows.names.len() > 1;
     let (loss, tokens, per_row) = accumulate(
-        model,
+        trainee,
         &rows,
         args.data.batch_size,
         batch.pad_id,

@@ -998,6 +998,27 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         );
     }
 
+    // The exchange overlapped with the last of two micro-batches' backward, in buckets of
+    // 10 kB: the same weights.
+    let overlapped = f.root.join("dp-overlap");
+    let flags = [
+        "--overlap-grad-reduce",
+        "--bucket-cap-mb",
+        "0.01",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+    ];
+    let out = torchrun(&overlapped, &flags, &[]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "torchrun failed:\n{log}");
+    assert!(
+        log.contains("--overlap-grad-reduce: the gradients go in"),
+        "{log}"
+    );
+    rlhf_tests::assert_trains_like(&one, &overlapped, Head::Lm, (&keys, 0.0), 3);
+
     // Rank 1 killed in the middle of step 2 (ZeRO-1): torchrun ends the run non-zero; two
     // ranks resume from the step-1 checkpoint (each taking its shard of the whole state)
     // to the uninterrupted weights.
