@@ -268,13 +268,44 @@ impl Comm {
         value
     }
 
-    /// Every rank's `bytes`, in rank order.
-    pub fn all_gather(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+    /// `bytes` behind a header naming the collective (`what`), which the receiver checks
+    /// ([`Comm::opened`]).
+    fn sealed(what: &str, bytes: &[u8]) -> Vec<u8> {
+        let label = &what.as_bytes()[..what.len().min(255)];
+        let mut out = Vec::with_capacity(1 + label.len() + bytes.len());
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    /// The bytes of a value [`Comm::sealed`] made on rank `from`, after checking that it
+    /// was sent by the same collective as this rank's (`what`): ranks whose collectives
+    /// fall out of step (a bug) stop with one line instead of exchanging each other's data.
+    fn opened(&self, what: &str, from: usize, value: Vec<u8>) -> Vec<u8> {
+        let n = value.first().map_or(0, |&n| n as usize);
+        let label = value.get(1..1 + n).unwrap_or_default();
+        let mine = &what.as_bytes()[..what.len().min(255)];
+        if label != mine {
+            self.fail(&format!(
+                "rank {}: the ranks are out of step: this rank is at \"{what}\", rank {from} at \"{}\" (collective {})",
+                self.rank,
+                String::from_utf8_lossy(label),
+                self.seq.load(Ordering::SeqCst).saturating_sub(1)
+            ));
+        }
+        value[1 + n..].to_vec()
+    }
+
+    /// Every rank's `bytes`, in rank order; `what` names the collective (the same on every
+    /// rank, checked).
+    pub fn all_gather(&self, what: &str, bytes: &[u8]) -> Vec<Vec<u8>> {
+        let sealed = Self::sealed(what, bytes);
         self.collective(
-            |keys| self.store.set(&format!("{keys}{}", self.rank), bytes),
+            |keys| self.store.set(&format!("{keys}{}", self.rank), &sealed),
             |keys| {
                 (0..self.size)
-                    .map(|r| self.store.get(&format!("{keys}{r}")))
+                    .map(|r| self.opened(what, r, self.store.get(&format!("{keys}{r}"))))
                     .collect()
             },
             |keys| {
@@ -288,15 +319,17 @@ impl Comm {
     /// Point to point within one step: `parts[s]` goes to rank `s`; every rank gets, in rank
     /// order, what each rank sent it. Every rank must agree on which ranks receive (send
     /// `Some` to the same ones); a rank that receives nothing gets an empty list. Each
-    /// value is read once, by its receiver, who deletes it.
-    pub fn all_to_all(&self, parts: &[Option<&[u8]>]) -> Vec<Vec<u8>> {
+    /// value is read once, by its receiver, who deletes it. `what` names the collective, as
+    /// for [`Comm::all_gather`].
+    pub fn all_to_all(&self, what: &str, parts: &[Option<&[u8]>]) -> Vec<Vec<u8>> {
         assert_eq!(parts.len(), self.size, "one part per rank");
         let key = |keys: &str, from: usize, to: usize| format!("{keys}{from}/{to}");
         self.collective(
             |keys| {
                 for (to, part) in parts.iter().enumerate() {
                     if let Some(bytes) = part {
-                        self.store.set(&key(keys, self.rank, to), bytes);
+                        let sealed = Self::sealed(what, bytes);
+                        self.store.set(&key(keys, self.rank, to), &sealed);
                     }
                 }
             },
@@ -304,7 +337,8 @@ impl Comm {
                 let mut received = vec![];
                 if parts[self.rank].is_some() {
                     for from in 0..self.size {
-                        received.push(self.store.get(&key(keys, from, self.rank)));
+                        let value = self.store.get(&key(keys, from, self.rank));
+                        received.push(self.opened(what, from, value));
                         self.store.delete(&key(keys, from, self.rank));
                     }
                 }
@@ -681,13 +715,13 @@ mod tests {
                 let rank = l.rank;
                 std::thread::spawn(move || {
                     let comm = l.connect(Duration::from_secs(60)).unwrap();
-                    let gathered = comm.all_gather(&[rank as u8; 3]);
-                    let again = comm.all_gather(&[10 + rank as u8]);
+                    let gathered = comm.all_gather("test", &[rank as u8; 3]);
+                    let again = comm.all_gather("test", &[10 + rank as u8]);
                     // Rank r sends [r, s] to rank s; only rank 1 receives the second time.
                     let parts: Vec<Vec<u8>> = (0..2).map(|s| vec![rank as u8, s]).collect();
                     let refs: Vec<Option<&[u8]>> = parts.iter().map(|p| Some(&p[..])).collect();
-                    let swapped = comm.all_to_all(&refs);
-                    let one = comm.all_to_all(&[None, Some(&[rank as u8 + 5])]);
+                    let swapped = comm.all_to_all("test", &refs);
+                    let one = comm.all_to_all("test", &[None, Some(&[rank as u8 + 5])]);
                     (gathered, again, swapped, one)
                 })
             })
@@ -705,5 +739,37 @@ mod tests {
             };
             assert_eq!(one, want);
         }
+    }
+
+    /// Ranks whose collectives fall out of step (rank 0 sums a scalar where rank 1 sums a
+    /// tensor of 8 bytes too) stop with one line naming both, instead of taking each
+    /// other's bytes. In a child process of this test, since the rank ends its process.
+    #[test]
+    fn ranks_out_of_step_stop_with_one_line() {
+        const CHILD: &str = "RLHF_OUT_OF_STEP_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            crate::world::in_threads(2, 1 << 20, |world| match world.rank() {
+                0 => drop(world.sum(1.0)),
+                _ => world.sum_(&tch::Tensor::from_slice(&[1f64])),
+            });
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "dist::tests::ranks_out_of_step_stop_with_one_line",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{log}");
+        assert!(
+            log.contains("the ranks are out of step: this rank is at")
+                && log.contains("\"sums of 1\"")
+                && log.contains("\"sum of 1 Double\""),
+            "{log}"
+        );
     }
 }

@@ -101,7 +101,7 @@ struct Progress {
     taken: usize,
     /// Of those, the ones it took while the backward was still running.
     early: usize,
-    /// A parameter whose gradient arrived after its bucket had gone.
+    /// What went wrong: a gradient that arrived after its bucket had gone.
     late: Option<String>,
 }
 
@@ -131,7 +131,9 @@ impl Shared {
             Phase::Sent => true,
         };
         if gone {
-            p.late.get_or_insert_with(|| name.clone());
+            p.late.get_or_insert_with(|| {
+                format!("the gradient of {name} arrived after it had been sent to the other ranks")
+            });
         } else if !std::mem::replace(&mut p.arrived[index], true) {
             p.missing[*bucket] -= 1;
             if p.missing[*bucket] == 0 {
@@ -314,6 +316,12 @@ impl Overlap {
     pub(crate) fn during(&self, backward: impl FnOnce()) {
         {
             let mut p = self.shared.lock();
+            if p.phase == Phase::Sent {
+                // The gradients were summed already: this backward would be summed again.
+                p.late.get_or_insert_with(|| {
+                    "two backward passes were announced as the step's last".to_string()
+                });
+            }
             p.phase = Phase::Overlapping;
             p.backward_done = false;
             p.arrived.fill(false);
@@ -362,15 +370,18 @@ impl Overlap {
     /// At the step: the gradients summed over the ranks — already, when the last backward
     /// ran through [`Overlap::during`], otherwise now, in the same buckets and order.
     pub(crate) fn reduce(&self) {
-        let phase = {
+        let (phase, late) = {
             let mut p = self.shared.lock();
-            if let Some(name) = p.late.take() {
-                panic!(
-                    "the gradient of {name} arrived after it had been sent to the other ranks (a backward pass after the step's last one, or a block parameter used twice in it): run without --overlap-grad-reduce"
-                );
-            }
-            std::mem::replace(&mut p.phase, Phase::Accumulating)
+            (
+                std::mem::replace(&mut p.phase, Phase::Accumulating),
+                p.late.take(),
+            )
         };
+        if let Some(what) = late {
+            panic!(
+                "{what} (a backward pass after the step's last one, or a block parameter used twice in it): run without --overlap-grad-reduce"
+            );
+        }
         if phase != Phase::Sent {
             for bucket in &self.buckets {
                 send(&self.world, self.zero, &self.grads[bucket.group], bucket);
@@ -540,8 +551,9 @@ mod tests {
         }
     }
 
-    /// A backward after the one announced as the last: its gradient would miss the sum,
-    /// so the step stops the run, naming the parameter.
+    /// A backward after the one announced as the last (its gradient would miss the sum), or
+    /// two announced as the last (the second would be summed twice): the step stops the
+    /// run, saying which.
     #[test]
     fn a_gradient_after_its_bucket_went_stops_the_step() {
         let messages = in_threads(2, 1 << 20, |world| {
@@ -559,20 +571,38 @@ mod tests {
                 overlap_bucket_bytes: Some(1 << 20),
             };
             let opt = AdamW::distributed(vs.variables(), config, &world, exchange);
+            let step = || {
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    opt.reduce_gradients()
+                }));
+                match caught {
+                    Err(e) => e.downcast_ref::<String>().cloned().unwrap_or_default(),
+                    Ok(()) => String::new(),
+                }
+            };
             opt.last_backward(|| w.sum(Kind::Float).backward());
             w.sum(Kind::Float).backward();
-            let caught =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| opt.reduce_gradients()));
-            match caught {
-                Err(e) => e.downcast_ref::<String>().cloned().unwrap_or_default(),
-                Ok(()) => String::new(),
-            }
+            let after = step();
+            opt.last_backward(|| w.sum(Kind::Float).backward());
+            opt.last_backward(|| w.sum(Kind::Float).backward());
+            let twice = step();
+            // Used as announced, the next step goes through.
+            opt.zero_grad();
+            opt.last_backward(|| w.sum(Kind::Float).backward());
+            let fine = step();
+            (after, twice, fine, Vec::<f32>::try_from(w.grad()).unwrap())
         });
-        for message in messages {
+        for (after, twice, fine, grad) in messages {
             assert!(
-                message.contains("the gradient of layers.0.w arrived after it had been sent"),
-                "{message:?}"
+                after.contains("the gradient of layers.0.w arrived after it had been sent"),
+                "{after:?}"
             );
+            assert!(
+                twice.contains("two backward passes were announced as the step's last"),
+                "{twice:?}"
+            );
+            assert_eq!(fine, "");
+            assert_eq!(grad, [2.0; 4]);
         }
     }
 }

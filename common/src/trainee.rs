@@ -74,11 +74,21 @@ impl Trainee {
     /// Backpropagates a micro-batch's `loss` ([`Model::backward`]). `last`: no other
     /// backward comes before [`Trainee::step`] — with `--overlap-grad-reduce` the gradients
     /// are then exchanged while it runs. (Passing `false` for the last one only forgoes the
-    /// overlap; passing `true` before another backward stops the run at the step.)
+    /// overlap; passing `true` before another backward stops the run at the step.) Every
+    /// rank must reach its `last` backward at the same point among its other collectives:
+    /// a rank with nothing to backpropagate there calls [`Trainee::skip_backward`].
     pub fn backward(&self, loss: &tch::Tensor, last: bool) {
         match last {
             true => self.optimizer.last_backward(|| self.model.backward(loss)),
             false => self.model.backward(loss),
+        }
+    }
+
+    /// Where the other ranks run a backward and this one has no rows to: with `last`, its
+    /// gradients are exchanged here, at the same point as theirs.
+    pub fn skip_backward(&self, last: bool) {
+        if last {
+            self.optimizer.last_backward(|| ());
         }
     }
 

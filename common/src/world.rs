@@ -150,7 +150,7 @@ impl World {
         };
         let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut total = [0.0; N];
-        for part in comm.all_gather(&bytes) {
+        for part in comm.all_gather(&format!("sums of {N}"), &bytes) {
             for (t, b) in total.iter_mut().zip(part.chunks_exact(8)) {
                 *t += f64::from_le_bytes(b.try_into().expect("8 bytes"));
             }
@@ -162,7 +162,7 @@ impl World {
     pub fn gather_bytes(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
         match self.store() {
             None => vec![bytes.to_vec()],
-            Some(comm) => comm.all_gather(bytes),
+            Some(comm) => comm.all_gather("gather_bytes", bytes),
         }
     }
 
@@ -194,7 +194,9 @@ impl World {
         };
         for (start, len) in self.buckets(flat.numel() as i64, t.kind()) {
             let part = flat.narrow(0, start, len);
-            let total = sum_in_rank_order(comm.all_gather(&host_bytes(&part)), len, t.kind());
+            let what = format!("sum of {len} {:?}", t.kind());
+            let total =
+                sum_in_rank_order(comm.all_gather(&what, &host_bytes(&part)), len, t.kind());
             part.shallow_clone().copy_(&total);
         }
         write_back();
@@ -265,7 +267,8 @@ impl World {
                 .map(|p| p.map(|(a, l)| host_bytes(&flat.narrow(0, a, l))))
                 .collect();
             let parts: Vec<Option<&[u8]>> = bytes.iter().map(|b| b.as_deref()).collect();
-            let received = comm.all_to_all(&parts);
+            let what = format!("reduce-scatter of {} {:?}", range.1, flat.kind());
+            let received = comm.all_to_all(&what, &parts);
             if let Some((a, l)) = pieces[self.rank] {
                 let total = sum_in_rank_order(received, l, flat.kind());
                 flat.narrow(0, a, l).copy_(&total);
@@ -294,7 +297,8 @@ impl World {
             let mine = pieces[self.rank]
                 .map(|(a, l)| host_bytes(&flat.narrow(0, a, l)))
                 .unwrap_or_default();
-            for (piece, bytes) in pieces.iter().zip(comm.all_gather(&mine)) {
+            let what = format!("all-gather of {n} {:?}", flat.kind());
+            for (piece, bytes) in pieces.iter().zip(comm.all_gather(&what, &mine)) {
                 if let Some((a, l)) = piece {
                     let value = from_bytes(&bytes, *l, flat.kind());
                     flat.narrow(0, *a, *l).copy_(&value);
@@ -322,7 +326,7 @@ impl World {
                 .unwrap_or_default();
             let mut parts: Vec<Option<&[u8]>> = vec![None; self.size];
             parts[0] = Some(&mine);
-            let received = comm.all_to_all(&parts);
+            let received = comm.all_to_all(&format!("gather of {n} {kind:?}"), &parts);
             if let Some(out) = &out {
                 for (piece, bytes) in pieces.iter().zip(received) {
                     if let Some((a, l)) = piece {

@@ -260,6 +260,13 @@ fn minibatch_backward(
             *stats.entry("vclip").or_default() += vclip * value_weight;
         }
     }
+    if mb.is_empty() {
+        // None of the minibatch's rows are on this rank.
+        learners.policy.skip_backward(learners.ptx.is_none());
+        if let Some(critic) = &learners.critic {
+            critic.skip_backward(true);
+        }
+    }
     stats.insert("ratio_max_dev", ratio_max_dev);
     stats
 }

@@ -425,11 +425,14 @@ fn two_ranks_train_what_one_process_trains() {
     ];
     // The exchange overlapped with the last backward (buckets of 10 kB): GAE over two
     // micro-batches per minibatch (the policy's and the critic's last backward), GRPO with
-    // PPO-ptx (whose backward is the policy's last).
+    // PPO-ptx (whose backward is the policy's last), and GRPO in minibatches of 2 of the
+    // 16 rows, so that a rank often has none of a minibatch's rows (it exchanges where the
+    // other rank's last backward does).
     let overlap = ["--overlap-grad-reduce", "--bucket-cap-mb", "0.01"];
     let ptx = f.ptx.display().to_string();
     let grpo_ptx = [grpo, &["--ptx-data", &ptx, "--ptx-coef", "0.5"]].concat();
-    let cases: [(&str, &[&str], Vec<&str>); 3] = [
+    let grpo_small = [grpo, &["--num-minibatches", "8", "--ppo-epochs", "1"]].concat();
+    let cases: [(&str, &[&str], Vec<&str>); 4] = [
         ("gae", gae, vec!["--zero-stage", "0"]),
         (
             "gae",
@@ -441,13 +444,14 @@ fn two_ranks_train_what_one_process_trains() {
             &grpo_ptx,
             [&["--zero-stage", "1"], &overlap[..]].concat(),
         ),
+        ("grpo-small", &grpo_small, overlap.to_vec()),
     ];
     let mut single_runs = std::collections::HashSet::new();
-    for (case, (estimator, extra, flags)) in cases.into_iter().enumerate() {
-        let name = format!("{estimator} {}", flags.join(" "));
-        let one = f.root.join(format!("dp-one-{estimator}"));
-        let two = f.root.join(format!("dp-two-{estimator}-{case}"));
-        if single_runs.insert(estimator) {
+    for (case, (label, extra, flags)) in cases.into_iter().enumerate() {
+        let name = format!("{label} {}", flags.join(" "));
+        let one = f.root.join(format!("dp-one-{label}"));
+        let two = f.root.join(format!("dp-two-{label}-{case}"));
+        if single_runs.insert(label) {
             rlhf_tests::ok(&rlhf_tests::run_bin(exe, &refs(&argv(&one, extra)), &[]));
         }
         let two_ranks = [extra, &flags[..]].concat();
@@ -474,10 +478,18 @@ fn two_ranks_train_what_one_process_trains() {
                 if key.starts_with("policy/first_ratio") || key.ends_with("logprob_diff") {
                     continue;
                 }
+                // Held-out rewards come from greedy decoding, which a weight difference of
+                // 1e-6 can flip where two tokens nearly tie; after 8 updates an iteration
+                // with GRPO (one held-out response, 0.1175 vs 0.1150, with and without the
+                // overlap alike). The other cases check them.
+                if label == "grpo-small" && key.starts_with("val/") {
+                    continue;
+                }
                 let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
                 // A clip fraction counts tokens past a threshold: a value within the
-                // summation-order noise (1e-7) of it may fall either side, so one token of
-                // the 96 in one of the 4 minibatches (1/384 of the average) may differ.
+                // summation-order noise (1e-7) of it may fall either side, so one token may
+                // differ: 1/96 of one of GAE's 4 minibatches, 1/24 of one of GRPO's 16,
+                // both 1/384 of the average.
                 let tolerance = match key.contains("clipfrac") {
                     true => 1.0 / 384.0 + 1e-9,
                     false => 1e-4 * x.abs().max(1.0),
