@@ -429,6 +429,22 @@ mod tests {
         );
     }
 
+    /// AdamW over `vs`'s variables on `world`, the exchange overlapped in buckets of at
+    /// most `bucket_bytes`.
+    fn overlapped(vs: &nn::VarStore, world: &World, zero: ZeroStage, bucket_bytes: usize) -> AdamW {
+        let config = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let exchange = GradExchange {
+            zero,
+            overlap_bucket_bytes: Some(bucket_bytes),
+        };
+        AdamW::distributed(vs.variables(), config, world, exchange)
+    }
+
     /// What each rank's run gives: the summed (or, under ZeRO-1, owned-shard) gradients of
     /// every parameter, how many buckets were sent, how many of them before the backward
     /// returned.
@@ -449,17 +465,7 @@ mod tests {
             let below = (&root / "layers" / "0").var_copy("w", &init(12, -0.2));
             let bias = (&root / "layers" / "0").var_copy("bias", &init(3, 0.3));
             let embed = (&root / "embed").var_copy("weight", &init(5, 0.5));
-            let config = AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            };
-            let exchange = GradExchange {
-                zero,
-                overlap_bucket_bytes: Some(40),
-            };
-            let opt = AdamW::distributed(vs.variables(), config, &world, exchange);
+            let opt = overlapped(&vs, &world, zero, 40);
             let overlap = opt.overlap.as_ref().expect("overlapped");
             assert!(overlap.bucket_count() >= 4, "{}", overlap.bucket_count());
             let loss = |p: &Tensor, k: f64| (p * p * (k + rank)).sum(Kind::Float);
@@ -560,17 +566,7 @@ mod tests {
             let vs = nn::VarStore::new(Device::Cpu);
             let w = (vs.root() / "layers" / "0")
                 .var_copy("w", &Tensor::ones([4], (Kind::Float, Device::Cpu)));
-            let config = AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-            };
-            let exchange = GradExchange {
-                zero: ZeroStage::Off,
-                overlap_bucket_bytes: Some(1 << 20),
-            };
-            let opt = AdamW::distributed(vs.variables(), config, &world, exchange);
+            let opt = overlapped(&vs, &world, ZeroStage::Off, 1 << 20);
             let step = || {
                 let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     opt.reduce_gradients()

@@ -135,18 +135,10 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     let (one, two) = (f.root.join("dp-one"), f.root.join("dp-two"));
     ok(&train(&one, &["--max-steps", "2"], &[]));
     let options = [
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "2",
-        "--overlap-grad-reduce",
-        "--bucket-cap-mb",
-        "0.01",
-        "--dist-timeout",
-        "120",
-    ];
+        &["--max-steps", "2", "--dist-timeout", "120"],
+        &rlhf_tests::OVERLAPPED[..],
+    ]
+    .concat();
     let exe = env!("CARGO_BIN_EXE_dpo");
     let out = rlhf_tests::torchrun(exe, 2, &train_args(&f.model, &two, &options), &[]);
     assert!(

@@ -123,17 +123,7 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     ];
     let exe = env!("CARGO_BIN_EXE_reward");
     // ZeRO-1 with the exchange overlapped with the last of two micro-batches' backward.
-    let zero1 = [
-        "--zero-stage",
-        "1",
-        "--overlap-grad-reduce",
-        "--bucket-cap-mb",
-        "0.01",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "2",
-    ];
+    let zero1 = [&["--zero-stage", "1"], &rlhf_tests::OVERLAPPED[..]].concat();
     for (case, flags) in [&["--zero-stage", "0"][..], &zero1].into_iter().enumerate() {
         let two = two.with_extension(format!("case{case}"));
         let options = [&options[..], flags].concat();

@@ -1001,16 +1001,7 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     // The exchange overlapped with the last of two micro-batches' backward, in buckets of
     // 10 kB: the same weights.
     let overlapped = f.root.join("dp-overlap");
-    let flags = [
-        "--overlap-grad-reduce",
-        "--bucket-cap-mb",
-        "0.01",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "2",
-    ];
-    let out = torchrun(&overlapped, &flags, &[]);
+    let out = torchrun(&overlapped, &rlhf_tests::OVERLAPPED, &[]);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "torchrun failed:\n{log}");
     assert!(

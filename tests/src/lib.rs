@@ -74,6 +74,19 @@ pub fn run_bin(exe: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::
         .unwrap_or_else(|e| panic!("cannot run {exe}: {e}"))
 }
 
+/// Training options for a data-parallel test: a rank's rows in two micro-batches of 2, the
+/// gradient exchange overlapped with the second's backward in buckets of 10 kB (several a
+/// block of the tests' models).
+pub const OVERLAPPED: [&str; 7] = [
+    "--batch-size",
+    "2",
+    "--grad-accum",
+    "2",
+    "--overlap-grad-reduce",
+    "--bucket-cap-mb",
+    "0.01",
+];
+
 /// Runs a stage binary as `ranks` data-parallel processes under torch's own launcher
 /// (`python -m torch.distributed.run --standalone`, its agent hosting the c10d store).
 pub fn torchrun(
