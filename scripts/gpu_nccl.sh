@@ -52,7 +52,7 @@ for stage in sft reward dpo ppo; do
         torchrun1 "$BIN/$stage" "${args[@]}" "${common[@]}" "${flags[@]}" \
             --output-dir "$WORK/$stage-nccl$zero" >"$OUT/$stage-nccl$zero.json" \
             2>"$OUT/$stage-nccl$zero.log"
-        echo "$stage torchrun zero $zero: exit $?; $(grep -o 'NCCL process group[^(]*' "$OUT/$stage-nccl$zero.log" | head -1) $(grep -o 'overlap-grad-reduce: [0-9]* of [0-9]* buckets[^\n]*' "$OUT/$stage-nccl$zero.log" | head -1)"
+        echo "$stage torchrun zero $zero: exit $?; $(grep -o 'NCCL process group[^(]*' "$OUT/$stage-nccl$zero.log" | head -1) $(grep -o 'overlap-grad-reduce: [0-9]* of [0-9]* buckets went out' "$OUT/$stage-nccl$zero.log" | head -1)"
     done
 done
 "$PY" - "$WORK" <<'PY' 2>&1 | tee "$OUT/weights.txt"
