@@ -268,10 +268,15 @@ impl Comm {
         value
     }
 
+    /// The header's name of collective `what` (at most 255 bytes of it).
+    fn label(what: &str) -> &[u8] {
+        &what.as_bytes()[..what.len().min(255)]
+    }
+
     /// `bytes` behind a header naming the collective (`what`), which the receiver checks
     /// ([`Comm::opened`]).
     fn sealed(what: &str, bytes: &[u8]) -> Vec<u8> {
-        let label = &what.as_bytes()[..what.len().min(255)];
+        let label = Self::label(what);
         let mut out = Vec::with_capacity(1 + label.len() + bytes.len());
         out.push(label.len() as u8);
         out.extend_from_slice(label);
@@ -285,8 +290,7 @@ impl Comm {
     fn opened(&self, what: &str, from: usize, value: Vec<u8>) -> Vec<u8> {
         let n = value.first().map_or(0, |&n| n as usize);
         let label = value.get(1..1 + n).unwrap_or_default();
-        let mine = &what.as_bytes()[..what.len().min(255)];
-        if label != mine {
+        if label != Self::label(what) {
             self.fail(&format!(
                 "rank {}: the ranks are out of step: this rank is at \"{what}\", rank {from} at \"{}\" (collective {})",
                 self.rank,

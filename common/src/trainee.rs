@@ -142,6 +142,15 @@ impl Trainee {
     }
 }
 
+/// A step's `rows` in micro-batches of `size`, each with whether it is the last: the one
+/// whose backward is the step's last ([`Trainee::backward`]'s `last`).
+pub fn micro_batches<T>(rows: &[T], size: usize) -> impl Iterator<Item = (&[T], bool)> {
+    let count = rows.len().div_ceil(size);
+    rows.chunks(size)
+        .enumerate()
+        .map(move |(i, micro)| (micro, i + 1 == count))
+}
+
 fn parameter_counts(model: &Model) -> (i64, i64) {
     model
         .named_tensors()

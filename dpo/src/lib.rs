@@ -15,6 +15,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use common::models::adapter::{without_adapters, AdapterDir};
 use common::models::TokenSpec;
+use common::trainee::micro_batches;
 use common::{Head, Model, ModelOptions, Trainee};
 use data::pairs::{collate, PairBatch, TokenizedPair};
 use serde::{Deserialize, Serialize};
@@ -179,8 +180,7 @@ pub fn run_pairs(
 ) -> (Stats, Vec<PairResult>) {
     let mut stats = Stats::default();
     let mut results = Vec::with_capacity(pairs.len());
-    let micro_batches = pairs.len().div_ceil(batch_size);
-    for (i, micro) in pairs.chunks(batch_size).enumerate() {
+    for (micro, last) in micro_batches(pairs, batch_size) {
         let (indices, refs): (Vec<usize>, Vec<&TokenizedPair>) = micro.iter().copied().unzip();
         let batch = collate(&refs, pad_id, policy.device());
         let ref_logps = reference.logps(policy, &batch, &indices);
@@ -212,7 +212,7 @@ pub fn run_pairs(
                 let nll = -lp.chosen.sum(Kind::Float);
                 loss += nll * (args.rpo_alpha / totals.chosen_tokens.max(1.0));
             }
-            trainee.backward(&loss, i + 1 == micro_batches);
+            trainee.backward(&loss, last);
         }
         let mut s = Stats::of(args, &lp, &losses);
         let (logits_c, logits_r) = halves(scored.logit_sums.as_ref().expect("asked for"));

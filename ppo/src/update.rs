@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Result;
-use common::trainee::StepOutcome;
+use common::trainee::{micro_batches, StepOutcome};
 use common::{Model, Trainee, World};
 use data::sampler::Sampler;
 use data::sft::{collate, TokenizedSft};
@@ -197,9 +197,7 @@ fn minibatch_backward(
     let norm = args.response_length as f64;
     let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
     let mut ratio_max_dev = 0f64;
-    let parts = mb.len().div_ceil(micro);
-    for (i, part) in mb.chunks(micro).enumerate() {
-        let last = i + 1 == parts;
+    for (part, last) in micro_batches(mb, micro) {
         let idx = Tensor::from_slice(part).to_device(device);
         let pick = |t: &Tensor| t.index_select(0, &idx);
         let (ids, full_mask, mask) = (pick(&ro.full_ids), pick(&ro.full_mask), pick(&ro.mask));

@@ -9,6 +9,7 @@ use clap::Args;
 use common::cli::{AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::scoring::{last_token_scores, score_sequences, Normalization};
 use common::train::Session;
+use common::trainee::micro_batches;
 use common::{Head, Model, ModelOptions, Trainee, World};
 use data::preference::{
     collate, prepare, sft_sequence, truncate_left, PreparedRankings, TokenizedRanking,
@@ -149,14 +150,13 @@ fn run_rows(
     elements_total: f64,
 ) -> Stats {
     let mut stats = Stats::default();
-    let micro_batches = rows.len().div_ceil(batch_size);
-    for (i, micro) in rows.chunks(batch_size).enumerate() {
+    for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let rewards = last_token_scores(model, &batch.input_ids, &batch.attention_mask);
         let out = ranking_loss(&rewards, &batch.group_sizes, &batch.margins);
         let loss = &out.loss_sum / elements_total.max(1.0);
         if let Some(trainee) = train {
-            trainee.backward(&loss, i + 1 == micro_batches);
+            trainee.backward(&loss, last);
         }
         stats.loss_sum += out.loss_sum.double_value(&[]);
         stats.elements += micro.len();

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use common::cli::{AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, TrainDataArgs};
 use common::train::Session;
+use common::trainee::micro_batches;
 use common::{Head, Model, ModelOptions, Trainee, World};
 use data::packing;
 use data::sampler::{Mixture, RowOrder};
@@ -240,8 +241,7 @@ fn accumulate(
     let targets = world.sum(local_targets as f64).max(1.0);
     let (mut loss_value, mut tokens, mut per_row) = (0.0, 0i64, vec![]);
     let model = &trainee.model;
-    let micro_batches = rows.len().div_ceil(batch_size);
-    for (i, micro) in rows.chunks(batch_size).enumerate() {
+    for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let (nll, _) = token_nll(model, &batch);
         if row_nll {
@@ -252,7 +252,7 @@ fn accumulate(
                 .extend(Vec::<f64>::try_from(sums.to_device(tch::Device::Cpu)).expect("cpu f64"));
         }
         let loss = nll.sum(Kind::Float) / targets;
-        trainee.backward(&loss, i + 1 == micro_batches);
+        trainee.backward(&loss, last);
         loss_value += loss.double_value(&[]);
         tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
     }
