@@ -80,6 +80,11 @@ int rlhf_store_add(void* handle, const char* key, int64_t value, int64_t* out) {
   return guarded([&] { *out = as_store(handle)->add(std::string(key), value); });
 }
 
+// Whether key is set, without waiting for it.
+int rlhf_store_check(void* handle, const char* key, int* out) {
+  return guarded([&] { *out = as_store(handle)->check({std::string(key)}) ? 1 : 0; });
+}
+
 int rlhf_store_delete(void* handle, const char* key) {
   return guarded([&] { as_store(handle)->deleteKey(std::string(key)); });
 }

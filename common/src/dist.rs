@@ -42,6 +42,7 @@ mod ffi {
             value: i64,
             out: *mut i64,
         ) -> c_int;
+        pub fn rlhf_store_check(handle: *mut c_void, key: *const c_char, out: *mut c_int) -> c_int;
         pub fn rlhf_store_delete(handle: *mut c_void, key: *const c_char) -> c_int;
     }
 }
@@ -147,6 +148,17 @@ impl Store {
         out
     }
 
+    /// Whether `key` is set (without waiting for it).
+    pub fn check(&self, key: &str) -> bool {
+        let k = Self::key(key);
+        let mut out = 0;
+        // SAFETY: valid pointers for the call.
+        if unsafe { ffi::rlhf_store_check(self.handle, k.as_ptr(), &mut out) } != 0 {
+            self.fail("check");
+        }
+        out != 0
+    }
+
     pub fn delete(&self, key: &str) {
         let k = Self::key(key);
         // SAFETY: valid pointers for the call.
@@ -197,33 +209,49 @@ impl Comm {
         }
     }
 
-    /// Waits until `count` (a counter every rank adds 1 to) reaches the world size. A rank
-    /// that got SIGTERM (torchrun ending the run after another rank died) and waits more
-    /// than a few seconds leaves at once instead of at the timeout.
-    /// A rank that has left never reaches a collective the others wait at (a rank leaves
-    /// only after writing to every collective of the run, or on an error of its own), so
-    /// seeing one gone ends the wait too.
-    fn wait_for_all(&self, count: &str) {
+    /// Waits until `count` (a counter every rank adds 1 to) reaches the world size, at
+    /// collective `what`, whose key `written(keys, r)` rank `r` has set once it arrived
+    /// (`None`: no key tells). A rank that got SIGTERM (torchrun ending the run after
+    /// another rank died) and waits more than a few seconds leaves at once instead of at
+    /// the timeout. A rank that has left never reaches a collective the others wait at (a
+    /// rank leaves only after writing to every collective of the run, or on an error of its
+    /// own), so seeing one gone ends the wait too. Each way out names the ranks waited for.
+    fn wait_for_all(&self, count: &str, what: &str, written: impl Fn(usize) -> Option<String>) {
         let start = std::time::Instant::now();
         let mut pause = Duration::from_micros(50);
         while self.store.add(count, 0) < self.size as i64 {
             let waited = start.elapsed();
-            if self.store.add(&self.exit_key(), 0) > 0 {
-                self.fail(&format!(
-                    "rank {}: another rank left the run (it failed; see its message)",
-                    self.rank
-                ));
+            // A rank that wrote its part and then left normally was counted before it left.
+            let gone = self.store.add(&self.exit_key(), 0) > 0;
+            if gone && self.store.add(count, 0) >= self.size as i64 {
+                break;
             }
-            if waited > self.timeout {
-                self.fail(&format!(
-                    "rank {}: the other ranks did not arrive within --dist-timeout ({} s)",
-                    self.rank,
+            let why = if gone {
+                let left: Vec<usize> = (0..self.size)
+                    .filter(|&r| self.store.check(&self.left_key(r)))
+                    .collect();
+                Some(format!(
+                    "{} left the run (it failed; see its message)",
+                    Self::ranks(&left, "another rank")
+                ))
+            } else if waited > self.timeout {
+                Some(format!(
+                    "{} did not arrive within --dist-timeout ({} s): hung, or far slower than this rank",
+                    self.missing(&written),
                     self.timeout.as_secs()
-                ));
-            }
-            if TERMINATED.load(Ordering::SeqCst) && waited > Duration::from_secs(3) {
+                ))
+            } else if TERMINATED.load(Ordering::SeqCst) && waited > Duration::from_secs(3) {
+                Some(format!(
+                    "stopped by a signal while waiting for {}",
+                    self.missing(&written)
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                let at = self.seq.load(Ordering::SeqCst).saturating_sub(1);
                 self.fail(&format!(
-                    "rank {}: stopped by a signal while waiting for the other ranks",
+                    "rank {}: {why}, at \"{what}\" (collective {at})",
                     self.rank
                 ));
             }
@@ -232,32 +260,70 @@ impl Comm {
         }
     }
 
+    /// "rank 1", "ranks 1, 3", or `none` when the list is empty.
+    fn ranks(ranks: &[usize], none: &str) -> String {
+        let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
+        match ranks.len() {
+            0 => none.to_string(),
+            1 => format!("rank {}", list[0]),
+            _ => format!("ranks {}", list.join(", ")),
+        }
+    }
+
+    /// The ranks that have not arrived at the collective whose arrival keys `written` gives.
+    fn missing(&self, written: &impl Fn(usize) -> Option<String>) -> String {
+        let keys: Option<Vec<String>> = (0..self.size).map(written).collect();
+        let missing: Vec<usize> = match keys {
+            Some(keys) => (0..self.size)
+                .filter(|&r| !self.store.check(&keys[r]))
+                .collect(),
+            None => vec![],
+        };
+        Self::ranks(&missing, "the other ranks")
+    }
+
     fn exit_key(&self) -> String {
         format!("{}exit", self.prefix)
     }
 
+    /// Set by rank `rank` as it leaves the run (beside its count in the exit key).
+    fn left_key(&self, rank: usize) -> String {
+        format!("{}left/{rank}", self.prefix)
+    }
+
     /// Counts this rank out and ends the process with one line (torchrun ends the others).
     fn fail(&self, message: &str) -> ! {
-        self.store.add(&self.exit_key(), 1);
+        self.leave();
         self.store.fail_with(message)
+    }
+
+    /// Marks this rank gone: the others waiting at a collective stop, naming it.
+    fn leave(&self) {
+        self.store.set(&self.left_key(self.rank), b"");
+        self.store.add(&self.exit_key(), 1);
     }
 
     /// One collective over the store: `write` sets this rank's values (keys under the
     /// collective's own prefix), every rank waits until every rank has written, `read`
     /// takes what this rank needs, and the last rank to have read runs `clean` and removes
     /// the counters — so the store holds one collective's data at a time.
+    /// `written(keys, r)` is a key rank `r`'s `write` sets (if there is one), by which a
+    /// rank that waits too long names the ranks it waits for.
     fn collective<T>(
         &self,
+        what: &str,
         write: impl FnOnce(&str),
+        written: impl Fn(&str, usize) -> Option<String>,
         read: impl FnOnce(&str) -> T,
         clean: impl FnOnce(&str),
     ) -> T {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let keys = format!("{}c{seq}/", self.prefix);
         write(&keys);
-        let written = format!("{keys}written");
-        self.store.add(&written, 1);
-        self.wait_for_all(&written);
+        let count = format!("{keys}written");
+        self.store.add(&count, 1);
+        self.wait_for_all(&count, what, |r| written(&keys, r));
+        let written = count;
         let value = read(&keys);
         let read = format!("{keys}read");
         if self.store.add(&read, 1) == self.size as i64 {
@@ -306,7 +372,9 @@ impl Comm {
     pub fn all_gather(&self, what: &str, bytes: &[u8]) -> Vec<Vec<u8>> {
         let sealed = Self::sealed(what, bytes);
         self.collective(
+            what,
             |keys| self.store.set(&format!("{keys}{}", self.rank), &sealed),
+            |keys, r| Some(format!("{keys}{r}")),
             |keys| {
                 (0..self.size)
                     .map(|r| self.opened(what, r, self.store.get(&format!("{keys}{r}"))))
@@ -328,7 +396,9 @@ impl Comm {
     pub fn all_to_all(&self, what: &str, parts: &[Option<&[u8]>]) -> Vec<Vec<u8>> {
         assert_eq!(parts.len(), self.size, "one part per rank");
         let key = |keys: &str, from: usize, to: usize| format!("{keys}{from}/{to}");
+        let receiver = parts.iter().position(Option::is_some);
         self.collective(
+            what,
             |keys| {
                 for (to, part) in parts.iter().enumerate() {
                     if let Some(bytes) = part {
@@ -337,6 +407,7 @@ impl Comm {
                     }
                 }
             },
+            |keys, r| receiver.map(|to| key(keys, r, to)),
             |keys| {
                 let mut received = vec![];
                 if parts[self.rank].is_some() {
@@ -471,8 +542,8 @@ impl Drop for Nccl {
 /// store while it still needs it; the others count out and go.
 impl Drop for Comm {
     fn drop(&mut self) {
+        self.leave();
         let key = self.exit_key();
-        self.store.add(&key, 1);
         if !self.server {
             return;
         }
@@ -602,15 +673,21 @@ impl Launch {
     }
 }
 
+/// A local port the system just handed out (free a moment ago): for a store or a
+/// rendezvous endpoint of tests.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free local port")
+        .port()
+}
+
 #[cfg(test)]
 impl Launch {
     /// `size` ranks in this process's machine, rank 0 hosting the store on a port the
-    /// system just handed out (free a moment ago): each rank's launch, in rank order.
+    /// system just handed out: each rank's launch, in rank order.
     pub(crate) fn local(size: usize) -> Vec<Launch> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
+        let port = free_port();
         (0..size)
             .map(|rank| Launch {
                 rank,
@@ -775,5 +852,58 @@ mod tests {
                 && log.contains("\"sum of 1 Double\""),
             "{log}"
         );
+    }
+
+    /// A rank that does not come to a collective: the one waiting there stops after
+    /// --dist-timeout naming it and the collective; a rank that left: at once, naming it.
+    /// In a child process of this test, since the waiting rank ends its process.
+    #[test]
+    fn a_rank_that_hangs_or_leaves_is_named() {
+        const CHILD: &str = "RLHF_MISSING_RANK_CHILD";
+        if let Ok(how) = std::env::var(CHILD) {
+            let ranks: Vec<_> = Launch::local(2)
+                .into_iter()
+                .map(|l| {
+                    let how = how.clone();
+                    std::thread::spawn(move || {
+                        let comm = l.connect(Duration::from_secs(2)).unwrap();
+                        match (l.rank, how.as_str()) {
+                            (0, _) => drop(comm.all_gather("sum of 3 Float", &[0])),
+                            (_, "hang") => std::thread::sleep(Duration::from_secs(60)),
+                            _ => drop(comm), // leaves before the collective
+                        }
+                    })
+                })
+                .collect();
+            for rank in ranks {
+                rank.join().unwrap();
+            }
+            return;
+        }
+        for (how, says) in [
+            (
+                "hang",
+                "rank 0: rank 1 did not arrive within --dist-timeout (2 s): hung, or far slower than this rank, at \"sum of 3 Float\" (collective 0)",
+            ),
+            (
+                "leave",
+                "rank 0: rank 1 left the run (it failed; see its message), at \"sum of 3 Float\"",
+            ),
+        ] {
+            let started = std::time::Instant::now();
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "dist::tests::a_rank_that_hangs_or_leaves_is_named",
+                    "--nocapture",
+                ])
+                .env(CHILD, how)
+                .output()
+                .unwrap();
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{how}: {log}");
+            assert!(log.contains(says), "{how}: {log}");
+            assert!(started.elapsed() < Duration::from_secs(30), "{how}: {log}");
+        }
     }
 }

@@ -933,7 +933,7 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         !out.status.success() && log.contains("--overwrite"),
         "{log}"
     );
-    assert!(log.contains("rank 1: another rank left the run"), "{log}");
+    assert!(log.contains("rank 1: rank 0 left the run"), "{log}");
     assert!(
         started.elapsed().as_secs() < 90,
         "the ranks waited for the timeout"
@@ -1026,6 +1026,99 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     );
     let diff = max_weight_diff(&sharded.join("final"), &killed.join("final"));
     assert!(diff < 1e-6, "resumed two-rank weights differ by {diff:e}");
+}
+
+/// A rank that hangs (stopped with SIGSTOP: alive, holding its connections, doing
+/// nothing) ends the run: the other rank leaves non-zero after --dist-timeout with one line
+/// naming it, and the last checkpoint stays whole. Two processes launched as Slurm or a
+/// hand-written script would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; rank 0 hosts the
+/// store), so nothing but the timeout ends the wait.
+#[test]
+fn a_hung_rank_ends_the_run_after_the_timeout() {
+    let f = fixture();
+    let out = f.root.join("dp-hung");
+    let port = common::dist::free_port().to_string();
+    let args = train_args(
+        &out,
+        &[
+            "--max-steps",
+            "100000",
+            "--batch-size",
+            "4",
+            "--save-every",
+            "2",
+            "--dist-timeout",
+            "4",
+        ],
+    );
+    let ranks: Vec<std::process::Child> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_sft"))
+                .args(&args)
+                .env_remove("RLHF_CRASH_AT")
+                .envs([
+                    ("RANK", rank.to_string()),
+                    ("LOCAL_RANK", rank.to_string()),
+                    ("WORLD_SIZE", "2".into()),
+                    ("MASTER_ADDR", "127.0.0.1".into()),
+                    ("MASTER_PORT", port.clone()),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let [mut rank0, mut rank1]: [std::process::Child; 2] = ranks.try_into().unwrap();
+    // Once a checkpoint is complete, rank 1 stops where it is.
+    let started = std::time::Instant::now();
+    while !out.join("checkpoints/step-000002").exists() {
+        assert!(
+            started.elapsed().as_secs() < 120 && rank0.try_wait().unwrap().is_none(),
+            "no checkpoint of step 2"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on a child this test spawned.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(rank1.id() as i32, libc::SIGSTOP);
+    }
+    let stopped = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = rank0.try_wait().unwrap() {
+            break status;
+        }
+        if stopped.elapsed().as_secs() > 60 {
+            rank0.kill().unwrap();
+            rank1.kill().unwrap();
+            panic!("rank 0 still waits 60 s after rank 1 stopped (--dist-timeout 4)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let waited = stopped.elapsed();
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(rank0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(
+            "error: data parallel: rank 0: rank 1 did not arrive within --dist-timeout (4 s)"
+        ),
+        "{log}"
+    );
+    assert!(waited.as_secs_f64() >= 3.0, "left after {waited:?}: {log}");
+    assert!(!out.join("final").exists());
+    // The last checkpoint is whole: it loads.
+    let last = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("step-"))
+        .max()
+        .unwrap();
+    let checkpoint = out.join("checkpoints").join(last);
+    Model::load(&checkpoint, &common::ModelOptions::cpu(Head::Lm)).unwrap();
 }
 
 /// Sequence packing (`sft train --packing`) at the model: rows of very different lengths

@@ -117,10 +117,7 @@ pub fn torchrun(
 /// separate machines would run it (`--nnodes N --node-rank i --rdzv-backend c10d
 /// --rdzv-endpoint`, the endpoint a free local port); each agent's output, in node order.
 pub fn torchrun_nodes(exe: &str, nodes: usize, args: &[&str]) -> Vec<std::process::Output> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = common::dist::free_port();
     let endpoint = format!("127.0.0.1:{port}");
     let nnodes = nodes.to_string();
     let agents: Vec<_> = (0..nodes)
