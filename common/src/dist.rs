@@ -906,4 +906,53 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(30), "{how}: {log}");
         }
     }
+
+    /// A process that runs several stages in turn connects once per stage (the bench
+    /// does, under torchrun): each connection's collectives and exit count are its own, so
+    /// the second stage neither reads the first's keys nor takes the first's exit count
+    /// for a rank that left. The store is hosted apart from the ranks, as torchrun's agent
+    /// hosts it (`TORCHELASTIC_USE_AGENT_STORE=True`), so it outlives every connection.
+    #[test]
+    fn each_connection_of_a_process_has_its_own_keys() {
+        let launches = Launch::local(2);
+        let agent = Store::connect(
+            "127.0.0.1",
+            launches[0].port,
+            1,
+            true,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let ranks: Vec<_> = launches
+            .into_iter()
+            .map(|l| {
+                let l = Launch {
+                    agent_store: true,
+                    ..l
+                };
+                std::thread::spawn(move || {
+                    let rank = l.rank as u8;
+                    let stages: Vec<Vec<Vec<u8>>> = (0..3u8)
+                        .map(|stage| {
+                            let comm = l.connect(Duration::from_secs(30)).unwrap();
+                            let mut got = comm.all_gather("stage", &[stage, rank]);
+                            got.extend(comm.all_gather("again", &[rank]));
+                            got
+                        })
+                        .collect();
+                    stages
+                })
+            })
+            .collect();
+        for handle in ranks {
+            let stages = handle.join().unwrap();
+            for (stage, got) in stages.iter().enumerate() {
+                let s = stage as u8;
+                assert_eq!(got, &[vec![s, 0], vec![s, 1], vec![0], vec![1]]);
+            }
+        }
+        for run in 0..3 {
+            assert_eq!(agent.add(&format!("/rlhf/attempt_0/run_{run}/exit"), 0), 2);
+        }
+    }
 }
