@@ -7,7 +7,10 @@ use clap::Args;
 use common::cli::{require, AdapterArgs, DecodeArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs};
 use serde::Serialize;
 
-use crate::math::{AdvantageEstimator, Clip, KlEstimator, LossAggregation};
+use crate::math::{
+    AdvantageEstimator, Clip, ImportanceSampling, KlEstimator, LossAggregation, RewardScale,
+    Surrogate,
+};
 
 /// `--advantage-estimator`: the names users give; [`TrainArgs::advantage_estimator`] turns
 /// one into the [`AdvantageEstimator`] with its parameters.
@@ -179,6 +182,27 @@ pub struct TrainArgs {
     /// Upper clip of the policy ratio, 1 + this (DAPO's clip-higher; default --cliprange).
     #[arg(long)]
     pub cliprange_high: Option<f64>,
+    /// Cap of the unclipped policy ratio (two-sided GRPO, INTELLECT-2; TRL's `delta`):
+    /// the loss of a negative advantage stays bounded however much a response's
+    /// probability grew. Above 1 (INTELLECT-2 recommends above 1 + --cliprange-high).
+    #[arg(long)]
+    pub delta: Option<f64>,
+    /// The ratio the surrogate clips: token (PPO's, GRPO's) or sequence (GSPO: one
+    /// length-normalised likelihood ratio per response; GSPO's paper clips it at
+    /// --cliprange 3e-4 --cliprange-high 4e-4).
+    #[arg(long, default_value = "token")]
+    pub importance_sampling_level: ImportanceSampling,
+    /// What --advantage-estimator grpo divides an advantage by: the std of the group
+    /// (default), of the whole rollout batch (batch: Lite PPO), or nothing (none: Dr.
+    /// GRPO's advantage). TRL's `scale_rewards`.
+    #[arg(long)]
+    pub scale_rewards: Option<RewardScale>,
+    /// Leave responses that did not end with EOS (cut at --response-length) out of the
+    /// policy loss: their tokens carry no gradient (DAPO's overlong filtering; TRL's
+    /// `mask_truncated_completions`). Their rewards still count in the advantages, and
+    /// the critic still learns from them.
+    #[arg(long)]
+    pub mask_truncated_completions: bool,
     /// GAE (and REINFORCE++) discount γ.
     #[arg(long, default_value_t = 1.0)]
     pub gamma: f64,
@@ -259,7 +283,10 @@ impl TrainArgs {
                 gamma: self.gamma,
                 lam: self.lam,
             },
-            EstimatorName::Grpo => AdvantageEstimator::Grpo { group },
+            EstimatorName::Grpo => AdvantageEstimator::Grpo {
+                group,
+                scale: self.scale_rewards.unwrap_or_default(),
+            },
             EstimatorName::DrGrpo => AdvantageEstimator::DrGrpo { group },
             EstimatorName::Rloo => AdvantageEstimator::Rloo { group },
             EstimatorName::ReinforcePlusPlus => {
@@ -268,11 +295,18 @@ impl TrainArgs {
         }
     }
 
-    /// The policy ratio's clip interval.
-    pub fn clip(&self) -> Clip {
-        Clip {
-            low: self.cliprange,
-            high: self.cliprange_high.unwrap_or(self.cliprange),
+    /// The clipped surrogate: the ratio's clip interval, its level, and how the per-token
+    /// losses are reduced.
+    pub fn surrogate(&self) -> Surrogate {
+        Surrogate {
+            clip: Clip {
+                low: self.cliprange,
+                high: self.cliprange_high.unwrap_or(self.cliprange),
+                delta: self.delta,
+            },
+            level: self.importance_sampling_level,
+            aggregation: self.loss_aggregation,
+            norm: self.response_length as f64,
         }
     }
 
@@ -358,6 +392,15 @@ impl TrainArgs {
             (
                 self.cliprange_high.is_none_or(|c| c > 0.0),
                 "--cliprange-high must be > 0",
+            ),
+            (
+                self.delta.is_none_or(|d| d > 1.0),
+                "--delta must be > 1 (it caps the policy ratio from above)",
+            ),
+            (
+                self.scale_rewards.is_none()
+                    || self.advantage_estimator == EstimatorName::Grpo,
+                "--scale-rewards needs --advantage-estimator grpo (dr-grpo and rloo do not scale; gae and reinforce-plus-plus whiten)",
             ),
             (self.reward_timeout > 0.0, "--reward-timeout must be > 0"),
             (

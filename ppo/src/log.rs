@@ -76,6 +76,16 @@ pub(crate) fn iteration_scalars(
         ("train/grad_norm", stats.outcome.grad_norm),
         ("train/skipped_steps", session.state.skipped_steps as f64),
         ("completions/mean_length", mean(response_tokens / rows)),
+        (
+            "completions/clipped_ratio",
+            mean(1.0 - eos / ro.ended_with_eos.len() as f64),
+        ),
+        ("clip_ratio/low_mean", mean(stats.clip_low)),
+        ("clip_ratio/high_mean", mean(stats.clip_high)),
+        (
+            "clip_ratio/region_mean",
+            mean(stats.clip_low + stats.clip_high),
+        ),
         ("reward", it.mean_score),
     ]);
     if it.stats.kl_loss != 0.0 {

@@ -122,9 +122,10 @@ pub fn gae(
 pub enum AdvantageEstimator {
     /// Generalised advantage estimation over a learned critic's values (PPO's own).
     Gae { gamma: f64, lam: f64 },
-    /// GRPO (Shao et al. 2024): `(R − mean of the group) / (std of the group + 1e-4)`,
-    /// the unbiased std as TRL's `GRPOTrainer` computes it.
-    Grpo { group: i64 },
+    /// GRPO (Shao et al. 2024): `(R − mean of the group) / (std + 1e-4)`, the unbiased
+    /// std of the group (`scale`: of the whole batch, or none) as TRL's `GRPOTrainer`
+    /// computes it.
+    Grpo { group: i64, scale: RewardScale },
     /// Dr. GRPO (Liu et al. 2025): `R − mean of the group`, no std division.
     DrGrpo { group: i64 },
     /// RLOO (Ahmadian et al. 2024): `R − mean of the other group − 1 responses`.
@@ -153,7 +154,7 @@ impl AdvantageEstimator {
     /// Responses per prompt the estimator compares (1 for the others).
     pub fn group(&self) -> i64 {
         match self {
-            AdvantageEstimator::Grpo { group }
+            AdvantageEstimator::Grpo { group, .. }
             | AdvantageEstimator::DrGrpo { group }
             | AdvantageEstimator::Rloo { group } => *group,
             _ => 1,
@@ -161,10 +162,54 @@ impl AdvantageEstimator {
     }
 }
 
+/// What GRPO divides a response's advantage by (TRL's `scale_rewards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RewardScale {
+    /// The std of the response's group (GRPO's).
+    #[default]
+    Group,
+    /// The std of every reward of the rollout batch, over every rank (Lite PPO's).
+    Batch,
+    /// Nothing (Dr. GRPO's advantage).
+    None,
+}
+
+impl std::str::FromStr for RewardScale {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "group" => Ok(RewardScale::Group),
+            "batch" => Ok(RewardScale::Batch),
+            "none" => Ok(RewardScale::None),
+            _ => Err(format!(
+                "'{s}' is not a reward scaling (expected group, batch or none)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for RewardScale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RewardScale::Group => "group",
+            RewardScale::Batch => "batch",
+            RewardScale::None => "none",
+        })
+    }
+}
+
 /// Per-sequence advantages `[B]` of rewards `[B]` in consecutive groups of `group`:
 /// `R − baseline`, the baseline the group's mean (`leave_one_out`: of the others), divided
-/// by the group's std + 1e-4 when `scale`.
-pub fn group_advantages(rewards: &Tensor, group: i64, leave_one_out: bool, scale: bool) -> Tensor {
+/// by the unbiased std + 1e-4 of the group or of the whole batch (every rank's rewards) as
+/// `scale` says.
+pub fn group_advantages(
+    rewards: &Tensor,
+    group: i64,
+    leave_one_out: bool,
+    scale: RewardScale,
+    world: &World,
+) -> Tensor {
     let r = rewards.to_kind(Kind::Float).view([-1, group]);
     let sum = r.sum_dim_intlist([1].as_slice(), true, Kind::Float);
     let baseline = if leave_one_out {
@@ -172,11 +217,15 @@ pub fn group_advantages(rewards: &Tensor, group: i64, leave_one_out: bool, scale
     } else {
         sum / group as f64
     };
-    let mut adv = &r - baseline;
-    if scale {
-        let std = r.std_correction([1].as_slice(), 1, true);
-        adv /= std + 1e-4;
-    }
+    let adv = &r - baseline;
+    let adv = match scale {
+        RewardScale::Group => adv / (r.std_correction([1].as_slice(), 1, true) + 1e-4),
+        RewardScale::Batch => {
+            let all = Tensor::ones_like(rewards).to_kind(Kind::Float);
+            adv / (var_over(world, moments(rewards, &all)).sqrt() + 1e-4)
+        }
+        RewardScale::None => adv,
+    };
     adv.view([-1])
 }
 
@@ -230,16 +279,34 @@ pub fn advantages(
                 returns: Some(returns),
             }
         }
-        AdvantageEstimator::Grpo { group } => Advantages {
-            advantages: broadcast(group_advantages(&per_sequence(), group, false, true)),
+        AdvantageEstimator::Grpo { group, scale } => Advantages {
+            advantages: broadcast(group_advantages(
+                &per_sequence(),
+                group,
+                false,
+                scale,
+                world,
+            )),
             returns: None,
         },
         AdvantageEstimator::DrGrpo { group } => Advantages {
-            advantages: broadcast(group_advantages(&per_sequence(), group, false, false)),
+            advantages: broadcast(group_advantages(
+                &per_sequence(),
+                group,
+                false,
+                RewardScale::None,
+                world,
+            )),
             returns: None,
         },
         AdvantageEstimator::Rloo { group } => Advantages {
-            advantages: broadcast(group_advantages(&per_sequence(), group, true, false)),
+            advantages: broadcast(group_advantages(
+                &per_sequence(),
+                group,
+                true,
+                RewardScale::None,
+                world,
+            )),
             returns: None,
         },
         AdvantageEstimator::ReinforcePlusPlus { gamma } => Advantages {
@@ -344,6 +411,10 @@ pub struct PolicyLoss {
     pub loss: Tensor,
     /// Fraction of tokens where the clipped term was the larger.
     pub clipfrac: f64,
+    /// Fractions of tokens whose ratio is below `1 − low` with a negative advantage, and
+    /// above `1 + high` with a positive one (TRL's `clip_ratio/low_mean`, `/high_mean`).
+    pub clip_low: f64,
+    pub clip_high: f64,
     /// `½·mean((log π − log π_old)²)`, as TRL reports it.
     pub approxkl: f64,
     pub ratio_mean: f64,
@@ -352,11 +423,14 @@ pub struct PolicyLoss {
 }
 
 /// The clip interval of the policy ratio: `[1 − low, 1 + high]` (DAPO's clip-higher when
-/// `high > low`).
+/// `high > low`); `delta` also caps the unclipped ratio (two-sided GRPO, INTELLECT-2), so
+/// a response whose probability grew far beyond the old one's cannot make the loss of a
+/// negative advantage unbounded.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Clip {
     pub low: f64,
     pub high: f64,
+    pub delta: Option<f64>,
 }
 
 impl Clip {
@@ -364,35 +438,120 @@ impl Clip {
         Clip {
             low: eps,
             high: eps,
+            delta: None,
         }
     }
 }
 
+/// Which probability ratio the surrogate clips (TRL's `importance_sampling_level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportanceSampling {
+    /// Each token's `π / π_old` (PPO's, GRPO's).
+    #[default]
+    Token,
+    /// One ratio per response: `exp` of the mean over its tokens of `log π − log π_old`,
+    /// the length-normalised sequence likelihood ratio of GSPO (Zheng et al. 2025), for
+    /// every token of the response.
+    Sequence,
+}
+
+impl std::str::FromStr for ImportanceSampling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "token" => Ok(ImportanceSampling::Token),
+            "sequence" => Ok(ImportanceSampling::Sequence),
+            _ => Err(format!(
+                "'{s}' is not an importance sampling level (expected token or sequence)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ImportanceSampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImportanceSampling::Token => "token",
+            ImportanceSampling::Sequence => "sequence",
+        })
+    }
+}
+
+/// How the clipped surrogate objective is formed and reduced to one number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Surrogate {
+    pub clip: Clip,
+    pub level: ImportanceSampling,
+    pub aggregation: LossAggregation,
+    /// The constant of [`LossAggregation::SeqMeanTokenSumNorm`] (the response length).
+    pub norm: f64,
+}
+
+impl Surrogate {
+    /// PPO's: per-token ratios clipped to `clip`, the mean over tokens.
+    pub fn ppo(clip: Clip) -> Self {
+        Surrogate {
+            clip,
+            level: ImportanceSampling::Token,
+            aggregation: LossAggregation::TokenMean,
+            norm: 1.0,
+        }
+    }
+}
+
+/// The clipped surrogate `max(−A·ρ, −A·clip(ρ, 1−low, 1+high))` per token (`ρ` capped at
+/// `delta` in the first term when set), aggregated as `surrogate` says. `approxkl`, the
+/// ratio's mean and its largest deviation are the per-token ones whatever the level (they
+/// check the rollout's log-probs); the clip fraction is of what was clipped.
 pub fn policy_loss(
     logprobs: &Tensor,
     old_logprobs: &Tensor,
     advantages: &Tensor,
     mask: &Tensor,
-    clip: Clip,
-    aggregation: LossAggregation,
-    norm: f64,
+    surrogate: &Surrogate,
 ) -> PolicyLoss {
+    let Surrogate {
+        clip,
+        level,
+        aggregation,
+        norm,
+    } = *surrogate;
     let log_ratio = logprobs - old_logprobs;
-    let ratio = log_ratio.exp();
-    let unclipped = -advantages * &ratio;
-    let clipped = -advantages * ratio.clamp(1.0 - clip.low, 1.0 + clip.high);
+    let log_weight = match level {
+        ImportanceSampling::Token => log_ratio.shallow_clone(),
+        ImportanceSampling::Sequence => {
+            let mask_f = mask.to_kind(log_ratio.kind());
+            let tokens = mask_f.sum_dim_intlist([1].as_slice(), true, log_ratio.kind());
+            ((&log_ratio * &mask_f).sum_dim_intlist([1].as_slice(), true, log_ratio.kind())
+                / tokens.clamp_min(1.0))
+            .expand_as(&log_ratio)
+        }
+    };
+    let weight = log_weight.exp();
+    let capped = match clip.delta {
+        Some(delta) => weight.clamp_max(delta),
+        None => weight.shallow_clone(),
+    };
+    let unclipped = -advantages * capped;
+    let clipped = -advantages * weight.clamp(1.0 - clip.low, 1.0 + clip.high);
     let loss = aggregation.aggregate(&unclipped.maximum(&clipped), mask, norm);
     let d = log_ratio.detach();
+    let ratio = d.exp();
     let mask_b = mask.to_kind(Kind::Bool);
+    let fraction = |t: &Tensor| masked_mean(&t.to_kind(Kind::Float), mask).double_value(&[]);
     PolicyLoss {
         loss,
         clipfrac: masked_mean(&clipped.gt_tensor(&unclipped).to_kind(Kind::Float), mask)
             .double_value(&[]),
+        clip_low: fraction(&weight.lt(1.0 - clip.low).logical_and(&advantages.lt(0.0))),
+        clip_high: fraction(&weight.gt(1.0 + clip.high).logical_and(&advantages.gt(0.0))),
         approxkl: 0.5 * masked_mean(&d.square(), mask).double_value(&[]),
-        ratio_mean: masked_mean(&ratio.detach(), mask).double_value(&[]),
-        ratio_max_dev: (ratio.detach() - 1.0)
+        ratio_mean: masked_mean(&ratio, mask).double_value(&[]),
+        // (0 with no token: every response of a micro-batch may be masked out.)
+        ratio_max_dev: (ratio - 1.0)
             .abs()
-            .masked_select(&mask_b)
+            .masked_fill(&mask_b.logical_not(), 0.0)
             .max()
             .double_value(&[]),
     }
@@ -571,9 +730,18 @@ mod tests {
     fn group_estimators_match_plain_loops() {
         let r = [1.0f32, 0.0, 0.5, 2.5, 3.0, 3.0, 3.0, 3.0];
         let rewards = Tensor::from_slice(&r);
-        let grpo = Vec::<f32>::try_from(group_advantages(&rewards, 4, false, true)).unwrap();
-        let dr = Vec::<f32>::try_from(group_advantages(&rewards, 4, false, false)).unwrap();
-        let rloo = Vec::<f32>::try_from(group_advantages(&rewards, 4, true, false)).unwrap();
+        let one = World::single();
+        let advantages = |leave_one_out, scale| {
+            let a = group_advantages(&rewards, 4, leave_one_out, scale, &one);
+            Vec::<f32>::try_from(a).unwrap()
+        };
+        let grpo = advantages(false, RewardScale::Group);
+        let dr = advantages(false, RewardScale::None);
+        let rloo = advantages(true, RewardScale::None);
+        let batch = advantages(false, RewardScale::Batch);
+        // The batch's std: of all 8 rewards (unbiased), as TRL's `rewards.std()`.
+        let all_mean = r.iter().sum::<f32>() / 8.0;
+        let all_std = (r.iter().map(|x| (x - all_mean).powi(2)).sum::<f32>() / 7.0).sqrt();
         for g in r.chunks(4).enumerate() {
             let (gi, xs) = g;
             let mean = xs.iter().sum::<f32>() / 4.0;
@@ -585,13 +753,15 @@ mod tests {
                     "grpo {i}"
                 );
                 assert!((dr[i] - (x - mean)).abs() < 1e-6, "dr-grpo {i}");
+                let want = (x - mean) / (all_std + 1e-4);
+                assert!((batch[i] - want).abs() < 1e-5, "batch-scaled grpo {i}");
                 // RLOO's baseline is the mean of the other three: the sample itself is out.
                 let others = (xs.iter().sum::<f32>() - x) / 3.0;
                 assert!((rloo[i] - (x - others)).abs() < 1e-6, "rloo {i}");
             }
         }
         // The second group's rewards are all equal: no advantage, whatever the estimator.
-        for a in [&grpo, &dr, &rloo] {
+        for a in [&grpo, &dr, &rloo, &batch] {
             assert!(a[4..].iter().all(|&x| x == 0.0), "{a:?}");
         }
     }
@@ -601,7 +771,10 @@ mod tests {
         let rewards = t(&[&[0., 0., 1.], &[0., 2., 0.], &[5., 0., 0.], &[0., 0., 7.]]);
         let mask = t(&[&[1., 1., 1.], &[1., 1., 0.], &[1., 0., 0.], &[1., 1., 1.]]);
         for est in [
-            AdvantageEstimator::Grpo { group: 2 },
+            AdvantageEstimator::Grpo {
+                group: 2,
+                scale: RewardScale::Group,
+            },
             AdvantageEstimator::DrGrpo { group: 2 },
             AdvantageEstimator::Rloo { group: 2 },
         ] {
@@ -701,22 +874,14 @@ mod tests {
         let adv = t(&[&[1.0]]);
         let mask = t(&[&[1.0]]);
         let loss = |clip| {
-            policy_loss(
-                &lp,
-                &old,
-                &adv,
-                &mask,
-                clip,
-                LossAggregation::TokenMean,
-                1.0,
-            )
-            .loss
-            .double_value(&[])
+            policy_loss(&lp, &old, &adv, &mask, &Surrogate::ppo(clip))
+                .loss
+                .double_value(&[])
         };
         assert!((loss(Clip::symmetric(0.2)) + 1.2).abs() < 1e-6);
         let higher = Clip {
-            low: 0.2,
             high: 0.3,
+            ..Clip::symmetric(0.2)
         };
         assert!((loss(higher) + 0.25f64.exp()).abs() < 1e-6);
     }
@@ -755,15 +920,7 @@ mod tests {
         let lp = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
         let adv = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
         let mask = t(&[&[1., 1., 1., 1.], &[1., 1., 0., 0.]]);
-        let out = policy_loss(
-            &lp,
-            &lp,
-            &adv,
-            &mask,
-            Clip::symmetric(0.2),
-            LossAggregation::TokenMean,
-            1.0,
-        );
+        let out = policy_loss(&lp, &lp, &adv, &mask, &Surrogate::ppo(Clip::symmetric(0.2)));
         assert_eq!(out.clipfrac, 0.0);
         assert_eq!(out.approxkl, 0.0);
         assert_eq!(out.ratio_max_dev, 0.0);
@@ -782,9 +939,7 @@ mod tests {
             &t(&[&old]),
             &t(&[&adv]),
             &t(&[&mask]),
-            Clip::symmetric(0.2),
-            LossAggregation::TokenMean,
-            1.0,
+            &Surrogate::ppo(Clip::symmetric(0.2)),
         );
         let (mut sum, mut clipped, mut n) = (0f64, 0, 0);
         for i in 0..3 {
@@ -798,6 +953,111 @@ mod tests {
         assert!((out.loss.double_value(&[]) - sum / n as f64).abs() < 1e-5);
         assert!((out.clipfrac - clipped as f64 / n as f64).abs() < 1e-6);
         assert_eq!(clipped, 1);
+    }
+
+    /// GSPO: one ratio per response, `exp(mean over its tokens of log π − log π_old)`,
+    /// clipped as a whole; every token of a response gets the same gradient weight
+    /// (`−A·s/N` on each log-prob where `s` is unclipped, 0 where it is clipped).
+    #[test]
+    fn sequence_level_ratio_matches_a_plain_loop() {
+        let lp = [[-1.0f32, -2.0, -0.5, 0.0], [-1.0, -1.0, -3.0, -1.0]];
+        let old = [[-1.1f32, -1.9, -0.6, 9.0], [-0.5, -0.2, -2.1, -1.0]];
+        let adv = [[0.5f32; 4], [-2.0; 4]];
+        let mask = [[1f32, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]];
+        let rows = |x: &[[f32; 4]; 2]| t(&[&x[0], &x[1]]);
+        let logprobs = rows(&lp).set_requires_grad(true);
+        let surrogate = Surrogate {
+            level: ImportanceSampling::Sequence,
+            ..Surrogate::ppo(Clip::symmetric(0.2))
+        };
+        let out = policy_loss(
+            &logprobs,
+            &rows(&old),
+            &rows(&adv),
+            &rows(&mask),
+            &surrogate,
+        );
+        out.loss.backward();
+        let grad = to_vec(&logprobs.grad());
+        let tokens: f32 = mask.iter().flatten().sum();
+        let (mut loss, mut clipped, mut high) = (0f32, 0f32, 0f32);
+        for b in 0..2 {
+            let n: f32 = mask[b].iter().sum();
+            let mean_log: f32 = (0..4)
+                .map(|i| (lp[b][i] - old[b][i]) * mask[b][i])
+                .sum::<f32>()
+                / n;
+            let s = mean_log.exp();
+            let a = adv[b][0];
+            let (u, c) = (-a * s, -a * s.clamp(0.8, 1.2));
+            loss += u.max(c) * n;
+            for i in 0..4 {
+                let want = if c > u {
+                    0.0
+                } else {
+                    -a * s / tokens * mask[b][i]
+                };
+                assert!((grad[b][i] - want).abs() < 1e-6, "{b} {i}: {grad:?}");
+            }
+            clipped += f32::from(c > u) * n;
+            high += f32::from(s > 1.2 && a > 0.0) * n;
+        }
+        // Row 0's ratio is e^0.033 (inside the interval), row 1's e^-0.55 (below it, with a
+        // negative advantage: clipped, no gradient).
+        assert_eq!((clipped, high), (4.0, 0.0));
+        assert!((out.clip_low as f32 - 4.0 / tokens).abs() < 1e-6);
+        assert!((out.loss.double_value(&[]) as f32 - loss / tokens).abs() < 1e-6);
+        assert!((out.clipfrac as f32 - clipped / tokens).abs() < 1e-6);
+        assert!((out.clip_high as f32 - high / tokens).abs() < 1e-6);
+        // One-token responses: the two levels are the same objective.
+        let one = |level| {
+            let s = Surrogate {
+                level,
+                ..Surrogate::ppo(Clip::symmetric(0.2))
+            };
+            let (lp, old, adv, mask) = (
+                t(&[&[-0.3], &[-2.0]]),
+                t(&[&[-1.0], &[-1.5]]),
+                t(&[&[1.0], &[-1.0]]),
+                t(&[&[1.0], &[1.0]]),
+            );
+            policy_loss(&lp, &old, &adv, &mask, &s)
+                .loss
+                .double_value(&[])
+        };
+        assert_eq!(
+            one(ImportanceSampling::Token),
+            one(ImportanceSampling::Sequence)
+        );
+        assert_eq!(
+            "sequence".parse::<ImportanceSampling>().unwrap(),
+            ImportanceSampling::Sequence
+        );
+        assert!("tokens".parse::<ImportanceSampling>().is_err());
+    }
+
+    /// `delta` caps the unclipped ratio: a negative advantage on a token whose probability
+    /// grew e-fold costs δ·|A|, not e·|A|; clipping's metrics split by side.
+    #[test]
+    fn delta_caps_the_ratio_and_clip_ratios_split_by_side() {
+        let (lp, old, mask) = (t(&[&[1.0, -2.0]]), t(&[&[0.0, 0.0]]), t(&[&[1.0, 1.0]]));
+        let loss = |adv: &Tensor, delta| {
+            let clip = Clip {
+                delta,
+                ..Clip::symmetric(0.2)
+            };
+            policy_loss(&lp, &old, adv, &mask, &Surrogate::ppo(clip))
+        };
+        let negative = t(&[&[-1.0, 0.0]]);
+        let e = 1f64.exp();
+        assert!((loss(&negative, None).loss.double_value(&[]) - e / 2.0).abs() < 1e-6);
+        assert!((loss(&negative, Some(1.5)).loss.double_value(&[]) - 0.75).abs() < 1e-6);
+        // Ratios e (token 0) and e^-2 (token 1): high side clipped where A > 0, low side
+        // where A < 0.
+        let out = loss(&t(&[&[1.0, -1.0]]), None);
+        assert_eq!((out.clip_high, out.clip_low, out.clipfrac), (0.5, 0.5, 1.0));
+        let out = loss(&t(&[&[-1.0, 1.0]]), None);
+        assert_eq!((out.clip_high, out.clip_low, out.clipfrac), (0.0, 0.0, 0.0));
     }
 
     #[test]

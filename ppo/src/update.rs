@@ -83,6 +83,9 @@ pub struct UpdateStats {
     pub kl_loss: f64,
     pub approxkl: f64,
     pub clipfrac: f64,
+    /// TRL's `clip_ratio/low_mean` and `/high_mean` (see [`crate::math::PolicyLoss`]).
+    pub clip_low: f64,
+    pub clip_high: f64,
     pub value_clipfrac: f64,
     pub ratio: f64,
     /// Max |ratio − 1| on the first minibatch, before any update: 0 unless dropout is on or
@@ -112,6 +115,15 @@ pub fn update(
     let mut count = 0f64;
     let mut first_ratio_max_dev = 0.0;
     let mut outcome = None;
+    // The policy's tokens: with --mask-truncated-completions, none of a response cut at
+    // --response-length.
+    let policy_mask = if args.mask_truncated_completions {
+        let ended: Vec<f32> = ro.ended_with_eos.iter().map(|&e| f32::from(e)).collect();
+        let ended = Tensor::from_slice(&ended).to_device(ro.mask.device());
+        &ro.mask * ended.unsqueeze(1).to_kind(ro.mask.kind())
+    } else {
+        ro.mask.shallow_clone()
+    };
     for epoch in 0..args.ppo_epochs {
         let mut order: Vec<usize> = (0..total).collect();
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(derived_seed(
@@ -125,7 +137,8 @@ pub fn update(
                 .filter(|&&g| g >= offset && g < offset + b)
                 .map(|&g| (g - offset) as i64)
                 .collect();
-            let mut mb_stats = minibatch_backward(args, (ro, adv), &learners, &mb, world, beta);
+            let mut mb_stats =
+                minibatch_backward(args, (ro, adv, &policy_mask), &learners, &mb, world, beta);
             let dev = mb_stats.remove("ratio_max_dev").unwrap_or(0.0);
             if epoch == 0 && mb_index == 0 {
                 first_ratio_max_dev = dev;
@@ -162,6 +175,8 @@ pub fn update(
         kl_loss: avg("kl"),
         approxkl: avg("approxkl"),
         clipfrac: avg("clipfrac"),
+        clip_low: avg("clip_low"),
+        clip_high: avg("clip_high"),
         value_clipfrac: avg("vclip"),
         ratio: avg("ratio"),
         first_ratio_max_dev,
@@ -170,14 +185,14 @@ pub fn update(
 }
 
 /// Forward and backward of the clipped policy loss (with the entropy bonus and the KL term
-/// of `--kl-in-loss`) and of the critic's clipped value loss over the micro-batches of
-/// minibatch `mb` (rollout row indices). Each micro-batch is weighted by its share of the
-/// minibatch (tokens, or sequences, as `--loss-aggregation` counts them), so the
-/// micro-batches sum to the minibatch's loss over every rank. Returns the minibatch's
-/// weighted statistics.
+/// of `--kl-in-loss`) over the tokens of `policy_mask`, and of the critic's clipped value
+/// loss over every response token, over the micro-batches of minibatch `mb` (rollout row
+/// indices). Each micro-batch is weighted by its share of the minibatch (tokens, or
+/// sequences, as `--loss-aggregation` counts them), so the micro-batches sum to the
+/// minibatch's loss over every rank. Returns the minibatch's weighted statistics.
 fn minibatch_backward(
     args: &TrainArgs,
-    (ro, adv): (&Rollout, &Advantages),
+    (ro, adv, policy_mask): (&Rollout, &Advantages, &Tensor),
     learners: &Learners,
     mb: &[i64],
     world: &World,
@@ -186,24 +201,27 @@ fn minibatch_backward(
     let device = ro.full_ids.device();
     let micro = mb.len().div_ceil(args.grad_accum).max(1);
     let mb_idx = Tensor::from_slice(mb).to_device(device);
-    let local_tokens = ro
-        .mask
-        .index_select(0, &mb_idx)
-        .sum(Kind::Float)
-        .double_value(&[]);
-    let mb_tokens = world.sum(local_tokens).max(1.0);
+    let tokens_of = |mask: &Tensor| {
+        let local = mask
+            .index_select(0, &mb_idx)
+            .sum(Kind::Float)
+            .double_value(&[]);
+        world.sum(local).max(1.0)
+    };
+    let (mb_tokens, mb_value_tokens) = (tokens_of(policy_mask), tokens_of(&ro.mask));
     let mb_rows = world.sum(mb.len() as f64);
-    let aggregation = args.loss_aggregation;
-    let norm = args.response_length as f64;
+    let surrogate = args.surrogate();
+    let (aggregation, norm) = (surrogate.aggregation, surrogate.norm);
     let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
     let mut ratio_max_dev = 0f64;
     for (part, last) in micro_batches(mb, micro) {
         let idx = Tensor::from_slice(part).to_device(device);
         let pick = |t: &Tensor| t.index_select(0, &idx);
-        let (ids, full_mask, mask) = (pick(&ro.full_ids), pick(&ro.full_mask), pick(&ro.mask));
+        let (ids, full_mask) = (pick(&ro.full_ids), pick(&ro.full_mask));
+        let (mask, value_mask) = (pick(policy_mask), pick(&ro.mask));
         let tokens = mask.sum(Kind::Float).double_value(&[]);
         let weight = aggregation.weight(tokens, mb_tokens, part.len() as f64, mb_rows);
-        let value_weight = tokens / mb_tokens;
+        let value_weight = value_mask.sum(Kind::Float).double_value(&[]) / mb_value_tokens;
         let policy = &learners.policy.model;
         let (new_lp, ent) = response_logprobs(
             policy,
@@ -217,9 +235,7 @@ fn minibatch_backward(
             &pick(&ro.logprobs),
             &pick(&adv.advantages),
             &mask,
-            args.clip(),
-            aggregation,
-            norm,
+            &surrogate,
         );
         let mut policy_total = &pl.loss * weight;
         if args.entropy_coef > 0.0 {
@@ -241,6 +257,8 @@ fn minibatch_backward(
         add("policy", pl.loss.double_value(&[]));
         add("approxkl", pl.approxkl);
         add("clipfrac", pl.clipfrac);
+        add("clip_low", pl.clip_low);
+        add("clip_high", pl.clip_high);
         add("ratio", pl.ratio_mean);
         if let (Some(critic), Some(values), Some(returns)) =
             (&learners.critic, &ro.values, &adv.returns)
@@ -250,7 +268,7 @@ fn minibatch_backward(
                 &new_values,
                 &pick(values),
                 &pick(returns),
-                &mask,
+                &value_mask,
                 args.cliprange_value,
             );
             critic.backward(&(&vl * (args.vf_coef * value_weight)), last);
@@ -270,8 +288,16 @@ fn minibatch_backward(
 }
 
 /// The statistics a minibatch's ranks sum.
-const STAT_KEYS: [&str; 7] = [
-    "policy", "approxkl", "clipfrac", "ratio", "kl", "value", "vclip",
+const STAT_KEYS: [&str; 9] = [
+    "policy",
+    "approxkl",
+    "clipfrac",
+    "clip_low",
+    "clip_high",
+    "ratio",
+    "kl",
+    "value",
+    "vclip",
 ];
 
 /// PPO-ptx: the language-modelling loss of the next `rows` SFT rows (this rank's share of

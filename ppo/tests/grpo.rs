@@ -349,6 +349,79 @@ fn exact_answer_scores_from_the_rows_answers() {
     assert!(m[0]["rewards/exact_answer/mean"].as_f64().is_some());
 }
 
+/// TRL's GRPO options beyond the estimator, end to end. GSPO (`--importance-sampling-level
+/// sequence`) at its paper's clip range (3e-4, 4e-4) with Lite PPO's batch std
+/// (`--scale-rewards batch`) and two-sided clipping (`--delta`): the first of the two minibatches
+/// is on-policy (ratio 1), the second clips whole responses, and TRL's clip metrics say so.
+/// DAPO's overlong filtering (`--mask-truncated-completions`): when every response was
+/// cut at --response-length (the tiny model never samples EOS in 12 tokens), the policy
+/// loss has no token and the update leaves every weight as it was; without it the same run
+/// moves them.
+#[test]
+fn gspo_batch_scaling_delta_and_overlong_filtering() {
+    let f = fixture();
+    let out = f.root.join("run-gspo");
+    let extra = [
+        "--importance-sampling-level",
+        "sequence",
+        "--cliprange",
+        "3e-4",
+        "--cliprange-high",
+        "4e-4",
+        "--scale-rewards",
+        "batch",
+        "--delta",
+        "4",
+        "--max-steps",
+        "2",
+    ];
+    run_with_reward(&args(&out, &extra), &TextRule(digit_share)).unwrap();
+    let m = metrics(&out);
+    assert_eq!(m.len(), 2);
+    let mut region = 0.0;
+    for r in &m {
+        assert!(
+            r["policy/first_ratio_max_dev"].as_f64().unwrap() < 1e-5,
+            "{r}"
+        );
+        let (low, high) = (
+            r["clip_ratio/low_mean"].as_f64().unwrap(),
+            r["clip_ratio/high_mean"].as_f64().unwrap(),
+        );
+        let both = r["clip_ratio/region_mean"].as_f64().unwrap();
+        assert!((both - low - high).abs() < 1e-9, "{r}");
+        region += both;
+    }
+    assert!(
+        region > 0.0,
+        "no response clipped at ε 3e-4 after an update: {m:?}"
+    );
+
+    let steps = ["--max-steps", "1", "--weight-decay", "0"];
+    let masked = f.root.join("run-overlong-masked");
+    let mut with_flag = steps.to_vec();
+    with_flag.push("--mask-truncated-completions");
+    run_with_reward(&args(&masked, &with_flag), &TextRule(digit_share)).unwrap();
+    let m = metrics(&masked);
+    assert_eq!(
+        m[0]["completions/clipped_ratio"].as_f64(),
+        Some(1.0),
+        "{m:?}"
+    );
+    let diff = rlhf_tests::max_weight_diff(&f.policy, &masked.join("final"), Head::Lm);
+    assert_eq!(
+        diff, 0.0,
+        "every response was masked out, yet the policy moved"
+    );
+    let unmasked = f.root.join("run-overlong-unmasked");
+    run_with_reward(&args(&unmasked, &steps), &TextRule(digit_share)).unwrap();
+    let diff = rlhf_tests::max_weight_diff(&f.policy, &unmasked.join("final"), Head::Lm);
+    assert!(
+        diff > 1e-5,
+        "without the flag the policy did not move: {diff:e}"
+    );
+}
+
 #[test]
 fn bad_group_options_are_refused_with_one_line() {
     let f = fixture();
@@ -356,11 +429,18 @@ fn bad_group_options_are_refused_with_one_line() {
     let one = |a: &mut TrainArgs| a.num_generations = 1;
     let gae = |a: &mut TrainArgs| a.advantage_estimator = "gae".parse().unwrap();
     let high = |a: &mut TrainArgs| a.cliprange_high = Some(0.0);
+    let delta = |a: &mut TrainArgs| a.delta = Some(1.0);
+    let scale = |a: &mut TrainArgs| {
+        a.advantage_estimator = "rloo".parse().unwrap();
+        a.scale_rewards = Some("batch".parse().unwrap());
+    };
     type Change<'a> = &'a dyn Fn(&mut TrainArgs);
-    let cases: [(Change, &str); 3] = [
+    let cases: [(Change, &str); 5] = [
         (&one, "--num-generations must be at least 2"),
         (&gae, "--advantage-estimator gae trains a value model"),
         (&high, "--cliprange-high must be > 0"),
+        (&delta, "--delta must be > 1"),
+        (&scale, "--scale-rewards needs --advantage-estimator grpo"),
     ];
     for (change, want) in cases {
         let mut a = args(&out, &[]);

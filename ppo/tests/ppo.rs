@@ -490,7 +490,7 @@ fn two_ranks_train_what_one_process_trains() {
                 // summation-order noise (1e-7) of it may fall either side, so one token may
                 // differ: 1/96 of one of GAE's 4 minibatches, 1/24 of one of GRPO's 16,
                 // both 1/384 of the average.
-                let tolerance = match key.contains("clipfrac") {
+                let tolerance = match key.contains("clipfrac") || key.starts_with("clip_ratio/") {
                     true => 1.0 / 384.0 + 1e-9,
                     false => 1e-4 * x.abs().max(1.0),
                 };
