@@ -2,28 +2,62 @@
 //! log-probabilities (summed over each completion's tokens) of the policy and the frozen
 //! reference. Pure functions over tensors, tested without a model.
 //!
-//! With Δ = (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r)):
+//! With ρ_c = log π(c) − log π_ref(c), ρ_r likewise, Δ = ρ_c − ρ_r and σ the sigmoid:
 //! - `sigmoid` (Rafailov et al. 2023): −log σ(βΔ)
 //! - `hinge` (SLiC): relu(1 − βΔ)
 //! - `ipo` (Azar et al. 2023): (Δ' − 1/(2β))², where Δ' divides each log-ratio by its
 //!   completion's token count, as TRL does
 //! - `robust` (Chowdhury et al. 2024): (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε the
 //!   label smoothing
+//! - `exo_pair` (Ji et al. 2024): KL of (σ(βΔ), σ(−βΔ)) from (1 − ε, ε)
+//! - `nca_pair` (Chen et al. 2024): −log σ(βρ_c) − ½ log σ(−βρ_c) − ½ log σ(−βρ_r)
+//! - `bco_pair` (Jung et al. 2024): −log σ(βρ_c) − log σ(−βρ_r)
+//! - `sppo_hard` (Wu et al. 2024): (ρ_c − 1/(2β))² + (ρ_r + 1/(2β))²
+//! - `apo_zero`, `apo_down` (D'Oosterlinck et al. 2024): 1 − σ(βρ_c) + σ(βρ_r), and
+//!   σ(βρ_c) + 1 − σ(βΔ)
+//! - `discopop` (Chris Lu et al. 2024): with x = βΔ and m = σ(x/τ):
+//!   −log σ(x)·(1 − m) + e^(−x)·m
+//! - `sigmoid_norm`: −log σ(βΔ') with IPO's per-token Δ'
 //!
 //! and RPO adds α times the mean NLL of the chosen completions' tokens (TRL 1.16:
-//! `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, α]`).
+//! `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, α]`). TRL's `aot` and `aot_unpaired`
+//! sort the pairs of a device's batch, which ties the loss to how a step is split into
+//! micro-batches and ranks; they are not offered.
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
+/// `--loss-type`, under TRL's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum LossType {
     #[default]
     Sigmoid,
     Ipo,
     Hinge,
     Robust,
+    #[value(name = "exo_pair", alias = "exo-pair")]
+    ExoPair,
+    #[value(name = "nca_pair", alias = "nca-pair")]
+    NcaPair,
+    #[value(name = "bco_pair", alias = "bco-pair")]
+    BcoPair,
+    #[value(name = "sppo_hard", alias = "sppo-hard")]
+    SppoHard,
+    #[value(name = "apo_zero", alias = "apo-zero")]
+    ApoZero,
+    #[value(name = "apo_down", alias = "apo-down")]
+    ApoDown,
+    Discopop,
+    #[value(name = "sigmoid_norm", alias = "sigmoid-norm")]
+    SigmoidNorm,
+}
+
+impl LossType {
+    /// Whether `--label-smoothing` enters the loss (robust, exo_pair), as in TRL 1.16.
+    fn smooths(self) -> bool {
+        matches!(self, LossType::Robust | LossType::ExoPair)
+    }
 }
 
 /// The loss options `dpo train` and `dpo eval` share.
@@ -32,12 +66,19 @@ pub struct LossArgs {
     /// β: the strength of the implicit KL constraint (IPO's τ).
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
-    /// sigmoid (DPO), ipo, hinge or robust, as TRL 1.16 defines them.
+    /// The pairwise loss, as TRL 1.16 defines it: sigmoid (DPO), ipo, hinge, robust,
+    /// exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop or
+    /// sigmoid_norm.
     #[arg(long, default_value = "sigmoid")]
     pub loss_type: LossType,
-    /// ε, the assumed share of flipped labels (robust only, in [0, 0.5), as in TRL 1.16).
+    /// ε, the assumed share of flipped labels (robust, in [0, 0.5), and exo_pair, in
+    /// (0, 0.5): EXO recommends 1e-3; as in TRL 1.16, the other losses do not use it).
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
+    /// τ of the discopop loss: the temperature of its mix of the logistic and the
+    /// exponential losses (TRL's `discopop_tau`).
+    #[arg(long, default_value_t = 0.05)]
+    pub discopop_tau: f64,
     /// RPO: add α × the mean NLL of the chosen completions' tokens (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub rpo_alpha: f64,
@@ -51,12 +92,20 @@ impl LossArgs {
                 "--beta must be > 0",
             ),
             (
-                self.label_smoothing == 0.0 || self.loss_type == LossType::Robust,
-                "--label-smoothing applies to --loss-type robust only (TRL 1.16's sigmoid, ipo and hinge losses do not use it)",
+                self.label_smoothing == 0.0 || self.loss_type.smooths(),
+                "--label-smoothing applies to --loss-type robust and exo_pair only (TRL 1.16's other losses do not use it)",
             ),
             (
                 (0.0..0.5).contains(&self.label_smoothing),
                 "--label-smoothing must be in [0, 0.5)",
+            ),
+            (
+                self.loss_type != LossType::ExoPair || self.label_smoothing > 0.0,
+                "--loss-type exo_pair needs --label-smoothing > 0 (EXO recommends 1e-3)",
+            ),
+            (
+                self.discopop_tau > 0.0 && self.discopop_tau.is_finite(),
+                "--discopop-tau must be > 0",
             ),
             (self.rpo_alpha >= 0.0, "--rpo-alpha must be ≥ 0"),
         ])?;
@@ -81,20 +130,42 @@ pub fn pair_loss(args: &LossArgs, lp: &PairLogps) -> Tensor {
     let rejected_ratio = &lp.rejected - &lp.ref_rejected;
     let beta = args.beta;
     let delta = &chosen_ratio - &rejected_ratio;
+    // IPO's per-token difference of the log-ratios.
+    let per_token = || {
+        &chosen_ratio / lp.chosen_tokens.clamp_min(1.0)
+            - &rejected_ratio / lp.rejected_tokens.clamp_min(1.0)
+    };
+    let eps = args.label_smoothing;
+    let (c, r) = (&chosen_ratio * beta, &rejected_ratio * beta);
     match args.loss_type {
         LossType::Sigmoid => -(&delta * beta).log_sigmoid(),
         LossType::Hinge => (-(&delta * beta) + 1.0).relu(),
-        LossType::Ipo => {
-            let d = chosen_ratio / lp.chosen_tokens.clamp_min(1.0)
-                - rejected_ratio / lp.rejected_tokens.clamp_min(1.0);
-            (d - 1.0 / (2.0 * beta)).square()
-        }
+        LossType::Ipo => (per_token() - 1.0 / (2.0 * beta)).square(),
         LossType::Robust => {
-            let eps = args.label_smoothing;
             let clean = -(&delta * beta).log_sigmoid() * (1.0 - eps);
             let flipped = -(&delta * -beta).log_sigmoid() * eps;
             (clean - flipped) / (1.0 - 2.0 * eps)
         }
+        LossType::ExoPair => {
+            let x = &delta * beta;
+            let (log_qw, log_ql) = (x.log_sigmoid(), (-&x).log_sigmoid());
+            log_qw.exp() * (&log_qw - (-eps).ln_1p()) + log_ql.exp() * (log_ql - eps.ln())
+        }
+        LossType::NcaPair => {
+            -c.log_sigmoid() - (-&c).log_sigmoid() * 0.5 - (-&r).log_sigmoid() * 0.5
+        }
+        LossType::BcoPair => -c.log_sigmoid() - (-&r).log_sigmoid(),
+        LossType::SppoHard => {
+            (&chosen_ratio - 0.5 / beta).square() + (&rejected_ratio + 0.5 / beta).square()
+        }
+        LossType::ApoZero => -c.sigmoid() + 1.0 + r.sigmoid(),
+        LossType::ApoDown => c.sigmoid() + 1.0 - (&delta * beta).sigmoid(),
+        LossType::Discopop => {
+            let x = &delta * beta;
+            let m = (&x / args.discopop_tau).sigmoid();
+            -x.log_sigmoid() * (-&m + 1.0) + (-&x).exp() * m
+        }
+        LossType::SigmoidNorm => -(per_token() * beta).log_sigmoid(),
     }
 }
 
@@ -223,6 +294,7 @@ mod tests {
             beta: 0.1,
             loss_type,
             label_smoothing,
+            discopop_tau: 0.05,
             rpo_alpha: 0.0,
         }
     }
@@ -295,11 +367,46 @@ mod tests {
                     / (1.0 - 2.0 * eps)
             })
             .collect();
+        // ρ_c, ρ_r per pair: (0.5, −0.5) and (−1.0, 0.5); completion tokens 4, 5 and 2, 1.
+        let (rho_c, rho_r) = ([0.5, -1.0], [-0.5, 0.5]);
+        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let each = |f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f64> {
+            (0..2).map(|i| f(rho_c[i], rho_r[i], delta[i])).collect()
+        };
+        let exo_eps: f64 = 1e-3;
+        let exo = each(&|_, _, d| {
+            let (qw, ql) = (sigmoid(beta * d), sigmoid(-beta * d));
+            qw * (qw.ln() - (1.0 - exo_eps).ln()) + ql * (ql.ln() - exo_eps.ln())
+        });
+        let nca = each(&|c, r, _| {
+            -log_sigmoid(beta * c) - 0.5 * log_sigmoid(-beta * c) - 0.5 * log_sigmoid(-beta * r)
+        });
+        let bco = each(&|c, r, _| -log_sigmoid(beta * c) - log_sigmoid(-beta * r));
+        let sppo = each(&|c, r, _| (c - 0.5 / beta).powi(2) + (r + 0.5 / beta).powi(2));
+        let apo_zero = each(&|c, r, _| 1.0 - sigmoid(beta * c) + sigmoid(beta * r));
+        let apo_down = each(&|c, _, d| sigmoid(beta * c) + 1.0 - sigmoid(beta * d));
+        let discopop = each(&|_, _, d| {
+            let x = beta * d;
+            let m = sigmoid(x / 0.05);
+            -log_sigmoid(x) * (1.0 - m) + (-x).exp() * m
+        });
+        let norm = [
+            -log_sigmoid(beta * (0.5 / 4.0 - (-0.5) / 5.0)),
+            -log_sigmoid(beta * (-1.0 / 2.0 - 0.5 / 1.0)),
+        ];
         for (kind, smoothing, expected) in [
             (LossType::Sigmoid, 0.0, sig),
             (LossType::Hinge, 0.0, hinge),
             (LossType::Ipo, 0.0, ipo.to_vec()),
             (LossType::Robust, eps, robust),
+            (LossType::ExoPair, exo_eps, exo),
+            (LossType::NcaPair, 0.0, nca),
+            (LossType::BcoPair, 0.0, bco),
+            (LossType::SppoHard, 0.0, sppo),
+            (LossType::ApoZero, 0.0, apo_zero),
+            (LossType::ApoDown, 0.0, apo_down),
+            (LossType::Discopop, 0.0, discopop),
+            (LossType::SigmoidNorm, 0.0, norm.to_vec()),
         ] {
             let got = values(&pair_loss(&args(kind, smoothing), &lp));
             for (g, e) in got.iter().zip(&expected) {
@@ -316,5 +423,31 @@ mod tests {
         assert!(args(LossType::Sigmoid, 0.1).validate().is_err());
         assert!(args(LossType::Robust, 0.1).validate().is_ok());
         assert!(args(LossType::Robust, 0.5).validate().is_err());
+        assert!(args(LossType::ExoPair, 1e-3).validate().is_ok());
+        let e = args(LossType::ExoPair, 0.0).validate().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("exo_pair needs --label-smoothing > 0"),
+            "{e}"
+        );
+        assert!(args(LossType::ApoZero, 0.1).validate().is_err());
+    }
+
+    /// TRL's names (`nca_pair`), with the kebab-case spelling of our other options too.
+    #[test]
+    fn loss_types_parse_under_trl_names() {
+        use clap::ValueEnum;
+        for (name, kind) in [
+            ("sigmoid", LossType::Sigmoid),
+            ("nca_pair", LossType::NcaPair),
+            ("nca-pair", LossType::NcaPair),
+            ("sppo_hard", LossType::SppoHard),
+            ("discopop", LossType::Discopop),
+            ("sigmoid_norm", LossType::SigmoidNorm),
+        ] {
+            assert_eq!(LossType::from_str(name, false), Ok(kind), "{name}");
+        }
+        let saved = serde_json::to_value(LossType::ApoZero).unwrap();
+        assert_eq!(saved.as_str(), Some("apo_zero"));
     }
 }

@@ -177,6 +177,14 @@ fn eval_matches_transformers_for_every_loss_type() {
         ("ipo", "0.0", "0.0"),
         ("robust", "0.2", "0.0"),
         ("sigmoid", "0.0", "0.5"),
+        ("exo_pair", "0.001", "0.0"),
+        ("nca_pair", "0.0", "0.0"),
+        ("bco_pair", "0.0", "0.0"),
+        ("sppo_hard", "0.0", "0.0"),
+        ("apo_zero", "0.0", "0.0"),
+        ("apo_down", "0.0", "0.0"),
+        ("discopop", "0.0", "0.0"),
+        ("sigmoid_norm", "0.0", "0.0"),
     ];
     let as_json: Vec<Value> = configs
         .iter()
@@ -496,7 +504,7 @@ fn bad_inputs_are_refused_with_one_line() {
                 "--label-smoothing",
                 "0.1",
             ],
-            "--label-smoothing applies to --loss-type robust only".into(),
+            "--label-smoothing applies to --loss-type robust and exo_pair only".into(),
         ),
         (
             vec![

@@ -78,7 +78,32 @@ def loss_of(kind, beta, eps, c, r, rc, rr, nc, nr):
         return (d - 1 / (2 * beta)) ** 2
     if kind == "robust":
         return (-(1 - eps) * ls(beta * delta) + eps * ls(-beta * delta)) / (1 - 2 * eps)
+    sig = lambda x: torch.sigmoid(torch.tensor(x, dtype=torch.float64)).item()
+    cr, rr_ = beta * (c - rc), beta * (r - rr)
+    if kind == "exo_pair":
+        qw, ql = sig(beta * delta), sig(-beta * delta)
+        return qw * (ls(beta * delta) - math.log1p(-eps)) + ql * (ls(-beta * delta) - math.log(eps))
+    if kind == "nca_pair":
+        return -ls(cr) - 0.5 * ls(-cr) - 0.5 * ls(-rr_)
+    if kind == "bco_pair":
+        return -ls(cr) - ls(-rr_)
+    if kind == "sppo_hard":
+        return ((c - rc) - 0.5 / beta) ** 2 + ((r - rr) + 0.5 / beta) ** 2
+    if kind == "apo_zero":
+        return 1 - sig(cr) + sig(rr_)
+    if kind == "apo_down":
+        return sig(cr) + 1 - sig(beta * delta)
+    if kind == "discopop":
+        x = beta * delta
+        m = sig(x / DISCOPOP_TAU)
+        return -ls(x) * (1 - m) + math.exp(-x) * m
+    if kind == "sigmoid_norm":
+        d = (c - rc) / max(nc, 1) - (r - rr) / max(nr, 1)
+        return -ls(beta * d)
     raise ValueError(kind)
+
+
+DISCOPOP_TAU = 0.05  # TRL's DPOConfig.discopop_tau default
 
 
 def compute(a):
