@@ -2,6 +2,8 @@
 //! are ranked best first, every one of the K·(K−1)/2 pairs contributes
 //! `−log σ(r_better − r_worse − margin)`, and the element's loss is the mean over its
 //! pairs. All pairs of a ranking live in one batch element, each response forwarded once.
+//! With a centring coefficient c, each pair also adds `c·(r_better + r_worse)²`
+//! (Eisenstein et al. 2023; TRL's `center_rewards_coefficient` for a pair).
 
 use tch::{Kind, Tensor};
 
@@ -35,8 +37,14 @@ pub fn pairs(group_sizes: &[usize]) -> Vec<(usize, usize, f64, usize)> {
     out
 }
 
-/// The ranking loss of rewards `[N]` (N = Σ group sizes, each group best first).
-pub fn ranking_loss(rewards: &Tensor, group_sizes: &[usize], margins: &[f64]) -> RankingLoss {
+/// The ranking loss of rewards `[N]` (N = Σ group sizes, each group best first), with the
+/// centring term weighted by `center` (0: none).
+pub fn ranking_loss(
+    rewards: &Tensor,
+    group_sizes: &[usize],
+    margins: &[f64],
+    center: f64,
+) -> RankingLoss {
     let device = rewards.device();
     let triples = pairs(group_sizes);
     let better: Vec<i64> = triples.iter().map(|t| t.0 as i64).collect();
@@ -44,10 +52,16 @@ pub fn ranking_loss(rewards: &Tensor, group_sizes: &[usize], margins: &[f64]) ->
     let weight: Vec<f32> = triples.iter().map(|t| t.2 as f32).collect();
     let margin: Vec<f32> = triples.iter().map(|t| margins[t.3] as f32).collect();
     let r = rewards.to_kind(Kind::Float);
-    let diff = r.index_select(0, &Tensor::from_slice(&better).to_device(device))
-        - r.index_select(0, &Tensor::from_slice(&worse).to_device(device));
+    let (r_better, r_worse) = (
+        r.index_select(0, &Tensor::from_slice(&better).to_device(device)),
+        r.index_select(0, &Tensor::from_slice(&worse).to_device(device)),
+    );
+    let diff = &r_better - &r_worse;
     let z = &diff - Tensor::from_slice(&margin).to_device(device);
-    let pair_loss = -z.log_sigmoid();
+    let mut pair_loss = -z.log_sigmoid();
+    if center > 0.0 {
+        pair_loss += (r_better + r_worse).square() * center;
+    }
     let loss_sum = (pair_loss * Tensor::from_slice(&weight).to_device(device)).sum(Kind::Float);
     let diff = diff.detach();
     RankingLoss {
@@ -71,7 +85,7 @@ mod tests {
     fn k4_loss_is_the_mean_of_its_six_pairs() {
         let r = [1.5f64, 0.3, -0.2, 0.9];
         let rewards = Tensor::from_slice(&r.map(|x| x as f32));
-        let out = ranking_loss(&rewards, &[4], &[0.25]);
+        let out = ranking_loss(&rewards, &[4], &[0.25], 0.0);
         let mut expected = 0.0;
         let mut n = 0;
         for i in 0..4 {
@@ -97,7 +111,7 @@ mod tests {
         // a pair (K = 2) and a K = 3 ranking: loss_sum = loss(pair) + mean(3 pairs)
         let r = [0.5f64, -0.5, 2.0, 1.0, 0.0];
         let rewards = Tensor::from_slice(&r.map(|x| x as f32));
-        let out = ranking_loss(&rewards, &[2, 3], &[0.0, 0.0]);
+        let out = ranking_loss(&rewards, &[2, 3], &[0.0, 0.0], 0.0);
         let pair = -log_sigmoid(1.0);
         let k3 = (-log_sigmoid(1.0) - log_sigmoid(2.0) - log_sigmoid(1.0)) / 3.0;
         assert!((out.loss_sum.double_value(&[]) - (pair + k3)).abs() < 1e-6);
@@ -108,8 +122,33 @@ mod tests {
     #[test]
     fn gradient_flows_to_every_response() {
         let rewards = Tensor::from_slice(&[0.1f32, 0.2, 0.3]).set_requires_grad(true);
-        ranking_loss(&rewards, &[3], &[0.0]).loss_sum.backward();
+        ranking_loss(&rewards, &[3], &[0.0], 0.0)
+            .loss_sum
+            .backward();
         let g: Vec<f32> = Vec::try_from(rewards.grad()).unwrap();
         assert!(g[0] < 0.0 && g[2] > 0.0, "{g:?}");
+    }
+
+    /// TRL's centring term, per pair and averaged like the pair losses: a pair (K = 2)
+    /// adds c·(r_c + r_r)², a K = 3 ranking the mean over its pairs; its gradient pulls
+    /// every reward towards zero.
+    #[test]
+    fn centring_adds_the_squared_pair_sums() {
+        let r = [0.5f64, -0.25, 2.0, 1.0, 0.5];
+        let rewards = Tensor::from_slice(&r.map(|x| x as f32)).set_requires_grad(true);
+        let plain = ranking_loss(&rewards, &[2, 3], &[0.0, 0.0], 0.0);
+        let centred = ranking_loss(&rewards, &[2, 3], &[0.0, 0.0], 0.01);
+        let pair = (r[0] + r[1]).powi(2);
+        let k3 = ((r[2] + r[3]).powi(2) + (r[2] + r[4]).powi(2) + (r[3] + r[4]).powi(2)) / 3.0;
+        let added = centred.loss_sum.double_value(&[]) - plain.loss_sum.double_value(&[]);
+        assert!((added - 0.01 * (pair + k3)).abs() < 1e-6, "{added}");
+        (centred.loss_sum - plain.loss_sum).backward();
+        let grad = Vec::<f32>::try_from(rewards.grad()).unwrap();
+        // d/dr_0 of 0.01·(r_0 + r_1)² = 0.02·(r_0 + r_1)
+        assert!(
+            (f64::from(grad[0]) - 0.02 * (r[0] + r[1])).abs() < 1e-6,
+            "{grad:?}"
+        );
+        assert!(grad[2..].iter().all(|&g| g > 0.0), "{grad:?}");
     }
 }

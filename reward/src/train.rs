@@ -36,6 +36,11 @@ pub struct TrainArgs {
     /// response of each training ranking).
     #[arg(long)]
     pub normalize_data: Option<PathBuf>,
+    /// Adds this × the mean over pairs of (r_better + r_worse)² to the loss, pulling the
+    /// rewards towards mean zero (Eisenstein et al. 2023; TRL's
+    /// `center_rewards_coefficient`, which recommends 0.01). Off when absent.
+    #[arg(long)]
+    pub center_rewards_coefficient: Option<f64>,
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
@@ -140,12 +145,13 @@ impl Stats {
 }
 
 /// Forward, loss and (when training `trainee`, whose model `model` is) backward over
-/// `rows` in micro-batches of `batch_size`; the loss is divided by `elements_total`, the
-/// number of rankings in the whole step (all ranks).
+/// `rows` in micro-batches of `batch_size`; the loss (with the centring term weighted by
+/// `center`) is divided by `elements_total`, the number of rankings in the whole step
+/// (all ranks).
 fn run_rows(
     model: &Model,
     rows: &[&TokenizedRanking],
-    (batch_size, pad_id): (usize, i64),
+    ((batch_size, pad_id), center): ((usize, i64), f64),
     train: Option<&Trainee>,
     elements_total: f64,
 ) -> Stats {
@@ -153,7 +159,7 @@ fn run_rows(
     for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let rewards = last_token_scores(model, &batch.input_ids, &batch.attention_mask);
-        let out = ranking_loss(&rewards, &batch.group_sizes, &batch.margins);
+        let out = ranking_loss(&rewards, &batch.group_sizes, &batch.margins, center);
         let loss = &out.loss_sum / elements_total.max(1.0);
         if let Some(trainee) = train {
             trainee.backward(&loss, last);
@@ -241,6 +247,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.optim.validate()?;
     args.run.validate()?;
     args.adapter.validate()?;
+    common::cli::require(&[(
+        args.center_rewards_coefficient
+            .is_none_or(|c| c >= 0.0 && c.is_finite()),
+        "--center-rewards-coefficient must be ≥ 0",
+    )])?;
     let world = args.run.world()?;
     let Inputs {
         model,
@@ -284,6 +295,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         args.data.rows_per_step() * session.world.size()
     );
     let shape = (args.data.batch_size, tok.pad_id);
+    let center = args.center_rewards_coefficient.unwrap_or(0.0);
     let mut eval_accuracy = None;
     while !session.done() && session.stop_requested().is_none() {
         let mut scalars = train_step(
@@ -296,7 +308,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         )?;
         let eval_due = args.data.eval_due(session.state.step, session.at_end());
         if let Some(eval) = eval.as_ref().filter(|_| eval_due) {
-            let s = evaluate(&trainee.model, eval, shape, &session.world);
+            let s = evaluate(&trainee.model, eval, (shape, center), &session.world);
             eval_accuracy = Some(s[1].1);
             scalars.extend(s);
         }
@@ -333,13 +345,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
 fn evaluate(
     model: &Model,
     eval: &PreparedRankings,
-    shape: (usize, i64),
+    (shape, center): ((usize, i64), f64),
     world: &World,
 ) -> Vec<(String, f64)> {
     let _guard = tch::no_grad_guard();
     let rows: Vec<_> = world.shard(&eval.rows).iter().collect();
     let n = world.sum(rows.len() as f64);
-    run_rows(model, &rows, shape, None, n)
+    run_rows(model, &rows, (shape, center), None, n)
         .summed(world)
         .scalars("eval")
 }
@@ -363,7 +375,15 @@ fn train_step(
         .collect();
     let elements = world.sum(rows.len() as f64);
     let shape = (args.data.batch_size, pad_id);
-    let stats = run_rows(&trainee.model, &rows, shape, Some(trainee), elements).summed(world);
+    let center = args.center_rewards_coefficient.unwrap_or(0.0);
+    let stats = run_rows(
+        &trainee.model,
+        &rows,
+        (shape, center),
+        Some(trainee),
+        elements,
+    )
+    .summed(world);
     let loss = stats.loss_sum / stats.elements.max(1) as f64;
     let outcome = trainee.step(loss);
     let local_tokens: usize = rows
