@@ -19,7 +19,10 @@
 //!   −log σ(x)·(1 − m) + e^(−x)·m
 //! - `sigmoid_norm`: −log σ(βΔ') with IPO's per-token Δ'
 //!
-//! and RPO adds α times the mean NLL of the chosen completions' tokens (TRL 1.16:
+//! With `--f-divergence-type` (f-DPO) the losses on Δ (and Δ') compare scores f(ρ) in
+//! place of the log-ratios (see [`FDivergence`]).
+//!
+//! RPO adds α times the mean NLL of the chosen completions' tokens (TRL 1.16:
 //! `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, α]`). TRL's `aot` and `aot_unpaired`
 //! sort the pairs of a device's batch, which ties the loss to how a step is split into
 //! micro-batches and ranks; they are not offered.
@@ -58,6 +61,55 @@ impl LossType {
     fn smooths(self) -> bool {
         matches!(self, LossType::Robust | LossType::ExoPair)
     }
+
+    /// Whether the loss is built on the chosen−rejected score difference, the only losses
+    /// an f-divergence other than the reverse KL generalises (TRL 1.16's list).
+    fn takes_f_divergence(self) -> bool {
+        !matches!(
+            self,
+            LossType::NcaPair
+                | LossType::BcoPair
+                | LossType::SppoHard
+                | LossType::ApoZero
+                | LossType::ApoDown
+        )
+    }
+}
+
+/// `--f-divergence-type` (f-DPO, Wang et al. 2023): the regulariser between policy and
+/// reference, which turns each log-ratio ρ into the score the loss compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FDivergence {
+    /// ρ itself (DPO's).
+    #[default]
+    #[value(name = "reverse_kl", alias = "reverse-kl")]
+    ReverseKl,
+    /// 1 − e^(−ρ).
+    #[value(name = "forward_kl", alias = "forward-kl")]
+    ForwardKl,
+    /// log 2 + log σ(ρ).
+    #[value(name = "js_divergence", alias = "js-divergence")]
+    JsDivergence,
+    /// (e^((α−1)ρ) − 1) / (α − 1), the exponent capped at 80 as TRL does for f32; ρ at α = 1.
+    #[value(name = "alpha_divergence", alias = "alpha-divergence")]
+    AlphaDivergence,
+}
+
+impl FDivergence {
+    /// The score of log-ratios `rho` (α: `--f-alpha-divergence-coef`).
+    pub fn score(self, rho: &Tensor, alpha: f64) -> Tensor {
+        match self {
+            FDivergence::ReverseKl => rho.shallow_clone(),
+            FDivergence::ForwardKl => -(-rho).exp() + 1.0,
+            FDivergence::JsDivergence => rho.log_sigmoid() + std::f64::consts::LN_2,
+            FDivergence::AlphaDivergence if (alpha - 1.0).abs() < 1e-6 => rho.shallow_clone(),
+            FDivergence::AlphaDivergence => {
+                let t = (rho * (alpha - 1.0)).clamp_max(80.0);
+                (t.exp() - 1.0) / (alpha - 1.0)
+            }
+        }
+    }
 }
 
 /// The loss options `dpo train` and `dpo eval` share.
@@ -79,6 +131,15 @@ pub struct LossArgs {
     /// exponential losses (TRL's `discopop_tau`).
     #[arg(long, default_value_t = 0.05)]
     pub discopop_tau: f64,
+    /// The f-divergence the implicit KL constraint uses (f-DPO): reverse_kl (DPO's),
+    /// forward_kl, js_divergence or alpha_divergence; only the losses on the
+    /// chosen−rejected difference take another than reverse_kl (not nca_pair, bco_pair,
+    /// sppo_hard, apo_zero, apo_down), as in TRL 1.16.
+    #[arg(long, default_value = "reverse_kl")]
+    pub f_divergence_type: FDivergence,
+    /// α of alpha_divergence.
+    #[arg(long, default_value_t = 0.5)]
+    pub f_alpha_divergence_coef: f64,
     /// RPO: add α × the mean NLL of the chosen completions' tokens (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub rpo_alpha: f64,
@@ -107,6 +168,15 @@ impl LossArgs {
                 self.discopop_tau > 0.0 && self.discopop_tau.is_finite(),
                 "--discopop-tau must be > 0",
             ),
+            (
+                self.f_divergence_type == FDivergence::ReverseKl
+                    || self.loss_type.takes_f_divergence(),
+                "--f-divergence-type other than reverse_kl needs a loss on the chosen−rejected difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust or discopop), as in TRL 1.16",
+            ),
+            (
+                self.f_alpha_divergence_coef.is_finite(),
+                "--f-alpha-divergence-coef must be a number",
+            ),
             (self.rpo_alpha >= 0.0, "--rpo-alpha must be ≥ 0"),
         ])?;
         Ok(())
@@ -129,11 +199,17 @@ pub fn pair_loss(args: &LossArgs, lp: &PairLogps) -> Tensor {
     let chosen_ratio = &lp.chosen - &lp.ref_chosen;
     let rejected_ratio = &lp.rejected - &lp.ref_rejected;
     let beta = args.beta;
-    let delta = &chosen_ratio - &rejected_ratio;
-    // IPO's per-token difference of the log-ratios.
+    // The scores the difference losses compare: the log-ratios under DPO's reverse KL.
+    let score = |rho: &Tensor| {
+        args.f_divergence_type
+            .score(rho, args.f_alpha_divergence_coef)
+    };
+    let (chosen_score, rejected_score) = (score(&chosen_ratio), score(&rejected_ratio));
+    let delta = &chosen_score - &rejected_score;
+    // IPO's per-token difference of the scores.
     let per_token = || {
-        &chosen_ratio / lp.chosen_tokens.clamp_min(1.0)
-            - &rejected_ratio / lp.rejected_tokens.clamp_min(1.0)
+        &chosen_score / lp.chosen_tokens.clamp_min(1.0)
+            - &rejected_score / lp.rejected_tokens.clamp_min(1.0)
     };
     let eps = args.label_smoothing;
     let (c, r) = (&chosen_ratio * beta, &rejected_ratio * beta);
@@ -295,6 +371,8 @@ mod tests {
             loss_type,
             label_smoothing,
             discopop_tau: 0.05,
+            f_divergence_type: FDivergence::ReverseKl,
+            f_alpha_divergence_coef: 0.5,
             rpo_alpha: 0.0,
         }
     }
@@ -449,5 +527,53 @@ mod tests {
         }
         let saved = serde_json::to_value(LossType::ApoZero).unwrap();
         assert_eq!(saved.as_str(), Some("apo_zero"));
+    }
+
+    /// f-DPO: each divergence's score of the log-ratios, in the sigmoid loss; α = 1 of the
+    /// α-divergence is the reverse KL; the losses not on the difference refuse it.
+    #[test]
+    fn f_divergences_score_the_log_ratios() {
+        let lp = logps(&[-3.0, -6.0], &[-4.5, -2.0], &[-3.5, -5.0], &[-4.0, -2.5]);
+        let (rho_c, rho_r) = ([0.5f64, -1.0], [-0.5f64, 0.5]);
+        let alpha = 0.3;
+        let cases: [(FDivergence, &dyn Fn(f64) -> f64); 4] = [
+            (FDivergence::ReverseKl, &|x| x),
+            (FDivergence::ForwardKl, &|x| 1.0 - (-x).exp()),
+            (FDivergence::JsDivergence, &|x| 2f64.ln() + log_sigmoid(x)),
+            (FDivergence::AlphaDivergence, &|x| {
+                (((alpha - 1.0) * x).exp() - 1.0) / (alpha - 1.0)
+            }),
+        ];
+        for (f, score) in cases {
+            let a = LossArgs {
+                f_divergence_type: f,
+                f_alpha_divergence_coef: alpha,
+                ..args(LossType::Sigmoid, 0.0)
+            };
+            let got = values(&pair_loss(&a, &lp));
+            for i in 0..2 {
+                let want = -log_sigmoid(0.1 * (score(rho_c[i]) - score(rho_r[i])));
+                assert!((got[i] - want).abs() < 1e-6, "{f:?} {i}: {got:?} vs {want}");
+            }
+        }
+        let alpha_one = LossArgs {
+            f_divergence_type: FDivergence::AlphaDivergence,
+            f_alpha_divergence_coef: 1.0,
+            ..args(LossType::Sigmoid, 0.0)
+        };
+        let kl = args(LossType::Sigmoid, 0.0);
+        assert_eq!(
+            values(&pair_loss(&alpha_one, &lp)),
+            values(&pair_loss(&kl, &lp))
+        );
+        let nca = LossArgs {
+            f_divergence_type: FDivergence::ForwardKl,
+            ..args(LossType::NcaPair, 0.0)
+        };
+        let e = nca.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--f-divergence-type other than reverse_kl"),
+            "{e}"
+        );
     }
 }

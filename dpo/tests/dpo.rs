@@ -171,24 +171,29 @@ fn parity_data(dir: &Path) -> PathBuf {
 fn eval_matches_transformers_for_every_loss_type() {
     let f = fixture();
     let data = parity_data(&f.root);
+    let kl = "reverse_kl";
     let configs = [
-        ("sigmoid", "0.0", "0.0"),
-        ("hinge", "0.0", "0.0"),
-        ("ipo", "0.0", "0.0"),
-        ("robust", "0.2", "0.0"),
-        ("sigmoid", "0.0", "0.5"),
-        ("exo_pair", "0.001", "0.0"),
-        ("nca_pair", "0.0", "0.0"),
-        ("bco_pair", "0.0", "0.0"),
-        ("sppo_hard", "0.0", "0.0"),
-        ("apo_zero", "0.0", "0.0"),
-        ("apo_down", "0.0", "0.0"),
-        ("discopop", "0.0", "0.0"),
-        ("sigmoid_norm", "0.0", "0.0"),
+        ("sigmoid", "0.0", "0.0", kl),
+        ("hinge", "0.0", "0.0", kl),
+        ("ipo", "0.0", "0.0", kl),
+        ("robust", "0.2", "0.0", kl),
+        ("sigmoid", "0.0", "0.5", kl),
+        ("exo_pair", "0.001", "0.0", kl),
+        ("nca_pair", "0.0", "0.0", kl),
+        ("bco_pair", "0.0", "0.0", kl),
+        ("sppo_hard", "0.0", "0.0", kl),
+        ("apo_zero", "0.0", "0.0", kl),
+        ("apo_down", "0.0", "0.0", kl),
+        ("discopop", "0.0", "0.0", kl),
+        ("sigmoid_norm", "0.0", "0.0", kl),
+        // f-DPO (α-divergence at TRL's default α 0.5).
+        ("sigmoid", "0.0", "0.0", "forward_kl"),
+        ("ipo", "0.0", "0.0", "js_divergence"),
+        ("hinge", "0.0", "0.0", "alpha_divergence"),
     ];
     let as_json: Vec<Value> = configs
         .iter()
-        .map(|(t, e, a)| json!([t, e.parse::<f64>().unwrap(), a.parse::<f64>().unwrap()]))
+        .map(|(t, e, a, f)| json!([t, e.parse::<f64>().unwrap(), a.parse::<f64>().unwrap(), f]))
         .collect();
     let (policy, reference) = (f.moved.to_str().unwrap(), f.model.to_str().unwrap());
     let expected = run_python(
@@ -207,10 +212,12 @@ fn eval_matches_transformers_for_every_loss_type() {
             &Value::from(as_json).to_string(),
         ],
     );
-    for ((loss_type, smoothing, rpo), expected) in
+    for ((loss_type, smoothing, rpo, divergence), expected) in
         configs.iter().zip(expected["configs"].as_array().unwrap())
     {
-        let rows_path = f.root.join(format!("parity-{loss_type}-{rpo}.jsonl"));
+        let rows_path = f
+            .root
+            .join(format!("parity-{loss_type}-{rpo}-{divergence}.jsonl"));
         let summary = ok(&dpo(
             &[
                 "eval",
@@ -232,6 +239,8 @@ fn eval_matches_transformers_for_every_loss_type() {
                 smoothing,
                 "--rpo-alpha",
                 rpo,
+                "--f-divergence-type",
+                divergence,
             ],
             &[],
         ));

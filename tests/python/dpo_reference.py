@@ -3,8 +3,9 @@
     dpo_reference.py perturb --model DIR --out DIR [--seed S --scale X]
         a copy of DIR whose weights have seeded Gaussian noise added (a reference that differs)
     dpo_reference.py compute --policy DIR --ref DIR --data FILE --beta B
-                             --configs '[["sigmoid", 0.0, 0.0], ["robust", 0.2, 0.0], ...]'
-        for each (loss type, label smoothing, RPO α): per-pair sequence log-probs and losses,
+                             --configs '[["sigmoid", 0.0, 0.0], ["robust", 0.2, 0.0, "js_divergence"], ...]'
+        for each (loss type, label smoothing, RPO α[, f-divergence[, its α]]): per-pair
+        sequence log-probs and losses,
         and the metrics; one JSON document {"configs": [{"pairs": [...], "metrics": {...}}]}
 
 Tokenization follows TRL 1.16's DPOTrainer (`_prepare_dataset`): text rows get the EOS appended
@@ -66,15 +67,30 @@ def score(model, prompt_ids, completion_ids):
     return ((lp * mask).sum().item(), (logits.mean(-1) * mask).sum().item(), mask.sum().item())
 
 
-def loss_of(kind, beta, eps, c, r, rc, rr, nc, nr):
-    delta = (c - rc) - (r - rr)
+def f_score(fdiv, alpha, rho):
+    """TRL 1.16's f-divergence scores of a log-ratio (f-DPO)."""
+    if fdiv == "reverse_kl" or (fdiv == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return rho
+    if fdiv == "forward_kl":
+        return 1 - math.exp(-rho)
+    if fdiv == "js_divergence":
+        return math.log(2) + F.logsigmoid(torch.tensor(rho, dtype=torch.float64)).item()
+    if fdiv == "alpha_divergence":
+        return (math.exp(min((alpha - 1.0) * rho, 80.0)) - 1.0) / (alpha - 1.0)
+    raise ValueError(fdiv)
+
+
+def loss_of(kind, beta, eps, c, r, rc, rr, nc, nr, fdiv="reverse_kl", alpha=0.5):
+    # The difference losses compare scores: the log-ratios themselves under reverse KL.
+    cs, rs = f_score(fdiv, alpha, c - rc), f_score(fdiv, alpha, r - rr)
+    delta = cs - rs
     ls = lambda x: F.logsigmoid(torch.tensor(x, dtype=torch.float64)).item()
     if kind == "sigmoid":
         return -ls(beta * delta)
     if kind == "hinge":
         return max(0.0, 1 - beta * delta)
     if kind == "ipo":
-        d = (c - rc) / max(nc, 1) - (r - rr) / max(nr, 1)
+        d = cs / max(nc, 1) - rs / max(nr, 1)
         return (d - 1 / (2 * beta)) ** 2
     if kind == "robust":
         return (-(1 - eps) * ls(beta * delta) + eps * ls(-beta * delta)) / (1 - 2 * eps)
@@ -98,7 +114,7 @@ def loss_of(kind, beta, eps, c, r, rc, rr, nc, nr):
         m = sig(x / DISCOPOP_TAU)
         return -ls(x) * (1 - m) + math.exp(-x) * m
     if kind == "sigmoid_norm":
-        d = (c - rc) / max(nc, 1) - (r - rr) / max(nr, 1)
+        d = cs / max(nc, 1) - rs / max(nr, 1)
         return -ls(beta * d)
     raise ValueError(kind)
 
@@ -117,14 +133,14 @@ def compute(a):
             p, c, r = tokenize(tok, prompt, chosen, rejected)
             scored.append((p, c, r, score(policy, p, c), score(policy, p, r), score(ref, p, c)[0],
                            score(ref, p, r)[0]))
-    configs = [metrics(a.beta, *config, scored) for config in json.loads(a.configs)]
+    configs = [metrics(a.beta, *config[:3], scored, *config[3:]) for config in json.loads(a.configs)]
     print(json.dumps({"configs": configs}))
 
 
-def metrics(beta, loss_type, eps, rpo_alpha, scored):
+def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.5):
     out = []
     for p, c, r, (lc, gc, tc), (lr, gr, tr), rc, rr in scored:
-        loss = loss_of(loss_type, beta, eps, lc, lr, rc, rr, len(c), len(r))
+        loss = loss_of(loss_type, beta, eps, lc, lr, rc, rr, len(c), len(r), fdiv, alpha)
         out.append(dict(ids=[p, c, r], logps_chosen=lc, logps_rejected=lr, ref_logps_chosen=rc,
                         ref_logps_rejected=rr, loss=loss, logit_sums=[gc, gr], tokens=[tc, tr]))
     n = len(out)
