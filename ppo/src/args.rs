@@ -151,7 +151,8 @@ pub struct TrainArgs {
     /// Whiten the per-token rewards over the batch before GAE.
     #[arg(long)]
     pub whiten_rewards: bool,
-    /// Initial KL coefficient β.
+    /// Initial KL coefficient β. At 0 (TRL's GRPO default) no reference model is loaded
+    /// or run, and no KL is measured.
     #[arg(long, default_value_t = 0.05)]
     pub kl_coef: f64,
     /// Per-token KL estimator: k1 (log π − log π_ref) or k3.
@@ -358,6 +359,10 @@ impl TrainArgs {
             (
                 self.kl_target.is_none_or(|t| t > 0.0),
                 "--kl-target must be > 0",
+            ),
+            (
+                self.kl_target.is_none() || self.kl_coef > 0.0,
+                "--kl-target needs --kl-coef > 0 (β adapts by factors: from 0 it stays 0)",
             ),
             (self.kl_horizon > 0.0, "--kl-horizon must be > 0"),
             (

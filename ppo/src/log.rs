@@ -32,7 +32,6 @@ pub(crate) fn iteration_scalars(
     let eos = ro.ended_with_eos.iter().filter(|&&e| e).count() as f64;
     let non_score = mean(per_sequence_mean(&it.non_score));
     let mut scalars = vec![
-        ("objective/kl", it.mean_kl),
         (
             "objective/entropy",
             mean(per_sequence_mean(&(&ro.entropy * &ro.mask))),
@@ -88,6 +87,9 @@ pub(crate) fn iteration_scalars(
         ),
         ("reward", it.mean_score),
     ]);
+    if let Some(kl) = it.mean_kl {
+        scalars.insert(0, ("objective/kl", kl));
+    }
     if it.stats.kl_loss != 0.0 {
         scalars.push(("loss/kl_avg", mean(it.stats.kl_loss)));
     }

@@ -77,10 +77,21 @@ pub fn response_values(
         .to_kind(Kind::Float)
 }
 
+/// Where the rollout's reference log-probs come from.
+#[derive(Clone, Copy)]
+pub enum RefModel<'a> {
+    /// A frozen copy of the starting policy.
+    Frozen(&'a Model),
+    /// The policy with its adapters switched off (a fresh LoRA or soft prompt).
+    AdapterOff,
+    /// None is held (`--kl-coef 0`: the KL penalty weighs nothing): the reference
+    /// log-probs are the policy's, every KL estimate exactly 0.
+    NotHeld,
+}
+
 pub struct RolloutModels<'a> {
     pub policy: &'a Model,
-    /// The frozen reference; `None`: the policy with its adapters switched off.
-    pub reference: Option<&'a Model>,
+    pub reference: RefModel<'a>,
     pub critic: Option<&'a Model>,
     pub rewards: &'a [RewardSource<'a>],
     pub tokenizer: &'a Tokenizer,
@@ -222,8 +233,9 @@ fn score_tokens(
             .remove(0)
     };
     let ref_logprobs = match models.reference {
-        Some(model) => reference(model),
-        None => without_adapters(|| reference(models.policy)),
+        RefModel::Frozen(model) => reference(model),
+        RefModel::AdapterOff => without_adapters(|| reference(models.policy)),
+        RefModel::NotHeld => logprobs.shallow_clone(),
     };
     let values = models.critic.map(|critic| {
         in_blocks(&|ids, mask| vec![response_values(critic, ids, mask, prompt_len)]).remove(0)

@@ -27,7 +27,7 @@ use crate::math::{advantages, kl_per_token, rewards, Advantages, KlController};
 use crate::reward_fn::{
     row_answer, ExactAnswer, RewardCommand, RewardFunction, RewardModel, RewardSource,
 };
-use crate::rollout::{rollout, Rollout, RolloutModels, RolloutOptions};
+use crate::rollout::{rollout, RefModel, Rollout, RolloutModels, RolloutOptions};
 use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
 use data::formats::PromptFields;
 
@@ -43,7 +43,8 @@ pub struct TrainSummary {
     pub steps: u64,
     pub first_score: f64,
     pub last_score: f64,
-    pub kl: f64,
+    /// The last iteration's KL to the reference (`None` with `--kl-coef 0`: none held).
+    pub kl: Option<f64>,
     pub kl_coef: f64,
     /// A signal stopped the run (checkpointed; no `final/` yet).
     pub stopped: bool,
@@ -251,8 +252,8 @@ struct Ppo<'a> {
     policy: Trainee,
     /// The value model, when the advantage estimator needs one.
     critic: Option<Trainee>,
-    /// The frozen reference; `None` with LoRA: the policy with its adapter off.
-    reference: Option<Model>,
+    /// The reference: a frozen copy, the policy with its adapter off, or none at all.
+    reference: Reference,
     rewards: &'a [Scorer<'a>],
     prompts: Vec<Vec<i64>>,
     fields: Vec<PromptFields>,
@@ -263,15 +264,26 @@ struct Ppo<'a> {
     eos_ids: Vec<i64>,
 }
 
+/// The reference the KL penalty measures against, as the run holds it.
+enum Reference {
+    /// A frozen copy of the starting policy.
+    Frozen(Box<Model>),
+    /// A fresh adapter on the policy: the policy with it switched off.
+    AdapterOff,
+    /// `--kl-coef 0` (TRL's GRPO default β = 0): the penalty weighs nothing, so no
+    /// reference is loaded or run, and no KL is measured.
+    NotHeld,
+}
+
 /// What one iteration measured, for the log and the summary.
 pub(crate) struct Iteration {
     pub ro: Rollout,
     pub adv: Advantages,
     pub rewards: tch::Tensor,
     pub non_score: tch::Tensor,
-    /// The KL estimate's per-sequence sum averaged over the batch (all ranks), and the
-    /// coefficient β it was weighted with.
-    pub mean_kl: f64,
+    /// The KL estimate's per-sequence sum averaged over the batch (all ranks; `None`
+    /// when no reference is held), and the coefficient β it was weighted with.
+    pub mean_kl: Option<f64>,
     pub beta: f64,
     /// Mean score over the batch (all ranks).
     pub mean_score: f64,
@@ -304,7 +316,7 @@ fn train(
     )
     .context("starting the run")?;
     ppo.resume(&session)?;
-    let (mut first_score, mut last_score, mut last_kl) = (None, f64::NAN, f64::NAN);
+    let (mut first_score, mut last_score, mut last_kl) = (None, f64::NAN, None);
     while !session.done() && session.stop_requested().is_none() {
         let it = match ppo.iteration(&mut session) {
             Ok(it) => it,
@@ -368,10 +380,15 @@ impl<'a> Ppo<'a> {
         // directory's base without its adapter is not, so it gets a frozen copy.
         let fresh_adapter =
             policy.options.has_adapter() && AdapterDir::read(&args.policy)?.is_none();
-        let reference = if fresh_adapter {
-            None
+        let reference = if args.kl_coef == 0.0 {
+            tracing::info!(
+                "--kl-coef 0: no reference model is held or run (the KL penalty weighs nothing); objective/kl is not logged"
+            );
+            Reference::NotHeld
+        } else if fresh_adapter {
+            Reference::AdapterOff
         } else {
-            Some(Model::load(&args.policy, &lm.clone().frozen())?.0)
+            Reference::Frozen(Box::new(Model::load(&args.policy, &lm.clone().frozen())?.0))
         };
         let critic = if args.advantage_estimator().needs_critic() {
             let dir = args.critic_source();
@@ -509,10 +526,14 @@ impl<'a> Ppo<'a> {
         let stats = update(args, (&ro, &adv), learners, world, (step, beta))?;
         let train_time = train_started.elapsed().as_secs_f64();
 
-        let mean_kl = world.mean(per_sequence_mean(&kl));
+        // No KL is measured without a reference (and β = 0 never adapts).
+        let mean_kl = (!matches!(self.reference, Reference::NotHeld))
+            .then(|| world.mean(per_sequence_mean(&kl)));
         let mean_score = world.mean(ro.scores.mean(Kind::Float).double_value(&[]));
         // The controller's horizon counts samples of the whole (global) rollout batch.
-        self.kl_ctl.update(mean_kl, args.rollout_rows() as f64);
+        if let Some(mean_kl) = mean_kl {
+            self.kl_ctl.update(mean_kl, args.rollout_rows() as f64);
+        }
         let state = PpoState {
             kl_coef: self.kl_ctl.value,
             ptx_sampler: self
@@ -595,7 +616,11 @@ impl<'a> Ppo<'a> {
             .collect();
         let models = RolloutModels {
             policy: &self.policy.model,
-            reference: self.reference.as_ref(),
+            reference: match &self.reference {
+                Reference::Frozen(model) => RefModel::Frozen(model),
+                Reference::AdapterOff => RefModel::AdapterOff,
+                Reference::NotHeld => RefModel::NotHeld,
+            },
             critic,
             rewards: &sources,
             tokenizer: &self.tok,
@@ -767,7 +792,7 @@ mod tests {
             &World::single(),
         )
         .unwrap();
-        assert!(ppo.reference.is_none());
+        assert!(matches!(ppo.reference, Reference::AdapterOff));
         let critic = &ppo.critic.as_ref().unwrap().model;
         // Every embedding the process holds: the policy's and the critic's, once each.
         let embedding = |m: &Model| m.named_tensors()["model.embed_tokens.weight"].data_ptr();

@@ -422,6 +422,30 @@ fn gspo_batch_scaling_delta_and_overlong_filtering() {
     );
 }
 
+/// `--kl-coef 0` (TRL's GRPO default β = 0): no reference is loaded or run and no KL is
+/// logged, and the policy trains as with a β too small to matter (1e-30, where the
+/// reference is held and every KL term computed).
+#[test]
+fn kl_coef_zero_holds_no_reference_and_trains_the_same() {
+    let f = fixture();
+    let (free, tiny) = (f.root.join("run-beta-0"), f.root.join("run-beta-tiny"));
+    let steps = ["--max-steps", "2"];
+    let with = |beta: &'static str| -> Vec<&'static str> {
+        let mut a = steps.to_vec();
+        a.extend(["--kl-coef", beta]);
+        a
+    };
+    let summary = run_with_reward(&args(&free, &with("0")), &TextRule(digit_share)).unwrap();
+    run_with_reward(&args(&tiny, &with("1e-30")), &TextRule(digit_share)).unwrap();
+    assert_eq!(summary.kl, None);
+    for r in metrics(&free) {
+        assert!(r.get("objective/kl").is_none(), "{r}");
+    }
+    assert!(metrics(&tiny)[0]["objective/kl"].as_f64().is_some());
+    let diff = rlhf_tests::max_weight_diff(&free.join("final"), &tiny.join("final"), Head::Lm);
+    assert!(diff < 1e-7, "β = 0 and β = 1e-30 trained apart: {diff:e}");
+}
+
 #[test]
 fn bad_group_options_are_refused_with_one_line() {
     let f = fixture();
@@ -430,12 +454,17 @@ fn bad_group_options_are_refused_with_one_line() {
     let gae = |a: &mut TrainArgs| a.advantage_estimator = "gae".parse().unwrap();
     let high = |a: &mut TrainArgs| a.cliprange_high = Some(0.0);
     let delta = |a: &mut TrainArgs| a.delta = Some(1.0);
+    let target = |a: &mut TrainArgs| {
+        a.kl_coef = 0.0;
+        a.kl_target = Some(1.0);
+    };
     let scale = |a: &mut TrainArgs| {
         a.advantage_estimator = "rloo".parse().unwrap();
         a.scale_rewards = Some("batch".parse().unwrap());
     };
     type Change<'a> = &'a dyn Fn(&mut TrainArgs);
-    let cases: [(Change, &str); 5] = [
+    let cases: [(Change, &str); 6] = [
+        (&target, "--kl-target needs --kl-coef > 0"),
         (&one, "--num-generations must be at least 2"),
         (&gae, "--advantage-estimator gae trains a value model"),
         (&high, "--cliprange-high must be > 0"),
