@@ -8,8 +8,8 @@ use common::cli::{require, AdapterArgs, DecodeArgs, DeviceArgs, MemoryArgs, Opti
 use serde::Serialize;
 
 use crate::math::{
-    AdvantageEstimator, Clip, ImportanceSampling, KlEstimator, LossAggregation, RewardScale,
-    Surrogate,
+    AdvantageEstimator, Clip, ImportanceSampling, KlEstimator, LossAggregation, Objective,
+    RewardScale, Surrogate,
 };
 
 /// `--advantage-estimator`: the names users give; [`TrainArgs::advantage_estimator`] turns
@@ -47,6 +47,19 @@ impl std::fmt::Display for EstimatorName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(Self::ALL.iter().find(|(_, e)| e == self).unwrap().0)
     }
+}
+
+/// `--policy-loss`: the names users give; [`TrainArgs::surrogate`] turns one into the
+/// [`Objective`] with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyLossName {
+    /// PPO's clipped surrogate.
+    Clip,
+    /// CISPO: the importance weight capped at --cliprange-high, no gradient lost.
+    Cispo,
+    /// SAPO: a soft, temperature-controlled gate in place of the clip.
+    Sapo,
 }
 
 /// `--reward-rule`: a reward computed by a rule over the response and the prompt row.
@@ -188,6 +201,19 @@ pub struct TrainArgs {
     /// probability grew. Above 1 (INTELLECT-2 recommends above 1 + --cliprange-high).
     #[arg(long)]
     pub delta: Option<f64>,
+    /// What the policy loss does with the importance weight: clip (PPO's clipped
+    /// surrogate), cispo (MiniMax-M1: the weight capped at --cliprange-high, an absolute
+    /// bound as TRL's epsilon_high for cispo, ScaleRL uses 5; every token keeps its
+    /// gradient) or sapo (a soft gate, --sapo-temperature-pos/-neg). TRL's `loss_type`
+    /// cispo and sapo (whose aggregation is --loss-aggregation here).
+    #[arg(long, value_enum, default_value = "clip")]
+    pub policy_loss: PolicyLossName,
+    /// SAPO's gate temperature for tokens with a positive advantage.
+    #[arg(long, default_value_t = 1.0)]
+    pub sapo_temperature_pos: f64,
+    /// SAPO's gate temperature for the other tokens.
+    #[arg(long, default_value_t = 1.05)]
+    pub sapo_temperature_neg: f64,
     /// The ratio the surrogate clips: token (PPO's, GRPO's) or sequence (GSPO: one
     /// length-normalised likelihood ratio per response; GSPO's paper clips it at
     /// --cliprange 3e-4 --cliprange-high 4e-4).
@@ -300,6 +326,14 @@ impl TrainArgs {
     /// losses are reduced.
     pub fn surrogate(&self) -> Surrogate {
         Surrogate {
+            objective: match self.policy_loss {
+                PolicyLossName::Clip => Objective::Clip,
+                PolicyLossName::Cispo => Objective::Cispo,
+                PolicyLossName::Sapo => Objective::Sapo {
+                    pos: self.sapo_temperature_pos,
+                    neg: self.sapo_temperature_neg,
+                },
+            },
             clip: Clip {
                 low: self.cliprange,
                 high: self.cliprange_high.unwrap_or(self.cliprange),
@@ -401,6 +435,18 @@ impl TrainArgs {
             (
                 self.delta.is_none_or(|d| d > 1.0),
                 "--delta must be > 1 (it caps the policy ratio from above)",
+            ),
+            (
+                self.delta.is_none() || self.policy_loss == PolicyLossName::Clip,
+                "--delta applies to --policy-loss clip",
+            ),
+            (
+                self.policy_loss != PolicyLossName::Cispo || self.cliprange_high.is_some(),
+                "--policy-loss cispo caps the importance weight at --cliprange-high: give it (ScaleRL uses 5)",
+            ),
+            (
+                self.sapo_temperature_pos > 0.0 && self.sapo_temperature_neg > 0.0,
+                "--sapo-temperature-pos and --sapo-temperature-neg must be > 0",
             ),
             (
                 self.scale_rewards.is_none()

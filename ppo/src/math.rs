@@ -478,9 +478,26 @@ impl std::fmt::Display for ImportanceSampling {
     }
 }
 
-/// How the clipped surrogate objective is formed and reduced to one number.
+/// What the policy's per-token loss does with the importance weight `w` (`--policy-loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Objective {
+    /// PPO's clipped surrogate `max(−A·w, −A·clip(w, 1−low, 1+high))`.
+    #[default]
+    Clip,
+    /// CISPO (MiniMax-M1): `−sg(min(w, high))·A·log π` — the weight itself is capped
+    /// (at `--cliprange-high`, an absolute bound here as in TRL; ScaleRL uses 5) and no
+    /// token loses its gradient.
+    Cispo,
+    /// SAPO (Gao et al. 2025): a soft gate instead of the clip, `−(4/τ)·σ(τ·(w − 1))·A`,
+    /// τ = `pos` for positive advantages and `neg` otherwise; its gradient at w = 1 is the
+    /// policy gradient's.
+    Sapo { pos: f64, neg: f64 },
+}
+
+/// How the policy's surrogate objective is formed and reduced to one number.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Surrogate {
+    pub objective: Objective,
     pub clip: Clip,
     pub level: ImportanceSampling,
     pub aggregation: LossAggregation,
@@ -492,6 +509,7 @@ impl Surrogate {
     /// PPO's: per-token ratios clipped to `clip`, the mean over tokens.
     pub fn ppo(clip: Clip) -> Self {
         Surrogate {
+            objective: Objective::Clip,
             clip,
             level: ImportanceSampling::Token,
             aggregation: LossAggregation::TokenMean,
@@ -500,10 +518,12 @@ impl Surrogate {
     }
 }
 
-/// The clipped surrogate `max(−A·ρ, −A·clip(ρ, 1−low, 1+high))` per token (`ρ` capped at
-/// `delta` in the first term when set), aggregated as `surrogate` says. `approxkl`, the
-/// ratio's mean and its largest deviation are the per-token ones whatever the level (they
-/// check the rollout's log-probs); the clip fraction is of what was clipped.
+/// The policy's per-token loss under `surrogate.objective` — by default the clipped
+/// surrogate `max(−A·w, −A·clip(w, 1−low, 1+high))` (`w` capped at `delta` in the first
+/// term when set) — aggregated as `surrogate` says. `approxkl`, the ratio's mean and its
+/// largest deviation are the per-token ones whatever the level (they check the rollout's
+/// log-probs); the clip fractions are of what was clipped (CISPO: capped; SAPO clips
+/// nothing).
 pub fn policy_loss(
     logprobs: &Tensor,
     old_logprobs: &Tensor,
@@ -512,6 +532,7 @@ pub fn policy_loss(
     surrogate: &Surrogate,
 ) -> PolicyLoss {
     let Surrogate {
+        objective,
         clip,
         level,
         aggregation,
@@ -529,23 +550,46 @@ pub fn policy_loss(
         }
     };
     let weight = log_weight.exp();
-    let capped = match clip.delta {
-        Some(delta) => weight.clamp_max(delta),
-        None => weight.shallow_clone(),
+    let fraction = |t: &Tensor| masked_mean(&t.to_kind(Kind::Float), mask).double_value(&[]);
+    let positive = advantages.gt(0.0);
+    // Per token: the loss, and which tokens were clipped (all, low side, high side).
+    let (per_token, clipfrac, clip_low, clip_high) = match objective {
+        Objective::Clip => {
+            let capped = match clip.delta {
+                Some(delta) => weight.clamp_max(delta),
+                None => weight.shallow_clone(),
+            };
+            let unclipped = -advantages * capped;
+            let clipped = -advantages * weight.clamp(1.0 - clip.low, 1.0 + clip.high);
+            let low = weight.lt(1.0 - clip.low).logical_and(&advantages.lt(0.0));
+            let high = weight.gt(1.0 + clip.high).logical_and(&positive);
+            (
+                unclipped.maximum(&clipped),
+                fraction(&clipped.gt_tensor(&unclipped)),
+                fraction(&low),
+                fraction(&high),
+            )
+        }
+        Objective::Cispo => {
+            let capped = weight.clamp_max(clip.high).detach();
+            let high = fraction(&weight.gt(clip.high).logical_and(&positive));
+            (-(capped * advantages * logprobs), high, 0.0, high)
+        }
+        Objective::Sapo { pos, neg } => {
+            let tau = positive.to_kind(weight.kind()).multiply_scalar(pos - neg) + neg;
+            let gate = (&tau * (&weight - 1.0)).sigmoid() * 4.0 / &tau;
+            (-(gate * advantages), 0.0, 0.0, 0.0)
+        }
     };
-    let unclipped = -advantages * capped;
-    let clipped = -advantages * weight.clamp(1.0 - clip.low, 1.0 + clip.high);
-    let loss = aggregation.aggregate(&unclipped.maximum(&clipped), mask, norm);
+    let loss = aggregation.aggregate(&per_token, mask, norm);
     let d = log_ratio.detach();
     let ratio = d.exp();
     let mask_b = mask.to_kind(Kind::Bool);
-    let fraction = |t: &Tensor| masked_mean(&t.to_kind(Kind::Float), mask).double_value(&[]);
     PolicyLoss {
         loss,
-        clipfrac: masked_mean(&clipped.gt_tensor(&unclipped).to_kind(Kind::Float), mask)
-            .double_value(&[]),
-        clip_low: fraction(&weight.lt(1.0 - clip.low).logical_and(&advantages.lt(0.0))),
-        clip_high: fraction(&weight.gt(1.0 + clip.high).logical_and(&advantages.gt(0.0))),
+        clipfrac,
+        clip_low,
+        clip_high,
         approxkl: 0.5 * masked_mean(&d.square(), mask).double_value(&[]),
         ratio_mean: masked_mean(&ratio, mask).double_value(&[]),
         // (0 with no token: every response of a micro-batch may be masked out.)
@@ -1034,6 +1078,88 @@ mod tests {
             ImportanceSampling::Sequence
         );
         assert!("tokens".parse::<ImportanceSampling>().is_err());
+    }
+
+    /// CISPO's gradient is the policy gradient weighted by the capped, detached weight:
+    /// `−min(w, cap)·A/N` on each token's log-prob — tokens past the cap keep theirs; SAPO's
+    /// soft gate gives the plain policy gradient at w = 1 and shrinks it away from 1.
+    #[test]
+    fn cispo_and_sapo_match_their_formulas() {
+        let lp = [-0.5f32, -1.0, -2.0, -0.3];
+        let old = [-1.0f32, -1.0, -1.2, -0.3];
+        let adv = [1.0f32, -1.0, 2.0, -0.5];
+        let mask = [1f32, 1.0, 1.0, 0.0];
+        let run = |objective, cap: f64| {
+            let logprobs = t(&[&lp]).set_requires_grad(true);
+            let surrogate = Surrogate {
+                objective,
+                clip: Clip {
+                    high: cap,
+                    ..Clip::symmetric(0.2)
+                },
+                ..Surrogate::ppo(Clip::symmetric(0.2))
+            };
+            let out = policy_loss(
+                &logprobs,
+                &t(&[&old]),
+                &t(&[&adv]),
+                &t(&[&mask]),
+                &surrogate,
+            );
+            out.loss.backward();
+            let grad = to_vec(&logprobs.grad())[0].clone();
+            (out, grad)
+        };
+        // CISPO with the cap at 1.5: token 0's weight e^0.5 ≈ 1.65 is capped.
+        let (out, grad) = run(Objective::Cispo, 1.5);
+        let (mut loss, n) = (0f32, 3.0f32);
+        for i in 0..4 {
+            let w = (lp[i] - old[i]).exp().min(1.5);
+            assert!(
+                (grad[i] - (-w * adv[i] / n) * mask[i]).abs() < 1e-6,
+                "cispo {i}: {grad:?}"
+            );
+            loss += -w * adv[i] * lp[i] * mask[i];
+        }
+        assert!((out.loss.double_value(&[]) as f32 - loss / n).abs() < 1e-6);
+        assert!((out.clip_high - 1.0 / 3.0).abs() < 1e-6 && out.clip_low == 0.0);
+        // SAPO at temperatures 1 (A > 0) and 1.05.
+        let (out, grad) = run(
+            Objective::Sapo {
+                pos: 1.0,
+                neg: 1.05,
+            },
+            0.2,
+        );
+        let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let mut loss = 0f32;
+        for i in 0..4 {
+            let tau = if adv[i] > 0.0 { 1.0 } else { 1.05 };
+            let w = (lp[i] - old[i]).exp();
+            let s = sigmoid(tau * (w - 1.0));
+            loss += -(4.0 / tau) * s * adv[i] * mask[i];
+            // d/dlp of −(4/τ)σ(τ(w−1))·A = −4σ(1−σ)·w·A
+            let want = -4.0 * s * (1.0 - s) * w * adv[i] / n * mask[i];
+            assert!((grad[i] - want).abs() < 1e-6, "sapo {i}: {grad:?}");
+        }
+        assert!((out.loss.double_value(&[]) as f32 - loss / n).abs() < 1e-6);
+        assert_eq!(out.clipfrac, 0.0);
+        // On-policy (w = 1), SAPO's gradient is the policy gradient's −A/N.
+        let logprobs = t(&[&old]).set_requires_grad(true);
+        let sapo = Surrogate {
+            objective: Objective::Sapo {
+                pos: 1.0,
+                neg: 1.05,
+            },
+            ..Surrogate::ppo(Clip::symmetric(0.2))
+        };
+        policy_loss(&logprobs, &t(&[&old]), &t(&[&adv]), &t(&[&mask]), &sapo)
+            .loss
+            .backward();
+        let grad = to_vec(&logprobs.grad())[0].clone();
+        for i in 0..4 {
+            assert!((grad[i] - (-adv[i] / n) * mask[i]).abs() < 1e-6, "{grad:?}");
+        }
     }
 
     /// `delta` caps the unclipped ratio: a negative advantage on a token whose probability

@@ -422,6 +422,43 @@ fn gspo_batch_scaling_delta_and_overlong_filtering() {
     );
 }
 
+/// `--policy-loss cispo` (weight capped at 5, ScaleRL's) and `sapo` run end to end: the
+/// first minibatch is on-policy, CISPO's cap binds on no token at ratios this close to 1,
+/// and the policy moves.
+#[test]
+fn cispo_and_sapo_train() {
+    let f = fixture();
+    for (name, extra) in [
+        ("cispo", ["--policy-loss", "cispo", "--cliprange-high", "5"]),
+        (
+            "sapo",
+            ["--policy-loss", "sapo", "--sapo-temperature-neg", "1.05"],
+        ),
+    ] {
+        let out = f.root.join(format!("run-{name}"));
+        let mut a = extra.to_vec();
+        a.extend(["--max-steps", "2"]);
+        run_with_reward(&args(&out, &a), &TextRule(digit_share)).unwrap();
+        for r in metrics(&out) {
+            assert!(
+                r["policy/first_ratio_max_dev"].as_f64().unwrap() < 1e-5,
+                "{name}: {r}"
+            );
+            assert_eq!(
+                r["clip_ratio/region_mean"].as_f64(),
+                Some(0.0),
+                "{name}: {r}"
+            );
+            assert!(
+                r["loss/policy_avg"].as_f64().unwrap().is_finite(),
+                "{name}: {r}"
+            );
+        }
+        let moved = rlhf_tests::max_weight_diff(&f.policy, &out.join("final"), Head::Lm);
+        assert!(moved > 1e-5, "{name}: the policy did not move");
+    }
+}
+
 /// `--kl-coef 0` (TRL's GRPO default β = 0): no reference is loaded or run and no KL is
 /// logged, and the policy trains as with a β too small to matter (1e-30, where the
 /// reference is held and every KL term computed).
@@ -454,6 +491,7 @@ fn bad_group_options_are_refused_with_one_line() {
     let gae = |a: &mut TrainArgs| a.advantage_estimator = "gae".parse().unwrap();
     let high = |a: &mut TrainArgs| a.cliprange_high = Some(0.0);
     let delta = |a: &mut TrainArgs| a.delta = Some(1.0);
+    let cispo = |a: &mut TrainArgs| a.policy_loss = ppo::args::PolicyLossName::Cispo;
     let target = |a: &mut TrainArgs| {
         a.kl_coef = 0.0;
         a.kl_target = Some(1.0);
@@ -463,7 +501,11 @@ fn bad_group_options_are_refused_with_one_line() {
         a.scale_rewards = Some("batch".parse().unwrap());
     };
     type Change<'a> = &'a dyn Fn(&mut TrainArgs);
-    let cases: [(Change, &str); 6] = [
+    let cases: [(Change, &str); 7] = [
+        (
+            &cispo,
+            "--policy-loss cispo caps the importance weight at --cliprange-high",
+        ),
         (&target, "--kl-target needs --kl-coef > 0"),
         (&one, "--num-generations must be at least 2"),
         (&gae, "--advantage-estimator gae trains a value model"),
