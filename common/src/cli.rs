@@ -397,6 +397,43 @@ impl MemoryArgs {
     }
 }
 
+/// TR-DPO's reference updates (`--sync-ref-model`, TRL's `sync_ref_model`), for the stages
+/// that hold a frozen reference (`dpo train`, `ppo train`).
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct SyncRefArgs {
+    /// Move the frozen reference towards the policy every --ref-model-sync-steps steps:
+    /// reference ← α·policy + (1 − α)·reference (TR-DPO, Gorbatovski et al. 2024). The
+    /// moved reference is saved in each checkpoint, so --resume continues with it.
+    #[arg(long)]
+    pub sync_ref_model: bool,
+    /// α of --sync-ref-model.
+    #[arg(long, default_value_t = 0.6)]
+    pub ref_model_mixup_alpha: f64,
+    /// Steps between the reference's updates (--sync-ref-model).
+    #[arg(long, default_value_t = 512)]
+    pub ref_model_sync_steps: u64,
+}
+
+impl SyncRefArgs {
+    pub fn validate(&self) -> Result<()> {
+        require(&[
+            (
+                self.ref_model_mixup_alpha > 0.0 && self.ref_model_mixup_alpha <= 1.0,
+                "--ref-model-mixup-alpha must be in (0, 1]",
+            ),
+            (
+                self.ref_model_sync_steps > 0,
+                "--ref-model-sync-steps must be at least 1",
+            ),
+        ])
+    }
+
+    /// Whether the reference moves after step `step` (1-based, as logged).
+    pub fn due(&self, step: u64) -> bool {
+        self.sync_ref_model && step % self.ref_model_sync_steps == 0
+    }
+}
+
 /// `--prompt-tuning-init`: PEFT's RANDOM, SAMPLE_VOCAB and TEXT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -23,6 +23,7 @@ pub mod run_dir;
 pub mod schedule;
 pub mod scoring;
 pub mod shim;
+pub mod sync_ref;
 pub mod train;
 pub mod trainee;
 pub mod world;

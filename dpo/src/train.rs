@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::cli::{AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, TrainDataArgs};
+use common::cli::{
+    AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, SyncRefArgs, TrainDataArgs,
+};
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
 use data::pairs::{prepare, PairLimits, PreparedPairs};
@@ -48,6 +50,9 @@ pub struct TrainArgs {
     /// and reused on --resume), so the reference is not held during training.
     #[arg(long)]
     pub precompute_ref_logprobs: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub sync: SyncRefArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
@@ -189,8 +194,19 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.run.validate()?;
     args.adapter.validate()?;
     args.loss.validate()?;
+    args.sync.validate()?;
+    common::cli::require(&[(
+        !(args.sync.sync_ref_model && args.precompute_ref_logprobs),
+        "--sync-ref-model moves the reference, whose log-probs --precompute-ref-logprobs computes once: use one of them",
+    )])?;
     let world = args.run.world()?;
     let (policy, reference, inputs) = read_inputs(args, &world)?;
+    if args.sync.sync_ref_model {
+        match &reference {
+            Reference::Model(m) => common::sync_ref::check(m, &policy)?,
+            _ => anyhow::bail!("--sync-ref-model needs a reference copy to move: with a fresh LoRA or prompt-tuning adapter the reference is the policy with its adapter off (TRL refuses it with PEFT too)"),
+        }
+    }
     let total_steps = args.data.total_steps(
         inputs.train.pairs.len(),
         args.run.epochs,
@@ -220,6 +236,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     } else {
         (reference, None)
     };
+    if let (Reference::Model(m), Some(dir)) = (&train_ref, &session.resumed_from) {
+        if common::sync_ref::restore(m, dir)? {
+            tracing::info!("--sync-ref-model: the reference resumes as it had moved");
+        }
+    }
     let lengths = inputs.train.pairs.iter().map(|p| p.len()).collect();
     let mut sampler = args.data.sampler(lengths, args.run.seed);
     sampler.restore(session.state.sampler);
@@ -240,6 +261,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             pad_id,
         };
         let mut scalars = train_step(&mut session, &mut trainee, data, args)?;
+        let step = session.state.step;
+        if let (Reference::Model(m), true) = (&train_ref, args.sync.due(step)) {
+            common::sync_ref::mix(m, &trainee.model, args.sync.ref_model_mixup_alpha);
+        }
         let eval_due = args.data.eval_due(session.state.step, session.at_end());
         if let Some(eval) = inputs.eval.as_ref().filter(|_| eval_due) {
             let reference = eval_ref.as_ref().unwrap_or(&train_ref);
@@ -258,7 +283,17 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         session.log(session.state.step, &refs)?;
         if session.checkpoint_due() {
-            session.save(&[&trainee], |_| Ok(()))?;
+            // A reference that has moved is part of the run's state.
+            let moved = match &train_ref {
+                Reference::Model(m) if args.sync.sync_ref_model => {
+                    (step >= args.sync.ref_model_sync_steps).then_some(m)
+                }
+                _ => None,
+            };
+            session.save(&[&trainee], |dir| match moved {
+                Some(m) => Ok(common::sync_ref::save(m, dir)?),
+                None => Ok(()),
+            })?;
         }
     }
     let stopped = session.stop_requested().is_some();

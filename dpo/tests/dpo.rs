@@ -457,12 +457,14 @@ fn learns_the_preferred_style() {
 }
 
 /// A run killed mid-step resumes to the weights of an uninterrupted run (1e-6), with the
-/// reference held and with its log-probs precomputed (read back from the run).
+/// reference held, with its log-probs precomputed (read back from the run), and with the
+/// reference moved towards the policy at step 2 (`--sync-ref-model`, read back from the
+/// step-2 checkpoint; the moved reference changes the weights).
 #[test]
 fn killed_run_resumes_to_the_same_weights() {
     let f = fixture();
-    for precompute in [false, true] {
-        let tag = if precompute { "pre" } else { "held" };
+    for tag in ["held", "pre", "sync"] {
+        let precompute = tag == "pre";
         let mut args = vec![
             "--max-steps",
             "4",
@@ -476,6 +478,15 @@ fn killed_run_resumes_to_the_same_weights() {
         if precompute {
             args.push("--precompute-ref-logprobs");
         }
+        if tag == "sync" {
+            args.extend([
+                "--sync-ref-model",
+                "--ref-model-sync-steps",
+                "2",
+                "--ref-model-mixup-alpha",
+                "0.5",
+            ]);
+        }
         let full = f.root.join(format!("full-{tag}"));
         ok(&train(&full, &args, &[]));
         let out = f.root.join(format!("killed-{tag}"));
@@ -487,7 +498,12 @@ fn killed_run_resumes_to_the_same_weights() {
         let diff = max_weight_diff(&full.join("final"), &out.join("final"), Head::Lm);
         assert!(diff < 1e-6, "{tag}: resumed weights differ by {diff:e}");
         assert_eq!(out.join("ref_logps.json").exists(), precompute);
+        let moved = out.join("checkpoints/step-000002/ref_model.safetensors");
+        assert_eq!(moved.exists(), tag == "sync");
     }
+    let held = f.root.join("full-held/final");
+    let diff = max_weight_diff(&held, &f.root.join("full-sync/final"), Head::Lm);
+    assert!(diff > 1e-6, "the moved reference changed nothing");
 }
 
 /// Bad options and data: exit ≠ 0, one line naming the option or the file and line, no
@@ -500,7 +516,36 @@ fn bad_inputs_are_refused_with_one_line() {
     let out = f.root.join("refused");
     let _ = std::fs::remove_dir_all(&out);
     let m = f.model.to_str().unwrap();
-    let cases: [(Vec<&str>, String); 3] = [
+    let cases: [(Vec<&str>, String); 5] = [
+        (
+            vec![
+                "train",
+                "--model",
+                m,
+                "--data",
+                f.train.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--sync-ref-model",
+                "--precompute-ref-logprobs",
+            ],
+            "--sync-ref-model moves the reference, whose log-probs --precompute-ref-logprobs computes once".into(),
+        ),
+        (
+            vec![
+                "train",
+                "--model",
+                m,
+                "--data",
+                f.train.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--sync-ref-model",
+                "--lora-r",
+                "4",
+            ],
+            "--sync-ref-model needs a reference copy to move".into(),
+        ),
         (
             vec![
                 "train",

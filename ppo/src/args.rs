@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
-use common::cli::{require, AdapterArgs, DecodeArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs};
+use common::cli::{
+    require, AdapterArgs, DecodeArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, SyncRefArgs,
+};
 use serde::Serialize;
 
 use crate::math::{
@@ -284,6 +286,10 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
+    /// TR-DPO's reference updates, as TRL's GRPO has them: every N iterations.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub sync: SyncRefArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub memory: MemoryArgs,
@@ -369,6 +375,7 @@ impl TrainArgs {
 
     pub fn validate(&self) -> Result<()> {
         self.optim.validate()?;
+        self.sync.validate()?;
         self.run.validate()?;
         self.adapter.validate()?;
         require(&[

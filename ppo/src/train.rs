@@ -380,6 +380,10 @@ impl<'a> Ppo<'a> {
         // directory's base without its adapter is not, so it gets a frozen copy.
         let fresh_adapter =
             policy.options.has_adapter() && AdapterDir::read(&args.policy)?.is_none();
+        anyhow::ensure!(
+            !args.sync.sync_ref_model || (args.kl_coef > 0.0 && !fresh_adapter),
+            "--sync-ref-model needs a reference copy to move: not with --kl-coef 0 (none is held) nor with a fresh LoRA or prompt-tuning adapter (the reference is the policy with its adapter off)"
+        );
         let reference = if args.kl_coef == 0.0 {
             tracing::info!(
                 "--kl-coef 0: no reference model is held or run (the KL penalty weighs nothing); objective/kl is not logged"
@@ -472,6 +476,11 @@ impl<'a> Ppo<'a> {
         if let (Some(ema), Some(dir)) = (&self.ema, &session.resumed_from) {
             common::checkpoint::load_file(&ema.vars(), &dir.join("ema.safetensors"))?;
         }
+        if let (Reference::Frozen(m), Some(dir)) = (&self.reference, &session.resumed_from) {
+            if common::sync_ref::restore(m, dir)? {
+                tracing::info!("--sync-ref-model: the reference resumes as it had moved");
+            }
+        }
         Ok(())
     }
 
@@ -545,6 +554,9 @@ impl<'a> Ppo<'a> {
         session.state.extra = serde_json::to_value(&state)?;
         let loss = stats.policy_loss + args.vf_coef * stats.value_loss;
         session.finish_step(&stats.outcome, loss, self.sampler.position())?;
+        if let (Reference::Frozen(m), true) = (&self.reference, args.sync.due(step + 1)) {
+            common::sync_ref::mix(m, &self.policy.model, args.sync.ref_model_mixup_alpha);
+        }
         Ok(Iteration {
             ro,
             adv,
@@ -649,9 +661,22 @@ impl<'a> Ppo<'a> {
             .chain(self.critic.as_ref())
             .collect();
         let ema = &self.ema;
-        session.save(&trainees, |dir| match ema {
-            Some(e) => common::checkpoint::save_file(&e.weights, &dir.join("ema.safetensors")),
-            None => Ok(()),
+        // A reference that has moved (--sync-ref-model) is part of the run's state.
+        let sync = &self.args.sync;
+        let moved = match &self.reference {
+            Reference::Frozen(m) if sync.sync_ref_model => {
+                (session.state.step >= sync.ref_model_sync_steps).then_some(m)
+            }
+            _ => None,
+        };
+        session.save(&trainees, |dir| {
+            if let Some(e) = ema {
+                common::checkpoint::save_file(&e.weights, &dir.join("ema.safetensors"))?;
+            }
+            if let Some(m) = moved {
+                common::sync_ref::save(m, dir)?;
+            }
+            Ok(())
         })?;
         Ok(())
     }

@@ -262,29 +262,45 @@ fn a_reward_program_failing_on_one_rank_stops_every_rank_resumably() {
 #[test]
 fn killed_grpo_run_resumes_to_the_same_weights() {
     let f = fixture();
-    let extra = ["--max-steps", "4", "--save-every", "2"];
-    let straight = f.root.join("run-grpo-straight");
-    run_with_reward(&args(&straight, &extra), &TextRule(digit_share)).unwrap();
-    let killed = f.root.join("run-grpo-killed");
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_killed_grpo_run",
-            "--nocapture",
-            "--include-ignored",
-        ])
-        .env("GRPO_CHILD_OUT", &killed)
-        .env("RLHF_CRASH_AT", "mid-step@5")
-        .status()
-        .unwrap();
-    assert!(!status.success(), "the child was not killed");
-    assert!(!killed.join("final").exists());
-    let mut resumed = extra.to_vec();
-    resumed.push("--resume");
-    run_with_reward(&args(&killed, &resumed), &TextRule(digit_share)).unwrap();
-    let diff =
-        rlhf_tests::max_weight_diff(&straight.join("final"), &killed.join("final"), Head::Lm);
-    assert!(diff < 1e-6, "resumed weights differ by {diff:e}");
+    // Plain, and with the reference moved towards the policy at step 2
+    // (`--sync-ref-model`): the resumed run reads the moved reference from the step-2
+    // checkpoint.
+    let sync = "--sync-ref-model --ref-model-sync-steps 2 --ref-model-mixup-alpha 0.5";
+    for (tag, options) in [("plain", ""), ("sync", sync)] {
+        let mut extra = vec!["--max-steps", "4", "--save-every", "2"];
+        extra.extend(options.split_whitespace());
+        let straight = f.root.join(format!("run-grpo-straight-{tag}"));
+        run_with_reward(&args(&straight, &extra), &TextRule(digit_share)).unwrap();
+        let killed = f.root.join(format!("run-grpo-killed-{tag}"));
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_killed_grpo_run",
+                "--nocapture",
+                "--include-ignored",
+            ])
+            .env("GRPO_CHILD_OUT", &killed)
+            .env("GRPO_CHILD_OPTIONS", options)
+            .env("RLHF_CRASH_AT", "mid-step@5")
+            .status()
+            .unwrap();
+        assert!(!status.success(), "{tag}: the child was not killed");
+        assert!(!killed.join("final").exists());
+        let moved = killed.join("checkpoints/step-000002/ref_model.safetensors");
+        assert_eq!(moved.exists(), tag == "sync");
+        let mut resumed = extra.clone();
+        resumed.push("--resume");
+        run_with_reward(&args(&killed, &resumed), &TextRule(digit_share)).unwrap();
+        let diff =
+            rlhf_tests::max_weight_diff(&straight.join("final"), &killed.join("final"), Head::Lm);
+        assert!(diff < 1e-6, "{tag}: resumed weights differ by {diff:e}");
+    }
+    let (plain, synced) = (
+        f.root.join("run-grpo-straight-plain/final"),
+        f.root.join("run-grpo-straight-sync/final"),
+    );
+    let diff = rlhf_tests::max_weight_diff(&plain, &synced, Head::Lm);
+    assert!(diff > 1e-6, "the moved reference changed nothing");
 }
 
 /// The process `killed_grpo_run_resumes…` starts and kills (ignored on its own).
@@ -294,7 +310,9 @@ fn child_killed_grpo_run() {
     let Some(out) = std::env::var_os("GRPO_CHILD_OUT") else {
         return;
     };
-    let extra = ["--max-steps", "4", "--save-every", "2"];
+    let options = std::env::var("GRPO_CHILD_OPTIONS").unwrap_or_default();
+    let mut extra = vec!["--max-steps", "4", "--save-every", "2"];
+    extra.extend(options.split_whitespace());
     run_with_reward(&args(Path::new(&out), &extra), &TextRule(digit_share)).unwrap();
 }
 
@@ -492,6 +510,11 @@ fn bad_group_options_are_refused_with_one_line() {
     let high = |a: &mut TrainArgs| a.cliprange_high = Some(0.0);
     let delta = |a: &mut TrainArgs| a.delta = Some(1.0);
     let cispo = |a: &mut TrainArgs| a.policy_loss = ppo::args::PolicyLossName::Cispo;
+    let sync = |a: &mut TrainArgs| {
+        a.sync.sync_ref_model = true;
+        a.kl_coef = 0.0;
+        a.reward_rule = Some("exact-answer".parse().unwrap());
+    };
     let target = |a: &mut TrainArgs| {
         a.kl_coef = 0.0;
         a.kl_target = Some(1.0);
@@ -501,7 +524,11 @@ fn bad_group_options_are_refused_with_one_line() {
         a.scale_rewards = Some("batch".parse().unwrap());
     };
     type Change<'a> = &'a dyn Fn(&mut TrainArgs);
-    let cases: [(Change, &str); 7] = [
+    let cases: [(Change, &str); 8] = [
+        (
+            &sync,
+            "--sync-ref-model needs a reference copy to move: not with --kl-coef 0",
+        ),
         (
             &cispo,
             "--policy-loss cispo caps the importance weight at --cliprange-high",
