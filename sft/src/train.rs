@@ -35,6 +35,11 @@ pub struct TrainArgs {
     /// crosses rows. --batch-size then counts packed sequences.
     #[arg(long)]
     pub packing: bool,
+    /// The per-token loss: nll (the negative log-likelihood) or dft (Dynamic Fine-Tuning,
+    /// Wu et al. 2025: each token's NLL weighted by its probability, held constant; TRL's
+    /// `loss_type="dft"`). Evaluation always reports the NLL.
+    #[arg(long, value_enum, default_value = "nll")]
+    pub loss_type: SftLoss,
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
@@ -50,6 +55,26 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub device: DeviceArgs,
+}
+
+/// `--loss-type` of `sft train`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SftLoss {
+    #[default]
+    Nll,
+    Dft,
+}
+
+impl SftLoss {
+    /// The per-token loss of per-token NLLs `nll` (0 off the targets): the NLL itself, or
+    /// DFT's `sg(p)·(−log p)` with `p = e^(−nll)`.
+    pub fn per_token(self, nll: &tch::Tensor) -> tch::Tensor {
+        match self {
+            SftLoss::Nll => nll.shallow_clone(),
+            SftLoss::Dft => nll * (-nll).exp().detach(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -225,12 +250,12 @@ fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> f
 /// Forward and backward over this rank's rows of one step, in micro-batches; the loss is
 /// divided by the target tokens of the whole step on every rank, so it is the same
 /// whatever the split. Returns the step's loss, the tokens seen here, and (with
-/// `row_nll`, for a mixture's per-dataset losses) each row's summed NLL.
+/// `row_nll`, for a mixture's per-dataset losses) each row's summed loss (`loss_type`'s).
 fn accumulate(
     trainee: &Trainee,
     rows: &[&TokenizedSft],
-    batch_size: usize,
-    pad_id: i64,
+    (batch_size, pad_id): (usize, i64),
+    loss_type: SftLoss,
     world: &World,
     row_nll: bool,
 ) -> (f64, i64, Vec<f64>) {
@@ -244,6 +269,7 @@ fn accumulate(
     for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let (nll, _) = token_nll(model, &batch);
+        let nll = loss_type.per_token(&nll);
         if row_nll {
             let sums = nll
                 .detach()
@@ -386,8 +412,8 @@ fn train_step(
     let (loss, tokens, per_row) = accumulate(
         trainee,
         &rows,
-        args.data.batch_size,
-        batch.pad_id,
+        (args.data.batch_size, batch.pad_id),
+        args.loss_type,
         world,
         mixed,
     );
@@ -414,4 +440,29 @@ fn train_step(
     ];
     scalars.extend(per_dataset);
     Ok(scalars)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Tensor;
+
+    /// DFT weighs each token's NLL by its probability (held constant): the value is
+    /// `p·(−log p)`, the gradient `p` times the NLL's; off the targets (NLL 0) both are 0.
+    #[test]
+    fn dft_weighs_each_token_by_its_probability() {
+        let nll = Tensor::from_slice(&[0.1f32, 2.0, 0.0]).set_requires_grad(true);
+        let dft = SftLoss::Dft.per_token(&nll);
+        let v = Vec::<f32>::try_from(&dft.detach()).unwrap();
+        for (i, x) in [0.1f32, 2.0, 0.0].iter().enumerate() {
+            assert!((v[i] - (-x).exp() * x).abs() < 1e-7, "{v:?}");
+        }
+        dft.sum(Kind::Float).backward();
+        let g = Vec::<f32>::try_from(&nll.grad()).unwrap();
+        for (i, x) in [0.1f32, 2.0, 0.0].iter().enumerate() {
+            assert!((g[i] - (-x).exp()).abs() < 1e-7, "{g:?}");
+        }
+        let same = SftLoss::Nll.per_token(&nll.detach());
+        assert!(same.equal(&nll.detach()));
+    }
 }

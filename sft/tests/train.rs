@@ -1028,6 +1028,33 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     assert!(diff < 1e-6, "resumed two-rank weights differ by {diff:e}");
 }
 
+/// `--loss-type dft` (TRL's): each token's NLL weighted by its probability. At step 1 (the
+/// same weights and rows) its loss is below the NLL's, since every p < 1, and the two runs
+/// train different weights.
+#[test]
+fn dft_loss_trains_differently_from_nll() {
+    let f = fixture();
+    let (nll, dft) = (f.root.join("loss-nll"), f.root.join("loss-dft"));
+    ok(&train(&nll, &["--max-steps", "3"], &[]));
+    ok(&train(
+        &dft,
+        &["--max-steps", "3", "--loss-type", "dft"],
+        &[],
+    ));
+    let first = |out: &Path| {
+        read_jsonl(&out.join("metrics.jsonl"))[0]["train/loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let (a, b) = (first(&nll), first(&dft));
+    assert!(
+        b.is_finite() && b > 0.0 && b < a,
+        "step 1: dft {b} vs nll {a}"
+    );
+    let diff = max_weight_diff(&nll.join("final"), &dft.join("final"));
+    assert!(diff > 1e-5, "dft trained the nll weights ({diff:e})");
+}
+
 /// A rank that hangs (stopped with SIGSTOP: alive, holding its connections, doing
 /// nothing) ends the run: the other rank leaves non-zero after --dist-timeout with one line
 /// naming it, and the last checkpoint stays whole. Two processes launched as Slurm or a
