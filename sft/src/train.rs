@@ -40,6 +40,11 @@ pub struct TrainArgs {
     /// `loss_type="dft"`). Evaluation always reports the NLL.
     #[arg(long, value_enum, default_value = "nll")]
     pub loss_type: SftLoss,
+    /// NEFTune (Jain et al. 2023; transformers' `neftune_noise_alpha`, e.g. 5): uniform
+    /// noise in ±α/√(T·H) added to the input embeddings of each training forward (a batch
+    /// of T tokens, hidden size H); evaluation and generation see none.
+    #[arg(long)]
+    pub neftune_noise_alpha: Option<f64>,
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
@@ -96,6 +101,10 @@ impl TrainArgs {
         self.optim.validate()?;
         self.adapter.validate()?;
         common::cli::require(&[
+            (
+                self.neftune_noise_alpha.is_none_or(|a| a > 0.0 && a.is_finite()),
+                "--neftune-noise-alpha must be > 0",
+            ),
             (!(self.packing && self.data.group_by_length), "--group-by-length has nothing to group with --packing (packed sequences are all about --max-length long)"),
             (!(self.packing && self.adapter.prompt_tuning_tokens.is_some()), "--packing with --prompt-tuning-tokens is not supported (the virtual tokens go before one row, not before each packed row)"),
         ])?;
@@ -291,10 +300,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let world = args.run.world()?;
     let (device, kind) = args.device.resolve_for(&world);
     args.run.seed_torch();
-    let opts = args.memory.apply(
-        args.adapter
-            .apply(ModelOptions::new(Head::Lm, device, kind)),
-    );
+    let opts = ModelOptions {
+        neftune_noise_alpha: args.neftune_noise_alpha,
+        ..args.memory.apply(
+            args.adapter
+                .apply(ModelOptions::new(Head::Lm, device, kind)),
+        )
+    };
     let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     if args.packing && model.virtual_tokens() > 0 {
         bail!("--packing: {} is a prompt-tuning adapter, and packing with prompt tuning is not supported (the virtual tokens go before one row, not before each packed row)", args.model.display());

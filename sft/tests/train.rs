@@ -1055,6 +1055,47 @@ fn dft_loss_trains_differently_from_nll() {
     assert!(diff > 1e-5, "dft trained the nll weights ({diff:e})");
 }
 
+/// `--neftune-noise-alpha` (transformers'): the noise changes the training forward (step
+/// 1's loss moves) and comes from the run's generator (a killed run resumes to the
+/// uninterrupted weights, 1e-6). That evaluation sees none is the unit test
+/// `neftune_noise_only_in_training_forwards` (common).
+#[test]
+fn neftune_noise_trains_and_resumes_exactly() {
+    let f = fixture();
+    let noisy = [
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--neftune-noise-alpha",
+        "5",
+    ];
+    let (plain, full, killed) = (
+        f.root.join("neftune-plain"),
+        f.root.join("neftune-full"),
+        f.root.join("neftune-killed"),
+    );
+    ok(&train(&plain, &noisy[..4], &[]));
+    ok(&train(&full, &noisy, &[]));
+    let first = |out: &Path| {
+        read_jsonl(&out.join("metrics.jsonl"))[0]["train/loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let (a, b) = (first(&plain), first(&full));
+    assert!(
+        (a - b).abs() > 1e-6,
+        "step 1 without and with noise: {a} vs {b}"
+    );
+    let out = train(&killed, &noisy, &[("RLHF_CRASH_AT", "mid-step@3")]);
+    assert!(!out.status.success(), "the crash point was not hit");
+    let mut resumed = noisy.to_vec();
+    resumed.push("--resume");
+    ok(&train(&killed, &resumed, &[]));
+    let diff = max_weight_diff(&full.join("final"), &killed.join("final"));
+    assert!(diff < 1e-6, "resumed noisy run differs by {diff:e}");
+}
+
 /// A rank that hangs (stopped with SIGSTOP: alive, holding its connections, doing
 /// nothing) ends the run: the other rank leaves non-zero after --dist-timeout with one line
 /// naming it, and the last checkpoint stays whole. Two processes launched as Slurm or a

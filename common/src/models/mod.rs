@@ -625,7 +625,7 @@ impl Model {
         attention_mask: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let mut x = self.embed(ids);
+        let mut x = self.embed_input(ids);
         let mut mask = attention_mask.shallow_clone();
         let mut virtual_tokens = 0;
         if let Some(prompt) = self.prompt.as_ref().filter(|_| adapter::adapters_enabled()) {
@@ -665,7 +665,7 @@ impl Model {
         assert_eq!(self.virtual_tokens(), 0, "packed rows with prompt tuning");
         let positions = positions_from_segments(segment_ids);
         let masking = self.masking(|w| Masking::packed(segment_ids, w));
-        self.blocks(&self.embed(ids), &positions, masking, None)
+        self.blocks(&self.embed_input(ids), &positions, masking, None)
     }
 
     /// The transformer blocks (and final norm) over embeddings `x`, keeping only the
@@ -692,6 +692,23 @@ impl Model {
             .blocks
             .push(saved);
         h
+    }
+
+    /// The input embeddings of a forward over `ids`: [`Model::embed`] plus NEFTune's noise
+    /// in training forwards when the options ask for it (as transformers' hook on the
+    /// input embedding module adds it: to the token embeddings, after Gemma's scale, before
+    /// GPT-2's positions and any soft prompt).
+    fn embed_input(&self, ids: &Tensor) -> Tensor {
+        let x = self.embed(ids);
+        match self.options.neftune_noise_alpha {
+            Some(alpha) if grad_enabled() => {
+                let size = x.size();
+                let magnitude = alpha / ((size[1] * size[2]) as f64).sqrt();
+                let noise = x.zeros_like().uniform_(-magnitude, magnitude);
+                x + noise
+            }
+            _ => x,
+        }
     }
 
     /// Token embeddings `[B, T, H]` of `ids`.
@@ -1037,6 +1054,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing field `vocab_size`"), "{e}");
+    }
+
+    /// NEFTune: uniform noise of magnitude α/√(T·H) on the input embeddings of training
+    /// forwards only; evaluation (no autograd) sees the plain embeddings.
+    #[test]
+    fn neftune_noise_only_in_training_forwards() {
+        let config = ModelConfig::from_json(tiny_llama(), Path::new("x")).unwrap();
+        let opts = ModelOptions {
+            neftune_noise_alpha: Some(5.0),
+            ..ModelOptions::cpu(Head::Lm)
+        };
+        let model = Model::new(config, &opts);
+        let ids = Tensor::from_slice2(&[[1i64, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]]);
+        let plain = model.embed(&ids);
+        let (t, h) = (6.0, plain.size()[2] as f64);
+        let magnitude = 5.0 / (t * h).sqrt();
+        let noisy = model.embed_input(&ids);
+        let deviation = (&noisy - &plain).abs().max().double_value(&[]);
+        assert!(
+            deviation <= magnitude + 1e-6 && deviation > 0.8 * magnitude,
+            "{deviation} against ±{magnitude}"
+        );
+        let quiet = tch::no_grad(|| model.embed_input(&ids));
+        assert!(quiet.equal(&plain.detach()), "noise without autograd");
     }
 
     #[test]

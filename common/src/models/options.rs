@@ -32,6 +32,10 @@ pub struct ModelOptions {
     /// gradients keeps only each block's input, and [`Model::backward`](super::Model::backward)
     /// recomputes the blocks one at a time.
     pub gradient_checkpointing: bool,
+    /// NEFTune (Jain et al. 2023; transformers' `neftune_noise_alpha`): in training
+    /// forwards (autograd recording), uniform noise in ±α/√(T·H) is added to the input
+    /// embeddings of the `[B, T, H]` batch.
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 impl ModelOptions {
@@ -46,6 +50,7 @@ impl ModelOptions {
             prompt_tuning: None,
             base_model: None,
             gradient_checkpointing: false,
+            neftune_noise_alpha: None,
         }
     }
 
