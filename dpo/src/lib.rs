@@ -68,11 +68,19 @@ impl Reference {
 
     /// The reference's `[2B]` sequence log-probs (chosen rows, then rejected) of `batch`,
     /// whose pairs have the indices `indices`.
-    fn logps(&self, policy: &Model, batch: &PairBatch, indices: &[usize]) -> Tensor {
+    fn logps(
+        &self,
+        policy: &Model,
+        batch: &PairBatch,
+        indices: &[usize],
+        ld_alpha: Option<f64>,
+    ) -> Tensor {
         let _guard = tch::no_grad_guard();
         match self {
-            Reference::Model(m) => score(m, batch, false).logps,
-            Reference::AdapterOff => without_adapters(|| score(policy, batch, false).logps),
+            Reference::Model(m) => score(m, batch, false, ld_alpha).logps,
+            Reference::AdapterOff => {
+                without_adapters(|| score(policy, batch, false, ld_alpha).logps)
+            }
             Reference::Precomputed(values) => {
                 let chosen: Vec<f32> = indices.iter().map(|&i| values[i][0]).collect();
                 let rejected: Vec<f32> = indices.iter().map(|&i| values[i][1]).collect();
@@ -81,20 +89,22 @@ impl Reference {
         }
     }
 
-    /// Every pair's `[chosen, rejected]` log-probs under this reference, computed once.
+    /// Every pair's `[chosen, rejected]` log-probs under this reference, computed once
+    /// (weighted by `ld_alpha` as the run's).
     pub fn precompute(
         &self,
         policy: &Model,
         pairs: &[TokenizedPair],
         (batch_size, pad_id): (usize, i64),
+        ld_alpha: Option<f64>,
     ) -> Vec<[f32; 2]> {
         let mut out = Vec::with_capacity(pairs.len());
         let indices: Vec<usize> = (0..pairs.len()).collect();
         for chunk in indices.chunks(batch_size) {
             let refs: Vec<&TokenizedPair> = chunk.iter().map(|&i| &pairs[i]).collect();
             let batch = collate(&refs, pad_id, policy.device());
-            let lp = Vec::<f32>::try_from(self.logps(policy, &batch, chunk).to_device(Device::Cpu))
-                .expect("f32 log-probs");
+            let lp = self.logps(policy, &batch, chunk, ld_alpha);
+            let lp = Vec::<f32>::try_from(lp.to_device(Device::Cpu)).expect("f32 log-probs");
             let (c, r) = lp.split_at(chunk.len());
             out.extend(c.iter().zip(r).map(|(&c, &r)| [c, r]));
         }
@@ -112,8 +122,11 @@ pub struct StoredRefLogps {
 
 /// A model's sums over each row's completion tokens, `[N]` each.
 struct Scored {
-    /// Σ log π(token) over the completion (with the graph when grad is on).
+    /// Σ log π(token) over the completion (with the graph when grad is on); with
+    /// `--ld-alpha`, the tokens past the pair's shorter completion weigh α.
     logps: Tensor,
+    /// The same sum with every token weighing 1 (RPO's NLL).
+    plain_logps: Tensor,
     /// Σ over the completion of the mean logit over the vocabulary (detached; with
     /// `metrics` only).
     logit_sums: Option<Tensor>,
@@ -121,9 +134,11 @@ struct Scored {
     tokens: Tensor,
 }
 
-/// [`Scored`] of `batch`; `metrics` adds the mean-logit sums (the policy's, for
-/// `logits/*`; the reference needs only its log-probs).
-fn score(model: &Model, batch: &PairBatch, metrics: bool) -> Scored {
+/// [`Scored`] of `batch` (its rows the chosen completions, then the rejected ones);
+/// `metrics` adds the mean-logit sums (the policy's, for `logits/*`; the reference needs
+/// only its log-probs); `ld_alpha` weighs each row's tokens past its pair's shorter
+/// completion (LD-DPO, as TRL 1.16 counts positions: scored completion tokens).
+fn score(model: &Model, batch: &PairBatch, metrics: bool, ld_alpha: Option<f64>) -> Scored {
     let t = batch.input_ids.size()[1];
     let hidden = model
         .hidden(&batch.input_ids, &batch.attention_mask, None)
@@ -138,10 +153,32 @@ fn score(model: &Model, batch: &PairBatch, metrics: bool) -> Scored {
     };
     let out = model.token_outputs(&hidden, &batch.input_ids.narrow(1, 1, t - 1), spec);
     let row_sum = |x: &Tensor| x.sum_dim_intlist([1].as_slice(), false, Kind::Float);
+    let tokens = row_sum(&mask);
+    let weight = match ld_alpha {
+        None => mask.shallow_clone(),
+        Some(alpha) => {
+            let b = tokens.size()[0] / 2;
+            let shared = tokens
+                .narrow(0, 0, b)
+                .minimum(&tokens.narrow(0, b, b))
+                .repeat([2]);
+            let position = mask.cumsum(1, Kind::Float);
+            let tail = position
+                .gt_tensor(&shared.unsqueeze(1))
+                .to_kind(Kind::Float)
+                * &mask;
+            &mask - tail * (1.0 - alpha)
+        }
+    };
+    let plain_logps = row_sum(&(&out.logprobs * &mask));
     Scored {
-        logps: row_sum(&(out.logprobs * &mask)),
+        logps: match ld_alpha {
+            None => plain_logps.shallow_clone(),
+            Some(_) => row_sum(&(&out.logprobs * &weight)),
+        },
+        plain_logps,
         logit_sums: out.mean_logit.map(|m| row_sum(&(m * &mask))),
-        tokens: row_sum(&mask),
+        tokens,
     }
 }
 
@@ -183,9 +220,9 @@ pub fn run_pairs(
     for (micro, last) in micro_batches(pairs, batch_size) {
         let (indices, refs): (Vec<usize>, Vec<&TokenizedPair>) = micro.iter().copied().unzip();
         let batch = collate(&refs, pad_id, policy.device());
-        let ref_logps = reference.logps(policy, &batch, &indices);
+        let ref_logps = reference.logps(policy, &batch, &indices, args.ld_alpha);
         let _guard = backward.is_none().then(tch::no_grad_guard);
-        let scored = score(policy, &batch, true);
+        let scored = score(policy, &batch, true, args.ld_alpha);
         let b = micro.len() as i64;
         let halves = |x: &Tensor| (x.narrow(0, 0, b), x.narrow(0, b, b));
         let (chosen, rejected) = halves(&scored.logps);
@@ -209,7 +246,7 @@ pub fn run_pairs(
         if let Some((totals, trainee)) = backward {
             let mut loss = losses.sum(Kind::Float) / totals.pairs.max(1.0);
             if args.rpo_alpha > 0.0 {
-                let nll = -lp.chosen.sum(Kind::Float);
+                let nll = -scored.plain_logps.narrow(0, 0, b).sum(Kind::Float);
                 loss += nll * (args.rpo_alpha / totals.chosen_tokens.max(1.0));
             }
             trainee.backward(&loss, last);
@@ -222,6 +259,7 @@ pub fn run_pairs(
         s.logits_rejected = total(&logits_r);
         s.tokens_chosen = total(&tokens_c);
         s.tokens_rejected = total(&tokens_r);
+        s.nll_logps_chosen = total(&scored.plain_logps.narrow(0, 0, b).detach());
         stats.add(&s);
         let cpu = |x: &Tensor| {
             Vec::<f64>::try_from(x.detach().to_kind(Kind::Double).to_device(Device::Cpu))

@@ -140,6 +140,12 @@ pub struct LossArgs {
     /// α of alpha_divergence.
     #[arg(long, default_value_t = 0.5)]
     pub f_alpha_divergence_coef: f64,
+    /// LD-DPO (Liu et al. 2024; TRL's `ld_alpha`, in [0, 1]): a sequence's log-prob counts
+    /// the tokens past the shorter response of its pair with weight α (the policy's and
+    /// the reference's alike), so a longer response gains nothing from its length alone.
+    /// Unset: plain sums. RPO's NLL stays unweighted, as TRL's `sft` term.
+    #[arg(long)]
+    pub ld_alpha: Option<f64>,
     /// RPO: add α × the mean NLL of the chosen completions' tokens (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub rpo_alpha: f64,
@@ -176,6 +182,10 @@ impl LossArgs {
             (
                 self.f_alpha_divergence_coef.is_finite(),
                 "--f-alpha-divergence-coef must be a number",
+            ),
+            (
+                self.ld_alpha.is_none_or(|a| (0.0..=1.0).contains(&a)),
+                "--ld-alpha must be in [0, 1]",
             ),
             (self.rpo_alpha >= 0.0, "--rpo-alpha must be ≥ 0"),
         ])?;
@@ -271,6 +281,9 @@ pub struct Stats {
     /// Completion tokens scored (the logits' and RPO's denominators).
     pub tokens_chosen: f64,
     pub tokens_rejected: f64,
+    /// Σ of the chosen completions' log-probs, every token weighing 1 (RPO's NLL; the
+    /// chosen log-probs themselves with --ld-alpha down-weight the tails).
+    pub nll_logps_chosen: f64,
 }
 
 fn sum(t: &Tensor) -> f64 {
@@ -305,6 +318,7 @@ impl Stats {
         self.logits_rejected += o.logits_rejected;
         self.tokens_chosen += o.tokens_chosen;
         self.tokens_rejected += o.tokens_rejected;
+        self.nll_logps_chosen += o.nll_logps_chosen;
     }
 
     /// The same sums over every rank of `world`.
@@ -321,6 +335,7 @@ impl Stats {
             logits_rejected: world.sum(self.logits_rejected),
             tokens_chosen: world.sum(self.tokens_chosen),
             tokens_rejected: world.sum(self.tokens_rejected),
+            nll_logps_chosen: world.sum(self.nll_logps_chosen),
         }
     }
 
@@ -328,7 +343,7 @@ impl Stats {
     pub fn loss(&self, rpo_alpha: f64) -> f64 {
         let mut loss = self.loss_sum / self.pairs.max(1.0);
         if rpo_alpha > 0.0 {
-            loss += rpo_alpha * -self.logps_chosen / self.tokens_chosen.max(1.0);
+            loss += rpo_alpha * -self.nll_logps_chosen / self.tokens_chosen.max(1.0);
         }
         loss
     }
@@ -373,6 +388,7 @@ mod tests {
             discopop_tau: 0.05,
             f_divergence_type: FDivergence::ReverseKl,
             f_alpha_divergence_coef: 0.5,
+            ld_alpha: None,
             rpo_alpha: 0.0,
         }
     }

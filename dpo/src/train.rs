@@ -144,7 +144,7 @@ fn precompute(
     reference: Reference,
     inputs: &Inputs,
     policy: &Model,
-    batch_size: usize,
+    (batch_size, ld_alpha): (usize, Option<f64>),
 ) -> Result<(Reference, Reference)> {
     let path = session.run.root.join(REF_LOGPS);
     let eval_pairs = inputs.eval.as_ref().map_or(&[][..], |e| &e.pairs[..]);
@@ -168,8 +168,8 @@ fn precompute(
         let shape = (batch_size, inputs.tok.pad_id);
         let started = Instant::now();
         let stored = StoredRefLogps {
-            train: reference.precompute(policy, &inputs.train.pairs, shape),
-            eval: reference.precompute(policy, eval_pairs, shape),
+            train: reference.precompute(policy, &inputs.train.pairs, shape, ld_alpha),
+            eval: reference.precompute(policy, eval_pairs, shape, ld_alpha),
         };
         if session.world.is_main() {
             let json = serde_json::to_string(&stored).expect("serialises");
@@ -230,7 +230,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             reference,
             &inputs,
             &trainee.model,
-            args.data.batch_size,
+            (args.data.batch_size, args.loss.ld_alpha),
         )?;
         (t, Some(e))
     } else {

@@ -191,9 +191,29 @@ fn eval_matches_transformers_for_every_loss_type() {
         ("ipo", "0.0", "0.0", "js_divergence"),
         ("hinge", "0.0", "0.0", "alpha_divergence"),
     ];
+    // LD-DPO: the tails past each pair's shorter completion at α 0.3 (with RPO, whose NLL
+    // stays unweighted).
+    let configs: Vec<_> = configs
+        .iter()
+        .map(|&(t, e, a, f)| (t, e, a, f, None))
+        .chain([
+            ("sigmoid", "0.0", "0.5", kl, Some("0.3")),
+            ("ipo", "0.0", "0.0", kl, Some("0.3")),
+        ])
+        .collect();
     let as_json: Vec<Value> = configs
         .iter()
-        .map(|(t, e, a, f)| json!([t, e.parse::<f64>().unwrap(), a.parse::<f64>().unwrap(), f]))
+        .map(|(t, e, a, f, ld)| {
+            let ld = ld.map(|x| x.parse::<f64>().unwrap());
+            json!([
+                t,
+                e.parse::<f64>().unwrap(),
+                a.parse::<f64>().unwrap(),
+                f,
+                0.5,
+                ld
+            ])
+        })
         .collect();
     let (policy, reference) = (f.moved.to_str().unwrap(), f.model.to_str().unwrap());
     let expected = run_python(
@@ -212,12 +232,13 @@ fn eval_matches_transformers_for_every_loss_type() {
             &Value::from(as_json).to_string(),
         ],
     );
-    for ((loss_type, smoothing, rpo, divergence), expected) in
+    for ((loss_type, smoothing, rpo, divergence, ld), expected) in
         configs.iter().zip(expected["configs"].as_array().unwrap())
     {
-        let rows_path = f
-            .root
-            .join(format!("parity-{loss_type}-{rpo}-{divergence}.jsonl"));
+        let rows_path = f.root.join(format!(
+            "parity-{loss_type}-{rpo}-{divergence}-{}.jsonl",
+            ld.unwrap_or("none")
+        ));
         let summary = ok(&dpo(
             &[
                 "eval",
@@ -241,7 +262,10 @@ fn eval_matches_transformers_for_every_loss_type() {
                 rpo,
                 "--f-divergence-type",
                 divergence,
-            ],
+            ]
+            .into_iter()
+            .chain(ld.iter().flat_map(|a| ["--ld-alpha", *a]))
+            .collect::<Vec<_>>(),
             &[],
         ));
         let ours = read_jsonl(&rows_path);

@@ -4,7 +4,7 @@
         a copy of DIR whose weights have seeded Gaussian noise added (a reference that differs)
     dpo_reference.py compute --policy DIR --ref DIR --data FILE --beta B
                              --configs '[["sigmoid", 0.0, 0.0], ["robust", 0.2, 0.0, "js_divergence"], ...]'
-        for each (loss type, label smoothing, RPO α[, f-divergence[, its α]]): per-pair
+        for each (loss type, label smoothing, RPO α[, f-divergence[, its α[, LD-DPO's α]]]): per-pair
         sequence log-probs and losses,
         and the metrics; one JSON document {"configs": [{"pairs": [...], "metrics": {...}}]}
 
@@ -64,7 +64,15 @@ def score(model, prompt_ids, completion_ids):
     mask = torch.tensor([[0] * len(prompt_ids) + [1] * len(completion_ids)])[:, 1:].float()
     logits = model(input_ids=ids).logits[:, :-1].float()
     lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return ((lp * mask).sum().item(), (logits.mean(-1) * mask).sum().item(), mask.sum().item())
+    tokens = lp[mask.bool()].tolist()  # the scored completion tokens' log-probs, in order
+    return ((lp * mask).sum().item(), (logits.mean(-1) * mask).sum().item(), mask.sum().item(), tokens)
+
+
+def ld_sum(tokens, shared, ld):
+    """TRL 1.16's LD-DPO sum: tokens past the pair's shorter completion weigh ld."""
+    if ld is None:
+        return sum(tokens)
+    return sum(tokens[:shared]) + ld * sum(tokens[shared:])
 
 
 def f_score(fdiv, alpha, rho):
@@ -131,24 +139,29 @@ def compute(a):
     for row in rows:
         for prompt, chosen, rejected in pairs_of(row):
             p, c, r = tokenize(tok, prompt, chosen, rejected)
-            scored.append((p, c, r, score(policy, p, c), score(policy, p, r), score(ref, p, c)[0],
-                           score(ref, p, r)[0]))
+            scored.append((p, c, r, score(policy, p, c), score(policy, p, r), score(ref, p, c),
+                           score(ref, p, r)))
     configs = [metrics(a.beta, *config[:3], scored, *config[3:]) for config in json.loads(a.configs)]
     print(json.dumps({"configs": configs}))
 
 
-def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.5):
+def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.5, ld=None):
     out = []
-    for p, c, r, (lc, gc, tc), (lr, gr, tr), rc, rr in scored:
+    for p, c, r, (plain_c, gc, tc, xc), (_, gr, tr, xr), ref_c, ref_r in scored:
+        shared = min(len(xc), len(xr))
+        lc, lr = ld_sum(xc, shared, ld), ld_sum(xr, shared, ld)
+        rc, rr = ld_sum(ref_c[3], shared, ld), ld_sum(ref_r[3], shared, ld)
         loss = loss_of(loss_type, beta, eps, lc, lr, rc, rr, len(c), len(r), fdiv, alpha)
         out.append(dict(ids=[p, c, r], logps_chosen=lc, logps_rejected=lr, ref_logps_chosen=rc,
-                        ref_logps_rejected=rr, loss=loss, logit_sums=[gc, gr], tokens=[tc, tr]))
+                        ref_logps_rejected=rr, loss=loss, logit_sums=[gc, gr], tokens=[tc, tr],
+                        nll_logps_chosen=plain_c))
     n = len(out)
     rc = [beta * (x["logps_chosen"] - x["ref_logps_chosen"]) for x in out]
     rr = [beta * (x["logps_rejected"] - x["ref_logps_rejected"]) for x in out]
     loss = sum(x["loss"] for x in out) / n
     if rpo_alpha > 0:
-        loss += rpo_alpha * -sum(x["logps_chosen"] for x in out) / sum(x["tokens"][0] for x in out)
+        # RPO's NLL (TRL's "sft" term) weighs every token alike, with or without LD-DPO.
+        loss += rpo_alpha * -sum(x["nll_logps_chosen"] for x in out) / sum(x["tokens"][0] for x in out)
     summary = {
         "loss": loss,
         "rewards/chosen": sum(rc) / n,
