@@ -45,6 +45,7 @@ fn graphs_decode_as_eager_does() {
                 temperature,
                 top_k: 0,
                 top_p: 1.0,
+                min_p: 0.0,
                 eos_ids: vec![3],
                 pad_id: 0,
                 seed: 5,

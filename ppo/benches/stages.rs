@@ -517,6 +517,7 @@ impl Bench {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,

@@ -157,6 +157,11 @@ pub struct TrainArgs {
     /// Nucleus sampling mass; 1 keeps all.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Sample among the tokens at least this many times as likely as the most likely one
+    /// (TRL's and transformers' `min_p`); 0 keeps all. The log-probs the loss uses are the
+    /// unfiltered distribution's, as with --top-k and --top-p.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f64,
     /// Subtracted from the score of a response that did not end with EOS.
     #[arg(long)]
     pub missing_eos_penalty: Option<f64>,
@@ -396,6 +401,10 @@ impl TrainArgs {
                 "--top-p must be in (0, 1]",
             ),
             (self.top_k >= 0, "--top-k must be ≥ 0"),
+            (
+                (0.0..=1.0).contains(&self.min_p),
+                "--min-p must be in [0, 1]",
+            ),
             (self.kl_coef >= 0.0, "--kl-coef must be ≥ 0"),
             (
                 self.kl_target.is_none_or(|t| t > 0.0),

@@ -593,6 +593,7 @@ impl<'a> Ppo<'a> {
                 temperature: args.temperature,
                 top_k: args.top_k,
                 top_p: args.top_p,
+                min_p: args.min_p,
                 eos_ids: self.eos_ids.clone(),
                 pad_id: self.tok.pad_id,
                 seed: derived_seed(args.run.seed, step, 1),

@@ -275,6 +275,7 @@ impl Evaluator<'_> {
                 temperature: if g.do_sample { g.temperature } else { 0.0 },
                 top_k,
                 top_p,
+                min_p: 0.0,
                 eos_ids: eos_ids.clone(),
                 pad_id: self.tok.pad_id,
                 seed: self.args.seed.wrapping_add(b as u64),

@@ -119,6 +119,38 @@ fn greedy_generate_matches_transformers() {
     assert_eq!(rows[1]["prompt"][0]["role"], "user");
 }
 
+/// `--min-p 1` keeps only the most likely token: sampling at temperature 1 then gives
+/// `transformers`' greedy completions, whatever the seed.
+#[test]
+fn min_p_one_samples_the_greedy_tokens() {
+    let f = fixture();
+    let out_path = f.root.join("generated-min-p.jsonl");
+    stdout_json(&sft(&[
+        "generate",
+        "--model",
+        f.root.join("model").to_str().unwrap(),
+        "--prompts",
+        f.root.join("prompts.jsonl").to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+        "--temperature",
+        "1",
+        "--min-p",
+        "1",
+        "--seed",
+        "9",
+        "--max-new-tokens",
+        "16",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]));
+    for (i, row) in read_jsonl(&out_path).iter().enumerate() {
+        assert_eq!(row["completion"], f.reference["generate"][i], "prompt {i}");
+    }
+}
+
 #[test]
 fn sampling_is_reproducible_by_seed() {
     let f = fixture();

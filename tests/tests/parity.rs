@@ -161,6 +161,7 @@ fn greedy_generation_matches_transformers() {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,

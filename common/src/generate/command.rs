@@ -38,6 +38,10 @@ pub struct GenerateArgs {
     /// Sample among the most likely tokens holding this much probability; 1 keeps all.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Sample among the tokens at least this many times as likely as the most likely one
+    /// (transformers' `min_p`); 0 keeps all.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f64,
     /// Seed of the sampling; the same seed gives the same completions.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -83,6 +87,10 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
             "--top-p must be in (0, 1]",
         ),
         (args.top_k >= 0, "--top-k must be ≥ 0"),
+        (
+            (0.0..=1.0).contains(&args.min_p),
+            "--min-p must be in [0, 1]",
+        ),
     ])?;
     let (device, kind) = args.device.resolve();
     let prompts = data::read_prompts(&args.prompts)?;
@@ -131,6 +139,7 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
             temperature: args.temperature,
             top_k: args.top_k,
             top_p: args.top_p,
+            min_p: args.min_p,
             eos_ids: eos_ids.clone(),
             pad_id: tok.pad_id,
             // One stream per batch, derived from the seed.

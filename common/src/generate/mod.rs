@@ -30,6 +30,9 @@ pub struct SamplingConfig {
     pub top_k: i64,
     /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 keeps all.
     pub top_p: f64,
+    /// Keep the tokens at least `min_p` times as likely as the most likely one
+    /// (transformers' `min_p`); 0 keeps all.
+    pub min_p: f64,
     /// A row finishes at the first of these.
     pub eos_ids: Vec<i64>,
     /// Written after a row has finished.
@@ -435,7 +438,7 @@ fn sample(logits: &Tensor, cfg: &SamplingConfig, uniforms: &Tensor) -> (Tensor, 
     let logp = (&logits / cfg.temperature).log_softmax(-1, Kind::Float);
     let probs = logp.exp();
     let vocab = probs.size()[1];
-    let filtering = (cfg.top_k > 0 && cfg.top_k < vocab) || cfg.top_p < 1.0;
+    let filtering = (cfg.top_k > 0 && cfg.top_k < vocab) || cfg.top_p < 1.0 || cfg.min_p > 0.0;
     let (probs, order) = if filtering {
         let (sorted, order) = probs.sort(-1, true);
         let mut keep = Tensor::ones_like(&sorted).to_kind(Kind::Bool);
@@ -447,6 +450,12 @@ fn sample(logits: &Tensor, cfg: &SamplingConfig, uniforms: &Tensor) -> (Tensor, 
             // Keep a token while the mass before it is below top_p (the first always stays).
             let before = sorted.cumsum(-1, Kind::Float) - &sorted;
             keep = keep.logical_and(&before.lt(cfg.top_p));
+        }
+        if cfg.min_p > 0.0 {
+            // Relative to the most likely token, which every filter keeps: the order of the
+            // filters does not matter (transformers applies min-p after top-k and top-p).
+            let floor = sorted.narrow(1, 0, 1) * cfg.min_p;
+            keep = keep.logical_and(&sorted.ge_tensor(&floor));
         }
         (sorted * keep.to_kind(Kind::Float), Some(order))
     } else {
@@ -476,6 +485,7 @@ mod tests {
             temperature,
             top_k,
             top_p,
+            min_p: 0.0,
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,
@@ -511,6 +521,21 @@ mod tests {
         // top-p 0.8 keeps 0.7 and 0.2: u = 0.999 of their mass lands on 0.2.
         let (tok, _) = sample(&logits, &cfg(1.0, 0, 0.8), &u);
         assert_eq!(Vec::<i64>::try_from(tok).unwrap(), [2, 1]);
+        // min-p 0.2 keeps what is at least 0.14 likely (0.7 and 0.2), min-p 0.5 only 0.7.
+        for (min_p, last) in [(0.2, 1), (0.5, 2)] {
+            let c = SamplingConfig {
+                min_p,
+                ..cfg(1.0, 0, 1.0)
+            };
+            let (tok, lp) = sample(&logits, &c, &u);
+            assert_eq!(
+                Vec::<i64>::try_from(tok).unwrap(),
+                [2, last],
+                "min-p {min_p}"
+            );
+            // The log-prob is the unfiltered distribution's, as the rollout needs it.
+            assert!((lp.double_value(&[0]) - 0.7f64.ln()).abs() < 1e-5);
+        }
     }
 
     #[test]
