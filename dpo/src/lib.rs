@@ -118,6 +118,9 @@ impl Reference {
 pub struct StoredRefLogps {
     pub train: Vec<[f32; 2]>,
     pub eval: Vec<[f32; 2]>,
+    /// The `--ld-alpha` they were weighted with (absent in files of earlier runs: none).
+    #[serde(default)]
+    pub ld_alpha: Option<f64>,
 }
 
 /// A model's sums over each row's completion tokens, `[N]` each.

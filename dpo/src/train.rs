@@ -162,6 +162,14 @@ fn precompute(
                 eval_pairs.len()
             );
         }
+        if stored.ld_alpha != ld_alpha {
+            bail!(
+                "{}: holds reference log-probs weighted with --ld-alpha {:?}, the run now asks for {:?}: resume with the --ld-alpha the run started with",
+                path.display(),
+                stored.ld_alpha,
+                ld_alpha
+            );
+        }
         tracing::info!("reference log-probs read from {}", path.display());
         stored
     } else {
@@ -170,6 +178,7 @@ fn precompute(
         let stored = StoredRefLogps {
             train: reference.precompute(policy, &inputs.train.pairs, shape, ld_alpha),
             eval: reference.precompute(policy, eval_pairs, shape, ld_alpha),
+            ld_alpha,
         };
         if session.world.is_main() {
             let json = serde_json::to_string(&stored).expect("serialises");

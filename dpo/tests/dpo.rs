@@ -519,6 +519,18 @@ fn killed_run_resumes_to_the_same_weights() {
         assert!(!killed.status.success(), "the crash point was not hit");
         let mut resumed: Vec<&str> = args.clone();
         resumed.push("--resume");
+        if precompute {
+            // The stored log-probs were summed without LD-DPO's weights: a resume that asks
+            // for them is refused, and leaves the run resumable.
+            let mut other = resumed.clone();
+            other.extend(["--ld-alpha", "0.5"]);
+            let refused = train(&out, &other, &[]);
+            let log = String::from_utf8_lossy(&refused.stderr);
+            assert!(
+                !refused.status.success() && log.contains("weighted with --ld-alpha None"),
+                "{log}"
+            );
+        }
         ok(&train(&out, &resumed, &[]));
         let diff = max_weight_diff(&full.join("final"), &out.join("final"), Head::Lm);
         assert!(diff < 1e-6, "{tag}: resumed weights differ by {diff:e}");
