@@ -866,7 +866,7 @@ mod tests {
                 .map(|l| {
                     let how = how.clone();
                     std::thread::spawn(move || {
-                        let comm = l.connect(Duration::from_secs(2)).unwrap();
+                        let comm = l.connect(Duration::from_secs(5)).unwrap();
                         match (l.rank, how.as_str()) {
                             (0, _) => drop(comm.all_gather("sum of 3 Float", &[0])),
                             (_, "hang") => std::thread::sleep(Duration::from_secs(60)),
@@ -883,7 +883,7 @@ mod tests {
         for (how, says) in [
             (
                 "hang",
-                "rank 0: rank 1 did not arrive within --dist-timeout (2 s): hung, or far slower than this rank, at \"sum of 3 Float\" (collective 0)",
+                "rank 0: rank 1 did not arrive within --dist-timeout (5 s): hung, or far slower than this rank, at \"sum of 3 Float\" (collective 0)",
             ),
             (
                 "leave",
