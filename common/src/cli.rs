@@ -432,6 +432,11 @@ impl SyncRefArgs {
     pub fn due(&self, step: u64) -> bool {
         self.sync_ref_model && step % self.ref_model_sync_steps == 0
     }
+
+    /// Whether the reference has moved by step `step`, so a checkpoint must keep it.
+    pub fn has_moved(&self, step: u64) -> bool {
+        self.sync_ref_model && step >= self.ref_model_sync_steps
+    }
 }
 
 /// `--prompt-tuning-init`: PEFT's RANDOM, SAMPLE_VOCAB and TEXT.

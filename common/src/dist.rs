@@ -323,12 +323,11 @@ impl Comm {
         let count = format!("{keys}written");
         self.store.add(&count, 1);
         self.wait_for_all(&count, what, |r| written(&keys, r));
-        let written = count;
         let value = read(&keys);
         let read = format!("{keys}read");
         if self.store.add(&read, 1) == self.size as i64 {
             clean(&keys);
-            self.store.delete(&written);
+            self.store.delete(&count);
             self.store.delete(&read);
         }
         value

@@ -56,6 +56,7 @@ pub fn restore(reference: &Model, dir: &Path) -> Result<bool> {
     }
     let vars: HashMap<String, tch::Tensor> = reference.named_tensors().into_iter().collect();
     checkpoint::load_file(&vars, &path)?;
+    tracing::info!("--sync-ref-model: the reference resumes as it had moved");
     Ok(true)
 }
 

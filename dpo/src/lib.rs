@@ -157,8 +157,9 @@ fn score(model: &Model, batch: &PairBatch, metrics: bool, ld_alpha: Option<f64>)
     let out = model.token_outputs(&hidden, &batch.input_ids.narrow(1, 1, t - 1), spec);
     let row_sum = |x: &Tensor| x.sum_dim_intlist([1].as_slice(), false, Kind::Float);
     let tokens = row_sum(&mask);
-    let weight = match ld_alpha {
-        None => mask.shallow_clone(),
+    let plain_logps = row_sum(&(&out.logprobs * &mask));
+    let logps = match ld_alpha {
+        None => plain_logps.shallow_clone(),
         Some(alpha) => {
             let b = tokens.size()[0] / 2;
             let shared = tokens
@@ -170,15 +171,11 @@ fn score(model: &Model, batch: &PairBatch, metrics: bool, ld_alpha: Option<f64>)
                 .gt_tensor(&shared.unsqueeze(1))
                 .to_kind(Kind::Float)
                 * &mask;
-            &mask - tail * (1.0 - alpha)
+            row_sum(&(&out.logprobs * (&mask - tail * (1.0 - alpha))))
         }
     };
-    let plain_logps = row_sum(&(&out.logprobs * &mask));
     Scored {
-        logps: match ld_alpha {
-            None => plain_logps.shallow_clone(),
-            Some(_) => row_sum(&(&out.logprobs * &weight)),
-        },
+        logps,
         plain_logps,
         logit_sums: out.mean_logit.map(|m| row_sum(&(m * &mask))),
         tokens,
@@ -229,6 +226,7 @@ pub fn run_pairs(
         let b = micro.len() as i64;
         let halves = |x: &Tensor| (x.narrow(0, 0, b), x.narrow(0, b, b));
         let (chosen, rejected) = halves(&scored.logps);
+        let plain_chosen = scored.plain_logps.narrow(0, 0, b);
         let (ref_chosen, ref_rejected) = halves(&ref_logps);
         let lengths = |rejected: bool| {
             let n: Vec<f32> = refs
@@ -249,7 +247,7 @@ pub fn run_pairs(
         if let Some((totals, trainee)) = backward {
             let mut loss = losses.sum(Kind::Float) / totals.pairs.max(1.0);
             if args.rpo_alpha > 0.0 {
-                let nll = -scored.plain_logps.narrow(0, 0, b).sum(Kind::Float);
+                let nll = -plain_chosen.sum(Kind::Float);
                 loss += nll * (args.rpo_alpha / totals.chosen_tokens.max(1.0));
             }
             trainee.backward(&loss, last);
@@ -262,7 +260,7 @@ pub fn run_pairs(
         s.logits_rejected = total(&logits_r);
         s.tokens_chosen = total(&tokens_c);
         s.tokens_rejected = total(&tokens_r);
-        s.nll_logps_chosen = total(&scored.plain_logps.narrow(0, 0, b).detach());
+        s.nll_logps_chosen = total(&plain_chosen.detach());
         stats.add(&s);
         let cpu = |x: &Tensor| {
             Vec::<f64>::try_from(x.detach().to_kind(Kind::Double).to_device(Device::Cpu))

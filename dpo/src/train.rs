@@ -246,9 +246,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         (reference, None)
     };
     if let (Reference::Model(m), Some(dir)) = (&train_ref, &session.resumed_from) {
-        if common::sync_ref::restore(m, dir)? {
-            tracing::info!("--sync-ref-model: the reference resumes as it had moved");
-        }
+        common::sync_ref::restore(m, dir)?;
     }
     let lengths = inputs.train.pairs.iter().map(|p| p.len()).collect();
     let mut sampler = args.data.sampler(lengths, args.run.seed);
@@ -294,9 +292,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         if session.checkpoint_due() {
             // A reference that has moved is part of the run's state.
             let moved = match &train_ref {
-                Reference::Model(m) if args.sync.sync_ref_model => {
-                    (step >= args.sync.ref_model_sync_steps).then_some(m)
-                }
+                Reference::Model(m) if args.sync.has_moved(step) => Some(m),
                 _ => None,
             };
             session.save(&[&trainee], |dir| match moved {

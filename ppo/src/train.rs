@@ -477,9 +477,7 @@ impl<'a> Ppo<'a> {
             common::checkpoint::load_file(&ema.vars(), &dir.join("ema.safetensors"))?;
         }
         if let (Reference::Frozen(m), Some(dir)) = (&self.reference, &session.resumed_from) {
-            if common::sync_ref::restore(m, dir)? {
-                tracing::info!("--sync-ref-model: the reference resumes as it had moved");
-            }
+            common::sync_ref::restore(m, dir)?;
         }
         Ok(())
     }
@@ -663,11 +661,8 @@ impl<'a> Ppo<'a> {
             .collect();
         let ema = &self.ema;
         // A reference that has moved (--sync-ref-model) is part of the run's state.
-        let sync = &self.args.sync;
         let moved = match &self.reference {
-            Reference::Frozen(m) if sync.sync_ref_model => {
-                (session.state.step >= sync.ref_model_sync_steps).then_some(m)
-            }
+            Reference::Frozen(m) if self.args.sync.has_moved(session.state.step) => Some(m),
             _ => None,
         };
         session.save(&trainees, |dir| {
