@@ -553,48 +553,24 @@ fn bad_inputs_are_refused_with_one_line() {
     let out = f.root.join("refused");
     let _ = std::fs::remove_dir_all(&out);
     let m = f.model.to_str().unwrap();
+    // `dpo train` on the good data, with the options `extra`.
+    let train_with = |extra: &[&'static str]| -> Vec<&str> {
+        let mut args = vec!["train", "--model", m, "--data", f.train.to_str().unwrap()];
+        args.extend(["--output-dir", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        args
+    };
     let cases: [(Vec<&str>, String); 5] = [
         (
-            vec![
-                "train",
-                "--model",
-                m,
-                "--data",
-                f.train.to_str().unwrap(),
-                "--output-dir",
-                out.to_str().unwrap(),
-                "--sync-ref-model",
-                "--precompute-ref-logprobs",
-            ],
+            train_with(&["--sync-ref-model", "--precompute-ref-logprobs"]),
             "--sync-ref-model moves the reference, whose log-probs --precompute-ref-logprobs computes once".into(),
         ),
         (
-            vec![
-                "train",
-                "--model",
-                m,
-                "--data",
-                f.train.to_str().unwrap(),
-                "--output-dir",
-                out.to_str().unwrap(),
-                "--sync-ref-model",
-                "--lora-r",
-                "4",
-            ],
+            train_with(&["--sync-ref-model", "--lora-r", "4"]),
             "--sync-ref-model needs a reference copy to move".into(),
         ),
         (
-            vec![
-                "train",
-                "--model",
-                m,
-                "--data",
-                f.train.to_str().unwrap(),
-                "--output-dir",
-                out.to_str().unwrap(),
-                "--label-smoothing",
-                "0.1",
-            ],
+            train_with(&["--label-smoothing", "0.1"]),
             "--label-smoothing applies to --loss-type robust and exo_pair only".into(),
         ),
         (

@@ -87,30 +87,43 @@ fn eval_nll_matches_transformers() {
     assert!((summary["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-3);
 }
 
+/// `sft generate` of the fixture's prompts into `name` with the options `extra`: its summary
+/// and its rows.
+fn generate(name: &str, extra: &[&str]) -> (Value, Vec<Value>) {
+    let f = fixture();
+    let (model, prompts, path) = (
+        f.root.join("model"),
+        f.root.join("prompts.jsonl"),
+        f.root.join(name),
+    );
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--output",
+        path.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    (stdout_json(&sft(&args)), read_jsonl(&path))
+}
+
 #[test]
 fn greedy_generate_matches_transformers() {
     let f = fixture();
-    let out_path = f.root.join("generated.jsonl");
-    let out = sft(&[
-        "generate",
-        "--model",
-        f.root.join("model").to_str().unwrap(),
-        "--prompts",
-        f.root.join("prompts.jsonl").to_str().unwrap(),
-        "--output",
-        out_path.to_str().unwrap(),
+    let options = [
         "--temperature",
         "0",
         "--max-new-tokens",
         "16",
         "--batch-size",
         "2",
-        "--device",
-        "cpu",
-    ]);
-    let summary = stdout_json(&out);
+    ];
+    let (summary, rows) = generate("generated.jsonl", &options);
     assert_eq!(summary["rows"], 3);
-    let rows = read_jsonl(&out_path);
     for (i, row) in rows.iter().enumerate() {
         assert_eq!(row["index"], i);
         assert_eq!(row["completion"], f.reference["generate"][i], "prompt {i}");
@@ -124,15 +137,7 @@ fn greedy_generate_matches_transformers() {
 #[test]
 fn min_p_one_samples_the_greedy_tokens() {
     let f = fixture();
-    let out_path = f.root.join("generated-min-p.jsonl");
-    stdout_json(&sft(&[
-        "generate",
-        "--model",
-        f.root.join("model").to_str().unwrap(),
-        "--prompts",
-        f.root.join("prompts.jsonl").to_str().unwrap(),
-        "--output",
-        out_path.to_str().unwrap(),
+    let options = [
         "--temperature",
         "1",
         "--min-p",
@@ -143,36 +148,17 @@ fn min_p_one_samples_the_greedy_tokens() {
         "16",
         "--batch-size",
         "2",
-        "--device",
-        "cpu",
-    ]));
-    for (i, row) in read_jsonl(&out_path).iter().enumerate() {
+    ];
+    let (_, rows) = generate("generated-min-p.jsonl", &options);
+    for (i, row) in rows.iter().enumerate() {
         assert_eq!(row["completion"], f.reference["generate"][i], "prompt {i}");
     }
 }
 
 #[test]
 fn sampling_is_reproducible_by_seed() {
-    let f = fixture();
-    let run = |seed: &str, name: &str| {
-        let path = f.root.join(name);
-        stdout_json(&sft(&[
-            "generate",
-            "--model",
-            f.root.join("model").to_str().unwrap(),
-            "--prompts",
-            f.root.join("prompts.jsonl").to_str().unwrap(),
-            "--output",
-            path.to_str().unwrap(),
-            "--seed",
-            seed,
-            "--max-new-tokens",
-            "12",
-            "--device",
-            "cpu",
-        ]));
-        read_jsonl(&path)
-    };
+    let run =
+        |seed: &str, name: &str| generate(name, &["--seed", seed, "--max-new-tokens", "12"]).1;
     let (a, b, c) = (
         run("5", "s5a.jsonl"),
         run("5", "s5b.jsonl"),
