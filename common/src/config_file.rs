@@ -110,11 +110,18 @@ fn toml_options(path: &Path, cmd: &clap::Command) -> Result<Vec<(String, Vec<Str
             // A list: the option given once per item (`data = ["a.jsonl", "b.jsonl:2"]`).
             toml::Value::Array(items) if matches!(arg.get_action(), ArgAction::Append) => {
                 for item in items {
-                    let toml::Value::String(text) = item else {
-                        return Err(format!("{at}: key '{key}': expected a list of strings"));
+                    let text = match item {
+                        toml::Value::String(s) => s.clone(),
+                        toml::Value::Integer(i) => i.to_string(),
+                        toml::Value::Float(f) => f.to_string(),
+                        _ => {
+                            return Err(format!(
+                                "{at}: key '{key}': expected a list of strings or numbers"
+                            ))
+                        }
                     };
                     args.push(format!("--{long}"));
-                    args.push(text.clone());
+                    args.push(text);
                 }
                 options.push((long, args));
                 continue;
@@ -170,6 +177,8 @@ mod tests {
             resume: bool,
             #[arg(long)]
             data: Vec<String>,
+            #[arg(long, value_delimiter = ',')]
+            weights: Vec<f64>,
             #[arg(long)]
             config: Option<PathBuf>,
         },
@@ -215,7 +224,7 @@ mod tests {
         );
     }
 
-    /// A list option: a TOML string or list; on the command line, repeated flags add up
+    /// A list option: a TOML string or list (of strings or numbers); on the command line, repeated flags add up
     /// and replace the file's list.
     #[test]
     fn lists_come_from_the_file_unless_the_line_gives_them() {
@@ -232,8 +241,15 @@ mod tests {
             ),
             ["c", "d"]
         );
-        let e = run("model = 'm'\ndata = [1]", &[]).unwrap_err();
-        assert!(e.contains("key 'data': expected a list of strings"), "{e}");
+        // Numbers too (`config.toml` writes `loss_weights = [1.0, 0.5]`).
+        let Cmd::Train { weights, .. } = run("model = 'm'\nweights = [1.0, 0.5]", &[]).unwrap().cmd;
+        assert_eq!(weights, [1.0, 0.5]);
+        assert_eq!(data("model = 'm'\ndata = [1]", &[]), ["1"]);
+        let e = run("model = 'm'\ndata = [true]", &[]).unwrap_err();
+        assert!(
+            e.contains("key 'data': expected a list of strings or numbers"),
+            "{e}"
+        );
     }
 
     #[test]

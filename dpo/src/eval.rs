@@ -99,7 +99,7 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
     let mut summary = serde_json::Map::new();
     summary.insert("pairs".into(), json!(results.len()));
     summary.insert("dropped".into(), json!(prepared.dropped));
-    for (k, v) in stats.named(args.loss.rpo_alpha) {
+    for (k, v) in stats.named(args.loss.nll_weight()) {
         summary.insert(k.into(), json!(v));
     }
     Ok(Value::Object(summary))

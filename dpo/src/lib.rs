@@ -21,7 +21,7 @@ use data::pairs::{collate, PairBatch, TokenizedPair};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use loss::{pair_loss, LossArgs, PairLogps, Stats};
+use loss::{pair_loss, wpo_weights, LossArgs, PairLogps, Stats};
 
 /// Where the frozen reference's log-probs come from.
 pub enum Reference {
@@ -77,9 +77,9 @@ impl Reference {
     ) -> Tensor {
         let _guard = tch::no_grad_guard();
         match self {
-            Reference::Model(m) => score(m, batch, false, ld_alpha).logps,
+            Reference::Model(m) => score(m, batch, (false, false), ld_alpha).logps,
             Reference::AdapterOff => {
-                without_adapters(|| score(policy, batch, false, ld_alpha).logps)
+                without_adapters(|| score(policy, batch, (false, false), ld_alpha).logps)
             }
             Reference::Precomputed(values) => {
                 let chosen: Vec<f32> = indices.iter().map(|&i| values[i][0]).collect();
@@ -135,13 +135,20 @@ struct Scored {
     logit_sums: Option<Tensor>,
     /// Completion tokens that are scored (the first token of a sequence is not).
     tokens: Tensor,
+    /// Σ over the completion of log π(token) − log Σ_v π(v)² (detached; WPO's weights).
+    aligned_sums: Option<Tensor>,
 }
 
 /// [`Scored`] of `batch` (its rows the chosen completions, then the rejected ones);
 /// `metrics` adds the mean-logit sums (the policy's, for `logits/*`; the reference needs
-/// only its log-probs); `ld_alpha` weighs each row's tokens past its pair's shorter
+/// only its log-probs) and `wpo` the aligned log-prob sums of WPO's weights; `ld_alpha` weighs each row's tokens past its pair's shorter
 /// completion (LD-DPO, as TRL 1.16 counts positions: scored completion tokens).
-fn score(model: &Model, batch: &PairBatch, metrics: bool, ld_alpha: Option<f64>) -> Scored {
+fn score(
+    model: &Model,
+    batch: &PairBatch,
+    (metrics, wpo): (bool, bool),
+    ld_alpha: Option<f64>,
+) -> Scored {
     let t = batch.input_ids.size()[1];
     let hidden = model
         .hidden(&batch.input_ids, &batch.attention_mask, None)
@@ -152,6 +159,7 @@ fn score(model: &Model, batch: &PairBatch, metrics: bool, ld_alpha: Option<f64>)
         .to_kind(Kind::Float);
     let spec = TokenSpec {
         mean_logit: metrics,
+        log_sum_sq_probs: wpo,
         ..TokenSpec::default()
     };
     let out = model.token_outputs(&hidden, &batch.input_ids.narrow(1, 1, t - 1), spec);
@@ -178,6 +186,9 @@ fn score(model: &Model, batch: &PairBatch, metrics: bool, ld_alpha: Option<f64>)
         logps,
         plain_logps,
         logit_sums: out.mean_logit.map(|m| row_sum(&(m * &mask))),
+        aligned_sums: out
+            .log_sum_sq_probs
+            .map(|sq| row_sum(&((out.logprobs.detach() - sq) * &mask))),
         tokens,
     }
 }
@@ -222,7 +233,7 @@ pub fn run_pairs(
         let batch = collate(&refs, pad_id, policy.device());
         let ref_logps = reference.logps(policy, &batch, &indices, args.ld_alpha);
         let _guard = backward.is_none().then(tch::no_grad_guard);
-        let scored = score(policy, &batch, true, args.ld_alpha);
+        let scored = score(policy, &batch, (true, args.use_weighting), args.ld_alpha);
         let b = micro.len() as i64;
         let halves = |x: &Tensor| (x.narrow(0, 0, b), x.narrow(0, b, b));
         let (chosen, rejected) = halves(&scored.logps);
@@ -243,12 +254,17 @@ pub fn run_pairs(
             chosen_tokens: lengths(false),
             rejected_tokens: lengths(true),
         };
-        let losses = pair_loss(args, &lp);
+        let mut losses = pair_loss(args, &lp);
+        if let Some(sums) = &scored.aligned_sums {
+            let ((sc, sr), (nc, nr)) = (halves(sums), halves(&scored.tokens));
+            losses *= wpo_weights((&sc, &sr), (&nc, &nr));
+        }
         if let Some((totals, trainee)) = backward {
             let mut loss = losses.sum(Kind::Float) / totals.pairs.max(1.0);
-            if args.rpo_alpha > 0.0 {
+            let nll_weight = args.nll_weight();
+            if nll_weight != 0.0 {
                 let nll = -plain_chosen.sum(Kind::Float);
-                loss += nll * (args.rpo_alpha / totals.chosen_tokens.max(1.0));
+                loss += nll * (nll_weight / totals.chosen_tokens.max(1.0));
             }
             trainee.backward(&loss, last);
         }

@@ -22,10 +22,14 @@
 //! With `--f-divergence-type` (f-DPO) the losses on Δ (and Δ') compare scores f(ρ) in
 //! place of the log-ratios (see [`FDivergence`]).
 //!
-//! RPO adds α times the mean NLL of the chosen completions' tokens (TRL 1.16:
-//! `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, α]`). TRL's `aot` and `aot_unpaired`
-//! sort the pairs of a device's batch, which ties the loss to how a step is split into
-//! micro-batches and ranks; they are not offered.
+//! Several losses may be summed with weights (TRL 1.16's list-valued `loss_type` with
+//! `loss_weights`, e.g. MPO's `sigmoid,bco_pair,sft` with `0.8,0.2,1`). `sft` is the mean
+//! NLL of the chosen completions' tokens: RPO's term (`--rpo-alpha α` is `sigmoid,sft` with
+//! weights `1,α`). With `--use-weighting` (WPO) each pair's loss is multiplied by the
+//! policy's length-normalised probabilities of its two responses, see [`wpo_weights`].
+//!
+//! TRL's `aot` and `aot_unpaired` sort the pairs of a device's batch, which ties the loss
+//! to how a step is split into micro-batches and ranks; they are not offered.
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -54,6 +58,8 @@ pub enum LossType {
     Discopop,
     #[value(name = "sigmoid_norm", alias = "sigmoid-norm")]
     SigmoidNorm,
+    /// The chosen completions' mean token NLL (not a pair loss).
+    Sft,
 }
 
 impl LossType {
@@ -63,7 +69,8 @@ impl LossType {
     }
 
     /// Whether the loss is built on the chosen−rejected score difference, the only losses
-    /// an f-divergence other than the reverse KL generalises (TRL 1.16's list).
+    /// an f-divergence other than the reverse KL generalises (TRL 1.16's list, which
+    /// includes `sft`).
     fn takes_f_divergence(self) -> bool {
         !matches!(
             self,
@@ -118,11 +125,19 @@ pub struct LossArgs {
     /// β: the strength of the implicit KL constraint (IPO's τ).
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
-    /// The pairwise loss, as TRL 1.16 defines it: sigmoid (DPO), ipo, hinge, robust,
-    /// exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop or
-    /// sigmoid_norm.
-    #[arg(long, default_value = "sigmoid")]
-    pub loss_type: LossType,
+    /// The loss, as TRL 1.16 defines it: sigmoid (DPO), ipo, hinge, robust, exo_pair,
+    /// nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm or sft
+    /// (the chosen tokens' NLL); a comma list sums several, weighted by --loss-weights.
+    #[arg(long, value_delimiter = ',', default_value = "sigmoid")]
+    pub loss_type: Vec<LossType>,
+    /// One weight per --loss-type entry (TRL's `loss_weights`; default 1 each).
+    #[arg(long, value_delimiter = ',')]
+    pub loss_weights: Vec<f64>,
+    /// WPO (Zhou et al. 2024; TRL's `use_weighting`): weigh each pair's loss by
+    /// exp(mean over its tokens of log π(y_t) − log Σ_v π(v)²) of the chosen response times
+    /// that of the rejected one, from the policy (no gradient through the weights).
+    #[arg(long)]
+    pub use_weighting: bool,
     /// ε, the assumed share of flipped labels (robust, in [0, 0.5), and exo_pair, in
     /// (0, 0.5): EXO recommends 1e-3; as in TRL 1.16, the other losses do not use it).
     #[arg(long, default_value_t = 0.0)]
@@ -152,14 +167,51 @@ pub struct LossArgs {
 }
 
 impl LossArgs {
+    fn weights(&self) -> Vec<f64> {
+        if self.loss_weights.is_empty() {
+            vec![1.0; self.loss_type.len()]
+        } else {
+            self.loss_weights.clone()
+        }
+    }
+
+    /// The pair losses of --loss-type (every entry but `sft`) with their weights.
+    pub fn pair_terms(&self) -> Vec<(LossType, f64)> {
+        self.loss_type
+            .iter()
+            .copied()
+            .zip(self.weights())
+            .filter(|&(t, _)| t != LossType::Sft)
+            .collect()
+    }
+
+    /// The weight of the chosen tokens' mean NLL: `sft`'s in --loss-type, or --rpo-alpha.
+    pub fn nll_weight(&self) -> f64 {
+        let sft: f64 = (self.loss_type.iter().zip(self.weights()))
+            .filter(|&(&t, _)| t == LossType::Sft)
+            .map(|(_, w)| w)
+            .sum();
+        sft + self.rpo_alpha
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
+        let has = |t: LossType| self.loss_type.contains(&t);
         common::cli::require(&[
             (
                 self.beta > 0.0 && self.beta.is_finite(),
                 "--beta must be > 0",
             ),
+            (!self.loss_type.is_empty(), "--loss-type needs a loss"),
             (
-                self.label_smoothing == 0.0 || self.loss_type.smooths(),
+                self.loss_weights.is_empty() || self.loss_weights.len() == self.loss_type.len(),
+                "--loss-weights needs one weight per --loss-type entry",
+            ),
+            (
+                self.loss_weights.iter().all(|w| w.is_finite()),
+                "--loss-weights must be numbers",
+            ),
+            (
+                self.label_smoothing == 0.0 || self.loss_type.iter().any(|t| t.smooths()),
                 "--label-smoothing applies to --loss-type robust and exo_pair only (TRL 1.16's other losses do not use it)",
             ),
             (
@@ -167,7 +219,7 @@ impl LossArgs {
                 "--label-smoothing must be in [0, 0.5)",
             ),
             (
-                self.loss_type != LossType::ExoPair || self.label_smoothing > 0.0,
+                !has(LossType::ExoPair) || self.label_smoothing > 0.0,
                 "--loss-type exo_pair needs --label-smoothing > 0 (EXO recommends 1e-3)",
             ),
             (
@@ -176,8 +228,8 @@ impl LossArgs {
             ),
             (
                 self.f_divergence_type == FDivergence::ReverseKl
-                    || self.loss_type.takes_f_divergence(),
-                "--f-divergence-type other than reverse_kl needs a loss on the chosen−rejected difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust or discopop), as in TRL 1.16",
+                    || self.loss_type.iter().all(|t| t.takes_f_divergence()),
+                "--f-divergence-type other than reverse_kl needs a loss on the chosen−rejected difference (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop or sft), as in TRL 1.16",
             ),
             (
                 self.f_alpha_divergence_coef.is_finite(),
@@ -188,6 +240,14 @@ impl LossArgs {
                 "--ld-alpha must be in [0, 1]",
             ),
             (self.rpo_alpha >= 0.0, "--rpo-alpha must be ≥ 0"),
+            (
+                self.rpo_alpha == 0.0 || !has(LossType::Sft),
+                "--rpo-alpha and sft in --loss-type are the same term: give its weight once (--loss-weights)",
+            ),
+            (
+                !self.use_weighting || self.nll_weight() == 0.0,
+                "--use-weighting with the NLL term (sft in --loss-type, or --rpo-alpha) is not offered: TRL scales that term by each micro-batch's mean weight, which ties the loss to how a step is split",
+            ),
         ])?;
         Ok(())
     }
@@ -204,8 +264,18 @@ pub struct PairLogps {
     pub rejected_tokens: Tensor,
 }
 
-/// The per-pair loss `[B]` (without RPO's term, which is per token).
+/// The per-pair loss `[B]`: the weighted sum of --loss-type's pair losses (without the
+/// NLL term, which is per token, and without WPO's weights).
 pub fn pair_loss(args: &LossArgs, lp: &PairLogps) -> Tensor {
+    let mut total = lp.chosen.zeros_like();
+    for (loss_type, weight) in args.pair_terms() {
+        total += single_loss(args, loss_type, lp) * weight;
+    }
+    total
+}
+
+/// One pair loss `[B]`.
+fn single_loss(args: &LossArgs, loss_type: LossType, lp: &PairLogps) -> Tensor {
     let chosen_ratio = &lp.chosen - &lp.ref_chosen;
     let rejected_ratio = &lp.rejected - &lp.ref_rejected;
     let beta = args.beta;
@@ -223,7 +293,7 @@ pub fn pair_loss(args: &LossArgs, lp: &PairLogps) -> Tensor {
     };
     let eps = args.label_smoothing;
     let (c, r) = (&chosen_ratio * beta, &rejected_ratio * beta);
-    match args.loss_type {
+    match loss_type {
         LossType::Sigmoid => -(&delta * beta).log_sigmoid(),
         LossType::Hinge => (-(&delta * beta) + 1.0).relu(),
         LossType::Ipo => (per_token() - 1.0 / (2.0 * beta)).square(),
@@ -252,7 +322,18 @@ pub fn pair_loss(args: &LossArgs, lp: &PairLogps) -> Tensor {
             -x.log_sigmoid() * (-&m + 1.0) + (-&x).exp() * m
         }
         LossType::SigmoidNorm => -(per_token() * beta).log_sigmoid(),
+        LossType::Sft => unreachable!("sft is not a pair loss"),
     }
+}
+
+/// WPO's weights `[B]` (Eq. 2 of Zhou et al. 2024, as TRL 1.16 computes them): for each
+/// response, exp of the mean over its completion tokens of log π(y_t) − log Σ_v π(v)², the
+/// token's log-prob aligned by the log-probability that two samples agree; a pair weighs
+/// the product of its chosen and rejected responses' weights. Inputs are per response
+/// `[B]`: the sums over completion tokens of those aligned log-probs and the token counts.
+pub fn wpo_weights(aligned_sums: (&Tensor, &Tensor), tokens: (&Tensor, &Tensor)) -> Tensor {
+    let weight = |sum: &Tensor, n: &Tensor| (sum / n.clamp_min(1.0)).exp();
+    (weight(aligned_sums.0, tokens.0) * weight(aligned_sums.1, tokens.1)).detach()
 }
 
 /// The implicit rewards β·(log π − log π_ref) of the chosen and rejected responses
@@ -339,11 +420,12 @@ impl Stats {
         }
     }
 
-    /// The whole loss: the mean pair loss plus RPO's α × the chosen tokens' mean NLL.
-    pub fn loss(&self, rpo_alpha: f64) -> f64 {
+    /// The whole loss: the mean pair loss plus `nll_weight` (RPO's α, or `sft`'s weight)
+    /// × the chosen tokens' mean NLL.
+    pub fn loss(&self, nll_weight: f64) -> f64 {
         let mut loss = self.loss_sum / self.pairs.max(1.0);
-        if rpo_alpha > 0.0 {
-            loss += rpo_alpha * -self.nll_logps_chosen / self.tokens_chosen.max(1.0);
+        if nll_weight != 0.0 {
+            loss += nll_weight * -self.nll_logps_chosen / self.tokens_chosen.max(1.0);
         }
         loss
     }
@@ -351,10 +433,10 @@ impl Stats {
     /// `(name, value)` with TRL's names: `loss`, `rewards/chosen`, `rewards/rejected`,
     /// `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
     /// `logits/chosen`, `logits/rejected`.
-    pub fn named(&self, rpo_alpha: f64) -> Vec<(&'static str, f64)> {
+    pub fn named(&self, nll_weight: f64) -> Vec<(&'static str, f64)> {
         let n = self.pairs.max(1.0);
         vec![
-            ("loss", self.loss(rpo_alpha)),
+            ("loss", self.loss(nll_weight)),
             ("rewards/chosen", self.rewards_chosen / n),
             ("rewards/rejected", self.rewards_rejected / n),
             ("rewards/accuracies", self.correct / n),
@@ -383,7 +465,9 @@ mod tests {
     fn args(loss_type: LossType, label_smoothing: f64) -> LossArgs {
         LossArgs {
             beta: 0.1,
-            loss_type,
+            loss_type: vec![loss_type],
+            loss_weights: vec![],
+            use_weighting: false,
             label_smoothing,
             discopop_tau: 0.05,
             f_divergence_type: FDivergence::ReverseKl,
@@ -527,6 +611,91 @@ mod tests {
         assert!(args(LossType::ApoZero, 0.1).validate().is_err());
     }
 
+    /// A list of losses is their weighted sum; `sft` is the NLL term's weight (RPO's α),
+    /// not a pair loss; the lists are checked as TRL 1.16 checks them.
+    #[test]
+    fn loss_lists_sum_their_weighted_losses() {
+        let lp = logps(&[-3.0, -6.0], &[-4.5, -2.0], &[-3.5, -5.0], &[-4.0, -2.5]);
+        let one = |t| values(&pair_loss(&args(t, 0.0), &lp));
+        let mpo = LossArgs {
+            loss_type: vec![LossType::Sigmoid, LossType::BcoPair, LossType::Sft],
+            loss_weights: vec![0.8, 0.2, 1.5],
+            ..args(LossType::Sigmoid, 0.0)
+        };
+        mpo.validate().unwrap();
+        let (sig, bco) = (one(LossType::Sigmoid), one(LossType::BcoPair));
+        let got = values(&pair_loss(&mpo, &lp));
+        for i in 0..2 {
+            let want = 0.8 * sig[i] + 0.2 * bco[i];
+            assert!((got[i] - want).abs() < 1e-6, "{i}: {got:?} vs {want}");
+        }
+        assert_eq!(mpo.nll_weight(), 1.5);
+        // Without weights each counts 1; sft alone leaves no pair loss.
+        let unweighted = LossArgs {
+            loss_weights: vec![],
+            ..mpo.clone()
+        };
+        let got = values(&pair_loss(&unweighted, &lp));
+        assert!((got[0] - (sig[0] + bco[0])).abs() < 1e-6);
+        assert_eq!(unweighted.nll_weight(), 1.0);
+        assert_eq!(
+            values(&pair_loss(&args(LossType::Sft, 0.0), &lp)),
+            [0.0, 0.0]
+        );
+        let refused = |a: LossArgs, what: &str| {
+            let e = a.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        refused(
+            LossArgs {
+                loss_weights: vec![1.0],
+                ..mpo.clone()
+            },
+            "--loss-weights needs one weight per --loss-type entry",
+        );
+        refused(
+            LossArgs {
+                rpo_alpha: 0.5,
+                ..mpo.clone()
+            },
+            "--rpo-alpha and sft in --loss-type are the same term",
+        );
+        refused(
+            LossArgs {
+                use_weighting: true,
+                ..mpo.clone()
+            },
+            "--use-weighting with the NLL term",
+        );
+        refused(
+            LossArgs {
+                f_divergence_type: FDivergence::ForwardKl,
+                ..mpo.clone()
+            },
+            "--f-divergence-type other than reverse_kl",
+        );
+        // Smoothing is for robust and exo_pair: fine when the list has one of them.
+        let smoothed = LossArgs {
+            loss_type: vec![LossType::Robust, LossType::Ipo],
+            ..args(LossType::Sigmoid, 0.2)
+        };
+        smoothed.validate().unwrap();
+    }
+
+    /// WPO: each response weighs exp of its mean aligned log-prob, a pair the product.
+    #[test]
+    fn wpo_weights_are_the_product_of_the_length_normalised_probabilities() {
+        let w = wpo_weights(
+            (&t(&[-2.0, -0.9]), &t(&[-1.0, 0.0])),
+            (&t(&[4.0, 3.0]), &t(&[2.0, 0.0])),
+        );
+        let want = [(-0.5f64 + -0.5).exp(), (-0.3f64).exp()];
+        let got = values(&w);
+        for i in 0..2 {
+            assert!((got[i] - want[i]).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+    }
+
     /// TRL's names (`nca_pair`), with the kebab-case spelling of our other options too.
     #[test]
     fn loss_types_parse_under_trl_names() {
@@ -538,6 +707,7 @@ mod tests {
             ("sppo_hard", LossType::SppoHard),
             ("discopop", LossType::Discopop),
             ("sigmoid_norm", LossType::SigmoidNorm),
+            ("sft", LossType::Sft),
         ] {
             assert_eq!(LossType::from_str(name, false), Ok(kind), "{name}");
         }

@@ -282,9 +282,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
                 (args.data.batch_size, pad_id),
                 &args.loss,
             );
-            eval_loss = Some(s.loss(args.loss.rpo_alpha));
+            eval_loss = Some(s.loss(args.loss.nll_weight()));
             eval_accuracy = Some(s.correct / s.pairs.max(1.0));
-            let named = s.named(args.loss.rpo_alpha);
+            let named = s.named(args.loss.nll_weight());
             scalars.extend(named.into_iter().map(|(k, v)| (format!("eval/{k}"), v)));
         }
         let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
@@ -376,7 +376,7 @@ fn train_step(
         Some((totals, trainee)),
     );
     let stats = stats.summed(world);
-    let loss = stats.loss(args.loss.rpo_alpha);
+    let loss = stats.loss(args.loss.nll_weight());
     let outcome = trainee.step(loss);
     let local_tokens: usize = pairs
         .iter()
@@ -385,7 +385,7 @@ fn train_step(
     let tokens = world.sum(local_tokens as f64);
     session.finish_step(&outcome, loss, data.sampler.position())?;
     let mut scalars: Vec<(String, f64)> = stats
-        .named(args.loss.rpo_alpha)
+        .named(args.loss.nll_weight())
         .into_iter()
         .map(|(k, v)| match k {
             "loss" => ("train/loss".to_string(), v),

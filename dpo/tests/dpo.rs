@@ -128,15 +128,28 @@ fn train_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a 
 
 /// Data parallel (issue 19): two torchrun ranks of 4 pairs (two micro-batches of 2, the
 /// gradient exchange overlapped with the second's backward) train the policy one process
-/// trains with 8, with the same losses and gradient norms.
+/// trains with 8, with the same losses and gradient norms. The loss is a weighted list
+/// with WPO's weights, which are per pair, so they too split over micro-batches and ranks.
 #[test]
 fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     let f = fixture();
     let (one, two) = (f.root.join("dp-one"), f.root.join("dp-two"));
-    ok(&train(&one, &["--max-steps", "2"], &[]));
+    let loss = [
+        "--loss-type",
+        "sigmoid,bco_pair",
+        "--loss-weights",
+        "1,0.5",
+        "--use-weighting",
+    ];
+    ok(&train(
+        &one,
+        &[&["--max-steps", "2"][..], &loss].concat(),
+        &[],
+    ));
     let options = [
         &["--max-steps", "2", "--dist-timeout", "120"],
         &rlhf_tests::OVERLAPPED[..],
+        &loss,
     ]
     .concat();
     let exe = env!("CARGO_BIN_EXE_dpo");
@@ -192,26 +205,53 @@ fn eval_matches_transformers_for_every_loss_type() {
         ("hinge", "0.0", "0.0", "alpha_divergence"),
     ];
     // LD-DPO: the tails past each pair's shorter completion at α 0.3 (with RPO, whose NLL
-    // stays unweighted).
+    // stays unweighted). Then TRL's lists of losses with weights (MPO's, with the NLL as
+    // `sft`), and WPO's weights, alone and with a list, label smoothing and LD-DPO.
     let configs: Vec<_> = configs
         .iter()
-        .map(|&(t, e, a, f)| (t, e, a, f, None))
+        .map(|&(t, e, a, f)| (t, e, a, f, None, None, false))
         .chain([
-            ("sigmoid", "0.0", "0.5", kl, Some("0.3")),
-            ("ipo", "0.0", "0.0", kl, Some("0.3")),
+            ("sigmoid", "0.0", "0.5", kl, Some("0.3"), None, false),
+            ("ipo", "0.0", "0.0", kl, Some("0.3"), None, false),
+            (
+                "sigmoid,bco_pair,sft",
+                "0.0",
+                "0.0",
+                kl,
+                None,
+                Some("0.8,0.2,1.0"),
+                false,
+            ),
+            ("sigmoid", "0.0", "0.0", kl, None, None, true),
+            (
+                "robust,ipo",
+                "0.2",
+                "0.0",
+                kl,
+                Some("0.3"),
+                Some("1,0.5"),
+                true,
+            ),
         ])
         .collect();
     let as_json: Vec<Value> = configs
         .iter()
-        .map(|(t, e, a, f, ld)| {
+        .map(|(t, e, a, f, ld, weights, wpo)| {
             let ld = ld.map(|x| x.parse::<f64>().unwrap());
+            let weights = weights.map(|w| {
+                w.split(',')
+                    .map(|x| x.parse::<f64>().unwrap())
+                    .collect::<Vec<_>>()
+            });
             json!([
                 t,
                 e.parse::<f64>().unwrap(),
                 a.parse::<f64>().unwrap(),
                 f,
                 0.5,
-                ld
+                ld,
+                weights,
+                wpo
             ])
         })
         .collect();
@@ -232,12 +272,13 @@ fn eval_matches_transformers_for_every_loss_type() {
             &Value::from(as_json).to_string(),
         ],
     );
-    for ((loss_type, smoothing, rpo, divergence, ld), expected) in
+    for ((loss_type, smoothing, rpo, divergence, ld, weights, wpo), expected) in
         configs.iter().zip(expected["configs"].as_array().unwrap())
     {
         let rows_path = f.root.join(format!(
-            "parity-{loss_type}-{rpo}-{divergence}-{}.jsonl",
-            ld.unwrap_or("none")
+            "parity-{loss_type}-{rpo}-{divergence}-{}-{}-{wpo}.jsonl",
+            ld.unwrap_or("none"),
+            weights.unwrap_or("none")
         ));
         let summary = ok(&dpo(
             &[
@@ -265,6 +306,8 @@ fn eval_matches_transformers_for_every_loss_type() {
             ]
             .into_iter()
             .chain(ld.iter().flat_map(|a| ["--ld-alpha", *a]))
+            .chain(weights.iter().flat_map(|w| ["--loss-weights", *w]))
+            .chain(wpo.then_some("--use-weighting"))
             .collect::<Vec<_>>(),
             &[],
         ));

@@ -4,8 +4,9 @@
         a copy of DIR whose weights have seeded Gaussian noise added (a reference that differs)
     dpo_reference.py compute --policy DIR --ref DIR --data FILE --beta B
                              --configs '[["sigmoid", 0.0, 0.0], ["robust", 0.2, 0.0, "js_divergence"], ...]'
-        for each (loss type, label smoothing, RPO α[, f-divergence[, its α[, LD-DPO's α]]]): per-pair
-        sequence log-probs and losses,
+        for each (loss type, label smoothing, RPO α[, f-divergence[, its α[, LD-DPO's α[, loss
+        weights[, WPO]]]]]]), the loss type a comma list (TRL's list-valued loss_type, "sft" its
+        NLL term) summed with the weights: per-pair sequence log-probs and losses,
         and the metrics; one JSON document {"configs": [{"pairs": [...], "metrics": {...}}]}
 
 Tokenization follows TRL 1.16's DPOTrainer (`_prepare_dataset`): text rows get the EOS appended
@@ -63,9 +64,13 @@ def score(model, prompt_ids, completion_ids):
     ids = torch.tensor([prompt_ids + completion_ids])
     mask = torch.tensor([[0] * len(prompt_ids) + [1] * len(completion_ids)])[:, 1:].float()
     logits = model(input_ids=ids).logits[:, :-1].float()
-    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(logits, -1)
+    lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     tokens = lp[mask.bool()].tolist()  # the scored completion tokens' log-probs, in order
-    return ((lp * mask).sum().item(), (logits.mean(-1) * mask).sum().item(), mask.sum().item(), tokens)
+    # WPO (TRL 1.16, use_weighting): exp of the mean aligned log-prob log p - log sum p^2.
+    aligned = ((lp - torch.logsumexp(2 * logp, -1)) * mask).sum() / mask.sum().clamp(min=1.0)
+    return ((lp * mask).sum().item(), (logits.mean(-1) * mask).sum().item(), mask.sum().item(), tokens,
+            math.exp(aligned.item()))
 
 
 def ld_sum(tokens, shared, ld):
@@ -145,13 +150,21 @@ def compute(a):
     print(json.dumps({"configs": configs}))
 
 
-def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.5, ld=None):
+def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.5, ld=None, weights=None,
+            wpo=False):
+    kinds = loss_type.split(",")
+    weights = weights or [1.0] * len(kinds)
+    # TRL's "sft" entry is RPO's NLL term.
+    rpo_alpha += sum(w for k, w in zip(kinds, weights) if k == "sft")
     out = []
-    for p, c, r, (plain_c, gc, tc, xc), (_, gr, tr, xr), ref_c, ref_r in scored:
+    for p, c, r, (plain_c, gc, tc, xc, wc), (_, gr, tr, xr, wr), ref_c, ref_r in scored:
         shared = min(len(xc), len(xr))
         lc, lr = ld_sum(xc, shared, ld), ld_sum(xr, shared, ld)
         rc, rr = ld_sum(ref_c[3], shared, ld), ld_sum(ref_r[3], shared, ld)
-        loss = loss_of(loss_type, beta, eps, lc, lr, rc, rr, len(c), len(r), fdiv, alpha)
+        loss = sum(w * loss_of(k, beta, eps, lc, lr, rc, rr, len(c), len(r), fdiv, alpha)
+                   for k, w in zip(kinds, weights) if k != "sft")
+        if wpo:
+            loss *= wc * wr
         out.append(dict(ids=[p, c, r], logps_chosen=lc, logps_rejected=lr, ref_logps_chosen=rc,
                         ref_logps_rejected=rr, loss=loss, logit_sums=[gc, gr], tokens=[tc, tr],
                         nll_logps_chosen=plain_c))

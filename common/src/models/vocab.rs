@@ -28,6 +28,9 @@ pub struct TokenSpec {
     pub mean_logit: bool,
     /// Whether the label is the argmax (lm-eval's `is_greedy`).
     pub greedy: bool,
+    /// log Σ_v p(v)², detached: the log of the probability that two draws agree (WPO's
+    /// weights, TRL's `log_sum_sq_probs`).
+    pub log_sum_sq_probs: bool,
 }
 
 impl Default for TokenSpec {
@@ -38,6 +41,7 @@ impl Default for TokenSpec {
             entropy_grad: false,
             mean_logit: false,
             greedy: false,
+            log_sum_sq_probs: false,
         }
     }
 }
@@ -68,6 +72,7 @@ pub struct TokenOutputs {
     pub mean_logit: Option<Tensor>,
     /// `[B, T]` bool: the label is the first argmax of the logits.
     pub greedy: Option<Tensor>,
+    pub log_sum_sq_probs: Option<Tensor>,
 }
 
 /// What a forward with grad keeps for [`backward_head`].
@@ -95,7 +100,7 @@ fn chunked(
     chunk: i64,
 ) -> TokenOutputs {
     let rows = hidden.size()[0];
-    let (mut lp, mut ent, mut mean, mut greedy) = (vec![], vec![], vec![], vec![]);
+    let (mut lp, mut ent, mut mean, mut greedy, mut sq) = (vec![], vec![], vec![], vec![], vec![]);
     for start in (0..rows).step_by(chunk.max(1) as usize) {
         let n = chunk.min(rows - start);
         let logits = head.logits(&hidden.narrow(0, start, n));
@@ -119,6 +124,10 @@ fn chunked(
         if spec.greedy {
             greedy.push(logits.argmax(-1, false).eq_tensor(&labels));
         }
+        if spec.log_sum_sq_probs {
+            let logp = logits.log_softmax(-1, Kind::Float);
+            sq.push((logp * 2.0).logsumexp([-1].as_slice(), false));
+        }
     }
     let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0));
     TokenOutputs {
@@ -126,6 +135,7 @@ fn chunked(
         entropy: cat(ent),
         mean_logit: cat(mean),
         greedy: cat(greedy),
+        log_sum_sq_probs: cat(sq),
     }
 }
 
@@ -148,6 +158,7 @@ pub(crate) fn token_outputs(
         entropy: ent,
         mean_logit: mean,
         greedy,
+        log_sum_sq_probs: sq,
     } = {
         let _guard = with_grad.then(tch::no_grad_guard);
         chunked(&head, &rows.detach(), &flat_labels, spec, chunk)
@@ -159,6 +170,7 @@ pub(crate) fn token_outputs(
             entropy: ent.map(shape),
             mean_logit: mean.map(shape),
             greedy: greedy.map(shape),
+            log_sum_sq_probs: sq.map(shape),
         };
         return (outputs, None);
     }
@@ -187,6 +199,7 @@ pub(crate) fn token_outputs(
         entropy: ent.map(shape),
         mean_logit: mean.map(shape),
         greedy: greedy.map(shape),
+        log_sum_sq_probs: sq.map(shape),
     };
     (outputs, Some(saved))
 }
@@ -212,6 +225,7 @@ pub(crate) fn backward_head(saved: HeadSaved) {
         entropy_grad: ent_grad.is_some(),
         mean_logit: false,
         greedy: false,
+        log_sum_sq_probs: false,
         ..saved.spec
     };
     let mut hidden_grads = vec![];
@@ -265,6 +279,7 @@ mod tests {
             entropy_grad: true,
             mean_logit: true,
             greedy: true,
+            log_sum_sq_probs: true,
         };
         let loss_of =
             |lp: &Tensor, ent: &Tensor| ((lp * &weights - ent * 0.3) * &mask).sum(Kind::Float);
@@ -293,6 +308,9 @@ mod tests {
         close(out.mean_logit.as_ref().unwrap(), &mean, 1e-6);
         let greedy = logits.argmax(-1, false).eq_tensor(&labels);
         assert!(out.greedy.as_ref().unwrap().equal(&greedy));
+        let probs = logits.softmax(-1, Kind::Float);
+        let sum_sq = (&probs * &probs).sum_dim_intlist([-1].as_slice(), false, Kind::Float);
+        close(out.log_sum_sq_probs.as_ref().unwrap(), &sum_sq.log(), 1e-6);
         loss_of(&out.logprobs, out.entropy.as_ref().unwrap()).backward();
         backward_head(saved.expect("grad is on"));
         close(&base.grad(), &g_base, 1e-5);
