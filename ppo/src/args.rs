@@ -237,6 +237,13 @@ pub struct TrainArgs {
     /// the critic still learns from them.
     #[arg(long)]
     pub mask_truncated_completions: bool,
+    /// ρ of "Beyond the 80/20 rule" (Wang et al. 2025; TRL's `top_entropy_quantile`, which
+    /// recommends 0.2): only the tokens whose entropy under the current policy is in the
+    /// top ρ of the minibatch's tokens (every rank's) carry the policy loss; the others
+    /// still count in its denominator, as in TRL. 1 keeps every token; 0 keeps the most
+    /// uncertain ones.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_entropy_quantile: f64,
     /// GAE (and REINFORCE++) discount γ.
     #[arg(long, default_value_t = 1.0)]
     pub gamma: f64,
@@ -463,6 +470,10 @@ impl TrainArgs {
             (
                 self.sapo_temperature_pos > 0.0 && self.sapo_temperature_neg > 0.0,
                 "--sapo-temperature-pos and --sapo-temperature-neg must be > 0",
+            ),
+            (
+                (0.0..=1.0).contains(&self.top_entropy_quantile),
+                "--top-entropy-quantile must be in [0, 1]",
             ),
             (
                 self.scale_rewards.is_none()

@@ -523,12 +523,14 @@ impl Surrogate {
 /// term when set) — aggregated as `surrogate` says. `approxkl`, the ratio's mean and its
 /// largest deviation are the per-token ones whatever the level (they check the rollout's
 /// log-probs); the clip fractions are of what was clipped (CISPO: capped; SAPO clips
-/// nothing).
+/// nothing). `keep` (0/1 per token, `--top-entropy-quantile`) zeroes the loss of the
+/// other tokens, which still count in the aggregation's denominators (TRL's
+/// `entropy_mask`).
 pub fn policy_loss(
     logprobs: &Tensor,
     old_logprobs: &Tensor,
     advantages: &Tensor,
-    mask: &Tensor,
+    (mask, keep): (&Tensor, Option<&Tensor>),
     surrogate: &Surrogate,
 ) -> PolicyLoss {
     let Surrogate {
@@ -581,6 +583,10 @@ pub fn policy_loss(
             (-(gate * advantages), 0.0, 0.0, 0.0)
         }
     };
+    let per_token = match keep {
+        Some(keep) => per_token * keep,
+        None => per_token,
+    };
     let loss = aggregation.aggregate(&per_token, mask, norm);
     let d = log_ratio.detach();
     let ratio = d.exp();
@@ -599,6 +605,33 @@ pub fn policy_loss(
             .max()
             .double_value(&[]),
     }
+}
+
+/// How close (relative; absolute below 1 nat) an entropy may fall below the threshold
+/// and count as at it: 8× the differences seen between micro-batch splits (1.3e-7).
+pub const TIE: f64 = 1e-6;
+
+/// TRL's `get_high_entropy_mask` for `--top-entropy-quantile` ρ: 1 where a `counted`
+/// token's `entropy` is at least the (1 − ρ) quantile (linear interpolation, as
+/// `torch.quantile`) of `values`, the counted entropies of every rank; 0 elsewhere, and
+/// everywhere when there are none. ρ = 1 keeps every counted token, ρ = 0 the highest.
+///
+/// An entropy within [`TIE`] below the threshold counts as at it: tokens with one
+/// distribution (the first token of a GRPO group's responses) tie, and computed in
+/// different micro-batches or ranks they differ in the last bits; with the threshold on
+/// them (a quantile inside a run of equal values is that value), an exact comparison
+/// would keep some and drop others depending on the split.
+pub fn high_entropy_mask(entropy: &Tensor, counted: &Tensor, values: &[f32], rho: f64) -> Tensor {
+    if values.is_empty() {
+        return entropy.zeros_like().to_kind(Kind::Float);
+    }
+    let threshold = Tensor::from_slice(values)
+        .quantile_scalar(1.0 - rho, None, false, "linear")
+        .double_value(&[]);
+    entropy
+        .ge(threshold - TIE * threshold.abs().max(1.0))
+        .logical_and(&counted.to_kind(Kind::Bool))
+        .to_kind(Kind::Float)
 }
 
 /// Clipped value loss: `½·mean(max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²))` and the
@@ -918,7 +951,7 @@ mod tests {
         let adv = t(&[&[1.0]]);
         let mask = t(&[&[1.0]]);
         let loss = |clip| {
-            policy_loss(&lp, &old, &adv, &mask, &Surrogate::ppo(clip))
+            policy_loss(&lp, &old, &adv, (&mask, None), &Surrogate::ppo(clip))
                 .loss
                 .double_value(&[])
         };
@@ -964,12 +997,72 @@ mod tests {
         let lp = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
         let adv = Tensor::randn([2, 4], (Kind::Float, Device::Cpu));
         let mask = t(&[&[1., 1., 1., 1.], &[1., 1., 0., 0.]]);
-        let out = policy_loss(&lp, &lp, &adv, &mask, &Surrogate::ppo(Clip::symmetric(0.2)));
+        let out = policy_loss(
+            &lp,
+            &lp,
+            &adv,
+            (&mask, None),
+            &Surrogate::ppo(Clip::symmetric(0.2)),
+        );
         assert_eq!(out.clipfrac, 0.0);
         assert_eq!(out.approxkl, 0.0);
         assert_eq!(out.ratio_max_dev, 0.0);
         let expected = -masked_mean(&adv, &mask).double_value(&[]);
         assert!((out.loss.double_value(&[]) - expected).abs() < 1e-6);
+    }
+
+    /// `--top-entropy-quantile`: the mask keeps the counted tokens at or above the
+    /// (1 − ρ) quantile of every rank's values (torch.quantile's linear interpolation);
+    /// the policy loss is zero on the others, which still count in the token mean.
+    #[test]
+    fn high_entropy_tokens_alone_carry_the_policy_loss() {
+        let entropy = t(&[&[0.1, 0.5, 0.2], &[0.9, 0.3, 2.0]]);
+        let counted = t(&[&[1., 1., 1.], &[1., 1., 0.]]);
+        let mine = [0.1f32, 0.5, 0.2, 0.9, 0.3];
+        let keep =
+            |values: &[f32], rho| to_vec(&high_entropy_mask(&entropy, &counted, values, rho));
+        // Sorted 0.1 0.2 0.3 0.5 0.9: the 0.8 quantile is 0.5 + 0.2·0.4 = 0.58.
+        assert_eq!(keep(&mine, 0.2), [[0., 0., 0.], [1., 0., 0.]]);
+        assert_eq!(keep(&mine, 0.5), [[0., 1., 0.], [1., 1., 0.]]);
+        assert_eq!(keep(&mine, 1.0), [[1., 1., 1.], [1., 1., 0.]]);
+        assert_eq!(keep(&mine, 0.0), [[0., 0., 0.], [1., 0., 0.]]);
+        // Another rank's entropies move the threshold (median of 8 values: 0.4).
+        let both = [&mine[..], &[0.35, 0.45, 0.6]].concat();
+        assert_eq!(keep(&both, 0.5), [[0., 1., 0.], [1., 0., 0.]]);
+        assert_eq!(keep(&[], 0.5), [[0., 0., 0.], [0., 0., 0.]]);
+        // Ties: the median of four equal values is that value; one computed a few ulps
+        // lower elsewhere still counts as at it.
+        let tied = t(&[&[5.0, 5.0 - 2e-6, 5.0 - 1e-4]]);
+        let mask = high_entropy_mask(&tied, &t(&[&[1., 1., 1.]]), &[5.0; 4], 0.5);
+        assert_eq!(to_vec(&mask), [[1., 1., 0.]]);
+
+        let lp = t(&[&[-0.5, -1.0, -2.0, -0.1]]);
+        let old = t(&[&[-1.0, -1.0, -1.0, -1.2]]);
+        let adv = t(&[&[1.0, -1.0, 2.0, 3.0]]);
+        let mask = t(&[&[1., 1., 1., 0.]]);
+        let kept = t(&[&[1., 0., 1., 0.]]);
+        for aggregation in [
+            LossAggregation::TokenMean,
+            LossAggregation::SeqMeanTokenMean,
+        ] {
+            let s = Surrogate {
+                aggregation,
+                ..Surrogate::ppo(Clip::symmetric(0.2))
+            };
+            let all = policy_loss(&lp, &old, &adv, (&mask, None), &s);
+            let some = policy_loss(&lp, &old, &adv, (&mask, Some(&kept)), &s);
+            // Per token: max(−A·w, −A·clip(w)); w = e^0.5, e^0, e^−1 on the masked tokens.
+            let per = |w: f64, a: f64| (-a * w).max(-a * w.clamp(0.8, 1.2));
+            let (w0, w2) = (0.5f64.exp(), (-1f64).exp());
+            let want = (per(w0, 1.0) + per(w2, 2.0)) / 3.0;
+            let got = some.loss.double_value(&[]);
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{aggregation:?}: {got} vs {want}"
+            );
+            let want_all = want + per(1.0, -1.0) / 3.0;
+            assert!((all.loss.double_value(&[]) - want_all).abs() < 1e-6);
+        }
     }
 
     #[test]
@@ -982,7 +1075,7 @@ mod tests {
             &t(&[&lp]),
             &t(&[&old]),
             &t(&[&adv]),
-            &t(&[&mask]),
+            (&t(&[&mask]), None),
             &Surrogate::ppo(Clip::symmetric(0.2)),
         );
         let (mut sum, mut clipped, mut n) = (0f64, 0, 0);
@@ -1018,7 +1111,7 @@ mod tests {
             &logprobs,
             &rows(&old),
             &rows(&adv),
-            &rows(&mask),
+            (&rows(&mask), None),
             &surrogate,
         );
         out.loss.backward();
@@ -1065,7 +1158,7 @@ mod tests {
                 t(&[&[1.0], &[-1.0]]),
                 t(&[&[1.0], &[1.0]]),
             );
-            policy_loss(&lp, &old, &adv, &mask, &s)
+            policy_loss(&lp, &old, &adv, (&mask, None), &s)
                 .loss
                 .double_value(&[])
         };
@@ -1103,7 +1196,7 @@ mod tests {
                 &logprobs,
                 &t(&[&old]),
                 &t(&[&adv]),
-                &t(&[&mask]),
+                (&t(&[&mask]), None),
                 &surrogate,
             );
             out.loss.backward();
@@ -1153,9 +1246,15 @@ mod tests {
             },
             ..Surrogate::ppo(Clip::symmetric(0.2))
         };
-        policy_loss(&logprobs, &t(&[&old]), &t(&[&adv]), &t(&[&mask]), &sapo)
-            .loss
-            .backward();
+        policy_loss(
+            &logprobs,
+            &t(&[&old]),
+            &t(&[&adv]),
+            (&t(&[&mask]), None),
+            &sapo,
+        )
+        .loss
+        .backward();
         let grad = to_vec(&logprobs.grad())[0].clone();
         for i in 0..4 {
             assert!((grad[i] - (-adv[i] / n) * mask[i]).abs() < 1e-6, "{grad:?}");
@@ -1172,7 +1271,7 @@ mod tests {
                 delta,
                 ..Clip::symmetric(0.2)
             };
-            policy_loss(&lp, &old, adv, &mask, &Surrogate::ppo(clip))
+            policy_loss(&lp, &old, adv, (&mask, None), &Surrogate::ppo(clip))
         };
         let negative = t(&[&[-1.0, 0.0]]);
         let e = 1f64.exp();

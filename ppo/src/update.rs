@@ -14,7 +14,9 @@ use rand::SeedableRng;
 use tch::{Kind, Tensor};
 
 use crate::args::TrainArgs;
-use crate::math::{kl_per_token, policy_loss, value_loss, Advantages, KlEstimator};
+use crate::math::{
+    high_entropy_mask, kl_per_token, policy_loss, value_loss, Advantages, KlEstimator,
+};
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
 /// An exponential moving average of the policy's trained weights (with LoRA, of its
@@ -212,6 +214,8 @@ fn minibatch_backward(
     let mb_rows = world.sum(mb.len() as f64);
     let surrogate = args.surrogate();
     let (aggregation, norm) = (surrogate.aggregation, surrogate.norm);
+    let keep = (args.top_entropy_quantile < 1.0)
+        .then(|| high_entropy_tokens(args, (ro, policy_mask), &learners.policy.model, mb, world));
     let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
     let mut ratio_max_dev = 0f64;
     for (part, last) in micro_batches(mb, micro) {
@@ -230,15 +234,21 @@ fn minibatch_backward(
             ro.prompt_len,
             (args.temperature, args.entropy_coef > 0.0),
         );
+        let keep = keep.as_ref().map(pick);
         let pl = policy_loss(
             &new_lp,
             &pick(&ro.logprobs),
             &pick(&adv.advantages),
-            &mask,
+            (&mask, keep.as_ref()),
             &surrogate,
         );
         let mut policy_total = &pl.loss * weight;
         if args.entropy_coef > 0.0 {
+            // On the tokens that carry the policy loss.
+            let ent = match &keep {
+                Some(keep) => ent * keep,
+                None => ent,
+            };
             policy_total -= aggregation.aggregate(&ent, &mask, norm) * (args.entropy_coef * weight);
         }
         if args.kl_in_loss {
@@ -285,6 +295,50 @@ fn minibatch_backward(
     }
     stats.insert("ratio_max_dev", ratio_max_dev);
     stats
+}
+
+/// `--top-entropy-quantile` ρ: 1 on the policy tokens of minibatch `mb` whose entropy
+/// under the current policy (at `--temperature`) is at least the (1 − ρ) quantile of the
+/// minibatch's policy tokens on every rank (torch.quantile's linear interpolation, as
+/// TRL's `get_high_entropy_mask`), 0 elsewhere; `[B, N]` over this rank's rollout rows.
+/// The entropies come from a forward without grad before the minibatch's backward, so
+/// the threshold does not depend on how the minibatch is split into micro-batches and
+/// ranks. Every rank calls it, with or without rows in the minibatch.
+fn high_entropy_tokens(
+    args: &TrainArgs,
+    (ro, policy_mask): (&Rollout, &Tensor),
+    policy: &Model,
+    mb: &[i64],
+    world: &World,
+) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let device = ro.full_ids.device();
+    let mut entropy = ro.mask.zeros_like().to_kind(Kind::Float);
+    let mut in_mb = ro.mask.zeros_like().to_kind(Kind::Float);
+    for (part, _) in micro_batches(mb, mb.len().div_ceil(args.grad_accum).max(1)) {
+        let idx = Tensor::from_slice(part).to_device(device);
+        let pick = |t: &Tensor| t.index_select(0, &idx);
+        let (_, ent) = response_logprobs(
+            policy,
+            &pick(&ro.full_ids),
+            &pick(&ro.full_mask),
+            ro.prompt_len,
+            (args.temperature, false),
+        );
+        let _ = entropy.index_copy_(0, &idx, &ent.to_kind(Kind::Float));
+        let _ = in_mb.index_fill_(0, &idx, 1.0);
+    }
+    let counted = (policy_mask.to_kind(Kind::Float) * &in_mb).gt(0.0);
+    let local = Vec::<f32>::try_from(entropy.masked_select(&counted).to_device(tch::Device::Cpu))
+        .expect("f32 entropies");
+    let bytes: Vec<u8> = local.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let all: Vec<f32> = world
+        .gather_bytes(&bytes)
+        .iter()
+        .flat_map(|b| b.chunks_exact(4))
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    high_entropy_mask(&entropy, &counted, &all, args.top_entropy_quantile)
 }
 
 /// The statistics a minibatch's ranks sum.

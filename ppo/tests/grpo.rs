@@ -477,6 +477,31 @@ fn cispo_and_sapo_train() {
     }
 }
 
+/// `--top-entropy-quantile 0.2`: the threshold comes from the whole minibatch (the
+/// current policy's entropies, so the second minibatch's are after the first's update),
+/// so two micro-batches per minibatch train the weights one does (1e-6); and the loss on
+/// a fifth of the tokens trains other weights than the loss on all of them. (One
+/// iteration: a second one's sampling would amplify the 1e-7 of the split.)
+#[test]
+fn top_entropy_quantile_is_the_minibatchs_and_changes_the_update() {
+    let f = fixture();
+    let run = |name: &str, extra: &[&str]| {
+        let out = f.root.join(format!("run-entropy-{name}"));
+        let mut a = vec!["--max-steps", "1", "--weight-decay", "0"];
+        a.extend_from_slice(extra);
+        run_with_reward(&args(&out, &a), &TextRule(digit_share)).unwrap();
+        out.join("final")
+    };
+    let quantile = ["--top-entropy-quantile", "0.2"];
+    let one = run("one", &quantile);
+    let two = run("two", &[&quantile[..], &["--grad-accum", "2"]].concat());
+    let all = run("all", &[]);
+    let diff = rlhf_tests::max_weight_diff(&one, &two, Head::Lm);
+    assert!(diff < 1e-6, "one vs two micro-batches: {diff:e}");
+    let diff = rlhf_tests::max_weight_diff(&one, &all, Head::Lm);
+    assert!(diff > 1e-5, "the quantile changed nothing: {diff:e}");
+}
+
 /// `--kl-coef 0` (TRL's GRPO default β = 0): no reference is loaded or run and no KL is
 /// logged, and the policy trains as with a β too small to matter (1e-30, where the
 /// reference is held and every KL term computed).
@@ -523,8 +548,9 @@ fn bad_group_options_are_refused_with_one_line() {
         a.advantage_estimator = "rloo".parse().unwrap();
         a.scale_rewards = Some("batch".parse().unwrap());
     };
+    let quantile = |a: &mut TrainArgs| a.top_entropy_quantile = 1.5;
     type Change<'a> = &'a dyn Fn(&mut TrainArgs);
-    let cases: [(Change, &str); 8] = [
+    let cases: [(Change, &str); 9] = [
         (
             &sync,
             "--sync-ref-model needs a reference copy to move: not with --kl-coef 0",
@@ -539,6 +565,7 @@ fn bad_group_options_are_refused_with_one_line() {
         (&high, "--cliprange-high must be > 0"),
         (&delta, "--delta must be > 1"),
         (&scale, "--scale-rewards needs --advantage-estimator grpo"),
+        (&quantile, "--top-entropy-quantile must be in [0, 1]"),
     ];
     for (change, want) in cases {
         let mut a = args(&out, &[]);

@@ -431,7 +431,14 @@ fn two_ranks_train_what_one_process_trains() {
     let overlap = ["--overlap-grad-reduce", "--bucket-cap-mb", "0.01"];
     let ptx = f.ptx.display().to_string();
     let grpo_ptx = [grpo, &["--ptx-data", &ptx, "--ptx-coef", "0.5"]].concat();
-    let grpo_small = [grpo, &["--num-minibatches", "8", "--ppo-epochs", "1"]].concat();
+    // (With --top-entropy-quantile, whose threshold gathers every rank's entropies, also
+    // from a rank without rows.)
+    let grpo_small = [
+        grpo,
+        &["--num-minibatches", "8", "--ppo-epochs", "1"],
+        &["--top-entropy-quantile", "0.5"],
+    ]
+    .concat();
     let cases: [(&str, &[&str], Vec<&str>); 4] = [
         ("gae", gae, vec!["--zero-stage", "0"]),
         (
