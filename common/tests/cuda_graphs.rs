@@ -39,13 +39,15 @@ fn graphs_decode_as_eager_does() {
     let ids = ids * &mask;
     for (kind, tolerance) in [(Kind::Float, 1e-5), (Kind::BFloat16, 2e-2)] {
         let model = model(kind);
-        for temperature in [0.0, 1.0] {
+        // (The repetition penalty's token set is updated in place inside the graph.)
+        for (temperature, repetition_penalty) in [(0.0, 1.0), (1.0, 1.0), (1.0, 1.3)] {
             let cfg = |cuda_graph| SamplingConfig {
                 max_new_tokens: 40,
                 temperature,
                 top_k: 0,
                 top_p: 1.0,
                 min_p: 0.0,
+                repetition_penalty,
                 eos_ids: vec![3],
                 pad_id: 0,
                 seed: 5,
@@ -53,7 +55,7 @@ fn graphs_decode_as_eager_does() {
             };
             let eager = generate(&model, &ids, &mask, &cfg(false));
             let graphs = generate(&model, &ids, &mask, &cfg(true));
-            let what = format!("{kind:?} temperature {temperature}");
+            let what = format!("{kind:?} temperature {temperature} penalty {repetition_penalty}");
             assert!(eager.tokens.equal(&graphs.tokens), "{what}: tokens differ");
             assert_eq!(eager.lengths, graphs.lengths, "{what}");
             let diff = (&eager.logprobs - &graphs.logprobs)

@@ -427,6 +427,7 @@ fn greedy_answers(model_dir: &Path, prompts: &[String]) -> Vec<String> {
         top_k: 0,
         top_p: 1.0,
         min_p: 0.0,
+        repetition_penalty: 1.0,
         eos_ids: tok.generation_eos_ids().unwrap(),
         pad_id: tok.pad_id,
         seed: 0,

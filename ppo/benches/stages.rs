@@ -518,6 +518,7 @@ impl Bench {
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
+            repetition_penalty: 1.0,
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,

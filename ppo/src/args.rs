@@ -162,6 +162,12 @@ pub struct TrainArgs {
     /// unfiltered distribution's, as with --top-k and --top-p.
     #[arg(long, default_value_t = 0.0)]
     pub min_p: f64,
+    /// transformers' `repetition_penalty` in the sampling (TRL's GRPO has it): the logits
+    /// of the tokens already in a row are divided by it where positive and multiplied where
+    /// negative; 1 is off. The log-probs the loss uses are the unpenalised distribution's,
+    /// as with --top-k and --top-p.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
     /// Subtracted from the score of a response that did not end with EOS.
     #[arg(long)]
     pub missing_eos_penalty: Option<f64>,
@@ -408,6 +414,10 @@ impl TrainArgs {
                 "--top-p must be in (0, 1]",
             ),
             (self.top_k >= 0, "--top-k must be ≥ 0"),
+            (
+                self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
+                "--repetition-penalty must be > 0",
+            ),
             (
                 (0.0..=1.0).contains(&self.min_p),
                 "--min-p must be in [0, 1]",

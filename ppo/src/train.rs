@@ -592,6 +592,7 @@ impl<'a> Ppo<'a> {
                 top_k: args.top_k,
                 top_p: args.top_p,
                 min_p: args.min_p,
+                repetition_penalty: args.repetition_penalty,
                 eos_ids: self.eos_ids.clone(),
                 pad_id: self.tok.pad_id,
                 seed: derived_seed(args.run.seed, step, 1),

@@ -440,8 +440,8 @@ fn gspo_batch_scaling_delta_and_overlong_filtering() {
     );
 }
 
-/// `--policy-loss cispo` (weight capped at 5, ScaleRL's) and `sapo` run end to end: the
-/// first minibatch is on-policy, CISPO's cap binds on no token at ratios this close to 1,
+/// `--policy-loss cispo` (weight capped at 5, ScaleRL's) and `sapo` (sampled with
+/// `--repetition-penalty`) run end to end: the first minibatch is on-policy, CISPO's cap binds on no token at ratios this close to 1,
 /// and the policy moves.
 #[test]
 fn cispo_and_sapo_train() {
@@ -455,6 +455,11 @@ fn cispo_and_sapo_train() {
     ] {
         let out = f.root.join(format!("run-{name}"));
         let mut a = extra.to_vec();
+        if name == "sapo" {
+            // Sampled with a repetition penalty: the rollout's log-probs are still the
+            // unpenalised policy's, so the first minibatch stays on-policy.
+            a.extend(["--repetition-penalty", "1.3"]);
+        }
         a.extend(["--max-steps", "2"]);
         run_with_reward(&args(&out, &a), &TextRule(digit_share)).unwrap();
         for r in metrics(&out) {

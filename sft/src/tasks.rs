@@ -276,6 +276,7 @@ impl Evaluator<'_> {
                 top_k,
                 top_p,
                 min_p: 0.0,
+                repetition_penalty: 1.0,
                 eos_ids: eos_ids.clone(),
                 pad_id: self.tok.pad_id,
                 seed: self.args.seed.wrapping_add(b as u64),

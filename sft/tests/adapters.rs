@@ -332,6 +332,7 @@ fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
+            repetition_penalty: 1.0,
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,

@@ -6,6 +6,7 @@
                                                       DIR/<name>-saved-{lm,score}, print outputs
 
 CASES.json: {"batches": {name: {"ids": [[...]], "mask": [[...]]}}, "prompts": {"ids", "mask"},
+            "repetition_penalty": p,
 "max_new_tokens": N}. Output: one JSON document on stdout.
 """
 import argparse
@@ -127,6 +128,18 @@ def make(root, cases):
                 max_new_tokens=cases["max_new_tokens"], min_new_tokens=cases["max_new_tokens"],
                 eos_token_id=None, pad_token_id=0)
             res["greedy"] = gen[:, ids.shape[1]:].tolist()
+            # With repetition_penalty, row by row without padding: transformers penalises
+            # every id of input_ids, the pad id of a left-padded row included; ours only a
+            # row's own tokens.
+            res["greedy_repetition_penalty"] = []
+            for row_ids, row_mask in zip(ids, mask):
+                real = row_ids[row_mask.bool()].unsqueeze(0)
+                gen = model.generate(
+                    input_ids=real, attention_mask=torch.ones_like(real), do_sample=False,
+                    repetition_penalty=cases["repetition_penalty"],
+                    max_new_tokens=cases["max_new_tokens"], min_new_tokens=cases["max_new_tokens"],
+                    eos_token_id=None, pad_token_id=0)
+                res["greedy_repetition_penalty"].append(gen[0, real.shape[1]:].tolist())
         out[name] = res
     return out
 

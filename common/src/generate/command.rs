@@ -42,6 +42,11 @@ pub struct GenerateArgs {
     /// (transformers' `min_p`); 0 keeps all.
     #[arg(long, default_value_t = 0.0)]
     pub min_p: f64,
+    /// transformers' `repetition_penalty`: the logits of the tokens already in a row (its
+    /// prompt and what it generated) are divided by it where positive and multiplied where
+    /// negative; 1 is off (CTRL's paper uses 1.2).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
     /// Seed of the sampling; the same seed gives the same completions.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -90,6 +95,10 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
         (
             (0.0..=1.0).contains(&args.min_p),
             "--min-p must be in [0, 1]",
+        ),
+        (
+            args.repetition_penalty > 0.0 && args.repetition_penalty.is_finite(),
+            "--repetition-penalty must be > 0",
         ),
     ])?;
     let (device, kind) = args.device.resolve();
@@ -140,6 +149,7 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
             top_k: args.top_k,
             top_p: args.top_p,
             min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
             eos_ids: eos_ids.clone(),
             pad_id: tok.pad_id,
             // One stream per batch, derived from the seed.

@@ -33,6 +33,11 @@ pub struct SamplingConfig {
     /// Keep the tokens at least `min_p` times as likely as the most likely one
     /// (transformers' `min_p`); 0 keeps all.
     pub min_p: f64,
+    /// transformers' `repetition_penalty` (CTRL, Keskar et al. 2019): the logit of every
+    /// token already in the row (its prompt without padding, and what it sampled) is
+    /// divided by it where positive and multiplied where negative, before the temperature
+    /// and the filters; 1 is off.
+    pub repetition_penalty: f64,
     /// A row finishes at the first of these.
     pub eos_ids: Vec<i64>,
     /// Written after a row has finished.
@@ -255,6 +260,8 @@ struct Decoder<'a> {
     column: Tensor,
     /// `[N, B]` the uniforms, one per step and row.
     uniforms: Tensor,
+    /// `[B, V]` with `--repetition-penalty`: the tokens each row has had so far.
+    seen: Option<Tensor>,
     finished: Tensor,
     /// `[B, N]` results: tokens (pad where not sampled), log-probs, and whether the row
     /// was still running when the column was sampled.
@@ -299,6 +306,12 @@ impl<'a> Decoder<'a> {
             1,
         );
         let real = mask.sum_dim_intlist([1].as_slice(), true, Kind::Int64);
+        let seen = (cfg.repetition_penalty != 1.0).then(|| {
+            let vocab = logits.size()[1];
+            Tensor::zeros([b, vocab], (Kind::Float, device))
+                .scatter_add(1, &prompt_ids.to_device(device), &mask.to_kind(Kind::Float))
+                .gt(0.0)
+        });
         let int = |v: i64| Tensor::from_slice(&[v]).to_device(device);
         let mut decoder = Decoder {
             model,
@@ -310,6 +323,7 @@ impl<'a> Decoder<'a> {
             slot: int(virtual_tokens + p),
             column: int(0),
             uniforms: uniforms.to_device(device),
+            seen,
             finished: Tensor::zeros([b], (Kind::Bool, device)),
             tokens: Tensor::full([b, n], cfg.pad_id, (Kind::Int64, device)),
             logprobs: Tensor::zeros([b, n], (Kind::Float, device)),
@@ -328,7 +342,7 @@ impl<'a> Decoder<'a> {
     /// Samples the current column from `logits` `[B, V]` and writes it everywhere.
     fn record(&mut self, logits: &Tensor) {
         let uniforms = self.uniforms.index_select(0, &self.column).squeeze_dim(0);
-        let (token, logprob) = sample(logits, self.cfg, &uniforms);
+        let (token, logprob) = sample(logits, self.cfg, &uniforms, self.seen.as_ref());
         let running = self.finished.logical_not();
         let token = token.where_self(&running, &self.pad);
         let logprob = logprob.where_self(&running, &self.zero);
@@ -342,6 +356,10 @@ impl<'a> Decoder<'a> {
             .eq_tensor(&self.eos.unsqueeze(0))
             .any_dim(1, false);
         let _ = self.finished.logical_or_(&eos);
+        if let Some(seen) = &mut self.seen {
+            // (A finished row marks its pad: nothing reads that row's sampling again.)
+            let _ = seen.scatter_value_(1, &token.unsqueeze(1), 1);
+        }
         self.token.copy_(&token.unsqueeze(1));
         let _ = self.column.g_add_scalar_(1);
     }
@@ -427,16 +445,35 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// One token per row from `[B, V]` logits; `uniforms` `[B]` in [0, 1).
-fn sample(logits: &Tensor, cfg: &SamplingConfig, uniforms: &Tensor) -> (Tensor, Tensor) {
+/// One token per row from `[B, V]` logits; `uniforms` `[B]` in [0, 1); `seen` `[B, V]` the
+/// tokens `--repetition-penalty` applies to. The log-prob returned is the token's under
+/// `softmax(logits / temperature)`, before the penalty and the filters (the distribution
+/// PPO trains).
+fn sample(
+    logits: &Tensor,
+    cfg: &SamplingConfig,
+    uniforms: &Tensor,
+    seen: Option<&Tensor>,
+) -> (Tensor, Tensor) {
     let logits = logits.to_kind(Kind::Float);
+    let shaped = match seen {
+        Some(seen) => {
+            let p = cfg.repetition_penalty;
+            let penalised = (&logits * p).where_self(&logits.lt(0.0), &(&logits / p));
+            penalised.where_self(seen, &logits)
+        }
+        None => logits.shallow_clone(),
+    };
     if cfg.temperature <= 0.0 {
-        let token = logits.argmax(-1, false);
+        let token = shaped.argmax(-1, false);
         let logprob = crate::ops::logprobs_of(&logits, &token);
         return (token, logprob);
     }
     let logp = (&logits / cfg.temperature).log_softmax(-1, Kind::Float);
-    let probs = logp.exp();
+    let probs = match seen {
+        Some(_) => (&shaped / cfg.temperature).softmax(-1, Kind::Float),
+        None => logp.exp(),
+    };
     let vocab = probs.size()[1];
     let filtering = (cfg.top_k > 0 && cfg.top_k < vocab) || cfg.top_p < 1.0 || cfg.min_p > 0.0;
     let (probs, order) = if filtering {
@@ -486,6 +523,7 @@ mod tests {
             top_k,
             top_p,
             min_p: 0.0,
+            repetition_penalty: 1.0,
             eos_ids: vec![],
             pad_id: 0,
             seed: 0,
@@ -501,7 +539,7 @@ mod tests {
             .unsqueeze(0)
             .repeat([3, 1]);
         let u = Tensor::from_slice(&[0.05f32, 0.25, 0.95]);
-        let (tok, lp) = sample(&logits, &cfg(1.0, 0, 1.0), &u);
+        let (tok, lp) = sample(&logits, &cfg(1.0, 0, 1.0), &u, None);
         assert_eq!(Vec::<i64>::try_from(tok).unwrap(), [0, 1, 2]);
         assert!((lp.double_value(&[2]) - 0.7f64.ln()).abs() < 1e-5);
     }
@@ -515,11 +553,11 @@ mod tests {
         let u = Tensor::from_slice(&[0.0f32, 0.999]);
         // top-k 1 and top-p 0.5 both leave only the 0.7 token.
         for c in [cfg(1.0, 1, 1.0), cfg(1.0, 0, 0.5)] {
-            let (tok, _) = sample(&logits, &c, &u);
+            let (tok, _) = sample(&logits, &c, &u, None);
             assert_eq!(Vec::<i64>::try_from(tok).unwrap(), [2, 2]);
         }
         // top-p 0.8 keeps 0.7 and 0.2: u = 0.999 of their mass lands on 0.2.
-        let (tok, _) = sample(&logits, &cfg(1.0, 0, 0.8), &u);
+        let (tok, _) = sample(&logits, &cfg(1.0, 0, 0.8), &u, None);
         assert_eq!(Vec::<i64>::try_from(tok).unwrap(), [2, 1]);
         // min-p 0.2 keeps what is at least 0.14 likely (0.7 and 0.2), min-p 0.5 only 0.7.
         for (min_p, last) in [(0.2, 1), (0.5, 2)] {
@@ -527,7 +565,7 @@ mod tests {
                 min_p,
                 ..cfg(1.0, 0, 1.0)
             };
-            let (tok, lp) = sample(&logits, &c, &u);
+            let (tok, lp) = sample(&logits, &c, &u, None);
             assert_eq!(
                 Vec::<i64>::try_from(tok).unwrap(),
                 [2, last],
@@ -567,7 +605,8 @@ mod tests {
     }
 
     /// Today's decode before the static cache: a cache that grows by one position per
-    /// step and a mask extended by a column each time (the reference for the static one).
+    /// step and a mask extended by a column each time (the reference for the static one);
+    /// the repetition penalty's tokens kept in host lists.
     fn growing_cache_decode(
         model: &Model,
         ids: &Tensor,
@@ -584,8 +623,28 @@ mod tests {
         let mut finished = Tensor::zeros([b], (Kind::Bool, tch::Device::Cpu));
         let eos = Tensor::from_slice(&cfg.eos_ids);
         let (mut tokens, mut logprobs) = (vec![], vec![]);
+        // Each row's tokens so far (prompt without padding, then samples), for the penalty.
+        let mut history: Vec<Vec<i64>> = (0..b)
+            .map(|r| {
+                let (row, m) = (ids.get(r), mask.get(r));
+                (0..row.size()[0])
+                    .filter(|&i| m.int64_value(&[i]) == 1)
+                    .map(|i| row.int64_value(&[i]))
+                    .collect()
+            })
+            .collect();
         for step in 0..n {
-            let (token, logprob) = sample(&logits, cfg, &uniforms.get(step));
+            let vocab = logits.size()[1];
+            let seen: Vec<bool> = history
+                .iter()
+                .flat_map(|h| (0..vocab).map(move |v| h.contains(&v)))
+                .collect();
+            let seen = Tensor::from_slice(&seen).view([b, vocab]);
+            let penalty = (cfg.repetition_penalty != 1.0).then_some(&seen);
+            let (token, logprob) = sample(&logits, cfg, &uniforms.get(step), penalty);
+            for (r, h) in history.iter_mut().enumerate() {
+                h.push(token.int64_value(&[r as i64]));
+            }
             let running = finished.logical_not();
             let token = token.where_self(&running, &Tensor::from(cfg.pad_id));
             logprobs.push(logprob.where_self(&running, &Tensor::from(0f32)));
@@ -646,11 +705,19 @@ mod tests {
         let mask = ids.ne(0).to_kind(Kind::Int64);
         let mut early = 0;
         for model in &models {
-            for (temperature, top_p) in [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)] {
+            let cases = [
+                (0.0, 1.0, 1.0),
+                (1.0, 1.0, 1.0),
+                (0.8, 0.9, 1.0),
+                (0.0, 1.0, 1.3),
+                (1.0, 1.0, 0.7),
+            ];
+            for (temperature, top_p, repetition_penalty) in cases {
                 let cfg = SamplingConfig {
                     max_new_tokens: 12,
                     eos_ids: vec![6],
                     seed: 17,
+                    repetition_penalty,
                     ..cfg(temperature, 0, top_p)
                 };
                 let (want_tokens, want_logprobs) = growing_cache_decode(model, &ids, &mask, &cfg);
@@ -710,7 +777,42 @@ mod tests {
     #[test]
     fn greedy_is_argmax() {
         let logits = Tensor::from_slice(&[1f32, 3., 2.]).unsqueeze(0);
-        let (tok, _) = sample(&logits, &cfg(0.0, 0, 1.0), &Tensor::from_slice(&[0.5f32]));
+        let (tok, _) = sample(
+            &logits,
+            &cfg(0.0, 0, 1.0),
+            &Tensor::from_slice(&[0.5f32]),
+            None,
+        );
         assert_eq!(tok.int64_value(&[0]), 1);
+    }
+
+    /// The penalty divides a seen token's positive logit and multiplies a negative one
+    /// (3 → 1.5, −1 → −2 at 2), leaves unseen ones, and the log-prob stays the
+    /// unpenalised distribution's.
+    #[test]
+    fn repetition_penalty_shapes_what_is_sampled_not_the_logprob() {
+        let logits = Tensor::from_slice(&[3f32, -1., 2.]).unsqueeze(0);
+        let seen = Tensor::from_slice(&[true, true, false]).unsqueeze(0);
+        let c = SamplingConfig {
+            repetition_penalty: 2.0,
+            ..cfg(0.0, 0, 1.0)
+        };
+        let u = Tensor::from_slice(&[0.5f32]);
+        let (tok, lp) = sample(&logits, &c, &u, Some(&seen));
+        assert_eq!(tok.int64_value(&[0]), 2);
+        let want = logits.log_softmax(-1, Kind::Float).double_value(&[0, 2]);
+        assert!((lp.double_value(&[0]) - want).abs() < 1e-6);
+        // Sampling: probabilities ∝ e^1.5, e^−2, e^2; u = 0.3 lands on token 0.
+        let c = SamplingConfig {
+            repetition_penalty: 2.0,
+            ..cfg(1.0, 0, 1.0)
+        };
+        let z = 1.5f64.exp() + (-2f64).exp() + 2f64.exp();
+        let first = 1.5f64.exp() / z;
+        for (u, want) in [(first - 1e-3, 0), (first + 1e-3, 1)] {
+            let u = Tensor::from_slice(&[u as f32]);
+            let (tok, _) = sample(&logits, &c, &u, Some(&seen));
+            assert_eq!(tok.int64_value(&[0]), want, "u {u}");
+        }
     }
 }
