@@ -151,25 +151,29 @@ fn padding_side_does_not_change_logprobs() {
     assert!(diff < 1e-5, "left vs right padding differ by {diff:e}");
 }
 
+/// Greedy decoding of `MAX_NEW_TOKENS` tokens, no EOS, with a repetition penalty.
+fn greedy(repetition_penalty: f64) -> SamplingConfig {
+    SamplingConfig {
+        max_new_tokens: MAX_NEW_TOKENS,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repetition_penalty,
+        eos_ids: vec![],
+        pad_id: 0,
+        seed: 0,
+        cuda_graph: true,
+    }
+}
+
 #[test]
 fn greedy_generation_matches_transformers() {
     let f = fixture();
     let (ids, mask) = batch(&f.cases["prompts"]);
     for arch in ARCHS {
         let model = load(&f.root.join(arch), Head::Lm);
-        let cfg = SamplingConfig {
-            max_new_tokens: MAX_NEW_TOKENS,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            eos_ids: vec![],
-            pad_id: 0,
-            seed: 0,
-            cuda_graph: true,
-        };
-        let out = generate(&model, &ids, &mask, &cfg);
+        let out = generate(&model, &ids, &mask, &greedy(1.0));
         let theirs = tensor_2d_i64(&f.reference[arch]["greedy"]);
         assert_eq!(out.tokens.size(), [3, MAX_NEW_TOKENS]);
         assert!(
@@ -194,19 +198,7 @@ fn greedy_generation_with_repetition_penalty_matches_transformers() {
     let mut changed = 0;
     for arch in ARCHS.iter().filter(|a| **a != "phi3_longrope") {
         let model = load(&f.root.join(arch), Head::Lm);
-        let cfg = SamplingConfig {
-            max_new_tokens: MAX_NEW_TOKENS,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.5,
-            eos_ids: vec![],
-            pad_id: 0,
-            seed: 0,
-            cuda_graph: true,
-        };
-        let out = generate(&model, &ids, &mask, &cfg);
+        let out = generate(&model, &ids, &mask, &greedy(1.5));
         let theirs = tensor_2d_i64(&f.reference[arch]["greedy_repetition_penalty"]);
         assert!(
             out.tokens.equal(&theirs),
