@@ -62,6 +62,9 @@ pub enum PolicyLossName {
     Cispo,
     /// SAPO: a soft, temperature-controlled gate in place of the clip.
     Sapo,
+    /// VESPO: a Gamma weight of the sequence's importance weight scales the policy
+    /// gradient, in place of the clip.
+    Vespo,
 }
 
 /// `--reward-rule`: a reward computed by a rule over the response and the prompt row.
@@ -217,8 +220,10 @@ pub struct TrainArgs {
     /// What the policy loss does with the importance weight: clip (PPO's clipped
     /// surrogate), cispo (MiniMax-M1: the weight capped at --cliprange-high, an absolute
     /// bound as TRL's epsilon_high for cispo, ScaleRL uses 5; every token keeps its
-    /// gradient) or sapo (a soft gate, --sapo-temperature-pos/-neg). TRL's `loss_type`
-    /// cispo and sapo (whose aggregation is --loss-aggregation here).
+    /// gradient), sapo (a soft gate, --sapo-temperature-pos/-neg) or vespo (the gradient
+    /// scaled by a Gamma weight of the sequence's importance weight, --vespo-k-pos/-neg,
+    /// --vespo-lambda-pos/-neg). TRL's `loss_type` cispo, sapo and vespo (whose
+    /// aggregation is --loss-aggregation here).
     #[arg(long, value_enum, default_value = "clip")]
     pub policy_loss: PolicyLossName,
     /// SAPO's gate temperature for tokens with a positive advantage.
@@ -227,6 +232,18 @@ pub struct TrainArgs {
     /// SAPO's gate temperature for the other tokens.
     #[arg(long, default_value_t = 1.05)]
     pub sapo_temperature_neg: f64,
+    /// VESPO's k (the power of w) for responses with a non-negative advantage.
+    #[arg(long, default_value_t = 2.0)]
+    pub vespo_k_pos: f64,
+    /// VESPO's λ (the decay in w) for responses with a non-negative advantage.
+    #[arg(long, default_value_t = 3.0)]
+    pub vespo_lambda_pos: f64,
+    /// VESPO's k for the other responses.
+    #[arg(long, default_value_t = 3.0)]
+    pub vespo_k_neg: f64,
+    /// VESPO's λ for the other responses.
+    #[arg(long, default_value_t = 2.0)]
+    pub vespo_lambda_neg: f64,
     /// The ratio the surrogate clips: token (PPO's, GRPO's) or sequence (GSPO: one
     /// length-normalised likelihood ratio per response; GSPO's paper clips it at
     /// --cliprange 3e-4 --cliprange-high 4e-4).
@@ -357,6 +374,12 @@ impl TrainArgs {
                     pos: self.sapo_temperature_pos,
                     neg: self.sapo_temperature_neg,
                 },
+                PolicyLossName::Vespo => Objective::Vespo {
+                    k_pos: self.vespo_k_pos,
+                    lambda_pos: self.vespo_lambda_pos,
+                    k_neg: self.vespo_k_neg,
+                    lambda_neg: self.vespo_lambda_neg,
+                },
             },
             clip: Clip {
                 low: self.cliprange,
@@ -480,6 +503,17 @@ impl TrainArgs {
             (
                 self.sapo_temperature_pos > 0.0 && self.sapo_temperature_neg > 0.0,
                 "--sapo-temperature-pos and --sapo-temperature-neg must be > 0",
+            ),
+            (
+                self.policy_loss != PolicyLossName::Vespo
+                    || self.importance_sampling_level == ImportanceSampling::Token,
+                "--policy-loss vespo forms its own sequence-level weight: leave --importance-sampling-level at token",
+            ),
+            (
+                [self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg]
+                    .iter()
+                    .all(|x| x.is_finite() && *x >= 0.0),
+                "--vespo-k-pos, --vespo-lambda-pos, --vespo-k-neg and --vespo-lambda-neg must be ≥ 0",
             ),
             (
                 (0.0..=1.0).contains(&self.top_entropy_quantile),

@@ -93,6 +93,9 @@ pub(crate) fn iteration_scalars(
     if it.stats.kl_loss != 0.0 {
         scalars.push(("loss/kl_avg", mean(it.stats.kl_loss)));
     }
+    if let Some(phi) = it.stats.vespo_phi {
+        scalars.push(("vespo/phi_seq_mean", mean(phi)));
+    }
     let mut named: Vec<(String, f64)> = scalars
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -327,16 +327,20 @@ pub enum LossAggregation {
     /// Each sequence's token sum over a constant (the response length), then the mean over
     /// sequences (Dr. GRPO's length-unbiased form).
     SeqMeanTokenSumNorm,
+    /// Each sequence's token sum, then the mean over sequences (veRL's; TRL's `luspo`
+    /// aggregation, which weighs a sequence by its length).
+    SeqMeanTokenSum,
 }
 
 impl LossAggregation {
-    const NAMES: [(&'static str, LossAggregation); 3] = [
+    const NAMES: [(&'static str, LossAggregation); 4] = [
         ("token-mean", LossAggregation::TokenMean),
         ("seq-mean-token-mean", LossAggregation::SeqMeanTokenMean),
         (
             "seq-mean-token-sum-norm",
             LossAggregation::SeqMeanTokenSumNorm,
         ),
+        ("seq-mean-token-sum", LossAggregation::SeqMeanTokenSum),
     ];
 
     /// `per_token` `[B, N]` aggregated over this micro-batch's `mask`; `norm` is the
@@ -351,6 +355,7 @@ impl LossAggregation {
                 (sums / tokens.clamp_min(1.0)).mean(per_token.kind())
             }
             LossAggregation::SeqMeanTokenSumNorm => (sums / norm).mean(per_token.kind()),
+            LossAggregation::SeqMeanTokenSum => sums.mean(per_token.kind()),
         }
     }
 
@@ -372,7 +377,7 @@ impl std::str::FromStr for LossAggregation {
             .find(|(n, _)| *n == s)
             .map(|(_, a)| *a)
             .ok_or_else(|| {
-                format!("'{s}' is not a loss aggregation (expected token-mean, seq-mean-token-mean or seq-mean-token-sum-norm)")
+                format!("'{s}' is not a loss aggregation (expected token-mean, seq-mean-token-mean, seq-mean-token-sum-norm or seq-mean-token-sum)")
             })
     }
 }
@@ -417,6 +422,9 @@ pub struct PolicyLoss {
     pub clip_high: f64,
     /// `½·mean((log π − log π_old)²)`, as TRL reports it.
     pub approxkl: f64,
+    /// VESPO's φ (each sequence's token mean), the mean over the sequences (TRL's
+    /// `vespo/phi_seq_mean`); 0 otherwise.
+    pub vespo_phi: f64,
     pub ratio_mean: f64,
     /// Largest `|ρ − 1|` over masked tokens.
     pub ratio_max_dev: f64,
@@ -492,6 +500,15 @@ pub enum Objective {
     /// τ = `pos` for positive advantages and `neg` otherwise; its gradient at w = 1 is the
     /// policy gradient's.
     Sapo { pos: f64, neg: f64 },
+    /// VESPO (TRL 1.16's `vespo`): `−sg(φ(w))·A·log π` with w the sequence's importance
+    /// weight exp(Σ_t log π/π_old) and the Gamma weight φ(w) = e^λ·w^k·e^(−λw) (φ(1) = 1:
+    /// the policy gradient on-policy), k and λ by the advantage's sign.
+    Vespo {
+        k_pos: f64,
+        lambda_pos: f64,
+        k_neg: f64,
+        lambda_neg: f64,
+    },
 }
 
 /// How the policy's surrogate objective is formed and reduced to one number.
@@ -554,6 +571,7 @@ pub fn policy_loss(
     let weight = log_weight.exp();
     let fraction = |t: &Tensor| masked_mean(&t.to_kind(Kind::Float), mask).double_value(&[]);
     let positive = advantages.gt(0.0);
+    let mut vespo_mean = 0.0;
     // Per token: the loss, and which tokens were clipped (all, low side, high side).
     let (per_token, clipfrac, clip_low, clip_high) = match objective {
         Objective::Clip => {
@@ -582,6 +600,14 @@ pub fn policy_loss(
             let gate = (&tau * (&weight - 1.0)).sigmoid() * 4.0 / &tau;
             (-(gate * advantages), 0.0, 0.0, 0.0)
         }
+        Objective::Vespo { .. } => {
+            let phi = vespo_phi(&log_ratio, advantages, mask, objective);
+            let mask_f = mask.to_kind(phi.kind());
+            let rows = |t: &Tensor| t.sum_dim_intlist([1].as_slice(), false, Kind::Float);
+            let per_row = rows(&(&phi * &mask_f)) / rows(&mask_f).clamp_min(1.0);
+            vespo_mean = per_row.mean(Kind::Float).double_value(&[]);
+            (-(phi * advantages * logprobs), 0.0, 0.0, 0.0)
+        }
     };
     let per_token = match keep {
         Some(keep) => per_token * keep,
@@ -597,6 +623,7 @@ pub fn policy_loss(
         clip_low,
         clip_high,
         approxkl: 0.5 * masked_mean(&d.square(), mask).double_value(&[]),
+        vespo_phi: vespo_mean,
         ratio_mean: masked_mean(&ratio, mask).double_value(&[]),
         // (0 with no token: every response of a micro-batch may be masked out.)
         ratio_max_dev: (ratio - 1.0)
@@ -632,6 +659,40 @@ pub fn high_entropy_mask(entropy: &Tensor, counted: &Tensor, values: &[f32], rho
         .ge(threshold - TIE * threshold.abs().max(1.0))
         .logical_and(&counted.to_kind(Kind::Bool))
         .to_kind(Kind::Float)
+}
+
+/// VESPO's Gamma weights `[B, N]` (detached; TRL 1.16's `get_gamma_weights`): with
+/// log w = Σ_t clamp(log π/π_old, ±20) over each response's tokens, clamped to
+/// [log 1e-8, 20], φ = exp(λ + k·log w − λ·w), k and λ those of the advantage's sign
+/// (non-negative: `k_pos`, `lambda_pos`); λ at least 1e-4; a non-finite φ counts 0.
+pub fn vespo_phi(
+    log_ratio: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    objective: Objective,
+) -> Tensor {
+    let Objective::Vespo {
+        k_pos,
+        lambda_pos,
+        k_neg,
+        lambda_neg,
+    } = objective
+    else {
+        panic!("vespo_phi of {objective:?}");
+    };
+    let kind = log_ratio.kind();
+    let mask_f = mask.to_kind(kind);
+    let log_w = (log_ratio.detach().clamp(-20.0, 20.0) * &mask_f)
+        .sum_dim_intlist([1].as_slice(), true, kind)
+        .clamp(1e-8f64.ln(), 20.0);
+    let nonneg = advantages.ge(0.0).to_kind(kind);
+    let by_sign = |pos: f64, neg: f64| &nonneg * (pos - neg) + neg;
+    let (k, lambda) = (
+        by_sign(k_pos, k_neg),
+        by_sign(lambda_pos, lambda_neg).clamp_min(1e-4),
+    );
+    let log_phi = &lambda + k * &log_w - lambda * log_w.exp();
+    log_phi.exp().nan_to_num(0.0, 0.0, 0.0)
 }
 
 /// Clipped value loss: `½·mean(max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²))` and the
@@ -928,6 +989,8 @@ mod tests {
         assert!((get(LossAggregation::SeqMeanTokenMean, &x, &mask) - seq_means).abs() < 1e-6);
         let seq_sums = (10.0 + 11.0 + 7.0 + 3.0) / 4.0 / 4.0;
         assert!((get(LossAggregation::SeqMeanTokenSumNorm, &x, &mask) - seq_sums).abs() < 1e-6);
+        let seq_sums = (10.0 + 11.0 + 7.0 + 3.0) / 4.0;
+        assert!((get(LossAggregation::SeqMeanTokenSum, &x, &mask) - seq_sums).abs() < 1e-6);
         for a in LossAggregation::NAMES.map(|(_, a)| a) {
             let whole = get(a, &x, &mask);
             let mb_tokens = mask.sum(Kind::Float).double_value(&[]);
@@ -1258,6 +1321,77 @@ mod tests {
         let grad = to_vec(&logprobs.grad())[0].clone();
         for i in 0..4 {
             assert!((grad[i] - (-adv[i] / n) * mask[i]).abs() < 1e-6, "{grad:?}");
+        }
+    }
+
+    /// VESPO against TRL's formula written out: per response, log w = Σ log π/π_old over
+    /// its tokens, φ = e^λ·w^k·e^(−λw) by the advantage's sign, the gradient −φ·A/N on
+    /// each token's log-prob (φ detached); φ(1) = 1, so on-policy it is the policy
+    /// gradient; `vespo/phi_seq_mean` is the mean over responses.
+    #[test]
+    fn vespo_weights_the_gradient_by_the_sequence_gamma() {
+        let lp = [[-0.5f32, -1.0, -2.0], [-0.7, -0.2, -0.4]];
+        let old = [[-0.6f32, -1.1, -2.3], [-0.4, -0.2, -0.1]];
+        let adv = [[1.5f32, 1.5, 1.5], [-0.5, -0.5, -0.5]];
+        let mask = [[1f32, 1.0, 1.0], [1.0, 1.0, 0.0]];
+        let vespo = Objective::Vespo {
+            k_pos: 2.0,
+            lambda_pos: 3.0,
+            k_neg: 3.0,
+            lambda_neg: 2.0,
+        };
+        let rows = |x: &[[f32; 3]; 2]| t(&[&x[0], &x[1]]);
+        let run = |lp: &[[f32; 3]; 2]| {
+            let logprobs = rows(lp).set_requires_grad(true);
+            let surrogate = Surrogate {
+                objective: vespo,
+                ..Surrogate::ppo(Clip::symmetric(0.2))
+            };
+            let out = policy_loss(
+                &logprobs,
+                &rows(&old),
+                &rows(&adv),
+                (&rows(&mask), None),
+                &surrogate,
+            );
+            out.loss.backward();
+            (out, to_vec(&logprobs.grad()))
+        };
+        let (out, grad) = run(&lp);
+        let n = 5.0f64;
+        let (mut loss, mut phis) = (0f64, vec![]);
+        for r in 0..2 {
+            let log_w: f64 = (0..3)
+                .map(|i| f64::from((lp[r][i] - old[r][i]) * mask[r][i]))
+                .sum();
+            let (k, lambda) = if adv[r][0] >= 0.0 {
+                (2.0, 3.0)
+            } else {
+                (3.0, 2.0)
+            };
+            let phi = (lambda + k * log_w - lambda * log_w.exp()).exp();
+            phis.push(phi);
+            for i in 0..3 {
+                let a = f64::from(adv[r][i] * mask[r][i]);
+                loss += -phi * a * f64::from(lp[r][i]);
+                let want = -phi * a / n;
+                assert!(
+                    (f64::from(grad[r][i]) - want).abs() < 1e-6,
+                    "{r} {i}: {grad:?}"
+                );
+            }
+        }
+        assert!((out.loss.double_value(&[]) - loss / n).abs() < 1e-6);
+        assert!((out.vespo_phi - (phis[0] + phis[1]) / 2.0).abs() < 1e-6);
+        assert!(phis[0] != 1.0 && phis[1] != 1.0);
+        // On-policy: φ = 1 and the gradient is −A/N.
+        let (out, grad) = run(&old);
+        assert!((out.vespo_phi - 1.0).abs() < 1e-6);
+        for r in 0..2 {
+            for i in 0..3 {
+                let want = -f64::from(adv[r][i] * mask[r][i]) / n;
+                assert!((f64::from(grad[r][i]) - want).abs() < 1e-6, "{grad:?}");
+            }
         }
     }
 

@@ -90,6 +90,8 @@ pub struct UpdateStats {
     pub clip_high: f64,
     pub value_clipfrac: f64,
     pub ratio: f64,
+    /// VESPO's mean φ (`--policy-loss vespo`).
+    pub vespo_phi: Option<f64>,
     /// Max |ratio − 1| on the first minibatch, before any update: 0 unless dropout is on or
     /// the rollout and the training forward disagree.
     pub first_ratio_max_dev: f64,
@@ -181,6 +183,8 @@ pub fn update(
         clip_high: avg("clip_high"),
         value_clipfrac: avg("vclip"),
         ratio: avg("ratio"),
+        vespo_phi: (args.policy_loss == crate::args::PolicyLossName::Vespo)
+            .then(|| avg("vespo_phi")),
         first_ratio_max_dev,
         outcome: outcome.expect("at least one minibatch"),
     })
@@ -270,6 +274,8 @@ fn minibatch_backward(
         add("clip_low", pl.clip_low);
         add("clip_high", pl.clip_high);
         add("ratio", pl.ratio_mean);
+        // A mean over sequences: this micro-batch's share of the minibatch's rows.
+        *stats.entry("vespo_phi").or_default() += pl.vespo_phi * part.len() as f64 / mb_rows;
         if let (Some(critic), Some(values), Some(returns)) =
             (&learners.critic, &ro.values, &adv.returns)
         {
@@ -342,7 +348,7 @@ fn high_entropy_tokens(
 }
 
 /// The statistics a minibatch's ranks sum.
-const STAT_KEYS: [&str; 9] = [
+const STAT_KEYS: [&str; 10] = [
     "policy",
     "approxkl",
     "clipfrac",
@@ -352,6 +358,7 @@ const STAT_KEYS: [&str; 9] = [
     "kl",
     "value",
     "vclip",
+    "vespo_phi",
 ];
 
 /// PPO-ptx: the language-modelling loss of the next `rows` SFT rows (this rank's share of

@@ -440,8 +440,9 @@ fn gspo_batch_scaling_delta_and_overlong_filtering() {
     );
 }
 
-/// `--policy-loss cispo` (weight capped at 5, ScaleRL's) and `sapo` (sampled with
-/// `--repetition-penalty`) run end to end: the first minibatch is on-policy, CISPO's cap binds on no token at ratios this close to 1,
+/// `--policy-loss cispo` (weight capped at 5, ScaleRL's), `sapo` (sampled with
+/// `--repetition-penalty`) and `vespo` (summed over each response's tokens, TRL's
+/// `luspo` aggregation) run end to end: the first minibatch is on-policy, CISPO's cap binds on no token at ratios this close to 1,
 /// and the policy moves.
 #[test]
 fn cispo_and_sapo_train() {
@@ -451,6 +452,15 @@ fn cispo_and_sapo_train() {
         (
             "sapo",
             ["--policy-loss", "sapo", "--sapo-temperature-neg", "1.05"],
+        ),
+        (
+            "vespo",
+            [
+                "--policy-loss",
+                "vespo",
+                "--loss-aggregation",
+                "seq-mean-token-sum",
+            ],
         ),
     ] {
         let out = f.root.join(format!("run-{name}"));
@@ -476,6 +486,11 @@ fn cispo_and_sapo_train() {
                 r["loss/policy_avg"].as_f64().unwrap().is_finite(),
                 "{name}: {r}"
             );
+            // VESPO's Gamma weight: 1 on the first minibatch, below its peak (1.24 at
+            // these k and λ) and above 0 on the second, off-policy one.
+            let phi = r.get("vespo/phi_seq_mean").and_then(Value::as_f64);
+            assert_eq!(phi.is_some(), name == "vespo", "{name}: {r}");
+            assert!(phi.is_none_or(|p| p > 0.0 && p < 1.25), "{name}: {r}");
         }
         let moved = rlhf_tests::max_weight_diff(&f.policy, &out.join("final"), Head::Lm);
         assert!(moved > 1e-5, "{name}: the policy did not move");
@@ -554,8 +569,12 @@ fn bad_group_options_are_refused_with_one_line() {
         a.scale_rewards = Some("batch".parse().unwrap());
     };
     let quantile = |a: &mut TrainArgs| a.top_entropy_quantile = 1.5;
+    let vespo = |a: &mut TrainArgs| {
+        a.policy_loss = ppo::args::PolicyLossName::Vespo;
+        a.importance_sampling_level = "sequence".parse().unwrap();
+    };
     type Change<'a> = &'a dyn Fn(&mut TrainArgs);
-    let cases: [(Change, &str); 9] = [
+    let cases: [(Change, &str); 10] = [
         (
             &sync,
             "--sync-ref-model needs a reference copy to move: not with --kl-coef 0",
@@ -571,6 +590,7 @@ fn bad_group_options_are_refused_with_one_line() {
         (&delta, "--delta must be > 1"),
         (&scale, "--scale-rewards needs --advantage-estimator grpo"),
         (&quantile, "--top-entropy-quantile must be in [0, 1]"),
+        (&vespo, "--policy-loss vespo forms its own sequence-level weight"),
     ];
     for (change, want) in cases {
         let mut a = args(&out, &[]);
