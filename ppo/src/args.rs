@@ -10,8 +10,8 @@ use common::cli::{
 use serde::Serialize;
 
 use crate::math::{
-    AdvantageEstimator, Clip, ImportanceSampling, KlEstimator, LossAggregation, Objective,
-    RewardScale, Surrogate,
+    AdaptiveEntropy, AdvantageEstimator, Clip, EntropyController, ImportanceSampling, KlEstimator,
+    LossAggregation, Objective, RewardScale, Surrogate,
 };
 
 /// `--advantage-estimator`: the names users give; [`TrainArgs::advantage_estimator`] turns
@@ -291,9 +291,25 @@ pub struct TrainArgs {
     /// Weight of the value loss.
     #[arg(long, default_value_t = 0.1)]
     pub vf_coef: f64,
-    /// Entropy bonus weight (0: none).
+    /// Entropy bonus weight (0: none; with --use-adaptive-entropy, its starting value).
     #[arg(long, default_value_t = 0.0)]
     pub entropy_coef: f64,
+    /// Skywork-OR1's adaptive entropy control (TRL's `use_adaptive_entropy`): after each
+    /// optimiser step the coefficient grows by --entropy-coef-delta while the step's mean
+    /// token entropy (every rank's) is at or below --entropy-target, and shrinks by it
+    /// otherwise, within [--entropy-coef-min, --entropy-coef-max]; the bonus applies only
+    /// on a step after one whose entropy was at or below the target.
+    #[arg(long)]
+    pub use_adaptive_entropy: bool,
+    #[arg(long, default_value_t = 0.0)]
+    pub entropy_coef_min: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub entropy_coef_max: f64,
+    #[arg(long, default_value_t = 0.005)]
+    pub entropy_coef_delta: f64,
+    /// The mean token entropy (nats) adaptive control keeps the policy above.
+    #[arg(long, default_value_t = 0.2)]
+    pub entropy_target: f64,
     /// Learning rate of the value model (default: --lr).
     #[arg(long)]
     pub value_lr: Option<f64>,
@@ -360,6 +376,20 @@ impl TrainArgs {
             EstimatorName::ReinforcePlusPlus => {
                 AdvantageEstimator::ReinforcePlusPlus { gamma: self.gamma }
             }
+        }
+    }
+
+    /// The entropy bonus's coefficient at the start of a run.
+    pub fn entropy_controller(&self) -> EntropyController {
+        EntropyController {
+            coef: self.entropy_coef,
+            last_entropy: None,
+            adaptive: self.use_adaptive_entropy.then_some(AdaptiveEntropy {
+                target: self.entropy_target,
+                delta: self.entropy_coef_delta,
+                min: self.entropy_coef_min,
+                max: self.entropy_coef_max,
+            }),
         }
     }
 
@@ -514,6 +544,19 @@ impl TrainArgs {
                     .iter()
                     .all(|x| x.is_finite() && *x >= 0.0),
                 "--vespo-k-pos, --vespo-lambda-pos, --vespo-k-neg and --vespo-lambda-neg must be ≥ 0",
+            ),
+            (
+                self.entropy_coef >= 0.0 && self.entropy_coef.is_finite(),
+                "--entropy-coef must be ≥ 0",
+            ),
+            (
+                !self.use_adaptive_entropy
+                    || (0.0 <= self.entropy_coef_min
+                        && self.entropy_coef_min <= self.entropy_coef_max
+                        && self.entropy_coef_max.is_finite()
+                        && self.entropy_coef_delta >= 0.0
+                        && self.entropy_target >= 0.0),
+                "--use-adaptive-entropy needs 0 ≤ --entropy-coef-min ≤ --entropy-coef-max, --entropy-coef-delta ≥ 0 and --entropy-target ≥ 0",
             ),
             (
                 (0.0..=1.0).contains(&self.top_entropy_quantile),

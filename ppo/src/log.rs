@@ -93,6 +93,9 @@ pub(crate) fn iteration_scalars(
     if it.stats.kl_loss != 0.0 {
         scalars.push(("loss/kl_avg", mean(it.stats.kl_loss)));
     }
+    if let Some(coef) = it.entropy_coef {
+        scalars.push(("entropy_coef", coef));
+    }
     if let Some(phi) = it.stats.vespo_phi {
         scalars.push(("vespo/phi_seq_mean", mean(phi)));
     }

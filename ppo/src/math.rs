@@ -758,6 +758,59 @@ impl KlController {
     }
 }
 
+/// The entropy bonus's coefficient: fixed (`--entropy-coef`), or adapted after each
+/// optimiser step towards a target entropy (Skywork-OR1; TRL 1.16's
+/// `use_adaptive_entropy`, see [`EntropyController::update`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EntropyController {
+    pub coef: f64,
+    /// The last optimiser step's mean token entropy over every rank (`None` before the
+    /// first: TRL's +∞).
+    pub last_entropy: Option<f64>,
+    #[serde(skip)]
+    pub adaptive: Option<AdaptiveEntropy>,
+}
+
+/// `--use-adaptive-entropy`'s settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveEntropy {
+    pub target: f64,
+    pub delta: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl EntropyController {
+    /// Whether the loss has an entropy bonus at all (its entropies then keep their graph).
+    pub fn on(&self) -> bool {
+        self.coef > 0.0 || self.adaptive.is_some()
+    }
+
+    /// The coefficient this step applies: adaptive control applies its coefficient only
+    /// after a step whose entropy was at or below the target.
+    pub fn applied(&self) -> f64 {
+        match self.adaptive {
+            None => self.coef,
+            Some(a) if self.last_entropy.is_some_and(|e| e <= a.target) => self.coef,
+            Some(_) => 0.0,
+        }
+    }
+
+    /// After an optimiser step whose tokens had mean entropy `entropy`: the coefficient
+    /// grows by `delta` at or below the target and shrinks by it above, within
+    /// [`min`, `max`] (a fixed coefficient stays).
+    pub fn update(&mut self, entropy: f64) {
+        if let Some(a) = self.adaptive {
+            self.coef = if entropy <= a.target {
+                (self.coef + a.delta).min(a.max)
+            } else {
+                (self.coef - a.delta).max(a.min)
+            };
+            self.last_entropy = Some(entropy);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1393,6 +1446,53 @@ mod tests {
                 assert!((f64::from(grad[r][i]) - want).abs() < 1e-6, "{grad:?}");
             }
         }
+    }
+
+    /// Adaptive entropy control as TRL 1.16 steps it: nothing applied before the first
+    /// measurement, then the coefficient grows by δ (to the cap) while the entropy is at or
+    /// below the target and applies, shrinks above it and does not apply; a fixed
+    /// coefficient always applies and never moves.
+    #[test]
+    fn adaptive_entropy_follows_the_target() {
+        let mut c = EntropyController {
+            coef: 0.1,
+            last_entropy: None,
+            adaptive: Some(AdaptiveEntropy {
+                target: 0.5,
+                delta: 0.05,
+                min: 0.0,
+                max: 0.2,
+            }),
+        };
+        assert!(c.on());
+        assert_eq!(c.applied(), 0.0);
+        let mut seen = vec![];
+        for entropy in [0.3, 0.4, 0.5, 0.6, 0.9, 0.9, 0.9, 0.1] {
+            c.update(entropy);
+            seen.push((c.coef, c.applied()));
+        }
+        let want = [
+            (0.15, 0.15),
+            (0.2, 0.2),
+            (0.2, 0.2),
+            (0.15, 0.0),
+            (0.1, 0.0),
+            (0.05, 0.0),
+            (0.0, 0.0),
+            (0.05, 0.05),
+        ];
+        for ((c, a), (wc, wa)) in seen.iter().zip(want) {
+            assert!((c - wc).abs() < 1e-12 && (a - wa).abs() < 1e-12, "{seen:?}");
+        }
+        let mut fixed = EntropyController {
+            coef: 0.01,
+            last_entropy: None,
+            adaptive: None,
+        };
+        fixed.update(9.0);
+        assert_eq!((fixed.coef, fixed.applied()), (0.01, 0.01));
+        fixed.coef = 0.0;
+        assert!(!fixed.on());
     }
 
     /// `delta` caps the unclipped ratio: a negative advantage on a token whose probability

@@ -23,7 +23,7 @@ use tch::{Device, Kind};
 
 pub use crate::args::TrainArgs;
 use crate::log::{iteration_scalars, write_samples, Timings};
-use crate::math::{advantages, kl_per_token, rewards, Advantages, KlController};
+use crate::math::{advantages, kl_per_token, rewards, Advantages, EntropyController, KlController};
 use crate::reward_fn::{
     row_answer, ExactAnswer, RewardCommand, RewardFunction, RewardModel, RewardSource,
 };
@@ -36,6 +36,9 @@ use data::formats::PromptFields;
 struct PpoState {
     kl_coef: f64,
     ptx_sampler: SamplerPosition,
+    /// The entropy bonus's coefficient and last entropy (absent in earlier checkpoints).
+    #[serde(default)]
+    entropy: Option<EntropyController>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -261,6 +264,7 @@ struct Ppo<'a> {
     ptx: Option<Ptx>,
     ema: Option<Ema>,
     kl_ctl: KlController,
+    entropy: EntropyController,
     eos_ids: Vec<i64>,
 }
 
@@ -285,6 +289,8 @@ pub(crate) struct Iteration {
     /// when no reference is held), and the coefficient β it was weighted with.
     pub mean_kl: Option<f64>,
     pub beta: f64,
+    /// The entropy bonus's coefficient after the iteration (when the loss has a bonus).
+    pub entropy_coef: Option<f64>,
     /// Mean score over the batch (all ranks).
     pub mean_score: f64,
     pub stats: UpdateStats,
@@ -451,6 +457,7 @@ impl<'a> Ppo<'a> {
                 target: args.kl_target,
                 horizon: args.kl_horizon,
             },
+            entropy: args.entropy_controller(),
         })
     }
 
@@ -468,6 +475,10 @@ impl<'a> Ppo<'a> {
         self.sampler.restore(session.state.sampler);
         if let Some(state) = &state {
             self.kl_ctl.value = state.kl_coef;
+            if let Some(saved) = state.entropy {
+                self.entropy.coef = saved.coef;
+                self.entropy.last_entropy = saved.last_entropy;
+            }
         }
         if let (Some(ptx), Some(state)) = (&mut self.ptx, &state) {
             ptx.sampler.restore(state.ptx_sampler);
@@ -529,6 +540,7 @@ impl<'a> Ppo<'a> {
             critic: self.critic.as_mut(),
             ptx: self.ptx.as_mut(),
             ema: self.ema.as_mut(),
+            entropy: &mut self.entropy,
         };
         let stats = update(args, (&ro, &adv), learners, world, (step, beta))?;
         let train_time = train_started.elapsed().as_secs_f64();
@@ -548,6 +560,7 @@ impl<'a> Ppo<'a> {
                 .as_ref()
                 .map(|p| p.sampler.position())
                 .unwrap_or_default(),
+            entropy: Some(self.entropy),
         };
         session.state.extra = serde_json::to_value(&state)?;
         let loss = stats.policy_loss + args.vf_coef * stats.value_loss;
@@ -562,6 +575,7 @@ impl<'a> Ppo<'a> {
             non_score,
             mean_kl,
             beta,
+            entropy_coef: self.entropy.on().then_some(self.entropy.coef),
             mean_score,
             stats,
             timings: Timings {

@@ -15,7 +15,8 @@ use tch::{Kind, Tensor};
 
 use crate::args::TrainArgs;
 use crate::math::{
-    high_entropy_mask, kl_per_token, policy_loss, value_loss, Advantages, KlEstimator,
+    high_entropy_mask, kl_per_token, policy_loss, value_loss, Advantages, EntropyController,
+    KlEstimator,
 };
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
@@ -68,12 +69,13 @@ pub struct Ptx {
 }
 
 /// What the update trains: the policy, the critic (when the estimator has one), and what
-/// rides along with the policy's steps.
+/// rides along with the policy's steps (the entropy bonus's coefficient among them).
 pub struct Learners<'a> {
     pub policy: &'a mut Trainee,
     pub critic: Option<&'a mut Trainee>,
     pub ptx: Option<&'a mut Ptx>,
     pub ema: Option<&'a mut Ema>,
+    pub entropy: &'a mut EntropyController,
 }
 
 /// Averages over the minibatches of one iteration.
@@ -141,8 +143,9 @@ pub fn update(
                 .filter(|&&g| g >= offset && g < offset + b)
                 .map(|&g| (g - offset) as i64)
                 .collect();
+            let coefs = (beta, learners.entropy.applied());
             let mut mb_stats =
-                minibatch_backward(args, (ro, adv, &policy_mask), &learners, &mb, world, beta);
+                minibatch_backward(args, (ro, adv, &policy_mask), &learners, &mb, world, coefs);
             let dev = mb_stats.remove("ratio_max_dev").unwrap_or(0.0);
             if epoch == 0 && mb_index == 0 {
                 first_ratio_max_dev = dev;
@@ -164,6 +167,10 @@ pub fn update(
             }
             if let Some(ema) = learners.ema.as_deref_mut() {
                 ema.update(&learners.policy.model);
+            }
+            let tokens = mb_stats["entropy_tokens"];
+            if tokens > 0.0 {
+                learners.entropy.update(mb_stats["entropy_sum"] / tokens);
             }
             for (k, v) in mb_stats {
                 *sums.entry(k).or_default() += v;
@@ -202,7 +209,7 @@ fn minibatch_backward(
     learners: &Learners,
     mb: &[i64],
     world: &World,
-    beta: f64,
+    (beta, entropy_coef): (f64, f64),
 ) -> BTreeMap<&'static str, f64> {
     let device = ro.full_ids.device();
     let micro = mb.len().div_ceil(args.grad_accum).max(1);
@@ -236,7 +243,7 @@ fn minibatch_backward(
             &ids,
             &full_mask,
             ro.prompt_len,
-            (args.temperature, args.entropy_coef > 0.0),
+            (args.temperature, entropy_coef > 0.0),
         );
         let keep = keep.as_ref().map(pick);
         let pl = policy_loss(
@@ -247,14 +254,22 @@ fn minibatch_backward(
             &surrogate,
         );
         let mut policy_total = &pl.loss * weight;
-        if args.entropy_coef > 0.0 {
-            // On the tokens that carry the policy loss.
-            let ent = match &keep {
-                Some(keep) => ent * keep,
-                None => ent,
-            };
-            policy_total -= aggregation.aggregate(&ent, &mask, norm) * (args.entropy_coef * weight);
+        // The bonus acts on the tokens that carry the policy loss.
+        let ent = match &keep {
+            Some(keep) => ent * keep,
+            None => ent,
+        };
+        if entropy_coef > 0.0 {
+            policy_total -= aggregation.aggregate(&ent, &mask, norm) * (entropy_coef * weight);
         }
+        // Adaptive entropy control measures the tokens' mean entropy over every rank.
+        let acting = match &keep {
+            Some(keep) => &mask * keep,
+            None => mask.shallow_clone(),
+        };
+        *stats.entry("entropy_sum").or_default() +=
+            (ent.detach() * &acting).sum(Kind::Float).double_value(&[]);
+        *stats.entry("entropy_tokens").or_default() += acting.sum(Kind::Float).double_value(&[]);
         if args.kl_in_loss {
             // GRPO's form: k3 of the reference against the current policy, per token.
             let kl = kl_per_token(&new_lp, &pick(&ro.ref_logprobs), &mask, KlEstimator::K3);
@@ -348,7 +363,7 @@ fn high_entropy_tokens(
 }
 
 /// The statistics a minibatch's ranks sum.
-const STAT_KEYS: [&str; 10] = [
+const STAT_KEYS: [&str; 12] = [
     "policy",
     "approxkl",
     "clipfrac",
@@ -359,6 +374,8 @@ const STAT_KEYS: [&str; 10] = [
     "value",
     "vclip",
     "vespo_phi",
+    "entropy_sum",
+    "entropy_tokens",
 ];
 
 /// PPO-ptx: the language-modelling loss of the next `rows` SFT rows (this rank's share of

@@ -262,11 +262,13 @@ fn a_reward_program_failing_on_one_rank_stops_every_rank_resumably() {
 #[test]
 fn killed_grpo_run_resumes_to_the_same_weights() {
     let f = fixture();
-    // Plain, and with the reference moved towards the policy at step 2
-    // (`--sync-ref-model`): the resumed run reads the moved reference from the step-2
-    // checkpoint.
+    // Plain, with the reference moved towards the policy at step 2 (`--sync-ref-model`):
+    // the resumed run reads the moved reference from the step-2 checkpoint; and with
+    // adaptive entropy control, whose coefficient and last entropy it reads back too.
     let sync = "--sync-ref-model --ref-model-sync-steps 2 --ref-model-mixup-alpha 0.5";
-    for (tag, options) in [("plain", ""), ("sync", sync)] {
+    let entropy =
+        "--use-adaptive-entropy --entropy-coef 0.01 --entropy-coef-delta 0.01 --entropy-target 10";
+    for (tag, options) in [("plain", ""), ("sync", sync), ("entropy", entropy)] {
         let mut extra = vec!["--max-steps", "4", "--save-every", "2"];
         extra.extend(options.split_whitespace());
         let straight = f.root.join(format!("run-grpo-straight-{tag}"));
@@ -301,6 +303,17 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
     );
     let diff = rlhf_tests::max_weight_diff(&plain, &synced, Head::Lm);
     assert!(diff > 1e-6, "the moved reference changed nothing");
+    // The entropy (≈ 5.4 nats) stays under the target: the coefficient grows by 0.01 at
+    // each of the 2 optimiser steps of an iteration.
+    let coefs: Vec<f64> = metrics(&f.root.join("run-grpo-straight-entropy"))
+        .iter()
+        .map(|r| r["entropy_coef"].as_f64().unwrap())
+        .collect();
+    let want = [0.03, 0.05, 0.07, 0.09];
+    assert!(
+        coefs.iter().zip(want).all(|(c, w)| (c - w).abs() < 1e-9),
+        "{coefs:?}"
+    );
 }
 
 /// The process `killed_grpo_run_resumes…` starts and kills (ignored on its own).
@@ -590,7 +603,10 @@ fn bad_group_options_are_refused_with_one_line() {
         (&delta, "--delta must be > 1"),
         (&scale, "--scale-rewards needs --advantage-estimator grpo"),
         (&quantile, "--top-entropy-quantile must be in [0, 1]"),
-        (&vespo, "--policy-loss vespo forms its own sequence-level weight"),
+        (
+            &vespo,
+            "--policy-loss vespo forms its own sequence-level weight",
+        ),
     ];
     for (change, want) in cases {
         let mut a = args(&out, &[]);
