@@ -168,6 +168,55 @@ fn sampling_is_reproducible_by_seed() {
     assert_ne!(a, c);
 }
 
+/// `--num-return-sequences 3`: three rows per prompt, in order, numbered; sampled at
+/// temperature 1 they differ, greedy (temperature 0) they are the greedy completion.
+#[test]
+fn several_completions_per_prompt() {
+    let f = fixture();
+    let (summary, rows) = generate(
+        "generated-n3.jsonl",
+        &[
+            "--num-return-sequences",
+            "3",
+            "--max-new-tokens",
+            "12",
+            "--batch-size",
+            "4",
+        ],
+    );
+    assert_eq!(summary["rows"], 9);
+    for (k, row) in rows.iter().enumerate() {
+        assert_eq!(
+            (row["index"].as_u64(), row["sample"].as_u64()),
+            (Some(k as u64 / 3), Some(k as u64 % 3))
+        );
+    }
+    let distinct = |p: usize| {
+        let c: std::collections::HashSet<_> = rows[3 * p..3 * p + 3]
+            .iter()
+            .map(|r| r["completion"].to_string())
+            .collect();
+        c.len()
+    };
+    assert!(
+        (0..3).any(|p| distinct(p) > 1),
+        "no prompt got two different samples: {rows:?}"
+    );
+    let greedy = [
+        "--num-return-sequences",
+        "2",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "16",
+    ];
+    let (_, rows) = generate("generated-n2-greedy.jsonl", &greedy);
+    assert_eq!(rows.len(), 6);
+    for (k, row) in rows.iter().enumerate() {
+        assert_eq!(row["completion"], f.reference["generate"][k / 2], "row {k}");
+    }
+}
+
 /// Each bad input: exit code ≠ 0, one line naming the file (and line), no panic.
 #[test]
 fn bad_data_files_fail_with_one_clear_line() {

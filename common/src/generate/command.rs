@@ -50,6 +50,10 @@ pub struct GenerateArgs {
     /// Seed of the sampling; the same seed gives the same completions.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Completions per prompt (transformers' `num_return_sequences`): with N > 1 each
+    /// prompt's N rows follow one another, each with its `sample` number (0..N).
+    #[arg(long, default_value_t = 1)]
+    pub num_return_sequences: usize,
     /// Token ids that end a completion (comma-separated); default: generation_config.json's
     /// eos_token_id, else config.json's, else the tokenizer's EOS.
     #[arg(long, value_delimiter = ',')]
@@ -100,6 +104,10 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
             args.repetition_penalty > 0.0 && args.repetition_penalty.is_finite(),
             "--repetition-penalty must be > 0",
         ),
+        (
+            args.num_return_sequences > 0,
+            "--num-return-sequences must be at least 1",
+        ),
     ])?;
     let (device, kind) = args.device.resolve();
     let prompts = data::read_prompts(&args.prompts)?;
@@ -134,14 +142,19 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
     if eos_ids.is_empty() {
         tracing::warn!("no EOS token id is known: every completion runs to --max-new-tokens");
     }
-    let mut rows = Vec::with_capacity(prompts.len());
+    // (prompt index, sample number) of each row to generate, a prompt's samples together.
+    let n = args.num_return_sequences;
+    let jobs: Vec<(usize, usize)> = (0..encoded.len())
+        .flat_map(|i| (0..n).map(move |j| (i, j)))
+        .collect();
+    let mut rows = Vec::with_capacity(jobs.len());
     let mut summary = GenerateSummary {
         rows: 0,
         finished_eos: 0,
         tokens: 0,
     };
-    for (b, chunk) in encoded.chunks(args.batch_size).enumerate() {
-        let refs: Vec<&[i64]> = chunk.iter().map(Vec::as_slice).collect();
+    for (b, chunk) in jobs.chunks(args.batch_size).enumerate() {
+        let refs: Vec<&[i64]> = chunk.iter().map(|&(i, _)| encoded[i].as_slice()).collect();
         let batch = collate_left(&refs, tok.pad_id, device);
         let cfg = SamplingConfig {
             max_new_tokens: args.max_new_tokens,
@@ -158,17 +171,20 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
         };
         let out = generate(&model, &batch.input_ids, &batch.attention_mask, &cfg);
         let tokens = Vec::<Vec<i64>>::try_from(out.tokens.to_device(tch::Device::Cpu))?;
-        for (i, row) in tokens.iter().enumerate() {
-            let index = b * args.batch_size + i;
+        for (i, (row, &(index, sample))) in tokens.iter().zip(chunk).enumerate() {
             let len = out.lengths[i] as usize;
             summary.tokens += len as i64;
             summary.finished_eos += usize::from(out.finish[i] == FinishReason::Eos);
-            rows.push(json!({
+            let mut line = json!({
                 "index": index,
                 "prompt": prompts[index].to_json(),
                 "completion": tok.decode(&row[..len], true),
                 "finish_reason": out.finish[i].as_str(),
-            }));
+            });
+            if n > 1 {
+                line["sample"] = json!(sample);
+            }
+            rows.push(line);
         }
     }
     summary.rows = rows.len();
