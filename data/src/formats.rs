@@ -253,7 +253,7 @@ fn refuse_unused_shapes(row: &Row, stage: &str) -> Result<()> {
     if row.has("label") && row.has("completion") {
         return Err(row.error(
             Some("label"),
-            format!("an unpaired preference row ('prompt', 'completion', 'label'; KTO's format) cannot be used by {stage}: it needs {}", accepted(stage)),
+            format!("an unpaired preference row ('prompt', 'completion', 'label'; KTO's format) cannot be used by {stage}: it needs {} (`dpo --loss-type kto` reads unpaired rows)", accepted(stage)),
         ));
     }
     if row.has("completions") && row.has("labels") {
@@ -385,7 +385,7 @@ fn implicit_prompt(row: &Row) -> Result<(Content, Vec<Content>)> {
 
 impl PreferenceExample {
     pub fn decode(row: &Row) -> Result<Self> {
-        refuse_unused_shapes(row, "reward training")?;
+        refuse_unused_shapes(row, "reward training or a paired loss")?;
         refuse_tools(row)?;
         // TRL's maybe_extract_prompt: without a prompt, or with a prompt of the other kind
         // (ultrafeedback_binarized: a string prompt, then whole conversations that start
@@ -440,6 +440,47 @@ impl PreferenceExample {
             responses,
             margin: row.number("margin")?,
         })
+    }
+}
+
+/// An unpaired preference row (TRL's KTO format): a prompt, one completion, and whether
+/// the completion is desirable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnpairedExample {
+    pub prompt: Content,
+    pub completion: Content,
+    pub label: bool,
+}
+
+/// A row an unpaired loss (KTO) reads: an unpaired row as it is, or a preference row
+/// whose pairs are unpaired (TRL's `unpair_preference_dataset`: the chosen response
+/// desirable, the rejected one not).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedbackExample {
+    Unpaired(UnpairedExample),
+    Preference(PreferenceExample),
+}
+
+impl FeedbackExample {
+    pub fn decode(row: &Row) -> Result<Self> {
+        if !(row.has("label") && row.has("completion")) {
+            return Ok(FeedbackExample::Preference(PreferenceExample::decode(row)?));
+        }
+        refuse_tools(row)?;
+        let label = match &row.object["label"] {
+            Value::Bool(b) => *b,
+            other => {
+                return Err(row.error(
+                    Some("label"),
+                    format!("expected true or false, got {}", type_name(other)),
+                ))
+            }
+        };
+        Ok(FeedbackExample::Unpaired(UnpairedExample {
+            prompt: content(row, "prompt")?,
+            completion: content(row, "completion")?,
+            label,
+        }))
     }
 }
 
@@ -660,7 +701,25 @@ mod tests {
         );
         let e = err(read_one(unpaired, PreferenceExample::decode));
         assert!(
-            e.contains("cannot be used by reward training: it needs 'chosen'"),
+            e.contains("cannot be used by reward training or a paired loss: it needs 'chosen'"),
+            "{e}"
+        );
+        // An unpaired loss reads it; a label must be a boolean.
+        let row = read_one(unpaired, FeedbackExample::decode).unwrap();
+        assert_eq!(
+            row[0],
+            FeedbackExample::Unpaired(UnpairedExample {
+                prompt: Content::Text("q".into()),
+                completion: Content::Text("a".into()),
+                label: false,
+            })
+        );
+        let e = err(read_one(
+            r#"{"prompt": "q", "completion": "a", "label": 1}"#,
+            FeedbackExample::decode,
+        ));
+        assert!(
+            e.contains("field 'label': expected true or false, got a number"),
             "{e}"
         );
         assert_eq!(

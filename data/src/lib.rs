@@ -32,6 +32,11 @@ pub fn read_preferences(path: &Path) -> Result<jsonl::Rows<PreferenceExample>> {
     jsonl::read(path, PreferenceExample::decode)
 }
 
+/// Reads unpaired feedback (KTO's rows) or preference rows, for an unpaired loss.
+pub fn read_feedback(path: &Path) -> Result<jsonl::Rows<formats::FeedbackExample>> {
+    jsonl::read(path, formats::FeedbackExample::decode)
+}
+
 /// Reads a prompt file keeping each row's other fields (for rewards that read them).
 pub fn read_prompts_with_fields(
     path: &Path,

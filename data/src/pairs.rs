@@ -13,7 +13,7 @@
 use tch::{Device, Tensor};
 
 use crate::error::Result;
-use crate::formats::{Content, Message, PreferenceExample, TemplateArgs};
+use crate::formats::{Content, FeedbackExample, Message, PreferenceExample, TemplateArgs};
 use crate::jsonl::Rows;
 use crate::preference::pad_right;
 use crate::sft::Truncation;
@@ -145,8 +145,11 @@ pub fn truncate(mut pair: TokenizedPair, limits: PairLimits) -> Option<(Tokenize
 #[derive(Debug, Default, Clone)]
 pub struct PreparedPairs {
     pub pairs: Vec<TokenizedPair>,
-    /// For each pair: its row in the file and the two responses' places in the ranking.
+    /// For each pair: its row in the file and the two responses' places in the ranking
+    /// (unpaired: the response's place, twice).
     pub origin: Vec<(usize, usize, usize)>,
+    /// Unpaired feedback ([`prepare_unpaired`]): whether each completion is desirable.
+    pub labels: Vec<bool>,
     pub truncated: usize,
     pub dropped: usize,
 }
@@ -176,6 +179,115 @@ pub fn prepare(
     Ok(out)
 }
 
+/// One unpaired completion: prompt and completion tokens, whether it is desirable, and its
+/// place among its row's responses.
+pub type UnpairedItem = (Vec<i64>, Vec<i64>, bool, usize);
+
+/// A row's unpaired completions, each tokenized alone as TRL's `KTOTrainer` does (the
+/// completion starts after its own common prefix with the prompt), in two lists: an
+/// unpaired row's one completion (first); a preference row's pairs unpaired, the chosen
+/// responses (desirable) first and the rejected ones second.
+pub fn tokenize_unpaired(
+    ex: &FeedbackExample,
+    tok: &Tokenizer,
+) -> Result<(Vec<UnpairedItem>, Vec<UnpairedItem>)> {
+    type Places = Vec<(usize, bool)>;
+    let (prompt, responses, first, second): (&Content, Vec<&Content>, Places, Places) = match ex {
+        FeedbackExample::Unpaired(u) => {
+            (&u.prompt, vec![&u.completion], vec![(0, u.label)], vec![])
+        }
+        FeedbackExample::Preference(p) => {
+            let k = p.responses.len();
+            let pairs: Vec<(usize, usize)> = (0..k)
+                .flat_map(|i| (i + 1..k).map(move |j| (i, j)))
+                .collect();
+            let first = pairs.iter().map(|&(i, _)| (i, true)).collect();
+            let second = pairs.iter().map(|&(_, j)| (j, false)).collect();
+            (&p.prompt, p.responses.iter().collect(), first, second)
+        }
+    };
+    let (prompt, full) = encode_row(tok, prompt, &responses)?;
+    let item = |&(place, label): &(usize, bool)| {
+        let len = common_prefix_length(&prompt, &full[place]);
+        (
+            prompt[..len].to_vec(),
+            full[place][len..].to_vec(),
+            label,
+            place,
+        )
+    };
+    Ok((
+        first.iter().map(item).collect(),
+        second.iter().map(item).collect(),
+    ))
+}
+
+/// How many rows TRL's `unpair_preference_dataset` unpairs at once (`datasets.map`'s
+/// default batch): within each block, every chosen completion comes before every rejected
+/// one, so that the KL estimate's mismatched completions mostly answer other prompts.
+const UNPAIR_BLOCK: usize = 1000;
+
+/// Unpaired feedback for KTO, in TRL's order ([`UNPAIR_BLOCK`]; an unpaired row keeps
+/// its place among the chosen completions): a prompt cut to `--max-prompt-length`, a
+/// completion whose prompt alone fills `--max-length` dropped (as TRL drops it); then each
+/// completion gets the mismatched completion KTO's KL estimate scores with its prompt: the
+/// previous one in its run of `chunk` (the batch size), the first taking the run's last
+/// (TRL's rotation by one within each batch). As [`TokenizedPair`]s: `chosen` the
+/// completion, `rejected` the mismatched one, both cut to `--max-length` (keep the start);
+/// `labels` says which are desirable; `origin` is (row, place, place).
+pub fn prepare_unpaired(
+    examples: &Rows<FeedbackExample>,
+    tok: &Tokenizer,
+    limits: PairLimits,
+    chunk: usize,
+) -> Result<PreparedPairs> {
+    let mut out = PreparedPairs::default();
+    let mut kept = vec![];
+    let rows: Vec<(usize, &FeedbackExample)> = examples.iter().enumerate().collect();
+    for block in rows.chunks(UNPAIR_BLOCK) {
+        let (mut first, mut second) = (vec![], vec![]);
+        for &(row, ex) in block {
+            let (c, r) = tokenize_unpaired(ex, tok).map_err(|e| examples.locate(row, e))?;
+            first.extend(c.into_iter().map(|item| (row, item)));
+            second.extend(r.into_iter().map(|item| (row, item)));
+        }
+        for (row, (mut prompt, completion, label, place)) in first.into_iter().chain(second) {
+            if let Some(n) = limits.max_prompt_length {
+                prompt.drain(..prompt.len().saturating_sub(n));
+            }
+            if prompt.len() >= limits.max_length {
+                out.dropped += 1;
+                continue;
+            }
+            kept.push((prompt, completion, label, (row, place, place)));
+        }
+    }
+    let limits = PairLimits {
+        max_prompt_length: None,
+        ..limits
+    };
+    for run in kept.chunks(chunk.max(1)) {
+        for (k, (prompt, completion, label, origin)) in run.iter().enumerate() {
+            let mismatched = &run[(k + run.len() - 1) % run.len()].1;
+            let pair = TokenizedPair {
+                prompt: prompt.clone(),
+                chosen: completion.clone(),
+                rejected: mismatched.clone(),
+            };
+            match truncate(pair, limits) {
+                Some((pair, cut)) => {
+                    out.truncated += usize::from(cut);
+                    out.pairs.push(pair);
+                    out.labels.push(*label);
+                    out.origin.push(*origin);
+                }
+                None => out.dropped += 1,
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `[2B, T]` right-padded rows: every pair's `prompt + chosen`, then every pair's
 /// `prompt + rejected` (TRL's `DataCollatorForPreference`); `completion_mask` is 1 on the
 /// completion tokens.
@@ -189,8 +301,31 @@ pub struct PairBatch {
 pub fn collate(pairs: &[&TokenizedPair], pad_id: i64, device: Device) -> PairBatch {
     let completions = pairs
         .iter()
-        .map(|p| (p, &p.chosen))
-        .chain(pairs.iter().map(|p| (p, &p.rejected)));
+        .map(|p| (*p, &p.chosen))
+        .chain(pairs.iter().map(|p| (*p, &p.rejected)));
+    collate_rows(completions, pad_id, device)
+}
+
+/// `[B, T]`: one side of each pair, `prompt + chosen` (`rejected` false) or
+/// `prompt + rejected`, laid out as [`collate`] lays out each half.
+pub fn collate_side(
+    pairs: &[&TokenizedPair],
+    rejected: bool,
+    pad_id: i64,
+    device: Device,
+) -> PairBatch {
+    let rows = pairs.iter().map(|&p| {
+        let completion = if rejected { &p.rejected } else { &p.chosen };
+        (p, completion)
+    });
+    collate_rows(rows, pad_id, device)
+}
+
+fn collate_rows<'a>(
+    completions: impl Iterator<Item = (&'a TokenizedPair, &'a Vec<i64>)>,
+    pad_id: i64,
+    device: Device,
+) -> PairBatch {
     let (sequences, completion): (Vec<Vec<i64>>, Vec<Vec<i64>>) = completions
         .map(|(p, c)| {
             let mask = [vec![0; p.prompt.len()], vec![1; c.len()]].concat();

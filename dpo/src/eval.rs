@@ -1,5 +1,6 @@
 //! `dpo eval`: the DPO loss and metrics of a policy against a reference on preference
-//! pairs; one JSON row per pair, and a summary.
+//! pairs (one JSON row per pair), or an unpaired loss's on completions (one row per
+//! completion); and a summary.
 
 use std::path::PathBuf;
 
@@ -11,7 +12,7 @@ use data::pairs::PairLimits;
 use data::sft::Truncation;
 use serde_json::{json, Value};
 
-use crate::loss::LossArgs;
+use crate::loss::{LossArgs, LossType};
 use crate::train::prepare_file;
 use crate::{run_pairs, Reference};
 
@@ -26,7 +27,8 @@ pub struct EvalArgs {
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
-    /// Preference rows (pairs or rankings), as `dpo train` reads them.
+    /// Preference rows (pairs or rankings), as `dpo train` reads them; with an unpaired
+    /// loss, KTO's rows ({"prompt","completion","label"}) or preference rows unpaired.
     #[arg(long)]
     pub data: PathBuf,
     /// Per-pair results as JSON Lines.
@@ -55,6 +57,10 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
     require(&[
         (args.batch_size > 0, "--batch-size must be at least 1"),
         (args.max_length > 1, "--max-length must be at least 2"),
+        (
+            args.loss.unpaired() != Some(LossType::Kto) || args.batch_size > 1,
+            "--loss-type kto needs --batch-size ≥ 2: its KL estimate scores each completion after another one's prompt within a batch",
+        ),
     ])?;
     args.loss.validate()?;
     let (device, kind) = args.device.resolve();
@@ -75,9 +81,33 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         max_length: policy.cap_length(args.max_length, "--max-length"),
         truncation: args.truncation,
     };
-    let prepared = prepare_file(&args.data, &tok, limits)?;
+    let unpaired = args.loss.unpaired().map(|_| args.batch_size);
+    let prepared = prepare_file(&args.data, &tok, limits, unpaired)?;
     let pairs: Vec<_> = prepared.pairs.iter().enumerate().collect();
     let shape = (args.batch_size, tok.pad_id);
+    if unpaired.is_some() {
+        let items = (&pairs[..], &prepared.labels[..]);
+        let (stats, results) = crate::kto::evaluate(&policy, &reference, items, shape, &args.loss);
+        if let Some(out) = &args.output {
+            let beta = args.loss.beta;
+            let rows: Vec<Value> = (prepared.origin.iter().zip(&prepared.labels))
+                .zip(&results)
+                .map(|((&(index, place, _), label), r)| {
+                    json!({"index": index, "response": place, "label": label,
+                           "logps": r.logps, "ref_logps": r.ref_logps,
+                           "reward": beta * (r.logps - r.ref_logps), "loss": r.loss})
+                })
+                .collect();
+            data::io::write_jsonl(out, &rows)?;
+        }
+        let mut summary = serde_json::Map::new();
+        summary.insert("completions".into(), json!(results.len()));
+        summary.insert("dropped".into(), json!(prepared.dropped));
+        for (k, v) in stats.named() {
+            summary.insert(k.into(), json!(v));
+        }
+        return Ok(Value::Object(summary));
+    }
     let (stats, results) = run_pairs(&policy, &reference, &pairs, shape, &args.loss, None);
     if let Some(out) = &args.output {
         let beta = args.loss.beta;

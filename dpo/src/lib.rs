@@ -4,9 +4,10 @@
 //!
 //! This file holds what `train` and `eval` share: where the reference's log-probs come
 //! from, and one pass over pairs in micro-batches (forward, loss, metrics, and backward
-//! when training).
+//! when training). `kto` holds the unpaired losses' pass (KTO, APO-zero unpaired).
 
 pub mod eval;
+pub mod kto;
 pub mod loss;
 pub mod train;
 
@@ -89,6 +90,31 @@ impl Reference {
         }
     }
 
+    /// The reference's `[B]` sequence log-probs of one side of `indices`' pairs (`batch`
+    /// from [`data::pairs::collate_side`]): the chosen completions, or the rejected ones.
+    fn side_logps(
+        &self,
+        policy: &Model,
+        batch: &PairBatch,
+        indices: &[usize],
+        rejected: bool,
+    ) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        match self {
+            Reference::Model(m) => score(m, batch, (false, false), None).logps,
+            Reference::AdapterOff => {
+                without_adapters(|| score(policy, batch, (false, false), None).logps)
+            }
+            Reference::Precomputed(values) => {
+                let side: Vec<f32> = indices
+                    .iter()
+                    .map(|&i| values[i][usize::from(rejected)])
+                    .collect();
+                Tensor::from_slice(&side).to_device(policy.device())
+            }
+        }
+    }
+
     /// Every pair's `[chosen, rejected]` log-probs under this reference, computed once
     /// (weighted by `ld_alpha` as the run's).
     pub fn precompute(
@@ -124,7 +150,7 @@ pub struct StoredRefLogps {
 }
 
 /// A model's sums over each row's completion tokens, `[N]` each.
-struct Scored {
+pub(crate) struct Scored {
     /// Σ log π(token) over the completion (with the graph when grad is on); with
     /// `--ld-alpha`, the tokens past the pair's shorter completion weigh α.
     logps: Tensor,
@@ -143,7 +169,7 @@ struct Scored {
 /// `metrics` adds the mean-logit sums (the policy's, for `logits/*`; the reference needs
 /// only its log-probs) and `wpo` the aligned log-prob sums of WPO's weights; `ld_alpha` weighs each row's tokens past its pair's shorter
 /// completion (LD-DPO, as TRL 1.16 counts positions: scored completion tokens).
-fn score(
+pub(crate) fn score(
     model: &Model,
     batch: &PairBatch,
     (metrics, wpo): (bool, bool),

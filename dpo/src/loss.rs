@@ -60,9 +60,19 @@ pub enum LossType {
     SigmoidNorm,
     /// The chosen completions' mean token NLL (not a pair loss).
     Sft,
+    /// KTO (Ethayarajh et al. 2024) on unpaired feedback (see [`crate::kto`]).
+    Kto,
+    /// APO-zero's unpaired form (D'Oosterlinck et al. 2024) on unpaired feedback.
+    #[value(name = "apo_zero_unpaired", alias = "apo-zero-unpaired")]
+    ApoZeroUnpaired,
 }
 
 impl LossType {
+    /// Whether the loss reads unpaired feedback (TRL's `KTOTrainer` losses).
+    pub fn unpaired(self) -> bool {
+        matches!(self, LossType::Kto | LossType::ApoZeroUnpaired)
+    }
+
     /// Whether `--label-smoothing` enters the loss (robust, exo_pair), as in TRL 1.16.
     fn smooths(self) -> bool {
         matches!(self, LossType::Robust | LossType::ExoPair)
@@ -79,6 +89,8 @@ impl LossType {
                 | LossType::SppoHard
                 | LossType::ApoZero
                 | LossType::ApoDown
+                | LossType::Kto
+                | LossType::ApoZeroUnpaired
         )
     }
 }
@@ -128,6 +140,8 @@ pub struct LossArgs {
     /// The loss, as TRL 1.16 defines it: sigmoid (DPO), ipo, hinge, robust, exo_pair,
     /// nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm or sft
     /// (the chosen tokens' NLL); a comma list sums several, weighted by --loss-weights.
+    /// On unpaired feedback (KTO's rows, or preference rows unpaired), TRL's KTOTrainer's
+    /// kto or apo_zero_unpaired, alone.
     #[arg(long, value_delimiter = ',', default_value = "sigmoid")]
     pub loss_type: Vec<LossType>,
     /// One weight per --loss-type entry (TRL's `loss_weights`; default 1 each).
@@ -164,6 +178,12 @@ pub struct LossArgs {
     /// RPO: add α × the mean NLL of the chosen completions' tokens (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub rpo_alpha: f64,
+    /// KTO: the weight of the desirable completions' losses (TRL's `desirable_weight`).
+    #[arg(long, default_value_t = 1.0)]
+    pub desirable_weight: f64,
+    /// KTO: the weight of the undesirable completions' losses.
+    #[arg(long, default_value_t = 1.0)]
+    pub undesirable_weight: f64,
 }
 
 impl LossArgs {
@@ -181,8 +201,13 @@ impl LossArgs {
             .iter()
             .copied()
             .zip(self.weights())
-            .filter(|&(t, _)| t != LossType::Sft)
+            .filter(|&(t, _)| t != LossType::Sft && !t.unpaired())
             .collect()
+    }
+
+    /// The unpaired loss (kto, apo_zero_unpaired), when --loss-type is one.
+    pub fn unpaired(&self) -> Option<LossType> {
+        self.loss_type.iter().copied().find(|t| t.unpaired())
     }
 
     /// The weight of the chosen tokens' mean NLL: `sft`'s in --loss-type, or --rpo-alpha.
@@ -247,6 +272,21 @@ impl LossArgs {
             (
                 !self.use_weighting || self.nll_weight() == 0.0,
                 "--use-weighting with the NLL term (sft in --loss-type, or --rpo-alpha) is not offered: TRL scales that term by each micro-batch's mean weight, which ties the loss to how a step is split",
+            ),
+            (
+                self.unpaired().is_none()
+                    || (self.loss_type.len() == 1
+                        && self.rpo_alpha == 0.0
+                        && !self.use_weighting
+                        && self.ld_alpha.is_none()),
+                "--loss-type kto and apo_zero_unpaired stand alone (TRL's KTOTrainer): not in a list, nor with --rpo-alpha, --use-weighting or --ld-alpha",
+            ),
+            (
+                self.desirable_weight > 0.0
+                    && self.undesirable_weight > 0.0
+                    && self.desirable_weight.is_finite()
+                    && self.undesirable_weight.is_finite(),
+                "--desirable-weight and --undesirable-weight must be > 0",
             ),
         ])?;
         Ok(())
@@ -322,7 +362,9 @@ fn single_loss(args: &LossArgs, loss_type: LossType, lp: &PairLogps) -> Tensor {
             -x.log_sigmoid() * (-&m + 1.0) + (-&x).exp() * m
         }
         LossType::SigmoidNorm => -(per_token() * beta).log_sigmoid(),
-        LossType::Sft => unreachable!("sft is not a pair loss"),
+        LossType::Sft | LossType::Kto | LossType::ApoZeroUnpaired => {
+            unreachable!("{loss_type:?} is not a pair loss")
+        }
     }
 }
 
@@ -474,6 +516,8 @@ mod tests {
             f_alpha_divergence_coef: 0.5,
             ld_alpha: None,
             rpo_alpha: 0.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
         }
     }
 

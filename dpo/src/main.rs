@@ -3,7 +3,8 @@
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-/// Direct preference optimisation (Rafailov et al. 2023) on pairs and rankings.
+/// Direct preference optimisation (Rafailov et al. 2023) on pairs and rankings, and KTO
+/// (--loss-type kto) on unpaired feedback.
 #[derive(Debug, Parser)]
 #[command(name = "dpo", version, about, long_about = None)]
 struct Cli {

@@ -13,12 +13,13 @@ use common::cli::{
 };
 use common::train::Session;
 use common::{Head, Model, ModelOptions, Trainee, World};
-use data::pairs::{prepare, PairLimits, PreparedPairs};
+use data::pairs::{prepare, prepare_unpaired, PairLimits, PreparedPairs};
 use data::sampler::Sampler;
 use data::Tokenizer;
 use serde::Serialize;
 
-use crate::loss::{LossArgs, Stats};
+use crate::kto::{kl_estimate, run_unpaired};
+use crate::loss::{LossArgs, LossType};
 use crate::{run_pairs, scored_chosen_tokens, Reference, StepTotals, StoredRefLogps};
 
 /// Where `--precompute-ref-logprobs` keeps the reference's log-probs in the run.
@@ -80,10 +81,19 @@ pub struct TrainSummary {
     pub stopped: bool,
 }
 
-/// The pairs of `path`, tokenized and cut to the limits; an error when none is left.
-pub fn prepare_file(path: &Path, tok: &Tokenizer, limits: PairLimits) -> Result<PreparedPairs> {
-    let examples = data::read_preferences(path)?;
-    let prepared = prepare(&examples, tok, limits)?;
+/// The pairs of `path`, tokenized and cut to the limits; an error when none is left. With
+/// `unpaired` (an unpaired loss: the batch size its KL pairing rotates within), the
+/// unpaired completions of KTO's rows or of preference rows instead.
+pub fn prepare_file(
+    path: &Path,
+    tok: &Tokenizer,
+    limits: PairLimits,
+    unpaired: Option<usize>,
+) -> Result<PreparedPairs> {
+    let prepared = match unpaired {
+        None => prepare(&data::read_preferences(path)?, tok, limits)?,
+        Some(chunk) => prepare_unpaired(&data::read_feedback(path)?, tok, limits, chunk)?,
+    };
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(
             "{}: {} pairs truncated and {} dropped (--max-length {}, --max-prompt-length {:?})",
@@ -126,12 +136,13 @@ fn read_inputs(args: &TrainArgs, world: &World) -> Result<(Model, Reference, Inp
         max_length: policy.cap_length(args.data.max_length, "--max-length"),
         truncation: args.data.truncation,
     };
-    let train = prepare_file(args.data.single("dpo train")?, &tok, limits)?;
+    let unpaired = args.loss.unpaired().map(|_| args.data.batch_size);
+    let train = prepare_file(args.data.single("dpo train")?, &tok, limits, unpaired)?;
     let eval = args
         .data
         .eval_data
         .as_deref()
-        .map(|p| prepare_file(p, &tok, limits))
+        .map(|p| prepare_file(p, &tok, limits, unpaired))
         .transpose()?;
     Ok((policy, reference, Inputs { tok, train, eval }))
 }
@@ -204,10 +215,16 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.adapter.validate()?;
     args.loss.validate()?;
     args.sync.validate()?;
-    common::cli::require(&[(
-        !(args.sync.sync_ref_model && args.precompute_ref_logprobs),
-        "--sync-ref-model moves the reference, whose log-probs --precompute-ref-logprobs computes once: use one of them",
-    )])?;
+    common::cli::require(&[
+        (
+            !(args.sync.sync_ref_model && args.precompute_ref_logprobs),
+            "--sync-ref-model moves the reference, whose log-probs --precompute-ref-logprobs computes once: use one of them",
+        ),
+        (
+            args.loss.unpaired() != Some(LossType::Kto) || args.data.batch_size > 1,
+            "--loss-type kto needs --batch-size ≥ 2: its KL estimate scores each completion after another one's prompt within a batch",
+        ),
+    ])?;
     let world = args.run.world()?;
     let (policy, reference, inputs) = read_inputs(args, &world)?;
     if args.sync.sync_ref_model {
@@ -275,16 +292,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let eval_due = args.data.eval_due(session.state.step, session.at_end());
         if let Some(eval) = inputs.eval.as_ref().filter(|_| eval_due) {
             let reference = eval_ref.as_ref().unwrap_or(&train_ref);
-            let s = evaluate(
-                &trainee.model,
-                reference,
-                eval,
-                (args.data.batch_size, pad_id),
-                &args.loss,
-            );
-            eval_loss = Some(s.loss(args.loss.nll_weight()));
-            eval_accuracy = Some(s.correct / s.pairs.max(1.0));
-            let named = s.named(args.loss.nll_weight());
+            let shape = (args.data.batch_size, pad_id);
+            let (loss, accuracy, named) =
+                evaluate(&trainee.model, reference, eval, shape, &args.loss);
+            (eval_loss, eval_accuracy) = (Some(loss), accuracy);
             scalars.extend(named.into_iter().map(|(k, v)| (format!("eval/{k}"), v)));
         }
         let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
@@ -320,16 +331,27 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     })
 }
 
-/// The metrics of every held-out pair.
+/// The loss, the accuracy (pairs only) and the metrics of every held-out pair or
+/// completion.
 fn evaluate(
     model: &Model,
     reference: &Reference,
     eval: &PreparedPairs,
     shape: (usize, i64),
     args: &LossArgs,
-) -> Stats {
+) -> (f64, Option<f64>, Vec<(&'static str, f64)>) {
     let pairs: Vec<_> = eval.pairs.iter().enumerate().collect();
-    run_pairs(model, reference, &pairs, shape, args, None).0
+    if args.unpaired().is_some() {
+        let s = crate::kto::evaluate(model, reference, (&pairs, &eval.labels), shape, args).0;
+        return (s.loss(), None, s.named());
+    }
+    let s = run_pairs(model, reference, &pairs, shape, args, None).0;
+    let nll = args.nll_weight();
+    (
+        s.loss(nll),
+        Some(s.correct / s.pairs.max(1.0)),
+        s.named(nll),
+    )
 }
 
 /// Where a step's pairs come from.
@@ -357,26 +379,49 @@ fn train_step(
         .iter()
         .map(|&i| (i, &data.pairs.pairs[i]))
         .collect();
-    let totals = StepTotals {
-        pairs: world.sum(pairs.len() as f64),
-        chosen_tokens: world.sum(
-            pairs
-                .iter()
-                .map(|(_, p)| scored_chosen_tokens(p))
-                .sum::<usize>() as f64,
-        ),
-    };
     let shape = (args.data.batch_size, data.pad_id);
-    let (stats, _) = run_pairs(
-        &trainee.model,
-        data.reference,
-        &pairs,
-        shape,
-        &args.loss,
-        Some((totals, trainee)),
-    );
-    let stats = stats.summed(world);
-    let loss = stats.loss(args.loss.nll_weight());
+    let (loss, named) = if args.loss.unpaired().is_some() {
+        // KTO: the KL estimate of the whole step first, then its completions' losses.
+        let kl = kl_estimate(
+            &trainee.model,
+            data.reference,
+            &pairs,
+            shape,
+            (&args.loss, world),
+        );
+        let completions = world.sum(pairs.len() as f64);
+        let (stats, _) = run_unpaired(
+            &trainee.model,
+            data.reference,
+            (&pairs, &data.pairs.labels),
+            shape,
+            (&args.loss, kl),
+            Some((completions, trainee)),
+        );
+        let stats = stats.summed(world);
+        (stats.loss(), stats.named())
+    } else {
+        let totals = StepTotals {
+            pairs: world.sum(pairs.len() as f64),
+            chosen_tokens: world.sum(
+                pairs
+                    .iter()
+                    .map(|(_, p)| scored_chosen_tokens(p))
+                    .sum::<usize>() as f64,
+            ),
+        };
+        let (stats, _) = run_pairs(
+            &trainee.model,
+            data.reference,
+            &pairs,
+            shape,
+            &args.loss,
+            Some((totals, trainee)),
+        );
+        let stats = stats.summed(world);
+        let nll = args.loss.nll_weight();
+        (stats.loss(nll), stats.named(nll))
+    };
     let outcome = trainee.step(loss);
     let local_tokens: usize = pairs
         .iter()
@@ -384,8 +429,7 @@ fn train_step(
         .sum();
     let tokens = world.sum(local_tokens as f64);
     session.finish_step(&outcome, loss, data.sampler.position())?;
-    let mut scalars: Vec<(String, f64)> = stats
-        .named(args.loss.nll_weight())
+    let mut scalars: Vec<(String, f64)> = named
         .into_iter()
         .map(|(k, v)| match k {
             "loss" => ("train/loss".to_string(), v),

@@ -129,7 +129,8 @@ fn train_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a 
 /// Data parallel (issue 19): two torchrun ranks of 4 pairs (two micro-batches of 2, the
 /// gradient exchange overlapped with the second's backward) train the policy one process
 /// trains with 8, with the same losses and gradient norms. The loss is a weighted list
-/// with WPO's weights, which are per pair, so they too split over micro-batches and ranks.
+/// with WPO's weights, which are per pair, so they too split over micro-batches and ranks;
+/// then the same for KTO.
 #[test]
 fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     let f = fixture();
@@ -160,6 +161,26 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         String::from_utf8_lossy(&out.stderr)
     );
     let keys = ["train/loss", "train/grad_norm"];
+    rlhf_tests::assert_trains_like(&one, &two, Head::Lm, (&keys, 1.0), 2);
+    // KTO: its KL estimate is the whole step's, over both ranks. (The mismatched
+    // completions rotate within each --batch-size run, 2 on both sides.)
+    let (one, two) = (f.root.join("dp-one-kto"), f.root.join("dp-two-kto"));
+    let kto = ["--loss-type", "kto", "--max-steps", "2"];
+    let single = [&kto[..], &["--batch-size", "2", "--grad-accum", "4"]].concat();
+    ok(&train(&one, &single, &[]));
+    let options = [
+        &kto[..],
+        &["--dist-timeout", "120"],
+        &rlhf_tests::OVERLAPPED[..],
+    ]
+    .concat();
+    let out = rlhf_tests::torchrun(exe, 2, &train_args(&f.model, &two, &options), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys = ["train/loss", "train/grad_norm", "kl"];
     rlhf_tests::assert_trains_like(&one, &two, Head::Lm, (&keys, 1.0), 2);
 }
 
@@ -336,6 +357,99 @@ fn eval_matches_transformers_for_every_loss_type() {
                 (a - b).abs() < 1e-4,
                 "{loss_type} rpo {rpo}: {key} {a} vs {b}"
             );
+        }
+    }
+}
+
+/// KTO's unpaired rows (text and a conversation, desirable or not) beside the parity
+/// file's preference rows, which an unpaired loss reads unpaired.
+fn unpaired_data(dir: &Path) -> PathBuf {
+    let path = dir.join("unpaired.jsonl");
+    let rows = [
+        json!({"prompt": "There are 2 heads and 6 legs. ", "completion": "1 rabbit, 1 chicken.", "label": true}),
+        json!({"prompt": "There are 2 heads and 6 legs. ", "completion": "one rabbit.", "label": false}),
+        json!({"prompt": [{"role": "user", "content": "4 heads, 10 legs?"}],
+               "completion": [{"role": "assistant", "content": "1 rabbit, 3 chickens."}], "label": true}),
+    ];
+    let mut text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    text.push_str(&std::fs::read_to_string(parity_data(dir)).unwrap());
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `dpo eval --loss-type kto` and `apo_zero_unpaired` (TRL's KTOTrainer's losses) equal
+/// the `transformers` computation of TRL's rules: preference rows unpaired, each
+/// completion tokenized alone, the KL completions rotated within each batch of 4 and the
+/// KL estimate per batch; per completion (log-probs, loss) and every metric, 1e-4.
+#[test]
+fn kto_eval_matches_transformers() {
+    let f = fixture();
+    let data = unpaired_data(&f.root);
+    let (policy, reference) = (f.moved.to_str().unwrap(), f.model.to_str().unwrap());
+    for loss_type in ["kto", "apo_zero_unpaired"] {
+        let weights = ["--desirable-weight", "1.3", "--undesirable-weight", "0.7"];
+        let common = [&["--beta", "0.5", "--loss-type", loss_type][..], &weights].concat();
+        let expected = run_python(
+            "dpo_reference.py",
+            &[
+                &[
+                    "kto",
+                    "--policy",
+                    policy,
+                    "--ref",
+                    reference,
+                    "--data",
+                    data.to_str().unwrap(),
+                    "--batch",
+                    "4",
+                ][..],
+                &common,
+            ]
+            .concat(),
+        );
+        let rows_path = f.root.join(format!("kto-{loss_type}.jsonl"));
+        let summary = ok(&dpo(
+            &[
+                &[
+                    "eval",
+                    "--model",
+                    policy,
+                    "--ref-model",
+                    reference,
+                    "--batch-size",
+                    "4",
+                    "--output",
+                    rows_path.to_str().unwrap(),
+                    "--data",
+                    data.to_str().unwrap(),
+                ][..],
+                &common,
+            ]
+            .concat(),
+            &[],
+        ));
+        let ours = read_jsonl(&rows_path);
+        let theirs = expected["completions"].as_array().unwrap();
+        // 3 unpaired rows, then a pair, a ranking of 3 and a conversation pair: 3 + 2 × 5.
+        assert_eq!((ours.len(), theirs.len()), (13, 13));
+        for (o, t) in ours.iter().zip(theirs) {
+            for key in ["index", "response", "label"] {
+                assert_eq!(o[key], t[key], "{loss_type}: {o} / {t}");
+            }
+            for key in ["logps", "ref_logps", "loss"] {
+                let (a, b) = (o[key].as_f64().unwrap(), t[key].as_f64().unwrap());
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{loss_type}: {key} {a} vs {b} ({o} / {t})"
+                );
+            }
+        }
+        assert_eq!(summary["completions"], 13);
+        let metrics = expected["metrics"].as_object().unwrap();
+        assert!(metrics["kl"].as_f64().unwrap() > 0.0 || loss_type != "kto");
+        for (key, value) in metrics {
+            let (a, b) = (summary[key].as_f64().unwrap(), value.as_f64().unwrap());
+            assert!((a - b).abs() < 1e-4, "{loss_type}: {key} {a} vs {b}");
         }
     }
 }
@@ -525,15 +639,54 @@ fn learns_the_preferred_style() {
     );
 }
 
+/// KTO on the same preference data unpaired (each pair's digits answer desirable, its
+/// words answer not): the held-out reward margin turns positive and the greedy answers
+/// move to digits.
+#[test]
+fn kto_learns_the_preferred_style() {
+    let f = fixture();
+    let start = sft_model(f);
+    let out = f.root.join("learn-kto");
+    let args = [
+        "--loss-type",
+        "kto",
+        "--eval-data",
+        f.eval.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--log-every",
+        "1",
+    ];
+    let summary = ok(&train_from(&start, &out, &args, &[]));
+    assert!(summary["eval_accuracy"].is_null(), "{summary}");
+    let metrics: Vec<Value> = read_jsonl(&out.join("metrics.jsonl"));
+    let last = metrics.last().unwrap();
+    assert!(
+        last["eval/rewards/margins"].as_f64().unwrap() > 0.0,
+        "{last}"
+    );
+    assert!(last["kl"].as_f64().unwrap() >= 0.0, "{last}");
+    let after = greedy_answers(&out.join("final"), &f.prompts);
+    let (b, a) = (
+        in_digits(&greedy_answers(&start, &f.prompts)),
+        in_digits(&after),
+    );
+    assert!(
+        b <= 0.25 && a >= 0.75,
+        "answers in digits: {b:.2} → {a:.2}\nafter: {after:?}"
+    );
+}
+
 /// A run killed mid-step resumes to the weights of an uninterrupted run (1e-6), with the
-/// reference held, with its log-probs precomputed (read back from the run), and with the
+/// reference held, with its log-probs precomputed (read back from the run), with the
 /// reference moved towards the policy at step 2 (`--sync-ref-model`, read back from the
-/// step-2 checkpoint; the moved reference changes the weights).
+/// step-2 checkpoint; the moved reference changes the weights), and with KTO on
+/// precomputed log-probs (each completion's and its mismatched completion's).
 #[test]
 fn killed_run_resumes_to_the_same_weights() {
     let f = fixture();
-    for tag in ["held", "pre", "sync"] {
-        let precompute = tag == "pre";
+    for tag in ["held", "pre", "sync", "kto-pre"] {
+        let precompute = tag.ends_with("pre");
         let mut args = vec![
             "--max-steps",
             "4",
@@ -546,6 +699,9 @@ fn killed_run_resumes_to_the_same_weights() {
         ];
         if precompute {
             args.push("--precompute-ref-logprobs");
+        }
+        if tag == "kto-pre" {
+            args.extend(["--loss-type", "kto"]);
         }
         if tag == "sync" {
             args.extend([
@@ -563,7 +719,7 @@ fn killed_run_resumes_to_the_same_weights() {
         assert!(!killed.status.success(), "the crash point was not hit");
         let mut resumed: Vec<&str> = args.clone();
         resumed.push("--resume");
-        if precompute {
+        if tag == "pre" {
             // The stored log-probs were summed without LD-DPO's weights: a resume that asks
             // for them is refused, and leaves the run resumable.
             let mut other = resumed.clone();
@@ -604,7 +760,36 @@ fn bad_inputs_are_refused_with_one_line() {
         args.extend_from_slice(extra);
         args
     };
-    let cases: [(Vec<&str>, String); 5] = [
+    let label = f.root.join("bad-label.jsonl");
+    std::fs::write(
+        &label,
+        "{\"prompt\": \"p\", \"completion\": \"a\", \"label\": \"yes\"}\n",
+    )
+    .unwrap();
+    let with_data = |data: &Path, extra: &[&'static str]| -> Vec<String> {
+        let mut args: Vec<String> = ["train", "--model", m, "--data"].map(String::from).to_vec();
+        args.push(data.display().to_string());
+        args.extend(["--output-dir".to_string(), out.display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let (label_args, one_row) = (
+        with_data(&label, &["--loss-type", "kto"]),
+        with_data(&f.train, &["--loss-type", "kto", "--batch-size", "1"]),
+    );
+    let cases: [(Vec<&str>, String); 8] = [
+        (
+            label_args.iter().map(String::as_str).collect(),
+            format!("{}:1: field 'label': expected true or false", label.display()),
+        ),
+        (
+            one_row.iter().map(String::as_str).collect(),
+            "--loss-type kto needs --batch-size ≥ 2".into(),
+        ),
+        (
+            train_with(&["--loss-type", "kto,sigmoid"]),
+            "--loss-type kto and apo_zero_unpaired stand alone".into(),
+        ),
         (
             train_with(&["--sync-ref-model", "--precompute-ref-logprobs"]),
             "--sync-ref-model moves the reference, whose log-probs --precompute-ref-logprobs computes once".into(),

@@ -8,6 +8,14 @@
         weights[, WPO]]]]]]), the loss type a comma list (TRL's list-valued loss_type, "sft" its
         NLL term) summed with the weights: per-pair sequence log-probs and losses,
         and the metrics; one JSON document {"configs": [{"pairs": [...], "metrics": {...}}]}
+    dpo_reference.py kto --policy DIR --ref DIR --data FILE --beta B --batch N
+                         --loss-type kto|apo_zero_unpaired --desirable-weight W --undesirable-weight W
+        TRL 1.16's KTOTrainer written out for evaluation: preference rows unpaired as
+        unpair_preference_dataset does (per block of 1000 rows, the chosen completions, then the
+        rejected ones; a ranking as its pairs), each completion tokenized alone, the KL
+        completions rotated by one within each batch of N, and per batch of N the KL estimate
+        max(0, mean(log pi(y'|x) - log pi_ref(y'|x))); one JSON document
+        {"completions": [{"index", "response", "label", "logps", "ref_logps", "loss"}], "metrics": {...}}
 
 Tokenization follows TRL 1.16's DPOTrainer (`_prepare_dataset`): text rows get the EOS appended
 to chosen and rejected, `prompt` and `prompt + response` are tokenized with the tokenizer's
@@ -189,6 +197,88 @@ def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.
     return {"pairs": out, "metrics": summary}
 
 
+def tokenize_one(tok, prompt, completion):
+    """TRL 1.16's KTO tokenization of one completion (as DPO's, for one response)."""
+    if isinstance(prompt, list):
+        def chat(messages, **kw):
+            return tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
+        p = chat(prompt, add_generation_prompt=True)
+        c = chat(prompt + completion)
+    else:
+        eos = tok.eos_token
+        completion = completion if completion.endswith(eos) else completion + eos
+        p = tok(text=prompt)["input_ids"]
+        c = tok(text=prompt + completion)["input_ids"]
+    n = common_prefix_length(p, c)
+    return p[:n], c[n:]
+
+
+def unpaired_rows(rows):
+    """(row, place, prompt, completion, label) in TRL's order."""
+    out = []
+    for b in range(0, len(rows), 1000):
+        first, second = [], []
+        for i, row in enumerate(rows[b:b + 1000], start=b):
+            if "label" in row:  # an unpaired row keeps its place
+                first.append((i, 0, row["prompt"], row["completion"], row["label"]))
+                continue
+            r = row["responses"] if "responses" in row else [row["chosen"], row["rejected"]]
+            for x in range(len(r)):
+                for y in range(x + 1, len(r)):
+                    first.append((i, x, row["prompt"], r[x], True))
+                    second.append((i, y, row["prompt"], r[y], False))
+        out += first + second
+    return out
+
+
+def kto(a):
+    tok = tf.AutoTokenizer.from_pretrained(a.policy)
+    policy = tf.AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32).eval()
+    ref = tf.AutoModelForCausalLM.from_pretrained(a.ref, dtype=torch.float32).eval()
+    rows = [json.loads(l) for l in open(a.data) if l.strip()]
+    items = []
+    for row, place, prompt, completion, label in unpaired_rows(rows):
+        p, c = tokenize_one(tok, prompt, completion)
+        items.append(dict(index=row, response=place, label=label, p=p, c=c))
+    # add_kl_completion_ids: the completions rotated by one within each batch.
+    for b in range(0, len(items), a.batch):
+        batch = items[b:b + a.batch]
+        kl = [batch[-1]["c"]] + [x["c"] for x in batch[:-1]]
+        for x, k in zip(batch, kl):
+            x["kl"] = k
+    out, kls = [], []
+    sig = lambda x: torch.sigmoid(torch.tensor(x, dtype=torch.float64)).item()
+    for b in range(0, len(items), a.batch):
+        batch = items[b:b + a.batch]
+        if a.loss_type == "kto":
+            d = [score(policy, x["p"], x["kl"])[0] - score(ref, x["p"], x["kl"])[0] for x in batch]
+            kl = max(0.0, sum(d) / len(d))
+        else:
+            kl = 0.0
+        kls.append(kl)
+        for x in batch:
+            lp, logit_sum, tokens = score(policy, x["p"], x["c"])[:3]
+            rl = score(ref, x["p"], x["c"])[0]
+            rho = lp - rl
+            if a.loss_type == "kto":
+                loss = 1 - sig(a.beta * (rho - kl)) if x["label"] else 1 - sig(a.beta * (kl - rho))
+            else:
+                loss = 1 - sig(a.beta * rho) if x["label"] else sig(a.beta * rho)
+            loss *= a.desirable_weight if x["label"] else a.undesirable_weight
+            out.append(dict(index=x["index"], response=x["response"], label=x["label"], logps=lp,
+                            ref_logps=rl, loss=loss, logit_sum=logit_sum, tokens=tokens))
+    metrics = {"loss": sum(x["loss"] for x in out) / len(out), "kl": sum(kls) / len(kls)}
+    for label, name in [(True, "chosen"), (False, "rejected")]:
+        side = [x for x in out if x["label"] == label]
+        if side:
+            metrics[f"rewards/{name}"] = sum(a.beta * (x["logps"] - x["ref_logps"]) for x in side) / len(side)
+            metrics[f"logps/{name}"] = sum(x["logps"] for x in side) / len(side)
+            metrics[f"logits/{name}"] = sum(x["logit_sum"] for x in side) / sum(x["tokens"] for x in side)
+    if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    print(json.dumps({"completions": out, "metrics": metrics}))
+
+
 def perturb(a):
     model = tf.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     g = torch.Generator().manual_seed(a.seed)
@@ -202,7 +292,7 @@ def perturb(a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", choices=["perturb", "compute"])
+    ap.add_argument("command", choices=["perturb", "compute", "kto"])
     ap.add_argument("--model")
     ap.add_argument("--out")
     ap.add_argument("--seed", type=int, default=0)
@@ -212,8 +302,12 @@ def main():
     ap.add_argument("--data")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--configs", default='[["sigmoid", 0.0, 0.0]]')
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--loss-type", default="kto")
+    ap.add_argument("--desirable-weight", type=float, default=1.0)
+    ap.add_argument("--undesirable-weight", type=float, default=1.0)
     a = ap.parse_args()
-    perturb(a) if a.command == "perturb" else compute(a)
+    {"perturb": perturb, "compute": compute, "kto": kto}[a.command](a)
 
 
 if __name__ == "__main__":
