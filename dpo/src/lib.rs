@@ -76,17 +76,13 @@ impl Reference {
         indices: &[usize],
         ld_alpha: Option<f64>,
     ) -> Tensor {
-        let _guard = tch::no_grad_guard();
         match self {
-            Reference::Model(m) => score(m, batch, (false, false), ld_alpha).logps,
-            Reference::AdapterOff => {
-                without_adapters(|| score(policy, batch, (false, false), ld_alpha).logps)
-            }
             Reference::Precomputed(values) => {
                 let chosen: Vec<f32> = indices.iter().map(|&i| values[i][0]).collect();
                 let rejected: Vec<f32> = indices.iter().map(|&i| values[i][1]).collect();
                 Tensor::from_slice(&[chosen, rejected].concat()).to_device(policy.device())
             }
+            _ => self.model_logps(policy, batch, ld_alpha),
         }
     }
 
@@ -99,19 +95,24 @@ impl Reference {
         indices: &[usize],
         rejected: bool,
     ) -> Tensor {
-        let _guard = tch::no_grad_guard();
         match self {
-            Reference::Model(m) => score(m, batch, (false, false), None).logps,
-            Reference::AdapterOff => {
-                without_adapters(|| score(policy, batch, (false, false), None).logps)
-            }
             Reference::Precomputed(values) => {
-                let side: Vec<f32> = indices
-                    .iter()
-                    .map(|&i| values[i][usize::from(rejected)])
-                    .collect();
-                Tensor::from_slice(&side).to_device(policy.device())
+                let side = usize::from(rejected);
+                let values: Vec<f32> = indices.iter().map(|&i| values[i][side]).collect();
+                Tensor::from_slice(&values).to_device(policy.device())
             }
+            _ => self.model_logps(policy, batch, None),
+        }
+    }
+
+    /// A reference model's sequence log-probs of every row of `batch`.
+    fn model_logps(&self, policy: &Model, batch: &PairBatch, ld_alpha: Option<f64>) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let run = |m: &Model| score(m, batch, (false, false), ld_alpha).logps;
+        match self {
+            Reference::Model(m) => run(m),
+            Reference::AdapterOff => without_adapters(|| run(policy)),
+            Reference::Precomputed(_) => unreachable!("precomputed log-probs are looked up"),
         }
     }
 

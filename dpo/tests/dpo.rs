@@ -199,6 +199,24 @@ fn parity_data(dir: &Path) -> PathBuf {
     path
 }
 
+/// `dpo eval` of the moved policy against the fixture's model on `data`, rows to `rows`.
+fn eval_args<'a>(rows: &'a Path, data: &'a Path, batch_size: &'a str) -> Vec<&'a str> {
+    let f = fixture();
+    vec![
+        "eval",
+        "--model",
+        f.moved.to_str().unwrap(),
+        "--ref-model",
+        f.model.to_str().unwrap(),
+        "--batch-size",
+        batch_size,
+        "--output",
+        rows.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]
+}
+
 /// `dpo eval` of a policy against a different reference: per-pair log-probs, every loss
 /// type (and RPO) and every metric equal the `transformers` computation (1e-4).
 #[test]
@@ -303,28 +321,21 @@ fn eval_matches_transformers_for_every_loss_type() {
         ));
         let summary = ok(&dpo(
             &[
-                "eval",
-                "--model",
-                policy,
-                "--ref-model",
-                reference,
-                "--batch-size",
-                "2",
-                "--output",
-                rows_path.to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-                "--beta",
-                "0.5",
-                "--loss-type",
-                loss_type,
-                "--label-smoothing",
-                smoothing,
-                "--rpo-alpha",
-                rpo,
-                "--f-divergence-type",
-                divergence,
+                &eval_args(&rows_path, &data, "2")[..],
+                &[
+                    "--beta",
+                    "0.5",
+                    "--loss-type",
+                    loss_type,
+                    "--label-smoothing",
+                    smoothing,
+                    "--rpo-alpha",
+                    rpo,
+                    "--f-divergence-type",
+                    divergence,
+                ][..],
             ]
+            .concat()
             .into_iter()
             .chain(ld.iter().flat_map(|a| ["--ld-alpha", *a]))
             .chain(weights.iter().flat_map(|w| ["--loss-weights", *w]))
@@ -409,23 +420,7 @@ fn kto_eval_matches_transformers() {
         );
         let rows_path = f.root.join(format!("kto-{loss_type}.jsonl"));
         let summary = ok(&dpo(
-            &[
-                &[
-                    "eval",
-                    "--model",
-                    policy,
-                    "--ref-model",
-                    reference,
-                    "--batch-size",
-                    "4",
-                    "--output",
-                    rows_path.to_str().unwrap(),
-                    "--data",
-                    data.to_str().unwrap(),
-                ][..],
-                &common,
-            ]
-            .concat(),
+            &[&eval_args(&rows_path, &data, "4")[..], &common].concat(),
             &[],
         ));
         let ours = read_jsonl(&rows_path);
