@@ -268,13 +268,24 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let lengths = inputs.train.pairs.iter().map(|p| p.len()).collect();
     let mut sampler = args.data.sampler(lengths, args.run.seed);
     sampler.restore(session.state.sampler);
+    let unit = match args.loss.unpaired() {
+        Some(_) => "completions",
+        None => "pairs",
+    };
     tracing::info!(
-        "dpo: {} pairs, {total_steps} steps of {} pairs, {:?} loss, β {}",
+        "dpo: {} {unit}, {total_steps} steps of {} {unit}, {:?} loss, β {}",
         inputs.train.pairs.len(),
         args.data.rows_per_step() * session.world.size(),
         args.loss.loss_type,
         args.loss.beta
     );
+    if args.loss.unpaired().is_some() {
+        let desirable = inputs.train.labels.iter().filter(|&&l| l).count();
+        tracing::info!(
+            "dpo: {desirable} desirable and {} undesirable completions",
+            inputs.train.labels.len() - desirable
+        );
+    }
     let pad_id = inputs.tok.pad_id;
     let (mut eval_loss, mut eval_accuracy) = (None, None);
     while !session.done() && session.stop_requested().is_none() {
