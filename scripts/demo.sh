@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the InstructGPT pipeline on the bundled chickens-and-rabbits task, through
 # the real binaries: data → sft train → reward train → ppo train (and GRPO with a verifier)
-# and DPO on the rankings → held-out evaluation by a programmatic judge. Everything goes under runs/demo/ (TensorBoard: tensorboard --logdir runs/demo).
+# and DPO (and KTO) on the rankings → held-out evaluation by a programmatic judge. Everything goes under runs/demo/ (TensorBoard: tensorboard --logdir runs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=target/release
@@ -42,9 +42,14 @@ stage dpo $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
 stage rpo $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
     --eval-data "$D/data/rankings_eval.jsonl" --output-dir "$D/rpo" --beta 0.1 --lr 1e-4 \
     --rpo-alpha 1 --batch-size 64 --epochs 1 --max-length 128 --seed "$SEED" --log-every 10
+# KTO from the same SFT policy on the same rankings unpaired (each pair's better answer
+# desirable, its worse one not), at plain DPO's learning rate.
+stage kto $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
+    --eval-data "$D/data/rankings_eval.jsonl" --output-dir "$D/kto" --loss-type kto --beta 0.1 \
+    --lr 3e-5 --batch-size 64 --epochs 1 --max-length 128 --seed "$SEED" --log-every 10
 # Held-out accuracy, sampled at temperature 1 with three sampling seeds, for every policy.
 start=$(date +%s%N)
-for model in sft ppo grpo dpo rpo; do
+for model in sft ppo grpo dpo rpo kto; do
     for s in 1 2 3; do
         $B/sft generate --model "$D/$model/final" --prompts "$D/data/eval_prompts.jsonl" \
             --output "$D/eval_${model}_$s.jsonl" --max-new-tokens 64 --temperature 1 --seed "$s" \

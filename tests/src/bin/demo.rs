@@ -172,6 +172,25 @@ fn report(dir: &Path) {
     };
     let dpo = dpo_row("dpo", "DPO (rankings, no reward model)");
     let rpo = dpo_row("rpo", "DPO + RPO α 1 (rankings, no reward model)");
+    // KTO on the rankings unpaired (when the run has it): its held-out reward margin.
+    let kto = dir.join("judge_kto_1.json").exists().then(|| {
+        let a = accuracy("kto");
+        let metrics = std::fs::read_to_string(dir.join("kto/metrics.jsonl")).unwrap();
+        let margin = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|r| r["eval/rewards/margins"].as_f64())
+            .last()
+            .unwrap_or(f64::NAN);
+        println!(
+            "| KTO (rankings unpaired, no reward model) | accuracy {:.3} (seeds {:.3}–{:.3}), held-out reward margin (desirable − undesirable) {margin:.3} | {:.0} s |",
+            a.0,
+            a.1,
+            a.2,
+            t("kto")
+        );
+        (a.0, margin)
+    });
     println!(
         "| evaluation | 48 held-out problems × 3 sampling seeds, T = 1 | {:.0} s |",
         t("eval")
@@ -183,7 +202,8 @@ fn report(dir: &Path) {
                "reward_accuracy_correct_vs_slipped": slips.map(|s| s.0), "kl": kl,
                "grpo_accuracy": grpo.map(|g| g.0), "grpo_kl": grpo.map(|g| g.1),
                "dpo_accuracy": dpo.map(|d| d.0), "dpo_pairwise_accuracy": dpo.map(|d| d.1),
-               "rpo_accuracy": rpo.map(|d| d.0), "rpo_pairwise_accuracy": rpo.map(|d| d.1), "seconds": total})
+               "rpo_accuracy": rpo.map(|d| d.0), "rpo_pairwise_accuracy": rpo.map(|d| d.1),
+               "kto_accuracy": kto.map(|d| d.0), "kto_margin": kto.map(|d| d.1), "seconds": total})
     );
 }
 
