@@ -180,7 +180,7 @@ fn report(dir: &Path) {
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|r| r["eval/rewards/margins"].as_f64())
-            .last()
+            .next_back()
             .unwrap_or(f64::NAN);
         println!(
             "| KTO (rankings unpaired, no reward model) | accuracy {:.3} (seeds {:.3}–{:.3}), held-out reward margin (desirable − undesirable) {margin:.3} | {:.0} s |",
