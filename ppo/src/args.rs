@@ -301,10 +301,13 @@ pub struct TrainArgs {
     /// on a step after one whose entropy was at or below the target.
     #[arg(long)]
     pub use_adaptive_entropy: bool,
+    /// The lowest coefficient adaptive entropy control steps down to.
     #[arg(long, default_value_t = 0.0)]
     pub entropy_coef_min: f64,
+    /// The highest coefficient adaptive entropy control steps up to.
     #[arg(long, default_value_t = 1.0)]
     pub entropy_coef_max: f64,
+    /// How far adaptive entropy control moves the coefficient after each optimiser step.
     #[arg(long, default_value_t = 0.005)]
     pub entropy_coef_delta: f64,
     /// The mean token entropy (nats) adaptive control keeps the policy above.
