@@ -154,6 +154,29 @@ pub struct PreparedPairs {
     pub dropped: usize,
 }
 
+impl PreparedPairs {
+    /// `pair` within `limits` with its origin, or counted as dropped; whether it was kept.
+    fn add(
+        &mut self,
+        pair: TokenizedPair,
+        limits: PairLimits,
+        origin: (usize, usize, usize),
+    ) -> bool {
+        match truncate(pair, limits) {
+            Some((pair, cut)) => {
+                self.truncated += usize::from(cut);
+                self.pairs.push(pair);
+                self.origin.push(origin);
+                true
+            }
+            None => {
+                self.dropped += 1;
+                false
+            }
+        }
+    }
+}
+
 /// Tokenizes every row's pairs and applies `limits`.
 pub fn prepare(
     examples: &Rows<PreferenceExample>,
@@ -166,14 +189,7 @@ pub fn prepare(
         let k = ex.responses.len();
         let places = (0..k).flat_map(|i| (i + 1..k).map(move |j| (i, j)));
         for (pair, (i, j)) in pairs.into_iter().zip(places) {
-            match truncate(pair, limits) {
-                Some((pair, cut)) => {
-                    out.truncated += usize::from(cut);
-                    out.pairs.push(pair);
-                    out.origin.push((row, i, j));
-                }
-                None => out.dropped += 1,
-            }
+            out.add(pair, limits, (row, i, j));
         }
     }
     Ok(out)
@@ -274,14 +290,8 @@ pub fn prepare_unpaired(
                 chosen: completion.clone(),
                 rejected: mismatched.clone(),
             };
-            match truncate(pair, limits) {
-                Some((pair, cut)) => {
-                    out.truncated += usize::from(cut);
-                    out.pairs.push(pair);
-                    out.labels.push(*label);
-                    out.origin.push(*origin);
-                }
-                None => out.dropped += 1,
+            if out.add(pair, limits, *origin) {
+                out.labels.push(*label);
             }
         }
     }

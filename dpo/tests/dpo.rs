@@ -625,8 +625,15 @@ fn learns_the_preferred_style() {
         last["eval/rewards/margins"].as_f64().unwrap() > 0.0,
         "{last}"
     );
-    let before = greedy_answers(&start, &f.prompts);
-    let after = greedy_answers(&out.join("final"), &f.prompts);
+    answers_move_to_digits(&start, &out.join("final"));
+}
+
+/// The greedy answers to the held-out prompts: at most 25 % in digits from `start`, at
+/// least 75 % from `trained`.
+fn answers_move_to_digits(start: &Path, trained: &Path) {
+    let prompts = &fixture().prompts;
+    let before = greedy_answers(start, prompts);
+    let after = greedy_answers(trained, prompts);
     let (b, a) = (in_digits(&before), in_digits(&after));
     assert!(
         b <= 0.25 && a >= 0.75,
@@ -661,15 +668,7 @@ fn kto_learns_the_preferred_style() {
         "{last}"
     );
     assert!(last["kl"].as_f64().unwrap() >= 0.0, "{last}");
-    let after = greedy_answers(&out.join("final"), &f.prompts);
-    let (b, a) = (
-        in_digits(&greedy_answers(&start, &f.prompts)),
-        in_digits(&after),
-    );
-    assert!(
-        b <= 0.25 && a >= 0.75,
-        "answers in digits: {b:.2} → {a:.2}\nafter: {after:?}"
-    );
+    answers_move_to_digits(&start, &out.join("final"));
 }
 
 /// A run killed mid-step resumes to the weights of an uninterrupted run (1e-6), with the

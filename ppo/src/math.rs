@@ -600,8 +600,14 @@ pub fn policy_loss(
             let gate = (&tau * (&weight - 1.0)).sigmoid() * 4.0 / &tau;
             (-(gate * advantages), 0.0, 0.0, 0.0)
         }
-        Objective::Vespo { .. } => {
-            let phi = vespo_phi(&log_ratio, advantages, mask, objective);
+        Objective::Vespo {
+            k_pos,
+            lambda_pos,
+            k_neg,
+            lambda_neg,
+        } => {
+            let gamma = [(k_pos, lambda_pos), (k_neg, lambda_neg)];
+            let phi = vespo_phi(&log_ratio, advantages, mask, gamma);
             let mask_f = mask.to_kind(phi.kind());
             let rows = |t: &Tensor| t.sum_dim_intlist([1].as_slice(), false, Kind::Float);
             let per_row = rows(&(&phi * &mask_f)) / rows(&mask_f).clamp_min(1.0);
@@ -663,23 +669,15 @@ pub fn high_entropy_mask(entropy: &Tensor, counted: &Tensor, values: &[f32], rho
 
 /// VESPO's Gamma weights `[B, N]` (detached; TRL 1.16's `get_gamma_weights`): with
 /// log w = Σ_t clamp(log π/π_old, ±20) over each response's tokens, clamped to
-/// [log 1e-8, 20], φ = exp(λ + k·log w − λ·w), k and λ those of the advantage's sign
-/// (non-negative: `k_pos`, `lambda_pos`); λ at least 1e-4; a non-finite φ counts 0.
+/// [log 1e-8, 20], φ = exp(λ + k·log w − λ·w), (k, λ) the first of `gamma` for a
+/// non-negative advantage and the second otherwise; λ at least 1e-4; a non-finite φ
+/// counts 0.
 pub fn vespo_phi(
     log_ratio: &Tensor,
     advantages: &Tensor,
     mask: &Tensor,
-    objective: Objective,
+    [(k_pos, lambda_pos), (k_neg, lambda_neg)]: [(f64, f64); 2],
 ) -> Tensor {
-    let Objective::Vespo {
-        k_pos,
-        lambda_pos,
-        k_neg,
-        lambda_neg,
-    } = objective
-    else {
-        panic!("vespo_phi of {objective:?}");
-    };
     let kind = log_ratio.kind();
     let mask_f = mask.to_kind(kind);
     let log_w = (log_ratio.detach().clamp(-20.0, 20.0) * &mask_f)

@@ -225,8 +225,15 @@ fn minibatch_backward(
     let mb_rows = world.sum(mb.len() as f64);
     let surrogate = args.surrogate();
     let (aggregation, norm) = (surrogate.aggregation, surrogate.norm);
-    let keep = (args.top_entropy_quantile < 1.0)
-        .then(|| high_entropy_tokens(args, (ro, policy_mask), &learners.policy.model, mb, world));
+    let keep = (args.top_entropy_quantile < 1.0).then(|| {
+        high_entropy_tokens(
+            args,
+            (ro, policy_mask),
+            &learners.policy.model,
+            (mb, micro),
+            world,
+        )
+    });
     let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
     let mut ratio_max_dev = 0f64;
     for (part, last) in micro_batches(mb, micro) {
@@ -254,21 +261,17 @@ fn minibatch_backward(
             &surrogate,
         );
         let mut policy_total = &pl.loss * weight;
-        // The bonus acts on the tokens that carry the policy loss.
-        let ent = match &keep {
-            Some(keep) => ent * keep,
-            None => ent,
-        };
-        if entropy_coef > 0.0 {
-            policy_total -= aggregation.aggregate(&ent, &mask, norm) * (entropy_coef * weight);
-        }
-        // Adaptive entropy control measures the tokens' mean entropy over every rank.
+        // The tokens that carry the policy loss: the entropy bonus acts on them, and
+        // adaptive entropy control measures their mean entropy over every rank.
         let acting = match &keep {
             Some(keep) => &mask * keep,
             None => mask.shallow_clone(),
         };
-        *stats.entry("entropy_sum").or_default() +=
-            (ent.detach() * &acting).sum(Kind::Float).double_value(&[]);
+        let ent = ent * &acting;
+        if entropy_coef > 0.0 {
+            policy_total -= aggregation.aggregate(&ent, &mask, norm) * (entropy_coef * weight);
+        }
+        *stats.entry("entropy_sum").or_default() += ent.detach().sum(Kind::Float).double_value(&[]);
         *stats.entry("entropy_tokens").or_default() += acting.sum(Kind::Float).double_value(&[]);
         if args.kl_in_loss {
             // GRPO's form: k3 of the reference against the current policy, per token.
@@ -324,19 +327,20 @@ fn minibatch_backward(
 /// TRL's `get_high_entropy_mask`), 0 elsewhere; `[B, N]` over this rank's rollout rows.
 /// The entropies come from a forward without grad before the minibatch's backward, so
 /// the threshold does not depend on how the minibatch is split into micro-batches and
-/// ranks. Every rank calls it, with or without rows in the minibatch.
+/// ranks. Every rank calls it, with or without rows in the minibatch; the forward runs in
+/// micro-batches of `micro` rows, as the backward does.
 fn high_entropy_tokens(
     args: &TrainArgs,
     (ro, policy_mask): (&Rollout, &Tensor),
     policy: &Model,
-    mb: &[i64],
+    (mb, micro): (&[i64], usize),
     world: &World,
 ) -> Tensor {
     let _guard = tch::no_grad_guard();
     let device = ro.full_ids.device();
     let mut entropy = ro.mask.zeros_like().to_kind(Kind::Float);
     let mut in_mb = ro.mask.zeros_like().to_kind(Kind::Float);
-    for (part, _) in micro_batches(mb, mb.len().div_ceil(args.grad_accum).max(1)) {
+    for (part, _) in micro_batches(mb, micro) {
         let idx = Tensor::from_slice(part).to_device(device);
         let pick = |t: &Tensor| t.index_select(0, &idx);
         let (_, ent) = response_logprobs(

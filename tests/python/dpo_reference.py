@@ -49,20 +49,20 @@ def pairs_of(row):
     return [(row["prompt"], row["chosen"], row["rejected"])]
 
 
-def tokenize(tok, prompt, chosen, rejected):
+def encode(tok, prompt, response):
+    """The prompt's tokens and prompt + response's, as TRL 1.16 tokenizes them."""
     if isinstance(prompt, list):
         def chat(messages, **kw):
             return tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
-        p = chat(prompt, add_generation_prompt=True)
-        c = chat(prompt + chosen)
-        r = chat(prompt + rejected)
-    else:
-        eos = tok.eos_token
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-        p = tok(text=prompt)["input_ids"]
-        c = tok(text=prompt + chosen)["input_ids"]
-        r = tok(text=prompt + rejected)["input_ids"]
+        return chat(prompt, add_generation_prompt=True), chat(prompt + response)
+    eos = tok.eos_token
+    response = response if response.endswith(eos) else response + eos
+    return tok(text=prompt)["input_ids"], tok(text=prompt + response)["input_ids"]
+
+
+def tokenize(tok, prompt, chosen, rejected):
+    p, c = encode(tok, prompt, chosen)
+    r = encode(tok, prompt, rejected)[1]
     n = min(common_prefix_length(p, c), common_prefix_length(p, r))
     return p[:n], c[n:], r[n:]
 
@@ -143,11 +143,16 @@ def loss_of(kind, beta, eps, c, r, rc, rr, nc, nr, fdiv="reverse_kl", alpha=0.5)
 DISCOPOP_TAU = 0.05  # TRL's DPOConfig.discopop_tau default
 
 
-def compute(a):
+def load(a):
+    """The tokenizer, the policy, the reference (f32) and the data rows."""
     tok = tf.AutoTokenizer.from_pretrained(a.policy)
     policy = tf.AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32).eval()
     ref = tf.AutoModelForCausalLM.from_pretrained(a.ref, dtype=torch.float32).eval()
-    rows = [json.loads(l) for l in open(a.data) if l.strip()]
+    return tok, policy, ref, [json.loads(l) for l in open(a.data) if l.strip()]
+
+
+def compute(a):
+    tok, policy, ref, rows = load(a)
     scored = []
     for row in rows:
         for prompt, chosen, rejected in pairs_of(row):
@@ -199,16 +204,7 @@ def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.
 
 def tokenize_one(tok, prompt, completion):
     """TRL 1.16's KTO tokenization of one completion (as DPO's, for one response)."""
-    if isinstance(prompt, list):
-        def chat(messages, **kw):
-            return tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
-        p = chat(prompt, add_generation_prompt=True)
-        c = chat(prompt + completion)
-    else:
-        eos = tok.eos_token
-        completion = completion if completion.endswith(eos) else completion + eos
-        p = tok(text=prompt)["input_ids"]
-        c = tok(text=prompt + completion)["input_ids"]
+    p, c = encode(tok, prompt, completion)
     n = common_prefix_length(p, c)
     return p[:n], c[n:]
 
@@ -232,10 +228,7 @@ def unpaired_rows(rows):
 
 
 def kto(a):
-    tok = tf.AutoTokenizer.from_pretrained(a.policy)
-    policy = tf.AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32).eval()
-    ref = tf.AutoModelForCausalLM.from_pretrained(a.ref, dtype=torch.float32).eval()
-    rows = [json.loads(l) for l in open(a.data) if l.strip()]
+    tok, policy, ref, rows = load(a)
     items = []
     for row, place, prompt, completion, label in unpaired_rows(rows):
         p, c = tokenize_one(tok, prompt, completion)
