@@ -215,6 +215,34 @@ fn several_completions_per_prompt() {
     for (k, row) in rows.iter().enumerate() {
         assert_eq!(row["completion"], f.reference["generate"][k / 2], "row {k}");
     }
+    // Zero completions, or a penalty of 0, are refused with one line.
+    let (model, prompts) = (f.root.join("model"), f.root.join("prompts.jsonl"));
+    let output = f.root.join("refused.jsonl");
+    for (option, want) in [
+        (
+            "--num-return-sequences",
+            "--num-return-sequences must be at least 1",
+        ),
+        ("--repetition-penalty", "--repetition-penalty must be > 0"),
+    ] {
+        let out = sft(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            option,
+            "0",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or("");
+        assert!(
+            !out.status.success() && last.contains(want),
+            "{option}: {stderr}"
+        );
+    }
 }
 
 /// Each bad input: exit code ≠ 0, one line naming the file (and line), no panic.
