@@ -69,10 +69,14 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         ..ModelOptions::new(Head::Lm, device, kind).frozen()
     };
     let (policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    if args.ref_model.is_none() && !policy.options.has_adapter() {
+    if !args.loss.uses_reference() && args.ref_model.is_some() {
+        bail!("--ref-model does not apply: the loss is reference-free (--reference-free, simpo or orpo)");
+    }
+    if args.loss.uses_reference() && args.ref_model.is_none() && !policy.options.has_adapter() {
         bail!("--ref-model is required: --model {} is a full model (only an adapter directory has its base as the default reference)", args.model.display());
     }
     let reference = match &args.ref_model {
+        _ if !args.loss.uses_reference() => Reference::Free,
         Some(dir) => Reference::load(&policy, &args.model, Some(dir), &opts)?,
         None => Reference::AdapterOff,
     };
@@ -129,7 +133,7 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
     let mut summary = serde_json::Map::new();
     summary.insert("pairs".into(), json!(results.len()));
     summary.insert("dropped".into(), json!(prepared.dropped));
-    for (k, v) in stats.named(args.loss.nll_weight()) {
+    for (k, v) in stats.named(&args.loss) {
         summary.insert(k.into(), json!(v));
     }
     Ok(Value::Object(summary))

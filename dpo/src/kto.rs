@@ -265,6 +265,8 @@ mod tests {
             f_alpha_divergence_coef: 0.5,
             ld_alpha: None,
             rpo_alpha: 0.0,
+            reference_free: false,
+            simpo_gamma: 0.5,
             desirable_weight: 1.5,
             undesirable_weight: 0.5,
         }

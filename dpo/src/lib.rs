@@ -33,6 +33,8 @@ pub enum Reference {
     AdapterOff,
     /// Computed once before training (`--precompute-ref-logprobs`), by pair index.
     Precomputed(Vec<[f32; 2]>),
+    /// No reference (`--reference-free`, `simpo`, `orpo`): every log-prob counts as 0.
+    Free,
 }
 
 impl Reference {
@@ -112,6 +114,10 @@ impl Reference {
         match self {
             Reference::Model(m) => run(m),
             Reference::AdapterOff => without_adapters(|| run(policy)),
+            Reference::Free => {
+                let rows = batch.input_ids.size()[0];
+                Tensor::zeros([rows], (Kind::Float, policy.device()))
+            }
             Reference::Precomputed(_) => unreachable!("precomputed log-probs are looked up"),
         }
     }
@@ -263,7 +269,12 @@ pub fn run_pairs(
         let scored = score(policy, &batch, (true, args.use_weighting), args.ld_alpha);
         let b = micro.len() as i64;
         let halves = |x: &Tensor| (x.narrow(0, 0, b), x.narrow(0, b, b));
-        let (chosen, rejected) = halves(&scored.logps);
+        // SimPO and ORPO read each response's mean token log-prob.
+        let logps = match args.length_normalised() {
+            true => &scored.logps / scored.tokens.clamp_min(1.0),
+            false => scored.logps.shallow_clone(),
+        };
+        let (chosen, rejected) = halves(&logps);
         let plain_chosen = scored.plain_logps.narrow(0, 0, b);
         let (ref_chosen, ref_rejected) = halves(&ref_logps);
         let lengths = |rejected: bool| {

@@ -28,8 +28,24 @@
 //! weights `1,α`). With `--use-weighting` (WPO) each pair's loss is multiplied by the
 //! policy's length-normalised probabilities of its two responses, see [`wpo_weights`].
 //!
-//! TRL's `aot` and `aot_unpaired` sort the pairs of a device's batch, which ties the loss
-//! to how a step is split into micro-batches and ranks; they are not offered.
+//! - `aot`, `aot_unpaired` (Melnyk et al. 2024): within each micro-batch (TRL: a device's
+//!   batch), the sorted policy log-ratios log π(c) − log π(r) against the sorted reference
+//!   ones (`aot`), or the sorted ρ_c against the sorted ρ_r (`aot_unpaired`), each
+//!   difference δ in −(1−ε) log σ(βδ) − ε log σ(−βδ). Sorting ties these two to
+//!   `--batch-size`: unlike the others, the same step split otherwise gives another loss.
+//!
+//! Reference-free losses (no reference model is loaded; its log-probs count as 0):
+//! - `--reference-free` with any of the above (TRL's former `reference_free`); with
+//!   `sigmoid` and `--cpo-alpha 1` (the NLL term) it is CPO (Xu et al. 2024, TRL's
+//!   `CPOTrainer`).
+//! - `simpo` (Meng et al. 2024, TRL's `CPOTrainer` `loss_type="simpo"`): on the mean
+//!   token log-probs p̄, −(1−ε) log σ(βx) − ε log σ(−βx) with x = p̄_c − p̄_r − γ/β
+//!   (`--simpo-gamma`); CPO-SimPO with `--cpo-alpha`.
+//! - `orpo` (Hong et al. 2024, TRL's `ORPOTrainer`): the chosen tokens' NLL (weight 1)
+//!   plus −β log σ(log odds(p̄_c) − log odds(p̄_r)), odds(p̄) = e^p̄ / (1 − e^p̄).
+//!
+//! With `simpo` and `orpo` the logged log-probs and rewards are the mean token log-probs
+//! (×β), as TRL's trainers log them.
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -58,6 +74,13 @@ pub enum LossType {
     Discopop,
     #[value(name = "sigmoid_norm", alias = "sigmoid-norm")]
     SigmoidNorm,
+    Aot,
+    #[value(name = "aot_unpaired", alias = "aot-unpaired")]
+    AotUnpaired,
+    /// SimPO (reference-free, on mean token log-probs; TRL's CPOTrainer).
+    Simpo,
+    /// ORPO (reference-free, on mean token log-probs, with the NLL; TRL's ORPOTrainer).
+    Orpo,
     /// The chosen completions' mean token NLL (not a pair loss).
     Sft,
     /// KTO (Ethayarajh et al. 2024) on unpaired feedback (see [`crate::kto`]).
@@ -73,9 +96,28 @@ impl LossType {
         matches!(self, LossType::Kto | LossType::ApoZeroUnpaired)
     }
 
-    /// Whether `--label-smoothing` enters the loss (robust, exo_pair), as in TRL 1.16.
+    /// Whether `--label-smoothing` enters the loss (robust, exo_pair, aot, aot_unpaired,
+    /// simpo), as in TRL 1.16.
     fn smooths(self) -> bool {
-        matches!(self, LossType::Robust | LossType::ExoPair)
+        matches!(
+            self,
+            LossType::Robust
+                | LossType::ExoPair
+                | LossType::Aot
+                | LossType::AotUnpaired
+                | LossType::Simpo
+        )
+    }
+
+    /// Whether the loss reads each response's mean token log-prob and no reference
+    /// (SimPO's and ORPO's trainers).
+    pub fn length_normalised(self) -> bool {
+        matches!(self, LossType::Simpo | LossType::Orpo)
+    }
+
+    /// Whether the loss sorts the pairs of its micro-batch (`aot`, `aot_unpaired`).
+    fn sorts(self) -> bool {
+        matches!(self, LossType::Aot | LossType::AotUnpaired)
     }
 
     /// Whether the loss is built on the chosen−rejected score difference, the only losses
@@ -91,6 +133,10 @@ impl LossType {
                 | LossType::ApoDown
                 | LossType::Kto
                 | LossType::ApoZeroUnpaired
+                | LossType::Aot
+                | LossType::AotUnpaired
+                | LossType::Simpo
+                | LossType::Orpo
         )
     }
 }
@@ -138,10 +184,11 @@ pub struct LossArgs {
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
     /// The loss, as TRL 1.16 defines it: sigmoid (DPO), ipo, hinge, robust, exo_pair,
-    /// nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm or sft
-    /// (the chosen tokens' NLL); a comma list sums several, weighted by --loss-weights.
-    /// On unpaired feedback (KTO's rows, or preference rows unpaired), TRL's KTOTrainer's
-    /// kto or apo_zero_unpaired, alone.
+    /// nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, aot,
+    /// aot_unpaired or sft (the chosen tokens' NLL); a comma list sums several, weighted
+    /// by --loss-weights. Reference-free, alone: simpo (TRL's CPOTrainer) or orpo (TRL's
+    /// ORPOTrainer). On unpaired feedback (KTO's rows, or preference rows unpaired), TRL's
+    /// KTOTrainer's kto or apo_zero_unpaired, alone.
     #[arg(long, value_delimiter = ',', default_value = "sigmoid")]
     pub loss_type: Vec<LossType>,
     /// One weight per --loss-type entry (TRL's `loss_weights`; default 1 each).
@@ -152,8 +199,9 @@ pub struct LossArgs {
     /// that of the rejected one, from the policy (no gradient through the weights).
     #[arg(long)]
     pub use_weighting: bool,
-    /// ε, the assumed share of flipped labels (robust, in [0, 0.5), and exo_pair, in
-    /// (0, 0.5): EXO recommends 1e-3; as in TRL 1.16, the other losses do not use it).
+    /// ε, the assumed share of flipped labels (robust, aot, aot_unpaired and simpo, in
+    /// [0, 0.5), and exo_pair, in (0, 0.5): EXO recommends 1e-3; as in TRL 1.16, the
+    /// other losses do not use it).
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
     /// τ of the discopop loss: the temperature of its mix of the logistic and the
@@ -175,9 +223,17 @@ pub struct LossArgs {
     /// Unset: plain sums. RPO's NLL stays unweighted, as TRL's `sft` term.
     #[arg(long)]
     pub ld_alpha: Option<f64>,
-    /// RPO: add α × the mean NLL of the chosen completions' tokens (0: off).
-    #[arg(long, default_value_t = 0.0)]
+    /// RPO: add α × the mean NLL of the chosen completions' tokens (0: off). Also spelt
+    /// --cpo-alpha (TRL's CPOTrainer's name for the same term).
+    #[arg(long, visible_alias = "cpo-alpha", default_value_t = 0.0)]
     pub rpo_alpha: f64,
+    /// No reference model: its log-probs count as 0, so the implicit reward is β·log π
+    /// (TRL's former `reference_free`; `simpo` and `orpo` are reference-free always).
+    #[arg(long)]
+    pub reference_free: bool,
+    /// γ of `simpo`: the target reward margin (TRL's `simpo_gamma`).
+    #[arg(long, default_value_t = 0.5)]
+    pub simpo_gamma: f64,
     /// KTO: the weight of the desirable completions' losses (TRL's `desirable_weight`).
     #[arg(long, default_value_t = 1.0)]
     pub desirable_weight: f64,
@@ -210,13 +266,29 @@ impl LossArgs {
         self.loss_type.iter().copied().find(|t| t.unpaired())
     }
 
-    /// The weight of the chosen tokens' mean NLL: `sft`'s in --loss-type, or --rpo-alpha.
+    /// The weight of the chosen tokens' mean NLL: `sft`'s in --loss-type, or --rpo-alpha;
+    /// `orpo`'s NLL weighs 1 (×its --loss-weights entry).
     pub fn nll_weight(&self) -> f64 {
         let sft: f64 = (self.loss_type.iter().zip(self.weights()))
-            .filter(|&(&t, _)| t == LossType::Sft)
+            .filter(|&(&t, _)| matches!(t, LossType::Sft | LossType::Orpo))
             .map(|(_, w)| w)
             .sum();
         sft + self.rpo_alpha
+    }
+
+    /// Whether a reference model is read: not with --reference-free, `simpo` or `orpo`.
+    pub fn uses_reference(&self) -> bool {
+        !self.reference_free && !self.length_normalised()
+    }
+
+    /// Whether the losses read mean token log-probs (`simpo`, `orpo`).
+    pub fn length_normalised(&self) -> bool {
+        self.loss_type.iter().any(|t| t.length_normalised())
+    }
+
+    /// Whether `orpo` is the loss (its odds-ratio metrics are logged).
+    fn orpo(&self) -> bool {
+        self.loss_type.contains(&LossType::Orpo)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -237,7 +309,7 @@ impl LossArgs {
             ),
             (
                 self.label_smoothing == 0.0 || self.loss_type.iter().any(|t| t.smooths()),
-                "--label-smoothing applies to --loss-type robust and exo_pair only (TRL 1.16's other losses do not use it)",
+                "--label-smoothing applies to --loss-type robust, exo_pair, aot, aot_unpaired and simpo only (TRL 1.16's other losses do not use it)",
             ),
             (
                 (0.0..0.5).contains(&self.label_smoothing),
@@ -280,6 +352,29 @@ impl LossArgs {
                         && !self.use_weighting
                         && self.ld_alpha.is_none()),
                 "--loss-type kto and apo_zero_unpaired stand alone (TRL's KTOTrainer): not in a list, nor with --rpo-alpha, --use-weighting or --ld-alpha",
+            ),
+            (
+                !self.length_normalised()
+                    || (self.loss_type.len() == 1
+                        && !self.use_weighting
+                        && self.ld_alpha.is_none()),
+                "--loss-type simpo and orpo stand alone (TRL's CPOTrainer and ORPOTrainer): not in a list, nor with --use-weighting or --ld-alpha",
+            ),
+            (
+                !(has(LossType::Orpo) && self.rpo_alpha != 0.0),
+                "--loss-type orpo has its NLL term built in (weight 1): --rpo-alpha would add a second one",
+            ),
+            (
+                self.simpo_gamma.is_finite(),
+                "--simpo-gamma must be a number",
+            ),
+            (
+                !(self.reference_free && self.unpaired().is_some()),
+                "--reference-free does not apply to kto and apo_zero_unpaired: their KL estimate and rewards are taken against the reference",
+            ),
+            (
+                !self.use_weighting || !self.loss_type.iter().any(|t| t.sorts()),
+                "--use-weighting with aot or aot_unpaired is not offered: they sort the pairs, which would misalign each pair's weight (as TRL refuses it)",
             ),
             (
                 self.desirable_weight > 0.0
@@ -362,10 +457,49 @@ fn single_loss(args: &LossArgs, loss_type: LossType, lp: &PairLogps) -> Tensor {
             -x.log_sigmoid() * (-&m + 1.0) + (-&x).exp() * m
         }
         LossType::SigmoidNorm => -(per_token() * beta).log_sigmoid(),
+        LossType::Aot => {
+            let sorted = |x: Tensor| x.sort(0, false).0;
+            let policy = sorted(&lp.chosen - &lp.rejected);
+            let reference = sorted(&lp.ref_chosen - &lp.ref_rejected);
+            conservative(policy - reference, beta, eps)
+        }
+        LossType::AotUnpaired => {
+            let sorted = |x: &Tensor| x.sort(0, false).0;
+            conservative(sorted(&chosen_ratio) - sorted(&rejected_ratio), beta, eps)
+        }
+        LossType::Simpo => conservative(
+            &lp.chosen - &lp.rejected - args.simpo_gamma / beta,
+            beta,
+            eps,
+        ),
+        LossType::Orpo => -odds_ratio(lp).log_sigmoid() * beta,
         LossType::Sft | LossType::Kto | LossType::ApoZeroUnpaired => {
             unreachable!("{loss_type:?} is not a pair loss")
         }
     }
+}
+
+/// −(1−ε) log σ(βx) − ε log σ(−βx): the logistic loss of x with the label flipped with
+/// probability ε (cDPO's; `aot`'s and `simpo`'s form).
+fn conservative(x: Tensor, beta: f64, eps: f64) -> Tensor {
+    -(&x * beta).log_sigmoid() * (1.0 - eps) - (&x * -beta).log_sigmoid() * eps
+}
+
+/// log(1 − e^x) for x < 0, without cancellation (branching at −ln 2 as TRL's `log1mexp`).
+fn log1mexp(x: &Tensor) -> Tensor {
+    let near = (-x.expm1()).log();
+    let far = (-x.exp()).log1p();
+    far.where_self(&x.lt(-std::f64::consts::LN_2), &near)
+}
+
+/// ORPO's log odds ratio `[B]`: log odds(p̄_c) − log odds(p̄_r) of the mean token
+/// log-probs, odds(p̄) = e^p̄ / (1 − e^p̄).
+pub fn odds_ratio(lp: &PairLogps) -> Tensor {
+    let (c, r) = (
+        lp.chosen.to_kind(Kind::Float),
+        lp.rejected.to_kind(Kind::Float),
+    );
+    (&c - &r) - (log1mexp(&c) - log1mexp(&r))
 }
 
 /// WPO's weights `[B]` (Eq. 2 of Zhou et al. 2024, as TRL 1.16 computes them): for each
@@ -407,6 +541,9 @@ pub struct Stats {
     /// Σ of the chosen completions' log-probs, every token weighing 1 (RPO's NLL; the
     /// chosen log-probs themselves with --ld-alpha down-weight the tails).
     pub nll_logps_chosen: f64,
+    /// ORPO's Σ log σ(log odds ratio) and Σ log odds ratio (0 for other losses).
+    pub log_odds_ratio: f64,
+    pub log_odds_chosen: f64,
 }
 
 fn sum(t: &Tensor) -> f64 {
@@ -417,7 +554,16 @@ impl Stats {
     /// The sums of one batch: its pair losses, log-probs and rewards.
     pub fn of(args: &LossArgs, lp: &PairLogps, losses: &Tensor) -> Stats {
         let (rc, rr) = implicit_rewards(args.beta, lp);
+        let (log_odds_ratio, log_odds_chosen) = match args.orpo() {
+            true => {
+                let odds = odds_ratio(lp).detach();
+                (sum(&odds.log_sigmoid()), sum(&odds))
+            }
+            false => (0.0, 0.0),
+        };
         Stats {
+            log_odds_ratio,
+            log_odds_chosen,
             pairs: losses.size()[0] as f64,
             loss_sum: sum(&losses.detach()),
             rewards_chosen: sum(&rc),
@@ -442,6 +588,8 @@ impl Stats {
         self.tokens_chosen += o.tokens_chosen;
         self.tokens_rejected += o.tokens_rejected;
         self.nll_logps_chosen += o.nll_logps_chosen;
+        self.log_odds_ratio += o.log_odds_ratio;
+        self.log_odds_chosen += o.log_odds_chosen;
     }
 
     /// The same sums over every rank of `world`.
@@ -459,6 +607,8 @@ impl Stats {
             tokens_chosen: world.sum(self.tokens_chosen),
             tokens_rejected: world.sum(self.tokens_rejected),
             nll_logps_chosen: world.sum(self.nll_logps_chosen),
+            log_odds_ratio: world.sum(self.log_odds_ratio),
+            log_odds_chosen: world.sum(self.log_odds_chosen),
         }
     }
 
@@ -474,10 +624,12 @@ impl Stats {
 
     /// `(name, value)` with TRL's names: `loss`, `rewards/chosen`, `rewards/rejected`,
     /// `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
-    /// `logits/chosen`, `logits/rejected`.
-    pub fn named(&self, nll_weight: f64) -> Vec<(&'static str, f64)> {
+    /// `logits/chosen`, `logits/rejected`; with the NLL term `nll_loss` (its mean, before
+    /// its weight), with `orpo` `log_odds_ratio` and `log_odds_chosen` (ORPOTrainer's).
+    pub fn named(&self, args: &LossArgs) -> Vec<(&'static str, f64)> {
         let n = self.pairs.max(1.0);
-        vec![
+        let nll_weight = args.nll_weight();
+        let mut named = vec![
             ("loss", self.loss(nll_weight)),
             ("rewards/chosen", self.rewards_chosen / n),
             ("rewards/rejected", self.rewards_rejected / n),
@@ -496,7 +648,18 @@ impl Stats {
                 "logits/rejected",
                 self.logits_rejected / self.tokens_rejected.max(1.0),
             ),
-        ]
+        ];
+        if nll_weight != 0.0 {
+            named.push((
+                "nll_loss",
+                -self.nll_logps_chosen / self.tokens_chosen.max(1.0),
+            ));
+        }
+        if args.orpo() {
+            named.push(("log_odds_ratio", self.log_odds_ratio / n));
+            named.push(("log_odds_chosen", self.log_odds_chosen / n));
+        }
+        named
     }
 }
 
@@ -516,6 +679,8 @@ mod tests {
             f_alpha_divergence_coef: 0.5,
             ld_alpha: None,
             rpo_alpha: 0.0,
+            reference_free: false,
+            simpo_gamma: 0.5,
             desirable_weight: 1.0,
             undesirable_weight: 1.0,
         }
@@ -724,6 +889,96 @@ mod tests {
             ..args(LossType::Sigmoid, 0.2)
         };
         smoothed.validate().unwrap();
+    }
+
+    /// SimPO, ORPO and the sorted aot losses against their formulas written out (TRL's
+    /// CPOTrainer, ORPOTrainer and DPOTrainer), with the options they refuse.
+    #[test]
+    fn reference_free_and_sorted_losses_match_their_formulas() {
+        let beta = 0.1;
+        // Mean token log-probs for SimPO and ORPO: one pair each side of −ln 2.
+        let lp = logps(&[-0.3, -2.0], &[-1.2, -0.5], &[0.0, 0.0], &[0.0, 0.0]);
+        let (c, r) = ([-0.3f64, -2.0], [-1.2f64, -0.5]);
+        let conservative =
+            |x: f64, eps: f64| -log_sigmoid(beta * x) * (1.0 - eps) - log_sigmoid(-beta * x) * eps;
+        let simpo = LossArgs {
+            simpo_gamma: 0.7,
+            ..args(LossType::Simpo, 0.1)
+        };
+        simpo.validate().unwrap();
+        assert!(!simpo.uses_reference() && simpo.length_normalised());
+        let got = values(&pair_loss(&simpo, &lp));
+        for i in 0..2 {
+            let want = conservative(c[i] - r[i] - 0.7 / beta, 0.1);
+            assert!((got[i] - want).abs() < 1e-6, "simpo {i}: {got:?} vs {want}");
+        }
+        let orpo = args(LossType::Orpo, 0.0);
+        orpo.validate().unwrap();
+        assert_eq!(orpo.nll_weight(), 1.0);
+        let got = values(&pair_loss(&orpo, &lp));
+        let log_odds = |p: f64| p - (1.0 - p.exp()).ln();
+        for i in 0..2 {
+            let want = -beta * log_sigmoid(log_odds(c[i]) - log_odds(r[i]));
+            assert!((got[i] - want).abs() < 1e-5, "orpo {i}: {got:?} vs {want}");
+        }
+        let s = Stats::of(&orpo, &lp, &t(&[0.0, 0.0]));
+        let odds0 = log_odds(c[0]) - log_odds(r[0]);
+        let odds1 = log_odds(c[1]) - log_odds(r[1]);
+        assert!((s.log_odds_chosen - (odds0 + odds1)).abs() < 1e-5);
+        // aot: the sorted policy margins against the sorted reference margins.
+        let lp = logps(&[-3.0, -6.0], &[-4.5, -2.0], &[-3.5, -5.0], &[-4.0, -2.5]);
+        let (policy, reference) = ([-4.0f64, 1.5], [-2.5f64, 0.5]);
+        let got = values(&pair_loss(&args(LossType::Aot, 0.1), &lp));
+        for i in 0..2 {
+            let want = conservative(policy[i] - reference[i], 0.1);
+            assert!((got[i] - want).abs() < 1e-6, "aot {i}: {got:?} vs {want}");
+        }
+        // aot_unpaired: the sorted ρ_c (−1, 0.5) against the sorted ρ_r (−0.5, 0.5).
+        let got = values(&pair_loss(&args(LossType::AotUnpaired, 0.0), &lp));
+        let want = [conservative(-0.5, 0.0), conservative(0.0, 0.0)];
+        for i in 0..2 {
+            assert!((got[i] - want[i]).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        let refused = |a: LossArgs, what: &str| {
+            let e = a.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        refused(
+            LossArgs {
+                loss_type: vec![LossType::Simpo, LossType::Sigmoid],
+                ..args(LossType::Simpo, 0.0)
+            },
+            "simpo and orpo stand alone",
+        );
+        refused(
+            LossArgs {
+                rpo_alpha: 1.0,
+                ..orpo.clone()
+            },
+            "orpo has its NLL term built in",
+        );
+        refused(
+            LossArgs {
+                use_weighting: true,
+                ..args(LossType::Aot, 0.0)
+            },
+            "--use-weighting with aot",
+        );
+        refused(
+            LossArgs {
+                reference_free: true,
+                ..args(LossType::Kto, 0.0)
+            },
+            "--reference-free does not apply to kto",
+        );
+        refused(args(LossType::Orpo, 0.1), "--label-smoothing applies to");
+        let cpo = LossArgs {
+            reference_free: true,
+            rpo_alpha: 1.0,
+            ..args(LossType::Sigmoid, 0.0)
+        };
+        cpo.validate().unwrap();
+        assert!(!cpo.uses_reference() && !cpo.length_normalised());
     }
 
     /// WPO: each response weighs exp of its mean aligned log-prob, a pair the product.

@@ -130,7 +130,10 @@ fn read_inputs(args: &TrainArgs, world: &World) -> Result<(Model, Reference, Inp
             .apply(ModelOptions::new(Head::Lm, device, kind)),
     );
     let (policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let reference = Reference::load(&policy, &args.model, args.ref_model.as_deref(), &opts)?;
+    let reference = match args.loss.uses_reference() {
+        true => Reference::load(&policy, &args.model, args.ref_model.as_deref(), &opts)?,
+        false => Reference::Free,
+    };
     let limits = PairLimits {
         max_prompt_length: args.max_prompt_length,
         max_length: policy.cap_length(args.data.max_length, "--max-length"),
@@ -219,6 +222,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         (
             !(args.sync.sync_ref_model && args.precompute_ref_logprobs),
             "--sync-ref-model moves the reference, whose log-probs --precompute-ref-logprobs computes once: use one of them",
+        ),
+        (
+            args.loss.uses_reference()
+                || !(args.ref_model.is_some()
+                    || args.precompute_ref_logprobs
+                    || args.sync.sync_ref_model),
+            "the loss is reference-free (--reference-free, simpo or orpo): --ref-model, --precompute-ref-logprobs and --sync-ref-model do not apply",
         ),
         (
             args.loss.unpaired() != Some(LossType::Kto) || args.data.batch_size > 1,
@@ -361,7 +371,7 @@ fn evaluate(
     (
         s.loss(nll),
         Some(s.correct / s.pairs.max(1.0)),
-        s.named(nll),
+        s.named(args),
     )
 }
 
@@ -431,7 +441,7 @@ fn train_step(
         );
         let stats = stats.summed(world);
         let nll = args.loss.nll_weight();
-        (stats.loss(nll), stats.named(nll))
+        (stats.loss(nll), stats.named(&args.loss))
     };
     let outcome = trainee.step(loss);
     let local_tokens: usize = pairs

@@ -217,83 +217,187 @@ fn eval_args<'a>(rows: &'a Path, data: &'a Path, batch_size: &'a str) -> Vec<&'a
     ]
 }
 
+/// One configuration of the parity check: the loss options of `dpo eval`.
+#[derive(Clone, Copy)]
+struct Case {
+    loss: &'static str,
+    smoothing: &'static str,
+    rpo: &'static str,
+    divergence: &'static str,
+    ld: Option<&'static str>,
+    weights: Option<&'static str>,
+    wpo: bool,
+    free: bool,
+    gamma: Option<&'static str>,
+}
+
+fn case(loss: &'static str) -> Case {
+    Case {
+        loss,
+        smoothing: "0.0",
+        rpo: "0.0",
+        divergence: "reverse_kl",
+        ld: None,
+        weights: None,
+        wpo: false,
+        free: false,
+        gamma: None,
+    }
+}
+
+impl Case {
+    /// The configuration as `dpo_reference.py compute` reads it.
+    fn as_json(&self) -> Value {
+        let num = |x: &str| x.parse::<f64>().unwrap();
+        let weights = self
+            .weights
+            .map(|w| w.split(',').map(num).collect::<Vec<_>>());
+        json!([
+            self.loss,
+            num(self.smoothing),
+            num(self.rpo),
+            self.divergence,
+            0.5,
+            self.ld.map(num),
+            weights,
+            self.wpo,
+            self.free,
+            num(self.gamma.unwrap_or("0.5"))
+        ])
+    }
+
+    /// Its options on the `dpo eval` command line (a reference-free case without
+    /// --ref-model).
+    fn eval_args<'a>(&'a self, rows: &'a Path, data: &'a Path) -> Vec<&'a str> {
+        let mut args = eval_args(rows, data, "2");
+        let free = self.free || ["simpo", "orpo"].contains(&self.loss);
+        if free {
+            let at = args.iter().position(|&a| a == "--ref-model").unwrap();
+            args.drain(at..at + 2);
+        }
+        args.extend([
+            "--beta",
+            "0.5",
+            "--loss-type",
+            self.loss,
+            "--label-smoothing",
+            self.smoothing,
+            "--rpo-alpha",
+            self.rpo,
+            "--f-divergence-type",
+            self.divergence,
+        ]);
+        args.extend(self.ld.iter().flat_map(|a| ["--ld-alpha", *a]));
+        args.extend(self.weights.iter().flat_map(|w| ["--loss-weights", *w]));
+        args.extend(self.gamma.iter().flat_map(|g| ["--simpo-gamma", *g]));
+        args.extend(self.wpo.then_some("--use-weighting"));
+        args.extend(self.free.then_some("--reference-free"));
+        args
+    }
+}
+
 /// `dpo eval` of a policy against a different reference: per-pair log-probs, every loss
-/// type (and RPO) and every metric equal the `transformers` computation (1e-4).
+/// type (and RPO) and every metric equal the `transformers` computation (1e-4); the
+/// reference-free losses (CPO, SimPO, ORPO) against TRL's CPOTrainer's and ORPOTrainer's.
 #[test]
 fn eval_matches_transformers_for_every_loss_type() {
     let f = fixture();
     let data = parity_data(&f.root);
-    let kl = "reverse_kl";
-    let configs = [
-        ("sigmoid", "0.0", "0.0", kl),
-        ("hinge", "0.0", "0.0", kl),
-        ("ipo", "0.0", "0.0", kl),
-        ("robust", "0.2", "0.0", kl),
-        ("sigmoid", "0.0", "0.5", kl),
-        ("exo_pair", "0.001", "0.0", kl),
-        ("nca_pair", "0.0", "0.0", kl),
-        ("bco_pair", "0.0", "0.0", kl),
-        ("sppo_hard", "0.0", "0.0", kl),
-        ("apo_zero", "0.0", "0.0", kl),
-        ("apo_down", "0.0", "0.0", kl),
-        ("discopop", "0.0", "0.0", kl),
-        ("sigmoid_norm", "0.0", "0.0", kl),
+    let mut cases: Vec<Case> = [
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sigmoid_norm",
+        "aot",
+        "aot_unpaired",
+    ]
+    .into_iter()
+    .map(case)
+    .collect();
+    cases.extend([
+        Case {
+            smoothing: "0.2",
+            ..case("robust")
+        },
+        Case {
+            rpo: "0.5",
+            ..case("sigmoid")
+        },
+        Case {
+            smoothing: "0.001",
+            ..case("exo_pair")
+        },
+        Case {
+            smoothing: "0.1",
+            ..case("aot")
+        },
         // f-DPO (α-divergence at TRL's default α 0.5).
-        ("sigmoid", "0.0", "0.0", "forward_kl"),
-        ("ipo", "0.0", "0.0", "js_divergence"),
-        ("hinge", "0.0", "0.0", "alpha_divergence"),
-    ];
-    // LD-DPO: the tails past each pair's shorter completion at α 0.3 (with RPO, whose NLL
-    // stays unweighted). Then TRL's lists of losses with weights (MPO's, with the NLL as
-    // `sft`), and WPO's weights, alone and with a list, label smoothing and LD-DPO.
-    let configs: Vec<_> = configs
-        .iter()
-        .map(|&(t, e, a, f)| (t, e, a, f, None, None, false))
-        .chain([
-            ("sigmoid", "0.0", "0.5", kl, Some("0.3"), None, false),
-            ("ipo", "0.0", "0.0", kl, Some("0.3"), None, false),
-            (
-                "sigmoid,bco_pair,sft",
-                "0.0",
-                "0.0",
-                kl,
-                None,
-                Some("0.8,0.2,1.0"),
-                false,
-            ),
-            ("sigmoid", "0.0", "0.0", kl, None, None, true),
-            (
-                "robust,ipo",
-                "0.2",
-                "0.0",
-                kl,
-                Some("0.3"),
-                Some("1,0.5"),
-                true,
-            ),
-        ])
-        .collect();
-    let as_json: Vec<Value> = configs
-        .iter()
-        .map(|(t, e, a, f, ld, weights, wpo)| {
-            let ld = ld.map(|x| x.parse::<f64>().unwrap());
-            let weights = weights.map(|w| {
-                w.split(',')
-                    .map(|x| x.parse::<f64>().unwrap())
-                    .collect::<Vec<_>>()
-            });
-            json!([
-                t,
-                e.parse::<f64>().unwrap(),
-                a.parse::<f64>().unwrap(),
-                f,
-                0.5,
-                ld,
-                weights,
-                wpo
-            ])
-        })
-        .collect();
+        Case {
+            divergence: "forward_kl",
+            ..case("sigmoid")
+        },
+        Case {
+            divergence: "js_divergence",
+            ..case("ipo")
+        },
+        Case {
+            divergence: "alpha_divergence",
+            ..case("hinge")
+        },
+        // LD-DPO: the tails past each pair's shorter completion at α 0.3 (with RPO, whose
+        // NLL stays unweighted).
+        Case {
+            rpo: "0.5",
+            ld: Some("0.3"),
+            ..case("sigmoid")
+        },
+        Case {
+            ld: Some("0.3"),
+            ..case("ipo")
+        },
+        // TRL's lists of losses with weights (MPO's, with the NLL as `sft`), and WPO's
+        // weights, alone and with a list, label smoothing and LD-DPO.
+        Case {
+            weights: Some("0.8,0.2,1.0"),
+            ..case("sigmoid,bco_pair,sft")
+        },
+        Case {
+            wpo: true,
+            ..case("sigmoid")
+        },
+        Case {
+            smoothing: "0.2",
+            ld: Some("0.3"),
+            weights: Some("1,0.5"),
+            wpo: true,
+            ..case("robust,ipo")
+        },
+        // Reference-free: CPO (sigmoid with its NLL), SimPO, CPO-SimPO with smoothing, ORPO.
+        Case {
+            free: true,
+            rpo: "1.0",
+            ..case("sigmoid")
+        },
+        Case {
+            free: true,
+            ..case("ipo")
+        },
+        case("simpo"),
+        Case {
+            smoothing: "0.1",
+            rpo: "0.5",
+            gamma: Some("1.5"),
+            ..case("simpo")
+        },
+        case("orpo"),
+    ]);
+    let as_json: Vec<Value> = cases.iter().map(Case::as_json).collect();
     let (policy, reference) = (f.moved.to_str().unwrap(), f.model.to_str().unwrap());
     let expected = run_python(
         "dpo_reference.py",
@@ -307,42 +411,20 @@ fn eval_matches_transformers_for_every_loss_type() {
             data.to_str().unwrap(),
             "--beta",
             "0.5",
+            "--batch",
+            "2",
             "--configs",
             &Value::from(as_json).to_string(),
         ],
     );
-    for ((loss_type, smoothing, rpo, divergence, ld, weights, wpo), expected) in
-        configs.iter().zip(expected["configs"].as_array().unwrap())
+    for (n, (c, expected)) in cases
+        .iter()
+        .zip(expected["configs"].as_array().unwrap())
+        .enumerate()
     {
-        let rows_path = f.root.join(format!(
-            "parity-{loss_type}-{rpo}-{divergence}-{}-{}-{wpo}.jsonl",
-            ld.unwrap_or("none"),
-            weights.unwrap_or("none")
-        ));
-        let summary = ok(&dpo(
-            &[
-                &eval_args(&rows_path, &data, "2")[..],
-                &[
-                    "--beta",
-                    "0.5",
-                    "--loss-type",
-                    loss_type,
-                    "--label-smoothing",
-                    smoothing,
-                    "--rpo-alpha",
-                    rpo,
-                    "--f-divergence-type",
-                    divergence,
-                ][..],
-            ]
-            .concat()
-            .into_iter()
-            .chain(ld.iter().flat_map(|a| ["--ld-alpha", *a]))
-            .chain(weights.iter().flat_map(|w| ["--loss-weights", *w]))
-            .chain(wpo.then_some("--use-weighting"))
-            .collect::<Vec<_>>(),
-            &[],
-        ));
+        let loss_type = c.loss;
+        let rows_path = f.root.join(format!("parity-{n}-{loss_type}.jsonl"));
+        let summary = ok(&dpo(&c.eval_args(&rows_path, &data), &[]));
         let ours = read_jsonl(&rows_path);
         let theirs = expected["pairs"].as_array().unwrap();
         assert_eq!(ours.len(), 5, "2 pairs + 3 from the ranking");
@@ -358,16 +440,16 @@ fn eval_matches_transformers_for_every_loss_type() {
                 let (a, b) = (o[key].as_f64().unwrap(), t[key].as_f64().unwrap());
                 assert!(
                     (a - b).abs() < 1e-4,
-                    "{loss_type}: {key} {a} vs {b} ({o} / {t})"
+                    "{n} {loss_type}: {key} {a} vs {b} ({o} / {t})"
                 );
             }
         }
         for (key, value) in expected["metrics"].as_object().unwrap() {
-            let (a, b) = (summary[key].as_f64().unwrap(), value.as_f64().unwrap());
-            assert!(
-                (a - b).abs() < 1e-4,
-                "{loss_type} rpo {rpo}: {key} {a} vs {b}"
-            );
+            let a = summary[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{n} {loss_type}: no {key}"));
+            let b = value.as_f64().unwrap();
+            assert!((a - b).abs() < 1e-4, "{n} {loss_type}: {key} {a} vs {b}");
         }
     }
 }
@@ -559,8 +641,14 @@ fn in_digits(answers: &[String]) -> f64 {
 }
 
 /// An SFT model that answers in both styles, mostly in words: SFT on the training
-/// prompts with the rejected answer three times out of four.
+/// prompts with the rejected answer three times out of four. Trained once for the tests
+/// that start from it (which run in parallel).
 fn sft_model(f: &Fixture) -> PathBuf {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL.get_or_init(|| train_sft_model(f)).clone()
+}
+
+fn train_sft_model(f: &Fixture) -> PathBuf {
     let rows: String = read_jsonl(&f.train)
         .iter()
         .enumerate()
@@ -671,6 +759,36 @@ fn kto_learns_the_preferred_style() {
     answers_move_to_digits(&start, &out.join("final"));
 }
 
+/// The reference-free losses on the same pairs: SimPO (at its paper's β 2, γ 1) and
+/// ORPO (TRL's β 0.1, with its NLL term) raise the held-out accuracy of the mean token
+/// log-probs above 0.9 and move the greedy answers to digits; `nll_loss` and ORPO's
+/// odds-ratio metrics are logged.
+#[test]
+fn simpo_and_orpo_learn_the_preferred_style_without_a_reference() {
+    let f = fixture();
+    let start = sft_model(f);
+    for (name, loss) in [
+        ("simpo", &["--beta", "2", "--simpo-gamma", "1"][..]),
+        ("orpo", &[][..]),
+    ] {
+        let out = f.root.join(format!("learn-{name}"));
+        let mut args = vec!["--loss-type", name, "--eval-data", f.eval.to_str().unwrap()];
+        args.extend_from_slice(loss);
+        args.extend(["--epochs", "4", "--log-every", "1"]);
+        let summary = ok(&train_from(&start, &out, &args, &[]));
+        let accuracy = summary["eval_accuracy"].as_f64().unwrap();
+        assert!(
+            accuracy >= 0.9,
+            "{name}: held-out accuracy {accuracy}: {summary}"
+        );
+        let last = read_jsonl(&out.join("metrics.jsonl")).pop().unwrap();
+        let has = |key: &str| last.get(key).and_then(Value::as_f64).is_some();
+        assert_eq!(has("nll_loss"), name == "orpo", "{name}: {last}");
+        assert_eq!(has("eval/log_odds_ratio"), name == "orpo", "{name}: {last}");
+        answers_move_to_digits(&start, &out.join("final"));
+    }
+}
+
 /// A run killed mid-step resumes to the weights of an uninterrupted run (1e-6), with the
 /// reference held, with its log-probs precomputed (read back from the run), with the
 /// reference moved towards the policy at step 2 (`--sync-ref-model`, read back from the
@@ -771,7 +889,7 @@ fn bad_inputs_are_refused_with_one_line() {
         with_data(&label, &["--loss-type", "kto"]),
         with_data(&f.train, &["--loss-type", "kto", "--batch-size", "1"]),
     );
-    let cases: [(Vec<&str>, String); 8] = [
+    let cases: [(Vec<&str>, String); 10] = [
         (
             label_args.iter().map(String::as_str).collect(),
             format!("{}:1: field 'label': expected true or false", label.display()),
@@ -794,7 +912,15 @@ fn bad_inputs_are_refused_with_one_line() {
         ),
         (
             train_with(&["--label-smoothing", "0.1"]),
-            "--label-smoothing applies to --loss-type robust and exo_pair only".into(),
+            "--label-smoothing applies to --loss-type robust, exo_pair, aot, aot_unpaired and simpo only".into(),
+        ),
+        (
+            train_with(&["--loss-type", "orpo", "--ref-model", m]),
+            "the loss is reference-free (--reference-free, simpo or orpo): --ref-model".into(),
+        ),
+        (
+            train_with(&["--loss-type", "orpo", "--cpo-alpha", "1"]),
+            "--loss-type orpo has its NLL term built in".into(),
         ),
         (
             vec![

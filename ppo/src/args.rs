@@ -205,6 +205,18 @@ pub struct TrainArgs {
     /// the policy loss; GRPO's form) instead of in the per-token rewards.
     #[arg(long)]
     pub kl_in_loss: bool,
+    /// With --kl-in-loss: each token's k3 times its importance weight π/π_old (at
+    /// --importance-sampling-level), DeepSeek-V3.2's unbiased estimate of the KL of the
+    /// current policy from tokens the rollout's policy sampled (TRL's
+    /// `use_bias_correction_kl`).
+    #[arg(long)]
+    pub use_bias_correction_kl: bool,
+    /// δ of DeepSeek-V3.2's off-policy sequence masking (TRL's
+    /// `off_policy_mask_threshold`): a response with a negative advantage whose mean
+    /// per-token log π_old − log π (the rollout's policy against the current one) exceeds
+    /// δ carries no policy loss (it still counts in the denominators). Off when absent.
+    #[arg(long)]
+    pub off_policy_mask_threshold: Option<f64>,
     /// How the per-token policy loss is averaged: token-mean, seq-mean-token-mean (GRPO)
     /// or seq-mean-token-sum-norm (Dr. GRPO: over --response-length).
     #[arg(long, default_value = "token-mean")]
@@ -564,6 +576,15 @@ impl TrainArgs {
             (
                 (0.0..=1.0).contains(&self.top_entropy_quantile),
                 "--top-entropy-quantile must be in [0, 1]",
+            ),
+            (
+                !self.use_bias_correction_kl || self.kl_in_loss,
+                "--use-bias-correction-kl needs --kl-in-loss (it corrects the KL loss term)",
+            ),
+            (
+                self.off_policy_mask_threshold
+                    .is_none_or(|d| d >= 0.0 && d.is_finite()),
+                "--off-policy-mask-threshold must be ≥ 0",
             ),
             (
                 self.scale_rewards.is_none()

@@ -99,6 +99,9 @@ pub(crate) fn iteration_scalars(
     if let Some(phi) = it.stats.vespo_phi {
         scalars.push(("vespo/phi_seq_mean", mean(phi)));
     }
+    if let Some(masked) = it.stats.off_policy_masked {
+        scalars.push(("off_policy_mask/masked_ratio", mean(masked)));
+    }
     let mut named: Vec<(String, f64)> = scalars
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -558,17 +558,7 @@ pub fn policy_loss(
         norm,
     } = *surrogate;
     let log_ratio = logprobs - old_logprobs;
-    let log_weight = match level {
-        ImportanceSampling::Token => log_ratio.shallow_clone(),
-        ImportanceSampling::Sequence => {
-            let mask_f = mask.to_kind(log_ratio.kind());
-            let tokens = mask_f.sum_dim_intlist([1].as_slice(), true, log_ratio.kind());
-            ((&log_ratio * &mask_f).sum_dim_intlist([1].as_slice(), true, log_ratio.kind())
-                / tokens.clamp_min(1.0))
-            .expand_as(&log_ratio)
-        }
-    };
-    let weight = log_weight.exp();
+    let weight = importance_weight(&log_ratio, mask, level);
     let fraction = |t: &Tensor| masked_mean(&t.to_kind(Kind::Float), mask).double_value(&[]);
     let positive = advantages.gt(0.0);
     let mut vespo_mean = 0.0;
@@ -638,6 +628,44 @@ pub fn policy_loss(
             .max()
             .double_value(&[]),
     }
+}
+
+/// The importance weight `[B, N]` of each token at `level`, from the per-token
+/// `log_ratio` log π − log π_old: its exp (token), or for every token of a response the
+/// exp of the mean over its `mask`ed tokens (sequence, GSPO's).
+pub fn importance_weight(log_ratio: &Tensor, mask: &Tensor, level: ImportanceSampling) -> Tensor {
+    match level {
+        ImportanceSampling::Token => log_ratio.exp(),
+        ImportanceSampling::Sequence => {
+            let mask_f = mask.to_kind(log_ratio.kind());
+            let tokens = mask_f.sum_dim_intlist([1].as_slice(), true, log_ratio.kind());
+            ((log_ratio * &mask_f).sum_dim_intlist([1].as_slice(), true, log_ratio.kind())
+                / tokens.clamp_min(1.0))
+            .expand_as(log_ratio)
+            .exp()
+        }
+    }
+}
+
+/// DeepSeek-V3.2's off-policy sequence mask (TRL's `off_policy_mask_threshold` δ), 0/1
+/// `[B, N]` without gradient: 0 where a token's advantage is negative and its response's
+/// mean over its `mask`ed tokens of log π_old − log π (the rollout's log-probs against
+/// the current policy's) exceeds δ; 1 elsewhere.
+pub fn off_policy_mask(
+    logprobs: &Tensor,
+    old_logprobs: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    delta: f64,
+) -> Tensor {
+    let mask_f = mask.to_kind(Kind::Float);
+    let drift = (old_logprobs - logprobs.detach()).to_kind(Kind::Float) * &mask_f;
+    let rows = |t: &Tensor| t.sum_dim_intlist([1].as_slice(), true, Kind::Float);
+    let mean_drift = rows(&drift) / rows(&mask_f).clamp_min(1.0);
+    advantages
+        .ge(0.0)
+        .logical_or(&mean_drift.le(delta))
+        .to_kind(Kind::Float)
 }
 
 /// How close (relative; absolute below 1 nat) an entropy may fall below the threshold
@@ -1091,6 +1119,57 @@ mod tests {
             }
         }
         assert!((non_score.sum(Kind::Float).double_value(&[]) + 0.55).abs() < 1e-6);
+    }
+
+    /// Off-policy sequence masking (DeepSeek-V3.2, TRL's `get_off_policy_mask`): a response
+    /// is dropped where its advantage is negative and its mean drift log π_old − log π over
+    /// its own tokens (padding left out) exceeds δ; a non-negative advantage always stays.
+    #[test]
+    fn off_policy_mask_drops_drifted_negative_responses() {
+        let old = t(&[&[-1.0, -1.0, -1.0], &[-1.0, -1.0, 0.0], &[-2.0, -2.0, -2.0]]);
+        // Drifts: row 0 (0.3 + 0.1 + 0.2) / 3 = 0.2; row 1 (0.4 + 0) / 2 = 0.2, its padding
+        // (drift 5) not counted; row 2 the same 0.2 with a positive advantage.
+        let new = t(&[
+            &[-1.3, -1.1, -1.2],
+            &[-1.4, -1.0, -5.0],
+            &[-2.3, -2.1, -2.2],
+        ]);
+        let mask = t(&[&[1., 1., 1.], &[1., 1., 0.], &[1., 1., 1.]]);
+        let adv = t(&[&[-1.0; 3], &[-0.5; 3], &[2.0; 3]]);
+        let at = |delta| to_vec(&off_policy_mask(&new, &old, &adv, &mask, delta));
+        assert_eq!(at(0.1), [[0.0; 3], [0.0; 3], [1.0; 3]]);
+        assert_eq!(at(0.25), [[1.0; 3], [1.0; 3], [1.0; 3]]);
+        // At the rollout's own policy nothing has drifted: δ = 0 keeps everything.
+        assert_eq!(
+            to_vec(&off_policy_mask(&old, &old, &adv, &mask, 0.0)),
+            [[1.0; 3], [1.0; 3], [1.0; 3]]
+        );
+    }
+
+    /// The importance weight per token, or per response (GSPO: exp of the mean log-ratio
+    /// over the response's tokens, on each of them).
+    #[test]
+    fn importance_weights_per_token_and_per_sequence() {
+        let log_ratio = t(&[&[0.2, -0.4, 3.0]]);
+        let mask = t(&[&[1., 1., 0.]]);
+        let token = to_vec(&importance_weight(
+            &log_ratio,
+            &mask,
+            ImportanceSampling::Token,
+        ));
+        let want = [0.2f32.exp(), (-0.4f32).exp(), 3.0f32.exp()];
+        for i in 0..3 {
+            assert!((token[0][i] - want[i]).abs() < 1e-5, "{token:?}");
+        }
+        let seq = to_vec(&importance_weight(
+            &log_ratio,
+            &mask,
+            ImportanceSampling::Sequence,
+        ));
+        assert!(
+            seq[0].iter().all(|&w| (w - (-0.1f32).exp()).abs() < 1e-6),
+            "{seq:?}"
+        );
     }
 
     #[test]

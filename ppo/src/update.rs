@@ -15,8 +15,8 @@ use tch::{Kind, Tensor};
 
 use crate::args::TrainArgs;
 use crate::math::{
-    high_entropy_mask, kl_per_token, policy_loss, value_loss, Advantages, EntropyController,
-    KlEstimator,
+    high_entropy_mask, importance_weight, kl_per_token, off_policy_mask, policy_loss, value_loss,
+    Advantages, EntropyController, KlEstimator,
 };
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
@@ -94,6 +94,9 @@ pub struct UpdateStats {
     pub ratio: f64,
     /// VESPO's mean φ (`--policy-loss vespo`).
     pub vespo_phi: Option<f64>,
+    /// The share of policy tokens off-policy sequence masking dropped
+    /// (`--off-policy-mask-threshold`).
+    pub off_policy_masked: Option<f64>,
     /// Max |ratio − 1| on the first minibatch, before any update: 0 unless dropout is on or
     /// the rollout and the training forward disagree.
     pub first_ratio_max_dev: f64,
@@ -192,6 +195,7 @@ pub fn update(
         ratio: avg("ratio"),
         vespo_phi: (args.policy_loss == crate::args::PolicyLossName::Vespo)
             .then(|| avg("vespo_phi")),
+        off_policy_masked: args.off_policy_mask_threshold.map(|_| avg("opsm")),
         first_ratio_max_dev,
         outcome: outcome.expect("at least one minibatch"),
     })
@@ -253,11 +257,25 @@ fn minibatch_backward(
             (args.temperature, entropy_coef > 0.0),
         );
         let keep = keep.as_ref().map(pick);
+        let (old_lp, advantages) = (pick(&ro.logprobs), pick(&adv.advantages));
+        // The policy loss's tokens: the high-entropy ones, less the off-policy responses.
+        let opsm = args
+            .off_policy_mask_threshold
+            .map(|delta| off_policy_mask(&new_lp, &old_lp, &advantages, &mask, delta));
+        let loss_keep = match (&keep, &opsm) {
+            (Some(k), Some(o)) => Some(k * o),
+            (k, o) => k.as_ref().or(o.as_ref()).map(Tensor::shallow_clone),
+        };
+        if let Some(opsm) = &opsm {
+            let dropped = (-opsm + 1.0) * &mask;
+            *stats.entry("opsm").or_default() +=
+                dropped.sum(Kind::Float).double_value(&[]) / mb_tokens;
+        }
         let pl = policy_loss(
             &new_lp,
-            &pick(&ro.logprobs),
-            &pick(&adv.advantages),
-            (&mask, keep.as_ref()),
+            &old_lp,
+            &advantages,
+            (&mask, loss_keep.as_ref()),
             &surrogate,
         );
         let mut policy_total = &pl.loss * weight;
@@ -275,7 +293,11 @@ fn minibatch_backward(
         *stats.entry("entropy_tokens").or_default() += acting.sum(Kind::Float).double_value(&[]);
         if args.kl_in_loss {
             // GRPO's form: k3 of the reference against the current policy, per token.
-            let kl = kl_per_token(&new_lp, &pick(&ro.ref_logprobs), &mask, KlEstimator::K3);
+            let mut kl = kl_per_token(&new_lp, &pick(&ro.ref_logprobs), &mask, KlEstimator::K3);
+            if args.use_bias_correction_kl {
+                // DeepSeek-V3.2's correction: the tokens came from π_old, not π.
+                kl *= importance_weight(&(&new_lp - &old_lp), &mask, surrogate.level);
+            }
             let kl_loss = aggregation.aggregate(&kl, &mask, norm);
             policy_total += &kl_loss * (beta * weight);
             *stats.entry("kl").or_default() += kl_loss.double_value(&[]) * weight;
@@ -367,7 +389,7 @@ fn high_entropy_tokens(
 }
 
 /// The statistics a minibatch's ranks sum.
-const STAT_KEYS: [&str; 12] = [
+const STAT_KEYS: [&str; 13] = [
     "policy",
     "approxkl",
     "clipfrac",
@@ -378,6 +400,7 @@ const STAT_KEYS: [&str; 12] = [
     "value",
     "vclip",
     "vespo_phi",
+    "opsm",
     "entropy_sum",
     "entropy_tokens",
 ];

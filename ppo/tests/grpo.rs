@@ -535,6 +535,52 @@ fn top_entropy_quantile_is_the_minibatchs_and_changes_the_update() {
     assert!(diff > 1e-5, "the quantile changed nothing: {diff:e}");
 }
 
+/// DeepSeek-V3.2's corrections (TRL's `off_policy_mask_threshold` and
+/// `use_bias_correction_kl`). Off-policy masking at δ = 0 drops, on the second minibatch
+/// (after the first one's update), negative-advantage responses that drifted, logs the
+/// share, and changes the update; at a δ no response reaches it trains exactly the weights
+/// of a run without it. The bias-corrected KL loss term trains other weights than the plain
+/// one.
+#[test]
+fn off_policy_masking_and_bias_corrected_kl() {
+    let f = fixture();
+    let run = |name: &str, extra: &[&str]| {
+        let out = f.root.join(format!("run-opsm-{name}"));
+        let mut a = vec!["--max-steps", "1", "--weight-decay", "0"];
+        a.extend_from_slice(extra);
+        run_with_reward(&args(&out, &a), &TextRule(digit_share)).unwrap();
+        out
+    };
+    let plain = run("plain", &[]);
+    let zero = run("zero", &["--off-policy-mask-threshold", "0"]);
+    let far = run("far", &["--off-policy-mask-threshold", "1e9"]);
+    let masked = metrics(&zero)[0]["off_policy_mask/masked_ratio"]
+        .as_f64()
+        .unwrap();
+    assert!(masked > 0.0 && masked < 0.5, "masked share {masked}");
+    assert_eq!(
+        metrics(&far)[0]["off_policy_mask/masked_ratio"].as_f64(),
+        Some(0.0)
+    );
+    assert!(metrics(&plain)[0]
+        .get("off_policy_mask/masked_ratio")
+        .is_none());
+    let final_of = |out: &Path| out.join("final");
+    let diff = rlhf_tests::max_weight_diff(&final_of(&plain), &final_of(&far), Head::Lm);
+    assert_eq!(diff, 0.0, "a mask that drops nothing changed the update");
+    let diff = rlhf_tests::max_weight_diff(&final_of(&plain), &final_of(&zero), Head::Lm);
+    assert!(diff > 1e-6, "masking changed nothing: {diff:e}");
+
+    let kl = ["--kl-in-loss", "--kl-coef", "0.5"];
+    let kl_plain = run("kl", &kl);
+    let corrected = run(
+        "kl-corrected",
+        &[&kl[..], &["--use-bias-correction-kl"]].concat(),
+    );
+    let diff = rlhf_tests::max_weight_diff(&final_of(&kl_plain), &final_of(&corrected), Head::Lm);
+    assert!(diff > 1e-6, "the correction changed nothing: {diff:e}");
+}
+
 /// `--kl-coef 0` (TRL's GRPO default β = 0): no reference is loaded or run and no KL is
 /// logged, and the policy trains as with a β too small to matter (1e-30, where the
 /// reference is held and every KL term computed).
@@ -582,12 +628,16 @@ fn bad_group_options_are_refused_with_one_line() {
         a.scale_rewards = Some("batch".parse().unwrap());
     };
     let quantile = |a: &mut TrainArgs| a.top_entropy_quantile = 1.5;
+    let correction = |a: &mut TrainArgs| a.use_bias_correction_kl = true;
+    let opsm = |a: &mut TrainArgs| a.off_policy_mask_threshold = Some(-0.1);
     let vespo = |a: &mut TrainArgs| {
         a.policy_loss = ppo::args::PolicyLossName::Vespo;
         a.importance_sampling_level = "sequence".parse().unwrap();
     };
     type Change<'a> = &'a dyn Fn(&mut TrainArgs);
-    let cases: [(Change, &str); 10] = [
+    let cases: [(Change, &str); 12] = [
+        (&correction, "--use-bias-correction-kl needs --kl-in-loss"),
+        (&opsm, "--off-policy-mask-threshold must be ≥ 0"),
         (
             &sync,
             "--sync-ref-model needs a reference copy to move: not with --kl-coef 0",

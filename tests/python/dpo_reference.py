@@ -5,9 +5,12 @@
     dpo_reference.py compute --policy DIR --ref DIR --data FILE --beta B
                              --configs '[["sigmoid", 0.0, 0.0], ["robust", 0.2, 0.0, "js_divergence"], ...]'
         for each (loss type, label smoothing, RPO α[, f-divergence[, its α[, LD-DPO's α[, loss
-        weights[, WPO]]]]]]), the loss type a comma list (TRL's list-valued loss_type, "sft" its
-        NLL term) summed with the weights: per-pair sequence log-probs and losses,
-        and the metrics; one JSON document {"configs": [{"pairs": [...], "metrics": {...}}]}
+        weights[, WPO[, reference-free[, SimPO's γ]]]]]]]]), the loss type a comma list (TRL's
+        list-valued loss_type, "sft" its NLL term) summed with the weights: per-pair sequence
+        log-probs and losses, and the metrics; one JSON document
+        {"configs": [{"pairs": [...], "metrics": {...}}]}. aot and aot_unpaired sort within
+        batches of --batch pairs (in file order); simpo and orpo are CPOTrainer's and
+        ORPOTrainer's losses (no reference, mean token log-probs).
     dpo_reference.py kto --policy DIR --ref DIR --data FILE --beta B --batch N
                          --loss-type kto|apo_zero_unpaired --desirable-weight W --undesirable-weight W
         TRL 1.16's KTOTrainer written out for evaluation: preference rows unpaired as
@@ -101,7 +104,7 @@ def f_score(fdiv, alpha, rho):
     raise ValueError(fdiv)
 
 
-def loss_of(kind, beta, eps, c, r, rc, rr, nc, nr, fdiv="reverse_kl", alpha=0.5):
+def loss_of(kind, beta, eps, c, r, rc, rr, nc, nr, fdiv="reverse_kl", alpha=0.5, gamma=0.5):
     # The difference losses compare scores: the log-ratios themselves under reverse KL.
     cs, rs = f_score(fdiv, alpha, c - rc), f_score(fdiv, alpha, r - rr)
     delta = cs - rs
@@ -137,7 +140,40 @@ def loss_of(kind, beta, eps, c, r, rc, rr, nc, nr, fdiv="reverse_kl", alpha=0.5)
     if kind == "sigmoid_norm":
         d = cs / max(nc, 1) - rs / max(nr, 1)
         return -ls(beta * d)
+    if kind == "simpo":
+        # CPOTrainer.cpo_loss (loss_type="simpo"), on mean token log-probs, no reference.
+        x = delta - gamma / beta
+        return -ls(beta * x) * (1 - eps) - ls(-beta * x) * eps
+    if kind == "orpo":
+        # ORPOTrainer.odds_ratio_loss; its NLL is added as RPO's term.
+        return -beta * ls(log_odds(c, r))
     raise ValueError(kind)
+
+
+def log1mexp(x):
+    """ORPO's log(1 - exp(x)), branching at -ln 2."""
+    return math.log1p(-math.exp(x)) if x < -math.log(2) else math.log(-math.expm1(x))
+
+
+def log_odds(c, r):
+    """ORPO's log odds ratio of two mean token log-probs."""
+    return (c - r) - (log1mexp(c) - log1mexp(r))
+
+
+def sorted_losses(kind, beta, eps, out, batch):
+    """TRL 1.16's aot and aot_unpaired: each batch of `batch` pairs (a device's batch, in
+    order) sorted, then the conservative logistic loss of the sorted differences."""
+    losses = []
+    for i in range(0, len(out), batch):
+        chunk = out[i:i + batch]
+        col = lambda k: torch.tensor([x[k] for x in chunk], dtype=torch.float64)
+        c, r, rc, rr = col("logps_chosen"), col("logps_rejected"), col("ref_logps_chosen"), col("ref_logps_rejected")
+        if kind == "aot":
+            delta = torch.sort(c - r)[0] - torch.sort(rc - rr)[0]
+        else:
+            delta = torch.sort(c - rc)[0] - torch.sort(r - rr)[0]
+        losses += (-F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps).tolist()
+    return losses
 
 
 DISCOPOP_TAU = 0.05  # TRL's DPOConfig.discopop_tau default
@@ -159,28 +195,40 @@ def compute(a):
             p, c, r = tokenize(tok, prompt, chosen, rejected)
             scored.append((p, c, r, score(policy, p, c), score(policy, p, r), score(ref, p, c),
                            score(ref, p, r)))
-    configs = [metrics(a.beta, *config[:3], scored, *config[3:]) for config in json.loads(a.configs)]
+    configs = [metrics(a.beta, *config[:3], scored, *config[3:], batch=a.batch) for config in json.loads(a.configs)]
     print(json.dumps({"configs": configs}))
 
 
 def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.5, ld=None, weights=None,
-            wpo=False):
+            wpo=False, ref_free=False, gamma=0.5, batch=2):
     kinds = loss_type.split(",")
     weights = weights or [1.0] * len(kinds)
-    # TRL's "sft" entry is RPO's NLL term.
-    rpo_alpha += sum(w for k, w in zip(kinds, weights) if k == "sft")
+    # TRL's "sft" entry is RPO's NLL term (CPO's cpo_alpha); ORPO's NLL weighs 1.
+    rpo_alpha += sum(w for k, w in zip(kinds, weights) if k in ("sft", "orpo"))
+    # SimPO and ORPO (CPOTrainer, ORPOTrainer): no reference, mean token log-probs
+    # (get_batch_logps(average_log_prob=True): over the scored completion tokens).
+    mean = any(k in ("simpo", "orpo") for k in kinds)
+    ref_free = ref_free or mean
     out = []
     for p, c, r, (plain_c, gc, tc, xc, wc), (_, gr, tr, xr, wr), ref_c, ref_r in scored:
         shared = min(len(xc), len(xr))
         lc, lr = ld_sum(xc, shared, ld), ld_sum(xr, shared, ld)
         rc, rr = ld_sum(ref_c[3], shared, ld), ld_sum(ref_r[3], shared, ld)
-        loss = sum(w * loss_of(k, beta, eps, lc, lr, rc, rr, len(c), len(r), fdiv, alpha)
-                   for k, w in zip(kinds, weights) if k != "sft")
+        if ref_free:
+            rc, rr = 0.0, 0.0
+        if mean:
+            lc, lr = lc / len(xc), lr / len(xr)
+        loss = sum(w * loss_of(k, beta, eps, lc, lr, rc, rr, len(c), len(r), fdiv, alpha, gamma)
+                   for k, w in zip(kinds, weights) if k not in ("sft", "aot", "aot_unpaired"))
         if wpo:
             loss *= wc * wr
         out.append(dict(ids=[p, c, r], logps_chosen=lc, logps_rejected=lr, ref_logps_chosen=rc,
                         ref_logps_rejected=rr, loss=loss, logit_sums=[gc, gr], tokens=[tc, tr],
                         nll_logps_chosen=plain_c))
+    for k, w in zip(kinds, weights):
+        if k in ("aot", "aot_unpaired"):
+            for x, l in zip(out, sorted_losses(k, beta, eps, out, batch)):
+                x["loss"] += w * l
     n = len(out)
     rc = [beta * (x["logps_chosen"] - x["ref_logps_chosen"]) for x in out]
     rr = [beta * (x["logps_rejected"] - x["ref_logps_rejected"]) for x in out]
@@ -199,6 +247,13 @@ def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.
         "logits/chosen": sum(x["logit_sums"][0] for x in out) / sum(x["tokens"][0] for x in out),
         "logits/rejected": sum(x["logit_sums"][1] for x in out) / sum(x["tokens"][1] for x in out),
     }
+    if rpo_alpha > 0:
+        summary["nll_loss"] = -sum(x["nll_logps_chosen"] for x in out) / sum(x["tokens"][0] for x in out)
+    if "orpo" in kinds:
+        odds = [log_odds(x["logps_chosen"], x["logps_rejected"]) for x in out]
+        ls = lambda v: F.logsigmoid(torch.tensor(v, dtype=torch.float64)).item()
+        summary["log_odds_ratio"] = sum(ls(v) for v in odds) / n
+        summary["log_odds_chosen"] = sum(odds) / n
     return {"pairs": out, "metrics": summary}
 
 
