@@ -24,6 +24,12 @@ unsafe extern "C" {
     fn rlhf_rng_set_state(device_type: c_int, index: c_int, data: *const u8, len: usize) -> c_int;
 }
 
+/// A seed for (step, purpose) of a run seeded `seed`: a resumed run draws at a step what
+/// the uninterrupted run drew there (PPO's shuffles and samples, distillation's draws).
+pub fn derived_seed(seed: u64, step: u64, purpose: u64) -> u64 {
+    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ purpose.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+}
+
 /// The generator of `device` (CPU, or CUDA device i) as the shim names it.
 fn code(device: Device) -> (c_int, c_int) {
     match device {

@@ -55,10 +55,7 @@ impl Ema {
     }
 }
 
-/// A seed for (step, purpose), so a resumed run samples what the uninterrupted one did.
-pub fn derived_seed(seed: u64, step: u64, purpose: u64) -> u64 {
-    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ purpose.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-}
+pub use common::rng::derived_seed;
 
 /// PPO-ptx: SFT rows whose language-modelling loss joins the policy loss, and their order.
 pub struct Ptx {

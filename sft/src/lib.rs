@@ -2,6 +2,7 @@
 //! read a language model with its tokenizer: `eval` (per-row NLL, or lm-evaluation-harness
 //! task files) and `generate`.
 
+pub mod distill;
 pub mod eval;
 pub mod tasks;
 pub mod train;

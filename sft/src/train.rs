@@ -19,6 +19,7 @@ use data::sft::{collate, prepare, Prepared, TokenizedSft};
 use serde::Serialize;
 use tch::Kind;
 
+use crate::distill::{self, Completions, DistillArgs};
 use crate::eval::{nll_per_row, token_nll};
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -45,6 +46,10 @@ pub struct TrainArgs {
     /// of T tokens, hidden size H); evaluation and generation see none.
     #[arg(long)]
     pub neftune_noise_alpha: Option<f64>,
+    /// Knowledge distillation from a teacher (TRL's GKD): --teacher-model and its options.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub distill: DistillArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
@@ -100,7 +105,17 @@ impl TrainArgs {
         self.run.validate()?;
         self.optim.validate()?;
         self.adapter.validate()?;
+        self.distill.validate()?;
+        let teacher = self.distill.teacher_model.is_some();
         common::cli::require(&[
+            (
+                !teacher || self.loss_type == SftLoss::Nll,
+                "--loss-type dft with --teacher-model: the loss is then the distillation's generalized JSD",
+            ),
+            (
+                !(teacher && self.packing && self.distill.samples()),
+                "--packing with sampled completions (--lmbda > 0 or --seq-kd) is not supported: a packed sequence has several prompts; use --lmbda 0 without --seq-kd, or no packing",
+            ),
             (
                 self.neftune_noise_alpha.is_none_or(|a| a > 0.0 && a.is_finite()),
                 "--neftune-noise-alpha must be > 0",
@@ -264,7 +279,7 @@ fn accumulate(
     trainee: &Trainee,
     rows: &[&TokenizedSft],
     (batch_size, pad_id): (usize, i64),
-    loss_type: SftLoss,
+    (loss_type, teacher): (SftLoss, Option<(&Model, f64)>),
     world: &World,
     row_nll: bool,
 ) -> (f64, i64, Vec<f64>) {
@@ -277,8 +292,10 @@ fn accumulate(
     let model = &trainee.model;
     for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
-        let (nll, _) = token_nll(model, &batch);
-        let nll = loss_type.per_token(&nll);
+        let nll = match teacher {
+            Some((teacher, beta)) => distill::token_jsd(model, teacher, &batch, beta).0,
+            None => loss_type.per_token(&token_nll(model, &batch).0),
+        };
         if row_nll {
             let sums = nll
                 .detach()
@@ -312,6 +329,19 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         bail!("--packing: {} is a prompt-tuning adapter, and packing with prompt tuning is not supported (the virtual tokens go before one row, not before each packed row)", args.model.display());
     }
     let max_length = model.cap_length(args.data.max_length, "--max-length");
+    let teacher = match &args.distill.teacher_model {
+        Some(dir) => {
+            let teacher = distill::load_teacher(dir, &model)?;
+            let room = model.prompt_room(args.distill.max_new_tokens, "--max-new-tokens")?;
+            let eos_ids = tok.generation_eos_ids()?;
+            Some(Teacher {
+                model: teacher,
+                eos_ids,
+                room,
+            })
+        }
+        None => None,
+    };
     let train = TrainRows::read(args, &tok, max_length)?;
     let eval = args
         .data
@@ -359,6 +389,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             order: &mut order,
             rows: &train,
             pad_id: tok.pad_id,
+            teacher: teacher.as_ref(),
         };
         let mut scalars = train_step(&mut session, &mut trainee, batch, args)?;
         let eval_due = args.data.eval_due(session.state.step, session.at_end());
@@ -402,6 +433,16 @@ struct Batch<'a> {
     order: &'a mut RowOrder,
     rows: &'a TrainRows,
     pad_id: i64,
+    teacher: Option<&'a Teacher>,
+}
+
+/// `--teacher-model`: the teacher, and what sampling the prompts needs.
+struct Teacher {
+    model: Model,
+    /// Where a sample ends.
+    eos_ids: Vec<i64>,
+    /// The longest prompt that leaves room for --max-new-tokens.
+    room: usize,
 }
 
 /// One optimiser step over the order's next rows; returns the step's scalars (with a
@@ -419,13 +460,35 @@ fn train_step(
         .next_batch(args.data.rows_per_step() * session.world.size());
     let world = &session.world;
     let mine = world.shard(&indices);
-    let rows: Vec<_> = mine.iter().map(|&i| &batch.rows.rows[i]).collect();
+    let mut rows: Vec<_> = mine.iter().map(|&i| &batch.rows.rows[i]).collect();
     let mixed = batch.rows.names.len() > 1;
+    // Distillation: this step's completions, the data's or sampled from its prompts.
+    let step = session.state.step;
+    let completions = batch
+        .teacher
+        .map(|_| Completions::of_step(&args.distill, args.run.seed, step));
+    let sampled = match (completions, batch.teacher) {
+        (Some(from @ (Completions::Student | Completions::Teacher)), Some(t)) => {
+            let sampler = match from {
+                Completions::Student => &trainee.model,
+                _ => &t.model,
+            };
+            // Each rank's rows get their own stream.
+            let seed = distill::sample_seed(args.run.seed, step).wrapping_add(world.rank() as u64);
+            let shape = (args.data.batch_size, batch.pad_id, &t.eos_ids[..]);
+            distill::sampled_rows(sampler, &rows, shape, &args.distill, (t.room, seed))
+        }
+        _ => vec![],
+    };
+    if !sampled.is_empty() {
+        rows = sampled.iter().collect();
+    }
+    let teacher = batch.teacher.map(|t| (&t.model, args.distill.beta));
     let (loss, tokens, per_row) = accumulate(
         trainee,
         &rows,
         (args.data.batch_size, batch.pad_id),
-        args.loss_type,
+        (args.loss_type, teacher),
         world,
         mixed,
     );
@@ -451,6 +514,12 @@ fn train_step(
         ),
     ];
     scalars.extend(per_dataset);
+    if let Some(from) = completions {
+        scalars.push((
+            "train/on_policy".into(),
+            f64::from(u8::from(from == Completions::Student)),
+        ));
+    }
     Ok(scalars)
 }
 

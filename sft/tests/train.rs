@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use common::{Head, Model};
-use rlhf_tests::{ok, read_jsonl, run_bin};
+use rlhf_tests::{cage_rows, ok, read_jsonl, run_bin};
 use serde_json::{json, Value};
 use tch::Tensor;
 
@@ -16,20 +16,6 @@ struct Fixture {
     model: PathBuf,
     train: PathBuf,
     eval: PathBuf,
-}
-
-fn cage_rows(range: std::ops::Range<i64>) -> String {
-    range
-        .map(|i| {
-            let (rabbits, chickens) = (i % 7 + 1, i % 5 + 2);
-            let heads = rabbits + chickens;
-            let legs = 4 * rabbits + 2 * chickens;
-            json!({"prompt": format!("There are {heads} heads and {legs} legs. "),
-                   "completion": format!("{rabbits} rabbits and {chickens} chickens.")})
-            .to_string()
-                + "\n"
-        })
-        .collect()
 }
 
 fn fixture() -> &'static Fixture {
@@ -830,8 +816,11 @@ fn packed_training_equals_unpacked_training() {
     assert_eq!(a.len(), 2);
     let keys = ["train/loss", "train/grad_norm"];
     rlhf_tests::assert_same_metrics(&a, &b, &keys, (1e-5, 0.0));
+    // Adam's normalised step amplifies the summation-order noise of near-zero gradients:
+    // 1.3e-5 seen on an AMD EPYC, under 1e-5 on an Intel Xeon. A packing error (attention
+    // across rows, positions not restarting) changes the losses, compared above to 1e-5.
     let diff = max_weight_diff(&plain.join("final"), &packed.join("final"));
-    assert!(diff < 1e-5, "packed training's weights differ by {diff:e}");
+    assert!(diff < 5e-5, "packed training's weights differ by {diff:e}");
 
     for (extra, want) in [
         (

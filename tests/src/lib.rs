@@ -274,3 +274,19 @@ pub fn parse_args<T: clap::Args, S: AsRef<str>>(argv: &[S]) -> T {
     let argv = std::iter::once("test").chain(argv.iter().map(AsRef::as_ref));
     <Wrapper<T> as clap::Parser>::parse_from(argv).args
 }
+
+/// 鸡兔同笼 rows `{"prompt","completion"}` for `range`: "There are H heads and L legs. " →
+/// "R rabbits and C chickens.", one JSON line each.
+pub fn cage_rows(range: std::ops::Range<i64>) -> String {
+    range
+        .map(|i| {
+            let (rabbits, chickens) = (i % 7 + 1, i % 5 + 2);
+            let heads = rabbits + chickens;
+            let legs = 4 * rabbits + 2 * chickens;
+            serde_json::json!({"prompt": format!("There are {heads} heads and {legs} legs. "),
+                   "completion": format!("{rabbits} rabbits and {chickens} chickens.")})
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}

@@ -1,0 +1,339 @@
+//! Knowledge distillation in `sft train --teacher-model DIR`: TRL's `GKDTrainer`
+//! (Agarwal et al. 2024, "On-policy distillation of language models: learning from
+//! self-generated mistakes").
+//!
+//! The per-token loss is the generalized Jensen–Shannon divergence between the student's
+//! and the teacher's next-token distributions at every completion token, summed over the
+//! vocabulary ([`generalized_jsd`]); a step's loss is its mean over the step's completion
+//! tokens, as the NLL's is. Which completions: with probability λ (`--lmbda`, drawn once
+//! per step from the run's seed) the student's own samples of each row's prompt
+//! (on-policy); otherwise the data's completions, or with `--seq-kd` the teacher's
+//! samples (sequence-level KD).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use common::generate::{generate_in_chunks, SamplingConfig};
+use common::rng::derived_seed;
+use common::{Head, Model, ModelOptions};
+use data::prompts::collate_left;
+use data::sft::{SftBatch, TokenizedSft};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+/// Completion positions whose logits exist at once (student and teacher).
+const POSITIONS_PER_CHUNK: i64 = 1024;
+
+/// The distillation options of `sft train`, under TRL's `GKDConfig` names.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DistillArgs {
+    /// A teacher: the loss becomes the generalized JSD between the student's and the
+    /// teacher's next-token distributions on the completion tokens (TRL's GKDTrainer). It
+    /// must share the student's tokenizer.
+    #[arg(long)]
+    pub teacher_model: Option<PathBuf>,
+    /// β of the generalized JSD, in [0, 1]: 0 is KL(teacher‖student) (forward KL, word-level
+    /// KD), 1 is KL(student‖teacher) (reverse KL); TRL's default 0.5.
+    #[arg(long, default_value_t = 0.5, requires = "teacher_model")]
+    pub beta: f64,
+    /// λ, in [0, 1]: the share of steps trained on the student's own samples of the rows'
+    /// prompts instead of the data's completions (TRL's `lmbda`, default 0.5; 0 is
+    /// supervised KD on the data, 1 fully on-policy).
+    #[arg(long, default_value_t = 0.5, requires = "teacher_model")]
+    pub lmbda: f64,
+    /// Sequence-level KD: the steps that are not on-policy train on the teacher's samples
+    /// of the prompts instead of the data's completions (TRL's `seq_kd`).
+    #[arg(long, requires = "teacher_model")]
+    pub seq_kd: bool,
+    /// Sampling temperature of the student's and the teacher's samples (TRL's 0.9).
+    #[arg(long, default_value_t = 0.9, requires = "teacher_model")]
+    pub temperature: f64,
+    /// Longest sample, in tokens (TRL's `max_new_tokens`).
+    #[arg(long, default_value_t = 128, requires = "teacher_model")]
+    pub max_new_tokens: usize,
+}
+
+impl DistillArgs {
+    pub fn validate(&self) -> Result<()> {
+        common::cli::require(&[
+            ((0.0..=1.0).contains(&self.beta), "--beta must be in [0, 1]"),
+            (
+                (0.0..=1.0).contains(&self.lmbda),
+                "--lmbda must be in [0, 1]",
+            ),
+            (
+                self.temperature > 0.0 && self.temperature.is_finite(),
+                "--temperature must be > 0",
+            ),
+            (
+                self.max_new_tokens > 0,
+                "--max-new-tokens must be at least 1",
+            ),
+        ])?;
+        Ok(())
+    }
+
+    /// Whether any step samples (on-policy, or the teacher's sequences).
+    pub fn samples(&self) -> bool {
+        self.lmbda > 0.0 || self.seq_kd
+    }
+}
+
+/// The generalized JSD of Agarwal et al. (their Eq. 1, as TRL's `generalized_jsd_loss`
+/// computes it) between the distributions of `student` and `teacher` logits `[N, V]`, per
+/// position `[N]` (f32): with M = (1 − β)·student + β·teacher,
+/// β·KL(teacher‖M) + (1 − β)·KL(student‖M); KL(teacher‖student) at β = 0 and
+/// KL(student‖teacher) at β = 1.
+pub fn generalized_jsd(student: &Tensor, teacher: &Tensor, beta: f64) -> Tensor {
+    let s = student.log_softmax(-1, Kind::Float);
+    let t = teacher.log_softmax(-1, Kind::Float);
+    // KL(p‖q) of log-probabilities, over the vocabulary.
+    let kl = |p: &Tensor, q: &Tensor| {
+        (p.exp() * (p - q)).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
+    };
+    if beta == 0.0 {
+        return kl(&t, &s);
+    }
+    if beta == 1.0 {
+        return kl(&s, &t);
+    }
+    let mixture = Tensor::stack(&[&s + (1.0 - beta).ln(), &t + beta.ln()], 0)
+        .logsumexp([0].as_slice(), false);
+    kl(&t, &mixture) * beta + kl(&s, &mixture) * (1.0 - beta)
+}
+
+/// The per-token generalized JSD `[B, T − 1]` of `batch` (0 off the completion tokens) and
+/// the completion mask: the student's logits with their graph, the teacher's without; only
+/// completion positions reach the heads, [`POSITIONS_PER_CHUNK`] at a time.
+pub fn token_jsd(
+    student: &Model,
+    teacher: &Model,
+    batch: &SftBatch,
+    beta: f64,
+) -> (Tensor, Tensor) {
+    let t = batch.input_ids.size()[1];
+    let hidden = |m: &Model| {
+        let h = match &batch.segment_ids {
+            Some(segments) => m.hidden_packed(&batch.input_ids, segments),
+            None => m.hidden(&batch.input_ids, &batch.attention_mask, None),
+        };
+        let h = h.narrow(1, 0, t - 1);
+        let size = h.size();
+        h.reshape([-1, size[2]])
+    };
+    let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+    let at = mask.reshape([-1]).nonzero().squeeze_dim(1);
+    let student_h = hidden(student).index_select(0, &at);
+    let teacher_h = tch::no_grad(|| hidden(teacher).index_select(0, &at));
+    let n = at.size()[0];
+    let mut parts = vec![];
+    for start in (0..n).step_by(POSITIONS_PER_CHUNK as usize) {
+        let len = POSITIONS_PER_CHUNK.min(n - start);
+        let logits = student.head_output(&student_h.narrow(0, start, len));
+        let target = tch::no_grad(|| teacher.head_output(&teacher_h.narrow(0, start, len)));
+        parts.push(generalized_jsd(&logits, &target, beta));
+    }
+    let per_token = Tensor::zeros_like(&mask).reshape([-1]);
+    let per_token = match parts.is_empty() {
+        true => per_token,
+        false => per_token.index_put(&[Some(at)], &Tensor::cat(&parts, 0), false),
+    };
+    (per_token.reshape(mask.size()), mask)
+}
+
+/// The teacher: a frozen model on the student's device that shares its vocabulary.
+pub fn load_teacher(dir: &std::path::Path, student: &Model) -> Result<Model> {
+    let opts = ModelOptions::new(Head::Lm, student.device(), student.kind()).frozen();
+    let teacher = Model::load(dir, &opts)
+        .with_context(|| format!("loading --teacher-model {}", dir.display()))?
+        .0;
+    let (a, b) = (teacher.config.vocab_size(), student.config.vocab_size());
+    if a != b {
+        bail!(
+            "--teacher-model {}: its vocabulary has {a} tokens, the student's {b}; the teacher must share the student's tokenizer",
+            dir.display()
+        );
+    }
+    Ok(teacher)
+}
+
+/// Where a step's completions come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completions {
+    /// The data's.
+    Data,
+    /// The student's samples (on-policy).
+    Student,
+    /// The teacher's samples (`--seq-kd`).
+    Teacher,
+}
+
+impl Completions {
+    /// Step `step`'s draw: on-policy with probability λ, from a stream of the run's seed.
+    pub fn of_step(args: &DistillArgs, seed: u64, step: u64) -> Completions {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(derived_seed(seed, step, 1));
+        if rng.random::<f64>() < args.lmbda {
+            Completions::Student
+        } else if args.seq_kd {
+            Completions::Teacher
+        } else {
+            Completions::Data
+        }
+    }
+}
+
+/// Where a row's last completion span starts: its prompt is what comes before (for a
+/// conversation, every turn before the last assistant turn, as TRL's GKD collator splits
+/// it). `None` for a row with no completion token.
+pub fn prompt_length(row: &TokenizedSft) -> Option<usize> {
+    let last = row.loss_mask.iter().rposition(|&m| m == 1)?;
+    let start = row.loss_mask[..=last]
+        .iter()
+        .rposition(|&m| m == 0)
+        .map_or(0, |i| i + 1);
+    Some(start)
+}
+
+/// `rows` with their completions replaced by `sampler`'s samples of their prompts (the
+/// prompt cut to its last `room` tokens where it is longer), in micro-batches of
+/// `batch_size`: the prompt's tokens are not in the loss, the sample's are (its EOS
+/// included).
+pub fn sampled_rows(
+    sampler: &Model,
+    rows: &[&TokenizedSft],
+    (batch_size, pad_id, eos_ids): (usize, i64, &[i64]),
+    args: &DistillArgs,
+    (room, seed): (usize, u64),
+) -> Vec<TokenizedSft> {
+    let _guard = tch::no_grad_guard();
+    let prompts: Vec<&[i64]> = rows
+        .iter()
+        .map(|r| {
+            let p = &r.ids[..prompt_length(r).unwrap_or(r.ids.len())];
+            &p[p.len().saturating_sub(room)..]
+        })
+        .collect();
+    let mut out = Vec::with_capacity(rows.len());
+    for (k, chunk) in prompts.chunks(batch_size.max(1)).enumerate() {
+        let batch = collate_left(chunk, pad_id, sampler.device());
+        let cfg = SamplingConfig {
+            max_new_tokens: args.max_new_tokens as i64,
+            temperature: args.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            eos_ids: eos_ids.to_vec(),
+            pad_id,
+            seed: seed.wrapping_add(k as u64),
+            cuda_graph: true,
+        };
+        let g = generate_in_chunks(
+            sampler,
+            &batch.input_ids,
+            &batch.attention_mask,
+            &cfg,
+            chunk.len(),
+        );
+        let tokens = Vec::<Vec<i64>>::try_from(g.tokens.to_device(tch::Device::Cpu))
+            .expect("sampled token ids");
+        for ((prompt, sample), &len) in chunk.iter().zip(tokens).zip(&g.lengths) {
+            let sample = &sample[..len as usize];
+            let ids = [*prompt, sample].concat();
+            let mask = [vec![0; prompt.len()], vec![1; sample.len()]].concat();
+            out.push(TokenizedSft::new(ids, mask));
+        }
+    }
+    out
+}
+
+/// The seed of step `step`'s samples.
+pub fn sample_seed(seed: u64, step: u64) -> u64 {
+    derived_seed(seed, step, 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits(v: &[&[f32]]) -> Tensor {
+        Tensor::from_slice2(v)
+    }
+
+    fn softmax(x: &[f32]) -> Vec<f64> {
+        let m = x.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.iter().map(|v| v / z).collect()
+    }
+
+    /// The generalized JSD against the definition written out over probabilities in
+    /// between, and TRL's KL(teacher‖student) at β = 0 and KL(student‖teacher) at β = 1;
+    /// 0 where the two agree.
+    #[test]
+    fn generalized_jsd_is_the_papers_divergence() {
+        let s: [&[f32]; 2] = [&[1.0, 0.0, -1.0], &[0.3, 2.0, 0.1]];
+        let t: [&[f32]; 2] = [&[0.0, 0.5, 0.2], &[0.3, 2.0, 0.1]];
+        let kl =
+            |p: &[f64], q: &[f64]| -> f64 { p.iter().zip(q).map(|(a, b)| a * (a / b).ln()).sum() };
+        for beta in [0.0, 0.1, 0.5, 1.0] {
+            let got = generalized_jsd(&logits(&s), &logits(&t), beta);
+            let got = Vec::<f32>::try_from(got).unwrap();
+            for i in 0..2 {
+                let (p, q) = (softmax(s[i]), softmax(t[i]));
+                let m: Vec<f64> = p
+                    .iter()
+                    .zip(&q)
+                    .map(|(a, b)| (1.0 - beta) * a + beta * b)
+                    .collect();
+                // TRL's ends: the KLs themselves (the mixture's formula is 0 there).
+                let want = match beta {
+                    0.0 => kl(&q, &p),
+                    1.0 => kl(&p, &q),
+                    _ => beta * kl(&q, &m) + (1.0 - beta) * kl(&p, &m),
+                };
+                assert!(
+                    (got[i] as f64 - want).abs() < 1e-6,
+                    "β {beta} row {i}: {got:?} vs {want}"
+                );
+            }
+            assert!(got[1].abs() < 1e-6, "identical distributions: {got:?}");
+        }
+    }
+
+    /// A row's prompt is what precedes its last completion span.
+    #[test]
+    fn the_prompt_ends_where_the_last_completion_span_starts() {
+        let row = |mask: &[i64]| TokenizedSft::new(vec![7; mask.len()], mask.to_vec());
+        assert_eq!(prompt_length(&row(&[0, 0, 1, 1])), Some(2));
+        assert_eq!(prompt_length(&row(&[0, 1, 1, 0, 0, 1, 1, 0])), Some(5));
+        assert_eq!(prompt_length(&row(&[1, 1])), Some(0));
+        assert_eq!(prompt_length(&row(&[0, 0])), None);
+    }
+
+    /// λ's draw: never on-policy at 0, always at 1, about λ of the steps between; the
+    /// others are the teacher's with --seq-kd.
+    #[test]
+    fn steps_are_on_policy_with_probability_lambda() {
+        let args = |lmbda: f64, seq_kd: bool| DistillArgs {
+            teacher_model: None,
+            beta: 0.5,
+            lmbda,
+            seq_kd,
+            temperature: 0.9,
+            max_new_tokens: 8,
+        };
+        let count = |a: &DistillArgs, c: Completions| {
+            (0..1000)
+                .filter(|&s| Completions::of_step(a, 3, s) == c)
+                .count()
+        };
+        assert_eq!(count(&args(0.0, false), Completions::Data), 1000);
+        assert_eq!(count(&args(1.0, true), Completions::Student), 1000);
+        let half = count(&args(0.5, true), Completions::Student);
+        assert!((430..570).contains(&half), "{half}");
+        assert_eq!(count(&args(0.5, true), Completions::Teacher), 1000 - half);
+    }
+}

@@ -1,0 +1,322 @@
+//! `sft train --teacher-model`: knowledge distillation as TRL's GKDTrainer does it. The
+//! loss is TRL's generalized JSD (against `transformers`), on-policy steps train on the
+//! student's samples and resume exactly, and a student distilled from a teacher that knows
+//! the task learns it.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::Head;
+use rlhf_tests::{cage_rows, ok, read_jsonl, run_bin, run_python};
+use serde_json::{json, Value};
+
+struct Fixture {
+    root: PathBuf,
+    /// The tiny Llama the student starts from.
+    model: PathBuf,
+    /// The same model with noise on every weight: a teacher that differs everywhere.
+    noisy: PathBuf,
+    train: PathBuf,
+    eval: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sft-distill");
+        rlhf_tests::tiny_llama_fixture(&root);
+        let (model, noisy) = (root.join("model"), root.join("noisy"));
+        run_python(
+            "dpo_reference.py",
+            &[
+                "perturb",
+                "--model",
+                model.to_str().unwrap(),
+                "--out",
+                noisy.to_str().unwrap(),
+                "--scale",
+                "0.05",
+            ],
+        );
+        let (train, eval) = (root.join("train.jsonl"), root.join("eval.jsonl"));
+        std::fs::write(&train, cage_rows(0..24)).unwrap();
+        std::fs::write(&eval, cage_rows(100..108)).unwrap();
+        Fixture {
+            root,
+            model,
+            noisy,
+            train,
+            eval,
+        }
+    })
+}
+
+fn sft(args: &[&str]) -> Value {
+    ok(&run_bin(env!("CARGO_BIN_EXE_sft"), args, &[]))
+}
+
+/// `sft train`'s arguments: `student` distilled from `teacher` on the fixture's rows into
+/// `out`, on the CPU, seed 5.
+fn distill_args<'a>(student: &'a Path, teacher: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        student.to_str().unwrap(),
+        "--teacher-model",
+        teacher.to_str().unwrap(),
+        "--data",
+        fixture().train.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+    ]
+}
+
+/// `sft train` of `student` from `teacher` on the fixture's rows, to `out`.
+fn distill(student: &Path, teacher: &Path, out: &Path, extra: &[&str]) -> Vec<Value> {
+    let mut args = distill_args(student, teacher, out);
+    args.push("--overwrite");
+    args.extend_from_slice(extra);
+    sft(&args);
+    read_jsonl(&out.join("metrics.jsonl"))
+}
+
+/// Step 1's loss over all 24 rows (one batch, the data's completions: `--lmbda 0`) is
+/// TRL's `generalized_jsd_loss` of the student and the teacher computed by `transformers`
+/// on the same tokens (1e-4), at β = 0 (forward KL), 0.5 and 1 (reverse KL).
+#[test]
+fn the_loss_is_trls_generalized_jsd() {
+    let f = fixture();
+    let tok = data::Tokenizer::load(&f.model).unwrap();
+    let examples = data::read_sft(&f.train).unwrap();
+    let prepared = data::sft::prepare(&examples, &tok, 1024, Default::default(), true).unwrap();
+    let rows: Vec<Value> = prepared
+        .rows
+        .iter()
+        .map(|r| json!({"ids": r.ids, "mask": r.loss_mask}))
+        .collect();
+    let rows_path = f.root.join("rows.json");
+    std::fs::write(&rows_path, Value::from(rows).to_string()).unwrap();
+    let betas = ["0", "0.5", "1"];
+    let expected = run_python(
+        "gkd_reference.py",
+        &[
+            "--student",
+            f.model.to_str().unwrap(),
+            "--teacher",
+            f.noisy.to_str().unwrap(),
+            "--rows",
+            rows_path.to_str().unwrap(),
+            "--betas",
+            &betas.join(","),
+        ],
+    );
+    for (beta, want) in betas.iter().zip(expected["losses"].as_array().unwrap()) {
+        let out = f.root.join(format!("jsd-{beta}"));
+        let m = distill(
+            &f.model,
+            &f.noisy,
+            &out,
+            &[
+                "--beta",
+                beta,
+                "--lmbda",
+                "0",
+                "--batch-size",
+                "24",
+                "--max-steps",
+                "1",
+            ],
+        );
+        let (got, want) = (m[0]["train/loss"].as_f64().unwrap(), want.as_f64().unwrap());
+        assert!(want > 1e-3, "β {beta}: the teacher hardly differs ({want})");
+        assert!((got - want).abs() < 1e-4, "β {beta}: {got} vs {want}");
+        assert_eq!(m[0]["train/on_policy"].as_f64(), Some(0.0));
+    }
+}
+
+/// On-policy steps (`--lmbda 1`) train on the student's samples: every step says so, the
+/// weights move otherwise than on the data's completions, and a run killed mid-step
+/// resumes to the uninterrupted weights (the samples come from the run's seed and step);
+/// `--seq-kd` trains on the teacher's samples.
+#[test]
+fn on_policy_steps_sample_the_student_and_resume_exactly() {
+    let f = fixture();
+    let common = [
+        "--lmbda",
+        "1",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+    ];
+    let straight = f.root.join("on-policy");
+    let m = distill(&f.model, &f.noisy, &straight, &common);
+    assert!(m.iter().all(|r| r["train/on_policy"].as_f64() == Some(1.0)));
+    let killed = f.root.join("on-policy-killed");
+    let mut args = distill_args(&f.model, &f.noisy, &killed);
+    args.extend_from_slice(&common);
+    let o = run_bin(
+        env!("CARGO_BIN_EXE_sft"),
+        &args,
+        &[("RLHF_CRASH_AT", "mid-step@3")],
+    );
+    assert!(!o.status.success(), "the crash point was not reached");
+    args.push("--resume");
+    sft(&args);
+    let diff =
+        rlhf_tests::max_weight_diff(&straight.join("final"), &killed.join("final"), Head::Lm);
+    assert!(diff < 1e-6, "resumed on-policy run differs by {diff:e}");
+
+    let offline = f.root.join("off-policy");
+    let mut data_args = common.to_vec();
+    data_args[1] = "0";
+    distill(&f.model, &f.noisy, &offline, &data_args);
+    let diff =
+        rlhf_tests::max_weight_diff(&straight.join("final"), &offline.join("final"), Head::Lm);
+    assert!(
+        diff > 1e-5,
+        "on-policy and data completions trained alike: {diff:e}"
+    );
+    let seq_kd = f.root.join("seq-kd");
+    let mut teacher_args = data_args.clone();
+    teacher_args.push("--seq-kd");
+    let m = distill(&f.model, &f.noisy, &seq_kd, &teacher_args);
+    assert!(m.iter().all(|r| r["train/on_policy"].as_f64() == Some(0.0)));
+    let diff = rlhf_tests::max_weight_diff(&offline.join("final"), &seq_kd.join("final"), Head::Lm);
+    assert!(
+        diff > 1e-5,
+        "the teacher's samples trained as the data: {diff:e}"
+    );
+}
+
+/// Held-out NLL (eval/loss) of `model` on the fixture's eval rows.
+fn eval_nll(model: &Path) -> f64 {
+    let f = fixture();
+    let summary = sft(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        f.eval.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    summary["loss"].as_f64().unwrap()
+}
+
+/// A teacher fine-tuned on the task, and a student distilled from it with TRL's defaults
+/// (β 0.5, λ 0.5: half the steps on the student's own samples): the student's held-out
+/// NLL closes most of the gap from its start to the teacher's.
+#[test]
+fn a_distilled_student_learns_what_the_teacher_knows() {
+    let f = fixture();
+    let teacher = f.root.join("teacher");
+    sft(&[
+        "train",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--data",
+        f.train.to_str().unwrap(),
+        "--output-dir",
+        teacher.to_str().unwrap(),
+        "--overwrite",
+        "--device",
+        "cpu",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "8",
+        "--seed",
+        "1",
+    ]);
+    let teacher = teacher.join("final");
+    let out = f.root.join("student");
+    let m = distill(
+        &f.model,
+        &teacher,
+        &out,
+        &[
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "8",
+            "--max-new-tokens",
+            "16",
+        ],
+    );
+    let on_policy = m
+        .iter()
+        .filter(|r| r["train/on_policy"].as_f64() == Some(1.0))
+        .count();
+    assert!(
+        on_policy > 0 && on_policy < m.len(),
+        "{on_policy} of {} steps on-policy",
+        m.len()
+    );
+    let (start, taught, student) = (
+        eval_nll(&f.model),
+        eval_nll(&teacher),
+        eval_nll(&out.join("final")),
+    );
+    assert!(
+        student < taught + 0.25 * (start - taught),
+        "held-out NLL: start {start:.3}, teacher {taught:.3}, student {student:.3}"
+    );
+}
+
+/// Bad distillation options stop the run with one line before anything is written.
+#[test]
+fn bad_distillation_options_are_refused_with_one_line() {
+    let f = fixture();
+    let out = f.root.join("refused");
+    let _ = std::fs::remove_dir_all(&out);
+    for (extra, want) in [
+        (&["--beta", "1.5"][..], "--beta must be in [0, 1]"),
+        (&["--lmbda=-0.1"][..], "--lmbda must be in [0, 1]"),
+        (
+            &["--loss-type", "dft"][..],
+            "--loss-type dft with --teacher-model",
+        ),
+        (&["--packing"][..], "--packing with sampled completions"),
+    ] {
+        let mut args = distill_args(&f.model, &f.noisy, &out);
+        args.extend_from_slice(extra);
+        let o = run_bin(env!("CARGO_BIN_EXE_sft"), &args, &[]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let last = stderr.lines().last().unwrap_or("");
+        assert!(
+            !o.status.success() && last.contains(want),
+            "{extra:?}: {stderr}"
+        );
+    }
+    // The teacher's options without a teacher: clap names the missing option.
+    let o = run_bin(
+        env!("CARGO_BIN_EXE_sft"),
+        &[
+            "train",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--output-dir",
+            "o",
+            "--lmbda",
+            "1",
+        ],
+        &[],
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--teacher-model"));
+    assert!(!out.exists(), "a refused run created its output directory");
+}
