@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::generate::{generate_in_chunks, SamplingConfig};
+use common::generate::{generate_rows, SamplingConfig};
 use common::rng::derived_seed;
 use common::{Head, Model, ModelOptions};
 use data::prompts::collate_left;
@@ -197,16 +197,21 @@ pub fn prompt_length(row: &TokenizedSft) -> Option<usize> {
 }
 
 /// `rows` with their completions replaced by `sampler`'s samples of their prompts (the
-/// prompt cut to its last `room` tokens where it is longer), in micro-batches of
-/// `batch_size`: the prompt's tokens are not in the loss, the sample's are (its EOS
-/// included).
+/// prompt cut to its last `room` tokens where it is longer), `batch_size` rows at a time:
+/// the prompt's tokens are not in the loss, the sample's are (its EOS included). The rows
+/// are `offset..` of the step's `total` (a rank's share): each samples with the numbers it
+/// has in the whole step, so the ranks together sample what one process samples.
 pub fn sampled_rows(
     sampler: &Model,
     rows: &[&TokenizedSft],
     (batch_size, pad_id, eos_ids): (usize, i64, &[i64]),
     args: &DistillArgs,
     (room, seed): (usize, u64),
+    (offset, total): (usize, usize),
 ) -> Vec<TokenizedSft> {
+    if rows.is_empty() {
+        return vec![];
+    }
     let _guard = tch::no_grad_guard();
     let prompts: Vec<&[i64]> = rows
         .iter()
@@ -215,38 +220,37 @@ pub fn sampled_rows(
             &p[p.len().saturating_sub(room)..]
         })
         .collect();
-    let mut out = Vec::with_capacity(rows.len());
-    for (k, chunk) in prompts.chunks(batch_size.max(1)).enumerate() {
-        let batch = collate_left(chunk, pad_id, sampler.device());
-        let cfg = SamplingConfig {
-            max_new_tokens: args.max_new_tokens as i64,
-            temperature: args.temperature,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            eos_ids: eos_ids.to_vec(),
-            pad_id,
-            seed: seed.wrapping_add(k as u64),
-            cuda_graph: true,
-        };
-        let g = generate_in_chunks(
-            sampler,
-            &batch.input_ids,
-            &batch.attention_mask,
-            &cfg,
-            chunk.len(),
-        );
-        let tokens = Vec::<Vec<i64>>::try_from(g.tokens.to_device(tch::Device::Cpu))
-            .expect("sampled token ids");
-        for ((prompt, sample), &len) in chunk.iter().zip(tokens).zip(&g.lengths) {
+    let batch = collate_left(&prompts, pad_id, sampler.device());
+    let cfg = SamplingConfig {
+        max_new_tokens: args.max_new_tokens as i64,
+        temperature: args.temperature,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
+        eos_ids: eos_ids.to_vec(),
+        pad_id,
+        seed,
+        cuda_graph: true,
+    };
+    let g = generate_rows(
+        sampler,
+        &batch.input_ids,
+        &batch.attention_mask,
+        &cfg,
+        batch_size,
+        (offset as i64, total as i64),
+    );
+    let tokens =
+        Vec::<Vec<i64>>::try_from(g.tokens.to_device(tch::Device::Cpu)).expect("sampled token ids");
+    (prompts.iter().zip(tokens).zip(&g.lengths))
+        .map(|((prompt, sample), &len)| {
             let sample = &sample[..len as usize];
             let ids = [*prompt, sample].concat();
             let mask = [vec![0; prompt.len()], vec![1; sample.len()]].concat();
-            out.push(TokenizedSft::new(ids, mask));
-        }
-    }
-    out
+            TokenizedSft::new(ids, mask)
+        })
+        .collect()
 }
 
 /// The seed of step `step`'s samples.

@@ -473,10 +473,11 @@ fn train_step(
                 Completions::Student => &trainee.model,
                 _ => &t.model,
             };
-            // Each rank's rows get their own stream.
-            let seed = distill::sample_seed(args.run.seed, step).wrapping_add(world.rank() as u64);
+            let seed = distill::sample_seed(args.run.seed, step);
             let shape = (args.data.batch_size, batch.pad_id, &t.eos_ids[..]);
-            distill::sampled_rows(sampler, &rows, shape, &args.distill, (t.room, seed))
+            let (offset, _) = world.shard_of(indices.len() as i64);
+            let share = (offset as usize, indices.len());
+            distill::sampled_rows(sampler, &rows, shape, &args.distill, (t.room, seed), share)
         }
         _ => vec![],
     };

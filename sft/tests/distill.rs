@@ -197,6 +197,38 @@ fn on_policy_steps_sample_the_student_and_resume_exactly() {
     );
 }
 
+/// Data parallel: two torchrun ranks of 4 rows, each sampling its rows with the numbers
+/// they have in the step, train what one process trains with 8 on-policy (the same
+/// samples, losses, gradient norms and weights, 1e-5).
+#[test]
+fn two_ranks_distill_what_one_process_distills() {
+    let f = fixture();
+    let (one, two) = (f.root.join("dp-one"), f.root.join("dp-two"));
+    let options = |batch: &'static str| {
+        vec![
+            "--lmbda",
+            "1",
+            "--max-new-tokens",
+            "10",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            batch,
+            "--dist-timeout",
+            "120",
+        ]
+    };
+    distill(&f.model, &f.noisy, &one, &options("8"));
+    let mut args = distill_args(&f.model, &f.noisy, &two);
+    args.push("--overwrite");
+    args.extend(options("4"));
+    let out = rlhf_tests::torchrun(env!("CARGO_BIN_EXE_sft"), 2, &args, &[]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "torchrun failed:\n{log}");
+    let keys = ["train/loss", "train/grad_norm", "train/on_policy"];
+    rlhf_tests::assert_trains_like(&one, &two, Head::Lm, (&keys, 0.0), 2);
+}
+
 /// Held-out NLL (eval/loss) of `model` on the fixture's eval rows.
 fn eval_nll(model: &Path) -> f64 {
     let f = fixture();
