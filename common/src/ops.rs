@@ -29,6 +29,29 @@ pub fn entropy(logits: &Tensor) -> Tensor {
     lse - expected_logit
 }
 
+/// The generalized JSD of Agarwal et al. (their Eq. 1, as TRL's `generalized_jsd_loss`
+/// computes it) between the distributions of `student` and `teacher` logits `[N, V]`, per
+/// position `[N]` (f32): with M = (1 − β)·student + β·teacher,
+/// β·KL(teacher‖M) + (1 − β)·KL(student‖M); KL(teacher‖student) at β = 0 and
+/// KL(student‖teacher) at β = 1.
+pub fn generalized_jsd(student: &Tensor, teacher: &Tensor, beta: f64) -> Tensor {
+    let s = student.log_softmax(-1, Kind::Float);
+    let t = teacher.log_softmax(-1, Kind::Float);
+    // KL(p‖q) of log-probabilities, over the vocabulary.
+    let kl = |p: &Tensor, q: &Tensor| {
+        (p.exp() * (p - q)).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
+    };
+    if beta == 0.0 {
+        return kl(&t, &s);
+    }
+    if beta == 1.0 {
+        return kl(&s, &t);
+    }
+    let mixture = Tensor::stack(&[&s + (1.0 - beta).ln(), &t + beta.ln()], 0)
+        .logsumexp([0].as_slice(), false);
+    kl(&t, &mixture) * beta + kl(&s, &mixture) * (1.0 - beta)
+}
+
 /// Sum of `values` where `mask` is 1.
 pub fn masked_sum(values: &Tensor, mask: &Tensor) -> Tensor {
     (values * mask.to_kind(values.kind())).sum(values.kind())
@@ -73,6 +96,51 @@ pub fn masked_whiten(values: &Tensor, mask: &Tensor, shift_mean: bool, world: &W
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn logits(v: &[&[f32]]) -> Tensor {
+        Tensor::from_slice2(v)
+    }
+
+    fn softmax(x: &[f32]) -> Vec<f64> {
+        let m = x.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.iter().map(|v| v / z).collect()
+    }
+
+    /// The generalized JSD against the definition written out over probabilities in
+    /// between, and TRL's KL(teacher‖student) at β = 0 and KL(student‖teacher) at β = 1;
+    /// 0 where the two agree.
+    #[test]
+    fn generalized_jsd_is_the_papers_divergence() {
+        let s: [&[f32]; 2] = [&[1.0, 0.0, -1.0], &[0.3, 2.0, 0.1]];
+        let t: [&[f32]; 2] = [&[0.0, 0.5, 0.2], &[0.3, 2.0, 0.1]];
+        let kl =
+            |p: &[f64], q: &[f64]| -> f64 { p.iter().zip(q).map(|(a, b)| a * (a / b).ln()).sum() };
+        for beta in [0.0, 0.1, 0.5, 1.0] {
+            let got = generalized_jsd(&logits(&s), &logits(&t), beta);
+            let got = Vec::<f32>::try_from(got).unwrap();
+            for i in 0..2 {
+                let (p, q) = (softmax(s[i]), softmax(t[i]));
+                let m: Vec<f64> = p
+                    .iter()
+                    .zip(&q)
+                    .map(|(a, b)| (1.0 - beta) * a + beta * b)
+                    .collect();
+                // TRL's ends: the KLs themselves (the mixture's formula is 0 there).
+                let want = match beta {
+                    0.0 => kl(&q, &p),
+                    1.0 => kl(&p, &q),
+                    _ => beta * kl(&q, &m) + (1.0 - beta) * kl(&p, &m),
+                };
+                assert!(
+                    (got[i] as f64 - want).abs() < 1e-6,
+                    "β {beta} row {i}: {got:?} vs {want}"
+                );
+            }
+            assert!(got[1].abs() < 1e-6, "identical distributions: {got:?}");
+        }
+    }
 
     fn close(a: &Tensor, b: &Tensor, tol: f64) -> bool {
         (a - b).abs().max().double_value(&[]) < tol

@@ -4,7 +4,7 @@
 //!
 //! The per-token loss is the generalized Jensen–Shannon divergence between the student's
 //! and the teacher's next-token distributions at every completion token, summed over the
-//! vocabulary ([`generalized_jsd`]); a step's loss is its mean over the step's completion
+//! vocabulary ([`common::ops::generalized_jsd`]); a step's loss is its mean over the step's completion
 //! tokens, as the NLL's is. Which completions: with probability λ (`--lmbda`, drawn once
 //! per step from the run's seed) the student's own samples of each row's prompt
 //! (on-policy); otherwise the data's completions, or with `--seq-kd` the teacher's
@@ -22,9 +22,6 @@ use data::sft::{SftBatch, TokenizedSft};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tch::{Kind, Tensor};
-
-/// Completion positions whose logits exist at once (student and teacher).
-const POSITIONS_PER_CHUNK: i64 = 1024;
 
 /// The distillation options of `sft train`, under TRL's `GKDConfig` names.
 #[derive(Debug, Clone, Args, Serialize)]
@@ -81,32 +78,9 @@ impl DistillArgs {
     }
 }
 
-/// The generalized JSD of Agarwal et al. (their Eq. 1, as TRL's `generalized_jsd_loss`
-/// computes it) between the distributions of `student` and `teacher` logits `[N, V]`, per
-/// position `[N]` (f32): with M = (1 − β)·student + β·teacher,
-/// β·KL(teacher‖M) + (1 − β)·KL(student‖M); KL(teacher‖student) at β = 0 and
-/// KL(student‖teacher) at β = 1.
-pub fn generalized_jsd(student: &Tensor, teacher: &Tensor, beta: f64) -> Tensor {
-    let s = student.log_softmax(-1, Kind::Float);
-    let t = teacher.log_softmax(-1, Kind::Float);
-    // KL(p‖q) of log-probabilities, over the vocabulary.
-    let kl = |p: &Tensor, q: &Tensor| {
-        (p.exp() * (p - q)).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
-    };
-    if beta == 0.0 {
-        return kl(&t, &s);
-    }
-    if beta == 1.0 {
-        return kl(&s, &t);
-    }
-    let mixture = Tensor::stack(&[&s + (1.0 - beta).ln(), &t + beta.ln()], 0)
-        .logsumexp([0].as_slice(), false);
-    kl(&t, &mixture) * beta + kl(&s, &mixture) * (1.0 - beta)
-}
-
 /// The per-token generalized JSD `[B, T − 1]` of `batch` (0 off the completion tokens) and
-/// the completion mask: the student's logits with their graph, the teacher's without; only
-/// completion positions reach the heads, [`POSITIONS_PER_CHUNK`] at a time.
+/// the completion mask: only completion positions reach the two heads, chunk by chunk
+/// (see [`Model::distill_outputs`]), the student's with its gradient.
 pub fn token_jsd(
     student: &Model,
     teacher: &Model,
@@ -127,19 +101,10 @@ pub fn token_jsd(
     let at = mask.reshape([-1]).nonzero().squeeze_dim(1);
     let student_h = hidden(student).index_select(0, &at);
     let teacher_h = tch::no_grad(|| hidden(teacher).index_select(0, &at));
-    let n = at.size()[0];
-    let mut parts = vec![];
-    for start in (0..n).step_by(POSITIONS_PER_CHUNK as usize) {
-        let len = POSITIONS_PER_CHUNK.min(n - start);
-        let logits = student.head_output(&student_h.narrow(0, start, len));
-        let target = tch::no_grad(|| teacher.head_output(&teacher_h.narrow(0, start, len)));
-        parts.push(generalized_jsd(&logits, &target, beta));
-    }
-    let per_token = Tensor::zeros_like(&mask).reshape([-1]);
-    let per_token = match parts.is_empty() {
-        true => per_token,
-        false => per_token.index_put(&[Some(at)], &Tensor::cat(&parts, 0), false),
-    };
+    let jsd = student.distill_outputs(&student_h, teacher, &teacher_h, beta);
+    let per_token = Tensor::zeros_like(&mask)
+        .reshape([-1])
+        .index_put(&[Some(at)], &jsd, false);
     (per_token.reshape(mask.size()), mask)
 }
 
@@ -261,51 +226,6 @@ pub fn sample_seed(seed: u64, step: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn logits(v: &[&[f32]]) -> Tensor {
-        Tensor::from_slice2(v)
-    }
-
-    fn softmax(x: &[f32]) -> Vec<f64> {
-        let m = x.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
-        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
-        let z: f64 = e.iter().sum();
-        e.iter().map(|v| v / z).collect()
-    }
-
-    /// The generalized JSD against the definition written out over probabilities in
-    /// between, and TRL's KL(teacher‖student) at β = 0 and KL(student‖teacher) at β = 1;
-    /// 0 where the two agree.
-    #[test]
-    fn generalized_jsd_is_the_papers_divergence() {
-        let s: [&[f32]; 2] = [&[1.0, 0.0, -1.0], &[0.3, 2.0, 0.1]];
-        let t: [&[f32]; 2] = [&[0.0, 0.5, 0.2], &[0.3, 2.0, 0.1]];
-        let kl =
-            |p: &[f64], q: &[f64]| -> f64 { p.iter().zip(q).map(|(a, b)| a * (a / b).ln()).sum() };
-        for beta in [0.0, 0.1, 0.5, 1.0] {
-            let got = generalized_jsd(&logits(&s), &logits(&t), beta);
-            let got = Vec::<f32>::try_from(got).unwrap();
-            for i in 0..2 {
-                let (p, q) = (softmax(s[i]), softmax(t[i]));
-                let m: Vec<f64> = p
-                    .iter()
-                    .zip(&q)
-                    .map(|(a, b)| (1.0 - beta) * a + beta * b)
-                    .collect();
-                // TRL's ends: the KLs themselves (the mixture's formula is 0 there).
-                let want = match beta {
-                    0.0 => kl(&q, &p),
-                    1.0 => kl(&p, &q),
-                    _ => beta * kl(&q, &m) + (1.0 - beta) * kl(&p, &m),
-                };
-                assert!(
-                    (got[i] as f64 - want).abs() < 1e-6,
-                    "β {beta} row {i}: {got:?} vs {want}"
-                );
-            }
-            assert!(got[1].abs() < 1e-6, "identical distributions: {got:?}");
-        }
-    }
 
     /// A row's prompt is what precedes its last completion span.
     #[test]

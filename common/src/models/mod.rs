@@ -842,13 +842,50 @@ impl Model {
             self.lm_head(),
             hidden,
             labels,
-            spec,
+            (spec, None),
             vocab::POSITIONS_PER_CHUNK,
         );
         if let Some(saved) = saved {
             self.pending.lock().expect("not poisoned").heads.push(saved);
         }
         outputs
+    }
+
+    /// The generalized JSD (at `beta`, see [`crate::ops::generalized_jsd`]) between this
+    /// model's next-token distributions at `hidden` `[R, H]` and `teacher`'s at
+    /// `teacher_hidden` `[R, H']`, per row `[R]`, both heads applied
+    /// [`vocab::POSITIONS_PER_CHUNK`] rows at a time: no `[R, V]` tensor is kept. With grad
+    /// the result is a leaf whose gradient [`Model::backward`] carries back through
+    /// recomputed chunks into this model (the teacher's side has none).
+    pub fn distill_outputs(
+        &self,
+        hidden: &Tensor,
+        teacher: &Model,
+        teacher_hidden: &Tensor,
+        beta: f64,
+    ) -> Tensor {
+        assert_eq!(self.head, Head::Lm, "distillation needs the LM head");
+        let rows = hidden.size()[0];
+        let labels = Tensor::zeros([1, rows], (Kind::Int64, hidden.device()));
+        let spec = TokenSpec {
+            jsd: Some(beta),
+            ..TokenSpec::default()
+        };
+        let target = vocab::Target {
+            head: teacher.lm_head(),
+            hidden: teacher_hidden.detach(),
+        };
+        let (outputs, saved) = vocab::token_outputs(
+            self.lm_head(),
+            &hidden.unsqueeze(0),
+            &labels,
+            (spec, Some(target)),
+            vocab::POSITIONS_PER_CHUNK,
+        );
+        if let Some(saved) = saved {
+            self.pending.lock().expect("not poisoned").heads.push(saved);
+        }
+        outputs.jsd.expect("asked for").squeeze_dim(0)
     }
 
     /// The head's weight in use: a scalar head trained beside adapters falls back to the

@@ -10,7 +10,7 @@
 use tch::{Kind, Tensor};
 
 use super::recompute::pull_back;
-use crate::ops::{entropy, logprobs_of};
+use crate::ops::{entropy, generalized_jsd, logprobs_of};
 
 /// Positions whose logits exist at once: 1024 × a 152k vocabulary is 0.6 GB in f32.
 pub const POSITIONS_PER_CHUNK: i64 = 1024;
@@ -31,6 +31,9 @@ pub struct TokenSpec {
     /// log Σ_v p(v)², detached: the log of the probability that two draws agree (WPO's
     /// weights, TRL's `log_sum_sq_probs`).
     pub log_sum_sq_probs: bool,
+    /// The generalized JSD at this β against a [`Target`]'s distributions, with its
+    /// gradient (knowledge distillation).
+    pub jsd: Option<f64>,
 }
 
 impl Default for TokenSpec {
@@ -42,8 +45,17 @@ impl Default for TokenSpec {
             mean_logit: false,
             greedy: false,
             log_sum_sq_probs: false,
+            jsd: None,
         }
     }
+}
+
+/// The distributions a student's are compared with (a teacher's): its head and its hidden
+/// states `[R, H']`, a row for each of the student's rows, without gradient.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub head: LmHead,
+    pub hidden: Tensor,
 }
 
 /// The LM head: a bias-free linear map, then Gemma 2's final-logit soft-capping
@@ -73,6 +85,8 @@ pub struct TokenOutputs {
     /// `[B, T]` bool: the label is the first argmax of the logits.
     pub greedy: Option<Tensor>,
     pub log_sum_sq_probs: Option<Tensor>,
+    /// The generalized JSD against the target (`TokenSpec::jsd`).
+    pub jsd: Option<Tensor>,
 }
 
 /// What a forward with grad keeps for [`backward_head`].
@@ -85,9 +99,12 @@ pub(crate) struct HeadSaved {
     pub labels: Tensor,
     pub spec: TokenSpec,
     pub chunk: i64,
-    /// The leaves handed to the loss: log-probs and (with `entropy_grad`) entropies.
+    /// The leaves handed to the loss: log-probs, (with `entropy_grad`) entropies and
+    /// (with `jsd`) divergences.
     pub logprobs: Tensor,
     pub entropy: Option<Tensor>,
+    pub jsd: Option<Tensor>,
+    pub target: Option<Target>,
 }
 
 /// The outputs of rows `[R, H]` of hidden states for `labels` `[R]`, `chunk` rows at a
@@ -96,11 +113,12 @@ fn chunked(
     head: &LmHead,
     hidden: &Tensor,
     labels: &Tensor,
-    spec: TokenSpec,
+    (spec, target): (TokenSpec, Option<&Target>),
     chunk: i64,
 ) -> TokenOutputs {
     let rows = hidden.size()[0];
     let (mut lp, mut ent, mut mean, mut greedy, mut sq) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut jsd = vec![];
     for start in (0..rows).step_by(chunk.max(1) as usize) {
         let n = chunk.min(rows - start);
         let logits = head.logits(&hidden.narrow(0, start, n));
@@ -128,6 +146,10 @@ fn chunked(
             let logp = logits.log_softmax(-1, Kind::Float);
             sq.push((logp * 2.0).logsumexp([-1].as_slice(), false));
         }
+        if let (Some(beta), Some(t)) = (spec.jsd, target) {
+            let theirs = tch::no_grad(|| t.head.logits(&t.hidden.narrow(0, start, n)));
+            jsd.push(generalized_jsd(&logits, &theirs, beta));
+        }
     }
     let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0));
     TokenOutputs {
@@ -136,6 +158,7 @@ fn chunked(
         mean_logit: cat(mean),
         greedy: cat(greedy),
         log_sum_sq_probs: cat(sq),
+        jsd: cat(jsd),
     }
 }
 
@@ -146,7 +169,7 @@ pub(crate) fn token_outputs(
     head: LmHead,
     hidden: &Tensor,
     labels: &Tensor,
-    spec: TokenSpec,
+    (spec, target): (TokenSpec, Option<Target>),
     chunk: i64,
 ) -> (TokenOutputs, Option<HeadSaved>) {
     let (b, t, h) = hidden.size3().expect("[B, T, H] hidden states");
@@ -159,9 +182,16 @@ pub(crate) fn token_outputs(
         mean_logit: mean,
         greedy,
         log_sum_sq_probs: sq,
+        jsd,
     } = {
         let _guard = with_grad.then(tch::no_grad_guard);
-        chunked(&head, &rows.detach(), &flat_labels, spec, chunk)
+        chunked(
+            &head,
+            &rows.detach(),
+            &flat_labels,
+            (spec, target.as_ref()),
+            chunk,
+        )
     };
     let shape = |x: Tensor| x.reshape([b, t]);
     if !with_grad {
@@ -171,10 +201,12 @@ pub(crate) fn token_outputs(
             mean_logit: mean.map(shape),
             greedy: greedy.map(shape),
             log_sum_sq_probs: sq.map(shape),
+            jsd: jsd.map(shape),
         };
         return (outputs, None);
     }
     let lp = lp.set_requires_grad(true);
+    let jsd = jsd.map(|j| j.set_requires_grad(true));
     let ent = ent.map(|e| {
         if spec.entropy_grad {
             e.set_requires_grad(true)
@@ -193,6 +225,8 @@ pub(crate) fn token_outputs(
             .as_ref()
             .filter(|_| spec.entropy_grad)
             .map(Tensor::shallow_clone),
+        jsd: jsd.as_ref().map(Tensor::shallow_clone),
+        target,
     };
     let outputs = TokenOutputs {
         logprobs: shape(lp),
@@ -200,6 +234,7 @@ pub(crate) fn token_outputs(
         mean_logit: mean.map(shape),
         greedy: greedy.map(shape),
         log_sum_sq_probs: sq.map(shape),
+        jsd: jsd.map(shape),
     };
     (outputs, Some(saved))
 }
@@ -213,7 +248,8 @@ pub(crate) fn backward_head(saved: HeadSaved) {
     };
     let lp_grad = grad_of(&saved.logprobs);
     let ent_grad = saved.entropy.as_ref().and_then(grad_of);
-    if lp_grad.is_none() && ent_grad.is_none() {
+    let jsd_grad = saved.jsd.as_ref().and_then(grad_of);
+    if lp_grad.is_none() && ent_grad.is_none() && jsd_grad.is_none() {
         return;
     }
     let rows = saved.hidden.size()[0];
@@ -226,6 +262,7 @@ pub(crate) fn backward_head(saved: HeadSaved) {
         mean_logit: false,
         greedy: false,
         log_sum_sq_probs: false,
+        jsd: saved.spec.jsd.filter(|_| jsd_grad.is_some()),
         ..saved.spec
     };
     let mut hidden_grads = vec![];
@@ -237,17 +274,28 @@ pub(crate) fn backward_head(saved: HeadSaved) {
             .detach()
             .set_requires_grad(true);
         let labels = saved.labels.narrow(0, start, n);
+        let target = saved.target.as_ref().map(|t| Target {
+            head: LmHead {
+                weight: t.head.weight.shallow_clone(),
+                softcap: t.head.softcap,
+            },
+            hidden: t.hidden.narrow(0, start, n),
+        });
         let TokenOutputs {
             logprobs: lp,
             entropy: ent,
+            jsd,
             ..
-        } = chunked(&saved.head, &h, &labels, spec, n);
+        } = chunked(&saved.head, &h, &labels, (spec, target.as_ref()), n);
         let mut surrogate = Tensor::zeros([], (Kind::Float, h.device()));
         if let Some(g) = &lp_grad {
             surrogate += (lp * g.narrow(0, start, n)).sum(Kind::Float);
         }
         if let (Some(e), Some(g)) = (ent, &ent_grad) {
             surrogate += (e * g.narrow(0, start, n)).sum(Kind::Float);
+        }
+        if let (Some(j), Some(g)) = (jsd, &jsd_grad) {
+            surrogate += (j * g.narrow(0, start, n)).sum(Kind::Float);
         }
         surrogate.backward();
         hidden_grads.push(h.grad());
@@ -261,8 +309,8 @@ mod tests {
     use tch::Device;
 
     /// Chunked (5 positions at a time over 2 × 7, so the chunks do not divide the rows)
-    /// equals the direct computation: values (1e-6) and gradients of the hidden states and
-    /// the head (1e-5), with a temperature and an entropy bonus.
+    /// equals the direct computation: values (1e-6, relative above 1) and gradients of the
+    /// hidden states and the head (1e-5), with a temperature and an entropy bonus.
     #[test]
     fn chunks_give_the_direct_numbers_and_gradients() {
         tch::manual_seed(1);
@@ -280,6 +328,7 @@ mod tests {
             mean_logit: true,
             greedy: true,
             log_sum_sq_probs: true,
+            jsd: None,
         };
         let loss_of =
             |lp: &Tensor, ent: &Tensor| ((lp * &weights - ent * 0.3) * &mask).sum(Kind::Float);
@@ -298,9 +347,10 @@ mod tests {
             weight: head.shallow_clone(),
             softcap,
         };
-        let (out, saved) = token_outputs(lm(None), &hidden, &labels, spec, 5);
+        let (out, saved) = token_outputs(lm(None), &hidden, &labels, (spec, None), 5);
+        // Relative above 1: f32's spacing at a log-prob of −30 is 2e-6.
         let close = |a: &Tensor, b: &Tensor, tol: f64| {
-            let d = (a - b).abs().max().double_value(&[]);
+            let d = ((a - b).abs() / (b.abs() + 1.0)).max().double_value(&[]);
             assert!(d < tol, "differs by {d:e}");
         };
         close(&out.logprobs, &lp, 1e-6);
@@ -317,13 +367,77 @@ mod tests {
         close(&head.grad(), &g_head, 1e-5);
         // Under no_grad nothing is kept.
         let _guard = tch::no_grad_guard();
-        assert!(token_outputs(lm(None), &hidden, &labels, spec, 5)
+        assert!(token_outputs(lm(None), &hidden, &labels, (spec, None), 5)
             .1
             .is_none());
         // Gemma 2's soft-capped logits, chunked, equal the direct ones.
         let capped = (hidden.linear::<Tensor>(&head, None) / 2.0).tanh() * 2.0 / 0.7;
-        let out = token_outputs(lm(Some(2.0)), &hidden, &labels, spec, 5).0;
+        let out = token_outputs(lm(Some(2.0)), &hidden, &labels, (spec, None), 5).0;
         close(&out.logprobs, &logprobs_of(&capped, &labels), 1e-6);
         close(out.entropy.as_ref().unwrap(), &entropy(&capped), 1e-6);
+    }
+
+    /// The generalized JSD against a teacher, chunked (4 rows at a time over 11) with the
+    /// recomputing backward, equals the direct computation on whole logits: values (1e-6),
+    /// and the gradients of the student's hidden states and head (1e-5); the teacher gets
+    /// none.
+    #[test]
+    fn chunked_distillation_gives_the_direct_numbers_and_gradients() {
+        tch::manual_seed(2);
+        let opts = (Kind::Float, Device::Cpu);
+        let head = Tensor::randn([29, 8], opts).set_requires_grad(true);
+        let base = Tensor::randn([11, 8], opts).set_requires_grad(true);
+        let teacher_head = Tensor::randn([29, 6], opts).set_requires_grad(true);
+        let teacher_hidden = Tensor::randn([11, 6], opts);
+        let weights = Tensor::randn([11], opts);
+        for beta in [0.0, 0.3, 1.0] {
+            let hidden = &base * 2.0;
+            let direct = generalized_jsd(
+                &hidden.linear::<Tensor>(&head, None),
+                &teacher_hidden
+                    .linear::<Tensor>(&teacher_head, None)
+                    .detach(),
+                beta,
+            );
+            (&direct * &weights).sum(Kind::Float).backward();
+            let (g_base, g_head) = (base.grad().copy(), head.grad().copy());
+            let _ = base.grad().zero_();
+            let _ = head.grad().zero_();
+            let spec = TokenSpec {
+                jsd: Some(beta),
+                ..TokenSpec::default()
+            };
+            let target = Target {
+                head: LmHead {
+                    weight: teacher_head.shallow_clone(),
+                    softcap: None,
+                },
+                hidden: teacher_hidden.shallow_clone(),
+            };
+            let lm = LmHead {
+                weight: head.shallow_clone(),
+                softcap: None,
+            };
+            let hidden = &base * 2.0;
+            let labels = Tensor::zeros([1, 11], (Kind::Int64, Device::Cpu));
+            let (out, saved) =
+                token_outputs(lm, &hidden.unsqueeze(0), &labels, (spec, Some(target)), 4);
+            let jsd = out.jsd.unwrap().squeeze_dim(0);
+            let close = |a: &Tensor, b: &Tensor, tol: f64| {
+                let d = ((a - b).abs() / (b.abs() + 1.0)).max().double_value(&[]);
+                assert!(d < tol, "β {beta}: differs by {d:e}");
+            };
+            close(&jsd, &direct, 1e-6);
+            (&jsd * &weights).sum(Kind::Float).backward();
+            backward_head(saved.expect("grad is on"));
+            close(&base.grad(), &g_base, 1e-5);
+            close(&head.grad(), &g_head, 1e-5);
+            let _ = base.grad().zero_();
+            let _ = head.grad().zero_();
+            assert!(
+                !teacher_head.grad().defined()
+                    || teacher_head.grad().abs().max().double_value(&[]) == 0.0
+            );
+        }
     }
 }
