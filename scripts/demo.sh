@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the InstructGPT pipeline on the bundled chickens-and-rabbits task, through
 # the real binaries: data → sft train → reward train → ppo train (and GRPO with a verifier)
-# and DPO (and KTO) on the rankings → held-out evaluation by a programmatic judge. Everything goes under runs/demo/ (TensorBoard: tensorboard --logdir runs/demo).
+# and DPO (and KTO, ORPO) on the rankings → held-out evaluation by a programmatic judge. Everything goes under runs/demo/ (TensorBoard: tensorboard --logdir runs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=target/release
@@ -47,9 +47,14 @@ stage rpo $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
 stage kto $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
     --eval-data "$D/data/rankings_eval.jsonl" --output-dir "$D/kto" --loss-type kto --beta 0.1 \
     --lr 3e-5 --batch-size 64 --epochs 1 --max-length 128 --seed "$SEED" --log-every 10
+# ORPO from the same SFT policy on the same rankings: no reference model (TRL's
+# ORPOTrainer: the chosen answers' NLL plus β × the odds-ratio term), at RPO's rate.
+stage orpo $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
+    --eval-data "$D/data/rankings_eval.jsonl" --output-dir "$D/orpo" --loss-type orpo --beta 0.1 \
+    --lr 1e-4 --batch-size 64 --epochs 1 --max-length 128 --seed "$SEED" --log-every 10
 # Held-out accuracy, sampled at temperature 1 with three sampling seeds, for every policy.
 start=$(date +%s%N)
-for model in sft ppo grpo dpo rpo kto; do
+for model in sft ppo grpo dpo rpo kto orpo; do
     for s in 1 2 3; do
         $B/sft generate --model "$D/$model/final" --prompts "$D/data/eval_prompts.jsonl" \
             --output "$D/eval_${model}_$s.jsonl" --max-new-tokens 64 --temperature 1 --seed "$s" \

@@ -4,11 +4,11 @@
 //!
 //! The per-token loss is the generalized Jensen–Shannon divergence between the student's
 //! and the teacher's next-token distributions at every completion token, summed over the
-//! vocabulary ([`common::ops::generalized_jsd`]); a step's loss is its mean over the step's completion
-//! tokens, as the NLL's is. Which completions: with probability λ (`--lmbda`, drawn once
-//! per step from the run's seed) the student's own samples of each row's prompt
-//! (on-policy); otherwise the data's completions, or with `--seq-kd` the teacher's
-//! samples (sequence-level KD).
+//! vocabulary ([`common::ops::generalized_jsd`]); a step's loss is its mean over the
+//! step's completion tokens, as the NLL's is. Which completions: with probability λ
+//! (`--lmbda`, drawn once per step from the run's seed) the student's own samples of each
+//! row's prompt (on-policy); otherwise the data's completions, or with `--seq-kd` the
+//! teacher's samples (sequence-level KD).
 
 use std::path::PathBuf;
 

@@ -172,6 +172,7 @@ fn report(dir: &Path) {
     };
     let dpo = dpo_row("dpo", "DPO (rankings, no reward model)");
     let rpo = dpo_row("rpo", "DPO + RPO α 1 (rankings, no reward model)");
+    let orpo = dpo_row("orpo", "ORPO (rankings, no reward model, no reference)");
     // KTO on the rankings unpaired (when the run has it): its held-out reward margin.
     let kto = dir.join("judge_kto_1.json").exists().then(|| {
         let a = accuracy("kto");
@@ -203,7 +204,9 @@ fn report(dir: &Path) {
                "grpo_accuracy": grpo.map(|g| g.0), "grpo_kl": grpo.map(|g| g.1),
                "dpo_accuracy": dpo.map(|d| d.0), "dpo_pairwise_accuracy": dpo.map(|d| d.1),
                "rpo_accuracy": rpo.map(|d| d.0), "rpo_pairwise_accuracy": rpo.map(|d| d.1),
-               "kto_accuracy": kto.map(|d| d.0), "kto_margin": kto.map(|d| d.1), "seconds": total})
+               "kto_accuracy": kto.map(|d| d.0), "kto_margin": kto.map(|d| d.1),
+               "orpo_accuracy": orpo.map(|d| d.0), "orpo_pairwise_accuracy": orpo.map(|d| d.1),
+               "seconds": total})
     );
 }
 
