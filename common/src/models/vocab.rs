@@ -1,4 +1,5 @@
-//! Per-token log-probs, entropies and mean logits from hidden states with the LM head
+//! Per-token log-probs, entropies, mean logits and divergences from a teacher's
+//! distributions (distillation's generalized JSD) from hidden states with the LM head
 //! applied to chunks of positions, so that no `[B, T, V]` tensor exists at once (as fused
 //! linear–cross-entropy kernels do). Under `no_grad` the chunks are computed and dropped.
 //! With grad, the forward still runs chunk by chunk without keeping anything, and returns
