@@ -69,16 +69,12 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         ..ModelOptions::new(Head::Lm, device, kind).frozen()
     };
     let (policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    if !args.loss.uses_reference() && args.ref_model.is_some() {
-        bail!("--ref-model does not apply: the loss is reference-free (--reference-free, simpo or orpo)");
-    }
-    if args.loss.uses_reference() && args.ref_model.is_none() && !policy.options.has_adapter() {
-        bail!("--ref-model is required: --model {} is a full model (only an adapter directory has its base as the default reference)", args.model.display());
-    }
-    let reference = match &args.ref_model {
-        _ if !args.loss.uses_reference() => Reference::Free,
-        Some(dir) => Reference::load(&policy, &args.model, Some(dir), &opts)?,
-        None => Reference::AdapterOff,
+    let reference = match (&args.ref_model, args.loss.uses_reference()) {
+        (None, false) => Reference::Free,
+        (Some(_), false) => bail!("--ref-model does not apply: the loss is reference-free (--reference-free, simpo or orpo)"),
+        (Some(dir), true) => Reference::load(&policy, &args.model, Some(dir), &opts)?,
+        (None, true) if policy.options.has_adapter() => Reference::AdapterOff,
+        (None, true) => bail!("--ref-model is required: --model {} is a full model (only an adapter directory has its base as the default reference)", args.model.display()),
     };
     let limits = PairLimits {
         max_prompt_length: args.max_prompt_length,

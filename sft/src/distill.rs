@@ -23,6 +23,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
+use crate::eval::batch_hidden;
+
 /// The distillation options of `sft train`, under TRL's `GKDConfig` names.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct DistillArgs {
@@ -78,34 +80,25 @@ impl DistillArgs {
     }
 }
 
-/// The per-token generalized JSD `[B, T − 1]` of `batch` (0 off the completion tokens) and
-/// the completion mask: only completion positions reach the two heads, chunk by chunk
-/// (see [`Model::distill_outputs`]), the student's with its gradient.
-pub fn token_jsd(
-    student: &Model,
-    teacher: &Model,
-    batch: &SftBatch,
-    beta: f64,
-) -> (Tensor, Tensor) {
+/// The per-token generalized JSD `[B, T − 1]` of `batch` (0 off the completion tokens):
+/// only completion positions reach the two heads, chunk by chunk (see
+/// [`Model::distill_outputs`]), the student's with its gradient.
+pub fn token_jsd(student: &Model, teacher: &Model, batch: &SftBatch, beta: f64) -> Tensor {
     let t = batch.input_ids.size()[1];
-    let hidden = |m: &Model| {
-        let h = match &batch.segment_ids {
-            Some(segments) => m.hidden_packed(&batch.input_ids, segments),
-            None => m.hidden(&batch.input_ids, &batch.attention_mask, None),
-        };
-        let h = h.narrow(1, 0, t - 1);
+    let rows = |m: &Model| {
+        let h = batch_hidden(m, batch);
         let size = h.size();
         h.reshape([-1, size[2]])
     };
     let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
     let at = mask.reshape([-1]).nonzero().squeeze_dim(1);
-    let student_h = hidden(student).index_select(0, &at);
-    let teacher_h = tch::no_grad(|| hidden(teacher).index_select(0, &at));
+    let student_h = rows(student).index_select(0, &at);
+    let teacher_h = tch::no_grad(|| rows(teacher).index_select(0, &at));
     let jsd = student.distill_outputs(&student_h, teacher, &teacher_h, beta);
-    let per_token = Tensor::zeros_like(&mask)
+    Tensor::zeros_like(&mask)
         .reshape([-1])
-        .index_put(&[Some(at)], &jsd, false);
-    (per_token.reshape(mask.size()), mask)
+        .index_put(&[Some(at)], &jsd, false)
+        .reshape(mask.size())
 }
 
 /// The teacher: a frozen model on the student's device that shares its vocabulary.

@@ -73,14 +73,21 @@ pub fn nll_per_row(
     out
 }
 
-/// Per-token NLL of the targets `[B, T-1]` (0 elsewhere) and the target mask.
-pub fn token_nll(model: &Model, batch: &SftBatch) -> (Tensor, Tensor) {
+/// The hidden states `[B, T-1, H]` of a batch's positions that predict a next token
+/// (packed rows kept apart).
+pub fn batch_hidden(model: &Model, batch: &SftBatch) -> Tensor {
     let t = batch.input_ids.size()[1];
-    let hidden = match &batch.segment_ids {
+    match &batch.segment_ids {
         Some(segments) => model.hidden_packed(&batch.input_ids, segments),
         None => model.hidden(&batch.input_ids, &batch.attention_mask, None),
     }
-    .narrow(1, 0, t - 1);
+    .narrow(1, 0, t - 1)
+}
+
+/// Per-token NLL of the targets `[B, T-1]` (0 elsewhere) and the target mask.
+pub fn token_nll(model: &Model, batch: &SftBatch) -> (Tensor, Tensor) {
+    let t = batch.input_ids.size()[1];
+    let hidden = batch_hidden(model, batch);
     let labels = batch.input_ids.narrow(1, 1, t - 1);
     let lp = model
         .token_outputs(&hidden, &labels, TokenSpec::default())

@@ -293,7 +293,7 @@ fn accumulate(
     for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let nll = match teacher {
-            Some((teacher, beta)) => distill::token_jsd(model, teacher, &batch, beta).0,
+            Some((teacher, beta)) => distill::token_jsd(model, teacher, &batch, beta),
             None => loss_type.per_token(&token_nll(model, &batch).0),
         };
         if row_nll {
@@ -332,8 +332,14 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let teacher = match &args.distill.teacher_model {
         Some(dir) => {
             let teacher = distill::load_teacher(dir, &model)?;
-            let room = model.prompt_room(args.distill.max_new_tokens, "--max-new-tokens")?;
-            let eos_ids = tok.generation_eos_ids()?;
+            // What sampling the prompts needs (nothing when no step samples).
+            let (eos_ids, room) = match args.distill.samples() {
+                true => (
+                    tok.generation_eos_ids()?,
+                    model.prompt_room(args.distill.max_new_tokens, "--max-new-tokens")?,
+                ),
+                false => (vec![], usize::MAX),
+            };
             Some(Teacher {
                 model: teacher,
                 eos_ids,
@@ -466,22 +472,20 @@ fn train_step(
     let step = session.state.step;
     let completions = batch
         .teacher
-        .map(|_| Completions::of_step(&args.distill, args.run.seed, step));
-    let sampled = match (completions, batch.teacher) {
-        (Some(from @ (Completions::Student | Completions::Teacher)), Some(t)) => {
-            let sampler = match from {
-                Completions::Student => &trainee.model,
-                _ => &t.model,
-            };
-            let seed = distill::sample_seed(args.run.seed, step);
-            let shape = (args.data.batch_size, batch.pad_id, &t.eos_ids[..]);
-            let (offset, _) = world.shard_of(indices.len() as i64);
-            let share = (offset as usize, indices.len());
-            distill::sampled_rows(sampler, &rows, shape, &args.distill, (t.room, seed), share)
-        }
-        _ => vec![],
+        .map(|t| (t, Completions::of_step(&args.distill, args.run.seed, step)));
+    let sampler = match completions {
+        Some((t, Completions::Student)) => Some((t, &trainee.model)),
+        Some((t, Completions::Teacher)) => Some((t, &t.model)),
+        _ => None,
     };
-    if !sampled.is_empty() {
+    let sampled = sampler.map(|(t, sampler)| {
+        let seed = distill::sample_seed(args.run.seed, step);
+        let shape = (args.data.batch_size, batch.pad_id, &t.eos_ids[..]);
+        let (offset, _) = world.shard_of(indices.len() as i64);
+        let share = (offset as usize, indices.len());
+        distill::sampled_rows(sampler, &rows, shape, &args.distill, (t.room, seed), share)
+    });
+    if let Some(sampled) = &sampled {
         rows = sampled.iter().collect();
     }
     let teacher = batch.teacher.map(|t| (&t.model, args.distill.beta));
@@ -515,7 +519,7 @@ fn train_step(
         ),
     ];
     scalars.extend(per_dataset);
-    if let Some(from) = completions {
+    if let Some((_, from)) = completions {
         scalars.push((
             "train/on_policy".into(),
             f64::from(u8::from(from == Completions::Student)),

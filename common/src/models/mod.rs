@@ -838,11 +838,22 @@ impl Model {
     /// through recomputed chunks.
     pub fn token_outputs(&self, hidden: &Tensor, labels: &Tensor, spec: TokenSpec) -> TokenOutputs {
         assert_eq!(self.head, Head::Lm, "token log-probs need the LM head");
+        self.chunked_head(hidden, labels, (spec, None))
+    }
+
+    /// [`vocab::token_outputs`] with this model's head, what the backward needs kept for
+    /// [`Model::backward_recomputed`].
+    fn chunked_head(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        spec: (TokenSpec, Option<vocab::Target>),
+    ) -> TokenOutputs {
         let (outputs, saved) = vocab::token_outputs(
             self.lm_head(),
             hidden,
             labels,
-            (spec, None),
+            spec,
             vocab::POSITIONS_PER_CHUNK,
         );
         if let Some(saved) = saved {
@@ -875,16 +886,7 @@ impl Model {
             head: teacher.lm_head(),
             hidden: teacher_hidden.detach(),
         };
-        let (outputs, saved) = vocab::token_outputs(
-            self.lm_head(),
-            &hidden.unsqueeze(0),
-            &labels,
-            (spec, Some(target)),
-            vocab::POSITIONS_PER_CHUNK,
-        );
-        if let Some(saved) = saved {
-            self.pending.lock().expect("not poisoned").heads.push(saved);
-        }
+        let outputs = self.chunked_head(&hidden.unsqueeze(0), &labels, (spec, Some(target)));
         outputs.jsd.expect("asked for").squeeze_dim(0)
     }
 

@@ -59,6 +59,19 @@ pub(crate) struct Target {
     pub hidden: Tensor,
 }
 
+impl Target {
+    /// The target of rows `start..start + n`.
+    fn rows(&self, start: i64, n: i64) -> Target {
+        Target {
+            head: LmHead {
+                weight: self.head.weight.shallow_clone(),
+                softcap: self.head.softcap,
+            },
+            hidden: self.hidden.narrow(0, start, n),
+        }
+    }
+}
+
 /// The LM head: a bias-free linear map, then Gemma 2's final-logit soft-capping
 /// (`cap · tanh(logits / cap)`) where the model has it.
 #[derive(Debug)]
@@ -275,13 +288,7 @@ pub(crate) fn backward_head(saved: HeadSaved) {
             .detach()
             .set_requires_grad(true);
         let labels = saved.labels.narrow(0, start, n);
-        let target = saved.target.as_ref().map(|t| Target {
-            head: LmHead {
-                weight: t.head.weight.shallow_clone(),
-                softcap: t.head.softcap,
-            },
-            hidden: t.hidden.narrow(0, start, n),
-        });
+        let target = saved.target.as_ref().map(|t| t.rows(start, n));
         let TokenOutputs {
             logprobs: lp,
             entropy: ent,
