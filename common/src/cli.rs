@@ -271,6 +271,9 @@ pub struct AdapterArgs {
     /// rsLoRA: scale by α / √r instead of α / r.
     #[arg(long)]
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row beside A and B (PEFT's use_dora).
+    #[arg(long)]
+    pub use_dora: bool,
     /// Prompt tuning: this many trainable virtual tokens before every input, the whole
     /// model frozen (off when absent; not with --lora-r).
     #[arg(long)]
@@ -328,8 +331,9 @@ impl AdapterArgs {
                     || (self.lora_alpha.is_none()
                         && self.lora_target_modules.is_none()
                         && !self.use_rslora
+                        && !self.use_dora
                         && self.lora_dropout == 0.0),
-                "--lora-alpha, --lora-dropout, --lora-target-modules and --use-rslora need --lora-r",
+                "--lora-alpha, --lora-dropout, --lora-target-modules, --use-rslora and --use-dora need --lora-r",
             ),
         ])
     }
@@ -346,6 +350,7 @@ impl AdapterArgs {
                 .as_deref()
                 .map_or(TargetModules::Default, TargetModules::parse),
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
         })
     }
 

@@ -170,6 +170,40 @@ fn peft_adapters_load_here_with_peft_numbers() {
             max_diff(&adapted, &r["base"]) > 1e-3,
             "{arch}: the adapter changed nothing"
         );
+        // DoRA: log-probs, and the gradient of every adapter tensor (the row norm held
+        // constant, as PEFT).
+        let dora = load(&f.root.join(format!("{arch}-dora")), Head::Lm);
+        let lp = logprobs_with_grad(&dora);
+        let diff = max_diff(&lp, &r["dora"]);
+        assert!(
+            diff < 1e-4,
+            "{arch}: PEFT DoRA log-probs differ by {diff:e}"
+        );
+        lp.sum(Kind::Float).backward();
+        let tensors = dora.named_tensors();
+        let grads = r["dora_grad"].as_object().unwrap();
+        assert_eq!(
+            grads.len(),
+            tensors.keys().filter(|n| n.contains(".lora_")).count(),
+            "{arch}"
+        );
+        for (name, theirs) in grads {
+            let ours = tensors[name].grad();
+            let theirs = match theirs {
+                Value::Array(rows) if rows.first().is_some_and(Value::is_array) => {
+                    tensor_2d_f32(theirs)
+                }
+                _ => {
+                    Tensor::from_slice(&serde_json::from_value::<Vec<f32>>(theirs.clone()).unwrap())
+                }
+            };
+            let diff = (&ours - &theirs).abs().max().double_value(&[]);
+            let scale = theirs.abs().max().double_value(&[]).max(1.0);
+            assert!(
+                diff < 1e-4 * scale,
+                "{arch}: DoRA gradient of {name} differs by {diff:e}"
+            );
+        }
         // A reward model's adapter: LoRA on every linear layer and a trained score head.
         let scorer = load(&f.root.join(format!("{arch}-peft-score")), Head::Score);
         let (ids, mask) = f.batch();
@@ -188,20 +222,31 @@ fn peft_adapters_load_here_with_peft_numbers() {
 #[test]
 fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
     let f = fixture();
-    for arch in ARCHS {
-        let out = f.root.join(format!("run-{arch}"));
-        let targets: &[&str] = match *arch {
-            "qwen2" => &["--lora-target-modules", "all-linear"],
-            _ => &[],
-        };
+    let all_linear: &[&str] = &["--lora-target-modules", "all-linear"];
+    let dora: &[&str] = &["--lora-target-modules", "all-linear", "--use-dora"];
+    let cases = [
+        ("gpt2", "", &[][..]),
+        ("llama", "", &[][..]),
+        ("qwen2", "", all_linear),
+        // DoRA on GPT-2's Conv1D layers and on Qwen2's biased projections.
+        ("gpt2", "-dora", dora),
+        ("qwen2", "-dora", dora),
+    ];
+    for (arch, variant, targets) in cases {
+        let out = f.root.join(format!("run-{arch}{variant}"));
         let extra = [&["--max-steps", "3", "--save-merged"], targets].concat();
         ok(&train_adapter(arch, &out, &extra, &[]));
         let final_dir = out.join("final");
         assert!(final_dir.join("adapter_config.json").exists());
         assert!(
             !final_dir.join("model.safetensors").exists(),
-            "{arch}: the base was saved"
+            "{arch}{variant}: the base was saved"
         );
+        let config: Value = serde_json::from_str(
+            &std::fs::read_to_string(final_dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["use_dora"], json!(!variant.is_empty()));
         let model = load(&final_dir, Head::Lm);
         let b_max = model
             .named_tensors()
@@ -209,7 +254,10 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
             .filter(|(n, _)| n.contains(".lora_B."))
             .map(|(_, t)| t.abs().max().double_value(&[]))
             .fold(0.0, f64::max);
-        assert!(b_max > 1e-4, "{arch}: B is still zero after training");
+        assert!(
+            b_max > 1e-4,
+            "{arch}{variant}: B is still zero after training"
+        );
         let ours = logprobs(&model);
         let check = run_python(
             "peft_reference.py",
@@ -224,11 +272,14 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
             ],
         );
         let diff = max_diff(&ours, &check["adapter"]);
-        assert!(diff < 1e-4, "{arch}: PEFT reads our adapter {diff:e} away");
+        assert!(
+            diff < 1e-4,
+            "{arch}{variant}: PEFT reads our adapter {diff:e} away"
+        );
         let diff = max_diff(&ours, &check["merged"]);
         assert!(
             diff < 1e-4,
-            "{arch}: transformers reads our merged model {diff:e} away"
+            "{arch}{variant}: transformers reads our merged model {diff:e} away"
         );
         // The adapter is usable wherever a model directory is: sft eval.
         let data = f.root.join("sft.jsonl");
@@ -353,52 +404,58 @@ fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
     }
 }
 
+/// For LoRA and DoRA (whose magnitude starts at the base weights' row norms).
 #[test]
 fn step_zero_is_the_base_and_only_the_adapters_train() {
     let f = fixture();
     let dir = f.root.join("llama");
     let base = load(&dir, Head::Lm);
-    let lora = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        target_modules: TargetModules::AllLinear,
-        use_rslora: false,
-    };
-    let (model, _) = Model::load(&dir, &ModelOptions::cpu(Head::Lm).with_lora(Some(lora))).unwrap();
-    assert!(
-        logprobs(&model).equal(&logprobs(&base)),
-        "step 0 differs from the base"
-    );
-    let frozen: Vec<(String, Tensor)> = model
-        .named_tensors()
-        .into_iter()
-        .filter(|(n, _)| !n.contains(".lora_"))
-        .map(|(n, t)| (n, t.detach().copy()))
-        .collect();
-    let optim: OptimArgs = rlhf_tests::parse_args(&["--lr", "5e-2"]);
-    let mut trainee = Trainee::new("", model, &dir, &optim, &World::single(), optim.schedule(3));
-    let trained: Vec<String> = trainee.optimizer.parameter_names();
-    assert!(
-        !trained.is_empty() && trained.iter().all(|n| n.contains(".lora_")),
-        "{trained:?}"
-    );
-    assert_eq!(
-        trained.len(),
-        2 * 7 * 2,
-        "A and B of 7 linear layers in 2 blocks"
-    );
-    for _ in 0..3 {
-        let loss = -logprobs_with_grad(&trainee.model).mean(Kind::Float);
-        loss.backward();
-        let outcome = trainee.step(loss.double_value(&[]));
-        assert!(!outcome.skipped);
+    for use_dora in [false, true] {
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::AllLinear,
+            use_rslora: false,
+            use_dora,
+        };
+        let opts = ModelOptions::cpu(Head::Lm).with_lora(Some(lora));
+        let (model, _) = Model::load(&dir, &opts).unwrap();
+        assert!(
+            logprobs(&model).equal(&logprobs(&base)),
+            "dora {use_dora}: step 0 differs from the base"
+        );
+        let frozen: Vec<(String, Tensor)> = model
+            .named_tensors()
+            .into_iter()
+            .filter(|(n, _)| !n.contains(".lora_"))
+            .map(|(n, t)| (n, t.detach().copy()))
+            .collect();
+        let optim: OptimArgs = rlhf_tests::parse_args(&["--lr", "5e-2"]);
+        let mut trainee =
+            Trainee::new("", model, &dir, &optim, &World::single(), optim.schedule(3));
+        let trained: Vec<String> = trainee.optimizer.parameter_names();
+        assert!(
+            !trained.is_empty() && trained.iter().all(|n| n.contains(".lora_")),
+            "{trained:?}"
+        );
+        assert_eq!(
+            trained.len(),
+            (2 + usize::from(use_dora)) * 7 * 2,
+            "A and B (and DoRA's magnitude) of 7 linear layers in 2 blocks"
+        );
+        for _ in 0..3 {
+            let loss = -logprobs_with_grad(&trainee.model).mean(Kind::Float);
+            loss.backward();
+            let outcome = trainee.step(loss.double_value(&[]));
+            assert!(!outcome.skipped);
+        }
+        let after = trainee.model.named_tensors();
+        for (name, before) in &frozen {
+            assert!(after[name].equal(before), "dora {use_dora}: {name} changed");
+        }
+        assert!(max_diff(&logprobs(&trainee.model), &f.reference["llama"]["base"]) > 1e-3);
     }
-    let after = trainee.model.named_tensors();
-    for (name, before) in &frozen {
-        assert!(after[name].equal(before), "{name} changed");
-    }
-    assert!(max_diff(&logprobs(&trainee.model), &f.reference["llama"]["base"]) > 1e-3);
 }
 
 /// With LoRA dropout, too: the checkpoint keeps the random generator's state

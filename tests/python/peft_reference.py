@@ -7,7 +7,9 @@ the Rust side wrote.
         DIR/<arch>-peft/     a LoRA adapter on it made by peft, A and B random
         DIR/<arch>-peft-score/  a SEQ_CLS LoRA adapter (every linear layer + score head)
         DIR/<arch>-prompt/   a prompt-tuning adapter (5 random virtual tokens)
-        prints {arch: {"base", "peft", "prompt": logprobs, "peft_score": scores}}
+        DIR/<arch>-dora/     a DoRA adapter on every linear layer, A, B and magnitude random
+        prints {arch: {"base", "peft", "prompt", "dora": logprobs, "peft_score": scores,
+                "dora_grad": {our tensor name: gradient of the summed log-probs}}}
     peft_reference.py check --adapter DIR [--merged DIR] [--score] --ids IDS.json
         prints {"adapter": logprobs or scores, "merged": logprobs}
 
@@ -45,6 +47,12 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def logprobs_grad(model, ids, mask):
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
+    logp = logits[:, :-1].log_softmax(-1)
+    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
 def logprobs(model, ids, mask, virtual_tokens=0):
     if virtual_tokens:
         # PEFT drops position ids for prompt learning (the model counts from 0 over the
@@ -68,8 +76,17 @@ def load_ids(path):
 def randomise(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name or "score" in name:
+            if "lora_magnitude_vector" in name:
+                # DoRA's magnitude: the weight's row norms, moved by up to ±30%.
+                p.mul_(1 + (torch.rand_like(p) - 0.5) * 0.6)
+            elif "lora_" in name or "score" in name:
                 p.copy_(torch.randn_like(p) * 0.3)
+
+
+def our_name(peft_name):
+    """`base_model.model.<module>.lora_A.default.weight` -> `<module>.lora_A.weight`."""
+    name = peft_name.removeprefix("base_model.model.").replace(".default", "")
+    return name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
 
 
 def make(root, tokenizer, ids, mask):
@@ -110,6 +127,17 @@ def make(root, tokenizer, ids, mask):
         prompt.save_pretrained(f"{root}/{name}-prompt")
         with torch.no_grad():
             res["prompt"] = logprobs(prompt.eval(), ids, mask, virtual_tokens=5)
+        # DoRA on every linear layer; the gradient of the summed real log-probs.
+        base = tf.AutoModelForCausalLM.from_pretrained(f"{root}/{name}").eval()
+        dora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear",
+                                               task_type="CAUSAL_LM"))
+        randomise(dora)
+        dora.peft_config["default"].base_model_name_or_path = f"../{name}"
+        dora.save_pretrained(f"{root}/{name}-dora")
+        lp = logprobs_grad(dora.eval(), ids, mask)
+        res["dora"] = lp.detach().tolist()
+        (lp * mask[:, 1:]).sum().backward()
+        res["dora_grad"] = {our_name(n): p.grad.tolist() for n, p in dora.named_parameters() if p.requires_grad}
         out[name] = res
     return out
 

@@ -125,9 +125,6 @@ impl AdapterDir {
 
 /// The LoRA settings of a PEFT `adapter_config.json`.
 fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
-    if v.get("use_dora") == Some(&Value::Bool(true)) {
-        return Err("use_dora true is not supported".into());
-    }
     if let Some(bias) = v
         .get("bias")
         .and_then(Value::as_str)
@@ -155,6 +152,7 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
         dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         target_modules,
         use_rslora: v.get("use_rslora").and_then(Value::as_bool) == Some(true),
+        use_dora: v.get("use_dora").and_then(Value::as_bool) == Some(true),
     })
 }
 

@@ -20,17 +20,31 @@ pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: Init, opts: &ModelOp
     }
 }
 
-/// The LoRA adapter of the layer at `p` (`[in → out]`), when the options target it.
-fn adapter(p: &nn::Path, in_dim: i64, out_dim: i64, opts: &ModelOptions) -> Option<LoraAdapter> {
+/// The LoRA adapter of the layer at `p` (`[in → out]`, stored `[in, out]` when
+/// `fan_in_fan_out`), when the options target it.
+fn adapter(
+    p: &nn::Path,
+    (in_dim, out_dim): (i64, i64),
+    fan_in_fan_out: bool,
+    opts: &ModelOptions,
+) -> Option<LoraAdapter> {
     let cfg = opts.lora.as_ref()?;
     let module = p.components().collect::<Vec<_>>().join(".");
     if !cfg.targets(&module) {
         return None;
     }
-    let adapter = LoraAdapter::new(p, in_dim, out_dim, cfg);
+    let adapter = LoraAdapter::new(p, in_dim, out_dim, cfg, fan_in_fan_out);
     if !opts.trainable {
-        let _ = adapter.a.set_requires_grad(false);
-        let _ = adapter.b.set_requires_grad(false);
+        for t in [
+            Some(&adapter.a),
+            Some(&adapter.b),
+            adapter.magnitude.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = t.set_requires_grad(false);
+        }
     }
     Some(adapter)
 }
@@ -126,14 +140,14 @@ impl Linear {
     ) -> Self {
         let weight = param(&p, "weight", &[out_dim, in_dim], normal(std), opts);
         let bias = bias.then(|| param(&p, "bias", &[out_dim], Init::Const(0.0), opts));
-        let lora = adapter(&p, in_dim, out_dim, opts);
+        let lora = adapter(&p, (in_dim, out_dim), false, opts);
         Linear { weight, bias, lora }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = x.linear(&self.weight, self.bias.as_ref());
         match &self.lora {
-            Some(lora) => lora.add_to(y, x),
+            Some(lora) => lora.add_to(y, x, &self.weight, self.bias.as_ref()),
             None => y,
         }
     }
@@ -200,14 +214,14 @@ impl Conv1D {
         Conv1D {
             weight: param(&p, "weight", &[in_dim, out_dim], normal(std), opts),
             bias: param(&p, "bias", &[out_dim], Init::Const(0.0), opts),
-            lora: adapter(&p, in_dim, out_dim, opts),
+            lora: adapter(&p, (in_dim, out_dim), true, opts),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = x.matmul(&self.weight) + &self.bias;
         match &self.lora {
-            Some(lora) => lora.add_to(y, x),
+            Some(lora) => lora.add_to(y, x, &self.weight, Some(&self.bias)),
             None => y,
         }
     }

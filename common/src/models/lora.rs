@@ -6,8 +6,16 @@
 //! whatever the base's dtype. GPT-2's Conv1D (`fan_in_fan_out`) gets the same `A` and `B`
 //! shapes; only merging transposes the update.
 //!
+//! DoRA (Liu et al. 2024, PEFT's `use_dora`, `peft/tuners/lora/dora.py`) splits the adapted
+//! weight into a trained magnitude `m` `[out]` and a direction: the layer computes
+//! `m / ‖W + scaling·B·A‖ · (W + scaling·B·A)·x + b`, the row norm held constant in the
+//! backward pass (the paper's §4.3, as PEFT). `m` starts as that norm with `B = 0`, so step
+//! 0 is still the base model exactly; it is initialised once the base weights are loaded
+//! ([`dora_magnitude`]).
+//!
 //! On disk an adapter is PEFT's directory (`super::adapter`): `adapter_config.json` and
-//! `adapter_model.safetensors` with keys `base_model.model.<module>.lora_{A,B}.weight`.
+//! `adapter_model.safetensors` with keys `base_model.model.<module>.lora_{A,B}.weight`
+//! (and `….lora_magnitude_vector` with DoRA).
 
 use std::path::Path;
 
@@ -47,9 +55,13 @@ impl TargetModules {
     }
 }
 
-/// Whether a variable name is an adapter's (`….lora_A.weight`, `….lora_B.weight`).
+/// DoRA's magnitude vector under a module's path (PEFT's key, without `.weight`).
+pub const MAGNITUDE: &str = "lora_magnitude_vector";
+
+/// Whether a variable name is an adapter's (`….lora_A.weight`, `….lora_B.weight`,
+/// `….lora_magnitude_vector`).
 pub fn is_adapter(name: &str) -> bool {
-    name.contains(".lora_A.") || name.contains(".lora_B.")
+    name.contains(".lora_A.") || name.contains(".lora_B.") || name.ends_with(MAGNITUDE)
 }
 
 /// PEFT's rule: a module matches a target name when its path is the name or ends with
@@ -82,6 +94,8 @@ pub struct LoraConfig {
     pub dropout: f64,
     pub target_modules: TargetModules,
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row beside `A` and `B`.
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -135,7 +149,7 @@ impl LoraConfig {
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
             "use_rslora": self.use_rslora,
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "modules_to_save": modules_to_save,
             "init_lora_weights": true,
             "inference_mode": true,
@@ -148,20 +162,31 @@ impl LoraConfig {
     }
 }
 
-/// One adapted layer's low-rank update.
+/// One adapted layer's low-rank update (and DoRA's magnitude).
 #[derive(Debug)]
 pub struct LoraAdapter {
     /// `[r, in]`
     pub a: Tensor,
     /// `[out, r]`
     pub b: Tensor,
+    /// DoRA's `m`, `[out]`.
+    pub magnitude: Option<Tensor>,
     pub scaling: f64,
     dropout: f64,
+    /// GPT-2's Conv1D: the base weight is stored `[in, out]`.
+    fan_in_fan_out: bool,
 }
 
 impl LoraAdapter {
-    /// `lora_A.weight` and `lora_B.weight` under `p` (the adapted layer's path).
-    pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64, cfg: &LoraConfig) -> Self {
+    /// `lora_A.weight` and `lora_B.weight` (and DoRA's `lora_magnitude_vector`, ones until
+    /// [`dora_magnitude`] sets it) under `p` (the adapted layer's path).
+    pub fn new(
+        p: &nn::Path,
+        in_dim: i64,
+        out_dim: i64,
+        cfg: &LoraConfig,
+        fan_in_fan_out: bool,
+    ) -> Self {
         // kaiming_uniform_(a=√5) on [r, in]: bound = √(6 / ((1 + a²)·fan_in)) = 1/√in.
         let bound = 1.0 / (in_dim as f64).sqrt();
         let a = (p / "lora_A").var(
@@ -173,45 +198,111 @@ impl LoraAdapter {
             },
         );
         let b = (p / "lora_B").var("weight", &[out_dim, cfg.r], Init::Const(0.0));
+        let magnitude = cfg
+            .use_dora
+            .then(|| p.var(MAGNITUDE, &[out_dim], Init::Const(1.0)));
         LoraAdapter {
             a,
             b,
+            magnitude,
             scaling: cfg.scaling(),
             dropout: cfg.dropout,
+            fan_in_fan_out,
         }
     }
 
-    /// `y + B·A·dropout(x) · scaling` for the base layer's output `y` (just `y` while
-    /// adapters are switched off).
-    pub fn add_to(&self, y: Tensor, x: &Tensor) -> Tensor {
-        if adapters_enabled() {
-            y + self.forward(x)
-        } else {
-            y
+    /// The adapted layer's output for its base output `y = W·x + b` (just `y` while
+    /// adapters are switched off); `weight` and `bias` are the base layer's, for DoRA.
+    pub fn add_to(&self, y: Tensor, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        if !adapters_enabled() {
+            return y;
         }
-    }
-
-    /// `B·A·dropout(x) · scaling`, computed in the adapter's dtype and returned in `x`'s.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
         let xa = x.to_kind(self.a.kind());
-        let xa = if self.dropout > 0.0 {
-            xa.dropout(self.dropout, super::grad_enabled())
+        let dropout = self.dropout > 0.0 && super::grad_enabled();
+        let xa = if dropout {
+            xa.dropout(self.dropout, true)
         } else {
             xa
         };
-        (xa.linear::<Tensor>(&self.a, None)
+        let lora = xa
+            .linear::<Tensor>(&self.a, None)
             .linear::<Tensor>(&self.b, None)
-            * self.scaling)
-            .to_kind(x.kind())
+            * self.scaling;
+        let Some(m) = &self.magnitude else {
+            return y + lora.to_kind(x.kind());
+        };
+        // PEFT's DoraLinearLayer.forward: y + (m/‖W + ΔW‖ − 1)·W·x + m/‖W + ΔW‖·ΔW·x, where
+        // W·x is the base output without its bias (recomputed on the dropped-out input
+        // while dropout is active).
+        let w = out_in(weight, self.fan_in_fan_out).to_kind(self.a.kind());
+        let norm = {
+            let _guard = tch::no_grad_guard();
+            weight_norm(&w, &low_rank(&self.a, &self.b, self.scaling))
+        };
+        let scale = m / norm;
+        let base = if dropout {
+            xa.linear::<Tensor>(&w, None)
+        } else {
+            match bias {
+                Some(b) => &y - b,
+                None => y.shallow_clone(),
+            }
+            .to_kind(self.a.kind())
+        };
+        y + ((&scale - 1.0) * base + scale * lora).to_kind(x.kind())
     }
+}
 
-    /// The update to the base weight, `[out, in]` (`scaling · B·A`), in f32.
-    pub fn delta(&self) -> Tensor {
-        self.b
-            .to_kind(Kind::Float)
-            .matmul(&self.a.to_kind(Kind::Float))
-            * self.scaling
+/// A base weight as `[out, in]` (GPT-2's Conv1D stores it `[in, out]`).
+fn out_in(weight: &Tensor, fan_in_fan_out: bool) -> Tensor {
+    if fan_in_fan_out {
+        weight.transpose(0, 1)
+    } else {
+        weight.shallow_clone()
     }
+}
+
+/// `‖W + ΔW‖` per output row, `[out]`, in f32 (PEFT's `get_weight_norm`); `w` and `delta`
+/// are `[out, in]`.
+fn weight_norm(w: &Tensor, delta: &Tensor) -> Tensor {
+    (w.to_kind(Kind::Float) + delta).linalg_norm(2.0, [1].as_slice(), false, Kind::Float)
+}
+
+/// DoRA's starting magnitude: the row norms of the adapted weight (`weight` as stored,
+/// `a`, `b` and `scaling` as in [`LoraAdapter`]), as PEFT's `update_layer` sets it.
+pub fn dora_magnitude(
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+    fan_in_fan_out: bool,
+) -> Tensor {
+    let delta = low_rank(a, b, scaling);
+    weight_norm(&out_in(weight, fan_in_fan_out), &delta)
+}
+
+/// `scaling · B·A` in f32, `[out, in]`.
+fn low_rank(a: &Tensor, b: &Tensor, scaling: f64) -> Tensor {
+    b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float)) * scaling
+}
+
+/// The base weight with the adapter folded in, as stored and in its dtype: `W + scaling·B·A`,
+/// or with DoRA `m / ‖W + scaling·B·A‖ · (W + scaling·B·A)` (PEFT's `merge`).
+pub fn merged_weight(
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+    magnitude: Option<&Tensor>,
+    fan_in_fan_out: bool,
+) -> Tensor {
+    let w = out_in(weight, fan_in_fan_out).to_kind(Kind::Float);
+    let delta = low_rank(a, b, scaling);
+    let mut merged = &w + &delta;
+    if let Some(m) = magnitude {
+        merged = (m.to_kind(Kind::Float) / weight_norm(&w, &delta)).unsqueeze(1) * merged;
+    }
+    out_in(&merged, fan_in_fan_out).to_kind(weight.kind())
 }
 
 #[cfg(test)]
@@ -226,6 +317,7 @@ mod tests {
             dropout: 0.0,
             target_modules: TargetModules::parse("q_proj, mlp.down_proj"),
             use_rslora: false,
+            use_dora: false,
         };
         assert!(cfg.targets("model.layers.0.self_attn.q_proj"));
         assert!(cfg.targets("model.layers.1.mlp.down_proj"));

@@ -386,7 +386,7 @@ impl Model {
                 }
             }
         }
-        Model {
+        let model = Model {
             vs,
             config,
             head,
@@ -397,7 +397,9 @@ impl Model {
             original_head: None,
             prompt,
             pending: Default::default(),
-        }
+        };
+        model.start_dora();
+        model
     }
 
     /// Loads a Hugging Face model directory. A `Score` model may come from a causal LM
@@ -447,6 +449,7 @@ impl Model {
             &optional,
         )?;
         model.start_prompt();
+        model.start_dora();
         if model.options.has_adapter() {
             model.base_dir = Some(std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf()));
             if let Some(cfg) = &model.options.lora {
@@ -483,6 +486,22 @@ impl Model {
             let _guard = tch::no_grad_guard();
             let rows = self.embed(&ids.unsqueeze(0)).squeeze_dim(0);
             prompt.shallow_clone().copy_(&rows.to_kind(prompt.kind()));
+        }
+    }
+
+    /// DoRA's magnitudes start as the row norms of the adapted weights (as loaded).
+    fn start_dora(&self) {
+        let Some(cfg) = self.options.lora.as_ref().filter(|l| l.use_dora) else {
+            return;
+        };
+        let tensors = self.named_tensors();
+        let _guard = tch::no_grad_guard();
+        let fan_in_fan_out = self.config.model_type == ModelType::Gpt2;
+        for module in self.adapted_modules() {
+            let [w, a, b, m] = ["weight", "lora_A.weight", "lora_B.weight", lora::MAGNITUDE]
+                .map(|n| &tensors[&format!("{module}.{n}")]);
+            let norm = lora::dora_magnitude(w, a, b, cfg.scaling(), fan_in_fan_out);
+            m.shallow_clone().copy_(&norm.to_kind(m.kind()));
         }
     }
 
@@ -1009,23 +1028,21 @@ impl Model {
     }
 
     /// Writes the model with every adapter folded into its base weight (`W + scaling·B·A`,
-    /// transposed for GPT-2's Conv1D) as a plain Hugging Face directory.
+    /// DoRA's magnitude applied, transposed for GPT-2's Conv1D) as a plain Hugging Face
+    /// directory.
     pub fn save_merged(&self, dir: &Path, sidecar_from: Option<&Path>) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = self.named_tensors();
         let _guard = tch::no_grad_guard();
+        let scaling = self.options.lora.as_ref().map_or(1.0, |l| l.scaling());
+        let fan_in_fan_out = self.config.model_type == ModelType::Gpt2;
         for module in self.adapted_modules() {
             let a = tensors.remove(&format!("{module}.lora_A.weight")).unwrap();
             let b = tensors.remove(&format!("{module}.lora_B.weight")).unwrap();
-            let scaling = self.options.lora.as_ref().map_or(1.0, |l| l.scaling());
-            let delta = b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float)) * scaling;
+            let m = tensors.remove(&format!("{module}.{}", lora::MAGNITUDE));
             let name = format!("{module}.weight");
-            let w = &tensors[&name];
-            let delta = match self.config.model_type {
-                ModelType::Gpt2 => delta.transpose(0, 1),
-                _ => delta,
-            };
-            let merged = (w.to_kind(Kind::Float) + delta).to_kind(w.kind());
+            let merged =
+                lora::merged_weight(&tensors[&name], &a, &b, scaling, m.as_ref(), fan_in_fan_out);
             tensors.insert(name, merged);
         }
         self.write_directory(&tensors, dir, sidecar_from)

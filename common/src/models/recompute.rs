@@ -150,7 +150,7 @@ mod tests {
     }
 
     /// With and without recomputation: the same gradient for every trained tensor (1e-5),
-    /// for GPT-2 and Llama, with an LM and a scalar head, LoRA and prompt tuning.
+    /// for GPT-2 and Llama, with an LM and a scalar head, LoRA, DoRA and prompt tuning.
     #[test]
     fn recomputed_blocks_give_the_stored_activations_gradients() {
         let lora = LoraConfig {
@@ -159,6 +159,7 @@ mod tests {
             dropout: 0.0,
             target_modules: TargetModules::AllLinear,
             use_rslora: false,
+            use_dora: false,
         };
         let prompt = PromptTuningConfig {
             num_virtual_tokens: 3,
@@ -177,6 +178,14 @@ mod tests {
                 "gpt2 lora",
                 gpt2(),
                 ModelOptions::cpu(Head::Lm).with_lora(Some(lora.clone())),
+            ),
+            (
+                "gpt2 dora",
+                gpt2(),
+                ModelOptions::cpu(Head::Lm).with_lora(Some(LoraConfig {
+                    use_dora: true,
+                    ..lora.clone()
+                })),
             ),
             (
                 "llama lora",
