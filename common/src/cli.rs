@@ -116,6 +116,10 @@ pub struct OptimArgs {
     /// The bucket size of --overlap-grad-reduce, in MB (DDP's bucket_cap_mb).
     #[arg(long, default_value_t = crate::overlap::DEFAULT_BUCKET_CAP_MB)]
     pub bucket_cap_mb: f64,
+    /// LoRA+: LoRA's B matrices (and DoRA's magnitudes) learn at --lr × this (PEFT's
+    /// loraplus_lr_ratio; its authors suggest 16). Needs a LoRA adapter.
+    #[arg(long)]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 impl OptimArgs {
@@ -125,6 +129,7 @@ impl OptimArgs {
             beta2: self.adam_beta2,
             eps: self.adam_eps,
             weight_decay: self.weight_decay,
+            loraplus_lr_ratio: self.loraplus_lr_ratio,
         }
     }
 
@@ -174,6 +179,11 @@ impl OptimArgs {
             (
                 self.bucket_cap_mb > 0.0 && self.bucket_cap_mb.is_finite(),
                 "--bucket-cap-mb must be > 0",
+            ),
+            (
+                self.loraplus_lr_ratio
+                    .is_none_or(|r| r > 0.0 && r.is_finite()),
+                "--loraplus-lr-ratio must be > 0",
             ),
         ])
     }

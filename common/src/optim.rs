@@ -23,6 +23,26 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// LoRA+ (Hayou et al. 2024; PEFT's `create_loraplus_optimizer`): LoRA's B matrices
+    /// (and DoRA's magnitudes, PEFT's one-dimensional adapter tensors) learn at lr × this.
+    #[serde(default)]
+    pub loraplus_lr_ratio: Option<f64>,
+}
+
+impl AdamWConfig {
+    /// The multiple of the learning rate that the parameter `name` learns at.
+    pub fn lr_scale(&self, name: &str) -> f64 {
+        match self.loraplus_lr_ratio {
+            Some(ratio) if loraplus_fast(name) => ratio,
+            _ => 1.0,
+        }
+    }
+}
+
+/// The adapter tensors LoRA+ gives the larger learning rate: PEFT's group B (`lora_B`
+/// and one-dimensional adapter tensors).
+pub fn loraplus_fast(name: &str) -> bool {
+    name.contains(".lora_B.") || name.ends_with(crate::models::lora::MAGNITUDE)
 }
 
 /// Whether a parameter is exempt from weight decay: biases, norm weights and embeddings.
@@ -57,6 +77,8 @@ impl Slot {
 #[derive(Debug)]
 struct Group {
     decay: bool,
+    /// Its learning rate as a multiple of the schedule's (LoRA+).
+    lr_scale: f64,
     params: Tensor,
     grads: Tensor,
     /// This rank's range `(start, len)` of `params`/`grads`: the elements it updates.
@@ -180,12 +202,13 @@ impl AdamW {
             });
         }
         let _guard = tch::no_grad_guard();
-        // (decay, dtype, device) → members
-        type Class = (bool, String, String);
+        // (decay, lr scale's bits, dtype, device) → members
+        type Class = (bool, u64, String, String);
         let mut classes: BTreeMap<Class, Vec<(&String, &Tensor)>> = BTreeMap::new();
         for (name, p) in &trainable {
             let key = (
                 !no_decay(name),
+                config.lr_scale(name).to_bits(),
                 format!("{:?}", p.kind()),
                 format!("{:?}", p.device()),
             );
@@ -194,7 +217,7 @@ impl AdamW {
         let mut groups = vec![];
         let mut slots = BTreeMap::new();
         let mut members_in_order = vec![];
-        for ((decay, _, _), mut members) in classes {
+        for ((decay, lr_scale, _, _), mut members) in classes {
             members.sort_by_key(|(name, _)| overlap::layout_key(name));
             let (kind, device) = (members[0].1.kind(), members[0].1.device());
             let total: i64 = members.iter().map(|(_, p)| p.numel() as i64).sum();
@@ -232,6 +255,7 @@ impl AdamW {
                 .then(|| flat.narrow(0, owned.0, owned.1).to_kind(Kind::Float));
             groups.push(Group {
                 decay,
+                lr_scale: f64::from_bits(lr_scale),
                 params: flat,
                 grads,
                 owned,
@@ -373,8 +397,9 @@ impl AdamW {
         let c = self.config;
         let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
-        let step_size = lr / bias_correction1;
         for g in &self.groups {
+            let lr = lr * g.lr_scale;
+            let step_size = lr / bias_correction1;
             let (params, grads) = (g.owned_part(&g.params), g.owned_part(&g.grads));
             let total = g.owned.1;
             let mut start = 0;
@@ -503,6 +528,7 @@ mod tests {
             beta2: 0.95,
             eps: 1e-5,
             weight_decay: wd,
+            loraplus_lr_ratio: None,
         }
     }
 
@@ -549,6 +575,58 @@ mod tests {
             (&w - &init).abs().max().double_value(&[]) > 1e-3,
             "w did not move"
         );
+    }
+
+    /// LoRA+: B and DoRA's magnitude follow the trajectory plain AdamW takes at lr × ratio
+    /// (weight decay included), A the one at lr.
+    #[test]
+    fn loraplus_scales_the_learning_rate_of_b_and_magnitudes() {
+        let run = |ratio: Option<f64>, lr: f64| {
+            tch::manual_seed(3);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let p = vs.root() / "q_proj";
+            let a = (&p / "lora_A").var(
+                "weight",
+                &[2, 3],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            );
+            let b = (&p / "lora_B").var(
+                "weight",
+                &[3, 2],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            );
+            let m = p.var("lora_magnitude_vector", &[3], nn::Init::Const(1.5));
+            let mut opt = AdamW::new(
+                vs.variables(),
+                AdamWConfig {
+                    loraplus_lr_ratio: ratio,
+                    ..config(0.1)
+                },
+            );
+            for _ in 0..4 {
+                opt.zero_grad();
+                ((&a * 2.0).sin().sum(Kind::Float)
+                    + (&b - 0.3).square().sum(Kind::Float)
+                    + m.exp().sum(Kind::Float))
+                .backward();
+                opt.step(lr);
+            }
+            [a, b, m]
+        };
+        let plus = run(Some(4.0), 1e-2);
+        let slow = run(None, 1e-2);
+        let fast = run(None, 4e-2);
+        let diff = |x: &Tensor, y: &Tensor| (x - y).abs().max().double_value(&[]);
+        assert!(diff(&plus[0], &slow[0]) < 1e-7, "A");
+        assert!(diff(&plus[1], &fast[1]) < 1e-7, "B");
+        assert!(diff(&plus[2], &fast[2]) < 1e-7, "magnitude");
+        assert!(diff(&plus[1], &slow[1]) > 1e-2, "B moved as without LoRA+");
     }
 
     /// Half-precision parameters: updated through the f32 master, which they follow.

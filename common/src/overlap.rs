@@ -437,6 +437,7 @@ mod tests {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.1,
+            loraplus_lr_ratio: None,
         };
         let exchange = GradExchange {
             zero,

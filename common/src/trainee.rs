@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::cli::OptimArgs;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::faults;
 use crate::models::Model;
 use crate::optim::{AdamW, OptimizerState};
@@ -41,7 +41,8 @@ pub struct Trainee {
 
 impl Trainee {
     /// Trains `model` (loaded from `source`) with AdamW as `optim` says, its gradients
-    /// summed over `world`'s ranks, at the rates of `schedule`.
+    /// summed over `world`'s ranks, at the rates of `schedule`. LoRA+ (`optim`'s
+    /// `--loraplus-lr-ratio`) is refused for a model without LoRA.
     pub fn new(
         name: &'static str,
         model: Model,
@@ -49,7 +50,15 @@ impl Trainee {
         optim: &OptimArgs,
         world: &World,
         schedule: Schedule,
-    ) -> Self {
+    ) -> Result<Self> {
+        if let Some(ratio) = optim.loraplus_lr_ratio {
+            if model.options.lora.is_none() {
+                return Err(Error::InvalidArgument(
+                    "--loraplus-lr-ratio needs a LoRA adapter (--lora-r, or a LoRA adapter directory as the model)".into(),
+                ));
+            }
+            tracing::info!("LoRA+: the B matrices (and DoRA's magnitudes) learn at --lr × {ratio}");
+        }
         let optimizer = AdamW::distributed(
             model.vs.variables(),
             optim.adamw(),
@@ -61,14 +70,14 @@ impl Trainee {
             "{}: training {trained} of {total} parameters",
             if name.is_empty() { "model" } else { name }
         );
-        Trainee {
+        Ok(Trainee {
             name,
             model,
             optimizer,
             schedule,
             max_grad_norm: optim.max_grad_norm,
             source: source.to_path_buf(),
-        }
+        })
     }
 
     /// Backpropagates a micro-batch's `loss` ([`Model::backward`]). `last`: no other

@@ -250,7 +250,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         world.size(),
     );
     let schedule = args.optim.schedule(total_steps);
-    let mut trainee = Trainee::new("", policy, &args.model, &args.optim, &world, schedule);
+    let mut trainee = Trainee::new("", policy, &args.model, &args.optim, &world, schedule)?;
     let mut session = Session::start(
         "dpo",
         args,

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
+use common::cli::OptimArgs;
 use common::generate::SamplingConfig;
 use common::models::adapter::AdapterDir;
 use common::schedule::Schedule;
@@ -417,21 +418,25 @@ impl<'a> Ppo<'a> {
             .unwrap_or(args.run.epochs * prompts.len().div_ceil(args.rollout_batch_size) as u64);
         let updates = iterations * (args.ppo_epochs * args.num_minibatches) as u64;
         let schedule = args.optim.schedule(updates);
-        let policy = Trainee::new("policy", policy, &args.policy, &args.optim, world, schedule);
-        let critic = critic.map(|c| {
-            let schedule = Schedule {
-                base_lr: args.value_lr.unwrap_or(args.optim.lr),
-                ..schedule
-            };
-            Trainee::new(
-                "value",
-                c,
-                args.critic_source(),
-                &args.optim,
-                world,
-                schedule,
-            )
-        });
+        let policy = Trainee::new("policy", policy, &args.policy, &args.optim, world, schedule)?;
+        let critic = critic
+            .map(|c| {
+                let schedule = Schedule {
+                    base_lr: args.value_lr.unwrap_or(args.optim.lr),
+                    ..schedule
+                };
+                // LoRA+ acts where there is LoRA: a full critic beside a LoRA policy
+                // trains at --value-lr throughout.
+                let optim = OptimArgs {
+                    loraplus_lr_ratio: args
+                        .optim
+                        .loraplus_lr_ratio
+                        .filter(|_| c.options.lora.is_some()),
+                    ..args.optim.clone()
+                };
+                Trainee::new("value", c, args.critic_source(), &optim, world, schedule)
+            })
+            .transpose()?;
         let ptx = ptx_rows.filter(|_| args.ptx_coef > 0.0).map(|rows| Ptx {
             sampler: Sampler::new(rows.len(), args.run.seed.wrapping_add(1), true),
             rows,

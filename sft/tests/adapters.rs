@@ -433,7 +433,7 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
             .collect();
         let optim: OptimArgs = rlhf_tests::parse_args(&["--lr", "5e-2"]);
         let mut trainee =
-            Trainee::new("", model, &dir, &optim, &World::single(), optim.schedule(3));
+            Trainee::new("", model, &dir, &optim, &World::single(), optim.schedule(3)).unwrap();
         let trained: Vec<String> = trainee.optimizer.parameter_names();
         assert!(
             !trained.is_empty() && trained.iter().all(|n| n.contains(".lora_")),
@@ -460,6 +460,7 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
 
 /// With LoRA dropout, too: the checkpoint keeps the random generator's state
 /// (`rng_state_0.safetensors`), so the resumed steps draw the uninterrupted run's masks.
+/// DoRA (its dropout path recomputes the base output) and LoRA+ ride along.
 #[test]
 fn killed_adapter_run_resumes_to_the_same_adapter() {
     let f = fixture();
@@ -470,6 +471,9 @@ fn killed_adapter_run_resumes_to_the_same_adapter() {
         "2",
         "--lora-dropout",
         "0.3",
+        "--use-dora",
+        "--loraplus-lr-ratio",
+        "4",
     ];
     let straight = f.root.join("run-resume-straight");
     ok(&train_adapter("llama", &straight, &args, &[]));
@@ -526,6 +530,17 @@ fn bad_adapter_inputs_end_in_one_line() {
         (
             train_adapter("llama", &out, &["--lora-target-modules", "q_proj,nope"], &[]),
             "LoRA target modules [\"nope\"] match no layer of this llama model",
+        ),
+        (
+            sft(
+                &[
+                    "train", "--model", f.root.join("llama").to_str().unwrap(), "--data",
+                    data.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--device", "cpu",
+                    "--loraplus-lr-ratio", "16",
+                ],
+                &[],
+            ),
+            "--loraplus-lr-ratio needs a LoRA adapter (--lora-r, or a LoRA adapter directory as the model)",
         ),
         (
             sft(
