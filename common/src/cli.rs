@@ -361,6 +361,7 @@ impl AdapterArgs {
                 .map_or(TargetModules::Default, TargetModules::parse),
             use_rslora: self.use_rslora,
             use_dora: self.use_dora,
+            patterns: Default::default(),
         })
     }
 

@@ -299,6 +299,52 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
     }
 }
 
+/// PEFT's per-layer settings (`rank_pattern`, `alpha_pattern`, `exclude_modules`,
+/// `layers_to_transform` with `layers_pattern`, rsLoRA, a regular expression as
+/// `target_modules`): adapters PEFT made load here with its log-probs, and what we save of
+/// them loads in PEFT, and merged in plain `transformers`, with ours.
+#[test]
+fn peft_layer_patterns_load_and_round_trip() {
+    let f = fixture();
+    let cases = f.reference["patterns"].as_object().unwrap();
+    assert_eq!(cases.len(), 3);
+    for (case, theirs) in cases {
+        let model = load(&f.root.join(case), Head::Lm);
+        let ours = logprobs(&model);
+        let diff = max_diff(&ours, theirs);
+        assert!(
+            diff < 1e-4,
+            "{case}: log-probs differ from PEFT's by {diff:e}"
+        );
+        let base = f.reference[case.split('-').next().unwrap()]["base"].clone();
+        assert!(
+            max_diff(&ours, &base) > 1e-3,
+            "{case}: the adapter changed nothing"
+        );
+        let out = f.root.join(format!("saved-{case}"));
+        model.save(&out.join("adapter"), None).unwrap();
+        model
+            .save_merged(&out.join("merged"), Some(&f.root.join("llama")))
+            .unwrap();
+        let check = run_python(
+            "peft_reference.py",
+            &[
+                "check",
+                "--adapter",
+                out.join("adapter").to_str().unwrap(),
+                "--merged",
+                out.join("merged").to_str().unwrap(),
+                "--ids",
+                f.ids_path.to_str().unwrap(),
+            ],
+        );
+        let diff = max_diff(&ours, &check["adapter"]);
+        assert!(diff < 1e-4, "{case}: PEFT reads our adapter {diff:e} away");
+        let diff = max_diff(&ours, &check["merged"]);
+        assert!(diff < 1e-4, "{case}: the merged model is {diff:e} away");
+    }
+}
+
 /// `sft train --prompt-tuning-tokens` for `arch`, text-initialised, into `out`.
 fn train_prompt(arch: &str, out: &Path) -> Output {
     let f = fixture();
@@ -418,6 +464,7 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
             target_modules: TargetModules::AllLinear,
             use_rslora: false,
             use_dora,
+            patterns: Default::default(),
         };
         let opts = ModelOptions::cpu(Head::Lm).with_lora(Some(lora));
         let (model, _) = Model::load(&dir, &opts).unwrap();

@@ -8,8 +8,10 @@ the Rust side wrote.
         DIR/<arch>-peft-score/  a SEQ_CLS LoRA adapter (every linear layer + score head)
         DIR/<arch>-prompt/   a prompt-tuning adapter (5 random virtual tokens)
         DIR/<arch>-dora/     a DoRA adapter on every linear layer, A, B and magnitude random
+        DIR/<arch>-<case>/   LoRA adapters with PEFT's per-layer settings (PATTERNS)
         prints {arch: {"base", "peft", "prompt", "dora": logprobs, "peft_score": scores,
-                "dora_grad": {our tensor name: gradient of the summed log-probs}}}
+                "dora_grad": {our tensor name: gradient of the summed log-probs}},
+                "patterns": {"<arch>-<case>": logprobs}}
     peft_reference.py check --adapter DIR [--merged DIR] [--score] --ids IDS.json
         prints {"adapter": logprobs or scores, "merged": logprobs}
 
@@ -41,6 +43,18 @@ def configs():
             num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64,
             initializer_range=0.1, **common),
     }
+
+
+# PEFT's per-layer settings: ranks and alphas by pattern, excluded modules, chosen layers,
+# a regular expression for the targets.
+PATTERNS = {
+    "llama-patterns": dict(target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 2},
+                           alpha_pattern={"layers.1.self_attn.q_proj": 32}, exclude_modules=["layers.0.mlp.up_proj"]),
+    "llama-layers": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                         layers_to_transform=[1], layers_pattern="layers",
+                         use_rslora=True, exclude_modules=["o_proj"]),
+    "gpt2-regex": dict(target_modules=r".*\.c_(attn|fc)", rank_pattern={"c_fc": 3}),
+}
 
 
 def positions(mask):
@@ -139,6 +153,16 @@ def make(root, tokenizer, ids, mask):
         (lp * mask[:, 1:]).sum().backward()
         res["dora_grad"] = {our_name(n): p.grad.tolist() for n, p in dora.named_parameters() if p.requires_grad}
         out[name] = res
+    out["patterns"] = {}
+    for case, kw in PATTERNS.items():
+        arch = case.split("-")[0]
+        base = tf.AutoModelForCausalLM.from_pretrained(f"{root}/{arch}").eval()
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **kw))
+        randomise(model)
+        model.peft_config["default"].base_model_name_or_path = f"../{arch}"
+        model.save_pretrained(f"{root}/{case}")
+        with torch.no_grad():
+            out["patterns"][case] = logprobs(model.eval(), ids, mask)
     return out
 
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::lora::{LoraConfig, TargetModules};
+use super::lora::{LayerPatterns, LoraConfig, TargetModules};
 use super::prompt_tuning::{self, PromptTuningConfig};
 use crate::error::{Error, Result};
 
@@ -123,7 +123,34 @@ impl AdapterDir {
     }
 }
 
-/// The LoRA settings of a PEFT `adapter_config.json`.
+/// LoRA settings of `adapter_config.json` that change what the adapter computes and that
+/// we do not implement: refused when set, never ignored.
+const UNSUPPORTED_LORA_KEYS: &[&str] = &[
+    "lora_bias",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_qalora",
+    "use_bdlora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+];
+
+/// Whether a config value is set (not null, false, empty or zero).
+fn is_set(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::Number(n) => n.as_f64() != Some(0.0),
+    }
+}
+
+/// The LoRA settings of a PEFT `adapter_config.json`, PEFT's per-layer patterns included.
 fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
     if let Some(bias) = v
         .get("bias")
@@ -132,20 +159,74 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
     {
         return Err(format!("bias '{bias}' is not supported (supported: none)"));
     }
+    if let Some(key) = UNSUPPORTED_LORA_KEYS
+        .iter()
+        .find(|k| v.get(**k).is_some_and(is_set))
+    {
+        return Err(format!("{key} {} is not supported", v[*key]));
+    }
+    // A SEQ_CLS adapter's trained head is PEFT's modules_to_save ["classifier", "score"];
+    // full copies of other layers (an LM head, embeddings) are not implemented.
+    if let Some(Value::Array(names)) = v.get("modules_to_save") {
+        if let Some(other) = names
+            .iter()
+            .find(|n| !matches!(n.as_str(), Some("classifier" | "score")))
+        {
+            return Err(format!(
+                "modules_to_save {other} is not supported (supported: the score head of a SEQ_CLS adapter)"
+            ));
+        }
+    }
     let r = v.get("r").and_then(Value::as_i64).unwrap_or(8);
     if r <= 0 {
         return Err(format!("r {r} must be at least 1"));
     }
-    let target_modules = match v.get("target_modules") {
-        Some(Value::String(s)) => TargetModules::parse(s),
-        Some(Value::Array(a)) => TargetModules::Names(
+    let get = |k: &str| v.get(k).unwrap_or(&Value::Null);
+    let target_modules = TargetModules::from_peft(get("target_modules"), "target_modules")?
+        .unwrap_or(TargetModules::Default);
+    let exclude_modules = TargetModules::from_peft(get("exclude_modules"), "exclude_modules")?;
+    let layers_to_transform = match get("layers_to_transform") {
+        Value::Null => None,
+        Value::Number(n) => Some(vec![n
+            .as_i64()
+            .ok_or("layers_to_transform must be integers")?]),
+        Value::Array(a) => Some(
             a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect(),
+                .map(Value::as_i64)
+                .collect::<Option<Vec<_>>>()
+                .ok_or("layers_to_transform must be integers")?,
         ),
-        _ => TargetModules::Default,
+        _ => return Err("layers_to_transform must be an integer or a list of integers".into()),
     };
+    let layers_pattern = match get("layers_pattern") {
+        Value::Null => vec![],
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .map(|p| p.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or("layers_pattern must be a string or a list of strings")?,
+        _ => return Err("layers_pattern must be a string or a list of strings".into()),
+    };
+    let pattern = |field: &str| -> std::result::Result<Vec<(String, f64)>, String> {
+        match get(field) {
+            Value::Null => Ok(vec![]),
+            Value::Object(o) => o
+                .iter()
+                .map(|(k, x)| {
+                    x.as_f64()
+                        .filter(|x| *x > 0.0)
+                        .map(|x| (k.clone(), x))
+                        .ok_or_else(|| format!("{field}[{k:?}] must be a positive number"))
+                })
+                .collect(),
+            _ => Err(format!("{field} must be an object of module keys")),
+        }
+    };
+    let rank_pattern = pattern("rank_pattern")?
+        .into_iter()
+        .map(|(k, r)| (k, r as i64))
+        .collect();
     Ok(LoraConfig {
         r,
         alpha: v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0),
@@ -153,6 +234,13 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
         target_modules,
         use_rslora: v.get("use_rslora").and_then(Value::as_bool) == Some(true),
         use_dora: v.get("use_dora").and_then(Value::as_bool) == Some(true),
+        patterns: LayerPatterns {
+            exclude_modules,
+            layers_to_transform,
+            layers_pattern,
+            rank_pattern,
+            alpha_pattern: pattern("alpha_pattern")?,
+        },
     })
 }
 
@@ -167,5 +255,65 @@ pub fn peft_key(name: &str) -> String {
     match name {
         prompt_tuning::KEY => name.to_string(),
         _ => format!("{KEY_PREFIX}{name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Settings that change what a PEFT adapter computes are read, or refused by name;
+    /// never ignored.
+    #[test]
+    fn peft_lora_settings_are_read_or_refused() {
+        let base = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+            "target_modules": ["q_proj", "v_proj"], "lora_bias": false, "layer_replication": null,
+            "modules_to_save": null, "rank_pattern": {}, "alpha_pattern": {}});
+        let cfg = lora_config(&base).unwrap();
+        assert_eq!(cfg.patterns, LayerPatterns::default());
+        let with = |k: &str, v: Value| {
+            let mut c = base.clone();
+            c[k] = v;
+            lora_config(&c)
+        };
+        let refused = [
+            ("lora_bias", json!(true), "lora_bias true is not supported"),
+            ("use_qalora", json!(true), "use_qalora true is not supported"),
+            (
+                "modules_to_save",
+                json!(["lm_head"]),
+                "modules_to_save \"lm_head\" is not supported (supported: the score head of a SEQ_CLS adapter)",
+            ),
+            (
+                "target_modules",
+                json!("q_proj("),
+                "target_modules 'q_proj(' is not a regular expression",
+            ),
+            (
+                "rank_pattern",
+                json!({"v_proj": 0}),
+                "rank_pattern[\"v_proj\"] must be a positive number",
+            ),
+        ];
+        for (key, value, message) in refused {
+            let err = with(key, value).unwrap_err();
+            assert!(err.starts_with(message), "{key}: {err}");
+        }
+        assert!(with("modules_to_save", json!(["classifier", "score"])).is_ok());
+        let cfg = with("layers_to_transform", json!(1)).unwrap();
+        assert!(cfg.targets("model.layers.1.self_attn.q_proj"));
+        assert!(!cfg.targets("model.layers.0.self_attn.q_proj"));
+        // A whole path given as a target ignores layers_to_transform, as in PEFT.
+        let mut c = base.clone();
+        c["target_modules"] = json!(["model.layers.0.self_attn.q_proj"]);
+        c["layers_to_transform"] = json!([1]);
+        assert!(lora_config(&c)
+            .unwrap()
+            .targets("model.layers.0.self_attn.q_proj"));
+        let cfg = with("rank_pattern", json!({"layers.1.self_attn.q_proj": 2})).unwrap();
+        assert_eq!(cfg.rank("model.layers.1.self_attn.q_proj"), 2);
+        assert_eq!(cfg.rank("model.layers.0.self_attn.q_proj"), 4);
+        assert_eq!(cfg.scaling("model.layers.1.self_attn.q_proj"), 4.0);
     }
 }

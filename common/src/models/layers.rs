@@ -33,7 +33,7 @@ fn adapter(
     if !cfg.targets(&module) {
         return None;
     }
-    let adapter = LoraAdapter::new(p, in_dim, out_dim, cfg, fan_in_fan_out);
+    let adapter = LoraAdapter::new(p, &module, (in_dim, out_dim), cfg, fan_in_fan_out);
     if !opts.trainable {
         for t in [
             Some(&adapter.a),

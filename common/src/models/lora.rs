@@ -37,6 +37,9 @@ pub enum TargetModules {
     AllLinear,
     /// Module names: a layer matches when its path is the name or ends with `.name`.
     Names(Vec<String>),
+    /// A regular expression the whole path must match (PEFT's `target_modules` given as
+    /// a string in `adapter_config.json`).
+    Regex(String),
 }
 
 impl TargetModules {
@@ -52,6 +55,94 @@ impl TargetModules {
                     .collect(),
             )
         }
+    }
+
+    /// PEFT's `target_modules` or `exclude_modules` value: a list of names, or a string
+    /// (`all-linear`, else a regular expression).
+    pub fn from_peft(v: &Value, field: &str) -> std::result::Result<Option<Self>, String> {
+        Ok(match v {
+            Value::Null => None,
+            Value::String(s) if s.eq_ignore_ascii_case("all-linear") => {
+                Some(TargetModules::AllLinear)
+            }
+            Value::String(s) => {
+                compile(s)
+                    .map_err(|e| format!("{field} '{s}' is not a regular expression: {e}"))?;
+                Some(TargetModules::Regex(s.clone()))
+            }
+            Value::Array(a) => Some(TargetModules::Names(
+                a.iter()
+                    .map(|n| n.as_str().map(str::to_string))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| format!("{field} must be a string or a list of strings"))?,
+            )),
+            _ => return Err(format!("{field} must be a string or a list of strings")),
+        })
+    }
+
+    /// Whether the layer at `module` matches (`Default` must be resolved first), and
+    /// whether it matched by its whole path (PEFT then ignores `layers_to_transform`).
+    fn matches(&self, module: &str) -> (bool, bool) {
+        match self {
+            TargetModules::AllLinear => (true, false),
+            TargetModules::Default => (false, false),
+            TargetModules::Names(names) => (
+                names.iter().any(|n| matches(module, n)),
+                names.iter().any(|n| n == module),
+            ),
+            TargetModules::Regex(re) => {
+                let hit = full_match(re, module);
+                (hit, hit)
+            }
+        }
+    }
+}
+
+/// `pattern` anchored at both ends, as Python's `re.fullmatch`.
+fn compile(pattern: &str) -> std::result::Result<fancy_regex::Regex, String> {
+    fancy_regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| e.to_string())
+}
+
+fn full_match(pattern: &str, text: &str) -> bool {
+    compile(pattern).is_ok_and(|re| re.is_match(text).unwrap_or(false))
+}
+
+/// PEFT's per-layer selections and overrides, read from an adapter's
+/// `adapter_config.json` (none from the command line): `exclude_modules`,
+/// `layers_to_transform` with `layers_pattern`, `rank_pattern` and `alpha_pattern`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LayerPatterns {
+    pub exclude_modules: Option<TargetModules>,
+    pub layers_to_transform: Option<Vec<i64>>,
+    pub layers_pattern: Vec<String>,
+    /// (key, rank): the first key that matches a layer's path (`(.*\.)?key$`) sets its rank.
+    pub rank_pattern: Vec<(String, i64)>,
+    /// (key, α), matched as `rank_pattern`.
+    pub alpha_pattern: Vec<(String, f64)>,
+}
+
+impl LayerPatterns {
+    /// The layer index in `module` (`model.layers.3.mlp.up_proj` → 3), PEFT's rule.
+    fn layer_index(&self, module: &str) -> Option<i64> {
+        let pattern = if self.layers_pattern.is_empty() {
+            r"^.*?\.[^.]*\.(\d+)\.".to_string()
+        } else {
+            format!(r"^(?:.*?\.)?(?:{})\.(\d+)\.", self.layers_pattern.join("|"))
+        };
+        let re = fancy_regex::Regex::new(&pattern).ok()?;
+        re.captures(module).ok()??.get(1)?.as_str().parse().ok()
+    }
+
+    /// The value of the first key of `pattern` that matches `module` (PEFT's
+    /// `get_pattern_key`).
+    fn lookup<T: Copy>(pattern: &[(String, T)], module: &str) -> Option<T> {
+        pattern
+            .iter()
+            .find(|(key, _)| {
+                fancy_regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+                    .is_ok_and(|re| re.is_match(module).unwrap_or(false))
+            })
+            .map(|(_, v)| *v)
     }
 }
 
@@ -96,14 +187,26 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// DoRA: a trained magnitude per output row beside `A` and `B`.
     pub use_dora: bool,
+    /// Per-layer selections and ranks of a PEFT adapter directory.
+    pub patterns: LayerPatterns,
 }
 
 impl LoraConfig {
-    pub fn scaling(&self) -> f64 {
+    /// The rank of the layer at `module` (`rank_pattern`, else `r`).
+    pub fn rank(&self, module: &str) -> i64 {
+        LayerPatterns::lookup(&self.patterns.rank_pattern, module).unwrap_or(self.r)
+    }
+
+    /// The update's scale at `module`: α / r, or α / √r with rsLoRA (`alpha_pattern` and
+    /// `rank_pattern` applied).
+    pub fn scaling(&self, module: &str) -> f64 {
+        let alpha =
+            LayerPatterns::lookup(&self.patterns.alpha_pattern, module).unwrap_or(self.alpha);
+        let r = self.rank(module) as f64;
         if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
+            alpha / r.sqrt()
         } else {
-            self.alpha / self.r as f64
+            alpha / r
         }
     }
 
@@ -120,16 +223,34 @@ impl LoraConfig {
     }
 
     /// Whether the layer at `module` (its dotted path) gets an adapter (after
-    /// [`LoraConfig::resolved`]).
+    /// [`LoraConfig::resolved`]), PEFT's `check_target_module_exists`: not when
+    /// `exclude_modules` matches; with `layers_to_transform`, only in those layers (unless
+    /// a name gave the whole path).
     pub fn targets(&self, module: &str) -> bool {
-        match &self.target_modules {
-            TargetModules::AllLinear => true,
-            TargetModules::Default => false,
-            TargetModules::Names(names) => names.iter().any(|n| matches(module, n)),
+        let p = &self.patterns;
+        if p.exclude_modules
+            .as_ref()
+            .is_some_and(|e| e.matches(module).0)
+        {
+            return false;
+        }
+        let (hit, whole_path) = self.target_modules.matches(module);
+        match &p.layers_to_transform {
+            Some(layers) if hit && !whole_path => {
+                p.layer_index(module).is_some_and(|i| layers.contains(&i))
+            }
+            _ => hit,
         }
     }
 
-    /// `adapter_config.json` as PEFT writes it; `targets` are the adapted modules' names.
+    /// Whether `exclude_modules` names the layer at `module` (or a target name).
+    pub fn excludes(&self, module: &str) -> bool {
+        let exclude = self.patterns.exclude_modules.as_ref();
+        exclude.is_some_and(|e| e.matches(module).0)
+    }
+
+    /// `adapter_config.json` as PEFT writes it; `targets` are the adapted modules' names
+    /// (written where the targets were not given as names or a regular expression).
     pub fn to_peft(
         &self,
         base: Option<&Path>,
@@ -138,6 +259,25 @@ impl LoraConfig {
         fan_in_fan_out: bool,
         modules_to_save: Option<Vec<String>>,
     ) -> Value {
+        let p = &self.patterns;
+        let target_modules = match &self.target_modules {
+            TargetModules::Names(names) => json!(names),
+            TargetModules::Regex(re) => json!(re),
+            TargetModules::Default | TargetModules::AllLinear => json!(targets),
+        };
+        let exclude_modules = match &p.exclude_modules {
+            Some(TargetModules::Names(names)) => json!(names),
+            Some(TargetModules::Regex(re)) => json!(re),
+            _ => Value::Null,
+        };
+        let layers_pattern = match p.layers_pattern.as_slice() {
+            [] => Value::Null,
+            [one] => json!(one),
+            many => json!(many),
+        };
+        let pattern = |kv: Vec<(&String, Value)>| {
+            Value::Object(kv.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+        };
         json!({
             "peft_type": "LORA",
             "task_type": task_type,
@@ -145,7 +285,8 @@ impl LoraConfig {
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
-            "target_modules": targets,
+            "target_modules": target_modules,
+            "exclude_modules": exclude_modules,
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
             "use_rslora": self.use_rslora,
@@ -153,10 +294,10 @@ impl LoraConfig {
             "modules_to_save": modules_to_save,
             "init_lora_weights": true,
             "inference_mode": true,
-            "layers_to_transform": null,
-            "layers_pattern": null,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "layers_to_transform": p.layers_to_transform,
+            "layers_pattern": layers_pattern,
+            "rank_pattern": pattern(p.rank_pattern.iter().map(|(k, v)| (k, json!(v))).collect()),
+            "alpha_pattern": pattern(p.alpha_pattern.iter().map(|(k, v)| (k, json!(v))).collect()),
             "revision": null,
         })
     }
@@ -179,25 +320,26 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// `lora_A.weight` and `lora_B.weight` (and DoRA's `lora_magnitude_vector`, ones until
-    /// [`dora_magnitude`] sets it) under `p` (the adapted layer's path).
+    /// [`dora_magnitude`] sets it) under `p`, the adapted layer at `module`.
     pub fn new(
         p: &nn::Path,
-        in_dim: i64,
-        out_dim: i64,
+        module: &str,
+        (in_dim, out_dim): (i64, i64),
         cfg: &LoraConfig,
         fan_in_fan_out: bool,
     ) -> Self {
+        let r = cfg.rank(module);
         // kaiming_uniform_(a=√5) on [r, in]: bound = √(6 / ((1 + a²)·fan_in)) = 1/√in.
         let bound = 1.0 / (in_dim as f64).sqrt();
         let a = (p / "lora_A").var(
             "weight",
-            &[cfg.r, in_dim],
+            &[r, in_dim],
             Init::Uniform {
                 lo: -bound,
                 up: bound,
             },
         );
-        let b = (p / "lora_B").var("weight", &[out_dim, cfg.r], Init::Const(0.0));
+        let b = (p / "lora_B").var("weight", &[out_dim, r], Init::Const(0.0));
         let magnitude = cfg
             .use_dora
             .then(|| p.var(MAGNITUDE, &[out_dim], Init::Const(1.0)));
@@ -205,7 +347,7 @@ impl LoraAdapter {
             a,
             b,
             magnitude,
-            scaling: cfg.scaling(),
+            scaling: cfg.scaling(module),
             dropout: cfg.dropout,
             fan_in_fan_out,
         }
@@ -318,18 +460,19 @@ mod tests {
             target_modules: TargetModules::parse("q_proj, mlp.down_proj"),
             use_rslora: false,
             use_dora: false,
+            patterns: Default::default(),
         };
         assert!(cfg.targets("model.layers.0.self_attn.q_proj"));
         assert!(cfg.targets("model.layers.1.mlp.down_proj"));
         assert!(!cfg.targets("model.layers.0.self_attn.k_proj"));
         assert!(!cfg.targets("model.layers.0.self_attn.xq_proj"));
-        assert_eq!(cfg.scaling(), 2.0);
+        assert_eq!(cfg.scaling("q_proj"), 2.0);
         let rs = LoraConfig {
             use_rslora: true,
             r: 4,
             ..cfg.clone()
         };
-        assert_eq!(rs.scaling(), 2.0);
+        assert_eq!(rs.scaling("q_proj"), 2.0);
         let default = LoraConfig {
             target_modules: TargetModules::Default,
             ..cfg

@@ -500,7 +500,7 @@ impl Model {
         for module in self.adapted_modules() {
             let [w, a, b, m] = ["weight", "lora_A.weight", "lora_B.weight", lora::MAGNITUDE]
                 .map(|n| &tensors[&format!("{module}.{n}")]);
-            let norm = lora::dora_magnitude(w, a, b, cfg.scaling(), fan_in_fan_out);
+            let norm = lora::dora_magnitude(w, a, b, cfg.scaling(&module), fan_in_fan_out);
             m.shallow_clone().copy_(&norm.to_kind(m.kind()));
         }
     }
@@ -610,8 +610,9 @@ impl Model {
         let missing: Vec<&String> = match &cfg.target_modules {
             lora::TargetModules::Names(names) => names
                 .iter()
-                .filter(|n| !adapted.iter().any(|m| lora::matches(m, n)))
+                .filter(|n| !cfg.excludes(n) && !adapted.iter().any(|m| lora::matches(m, n)))
                 .collect(),
+            lora::TargetModules::Regex(re) if adapted.is_empty() => vec![re],
             _ => vec![],
         };
         if !missing.is_empty() || adapted.is_empty() {
@@ -1034,13 +1035,17 @@ impl Model {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = self.named_tensors();
         let _guard = tch::no_grad_guard();
-        let scaling = self.options.lora.as_ref().map_or(1.0, |l| l.scaling());
         let fan_in_fan_out = self.config.model_type == ModelType::Gpt2;
         for module in self.adapted_modules() {
             let a = tensors.remove(&format!("{module}.lora_A.weight")).unwrap();
             let b = tensors.remove(&format!("{module}.lora_B.weight")).unwrap();
             let m = tensors.remove(&format!("{module}.{}", lora::MAGNITUDE));
             let name = format!("{module}.weight");
+            let scaling = self
+                .options
+                .lora
+                .as_ref()
+                .map_or(1.0, |l| l.scaling(&module));
             let merged =
                 lora::merged_weight(&tensors[&name], &a, &b, scaling, m.as_ref(), fan_in_fan_out);
             tensors.insert(name, merged);

@@ -160,6 +160,7 @@ mod tests {
             target_modules: TargetModules::AllLinear,
             use_rslora: false,
             use_dora: false,
+            patterns: Default::default(),
         };
         let prompt = PromptTuningConfig {
             num_virtual_tokens: 3,
