@@ -65,6 +65,8 @@ pub enum PolicyLossName {
     /// VESPO: a Gamma weight of the sequence's importance weight scales the policy
     /// gradient, in place of the clip.
     Vespo,
+    /// GMPO: the geometric mean of each response's token weights, clipped in log space.
+    Gmpo,
 }
 
 /// `--reward-rule`: a reward computed by a rule over the response and the prompt row.
@@ -234,8 +236,11 @@ pub struct TrainArgs {
     /// bound as TRL's epsilon_high for cispo, ScaleRL uses 5; every token keeps its
     /// gradient), sapo (a soft gate, --sapo-temperature-pos/-neg) or vespo (the gradient
     /// scaled by a Gamma weight of the sequence's importance weight, --vespo-k-pos/-neg,
-    /// --vespo-lambda-pos/-neg). TRL's `loss_type` cispo, sapo and vespo (whose
-    /// aggregation is --loss-aggregation here).
+    /// --vespo-lambda-pos/-neg) or gmpo (TRL's GMPOTrainer: per response, the geometric
+    /// mean of its token weights, each clipped in log space to [−--cliprange,
+    /// --cliprange-high] — GMPO's paper uses 0.4 — and the loss averaged over responses,
+    /// whatever --loss-aggregation says; needs grpo, dr-grpo or rloo). TRL's `loss_type`
+    /// cispo, sapo and vespo (whose aggregation is --loss-aggregation here).
     #[arg(long, value_enum, default_value = "clip")]
     pub policy_loss: PolicyLossName,
     /// SAPO's gate temperature for tokens with a positive advantage.
@@ -425,6 +430,7 @@ impl TrainArgs {
                     k_neg: self.vespo_k_neg,
                     lambda_neg: self.vespo_lambda_neg,
                 },
+                PolicyLossName::Gmpo => Objective::Gmpo,
             },
             clip: Clip {
                 low: self.cliprange,
@@ -432,7 +438,11 @@ impl TrainArgs {
                 delta: self.delta,
             },
             level: self.importance_sampling_level,
-            aggregation: self.loss_aggregation,
+            aggregation: match self.policy_loss {
+                // A loss per response, averaged over responses (with the KL term).
+                PolicyLossName::Gmpo => LossAggregation::SeqMeanTokenMean,
+                _ => self.loss_aggregation,
+            },
             norm: self.response_length as f64,
         }
     }
@@ -553,6 +563,12 @@ impl TrainArgs {
                 self.policy_loss != PolicyLossName::Vespo
                     || self.importance_sampling_level == ImportanceSampling::Token,
                 "--policy-loss vespo forms its own sequence-level weight: leave --importance-sampling-level at token",
+            ),
+            (
+                self.policy_loss != PolicyLossName::Gmpo
+                    || (self.importance_sampling_level == ImportanceSampling::Token
+                        && self.advantage_estimator().is_group()),
+                "--policy-loss gmpo weighs one advantage per response by its own geometric-mean weight: it needs --advantage-estimator grpo, dr-grpo or rloo and --importance-sampling-level token",
             ),
             (
                 [self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg]

@@ -509,6 +509,12 @@ pub enum Objective {
         k_neg: f64,
         lambda_neg: f64,
     },
+    /// GMPO (Zhao et al. 2025, TRL's `GMPOTrainer`): per response, `−A·exp(mean_t
+    /// clip(log w_t))`, the geometric mean of its token weights, each log-weight clipped in
+    /// log space to `[−low, high]` on the side the advantage's sign makes binding (PPO's
+    /// min, in logs). A per-response loss: it is averaged over responses
+    /// ([`LossAggregation::SeqMeanTokenMean`], set by the caller).
+    Gmpo,
 }
 
 /// How the policy's surrogate objective is formed and reduced to one number.
@@ -604,10 +610,31 @@ pub fn policy_loss(
             vespo_mean = per_row.mean(Kind::Float).double_value(&[]);
             (-(phi * advantages * logprobs), 0.0, 0.0, 0.0)
         }
+        Objective::Gmpo => {
+            let clamped = log_ratio.clamp(-clip.low, clip.high);
+            let clipped = log_ratio
+                .minimum(&clamped)
+                .where_self(&positive, &log_ratio.maximum(&clamped));
+            let counted = match keep {
+                Some(keep) => mask.to_kind(Kind::Float) * keep,
+                None => mask.to_kind(Kind::Float),
+            };
+            let rows = |t: &Tensor| t.sum_dim_intlist([1].as_slice(), true, Kind::Float);
+            let geometric = (rows(&(&clipped * &counted)) / rows(&counted).clamp_min(1.0)).exp();
+            let low = log_ratio.lt(-clip.low).logical_and(&advantages.lt(0.0));
+            let high = log_ratio.gt(clip.high).logical_and(&positive);
+            (
+                -(geometric * advantages),
+                fraction(&low.logical_or(&high)),
+                fraction(&low),
+                fraction(&high),
+            )
+        }
     };
-    let per_token = match keep {
-        Some(keep) => per_token * keep,
-        None => per_token,
+    let per_token = match (keep, objective) {
+        // GMPO's tokens outside `keep` leave its geometric mean instead.
+        (Some(keep), o) if o != Objective::Gmpo => per_token * keep,
+        _ => per_token,
     };
     let loss = aggregation.aggregate(&per_token, mask, norm);
     let d = log_ratio.detach();
@@ -1523,6 +1550,70 @@ mod tests {
                 assert!((f64::from(grad[r][i]) - want).abs() < 1e-6, "{grad:?}");
             }
         }
+    }
+
+    /// GMPO against TRL's `GMPOTrainer._compute_loss` written out: per response the
+    /// log-weights clipped in log space on the binding side, their mean over the kept
+    /// tokens exponentiated, `−A·G` averaged over responses; a clipped token passes no
+    /// gradient, the others `−A·G/(kept tokens)/(responses)`.
+    #[test]
+    fn gmpo_takes_the_clipped_geometric_mean_per_response() {
+        let lp = [[-0.5f32, -1.0, -2.0], [-0.7, -0.2, -0.4]];
+        let old = [[-1.0f32, -1.1, -2.1], [-0.4, -0.2, -0.1]];
+        let adv = [[1.5f32, 1.5, 1.5], [-0.5, -0.5, -0.5]];
+        let mask = [[1f32, 1.0, 1.0], [1.0, 1.0, 0.0]];
+        let keep = [[1f32, 1.0, 0.0], [1.0, 1.0, 1.0]];
+        let rows = |x: &[[f32; 3]; 2]| t(&[&x[0], &x[1]]);
+        let logprobs = rows(&lp).set_requires_grad(true);
+        let surrogate = Surrogate {
+            objective: Objective::Gmpo,
+            aggregation: LossAggregation::SeqMeanTokenMean,
+            ..Surrogate::ppo(Clip::symmetric(0.4))
+        };
+        let out = policy_loss(
+            &logprobs,
+            &rows(&old),
+            &rows(&adv),
+            (&rows(&mask), Some(&rows(&keep))),
+            &surrogate,
+        );
+        out.loss.backward();
+        let grad = to_vec(&logprobs.grad());
+        let (mut loss, mut low, mut high) = (0f64, 0.0, 0.0);
+        for r in 0..2 {
+            let a = f64::from(adv[r][0]);
+            let counted: Vec<f64> = (0..3).map(|i| f64::from(mask[r][i] * keep[r][i])).collect();
+            let n: f64 = counted.iter().sum();
+            let mut sum = 0.0;
+            let mut passes = [false; 3];
+            for i in 0..3 {
+                let x = f64::from(lp[r][i] - old[r][i]);
+                let c = x.clamp(-0.4, 0.4);
+                let clipped = if a > 0.0 { x.min(c) } else { x.max(c) };
+                passes[i] = clipped == x;
+                sum += clipped * counted[i];
+                low += f64::from(mask[r][i]) * f64::from(u8::from(x < -0.4 && a < 0.0));
+                high += f64::from(mask[r][i]) * f64::from(u8::from(x > 0.4 && a > 0.0));
+            }
+            let g = (sum / n).exp();
+            loss += -a * g / 2.0;
+            for i in 0..3 {
+                let want = if passes[i] {
+                    -a * g * counted[i] / n / 2.0
+                } else {
+                    0.0
+                };
+                assert!(
+                    (f64::from(grad[r][i]) - want).abs() < 1e-6,
+                    "{r} {i}: {grad:?}"
+                );
+            }
+        }
+        assert!((out.loss.double_value(&[]) - loss).abs() < 1e-6);
+        // Token 0 of response 0 (log-weight 0.5 > 0.4, A > 0) is the one clipped.
+        assert_eq!((low, high), (0.0, 1.0));
+        assert!((out.clip_high - 1.0 / 5.0).abs() < 1e-6 && out.clip_low == 0.0);
+        assert!((out.clipfrac - 1.0 / 5.0).abs() < 1e-6);
     }
 
     /// Adaptive entropy control as TRL 1.16 steps it: nothing applied before the first
