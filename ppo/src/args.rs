@@ -69,6 +69,19 @@ pub enum PolicyLossName {
     Gmpo,
 }
 
+/// `--multi-objective-aggregation`: how GRPO combines several reward sources (TRL's
+/// `multi_objective_aggregation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MultiObjective {
+    /// The weighted sum of the sources, then GRPO's group normalisation.
+    #[default]
+    SumThenNormalize,
+    /// GDPO: each source normalised within its group, the weighted sum then normalised
+    /// over the batch.
+    NormalizeThenSum,
+}
+
 /// `--reward-rule`: a reward computed by a rule over the response and the prompt row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -266,6 +279,12 @@ pub struct TrainArgs {
     /// --cliprange 3e-4 --cliprange-high 4e-4).
     #[arg(long, default_value = "token")]
     pub importance_sampling_level: ImportanceSampling,
+    /// How --advantage-estimator grpo combines several reward sources:
+    /// sum-then-normalize (their weighted sum is the reward) or normalize-then-sum (GDPO:
+    /// each source normalised within its group, the weighted sum normalised over the
+    /// whole batch). TRL's `multi_objective_aggregation`.
+    #[arg(long, value_enum, default_value = "sum-then-normalize")]
+    pub multi_objective_aggregation: MultiObjective,
     /// What --advantage-estimator grpo divides an advantage by: the std of the group
     /// (default), of the whole rollout batch (batch: Lite PPO), or nothing (none: Dr.
     /// GRPO's advantage). TRL's `scale_rewards`.
@@ -387,9 +406,12 @@ impl TrainArgs {
                 gamma: self.gamma,
                 lam: self.lam,
             },
-            EstimatorName::Grpo => AdvantageEstimator::Grpo {
-                group,
-                scale: self.scale_rewards.unwrap_or_default(),
+            EstimatorName::Grpo => match self.multi_objective_aggregation {
+                MultiObjective::SumThenNormalize => AdvantageEstimator::Grpo {
+                    group,
+                    scale: self.scale_rewards.unwrap_or_default(),
+                },
+                MultiObjective::NormalizeThenSum => AdvantageEstimator::Gdpo { group },
             },
             EstimatorName::DrGrpo => AdvantageEstimator::DrGrpo { group },
             EstimatorName::Rloo => AdvantageEstimator::Rloo { group },
@@ -606,6 +628,15 @@ impl TrainArgs {
                 self.scale_rewards.is_none()
                     || self.advantage_estimator == EstimatorName::Grpo,
                 "--scale-rewards needs --advantage-estimator grpo (dr-grpo and rloo do not scale; gae and reinforce-plus-plus whiten)",
+            ),
+            (
+                self.multi_objective_aggregation == MultiObjective::SumThenNormalize
+                    || (self.advantage_estimator == EstimatorName::Grpo
+                        && self.scale_rewards.is_none()
+                        && (self.kl_in_loss || self.kl_coef == 0.0)
+                        && self.missing_eos_penalty.is_none()
+                        && self.score_clip.is_none()),
+                "--multi-objective-aggregation normalize-then-sum normalises each reward source's own scores: it needs --advantage-estimator grpo, and neither --scale-rewards, a KL penalty in the rewards (use --kl-in-loss or --kl-coef 0), --missing-eos-penalty nor --score-clip (they act on the summed score)",
             ),
             (self.reward_timeout > 0.0, "--reward-timeout must be > 0"),
             (

@@ -130,6 +130,10 @@ pub enum AdvantageEstimator {
     DrGrpo { group: i64 },
     /// RLOO (Ahmadian et al. 2024): `R − mean of the other group − 1 responses`.
     Rloo { group: i64 },
+    /// GDPO (TRL's `multi_objective_aggregation="normalize_then_sum"`): each reward
+    /// source normalised within the group on its own, the weighted sum normalised over
+    /// the whole batch ([`decoupled_group_advantages`]).
+    Gdpo { group: i64 },
     /// REINFORCE++ (Hu 2025): the discounted return-to-go of the per-token rewards (KL
     /// penalty on every token, score on the last), whitened over the global batch.
     ReinforcePlusPlus { gamma: f64 },
@@ -148,6 +152,7 @@ impl AdvantageEstimator {
             AdvantageEstimator::Grpo { .. }
                 | AdvantageEstimator::DrGrpo { .. }
                 | AdvantageEstimator::Rloo { .. }
+                | AdvantageEstimator::Gdpo { .. }
         )
     }
 
@@ -156,7 +161,8 @@ impl AdvantageEstimator {
         match self {
             AdvantageEstimator::Grpo { group, .. }
             | AdvantageEstimator::DrGrpo { group }
-            | AdvantageEstimator::Rloo { group } => *group,
+            | AdvantageEstimator::Rloo { group }
+            | AdvantageEstimator::Gdpo { group } => *group,
             _ => 1,
         }
     }
@@ -229,6 +235,32 @@ pub fn group_advantages(
     adv.view([-1])
 }
 
+/// GDPO's advantages `[B]` (Liu et al. 2026, "Group reward-Decoupled Normalization Policy
+/// Optimization"; TRL's `normalize_then_sum`): each source's scores in `by_source`
+/// `[B, K]` become `(r − mean of the group) / (unbiased std of the group + 1e-4)` on
+/// their own, are summed with `weights`, and the sum is normalised over the whole batch
+/// (every rank's rows): `(s − mean) / (unbiased std + 1e-4)`.
+pub fn decoupled_group_advantages(
+    by_source: &Tensor,
+    weights: &[f64],
+    group: i64,
+    world: &World,
+) -> Tensor {
+    let k = by_source.size()[1];
+    let r = by_source.to_kind(Kind::Float).view([-1, group, k]);
+    let mean = r.mean_dim([1].as_slice(), true, Kind::Float);
+    let normed = (&r - mean) / (r.std_correction([1].as_slice(), 1, true) + 1e-4);
+    let w = Tensor::from_slice(weights)
+        .to_kind(Kind::Float)
+        .to_device(r.device());
+    let summed = (normed * w)
+        .sum_dim_intlist([2].as_slice(), false, Kind::Float)
+        .view([-1]);
+    let [n, sum, sum_sq] = world.sums(moments(&summed, &Tensor::ones_like(&summed)).into());
+    let var = ((sum_sq - sum * sum / n.max(1.0)) / (n - 1.0).max(1.0)).max(0.0);
+    (summed - sum / n.max(1.0)) / (var.sqrt() + 1e-4)
+}
+
 /// Discounted return-to-go of per-token rewards over each row's real tokens.
 pub fn returns_to_go(rewards: &Tensor, mask: &Tensor, gamma: f64) -> Tensor {
     let mask_f = mask.to_kind(Kind::Float);
@@ -258,7 +290,7 @@ pub fn advantages(
     estimator: AdvantageEstimator,
     rewards: &Tensor,
     values: Option<&Tensor>,
-    mask: &Tensor,
+    (mask, sources): (&Tensor, (&Tensor, &[f64])),
     world: &World,
 ) -> Advantages {
     let _guard = tch::no_grad_guard();
@@ -306,6 +338,12 @@ pub fn advantages(
                 true,
                 RewardScale::None,
                 world,
+            )),
+            returns: None,
+        },
+        AdvantageEstimator::Gdpo { group } => Advantages {
+            advantages: broadcast(decoupled_group_advantages(
+                sources.0, sources.1, group, world,
             )),
             returns: None,
         },
@@ -953,7 +991,17 @@ mod tests {
             lam: 0.95,
         };
         assert!(est.needs_critic());
-        let out = advantages(est, &rewards, Some(&values), &mask, &World::single());
+        let none = (
+            &Tensor::zeros([0, 0], (Kind::Float, tch::Device::Cpu)),
+            &[][..],
+        );
+        let out = advantages(
+            est,
+            &rewards,
+            Some(&values),
+            (&mask, none),
+            &World::single(),
+        );
         let (raw, returns) = gae(&rewards, &values, &mask, 1.0, 0.95);
         assert!(out.returns.unwrap().equal(&returns));
         let a = &out.advantages;
@@ -1010,6 +1058,44 @@ mod tests {
         }
     }
 
+    /// GDPO by plain loops: two sources in groups of 3, each normalised in its group
+    /// (unbiased std + 1e-4), summed with weights 1 and 0.5, the sum normalised over the
+    /// batch; a source whose scores are all equal in a group adds nothing there.
+    #[test]
+    fn gdpo_normalises_each_source_then_the_batch() {
+        let r = [
+            [1.0f32, 0.0],
+            [0.0, 2.0],
+            [1.0, 4.0],
+            [0.0, 1.0],
+            [0.0, 3.0],
+            [0.0, 8.0],
+        ];
+        let weights = [1.0, 0.5];
+        let by_source = Tensor::from_slice(r.as_flattened()).view([6, 2]);
+        let a = decoupled_group_advantages(&by_source, &weights, 3, &World::single());
+        let a = Vec::<f32>::try_from(a).unwrap();
+        let mut summed = [0f32; 6];
+        for g in 0..2 {
+            for k in 0..2 {
+                let xs: Vec<f32> = (0..3).map(|j| r[g * 3 + j][k]).collect();
+                let mean = xs.iter().sum::<f32>() / 3.0;
+                let std = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / 2.0).sqrt();
+                for j in 0..3 {
+                    summed[g * 3 + j] += weights[k] as f32 * (xs[j] - mean) / (std + 1e-4);
+                }
+            }
+        }
+        let mean = summed.iter().sum::<f32>() / 6.0;
+        let std = (summed.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / 5.0).sqrt();
+        for i in 0..6 {
+            let want = (summed[i] - mean) / (std + 1e-4);
+            assert!((a[i] - want).abs() < 1e-5, "{i}: {a:?}");
+        }
+        // Group 2's first source is all 0: its rows differ by the second source alone.
+        assert!((a[3] - a[4]).abs() > 0.1 && a[5] > a[4]);
+    }
+
     #[test]
     fn group_advantages_cover_every_token_and_need_no_critic() {
         let rewards = t(&[&[0., 0., 1.], &[0., 2., 0.], &[5., 0., 0.], &[0., 0., 7.]]);
@@ -1023,7 +1109,11 @@ mod tests {
             AdvantageEstimator::Rloo { group: 2 },
         ] {
             assert!(!est.needs_critic());
-            let out = advantages(est, &rewards, None, &mask, &World::single());
+            let none = (
+                &Tensor::zeros([0, 0], (Kind::Float, tch::Device::Cpu)),
+                &[][..],
+            );
+            let out = advantages(est, &rewards, None, (&mask, none), &World::single());
             assert!(out.returns.is_none());
             let a = to_vec(&out.advantages);
             // Sequence rewards 1, 2 | 5, 7: every real token of a response gets its value.
@@ -1066,7 +1156,11 @@ mod tests {
         }
         let est = AdvantageEstimator::ReinforcePlusPlus { gamma: 0.9 };
         assert!(!est.needs_critic());
-        let out = advantages(est, &rewards, None, &mask, &World::single());
+        let none = (
+            &Tensor::zeros([0, 0], (Kind::Float, tch::Device::Cpu)),
+            &[][..],
+        );
+        let out = advantages(est, &rewards, None, (&mask, none), &World::single());
         let a = &out.advantages;
         assert!(masked_mean(a, &mask).double_value(&[]).abs() < 1e-5);
         assert!((masked_var(a, &mask).double_value(&[]) - 1.0).abs() < 1e-4);

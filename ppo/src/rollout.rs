@@ -32,6 +32,10 @@ pub struct Rollout {
     pub scores: Tensor,
     /// Each source's mean and std over this batch (before weighting).
     pub source_stats: Vec<(&'static str, f64, f64)>,
+    /// Each source's own scores `[B, K]` (before weighting, penalty and clipping), and its
+    /// weight: what GDPO normalises one source at a time.
+    pub source_scores: Tensor,
+    pub source_weights: Vec<f64>,
     pub ended_with_eos: Vec<bool>,
     pub prompts: Vec<Vec<i64>>,
     pub texts: Vec<String>,
@@ -97,15 +101,18 @@ pub struct RolloutModels<'a> {
     pub tokenizer: &'a Tokenizer,
 }
 
-/// The weighted sum of every source's scores, and each source's mean and std.
+/// Each source's mean and std.
 type SourceStats = Vec<(&'static str, f64, f64)>;
 
+/// The weighted sum of every source's scores, each source's mean and std, and each
+/// source's scores (`[source][row]`).
 fn summed_rewards(
     sources: &[RewardSource],
     input: &RewardInput,
-) -> Result<(Vec<f64>, SourceStats)> {
+) -> Result<(Vec<f64>, SourceStats, Vec<Vec<f64>>)> {
     let mut scores = vec![0.0; input.texts.len()];
     let mut stats = vec![];
+    let mut by_source = vec![];
     for source in sources {
         let s = source.function.scores(input)?;
         anyhow::ensure!(
@@ -122,8 +129,9 @@ fn summed_rewards(
         let mean = s.iter().sum::<f64>() / n;
         let var = s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
         stats.push((source.name, mean, var.sqrt()));
+        by_source.push(s);
     }
-    Ok((scores, stats))
+    Ok((scores, stats, by_source))
 }
 
 pub struct RolloutOptions {
@@ -299,7 +307,14 @@ pub fn rollout(
         texts: &texts,
         fields,
     };
-    let (mut scores, source_stats) = summed_rewards(models.rewards, &input)?;
+    let (mut scores, source_stats, by_source) = summed_rewards(models.rewards, &input)?;
+    let rows = scores.len() as i64;
+    let by_row: Vec<f32> = (0..scores.len())
+        .flat_map(|r| by_source.iter().map(move |s| s[r] as f32))
+        .collect();
+    let source_scores = Tensor::from_slice(&by_row)
+        .view([rows, by_source.len() as i64])
+        .to_device(device);
     for (s, &eos) in scores.iter_mut().zip(&ended_with_eos) {
         if let (Some(penalty), false) = (opts.missing_eos_penalty, eos) {
             *s -= penalty;
@@ -321,6 +336,8 @@ pub fn rollout(
         entropy,
         scores: Tensor::from_slice(&scores).to_device(device),
         source_stats,
+        source_scores,
+        source_weights: models.rewards.iter().map(|s| s.weight).collect(),
         ended_with_eos,
         prompts,
         texts,

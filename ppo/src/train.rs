@@ -535,7 +535,7 @@ impl<'a> Ppo<'a> {
             args.advantage_estimator(),
             &rewards,
             ro.values.as_ref(),
-            &ro.mask,
+            (&ro.mask, (&ro.source_scores, &ro.source_weights)),
             world,
         );
 

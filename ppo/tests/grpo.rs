@@ -329,6 +329,44 @@ fn child_killed_grpo_run() {
     run_with_reward(&args(Path::new(&out), &extra), &TextRule(digit_share)).unwrap();
 }
 
+/// GDPO (`--multi-objective-aggregation normalize-then-sum`) with two sources, the
+/// exact-answer rule and a reward program: both are logged, the policy moves; with a KL
+/// penalty in the rewards it is refused.
+#[test]
+fn gdpo_runs_with_two_reward_sources() {
+    let f = fixture();
+    let out = f.root.join("run-gdpo");
+    let command = digit_command();
+    let mut extra = vec![
+        "--max-steps",
+        "2",
+        "--reward-rule",
+        "exact-answer",
+        "--answer-pattern",
+        "([0-9])",
+        "--reward-command",
+        &command,
+        "--reward-command-weight",
+        "0.5",
+        "--multi-objective-aggregation",
+        "normalize-then-sum",
+    ];
+    let refused = run(&args(&out, &extra)).unwrap_err().to_string();
+    assert!(
+        refused.contains("a KL penalty in the rewards (use --kl-in-loss or --kl-coef 0)"),
+        "{refused}"
+    );
+    extra.extend(["--kl-coef", "0"]);
+    run(&args(&out, &extra)).unwrap();
+    for r in metrics(&out) {
+        for key in ["rewards/exact_answer/mean", "rewards/reward_command/mean"] {
+            assert!(r[key].as_f64().is_some(), "{key}: {r}");
+        }
+    }
+    let moved = rlhf_tests::max_weight_diff(&f.policy, &out.join("final"), Head::Lm);
+    assert!(moved > 1e-5, "the policy did not move");
+}
+
 /// `--reward-rule exact-answer` from the command line's options, no reward model: every
 /// logged sample's score is the rule's verdict on its response against its row's answer.
 #[test]
