@@ -285,6 +285,10 @@ pub struct TrainArgs {
     /// whole batch). TRL's `multi_objective_aggregation`.
     #[arg(long, value_enum, default_value = "sum-then-normalize")]
     pub multi_objective_aggregation: MultiObjective,
+    /// With --advantage-estimator rloo: normalise the advantages over the whole rollout
+    /// batch (every rank's), to mean 0 and std 1 (TRL's RLOO `normalize_advantages`).
+    #[arg(long)]
+    pub normalize_advantages: bool,
     /// What --advantage-estimator grpo divides an advantage by: the std of the group
     /// (default), of the whole rollout batch (batch: Lite PPO), or nothing (none: Dr.
     /// GRPO's advantage). TRL's `scale_rewards`.
@@ -414,7 +418,10 @@ impl TrainArgs {
                 MultiObjective::NormalizeThenSum => AdvantageEstimator::Gdpo { group },
             },
             EstimatorName::DrGrpo => AdvantageEstimator::DrGrpo { group },
-            EstimatorName::Rloo => AdvantageEstimator::Rloo { group },
+            EstimatorName::Rloo => AdvantageEstimator::Rloo {
+                group,
+                normalize: self.normalize_advantages,
+            },
             EstimatorName::ReinforcePlusPlus => {
                 AdvantageEstimator::ReinforcePlusPlus { gamma: self.gamma }
             }
@@ -637,6 +644,10 @@ impl TrainArgs {
                         && self.missing_eos_penalty.is_none()
                         && self.score_clip.is_none()),
                 "--multi-objective-aggregation normalize-then-sum normalises each reward source's own scores: it needs --advantage-estimator grpo, and neither --scale-rewards, a KL penalty in the rewards (use --kl-in-loss or --kl-coef 0), --missing-eos-penalty nor --score-clip (they act on the summed score)",
+            ),
+            (
+                !self.normalize_advantages || self.advantage_estimator == EstimatorName::Rloo,
+                "--normalize-advantages needs --advantage-estimator rloo (grpo scales with --scale-rewards; gae and reinforce-plus-plus whiten)",
             ),
             (self.reward_timeout > 0.0, "--reward-timeout must be > 0"),
             (

@@ -128,8 +128,10 @@ pub enum AdvantageEstimator {
     Grpo { group: i64, scale: RewardScale },
     /// Dr. GRPO (Liu et al. 2025): `R − mean of the group`, no std division.
     DrGrpo { group: i64 },
-    /// RLOO (Ahmadian et al. 2024): `R − mean of the other group − 1 responses`.
-    Rloo { group: i64 },
+    /// RLOO (Ahmadian et al. 2024): `R − mean of the other group − 1 responses`;
+    /// `normalize`: then normalised over the whole batch ([`batch_normalized`], TRL's
+    /// `normalize_advantages`).
+    Rloo { group: i64, normalize: bool },
     /// GDPO (TRL's `multi_objective_aggregation="normalize_then_sum"`): each reward
     /// source normalised within the group on its own, the weighted sum normalised over
     /// the whole batch ([`decoupled_group_advantages`]).
@@ -161,7 +163,7 @@ impl AdvantageEstimator {
         match self {
             AdvantageEstimator::Grpo { group, .. }
             | AdvantageEstimator::DrGrpo { group }
-            | AdvantageEstimator::Rloo { group }
+            | AdvantageEstimator::Rloo { group, .. }
             | AdvantageEstimator::Gdpo { group } => *group,
             _ => 1,
         }
@@ -256,9 +258,14 @@ pub fn decoupled_group_advantages(
     let summed = (normed * w)
         .sum_dim_intlist([2].as_slice(), false, Kind::Float)
         .view([-1]);
-    let [n, sum, sum_sq] = world.sums(moments(&summed, &Tensor::ones_like(&summed)).into());
+    batch_normalized(&summed, world)
+}
+
+/// `(x − mean) / (unbiased std + 1e-4)` over every rank's `x` `[B]`.
+pub fn batch_normalized(x: &Tensor, world: &World) -> Tensor {
+    let [n, sum, sum_sq] = world.sums(moments(x, &Tensor::ones_like(x)).into());
     let var = ((sum_sq - sum * sum / n.max(1.0)) / (n - 1.0).max(1.0)).max(0.0);
-    (summed - sum / n.max(1.0)) / (var.sqrt() + 1e-4)
+    (x - sum / n.max(1.0)) / (var.sqrt() + 1e-4)
 }
 
 /// Discounted return-to-go of per-token rewards over each row's real tokens.
@@ -331,16 +338,16 @@ pub fn advantages(
             )),
             returns: None,
         },
-        AdvantageEstimator::Rloo { group } => Advantages {
-            advantages: broadcast(group_advantages(
-                &per_sequence(),
-                group,
-                true,
-                RewardScale::None,
-                world,
-            )),
-            returns: None,
-        },
+        AdvantageEstimator::Rloo { group, normalize } => {
+            let a = group_advantages(&per_sequence(), group, true, RewardScale::None, world);
+            Advantages {
+                advantages: broadcast(match normalize {
+                    true => batch_normalized(&a, world),
+                    false => a,
+                }),
+                returns: None,
+            }
+        }
         AdvantageEstimator::Gdpo { group } => Advantages {
             advantages: broadcast(decoupled_group_advantages(
                 sources.0, sources.1, group, world,
@@ -1096,6 +1103,41 @@ mod tests {
         assert!((a[3] - a[4]).abs() > 0.1 && a[5] > a[4]);
     }
 
+    /// RLOO with TRL's `normalize_advantages`: the leave-one-out advantages over the
+    /// batch brought to mean 0 and unbiased std 1 (+1e-4 in the denominator).
+    #[test]
+    fn normalized_rloo_has_mean_zero_and_unit_std() {
+        let r = [1.0f32, 0.0, 0.5, 2.5, 3.0, 3.0];
+        let rewards = Tensor::from_slice(&r).unsqueeze(1);
+        let mask = Tensor::ones([6, 1], (Kind::Float, tch::Device::Cpu));
+        let none = (
+            &Tensor::zeros([0, 0], (Kind::Float, tch::Device::Cpu)),
+            &[][..],
+        );
+        let est = AdvantageEstimator::Rloo {
+            group: 3,
+            normalize: true,
+        };
+        let out = advantages(est, &rewards, None, (&mask, none), &World::single());
+        let a = Vec::<f32>::try_from(out.advantages.view([-1])).unwrap();
+        let plain: Vec<f32> = r
+            .chunks(3)
+            .flat_map(|g| {
+                g.iter()
+                    .map(|x| x - (g.iter().sum::<f32>() - x) / 2.0)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mean = plain.iter().sum::<f32>() / 6.0;
+        let std = (plain.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / 5.0).sqrt();
+        for i in 0..6 {
+            assert!(
+                (a[i] - (plain[i] - mean) / (std + 1e-4)).abs() < 1e-5,
+                "{i}: {a:?}"
+            );
+        }
+    }
+
     #[test]
     fn group_advantages_cover_every_token_and_need_no_critic() {
         let rewards = t(&[&[0., 0., 1.], &[0., 2., 0.], &[5., 0., 0.], &[0., 0., 7.]]);
@@ -1106,7 +1148,10 @@ mod tests {
                 scale: RewardScale::Group,
             },
             AdvantageEstimator::DrGrpo { group: 2 },
-            AdvantageEstimator::Rloo { group: 2 },
+            AdvantageEstimator::Rloo {
+                group: 2,
+                normalize: false,
+            },
         ] {
             assert!(!est.needs_critic());
             let none = (
