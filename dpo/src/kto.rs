@@ -267,6 +267,7 @@ mod tests {
             rpo_alpha: 0.0,
             reference_free: false,
             simpo_gamma: 0.5,
+            alpha: 0.0,
             desirable_weight: 1.5,
             undesirable_weight: 0.5,
         }

@@ -234,6 +234,13 @@ pub struct LossArgs {
     /// γ of `simpo`: the target reward margin (TRL's `simpo_gamma`).
     #[arg(long, default_value_t = 0.5)]
     pub simpo_gamma: f64,
+    /// AlphaPO's α (Gupta et al. 2025; TRL's CPOTrainer `alpha`): with a reference-free
+    /// sigmoid, hinge or simpo loss, each response's log-prob x (simpo's mean token
+    /// log-prob) becomes the reward (1 − e^(−αx))/α = (1 − p^(−α))/α before the loss and
+    /// the logged rewards (the logged log-probs stay x). 0: off. AlphaPO itself is
+    /// `--loss-type simpo --alpha A`.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub alpha: f64,
     /// KTO: the weight of the desirable completions' losses (TRL's `desirable_weight`).
     #[arg(long, default_value_t = 1.0)]
     pub desirable_weight: f64,
@@ -284,6 +291,23 @@ impl LossArgs {
     /// Whether the losses read mean token log-probs (`simpo`, `orpo`).
     pub fn length_normalised(&self) -> bool {
         self.loss_type.iter().any(|t| t.length_normalised())
+    }
+
+    /// `lp` with AlphaPO's reward shape (1 − e^(−αx))/α on the policy's log-probs when
+    /// --alpha is set (the references are 0: AlphaPO is reference-free).
+    fn shaped(&self, lp: &PairLogps) -> PairLogps {
+        let shape = |x: &Tensor| match self.alpha {
+            0.0 => x.shallow_clone(),
+            a => (-(x * -a).exp() + 1.0) / a,
+        };
+        PairLogps {
+            chosen: shape(&lp.chosen),
+            rejected: shape(&lp.rejected),
+            ref_chosen: lp.ref_chosen.shallow_clone(),
+            ref_rejected: lp.ref_rejected.shallow_clone(),
+            chosen_tokens: lp.chosen_tokens.shallow_clone(),
+            rejected_tokens: lp.rejected_tokens.shallow_clone(),
+        }
     }
 
     /// Whether `orpo` is the loss (its odds-ratio metrics are logged).
@@ -369,6 +393,15 @@ impl LossArgs {
                 "--simpo-gamma must be a number",
             ),
             (
+                self.alpha == 0.0
+                    || (self.alpha.is_finite()
+                        && (self.reference_free || has(LossType::Simpo))
+                        && self.loss_type.iter().all(|t| {
+                            matches!(t, LossType::Sigmoid | LossType::Hinge | LossType::Simpo | LossType::Sft)
+                        })),
+                "--alpha (AlphaPO) shapes reference-free rewards: it needs --reference-free with --loss-type sigmoid or hinge, or --loss-type simpo",
+            ),
+            (
                 !(self.reference_free && self.unpaired().is_some()),
                 "--reference-free does not apply to kto and apo_zero_unpaired: their KL estimate and rewards are taken against the reference",
             ),
@@ -402,6 +435,7 @@ pub struct PairLogps {
 /// The per-pair loss `[B]`: the weighted sum of --loss-type's pair losses (without the
 /// NLL term, which is per token, and without WPO's weights).
 pub fn pair_loss(args: &LossArgs, lp: &PairLogps) -> Tensor {
+    let lp = &args.shaped(lp);
     let mut total = lp.chosen.zeros_like();
     for (loss_type, weight) in args.pair_terms() {
         total += single_loss(args, loss_type, lp) * weight;
@@ -553,7 +587,7 @@ fn sum(t: &Tensor) -> f64 {
 impl Stats {
     /// The sums of one batch: its pair losses, log-probs and rewards.
     pub fn of(args: &LossArgs, lp: &PairLogps, losses: &Tensor) -> Stats {
-        let (rc, rr) = implicit_rewards(args.beta, lp);
+        let (rc, rr) = implicit_rewards(args.beta, &args.shaped(lp));
         let (log_odds_ratio, log_odds_chosen) = match args.orpo() {
             true => {
                 let odds = odds_ratio(lp).detach();
@@ -681,6 +715,7 @@ mod tests {
             rpo_alpha: 0.0,
             reference_free: false,
             simpo_gamma: 0.5,
+            alpha: 0.0,
             desirable_weight: 1.0,
             undesirable_weight: 1.0,
         }
@@ -903,6 +938,7 @@ mod tests {
             |x: f64, eps: f64| -log_sigmoid(beta * x) * (1.0 - eps) - log_sigmoid(-beta * x) * eps;
         let simpo = LossArgs {
             simpo_gamma: 0.7,
+            alpha: 0.0,
             ..args(LossType::Simpo, 0.1)
         };
         simpo.validate().unwrap();
@@ -912,6 +948,30 @@ mod tests {
             let want = conservative(c[i] - r[i] - 0.7 / beta, 0.1);
             assert!((got[i] - want).abs() < 1e-6, "simpo {i}: {got:?} vs {want}");
         }
+        // AlphaPO (CPOTrainer with `alpha`): r(x) = (1 − e^(−αx))/α in the loss and the
+        // logged rewards; the logged log-probs stay x.
+        let alphapo = LossArgs {
+            alpha: 0.5,
+            ..simpo.clone()
+        };
+        alphapo.validate().unwrap();
+        let shape = |x: f64| (1.0 - (-0.5 * x).exp()) / 0.5;
+        let got = values(&pair_loss(&alphapo, &lp));
+        for i in 0..2 {
+            let want = conservative(shape(c[i]) - shape(r[i]) - 0.7 / beta, 0.1);
+            assert!(
+                (got[i] - want).abs() < 1e-6,
+                "alphapo {i}: {got:?} vs {want}"
+            );
+        }
+        let s = Stats::of(&alphapo, &lp, &t(&[0.0, 0.0]));
+        assert!((s.rewards_chosen - beta * (shape(c[0]) + shape(c[1]))).abs() < 1e-6);
+        assert!((s.logps_chosen - (c[0] + c[1])).abs() < 1e-6);
+        let with_reference = LossArgs {
+            alpha: 0.5,
+            ..args(LossType::Sigmoid, 0.0)
+        };
+        assert!(with_reference.validate().is_err());
         let orpo = args(LossType::Orpo, 0.0);
         orpo.validate().unwrap();
         assert_eq!(orpo.nll_weight(), 1.0);
