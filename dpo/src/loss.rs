@@ -199,9 +199,9 @@ pub struct LossArgs {
     /// that of the rejected one, from the policy (no gradient through the weights).
     #[arg(long)]
     pub use_weighting: bool,
-    /// ε, the assumed share of flipped labels (robust, aot, aot_unpaired and simpo, in
-    /// [0, 0.5), and exo_pair, in (0, 0.5): EXO recommends 1e-3; as in TRL 1.16, the
-    /// other losses do not use it).
+    /// ε, the assumed share of flipped labels (robust, aot, aot_unpaired, simpo and
+    /// CPO's reference-free sigmoid, in [0, 0.5), and exo_pair, in (0, 0.5): EXO
+    /// recommends 1e-3; as in TRL 1.16, the other losses do not use it).
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
     /// τ of the discopop loss: the temperature of its mix of the logistic and the
@@ -332,8 +332,10 @@ impl LossArgs {
                 "--loss-weights must be numbers",
             ),
             (
-                self.label_smoothing == 0.0 || self.loss_type.iter().any(|t| t.smooths()),
-                "--label-smoothing applies to --loss-type robust, exo_pair, aot, aot_unpaired and simpo only (TRL 1.16's other losses do not use it)",
+                self.label_smoothing == 0.0
+                    || self.loss_type.iter().any(|t| t.smooths())
+                    || (self.reference_free && has(LossType::Sigmoid)),
+                "--label-smoothing applies to --loss-type robust, exo_pair, aot, aot_unpaired and simpo, and to sigmoid with --reference-free (CPO's) only (TRL 1.16's other losses do not use it)",
             ),
             (
                 (0.0..0.5).contains(&self.label_smoothing),
@@ -463,6 +465,8 @@ fn single_loss(args: &LossArgs, loss_type: LossType, lp: &PairLogps) -> Tensor {
     let eps = args.label_smoothing;
     let (c, r) = (&chosen_ratio * beta, &rejected_ratio * beta);
     match loss_type {
+        // CPOTrainer's sigmoid smooths its labels (DPOTrainer's does not).
+        LossType::Sigmoid if args.reference_free => conservative(delta, beta, eps),
         LossType::Sigmoid => -(&delta * beta).log_sigmoid(),
         LossType::Hinge => (-(&delta * beta) + 1.0).relu(),
         LossType::Ipo => (per_token() - 1.0 / (2.0 * beta)).square(),
@@ -972,6 +976,18 @@ mod tests {
             ..args(LossType::Sigmoid, 0.0)
         };
         assert!(with_reference.validate().is_err());
+        // CPO's sigmoid (reference-free) smooths its labels as simpo does.
+        let cpo = LossArgs {
+            reference_free: true,
+            ..args(LossType::Sigmoid, 0.1)
+        };
+        cpo.validate().unwrap();
+        let got = values(&pair_loss(&cpo, &lp));
+        for i in 0..2 {
+            let want = conservative(c[i] - r[i], 0.1);
+            assert!((got[i] - want).abs() < 1e-6, "cpo {i}: {got:?} vs {want}");
+        }
+        assert!(args(LossType::Sigmoid, 0.1).validate().is_err());
         let orpo = args(LossType::Orpo, 0.0);
         orpo.validate().unwrap();
         assert_eq!(orpo.nll_weight(), 1.0);

@@ -912,7 +912,7 @@ fn bad_inputs_are_refused_with_one_line() {
         ),
         (
             train_with(&["--label-smoothing", "0.1"]),
-            "--label-smoothing applies to --loss-type robust, exo_pair, aot, aot_unpaired and simpo only".into(),
+            "--label-smoothing applies to --loss-type robust, exo_pair, aot, aot_unpaired and simpo, and to sigmoid with --reference-free (CPO's) only".into(),
         ),
         (
             train_with(&["--loss-type", "orpo", "--ref-model", m]),
