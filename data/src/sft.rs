@@ -60,15 +60,44 @@ impl std::fmt::Display for Truncation {
     }
 }
 
+/// Which tokens of a row are targets: TRL's `completion_only_loss` and
+/// `assistant_only_loss` (both on here by default; TRL's `assistant_only_loss` is off by
+/// default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LossScope {
+    /// Prompt–completion rows (text or conversational): no loss on the prompt.
+    pub completion_only: bool,
+    /// Conversations: loss on the assistant turns only; off, on every token (from the
+    /// completion on, for a conversational prompt–completion row with `completion_only`).
+    pub assistant_only: bool,
+}
+
+impl Default for LossScope {
+    fn default() -> Self {
+        LossScope {
+            completion_only: true,
+            assistant_only: true,
+        }
+    }
+}
+
 /// Tokenizes one row. Prompt/completion follows TRL: `prompt + completion` is tokenized
 /// as one text and the loss starts after the prompt's tokens; the EOS is appended when
 /// `append_eos` and the row does not already end with it. Conversations put the loss on
 /// the assistant turns (each turn's text as the template renders it, end-of-turn tokens
-/// included).
-pub fn tokenize(ex: &SftExample, tok: &Tokenizer, append_eos: bool) -> Result<TokenizedSft> {
+/// included). `scope` widens the loss to the prompt or to every turn.
+pub fn tokenize(
+    ex: &SftExample,
+    tok: &Tokenizer,
+    append_eos: bool,
+    scope: LossScope,
+) -> Result<TokenizedSft> {
     let mut out = match ex {
         SftExample::PromptCompletion { prompt, completion } => {
-            let prompt_len = tok.encode(prompt, true)?.len();
+            let prompt_len = match scope.completion_only {
+                true => tok.encode(prompt, true)?.len(),
+                false => 0,
+            };
             let ids = tok.encode(&format!("{prompt}{completion}"), true)?;
             let loss_mask = (0..ids.len()).map(|i| i64::from(i >= prompt_len)).collect();
             TokenizedSft::new(ids, loss_mask)
@@ -82,7 +111,17 @@ pub fn tokenize(ex: &SftExample, tok: &Tokenizer, append_eos: bool) -> Result<To
             messages,
             template,
             first_target,
-        } => return tokenize_chat(messages, template, *first_target, tok),
+        } => {
+            let first_target = if scope.completion_only {
+                *first_target
+            } else {
+                0
+            };
+            return match scope.assistant_only {
+                true => tokenize_chat(messages, template, first_target, tok),
+                false => tokenize_chat_from(messages, template, first_target, tok),
+            };
+        }
     };
     if append_eos {
         if let Some(eos) = tok.eos_id {
@@ -132,6 +171,29 @@ fn tokenize_chat(
     let loss_mask = offsets
         .iter()
         .map(|&(start, _)| i64::from(spans.iter().any(|&(a, b)| start >= a && start < b)))
+        .collect();
+    Ok(TokenizedSft::new(ids, loss_mask))
+}
+
+/// Loss on every token of the rendered conversation from turn `first_target` on (where
+/// the turns before it, rendered with the generation prompt, stop agreeing with the whole
+/// conversation: TRL's completion mask of a conversational prompt–completion row), or on
+/// every token when `first_target` is 0 (TRL's `assistant_only_loss=False`).
+fn tokenize_chat_from(
+    messages: &[Message],
+    template: &TemplateArgs,
+    first_target: usize,
+    tok: &Tokenizer,
+) -> Result<TokenizedSft> {
+    let full = tok.render_chat(messages, template, false)?;
+    let start = match first_target {
+        0 => 0,
+        i => common_prefix_len(&tok.render_chat(&messages[..i], template, true)?, &full),
+    };
+    let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
+    let loss_mask = offsets
+        .iter()
+        .map(|&(at, _)| i64::from(at >= start))
         .collect();
     Ok(TokenizedSft::new(ids, loss_mask))
 }
@@ -203,13 +265,13 @@ pub struct Prepared {
 pub fn prepare(
     examples: &Rows<SftExample>,
     tok: &Tokenizer,
-    max_length: usize,
-    rule: Truncation,
+    (max_length, rule): (usize, Truncation),
     append_eos: bool,
+    scope: LossScope,
 ) -> Result<Prepared> {
     let mut out = Prepared::default();
     for (i, ex) in examples.iter().enumerate() {
-        let row = tokenize(ex, tok, append_eos).map_err(|e| examples.locate(i, e))?;
+        let row = tokenize(ex, tok, append_eos, scope).map_err(|e| examples.locate(i, e))?;
         let long = row.ids.len() > max_length;
         match truncate(row, max_length, rule) {
             Some(r) => {

@@ -223,7 +223,13 @@ fn read_data(
         Some(path) => {
             let rows = data::read_sft(path)?;
             let max_length = policy.cap_length(args.ptx_max_length, "--ptx-max-length");
-            let prepared = prepare(&rows, tok, max_length, Truncation::Truncate, true)?;
+            let prepared = prepare(
+                &rows,
+                tok,
+                (max_length, Truncation::Truncate),
+                true,
+                Default::default(),
+            )?;
             ensure!(
                 !prepared.rows.is_empty(),
                 "{}: no PPO-ptx row left",

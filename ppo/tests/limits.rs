@@ -151,7 +151,10 @@ fn every_command_caps_lengths_at_the_position_table() {
     let (root, lm, rm) = fixture();
     let tok = data::Tokenizer::load(&lm).unwrap();
     let row = data::read_sft(&root.join("sft.jsonl")).unwrap();
-    let n = data::sft::tokenize(&row[0], &tok, true).unwrap().ids.len();
+    let n = data::sft::tokenize(&row[0], &tok, true, Default::default())
+        .unwrap()
+        .ids
+        .len();
     assert!(n > 2 * POSITIONS, "the rows must overflow the table ({n})");
     sft_commands(&root, &lm);
     reward_commands(&root, &rm);

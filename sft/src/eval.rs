@@ -11,6 +11,30 @@ use data::sft::{collate, prepare, SftBatch, TokenizedSft, Truncation};
 use serde_json::json;
 use tch::{Kind, Tensor};
 
+/// Which tokens carry the loss (TRL's `completion_only_loss` and `assistant_only_loss`).
+#[derive(Debug, Clone, Copy, Args, serde::Serialize)]
+pub struct LossScopeArgs {
+    /// Prompt–completion rows: loss on the completion only (true, TRL's default) or on
+    /// every token (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub completion_only_loss: bool,
+    /// Conversations: loss on the assistant turns only (true, the default here) or on
+    /// every token of the rendered conversation — from the completion on for a
+    /// conversational prompt–completion row with --completion-only-loss (false, TRL's
+    /// default `assistant_only_loss=False`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub assistant_only_loss: bool,
+}
+
+impl LossScopeArgs {
+    pub fn scope(&self) -> data::sft::LossScope {
+        data::sft::LossScope {
+            completion_only: self.completion_only_loss,
+            assistant_only: self.assistant_only_loss,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
     /// Hugging Face model directory (weights, config.json, tokenizer.json), or a LoRA
@@ -41,6 +65,8 @@ pub struct EvalArgs {
     /// truncate (cut the completion's end) or drop rows over --max-length.
     #[arg(long, default_value = "truncate")]
     pub truncation: Truncation,
+    #[command(flatten)]
+    pub loss_scope: LossScopeArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -155,7 +181,13 @@ fn nll(
     max_length: usize,
 ) -> Result<EvalSummary> {
     let examples = data::read_sft(path)?;
-    let prepared = prepare(&examples, tok, max_length, args.truncation, true)?;
+    let prepared = prepare(
+        &examples,
+        tok,
+        (max_length, args.truncation),
+        true,
+        args.loss_scope.scope(),
+    )?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(
             "{}: {} rows truncated and {} dropped at --max-length {}",

@@ -36,6 +36,9 @@ pub struct TrainArgs {
     /// crosses rows. --batch-size then counts packed sequences.
     #[arg(long)]
     pub packing: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub loss_scope: crate::eval::LossScopeArgs,
     /// The per-token loss: nll (the negative log-likelihood) or dft (Dynamic Fine-Tuning,
     /// Wu et al. 2025: each token's NLL weighted by its probability, held constant; TRL's
     /// `loss_type="dft"`). Evaluation always reports the NLL.
@@ -107,7 +110,12 @@ impl TrainArgs {
         self.adapter.validate()?;
         self.distill.validate()?;
         let teacher = self.distill.teacher_model.is_some();
+        let narrow = self.loss_scope.completion_only_loss && self.loss_scope.assistant_only_loss;
         common::cli::require(&[
+            (
+                !teacher || narrow,
+                "--teacher-model samples completions of each row's prompt: leave --completion-only-loss and --assistant-only-loss on",
+            ),
             (
                 !teacher || self.loss_type == SftLoss::Nll,
                 "--loss-type dft with --teacher-model: the loss is then the distillation's generalized JSD",
@@ -135,7 +143,13 @@ fn prepare_file(
     max_length: usize,
 ) -> Result<Prepared> {
     let examples = data::read_sft(path)?;
-    let prepared = prepare(&examples, tok, max_length, args.data.truncation, true)?;
+    let prepared = prepare(
+        &examples,
+        tok,
+        (max_length, args.data.truncation),
+        true,
+        args.loss_scope.scope(),
+    )?;
     if prepared.truncated + prepared.dropped > 0 {
         tracing::warn!(
             "{}: {} rows truncated and {} dropped at --max-length {}",

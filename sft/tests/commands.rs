@@ -35,13 +35,77 @@ fn token_ids_and_loss_masks_match_transformers() {
     let tok = Tokenizer::load(&f.root.join("model")).unwrap();
     let rows = data::read_sft(&f.root.join("sft.jsonl")).unwrap();
     for (i, row) in rows.iter().enumerate() {
-        let ours = tokenize(row, &tok, true).unwrap();
+        let ours = tokenize(row, &tok, true, Default::default()).unwrap();
         let theirs = &f.reference["sft"][i];
         let ids: Vec<i64> = serde_json::from_value(theirs["ids"].clone()).unwrap();
         let mask: Vec<i64> = serde_json::from_value(theirs["mask"].clone()).unwrap();
         assert_eq!(ours.ids, ids, "row {i} ids");
         assert_eq!(ours.loss_mask, mask, "row {i} loss mask");
     }
+}
+
+/// TRL's `completion_only_loss` and `assistant_only_loss` switched off widen the loss mask
+/// of the reference's rows: prompt–completion rows to every token, conversations to every
+/// token (TRL's default); a conversational prompt–completion row keeps its prompt out
+/// (up to the generation prompt, as TRL's completion mask) unless completion-only is off.
+/// The token ids never change.
+#[test]
+fn loss_scope_options_widen_the_mask_as_trl() {
+    let f = fixture();
+    let tok = Tokenizer::load(&f.root.join("model")).unwrap();
+    let rows = data::read_sft(&f.root.join("sft.jsonl")).unwrap();
+    let scope = |completion_only, assistant_only| data::sft::LossScope {
+        completion_only,
+        assistant_only,
+    };
+    for (i, row) in rows.iter().enumerate() {
+        let theirs = &f.reference["sft"][i];
+        let ids: Vec<i64> = serde_json::from_value(theirs["ids"].clone()).unwrap();
+        let mask: Vec<i64> = serde_json::from_value(theirs["mask"].clone()).unwrap();
+        let chat = matches!(row, data::SftExample::Messages { .. });
+        let prompt = matches!(row, data::SftExample::PromptCompletion { .. });
+        for (c, a) in [(false, false), (true, false), (false, true)] {
+            let ours = tokenize(row, &tok, true, scope(c, a)).unwrap();
+            assert_eq!(ours.ids, ids, "row {i}");
+            let widened = (chat && !a) || (prompt && !c);
+            let want = if widened {
+                vec![1; ids.len()]
+            } else {
+                mask.clone()
+            };
+            assert_eq!(
+                ours.loss_mask, want,
+                "row {i} completion_only {c} assistant_only {a}"
+            );
+        }
+    }
+    let file = f.root.join("chat-prompt-completion.jsonl");
+    std::fs::write(
+        &file,
+        r#"{"prompt": [{"role": "user", "content": "5 heads, 14 legs?"}], "completion": [{"role": "assistant", "content": "2 rabbits, 3 chickens."}]}"#,
+    )
+    .unwrap();
+    let row = &data::read_sft(&file).unwrap()[0];
+    let assistant = tokenize(row, &tok, true, scope(true, true)).unwrap();
+    let from_completion = tokenize(row, &tok, true, scope(true, false)).unwrap();
+    let everything = tokenize(row, &tok, true, scope(false, false)).unwrap();
+    assert!(everything.loss_mask.iter().all(|&m| m == 1));
+    let k = from_completion
+        .loss_mask
+        .iter()
+        .position(|&m| m == 1)
+        .unwrap();
+    assert!(from_completion.loss_mask[k..].iter().all(|&m| m == 1));
+    assert_eq!(
+        tok.decode(&from_completion.ids[..k], false),
+        "<|im_start|>user\n5 heads, 14 legs?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // The assistant-only mask lies inside it.
+    assert!(assistant
+        .loss_mask
+        .iter()
+        .zip(&from_completion.loss_mask)
+        .all(|(a, b)| a <= b));
 }
 
 #[test]

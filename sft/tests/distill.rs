@@ -92,7 +92,14 @@ fn the_loss_is_trls_generalized_jsd() {
     let f = fixture();
     let tok = data::Tokenizer::load(&f.model).unwrap();
     let examples = data::read_sft(&f.train).unwrap();
-    let prepared = data::sft::prepare(&examples, &tok, 1024, Default::default(), true).unwrap();
+    let prepared = data::sft::prepare(
+        &examples,
+        &tok,
+        (1024, Default::default()),
+        true,
+        Default::default(),
+    )
+    .unwrap();
     let rows: Vec<Value> = prepared
         .rows
         .iter()

@@ -777,7 +777,14 @@ fn packed_training_equals_unpacked_training() {
     // Every pack in each step too: the packed run's batch is the number of packs.
     let tok = data::Tokenizer::load(&f.model).unwrap();
     let examples = data::read_sft(&data).unwrap();
-    let prepared = data::sft::prepare(&examples, &tok, 160, Default::default(), true).unwrap();
+    let prepared = data::sft::prepare(
+        &examples,
+        &tok,
+        (160, Default::default()),
+        true,
+        Default::default(),
+    )
+    .unwrap();
     let packs = data::packing::pack(&prepared.rows, 160).len().to_string();
     let run = |out: &Path, extra: &[&str]| {
         let mut args = vec![

@@ -27,16 +27,22 @@ fn real_templates_render_and_mask_as_documented() {
         for (i, (example, want)) in examples.iter().zip(rows).enumerate() {
             if let Some(message) = want.get("error").and_then(|m| m.as_str()) {
                 // Refused rows come last: preparing the file stops at the first of them.
-                let e = prepare(&examples, &tok, 4096, Truncation::Truncate, false)
-                    .unwrap_err()
-                    .to_string();
+                let e = prepare(
+                    &examples,
+                    &tok,
+                    (4096, Truncation::Truncate),
+                    false,
+                    Default::default(),
+                )
+                .unwrap_err()
+                .to_string();
                 let at = format!("{}:{}:", file.display(), examples.lines[i]);
                 assert!(e.starts_with(&at) && e.contains(message), "{name}: {e}");
                 checked += 1;
                 continue;
             }
-            let got =
-                tokenize(example, &tok, false).unwrap_or_else(|e| panic!("{name} row {i}: {e}"));
+            let got = tokenize(example, &tok, false, Default::default())
+                .unwrap_or_else(|e| panic!("{name} row {i}: {e}"));
             let ids: Vec<i64> = serde_json::from_value(want["ids"].clone()).unwrap();
             let mask: Vec<i64> = serde_json::from_value(want["mask"].clone()).unwrap();
             assert_eq!(
