@@ -145,12 +145,17 @@ impl World {
 
     /// Σ over ranks of each of several scalars, in one exchange (summed in rank order).
     pub fn sums<const N: usize>(&self, xs: [f64; N]) -> [f64; N] {
+        self.sum_vec(&xs).try_into().expect("N sums")
+    }
+
+    /// [`World::sums`] of a run-time number of scalars (the same on every rank).
+    pub fn sum_vec(&self, xs: &[f64]) -> Vec<f64> {
         let Some(comm) = self.store() else {
-            return xs;
+            return xs.to_vec();
         };
         let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let mut total = [0.0; N];
-        for part in comm.all_gather(&format!("sums of {N}"), &bytes) {
+        let mut total = vec![0.0; xs.len()];
+        for part in comm.all_gather(&format!("sums of {}", xs.len()), &bytes) {
             for (t, b) in total.iter_mut().zip(part.chunks_exact(8)) {
                 *t += f64::from_le_bytes(b.try_into().expect("8 bytes"));
             }

@@ -216,6 +216,19 @@ pub struct TrainArgs {
     /// Responses sampled per prompt (the group of grpo, dr-grpo and rloo).
     #[arg(long, default_value_t = 1)]
     pub num_generations: usize,
+    /// Held-out prompts (the --prompts format): every --eval-every iterations and after
+    /// the last, --num-generations-eval responses to each are sampled as the rollouts are
+    /// and rewarded, and eval/reward, eval/reward_std, eval/rewards/NAME/mean and
+    /// eval/completions/* are logged. Nothing trains on them.
+    #[arg(long)]
+    pub eval_prompts: Option<PathBuf>,
+    /// Iterations between evaluations of --eval-prompts (0: only after the last).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Responses sampled per evaluation prompt (default: --num-generations; TRL's
+    /// `num_generations_eval`).
+    #[arg(long)]
+    pub num_generations_eval: Option<usize>,
     /// The KL penalty as a loss term (k3 of policy and reference, times β, aggregated as
     /// the policy loss; GRPO's form) instead of in the per-token rewards.
     #[arg(long)]
@@ -650,6 +663,15 @@ impl TrainArgs {
                 "--normalize-advantages needs --advantage-estimator rloo (grpo scales with --scale-rewards; gae and reinforce-plus-plus whiten)",
             ),
             (self.reward_timeout > 0.0, "--reward-timeout must be > 0"),
+            (
+                self.num_generations_eval != Some(0),
+                "--num-generations-eval must be at least 1",
+            ),
+            (
+                self.eval_prompts.is_some()
+                    || (self.eval_every == 0 && self.num_generations_eval.is_none()),
+                "--eval-every and --num-generations-eval need --eval-prompts",
+            ),
             (
                 self.generation_batch_size != Some(0),
                 "--generation-batch-size must be at least 1",

@@ -251,17 +251,32 @@ fn score_tokens(
     (logprobs, entropy, ref_logprobs, values)
 }
 
+/// Responses sampled for a batch of prompts and their rewards: what a rollout and an
+/// evaluation both need.
+pub struct Sampled {
+    pub generated: Generation,
+    /// Unpadded prompts, responses without their EOS, and the decoded texts.
+    pub prompts: Vec<Vec<i64>>,
+    pub texts: Vec<String>,
+    pub ended_with_eos: Vec<bool>,
+    /// Each response's reward: the weighted sum of the sources, after the missing-EOS
+    /// penalty and clipping.
+    pub scores: Vec<f64>,
+    pub source_stats: SourceStats,
+    /// `[source][row]`, before weighting.
+    pub by_source: Vec<Vec<f64>>,
+}
+
 /// Samples one response to each row of `prompt_ids` (`fields`: the other fields of each
-/// row's prompt, for the rewards) and scores it.
-pub fn rollout(
+/// row's prompt, for the rewards) and rewards it.
+pub fn sample_and_reward(
     models: &RolloutModels,
     prompt_ids: &Tensor,
     prompt_mask: &Tensor,
     fields: &[PromptFields],
     opts: &RolloutOptions,
-) -> Result<Rollout> {
+) -> Result<Sampled> {
     let _guard = tch::no_grad_guard();
-    let device = models.policy.device();
     let rows = prompt_ids.size()[0] as usize;
     let generated = generate_rows(
         models.policy,
@@ -271,6 +286,48 @@ pub fn rollout(
         opts.generation_batch.unwrap_or(rows),
         opts.rows,
     );
+    let seen = RewardView::of(prompt_ids, prompt_mask, &generated, models.tokenizer)?;
+    let input = RewardInput {
+        prompts: &seen.prompts,
+        responses: &seen.responses,
+        texts: &seen.texts,
+        fields,
+    };
+    let (mut scores, source_stats, by_source) = summed_rewards(models.rewards, &input)?;
+    for (s, &eos) in scores.iter_mut().zip(&seen.ended_with_eos) {
+        if let (Some(penalty), false) = (opts.missing_eos_penalty, eos) {
+            *s -= penalty;
+        }
+        if let Some(c) = opts.score_clip {
+            *s = s.clamp(-c, c);
+        }
+    }
+    Ok(Sampled {
+        generated,
+        prompts: seen.prompts,
+        texts: seen.texts,
+        ended_with_eos: seen.ended_with_eos,
+        scores,
+        source_stats,
+        by_source,
+    })
+}
+
+/// Samples one response to each row of `prompt_ids` (`fields`: the other fields of each
+/// row's prompt, for the rewards), rewards it, and scores its tokens under the policy, the
+/// reference and the critic.
+pub fn rollout(
+    models: &RolloutModels,
+    prompt_ids: &Tensor,
+    prompt_mask: &Tensor,
+    fields: &[PromptFields],
+    opts: &RolloutOptions,
+) -> Result<Rollout> {
+    let sampled = sample_and_reward(models, prompt_ids, prompt_mask, fields, opts)?;
+    let _guard = tch::no_grad_guard();
+    let device = models.policy.device();
+    let generated = sampled.generated;
+    let rows = prompt_ids.size()[0];
     let prompt_len = prompt_ids.size()[1];
     let mask = generated.mask.to_kind(Kind::Float);
     let full_ids = Tensor::cat(
@@ -287,7 +344,7 @@ pub fn rollout(
         ],
         1,
     );
-    let block = opts.forward_batch.unwrap_or(rows).max(1) as i64;
+    let block = opts.forward_batch.map_or(rows, |b| b as i64).max(1);
     let (logprobs, entropy, ref_logprobs, values) = score_tokens(
         models,
         (&full_ids, &full_mask, prompt_len),
@@ -297,33 +354,13 @@ pub fn rollout(
     let logprob_check = ((&generated.logprobs - &logprobs).abs() * &mask)
         .max()
         .double_value(&[]);
-
-    let seen = RewardView::of(prompt_ids, prompt_mask, &generated, models.tokenizer)?;
-    let (prompts, texts, ended_with_eos) = (seen.prompts, seen.texts, seen.ended_with_eos);
-    let responses = seen.responses;
-    let input = RewardInput {
-        prompts: &prompts,
-        responses: &responses,
-        texts: &texts,
-        fields,
-    };
-    let (mut scores, source_stats, by_source) = summed_rewards(models.rewards, &input)?;
-    let rows = scores.len() as i64;
-    let by_row: Vec<f32> = (0..scores.len())
-        .flat_map(|r| by_source.iter().map(move |s| s[r] as f32))
+    let by_row: Vec<f32> = (0..rows as usize)
+        .flat_map(|r| sampled.by_source.iter().map(move |s| s[r] as f32))
         .collect();
     let source_scores = Tensor::from_slice(&by_row)
-        .view([rows, by_source.len() as i64])
+        .view([rows, sampled.by_source.len() as i64])
         .to_device(device);
-    for (s, &eos) in scores.iter_mut().zip(&ended_with_eos) {
-        if let (Some(penalty), false) = (opts.missing_eos_penalty, eos) {
-            *s -= penalty;
-        }
-        if let Some(c) = opts.score_clip {
-            *s = s.clamp(-c, c);
-        }
-    }
-    let scores: Vec<f32> = scores.into_iter().map(|s| s as f32).collect();
+    let scores: Vec<f32> = sampled.scores.iter().map(|&s| s as f32).collect();
     Ok(Rollout {
         full_ids,
         full_mask,
@@ -335,12 +372,12 @@ pub fn rollout(
         values,
         entropy,
         scores: Tensor::from_slice(&scores).to_device(device),
-        source_stats,
+        source_stats: sampled.source_stats,
         source_scores,
         source_weights: models.rewards.iter().map(|s| s.weight).collect(),
-        ended_with_eos,
-        prompts,
-        texts,
+        ended_with_eos: sampled.ended_with_eos,
+        prompts: sampled.prompts,
+        texts: sampled.texts,
         logprob_check,
     })
 }

@@ -28,7 +28,9 @@ use crate::math::{advantages, kl_per_token, rewards, Advantages, EntropyControll
 use crate::reward_fn::{
     row_answer, ExactAnswer, RewardCommand, RewardFunction, RewardModel, RewardSource,
 };
-use crate::rollout::{rollout, RefModel, Rollout, RolloutModels, RolloutOptions};
+use crate::rollout::{
+    rollout, sample_and_reward, RefModel, Rollout, RolloutModels, RolloutOptions,
+};
 use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
 use data::formats::PromptFields;
 
@@ -183,42 +185,7 @@ fn read_data(
     tok: &Tokenizer,
     policy: &Model,
 ) -> Result<(Prompts, Option<Vec<TokenizedSft>>)> {
-    let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
-    let max_prompt_length = args.max_prompt_length.min(room);
-    let rows = data::read_prompts_with_fields(&args.prompts)?;
-    if args.reward_rule.is_some() {
-        if let Some(i) = rows.iter().position(|(_, f)| row_answer(f).is_none()) {
-            return Err(data::DataError {
-                file: args.prompts.clone(),
-                line: rows.lines.get(i).copied(),
-                field: Some("answer".into()),
-                message: "missing (or not a string or number): --reward-rule exact-answer compares responses with it".into(),
-                source: None,
-            }
-            .into());
-        }
-    }
-    let fields = rows.iter().map(|(_, f)| f.clone()).collect();
-    let prompts: Vec<Vec<i64>> = rows
-        .iter()
-        .enumerate()
-        .map(|(i, (p, _))| tok.encode_prompt(p).map_err(|e| rows.locate(i, e)))
-        .collect::<data::Result<_>>()?;
-    let long = prompts
-        .iter()
-        .filter(|p| p.len() > max_prompt_length)
-        .count();
-    if long > 0 {
-        tracing::warn!(
-            "{}: {long} prompts cut to their last {max_prompt_length} tokens",
-            args.prompts.display(),
-        );
-    }
-    let prompts = prompts
-        .into_iter()
-        .map(|p| p[p.len().saturating_sub(max_prompt_length)..].to_vec())
-        .collect();
-    let prompts = (prompts, fields);
+    let prompts = read_prompts(&args.prompts, args, tok, policy)?;
     let ptx = match &args.ptx_data {
         Some(path) => {
             let rows = data::read_sft(path)?;
@@ -240,6 +207,47 @@ fn read_data(
         None => None,
     };
     Ok((prompts, ptx))
+}
+
+/// The prompts of `path` (`--prompts`, `--eval-prompts`), cut to `--max-prompt-length`
+/// (keeping their end) and to what the policy's position table holds.
+fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) -> Result<Prompts> {
+    let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
+    let max_prompt_length = args.max_prompt_length.min(room);
+    let rows = data::read_prompts_with_fields(path)?;
+    if args.reward_rule.is_some() {
+        if let Some(i) = rows.iter().position(|(_, f)| row_answer(f).is_none()) {
+            return Err(data::DataError {
+                file: path.to_path_buf(),
+                line: rows.lines.get(i).copied(),
+                field: Some("answer".into()),
+                message: "missing (or not a string or number): --reward-rule exact-answer compares responses with it".into(),
+                source: None,
+            }
+            .into());
+        }
+    }
+    let fields = rows.iter().map(|(_, f)| f.clone()).collect();
+    let prompts: Vec<Vec<i64>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| tok.encode_prompt(p).map_err(|e| rows.locate(i, e)))
+        .collect::<data::Result<_>>()?;
+    let long = prompts
+        .iter()
+        .filter(|p| p.len() > max_prompt_length)
+        .count();
+    if long > 0 {
+        tracing::warn!(
+            "{}: {long} prompts cut to their last {max_prompt_length} tokens",
+            path.display(),
+        );
+    }
+    let prompts = prompts
+        .into_iter()
+        .map(|p| p[p.len().saturating_sub(max_prompt_length)..].to_vec())
+        .collect();
+    Ok((prompts, fields))
 }
 
 /// The context of an error raised while sampling or scoring a rollout (a reward program
@@ -267,6 +275,8 @@ struct Ppo<'a> {
     rewards: &'a [Scorer<'a>],
     prompts: Vec<Vec<i64>>,
     fields: Vec<PromptFields>,
+    /// `--eval-prompts`, when given.
+    eval_prompts: Option<Prompts>,
     sampler: Sampler,
     ptx: Option<Ptx>,
     ema: Option<Ema>,
@@ -342,7 +352,20 @@ fn train(
             }
             Err(e) => return Err(e),
         };
-        let scalars = iteration_scalars(&it, &session, args.advantage_estimator().group());
+        let mut scalars = iteration_scalars(&it, &session, args.advantage_estimator().group());
+        let step = session.state.step;
+        if ppo.eval_prompts.is_some()
+            && ((args.eval_every > 0 && step % args.eval_every == 0) || session.at_end())
+        {
+            match ppo.evaluate(&session.world) {
+                Ok(eval) => scalars.extend(eval),
+                Err(e) => {
+                    // The step's update is applied: keep it before stopping.
+                    ppo.save(&mut session)?;
+                    return Err(e.context("evaluating --eval-prompts"));
+                }
+            }
+        }
         let scalars: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         session.log(session.state.step, &scalars)?;
         ppo.warn_on_first_ratio(&it.stats, session.state.step);
@@ -416,6 +439,11 @@ impl<'a> Ppo<'a> {
             None
         };
         let ((prompts, fields), ptx_rows) = read_data(args, &tok, &policy)?;
+        let eval_prompts = args
+            .eval_prompts
+            .as_deref()
+            .map(|path| read_prompts(path, args, &tok, &policy))
+            .transpose()?;
         // Both learners' schedules run over every optimiser update of the run; the
         // critic's at --value-lr.
         let iterations = args
@@ -459,6 +487,7 @@ impl<'a> Ppo<'a> {
             critic,
             reference,
             rewards,
+            eval_prompts,
             prompts,
             fields,
             ptx,
@@ -610,7 +639,26 @@ impl<'a> Ppo<'a> {
         let rows: Vec<&[i64]> = mine.iter().map(|&i| self.prompts[i].as_slice()).collect();
         let fields: Vec<PromptFields> = mine.iter().map(|&i| self.fields[i].clone()).collect();
         let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
-        let opts = RolloutOptions {
+        let opts = self.rollout_options(
+            derived_seed(args.run.seed, step, 1),
+            rollout_rows_of(args, world),
+        );
+        self.with_models(|models| {
+            rollout(
+                models,
+                &batch.input_ids,
+                &batch.attention_mask,
+                &fields,
+                &opts,
+            )
+        })
+    }
+
+    /// How responses are sampled and rewarded, with the sampling `seed` and the rows'
+    /// place `rows` (offset, all ranks' rows) that seed each row.
+    fn rollout_options(&self, seed: u64, rows: (i64, i64)) -> RolloutOptions {
+        let args = self.args;
+        RolloutOptions {
             sampling: SamplingConfig {
                 max_new_tokens: args.response_length,
                 temperature: args.temperature,
@@ -620,15 +668,97 @@ impl<'a> Ppo<'a> {
                 repetition_penalty: args.repetition_penalty,
                 eos_ids: self.eos_ids.clone(),
                 pad_id: self.tok.pad_id,
-                seed: derived_seed(args.run.seed, step, 1),
+                seed,
                 cuda_graph: args.decode.use_cuda_graph(),
             },
             generation_batch: args.generation_batch_size,
             forward_batch: args.forward_batch_size,
             missing_eos_penalty: args.missing_eos_penalty,
             score_clip: args.score_clip,
-            rows: rollout_rows_of(args, world),
+            rows,
+        }
+    }
+
+    /// `--eval-prompts`' metrics now: `--num-generations-eval` responses to every prompt,
+    /// sampled as a rollout's (every rank a share of each block of --rollout-batch-size
+    /// prompts), and their rewards averaged over all ranks. The sampling seeds come from
+    /// the run's seed alone, the same at every evaluation, so that the curve follows the
+    /// policy rather than the draw.
+    fn evaluate(&self, world: &World) -> Result<Vec<(String, f64)>> {
+        let args = self.args;
+        let Some((prompts, fields)) = &self.eval_prompts else {
+            return Ok(vec![]);
         };
+        let g = args.num_generations_eval.unwrap_or(args.num_generations);
+        let sources = self.rewards.len();
+        // (responses, Σ score, Σ score², Σ length, truncated, Σ per source)
+        let mut sums = vec![0.0; 5 + sources];
+        let indices: Vec<usize> = (0..prompts.len()).collect();
+        for (block, chunk) in indices.chunks(args.rollout_batch_size).enumerate() {
+            let mine: Vec<usize> = world
+                .shard(chunk)
+                .iter()
+                .flat_map(|&i| std::iter::repeat_n(i, g))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let rows: Vec<&[i64]> = mine.iter().map(|&i| prompts[i].as_slice()).collect();
+            let row_fields: Vec<PromptFields> = mine.iter().map(|&i| fields[i].clone()).collect();
+            let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
+            let (start, _) = common::world::shard_range(chunk.len(), world.rank(), world.size());
+            let seed = derived_seed(args.run.seed, u64::MAX, block as u64);
+            let opts = self.rollout_options(seed, ((start * g) as i64, (chunk.len() * g) as i64));
+            let sampled = self.with_models(|models| {
+                sample_and_reward(
+                    models,
+                    &batch.input_ids,
+                    &batch.attention_mask,
+                    &row_fields,
+                    &opts,
+                )
+            })?;
+            let lengths = &sampled.generated.lengths;
+            sums[0] += sampled.scores.len() as f64;
+            sums[1] += sampled.scores.iter().sum::<f64>();
+            sums[2] += sampled.scores.iter().map(|x| x * x).sum::<f64>();
+            sums[3] += lengths.iter().sum::<i64>() as f64;
+            sums[4] += sampled.ended_with_eos.iter().filter(|e| !**e).count() as f64;
+            for (k, scores) in sampled.by_source.iter().enumerate() {
+                sums[5 + k] += scores.iter().sum::<f64>();
+            }
+        }
+        let sums = world.sum_vec(&sums);
+        let n = sums[0].max(1.0);
+        let mean = sums[1] / n;
+        let var = ((sums[2] - sums[1] * mean) / (n - 1.0).max(1.0)).max(0.0);
+        let mut out = vec![
+            ("eval/reward".to_string(), mean),
+            ("eval/reward_std".to_string(), var.sqrt()),
+            ("eval/completions/mean_length".to_string(), sums[3] / n),
+            ("eval/completions/clipped_ratio".to_string(), sums[4] / n),
+        ];
+        for (k, name) in self.source_names().iter().enumerate() {
+            out.push((format!("eval/rewards/{name}/mean"), sums[5 + k] / n));
+        }
+        Ok(out)
+    }
+
+    /// The reward sources' names, in order (as `rewards/NAME/mean`).
+    fn source_names(&self) -> Vec<&'static str> {
+        self.rewards
+            .iter()
+            .map(|s| match s {
+                Scorer::Function(f) => f.name,
+                Scorer::CriticBase(_) => "reward_model",
+            })
+            .collect()
+    }
+
+    /// `f` with the rollout's models: the policy, the reference, the critic and the reward
+    /// sources (the critic's base among them when the reward model is it).
+    fn with_models<T>(&self, f: impl FnOnce(&RolloutModels) -> T) -> T {
+        let args = self.args;
         let critic = self.critic.as_ref().map(|c| &c.model);
         let critic_base = critic.map(|model| RewardModel {
             normalization: Normalization::of(model),
@@ -662,13 +792,7 @@ impl<'a> Ppo<'a> {
             rewards: &sources,
             tokenizer: &self.tok,
         };
-        rollout(
-            &models,
-            &batch.input_ids,
-            &batch.attention_mask,
-            &fields,
-            &opts,
-        )
+        f(&models)
     }
 
     fn warn_on_first_ratio(&self, stats: &UpdateStats, step: u64) {

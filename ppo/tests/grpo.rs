@@ -367,6 +367,56 @@ fn gdpo_runs_with_two_reward_sources() {
     assert!(moved > 1e-5, "the policy did not move");
 }
 
+/// `--eval-prompts`: scored after the last iteration only (`--eval-every 0`), with
+/// `--num-generations-eval` responses per prompt; the training run is the same to the bit
+/// as without it (evaluation draws from its own seeds).
+#[test]
+fn eval_prompts_are_scored_and_leave_training_alone() {
+    let f = fixture();
+    let base = [
+        "--max-steps",
+        "2",
+        "--reward-rule",
+        "exact-answer",
+        "--answer-pattern",
+        "([0-9])",
+        "--format-penalty",
+        "0.5",
+    ];
+    let plain = f.root.join("run-no-eval");
+    run(&args(&plain, &base)).unwrap();
+    let evaluated = f.root.join("run-eval");
+    let prompts = f.prompts.to_str().unwrap();
+    let extra = ["--eval-prompts", prompts, "--num-generations-eval", "2"];
+    run(&args(&evaluated, &[&base[..], &extra].concat())).unwrap();
+    let (a, b) = (metrics(&plain), metrics(&evaluated));
+    assert_eq!(a.len(), 2);
+    assert_eq!(b.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["reward", "loss/policy_avg", "train/grad_norm"] {
+            assert_eq!(x[key], y[key], "{key}: evaluation changed training");
+        }
+    }
+    assert!(
+        b[0].get("eval/reward").is_none(),
+        "evaluated before the end"
+    );
+    let last = &b[1];
+    let reward = last["eval/reward"].as_f64().unwrap();
+    // Rule verdicts are 1, 0 or −0.5 (the format penalty); one source, no EOS penalty.
+    assert!((-0.5..=1.0).contains(&reward), "{last}");
+    assert_eq!(
+        last["eval/rewards/exact_answer/mean"].as_f64(),
+        Some(reward)
+    );
+    let length = last["eval/completions/mean_length"].as_f64().unwrap();
+    assert!(length > 0.0 && length <= 12.0, "{last}");
+    assert!(last["eval/reward_std"].as_f64().unwrap() >= 0.0);
+    let diff =
+        rlhf_tests::max_weight_diff(&plain.join("final"), &evaluated.join("final"), Head::Lm);
+    assert_eq!(diff, 0.0, "evaluation changed the trained weights");
+}
+
 /// `--reward-rule exact-answer` from the command line's options, no reward model: every
 /// logged sample's score is the rule's verdict on its response against its row's answer.
 #[test]
