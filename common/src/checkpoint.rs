@@ -312,6 +312,29 @@ pub fn copy_sidecar_files(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes `template` the chat template of the tokenizer files in `dir`: written as
+/// `chat_template.jinja`, and any `chat_template` of `tokenizer_config.json` removed (it
+/// would take precedence for some loaders).
+pub fn override_chat_template(dir: &Path, template: &str) -> Result<()> {
+    write_atomic(&dir.join("chat_template.jinja"), template.as_bytes())?;
+    let config = dir.join("tokenizer_config.json");
+    if config.exists() {
+        let text = fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+        let mut v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: config.clone(),
+                source,
+            })?;
+        if let Some(map) = v.as_object_mut() {
+            if map.remove("chat_template").is_some() {
+                let text = serde_json::to_string_pretty(&v).expect("JSON");
+                write_atomic(&config, text.as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -261,6 +261,29 @@ impl RunArgs {
     }
 }
 
+/// `--chat-template-path`: a chat template in place of the model's.
+#[derive(Debug, Clone, Args, Serialize, Default)]
+pub struct ChatTemplateArgs {
+    /// A .jinja (or .j2) chat template used instead of the tokenizer's for every
+    /// conversation (TRL's `chat_template_path` given a template file), and written as
+    /// chat_template.jinja with the tokenizer files of every model the run saves.
+    #[arg(long)]
+    pub chat_template_path: Option<PathBuf>,
+}
+
+impl ChatTemplateArgs {
+    /// `tok` with the template (and `model` carrying it into what it saves), or both as
+    /// they are without --chat-template-path.
+    pub fn apply(&self, model: &mut crate::Model, tok: data::Tokenizer) -> Result<data::Tokenizer> {
+        let Some(path) = &self.chat_template_path else {
+            return Ok(tok);
+        };
+        let (tok, text) = tok.with_chat_template_file(path)?;
+        model.chat_template = Some(text);
+        Ok(tok)
+    }
+}
+
 /// Parameter-efficient training: LoRA adapters (PEFT's semantics and file format).
 #[derive(Debug, Clone, Args, Serialize, Default)]
 pub struct AdapterArgs {

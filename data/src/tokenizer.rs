@@ -107,6 +107,24 @@ impl Tokenizer {
         })
     }
 
+    /// The same tokenizer with the chat template of `path`, a `.jinja` or `.j2` file
+    /// (TRL's `chat_template_path` given a template file), and the template's text.
+    pub fn with_chat_template_file(mut self, path: &Path) -> Result<(Self, String)> {
+        let is_template =
+            path.is_file() && path.extension().is_some_and(|e| e == "jinja" || e == "j2");
+        if !is_template {
+            return Err(DataError::file(
+                path,
+                "--chat-template-path takes a .jinja or .j2 template file (a tokenizer directory would add its special tokens to the model, which is not supported)",
+            ));
+        }
+        let text = fs::read_to_string(path)
+            .map_err(|e| DataError::file(path, "cannot read").because(e))?;
+        let template = ChatTemplate::new(&text).map_err(|m| DataError::file(path, m))?;
+        self.chat_template = Some(template);
+        Ok((self, text))
+    }
+
     /// Whether both map every token to the same id (added tokens included).
     pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
         self.inner.get_vocab(true) == other.inner.get_vocab(true)

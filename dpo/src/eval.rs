@@ -21,6 +21,8 @@ pub struct EvalArgs {
     /// The policy: a Hugging Face model directory or an adapter directory.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub template: common::cli::ChatTemplateArgs,
     /// The reference (default for an adapter directory: its base model, the adapter off).
     #[arg(long)]
     pub ref_model: Option<PathBuf>,
@@ -68,7 +70,8 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         base_model: args.base_model.clone(),
         ..ModelOptions::new(Head::Lm, device, kind).frozen()
     };
-    let (policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let (mut policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let tok = args.template.apply(&mut policy, tok)?;
     let reference = match (&args.ref_model, args.loss.uses_reference()) {
         (None, false) => Reference::Free,
         (Some(_), false) => bail!("--ref-model does not apply: the loss is reference-free (--reference-free, simpo or orpo)"),

@@ -31,6 +31,9 @@ pub struct TrainArgs {
     /// adapter directory.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub template: common::cli::ChatTemplateArgs,
     /// The frozen reference (default: the starting model; with a fresh adapter, the model
     /// with its adapter off).
     #[arg(long)]
@@ -129,7 +132,8 @@ fn read_inputs(args: &TrainArgs, world: &World) -> Result<(Model, Reference, Inp
         args.adapter
             .apply(ModelOptions::new(Head::Lm, device, kind)),
     );
-    let (policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let (mut policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let tok = args.template.apply(&mut policy, tok)?;
     let reference = match args.loss.uses_reference() {
         true => Reference::load(&policy, &args.model, args.ref_model.as_deref(), &opts)?,
         false => Reference::Free,

@@ -21,6 +21,8 @@ pub struct EvalArgs {
     /// score head (PEFT's `SEQ_CLS` format).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub template: common::cli::ChatTemplateArgs,
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
@@ -71,7 +73,8 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
         base_model: args.base_model.clone(),
         ..ModelOptions::new(Head::Score, device, kind)
     };
-    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let tok = args.template.apply(&mut model, tok)?;
     let norm = Normalization::of(&model);
     let max_length = model.cap_length(args.max_length, "--max-length");
     // Every sequence of every row, scored in one pass.

@@ -27,6 +27,9 @@ pub struct TrainArgs {
     /// head initialised) or a reward model (its `score` head is kept).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub template: common::cli::ChatTemplateArgs,
     /// Rankings: {"prompt","chosen","rejected"[,"margin"]} or {"prompt","responses":[best,…]};
     /// prompt and responses may be message lists.
     #[command(flatten)]
@@ -209,7 +212,8 @@ fn read_inputs(args: &TrainArgs, world: &World) -> Result<Inputs> {
         args.adapter
             .apply(ModelOptions::new(Head::Score, device, kind)),
     );
-    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let tok = args.template.apply(&mut model, tok)?;
     let max_length = model.cap_length(args.data.max_length, "--max-length");
     let train = prepare_file(args.data.single("reward train")?, &tok, args, max_length)?;
     let eval = args

@@ -41,6 +41,8 @@ pub struct EvalArgs {
     /// adapter directory (PEFT's format).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub template: common::cli::ChatTemplateArgs,
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
@@ -152,7 +154,8 @@ pub fn run(args: &EvalArgs) -> Result<EvalOutcome> {
         base_model: args.base_model.clone(),
         ..ModelOptions::new(Head::Lm, device, kind)
     };
-    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let tok = args.template.apply(&mut model, tok)?;
     let Some(data) = &args.data else {
         let stated = model.config.stated_length();
         let max_length = model.cap_length(args.max_length.unwrap_or(stated), "--max-length");

@@ -27,6 +27,9 @@ pub struct TrainArgs {
     /// Hugging Face model directory to fine-tune (weights, config.json, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub template: common::cli::ChatTemplateArgs,
     /// Demonstrations ({"prompt","completion"}, {"messages"} or {"text"}) and eval rows.
     #[command(flatten)]
     #[serde(flatten)]
@@ -338,7 +341,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
                 .apply(ModelOptions::new(Head::Lm, device, kind)),
         )
     };
-    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let tok = args.template.apply(&mut model, tok)?;
     if args.packing && model.virtual_tokens() > 0 {
         bail!("--packing: {} is a prompt-tuning adapter, and packing with prompt tuning is not supported (the virtual tokens go before one row, not before each packed row)", args.model.display());
     }

@@ -108,6 +108,91 @@ fn loss_scope_options_widen_the_mask_as_trl() {
         .all(|(a, b)| a <= b));
 }
 
+/// `--chat-template-path FILE`: conversations render with the file's template, and the
+/// trained model's tokenizer files carry it (`chat_template.jinja`, and no
+/// `chat_template` left in `tokenizer_config.json`); a directory is refused in one line.
+#[test]
+fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
+    let f = fixture();
+    let template = f.root.join("plain.jinja");
+    let text = "{% for m in messages %}<|im_start|>{{ m.role }}: {{ m.content }}<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}";
+    std::fs::write(&template, text).unwrap();
+    let (tok, _) = Tokenizer::load(&f.root.join("model"))
+        .unwrap()
+        .with_chat_template_file(&template)
+        .unwrap();
+    let messages = [
+        data::Message::new("user", "5 heads?"),
+        data::Message::new("assistant", "2 rabbits."),
+    ];
+    let rendered = tok
+        .render_chat(&messages, &Default::default(), false)
+        .unwrap();
+    assert_eq!(
+        rendered,
+        "<|im_start|>user: 5 heads?<|im_end|><|im_start|>assistant: 2 rabbits.<|im_end|>"
+    );
+    let out = f.root.join("run-template");
+    let data = f.root.join("sft.jsonl");
+    let res = sft(&[
+        "train",
+        "--model",
+        f.root.join("model").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--overwrite",
+        "--max-steps",
+        "1",
+        "--chat-template-path",
+        template.to_str().unwrap(),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let final_dir = out.join("final");
+    let saved = std::fs::read_to_string(final_dir.join("chat_template.jinja")).unwrap();
+    assert_eq!(saved, text);
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(final_dir.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(config.get("chat_template").is_none());
+    let reloaded = Tokenizer::load(&final_dir).unwrap();
+    assert_eq!(
+        reloaded
+            .render_chat(&messages, &Default::default(), false)
+            .unwrap(),
+        rendered
+    );
+    let res = sft(&[
+        "eval",
+        "--model",
+        f.root.join("model").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--chat-template-path",
+        f.root.join("model").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success()
+            && err
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .contains("--chat-template-path takes a .jinja or .j2 template file"),
+        "{err}"
+    );
+}
+
 #[test]
 fn eval_nll_matches_transformers() {
     let f = fixture();

@@ -17,6 +17,8 @@ pub struct GenerateArgs {
     /// adapter directory (PEFT's format).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub template: crate::cli::ChatTemplateArgs,
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
@@ -115,7 +117,8 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
         base_model: args.base_model.clone(),
         ..ModelOptions::new(Head::Lm, device, kind)
     };
-    let (model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
+    let tok = args.template.apply(&mut model, tok)?;
     let room = model.prompt_room(args.max_new_tokens as usize, "--max-new-tokens")?;
     let mut cut = 0;
     let encoded = prompts

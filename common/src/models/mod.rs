@@ -283,6 +283,9 @@ pub struct Model {
     /// `[V, H]` (possibly the tied input embedding) or `[1, H]`: both heads are a
     /// bias-free linear map of the final hidden states.
     head_weight: Tensor,
+    /// A chat template that replaces the model's own (`--chat-template-path`): written
+    /// with the tokenizer files of every directory this model is saved to.
+    pub chat_template: Option<String>,
     /// A scalar head trained beside adapters: the head it started from (frozen), used
     /// while adapters are switched off (PEFT's `modules_to_save`).
     original_head: Option<Tensor>,
@@ -395,6 +398,7 @@ impl Model {
             backbone,
             head_weight,
             original_head: None,
+            chat_template: None,
             prompt,
             pending: Default::default(),
         };
@@ -965,8 +969,17 @@ impl Model {
             &dir.join("config.json"),
             serde_json::to_string_pretty(&config).unwrap().as_bytes(),
         )?;
+        self.write_sidecars(sidecar_from, dir)
+    }
+
+    /// The tokenizer files of `sidecar_from` into `dir`, with the run's chat template when
+    /// it replaced the model's (`--chat-template-path`).
+    fn write_sidecars(&self, sidecar_from: Option<&Path>, dir: &Path) -> Result<()> {
         if let Some(from) = sidecar_from {
             checkpoint::copy_sidecar_files(from, dir)?;
+            if let Some(template) = &self.chat_template {
+                checkpoint::override_chat_template(dir, template)?;
+            }
         }
         Ok(())
     }
@@ -1022,10 +1035,7 @@ impl Model {
             &dir.join(adapter::ADAPTER_CONFIG),
             serde_json::to_string_pretty(&config).unwrap().as_bytes(),
         )?;
-        if let Some(from) = sidecar_from {
-            checkpoint::copy_sidecar_files(from, dir)?;
-        }
-        Ok(())
+        self.write_sidecars(sidecar_from, dir)
     }
 
     /// Writes the model with every adapter folded into its base weight (`W + scaling·B·A`,
