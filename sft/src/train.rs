@@ -138,13 +138,38 @@ impl TrainArgs {
     }
 }
 
-/// Tokenizes `path`'s rows, cut or dropped at `max_length` tokens.
+/// Tokenizes `path`'s rows, cut or dropped at `max_length` tokens. Prompt-only rows
+/// (`{"prompt"}` without a completion, TRL's `DistillationTrainer` data) are read as
+/// prompts without targets where every step samples its completions
+/// (`prompts_allowed`).
 fn prepare_file(
     path: &Path,
     tok: &data::Tokenizer,
-    args: &TrainArgs,
+    (args, prompts_allowed): (&TrainArgs, bool),
     max_length: usize,
 ) -> Result<Prepared> {
+    if prompt_only(path)? {
+        anyhow::ensure!(
+            prompts_allowed,
+            "{}: prompt-only rows (\"prompt\" without \"completion\") have nothing to learn from unless every step samples its completions: give --teacher-model with --lmbda 1 or --seq-kd (TRL's DistillationTrainer), as training data",
+            path.display()
+        );
+        let prompts = data::read_prompts(path)?;
+        let rows = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let ids = tok.encode_prompt(p).map_err(|e| prompts.locate(i, e))?;
+                let targets = vec![0; ids.len()];
+                Ok(TokenizedSft::new(ids, targets))
+            })
+            .collect::<data::Result<Vec<_>>>()?;
+        return Ok(Prepared {
+            kept: (0..rows.len()).collect(),
+            rows,
+            ..Prepared::default()
+        });
+    }
     let examples = data::read_sft(path)?;
     let prepared = prepare(
         &examples,
@@ -172,6 +197,22 @@ fn prepare_file(
     Ok(prepared)
 }
 
+/// Whether `path`'s first row is prompt-only: a `prompt` and no `completion`.
+fn prompt_only(path: &Path) -> Result<bool> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|e| common::Error::io(path, e))?;
+    let first = std::io::BufReader::new(file)
+        .lines()
+        .map_while(std::io::Result::ok)
+        .find(|l| !l.trim().is_empty());
+    let Some(line) = first else {
+        return Ok(false);
+    };
+    // A line that is not JSON is left for the reader to report.
+    let row: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    Ok(row.get("prompt").is_some() && row.get("completion").is_none())
+}
+
 /// The training rows: one file's, or (a mixture) every file's in order, each file with
 /// its name for `train/loss/<name>` and where its rows start.
 struct TrainRows {
@@ -194,7 +235,9 @@ impl TrainRows {
                 stem
             };
             starts.push(rows.len());
-            let prepared = prepare_file(&spec.path, tok, args, max_length)?.rows;
+            let samples_all = args.distill.teacher_model.is_some()
+                && (args.distill.lmbda >= 1.0 || args.distill.seq_kd);
+            let prepared = prepare_file(&spec.path, tok, (args, samples_all), max_length)?.rows;
             if args.packing {
                 let packs = packing::pack(&prepared, max_length);
                 tracing::info!(
@@ -371,7 +414,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .data
         .eval_data
         .as_deref()
-        .map(|p| prepare_file(p, &tok, args, max_length))
+        .map(|p| prepare_file(p, &tok, (args, false), max_length))
         .transpose()?;
 
     let (mut order, epoch_rows) = train.order(args);

@@ -182,6 +182,44 @@ fn on_policy_steps_sample_the_student_and_resume_exactly() {
         rlhf_tests::max_weight_diff(&straight.join("final"), &killed.join("final"), Head::Lm);
     assert!(diff < 1e-6, "resumed on-policy run differs by {diff:e}");
 
+    // Prompt-only rows (TRL's DistillationTrainer data) train as rows whose completions
+    // are never read: the same weights as the rows' prompts with an EOS for completion.
+    let prompts_only = f.root.join("prompts-only.jsonl");
+    let empty = f.root.join("eos-completions.jsonl");
+    let rows = read_jsonl(&f.train);
+    let write = |path: &Path, with_completion: bool| {
+        let text: String = rows
+            .iter()
+            .map(|r| {
+                let row = match with_completion {
+                    true => json!({"prompt": r["prompt"], "completion": "<|endoftext|>"}),
+                    false => json!({"prompt": r["prompt"]}),
+                };
+                row.to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(path, text).unwrap();
+    };
+    write(&prompts_only, false);
+    write(&empty, true);
+    let finals: Vec<PathBuf> = [&prompts_only, &empty]
+        .iter()
+        .enumerate()
+        .map(|(i, data)| {
+            let out = f.root.join(format!("on-policy-prompts-{i}"));
+            let mut args = distill_args(&f.model, &f.noisy, &out);
+            args[6] = data.to_str().unwrap();
+            args.push("--overwrite");
+            args.extend_from_slice(&common[..8]);
+            sft(&args);
+            out.join("final")
+        })
+        .collect();
+    let diff = rlhf_tests::max_weight_diff(&finals[0], &finals[1], Head::Lm);
+    assert_eq!(diff, 0.0, "prompt-only rows trained otherwise");
+    let moved = rlhf_tests::max_weight_diff(&f.model, &finals[0], Head::Lm);
+    assert!(moved > 1e-5, "prompt-only rows trained nothing");
+
     let offline = f.root.join("off-policy");
     let mut data_args = common.to_vec();
     data_args[1] = "0";
@@ -340,6 +378,20 @@ fn bad_distillation_options_are_refused_with_one_line() {
             "{extra:?}: {stderr}"
         );
     }
+    // Prompt-only rows where some step would read the data's completions (--lmbda 0.5).
+    let prompts = f.root.join("refused-prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"There are 3 heads\"}\n").unwrap();
+    let mut args = distill_args(&f.model, &f.noisy, &out);
+    args[6] = prompts.to_str().unwrap();
+    let o = run_bin(env!("CARGO_BIN_EXE_sft"), &args, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && stderr.lines().last().unwrap_or("").contains(
+                "prompt-only rows (\"prompt\" without \"completion\") have nothing to learn from"
+            ),
+        "{stderr}"
+    );
     // The teacher's options without a teacher: clap names the missing option.
     let o = run_bin(
         env!("CARGO_BIN_EXE_sft"),
