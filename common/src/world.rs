@@ -163,6 +163,17 @@ impl World {
         total
     }
 
+    /// The smallest `lo` and the largest `hi` over every rank's `(lo, hi)`.
+    pub fn min_max(&self, (lo, hi): (f64, f64)) -> (f64, f64) {
+        let bytes: Vec<u8> = [lo, hi].iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.gather_bytes(&bytes)
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), part| {
+                let at = |i: usize| f64::from_le_bytes(part[i..i + 8].try_into().expect("8 bytes"));
+                (a.min(at(0)), b.max(at(8)))
+            })
+    }
+
     /// Every rank's `bytes`, in rank order.
     pub fn gather_bytes(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
         match self.store() {

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::math::{
     AdaptiveEntropy, AdvantageEstimator, Clip, EntropyController, ImportanceSampling, KlEstimator,
-    LossAggregation, Objective, RewardScale, Surrogate,
+    LossAggregation, Objective, RewardScale, SamplingCorrection, Surrogate,
 };
 
 /// `--advantage-estimator`: the names users give; [`TrainArgs::advantage_estimator`] turns
@@ -245,6 +245,23 @@ pub struct TrainArgs {
     /// δ carries no policy loss (it still counts in the denominators). Off when absent.
     #[arg(long)]
     pub off_policy_mask_threshold: Option<f64>,
+    /// Correct the policy loss for the sampler's drift from the training forward (the KV
+    /// cache and CUDA-graph decoding against the full forward, which differ in bf16):
+    /// each token's loss weighted by π_old/π_sampler, per token or per response (exp of
+    /// the sum), truncated to [--sampling-correction-min, --sampling-correction-max]
+    /// (token-truncate, sequence-truncate) or zeroed outside it (token-mask,
+    /// sequence-mask). TRL's `vllm_importance_sampling_correction` with its
+    /// `vllm_importance_sampling_mode`. Off when absent.
+    #[arg(long, value_enum)]
+    pub sampling_correction: Option<SamplingCorrection>,
+    /// Upper bound of --sampling-correction's ratio (TRL's
+    /// `vllm_importance_sampling_clip_max`).
+    #[arg(long, default_value_t = 3.0)]
+    pub sampling_correction_max: f64,
+    /// Lower bound of --sampling-correction's ratio (none when absent; TRL's
+    /// `vllm_importance_sampling_clip_min`).
+    #[arg(long)]
+    pub sampling_correction_min: Option<f64>,
     /// How the per-token policy loss is averaged: token-mean, seq-mean-token-mean (GRPO)
     /// or seq-mean-token-sum-norm (Dr. GRPO: over --response-length).
     #[arg(long, default_value = "token-mean")]
@@ -663,6 +680,18 @@ impl TrainArgs {
                 "--normalize-advantages needs --advantage-estimator rloo (grpo scales with --scale-rewards; gae and reinforce-plus-plus whiten)",
             ),
             (self.reward_timeout > 0.0, "--reward-timeout must be > 0"),
+            (
+                self.sampling_correction.is_none()
+                    || !matches!(self.policy_loss, PolicyLossName::Vespo | PolicyLossName::Gmpo),
+                "--sampling-correction weighs each token's loss: not with --policy-loss vespo or gmpo, which form their own weights",
+            ),
+            (
+                self.sampling_correction_max > 0.0
+                    && self
+                        .sampling_correction_min
+                        .is_none_or(|m| m >= 0.0 && m < self.sampling_correction_max),
+                "--sampling-correction-max must be > 0 and --sampling-correction-min in [0, max)",
+            ),
             (
                 self.num_generations_eval != Some(0),
                 "--num-generations-eval must be at least 1",

@@ -45,6 +45,28 @@ pub(crate) fn iteration_scalars(
         ("policy/rollout_logprob_diff", ro.logprob_check),
         ("loss/policy_avg", mean(stats.policy_loss)),
     ];
+    let correction = ro.correction.as_ref().map(|w| {
+        // TRL's sampling/importance_sampling_ratio/{min,mean,max} over the real tokens.
+        let real = ro.mask.to_kind(Kind::Bool);
+        let values = w.masked_select(&real);
+        let n = values.numel() as f64;
+        let sum = values.sum(Kind::Double).double_value(&[]);
+        let (lo, hi) = match n > 0.0 {
+            true => (
+                values.min().double_value(&[]),
+                values.max().double_value(&[]),
+            ),
+            false => (f64::INFINITY, f64::NEG_INFINITY),
+        };
+        let [n, sum] = world.sums([n, sum]);
+        let (lo, hi) = world.min_max((lo, hi));
+        [lo, sum / n.max(1.0), hi]
+    });
+    if let Some([lo, mean_ratio, hi]) = correction {
+        scalars.push(("sampling/importance_sampling_ratio/min", lo));
+        scalars.push(("sampling/importance_sampling_ratio/mean", mean_ratio));
+        scalars.push(("sampling/importance_sampling_ratio/max", hi));
+    }
     if let (Some(values), Some(returns)) = (&ro.values, &it.adv.returns) {
         scalars.push(("loss/value_avg", mean(stats.value_loss)));
         scalars.push(("loss/ptx_avg", mean(stats.ptx_loss)));

@@ -740,6 +740,56 @@ pub fn off_policy_mask(
         .to_kind(Kind::Float)
 }
 
+/// How the sampler's distribution is corrected towards the training forward's (TRL's
+/// `vllm_importance_sampling_mode`): the ratio π_old/π_sampler of the rollout's recomputed
+/// log-probs against the log-probs the tokens were sampled with, per token or per
+/// response (the exp of the sum over its tokens), truncated to `[min, max]` or zeroed
+/// outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SamplingCorrection {
+    TokenTruncate,
+    TokenMask,
+    SequenceTruncate,
+    SequenceMask,
+}
+
+/// The importance weight `[B, N]` (no gradient) that corrects the policy loss for the
+/// sampler's drift from the training forward (truncated IS, Yao et al. 2025; TRL's
+/// `vllm_importance_sampling_correction`): exp(log π_old − log π_sampler) per `mask`ed
+/// token, or the exp of each response's sum for every token of it, then clamped to
+/// `[min, max]` (truncate) or set to 0 outside it (mask).
+pub fn sampling_correction(
+    old_logprobs: &Tensor,
+    sampler_logprobs: &Tensor,
+    mask: &Tensor,
+    mode: SamplingCorrection,
+    (min, max): (Option<f64>, Option<f64>),
+) -> Tensor {
+    let mask_f = mask.to_kind(Kind::Float);
+    let diff = (old_logprobs - sampler_logprobs).to_kind(Kind::Float) * &mask_f;
+    let log_ratio = match mode {
+        SamplingCorrection::TokenTruncate | SamplingCorrection::TokenMask => diff,
+        SamplingCorrection::SequenceTruncate | SamplingCorrection::SequenceMask => diff
+            .sum_dim_intlist([1].as_slice(), true, Kind::Float)
+            .expand_as(&mask_f),
+    };
+    let ratio = log_ratio.exp();
+    let (lo, hi) = (
+        min.unwrap_or(f64::NEG_INFINITY),
+        max.unwrap_or(f64::INFINITY),
+    );
+    match mode {
+        SamplingCorrection::TokenTruncate | SamplingCorrection::SequenceTruncate => {
+            ratio.clamp(lo, hi)
+        }
+        SamplingCorrection::TokenMask | SamplingCorrection::SequenceMask => {
+            let inside = ratio.ge(lo).logical_and(&ratio.le(hi));
+            ratio * inside.to_kind(Kind::Float)
+        }
+    }
+}
+
 /// How close (relative; absolute below 1 nat) an entropy may fall below the threshold
 /// and count as at it: 8× the differences seen between micro-batch splits (1.3e-7).
 pub const TIE: f64 = 1e-6;
@@ -1689,6 +1739,48 @@ mod tests {
                 assert!((f64::from(grad[r][i]) - want).abs() < 1e-6, "{grad:?}");
             }
         }
+    }
+
+    /// The sampler correction as TRL's `vllm_importance_sampling_mode`s compute it: per
+    /// token or per response (exp of the sum over its real tokens), truncated to
+    /// [min, max] or zeroed outside it; padding has ratio 1 before masking.
+    #[test]
+    fn sampling_correction_truncates_or_masks_tokens_and_responses() {
+        let old = t(&[&[-1.0, -1.0, -1.0], &[-2.0, -2.0, 0.0]]);
+        let sampler = t(&[&[-2.5, -1.0, -0.9], &[-2.1, -2.1, 5.0]]);
+        let mask = t(&[&[1.0, 1.0, 1.0], &[1.0, 1.0, 0.0]]);
+        let run = |mode, bounds| to_vec(&sampling_correction(&old, &sampler, &mask, mode, bounds));
+        let e = |x: f32| x.exp();
+        let close = |got: &[Vec<f32>], want: [[f32; 3]; 2]| {
+            for b in 0..2 {
+                for i in 0..3 {
+                    assert!((got[b][i] - want[b][i]).abs() < 1e-5, "{got:?} vs {want:?}");
+                }
+            }
+        };
+        let bounds = (Some(0.5), Some(3.0));
+        // Token ratios: e^1.5 = 4.48 (above 3), 1, e^−0.1; e^0.1, e^0.1, padding 1.
+        close(
+            &run(SamplingCorrection::TokenTruncate, bounds),
+            [[3.0, 1.0, e(-0.1)], [e(0.1), e(0.1), 1.0]],
+        );
+        close(
+            &run(SamplingCorrection::TokenMask, bounds),
+            [[0.0, 1.0, e(-0.1)], [e(0.1), e(0.1), 1.0]],
+        );
+        // Response ratios: e^1.4 = 4.06 and e^0.2.
+        close(
+            &run(SamplingCorrection::SequenceTruncate, bounds),
+            [[3.0; 3], [e(0.2); 3]],
+        );
+        close(
+            &run(SamplingCorrection::SequenceMask, bounds),
+            [[0.0; 3], [e(0.2); 3]],
+        );
+        close(
+            &run(SamplingCorrection::SequenceMask, (None, Some(5.0))),
+            [[e(1.4); 3], [e(0.2); 3]],
+        );
     }
 
     /// GMPO against TRL's `GMPOTrainer._compute_loss` written out: per response the

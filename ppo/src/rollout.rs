@@ -23,6 +23,12 @@ pub struct Rollout {
     /// 1 on sampled tokens (the EOS included), f32.
     pub mask: Tensor,
     pub logprobs: Tensor,
+    /// The log-probs the tokens were sampled with (the decoding forward's, with the KV
+    /// cache; `logprobs` recomputes them with the training forward).
+    pub sampler_logprobs: Tensor,
+    /// `--sampling-correction`'s weight on each token's policy loss `[B, N]`, when asked
+    /// for ([`crate::math::sampling_correction`]).
+    pub correction: Option<Tensor>,
     pub ref_logprobs: Tensor,
     /// The critic's values, when the run has a critic.
     pub values: Option<Tensor>,
@@ -368,6 +374,8 @@ pub fn rollout(
         response: generated.tokens,
         mask,
         logprobs,
+        sampler_logprobs: generated.logprobs,
+        correction: None,
         ref_logprobs,
         values,
         entropy,

@@ -24,7 +24,10 @@ use tch::{Device, Kind};
 
 pub use crate::args::TrainArgs;
 use crate::log::{iteration_scalars, write_samples, Timings};
-use crate::math::{advantages, kl_per_token, rewards, Advantages, EntropyController, KlController};
+use crate::math::{
+    advantages, kl_per_token, rewards, sampling_correction, Advantages, EntropyController,
+    KlController,
+};
 use crate::reward_fn::{
     row_answer, ExactAnswer, RewardCommand, RewardFunction, RewardModel, RewardSource,
 };
@@ -542,7 +545,7 @@ impl<'a> Ppo<'a> {
         // Every rank learns whether any rank's rollout failed (the rollout itself has no
         // collective), so that they all stop here and checkpoint together.
         let failed_anywhere = world.sum(f64::from(u8::from(ro.is_err()))) > 0.0;
-        let ro = match ro {
+        let mut ro = match ro {
             Err(e) => return Err(e.context(RolloutFailed)),
             Ok(_) if failed_anywhere => {
                 return Err(
@@ -552,6 +555,18 @@ impl<'a> Ppo<'a> {
             }
             Ok(ro) => ro,
         };
+        ro.correction = args.sampling_correction.map(|mode| {
+            sampling_correction(
+                &ro.logprobs,
+                &ro.sampler_logprobs,
+                &ro.mask,
+                mode,
+                (
+                    args.sampling_correction_min,
+                    Some(args.sampling_correction_max),
+                ),
+            )
+        });
         let rollout_time = started.elapsed().as_secs_f64();
 
         let beta = self.kl_ctl.value;

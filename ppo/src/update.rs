@@ -259,10 +259,14 @@ fn minibatch_backward(
         let opsm = args
             .off_policy_mask_threshold
             .map(|delta| off_policy_mask(&new_lp, &old_lp, &advantages, &mask, delta));
-        let loss_keep = match (&keep, &opsm) {
-            (Some(k), Some(o)) => Some(k * o),
-            (k, o) => k.as_ref().or(o.as_ref()).map(Tensor::shallow_clone),
-        };
+        // ... each weighted by the sampler's correction (--sampling-correction).
+        let correction = ro.correction.as_ref().map(pick);
+        let loss_keep = [&keep, &opsm, &correction]
+            .into_iter()
+            .flatten()
+            .fold(None, |acc: Option<Tensor>, t| {
+                Some(acc.map_or_else(|| t.shallow_clone(), |a| a * t))
+            });
         if let Some(opsm) = &opsm {
             let dropped = (-opsm + 1.0) * &mask;
             *stats.entry("opsm").or_default() +=

@@ -331,7 +331,8 @@ fn child_killed_grpo_run() {
 
 /// GDPO (`--multi-objective-aggregation normalize-then-sum`) with two sources, the
 /// exact-answer rule and a reward program: both are logged, the policy moves; with a KL
-/// penalty in the rewards it is refused.
+/// penalty in the rewards it is refused. The run also corrects for the sampler
+/// (`--sampling-correction`), whose ratios are logged.
 #[test]
 fn gdpo_runs_with_two_reward_sources() {
     let f = fixture();
@@ -356,11 +357,25 @@ fn gdpo_runs_with_two_reward_sources() {
         refused.contains("a KL penalty in the rewards (use --kl-in-loss or --kl-coef 0)"),
         "{refused}"
     );
-    extra.extend(["--kl-coef", "0"]);
+    // With the sampler correction too: on the CPU in f32 the decoding and training
+    // forwards agree, so its ratios are 1 (1e-4).
+    extra.extend([
+        "--kl-coef",
+        "0",
+        "--sampling-correction",
+        "token-truncate",
+        "--sampling-correction-min",
+        "0.5",
+    ]);
     run(&args(&out, &extra)).unwrap();
     for r in metrics(&out) {
         for key in ["rewards/exact_answer/mean", "rewards/reward_command/mean"] {
             assert!(r[key].as_f64().is_some(), "{key}: {r}");
+        }
+        for stat in ["min", "mean", "max"] {
+            let key = format!("sampling/importance_sampling_ratio/{stat}");
+            let ratio = r[&key].as_f64().unwrap_or(f64::NAN);
+            assert!((ratio - 1.0).abs() < 1e-4, "{key}: {r}");
         }
     }
     let moved = rlhf_tests::max_weight_diff(&f.policy, &out.join("final"), Head::Lm);
