@@ -104,6 +104,26 @@ fn logprobs_with_grad(model: &Model) -> Tensor {
     logprobs_of(&logits.narrow(1, 0, t - 1), &ids.narrow(1, 1, t - 1)) * f.next_mask()
 }
 
+/// PEFT's log-probs of each (adapter, merged model) directory pair, in one Python
+/// process: `{"adapter": …, "merged": …}` each.
+fn peft_check(cases: &[(PathBuf, Option<PathBuf>)]) -> Vec<Value> {
+    let cases: Vec<Value> = cases
+        .iter()
+        .map(|(adapter, merged)| json!({"adapter": adapter, "merged": merged}))
+        .collect();
+    let out = run_python(
+        "peft_reference.py",
+        &[
+            "check",
+            "--cases",
+            &Value::from(cases).to_string(),
+            "--ids",
+            fixture().ids_path.to_str().unwrap(),
+        ],
+    );
+    serde_json::from_value(out).unwrap()
+}
+
 fn max_diff(ours: &Tensor, theirs: &Value) -> f64 {
     let theirs = tensor_2d_f32(theirs);
     ((ours - theirs) * fixture().next_mask())
@@ -232,6 +252,7 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
         ("gpt2", "-dora", dora),
         ("qwen2", "-dora", dora),
     ];
+    let mut trained = vec![];
     for (arch, variant, targets) in cases {
         let out = f.root.join(format!("run-{arch}{variant}"));
         let extra = [&["--max-steps", "3", "--save-merged"], targets].concat();
@@ -258,29 +279,6 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
             b_max > 1e-4,
             "{arch}{variant}: B is still zero after training"
         );
-        let ours = logprobs(&model);
-        let check = run_python(
-            "peft_reference.py",
-            &[
-                "check",
-                "--adapter",
-                final_dir.to_str().unwrap(),
-                "--merged",
-                out.join("final_merged").to_str().unwrap(),
-                "--ids",
-                f.ids_path.to_str().unwrap(),
-            ],
-        );
-        let diff = max_diff(&ours, &check["adapter"]);
-        assert!(
-            diff < 1e-4,
-            "{arch}{variant}: PEFT reads our adapter {diff:e} away"
-        );
-        let diff = max_diff(&ours, &check["merged"]);
-        assert!(
-            diff < 1e-4,
-            "{arch}{variant}: transformers reads our merged model {diff:e} away"
-        );
         // The adapter is usable wherever a model directory is: sft eval.
         let data = f.root.join("sft.jsonl");
         let res = sft(
@@ -296,6 +294,22 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
             &[],
         );
         assert!(ok(&res)["loss"].as_f64().unwrap().is_finite());
+        trained.push((format!("{arch}{variant}"), logprobs(&model), out));
+    }
+    let checks = peft_check(
+        &trained
+            .iter()
+            .map(|(_, _, out)| (out.join("final"), Some(out.join("final_merged"))))
+            .collect::<Vec<_>>(),
+    );
+    for ((name, ours, _), check) in trained.iter().zip(&checks) {
+        let diff = max_diff(ours, &check["adapter"]);
+        assert!(diff < 1e-4, "{name}: PEFT reads our adapter {diff:e} away");
+        let diff = max_diff(ours, &check["merged"]);
+        assert!(
+            diff < 1e-4,
+            "{name}: transformers reads our merged model {diff:e} away"
+        );
     }
 }
 
@@ -308,6 +322,7 @@ fn peft_layer_patterns_load_and_round_trip() {
     let f = fixture();
     let cases = f.reference["patterns"].as_object().unwrap();
     assert_eq!(cases.len(), 3);
+    let mut saved = vec![];
     for (case, theirs) in cases {
         let model = load(&f.root.join(case), Head::Lm);
         let ours = logprobs(&model);
@@ -326,21 +341,18 @@ fn peft_layer_patterns_load_and_round_trip() {
         model
             .save_merged(&out.join("merged"), Some(&f.root.join("llama")))
             .unwrap();
-        let check = run_python(
-            "peft_reference.py",
-            &[
-                "check",
-                "--adapter",
-                out.join("adapter").to_str().unwrap(),
-                "--merged",
-                out.join("merged").to_str().unwrap(),
-                "--ids",
-                f.ids_path.to_str().unwrap(),
-            ],
-        );
-        let diff = max_diff(&ours, &check["adapter"]);
+        saved.push((case, ours, out));
+    }
+    let checks = peft_check(
+        &saved
+            .iter()
+            .map(|(_, _, out)| (out.join("adapter"), Some(out.join("merged"))))
+            .collect::<Vec<_>>(),
+    );
+    for ((case, ours, _), check) in saved.iter().zip(&checks) {
+        let diff = max_diff(ours, &check["adapter"]);
         assert!(diff < 1e-4, "{case}: PEFT reads our adapter {diff:e} away");
-        let diff = max_diff(&ours, &check["merged"]);
+        let diff = max_diff(ours, &check["merged"]);
         assert!(diff < 1e-4, "{case}: the merged model is {diff:e} away");
     }
 }
@@ -381,6 +393,7 @@ fn train_prompt(arch: &str, out: &Path) -> Output {
 #[test]
 fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
     let f = fixture();
+    let mut prompts = vec![];
     for arch in ARCHS {
         let out = f.root.join(format!("run-prompt-{arch}"));
         ok(&train_prompt(arch, &out));
@@ -404,21 +417,7 @@ fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
             assert!(t.equal(&base[name]), "{arch}: {name} changed");
         }
         let ours = logprobs(&model);
-        let check = run_python(
-            "peft_reference.py",
-            &[
-                "check",
-                "--adapter",
-                final_dir.to_str().unwrap(),
-                "--ids",
-                f.ids_path.to_str().unwrap(),
-            ],
-        );
-        let diff = max_diff(&ours, &check["adapter"]);
-        assert!(
-            diff < 1e-4,
-            "{arch}: PEFT reads our soft prompt {diff:e} away"
-        );
+        prompts.push((arch, ours, final_dir.clone()));
         // Greedy decoding with the KV cache (the virtual tokens cached once) equals
         // recomputing every step from scratch.
         let prompt = Tensor::from_slice(&[5i64, 17, 42, 9]).unsqueeze(0);
@@ -446,6 +445,19 @@ fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
         assert!(
             cached.tokens.equal(&ids.narrow(1, 4, 6)),
             "{arch}: cached decoding differs"
+        );
+    }
+    let checks = peft_check(
+        &prompts
+            .iter()
+            .map(|(_, _, dir)| (dir.clone(), None))
+            .collect::<Vec<_>>(),
+    );
+    for ((arch, ours, _), check) in prompts.iter().zip(&checks) {
+        let diff = max_diff(ours, &check["adapter"]);
+        assert!(
+            diff < 1e-4,
+            "{arch}: PEFT reads our soft prompt {diff:e} away"
         );
     }
 }

@@ -210,7 +210,8 @@ fn on_policy_steps_sample_the_student_and_resume_exactly() {
             let mut args = distill_args(&f.model, &f.noisy, &out);
             args[6] = data.to_str().unwrap();
             args.push("--overwrite");
-            args.extend_from_slice(&common[..8]);
+            args.extend_from_slice(&common[..6]);
+            args.extend(["--max-steps", "2"]);
             sft(&args);
             out.join("final")
         })

@@ -14,6 +14,9 @@ the Rust side wrote.
                 "patterns": {"<arch>-<case>": logprobs}}
     peft_reference.py check --adapter DIR [--merged DIR] [--score] --ids IDS.json
         prints {"adapter": logprobs or scores, "merged": logprobs}
+    peft_reference.py check --cases '[{"adapter": DIR, "merged": DIR or null}, ...]' --ids IDS.json
+        the same for every case in one process (importing torch and peft takes seconds),
+        prints a list
 
 IDS.json: {"ids": [[...]], "mask": [[...]]}, right-padded. Log-probs are of each next
 token ([B, T-1]); scores are read at each row's last real token (pad id 0 never occurs).
@@ -192,11 +195,15 @@ def main():
     ap.add_argument("--adapter")
     ap.add_argument("--merged")
     ap.add_argument("--score", action="store_true")
+    ap.add_argument("--cases")
     ap.add_argument("--ids", required=True)
     args = ap.parse_args()
     ids, mask = load_ids(args.ids)
     if args.command == "make":
         result = make(args.root, args.tokenizer, ids, mask)
+    elif args.cases:
+        result = [check(c["adapter"], c.get("merged"), c.get("score", False), ids, mask)
+                  for c in json.loads(args.cases)]
     else:
         result = check(args.adapter, args.merged, args.score, ids, mask)
     json.dump(result, sys.stdout)
