@@ -312,27 +312,60 @@ pub fn copy_sidecar_files(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Makes `template` the chat template of the tokenizer files in `dir`: written as
-/// `chat_template.jinja`, and any `chat_template` of `tokenizer_config.json` removed (it
-/// would take precedence for some loaders).
-pub fn override_chat_template(dir: &Path, template: &str) -> Result<()> {
-    write_atomic(&dir.join("chat_template.jinja"), template.as_bytes())?;
-    let config = dir.join("tokenizer_config.json");
-    if config.exists() {
-        let text = fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
-        let mut v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: config.clone(),
-                source,
-            })?;
-        if let Some(map) = v.as_object_mut() {
-            if map.remove("chat_template").is_some() {
-                let text = serde_json::to_string_pretty(&v).expect("JSON");
-                write_atomic(&config, text.as_bytes())?;
-            }
-        }
+/// What a run changes in the tokenizer files it saves beside a model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenizerOverrides {
+    /// `--chat-template-path`: written as `chat_template.jinja`, and any `chat_template` of
+    /// `tokenizer_config.json` removed (it would take precedence for some loaders).
+    pub chat_template: Option<String>,
+    /// `--eos-token` (text, id): `tokenizer_config.json`'s `eos_token`, and the first of
+    /// `generation_config.json`'s `eos_token_id` (as TRL sets them).
+    pub eos: Option<(String, i64)>,
+}
+
+fn read_json_object(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    if !path.exists() {
+        return Ok(Default::default());
     }
-    Ok(())
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(v.as_object().cloned().unwrap_or_default())
+}
+
+fn write_json_object(path: &Path, map: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(map)).expect("JSON");
+    write_atomic(path, text.as_bytes())
+}
+
+/// Applies `o` to the tokenizer files just copied into `dir`.
+pub fn apply_tokenizer_overrides(dir: &Path, o: &TokenizerOverrides) -> Result<()> {
+    if o == &TokenizerOverrides::default() {
+        return Ok(());
+    }
+    let config_path = dir.join("tokenizer_config.json");
+    let mut config = read_json_object(&config_path)?;
+    if let Some(template) = &o.chat_template {
+        write_atomic(&dir.join("chat_template.jinja"), template.as_bytes())?;
+        config.remove("chat_template");
+    }
+    if let Some((text, id)) = &o.eos {
+        config.insert("eos_token".into(), text.clone().into());
+        let generation_path = dir.join("generation_config.json");
+        let mut generation = read_json_object(&generation_path)?;
+        let mut ids: Vec<i64> = match generation.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
+            _ => vec![],
+        };
+        ids.retain(|i| i != id);
+        ids.insert(0, *id);
+        generation.insert("eos_token_id".into(), ids.into());
+        write_json_object(&generation_path, generation)?;
+    }
+    write_json_object(&config_path, config)
 }
 
 #[cfg(test)]

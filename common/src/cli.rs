@@ -261,25 +261,41 @@ impl RunArgs {
     }
 }
 
-/// `--chat-template-path`: a chat template in place of the model's.
+/// `--chat-template-path` and `--eos-token`: what a run changes in the model's tokenizer.
 #[derive(Debug, Clone, Args, Serialize, Default)]
-pub struct ChatTemplateArgs {
+pub struct TokenizerArgs {
     /// A .jinja (or .j2) chat template used instead of the tokenizer's for every
     /// conversation (TRL's `chat_template_path` given a template file), and written as
     /// chat_template.jinja with the tokenizer files of every model the run saves.
     #[arg(long)]
     pub chat_template_path: Option<PathBuf>,
+    /// The end-of-sequence token, a token of the vocabulary (TRL's `eos_token`; e.g.
+    /// <|im_end|> for a base model trained on ChatML): appended to text rows, eos_token in
+    /// chat templates, the first of the EOS ids that end generation, and so in the saved
+    /// tokenizer_config.json, generation_config.json and config.json.
+    #[arg(long)]
+    pub eos_token: Option<String>,
 }
 
-impl ChatTemplateArgs {
-    /// `tok` with the template (and `model` carrying it into what it saves), or both as
-    /// they are without --chat-template-path.
-    pub fn apply(&self, model: &mut crate::Model, tok: data::Tokenizer) -> Result<data::Tokenizer> {
-        let Some(path) = &self.chat_template_path else {
-            return Ok(tok);
-        };
-        let (tok, text) = tok.with_chat_template_file(path)?;
-        model.chat_template = Some(text);
+impl TokenizerArgs {
+    /// `tok` with these changes, and `model` carrying them into what it saves; both as
+    /// they are without them.
+    pub fn apply(
+        &self,
+        model: &mut crate::Model,
+        mut tok: data::Tokenizer,
+    ) -> Result<data::Tokenizer> {
+        if let Some(path) = &self.chat_template_path {
+            let (with, text) = tok.with_chat_template_file(path)?;
+            tok = with;
+            model.tokenizer_overrides.chat_template = Some(text);
+        }
+        if let Some(token) = &self.eos_token {
+            tok = tok.with_eos_token(token)?;
+            let id = tok.eos_id.expect("set");
+            model.tokenizer_overrides.eos = Some((token.clone(), id));
+            model.config.raw.insert("eos_token_id".into(), id.into());
+        }
         Ok(tok)
     }
 }

@@ -25,6 +25,9 @@ pub struct Tokenizer {
     /// equal the EOS id.
     pub pad_id: i64,
     chat_template: Option<ChatTemplate>,
+    /// The EOS was set by the run (`--eos-token`): it comes first among the generation
+    /// EOS ids.
+    eos_override: bool,
     dir: PathBuf,
 }
 
@@ -103,6 +106,7 @@ impl Tokenizer {
             eos_id,
             pad_id,
             chat_template,
+            eos_override: false,
             dir: dir.to_path_buf(),
         })
     }
@@ -123,6 +127,21 @@ impl Tokenizer {
         let template = ChatTemplate::new(&text).map_err(|m| DataError::file(path, m))?;
         self.chat_template = Some(template);
         Ok((self, text))
+    }
+
+    /// The same tokenizer with `token` as its EOS (TRL's `eos_token`): appended to text
+    /// rows, `eos_token` in chat templates, and the first of the generation EOS ids.
+    pub fn with_eos_token(mut self, token: &str) -> Result<Self> {
+        let id = self.inner.token_to_id(token).ok_or_else(|| {
+            DataError::file(
+                self.dir.join("tokenizer.json"),
+                format!("--eos-token '{token}' is not a token of this vocabulary"),
+            )
+        })?;
+        self.eos_token = Some(token.to_string());
+        self.eos_id = Some(i64::from(id));
+        self.eos_override = true;
+        Ok(self)
     }
 
     /// Whether both map every token to the same id (added tokens included).
@@ -214,9 +233,21 @@ impl Tokenizer {
     /// The ids that end generation: `generation_config.json`'s `eos_token_id` (an int or a
     /// list), else `config.json`'s, else the tokenizer's EOS.
     pub fn generation_eos_ids(&self) -> Result<Vec<i64>> {
+        let mut ids = self.stated_eos_ids()?;
+        if let (true, Some(eos)) = (self.eos_override, self.eos_id) {
+            // As TRL's `eos_token`: put before the model's own, once.
+            ids.retain(|&i| i != eos);
+            ids.insert(0, eos);
+        }
+        Ok(ids)
+    }
+
+    /// The EOS ids the model directory states (`generation_config.json`, else
+    /// `config.json`), else the tokenizer's EOS.
+    fn stated_eos_ids(&self) -> Result<Vec<i64>> {
         for file in ["generation_config.json", "config.json"] {
             if let Some(v) = read_json(&self.dir.join(file))? {
-                let ids = match v.get("eos_token_id") {
+                let ids: Vec<i64> = match v.get("eos_token_id") {
                     Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
                     Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
                     _ => vec![],

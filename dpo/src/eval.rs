@@ -22,7 +22,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
-    pub template: common::cli::ChatTemplateArgs,
+    pub tokenizer: common::cli::TokenizerArgs,
     /// The reference (default for an adapter directory: its base model, the adapter off).
     #[arg(long)]
     pub ref_model: Option<PathBuf>,
@@ -71,7 +71,7 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         ..ModelOptions::new(Head::Lm, device, kind).frozen()
     };
     let (mut policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let tok = args.template.apply(&mut policy, tok)?;
+    let tok = args.tokenizer.apply(&mut policy, tok)?;
     let reference = match (&args.ref_model, args.loss.uses_reference()) {
         (None, false) => Reference::Free,
         (Some(_), false) => bail!("--ref-model does not apply: the loss is reference-free (--reference-free, simpo or orpo)"),

@@ -33,7 +33,7 @@ pub struct TrainArgs {
     pub model: PathBuf,
     #[command(flatten)]
     #[serde(flatten)]
-    pub template: common::cli::ChatTemplateArgs,
+    pub tokenizer: common::cli::TokenizerArgs,
     /// The frozen reference (default: the starting model; with a fresh adapter, the model
     /// with its adapter off).
     #[arg(long)]
@@ -133,7 +133,7 @@ fn read_inputs(args: &TrainArgs, world: &World) -> Result<(Model, Reference, Inp
             .apply(ModelOptions::new(Head::Lm, device, kind)),
     );
     let (mut policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let tok = args.template.apply(&mut policy, tok)?;
+    let tok = args.tokenizer.apply(&mut policy, tok)?;
     let reference = match args.loss.uses_reference() {
         true => Reference::load(&policy, &args.model, args.ref_model.as_deref(), &opts)?,
         false => Reference::Free,

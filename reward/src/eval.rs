@@ -22,7 +22,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
-    pub template: common::cli::ChatTemplateArgs,
+    pub tokenizer: common::cli::TokenizerArgs,
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
@@ -74,7 +74,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
         ..ModelOptions::new(Head::Score, device, kind)
     };
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let tok = args.template.apply(&mut model, tok)?;
+    let tok = args.tokenizer.apply(&mut model, tok)?;
     let norm = Normalization::of(&model);
     let max_length = model.cap_length(args.max_length, "--max-length");
     // Every sequence of every row, scored in one pass.

@@ -29,7 +29,7 @@ pub struct TrainArgs {
     pub model: PathBuf,
     #[command(flatten)]
     #[serde(flatten)]
-    pub template: common::cli::ChatTemplateArgs,
+    pub tokenizer: common::cli::TokenizerArgs,
     /// Rankings: {"prompt","chosen","rejected"[,"margin"]} or {"prompt","responses":[best,…]};
     /// prompt and responses may be message lists.
     #[command(flatten)]
@@ -213,7 +213,7 @@ fn read_inputs(args: &TrainArgs, world: &World) -> Result<Inputs> {
             .apply(ModelOptions::new(Head::Score, device, kind)),
     );
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let tok = args.template.apply(&mut model, tok)?;
+    let tok = args.tokenizer.apply(&mut model, tok)?;
     let max_length = model.cap_length(args.data.max_length, "--max-length");
     let train = prepare_file(args.data.single("reward train")?, &tok, args, max_length)?;
     let eval = args

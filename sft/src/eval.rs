@@ -42,7 +42,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
-    pub template: common::cli::ChatTemplateArgs,
+    pub tokenizer: common::cli::TokenizerArgs,
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
@@ -155,7 +155,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalOutcome> {
         ..ModelOptions::new(Head::Lm, device, kind)
     };
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let tok = args.template.apply(&mut model, tok)?;
+    let tok = args.tokenizer.apply(&mut model, tok)?;
     let Some(data) = &args.data else {
         let stated = model.config.stated_length();
         let max_length = model.cap_length(args.max_length.unwrap_or(stated), "--max-length");

@@ -29,7 +29,7 @@ pub struct TrainArgs {
     pub model: PathBuf,
     #[command(flatten)]
     #[serde(flatten)]
-    pub template: common::cli::ChatTemplateArgs,
+    pub tokenizer: common::cli::TokenizerArgs,
     /// Demonstrations ({"prompt","completion"}, {"messages"} or {"text"}) and eval rows.
     #[command(flatten)]
     #[serde(flatten)]
@@ -385,7 +385,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         )
     };
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let tok = args.template.apply(&mut model, tok)?;
+    let tok = args.tokenizer.apply(&mut model, tok)?;
     if args.packing && model.virtual_tokens() > 0 {
         bail!("--packing: {} is a prompt-tuning adapter, and packing with prompt tuning is not supported (the virtual tokens go before one row, not before each packed row)", args.model.display());
     }

@@ -111,6 +111,7 @@ fn loss_scope_options_widen_the_mask_as_trl() {
 /// `--chat-template-path FILE`: conversations render with the file's template, and the
 /// trained model's tokenizer files carry it (`chat_template.jinja`, and no
 /// `chat_template` left in `tokenizer_config.json`); a directory is refused in one line.
+/// `--eos-token` in the same run: the saved files make it the EOS as TRL does.
 #[test]
 fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
     let f = fixture();
@@ -149,6 +150,8 @@ fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
         "1",
         "--chat-template-path",
         template.to_str().unwrap(),
+        "--eos-token",
+        "<|im_end|>",
     ]);
     assert!(
         res.status.success(),
@@ -169,6 +172,46 @@ fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
             .render_chat(&messages, &Default::default(), false)
             .unwrap(),
         rendered
+    );
+    // --eos-token, as TRL sets it: the tokenizer's EOS, the first EOS id of generation,
+    // config.json's eos_token_id; text rows end with it.
+    let im_end = tok.encode("<|im_end|>", false).unwrap()[0];
+    assert_eq!(config["eos_token"], "<|im_end|>");
+    assert_eq!(reloaded.eos_id, Some(im_end));
+    let stops = reloaded.generation_eos_ids().unwrap();
+    assert_eq!(stops[0], im_end);
+    let old_eos = Tokenizer::load(&f.root.join("model"))
+        .unwrap()
+        .eos_id
+        .unwrap();
+    assert!(stops.contains(&old_eos) && old_eos != im_end);
+    let model_config: Value =
+        serde_json::from_str(&std::fs::read_to_string(final_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(model_config["eos_token_id"], im_end);
+    let text = data::SftExample::Text("Chickens have two legs.".into());
+    let row = tokenize(&text, &reloaded, true, Default::default()).unwrap();
+    assert_eq!(row.ids.last(), Some(&im_end));
+    let res = sft(&[
+        "eval",
+        "--model",
+        f.root.join("model").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--eos-token",
+        "<|no such token|>",
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success()
+            && err
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .contains("--eos-token '<|no such token|>' is not a token of this vocabulary"),
+        "{err}"
     );
     let res = sft(&[
         "eval",

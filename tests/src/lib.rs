@@ -235,13 +235,54 @@ pub fn max_weight_diff(a: &Path, b: &Path, head: common::Head) -> f64 {
 /// A fresh `root` holding `model/`: a tiny Llama with a BPE tokenizer (ChatML template,
 /// pad == eos) made by `data_reference.py`, plus that script's data files. Returns the
 /// script's reference outputs.
+///
+/// The script's output is made once per version of the script and copied from
+/// `target/tmp/fixture-cache/` afterwards: it is the same files every time (seeded), and
+/// making it (Python importing torch and transformers, training the tokenizer) took 8 s
+/// of every test binary that uses it.
 pub fn tiny_llama_fixture(root: &Path) -> serde_json::Value {
     let _ = std::fs::remove_dir_all(root);
-    std::fs::create_dir_all(root).unwrap();
-    run_python(
-        "data_reference.py",
-        &["make", "--root", root.to_str().unwrap()],
-    )
+    let script = repo_root().join("tests/python/data_reference.py");
+    let source = std::fs::read(&script).unwrap();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&source, &mut hasher);
+    let cache = repo_root().join(format!(
+        "target/tmp/fixture-cache/tiny-llama-{:016x}",
+        std::hash::Hasher::finish(&hasher)
+    ));
+    if !cache.join("reference.json").exists() {
+        // Made beside and renamed into place: a cache entry is whole or absent.
+        let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let reference = run_python(
+            "data_reference.py",
+            &["make", "--root", tmp.to_str().unwrap()],
+        );
+        std::fs::write(tmp.join("reference.json"), reference.to_string()).unwrap();
+        if std::fs::rename(&tmp, &cache).is_err() {
+            // Another process made it first.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    copy_dir(&cache, root);
+    let reference = std::fs::read_to_string(root.join("reference.json")).unwrap();
+    std::fs::remove_file(root.join("reference.json")).unwrap();
+    serde_json::from_str(&reference).unwrap()
+}
+
+/// Copies the tree `from` into `to` (created).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), &dest).unwrap();
+        }
+    }
 }
 
 /// Runs `check_run.py` on `model_dir` for the token-id rows `rows` (written to

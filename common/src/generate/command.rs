@@ -18,7 +18,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
-    pub template: crate::cli::ChatTemplateArgs,
+    pub tokenizer: crate::cli::TokenizerArgs,
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
@@ -118,7 +118,7 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
         ..ModelOptions::new(Head::Lm, device, kind)
     };
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
-    let tok = args.template.apply(&mut model, tok)?;
+    let tok = args.tokenizer.apply(&mut model, tok)?;
     let room = model.prompt_room(args.max_new_tokens as usize, "--max-new-tokens")?;
     let mut cut = 0;
     let encoded = prompts

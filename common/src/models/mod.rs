@@ -283,9 +283,9 @@ pub struct Model {
     /// `[V, H]` (possibly the tied input embedding) or `[1, H]`: both heads are a
     /// bias-free linear map of the final hidden states.
     head_weight: Tensor,
-    /// A chat template that replaces the model's own (`--chat-template-path`): written
-    /// with the tokenizer files of every directory this model is saved to.
-    pub chat_template: Option<String>,
+    /// What the run changed in its tokenizer (`--chat-template-path`, `--eos-token`):
+    /// applied to the tokenizer files of every directory this model is saved to.
+    pub tokenizer_overrides: checkpoint::TokenizerOverrides,
     /// A scalar head trained beside adapters: the head it started from (frozen), used
     /// while adapters are switched off (PEFT's `modules_to_save`).
     original_head: Option<Tensor>,
@@ -398,7 +398,7 @@ impl Model {
             backbone,
             head_weight,
             original_head: None,
-            chat_template: None,
+            tokenizer_overrides: Default::default(),
             prompt,
             pending: Default::default(),
         };
@@ -972,14 +972,12 @@ impl Model {
         self.write_sidecars(sidecar_from, dir)
     }
 
-    /// The tokenizer files of `sidecar_from` into `dir`, with the run's chat template when
-    /// it replaced the model's (`--chat-template-path`).
+    /// The tokenizer files of `sidecar_from` into `dir`, with what the run changed in them
+    /// (`--chat-template-path`, `--eos-token`).
     fn write_sidecars(&self, sidecar_from: Option<&Path>, dir: &Path) -> Result<()> {
         if let Some(from) = sidecar_from {
             checkpoint::copy_sidecar_files(from, dir)?;
-            if let Some(template) = &self.chat_template {
-                checkpoint::override_chat_template(dir, template)?;
-            }
+            checkpoint::apply_tokenizer_overrides(dir, &self.tokenizer_overrides)?;
         }
         Ok(())
     }
