@@ -23,8 +23,9 @@ pub struct Rollout {
     /// 1 on sampled tokens (the EOS included), f32.
     pub mask: Tensor,
     pub logprobs: Tensor,
-    /// The log-probs the tokens were sampled with (the decoding forward's, with the KV
-    /// cache; `logprobs` recomputes them with the training forward).
+    /// The decoding forward's log-probs of the sampled tokens (with the KV cache, at the
+    /// temperature, before top-k/top-p filtering and the repetition penalty); `logprobs`
+    /// recomputes them with the training forward.
     pub sampler_logprobs: Tensor,
     /// `--sampling-correction`'s weight on each token's policy loss `[B, N]`, when asked
     /// for ([`crate::math::sampling_correction`]).
