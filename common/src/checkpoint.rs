@@ -355,13 +355,8 @@ pub fn apply_tokenizer_overrides(dir: &Path, o: &TokenizerOverrides) -> Result<(
         config.insert("eos_token".into(), text.clone().into());
         let generation_path = dir.join("generation_config.json");
         let mut generation = read_json_object(&generation_path)?;
-        let mut ids: Vec<i64> = match generation.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
-            _ => vec![],
-        };
-        ids.retain(|i| i != id);
-        ids.insert(0, *id);
+        let ids = data::tokenizer::eos_token_ids(generation.get("eos_token_id"));
+        let ids = data::tokenizer::eos_first(ids, *id);
         generation.insert("eos_token_id".into(), ids.into());
         write_json_object(&generation_path, generation)?;
     }

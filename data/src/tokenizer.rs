@@ -233,13 +233,11 @@ impl Tokenizer {
     /// The ids that end generation: `generation_config.json`'s `eos_token_id` (an int or a
     /// list), else `config.json`'s, else the tokenizer's EOS.
     pub fn generation_eos_ids(&self) -> Result<Vec<i64>> {
-        let mut ids = self.stated_eos_ids()?;
-        if let (true, Some(eos)) = (self.eos_override, self.eos_id) {
-            // As TRL's `eos_token`: put before the model's own, once.
-            ids.retain(|&i| i != eos);
-            ids.insert(0, eos);
-        }
-        Ok(ids)
+        let ids = self.stated_eos_ids()?;
+        Ok(match (self.eos_override, self.eos_id) {
+            (true, Some(eos)) => eos_first(ids, eos),
+            _ => ids,
+        })
     }
 
     /// The EOS ids the model directory states (`generation_config.json`, else
@@ -247,11 +245,7 @@ impl Tokenizer {
     fn stated_eos_ids(&self) -> Result<Vec<i64>> {
         for file in ["generation_config.json", "config.json"] {
             if let Some(v) = read_json(&self.dir.join(file))? {
-                let ids: Vec<i64> = match v.get("eos_token_id") {
-                    Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
-                    Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
-                    _ => vec![],
-                };
+                let ids = eos_token_ids(v.get("eos_token_id"));
                 if !ids.is_empty() {
                     return Ok(ids);
                 }
@@ -259,4 +253,22 @@ impl Tokenizer {
         }
         Ok(self.eos_id.into_iter().collect())
     }
+}
+
+/// The ids of an `eos_token_id` field (`config.json`, `generation_config.json`): an int or
+/// a list of them.
+pub fn eos_token_ids(v: Option<&Value>) -> Vec<i64> {
+    match v {
+        Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+        _ => vec![],
+    }
+}
+
+/// `ids` with `eos` first and nowhere else: how TRL's `eos_token` joins a model's own EOS
+/// ids.
+pub fn eos_first(mut ids: Vec<i64>, eos: i64) -> Vec<i64> {
+    ids.retain(|&i| i != eos);
+    ids.insert(0, eos);
+    ids
 }
