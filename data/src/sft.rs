@@ -167,7 +167,12 @@ fn tokenize_chat(
         }
         spans.push((start, end));
     }
-    let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
+    encode_spans(&full, &spans, tok)
+}
+
+/// `text` tokenized, the loss on the tokens that start inside one of the byte `spans`.
+fn encode_spans(text: &str, spans: &[(usize, usize)], tok: &Tokenizer) -> Result<TokenizedSft> {
+    let (ids, offsets) = tok.encode_with_offsets(text, false)?;
     let loss_mask = offsets
         .iter()
         .map(|&(start, _)| i64::from(spans.iter().any(|&(a, b)| start >= a && start < b)))
@@ -190,12 +195,7 @@ fn tokenize_chat_from(
         0 => 0,
         i => common_prefix_len(&tok.render_chat(&messages[..i], template, true)?, &full),
     };
-    let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
-    let loss_mask = offsets
-        .iter()
-        .map(|&(at, _)| i64::from(at >= start))
-        .collect();
-    Ok(TokenizedSft::new(ids, loss_mask))
+    encode_spans(&full, &[(start, full.len())], tok)
 }
 
 /// The prefix rule holds only where the turns before assistant turn `i` render the same
