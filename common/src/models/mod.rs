@@ -323,6 +323,14 @@ impl Model {
     /// A model with freshly initialised weights (`transformers`' initialisation scheme);
     /// with LoRA, the adapters as PEFT initialises them and the base frozen.
     pub fn new(config: ModelConfig, opts: &ModelOptions) -> Self {
+        let model = Self::build(config, opts);
+        model.start_dora();
+        model
+    }
+
+    /// [`Model::new`] but for DoRA's magnitudes, which start from the base weights: those
+    /// of [`Model::load`] are only there once the checkpoint is read.
+    fn build(config: ModelConfig, opts: &ModelOptions) -> Self {
         let opts = &ModelOptions {
             lora: opts.lora.as_ref().map(|l| l.resolved(config.model_type)),
             ..opts.clone()
@@ -389,7 +397,7 @@ impl Model {
                 }
             }
         }
-        let model = Model {
+        Model {
             vs,
             config,
             head,
@@ -401,9 +409,7 @@ impl Model {
             tokenizer_overrides: Default::default(),
             prompt,
             pending: Default::default(),
-        };
-        model.start_dora();
-        model
+        }
     }
 
     /// Loads a Hugging Face model directory. A `Score` model may come from a causal LM
@@ -440,7 +446,7 @@ impl Model {
         }
         let opts = &opts;
         let config = ModelConfig::load(dir)?;
-        let mut model = Model::new(config, opts);
+        let mut model = Model::build(config, opts);
         let adapters: Vec<String> = model.adapter_tensors().into_keys().collect();
         let mut optional: Vec<&str> = adapters.iter().map(String::as_str).collect();
         if opts.head == Head::Score {
