@@ -264,7 +264,7 @@ pub fn decoupled_group_advantages(
 /// `(x − mean) / (unbiased std + 1e-4)` over every rank's `x` `[B]`.
 pub fn batch_normalized(x: &Tensor, world: &World) -> Tensor {
     let [n, sum, sum_sq] = world.sums(moments(x, &Tensor::ones_like(x)).into());
-    let var = ((sum_sq - sum * sum / n.max(1.0)) / (n - 1.0).max(1.0)).max(0.0);
+    let var = unbiased_var((n, sum, sum_sq));
     (x - sum / n.max(1.0)) / (var.sqrt() + 1e-4)
 }
 
@@ -873,8 +873,13 @@ pub fn explained_variance(values: &Tensor, returns: &Tensor, mask: &Tensor, worl
 }
 
 /// The Bessel-corrected variance of every rank's values from each rank's (count, Σx, Σx²).
-pub fn var_over(world: &World, (n, sum, sum_sq): (f64, f64, f64)) -> f64 {
-    let [n, sum, sum_sq] = world.sums([n, sum, sum_sq]);
+pub fn var_over(world: &World, moments: (f64, f64, f64)) -> f64 {
+    let [n, sum, sum_sq] = world.sums(moments.into());
+    unbiased_var((n, sum, sum_sq))
+}
+
+/// The unbiased variance of (count, Σx, Σx²).
+pub(crate) fn unbiased_var((n, sum, sum_sq): (f64, f64, f64)) -> f64 {
     ((sum_sq - sum * sum / n.max(1.0)) / (n - 1.0).max(1.0)).max(0.0)
 }
 
