@@ -746,28 +746,18 @@ impl<'a> Ppo<'a> {
         let sums = world.sum_vec(&sums);
         let n = sums[0].max(1.0);
         let mean = sums[1] / n;
-        let var = ((sums[2] - sums[1] * mean) / (n - 1.0).max(1.0)).max(0.0);
+        let var = crate::math::unbiased_var((sums[0], sums[1], sums[2]));
         let mut out = vec![
             ("eval/reward".to_string(), mean),
             ("eval/reward_std".to_string(), var.sqrt()),
             ("eval/completions/mean_length".to_string(), sums[3] / n),
             ("eval/completions/clipped_ratio".to_string(), sums[4] / n),
         ];
-        for (k, name) in self.source_names().iter().enumerate() {
+        let names: Vec<&str> = self.with_models(|m| m.rewards.iter().map(|s| s.name).collect());
+        for (k, name) in names.iter().enumerate() {
             out.push((format!("eval/rewards/{name}/mean"), sums[5 + k] / n));
         }
         Ok(out)
-    }
-
-    /// The reward sources' names, in order (as `rewards/NAME/mean`).
-    fn source_names(&self) -> Vec<&'static str> {
-        self.rewards
-            .iter()
-            .map(|s| match s {
-                Scorer::Function(f) => f.name,
-                Scorer::CriticBase(_) => "reward_model",
-            })
-            .collect()
     }
 
     /// `f` with the rollout's models: the policy, the reference, the critic and the reward
