@@ -382,22 +382,26 @@ fn gdpo_runs_with_two_reward_sources() {
     assert!(moved > 1e-5, "the policy did not move");
 }
 
+/// Two iterations rewarded by `--reward-rule exact-answer`, the first digit of a response
+/// its answer (a pattern the tiny model's responses meet), −0.5 without one.
+const EXACT_ANSWER_RUN: [&str; 8] = [
+    "--max-steps",
+    "2",
+    "--reward-rule",
+    "exact-answer",
+    "--answer-pattern",
+    "([0-9])",
+    "--format-penalty",
+    "0.5",
+];
+
 /// `--eval-prompts`: scored after the last iteration only (`--eval-every 0`), with
 /// `--num-generations-eval` responses per prompt; the training run is the same to the bit
 /// as without it (evaluation draws from its own seeds).
 #[test]
 fn eval_prompts_are_scored_and_leave_training_alone() {
     let f = fixture();
-    let base = [
-        "--max-steps",
-        "2",
-        "--reward-rule",
-        "exact-answer",
-        "--answer-pattern",
-        "([0-9])",
-        "--format-penalty",
-        "0.5",
-    ];
+    let base = EXACT_ANSWER_RUN;
     let plain = f.root.join("run-no-eval");
     run(&args(&plain, &base)).unwrap();
     let evaluated = f.root.join("run-eval");
@@ -438,21 +442,8 @@ fn eval_prompts_are_scored_and_leave_training_alone() {
 fn exact_answer_scores_from_the_rows_answers() {
     let f = fixture();
     let out = f.root.join("run-exact");
-    // A pattern the tiny model's responses meet: the first digit is the answer.
-    let extra = [
-        "--max-steps",
-        "2",
-        "--reward-rule",
-        "exact-answer",
-        "--answer-pattern",
-        "([0-9])",
-        "--format-penalty",
-        "0.5",
-        "--num-samples",
-        "32",
-        "--sample-every",
-        "1",
-    ];
+    let samples = ["--num-samples", "32", "--sample-every", "1"];
+    let extra = [&EXACT_ANSWER_RUN[..], &samples].concat();
     let summary = run(&args(&out, &extra)).unwrap();
     assert_eq!(summary.steps, 2);
     let rule = ExactAnswer::new(Some("([0-9])"), 0.5).unwrap();

@@ -192,48 +192,32 @@ fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
     let text = data::SftExample::Text("Chickens have two legs.".into());
     let row = tokenize(&text, &reloaded, true, Default::default()).unwrap();
     assert_eq!(row.ids.last(), Some(&im_end));
-    let res = sft(&[
-        "eval",
-        "--model",
-        f.root.join("model").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--eos-token",
-        "<|no such token|>",
-    ]);
-    let err = String::from_utf8_lossy(&res.stderr);
-    assert!(
-        !res.status.success()
-            && err
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .contains("--eos-token '<|no such token|>' is not a token of this vocabulary"),
-        "{err}"
-    );
-    let res = sft(&[
-        "eval",
-        "--model",
-        f.root.join("model").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--chat-template-path",
-        f.root.join("model").to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&res.stderr);
-    assert!(
-        !res.status.success()
-            && err
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .contains("--chat-template-path takes a .jinja or .j2 template file"),
-        "{err}"
-    );
+    let model_dir = f.root.join("model");
+    for (option, value, want) in [
+        (
+            "--eos-token",
+            "<|no such token|>",
+            "--eos-token '<|no such token|>' is not a token of this vocabulary",
+        ),
+        (
+            "--chat-template-path",
+            model_dir.to_str().unwrap(),
+            "--chat-template-path takes a .jinja or .j2 template file",
+        ),
+    ] {
+        let res = sft(&[
+            "eval",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            "cpu",
+            option,
+            value,
+        ]);
+        rlhf_tests::assert_refused(&res, want);
+    }
 }
 
 #[test]

@@ -371,27 +371,16 @@ fn bad_distillation_options_are_refused_with_one_line() {
     ] {
         let mut args = distill_args(&f.model, &f.noisy, &out);
         args.extend_from_slice(extra);
-        let o = run_bin(env!("CARGO_BIN_EXE_sft"), &args, &[]);
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        let last = stderr.lines().last().unwrap_or("");
-        assert!(
-            !o.status.success() && last.contains(want),
-            "{extra:?}: {stderr}"
-        );
+        rlhf_tests::assert_refused(&run_bin(env!("CARGO_BIN_EXE_sft"), &args, &[]), want);
     }
     // Prompt-only rows where some step would read the data's completions (--lmbda 0.5).
     let prompts = f.root.join("refused-prompts.jsonl");
     std::fs::write(&prompts, "{\"prompt\": \"There are 3 heads\"}\n").unwrap();
     let mut args = distill_args(&f.model, &f.noisy, &out);
     args[6] = prompts.to_str().unwrap();
-    let o = run_bin(env!("CARGO_BIN_EXE_sft"), &args, &[]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success()
-            && stderr.lines().last().unwrap_or("").contains(
-                "prompt-only rows (\"prompt\" without \"completion\") have nothing to learn from"
-            ),
-        "{stderr}"
+    rlhf_tests::assert_refused(
+        &run_bin(env!("CARGO_BIN_EXE_sft"), &args, &[]),
+        "prompt-only rows (\"prompt\" without \"completion\") have nothing to learn from",
     );
     // The teacher's options without a teacher: clap names the missing option.
     let o = run_bin(

@@ -305,6 +305,17 @@ pub fn check_run(
     run_python("check_run.py", &args)
 }
 
+/// Asserts that the command `out` was refused with `want` in the last line of its stderr:
+/// one clear line, not a panic.
+pub fn assert_refused(out: &std::process::Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        !out.status.success() && last.contains(want) && !err.contains("panicked"),
+        "expected '{want}': {err}"
+    );
+}
+
 /// A stage's argument struct parsed from `argv` (no program name), as its binary would.
 pub fn parse_args<T: clap::Args, S: AsRef<str>>(argv: &[S]) -> T {
     #[derive(clap::Parser)]
