@@ -214,6 +214,8 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
             Value::Object(o) => o
                 .iter()
                 .map(|(k, x)| {
+                    super::lora::key_regex(k)
+                        .map_err(|e| format!("{field}[{k:?}] is not a regular expression: {e}"))?;
                     x.as_f64()
                         .filter(|x| *x > 0.0)
                         .map(|x| (k.clone(), x))
@@ -294,6 +296,11 @@ mod tests {
                 "rank_pattern",
                 json!({"v_proj": 0}),
                 "rank_pattern[\"v_proj\"] must be a positive number",
+            ),
+            (
+                "alpha_pattern",
+                json!({"q_proj(": 16}),
+                "alpha_pattern[\"q_proj(\"] is not a regular expression",
             ),
         ];
         for (key, value, message) in refused {

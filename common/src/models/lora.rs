@@ -138,12 +138,15 @@ impl LayerPatterns {
     fn lookup<T: Copy>(pattern: &[(String, T)], module: &str) -> Option<T> {
         pattern
             .iter()
-            .find(|(key, _)| {
-                fancy_regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
-                    .is_ok_and(|re| re.is_match(module).unwrap_or(false))
-            })
+            .find(|(key, _)| key_regex(key).is_ok_and(|re| re.is_match(module).unwrap_or(false)))
             .map(|(_, v)| *v)
     }
+}
+
+/// A `rank_pattern` or `alpha_pattern` key as PEFT matches it against a layer's path:
+/// `(.*\.)?key$` from the start; an error names what is wrong with the expression.
+pub fn key_regex(key: &str) -> std::result::Result<fancy_regex::Regex, String> {
+    fancy_regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| e.to_string())
 }
 
 /// DoRA's magnitude vector under a module's path (PEFT's key, without `.weight`).
