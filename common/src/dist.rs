@@ -210,13 +210,12 @@ impl Comm {
     }
 
     /// Waits until `count` (a counter every rank adds 1 to) reaches the world size, at
-    /// collective `what`, whose key `written(keys, r)` rank `r` has set once it arrived
-    /// (`None`: no key tells). A rank that got SIGTERM (torchrun ending the run after
+    /// collective `what`, whose key `arrived(r)` rank `r` sets once it has counted. A rank that got SIGTERM (torchrun ending the run after
     /// another rank died) and waits more than a few seconds leaves at once instead of at
     /// the timeout. A rank that has left never reaches a collective the others wait at (a
     /// rank leaves only after writing to every collective of the run, or on an error of its
     /// own), so seeing one gone ends the wait too. Each way out names the ranks waited for.
-    fn wait_for_all(&self, count: &str, what: &str, written: impl Fn(usize) -> Option<String>) {
+    fn wait_for_all(&self, count: &str, what: &str, arrived: impl Fn(usize) -> String) {
         let start = std::time::Instant::now();
         let mut pause = Duration::from_micros(50);
         while self.store.add(count, 0) < self.size as i64 {
@@ -237,13 +236,13 @@ impl Comm {
             } else if waited > self.timeout {
                 Some(format!(
                     "{} did not arrive within --dist-timeout ({} s): hung, or far slower than this rank",
-                    self.missing(&written),
+                    self.missing(&arrived),
                     self.timeout.as_secs()
                 ))
             } else if TERMINATED.load(Ordering::SeqCst) && waited > Duration::from_secs(3) {
                 Some(format!(
                     "stopped by a signal while waiting for {}",
-                    self.missing(&written)
+                    self.missing(&arrived)
                 ))
             } else {
                 None
@@ -270,15 +269,11 @@ impl Comm {
         }
     }
 
-    /// The ranks that have not arrived at the collective whose arrival keys `written` gives.
-    fn missing(&self, written: &impl Fn(usize) -> Option<String>) -> String {
-        let keys: Option<Vec<String>> = (0..self.size).map(written).collect();
-        let missing: Vec<usize> = match keys {
-            Some(keys) => (0..self.size)
-                .filter(|&r| !self.store.check(&keys[r]))
-                .collect(),
-            None => vec![],
-        };
+    /// The ranks that have not arrived at the collective whose arrival keys `arrived` gives.
+    fn missing(&self, arrived: &impl Fn(usize) -> String) -> String {
+        let missing: Vec<usize> = (0..self.size)
+            .filter(|&r| !self.store.check(&arrived(r)))
+            .collect();
         Self::ranks(&missing, "the other ranks")
     }
 
@@ -307,13 +302,13 @@ impl Comm {
     /// collective's own prefix), every rank waits until every rank has written, `read`
     /// takes what this rank needs, and the last rank to have read runs `clean` and removes
     /// the counters — so the store holds one collective's data at a time.
-    /// `written(keys, r)` is a key rank `r`'s `write` sets (if there is one), by which a
-    /// rank that waits too long names the ranks it waits for.
+    /// Each rank sets an arrival key once it has counted itself in (after, not before: a
+    /// rank stopped between its data and its count is one the others still wait for, and
+    /// the key names it), by which a rank that waits too long names the ranks it waits for.
     fn collective<T>(
         &self,
         what: &str,
         write: impl FnOnce(&str),
-        written: impl Fn(&str, usize) -> Option<String>,
         read: impl FnOnce(&str) -> T,
         clean: impl FnOnce(&str),
     ) -> T {
@@ -321,14 +316,19 @@ impl Comm {
         let keys = format!("{}c{seq}/", self.prefix);
         write(&keys);
         let count = format!("{keys}written");
+        let arrived = |r: usize| format!("{keys}in/{r}");
         self.store.add(&count, 1);
-        self.wait_for_all(&count, what, |r| written(&keys, r));
+        self.store.set(&arrived(self.rank), b"");
+        self.wait_for_all(&count, what, arrived);
         let value = read(&keys);
         let read = format!("{keys}read");
         if self.store.add(&read, 1) == self.size as i64 {
             clean(&keys);
             self.store.delete(&count);
             self.store.delete(&read);
+            for r in 0..self.size {
+                self.store.delete(&arrived(r));
+            }
         }
         value
     }
@@ -373,7 +373,6 @@ impl Comm {
         self.collective(
             what,
             |keys| self.store.set(&format!("{keys}{}", self.rank), &sealed),
-            |keys, r| Some(format!("{keys}{r}")),
             |keys| {
                 (0..self.size)
                     .map(|r| self.opened(what, r, self.store.get(&format!("{keys}{r}"))))
@@ -395,7 +394,6 @@ impl Comm {
     pub fn all_to_all(&self, what: &str, parts: &[Option<&[u8]>]) -> Vec<Vec<u8>> {
         assert_eq!(parts.len(), self.size, "one part per rank");
         let key = |keys: &str, from: usize, to: usize| format!("{keys}{from}/{to}");
-        let receiver = parts.iter().position(Option::is_some);
         self.collective(
             what,
             |keys| {
@@ -406,7 +404,6 @@ impl Comm {
                     }
                 }
             },
-            |keys, r| receiver.map(|to| key(keys, r, to)),
             |keys| {
                 let mut received = vec![];
                 if parts[self.rank].is_some() {
@@ -854,8 +851,10 @@ mod tests {
     }
 
     /// A rank that does not come to a collective: the one waiting there stops after
-    /// --dist-timeout naming it and the collective; a rank that left: at once, naming it.
-    /// In a child process of this test, since the waiting rank ends its process.
+    /// --dist-timeout naming it and the collective — also when it was stopped after writing
+    /// its data but before counting itself in (as a SIGSTOP can land); a rank that left: at
+    /// once, naming it. In child processes of this test (run at once), since the waiting
+    /// rank ends its process.
     #[test]
     fn a_rank_that_hangs_or_leaves_is_named() {
         const CHILD: &str = "RLHF_MISSING_RANK_CHILD";
@@ -869,6 +868,12 @@ mod tests {
                         match (l.rank, how.as_str()) {
                             (0, _) => drop(comm.all_gather("sum of 3 Float", &[0])),
                             (_, "hang") => std::thread::sleep(Duration::from_secs(60)),
+                            (_, "hang-after-writing") => {
+                                // What all_gather's write does, and no more.
+                                let sealed = Comm::sealed("sum of 3 Float", &[1]);
+                                comm.store.set(&format!("{}c0/1", comm.prefix), &sealed);
+                                std::thread::sleep(Duration::from_secs(60))
+                            }
                             _ => drop(comm), // leaves before the collective
                         }
                     })
@@ -879,26 +884,34 @@ mod tests {
             }
             return;
         }
-        for (how, says) in [
-            (
-                "hang",
-                "rank 0: rank 1 did not arrive within --dist-timeout (5 s): hung, or far slower than this rank, at \"sum of 3 Float\" (collective 0)",
-            ),
+        let hung = "rank 0: rank 1 did not arrive within --dist-timeout (5 s): hung, or far slower than this rank, at \"sum of 3 Float\" (collective 0)";
+        let cases = [
+            ("hang", hung),
+            ("hang-after-writing", hung),
             (
                 "leave",
                 "rank 0: rank 1 left the run (it failed; see its message), at \"sum of 3 Float\"",
             ),
-        ] {
-            let started = std::time::Instant::now();
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "dist::tests::a_rank_that_hangs_or_leaves_is_named",
-                    "--nocapture",
-                ])
-                .env(CHILD, how)
-                .output()
-                .unwrap();
+        ];
+        let started = std::time::Instant::now();
+        let children: Vec<_> = cases
+            .iter()
+            .map(|(how, _)| {
+                std::process::Command::new(std::env::current_exe().unwrap())
+                    .args([
+                        "--exact",
+                        "dist::tests::a_rank_that_hangs_or_leaves_is_named",
+                        "--nocapture",
+                    ])
+                    .env(CHILD, how)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for ((how, says), child) in cases.iter().zip(children) {
+            let out = child.wait_with_output().unwrap();
             let log = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{how}: {log}");
             assert!(log.contains(says), "{how}: {log}");
