@@ -11,7 +11,7 @@ use tch::{Device, Kind};
 
 use crate::device::{self, DeviceChoice, DtypeChoice};
 use crate::error::{Error, Result};
-use crate::models::lora::{LoraConfig, TargetModules};
+use crate::models::lora::{LoraConfig, LoraInit, TargetModules};
 use crate::models::prompt_tuning::{PromptInit, PromptTuningConfig};
 use crate::models::ModelOptions;
 use crate::optim::{AdamWConfig, GradExchange, ZeroStage};
@@ -323,6 +323,13 @@ pub struct AdapterArgs {
     /// DoRA: a trained magnitude per output row beside A and B (PEFT's use_dora).
     #[arg(long)]
     pub use_dora: bool,
+    /// How A and B start (PEFT's init_lora_weights): true (A Kaiming-uniform, B zeros),
+    /// gaussian (A normal with std 1/r), pissa (the base weight's top r singular
+    /// directions; the base keeps the residual) or olora (its QR factors; likewise).
+    /// PiSSA and OLoRA adapters are written as plain LoRA adapters of rank 2r on the
+    /// unchanged base, as PEFT converts them.
+    #[arg(long, value_enum, default_value_t = LoraInit::Kaiming)]
+    pub init_lora_weights: LoraInit,
     /// Prompt tuning: this many trainable virtual tokens before every input, the whole
     /// model frozen (off when absent; not with --lora-r).
     #[arg(long)]
@@ -381,8 +388,9 @@ impl AdapterArgs {
                         && self.lora_target_modules.is_none()
                         && !self.use_rslora
                         && !self.use_dora
+                        && self.init_lora_weights == LoraInit::Kaiming
                         && self.lora_dropout == 0.0),
-                "--lora-alpha, --lora-dropout, --lora-target-modules, --use-rslora and --use-dora need --lora-r",
+                "--lora-alpha, --lora-dropout, --lora-target-modules, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
             ),
         ])
     }
@@ -401,6 +409,7 @@ impl AdapterArgs {
             use_rslora: self.use_rslora,
             use_dora: self.use_dora,
             patterns: Default::default(),
+            init: self.init_lora_weights,
         })
     }
 

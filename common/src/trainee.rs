@@ -161,9 +161,13 @@ pub fn micro_batches<T>(rows: &[T], size: usize) -> impl Iterator<Item = (&[T], 
 }
 
 fn parameter_counts(model: &Model) -> (i64, i64) {
+    // PiSSA's and OLoRA's frozen starts are copies, not parameters.
+    let start = format!(".{}", crate::models::lora::INITIAL);
     model
         .named_tensors()
-        .values()
+        .iter()
+        .filter(|(name, _)| !name.ends_with(&start))
+        .map(|(_, t)| t)
         .fold((0, 0), |(trained, total), t| {
             let n = t.numel() as i64;
             (trained + if t.requires_grad() { n } else { 0 }, total + n)

@@ -13,7 +13,8 @@ use std::process::Output;
 use std::sync::OnceLock;
 
 use common::cli::OptimArgs;
-use common::models::lora::{LoraConfig, TargetModules};
+use common::models::adapter::without_adapters;
+use common::models::lora::{LoraConfig, LoraInit, TargetModules};
 use common::ops::logprobs_of;
 use common::scoring::last_token_scores;
 use common::{Head, Model, ModelOptions, Trainee, World};
@@ -315,13 +316,15 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
 
 /// PEFT's per-layer settings (`rank_pattern`, `alpha_pattern`, `exclude_modules`,
 /// `layers_to_transform` with `layers_pattern`, rsLoRA, a regular expression as
-/// `target_modules`): adapters PEFT made load here with its log-probs, and what we save of
-/// them loads in PEFT, and merged in plain `transformers`, with ours.
+/// `target_modules`) and its starts that move part of the base into the adapter (PiSSA,
+/// OLoRA: redone on the base as the adapter loads): adapters PEFT made load here with its
+/// log-probs, and what we save of them (PiSSA and OLoRA as plain LoRA of rank 2r) loads in
+/// PEFT on the unchanged base, and merged in plain `transformers`, with ours.
 #[test]
 fn peft_layer_patterns_load_and_round_trip() {
     let f = fixture();
     let cases = f.reference["patterns"].as_object().unwrap();
-    assert_eq!(cases.len(), 3);
+    assert_eq!(cases.len(), 6);
     let mut saved = vec![];
     for (case, theirs) in cases {
         let model = load(&f.root.join(case), Head::Lm);
@@ -338,6 +341,17 @@ fn peft_layer_patterns_load_and_round_trip() {
         );
         let out = f.root.join(format!("saved-{case}"));
         model.save(&out.join("adapter"), None).unwrap();
+        if case.ends_with("pissa") || case.ends_with("olora") {
+            let config: Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                (&config["r"], &config["init_lora_weights"]),
+                (&json!(8), &json!(true)),
+                "{case}"
+            );
+        }
         model
             .save_merged(&out.join("merged"), Some(&f.root.join("llama")))
             .unwrap();
@@ -462,13 +476,27 @@ fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
     }
 }
 
-/// For LoRA and DoRA (whose magnitude starts at the base weights' row norms).
+/// For LoRA and DoRA (whose magnitude starts at the base weights' row norms), and the
+/// starts that move part of the base into the adapter (PiSSA, OLoRA: step 0 is the base up
+/// to rounding). With the adapters off the model is still the base it started from (the
+/// reference of PPO and DPO); the saved adapter (PiSSA's as plain LoRA of rank 2r) loads
+/// with the trained model's numbers, and restores it exactly in a model started anew (a
+/// resumed run).
 #[test]
 fn step_zero_is_the_base_and_only_the_adapters_train() {
     let f = fixture();
     let dir = f.root.join("llama");
     let base = load(&dir, Head::Lm);
-    for use_dora in [false, true] {
+    let base_logprobs = logprobs(&base);
+    let cases = [
+        (false, LoraInit::Kaiming),
+        (true, LoraInit::Kaiming),
+        (false, LoraInit::Gaussian),
+        (false, LoraInit::Pissa),
+        (true, LoraInit::Olora),
+    ];
+    for (use_dora, init) in cases {
+        let case = format!("dora {use_dora}, init {}", init.name());
         let lora = LoraConfig {
             r: 4,
             alpha: 8.0,
@@ -477,13 +505,20 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
             use_rslora: false,
             use_dora,
             patterns: Default::default(),
+            init,
         };
         let opts = ModelOptions::cpu(Head::Lm).with_lora(Some(lora));
         let (model, _) = Model::load(&dir, &opts).unwrap();
-        assert!(
-            logprobs(&model).equal(&logprobs(&base)),
-            "dora {use_dora}: step 0 differs from the base"
-        );
+        let start = logprobs(&model);
+        if init.moves_base() {
+            let diff = max_diff(&start, &f.reference["llama"]["base"]);
+            assert!(diff < 1e-5, "{case}: step 0 is {diff:e} from the base");
+        } else {
+            assert!(
+                start.equal(&base_logprobs),
+                "{case}: step 0 differs from the base"
+            );
+        }
         let frozen: Vec<(String, Tensor)> = model
             .named_tensors()
             .into_iter()
@@ -511,15 +546,66 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
         }
         let after = trainee.model.named_tensors();
         for (name, before) in &frozen {
-            assert!(after[name].equal(before), "dora {use_dora}: {name} changed");
+            assert!(after[name].equal(before), "{case}: {name} changed");
         }
-        assert!(max_diff(&logprobs(&trainee.model), &f.reference["llama"]["base"]) > 1e-3);
+        let trained = logprobs(&trainee.model);
+        assert!(max_diff(&trained, &f.reference["llama"]["base"]) > 1e-3);
+        let off = without_adapters(|| logprobs(&trainee.model));
+        let diff = max_diff(&off, &f.reference["llama"]["base"]);
+        assert!(diff < 1e-5, "{case}: adapters off, {diff:e} from the base");
+        let saved = f.root.join(format!("step-zero-{use_dora}-{}", init.name()));
+        trainee.model.save(&saved, None).unwrap();
+        let reloaded = logprobs(&load(&saved, Head::Lm));
+        let diff = (reloaded - &trained).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{case}: the saved adapter is {diff:e} away");
+        let (resumed, _) = Model::load(&dir, &opts).unwrap();
+        resumed.load_weights(&saved).unwrap();
+        assert!(
+            logprobs(&resumed).equal(&logprobs(&trainee.model)),
+            "{case}: restored from its save, the model differs"
+        );
+        if init.moves_base() {
+            // A save whose start is not the one the base gives here (another machine's
+            // SVD): the base is re-based to it, and is still the base with adapters off.
+            let other = f.root.join(format!("{}-other-start", saved.display()));
+            std::fs::create_dir_all(&other).unwrap();
+            let config = "adapter_config.json";
+            std::fs::copy(saved.join(config), other.join(config)).unwrap();
+            let file = "adapter_model.safetensors";
+            let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(saved.join(file))
+                .unwrap()
+                .into_iter()
+                .map(|(n, t)| {
+                    if n.contains(".lora_A.") {
+                        (n, t * 1.01)
+                    } else {
+                        (n, t)
+                    }
+                })
+                .collect();
+            Tensor::write_safetensors(&tensors, other.join(file)).unwrap();
+            let (rebased, _) = Model::load(&dir, &opts).unwrap();
+            rebased.load_weights(&other).unwrap();
+            let off = without_adapters(|| logprobs(&rebased));
+            let diff = max_diff(&off, &f.reference["llama"]["base"]);
+            assert!(
+                diff < 1e-5,
+                "{case}: re-based, adapters off, {diff:e} from the base"
+            );
+            let theirs = logprobs(&load(&other, Head::Lm));
+            let diff = (logprobs(&rebased) - theirs).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-5,
+                "{case}: re-based, {diff:e} from the adapter loaded anew"
+            );
+        }
     }
 }
 
 /// With LoRA dropout, too: the checkpoint keeps the random generator's state
 /// (`rng_state_0.safetensors`), so the resumed steps draw the uninterrupted run's masks.
-/// DoRA (its dropout path recomputes the base output) and LoRA+ ride along.
+/// DoRA (its dropout path recomputes the base output), LoRA+ and PiSSA (its checkpoint is
+/// the plain rank-2r adapter, split again on resume) ride along.
 #[test]
 fn killed_adapter_run_resumes_to_the_same_adapter() {
     let f = fixture();
@@ -533,6 +619,8 @@ fn killed_adapter_run_resumes_to_the_same_adapter() {
         "--use-dora",
         "--loraplus-lr-ratio",
         "4",
+        "--init-lora-weights",
+        "pissa",
     ];
     let straight = f.root.join("run-resume-straight");
     ok(&train_adapter("llama", &straight, &args, &[]));
@@ -585,6 +673,21 @@ fn bad_adapter_inputs_end_in_one_line() {
         (
             train_adapter("llama", &out, &["--prompt-tuning-tokens", "3"], &[]),
             "--lora-r and --prompt-tuning-tokens cannot be combined (one adapter per run)",
+        ),
+        (
+            train_adapter("llama", &out, &["--lora-r", "20", "--init-lora-weights", "pissa"], &[]),
+            "--init-lora-weights pissa: rank 20 is more than model.layers.0.self_attn.v_proj [16, 32] can hold (its smaller side)",
+        ),
+        (
+            sft(
+                &[
+                    "train", "--model", f.root.join("llama").to_str().unwrap(), "--data",
+                    data.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--device", "cpu",
+                    "--init-lora-weights", "olora",
+                ],
+                &[],
+            ),
+            "--lora-alpha, --lora-dropout, --lora-target-modules, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
         ),
         (
             train_adapter("llama", &out, &["--lora-target-modules", "q_proj,nope"], &[]),

@@ -8,7 +8,7 @@ the Rust side wrote.
         DIR/<arch>-peft-score/  a SEQ_CLS LoRA adapter (every linear layer + score head)
         DIR/<arch>-prompt/   a prompt-tuning adapter (5 random virtual tokens)
         DIR/<arch>-dora/     a DoRA adapter on every linear layer, A, B and magnitude random
-        DIR/<arch>-<case>/   LoRA adapters with PEFT's per-layer settings (PATTERNS)
+        DIR/<arch>-<case>/   LoRA adapters with PEFT's per-layer settings and starts (PATTERNS)
         prints {arch: {"base", "peft", "prompt", "dora": logprobs, "peft_score": scores,
                 "dora_grad": {our tensor name: gradient of the summed log-probs}},
                 "patterns": {"<arch>-<case>": logprobs}}
@@ -57,6 +57,12 @@ PATTERNS = {
                          layers_to_transform=[1], layers_pattern="layers",
                          use_rslora=True, exclude_modules=["o_proj"]),
     "gpt2-regex": dict(target_modules=r".*\.c_(attn|fc)", rank_pattern={"c_fc": 3}),
+    # Starts that move part of the base into A and B (redone on the base when PEFT loads
+    # the adapter): PiSSA on GPT-2's Conv1D and on every Llama layer, OLoRA on Qwen2's
+    # biased projections (PEFT's OLoRA does not transpose Conv1D weights).
+    "gpt2-pissa": dict(init_lora_weights="pissa"),
+    "llama-pissa": dict(target_modules="all-linear", init_lora_weights="pissa", use_rslora=True),
+    "qwen2-olora": dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], init_lora_weights="olora"),
 }
 
 

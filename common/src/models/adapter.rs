@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::lora::{LayerPatterns, LoraConfig, TargetModules};
+use super::lora::{LayerPatterns, LoraConfig, LoraInit, TargetModules};
 use super::prompt_tuning::{self, PromptTuningConfig};
 use crate::error::{Error, Result};
 
@@ -236,6 +236,7 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
         target_modules,
         use_rslora: v.get("use_rslora").and_then(Value::as_bool) == Some(true),
         use_dora: v.get("use_dora").and_then(Value::as_bool) == Some(true),
+        init: LoraInit::from_peft(get("init_lora_weights"))?,
         patterns: LayerPatterns {
             exclude_modules,
             layers_to_transform,
@@ -293,6 +294,16 @@ mod tests {
                 "target_modules 'q_proj(' is not a regular expression",
             ),
             (
+                "init_lora_weights",
+                json!("corda"),
+                "init_lora_weights 'corda' is not supported (supported: true, false, gaussian, eva, orthogonal, pissa, olora)",
+            ),
+            (
+                "init_lora_weights",
+                json!("pissa_niter_4"),
+                "init_lora_weights 'pissa_niter_4' is not supported",
+            ),
+            (
                 "rank_pattern",
                 json!({"v_proj": 0}),
                 "rank_pattern[\"v_proj\"] must be a positive number",
@@ -308,6 +319,15 @@ mod tests {
             assert!(err.starts_with(message), "{key}: {err}");
         }
         assert!(with("modules_to_save", json!(["classifier", "score"])).is_ok());
+        for (init, want) in [
+            (json!(false), LoraInit::Kaiming),
+            (json!("gaussian"), LoraInit::Gaussian),
+            (json!("eva"), LoraInit::Kaiming),
+            (json!("pissa"), LoraInit::Pissa),
+            (json!("olora"), LoraInit::Olora),
+        ] {
+            assert_eq!(with("init_lora_weights", init).unwrap().init, want);
+        }
         let cfg = with("layers_to_transform", json!(1)).unwrap();
         assert!(cfg.targets("model.layers.1.self_attn.q_proj"));
         assert!(!cfg.targets("model.layers.0.self_attn.q_proj"));

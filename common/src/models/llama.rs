@@ -420,8 +420,10 @@ pub(crate) fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[x2.neg(), x1], -1)
 }
 
-/// The attention's input projections: separate, or Phi-3's one `qkv_proj`.
+/// The attention's input projections: separate, or Phi-3's one `qkv_proj`. (One per
+/// layer: the separate variant's size does not matter.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Qkv {
     Separate { q: Linear, k: Linear, v: Linear },
     Fused(Linear),

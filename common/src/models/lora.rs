@@ -13,6 +13,16 @@
 //! 0 is still the base model exactly; it is initialised once the base weights are loaded
 //! ([`dora_magnitude`]).
 //!
+//! PiSSA (Meng et al. 2024) and OLoRA (Büyükakyüz 2024), PEFT's `init_lora_weights`
+//! `"pissa"` and `"olora"`, start `A` and `B` from the base weight instead (its top `r`
+//! singular directions; its QR factors) and replace the base by the residual
+//! `W − scaling·B·A`, so step 0 is the base model up to rounding ([`moved_start`]). The
+//! starting `A₀`, `B₀` stay beside the adapter, frozen: with adapters switched off the layer
+//! computes `W − scaling·B₀·A₀ + scaling·B₀·A₀ = W`, the base it started from (the
+//! reference of PPO and DPO), and on disk the adapter is written as PEFT's
+//! `path_initial_model_for_weight_conversion` writes it: a plain LoRA adapter of rank 2r,
+//! `[A; A₀]` and `[B, −B₀]`, on the unchanged base ([`LoraConfig::converted`]).
+//!
 //! On disk an adapter is PEFT's directory (`super::adapter`): `adapter_config.json` and
 //! `adapter_model.safetensors` with keys `base_model.model.<module>.lora_{A,B}.weight`
 //! (and `….lora_magnitude_vector` with DoRA).
@@ -151,6 +161,9 @@ pub fn key_regex(key: &str) -> std::result::Result<fancy_regex::Regex, String> {
 
 /// DoRA's magnitude vector under a module's path (PEFT's key, without `.weight`).
 pub const MAGNITUDE: &str = "lora_magnitude_vector";
+/// PiSSA's and OLoRA's frozen start beside `lora_A.weight` and `lora_B.weight`
+/// (`<module>.lora_A.initial_weight`); never written as such (see [`LoraConfig::converted`]).
+pub const INITIAL: &str = "initial_weight";
 
 /// Whether a variable name is an adapter's (`….lora_A.weight`, `….lora_B.weight`,
 /// `….lora_magnitude_vector`).
@@ -181,6 +194,62 @@ pub fn default_targets(model_type: ModelType) -> Vec<String> {
     }
 }
 
+/// How `A` and `B` start (PEFT's `init_lora_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraInit {
+    /// `A` Kaiming-uniform (a = √5), `B` zeros (PEFT's `True`).
+    #[default]
+    #[value(name = "true")]
+    #[serde(rename = "true")]
+    Kaiming,
+    /// `A` ~ N(0, 1/r²) (std 1/r), `B` zeros.
+    Gaussian,
+    /// PiSSA: `B·A` the base weight's top `r` singular triplets (√(σ/scaling) on each
+    /// side), the base replaced by the residual.
+    Pissa,
+    /// OLoRA: `B`, `A` the first `r` columns and rows of the base weight's QR
+    /// factors, the base replaced by the residual.
+    Olora,
+}
+
+impl LoraInit {
+    /// PEFT's `init_lora_weights` in `adapter_config.json`. Starts that leave the base weight
+    /// as it is load as any adapter (the stored `A` and `B` are all that counts); PiSSA and
+    /// OLoRA are redone on the base, as PEFT does when it loads them; the other starts that
+    /// change the base are refused.
+    pub fn from_peft(v: &Value) -> std::result::Result<Self, String> {
+        match v {
+            Value::Null | Value::Bool(_) => Ok(LoraInit::Kaiming),
+            Value::String(s) => match s.to_lowercase().as_str() {
+                "gaussian" => Ok(LoraInit::Gaussian),
+                "pissa" => Ok(LoraInit::Pissa),
+                "olora" => Ok(LoraInit::Olora),
+                "eva" | "orthogonal" => Ok(LoraInit::Kaiming),
+                other => Err(format!(
+                    "init_lora_weights '{other}' is not supported (supported: true, false, gaussian, eva, orthogonal, pissa, olora)"
+                )),
+            },
+            other => Err(format!("init_lora_weights {other} is not supported")),
+        }
+    }
+
+    /// Its name on the command line and in `adapter_config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraInit::Kaiming => "true",
+            LoraInit::Gaussian => "gaussian",
+            LoraInit::Pissa => "pissa",
+            LoraInit::Olora => "olora",
+        }
+    }
+
+    /// Whether the start moves part of the base weight into `A` and `B`.
+    pub fn moves_base(self) -> bool {
+        matches!(self, LoraInit::Pissa | LoraInit::Olora)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
     pub r: i64,
@@ -192,6 +261,8 @@ pub struct LoraConfig {
     pub use_dora: bool,
     /// Per-layer selections and ranks of a PEFT adapter directory.
     pub patterns: LayerPatterns,
+    /// How `A` and `B` start.
+    pub init: LoraInit,
 }
 
 impl LoraConfig {
@@ -252,6 +323,38 @@ impl LoraConfig {
         exclude.is_some_and(|e| e.matches(module).0)
     }
 
+    /// The plain adapter a PiSSA or OLoRA adapter is written as (PEFT's
+    /// `path_initial_model_for_weight_conversion`): every rank doubled (`[A; A₀]`,
+    /// `[B, −B₀]`), every α doubled (× √2 with rsLoRA) so each layer keeps its scale, the
+    /// base left as it was.
+    pub fn converted(&self) -> Self {
+        let factor = if self.use_rslora {
+            std::f64::consts::SQRT_2
+        } else {
+            2.0
+        };
+        let p = &self.patterns;
+        LoraConfig {
+            r: 2 * self.r,
+            alpha: factor * self.alpha,
+            init: LoraInit::Kaiming,
+            patterns: LayerPatterns {
+                rank_pattern: p
+                    .rank_pattern
+                    .iter()
+                    .map(|(k, r)| (k.clone(), 2 * r))
+                    .collect(),
+                alpha_pattern: p
+                    .alpha_pattern
+                    .iter()
+                    .map(|(k, a)| (k.clone(), factor * a))
+                    .collect(),
+                ..p.clone()
+            },
+            ..self.clone()
+        }
+    }
+
     /// `adapter_config.json` as PEFT writes it; `targets` are the adapted modules' names
     /// (written where the targets were not given as names or a regular expression).
     pub fn to_peft(
@@ -295,7 +398,10 @@ impl LoraConfig {
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
             "modules_to_save": modules_to_save,
-            "init_lora_weights": true,
+            "init_lora_weights": match self.init {
+                LoraInit::Kaiming => json!(true),
+                init => json!(init.name()),
+            },
             "inference_mode": true,
             "layers_to_transform": p.layers_to_transform,
             "layers_pattern": layers_pattern,
@@ -315,6 +421,8 @@ pub struct LoraAdapter {
     pub b: Tensor,
     /// DoRA's `m`, `[out]`.
     pub magnitude: Option<Tensor>,
+    /// PiSSA's and OLoRA's starting `(A₀, B₀)`, frozen: what the base gave up.
+    pub initial: Option<(Tensor, Tensor)>,
     pub scaling: f64,
     dropout: f64,
     /// GPT-2's Conv1D: the base weight is stored `[in, out]`.
@@ -334,22 +442,34 @@ impl LoraAdapter {
         let r = cfg.rank(module);
         // kaiming_uniform_(a=√5) on [r, in]: bound = √(6 / ((1 + a²)·fan_in)) = 1/√in.
         let bound = 1.0 / (in_dim as f64).sqrt();
-        let a = (p / "lora_A").var(
-            "weight",
-            &[r, in_dim],
-            Init::Uniform {
+        let init = match cfg.init {
+            LoraInit::Gaussian => Init::Randn {
+                mean: 0.0,
+                stdev: 1.0 / r as f64,
+            },
+            // PiSSA and OLoRA overwrite it once the base is loaded.
+            _ => Init::Uniform {
                 lo: -bound,
                 up: bound,
             },
-        );
+        };
+        let a = (p / "lora_A").var("weight", &[r, in_dim], init);
         let b = (p / "lora_B").var("weight", &[out_dim, r], Init::Const(0.0));
         let magnitude = cfg
             .use_dora
             .then(|| p.var(MAGNITUDE, &[out_dim], Init::Const(1.0)));
+        let initial = cfg.init.moves_base().then(|| {
+            let frozen = |t: Tensor| t.set_requires_grad(false);
+            (
+                frozen((p / "lora_A").var(INITIAL, &[r, in_dim], Init::Const(0.0))),
+                frozen((p / "lora_B").var(INITIAL, &[out_dim, r], Init::Const(0.0))),
+            )
+        });
         LoraAdapter {
             a,
             b,
             magnitude,
+            initial,
             scaling: cfg.scaling(module),
             dropout: cfg.dropout,
             fan_in_fan_out,
@@ -360,7 +480,18 @@ impl LoraAdapter {
     /// adapters are switched off); `weight` and `bias` are the base layer's, for DoRA.
     pub fn add_to(&self, y: Tensor, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         if !adapters_enabled() {
-            return y;
+            // The base it started from: PiSSA's and OLoRA's residual gets its start back.
+            return match &self.initial {
+                Some((a0, b0)) => {
+                    let start = x
+                        .to_kind(a0.kind())
+                        .linear::<Tensor>(a0, None)
+                        .linear::<Tensor>(b0, None)
+                        * self.scaling;
+                    y + start.to_kind(x.kind())
+                }
+                None => y,
+            };
         }
         let xa = x.to_kind(self.a.kind());
         let dropout = self.dropout > 0.0 && super::grad_enabled();
@@ -431,6 +562,60 @@ fn low_rank(a: &Tensor, b: &Tensor, scaling: f64) -> Tensor {
     b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float)) * scaling
 }
 
+/// A residual base weight (as stored) re-based from one start `(A₀, B₀)` to another:
+/// `W + scaling·B₀·A₀ − scaling·B₁·A₁` (a resumed run whose checkpoint holds another start
+/// than the one just computed from the base).
+pub fn rebased(
+    weight: &Tensor,
+    (a0, b0): (&Tensor, &Tensor),
+    (a1, b1): (&Tensor, &Tensor),
+    scaling: f64,
+    fan_in_fan_out: bool,
+) -> Tensor {
+    let w = out_in(weight, fan_in_fan_out).to_kind(Kind::Float) + low_rank(a0, b0, scaling)
+        - low_rank(a1, b1, scaling);
+    out_in(&w, fan_in_fan_out).to_kind(weight.kind())
+}
+
+/// PiSSA's or OLoRA's start from a base weight (as stored; PEFT's `pissa_init`,
+/// `olora_init`): `(A, B, residual)`, `A` `[r, in]` and `B` `[out, r]` in f32 and the
+/// residual `W − scaling·B·A` as stored, in the weight's dtype, so that
+/// `residual + scaling·B·A` is the weight up to rounding. PiSSA: `W = U·S·Vᴴ`,
+/// `A = √(S_r / scaling)·Vᴴ_r`, `B = U_r·√(S_r / scaling)`; OLoRA: `W = Q·R`, `A = R_r`,
+/// `B = Q_r`. `None` when `r` is more than the weight's rank can be.
+pub fn moved_start(
+    init: LoraInit,
+    weight: &Tensor,
+    r: i64,
+    scaling: f64,
+    fan_in_fan_out: bool,
+) -> Option<(Tensor, Tensor, Tensor)> {
+    let w = out_in(weight, fan_in_fan_out).to_kind(Kind::Float);
+    let size = w.size();
+    if r > size[0].min(size[1]) {
+        return None;
+    }
+    let (a, b) = match init {
+        LoraInit::Pissa => {
+            // torch.svd is linalg_svd with the default driver, as PEFT calls it.
+            let (u, s, v) = w.svd(true, true);
+            let root = (s.narrow(0, 0, r) / scaling).sqrt();
+            let a = root.unsqueeze(1) * v.narrow(1, 0, r).transpose(0, 1);
+            let b = u.narrow(1, 0, r) * root.unsqueeze(0);
+            (a, b)
+        }
+        LoraInit::Olora => {
+            let (q, rr) = Tensor::linalg_qr(&w, "reduced");
+            (rr.narrow(0, 0, r), q.narrow(1, 0, r))
+        }
+        LoraInit::Kaiming | LoraInit::Gaussian => unreachable!("{init:?} leaves the base as it is"),
+    };
+    let (a, b) = (a.contiguous(), b.contiguous());
+    let residual = &w - low_rank(&a, &b, scaling);
+    let residual = out_in(&residual, fan_in_fan_out).to_kind(weight.kind());
+    Some((a, b, residual))
+}
+
 /// The base weight with the adapter folded in, as stored and in its dtype: `W + scaling·B·A`,
 /// or with DoRA `m / ‖W + scaling·B·A‖ · (W + scaling·B·A)` (PEFT's `merge`).
 pub fn merged_weight(
@@ -464,6 +649,7 @@ mod tests {
             use_rslora: false,
             use_dora: false,
             patterns: Default::default(),
+            init: Default::default(),
         };
         assert!(cfg.targets("model.layers.0.self_attn.q_proj"));
         assert!(cfg.targets("model.layers.1.mlp.down_proj"));
@@ -485,5 +671,79 @@ mod tests {
         assert!(!gpt2.targets("transformer.h.0.attn.c_proj"));
         let qwen2 = default.resolved(ModelType::Qwen2);
         assert!(qwen2.targets("model.layers.3.self_attn.v_proj"));
+    }
+
+    /// PiSSA's and OLoRA's starts hold the part of the weight the residual gave up
+    /// (`residual + scaling·B·A = W`, in both layouts); PiSSA's is the top of the spectrum,
+    /// OLoRA's `A` the top rows of an upper-triangular `R`; a rank the weight cannot have
+    /// is `None`.
+    #[test]
+    fn moved_starts_split_the_weight() {
+        tch::manual_seed(0);
+        let w = Tensor::randn([6, 5], (Kind::Float, tch::Device::Cpu));
+        let scaling = 2.0;
+        for init in [LoraInit::Pissa, LoraInit::Olora] {
+            for fan_in_fan_out in [false, true] {
+                let stored = if fan_in_fan_out {
+                    w.tr().contiguous()
+                } else {
+                    w.shallow_clone()
+                };
+                let (a, b, residual) =
+                    moved_start(init, &stored, 3, scaling, fan_in_fan_out).unwrap();
+                assert_eq!((a.size(), b.size()), (vec![3, 5], vec![6, 3]));
+                assert_eq!(residual.size(), stored.size());
+                let back = out_in(&residual, fan_in_fan_out) + low_rank(&a, &b, scaling);
+                let diff = (back - &w).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "{init:?} {fan_in_fan_out}: {diff:e}");
+                if init == LoraInit::Pissa {
+                    let top = low_rank(&a, &b, scaling).svd(true, false).1.narrow(0, 0, 3);
+                    let (_, s, _) = w.svd(true, true);
+                    let diff = (top - s.narrow(0, 0, 3)).abs().max().double_value(&[]);
+                    assert!(diff < 1e-5, "PiSSA keeps the top singular values: {diff:e}");
+                } else {
+                    assert!(
+                        a.tril(-1).abs().max().double_value(&[]) < 1e-7,
+                        "R is upper-triangular"
+                    );
+                }
+            }
+            assert!(moved_start(init, &w, 6, scaling, false).is_none());
+        }
+    }
+
+    /// The rank-2r adapter a PiSSA or OLoRA adapter is written as keeps every layer's scale.
+    #[test]
+    fn converted_configs_keep_each_scale() {
+        for use_rslora in [false, true] {
+            let cfg = LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                target_modules: TargetModules::AllLinear,
+                use_rslora,
+                use_dora: false,
+                patterns: LayerPatterns {
+                    rank_pattern: vec![("v_proj".into(), 2)],
+                    alpha_pattern: vec![("layers.1.self_attn.q_proj".into(), 32.0)],
+                    ..Default::default()
+                },
+                init: LoraInit::Pissa,
+            };
+            let converted = cfg.converted();
+            assert_eq!(converted.init, LoraInit::Kaiming);
+            for module in [
+                "model.layers.0.self_attn.v_proj",
+                "model.layers.1.self_attn.q_proj",
+                "model.layers.0.mlp.up_proj",
+            ] {
+                assert_eq!(converted.rank(module), 2 * cfg.rank(module), "{module}");
+                let (a, b) = (converted.scaling(module), cfg.scaling(module));
+                assert!(
+                    (a - b).abs() < 1e-12,
+                    "rslora {use_rslora}, {module}: {a} vs {b}"
+                );
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@ pub mod prompt_tuning;
 mod recompute;
 pub mod vocab;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::Path;
 
@@ -324,6 +324,9 @@ impl Model {
     /// with LoRA, the adapters as PEFT initialises them and the base frozen.
     pub fn new(config: ModelConfig, opts: &ModelOptions) -> Self {
         let model = Self::build(config, opts);
+        if let Err(e) = model.start_moved() {
+            panic!("{e}");
+        }
         model.start_dora();
         model
     }
@@ -433,7 +436,7 @@ impl Model {
                 adapter::AdapterKind::PromptTuning(p) => opts.clone().with_prompt_tuning(Some(p)),
             };
             let (mut model, report) = Model::load(&base, &opts)?;
-            model.load_adapter(dir)?;
+            model.load_adapter(dir, false)?;
             model.config.raw.extend(adapter.carried);
             return Ok((model, report));
         }
@@ -459,6 +462,9 @@ impl Model {
             &optional,
         )?;
         model.start_prompt();
+        model
+            .start_moved()
+            .map_err(|m| Error::config(dir.join("config.json"), m))?;
         model.start_dora();
         if model.options.has_adapter() {
             model.base_dir = Some(std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf()));
@@ -497,6 +503,42 @@ impl Model {
             let rows = self.embed(&ids.unsqueeze(0)).squeeze_dim(0);
             prompt.shallow_clone().copy_(&rows.to_kind(prompt.kind()));
         }
+    }
+
+    /// PiSSA's and OLoRA's start (`lora::moved_start`): `A`, `B` and their frozen copies
+    /// from each adapted base weight (as loaded), the base weight replaced by the residual.
+    /// An error names a layer whose rank is less than `r`.
+    fn start_moved(&self) -> std::result::Result<(), String> {
+        let Some(cfg) = self.options.lora.as_ref().filter(|l| l.init.moves_base()) else {
+            return Ok(());
+        };
+        let tensors = self.named_tensors();
+        let _guard = tch::no_grad_guard();
+        let fan_in_fan_out = self.config.model_type == ModelType::Gpt2;
+        for module in self.adapted_modules() {
+            let get = |n: &str| tensors[&format!("{module}.{n}")].shallow_clone();
+            let mut w = get("weight");
+            let r = cfg.rank(&module);
+            let (a, b, residual) =
+                lora::moved_start(cfg.init, &w, r, cfg.scaling(&module), fan_in_fan_out)
+                    .ok_or_else(|| {
+                        format!(
+                            "--init-lora-weights {}: rank {r} is more than {module} {:?} can hold (its smaller side)",
+                            cfg.init.name(),
+                            w.size()
+                        )
+                    })?;
+            for (name, value) in [
+                ("lora_A.weight".to_string(), &a),
+                ("lora_B.weight".to_string(), &b),
+                (format!("lora_A.{}", lora::INITIAL), &a),
+                (format!("lora_B.{}", lora::INITIAL), &b),
+            ] {
+                get(&name).copy_(value);
+            }
+            w.copy_(&residual);
+        }
+        Ok(())
     }
 
     /// DoRA's magnitudes start as the row norms of the adapted weights (as loaded).
@@ -580,7 +622,7 @@ impl Model {
     /// directory and only the adapters (and a scalar head) are read.
     pub fn load_weights(&self, dir: &Path) -> Result<()> {
         if self.options.has_adapter() {
-            return self.load_adapter(dir);
+            return self.load_adapter(dir, true);
         }
         checkpoint::load_into(&self.vs.variables(), dir, |_| vec![], &[]).map(|_| ())
     }
@@ -594,15 +636,82 @@ impl Model {
             .collect()
     }
 
-    /// Reads `adapter_model.safetensors` of `dir` into the adapters.
-    fn load_adapter(&self, dir: &Path) -> Result<()> {
-        let vars = self
-            .adapter_tensors()
-            .into_iter()
-            .map(|(name, t)| (adapter::peft_key(&name), t))
-            .collect();
+    /// Reads `adapter_model.safetensors` of `dir` into the adapters. PiSSA's and OLoRA's
+    /// layers: `A` and `B` as PEFT writes them (their start redone on the base, as PEFT
+    /// loads them), or `converted`, as [`Model::save`] writes them (`[A; A₀]`,
+    /// `[B, −B₀]`: a resumed run), when the start stored is the one the base gives again,
+    /// else the base is re-based to it.
+    fn load_adapter(&self, dir: &Path, converted: bool) -> Result<()> {
+        let tensors = self.adapter_tensors();
+        let moved = self.moved_modules();
+        let mut vars: HashMap<String, Tensor> = HashMap::new();
+        for (name, t) in &tensors {
+            let joined = |dim: usize| {
+                let mut size = t.size();
+                size[dim] *= 2;
+                Tensor::zeros(size, (t.kind(), t.device()))
+            };
+            let value = match name.rsplit_once(".lora_") {
+                _ if name.ends_with(lora::INITIAL) => continue,
+                Some((module, "A.weight")) if converted && moved.contains(module) => joined(0),
+                Some((module, "B.weight")) if converted && moved.contains(module) => joined(1),
+                _ => t.shallow_clone(),
+            };
+            vars.insert(adapter::peft_key(name), value);
+        }
         let _guard = tch::no_grad_guard();
-        checkpoint::load_file(&vars, &dir.join(adapter::ADAPTER_WEIGHTS))
+        checkpoint::load_file(&vars, &dir.join(adapter::ADAPTER_WEIGHTS))?;
+        if !converted || moved.is_empty() {
+            return Ok(());
+        }
+        let cfg = self.options.lora.as_ref().expect("moved modules have LoRA");
+        let weights = self.named_tensors();
+        let fan_in_fan_out = self.config.model_type == ModelType::Gpt2;
+        let mut rebased = 0;
+        for module in &moved {
+            let get = |n: &str| tensors[&format!("{module}.{n}")].shallow_clone();
+            let loaded = |n: &str| &vars[&adapter::peft_key(&format!("{module}.{n}"))];
+            let r = cfg.rank(module);
+            let (ja, jb) = (loaded("lora_A.weight"), loaded("lora_B.weight"));
+            let (a1, b1) = (ja.narrow(0, r, r), -jb.narrow(1, r, r));
+            let (mut a0, mut b0) = (
+                get(&format!("lora_A.{}", lora::INITIAL)),
+                get(&format!("lora_B.{}", lora::INITIAL)),
+            );
+            get("lora_A.weight").copy_(&ja.narrow(0, 0, r));
+            get("lora_B.weight").copy_(&jb.narrow(1, 0, r));
+            if a0.equal(&a1) && b0.equal(&b1) {
+                continue;
+            }
+            let mut w = weights[&format!("{module}.weight")].shallow_clone();
+            let moved = lora::rebased(
+                &w,
+                (&a0, &b0),
+                (&a1, &b1),
+                cfg.scaling(module),
+                fan_in_fan_out,
+            );
+            w.copy_(&moved);
+            a0.copy_(&a1);
+            b0.copy_(&b1);
+            rebased += 1;
+        }
+        if rebased > 0 {
+            tracing::warn!(
+                "{}: {rebased} layers' stored PiSSA/OLoRA start differs from the one computed from the base now (another machine or library?): their base weights were re-based to it, up to rounding",
+                dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The modules whose adapter moved part of the base weight into it (PiSSA, OLoRA).
+    fn moved_modules(&self) -> BTreeSet<String> {
+        let suffix = format!(".lora_A.{}", lora::INITIAL);
+        self.named_tensors()
+            .into_keys()
+            .filter_map(|n| n.strip_suffix(&suffix).map(str::to_string))
+            .collect()
     }
 
     /// The modules that carry an adapter, by path.
@@ -989,8 +1098,20 @@ impl Model {
     }
 
     fn save_adapter(&self, dir: &Path, sidecar_from: Option<&Path>) -> Result<()> {
-        let tensors = self
-            .adapter_tensors()
+        // PiSSA's and OLoRA's layers as the plain LoRA of the unchanged base they are
+        // (PEFT's `path_initial_model_for_weight_conversion`).
+        let mut tensors = self.adapter_tensors();
+        for module in self.moved_modules() {
+            let mut take = |n: &str| tensors.remove(&format!("{module}.{n}")).unwrap();
+            let (a, b) = (take("lora_A.weight"), take("lora_B.weight"));
+            let (a0, b0) = (
+                take(&format!("lora_A.{}", lora::INITIAL)),
+                take(&format!("lora_B.{}", lora::INITIAL)),
+            );
+            tensors.insert(format!("{module}.lora_A.weight"), Tensor::cat(&[a, a0], 0));
+            tensors.insert(format!("{module}.lora_B.weight"), Tensor::cat(&[b, -b0], 1));
+        }
+        let tensors = tensors
             .into_iter()
             .map(|(name, t)| (adapter::peft_key(&name), t))
             .collect();
@@ -1010,6 +1131,10 @@ impl Model {
                 targets.sort();
                 targets.dedup();
                 let gpt2 = self.config.model_type == ModelType::Gpt2;
+                let cfg = match cfg.init.moves_base() {
+                    true => cfg.converted(),
+                    false => cfg.clone(),
+                };
                 cfg.to_peft(base, task, &targets, gpt2, to_save)
             }
             (None, Some(cfg)) => {
@@ -1054,6 +1179,9 @@ impl Model {
             let a = tensors.remove(&format!("{module}.lora_A.weight")).unwrap();
             let b = tensors.remove(&format!("{module}.lora_B.weight")).unwrap();
             let m = tensors.remove(&format!("{module}.{}", lora::MAGNITUDE));
+            for part in ["lora_A", "lora_B"] {
+                tensors.remove(&format!("{module}.{part}.{}", lora::INITIAL));
+            }
             let name = format!("{module}.weight");
             let scaling = self
                 .options

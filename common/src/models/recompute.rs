@@ -161,6 +161,7 @@ mod tests {
             use_rslora: false,
             use_dora: false,
             patterns: Default::default(),
+            init: Default::default(),
         };
         let prompt = PromptTuningConfig {
             num_virtual_tokens: 3,
