@@ -261,7 +261,8 @@ impl RunArgs {
     }
 }
 
-/// `--chat-template-path` and `--eos-token`: what a run changes in the model's tokenizer.
+/// `--chat-template-path`, `--eos-token` and `--chat-template-kwargs`: what a run changes in
+/// the model's tokenizer.
 #[derive(Debug, Clone, Args, Serialize, Default)]
 pub struct TokenizerArgs {
     /// A .jinja (or .j2) chat template used instead of the tokenizer's for every
@@ -275,6 +276,18 @@ pub struct TokenizerArgs {
     /// tokenizer_config.json, generation_config.json and config.json.
     #[arg(long)]
     pub eos_token: Option<String>,
+    /// More variables for the chat template, a JSON object (TRL's `chat_template_kwargs`,
+    /// e.g. '{"enable_thinking": false}' for Qwen3): for every conversation of the run; a
+    /// row's own `chat_template_kwargs` field overrides them.
+    #[arg(long, value_parser = parse_template_kwargs)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn parse_template_kwargs(
+    s: &str,
+) -> std::result::Result<serde_json::Map<String, serde_json::Value>, String> {
+    let v: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))?;
+    data::formats::template_kwargs(&v)
 }
 
 impl TokenizerArgs {
@@ -295,6 +308,9 @@ impl TokenizerArgs {
             let id = tok.eos_id.expect("set");
             model.tokenizer_overrides.eos = Some((token.clone(), id));
             model.config.raw.insert("eos_token_id".into(), id.into());
+        }
+        if let Some(kwargs) = &self.chat_template_kwargs {
+            tok = tok.with_template_kwargs(kwargs.clone());
         }
         Ok(tok)
     }

@@ -87,6 +87,8 @@ impl ChatTemplate {
         Ok(ChatTemplate { env })
     }
 
+    /// The conversation as `apply_chat_template` renders it: `args.kwargs` beside the
+    /// messages, overriding the special tokens (`{**special_tokens_map, **kwargs}`).
     pub fn render(
         &self,
         messages: &[Message],
@@ -98,12 +100,17 @@ impl ChatTemplate {
         let template = self.env.get_template("chat").expect("added in new");
         template
             .render(context! {
-                messages => messages,
-                tools => args.tools,
-                documents => args.documents,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => bos_token,
-                eos_token => eos_token,
+                ..context! {
+                    messages => messages,
+                    tools => args.tools,
+                    documents => args.documents,
+                    add_generation_prompt => add_generation_prompt,
+                },
+                ..Value::from_serialize(&args.kwargs),
+                ..context! {
+                    bos_token => bos_token,
+                    eos_token => eos_token,
+                }
             })
             .map_err(|e| format!("chat_template failed: {e}"))
     }
@@ -189,6 +196,7 @@ mod tests {
         let args = TemplateArgs {
             tools: Some(serde_json::json!([{"function": {"name": "solve"}}])),
             documents: None,
+            kwargs: Default::default(),
         };
         let text = t
             .render(&[msg("user", "q"), call, result], &args, false, "", "")
@@ -212,5 +220,25 @@ mod tests {
             out,
             "{\n  \"a\": [\n    1,\n    \"x\"\n  ],\n  \"b\": {\n    \"c\": null\n  },\n  \"d\": []\n}"
         );
+    }
+
+    /// `chat_template_kwargs` reach the template as variables (Qwen3's `enable_thinking`)
+    /// and override the special tokens, as `apply_chat_template(**kwargs)` does.
+    #[test]
+    fn template_kwargs_are_variables() {
+        let t = ChatTemplate::new("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}").unwrap();
+        let mut args = TemplateArgs::default();
+        let plain = t
+            .render(&[msg("user", "q")], &args, true, "<s>", "")
+            .unwrap();
+        assert_eq!(plain, "<s>q");
+        args.kwargs = serde_json::json!({"enable_thinking": false, "bos_token": "[B]"})
+            .as_object()
+            .unwrap()
+            .clone();
+        let off = t
+            .render(&[msg("user", "q")], &args, true, "<s>", "")
+            .unwrap();
+        assert_eq!(off, "[B]q<think></think>");
     }
 }

@@ -52,11 +52,35 @@ impl Serialize for Message {
 }
 
 /// Row-level values a chat template reads besides the messages, as `apply_chat_template`
-/// passes them: `tools` (function schemas) and `documents` (retrieval templates).
+/// passes them: `tools` (function schemas), `documents` (retrieval templates) and
+/// `chat_template_kwargs` (TRL's column: more variables, such as Qwen3's
+/// `enable_thinking`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct TemplateArgs {
     pub tools: Option<Value>,
     pub documents: Option<Value>,
+    pub kwargs: Map<String, Value>,
+}
+
+/// The variables `apply_chat_template` sets itself: a keyword argument of the same name is
+/// an error there (Python's "got multiple values for keyword argument").
+pub const TEMPLATE_RESERVED: &[&str] = &["messages", "tools", "documents", "add_generation_prompt"];
+
+/// Extra chat-template variables (`chat_template_kwargs`): a JSON object without the
+/// [`TEMPLATE_RESERVED`] names; `Err` says what is wrong.
+pub fn template_kwargs(v: &Value) -> std::result::Result<Map<String, Value>, String> {
+    let Value::Object(map) = v else {
+        return Err(format!(
+            "expected an object of template variables (e.g. {{\"enable_thinking\": false}}), got {}",
+            type_name(v)
+        ));
+    };
+    if let Some(k) = map.keys().find(|k| TEMPLATE_RESERVED.contains(&k.as_str())) {
+        return Err(format!(
+            "'{k}' is set by the chat template's caller and cannot be a template variable"
+        ));
+    }
+    Ok(map.clone())
 }
 
 impl TemplateArgs {
@@ -69,9 +93,16 @@ impl TemplateArgs {
                 format!("expected a list, got {}", type_name(other)),
             )),
         };
+        let kwargs = match row.object.get("chat_template_kwargs") {
+            None | Some(Value::Null) => Map::new(),
+            Some(v) => {
+                template_kwargs(v).map_err(|m| row.error(Some("chat_template_kwargs"), m))?
+            }
+        };
         Ok(TemplateArgs {
             tools: list("tools")?,
             documents: list("documents")?,
+            kwargs,
         })
     }
 }
@@ -484,10 +515,11 @@ impl FeedbackExample {
     }
 }
 
-/// Rows whose template arguments would be lost: preference rows do not pass `tools` and
-/// `documents` to the template yet.
+/// Rows whose template arguments would be lost: preference rows do not pass `tools`,
+/// `documents` and `chat_template_kwargs` to the template yet (`--chat-template-kwargs`
+/// applies to them).
 fn refuse_tools(row: &Row) -> Result<()> {
-    for field in ["tools", "documents"] {
+    for field in ["tools", "documents", "chat_template_kwargs"] {
         if row.object.get(field).is_some_and(|v| !v.is_null()) {
             return Err(row.error(
                 Some(field),
@@ -523,7 +555,16 @@ pub fn decode_prompt_with_fields(row: &Row) -> Result<(PromptExample, PromptFiel
     let fields = row
         .object
         .iter()
-        .filter(|(k, _)| !["prompt", "messages", "tools", "documents"].contains(&k.as_str()))
+        .filter(|(k, _)| {
+            ![
+                "prompt",
+                "messages",
+                "tools",
+                "documents",
+                "chat_template_kwargs",
+            ]
+            .contains(&k.as_str())
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Ok((prompt, fields))
@@ -747,6 +788,34 @@ mod tests {
             ),
             "{e}"
         );
+        // TRL's chat_template_kwargs column: template variables, an object without the
+        // names the caller sets; preference rows do not pass it yet.
+        let rows = read_one(
+            r#"{"prompt": [{"role": "user", "content": "q"}], "chat_template_kwargs": {"enable_thinking": false}, "id": 3}"#,
+            decode_prompt_with_fields,
+        )
+        .unwrap();
+        assert_eq!(
+            rows[0].0.template.kwargs["enable_thinking"],
+            Value::Bool(false)
+        );
+        assert_eq!(rows[0].1.keys().collect::<Vec<_>>(), ["id"]);
+        for (kwargs, want) in [
+            ("3", "field 'chat_template_kwargs': expected an object of template variables"),
+            (
+                r#"{"add_generation_prompt": true}"#,
+                "field 'chat_template_kwargs': 'add_generation_prompt' is set by the chat template's caller",
+            ),
+        ] {
+            let row = format!(r#"{{"prompt": "q", "completion": "a", "chat_template_kwargs": {kwargs}}}"#);
+            let e = err(read_one(&row, SftExample::decode));
+            assert!(e.contains(want), "{e}");
+        }
+        let e = err(read_one(
+            r#"{"prompt": "q", "chosen": "a", "rejected": "b", "chat_template_kwargs": {}}"#,
+            PreferenceExample::decode,
+        ));
+        assert!(e.contains("field 'chat_template_kwargs': is passed to the chat template for SFT and prompt rows only"), "{e}");
     }
 
     #[test]

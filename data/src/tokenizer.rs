@@ -28,6 +28,9 @@ pub struct Tokenizer {
     /// The EOS was set by the run (`--eos-token`): it comes first among the generation
     /// EOS ids.
     eos_override: bool,
+    /// More chat-template variables for every conversation (`--chat-template-kwargs`); a
+    /// row's own `chat_template_kwargs` override them.
+    template_kwargs: serde_json::Map<String, Value>,
     dir: PathBuf,
 }
 
@@ -107,8 +110,16 @@ impl Tokenizer {
             pad_id,
             chat_template,
             eos_override: false,
+            template_kwargs: Default::default(),
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The same tokenizer rendering every conversation with `kwargs` as more template
+    /// variables (TRL's `chat_template_kwargs`, e.g. `{"enable_thinking": false}`).
+    pub fn with_template_kwargs(mut self, kwargs: serde_json::Map<String, Value>) -> Self {
+        self.template_kwargs = kwargs;
+        self
     }
 
     /// The same tokenizer with the chat template of `path`, a `.jinja` or `.j2` file
@@ -198,10 +209,16 @@ impl Tokenizer {
                 "the tokenizer has no chat_template, so rows with 'messages' cannot be used",
             )
         })?;
+        let mut args = template_args.clone();
+        if !self.template_kwargs.is_empty() {
+            let mut kwargs = self.template_kwargs.clone();
+            kwargs.extend(std::mem::take(&mut args.kwargs));
+            args.kwargs = kwargs;
+        }
         template
             .render(
                 messages,
-                template_args,
+                &args,
                 add_generation_prompt,
                 self.bos_token.as_deref().unwrap_or(""),
                 self.eos_token.as_deref().unwrap_or(""),

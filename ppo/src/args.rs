@@ -410,6 +410,11 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
+    /// The policy's tokenizer as the run changes it (prompts, PPO-ptx rows, generation's
+    /// EOS, and the tokenizer files the policy is saved with).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub tokenizer: common::cli::TokenizerArgs,
     /// TR-DPO's reference updates, as TRL's GRPO has them: every N iterations.
     #[command(flatten)]
     #[serde(flatten)]

@@ -414,7 +414,8 @@ impl<'a> Ppo<'a> {
             args.adapter
                 .apply(ModelOptions::new(Head::Lm, device, kind)),
         );
-        let (policy, tok) = Model::load_with_tokenizer(&args.policy, &lm)?;
+        let (mut policy, tok) = Model::load_with_tokenizer(&args.policy, &lm)?;
+        let tok = args.tokenizer.apply(&mut policy, tok)?;
         // A fresh adapter on a full model switched off is the SFT policy; an adapter
         // directory's base without its adapter is not, so it gets a frozen copy.
         let fresh_adapter =

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use data::sft::tokenize;
 use data::Tokenizer;
 use rlhf_tests::{ok as stdout_json, read_jsonl, run_bin};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 struct Fixture {
     root: PathBuf,
@@ -112,11 +112,13 @@ fn loss_scope_options_widen_the_mask_as_trl() {
 /// trained model's tokenizer files carry it (`chat_template.jinja`, and no
 /// `chat_template` left in `tokenizer_config.json`); a directory is refused in one line.
 /// `--eos-token` in the same run: the saved files make it the EOS as TRL does.
+/// `--chat-template-kwargs`: more template variables for every conversation (a row's own
+/// override them); not an object, or a name the caller sets, is refused.
 #[test]
 fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
     let f = fixture();
     let template = f.root.join("plain.jinja");
-    let text = "{% for m in messages %}<|im_start|>{{ m.role }}: {{ m.content }}<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}";
+    let text = "{% for m in messages %}<|im_start|>{{ m.role }}: {% if m.role == 'assistant' and prefix is defined %}{{ prefix }}{% endif %}{{ m.content }}<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}";
     std::fs::write(&template, text).unwrap();
     let (tok, _) = Tokenizer::load(&f.root.join("model"))
         .unwrap()
@@ -133,6 +135,23 @@ fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
         rendered,
         "<|im_start|>user: 5 heads?<|im_end|><|im_start|>assistant: 2 rabbits.<|im_end|>"
     );
+    let kwargs = |prefix: &str| json!({ "prefix": prefix }).as_object().unwrap().clone();
+    let (with_prefix, _) = Tokenizer::load(&f.root.join("model"))
+        .unwrap()
+        .with_chat_template_file(&template)
+        .unwrap();
+    let with_prefix = with_prefix.with_template_kwargs(kwargs("So: "));
+    let row = data::TemplateArgs {
+        kwargs: kwargs("Hence: "),
+        ..Default::default()
+    };
+    for (args, want) in [(Default::default(), "So: "), (row, "Hence: ")] {
+        let text = with_prefix.render_chat(&messages, &args, false).unwrap();
+        assert!(
+            text.contains(&format!("assistant: {want}2 rabbits.")),
+            "{text}"
+        );
+    }
     let out = f.root.join("run-template");
     let data = f.root.join("sft.jsonl");
     let res = sft(&[
@@ -217,6 +236,43 @@ fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
             value,
         ]);
         rlhf_tests::assert_refused(&res, want);
+    }
+    // The conversations of the data file gain the prefix's tokens as targets.
+    let eval = |extra: &[&str]| {
+        let args = [
+            &[
+                "eval",
+                "--model",
+                model_dir.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--chat-template-path",
+                template.to_str().unwrap(),
+            ][..],
+            extra,
+        ]
+        .concat();
+        sft(&args)
+    };
+    let tokens = |out: &std::process::Output| stdout_json(out)["tokens"].as_i64().unwrap();
+    let plain = tokens(&eval(&[]));
+    let prefixed = tokens(&eval(&["--chat-template-kwargs", r#"{"prefix": "So: "}"#]));
+    assert!(
+        prefixed > plain,
+        "{prefixed} tokens with the prefix, {plain} without"
+    );
+    for (value, want) in [
+        ("[1]", "expected an object of template variables"),
+        (
+            r#"{"messages": []}"#,
+            "'messages' is set by the chat template's caller and cannot be a template variable",
+        ),
+    ] {
+        let res = eval(&["--chat-template-kwargs", value]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success() && err.contains(want), "{err}");
     }
 }
 

@@ -5,7 +5,8 @@ on the chat templates real instruct models ship.
 
 Templates: the originals TRL keeps in `trl/chat_templates/` (installed by the bootstrap as
 `trl==1.16.0 --no-deps`; read as files, TRL is never imported): Llama 3.1, Llama 3.2,
-Qwen2.5, Phi-3, Gemma (Gemma and Gemma 2 ship the same one), DeepSeek-V3; Mistral v0.2/v0.3
+Qwen2.5, Phi-3, Gemma (Gemma and Gemma 2 ship the same one), DeepSeek-V3, Qwen3 (with
+rows that carry TRL's `chat_template_kwargs`); Mistral v0.2/v0.3
 as axolotl keeps it (`axolotl/utils/chat_templates/templates/mistral_v2v3.jinja`, installed
 the same way: Mistral's own with typed content parts read); and ChatML.
 One byte-level BPE tokenizer (trained here, with every template's special tokens) goes
@@ -27,7 +28,7 @@ import sys
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-TRL_TEMPLATES = ["llama3_1", "llama3_2", "qwen2_5", "phi3", "gemma", "deepseekv3"]
+TRL_TEMPLATES = ["llama3_1", "llama3_2", "qwen2_5", "phi3", "gemma", "deepseekv3", "qwen3"]
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -37,6 +38,7 @@ SPECIAL = {
     "llama3_1": ("<|begin_of_text|>", "<|eot_id|>"),
     "llama3_2": ("<|begin_of_text|>", "<|eot_id|>"),
     "qwen2_5": (None, "<|im_end|>"),
+    "qwen3": (None, "<|im_end|>"),
     "phi3": ("<s>", "<|endoftext|>"),
     "gemma": ("<bos>", "<eos>"),
     "deepseekv3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
@@ -100,10 +102,25 @@ def mistral_rows():
     ]
 
 
+def qwen3_rows():
+    """Qwen3: one exchange (its template drops the think block of turns before the last
+    query, which the prefix rule cannot follow), with and without TRL's chat_template_kwargs
+    column: thinking on, the empty think block the template writes is a target; off, the
+    generation prompt holds it, so the targets start after it."""
+    no_think = {"enable_thinking": False}
+    return [
+        {"messages": [SYSTEM] + TURNS[:2]},
+        {"messages": TURNS[:2], "chat_template_kwargs": no_think},
+        {"prompt": TURNS[:1], "completion": TURNS[1:2], "chat_template_kwargs": no_think},
+    ]
+
+
 def rows_for(name):
     """Rows for one template: what it accepts, then one it refuses where it refuses any."""
     if name == "mistral_v2v3":
         return mistral_rows()
+    if name == "qwen3":
+        return qwen3_rows()
     rows = [{"messages": TURNS}]
     if name != "gemma":
         rows.append({"messages": [SYSTEM] + TURNS})
@@ -158,8 +175,9 @@ def reference(tok, row):
         messages = as_template_input(row["prompt"] + row["completion"])
         first_target = len(row["prompt"])
     tools = row.get("tools")
+    kwargs = row.get("chat_template_kwargs", {})
     render = lambda msgs, gen: tok.apply_chat_template(
-        msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+        msgs, tools=tools, tokenize=False, add_generation_prompt=gen, **kwargs)
     try:
         full = render(messages, False)
     except Exception as e:  # the template's raise_exception
