@@ -85,9 +85,15 @@ pub fn template_kwargs(v: &Value) -> std::result::Result<Map<String, Value>, Str
 
 impl TemplateArgs {
     fn decode(row: &Row) -> Result<Self> {
+        // A list, or a list written as a JSON string (as datasets store function schemas;
+        // TRL's `json.loads(tools)`).
         let list = |field: &str| match row.object.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(v @ Value::Array(_)) => Ok(Some(v.clone())),
+            Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+                Ok(v @ Value::Array(_)) => Ok(Some(v)),
+                _ => Err(row.error(Some(field), "a string that is not a JSON list")),
+            },
             Some(other) => Err(row.error(
                 Some(field),
                 format!("expected a list, got {}", type_name(other)),
@@ -162,6 +168,8 @@ pub struct PreferenceExample {
     pub responses: Vec<Content>,
     /// Subtracted inside the pairwise loss, `−log σ(r_c − r_r − margin)`.
     pub margin: Option<f64>,
+    /// The row's `tools`, `documents` and `chat_template_kwargs`, for conversations.
+    pub template: TemplateArgs,
 }
 
 fn messages(row: &Row, field: &str, value: &Value) -> Result<Vec<Message>> {
@@ -417,7 +425,7 @@ fn implicit_prompt(row: &Row) -> Result<(Content, Vec<Content>)> {
 impl PreferenceExample {
     pub fn decode(row: &Row) -> Result<Self> {
         refuse_unused_shapes(row, "reward training or a paired loss")?;
-        refuse_tools(row)?;
+        let template = TemplateArgs::decode(row)?;
         // TRL's maybe_extract_prompt: without a prompt, or with a prompt of the other kind
         // (ultrafeedback_binarized: a string prompt, then whole conversations that start
         // with it), the prompt is the shared start of chosen and rejected.
@@ -432,6 +440,7 @@ impl PreferenceExample {
                         prompt,
                         responses,
                         margin: row.number("margin")?,
+                        template,
                     });
                 }
                 Err(e) if !row.has("prompt") => return Err(e),
@@ -470,6 +479,7 @@ impl PreferenceExample {
             prompt,
             responses,
             margin: row.number("margin")?,
+            template,
         })
     }
 }
@@ -481,6 +491,8 @@ pub struct UnpairedExample {
     pub prompt: Content,
     pub completion: Content,
     pub label: bool,
+    /// As [`PreferenceExample::template`].
+    pub template: TemplateArgs,
 }
 
 /// A row an unpaired loss (KTO) reads: an unpaired row as it is, or a preference row
@@ -497,7 +509,6 @@ impl FeedbackExample {
         if !(row.has("label") && row.has("completion")) {
             return Ok(FeedbackExample::Preference(PreferenceExample::decode(row)?));
         }
-        refuse_tools(row)?;
         let label = match &row.object["label"] {
             Value::Bool(b) => *b,
             other => {
@@ -511,23 +522,9 @@ impl FeedbackExample {
             prompt: content(row, "prompt")?,
             completion: content(row, "completion")?,
             label,
+            template: TemplateArgs::decode(row)?,
         }))
     }
-}
-
-/// Rows whose template arguments would be lost: preference rows do not pass `tools`,
-/// `documents` and `chat_template_kwargs` to the template yet (`--chat-template-kwargs`
-/// applies to them).
-fn refuse_tools(row: &Row) -> Result<()> {
-    for field in ["tools", "documents", "chat_template_kwargs"] {
-        if row.object.get(field).is_some_and(|v| !v.is_null()) {
-            return Err(row.error(
-                Some(field),
-                "is passed to the chat template for SFT and prompt rows only (not yet for preferences)",
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Decodes a prompt row: `{"prompt"}` or `{"messages"}`, with `tools` and `documents` for
@@ -753,6 +750,7 @@ mod tests {
                 prompt: Content::Text("q".into()),
                 completion: Content::Text("a".into()),
                 label: false,
+                template: TemplateArgs::default(),
             })
         );
         let e = err(read_one(
@@ -778,18 +776,38 @@ mod tests {
         )
         .unwrap();
         assert!(rows[0].template.tools.is_some());
+        // Preference and unpaired rows carry them too (TRL's DPO, reward and KTO trainers
+        // pass `tools` and `chat_template_kwargs`); `tools` may be a JSON string, as
+        // datasets store it.
+        let rows = read_one(
+            r#"{"prompt": "q", "chosen": "a", "rejected": "b", "tools": "[{\"type\": \"function\"}]", "chat_template_kwargs": {"x": 1}}"#,
+            PreferenceExample::decode,
+        )
+        .unwrap();
+        assert_eq!(
+            rows[0].template.tools,
+            Some(serde_json::json!([{"type": "function"}]))
+        );
+        assert_eq!(rows[0].template.kwargs["x"], 1);
+        let rows = read_one(
+            r#"{"prompt": "q", "completion": "a", "label": true, "chat_template_kwargs": {"x": 2}}"#,
+            FeedbackExample::decode,
+        )
+        .unwrap();
+        let FeedbackExample::Unpaired(u) = &rows[0] else {
+            panic!("{:?}", rows[0])
+        };
+        assert_eq!(u.template.kwargs["x"], 2);
         let e = err(read_one(
-            r#"{"prompt": "q", "chosen": "a", "rejected": "b", "tools": [{"type": "function"}]}"#,
+            r#"{"prompt": "q", "chosen": "a", "rejected": "b", "tools": "{}"}"#,
             PreferenceExample::decode,
         ));
         assert!(
-            e.contains(
-                "field 'tools': is passed to the chat template for SFT and prompt rows only"
-            ),
+            e.contains("field 'tools': a string that is not a JSON list"),
             "{e}"
         );
         // TRL's chat_template_kwargs column: template variables, an object without the
-        // names the caller sets; preference rows do not pass it yet.
+        // names the caller sets.
         let rows = read_one(
             r#"{"prompt": [{"role": "user", "content": "q"}], "chat_template_kwargs": {"enable_thinking": false}, "id": 3}"#,
             decode_prompt_with_fields,
@@ -811,11 +829,6 @@ mod tests {
             let e = err(read_one(&row, SftExample::decode));
             assert!(e.contains(want), "{e}");
         }
-        let e = err(read_one(
-            r#"{"prompt": "q", "chosen": "a", "rejected": "b", "chat_template_kwargs": {}}"#,
-            PreferenceExample::decode,
-        ));
-        assert!(e.contains("field 'chat_template_kwargs': is passed to the chat template for SFT and prompt rows only"), "{e}");
     }
 
     #[test]

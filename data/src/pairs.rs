@@ -54,19 +54,19 @@ fn encode_row(
     tok: &Tokenizer,
     prompt: &Content,
     responses: &[&Content],
+    template: &TemplateArgs,
 ) -> Result<(Vec<i64>, Vec<Vec<i64>>)> {
     let conversational = matches!(prompt, Content::Messages(_))
         || responses.iter().any(|r| matches!(r, Content::Messages(_)));
     if conversational {
-        let none = TemplateArgs::default();
         let prompt = as_messages(prompt, "user");
-        let prompt_ids = tok.encode(&tok.render_chat(&prompt, &none, true)?, false)?;
+        let prompt_ids = tok.encode(&tok.render_chat(&prompt, template, true)?, false)?;
         let full = responses
             .iter()
             .map(|r| {
                 let mut messages = prompt.clone();
                 messages.extend(as_messages(r, "assistant"));
-                tok.encode(&tok.render_chat(&messages, &none, false)?, false)
+                tok.encode(&tok.render_chat(&messages, template, false)?, false)
             })
             .collect::<Result<_>>()?;
         return Ok((prompt_ids, full));
@@ -93,7 +93,7 @@ fn encode_row(
 /// Every pair of a ranking (best first), tokenized.
 pub fn tokenize(ex: &PreferenceExample, tok: &Tokenizer) -> Result<Vec<TokenizedPair>> {
     let responses: Vec<&Content> = ex.responses.iter().collect();
-    let (prompt, full) = encode_row(tok, &ex.prompt, &responses)?;
+    let (prompt, full) = encode_row(tok, &ex.prompt, &responses, &ex.template)?;
     let mut pairs = vec![];
     for i in 0..full.len() {
         for j in i + 1..full.len() {
@@ -222,7 +222,11 @@ pub fn tokenize_unpaired(
             (&p.prompt, p.responses.iter().collect(), first, second)
         }
     };
-    let (prompt, full) = encode_row(tok, prompt, &responses)?;
+    let template = match ex {
+        FeedbackExample::Unpaired(u) => &u.template,
+        FeedbackExample::Preference(p) => &p.template,
+    };
+    let (prompt, full) = encode_row(tok, prompt, &responses, template)?;
     let item = |&(place, label): &(usize, bool)| {
         let len = common_prefix_length(&prompt, &full[place]);
         (

@@ -26,15 +26,19 @@ fn as_messages(c: &Content, role: &str) -> Vec<Message> {
 
 /// Token ids of `prompt` followed by `response`: plain concatenation when both are text,
 /// otherwise the conversation (a text prompt as a user turn, a text response as an
-/// assistant turn) rendered with the chat template.
-pub fn sequence(tok: &Tokenizer, prompt: &Content, response: &Content) -> Result<Vec<i64>> {
+/// assistant turn) rendered with the chat template and the row's `template` arguments.
+pub fn sequence(
+    tok: &Tokenizer,
+    prompt: &Content,
+    response: &Content,
+    template: &TemplateArgs,
+) -> Result<Vec<i64>> {
     match (prompt, response) {
         (Content::Text(p), Content::Text(r)) => tok.encode(&format!("{p}{r}"), true),
         _ => {
             let mut messages = as_messages(prompt, "user");
             messages.extend(as_messages(response, "assistant"));
-            let none = TemplateArgs::default();
-            tok.encode(&tok.render_chat(&messages, &none, false)?, false)
+            tok.encode(&tok.render_chat(&messages, template, false)?, false)
         }
     }
 }
@@ -46,6 +50,7 @@ pub fn sft_sequence(tok: &Tokenizer, ex: &SftExample) -> Result<Vec<i64>> {
             tok,
             &Content::Text(prompt.clone()),
             &Content::Text(completion.clone()),
+            &TemplateArgs::default(),
         ),
         SftExample::Messages {
             messages, template, ..
@@ -59,7 +64,7 @@ pub fn tokenize(ex: &PreferenceExample, tok: &Tokenizer) -> Result<TokenizedRank
         sequences: ex
             .responses
             .iter()
-            .map(|r| sequence(tok, &ex.prompt, r))
+            .map(|r| sequence(tok, &ex.prompt, r, &ex.template))
             .collect::<Result<_>>()?,
         margin: ex.margin.unwrap_or(0.0),
     })

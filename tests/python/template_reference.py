@@ -144,6 +144,29 @@ def rows_for(name):
     return rows
 
 
+# A conversational preference row, with the template arguments TRL's DPO, reward and KTO
+# trainers pass (`tools`, and the `chat_template_kwargs` column).
+PREFERENCE_ROW = {"prompt": [{"role": "user", "content": "35 heads, 94 legs?"}],
+                  "chosen": [{"role": "assistant", "content": "23 chickens and 12 rabbits."}],
+                  "rejected": [{"role": "assistant", "content": "12 chickens."}]}
+PREFERENCE_ARGS = {"llama3_1": {"tools": TOOLS}, "qwen3": {"chat_template_kwargs": {"enable_thinking": False}}}
+
+
+def preference_reference(tok, row):
+    """TRL 1.16's DPO tokenization of a conversational row: the prompt rendered with the
+    generation prompt, prompt + each response without it, both with the row's tools and
+    chat_template_kwargs; the completions start after the shorter common prefix."""
+    kwargs = {"tools": row.get("tools"), **row.get("chat_template_kwargs", {})}
+    ids = lambda msgs, gen: tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **kwargs),
+                                add_special_tokens=False)["input_ids"]
+    prompt = ids(row["prompt"], True)
+    chosen, rejected = ids(row["prompt"] + row["chosen"], False), ids(row["prompt"] + row["rejected"], False)
+    common = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    n = min(common(prompt, chosen), common(prompt, rejected))
+    return {"prompt": prompt[:n], "chosen": chosen[n:], "rejected": rejected[n:], "full_chosen": chosen,
+            "full_rejected": rejected}
+
+
 def template_source(name):
     if name == "chatml":
         return CHATML
@@ -228,6 +251,11 @@ def main():
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         out[name] = [reference(tok, r) for r in rows]
+        if name in PREFERENCE_ARGS:
+            row = dict(PREFERENCE_ROW, **PREFERENCE_ARGS[name])
+            with open(os.path.join(d, "preferences.jsonl"), "w", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.setdefault("preferences", {})[name] = preference_reference(tok, row)
     print(json.dumps(out, ensure_ascii=False))
 
 

@@ -19,6 +19,9 @@ fn real_templates_render_and_mask_as_documented() {
     );
     let mut checked = 0;
     for (name, rows) in reference.as_object().unwrap() {
+        if name == "preferences" {
+            continue;
+        }
         let dir = root.path().join(name);
         let tok = data::Tokenizer::load(&dir).unwrap();
         let file = dir.join("rows.jsonl");
@@ -57,4 +60,29 @@ fn real_templates_render_and_mask_as_documented() {
         }
     }
     assert!(checked >= 20, "{checked} rows checked");
+    // Preference rows carry `tools` and `chat_template_kwargs` to the template as TRL's
+    // DPO, reward and KTO trainers pass them: the pair as TRL's DPO splits it, and the
+    // reward model's sequences.
+    let preferences = reference["preferences"].as_object().unwrap();
+    assert_eq!(preferences.len(), 2);
+    for (name, want) in preferences {
+        let dir = root.path().join(name);
+        let tok = data::Tokenizer::load(&dir).unwrap();
+        let rows = data::read_preferences(&dir.join("preferences.jsonl")).unwrap();
+        let ids = |key: &str| serde_json::from_value::<Vec<i64>>(want[key].clone()).unwrap();
+        let pairs = data::pairs::tokenize(&rows[0], &tok).unwrap();
+        assert_eq!(pairs.len(), 1);
+        let pair = &pairs[0];
+        assert_eq!(
+            (&pair.prompt, &pair.chosen, &pair.rejected),
+            (&ids("prompt"), &ids("chosen"), &ids("rejected")),
+            "{name}: the DPO pair differs from TRL's"
+        );
+        let ranking = data::preference::tokenize(&rows[0], &tok).unwrap();
+        assert_eq!(
+            ranking.sequences,
+            [ids("full_chosen"), ids("full_rejected")],
+            "{name}: the reward model's sequences differ"
+        );
+    }
 }
