@@ -82,30 +82,23 @@ pub enum MultiObjective {
     NormalizeThenSum,
 }
 
-/// `--reward-rule`: a reward computed by a rule over the response and the prompt row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// `--reward-rule`: a reward computed by a rule over the response and the prompt row
+/// (`exact-answer`) or over the response alone (the others: the reward functions TRL ships
+/// in `trl.rewards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum RewardRule {
     /// 1 when the answer extracted from the response equals the row's `answer`, else 0.
     ExactAnswer,
-}
-
-impl std::str::FromStr for RewardRule {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "exact-answer" => Ok(RewardRule::ExactAnswer),
-            _ => Err(format!(
-                "'{s}' is not a reward rule (expected exact-answer)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for RewardRule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("exact-answer")
-    }
+    /// DAPO's soft overlong punishment (TRL's `get_soft_overlong_punishment`): 0 up to
+    /// --response-length − --soft-punish-cache tokens, then falling linearly to −1.
+    SoftOverlong,
+    /// The share of repeated token n-grams times --repetition-max-penalty (TRL's
+    /// `get_repetition_penalty_reward`).
+    Repetition,
+    /// 1 for a response that opens with one `<think>…</think>` block, else 0 (TRL's
+    /// `think_format_reward`).
+    ThinkFormat,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -120,13 +113,15 @@ pub struct TrainArgs {
     /// Weight of the reward model's score in the summed reward.
     #[arg(long, default_value_t = 1.0)]
     pub reward_model_weight: f64,
-    /// A reward computed by a rule: exact-answer (the answer extracted from the response
-    /// against the prompt row's "answer" field).
+    /// A reward computed by a rule, repeatable: exact-answer (the answer extracted from
+    /// the response against the prompt row's "answer" field), soft-overlong (DAPO's length
+    /// penalty), repetition (repeated n-grams) or think-format (a leading think block).
+    #[arg(long, value_enum)]
+    pub reward_rule: Vec<RewardRule>,
+    /// Weight of each rule's reward in the summed reward, in the order of the rules (one
+    /// per rule; default 1 each).
     #[arg(long)]
-    pub reward_rule: Option<RewardRule>,
-    /// Weight of the rule's reward in the summed reward.
-    #[arg(long, default_value_t = 1.0)]
-    pub reward_rule_weight: f64,
+    pub reward_rule_weight: Vec<f64>,
     /// A reward program: `sh -c CMD` started once, one JSON line per response on its stdin
     /// ({"prompt", "response", …the prompt row's fields}), one {"reward": x} line back each.
     #[arg(long)]
@@ -144,6 +139,16 @@ pub struct TrainArgs {
     /// exact-answer: subtracted when no answer can be extracted (the reward is then −p).
     #[arg(long, default_value_t = 0.0)]
     pub format_penalty: f64,
+    /// soft-overlong: the last tokens before --response-length over which the penalty
+    /// falls from 0 to −1 (DAPO's L_cache; TRL's soft_punish_cache).
+    #[arg(long)]
+    pub soft_punish_cache: Option<usize>,
+    /// repetition: the n of the token n-grams counted.
+    #[arg(long, default_value_t = 3)]
+    pub repetition_ngram_size: usize,
+    /// repetition: the reward of a response that is nothing but repeats (≤ 0).
+    #[arg(long, default_value_t = -1.0, allow_hyphen_values = true)]
+    pub repetition_max_penalty: f64,
     /// Initial value model (default: the reward model, as InstructGPT does).
     #[arg(long)]
     pub value_model: Option<PathBuf>,
@@ -437,6 +442,21 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// Whether `--reward-rule` names `rule`.
+    pub fn has_rule(&self, rule: RewardRule) -> bool {
+        self.reward_rule.contains(&rule)
+    }
+
+    /// Each `--reward-rule` with its weight.
+    pub fn rule_weights(&self) -> Vec<(RewardRule, f64)> {
+        let weight = |i: usize| self.reward_rule_weight.get(i).copied().unwrap_or(1.0);
+        self.reward_rule
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| (r, weight(i)))
+            .collect()
+    }
+
     /// How advantages are estimated: `--advantage-estimator` with its parameters.
     pub fn advantage_estimator(&self) -> AdvantageEstimator {
         let group = self.num_generations as i64;
@@ -715,8 +735,35 @@ impl TrainArgs {
                 "--forward-batch-size must be at least 1",
             ),
             (
-                self.answer_pattern.is_none() || self.reward_rule.is_some(),
+                self.answer_pattern.is_none() || self.has_rule(RewardRule::ExactAnswer),
                 "--answer-pattern needs --reward-rule exact-answer",
+            ),
+            (
+                // One weight and at most one rule: as before rules repeated (a config.toml
+                // of then says `reward_rule_weight = 1.0` with or without a rule).
+                self.reward_rule_weight.is_empty()
+                    || self.reward_rule_weight.len() == self.reward_rule.len()
+                    || (self.reward_rule_weight.len() == 1 && self.reward_rule.is_empty()),
+                "--reward-rule-weight: give one per --reward-rule, in their order (or none: 1 each)",
+            ),
+            (
+                self.has_rule(RewardRule::SoftOverlong) == self.soft_punish_cache.is_some(),
+                "--reward-rule soft-overlong needs --soft-punish-cache N (and the option needs the rule)",
+            ),
+            (
+                self.soft_punish_cache.is_none_or(|c| c <= self.response_length as usize),
+                "--soft-punish-cache must be at most --response-length",
+            ),
+            (
+                self.repetition_ngram_size >= 1 && self.repetition_max_penalty <= 0.0,
+                "--repetition-ngram-size must be at least 1 and --repetition-max-penalty ≤ 0",
+            ),
+            (
+                self.reward_rule
+                    .iter()
+                    .enumerate()
+                    .all(|(i, r)| !self.reward_rule[..i].contains(r)),
+                "--reward-rule: each rule at most once",
             ),
             (self.cliprange > 0.0, "--cliprange must be > 0"),
             (self.cliprange_value > 0.0, "--cliprange-value must be > 0"),

@@ -1,6 +1,7 @@
 //! Where PPO's scores come from: any [`RewardFunction`] — the learned reward model, a rule
-//! over the text and the prompt row (`exact-answer`), or your own — several of them summed
-//! with weights ([`RewardSource`]).
+//! over the text and the prompt row (`exact-answer`) or over the response alone (TRL's
+//! `trl.rewards`: [`SoftOverlong`], [`Repetition`], [`ThinkFormat`]), a program, or your own
+//! — several of them summed with weights ([`RewardSource`]).
 //!
 //! A reward of your own is a type implementing [`RewardFunction`], passed to
 //! [`crate::train::run_with_reward`]:
@@ -49,6 +50,8 @@ pub struct RewardInput<'a> {
     pub texts: &'a [String],
     /// The other fields of each response's prompt row (`answer`, `id`, …).
     pub fields: &'a [PromptFields],
+    /// Whether each response ended with EOS (else it was cut at `--response-length`).
+    pub ended_with_eos: &'a [bool],
 }
 
 /// One reward source of a run: its name in the metrics (`rewards/NAME/mean`), its weight
@@ -104,6 +107,109 @@ pub struct TextRule<F: Fn(&str) -> f64>(pub F);
 impl<F: Fn(&str) -> f64> RewardFunction for TextRule<F> {
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
         Ok(input.texts.iter().map(|t| (self.0)(t)).collect())
+    }
+}
+
+/// A response's completion ids as TRL's reward functions see them: its tokens and the EOS
+/// that ended it, if one did.
+fn completion_len(input: &RewardInput, i: usize) -> usize {
+    input.responses[i].len() + usize::from(input.ended_with_eos[i])
+}
+
+/// `soft-overlong`: DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13; TRL's
+/// `get_soft_overlong_punishment`): a completion of `len` tokens (its EOS counted) gets 0 up
+/// to `max_len − cache`, `(max_len − cache − len) / cache` up to `max_len`, −1 beyond.
+pub struct SoftOverlong {
+    pub max_len: usize,
+    pub cache: usize,
+}
+
+impl SoftOverlong {
+    pub fn penalty(&self, len: usize) -> f64 {
+        let free = self.max_len - self.cache;
+        if len <= free {
+            0.0
+        } else if len <= self.max_len {
+            (free as f64 - len as f64) / self.cache as f64
+        } else {
+            -1.0
+        }
+    }
+}
+
+impl RewardFunction for SoftOverlong {
+    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
+        Ok((0..input.responses.len())
+            .map(|i| self.penalty(completion_len(input, i)))
+            .collect())
+    }
+}
+
+/// `repetition`: the share of repeated token n-grams times `max_penalty` (≤ 0), over the
+/// completion ids (its EOS included) — TRL's `get_repetition_penalty_reward` (Yeo et al.
+/// 2025, Appendix C.2); a completion shorter than `n` gets 0.
+pub struct Repetition {
+    pub n: usize,
+    pub max_penalty: f64,
+}
+
+impl Repetition {
+    pub fn penalty(&self, ids: &[i64]) -> f64 {
+        if ids.len() < self.n {
+            return 0.0;
+        }
+        let grams: Vec<&[i64]> = ids.windows(self.n).collect();
+        let unique: std::collections::HashSet<&[i64]> = grams.iter().copied().collect();
+        let repeated = 1.0 - unique.len() as f64 / grams.len() as f64;
+        if repeated == 0.0 {
+            0.0
+        } else {
+            repeated * self.max_penalty
+        }
+    }
+}
+
+/// Stands for the EOS that ended a response: TRL's completion ids end with it, and the
+/// response holds no EOS before it (it ended there), so an id no response holds counts
+/// the same n-grams.
+const EOS_MARK: i64 = -1;
+
+impl RewardFunction for Repetition {
+    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
+        Ok(input
+            .responses
+            .iter()
+            .zip(input.ended_with_eos)
+            .map(|(r, &eos)| {
+                let mut ids = r.clone();
+                if eos {
+                    ids.push(EOS_MARK);
+                }
+                self.penalty(&ids)
+            })
+            .collect())
+    }
+}
+
+/// `think-format`: 1 for a response that opens with `<think>`, closes it with `</think>`
+/// and has no second `<think>`, else 0 — TRL's `think_format_reward`
+/// (`^<think>(?!.*<think>)(.*?)</think>.*$`, dot matching newlines).
+pub struct ThinkFormat;
+
+impl ThinkFormat {
+    pub fn matches(text: &str) -> bool {
+        text.strip_prefix("<think>")
+            .is_some_and(|rest| !rest.contains("<think>") && rest.contains("</think>"))
+    }
+}
+
+impl RewardFunction for ThinkFormat {
+    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
+        Ok(input
+            .texts
+            .iter()
+            .map(|t| f64::from(u8::from(Self::matches(t))))
+            .collect())
     }
 }
 
@@ -340,6 +446,7 @@ mod tests {
             responses: &[vec![]],
             texts: &[text.to_string()],
             fields: &[fields],
+            ended_with_eos: &[true],
         };
         rule.scores(&input).unwrap()[0]
     }
@@ -389,5 +496,63 @@ mod tests {
         );
         assert!(ExactAnswer::new(Some(r"\d+"), 0.0).is_err());
         assert!(ExactAnswer::new(Some(r"("), 0.0).is_err());
+    }
+
+    /// TRL's own examples and the formula's edges: `get_soft_overlong_punishment(100, 20)`
+    /// gives −0.5 at 90 tokens; `get_repetition_penalty_reward(2, −1)` gives 0 and −0.75
+    /// for `[1, 2, 3, 4]` and `[5, 5, 5, 5, 5]`; `think_format_reward`'s pattern.
+    #[test]
+    fn trl_reward_functions() {
+        let overlong = SoftOverlong {
+            max_len: 100,
+            cache: 20,
+        };
+        let got: Vec<f64> = [80, 90, 100, 101].map(|n| overlong.penalty(n)).to_vec();
+        assert_eq!(got, [0.0, -0.5, -1.0, -1.0]);
+        assert_eq!(
+            SoftOverlong {
+                max_len: 10,
+                cache: 0
+            }
+            .penalty(10),
+            0.0
+        );
+        // Through the rollout's view: 89 tokens and the EOS that ended them are 90.
+        let responses = [vec![7; 89], vec![7; 89]];
+        let input = RewardInput {
+            prompts: &[vec![], vec![]],
+            responses: &responses,
+            texts: &[String::new(), String::new()],
+            fields: &[PromptFields::new(), PromptFields::new()],
+            ended_with_eos: &[true, false],
+        };
+        assert_eq!(overlong.scores(&input).unwrap(), [-0.5, -0.45]);
+        let repetition = Repetition {
+            n: 2,
+            max_penalty: -1.0,
+        };
+        assert_eq!(repetition.penalty(&[1, 2, 3, 4]), 0.0);
+        assert_eq!(repetition.penalty(&[5, 5, 5, 5, 5]), -0.75);
+        assert_eq!(repetition.penalty(&[5]), 0.0);
+        // The EOS counts as a token: [5, 5, 5, EOS] has bigrams (5,5), (5,5), (5,EOS).
+        let input = RewardInput {
+            responses: &[vec![5, 5, 5]],
+            texts: &[String::new()],
+            fields: &[PromptFields::new()],
+            prompts: &[vec![]],
+            ended_with_eos: &[true],
+        };
+        let got = repetition.scores(&input).unwrap()[0];
+        assert!((got + 1.0 / 3.0).abs() < 1e-12, "{got}");
+        for (text, want) in [
+            ("<think>x</think>The answer is 12.", true),
+            ("<think>\n\n</think>\n\n12", true),
+            (" <think>x</think>", false),
+            ("<think>x", false),
+            ("<think>a</think><think>b</think>", false),
+            ("12 rabbits", false),
+        ] {
+            assert_eq!(ThinkFormat::matches(text), want, "{text:?}");
+        }
     }
 }

@@ -299,6 +299,7 @@ pub fn sample_and_reward(
         responses: &seen.responses,
         texts: &seen.texts,
         fields,
+        ended_with_eos: &seen.ended_with_eos,
     };
     let (mut scores, source_stats, by_source) = summed_rewards(models.rewards, &input)?;
     for (s, &eos) in scores.iter_mut().zip(&seen.ended_with_eos) {

@@ -22,6 +22,7 @@ use data::Tokenizer;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
+use crate::args::RewardRule;
 pub use crate::args::TrainArgs;
 use crate::log::{iteration_scalars, write_samples, Timings};
 use crate::math::{
@@ -29,7 +30,8 @@ use crate::math::{
     KlController,
 };
 use crate::reward_fn::{
-    row_answer, ExactAnswer, RewardCommand, RewardFunction, RewardModel, RewardSource,
+    row_answer, ExactAnswer, Repetition, RewardCommand, RewardFunction, RewardModel, RewardSource,
+    SoftOverlong, ThinkFormat,
 };
 use crate::rollout::{
     rollout, sample_and_reward, RefModel, Rollout, RolloutModels, RolloutOptions,
@@ -89,23 +91,57 @@ fn warn_without_normalization(config: &serde_json::Map<String, serde_json::Value
     }
 }
 
+/// A `--reward-rule`: its name in the metrics, its weight and its function.
+pub type Rule = (&'static str, f64, Box<dyn RewardFunction>);
+
+/// The `--reward-rule`s, each with its name in the metrics (`rewards/NAME/mean`: TRL's
+/// function names for TRL's functions) and its weight.
+pub fn rule_functions(args: &TrainArgs) -> Result<Vec<Rule>> {
+    args.rule_weights()
+        .into_iter()
+        .map(|(rule, weight)| {
+            let (name, function): (&'static str, Box<dyn RewardFunction>) = match rule {
+                RewardRule::ExactAnswer => (
+                    "exact_answer",
+                    Box::new(ExactAnswer::new(
+                        args.answer_pattern.as_deref(),
+                        args.format_penalty,
+                    )?),
+                ),
+                RewardRule::SoftOverlong => (
+                    "soft_overlong_punishment_reward",
+                    Box::new(SoftOverlong {
+                        max_len: args.response_length as usize,
+                        cache: args.soft_punish_cache.unwrap_or(0),
+                    }),
+                ),
+                RewardRule::Repetition => (
+                    "repetition_penalty_reward",
+                    Box::new(Repetition {
+                        n: args.repetition_ngram_size,
+                        max_penalty: args.repetition_max_penalty,
+                    }),
+                ),
+                RewardRule::ThinkFormat => ("think_format_reward", Box::new(ThinkFormat)),
+            };
+            Ok((name, weight, function))
+        })
+        .collect()
+}
+
 /// `ppo train` with the rewards of the command line: `--reward-rule` and `--reward-model`,
 /// summed with their weights.
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     ensure!(
-        args.reward_model.is_some() || args.reward_rule.is_some() || args.reward_command.is_some(),
-        "no reward: give --reward-model DIR, --reward-rule exact-answer and/or --reward-command CMD"
+        args.reward_model.is_some()
+            || !args.reward_rule.is_empty()
+            || args.reward_command.is_some(),
+        "no reward: give --reward-model DIR, --reward-rule RULE and/or --reward-command CMD"
     );
     let world = args.run.world()?;
     let (device, kind) = args.device.resolve_for(&world);
-    let rule = match args.reward_rule {
-        Some(_) => Some(ExactAnswer::new(
-            args.answer_pattern.as_deref(),
-            args.format_penalty,
-        )?),
-        None => None,
-    };
+    let rules = rule_functions(args)?;
     let command = match &args.reward_command {
         Some(cmd) => Some(RewardCommand::start(
             cmd,
@@ -114,14 +150,16 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         )?),
         None => None,
     };
-    let mut sources: Vec<Scorer> = vec![];
-    if let Some(r) = &rule {
-        sources.push(Scorer::Function(RewardSource {
-            name: "exact_answer",
-            weight: args.reward_rule_weight,
-            function: r,
-        }));
-    }
+    let mut sources: Vec<Scorer> = rules
+        .iter()
+        .map(|(name, weight, function)| {
+            Scorer::Function(RewardSource {
+                name,
+                weight: *weight,
+                function: function.as_ref(),
+            })
+        })
+        .collect();
     if let Some(c) = &command {
         sources.push(Scorer::Function(RewardSource {
             name: "reward_command",
@@ -218,7 +256,7 @@ fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) 
     let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
     let max_prompt_length = args.max_prompt_length.min(room);
     let rows = data::read_prompts_with_fields(path)?;
-    if args.reward_rule.is_some() {
+    if args.has_rule(RewardRule::ExactAnswer) {
         if let Some(i) = rows.iter().position(|(_, f)| row_answer(f).is_none()) {
             return Err(data::DataError {
                 file: path.to_path_buf(),
@@ -1030,6 +1068,7 @@ mod tests {
             responses: &[vec![40, 7, 3], vec![22, 31]],
             texts: &[String::new(), String::new()],
             fields: &[PromptFields::new(), PromptFields::new()],
+            ended_with_eos: &[true, false],
         };
         let full = scorer(&rm, false).scores(&input).unwrap();
         let shared = scorer(critic, true).scores(&input).unwrap();
@@ -1043,5 +1082,96 @@ mod tests {
         }
         let scores = Vec::<f32>::try_from(&ro.scores).unwrap();
         assert_eq!(scores.len(), 4);
+    }
+
+    /// `--reward-rule` repeats, each rule with its weight (one per rule, in order; none: 1
+    /// each) under TRL's name; what is inconsistent is refused in one line.
+    #[test]
+    fn reward_rules_repeat_with_their_weights() {
+        let base = [
+            "--policy",
+            "p",
+            "--prompts",
+            "x",
+            "--output-dir",
+            "o",
+            "--response-length",
+            "8",
+            "--advantage-estimator",
+            "grpo",
+            "--num-generations",
+            "2",
+        ];
+        let parse =
+            |extra: &[&str]| -> TrainArgs { rlhf_tests::parse_args(&[&base[..], extra].concat()) };
+        let args = parse(&[
+            "--reward-rule",
+            "exact-answer",
+            "--reward-rule",
+            "soft-overlong",
+            "--reward-rule",
+            "repetition",
+            "--reward-rule",
+            "think-format",
+            "--soft-punish-cache",
+            "4",
+            "--reward-rule-weight",
+            "1",
+            "--reward-rule-weight",
+            "0.5",
+            "--reward-rule-weight",
+            "0.25",
+            "--reward-rule-weight",
+            "2",
+        ]);
+        args.validate().unwrap();
+        let rules = rule_functions(&args).unwrap();
+        let got: Vec<(&str, f64)> = rules.iter().map(|(n, w, _)| (*n, *w)).collect();
+        assert_eq!(
+            got,
+            [
+                ("exact_answer", 1.0),
+                ("soft_overlong_punishment_reward", 0.5),
+                ("repetition_penalty_reward", 0.25),
+                ("think_format_reward", 2.0),
+            ]
+        );
+        // soft-overlong at --response-length 8 with a cache of 4: 7 tokens and their EOS.
+        let input = crate::reward_fn::RewardInput {
+            prompts: &[vec![]],
+            responses: &[vec![3; 7]],
+            texts: &["<think></think>".to_string()],
+            fields: &[PromptFields::new()],
+            ended_with_eos: &[true],
+        };
+        let scores: Vec<f64> = rules[1..]
+            .iter()
+            .map(|(_, _, f)| f.scores(&input).unwrap()[0])
+            .collect();
+        assert_eq!(scores, [-1.0, -(1.0 - 2.0 / 6.0), 1.0]);
+        assert_eq!(
+            parse(&["--reward-rule", "think-format"]).rule_weights(),
+            [(RewardRule::ThinkFormat, 1.0)]
+        );
+        for (extra, want) in [
+            (
+                &["--reward-rule", "think-format", "--reward-rule", "repetition", "--reward-rule-weight", "2"][..],
+                "--reward-rule-weight: give one per --reward-rule, in their order (or none: 1 each)",
+            ),
+            (&["--reward-rule", "soft-overlong"][..], "--reward-rule soft-overlong needs --soft-punish-cache N"),
+            (&["--soft-punish-cache", "2"][..], "--reward-rule soft-overlong needs --soft-punish-cache N"),
+            (
+                &["--reward-rule", "soft-overlong", "--soft-punish-cache", "9"][..],
+                "--soft-punish-cache must be at most --response-length",
+            ),
+            (&["--reward-rule", "repetition", "--reward-rule", "repetition"][..], "--reward-rule: each rule at most once"),
+            (
+                &["--reward-rule", "repetition", "--repetition-max-penalty", "0.5"][..],
+                "--repetition-max-penalty ≤ 0",
+            ),
+        ] {
+            let e = parse(extra).validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
     }
 }

@@ -464,6 +464,7 @@ fn exact_answer_scores_from_the_rows_answers() {
             responses: &[vec![]],
             texts: std::slice::from_ref(&text),
             fields: &[fields],
+            ended_with_eos: &[true],
         };
         let want = rule.scores(&input).unwrap()[0];
         assert!((s["score"].as_f64().unwrap() - want).abs() < 1e-6, "{s}");
@@ -714,7 +715,7 @@ fn bad_group_options_are_refused_with_one_line() {
     let sync = |a: &mut TrainArgs| {
         a.sync.sync_ref_model = true;
         a.kl_coef = 0.0;
-        a.reward_rule = Some("exact-answer".parse().unwrap());
+        a.reward_rule = vec![ppo::args::RewardRule::ExactAnswer];
     };
     let target = |a: &mut TrainArgs| {
         a.kl_coef = 0.0;
