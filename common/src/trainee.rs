@@ -59,6 +59,9 @@ impl Trainee {
             }
             tracing::info!("LoRA+: the B matrices (and DoRA's magnitudes) learn at --lr × {ratio}");
         }
+        if let Some(digest) = model.moved_start_digest() {
+            same_start_on_every_rank(world, digest)?;
+        }
         let optimizer = AdamW::distributed(
             model.vs.variables(),
             optim.adamw(),
@@ -151,6 +154,19 @@ impl Trainee {
     }
 }
 
+/// PiSSA's and OLoRA's starts come from an SVD or a QR each rank computes from the same
+/// base: ranks whose numbers disagree (another library or device) would train different
+/// models, so the run stops instead, on every rank.
+fn same_start_on_every_rank(world: &World, digest: u64) -> Result<()> {
+    let all = world.gather_bytes(&digest.to_le_bytes());
+    if all.iter().all(|d| *d == all[0]) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(
+        "--init-lora-weights: the ranks computed different PiSSA/OLoRA starts from the same base (their SVD or QR differ, another device or library?); run them on identical machines or use --init-lora-weights true".into(),
+    ))
+}
+
 /// A step's `rows` in micro-batches of `size`, each with whether it is the last: the one
 /// whose backward is the step's last ([`Trainee::backward`]'s `last`).
 pub fn micro_batches<T>(rows: &[T], size: usize) -> impl Iterator<Item = (&[T], bool)> {
@@ -172,4 +188,21 @@ fn parameter_counts(model: &Model) -> (i64, i64) {
             let n = t.numel() as i64;
             (trained + if t.requires_grad() { n } else { 0 }, total + n)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ranks with the same PiSSA start go on; with different ones both stop.
+    #[test]
+    fn ranks_must_share_the_moved_start() {
+        for (other, agree) in [(7u64, true), (8, false)] {
+            let results = crate::world::in_threads(2, 1 << 20, move |world| {
+                let digest = if world.rank() == 0 { 7 } else { other };
+                same_start_on_every_rank(&world, digest).is_ok()
+            });
+            assert_eq!(results, [agree, agree]);
+        }
+    }
 }

@@ -705,6 +705,31 @@ impl Model {
         Ok(())
     }
 
+    /// A digest of PiSSA's and OLoRA's starts, bit for bit (`None` without them): the
+    /// ranks of a data-parallel run each compute theirs and must agree.
+    pub fn moved_start_digest(&self) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let suffix = format!(".{}", lora::INITIAL);
+        let mut digest = std::hash::DefaultHasher::new();
+        let mut any = false;
+        for (name, t) in self.named_tensors() {
+            if !name.ends_with(&suffix) {
+                continue;
+            }
+            any = true;
+            name.hash(&mut digest);
+            let flat = t
+                .detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .flatten(0, -1);
+            for x in Vec::<f32>::try_from(flat).expect("a float tensor") {
+                x.to_bits().hash(&mut digest);
+            }
+        }
+        any.then(|| digest.finish())
+    }
+
     /// The modules whose adapter moved part of the base weight into it (PiSSA, OLoRA).
     fn moved_modules(&self) -> BTreeSet<String> {
         let suffix = format!(".lora_A.{}", lora::INITIAL);
@@ -1225,6 +1250,38 @@ mod tests {
     fn tiny_llama() -> Value {
         json!({"model_type": "llama", "vocab_size": 11, "hidden_size": 8, "intermediate_size": 16,
                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
+    }
+
+    /// The digest data-parallel ranks compare covers every PiSSA/OLoRA start, bit for bit.
+    #[test]
+    fn moved_start_digest_sees_every_start() {
+        let config = ModelConfig::from_json(tiny_llama(), Path::new("config.json")).unwrap();
+        let lora = |init| lora::LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: lora::TargetModules::AllLinear,
+            use_rslora: false,
+            use_dora: false,
+            patterns: Default::default(),
+            init,
+        };
+        let plain = Model::new(
+            config.clone(),
+            &ModelOptions::cpu(Head::Lm).with_lora(Some(lora(lora::LoraInit::Kaiming))),
+        );
+        assert_eq!(plain.moved_start_digest(), None);
+        let model = Model::new(
+            config,
+            &ModelOptions::cpu(Head::Lm).with_lora(Some(lora(lora::LoraInit::Pissa))),
+        );
+        let before = model.moved_start_digest().unwrap();
+        assert_eq!(model.moved_start_digest(), Some(before));
+        let name = format!("model.layers.0.mlp.down_proj.lora_B.{}", lora::INITIAL);
+        let t = model.named_tensors()[&name].shallow_clone();
+        let _guard = tch::no_grad_guard();
+        let _ = t.get(0).get(0).f_add_scalar_(1e-3).unwrap();
+        assert_ne!(model.moved_start_digest(), Some(before));
     }
 
     #[test]
