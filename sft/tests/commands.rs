@@ -212,32 +212,7 @@ fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
     let row = tokenize(&text, &reloaded, true, Default::default()).unwrap();
     assert_eq!(row.ids.last(), Some(&im_end));
     let model_dir = f.root.join("model");
-    for (option, value, want) in [
-        (
-            "--eos-token",
-            "<|no such token|>",
-            "--eos-token '<|no such token|>' is not a token of this vocabulary",
-        ),
-        (
-            "--chat-template-path",
-            model_dir.to_str().unwrap(),
-            "--chat-template-path takes a .jinja or .j2 template file",
-        ),
-    ] {
-        let res = sft(&[
-            "eval",
-            "--model",
-            model_dir.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--device",
-            "cpu",
-            option,
-            value,
-        ]);
-        rlhf_tests::assert_refused(&res, want);
-    }
-    // The conversations of the data file gain the prefix's tokens as targets.
+    // `sft eval` of the data file with the template (the options after it win).
     let eval = |extra: &[&str]| {
         let args = [
             &[
@@ -256,6 +231,21 @@ fn chat_template_path_replaces_the_template_and_travels_with_the_model() {
         .concat();
         sft(&args)
     };
+    for (option, value, want) in [
+        (
+            "--eos-token",
+            "<|no such token|>",
+            "--eos-token '<|no such token|>' is not a token of this vocabulary",
+        ),
+        (
+            "--chat-template-path",
+            model_dir.to_str().unwrap(),
+            "--chat-template-path takes a .jinja or .j2 template file",
+        ),
+    ] {
+        rlhf_tests::assert_refused(&eval(&[option, value]), want);
+    }
+    // The conversations of the data file gain the prefix's tokens as targets.
     let tokens = |out: &std::process::Output| stdout_json(out)["tokens"].as_i64().unwrap();
     let plain = tokens(&eval(&[]));
     let prefixed = tokens(&eval(&["--chat-template-kwargs", r#"{"prefix": "So: "}"#]));
