@@ -99,6 +99,9 @@ pub enum RewardRule {
     /// 1 for a response that opens with one `<think>…</think>` block, else 0 (TRL's
     /// `think_format_reward`).
     ThinkFormat,
+    /// 1 for a response that --format-pattern matches from its start (Python's
+    /// `re.match`, as TRL's and Open-R1's format rewards use it), else 0.
+    Format,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -115,7 +118,8 @@ pub struct TrainArgs {
     pub reward_model_weight: f64,
     /// A reward computed by a rule, repeatable: exact-answer (the answer extracted from
     /// the response against the prompt row's "answer" field), soft-overlong (DAPO's length
-    /// penalty), repetition (repeated n-grams) or think-format (a leading think block).
+    /// penalty), repetition (repeated n-grams), think-format (a leading think block) or
+    /// format (--format-pattern matches).
     #[arg(long, value_enum)]
     pub reward_rule: Vec<RewardRule>,
     /// Weight of each rule's reward in the summed reward, in the order of the rules (one
@@ -139,6 +143,11 @@ pub struct TrainArgs {
     /// exact-answer: subtracted when no answer can be extracted (the reward is then −p).
     #[arg(long, default_value_t = 0.0)]
     pub format_penalty: f64,
+    /// format: the regular expression a well-formed response matches from its start (add
+    /// `$` to match all of it, `(?s)` for `.` to match newlines), e.g.
+    /// '(?s)<think>.*?</think>\s*<answer>.*?</answer>$'.
+    #[arg(long)]
+    pub format_pattern: Option<String>,
     /// soft-overlong: the last tokens before --response-length over which the penalty
     /// falls from 0 to −1 (DAPO's L_cache; TRL's soft_punish_cache).
     #[arg(long)]
@@ -745,6 +754,10 @@ impl TrainArgs {
                     || self.reward_rule_weight.len() == self.reward_rule.len()
                     || (self.reward_rule_weight.len() == 1 && self.reward_rule.is_empty()),
                 "--reward-rule-weight: give one per --reward-rule, in their order (or none: 1 each)",
+            ),
+            (
+                self.has_rule(RewardRule::Format) == self.format_pattern.is_some(),
+                "--reward-rule format needs --format-pattern REGEX (and the option needs the rule)",
             ),
             (
                 self.has_rule(RewardRule::SoftOverlong) == self.soft_punish_cache.is_some(),

@@ -1,6 +1,7 @@
 //! Where PPO's scores come from: any [`RewardFunction`] — the learned reward model, a rule
 //! over the text and the prompt row (`exact-answer`) or over the response alone (TRL's
-//! `trl.rewards`: [`SoftOverlong`], [`Repetition`], [`ThinkFormat`]), a program, or your own
+//! `trl.rewards`: [`SoftOverlong`], [`Repetition`], [`ThinkFormat`]; a [`FormatRule`]), a
+//! program, or your own
 //! — several of them summed with weights ([`RewardSource`]).
 //!
 //! A reward of your own is a type implementing [`RewardFunction`], passed to
@@ -209,6 +210,35 @@ impl RewardFunction for ThinkFormat {
             .texts
             .iter()
             .map(|t| f64::from(u8::from(Self::matches(t))))
+            .collect())
+    }
+}
+
+/// `format`: 1 for a response that the pattern matches from its start (Python's `re.match`,
+/// as TRL's documented format reward and Open-R1's use it), else 0.
+pub struct FormatRule {
+    pattern: Regex,
+}
+
+impl FormatRule {
+    pub fn new(pattern: &str) -> Result<Self> {
+        match Regex::new(&format!(r"\A(?:{pattern})")) {
+            Ok(pattern) => Ok(FormatRule { pattern }),
+            Err(e) => bail!("--format-pattern '{pattern}': {e}"),
+        }
+    }
+
+    pub fn matches(&self, text: &str) -> bool {
+        self.pattern.is_match(text)
+    }
+}
+
+impl RewardFunction for FormatRule {
+    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
+        Ok(input
+            .texts
+            .iter()
+            .map(|t| f64::from(u8::from(self.matches(t))))
             .collect())
     }
 }
@@ -544,6 +574,20 @@ mod tests {
         };
         let got = repetition.scores(&input).unwrap()[0];
         assert!((got + 1.0 / 3.0).abs() < 1e-12, "{got}");
+        // format: matched from the start, as re.match; `$` and `(?s)` as the user writes.
+        let format = FormatRule::new(r"(?s)<think>.*?</think>\s*<answer>.*?</answer>$").unwrap();
+        for (text, want) in [
+            ("<think>a\nb</think>\n<answer>12</answer>", true),
+            (" <think>a</think><answer>12</answer>", false),
+            ("<think>a</think><answer>12</answer> more", false),
+            ("<think>a</think>", false),
+        ] {
+            assert_eq!(format.matches(text), want, "{text:?}");
+        }
+        assert!(FormatRule::new("a|b").unwrap().matches("b and more"));
+        assert!(!FormatRule::new("a|b").unwrap().matches("c, a"));
+        let e = FormatRule::new("(").err().unwrap().to_string();
+        assert!(e.starts_with("--format-pattern '(':"), "{e}");
         for (text, want) in [
             ("<think>x</think>The answer is 12.", true),
             ("<think>\n\n</think>\n\n12", true),

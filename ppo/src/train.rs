@@ -30,8 +30,8 @@ use crate::math::{
     KlController,
 };
 use crate::reward_fn::{
-    row_answer, ExactAnswer, Repetition, RewardCommand, RewardFunction, RewardModel, RewardSource,
-    SoftOverlong, ThinkFormat,
+    row_answer, ExactAnswer, FormatRule, Repetition, RewardCommand, RewardFunction, RewardModel,
+    RewardSource, SoftOverlong, ThinkFormat,
 };
 use crate::rollout::{
     rollout, sample_and_reward, RefModel, Rollout, RolloutModels, RolloutOptions,
@@ -123,6 +123,12 @@ pub fn rule_functions(args: &TrainArgs) -> Result<Vec<Rule>> {
                     }),
                 ),
                 RewardRule::ThinkFormat => ("think_format_reward", Box::new(ThinkFormat)),
+                RewardRule::Format => (
+                    "format_reward",
+                    Box::new(FormatRule::new(
+                        args.format_pattern.as_deref().unwrap_or_default(),
+                    )?),
+                ),
             };
             Ok((name, weight, function))
         })
@@ -1160,6 +1166,7 @@ mod tests {
             ),
             (&["--reward-rule", "soft-overlong"][..], "--reward-rule soft-overlong needs --soft-punish-cache N"),
             (&["--soft-punish-cache", "2"][..], "--reward-rule soft-overlong needs --soft-punish-cache N"),
+            (&["--reward-rule", "format"][..], "--reward-rule format needs --format-pattern REGEX"),
             (
                 &["--reward-rule", "soft-overlong", "--soft-punish-cache", "9"][..],
                 "--soft-punish-cache must be at most --response-length",
