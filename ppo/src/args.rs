@@ -230,6 +230,15 @@ pub struct TrainArgs {
     /// Responses sampled per prompt (the group of grpo, dr-grpo and rloo).
     #[arg(long, default_value_t = 1)]
     pub num_generations: usize,
+    /// DAPO's dynamic sampling (veRL's algorithm.filter_groups): groups whose rewards are
+    /// all equal (no advantage, nothing learned) are dropped, and more batches of prompts
+    /// sampled until --rollout-batch-size groups remain (the first of them are kept).
+    #[arg(long)]
+    pub filter_groups: bool,
+    /// With --filter-groups: the most batches of prompts sampled for one iteration; the
+    /// run stops when they leave too few groups (veRL's max_num_gen_batches; 0: no limit).
+    #[arg(long, default_value_t = 10)]
+    pub max_num_gen_batches: usize,
     /// Held-out prompts (the --prompts format): every --eval-every iterations and after
     /// the last, --num-generations-eval responses to each are sampled as the rollouts are
     /// and rewarded, and eval/reward, eval/reward_std, eval/rewards/NAME/mean and
@@ -621,6 +630,10 @@ impl TrainArgs {
             (
                 self.num_generations > 0,
                 "--num-generations must be at least 1",
+            ),
+            (
+                !self.filter_groups || self.num_generations >= 2,
+                "--filter-groups drops groups whose rewards are all equal: --num-generations must be at least 2",
             ),
             (
                 !self.advantage_estimator().is_group() || self.num_generations >= 2,

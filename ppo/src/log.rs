@@ -124,6 +124,10 @@ pub(crate) fn iteration_scalars(
     if let Some(masked) = it.stats.off_policy_masked {
         scalars.push(("off_policy_mask/masked_ratio", mean(masked)));
     }
+    if let Some(batches) = ro.gen_batches {
+        // The same on every rank (they decide together).
+        scalars.push(("num_gen_batches", batches as f64));
+    }
     let mut named: Vec<(String, f64)> = scalars
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -48,6 +48,8 @@ pub struct Rollout {
     pub texts: Vec<String>,
     /// Largest |log-prob at sampling − log-prob recomputed|: should be ~0.
     pub logprob_check: f64,
+    /// With `--filter-groups`: how many batches of prompts were sampled to fill it.
+    pub gen_batches: Option<usize>,
 }
 
 /// `[B, N]` log-probs (at `temperature`) and entropies of the response tokens; the
@@ -132,13 +134,18 @@ fn summed_rewards(
         for (total, x) in scores.iter_mut().zip(&s) {
             *total += source.weight * x;
         }
-        let n = s.len() as f64;
-        let mean = s.iter().sum::<f64>() / n;
-        let var = s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-        stats.push((source.name, mean, var.sqrt()));
+        stats.push(mean_std(source.name, &s));
         by_source.push(s);
     }
     Ok((scores, stats, by_source))
+}
+
+/// A source's mean and (unbiased) std over `scores`.
+fn mean_std(name: &'static str, scores: &[f64]) -> (&'static str, f64, f64) {
+    let n = scores.len() as f64;
+    let mean = scores.iter().sum::<f64>() / n;
+    let var = scores.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (name, mean, var.sqrt())
 }
 
 pub struct RolloutOptions {
@@ -274,6 +281,103 @@ pub struct Sampled {
     pub by_source: Vec<Vec<f64>>,
 }
 
+impl Sampled {
+    /// The groups of `k` consecutive responses (one prompt's) whose rewards are not all
+    /// equal (in f32, as `reward_std` sees them): those that teach something.
+    pub fn varied_groups(&self, k: usize) -> Vec<usize> {
+        let scores: Vec<f32> = self.scores.iter().map(|&s| s as f32).collect();
+        scores
+            .chunks(k)
+            .enumerate()
+            .filter(|(_, g)| g.iter().any(|&s| s != g[0]))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The rows `rows`, in that order.
+    pub fn select(&self, rows: &[usize]) -> Sampled {
+        let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
+            .to_device(self.generated.tokens.device());
+        let g = &self.generated;
+        let pick = |v: &[f64]| rows.iter().map(|&r| v[r]).collect::<Vec<_>>();
+        Sampled {
+            generated: Generation {
+                tokens: g.tokens.index_select(0, &index),
+                mask: g.mask.index_select(0, &index),
+                logprobs: g.logprobs.index_select(0, &index),
+                lengths: rows.iter().map(|&r| g.lengths[r]).collect(),
+                finish: rows.iter().map(|&r| g.finish[r]).collect(),
+            },
+            prompts: rows.iter().map(|&r| self.prompts[r].clone()).collect(),
+            texts: rows.iter().map(|&r| self.texts[r].clone()).collect(),
+            ended_with_eos: rows.iter().map(|&r| self.ended_with_eos[r]).collect(),
+            scores: pick(&self.scores),
+            source_stats: self.source_stats.clone(),
+            by_source: self.by_source.iter().map(|s| pick(s)).collect(),
+        }
+    }
+
+    /// `parts` one after another, the responses right-padded (`pad_id`, mask 0) to the
+    /// widest; each source's mean and std over all their rows.
+    pub fn concat(parts: Vec<Sampled>, pad_id: i64) -> Sampled {
+        let width = parts
+            .iter()
+            .map(|p| p.generated.tokens.size()[1])
+            .max()
+            .unwrap_or(0);
+        let pad = |t: &Tensor, value: i64| {
+            let missing = width - t.size()[1];
+            if missing == 0 {
+                return t.shallow_clone();
+            }
+            let fill = Tensor::full([t.size()[0], missing], value, (t.kind(), t.device()));
+            Tensor::cat(&[t.shallow_clone(), fill], 1)
+        };
+        let cat = |f: &dyn Fn(&Generation) -> Tensor| {
+            Tensor::cat(
+                &parts.iter().map(|p| f(&p.generated)).collect::<Vec<_>>(),
+                0,
+            )
+        };
+        let sources = parts.first().map_or(0, |p| p.by_source.len());
+        let by_source: Vec<Vec<f64>> = (0..sources)
+            .map(|i| parts.iter().flat_map(|p| p.by_source[i].clone()).collect())
+            .collect();
+        let names: Vec<&'static str> = parts
+            .first()
+            .map(|p| p.source_stats.iter().map(|s| s.0).collect())
+            .unwrap_or_default();
+        Sampled {
+            generated: Generation {
+                tokens: cat(&|g| pad(&g.tokens, pad_id)),
+                mask: cat(&|g| pad(&g.mask, 0)),
+                logprobs: cat(&|g| pad(&g.logprobs, 0)),
+                lengths: parts
+                    .iter()
+                    .flat_map(|p| p.generated.lengths.clone())
+                    .collect(),
+                finish: parts
+                    .iter()
+                    .flat_map(|p| p.generated.finish.clone())
+                    .collect(),
+            },
+            prompts: parts.iter().flat_map(|p| p.prompts.clone()).collect(),
+            texts: parts.iter().flat_map(|p| p.texts.clone()).collect(),
+            ended_with_eos: parts
+                .iter()
+                .flat_map(|p| p.ended_with_eos.clone())
+                .collect(),
+            scores: parts.iter().flat_map(|p| p.scores.clone()).collect(),
+            source_stats: names
+                .iter()
+                .zip(&by_source)
+                .map(|(name, s)| mean_std(name, s))
+                .collect(),
+            by_source,
+        }
+    }
+}
+
 /// Samples one response to each row of `prompt_ids` (`fields`: the other fields of each
 /// row's prompt, for the rewards) and rewards it.
 pub fn sample_and_reward(
@@ -332,6 +436,24 @@ pub fn rollout(
     opts: &RolloutOptions,
 ) -> Result<Rollout> {
     let sampled = sample_and_reward(models, prompt_ids, prompt_mask, fields, opts)?;
+    Ok(score_sampled(
+        models,
+        prompt_ids,
+        prompt_mask,
+        sampled,
+        opts,
+    ))
+}
+
+/// The rollout of responses already sampled and rewarded (`prompt_ids`, left-padded, are
+/// their prompts): their tokens scored under the policy, the reference and the critic.
+pub fn score_sampled(
+    models: &RolloutModels,
+    prompt_ids: &Tensor,
+    prompt_mask: &Tensor,
+    sampled: Sampled,
+    opts: &RolloutOptions,
+) -> Rollout {
     let _guard = tch::no_grad_guard();
     let device = models.policy.device();
     let generated = sampled.generated;
@@ -369,7 +491,7 @@ pub fn rollout(
         .view([rows, sampled.by_source.len() as i64])
         .to_device(device);
     let scores: Vec<f32> = sampled.scores.iter().map(|&s| s as f32).collect();
-    Ok(Rollout {
+    Rollout {
         full_ids,
         full_mask,
         prompt_len,
@@ -389,5 +511,6 @@ pub fn rollout(
         prompts: sampled.prompts,
         texts: sampled.texts,
         logprob_check,
-    })
+        gen_batches: None,
+    }
 }

@@ -34,7 +34,8 @@ use crate::reward_fn::{
     RewardSource, SoftOverlong, ThinkFormat,
 };
 use crate::rollout::{
-    rollout, sample_and_reward, RefModel, Rollout, RolloutModels, RolloutOptions,
+    rollout, sample_and_reward, score_sampled, RefModel, Rollout, RolloutModels, RolloutOptions,
+    Sampled,
 };
 use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
 use data::formats::PromptFields;
@@ -690,15 +691,10 @@ impl<'a> Ppo<'a> {
     /// the groups) and scores them.
     fn rollout(&mut self, step: u64, world: &World) -> Result<Rollout> {
         let args = self.args;
-        let indices = self.sampler.next_batch(args.rollout_batch_size);
-        let mine: Vec<usize> = world
-            .shard(&indices)
-            .iter()
-            .flat_map(|&i| std::iter::repeat_n(i, args.num_generations))
-            .collect();
-        let rows: Vec<&[i64]> = mine.iter().map(|&i| self.prompts[i].as_slice()).collect();
-        let fields: Vec<PromptFields> = mine.iter().map(|&i| self.fields[i].clone()).collect();
-        let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
+        if args.filter_groups {
+            return self.filtered_rollout(step, world);
+        }
+        let (batch, fields) = self.next_prompts(world);
         let opts = self.rollout_options(
             derived_seed(args.run.seed, step, 1),
             rollout_rows_of(args, world),
@@ -712,6 +708,93 @@ impl<'a> Ppo<'a> {
                 &opts,
             )
         })
+    }
+
+    /// The next --rollout-batch-size prompts (this rank's share, each --num-generations
+    /// times), collated, with their rows' other fields.
+    fn next_prompts(&mut self, world: &World) -> (data::prompts::PromptBatch, Vec<PromptFields>) {
+        let args = self.args;
+        let indices = self.sampler.next_batch(args.rollout_batch_size);
+        let mine: Vec<usize> = world
+            .shard(&indices)
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(i, args.num_generations))
+            .collect();
+        let rows: Vec<&[i64]> = mine.iter().map(|&i| self.prompts[i].as_slice()).collect();
+        let fields: Vec<PromptFields> = mine.iter().map(|&i| self.fields[i].clone()).collect();
+        let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
+        (batch, fields)
+    }
+
+    /// `--filter-groups` (DAPO's dynamic sampling): batches of prompts are sampled and
+    /// rewarded until every rank holds its share of --rollout-batch-size groups whose
+    /// rewards differ (the ranks decide together after each batch, so their samplers stay
+    /// in step); the first groups are kept and only they are scored. Batch b > 0 samples
+    /// with its own seed.
+    fn filtered_rollout(&mut self, step: u64, world: &World) -> Result<Rollout> {
+        let args = self.args;
+        let k = args.num_generations;
+        let quota = world.shard(&vec![(); args.rollout_batch_size]).len();
+        let rows = rollout_rows_of(args, world);
+        let mut kept: Vec<Sampled> = vec![];
+        let mut groups = 0;
+        let mut batches = 0;
+        loop {
+            let (batch, fields) = self.next_prompts(world);
+            let opts = self.rollout_options(
+                derived_seed(args.run.seed, step, 1 + ((batches as u64) << 32)),
+                rows,
+            );
+            let sampled = self.with_models(|models| {
+                sample_and_reward(
+                    models,
+                    &batch.input_ids,
+                    &batch.attention_mask,
+                    &fields,
+                    &opts,
+                )
+            });
+            batches += 1;
+            // Every rank learns the fewest groups any rank holds (−1: a rank failed).
+            let held = match &sampled {
+                Ok(s) => (groups + s.varied_groups(k).len()) as f64,
+                Err(_) => -1.0,
+            };
+            let (fewest, _) = world.min_max((held, held));
+            let sampled = sampled?;
+            anyhow::ensure!(
+                fewest >= 0.0,
+                "the rollout failed on another rank (see its message)"
+            );
+            let varied = sampled.varied_groups(k);
+            groups += varied.len();
+            let rows: Vec<usize> = varied.iter().flat_map(|g| g * k..(g + 1) * k).collect();
+            kept.push(sampled.select(&rows));
+            if fewest >= quota as f64 {
+                break;
+            }
+            anyhow::ensure!(
+                args.max_num_gen_batches == 0 || batches < args.max_num_gen_batches,
+                "--filter-groups: {batches} batches of prompts (--max-num-gen-batches) left {} of the {quota} groups whose rewards differ that a rank needs: every response of the others got the same reward (check the rewards, or raise --max-num-gen-batches)",
+                fewest as usize
+            );
+        }
+        let sampled = Sampled::concat(kept, self.tok.pad_id);
+        let sampled = sampled.select(&(0..quota * k).collect::<Vec<_>>());
+        let prompts: Vec<&[i64]> = sampled.prompts.iter().map(Vec::as_slice).collect();
+        let batch = collate_left(&prompts, self.tok.pad_id, self.policy.model.device());
+        let opts = self.rollout_options(derived_seed(args.run.seed, step, 1), rows);
+        let mut ro = self.with_models(|models| {
+            score_sampled(
+                models,
+                &batch.input_ids,
+                &batch.attention_mask,
+                sampled,
+                &opts,
+            )
+        });
+        ro.gen_batches = Some(batches);
+        Ok(ro)
     }
 
     /// How responses are sampled and rewarded, with the sampling `seed` and the rows'
@@ -993,6 +1076,79 @@ mod tests {
         ));
         assert!(close(&one.scores, &blocks.scores));
         assert_eq!(one.mask.size()[0], 16);
+    }
+
+    /// `--filter-groups`: every group of the rollout has rewards that differ; the groups
+    /// kept from the first batch of prompts are those of the unfiltered rollout (same
+    /// tokens, scores and log-probs); a reward that never differs stops the run after
+    /// --max-num-gen-batches batches.
+    #[test]
+    fn filtered_groups_all_differ_and_keep_the_plain_rollouts_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut args, _) = lora_run(&tmp.path().join("fixture"));
+        args.adapter.lora_r = None;
+        args.reward_model = None;
+        args.advantage_estimator = "grpo".parse().unwrap();
+        (
+            args.num_generations,
+            args.rollout_batch_size,
+            args.response_length,
+        ) = (2, 4, 6);
+        let parity = crate::reward_fn::TextRule(|t: &str| (t.len() % 2) as f64);
+        let constant = crate::reward_fn::TextRule(|_: &str| 1.0);
+        let run = |filter: bool, rule: &dyn RewardFunction| {
+            let mut a = args.clone();
+            (a.filter_groups, a.max_num_gen_batches) = (filter, 3);
+            a.validate().unwrap();
+            let sources = [Scorer::Function(RewardSource {
+                name: "rule",
+                weight: 1.0,
+                function: rule,
+            })];
+            let mut ppo =
+                Ppo::load(&a, &sources, (Device::Cpu, Kind::Float), &World::single()).unwrap();
+            ppo.rollout(0, &World::single())
+        };
+        let plain = run(false, &parity).unwrap();
+        let filtered = run(true, &parity).unwrap();
+        assert_eq!(filtered.mask.size()[0], 8);
+        let scores = Vec::<f32>::try_from(&filtered.scores).unwrap();
+        assert!(scores.chunks(2).all(|g| g[0] != g[1]), "{scores:?}");
+        assert!(filtered.gen_batches.unwrap() >= 1 && plain.gen_batches.is_none());
+        let plain_scores = Vec::<f32>::try_from(&plain.scores).unwrap();
+        let varied: Vec<i64> = (0..4)
+            .filter(|&g| plain_scores[2 * g] != plain_scores[2 * g + 1])
+            .map(|g| g as i64)
+            .collect();
+        assert!(
+            !varied.is_empty(),
+            "no group of the first batch varies: {plain_scores:?}"
+        );
+        let n = plain.response.size()[1];
+        for (i, &g) in varied.iter().enumerate() {
+            let (ours, theirs) = (
+                filtered.response.narrow(0, 2 * i as i64, 2),
+                plain.response.narrow(0, 2 * g, 2),
+            );
+            assert!(
+                ours.narrow(1, 0, n).equal(&theirs),
+                "group {g}: tokens differ"
+            );
+            let (a, b) = (
+                filtered.logprobs.narrow(0, 2 * i as i64, 2).narrow(1, 0, n),
+                plain.logprobs.narrow(0, 2 * g, 2),
+            );
+            assert!(
+                (a - b).abs().max().double_value(&[]) < 1e-5,
+                "group {g}: log-probs differ"
+            );
+            assert_eq!(scores[2 * i], plain_scores[2 * g as usize]);
+        }
+        let e = run(true, &constant).err().unwrap().to_string();
+        assert!(
+            e.starts_with("--filter-groups: 3 batches of prompts (--max-num-gen-batches) left 0 of the 4 groups"),
+            "{e}"
+        );
     }
 
     /// With a fresh adapter the policy is its own reference and the critic's base is the
