@@ -102,6 +102,10 @@ pub enum RewardRule {
     /// 1 for a response that --format-pattern matches from its start (Python's
     /// `re.match`, as TRL's and Open-R1's format rewards use it), else 0.
     Format,
+    /// exact-answer's verdict scaled by the response's length on a cosine schedule (TRL's
+    /// `get_cosine_scaled_reward`): short correct answers earn most, short wrong ones lose
+    /// most.
+    CosineScaled,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -118,8 +122,8 @@ pub struct TrainArgs {
     pub reward_model_weight: f64,
     /// A reward computed by a rule, repeatable: exact-answer (the answer extracted from
     /// the response against the prompt row's "answer" field), soft-overlong (DAPO's length
-    /// penalty), repetition (repeated n-grams), think-format (a leading think block) or
-    /// format (--format-pattern matches).
+    /// penalty), repetition (repeated n-grams), think-format (a leading think block),
+    /// format (--format-pattern matches) or cosine-scaled (exact-answer scaled by length).
     #[arg(long, value_enum)]
     pub reward_rule: Vec<RewardRule>,
     /// Weight of each rule's reward in the summed reward, in the order of the rules (one
@@ -143,6 +147,21 @@ pub struct TrainArgs {
     /// exact-answer: subtracted when no answer can be extracted (the reward is then −p).
     #[arg(long, default_value_t = 0.0)]
     pub format_penalty: f64,
+    /// cosine-scaled: the length at which the schedule ends (default: --response-length).
+    #[arg(long)]
+    pub cosine_max_len: Option<usize>,
+    /// cosine-scaled: a wrong response's reward at length 0.
+    #[arg(long, default_value_t = -1.0, allow_hyphen_values = true)]
+    pub cosine_min_value_wrong: f64,
+    /// cosine-scaled: a wrong response's reward at --cosine-max-len.
+    #[arg(long, default_value_t = -0.5, allow_hyphen_values = true)]
+    pub cosine_max_value_wrong: f64,
+    /// cosine-scaled: a correct response's reward at --cosine-max-len.
+    #[arg(long, default_value_t = 0.5, allow_hyphen_values = true)]
+    pub cosine_min_value_correct: f64,
+    /// cosine-scaled: a correct response's reward at length 0.
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub cosine_max_value_correct: f64,
     /// format: the regular expression a well-formed response matches from its start (add
     /// `$` to match all of it, `(?s)` for `.` to match newlines), e.g.
     /// '(?s)<think>.*?</think>\s*<answer>.*?</answer>$'.
@@ -465,6 +484,11 @@ impl TrainArgs {
         self.reward_rule.contains(&rule)
     }
 
+    /// Whether a rule compares responses with the prompt rows' `answer`.
+    pub fn reads_answers(&self) -> bool {
+        self.has_rule(RewardRule::ExactAnswer) || self.has_rule(RewardRule::CosineScaled)
+    }
+
     /// Each `--reward-rule` with its weight.
     pub fn rule_weights(&self) -> Vec<(RewardRule, f64)> {
         let weight = |i: usize| self.reward_rule_weight.get(i).copied().unwrap_or(1.0);
@@ -757,8 +781,12 @@ impl TrainArgs {
                 "--forward-batch-size must be at least 1",
             ),
             (
-                self.answer_pattern.is_none() || self.has_rule(RewardRule::ExactAnswer),
-                "--answer-pattern needs --reward-rule exact-answer",
+                self.answer_pattern.is_none() || self.reads_answers(),
+                "--answer-pattern needs --reward-rule exact-answer or cosine-scaled",
+            ),
+            (
+                self.cosine_max_len != Some(0),
+                "--cosine-max-len must be at least 1",
             ),
             (
                 // One weight and at most one rule: as before rules repeated (a config.toml

@@ -1,6 +1,7 @@
 //! Where PPO's scores come from: any [`RewardFunction`] — the learned reward model, a rule
 //! over the text and the prompt row (`exact-answer`) or over the response alone (TRL's
-//! `trl.rewards`: [`SoftOverlong`], [`Repetition`], [`ThinkFormat`]; a [`FormatRule`]), a
+//! `trl.rewards`: [`SoftOverlong`], [`Repetition`], [`ThinkFormat`], [`CosineScaled`]; a
+//! [`FormatRule`]), a
 //! program, or your own
 //! — several of them summed with weights ([`RewardSource`]).
 //!
@@ -279,6 +280,52 @@ impl ExactAnswer {
             .map(|m| m.as_str())
             .filter(|a| !normalize(a).is_empty())
     }
+
+    /// Whether the answer extracted from `text` is the row's `answer` (both normalised).
+    pub fn correct(&self, text: &str, row: &PromptFields) -> bool {
+        match (self.extract(text), row_answer(row)) {
+            (Some(got), Some(want)) => normalize(got) == normalize(&want),
+            _ => false,
+        }
+    }
+}
+
+/// `cosine-scaled`: correctness scaled by length on a cosine schedule (Yeo et al. 2025,
+/// Appendix C.1; TRL's `get_cosine_scaled_reward`), with [`ExactAnswer`]'s verdict where
+/// TRL's uses math verification: `v_min + ½(v_max − v_min)(1 + cos(π·min(|y|/L, 1)))`, |y|
+/// the completion's tokens (its EOS counted); a correct response goes from
+/// `max_value_correct` (short) to `min_value_correct` (at L), a wrong one from
+/// `min_value_wrong` (short) to `max_value_wrong`.
+pub struct CosineScaled {
+    pub answer: ExactAnswer,
+    pub max_len: usize,
+    /// `(min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)`.
+    pub values: (f64, f64, f64, f64),
+}
+
+impl CosineScaled {
+    pub fn value(&self, correct: bool, len: usize) -> f64 {
+        let (min_wrong, max_wrong, min_correct, max_correct) = self.values;
+        let progress = (len as f64 / self.max_len as f64).min(1.0);
+        let cosine = (progress * std::f64::consts::PI).cos();
+        let (lo, hi) = if correct {
+            (min_correct, max_correct)
+        } else {
+            (max_wrong, min_wrong)
+        };
+        lo + 0.5 * (hi - lo) * (1.0 + cosine)
+    }
+}
+
+impl RewardFunction for CosineScaled {
+    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
+        Ok((0..input.texts.len())
+            .map(|i| {
+                let correct = self.answer.correct(&input.texts[i], &input.fields[i]);
+                self.value(correct, completion_len(input, i))
+            })
+            .collect())
+    }
 }
 
 /// Whitespace collapsed, trailing periods dropped, commas between digits removed.
@@ -315,13 +362,9 @@ impl RewardFunction for ExactAnswer {
             .texts
             .iter()
             .zip(input.fields)
-            .map(|(text, row)| {
-                let want = row_answer(row).map(|a| normalize(&a));
-                match (self.extract(text), want) {
-                    (None, _) => -self.format_penalty,
-                    (Some(got), Some(want)) => f64::from(normalize(got) == want),
-                    (Some(_), None) => 0.0,
-                }
+            .map(|(text, row)| match self.extract(text) {
+                None => -self.format_penalty,
+                Some(_) => f64::from(u8::from(self.correct(text, row))),
             })
             .collect())
     }
@@ -574,6 +617,28 @@ mod tests {
         };
         let got = repetition.scores(&input).unwrap()[0];
         assert!((got + 1.0 / 3.0).abs() < 1e-12, "{got}");
+        // cosine-scaled: TRL's example (max_len 100, 50 tokens: 0.75 correct, −0.75
+        // wrong), the ends, and lengths past max_len held at the long end.
+        let cosine = CosineScaled {
+            answer: ExactAnswer::new(None, 0.0).unwrap(),
+            max_len: 100,
+            values: (-1.0, -0.5, 0.5, 1.0),
+        };
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(near(cosine.value(true, 50), 0.75) && near(cosine.value(false, 50), -0.75));
+        assert!(near(cosine.value(true, 0), 1.0) && near(cosine.value(false, 0), -1.0));
+        assert!(near(cosine.value(true, 100), 0.5) && near(cosine.value(false, 300), -0.5));
+        let mut row = PromptFields::new();
+        row.insert("answer".into(), serde_json::json!(12));
+        let input = RewardInput {
+            prompts: &[vec![], vec![]],
+            responses: &[vec![1; 49], vec![1; 49]],
+            texts: &["The answer is 12".into(), "The answer is 13".into()],
+            fields: &[row.clone(), row],
+            ended_with_eos: &[true, true],
+        };
+        let got = cosine.scores(&input).unwrap();
+        assert!(near(got[0], 0.75) && near(got[1], -0.75), "{got:?}");
         // format: matched from the start, as re.match; `$` and `(?s)` as the user writes.
         let format = FormatRule::new(r"(?s)<think>.*?</think>\s*<answer>.*?</answer>$").unwrap();
         for (text, want) in [

@@ -30,8 +30,8 @@ use crate::math::{
     KlController,
 };
 use crate::reward_fn::{
-    row_answer, ExactAnswer, FormatRule, Repetition, RewardCommand, RewardFunction, RewardModel,
-    RewardSource, SoftOverlong, ThinkFormat,
+    row_answer, CosineScaled, ExactAnswer, FormatRule, Repetition, RewardCommand, RewardFunction,
+    RewardModel, RewardSource, SoftOverlong, ThinkFormat,
 };
 use crate::rollout::{
     rollout, sample_and_reward, score_sampled, RefModel, Rollout, RolloutModels, RolloutOptions,
@@ -124,6 +124,19 @@ pub fn rule_functions(args: &TrainArgs) -> Result<Vec<Rule>> {
                     }),
                 ),
                 RewardRule::ThinkFormat => ("think_format_reward", Box::new(ThinkFormat)),
+                RewardRule::CosineScaled => (
+                    "cosine_scaled_reward",
+                    Box::new(CosineScaled {
+                        answer: ExactAnswer::new(args.answer_pattern.as_deref(), 0.0)?,
+                        max_len: args.cosine_max_len.unwrap_or(args.response_length as usize),
+                        values: (
+                            args.cosine_min_value_wrong,
+                            args.cosine_max_value_wrong,
+                            args.cosine_min_value_correct,
+                            args.cosine_max_value_correct,
+                        ),
+                    }),
+                ),
                 RewardRule::Format => (
                     "format_reward",
                     Box::new(FormatRule::new(
@@ -263,13 +276,13 @@ fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) 
     let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
     let max_prompt_length = args.max_prompt_length.min(room);
     let rows = data::read_prompts_with_fields(path)?;
-    if args.has_rule(RewardRule::ExactAnswer) {
+    if args.reads_answers() {
         if let Some(i) = rows.iter().position(|(_, f)| row_answer(f).is_none()) {
             return Err(data::DataError {
                 file: path.to_path_buf(),
                 line: rows.lines.get(i).copied(),
                 field: Some("answer".into()),
-                message: "missing (or not a string or number): --reward-rule exact-answer compares responses with it".into(),
+                message: "missing (or not a string or number): --reward-rule exact-answer and cosine-scaled compare responses with it".into(),
                 source: None,
             }
             .into());
