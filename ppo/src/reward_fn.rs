@@ -1,9 +1,8 @@
 //! Where PPO's scores come from: any [`RewardFunction`] — the learned reward model, a rule
 //! over the text and the prompt row (`exact-answer`) or over the response alone (TRL's
 //! `trl.rewards`: [`SoftOverlong`], [`Repetition`], [`ThinkFormat`], [`CosineScaled`]; a
-//! [`FormatRule`]), a
-//! program, or your own
-//! — several of them summed with weights ([`RewardSource`]).
+//! [`FormatRule`]), a program, or your own — several of them summed with weights
+//! ([`RewardSource`]).
 //!
 //! A reward of your own is a type implementing [`RewardFunction`], passed to
 //! [`crate::train::run_with_reward`]:
@@ -193,8 +192,8 @@ impl RewardFunction for Repetition {
     }
 }
 
-/// `think-format`: 1 for a response that opens with `<think>`, closes it with `</think>`
-/// and has no second `<think>`, else 0 — TRL's `think_format_reward`
+/// `think-format`: a response that opens with `<think>`, closes it with `</think>` and has
+/// no second `<think>` (scored 1, else 0, as a [`TextRule`]) — TRL's `think_format_reward`
 /// (`^<think>(?!.*<think>)(.*?)</think>.*$`, dot matching newlines).
 pub struct ThinkFormat;
 
@@ -205,18 +204,9 @@ impl ThinkFormat {
     }
 }
 
-impl RewardFunction for ThinkFormat {
-    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
-        Ok(input
-            .texts
-            .iter()
-            .map(|t| f64::from(u8::from(Self::matches(t))))
-            .collect())
-    }
-}
-
-/// `format`: 1 for a response that the pattern matches from its start (Python's `re.match`,
-/// as TRL's documented format reward and Open-R1's use it), else 0.
+/// `format`: a response that the pattern matches from its start (scored 1, else 0, as a
+/// [`TextRule`]; Python's `re.match`, as TRL's documented format reward and Open-R1's use
+/// it).
 pub struct FormatRule {
     pattern: Regex,
 }
@@ -231,16 +221,6 @@ impl FormatRule {
 
     pub fn matches(&self, text: &str) -> bool {
         self.pattern.is_match(text)
-    }
-}
-
-impl RewardFunction for FormatRule {
-    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
-        Ok(input
-            .texts
-            .iter()
-            .map(|t| f64::from(u8::from(self.matches(t))))
-            .collect())
     }
 }
 

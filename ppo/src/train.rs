@@ -31,7 +31,7 @@ use crate::math::{
 };
 use crate::reward_fn::{
     row_answer, CosineScaled, ExactAnswer, FormatRule, Repetition, RewardCommand, RewardFunction,
-    RewardModel, RewardSource, SoftOverlong, ThinkFormat,
+    RewardModel, RewardSource, SoftOverlong, TextRule, ThinkFormat,
 };
 use crate::rollout::{
     rollout, sample_and_reward, score_sampled, RefModel, Rollout, RolloutModels, RolloutOptions,
@@ -123,7 +123,12 @@ pub fn rule_functions(args: &TrainArgs) -> Result<Vec<Rule>> {
                         max_penalty: args.repetition_max_penalty,
                     }),
                 ),
-                RewardRule::ThinkFormat => ("think_format_reward", Box::new(ThinkFormat)),
+                RewardRule::ThinkFormat => (
+                    "think_format_reward",
+                    Box::new(TextRule(|t: &str| {
+                        f64::from(u8::from(ThinkFormat::matches(t)))
+                    })),
+                ),
                 RewardRule::CosineScaled => (
                     "cosine_scaled_reward",
                     Box::new(CosineScaled {
@@ -137,12 +142,16 @@ pub fn rule_functions(args: &TrainArgs) -> Result<Vec<Rule>> {
                         ),
                     }),
                 ),
-                RewardRule::Format => (
-                    "format_reward",
-                    Box::new(FormatRule::new(
-                        args.format_pattern.as_deref().unwrap_or_default(),
-                    )?),
-                ),
+                RewardRule::Format => {
+                    let format =
+                        FormatRule::new(args.format_pattern.as_deref().unwrap_or_default())?;
+                    (
+                        "format_reward",
+                        Box::new(TextRule(move |t: &str| {
+                            f64::from(u8::from(format.matches(t)))
+                        })),
+                    )
+                }
             };
             Ok((name, weight, function))
         })
