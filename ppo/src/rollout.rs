@@ -140,6 +140,15 @@ fn summed_rewards(
     Ok((scores, stats, by_source))
 }
 
+/// The sources of `stats` (by name) with their mean and std over `by_source` instead.
+fn stats_of(stats: &SourceStats, by_source: &[Vec<f64>]) -> SourceStats {
+    stats
+        .iter()
+        .zip(by_source)
+        .map(|((name, _, _), s)| mean_std(name, s))
+        .collect()
+}
+
 /// A source's mean and (unbiased) std over `scores`.
 fn mean_std(name: &'static str, scores: &[f64]) -> (&'static str, f64, f64) {
     let n = scores.len() as f64;
@@ -294,12 +303,13 @@ impl Sampled {
             .collect()
     }
 
-    /// The rows `rows`, in that order.
+    /// The rows `rows`, in that order (each source's mean and std over them).
     pub fn select(&self, rows: &[usize]) -> Sampled {
         let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
             .to_device(self.generated.tokens.device());
         let g = &self.generated;
         let pick = |v: &[f64]| rows.iter().map(|&r| v[r]).collect::<Vec<_>>();
+        let by_source: Vec<Vec<f64>> = self.by_source.iter().map(|s| pick(s)).collect();
         Sampled {
             generated: Generation {
                 tokens: g.tokens.index_select(0, &index),
@@ -312,8 +322,8 @@ impl Sampled {
             texts: rows.iter().map(|&r| self.texts[r].clone()).collect(),
             ended_with_eos: rows.iter().map(|&r| self.ended_with_eos[r]).collect(),
             scores: pick(&self.scores),
-            source_stats: self.source_stats.clone(),
-            by_source: self.by_source.iter().map(|s| pick(s)).collect(),
+            source_stats: stats_of(&self.source_stats, &by_source),
+            by_source,
         }
     }
 
@@ -343,10 +353,9 @@ impl Sampled {
         let by_source: Vec<Vec<f64>> = (0..sources)
             .map(|i| parts.iter().flat_map(|p| p.by_source[i].clone()).collect())
             .collect();
-        let names: Vec<&'static str> = parts
+        let source_stats = parts
             .first()
-            .map(|p| p.source_stats.iter().map(|s| s.0).collect())
-            .unwrap_or_default();
+            .map_or(vec![], |p| stats_of(&p.source_stats, &by_source));
         Sampled {
             generated: Generation {
                 tokens: cat(&|g| pad(&g.tokens, pad_id)),
@@ -368,11 +377,7 @@ impl Sampled {
                 .flat_map(|p| p.ended_with_eos.clone())
                 .collect(),
             scores: parts.iter().flat_map(|p| p.scores.clone()).collect(),
-            source_stats: names
-                .iter()
-                .zip(&by_source)
-                .map(|(name, s)| mean_std(name, s))
-                .collect(),
+            source_stats,
             by_source,
         }
     }

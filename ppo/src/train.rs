@@ -778,8 +778,12 @@ impl<'a> Ppo<'a> {
             });
             batches += 1;
             // Every rank learns the fewest groups any rank holds (−1: a rank failed).
+            let varied = match &sampled {
+                Ok(s) => s.varied_groups(k),
+                Err(_) => vec![],
+            };
             let held = match &sampled {
-                Ok(s) => (groups + s.varied_groups(k).len()) as f64,
+                Ok(_) => (groups + varied.len()) as f64,
                 Err(_) => -1.0,
             };
             let (fewest, _) = world.min_max((held, held));
@@ -788,7 +792,8 @@ impl<'a> Ppo<'a> {
                 fewest >= 0.0,
                 "the rollout failed on another rank (see its message)"
             );
-            let varied = sampled.varied_groups(k);
+            // The first groups that differ, up to this rank's share.
+            let varied = &varied[..varied.len().min(quota - groups)];
             groups += varied.len();
             let rows: Vec<usize> = varied.iter().flat_map(|g| g * k..(g + 1) * k).collect();
             kept.push(sampled.select(&rows));
@@ -802,7 +807,6 @@ impl<'a> Ppo<'a> {
             );
         }
         let sampled = Sampled::concat(kept, self.tok.pad_id);
-        let sampled = sampled.select(&(0..quota * k).collect::<Vec<_>>());
         let prompts: Vec<&[i64]> = sampled.prompts.iter().map(Vec::as_slice).collect();
         let batch = collate_left(&prompts, self.tok.pad_id, self.policy.model.device());
         let opts = self.rollout_options(derived_seed(args.run.seed, step, 1), rows);
