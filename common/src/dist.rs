@@ -210,9 +210,9 @@ impl Comm {
     }
 
     /// Waits until `count` (a counter every rank adds 1 to) reaches the world size, at
-    /// collective `what`, whose key `arrived(r)` rank `r` sets once it has counted. A rank that got SIGTERM (torchrun ending the run after
-    /// another rank died) and waits more than a few seconds leaves at once instead of at
-    /// the timeout. A rank that has left never reaches a collective the others wait at (a
+    /// collective `what`, whose key `arrived(r)` rank `r` sets once it has counted. A rank
+    /// that got SIGTERM (torchrun ending the run after another rank died) and waits more
+    /// than a few seconds leaves at once instead of at the timeout. A rank that has left never reaches a collective the others wait at (a
     /// rank leaves only after writing to every collective of the run, or on an error of its
     /// own), so seeing one gone ends the wait too. Each way out names the ranks waited for.
     fn wait_for_all(&self, count: &str, what: &str, arrived: impl Fn(usize) -> String) {

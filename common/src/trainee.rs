@@ -178,11 +178,10 @@ pub fn micro_batches<T>(rows: &[T], size: usize) -> impl Iterator<Item = (&[T], 
 
 fn parameter_counts(model: &Model) -> (i64, i64) {
     // PiSSA's and OLoRA's frozen starts are copies, not parameters.
-    let start = format!(".{}", crate::models::lora::INITIAL);
     model
         .named_tensors()
         .iter()
-        .filter(|(name, _)| !name.ends_with(&start))
+        .filter(|(name, _)| !crate::models::lora::is_initial(name))
         .map(|(_, t)| t)
         .fold((0, 0), |(trained, total), t| {
             let n = t.numel() as i64;

@@ -668,6 +668,26 @@ fn bad_adapter_inputs_end_in_one_line() {
     config["base_model_name_or_path"] = json!("../no-such-base");
     std::fs::write(orphan.join("adapter_config.json"), config.to_string()).unwrap();
     let data = f.root.join("sft.jsonl");
+    // `sft train` of the llama fixture without --lora-r.
+    let llama = f.root.join("llama");
+    let train_plain = |extra: &[&str]| {
+        let args = [
+            &[
+                "train",
+                "--model",
+                llama.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ][..],
+            extra,
+        ]
+        .concat();
+        sft(&args, &[])
+    };
     let cases: Vec<(Output, &str)> = vec![
         (train_adapter("llama", &out, &["--lora-r", "0"], &[]), "--lora-r must be at least 1"),
         (
@@ -679,14 +699,7 @@ fn bad_adapter_inputs_end_in_one_line() {
             "--init-lora-weights pissa: rank 20 is more than model.layers.0.self_attn.v_proj [16, 32] can hold (its smaller side)",
         ),
         (
-            sft(
-                &[
-                    "train", "--model", f.root.join("llama").to_str().unwrap(), "--data",
-                    data.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--device", "cpu",
-                    "--init-lora-weights", "olora",
-                ],
-                &[],
-            ),
+            train_plain(&["--init-lora-weights", "olora"]),
             "--lora-alpha, --lora-dropout, --lora-target-modules, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
         ),
         (
@@ -694,14 +707,7 @@ fn bad_adapter_inputs_end_in_one_line() {
             "LoRA target modules [\"nope\"] match no layer of this llama model",
         ),
         (
-            sft(
-                &[
-                    "train", "--model", f.root.join("llama").to_str().unwrap(), "--data",
-                    data.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--device", "cpu",
-                    "--loraplus-lr-ratio", "16",
-                ],
-                &[],
-            ),
+            train_plain(&["--loraplus-lr-ratio", "16"]),
             "--loraplus-lr-ratio needs a LoRA adapter (--lora-r, or a LoRA adapter directory as the model)",
         ),
         (

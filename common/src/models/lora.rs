@@ -164,6 +164,15 @@ pub const MAGNITUDE: &str = "lora_magnitude_vector";
 /// PiSSA's and OLoRA's frozen start beside `lora_A.weight` and `lora_B.weight`
 /// (`<module>.lora_A.initial_weight`); never written as such (see [`LoraConfig::converted`]).
 pub const INITIAL: &str = "initial_weight";
+/// [`INITIAL`] under `lora_A` and `lora_B`: the start's names within its module.
+pub const INITIAL_A: &str = "lora_A.initial_weight";
+pub const INITIAL_B: &str = "lora_B.initial_weight";
+
+/// Whether one of our variables is PiSSA's or OLoRA's frozen start (a copy, not a
+/// parameter).
+pub fn is_initial(name: &str) -> bool {
+    name.ends_with(INITIAL_A) || name.ends_with(INITIAL_B)
+}
 
 /// Whether a variable name is an adapter's (`….lora_A.weight`, `….lora_B.weight`,
 /// `….lora_magnitude_vector`).

@@ -514,7 +514,7 @@ impl Model {
         };
         let tensors = self.named_tensors();
         let _guard = tch::no_grad_guard();
-        let fan_in_fan_out = self.config.model_type == ModelType::Gpt2;
+        let fan_in_fan_out = self.fan_in_fan_out();
         for module in self.adapted_modules() {
             let get = |n: &str| tensors[&format!("{module}.{n}")].shallow_clone();
             let mut w = get("weight");
@@ -529,12 +529,12 @@ impl Model {
                         )
                     })?;
             for (name, value) in [
-                ("lora_A.weight".to_string(), &a),
-                ("lora_B.weight".to_string(), &b),
-                (format!("lora_A.{}", lora::INITIAL), &a),
-                (format!("lora_B.{}", lora::INITIAL), &b),
+                ("lora_A.weight", &a),
+                ("lora_B.weight", &b),
+                (lora::INITIAL_A, &a),
+                (lora::INITIAL_B, &b),
             ] {
-                get(&name).copy_(value);
+                get(name).copy_(value);
             }
             w.copy_(&residual);
         }
@@ -548,7 +548,7 @@ impl Model {
         };
         let tensors = self.named_tensors();
         let _guard = tch::no_grad_guard();
-        let fan_in_fan_out = self.config.model_type == ModelType::Gpt2;
+        let fan_in_fan_out = self.fan_in_fan_out();
         for module in self.adapted_modules() {
             let [w, a, b, m] = ["weight", "lora_A.weight", "lora_B.weight", lora::MAGNITUDE]
                 .map(|n| &tensors[&format!("{module}.{n}")]);
@@ -652,7 +652,7 @@ impl Model {
                 Tensor::zeros(size, (t.kind(), t.device()))
             };
             let value = match name.rsplit_once(".lora_") {
-                _ if name.ends_with(lora::INITIAL) => continue,
+                _ if lora::is_initial(name) => continue,
                 Some((module, "A.weight")) if converted && moved.contains(module) => joined(0),
                 Some((module, "B.weight")) if converted && moved.contains(module) => joined(1),
                 _ => t.shallow_clone(),
@@ -666,7 +666,7 @@ impl Model {
         }
         let cfg = self.options.lora.as_ref().expect("moved modules have LoRA");
         let weights = self.named_tensors();
-        let fan_in_fan_out = self.config.model_type == ModelType::Gpt2;
+        let fan_in_fan_out = self.fan_in_fan_out();
         let mut rebased = 0;
         for module in &moved {
             let get = |n: &str| tensors[&format!("{module}.{n}")].shallow_clone();
@@ -674,24 +674,21 @@ impl Model {
             let r = cfg.rank(module);
             let (ja, jb) = (loaded("lora_A.weight"), loaded("lora_B.weight"));
             let (a1, b1) = (ja.narrow(0, r, r), -jb.narrow(1, r, r));
-            let (mut a0, mut b0) = (
-                get(&format!("lora_A.{}", lora::INITIAL)),
-                get(&format!("lora_B.{}", lora::INITIAL)),
-            );
+            let (mut a0, mut b0) = (get(lora::INITIAL_A), get(lora::INITIAL_B));
             get("lora_A.weight").copy_(&ja.narrow(0, 0, r));
             get("lora_B.weight").copy_(&jb.narrow(1, 0, r));
             if a0.equal(&a1) && b0.equal(&b1) {
                 continue;
             }
             let mut w = weights[&format!("{module}.weight")].shallow_clone();
-            let moved = lora::rebased(
+            let residual = lora::rebased(
                 &w,
                 (&a0, &b0),
                 (&a1, &b1),
                 cfg.scaling(module),
                 fan_in_fan_out,
             );
-            w.copy_(&moved);
+            w.copy_(&residual);
             a0.copy_(&a1);
             b0.copy_(&b1);
             rebased += 1;
@@ -709,11 +706,10 @@ impl Model {
     /// ranks of a data-parallel run each compute theirs and must agree.
     pub fn moved_start_digest(&self) -> Option<u64> {
         use std::hash::{Hash, Hasher};
-        let suffix = format!(".{}", lora::INITIAL);
         let mut digest = std::hash::DefaultHasher::new();
         let mut any = false;
         for (name, t) in self.named_tensors() {
-            if !name.ends_with(&suffix) {
+            if !lora::is_initial(&name) {
                 continue;
             }
             any = true;
@@ -732,19 +728,27 @@ impl Model {
 
     /// The modules whose adapter moved part of the base weight into it (PiSSA, OLoRA).
     fn moved_modules(&self) -> BTreeSet<String> {
-        let suffix = format!(".lora_A.{}", lora::INITIAL);
+        self.modules_with(lora::INITIAL_A).into_iter().collect()
+    }
+
+    /// The modules that carry an adapter, by path.
+    pub fn adapted_modules(&self) -> Vec<String> {
+        self.modules_with("lora_A.weight")
+    }
+
+    /// The paths of the modules holding a variable named `name` (dotted, within the
+    /// module).
+    fn modules_with(&self, name: &str) -> Vec<String> {
+        let suffix = format!(".{name}");
         self.named_tensors()
             .into_keys()
             .filter_map(|n| n.strip_suffix(&suffix).map(str::to_string))
             .collect()
     }
 
-    /// The modules that carry an adapter, by path.
-    pub fn adapted_modules(&self) -> Vec<String> {
-        self.named_tensors()
-            .into_keys()
-            .filter_map(|n| n.strip_suffix(".lora_A.weight").map(str::to_string))
-            .collect()
+    /// GPT-2's Conv1D layers store their weights `[in, out]` (PEFT's `fan_in_fan_out`).
+    fn fan_in_fan_out(&self) -> bool {
+        self.config.model_type == ModelType::Gpt2
     }
 
     /// Every target name must name at least one layer (PEFT refuses a config whose targets
@@ -1129,10 +1133,7 @@ impl Model {
         for module in self.moved_modules() {
             let mut take = |n: &str| tensors.remove(&format!("{module}.{n}")).unwrap();
             let (a, b) = (take("lora_A.weight"), take("lora_B.weight"));
-            let (a0, b0) = (
-                take(&format!("lora_A.{}", lora::INITIAL)),
-                take(&format!("lora_B.{}", lora::INITIAL)),
-            );
+            let (a0, b0) = (take(lora::INITIAL_A), take(lora::INITIAL_B));
             tensors.insert(format!("{module}.lora_A.weight"), Tensor::cat(&[a, a0], 0));
             tensors.insert(format!("{module}.lora_B.weight"), Tensor::cat(&[b, -b0], 1));
         }
@@ -1155,7 +1156,7 @@ impl Model {
                     .collect();
                 targets.sort();
                 targets.dedup();
-                let gpt2 = self.config.model_type == ModelType::Gpt2;
+                let gpt2 = self.fan_in_fan_out();
                 let cfg = match cfg.init.moves_base() {
                     true => cfg.converted(),
                     false => cfg.clone(),
@@ -1199,13 +1200,13 @@ impl Model {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = self.named_tensors();
         let _guard = tch::no_grad_guard();
-        let fan_in_fan_out = self.config.model_type == ModelType::Gpt2;
+        let fan_in_fan_out = self.fan_in_fan_out();
         for module in self.adapted_modules() {
             let a = tensors.remove(&format!("{module}.lora_A.weight")).unwrap();
             let b = tensors.remove(&format!("{module}.lora_B.weight")).unwrap();
             let m = tensors.remove(&format!("{module}.{}", lora::MAGNITUDE));
-            for part in ["lora_A", "lora_B"] {
-                tensors.remove(&format!("{module}.{part}.{}", lora::INITIAL));
+            for start in [lora::INITIAL_A, lora::INITIAL_B] {
+                tensors.remove(&format!("{module}.{start}"));
             }
             let name = format!("{module}.weight");
             let scaling = self
@@ -1277,7 +1278,7 @@ mod tests {
         );
         let before = model.moved_start_digest().unwrap();
         assert_eq!(model.moved_start_digest(), Some(before));
-        let name = format!("model.layers.0.mlp.down_proj.lora_B.{}", lora::INITIAL);
+        let name = format!("model.layers.0.mlp.down_proj.{}", lora::INITIAL_B);
         let t = model.named_tensors()[&name].shallow_clone();
         let _guard = tch::no_grad_guard();
         let _ = t.get(0).get(0).f_add_scalar_(1e-3).unwrap();
