@@ -87,15 +87,16 @@ impl ChatTemplate {
         Ok(ChatTemplate { env })
     }
 
-    /// The conversation as `apply_chat_template` renders it: `args.kwargs` beside the
+    /// The conversation as `apply_chat_template` renders it: the row's `args.kwargs` and
+    /// the run's `run_kwargs` (`--chat-template-kwargs`; the row's win) beside the
     /// messages, overriding the special tokens (`{**special_tokens_map, **kwargs}`).
     pub fn render(
         &self,
         messages: &[Message],
         args: &TemplateArgs,
         add_generation_prompt: bool,
-        bos_token: &str,
-        eos_token: &str,
+        (bos_token, eos_token): (&str, &str),
+        run_kwargs: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, String> {
         let template = self.env.get_template("chat").expect("added in new");
         template
@@ -107,6 +108,7 @@ impl ChatTemplate {
                     add_generation_prompt => add_generation_prompt,
                 },
                 ..Value::from_serialize(&args.kwargs),
+                ..Value::from_serialize(run_kwargs),
                 ..context! {
                     bos_token => bos_token,
                     eos_token => eos_token,
@@ -130,7 +132,13 @@ mod tests {
     fn renders_chatml() {
         let t = ChatTemplate::new(CHATML).unwrap();
         let text = t
-            .render(&[msg("user", "hi")], &TemplateArgs::default(), true, "", "")
+            .render(
+                &[msg("user", "hi")],
+                &TemplateArgs::default(),
+                true,
+                ("", ""),
+                &Default::default(),
+            )
             .unwrap();
         assert_eq!(
             text,
@@ -146,8 +154,8 @@ mod tests {
                 &[msg("user", " a\"é ")],
                 &TemplateArgs::default(),
                 false,
-                "",
-                ""
+                ("", ""),
+                &Default::default(),
             )
             .unwrap(),
             "\"a\\\"é\""
@@ -157,8 +165,8 @@ mod tests {
                 &[msg("assistant", "x")],
                 &TemplateArgs::default(),
                 false,
-                "",
-                "",
+                ("", ""),
+                &Default::default(),
             )
             .unwrap_err();
         assert!(e.contains("first must be user"), "{e}");
@@ -170,7 +178,13 @@ mod tests {
     fn strftime_now_is_today() {
         let t = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}").unwrap();
         let ours = t
-            .render(&[msg("user", "x")], &TemplateArgs::default(), false, "", "")
+            .render(
+                &[msg("user", "x")],
+                &TemplateArgs::default(),
+                false,
+                ("", ""),
+                &Default::default(),
+            )
             .unwrap();
         let out = std::process::Command::new("date")
             .arg("+%d %b %Y")
@@ -199,7 +213,13 @@ mod tests {
             kwargs: Default::default(),
         };
         let text = t
-            .render(&[msg("user", "q"), call, result], &args, false, "", "")
+            .render(
+                &[msg("user", "q"), call, result],
+                &args,
+                false,
+                ("", ""),
+                &Default::default(),
+            )
             .unwrap();
         assert_eq!(
             text,
@@ -229,7 +249,13 @@ mod tests {
         let t = ChatTemplate::new("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}").unwrap();
         let mut args = TemplateArgs::default();
         let plain = t
-            .render(&[msg("user", "q")], &args, true, "<s>", "")
+            .render(
+                &[msg("user", "q")],
+                &args,
+                true,
+                ("<s>", ""),
+                &Default::default(),
+            )
             .unwrap();
         assert_eq!(plain, "<s>q");
         args.kwargs = serde_json::json!({"enable_thinking": false, "bos_token": "[B]"})
@@ -237,8 +263,37 @@ mod tests {
             .unwrap()
             .clone();
         let off = t
-            .render(&[msg("user", "q")], &args, true, "<s>", "")
+            .render(
+                &[msg("user", "q")],
+                &args,
+                true,
+                ("<s>", ""),
+                &Default::default(),
+            )
             .unwrap();
         assert_eq!(off, "[B]q<think></think>");
+        // The run's variables are there too, under the row's.
+        let run = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let plain_row = TemplateArgs::default();
+        let by_run = t
+            .render(
+                &[msg("user", "q")],
+                &plain_row,
+                true,
+                ("<s>", ""),
+                &run(serde_json::json!({"enable_thinking": false})),
+            )
+            .unwrap();
+        assert_eq!(by_run, "<s>q<think></think>");
+        let row_wins = t
+            .render(
+                &[msg("user", "q")],
+                &args,
+                true,
+                ("<s>", ""),
+                &run(serde_json::json!({"enable_thinking": true, "bos_token": "[R]"})),
+            )
+            .unwrap();
+        assert_eq!(row_wins, "[B]q<think></think>");
     }
 }

@@ -209,19 +209,16 @@ impl Tokenizer {
                 "the tokenizer has no chat_template, so rows with 'messages' cannot be used",
             )
         })?;
-        let mut args = template_args.clone();
-        if !self.template_kwargs.is_empty() {
-            let mut kwargs = self.template_kwargs.clone();
-            kwargs.extend(std::mem::take(&mut args.kwargs));
-            args.kwargs = kwargs;
-        }
         template
             .render(
                 messages,
-                &args,
+                template_args,
                 add_generation_prompt,
-                self.bos_token.as_deref().unwrap_or(""),
-                self.eos_token.as_deref().unwrap_or(""),
+                (
+                    self.bos_token.as_deref().unwrap_or(""),
+                    self.eos_token.as_deref().unwrap_or(""),
+                ),
+                &self.template_kwargs,
             )
             .map_err(|m| DataError::file(self.dir.join("tokenizer_config.json"), m))
     }
