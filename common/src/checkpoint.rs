@@ -44,6 +44,8 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,
         Dtype::F64 => Kind::Double,
+        // bitsandbytes' packed 4-bit weights and quant states.
+        Dtype::U8 => Kind::Uint8,
         _ => return None,
     })
 }
@@ -54,6 +56,7 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
         Kind::Half => Dtype::F16,
         Kind::BFloat16 => Dtype::BF16,
         Kind::Double => Dtype::F64,
+        Kind::Uint8 => Dtype::U8,
         _ => return None,
     })
 }
@@ -110,13 +113,44 @@ pub fn load_into(
     aliases: impl Fn(&str) -> Vec<String>,
     optional: &[&str],
 ) -> Result<LoadReport> {
-    load_from_files(vars, &weight_files(dir)?, dir, aliases, optional)
+    load_from_files(
+        vars,
+        &weight_files(dir)?,
+        dir,
+        aliases,
+        optional,
+        &Takes::new(),
+    )
+}
+
+/// Stored tensors that do not go into a variable as they are, by name: each is handed to
+/// its function on the CPU, in its stored dtype and shape, with the file it came from (a
+/// weight quantized as it is read, a packed weight reshaped, a JSON blob).
+pub type Takes<'a> = BTreeMap<String, Box<dyn Fn(&Path, Tensor) -> Result<()> + 'a>>;
+
+/// [`load_into`], and every tensor of `takes` (all must be stored) handed to its function.
+pub fn load_into_taking(
+    vars: &HashMap<String, Tensor>,
+    dir: &Path,
+    aliases: impl Fn(&str) -> Vec<String>,
+    optional: &[&str],
+    takes: &Takes,
+) -> Result<LoadReport> {
+    load_from_files(vars, &weight_files(dir)?, dir, aliases, optional, takes)
 }
 
 /// Fills every variable of `vars` from one safetensors file (optimizer state, EMA weights);
 /// all must be present.
 pub fn load_file(vars: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    load_from_files(vars, &[path.to_path_buf()], path, |_| vec![], &[]).map(|_| ())
+    load_from_files(
+        vars,
+        &[path.to_path_buf()],
+        path,
+        |_| vec![],
+        &[],
+        &Takes::new(),
+    )
+    .map(|_| ())
 }
 
 fn load_from_files(
@@ -125,6 +159,7 @@ fn load_from_files(
     source: &Path,
     aliases: impl Fn(&str) -> Vec<String>,
     optional: &[&str],
+    takes: &Takes,
 ) -> Result<LoadReport> {
     let maps = files
         .iter()
@@ -184,6 +219,30 @@ fn load_from_files(
         let cpu = Tensor::f_from_data_size(view.data(), &shape, kind)?;
         var.shallow_clone()
             .f_copy_(&cpu.to_device(var.device()).to_kind(var.kind()))?;
+        used.insert(key);
+    }
+    for (name, take) in takes {
+        let candidates = std::iter::once(name.clone()).chain(aliases(name));
+        let Some((key, (file_idx, path))) = candidates
+            .filter_map(|k| stored.get(&k).map(|v| (k, *v)))
+            .next()
+        else {
+            return Err(Error::checkpoint(
+                source,
+                format!("missing tensor '{name}'"),
+            ));
+        };
+        let view = parsed[file_idx]
+            .tensor(&key)
+            .map_err(|e| Error::checkpoint(path, format!("tensor '{key}': {e}")))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let kind = kind_of(view.dtype()).ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!("tensor '{key}' has unsupported dtype {:?}", view.dtype()),
+            )
+        })?;
+        take(path, Tensor::f_from_data_size(view.data(), &shape, kind)?)?;
         used.insert(key);
     }
     report.unexpected = stored.into_keys().filter(|k| !used.contains(k)).collect();

@@ -13,6 +13,7 @@ use crate::device::{self, DeviceChoice, DtypeChoice};
 use crate::error::{Error, Result};
 use crate::models::lora::{LoraConfig, LoraInit, TargetModules};
 use crate::models::prompt_tuning::{PromptInit, PromptTuningConfig};
+use crate::models::quant::{Bnb4bit, QuantType};
 use crate::models::ModelOptions;
 use crate::optim::{AdamWConfig, GradExchange, ZeroStage};
 use crate::schedule::{Schedule, ScheduleKind};
@@ -465,13 +466,38 @@ pub struct MemoryArgs {
     /// forward pass of compute). Gradients equal the run without it.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// QLoRA: hold the linear layers of the models this stage loads in 4 bits, as
+    /// bitsandbytes does (blocks of 64 values with an f32 scale each; dequantized layer by
+    /// layer in the forward pass). The base is frozen: needs --lora-r or
+    /// --prompt-tuning-tokens for a model that trains. A directory stored quantized
+    /// (`quantization_config` in config.json) loads in 4 bits without it.
+    #[arg(long)]
+    pub load_in_4bit: bool,
+    /// The 4-bit type with --load-in-4bit: nf4 (NormalFloat, QLoRA's) or fp4.
+    #[arg(long, value_enum, default_value_t = QuantType::Nf4)]
+    pub bnb_4bit_quant_type: QuantType,
+    /// With --load-in-4bit, quantize the block scales too (8 bits each, about 0.37 bits
+    /// per parameter saved; bitsandbytes' double quantization).
+    #[arg(long)]
+    pub use_bnb_nested_quant: bool,
 }
 
 impl MemoryArgs {
+    pub fn validate(&self) -> Result<()> {
+        require(&[(
+            self.load_in_4bit
+                || (self.bnb_4bit_quant_type == QuantType::Nf4 && !self.use_bnb_nested_quant),
+            "--bnb-4bit-quant-type and --use-bnb-nested-quant need --load-in-4bit",
+        )])
+    }
+
     /// `opts` with these options.
     pub fn apply(&self, opts: ModelOptions) -> ModelOptions {
         ModelOptions {
             gradient_checkpointing: self.gradient_checkpointing,
+            quantization: self
+                .load_in_4bit
+                .then(|| Bnb4bit::new(self.bnb_4bit_quant_type, self.use_bnb_nested_quant)),
             ..opts
         }
     }

@@ -35,6 +35,10 @@ pub fn mix(reference: &Model, policy: &Model, alpha: f64) {
     let _guard = tch::no_grad_guard();
     let policy = policy.named_tensors();
     for (name, mut r) in reference.named_tensors() {
+        if crate::models::quant::is_state(&name) || !r.is_floating_point() {
+            // A 4-bit base: frozen in both, the same bytes (a blend of them is not one).
+            continue;
+        }
         let p = policy
             .get(&name)
             .unwrap_or_else(|| panic!("the policy has no tensor {name} for its reference"));

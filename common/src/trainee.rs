@@ -177,14 +177,19 @@ pub fn micro_batches<T>(rows: &[T], size: usize) -> impl Iterator<Item = (&[T], 
 }
 
 fn parameter_counts(model: &Model) -> (i64, i64) {
-    // PiSSA's and OLoRA's frozen starts are copies, not parameters.
+    // PiSSA's and OLoRA's frozen starts are copies, not parameters; a 4-bit weight is as
+    // many parameters as its layer has weights (two per packed byte, as PEFT counts them),
+    // its scales and maps none.
     model
         .named_tensors()
         .iter()
-        .filter(|(name, _)| !crate::models::lora::is_initial(name))
+        .filter(|(name, _)| {
+            !crate::models::lora::is_initial(name) && !crate::models::quant::is_state(name)
+        })
         .map(|(_, t)| t)
         .fold((0, 0), |(trained, total), t| {
-            let n = t.numel() as i64;
+            let per_element = if t.kind() == tch::Kind::Uint8 { 2 } else { 1 };
+            let n = t.numel() as i64 * per_element;
             (trained + if t.requires_grad() { n } else { 0 }, total + n)
         })
 }

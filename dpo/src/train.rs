@@ -220,6 +220,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.optim.validate()?;
     args.run.validate()?;
     args.adapter.validate()?;
+    args.memory.validate()?;
     args.loss.validate()?;
     args.sync.validate()?;
     common::cli::require(&[

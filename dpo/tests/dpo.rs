@@ -601,6 +601,41 @@ fn at_the_reference_the_loss_is_ln2() {
         s["loss"].as_f64().unwrap() < 2f64.ln() && s["rewards/margins"].as_f64().unwrap() > 0.0,
         "{s}"
     );
+    // QLoRA: the same on a 4-bit base (the reference is that base with the adapter off),
+    // and the adapter evaluates on its base held in 4 bits again.
+    let qlora = f.root.join("step0-qlora");
+    ok(&train(
+        &qlora,
+        &[
+            "--max-steps",
+            "3",
+            "--log-every",
+            "1",
+            "--lora-r",
+            "4",
+            "--lr",
+            "1e-2",
+            "--load-in-4bit",
+        ],
+        &[],
+    ));
+    let metrics = read_jsonl(&qlora.join("metrics.jsonl"));
+    let first = metrics[0]["train/loss"].as_f64().unwrap();
+    assert!((first - 2f64.ln()).abs() < 1e-7, "{first}");
+    let q = ok(&dpo(
+        &[
+            "eval",
+            "--model",
+            qlora.join("final").to_str().unwrap(),
+            "--data",
+            f.train.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(
+        q["loss"].as_f64().unwrap() < 2f64.ln() && q["loss"] != s["loss"],
+        "{q} against the f32 base's {s}"
+    );
 }
 
 /// The greedy answers to `prompts`.

@@ -600,6 +600,7 @@ impl TrainArgs {
         self.sync.validate()?;
         self.run.validate()?;
         self.adapter.validate()?;
+        self.memory.validate()?;
         require(&[
             (
                 self.rollout_batch_size > 0,

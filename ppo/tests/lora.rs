@@ -273,6 +273,42 @@ fn ppo_with_adapters_writes_adapters_and_resumes_to_them() {
     }
 }
 
+/// QLoRA in PPO: policy and critic adapters on 4-bit bases; the first rollout's KL to the
+/// reference (the 4-bit policy base with its adapter off) is exactly 0, and the run writes
+/// adapters that say their bases were 4-bit.
+#[test]
+fn ppo_trains_adapters_on_4bit_bases() {
+    let f = fixture();
+    let out = f.root.join("ppo-qlora");
+    let res = ppo(
+        &ppo_argv(
+            &out,
+            &["--overwrite", "--load-in-4bit", "--use-bnb-nested-quant"],
+        ),
+        None,
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let metrics = rlhf_tests::read_jsonl(&out.join("metrics.jsonl"));
+    let kl = metrics[0]["objective/kl"].as_f64().unwrap();
+    assert_eq!(kl, 0.0, "{}", metrics[0]);
+    for dir in ["final", "final_value"] {
+        let config: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(dir).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            config["rlhf_base_quantization_config"]["bnb_4bit_use_double_quant"], true,
+            "{dir}"
+        );
+    }
+    let (policy, _) = Model::load(&out.join("final"), &ModelOptions::cpu(Head::Lm)).unwrap();
+    assert!(!policy.quantized_modules().is_empty());
+}
+
 /// Prompt tuning in the reward and PPO stages: a soft-prompted reward model trains, keeps
 /// its normalisation and head, and scores the same after reloading; PPO with soft prompts
 /// on the policy and the critic (the reward the critic with its prompt off) trains and

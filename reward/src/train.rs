@@ -251,6 +251,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.optim.validate()?;
     args.run.validate()?;
     args.adapter.validate()?;
+    args.memory.validate()?;
     common::cli::require(&[(
         args.center_rewards_coefficient
             .is_none_or(|c| c >= 0.0 && c.is_finite()),

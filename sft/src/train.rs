@@ -111,6 +111,7 @@ impl TrainArgs {
         self.run.validate()?;
         self.optim.validate()?;
         self.adapter.validate()?;
+        self.memory.validate()?;
         self.distill.validate()?;
         let teacher = self.distill.teacher_model.is_some();
         let narrow = self.loss_scope.completion_only_loss && self.loss_scope.assistant_only_loss;

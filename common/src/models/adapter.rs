@@ -19,6 +19,10 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// `config.json` keys a model directory would carry that an adapter directory keeps in
 /// `adapter_config.json` instead: a reward model's normalisation (see `common::scoring`).
 pub const CARRIED_KEYS: &[&str] = &["rlhf_reward_bias", "rlhf_reward_std"];
+/// How the base was held while the adapter trained (`transformers`' `BitsAndBytesConfig`
+/// as JSON), in `adapter_config.json` of a QLoRA adapter: loading the adapter loads its
+/// base the same way, so it computes what it computed in training (PEFT ignores the key).
+pub const BASE_QUANTIZATION: &str = "rlhf_base_quantization_config";
 
 thread_local! {
     static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -55,6 +59,8 @@ pub struct AdapterDir {
     pub base: Option<String>,
     /// The [`CARRIED_KEYS`] it holds.
     pub carried: serde_json::Map<String, Value>,
+    /// [`BASE_QUANTIZATION`]: the base was held in 4 bits while it trained.
+    pub quantization: Option<super::quant::Bnb4bit>,
 }
 
 impl AdapterDir {
@@ -85,10 +91,16 @@ impl AdapterDir {
             .iter()
             .filter_map(|k| Some((k.to_string(), v.get(*k)?.clone())))
             .collect();
+        let quantization = v
+            .get(BASE_QUANTIZATION)
+            .map(super::quant::Bnb4bit::from_json)
+            .transpose()
+            .map_err(|m| bad(format!("{BASE_QUANTIZATION}: {m}")))?;
         Ok(Some(AdapterDir {
             dir: dir.to_path_buf(),
             kind,
             carried,
+            quantization,
             base: v
                 .get("base_model_name_or_path")
                 .and_then(Value::as_str)

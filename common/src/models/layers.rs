@@ -8,6 +8,7 @@ use tch::Tensor;
 
 use super::lora::LoraAdapter;
 use super::options::ModelOptions;
+use super::quant::Quantized;
 
 /// A base parameter `name` under `p`: trainable unless the options freeze the model or
 /// put adapters on it.
@@ -47,6 +48,19 @@ fn adapter(
         }
     }
     Some(adapter)
+}
+
+/// The 4-bit form of the layer at `p` (`[in → out]`), when the options quantize it.
+fn quantized(
+    p: &nn::Path,
+    (in_dim, out_dim): (i64, i64),
+    std: f64,
+    opts: &ModelOptions,
+) -> Option<Quantized> {
+    let cfg = opts.quantization.as_ref()?;
+    let module = p.components().collect::<Vec<_>>().join(".");
+    cfg.converts(&module, in_dim)
+        .then(|| Quantized::new(p, (in_dim, out_dim), cfg, std))
 }
 
 fn normal(std: f64) -> Init {
@@ -122,12 +136,13 @@ impl Activation {
 }
 
 /// `nn.Linear`: weight `[out, in]` named `weight`, optional `bias`, and a LoRA adapter
-/// when the options target it.
+/// when the options target it. Quantized (QLoRA), `weight` is the packed 4-bit form.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
+    pub quant: Option<Quantized>,
 }
 
 impl Linear {
@@ -138,16 +153,29 @@ impl Linear {
         std: f64,
         opts: &ModelOptions,
     ) -> Self {
-        let weight = param(&p, "weight", &[out_dim, in_dim], normal(std), opts);
+        let quant = quantized(&p, (in_dim, out_dim), std, opts);
+        let weight = match &quant {
+            Some(q) => q.packed.shallow_clone(),
+            None => param(&p, "weight", &[out_dim, in_dim], normal(std), opts),
+        };
         let bias = bias.then(|| param(&p, "bias", &[out_dim], Init::Const(0.0), opts));
         let lora = adapter(&p, (in_dim, out_dim), false, opts);
-        Linear { weight, bias, lora }
+        Linear {
+            weight,
+            bias,
+            lora,
+            quant,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let weight = match &self.quant {
+            Some(q) => q.dequantize(x.kind()),
+            None => self.weight.shallow_clone(),
+        };
+        let y = x.linear(&weight, self.bias.as_ref());
         match &self.lora {
-            Some(lora) => lora.add_to(y, x, &self.weight, self.bias.as_ref()),
+            Some(lora) => lora.add_to(y, x, &weight, self.bias.as_ref()),
             None => y,
         }
     }
@@ -201,27 +229,43 @@ impl LayerNorm {
 
 /// `transformers.pytorch_utils.Conv1D` (GPT-2): weight `[in, out]`, bias `[out]`, so the
 /// forward is `x·W + b` and a stored tensor is never transposed; a LoRA adapter when the
-/// options target it.
+/// options target it. Quantized, the weight is packed `[out, in]` as `transformers`
+/// quantizes it (transposed first) and the layer computes `x·Wᵀ + b` like a linear one.
 #[derive(Debug)]
 pub struct Conv1D {
     pub weight: Tensor,
     pub bias: Tensor,
     pub lora: Option<LoraAdapter>,
+    pub quant: Option<Quantized>,
 }
 
 impl Conv1D {
     pub fn new(p: nn::Path, (in_dim, out_dim): (i64, i64), std: f64, opts: &ModelOptions) -> Self {
+        let quant = quantized(&p, (in_dim, out_dim), std, opts);
         Conv1D {
-            weight: param(&p, "weight", &[in_dim, out_dim], normal(std), opts),
+            weight: match &quant {
+                Some(q) => q.packed.shallow_clone(),
+                None => param(&p, "weight", &[in_dim, out_dim], normal(std), opts),
+            },
             bias: param(&p, "bias", &[out_dim], Init::Const(0.0), opts),
             lora: adapter(&p, (in_dim, out_dim), true, opts),
+            quant,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.matmul(&self.weight) + &self.bias;
+        let (y, weight) = match &self.quant {
+            Some(q) => {
+                let w = q.dequantize(x.kind());
+                (x.linear(&w, Some(&self.bias)), w.transpose(0, 1))
+            }
+            None => (
+                x.matmul(&self.weight) + &self.bias,
+                self.weight.shallow_clone(),
+            ),
+        };
         match &self.lora {
-            Some(lora) => lora.add_to(y, x, &self.weight, Some(&self.bias)),
+            Some(lora) => lora.add_to(y, x, &weight, Some(&self.bias)),
             None => y,
         }
     }

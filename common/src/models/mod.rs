@@ -11,6 +11,7 @@ pub mod llama;
 pub mod lora;
 mod options;
 pub mod prompt_tuning;
+pub mod quant;
 mod recompute;
 pub mod vocab;
 
@@ -312,6 +313,31 @@ pub(crate) fn grad_enabled() -> bool {
     }
 }
 
+/// A 4-bit base is frozen: only an adapter on it trains (QLoRA), and PiSSA's and OLoRA's
+/// starts, which rewrite the base weights, cannot apply (PEFT refuses them too).
+fn check_quantized(opts: &ModelOptions, dir: &Path, stored: bool) -> Result<()> {
+    let why = if stored {
+        format!(
+            "{} is stored in 4 bits (quantization_config)",
+            dir.display()
+        )
+    } else {
+        "--load-in-4bit".to_string()
+    };
+    if opts.trainable && !opts.has_adapter() {
+        return Err(Error::InvalidArgument(format!(
+            "{why}: 4-bit base weights cannot train; add --lora-r (QLoRA) or --prompt-tuning-tokens"
+        )));
+    }
+    if let Some(l) = opts.lora.as_ref().filter(|l| l.init.moves_base()) {
+        return Err(Error::InvalidArgument(format!(
+            "{why}: --init-lora-weights {} rewrites the base weights, which are quantized; start it on a full-precision model",
+            l.init.name()
+        )));
+    }
+    Ok(())
+}
+
 /// What forwards with grad keep until [`Model::backward_recomputed`].
 #[derive(Debug, Default)]
 struct Pending {
@@ -390,8 +416,19 @@ impl Model {
                 prompt.set_requires_grad(false)
             }
         });
+        if opts.kind != Kind::Float && opts.quantization.is_some() {
+            // A quantized layer's packed bytes and f32 state keep their dtypes.
+            let _guard = tch::no_grad_guard();
+            for (name, mut var) in vs.variables() {
+                if var.is_floating_point() && !quant::is_state(&name) {
+                    var.set_data(&var.to_kind(opts.kind));
+                }
+            }
+        }
         if opts.kind != Kind::Float {
-            vs.set_kind(opts.kind);
+            if opts.quantization.is_none() {
+                vs.set_kind(opts.kind);
+            }
             // Adapters train in f32 whatever the base's dtype.
             let _guard = tch::no_grad_guard();
             for (name, mut var) in vs.variables() {
@@ -431,10 +468,18 @@ impl Model {
                     dir.display()
                 );
             }
-            let opts = match adapter.kind {
+            let mut opts = match adapter.kind {
                 adapter::AdapterKind::Lora(l) => opts.clone().with_lora(Some(l)),
                 adapter::AdapterKind::PromptTuning(p) => opts.clone().with_prompt_tuning(Some(p)),
             };
+            if opts.quantization.is_none() && adapter.quantization.is_some() {
+                tracing::info!(
+                    "{}: trained on a 4-bit base ({}): its base is loaded in 4 bits too",
+                    dir.display(),
+                    adapter::BASE_QUANTIZATION
+                );
+                opts.quantization = adapter.quantization;
+            }
             let (mut model, report) = Model::load(&base, &opts)?;
             model.load_adapter(dir, false)?;
             model.config.raw.extend(adapter.carried);
@@ -447,20 +492,40 @@ impl Model {
             // PEFT tokenizes the init text with the model's tokenizer, special tokens on.
             *ids = Tokenizer::load(dir)?.encode(text, true)?;
         }
-        let opts = &opts;
         let config = ModelConfig::load(dir)?;
+        let stored = quant::Bnb4bit::from_config(&config.raw)
+            .map_err(|m| Error::config(dir.join("config.json"), m))?;
+        if let (Some(stored), Some(asked)) = (&stored, &opts.quantization) {
+            if stored.quant_type != asked.quant_type || stored.double_quant != asked.double_quant {
+                tracing::warn!(
+                    "{}: stored quantized ({}, nested {}); --bnb-4bit-quant-type and --use-bnb-nested-quant are ignored",
+                    dir.display(),
+                    stored.quant_type.name(),
+                    stored.double_quant
+                );
+            }
+        }
+        opts.quantization = stored.clone().or(opts.quantization.take());
+        let opts = &opts;
+        if opts.quantization.is_some() {
+            check_quantized(opts, dir, stored.is_some())?;
+        }
         let mut model = Model::build(config, opts);
         let adapters: Vec<String> = model.adapter_tensors().into_keys().collect();
         let mut optional: Vec<&str> = adapters.iter().map(String::as_str).collect();
         if opts.head == Head::Score {
             optional.push(SCORE_WEIGHT);
         }
-        let report = checkpoint::load_into(
-            &model.vs.variables(),
+        let mut vars = model.vs.variables();
+        let takes = model.quantized_takes(&mut vars, stored.is_some());
+        let report = checkpoint::load_into_taking(
+            &vars,
             dir,
             |name| model.config.checkpoint_aliases(name),
             &optional,
+            &takes,
         )?;
+        drop(takes);
         model.start_prompt();
         model
             .start_moved()
@@ -490,6 +555,154 @@ impl Model {
             );
         }
         Ok((model, report))
+    }
+
+    /// The quantized layers, by module path.
+    pub fn quantized_modules(&self) -> BTreeMap<String, quant::Quantized> {
+        let tensors = self.named_tensors();
+        self.modules_with(&format!("weight.{}", quant::ABSMAX))
+            .into_iter()
+            .filter_map(|m| quant::Quantized::find(&tensors, &m).map(|q| (m, q)))
+            .collect()
+    }
+
+    /// How a load fills the quantized layers (taking their entries out of `vars`): from a
+    /// checkpoint stored quantized, the packed bytes (stored `[out·in/2, 1]`) and the
+    /// quant state's JSON (checked; its nested offset kept), the rest as variables;
+    /// otherwise each full-precision weight is quantized as it is read (GPT-2's Conv1D
+    /// weights transposed first, as `transformers` does).
+    fn quantized_takes(
+        &self,
+        vars: &mut HashMap<String, Tensor>,
+        stored: bool,
+    ) -> checkpoint::Takes<'static> {
+        let mut takes = checkpoint::Takes::new();
+        let Some(cfg) = self.options.quantization.clone() else {
+            return takes;
+        };
+        let fan_in_fan_out = self.fan_in_fan_out();
+        for (module, q) in self.quantized_modules() {
+            let weight = format!("{module}.weight");
+            vars.remove(&weight);
+            let state = |n: &str| format!("{weight}.{n}");
+            if !stored {
+                for n in [
+                    quant::ABSMAX,
+                    quant::QUANT_MAP,
+                    quant::NESTED_ABSMAX,
+                    quant::NESTED_QUANT_MAP,
+                ] {
+                    vars.remove(&state(n));
+                }
+            }
+            vars.remove(&state(quant::NESTED_OFFSET));
+            let q = std::rc::Rc::new(q);
+            let shape = q.shape();
+            let quant_type = cfg.quant_type;
+            if stored {
+                let layer = q.clone();
+                let name = weight.clone();
+                takes.insert(
+                    weight.clone(),
+                    Box::new(move |path: &Path, t: Tensor| {
+                        if t.kind() != Kind::Uint8 || t.numel() as i64 != shape[0] * shape[1] / 2 {
+                            return Err(Error::checkpoint(
+                                path,
+                                format!(
+                                    "tensor '{name}' ({:?}, {:?}) is not the packed 4-bit form of a {shape:?} weight",
+                                    t.kind(),
+                                    t.size()
+                                ),
+                            ));
+                        }
+                        let _guard = tch::no_grad_guard();
+                        layer.packed.shallow_clone().copy_(
+                            &t.view(layer.packed.size().as_slice())
+                                .to_device(layer.packed.device()),
+                        );
+                        Ok(())
+                    }),
+                );
+                let key = quant::state_key(&module, quant_type);
+                let what = key.clone();
+                let cfg = cfg.clone();
+                takes.insert(
+                    key,
+                    Box::new(move |path: &Path, t: Tensor| {
+                        let bytes = Vec::<u8>::try_from(t.flatten(0, -1))
+                            .map_err(|e| Error::checkpoint(path, e.to_string()))?;
+                        let offset = quant::read_state(&bytes, shape, &cfg, &what)
+                            .map_err(|m| Error::checkpoint(path, m))?;
+                        if let (Some(offset), Some(nested)) = (offset, &q.nested) {
+                            let _guard = tch::no_grad_guard();
+                            let _ = nested.offset.shallow_clone().fill_(offset);
+                        }
+                        Ok(())
+                    }),
+                );
+            } else {
+                let name = weight.clone();
+                takes.insert(
+                    weight,
+                    Box::new(move |path: &Path, t: Tensor| {
+                        let w = if fan_in_fan_out { t.transpose(0, 1) } else { t };
+                        if w.size() != shape {
+                            return Err(Error::checkpoint(
+                                path,
+                                format!(
+                                    "tensor '{name}' has shape {:?}, the model expects {:?}",
+                                    w.size(),
+                                    if fan_in_fan_out {
+                                        [shape[1], shape[0]]
+                                    } else {
+                                        shape
+                                    }
+                                ),
+                            ));
+                        }
+                        q.fill(&w, quant_type);
+                        Ok(())
+                    }),
+                );
+            }
+        }
+        takes
+    }
+
+    /// A base weight in this model's layout and dtype: dequantized when the layer is held
+    /// in 4 bits (GPT-2's Conv1D back to `[in, out]`).
+    fn base_weight(&self, tensors: &BTreeMap<String, Tensor>, module: &str) -> Tensor {
+        match quant::Quantized::find(tensors, module) {
+            Some(q) => {
+                let w = q.dequantize(self.kind());
+                if self.fan_in_fan_out() {
+                    w.transpose(0, 1).contiguous()
+                } else {
+                    w
+                }
+            }
+            None => tensors[&format!("{module}.weight")].shallow_clone(),
+        }
+    }
+
+    /// Every variable under its Hugging Face name, a quantized layer's as its dequantized
+    /// weight (on the CPU, one at a time): what a plain model directory holds.
+    fn plain_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut tensors = self.named_tensors();
+        let modules = self.quantized_modules();
+        if modules.is_empty() {
+            return tensors;
+        }
+        let weights: Vec<(String, Tensor)> = modules
+            .keys()
+            .map(|m| {
+                let w = self.base_weight(&tensors, m).to_device(Device::Cpu);
+                (format!("{m}.weight"), w)
+            })
+            .collect();
+        tensors.retain(|name, _| !quant::is_state(name));
+        tensors.extend(weights);
+        tensors
     }
 
     /// Prompt tuning's SAMPLE_VOCAB and TEXT inits: the virtual tokens start as the
@@ -550,8 +763,9 @@ impl Model {
         let _guard = tch::no_grad_guard();
         let fan_in_fan_out = self.fan_in_fan_out();
         for module in self.adapted_modules() {
-            let [w, a, b, m] = ["weight", "lora_A.weight", "lora_B.weight", lora::MAGNITUDE]
+            let [a, b, m] = ["lora_A.weight", "lora_B.weight", lora::MAGNITUDE]
                 .map(|n| &tensors[&format!("{module}.{n}")]);
+            let w = &self.base_weight(&tensors, &module);
             let norm = lora::dora_magnitude(w, a, b, cfg.scaling(&module), fan_in_fan_out);
             m.shallow_clone().copy_(&norm.to_kind(m.kind()));
         }
@@ -1097,7 +1311,7 @@ impl Model {
         if self.options.has_adapter() {
             return self.save_adapter(dir, sidecar_from);
         }
-        self.write_directory(&self.named_tensors(), dir, sidecar_from)
+        self.write_directory(&self.plain_tensors(), dir, sidecar_from)
     }
 
     /// `tensors` with this model's `config.json` and `sidecar_from`'s tokenizer files.
@@ -1180,6 +1394,9 @@ impl Model {
             }
             (None, None) => unreachable!("save_adapter without an adapter"),
         };
+        if let Some(q) = &self.options.quantization {
+            config[adapter::BASE_QUANTIZATION] = q.to_json();
+        }
         // A reward model's normalisation travels in the adapter's config (PEFT ignores it).
         for key in adapter::CARRIED_KEYS {
             if let Some(v) = self.config.raw.get(*key) {
@@ -1198,8 +1415,8 @@ impl Model {
     /// directory.
     pub fn save_merged(&self, dir: &Path, sidecar_from: Option<&Path>) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut tensors = self.named_tensors();
         let _guard = tch::no_grad_guard();
+        let mut tensors = self.plain_tensors();
         let fan_in_fan_out = self.fan_in_fan_out();
         for module in self.adapted_modules() {
             let a = tensors.remove(&format!("{module}.lora_A.weight")).unwrap();
@@ -1214,8 +1431,14 @@ impl Model {
                 .lora
                 .as_ref()
                 .map_or(1.0, |l| l.scaling(&module));
-            let merged =
-                lora::merged_weight(&tensors[&name], &a, &b, scaling, m.as_ref(), fan_in_fan_out);
+            let merged = lora::merged_weight(
+                &tensors[&name].to_device(a.device()),
+                &a,
+                &b,
+                scaling,
+                m.as_ref(),
+                fan_in_fan_out,
+            );
             tensors.insert(name, merged);
         }
         self.write_directory(&tensors, dir, sidecar_from)
@@ -1234,6 +1457,8 @@ impl Model {
             Value::from(crate::device::hf_dtype_name(self.kind())),
         );
         raw.remove("torch_dtype");
+        // Written in full precision (a quantized base is dequantized).
+        raw.remove("quantization_config");
         if self.head == Head::Score {
             raw.insert("num_labels".into(), Value::from(1));
             raw.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));

@@ -10,6 +10,7 @@ use tch::{Device, Kind};
 
 use super::lora::LoraConfig;
 use super::prompt_tuning::PromptTuningConfig;
+use super::quant::Bnb4bit;
 use super::Head;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +37,9 @@ pub struct ModelOptions {
     /// forwards (autograd recording), uniform noise in ±α/√(T·H) is added to the input
     /// embeddings of the `[B, T, H]` batch.
     pub neftune_noise_alpha: Option<f64>,
+    /// QLoRA: the linear layers' weights held in 4 bits (bitsandbytes' format), frozen
+    /// (`--load-in-4bit`); a checkpoint stored quantized sets it from its `config.json`.
+    pub quantization: Option<Bnb4bit>,
 }
 
 impl ModelOptions {
@@ -51,6 +55,7 @@ impl ModelOptions {
             base_model: None,
             gradient_checkpointing: false,
             neftune_noise_alpha: None,
+            quantization: None,
         }
     }
 
