@@ -10,8 +10,9 @@
 #   tokens/s at GPT-2-medium and Qwen2.5-0.5B shapes, batch 64 and 256, eager vs graphs;
 #   4. the same before this change; 5. transformers' generate (what TRL rolls out with);
 #   6. issue 15: peak GPU memory of `ppo train` with LoRA on a Llama-3-8B shape and with
-#      full fine-tuning on a Llama-3.2-3B shape; 7. (MEMORY18=1) issue 18: SFT of the
-#      Llama-3-8B shape with --gradient-checkpointing, PPO and GRPO at 1B.
+#      full fine-tuning on a Llama-3.2-3B shape; 7. (MEMORY18=1) the LoRA run of 6 on 4-bit
+#      bases (QLoRA), and issue 18: SFT of the Llama-3-8B shape with
+#      --gradient-checkpointing, PPO and GRPO at 1B.
 #
 #   GPU_BIN=.gpu OUT=/tmp/out bash scripts/gpu_decode.sh
 #
@@ -99,8 +100,14 @@ memory_run full-3b "${memory[@]}" BENCH_SHAPES=llama3.2-3b
 # recomputation, and PPO/GRPO of the Llama-3.2-1B shape with it (the LM head is applied in
 # chunks of positions in every run).
 [ "${MEMORY18:-0}" = 1 ] || exit 0
+step "QLoRA: the lora-8b run above with its bases held in 4 bits (NF4, nested scales)"
+memory_run qlora-8b "${memory[@]}" BENCH_SHAPES=llama3-8b \
+    BENCH_PPO_ARGS="--lora-r 16 --lora-alpha 32 --load-in-4bit --use-bnb-nested-quant"
 step "issue 18: SFT Llama-3-8B full fine-tuning with --gradient-checkpointing; PPO and GRPO at 1B"
 memory_run sft-8b-recompute BENCH_DEVICE=cuda BENCH_DTYPE=bf16 BENCH_STAGES=sft BENCH_SHAPES=llama3-8b \
     BENCH_BATCH=4 BENCH_SEQ=1024 BENCH_MEASURED=2 BENCH_TRAIN_ARGS=--gradient-checkpointing
 memory_run rl-1b-recompute "${memory[@]}" BENCH_STAGES=ppo,grpo BENCH_SHAPES=llama3.2-1b \
     BENCH_TRAIN_ARGS=--gradient-checkpointing
+step "the SFT run above with 8-bit AdamW moments (--optim adamw_8bit)"
+memory_run sft-8b-adam8 BENCH_DEVICE=cuda BENCH_DTYPE=bf16 BENCH_STAGES=sft BENCH_SHAPES=llama3-8b \
+    BENCH_BATCH=4 BENCH_SEQ=1024 BENCH_MEASURED=2 BENCH_TRAIN_ARGS="--gradient-checkpointing --optim adamw_8bit"

@@ -15,7 +15,7 @@ use crate::models::lora::{LoraConfig, LoraInit, TargetModules};
 use crate::models::prompt_tuning::{PromptInit, PromptTuningConfig};
 use crate::models::quant::{Bnb4bit, QuantType};
 use crate::models::ModelOptions;
-use crate::optim::{AdamWConfig, GradExchange, ZeroStage};
+use crate::optim::{AdamWConfig, GradExchange, OptimName, ZeroStage};
 use crate::schedule::{Schedule, ScheduleKind};
 
 /// The message of the first failed check, as an error (each check is a condition and the
@@ -121,6 +121,12 @@ pub struct OptimArgs {
     /// loraplus_lr_ratio; its authors suggest 16). Needs a LoRA adapter.
     #[arg(long)]
     pub loraplus_lr_ratio: Option<f64>,
+    /// The optimizer (Hugging Face's TrainingArguments names): adamw_torch, or adamw_8bit
+    /// (alias adamw_bnb_8bit): bitsandbytes' AdamW8bit, the moments of every parameter of
+    /// 4096 elements or more held in 8 bits (blocks of 256 with an f32 scale each): 2 bytes
+    /// per parameter instead of 8.
+    #[arg(long, value_enum, default_value_t = OptimName::AdamwTorch)]
+    pub optim: OptimName,
 }
 
 impl OptimArgs {
@@ -131,6 +137,7 @@ impl OptimArgs {
             eps: self.adam_eps,
             weight_decay: self.weight_decay,
             loraplus_lr_ratio: self.loraplus_lr_ratio,
+            eight_bit: self.optim == OptimName::Adamw8bit,
         }
     }
 
@@ -185,6 +192,10 @@ impl OptimArgs {
                 self.loraplus_lr_ratio
                     .is_none_or(|r| r > 0.0 && r.is_finite()),
                 "--loraplus-lr-ratio must be > 0",
+            ),
+            (
+                self.optim == OptimName::AdamwTorch || self.zero_stage == 0,
+                "--optim adamw_8bit with --zero-stage 1 is not supported (its 8-bit blocks follow each parameter, a shard cuts them)",
             ),
         ])
     }
@@ -466,11 +477,20 @@ pub struct MemoryArgs {
     /// forward pass of compute). Gradients equal the run without it.
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// QLoRA: hold the linear layers of the models this stage loads in 4 bits, as
-    /// bitsandbytes does (blocks of 64 values with an f32 scale each; dequantized layer by
-    /// layer in the forward pass). The base is frozen: needs --lora-r or
-    /// --prompt-tuning-tokens for a model that trains. A directory stored quantized
-    /// (`quantization_config` in config.json) loads in 4 bits without it.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub quant: QuantArgs,
+}
+
+/// QLoRA's 4-bit base (`--load-in-4bit`; TRL's `ModelConfig` names), in the training
+/// stages (with [`MemoryArgs`]) and the commands that evaluate or generate.
+#[derive(Debug, Clone, Args, Serialize, Default)]
+pub struct QuantArgs {
+    /// Hold the linear layers of the models this command loads in 4 bits, as bitsandbytes
+    /// does (blocks of 64 values with an f32 scale each; dequantized layer by layer in the
+    /// forward pass). The base is frozen: a model that trains needs --lora-r or
+    /// --prompt-tuning-tokens. A directory stored quantized (quantization_config in
+    /// config.json), or an adapter trained on such a base, loads in 4 bits without it.
     #[arg(long)]
     pub load_in_4bit: bool,
     /// The 4-bit type with --load-in-4bit: nf4 (NormalFloat, QLoRA's) or fp4.
@@ -482,7 +502,7 @@ pub struct MemoryArgs {
     pub use_bnb_nested_quant: bool,
 }
 
-impl MemoryArgs {
+impl QuantArgs {
     pub fn validate(&self) -> Result<()> {
         require(&[(
             self.load_in_4bit
@@ -491,13 +511,23 @@ impl MemoryArgs {
         )])
     }
 
+    /// The quantization asked for, if any.
+    pub fn config(&self) -> Option<Bnb4bit> {
+        self.load_in_4bit
+            .then(|| Bnb4bit::new(self.bnb_4bit_quant_type, self.use_bnb_nested_quant))
+    }
+}
+
+impl MemoryArgs {
+    pub fn validate(&self) -> Result<()> {
+        self.quant.validate()
+    }
+
     /// `opts` with these options.
     pub fn apply(&self, opts: ModelOptions) -> ModelOptions {
         ModelOptions {
             gradient_checkpointing: self.gradient_checkpointing,
-            quantization: self
-                .load_in_4bit
-                .then(|| Bnb4bit::new(self.bnb_4bit_quant_type, self.use_bnb_nested_quant)),
+            quantization: self.quant.config(),
             ..opts
         }
     }

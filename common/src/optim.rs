@@ -3,7 +3,11 @@
 //! and embeddings, and global-norm gradient clipping that reports the pre-clip norm.
 //!
 //! The update is `torch.optim.AdamW`'s (non-fused, non-amsgrad) step, term for term.
-//! In a data-parallel run it sums the gradients over the ranks, and with ZeRO stage 1
+//! With `eight_bit` (`--optim adamw_8bit`) it is bitsandbytes' `AdamW8bit`: the moments of
+//! each parameter of at least [`MIN_8BIT_SIZE`] elements are held as 8-bit codes of
+//! bitsandbytes' dynamic maps (signed for the first, unsigned for the second) in blocks of
+//! 256 of that parameter with an f32 absmax each, dequantized, updated and quantized again
+//! in every step. In a data-parallel run it sums the gradients over the ranks, and with ZeRO stage 1
 //! ([`ZeroStage`]) each rank keeps and updates only its shard of the state.
 
 use std::collections::{BTreeMap, HashMap};
@@ -14,6 +18,7 @@ use tch::{Kind, Tensor};
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
+use crate::models::quant;
 use crate::overlap::{self, Member, Overlap};
 use crate::world::World;
 
@@ -27,7 +32,27 @@ pub struct AdamWConfig {
     /// (and DoRA's magnitudes, PEFT's one-dimensional adapter tensors) learn at lr × this.
     #[serde(default)]
     pub loraplus_lr_ratio: Option<f64>,
+    /// bitsandbytes' 8-bit moments (`--optim adamw_8bit`).
+    #[serde(default)]
+    pub eight_bit: bool,
 }
+
+/// `--optim`: Hugging Face's `TrainingArguments.optim` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+pub enum OptimName {
+    /// `torch.optim.AdamW`.
+    #[default]
+    #[value(name = "adamw_torch")]
+    AdamwTorch,
+    /// bitsandbytes' `AdamW8bit` (`adamw_bnb_8bit`).
+    #[value(name = "adamw_8bit", alias = "adamw_bnb_8bit")]
+    Adamw8bit,
+}
+
+/// bitsandbytes' `min_8bit_size`: smaller parameters keep f32 moments.
+pub const MIN_8BIT_SIZE: i64 = 4096;
+/// bitsandbytes' block size for 8-bit optimizer states.
+const STATE_BLOCK: i64 = 256;
 
 impl AdamWConfig {
     /// The multiple of the learning rate that the parameter `name` learns at.
@@ -61,6 +86,8 @@ struct Slot {
     group: usize,
     offset: i64,
     shape: Vec<i64>,
+    /// Its first block in an 8-bit group's absmax buffers.
+    block: i64,
 }
 
 impl Slot {
@@ -85,8 +112,21 @@ struct Group {
     owned: (i64, i64),
     /// f32 master copy of the owned range when the parameters are half precision.
     master: Option<Tensor>,
+    /// f32, or u8 codes in an 8-bit group.
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    eight_bit: Option<EightBit>,
+}
+
+/// An 8-bit group's block scales and maps, and where each member's blocks start.
+#[derive(Debug)]
+struct EightBit {
+    absmax1: Tensor,
+    absmax2: Tensor,
+    /// (offset, numel, first block) of each member.
+    members: Vec<(i64, i64, i64)>,
+    map1: Tensor,
+    map2: Tensor,
 }
 
 impl Group {
@@ -102,12 +142,20 @@ impl Group {
     /// The state buffers, by the name prefix a checkpoint stores them under.
     fn state(&self) -> Vec<(&'static str, &Tensor)> {
         let mut out = vec![("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)];
+        if let Some(e) = &self.eight_bit {
+            out.push((ABSMAX1, &e.absmax1));
+            out.push((ABSMAX2, &e.absmax2));
+        }
         if let Some(m) = &self.master {
             out.push(("master", m));
         }
         out
     }
 }
+
+/// The checkpoint names of an 8-bit group's block scales (one per block of a parameter).
+const ABSMAX1: &str = "exp_avg_absmax";
+const ABSMAX2: &str = "exp_avg_sq_absmax";
 
 /// Elements per update chunk: bounds the step's temporaries (about 3 × 4 bytes each).
 const CHUNK: i64 = 1 << 26;
@@ -158,6 +206,11 @@ pub struct OptimizerState {
 }
 
 impl OptimizerState {
+    /// Every parameter's state tensors, by checkpoint name (`exp_avg.<parameter>`, …).
+    pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.tensors
+    }
+
     /// Writes the moments (and master weights) to `dir/optimizer.safetensors` and the
     /// step and hyperparameters to `dir/optimizer.json`.
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -202,8 +255,8 @@ impl AdamW {
             });
         }
         let _guard = tch::no_grad_guard();
-        // (decay, lr scale's bits, dtype, device) → members
-        type Class = (bool, u64, String, String);
+        // (decay, lr scale's bits, dtype, device, 8-bit moments) → members
+        type Class = (bool, u64, String, String, bool);
         let mut classes: BTreeMap<Class, Vec<(&String, &Tensor)>> = BTreeMap::new();
         for (name, p) in &trainable {
             let key = (
@@ -211,19 +264,22 @@ impl AdamW {
                 config.lr_scale(name).to_bits(),
                 format!("{:?}", p.kind()),
                 format!("{:?}", p.device()),
+                config.eight_bit && p.numel() as i64 >= MIN_8BIT_SIZE,
             );
             classes.entry(key).or_default().push((name, p));
         }
         let mut groups = vec![];
         let mut slots = BTreeMap::new();
         let mut members_in_order = vec![];
-        for ((decay, lr_scale, _, _), mut members) in classes {
+        for ((decay, lr_scale, _, _, eight_bit), mut members) in classes {
             members.sort_by_key(|(name, _)| overlap::layout_key(name));
             let (kind, device) = (members[0].1.kind(), members[0].1.device());
             let total: i64 = members.iter().map(|(_, p)| p.numel() as i64).sum();
             let flat = Tensor::empty([total], (kind, device));
             let grads = Tensor::zeros([total], (kind, device));
             let mut offset = 0;
+            let mut block = 0;
+            let mut blocks = vec![];
             for (name, p) in &members {
                 let n = p.numel() as i64;
                 let view = |t: &Tensor| t.narrow(0, offset, n).view(p.size().as_slice());
@@ -235,7 +291,10 @@ impl AdamW {
                     group: groups.len(),
                     offset,
                     shape: p.size(),
+                    block,
                 };
+                blocks.push((offset, n, block));
+                block += (n + STATE_BLOCK - 1) / STATE_BLOCK;
                 slots.insert((*name).clone(), slot);
                 members_in_order.push(Member {
                     name: name.as_str(),
@@ -250,9 +309,17 @@ impl AdamW {
                 ZeroStage::Off => (0, total),
                 ZeroStage::Optimizer => world.shard_of(total),
             };
-            let f32_zeros = || Tensor::zeros([owned.1], (Kind::Float, device));
+            let state_kind = if eight_bit { Kind::Uint8 } else { Kind::Float };
+            let moments = || Tensor::zeros([owned.1], (state_kind, device));
             let master = (kind != Kind::Float)
                 .then(|| flat.narrow(0, owned.0, owned.1).to_kind(Kind::Float));
+            let eight_bit = eight_bit.then(|| EightBit {
+                absmax1: Tensor::zeros([block], (Kind::Float, device)),
+                absmax2: Tensor::zeros([block], (Kind::Float, device)),
+                members: blocks,
+                map1: quant::dynamic_map(true, device),
+                map2: quant::dynamic_map(false, device),
+            });
             groups.push(Group {
                 decay,
                 lr_scale: f64::from_bits(lr_scale),
@@ -260,8 +327,9 @@ impl AdamW {
                 grads,
                 owned,
                 master,
-                exp_avg: f32_zeros(),
-                exp_avg_sq: f32_zeros(),
+                exp_avg: moments(),
+                exp_avg_sq: moments(),
+                eight_bit,
             });
         }
         let overlap = exchange
@@ -303,11 +371,13 @@ impl AdamW {
     /// one rank would hold without sharding.
     pub fn state_bytes(&self) -> (i64, i64) {
         self.groups.iter().fold((0, 0), |(held, whole), g| {
-            let per_element = 4 * g.state().len() as i64;
-            (
-                held + per_element * g.owned.1,
-                whole + per_element * g.total(),
-            )
+            let bytes: i64 = g
+                .state()
+                .iter()
+                .map(|(_, t)| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+                .sum();
+            // Sharded (ZeRO-1, f32 state only): the shard's share of the whole.
+            (held + bytes, whole + bytes * g.total() / g.owned.1.max(1))
         })
     }
 
@@ -399,6 +469,10 @@ impl AdamW {
         let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
         for g in &self.groups {
             let lr = lr * g.lr_scale;
+            if let Some(e) = &g.eight_bit {
+                self.step_eight_bit(g, e, lr, (bias_correction1, bias_correction2));
+                continue;
+            }
             let step_size = lr / bias_correction1;
             let (params, grads) = (g.owned_part(&g.params), g.owned_part(&g.grads));
             let total = g.owned.1;
@@ -430,15 +504,61 @@ impl AdamW {
         }
     }
 
+    /// bitsandbytes' 8-bit blockwise AdamW step (`optimizer_update_8bit_blockwise`'s
+    /// fallback, term for term) on each member of an 8-bit group: its moments dequantized
+    /// (code × its block's absmax), updated in f32, its weight moved, the moments quantized
+    /// again per block of 256 of the member.
+    fn step_eight_bit(&self, g: &Group, e: &EightBit, lr: f64, (bc1, bc2): (f64, f64)) {
+        let c = self.config;
+        let codes = |map: &Tensor, t: &Tensor| map.index_select(0, &t.to_kind(Kind::Int));
+        for &(offset, n, first) in &e.members {
+            let blocks = (n + STATE_BLOCK - 1) / STATE_BLOCK;
+            let part = |t: &Tensor| t.narrow(0, offset, n);
+            let (a1, a2) = (
+                e.absmax1.narrow(0, first, blocks),
+                e.absmax2.narrow(0, first, blocks),
+            );
+            let (m8, v8) = (part(&g.exp_avg), part(&g.exp_avg_sq));
+            let m = quant::blockwise(&codes(&e.map1, &m8), &a1, STATE_BLOCK);
+            let v = quant::blockwise(&codes(&e.map2, &v8), &a2, STATE_BLOCK);
+            let grad = part(&g.grads).to_kind(Kind::Float);
+            let mut p = part(g.master.as_ref().unwrap_or(&g.params));
+            let m = m * c.beta1 + &grad * (1.0 - c.beta1);
+            let v = v * c.beta2 + (&grad * &grad) * (1.0 - c.beta2);
+            let denom = v.sqrt() / bc2.sqrt() + c.eps;
+            if g.decay && c.weight_decay != 0.0 {
+                let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
+            }
+            let _ = p.addcdiv_(&(&m * (-lr / bc1)), &denom);
+            if g.master.is_some() {
+                part(&g.params).copy_(&p);
+            }
+            for (moment, map, codes, absmax) in [(&m, &e.map1, &m8, &a1), (&v, &e.map2, &v8, &a2)] {
+                let (scaled, scale) = quant::scale_blocks(moment, STATE_BLOCK);
+                codes
+                    .shallow_clone()
+                    .copy_(&quant::nearest(&scaled, map).to_kind(Kind::Uint8));
+                absmax.shallow_clone().copy_(&scale);
+            }
+        }
+    }
+
     /// Each parameter's views of whole-length state buffers (`whole[group][i]` matching
     /// `Group::state`), named as a checkpoint stores them.
     fn named(&self, whole: &[Vec<(&'static str, Tensor)>]) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for (name, slot) in &self.slots {
             for (prefix, buffer) in &whole[slot.group] {
-                let view = buffer
-                    .narrow(0, slot.offset, slot.numel())
-                    .view(slot.shape.as_slice());
+                let view = match *prefix {
+                    ABSMAX1 | ABSMAX2 => buffer.narrow(
+                        0,
+                        slot.block,
+                        (slot.numel() + STATE_BLOCK - 1) / STATE_BLOCK,
+                    ),
+                    _ => buffer
+                        .narrow(0, slot.offset, slot.numel())
+                        .view(slot.shape.as_slice()),
+                };
                 out.insert(format!("{prefix}.{name}"), view);
             }
         }
@@ -484,6 +604,18 @@ impl AdamW {
         self.step = meta["step"]
             .as_i64()
             .ok_or_else(|| Error::checkpoint(&meta_path, "field 'step' is missing"))?;
+        let stored_8bit = meta["config"]["eight_bit"].as_bool().unwrap_or(false);
+        if stored_8bit != self.config.eight_bit {
+            let name = |b: bool| if b { "adamw_8bit" } else { "adamw_torch" };
+            return Err(Error::checkpoint(
+                &meta_path,
+                format!(
+                    "the optimizer state is {}'s; this run's --optim is {}: resume with the same --optim",
+                    name(stored_8bit),
+                    name(self.config.eight_bit)
+                ),
+            ));
+        }
         // Whole-length buffers: the state itself when this rank holds all of it, otherwise
         // CPU buffers whose owned range is then copied in.
         let whole: Vec<Vec<(&'static str, Tensor)>> = self
@@ -522,6 +654,8 @@ mod tests {
     use tch::nn::{self, OptimizerConfig};
     use tch::Device;
 
+    const FLOAT_CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
+
     fn config(wd: f64) -> AdamWConfig {
         AdamWConfig {
             beta1: 0.9,
@@ -529,6 +663,7 @@ mod tests {
             eps: 1e-5,
             weight_decay: wd,
             loraplus_lr_ratio: None,
+            eight_bit: false,
         }
     }
 
@@ -752,5 +887,66 @@ mod tests {
         for key in ["exp_avg.w", "exp_avg_sq.w"] {
             assert!(a.tensors[key].equal(&b.tensors[key]), "{key}");
         }
+    }
+
+    /// 8-bit moments: a quarter of the f32 state (plus a scale per 256), saved and
+    /// restored exactly (a resumed step equals the uninterrupted one), and a checkpoint of
+    /// the other kind refused by name.
+    #[test]
+    fn eight_bit_state_is_small_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        tch::manual_seed(1);
+        let eight = AdamWConfig {
+            eight_bit: true,
+            ..config(0.1)
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = (vs.root() / "l").var_copy("weight", &Tensor::randn([64, 80], FLOAT_CPU));
+        let b = (vs.root() / "l").var_copy("bias", &Tensor::randn([10], FLOAT_CPU));
+        let grads: Vec<(Tensor, Tensor)> = (0..4)
+            .map(|_| {
+                (
+                    Tensor::randn([64, 80], FLOAT_CPU),
+                    Tensor::randn([10], FLOAT_CPU),
+                )
+            })
+            .collect();
+        let step = |opt: &mut AdamW, (gw, gb): &(Tensor, Tensor)| {
+            let _guard = tch::no_grad_guard();
+            w.grad().copy_(gw);
+            b.grad().copy_(gb);
+            opt.step(1e-2);
+        };
+        let mut opt = AdamW::new(vs.variables(), eight);
+        let (held, _) = opt.state_bytes();
+        // 5120 codes of each moment and 20 scales each; the bias's f32 moments.
+        assert_eq!(held, 2 * (5120 + 20 * 4) + 2 * 4 * 10);
+        for g in &grads[..3] {
+            step(&mut opt, g);
+        }
+        opt.state().unwrap().save(dir.path()).unwrap();
+        let saved = (w.detach().copy(), b.detach().copy());
+        step(&mut opt, &grads[3]);
+        let straight = (w.detach().copy(), b.detach().copy());
+
+        let vs2 = nn::VarStore::new(Device::Cpu);
+        let w2 = (vs2.root() / "l").var_copy("weight", &saved.0);
+        let b2 = (vs2.root() / "l").var_copy("bias", &saved.1);
+        let mut resumed = AdamW::new(vs2.variables(), eight);
+        resumed.load(dir.path()).unwrap();
+        {
+            let _guard = tch::no_grad_guard();
+            w2.grad().copy_(&grads[3].0);
+            b2.grad().copy_(&grads[3].1);
+        }
+        resumed.step(1e-2);
+        assert!(w2.equal(&straight.0) && b2.equal(&straight.1));
+        // The f32 moments would differ: the 8-bit ones are not f32 ones in disguise.
+        let mut f32_opt = AdamW::new(vs2.variables(), config(0.1));
+        let e = f32_opt.load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("the optimizer state is adamw_8bit's; this run's --optim is adamw_torch"),
+            "{e}"
+        );
     }
 }

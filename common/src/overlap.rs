@@ -438,6 +438,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
             loraplus_lr_ratio: None,
+            eight_bit: false,
         };
         let exchange = GradExchange {
             zero,

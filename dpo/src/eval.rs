@@ -29,6 +29,8 @@ pub struct EvalArgs {
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
+    #[command(flatten)]
+    pub quant: common::cli::QuantArgs,
     /// Preference rows (pairs or rankings), as `dpo train` reads them; with an unpaired
     /// loss, KTO's rows ({"prompt","completion","label"}) or preference rows unpaired.
     #[arg(long)]
@@ -65,9 +67,11 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         ),
     ])?;
     args.loss.validate()?;
+    args.quant.validate()?;
     let (device, kind) = args.device.resolve();
     let opts = ModelOptions {
         base_model: args.base_model.clone(),
+        quantization: args.quant.config(),
         ..ModelOptions::new(Head::Lm, device, kind).frozen()
     };
     let (mut policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;

@@ -26,6 +26,8 @@ pub struct EvalArgs {
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
+    #[command(flatten)]
+    pub quant: common::cli::QuantArgs,
     /// Rankings/pairs, or SFT-format rows (prompt/completion, messages, text) to score.
     #[arg(long)]
     pub data: PathBuf,
@@ -61,6 +63,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
         (args.batch_size > 0, "--batch-size must be at least 1"),
         (args.max_length > 1, "--max-length must be at least 2"),
     ])?;
+    args.quant.validate()?;
     let (device, kind) = args.device.resolve();
     let rows = data::jsonl::read(&args.data, |row| {
         if row.has("chosen") || row.has("rejected") || row.has("responses") {
@@ -71,7 +74,8 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
     })?;
     let opts = ModelOptions {
         base_model: args.base_model.clone(),
-        ..ModelOptions::new(Head::Score, device, kind)
+        quantization: args.quant.config(),
+        ..ModelOptions::new(Head::Score, device, kind).frozen()
     };
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let tok = args.tokenizer.apply(&mut model, tok)?;

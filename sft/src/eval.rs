@@ -46,6 +46,8 @@ pub struct EvalArgs {
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
+    #[command(flatten)]
+    pub quant: common::cli::QuantArgs,
     /// SFT rows: {"prompt","completion"}, {"messages"} or {"text"} per line (the NLL
     /// mode; --tasks runs task files instead).
     #[arg(long, required_unless_present = "tasks", conflicts_with = "tasks")]
@@ -149,10 +151,12 @@ pub fn run(args: &EvalArgs) -> Result<EvalOutcome> {
         ),
         (args.tasks.limit != Some(0), "--limit must be at least 1"),
     ])?;
+    args.quant.validate()?;
     let (device, kind) = args.device.resolve();
     let opts = ModelOptions {
         base_model: args.base_model.clone(),
-        ..ModelOptions::new(Head::Lm, device, kind)
+        quantization: args.quant.config(),
+        ..ModelOptions::new(Head::Lm, device, kind).frozen()
     };
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let tok = args.tokenizer.apply(&mut model, tok)?;

@@ -10,6 +10,10 @@ saved quantized, and PEFT's log-probs of adapters on the 4-bit bases.
     bnb_reference.py check --adapter DIR --case CASE --ids IDS.json
         the adapter (PEFT's directory) on its base loaded in 4 bits as CASE says;
         prints its log-probs
+    bnb_reference.py adam8 --steps IN.safetensors --out OUT.safetensors --lr LR --wd WD
+        bitsandbytes' AdamW8bit (betas 0.9, 0.999, eps 1e-8, weight decay WD but on biases)
+        from IN's `param.<name>` with its `grad.<name>.<step>` gradients; OUT: every parameter after the steps and its
+        state (`state1`, `absmax1`, `state2`, `absmax2`, `.<name>`)
 
 IDS.json: {"ids": [[...]], "mask": [[...]]}, right-padded; log-probs of each next token.
 bitsandbytes' AVX-512-BF16 inference path (a bf16 kernel) is switched off, so that every
@@ -103,15 +107,48 @@ def check(adapter, case, ids, mask):
     return logprobs(reference_path(model.eval()), ids, mask)
 
 
+def adam8(steps_path, out_path, lr, wd):
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file, save_file
+
+    given = load_file(steps_path)
+    names = sorted(k.removeprefix("param.") for k in given if k.startswith("param."))
+    params = {n: torch.nn.Parameter(given[f"param.{n}"].clone()) for n in names}
+    # No weight decay on biases, as ours (and transformers' Trainer) groups them.
+    groups = [{"params": [p for n, p in params.items() if not n.endswith("bias")], "weight_decay": wd},
+              {"params": [p for n, p in params.items() if n.endswith("bias")], "weight_decay": 0.0}]
+    opt = bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    steps = 1 + max(int(k.rsplit(".", 1)[1]) for k in given if k.startswith("grad."))
+    for step in range(steps):
+        for n, p in params.items():
+            p.grad = given[f"grad.{n}.{step}"].clone()
+        opt.step()
+    out = {}
+    for n, p in params.items():
+        out[f"param.{n}"] = p.detach().clone()
+        for key in ["state1", "absmax1", "state2", "absmax2"]:
+            if key in opt.state[p]:
+                out[f"{key}.{n}"] = opt.state[p][key].clone()
+    save_file(out, out_path)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("cmd", choices=["make", "check"])
+    p.add_argument("cmd", choices=["make", "check", "adam8"])
+    p.add_argument("--steps")
+    p.add_argument("--out")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--wd", type=float)
     p.add_argument("--root")
     p.add_argument("--tokenizer")
     p.add_argument("--adapter")
     p.add_argument("--case")
-    p.add_argument("--ids", required=True)
+    p.add_argument("--ids")
     a = p.parse_args()
+    if a.cmd == "adam8":
+        adam8(a.steps, a.out, a.lr, a.wd)
+        print(json.dumps({}))
+        return
     ids, mask = load_ids(a.ids)
     if a.cmd == "make":
         print(json.dumps(make(a.root, a.tokenizer, ids, mask)))

@@ -22,6 +22,8 @@ pub struct GenerateArgs {
     /// The base model of an adapter directory (default: its base_model_name_or_path).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
+    #[command(flatten)]
+    pub quant: crate::cli::QuantArgs,
     /// Prompts: {"prompt"} or {"messages"} per line (messages use the chat template).
     #[arg(long)]
     pub prompts: PathBuf,
@@ -111,11 +113,13 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
             "--num-return-sequences must be at least 1",
         ),
     ])?;
+    args.quant.validate()?;
     let (device, kind) = args.device.resolve();
     let prompts = data::read_prompts(&args.prompts)?;
     let opts = ModelOptions {
         base_model: args.base_model.clone(),
-        ..ModelOptions::new(Head::Lm, device, kind)
+        quantization: args.quant.config(),
+        ..ModelOptions::new(Head::Lm, device, kind).frozen()
     };
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let tok = args.tokenizer.apply(&mut model, tok)?;

@@ -242,7 +242,7 @@ pub struct QuantizedValues {
     pub packed: Tensor,
     pub absmax: Tensor,
     pub quant_map: Tensor,
-    pub nested: Option<(Tensor, Tensor, Tensor)>,
+    pub nested: Option<Nested>,
 }
 
 fn blocks(n: i64, size: i64) -> i64 {
@@ -333,10 +333,10 @@ impl Quantized {
             .copy_(&v.packed.view(self.packed.size().as_slice()));
         self.absmax.shallow_clone().copy_(&v.absmax);
         self.quant_map.shallow_clone().copy_(&v.quant_map);
-        if let (Some(n), Some((absmax, map, offset))) = (&self.nested, &v.nested) {
-            n.absmax.shallow_clone().copy_(absmax);
-            n.quant_map.shallow_clone().copy_(map);
-            n.offset.shallow_clone().copy_(offset);
+        if let (Some(n), Some(v)) = (&self.nested, &v.nested) {
+            n.absmax.shallow_clone().copy_(&v.absmax);
+            n.quant_map.shallow_clone().copy_(&v.quant_map);
+            n.offset.shallow_clone().copy_(&v.offset);
         }
     }
 
@@ -345,9 +345,7 @@ impl Quantized {
         match &self.nested {
             None => self.absmax.shallow_clone(),
             Some(n) => {
-                let values = n
-                    .quant_map
-                    .index_select(0, &self.absmax.to_kind(Kind::Int64));
+                let values = n.quant_map.index_select(0, &self.absmax.to_kind(Kind::Int));
                 blockwise(&values, &n.absmax, NESTED_BLOCKSIZE) + &n.offset
             }
         }
@@ -360,7 +358,7 @@ impl Quantized {
         let table = self.quant_map.index_select(0, &self.pairs).view([256, 2]);
         let levels = Tensor::embedding(
             &table,
-            &self.packed.flatten(0, -1).to_kind(Kind::Int64),
+            &self.packed.flatten(0, -1).to_kind(Kind::Int),
             -1,
             false,
             false,
@@ -383,7 +381,7 @@ fn pair_indices(device: Device) -> Tensor {
 }
 
 /// `values[i] · scales[i / size]` (the last block may be short), f32.
-fn blockwise(values: &Tensor, scales: &Tensor, size: i64) -> Tensor {
+pub fn blockwise(values: &Tensor, scales: &Tensor, size: i64) -> Tensor {
     let n = values.size()[0];
     let full = n / size * size;
     let head = (values.narrow(0, 0, full).view([-1, size])
@@ -401,7 +399,7 @@ fn blockwise(values: &Tensor, scales: &Tensor, size: i64) -> Tensor {
 /// fallbacks): per block of `size` values the absolute maximum, and each value divided by
 /// it (times its reciprocal, as bitsandbytes), clamped to [-1, 1]. Scaled `[n]`, absmax
 /// `[blocks]`, f32.
-fn scale_blocks(flat: &Tensor, size: i64) -> (Tensor, Tensor) {
+pub fn scale_blocks(flat: &Tensor, size: i64) -> (Tensor, Tensor) {
     let n = flat.size()[0];
     let full = n / size * size;
     let com = flat.narrow(0, 0, full).view([-1, size]);
@@ -422,7 +420,7 @@ fn scale_blocks(flat: &Tensor, size: i64) -> (Tensor, Tensor) {
 
 /// The index in `levels` of the level nearest each value (by the midpoints of the sorted
 /// levels; a value on a midpoint goes down), i64.
-fn nearest(scaled: &Tensor, levels: &Tensor) -> Tensor {
+pub fn nearest(scaled: &Tensor, levels: &Tensor) -> Tensor {
     let order = levels.argsort(0, false);
     let sorted = levels.index_select(0, &order);
     let k = sorted.size()[0];
@@ -430,17 +428,20 @@ fn nearest(scaled: &Tensor, levels: &Tensor) -> Tensor {
     order.index_select(0, &scaled.bucketize(&bounds, false, false))
 }
 
-/// bitsandbytes' dynamic 8-bit map (`create_dynamic_map(signed=True)`), sorted, f32: the
-/// levels nested quantization stores the absmax values with.
-pub fn dynamic_map(device: Device) -> Tensor {
+/// bitsandbytes' dynamic 8-bit map (`create_dynamic_map(signed)`), sorted, f32: the levels
+/// nested quantization stores the absmax values with (signed), and 8-bit AdamW its first
+/// (signed) and second (unsigned) moments.
+pub fn dynamic_map(signed: bool, device: Device) -> Tensor {
     let mut parts = vec![];
     for i in 0..7 {
-        let items = (1i64 << i) + 1;
+        let items = if signed { 1i64 << i } else { 1i64 << (i + 1) } + 1;
         let bounds = Tensor::linspace(0.1, 1.0, items, (Kind::Float, Device::Cpu));
         let means = (bounds.narrow(0, 0, items - 1) + bounds.narrow(0, 1, items - 1)) / 2.0;
         let scale = 10f64.powi(i - 6);
         parts.push(&means * scale);
-        parts.push(&means * -scale);
+        if signed {
+            parts.push(&means * -scale);
+        }
     }
     parts.push(Tensor::from_slice(&[0f32, 1.0]));
     Tensor::cat(&parts, 0).sort(0, false).0.to_device(device)
@@ -470,13 +471,17 @@ pub fn quantize(w: &Tensor, quant_type: QuantType, nested: bool) -> QuantizedVal
         };
     }
     let offset = absmax.mean(Kind::Float);
-    let map = dynamic_map(device);
+    let map = dynamic_map(true, device);
     let (scaled2, absmax2) = scale_blocks(&(&absmax - &offset), NESTED_BLOCKSIZE);
     QuantizedValues {
         packed,
         absmax: nearest(&scaled2, &map).to_kind(Kind::Uint8),
         quant_map: levels,
-        nested: Some((absmax2, map, offset)),
+        nested: Some(Nested {
+            absmax: absmax2,
+            quant_map: map,
+            offset,
+        }),
     }
 }
 
@@ -609,7 +614,7 @@ mod tests {
 
     #[test]
     fn the_dynamic_map_is_bitsandbytes() {
-        let map = Vec::<f32>::try_from(dynamic_map(Device::Cpu)).unwrap();
+        let map = Vec::<f32>::try_from(dynamic_map(true, Device::Cpu)).unwrap();
         assert_eq!(map.len(), 256);
         // bitsandbytes 0.50.2: create_dynamic_map()[0, 1, 127, 128, 255].
         assert_eq!(
@@ -618,6 +623,12 @@ mod tests {
         );
         assert!(map.windows(2).all(|w| w[0] <= w[1]));
         assert!(map.contains(&0.0));
+        // create_dynamic_map(signed=False)[0, 1, 2, 128, 254, 255].
+        let map = Vec::<f32>::try_from(dynamic_map(false, Device::Cpu)).unwrap();
+        assert_eq!(
+            [map[0], map[1], map[2], map[128], map[254], map[255]],
+            [0.0, 3.250_000_3e-7, 7.75e-7, 0.110_546_87, 0.996_484_4, 1.0]
+        );
     }
 
     #[test]
