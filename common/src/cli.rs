@@ -348,6 +348,11 @@ pub struct AdapterArgs {
     /// rsLoRA: scale by α / √r instead of α / r.
     #[arg(long)]
     pub use_rslora: bool,
+    /// Full trainable copies beside the adapters (TRL's lora_modules_to_save, PEFT's
+    /// modules_to_save): embed_tokens (wte for GPT-2) and/or lm_head, comma-separated;
+    /// e.g. for tokens a chat template added. Tied embeddings become two copies.
+    #[arg(long)]
+    pub lora_modules_to_save: Option<String>,
     /// DoRA: a trained magnitude per output row beside A and B (PEFT's use_dora).
     #[arg(long)]
     pub use_dora: bool,
@@ -415,10 +420,11 @@ impl AdapterArgs {
                     || (self.lora_alpha.is_none()
                         && self.lora_target_modules.is_none()
                         && !self.use_rslora
+                        && self.lora_modules_to_save.is_none()
                         && !self.use_dora
                         && self.init_lora_weights == LoraInit::Kaiming
                         && self.lora_dropout == 0.0),
-                "--lora-alpha, --lora-dropout, --lora-target-modules, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
+                "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-modules-to-save, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
             ),
         ])
     }
@@ -438,6 +444,16 @@ impl AdapterArgs {
             use_dora: self.use_dora,
             patterns: Default::default(),
             init: self.init_lora_weights,
+            modules_to_save: self
+                .lora_modules_to_save
+                .clone()
+                .map(|s| {
+                    s.split(',')
+                        .map(|n| n.trim().to_string())
+                        .filter(|n| !n.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 

@@ -245,6 +245,7 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
     let f = fixture();
     let all_linear: &[&str] = &["--lora-target-modules", "all-linear"];
     let dora: &[&str] = &["--lora-target-modules", "all-linear", "--use-dora"];
+    let saved: &[&str] = &["--lora-modules-to-save", "embed_tokens,lm_head"];
     let cases = [
         ("gpt2", "", &[][..]),
         ("llama", "", &[][..]),
@@ -252,6 +253,8 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
         // DoRA on GPT-2's Conv1D layers and on Qwen2's biased projections.
         ("gpt2", "-dora", dora),
         ("qwen2", "-dora", dora),
+        // Trained copies of Qwen2's tied embedding and head (merged: untied).
+        ("qwen2", "-save", saved),
     ];
     let mut trained = vec![];
     for (arch, variant, targets) in cases {
@@ -268,8 +271,23 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
             &std::fs::read_to_string(final_dir.join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        assert_eq!(config["use_dora"], json!(!variant.is_empty()));
+        assert_eq!(config["use_dora"], json!(variant == "-dora"));
         let model = load(&final_dir, Head::Lm);
+        if variant == "-save" {
+            assert_eq!(
+                config["modules_to_save"],
+                json!(["embed_tokens", "lm_head"])
+            );
+            let t = model.named_tensors();
+            for copy in ["model.embed_tokens", "lm_head"] {
+                let moved = (&t[&format!("{copy}.modules_to_save.weight")]
+                    - &t["model.embed_tokens.weight"])
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(moved > 1e-4, "{copy}: the copy did not train ({moved:e})");
+            }
+        }
         let b_max = model
             .named_tensors()
             .iter()
@@ -324,7 +342,7 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
 fn peft_layer_patterns_load_and_round_trip() {
     let f = fixture();
     let cases = f.reference["patterns"].as_object().unwrap();
-    assert_eq!(cases.len(), 6);
+    assert_eq!(cases.len(), 8);
     let mut saved = vec![];
     for (case, theirs) in cases {
         let model = load(&f.root.join(case), Head::Lm);
@@ -506,6 +524,7 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
             use_dora,
             patterns: Default::default(),
             init,
+            modules_to_save: vec![],
         };
         let opts = ModelOptions::cpu(Head::Lm).with_lora(Some(lora));
         let (model, _) = Model::load(&dir, &opts).unwrap();
@@ -700,7 +719,7 @@ fn bad_adapter_inputs_end_in_one_line() {
         ),
         (
             train_plain(&["--init-lora-weights", "olora"]),
-            "--lora-alpha, --lora-dropout, --lora-target-modules, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
+            "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-modules-to-save, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
         ),
         (
             train_adapter("llama", &out, &["--lora-target-modules", "q_proj,nope"], &[]),

@@ -63,6 +63,10 @@ PATTERNS = {
     "gpt2-pissa": dict(init_lora_weights="pissa"),
     "llama-pissa": dict(target_modules="all-linear", init_lora_weights="pissa", use_rslora=True),
     "qwen2-olora": dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], init_lora_weights="olora"),
+    # Full copies of the input embedding and the LM head (modules_to_save): separate ones on
+    # Llama; on Qwen2, whose head is its embedding, two independent copies.
+    "llama-save": dict(modules_to_save=["embed_tokens", "lm_head"]),
+    "qwen2-save": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
 }
 
 
@@ -104,6 +108,9 @@ def randomise(model):
                 p.mul_(1 + (torch.rand_like(p) - 0.5) * 0.6)
             elif "lora_" in name or "score" in name:
                 p.copy_(torch.randn_like(p) * 0.3)
+            elif "modules_to_save" in name:
+                # A copy moved off its original, each differently.
+                p.add_(torch.randn_like(p) * 0.1)
 
 
 def our_name(peft_name):

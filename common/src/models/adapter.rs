@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::lora::{LayerPatterns, LoraConfig, LoraInit, TargetModules};
+use super::lora::{self, LayerPatterns, LoraConfig, LoraInit, TargetModules};
 use super::prompt_tuning::{self, PromptTuningConfig};
 use crate::error::{Error, Result};
 
@@ -178,16 +178,29 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
         return Err(format!("{key} {} is not supported", v[*key]));
     }
     // A SEQ_CLS adapter's trained head is PEFT's modules_to_save ["classifier", "score"];
-    // full copies of other layers (an LM head, embeddings) are not implemented.
+    // the input embedding and the LM head are copied (lora::LoraConfig::modules_to_save);
+    // full copies of other layers are not implemented.
+    let mut modules_to_save = vec![];
     if let Some(Value::Array(names)) = v.get("modules_to_save") {
-        if let Some(other) = names
-            .iter()
-            .find(|n| !matches!(n.as_str(), Some("classifier" | "score")))
-        {
-            return Err(format!(
-                "modules_to_save {other} is not supported (supported: the score head of a SEQ_CLS adapter)"
-            ));
+        for n in names {
+            let name = n.as_str().unwrap_or_default();
+            let short = name.rsplit('.').next().unwrap_or(name);
+            if lora::SCORE_NAMES.contains(&name) {
+                continue;
+            }
+            if !lora::EMBEDDING_NAMES.contains(&short) && name != "lm_head" {
+                return Err(format!(
+                    "modules_to_save {n} is not supported (supported: the score head of a SEQ_CLS adapter, embed_tokens, wte, lm_head)"
+                ));
+            }
+            modules_to_save.push(name.to_string());
         }
+    }
+    if !modules_to_save.is_empty() && v.get("ensure_weight_tying").is_some_and(is_set) {
+        return Err(
+            "ensure_weight_tying true with modules_to_save is not supported (the copies are made untied, PEFT's default)"
+                .into(),
+        );
     }
     let r = v.get("r").and_then(Value::as_i64).unwrap_or(8);
     if r <= 0 {
@@ -249,6 +262,7 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
         use_rslora: v.get("use_rslora").and_then(Value::as_bool) == Some(true),
         use_dora: v.get("use_dora").and_then(Value::as_bool) == Some(true),
         init: LoraInit::from_peft(get("init_lora_weights"))?,
+        modules_to_save,
         patterns: LayerPatterns {
             exclude_modules,
             layers_to_transform,
@@ -267,9 +281,14 @@ pub fn is_adapter_tensor(name: &str) -> bool {
 
 /// PEFT's key in `adapter_model.safetensors` for our variable `name`.
 pub fn peft_key(name: &str) -> String {
+    let saved = format!(".{}.weight", lora::SAVED);
     match name {
         prompt_tuning::KEY => name.to_string(),
-        _ => format!("{KEY_PREFIX}{name}"),
+        // A modules_to_save copy is written as the module's own weight.
+        _ => match name.strip_suffix(&saved) {
+            Some(module) => format!("{KEY_PREFIX}{module}.weight"),
+            None => format!("{KEY_PREFIX}{name}"),
+        },
     }
 }
 
@@ -297,8 +316,8 @@ mod tests {
             ("use_qalora", json!(true), "use_qalora true is not supported"),
             (
                 "modules_to_save",
-                json!(["lm_head"]),
-                "modules_to_save \"lm_head\" is not supported (supported: the score head of a SEQ_CLS adapter)",
+                json!(["lm_head", "mlp"]),
+                "modules_to_save \"mlp\" is not supported (supported: the score head of a SEQ_CLS adapter, embed_tokens, wte, lm_head)",
             ),
             (
                 "target_modules",
@@ -331,6 +350,8 @@ mod tests {
             assert!(err.starts_with(message), "{key}: {err}");
         }
         assert!(with("modules_to_save", json!(["classifier", "score"])).is_ok());
+        let saved = with("modules_to_save", json!(["embed_tokens", "lm_head"])).unwrap();
+        assert!(saved.saves_embedding() && saved.saves_lm_head());
         for (init, want) in [
             (json!(false), LoraInit::Kaiming),
             (json!("gaussian"), LoraInit::Gaussian),

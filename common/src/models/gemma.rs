@@ -438,11 +438,15 @@ impl Gemma {
     /// Token embeddings `[B, T, H]` of `ids`, times √hidden in the weights' dtype (bf16
     /// rounds √2304 = 48 exactly, √3072 to 55.5, as `transformers` does).
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        let w = &self.embed_tokens.weight;
+        self.embed_with(&self.embed_tokens.weight, ids)
+    }
+
+    /// [`Self::embed`] with another embedding weight (a `modules_to_save` copy).
+    pub fn embed_with(&self, w: &Tensor, ids: &Tensor) -> Tensor {
         let scale = Tensor::from(self.embed_scale as f32)
             .to_kind(w.kind())
             .to_device(w.device());
-        self.embed_tokens.forward(ids) * scale
+        Tensor::embedding(w, ids, -1, false, false) * scale
     }
 
     /// Final hidden states `[B, T, H]` of embeddings `embeds` at `positions`; `masking`

@@ -603,6 +603,11 @@ impl Llama {
         self.embed_tokens.forward(ids)
     }
 
+    /// [`Self::embed`] with another embedding weight (a `modules_to_save` copy).
+    pub fn embed_with(&self, weight: &Tensor, ids: &Tensor) -> Tensor {
+        Tensor::embedding(weight, ids, -1, false, false)
+    }
+
     /// Final hidden states `[B, T, H]` of token embeddings `embeds` at `positions`.
     pub fn forward(
         &self,

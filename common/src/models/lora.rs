@@ -177,7 +177,10 @@ pub fn is_initial(name: &str) -> bool {
 /// Whether a variable name is an adapter's (`….lora_A.weight`, `….lora_B.weight`,
 /// `….lora_magnitude_vector`).
 pub fn is_adapter(name: &str) -> bool {
-    name.contains(".lora_A.") || name.contains(".lora_B.") || name.ends_with(MAGNITUDE)
+    name.contains(".lora_A.")
+        || name.contains(".lora_B.")
+        || name.ends_with(MAGNITUDE)
+        || name.ends_with(&format!(".{SAVED}.weight"))
 }
 
 /// PEFT's rule: a module matches a target name when its path is the name or ends with
@@ -272,6 +275,40 @@ pub struct LoraConfig {
     pub patterns: LayerPatterns,
     /// How `A` and `B` start.
     pub init: LoraInit,
+    /// PEFT's `modules_to_save` beyond a sequence classifier's head: full trainable copies
+    /// of the input embedding (`embed_tokens`, GPT-2's `wte`) and of the LM head
+    /// (`lm_head`), used while adapters are on; the originals stay frozen (tied ones
+    /// become two independent copies, as PEFT makes them).
+    pub modules_to_save: Vec<String>,
+}
+
+/// The module names `modules_to_save` may hold: a sequence classifier's head (always
+/// saved beside adapters), the input embedding and the LM head.
+pub const EMBEDDING_NAMES: &[&str] = &["embed_tokens", "wte"];
+pub const SCORE_NAMES: &[&str] = &["classifier", "score"];
+
+/// A module path's copy under `modules_to_save` (`model.embed_tokens` →
+/// `model.embed_tokens.modules_to_save.weight`); PEFT writes it as the module's own weight.
+pub fn saved_copy(module: &str) -> String {
+    format!("{module}.{SAVED}.weight")
+}
+/// The infix of [`saved_copy`] (PEFT's `modules_to_save`, without its adapter name).
+pub const SAVED: &str = "modules_to_save";
+
+impl LoraConfig {
+    /// Whether `modules_to_save` names the input embedding.
+    pub fn saves_embedding(&self) -> bool {
+        self.modules_to_save.iter().any(|n| {
+            EMBEDDING_NAMES
+                .iter()
+                .any(|e| n == e || n.ends_with(&format!(".{e}")))
+        })
+    }
+
+    /// Whether `modules_to_save` names the LM head.
+    pub fn saves_lm_head(&self) -> bool {
+        self.modules_to_save.iter().any(|n| n == "lm_head")
+    }
 }
 
 impl LoraConfig {
@@ -347,6 +384,7 @@ impl LoraConfig {
             r: 2 * self.r,
             alpha: factor * self.alpha,
             init: LoraInit::Kaiming,
+            modules_to_save: vec![],
             patterns: LayerPatterns {
                 rank_pattern: p
                     .rank_pattern
@@ -659,6 +697,7 @@ mod tests {
             use_dora: false,
             patterns: Default::default(),
             init: Default::default(),
+            modules_to_save: vec![],
         };
         assert!(cfg.targets("model.layers.0.self_attn.q_proj"));
         assert!(cfg.targets("model.layers.1.mlp.down_proj"));
@@ -738,6 +777,7 @@ mod tests {
                     ..Default::default()
                 },
                 init: LoraInit::Pissa,
+                modules_to_save: vec![],
             };
             let converted = cfg.converted();
             assert_eq!(converted.init, LoraInit::Kaiming);

@@ -287,11 +287,15 @@ pub struct Model {
     /// What the run changed in its tokenizer (`--chat-template-path`, `--eos-token`):
     /// applied to the tokenizer files of every directory this model is saved to.
     pub tokenizer_overrides: checkpoint::TokenizerOverrides,
-    /// A scalar head trained beside adapters: the head it started from (frozen), used
-    /// while adapters are switched off (PEFT's `modules_to_save`).
+    /// A scalar head trained beside adapters, or an LM head copied beside LoRA: the head
+    /// it started from (frozen), used while adapters are switched off (PEFT's
+    /// `modules_to_save`).
     original_head: Option<Tensor>,
     /// Prompt tuning's virtual-token embeddings `[N, H]`, put before every input.
     prompt: Option<Tensor>,
+    /// A trainable copy of the input embedding beside LoRA (PEFT's `modules_to_save`),
+    /// used while adapters are on.
+    saved_embedding: Option<Tensor>,
     /// What forwards with grad since the last backward kept for recomputing: their
     /// head's chunks and (with gradient checkpointing) their blocks.
     pending: std::sync::Mutex<Pending>,
@@ -310,6 +314,14 @@ pub(crate) fn grad_enabled() -> bool {
         let previous = torch_sys::at_grad_set_enabled(1);
         torch_sys::at_grad_set_enabled(previous);
         previous != 0
+    }
+}
+
+/// The input embedding's module path (`transformers`' names).
+fn embedding_module(config: &ModelConfig) -> &'static str {
+    match config.arch {
+        Arch::Gpt2(_) => "transformer.wte",
+        Arch::Llama(_) | Arch::Gemma(_) => "model.embed_tokens",
     }
 }
 
@@ -350,6 +362,7 @@ impl Model {
     /// with LoRA, the adapters as PEFT initialises them and the base frozen.
     pub fn new(config: ModelConfig, opts: &ModelOptions) -> Self {
         let model = Self::build(config, opts);
+        model.start_saved();
         if let Err(e) = model.start_moved() {
             panic!("{e}");
         }
@@ -408,6 +421,31 @@ impl Model {
                 )
             }
         };
+        // PEFT's modules_to_save beside LoRA: trainable copies of the input embedding and
+        // the LM head (started from the originals once they are loaded: `start_saved`).
+        let saved = |module: &str| {
+            let mut p = root.clone();
+            for part in module.split('.') {
+                p = &p / part;
+            }
+            let copy =
+                (&p / lora::SAVED).var("weight", &[config.vocab_size(), hidden], Init::Const(0.0));
+            if opts.trainable {
+                copy
+            } else {
+                copy.set_requires_grad(false)
+            }
+        };
+        let lora_cfg = opts.lora.as_ref();
+        let saved_embedding = lora_cfg
+            .filter(|l| l.saves_embedding())
+            .map(|_| saved(embedding_module(&config)));
+        let (head_weight, original_head) = match lora_cfg {
+            Some(l) if head == Head::Lm && l.saves_lm_head() => {
+                (saved("lm_head"), Some(head_weight))
+            }
+            _ => (head_weight, None),
+        };
         let prompt = opts.prompt_tuning.as_ref().map(|pt| {
             let prompt = pt.create(&root, hidden);
             if opts.trainable {
@@ -429,10 +467,13 @@ impl Model {
             if opts.quantization.is_none() {
                 vs.set_kind(opts.kind);
             }
-            // Adapters train in f32 whatever the base's dtype.
+            // Adapters train in f32 whatever the base's dtype (modules_to_save's copies
+            // keep it, as PEFT's copies of the modules do).
             let _guard = tch::no_grad_guard();
             for (name, mut var) in vs.variables() {
-                if adapter::is_adapter_tensor(&name) {
+                if adapter::is_adapter_tensor(&name)
+                    && !name.contains(&format!(".{}.", lora::SAVED))
+                {
                     var.set_data(&var.to_kind(Kind::Float));
                 }
             }
@@ -445,7 +486,8 @@ impl Model {
             base_dir: None,
             backbone,
             head_weight,
-            original_head: None,
+            original_head,
+            saved_embedding,
             tokenizer_overrides: Default::default(),
             prompt,
             pending: Default::default(),
@@ -527,6 +569,7 @@ impl Model {
         )?;
         drop(takes);
         model.start_prompt();
+        model.start_saved();
         model
             .start_moved()
             .map_err(|m| Error::config(dir.join("config.json"), m))?;
@@ -703,6 +746,28 @@ impl Model {
         tensors.retain(|name, _| !quant::is_state(name));
         tensors.extend(weights);
         tensors
+    }
+
+    /// `modules_to_save`'s copies start as the originals (as loaded).
+    fn start_saved(&self) {
+        let _guard = tch::no_grad_guard();
+        if let Some(copy) = &self.saved_embedding {
+            let original = self.embedding_weight();
+            copy.shallow_clone().copy_(&original.to_kind(copy.kind()));
+        }
+        if let (Some(original), Head::Lm) = (&self.original_head, self.head) {
+            let copy = self.head_weight.shallow_clone();
+            copy.shallow_clone().copy_(&original.to_kind(copy.kind()));
+        }
+    }
+
+    /// The backbone's input embedding weight.
+    fn embedding_weight(&self) -> &Tensor {
+        match &self.backbone {
+            Backbone::Gpt2(b) => b.embedding_weight(),
+            Backbone::Llama(b) => b.embedding_weight(),
+            Backbone::Gemma(b) => b.embedding_weight(),
+        }
     }
 
     /// Prompt tuning's SAMPLE_VOCAB and TEXT inits: the virtual tokens start as the
@@ -993,8 +1058,10 @@ impl Model {
         self.vs.device()
     }
 
+    /// The working dtype of weights and activations (adapters, and copies beside them,
+    /// train in f32 whatever it is).
     pub fn kind(&self) -> Kind {
-        self.head_weight.kind()
+        self.options.kind
     }
 
     /// Final hidden states `[B, T, H]`. `attention_mask` is `[B, S]` over the cached and
@@ -1093,12 +1160,17 @@ impl Model {
         }
     }
 
-    /// Token embeddings `[B, T, H]` of `ids`.
+    /// Token embeddings `[B, T, H]` of `ids` (from `modules_to_save`'s copy while
+    /// adapters are on).
     fn embed(&self, ids: &Tensor) -> Tensor {
+        let weight = match &self.saved_embedding {
+            Some(copy) if adapter::adapters_enabled() => copy.to_kind(self.kind()),
+            _ => self.embedding_weight().shallow_clone(),
+        };
         match &self.backbone {
-            Backbone::Gpt2(b) => b.embed(ids),
-            Backbone::Llama(b) => b.embed(ids),
-            Backbone::Gemma(b) => b.embed(ids),
+            Backbone::Gpt2(b) => b.embed_with(&weight, ids),
+            Backbone::Llama(b) => b.embed_with(&weight, ids),
+            Backbone::Gemma(b) => b.embed_with(&weight, ids),
         }
     }
 
@@ -1356,10 +1428,14 @@ impl Model {
             .map(|(name, t)| (adapter::peft_key(&name), t))
             .collect();
         checkpoint::save_file(&tensors, &dir.join(adapter::ADAPTER_WEIGHTS))?;
-        let (task, to_save) = match self.head {
-            Head::Lm => ("CAUSAL_LM", None),
-            Head::Score => ("SEQ_CLS", Some(vec!["classifier".into(), "score".into()])),
+        let (task, mut to_save): (_, Vec<String>) = match self.head {
+            Head::Lm => ("CAUSAL_LM", vec![]),
+            Head::Score => ("SEQ_CLS", vec!["classifier".into(), "score".into()]),
         };
+        if let Some(l) = &self.options.lora {
+            to_save.extend(l.modules_to_save.iter().cloned());
+        }
+        let to_save = (!to_save.is_empty()).then_some(to_save);
         let base = self.base_dir.as_deref();
         let mut config = match (&self.options.lora, &self.options.prompt_tuning) {
             (Some(cfg), _) => {
@@ -1441,7 +1517,38 @@ impl Model {
             );
             tensors.insert(name, merged);
         }
-        self.write_directory(&tensors, dir, sidecar_from)
+        // modules_to_save's copies replace their originals; a tied head that is not the
+        // embedding in use any more is written as its own lm_head (the model untied).
+        if let Some(copy) = &self.saved_embedding {
+            let module = embedding_module(&self.config);
+            tensors.remove(&lora::saved_copy(module));
+            tensors.insert(format!("{module}.weight"), copy.to_kind(self.kind()));
+        }
+        let head_copied = self.head == Head::Lm && self.original_head.is_some();
+        if head_copied {
+            tensors.remove(&lora::saved_copy("lm_head"));
+        }
+        let untie = self.head == Head::Lm
+            && self.config.tie_word_embeddings()
+            && (head_copied || self.saved_embedding.is_some());
+        if head_copied || untie {
+            // The head in use with adapters on: its copy, or the original embedding.
+            tensors.insert(
+                "lm_head.weight".into(),
+                self.head_weight.to_kind(self.kind()),
+            );
+        }
+        self.write_directory(&tensors, dir, sidecar_from)?;
+        if untie {
+            let path = dir.join("config.json");
+            let mut config = self.export_config();
+            config["tie_word_embeddings"] = Value::Bool(false);
+            checkpoint::write_atomic(
+                &path,
+                serde_json::to_string_pretty(&config).unwrap().as_bytes(),
+            )?;
+        }
+        Ok(())
     }
 
     fn export_config(&self) -> Value {
@@ -1491,6 +1598,7 @@ mod tests {
             use_dora: false,
             patterns: Default::default(),
             init,
+            modules_to_save: vec![],
         };
         let plain = Model::new(
             config.clone(),

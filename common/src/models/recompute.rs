@@ -162,6 +162,7 @@ mod tests {
             use_dora: false,
             patterns: Default::default(),
             init: Default::default(),
+            modules_to_save: vec![],
         };
         let prompt = PromptTuningConfig {
             num_virtual_tokens: 3,
