@@ -353,6 +353,11 @@ pub struct AdapterArgs {
     /// e.g. for tokens a chat template added. Tied embeddings become two copies.
     #[arg(long)]
     pub lora_modules_to_save: Option<String>,
+    /// Train only these rows of the input embedding (and of a head tied to it) beside the
+    /// adapters (PEFT's trainable_token_indices): ids, comma-separated, e.g. the tokens a
+    /// chat template added; a lighter alternative to --lora-modules-to-save embed_tokens.
+    #[arg(long, value_delimiter = ',')]
+    pub trainable_token_indices: Option<Vec<i64>>,
     /// DoRA: a trained magnitude per output row beside A and B (PEFT's use_dora).
     #[arg(long)]
     pub use_dora: bool,
@@ -421,10 +426,11 @@ impl AdapterArgs {
                         && self.lora_target_modules.is_none()
                         && !self.use_rslora
                         && self.lora_modules_to_save.is_none()
+                        && self.trainable_token_indices.is_none()
                         && !self.use_dora
                         && self.init_lora_weights == LoraInit::Kaiming
                         && self.lora_dropout == 0.0),
-                "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-modules-to-save, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
+                "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-modules-to-save, --trainable-token-indices, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
             ),
         ])
     }
@@ -454,6 +460,7 @@ impl AdapterArgs {
                         .collect()
                 })
                 .unwrap_or_default(),
+            trainable_token_indices: self.trainable_token_indices.clone().unwrap_or_default(),
         })
     }
 

@@ -246,6 +246,7 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
     let all_linear: &[&str] = &["--lora-target-modules", "all-linear"];
     let dora: &[&str] = &["--lora-target-modules", "all-linear", "--use-dora"];
     let saved: &[&str] = &["--lora-modules-to-save", "embed_tokens,lm_head"];
+    let tokens: &[&str] = &["--trainable-token-indices", "3,65,158,251"];
     let cases = [
         ("gpt2", "", &[][..]),
         ("llama", "", &[][..]),
@@ -253,8 +254,10 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
         // DoRA on GPT-2's Conv1D layers and on Qwen2's biased projections.
         ("gpt2", "-dora", dora),
         ("qwen2", "-dora", dora),
-        // Trained copies of Qwen2's tied embedding and head (merged: untied).
+        // Trained copies of Qwen2's tied embedding and head (merged: untied), and trained
+        // rows of them.
         ("qwen2", "-save", saved),
+        ("qwen2", "-tokens", tokens),
     ];
     let mut trained = vec![];
     for (arch, variant, targets) in cases {
@@ -287,6 +290,15 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
                     .double_value(&[]);
                 assert!(moved > 1e-4, "{copy}: the copy did not train ({moved:e})");
             }
+        }
+        if variant == "-tokens" {
+            assert_eq!(config["trainable_token_indices"], json!([3, 65, 158, 251]));
+            let t = model.named_tensors();
+            let rows = t["model.embed_tokens.weight"]
+                .index_select(0, &Tensor::from_slice(&[3i64, 65, 158, 251]));
+            let delta = &t["model.embed_tokens.token_adapter.trainable_tokens_delta"];
+            let moved = (delta - rows).abs().max().double_value(&[]);
+            assert!(moved > 1e-4, "the token rows did not train ({moved:e})");
         }
         let b_max = model
             .named_tensors()
@@ -342,7 +354,7 @@ fn trained_adapters_load_in_peft_and_merge_into_plain_models() {
 fn peft_layer_patterns_load_and_round_trip() {
     let f = fixture();
     let cases = f.reference["patterns"].as_object().unwrap();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 9);
     let mut saved = vec![];
     for (case, theirs) in cases {
         let model = load(&f.root.join(case), Head::Lm);
@@ -525,6 +537,7 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
             patterns: Default::default(),
             init,
             modules_to_save: vec![],
+            trainable_token_indices: vec![],
         };
         let opts = ModelOptions::cpu(Head::Lm).with_lora(Some(lora));
         let (model, _) = Model::load(&dir, &opts).unwrap();
@@ -719,7 +732,7 @@ fn bad_adapter_inputs_end_in_one_line() {
         ),
         (
             train_plain(&["--init-lora-weights", "olora"]),
-            "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-modules-to-save, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
+            "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-modules-to-save, --trainable-token-indices, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
         ),
         (
             train_adapter("llama", &out, &["--lora-target-modules", "q_proj,nope"], &[]),

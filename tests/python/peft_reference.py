@@ -67,6 +67,8 @@ PATTERNS = {
     # Llama; on Qwen2, whose head is its embedding, two independent copies.
     "llama-save": dict(modules_to_save=["embed_tokens", "lm_head"]),
     "qwen2-save": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
+    # Trainable rows of Qwen2's tied embedding and head (ids the rows of the test batch hold).
+    "qwen2-tokens": dict(target_modules=["q_proj"], trainable_token_indices=[3, 65, 158, 251]),
 }
 
 
@@ -108,7 +110,7 @@ def randomise(model):
                 p.mul_(1 + (torch.rand_like(p) - 0.5) * 0.6)
             elif "lora_" in name or "score" in name:
                 p.copy_(torch.randn_like(p) * 0.3)
-            elif "modules_to_save" in name:
+            elif "modules_to_save" in name or "trainable_tokens_delta" in name:
                 # A copy moved off its original, each differently.
                 p.add_(torch.randn_like(p) * 0.1)
 

@@ -141,7 +141,6 @@ const UNSUPPORTED_LORA_KEYS: &[&str] = &[
     "lora_bias",
     "layer_replication",
     "target_parameters",
-    "trainable_token_indices",
     "use_qalora",
     "use_bdlora",
     "alora_invocation_tokens",
@@ -163,6 +162,14 @@ fn is_set(v: &Value) -> bool {
 }
 
 /// The LoRA settings of a PEFT `adapter_config.json`, PEFT's per-layer patterns included.
+/// A list of token ids (`trainable_token_indices`).
+fn ids_list(v: &Value) -> std::result::Result<Vec<i64>, String> {
+    v.as_array()
+        .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
+        .filter(|ids| ids.iter().all(|&i| i >= 0))
+        .ok_or_else(|| format!("trainable_token_indices {v} must be a list of token ids"))
+}
+
 fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
     if let Some(bias) = v
         .get("bias")
@@ -195,6 +202,40 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
             }
             modules_to_save.push(name.to_string());
         }
+    }
+    // trainable_token_indices: a list (the input embedding's rows), or PEFT's dict form
+    // with the embedding's name as its one key.
+    let trainable_token_indices: Vec<i64> = match v.get("trainable_token_indices") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Object(m)) => {
+            let mut found = vec![];
+            for (k, ids) in m {
+                let short = k.rsplit('.').next().unwrap_or(k);
+                if !lora::EMBEDDING_NAMES.contains(&short) {
+                    return Err(format!(
+                        "trainable_token_indices for {k} is not supported (only the input embedding: embed_tokens, wte)"
+                    ));
+                }
+                found = ids_list(ids)?;
+            }
+            found
+        }
+        Some(ids) => ids_list(ids)?,
+    };
+    if !trainable_token_indices.is_empty() && v.get("ensure_weight_tying").is_some_and(is_set) {
+        return Err(
+            "ensure_weight_tying true with trainable_token_indices is not supported".into(),
+        );
+    }
+    if !trainable_token_indices.is_empty()
+        && modules_to_save
+            .iter()
+            .any(|n| lora::EMBEDDING_NAMES.contains(&n.rsplit('.').next().unwrap_or(n)))
+    {
+        return Err(
+            "trainable_token_indices with the embedding in modules_to_save is not supported (the copy already trains every row)"
+                .into(),
+        );
     }
     if !modules_to_save.is_empty() && v.get("ensure_weight_tying").is_some_and(is_set) {
         return Err(
@@ -263,6 +304,7 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
         use_dora: v.get("use_dora").and_then(Value::as_bool) == Some(true),
         init: LoraInit::from_peft(get("init_lora_weights"))?,
         modules_to_save,
+        trainable_token_indices,
         patterns: LayerPatterns {
             exclude_modules,
             layers_to_transform,

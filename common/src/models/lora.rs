@@ -181,6 +181,7 @@ pub fn is_adapter(name: &str) -> bool {
         || name.contains(".lora_B.")
         || name.ends_with(MAGNITUDE)
         || name.ends_with(&format!(".{SAVED}.weight"))
+        || name.ends_with(TOKEN_DELTA)
 }
 
 /// PEFT's rule: a module matches a target name when its path is the name or ends with
@@ -280,7 +281,13 @@ pub struct LoraConfig {
     /// (`lm_head`), used while adapters are on; the originals stay frozen (tied ones
     /// become two independent copies, as PEFT makes them).
     pub modules_to_save: Vec<String>,
+    /// PEFT's `trainable_token_indices`: these rows of the input embedding (and of a head
+    /// tied to it) train, as a `[n, H]` tensor that replaces them while adapters are on.
+    pub trainable_token_indices: Vec<i64>,
 }
+
+/// The trainable rows' tensor under the embedding's path (PEFT's name).
+pub const TOKEN_DELTA: &str = "token_adapter.trainable_tokens_delta";
 
 /// The module names `modules_to_save` may hold: a sequence classifier's head (always
 /// saved beside adapters), the input embedding and the LM head.
@@ -384,7 +391,6 @@ impl LoraConfig {
             r: 2 * self.r,
             alpha: factor * self.alpha,
             init: LoraInit::Kaiming,
-            modules_to_save: vec![],
             patterns: LayerPatterns {
                 rank_pattern: p
                     .rank_pattern
@@ -445,6 +451,8 @@ impl LoraConfig {
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
             "modules_to_save": modules_to_save,
+            "trainable_token_indices": (!self.trainable_token_indices.is_empty())
+                .then_some(&self.trainable_token_indices),
             "init_lora_weights": match self.init {
                 LoraInit::Kaiming => json!(true),
                 init => json!(init.name()),
@@ -698,6 +706,7 @@ mod tests {
             patterns: Default::default(),
             init: Default::default(),
             modules_to_save: vec![],
+            trainable_token_indices: vec![],
         };
         assert!(cfg.targets("model.layers.0.self_attn.q_proj"));
         assert!(cfg.targets("model.layers.1.mlp.down_proj"));
@@ -778,6 +787,7 @@ mod tests {
                 },
                 init: LoraInit::Pissa,
                 modules_to_save: vec![],
+                trainable_token_indices: vec![],
             };
             let converted = cfg.converted();
             assert_eq!(converted.init, LoraInit::Kaiming);

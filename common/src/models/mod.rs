@@ -296,6 +296,9 @@ pub struct Model {
     /// A trainable copy of the input embedding beside LoRA (PEFT's `modules_to_save`),
     /// used while adapters are on.
     saved_embedding: Option<Tensor>,
+    /// PEFT's trainable tokens: the rows (ids) of the input embedding, and of a head tied
+    /// to it, that are replaced by a trained `[n, H]` tensor while adapters are on.
+    trainable_tokens: Option<(Tensor, Tensor)>,
     /// What forwards with grad since the last backward kept for recomputing: their
     /// head's chunks and (with gradient checkpointing) their blocks.
     pending: std::sync::Mutex<Pending>,
@@ -440,6 +443,25 @@ impl Model {
         let saved_embedding = lora_cfg
             .filter(|l| l.saves_embedding())
             .map(|_| saved(embedding_module(&config)));
+        // trainable_token_indices: the chosen rows of the embedding, trainable.
+        let trainable_tokens = lora_cfg
+            .filter(|l| !l.trainable_token_indices.is_empty())
+            .map(|l| {
+                let mut p = root.clone();
+                for part in embedding_module(&config).split('.') {
+                    p = &p / part;
+                }
+                let (module, leaf) = lora::TOKEN_DELTA.split_once('.').unwrap();
+                let n = l.trainable_token_indices.len() as i64;
+                let delta = (&p / module).var(leaf, &[n, hidden], Init::Const(0.0));
+                let delta = if opts.trainable {
+                    delta
+                } else {
+                    delta.set_requires_grad(false)
+                };
+                let ids = Tensor::from_slice(&l.trainable_token_indices).to_device(opts.device);
+                (ids, delta)
+            });
         let (head_weight, original_head) = match lora_cfg {
             Some(l) if head == Head::Lm && l.saves_lm_head() => {
                 (saved("lm_head"), Some(head_weight))
@@ -471,9 +493,9 @@ impl Model {
             // keep it, as PEFT's copies of the modules do).
             let _guard = tch::no_grad_guard();
             for (name, mut var) in vs.variables() {
-                if adapter::is_adapter_tensor(&name)
-                    && !name.contains(&format!(".{}.", lora::SAVED))
-                {
+                let base_dtype = name.contains(&format!(".{}.", lora::SAVED))
+                    || name.ends_with(lora::TOKEN_DELTA);
+                if adapter::is_adapter_tensor(&name) && !base_dtype {
                     var.set_data(&var.to_kind(Kind::Float));
                 }
             }
@@ -488,6 +510,7 @@ impl Model {
             head_weight,
             original_head,
             saved_embedding,
+            trainable_tokens,
             tokenizer_overrides: Default::default(),
             prompt,
             pending: Default::default(),
@@ -548,6 +571,14 @@ impl Model {
             }
         }
         opts.quantization = stored.clone().or(opts.quantization.take());
+        let vocab = config.vocab_size();
+        let tokens = opts.lora.iter().flat_map(|l| &l.trainable_token_indices);
+        if let Some(&id) = tokens.into_iter().find(|&&i| i >= vocab) {
+            return Err(Error::config(
+                dir.join("config.json"),
+                format!("trainable token {id} is not below vocab_size {vocab}"),
+            ));
+        }
         let opts = &opts;
         if opts.quantization.is_some() {
             check_quantized(opts, dir, stored.is_some())?;
@@ -759,6 +790,18 @@ impl Model {
             let copy = self.head_weight.shallow_clone();
             copy.shallow_clone().copy_(&original.to_kind(copy.kind()));
         }
+        if let Some((ids, delta)) = &self.trainable_tokens {
+            let rows = self.embedding_weight().index_select(0, ids);
+            delta.shallow_clone().copy_(&rows.to_kind(delta.kind()));
+        }
+    }
+
+    /// The input embedding with trainable tokens' rows in place (`W.index_copy`, PEFT's
+    /// `get_merged_weights`), when there are any.
+    fn embedding_with_tokens(&self) -> Option<Tensor> {
+        let (ids, delta) = self.trainable_tokens.as_ref()?;
+        let w = self.embedding_weight();
+        Some(w.index_copy(0, ids, &delta.to_kind(w.kind())))
     }
 
     /// The backbone's input embedding weight.
@@ -1165,7 +1208,10 @@ impl Model {
     fn embed(&self, ids: &Tensor) -> Tensor {
         let weight = match &self.saved_embedding {
             Some(copy) if adapter::adapters_enabled() => copy.to_kind(self.kind()),
-            _ => self.embedding_weight().shallow_clone(),
+            _ => match self.embedding_with_tokens() {
+                Some(w) if adapter::adapters_enabled() => w,
+                _ => self.embedding_weight().shallow_clone(),
+            },
         };
         match &self.backbone {
             Backbone::Gpt2(b) => b.embed_with(&weight, ids),
@@ -1241,7 +1287,7 @@ impl Model {
         match self.head {
             Head::Lm => self.lm_head().logits(hidden),
             Head::Score => hidden
-                .linear::<Tensor>(self.head_weight_in_use(), None)
+                .linear::<Tensor>(&self.head_weight_in_use(), None)
                 .squeeze_dim(-1),
         }
     }
@@ -1254,7 +1300,7 @@ impl Model {
             _ => None,
         };
         vocab::LmHead {
-            weight: self.head_weight_in_use().shallow_clone(),
+            weight: self.head_weight_in_use(),
             softcap,
         }
     }
@@ -1346,10 +1392,17 @@ impl Model {
 
     /// The head's weight in use: a scalar head trained beside adapters falls back to the
     /// one it started from while adapters are off.
-    fn head_weight_in_use(&self) -> &Tensor {
+    fn head_weight_in_use(&self) -> Tensor {
+        let on = adapter::adapters_enabled();
         match &self.original_head {
-            Some(original) if !adapter::adapters_enabled() => original,
-            _ => &self.head_weight,
+            Some(original) if !on => original.shallow_clone(),
+            Some(_) => self.head_weight.shallow_clone(),
+            // A head tied to an embedding with trainable tokens gets them too (PEFT ties
+            // the token adapter to it).
+            None if on && self.head == Head::Lm && self.config.tie_word_embeddings() => self
+                .embedding_with_tokens()
+                .unwrap_or_else(|| self.head_weight.shallow_clone()),
+            None => self.head_weight.shallow_clone(),
         }
     }
 
@@ -1524,6 +1577,11 @@ impl Model {
             tensors.remove(&lora::saved_copy(module));
             tensors.insert(format!("{module}.weight"), copy.to_kind(self.kind()));
         }
+        if let Some(w) = self.embedding_with_tokens() {
+            let module = embedding_module(&self.config);
+            tensors.remove(&format!("{module}.{}", lora::TOKEN_DELTA));
+            tensors.insert(format!("{module}.weight"), w);
+        }
         let head_copied = self.head == Head::Lm && self.original_head.is_some();
         if head_copied {
             tensors.remove(&lora::saved_copy("lm_head"));
@@ -1599,6 +1657,7 @@ mod tests {
             patterns: Default::default(),
             init,
             modules_to_save: vec![],
+            trainable_token_indices: vec![],
         };
         let plain = Model::new(
             config.clone(),

@@ -163,6 +163,7 @@ mod tests {
             patterns: Default::default(),
             init: Default::default(),
             modules_to_save: vec![],
+            trainable_token_indices: vec![],
         };
         let prompt = PromptTuningConfig {
             num_virtual_tokens: 3,
