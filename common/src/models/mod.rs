@@ -671,47 +671,24 @@ impl Model {
             }
             vars.remove(&state(quant::NESTED_OFFSET));
             let q = std::rc::Rc::new(q);
-            let shape = q.shape();
             let quant_type = cfg.quant_type;
+            let read = |path: &Path, r: std::result::Result<(), String>| {
+                r.map_err(|m| Error::checkpoint(path, m))
+            };
             if stored {
-                let layer = q.clone();
-                let name = weight.clone();
+                let (layer, name) = (q.clone(), weight.clone());
                 takes.insert(
-                    weight.clone(),
+                    weight,
                     Box::new(move |path: &Path, t: Tensor| {
-                        if t.kind() != Kind::Uint8 || t.numel() as i64 != shape[0] * shape[1] / 2 {
-                            return Err(Error::checkpoint(
-                                path,
-                                format!(
-                                    "tensor '{name}' ({:?}, {:?}) is not the packed 4-bit form of a {shape:?} weight",
-                                    t.kind(),
-                                    t.size()
-                                ),
-                            ));
-                        }
-                        let _guard = tch::no_grad_guard();
-                        layer.packed.shallow_clone().copy_(
-                            &t.view(layer.packed.size().as_slice())
-                                .to_device(layer.packed.device()),
-                        );
-                        Ok(())
+                        read(path, layer.read_packed(&t, &name))
                     }),
                 );
                 let key = quant::state_key(&module, quant_type);
-                let what = key.clone();
-                let cfg = cfg.clone();
+                let (name, cfg) = (key.clone(), cfg.clone());
                 takes.insert(
                     key,
                     Box::new(move |path: &Path, t: Tensor| {
-                        let bytes = Vec::<u8>::try_from(t.flatten(0, -1))
-                            .map_err(|e| Error::checkpoint(path, e.to_string()))?;
-                        let offset = quant::read_state(&bytes, shape, &cfg, &what)
-                            .map_err(|m| Error::checkpoint(path, m))?;
-                        if let (Some(offset), Some(nested)) = (offset, &q.nested) {
-                            let _guard = tch::no_grad_guard();
-                            let _ = nested.offset.shallow_clone().fill_(offset);
-                        }
-                        Ok(())
+                        read(path, q.read_quant_state(&t, &cfg, &name))
                     }),
                 );
             } else {
@@ -719,23 +696,7 @@ impl Model {
                 takes.insert(
                     weight,
                     Box::new(move |path: &Path, t: Tensor| {
-                        let w = if fan_in_fan_out { t.transpose(0, 1) } else { t };
-                        if w.size() != shape {
-                            return Err(Error::checkpoint(
-                                path,
-                                format!(
-                                    "tensor '{name}' has shape {:?}, the model expects {:?}",
-                                    w.size(),
-                                    if fan_in_fan_out {
-                                        [shape[1], shape[0]]
-                                    } else {
-                                        shape
-                                    }
-                                ),
-                            ));
-                        }
-                        q.fill(&w, quant_type);
-                        Ok(())
+                        read(path, q.read_full(t, fan_in_fan_out, quant_type, &name))
                     }),
                 );
             }

@@ -320,6 +320,68 @@ impl Quantized {
         [s[0], s[1] * 2]
     }
 
+    /// Fills the packed bytes from a checkpoint's tensor `name` (bitsandbytes stores them
+    /// `[out·in/2, 1]`, u8).
+    pub fn read_packed(&self, t: &Tensor, name: &str) -> Result<(), String> {
+        let [out, inputs] = self.shape();
+        if t.kind() != Kind::Uint8 || t.numel() as i64 != out * inputs / 2 {
+            return Err(format!(
+                "tensor '{name}' ({:?}, {:?}) is not the packed 4-bit form of a {:?} weight",
+                t.kind(),
+                t.size(),
+                self.shape()
+            ));
+        }
+        let _guard = tch::no_grad_guard();
+        self.packed.shallow_clone().copy_(
+            &t.view(self.packed.size().as_slice())
+                .to_device(self.packed.device()),
+        );
+        Ok(())
+    }
+
+    /// Reads a checkpoint's quant-state tensor `name` (bitsandbytes' JSON, see
+    /// [`read_state`]): checked against this layer and `cfg`, its nested offset kept.
+    pub fn read_quant_state(&self, t: &Tensor, cfg: &Bnb4bit, name: &str) -> Result<(), String> {
+        let bytes = Vec::<u8>::try_from(t.flatten(0, -1)).map_err(|e| e.to_string())?;
+        let offset = read_state(&bytes, self.shape(), cfg, name)?;
+        if let (Some(offset), Some(nested)) = (offset, &self.nested) {
+            let _guard = tch::no_grad_guard();
+            let _ = nested.offset.shallow_clone().fill_(offset);
+        }
+        Ok(())
+    }
+
+    /// Quantizes a checkpoint's full-precision weight `name` into this layer, `[out, in]`
+    /// (GPT-2's Conv1D stores `[in, out]`: `transposed`).
+    pub fn read_full(
+        &self,
+        t: Tensor,
+        transposed: bool,
+        quant_type: QuantType,
+        name: &str,
+    ) -> Result<(), String> {
+        let w = if transposed { t.transpose(0, 1) } else { t };
+        if w.size() != self.shape() {
+            let [out, inputs] = self.shape();
+            let expected = if transposed {
+                [inputs, out]
+            } else {
+                [out, inputs]
+            };
+            let stored = if transposed {
+                w.transpose(0, 1).size()
+            } else {
+                w.size()
+            };
+            return Err(format!(
+                "tensor '{name}' has shape {stored:?}, the model expects {expected:?}"
+            ));
+        }
+        self.fill(&w, quant_type);
+        Ok(())
+    }
+
     /// Quantizes `w` (`[out, in]`) into this layer's variables.
     pub fn fill(&self, w: &Tensor, quant_type: QuantType) {
         let v = quantize(
