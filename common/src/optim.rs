@@ -127,6 +127,9 @@ struct EightBit {
     members: Vec<(i64, i64, i64)>,
     map1: Tensor,
     map2: Tensor,
+    /// The maps' midpoints (both are sorted): quantizing is one `bucketize`.
+    bounds1: Tensor,
+    bounds2: Tensor,
 }
 
 impl Group {
@@ -319,6 +322,8 @@ impl AdamW {
                 members: blocks,
                 map1: quant::dynamic_map(true, device),
                 map2: quant::dynamic_map(false, device),
+                bounds1: quant::midpoints(&quant::dynamic_map(true, device)),
+                bounds2: quant::midpoints(&quant::dynamic_map(false, device)),
             });
             groups.push(Group {
                 decay,
@@ -533,11 +538,12 @@ impl AdamW {
             if g.master.is_some() {
                 part(&g.params).copy_(&p);
             }
-            for (moment, map, codes, absmax) in [(&m, &e.map1, &m8, &a1), (&v, &e.map2, &v8, &a2)] {
+            for (moment, bounds, codes, absmax) in
+                [(&m, &e.bounds1, &m8, &a1), (&v, &e.bounds2, &v8, &a2)]
+            {
                 let (scaled, scale) = quant::scale_blocks(moment, STATE_BLOCK);
-                codes
-                    .shallow_clone()
-                    .copy_(&quant::nearest(&scaled, map).to_kind(Kind::Uint8));
+                let nearest = scaled.bucketize(bounds, false, false);
+                codes.shallow_clone().copy_(&nearest.to_kind(Kind::Uint8));
                 absmax.shallow_clone().copy_(&scale);
             }
         }

@@ -485,9 +485,14 @@ pub fn scale_blocks(flat: &Tensor, size: i64) -> (Tensor, Tensor) {
 pub fn nearest(scaled: &Tensor, levels: &Tensor) -> Tensor {
     let order = levels.argsort(0, false);
     let sorted = levels.index_select(0, &order);
+    order.index_select(0, &scaled.bucketize(&midpoints(&sorted), false, false))
+}
+
+/// The midpoints between neighbouring `sorted` levels: [`nearest`]'s bounds, for levels
+/// already sorted (the dynamic maps), computed once.
+pub fn midpoints(sorted: &Tensor) -> Tensor {
     let k = sorted.size()[0];
-    let bounds = (sorted.narrow(0, 0, k - 1) + sorted.narrow(0, 1, k - 1)) / 2.0;
-    order.index_select(0, &scaled.bucketize(&bounds, false, false))
+    (sorted.narrow(0, 0, k - 1) + sorted.narrow(0, 1, k - 1)) / 2.0
 }
 
 /// bitsandbytes' dynamic 8-bit map (`create_dynamic_map(signed)`), sorted, f32: the levels
