@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make demo-adapters`: full fine-tuning vs LoRA vs prompt tuning for the SFT step of the
+# `make demo-adapters`: full fine-tuning vs LoRA (alone, with trained embedding and head
+# copies, and on a 4-bit base) vs prompt tuning for the SFT step of the
 # demo task, from the same base. The demo's from-scratch model is first pretrained on the
 # arithmetic-facts corpus alone (standing in for a pretrained LM: it knows arithmetic,
 # not the task); then each method learns the task from the demonstrations (plus the facts,
@@ -30,10 +31,18 @@ common=(--model "$D/pretrain/final" --data "$D/data/sft_and_facts.jsonl" --sched
 run full $B/sft train "${common[@]}" --output-dir "$D/full" --lr 2e-3
 run lora $B/sft train "${common[@]}" --output-dir "$D/lora" --lr 5e-3 \
     --lora-r 16 --lora-alpha 32 --lora-target-modules all-linear
+# LoRA with trained copies of the embedding and the head (modules_to_save): the words of
+# the answers ("rabbits", "chickens") are tokens the facts-only base never produced; and
+# the same on the base held in 4 bits (QLoRA).
+run lora-save $B/sft train "${common[@]}" --output-dir "$D/lora-save" --lr 5e-3 \
+    --lora-r 16 --lora-alpha 32 --lora-target-modules all-linear --lora-modules-to-save embed_tokens,lm_head
+run qlora-save $B/sft train "${common[@]}" --output-dir "$D/qlora-save" --lr 5e-3 \
+    --lora-r 16 --lora-alpha 32 --lora-target-modules all-linear --lora-modules-to-save embed_tokens,lm_head \
+    --load-in-4bit --use-bnb-nested-quant
 run prompt $B/sft train "${common[@]}" --output-dir "$D/prompt" --lr 3e-2 \
     --prompt-tuning-tokens 16 --prompt-tuning-init text \
     --prompt-tuning-init-text "Heads 11, legs 30. 11*2=22, 30-22=8, 8/2=4 rabbits, 11-4=7 chickens."
-for method in pretrain full lora prompt; do
+for method in pretrain full lora lora-save qlora-save prompt; do
     for s in 1 2 3; do
         $B/sft generate --model "$D/$method/final" --prompts "$D/data/eval_prompts.jsonl" \
             --output "$D/eval_${method}_$s.jsonl" --max-new-tokens 64 --temperature 1 --seed "$s" \

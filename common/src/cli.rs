@@ -391,7 +391,21 @@ pub struct AdapterArgs {
 impl AdapterArgs {
     pub fn validate(&self) -> Result<()> {
         let text_init = self.prompt_tuning_init == PromptInitChoice::Text;
+        let saved = self.lora().map(|l| l.modules_to_save).unwrap_or_default();
+        let known = |n: &String| {
+            let short = n.rsplit('.').next().unwrap_or(n);
+            crate::models::lora::EMBEDDING_NAMES.contains(&short) || n == "lm_head"
+        };
+        let saves_embedding = self.lora().is_some_and(|l| l.saves_embedding());
         require(&[
+            (
+                saved.iter().all(known),
+                "--lora-modules-to-save takes embed_tokens (wte for GPT-2) and lm_head",
+            ),
+            (
+                !(saves_embedding && self.trainable_token_indices.is_some()),
+                "--trainable-token-indices with --lora-modules-to-save embed_tokens: the copy already trains every row; choose one",
+            ),
             (
                 self.lora_r.is_none_or(|r| r > 0),
                 "--lora-r must be at least 1",

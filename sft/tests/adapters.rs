@@ -743,6 +743,14 @@ fn bad_adapter_inputs_end_in_one_line() {
             "--loraplus-lr-ratio needs a LoRA adapter (--lora-r, or a LoRA adapter directory as the model)",
         ),
         (
+            train_adapter("llama", &out, &["--lora-modules-to-save", "mlp"], &[]),
+            "--lora-modules-to-save takes embed_tokens (wte for GPT-2) and lm_head",
+        ),
+        (
+            train_adapter("llama", &out, &["--trainable-token-indices", "3,4000"], &[]),
+            "trainable token 4000 is not below vocab_size 320",
+        ),
+        (
             sft(
                 &["eval", "--model", orphan.to_str().unwrap(), "--data", data.to_str().unwrap(), "--device", "cpu"],
                 &[],

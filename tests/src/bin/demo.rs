@@ -210,7 +210,8 @@ fn report(dir: &Path) {
     );
 }
 
-/// `make demo-adapters`' table: full fine-tuning, LoRA and prompt tuning from the same
+/// `make demo-adapters`' table: full fine-tuning, LoRA (alone, with trained copies of the
+/// embedding and the head, and that on a 4-bit base) and prompt tuning from the same
 /// pretrained base (`scripts/demo_adapters.sh`).
 fn adapters_report(dir: &Path) {
     println!("\n| SFT from the pretrained base | trainable parameters | checkpoint (final/) | peak RSS | time | held-out accuracy (seeds) |");
@@ -220,6 +221,11 @@ fn adapters_report(dir: &Path) {
         ("pretrain", "none (the pretrained base)"),
         ("full", "full fine-tuning"),
         ("lora", "LoRA r 16, all-linear"),
+        (
+            "lora-save",
+            "LoRA r 16, all-linear, + embedding and head copies",
+        ),
+        ("qlora-save", "the same on a 4-bit base (NF4, nested)"),
         ("prompt", "prompt tuning, 16 tokens"),
     ] {
         let summary = read_json(&dir.join(format!("{method}.json")));
