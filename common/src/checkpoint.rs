@@ -176,38 +176,22 @@ fn load_from_files(
         parsed.push(st);
     }
 
-    let mut used = std::collections::HashSet::new();
-    let mut report = LoadReport::default();
-    let _guard = tch::no_grad_guard();
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &vars[name];
-        let candidates = std::iter::once(name.clone()).chain(aliases(name));
-        let Some((key, (file_idx, path))) = candidates
-            .filter_map(|k| stored.get(&k).map(|v| (k, *v)))
-            .next()
-        else {
-            if optional.contains(&name.as_str()) {
-                report.initialised.push(name.clone());
-                continue;
-            }
-            return Err(Error::checkpoint(
-                source,
-                format!("missing tensor '{name}'"),
-            ));
-        };
-        let view = parsed[file_idx]
-            .tensor(&key)
+    // The stored name of `name` (itself or an alias), its file's index and path.
+    let find = |name: &String| {
+        std::iter::once(name.clone())
+            .chain(aliases(name))
+            .find_map(|k| stored.get(&k).map(|&(i, path)| (k, i, path)))
+    };
+    // The stored tensor `key` on the CPU in its own dtype, checked against `expected`.
+    let read = |key: &str, i: usize, path: &Path, expected: Option<Vec<i64>>| -> Result<Tensor> {
+        let view = parsed[i]
+            .tensor(key)
             .map_err(|e| Error::checkpoint(path, format!("tensor '{key}': {e}")))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        if shape != var.size() {
+        if let Some(expected) = expected.filter(|e| *e != shape) {
             return Err(Error::checkpoint(
                 path,
-                format!(
-                    "tensor '{key}' has shape {shape:?}, the model expects {:?}",
-                    var.size()
-                ),
+                format!("tensor '{key}' has shape {shape:?}, the model expects {expected:?}"),
             ));
         }
         let kind = kind_of(view.dtype()).ok_or_else(|| {
@@ -216,33 +200,32 @@ fn load_from_files(
                 format!("tensor '{key}' has unsupported dtype {:?}", view.dtype()),
             )
         })?;
-        let cpu = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?)
+    };
+    let missing = |name: &str| Error::checkpoint(source, format!("missing tensor '{name}'"));
+
+    let mut used = std::collections::HashSet::new();
+    let mut report = LoadReport::default();
+    let _guard = tch::no_grad_guard();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &vars[name];
+        let Some((key, i, path)) = find(name) else {
+            if optional.contains(&name.as_str()) {
+                report.initialised.push(name.clone());
+                continue;
+            }
+            return Err(missing(name));
+        };
+        let cpu = read(&key, i, path, Some(var.size()))?;
         var.shallow_clone()
             .f_copy_(&cpu.to_device(var.device()).to_kind(var.kind()))?;
         used.insert(key);
     }
     for (name, take) in takes {
-        let candidates = std::iter::once(name.clone()).chain(aliases(name));
-        let Some((key, (file_idx, path))) = candidates
-            .filter_map(|k| stored.get(&k).map(|v| (k, *v)))
-            .next()
-        else {
-            return Err(Error::checkpoint(
-                source,
-                format!("missing tensor '{name}'"),
-            ));
-        };
-        let view = parsed[file_idx]
-            .tensor(&key)
-            .map_err(|e| Error::checkpoint(path, format!("tensor '{key}': {e}")))?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let kind = kind_of(view.dtype()).ok_or_else(|| {
-            Error::checkpoint(
-                path,
-                format!("tensor '{key}' has unsupported dtype {:?}", view.dtype()),
-            )
-        })?;
-        take(path, Tensor::f_from_data_size(view.data(), &shape, kind)?)?;
+        let (key, i, path) = find(name).ok_or_else(|| missing(name))?;
+        take(path, read(&key, i, path, None)?)?;
         used.insert(key);
     }
     report.unexpected = stored.into_keys().filter(|k| !used.contains(k)).collect();

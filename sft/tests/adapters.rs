@@ -53,21 +53,7 @@ fn fixture() -> &'static Fixture {
         let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lora");
         rlhf_tests::tiny_llama_fixture(&root);
         // Right-padded rows of ids 3..300 (0 is padding).
-        let lengths = [9usize, 6, 4];
-        let (mut ids, mut mask) = (vec![], vec![]);
-        for (r, &len) in lengths.iter().enumerate() {
-            let row: Vec<i64> = (0..9)
-                .map(|i| {
-                    if i < len {
-                        3 + ((r * 97 + i * 31) % 297) as i64
-                    } else {
-                        0
-                    }
-                })
-                .collect();
-            mask.push((0..9).map(|i| i64::from(i < len)).collect::<Vec<_>>());
-            ids.push(row);
-        }
+        let (ids, mask) = rlhf_tests::padded_rows(&[9, 6, 4], 9, (97, 31));
         let ids_path = root.join("ids.json");
         std::fs::write(&ids_path, json!({"ids": ids, "mask": mask}).to_string()).unwrap();
         let reference = run_python(

@@ -34,19 +34,7 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("qlora");
         rlhf_tests::tiny_llama_fixture(&root);
-        let lengths = [9usize, 7, 4];
-        let (mut ids, mut mask) = (vec![], vec![]);
-        for (r, &len) in lengths.iter().enumerate() {
-            ids.push(
-                (0..9)
-                    .map(|i| match i < len {
-                        true => 3 + ((r * 89 + i * 37) % 297) as i64,
-                        false => 0,
-                    })
-                    .collect::<Vec<_>>(),
-            );
-            mask.push((0..9).map(|i| i64::from(i < len)).collect::<Vec<_>>());
-        }
+        let (ids, mask) = rlhf_tests::padded_rows(&[9, 7, 4], 9, (89, 37));
         let ids_path = root.join("ids.json");
         std::fs::write(&ids_path, json!({"ids": ids, "mask": mask}).to_string()).unwrap();
         let reference = run_python(

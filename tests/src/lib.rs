@@ -342,3 +342,26 @@ pub fn cage_rows(range: std::ops::Range<i64>) -> String {
         })
         .collect()
 }
+
+/// Right-padded rows `(ids, mask)` of `lengths.len()` rows × `width` for the parity
+/// fixtures: row `r`'s token `i` is `3 + (r·row_step + i·col_step) mod 297` (ids 3..300 of
+/// the tiny fixtures' vocabulary of 320; 0 pads).
+pub fn padded_rows(
+    lengths: &[usize],
+    width: usize,
+    (row_step, col_step): (usize, usize),
+) -> (Vec<Vec<i64>>, Vec<Vec<i64>>) {
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(r, &len)| {
+            let id = |i: usize| 3 + ((r * row_step + i * col_step) % 297) as i64;
+            (
+                (0..width)
+                    .map(|i| if i < len { id(i) } else { 0 })
+                    .collect(),
+                (0..width).map(|i| i64::from(i < len)).collect(),
+            )
+        })
+        .unzip()
+}
