@@ -1310,14 +1310,19 @@ impl Model {
         labels: &Tensor,
         spec: (TokenSpec, Option<vocab::Target>),
     ) -> TokenOutputs {
-        let (outputs, saved) = vocab::token_outputs(
-            self.lm_head(),
-            hidden,
-            labels,
-            spec,
-            vocab::POSITIONS_PER_CHUNK,
-        );
-        if let Some(saved) = saved {
+        let mut head = self.lm_head();
+        // A head weight computed with grad (an embedding with trainable tokens in place):
+        // the chunks' backward passes each reach a leaf standing for it, whose gradient
+        // then goes through the weight's own graph once (backward_head).
+        let source = (grad_enabled() && head.weight.requires_grad() && !head.weight.is_leaf())
+            .then(|| {
+                let leaf = head.weight.detach().set_requires_grad(true);
+                std::mem::replace(&mut head.weight, leaf)
+            });
+        let (outputs, saved) =
+            vocab::token_outputs(head, hidden, labels, spec, vocab::POSITIONS_PER_CHUNK);
+        if let Some(mut saved) = saved {
+            saved.weight_source = source;
             self.pending.lock().expect("not poisoned").heads.push(saved);
         }
         outputs

@@ -149,6 +149,53 @@ mod tests {
         grads
     }
 
+    /// Trainable tokens on a tied head: the chunked head's backward over more positions
+    /// than one chunk gives the token rows (reached through the embedding and the head)
+    /// the gradient of the direct computation.
+    #[test]
+    fn trainable_tokens_on_a_tied_head_get_every_chunks_gradient() {
+        let mut config = llama();
+        config["tie_word_embeddings"] = json!(true);
+        let lora = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: TargetModules::AllLinear,
+            use_rslora: false,
+            use_dora: false,
+            patterns: Default::default(),
+            init: Default::default(),
+            modules_to_save: vec![],
+            trainable_token_indices: vec![3, 5, 7],
+        };
+        let m = model(
+            &config,
+            &ModelOptions::cpu(Head::Lm).with_lora(Some(lora)),
+            None,
+        );
+        let delta = m.named_tensors()["model.embed_tokens.token_adapter.trainable_tokens_delta"]
+            .shallow_clone();
+        // 2 × 640 positions: two chunks of the head's 1024.
+        let t = 640;
+        let ids = Tensor::randint(23, [2, t + 1], (Kind::Int64, Device::Cpu));
+        let mask = ids.ones_like();
+        let labels = ids.narrow(1, 1, t);
+        let hidden = m.hidden(&ids, &mask, None).narrow(1, 0, t);
+        let out = m.token_outputs(&hidden, &labels, Default::default());
+        m.backward(&out.logprobs.sum(Kind::Float));
+        let chunked = delta.grad().copy();
+        let _ = delta.grad().zero_();
+        let logits = m.forward(&ids, &mask).narrow(1, 0, t);
+        m.backward(&logprobs_of(&logits, &labels).sum(Kind::Float));
+        let direct = delta.grad();
+        let scale = direct.abs().max().double_value(&[]);
+        let diff = (&chunked - &direct).abs().max().double_value(&[]);
+        assert!(
+            scale > 0.0 && diff < 1e-5 * scale.max(1.0),
+            "{diff:e} of {scale:e}"
+        );
+    }
+
     /// With and without recomputation: the same gradient for every trained tensor (1e-5),
     /// for GPT-2 and Llama, with an LM and a scalar head, LoRA, DoRA and prompt tuning.
     #[test]

@@ -119,6 +119,9 @@ pub(crate) struct HeadSaved {
     pub entropy: Option<Tensor>,
     pub jsd: Option<Tensor>,
     pub target: Option<Target>,
+    /// When the head's weight is a leaf standing for a tensor computed with grad: that
+    /// tensor, which the leaf's gradient is pulled back through after the chunks.
+    pub weight_source: Option<Tensor>,
 }
 
 /// The outputs of rows `[R, H]` of hidden states for `labels` `[R]`, `chunk` rows at a
@@ -241,6 +244,7 @@ pub(crate) fn token_outputs(
             .map(Tensor::shallow_clone),
         jsd: jsd.as_ref().map(Tensor::shallow_clone),
         target,
+        weight_source: None,
     };
     let outputs = TokenOutputs {
         logprobs: shape(lp),
@@ -309,6 +313,12 @@ pub(crate) fn backward_head(saved: HeadSaved) {
         hidden_grads.push(h.grad());
     }
     pull_back(&saved.hidden, &Tensor::cat(&hidden_grads, 0));
+    if let Some(source) = &saved.weight_source {
+        let g = saved.head.weight.grad();
+        if g.defined() {
+            pull_back(source, &g);
+        }
+    }
 }
 
 #[cfg(test)]
