@@ -391,12 +391,10 @@ pub struct AdapterArgs {
 impl AdapterArgs {
     pub fn validate(&self) -> Result<()> {
         let text_init = self.prompt_tuning_init == PromptInitChoice::Text;
-        let saved = self.lora().map(|l| l.modules_to_save).unwrap_or_default();
-        let known = |n: &String| {
-            let short = n.rsplit('.').next().unwrap_or(n);
-            crate::models::lora::EMBEDDING_NAMES.contains(&short) || n == "lm_head"
-        };
-        let saves_embedding = self.lora().is_some_and(|l| l.saves_embedding());
+        let lora = self.lora();
+        let saved = lora.as_ref().map_or(&[][..], |l| &l.modules_to_save[..]);
+        let known = |n: &String| crate::models::lora::is_embedding_name(n) || n == "lm_head";
+        let saves_embedding = lora.as_ref().is_some_and(|l| l.saves_embedding());
         require(&[
             (
                 saved.iter().all(known),

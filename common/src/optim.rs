@@ -316,14 +316,20 @@ impl AdamW {
             let moments = || Tensor::zeros([owned.1], (state_kind, device));
             let master = (kind != Kind::Float)
                 .then(|| flat.narrow(0, owned.0, owned.1).to_kind(Kind::Float));
-            let eight_bit = eight_bit.then(|| EightBit {
-                absmax1: Tensor::zeros([block], (Kind::Float, device)),
-                absmax2: Tensor::zeros([block], (Kind::Float, device)),
-                members: blocks,
-                map1: quant::dynamic_map(true, device),
-                map2: quant::dynamic_map(false, device),
-                bounds1: quant::midpoints(&quant::dynamic_map(true, device)),
-                bounds2: quant::midpoints(&quant::dynamic_map(false, device)),
+            let eight_bit = eight_bit.then(|| {
+                let (map1, map2) = (
+                    quant::dynamic_map(true, device),
+                    quant::dynamic_map(false, device),
+                );
+                EightBit {
+                    absmax1: Tensor::zeros([block], (Kind::Float, device)),
+                    absmax2: Tensor::zeros([block], (Kind::Float, device)),
+                    members: blocks,
+                    bounds1: quant::midpoints(&map1),
+                    bounds2: quant::midpoints(&map2),
+                    map1,
+                    map2,
+                }
             });
             groups.push(Group {
                 decay,

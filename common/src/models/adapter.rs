@@ -191,11 +191,10 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
     if let Some(Value::Array(names)) = v.get("modules_to_save") {
         for n in names {
             let name = n.as_str().unwrap_or_default();
-            let short = name.rsplit('.').next().unwrap_or(name);
             if lora::SCORE_NAMES.contains(&name) {
                 continue;
             }
-            if !lora::EMBEDDING_NAMES.contains(&short) && name != "lm_head" {
+            if !lora::is_embedding_name(name) && name != "lm_head" {
                 return Err(format!(
                     "modules_to_save {n} is not supported (supported: the score head of a SEQ_CLS adapter, embed_tokens, wte, lm_head)"
                 ));
@@ -210,8 +209,7 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
         Some(Value::Object(m)) => {
             let mut found = vec![];
             for (k, ids) in m {
-                let short = k.rsplit('.').next().unwrap_or(k);
-                if !lora::EMBEDDING_NAMES.contains(&short) {
+                if !lora::is_embedding_name(k) {
                     return Err(format!(
                         "trainable_token_indices for {k} is not supported (only the input embedding: embed_tokens, wte)"
                     ));
@@ -228,9 +226,7 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
         );
     }
     if !trainable_token_indices.is_empty()
-        && modules_to_save
-            .iter()
-            .any(|n| lora::EMBEDDING_NAMES.contains(&n.rsplit('.').next().unwrap_or(n)))
+        && modules_to_save.iter().any(|n| lora::is_embedding_name(n))
     {
         return Err(
             "trainable_token_indices with the embedding in modules_to_save is not supported (the copy already trains every row)"

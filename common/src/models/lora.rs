@@ -292,6 +292,12 @@ pub const TOKEN_DELTA: &str = "token_adapter.trainable_tokens_delta";
 /// The module names `modules_to_save` may hold: a sequence classifier's head (always
 /// saved beside adapters), the input embedding and the LM head.
 pub const EMBEDDING_NAMES: &[&str] = &["embed_tokens", "wte"];
+
+/// Whether a `modules_to_save` (or `trainable_token_indices`) name is the input embedding:
+/// one of [`EMBEDDING_NAMES`], alone or as the last part of a path.
+pub fn is_embedding_name(name: &str) -> bool {
+    EMBEDDING_NAMES.contains(&name.rsplit('.').next().unwrap_or(name))
+}
 pub const SCORE_NAMES: &[&str] = &["classifier", "score"];
 
 /// A module path's copy under `modules_to_save` (`model.embed_tokens` →
@@ -305,11 +311,7 @@ pub const SAVED: &str = "modules_to_save";
 impl LoraConfig {
     /// Whether `modules_to_save` names the input embedding.
     pub fn saves_embedding(&self) -> bool {
-        self.modules_to_save.iter().any(|n| {
-            EMBEDDING_NAMES
-                .iter()
-                .any(|e| n == e || n.ends_with(&format!(".{e}")))
-        })
+        self.modules_to_save.iter().any(|n| is_embedding_name(n))
     }
 
     /// Whether `modules_to_save` names the LM head.

@@ -708,15 +708,18 @@ impl Model {
     /// in 4 bits (GPT-2's Conv1D back to `[in, out]`).
     fn base_weight(&self, tensors: &BTreeMap<String, Tensor>, module: &str) -> Tensor {
         match quant::Quantized::find(tensors, module) {
-            Some(q) => {
-                let w = q.dequantize(self.kind());
-                if self.fan_in_fan_out() {
-                    w.transpose(0, 1).contiguous()
-                } else {
-                    w
-                }
-            }
+            Some(q) => self.dequantized(&q),
             None => tensors[&format!("{module}.weight")].shallow_clone(),
+        }
+    }
+
+    /// A 4-bit layer's weight in this model's layout and dtype (GPT-2's Conv1D `[in, out]`).
+    fn dequantized(&self, q: &quant::Quantized) -> Tensor {
+        let w = q.dequantize(self.kind());
+        if self.fan_in_fan_out() {
+            w.transpose(0, 1).contiguous()
+        } else {
+            w
         }
     }
 
@@ -729,10 +732,12 @@ impl Model {
             return tensors;
         }
         let weights: Vec<(String, Tensor)> = modules
-            .keys()
-            .map(|m| {
-                let w = self.base_weight(&tensors, m).to_device(Device::Cpu);
-                (format!("{m}.weight"), w)
+            .iter()
+            .map(|(m, q)| {
+                (
+                    format!("{m}.weight"),
+                    self.dequantized(q).to_device(Device::Cpu),
+                )
             })
             .collect();
         tensors.retain(|name, _| !quant::is_state(name));

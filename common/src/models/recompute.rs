@@ -149,14 +149,9 @@ mod tests {
         grads
     }
 
-    /// Trainable tokens on a tied head: the chunked head's backward over more positions
-    /// than one chunk gives the token rows (reached through the embedding and the head)
-    /// the gradient of the direct computation.
-    #[test]
-    fn trainable_tokens_on_a_tied_head_get_every_chunks_gradient() {
-        let mut config = llama();
-        config["tie_word_embeddings"] = json!(true);
-        let lora = LoraConfig {
+    /// Rank-2 LoRA on every linear layer, α 4.
+    fn all_linear_lora() -> LoraConfig {
+        LoraConfig {
             r: 2,
             alpha: 4.0,
             dropout: 0.0,
@@ -166,7 +161,20 @@ mod tests {
             patterns: Default::default(),
             init: Default::default(),
             modules_to_save: vec![],
+            trainable_token_indices: vec![],
+        }
+    }
+
+    /// Trainable tokens on a tied head: the chunked head's backward over more positions
+    /// than one chunk gives the token rows (reached through the embedding and the head)
+    /// the gradient of the direct computation.
+    #[test]
+    fn trainable_tokens_on_a_tied_head_get_every_chunks_gradient() {
+        let mut config = llama();
+        config["tie_word_embeddings"] = json!(true);
+        let lora = LoraConfig {
             trainable_token_indices: vec![3, 5, 7],
+            ..all_linear_lora()
         };
         let m = model(
             &config,
@@ -200,18 +208,7 @@ mod tests {
     /// for GPT-2 and Llama, with an LM and a scalar head, LoRA, DoRA and prompt tuning.
     #[test]
     fn recomputed_blocks_give_the_stored_activations_gradients() {
-        let lora = LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            target_modules: TargetModules::AllLinear,
-            use_rslora: false,
-            use_dora: false,
-            patterns: Default::default(),
-            init: Default::default(),
-            modules_to_save: vec![],
-            trainable_token_indices: vec![],
-        };
+        let lora = all_linear_lora();
         let prompt = PromptTuningConfig {
             num_virtual_tokens: 3,
             init: PromptInit::Random,
