@@ -285,6 +285,32 @@ fn qlora_trains_an_adapter_peft_loads_on_its_4bit_base() {
         &train(&["--use-bnb-nested-quant", "--lora-r", "4"]),
         "--bnb-4bit-quant-type and --use-bnb-nested-quant need --load-in-4bit",
     );
+
+    // `sft eval --load-in-4bit` on the f32 base scores as the directory bitsandbytes saved
+    // in 4 bits does (the same weights but for a rare nested code), not as the f32 base.
+    let eval = |model: &Path, extra: &[&str]| {
+        let args = [
+            &[
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ][..],
+            extra,
+        ]
+        .concat();
+        ok(&sft(&args))["loss"].as_f64().unwrap()
+    };
+    let asked = eval(&base, &["--load-in-4bit", "--use-bnb-nested-quant"]);
+    let saved = eval(&f.root.join(format!("{case}-4bit")), &[]);
+    let full = eval(&base, &[]);
+    assert!(
+        (asked - saved).abs() < 1e-4 * saved.abs() && (asked - full).abs() > 1e-3,
+        "4-bit {asked}, bitsandbytes' {saved}, f32 {full}"
+    );
 }
 
 /// `--optim adamw_8bit` against bitsandbytes' AdamW8bit on the CPU over six steps of fixed
