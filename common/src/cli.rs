@@ -601,7 +601,7 @@ impl SyncRefArgs {
 
     /// Whether the reference moves after step `step` (1-based, as logged).
     pub fn due(&self, step: u64) -> bool {
-        self.sync_ref_model && step % self.ref_model_sync_steps == 0
+        self.sync_ref_model && step.is_multiple_of(self.ref_model_sync_steps)
     }
 
     /// Whether the reference has moved by step `step`, so a checkpoint must keep it.
@@ -771,7 +771,7 @@ impl TrainDataArgs {
 
     /// Whether to evaluate after `step` (always at the end).
     pub fn eval_due(&self, step: u64, last: bool) -> bool {
-        last || (self.eval_every > 0 && step % self.eval_every == 0)
+        last || (self.eval_every > 0 && step.is_multiple_of(self.eval_every))
     }
 }
 

@@ -125,7 +125,7 @@ impl Metrics {
                 bar.set_position(step);
                 bar.set_message(summary.join(" · "));
             }
-            None if step % self.log_every == 0 || step == self.total_steps => {
+            None if step.is_multiple_of(self.log_every) || step == self.total_steps => {
                 let done = (step - self.first_step).max(1) as f64;
                 let eta =
                     self.started.elapsed().as_secs_f64() / done * (self.total_steps - step) as f64;

@@ -254,7 +254,7 @@ impl Session {
     pub fn checkpoint_due(&self) -> bool {
         self.at_end()
             || self.stop_requested().is_some()
-            || (self.save_every > 0 && self.state.step % self.save_every == 0)
+            || (self.save_every > 0 && self.state.step.is_multiple_of(self.save_every))
     }
 
     /// Records `scalars` at `step` (TensorBoard, `metrics.jsonl`, progress).

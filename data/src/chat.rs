@@ -198,7 +198,7 @@ mod tests {
     /// Templates see `tools` and every message field (Qwen2.5-style tool calls).
     #[test]
     fn tools_and_message_fields_reach_the_template() {
-        let t = ChatTemplate::new("{% for tool in tools %}{{ tool.function.name }};{% endfor %}{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{{ c.function.arguments | tojson }}</call>{% endfor %}{% if m.content is none %}(none){% endif %}{% else %}{{ m.role }}:{{ m.content }}{% if m.name %}@{{ m.name }}{% endif %}|{% endif %}{% endfor %}").unwrap();
+        let t = ChatTemplate::new("{% for tool in tools %}{{ tool.function.name }};{% endfor %}{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{{ c.function.arguments | tojson }}</call>{% endfor %}{% if m.content is not defined %}(none){% endif %}{% else %}{{ m.role }}:{{ m.content }}{% if m.name %}@{{ m.name }}{% endif %}|{% endif %}{% endfor %}").unwrap();
         let mut call = msg("assistant", "");
         call.extra.insert(
             "tool_calls".into(),

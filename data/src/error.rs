@@ -1,5 +1,5 @@
 //! The one error type of the `data` library: every message names the file, and where it
-//! applies the line and the field.
+//! applies the row (its line, or its index in a Parquet file) and the field.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -7,8 +7,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub struct DataError {
     pub file: PathBuf,
-    /// 1-based line number in a JSON Lines file.
-    pub line: Option<usize>,
+    /// Where in the file the row is.
+    pub place: Option<Place>,
     pub field: Option<String>,
     pub message: String,
     /// What went wrong underneath (an I/O, JSON or tokenizer error), kept as the error's
@@ -17,13 +17,23 @@ pub struct DataError {
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
+/// Where a row is in its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The 1-based line a row starts on (JSON Lines, JSON arrays): `rows.jsonl:12`.
+    Line(usize),
+    /// A Parquet row's 0-based index, as `datasets` indexes it (`ds[11]`): `train.parquet[11]`.
+    Index(usize),
+}
+
 impl fmt::Display for DataError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
+        match self.place {
+            Some(Place::Line(line)) => write!(f, ":{line}: ")?,
+            Some(Place::Index(i)) => write!(f, "[{i}]: ")?,
+            None => write!(f, ": ")?,
         }
-        write!(f, ": ")?;
         if let Some(field) = &self.field {
             write!(f, "field '{field}': ")?;
         }
@@ -35,7 +45,7 @@ impl DataError {
     pub fn file(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         DataError {
             file: file.into(),
-            line: None,
+            place: None,
             field: None,
             message: message.into(),
             source: None,

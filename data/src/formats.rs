@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::error::Result;
-use crate::jsonl::{type_name, Row};
+use crate::rows::{type_name, Row};
 
 pub const ROLES: &[&str] = &[
     "system",
@@ -25,7 +25,7 @@ pub struct Message {
     pub content: String,
     /// Every other field as the row gave it (`tool_calls`, `tool_call_id`, `name`,
     /// `reasoning_content`, …), and `content: null` where the row had it: the chat template
-    /// sees them all, as `apply_chat_template` passes messages.
+    /// sees them as `apply_chat_template` passes messages (see the `Serialize`).
     pub extra: Map<String, Value>,
 }
 
@@ -39,14 +39,34 @@ impl Message {
     }
 }
 
-/// What the template gets: `role`, `content`, then the other fields (a `content: null`
-/// among them wins over the empty text).
+/// The names a message's reasoning goes under, the one templates read first
+/// (`transformers`' `_REASONING_FIELDS`).
+const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+
+/// What the template gets, as `transformers`' `apply_chat_template` hands a message over:
+/// `role`, `content`, then the other fields, without the ones whose value is `null` (a
+/// `content: null` beside tool calls, the nulls a Parquet table gives a message for the keys
+/// other messages have); a reasoning given under any of its names is then also
+/// `reasoning_content` (and `thinking`, unless the message has its own), as
+/// `_alias_reasoning_fields` does.
 impl Serialize for Message {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut fields = Map::new();
         fields.insert("role".into(), Value::String(self.role.clone()));
         fields.insert("content".into(), Value::String(self.content.clone()));
         fields.extend(self.extra.clone());
+        fields.retain(|_, v| !v.is_null());
+        if let Some(reasoning) = REASONING_FIELDS
+            .iter()
+            .find_map(|k| fields.get(*k).cloned())
+        {
+            // {"thinking": reasoning, **message, "reasoning_content": reasoning}
+            let mut aliased = Map::new();
+            aliased.insert("thinking".into(), reasoning.clone());
+            aliased.extend(fields);
+            aliased.insert("reasoning_content".into(), reasoning);
+            fields = aliased;
+        }
         fields.serialize(serializer)
     }
 }
@@ -570,13 +590,13 @@ pub fn decode_prompt_with_fields(row: &Row) -> Result<(PromptExample, PromptFiel
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jsonl;
+    use crate::rows;
     use std::io::Write;
 
     fn read_one<T>(line: &str, decode: impl FnMut(&Row) -> Result<T>) -> Result<Vec<T>> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "\n{line}").unwrap();
-        jsonl::read(f.path(), decode).map(jsonl::Rows::into_vec)
+        rows::read(f.path(), decode).map(rows::Rows::into_vec)
     }
 
     fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
@@ -887,8 +907,11 @@ mod tests {
             PreferenceExample::decode,
         ));
         assert!(e.contains(":2: invalid JSON"), "{e}");
-        let e = err(read_one("[1, 2]", decode_prompt));
-        assert!(e.contains("expected a JSON object, got an array"), "{e}");
+        let e = err(read_one("\"a string\"", decode_prompt));
+        assert!(
+            e.contains(":2: expected a JSON object, got a string"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -914,11 +937,11 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"{\"prompt\": \"ok\"}\n{\"prompt\": \"\xff\"}\n")
             .unwrap();
-        let e = err(jsonl::read(f.path(), decode_prompt));
+        let e = err(rows::read(f.path(), decode_prompt));
         assert!(e.contains(":2: invalid UTF-8"), "{e}");
         let empty = tempfile::NamedTempFile::new().unwrap();
-        assert!(err(jsonl::read(empty.path(), decode_prompt)).contains("no rows"));
-        let e = err(jsonl::read(
+        assert!(err(rows::read(empty.path(), decode_prompt)).contains("no rows"));
+        let e = err(rows::read(
             std::path::Path::new("/nonexistent/x.jsonl"),
             decode_prompt,
         ));

@@ -1,4 +1,5 @@
-//! Datasets of every stage: JSON Lines readers with file/line/field errors, the tokenizer
+//! Datasets of every stage: readers of JSON Lines, JSON arrays and Parquet with
+//! file/row/field errors, the tokenizer
 //! with special tokens and chat templates, loss masks and truncation, collation, and
 //! seeded resumable sampling.
 
@@ -6,12 +7,13 @@ pub mod chat;
 pub mod error;
 pub mod formats;
 pub mod io;
-pub mod jsonl;
 pub mod lmeval;
 pub mod packing;
 pub mod pairs;
+pub mod parquet;
 pub mod preference;
 pub mod prompts;
+pub mod rows;
 pub mod sampler;
 pub mod sft;
 pub mod tokenizer;
@@ -23,28 +25,28 @@ pub use tokenizer::Tokenizer;
 use std::path::Path;
 
 /// Reads an SFT file (`{"prompt","completion"}`, `{"messages"}` or `{"text"}` rows).
-pub fn read_sft(path: &Path) -> Result<jsonl::Rows<SftExample>> {
-    jsonl::read(path, SftExample::decode)
+pub fn read_sft(path: &Path) -> Result<rows::Rows<SftExample>> {
+    rows::read(path, SftExample::decode)
 }
 
 /// Reads a preference file (pairs and rankings, plain or conversational).
-pub fn read_preferences(path: &Path) -> Result<jsonl::Rows<PreferenceExample>> {
-    jsonl::read(path, PreferenceExample::decode)
+pub fn read_preferences(path: &Path) -> Result<rows::Rows<PreferenceExample>> {
+    rows::read(path, PreferenceExample::decode)
 }
 
 /// Reads unpaired feedback (KTO's rows) or preference rows, for an unpaired loss.
-pub fn read_feedback(path: &Path) -> Result<jsonl::Rows<formats::FeedbackExample>> {
-    jsonl::read(path, formats::FeedbackExample::decode)
+pub fn read_feedback(path: &Path) -> Result<rows::Rows<formats::FeedbackExample>> {
+    rows::read(path, formats::FeedbackExample::decode)
 }
 
 /// Reads a prompt file keeping each row's other fields (for rewards that read them).
 pub fn read_prompts_with_fields(
     path: &Path,
-) -> Result<jsonl::Rows<(PromptExample, formats::PromptFields)>> {
-    jsonl::read(path, formats::decode_prompt_with_fields)
+) -> Result<rows::Rows<(PromptExample, formats::PromptFields)>> {
+    rows::read(path, formats::decode_prompt_with_fields)
 }
 
 /// Reads a prompt file (`{"prompt"}` or `{"messages"}` rows).
-pub fn read_prompts(path: &Path) -> Result<jsonl::Rows<PromptExample>> {
-    jsonl::read(path, formats::decode_prompt)
+pub fn read_prompts(path: &Path) -> Result<rows::Rows<PromptExample>> {
+    rows::read(path, formats::decode_prompt)
 }

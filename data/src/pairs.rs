@@ -14,8 +14,8 @@ use tch::{Device, Tensor};
 
 use crate::error::Result;
 use crate::formats::{Content, FeedbackExample, Message, PreferenceExample, TemplateArgs};
-use crate::jsonl::Rows;
 use crate::preference::pad_right;
+use crate::rows::Rows;
 use crate::sft::Truncation;
 use crate::tokenizer::Tokenizer;
 

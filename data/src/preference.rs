@@ -6,7 +6,7 @@ use tch::{Device, Tensor};
 
 use crate::error::Result;
 use crate::formats::{Content, Message, PreferenceExample, SftExample, TemplateArgs};
-use crate::jsonl::Rows;
+use crate::rows::Rows;
 use crate::sft::Truncation;
 use crate::tokenizer::Tokenizer;
 

@@ -4,7 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{DataError, Result};
 use crate::formats::{Message, SftExample, TemplateArgs};
-use crate::jsonl::Rows;
+use crate::rows::Rows;
 use crate::tokenizer::Tokenizer;
 
 /// One row's tokens; `loss_mask[t]` is 1 where token `t` is a training target.

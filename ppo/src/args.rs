@@ -649,7 +649,7 @@ impl TrainArgs {
             ),
             (self.grad_accum > 0, "--grad-accum must be at least 1"),
             (
-                self.rollout_rows() % (self.num_minibatches * self.grad_accum) == 0,
+                self.rollout_rows().is_multiple_of(self.num_minibatches * self.grad_accum),
                 "--rollout-batch-size must be a multiple of --num-minibatches × --grad-accum (counting each prompt's --num-generations responses)",
             ),
             (

@@ -287,14 +287,9 @@ fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) 
     let rows = data::read_prompts_with_fields(path)?;
     if args.reads_answers() {
         if let Some(i) = rows.iter().position(|(_, f)| row_answer(f).is_none()) {
-            return Err(data::DataError {
-                file: path.to_path_buf(),
-                line: rows.lines.get(i).copied(),
-                field: Some("answer".into()),
-                message: "missing (or not a string or number): --reward-rule exact-answer and cosine-scaled compare responses with it".into(),
-                source: None,
-            }
-            .into());
+            return Err(rows
+                .error(i, Some("answer"), "missing (or not a string or number): --reward-rule exact-answer and cosine-scaled compare responses with it")
+                .into());
         }
     }
     let fields = rows.iter().map(|(_, f)| f.clone()).collect();
@@ -390,7 +385,7 @@ fn train(
     (device, kind): (Device, Kind),
     world: World,
 ) -> Result<TrainSummary> {
-    if args.rollout_batch_size % world.size() != 0 {
+    if !args.rollout_batch_size.is_multiple_of(world.size()) {
         anyhow::bail!(
             "--rollout-batch-size {} is not a multiple of the {} ranks (each rank samples an equal share of the prompts)",
             args.rollout_batch_size,

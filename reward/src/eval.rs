@@ -65,7 +65,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalSummary> {
     ])?;
     args.quant.validate()?;
     let (device, kind) = args.device.resolve();
-    let rows = data::jsonl::read(&args.data, |row| {
+    let rows = data::rows::read(&args.data, |row| {
         if row.has("chosen") || row.has("rejected") || row.has("responses") {
             PreferenceExample::decode(row).map(Row::Ranking)
         } else {

@@ -200,18 +200,8 @@ fn prepare_file(
 
 /// Whether `path`'s first row is prompt-only: a `prompt` and no `completion`.
 fn prompt_only(path: &Path) -> Result<bool> {
-    use std::io::BufRead;
-    let file = std::fs::File::open(path).map_err(|e| common::Error::io(path, e))?;
-    let first = std::io::BufReader::new(file)
-        .lines()
-        .map_while(std::io::Result::ok)
-        .find(|l| !l.trim().is_empty());
-    let Some(line) = first else {
-        return Ok(false);
-    };
-    // A line that is not JSON is left for the reader to report.
-    let row: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-    Ok(row.get("prompt").is_some() && row.get("completion").is_none())
+    let rows = data::rows::read(path, |row| Ok(row.has("prompt") && !row.has("completion")))?;
+    Ok(rows[0])
 }
 
 /// The training rows: one file's, or (a mixture) every file's in order, each file with

@@ -505,6 +505,16 @@ fn bad_data_files_fail_with_one_clear_line() {
         ),
         ("empty.jsonl", b"\n\n", "no rows"),
         (
+            "bad.parquet",
+            b"PAR1 not really",
+            "not a readable Parquet file",
+        ),
+        (
+            "array.json",
+            b"[{\"prompt\": \"a\", \"completion\": \"b\"},\n {\"prompt\": \"c\"}]",
+            ":2: field 'completion': missing",
+        ),
+        (
             "shape.jsonl",
             b"{\"foo\": 1}\n",
             ":1: expected fields 'prompt' and 'completion'",
@@ -564,6 +574,71 @@ fn bad_data_files_fail_with_one_clear_line() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no chat_template"));
+}
+
+/// Parquet as `datasets` writes it: the SFT rows as a Hub dataset's shards, read through
+/// one pattern (`sft-*.parquet`), score as `transformers` scores the JSON Lines rows (1e-4);
+/// a prompt table with other columns and an ultrafeedback-shaped preference table read as
+/// their JSON Lines; a bad row is named by its index.
+#[test]
+fn parquet_tables_and_shards_read_as_their_json_lines() {
+    let f = fixture();
+    let dir = f.root.join("parquet");
+    let out_path = f.root.join("eval-parquet.jsonl");
+    let pattern = dir.join("sft-*-of-00005.parquet");
+    let out = sft(&[
+        "eval",
+        "--model",
+        f.root.join("model").to_str().unwrap(),
+        "--data",
+        pattern.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let summary = stdout_json(&out);
+    let rows = read_jsonl(&out_path);
+    let reference = f.reference["sft"].as_array().unwrap();
+    assert_eq!(summary["rows"], reference.len());
+    for (ours, theirs) in rows.iter().zip(reference) {
+        let (a, b) = (
+            ours["nll"].as_f64().unwrap(),
+            theirs["nll"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-4,
+            "row {}: nll {a} vs transformers {b}",
+            ours["index"]
+        );
+        assert_eq!(ours["tokens"], theirs["tokens"]);
+    }
+    let table = data::read_prompts_with_fields(&dir.join("prompt_fields.parquet")).unwrap();
+    let lines = data::read_prompts_with_fields(&dir.join("prompt_fields.jsonl")).unwrap();
+    assert_eq!(&table[..], &lines[..]);
+    assert_eq!(table[0].1["id"], json!(7));
+    assert_eq!(table[1].1["level"], Value::Null);
+    let table = data::read_preferences(&dir.join("preferences.parquet")).unwrap();
+    let lines = data::read_preferences(&dir.join("preferences.jsonl")).unwrap();
+    assert_eq!(&table[..], &lines[..]);
+    assert_eq!(table.len(), 2);
+    let bad = dir.join("bad.parquet");
+    let out = sft(&[
+        "eval",
+        "--model",
+        f.root.join("model").to_str().unwrap(),
+        "--data",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}[2]: field 'completion': is empty",
+            bad.display()
+        )),
+        "{stderr}"
+    );
 }
 
 /// A row the chat template refuses (here a system turn, as Mistral's template refuses it)

@@ -8,6 +8,7 @@ ids, loss masks, completion NLLs and greedy completions as one JSON document.
 """
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -42,6 +43,23 @@ PROMPTS = [
     {"prompt": "There are 7 heads"},
     {"messages": [{"role": "user", "content": "How many legs?"}]},
     {"prompt": "Rabbits"},
+]
+# Prompts with other fields (they travel to the rewards), and preference rows shaped as
+# ultrafeedback_binarized's: written both as JSON Lines and as Parquet by `datasets`.
+PROMPT_FIELD_ROWS = [
+    {"prompt": [{"role": "user", "content": "35 heads, 94 legs?"}], "answer": "12 rabbits", "id": 7, "level": 1.5},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 heads, 10 legs?"}],
+     "answer": "2 rabbits", "id": 8, "level": None},
+]
+PREFERENCE_ROWS = [
+    {"prompt": "5 heads, 14 legs?",
+     "chosen": [{"role": "user", "content": "5 heads, 14 legs?"}, {"role": "assistant", "content": "2 rabbits."}],
+     "rejected": [{"role": "user", "content": "5 heads, 14 legs?"}, {"role": "assistant", "content": "5 rabbits."}],
+     "score_chosen": 8.0, "score_rejected": 3.5},
+    {"prompt": "3 heads, 10 legs?",
+     "chosen": [{"role": "user", "content": "3 heads, 10 legs?"}, {"role": "assistant", "content": "2 rabbits, 1 chicken."}],
+     "rejected": [{"role": "user", "content": "3 heads, 10 legs?"}, {"role": "assistant", "content": "3 chickens."}],
+     "score_chosen": 9.0, "score_rejected": 1.0},
 ]
 CORPUS = [
     "There are 35 heads and 94 legs in the cage. How many chickens and rabbits?",
@@ -100,6 +118,27 @@ def sft_ids_and_mask(tok, row):
     return ids, mask
 
 
+def write_parquet(root):
+    """The data as `datasets` writes Parquet: the SFT rows as a Hub dataset's shards (one
+    row each: `from_list` takes its columns from its first row, and the rows differ in
+    shape), the prompt and preference rows as one table each (beside their JSON Lines), and
+    a table whose third row has an empty completion."""
+    import datasets
+    datasets.disable_progress_bars()
+    os.makedirs(f"{root}/parquet", exist_ok=True)
+    for i, row in enumerate(SFT_ROWS):
+        datasets.Dataset.from_list([row]).to_parquet(
+            f"{root}/parquet/sft-{i:05d}-of-{len(SFT_ROWS):05d}.parquet")
+    for name, rows in [("prompt_fields", PROMPT_FIELD_ROWS), ("preferences", PREFERENCE_ROWS)]:
+        datasets.Dataset.from_list(rows).to_parquet(f"{root}/parquet/{name}.parquet")
+        with open(f"{root}/parquet/{name}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    bad = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"},
+           {"prompt": "e", "completion": " "}]
+    datasets.Dataset.from_list(bad).to_parquet(f"{root}/parquet/bad.parquet")
+
+
 def make(root):
     torch.manual_seed(0)
     tok = build_tokenizer(f"{root}/model")
@@ -114,6 +153,7 @@ def make(root):
         with open(f"{root}/{name}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+    write_parquet(root)
     out = {"sft": [], "generate": []}
     with torch.no_grad():
         for row in SFT_ROWS:

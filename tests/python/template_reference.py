@@ -108,8 +108,11 @@ def qwen3_rows():
     column: thinking on, the empty think block the template writes is a target; off, the
     generation prompt holds it, so the targets start after it."""
     no_think = {"enable_thinking": False}
+    reasoned = dict(TURNS[1], reasoning="35*2 = 70, 94-70 = 24, 24/2 = 12.")
     return [
         {"messages": [SYSTEM] + TURNS[:2]},
+        # The reasoning under its newer name: transformers passes it as reasoning_content too.
+        {"messages": [TURNS[0], reasoned]},
         {"messages": TURNS[:2], "chat_template_kwargs": no_think},
         {"prompt": TURNS[:1], "completion": TURNS[1:2], "chat_template_kwargs": no_think},
     ]
@@ -192,13 +195,13 @@ def as_template_input(messages):
 
 
 def reference(tok, row):
-    if "messages" in row:
+    if row.get("messages") is not None:
         messages, first_target = as_template_input(row["messages"]), 0
     else:
         messages = as_template_input(row["prompt"] + row["completion"])
         first_target = len(row["prompt"])
     tools = row.get("tools")
-    kwargs = row.get("chat_template_kwargs", {})
+    kwargs = row.get("chat_template_kwargs") or {}
     render = lambda msgs, gen: tok.apply_chat_template(
         msgs, tools=tools, tokenize=False, add_generation_prompt=gen, **kwargs)
     try:
@@ -222,6 +225,37 @@ def reference(tok, row):
             spans.append((start, end))
     mask = [int(any(a <= s < b for a, b in spans)) for s, _ in enc["offset_mapping"]]
     return {"ids": enc["input_ids"], "mask": mask, "text": full}
+
+
+def parquet_files(d, tok, rows):
+    """The rows as `datasets` writes them to Parquet (`Dataset.to_parquet`), one file per
+    shape of row (`from_list` takes its columns from the first row): the rows whose contents
+    are all strings as plain Arrow structs (a message that lacks a key another has gets it
+    as null: tool calls), and, where a shape mixes strings and typed parts, all its rows with
+    `datasets`' Json feature (`on_mixed_types="use_json"`). References from the rows as
+    `load_dataset("parquet")` gives them back, as TRL's trainers receive them."""
+    import datasets
+    datasets.disable_progress_bars()
+    shapes = []
+    for r in rows:
+        if tuple(r) not in shapes:
+            shapes.append(tuple(r))
+    files = []
+    for k, shape in enumerate(shapes):
+        group = [r for r in rows if tuple(r) == shape]
+        typed = lambda r: any(isinstance(m.get("content"), list)
+                              for f in ("messages", "prompt", "completion") for m in r.get(f) or [])
+        variants = [("plain", [r for r in group if not typed(r)], {})]
+        if any(typed(r) for r in group):
+            variants.append(("json", group, {"on_mixed_types": "use_json"}))
+        for kind, subset, kw in variants:
+            if not subset:
+                continue
+            name = f"rows-{k}-{kind}.parquet"
+            datasets.Dataset.from_list(subset, **kw).to_parquet(os.path.join(d, name))
+            loaded = datasets.load_dataset("parquet", data_files=os.path.join(d, name), split="train")
+            files.append({"file": name, "rows": [reference(tok, r) for r in loaded]})
+    return files
 
 
 def main():
@@ -251,6 +285,7 @@ def main():
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         out[name] = [reference(tok, r) for r in rows]
+        out.setdefault("parquet", {})[name] = parquet_files(d, tok, rows)
         if name in PREFERENCE_ARGS:
             row = dict(PREFERENCE_ROW, **PREFERENCE_ARGS[name])
             with open(os.path.join(d, "preferences.jsonl"), "w", encoding="utf-8") as f:

@@ -261,21 +261,26 @@ fn data_files(k: &mut Keys, path: &Path) -> Result<DataFiles> {
         }
     };
     let key = "dataset_kwargs.data_files";
+    // `datasets`' builders for local files; each file is read by its own kind (JSON Lines, a
+    // JSON array, Parquet), as `crate::rows` reads every dataset file.
+    let builder = matches!(dataset_path.as_str(), "json" | "parquet");
     let splits = match (dataset_path.as_str(), files) {
-        ("json", Some(Value::Object(m))) => m
+        (_, Some(Value::Object(m))) if builder => m
             .into_iter()
             .map(|(split, v)| Ok((split, names(v, key)?)))
             .collect::<Result<Vec<_>>>()?,
         // `datasets` names a split given without one `train`.
-        ("json", Some(v)) => vec![("train".to_string(), names(v, key)?)],
-        ("json", None) => return Err(k.error(key, "missing (dataset_path: json reads local files)")),
-        (file, None) if file.ends_with(".jsonl") || file.ends_with(".json") => {
+        (_, Some(v)) if builder => vec![("train".to_string(), names(v, key)?)],
+        (b, None) if builder => {
+            return Err(k.error(key, format!("missing (dataset_path: {b} reads local files)")))
+        }
+        (file, None) if [".jsonl", ".json", ".parquet"].iter().any(|e| file.ends_with(e)) => {
             vec![("train".to_string(), vec![resolve(path, file)])]
         }
         (other, _) => {
             return Err(k.error(
                 "dataset_path",
-                format!("'{other}': only local files are read (dataset_path: json with dataset_kwargs.data_files, or a .jsonl path)"),
+                format!("'{other}': only local files are read (dataset_path: json or parquet with dataset_kwargs.data_files, or a .jsonl, .json or .parquet path)"),
             ))
         }
     };

@@ -14,7 +14,7 @@ use super::config::{DocField, FewshotConfig, OutputType, Sampler, TaskConfig};
 use super::filters::python_regex;
 use super::yaml::field_error;
 use crate::error::{DataError, Result};
-use crate::jsonl::type_name;
+use crate::rows::type_name;
 
 pub type Doc = Map<String, Value>;
 
@@ -156,25 +156,7 @@ fn is_digits(s: &str) -> bool {
 fn read_split(paths: &[std::path::PathBuf]) -> Result<Vec<Doc>> {
     let mut docs = vec![];
     for path in paths {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| DataError::file(path, "cannot read").because(e))?;
-        match serde_json::from_str::<Value>(&text) {
-            // One JSON document holding a list of rows.
-            Ok(Value::Array(rows)) => {
-                for (i, row) in rows.into_iter().enumerate() {
-                    match row {
-                        Value::Object(m) => docs.push(m),
-                        other => {
-                            return Err(DataError::file(
-                                path,
-                                format!("item {i}: expected an object, got {}", type_name(&other)),
-                            ))
-                        }
-                    }
-                }
-            }
-            _ => docs.extend(crate::jsonl::read(path, |row| Ok(row.object.clone()))?.into_vec()),
-        }
+        docs.extend(crate::rows::read(path, |row| Ok(row.object.clone()))?.into_vec());
     }
     let mut fields: Vec<String> = vec![];
     for d in &docs {

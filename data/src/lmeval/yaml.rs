@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{DataError, Result};
-use crate::jsonl::type_name;
+use crate::rows::type_name;
 
 /// Where the supported keys are listed; every refusal points there.
 pub const SUBSET: &str = "see the README's 'Task files' section for the supported subset";
