@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo-adapters`: full fine-tuning vs LoRA (alone, with trained embedding and head
-# copies, and on a 4-bit base) vs prompt tuning for the SFT step of the
+# copies, and on a 4-bit base) vs prompt tuning vs prefix tuning for the SFT step of the
 # demo task, from the same base. The demo's from-scratch model is first pretrained on the
 # arithmetic-facts corpus alone (standing in for a pretrained LM: it knows arithmetic,
 # not the task); then each method learns the task from the demonstrations (plus the facts,
@@ -42,7 +42,10 @@ run qlora-save $B/sft train "${common[@]}" --output-dir "$D/qlora-save" --lr 5e-
 run prompt $B/sft train "${common[@]}" --output-dir "$D/prompt" --lr 3e-2 \
     --prompt-tuning-tokens 16 --prompt-tuning-init text \
     --prompt-tuning-init-text "Heads 11, legs 30. 11*2=22, 30-22=8, 8/2=4 rabbits, 11-4=7 chickens."
-for method in pretrain full lora lora-save qlora-save prompt; do
+# Prefix tuning (P-tuning v2's deep prompts): 16 virtual tokens' keys and values in every
+# layer, N(0, 1) as PEFT starts them.
+run prefix $B/sft train "${common[@]}" --output-dir "$D/prefix" --lr 1e-2 --prefix-tuning-tokens 16
+for method in pretrain full lora lora-save qlora-save prompt prefix; do
     for s in 1 2 3; do
         $B/sft generate --model "$D/$method/final" --prompts "$D/data/eval_prompts.jsonl" \
             --output "$D/eval_${method}_$s.jsonl" --max-new-tokens 64 --temperature 1 --seed "$s" \

@@ -12,7 +12,7 @@ use tch::{Device, Kind};
 use crate::device::{self, DeviceChoice, DtypeChoice};
 use crate::error::{Error, Result};
 use crate::models::lora::{LoraConfig, LoraInit, TargetModules};
-use crate::models::prompt_tuning::{PromptInit, PromptTuningConfig};
+use crate::models::prompt_tuning::{PromptInit, PromptKind, PromptTuningConfig};
 use crate::models::quant::{Bnb4bit, QuantType};
 use crate::models::ModelOptions;
 use crate::optim::{AdamWConfig, GradExchange, OptimName, ZeroStage};
@@ -379,6 +379,11 @@ pub struct AdapterArgs {
     /// The text whose token embeddings start the virtual tokens (--prompt-tuning-init text).
     #[arg(long)]
     pub prompt_tuning_init_text: Option<String>,
+    /// Prefix tuning (PEFT's PREFIX_TUNING; P-tuning v2's deep prompts): this many
+    /// trainable virtual tokens as keys and values in every layer's attention, the whole
+    /// model frozen (off when absent; not with --lora-r or --prompt-tuning-tokens).
+    #[arg(long)]
+    pub prefix_tuning_tokens: Option<i64>,
     /// Also write OUT/final_merged/: a plain Hugging Face model with the adapters folded in.
     #[arg(long)]
     pub save_merged: bool,
@@ -417,12 +422,26 @@ impl AdapterArgs {
                 "--lora-r and --prompt-tuning-tokens cannot be combined (one adapter per run)",
             ),
             (
+                self.prefix_tuning_tokens.is_none_or(|n| n > 0),
+                "--prefix-tuning-tokens must be at least 1",
+            ),
+            (
+                self.prefix_tuning_tokens.is_none()
+                    || (self.lora_r.is_none() && self.prompt_tuning_tokens.is_none()),
+                "--prefix-tuning-tokens cannot be combined with --lora-r or --prompt-tuning-tokens (one adapter per run)",
+            ),
+            (
+                self.prefix_tuning_tokens.is_none()
+                    || self.prompt_tuning_init == PromptInitChoice::Random,
+                "--prompt-tuning-init starts --prompt-tuning-tokens' embeddings; a prefix (--prefix-tuning-tokens) starts N(0, 1), as PEFT's",
+            ),
+            (
                 text_init == self.prompt_tuning_init_text.is_some(),
                 "--prompt-tuning-init text needs --prompt-tuning-init-text (and the text needs it)",
             ),
             (
                 !self.save_merged || self.lora_r.is_some(),
-                "--save-merged needs --lora-r (prompt tuning cannot be folded into the weights)",
+                "--save-merged needs --lora-r (prompt and prefix tuning cannot be folded into the weights)",
             ),
             (
                 self.lora_alpha.is_none_or(|a| a > 0.0),
@@ -476,8 +495,8 @@ impl AdapterArgs {
         })
     }
 
-    /// The prompt-tuning configuration, when --prompt-tuning-tokens is given (a text
-    /// init is tokenized when the model is loaded).
+    /// The prompt-tuning configuration, when --prompt-tuning-tokens (or
+    /// --prefix-tuning-tokens) is given (a text init is tokenized when the model is loaded).
     pub fn prompt_tuning(&self) -> Option<PromptTuningConfig> {
         let init = match self.prompt_tuning_init {
             PromptInitChoice::Random => PromptInit::Random,
@@ -487,9 +506,17 @@ impl AdapterArgs {
                 ids: vec![],
             },
         };
+        if let Some(n) = self.prefix_tuning_tokens {
+            return Some(PromptTuningConfig {
+                num_virtual_tokens: n,
+                init: PromptInit::Random,
+                kind: PromptKind::Prefix,
+            });
+        }
         Some(PromptTuningConfig {
             num_virtual_tokens: self.prompt_tuning_tokens?,
             init,
+            kind: PromptKind::Input,
         })
     }
 

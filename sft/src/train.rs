@@ -133,7 +133,7 @@ impl TrainArgs {
                 "--neftune-noise-alpha must be > 0",
             ),
             (!(self.packing && self.data.group_by_length), "--group-by-length has nothing to group with --packing (packed sequences are all about --max-length long)"),
-            (!(self.packing && self.adapter.prompt_tuning_tokens.is_some()), "--packing with --prompt-tuning-tokens is not supported (the virtual tokens go before one row, not before each packed row)"),
+            (!(self.packing && (self.adapter.prompt_tuning_tokens.is_some() || self.adapter.prefix_tuning_tokens.is_some())), "--packing with --prompt-tuning-tokens or --prefix-tuning-tokens is not supported (the virtual tokens go before one row, not before each packed row)"),
         ])?;
         Ok(())
     }
@@ -378,7 +378,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let tok = args.tokenizer.apply(&mut model, tok)?;
     if args.packing && model.virtual_tokens() > 0 {
-        bail!("--packing: {} is a prompt-tuning adapter, and packing with prompt tuning is not supported (the virtual tokens go before one row, not before each packed row)", args.model.display());
+        bail!("--packing: {} is a prompt- or prefix-tuning adapter, and packing with virtual tokens is not supported (they go before one row, not before each packed row)", args.model.display());
     }
     let max_length = model.cap_length(args.data.max_length, "--max-length");
     let teacher = match &args.distill.teacher_model {

@@ -177,6 +177,21 @@ fn peft_adapters_load_here_with_peft_numbers() {
             max_diff(&adapted, &r["base"]) > 1e-3,
             "{arch}: the adapter changed nothing"
         );
+        // Prefix tuning: keys and values in every layer (the key/value heads' of GQA);
+        // with PEFT's projection, the prefix its MLP gave, as PEFT saves it.
+        for case in ["prefix", "prefix_projected"] {
+            let dir = f.root.join(format!("{arch}-{}", case.replace('_', "-")));
+            let prefix = logprobs(&load(&dir, Head::Lm));
+            let diff = max_diff(&prefix, &r[case]);
+            assert!(
+                diff < 1e-4,
+                "{arch}: PEFT {case} log-probs differ by {diff:e}"
+            );
+            assert!(
+                max_diff(&prefix, &r["base"]) > 1e-3,
+                "{arch}: {case} changed nothing"
+            );
+        }
         // DoRA: log-probs, and the gradient of every adapter tensor (the row norm held
         // constant, as PEFT).
         let dora = load(&f.root.join(format!("{arch}-dora")), Head::Lm);
@@ -387,53 +402,69 @@ fn peft_layer_patterns_load_and_round_trip() {
     }
 }
 
-/// `sft train --prompt-tuning-tokens` for `arch`, text-initialised, into `out`.
-fn train_prompt(arch: &str, out: &Path) -> Output {
-    let f = fixture();
-    let (model, data) = (f.root.join(arch), f.root.join("sft.jsonl"));
-    sft(
+/// The virtual-token options of the soft-prompt runs: prompt tuning, text-initialised,
+/// and prefix tuning; with the `peft_type` each writes.
+const SOFT_PROMPTS: [(&str, &[&str]); 2] = [
+    (
+        "PROMPT_TUNING",
         &[
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--overwrite",
             "--prompt-tuning-tokens",
             "4",
             "--prompt-tuning-init",
             "text",
             "--prompt-tuning-init-text",
             "heads and legs",
-            "--lr",
-            "5e-2",
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "4",
         ],
-        &[],
-    )
+    ),
+    ("PREFIX_TUNING", &["--prefix-tuning-tokens", "3"]),
+];
+
+/// `sft train` with the virtual tokens `soft` for `arch`, into `out`.
+fn train_prompt(arch: &str, out: &Path, soft: &[&str]) -> Output {
+    let f = fixture();
+    let (model, data) = (f.root.join(arch), f.root.join("sft.jsonl"));
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--overwrite",
+        "--lr",
+        "5e-2",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+    ];
+    args.extend(soft);
+    sft(&args, &[])
 }
 
+/// Prompt tuning (text-initialised) and prefix tuning trained by `sft train` on every
+/// architecture: only the virtual tokens change, PEFT reads the adapter with our log-probs
+/// (1e-4), and greedy decoding with the cache (the virtual tokens, or the prefix's keys
+/// and values, cached once) equals recomputing every step.
 #[test]
 fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
     let f = fixture();
     let mut prompts = vec![];
-    for arch in ARCHS {
-        let out = f.root.join(format!("run-prompt-{arch}"));
-        ok(&train_prompt(arch, &out));
+    for (arch, (peft_type, soft)) in ARCHS.iter().flat_map(|a| SOFT_PROMPTS.map(|s| (a, s))) {
+        let out = f.root.join(format!("run-{peft_type}-{arch}"));
+        ok(&train_prompt(arch, &out, soft));
         let final_dir = out.join("final");
         let config: Value = serde_json::from_str(
             &std::fs::read_to_string(final_dir.join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        assert_eq!(config["peft_type"], "PROMPT_TUNING");
-        assert_eq!(config["prompt_tuning_init"], "TEXT");
+        assert_eq!(config["peft_type"], peft_type);
+        if peft_type == "PROMPT_TUNING" {
+            assert_eq!(config["prompt_tuning_init"], "TEXT");
+        }
         let model = load(&final_dir, Head::Lm);
         let names: Vec<String> = model.named_tensors().into_keys().collect();
         assert!(names.contains(&"prompt_embeddings".to_string()));
@@ -474,7 +505,7 @@ fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
         }
         assert!(
             cached.tokens.equal(&ids.narrow(1, 4, 6)),
-            "{arch}: cached decoding differs"
+            "{arch} {peft_type}: cached decoding differs"
         );
     }
     let checks = peft_check(
@@ -483,11 +514,13 @@ fn trained_soft_prompts_load_in_peft_and_generate_with_the_cache() {
             .map(|(_, _, dir)| (dir.clone(), None))
             .collect::<Vec<_>>(),
     );
-    for ((arch, ours, _), check) in prompts.iter().zip(&checks) {
+    assert_eq!(checks.len(), 2 * ARCHS.len());
+    for ((arch, ours, dir), check) in prompts.iter().zip(&checks) {
         let diff = max_diff(ours, &check["adapter"]);
         assert!(
             diff < 1e-4,
-            "{arch}: PEFT reads our soft prompt {diff:e} away"
+            "{arch} {}: PEFT reads our soft prompt {diff:e} away",
+            dir.display()
         );
     }
 }
@@ -725,6 +758,14 @@ fn bad_adapter_inputs_end_in_one_line() {
             "LoRA target modules [\"nope\"] match no layer of this llama model",
         ),
         (
+            train_plain(&["--prefix-tuning-tokens", "3", "--prompt-tuning-tokens", "3"]),
+            "--prefix-tuning-tokens cannot be combined with --lora-r or --prompt-tuning-tokens (one adapter per run)",
+        ),
+        (
+            train_plain(&["--prefix-tuning-tokens", "3", "--gradient-checkpointing"]),
+            "--gradient-checkpointing with prefix tuning: the prefix enters every layer's attention as cached keys and values, which the recomputed blocks do not take; leave one out",
+        ),
+        (
             train_plain(&["--loraplus-lr-ratio", "16"]),
             "--loraplus-lr-ratio needs a LoRA adapter (--lora-r, or a LoRA adapter directory as the model)",
         ),
@@ -771,6 +812,7 @@ fn text_and_vocab_inits_start_from_the_loaded_embeddings() {
             let opts = ModelOptions::cpu(Head::Lm).with_prompt_tuning(Some(PromptTuningConfig {
                 num_virtual_tokens: 7,
                 init,
+                kind: Default::default(),
             }));
             Model::load(&dir, &opts).unwrap().0.named_tensors()["prompt_embeddings"].shallow_clone()
         };

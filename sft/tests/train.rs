@@ -833,7 +833,11 @@ fn packed_training_equals_unpacked_training() {
         ),
         (
             &["--packing", "--prompt-tuning-tokens", "4"][..],
-            "--packing with --prompt-tuning-tokens is not supported",
+            "--packing with --prompt-tuning-tokens or --prefix-tuning-tokens is not supported",
+        ),
+        (
+            &["--packing", "--prefix-tuning-tokens", "4"][..],
+            "--packing with --prompt-tuning-tokens or --prefix-tuning-tokens is not supported",
         ),
     ] {
         let out = run(&f.root.join("packing-refused"), extra);

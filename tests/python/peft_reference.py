@@ -7,9 +7,11 @@ the Rust side wrote.
         DIR/<arch>-peft/     a LoRA adapter on it made by peft, A and B random
         DIR/<arch>-peft-score/  a SEQ_CLS LoRA adapter (every linear layer + score head)
         DIR/<arch>-prompt/   a prompt-tuning adapter (5 random virtual tokens)
+        DIR/<arch>-prefix/   a prefix-tuning adapter (3 random virtual tokens' keys and values)
+        DIR/<arch>-prefix-projected/  the same with PEFT's prefix projection (an MLP)
         DIR/<arch>-dora/     a DoRA adapter on every linear layer, A, B and magnitude random
         DIR/<arch>-<case>/   LoRA adapters with PEFT's per-layer settings and starts (PATTERNS)
-        prints {arch: {"base", "peft", "prompt", "dora": logprobs, "peft_score": scores,
+        prints {arch: {"base", "peft", "prompt", "prefix", "prefix_projected", "dora": logprobs, "peft_score": scores,
                 "dora_grad": {our tensor name: gradient of the summed log-probs}},
                 "patterns": {"<arch>-<case>": logprobs}}
     peft_reference.py check --adapter DIR [--merged DIR] [--score] --ids IDS.json
@@ -28,7 +30,7 @@ import sys
 
 import torch
 import transformers as tf
-from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 VOCAB = 320
 
@@ -82,8 +84,12 @@ def logprobs_grad(model, ids, mask):
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
-def logprobs(model, ids, mask, virtual_tokens=0):
-    if virtual_tokens:
+def logprobs(model, ids, mask, virtual_tokens=0, prefix=False):
+    if prefix:
+        # A prefix is the cache the model continues: positions count on from it, and the
+        # logits are the real tokens' only.
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    elif virtual_tokens:
         # PEFT drops position ids for prompt learning (the model counts from 0 over the
         # virtual tokens) and returns logits for the virtual positions too.
         logits = model(input_ids=ids, attention_mask=mask).logits.float()[:, virtual_tokens:]
@@ -159,6 +165,23 @@ def make(root, tokenizer, ids, mask):
         prompt.save_pretrained(f"{root}/{name}-prompt")
         with torch.no_grad():
             res["prompt"] = logprobs(prompt.eval(), ids, mask, virtual_tokens=5)
+        # Prefix tuning: 3 virtual tokens as keys and values in every layer, N(0, 1) as
+        # PEFT's prefix encoder starts them (grouped-query models: their key/value heads).
+        base = tf.AutoModelForCausalLM.from_pretrained(f"{root}/{name}").eval()
+        prefix = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        prefix.peft_config["default"].base_model_name_or_path = f"{root}/{name}"
+        prefix.save_pretrained(f"{root}/{name}-prefix")
+        with torch.no_grad():
+            res["prefix"] = logprobs(prefix.eval(), ids, mask, prefix=True)
+        # With PEFT's prefix projection (an MLP over the virtual tokens, trained as a
+        # whole): saved as what the MLP gives (get_prompt_embedding_to_save).
+        base = tf.AutoModelForCausalLM.from_pretrained(f"{root}/{name}").eval()
+        projected = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                            prefix_projection=True, encoder_hidden_size=16))
+        projected.peft_config["default"].base_model_name_or_path = f"{root}/{name}"
+        projected.save_pretrained(f"{root}/{name}-prefix-projected")
+        with torch.no_grad():
+            res["prefix_projected"] = logprobs(projected.eval(), ids, mask, prefix=True)
         # DoRA on every linear layer; the gradient of the summed real log-probs.
         base = tf.AutoModelForCausalLM.from_pretrained(f"{root}/{name}").eval()
         dora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear",
@@ -195,7 +218,8 @@ def check(adapter, merged, score, ids, mask):
         base = model.from_pretrained(config["base_model_name_or_path"], **({"num_labels": 1} if score else {}))
         peft = PeftModel.from_pretrained(base, adapter).eval()
         virtual = config.get("num_virtual_tokens") or 0
-        out["adapter"] = scores(peft, ids, mask) if score else logprobs(peft, ids, mask, virtual)
+        prefix = config.get("peft_type") == "PREFIX_TUNING"
+        out["adapter"] = scores(peft, ids, mask) if score else logprobs(peft, ids, mask, virtual, prefix)
         if merged:
             plain = tf.AutoModelForCausalLM.from_pretrained(merged).eval()
             out["merged"] = logprobs(plain, ids, mask)

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::lora::{self, LayerPatterns, LoraConfig, LoraInit, TargetModules};
-use super::prompt_tuning::{self, PromptTuningConfig};
+use super::prompt_tuning::{self, PromptKind, PromptTuningConfig};
 use crate::error::{Error, Result};
 
 /// PEFT's prefix of every key in `adapter_model.safetensors`.
@@ -78,12 +78,15 @@ impl AdapterDir {
         let bad = |m: String| Error::config(&path, m);
         let kind = match v.get("peft_type").and_then(Value::as_str) {
             Some("LORA") => AdapterKind::Lora(lora_config(&v).map_err(bad)?),
-            Some("PROMPT_TUNING") => {
-                AdapterKind::PromptTuning(PromptTuningConfig::from_peft(&v).map_err(bad)?)
-            }
+            Some("PROMPT_TUNING") => AdapterKind::PromptTuning(
+                PromptTuningConfig::from_peft(&v, PromptKind::Input).map_err(bad)?,
+            ),
+            Some("PREFIX_TUNING") => AdapterKind::PromptTuning(
+                PromptTuningConfig::from_peft(&v, PromptKind::Prefix).map_err(bad)?,
+            ),
             other => {
                 return Err(bad(format!(
-                    "peft_type {other:?} is not supported (supported: LORA, PROMPT_TUNING)"
+                    "peft_type {other:?} is not supported (supported: LORA, PROMPT_TUNING, PREFIX_TUNING)"
                 )))
             }
         };

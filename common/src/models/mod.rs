@@ -31,6 +31,7 @@ pub use attention::{positions_from_mask, positions_from_segments, KvCache, Maski
 use layers::param;
 pub use layers::Activation;
 pub use options::ModelOptions;
+use prompt_tuning::PromptKind;
 pub use vocab::{TokenOutputs, TokenSpec};
 
 /// The `model_type` values this crate implements, parsed once from `config.json`.
@@ -185,6 +186,16 @@ impl ModelConfig {
             Arch::Gpt2(c) => c.vocab_size,
             Arch::Llama(c) => c.vocab_size,
             Arch::Gemma(c) => c.vocab_size,
+        }
+    }
+
+    /// `(layers, key/value heads, head size)`: the shape of a prefix's keys and values.
+    pub fn prefix_shape(&self) -> prompt_tuning::PrefixShape {
+        let layers = self.num_layers() as i64;
+        match &self.arch {
+            Arch::Gpt2(c) => (layers, c.n_head, c.n_embd / c.n_head),
+            Arch::Llama(c) => (layers, c.num_kv_heads(), c.head_dim()),
+            Arch::Gemma(c) => (layers, c.num_kv_heads(), c.head_dim),
         }
     }
 
@@ -469,7 +480,7 @@ impl Model {
             _ => (head_weight, None),
         };
         let prompt = opts.prompt_tuning.as_ref().map(|pt| {
-            let prompt = pt.create(&root, hidden);
+            let prompt = pt.create(&root, pt.width(hidden, config.prefix_shape()));
             if opts.trainable {
                 prompt
             } else {
@@ -582,6 +593,15 @@ impl Model {
         let opts = &opts;
         if opts.quantization.is_some() {
             check_quantized(opts, dir, stored.is_some())?;
+        }
+        let prefix = opts
+            .prompt_tuning
+            .as_ref()
+            .is_some_and(|p| p.kind == PromptKind::Prefix);
+        if prefix && opts.gradient_checkpointing && opts.trainable {
+            return Err(Error::InvalidArgument(
+                "--gradient-checkpointing with prefix tuning: the prefix enters every layer's attention as cached keys and values, which the recomputed blocks do not take; leave one out".into(),
+            ));
         }
         let mut model = Model::build(config, opts);
         let adapters: Vec<String> = model.adapter_tensors().into_keys().collect();
@@ -1081,22 +1101,38 @@ impl Model {
         &self,
         ids: &Tensor,
         attention_mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Tensor {
         let mut x = self.embed_input(ids);
         let mut mask = attention_mask.shallow_clone();
         let mut virtual_tokens = 0;
+        // A prefix goes into the cache: this forward's own when it has none.
+        let mut own_cache = KvCache::new(self.config.num_layers());
+        let mut cache: Option<&mut KvCache> = cache;
         if let Some(prompt) = self.prompt.as_ref().filter(|_| adapter::adapters_enabled()) {
             let (b, n) = (ids.size()[0], prompt.size()[0]);
             let ones = Tensor::ones([b, n], (mask.kind(), mask.device()));
             mask = Tensor::cat(&[&ones, &mask], 1);
             if cache.as_deref().is_none_or(KvCache::is_empty) {
-                let prefix = prompt
-                    .to_kind(x.kind())
-                    .unsqueeze(0)
-                    .expand([b, n, -1], false);
-                x = Tensor::cat(&[&prefix, &x], 1);
-                virtual_tokens = n;
+                let prompt = prompt.to_kind(x.kind());
+                match self.prompt_kind() {
+                    PromptKind::Input => {
+                        let prefix = prompt.unsqueeze(0).expand([b, n, -1], false);
+                        x = Tensor::cat(&[&prefix, &x], 1);
+                        virtual_tokens = n;
+                    }
+                    PromptKind::Prefix => {
+                        let kv = prompt_tuning::prefix_keys_values(
+                            &prompt,
+                            b,
+                            self.config.prefix_shape(),
+                        );
+                        let cache = cache.get_or_insert(&mut own_cache);
+                        for (layer, (k, v)) in kv.into_iter().enumerate() {
+                            let _ = cache.append(layer, k, v);
+                        }
+                    }
+                }
             }
         }
         let t = x.size()[1];
@@ -1223,8 +1259,16 @@ impl Model {
         }
     }
 
+    /// Where prompt tuning's virtual tokens go (input embeddings without it).
+    fn prompt_kind(&self) -> PromptKind {
+        self.options
+            .prompt_tuning
+            .as_ref()
+            .map_or(PromptKind::Input, |p| p.kind)
+    }
+
     /// Prompt tuning's virtual tokens put before the inputs (0 without, or while adapters
-    /// are switched off).
+    /// are switched off), as embeddings or as a prefix of keys and values.
     pub fn virtual_tokens(&self) -> i64 {
         match &self.prompt {
             Some(p) if adapter::adapters_enabled() => p.size()[0],
@@ -1483,12 +1527,8 @@ impl Model {
                     Arch::Llama(c) => c.num_attention_heads,
                     Arch::Gemma(c) => c.num_attention_heads,
                 };
-                let dims = (
-                    self.config.hidden_size(),
-                    heads,
-                    self.config.num_layers() as i64,
-                );
-                let mut config = cfg.to_peft(base, task, dims);
+                let dims = (self.config.hidden_size(), heads);
+                let mut config = cfg.to_peft(base, task, dims, self.config.prefix_shape());
                 config["modules_to_save"] = serde_json::json!(to_save);
                 config
             }

@@ -212,6 +212,7 @@ mod tests {
         let prompt = PromptTuningConfig {
             num_virtual_tokens: 3,
             init: PromptInit::Random,
+            kind: Default::default(),
         };
         let gemma2 = json!({"model_type": "gemma2", "vocab_size": 23, "hidden_size": 16,
             "intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 4,

@@ -227,6 +227,7 @@ fn adapters_report(dir: &Path) {
         ),
         ("qlora-save", "the same on a 4-bit base (NF4, nested)"),
         ("prompt", "prompt tuning, 16 tokens"),
+        ("prefix", "prefix tuning, 16 tokens in every layer"),
     ] {
         let summary = read_json(&dir.join(format!("{method}.json")));
         let time = read_json(&dir.join(format!("{method}.time")));
