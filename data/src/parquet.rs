@@ -64,12 +64,9 @@ fn group(row: &Row, ty: Option<&Type>) -> Result<Map<String, Value>, Failure> {
         .collect()
 }
 
+/// `name` then the path below it (`messages` + `[0].role`, `a` + `b` → `a.b`).
 fn join(name: &str, path: &str) -> String {
-    if path.is_empty() || path.starts_with('[') {
-        format!("{name}{path}")
-    } else {
-        format!("{name}.{path}")
-    }
+    format!("{name}{}", dot(path))
 }
 
 fn value(field: &Field, ty: Option<&Type>) -> Result<Value, Failure> {

@@ -264,6 +264,18 @@ fn at_line(path: &Path, line: usize, message: impl Into<String>) -> DataError {
     }
 }
 
+/// The row object `text` holds, at `line` of `path`.
+fn object_at(path: &Path, line: usize, text: &str) -> Result<Map<String, Value>> {
+    match serde_json::from_str(text).map_err(|e| at_line(path, line, "invalid JSON").because(e))? {
+        Value::Object(object) => Ok(object),
+        other => Err(at_line(
+            path,
+            line,
+            format!("expected a JSON object, got {}", type_name(&other)),
+        )),
+    }
+}
+
 /// A JSON file: one array of row objects when it starts with `[` (each row named by the
 /// line it starts on), else JSON Lines, as `datasets`' json loader reads both.
 fn read_json(
@@ -319,16 +331,7 @@ fn read_lines(
         if text.is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| at_line(path, line, "invalid JSON").because(e))?;
-        let Value::Object(object) = value else {
-            return Err(at_line(
-                path,
-                line,
-                format!("expected a JSON object, got {}", type_name(&value)),
-            ));
-        };
-        each(Place::Line(line), object)?;
+        each(Place::Line(line), object_at(path, line, text)?)?;
     }
 }
 
@@ -357,16 +360,7 @@ fn read_array(
         let offset = item.get().as_ptr() as usize - text.as_ptr() as usize;
         line += text[seen..offset].matches('\n').count();
         seen = offset;
-        let value: Value = serde_json::from_str(item.get())
-            .map_err(|e| at_line(path, line, "invalid JSON").because(e))?;
-        let Value::Object(object) = value else {
-            return Err(at_line(
-                path,
-                line,
-                format!("expected a JSON object, got {}", type_name(&value)),
-            ));
-        };
-        each(Place::Line(line), object)?;
+        each(Place::Line(line), object_at(path, line, item.get())?)?;
     }
     Ok(())
 }
