@@ -82,7 +82,14 @@ impl ChatTemplate {
                 Ok(out)
             },
         );
-        env.add_template_owned("chat", source.to_string())
+        // transformers' `{% generation %}…{% endgeneration %}` (the assistant-token markers of
+        // training templates, TRL's `*_training.jinja`) renders its body as it is.
+        let markers = regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}").expect("valid");
+        let source = markers.replace_all(source, |c: &regex::Captures| match c.get(2) {
+            None => format!("{{%{} if true {}%}}", &c[1], &c[3]),
+            Some(_) => format!("{{%{} endif {}%}}", &c[1], &c[3]),
+        });
+        env.add_template_owned("chat", source.into_owned())
             .map_err(|e| format!("chat_template does not parse: {e}"))?;
         Ok(ChatTemplate { env })
     }
@@ -193,6 +200,22 @@ mod tests {
             .unwrap();
         let theirs = String::from_utf8(out.stdout).unwrap();
         assert_eq!(ours, theirs.trim_end());
+    }
+
+    /// transformers' `{% generation %}` markers (TRL's training templates) render their body.
+    #[test]
+    fn generation_markers_render_their_body() {
+        let t = ChatTemplate::new("{% for m in messages %}{%- if m.role == 'assistant' -%}{% generation %}[{{ m.content }}]{% endgeneration %}{%- else -%}{{ m.content }}{%- endif -%}{% endfor %}").unwrap();
+        let text = t
+            .render(
+                &[msg("user", "q"), msg("assistant", "a")],
+                &TemplateArgs::default(),
+                false,
+                ("", ""),
+                &Default::default(),
+            )
+            .unwrap();
+        assert_eq!(text, "q[a]");
     }
 
     /// Templates see `tools` and every message field (Qwen2.5-style tool calls).

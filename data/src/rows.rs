@@ -115,6 +115,12 @@ impl<T> std::ops::Deref for Rows<T> {
     }
 }
 
+impl<T> std::ops::DerefMut for Rows<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.items
+    }
+}
+
 impl<T> Rows<T> {
     pub fn into_vec(self) -> Vec<T> {
         self.items

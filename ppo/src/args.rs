@@ -140,6 +140,25 @@ pub struct TrainArgs {
     /// Seconds to wait for each answer of --reward-command.
     #[arg(long, default_value_t = 60.0)]
     pub reward_timeout: f64,
+    /// Tools the responses may call (TRL's `GRPOTrainer(tools=…)`): `sh -c CMD` started
+    /// once, one {"name", "arguments"} JSON line per call on its stdin, one {"result": …} or
+    /// {"error": "…"} line back each. A response that calls tools (in its chat template's
+    /// tool-call form) gets their results appended as `tool` messages and continues;
+    /// the results' tokens are kept out of every loss. Critic-free estimators only.
+    #[arg(long)]
+    pub tool_command: Option<String>,
+    /// The tools' schemas, a JSON list as `apply_chat_template(tools=…)` takes them
+    /// ([{"type": "function", "function": {"name", "description", "parameters"}}]),
+    /// rendered into every prompt that has no `tools` of its own.
+    #[arg(long)]
+    pub tools: Option<PathBuf>,
+    /// Most rounds of tool calls in one response (TRL's `max_tool_calling_iterations`;
+    /// default: no limit but --response-length).
+    #[arg(long)]
+    pub max_tool_calling_iterations: Option<usize>,
+    /// Seconds to wait for each answer of --tool-command.
+    #[arg(long, default_value_t = 60.0)]
+    pub tool_timeout: f64,
     /// exact-answer: a regular expression whose first capture group is the answer
     /// (default: the text after the last "The answer is").
     #[arg(long)]
@@ -752,6 +771,16 @@ impl TrainArgs {
                 "--normalize-advantages needs --advantage-estimator rloo (grpo scales with --scale-rewards; gae and reinforce-plus-plus whiten)",
             ),
             (self.reward_timeout > 0.0, "--reward-timeout must be > 0"),
+            (self.tool_timeout > 0.0, "--tool-timeout must be > 0"),
+            (
+                self.tool_command.is_some()
+                    || (self.tools.is_none() && self.max_tool_calling_iterations.is_none()),
+                "--tools and --max-tool-calling-iterations need --tool-command (the program that runs the tools)",
+            ),
+            (
+                self.tool_command.is_none() || self.advantage_estimator != EstimatorName::Gae,
+                "--tool-command needs a critic-free --advantage-estimator (grpo, dr-grpo, rloo or reinforce-plus-plus): GAE's values would run across the tool results inside a response",
+            ),
             (
                 self.sampling_correction.is_none()
                     || !matches!(self.policy_loss, PolicyLossName::Vespo | PolicyLossName::Gmpo),

@@ -8,7 +8,9 @@
 pub mod args;
 mod log;
 pub mod math;
+mod program;
 pub mod reward_fn;
 pub mod rollout;
+pub mod tools;
 pub mod train;
 pub mod update;

@@ -59,13 +59,12 @@ pub fn kl_per_token(
     kl * mask.to_kind(Kind::Float)
 }
 
-/// Index of the last real token of each row (`[B]`); rows with no token give 0.
+/// Index of the last real token of each row (`[B]`); rows with no token give 0. A mask
+/// may have holes (tool results inside a response): the last 1 counts, not the count.
 fn last_index(mask: &Tensor) -> Tensor {
-    (mask
-        .to_kind(Kind::Int64)
-        .sum_dim_intlist([1].as_slice(), false, Kind::Int64)
-        - 1)
-    .clamp_min(0)
+    let t = mask.size()[1];
+    let positions = Tensor::arange(t, (Kind::Int64, mask.device())) + 1;
+    ((mask.to_kind(Kind::Int64) * positions).amax([1].as_slice(), false) - 1).clamp_min(0)
 }
 
 /// Rewards per token: `−β · kl` everywhere, plus the sequence's `score` on its last real
@@ -276,8 +275,11 @@ pub fn returns_to_go(rewards: &Tensor, mask: &Tensor, gamma: f64) -> Tensor {
     let mut running = Tensor::zeros_like(&rewards.select(1, 0));
     let mut out = Vec::with_capacity(t as usize);
     for i in (0..t).rev() {
-        running = (rewards.select(1, i) + gamma * &running) * mask_f.select(1, i);
-        out.push(running.shallow_clone());
+        // A token outside the mask passes the return through (a tool result inside a
+        // response is not a step); after the response it stays 0.
+        let m = mask_f.select(1, i);
+        running = (rewards.select(1, i) + gamma * &running) * &m + &running * (1.0 - &m);
+        out.push(&running * &m);
     }
     out.reverse();
     Tensor::stack(&out, 1)
@@ -1340,6 +1342,25 @@ mod tests {
             }
         }
         assert!((non_score.sum(Kind::Float).double_value(&[]) + 0.55).abs() < 1e-6);
+    }
+
+    /// A response with a tool result inside it (mask holes): the score goes on the last
+    /// sampled token, not at the count of ones; the return to go passes through the hole
+    /// unchanged and stays 0 after the response; an empty row scores nowhere.
+    #[test]
+    fn masks_with_holes_score_the_last_sampled_token() {
+        let mask = t(&[&[1., 0., 0., 1., 0.], &[0., 0., 0., 0., 0.]]);
+        let kl = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));
+        let scores = Tensor::from_slice(&[2.0f32, 5.0]);
+        let (rewards, _) = shaped_rewards(&kl, &scores, &mask, 0.1);
+        let r = to_vec(&rewards);
+        assert_eq!(r[0], [0., 0., 0., 2., 0.]);
+        assert_eq!(r[1], [0.; 5]);
+        let rewards = t(&[&[1., 7., 7., 2., 7.], &[1., 1., 1., 1., 1.]]);
+        let to_go = to_vec(&returns_to_go(&rewards, &mask, 0.5));
+        // Position 0: 1 + 0.5 · (return at the next sampled token, 2) = 2.
+        assert_eq!(to_go[0], [2., 0., 0., 2., 0.]);
+        assert_eq!(to_go[1], [0.; 5]);
     }
 
     /// Off-policy sequence masking (DeepSeek-V3.2, TRL's `get_off_policy_mask`): a response

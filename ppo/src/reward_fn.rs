@@ -28,18 +28,16 @@
 //! }
 //! ```
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use common::scoring::{score_sequences, Normalization};
 use common::Model;
 use data::formats::PromptFields;
 use data::Tokenizer;
 use regex::Regex;
+
+use crate::program::LineProgram;
 
 /// One rollout batch as the reward sees it.
 pub struct RewardInput<'a> {
@@ -356,135 +354,58 @@ impl RewardFunction for ExactAnswer {
 /// run's. A crash, a malformed or missing line, or no answer within the timeout is an
 /// error naming the command and the row.
 pub struct RewardCommand {
-    command: String,
+    program: LineProgram,
     tokenizer: Tokenizer,
-    timeout: Duration,
-    io: Mutex<CommandIo>,
-}
-
-struct CommandIo {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<std::io::Result<String>>,
 }
 
 impl RewardCommand {
     pub fn start(command: &str, tokenizer: Tokenizer, timeout: Duration) -> Result<Self> {
-        let mut child = Command::new("sh")
-            .args(["-c", command])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("--reward-command '{command}': cannot start it"))?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().expect("piped");
-        // A reader thread, so that waiting for an answer can time out.
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         Ok(RewardCommand {
-            command: command.to_string(),
+            program: LineProgram::start(
+                ("--reward-command", "--reward-timeout"),
+                command,
+                timeout,
+            )?,
             tokenizer,
-            timeout,
-            io: Mutex::new(CommandIo {
-                child,
-                stdin,
-                lines,
-            }),
         })
-    }
-
-    fn fail(&self, io: &mut CommandIo, row: usize, what: String) -> anyhow::Error {
-        let status = match io.child.try_wait() {
-            Ok(Some(status)) => format!(" (it exited: {status})"),
-            _ => String::new(),
-        };
-        anyhow!(
-            "--reward-command '{}': response {row} of the batch: {what}{status}",
-            self.command
-        )
     }
 }
 
 impl RewardFunction for RewardCommand {
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
-        let mut io = self.io.lock().expect("not poisoned");
-        let mut request = String::new();
-        for ((prompt, text), fields) in input.prompts.iter().zip(input.texts).zip(input.fields) {
-            let mut row = fields.clone();
-            row.insert("prompt".into(), self.tokenizer.decode(prompt, true).into());
-            row.insert("response".into(), text.clone().into());
-            request.push_str(&serde_json::Value::Object(row).to_string());
-            request.push('\n');
-        }
-        let sent = io.stdin.as_mut().map(|stdin| {
-            stdin
-                .write_all(request.as_bytes())
-                .and_then(|()| stdin.flush())
-        });
-        if !matches!(sent, Some(Ok(()))) {
-            return Err(self.fail(&mut io, 0, "cannot write to it".into()));
-        }
-        let mut rewards = Vec::with_capacity(input.texts.len());
-        for row in 0..input.texts.len() {
-            let line = match io.lines.recv_timeout(self.timeout) {
-                Ok(Ok(line)) => line,
-                Ok(Err(e)) => {
-                    return Err(self.fail(&mut io, row, format!("cannot read its output: {e}")))
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = io.child.kill();
-                    return Err(self.fail(
-                        &mut io,
-                        row,
-                        format!(
-                            "no answer within --reward-timeout {} s",
-                            self.timeout.as_secs_f64()
-                        ),
-                    ));
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let _ = io.child.wait();
-                    return Err(self.fail(
-                        &mut io,
-                        row,
-                        "its output ended before this answer".into(),
-                    ));
-                }
-            };
-            let reward = serde_json::from_str::<serde_json::Value>(&line)
-                .ok()
-                .and_then(|v| v.get("reward").and_then(serde_json::Value::as_f64))
-                .filter(|r| r.is_finite());
-            match reward {
-                Some(r) => rewards.push(r),
-                None => {
-                    let shown: String = line.chars().take(80).collect();
-                    return Err(self.fail(
-                        &mut io,
-                        row,
-                        format!("expected a line {{\"reward\": <finite number>}}, got '{shown}'"),
-                    ));
-                }
-            }
-        }
-        Ok(rewards)
-    }
-}
-
-impl Drop for RewardCommand {
-    fn drop(&mut self) {
-        if let Ok(io) = self.io.get_mut() {
-            drop(io.stdin.take()); // EOF: a well-behaved command exits
-            let _ = io.child.kill();
-            let _ = io.child.wait();
-        }
+        let requests: Vec<serde_json::Value> = input
+            .prompts
+            .iter()
+            .zip(input.texts)
+            .zip(input.fields)
+            .map(|((prompt, text), fields)| {
+                let mut row = fields.clone();
+                row.insert("prompt".into(), self.tokenizer.decode(prompt, true).into());
+                row.insert("response".into(), text.clone().into());
+                serde_json::Value::Object(row)
+            })
+            .collect();
+        let name = |row: usize| format!("response {row} of the batch");
+        let lines = self.program.ask(&requests, &name)?;
+        lines
+            .iter()
+            .enumerate()
+            .map(|(row, line)| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("reward").and_then(serde_json::Value::as_f64))
+                    .filter(|r| r.is_finite())
+                    .ok_or_else(|| {
+                        let shown: String = line.chars().take(80).collect();
+                        self.program.error(
+                            &name(row),
+                            &format!(
+                                "expected a line {{\"reward\": <finite number>}}, got '{shown}'"
+                            ),
+                        )
+                    })
+            })
+            .collect()
     }
 }
 

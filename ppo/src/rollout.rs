@@ -3,7 +3,7 @@
 //! (no gradient), and the whole response under the reward.
 
 use anyhow::Result;
-use common::generate::{generate_rows, FinishReason, Generation, SamplingConfig};
+use common::generate::{generate_picked, generate_rows, FinishReason, Generation, SamplingConfig};
 use common::models::adapter::without_adapters;
 use common::models::TokenSpec;
 use common::Model;
@@ -11,6 +11,7 @@ use data::Tokenizer;
 use tch::{Kind, Tensor};
 
 use crate::reward_fn::{RewardInput, RewardSource};
+use crate::tools::{Segment, ToolFormat, ToolLoop, ToolResponse, ToolRunner, ToolStats};
 use data::formats::PromptFields;
 
 /// Everything PPO needs of one batch, `[B, N]` over response tokens unless noted.
@@ -50,6 +51,8 @@ pub struct Rollout {
     pub logprob_check: f64,
     /// With `--filter-groups`: how many batches of prompts were sampled to fill it.
     pub gen_batches: Option<usize>,
+    /// With tools: how many calls the responses made, and how many failed.
+    pub tool_stats: Option<ToolStats>,
 }
 
 /// `[B, N]` log-probs (at `temperature`) and entropies of the response tokens; the
@@ -108,6 +111,18 @@ pub struct RolloutModels<'a> {
     pub critic: Option<&'a Model>,
     pub rewards: &'a [RewardSource<'a>],
     pub tokenizer: &'a Tokenizer,
+    /// `--tool-command`: responses may call tools ([`crate::tools`]).
+    pub tools: Option<&'a Tools>,
+}
+
+/// The tools responses may call, and how.
+pub struct Tools {
+    pub format: ToolFormat,
+    pub runner: Box<dyn ToolRunner>,
+    /// `--max-tool-calling-iterations`.
+    pub max_iterations: usize,
+    /// The longest sequence the policy's positions hold.
+    pub max_len: usize,
 }
 
 /// Each source's mean and std.
@@ -185,8 +200,6 @@ impl RewardView {
         generated: &Generation,
         tokenizer: &Tokenizer,
     ) -> Result<Self> {
-        let prompt_rows = Vec::<Vec<i64>>::try_from(prompt_ids.to_device(tch::Device::Cpu))?;
-        let prompt_masks = Vec::<Vec<i64>>::try_from(prompt_mask.to_device(tch::Device::Cpu))?;
         let response_rows =
             Vec::<Vec<i64>>::try_from(generated.tokens.to_device(tch::Device::Cpu))?;
         let ended_with_eos: Vec<bool> = generated
@@ -194,17 +207,7 @@ impl RewardView {
             .iter()
             .map(|f| *f == FinishReason::Eos)
             .collect();
-        let prompts = prompt_rows
-            .iter()
-            .zip(&prompt_masks)
-            .map(|(r, m)| {
-                r.iter()
-                    .zip(m)
-                    .filter(|(_, &m)| m == 1)
-                    .map(|(&t, _)| t)
-                    .collect()
-            })
-            .collect();
+        let prompts = unpadded(prompt_ids, prompt_mask)?;
         let responses: Vec<Vec<i64>> = response_rows
             .iter()
             .zip(&generated.lengths)
@@ -222,6 +225,137 @@ impl RewardView {
             ended_with_eos,
         })
     }
+}
+
+/// Each row of left-padded `ids` without its padding.
+fn unpadded(ids: &Tensor, mask: &Tensor) -> Result<Vec<Vec<i64>>> {
+    let rows = Vec::<Vec<i64>>::try_from(ids.to_device(tch::Device::Cpu))?;
+    let masks = Vec::<Vec<i64>>::try_from(mask.to_device(tch::Device::Cpu).to_kind(Kind::Int64))?;
+    Ok(rows
+        .iter()
+        .zip(&masks)
+        .map(|(r, m)| {
+            r.iter()
+                .zip(m)
+                .filter(|(_, &m)| m == 1)
+                .map(|(&t, _)| t)
+                .collect()
+        })
+        .collect())
+}
+
+/// Each row of a generation as a segment: its tokens and log-probs up to its length.
+fn segments(g: &Generation) -> Result<Vec<Segment>> {
+    let tokens = Vec::<Vec<i64>>::try_from(g.tokens.to_device(tch::Device::Cpu))?;
+    let logprobs =
+        Vec::<Vec<f32>>::try_from(g.logprobs.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;
+    Ok(tokens
+        .into_iter()
+        .zip(logprobs)
+        .zip(g.lengths.iter().zip(&g.finish))
+        .map(|((t, lp), (&len, finish))| Segment {
+            ids: t[..len as usize].to_vec(),
+            logprobs: lp[..len as usize].to_vec(),
+            eos: *finish == FinishReason::Eos,
+        })
+        .collect())
+}
+
+/// The seed of a tool loop's `iteration`-th round of continuations.
+fn continuation_seed(seed: u64, iteration: usize) -> u64 {
+    seed.wrapping_add((iteration as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// `generated` carried through the tool loop: the whole responses (tool results included)
+/// as one generation, their tool masks (`[B, N]`, 1 on sampled tokens) and the loop's
+/// counts.
+fn with_tools(
+    models: &RolloutModels,
+    tools: &Tools,
+    (prompt_ids, prompt_mask): (&Tensor, &Tensor),
+    generated: Generation,
+    opts: &RolloutOptions,
+) -> Result<(Generation, Tensor, ToolStats)> {
+    let prompts = unpadded(prompt_ids, prompt_mask)?;
+    let device = generated.tokens.device();
+    let (mask_kind, pad_id) = (generated.mask.kind(), opts.sampling.pad_id);
+    let chunk = opts.generation_batch.unwrap_or(prompts.len());
+    let looped = ToolLoop {
+        format: tools.format,
+        tokenizer: models.tokenizer,
+        runner: &*tools.runner,
+        budget: opts.sampling.max_new_tokens as usize,
+        max_len: tools.max_len,
+        max_iterations: tools.max_iterations,
+    };
+    let mut continue_rows = |rows: &[usize], continued: &[Vec<i64>], iteration, max_new| {
+        let refs: Vec<&[i64]> = continued.iter().map(Vec::as_slice).collect();
+        let batch = data::prompts::collate_left(&refs, pad_id, device);
+        let cfg = SamplingConfig {
+            max_new_tokens: max_new as i64,
+            seed: continuation_seed(opts.sampling.seed, iteration),
+            ..opts.sampling.clone()
+        };
+        let global: Vec<i64> = rows.iter().map(|&r| opts.rows.0 + r as i64).collect();
+        let g = generate_picked(
+            models.policy,
+            &batch.input_ids,
+            &batch.attention_mask,
+            &cfg,
+            chunk,
+            (&global, opts.rows.1),
+        );
+        segments(&g)
+    };
+    let (responses, stats) = looped.run(&prompts, segments(&generated)?, &mut continue_rows)?;
+    let width = responses
+        .iter()
+        .map(|r| r.ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let rows = responses.len() as i64;
+    let padded = |f: &dyn Fn(&ToolResponse) -> Vec<f32>, fill: f32| {
+        let flat: Vec<f32> = responses
+            .iter()
+            .flat_map(|r| {
+                let mut v = f(r);
+                v.resize(width, fill);
+                v
+            })
+            .collect();
+        Tensor::from_slice(&flat)
+            .view([rows, width as i64])
+            .to_device(device)
+    };
+    let ids: Vec<i64> = responses
+        .iter()
+        .flat_map(|r| {
+            let mut v = r.ids.clone();
+            v.resize(width, pad_id);
+            v
+        })
+        .collect();
+    let generation = Generation {
+        tokens: Tensor::from_slice(&ids)
+            .view([rows, width as i64])
+            .to_device(device),
+        mask: padded(&|r| vec![1.0; r.ids.len()], 0.0).to_kind(mask_kind),
+        logprobs: padded(&|r| r.logprobs.clone(), 0.0),
+        lengths: responses.iter().map(|r| r.ids.len() as i64).collect(),
+        finish: responses
+            .iter()
+            .map(|r| match r.eos {
+                true => FinishReason::Eos,
+                false => FinishReason::Length,
+            })
+            .collect(),
+    };
+    let sampled = padded(
+        &|r| r.sampled.iter().map(|&s| f32::from(u8::from(s))).collect(),
+        0.0,
+    );
+    Ok((generation, sampled, stats))
 }
 
 /// Log-probs and entropies under the policy, log-probs under the reference, values.
@@ -288,6 +422,9 @@ pub struct Sampled {
     pub source_stats: SourceStats,
     /// `[source][row]`, before weighting.
     pub by_source: Vec<Vec<f64>>,
+    /// With tools: 1 on the tokens the policy sampled, 0 on tool results (`[B, N]`, f32).
+    pub tool_mask: Option<Tensor>,
+    pub tool_stats: Option<ToolStats>,
 }
 
 impl Sampled {
@@ -324,6 +461,8 @@ impl Sampled {
             scores: pick(&self.scores),
             source_stats: stats_of(&self.source_stats, &by_source),
             by_source,
+            tool_mask: self.tool_mask.as_ref().map(|m| m.index_select(0, &index)),
+            tool_stats: self.tool_stats,
         }
     }
 
@@ -379,6 +518,22 @@ impl Sampled {
             scores: parts.iter().flat_map(|p| p.scores.clone()).collect(),
             source_stats,
             by_source,
+            tool_mask: parts.iter().all(|p| p.tool_mask.is_some()).then(|| {
+                Tensor::cat(
+                    &parts
+                        .iter()
+                        .map(|p| pad(p.tool_mask.as_ref().expect("all have one"), 0))
+                        .collect::<Vec<_>>(),
+                    0,
+                )
+            }),
+            tool_stats: parts
+                .iter()
+                .filter_map(|p| p.tool_stats)
+                .reduce(|a, b| ToolStats {
+                    calls: a.calls + b.calls,
+                    failures: a.failures + b.failures,
+                }),
         }
     }
 }
@@ -402,6 +557,14 @@ pub fn sample_and_reward(
         opts.generation_batch.unwrap_or(rows),
         opts.rows,
     );
+    let (generated, tool_mask, tool_stats) = match models.tools {
+        None => (generated, None, None),
+        Some(tools) => {
+            let (g, mask, stats) =
+                with_tools(models, tools, (prompt_ids, prompt_mask), generated, opts)?;
+            (g, Some(mask), Some(stats))
+        }
+    };
     let seen = RewardView::of(prompt_ids, prompt_mask, &generated, models.tokenizer)?;
     let input = RewardInput {
         prompts: &seen.prompts,
@@ -427,6 +590,8 @@ pub fn sample_and_reward(
         scores,
         source_stats,
         by_source,
+        tool_mask,
+        tool_stats,
     })
 }
 
@@ -464,7 +629,11 @@ pub fn score_sampled(
     let generated = sampled.generated;
     let rows = prompt_ids.size()[0];
     let prompt_len = prompt_ids.size()[1];
-    let mask = generated.mask.to_kind(Kind::Float);
+    // The loss mask: sampled tokens only (tool results are read, not sampled).
+    let mask = match &sampled.tool_mask {
+        Some(tools) => generated.mask.to_kind(Kind::Float) * tools,
+        None => generated.mask.to_kind(Kind::Float),
+    };
     let full_ids = Tensor::cat(
         &[
             prompt_ids.to_device(device),
@@ -517,5 +686,6 @@ pub fn score_sampled(
         texts: sampled.texts,
         logprob_check,
         gen_batches: None,
+        tool_stats: sampled.tool_stats,
     }
 }

@@ -35,8 +35,9 @@ use crate::reward_fn::{
 };
 use crate::rollout::{
     rollout, sample_and_reward, score_sampled, RefModel, Rollout, RolloutModels, RolloutOptions,
-    Sampled,
+    Sampled, Tools,
 };
+use crate::tools::{ToolCommand, ToolFormat};
 use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
 use data::formats::PromptFields;
 
@@ -279,12 +280,29 @@ fn read_data(
     Ok((prompts, ptx))
 }
 
+/// `--tools FILE`: a JSON list of tool schemas.
+fn read_tools(file: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--tools {}: cannot read it", file.display()))?;
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v @ serde_json::Value::Array(_)) => Ok(v),
+        Ok(_) => bail!("--tools {}: not a JSON list of tool schemas ([{{\"type\": \"function\", \"function\": {{…}}}}, …])", file.display()),
+        Err(e) => bail!("--tools {}: invalid JSON: {e}", file.display()),
+    }
+}
+
 /// The prompts of `path` (`--prompts`, `--eval-prompts`), cut to `--max-prompt-length`
 /// (keeping their end) and to what the policy's position table holds.
 fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) -> Result<Prompts> {
     let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
     let max_prompt_length = args.max_prompt_length.min(room);
-    let rows = data::read_prompts_with_fields(path)?;
+    let mut rows = data::read_prompts_with_fields(path)?;
+    if let Some(file) = &args.tools {
+        let tools = read_tools(file)?;
+        for (prompt, _) in rows.iter_mut() {
+            prompt.template.tools.get_or_insert_with(|| tools.clone());
+        }
+    }
     if args.reads_answers() {
         if let Some(i) = rows.iter().position(|(_, f)| row_answer(f).is_none()) {
             return Err(rows
@@ -348,6 +366,8 @@ struct Ppo<'a> {
     kl_ctl: KlController,
     entropy: EntropyController,
     eos_ids: Vec<i64>,
+    /// `--tool-command`'s tools.
+    tools: Option<Tools>,
 }
 
 /// The reference the KL penalty measures against, as the run holds it.
@@ -505,6 +525,21 @@ impl<'a> Ppo<'a> {
             None
         };
         let ((prompts, fields), ptx_rows) = read_data(args, &tok, &policy)?;
+        let tools = args
+            .tool_command
+            .as_deref()
+            .map(|command| -> Result<Tools> {
+                Ok(Tools {
+                    format: ToolFormat::of(&tok)?,
+                    runner: Box::new(ToolCommand::start(
+                        command,
+                        std::time::Duration::from_secs_f64(args.tool_timeout),
+                    )?),
+                    max_iterations: args.max_tool_calling_iterations.unwrap_or(usize::MAX),
+                    max_len: policy.max_positions().unwrap_or(usize::MAX),
+                })
+            })
+            .transpose()?;
         let eval_prompts = args
             .eval_prompts
             .as_deref()
@@ -564,6 +599,7 @@ impl<'a> Ppo<'a> {
                 horizon: args.kl_horizon,
             },
             entropy: args.entropy_controller(),
+            tools,
         })
     }
 
@@ -945,6 +981,7 @@ impl<'a> Ppo<'a> {
             critic,
             rewards: &sources,
             tokenizer: &self.tok,
+            tools: self.tools.as_ref(),
         };
         f(&models)
     }

@@ -123,13 +123,41 @@ pub fn generate_rows(
     chunk: usize,
     (offset, total): (i64, i64),
 ) -> Generation {
+    let b = prompt_ids.size()[0];
+    let uniforms = draw_uniforms(cfg, total).narrow(1, offset, b);
+    generate_with(model, prompt_ids, prompt_mask, cfg, chunk, uniforms)
+}
+
+/// [`generate_in_chunks`] for the rows `rows` (in that order) of a batch of `total` rows:
+/// each row gets the uniforms it has in the whole batch (a tool loop's continuations of
+/// some rows).
+pub fn generate_picked(
+    model: &Model,
+    prompt_ids: &Tensor,
+    prompt_mask: &Tensor,
+    cfg: &SamplingConfig,
+    chunk: usize,
+    (rows, total): (&[i64], i64),
+) -> Generation {
+    let uniforms = draw_uniforms(cfg, total).index_select(1, &Tensor::from_slice(rows));
+    generate_with(model, prompt_ids, prompt_mask, cfg, chunk, uniforms)
+}
+
+/// Blocks of at most `chunk` rows, each row sampled with its column of `uniforms` (`[N, B]`).
+fn generate_with(
+    model: &Model,
+    prompt_ids: &Tensor,
+    prompt_mask: &Tensor,
+    cfg: &SamplingConfig,
+    chunk: usize,
+    uniforms: Tensor,
+) -> Generation {
     let stop_check = if model.device().is_cuda() {
         STOP_CHECK
     } else {
         1
     };
     let (b, chunk) = (prompt_ids.size()[0], chunk.max(1));
-    let uniforms = draw_uniforms(cfg, total).narrow(1, offset, b);
     let parts: Vec<Generation> = (0..b)
         .step_by(chunk)
         .map(|start| {

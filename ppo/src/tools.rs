@@ -1,0 +1,383 @@
+//! Tool calling in rollouts, as TRL 1.16's `GRPOTrainer(tools=…)` does it: the policy
+//! answers; where its answer calls tools (in the chat template's own tool-call form), the
+//! calls are run, their results are appended as `tool` messages rendered by the chat
+//! template, and the policy continues from there — up to `--max-tool-calling-iterations`
+//! times, within `--response-length` tokens in all. The tool results' tokens are part of
+//! the response the policy is scored on but not tokens it sampled: the tool mask keeps
+//! them out of every loss, KL and advantage (TRL's `tool_mask`).
+//!
+//! Tools are run by `--tool-command`, a long-lived program that reads one JSON line per
+//! call, `{"name": …, "arguments": {…}}`, and answers each with one line,
+//! `{"result": …}` or `{"error": "…"}` (a call to a tool it does not have included: TRL
+//! answers those with `{"error": "Tool NAME not found."}`). The tools' schemas (`--tools FILE`, or each prompt
+//! row's `tools`) are rendered into the prompt by the chat template, as
+//! `apply_chat_template(tools=…)` does.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use data::formats::{Message, TemplateArgs};
+use data::Tokenizer;
+use serde_json::{json, Map, Value};
+
+use crate::program::LineProgram;
+
+/// One call the policy made: a function name and its arguments (a JSON object).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: Map<String, Value>,
+}
+
+impl ToolCall {
+    /// The call as an assistant message's `tool_calls` entry.
+    fn to_message_value(&self) -> Value {
+        json!({"type": "function", "function": {"name": self.name, "arguments": self.arguments}})
+    }
+}
+
+/// How a chat template writes a tool call, the forms TRL's `add_response_schema` parses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>{"name": …, "arguments": {…}}</tool_call>` blocks, text around them being
+    /// the message's content (Qwen2.5, Qwen3, Hermes; TRL's `qwen3_schema`).
+    Hermes,
+    /// The whole answer one JSON object `{"name": …, "parameters": {…}}` (Llama 3.1/3.2;
+    /// TRL's `llama3_schema`).
+    Llama3,
+}
+
+impl ToolFormat {
+    /// The form `tok`'s chat template writes: a conversation with one tool call and its
+    /// result is rendered, and the call's text recognised.
+    pub fn of(tok: &Tokenizer) -> Result<ToolFormat> {
+        let probe = ToolCall {
+            name: "probe_tool".into(),
+            arguments: Map::from_iter([("probe_argument".into(), json!(1))]),
+        };
+        let messages = vec![
+            Message::new("user", "q"),
+            assistant_calling(std::slice::from_ref(&probe)),
+            tool_message("probe_tool", "probe_result"),
+        ];
+        let text = tok
+            .render_chat(&messages, &TemplateArgs::default(), false)
+            .map_err(|e| anyhow::anyhow!("--tool-command: the chat template cannot render a tool-calling conversation (user, assistant with tool_calls, tool): {e}"))?;
+        if !text.contains("probe_result") {
+            bail!("--tool-command: the chat template does not render tool results (a 'tool' message's content is missing from its text)");
+        }
+        let format = if text.contains("<tool_call>") {
+            ToolFormat::Hermes
+        } else if text.contains("\"parameters\"") {
+            ToolFormat::Llama3
+        } else {
+            bail!("--tool-command: the chat template writes tool calls in a form this version does not parse (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, and Llama 3.1's bare {{\"name\", \"parameters\"}} JSON)")
+        };
+        // Results are appended to the tokens sampled so far: the template must render a
+        // conversation's start the same whatever follows (TRL swaps such templates for its
+        // training variants).
+        suffix_ids(tok, &[("probe_tool".into(), "probe_result".into())])?;
+        Ok(format)
+    }
+
+    /// The tool calls of an answer's text (its EOS removed), or `None` where it calls none or
+    /// a call is malformed: TRL then takes the whole answer as text (`parse_response`'s
+    /// fallback).
+    pub fn parse(self, text: &str) -> Option<Vec<ToolCall>> {
+        match self {
+            ToolFormat::Hermes => {
+                const OPEN: &str = "<tool_call>";
+                const CLOSE: &str = "</tool_call>";
+                let mut calls = vec![];
+                let mut rest = text;
+                while let Some(start) = rest.find(OPEN) {
+                    let after = &rest[start + OPEN.len()..];
+                    let end = after.find(CLOSE)?;
+                    calls.push(call_of(after[..end].trim(), "arguments")?);
+                    rest = &after[end + CLOSE.len()..];
+                }
+                (!calls.is_empty()).then_some(calls)
+            }
+            ToolFormat::Llama3 => {
+                let text = text.trim();
+                text.starts_with("{\"name\"")
+                    .then(|| call_of(text, "parameters"))
+                    .flatten()
+                    .map(|c| vec![c])
+            }
+        }
+    }
+}
+
+/// A call's JSON object: a string `name` and an object (or absent, or null: no arguments)
+/// under `arguments_key`.
+fn call_of(json: &str, arguments_key: &str) -> Option<ToolCall> {
+    let Value::Object(mut call) = serde_json::from_str::<Value>(json).ok()? else {
+        return None;
+    };
+    let Some(Value::String(name)) = call.remove("name") else {
+        return None;
+    };
+    let arguments = match call.remove(arguments_key) {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(a)) => a,
+        Some(_) => return None,
+    };
+    Some(ToolCall { name, arguments })
+}
+
+fn assistant_calling(calls: &[ToolCall]) -> Message {
+    let mut m = Message::new("assistant", "");
+    m.extra.insert(
+        "tool_calls".into(),
+        Value::Array(calls.iter().map(ToolCall::to_message_value).collect()),
+    );
+    m
+}
+
+fn tool_message(name: &str, content: &str) -> Message {
+    let mut m = Message::new("tool", content);
+    m.extra.insert("name".into(), name.into());
+    m
+}
+
+/// The tokens that follow an answer ending in EOS when `results` (`(tool name, content)`)
+/// are appended, up to the next assistant turn's generation prompt: TRL's
+/// `_get_tool_suffix_ids` (a dummy conversation rendered without and with the tool
+/// messages; the first cut after its last EOS).
+pub fn suffix_ids(tok: &Tokenizer, results: &[(String, String)]) -> Result<Vec<i64>> {
+    let call = ToolCall {
+        name: results[0].0.clone(),
+        arguments: Map::new(),
+    };
+    let mut messages = vec![Message::new("user", "dummy"), assistant_calling(&[call])];
+    let args = TemplateArgs::default();
+    let mut prefix = tok.encode(&tok.render_chat(&messages, &args, false)?, false)?;
+    messages.extend(results.iter().map(|(n, c)| tool_message(n, c)));
+    let full = tok.encode(&tok.render_chat(&messages, &args, true)?, false)?;
+    if let Some(eos) = tok.eos_id {
+        if let Some(last) = prefix.iter().rposition(|&t| t == eos) {
+            prefix.truncate(last + 1);
+        }
+    }
+    if !full.starts_with(&prefix) {
+        bail!("--tool-command: the chat template is not prefix-preserving (an answer calling tools renders differently once tool results follow it, as Qwen3's drops its empty think block): give one that is with --chat-template, such as TRL's qwen3_training.jinja");
+    }
+    Ok(full[prefix.len()..].to_vec())
+}
+
+/// Runs tool calls: `--tool-command`, or anything else in tests.
+pub trait ToolRunner {
+    /// Each call's result, or the error it gave (which the policy reads as the result).
+    fn run(&self, calls: &[ToolCall]) -> Result<Vec<std::result::Result<String, String>>>;
+}
+
+/// `--tool-command`: one `{"name", "arguments"}` line per call, one `{"result": …}` (a
+/// string is the content as it is, any other value its JSON) or `{"error": "…"}` line back.
+pub struct ToolCommand {
+    program: LineProgram,
+}
+
+impl ToolCommand {
+    pub fn start(command: &str, timeout: Duration) -> Result<Self> {
+        Ok(ToolCommand {
+            program: LineProgram::start(("--tool-command", "--tool-timeout"), command, timeout)?,
+        })
+    }
+}
+
+impl ToolRunner for ToolCommand {
+    fn run(&self, calls: &[ToolCall]) -> Result<Vec<std::result::Result<String, String>>> {
+        let requests: Vec<Value> = calls
+            .iter()
+            .map(|c| json!({"name": c.name, "arguments": c.arguments}))
+            .collect();
+        let name = |i: usize| format!("tool call {i} of the batch ({})", calls[i].name);
+        let lines = self.program.ask(&requests, &name)?;
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, line)| {
+                let answer = serde_json::from_str::<Value>(line).ok();
+                match answer.as_ref().and_then(Value::as_object) {
+                    Some(a) if a.contains_key("result") => Ok(Ok(match &a["result"] {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })),
+                    Some(a) if a.contains_key("error") => Ok(Err(match &a["error"] {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })),
+                    _ => {
+                        let shown: String = line.chars().take(80).collect();
+                        Err(self.program.error(
+                            &name(i),
+                            &format!("expected a line {{\"result\": …}} or {{\"error\": \"…\"}}, got '{shown}'"),
+                        ))
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// One sampled stretch of an answer: its tokens (the EOS included when it ended with one)
+/// and their log-probs at sampling.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Segment {
+    pub ids: Vec<i64>,
+    pub logprobs: Vec<f32>,
+    pub eos: bool,
+}
+
+/// A whole response after the tool loop: sampled segments with the tool results between
+/// them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ToolResponse {
+    pub ids: Vec<i64>,
+    pub logprobs: Vec<f32>,
+    /// 1 on sampled tokens, 0 on tool-result tokens.
+    pub sampled: Vec<bool>,
+    /// Whether its last segment ended with an EOS.
+    pub eos: bool,
+}
+
+/// What the loop did, for `tools/call_frequency` and `tools/failure_frequency`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ToolStats {
+    pub calls: usize,
+    pub failures: usize,
+}
+
+/// What the loop needs to know of the run.
+pub struct ToolLoop<'a> {
+    pub format: ToolFormat,
+    pub tokenizer: &'a Tokenizer,
+    pub runner: &'a dyn ToolRunner,
+    /// `--response-length`: the most tokens of a whole response, tool results included.
+    pub budget: usize,
+    /// The longest sequence the policy's positions hold.
+    pub max_len: usize,
+    pub max_iterations: usize,
+}
+
+/// `generate(rows, prompts, iteration, max_new)`: one segment for each of `rows`, continuing
+/// `prompts` (unpadded), at most `max_new` tokens.
+pub type Continue<'g> = dyn FnMut(&[usize], &[Vec<i64>], usize, usize) -> Result<Vec<Segment>> + 'g;
+
+impl ToolLoop<'_> {
+    /// TRL's `_tool_call_loop`: `first` are the answers to `prompts`; while some of the
+    /// latest segments call tools (and fewer than `max_iterations` rounds have run), the
+    /// calls are run, their results' tokens appended, and those rows continued. A row whose
+    /// results would not fit (`budget`, `max_len`) stops where it is, the results dropped.
+    pub fn run(
+        &self,
+        prompts: &[Vec<i64>],
+        first: Vec<Segment>,
+        generate: &mut Continue,
+    ) -> Result<(Vec<ToolResponse>, ToolStats)> {
+        let mut stats = ToolStats::default();
+        let mut calls: Vec<(usize, Vec<ToolCall>)> = vec![];
+        let mut out: Vec<ToolResponse> = first
+            .into_iter()
+            .enumerate()
+            .map(|(row, seg)| {
+                if let Some(c) = self.calls_of(&seg) {
+                    calls.push((row, c));
+                }
+                ToolResponse {
+                    sampled: vec![true; seg.ids.len()],
+                    ids: seg.ids,
+                    logprobs: seg.logprobs,
+                    eos: seg.eos,
+                }
+            })
+            .collect();
+        let mut iteration = 0;
+        while !calls.is_empty() && iteration < self.max_iterations {
+            let flat: Vec<ToolCall> = calls.iter().flat_map(|(_, c)| c.clone()).collect();
+            stats.calls += flat.len();
+            let mut results = self.runner.run(&flat)?.into_iter();
+            let mut rows = vec![];
+            let mut continued = vec![];
+            for (row, row_calls) in &calls {
+                let messages: Vec<(String, String)> = row_calls
+                    .iter()
+                    .map(|call| match results.next().expect("one result per call") {
+                        Ok(content) => (call.name.clone(), content),
+                        Err(e) => {
+                            stats.failures += 1;
+                            (call.name.clone(), json!({"error": e}).to_string())
+                        }
+                    })
+                    .collect();
+                let suffix = suffix_ids(self.tokenizer, &messages)?;
+                let r = &out[*row];
+                let used = r.ids.len() + suffix.len();
+                let whole = prompts[*row].len() + used;
+                if used > self.budget || whole >= self.max_len {
+                    continue; // TRL's overlong rule: the row ends with its answer as it is
+                }
+                let r = &mut out[*row];
+                r.ids.extend(&suffix);
+                r.logprobs.extend(std::iter::repeat_n(0.0, suffix.len()));
+                r.sampled.extend(std::iter::repeat_n(false, suffix.len()));
+                rows.push(*row);
+                continued.push([prompts[*row].as_slice(), &r.ids].concat());
+            }
+            if rows.is_empty() {
+                break;
+            }
+            let rooms: Vec<usize> = rows
+                .iter()
+                .map(|&r| self.budget - out[r].ids.len())
+                .collect();
+            // A row the results filled to the budget continues with nothing (TRL generates
+            // and cuts to nothing); the others are continued together.
+            let live: Vec<usize> = (0..rows.len()).filter(|&i| rooms[i] > 0).collect();
+            let mut segments = vec![Segment::default(); rows.len()];
+            if let Some(max_new) = live.iter().map(|&i| rooms[i]).max() {
+                let pick = |i: &usize| rows[*i];
+                let generated = generate(
+                    &live.iter().map(pick).collect::<Vec<_>>(),
+                    &live
+                        .iter()
+                        .map(|&i| continued[i].clone())
+                        .collect::<Vec<_>>(),
+                    iteration,
+                    max_new,
+                )?;
+                for (&i, seg) in live.iter().zip(generated) {
+                    segments[i] = seg;
+                }
+            }
+            calls.clear();
+            for ((&row, &room), mut seg) in rows.iter().zip(&rooms).zip(segments) {
+                if seg.ids.len() > room {
+                    seg.ids.truncate(room);
+                    seg.logprobs.truncate(room);
+                    seg.eos = false;
+                }
+                if let Some(c) = self.calls_of(&seg) {
+                    calls.push((row, c));
+                }
+                let r = &mut out[row];
+                r.sampled.extend(std::iter::repeat_n(true, seg.ids.len()));
+                r.ids.extend(seg.ids);
+                r.logprobs.extend(seg.logprobs);
+                r.eos = seg.eos;
+            }
+            iteration += 1;
+        }
+        Ok((out, stats))
+    }
+
+    /// The calls of a segment's text (without its EOS).
+    fn calls_of(&self, seg: &Segment) -> Option<Vec<ToolCall>> {
+        if seg.ids.is_empty() {
+            return None;
+        }
+        let ids = &seg.ids[..seg.ids.len() - usize::from(seg.eos)];
+        self.format.parse(&self.tokenizer.decode(ids, true))
+    }
+}

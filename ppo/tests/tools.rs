@@ -1,0 +1,436 @@
+//! Tool calling in rollouts (TRL 1.16's `GRPOTrainer(tools=…)`): the calls an answer makes
+//! are found as TRL's `parse_response` finds them and the results' tokens are what its
+//! `_get_tool_suffix_ids` appends, on the Qwen2.5, Qwen3 (TRL's training template) and
+//! Llama 3.1 chat templates (`tests/python/tool_reference.py`); the loop splices results
+//! between sampled stretches, keeps them out of the sampled mask, and stops at the
+//! response budget and the iteration limit as TRL's `_tool_call_loop` does; a GRPO run
+//! with a tool program calls it and logs TRL's tool metrics; bad setups end in one line.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use data::Tokenizer;
+use ppo::tools::{suffix_ids, Segment, ToolCall, ToolFormat, ToolLoop, ToolRunner};
+use serde_json::{json, Value};
+
+struct Fixture {
+    templates: PathBuf,
+    reference: Value,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let templates = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tool-templates");
+        let _ = std::fs::remove_dir_all(&templates);
+        let root = templates.to_str().unwrap();
+        rlhf_tests::run_python("template_reference.py", &["make", "--root", root]);
+        let reference = rlhf_tests::run_python("tool_reference.py", &["--root", root]);
+        Fixture {
+            templates,
+            reference,
+        }
+    })
+}
+
+/// A template's tokenizer, with TRL's training template where the trainer swaps one in.
+fn tokenizer(name: &str) -> Tokenizer {
+    let f = fixture();
+    let dir = f.templates.join(name);
+    let tok = Tokenizer::load(&dir).unwrap();
+    match f.reference[name]["training_template"].as_str() {
+        None => tok,
+        Some(template) => {
+            let path = dir.join("training.jinja");
+            std::fs::write(&path, template).unwrap();
+            tok.with_chat_template_file(&path).unwrap().0
+        }
+    }
+}
+
+#[test]
+fn calls_and_results_are_trls() {
+    let f = fixture();
+    let mut checked = 0;
+    for (name, format) in [
+        ("qwen2_5", ToolFormat::Hermes),
+        ("qwen3", ToolFormat::Hermes),
+        ("llama3_1", ToolFormat::Llama3),
+    ] {
+        let tok = tokenizer(name);
+        assert_eq!(ToolFormat::of(&tok).unwrap(), format, "{name}");
+        let want = &f.reference[name];
+        for case in want["parsed"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let ours: Vec<Value> = format
+                .parse(text)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| json!({"name": c.name, "arguments": c.arguments}))
+                .collect();
+            assert_eq!(&Value::Array(ours), &case["calls"], "{name}: {text:?}");
+            checked += 1;
+        }
+        for case in want["suffixes"].as_array().unwrap() {
+            let results: Vec<(String, String)> =
+                serde_json::from_value(case["results"].clone()).unwrap();
+            let ids: Vec<i64> = serde_json::from_value(case["ids"].clone()).unwrap();
+            assert_eq!(
+                suffix_ids(&tok, &results).unwrap(),
+                ids,
+                "{name}: {results:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 39);
+    // Qwen3's own template drops an answer's empty think block once tool results follow
+    // it: refused, naming the way out.
+    let own = Tokenizer::load(&f.templates.join("qwen3")).unwrap();
+    let e = ToolFormat::of(&own).unwrap_err().to_string();
+    assert!(
+        e.contains("not prefix-preserving") && e.contains("--chat-template"),
+        "{e}"
+    );
+    // A template without tool calls (ChatML) cannot be used.
+    let chatml = Tokenizer::load(&f.templates.join("chatml")).unwrap();
+    let e = ToolFormat::of(&chatml).unwrap_err().to_string();
+    assert!(e.starts_with("--tool-command: the chat template"), "{e}");
+}
+
+/// Answers every call with `answer(call)`, remembering the calls.
+struct Recorder<F: Fn(&ToolCall) -> Result<String, String>> {
+    answer: F,
+    calls: RefCell<Vec<ToolCall>>,
+}
+
+impl<F: Fn(&ToolCall) -> Result<String, String>> ToolRunner for Recorder<F> {
+    fn run(&self, calls: &[ToolCall]) -> anyhow::Result<Vec<Result<String, String>>> {
+        self.calls.borrow_mut().extend(calls.iter().cloned());
+        Ok(calls.iter().map(&self.answer).collect())
+    }
+}
+
+fn segment(tok: &Tokenizer, text: &str, logprob: f32) -> Segment {
+    let mut ids = tok.encode(text, false).unwrap();
+    ids.push(tok.eos_id.unwrap());
+    Segment {
+        logprobs: vec![logprob; ids.len()],
+        ids,
+        eos: true,
+    }
+}
+
+#[test]
+fn the_loop_splices_results_between_sampled_stretches() {
+    let tok = tokenizer("qwen2_5");
+    let format = ToolFormat::of(&tok).unwrap();
+    let call = r#"<tool_call>
+{"name": "calc", "arguments": {"expr": "94-2*35"}}
+</tool_call>"#;
+    let (calling, answer) = (
+        segment(&tok, call, -0.5),
+        segment(&tok, "The answer is 12", -0.25),
+    );
+    let prompts: Vec<Vec<i64>> = ["鸡兔同笼, 35 heads, 94 legs?", "2*3?"]
+        .iter()
+        .map(|q| {
+            tok.encode(
+                &format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"),
+                false,
+            )
+            .unwrap()
+        })
+        .collect();
+    let runner = Recorder {
+        answer: |c: &ToolCall| match c.arguments["expr"].as_str() {
+            Some("94-2*35") => Ok("24".into()),
+            _ => Err("cannot evaluate".into()),
+        },
+        calls: RefCell::new(vec![]),
+    };
+    let suffix = suffix_ids(&tok, &[("calc".into(), "24".into())]).unwrap();
+    let whole = calling.ids.len() + suffix.len() + answer.ids.len();
+    let looped = |budget: usize, max_iterations: usize| ToolLoop {
+        format,
+        tokenizer: &tok,
+        runner: &runner,
+        budget,
+        max_len: 4096,
+        max_iterations,
+    };
+    // Row 0 calls the tool and then answers; row 1 answers at once.
+    let asked = RefCell::new(vec![]);
+    let continue_with = |next: Segment| {
+        let asked = &asked;
+        move |rows: &[usize], prompts: &[Vec<i64>], iteration: usize, max_new: usize| {
+            asked
+                .borrow_mut()
+                .push((rows.to_vec(), prompts.to_vec(), iteration, max_new));
+            Ok(vec![next.clone(); rows.len()])
+        }
+    };
+    let (out, stats) = looped(256, 5)
+        .run(
+            &prompts,
+            vec![calling.clone(), answer.clone()],
+            &mut continue_with(answer.clone()),
+        )
+        .unwrap();
+    assert_eq!((stats.calls, stats.failures), (1, 0));
+    assert_eq!(
+        runner.calls.borrow()[0],
+        ToolCall {
+            name: "calc".into(),
+            arguments: serde_json::from_value(json!({"expr": "94-2*35"})).unwrap()
+        }
+    );
+    let r = &out[0];
+    assert_eq!(r.ids, [&calling.ids[..], &suffix, &answer.ids].concat());
+    let sampled: Vec<bool> = [
+        vec![true; calling.ids.len()],
+        vec![false; suffix.len()],
+        vec![true; answer.ids.len()],
+    ]
+    .concat();
+    assert_eq!(r.sampled, sampled);
+    assert_eq!(
+        r.logprobs,
+        [
+            vec![-0.5; calling.ids.len()],
+            vec![0.0; suffix.len()],
+            vec![-0.25; answer.ids.len()]
+        ]
+        .concat()
+    );
+    assert!(r.eos);
+    assert!(tok
+        .decode(&r.ids, true)
+        .contains("<tool_response>\n24\n</tool_response>"));
+    assert_eq!(
+        (out[1].ids.clone(), out[1].sampled.iter().all(|&s| s)),
+        (answer.ids.clone(), true)
+    );
+    // The continuation is asked for row 0 alone, from its prompt, answer and results, with
+    // the room left in the budget.
+    let (rows, continued, iteration, max_new) = asked.borrow()[0].clone();
+    assert_eq!(
+        (rows, iteration, max_new),
+        (vec![0], 0, 256 - calling.ids.len() - suffix.len())
+    );
+    assert_eq!(
+        continued,
+        [[&prompts[0][..], &calling.ids, &suffix].concat()]
+    );
+
+    // A continuation past the budget is cut (and so did not end); results that would not
+    // fit are dropped, the answer kept as sampled (the call still counts).
+    let (out, _) = looped(whole - 3, 5)
+        .run(
+            &prompts[..1],
+            vec![calling.clone()],
+            &mut continue_with(answer.clone()),
+        )
+        .unwrap();
+    assert_eq!((out[0].ids.len(), out[0].eos), (whole - 3, false));
+    asked.borrow_mut().clear();
+    let (out, stats) = looped(calling.ids.len() + suffix.len() - 1, 5)
+        .run(
+            &prompts[..1],
+            vec![calling.clone()],
+            &mut continue_with(answer.clone()),
+        )
+        .unwrap();
+    assert_eq!((out[0].ids.clone(), stats.calls), (calling.ids.clone(), 1));
+    assert!(asked.borrow().is_empty());
+
+    // A policy that keeps calling stops after --max-tool-calling-iterations rounds; a
+    // failed call is answered with its error and counted.
+    let bad = segment(
+        &tok,
+        "<tool_call>\n{\"name\": \"calc\", \"arguments\": {\"expr\": \"x\"}}\n</tool_call>",
+        -1.0,
+    );
+    let (out, stats) = looped(4096, 2)
+        .run(
+            &prompts[..1],
+            vec![bad.clone()],
+            &mut continue_with(bad.clone()),
+        )
+        .unwrap();
+    assert_eq!((stats.calls, stats.failures), (2, 2));
+    let error = suffix_ids(
+        &tok,
+        &[("calc".into(), r#"{"error":"cannot evaluate"}"#.into())],
+    )
+    .unwrap();
+    assert_eq!(
+        out[0].ids,
+        [&bad.ids[..], &error, &bad.ids, &error, &bad.ids].concat()
+    );
+}
+
+/// A tool program: `calc` evaluates its `expr` (digits, + - * / and brackets), anything else is an
+/// error; every call is appended to `log`.
+const CALC: &str = r#"
+import json, re, sys
+log = open(sys.argv[1], "a")
+for line in sys.stdin:
+    call = json.loads(line)
+    log.write(line); log.flush()
+    expr = str(call["arguments"].get("expr", ""))
+    if call["name"] == "calc" and re.fullmatch(r"[0-9+*/() -]+", expr):
+        answer = {"result": str(eval(expr))}
+    else:
+        answer = {"error": f"Tool {call['name']} cannot do that."}
+    print(json.dumps(answer), flush=True)
+"#;
+
+/// A tiny Llama taught (by SFT on one conversation) to call `calc` and then answer with its
+/// result, under Qwen2.5's chat template; then two GRPO steps with the tool program: the
+/// responses call it, its results reach the policy, and TRL's metrics are logged.
+#[test]
+fn grpo_runs_the_tool_program_and_logs_its_use() {
+    let f = fixture();
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tool-run");
+    rlhf_tests::tiny_llama_fixture(&root);
+    let template = root.join("qwen2_5.jinja");
+    std::fs::copy(f.templates.join("qwen2_5/chat_template.jinja"), &template).unwrap();
+    let conversation = json!({"messages": [
+        {"role": "user", "content": "35 heads, 94 legs: rabbits?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+            "function": {"name": "calc", "arguments": {"expr": "(94-70)/2"}}}]},
+        {"role": "tool", "name": "calc", "content": "12.0"},
+        {"role": "assistant", "content": "12"}]});
+    let sft_rows: String = (0..16).map(|_| format!("{conversation}\n")).collect();
+    std::fs::write(root.join("sft.jsonl"), sft_rows).unwrap();
+    let prompt = json!({"prompt": [{"role": "user", "content": "35 heads, 94 legs: rabbits?"}],
+        "answer": "12"});
+    let prompts: String = (0..4).map(|_| format!("{prompt}\n")).collect();
+    std::fs::write(root.join("prompts.jsonl"), prompts).unwrap();
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    sft::train::run(&rlhf_tests::parse_args(&[
+        "--model",
+        &s(root.join("model")),
+        "--data",
+        &s(root.join("sft.jsonl")),
+        "--output-dir",
+        &s(root.join("sft")),
+        "--chat-template-path",
+        &s(template),
+        "--device",
+        "cpu",
+        "--max-steps",
+        "60",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--schedule",
+        "constant",
+        "--seed",
+        "3",
+    ]))
+    .unwrap();
+    std::fs::write(root.join("calc.py"), CALC).unwrap();
+    let log = root.join("calls.jsonl");
+    let command = format!(
+        "'{}' '{}' '{}'",
+        rlhf_tests::python().display(),
+        root.join("calc.py").display(),
+        log.display()
+    );
+    let out = root.join("grpo");
+    let ppo_args = |estimator: &str, extra: &[&str]| -> ppo::train::TrainArgs {
+        let mut argv: Vec<String> = [
+            "--policy",
+            &s(root.join("sft/final")),
+            "--prompts",
+            &s(root.join("prompts.jsonl")),
+            "--output-dir",
+            &s(out.clone()),
+            "--device",
+            "cpu",
+            "--advantage-estimator",
+            estimator,
+            "--num-generations",
+            "4",
+            "--rollout-batch-size",
+            "8",
+            "--response-length",
+            "128",
+            "--ppo-epochs",
+            "1",
+            "--num-minibatches",
+            "2",
+            "--lr",
+            "1e-4",
+            "--seed",
+            "5",
+            "--reward-rule",
+            "exact-answer",
+            "--answer-pattern",
+            r"(\d+)\s*$",
+            "--tool-command",
+            &command,
+            "--max-steps",
+            "2",
+            "--eos-token",
+            "<|im_end|>",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        rlhf_tests::parse_args(&argv)
+    };
+    ppo::train::run(&ppo_args("grpo", &[])).unwrap();
+    let m = rlhf_tests::read_jsonl(&out.join("metrics.jsonl"));
+    assert_eq!(m.len(), 2);
+    let calls = rlhf_tests::read_jsonl(&log);
+    for r in &m {
+        let frequency = r["tools/call_frequency"].as_f64().unwrap();
+        assert!(frequency >= 0.5, "{r}");
+        assert_eq!(r["tools/failure_frequency"].as_f64().unwrap(), 0.0, "{r}");
+    }
+    assert!(calls.len() >= 16, "{} calls", calls.len());
+    assert_eq!(
+        calls[0],
+        json!({"name": "calc", "arguments": {"expr": "(94-70)/2"}})
+    );
+    // The results' tokens are read, not sampled: `response_length` counts the call and the
+    // answer (each with its EOS), not the tool message between them.
+    let tok = Tokenizer::load(&root.join("sft/final")).unwrap();
+    let call = r#"<tool_call>
+{"name": "calc", "arguments": {"expr": "(94-70)/2"}}
+</tool_call>"#;
+    let sampled = (tok.encode(call, false).unwrap().len()
+        + tok.encode("12", false).unwrap().len()
+        + 2) as f64;
+    let results = suffix_ids(&tok, &[("calc".into(), "12.0".into())])
+        .unwrap()
+        .len() as f64;
+    for r in &m {
+        let length = r["response_length"].as_f64().unwrap();
+        assert!(length < sampled + results / 2.0, "{length} tokens a response: the results were counted ({sampled} sampled, {results} of results)");
+    }
+    // Having read the result, the policy answers with it: most responses are right.
+    let reward: f64 = m.iter().map(|r| r["reward"].as_f64().unwrap()).sum::<f64>() / 2.0;
+    assert!(reward >= 0.5, "mean reward {reward}");
+
+    // GAE's values would run across the results: refused, as are --tools without a program
+    // and a --tools file that is not a list.
+    let critic = s(root.join("sft/final"));
+    let e = ppo::train::run(&ppo_args("gae", &["--value-model", &critic])).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("--tool-command needs a critic-free"),
+        "{e:#}"
+    );
+    std::fs::write(root.join("tools.json"), "{\"type\": \"function\"}").unwrap();
+    let tools = s(root.join("tools.json"));
+    let e = ppo::train::run(&ppo_args("grpo", &["--tools", &tools])).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("not a JSON list of tool schemas"),
+        "{e:#}"
+    );
+}

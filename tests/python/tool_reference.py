@@ -1,0 +1,78 @@
+"""References for the tool-calling test (ppo/tests/tools.rs): TRL 1.16's own functions on
+the chat templates `template_reference.py make` writes (Qwen2.5, Qwen3, Llama 3.1).
+
+    tool_reference.py --root DIR
+
+Prints, per template: for each answer text (its EOS appended and tokenized as the model
+would have sampled it) the tool calls `trl.chat_template_utils.parse_response` finds
+(after `add_response_schema`; none where it falls back to plain text), and for each list
+of tool results the token ids `GRPOTrainer._get_tool_suffix_ids` appends after an answer
+(with TRL's training template where the trainer swaps one in: `training_template`).
+"""
+import argparse
+import json
+import types
+
+from transformers import AutoTokenizer
+from trl.chat_template_utils import (
+    add_response_schema,
+    get_training_chat_template,
+    is_chat_template_prefix_preserving,
+    parse_response,
+)
+from trl.trainer.grpo_trainer import GRPOTrainer
+
+TEMPLATES = ["qwen2_5", "qwen3", "llama3_1"]
+TEXTS = [
+    '<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>',
+    'Let me see.\n<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "heads", "arguments": {}}\n</tool_call>',
+    '<tool_call>\n{"name": "calc", "arguments": {"expr": "35*2",\n "round": 2}}\n</tool_call>',
+    '<tool_call>{"name": "calc"}</tool_call> and some text after',
+    '<tool_call>{"name": "calc", "arguments": {bad}}</tool_call>',
+    '<tool_call>{"name": "calc", "arguments": {"expr": "1"}}',
+    '<tool_call>{"arguments": {"expr": "1"}}</tool_call>',
+    '{"name": "calc", "parameters": {"expr": "1+1"}}',
+    '{"name": "鸡兔", "parameters": {"heads": 35, "legs": 94}}',
+    "23 chickens and 12 rabbits. The answer is 12",
+]
+RESULTS = [
+    [["calc", "6"]],
+    [["calc", "6"], ["heads", "35 头"]],
+    [["calc", '{"error": "division by zero"}']],
+]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", required=True)
+    args = parser.parse_args()
+    out = {}
+    for name in TEMPLATES:
+        tok = add_response_schema(AutoTokenizer.from_pretrained(f"{args.root}/{name}"))
+        prefix = tok.apply_chat_template(
+            [{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        parsed = []
+        for text in TEXTS:
+            ids = tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]
+            calls = parse_response(tok, ids, prefix=prefix).get("tool_calls") or []
+            parsed.append({"text": text, "calls": [c["function"] for c in calls]})
+        # The trainer swaps a template that is not prefix-preserving (Qwen3's) for TRL's
+        # training template; then its method on a stand-in holding what it reads.
+        chat_template = None
+        if not is_chat_template_prefix_preserving(tok):
+            chat_template = get_training_chat_template(tok)
+        trainer = types.SimpleNamespace(
+            processing_class=tok, _tokenizer=tok, chat_template=chat_template, chat_template_kwargs={}, _is_vlm=False
+        )
+        suffixes = []
+        for results in RESULTS:
+            messages = [{"role": "tool", "name": n, "content": c} for n, c in results]
+            suffixes.append({"results": results, "ids": GRPOTrainer._get_tool_suffix_ids(trainer, messages)})
+        out[name] = {"parsed": parsed, "suffixes": suffixes, "training_template": chat_template}
+    print(json.dumps(out, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
