@@ -8,7 +8,7 @@
 //!
 //! Tools are run by `--tool-command`, a long-lived program that reads one JSON line per
 //! call, `{"name": …, "arguments": {…}}`, and answers each with one line,
-//! `{"result": …}` or `{"error": "…"}` (a call to a tool it does not have included: TRL
+//! `{"result": …}` or `{"error": "…"}` (also for a call to a tool it does not have: TRL
 //! answers those with `{"error": "Tool NAME not found."}`). The tools' schemas (`--tools FILE`, or each prompt
 //! row's `tools`) are rendered into the prompt by the chat template, as
 //! `apply_chat_template(tools=…)` does.
