@@ -145,8 +145,23 @@ pub struct TrainArgs {
     /// {"error": "…"} line back each. A response that calls tools (in its chat template's
     /// tool-call form) gets their results appended as `tool` messages and continues;
     /// the results' tokens are kept out of every loss. Critic-free estimators only.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "environment_command")]
     pub tool_command: Option<String>,
+    /// Tools with state (TRL's `GRPOTrainer(environment_factory=…)`): `sh -c CMD` started
+    /// once, holding one environment per response. It gets {"reset": E, "prompt", …the
+    /// row's fields} before a batch is sampled (answer {}), then the calls of response E
+    /// as {"episode": E, "name", "arguments"} (answered as --tool-command's), and with
+    /// --environment-reward {"get_reward": E} (answer {"reward": x}). Critic-free
+    /// estimators only.
+    #[arg(long)]
+    pub environment_command: Option<String>,
+    /// The environment owns a reward (TRL's `get_reward`): each episode's, asked once its
+    /// response is complete, is a reward source (`rewards/environment/mean`).
+    #[arg(long, requires = "environment_command")]
+    pub environment_reward: bool,
+    /// The weight of --environment-reward in the summed reward.
+    #[arg(long, default_value_t = 1.0)]
+    pub environment_reward_weight: f64,
     /// The tools' schemas, a JSON list as `apply_chat_template(tools=…)` takes them
     /// ([{"type": "function", "function": {"name", "description", "parameters"}}]),
     /// rendered into every prompt that has no `tools` of its own.
@@ -503,6 +518,16 @@ impl TrainArgs {
         self.reward_rule.contains(&rule)
     }
 
+    /// The program that runs the responses' tool calls: `(option, command, is an
+    /// environment)`.
+    pub fn tool_program(&self) -> Option<(&'static str, &str, bool)> {
+        match (&self.tool_command, &self.environment_command) {
+            (Some(c), _) => Some(("--tool-command", c, false)),
+            (None, Some(c)) => Some(("--environment-command", c, true)),
+            (None, None) => None,
+        }
+    }
+
     /// Whether a rule compares responses with the prompt rows' `answer`.
     pub fn reads_answers(&self) -> bool {
         self.has_rule(RewardRule::ExactAnswer) || self.has_rule(RewardRule::CosineScaled)
@@ -773,13 +798,13 @@ impl TrainArgs {
             (self.reward_timeout > 0.0, "--reward-timeout must be > 0"),
             (self.tool_timeout > 0.0, "--tool-timeout must be > 0"),
             (
-                self.tool_command.is_some()
+                self.tool_program().is_some()
                     || (self.tools.is_none() && self.max_tool_calling_iterations.is_none()),
-                "--tools and --max-tool-calling-iterations need --tool-command (the program that runs the tools)",
+                "--tools and --max-tool-calling-iterations need --tool-command or --environment-command (the program that runs the tools)",
             ),
             (
-                self.tool_command.is_none() || self.advantage_estimator != EstimatorName::Gae,
-                "--tool-command needs a critic-free --advantage-estimator (grpo, dr-grpo, rloo or reinforce-plus-plus): GAE's values would run across the tool results inside a response",
+                self.tool_program().is_none() || self.advantage_estimator != EstimatorName::Gae,
+                "--tool-command and --environment-command need a critic-free --advantage-estimator (grpo, dr-grpo, rloo or reinforce-plus-plus): GAE's values would run across the tool results inside a response",
             ),
             (
                 self.sampling_correction.is_none()

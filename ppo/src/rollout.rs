@@ -118,7 +118,9 @@ pub struct RolloutModels<'a> {
 /// The tools responses may call, and how.
 pub struct Tools {
     pub format: ToolFormat,
-    pub runner: Box<dyn ToolRunner>,
+    /// `--tool-command`'s or `--environment-command`'s program (the latter shared with its
+    /// reward source).
+    pub runner: std::sync::Arc<dyn ToolRunner>,
     /// `--max-tool-calling-iterations`.
     pub max_iterations: usize,
     /// The longest sequence the policy's positions hold.
@@ -549,6 +551,14 @@ pub fn sample_and_reward(
 ) -> Result<Sampled> {
     let _guard = tch::no_grad_guard();
     let rows = prompt_ids.size()[0] as usize;
+    if let Some(tools) = models.tools {
+        let begun: Vec<(String, PromptFields)> = unpadded(prompt_ids, prompt_mask)?
+            .iter()
+            .zip(fields)
+            .map(|(p, f)| (models.tokenizer.decode(p, true), f.clone()))
+            .collect();
+        tools.runner.begin(&begun)?;
+    }
     let generated = generate_rows(
         models.policy,
         prompt_ids,

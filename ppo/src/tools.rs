@@ -13,14 +13,16 @@
 //! row's `tools`) are rendered into the prompt by the chat template, as
 //! `apply_chat_template(tools=…)` does.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use data::formats::{Message, TemplateArgs};
+use data::formats::{Message, PromptFields, TemplateArgs};
 use data::Tokenizer;
 use serde_json::{json, Map, Value};
 
 use crate::program::LineProgram;
+use crate::reward_fn::{RewardFunction, RewardInput};
 
 /// One call the policy made: a function name and its arguments (a JSON object).
 #[derive(Debug, Clone, PartialEq)]
@@ -166,10 +168,19 @@ pub fn suffix_ids(tok: &Tokenizer, results: &[(String, String)]) -> Result<Vec<i
     Ok(full[prefix.len()..].to_vec())
 }
 
-/// Runs tool calls: `--tool-command`, or anything else in tests.
+/// A call's answer: its result, or the error it gave (which the policy reads as the
+/// result).
+pub type Answer = std::result::Result<String, String>;
+
+/// Runs tool calls: `--tool-command`, `--environment-command`, or anything else in tests.
 pub trait ToolRunner {
-    /// Each call's result, or the error it gave (which the policy reads as the result).
-    fn run(&self, calls: &[ToolCall]) -> Result<Vec<std::result::Result<String, String>>>;
+    /// Before a batch's responses are sampled: each row's prompt (its text) and the other
+    /// fields of its prompt row. An environment starts one episode per row here.
+    fn begin(&self, _rows: &[(String, PromptFields)]) -> Result<()> {
+        Ok(())
+    }
+    /// Each call's answer; `rows[i]` is the batch row whose response made `calls[i]`.
+    fn run(&self, rows: &[usize], calls: &[ToolCall]) -> Result<Vec<Answer>>;
 }
 
 /// `--tool-command`: one `{"name", "arguments"}` line per call, one `{"result": …}` (a
@@ -187,35 +198,159 @@ impl ToolCommand {
 }
 
 impl ToolRunner for ToolCommand {
-    fn run(&self, calls: &[ToolCall]) -> Result<Vec<std::result::Result<String, String>>> {
+    fn run(&self, _rows: &[usize], calls: &[ToolCall]) -> Result<Vec<Answer>> {
         let requests: Vec<Value> = calls
             .iter()
             .map(|c| json!({"name": c.name, "arguments": c.arguments}))
             .collect();
-        let name = |i: usize| format!("tool call {i} of the batch ({})", calls[i].name);
+        call_answers(&self.program, &requests, calls)
+    }
+}
+
+/// Sends `requests` (one per call of `calls`) and reads each answer line,
+/// `{"result": …}` or `{"error": "…"}`.
+fn call_answers(
+    program: &LineProgram,
+    requests: &[Value],
+    calls: &[ToolCall],
+) -> Result<Vec<Answer>> {
+    let name = |i: usize| format!("tool call {i} of the batch ({})", calls[i].name);
+    let lines = program.ask(requests, &name)?;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let answer = serde_json::from_str::<Value>(line).ok();
+            let text = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            match answer.as_ref().and_then(Value::as_object) {
+                Some(a) if a.contains_key("result") => Ok(Ok(text(&a["result"]))),
+                Some(a) if a.contains_key("error") => Ok(Err(text(&a["error"]))),
+                _ => Err(program.error(
+                    &name(i),
+                    &format!(
+                        "expected a line {{\"result\": …}} or {{\"error\": \"…\"}}, got '{}'",
+                        shown(line)
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// A program's line as errors show it: its first 80 characters.
+fn shown(line: &str) -> String {
+    line.chars().take(80).collect()
+}
+
+/// `--environment-command`: TRL's `environment_factory` as one program holding one
+/// environment per response (an episode). Before a batch is sampled it gets one line per
+/// response, `{"reset": E, "prompt": …, …the prompt row's other fields}`, and answers each
+/// with a JSON object (`{}`; an `observation` must be absent or null: appending text to
+/// the prompt, as TRL's `reset` may, is not supported yet); the calls of response E come
+/// as `{"episode": E, "name", "arguments"}` and are answered as `--tool-command`'s; with
+/// `--environment-reward`, once the responses are complete, `{"get_reward": E}` gets
+/// `{"reward": x}` (TRL's `get_reward`). Episode numbers count up from 0 over the run (in
+/// each process) and are never reused.
+pub struct EnvironmentCommand {
+    program: LineProgram,
+    /// The episodes of the batch being sampled, one per row; the next free number.
+    episodes: Mutex<(Vec<u64>, u64)>,
+}
+
+impl EnvironmentCommand {
+    pub fn start(command: &str, timeout: Duration) -> Result<Self> {
+        Ok(EnvironmentCommand {
+            program: LineProgram::start(
+                ("--environment-command", "--tool-timeout"),
+                command,
+                timeout,
+            )?,
+            episodes: Mutex::new((vec![], 0)),
+        })
+    }
+
+    fn episodes(&self) -> Vec<u64> {
+        self.episodes.lock().expect("not poisoned").0.clone()
+    }
+}
+
+impl ToolRunner for EnvironmentCommand {
+    fn begin(&self, rows: &[(String, PromptFields)]) -> Result<()> {
+        let first = {
+            let mut e = self.episodes.lock().expect("not poisoned");
+            let first = e.1;
+            e.0 = (first..first + rows.len() as u64).collect();
+            e.1 += rows.len() as u64;
+            first
+        };
+        let requests: Vec<Value> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (prompt, fields))| {
+                let mut line = Map::new();
+                line.insert("reset".into(), json!(first + i as u64));
+                line.insert("prompt".into(), json!(prompt));
+                line.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+                Value::Object(line)
+            })
+            .collect();
+        let name = |i: usize| format!("the reset of episode {}", first + i as u64);
+        for (i, line) in self.program.ask(&requests, &name)?.iter().enumerate() {
+            let answer = serde_json::from_str::<Value>(line).ok();
+            let problem = match answer.as_ref().and_then(Value::as_object) {
+                None => format!("expected a JSON object ({{}}), got '{}'", shown(line)),
+                Some(a) if a.contains_key("error") => format!("it failed: {}", a["error"]),
+                Some(a) if !a.get("observation").is_none_or(Value::is_null) => "it returned an observation: text appended to the prompt at reset is not supported yet (put it in the prompt row)".into(),
+                Some(_) => continue,
+            };
+            return Err(self.program.error(&name(i), &problem));
+        }
+        Ok(())
+    }
+
+    fn run(&self, rows: &[usize], calls: &[ToolCall]) -> Result<Vec<Answer>> {
+        let episodes = self.episodes();
+        let requests: Vec<Value> = rows
+            .iter()
+            .zip(calls)
+            .map(|(&row, c)| json!({"episode": episodes[row], "name": c.name, "arguments": c.arguments}))
+            .collect();
+        call_answers(&self.program, &requests, calls)
+    }
+}
+
+impl RewardFunction for EnvironmentCommand {
+    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
+        let episodes = self.episodes();
+        anyhow::ensure!(
+            episodes.len() == input.texts.len(),
+            "--environment-reward: {} responses to score, {} episodes begun",
+            input.texts.len(),
+            episodes.len()
+        );
+        let requests: Vec<Value> = episodes.iter().map(|e| json!({"get_reward": e})).collect();
+        let name = |i: usize| format!("the reward of episode {}", episodes[i]);
         let lines = self.program.ask(&requests, &name)?;
         lines
             .iter()
             .enumerate()
             .map(|(i, line)| {
-                let answer = serde_json::from_str::<Value>(line).ok();
-                match answer.as_ref().and_then(Value::as_object) {
-                    Some(a) if a.contains_key("result") => Ok(Ok(match &a["result"] {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    })),
-                    Some(a) if a.contains_key("error") => Ok(Err(match &a["error"] {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    })),
-                    _ => {
-                        let shown: String = line.chars().take(80).collect();
-                        Err(self.program.error(
+                serde_json::from_str::<Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("reward").and_then(Value::as_f64))
+                    .filter(|r| r.is_finite())
+                    .ok_or_else(|| {
+                        self.program.error(
                             &name(i),
-                            &format!("expected a line {{\"result\": …}} or {{\"error\": \"…\"}}, got '{shown}'"),
-                        ))
-                    }
-                }
+                            &format!(
+                                "expected a line {{\"reward\": <finite number>}}, got '{}'",
+                                shown(line)
+                            ),
+                        )
+                    })
             })
             .collect()
     }
@@ -296,8 +431,12 @@ impl ToolLoop<'_> {
         let mut iteration = 0;
         while !calls.is_empty() && iteration < self.max_iterations {
             let flat: Vec<ToolCall> = calls.iter().flat_map(|(_, c)| c.clone()).collect();
+            let flat_rows: Vec<usize> = calls
+                .iter()
+                .flat_map(|(row, c)| std::iter::repeat_n(*row, c.len()))
+                .collect();
             stats.calls += flat.len();
-            let mut results = self.runner.run(&flat)?.into_iter();
+            let mut results = self.runner.run(&flat_rows, &flat)?.into_iter();
             let mut rows = vec![];
             let mut continued = vec![];
             for (row, row_calls) in &calls {

@@ -5,6 +5,7 @@
 //! log → checkpoint.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -37,7 +38,7 @@ use crate::rollout::{
     rollout, sample_and_reward, score_sampled, RefModel, Rollout, RolloutModels, RolloutOptions,
     Sampled, Tools,
 };
-use crate::tools::{ToolCommand, ToolFormat};
+use crate::tools::{EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner};
 use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
 use data::formats::PromptFields;
 
@@ -159,6 +160,22 @@ pub fn rule_functions(args: &TrainArgs) -> Result<Vec<Rule>> {
         .collect()
 }
 
+/// `--tool-command`'s or `--environment-command`'s program, started; the environment also
+/// as itself, for its reward.
+type ToolPrograms = (Option<Arc<dyn ToolRunner>>, Option<Arc<EnvironmentCommand>>);
+
+fn start_tool_program(args: &TrainArgs) -> Result<ToolPrograms> {
+    let timeout = std::time::Duration::from_secs_f64(args.tool_timeout);
+    Ok(match args.tool_program() {
+        None => (None, None),
+        Some((_, command, false)) => (Some(Arc::new(ToolCommand::start(command, timeout)?)), None),
+        Some((_, command, true)) => {
+            let environment = Arc::new(EnvironmentCommand::start(command, timeout)?);
+            (Some(environment.clone()), Some(environment))
+        }
+    })
+}
+
 /// `ppo train` with the rewards of the command line: `--reward-rule` and `--reward-model`,
 /// summed with their weights.
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
@@ -166,12 +183,14 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     ensure!(
         args.reward_model.is_some()
             || !args.reward_rule.is_empty()
-            || args.reward_command.is_some(),
-        "no reward: give --reward-model DIR, --reward-rule RULE and/or --reward-command CMD"
+            || args.reward_command.is_some()
+            || args.environment_reward,
+        "no reward: give --reward-model DIR, --reward-rule RULE, --reward-command CMD and/or --environment-reward"
     );
     let world = args.run.world()?;
     let (device, kind) = args.device.resolve_for(&world);
     let rules = rule_functions(args)?;
+    let (tools, environment) = start_tool_program(args)?;
     let command = match &args.reward_command {
         Some(cmd) => Some(RewardCommand::start(
             cmd,
@@ -197,8 +216,15 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             function: c,
         }));
     }
+    if let (Some(e), true) = (&environment, args.environment_reward) {
+        sources.push(Scorer::Function(RewardSource {
+            name: "environment",
+            weight: args.environment_reward_weight,
+            function: &**e,
+        }));
+    }
     let Some(reward_dir) = &args.reward_model else {
-        return train(args, &sources, (device, kind), world);
+        return train(args, &sources, tools, (device, kind), world);
     };
     let policy_tok = Tokenizer::load(&args.policy)?;
     // With LoRA and a full reward model, the critic is that model with an adapter, and
@@ -209,7 +235,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let config = common::ModelConfig::load(reward_dir)?;
         warn_without_normalization(&config.raw, reward_dir);
         sources.push(Scorer::CriticBase(args.reward_model_weight));
-        return train(args, &sources, (device, kind), world);
+        return train(args, &sources, tools, (device, kind), world);
     }
     let frozen = ModelOptions {
         base_model: args.adapter.base_model.clone(),
@@ -230,7 +256,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         weight: args.reward_model_weight,
         function: &reward,
     }));
-    train(args, &sources, (device, kind), world)
+    train(args, &sources, tools, (device, kind), world)
 }
 
 /// `ppo train` against any reward function (the command line's reward options unused).
@@ -243,7 +269,8 @@ pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<
         weight: 1.0,
         function: reward,
     });
-    train(args, &[source], (device, kind), world)
+    let (tools, _) = start_tool_program(args)?;
+    train(args, &[source], tools, (device, kind), world)
 }
 
 /// Prompt token ids, one row each, and each row's other fields.
@@ -402,6 +429,7 @@ pub(crate) struct Iteration {
 fn train(
     args: &TrainArgs,
     rewards: &[Scorer],
+    tool_program: Option<Arc<dyn ToolRunner>>,
     (device, kind): (Device, Kind),
     world: World,
 ) -> Result<TrainSummary> {
@@ -413,7 +441,7 @@ fn train(
         );
     }
     args.run.seed_torch();
-    let mut ppo = Ppo::load(args, rewards, (device, kind), &world)?;
+    let mut ppo = Ppo::load(args, rewards, tool_program, (device, kind), &world)?;
     let mut session = Session::start(
         "ppo",
         args,
@@ -489,6 +517,7 @@ impl<'a> Ppo<'a> {
     fn load(
         args: &'a TrainArgs,
         rewards: &'a [Scorer<'a>],
+        tool_program: Option<Arc<dyn ToolRunner>>,
         (device, kind): (Device, Kind),
         world: &World,
     ) -> Result<Self> {
@@ -525,16 +554,11 @@ impl<'a> Ppo<'a> {
             None
         };
         let ((prompts, fields), ptx_rows) = read_data(args, &tok, &policy)?;
-        let tools = args
-            .tool_command
-            .as_deref()
-            .map(|command| -> Result<Tools> {
+        let tools = tool_program
+            .map(|runner| -> Result<Tools> {
                 Ok(Tools {
                     format: ToolFormat::of(&tok)?,
-                    runner: Box::new(ToolCommand::start(
-                        command,
-                        std::time::Duration::from_secs_f64(args.tool_timeout),
-                    )?),
+                    runner,
                     max_iterations: args.max_tool_calling_iterations.unwrap_or(usize::MAX),
                     max_len: policy.max_positions().unwrap_or(usize::MAX),
                 })
@@ -1115,8 +1139,14 @@ mod tests {
         let rollout_with = |forward, generation| {
             let mut a = args.clone();
             (a.forward_batch_size, a.generation_batch_size) = (forward, generation);
-            let mut ppo =
-                Ppo::load(&a, &sources, (Device::Cpu, Kind::Float), &World::single()).unwrap();
+            let mut ppo = Ppo::load(
+                &a,
+                &sources,
+                None,
+                (Device::Cpu, Kind::Float),
+                &World::single(),
+            )
+            .unwrap();
             ppo.rollout(0, &World::single()).unwrap()
         };
         let (one, blocks) = (rollout_with(None, None), rollout_with(Some(3), Some(5)));
@@ -1163,8 +1193,14 @@ mod tests {
                 weight: 1.0,
                 function: rule,
             })];
-            let mut ppo =
-                Ppo::load(&a, &sources, (Device::Cpu, Kind::Float), &World::single()).unwrap();
+            let mut ppo = Ppo::load(
+                &a,
+                &sources,
+                None,
+                (Device::Cpu, Kind::Float),
+                &World::single(),
+            )
+            .unwrap();
             ppo.rollout(0, &World::single())
         };
         let plain = run(false, &parity).unwrap();
@@ -1223,6 +1259,7 @@ mod tests {
         let mut ppo = Ppo::load(
             &args,
             &sources,
+            None,
             (Device::Cpu, Kind::Float),
             &World::single(),
         )

@@ -99,15 +99,21 @@ fn calls_and_results_are_trls() {
     assert!(e.starts_with("--tool-command: the chat template"), "{e}");
 }
 
-/// Answers every call with `answer(call)`, remembering the calls.
+/// Answers every call with `answer(call)`, remembering the calls and their rows.
 struct Recorder<F: Fn(&ToolCall) -> Result<String, String>> {
     answer: F,
     calls: RefCell<Vec<ToolCall>>,
+    rows: RefCell<Vec<usize>>,
 }
 
 impl<F: Fn(&ToolCall) -> Result<String, String>> ToolRunner for Recorder<F> {
-    fn run(&self, calls: &[ToolCall]) -> anyhow::Result<Vec<Result<String, String>>> {
+    fn run(
+        &self,
+        rows: &[usize],
+        calls: &[ToolCall],
+    ) -> anyhow::Result<Vec<Result<String, String>>> {
         self.calls.borrow_mut().extend(calls.iter().cloned());
+        self.rows.borrow_mut().extend(rows);
         Ok(calls.iter().map(&self.answer).collect())
     }
 }
@@ -149,6 +155,7 @@ fn the_loop_splices_results_between_sampled_stretches() {
             _ => Err("cannot evaluate".into()),
         },
         calls: RefCell::new(vec![]),
+        rows: RefCell::new(vec![]),
     };
     let suffix = suffix_ids(&tok, &[("calc".into(), "24".into())]).unwrap();
     let whole = calling.ids.len() + suffix.len() + answer.ids.len();
@@ -179,6 +186,7 @@ fn the_loop_splices_results_between_sampled_stretches() {
         )
         .unwrap();
     assert_eq!((stats.calls, stats.failures), (1, 0));
+    assert_eq!(*runner.rows.borrow(), [0], "the call is row 0's");
     assert_eq!(
         runner.calls.borrow()[0],
         ToolCall {
@@ -287,6 +295,37 @@ for line in sys.stdin:
     print(json.dumps(answer), flush=True)
 "#;
 
+/// `calc` as an environment: episodes begun by `reset`, each call counted in its episode,
+/// `get_reward` 1 for exactly one call; every line appended to `log`.
+const ENVIRONMENT: &str = r#"
+import json, re, sys
+log = open(sys.argv[1], "a")
+episodes = {}
+for line in sys.stdin:
+    message = json.loads(line)
+    log.write(line); log.flush()
+    if "reset" in message:
+        episodes[message["reset"]] = 0
+        answer = {}
+    elif "get_reward" in message:
+        answer = {"reward": float(episodes.pop(message["get_reward"]) == 1)}
+    else:
+        episodes[message["episode"]] += 1
+        expr = str(message["arguments"].get("expr", ""))
+        if message["name"] == "calc" and re.fullmatch(r"[0-9+*/() -]+", expr):
+            answer = {"result": str(eval(expr))}
+        else:
+            answer = {"error": "cannot do that"}
+    print(json.dumps(answer), flush=True)
+"#;
+
+/// An environment whose reset returns text for the prompt.
+const OBSERVING: &str = r#"
+import json, sys
+for line in sys.stdin:
+    print(json.dumps({"observation": "You are in a cage."}), flush=True)
+"#;
+
 /// A tiny Llama taught (by SFT on one conversation) to call `calc` and then answer with its
 /// result, under Qwen2.5's chat template; then two GRPO steps with the tool program: the
 /// responses call it, its results reach the policy, and TRL's metrics are logged.
@@ -342,14 +381,14 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
         log.display()
     );
     let out = root.join("grpo");
-    let ppo_args = |estimator: &str, extra: &[&str]| -> ppo::train::TrainArgs {
+    let ppo_args = |estimator: &str, out: &Path, extra: &[&str]| -> ppo::train::TrainArgs {
         let mut argv: Vec<String> = [
             "--policy",
             &s(root.join("sft/final")),
             "--prompts",
             &s(root.join("prompts.jsonl")),
             "--output-dir",
-            &s(out.clone()),
+            &s(out.to_path_buf()),
             "--device",
             "cpu",
             "--advantage-estimator",
@@ -372,8 +411,6 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
             "exact-answer",
             "--answer-pattern",
             r"(\d+)\s*$",
-            "--tool-command",
-            &command,
             "--max-steps",
             "2",
             "--eos-token",
@@ -384,7 +421,8 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
         argv.extend(extra.iter().map(|s| s.to_string()));
         rlhf_tests::parse_args(&argv)
     };
-    ppo::train::run(&ppo_args("grpo", &[])).unwrap();
+    let tool_command = ["--tool-command", command.as_str()];
+    ppo::train::run(&ppo_args("grpo", &out, &tool_command)).unwrap();
     let m = rlhf_tests::read_jsonl(&out.join("metrics.jsonl"));
     assert_eq!(m.len(), 2);
     let calls = rlhf_tests::read_jsonl(&log);
@@ -421,16 +459,105 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
     // GAE's values would run across the results: refused, as are --tools without a program
     // and a --tools file that is not a list.
     let critic = s(root.join("sft/final"));
-    let e = ppo::train::run(&ppo_args("gae", &["--value-model", &critic])).unwrap_err();
+    let e = ppo::train::run(&ppo_args(
+        "gae",
+        &out,
+        &["--tool-command", &command, "--value-model", &critic],
+    ))
+    .unwrap_err();
     assert!(
-        format!("{e:#}").contains("--tool-command needs a critic-free"),
+        format!("{e:#}").contains("--environment-command need a critic-free"),
         "{e:#}"
     );
     std::fs::write(root.join("tools.json"), "{\"type\": \"function\"}").unwrap();
     let tools = s(root.join("tools.json"));
-    let e = ppo::train::run(&ppo_args("grpo", &["--tools", &tools])).unwrap_err();
+    let e = ppo::train::run(&ppo_args(
+        "grpo",
+        &out,
+        &["--tool-command", &command, "--tools", &tools],
+    ))
+    .unwrap_err();
     assert!(
         format!("{e:#}").contains("not a JSON list of tool schemas"),
+        "{e:#}"
+    );
+
+    // The same tool as an environment (TRL's `environment_factory`): one episode per
+    // response, reset with its row, its calls numbered by episode, and a reward of its own
+    // (1 for exactly one call).
+    std::fs::write(root.join("env.py"), ENVIRONMENT).unwrap();
+    let env_log = root.join("env.jsonl");
+    let _ = std::fs::remove_file(&env_log);
+    let environment = format!(
+        "'{}' '{}' '{}'",
+        rlhf_tests::python().display(),
+        root.join("env.py").display(),
+        env_log.display()
+    );
+    let env_out = root.join("grpo-env");
+    ppo::train::run(&ppo_args(
+        "grpo",
+        &env_out,
+        &[
+            "--environment-command",
+            &environment,
+            "--environment-reward",
+        ],
+    ))
+    .unwrap();
+    let lines = rlhf_tests::read_jsonl(&env_log);
+    let mut open = std::collections::BTreeMap::new(); // episode → calls so far
+    let mut rewards = vec![];
+    for line in &lines {
+        if let Some(e) = line.get("reset") {
+            assert_eq!(line["answer"], "12", "{line}");
+            assert!(
+                line["prompt"].as_str().unwrap().contains("35 heads"),
+                "{line}"
+            );
+            assert!(open.insert(e.as_u64().unwrap(), 0).is_none(), "{line}");
+        } else if let Some(e) = line.get("get_reward") {
+            let calls = open.remove(&e.as_u64().unwrap()).expect("a begun episode");
+            rewards.push(f64::from(u8::from(calls == 1)));
+        } else {
+            let calls = open.get_mut(&line["episode"].as_u64().unwrap());
+            *calls.expect("a call of an episode begun and not yet scored") += 1;
+            assert_eq!(line["name"], "calc", "{line}");
+        }
+    }
+    assert!(open.is_empty());
+    assert_eq!(
+        rewards.len(),
+        64,
+        "32 responses a step, 2 steps, one reward each"
+    );
+    let em = rlhf_tests::read_jsonl(&env_out.join("metrics.jsonl"));
+    for (step, r) in em.iter().enumerate() {
+        let mean = rewards[32 * step..32 * (step + 1)].iter().sum::<f64>() / 32.0;
+        let logged = r["rewards/environment/mean"].as_f64().unwrap();
+        assert!(
+            (logged - mean).abs() < 1e-9,
+            "step {step}: {logged} logged, {mean} given"
+        );
+    }
+    // Before any update the environment samples what the plain tool program did.
+    assert_eq!(em[0]["tools/call_frequency"], m[0]["tools/call_frequency"]);
+
+    // Text appended at reset (TRL's observation) is not supported yet: one clear line.
+    std::fs::write(root.join("observing.py"), OBSERVING).unwrap();
+    let observing = format!(
+        "'{}' '{}'",
+        rlhf_tests::python().display(),
+        root.join("observing.py").display()
+    );
+    let e = ppo::train::run(&ppo_args(
+        "grpo",
+        &root.join("grpo-observing"),
+        &["--environment-command", &observing],
+    ))
+    .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("the reset of episode 0: it returned an observation"),
         "{e:#}"
     );
 }
