@@ -149,7 +149,8 @@ pub struct TrainArgs {
     pub tool_command: Option<String>,
     /// Tools with state (TRL's `GRPOTrainer(environment_factory=…)`): `sh -c CMD` started
     /// once, holding one environment per response. It gets {"reset": E, "prompt", …the
-    /// row's fields} before a batch is sampled (answer {}), then the calls of response E
+    /// row's fields} before a batch is sampled (answer {}, or {"observation": "…"}: text
+    /// appended to the prompt's last message), then the calls of response E
     /// as {"episode": E, "name", "arguments"} (answered as --tool-command's), and with
     /// --environment-reward {"get_reward": E} (answer {"reward": x}). Critic-free
     /// estimators only.

@@ -2,7 +2,7 @@
 //! sampled token once under the policy, the reference and the critic when there is one
 //! (no gradient), and the whole response under the reward.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use common::generate::{generate_picked, generate_rows, FinishReason, Generation, SamplingConfig};
 use common::models::adapter::without_adapters;
 use common::models::TokenSpec;
@@ -12,7 +12,7 @@ use tch::{Kind, Tensor};
 
 use crate::reward_fn::{RewardInput, RewardSource};
 use crate::tools::{Segment, ToolFormat, ToolLoop, ToolResponse, ToolRunner, ToolStats};
-use data::formats::PromptFields;
+use data::formats::{Content, PromptExample, PromptFields};
 
 /// Everything PPO needs of one batch, `[B, N]` over response tokens unless noted.
 pub struct Rollout {
@@ -184,6 +184,35 @@ pub struct RolloutOptions {
     /// These rows' place in the whole rollout batch (offset, rows of all ranks): what
     /// seeds each row's sampling.
     pub rows: (i64, i64),
+    /// With an environment: each row's prompt as its row gave it, which its reset's
+    /// observation extends.
+    pub reprompt: Option<Reprompt>,
+}
+
+/// Each row's prompt as its row gave it, and `--max-prompt-length` (as the policy's
+/// positions allow): a prompt an observation extends is rendered again and cut as the
+/// prompts were read.
+pub struct Reprompt {
+    pub examples: Vec<PromptExample>,
+    pub max_prompt_length: usize,
+}
+
+impl Reprompt {
+    /// Row `row`'s prompt with `observation` appended to its last message (or its text),
+    /// as TRL's `environment_factory` appends what `reset` returns.
+    fn with(&self, tokenizer: &Tokenizer, row: usize, observation: &str) -> Result<Vec<i64>> {
+        let mut example = self.examples[row].clone();
+        match &mut example.prompt {
+            Content::Text(t) => t.push_str(observation),
+            Content::Messages(m) => {
+                let last = m.last_mut().context("a prompt without messages")?;
+                last.content.push_str(observation);
+                last.extra.remove("content"); // a `content: null` no more
+            }
+        }
+        let ids = tokenizer.encode_prompt(&example)?;
+        Ok(ids[ids.len().saturating_sub(self.max_prompt_length)..].to_vec())
+    }
 }
 
 /// What the reward sees of a generated batch: unpadded prompts, responses without the EOS
@@ -551,14 +580,40 @@ pub fn sample_and_reward(
 ) -> Result<Sampled> {
     let _guard = tch::no_grad_guard();
     let rows = prompt_ids.size()[0] as usize;
-    if let Some(tools) = models.tools {
-        let begun: Vec<(String, PromptFields)> = unpadded(prompt_ids, prompt_mask)?
-            .iter()
-            .zip(fields)
-            .map(|(p, f)| (models.tokenizer.decode(p, true), f.clone()))
-            .collect();
-        tools.runner.begin(&begun)?;
-    }
+    let observed;
+    let (prompt_ids, prompt_mask) = match models.tools {
+        None => (prompt_ids, prompt_mask),
+        Some(tools) => {
+            let prompts = unpadded(prompt_ids, prompt_mask)?;
+            let begun: Vec<(String, PromptFields)> = prompts
+                .iter()
+                .zip(fields)
+                .map(|(p, f)| (models.tokenizer.decode(p, true), f.clone()))
+                .collect();
+            let observations = tools.runner.begin(&begun)?;
+            if observations.iter().all(Option::is_none) {
+                (prompt_ids, prompt_mask)
+            } else {
+                let reprompt = opts
+                    .reprompt
+                    .as_ref()
+                    .context("an observation to append, but not the prompt rows")?;
+                let rows: Vec<Vec<i64>> = prompts
+                    .into_iter()
+                    .zip(&observations)
+                    .enumerate()
+                    .map(|(i, (p, o))| match o {
+                        None => Ok(p),
+                        Some(o) => reprompt.with(models.tokenizer, i, o),
+                    })
+                    .collect::<Result<_>>()?;
+                let refs: Vec<&[i64]> = rows.iter().map(Vec::as_slice).collect();
+                observed =
+                    data::prompts::collate_left(&refs, opts.sampling.pad_id, prompt_ids.device());
+                (&observed.input_ids, &observed.attention_mask)
+            }
+        }
+    };
     let generated = generate_rows(
         models.policy,
         prompt_ids,
@@ -616,6 +671,19 @@ pub fn rollout(
     opts: &RolloutOptions,
 ) -> Result<Rollout> {
     let sampled = sample_and_reward(models, prompt_ids, prompt_mask, fields, opts)?;
+    if models.tools.is_some() {
+        // An environment's observations may have extended the prompts.
+        let prompts: Vec<&[i64]> = sampled.prompts.iter().map(Vec::as_slice).collect();
+        let batch =
+            data::prompts::collate_left(&prompts, opts.sampling.pad_id, prompt_ids.device());
+        return Ok(score_sampled(
+            models,
+            &batch.input_ids,
+            &batch.attention_mask,
+            sampled,
+            opts,
+        ));
+    }
     Ok(score_sampled(
         models,
         prompt_ids,

@@ -175,9 +175,10 @@ pub type Answer = std::result::Result<String, String>;
 /// Runs tool calls: `--tool-command`, `--environment-command`, or anything else in tests.
 pub trait ToolRunner {
     /// Before a batch's responses are sampled: each row's prompt (its text) and the other
-    /// fields of its prompt row. An environment starts one episode per row here.
-    fn begin(&self, _rows: &[(String, PromptFields)]) -> Result<()> {
-        Ok(())
+    /// fields of its prompt row. An environment starts one episode per row here, and may
+    /// give text to append to the row's prompt (TRL's `reset` observation).
+    fn begin(&self, rows: &[(String, PromptFields)]) -> Result<Vec<Option<String>>> {
+        Ok(vec![None; rows.len()])
     }
     /// Each call's answer; `rows[i]` is the batch row whose response made `calls[i]`.
     fn run(&self, rows: &[usize], calls: &[ToolCall]) -> Result<Vec<Answer>>;
@@ -248,8 +249,8 @@ fn shown(line: &str) -> String {
 /// `--environment-command`: TRL's `environment_factory` as one program holding one
 /// environment per response (an episode). Before a batch is sampled it gets one line per
 /// response, `{"reset": E, "prompt": …, …the prompt row's other fields}`, and answers each
-/// with a JSON object (`{}`; an `observation` must be absent or null: appending text to
-/// the prompt, as TRL's `reset` may, is not supported yet); the calls of response E come
+/// with a JSON object, `{}` or `{"observation": "…"}` (text appended to the prompt's last
+/// message, as TRL appends what `reset` returns); the calls of response E come
 /// as `{"episode": E, "name", "arguments"}` and are answered as `--tool-command`'s; with
 /// `--environment-reward`, once the responses are complete, `{"get_reward": E}` gets
 /// `{"reward": x}` (TRL's `get_reward`). Episode numbers count up from 0 over the run (in
@@ -278,7 +279,7 @@ impl EnvironmentCommand {
 }
 
 impl ToolRunner for EnvironmentCommand {
-    fn begin(&self, rows: &[(String, PromptFields)]) -> Result<()> {
+    fn begin(&self, rows: &[(String, PromptFields)]) -> Result<Vec<Option<String>>> {
         let first = {
             let mut e = self.episodes.lock().expect("not poisoned");
             let first = e.1;
@@ -298,17 +299,29 @@ impl ToolRunner for EnvironmentCommand {
             })
             .collect();
         let name = |i: usize| format!("the reset of episode {}", first + i as u64);
-        for (i, line) in self.program.ask(&requests, &name)?.iter().enumerate() {
-            let answer = serde_json::from_str::<Value>(line).ok();
-            let problem = match answer.as_ref().and_then(Value::as_object) {
-                None => format!("expected a JSON object ({{}}), got '{}'", shown(line)),
-                Some(a) if a.contains_key("error") => format!("it failed: {}", a["error"]),
-                Some(a) if !a.get("observation").is_none_or(Value::is_null) => "it returned an observation: text appended to the prompt at reset is not supported yet (put it in the prompt row)".into(),
-                Some(_) => continue,
-            };
-            return Err(self.program.error(&name(i), &problem));
-        }
-        Ok(())
+        let lines = self.program.ask(&requests, &name)?;
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, line)| {
+                let answer = serde_json::from_str::<Value>(line).ok();
+                let problem = match answer.as_ref().and_then(Value::as_object) {
+                    None => format!(
+                        "expected a JSON object ({{}} or {{\"observation\": \"…\"}}), got '{}'",
+                        shown(line)
+                    ),
+                    Some(a) if a.contains_key("error") => format!("it failed: {}", a["error"]),
+                    Some(a) => match a.get("observation") {
+                        None | Some(Value::Null) => return Ok(None),
+                        Some(Value::String(text)) => return Ok(Some(text.clone())),
+                        Some(other) => {
+                            format!("its observation must be a string or null, got {other}")
+                        }
+                    },
+                };
+                Err(self.program.error(&name(i), &problem))
+            })
+            .collect()
     }
 
     fn run(&self, rows: &[usize], calls: &[ToolCall]) -> Result<Vec<Answer>> {

@@ -35,12 +35,12 @@ use crate::reward_fn::{
     RewardModel, RewardSource, SoftOverlong, TextRule, ThinkFormat,
 };
 use crate::rollout::{
-    rollout, sample_and_reward, score_sampled, RefModel, Rollout, RolloutModels, RolloutOptions,
-    Sampled, Tools,
+    rollout, sample_and_reward, score_sampled, RefModel, Reprompt, Rollout, RolloutModels,
+    RolloutOptions, Sampled, Tools,
 };
 use crate::tools::{EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner};
 use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
-use data::formats::PromptFields;
+use data::formats::{PromptExample, PromptFields};
 
 /// PPO's own part of `trainer_state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -274,7 +274,9 @@ pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<
 }
 
 /// Prompt token ids, one row each, and each row's other fields.
-type Prompts = (Vec<Vec<i64>>, Vec<PromptFields>);
+/// Prompt token ids, one row each, each row's other fields, and (with
+/// `--environment-command`, whose observations extend them) each row's prompt as given.
+type Prompts = (Vec<Vec<i64>>, Vec<PromptFields>, Vec<PromptExample>);
 
 /// Prompts (cut to `--max-prompt-length`, keeping their end) and PPO-ptx rows, both also
 /// cut to what the policy's position table holds.
@@ -338,6 +340,10 @@ fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) 
         }
     }
     let fields = rows.iter().map(|(_, f)| f.clone()).collect();
+    let examples = match args.environment_command {
+        Some(_) => rows.iter().map(|(p, _)| p.clone()).collect(),
+        None => vec![],
+    };
     let prompts: Vec<Vec<i64>> = rows
         .iter()
         .enumerate()
@@ -357,7 +363,7 @@ fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) 
         .into_iter()
         .map(|p| p[p.len().saturating_sub(max_prompt_length)..].to_vec())
         .collect();
-    Ok((prompts, fields))
+    Ok((prompts, fields, examples))
 }
 
 /// The context of an error raised while sampling or scoring a rollout (a reward program
@@ -385,6 +391,10 @@ struct Ppo<'a> {
     rewards: &'a [Scorer<'a>],
     prompts: Vec<Vec<i64>>,
     fields: Vec<PromptFields>,
+    /// With `--environment-command`: the prompts as their rows gave them.
+    examples: Vec<PromptExample>,
+    /// `--max-prompt-length`, as the policy's positions allow.
+    max_prompt_length: usize,
     /// `--eval-prompts`, when given.
     eval_prompts: Option<Prompts>,
     sampler: Sampler,
@@ -553,7 +563,10 @@ impl<'a> Ppo<'a> {
         } else {
             None
         };
-        let ((prompts, fields), ptx_rows) = read_data(args, &tok, &policy)?;
+        let ((prompts, fields, examples), ptx_rows) = read_data(args, &tok, &policy)?;
+        let max_prompt_length = args
+            .max_prompt_length
+            .min(policy.prompt_room(args.response_length as usize, "--response-length")?);
         let tools = tool_program
             .map(|runner| -> Result<Tools> {
                 Ok(Tools {
@@ -615,6 +628,8 @@ impl<'a> Ppo<'a> {
             eval_prompts,
             prompts,
             fields,
+            examples,
+            max_prompt_length,
             ptx,
             ema: None,
             kl_ctl: KlController {
@@ -771,11 +786,14 @@ impl<'a> Ppo<'a> {
         if args.filter_groups {
             return self.filtered_rollout(step, world);
         }
-        let (batch, fields) = self.next_prompts(world);
-        let opts = self.rollout_options(
-            derived_seed(args.run.seed, step, 1),
-            rollout_rows_of(args, world),
-        );
+        let (batch, fields, reprompt) = self.next_prompts(world);
+        let opts = RolloutOptions {
+            reprompt,
+            ..self.rollout_options(
+                derived_seed(args.run.seed, step, 1),
+                rollout_rows_of(args, world),
+            )
+        };
         self.with_models(|models| {
             rollout(
                 models,
@@ -789,7 +807,14 @@ impl<'a> Ppo<'a> {
 
     /// The next --rollout-batch-size prompts (this rank's share, each --num-generations
     /// times), collated, with their rows' other fields.
-    fn next_prompts(&mut self, world: &World) -> (data::prompts::PromptBatch, Vec<PromptFields>) {
+    fn next_prompts(
+        &mut self,
+        world: &World,
+    ) -> (
+        data::prompts::PromptBatch,
+        Vec<PromptFields>,
+        Option<Reprompt>,
+    ) {
         let args = self.args;
         let indices = self.sampler.next_batch(args.rollout_batch_size);
         let mine: Vec<usize> = world
@@ -800,7 +825,16 @@ impl<'a> Ppo<'a> {
         let rows: Vec<&[i64]> = mine.iter().map(|&i| self.prompts[i].as_slice()).collect();
         let fields: Vec<PromptFields> = mine.iter().map(|&i| self.fields[i].clone()).collect();
         let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
-        (batch, fields)
+        (batch, fields, self.reprompt(&self.examples, &mine))
+    }
+
+    /// The prompts of rows `mine` of `examples` as their rows gave them, where an
+    /// environment's observations may extend them.
+    fn reprompt(&self, examples: &[PromptExample], mine: &[usize]) -> Option<Reprompt> {
+        (!examples.is_empty()).then(|| Reprompt {
+            examples: mine.iter().map(|&i| examples[i].clone()).collect(),
+            max_prompt_length: self.max_prompt_length,
+        })
     }
 
     /// `--filter-groups` (DAPO's dynamic sampling): batches of prompts are sampled and
@@ -817,11 +851,14 @@ impl<'a> Ppo<'a> {
         let mut groups = 0;
         let mut batches = 0;
         loop {
-            let (batch, fields) = self.next_prompts(world);
-            let opts = self.rollout_options(
-                derived_seed(args.run.seed, step, 1 + ((batches as u64) << 32)),
-                rows,
-            );
+            let (batch, fields, reprompt) = self.next_prompts(world);
+            let opts = RolloutOptions {
+                reprompt,
+                ..self.rollout_options(
+                    derived_seed(args.run.seed, step, 1 + ((batches as u64) << 32)),
+                    rows,
+                )
+            };
             let sampled = self.with_models(|models| {
                 sample_and_reward(
                     models,
@@ -900,6 +937,7 @@ impl<'a> Ppo<'a> {
             missing_eos_penalty: args.missing_eos_penalty,
             score_clip: args.score_clip,
             rows,
+            reprompt: None,
         }
     }
 
@@ -910,7 +948,7 @@ impl<'a> Ppo<'a> {
     /// policy rather than the draw.
     fn evaluate(&self, world: &World) -> Result<Vec<(String, f64)>> {
         let args = self.args;
-        let Some((prompts, fields)) = &self.eval_prompts else {
+        let Some((prompts, fields, examples)) = &self.eval_prompts else {
             return Ok(vec![]);
         };
         let g = args.num_generations_eval.unwrap_or(args.num_generations);
@@ -932,7 +970,10 @@ impl<'a> Ppo<'a> {
             let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
             let (start, _) = common::world::shard_range(chunk.len(), world.rank(), world.size());
             let seed = derived_seed(args.run.seed, u64::MAX, block as u64);
-            let opts = self.rollout_options(seed, ((start * g) as i64, (chunk.len() * g) as i64));
+            let opts = RolloutOptions {
+                reprompt: self.reprompt(examples, &mine),
+                ..self.rollout_options(seed, ((start * g) as i64, (chunk.len() * g) as i64))
+            };
             let sampled = self.with_models(|models| {
                 sample_and_reward(
                     models,

@@ -296,17 +296,19 @@ for line in sys.stdin:
 "#;
 
 /// `calc` as an environment: episodes begun by `reset`, each call counted in its episode,
-/// `get_reward` 1 for exactly one call; every line appended to `log`.
+/// `get_reward` 1 for exactly one call; every line appended to `log` (the first argument).
+/// With a second argument, even episodes' resets return it as their observation.
 const ENVIRONMENT: &str = r#"
 import json, re, sys
 log = open(sys.argv[1], "a")
+observation = sys.argv[2] if len(sys.argv) > 2 else None
 episodes = {}
 for line in sys.stdin:
     message = json.loads(line)
     log.write(line); log.flush()
     if "reset" in message:
         episodes[message["reset"]] = 0
-        answer = {}
+        answer = {"observation": observation} if message["reset"] % 2 == 0 else {}
     elif "get_reward" in message:
         answer = {"reward": float(episodes.pop(message["get_reward"]) == 1)}
     else:
@@ -319,11 +321,11 @@ for line in sys.stdin:
     print(json.dumps(answer), flush=True)
 "#;
 
-/// An environment whose reset returns text for the prompt.
+/// An environment whose reset returns a number for the prompt.
 const OBSERVING: &str = r#"
 import json, sys
 for line in sys.stdin:
-    print(json.dumps({"observation": "You are in a cage."}), flush=True)
+    print(json.dumps({"observation": 3}), flush=True)
 "#;
 
 /// A tiny Llama taught (by SFT on one conversation) to call `calc` and then answer with its
@@ -543,7 +545,35 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
     // Before any update the environment samples what the plain tool program did.
     assert_eq!(em[0]["tools/call_frequency"], m[0]["tools/call_frequency"]);
 
-    // Text appended at reset (TRL's observation) is not supported yet: one clear line.
+    // Text a reset returns (TRL's observation) is appended to the prompt's last message:
+    // the even episodes' prompts (rows 0, 2, … of each step) read it.
+    let observed_out = root.join("grpo-observed");
+    let observed = format!("{environment} ' Count the legs.'");
+    ppo::train::run(&ppo_args(
+        "grpo",
+        &observed_out,
+        &[
+            "--environment-command",
+            &observed,
+            "--sample-every",
+            "1",
+            "--num-samples",
+            "32",
+        ],
+    ))
+    .unwrap();
+    let samples = rlhf_tests::read_jsonl(&observed_out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 64, "every response of both steps");
+    for (i, sample) in samples.iter().enumerate() {
+        let row = i % 32; // episode 32 · step + row
+        let prompt = sample["prompt"].as_str().unwrap();
+        assert_eq!(
+            prompt.contains("rabbits? Count the legs.\nassistant"),
+            row % 2 == 0,
+            "row {row}: {prompt}"
+        );
+    }
+    // An observation that is not text ends the run in one line.
     std::fs::write(root.join("observing.py"), OBSERVING).unwrap();
     let observing = format!(
         "'{}' '{}'",
@@ -557,7 +587,8 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
     ))
     .unwrap_err();
     assert!(
-        format!("{e:#}").contains("the reset of episode 0: it returned an observation"),
+        format!("{e:#}")
+            .contains("the reset of episode 0: its observation must be a string or null, got 3"),
         "{e:#}"
     );
 }
