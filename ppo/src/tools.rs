@@ -64,16 +64,16 @@ impl ToolFormat {
         ];
         let text = tok
             .render_chat(&messages, &TemplateArgs::default(), false)
-            .map_err(|e| anyhow::anyhow!("--tool-command: the chat template cannot render a tool-calling conversation (user, assistant with tool_calls, tool): {e}"))?;
+            .map_err(|e| anyhow::anyhow!("the chat template cannot render a tool-calling conversation (user, assistant with tool_calls, tool): {e}"))?;
         if !text.contains("probe_result") {
-            bail!("--tool-command: the chat template does not render tool results (a 'tool' message's content is missing from its text)");
+            bail!("the chat template does not render tool results (a 'tool' message's content is missing from its text)");
         }
         let format = if text.contains("<tool_call>") {
             ToolFormat::Hermes
         } else if text.contains("\"parameters\"") {
             ToolFormat::Llama3
         } else {
-            bail!("--tool-command: the chat template writes tool calls in a form this version does not parse (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, and Llama 3.1's bare {{\"name\", \"parameters\"}} JSON)")
+            bail!("the chat template writes tool calls in a form this version does not parse (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, and Llama 3.1's bare {{\"name\", \"parameters\"}} JSON)")
         };
         // Results are appended to the tokens sampled so far: the template must render a
         // conversation's start the same whatever follows (TRL swaps such templates for its
@@ -163,7 +163,7 @@ pub fn suffix_ids(tok: &Tokenizer, results: &[(String, String)]) -> Result<Vec<i
         }
     }
     if !full.starts_with(&prefix) {
-        bail!("--tool-command: the chat template is not prefix-preserving (an answer calling tools renders differently once tool results follow it, as Qwen3's drops its empty think block): give one that is with --chat-template, such as TRL's qwen3_training.jinja");
+        bail!("the chat template is not prefix-preserving (an answer calling tools renders differently once tool results follow it, as Qwen3's drops its empty think block): give one that is with --chat-template, such as TRL's qwen3_training.jinja");
     }
     Ok(full[prefix.len()..].to_vec())
 }

@@ -570,7 +570,10 @@ impl<'a> Ppo<'a> {
         let tools = tool_program
             .map(|runner| -> Result<Tools> {
                 Ok(Tools {
-                    format: ToolFormat::of(&tok)?,
+                    format: ToolFormat::of(&tok).map_err(|e| {
+                        let (option, _, _) = args.tool_program().expect("a tool program");
+                        anyhow::anyhow!("{option}: {e}")
+                    })?,
                     runner,
                     max_iterations: args.max_tool_calling_iterations.unwrap_or(usize::MAX),
                     max_len: policy.max_positions().unwrap_or(usize::MAX),
