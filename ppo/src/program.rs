@@ -84,6 +84,11 @@ impl LineProgram {
         )
     }
 
+    /// A line of its output as errors show it: its first 80 characters.
+    pub fn shown(line: &str) -> String {
+        line.chars().take(80).collect()
+    }
+
     /// Sends every request (one JSON value each, written as one line) and reads one answer
     /// line per request. `name(i)` names request `i` in errors.
     pub fn ask(

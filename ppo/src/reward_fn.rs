@@ -386,27 +386,37 @@ impl RewardFunction for RewardCommand {
             })
             .collect();
         let name = |row: usize| format!("response {row} of the batch");
-        let lines = self.program.ask(&requests, &name)?;
-        lines
-            .iter()
-            .enumerate()
-            .map(|(row, line)| {
-                serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v.get("reward").and_then(serde_json::Value::as_f64))
-                    .filter(|r| r.is_finite())
-                    .ok_or_else(|| {
-                        let shown: String = line.chars().take(80).collect();
-                        self.program.error(
-                            &name(row),
-                            &format!(
-                                "expected a line {{\"reward\": <finite number>}}, got '{shown}'"
-                            ),
-                        )
-                    })
-            })
-            .collect()
+        ask_rewards(&self.program, &requests, &name)
     }
+}
+
+/// Sends `requests` to `program` and reads one `{"reward": x}` line (x finite) for each:
+/// `--reward-command`'s answers, and `--environment-reward`'s.
+pub(crate) fn ask_rewards(
+    program: &LineProgram,
+    requests: &[serde_json::Value],
+    name: &dyn Fn(usize) -> String,
+) -> Result<Vec<f64>> {
+    let lines = program.ask(requests, name)?;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("reward").and_then(serde_json::Value::as_f64))
+                .filter(|r| r.is_finite())
+                .ok_or_else(|| {
+                    program.error(
+                        &name(i),
+                        &format!(
+                            "expected a line {{\"reward\": <finite number>}}, got '{}'",
+                            LineProgram::shown(line)
+                        ),
+                    )
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]

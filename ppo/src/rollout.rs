@@ -111,7 +111,8 @@ pub struct RolloutModels<'a> {
     pub critic: Option<&'a Model>,
     pub rewards: &'a [RewardSource<'a>],
     pub tokenizer: &'a Tokenizer,
-    /// `--tool-command`: responses may call tools ([`crate::tools`]).
+    /// `--tool-command` or `--environment-command`: responses may call tools
+    /// ([`crate::tools`]).
     pub tools: Option<&'a Tools>,
 }
 
@@ -569,6 +570,46 @@ impl Sampled {
     }
 }
 
+/// Begins the batch with the tool program (an environment starts an episode per row):
+/// the prompts the observations it returns extend, or `None` where it returns none.
+fn observe(
+    models: &RolloutModels,
+    tools: &Tools,
+    (prompt_ids, prompt_mask): (&Tensor, &Tensor),
+    fields: &[PromptFields],
+    opts: &RolloutOptions,
+) -> Result<Option<data::prompts::PromptBatch>> {
+    let prompts = unpadded(prompt_ids, prompt_mask)?;
+    let begun: Vec<(String, PromptFields)> = prompts
+        .iter()
+        .zip(fields)
+        .map(|(p, f)| (models.tokenizer.decode(p, true), f.clone()))
+        .collect();
+    let observations = tools.runner.begin(&begun)?;
+    if observations.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let reprompt = opts
+        .reprompt
+        .as_ref()
+        .context("an observation to append, but not the prompt rows")?;
+    let rows: Vec<Vec<i64>> = prompts
+        .into_iter()
+        .zip(&observations)
+        .enumerate()
+        .map(|(i, (p, o))| match o {
+            None => Ok(p),
+            Some(o) => reprompt.with(models.tokenizer, i, o),
+        })
+        .collect::<Result<_>>()?;
+    let refs: Vec<&[i64]> = rows.iter().map(Vec::as_slice).collect();
+    Ok(Some(data::prompts::collate_left(
+        &refs,
+        opts.sampling.pad_id,
+        prompt_ids.device(),
+    )))
+}
+
 /// Samples one response to each row of `prompt_ids` (`fields`: the other fields of each
 /// row's prompt, for the rewards) and rewards it.
 pub fn sample_and_reward(
@@ -580,39 +621,13 @@ pub fn sample_and_reward(
 ) -> Result<Sampled> {
     let _guard = tch::no_grad_guard();
     let rows = prompt_ids.size()[0] as usize;
-    let observed;
-    let (prompt_ids, prompt_mask) = match models.tools {
+    let observed = match models.tools {
+        Some(tools) => observe(models, tools, (prompt_ids, prompt_mask), fields, opts)?,
+        None => None,
+    };
+    let (prompt_ids, prompt_mask) = match &observed {
+        Some(batch) => (&batch.input_ids, &batch.attention_mask),
         None => (prompt_ids, prompt_mask),
-        Some(tools) => {
-            let prompts = unpadded(prompt_ids, prompt_mask)?;
-            let begun: Vec<(String, PromptFields)> = prompts
-                .iter()
-                .zip(fields)
-                .map(|(p, f)| (models.tokenizer.decode(p, true), f.clone()))
-                .collect();
-            let observations = tools.runner.begin(&begun)?;
-            if observations.iter().all(Option::is_none) {
-                (prompt_ids, prompt_mask)
-            } else {
-                let reprompt = opts
-                    .reprompt
-                    .as_ref()
-                    .context("an observation to append, but not the prompt rows")?;
-                let rows: Vec<Vec<i64>> = prompts
-                    .into_iter()
-                    .zip(&observations)
-                    .enumerate()
-                    .map(|(i, (p, o))| match o {
-                        None => Ok(p),
-                        Some(o) => reprompt.with(models.tokenizer, i, o),
-                    })
-                    .collect::<Result<_>>()?;
-                let refs: Vec<&[i64]> = rows.iter().map(Vec::as_slice).collect();
-                observed =
-                    data::prompts::collate_left(&refs, opts.sampling.pad_id, prompt_ids.device());
-                (&observed.input_ids, &observed.attention_mask)
-            }
-        }
     };
     let generated = generate_rows(
         models.policy,
@@ -671,19 +686,15 @@ pub fn rollout(
     opts: &RolloutOptions,
 ) -> Result<Rollout> {
     let sampled = sample_and_reward(models, prompt_ids, prompt_mask, fields, opts)?;
-    if models.tools.is_some() {
-        // An environment's observations may have extended the prompts.
+    // An environment's observations may have extended the prompts: the sampled ones count.
+    let observed = models.tools.map(|_| {
         let prompts: Vec<&[i64]> = sampled.prompts.iter().map(Vec::as_slice).collect();
-        let batch =
-            data::prompts::collate_left(&prompts, opts.sampling.pad_id, prompt_ids.device());
-        return Ok(score_sampled(
-            models,
-            &batch.input_ids,
-            &batch.attention_mask,
-            sampled,
-            opts,
-        ));
-    }
+        data::prompts::collate_left(&prompts, opts.sampling.pad_id, prompt_ids.device())
+    });
+    let (prompt_ids, prompt_mask) = match &observed {
+        Some(batch) => (&batch.input_ids, &batch.attention_mask),
+        None => (prompt_ids, prompt_mask),
+    };
     Ok(score_sampled(
         models,
         prompt_ids,

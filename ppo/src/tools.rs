@@ -22,7 +22,7 @@ use data::Tokenizer;
 use serde_json::{json, Map, Value};
 
 use crate::program::LineProgram;
-use crate::reward_fn::{RewardFunction, RewardInput};
+use crate::reward_fn::{ask_rewards, RewardFunction, RewardInput};
 
 /// One call the policy made: a function name and its arguments (a JSON object).
 #[derive(Debug, Clone, PartialEq)]
@@ -233,17 +233,12 @@ fn call_answers(
                     &name(i),
                     &format!(
                         "expected a line {{\"result\": …}} or {{\"error\": \"…\"}}, got '{}'",
-                        shown(line)
+                        LineProgram::shown(line)
                     ),
                 )),
             }
         })
         .collect()
-}
-
-/// A program's line as errors show it: its first 80 characters.
-fn shown(line: &str) -> String {
-    line.chars().take(80).collect()
 }
 
 /// `--environment-command`: TRL's `environment_factory` as one program holding one
@@ -308,7 +303,7 @@ impl ToolRunner for EnvironmentCommand {
                 let problem = match answer.as_ref().and_then(Value::as_object) {
                     None => format!(
                         "expected a JSON object ({{}} or {{\"observation\": \"…\"}}), got '{}'",
-                        shown(line)
+                        LineProgram::shown(line)
                     ),
                     Some(a) if a.contains_key("error") => format!("it failed: {}", a["error"]),
                     Some(a) => match a.get("observation") {
@@ -346,26 +341,7 @@ impl RewardFunction for EnvironmentCommand {
         );
         let requests: Vec<Value> = episodes.iter().map(|e| json!({"get_reward": e})).collect();
         let name = |i: usize| format!("the reward of episode {}", episodes[i]);
-        let lines = self.program.ask(&requests, &name)?;
-        lines
-            .iter()
-            .enumerate()
-            .map(|(i, line)| {
-                serde_json::from_str::<Value>(line)
-                    .ok()
-                    .and_then(|v| v.get("reward").and_then(Value::as_f64))
-                    .filter(|r| r.is_finite())
-                    .ok_or_else(|| {
-                        self.program.error(
-                            &name(i),
-                            &format!(
-                                "expected a line {{\"reward\": <finite number>}}, got '{}'",
-                                shown(line)
-                            ),
-                        )
-                    })
-            })
-            .collect()
+        ask_rewards(&self.program, &requests, &name)
     }
 }
 

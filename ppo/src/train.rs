@@ -273,7 +273,6 @@ pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<
     train(args, &[source], tools, (device, kind), world)
 }
 
-/// Prompt token ids, one row each, and each row's other fields.
 /// Prompt token ids, one row each, each row's other fields, and (with
 /// `--environment-command`, whose observations extend them) each row's prompt as given.
 type Prompts = (Vec<Vec<i64>>, Vec<PromptFields>, Vec<PromptExample>);
@@ -309,6 +308,12 @@ fn read_data(
     Ok((prompts, ptx))
 }
 
+/// `--max-prompt-length`, as the policy's positions allow beside `--response-length`.
+fn max_prompt_length(args: &TrainArgs, policy: &Model) -> Result<usize> {
+    let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
+    Ok(args.max_prompt_length.min(room))
+}
+
 /// `--tools FILE`: a JSON list of tool schemas.
 fn read_tools(file: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(file)
@@ -323,8 +328,7 @@ fn read_tools(file: &Path) -> Result<serde_json::Value> {
 /// The prompts of `path` (`--prompts`, `--eval-prompts`), cut to `--max-prompt-length`
 /// (keeping their end) and to what the policy's position table holds.
 fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) -> Result<Prompts> {
-    let room = policy.prompt_room(args.response_length as usize, "--response-length")?;
-    let max_prompt_length = args.max_prompt_length.min(room);
+    let max_prompt_length = max_prompt_length(args, policy)?;
     let mut rows = data::read_prompts_with_fields(path)?;
     if let Some(file) = &args.tools {
         let tools = read_tools(file)?;
@@ -403,7 +407,7 @@ struct Ppo<'a> {
     kl_ctl: KlController,
     entropy: EntropyController,
     eos_ids: Vec<i64>,
-    /// `--tool-command`'s tools.
+    /// `--tool-command`'s or `--environment-command`'s tools.
     tools: Option<Tools>,
 }
 
@@ -564,9 +568,7 @@ impl<'a> Ppo<'a> {
             None
         };
         let ((prompts, fields, examples), ptx_rows) = read_data(args, &tok, &policy)?;
-        let max_prompt_length = args
-            .max_prompt_length
-            .min(policy.prompt_room(args.response_length as usize, "--response-length")?);
+        let max_prompt_length = max_prompt_length(args, &policy)?;
         let tools = tool_program
             .map(|runner| -> Result<Tools> {
                 Ok(Tools {
