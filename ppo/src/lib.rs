@@ -9,6 +9,7 @@ pub mod args;
 mod log;
 pub mod math;
 mod program;
+pub mod python_str;
 pub mod reward_fn;
 pub mod rollout;
 pub mod tools;

@@ -22,6 +22,7 @@ use data::Tokenizer;
 use serde_json::{json, Map, Value};
 
 use crate::program::LineProgram;
+use crate::python_str::python_str;
 use crate::reward_fn::{ask_rewards, RewardFunction, RewardInput};
 
 /// One call the policy made: a function name and its arguments (a JSON object).
@@ -184,8 +185,9 @@ pub trait ToolRunner {
     fn run(&self, rows: &[usize], calls: &[ToolCall]) -> Result<Vec<Answer>>;
 }
 
-/// `--tool-command`: one `{"name", "arguments"}` line per call, one `{"result": …}` (a
-/// string is the content as it is, any other value its JSON) or `{"error": "…"}` line back.
+/// `--tool-command`: one `{"name", "arguments"}` line per call, one `{"result": …}` (the
+/// content is Python's `str` of it, as TRL writes a tool's return value) or
+/// `{"error": "…"}` line back.
 pub struct ToolCommand {
     program: LineProgram,
 }
@@ -222,13 +224,9 @@ fn call_answers(
         .enumerate()
         .map(|(i, line)| {
             let answer = serde_json::from_str::<Value>(line).ok();
-            let text = |v: &Value| match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
             match answer.as_ref().and_then(Value::as_object) {
-                Some(a) if a.contains_key("result") => Ok(Ok(text(&a["result"]))),
-                Some(a) if a.contains_key("error") => Ok(Err(text(&a["error"]))),
+                Some(a) if a.contains_key("result") => Ok(Ok(python_str(&a["result"]))),
+                Some(a) if a.contains_key("error") => Ok(Err(python_str(&a["error"]))),
                 _ => Err(program.error(
                     &name(i),
                     &format!(
@@ -435,7 +433,7 @@ impl ToolLoop<'_> {
                         Ok(content) => (call.name.clone(), content),
                         Err(e) => {
                             stats.failures += 1;
-                            (call.name.clone(), json!({"error": e}).to_string())
+                            (call.name.clone(), python_str(&json!({"error": e})))
                         }
                     })
                     .collect();

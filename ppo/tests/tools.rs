@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use data::Tokenizer;
+use ppo::python_str::python_str;
 use ppo::tools::{suffix_ids, Segment, ToolCall, ToolFormat, ToolLoop, ToolRunner};
 use serde_json::{json, Value};
 
@@ -32,6 +33,24 @@ fn fixture() -> &'static Fixture {
             reference,
         }
     })
+}
+
+/// What a tool program answers is written into the tool message as TRL writes a Python
+/// tool's return value, `str(result)`, and an error as `str({"error": message})`.
+#[test]
+fn results_and_errors_are_written_as_trl_writes_them() {
+    let f = fixture();
+    let cases = f.reference["str"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let json = case[0].as_str().unwrap();
+        let value: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(python_str(&value), case[1].as_str().unwrap(), "{json}");
+    }
+    for case in f.reference["errors"].as_array().unwrap() {
+        let error = json!({"error": case[0]});
+        assert_eq!(python_str(&error), case[1].as_str().unwrap());
+    }
 }
 
 /// A template's tokenizer, with TRL's training template where the trainer swaps one in.
@@ -270,7 +289,7 @@ fn the_loop_splices_results_between_sampled_stretches() {
     assert_eq!((stats.calls, stats.failures), (2, 2));
     let error = suffix_ids(
         &tok,
-        &[("calc".into(), r#"{"error":"cannot evaluate"}"#.into())],
+        &[("calc".into(), "{'error': 'cannot evaluate'}".into())],
     )
     .unwrap();
     assert_eq!(

@@ -8,6 +8,7 @@ would have sampled it) the tool calls `trl.chat_template_utils.parse_response` f
 (after `add_response_schema`; none where it falls back to plain text), and for each list
 of tool results the token ids `GRPOTrainer._get_tool_suffix_ids` appends after an answer
 (with TRL's training template where the trainer swaps one in: `training_template`).
+Also `str` of what tool programs may answer, parsed as JSON, and of TRL's error dicts.
 """
 import argparse
 import json
@@ -36,6 +37,15 @@ TEXTS = [
     '{"name": "鸡兔", "parameters": {"heads": 35, "legs": 94}}',
     "23 chickens and 12 rabbits. The answer is 12",
 ]
+# What tool programs answer (the JSON after "result"), and errors: TRL writes
+# str(result) into the tool message, and str({"error": str(e)}) for a failure.
+VALUES = [
+    '"6"', '6', '6.0', '0.5', '1e-05', '1e16', '123456789012345678.5', '-0.0', 'true', 'null',
+    '[1, 2.5, "x"]', '{"heads": 35, "legs": 94.0, "ok": false, "note": null}',
+    '{"b": 1, "a": {"nested": ["it\'s", "say \\"hi\\"", "both \' and \\""]}}',
+    '"no quotes: \'"', '["tab\\tnew\\nline\\\\ \\u0007 \\u00a0 \\u00e9 \\u3000 \\u200b 鸡兔 \\ud83d\\udc14"]',
+]
+ERRORS = ["division by zero", "it's \"bad\"", "Tool calc not found."]
 RESULTS = [
     [["calc", "6"]],
     [["calc", "6"], ["heads", "35 头"]],
@@ -71,6 +81,8 @@ def main():
             messages = [{"role": "tool", "name": n, "content": c} for n, c in results]
             suffixes.append({"results": results, "ids": GRPOTrainer._get_tool_suffix_ids(trainer, messages)})
         out[name] = {"parsed": parsed, "suffixes": suffixes, "training_template": chat_template}
+    out["str"] = [[v, str(json.loads(v))] for v in VALUES]
+    out["errors"] = [[e, str({"error": e})] for e in ERRORS]
     print(json.dumps(out, ensure_ascii=False))
 
 
