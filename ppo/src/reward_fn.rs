@@ -30,10 +30,10 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use common::scoring::{score_sequences, Normalization};
 use common::Model;
-use data::formats::PromptFields;
+use data::formats::{Content, Message, PromptExample, PromptFields, TemplateArgs};
 use data::Tokenizer;
 use regex::Regex;
 
@@ -51,6 +51,9 @@ pub struct RewardInput<'a> {
     pub fields: &'a [PromptFields],
     /// Whether each response ended with EOS (else it was cut at `--response-length`).
     pub ended_with_eos: &'a [bool],
+    /// Each response's prompt as its row gave it (an environment's observation appended),
+    /// where the run keeps them: what a reward model with a tokenizer of its own reads.
+    pub examples: Option<&'a [PromptExample]>,
 }
 
 /// One reward source of a run: its name in the metrics (`rewards/NAME/mean`), its weight
@@ -67,8 +70,11 @@ pub trait RewardFunction {
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>>;
 }
 
-/// A reward model from `reward train`, with its normalisation applied. Each sequence is
-/// scored as the reward model was trained: prompt + response, no EOS, at the last token.
+/// A reward model from `reward train` (or any sequence classifier), with its normalisation
+/// applied. Each sequence is scored at its last token. With the policy's tokenizer, it is
+/// the policy's own tokens, prompt + response without EOS, as `reward train` trained it;
+/// with a tokenizer of its own (`own_tokenizer`), it is the text as TRL's `GRPOTrainer`
+/// gives a reward model (see [`own_tokens`]).
 pub struct RewardModel<'a> {
     pub model: &'a Model,
     pub normalization: Normalization,
@@ -77,16 +83,54 @@ pub struct RewardModel<'a> {
     /// Score with the model's adapters switched off: with LoRA, the critic's base (and
     /// its original head) is the reward model, so one copy of it serves both.
     pub without_adapters: bool,
+    /// The reward model's tokenizer where its vocabulary is not the policy's.
+    pub own_tokenizer: Option<&'a Tokenizer>,
+}
+
+/// A response as TRL's `GRPOTrainer` hands it to a reward model, in that model's tokens:
+/// a conversation is the prompt's messages and the response as the assistant's turn,
+/// rendered by the reward model's chat template (its `--chat-template-kwargs` too, no
+/// tools), a plain-text prompt the prompt and the response joined; tokenized without
+/// special tokens, the longest kept to their last `max_len` tokens.
+pub fn own_tokens(
+    tok: &Tokenizer,
+    example: &PromptExample,
+    response: &str,
+    max_len: Option<usize>,
+) -> Result<Vec<i64>> {
+    let text = match &example.prompt {
+        Content::Text(prompt) => format!("{prompt}{response}"),
+        Content::Messages(messages) => {
+            let mut messages = messages.clone();
+            messages.push(Message::new("assistant", response));
+            tok.render_chat(&messages, &TemplateArgs::default(), false)?
+        }
+    };
+    let ids = tok.encode(&text, false)?;
+    let keep = max_len.unwrap_or(ids.len()).min(ids.len());
+    Ok(ids[ids.len() - keep..].to_vec())
 }
 
 impl RewardFunction for RewardModel<'_> {
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
-        let sequences: Vec<Vec<i64>> = input
-            .prompts
-            .iter()
-            .zip(input.responses)
-            .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
-            .collect();
+        let sequences: Vec<Vec<i64>> = match self.own_tokenizer {
+            None => input
+                .prompts
+                .iter()
+                .zip(input.responses)
+                .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
+                .collect(),
+            Some(tok) => {
+                let examples = input
+                    .examples
+                    .context("a reward model with its own tokenizer reads the prompt rows, which this rollout did not keep")?;
+                examples
+                    .iter()
+                    .zip(input.texts)
+                    .map(|(e, t)| own_tokens(tok, e, t, self.model.max_positions()))
+                    .collect::<Result<_>>()?
+            }
+        };
         let score = || score_sequences(self.model, &sequences, self.batch_size, self.pad_id);
         let raw = if self.without_adapters {
             common::models::adapter::without_adapters(score)
@@ -431,6 +475,7 @@ mod tests {
             texts: &[text.to_string()],
             fields: &[fields],
             ended_with_eos: &[true],
+            examples: None,
         };
         rule.scores(&input).unwrap()[0]
     }
@@ -509,6 +554,7 @@ mod tests {
             texts: &[String::new(), String::new()],
             fields: &[PromptFields::new(), PromptFields::new()],
             ended_with_eos: &[true, false],
+            examples: None,
         };
         assert_eq!(overlong.scores(&input).unwrap(), [-0.5, -0.45]);
         let repetition = Repetition {
@@ -525,6 +571,7 @@ mod tests {
             fields: &[PromptFields::new()],
             prompts: &[vec![]],
             ended_with_eos: &[true],
+            examples: None,
         };
         let got = repetition.scores(&input).unwrap()[0];
         assert!((got + 1.0 / 3.0).abs() < 1e-12, "{got}");
@@ -547,6 +594,7 @@ mod tests {
             texts: &["The answer is 12".into(), "The answer is 13".into()],
             fields: &[row.clone(), row],
             ended_with_eos: &[true, true],
+            examples: None,
         };
         let got = cosine.scores(&input).unwrap();
         assert!(near(got[0], 0.75) && near(got[1], -0.75), "{got:?}");

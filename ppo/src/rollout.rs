@@ -185,8 +185,8 @@ pub struct RolloutOptions {
     /// These rows' place in the whole rollout batch (offset, rows of all ranks): what
     /// seeds each row's sampling.
     pub rows: (i64, i64),
-    /// With an environment: each row's prompt as its row gave it, which its reset's
-    /// observation extends.
+    /// Each row's prompt as its row gave it: an environment's reset observation extends
+    /// it, and a reward model with a tokenizer of its own reads it.
     pub reprompt: Option<Reprompt>,
 }
 
@@ -199,10 +199,13 @@ pub struct Reprompt {
 }
 
 impl Reprompt {
-    /// Row `row`'s prompt with `observation` appended to its last message (or its text),
+    /// Row `row`'s prompt, with `observation` appended to its last message (or its text)
     /// as TRL's `environment_factory` appends what `reset` returns.
-    fn with(&self, tokenizer: &Tokenizer, row: usize, observation: &str) -> Result<Vec<i64>> {
+    fn example(&self, row: usize, observation: Option<&str>) -> Result<PromptExample> {
         let mut example = self.examples[row].clone();
+        let Some(observation) = observation else {
+            return Ok(example);
+        };
         match &mut example.prompt {
             Content::Text(t) => t.push_str(observation),
             Content::Messages(m) => {
@@ -211,7 +214,12 @@ impl Reprompt {
                 last.extra.remove("content"); // a `content: null` no more
             }
         }
-        let ids = tokenizer.encode_prompt(&example)?;
+        Ok(example)
+    }
+
+    /// Row `row`'s prompt extended by `observation`, in tokens, cut as the prompts were.
+    fn with(&self, tokenizer: &Tokenizer, row: usize, observation: &str) -> Result<Vec<i64>> {
+        let ids = tokenizer.encode_prompt(&self.example(row, Some(observation))?)?;
         Ok(ids[ids.len().saturating_sub(self.max_prompt_length)..].to_vec())
     }
 }
@@ -570,15 +578,18 @@ impl Sampled {
     }
 }
 
-/// Begins the batch with the tool program (an environment starts an episode per row):
-/// the prompts the observations it returns extend, or `None` where it returns none.
+/// What an environment's resets returned: each row's observation, and the prompts they
+/// extend (`None` where none returned one).
+type Observed = (Vec<Option<String>>, Option<data::prompts::PromptBatch>);
+
+/// Begins the batch with the tool program (an environment starts an episode per row).
 fn observe(
     models: &RolloutModels,
     tools: &Tools,
     (prompt_ids, prompt_mask): (&Tensor, &Tensor),
     fields: &[PromptFields],
     opts: &RolloutOptions,
-) -> Result<Option<data::prompts::PromptBatch>> {
+) -> Result<Observed> {
     let prompts = unpadded(prompt_ids, prompt_mask)?;
     let begun: Vec<(String, PromptFields)> = prompts
         .iter()
@@ -587,7 +598,7 @@ fn observe(
         .collect();
     let observations = tools.runner.begin(&begun)?;
     if observations.iter().all(Option::is_none) {
-        return Ok(None);
+        return Ok((observations, None));
     }
     let reprompt = opts
         .reprompt
@@ -603,11 +614,8 @@ fn observe(
         })
         .collect::<Result<_>>()?;
     let refs: Vec<&[i64]> = rows.iter().map(Vec::as_slice).collect();
-    Ok(Some(data::prompts::collate_left(
-        &refs,
-        opts.sampling.pad_id,
-        prompt_ids.device(),
-    )))
+    let batch = data::prompts::collate_left(&refs, opts.sampling.pad_id, prompt_ids.device());
+    Ok((observations, Some(batch)))
 }
 
 /// Samples one response to each row of `prompt_ids` (`fields`: the other fields of each
@@ -621,8 +629,16 @@ pub fn sample_and_reward(
 ) -> Result<Sampled> {
     let _guard = tch::no_grad_guard();
     let rows = prompt_ids.size()[0] as usize;
-    let observed = match models.tools {
+    let (observations, observed) = match models.tools {
         Some(tools) => observe(models, tools, (prompt_ids, prompt_mask), fields, opts)?,
+        None => (vec![None; rows], None),
+    };
+    let examples = match &opts.reprompt {
+        Some(r) => Some(
+            (0..rows)
+                .map(|i| r.example(i, observations[i].as_deref()))
+                .collect::<Result<Vec<_>>>()?,
+        ),
         None => None,
     };
     let (prompt_ids, prompt_mask) = match &observed {
@@ -652,6 +668,7 @@ pub fn sample_and_reward(
         texts: &seen.texts,
         fields,
         ended_with_eos: &seen.ended_with_eos,
+        examples: examples.as_deref(),
     };
     let (mut scores, source_stats, by_source) = summed_rewards(models.rewards, &input)?;
     for (s, &eos) in scores.iter_mut().zip(&seen.ended_with_eos) {

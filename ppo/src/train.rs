@@ -67,7 +67,7 @@ pub struct TrainSummary {
 fn check_same_tokenizer(a: &Tokenizer, b: &Tokenizer, args: &TrainArgs, dir: &Path) -> Result<()> {
     if !a.same_vocabulary(b) {
         bail!(
-            "{} and {} have different tokenizers (vocabularies differ): the policy and the reward model must share one",
+            "{} and {} have different tokenizers (vocabularies differ): the reward model is also the value model's base here (an adapter without --value-model), which reads the policy's tokens: give --value-model DIR or a critic-free --advantage-estimator",
             args.policy.join("tokenizer.json").display(),
             dir.join("tokenizer.json").display()
         );
@@ -243,13 +243,36 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     };
     let (model, tok) = Model::load_with_tokenizer(reward_dir, &frozen)?;
     warn_without_normalization(&model.config.raw, reward_dir);
-    check_same_tokenizer(&policy_tok, &tok, args, reward_dir)?;
+    // A reward model of another family reads the responses as text in its own tokens and
+    // chat template, as TRL's GRPOTrainer gives them to it; the critic must still read the
+    // policy's tokens.
+    let own = !policy_tok.same_vocabulary(&tok);
+    if own && args.advantage_estimator().needs_critic() && args.value_model.is_none() {
+        bail!(
+            "{} has a tokenizer other than the policy's ({}), so it cannot start the value model: give --value-model DIR (a model with the policy's tokenizer) or a critic-free --advantage-estimator",
+            reward_dir.display(),
+            args.policy.display()
+        );
+    }
+    let pad_id = tok.pad_id;
+    let own_tokenizer = match (own, &args.tokenizer.chat_template_kwargs) {
+        (false, _) => None,
+        (true, Some(kwargs)) => Some(tok.with_template_kwargs(kwargs.clone())),
+        (true, None) => Some(tok),
+    };
+    if own {
+        tracing::info!(
+            "{}: a tokenizer of its own; responses are scored as text in its tokens and chat template",
+            reward_dir.display()
+        );
+    }
     let reward = RewardModel {
         normalization: Normalization::of(&model),
         model: &model,
-        pad_id: tok.pad_id,
+        pad_id,
         batch_size: args.forward_batch_size.unwrap_or(args.rollout_rows()),
         without_adapters: false,
+        own_tokenizer: own_tokenizer.as_ref(),
     };
     sources.push(Scorer::Function(RewardSource {
         name: "reward_model",
@@ -344,10 +367,7 @@ fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) 
         }
     }
     let fields = rows.iter().map(|(_, f)| f.clone()).collect();
-    let examples = match args.environment_command {
-        Some(_) => rows.iter().map(|(p, _)| p.clone()).collect(),
-        None => vec![],
-    };
+    let examples = rows.iter().map(|(p, _)| p.clone()).collect();
     let prompts: Vec<Vec<i64>> = rows
         .iter()
         .enumerate()
@@ -1026,6 +1046,7 @@ impl<'a> Ppo<'a> {
             pad_id: self.tok.pad_id,
             batch_size: args.forward_batch_size.unwrap_or(args.rollout_rows()),
             without_adapters: true,
+            own_tokenizer: None,
         });
         let sources: Vec<RewardSource> = self
             .rewards
@@ -1365,6 +1386,7 @@ mod tests {
             pad_id: ppo.tok.pad_id,
             batch_size: 4,
             without_adapters,
+            own_tokenizer: None,
         };
         let input = crate::reward_fn::RewardInput {
             prompts: &[vec![5, 9, 12], vec![8]],
@@ -1372,6 +1394,7 @@ mod tests {
             texts: &[String::new(), String::new()],
             fields: &[PromptFields::new(), PromptFields::new()],
             ended_with_eos: &[true, false],
+            examples: None,
         };
         let full = scorer(&rm, false).scores(&input).unwrap();
         let shared = scorer(critic, true).scores(&input).unwrap();
@@ -1446,6 +1469,7 @@ mod tests {
             texts: &["<think></think>".to_string()],
             fields: &[PromptFields::new()],
             ended_with_eos: &[true],
+            examples: None,
         };
         let scores: Vec<f64> = rules[1..]
             .iter()
