@@ -208,10 +208,16 @@ fn grpo_scores_responses_in_the_reward_models_tokens() {
     assert!(!out.join("final_value").exists());
 
     // GAE's value model would start from the reward model, which cannot read the policy's
-    // tokens.
+    // tokens; with a value model of the policy's family it trains.
     let err = ppo::train::run(&args(&f.root.join("gae"), &[])).unwrap_err();
     assert!(
         format!("{err:#}").contains("cannot start the value model: give --value-model DIR"),
         "{err:#}"
     );
+    let out = f.root.join("gae-value");
+    let _ = std::fs::remove_dir_all(&out);
+    let policy = f.policy.to_str().unwrap();
+    let summary = ppo::train::run(&args(&out, &["--value-model", policy])).unwrap();
+    assert_eq!(summary.steps, 1);
+    assert!(out.join("final_value").exists());
 }
