@@ -113,13 +113,21 @@ pub struct TrainArgs {
     /// The SFT policy (Hugging Face directory); also the frozen reference.
     #[arg(long)]
     pub policy: PathBuf,
-    /// The reward model from `reward train` (its normalisation is applied). Optional when
-    /// another reward source is given.
+    /// The reward model from `reward train` (its normalisation is applied), or any
+    /// sequence classifier, of the policy's family or another. Repeat it for several (at
+    /// most 8), each a reward source: `reward_model`, `reward_model_2`, … in the metrics.
+    /// Optional when another reward source is given.
     #[arg(long)]
-    pub reward_model: Option<PathBuf>,
-    /// Weight of the reward model's score in the summed reward.
-    #[arg(long, default_value_t = 1.0)]
-    pub reward_model_weight: f64,
+    #[serde(
+        serialize_with = "paths_one_or_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub reward_model: Vec<PathBuf>,
+    /// Weight of each reward model's score in the summed reward, in the order of the
+    /// models (one per model; default 1 each).
+    #[arg(long)]
+    #[serde(serialize_with = "weights_one_or_list")]
+    pub reward_model_weight: Vec<f64>,
     /// A reward computed by a rule, repeatable: exact-answer (the answer extracted from
     /// the response against the prompt row's "answer" field), soft-overlong (DAPO's length
     /// penalty), repetition (repeated n-grams), think-format (a leading think block),
@@ -534,6 +542,13 @@ impl TrainArgs {
         self.has_rule(RewardRule::ExactAnswer) || self.has_rule(RewardRule::CosineScaled)
     }
 
+    /// Each `--reward-model`'s weight, in their order.
+    pub fn reward_model_weights(&self) -> Vec<f64> {
+        (0..self.reward_model.len())
+            .map(|i| self.reward_model_weight.get(i).copied().unwrap_or(1.0))
+            .collect()
+    }
+
     /// Each `--reward-rule` with its weight.
     pub fn rule_weights(&self) -> Vec<(RewardRule, f64)> {
         let weight = |i: usize| self.reward_rule_weight.get(i).copied().unwrap_or(1.0);
@@ -628,7 +643,7 @@ impl TrainArgs {
     pub fn reward_is_critic_base(&self) -> bool {
         (self.adapter.lora_r.is_some() || self.adapter.prompt_tuning_tokens.is_some())
             && self.value_model.is_none()
-            && self.reward_model.is_some()
+            && !self.reward_model.is_empty()
             && self.advantage_estimator().needs_critic()
     }
 
@@ -636,7 +651,7 @@ impl TrainArgs {
     pub fn critic_source(&self) -> &Path {
         self.value_model
             .as_ref()
-            .or(self.reward_model.as_ref())
+            .or(self.reward_model.first())
             .expect("validated: gae has a value or reward model")
     }
 
@@ -712,7 +727,7 @@ impl TrainArgs {
             (
                 !self.advantage_estimator().needs_critic()
                     || self.value_model.is_some()
-                    || self.reward_model.is_some(),
+                    || !self.reward_model.is_empty(),
                 "--advantage-estimator gae trains a value model: give --value-model or --reward-model",
             ),
             (
@@ -853,6 +868,18 @@ impl TrainArgs {
                 "--reward-rule-weight: give one per --reward-rule, in their order (or none: 1 each)",
             ),
             (
+                // One weight and at most one model: a config.toml written before models
+                // repeated says `reward_model_weight = 1.0` with or without a model.
+                self.reward_model_weight.is_empty()
+                    || self.reward_model_weight.len() == self.reward_model.len()
+                    || (self.reward_model_weight.len() == 1 && self.reward_model.is_empty()),
+                "--reward-model-weight: give one per --reward-model, in their order (or none: 1 each)",
+            ),
+            (
+                self.reward_model.len() <= crate::train::REWARD_MODEL_NAMES.len(),
+                "--reward-model: at most 8",
+            ),
+            (
                 self.has_rule(RewardRule::Format) == self.format_pattern.is_some(),
                 "--reward-rule format needs --format-pattern REGEX (and the option needs the rule)",
             ),
@@ -897,5 +924,29 @@ impl TrainArgs {
             ),
         ])?;
         Ok(())
+    }
+}
+
+/// One reward model as a string (as `config.toml` always had it), several as a list.
+fn paths_one_or_list<S: serde::Serializer>(
+    paths: &[PathBuf],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match paths {
+        [one] => one.serialize(s),
+        many => many.serialize(s),
+    }
+}
+
+/// The reward models' weights as `config.toml` always had them, a number (1.0 when none
+/// was given), or a list for several.
+fn weights_one_or_list<S: serde::Serializer>(
+    weights: &[f64],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match weights {
+        [] => s.serialize_f64(1.0),
+        [one] => s.serialize_f64(*one),
+        many => many.serialize(s),
     }
 }

@@ -181,7 +181,7 @@ fn start_tool_program(args: &TrainArgs) -> Result<ToolPrograms> {
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
     ensure!(
-        args.reward_model.is_some()
+        !args.reward_model.is_empty()
             || !args.reward_rule.is_empty()
             || args.reward_command.is_some()
             || args.environment_reward,
@@ -223,63 +223,124 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             function: &**e,
         }));
     }
-    let Some(reward_dir) = &args.reward_model else {
-        return train(args, &sources, tools, (device, kind), world);
-    };
-    let policy_tok = Tokenizer::load(&args.policy)?;
-    // With LoRA and a full reward model, the critic is that model with an adapter, and
-    // the reward the same weights with the adapter off: one copy in memory.
-    if args.reward_is_critic_base() && AdapterDir::read(reward_dir)?.is_none() {
-        let tok = Tokenizer::load(reward_dir)?;
-        check_same_tokenizer(&policy_tok, &tok, args, reward_dir)?;
-        let config = common::ModelConfig::load(reward_dir)?;
-        warn_without_normalization(&config.raw, reward_dir);
-        sources.push(Scorer::CriticBase(args.reward_model_weight));
-        return train(args, &sources, tools, (device, kind), world);
+    let models = load_reward_models(args, device, kind)?;
+    let batch_size = args.forward_batch_size.unwrap_or(args.rollout_rows());
+    let rewards: Vec<RewardModel> = models
+        .iter()
+        .map(|m| RewardModel {
+            normalization: Normalization::of(&m.model),
+            model: &m.model,
+            pad_id: m.pad_id,
+            batch_size,
+            without_adapters: false,
+            own_tokenizer: m.own_tokenizer.as_ref(),
+        })
+        .collect();
+    let weights = args.reward_model_weights();
+    if models.critic_base {
+        sources.push(Scorer::CriticBase(weights[0]));
     }
-    let frozen = ModelOptions {
-        base_model: args.adapter.base_model.clone(),
-        ..ModelOptions::new(Head::Score, device, kind).frozen()
-    };
-    let (model, tok) = Model::load_with_tokenizer(reward_dir, &frozen)?;
-    warn_without_normalization(&model.config.raw, reward_dir);
-    // A reward model of another family reads the responses as text in its own tokens and
-    // chat template, as TRL's GRPOTrainer gives them to it; the critic must still read the
-    // policy's tokens.
-    let own = !policy_tok.same_vocabulary(&tok);
-    if own && args.advantage_estimator().needs_critic() && args.value_model.is_none() {
-        bail!(
-            "{} has a tokenizer other than the policy's ({}), so it cannot start the value model: give --value-model DIR (a model with the policy's tokenizer) or a critic-free --advantage-estimator",
-            reward_dir.display(),
-            args.policy.display()
-        );
+    let first = usize::from(models.critic_base);
+    for (k, reward) in rewards.iter().enumerate() {
+        sources.push(Scorer::Function(RewardSource {
+            name: REWARD_MODEL_NAMES[first + k],
+            weight: weights[first + k],
+            function: reward,
+        }));
     }
-    let pad_id = tok.pad_id;
-    let own_tokenizer = match (own, &args.tokenizer.chat_template_kwargs) {
-        (false, _) => None,
-        (true, Some(kwargs)) => Some(tok.with_template_kwargs(kwargs.clone())),
-        (true, None) => Some(tok),
-    };
-    if own {
-        tracing::info!(
-            "{}: a tokenizer of its own; responses are scored as text in its tokens and chat template",
-            reward_dir.display()
-        );
-    }
-    let reward = RewardModel {
-        normalization: Normalization::of(&model),
-        model: &model,
-        pad_id,
-        batch_size: args.forward_batch_size.unwrap_or(args.rollout_rows()),
-        without_adapters: false,
-        own_tokenizer: own_tokenizer.as_ref(),
-    };
-    sources.push(Scorer::Function(RewardSource {
-        name: "reward_model",
-        weight: args.reward_model_weight,
-        function: &reward,
-    }));
     train(args, &sources, tools, (device, kind), world)
+}
+
+/// Each `--reward-model`'s name in the metrics (`rewards/NAME/mean`), in their order.
+pub const REWARD_MODEL_NAMES: [&str; 8] = [
+    "reward_model",
+    "reward_model_2",
+    "reward_model_3",
+    "reward_model_4",
+    "reward_model_5",
+    "reward_model_6",
+    "reward_model_7",
+    "reward_model_8",
+];
+
+/// A `--reward-model` held for scoring: its weights, the id that pads its batches, and
+/// its tokenizer where that is not the policy's.
+struct LoadedReward {
+    model: Model,
+    pad_id: i64,
+    own_tokenizer: Option<Tokenizer>,
+}
+
+/// The `--reward-model`s loaded, and whether the first is the critic's base instead (LoRA
+/// with a full reward model: the critic is that model with an adapter, and the reward the
+/// same weights with the adapter off — one copy in memory).
+struct RewardModels {
+    loaded: Vec<LoadedReward>,
+    critic_base: bool,
+}
+
+impl std::ops::Deref for RewardModels {
+    type Target = [LoadedReward];
+    fn deref(&self) -> &[LoadedReward] {
+        &self.loaded
+    }
+}
+
+fn load_reward_models(args: &TrainArgs, device: Device, kind: Kind) -> Result<RewardModels> {
+    let mut out = RewardModels {
+        loaded: vec![],
+        critic_base: false,
+    };
+    if args.reward_model.is_empty() {
+        return Ok(out);
+    }
+    let policy_tok = Tokenizer::load(&args.policy)?;
+    for (i, reward_dir) in args.reward_model.iter().enumerate() {
+        if i == 0 && args.reward_is_critic_base() && AdapterDir::read(reward_dir)?.is_none() {
+            let tok = Tokenizer::load(reward_dir)?;
+            check_same_tokenizer(&policy_tok, &tok, args, reward_dir)?;
+            let config = common::ModelConfig::load(reward_dir)?;
+            warn_without_normalization(&config.raw, reward_dir);
+            out.critic_base = true;
+            continue;
+        }
+        let frozen = ModelOptions {
+            base_model: args.adapter.base_model.clone(),
+            ..ModelOptions::new(Head::Score, device, kind).frozen()
+        };
+        let (model, tok) = Model::load_with_tokenizer(reward_dir, &frozen)?;
+        warn_without_normalization(&model.config.raw, reward_dir);
+        // A reward model of another family reads the responses as text in its own tokens
+        // and chat template, as TRL's GRPOTrainer gives them to it; the critic, which the
+        // first reward model starts without --value-model, must read the policy's tokens.
+        let own = !policy_tok.same_vocabulary(&tok);
+        if own && i == 0 && args.advantage_estimator().needs_critic() && args.value_model.is_none()
+        {
+            bail!(
+                "{} has a tokenizer other than the policy's ({}), so it cannot start the value model: give --value-model DIR (a model with the policy's tokenizer) or a critic-free --advantage-estimator",
+                reward_dir.display(),
+                args.policy.display()
+            );
+        }
+        if own {
+            tracing::info!(
+                "{}: a tokenizer of its own; responses are scored as text in its tokens and chat template",
+                reward_dir.display()
+            );
+        }
+        let pad_id = tok.pad_id;
+        let own_tokenizer = match (own, &args.tokenizer.chat_template_kwargs) {
+            (false, _) => None,
+            (true, Some(kwargs)) => Some(tok.with_template_kwargs(kwargs.clone())),
+            (true, None) => Some(tok),
+        };
+        out.loaded.push(LoadedReward {
+            model,
+            pad_id,
+            own_tokenizer,
+        });
+    }
+    Ok(out)
 }
 
 /// `ppo train` against any reward function (the command line's reward options unused).
@@ -1242,7 +1303,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (mut args, _) = lora_run(&tmp.path().join("fixture"));
         args.adapter.lora_r = None;
-        args.reward_model = None;
+        args.reward_model = vec![];
         args.advantage_estimator = "grpo".parse().unwrap();
         (
             args.num_generations,

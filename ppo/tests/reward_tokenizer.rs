@@ -184,14 +184,40 @@ fn args(out: &Path, extra: &[&str]) -> ppo::train::TrainArgs {
     rlhf_tests::parse_args(&argv)
 }
 
-/// A GRPO run with that reward model: every response it sampled got TRL's reward of it.
+/// A GRPO run with that reward model given twice, weighted 1 and 0.5 (two reward sources,
+/// as TRL's list of reward models): every response it sampled got 1.5 × TRL's reward of it,
+/// and each source's mean is logged under its own name.
 #[test]
 fn grpo_scores_responses_in_the_reward_models_tokens() {
     let f = fixture();
     let out = f.root.join("grpo");
     let _ = std::fs::remove_dir_all(&out);
-    let grpo = ["--advantage-estimator", "grpo", "--num-generations", "4"];
+    let reward = f.reward.to_str().unwrap();
+    let grpo = [
+        "--advantage-estimator",
+        "grpo",
+        "--num-generations",
+        "4",
+        "--reward-model",
+        reward,
+        "--reward-model-weight",
+        "1",
+        "--reward-model-weight",
+        "0.5",
+    ];
     ppo::train::run(&args(&out, &grpo)).unwrap();
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config.contains("reward_model_weight = [1.0, 0.5]"),
+        "{config}"
+    );
+    let metrics = rlhf_tests::read_jsonl(&out.join("metrics.jsonl"));
+    let last = metrics.last().unwrap();
+    let (first, second) = (
+        last["rewards/reward_model/mean"].as_f64().unwrap(),
+        last["rewards/reward_model_2/mean"].as_f64().unwrap(),
+    );
+    assert!((first - second).abs() < 1e-9, "{last}");
     let samples = rlhf_tests::read_jsonl(&out.join("samples.jsonl"));
     assert_eq!(samples.len(), 8);
     let prompt = json!([{"role": "user", "content": "There are 35 heads"}]);
@@ -203,7 +229,7 @@ fn grpo_scores_responses_in_the_reward_models_tokens() {
     for (s, w) in samples.iter().zip(&want) {
         assert_eq!(s["response"], w["case"]["completion"]);
         let (ours, trl) = (s["score"].as_f64().unwrap(), w["score"].as_f64().unwrap());
-        assert!((ours - trl).abs() < 1e-4, "{s}: TRL {trl}");
+        assert!((ours - 1.5 * trl).abs() < 1e-4, "{s}: TRL {trl}");
     }
     assert!(!out.join("final_value").exists());
 
@@ -220,4 +246,19 @@ fn grpo_scores_responses_in_the_reward_models_tokens() {
     let summary = ppo::train::run(&args(&out, &["--value-model", policy])).unwrap();
     assert_eq!(summary.steps, 1);
     assert!(out.join("final_value").exists());
+    // One reward model is written to config.toml as it always was.
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config.contains(&format!("reward_model = {:?}", f.reward.to_str().unwrap()))
+            && config.contains("reward_model_weight = 1.0"),
+        "{config}"
+    );
+
+    // A weight for each model, or none.
+    let two_weights = ["--reward-model-weight", "1", "--reward-model-weight", "2"];
+    let err = ppo::train::run(&args(&f.root.join("weights"), &two_weights)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("--reward-model-weight: give one per --reward-model"),
+        "{err:#}"
+    );
 }
