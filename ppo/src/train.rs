@@ -251,6 +251,27 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     train(args, &sources, tools, (device, kind), world)
 }
 
+/// A reward model with a tokenizer of its own renders conversations with its own chat
+/// template: without one, conversational prompts are refused before anything is written,
+/// naming the first such row.
+fn refuse_conversations_without_template(args: &TrainArgs, reward_dir: &Path) -> Result<()> {
+    for path in std::iter::once(&args.prompts).chain(&args.eval_prompts) {
+        let rows = data::read_prompts(path)?;
+        if let Some(i) = rows
+            .iter()
+            .position(|p| matches!(p.prompt, data::Content::Messages(_)))
+        {
+            return Err(rows
+                .error(i, None, format!(
+                    "a conversation, but the reward model {} has a tokenizer of its own and no chat template to render it with (give it one, or prompts as text)",
+                    reward_dir.display()
+                ))
+                .into());
+        }
+    }
+    Ok(())
+}
+
 /// Each `--reward-model`'s name in the metrics (`rewards/NAME/mean`), in their order.
 pub const REWARD_MODEL_NAMES: [&str; 8] = [
     "reward_model",
@@ -323,6 +344,9 @@ fn load_reward_models(args: &TrainArgs, device: Device, kind: Kind) -> Result<Re
             );
         }
         if own {
+            if !tok.has_chat_template() {
+                refuse_conversations_without_template(args, reward_dir)?;
+            }
             tracing::info!(
                 "{}: a tokenizer of its own; responses are scored as text in its tokens and chat template",
                 reward_dir.display()

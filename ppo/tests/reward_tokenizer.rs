@@ -254,6 +254,29 @@ fn grpo_scores_responses_in_the_reward_models_tokens() {
         "{config}"
     );
 
+    // Conversations need the reward model's own chat template: without one the run is
+    // refused before it writes anything, naming the first conversation.
+    let bare = f.root.join("reward-without-template");
+    std::fs::create_dir_all(&bare).unwrap();
+    for entry in std::fs::read_dir(&f.reward).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().unwrap() != "chat_template.jinja" {
+            std::fs::copy(&p, bare.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let out = f.root.join("bare");
+    let mut bare_args = args(
+        &out,
+        &["--advantage-estimator", "grpo", "--num-generations", "2"],
+    );
+    bare_args.reward_model = vec![bare];
+    let err = format!("{:#}", ppo::train::run(&bare_args).unwrap_err());
+    assert!(
+        err.contains("prompts.jsonl:1") && err.contains("no chat template to render it with"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
     // A weight for each model, or none.
     let two_weights = ["--reward-model-weight", "1", "--reward-model-weight", "2"];
     let err = ppo::train::run(&args(&f.root.join("weights"), &two_weights)).unwrap_err();
