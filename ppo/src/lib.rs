@@ -12,6 +12,7 @@ mod program;
 pub mod python_str;
 pub mod reward_fn;
 pub mod rollout;
+mod sources;
 pub mod tools;
 pub mod train;
 pub mod update;
