@@ -16,12 +16,20 @@ use crate::reward_fn::{
     ThinkFormat,
 };
 
-fn check_same_tokenizer(a: &Tokenizer, b: &Tokenizer, args: &TrainArgs, dir: &Path) -> Result<()> {
-    if !a.same_vocabulary(b) {
+/// The value model starts from the first reward model (without --value-model, as
+/// InstructGPT), and reads the policy's tokens: that reward model must share the policy's
+/// vocabulary.
+fn check_critic_tokenizer(
+    policy: &Tokenizer,
+    reward: &Tokenizer,
+    args: &TrainArgs,
+    dir: &Path,
+) -> Result<()> {
+    if !policy.same_vocabulary(reward) {
         bail!(
-            "{} and {} have different tokenizers (vocabularies differ): the reward model is also the value model's base here (an adapter without --value-model), which reads the policy's tokens: give --value-model DIR or a critic-free --advantage-estimator",
-            args.policy.join("tokenizer.json").display(),
-            dir.join("tokenizer.json").display()
+            "{} has a tokenizer other than the policy's ({}), so it cannot start the value model: give --value-model DIR (a model with the policy's tokenizer) or a critic-free --advantage-estimator",
+            dir.display(),
+            args.policy.display()
         );
     }
     Ok(())
@@ -172,10 +180,11 @@ pub(crate) fn load_reward_models(
         return Ok(out);
     }
     let policy_tok = Tokenizer::load(&args.policy)?;
+    let starts_critic = args.value_model.is_none() && args.advantage_estimator().needs_critic();
     for (i, reward_dir) in args.reward_model.iter().enumerate() {
         if i == 0 && args.reward_is_critic_base() && AdapterDir::read(reward_dir)?.is_none() {
             let tok = Tokenizer::load(reward_dir)?;
-            check_same_tokenizer(&policy_tok, &tok, args, reward_dir)?;
+            check_critic_tokenizer(&policy_tok, &tok, args, reward_dir)?;
             let config = common::ModelConfig::load(reward_dir)?;
             warn_without_normalization(&config.raw, reward_dir);
             out.critic_base = true;
@@ -187,18 +196,12 @@ pub(crate) fn load_reward_models(
         };
         let (model, tok) = Model::load_with_tokenizer(reward_dir, &frozen)?;
         warn_without_normalization(&model.config.raw, reward_dir);
-        // A reward model of another family reads the responses as text in its own tokens
-        // and chat template, as TRL's GRPOTrainer gives them to it; the critic, which the
-        // first reward model starts without --value-model, must read the policy's tokens.
-        let own = !policy_tok.same_vocabulary(&tok);
-        if own && i == 0 && args.advantage_estimator().needs_critic() && args.value_model.is_none()
-        {
-            bail!(
-                "{} has a tokenizer other than the policy's ({}), so it cannot start the value model: give --value-model DIR (a model with the policy's tokenizer) or a critic-free --advantage-estimator",
-                reward_dir.display(),
-                args.policy.display()
-            );
+        if i == 0 && starts_critic {
+            check_critic_tokenizer(&policy_tok, &tok, args, reward_dir)?;
         }
+        // A reward model of another family reads the responses as text in its own tokens
+        // and chat template, as TRL's GRPOTrainer gives them to it.
+        let own = !policy_tok.same_vocabulary(&tok);
         if own {
             if !tok.has_chat_template() {
                 refuse_conversations_without_template(args, reward_dir)?;

@@ -176,8 +176,9 @@ pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<
     train(args, &[source], tools, (device, kind), world)
 }
 
-/// Prompt token ids, one row each, each row's other fields, and (with
-/// `--environment-command`, whose observations extend them) each row's prompt as given.
+/// Prompt token ids, one row each, each row's other fields, and each row's prompt as given
+/// (which an environment's observations extend, and a reward model with a tokenizer of its
+/// own reads).
 type Prompts = (Vec<Vec<i64>>, Vec<PromptFields>, Vec<PromptExample>);
 
 /// Prompts (cut to `--max-prompt-length`, keeping their end) and PPO-ptx rows, both also
@@ -295,7 +296,7 @@ struct Ppo<'a> {
     rewards: &'a [Scorer<'a>],
     prompts: Vec<Vec<i64>>,
     fields: Vec<PromptFields>,
-    /// With `--environment-command`: the prompts as their rows gave them.
+    /// The prompts as their rows gave them.
     examples: Vec<PromptExample>,
     /// `--max-prompt-length`, as the policy's positions allow.
     max_prompt_length: usize,
@@ -730,16 +731,16 @@ impl<'a> Ppo<'a> {
         let rows: Vec<&[i64]> = mine.iter().map(|&i| self.prompts[i].as_slice()).collect();
         let fields: Vec<PromptFields> = mine.iter().map(|&i| self.fields[i].clone()).collect();
         let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
-        (batch, fields, self.reprompt(&self.examples, &mine))
+        (batch, fields, Some(self.reprompt(&self.examples, &mine)))
     }
 
     /// The prompts of rows `mine` of `examples` as their rows gave them, where an
     /// environment's observations may extend them.
-    fn reprompt(&self, examples: &[PromptExample], mine: &[usize]) -> Option<Reprompt> {
-        (!examples.is_empty()).then(|| Reprompt {
+    fn reprompt(&self, examples: &[PromptExample], mine: &[usize]) -> Reprompt {
+        Reprompt {
             examples: mine.iter().map(|&i| examples[i].clone()).collect(),
             max_prompt_length: self.max_prompt_length,
-        })
+        }
     }
 
     /// `--filter-groups` (DAPO's dynamic sampling): batches of prompts are sampled and
@@ -876,7 +877,7 @@ impl<'a> Ppo<'a> {
             let (start, _) = common::world::shard_range(chunk.len(), world.rank(), world.size());
             let seed = derived_seed(args.run.seed, u64::MAX, block as u64);
             let opts = RolloutOptions {
-                reprompt: self.reprompt(examples, &mine),
+                reprompt: Some(self.reprompt(examples, &mine)),
                 ..self.rollout_options(seed, ((start * g) as i64, (chunk.len() * g) as i64))
             };
             let sampled = self.with_models(|models| {
