@@ -277,6 +277,16 @@ fn grpo_scores_responses_in_the_reward_models_tokens() {
     );
     assert!(!out.exists());
 
+    // At most 8 reward models (each logged under its own name).
+    let nine: Vec<&str> = (0..8)
+        .flat_map(|_| ["--reward-model", f.reward.to_str().unwrap()])
+        .collect();
+    let err = ppo::train::run(&args(&f.root.join("nine"), &nine)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("--reward-model: at most 8"),
+        "{err:#}"
+    );
+
     // A weight for each model, or none.
     let two_weights = ["--reward-model-weight", "1", "--reward-model-weight", "2"];
     let err = ppo::train::run(&args(&f.root.join("weights"), &two_weights)).unwrap_err();
