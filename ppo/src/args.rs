@@ -139,7 +139,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub reward_rule_weight: Vec<f64>,
     /// A reward program: `sh -c CMD` started once, one JSON line per response on its stdin
-    /// ({"prompt", "response", …the prompt row's fields}), one {"reward": x} line back each.
+    /// ({"prompt", "response", …the prompt row's fields}), one {"reward": x} line back each
+    /// (x null where the reward does not apply to the response, as TRL's `None`).
     #[arg(long)]
     pub reward_command: Option<String>,
     /// Weight of the command's reward in the summed reward.

@@ -8,7 +8,7 @@ use common::train::Session;
 use data::Tokenizer;
 use tch::Kind;
 
-use crate::math::{explained_variance, var_over};
+use crate::math::{explained_variance, known_moments, nan_std, var_over};
 use crate::rollout::Rollout;
 use crate::train::{per_sequence_mean, Iteration};
 
@@ -31,6 +31,7 @@ pub(crate) fn iteration_scalars(
     let rows = ro.mask.size()[0] as f64;
     let eos = ro.ended_with_eos.iter().filter(|&&e| e).count() as f64;
     let non_score = mean(per_sequence_mean(&it.non_score));
+    let scored_mask = &ro.mask * ro.scores.isnan().logical_not().unsqueeze(1);
     let mut scalars = vec![
         (
             "objective/entropy",
@@ -82,7 +83,11 @@ pub(crate) fn iteration_scalars(
         ("val/ratio", mean(stats.ratio)),
         (
             "val/mean_reward",
-            mean(masked_mean(&it.rewards, &ro.mask).double_value(&[])),
+            // Over the responses a source scored (the others' rewards are NaN).
+            mean(
+                masked_mean(&it.rewards.nan_to_num(0.0, None, None), &scored_mask)
+                    .double_value(&[]),
+            ),
         ),
         ("kl_coef", it.beta),
         ("response_length", mean(response_tokens / rows)),
@@ -140,22 +145,27 @@ pub(crate) fn iteration_scalars(
         .map(|(k, v)| (k.to_string(), v))
         .collect();
     if group > 1 {
-        // TRL's GRPO names: the mean of the groups' stds, and the share of groups whose
-        // rewards are all equal (which teach nothing).
-        let scores = ro.scores.to_kind(Kind::Float).view([-1, group]);
-        let std = scores.std_correction([1].as_slice(), 1, false);
+        // TRL's GRPO names: the std of every rank's rewards, and the share of groups whose
+        // rewards are all equal (which teach nothing); responses no source scored (NaN) are
+        // left out of both.
         named.push((
             "reward_std".into(),
-            mean(std.mean(Kind::Float).double_value(&[])),
+            var_over(world, known_moments(&ro.scores)).sqrt(),
         ));
-        let zero = std.eq(0.0).to_kind(Kind::Float).mean(Kind::Float);
+        let scores = ro.scores.to_kind(Kind::Float).view([-1, group]);
+        // TRL's `isclose(std, 0)`; a group with fewer than two scored has no std (NaN).
+        let zero = nan_std(&scores, 1)
+            .le(1e-8)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float);
         named.push(("frac_reward_zero_std".into(), mean(zero.double_value(&[]))));
     }
-    for (name, source_mean, source_std) in &ro.source_stats {
-        // Each rank's (mean, std) of its rows back to sums, then the std of all rows.
-        let (m, sd) = (*source_mean, *source_std);
-        let moments = (rows, rows * m, (rows - 1.0) * sd * sd + rows * m * m);
-        named.push((format!("rewards/{name}/mean"), mean(m)));
+    // Each source's mean and std over every rank's responses it scored (TRL's `nanmean`,
+    // `nanstd`).
+    for (k, name) in ro.source_names.iter().enumerate() {
+        let moments = known_moments(&ro.source_scores.select(1, k as i64));
+        let [n, sum] = world.sums([moments.0, moments.1]);
+        named.push((format!("rewards/{name}/mean"), sum / n));
         named.push((
             format!("rewards/{name}/std"),
             var_over(world, moments).sqrt(),

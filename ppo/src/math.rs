@@ -209,7 +209,10 @@ impl std::fmt::Display for RewardScale {
 /// Per-sequence advantages `[B]` of rewards `[B]` in consecutive groups of `group`:
 /// `R − baseline`, the baseline the group's mean (`leave_one_out`: of the others), divided
 /// by the unbiased std + 1e-4 of the group or of the whole batch (every rank's rewards) as
-/// `scale` says.
+/// `scale` says. A NaN reward (a response no reward source scored, TRL's unscorable
+/// completion) is left out of every mean and std, as TRL's `nanmean` and `nanstd` leave
+/// it; its advantage is NaN, and so is every advantage of a group with too few scored
+/// responses for its baseline (one, or one for the std): [`advantages`] makes them 0.
 pub fn group_advantages(
     rewards: &Tensor,
     group: i64,
@@ -218,29 +221,53 @@ pub fn group_advantages(
     world: &World,
 ) -> Tensor {
     let r = rewards.to_kind(Kind::Float).view([-1, group]);
-    let sum = r.sum_dim_intlist([1].as_slice(), true, Kind::Float);
+    let (count, sum) = known_count_sum(&r, 1);
     let baseline = if leave_one_out {
-        (&sum - &r) / (group - 1) as f64
+        (&sum - &r) / (&count - 1.0)
     } else {
-        sum / group as f64
+        sum / &count
     };
     let adv = &r - baseline;
     let adv = match scale {
-        RewardScale::Group => adv / (r.std_correction([1].as_slice(), 1, true) + 1e-4),
-        RewardScale::Batch => {
-            let all = Tensor::ones_like(rewards).to_kind(Kind::Float);
-            adv / (var_over(world, moments(rewards, &all)).sqrt() + 1e-4)
-        }
+        RewardScale::Group => adv / (nan_std(&r, 1) + 1e-4),
+        RewardScale::Batch => adv / (var_over(world, known_moments(rewards)).sqrt() + 1e-4),
         RewardScale::None => adv,
     };
     adv.view([-1])
+}
+
+/// The number of values of `x` along `dim` that are not NaN and their sum (`dim` kept).
+fn known_count_sum(x: &Tensor, dim: i64) -> (Tensor, Tensor) {
+    let count = x
+        .isnan()
+        .logical_not()
+        .sum_dim_intlist([dim].as_slice(), true, Kind::Float);
+    let sum = x
+        .nan_to_num(0.0, None, None)
+        .sum_dim_intlist([dim].as_slice(), true, Kind::Float);
+    (count, sum)
+}
+
+/// The unbiased std along `dim` (kept) of the values of `x` that are not NaN, NaN where
+/// fewer than two are (TRL's `nanstd`).
+pub(crate) fn nan_std(x: &Tensor, dim: i64) -> Tensor {
+    let (count, sum) = known_count_sum(x, dim);
+    let squares = (x - sum / &count)
+        .square()
+        .nan_to_num(0.0, None, None)
+        .sum_dim_intlist([dim].as_slice(), true, Kind::Float);
+    let var = squares / (&count - 1.0);
+    var.where_self(&count.gt(1.0), &Tensor::full_like(&var, f64::NAN))
+        .sqrt()
 }
 
 /// GDPO's advantages `[B]` (Liu et al. 2026, "Group reward-Decoupled Normalization Policy
 /// Optimization"; TRL's `normalize_then_sum`): each source's scores in `by_source`
 /// `[B, K]` become `(r − mean of the group) / (unbiased std of the group + 1e-4)` on
 /// their own, are summed with `weights`, and the sum is normalised over the whole batch
-/// (every rank's rows): `(s − mean) / (unbiased std + 1e-4)`.
+/// (every rank's rows): `(s − mean) / (unbiased std + 1e-4)`. A source that did not score
+/// a response (NaN) is left out of its group's statistics and of that response's sum, as
+/// TRL's `nanmean`, `nanstd` and `nansum` leave it; a response no source scored is NaN.
 pub fn decoupled_group_advantages(
     by_source: &Tensor,
     weights: &[f64],
@@ -249,20 +276,24 @@ pub fn decoupled_group_advantages(
 ) -> Tensor {
     let k = by_source.size()[1];
     let r = by_source.to_kind(Kind::Float).view([-1, group, k]);
-    let mean = r.mean_dim([1].as_slice(), true, Kind::Float);
-    let normed = (&r - mean) / (r.std_correction([1].as_slice(), 1, true) + 1e-4);
+    let (count, sum) = known_count_sum(&r, 1);
+    let normed = (&r - sum / count) / (nan_std(&r, 1) + 1e-4);
     let w = Tensor::from_slice(weights)
         .to_kind(Kind::Float)
         .to_device(r.device());
     let summed = (normed * w)
+        .nan_to_num(0.0, None, None)
         .sum_dim_intlist([2].as_slice(), false, Kind::Float)
         .view([-1]);
+    let unscored = by_source.isnan().all_dim(1, false);
+    let summed = summed.masked_fill(&unscored, f64::NAN);
     batch_normalized(&summed, world)
 }
 
-/// `(x − mean) / (unbiased std + 1e-4)` over every rank's `x` `[B]`.
+/// `(x − mean) / (unbiased std + 1e-4)` over every rank's `x` `[B]` (NaN left out, and
+/// left NaN).
 pub fn batch_normalized(x: &Tensor, world: &World) -> Tensor {
-    let [n, sum, sum_sq] = world.sums(moments(x, &Tensor::ones_like(x)).into());
+    let [n, sum, sum_sq] = world.sums(known_moments(x).into());
     let var = unbiased_var((n, sum, sum_sq));
     (x - sum / n.max(1.0)) / (var.sqrt() + 1e-4)
 }
@@ -310,7 +341,9 @@ pub fn advantages(
             .to_kind(Kind::Float)
             .sum_dim_intlist([1].as_slice(), false, Kind::Float)
     };
-    let broadcast = |a: Tensor| a.unsqueeze(1) * &mask_f;
+    // A response no source scored (NaN) has no advantage, nor has one whose group held
+    // too few scored responses for a baseline (TRL's `nan_to_num(advantages, nan=0.0)`).
+    let broadcast = |a: Tensor| a.nan_to_num(0.0, None, None).unsqueeze(1) * &mask_f;
     match estimator {
         AdvantageEstimator::Gae { gamma, lam } => {
             let values = values.expect("GAE needs the critic's values");
@@ -438,7 +471,9 @@ impl std::fmt::Display for LossAggregation {
 
 /// Per-token rewards of a rollout: `−β·KL` on every token plus the score on the last
 /// (see [`shaped_rewards`]), whitened over the whole batch when `whiten` (with the mean
-/// kept, as TRL's `whiten_rewards`). Returns `(rewards, non_score_rewards)`.
+/// kept, as TRL's `whiten_rewards`). A NaN score (a response no reward source scored)
+/// makes its row's rewards NaN, for the group estimators to leave out, and the other
+/// rows' statistics leave it out. Returns `(rewards, non_score_rewards)`.
 pub fn rewards(
     kl: &Tensor,
     scores: &Tensor,
@@ -448,12 +483,16 @@ pub fn rewards(
     world: &World,
 ) -> (Tensor, Tensor) {
     let _guard = tch::no_grad_guard();
-    let (rewards, non_score) = shaped_rewards(kl, scores, mask, beta);
-    if whiten {
-        (masked_whiten(&rewards, mask, false, world), non_score)
+    let scored = scores.isnan().logical_not().unsqueeze(1);
+    let (rewards, non_score) = shaped_rewards(kl, &scores.nan_to_num(0.0, None, None), mask, beta);
+    let rewards = if whiten {
+        let counted = mask.to_kind(Kind::Float) * scored.to_kind(Kind::Float);
+        masked_whiten(&rewards, &counted, false, world)
     } else {
-        (rewards, non_score)
-    }
+        rewards
+    };
+    let nan = Tensor::full_like(&rewards, f64::NAN);
+    (rewards.where_self(&scored, &nan), non_score)
 }
 
 /// Results of the clipped surrogate objective.
@@ -880,9 +919,22 @@ pub fn var_over(world: &World, moments: (f64, f64, f64)) -> f64 {
     unbiased_var((n, sum, sum_sq))
 }
 
+/// The mean of every rank's values of `x` that are not NaN (NaN where there are none, as
+/// TRL's `nanmean`).
+pub fn nan_mean_over(world: &World, x: &Tensor) -> f64 {
+    let (n, sum, _) = known_moments(x);
+    let [n, sum] = world.sums([n, sum]);
+    sum / n
+}
+
 /// The unbiased variance of (count, Σx, Σx²).
 pub(crate) fn unbiased_var((n, sum, sum_sq): (f64, f64, f64)) -> f64 {
     ((sum_sq - sum * sum / n.max(1.0)) / (n - 1.0).max(1.0)).max(0.0)
+}
+
+/// (count, Σx, Σx²) of the values of `x` that are not NaN, in f64.
+pub(crate) fn known_moments(x: &Tensor) -> (f64, f64, f64) {
+    moments(&x.nan_to_num(0.0, None, None), &x.isnan().logical_not())
 }
 
 /// (count, Σx, Σx²) of `x` where `mask` is 1, in f64.
@@ -1193,6 +1245,160 @@ mod tests {
                 "{i}: {a:?}"
             );
         }
+    }
+
+    /// Mean and unbiased std of the values that are not NaN (std NaN below two), as TRL's
+    /// `nanmean` and `nanstd`.
+    fn scored_mean_std(xs: &[f32]) -> (f32, f32, usize) {
+        let known: Vec<f32> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+        let n = known.len();
+        let mean = known.iter().sum::<f32>() / n as f32;
+        let var = known.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / (n as f32 - 1.0);
+        (mean, if n > 1 { var.sqrt() } else { f32::NAN }, n)
+    }
+
+    /// Responses no reward source scored (NaN rewards), by plain loops over TRL 1.16's
+    /// `GRPOTrainer` and `RLOOTrainer` formulas: left out of their group's mean and std and of
+    /// the batch's, advantage 0; a group with one scored response has no std (GRPO) and no
+    /// leave-one-out baseline (RLOO), so no advantage either; a group with none, nothing.
+    #[test]
+    fn unscored_responses_are_left_out_as_trl_leaves_them() {
+        let nan = f32::NAN;
+        let r = [
+            1.0f32, nan, 0.5, 2.5, nan, 2.0, nan, nan, nan, nan, nan, nan, 4.0, 0.0, 1.0, nan,
+        ];
+        let rewards = Tensor::from_slice(&r).unsqueeze(1);
+        let mask = Tensor::ones([16, 1], (Kind::Float, tch::Device::Cpu));
+        let none = (
+            &Tensor::zeros([0, 0], (Kind::Float, tch::Device::Cpu)),
+            &[][..],
+        );
+        let run = |est| {
+            let out = advantages(est, &rewards, None, (&mask, none), &World::single());
+            Vec::<f32>::try_from(out.advantages.view([-1])).unwrap()
+        };
+        let group = 4;
+        let grpo = run(AdvantageEstimator::Grpo {
+            group,
+            scale: RewardScale::Group,
+        });
+        let batch = run(AdvantageEstimator::Grpo {
+            group,
+            scale: RewardScale::Batch,
+        });
+        let dr = run(AdvantageEstimator::DrGrpo { group });
+        let rloo = run(AdvantageEstimator::Rloo {
+            group,
+            normalize: false,
+        });
+        let rloo_normed = run(AdvantageEstimator::Rloo {
+            group,
+            normalize: true,
+        });
+        let (_, all_std, _) = scored_mean_std(&r);
+        let mut want_rloo = [nan; 16];
+        for (g, xs) in r.chunks(4).enumerate() {
+            let (mean, std, n) = scored_mean_std(xs);
+            let sum: f32 = xs.iter().filter(|x| !x.is_nan()).sum();
+            for (j, &x) in xs.iter().enumerate() {
+                let i = g * 4 + j;
+                let or_zero = |a: f32| if a.is_nan() { 0.0 } else { a };
+                let close = |got: f32, want: f32, what: &str| {
+                    assert!(
+                        (got - or_zero(want)).abs() < 1e-5,
+                        "{what} {i}: {got} vs {want}"
+                    );
+                };
+                close(grpo[i], (x - mean) / (std + 1e-4), "grpo");
+                close(batch[i], (x - mean) / (all_std + 1e-4), "batch-scaled grpo");
+                close(dr[i], x - mean, "dr-grpo");
+                want_rloo[i] = x - (sum - x) / (n as f32 - 1.0);
+                close(rloo[i], want_rloo[i], "rloo");
+            }
+        }
+        let (mean, std, _) = scored_mean_std(&want_rloo);
+        for i in 0..16 {
+            let want = (want_rloo[i] - mean) / (std + 1e-4);
+            let want = if want.is_nan() { 0.0 } else { want };
+            assert!((rloo_normed[i] - want).abs() < 1e-5, "normalised rloo {i}");
+        }
+        // Group 1 has one scored response, group 2 none: no advantage anywhere in them
+        // (Dr. GRPO's lone scored response is its own mean).
+        for a in [&grpo, &batch, &dr, &rloo, &rloo_normed] {
+            assert!(a[4..12].iter().all(|&x| x == 0.0), "{a:?}");
+            assert_eq!([a[1], a[15]], [0.0, 0.0]);
+        }
+    }
+
+    /// GDPO with sources that did not score some responses (NaN): each source's group
+    /// statistics over the responses it scored, each response's sum over the sources that
+    /// scored it, a response none scored out of the batch's statistics with advantage 0
+    /// (TRL's `normalize_then_sum` with `nanmean`, `nanstd`, `nansum`).
+    #[test]
+    fn gdpo_leaves_out_what_a_source_did_not_score() {
+        let nan = f32::NAN;
+        let r = [
+            [1.0f32, nan],
+            [0.0, 2.0],
+            [nan, 4.0],
+            [nan, nan],
+            [0.0, 3.0],
+            [2.0, nan],
+        ];
+        let weights = [1.0, 0.5];
+        let by_source = Tensor::from_slice(r.as_flattened()).view([6, 2]);
+        let a = decoupled_group_advantages(&by_source, &weights, 3, &World::single());
+        let a = Vec::<f32>::try_from(a.nan_to_num(0.0, None, None)).unwrap();
+        let mut summed = [0f32; 6];
+        for g in 0..2 {
+            for k in 0..2 {
+                let xs: Vec<f32> = (0..3).map(|j| r[g * 3 + j][k]).collect();
+                let (mean, std, _) = scored_mean_std(&xs);
+                for j in 0..3 {
+                    let normed = weights[k] as f32 * (xs[j] - mean) / (std + 1e-4);
+                    if !normed.is_nan() {
+                        summed[g * 3 + j] += normed;
+                    }
+                }
+            }
+        }
+        summed[3] = nan;
+        let (mean, std, _) = scored_mean_std(&summed);
+        for i in 0..6 {
+            let want = if i == 3 {
+                0.0
+            } else {
+                (summed[i] - mean) / (std + 1e-4)
+            };
+            assert!((a[i] - want).abs() < 1e-5, "{i}: {a:?}");
+        }
+    }
+
+    /// A NaN score makes its row's rewards NaN (for the group estimators to leave out);
+    /// whitening's statistics are the other rows' alone.
+    #[test]
+    fn an_unscored_row_is_out_of_the_whitened_rewards() {
+        let kl = t(&[&[0.1, 0.2], &[0.3, 0.0], &[0.0, 0.5]]);
+        let mask = t(&[&[1., 1.], &[1., 1.], &[1., 0.]]);
+        let scores = Tensor::from_slice(&[1.0f32, f32::NAN, 2.0]);
+        let one = World::single();
+        let (r, _) = rewards(&kl, &scores, &mask, 0.5, true, &one);
+        assert!(r.get(1).isnan().all().int64_value(&[]) == 1);
+        let keep = Tensor::from_slice(&[0i64, 2]);
+        let scored = Tensor::from_slice(&[1.0f32, 2.0]);
+        let (alone, _) = rewards(
+            &kl.index_select(0, &keep),
+            &scored,
+            &mask.index_select(0, &keep),
+            0.5,
+            true,
+            &one,
+        );
+        let diff = (r.index_select(0, &keep) - alone)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-6, "{diff}");
     }
 
     #[test]

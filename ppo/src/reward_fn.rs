@@ -66,7 +66,10 @@ pub struct RewardSource<'a> {
 }
 
 pub trait RewardFunction {
-    /// One score per response.
+    /// One score per response; `f64::NAN` where the source does not apply to a response
+    /// (TRL's `None`): it is left out of that response's sum and of the source's metrics,
+    /// and a response no source scored is left out of its group's baseline with no
+    /// advantage (the group estimators; the others refuse it).
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>>;
 }
 
@@ -434,7 +437,8 @@ impl RewardFunction for RewardCommand {
     }
 }
 
-/// Sends `requests` to `program` and reads one `{"reward": x}` line (x finite) for each:
+/// Sends `requests` to `program` and reads one `{"reward": x}` line for each (x finite, or
+/// null where the reward does not apply to that response: NaN, TRL's `None`):
 /// `--reward-command`'s answers, and `--environment-reward`'s.
 pub(crate) fn ask_rewards(
     program: &LineProgram,
@@ -446,19 +450,21 @@ pub(crate) fn ask_rewards(
         .iter()
         .enumerate()
         .map(|(i, line)| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("reward").and_then(serde_json::Value::as_f64))
-                .filter(|r| r.is_finite())
-                .ok_or_else(|| {
-                    program.error(
-                        &name(i),
-                        &format!(
-                            "expected a line {{\"reward\": <finite number>}}, got '{}'",
-                            LineProgram::shown(line)
-                        ),
-                    )
-                })
+            let answer = serde_json::from_str::<serde_json::Value>(line).ok();
+            match answer.as_ref().and_then(|v| v.as_object()?.get("reward")) {
+                Some(serde_json::Value::Null) => Some(f64::NAN),
+                Some(x) => x.as_f64().filter(|r| r.is_finite()),
+                None => None,
+            }
+            .ok_or_else(|| {
+                program.error(
+                    &name(i),
+                    &format!(
+                        "expected a line {{\"reward\": <finite number or null>}}, got '{}'",
+                        LineProgram::shown(line)
+                    ),
+                )
+            })
         })
         .collect()
 }

@@ -38,10 +38,11 @@ pub struct Rollout {
     /// Reward per response `[B]`: the weighted sum of the sources, after the missing-EOS
     /// penalty and clipping.
     pub scores: Tensor,
-    /// Each source's mean and std over this batch (before weighting).
-    pub source_stats: Vec<(&'static str, f64, f64)>,
-    /// Each source's own scores `[B, K]` (before weighting, penalty and clipping), and its
-    /// weight: what GDPO normalises one source at a time.
+    /// Each source's name in the metrics (`rewards/NAME/mean`).
+    pub source_names: Vec<&'static str>,
+    /// Each source's own scores `[B, K]` (before weighting, penalty and clipping; NaN where
+    /// it did not score a response), and its weight: what GDPO normalises one source at a
+    /// time.
     pub source_scores: Tensor,
     pub source_weights: Vec<f64>,
     pub ended_with_eos: Vec<bool>,
@@ -128,17 +129,15 @@ pub struct Tools {
     pub max_len: usize,
 }
 
-/// Each source's mean and std.
-type SourceStats = Vec<(&'static str, f64, f64)>;
-
-/// The weighted sum of every source's scores, each source's mean and std, and each
-/// source's scores (`[source][row]`).
+/// The weighted sum of every source's scores, and each source's scores (`[source][row]`).
+/// A source that answered null for a response (NaN: it does not apply, TRL's `None`) is
+/// left out of that response's sum; a response no source scored gets NaN (TRL's
+/// unscorable completion).
 fn summed_rewards(
     sources: &[RewardSource],
     input: &RewardInput,
-) -> Result<(Vec<f64>, SourceStats, Vec<Vec<f64>>)> {
-    let mut scores = vec![0.0; input.texts.len()];
-    let mut stats = vec![];
+) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
+    let mut scores = vec![f64::NAN; input.texts.len()];
     let mut by_source = vec![];
     for source in sources {
         let s = source.function.scores(input)?;
@@ -150,29 +149,13 @@ fn summed_rewards(
             scores.len()
         );
         for (total, x) in scores.iter_mut().zip(&s) {
-            *total += source.weight * x;
+            if !x.is_nan() {
+                *total = if total.is_nan() { 0.0 } else { *total } + source.weight * x;
+            }
         }
-        stats.push(mean_std(source.name, &s));
         by_source.push(s);
     }
-    Ok((scores, stats, by_source))
-}
-
-/// The sources of `stats` (by name) with their mean and std over `by_source` instead.
-fn stats_of(stats: &SourceStats, by_source: &[Vec<f64>]) -> SourceStats {
-    stats
-        .iter()
-        .zip(by_source)
-        .map(|((name, _, _), s)| mean_std(name, s))
-        .collect()
-}
-
-/// A source's mean and (unbiased) std over `scores`.
-fn mean_std(name: &'static str, scores: &[f64]) -> (&'static str, f64, f64) {
-    let n = scores.len() as f64;
-    let mean = scores.iter().sum::<f64>() / n;
-    let var = scores.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (name, mean, var.sqrt())
+    Ok((scores, by_source))
 }
 
 pub struct RolloutOptions {
@@ -459,8 +442,7 @@ pub struct Sampled {
     /// Each response's reward: the weighted sum of the sources, after the missing-EOS
     /// penalty and clipping.
     pub scores: Vec<f64>,
-    pub source_stats: SourceStats,
-    /// `[source][row]`, before weighting.
+    /// `[source][row]`, before weighting (NaN: the source did not score the row).
     pub by_source: Vec<Vec<f64>>,
     /// With tools: 1 on the tokens the policy sampled, 0 on tool results (`[B, N]`, f32).
     pub tool_mask: Option<Tensor>,
@@ -468,19 +450,24 @@ pub struct Sampled {
 }
 
 impl Sampled {
-    /// The groups of `k` consecutive responses (one prompt's) whose rewards are not all
-    /// equal (in f32, as `reward_std` sees them): those that teach something.
+    /// The groups of `k` consecutive responses (one prompt's) whose scored rewards are not
+    /// all equal (in f32): those that teach something.
+    /// Responses no source scored (NaN) are left out.
     pub fn varied_groups(&self, k: usize) -> Vec<usize> {
         let scores: Vec<f32> = self.scores.iter().map(|&s| s as f32).collect();
         scores
             .chunks(k)
             .enumerate()
-            .filter(|(_, g)| g.iter().any(|&s| s != g[0]))
+            .filter(|(_, g)| {
+                let mut scored = g.iter().filter(|s| !s.is_nan());
+                let first = scored.next();
+                scored.any(|s| Some(s) != first)
+            })
             .map(|(i, _)| i)
             .collect()
     }
 
-    /// The rows `rows`, in that order (each source's mean and std over them).
+    /// The rows `rows`, in that order.
     pub fn select(&self, rows: &[usize]) -> Sampled {
         let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
             .to_device(self.generated.tokens.device());
@@ -499,7 +486,6 @@ impl Sampled {
             texts: rows.iter().map(|&r| self.texts[r].clone()).collect(),
             ended_with_eos: rows.iter().map(|&r| self.ended_with_eos[r]).collect(),
             scores: pick(&self.scores),
-            source_stats: stats_of(&self.source_stats, &by_source),
             by_source,
             tool_mask: self.tool_mask.as_ref().map(|m| m.index_select(0, &index)),
             tool_stats: self.tool_stats,
@@ -507,7 +493,7 @@ impl Sampled {
     }
 
     /// `parts` one after another, the responses right-padded (`pad_id`, mask 0) to the
-    /// widest; each source's mean and std over all their rows.
+    /// widest.
     pub fn concat(parts: Vec<Sampled>, pad_id: i64) -> Sampled {
         let width = parts
             .iter()
@@ -532,9 +518,6 @@ impl Sampled {
         let by_source: Vec<Vec<f64>> = (0..sources)
             .map(|i| parts.iter().flat_map(|p| p.by_source[i].clone()).collect())
             .collect();
-        let source_stats = parts
-            .first()
-            .map_or(vec![], |p| stats_of(&p.source_stats, &by_source));
         Sampled {
             generated: Generation {
                 tokens: cat(&|g| pad(&g.tokens, pad_id)),
@@ -556,7 +539,6 @@ impl Sampled {
                 .flat_map(|p| p.ended_with_eos.clone())
                 .collect(),
             scores: parts.iter().flat_map(|p| p.scores.clone()).collect(),
-            source_stats,
             by_source,
             tool_mask: parts.iter().all(|p| p.tool_mask.is_some()).then(|| {
                 Tensor::cat(
@@ -670,7 +652,7 @@ pub fn sample_and_reward(
         ended_with_eos: &seen.ended_with_eos,
         examples: examples.as_deref(),
     };
-    let (mut scores, source_stats, by_source) = summed_rewards(models.rewards, &input)?;
+    let (mut scores, by_source) = summed_rewards(models.rewards, &input)?;
     for (s, &eos) in scores.iter_mut().zip(&seen.ended_with_eos) {
         if let (Some(penalty), false) = (opts.missing_eos_penalty, eos) {
             *s -= penalty;
@@ -685,7 +667,6 @@ pub fn sample_and_reward(
         texts: seen.texts,
         ended_with_eos: seen.ended_with_eos,
         scores,
-        source_stats,
         by_source,
         tool_mask,
         tool_stats,
@@ -784,7 +765,7 @@ pub fn score_sampled(
         values,
         entropy,
         scores: Tensor::from_slice(&scores).to_device(device),
-        source_stats: sampled.source_stats,
+        source_names: models.rewards.iter().map(|s| s.name).collect(),
         source_scores,
         source_weights: models.rewards.iter().map(|s| s.weight).collect(),
         ended_with_eos: sampled.ended_with_eos,
@@ -793,5 +774,56 @@ pub fn score_sampled(
         logprob_check,
         gen_batches: None,
         tool_stats: sampled.tool_stats,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reward_fn::RewardFunction;
+
+    /// Fixed scores, NaN where the source does not apply.
+    struct Fixed(Vec<f64>);
+
+    impl RewardFunction for Fixed {
+        fn scores(&self, _: &RewardInput) -> Result<Vec<f64>> {
+            Ok(self.0.clone())
+        }
+    }
+
+    /// TRL's `nansum` of the weighted sources: a source that did not score a response is
+    /// left out of its sum, and a response none scored is NaN.
+    #[test]
+    fn summed_rewards_leave_out_what_a_source_did_not_score() {
+        let nan = f64::NAN;
+        let (a, b) = (
+            Fixed(vec![1.0, nan, nan, 2.0]),
+            Fixed(vec![3.0, 4.0, nan, nan]),
+        );
+        let sources = [
+            RewardSource {
+                name: "a",
+                weight: 1.0,
+                function: &a,
+            },
+            RewardSource {
+                name: "b",
+                weight: 0.5,
+                function: &b,
+            },
+        ];
+        let texts = vec![String::new(); 4];
+        let input = RewardInput {
+            prompts: &[],
+            responses: &[],
+            texts: &texts,
+            fields: &[],
+            ended_with_eos: &[],
+            examples: None,
+        };
+        let (scores, by_source) = summed_rewards(&sources, &input).unwrap();
+        assert_eq!([scores[0], scores[1], scores[3]], [2.5, 2.0, 2.0]);
+        assert!(scores[2].is_nan());
+        assert!(by_source[0][1].is_nan() && by_source[1][3].is_nan());
     }
 }

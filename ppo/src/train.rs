@@ -26,8 +26,8 @@ use tch::{Device, Kind};
 pub use crate::args::TrainArgs;
 use crate::log::{iteration_scalars, write_samples, Timings};
 use crate::math::{
-    advantages, kl_per_token, rewards, sampling_correction, Advantages, EntropyController,
-    KlController,
+    advantages, kl_per_token, nan_mean_over, rewards, sampling_correction, AdvantageEstimator,
+    Advantages, EntropyController, KlController,
 };
 use crate::reward_fn::{row_answer, RewardCommand, RewardFunction, RewardModel, RewardSource};
 use crate::rollout::{
@@ -323,6 +323,33 @@ enum Reference {
     NotHeld,
 }
 
+/// A rollout whose responses every reward source left unscored (each answered null, TRL's
+/// unscorable completions): the group estimators leave them out of their baselines and give
+/// them no advantage, as TRL's do, and a warning names the first; the other estimators need
+/// a reward for every response, so the rollout fails naming it.
+fn unscored_responses(ro: Rollout, estimator: AdvantageEstimator) -> Result<Rollout> {
+    let scores = Vec::<f64>::try_from(ro.scores.to_device(tch::Device::Cpu).to_kind(Kind::Double))?;
+    let unscored: Vec<usize> = (0..scores.len()).filter(|&i| scores[i].is_nan()).collect();
+    let Some(&first) = unscored.first() else {
+        return Ok(ro);
+    };
+    let shown: String = ro.texts[first].chars().take(60).collect();
+    let what = format!("response {first} of the batch ('{shown}')");
+    anyhow::ensure!(
+        estimator.is_group(),
+        "{what}: no reward source scored it (each answered null); only the group estimators \
+         (grpo, dr-grpo, rloo) leave such responses out, the others need a reward for every \
+         response"
+    );
+    eprintln!(
+        "warning: {} of {} responses had no reward (every source answered null), first {what}: \
+         they are left out of their groups' baselines and get no advantage",
+        unscored.len(),
+        scores.len()
+    );
+    Ok(ro)
+}
+
 /// What one iteration measured, for the log and the summary.
 pub(crate) struct Iteration {
     pub ro: Rollout,
@@ -585,7 +612,9 @@ impl<'a> Ppo<'a> {
         let (args, world) = (self.args, &session.world);
         let step = session.state.step;
         let started = Instant::now();
-        let ro = self.rollout(step, world);
+        let ro = self
+            .rollout(step, world)
+            .and_then(|ro| unscored_responses(ro, args.advantage_estimator()));
         // Every rank learns whether any rank's rollout failed (the rollout itself has no
         // collective), so that they all stop here and checkpoint together.
         let failed_anywhere = world.sum(f64::from(u8::from(ro.is_err()))) > 0.0;
@@ -647,7 +676,7 @@ impl<'a> Ppo<'a> {
         // No KL is measured without a reference (and β = 0 never adapts).
         let mean_kl = (!matches!(self.reference, Reference::NotHeld))
             .then(|| world.mean(per_sequence_mean(&kl)));
-        let mean_score = world.mean(ro.scores.mean(Kind::Float).double_value(&[]));
+        let mean_score = nan_mean_over(world, &ro.scores);
         // The controller's horizon counts samples of the whole (global) rollout batch.
         if let Some(mean_kl) = mean_kl {
             self.kl_ctl.update(mean_kl, args.rollout_rows() as f64);
@@ -859,8 +888,9 @@ impl<'a> Ppo<'a> {
         };
         let g = args.num_generations_eval.unwrap_or(args.num_generations);
         let sources = self.rewards.len();
-        // (responses, Σ score, Σ score², Σ length, truncated, Σ per source)
-        let mut sums = vec![0.0; 5 + sources];
+        // (responses scored, Σ score, Σ score², Σ length, truncated, responses, then each
+        // source's responses scored and Σ score); NaN (not scored) left out.
+        let mut sums = vec![0.0; 6 + 2 * sources];
         let indices: Vec<usize> = (0..prompts.len()).collect();
         for (block, chunk) in indices.chunks(args.rollout_batch_size).enumerate() {
             let mine: Vec<usize> = world
@@ -890,18 +920,29 @@ impl<'a> Ppo<'a> {
                 )
             })?;
             let lengths = &sampled.generated.lengths;
-            sums[0] += sampled.scores.len() as f64;
-            sums[1] += sampled.scores.iter().sum::<f64>();
-            sums[2] += sampled.scores.iter().map(|x| x * x).sum::<f64>();
+            let scored = |s: &[f64]| {
+                s.iter()
+                    .copied()
+                    .filter(|x| !x.is_nan())
+                    .collect::<Vec<_>>()
+            };
+            let scores = scored(&sampled.scores);
+            sums[0] += scores.len() as f64;
+            sums[1] += scores.iter().sum::<f64>();
+            sums[2] += scores.iter().map(|x| x * x).sum::<f64>();
             sums[3] += lengths.iter().sum::<i64>() as f64;
             sums[4] += sampled.ended_with_eos.iter().filter(|e| !**e).count() as f64;
+            sums[5] += sampled.scores.len() as f64;
             for (k, scores) in sampled.by_source.iter().enumerate() {
-                sums[5 + k] += scores.iter().sum::<f64>();
+                let scores = scored(scores);
+                sums[6 + 2 * k] += scores.len() as f64;
+                sums[7 + 2 * k] += scores.iter().sum::<f64>();
             }
         }
         let sums = world.sum_vec(&sums);
-        let n = sums[0].max(1.0);
-        let mean = sums[1] / n;
+        // Means over no response are NaN, as TRL's `nanmean` of nothing.
+        let mean = sums[1] / sums[0];
+        let n = sums[5].max(1.0);
         let var = crate::math::unbiased_var((sums[0], sums[1], sums[2]));
         let mut out = vec![
             ("eval/reward".to_string(), mean),
@@ -911,7 +952,8 @@ impl<'a> Ppo<'a> {
         ];
         let names: Vec<&str> = self.with_models(|m| m.rewards.iter().map(|s| s.name).collect());
         for (k, name) in names.iter().enumerate() {
-            out.push((format!("eval/rewards/{name}/mean"), sums[5 + k] / n));
+            let mean = sums[7 + 2 * k] / sums[6 + 2 * k];
+            out.push((format!("eval/rewards/{name}/mean"), mean));
         }
         Ok(out)
     }

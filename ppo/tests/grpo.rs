@@ -148,6 +148,82 @@ fn grpo_raises_the_reward_without_a_value_model() {
     }
 }
 
+/// TRL's `None` rewards (multi-task data): `tests/python/multitask_reward.py` answers null
+/// for the rows that are not its task (odd ids) and for responses of odd length. Those
+/// responses are logged with no score, and `reward`, `reward_std` and the source's mean and
+/// std are over the scored ones alone; a whole group unscored teaches nothing. REINFORCE++
+/// (no groups) refuses an unscored response in one line, naming it.
+#[test]
+fn responses_no_source_scores_are_left_out() {
+    let f = fixture();
+    let out = f.root.join("run-null-rewards");
+    let script = rlhf_tests::repo_root().join("tests/python/multitask_reward.py");
+    let command = format!(
+        "'{}' '{}'",
+        rlhf_tests::python().display(),
+        script.display()
+    );
+    let extra = [
+        "--reward-command",
+        &command,
+        "--max-steps",
+        "2",
+        "--sample-every",
+        "1",
+        "--num-samples",
+        "32",
+    ];
+    run(&args(&out, &extra)).unwrap();
+    let samples = read_jsonl(&out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 64);
+    let m = metrics(&out);
+    for (step, r) in m.iter().enumerate() {
+        let mut scored = vec![];
+        for row in samples.iter().filter(|x| x["step"] == (step as u64 + 1)) {
+            let prompt = row["prompt"].as_str().unwrap();
+            let heads: u64 = prompt.split_whitespace().nth(2).unwrap().parse().unwrap();
+            let response = row["response"].as_str().unwrap();
+            let even = response.chars().count().is_multiple_of(2);
+            match row["score"].as_f64() {
+                Some(score) => {
+                    assert!((heads - 3).is_multiple_of(2) && even, "{row}");
+                    scored.push(score);
+                }
+                None => assert!(!(heads - 3).is_multiple_of(2) || !even, "{row}"),
+            }
+        }
+        assert!(
+            scored.len() >= 2 && scored.len() < 32,
+            "step {step}: {scored:?}"
+        );
+        let n = scored.len() as f64;
+        let mean = scored.iter().sum::<f64>() / n;
+        let std = (scored.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        let close = |key: &str, want: f64| {
+            let got = r[key].as_f64().unwrap_or(f64::NAN);
+            assert!((got - want).abs() < 1e-5, "{key}: {got} vs {want} ({r})");
+        };
+        close("reward", mean);
+        close("objective/scores", mean);
+        close("rewards/reward_command/mean", mean);
+        close("reward_std", std);
+        close("rewards/reward_command/std", std);
+        assert!(r["loss/policy_avg"].as_f64().unwrap().is_finite(), "{r}");
+        assert!(r["val/mean_reward"].as_f64().unwrap().is_finite(), "{r}");
+    }
+    let moved = rlhf_tests::max_weight_diff(&f.policy, &out.join("final"), Head::Lm);
+    assert!(moved > 1e-6, "the policy did not move");
+    // REINFORCE++ has no group to leave a response out of.
+    let mut a = args(&f.root.join("run-null-rpp"), &extra);
+    a.advantage_estimator = "reinforce-plus-plus".parse().unwrap();
+    let e = format!("{:#}", run(&a).unwrap_err());
+    assert!(e.contains("of the batch ("), "{e}");
+    assert!(
+        e.contains("no reward source scored it (each answered null)"),
+        "{e}"
+    );
+}
+
 /// A reward program that exits, answers garbage or hangs: one error naming the command and
 /// the response, after a checkpoint the run resumes from with a working program.
 #[test]
@@ -163,7 +239,7 @@ fn a_failing_reward_program_stops_the_run_resumably() {
         ),
         (
             format!("{first} echo nope; {ok}"),
-            "expected a line {\"reward\": <finite number>}, got 'nope'",
+            "expected a line {\"reward\": <finite number or null>}, got 'nope'",
         ),
         (
             format!("{first} sleep 30; {ok}"),
