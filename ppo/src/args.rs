@@ -118,10 +118,7 @@ pub struct TrainArgs {
     /// most 8), each a reward source: `reward_model`, `reward_model_2`, … in the metrics.
     /// Optional when another reward source is given.
     #[arg(long)]
-    #[serde(
-        serialize_with = "paths_one_or_list",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(serialize_with = "one_or_list", skip_serializing_if = "Vec::is_empty")]
     pub reward_model: Vec<PathBuf>,
     /// Weight of each reward model's score in the summed reward, in the order of the
     /// models (one per model; default 1 each).
@@ -140,12 +137,17 @@ pub struct TrainArgs {
     pub reward_rule_weight: Vec<f64>,
     /// A reward program: `sh -c CMD` started once, one JSON line per response on its stdin
     /// ({"prompt", "response", …the prompt row's fields}), one {"reward": x} line back each
-    /// (x null where the reward does not apply to the response, as TRL's `None`).
+    /// (x null where the reward does not apply to the response, as TRL's `None`). Repeat
+    /// it for several (at most 8, as TRL's list of reward functions), each a reward
+    /// source: `reward_command`, `reward_command_2`, … in the metrics.
     #[arg(long)]
-    pub reward_command: Option<String>,
-    /// Weight of the command's reward in the summed reward.
-    #[arg(long, default_value_t = 1.0)]
-    pub reward_command_weight: f64,
+    #[serde(serialize_with = "one_or_list", skip_serializing_if = "Vec::is_empty")]
+    pub reward_command: Vec<String>,
+    /// Weight of each command's reward in the summed reward, in the order of the commands
+    /// (one per command; default 1 each).
+    #[arg(long)]
+    #[serde(serialize_with = "weights_one_or_list")]
+    pub reward_command_weight: Vec<f64>,
     /// Seconds to wait for each answer of --reward-command.
     #[arg(long, default_value_t = 60.0)]
     pub reward_timeout: f64,
@@ -550,6 +552,13 @@ impl TrainArgs {
             .collect()
     }
 
+    /// Each `--reward-command`'s weight, in their order.
+    pub fn reward_command_weights(&self) -> Vec<f64> {
+        (0..self.reward_command.len())
+            .map(|i| self.reward_command_weight.get(i).copied().unwrap_or(1.0))
+            .collect()
+    }
+
     /// Each `--reward-rule` with its weight.
     pub fn rule_weights(&self) -> Vec<(RewardRule, f64)> {
         let weight = |i: usize| self.reward_rule_weight.get(i).copied().unwrap_or(1.0);
@@ -881,6 +890,18 @@ impl TrainArgs {
                 "--reward-model: at most 8",
             ),
             (
+                // One weight and at most one command: a config.toml written before
+                // commands repeated says `reward_command_weight = 1.0` without a command.
+                self.reward_command_weight.is_empty()
+                    || self.reward_command_weight.len() == self.reward_command.len()
+                    || (self.reward_command_weight.len() == 1 && self.reward_command.is_empty()),
+                "--reward-command-weight: give one per --reward-command, in their order (or none: 1 each)",
+            ),
+            (
+                self.reward_command.len() <= crate::train::REWARD_COMMAND_NAMES.len(),
+                "--reward-command: at most 8",
+            ),
+            (
                 self.has_rule(RewardRule::Format) == self.format_pattern.is_some(),
                 "--reward-rule format needs --format-pattern REGEX (and the option needs the rule)",
             ),
@@ -928,19 +949,20 @@ impl TrainArgs {
     }
 }
 
-/// One reward model as a string (as `config.toml` always had it), several as a list.
-fn paths_one_or_list<S: serde::Serializer>(
-    paths: &[PathBuf],
+/// One reward model or command as a string (as `config.toml` always had it), several as a
+/// list.
+fn one_or_list<T: Serialize, S: serde::Serializer>(
+    items: &[T],
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
-    match paths {
+    match items {
         [one] => one.serialize(s),
         many => many.serialize(s),
     }
 }
 
-/// The reward models' weights as `config.toml` always had them, a number (1.0 when none
-/// was given), or a list for several.
+/// The reward models' or commands' weights as `config.toml` always had them, a number (1.0
+/// when none was given), or a list for several.
 fn weights_one_or_list<S: serde::Serializer>(
     weights: &[f64],
     s: S,

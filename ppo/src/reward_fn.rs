@@ -45,6 +45,8 @@ pub struct RewardInput<'a> {
     pub prompts: &'a [Vec<i64>],
     /// Response token ids, unpadded, without the EOS that ended them.
     pub responses: &'a [Vec<i64>],
+    /// The same with the EOS that ended them (TRL's `completion_ids`).
+    pub completion_ids: &'a [Vec<i64>],
     /// The responses decoded (special tokens skipped).
     pub texts: &'a [String],
     /// The other fields of each response's prompt row (`answer`, `id`, …).
@@ -396,8 +398,13 @@ impl RewardFunction for ExactAnswer {
 }
 
 /// `--reward-command`: a long-lived child process (`sh -c CMD`, started once) that reads one
-/// JSON line per response on its stdin — `{"prompt", "response", …the prompt row's other
-/// fields}` — and answers each with one `{"reward": x}` line, in order. Its stderr is the
+/// JSON line per response on its stdin — `{…the prompt row's other fields, "prompt",
+/// "response", "raw_prompt", "completion", "completion_ids"}`: the prompt as the policy
+/// read it (decoded, special tokens skipped) and the response's text, then what TRL's
+/// `GRPOTrainer` hands a reward function: the row's prompt as given (text or messages),
+/// the completion (its text, or `[{"role": "assistant", "content": text}]` after a
+/// conversation) and its token ids with the EOS that ended it — and answers each with one
+/// `{"reward": x}` line (x null where it does not apply), in order. Its stderr is the
 /// run's. A crash, a malformed or missing line, or no answer within the timeout is an
 /// error naming the command and the row.
 pub struct RewardCommand {
@@ -420,15 +427,30 @@ impl RewardCommand {
 
 impl RewardFunction for RewardCommand {
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
-        let requests: Vec<serde_json::Value> = input
-            .prompts
-            .iter()
-            .zip(input.texts)
-            .zip(input.fields)
-            .map(|((prompt, text), fields)| {
-                let mut row = fields.clone();
-                row.insert("prompt".into(), self.tokenizer.decode(prompt, true).into());
+        let requests: Vec<serde_json::Value> = (0..input.texts.len())
+            .map(|i| {
+                let mut row = input.fields[i].clone();
+                let text = &input.texts[i];
+                let prompt = self.tokenizer.decode(&input.prompts[i], true);
+                // What TRL hands a reward function: the row's prompt as given, and the
+                // completion as text or, after a conversation, as the assistant's message.
+                let given = input.examples.map(|e| &e[i].prompt);
+                let (raw_prompt, completion) = match given {
+                    Some(Content::Messages(_)) => (
+                        given.expect("matched").to_json(),
+                        serde_json::json!([{"role": "assistant", "content": text}]),
+                    ),
+                    Some(p @ Content::Text(_)) => (p.to_json(), text.clone().into()),
+                    None => (prompt.clone().into(), text.clone().into()),
+                };
+                row.insert("prompt".into(), prompt.into());
                 row.insert("response".into(), text.clone().into());
+                row.insert("raw_prompt".into(), raw_prompt);
+                row.insert("completion".into(), completion);
+                row.insert(
+                    "completion_ids".into(),
+                    input.completion_ids[i].clone().into(),
+                );
                 serde_json::Value::Object(row)
             })
             .collect();
@@ -478,6 +500,7 @@ mod tests {
         let input = RewardInput {
             prompts: &[vec![]],
             responses: &[vec![]],
+            completion_ids: &[vec![]],
             texts: &[text.to_string()],
             fields: &[fields],
             ended_with_eos: &[true],
@@ -557,6 +580,7 @@ mod tests {
         let input = RewardInput {
             prompts: &[vec![], vec![]],
             responses: &responses,
+            completion_ids: &responses,
             texts: &[String::new(), String::new()],
             fields: &[PromptFields::new(), PromptFields::new()],
             ended_with_eos: &[true, false],
@@ -573,6 +597,7 @@ mod tests {
         // The EOS counts as a token: [5, 5, 5, EOS] has bigrams (5,5), (5,5), (5,EOS).
         let input = RewardInput {
             responses: &[vec![5, 5, 5]],
+            completion_ids: &[vec![5, 5, 5]],
             texts: &[String::new()],
             fields: &[PromptFields::new()],
             prompts: &[vec![]],
@@ -597,6 +622,7 @@ mod tests {
         let input = RewardInput {
             prompts: &[vec![], vec![]],
             responses: &[vec![1; 49], vec![1; 49]],
+            completion_ids: &[vec![1; 49], vec![1; 49]],
             texts: &["The answer is 12".into(), "The answer is 13".into()],
             fields: &[row.clone(), row],
             ended_with_eos: &[true, true],

@@ -208,10 +208,11 @@ impl Reprompt {
 }
 
 /// What the reward sees of a generated batch: unpadded prompts, responses without the EOS
-/// that ended them, and their decoded text.
+/// that ended them and with it, and their decoded text.
 struct RewardView {
     prompts: Vec<Vec<i64>>,
     responses: Vec<Vec<i64>>,
+    completion_ids: Vec<Vec<i64>>,
     texts: Vec<String>,
     ended_with_eos: Vec<bool>,
 }
@@ -231,11 +232,15 @@ impl RewardView {
             .map(|f| *f == FinishReason::Eos)
             .collect();
         let prompts = unpadded(prompt_ids, prompt_mask)?;
-        let responses: Vec<Vec<i64>> = response_rows
+        let completion_ids: Vec<Vec<i64>> = response_rows
             .iter()
             .zip(&generated.lengths)
+            .map(|(r, &len)| r[..len as usize].to_vec())
+            .collect();
+        let responses: Vec<Vec<i64>> = completion_ids
+            .iter()
             .zip(&ended_with_eos)
-            .map(|((r, &len), &eos)| r[..(len as usize - usize::from(eos))].to_vec())
+            .map(|(r, &eos)| r[..r.len() - usize::from(eos)].to_vec())
             .collect();
         let texts = responses
             .iter()
@@ -244,6 +249,7 @@ impl RewardView {
         Ok(RewardView {
             prompts,
             responses,
+            completion_ids,
             texts,
             ended_with_eos,
         })
@@ -647,6 +653,7 @@ pub fn sample_and_reward(
     let input = RewardInput {
         prompts: &seen.prompts,
         responses: &seen.responses,
+        completion_ids: &seen.completion_ids,
         texts: &seen.texts,
         fields,
         ended_with_eos: &seen.ended_with_eos,
@@ -816,6 +823,7 @@ mod tests {
         let input = RewardInput {
             prompts: &[],
             responses: &[],
+            completion_ids: &[],
             texts: &texts,
             fields: &[],
             ended_with_eos: &[],

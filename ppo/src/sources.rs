@@ -144,6 +144,18 @@ pub const REWARD_MODEL_NAMES: [&str; 8] = [
     "reward_model_8",
 ];
 
+/// Each `--reward-command`'s name in the metrics (`rewards/NAME/mean`), in their order.
+pub const REWARD_COMMAND_NAMES: [&str; 8] = [
+    "reward_command",
+    "reward_command_2",
+    "reward_command_3",
+    "reward_command_4",
+    "reward_command_5",
+    "reward_command_6",
+    "reward_command_7",
+    "reward_command_8",
+];
+
 /// A `--reward-model` held for scoring: its weights, the id that pads its batches, and
 /// its tokenizer where that is not the policy's.
 pub(crate) struct LoadedReward {

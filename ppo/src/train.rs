@@ -35,7 +35,7 @@ use crate::rollout::{
     RolloutOptions, Sampled, Tools,
 };
 use crate::sources::load_reward_models;
-pub use crate::sources::{rule_functions, Rule, REWARD_MODEL_NAMES};
+pub use crate::sources::{rule_functions, Rule, REWARD_COMMAND_NAMES, REWARD_MODEL_NAMES};
 use crate::tools::{EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner};
 use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
 use data::formats::{PromptExample, PromptFields};
@@ -94,7 +94,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     ensure!(
         !args.reward_model.is_empty()
             || !args.reward_rule.is_empty()
-            || args.reward_command.is_some()
+            || !args.reward_command.is_empty()
             || args.environment_reward,
         "no reward: give --reward-model DIR, --reward-rule RULE, --reward-command CMD and/or --environment-reward"
     );
@@ -102,14 +102,17 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let (device, kind) = args.device.resolve_for(&world);
     let rules = rule_functions(args)?;
     let (tools, environment) = start_tool_program(args)?;
-    let command = match &args.reward_command {
-        Some(cmd) => Some(RewardCommand::start(
-            cmd,
-            Tokenizer::load(&args.policy)?,
-            std::time::Duration::from_secs_f64(args.reward_timeout),
-        )?),
-        None => None,
-    };
+    let commands = args
+        .reward_command
+        .iter()
+        .map(|cmd| {
+            RewardCommand::start(
+                cmd,
+                Tokenizer::load(&args.policy)?,
+                std::time::Duration::from_secs_f64(args.reward_timeout),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut sources: Vec<Scorer> = rules
         .iter()
         .map(|(name, weight, function)| {
@@ -120,10 +123,14 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             })
         })
         .collect();
-    if let Some(c) = &command {
+    for ((c, name), weight) in commands
+        .iter()
+        .zip(REWARD_COMMAND_NAMES)
+        .zip(args.reward_command_weights())
+    {
         sources.push(Scorer::Function(RewardSource {
-            name: "reward_command",
-            weight: args.reward_command_weight,
+            name,
+            weight,
             function: c,
         }));
     }
@@ -1315,6 +1322,7 @@ mod tests {
         let input = crate::reward_fn::RewardInput {
             prompts: &[vec![5, 9, 12], vec![8]],
             responses: &[vec![40, 7, 3], vec![22, 31]],
+            completion_ids: &[vec![40, 7, 3], vec![22, 31]],
             texts: &[String::new(), String::new()],
             fields: &[PromptFields::new(), PromptFields::new()],
             ended_with_eos: &[true, false],
@@ -1390,6 +1398,7 @@ mod tests {
         let input = crate::reward_fn::RewardInput {
             prompts: &[vec![]],
             responses: &[vec![3; 7]],
+            completion_ids: &[vec![3; 7]],
             texts: &["<think></think>".to_string()],
             fields: &[PromptFields::new()],
             ended_with_eos: &[true],

@@ -224,6 +224,107 @@ fn responses_no_source_scores_are_left_out() {
     );
 }
 
+/// Reward functions written for TRL run unchanged through `scripts/trl_reward.py`, three
+/// `--reward-command`s at once (TRL's list of reward functions): TRL's own
+/// `think_format_reward` (which reads conversational completions), a function of the test's
+/// that reads `prompts`, `completion_ids` and two columns and returns None off its task,
+/// and an async one. The arguments each call got are TRL's (`tests/python/
+/// trl_reward_reference.py` checks them against the prompt rows and the tokenizer), and
+/// every logged score is the weighted `nansum` of the functions called once on the whole
+/// batch, as `GRPOTrainer` calls them (1e-4); each command is logged under its own name.
+#[test]
+fn trl_reward_functions_run_unchanged() {
+    let f = fixture();
+    let out = f.root.join("run-trl-rewards");
+    let _ = std::fs::remove_dir_all(&out);
+    let prompts = f.root.join("prompts-conversations.jsonl");
+    let rows: String = (0..8)
+        .map(|i| {
+            let row = serde_json::json!({"prompt": [{"role": "user",
+                "content": format!("There are {} heads", i + 3)}],
+                "answer": format!("{}", i / 2 + 1), "id": i});
+            format!("{row}\n")
+        })
+        .collect();
+    std::fs::write(&prompts, rows).unwrap();
+    let log = f.root.join("trl-style-calls.jsonl");
+    let _ = std::fs::remove_file(&log);
+    let adapter = rlhf_tests::repo_root().join("scripts/trl_reward.py");
+    let functions = rlhf_tests::repo_root().join("tests/python/trl_style_rewards.py");
+    let python = rlhf_tests::python();
+    let command = |spec: &str| {
+        format!(
+            "TRL_STYLE_LOG='{}' '{}' '{}' '{spec}'",
+            log.display(),
+            python.display(),
+            adapter.display()
+        )
+    };
+    let think = command("trl.rewards:think_format_reward");
+    let digits = command(&format!("{}:digits_and_length", functions.display()));
+    let length = command(&format!("{}:async_length", functions.display()));
+    let mut a = args(
+        &out,
+        &[
+            "--reward-command",
+            &think,
+            "--reward-command",
+            &digits,
+            "--reward-command",
+            &length,
+            "--reward-command-weight",
+            "1",
+            "--reward-command-weight",
+            "0.5",
+            "--reward-command-weight",
+            "2",
+            "--max-steps",
+            "1",
+            "--sample-every",
+            "1",
+            "--num-samples",
+            "32",
+        ],
+    );
+    a.prompts = prompts.clone();
+    run(&a).unwrap();
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config.contains("reward_command_weight = [1.0, 0.5, 2.0]"),
+        "{config}"
+    );
+    let reference = rlhf_tests::run_python(
+        "trl_reward_reference.py",
+        &[
+            "--log",
+            log.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--tokenizer",
+            f.policy.to_str().unwrap(),
+            "--weights",
+            "1,0.5,2",
+        ],
+    );
+    assert_eq!(reference["problems"], serde_json::json!([]), "{reference}");
+    let samples = read_jsonl(&out.join("samples.jsonl"));
+    let expected = reference["expected"].as_array().unwrap();
+    assert_eq!(samples.len(), 32);
+    assert_eq!(expected.len(), 32);
+    for (i, (s, want)) in samples.iter().zip(expected).enumerate() {
+        assert_eq!(s["response"], reference["texts"][i], "{i}");
+        let (ours, trl) = (s["score"].as_f64().unwrap(), want.as_f64().unwrap());
+        assert!((ours - trl).abs() < 1e-4, "{i}: ours {ours}, TRL {trl}");
+    }
+    let m = metrics(&out);
+    for name in ["reward_command", "reward_command_2", "reward_command_3"] {
+        let key = format!("rewards/{name}/mean");
+        assert!(m[0][&key].as_f64().is_some(), "{key}: {}", m[0]);
+    }
+    // The second function answers None on odd ids: its mean is over the even ones alone.
+    assert!(m[0]["rewards/reward_command_2/mean"].as_f64().unwrap() >= 0.01);
+}
+
 /// A reward program that exits, answers garbage or hangs: one error naming the command and
 /// the response, after a checkpoint the run resumes from with a working program.
 #[test]
@@ -556,6 +657,7 @@ fn exact_answer_scores_from_the_rows_answers() {
         let input = RewardInput {
             prompts: &[vec![]],
             responses: &[vec![]],
+            completion_ids: &[vec![]],
             texts: std::slice::from_ref(&text),
             fields: &[fields],
             ended_with_eos: &[true],

@@ -98,6 +98,7 @@ fn our_scores(cases: &[Value]) -> Vec<f64> {
     let input = RewardInput {
         prompts: &vec![vec![]; n],
         responses: &vec![vec![]; n],
+        completion_ids: &vec![vec![]; n],
         texts: &texts,
         fields: &vec![PromptFields::new(); n],
         ended_with_eos: &vec![true; n],

@@ -1,0 +1,58 @@
+"""What TRL's `GRPOTrainer` would have computed for a run's sampled completions, for
+`ppo/tests/grpo.rs`: reads the arguments `tests/python/trl_style_rewards.py` logged (one call
+per completion, through `scripts/trl_reward.py`), checks that they are TRL's (the prompt rows
+as given, completions as the assistant's message whose text is `batch_decode(completion_ids,
+skip_special_tokens=True)`), then calls TRL's `think_format_reward` and the test's functions
+once on the whole batch, as the trainer does, and sums them with the weights as its `nansum`
+does. Prints {"problems": [...], "expected": [...]}."""
+import argparse
+import asyncio
+import json
+
+import sys
+
+from transformers import AutoTokenizer
+from trl.rewards import think_format_reward
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import trl_style_rewards  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--log", required=True)
+parser.add_argument("--prompts", required=True)
+parser.add_argument("--tokenizer", required=True)
+parser.add_argument("--weights", required=True, help="comma list: think, digits, async")
+args = parser.parse_args()
+
+calls = [json.loads(line) for line in open(args.log)]
+rows = {json.loads(line)["id"]: json.loads(line) for line in open(args.prompts)}
+tok = AutoTokenizer.from_pretrained(args.tokenizer)
+problems = []
+for call in calls:
+    for key in ("prompts", "completions", "completion_ids", "answer", "id"):
+        if len(call[key]) != 1:
+            problems.append(f"{key}: {len(call[key])} values for one completion")
+    row = rows[call["id"][0]]
+    if call["prompts"][0] != row["prompt"]:
+        problems.append(f"prompt {call['prompts'][0]} is not the row's {row['prompt']}")
+    if call["answer"][0] != row["answer"]:
+        problems.append(f"answer {call['answer'][0]} is not the row's {row['answer']}")
+    if call["other"]:
+        problems.append(f"unexpected arguments {call['other']}")
+    completion = call["completions"][0]
+    text = tok.batch_decode([call["completion_ids"][0]], skip_special_tokens=True)[0]
+    if completion != [{"role": "assistant", "content": text}]:
+        problems.append(f"completion {completion} is not the assistant's message of {text!r}")
+
+batch = {key: [c[key][0] for c in calls] for key in ("prompts", "completions", "completion_ids", "answer", "id")}
+per_function = [
+    think_format_reward(completions=batch["completions"]),
+    trl_style_rewards.digits_and_length(**batch),
+    asyncio.run(trl_style_rewards.async_length(**batch)),
+]
+weights = [float(w) for w in args.weights.split(",")]
+expected = []
+for i in range(len(calls)):
+    values = [w * r[i] for w, r in zip(weights, per_function) if r[i] is not None]
+    expected.append(sum(values) if values else None)
+print(json.dumps({"problems": problems, "expected": expected, "texts": [c["completions"][0][0]["content"] for c in calls]}))
