@@ -96,6 +96,17 @@ impl LineProgram {
         requests: &[serde_json::Value],
         name: &dyn Fn(usize) -> String,
     ) -> Result<Vec<String>> {
+        self.send(requests, name)?;
+        self.receive(requests.len(), name)
+    }
+
+    /// Sends every request, one line each, without waiting for the answers (which
+    /// [`Self::receive`] reads): several programs then work at once.
+    pub fn send(
+        &self,
+        requests: &[serde_json::Value],
+        name: &dyn Fn(usize) -> String,
+    ) -> Result<()> {
         let mut io = self.io.lock().expect("not poisoned");
         let mut text = String::new();
         for request in requests {
@@ -110,8 +121,14 @@ impl LineProgram {
         if !matches!(sent, Some(Ok(()))) {
             return Err(self.fail(&mut io, &name(0), "cannot write to it"));
         }
-        let mut answers = Vec::with_capacity(requests.len());
-        for i in 0..requests.len() {
+        Ok(())
+    }
+
+    /// Reads the answers to the `n` requests sent last, one line each, in order.
+    pub fn receive(&self, n: usize, name: &dyn Fn(usize) -> String) -> Result<Vec<String>> {
+        let mut io = self.io.lock().expect("not poisoned");
+        let mut answers = Vec::with_capacity(n);
+        for i in 0..n {
             let line = match io.lines.recv_timeout(self.timeout) {
                 Ok(Ok(line)) => line,
                 Ok(Err(e)) => {

@@ -68,6 +68,13 @@ pub struct RewardSource<'a> {
 }
 
 pub trait RewardFunction {
+    /// Begins scoring `input` where the work runs elsewhere (a program), without waiting
+    /// for it, so that every source of a run works at once; [`Self::scores`], called next
+    /// with the same input, collects the scores. By default nothing begins early.
+    fn begin(&self, _input: &RewardInput) -> Result<()> {
+        Ok(())
+    }
+
     /// One score per response; `f64::NAN` where the source does not apply to a response
     /// (TRL's `None`): it is left out of that response's sum and of the source's metrics,
     /// and a response no source scored is left out of its group's baseline with no
@@ -410,6 +417,8 @@ impl RewardFunction for ExactAnswer {
 pub struct RewardCommand {
     program: LineProgram,
     tokenizer: Tokenizer,
+    /// How many requests [`RewardFunction::begin`] sent whose answers are unread.
+    sent: std::sync::Mutex<Option<usize>>,
 }
 
 impl RewardCommand {
@@ -421,13 +430,13 @@ impl RewardCommand {
                 timeout,
             )?,
             tokenizer,
+            sent: std::sync::Mutex::new(None),
         })
     }
-}
 
-impl RewardFunction for RewardCommand {
-    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
-        let requests: Vec<serde_json::Value> = (0..input.texts.len())
+    /// One request line per response of `input`.
+    fn requests(&self, input: &RewardInput) -> Vec<serde_json::Value> {
+        (0..input.texts.len())
             .map(|i| {
                 let mut row = input.fields[i].clone();
                 let text = &input.texts[i];
@@ -453,21 +462,56 @@ impl RewardFunction for RewardCommand {
                 );
                 serde_json::Value::Object(row)
             })
-            .collect();
-        let name = |row: usize| format!("response {row} of the batch");
-        ask_rewards(&self.program, &requests, &name)
+            .collect()
     }
 }
 
-/// Sends `requests` to `program` and reads one `{"reward": x}` line for each (x finite, or
-/// null where the reward does not apply to that response: NaN, TRL's `None`):
-/// `--reward-command`'s answers, and `--environment-reward`'s.
+/// A response's name in a reward program's errors.
+fn response_name(row: usize) -> String {
+    format!("response {row} of the batch")
+}
+
+impl RewardFunction for RewardCommand {
+    fn begin(&self, input: &RewardInput) -> Result<()> {
+        let requests = self.requests(input);
+        self.program.send(&requests, &response_name)?;
+        *self.sent.lock().expect("not poisoned") = Some(requests.len());
+        Ok(())
+    }
+
+    fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
+        let begun = self.sent.lock().expect("not poisoned").take();
+        let n = match begun {
+            Some(n) => n,
+            None => {
+                let requests = self.requests(input);
+                self.program.send(&requests, &response_name)?;
+                requests.len()
+            }
+        };
+        let lines = self.program.receive(n, &response_name)?;
+        rewards_of(&self.program, &lines, &response_name)
+    }
+}
+
+/// Sends `requests` to `program` and reads one `{"reward": x}` line for each:
+/// `--environment-reward`'s answers.
 pub(crate) fn ask_rewards(
     program: &LineProgram,
     requests: &[serde_json::Value],
     name: &dyn Fn(usize) -> String,
 ) -> Result<Vec<f64>> {
     let lines = program.ask(requests, name)?;
+    rewards_of(program, &lines, name)
+}
+
+/// The rewards in a program's answer `lines`, one `{"reward": x}` each (x finite, or null
+/// where the reward does not apply to that response: NaN, TRL's `None`).
+fn rewards_of(
+    program: &LineProgram,
+    lines: &[String],
+    name: &dyn Fn(usize) -> String,
+) -> Result<Vec<f64>> {
     lines
         .iter()
         .enumerate()

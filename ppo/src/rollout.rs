@@ -129,7 +129,8 @@ pub struct Tools {
     pub max_len: usize,
 }
 
-/// The weighted sum of every source's scores, and each source's scores (`[source][row]`).
+/// The weighted sum of every source's scores, and each source's scores (`[source][row]`),
+/// the sources working at once where they can (`RewardFunction::begin`).
 /// A source that answered null for a response (NaN: it does not apply, TRL's `None`) is
 /// left out of that response's sum; a response no source scored gets NaN (TRL's
 /// unscorable completion).
@@ -139,6 +140,10 @@ fn summed_rewards(
 ) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
     let mut scores = vec![f64::NAN; input.texts.len()];
     let mut by_source = vec![];
+    // Every program gets its requests before any answer is awaited: they work at once.
+    for source in sources {
+        source.function.begin(input)?;
+    }
     for source in sources {
         let s = source.function.scores(input)?;
         anyhow::ensure!(

@@ -325,6 +325,44 @@ fn trl_reward_functions_run_unchanged() {
     assert!(m[0]["rewards/reward_command_2/mean"].as_f64().unwrap() >= 0.01);
 }
 
+/// Several reward programs work at once: each gets its requests before any answer is
+/// awaited. Here each answers only once the other has its first request (waiting up to
+/// 10 s), so one after the other the first would wait past `--reward-timeout 5`.
+#[test]
+fn reward_programs_work_at_once() {
+    let f = fixture();
+    let out = f.root.join("run-programs-at-once");
+    let _ = std::fs::remove_dir_all(&out);
+    let markers = f.root.join("at-once");
+    let _ = std::fs::remove_dir_all(&markers);
+    std::fs::create_dir_all(&markers).unwrap();
+    let program = |mine: &str, other: &str| {
+        let (mine, other) = (markers.join(mine), markers.join(other));
+        format!(
+            "i=0; while read line; do i=$((i+1)); if [ $i = 1 ]; then touch '{}'; n=0; \
+             while [ ! -e '{}' ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; fi; \
+             echo '{{\"reward\": 1}}'; done",
+            mine.display(),
+            other.display()
+        )
+    };
+    let (a, b) = (program("a", "b"), program("b", "a"));
+    let extra = [
+        "--reward-command",
+        &a,
+        "--reward-command",
+        &b,
+        "--reward-timeout",
+        "5",
+        "--max-steps",
+        "1",
+    ];
+    run(&args(&out, &extra)).unwrap();
+    let m = metrics(&out);
+    assert_eq!(m[0]["reward"].as_f64(), Some(2.0), "{}", m[0]);
+    assert!(markers.join("a").exists() && markers.join("b").exists());
+}
+
 /// A reward program that exits, answers garbage or hangs: one error naming the command and
 /// the response, after a checkpoint the run resumes from with a working program.
 #[test]
