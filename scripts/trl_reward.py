@@ -10,11 +10,12 @@ function in it, or an expression evaluated in it that gives one (a factory's cal
 JSON line `ppo train` writes is one completion; the function is called as `GRPOTrainer`
 calls it, with lists of one: `prompts` (the row's prompt as given: text or messages),
 `completions` (the text, or `[{"role": "assistant", "content": …}]` after a conversation),
-`completion_ids` (with the EOS that ended it) and every other column of the row as a
-keyword. The answer is `{"reward": x}`, null where the function returns None (or NaN): the
-reward does not apply there. Coroutine functions are awaited. TRL's `trainer_state`,
-`log_extra`, `log_metric` and `environments` are not passed; a function that needs one stops
-the run with Python's error.
+`completion_ids` (with the EOS that ended it), every other column of the row as a keyword,
+and `trainer_state` with `global_step` and `max_steps` (the run's iterations done and in
+all). The answer is `{"reward": x}`, null where the function returns None (or NaN): the
+reward does not apply there. Coroutine functions are awaited. TRL's `log_extra`,
+`log_metric` and `environments` are not passed; a function that needs one stops the run
+with Python's error.
 """
 import asyncio
 import importlib
@@ -24,9 +25,10 @@ import json
 import math
 import os
 import sys
+import types
 
 # What `ppo train` adds to the row's columns; the rest go to the function as TRL passes them.
-OURS = ("prompt", "response", "raw_prompt", "completion", "completion_ids")
+OURS = ("prompt", "response", "raw_prompt", "completion", "completion_ids", "trainer_state")
 
 
 class Attributes(dict):
@@ -73,6 +75,8 @@ def main():
     for line in sys.stdin:
         row = json.loads(line)
         columns = {key: [value] for key, value in row.items() if key not in OURS}
+        if "trainer_state" in row:
+            columns["trainer_state"] = types.SimpleNamespace(**row["trainer_state"])
         rewards = function(
             prompts=[row["raw_prompt"]],
             completions=[row["completion"]],

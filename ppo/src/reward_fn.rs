@@ -56,6 +56,9 @@ pub struct RewardInput<'a> {
     /// Each response's prompt as its row gave it (an environment's observation appended),
     /// where the run keeps them: what a reward model with a tokenizer of its own reads.
     pub examples: Option<&'a [PromptExample]>,
+    /// The iterations done and those of the run (TRL's `trainer_state.global_step` and
+    /// `max_steps`), where the run gives them.
+    pub step: Option<(u64, u64)>,
 }
 
 /// One reward source of a run: its name in the metrics (`rewards/NAME/mean`), its weight
@@ -460,6 +463,10 @@ impl RewardCommand {
                     "completion_ids".into(),
                     input.completion_ids[i].clone().into(),
                 );
+                if let Some((done, total)) = input.step {
+                    let state = serde_json::json!({"global_step": done, "max_steps": total});
+                    row.insert("trainer_state".into(), state);
+                }
                 serde_json::Value::Object(row)
             })
             .collect()
@@ -549,6 +556,7 @@ mod tests {
             fields: &[fields],
             ended_with_eos: &[true],
             examples: None,
+            step: None,
         };
         rule.scores(&input).unwrap()[0]
     }
@@ -629,6 +637,7 @@ mod tests {
             fields: &[PromptFields::new(), PromptFields::new()],
             ended_with_eos: &[true, false],
             examples: None,
+            step: None,
         };
         assert_eq!(overlong.scores(&input).unwrap(), [-0.5, -0.45]);
         let repetition = Repetition {
@@ -647,6 +656,7 @@ mod tests {
             prompts: &[vec![]],
             ended_with_eos: &[true],
             examples: None,
+            step: None,
         };
         let got = repetition.scores(&input).unwrap()[0];
         assert!((got + 1.0 / 3.0).abs() < 1e-12, "{got}");
@@ -671,6 +681,7 @@ mod tests {
             fields: &[row.clone(), row],
             ended_with_eos: &[true, true],
             examples: None,
+            step: None,
         };
         let got = cosine.scores(&input).unwrap();
         assert!(near(got[0], 0.75) && near(got[1], -0.75), "{got:?}");

@@ -176,6 +176,8 @@ pub struct RolloutOptions {
     /// Each row's prompt as its row gave it: an environment's reset observation extends
     /// it, and a reward model with a tokenizer of its own reads it.
     pub reprompt: Option<Reprompt>,
+    /// The iterations done and those of the run, for the rewards (`RewardInput::step`).
+    pub step: Option<(u64, u64)>,
 }
 
 /// Each row's prompt as its row gave it, and `--max-prompt-length` (as the policy's
@@ -663,6 +665,7 @@ pub fn sample_and_reward(
         fields,
         ended_with_eos: &seen.ended_with_eos,
         examples: examples.as_deref(),
+        step: opts.step,
     };
     let (mut scores, by_source) = summed_rewards(models.rewards, &input)?;
     for (s, &eos) in scores.iter_mut().zip(&seen.ended_with_eos) {
@@ -833,6 +836,7 @@ mod tests {
             fields: &[],
             ended_with_eos: &[],
             examples: None,
+            step: None,
         };
         let (scores, by_source) = summed_rewards(&sources, &input).unwrap();
         assert_eq!([scores[0], scores[1], scores[3]], [2.5, 2.0, 2.0]);

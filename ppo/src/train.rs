@@ -419,7 +419,7 @@ fn train(
         if ppo.eval_prompts.is_some()
             && ((args.eval_every > 0 && step % args.eval_every == 0) || session.at_end())
         {
-            match ppo.evaluate(&session.world) {
+            match ppo.evaluate(&session.world, step) {
                 Ok(eval) => scalars.extend(eval),
                 Err(e) => {
                     // The step's update is applied: keep it before stopping.
@@ -734,6 +734,7 @@ impl<'a> Ppo<'a> {
             ..self.rollout_options(
                 derived_seed(args.run.seed, step, 1),
                 rollout_rows_of(args, world),
+                step,
             )
         };
         self.with_models(|models| {
@@ -799,6 +800,7 @@ impl<'a> Ppo<'a> {
                 ..self.rollout_options(
                     derived_seed(args.run.seed, step, 1 + ((batches as u64) << 32)),
                     rows,
+                    step,
                 )
             };
             let sampled = self.with_models(|models| {
@@ -843,7 +845,7 @@ impl<'a> Ppo<'a> {
         let sampled = Sampled::concat(kept, self.tok.pad_id);
         let prompts: Vec<&[i64]> = sampled.prompts.iter().map(Vec::as_slice).collect();
         let batch = collate_left(&prompts, self.tok.pad_id, self.policy.model.device());
-        let opts = self.rollout_options(derived_seed(args.run.seed, step, 1), rows);
+        let opts = self.rollout_options(derived_seed(args.run.seed, step, 1), rows, step);
         let mut ro = self.with_models(|models| {
             score_sampled(
                 models,
@@ -859,7 +861,9 @@ impl<'a> Ppo<'a> {
 
     /// How responses are sampled and rewarded, with the sampling `seed` and the rows'
     /// place `rows` (offset, all ranks' rows) that seed each row.
-    fn rollout_options(&self, seed: u64, rows: (i64, i64)) -> RolloutOptions {
+    /// `step`: the iterations done (what a reward program reads as TRL's
+    /// `trainer_state.global_step`).
+    fn rollout_options(&self, seed: u64, rows: (i64, i64), step: u64) -> RolloutOptions {
         let args = self.args;
         RolloutOptions {
             sampling: SamplingConfig {
@@ -880,6 +884,7 @@ impl<'a> Ppo<'a> {
             score_clip: args.score_clip,
             rows,
             reprompt: None,
+            step: Some((step, self.iterations)),
         }
     }
 
@@ -888,7 +893,7 @@ impl<'a> Ppo<'a> {
     /// prompts), and their rewards averaged over all ranks. The sampling seeds come from
     /// the run's seed alone, the same at every evaluation, so that the curve follows the
     /// policy rather than the draw.
-    fn evaluate(&self, world: &World) -> Result<Vec<(String, f64)>> {
+    fn evaluate(&self, world: &World, step: u64) -> Result<Vec<(String, f64)>> {
         let args = self.args;
         let Some((prompts, fields, examples)) = &self.eval_prompts else {
             return Ok(vec![]);
@@ -915,7 +920,7 @@ impl<'a> Ppo<'a> {
             let seed = derived_seed(args.run.seed, u64::MAX, block as u64);
             let opts = RolloutOptions {
                 reprompt: Some(self.reprompt(examples, &mine)),
-                ..self.rollout_options(seed, ((start * g) as i64, (chunk.len() * g) as i64))
+                ..self.rollout_options(seed, ((start * g) as i64, (chunk.len() * g) as i64), step)
             };
             let sampled = self.with_models(|models| {
                 sample_and_reward(
@@ -1327,6 +1332,7 @@ mod tests {
             fields: &[PromptFields::new(), PromptFields::new()],
             ended_with_eos: &[true, false],
             examples: None,
+            step: None,
         };
         let full = scorer(&rm, false).scores(&input).unwrap();
         let shared = scorer(critic, true).scores(&input).unwrap();
@@ -1403,6 +1409,7 @@ mod tests {
             fields: &[PromptFields::new()],
             ended_with_eos: &[true],
             examples: None,
+            step: None,
         };
         let scores: Vec<f64> = rules[1..]
             .iter()

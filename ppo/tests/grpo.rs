@@ -227,11 +227,12 @@ fn responses_no_source_scores_are_left_out() {
 /// Reward functions written for TRL run unchanged through `scripts/trl_reward.py`, three
 /// `--reward-command`s at once (TRL's list of reward functions): TRL's own
 /// `think_format_reward` (which reads conversational completions), a function of the test's
-/// that reads `prompts`, `completion_ids` and two columns and returns None off its task,
-/// and an async one. The arguments each call got are TRL's (`tests/python/
+/// that reads `prompts`, `completion_ids`, two columns and `trainer_state` and returns None
+/// off its task, and an async one. The arguments each call got are TRL's (`tests/python/
 /// trl_reward_reference.py` checks them against the prompt rows and the tokenizer), and
-/// every logged score is the weighted `nansum` of the functions called once on the whole
-/// batch, as `GRPOTrainer` calls them (1e-4); each command is logged under its own name.
+/// every logged score is the weighted `nansum` of the functions called once on each
+/// iteration's batch, as `GRPOTrainer` calls them (1e-4); each command is logged under its
+/// own name.
 #[test]
 fn trl_reward_functions_run_unchanged() {
     let f = fixture();
@@ -279,7 +280,7 @@ fn trl_reward_functions_run_unchanged() {
             "--reward-command-weight",
             "2",
             "--max-steps",
-            "1",
+            "2",
             "--sample-every",
             "1",
             "--num-samples",
@@ -304,13 +305,15 @@ fn trl_reward_functions_run_unchanged() {
             f.policy.to_str().unwrap(),
             "--weights",
             "1,0.5,2",
+            "--steps",
+            "2",
         ],
     );
     assert_eq!(reference["problems"], serde_json::json!([]), "{reference}");
     let samples = read_jsonl(&out.join("samples.jsonl"));
     let expected = reference["expected"].as_array().unwrap();
-    assert_eq!(samples.len(), 32);
-    assert_eq!(expected.len(), 32);
+    assert_eq!(samples.len(), 64);
+    assert_eq!(expected.len(), 64);
     for (i, (s, want)) in samples.iter().zip(expected).enumerate() {
         assert_eq!(s["response"], reference["texts"][i], "{i}");
         let (ours, trl) = (s["score"].as_f64().unwrap(), want.as_f64().unwrap());
@@ -700,6 +703,7 @@ fn exact_answer_scores_from_the_rows_answers() {
             fields: &[fields],
             ended_with_eos: &[true],
             examples: None,
+            step: None,
         };
         let want = rule.scores(&input).unwrap()[0];
         assert!((s["score"].as_f64().unwrap() - want).abs() < 1e-6, "{s}");

@@ -103,6 +103,7 @@ fn our_scores(cases: &[Value]) -> Vec<f64> {
         fields: &vec![PromptFields::new(); n],
         ended_with_eos: &vec![true; n],
         examples: Some(&examples),
+        step: None,
     };
     reward.scores(&input).unwrap()
 }

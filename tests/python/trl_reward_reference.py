@@ -10,6 +10,7 @@ import asyncio
 import json
 
 import sys
+import types
 
 from transformers import AutoTokenizer
 from trl.rewards import think_format_reward
@@ -22,13 +23,17 @@ parser.add_argument("--log", required=True)
 parser.add_argument("--prompts", required=True)
 parser.add_argument("--tokenizer", required=True)
 parser.add_argument("--weights", required=True, help="comma list: think, digits, async")
+parser.add_argument("--steps", type=int, required=True, help="iterations of the run, each a batch")
 args = parser.parse_args()
 
 calls = [json.loads(line) for line in open(args.log)]
+per_step = len(calls) // args.steps
 rows = {json.loads(line)["id"]: json.loads(line) for line in open(args.prompts)}
 tok = AutoTokenizer.from_pretrained(args.tokenizer)
 problems = []
-for call in calls:
+for i, call in enumerate(calls):
+    if call["step"] != [i // per_step, args.steps]:
+        problems.append(f"call {i}: trainer_state {call['step']}, not [{i // per_step}, {args.steps}]")
     for key in ("prompts", "completions", "completion_ids", "answer", "id"):
         if len(call[key]) != 1:
             problems.append(f"{key}: {len(call[key])} values for one completion")
@@ -45,11 +50,14 @@ for call in calls:
         problems.append(f"completion {completion} is not the assistant's message of {text!r}")
 
 batch = {key: [c[key][0] for c in calls] for key in ("prompts", "completions", "completion_ids", "answer", "id")}
-per_function = [
-    think_format_reward(completions=batch["completions"]),
-    trl_style_rewards.digits_and_length(**batch),
-    asyncio.run(trl_style_rewards.async_length(**batch)),
-]
+# One call per batch (iteration), as the trainer makes them.
+per_function = [[], [], []]
+for start in range(0, len(calls), per_step):
+    part = {key: values[start:start + per_step] for key, values in batch.items()}
+    state = types.SimpleNamespace(global_step=start // per_step, max_steps=args.steps)
+    per_function[0] += think_format_reward(completions=part["completions"])
+    per_function[1] += trl_style_rewards.digits_and_length(**part, trainer_state=state)
+    per_function[2] += asyncio.run(trl_style_rewards.async_length(**part))
 weights = [float(w) for w in args.weights.split(",")]
 expected = []
 for i in range(len(calls)):

@@ -4,14 +4,16 @@ import json
 import os
 
 
-def digits_and_length(prompts, completions, completion_ids, answer, id, **kwargs):
-    """The digits in a conversational completion plus its tokens / 100, and 1 more where the
-    row's answer appears; None on rows with an odd id (not this function's task). With
+def digits_and_length(prompts, completions, completion_ids, answer, id, trainer_state, **kwargs):
+    """The digits in a conversational completion plus its tokens / 100, 1 more where the
+    row's answer appears and the steps done; None on rows with an odd id (not this
+    function's task). With
     TRL_STYLE_LOG set, each call's arguments are appended there as a JSON line."""
     if os.environ.get("TRL_STYLE_LOG"):
         with open(os.environ["TRL_STYLE_LOG"], "a") as log:
             call = {"prompts": prompts, "completions": completions,
                     "completion_ids": completion_ids, "answer": answer, "id": id,
+                    "step": [trainer_state.global_step, trainer_state.max_steps],
                     "other": sorted(kwargs)}
             log.write(json.dumps(call) + "\n")
     rewards = []
@@ -21,7 +23,7 @@ def digits_and_length(prompts, completions, completion_ids, answer, id, **kwargs
             continue
         text = completion[0]["content"]
         digits = sum(c in "0123456789" for c in text)
-        rewards.append(digits + len(ids) / 100 + float(a in text))
+        rewards.append(digits + len(ids) / 100 + float(a in text) + trainer_state.global_step)
     return rewards
 
 
