@@ -67,6 +67,16 @@ pub(crate) fn iteration_scalars(
         scalars.push(("sampling/importance_sampling_ratio/min", lo));
         scalars.push(("sampling/importance_sampling_ratio/mean", mean_ratio));
         scalars.push(("sampling/importance_sampling_ratio/max", hi));
+        // TRL's |log-prob at sampling − log-prob recomputed| over the sampled tokens.
+        let gap = (&ro.logprobs - &ro.sampler_logprobs).abs() * &ro.mask;
+        let [gap_sum, tokens] =
+            world.sums([gap.sum(Kind::Double).double_value(&[]), response_tokens]);
+        let (_, gap_max) = world.min_max((0.0, gap.max().double_value(&[])));
+        scalars.push((
+            "sampling/sampling_logp_difference/mean",
+            gap_sum / tokens.max(1.0),
+        ));
+        scalars.push(("sampling/sampling_logp_difference/max", gap_max));
     }
     if let (Some(values), Some(returns)) = (&ro.values, &it.adv.returns) {
         scalars.push(("loss/value_avg", mean(stats.value_loss)));
@@ -107,13 +117,26 @@ pub(crate) fn iteration_scalars(
             mean(1.0 - eos / ro.ended_with_eos.len() as f64),
         ),
         ("clip_ratio/low_mean", mean(stats.clip_low)),
+        ("clip_ratio/low_min", world.min_max((stats.clip_low, 0.0)).0),
         ("clip_ratio/high_mean", mean(stats.clip_high)),
+        (
+            "clip_ratio/high_max",
+            world.min_max((0.0, stats.clip_high)).1,
+        ),
         (
             "clip_ratio/region_mean",
             mean(stats.clip_low + stats.clip_high),
         ),
         ("reward", it.mean_score),
+        ("num_tokens", it.num_tokens),
     ]);
+    scalars.extend(completion_lengths(ro, world));
+    // TRL's `entropy`: the mean over every rank's sampled tokens.
+    let [entropy_sum, tokens] = world.sums([
+        (&ro.entropy * &ro.mask).sum(Kind::Double).double_value(&[]),
+        response_tokens,
+    ]);
+    scalars.push(("entropy", entropy_sum / tokens.max(1.0)));
     if let Some(kl) = it.mean_kl {
         scalars.insert(0, ("objective/kl", kl));
     }
@@ -172,6 +195,42 @@ pub(crate) fn iteration_scalars(
         ));
     }
     named
+}
+
+/// TRL's `completions/min_length`, `/max_length` and the same of the responses that ended
+/// with EOS (`…_terminated_length`, `/mean_terminated_length`; 0 when none did), in
+/// sampled tokens (the EOS counted, tool results not), over every rank.
+fn completion_lengths(ro: &Rollout, world: &common::World) -> Vec<(&'static str, f64)> {
+    let lengths: Vec<f64> = Vec::<f64>::try_from(
+        ro.mask
+            .sum_dim_intlist([1].as_slice(), false, Kind::Double)
+            .to_device(tch::Device::Cpu),
+    )
+    .expect("a length per row");
+    let range = |xs: &mut dyn Iterator<Item = f64>| {
+        xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        })
+    };
+    let (lo, hi) = world.min_max(range(&mut lengths.iter().copied()));
+    let ended = || {
+        lengths
+            .iter()
+            .zip(&ro.ended_with_eos)
+            .filter(|(_, &e)| e)
+            .map(|(&l, _)| l)
+    };
+    let [count, sum] = world.sums([ended().count() as f64, ended().sum::<f64>()]);
+    let (term_lo, term_hi) = world.min_max(range(&mut ended()));
+    let none = count == 0.0;
+    let or_zero = |x: f64| if none { 0.0 } else { x };
+    vec![
+        ("completions/min_length", lo),
+        ("completions/max_length", hi),
+        ("completions/min_terminated_length", or_zero(term_lo)),
+        ("completions/mean_terminated_length", or_zero(sum / count)),
+        ("completions/max_terminated_length", or_zero(term_hi)),
+    ]
 }
 
 /// The first `n` prompts, responses and scores of this rank's rollout, as Markdown in

@@ -48,6 +48,10 @@ struct PpoState {
     /// The entropy bonus's coefficient and last entropy (absent in earlier checkpoints).
     #[serde(default)]
     entropy: Option<EntropyController>,
+    /// Prompt and response tokens of every rollout so far, all ranks (TRL's `num_tokens`;
+    /// 0 in earlier checkpoints).
+    #[serde(default)]
+    num_tokens: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -317,6 +321,8 @@ struct Ppo<'a> {
     eos_ids: Vec<i64>,
     /// `--tool-command`'s or `--environment-command`'s tools.
     tools: Option<Tools>,
+    /// Prompt and response tokens of every rollout so far, all ranks (`num_tokens`).
+    num_tokens: f64,
 }
 
 /// The reference the KL penalty measures against, as the run holds it.
@@ -371,6 +377,8 @@ pub(crate) struct Iteration {
     pub entropy_coef: Option<f64>,
     /// Mean score over the batch (all ranks).
     pub mean_score: f64,
+    /// Prompt and response tokens of every rollout so far (all ranks).
+    pub num_tokens: f64,
     pub stats: UpdateStats,
     pub timings: Timings,
 }
@@ -579,6 +587,7 @@ impl<'a> Ppo<'a> {
             },
             entropy: args.entropy_controller(),
             tools,
+            num_tokens: 0.0,
         })
     }
 
@@ -596,6 +605,7 @@ impl<'a> Ppo<'a> {
         self.sampler.restore(session.state.sampler);
         if let Some(state) = &state {
             self.kl_ctl.value = state.kl_coef;
+            self.num_tokens = state.num_tokens;
             if let Some(saved) = state.entropy {
                 self.entropy.coef = saved.coef;
                 self.entropy.last_entropy = saved.last_entropy;
@@ -684,6 +694,11 @@ impl<'a> Ppo<'a> {
         let mean_kl = (!matches!(self.reference, Reference::NotHeld))
             .then(|| world.mean(per_sequence_mean(&kl)));
         let mean_score = nan_mean_over(world, &ro.scores);
+        // TRL's `num_tokens`: the prompts' and the sampled responses' tokens (tool results
+        // not counted), every rank's.
+        let prompt_tokens = ro.full_mask.narrow(1, 0, ro.prompt_len).sum(Kind::Float);
+        let tokens = (prompt_tokens + ro.mask.sum(Kind::Float)).double_value(&[]);
+        self.num_tokens += world.sum(tokens);
         // The controller's horizon counts samples of the whole (global) rollout batch.
         if let Some(mean_kl) = mean_kl {
             self.kl_ctl.update(mean_kl, args.rollout_rows() as f64);
@@ -696,6 +711,7 @@ impl<'a> Ppo<'a> {
                 .map(|p| p.sampler.position())
                 .unwrap_or_default(),
             entropy: Some(self.entropy),
+            num_tokens: self.num_tokens,
         };
         session.state.extra = serde_json::to_value(&state)?;
         let loss = stats.policy_loss + args.vf_coef * stats.value_loss;
@@ -712,6 +728,7 @@ impl<'a> Ppo<'a> {
             beta,
             entropy_coef: self.entropy.on().then_some(self.entropy.coef),
             mean_score,
+            num_tokens: self.num_tokens,
             stats,
             timings: Timings {
                 rollout: rollout_time,

@@ -139,6 +139,34 @@ fn grpo_raises_the_reward_without_a_value_model() {
         let zero_std = r["frac_reward_zero_std"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&zero_std));
         assert!(r["rewards/reward_command/mean"].as_f64().is_some());
+        // TRL's length metrics (in sampled tokens), entropy and running token count.
+        let x = |key: &str| r[key].as_f64().unwrap_or_else(|| panic!("{key}: {r}"));
+        let (lo, mean, hi) = (
+            x("completions/min_length"),
+            x("completions/mean_length"),
+            x("completions/max_length"),
+        );
+        assert!(1.0 <= lo && lo <= mean && mean <= hi && hi <= 12.0, "{r}");
+        let terminated = [
+            x("completions/min_terminated_length"),
+            x("completions/mean_terminated_length"),
+            x("completions/max_terminated_length"),
+        ];
+        let none_ended = terminated == [0.0; 3] && x("completions/clipped_ratio") == 1.0;
+        let ordered = lo <= terminated[0] && terminated[0] <= terminated[1];
+        assert!(none_ended || (ordered && terminated[1] <= terminated[2] && terminated[2] <= hi));
+        assert!(x("entropy") > 0.0);
+        assert!(x("clip_ratio/low_min") <= x("clip_ratio/low_mean"));
+        assert!(x("clip_ratio/high_max") >= x("clip_ratio/high_mean"));
+    }
+    // Every iteration adds its 32 prompts' and responses' tokens.
+    for (a, b) in m.iter().zip(&m[1..]) {
+        let added = b["num_tokens"].as_f64().unwrap() - a["num_tokens"].as_f64().unwrap();
+        let responses = 32.0 * b["completions/mean_length"].as_f64().unwrap();
+        assert!(
+            added > responses + 32.0,
+            "{added} tokens for {responses} in responses"
+        );
     }
     // No value model anywhere: not exported, not in the checkpoints.
     assert!(out.join("final").join("model.safetensors").exists());
@@ -521,6 +549,9 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
         let diff =
             rlhf_tests::max_weight_diff(&straight.join("final"), &killed.join("final"), Head::Lm);
         assert!(diff < 1e-6, "{tag}: resumed weights differ by {diff:e}");
+        // TRL's running token count is in the checkpoint too.
+        let tokens = |dir: &Path| metrics(dir).last().unwrap()["num_tokens"].as_f64();
+        assert_eq!(tokens(&straight), tokens(&killed), "{tag}: num_tokens");
     }
     let (plain, synced) = (
         f.root.join("run-grpo-straight-plain/final"),
@@ -613,6 +644,11 @@ fn gdpo_runs_with_two_reward_sources() {
             let ratio = r[&key].as_f64().unwrap_or(f64::NAN);
             assert!((ratio - 1.0).abs() < 1e-4, "{key}: {r}");
         }
+        let gap = |stat: &str| {
+            let key = format!("sampling/sampling_logp_difference/{stat}");
+            r[&key].as_f64().unwrap_or(f64::NAN)
+        };
+        assert!(gap("mean") <= gap("max") && gap("max") < 1e-4, "{r}");
     }
     let moved = rlhf_tests::max_weight_diff(&f.policy, &out.join("final"), Head::Lm);
     assert!(moved > 1e-5, "the policy did not move");
