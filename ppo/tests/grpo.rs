@@ -95,7 +95,12 @@ fn metrics(out: &Path) -> Vec<Value> {
 
 /// `--reward-command` running `tests/python/digit_reward.py`.
 fn digit_command() -> String {
-    let script = rlhf_tests::repo_root().join("tests/python/digit_reward.py");
+    python_program("digit_reward.py")
+}
+
+/// A command running `tests/python/SCRIPT`.
+fn python_program(script: &str) -> String {
+    let script = rlhf_tests::repo_root().join("tests/python").join(script);
     format!(
         "'{}' '{}'",
         rlhf_tests::python().display(),
@@ -185,12 +190,7 @@ fn grpo_raises_the_reward_without_a_value_model() {
 fn responses_no_source_scores_are_left_out() {
     let f = fixture();
     let out = f.root.join("run-null-rewards");
-    let script = rlhf_tests::repo_root().join("tests/python/multitask_reward.py");
-    let command = format!(
-        "'{}' '{}'",
-        rlhf_tests::python().display(),
-        script.display()
-    );
+    let command = python_program("multitask_reward.py");
     let extra = [
         "--reward-command",
         &command,
