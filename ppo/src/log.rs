@@ -139,6 +139,13 @@ pub(crate) fn iteration_scalars(
     scalars.push(("entropy", entropy_sum / tokens.max(1.0)));
     if let Some(kl) = it.mean_kl {
         scalars.insert(0, ("objective/kl", kl));
+        // TRL's GRPO `kl`: the k3 estimate's mean over every rank's sampled tokens (here
+        // at sampling, where TRL's is taken in the update's forwards).
+        let log_ratio = &ro.ref_logprobs - &ro.logprobs;
+        let k3 = (log_ratio.exp() - &log_ratio - 1.0) * &ro.mask;
+        let [k3_sum, tokens] =
+            world.sums([k3.sum(Kind::Double).double_value(&[]), response_tokens]);
+        scalars.push(("kl", k3_sum / tokens.max(1.0)));
     }
     if it.stats.kl_loss != 0.0 {
         scalars.push(("loss/kl_avg", mean(it.stats.kl_loss)));

@@ -161,6 +161,9 @@ fn grpo_raises_the_reward_without_a_value_model() {
         let ordered = lo <= terminated[0] && terminated[0] <= terminated[1];
         assert!(none_ended || (ordered && terminated[1] <= terminated[2] && terminated[2] <= hi));
         assert!(x("entropy") > 0.0);
+        // TRL's `kl` (k3, per token) is ≥ 0, and the k1 sum over a response is ≥ 0 only on
+        // average: both are bounded here.
+        assert!(x("kl") >= 0.0 && x("kl") < 1.0, "{r}");
         assert!(x("clip_ratio/low_min") <= x("clip_ratio/low_mean"));
         assert!(x("clip_ratio/high_max") >= x("clip_ratio/high_mean"));
     }
@@ -971,9 +974,13 @@ fn kl_coef_zero_holds_no_reference_and_trains_the_same() {
     run_with_reward(&args(&tiny, &with("1e-30")), &TextRule(digit_share)).unwrap();
     assert_eq!(summary.kl, None);
     for r in metrics(&free) {
-        assert!(r.get("objective/kl").is_none(), "{r}");
+        assert!(
+            r.get("objective/kl").is_none() && r.get("kl").is_none(),
+            "{r}"
+        );
     }
     assert!(metrics(&tiny)[0]["objective/kl"].as_f64().is_some());
+    assert!(metrics(&tiny)[0]["kl"].as_f64().is_some());
     let diff = rlhf_tests::max_weight_diff(&free.join("final"), &tiny.join("final"), Head::Lm);
     assert!(diff < 1e-7, "β = 0 and β = 1e-30 trained apart: {diff:e}");
 }
