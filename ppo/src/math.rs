@@ -514,6 +514,10 @@ pub struct PolicyLoss {
     pub ratio_mean: f64,
     /// Largest `|ρ − 1|` over masked tokens.
     pub ratio_max_dev: f64,
+    /// The smallest of the sequences' shares of low-clipped tokens and the largest of their
+    /// shares of high-clipped ones (TRL's `clip_ratio/low_min` and `/high_max`), over the
+    /// sequences with tokens; `None` for the objectives that do not clip.
+    pub seq_clip: Option<(f64, f64)>,
 }
 
 /// The clip interval of the policy ratio: `[1 − low, 1 + high]` (DAPO's clip-higher when
@@ -652,8 +656,24 @@ pub fn policy_loss(
     let log_ratio = logprobs - old_logprobs;
     let weight = importance_weight(&log_ratio, mask, level);
     let fraction = |t: &Tensor| masked_mean(&t.to_kind(Kind::Float), mask).double_value(&[]);
+    // Each sequence's share of `low` tokens and of `high` ones: the least and the most.
+    let seq_extremes = |low: &Tensor, high: &Tensor| {
+        let mask_f = mask.to_kind(Kind::Float);
+        let tokens = mask_f.sum_dim_intlist([1].as_slice(), false, Kind::Float);
+        let has = tokens.gt(0.0);
+        let share = |t: &Tensor| {
+            (t.to_kind(Kind::Float) * &mask_f).sum_dim_intlist([1].as_slice(), false, Kind::Float)
+                / tokens.clamp_min(1.0)
+        };
+        let (lo, hi) = (
+            share(low).masked_select(&has),
+            share(high).masked_select(&has),
+        );
+        (lo.numel() > 0).then(|| (lo.min().double_value(&[]), hi.max().double_value(&[])))
+    };
     let positive = advantages.gt(0.0);
     let mut vespo_mean = 0.0;
+    let mut seq_clip = None;
     // Per token: the loss, and which tokens were clipped (all, low side, high side).
     let (per_token, clipfrac, clip_low, clip_high) = match objective {
         Objective::Clip => {
@@ -665,6 +685,7 @@ pub fn policy_loss(
             let clipped = -advantages * weight.clamp(1.0 - clip.low, 1.0 + clip.high);
             let low = weight.lt(1.0 - clip.low).logical_and(&advantages.lt(0.0));
             let high = weight.gt(1.0 + clip.high).logical_and(&positive);
+            seq_clip = seq_extremes(&low, &high);
             (
                 unclipped.maximum(&clipped),
                 fraction(&clipped.gt_tensor(&unclipped)),
@@ -709,6 +730,7 @@ pub fn policy_loss(
             let geometric = (rows(&(&clipped * &counted)) / rows(&counted).clamp_min(1.0)).exp();
             let low = log_ratio.lt(-clip.low).logical_and(&advantages.lt(0.0));
             let high = log_ratio.gt(clip.high).logical_and(&positive);
+            seq_clip = seq_extremes(&low, &high);
             (
                 -(geometric * advantages),
                 fraction(&low.logical_or(&high)),
@@ -733,6 +755,7 @@ pub fn policy_loss(
         clip_high,
         approxkl: 0.5 * masked_mean(&d.square(), mask).double_value(&[]),
         vespo_phi: vespo_mean,
+        seq_clip,
         ratio_mean: masked_mean(&ratio, mask).double_value(&[]),
         // (0 with no token: every response of a micro-batch may be masked out.)
         ratio_max_dev: (ratio - 1.0)
@@ -1532,6 +1555,49 @@ mod tests {
             ..Clip::symmetric(0.2)
         };
         assert!((loss(higher) + 0.25f64.exp()).abs() < 1e-6);
+    }
+
+    /// TRL's `clip_ratio/low_min` and `/high_max`: each sequence's share of its tokens
+    /// clipped below (negative advantage) and above (positive), the least and the most
+    /// over the sequences with tokens; an empty row counts in neither.
+    #[test]
+    fn sequence_clip_shares_give_the_least_and_the_most() {
+        // Ratios e^x: row 0 has 1 of 2 tokens above 1.2 (advantage +1), row 1 has 2 of 3
+        // below 0.8 (advantage −1), row 2 none clipped, row 3 no tokens.
+        let lp = t(&[
+            &[0.5, 0.0, 9.0],
+            &[-0.5, -0.5, 0.0],
+            &[0.1, 0.0, 0.0],
+            &[5.0, 5.0, 5.0],
+        ]);
+        let old = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu));
+        let adv = t(&[&[1.0; 3], &[-1.0; 3], &[1.0; 3], &[1.0; 3]]);
+        let mask = t(&[&[1., 1., 0.], &[1., 1., 1.], &[1., 1., 1.], &[0., 0., 0.]]);
+        let clipped = Surrogate::ppo(Clip::symmetric(0.2));
+        let out = policy_loss(&lp, &old, &adv, (&mask, None), &clipped);
+        assert_eq!(out.seq_clip, Some((0.0, 0.5)));
+        // Row 1 twice: the least low share is its 2/3, and nothing clips above.
+        let two = Tensor::from_slice(&[1i64, 1]);
+        let out = policy_loss(
+            &lp.index_select(0, &two),
+            &old.index_select(0, &two),
+            &adv.index_select(0, &two),
+            (&mask.index_select(0, &two), None),
+            &clipped,
+        );
+        let (lo, hi) = out.seq_clip.unwrap();
+        assert!((lo - 2.0 / 3.0).abs() < 1e-6 && hi == 0.0, "{lo} {hi}");
+        let sapo = Surrogate {
+            objective: Objective::Sapo {
+                pos: 1.0,
+                neg: 1.05,
+            },
+            ..clipped
+        };
+        assert_eq!(
+            policy_loss(&lp, &old, &adv, (&mask, None), &sapo).seq_clip,
+            None
+        );
     }
 
     #[test]

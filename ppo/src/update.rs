@@ -87,6 +87,11 @@ pub struct UpdateStats {
     /// TRL's `clip_ratio/low_mean` and `/high_mean` (see [`crate::math::PolicyLoss`]).
     pub clip_low: f64,
     pub clip_high: f64,
+    /// TRL's `clip_ratio/low_min` and `/high_max` on this rank: each minibatch's least
+    /// per-sequence share of low-clipped tokens and greatest of high-clipped ones,
+    /// averaged over the minibatches (0 when nothing clips).
+    pub clip_low_min: f64,
+    pub clip_high_max: f64,
     pub value_clipfrac: f64,
     pub ratio: f64,
     /// VESPO's mean φ (`--policy-loss vespo`).
@@ -179,6 +184,11 @@ pub fn update(
         }
     }
     let avg = |k: &str| sums.get(k).copied().unwrap_or(0.0) / count.max(1.0);
+    // Over the minibatches where this rank had sequences to clip.
+    let seq_avg = |k: &str| {
+        sums.get(k).copied().unwrap_or(0.0)
+            / sums.get("seq_clip_n").copied().unwrap_or(0.0).max(1.0)
+    };
     Ok(UpdateStats {
         policy_loss: avg("policy"),
         value_loss: avg("value"),
@@ -188,6 +198,8 @@ pub fn update(
         clipfrac: avg("clipfrac"),
         clip_low: avg("clip_low"),
         clip_high: avg("clip_high"),
+        clip_low_min: seq_avg("clip_low_min"),
+        clip_high_max: seq_avg("clip_high_max"),
         value_clipfrac: avg("vclip"),
         ratio: avg("ratio"),
         vespo_phi: (args.policy_loss == crate::args::PolicyLossName::Vespo)
@@ -237,6 +249,7 @@ fn minibatch_backward(
     });
     let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
     let mut ratio_max_dev = 0f64;
+    let mut seq_clip: Option<(f64, f64)> = None;
     for (part, last) in micro_batches(mb, micro) {
         let idx = Tensor::from_slice(part).to_device(device);
         let pick = |t: &Tensor| t.index_select(0, &idx);
@@ -308,6 +321,10 @@ fn minibatch_backward(
             .policy
             .backward(&policy_total, last && learners.ptx.is_none());
         ratio_max_dev = ratio_max_dev.max(pl.ratio_max_dev);
+        seq_clip = match (seq_clip, pl.seq_clip) {
+            (Some((lo, hi)), Some((l, h))) => Some((lo.min(l), hi.max(h))),
+            (a, b) => a.or(b),
+        };
         let mut add = |k, v: f64| *stats.entry(k).or_default() += v * weight;
         add("policy", pl.loss.double_value(&[]));
         add("approxkl", pl.approxkl);
@@ -341,6 +358,12 @@ fn minibatch_backward(
         }
     }
     stats.insert("ratio_max_dev", ratio_max_dev);
+    // This rank's sequences of the minibatch only (not summed over ranks).
+    if let Some((lo, hi)) = seq_clip {
+        stats.insert("clip_low_min", lo);
+        stats.insert("clip_high_max", hi);
+        stats.insert("seq_clip_n", 1.0);
+    }
     stats
 }
 
