@@ -32,8 +32,6 @@ pub(crate) fn iteration_scalars(
     let eos = ro.ended_with_eos.iter().filter(|&&e| e).count() as f64;
     let non_score = mean(per_sequence_mean(&it.non_score));
     let scored_mask = &ro.mask * ro.scores.isnan().logical_not().unsqueeze(1);
-    // The lowest rank's and the highest rank's.
-    let (seq_low_min, seq_high_max) = world.min_max((stats.clip_low_min, stats.clip_high_max));
     let mut scalars = vec![
         (
             "objective/entropy",
@@ -119,9 +117,9 @@ pub(crate) fn iteration_scalars(
             mean(1.0 - eos / ro.ended_with_eos.len() as f64),
         ),
         ("clip_ratio/low_mean", mean(stats.clip_low)),
-        ("clip_ratio/low_min", seq_low_min),
+        ("clip_ratio/low_min", stats.clip_low_min),
         ("clip_ratio/high_mean", mean(stats.clip_high)),
-        ("clip_ratio/high_max", seq_high_max),
+        ("clip_ratio/high_max", stats.clip_high_max),
         (
             "clip_ratio/region_mean",
             mean(stats.clip_low + stats.clip_high),

@@ -87,9 +87,9 @@ pub struct UpdateStats {
     /// TRL's `clip_ratio/low_mean` and `/high_mean` (see [`crate::math::PolicyLoss`]).
     pub clip_low: f64,
     pub clip_high: f64,
-    /// TRL's `clip_ratio/low_min` and `/high_max` on this rank: each minibatch's least
-    /// per-sequence share of low-clipped tokens and greatest of high-clipped ones,
-    /// averaged over the minibatches (0 when nothing clips).
+    /// TRL's `clip_ratio/low_min` and `/high_max`: each minibatch's least per-sequence
+    /// share of low-clipped tokens and greatest of high-clipped ones (every rank's
+    /// sequences), averaged over the minibatches (0 when the objective does not clip).
     pub clip_low_min: f64,
     pub clip_high_max: f64,
     pub value_clipfrac: f64,
@@ -152,6 +152,20 @@ pub fn update(
             let mut mb_stats =
                 minibatch_backward(args, (ro, adv, &policy_mask), &learners, &mb, world, coefs);
             let dev = mb_stats.remove("ratio_max_dev").unwrap_or(0.0);
+            // The minibatch's sequence clip extremes, over every rank's sequences of it.
+            let (lo, hi) = world.min_max((
+                mb_stats.remove("clip_low_min").unwrap_or(f64::INFINITY),
+                mb_stats
+                    .remove("clip_high_max")
+                    .unwrap_or(f64::NEG_INFINITY),
+            ));
+            if lo.is_finite() {
+                mb_stats.extend([
+                    ("clip_low_min", lo),
+                    ("clip_high_max", hi),
+                    ("seq_clip_n", 1.0),
+                ]);
+            }
             if epoch == 0 && mb_index == 0 {
                 first_ratio_max_dev = dev;
             }
@@ -184,7 +198,7 @@ pub fn update(
         }
     }
     let avg = |k: &str| sums.get(k).copied().unwrap_or(0.0) / count.max(1.0);
-    // Over the minibatches where this rank had sequences to clip.
+    // Over the minibatches that had sequences to clip.
     let seq_avg = |k: &str| {
         sums.get(k).copied().unwrap_or(0.0)
             / sums.get("seq_clip_n").copied().unwrap_or(0.0).max(1.0)
@@ -358,11 +372,10 @@ fn minibatch_backward(
         }
     }
     stats.insert("ratio_max_dev", ratio_max_dev);
-    // This rank's sequences of the minibatch only (not summed over ranks).
+    // This rank's sequences of the minibatch (the ranks' extremes are taken in `update`).
     if let Some((lo, hi)) = seq_clip {
         stats.insert("clip_low_min", lo);
         stats.insert("clip_high_max", hi);
-        stats.insert("seq_clip_n", 1.0);
     }
     stats
 }
