@@ -150,6 +150,9 @@ pub(crate) fn iteration_scalars(
     if let Some(coef) = it.entropy_coef {
         scalars.push(("entropy_coef", coef));
     }
+    if let Some(share) = it.stats.cispo_clip {
+        scalars.push(("cispo_clip_ratio", mean(share)));
+    }
     if let Some(phi) = it.stats.vespo_phi {
         scalars.push(("vespo/phi_seq_mean", mean(phi)));
     }

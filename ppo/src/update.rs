@@ -96,6 +96,9 @@ pub struct UpdateStats {
     pub ratio: f64,
     /// VESPO's mean φ (`--policy-loss vespo`).
     pub vespo_phi: Option<f64>,
+    /// CISPO's share of tokens whose weight the cap held (`--policy-loss cispo`; TRL's
+    /// `cispo_clip_ratio`).
+    pub cispo_clip: Option<f64>,
     /// The share of policy tokens off-policy sequence masking dropped
     /// (`--off-policy-mask-threshold`).
     pub off_policy_masked: Option<f64>,
@@ -218,6 +221,8 @@ pub fn update(
         ratio: avg("ratio"),
         vespo_phi: (args.policy_loss == crate::args::PolicyLossName::Vespo)
             .then(|| avg("vespo_phi")),
+        cispo_clip: (args.policy_loss == crate::args::PolicyLossName::Cispo)
+            .then(|| avg("clip_high")),
         off_policy_masked: args.off_policy_mask_threshold.map(|_| avg("opsm")),
         first_ratio_max_dev,
         outcome: outcome.expect("at least one minibatch"),

@@ -880,6 +880,9 @@ fn cispo_and_sapo_train() {
             let phi = r.get("vespo/phi_seq_mean").and_then(Value::as_f64);
             assert_eq!(phi.is_some(), name == "vespo", "{name}: {r}");
             assert!(phi.is_none_or(|p| p > 0.0 && p < 1.25), "{name}: {r}");
+            // TRL's `cispo_clip_ratio`: CISPO's capped share, here none.
+            let capped = r.get("cispo_clip_ratio").and_then(Value::as_f64);
+            assert_eq!(capped, (name == "cispo").then_some(0.0), "{name}: {r}");
         }
         let moved = rlhf_tests::max_weight_diff(&f.policy, &out.join("final"), Head::Lm);
         assert!(moved > 1e-5, "{name}: the policy did not move");
