@@ -409,11 +409,12 @@ impl RewardFunction for ExactAnswer {
 
 /// `--reward-command`: a long-lived child process (`sh -c CMD`, started once) that reads one
 /// JSON line per response on its stdin — `{…the prompt row's other fields, "prompt",
-/// "response", "raw_prompt", "completion", "completion_ids"}`: the prompt as the policy
-/// read it (decoded, special tokens skipped) and the response's text, then what TRL's
-/// `GRPOTrainer` hands a reward function: the row's prompt as given (text or messages),
-/// the completion (its text, or `[{"role": "assistant", "content": text}]` after a
-/// conversation) and its token ids with the EOS that ended it — and answers each with one
+/// "response", "raw_prompt", "completion", "completion_ids", "trainer_state"}`: the prompt
+/// as the policy read it (decoded, special tokens skipped) and the response's text, then
+/// what TRL's `GRPOTrainer` hands a reward function: the row's prompt as given (text or
+/// messages), the completion (its text, or `[{"role": "assistant", "content": text}]`
+/// after a conversation), its token ids with the EOS that ended it, and `{"global_step",
+/// "max_steps"}` (where the run gives them) — and answers each with one
 /// `{"reward": x}` line (x null where it does not apply), in order. Its stderr is the
 /// run's. A crash, a malformed or missing line, or no answer within the timeout is an
 /// error naming the command and the row.
