@@ -547,26 +547,18 @@ impl TrainArgs {
 
     /// Each `--reward-model`'s weight, in their order.
     pub fn reward_model_weights(&self) -> Vec<f64> {
-        (0..self.reward_model.len())
-            .map(|i| self.reward_model_weight.get(i).copied().unwrap_or(1.0))
-            .collect()
+        weights_of(&self.reward_model_weight, self.reward_model.len())
     }
 
     /// Each `--reward-command`'s weight, in their order.
     pub fn reward_command_weights(&self) -> Vec<f64> {
-        (0..self.reward_command.len())
-            .map(|i| self.reward_command_weight.get(i).copied().unwrap_or(1.0))
-            .collect()
+        weights_of(&self.reward_command_weight, self.reward_command.len())
     }
 
     /// Each `--reward-rule` with its weight.
     pub fn rule_weights(&self) -> Vec<(RewardRule, f64)> {
-        let weight = |i: usize| self.reward_rule_weight.get(i).copied().unwrap_or(1.0);
-        self.reward_rule
-            .iter()
-            .enumerate()
-            .map(|(i, &r)| (r, weight(i)))
-            .collect()
+        let weights = weights_of(&self.reward_rule_weight, self.reward_rule.len());
+        self.reward_rule.iter().copied().zip(weights).collect()
     }
 
     /// How advantages are estimated: `--advantage-estimator` with its parameters.
@@ -870,19 +862,11 @@ impl TrainArgs {
                 "--cosine-max-len must be at least 1",
             ),
             (
-                // One weight and at most one rule: as before rules repeated (a config.toml
-                // of then says `reward_rule_weight = 1.0` with or without a rule).
-                self.reward_rule_weight.is_empty()
-                    || self.reward_rule_weight.len() == self.reward_rule.len()
-                    || (self.reward_rule_weight.len() == 1 && self.reward_rule.is_empty()),
+                weights_fit(&self.reward_rule_weight, self.reward_rule.len()),
                 "--reward-rule-weight: give one per --reward-rule, in their order (or none: 1 each)",
             ),
             (
-                // One weight and at most one model: a config.toml written before models
-                // repeated says `reward_model_weight = 1.0` with or without a model.
-                self.reward_model_weight.is_empty()
-                    || self.reward_model_weight.len() == self.reward_model.len()
-                    || (self.reward_model_weight.len() == 1 && self.reward_model.is_empty()),
+                weights_fit(&self.reward_model_weight, self.reward_model.len()),
                 "--reward-model-weight: give one per --reward-model, in their order (or none: 1 each)",
             ),
             (
@@ -890,11 +874,7 @@ impl TrainArgs {
                 "--reward-model: at most 8",
             ),
             (
-                // One weight and at most one command: a config.toml written before
-                // commands repeated says `reward_command_weight = 1.0` without a command.
-                self.reward_command_weight.is_empty()
-                    || self.reward_command_weight.len() == self.reward_command.len()
-                    || (self.reward_command_weight.len() == 1 && self.reward_command.is_empty()),
+                weights_fit(&self.reward_command_weight, self.reward_command.len()),
                 "--reward-command-weight: give one per --reward-command, in their order (or none: 1 each)",
             ),
             (
@@ -947,6 +927,20 @@ impl TrainArgs {
         ])?;
         Ok(())
     }
+}
+
+/// Whether `weights` fit `items` repeated sources: none (1 each), or one each; or one with
+/// no source, as a `config.toml` written before the sources repeated says
+/// (`reward_model_weight = 1.0`, with or without a model).
+fn weights_fit(weights: &[f64], items: usize) -> bool {
+    weights.is_empty() || weights.len() == items || (weights.len() == 1 && items == 0)
+}
+
+/// The weights of `items` repeated sources: as given, or 1 each.
+fn weights_of(weights: &[f64], items: usize) -> Vec<f64> {
+    (0..items)
+        .map(|i| weights.get(i).copied().unwrap_or(1.0))
+        .collect()
 }
 
 /// One reward model or command as a string (as `config.toml` always had it), several as a

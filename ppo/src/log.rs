@@ -6,7 +6,7 @@ use anyhow::Result;
 use common::ops::masked_mean;
 use common::train::Session;
 use data::Tokenizer;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use crate::math::{explained_variance, known_moments, nan_std, var_over};
 use crate::rollout::Rollout;
@@ -32,6 +32,12 @@ pub(crate) fn iteration_scalars(
     let eos = ro.ended_with_eos.iter().filter(|&&e| e).count() as f64;
     let non_score = mean(per_sequence_mean(&it.non_score));
     let scored_mask = &ro.mask * ro.scores.isnan().logical_not().unsqueeze(1);
+    // A per-token quantity's mean over every rank's sampled tokens.
+    let token_mean = |x: &Tensor| {
+        let sum = (x * &ro.mask).sum(Kind::Double).double_value(&[]);
+        let [sum, tokens] = world.sums([sum, response_tokens]);
+        sum / tokens.max(1.0)
+    };
     let mut scalars = vec![
         (
             "objective/entropy",
@@ -68,14 +74,9 @@ pub(crate) fn iteration_scalars(
         scalars.push(("sampling/importance_sampling_ratio/mean", mean_ratio));
         scalars.push(("sampling/importance_sampling_ratio/max", hi));
         // TRL's |log-prob at sampling − log-prob recomputed| over the sampled tokens.
-        let gap = (&ro.logprobs - &ro.sampler_logprobs).abs() * &ro.mask;
-        let [gap_sum, tokens] =
-            world.sums([gap.sum(Kind::Double).double_value(&[]), response_tokens]);
-        let (_, gap_max) = world.min_max((0.0, gap.max().double_value(&[])));
-        scalars.push((
-            "sampling/sampling_logp_difference/mean",
-            gap_sum / tokens.max(1.0),
-        ));
+        let gap = (&ro.logprobs - &ro.sampler_logprobs).abs();
+        let (_, gap_max) = world.min_max((0.0, (&gap * &ro.mask).max().double_value(&[])));
+        scalars.push(("sampling/sampling_logp_difference/mean", token_mean(&gap)));
         scalars.push(("sampling/sampling_logp_difference/max", gap_max));
     }
     if let (Some(values), Some(returns)) = (&ro.values, &it.adv.returns) {
@@ -129,20 +130,13 @@ pub(crate) fn iteration_scalars(
     ]);
     scalars.extend(completion_lengths(ro, world));
     // TRL's `entropy`: the mean over every rank's sampled tokens.
-    let [entropy_sum, tokens] = world.sums([
-        (&ro.entropy * &ro.mask).sum(Kind::Double).double_value(&[]),
-        response_tokens,
-    ]);
-    scalars.push(("entropy", entropy_sum / tokens.max(1.0)));
+    scalars.push(("entropy", token_mean(&ro.entropy)));
     if let Some(kl) = it.mean_kl {
         scalars.insert(0, ("objective/kl", kl));
         // TRL's GRPO `kl`: the k3 estimate's mean over every rank's sampled tokens (here
         // at sampling, where TRL's is taken in the update's forwards).
         let log_ratio = &ro.ref_logprobs - &ro.logprobs;
-        let k3 = (log_ratio.exp() - &log_ratio - 1.0) * &ro.mask;
-        let [k3_sum, tokens] =
-            world.sums([k3.sum(Kind::Double).double_value(&[]), response_tokens]);
-        scalars.push(("kl", k3_sum / tokens.max(1.0)));
+        scalars.push(("kl", token_mean(&(log_ratio.exp() - &log_ratio - 1.0))));
     }
     if it.stats.kl_loss != 0.0 {
         scalars.push(("loss/kl_avg", mean(it.stats.kl_loss)));

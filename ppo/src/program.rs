@@ -26,6 +26,8 @@ struct ProgramIo {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: Receiver<std::io::Result<String>>,
+    /// Requests sent whose answers are not read yet.
+    unread: usize,
 }
 
 impl LineProgram {
@@ -61,6 +63,7 @@ impl LineProgram {
                 child,
                 stdin,
                 lines,
+                unread: 0,
             }),
         })
     }
@@ -97,7 +100,12 @@ impl LineProgram {
         name: &dyn Fn(usize) -> String,
     ) -> Result<Vec<String>> {
         self.send(requests, name)?;
-        self.receive(requests.len(), name)
+        self.receive(name)
+    }
+
+    /// Whether requests were sent whose answers [`Self::receive`] has not read.
+    pub fn awaiting(&self) -> bool {
+        self.io.lock().expect("not poisoned").unread > 0
     }
 
     /// Sends every request, one line each, without waiting for the answers (which
@@ -121,12 +129,15 @@ impl LineProgram {
         if !matches!(sent, Some(Ok(()))) {
             return Err(self.fail(&mut io, &name(0), "cannot write to it"));
         }
+        io.unread += requests.len();
         Ok(())
     }
 
-    /// Reads the answers to the `n` requests sent last, one line each, in order.
-    pub fn receive(&self, n: usize, name: &dyn Fn(usize) -> String) -> Result<Vec<String>> {
+    /// Reads the answers to every request sent and not answered yet, one line each, in
+    /// order.
+    pub fn receive(&self, name: &dyn Fn(usize) -> String) -> Result<Vec<String>> {
         let mut io = self.io.lock().expect("not poisoned");
+        let n = std::mem::take(&mut io.unread);
         let mut answers = Vec::with_capacity(n);
         for i in 0..n {
             let line = match io.lines.recv_timeout(self.timeout) {

@@ -420,13 +420,16 @@ impl RewardFunction for ExactAnswer {
 /// error naming the command and the row.
 pub struct RewardCommand {
     program: LineProgram,
-    tokenizer: Tokenizer,
-    /// How many requests [`RewardFunction::begin`] sent whose answers are unread.
-    sent: std::sync::Mutex<Option<usize>>,
+    /// The policy's tokenizer (shared by every command), which decodes the prompts.
+    tokenizer: std::sync::Arc<Tokenizer>,
 }
 
 impl RewardCommand {
-    pub fn start(command: &str, tokenizer: Tokenizer, timeout: Duration) -> Result<Self> {
+    pub fn start(
+        command: &str,
+        tokenizer: std::sync::Arc<Tokenizer>,
+        timeout: Duration,
+    ) -> Result<Self> {
         Ok(RewardCommand {
             program: LineProgram::start(
                 ("--reward-command", "--reward-timeout"),
@@ -434,7 +437,6 @@ impl RewardCommand {
                 timeout,
             )?,
             tokenizer,
-            sent: std::sync::Mutex::new(None),
         })
     }
 
@@ -481,23 +483,14 @@ fn response_name(row: usize) -> String {
 
 impl RewardFunction for RewardCommand {
     fn begin(&self, input: &RewardInput) -> Result<()> {
-        let requests = self.requests(input);
-        self.program.send(&requests, &response_name)?;
-        *self.sent.lock().expect("not poisoned") = Some(requests.len());
-        Ok(())
+        self.program.send(&self.requests(input), &response_name)
     }
 
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>> {
-        let begun = self.sent.lock().expect("not poisoned").take();
-        let n = match begun {
-            Some(n) => n,
-            None => {
-                let requests = self.requests(input);
-                self.program.send(&requests, &response_name)?;
-                requests.len()
-            }
-        };
-        let lines = self.program.receive(n, &response_name)?;
+        if !self.program.awaiting() {
+            self.begin(input)?;
+        }
+        let lines = self.program.receive(&response_name)?;
         rewards_of(&self.program, &lines, &response_name)
     }
 }

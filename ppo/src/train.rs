@@ -106,17 +106,15 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let (device, kind) = args.device.resolve_for(&world);
     let rules = rule_functions(args)?;
     let (tools, environment) = start_tool_program(args)?;
-    let commands = args
-        .reward_command
-        .iter()
-        .map(|cmd| {
-            RewardCommand::start(
-                cmd,
-                Tokenizer::load(&args.policy)?,
-                std::time::Duration::from_secs_f64(args.reward_timeout),
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // The programs decode the prompts with the policy's tokenizer, read once for all.
+    let mut commands = vec![];
+    if !args.reward_command.is_empty() {
+        let tokenizer = Arc::new(Tokenizer::load(&args.policy)?);
+        let timeout = std::time::Duration::from_secs_f64(args.reward_timeout);
+        for cmd in &args.reward_command {
+            commands.push(RewardCommand::start(cmd, tokenizer.clone(), timeout)?);
+        }
+    }
     let mut sources: Vec<Scorer> = rules
         .iter()
         .map(|(name, weight, function)| {

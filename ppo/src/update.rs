@@ -129,6 +129,9 @@ pub fn update(
     let mut count = 0f64;
     let mut first_ratio_max_dev = 0.0;
     let mut outcome = None;
+    // Σ over the minibatches that had sequences to clip of their least low-clipped share
+    // and greatest high-clipped one, and how many they were.
+    let mut seq_clip = (0.0, 0.0, 0f64);
     // The policy's tokens: with --mask-truncated-completions, none of a response cut at
     // --response-length.
     let policy_mask = if args.mask_truncated_completions {
@@ -163,11 +166,7 @@ pub fn update(
                     .unwrap_or(f64::NEG_INFINITY),
             ));
             if lo.is_finite() {
-                mb_stats.extend([
-                    ("clip_low_min", lo),
-                    ("clip_high_max", hi),
-                    ("seq_clip_n", 1.0),
-                ]);
+                seq_clip = (seq_clip.0 + lo, seq_clip.1 + hi, seq_clip.2 + 1.0);
             }
             if epoch == 0 && mb_index == 0 {
                 first_ratio_max_dev = dev;
@@ -201,11 +200,6 @@ pub fn update(
         }
     }
     let avg = |k: &str| sums.get(k).copied().unwrap_or(0.0) / count.max(1.0);
-    // Over the minibatches that had sequences to clip.
-    let seq_avg = |k: &str| {
-        sums.get(k).copied().unwrap_or(0.0)
-            / sums.get("seq_clip_n").copied().unwrap_or(0.0).max(1.0)
-    };
     Ok(UpdateStats {
         policy_loss: avg("policy"),
         value_loss: avg("value"),
@@ -215,8 +209,8 @@ pub fn update(
         clipfrac: avg("clipfrac"),
         clip_low: avg("clip_low"),
         clip_high: avg("clip_high"),
-        clip_low_min: seq_avg("clip_low_min"),
-        clip_high_max: seq_avg("clip_high_max"),
+        clip_low_min: seq_clip.0 / seq_clip.2.max(1.0),
+        clip_high_max: seq_clip.1 / seq_clip.2.max(1.0),
         value_clipfrac: avg("vclip"),
         ratio: avg("ratio"),
         vespo_phi: (args.policy_loss == crate::args::PolicyLossName::Vespo)
