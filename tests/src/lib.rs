@@ -251,8 +251,11 @@ pub fn tiny_llama_fixture(root: &Path) -> serde_json::Value {
         std::hash::Hasher::finish(&hasher)
     ));
     if !cache.join("reference.json").exists() {
-        // Made beside and renamed into place: a cache entry is whole or absent.
-        let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
+        // Made beside and renamed into place: a cache entry is whole or absent. The name is
+        // the thread's too: tests of one binary may make it at once.
+        let thread = format!("{:?}", std::thread::current().id());
+        let thread: String = thread.chars().filter(char::is_ascii_digit).collect();
+        let tmp = cache.with_extension(format!("tmp{}-{thread}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).unwrap();
         let reference = run_python(
