@@ -1049,6 +1049,18 @@ fn bad_group_options_are_refused_with_one_line() {
     }
     let e = run(&args(&out, &[])).unwrap_err().to_string();
     assert!(e.contains("no reward: give --reward-model"), "{e}");
+    // Reward programs: at most 8, and one weight each (or none).
+    let mut a = args(&out, &[]);
+    a.reward_command = vec!["true".into(); 9];
+    let e = run(&a).unwrap_err().to_string();
+    assert!(e.contains("--reward-command: at most 8"), "{e}");
+    a.reward_command.truncate(2);
+    a.reward_command_weight = vec![1.0, 2.0, 3.0];
+    let e = run(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("--reward-command-weight: give one per --reward-command"),
+        "{e}"
+    );
     // exact-answer needs every row's answer.
     let no_answer = f.root.join("prompts-no-answer.jsonl");
     std::fs::write(
