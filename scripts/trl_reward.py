@@ -7,15 +7,20 @@
 
 The argument is MODULE:NAME: MODULE a Python file or an importable module, NAME a reward
 function in it, or an expression evaluated in it that gives one (a factory's call). Each
-JSON line `ppo train` writes is one completion; the function is called as `GRPOTrainer`
-calls it, with lists of one: `prompts` (the row's prompt as given: text or messages),
-`completions` (the text, or `[{"role": "assistant", "content": …}]` after a conversation),
-`completion_ids` (with the EOS that ended it), every other column of the row as a keyword,
-and `trainer_state` with `global_step` and `max_steps` (the run's iterations done and in
-all). The answer is `{"reward": x}`, null where the function returns None (or NaN): the
-reward does not apply there. Coroutine functions are awaited. TRL's `log_extra`,
-`log_metric` and `environments` are not passed; a function that needs one stops the run
-with Python's error.
+JSON line `ppo train` writes is one completion, and every line of a batch (a rank's
+rollout, or an evaluation's block) comes before any answer is awaited, so the function is
+called once per batch, as `GRPOTrainer` calls it: with `prompts` (each row's prompt as
+given: text or messages), `completions` (the text, or `[{"role": "assistant", "content":
+…}]` after a conversation), `completion_ids` (with the EOS that ended it), every other
+column of the rows as a keyword, `trainer_state` with `global_step` and `max_steps` (the
+run's iterations done and in all), and TRL's `log_metric(name, value)` and
+`log_extra(column, values)`. The answers are `{"reward": x}` lines, null where the function
+returns None (or NaN): the reward does not apply there; the first line of a batch carries
+the values given to `log_metric` (`"metrics"`: each counts once in the iteration's mean of
+the metric, logged under its name), and each line its values given to `log_extra`
+(`"extra"`: the completion's columns in `samples.jsonl`). Coroutine functions are awaited.
+TRL's `environments` is not passed; a function that needs it stops the run with Python's
+error.
 """
 import asyncio
 import importlib
@@ -28,7 +33,7 @@ import sys
 import types
 
 # What `ppo train` adds to the row's columns; the rest go to the function as TRL passes them.
-OURS = ("prompt", "response", "raw_prompt", "completion", "completion_ids", "trainer_state")
+OURS = ("prompt", "response", "raw_prompt", "completion", "completion_ids", "trainer_state", "batch")
 
 
 class Attributes(dict):
@@ -68,31 +73,66 @@ def load(spec):
     return function
 
 
+def batches(lines):
+    """The request rows, a batch at a time (a line without "batch" is a batch of one)."""
+    batch = []
+    for line in lines:
+        row = json.loads(line)
+        place = row.get("batch", {"index": 0, "size": 1})
+        if place["index"] != len(batch):
+            sys.exit(f"trl_reward.py: line {place['index']} of a batch came after {len(batch)} lines")
+        batch.append(row)
+        if len(batch) == place["size"]:
+            yield batch
+            batch = []
+    if batch:
+        sys.exit(f"trl_reward.py: the input ended {len(batch)} lines into a batch")
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: trl_reward.py MODULE:NAME")
     function = load(sys.argv[1])
-    for line in sys.stdin:
-        row = json.loads(line)
-        columns = {key: [value] for key, value in row.items() if key not in OURS}
-        if "trainer_state" in row:
-            columns["trainer_state"] = types.SimpleNamespace(**row["trainer_state"])
+    for rows in batches(sys.stdin):
+        n = len(rows)
+        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key not in OURS}
+        if "trainer_state" in rows[0]:
+            columns["trainer_state"] = types.SimpleNamespace(**rows[0]["trainer_state"])
+        metrics, extra = {}, [{} for _ in rows]
+
+        def log_metric(name, value):
+            metrics.setdefault(name, []).append(float(value))
+
+        def log_extra(column, values):
+            values = list(values)
+            if len(values) != n:
+                raise ValueError(f"log_extra('{column}'): {len(values)} values for {n} completions")
+            for columns_of, value in zip(extra, values):
+                columns_of[column] = value
+
         rewards = function(
-            prompts=[row["raw_prompt"]],
-            completions=[row["completion"]],
-            completion_ids=[row["completion_ids"]],
+            prompts=[row["raw_prompt"] for row in rows],
+            completions=[row["completion"] for row in rows],
+            completion_ids=[row["completion_ids"] for row in rows],
+            log_metric=log_metric,
+            log_extra=log_extra,
             **columns,
         )
         if inspect.isawaitable(rewards):
             rewards = asyncio.run(rewards)
-        if len(rewards) != 1:
-            sys.exit(f"trl_reward.py: {sys.argv[1]} gave {len(rewards)} rewards for one completion")
-        reward = rewards[0]
-        if reward is not None:
-            reward = float(reward)
-            if math.isnan(reward):
-                reward = None
-        print(json.dumps({"reward": reward}), flush=True)
+        if len(rewards) != n:
+            sys.exit(f"trl_reward.py: {sys.argv[1]} gave {len(rewards)} rewards for {n} completions")
+        for i, reward in enumerate(rewards):
+            if reward is not None:
+                reward = float(reward)
+                if math.isnan(reward):
+                    reward = None
+            answer = {"reward": reward}
+            if i == 0 and metrics:
+                answer["metrics"] = metrics
+            if extra[i]:
+                answer["extra"] = extra[i]
+            print(json.dumps(answer, default=str), flush=i == n - 1)
 
 
 if __name__ == "__main__":

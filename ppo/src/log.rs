@@ -2,6 +2,8 @@
 //! checks, and sample prompts and responses for TensorBoard's Text tab and
 //! `samples.jsonl`. Every scalar is averaged over the world's ranks.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use anyhow::Result;
 use common::ops::masked_mean;
 use common::train::Session;
@@ -198,6 +200,45 @@ pub(crate) fn iteration_scalars(
     named
 }
 
+/// The reward functions' own metrics (TRL's `log_metric`; `metrics`: each name's sum and
+/// count of values), each the mean of every rank's values, named `prefix` + its name. The
+/// ranks first agree on the names: a rank without values of one counts none.
+pub(crate) fn logged_metrics(
+    world: &common::World,
+    metrics: &BTreeMap<String, (f64, f64)>,
+    prefix: &str,
+) -> Vec<(String, f64)> {
+    let mine: Vec<&String> = metrics.keys().collect();
+    let names: BTreeSet<String> = world
+        .gather_bytes(&serde_json::to_vec(&mine).expect("names serialise"))
+        .iter()
+        .flat_map(|part| serde_json::from_slice::<Vec<String>>(part).expect("a rank's names"))
+        .collect();
+    let sums: Vec<f64> = names
+        .iter()
+        .flat_map(|name| {
+            let (sum, n) = metrics.get(name).copied().unwrap_or((0.0, 0.0));
+            [sum, n]
+        })
+        .collect();
+    let sums = world.sum_vec(&sums);
+    names
+        .iter()
+        .zip(sums.chunks(2))
+        .map(|(name, s)| (format!("{prefix}{name}"), s[0] / s[1]))
+        .collect()
+}
+
+/// A name that `scalars` hold twice, or that `metrics.jsonl` gives its step (`step`): a
+/// reward function's metric named as one of the run's.
+pub(crate) fn twice_named(scalars: &[(String, f64)]) -> Option<&str> {
+    let mut seen = BTreeSet::from(["step"]);
+    scalars
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .find(|name| !seen.insert(name))
+}
+
 /// TRL's `completions/min_length`, `/max_length` and the same of the responses that ended
 /// with EOS (`…_terminated_length`, `/mean_terminated_length`; 0 when none did), in
 /// sampled tokens (the EOS counted, tool results not), over every rank.
@@ -235,7 +276,8 @@ fn completion_lengths(ro: &Rollout, world: &common::World) -> Vec<(&'static str,
 }
 
 /// The first `n` prompts, responses and scores of this rank's rollout, as Markdown in
-/// TensorBoard and as lines of `samples.jsonl`.
+/// TensorBoard and as lines of `samples.jsonl` (with the columns reward functions logged
+/// for them, as `"extra"`).
 pub(crate) fn write_samples(
     session: &mut Session,
     ro: &Rollout,
@@ -246,12 +288,22 @@ pub(crate) fn write_samples(
     let scores = Vec::<f32>::try_from(ro.scores.to_device(tch::Device::Cpu))?;
     let mut markdown = String::from("| prompt | response | score |\n|---|---|---|\n");
     let mut lines = String::new();
-    for ((prompt_ids, text), score) in ro.prompts.iter().zip(&ro.texts).zip(&scores).take(n) {
+    for (i, ((prompt_ids, text), score)) in ro
+        .prompts
+        .iter()
+        .zip(&ro.texts)
+        .zip(&scores)
+        .take(n)
+        .enumerate()
+    {
         let prompt = tok.decode(prompt_ids, true);
-        lines.push_str(&format!(
-            "{}\n",
-            serde_json::json!({"step": step, "prompt": prompt, "response": text, "score": score})
-        ));
+        let mut line =
+            serde_json::json!({"step": step, "prompt": prompt, "response": text, "score": score});
+        // The columns a reward function logged for this response (TRL's `log_extra`).
+        if let Some(extra) = ro.logged.extra.get(i).filter(|e| !e.is_empty()) {
+            line["extra"] = serde_json::Value::Object(extra.clone());
+        }
+        lines.push_str(&format!("{line}\n"));
         let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
         markdown.push_str(&format!(
             "| {} | {} | {:.3} |\n",

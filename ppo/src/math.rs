@@ -6,7 +6,7 @@
 //! Ziegler et al. 2019 (per-token KL penalty, adaptive KL controller), and TRL's
 //! `PPOTrainer` whose metric definitions we keep.
 
-use common::ops::{masked_mean, masked_whiten};
+use common::ops::{masked_mean, masked_whiten, row_masked_mean};
 use common::World;
 use tch::{Kind, Tensor};
 
@@ -431,8 +431,7 @@ impl LossAggregation {
         match self {
             LossAggregation::TokenMean => masked_mean(per_token, mask),
             LossAggregation::SeqMeanTokenMean => {
-                let tokens = mask_f.sum_dim_intlist([1].as_slice(), false, per_token.kind());
-                (sums / tokens.clamp_min(1.0)).mean(per_token.kind())
+                row_masked_mean(per_token, mask, false).mean(per_token.kind())
             }
             LossAggregation::SeqMeanTokenSumNorm => (sums / norm).mean(per_token.kind()),
             LossAggregation::SeqMeanTokenSum => sums.mean(per_token.kind()),
@@ -658,13 +657,10 @@ pub fn policy_loss(
     let fraction = |t: &Tensor| masked_mean(&t.to_kind(Kind::Float), mask).double_value(&[]);
     // Each sequence's share of `low` tokens and of `high` ones: the least and the most.
     let seq_extremes = |low: &Tensor, high: &Tensor| {
-        let mask_f = mask.to_kind(Kind::Float);
-        let tokens = mask_f.sum_dim_intlist([1].as_slice(), false, Kind::Float);
-        let has = tokens.gt(0.0);
-        let share = |t: &Tensor| {
-            (t.to_kind(Kind::Float) * &mask_f).sum_dim_intlist([1].as_slice(), false, Kind::Float)
-                / tokens.clamp_min(1.0)
-        };
+        let has = mask
+            .sum_dim_intlist([1].as_slice(), false, Kind::Float)
+            .gt(0.0);
+        let share = |t: &Tensor| row_masked_mean(&t.to_kind(Kind::Float), mask, false);
         let (lo, hi) = (
             share(low).masked_select(&has),
             share(high).masked_select(&has),
@@ -711,9 +707,7 @@ pub fn policy_loss(
         } => {
             let gamma = [(k_pos, lambda_pos), (k_neg, lambda_neg)];
             let phi = vespo_phi(&log_ratio, advantages, mask, gamma);
-            let mask_f = mask.to_kind(phi.kind());
-            let rows = |t: &Tensor| t.sum_dim_intlist([1].as_slice(), false, Kind::Float);
-            let per_row = rows(&(&phi * &mask_f)) / rows(&mask_f).clamp_min(1.0);
+            let per_row = row_masked_mean(&phi.to_kind(Kind::Float), mask, false);
             vespo_mean = per_row.mean(Kind::Float).double_value(&[]);
             (-(phi * advantages * logprobs), 0.0, 0.0, 0.0)
         }
@@ -726,8 +720,7 @@ pub fn policy_loss(
                 Some(keep) => mask.to_kind(Kind::Float) * keep,
                 None => mask.to_kind(Kind::Float),
             };
-            let rows = |t: &Tensor| t.sum_dim_intlist([1].as_slice(), true, Kind::Float);
-            let geometric = (rows(&(&clipped * &counted)) / rows(&counted).clamp_min(1.0)).exp();
+            let geometric = row_masked_mean(&clipped.to_kind(Kind::Float), &counted, true).exp();
             let low = log_ratio.lt(-clip.low).logical_and(&advantages.lt(0.0));
             let high = log_ratio.gt(clip.high).logical_and(&positive);
             seq_clip = seq_extremes(&low, &high);
@@ -772,14 +765,9 @@ pub fn policy_loss(
 pub fn importance_weight(log_ratio: &Tensor, mask: &Tensor, level: ImportanceSampling) -> Tensor {
     match level {
         ImportanceSampling::Token => log_ratio.exp(),
-        ImportanceSampling::Sequence => {
-            let mask_f = mask.to_kind(log_ratio.kind());
-            let tokens = mask_f.sum_dim_intlist([1].as_slice(), true, log_ratio.kind());
-            ((log_ratio * &mask_f).sum_dim_intlist([1].as_slice(), true, log_ratio.kind())
-                / tokens.clamp_min(1.0))
+        ImportanceSampling::Sequence => row_masked_mean(log_ratio, mask, true)
             .expand_as(log_ratio)
-            .exp()
-        }
+            .exp(),
     }
 }
 
@@ -794,10 +782,8 @@ pub fn off_policy_mask(
     mask: &Tensor,
     delta: f64,
 ) -> Tensor {
-    let mask_f = mask.to_kind(Kind::Float);
-    let drift = (old_logprobs - logprobs.detach()).to_kind(Kind::Float) * &mask_f;
-    let rows = |t: &Tensor| t.sum_dim_intlist([1].as_slice(), true, Kind::Float);
-    let mean_drift = rows(&drift) / rows(&mask_f).clamp_min(1.0);
+    let drift = (old_logprobs - logprobs.detach()).to_kind(Kind::Float);
+    let mean_drift = row_masked_mean(&drift, mask, true);
     advantages
         .ge(0.0)
         .logical_or(&mean_drift.le(delta))

@@ -28,6 +28,8 @@
 //! }
 //! ```
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -61,6 +63,66 @@ pub struct RewardInput<'a> {
     pub step: Option<(u64, u64)>,
 }
 
+/// What a reward function logged beside its scores (TRL's `log_metric` and `log_extra`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Logged {
+    /// Each metric's values so far: their sum and how many. A run logs each metric's mean
+    /// over an iteration's values on every rank under its own name (`eval/NAME` in an
+    /// evaluation).
+    pub metrics: BTreeMap<String, (f64, f64)>,
+    /// Extra columns of each response for `samples.jsonl` (TRL's completions table):
+    /// empty, or one map per response.
+    pub extra: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Logged {
+    /// `other` added to this: the metrics' values pooled, each response's extra columns
+    /// joined (`other`'s of the same name replace these).
+    pub fn merge(&mut self, other: Logged) {
+        for (name, (sum, n)) in other.metrics {
+            let entry = self.metrics.entry(name).or_insert((0.0, 0.0));
+            *entry = (entry.0 + sum, entry.1 + n);
+        }
+        if self.extra.is_empty() {
+            self.extra = other.extra;
+        } else if !other.extra.is_empty() {
+            for (mine, theirs) in self.extra.iter_mut().zip(other.extra) {
+                mine.extend(theirs);
+            }
+        }
+    }
+
+    /// The extra columns of `rows`, in that order; the metrics kept.
+    pub fn select(&self, rows: &[usize]) -> Logged {
+        Logged {
+            metrics: self.metrics.clone(),
+            extra: match self.extra.is_empty() {
+                true => vec![],
+                false => rows.iter().map(|&r| self.extra[r].clone()).collect(),
+            },
+        }
+    }
+
+    /// `parts` one after another (`rows[i]` responses in part `i`): the metrics pooled,
+    /// the extra columns in order (none for a part without any).
+    pub fn concat(parts: Vec<(Logged, usize)>) -> Logged {
+        let any_extra = parts.iter().any(|(p, _)| !p.extra.is_empty());
+        let mut out = Logged::default();
+        for (part, rows) in parts {
+            let extra = match (any_extra, part.extra.is_empty()) {
+                (true, true) => vec![serde_json::Map::new(); rows],
+                _ => part.extra.clone(),
+            };
+            out.merge(Logged {
+                metrics: part.metrics,
+                extra: vec![],
+            });
+            out.extra.extend(extra);
+        }
+        out
+    }
+}
+
 /// One reward source of a run: its name in the metrics (`rewards/NAME/mean`), its weight
 /// in the summed reward, and the function.
 #[derive(Clone, Copy)]
@@ -83,6 +145,12 @@ pub trait RewardFunction {
     /// and a response no source scored is left out of its group's baseline with no
     /// advantage (the group estimators; the others refuse it).
     fn scores(&self, input: &RewardInput) -> Result<Vec<f64>>;
+
+    /// What the last [`Self::scores`] logged beside the scores (TRL's `log_metric` and
+    /// `log_extra`), taken: a second call gives nothing. By default nothing is logged.
+    fn logged(&self) -> Logged {
+        Logged::default()
+    }
 }
 
 /// A reward model from `reward train` (or any sequence classifier), with its normalisation
@@ -409,19 +477,26 @@ impl RewardFunction for ExactAnswer {
 
 /// `--reward-command`: a long-lived child process (`sh -c CMD`, started once) that reads one
 /// JSON line per response on its stdin — `{…the prompt row's other fields, "prompt",
-/// "response", "raw_prompt", "completion", "completion_ids", "trainer_state"}`: the prompt
-/// as the policy read it (decoded, special tokens skipped) and the response's text, then
-/// what TRL's `GRPOTrainer` hands a reward function: the row's prompt as given (text or
-/// messages), the completion (its text, or `[{"role": "assistant", "content": text}]`
-/// after a conversation), its token ids with the EOS that ended it, and `{"global_step",
-/// "max_steps"}` (where the run gives them) — and answers each with one
-/// `{"reward": x}` line (x null where it does not apply), in order. Its stderr is the
-/// run's. A crash, a malformed or missing line, or no answer within the timeout is an
-/// error naming the command and the row.
+/// "response", "raw_prompt", "completion", "completion_ids", "trainer_state", "batch"}`:
+/// the prompt as the policy read it (decoded, special tokens skipped) and the response's
+/// text, then what TRL's `GRPOTrainer` hands a reward function: the row's prompt as given
+/// (text or messages), the completion (its text, or `[{"role": "assistant", "content":
+/// text}]` after a conversation), its token ids with the EOS that ended it, `{"global_step",
+/// "max_steps"}` (where the run gives them), and `{"index", "size"}`, the response's place
+/// in the batch its lines are sent in (every line of a batch is sent before any answer is
+/// awaited, so a program may score a batch at once, as TRL calls a reward function) — and
+/// answers each with one `{"reward": x}` line (x null where it does not apply), in order.
+/// An answer may also carry `"metrics": {"NAME": x or [x, …]}` (TRL's `log_metric`: each
+/// value counts once in the iteration's mean of NAME) and `"extra": {"COLUMN": value}`
+/// (TRL's `log_extra`: the response's columns in `samples.jsonl`). Its stderr is the run's.
+/// A crash, a malformed or missing line, or no answer within the timeout is an error
+/// naming the command and the row.
 pub struct RewardCommand {
     program: LineProgram,
     /// The policy's tokenizer (shared by every command), which decodes the prompts.
     tokenizer: std::sync::Arc<Tokenizer>,
+    /// What the last answers logged, until [`RewardFunction::logged`] takes it.
+    logged: Mutex<Logged>,
 }
 
 impl RewardCommand {
@@ -437,12 +512,14 @@ impl RewardCommand {
                 timeout,
             )?,
             tokenizer,
+            logged: Mutex::default(),
         })
     }
 
     /// One request line per response of `input`.
     fn requests(&self, input: &RewardInput) -> Vec<serde_json::Value> {
-        (0..input.texts.len())
+        let size = input.texts.len();
+        (0..size)
             .map(|i| {
                 let mut row = input.fields[i].clone();
                 let text = &input.texts[i];
@@ -470,6 +547,8 @@ impl RewardCommand {
                     let state = serde_json::json!({"global_step": done, "max_steps": total});
                     row.insert("trainer_state".into(), state);
                 }
+                let batch = serde_json::json!({"index": i, "size": size});
+                row.insert("batch".into(), batch);
                 serde_json::Value::Object(row)
             })
             .collect()
@@ -491,7 +570,13 @@ impl RewardFunction for RewardCommand {
             self.begin(input)?;
         }
         let lines = self.program.receive(&response_name)?;
-        rewards_of(&self.program, &lines, &response_name)
+        let (rewards, logged) = answers_of(&self.program, &lines, &response_name)?;
+        *self.logged.lock().expect("not poisoned") = logged;
+        Ok(rewards)
+    }
+
+    fn logged(&self) -> Logged {
+        std::mem::take(&mut *self.logged.lock().expect("not poisoned"))
     }
 }
 
@@ -503,37 +588,78 @@ pub(crate) fn ask_rewards(
     name: &dyn Fn(usize) -> String,
 ) -> Result<Vec<f64>> {
     let lines = program.ask(requests, name)?;
-    rewards_of(program, &lines, name)
+    Ok(answers_of(program, &lines, name)?.0)
 }
 
 /// The rewards in a program's answer `lines`, one `{"reward": x}` each (x finite, or null
-/// where the reward does not apply to that response: NaN, TRL's `None`).
-fn rewards_of(
+/// where the reward does not apply to that response: NaN, TRL's `None`), and what they
+/// logged beside them (`"metrics"`, `"extra"`: see [`RewardCommand`]).
+fn answers_of(
     program: &LineProgram,
     lines: &[String],
     name: &dyn Fn(usize) -> String,
-) -> Result<Vec<f64>> {
-    lines
-        .iter()
-        .enumerate()
-        .map(|(i, line)| {
-            let answer = serde_json::from_str::<serde_json::Value>(line).ok();
-            match answer.as_ref().and_then(|v| v.as_object()?.get("reward")) {
-                Some(serde_json::Value::Null) => Some(f64::NAN),
-                Some(x) => x.as_f64().filter(|r| r.is_finite()),
-                None => None,
+) -> Result<(Vec<f64>, Logged)> {
+    let mut logged = Logged::default();
+    let mut extra = vec![];
+    let mut rewards = vec![];
+    for (i, line) in lines.iter().enumerate() {
+        let fail = |message: String| program.error(&name(i), &message);
+        let answer = serde_json::from_str::<serde_json::Value>(line).ok();
+        let answer = answer.as_ref().and_then(|v| v.as_object());
+        let reward = match answer.and_then(|a| a.get("reward")) {
+            Some(serde_json::Value::Null) => Some(f64::NAN),
+            Some(x) => x.as_f64().filter(|r| r.is_finite()),
+            None => None,
+        };
+        let (Some(answer), Some(reward)) = (answer, reward) else {
+            return Err(fail(format!(
+                "expected a line {{\"reward\": <finite number or null>}}, got '{}'",
+                LineProgram::shown(line)
+            )));
+        };
+        rewards.push(reward);
+        if let Some(metrics) = answer.get("metrics") {
+            let metrics = metrics.as_object().ok_or_else(|| {
+                fail(format!(
+                    "\"metrics\" must be an object {{\"NAME\": number or [numbers]}}, got {}",
+                    LineProgram::shown(&metrics.to_string())
+                ))
+            })?;
+            for (metric, value) in metrics {
+                let values: Option<Vec<f64>> = match value {
+                    serde_json::Value::Array(xs) => xs.iter().map(|x| x.as_f64()).collect(),
+                    x => x.as_f64().map(|x| vec![x]),
+                };
+                let values = values
+                    .filter(|xs| xs.iter().all(|x| x.is_finite()) && !metric.is_empty())
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "metric '{metric}' must be named and be a finite number or a list of them, got {}",
+                            LineProgram::shown(&value.to_string())
+                        ))
+                    })?;
+                let entry = logged.metrics.entry(metric.clone()).or_insert((0.0, 0.0));
+                *entry = (
+                    entry.0 + values.iter().sum::<f64>(),
+                    entry.1 + values.len() as f64,
+                );
             }
-            .ok_or_else(|| {
-                program.error(
-                    &name(i),
-                    &format!(
-                        "expected a line {{\"reward\": <finite number or null>}}, got '{}'",
-                        LineProgram::shown(line)
-                    ),
-                )
-            })
-        })
-        .collect()
+        }
+        match answer.get("extra") {
+            None => extra.push(serde_json::Map::new()),
+            Some(serde_json::Value::Object(columns)) => extra.push(columns.clone()),
+            Some(other) => {
+                return Err(fail(format!(
+                    "\"extra\" must be an object {{\"COLUMN\": value}}, got {}",
+                    LineProgram::shown(&other.to_string())
+                )))
+            }
+        }
+    }
+    if extra.iter().any(|columns| !columns.is_empty()) {
+        logged.extra = extra;
+    }
+    Ok((rewards, logged))
 }
 
 #[cfg(test)]
@@ -605,6 +731,47 @@ mod tests {
     /// TRL's own examples and the formula's edges: `get_soft_overlong_punishment(100, 20)`
     /// gives −0.5 at 90 tokens; `get_repetition_penalty_reward(2, −1)` gives 0 and −0.75
     /// for `[1, 2, 3, 4]` and `[5, 5, 5, 5, 5]`; `think_format_reward`'s pattern.
+    #[test]
+    fn logged_metrics_pool_and_columns_follow_their_rows() {
+        let metric = |sum: f64, n: f64| Logged {
+            metrics: [("m".to_string(), (sum, n))].into(),
+            extra: vec![],
+        };
+        let columns = |rows: &[serde_json::Value]| -> Vec<serde_json::Map<_, _>> {
+            rows.iter()
+                .map(|r| r.as_object().unwrap().clone())
+                .collect()
+        };
+        let c = |x: i64| serde_json::json!({ "c": x });
+        let a = Logged {
+            extra: columns(&[c(0), c(1), c(2)]),
+            ..metric(3.0, 2.0)
+        };
+        // A part of two rows without columns.
+        let joined = Logged::concat(vec![(a.clone(), 3), (metric(1.0, 1.0), 2)]);
+        assert_eq!(joined.metrics["m"], (4.0, 3.0));
+        assert_eq!(joined.extra.len(), 5);
+        assert!(joined.extra[3].is_empty() && joined.extra[4].is_empty());
+        let picked = joined.select(&[2, 0]);
+        assert_eq!(picked.extra, columns(&[c(2), c(0)]));
+        assert_eq!(picked.metrics["m"], (4.0, 3.0));
+        assert!(metric(1.0, 1.0).select(&[0]).extra.is_empty());
+        // Two sources of the same rows: their columns side by side, their values pooled.
+        let mut both = a.clone();
+        both.merge(Logged {
+            extra: columns(&vec![serde_json::json!({"d": 9}); 3]),
+            ..metric(5.0, 1.0)
+        });
+        assert_eq!(
+            both.extra[1],
+            columns(&[serde_json::json!({"c": 1, "d": 9})])[0]
+        );
+        assert_eq!(both.metrics["m"], (8.0, 3.0));
+        let mut none = Logged::default();
+        none.merge(a.clone());
+        assert_eq!(none, a);
+    }
+
     #[test]
     fn trl_reward_functions() {
         let overlong = SoftOverlong {

@@ -10,7 +10,7 @@ use common::Model;
 use data::Tokenizer;
 use tch::{Kind, Tensor};
 
-use crate::reward_fn::{RewardInput, RewardSource};
+use crate::reward_fn::{Logged, RewardInput, RewardSource};
 use crate::tools::{Segment, ToolFormat, ToolLoop, ToolResponse, ToolRunner, ToolStats};
 use data::formats::{Content, PromptExample, PromptFields};
 
@@ -48,6 +48,9 @@ pub struct Rollout {
     pub ended_with_eos: Vec<bool>,
     pub prompts: Vec<Vec<i64>>,
     pub texts: Vec<String>,
+    /// What the reward sources logged beside their scores (their metrics, each response's
+    /// extra columns).
+    pub logged: Logged,
     /// Largest |log-prob at sampling − log-prob recomputed|: should be ~0.
     pub logprob_check: f64,
     /// With `--filter-groups`: how many batches of prompts were sampled to fill it.
@@ -133,13 +136,14 @@ pub struct Tools {
 /// the sources working at once where they can (`RewardFunction::begin`).
 /// A source that answered null for a response (NaN: it does not apply, TRL's `None`) is
 /// left out of that response's sum; a response no source scored gets NaN (TRL's
-/// unscorable completion).
+/// unscorable completion). With them, what the sources logged.
 fn summed_rewards(
     sources: &[RewardSource],
     input: &RewardInput,
-) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
+) -> Result<(Vec<f64>, Vec<Vec<f64>>, Logged)> {
     let mut scores = vec![f64::NAN; input.texts.len()];
     let mut by_source = vec![];
+    let mut logged = Logged::default();
     // Every program gets its requests before any answer is awaited: they work at once.
     for source in sources {
         source.function.begin(input)?;
@@ -159,8 +163,9 @@ fn summed_rewards(
             }
         }
         by_source.push(s);
+        logged.merge(source.function.logged());
     }
-    Ok((scores, by_source))
+    Ok((scores, by_source, logged))
 }
 
 pub struct RolloutOptions {
@@ -457,6 +462,8 @@ pub struct Sampled {
     pub scores: Vec<f64>,
     /// `[source][row]`, before weighting (NaN: the source did not score the row).
     pub by_source: Vec<Vec<f64>>,
+    /// What the reward sources logged beside their scores.
+    pub logged: Logged,
     /// With tools: 1 on the tokens the policy sampled, 0 on tool results (`[B, N]`, f32).
     pub tool_mask: Option<Tensor>,
     pub tool_stats: Option<ToolStats>,
@@ -500,6 +507,7 @@ impl Sampled {
             ended_with_eos: rows.iter().map(|&r| self.ended_with_eos[r]).collect(),
             scores: pick(&self.scores),
             by_source,
+            logged: self.logged.select(rows),
             tool_mask: self.tool_mask.as_ref().map(|m| m.index_select(0, &index)),
             tool_stats: self.tool_stats,
         }
@@ -531,6 +539,12 @@ impl Sampled {
         let by_source: Vec<Vec<f64>> = (0..sources)
             .map(|i| parts.iter().flat_map(|p| p.by_source[i].clone()).collect())
             .collect();
+        let logged = Logged::concat(
+            parts
+                .iter()
+                .map(|p| (p.logged.clone(), p.texts.len()))
+                .collect(),
+        );
         Sampled {
             generated: Generation {
                 tokens: cat(&|g| pad(&g.tokens, pad_id)),
@@ -553,6 +567,7 @@ impl Sampled {
                 .collect(),
             scores: parts.iter().flat_map(|p| p.scores.clone()).collect(),
             by_source,
+            logged,
             tool_mask: parts.iter().all(|p| p.tool_mask.is_some()).then(|| {
                 Tensor::cat(
                     &parts
@@ -667,7 +682,7 @@ pub fn sample_and_reward(
         examples: examples.as_deref(),
         step: opts.step,
     };
-    let (mut scores, by_source) = summed_rewards(models.rewards, &input)?;
+    let (mut scores, by_source, logged) = summed_rewards(models.rewards, &input)?;
     for (s, &eos) in scores.iter_mut().zip(&seen.ended_with_eos) {
         if let (Some(penalty), false) = (opts.missing_eos_penalty, eos) {
             *s -= penalty;
@@ -683,6 +698,7 @@ pub fn sample_and_reward(
         ended_with_eos: seen.ended_with_eos,
         scores,
         by_source,
+        logged,
         tool_mask,
         tool_stats,
     })
@@ -786,6 +802,7 @@ pub fn score_sampled(
         ended_with_eos: sampled.ended_with_eos,
         prompts: sampled.prompts,
         texts: sampled.texts,
+        logged: sampled.logged,
         logprob_check,
         gen_batches: None,
         tool_stats: sampled.tool_stats,
@@ -838,7 +855,7 @@ mod tests {
             examples: None,
             step: None,
         };
-        let (scores, by_source) = summed_rewards(&sources, &input).unwrap();
+        let (scores, by_source, _) = summed_rewards(&sources, &input).unwrap();
         assert_eq!([scores[0], scores[1], scores[3]], [2.5, 2.0, 2.0]);
         assert!(scores[2].is_nan());
         assert!(by_source[0][1].is_nan() && by_source[1][3].is_nan());

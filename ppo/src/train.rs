@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 pub use crate::args::TrainArgs;
-use crate::log::{iteration_scalars, write_samples, Timings};
+use crate::log::{iteration_scalars, logged_metrics, twice_named, write_samples, Timings};
 use crate::math::{
     advantages, kl_per_token, nan_mean_over, rewards, sampling_correction, AdvantageEstimator,
     Advantages, EntropyController, KlController,
@@ -433,6 +433,13 @@ fn train(
                     return Err(e.context("evaluating --eval-prompts"));
                 }
             }
+        }
+        scalars.extend(logged_metrics(&session.world, &it.ro.logged.metrics, ""));
+        if let Some(name) = twice_named(&scalars) {
+            ppo.save(&mut session)?;
+            anyhow::bail!(
+                "a reward program logged the metric '{name}' (\"metrics\" in its answers: TRL's log_metric), a name this run logs itself; give it another name"
+            );
         }
         let scalars: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         session.log(session.state.step, &scalars)?;
@@ -918,6 +925,7 @@ impl<'a> Ppo<'a> {
         // (responses scored, Σ score, Σ score², Σ length, truncated, responses, then each
         // source's responses scored and Σ score); NaN (not scored) left out.
         let mut sums = vec![0.0; 6 + 2 * sources];
+        let mut logged = crate::reward_fn::Logged::default();
         let indices: Vec<usize> = (0..prompts.len()).collect();
         for (block, chunk) in indices.chunks(args.rollout_batch_size).enumerate() {
             let mine: Vec<usize> = world
@@ -965,6 +973,10 @@ impl<'a> Ppo<'a> {
                 sums[6 + 2 * k] += scores.len() as f64;
                 sums[7 + 2 * k] += scores.iter().sum::<f64>();
             }
+            logged.merge(crate::reward_fn::Logged {
+                metrics: sampled.logged.metrics,
+                extra: vec![],
+            });
         }
         let sums = world.sum_vec(&sums);
         // Means over no response are NaN, as TRL's `nanmean` of nothing.
@@ -982,6 +994,7 @@ impl<'a> Ppo<'a> {
             let mean = sums[7 + 2 * k] / sums[6 + 2 * k];
             out.push((format!("eval/rewards/{name}/mean"), mean));
         }
+        out.extend(logged_metrics(world, &logged.metrics, "eval/"));
         Ok(out)
     }
 

@@ -255,6 +255,63 @@ fn responses_no_source_scores_are_left_out() {
     );
 }
 
+/// A reward program's answers may carry metrics (TRL's `log_metric`) and extra columns (TRL's
+/// `log_extra`): each metric is the mean of its values in an iteration (`eval/NAME` from an
+/// evaluation's), the columns go with the response into `samples.jsonl`. Every request line
+/// says its place in its batch. A metric named as one of the run's own, or not a number,
+/// stops the run with a line naming it, the first after a checkpoint.
+#[test]
+fn reward_programs_log_metrics_and_columns() {
+    let f = fixture();
+    let out = f.root.join("run-logged-metrics");
+    let _ = std::fs::remove_dir_all(&out);
+    // Answers 1 and logs "calls" 1 and "pair" 2 and 4 on each line.
+    let program = |metrics: &str| format!("{} '{metrics}'", python_program("logging_reward.py"));
+    let good = program(r#"{"calls": 1, "pair": [2, 4]}"#);
+    let prompts = f.prompts.to_str().unwrap();
+    let extra = [
+        "--reward-command",
+        &good,
+        "--max-steps",
+        "2",
+        "--sample-every",
+        "1",
+        "--num-samples",
+        "32",
+        "--eval-prompts",
+        prompts,
+        "--eval-every",
+        "1",
+    ];
+    run(&args(&out, &extra)).unwrap();
+    for step in metrics(&out) {
+        assert_eq!(step["calls"], 1.0, "{step}");
+        assert_eq!(step["pair"], 3.0, "{step}");
+        assert_eq!(step["eval/calls"], 1.0, "{step}");
+        assert_eq!(step["eval/pair"], 3.0, "{step}");
+    }
+    let samples = read_jsonl(&out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 64);
+    for (i, s) in samples.iter().enumerate() {
+        assert_eq!(s["extra"]["place"], format!("{} of 32", i % 32), "{s}");
+    }
+    // One of the run's names, and a value that is no number.
+    for (metrics, named) in [
+        (r#"{"entropy": 1}"#, "the metric 'entropy'"),
+        (r#"{"reward": [1]}"#, "the metric 'reward'"),
+        (r#"{"x": "a"}"#, "metric 'x' must be"),
+    ] {
+        let out = f.root.join("run-logged-refused");
+        let _ = std::fs::remove_dir_all(&out);
+        let refused = run(&args(&out, &["--reward-command", &program(metrics)]));
+        let e = format!("{:#}", refused.unwrap_err());
+        assert!(e.contains(named), "{e}");
+        // A name clash shows after the first update, which is kept.
+        let kept = out.join("checkpoints/step-000001").exists();
+        assert_eq!(kept, !named.starts_with("metric"), "{e}");
+    }
+}
+
 /// Reward functions written for TRL run unchanged through `scripts/trl_reward.py`, three
 /// `--reward-command`s at once (TRL's list of reward functions): TRL's own
 /// `think_format_reward` (which reads conversational completions), a function of the test's
@@ -357,6 +414,37 @@ fn trl_reward_functions_run_unchanged() {
     }
     // The second function answers None on odd ids: its mean is over the even ones alone.
     assert!(m[0]["rewards/reward_command_2/mean"].as_f64().unwrap() >= 0.01);
+    // What it logged: TRL's `log_metric` once per batch (32 completions: one call), its
+    // mean over the scored rows equal to the source's mean, and `log_extra`'s columns.
+    for (step, want) in m.iter().zip(reference["metrics"].as_array().unwrap()) {
+        assert_eq!(step["digits/batch_size"], 32.0, "{step}");
+        let (ours, trl) = (
+            step["digits/mean"].as_f64().unwrap(),
+            want["digits/mean"].as_f64(),
+        );
+        assert!(
+            (ours - trl.unwrap()).abs() < 1e-4,
+            "ours {ours}, TRL {want}"
+        );
+        let source = step["rewards/reward_command_2/mean"].as_f64().unwrap();
+        assert!(
+            (ours - source).abs() < 1e-4,
+            "{ours} vs the source's {source}"
+        );
+    }
+    for (i, (s, want)) in samples
+        .iter()
+        .zip(reference["extra"].as_array().unwrap())
+        .enumerate()
+    {
+        assert_eq!(s["extra"], *want, "{i}");
+        let digits = s["response"]
+            .as_str()
+            .unwrap()
+            .chars()
+            .filter(char::is_ascii_digit);
+        assert_eq!(s["extra"]["digits"], digits.count(), "{i}");
+    }
 }
 
 /// Several reward programs work at once: each gets its requests before any answer is

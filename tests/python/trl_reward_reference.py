@@ -1,10 +1,13 @@
 """What TRL's `GRPOTrainer` would have computed for a run's sampled completions, for
-`ppo/tests/grpo.rs`: reads the arguments `tests/python/trl_style_rewards.py` logged (one call
-per completion, through `scripts/trl_reward.py`), checks that they are TRL's (the prompt rows
-as given, completions as the assistant's message whose text is `batch_decode(completion_ids,
-skip_special_tokens=True)`), then calls TRL's `think_format_reward` and the test's functions
-once on the whole batch, as the trainer does, and sums them with the weights as its `nansum`
-does. Prints {"problems": [...], "expected": [...]}."""
+`ppo/tests/grpo.rs`: reads the arguments `tests/python/trl_style_rewards.py` logged (through
+`scripts/trl_reward.py`: one call per batch, each iteration's rollout one batch), checks that
+they are TRL's (the prompt rows as given, completions as the assistant's message whose text is
+`batch_decode(completion_ids, skip_special_tokens=True)`, `log_metric` and `log_extra`), then
+calls TRL's `think_format_reward` and the test's functions once on each batch, as the trainer
+does, and sums them with the weights as its `nansum` does; it keeps what they logged as the
+trainer would: each metric's mean over the calls of an iteration, each completion's extra
+columns. Prints {"problems": [...], "expected": [...], "texts": [...], "metrics": [{...} per
+iteration], "extra": [{...} per completion]}."""
 import argparse
 import asyncio
 import json
@@ -26,17 +29,24 @@ parser.add_argument("--weights", required=True, help="comma list: think, digits,
 parser.add_argument("--steps", type=int, required=True, help="iterations of the run, each a batch")
 args = parser.parse_args()
 
-calls = [json.loads(line) for line in open(args.log)]
-per_step = len(calls) // args.steps
+batches = [json.loads(line) for line in open(args.log)]
+if len(batches) != args.steps:
+    print(json.dumps({"problems": [f"{len(batches)} calls for {args.steps} iterations"]}))
+    sys.exit()
+per_step = len(batches[0]["id"])
+# The calls' arguments, a completion at a time.
+calls = [{**{key: [b[key][j]] for key in ("prompts", "completions", "completion_ids", "answer", "id")},
+          "step": b["step"], "other": b["other"]}
+         for b in batches for j in range(len(b["id"]))]
+if len(calls) != per_step * args.steps:
+    print(json.dumps({"problems": [f"batches of {[len(b['id']) for b in batches]} completions"]}))
+    sys.exit()
 rows = {json.loads(line)["id"]: json.loads(line) for line in open(args.prompts)}
 tok = AutoTokenizer.from_pretrained(args.tokenizer)
 problems = []
 for i, call in enumerate(calls):
     if call["step"] != [i // per_step, args.steps]:
         problems.append(f"call {i}: trainer_state {call['step']}, not [{i // per_step}, {args.steps}]")
-    for key in ("prompts", "completions", "completion_ids", "answer", "id"):
-        if len(call[key]) != 1:
-            problems.append(f"{key}: {len(call[key])} values for one completion")
     row = rows[call["id"][0]]
     if call["prompts"][0] != row["prompt"]:
         problems.append(f"prompt {call['prompts'][0]} is not the row's {row['prompt']}")
@@ -52,15 +62,30 @@ for i, call in enumerate(calls):
 batch = {key: [c[key][0] for c in calls] for key in ("prompts", "completions", "completion_ids", "answer", "id")}
 # One call per batch (iteration), as the trainer makes them.
 per_function = [[], [], []]
+metrics, extra = [], []
 for start in range(0, len(calls), per_step):
     part = {key: values[start:start + per_step] for key, values in batch.items()}
     state = types.SimpleNamespace(global_step=start // per_step, max_steps=args.steps)
+    logged, columns = {}, [{} for _ in range(per_step)]
+
+    def log_metric(name, value):
+        logged.setdefault(name, []).append(value)
+
+    def log_extra(column, values):
+        for c, v in zip(columns, values):
+            c[column] = v
+
     per_function[0] += think_format_reward(completions=part["completions"])
-    per_function[1] += trl_style_rewards.digits_and_length(**part, trainer_state=state)
+    per_function[1] += trl_style_rewards.digits_and_length(
+        **part, trainer_state=state, log_metric=log_metric, log_extra=log_extra)
     per_function[2] += asyncio.run(trl_style_rewards.async_length(**part))
+    metrics.append({name: sum(v) / len(v) for name, v in logged.items()})
+    extra += columns
 weights = [float(w) for w in args.weights.split(",")]
 expected = []
 for i in range(len(calls)):
     values = [w * r[i] for w, r in zip(weights, per_function) if r[i] is not None]
     expected.append(sum(values) if values else None)
-print(json.dumps({"problems": problems, "expected": expected, "texts": [c["completions"][0][0]["content"] for c in calls]}))
+print(json.dumps({"problems": problems, "expected": expected,
+                  "texts": [c["completions"][0][0]["content"] for c in calls],
+                  "metrics": metrics, "extra": extra}))
