@@ -433,11 +433,20 @@ fn two_ranks_train_what_one_process_trains() {
     let ptx = f.ptx.display().to_string();
     let grpo_ptx = [grpo, &["--ptx-data", &ptx, "--ptx-coef", "0.5"]].concat();
     // (With --top-entropy-quantile, whose threshold gathers every rank's entropies, also
-    // from a rank without rows.)
+    // from a rank without rows; and a reward program logging metrics whose names differ
+    // from rank to rank, which the ranks agree on before pooling their values.)
+    let logging = format!(
+        "'{}' '{}' by-prompt",
+        rlhf_tests::python().display(),
+        rlhf_tests::repo_root()
+            .join("tests/python/logging_reward.py")
+            .display()
+    );
     let grpo_small = [
         grpo,
         &["--num-minibatches", "8", "--ppo-epochs", "1"],
         &["--top-entropy-quantile", "0.5"],
+        &["--reward-command", &logging],
     ]
     .concat();
     let cases: [(&str, &[&str], Vec<&str>); 4] = [
@@ -481,6 +490,13 @@ fn two_ranks_train_what_one_process_trains() {
         assert_eq!(b.len(), 2, "{name}: each iteration once");
         for (x, y) in a.iter().zip(&b) {
             let keys = x.as_object().unwrap().keys();
+            if label == "grpo-small" {
+                // Each rank's prompts are its own: so are the names.
+                let by_prompt = keys.clone().filter(|k| k.starts_with("prompt/"));
+                assert_eq!(by_prompt.count(), 8, "{x}");
+                assert!(x.get("chars").is_some(), "{x}");
+                assert_eq!(keys.len(), y.as_object().unwrap().len(), "{name}: {x} vs {y}");
+            }
             for key in keys.filter(|k| !k.starts_with("time/") && !k.contains("per_second")) {
                 // Rank-local by nature: the largest deviations seen on each rank.
                 if key.starts_with("policy/first_ratio") || key.ends_with("logprob_diff") {
