@@ -276,16 +276,24 @@ fn completion_lengths(ro: &Rollout, world: &common::World) -> Vec<(&'static str,
 }
 
 /// The first `n` prompts, responses and scores of this rank's rollout, as Markdown in
-/// TensorBoard and as lines of `samples.jsonl` (with the columns reward functions logged
-/// for them, as `"extra"`).
+/// TensorBoard and as lines of `samples.jsonl`, with what TRL's completions table shows
+/// beside them: each source's reward (`"rewards"`, null where it did not score), the
+/// response's advantage where it is one per response (`sequence_advantages`: the group
+/// estimators'), and the columns reward functions logged (`"extra"`).
 pub(crate) fn write_samples(
     session: &mut Session,
-    ro: &Rollout,
+    (ro, sequence_advantages): (&Rollout, Option<&Tensor>),
     tok: &Tokenizer,
     n: usize,
 ) -> Result<()> {
     let step = session.state.step;
-    let scores = Vec::<f32>::try_from(ro.scores.to_device(tch::Device::Cpu))?;
+    let cpu = |t: &Tensor| Vec::<f32>::try_from(t.to_kind(Kind::Float).to_device(tch::Device::Cpu));
+    let scores = cpu(&ro.scores)?;
+    let by_source = cpu(&ro.source_scores.contiguous().view([-1]))?;
+    // Each response's advantage: the same on each of its tokens.
+    let advantages = sequence_advantages
+        .map(|a| cpu(&a.select(1, 0)))
+        .transpose()?;
     let mut markdown = String::from("| prompt | response | score |\n|---|---|---|\n");
     let mut lines = String::new();
     for (i, ((prompt_ids, text), score)) in ro
@@ -299,6 +307,17 @@ pub(crate) fn write_samples(
         let prompt = tok.decode(prompt_ids, true);
         let mut line =
             serde_json::json!({"step": step, "prompt": prompt, "response": text, "score": score});
+        let k = ro.source_names.len();
+        let rewards: serde_json::Map<String, serde_json::Value> = ro
+            .source_names
+            .iter()
+            .zip(&by_source[i * k..(i + 1) * k])
+            .map(|(name, &x)| (name.to_string(), serde_json::json!(x)))
+            .collect();
+        line["rewards"] = serde_json::Value::Object(rewards);
+        if let Some(advantages) = &advantages {
+            line["advantage"] = serde_json::json!(advantages[i]);
+        }
         // The columns a reward function logged for this response (TRL's `log_extra`).
         if let Some(extra) = ro.logged.extra.get(i).filter(|e| !e.is_empty()) {
             line["extra"] = serde_json::Value::Object(extra.clone());

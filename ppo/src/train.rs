@@ -447,7 +447,15 @@ fn train(
         if args.sample_every > 0
             && (session.state.step % args.sample_every == 0 || session.state.step == 1)
         {
-            write_samples(&mut session, &it.ro, &ppo.tok, args.num_samples)?;
+            // One advantage per response where the estimator gives each response one.
+            let per_sequence = args.advantage_estimator().is_group();
+            let advantages = per_sequence.then_some(&it.adv.advantages);
+            write_samples(
+                &mut session,
+                (&it.ro, advantages),
+                &ppo.tok,
+                args.num_samples,
+            )?;
         }
         first_score.get_or_insert(it.mean_score);
         (last_score, last_kl) = (it.mean_score, it.mean_kl);

@@ -376,6 +376,8 @@ fn trl_reward_functions_run_unchanged() {
         ],
     );
     a.prompts = prompts.clone();
+    // TRL's GRPO default β = 0: the advantages are the rewards' alone.
+    a.kl_coef = 0.0;
     run(&a).unwrap();
     let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(
@@ -395,6 +397,8 @@ fn trl_reward_functions_run_unchanged() {
             "1,0.5,2",
             "--steps",
             "2",
+            "--group",
+            "4",
         ],
     );
     assert_eq!(reference["problems"], serde_json::json!([]), "{reference}");
@@ -406,6 +410,29 @@ fn trl_reward_functions_run_unchanged() {
         assert_eq!(s["response"], reference["texts"][i], "{i}");
         let (ours, trl) = (s["score"].as_f64().unwrap(), want.as_f64().unwrap());
         assert!((ours - trl).abs() < 1e-4, "{i}: ours {ours}, TRL {trl}");
+        // TRL's completions table: each function's reward (null off its task) and the
+        // completion's advantage.
+        for (k, name) in ["reward_command", "reward_command_2", "reward_command_3"]
+            .iter()
+            .enumerate()
+        {
+            let (ours, trl) = (&s["rewards"][name], &reference["per_function"][k][i]);
+            match (ours.as_f64(), trl.as_f64()) {
+                (Some(a), Some(b)) => assert!((a - b).abs() < 1e-4, "{i} {name}: {a} vs {b}"),
+                _ => assert!(
+                    ours.is_null() && trl.is_null(),
+                    "{i} {name}: {ours} vs {trl}"
+                ),
+            }
+        }
+        let (ours, trl) = (
+            s["advantage"].as_f64().unwrap(),
+            reference["advantages"][i].as_f64().unwrap(),
+        );
+        assert!(
+            (ours - trl).abs() < 1e-3 * trl.abs().max(1.0),
+            "{i}: advantage {ours} vs TRL {trl}"
+        );
     }
     let m = metrics(&out);
     for name in ["reward_command", "reward_command_2", "reward_command_3"] {

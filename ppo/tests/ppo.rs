@@ -495,7 +495,11 @@ fn two_ranks_train_what_one_process_trains() {
                 let by_prompt = keys.clone().filter(|k| k.starts_with("prompt/"));
                 assert_eq!(by_prompt.count(), 8, "{x}");
                 assert!(x.get("chars").is_some(), "{x}");
-                assert_eq!(keys.len(), y.as_object().unwrap().len(), "{name}: {x} vs {y}");
+                assert_eq!(
+                    keys.len(),
+                    y.as_object().unwrap().len(),
+                    "{name}: {x} vs {y}"
+                );
             }
             for key in keys.filter(|k| !k.starts_with("time/") && !k.contains("per_second")) {
                 // Rank-local by nature: the largest deviations seen on each rank.

@@ -7,7 +7,8 @@ calls TRL's `think_format_reward` and the test's functions once on each batch, a
 does, and sums them with the weights as its `nansum` does; it keeps what they logged as the
 trainer would: each metric's mean over the calls of an iteration, each completion's extra
 columns. Prints {"problems": [...], "expected": [...], "texts": [...], "metrics": [{...} per
-iteration], "extra": [{...} per completion]}."""
+iteration], "extra": [{...} per completion], "per_function": [[reward or None per completion] per
+function], "advantages": [GRPO's advantage per completion]}."""
 import argparse
 import asyncio
 import json
@@ -27,6 +28,7 @@ parser.add_argument("--prompts", required=True)
 parser.add_argument("--tokenizer", required=True)
 parser.add_argument("--weights", required=True, help="comma list: think, digits, async")
 parser.add_argument("--steps", type=int, required=True, help="iterations of the run, each a batch")
+parser.add_argument("--group", type=int, required=True, help="--num-generations")
 args = parser.parse_args()
 
 batches = [json.loads(line) for line in open(args.log)]
@@ -86,6 +88,16 @@ expected = []
 for i in range(len(calls)):
     values = [w * r[i] for w, r in zip(weights, per_function) if r[i] is not None]
     expected.append(sum(values) if values else None)
+# GRPO's advantages, as the trainer computes them from the summed rewards (every completion
+# here has one): each group of --group consecutive completions, (r - mean) / (std + 1e-4),
+# the std unbiased (torch's default).
+advantages = []
+for start in range(0, len(expected), args.group):
+    group = expected[start:start + args.group]
+    mean = sum(group) / len(group)
+    std = (sum((r - mean) ** 2 for r in group) / (len(group) - 1)) ** 0.5
+    advantages += [(r - mean) / (std + 1e-4) for r in group]
 print(json.dumps({"problems": problems, "expected": expected,
                   "texts": [c["completions"][0][0]["content"] for c in calls],
+                  "per_function": per_function, "advantages": advantages,
                   "metrics": metrics, "extra": extra}))
