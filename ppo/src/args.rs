@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::math::{
     AdaptiveEntropy, AdvantageEstimator, Clip, EntropyController, ImportanceSampling, KlEstimator,
-    LossAggregation, Objective, RewardScale, SamplingCorrection, Surrogate,
+    LossAggregation, Objective, PairLoss, RewardScale, SamplingCorrection, Surrogate,
 };
 
 /// `--advantage-estimator`: the names users give; [`TrainArgs::advantage_estimator`] turns
@@ -24,15 +24,17 @@ pub enum EstimatorName {
     DrGrpo,
     Rloo,
     ReinforcePlusPlus,
+    OnlineDpo,
 }
 
 impl EstimatorName {
-    const ALL: [(&'static str, EstimatorName); 5] = [
+    const ALL: [(&'static str, EstimatorName); 6] = [
         ("gae", EstimatorName::Gae),
         ("grpo", EstimatorName::Grpo),
         ("dr-grpo", EstimatorName::DrGrpo),
         ("rloo", EstimatorName::Rloo),
         ("reinforce-plus-plus", EstimatorName::ReinforcePlusPlus),
+        ("online-dpo", EstimatorName::OnlineDpo),
     ];
 }
 
@@ -40,7 +42,7 @@ impl std::str::FromStr for EstimatorName {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, e)| *e).ok_or_else(|| {
-            format!("'{s}' is not an advantage estimator (expected gae, grpo, dr-grpo, rloo or reinforce-plus-plus)")
+            format!("'{s}' is not an advantage estimator (expected gae, grpo, dr-grpo, rloo, reinforce-plus-plus or online-dpo)")
         })
     }
 }
@@ -289,9 +291,13 @@ pub struct TrainArgs {
     pub kl_horizon: f64,
     /// How advantages are estimated: gae (with a value model), or critic-free: grpo,
     /// dr-grpo, rloo (groups of --num-generations responses per prompt) or
-    /// reinforce-plus-plus.
+    /// reinforce-plus-plus; or online-dpo (TRL's OnlineDPOTrainer: two responses per
+    /// prompt, the better rewarded chosen, DPO's loss on the pair with β = --kl-coef).
     #[arg(long, default_value = "gae")]
     pub advantage_estimator: EstimatorName,
+    /// Online DPO's loss on a pair: sigmoid (DPO's) or ipo (TRL's `loss_type`).
+    #[arg(long, value_enum, default_value = "sigmoid")]
+    pub online_dpo_loss: PairLoss,
     /// Responses sampled per prompt (the group of grpo, dr-grpo and rloo).
     #[arg(long, default_value_t = 1)]
     pub num_generations: usize,
@@ -584,6 +590,9 @@ impl TrainArgs {
             EstimatorName::ReinforcePlusPlus => {
                 AdvantageEstimator::ReinforcePlusPlus { gamma: self.gamma }
             }
+            EstimatorName::OnlineDpo => AdvantageEstimator::OnlineDpo {
+                loss: self.online_dpo_loss,
+            },
         }
     }
 
@@ -627,8 +636,12 @@ impl TrainArgs {
             },
             level: self.importance_sampling_level,
             aggregation: match self.policy_loss {
-                // A loss per response, averaged over responses (with the KL term).
+                // A loss per response, averaged over responses (with the KL term); online
+                // DPO's per pair, averaged over pairs (micro-batches weighed by their rows).
                 PolicyLossName::Gmpo => LossAggregation::SeqMeanTokenMean,
+                _ if self.advantage_estimator == EstimatorName::OnlineDpo => {
+                    LossAggregation::SeqMeanTokenMean
+                }
                 _ => self.loss_aggregation,
             },
             norm: self.response_length as f64,
@@ -725,6 +738,27 @@ impl TrainArgs {
             (
                 !self.advantage_estimator().is_group() || self.num_generations >= 2,
                 "--advantage-estimator grpo, dr-grpo and rloo compare responses to the same prompt: --num-generations must be at least 2",
+            ),
+            (
+                self.advantage_estimator != EstimatorName::OnlineDpo
+                    || (self.num_generations == 2
+                        && self.kl_coef > 0.0
+                        && !self.kl_in_loss
+                        && self.policy_loss == PolicyLossName::Clip
+                        && self
+                            .rollout_batch_size
+                            .is_multiple_of(self.num_minibatches * self.grad_accum)),
+                "--advantage-estimator online-dpo compares two responses per prompt under DPO's loss with β = --kl-coef: it needs --num-generations 2, --kl-coef > 0 (not --kl-in-loss), --policy-loss clip and --rollout-batch-size a multiple of --num-minibatches × --grad-accum (pairs stay whole)",
+            ),
+            (
+                self.advantage_estimator != EstimatorName::OnlineDpo
+                    || (self.importance_sampling_level == ImportanceSampling::Token
+                        && self.delta.is_none()
+                        && self.top_entropy_quantile == 1.0
+                        && self.off_policy_mask_threshold.is_none()
+                        && self.sampling_correction.is_none()
+                        && !self.mask_truncated_completions),
+                "--advantage-estimator online-dpo takes DPO's loss on whole responses: --importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction and --mask-truncated-completions shape a per-token policy loss and are refused with it",
             ),
             (
                 !self.advantage_estimator().needs_critic()

@@ -155,6 +155,25 @@ pub(crate) fn iteration_scalars(
     if let Some(masked) = it.stats.off_policy_masked {
         scalars.push(("off_policy_mask/masked_ratio", mean(masked)));
     }
+    if let Some(d) = it.stats.online_dpo {
+        // TRL's `OnlineDPOTrainer` names.
+        scalars.extend([
+            ("rewards/chosen", mean(d.chosen)),
+            ("rewards/rejected", mean(d.rejected)),
+            ("rewards/margins", mean(d.chosen - d.rejected)),
+            ("rewards/accuracies", mean(d.accuracy)),
+            ("logps/chosen", mean(d.logps_chosen)),
+            ("logps/rejected", mean(d.logps_rejected)),
+            ("val/contain_eos_token", mean(eos / rows)),
+            ("beta", it.beta),
+        ]);
+        // The chosen response's score less the rejected one's, over every rank's pairs:
+        // the preference is +1 on the chosen response's tokens, −1 on the other's.
+        let sign = it.adv.advantages.select(1, 0).to_kind(Kind::Double);
+        let margin = (sign * ro.scores.to_kind(Kind::Double)).sum(Kind::Double);
+        let [margin, pairs] = world.sums([margin.double_value(&[]), rows / 2.0]);
+        scalars.push(("objective/scores_margin", margin / pairs));
+    }
     if let Some(batches) = ro.gen_batches {
         // The same on every rank (they decide together).
         scalars.push(("num_gen_batches", batches as f64));

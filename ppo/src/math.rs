@@ -138,6 +138,22 @@ pub enum AdvantageEstimator {
     /// REINFORCE++ (Hu 2025): the discounted return-to-go of the per-token rewards (KL
     /// penalty on every token, score on the last), whitened over the global batch.
     ReinforcePlusPlus { gamma: f64 },
+    /// Online DPO (Guo et al. 2024, TRL's `OnlineDPOTrainer`): two responses per prompt,
+    /// the better rewarded chosen (the first on a tie, as TRL's `first >= second`), +1 on
+    /// its tokens and −1 on the other's ([`preferences`]); the policy loss is then DPO's on
+    /// the pair ([`online_dpo_loss`]).
+    OnlineDpo { loss: PairLoss },
+}
+
+/// DPO's loss on a pair's margin `z` (TRL's `OnlineDPOConfig.loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PairLoss {
+    /// `−log σ(β·z)` (DPO's).
+    #[default]
+    Sigmoid,
+    /// `(z − 1/(2β))²` (IPO's).
+    Ipo,
 }
 
 impl AdvantageEstimator {
@@ -164,6 +180,7 @@ impl AdvantageEstimator {
             | AdvantageEstimator::DrGrpo { group }
             | AdvantageEstimator::Rloo { group, .. }
             | AdvantageEstimator::Gdpo { group } => *group,
+            AdvantageEstimator::OnlineDpo { .. } => 2,
             _ => 1,
         }
     }
@@ -393,7 +410,84 @@ pub fn advantages(
             advantages: masked_whiten(&returns_to_go(rewards, mask, gamma), mask, true, world),
             returns: None,
         },
+        AdvantageEstimator::OnlineDpo { .. } => Advantages {
+            advantages: broadcast(preferences(&per_sequence())),
+            returns: None,
+        },
     }
+}
+
+/// Rewards `[B]` of consecutive pairs (a prompt's two responses) as +1 for the chosen one,
+/// the better rewarded (the first on a tie, as TRL's `first_half >= second_half`), and −1
+/// for the rejected one.
+pub fn preferences(rewards: &Tensor) -> Tensor {
+    let pairs = rewards.to_kind(Kind::Float).view([-1, 2]);
+    let first = pairs
+        .select(1, 0)
+        .ge_tensor(&pairs.select(1, 1))
+        .to_kind(Kind::Float)
+        * 2.0
+        - 1.0;
+    Tensor::stack(&[&first, &(-&first)], 1).view([-1])
+}
+
+/// Online DPO's loss over the pairs of a micro-batch (consecutive rows, `preference` +1 on
+/// the chosen response's tokens and −1 on the rejected one's, [`preferences`]): with
+/// `s` = Σ over a response's `mask`ed tokens of log π − log π_ref, each pair's margin
+/// `z = s_chosen − s_rejected` and its loss `−log σ(β·z)` or `(z − 1/(2β))²`, the mean
+/// over the pairs (TRL's `OnlineDPOTrainer.training_step`). Also returns, per pair, what
+/// TRL logs: β·s of the chosen and of the rejected response, and their log-prob sums.
+pub fn online_dpo_loss(
+    (logprobs, ref_logprobs): (&Tensor, &Tensor),
+    preference: &Tensor,
+    mask: &Tensor,
+    beta: f64,
+    loss: PairLoss,
+) -> (Tensor, PairStats) {
+    let mask_f = mask.to_kind(Kind::Float);
+    let rows = |t: &Tensor| {
+        (t.to_kind(Kind::Float) * &mask_f).sum_dim_intlist([1].as_slice(), false, Kind::Float)
+    };
+    // The preference is ±1 on each of a response's tokens: its first column says which.
+    let sign = preference.select(1, 0).view([-1, 2]);
+    let chosen_first = sign.select(1, 0).gt(0.0);
+    // Each pair's (chosen, rejected) value of a per-row quantity `[B]`.
+    let split = |x: &Tensor| {
+        let x = x.view([-1, 2]);
+        let (a, b) = (x.select(1, 0), x.select(1, 1));
+        (
+            a.where_self(&chosen_first, &b),
+            b.where_self(&chosen_first, &a),
+        )
+    };
+    let logps = rows(logprobs);
+    let margin = rows(&(logprobs - ref_logprobs));
+    let (chosen, rejected) = split(&margin);
+    let z = &chosen - &rejected;
+    let losses = match loss {
+        PairLoss::Sigmoid => -(&z * beta).log_sigmoid(),
+        PairLoss::Ipo => (&z - 1.0 / (2.0 * beta)).square(),
+    };
+    let (logps_chosen, logps_rejected) = split(&logps.detach());
+    let stats = PairStats {
+        chosen_rewards: (chosen.detach() * beta),
+        rejected_rewards: (rejected.detach() * beta),
+        logps_chosen,
+        logps_rejected,
+    };
+    (losses.mean(Kind::Float), stats)
+}
+
+/// What TRL's `OnlineDPOTrainer` logs of a micro-batch's pairs, one value per pair.
+pub struct PairStats {
+    /// β·Σ(log π − log π_ref) of the chosen and of the rejected response
+    /// (`rewards/chosen`, `rewards/rejected`; their difference `rewards/margins`, its
+    /// sign `rewards/accuracies`).
+    pub chosen_rewards: Tensor,
+    pub rejected_rewards: Tensor,
+    /// Σ log π of each (`logps/chosen`, `logps/rejected`).
+    pub logps_chosen: Tensor,
+    pub logps_rejected: Tensor,
 }
 
 /// How the per-token policy loss of a minibatch becomes one number.
@@ -2071,6 +2165,87 @@ mod tests {
     /// log-weights clipped in log space on the binding side, their mean over the kept
     /// tokens exponentiated, `−A·G` averaged over responses; a clipped token passes no
     /// gradient, the others `−A·G/(kept tokens)/(responses)`.
+    #[test]
+    fn online_dpo_prefers_the_better_response_and_takes_dpo_loss_on_the_pair() {
+        // Two pairs: the second response better in the first, a tie in the second (the
+        // first is chosen, as TRL's `first_half >= second_half`).
+        let prefs =
+            to_vec(&preferences(&Tensor::from_slice(&[0.5f32, 2.0, 1.0, 1.0])).unsqueeze(0));
+        assert_eq!(prefs, [[-1.0, 1.0, 1.0, -1.0]]);
+        // Four responses of up to three tokens (padding where the mask is 0).
+        let lp = [
+            [-0.5f32, -1.0, -2.0],
+            [-0.7, -0.2, -0.4],
+            [-1.2, -0.3, -9.0],
+            [-0.1, -0.8, -0.6],
+        ];
+        let rf = [
+            [-0.6f32, -1.3, -1.0],
+            [-0.5, -0.3, -0.9],
+            [-1.0, -0.2, -3.0],
+            [-0.4, -0.6, -0.5],
+        ];
+        let mask = [
+            [1f32, 1.0, 1.0],
+            [1.0, 1.0, 0.0],
+            [1.0, 1.0, 0.0],
+            [1.0, 1.0, 1.0],
+        ];
+        let rows = |x: &[[f32; 3]; 4]| t(&[&x[0], &x[1], &x[2], &x[3]]);
+        let sign = Tensor::from_slice(&[-1f32, 1.0, 1.0, -1.0]).unsqueeze(1) * rows(&mask);
+        let beta = 0.1;
+        for kind in [PairLoss::Sigmoid, PairLoss::Ipo] {
+            let logprobs = rows(&lp).set_requires_grad(true);
+            let (loss, stats) =
+                online_dpo_loss((&logprobs, &rows(&rf)), &sign, &rows(&mask), beta, kind);
+            loss.backward();
+            let grad = to_vec(&logprobs.grad());
+            // TRL's `training_step`, pair by pair: the chosen response's summed log-ratio
+            // less the rejected one's.
+            let sum = |x: &[[f32; 3]; 4], r: usize| -> f64 {
+                (0..3).map(|i| f64::from(x[r][i] * mask[r][i])).sum()
+            };
+            let (mut want_loss, mut want_chosen) = (0.0, vec![]);
+            for (c, r) in [(1, 0), (2, 3)] {
+                let z = (sum(&lp, c) - sum(&rf, c)) - (sum(&lp, r) - sum(&rf, r));
+                let (l, dl_dz) = match kind {
+                    PairLoss::Sigmoid => {
+                        let sig = 1.0 / (1.0 + (-beta * z).exp());
+                        (-sig.ln(), -beta * (1.0 - sig))
+                    }
+                    PairLoss::Ipo => (
+                        (z - 1.0 / (2.0 * beta)).powi(2),
+                        2.0 * (z - 1.0 / (2.0 * beta)),
+                    ),
+                };
+                want_loss += l / 2.0;
+                want_chosen.push(beta * (sum(&lp, c) - sum(&rf, c)));
+                for i in 0..3 {
+                    let (gc, gr) = (f64::from(grad[c][i]), f64::from(grad[r][i]));
+                    assert!(
+                        (gc - dl_dz / 2.0 * f64::from(mask[c][i])).abs() < 1e-6,
+                        "{kind:?} {c} {i}"
+                    );
+                    assert!(
+                        (gr + dl_dz / 2.0 * f64::from(mask[r][i])).abs() < 1e-6,
+                        "{kind:?} {r} {i}"
+                    );
+                }
+            }
+            assert!(
+                (loss.double_value(&[]) - want_loss).abs() < 1e-5,
+                "{kind:?}"
+            );
+            let chosen = Vec::<f32>::try_from(&stats.chosen_rewards).unwrap();
+            for (got, want) in chosen.iter().zip(&want_chosen) {
+                assert!((f64::from(*got) - want).abs() < 1e-6);
+            }
+            let logps = Vec::<f32>::try_from(&stats.logps_rejected).unwrap();
+            assert!((f64::from(logps[0]) - sum(&lp, 0)).abs() < 1e-6);
+            assert!((f64::from(logps[1]) - sum(&lp, 3)).abs() < 1e-6);
+        }
+    }
+
     #[test]
     fn gmpo_takes_the_clipped_geometric_mean_per_response() {
         let lp = [[-0.5f32, -1.0, -2.0], [-0.7, -0.2, -0.4]];

@@ -674,8 +674,12 @@ impl<'a> Ppo<'a> {
 
         let beta = self.kl_ctl.value;
         let kl = kl_per_token(&ro.logprobs, &ro.ref_logprobs, &ro.mask, args.kl_estimator);
-        // With --kl-in-loss the penalty is a loss term instead of a reward.
-        let reward_beta = if args.kl_in_loss { 0.0 } else { beta };
+        // With --kl-in-loss the penalty is a loss term instead of a reward; online DPO's
+        // loss holds the policy to the reference itself (β is DPO's), and its pairs are
+        // judged on their scores alone, as TRL's.
+        let in_loss =
+            args.kl_in_loss || args.advantage_estimator == crate::args::EstimatorName::OnlineDpo;
+        let reward_beta = if in_loss { 0.0 } else { beta };
         let (rewards, non_score) = rewards(
             &kl,
             &ro.scores,

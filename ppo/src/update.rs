@@ -15,8 +15,9 @@ use tch::{Kind, Tensor};
 
 use crate::args::TrainArgs;
 use crate::math::{
-    high_entropy_mask, importance_weight, kl_per_token, off_policy_mask, policy_loss, value_loss,
-    Advantages, EntropyController, KlEstimator,
+    high_entropy_mask, importance_weight, kl_per_token, off_policy_mask, online_dpo_loss,
+    policy_loss, value_loss, AdvantageEstimator, Advantages, EntropyController, KlEstimator,
+    PolicyLoss,
 };
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
@@ -102,11 +103,26 @@ pub struct UpdateStats {
     /// The share of policy tokens off-policy sequence masking dropped
     /// (`--off-policy-mask-threshold`).
     pub off_policy_masked: Option<f64>,
+    /// Online DPO's means over the pairs (`--advantage-estimator online-dpo`): β·Σ(log π −
+    /// log π_ref) of the chosen and of the rejected responses, the share of pairs where the
+    /// first exceeds the second, and the log-prob sums of each.
+    pub online_dpo: Option<OnlineDpoStats>,
     /// Max |ratio − 1| on the first minibatch, before any update: 0 unless dropout is on or
     /// the rollout and the training forward disagree.
     pub first_ratio_max_dev: f64,
     /// The last policy optimiser step.
     pub outcome: StepOutcome,
+}
+
+/// TRL's `OnlineDPOTrainer` statistics, averaged over the pairs of a minibatch, then over
+/// the minibatches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OnlineDpoStats {
+    pub chosen: f64,
+    pub rejected: f64,
+    pub accuracy: f64,
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
 }
 
 /// `--ppo-epochs` passes over the rollout batch in `--num-minibatches` shuffled
@@ -141,13 +157,22 @@ pub fn update(
     } else {
         ro.mask.shallow_clone()
     };
+    // Online DPO's pairs stay whole: its minibatches are shuffled a pair at a time.
+    let unit = match args.advantage_estimator() {
+        AdvantageEstimator::OnlineDpo { .. } => 2,
+        _ => 1,
+    };
     for epoch in 0..args.ppo_epochs {
-        let mut order: Vec<usize> = (0..total).collect();
+        let mut order: Vec<usize> = (0..total / unit).collect();
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(derived_seed(
             args.run.seed,
             step,
             100 + epoch as u64,
         )));
+        let order: Vec<usize> = order
+            .into_iter()
+            .flat_map(|u| u * unit..(u + 1) * unit)
+            .collect();
         for (mb_index, global) in order.chunks(minibatch).enumerate() {
             let mb: Vec<i64> = global
                 .iter()
@@ -218,6 +243,13 @@ pub fn update(
         cispo_clip: (args.policy_loss == crate::args::PolicyLossName::Cispo)
             .then(|| avg("clip_high")),
         off_policy_masked: args.off_policy_mask_threshold.map(|_| avg("opsm")),
+        online_dpo: (unit == 2).then(|| OnlineDpoStats {
+            chosen: avg("dpo_chosen"),
+            rejected: avg("dpo_rejected"),
+            accuracy: avg("dpo_accuracy"),
+            logps_chosen: avg("logps_chosen"),
+            logps_rejected: avg("logps_rejected"),
+        }),
         first_ratio_max_dev,
         outcome: outcome.expect("at least one minibatch"),
     })
@@ -238,7 +270,13 @@ fn minibatch_backward(
     (beta, entropy_coef): (f64, f64),
 ) -> BTreeMap<&'static str, f64> {
     let device = ro.full_ids.device();
+    let online_dpo = match args.advantage_estimator() {
+        AdvantageEstimator::OnlineDpo { loss } => Some(loss),
+        _ => None,
+    };
     let micro = mb.len().div_ceil(args.grad_accum).max(1);
+    // Online DPO's micro-batches hold whole pairs.
+    let micro = micro + usize::from(online_dpo.is_some()) * (micro % 2);
     let mb_idx = Tensor::from_slice(mb).to_device(device);
     let tokens_of = |mask: &Tensor| {
         let local = mask
@@ -298,13 +336,22 @@ fn minibatch_backward(
             *stats.entry("opsm").or_default() +=
                 dropped.sum(Kind::Float).double_value(&[]) / mb_tokens;
         }
-        let pl = policy_loss(
-            &new_lp,
-            &old_lp,
-            &advantages,
-            (&mask, loss_keep.as_ref()),
-            &surrogate,
-        );
+        let pl = match online_dpo {
+            Some(loss) => {
+                let reference = pick(&ro.ref_logprobs);
+                let pair = (&new_lp, &reference);
+                let (dpo, pairs) = online_dpo_loss(pair, &advantages, &mask, beta, loss);
+                add_pair_stats(&mut stats, &pairs, weight);
+                pair_policy_loss(dpo, &new_lp, &old_lp, &mask)
+            }
+            None => policy_loss(
+                &new_lp,
+                &old_lp,
+                &advantages,
+                (&mask, loss_keep.as_ref()),
+                &surrogate,
+            ),
+        };
         let mut policy_total = &pl.loss * weight;
         // The tokens that carry the policy loss: the entropy bonus acts on them, and
         // adaptive entropy control measures their mean entropy over every rank.
@@ -379,6 +426,52 @@ fn minibatch_backward(
     stats
 }
 
+/// Online DPO's loss as the update reports a policy loss: its ratio statistics are the
+/// per-token ones (they check the rollout's log-probs), and nothing is clipped.
+fn pair_policy_loss(loss: Tensor, logprobs: &Tensor, old: &Tensor, mask: &Tensor) -> PolicyLoss {
+    let _guard = tch::no_grad_guard();
+    let log_ratio = (logprobs - old).to_kind(Kind::Float);
+    let real = mask.to_kind(Kind::Bool);
+    let ratio = log_ratio.exp().masked_select(&real);
+    let n = ratio.numel().max(1) as f64;
+    PolicyLoss {
+        loss,
+        clipfrac: 0.0,
+        clip_low: 0.0,
+        clip_high: 0.0,
+        approxkl: 0.5
+            * log_ratio
+                .square()
+                .masked_select(&real)
+                .sum(Kind::Float)
+                .double_value(&[])
+            / n,
+        vespo_phi: 0.0,
+        ratio_mean: ratio.sum(Kind::Float).double_value(&[]) / n,
+        ratio_max_dev: match ratio.numel() {
+            0 => 0.0,
+            _ => (ratio - 1.0).abs().max().double_value(&[]),
+        },
+        seq_clip: None,
+    }
+}
+
+/// A micro-batch's online DPO statistics (means over its pairs), weighed by its share of
+/// the minibatch, into the minibatch's `stats`.
+fn add_pair_stats(stats: &mut BTreeMap<&str, f64>, pairs: &crate::math::PairStats, weight: f64) {
+    let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
+    let margins = &pairs.chosen_rewards - &pairs.rejected_rewards;
+    for (key, value) in [
+        ("dpo_chosen", mean(&pairs.chosen_rewards)),
+        ("dpo_rejected", mean(&pairs.rejected_rewards)),
+        ("dpo_accuracy", mean(&margins.gt(0.0).to_kind(Kind::Float))),
+        ("logps_chosen", mean(&pairs.logps_chosen)),
+        ("logps_rejected", mean(&pairs.logps_rejected)),
+    ] {
+        *stats.entry(key).or_default() += value * weight;
+    }
+}
+
 /// `--top-entropy-quantile` ρ: 1 on the policy tokens of minibatch `mb` whose entropy
 /// under the current policy (at `--temperature`) is at least the (1 − ρ) quantile of the
 /// minibatch's policy tokens on every rank (torch.quantile's linear interpolation, as
@@ -425,7 +518,7 @@ fn high_entropy_tokens(
 }
 
 /// The statistics a minibatch's ranks sum.
-const STAT_KEYS: [&str; 13] = [
+const STAT_KEYS: [&str; 18] = [
     "policy",
     "approxkl",
     "clipfrac",
@@ -439,6 +532,11 @@ const STAT_KEYS: [&str; 13] = [
     "opsm",
     "entropy_sum",
     "entropy_tokens",
+    "dpo_chosen",
+    "dpo_rejected",
+    "dpo_accuracy",
+    "logps_chosen",
+    "logps_rejected",
 ];
 
 /// PPO-ptx: the language-modelling loss of the next `rows` SFT rows (this rank's share of

@@ -255,6 +255,94 @@ fn responses_no_source_scores_are_left_out() {
     );
 }
 
+/// Online DPO (TRL's `OnlineDPOTrainer`): each prompt's two responses, the better scored
+/// chosen. At the first minibatch the policy is the reference, so the loss is DPO's at a
+/// zero margin (ln 2; IPO's 1/(4β²)) and the implicit rewards are 0; a second pass over
+/// the same pairs, after one step, has widened their margins. The logged score margin is
+/// the chosen responses' scores less the others' (from `samples.jsonl`); no value model is
+/// trained; settings that break the pairs are refused in one line.
+#[test]
+fn online_dpo_trains_on_the_rollouts_pairs() {
+    let f = fixture();
+    let digits = digit_command();
+    let online = |name: &str, extra: &[&str]| {
+        let out = f.root.join(name);
+        let _ = std::fs::remove_dir_all(&out);
+        let base = ["--reward-command", &digits, "--max-steps", "1"];
+        let mut a = args(&out, &[&base[..], extra].concat());
+        a.advantage_estimator = "online-dpo".parse().unwrap();
+        a.num_generations = 2;
+        a.num_minibatches = 1;
+        a.kl_coef = 0.1;
+        (out, a)
+    };
+    let (out, a) = online(
+        "run-online-dpo",
+        &["--sample-every", "1", "--num-samples", "16"],
+    );
+    run(&a).unwrap();
+    let m = &metrics(&out)[0];
+    let close = |key: &str, want: f64, tol: f64| {
+        let got = m[key].as_f64().unwrap_or(f64::NAN);
+        assert!((got - want).abs() < tol, "{key}: {got} vs {want}: {m}");
+    };
+    close("loss/policy_avg", std::f64::consts::LN_2, 1e-5);
+    close("rewards/chosen", 0.0, 1e-5);
+    close("rewards/margins", 0.0, 1e-5);
+    close("beta", 0.1, 1e-12);
+    let samples = read_jsonl(&out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 16);
+    let score = |i: usize| samples[i]["score"].as_f64().unwrap();
+    let margins: Vec<f64> = (0..8)
+        .map(|p| (score(2 * p) - score(2 * p + 1)).abs())
+        .collect();
+    assert!(
+        margins.iter().any(|&x| x > 0.0),
+        "every pair tied: {margins:?}"
+    );
+    close(
+        "objective/scores_margin",
+        margins.iter().sum::<f64>() / 8.0,
+        1e-5,
+    );
+    assert!(!out.join("final_value").exists());
+    // IPO at a zero margin: (0 − 1/(2β))².
+    let (out, a) = online("run-online-ipo", &["--online-dpo-loss", "ipo"]);
+    run(&a).unwrap();
+    let ipo = metrics(&out)[0]["loss/policy_avg"].as_f64().unwrap();
+    assert!((ipo - 25.0).abs() < 1e-3, "{ipo}");
+    // A second pass over the same pairs, after one step: the chosen responses gained on
+    // the rejected ones.
+    let (out, mut a) = online("run-online-dpo-twice", &[]);
+    a.ppo_epochs = 2;
+    run(&a).unwrap();
+    let m = &metrics(&out)[0];
+    let loss = m["loss/policy_avg"].as_f64().unwrap();
+    assert!(loss < std::f64::consts::LN_2 - 1e-4, "{m}");
+    assert!(m["rewards/margins"].as_f64().unwrap() > 0.0, "{m}");
+    assert!(m["rewards/accuracies"].as_f64().unwrap() > 0.0, "{m}");
+    // Pairs are two responses, held to the reference by β > 0, and kept whole.
+    for what in ["--num-generations 4", "--kl-coef 0", "--num-minibatches 16"] {
+        let (out, mut a) = online("run-online-dpo-refused", &[]);
+        match what {
+            "--num-generations 4" => a.num_generations = 4,
+            "--kl-coef 0" => a.kl_coef = 0.0,
+            _ => a.num_minibatches = 16,
+        }
+        let e = format!("{:#}", run(&a).unwrap_err());
+        assert!(
+            e.contains("--advantage-estimator online-dpo compares two responses per prompt"),
+            "{what}: {e}"
+        );
+        assert!(!out.exists(), "{what}");
+    }
+    let (out, mut a) = online("run-online-dpo-refused", &[]);
+    a.top_entropy_quantile = 0.2;
+    let e = format!("{:#}", run(&a).unwrap_err());
+    assert!(e.contains("takes DPO's loss on whole responses"), "{e}");
+    assert!(!out.exists());
+}
+
 /// A reward program's answers may carry metrics (TRL's `log_metric`) and extra columns (TRL's
 /// `log_extra`): each metric is the mean of its values in an iteration (`eval/NAME` from an
 /// evaluation's), the columns go with the response into `samples.jsonl`. Every request line

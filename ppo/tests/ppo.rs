@@ -449,8 +449,18 @@ fn two_ranks_train_what_one_process_trains() {
         &["--reward-command", &logging],
     ]
     .concat();
-    let cases: [(&str, &[&str], Vec<&str>); 4] = [
+    // Online DPO's pairs, shuffled a pair at a time, each on the rank that sampled it.
+    let online_dpo: &[&str] = &[
+        "--rollout-batch-size",
+        "8",
+        "--advantage-estimator",
+        "online-dpo",
+        "--num-generations",
+        "2",
+    ];
+    let cases: [(&str, &[&str], Vec<&str>); 5] = [
         ("gae", gae, vec!["--zero-stage", "0"]),
+        ("online-dpo", online_dpo, vec!["--zero-stage", "0"]),
         (
             "gae",
             gae,
