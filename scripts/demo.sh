@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the InstructGPT pipeline on the bundled chickens-and-rabbits task, through
-# the real binaries: data → sft train → reward train → ppo train (and GRPO with a verifier)
+# the real binaries: data → sft train → reward train → ppo train (and GRPO and online DPO with a verifier)
 # and DPO (and KTO, ORPO) on the rankings → held-out evaluation by a programmatic judge. Everything goes under runs/demo/ (TensorBoard: tensorboard --logdir runs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,14 @@ stage grpo $B/ppo train --policy "$D/sft/final" --prompts "$D/data/prompts.jsonl
     --kl-in-loss --kl-coef 0.05 --loss-aggregation seq-mean-token-mean \
     --rollout-batch-size 16 --response-length 64 --ppo-epochs 2 --num-minibatches 2 --lr 1e-5 \
     --max-steps 30 --seed "$SEED" --log-every 5
+# Online DPO from the same SFT policy with the same verifier (TRL's OnlineDPOTrainer): two
+# responses per prompt, the one judged right chosen; only the pairs the verifier tells
+# apart are trained on (--filter-groups).
+stage online_dpo $B/ppo train --policy "$D/sft/final" --prompts "$D/data/prompts.jsonl" \
+    --output-dir "$D/online_dpo" --advantage-estimator online-dpo --num-generations 2 \
+    --reward-rule exact-answer --answer-pattern '(?s).*\D(\d+) rabbits' --filter-groups \
+    --kl-coef 0.1 --rollout-batch-size 32 --response-length 64 --ppo-epochs 2 \
+    --num-minibatches 2 --lr 1e-5 --max-steps 30 --seed "$SEED" --log-every 5
 # DPO from the same SFT policy on the reward model's rankings (all their pairs), with no
 # reward model and no sampling (issue 17); the reference is the SFT policy.
 stage dpo $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
@@ -54,7 +62,7 @@ stage orpo $B/dpo train --model "$D/sft/final" --data "$D/data/rankings.jsonl" \
     --lr 1e-4 --batch-size 64 --epochs 1 --max-length 128 --seed "$SEED" --log-every 10
 # Held-out accuracy, sampled at temperature 1 with three sampling seeds, for every policy.
 start=$(date +%s%N)
-for model in sft ppo grpo dpo rpo kto orpo; do
+for model in sft ppo grpo online_dpo dpo rpo kto orpo; do
     for s in 1 2 3; do
         $B/sft generate --model "$D/$model/final" --prompts "$D/data/eval_prompts.jsonl" \
             --output "$D/eval_${model}_$s.jsonl" --max-new-tokens 64 --temperature 1 --seed "$s" \

@@ -677,9 +677,12 @@ impl<'a> Ppo<'a> {
         // With --kl-in-loss the penalty is a loss term instead of a reward; online DPO's
         // loss holds the policy to the reference itself (β is DPO's), and its pairs are
         // judged on their scores alone, as TRL's.
-        let in_loss =
-            args.kl_in_loss || args.advantage_estimator == crate::args::EstimatorName::OnlineDpo;
-        let reward_beta = if in_loss { 0.0 } else { beta };
+        let online_dpo = args.advantage_estimator == crate::args::EstimatorName::OnlineDpo;
+        let reward_beta = if args.kl_in_loss || online_dpo {
+            0.0
+        } else {
+            beta
+        };
         let (rewards, non_score) = rewards(
             &kl,
             &ro.scores,
@@ -688,6 +691,8 @@ impl<'a> Ppo<'a> {
             args.whiten_rewards,
             world,
         );
+        // What TRL's OnlineDPOTrainer logs as the non-score reward all the same: −β·KL.
+        let non_score = if online_dpo { &kl * -beta } else { non_score };
         let adv = advantages(
             args.advantage_estimator(),
             &rewards,

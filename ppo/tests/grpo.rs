@@ -315,12 +315,23 @@ fn online_dpo_trains_on_the_rollouts_pairs() {
     // the rejected ones.
     let (out, mut a) = online("run-online-dpo-twice", &[]);
     a.ppo_epochs = 2;
+    a.run.max_steps = Some(2);
     run(&a).unwrap();
-    let m = &metrics(&out)[0];
-    let loss = m["loss/policy_avg"].as_f64().unwrap();
-    assert!(loss < std::f64::consts::LN_2 - 1e-4, "{m}");
-    assert!(m["rewards/margins"].as_f64().unwrap() > 0.0, "{m}");
-    assert!(m["rewards/accuracies"].as_f64().unwrap() > 0.0, "{m}");
+    let m = metrics(&out);
+    let loss = m[0]["loss/policy_avg"].as_f64().unwrap();
+    assert!(loss < std::f64::consts::LN_2 - 1e-4, "{}", m[0]);
+    assert!(m[0]["rewards/margins"].as_f64().unwrap() > 0.0, "{}", m[0]);
+    assert!(
+        m[0]["rewards/accuracies"].as_f64().unwrap() > 0.0,
+        "{}",
+        m[0]
+    );
+    // The second iteration samples from the trained policy: TRL's non-score reward is
+    // −β·KL, though the KL acts through the loss.
+    let kl = m[1]["objective/kl"].as_f64().unwrap();
+    assert!(kl.abs() > 1e-4, "{}", m[1]);
+    let non_score = m[1]["objective/non_score_reward"].as_f64().unwrap();
+    assert!((non_score + 0.1 * kl).abs() < 1e-6, "{}", m[1]);
     // Pairs are two responses, held to the reference by β > 0, and kept whole.
     for what in ["--num-generations 4", "--kl-coef 0", "--num-minibatches 16"] {
         let (out, mut a) = online("run-online-dpo-refused", &[]);

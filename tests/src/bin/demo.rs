@@ -152,6 +152,19 @@ fn report(dir: &Path) {
         );
         (a.0, kl)
     });
+    // Online DPO with the same verifier, on pairs of sampled answers (when the run has it).
+    let online_dpo = dir.join("judge_online_dpo_1.json").exists().then(|| {
+        let a = accuracy("online_dpo");
+        let kl = read_json(&dir.join("online_dpo.json"))["kl"].as_f64().unwrap();
+        println!(
+            "| online DPO (verifier, pairs of samples) | accuracy {:.3} (seeds {:.3}–{:.3}), KL to SFT {kl:.3} | {:.0} s |",
+            a.0,
+            a.1,
+            a.2,
+            t("online_dpo")
+        );
+        (a.0, kl)
+    });
     // DPO on the rankings, no reward model, no sampling, plain and with RPO's NLL term
     // (when the run has them).
     let dpo_row = |name: &str, label: &str| {
@@ -202,6 +215,8 @@ fn report(dir: &Path) {
         json!({"sft_accuracy": sft.0, "ppo_accuracy": ppo.0, "reward_accuracy": rm,
                "reward_accuracy_correct_vs_slipped": slips.map(|s| s.0), "kl": kl,
                "grpo_accuracy": grpo.map(|g| g.0), "grpo_kl": grpo.map(|g| g.1),
+               "online_dpo_accuracy": online_dpo.map(|g| g.0),
+               "online_dpo_kl": online_dpo.map(|g| g.1),
                "dpo_accuracy": dpo.map(|d| d.0), "dpo_pairwise_accuracy": dpo.map(|d| d.1),
                "rpo_accuracy": rpo.map(|d| d.0), "rpo_pairwise_accuracy": rpo.map(|d| d.1),
                "kto_accuracy": kto.map(|d| d.0), "kto_margin": kto.map(|d| d.1),
