@@ -731,18 +731,19 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
     let sync = "--sync-ref-model --ref-model-sync-steps 2 --ref-model-mixup-alpha 0.5";
     let entropy =
         "--use-adaptive-entropy --entropy-coef 0.01 --entropy-coef-delta 0.01 --entropy-target 10";
-    // And with DAPO's dynamic sampling, whose extra batches of prompts move the sampler.
+    // And with DAPO's dynamic sampling, whose extra batches of prompts move the sampler;
+    // and online DPO, whose minibatches are shuffled a pair at a time.
     let filter = "--filter-groups --max-num-gen-batches 0";
     for (tag, options) in [
         ("plain", ""),
         ("sync", sync),
         ("entropy", entropy),
         ("filter", filter),
+        ("online-dpo", "online-dpo"),
     ] {
-        let mut extra = vec!["--max-steps", "4", "--save-every", "2"];
-        extra.extend(options.split_whitespace());
         let straight = f.root.join(format!("run-grpo-straight-{tag}"));
-        run_with_reward(&args(&straight, &extra), &TextRule(digit_share)).unwrap();
+        let reward = TextRule(digit_share);
+        run_with_reward(&resumable_args(&straight, options, false), &reward).unwrap();
         let killed = f.root.join(format!("run-grpo-killed-{tag}"));
         let status = Command::new(std::env::current_exe().unwrap())
             .args([
@@ -760,9 +761,7 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
         assert!(!killed.join("final").exists());
         let moved = killed.join("checkpoints/step-000002/ref_model.safetensors");
         assert_eq!(moved.exists(), tag == "sync");
-        let mut resumed = extra.clone();
-        resumed.push("--resume");
-        run_with_reward(&args(&killed, &resumed), &TextRule(digit_share)).unwrap();
+        run_with_reward(&resumable_args(&killed, options, true), &reward).unwrap();
         let diff =
             rlhf_tests::max_weight_diff(&straight.join("final"), &killed.join("final"), Head::Lm);
         assert!(diff < 1e-6, "{tag}: resumed weights differ by {diff:e}");
@@ -808,9 +807,29 @@ fn child_killed_grpo_run() {
         return;
     };
     let options = std::env::var("GRPO_CHILD_OPTIONS").unwrap_or_default();
+    let a = resumable_args(Path::new(&out), &options, false);
+    run_with_reward(&a, &TextRule(digit_share)).unwrap();
+}
+
+/// A run of `killed_grpo_run_resumes…` (and of its child): 4 iterations, a checkpoint every
+/// 2, with `options`, or online DPO's estimator where they say `online-dpo` (whose
+/// settings the base options hold otherwise).
+fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
+    let online = options == "online-dpo";
     let mut extra = vec!["--max-steps", "4", "--save-every", "2"];
-    extra.extend(options.split_whitespace());
-    run_with_reward(&args(Path::new(&out), &extra), &TextRule(digit_share)).unwrap();
+    if !online {
+        extra.extend(options.split_whitespace());
+    }
+    if resume {
+        extra.push("--resume");
+    }
+    let mut a = args(out, &extra);
+    if online {
+        a.advantage_estimator = "online-dpo".parse().unwrap();
+        a.num_generations = 2;
+        a.kl_coef = 0.1;
+    }
+    a
 }
 
 /// GDPO (`--multi-objective-aggregation normalize-then-sum`) with two sources, the
