@@ -313,6 +313,7 @@ pub(crate) fn write_samples(
     let advantages = sequence_advantages
         .map(|a| cpu(&a.select(1, 0)))
         .transpose()?;
+    let k = ro.source_names.len();
     let mut markdown = String::from("| prompt | response | score |\n|---|---|---|\n");
     let mut lines = String::new();
     for (i, ((prompt_ids, text), score)) in ro
@@ -326,7 +327,6 @@ pub(crate) fn write_samples(
         let prompt = tok.decode(prompt_ids, true);
         let mut line =
             serde_json::json!({"step": step, "prompt": prompt, "response": text, "score": score});
-        let k = ro.source_names.len();
         let rewards: serde_json::Map<String, serde_json::Value> = ro
             .source_names
             .iter()

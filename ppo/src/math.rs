@@ -832,24 +832,40 @@ pub fn policy_loss(
         _ => per_token,
     };
     let loss = aggregation.aggregate(&per_token, mask, norm);
-    let d = log_ratio.detach();
-    let ratio = d.exp();
-    let mask_b = mask.to_kind(Kind::Bool);
     PolicyLoss {
-        loss,
         clipfrac,
         clip_low,
         clip_high,
-        approxkl: 0.5 * masked_mean(&d.square(), mask).double_value(&[]),
         vespo_phi: vespo_mean,
         seq_clip,
-        ratio_mean: masked_mean(&ratio, mask).double_value(&[]),
-        // (0 with no token: every response of a micro-batch may be masked out.)
-        ratio_max_dev: (ratio - 1.0)
-            .abs()
-            .masked_fill(&mask_b.logical_not(), 0.0)
-            .max()
-            .double_value(&[]),
+        ..PolicyLoss::unclipped(loss, &log_ratio, mask)
+    }
+}
+
+impl PolicyLoss {
+    /// `loss` of an objective that clips nothing (online DPO's), with the per-token checks
+    /// of `log_ratio` (log π − log π_old) over `mask`: `approxkl`, the ratio's mean and its
+    /// largest deviation from 1.
+    pub fn unclipped(loss: Tensor, log_ratio: &Tensor, mask: &Tensor) -> Self {
+        let d = log_ratio.detach();
+        let ratio = d.exp();
+        let mask_b = mask.to_kind(Kind::Bool);
+        PolicyLoss {
+            loss,
+            clipfrac: 0.0,
+            clip_low: 0.0,
+            clip_high: 0.0,
+            approxkl: 0.5 * masked_mean(&d.square(), mask).double_value(&[]),
+            vespo_phi: 0.0,
+            seq_clip: None,
+            ratio_mean: masked_mean(&ratio, mask).double_value(&[]),
+            // (0 with no token: every response of a micro-batch may be masked out.)
+            ratio_max_dev: (ratio - 1.0)
+                .abs()
+                .masked_fill(&mask_b.logical_not(), 0.0)
+                .max()
+                .double_value(&[]),
+        }
     }
 }
 

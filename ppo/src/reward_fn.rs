@@ -79,16 +79,21 @@ impl Logged {
     /// `other` added to this: the metrics' values pooled, each response's extra columns
     /// joined (`other`'s of the same name replace these).
     pub fn merge(&mut self, other: Logged) {
-        for (name, (sum, n)) in other.metrics {
-            let entry = self.metrics.entry(name).or_insert((0.0, 0.0));
-            *entry = (entry.0 + sum, entry.1 + n);
-        }
+        self.add_metrics(other.metrics);
         if self.extra.is_empty() {
             self.extra = other.extra;
         } else if !other.extra.is_empty() {
             for (mine, theirs) in self.extra.iter_mut().zip(other.extra) {
                 mine.extend(theirs);
             }
+        }
+    }
+
+    /// `metrics`' values pooled with these.
+    pub fn add_metrics(&mut self, metrics: BTreeMap<String, (f64, f64)>) {
+        for (name, (sum, n)) in metrics {
+            let entry = self.metrics.entry(name).or_insert((0.0, 0.0));
+            *entry = (entry.0 + sum, entry.1 + n);
         }
     }
 
@@ -113,10 +118,7 @@ impl Logged {
                 (true, true) => vec![serde_json::Map::new(); rows],
                 _ => part.extra.clone(),
             };
-            out.merge(Logged {
-                metrics: part.metrics,
-                extra: vec![],
-            });
+            out.add_metrics(part.metrics);
             out.extra.extend(extra);
         }
         out

@@ -990,10 +990,7 @@ impl<'a> Ppo<'a> {
                 sums[6 + 2 * k] += scores.len() as f64;
                 sums[7 + 2 * k] += scores.iter().sum::<f64>();
             }
-            logged.merge(crate::reward_fn::Logged {
-                metrics: sampled.logged.metrics,
-                extra: vec![],
-            });
+            logged.add_metrics(sampled.logged.metrics);
         }
         let sums = world.sum_vec(&sums);
         // Means over no response are NaN, as TRL's `nanmean` of nothing.

@@ -342,7 +342,7 @@ fn minibatch_backward(
                 let pair = (&new_lp, &reference);
                 let (dpo, pairs) = online_dpo_loss(pair, &advantages, &mask, beta, loss);
                 add_pair_stats(&mut stats, &pairs, weight);
-                pair_policy_loss(dpo, &new_lp, &old_lp, &mask)
+                PolicyLoss::unclipped(dpo, &(&new_lp - &old_lp), &mask)
             }
             None => policy_loss(
                 &new_lp,
@@ -424,36 +424,6 @@ fn minibatch_backward(
         stats.insert("clip_high_max", hi);
     }
     stats
-}
-
-/// Online DPO's loss as the update reports a policy loss: its ratio statistics are the
-/// per-token ones (they check the rollout's log-probs), and nothing is clipped.
-fn pair_policy_loss(loss: Tensor, logprobs: &Tensor, old: &Tensor, mask: &Tensor) -> PolicyLoss {
-    let _guard = tch::no_grad_guard();
-    let log_ratio = (logprobs - old).to_kind(Kind::Float);
-    let real = mask.to_kind(Kind::Bool);
-    let ratio = log_ratio.exp().masked_select(&real);
-    let n = ratio.numel().max(1) as f64;
-    PolicyLoss {
-        loss,
-        clipfrac: 0.0,
-        clip_low: 0.0,
-        clip_high: 0.0,
-        approxkl: 0.5
-            * log_ratio
-                .square()
-                .masked_select(&real)
-                .sum(Kind::Float)
-                .double_value(&[])
-            / n,
-        vespo_phi: 0.0,
-        ratio_mean: ratio.sum(Kind::Float).double_value(&[]) / n,
-        ratio_max_dev: match ratio.numel() {
-            0 => 0.0,
-            _ => (ratio - 1.0).abs().max().double_value(&[]),
-        },
-        seq_clip: None,
-    }
 }
 
 /// A micro-batch's online DPO statistics (means over its pairs), weighed by its share of
