@@ -11,7 +11,8 @@ JSON line `ppo train` writes is one completion, and every line of a batch (a ran
 rollout, or an evaluation's block) comes before any answer is awaited, so the function is
 called once per batch, as `GRPOTrainer` calls it: with `prompts` (each row's prompt as
 given: text or messages), `completions` (the text, or `[{"role": "assistant", "content":
-…}]` after a conversation), `completion_ids` (with the EOS that ended it), every other
+…}]` after a conversation; with tools, the assistant's parsed turns and the tool results
+between them, as TRL builds them), `completion_ids` (with the EOS that ended it), every other
 column of the rows as a keyword, `trainer_state` with `global_step` and `max_steps` (the
 run's iterations done and in all), and TRL's `log_metric(name, value)` and
 `log_extra(column, values)`. The answers are `{"reward": x}` lines, null where the function

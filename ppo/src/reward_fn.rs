@@ -61,6 +61,10 @@ pub struct RewardInput<'a> {
     /// The iterations done and those of the run (TRL's `trainer_state.global_step` and
     /// `max_steps`), where the run gives them.
     pub step: Option<(u64, u64)>,
+    /// With tools, each response as TRL's reward functions get it: its messages (the
+    /// assistant's, each parsed into content, reasoning and tool calls, and the tool
+    /// results between them; `ToolResponse::messages`).
+    pub messages: Option<&'a [Vec<serde_json::Value>]>,
 }
 
 /// What a reward function logged beside its scores (TRL's `log_metric` and `log_extra`).
@@ -173,27 +177,52 @@ pub struct RewardModel<'a> {
 }
 
 /// A response as TRL's `GRPOTrainer` hands it to a reward model, in that model's tokens:
-/// a conversation is the prompt's messages and the response as the assistant's turn,
-/// rendered by the reward model's chat template (its `--chat-template-kwargs` too, no
-/// tools), a plain-text prompt the prompt and the response joined; tokenized without
-/// special tokens, the longest kept to their last `max_len` tokens.
+/// a conversation is the prompt's messages and the response as the assistant's turn (with
+/// tools, its `messages`: the assistant's turns and the results), rendered by the reward
+/// model's chat template (its `--chat-template-kwargs` too, no tools), a plain-text prompt
+/// the prompt and the response joined; tokenized without special tokens, the longest kept
+/// to their last `max_len` tokens.
 pub fn own_tokens(
     tok: &Tokenizer,
     example: &PromptExample,
-    response: &str,
+    (response, messages): (&str, Option<&[serde_json::Value]>),
     max_len: Option<usize>,
 ) -> Result<Vec<i64>> {
     let text = match &example.prompt {
         Content::Text(prompt) => format!("{prompt}{response}"),
-        Content::Messages(messages) => {
-            let mut messages = messages.clone();
-            messages.push(Message::new("assistant", response));
-            tok.render_chat(&messages, &TemplateArgs::default(), false)?
+        Content::Messages(prompt) => {
+            let mut all = prompt.clone();
+            match messages {
+                Some(m) => all.extend(m.iter().map(message_of)),
+                None => all.push(Message::new("assistant", response)),
+            }
+            tok.render_chat(&all, &TemplateArgs::default(), false)?
         }
     };
     let ids = tok.encode(&text, false)?;
     let keep = max_len.unwrap_or(ids.len()).min(ids.len());
     Ok(ids[ids.len() - keep..].to_vec())
+}
+
+/// A message of a response's (`{"role", "content", …}`, content a string) for a chat
+/// template.
+fn message_of(m: &serde_json::Value) -> Message {
+    let mut extra = m.as_object().cloned().unwrap_or_default();
+    let role = extra.remove("role");
+    let content = extra.remove("content");
+    Message {
+        role: role
+            .as_ref()
+            .and_then(|r| r.as_str())
+            .unwrap_or_default()
+            .into(),
+        content: content
+            .as_ref()
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .into(),
+        extra,
+    }
 }
 
 impl RewardFunction for RewardModel<'_> {
@@ -209,10 +238,14 @@ impl RewardFunction for RewardModel<'_> {
                 let examples = input
                     .examples
                     .context("a reward model with its own tokenizer reads the prompt rows, which this rollout did not keep")?;
-                examples
-                    .iter()
-                    .zip(input.texts)
-                    .map(|(e, t)| own_tokens(tok, e, t, self.model.max_positions()))
+                (0..examples.len())
+                    .map(|i| {
+                        let response = (
+                            input.texts[i].as_str(),
+                            input.messages.map(|m| m[i].as_slice()),
+                        );
+                        own_tokens(tok, &examples[i], response, self.model.max_positions())
+                    })
                     .collect::<Result<_>>()?
             }
         };
@@ -483,7 +516,7 @@ impl RewardFunction for ExactAnswer {
 /// the prompt as the policy read it (decoded, special tokens skipped) and the response's
 /// text, then what TRL's `GRPOTrainer` hands a reward function: the row's prompt as given
 /// (text or messages), the completion (its text, or `[{"role": "assistant", "content":
-/// text}]` after a conversation), its token ids with the EOS that ended it, `{"global_step",
+/// text}]` after a conversation, or with tools [`RewardInput::messages`]), its token ids with the EOS that ended it, `{"global_step",
 /// "max_steps"}` (where the run gives them), and `{"index", "size"}`, the response's place
 /// in the batch its lines are sent in (every line of a batch is sent before any answer is
 /// awaited, so a program may score a batch at once, as TRL calls a reward function) — and
@@ -527,12 +560,16 @@ impl RewardCommand {
                 let text = &input.texts[i];
                 let prompt = self.tokenizer.decode(&input.prompts[i], true);
                 // What TRL hands a reward function: the row's prompt as given, and the
-                // completion as text or, after a conversation, as the assistant's message.
+                // completion as text or, after a conversation, as the assistant's message
+                // (with tools, the messages of the assistant's turns and the results).
                 let given = input.examples.map(|e| &e[i].prompt);
                 let (raw_prompt, completion) = match given {
                     Some(Content::Messages(_)) => (
                         given.expect("matched").to_json(),
-                        serde_json::json!([{"role": "assistant", "content": text}]),
+                        match input.messages {
+                            Some(m) => serde_json::Value::Array(m[i].clone()),
+                            None => serde_json::json!([{"role": "assistant", "content": text}]),
+                        },
                     ),
                     Some(p @ Content::Text(_)) => (p.to_json(), text.clone().into()),
                     None => (prompt.clone().into(), text.clone().into()),
@@ -679,6 +716,7 @@ mod tests {
             ended_with_eos: &[true],
             examples: None,
             step: None,
+            messages: None,
         };
         rule.scores(&input).unwrap()[0]
     }
@@ -801,6 +839,7 @@ mod tests {
             ended_with_eos: &[true, false],
             examples: None,
             step: None,
+            messages: None,
         };
         assert_eq!(overlong.scores(&input).unwrap(), [-0.5, -0.45]);
         let repetition = Repetition {
@@ -820,6 +859,7 @@ mod tests {
             ended_with_eos: &[true],
             examples: None,
             step: None,
+            messages: None,
         };
         let got = repetition.scores(&input).unwrap()[0];
         assert!((got + 1.0 / 3.0).abs() < 1e-12, "{got}");
@@ -845,6 +885,7 @@ mod tests {
             ended_with_eos: &[true, true],
             examples: None,
             step: None,
+            messages: None,
         };
         let got = cosine.scores(&input).unwrap();
         assert!(near(got[0], 0.75) && near(got[1], -0.75), "{got:?}");

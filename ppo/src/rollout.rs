@@ -307,16 +307,19 @@ fn continuation_seed(seed: u64, iteration: usize) -> u64 {
     seed.wrapping_add((iteration as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-/// `generated` carried through the tool loop: the whole responses (tool results included)
-/// as one generation, their tool masks (`[B, N]`, 1 on sampled tokens) and the loop's
-/// counts.
+/// What the tool loop made of a generation: the whole responses (tool results included)
+/// as one generation, their tool masks (`[B, N]`, 1 on sampled tokens), the loop's counts,
+/// and each response's messages.
+type Looped = (Generation, Tensor, ToolStats, Vec<Vec<serde_json::Value>>);
+
+/// `generated` carried through the tool loop.
 fn with_tools(
     models: &RolloutModels,
     tools: &Tools,
     (prompt_ids, prompt_mask): (&Tensor, &Tensor),
     generated: Generation,
     opts: &RolloutOptions,
-) -> Result<(Generation, Tensor, ToolStats)> {
+) -> Result<Looped> {
     let prompts = unpadded(prompt_ids, prompt_mask)?;
     let device = generated.tokens.device();
     let (mask_kind, pad_id) = (generated.mask.kind(), opts.sampling.pad_id);
@@ -396,7 +399,8 @@ fn with_tools(
         &|r| r.sampled.iter().map(|&s| f32::from(u8::from(s))).collect(),
         0.0,
     );
-    Ok((generation, sampled, stats))
+    let messages = responses.into_iter().map(|r| r.messages).collect();
+    Ok((generation, sampled, stats, messages))
 }
 
 /// Log-probs and entropies under the policy, log-probs under the reference, values.
@@ -663,12 +667,12 @@ pub fn sample_and_reward(
         opts.generation_batch.unwrap_or(rows),
         opts.rows,
     );
-    let (generated, tool_mask, tool_stats) = match models.tools {
-        None => (generated, None, None),
+    let (generated, tool_mask, tool_stats, messages) = match models.tools {
+        None => (generated, None, None, None),
         Some(tools) => {
-            let (g, mask, stats) =
+            let (g, mask, stats, messages) =
                 with_tools(models, tools, (prompt_ids, prompt_mask), generated, opts)?;
-            (g, Some(mask), Some(stats))
+            (g, Some(mask), Some(stats), Some(messages))
         }
     };
     let seen = RewardView::of(prompt_ids, prompt_mask, &generated, models.tokenizer)?;
@@ -681,6 +685,7 @@ pub fn sample_and_reward(
         ended_with_eos: &seen.ended_with_eos,
         examples: examples.as_deref(),
         step: opts.step,
+        messages: messages.as_deref(),
     };
     let (mut scores, by_source, logged) = summed_rewards(models.rewards, &input)?;
     for (s, &eos) in scores.iter_mut().zip(&seen.ended_with_eos) {
@@ -854,6 +859,7 @@ mod tests {
             ended_with_eos: &[],
             examples: None,
             step: None,
+            messages: None,
         };
         let (scores, by_source, _) = summed_rewards(&sources, &input).unwrap();
         assert_eq!([scores[0], scores[1], scores[3]], [2.5, 2.0, 2.0]);

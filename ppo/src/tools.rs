@@ -13,7 +13,7 @@
 //! row's `tools`) are rendered into the prompt by the chat template, as
 //! `apply_chat_template(tools=…)` does.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -21,6 +21,7 @@ use data::formats::{Message, PromptFields, TemplateArgs};
 use data::Tokenizer;
 use serde_json::{json, Map, Value};
 
+use crate::parse_response::ResponseTemplate;
 use crate::program::LineProgram;
 use crate::python_str::python_str;
 use crate::reward_fn::{ask_rewards, RewardFunction, RewardInput};
@@ -83,50 +84,44 @@ impl ToolFormat {
         Ok(format)
     }
 
-    /// The tool calls of an answer's text (its EOS removed), or `None` where it calls none or
-    /// a call is malformed: TRL then takes the whole answer as text (`parse_response`'s
-    /// fallback).
-    pub fn parse(self, text: &str) -> Option<Vec<ToolCall>> {
+    /// The response template TRL's `add_response_schema` gives the chat template.
+    fn template(self) -> &'static ResponseTemplate {
+        static QWEN3: OnceLock<ResponseTemplate> = OnceLock::new();
+        static LLAMA3: OnceLock<ResponseTemplate> = OnceLock::new();
         match self {
-            ToolFormat::Hermes => {
-                const OPEN: &str = "<tool_call>";
-                const CLOSE: &str = "</tool_call>";
-                let mut calls = vec![];
-                let mut rest = text;
-                while let Some(start) = rest.find(OPEN) {
-                    let after = &rest[start + OPEN.len()..];
-                    let end = after.find(CLOSE)?;
-                    calls.push(call_of(after[..end].trim(), "arguments")?);
-                    rest = &after[end + CLOSE.len()..];
-                }
-                (!calls.is_empty()).then_some(calls)
-            }
-            ToolFormat::Llama3 => {
-                let text = text.trim();
-                text.starts_with("{\"name\"")
-                    .then(|| call_of(text, "parameters"))
-                    .flatten()
-                    .map(|c| vec![c])
-            }
+            ToolFormat::Hermes => QWEN3.get_or_init(ResponseTemplate::qwen3),
+            ToolFormat::Llama3 => LLAMA3.get_or_init(ResponseTemplate::llama3),
         }
+    }
+
+    /// An answer's tokens `ids` (with the EOS that ended it) after `prefix` (the prompt, or
+    /// everything before the answer) as an assistant message: TRL's `parse_response`
+    /// ([`crate::parse_response`]), its content the plain text where it cannot be read.
+    pub fn message(self, tok: &Tokenizer, prefix: &[i64], ids: &[i64]) -> Value {
+        self.template().message(
+            &tok.decode(prefix, false),
+            &tok.decode(ids, false),
+            &tok.decode(ids, true),
+            tok.eos_token.as_deref(),
+        )
     }
 }
 
-/// A call's JSON object: a string `name` and an object (or absent, or null: no arguments)
-/// under `arguments_key`.
-fn call_of(json: &str, arguments_key: &str) -> Option<ToolCall> {
-    let Value::Object(mut call) = serde_json::from_str::<Value>(json).ok()? else {
-        return None;
-    };
-    let Some(Value::String(name)) = call.remove("name") else {
-        return None;
-    };
-    let arguments = match call.remove(arguments_key) {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(a)) => a,
-        Some(_) => return None,
-    };
-    Some(ToolCall { name, arguments })
+/// The tool calls of an assistant `message` ([`ToolFormat::message`]), `None` where it makes
+/// none.
+pub fn calls_of(message: &Value) -> Option<Vec<ToolCall>> {
+    let calls = message.get("tool_calls")?.as_array()?;
+    let calls: Vec<ToolCall> = calls
+        .iter()
+        .map(|c| ToolCall {
+            name: c["function"]["name"].as_str().unwrap_or_default().into(),
+            arguments: c["function"]["arguments"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        })
+        .collect();
+    (!calls.is_empty()).then_some(calls)
 }
 
 fn assistant_calling(calls: &[ToolCall]) -> Message {
@@ -362,6 +357,10 @@ pub struct ToolResponse {
     pub sampled: Vec<bool>,
     /// Whether its last segment ended with an EOS.
     pub eos: bool,
+    /// The response as TRL's reward functions get it with tools: each sampled segment an
+    /// assistant message ([`ToolFormat::message`]), each result a `tool` message
+    /// (`{"role": "tool", "name", "content"}`).
+    pub messages: Vec<Value>,
 }
 
 /// What the loop did, for `tools/call_frequency` and `tools/failure_frequency`.
@@ -404,7 +403,8 @@ impl ToolLoop<'_> {
             .into_iter()
             .enumerate()
             .map(|(row, seg)| {
-                if let Some(c) = self.calls_of(&seg) {
+                let message = self.format.message(self.tokenizer, &prompts[row], &seg.ids);
+                if let Some(c) = calls_of(&message) {
                     calls.push((row, c));
                 }
                 ToolResponse {
@@ -412,6 +412,7 @@ impl ToolLoop<'_> {
                     ids: seg.ids,
                     logprobs: seg.logprobs,
                     eos: seg.eos,
+                    messages: vec![message],
                 }
             })
             .collect();
@@ -445,6 +446,11 @@ impl ToolLoop<'_> {
                     continue; // TRL's overlong rule: the row ends with its answer as it is
                 }
                 let r = &mut out[*row];
+                r.messages.extend(
+                    messages
+                        .iter()
+                        .map(|(n, c)| json!({"role": "tool", "name": n, "content": c})),
+                );
                 r.ids.extend(&suffix);
                 r.logprobs.extend(std::iter::repeat_n(0.0, suffix.len()));
                 r.sampled.extend(std::iter::repeat_n(false, suffix.len()));
@@ -478,16 +484,22 @@ impl ToolLoop<'_> {
                 }
             }
             calls.clear();
-            for ((&row, &room), mut seg) in rows.iter().zip(&rooms).zip(segments) {
+            for (((&row, &room), mut seg), before) in
+                rows.iter().zip(&rooms).zip(segments).zip(&continued)
+            {
                 if seg.ids.len() > room {
                     seg.ids.truncate(room);
                     seg.logprobs.truncate(room);
                     seg.eos = false;
                 }
-                if let Some(c) = self.calls_of(&seg) {
-                    calls.push((row, c));
-                }
                 let r = &mut out[row];
+                if !seg.ids.is_empty() {
+                    let message = self.format.message(self.tokenizer, before, &seg.ids);
+                    if let Some(c) = calls_of(&message) {
+                        calls.push((row, c));
+                    }
+                    r.messages.push(message);
+                }
                 r.sampled.extend(std::iter::repeat_n(true, seg.ids.len()));
                 r.ids.extend(seg.ids);
                 r.logprobs.extend(seg.logprobs);
@@ -496,14 +508,5 @@ impl ToolLoop<'_> {
             iteration += 1;
         }
         Ok((out, stats))
-    }
-
-    /// The calls of a segment's text (without its EOS).
-    fn calls_of(&self, seg: &Segment) -> Option<Vec<ToolCall>> {
-        if seg.ids.is_empty() {
-            return None;
-        }
-        let ids = &seg.ids[..seg.ids.len() - usize::from(seg.eos)];
-        self.format.parse(&self.tokenizer.decode(ids, true))
     }
 }

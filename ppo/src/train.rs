@@ -1375,6 +1375,7 @@ mod tests {
             ended_with_eos: &[true, false],
             examples: None,
             step: None,
+            messages: None,
         };
         let full = scorer(&rm, false).scores(&input).unwrap();
         let shared = scorer(critic, true).scores(&input).unwrap();
@@ -1452,6 +1453,7 @@ mod tests {
             ended_with_eos: &[true],
             examples: None,
             step: None,
+            messages: None,
         };
         let scores: Vec<f64> = rules[1..]
             .iter()

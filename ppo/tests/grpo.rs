@@ -976,6 +976,7 @@ fn exact_answer_scores_from_the_rows_answers() {
             ended_with_eos: &[true],
             examples: None,
             step: None,
+            messages: None,
         };
         let want = rule.scores(&input).unwrap()[0];
         assert!((s["score"].as_f64().unwrap() - want).abs() < 1e-6, "{s}");

@@ -82,10 +82,7 @@ fn our_scores(cases: &[Value]) -> Vec<f64> {
     let policy_tok = data::Tokenizer::load(&f.policy).unwrap();
     assert!(!policy_tok.same_vocabulary(&tok));
     let examples: Vec<PromptExample> = cases.iter().map(|c| example(&c["prompt"])).collect();
-    let texts: Vec<String> = cases
-        .iter()
-        .map(|c| c["completion"].as_str().unwrap().to_string())
-        .collect();
+    let (texts, messages): (Vec<String>, Vec<Vec<Value>>) = cases.iter().map(response).unzip();
     let n = cases.len();
     let reward = RewardModel {
         normalization: Normalization::of(&model),
@@ -104,8 +101,22 @@ fn our_scores(cases: &[Value]) -> Vec<f64> {
         ended_with_eos: &vec![true; n],
         examples: Some(&examples),
         step: None,
+        messages: Some(&messages),
     };
     reward.scores(&input).unwrap()
+}
+
+/// A case's completion as a response: its text, and its messages (a text as the
+/// assistant's; messages, as after tools, with no text of their own).
+fn response(case: &Value) -> (String, Vec<Value>) {
+    match &case["completion"] {
+        Value::String(text) => (
+            text.clone(),
+            vec![json!({"role": "assistant", "content": text})],
+        ),
+        Value::Array(messages) => (String::new(), messages.clone()),
+        other => panic!("a completion: {other}"),
+    }
 }
 
 #[test]
@@ -120,6 +131,13 @@ fn scores_are_trls() {
             {"role": "assistant", "content": "1 rabbit"}, {"role": "user", "content": "Why?"}],
             "completion": "2*2=4, 6-4=2, 2/2=1 rabbit, 2-1=1 chicken. The answer is 1"}),
         json!({"prompt": "Q: 2+2?", "completion": ""}),
+        // After tools: the assistant's turns and the results between them.
+        json!({"prompt": [{"role": "user", "content": "Heads 35, legs 94. How many rabbits?"}],
+            "completion": [
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                    "function": {"name": "calc", "arguments": {"expr": "(94-70)/2"}}}]},
+                {"role": "tool", "name": "calc", "content": "12.0"},
+                {"role": "assistant", "content": "12 rabbits."}]}),
     ];
     let want = trl_scores(&cases, "cases");
     let cases: Vec<Value> = want.iter().map(|w| w["case"].clone()).collect();
@@ -127,7 +145,9 @@ fn scores_are_trls() {
     let tok = data::Tokenizer::load(&fixture().reward).unwrap();
     for (w, ours) in want.iter().zip(ours) {
         let e = example(&w["case"]["prompt"]);
-        let ids = own_tokens(&tok, &e, w["case"]["completion"].as_str().unwrap(), None).unwrap();
+        let (text, messages) = response(&w["case"]);
+        let messages = w["case"]["completion"].is_array().then_some(&messages[..]);
+        let ids = own_tokens(&tok, &e, (&text, messages), None).unwrap();
         assert_eq!(tok.decode(&ids, false), w["text"].as_str().unwrap());
         let trl = w["score"].as_f64().unwrap();
         assert!(
@@ -138,9 +158,9 @@ fn scores_are_trls() {
     }
     // The longest are kept to their last tokens (the reward model's positions).
     let e = example(&cases[0]["prompt"]);
-    let all = own_tokens(&tok, &e, "12", None).unwrap();
+    let all = own_tokens(&tok, &e, ("12", None), None).unwrap();
     assert_eq!(
-        own_tokens(&tok, &e, "12", Some(5)).unwrap(),
+        own_tokens(&tok, &e, ("12", None), Some(5)).unwrap(),
         all[all.len() - 5..]
     );
 }

@@ -1,6 +1,6 @@
-//! Tool calling in rollouts (TRL 1.16's `GRPOTrainer(tools=…)`): the calls an answer makes
-//! are found as TRL's `parse_response` finds them and the results' tokens are what its
-//! `_get_tool_suffix_ids` appends, on the Qwen2.5, Qwen3 (TRL's training template) and
+//! Tool calling in rollouts (TRL 1.16's `GRPOTrainer(tools=…)`): an answer is the message
+//! TRL's `parse_response` makes of it (content, reasoning, the calls the loop runs) and the
+//! results' tokens are what its `_get_tool_suffix_ids` appends, on the Qwen2.5, Qwen3 (TRL's training template) and
 //! Llama 3.1 chat templates (`tests/python/tool_reference.py`); the loop splices results
 //! between sampled stretches, keeps them out of the sampled mask, and stops at the
 //! response budget and the iteration limit as TRL's `_tool_call_loop` does; a GRPO run
@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use data::Tokenizer;
 use ppo::python_str::python_str;
-use ppo::tools::{suffix_ids, Segment, ToolCall, ToolFormat, ToolLoop, ToolRunner};
+use ppo::tools::{calls_of, suffix_ids, Segment, ToolCall, ToolFormat, ToolLoop, ToolRunner};
 use serde_json::{json, Value};
 
 struct Fixture {
@@ -82,13 +82,24 @@ fn calls_and_results_are_trls() {
         let want = &f.reference[name];
         for case in want["parsed"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
-            let ours: Vec<Value> = format
-                .parse(text)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|c| json!({"name": c.name, "arguments": c.arguments}))
-                .collect();
-            assert_eq!(&Value::Array(ours), &case["calls"], "{name}: {text:?}");
+            let ids =
+                |key: &str| -> Vec<i64> { serde_json::from_value(case[key].clone()).unwrap() };
+            let message = format.message(&tok, &ids("prefix"), &ids("ids"));
+            assert_eq!(&message, &case["message"], "{name}: {text:?}");
+            // The loop runs the message's calls.
+            let want_calls = case["message"]["tool_calls"].as_array().map(|calls| {
+                calls
+                    .iter()
+                    .map(|c| json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}))
+                    .collect::<Vec<_>>()
+            });
+            let ours = calls_of(&message).map(|calls| {
+                calls
+                    .into_iter()
+                    .map(|c| json!({"name": c.name, "arguments": c.arguments}))
+                    .collect::<Vec<_>>()
+            });
+            assert_eq!(ours, want_calls, "{name}: {text:?}");
             checked += 1;
         }
         for case in want["suffixes"].as_array().unwrap() {
@@ -103,7 +114,7 @@ fn calls_and_results_are_trls() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 39);
+    assert_eq!(checked, 54);
     // Qwen3's own template drops an answer's empty think block once tool results follow
     // it: refused, naming the way out.
     let own = Tokenizer::load(&f.templates.join("qwen3")).unwrap();
@@ -235,6 +246,19 @@ fn the_loop_splices_results_between_sampled_stretches() {
     assert!(tok
         .decode(&r.ids, true)
         .contains("<tool_response>\n24\n</tool_response>"));
+    // What TRL's reward functions get: the answers as messages, the results between them.
+    let calling_message = json!({"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calc", "arguments": {"expr": "94-2*35"}}}]});
+    let answer_message = json!({"role": "assistant", "content": "The answer is 12"});
+    assert_eq!(
+        r.messages,
+        [
+            calling_message.clone(),
+            json!({"role": "tool", "name": "calc", "content": "24"}),
+            answer_message.clone()
+        ]
+    );
+    assert_eq!(out[1].messages, [answer_message]);
     assert_eq!(
         (out[1].ids.clone(), out[1].sampled.iter().all(|&s| s)),
         (answer.ids.clone(), true)
@@ -270,6 +294,7 @@ fn the_loop_splices_results_between_sampled_stretches() {
         )
         .unwrap();
     assert_eq!((out[0].ids.clone(), stats.calls), (calling.ids.clone(), 1));
+    assert_eq!(out[0].messages, [calling_message]);
     assert!(asked.borrow().is_empty());
 
     // A policy that keeps calling stops after --max-tool-calling-iterations rounds; a
@@ -312,6 +337,16 @@ for line in sys.stdin:
     else:
         answer = {"error": f"Tool {call['name']} cannot do that."}
     print(json.dumps(answer), flush=True)
+"#;
+
+/// A reward program that appends each completion it is given to `log` (the first argument)
+/// and scores none.
+const KEEP_COMPLETIONS: &str = r#"
+import json, sys
+log = open(sys.argv[1], "a")
+for line in sys.stdin:
+    log.write(json.dumps(json.loads(line)["completion"]) + "\n"); log.flush()
+    print(json.dumps({"reward": None}), flush=True)
 "#;
 
 /// `calc` as an environment: episodes begun by `reset`, each call counted in its episode,
@@ -442,7 +477,23 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
         argv.extend(extra.iter().map(|s| s.to_string()));
         rlhf_tests::parse_args(&argv)
     };
-    let tool_command = ["--tool-command", command.as_str()];
+    // A reward program that keeps the completions it is given (and scores none).
+    std::fs::write(root.join("keep.py"), KEEP_COMPLETIONS).unwrap();
+    let kept = root.join("completions.jsonl");
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&kept);
+    let keep = format!(
+        "'{}' '{}' '{}'",
+        rlhf_tests::python().display(),
+        root.join("keep.py").display(),
+        kept.display()
+    );
+    let tool_command = [
+        "--tool-command",
+        command.as_str(),
+        "--reward-command",
+        &keep,
+    ];
     ppo::train::run(&ppo_args("grpo", &out, &tool_command)).unwrap();
     let m = rlhf_tests::read_jsonl(&out.join("metrics.jsonl"));
     assert_eq!(m.len(), 2);
@@ -457,6 +508,36 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
         calls[0],
         json!({"name": "calc", "arguments": {"expr": "(94-70)/2"}})
     );
+    // Reward programs get each completion as TRL's reward functions do with tools: the
+    // assistant's messages (the calls parsed out of them) with the results between them.
+    let completions = rlhf_tests::read_jsonl(&kept);
+    assert_eq!(completions.len(), 64, "8 prompts x 4 answers, 2 iterations");
+    let taught = json!([
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+            "function": {"name": "calc", "arguments": {"expr": "(94-70)/2"}}}]},
+        {"role": "tool", "name": "calc", "content": "12.0"},
+        {"role": "assistant", "content": "12"}]);
+    assert!(completions.contains(&taught), "{completions:?}");
+    let mut results = 0;
+    for c in &completions {
+        let messages = c.as_array().unwrap();
+        assert_eq!(messages[0]["role"], "assistant", "{c}");
+        let mut pending = 0;
+        for m in messages {
+            match m["role"].as_str().unwrap() {
+                "tool" => {
+                    assert!(pending > 0, "a result without its call: {c}");
+                    pending -= 1;
+                    results += 1;
+                }
+                _ => {
+                    assert_eq!(pending, 0, "calls without their results: {c}");
+                    pending = m["tool_calls"].as_array().map_or(0, Vec::len);
+                }
+            }
+        }
+    }
+    assert_eq!(results, calls.len(), "a result for each call run");
     // The results' tokens are read, not sampled: `response_length` counts the call and the
     // answer (each with its EOS), not the tool message between them.
     let tok = Tokenizer::load(&root.join("sft/final")).unwrap();

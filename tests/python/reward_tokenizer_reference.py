@@ -7,9 +7,9 @@ TRL 1.16's `GRPOTrainer._calculate_rewards` for a model in `reward_funcs`.
 `make` writes a tiny LlamaForSequenceClassification with a tokenizer of its own (a byte-level
 BPE of another vocabulary than the test policy's, Llama 3's special tokens and a Llama-3-style
 chat template) into DIR. `score` reads FILE, a JSON list of {"prompt": text or messages,
-"completion": text}, and prints each one's reward as the trainer computes it: a batch of
+"completion": text, or messages after tools}, and prints each one's reward as the trainer computes it: a batch of
 conversations rendered with `trl.data_utils.apply_chat_template({"messages": prompt +
-[assistant completion]}, reward tokenizer)`, plain prompts joined to their completion, tokenized
+[assistant completion]}, reward tokenizer)` (+ the completion's messages), plain prompts joined to their completion, tokenized
 right-padded without special tokens, the model's `logits[:, 0]`.
 """
 import argparse
@@ -71,7 +71,12 @@ def score(model_dir, cases_file):
             continue
         prompts = [c["prompt"] for c in batch]
         if conversational:
-            completions = [[{"role": "assistant", "content": c["completion"]}] for c in batch]
+            # A completion given as messages is one with tools (the turns and results).
+            completions = [
+                c["completion"] if isinstance(c["completion"], list)
+                else [{"role": "assistant", "content": c["completion"]}]
+                for c in batch
+            ]
             messages = [{"messages": p + c} for p, c in zip(prompts, completions, strict=True)]
             texts = [apply_chat_template(x, tok)["text"] for x in messages]
         else:

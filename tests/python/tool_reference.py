@@ -4,8 +4,10 @@ the chat templates `template_reference.py make` writes (Qwen2.5, Qwen3, Llama 3.
     tool_reference.py --root DIR
 
 Prints, per template: for each answer text (its EOS appended and tokenized as the model
-would have sampled it) the tool calls `trl.chat_template_utils.parse_response` finds
-(after `add_response_schema`; none where it falls back to plain text), and for each list
+would have sampled it) the message `trl.chat_template_utils.parse_response` makes of it
+(after `add_response_schema`: content, reasoning and tool calls, or the plain text where it
+cannot read them), after the generation prompt and after one that opens a think block
+(`prefilled`), and for each list
 of tool results the token ids `GRPOTrainer._get_tool_suffix_ids` appends after an answer
 (with TRL's training template where the trainer swaps one in: `training_template`).
 Also `str` of what tool programs may answer, parsed as JSON, and of TRL's error dicts.
@@ -36,7 +38,12 @@ TEXTS = [
     '{"name": "calc", "parameters": {"expr": "1+1"}}',
     '{"name": "鸡兔", "parameters": {"heads": 35, "legs": 94}}',
     "23 chickens and 12 rabbits. The answer is 12",
+    '<think>\nLet me count.\n</think>\n\n<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>',
+    'Sure. {"name": "calc", "parameters": {"expr": "1+1"}}',
+    'A<tool_call>{"name": "calc", "arguments": null}</tool_call>B',
 ]
+# Answered after a prompt whose assistant turn opens a think block.
+PREFILLED = ["counting</think>\n\nThe answer is 12", '</think><tool_call>{"name": "calc"}</tool_call>']
 # What tool programs answer (the JSON after "result"), and errors: TRL writes
 # str(result) into the tool message, and str({"error": str(e)}) for a failure.
 VALUES = [
@@ -63,11 +70,13 @@ def main():
         prefix = tok.apply_chat_template(
             [{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=True, return_dict=False
         )
+        think = prefix + tok("<think>\n", add_special_tokens=False)["input_ids"]
         parsed = []
-        for text in TEXTS:
-            ids = tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]
-            calls = parse_response(tok, ids, prefix=prefix).get("tool_calls") or []
-            parsed.append({"text": text, "calls": [c["function"] for c in calls]})
+        for texts, before in [(TEXTS, prefix), (PREFILLED, think)]:
+            for text in texts:
+                ids = tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]
+                message = parse_response(tok, ids, prefix=before)
+                parsed.append({"text": text, "prefix": before, "ids": ids, "message": message})
         # The trainer swaps a template that is not prefix-preserving (Qwen3's) for TRL's
         # training template; then its method on a stand-in holding what it reads.
         chat_template = None
