@@ -283,7 +283,8 @@ fn object_at(path: &Path, line: usize, text: &str) -> Result<Map<String, Value>>
 }
 
 /// A JSON file: one array of row objects when it starts with `[` (each row named by the
-/// line it starts on), else JSON Lines, as `datasets`' json loader reads both.
+/// line it starts on), else JSON Lines, as `datasets`' json loader reads both (a UTF-8 byte
+/// order mark before them too, as Windows editors write one).
 fn read_json(
     path: &Path,
     each: &mut impl FnMut(Place, Map<String, Value>) -> Result<()>,
@@ -291,6 +292,10 @@ fn read_json(
     let file = File::open(path).map_err(|e| DataError::file(path, "cannot open").because(e))?;
     let mut reader = BufReader::new(file);
     let cannot_read = |e| DataError::file(path, "cannot read").because(e);
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    if reader.fill_buf().map_err(cannot_read)?.starts_with(BOM) {
+        reader.consume(BOM.len());
+    }
     let starts_array = loop {
         let buf = reader.fill_buf().map_err(cannot_read)?;
         match buf.iter().position(|b| !b.is_ascii_whitespace()) {
@@ -444,6 +449,11 @@ mod tests {
         );
         let e = prompts(&broken).unwrap_err().to_string();
         assert!(e.ends_with(":2: invalid JSON"), "{e}");
+        // A byte order mark is read past, in an array and in lines.
+        let marked = write(dir.path(), "g.json", "\u{feff}[{\"prompt\": \"one\"}]");
+        assert_eq!(&prompts(&marked).unwrap()[..], ["one"]);
+        let marked = write(dir.path(), "h.jsonl", "\u{feff}{\"prompt\": \"one\"}\n");
+        assert_eq!(&prompts(&marked).unwrap()[..], ["one"]);
         let empty = write(dir.path(), "f.json", " [ ] ");
         assert!(prompts(&empty)
             .unwrap_err()
