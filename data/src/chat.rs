@@ -17,38 +17,109 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-/// `json.dumps(value, ensure_ascii=False, indent=indent)`: `", "` and `": "` separators, or
-/// with an indent one item per line (`","` then a newline) as Python writes it.
-fn python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
-    let (open, close, items): (char, char, Vec<(Option<&String>, &serde_json::Value)>) = match v {
+/// How `json.dumps` writes: transformers' `tojson(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)`.
+#[derive(Debug, Clone, Default)]
+struct JsonStyle {
+    /// Each level's indent (Python's `indent`: a number of spaces or a string); none: one line.
+    indent: Option<String>,
+    /// The item and key separators; by default `", "` and `": "`, `","` with an indent.
+    separators: Option<(String, String)>,
+    ensure_ascii: bool,
+    sort_keys: bool,
+}
+
+/// `json.dumps(value, …)` as Python writes it in `style`.
+fn python_json(v: &serde_json::Value, style: &JsonStyle, depth: usize, out: &mut String) {
+    let (open, close, mut items): (char, char, Vec<(Option<&String>, &serde_json::Value)>) = match v
+    {
         serde_json::Value::Array(a) => ('[', ']', a.iter().map(|x| (None, x)).collect()),
         serde_json::Value::Object(m) => ('{', '}', m.iter().map(|(k, x)| (Some(k), x)).collect()),
+        serde_json::Value::String(text) => return python_string(text, style.ensure_ascii, out),
         other => return out.push_str(&other.to_string()),
     };
+    if style.sort_keys {
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+    }
     out.push(open);
     if items.is_empty() {
         out.push(close);
         return;
     }
+    let (item_sep, key_sep) = match (&style.separators, &style.indent) {
+        (Some((i, k)), _) => (i.as_str(), k.as_str()),
+        (None, Some(_)) => (",", ": "),
+        (None, None) => (", ", ": "),
+    };
     let newline = |out: &mut String, level: usize| {
-        if let Some(n) = indent {
+        if let Some(indent) = &style.indent {
             out.push('\n');
-            out.push_str(&" ".repeat(n * level));
+            out.push_str(&indent.repeat(level));
         }
     };
     for (i, (key, item)) in items.into_iter().enumerate() {
         if i > 0 {
-            out.push_str(if indent.is_some() { "," } else { ", " });
+            out.push_str(item_sep);
         }
         newline(out, depth + 1);
         if let Some(k) = key {
-            out.push_str(&serde_json::Value::String(k.clone()).to_string());
-            out.push_str(": ");
+            python_string(k, style.ensure_ascii, out);
+            out.push_str(key_sep);
         }
-        python_json(item, indent, depth + 1, out);
+        python_json(item, style, depth + 1, out);
     }
     newline(out, depth);
     out.push(close);
+}
+
+/// A JSON string as Python writes it: with `ensure_ascii`, every character outside
+/// printable ASCII as `\uXXXX` (a surrogate pair above U+FFFF).
+fn python_string(text: &str, ensure_ascii: bool, out: &mut String) {
+    let quoted = serde_json::Value::String(text.into()).to_string();
+    if !ensure_ascii {
+        return out.push_str(&quoted);
+    }
+    for c in quoted.chars() {
+        match c {
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
+}
+
+/// transformers' `tojson` keywords: `indent` (spaces, or a string), `separators` (two
+/// strings), `ensure_ascii` and `sort_keys`.
+fn json_style(kwargs: &minijinja::value::Kwargs) -> Result<JsonStyle, minijinja::Error> {
+    let bad = |what: &str| minijinja::Error::new(ErrorKind::InvalidOperation, what.to_string());
+    let indent = match kwargs.get::<Option<Value>>("indent")? {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => match (v.as_str(), v.as_usize()) {
+            (Some(s), _) => Some(s.to_string()),
+            (None, Some(n)) => Some(" ".repeat(n)),
+            _ => return Err(bad("tojson: indent must be a number or a string")),
+        },
+    };
+    let separators = match kwargs.get::<Option<Vec<String>>>("separators")? {
+        None => None,
+        Some(pair) => match <[String; 2]>::try_from(pair) {
+            Ok([item, key]) => Some((item, key)),
+            Err(_) => return Err(bad("tojson: separators must be two strings")),
+        },
+    };
+    let style = JsonStyle {
+        indent,
+        separators,
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+    };
+    kwargs.assert_all_used()?;
+    Ok(style)
 }
 
 impl ChatTemplate {
@@ -72,13 +143,12 @@ impl ChatTemplate {
         env.add_filter(
             "tojson",
             |v: Value, kwargs: minijinja::value::Kwargs| -> Result<String, minijinja::Error> {
-                let indent: Option<usize> = kwargs.get("indent")?;
-                kwargs.assert_all_used()?;
+                let style = json_style(&kwargs)?;
                 let json = serde_json::to_value(&v).map_err(|e| {
                     minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string())
                 })?;
                 let mut out = String::new();
-                python_json(&json, indent, 0, &mut out);
+                python_json(&json, &style, 0, &mut out);
                 Ok(out)
             },
         );
@@ -254,15 +324,46 @@ mod tests {
     fn tojson_uses_python_separators() {
         let v = serde_json::json!({"a": [1, "x"], "b": {"c": null}, "d": []});
         let mut out = String::new();
-        python_json(&v, None, 0, &mut out);
+        python_json(&v, &JsonStyle::default(), 0, &mut out);
         assert_eq!(out, r#"{"a": [1, "x"], "b": {"c": null}, "d": []}"#);
         // json.dumps(v, indent=2)
         let mut out = String::new();
-        python_json(&v, Some(2), 0, &mut out);
+        let indented = JsonStyle {
+            indent: Some("  ".into()),
+            ..JsonStyle::default()
+        };
+        python_json(&v, &indented, 0, &mut out);
         assert_eq!(
             out,
             "{\n  \"a\": [\n    1,\n    \"x\"\n  ],\n  \"b\": {\n    \"c\": null\n  },\n  \"d\": []\n}"
         );
+    }
+
+    /// transformers' `tojson` keywords (GLM-4's templates write `tojson(ensure_ascii=False)`),
+    /// each as Python's `json.dumps` writes it.
+    #[test]
+    fn tojson_takes_transformers_keywords() {
+        let render = |template: &str| {
+            let t = ChatTemplate::new(template).unwrap();
+            let m = [msg("user", "鸡🐔\u{7f}")];
+            t.render(
+                &m,
+                &TemplateArgs::default(),
+                false,
+                ("", ""),
+                &Default::default(),
+            )
+        };
+        assert_eq!(
+            render(r#"{{ messages | tojson(ensure_ascii=True, sort_keys=True, separators=(",", ":")) }}"#).unwrap(),
+            r#"[{"content":"\u9e21\ud83d\udc14\u007f","role":"user"}]"#
+        );
+        assert_eq!(
+            render(r#"{{ messages | tojson(indent="\t", ensure_ascii=False) }}"#).unwrap(),
+            "[\n\t{\n\t\t\"role\": \"user\",\n\t\t\"content\": \"鸡🐔\u{7f}\"\n\t}\n]"
+        );
+        let e = render("{{ messages | tojson(indnet=2) }}").unwrap_err();
+        assert!(e.contains("indnet"), "{e}");
     }
 
     /// `chat_template_kwargs` reach the template as variables (Qwen3's `enable_thinking`)

@@ -25,6 +25,9 @@ enum Read {
     /// JSON, the arguments of a call whose name the opening captured (Llama 3.1's
     /// `{"name": …, "parameters": …}`).
     ArgumentsCall,
+    /// `<parameter=KEY>value</parameter>` tags, each value text, the arguments of a call
+    /// whose name the opening captured (Qwen3.5's `<function=…>`).
+    XmlCall,
 }
 
 /// One field of the message: where its text opens (none: the implicit region, the content,
@@ -80,6 +83,20 @@ impl ResponseTemplate {
         }
     }
 
+    /// TRL's `qwen3_5_template` (Qwen3.5, Qwen3.6, Qwen3.8: `<tool_call><function=NAME>`
+    /// with a `<parameter=KEY>` tag per argument).
+    pub fn qwen3_5() -> Self {
+        let mut t = Self::qwen3();
+        t.regions[1] = Region {
+            field: "tool_calls",
+            open: Some(re(r"<tool_call>\s*<function=(?P<name>[^\n>]+)>")),
+            close: re(r"</tool_call>\s*"),
+            read: Read::XmlCall,
+            repeats: true,
+        };
+        t
+    }
+
     /// TRL's `llama3_template` (Llama 3.1 and 3.2: `{"name": …, "parameters": {…}}` before
     /// the end of the turn).
     pub fn llama3() -> Self {
@@ -107,13 +124,22 @@ impl ResponseTemplate {
     /// The message of `answer` (decoded with its special tokens) after `prefix` (the text
     /// before it, decoded likewise); `plain` is the answer decoded without special tokens,
     /// the message's content where it cannot be read, and `eos` the tokenizer's EOS token,
-    /// which TRL strips from the end of the content.
-    pub fn message(&self, prefix: &str, answer: &str, plain: &str, eos: Option<&str>) -> Value {
+    /// which TRL strips from the end of the content. With `tools` (the schemas the prompt
+    /// was rendered with), the calls' text arguments are typed by their tool's parameters,
+    /// as transformers' parser does when TRL passes it the tools.
+    pub fn message(
+        &self,
+        (prefix, answer): (&str, &str),
+        plain: &str,
+        eos: Option<&str>,
+        tools: Option<&Value>,
+    ) -> Value {
         let start = prefix
             .rfind(self.anchor)
             .map_or(prefix.len(), |i| i + self.anchor.len());
+        let parameters = tools.map(parameters_of).unwrap_or_default();
         let parsed = self
-            .regions(&format!("{}{answer}", &prefix[start..]))
+            .regions(&format!("{}{answer}", &prefix[start..]), &parameters)
             .and_then(|mut m| {
                 let content = m.get("content").and_then(Value::as_str).unwrap_or("");
                 let content = eos.map_or(content, |e| content.strip_suffix(e).unwrap_or(content));
@@ -128,7 +154,7 @@ impl ResponseTemplate {
 
     /// transformers' `ResponseParser` over the whole of `text` at once (`feed`, then
     /// `finalize`): `None` where a region's text cannot be read.
-    fn regions(&self, text: &str) -> Option<Map<String, Value>> {
+    fn regions(&self, text: &str, parameters: &Parameters) -> Option<Map<String, Value>> {
         let implicit = self.regions.iter().position(|r| r.open.is_none());
         let implicit = implicit.expect("a template has a content region");
         let mut out = Map::new();
@@ -144,7 +170,8 @@ impl ResponseTemplate {
                 return Some(());
             }
             let region = &self.regions[current];
-            let value = read(region.read, body, name.as_deref())?;
+            let mut value = read(region.read, body, name.as_deref())?;
+            typed(&mut value, parameters);
             if region.repeats {
                 let list = out.entry(region.field).or_insert_with(|| json!([]));
                 list.as_array_mut().expect("a list").push(value);
@@ -222,7 +249,7 @@ impl ResponseTemplate {
     }
 }
 
-/// A region's value: its text stripped, or a tool call from its JSON.
+/// A region's value: its text stripped, or a tool call.
 fn read(how: Read, body: &str, name: Option<&str>) -> Option<Value> {
     match how {
         Read::Text => Some(body.trim().into()),
@@ -234,7 +261,174 @@ fn read(how: Read, body: &str, name: Option<&str>) -> Option<Value> {
             let arguments: Value = serde_json::from_str(body).ok()?;
             Some(json!({"type": "function", "function": {"name": name?, "arguments": arguments}}))
         }
+        Read::XmlCall => {
+            static TAG: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+            let tag = TAG.get_or_init(|| {
+                re(r"(?s)<parameter=(?P<key>[^>\n]+)>\s*(?P<value>.*?)\s*</parameter>")
+            });
+            let arguments: Map<String, Value> = tag
+                .captures_iter(body)
+                .map(|c| (c["key"].to_string(), c["value"].trim().into()))
+                .collect();
+            Some(json!({"type": "function", "function": {"name": name?, "arguments": arguments}}))
+        }
     }
+}
+
+/// Each tool's parameters (its schema's `properties`) by its name.
+type Parameters = Map<String, Value>;
+
+/// The parameters of the tool schemas `tools` (`[{"type": "function", "function": {"name",
+/// "parameters": {"properties": …}}}]`, or the functions themselves).
+fn parameters_of(tools: &Value) -> Parameters {
+    let mut out = Map::new();
+    for tool in tools.as_array().into_iter().flatten() {
+        let function = tool.get("function").unwrap_or(tool);
+        if let Some(name) = function.get("name").and_then(Value::as_str) {
+            let properties = function["parameters"]["properties"].as_object();
+            out.insert(
+                name.into(),
+                Value::Object(properties.cloned().unwrap_or_default()),
+            );
+        }
+    }
+    out
+}
+
+/// transformers' `_coerce_tool_calls`: a call's text arguments cast to the types its tool's
+/// parameter declares (a list's text items too, unless the parameter is an array).
+fn typed(value: &mut Value, parameters: &Parameters) {
+    if let Value::Array(items) = value {
+        return items.iter_mut().for_each(|v| typed(v, parameters));
+    }
+    let Some(function) = value.get_mut("function").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let name = function
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let Some(properties) = parameters.get(name).and_then(Value::as_object) else {
+        return;
+    };
+    let Some(arguments) = function.get_mut("arguments").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (key, argument) in arguments.iter_mut() {
+        let types = properties.get(key).map(schema_types).unwrap_or_default();
+        if types.is_empty() {
+            continue;
+        }
+        match argument {
+            Value::String(raw) => *argument = coerce(raw, &types),
+            Value::Array(items) if !types.contains(&"array") => {
+                for item in items.iter_mut() {
+                    if let Value::String(raw) = item {
+                        *item = coerce(raw, &types);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The JSON types a parameter's schema allows, in order (`type`, its `anyOf`/`oneOf`
+/// choices, `null` where `nullable`).
+fn schema_types(schema: &Value) -> Vec<&'static str> {
+    const NAMES: [&str; 7] = [
+        "string", "integer", "number", "boolean", "null", "object", "array",
+    ];
+    let known = |t: &str| NAMES.iter().find(|&&n| n == t).copied().unwrap_or("other");
+    let mut types = vec![];
+    match schema.get("type") {
+        Some(Value::String(t)) => types.push(known(t)),
+        Some(Value::Array(list)) => types.extend(list.iter().filter_map(Value::as_str).map(known)),
+        _ => {}
+    }
+    for union in ["anyOf", "oneOf"] {
+        for choice in schema
+            .get(union)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            types.extend(schema_types(choice));
+        }
+    }
+    if schema.get("nullable").and_then(Value::as_bool) == Some(true) && !types.contains(&"null") {
+        types.push("null");
+    }
+    types
+}
+
+/// transformers' `_coerce`: `raw` as the first of `types` it reads as (Python's `int`,
+/// `float`, `json.loads`), else the text itself.
+fn coerce(raw: &str, types: &[&str]) -> Value {
+    let whole = |x: f64| x.fract() == 0.0 && x.abs() < 9.2e18;
+    for &t in types {
+        let value = match t {
+            "integer" => python_int(raw).map(Value::from).or_else(|| {
+                let x = python_float(raw)?;
+                whole(x).then(|| Value::from(x as i64))
+            }),
+            "number" => python_float(raw).filter(|x| x.is_finite()).map(|x| {
+                match whole(x) && !raw.contains('.') {
+                    true => Value::from(x as i64),
+                    false => Value::from(x),
+                }
+            }),
+            "boolean" => match raw.trim().to_lowercase().as_str() {
+                "true" | "1" => Some(Value::Bool(true)),
+                "false" | "0" => Some(Value::Bool(false)),
+                _ => None,
+            },
+            "null" => matches!(raw.trim(), "null" | "None").then_some(Value::Null),
+            "object" => serde_json::from_str(raw).ok().filter(Value::is_object),
+            "array" => serde_json::from_str(raw).ok().filter(Value::is_array),
+            _ => None,
+        };
+        if let Some(v) = value {
+            return v;
+        }
+    }
+    raw.into()
+}
+
+/// `raw` as Python reads a number's text: surrounding whitespace dropped, a `_` allowed
+/// between two digits.
+fn python_digits(raw: &str) -> Option<String> {
+    let s = raw.trim();
+    let b = s.as_bytes();
+    let ok = (0..b.len()).all(|i| {
+        b[i] != b'_'
+            || (i > 0 && i + 1 < b.len() && b[i - 1].is_ascii_digit() && b[i + 1].is_ascii_digit())
+    });
+    ok.then(|| s.replace('_', ""))
+}
+
+/// Python's `int(raw)`, where it fits 64 bits.
+fn python_int(raw: &str) -> Option<i64> {
+    let s = python_digits(raw)?;
+    let digits = s.strip_prefix(['+', '-']).unwrap_or(&s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Python's `float(raw)`.
+fn python_float(raw: &str) -> Option<f64> {
+    let s = python_digits(raw)?;
+    let word = s.trim_start_matches(['+', '-']).to_lowercase();
+    let named = ["inf", "infinity", "nan"].contains(&word.as_str());
+    let numeric = s
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
+    if !(named || numeric) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// TRL's `_validate_tool_calls`: each call's `function` an object with a string `name`,
@@ -271,7 +465,9 @@ mod tests {
     #[test]
     fn regions_as_transformers_reads_them() {
         let q = ResponseTemplate::qwen3();
-        let m = |prefix: &str, answer: &str| q.message(prefix, answer, "PLAIN", Some("<|im_end|>"));
+        let m = |prefix: &str, answer: &str| {
+            q.message((prefix, answer), "PLAIN", Some("<|im_end|>"), None)
+        };
         let call = |name: &str, arguments: Value| json!({"type": "function", "function": {"name": name, "arguments": arguments}});
         // Reasoning, content before the calls, the calls in order.
         assert_eq!(
@@ -309,18 +505,21 @@ mod tests {
         let l = ResponseTemplate::llama3();
         assert_eq!(
             l.message(
-                "",
-                "Sure. {\"name\": \"calc\", \"parameters\": {\"e\": \"1\"}}<|eot_id|>",
+                (
+                    "",
+                    "Sure. {\"name\": \"calc\", \"parameters\": {\"e\": \"1\"}}<|eot_id|>"
+                ),
                 "P",
+                None,
                 None
             ),
             json!({"role": "assistant", "content": "Sure.", "tool_calls": [call("calc", json!({"e": "1"}))]})
         );
         assert_eq!(
             l.message(
-                "",
-                "{\"name\": \"calc\", \"parameters\": {\"e\": \"1\"}}",
+                ("", "{\"name\": \"calc\", \"parameters\": {\"e\": \"1\"}}"),
                 "P",
+                None,
                 None
             ),
             json!({"role": "assistant", "content": "P"})

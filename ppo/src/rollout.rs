@@ -318,7 +318,7 @@ fn with_tools(
     tools: &Tools,
     (prompt_ids, prompt_mask): (&Tensor, &Tensor),
     generated: Generation,
-    opts: &RolloutOptions,
+    (opts, schemas): (&RolloutOptions, &[Option<serde_json::Value>]),
 ) -> Result<Looped> {
     let prompts = unpadded(prompt_ids, prompt_mask)?;
     let device = generated.tokens.device();
@@ -331,6 +331,7 @@ fn with_tools(
         budget: opts.sampling.max_new_tokens as usize,
         max_len: tools.max_len,
         max_iterations: tools.max_iterations,
+        schemas,
     };
     let mut continue_rows = |rows: &[usize], continued: &[Vec<i64>], iteration, max_new| {
         let refs: Vec<&[i64]> = continued.iter().map(Vec::as_slice).collect();
@@ -670,8 +671,15 @@ pub fn sample_and_reward(
     let (generated, tool_mask, tool_stats, messages) = match models.tools {
         None => (generated, None, None, None),
         Some(tools) => {
+            // The tool schemas each prompt was rendered with type its calls' arguments.
+            let schemas: Vec<_> = examples
+                .iter()
+                .flatten()
+                .map(|e| e.template.tools.clone())
+                .collect();
+            let prompt = (prompt_ids, prompt_mask);
             let (g, mask, stats, messages) =
-                with_tools(models, tools, (prompt_ids, prompt_mask), generated, opts)?;
+                with_tools(models, tools, prompt, generated, (opts, &schemas))?;
             (g, Some(mask), Some(stats), Some(messages))
         }
     };

@@ -44,10 +44,13 @@ impl ToolCall {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolFormat {
     /// `<tool_call>{"name": …, "arguments": {…}}</tool_call>` blocks, text around them being
-    /// the message's content (Qwen2.5, Qwen3, Hermes; TRL's `qwen3_schema`).
+    /// the message's content (Qwen2.5, Qwen3, Hermes; TRL's `qwen3_template`).
     Hermes,
-    /// The whole answer one JSON object `{"name": …, "parameters": {…}}` (Llama 3.1/3.2;
-    /// TRL's `llama3_schema`).
+    /// `<tool_call><function=NAME><parameter=KEY>value</parameter>…</function></tool_call>`
+    /// blocks (Qwen3.5, Qwen3.6, Qwen3.8; TRL's `qwen3_5_template`).
+    QwenXml,
+    /// A JSON object `{"name": …, "parameters": {…}}` ending the answer (Llama 3.1/3.2;
+    /// TRL's `llama3_template`).
     Llama3,
 }
 
@@ -70,12 +73,17 @@ impl ToolFormat {
         if !text.contains("probe_result") {
             bail!("the chat template does not render tool results (a 'tool' message's content is missing from its text)");
         }
-        let format = if text.contains("<tool_call>") {
+        let json_in_block = text
+            .split_once("<tool_call>")
+            .is_some_and(|(_, call)| call.trim_start().starts_with('{'));
+        let format = if text.contains("<function=probe_tool>") {
+            ToolFormat::QwenXml
+        } else if json_in_block {
             ToolFormat::Hermes
         } else if text.contains("\"parameters\"") {
             ToolFormat::Llama3
         } else {
-            bail!("the chat template writes tool calls in a form this version does not parse (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, and Llama 3.1's bare {{\"name\", \"parameters\"}} JSON)")
+            bail!("the chat template writes tool calls in a form this version does not parse (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, <tool_call><function=…> as Qwen3.5 does, and Llama 3.1's bare {{\"name\", \"parameters\"}} JSON)")
         };
         // Results are appended to the tokens sampled so far: the template must render a
         // conversation's start the same whatever follows (TRL swaps such templates for its
@@ -87,22 +95,30 @@ impl ToolFormat {
     /// The response template TRL's `add_response_schema` gives the chat template.
     fn template(self) -> &'static ResponseTemplate {
         static QWEN3: OnceLock<ResponseTemplate> = OnceLock::new();
+        static QWEN3_5: OnceLock<ResponseTemplate> = OnceLock::new();
         static LLAMA3: OnceLock<ResponseTemplate> = OnceLock::new();
         match self {
             ToolFormat::Hermes => QWEN3.get_or_init(ResponseTemplate::qwen3),
+            ToolFormat::QwenXml => QWEN3_5.get_or_init(ResponseTemplate::qwen3_5),
             ToolFormat::Llama3 => LLAMA3.get_or_init(ResponseTemplate::llama3),
         }
     }
 
     /// An answer's tokens `ids` (with the EOS that ended it) after `prefix` (the prompt, or
     /// everything before the answer) as an assistant message: TRL's `parse_response`
-    /// ([`crate::parse_response`]), its content the plain text where it cannot be read.
-    pub fn message(self, tok: &Tokenizer, prefix: &[i64], ids: &[i64]) -> Value {
+    /// ([`crate::parse_response`]), its content the plain text where it cannot be read, its
+    /// calls' arguments typed by the `tools` the prompt was rendered with.
+    pub fn message(
+        self,
+        tok: &Tokenizer,
+        (prefix, ids): (&[i64], &[i64]),
+        tools: Option<&Value>,
+    ) -> Value {
         self.template().message(
-            &tok.decode(prefix, false),
-            &tok.decode(ids, false),
+            (&tok.decode(prefix, false), &tok.decode(ids, false)),
             &tok.decode(ids, true),
             tok.eos_token.as_deref(),
+            tools,
         )
     }
 }
@@ -380,6 +396,9 @@ pub struct ToolLoop<'a> {
     /// The longest sequence the policy's positions hold.
     pub max_len: usize,
     pub max_iterations: usize,
+    /// Each row's tool schemas, where its prompt was rendered with some: a call's text
+    /// arguments are typed by them (none given: none typed).
+    pub schemas: &'a [Option<Value>],
 }
 
 /// `generate(rows, prompts, iteration, max_new)`: one segment for each of `rows`, continuing
@@ -403,7 +422,7 @@ impl ToolLoop<'_> {
             .into_iter()
             .enumerate()
             .map(|(row, seg)| {
-                let message = self.format.message(self.tokenizer, &prompts[row], &seg.ids);
+                let message = self.message((&prompts[row], &seg.ids), row);
                 if let Some(c) = calls_of(&message) {
                     calls.push((row, c));
                 }
@@ -494,7 +513,7 @@ impl ToolLoop<'_> {
                 }
                 let r = &mut out[row];
                 if !seg.ids.is_empty() {
-                    let message = self.format.message(self.tokenizer, before, &seg.ids);
+                    let message = self.message((before, &seg.ids), row);
                     if let Some(c) = calls_of(&message) {
                         calls.push((row, c));
                     }
@@ -508,5 +527,11 @@ impl ToolLoop<'_> {
             iteration += 1;
         }
         Ok((out, stats))
+    }
+
+    /// Row `row`'s answer `ids` after `prefix` as its message.
+    fn message(&self, (prefix, ids): (&[i64], &[i64]), row: usize) -> Value {
+        let tools = self.schemas.get(row).and_then(Option::as_ref);
+        self.format.message(self.tokenizer, (prefix, ids), tools)
     }
 }

@@ -1,5 +1,6 @@
 """References for the tool-calling test (ppo/tests/tools.rs): TRL 1.16's own functions on
-the chat templates `template_reference.py make` writes (Qwen2.5, Qwen3, Llama 3.1).
+the chat templates `template_reference.py make` writes (Qwen2.5, Qwen3, Qwen3.5 — its calls
+`<function=…>` blocks — and Llama 3.1).
 
     tool_reference.py --root DIR
 
@@ -7,7 +8,8 @@ Prints, per template: for each answer text (its EOS appended and tokenized as th
 would have sampled it) the message `trl.chat_template_utils.parse_response` makes of it
 (after `add_response_schema`: content, reasoning and tool calls, or the plain text where it
 cannot read them), after the generation prompt and after one that opens a think block
-(`prefilled`), and for each list
+(`prefilled`), and, parsed with tool schemas (`TOOLS`: the call's text arguments typed by
+them), answers whose arguments are text; and for each list
 of tool results the token ids `GRPOTrainer._get_tool_suffix_ids` appends after an answer
 (with TRL's training template where the trainer swaps one in: `training_template`).
 Also `str` of what tool programs may answer, parsed as JSON, and of TRL's error dicts.
@@ -25,7 +27,7 @@ from trl.chat_template_utils import (
 )
 from trl.trainer.grpo_trainer import GRPOTrainer
 
-TEMPLATES = ["qwen2_5", "qwen3", "llama3_1"]
+TEMPLATES = ["qwen2_5", "qwen3", "qwen3_5_nothink", "llama3_1"]
 TEXTS = [
     '<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>',
     'Let me see.\n<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>\n'
@@ -41,6 +43,26 @@ TEXTS = [
     '<think>\nLet me count.\n</think>\n\n<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>',
     'Sure. {"name": "calc", "parameters": {"expr": "1+1"}}',
     'A<tool_call>{"name": "calc", "arguments": null}</tool_call>B',
+]
+TEXTS += [
+    '<tool_call>\n<function=calc>\n<parameter=expr>\n2*3\n</parameter>\n</function>\n</tool_call>',
+    'Let me see.\n\n<tool_call>\n<function=calc>\n<parameter=expr>\n(94-70)\n/2\n</parameter>\n'
+    '</function>\n</tool_call>\n<tool_call>\n<function=heads>\n</function>\n</tool_call>',
+    '<tool_call>\n<function=calc>\n<parameter=expr>\n1\n</parameter>\n</function>',
+]
+# Parsed with these schemas: text arguments typed by their parameters.
+TOOLS = [{"type": "function", "function": {"name": "solve", "parameters": {"type": "object", "properties": {
+    "heads": {"type": "integer"}, "legs": {"type": "number"}, "exact": {"type": "boolean"},
+    "note": {"type": ["string", "null"]}, "pair": {"type": "array"}, "size": {"anyOf": [{"type": "integer"}, {"type": "string"}]}}}}},
+    {"type": "function", "function": {"name": "calc", "parameters": {"type": "object", "properties": {"expr": {"type": "string"}}}}}]
+TYPED = [
+    '<tool_call>\n{"name": "solve", "arguments": {"heads": "35", "legs": "94.0", "exact": "true", "note": "None", '
+    '"pair": "[1, 2]", "size": "big", "other": "7"}}\n</tool_call>',
+    '<tool_call>\n<function=solve>\n<parameter=heads>\n3_5\n</parameter>\n<parameter=legs>\n1e2\n</parameter>\n'
+    '<parameter=exact>\n0\n</parameter>\n<parameter=note>\nnull\n</parameter>\n<parameter=pair>\n[1, 2]\n'
+    '</parameter>\n<parameter=size>\n4.0\n</parameter>\n<parameter=other>\n7\n</parameter>\n</function>\n</tool_call>',
+    '<tool_call>\n<function=calc>\n<parameter=expr>\n35\n</parameter>\n</function>\n</tool_call>',
+    '{"name": "solve", "parameters": {"heads": " 12 ", "legs": "inf", "exact": "yes", "pair": ["1"]}}',
 ]
 # Answered after a prompt whose assistant turn opens a think block.
 PREFILLED = ["counting</think>\n\nThe answer is 12", '</think><tool_call>{"name": "calc"}</tool_call>']
@@ -72,11 +94,11 @@ def main():
         )
         think = prefix + tok("<think>\n", add_special_tokens=False)["input_ids"]
         parsed = []
-        for texts, before in [(TEXTS, prefix), (PREFILLED, think)]:
+        for texts, before, tools in [(TEXTS, prefix, None), (PREFILLED, think, None), (TYPED, prefix, TOOLS)]:
             for text in texts:
                 ids = tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]
-                message = parse_response(tok, ids, prefix=before)
-                parsed.append({"text": text, "prefix": before, "ids": ids, "message": message})
+                message = parse_response(tok, ids, prefix=before, tools=tools)
+                parsed.append({"text": text, "prefix": before, "ids": ids, "tools": tools, "message": message})
         # The trainer swaps a template that is not prefix-preserving (Qwen3's) for TRL's
         # training template; then its method on a stand-in holding what it reads.
         chat_template = None
