@@ -1,7 +1,8 @@
 //! Chat templates: the Jinja `chat_template` of `tokenizer_config.json` rendered with
-//! `minijinja`, configured the way `transformers` renders it (trim/lstrip blocks,
-//! `raise_exception`, `strftime_now`, a `tojson` with Python's separators and no HTML
-//! escaping), so the text matches `apply_chat_template` byte for byte.
+//! `minijinja`, configured the way `transformers` renders it (trim/lstrip blocks, loop
+//! controls, `raise_exception`, `strftime_now`, a `tojson` with Python's separators and no
+//! HTML escaping, Jinja's `iterable` test), so the text matches `apply_chat_template` byte
+//! for byte.
 
 use minijinja::{context, Environment, ErrorKind, Value};
 
@@ -129,6 +130,11 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // Jinja's `iterable` test: none and undefined are not (minijinja iterates them as
+        // empty), so `tools is iterable and tools | length > 0` holds only with tools.
+        env.add_test("iterable", |v: Value| {
+            !(v.is_undefined() || v.is_none()) && v.try_iter().is_ok()
+        });
         env.add_function(
             "raise_exception",
             |message: String| -> Result<Value, minijinja::Error> {
@@ -364,6 +370,24 @@ mod tests {
         );
         let e = render("{{ messages | tojson(indnet=2) }}").unwrap_err();
         assert!(e.contains("indnet"), "{e}");
+    }
+
+    /// Jinja's loop controls (Cohere's templates `break`) and its `iterable` test, false for
+    /// no tools (Nemotron 3's `tools is iterable and tools | length > 0`).
+    #[test]
+    fn loop_controls_and_iterable_as_jinja() {
+        let t = ChatTemplate::new("{% for m in messages %}{% if loop.index0 == 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}|{{ tools is iterable }} {{ 'ab' is iterable }} {{ 3 is iterable }} {{ nothing is iterable }}{% if tools is iterable and tools | length > 0 %}{{ tools | length }}{% endif %}").unwrap();
+        let m = [msg("user", "a"), msg("assistant", "b")];
+        let render = |args: &TemplateArgs| {
+            t.render(&m, args, false, ("", ""), &Default::default())
+                .unwrap()
+        };
+        assert_eq!(render(&TemplateArgs::default()), "a|False True False False");
+        let tools = TemplateArgs {
+            tools: Some(serde_json::json!([{"type": "function"}])),
+            ..TemplateArgs::default()
+        };
+        assert_eq!(render(&tools), "a|True True False False1");
     }
 
     /// `chat_template_kwargs` reach the template as variables (Qwen3's `enable_thinking`)

@@ -80,7 +80,7 @@ impl ToolFormat {
             ToolFormat::QwenXml
         } else if json_in_block {
             ToolFormat::Hermes
-        } else if text.contains("\"parameters\"") {
+        } else if text.contains("{\"name\": \"probe_tool\", \"parameters\"") {
             ToolFormat::Llama3
         } else {
             bail!("the chat template writes tool calls in a form this version does not parse (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, <tool_call><function=…> as Qwen3.5 does, and Llama 3.1's bare {{\"name\", \"parameters\"}} JSON)")

@@ -6,7 +6,8 @@ on the chat templates real instruct models ship.
 Templates: the originals TRL keeps in `trl/chat_templates/` (installed by the bootstrap as
 `trl==1.16.0 --no-deps`; read as files, TRL is never imported): Llama 3.1, Llama 3.2,
 Qwen2.5, Phi-3, Gemma (Gemma and Gemma 2 ship the same one), DeepSeek-V3, Qwen3 (with
-rows that carry TRL's `chat_template_kwargs`), Qwen3.5 (no-think), GLM-4-MoE; Mistral v0.2/v0.3
+rows that carry TRL's `chat_template_kwargs`), Qwen3.5 (no-think), Qwen3.6, GLM-4-MoE,
+Gemma 3, Gemma 4, gpt-oss, LFM2.5, DeepSeek-R1-Distill, Nemotron 3 Nano, Phi-3.5, Cohere 2; Mistral v0.2/v0.3
 as axolotl keeps it (`axolotl/utils/chat_templates/templates/mistral_v2v3.jinja`, installed
 the same way: Mistral's own with typed content parts read); and ChatML.
 One byte-level BPE tokenizer (trained here, with every template's special tokens) goes
@@ -29,7 +30,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 TRL_TEMPLATES = ["llama3_1", "llama3_2", "qwen2_5", "phi3", "gemma", "deepseekv3", "qwen3", "qwen3_5_nothink",
-                 "glm4moe"]
+                 "glm4moe", "gemma4", "gptoss", "lfm2_2_5", "deepseek_r1_distill", "nemotron_3_nano", "qwen3_6",
+                 "gemma3", "phi3_5", "cohere2"]
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -42,6 +44,15 @@ SPECIAL = {
     "qwen3": (None, "<|im_end|>"),
     "qwen3_5_nothink": (None, "<|im_end|>"),
     "glm4moe": (None, "<|endoftext|>"),
+    "gemma4": ("<bos>", "<turn|>"),
+    "gptoss": (None, "<|return|>"),
+    "lfm2_2_5": ("<|startoftext|>", "<|im_end|>"),
+    "deepseek_r1_distill": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "nemotron_3_nano": (None, "<|im_end|>"),
+    "qwen3_6": (None, "<|im_end|>"),
+    "gemma3": ("<bos>", "<end_of_turn>"),
+    "phi3_5": ("<s>", "<|end|>"),
+    "cohere2": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"),
     "phi3": ("<s>", "<|endoftext|>"),
     "gemma": ("<bos>", "<eos>"),
     "deepseekv3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
@@ -57,6 +68,8 @@ SPECIALS = [
     "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
     "<｜tool▁output▁end｜>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
     "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[gMASK]", "<sop>", "<|observation|>",
+    "<|turn>", "<turn|>", "<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|startoftext|>",
+    "<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
 ]
 CORPUS = [
     "你是一个解题助手。鸡兔同笼，35个头，94只脚？鸡23只，兔12只。",
@@ -127,7 +140,7 @@ def rows_for(name):
         return mistral_rows()
     if name == "qwen3":
         return qwen3_rows()
-    if name == "qwen3_5_nothink":  # as Qwen3 (earlier turns' think blocks dropped), and a tool call
+    if name in ("qwen3_5_nothink", "qwen3_6"):  # as Qwen3 (earlier turns' think blocks dropped), and a tool call
         return qwen3_rows() + [tool_row({"heads": 35, "legs": 94})]
     rows = [{"messages": TURNS}]
     if name != "gemma":
@@ -137,7 +150,7 @@ def rows_for(name):
                                   {"role": "user", "content": [{"type": "text", "text": "鸡兔"},
                                                                {"type": "text", "text": "同笼？"}]},
                                   {"role": "assistant", "content": "23, 12."}]})
-    if name in ("llama3_1", "llama3_2", "qwen2_5", "glm4moe"):
+    if name in ("llama3_1", "llama3_2", "qwen2_5", "glm4moe", "gemma4", "lfm2_2_5", "nemotron_3_nano"):
         rows.append(tool_row({"heads": 35, "legs": 94}))
     if name in ("qwen2_5", "chatml"):
         # Conversational prompt-completion: the completion's turns only are targets.

@@ -1,6 +1,8 @@
 //! Real chat templates (issue 23): the originals of Llama 3.1, Llama 3.2, Qwen2.5, Phi-3,
 //! Gemma (and Gemma 2), DeepSeek-V3, Qwen3 (rows with `chat_template_kwargs`
-//! `{"enable_thinking": false}` too), Qwen3.5 (no-think) and GLM-4-MoE as TRL ships them, Mistral v0.2/v0.3's as axolotl
+//! `{"enable_thinking": false}` too), Qwen3.5 (no-think), Qwen3.6, GLM-4-MoE, Gemma 3,
+//! Gemma 4, gpt-oss, LFM2.5, DeepSeek-R1-Distill, Nemotron 3 Nano, Phi-3.5 and Cohere 2 as
+//! TRL ships them, Mistral v0.2/v0.3's as axolotl
 //! ships it, and ChatML, rendered and tokenized by our loader exactly as `transformers`'
 //! `apply_chat_template` does (same token ids), with the assistant-token loss mask by the
 //! documented rule; rows a template refuses fail with the data file, the line and the
