@@ -2,11 +2,13 @@
 //! template `add_response_schema` gives a tool-calling chat template (transformers' region
 //! parser, `utils/chat_parsing/response_parser.py`): the text the policy wrote after the
 //! assistant turn began (the prompt's part after the template's start anchor, then the
-//! answer, special tokens kept) is cut into regions — reasoning in `<think>…</think>`, each
-//! tool call, and the content (the text outside them: each stretch replaces the last) — and
-//! each region's text is read (stripped text, or JSON). What cannot be read (a call that is
-//! not JSON, cut before its end, or without a name) makes the whole answer its plain text,
-//! TRL's fallback.
+//! answer, special tokens kept) is cut into regions — reasoning (`<think>…</think>`), each
+//! tool call, and the content (the text outside them: each stretch replaces the last; or a
+//! region of its own, gpt-oss's `final` channel) — and each region's text is read (stripped
+//! text, JSON or a JSON dialect, key/value tags). What cannot be read (a call that is not
+//! JSON, cut before its end, or without a name) makes the whole answer its plain text, TRL's
+//! fallback. The templates: Qwen3's, Qwen3.5's, Llama 3's, GLM-4-MoE's, Gemma 4's and
+//! gpt-oss's.
 //!
 //! With tools, this is what an answer is: the tool loop runs the calls of its message, and
 //! reward programs get the messages as TRL's `completions` (`ToolResponse::messages`).
@@ -15,7 +17,6 @@ use regex::Regex;
 use serde_json::{json, Map, Value};
 
 /// How a region's text becomes its value.
-#[derive(Clone, Copy, PartialEq, Eq)]
 enum Read {
     /// The text, stripped.
     Text,
@@ -23,19 +24,25 @@ enum Read {
     /// Qwen's `<tool_call>` blocks).
     WholeCall,
     /// JSON, the arguments of a call whose name the opening captured (Llama 3.1's
-    /// `{"name": …, "parameters": …}`).
+    /// `{"name": …, "parameters": …}`, gpt-oss's `to=functions.NAME … json<|message|>`).
     ArgumentsCall,
-    /// `<parameter=KEY>value</parameter>` tags, each value text, the arguments of a call
-    /// whose name the opening captured (Qwen3.5's `<function=…>`).
-    XmlCall,
+    /// Gemma 4's JSON dialect (keys unquoted, strings between `<|"|>` marks), the arguments
+    /// of a call whose name the opening captured.
+    GemmaCall,
+    /// Tags with a `key` and a text `value` each (this pattern), the arguments of a call
+    /// whose name the opening captured (Qwen3.5's `<parameter=KEY>`, GLM-4's `<arg_key>`).
+    TagsCall(Regex),
 }
 
-/// One field of the message: where its text opens (none: the implicit region, the content,
-/// where text outside every other region goes) and closes, and how it is read.
+/// One field of the message: where its text opens (none: the implicit region, where text
+/// outside every other region goes) and closes, and how it is read.
 struct Region {
     field: &'static str,
     open: Option<Regex>,
     close: Regex,
+    /// The close is also the end of the text (a pattern's `|$`: as Python's `$`, before a
+    /// final newline too).
+    or_end: bool,
     read: Read,
     /// Each occurrence appended to a list (tool calls), else the last one kept.
     repeats: bool,
@@ -44,7 +51,7 @@ struct Region {
 /// A chat template's response template: its answers' regions, and the text that starts an
 /// assistant turn (what comes before it in the prompt is not the answer's).
 pub struct ResponseTemplate {
-    anchor: &'static str,
+    anchor: Regex,
     regions: Vec<Region>,
 }
 
@@ -56,7 +63,7 @@ impl ResponseTemplate {
     /// TRL's `qwen3_template` (Qwen2.5, Qwen3, Hermes: `<tool_call>{…}</tool_call>`).
     pub fn qwen3() -> Self {
         ResponseTemplate {
-            anchor: "<|im_start|>assistant\n",
+            anchor: re(r"<\|im_start\|>assistant\n"),
             regions: vec![
                 Region {
                     field: "reasoning_content",
@@ -64,6 +71,7 @@ impl ResponseTemplate {
                     close: re(r"</think>\s*"),
                     read: Read::Text,
                     repeats: false,
+                    or_end: false,
                 },
                 Region {
                     field: "tool_calls",
@@ -71,6 +79,7 @@ impl ResponseTemplate {
                     close: re(r"</tool_call>\s*"),
                     read: Read::WholeCall,
                     repeats: true,
+                    or_end: false,
                 },
                 Region {
                     field: "content",
@@ -78,6 +87,7 @@ impl ResponseTemplate {
                     close: re(r"<\|im_end\|>\s*"),
                     read: Read::Text,
                     repeats: false,
+                    or_end: false,
                 },
             ],
         }
@@ -91,8 +101,11 @@ impl ResponseTemplate {
             field: "tool_calls",
             open: Some(re(r"<tool_call>\s*<function=(?P<name>[^\n>]+)>")),
             close: re(r"</tool_call>\s*"),
-            read: Read::XmlCall,
+            read: Read::TagsCall(re(
+                r"(?s)<parameter=(?P<key>[^>\n]+)>\s*(?P<value>.*?)\s*</parameter>",
+            )),
             repeats: true,
+            or_end: false,
         };
         t
     }
@@ -101,7 +114,7 @@ impl ResponseTemplate {
     /// the end of the turn).
     pub fn llama3() -> Self {
         ResponseTemplate {
-            anchor: "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            anchor: re(r"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n"),
             regions: vec![
                 Region {
                     field: "tool_calls",
@@ -109,6 +122,7 @@ impl ResponseTemplate {
                     close: re(r"\}<\|eot_id\|>\s*"),
                     read: Read::ArgumentsCall,
                     repeats: true,
+                    or_end: false,
                 },
                 Region {
                     field: "content",
@@ -116,6 +130,97 @@ impl ResponseTemplate {
                     close: re(r"<\|eot_id\|>\s*"),
                     read: Read::Text,
                     repeats: false,
+                    or_end: false,
+                },
+            ],
+        }
+    }
+
+    /// TRL's `glm4moe_template` (GLM-4.5, 4.6: `<tool_call>NAME` then an
+    /// `<arg_key>`/`<arg_value>` pair per argument; the turn ends at the next `<|user|>`).
+    pub fn glm4moe() -> Self {
+        let mut t = Self::qwen3();
+        t.anchor = re(r"<\|assistant\|>");
+        t.regions[1] = Region {
+            field: "tool_calls",
+            open: Some(re(r"<tool_call>(?P<name>\S+)\n?")),
+            close: re(r"</tool_call>\s*"),
+            read: Read::TagsCall(re(
+                r"(?s)<arg_key>(?P<key>[^<]+)</arg_key>\s*\n<arg_value>(?P<value>.*?)</arg_value>",
+            )),
+            repeats: true,
+            or_end: false,
+        };
+        t.regions[2].close = re(r"<\|user\|>\s*");
+        t.regions[2].or_end = true;
+        t
+    }
+
+    /// TRL's `gemma4_template` (Gemma 4: `<|channel>thought` reasoning,
+    /// `<|tool_call>call:NAME{…}<tool_call|>` calls in its JSON dialect).
+    pub fn gemma4() -> Self {
+        ResponseTemplate {
+            anchor: re(r"(?:<\|turn>model\n|<tool_response\|>)"),
+            regions: vec![
+                Region {
+                    field: "reasoning_content",
+                    open: Some(re(r"<\|channel>thought\n")),
+                    close: re(r"<channel\|>\s*"),
+                    read: Read::Text,
+                    repeats: false,
+                    or_end: false,
+                },
+                Region {
+                    field: "tool_calls",
+                    open: Some(re(r"<\|tool_call>call:(?P<name>\w+)")),
+                    close: re(r"<tool_call\|>\s*"),
+                    read: Read::GemmaCall,
+                    repeats: true,
+                    or_end: false,
+                },
+                Region {
+                    field: "content",
+                    open: None,
+                    close: re(r"(?:<turn\|>|<\|tool_response>|<eos>)\s*"),
+                    read: Read::Text,
+                    repeats: false,
+                    or_end: true,
+                },
+            ],
+        }
+    }
+
+    /// TRL's `gptoss_template` (gpt-oss's channels: `analysis` is `thinking`, `final` the
+    /// content, `to=functions.NAME … json` a call; text outside them is dropped).
+    pub fn gptoss() -> Self {
+        ResponseTemplate {
+            anchor: re(r"<\|start\|>assistant"),
+            regions: vec![
+                Region {
+                    field: "thinking",
+                    open: Some(re(r"<\|channel\|>analysis<\|message\|>")),
+                    close: re(r"<\|end\|>\s*"),
+                    read: Read::Text,
+                    repeats: false,
+                    or_end: false,
+                },
+                Region {
+                    field: "content",
+                    open: Some(re(r"<\|channel\|>final<\|message\|>")),
+                    close: re(r"<\|return\|>\s*"),
+                    read: Read::Text,
+                    repeats: false,
+                    or_end: false,
+                },
+                Region {
+                    field: "tool_calls",
+                    open: Some(re(
+                        r"to=functions\.(?P<name>\S+?)<\|channel\|>commentary\s+json<\|message\|>",
+                    )),
+                    close: re(r"<\|call\|>\s*"),
+                    read: Read::ArgumentsCall,
+                    repeats: true,
+                    or_end: false,
                 },
             ],
         }
@@ -134,12 +239,14 @@ impl ResponseTemplate {
         eos: Option<&str>,
         tools: Option<&Value>,
     ) -> Value {
-        let start = prefix
-            .rfind(self.anchor)
-            .map_or(prefix.len(), |i| i + self.anchor.len());
+        let start = self
+            .anchor
+            .find_iter(prefix)
+            .last()
+            .map_or(prefix.len(), |m| m.end());
         let parameters = tools.map(parameters_of).unwrap_or_default();
         let parsed = self
-            .regions(&format!("{}{answer}", &prefix[start..]), &parameters)
+            .regions((&prefix[start..], answer), &parameters)
             .and_then(|mut m| {
                 let content = m.get("content").and_then(Value::as_str).unwrap_or("");
                 let content = eos.map_or(content, |e| content.strip_suffix(e).unwrap_or(content));
@@ -152,25 +259,31 @@ impl ResponseTemplate {
         }
     }
 
-    /// transformers' `ResponseParser` over the whole of `text` at once (`feed`, then
-    /// `finalize`): `None` where a region's text cannot be read.
-    fn regions(&self, text: &str, parameters: &Parameters) -> Option<Map<String, Value>> {
+    /// transformers' `ResponseParser` over the prompt's `tail` (the prefix it is given) and
+    /// then the `answer` (`feed`, then `finalize`), read at once: `None` where a region's
+    /// text cannot be read.
+    fn regions(
+        &self,
+        (tail, answer): (&str, &str),
+        parameters: &Parameters,
+    ) -> Option<Map<String, Value>> {
+        let text = &format!("{tail}{answer}");
+        // Text outside every region goes to the implicit one, or nowhere (gpt-oss).
         let implicit = self.regions.iter().position(|r| r.open.is_none());
-        let implicit = implicit.expect("a template has a content region");
         let mut out = Map::new();
         out.insert("role".into(), "assistant".into());
         let (mut current, mut opened, mut body, mut name) = (implicit, false, String::new(), None);
         // Closes the region being read: its value into `out`, if any text opened it.
         let close = |out: &mut Map<String, Value>,
-                     current: usize,
+                     current: Option<usize>,
                      opened: bool,
                      body: &str,
                      name: &Option<String>| {
-            if !opened {
+            let Some(current) = current.filter(|_| opened) else {
                 return Some(());
-            }
+            };
             let region = &self.regions[current];
-            let mut value = read(region.read, body, name.as_deref())?;
+            let mut value = read(&region.read, body, name.as_deref())?;
             typed(&mut value, parameters);
             if region.repeats {
                 let list = out.entry(region.field).or_insert_with(|| json!([]));
@@ -180,17 +293,18 @@ impl ResponseTemplate {
             }
             Some(())
         };
-        let mut pos = 0;
+        // Whether the prefix is still being read alone (before the answer is fed).
+        let (mut pos, mut prefix_alone) = (0, !tail.is_empty());
         loop {
             // The delimiters that count now: the current region's close, or in the content
             // every opening and the content's close. The earliest wins, then the longest,
             // then an opening.
-            let watched: Vec<(usize, bool)> = match current == implicit {
-                false => vec![(current, false)],
-                true => (0..self.regions.len())
+            let watched: Vec<(usize, bool)> = match current {
+                Some(c) if current != implicit => vec![(c, false)],
+                _ => (0..self.regions.len())
                     .filter(|&i| self.regions[i].open.is_some())
                     .map(|i| (i, true))
-                    .chain([(implicit, false)])
+                    .chain(implicit.map(|i| (i, false)))
                     .collect(),
             };
             let found = watched
@@ -202,39 +316,57 @@ impl ResponseTemplate {
                     } else {
                         &region.close
                     };
-                    let caps = pattern.captures_at(text, pos)?;
-                    let m = caps.get(0).expect("the whole match");
-                    let captured = caps.name("name").map(|n| n.as_str().to_string());
+                    let caps = pattern.captures_at(text, pos);
+                    let m = caps.as_ref().map(|c| c.get(0).expect("the whole match"));
+                    // `|$`: the end, where the pattern does not match first.
+                    let tail = if prefix_alone { tail } else { "" };
+                    let end = (!opening && region.or_end).then(|| python_end(text, tail, pos));
+                    let (start, stop) = match (m, end) {
+                        (Some(m), Some(e)) if e < m.start() => (e, e),
+                        (Some(m), _) => (m.start(), m.end()),
+                        (None, Some(e)) => (e, e),
+                        (None, None) => return None,
+                    };
+                    // An opening may name the call it opens.
+                    let captured = caps
+                        .filter(|_| opening)
+                        .and_then(|c| c.name("name").map(|n| n.as_str().to_string()));
                     Some((
-                        (m.start(), usize::MAX - m.len(), !opening),
+                        (start, usize::MAX - (stop - start), !opening),
                         i,
-                        m.end(),
+                        stop,
                         captured,
                     ))
                 })
                 .min_by_key(|(key, i, _, _)| (*key, self.regions[*i].field));
-            let Some(((start, _, closing), i, end, captured)) = found else {
-                if pos < text.len() {
-                    body.push_str(&text[pos..]);
-                    opened = true;
+            // Text goes to the current region (none: dropped).
+            let take = |body: &mut String, text: &str, opened: &mut bool| {
+                if current.is_some() && !text.is_empty() {
+                    body.push_str(text);
+                    *opened = true;
                 }
+            };
+            let Some(((start, _, closing), i, end, captured)) = found else {
+                take(&mut body, &text[pos..], &mut opened);
                 close(&mut out, current, opened, &body, &name)?;
                 break;
             };
-            if start > pos {
-                body.push_str(&text[pos..start]);
-                opened = true;
-            }
+            take(&mut body, &text[pos..start], &mut opened);
             pos = end;
             let had_text = opened;
             close(&mut out, current, opened, &body, &name)?;
             (current, opened, name) = match closing {
                 true => (implicit, false, None),
-                false => (i, true, captured),
+                false => (Some(i), true, captured),
             };
             body.clear();
+            // An empty region closed by the end: the parser waits for more text (the
+            // answer), or it is done.
             if closing && !had_text && start == end {
-                break;
+                match prefix_alone {
+                    true => prefix_alone = false,
+                    false => break,
+                }
             }
         }
         // Empty fields are dropped (the role stays).
@@ -249,30 +381,62 @@ impl ResponseTemplate {
     }
 }
 
+/// Where Python's `$` first matches in `text` from `pos`: before a final newline, or at the
+/// end. The prefix `tail` is read before the answer is fed: a `$` before its own final
+/// newline comes first.
+fn python_end(text: &str, tail: &str, pos: usize) -> usize {
+    let before_newline = |t: &str| t.strip_suffix('\n').map(str::len).filter(|&e| e >= pos);
+    before_newline(tail)
+        .or_else(|| before_newline(text))
+        .unwrap_or(text.len())
+}
+
 /// A region's value: its text stripped, or a tool call.
-fn read(how: Read, body: &str, name: Option<&str>) -> Option<Value> {
+fn read(how: &Read, body: &str, name: Option<&str>) -> Option<Value> {
+    let named = |arguments: Value| {
+        Some(json!({"type": "function", "function": {"name": name?, "arguments": arguments}}))
+    };
     match how {
         Read::Text => Some(body.trim().into()),
         Read::WholeCall => {
             let function: Value = serde_json::from_str(body).ok()?;
             Some(json!({"type": "function", "function": function}))
         }
-        Read::ArgumentsCall => {
-            let arguments: Value = serde_json::from_str(body).ok()?;
-            Some(json!({"type": "function", "function": {"name": name?, "arguments": arguments}}))
-        }
-        Read::XmlCall => {
-            static TAG: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
-            let tag = TAG.get_or_init(|| {
-                re(r"(?s)<parameter=(?P<key>[^>\n]+)>\s*(?P<value>.*?)\s*</parameter>")
-            });
-            let arguments: Map<String, Value> = tag
-                .captures_iter(body)
+        Read::ArgumentsCall => named(serde_json::from_str(body).ok()?),
+        Read::GemmaCall => named(gemma_json(body)?),
+        Read::TagsCall(tag) => named(Value::Object(
+            tag.captures_iter(body)
                 .map(|c| (c["key"].to_string(), c["value"].trim().into()))
-                .collect();
-            Some(json!({"type": "function", "function": {"name": name?, "arguments": arguments}}))
-        }
+                .collect(),
+        )),
     }
+}
+
+/// transformers' JSON parser with Gemma 4's dialect (`string_delims` `<|"|>`,
+/// `unquoted_keys`): each delimited string set aside, bare keys quoted, the strings put back
+/// as JSON strings, then read.
+fn gemma_json(body: &str) -> Option<Value> {
+    const MARK: &str = "<|\"|>";
+    if body.contains(['\x01', '\x02']) {
+        return None;
+    }
+    static STRING: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    static KEY: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    let string = STRING.get_or_init(|| re(&format!("(?s){0}(.*?){0}", regex::escape(MARK))));
+    let key = KEY.get_or_init(|| re(r"([{,])(\w+):"));
+    let mut strings = vec![];
+    let working = string.replace_all(body, |c: &regex::Captures| {
+        strings.push(c[1].to_string());
+        format!("\x01{}\x02", strings.len() - 1)
+    });
+    let mut working = key.replace_all(&working, r#"$1"$2":"#).into_owned();
+    for (i, s) in strings.iter().enumerate() {
+        working = working.replace(
+            &format!("\x01{i}\x02"),
+            &Value::from(s.as_str()).to_string(),
+        );
+    }
+    serde_json::from_str(&working).ok()
 }
 
 /// Each tool's parameters (its schema's `properties`) by its name.

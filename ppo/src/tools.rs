@@ -52,6 +52,14 @@ pub enum ToolFormat {
     /// A JSON object `{"name": …, "parameters": {…}}` ending the answer (Llama 3.1/3.2;
     /// TRL's `llama3_template`).
     Llama3,
+    /// `<tool_call>NAME` with `<arg_key>`/`<arg_value>` pairs (GLM-4.5, 4.6; TRL's
+    /// `glm4moe_template`).
+    Glm4,
+    /// `<|tool_call>call:NAME{…}<tool_call|>` (Gemma 4; TRL's `gemma4_template`).
+    Gemma4,
+    /// `to=functions.NAME<|channel|>commentary json<|message|>{…}<|call|>` (gpt-oss; TRL's
+    /// `gptoss_template`).
+    GptOss,
 }
 
 impl ToolFormat {
@@ -78,12 +86,18 @@ impl ToolFormat {
             .is_some_and(|(_, call)| call.trim_start().starts_with('{'));
         let format = if text.contains("<function=probe_tool>") {
             ToolFormat::QwenXml
+        } else if text.contains("<|tool_call>call:probe_tool") {
+            ToolFormat::Gemma4
+        } else if text.contains("to=functions.probe_tool") {
+            ToolFormat::GptOss
+        } else if text.contains("<tool_call>probe_tool") {
+            ToolFormat::Glm4
         } else if json_in_block {
             ToolFormat::Hermes
         } else if text.contains("{\"name\": \"probe_tool\", \"parameters\"") {
             ToolFormat::Llama3
         } else {
-            bail!("the chat template writes tool calls in a form this version does not parse (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, <tool_call><function=…> as Qwen3.5 does, and Llama 3.1's bare {{\"name\", \"parameters\"}} JSON)")
+            bail!("the chat template writes tool calls in a form this version does not parse (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, Qwen3.5's <tool_call><function=…>, Llama 3.1's bare {{\"name\", \"parameters\"}} JSON, GLM-4's <tool_call>NAME<arg_key>…, Gemma 4's <|tool_call>call:NAME{{…}} and gpt-oss's to=functions.NAME)")
         };
         // Results are appended to the tokens sampled so far: the template must render a
         // conversation's start the same whatever follows (TRL swaps such templates for its
@@ -97,7 +111,13 @@ impl ToolFormat {
         static QWEN3: OnceLock<ResponseTemplate> = OnceLock::new();
         static QWEN3_5: OnceLock<ResponseTemplate> = OnceLock::new();
         static LLAMA3: OnceLock<ResponseTemplate> = OnceLock::new();
+        static GLM4: OnceLock<ResponseTemplate> = OnceLock::new();
+        static GEMMA4: OnceLock<ResponseTemplate> = OnceLock::new();
+        static GPTOSS: OnceLock<ResponseTemplate> = OnceLock::new();
         match self {
+            ToolFormat::Glm4 => GLM4.get_or_init(ResponseTemplate::glm4moe),
+            ToolFormat::Gemma4 => GEMMA4.get_or_init(ResponseTemplate::gemma4),
+            ToolFormat::GptOss => GPTOSS.get_or_init(ResponseTemplate::gptoss),
             ToolFormat::Hermes => QWEN3.get_or_init(ResponseTemplate::qwen3),
             ToolFormat::QwenXml => QWEN3_5.get_or_init(ResponseTemplate::qwen3_5),
             ToolFormat::Llama3 => LLAMA3.get_or_init(ResponseTemplate::llama3),

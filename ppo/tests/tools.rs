@@ -1,8 +1,8 @@
 //! Tool calling in rollouts (TRL 1.16's `GRPOTrainer(tools=…)`): an answer is the message
 //! TRL's `parse_response` makes of it (content, reasoning, the calls the loop runs, their
 //! text arguments typed by the tool schemas) and the results' tokens are what its
-//! `_get_tool_suffix_ids` appends, on the Qwen2.5, Qwen3 (TRL's training template), Qwen3.5
-//! and Llama 3.1 chat templates (`tests/python/tool_reference.py`); the loop splices results
+//! `_get_tool_suffix_ids` appends, on the Qwen2.5, Qwen3 (TRL's training template), Qwen3.5,
+//! Llama 3.1, GLM-4-MoE, Gemma 4 and gpt-oss chat templates (`tests/python/tool_reference.py`); the loop splices results
 //! between sampled stretches, keeps them out of the sampled mask, and stops at the
 //! response budget and the iteration limit as TRL's `_tool_call_loop` does; a GRPO run
 //! with a tool program calls it and logs TRL's tool metrics; bad setups end in one line.
@@ -78,6 +78,9 @@ fn calls_and_results_are_trls() {
         ("qwen3", ToolFormat::Hermes),
         ("qwen3_5_nothink", ToolFormat::QwenXml),
         ("llama3_1", ToolFormat::Llama3),
+        ("glm4moe", ToolFormat::Glm4),
+        ("gemma4", ToolFormat::Gemma4),
+        ("gptoss", ToolFormat::GptOss),
     ] {
         let tok = tokenizer(name);
         assert_eq!(ToolFormat::of(&tok).unwrap(), format, "{name}");
@@ -117,7 +120,7 @@ fn calls_and_results_are_trls() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 100);
+    assert_eq!(checked, 245);
     // Qwen3's own template drops an answer's empty think block once tool results follow
     // it: refused, naming the way out.
     let own = Tokenizer::load(&f.templates.join("qwen3")).unwrap();
@@ -127,9 +130,8 @@ fn calls_and_results_are_trls() {
         "{e}"
     );
     // Which templates of the fixture's (every one TRL ships that we check) call tools in a
-    // form parsed here; the others are refused in one line (GLM-4-MoE's
-    // `<tool_call>NAME<arg_key>…`, Gemma 4's, gpt-oss's, LFM2's calls; templates that render
-    // no tool results or no calls; ChatML).
+    // form parsed here; the others are refused in one line (LFM2.5's Python-style calls;
+    // templates that render no tool results or no calls; ChatML).
     let mut formats = vec![];
     for entry in std::fs::read_dir(&f.templates).unwrap() {
         let dir = entry.unwrap().path();
@@ -149,6 +151,9 @@ fn calls_and_results_are_trls() {
     assert_eq!(
         formats,
         [
+            ("gemma4", ToolFormat::Gemma4),
+            ("glm4moe", ToolFormat::Glm4),
+            ("gptoss", ToolFormat::GptOss),
             ("llama3_1", ToolFormat::Llama3),
             ("llama3_2", ToolFormat::Llama3),
             ("nemotron_3_nano", ToolFormat::QwenXml),
@@ -157,8 +162,8 @@ fn calls_and_results_are_trls() {
             ("qwen3_6", ToolFormat::QwenXml),
         ]
     );
-    let glm = Tokenizer::load(&f.templates.join("glm4moe")).unwrap();
-    let e = ToolFormat::of(&glm).unwrap_err().to_string();
+    let lfm = Tokenizer::load(&f.templates.join("lfm2_2_5")).unwrap();
+    let e = ToolFormat::of(&lfm).unwrap_err().to_string();
     assert!(e.contains("in a form this version does not parse"), "{e}");
 }
 

@@ -1,6 +1,6 @@
 """References for the tool-calling test (ppo/tests/tools.rs): TRL 1.16's own functions on
 the chat templates `template_reference.py make` writes (Qwen2.5, Qwen3, Qwen3.5 — its calls
-`<function=…>` blocks — and Llama 3.1).
+`<function=…>` blocks —, Llama 3.1, GLM-4-MoE, Gemma 4 and gpt-oss).
 
     tool_reference.py --root DIR
 
@@ -27,7 +27,7 @@ from trl.chat_template_utils import (
 )
 from trl.trainer.grpo_trainer import GRPOTrainer
 
-TEMPLATES = ["qwen2_5", "qwen3", "qwen3_5_nothink", "llama3_1"]
+TEMPLATES = ["qwen2_5", "qwen3", "qwen3_5_nothink", "llama3_1", "glm4moe", "gemma4", "gptoss"]
 TEXTS = [
     '<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>',
     'Let me see.\n<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>\n'
@@ -50,6 +50,18 @@ TEXTS += [
     '</function>\n</tool_call>\n<tool_call>\n<function=heads>\n</function>\n</tool_call>',
     '<tool_call>\n<function=calc>\n<parameter=expr>\n1\n</parameter>\n</function>',
 ]
+TEXTS += [  # GLM-4-MoE, Gemma 4, gpt-oss
+    '<tool_call>calc\n<arg_key>expr</arg_key>\n<arg_value>2*3</arg_value>\n</tool_call>',
+    'Let me see.<tool_call>calc\n<arg_key>expr</arg_key>\n<arg_value>(94-70)/2</arg_value>\n</tool_call>'
+    '<tool_call>heads\n</tool_call>',
+    '<|tool_call>call:calc{expr:<|"|>2*3<|"|>}<tool_call|>',
+    '<|channel>thought\nNeed calc.<channel|>Let me see.<|tool_call>call:calc{expr:<|"|>a, b: {c}<|"|>,round:2}'
+    '<tool_call|><|tool_call>call:heads{}<tool_call|>',
+    '<|tool_call>call:calc{expr:bad}<tool_call|>',
+    '<|channel|>analysis<|message|>Need calc.<|end|><|start|>assistant to=functions.calc<|channel|>commentary '
+    'json<|message|>{"expr": "2*3"}<|call|>',
+    '<|channel|>analysis<|message|>hm<|end|><|start|>assistant<|channel|>final<|message|>The answer is 12',
+]
 # Parsed with these schemas: text arguments typed by their parameters.
 TOOLS = [{"type": "function", "function": {"name": "solve", "parameters": {"type": "object", "properties": {
     "heads": {"type": "integer"}, "legs": {"type": "number"}, "exact": {"type": "boolean"},
@@ -63,6 +75,10 @@ TYPED = [
     '</parameter>\n<parameter=size>\n4.0\n</parameter>\n<parameter=other>\n7\n</parameter>\n</function>\n</tool_call>',
     '<tool_call>\n<function=calc>\n<parameter=expr>\n35\n</parameter>\n</function>\n</tool_call>',
     '{"name": "solve", "parameters": {"heads": " 12 ", "legs": "inf", "exact": "yes", "pair": ["1"]}}',
+    '<tool_call>solve\n<arg_key>heads</arg_key>\n<arg_value>35</arg_value>\n<arg_key>exact</arg_key>\n'
+    '<arg_value>true</arg_value>\n</tool_call>',
+    '<|tool_call>call:solve{heads:<|"|>35<|"|>,legs:94}<tool_call|>',
+    '<|start|>assistant to=functions.solve<|channel|>commentary json<|message|>{"heads": "35", "legs": "1e2"}<|call|>',
 ]
 # Answered after a prompt whose assistant turn opens a think block.
 PREFILLED = ["counting</think>\n\nThe answer is 12", '</think><tool_call>{"name": "calc"}</tool_call>']
