@@ -13,6 +13,7 @@ pub mod pairs;
 pub mod parquet;
 pub mod preference;
 pub mod prompts;
+pub mod response;
 pub mod rows;
 pub mod sampler;
 pub mod sft;

@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::chat::ChatTemplate;
 use crate::error::{DataError, Result};
 use crate::formats::{Content, Message, PromptExample, TemplateArgs};
+use crate::response::ResponseTemplate;
 
 /// `[start, end)` in bytes of the encoded text.
 pub type ByteSpan = (usize, usize);
@@ -31,6 +32,10 @@ pub struct Tokenizer {
     /// More chat-template variables for every conversation (`--chat-template-kwargs`); a
     /// row's own `chat_template_kwargs` override them.
     template_kwargs: serde_json::Map<String, Value>,
+    /// `tokenizer_config.json`'s `response_template` (transformers' `parse_response`), read
+    /// when first asked for.
+    response_template: Option<Value>,
+    response_compiled: std::sync::OnceLock<std::result::Result<ResponseTemplate, String>>,
     dir: PathBuf,
 }
 
@@ -111,8 +116,32 @@ impl Tokenizer {
             chat_template,
             eos_override: false,
             template_kwargs: Default::default(),
+            response_template: config
+                .get("response_template")
+                .filter(|v| !v.is_null())
+                .cloned(),
+            response_compiled: Default::default(),
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The tokenizer's own response template (`tokenizer_config.json`'s
+    /// `response_template`, as transformers 5 saves it), if it has one: how its answers are
+    /// read back into messages ([`ResponseTemplate::message`]).
+    pub fn response_template(&self) -> Result<Option<&ResponseTemplate>> {
+        let Some(spec) = &self.response_template else {
+            return Ok(None);
+        };
+        match self
+            .response_compiled
+            .get_or_init(|| ResponseTemplate::from_json(spec))
+        {
+            Ok(t) => Ok(Some(t)),
+            Err(e) => Err(DataError::file(
+                self.dir.join("tokenizer_config.json"),
+                format!("response_template: {e}"),
+            )),
+        }
     }
 
     /// The same tokenizer rendering every conversation with `kwargs` as more template

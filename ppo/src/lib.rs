@@ -8,7 +8,6 @@
 pub mod args;
 mod log;
 pub mod math;
-pub mod parse_response;
 mod program;
 pub mod python_str;
 pub mod reward_fn;

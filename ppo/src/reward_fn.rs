@@ -61,9 +61,11 @@ pub struct RewardInput<'a> {
     /// The iterations done and those of the run (TRL's `trainer_state.global_step` and
     /// `max_steps`), where the run gives them.
     pub step: Option<(u64, u64)>,
-    /// With tools, each response as TRL's reward functions get it: its messages (the
-    /// assistant's, each parsed into content, reasoning and tool calls, and the tool
-    /// results between them; `ToolResponse::messages`).
+    /// Each response as TRL's reward functions get it where it is parsed: with tools, its
+    /// messages (the assistant's, each parsed into content, reasoning and tool calls, and
+    /// the tool results between them; `ToolResponse::messages`); without, where the policy's
+    /// tokenizer has a response template of its own, the one message it parses into
+    /// (`rollout::completion_messages`).
     pub messages: Option<&'a [Vec<serde_json::Value>]>,
 }
 

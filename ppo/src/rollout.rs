@@ -633,6 +633,32 @@ fn observe(
     Ok((observations, Some(batch)))
 }
 
+/// The completions of a batch without tools as TRL's reward functions get them: where the
+/// policy's tokenizer has a response template of its own and the prompts are conversations,
+/// each answer (`completion_ids`, after its prompt) as the one message it parses into
+/// (reasoning apart from the content, as `parse_response` reads it); else `None`, the
+/// decoded text as the assistant's message.
+pub fn completion_messages(
+    tok: &Tokenizer,
+    (prompts, completion_ids): (&[Vec<i64>], &[Vec<i64>]),
+    conversational: bool,
+) -> Result<Option<Vec<Vec<serde_json::Value>>>> {
+    let Some(template) = tok.response_template()?.filter(|_| conversational) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        prompts
+            .iter()
+            .zip(completion_ids)
+            .map(|(prompt, ids)| {
+                let texts = (&tok.decode(prompt, false)[..], &tok.decode(ids, false)[..]);
+                let plain = tok.decode(ids, true);
+                vec![template.message(texts, &plain, tok.eos_token.as_deref(), None)]
+            })
+            .collect(),
+    ))
+}
+
 /// Samples one response to each row of `prompt_ids` (`fields`: the other fields of each
 /// row's prompt, for the rewards) and rewards it.
 pub fn sample_and_reward(
@@ -684,6 +710,17 @@ pub fn sample_and_reward(
         }
     };
     let seen = RewardView::of(prompt_ids, prompt_mask, &generated, models.tokenizer)?;
+    let messages = match messages {
+        Some(m) => Some(m),
+        None => {
+            let conversational = examples
+                .as_ref()
+                .and_then(|e| e.first())
+                .is_some_and(|e| matches!(e.prompt, Content::Messages(_)));
+            let answers = (&seen.prompts[..], &seen.completion_ids[..]);
+            completion_messages(models.tokenizer, answers, conversational)?
+        }
+    };
     let input = RewardInput {
         prompts: &seen.prompts,
         responses: &seen.responses,

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use data::formats::{Message, PromptFields, TemplateArgs};
+use data::response::{self, ResponseTemplate};
 use data::Tokenizer;
 use serde_json::{json, Map, Value};
 
-use crate::parse_response::ResponseTemplate;
 use crate::program::LineProgram;
 use crate::python_str::python_str;
 use crate::reward_fn::{ask_rewards, RewardFunction, RewardInput};
@@ -40,7 +40,8 @@ impl ToolCall {
     }
 }
 
-/// How a chat template writes a tool call, the forms TRL's `add_response_schema` parses.
+/// How a chat template writes a tool call: the response template its answers are read with
+/// (TRL's `add_response_schema`, or the tokenizer's own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolFormat {
     /// `<tool_call>{"name": …, "arguments": {…}}</tool_call>` blocks, text around them being
@@ -60,11 +61,17 @@ pub enum ToolFormat {
     /// `to=functions.NAME<|channel|>commentary json<|message|>{…}<|call|>` (gpt-oss; TRL's
     /// `gptoss_template`).
     GptOss,
+    /// `<|tool_call_start|>[NAME(key=value, …), …]<|tool_call_end|>`, Python-style calls
+    /// (LFM2.5; TRL's `lfm2_2_5_template`).
+    Lfm2,
+    /// The tokenizer's own `response_template` (which TRL uses where there is one).
+    Native,
 }
 
 impl ToolFormat {
     /// The form `tok`'s chat template writes: a conversation with one tool call and its
-    /// result is rendered, and the call's text recognised.
+    /// result is rendered, and the call's text recognised (any, where the tokenizer has a
+    /// response template of its own).
     pub fn of(tok: &Tokenizer) -> Result<ToolFormat> {
         let probe = ToolCall {
             name: "probe_tool".into(),
@@ -84,12 +91,16 @@ impl ToolFormat {
         let json_in_block = text
             .split_once("<tool_call>")
             .is_some_and(|(_, call)| call.trim_start().starts_with('{'));
-        let format = if text.contains("<function=probe_tool>") {
+        let format = if tok.response_template()?.is_some() {
+            ToolFormat::Native
+        } else if text.contains("<function=probe_tool>") {
             ToolFormat::QwenXml
         } else if text.contains("<|tool_call>call:probe_tool") {
             ToolFormat::Gemma4
         } else if text.contains("to=functions.probe_tool") {
             ToolFormat::GptOss
+        } else if text.contains("<|tool_call_start|>[probe_tool(") {
+            ToolFormat::Lfm2
         } else if text.contains("<tool_call>probe_tool") {
             ToolFormat::Glm4
         } else if json_in_block {
@@ -97,7 +108,7 @@ impl ToolFormat {
         } else if text.contains("{\"name\": \"probe_tool\", \"parameters\"") {
             ToolFormat::Llama3
         } else {
-            bail!("the chat template writes tool calls in a form this version does not parse (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, Qwen3.5's <tool_call><function=…>, Llama 3.1's bare {{\"name\", \"parameters\"}} JSON, GLM-4's <tool_call>NAME<arg_key>…, Gemma 4's <|tool_call>call:NAME{{…}} and gpt-oss's to=functions.NAME)")
+            bail!("the chat template writes tool calls in a form this version does not parse, and the tokenizer has no response_template of its own (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, Qwen3.5's <tool_call><function=…>, Llama 3.1's bare {{\"name\", \"parameters\"}} JSON, GLM-4's <tool_call>NAME<arg_key>…, Gemma 4's <|tool_call>call:NAME{{…}}, gpt-oss's to=functions.NAME and LFM2.5's <|tool_call_start|>[NAME(…)])")
         };
         // Results are appended to the tokens sampled so far: the template must render a
         // conversation's start the same whatever follows (TRL swaps such templates for its
@@ -106,35 +117,55 @@ impl ToolFormat {
         Ok(format)
     }
 
-    /// The response template TRL's `add_response_schema` gives the chat template.
-    fn template(self) -> &'static ResponseTemplate {
-        static QWEN3: OnceLock<ResponseTemplate> = OnceLock::new();
-        static QWEN3_5: OnceLock<ResponseTemplate> = OnceLock::new();
-        static LLAMA3: OnceLock<ResponseTemplate> = OnceLock::new();
-        static GLM4: OnceLock<ResponseTemplate> = OnceLock::new();
-        static GEMMA4: OnceLock<ResponseTemplate> = OnceLock::new();
-        static GPTOSS: OnceLock<ResponseTemplate> = OnceLock::new();
-        match self {
-            ToolFormat::Glm4 => GLM4.get_or_init(ResponseTemplate::glm4moe),
-            ToolFormat::Gemma4 => GEMMA4.get_or_init(ResponseTemplate::gemma4),
-            ToolFormat::GptOss => GPTOSS.get_or_init(ResponseTemplate::gptoss),
-            ToolFormat::Hermes => QWEN3.get_or_init(ResponseTemplate::qwen3),
-            ToolFormat::QwenXml => QWEN3_5.get_or_init(ResponseTemplate::qwen3_5),
-            ToolFormat::Llama3 => LLAMA3.get_or_init(ResponseTemplate::llama3),
+    /// The response template its answers are read with.
+    fn template(self, tok: &Tokenizer) -> &ResponseTemplate {
+        static BUILTIN: OnceLock<Vec<(ToolFormat, ResponseTemplate)>> = OnceLock::new();
+        if self == ToolFormat::Native {
+            return tok
+                .response_template()
+                .ok()
+                .flatten()
+                .expect("ToolFormat::of read it");
         }
+        let builtin = BUILTIN.get_or_init(|| {
+            use ToolFormat::*;
+            [
+                (Hermes, "qwen3"),
+                (QwenXml, "qwen3_5"),
+                (Llama3, "llama3"),
+                (Glm4, "glm4moe"),
+                (Gemma4, "gemma4"),
+                (GptOss, "gptoss"),
+                (Lfm2, "lfm2_2_5"),
+            ]
+            .into_iter()
+            .map(|(format, name)| {
+                let spec = response::builtin_json(name).expect("a built-in");
+                (
+                    format,
+                    ResponseTemplate::from_json(&spec).expect("a valid built-in"),
+                )
+            })
+            .collect()
+        });
+        &builtin
+            .iter()
+            .find(|(f, _)| *f == self)
+            .expect("every format")
+            .1
     }
 
     /// An answer's tokens `ids` (with the EOS that ended it) after `prefix` (the prompt, or
     /// everything before the answer) as an assistant message: TRL's `parse_response`
-    /// ([`crate::parse_response`]), its content the plain text where it cannot be read, its
-    /// calls' arguments typed by the `tools` the prompt was rendered with.
+    /// ([`data::response`]), its content the plain text where it cannot be read, its calls'
+    /// arguments typed by the `tools` the prompt was rendered with.
     pub fn message(
         self,
         tok: &Tokenizer,
         (prefix, ids): (&[i64], &[i64]),
         tools: Option<&Value>,
     ) -> Value {
-        self.template().message(
+        self.template(tok).message(
             (&tok.decode(prefix, false), &tok.decode(ids, false)),
             &tok.decode(ids, true),
             tok.eos_token.as_deref(),

@@ -81,6 +81,8 @@ fn calls_and_results_are_trls() {
         ("glm4moe", ToolFormat::Glm4),
         ("gemma4", ToolFormat::Gemma4),
         ("gptoss", ToolFormat::GptOss),
+        ("lfm2_2_5", ToolFormat::Lfm2),
+        ("nemotron_native", ToolFormat::Native),
     ] {
         let tok = tokenizer(name);
         assert_eq!(ToolFormat::of(&tok).unwrap(), format, "{name}");
@@ -120,7 +122,7 @@ fn calls_and_results_are_trls() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 245);
+    assert_eq!(checked, 351);
     // Qwen3's own template drops an answer's empty think block once tool results follow
     // it: refused, naming the way out.
     let own = Tokenizer::load(&f.templates.join("qwen3")).unwrap();
@@ -130,8 +132,9 @@ fn calls_and_results_are_trls() {
         "{e}"
     );
     // Which templates of the fixture's (every one TRL ships that we check) call tools in a
-    // form parsed here; the others are refused in one line (LFM2.5's Python-style calls;
-    // templates that render no tool results or no calls; ChatML).
+    // form parsed here, or have a response template of their own (Nemotron's, saved into its
+    // tokenizer_config.json); the others are refused in one line (templates that render no
+    // tool results or no calls; ChatML).
     let mut formats = vec![];
     for entry in std::fs::read_dir(&f.templates).unwrap() {
         let dir = entry.unwrap().path();
@@ -154,17 +157,42 @@ fn calls_and_results_are_trls() {
             ("gemma4", ToolFormat::Gemma4),
             ("glm4moe", ToolFormat::Glm4),
             ("gptoss", ToolFormat::GptOss),
+            ("lfm2_2_5", ToolFormat::Lfm2),
             ("llama3_1", ToolFormat::Llama3),
             ("llama3_2", ToolFormat::Llama3),
             ("nemotron_3_nano", ToolFormat::QwenXml),
+            ("nemotron_native", ToolFormat::Native),
             ("qwen2_5", ToolFormat::Hermes),
             ("qwen3_5_nothink", ToolFormat::QwenXml),
             ("qwen3_6", ToolFormat::QwenXml),
         ]
     );
-    let lfm = Tokenizer::load(&f.templates.join("lfm2_2_5")).unwrap();
-    let e = ToolFormat::of(&lfm).unwrap_err().to_string();
+    let chatml = Tokenizer::load(&f.templates.join("chatml")).unwrap();
+    let e = ToolFormat::of(&chatml).unwrap_err().to_string();
     assert!(e.contains("in a form this version does not parse"), "{e}");
+    // Without tools, TRL parses a conversation's answers where the tokenizer has a
+    // response template of its own (Nemotron's here), and only there.
+    let native = tokenizer("nemotron_native");
+    let case = &f.reference["nemotron_native"]["parsed"][0];
+    let ids = |key: &str| -> Vec<i64> { serde_json::from_value(case[key].clone()).unwrap() };
+    let answers = ([ids("prefix")], [ids("ids")]);
+    let parsed = ppo::rollout::completion_messages(&native, (&answers.0, &answers.1), true);
+    assert_eq!(parsed.unwrap(), Some(vec![vec![case["message"].clone()]]));
+    let text_prompts = ppo::rollout::completion_messages(&native, (&answers.0, &answers.1), false);
+    assert_eq!(text_prompts.unwrap(), None);
+    let own = tokenizer("qwen2_5");
+    let none = ppo::rollout::completion_messages(&own, (&answers.0, &answers.1), true);
+    assert_eq!(none.unwrap(), None);
+    // The response templates built in are TRL's own.
+    let trl = f.reference["response_templates"].as_object().unwrap();
+    assert_eq!(trl.len(), 7);
+    for (name, want) in trl {
+        assert_eq!(
+            data::response::builtin_json(name).as_ref(),
+            Some(want),
+            "{name}"
+        );
+    }
 }
 
 /// Answers every call with `answer(call)`, remembering the calls and their rows.

@@ -70,7 +70,8 @@ SPECIALS = [
     "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[gMASK]", "<sop>", "<|observation|>",
     "<|turn>", "<turn|>", "<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|startoftext|>",
     "<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|call|>", "<|tool_call>", "<tool_call|>",
-    '<|"|>', "<|channel>", "<channel|>", "<|tool_response>", "<tool_response|>",
+    '<|"|>', "<|channel>", "<channel|>", "<|tool_response>", "<tool_response|>", "<|tool_call_start|>",
+    "<|tool_call_end|>",
 ]
 CORPUS = [
     "你是一个解题助手。鸡兔同笼，35个头，94只脚？鸡23只，兔12只。",

@@ -1,6 +1,9 @@
 """References for the tool-calling test (ppo/tests/tools.rs): TRL 1.16's own functions on
 the chat templates `template_reference.py make` writes (Qwen2.5, Qwen3, Qwen3.5 — its calls
-`<function=…>` blocks —, Llama 3.1, GLM-4-MoE, Gemma 4 and gpt-oss).
+`<function=…>` blocks —, Llama 3.1, GLM-4-MoE, Gemma 4, gpt-oss and LFM2.5), and Nemotron 3
+Nano's with a response template of its own (TRL's `nemotron_3_template` saved into its
+tokenizer_config.json as transformers saves one: DIR/nemotron_native), which the trainer uses
+instead of `add_response_schema`'s. Also TRL's response templates themselves, as JSON.
 
     tool_reference.py --root DIR
 
@@ -16,9 +19,11 @@ Also `str` of what tool programs may answer, parsed as JSON, and of TRL's error 
 """
 import argparse
 import json
+import shutil
 import types
 
 from transformers import AutoTokenizer
+from trl import chat_template_utils
 from trl.chat_template_utils import (
     add_response_schema,
     get_training_chat_template,
@@ -27,7 +32,9 @@ from trl.chat_template_utils import (
 )
 from trl.trainer.grpo_trainer import GRPOTrainer
 
-TEMPLATES = ["qwen2_5", "qwen3", "qwen3_5_nothink", "llama3_1", "glm4moe", "gemma4", "gptoss"]
+TEMPLATES = ["qwen2_5", "qwen3", "qwen3_5_nothink", "llama3_1", "glm4moe", "gemma4", "gptoss", "lfm2_2_5",
+             "nemotron_native"]
+BUILTIN = ["qwen3", "qwen3_5", "llama3", "glm4moe", "gemma4", "gptoss", "lfm2_2_5"]
 TEXTS = [
     '<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>',
     'Let me see.\n<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>\n'
@@ -61,6 +68,9 @@ TEXTS += [  # GLM-4-MoE, Gemma 4, gpt-oss
     '<|channel|>analysis<|message|>Need calc.<|end|><|start|>assistant to=functions.calc<|channel|>commentary '
     'json<|message|>{"expr": "2*3"}<|call|>',
     '<|channel|>analysis<|message|>hm<|end|><|start|>assistant<|channel|>final<|message|>The answer is 12',
+    "<|tool_call_start|>[calc(expr='2*3')]<|tool_call_end|>",
+    "<think>hm</think>Let me see.<|tool_call_start|>[calc(expr='(94-70)/2', round=2), heads()]<|tool_call_end|>",
+    '<think>\nunclosed <tool_call>\n<function=calc>\n<parameter=expr>\n1\n</parameter>\n</function>\n</tool_call>',
 ]
 # Parsed with these schemas: text arguments typed by their parameters.
 TOOLS = [{"type": "function", "function": {"name": "solve", "parameters": {"type": "object", "properties": {
@@ -79,6 +89,7 @@ TYPED = [
     '<arg_value>true</arg_value>\n</tool_call>',
     '<|tool_call>call:solve{heads:<|"|>35<|"|>,legs:94}<tool_call|>',
     '<|start|>assistant to=functions.solve<|channel|>commentary json<|message|>{"heads": "35", "legs": "1e2"}<|call|>',
+    "<|tool_call_start|>[solve(heads='35', legs=94, pair=[1, [2, {\"a\": 3}]], note=None, exact=true)]<|tool_call_end|>",
 ]
 # Answered after a prompt whose assistant turn opens a think block.
 PREFILLED = ["counting</think>\n\nThe answer is 12", '</think><tool_call>{"name": "calc"}</tool_call>']
@@ -102,9 +113,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", required=True)
     args = parser.parse_args()
-    out = {}
+    # A tokenizer with a response template of its own.
+    native = AutoTokenizer.from_pretrained(f"{args.root}/nemotron_3_nano")
+    native.response_template = chat_template_utils.nemotron_3_template
+    native.save_pretrained(f"{args.root}/nemotron_native")
+    shutil.copy(f"{args.root}/nemotron_3_nano/rows.jsonl", f"{args.root}/nemotron_native/rows.jsonl")
+    out = {"response_templates": {n: getattr(chat_template_utils, f"{n}_template") for n in BUILTIN}}
     for name in TEMPLATES:
-        tok = add_response_schema(AutoTokenizer.from_pretrained(f"{args.root}/{name}"))
+        tok = AutoTokenizer.from_pretrained(f"{args.root}/{name}")
+        if getattr(tok, "response_template", None) is None:  # as GRPOTrainer: only without one
+            tok = add_response_schema(tok)
         prefix = tok.apply_chat_template(
             [{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=True, return_dict=False
         )
