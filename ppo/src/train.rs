@@ -524,6 +524,9 @@ impl<'a> Ppo<'a> {
             None
         };
         let ((prompts, fields, examples), ptx_rows) = read_data(args, &tok, &policy)?;
+        // A response template of the tokenizer's own reads the answers (rollout's
+        // completion_messages): one that cannot be read stops the run now.
+        tok.response_template()?;
         let max_prompt_length = max_prompt_length(args, &policy)?;
         let tools = tool_program
             .map(|runner| -> Result<Tools> {

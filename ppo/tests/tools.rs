@@ -650,6 +650,28 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
         format!("{e:#}").contains("not a JSON list of tool schemas"),
         "{e:#}"
     );
+    // A response template of the tokenizer's own that cannot be read stops the run at its
+    // start, naming the file.
+    let bad = root.join("bad-template");
+    std::fs::create_dir_all(&bad).unwrap();
+    for entry in std::fs::read_dir(root.join("sft/final")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, bad.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let config = bad.join("tokenizer_config.json");
+    let mut tc: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    tc["response_template"] = json!({"start_anchor": "<|im_start|>assistant\n", "fields": {}});
+    std::fs::write(&config, tc.to_string()).unwrap();
+    let mut a = ppo_args("grpo", &out, &[]);
+    a.policy = bad.clone();
+    let e = format!("{:#}", ppo::train::run(&a).unwrap_err());
+    assert!(
+        e.contains("tokenizer_config.json")
+            && e.contains("response_template.fields must be a non-empty object"),
+        "{e}"
+    );
 
     // The same tool as an environment (TRL's `environment_factory`): one episode per
     // response, reset with its row, its calls numbered by episode, and a reward of its own
