@@ -1256,6 +1256,55 @@ mod tests {
         );
     }
 
+    /// The parts no template TRL ships uses (joined repeats, `kv-lines` with a value parser,
+    /// numbers and booleans, a transform per item, named captures, unstripped text, a
+    /// required field, literal lists as anchors), as transformers 5.23 reads them
+    /// (`parse_response(text, spec, prefix=…)`, outputs copied).
+    #[test]
+    fn every_part_of_a_template_as_transformers_reads_it() {
+        let spec = json!({
+            "defaults": {"role": "assistant", "kind": ""},
+            "start_anchor": ["<A>", "<AA>"],
+            "fields": {
+                "notes": {"open": "<n>", "close": "</n>", "repeats": true, "join": " | "},
+                "meta": {"open": "<m>", "close": "</m>", "content": "kv-lines",
+                    "content_args": {"value_parser": {"name": "int"}}},
+                "score": {"open": "<s>", "close_pattern": r"</s>\s*", "content": "float"},
+                "flag": {"open": "<f>", "close": "</f>", "content": "bool"},
+                "items": {"open": "<i>", "close": "</i>", "content": "json", "transform": {"v": "{content}"}},
+                "calls": {"open_pattern": r"<c (?P<who>\w+)>", "close": "</c>", "content": "json",
+                    "transform": {"by": "{who}", "x": "{x}"}, "transform_each": true},
+                "content": {"close_pattern": "<end>|$", "content": "text", "content_args": {"strip": false}}
+            }
+        });
+        let t = ResponseTemplate::from_json(&spec).unwrap();
+        let none = Map::new();
+        let answer = "hello <n>a</n> mid <n>b</n><m>k: 1\nj : 22\nnone\n</m><s> 2.5 </s>\n<f>TRUE</f><i>[1, 2]</i><c bob>[{\"x\": 1}, {\"x\": 2}]</c> tail <end>";
+        assert_eq!(
+            Value::Object(t.parse("x<AA>", answer, &none).unwrap()),
+            json!({"role": "assistant", "kind": "", "content": " tail ", "notes": "a | b",
+                "meta": {"k": 1, "j": 22}, "score": 2.5, "flag": true, "items": {"v": [1, 2]},
+                "calls": [{"by": "bob", "x": 1}, {"by": "bob", "x": 2}]})
+        );
+        assert_eq!(
+            Value::Object(t.parse("<A>", "plain  \n", &none).unwrap()),
+            json!({"role": "assistant", "kind": "", "content": "plain  "})
+        );
+        assert_eq!(t.parse("", "<m>k: x</m>", &none), None, "not an int");
+        let required = json!({"start_anchor": "<A>", "fields": {
+            "must": {"open": "<x>", "close": "</x>", "optional": false}, "content": {}}});
+        let r = ResponseTemplate::from_json(&required).unwrap();
+        assert_eq!(
+            Value::Object(r.parse("<A>", "<x>1</x>", &none).unwrap()),
+            json!({"must": "1"})
+        );
+        assert_eq!(
+            r.parse("<A>", "no", &none),
+            None,
+            "the required field is missing"
+        );
+    }
+
     /// A template from JSON is checked as transformers checks it.
     #[test]
     fn bad_templates_are_refused() {
