@@ -32,9 +32,33 @@ struct Delim {
     /// For a pattern that looks ahead: the literal texts in it, whose coming would let it
     /// match where it does not yet (Python's partial match reaches the end looking).
     probes: Vec<String>,
+    /// A pattern that is only `(?=[\s\S]*?TEXT)` (Nemotron's and DeepSeek-R1's reasoning
+    /// opens): TEXT, found at once rather than by a backtracking search from every place.
+    ahead: Option<String>,
 }
 
+/// A match: where it starts and ends, and what its named groups captured.
+type Found = (usize, usize, Map<String, Value>);
+
 impl Delim {
+    /// The first match in `buffer` from `pos`.
+    fn find(&self, buffer: &str, pos: usize) -> Option<Found> {
+        if let Some(text) = &self.ahead {
+            return buffer[pos..]
+                .contains(text.as_str())
+                .then(|| (pos, pos, Map::new()));
+        }
+        let caps = self.re.captures_from_pos(buffer, pos).ok().flatten()?;
+        let m = caps.get(0).expect("the whole match");
+        let named = self
+            .re
+            .capture_names()
+            .flatten()
+            .filter_map(|n| Some((n.to_string(), caps.name(n)?.as_str().into())))
+            .collect();
+        Some((m.start(), m.end(), named))
+    }
+
     /// Where, from `pos`, the end of `buffer` may be a match cut short: a proper beginning of
     /// one of its starts (or a whole one, where a match goes on after it).
     fn partial(&self, buffer: &str, pos: usize) -> Option<usize> {
@@ -48,10 +72,9 @@ impl Delim {
                     .map(|k| buffer.len() - k)
             })
             .chain(self.probes.iter().filter_map(|probe| {
-                let now = self.re.find_from_pos(buffer, pos).ok().flatten();
-                let longer = format!("{buffer}{probe}");
-                let later = self.re.find_from_pos(&longer, pos).ok().flatten()?.start();
-                let new = now.is_none_or(|m| m.start() > later);
+                let now = self.find(buffer, pos);
+                let later = self.find(&format!("{buffer}{probe}"), pos)?.0;
+                let new = now.is_none_or(|(start, ..)| start > later);
                 (new && later <= buffer.len()).then_some(later)
             }))
             .filter(|&p| p >= pos)
@@ -279,6 +302,7 @@ fn delim(spec: &Map<String, Value>, key: &str, what: &str) -> Result<Option<Deli
                 starts: list,
                 more: false,
                 probes: vec![],
+                ahead: None,
             }))
         }
         (None, Some(Value::String(p))) => {
@@ -293,6 +317,11 @@ fn delim(spec: &Map<String, Value>, key: &str, what: &str) -> Result<Option<Deli
                     true => literal_runs(p),
                     false => vec![],
                 },
+                ahead: p
+                    .strip_prefix(r"(?=[\s\S]*?")
+                    .and_then(|rest| rest.strip_suffix(')'))
+                    .filter(|text| literal_runs(text).concat() == **text && !text.contains('\\'))
+                    .map(str::to_string),
             }))
         }
         (None, Some(_)) => Err(format!("{what}: '{pattern_key}' must be a string")),
@@ -587,44 +616,32 @@ impl Reading<'_> {
                     field.close.as_ref()
                 }
                 .expect("watched");
-                let found =
-                    d.re.captures_from_pos(&self.buffer, self.pos)
-                        .ok()
-                        .flatten();
+                let found = d.find(&self.buffer, self.pos);
                 // A match cut short at the end, if none is found before it, holds the text
                 // from its start until more comes.
                 let partial = (!eos).then(|| d.partial(&self.buffer, self.pos)).flatten();
-                let first = found
-                    .as_ref()
-                    .map(|c| c.get(0).expect("the whole match").start());
+                let first = found.as_ref().map(|(start, ..)| *start);
                 if let Some(p) = partial.filter(|&p| first.is_none_or(|f| p <= f)) {
                     hold = hold.min(p);
                     continue;
                 }
-                let Some(caps) = found else {
+                let Some((start, end, named)) = found else {
                     continue;
                 };
-                let m = caps.get(0).expect("the whole match");
-                let at_edge = m.end() == self.buffer.len();
-                let grows = at_edge && (m.start() == m.end() || !d.literal || d.can_extend);
+                let at_edge = end == self.buffer.len();
+                let grows = at_edge && (start == end || !d.literal || d.can_extend);
                 if !eos && grows {
-                    hold = hold.min(m.start());
+                    hold = hold.min(start);
                     continue;
                 }
                 let key = (
-                    m.start(),
-                    std::cmp::Reverse(m.end() - m.start()),
+                    start,
+                    std::cmp::Reverse(end - start),
                     !opening,
                     field.name.as_str(),
                 );
                 if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
-                    // What an opening's named groups captured.
-                    let named: Map<String, Value> =
-                        d.re.capture_names()
-                            .flatten()
-                            .filter_map(|n| Some((n.to_string(), caps.name(n)?.as_str().into())))
-                            .collect();
-                    best = Some((key, i, (m.end(), named)));
+                    best = Some((key, i, (end, named)));
                 }
             }
             let best = best.filter(|((start, ..), _, _)| *start < hold);
