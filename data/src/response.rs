@@ -6,7 +6,7 @@
 //! JSON or a JSON dialect, key/value tags, lines) into its field, reshaped by its
 //! `transform`. A template comes from a tokenizer's own `response_template`
 //! (`tokenizer_config.json`) or is one TRL's `add_response_schema` gives a chat template it
-//! knows ([`ResponseTemplate::builtin`]). [`ResponseTemplate::message`] then does what TRL's
+//! knows ([`builtin_json`]). [`ResponseTemplate::message`] then does what TRL's
 //! `parse_response` adds: the EOS token off the content, a call without a name makes the
 //! whole answer plain text, as does anything that cannot be read.
 //!

@@ -4,7 +4,9 @@
 //! template, and the policy continues from there — up to `--max-tool-calling-iterations`
 //! times, within `--response-length` tokens in all. The tool results' tokens are part of
 //! the response the policy is scored on but not tokens it sampled: the tool mask keeps
-//! them out of every loss, KL and advantage (TRL's `tool_mask`).
+//! them out of every loss, KL and advantage (TRL's `tool_mask`). Each answer is read as the
+//! message TRL's `parse_response` makes of it ([`data::response`]): its calls are the ones
+//! run, and the messages, results between them, are the completion reward programs get.
 //!
 //! Tools are run by `--tool-command`, a long-lived program that reads one JSON line per
 //! call, `{"name": …, "arguments": {…}}`, and answers each with one line,
