@@ -672,6 +672,35 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
             && e.contains("response_template.fields must be a non-empty object"),
         "{e}"
     );
+    // Without tools, a policy whose tokenizer has a response template of its own (here TRL's
+    // Qwen3 one, saved as transformers saves it) has its answers parsed for the reward
+    // programs, as TRL does: the taught call is a call of the message, not text.
+    tc["response_template"] = data::response::builtin_json("qwen3").unwrap();
+    std::fs::write(&config, tc.to_string()).unwrap();
+    let _ = std::fs::remove_file(&kept);
+    let mut a = ppo_args(
+        "grpo",
+        &root.join("own-template"),
+        &["--reward-command", &keep],
+    );
+    (a.policy, a.run.max_steps) = (bad.clone(), Some(1));
+    ppo::train::run(&a).unwrap();
+    let completions = rlhf_tests::read_jsonl(&kept);
+    assert_eq!(completions.len(), 32);
+    let taught = json!([{"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+        "function": {"name": "calc", "arguments": {"expr": "(94-70)/2"}}}]}]);
+    assert!(completions.contains(&taught), "{completions:?}");
+    let mut calling = 0;
+    for c in &completions {
+        let m = c.as_array().unwrap();
+        assert_eq!(m.len(), 1, "{c}");
+        assert!(
+            !m[0]["content"].as_str().unwrap().contains("<|im_end|>"),
+            "{c}"
+        );
+        calling += usize::from(m[0].get("tool_calls").is_some());
+    }
+    assert!(calling >= 16, "{calling} of 32 answers parsed as calls");
 
     // The same tool as an environment (TRL's `environment_factory`): one episode per
     // response, reset with its row, its calls numbered by episode, and a reward of its own
