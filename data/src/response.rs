@@ -60,8 +60,9 @@ impl Delim {
     }
 
     /// Where, from `pos`, the end of `buffer` may be a match cut short: a proper beginning of
-    /// one of its starts (or a whole one, where a match goes on after it).
-    fn partial(&self, buffer: &str, pos: usize) -> Option<usize> {
+    /// one of its starts (or a whole one, where a match goes on after it). `found`: where
+    /// the first whole match from `pos` starts, if one does.
+    fn partial(&self, buffer: &str, pos: usize, found: Option<usize>) -> Option<usize> {
         self.starts
             .iter()
             .flat_map(|start| {
@@ -72,9 +73,8 @@ impl Delim {
                     .map(|k| buffer.len() - k)
             })
             .chain(self.probes.iter().filter_map(|probe| {
-                let now = self.find(buffer, pos);
                 let later = self.find(&format!("{buffer}{probe}"), pos)?.0;
-                let new = now.is_none_or(|(start, ..)| start > later);
+                let new = found.is_none_or(|start| start > later);
                 (new && later <= buffer.len()).then_some(later)
             }))
             .filter(|&p| p >= pos)
@@ -169,7 +169,8 @@ enum Parser {
     /// JSON, with the dialect's knobs: strings between custom marks, bare keys, the text
     /// itself where it is not JSON.
     Json {
-        string_delims: Vec<(String, String)>,
+        /// Each pair of marks as the pattern that finds a string between them.
+        string_delims: Vec<Regex>,
         unquoted_keys: bool,
         allow_non_json: bool,
         strip: bool,
@@ -359,7 +360,12 @@ impl Parser {
                     .into_iter()
                     .flatten()
                     .map(|pair| match pair.as_array().map(Vec::as_slice) {
-                        Some([Value::String(a), Value::String(b)]) => Ok((a.clone(), b.clone())),
+                        Some([Value::String(open), Value::String(close)]) => Regex::new(&format!(
+                            "(?s){}(.*?){}",
+                            fancy_regex::escape(open),
+                            fancy_regex::escape(close)
+                        ))
+                        .map_err(|e| format!("{what}: {e}")),
                         _ => Err(format!("{what}: string_delims are [open, close] pairs")),
                     })
                     .collect::<Result<_, _>>()?,
@@ -473,20 +479,14 @@ impl Parser {
 
 /// transformers' JSON parser: strings between custom marks set aside, bare keys quoted (after
 /// `{` or `,`), the strings put back as JSON strings, then read.
-fn dialect_json(text: &str, delims: &[(String, String)], unquoted_keys: bool) -> Option<Value> {
+fn dialect_json(text: &str, delims: &[Regex], unquoted_keys: bool) -> Option<Value> {
     if !delims.is_empty() && text.contains(['\x01', '\x02']) {
         return None;
     }
     let mut working = text.to_string();
     let mut strings: Vec<String> = vec![];
-    for (open, close) in delims {
-        let re = Regex::new(&format!(
-            "(?s){}(.*?){}",
-            fancy_regex::escape(open),
-            fancy_regex::escape(close)
-        ))
-        .ok()?;
-        working = replace_all(&re, &working, |caps| {
+    for re in delims {
+        working = replace_all(re, &working, |caps| {
             strings.push(caps.get(1).map_or("", |m| m.as_str()).to_string());
             format!("\x01{}\x02", strings.len() - 1)
         })?;
@@ -619,8 +619,10 @@ impl Reading<'_> {
                 let found = d.find(&self.buffer, self.pos);
                 // A match cut short at the end, if none is found before it, holds the text
                 // from its start until more comes.
-                let partial = (!eos).then(|| d.partial(&self.buffer, self.pos)).flatten();
                 let first = found.as_ref().map(|(start, ..)| *start);
+                let partial = (!eos)
+                    .then(|| d.partial(&self.buffer, self.pos, first))
+                    .flatten();
                 if let Some(p) = partial.filter(|&p| first.is_none_or(|f| p <= f)) {
                     hold = hold.min(p);
                     continue;
@@ -916,6 +918,23 @@ impl ResponseTemplate {
             Some(m) => Value::Object(m),
             None => json!({"role": "assistant", "content": plain}),
         }
+    }
+
+    /// [`Self::message`] of an answer's tokens `ids` (with the EOS that ended it) after
+    /// `prefix` (the prompt, or everything before the answer), decoded by `tok` as TRL
+    /// decodes them.
+    pub fn message_of_ids(
+        &self,
+        tok: &crate::Tokenizer,
+        (prefix, ids): (&[i64], &[i64]),
+        tools: Option<&Value>,
+    ) -> Value {
+        self.message(
+            (&tok.decode(prefix, false), &tok.decode(ids, false)),
+            &tok.decode(ids, true),
+            tok.eos_token.as_deref(),
+            tools,
+        )
     }
 }
 

@@ -162,6 +162,15 @@ impl AdvantageEstimator {
         matches!(self, AdvantageEstimator::Gae { .. })
     }
 
+    /// Online DPO's loss on its pairs; `None` for the estimators that take a per-token
+    /// policy loss.
+    pub fn pair_loss(&self) -> Option<PairLoss> {
+        match self {
+            AdvantageEstimator::OnlineDpo { loss } => Some(*loss),
+            _ => None,
+        }
+    }
+
     /// Whether advantages compare the responses of a group (grpo, dr-grpo, rloo).
     pub fn is_group(&self) -> bool {
         matches!(
@@ -2177,10 +2186,6 @@ mod tests {
         );
     }
 
-    /// GMPO against TRL's `GMPOTrainer._compute_loss` written out: per response the
-    /// log-weights clipped in log space on the binding side, their mean over the kept
-    /// tokens exponentiated, `−A·G` averaged over responses; a clipped token passes no
-    /// gradient, the others `−A·G/(kept tokens)/(responses)`.
     #[test]
     fn online_dpo_prefers_the_better_response_and_takes_dpo_loss_on_the_pair() {
         // Two pairs: the second response better in the first, a tie in the second (the
@@ -2262,6 +2267,10 @@ mod tests {
         }
     }
 
+    /// GMPO against TRL's `GMPOTrainer._compute_loss` written out: per response the
+    /// log-weights clipped in log space on the binding side, their mean over the kept
+    /// tokens exponentiated, `−A·G` averaged over responses; a clipped token passes no
+    /// gradient, the others `−A·G/(kept tokens)/(responses)`.
     #[test]
     fn gmpo_takes_the_clipped_geometric_mean_per_response() {
         let lp = [[-0.5f32, -1.0, -2.0], [-0.7, -0.2, -0.4]];

@@ -650,11 +650,7 @@ pub fn completion_messages(
         prompts
             .iter()
             .zip(completion_ids)
-            .map(|(prompt, ids)| {
-                let texts = (&tok.decode(prompt, false)[..], &tok.decode(ids, false)[..]);
-                let plain = tok.decode(ids, true);
-                vec![template.message(texts, &plain, tok.eos_token.as_deref(), None)]
-            })
+            .map(|(prompt, ids)| vec![template.message_of_ids(tok, (prompt, ids), None)])
             .collect(),
     ))
 }

@@ -167,12 +167,7 @@ impl ToolFormat {
         (prefix, ids): (&[i64], &[i64]),
         tools: Option<&Value>,
     ) -> Value {
-        self.template(tok).message(
-            (&tok.decode(prefix, false), &tok.decode(ids, false)),
-            &tok.decode(ids, true),
-            tok.eos_token.as_deref(),
-            tools,
-        )
+        self.template(tok).message_of_ids(tok, (prefix, ids), tools)
     }
 }
 

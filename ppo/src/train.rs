@@ -680,7 +680,7 @@ impl<'a> Ppo<'a> {
         // With --kl-in-loss the penalty is a loss term instead of a reward; online DPO's
         // loss holds the policy to the reference itself (β is DPO's), and its pairs are
         // judged on their scores alone, as TRL's.
-        let online_dpo = args.advantage_estimator == crate::args::EstimatorName::OnlineDpo;
+        let online_dpo = args.advantage_estimator().pair_loss().is_some();
         let reward_beta = if args.kl_in_loss || online_dpo {
             0.0
         } else {

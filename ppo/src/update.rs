@@ -16,8 +16,7 @@ use tch::{Kind, Tensor};
 use crate::args::TrainArgs;
 use crate::math::{
     high_entropy_mask, importance_weight, kl_per_token, off_policy_mask, online_dpo_loss,
-    policy_loss, value_loss, AdvantageEstimator, Advantages, EntropyController, KlEstimator,
-    PolicyLoss,
+    policy_loss, value_loss, Advantages, EntropyController, KlEstimator, PolicyLoss,
 };
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
@@ -158,9 +157,9 @@ pub fn update(
         ro.mask.shallow_clone()
     };
     // Online DPO's pairs stay whole: its minibatches are shuffled a pair at a time.
-    let unit = match args.advantage_estimator() {
-        AdvantageEstimator::OnlineDpo { .. } => 2,
-        _ => 1,
+    let unit = match args.advantage_estimator().pair_loss() {
+        Some(_) => 2,
+        None => 1,
     };
     for epoch in 0..args.ppo_epochs {
         let mut order: Vec<usize> = (0..total / unit).collect();
@@ -270,10 +269,7 @@ fn minibatch_backward(
     (beta, entropy_coef): (f64, f64),
 ) -> BTreeMap<&'static str, f64> {
     let device = ro.full_ids.device();
-    let online_dpo = match args.advantage_estimator() {
-        AdvantageEstimator::OnlineDpo { loss } => Some(loss),
-        _ => None,
-    };
+    let online_dpo = args.advantage_estimator().pair_loss();
     let micro = mb.len().div_ceil(args.grad_accum).max(1);
     // Online DPO's micro-batches hold whole pairs.
     let micro = micro + usize::from(online_dpo.is_some()) * (micro % 2);

@@ -390,6 +390,16 @@ fn the_loop_splices_results_between_sampled_stretches() {
     );
 }
 
+/// Writes the Python `source` to `root/name`; the command that runs it with `args`.
+fn program(root: &Path, name: &str, source: &str, args: &[&Path]) -> String {
+    let script = root.join(name);
+    std::fs::write(&script, source).unwrap();
+    let quoted = |p: &Path| format!("'{}'", p.display());
+    let mut words = vec![quoted(&rlhf_tests::python()), quoted(&script)];
+    words.extend(args.iter().map(|a| quoted(a)));
+    words.join(" ")
+}
+
 /// A tool program: `calc` evaluates its `expr` (digits, + - * / and brackets), anything else is an
 /// error; every call is appended to `log`.
 const CALC: &str = r#"
@@ -495,14 +505,8 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
         "3",
     ]))
     .unwrap();
-    std::fs::write(root.join("calc.py"), CALC).unwrap();
     let log = root.join("calls.jsonl");
-    let command = format!(
-        "'{}' '{}' '{}'",
-        rlhf_tests::python().display(),
-        root.join("calc.py").display(),
-        log.display()
-    );
+    let command = program(&root, "calc.py", CALC, &[&log]);
     let out = root.join("grpo");
     let ppo_args = |estimator: &str, out: &Path, extra: &[&str]| -> ppo::train::TrainArgs {
         let mut argv: Vec<String> = [
@@ -545,16 +549,10 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
         rlhf_tests::parse_args(&argv)
     };
     // A reward program that keeps the completions it is given (and scores none).
-    std::fs::write(root.join("keep.py"), KEEP_COMPLETIONS).unwrap();
     let kept = root.join("completions.jsonl");
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_file(&kept);
-    let keep = format!(
-        "'{}' '{}' '{}'",
-        rlhf_tests::python().display(),
-        root.join("keep.py").display(),
-        kept.display()
-    );
+    let keep = program(&root, "keep.py", KEEP_COMPLETIONS, &[&kept]);
     let tool_command = [
         "--tool-command",
         command.as_str(),
@@ -705,15 +703,9 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
     // The same tool as an environment (TRL's `environment_factory`): one episode per
     // response, reset with its row, its calls numbered by episode, and a reward of its own
     // (1 for exactly one call).
-    std::fs::write(root.join("env.py"), ENVIRONMENT).unwrap();
     let env_log = root.join("env.jsonl");
     let _ = std::fs::remove_file(&env_log);
-    let environment = format!(
-        "'{}' '{}' '{}'",
-        rlhf_tests::python().display(),
-        root.join("env.py").display(),
-        env_log.display()
-    );
+    let environment = program(&root, "env.py", ENVIRONMENT, &[&env_log]);
     let env_out = root.join("grpo-env");
     ppo::train::run(&ppo_args(
         "grpo",
@@ -792,12 +784,7 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
         );
     }
     // An observation that is not text ends the run in one line.
-    std::fs::write(root.join("observing.py"), OBSERVING).unwrap();
-    let observing = format!(
-        "'{}' '{}'",
-        rlhf_tests::python().display(),
-        root.join("observing.py").display()
-    );
+    let observing = program(&root, "observing.py", OBSERVING, &[]);
     let e = ppo::train::run(&ppo_args(
         "grpo",
         &root.join("grpo-observing"),
