@@ -26,9 +26,20 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip --version >/dev/null 2>&1 || die "pip is missing in $venv; install python3-pip (or ensurepip)"
 
-echo "bootstrap: installing $(grep -v '^#' "$req" | tr '\n' ' ')into $venv (first time: a few minutes, ~5 GB)" >&2
-"$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$req"
-"$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r "$nodeps"
+# The install takes about 6 GB (torch's CUDA libraries most of it). Nothing is kept in
+# pip's cache: the wheels would take as much again on the same disk.
+need_gb=7
+free_gb=$(df -Pk "$venv" | awk 'NR == 2 { print int($4 / 1048576) }')
+if [ "${free_gb:-0}" -lt "$need_gb" ]; then
+    echo "bootstrap: warning: ${free_gb} GB free on the disk of $venv; the install needs about $need_gb GB" >&2
+fi
+pip_install() {
+    "$venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q "$@" ||
+        die "pip install $* failed ($(df -Pk "$venv" | awk 'NR == 2 { print int($4 / 1048576) }') GB now free on the disk of $venv, about $need_gb GB needed); its message is above"
+}
+echo "bootstrap: installing $(grep -v '^#' "$req" | tr '\n' ' ')into $venv (first time: a few minutes, ~6 GB)" >&2
+pip_install -r "$req"
+pip_install --no-deps -r "$nodeps"
 
 # A relative link, so the checkout can move.
 site=$("$venv/bin/python" -c 'import torch, os, sys; print(os.path.relpath(os.path.dirname(torch.__file__), sys.prefix))')

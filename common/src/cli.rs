@@ -127,6 +127,10 @@ pub struct OptimArgs {
     /// per parameter instead of 8.
     #[arg(long, value_enum, default_value_t = OptimName::AdamwTorch)]
     pub optim: OptimName,
+    /// A BEMA of the trained weights beside them (`--bema`, TRL's `BEMACallback`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub bema: crate::averaging::BemaArgs,
 }
 
 impl OptimArgs {
@@ -197,7 +201,8 @@ impl OptimArgs {
                 self.optim == OptimName::AdamwTorch || self.zero_stage == 0,
                 "--optim adamw_8bit with --zero-stage 1 is not supported (its 8-bit blocks follow each parameter, a shard cuts them)",
             ),
-        ])
+        ])?;
+        self.bema.validate()
     }
 }
 

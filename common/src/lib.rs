@@ -3,6 +3,7 @@
 //! device/dtype selection, and the training machinery (the training unit, the world of
 //! processes, the run's session).
 
+pub mod averaging;
 pub mod checkpoint;
 pub mod cli;
 pub mod config_file;

@@ -343,6 +343,17 @@ impl Session {
         self.write_dir(dir_name, |tmp| model.save(tmp, Some(sidecar_from)))
     }
 
+    /// Writes each of `trainee`'s averages as the directory of its kind (`bema/`,
+    /// `final_ema/`), as [`Session::write_model`] writes the model.
+    pub fn write_averages(&self, trainee: &Trainee) -> Result<()> {
+        for average in &trainee.averages {
+            average.swapped_in(&trainee.model, || {
+                self.write_model(average.kind.dir_name(), &trainee.model, &trainee.source)
+            })?;
+        }
+        Ok(())
+    }
+
     /// Writes `dir_name` as a plain Hugging Face model with the adapters folded in.
     pub fn write_merged(&self, dir_name: &str, model: &Model, sidecar_from: &Path) -> Result<()> {
         self.write_dir(dir_name, |tmp| model.save_merged(tmp, Some(sidecar_from)))

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::averaging::{Average, WeightAverage};
 use crate::cli::OptimArgs;
 use crate::error::{Error, Result};
 use crate::faults;
@@ -37,6 +38,9 @@ pub struct Trainee {
     /// The directory the model was loaded from: its tokenizer and generation files go
     /// along with every save.
     pub source: PathBuf,
+    /// Averages of the weights updated after every step (`--bema`, PPO's `--ema-decay`);
+    /// kept on the main rank only.
+    pub averages: Vec<WeightAverage>,
 }
 
 impl Trainee {
@@ -73,14 +77,26 @@ impl Trainee {
             "{}: training {trained} of {total} parameters",
             if name.is_empty() { "model" } else { name }
         );
-        Ok(Trainee {
+        let mut trainee = Trainee {
             name,
             model,
             optimizer,
             schedule,
             max_grad_norm: optim.max_grad_norm,
             source: source.to_path_buf(),
-        })
+            averages: vec![],
+        };
+        if let Some(bema) = optim.bema.average() {
+            trainee.keep_average(bema, world);
+        }
+        Ok(trainee)
+    }
+
+    /// Keeps `kind` of average of the weights from now on (on the main rank).
+    pub fn keep_average(&mut self, kind: Average, world: &World) {
+        if world.is_main() {
+            self.averages.push(WeightAverage::new(kind, &self.model));
+        }
     }
 
     /// Backpropagates a micro-batch's `loss` ([`Model::backward`]). `last`: no other
@@ -126,6 +142,9 @@ impl Trainee {
             self.optimizer.step(lr);
         }
         self.optimizer.zero_grad();
+        for average in &mut self.averages {
+            average.update(&self.model);
+        }
         StepOutcome {
             grad_norm,
             lr,
@@ -138,19 +157,36 @@ impl Trainee {
         parameter_counts(&self.model)
     }
 
-    /// Writes the model (a Hugging Face directory) and the optimiser's state (from
-    /// [`AdamW::state`]) into `checkpoint/<name>`.
+    /// Writes the model (a Hugging Face directory), the optimiser's state (from
+    /// [`AdamW::state`]) and the averages into `checkpoint/<name>`.
     pub fn save(&self, checkpoint: &Path, optimizer: &OptimizerState) -> Result<()> {
         let dir = checkpoint.join(self.name);
         self.model.save(&dir, Some(&self.source))?;
-        optimizer.save(&dir)
+        optimizer.save(&dir)?;
+        for average in &self.averages {
+            average.save(&dir)?;
+        }
+        Ok(())
     }
 
-    /// Restores what [`Trainee::save`] wrote into `checkpoint`.
+    /// Restores what [`Trainee::save`] wrote into `checkpoint`. An average the checkpoint
+    /// lacks starts at the restored weights; PPO's EMA is also read where checkpoints
+    /// before 2026-12-03 kept it, at the checkpoint's root.
     pub fn load(&mut self, checkpoint: &Path) -> Result<()> {
         let dir = checkpoint.join(self.name);
         self.model.load_weights(&dir)?;
-        self.optimizer.load(&dir)
+        self.optimizer.load(&dir)?;
+        for average in &mut self.averages {
+            if !average.load(&[&dir, checkpoint])? {
+                tracing::warn!(
+                    "{} has no {}: the average starts at the resumed weights",
+                    dir.display(),
+                    average.kind.file()
+                );
+                *average = WeightAverage::new(average.kind.clone(), &self.model);
+            }
+        }
+        Ok(())
     }
 }
 

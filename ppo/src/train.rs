@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
+use common::averaging::Average;
 use common::cli::OptimArgs;
 use common::generate::SamplingConfig;
 use common::models::adapter::AdapterDir;
@@ -37,7 +38,7 @@ use crate::rollout::{
 use crate::sources::load_reward_models;
 pub use crate::sources::{rule_functions, Rule, REWARD_COMMAND_NAMES, REWARD_MODEL_NAMES};
 use crate::tools::{EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner};
-use crate::update::{derived_seed, update, Ema, Learners, Ptx, UpdateStats};
+use crate::update::{derived_seed, update, Learners, Ptx, UpdateStats};
 use data::formats::{PromptExample, PromptFields};
 
 /// PPO's own part of `trainer_state.json`.
@@ -313,7 +314,6 @@ struct Ppo<'a> {
     eval_prompts: Option<Prompts>,
     sampler: Sampler,
     ptx: Option<Ptx>,
-    ema: Option<Ema>,
     kl_ctl: KlController,
     entropy: EntropyController,
     eos_ids: Vec<i64>,
@@ -467,7 +467,7 @@ fn train(
     if stopped {
         session.report_stop();
     } else {
-        ppo.write_finals(&session, device, kind)?;
+        ppo.write_finals(&session)?;
     }
     session.finish();
     Ok(TrainSummary {
@@ -554,7 +554,11 @@ impl<'a> Ppo<'a> {
             .unwrap_or(args.run.epochs * prompts.len().div_ceil(args.rollout_batch_size) as u64);
         let updates = iterations * (args.ppo_epochs * args.num_minibatches) as u64;
         let schedule = args.optim.schedule(updates);
-        let policy = Trainee::new("policy", policy, &args.policy, &args.optim, world, schedule)?;
+        let mut policy =
+            Trainee::new("policy", policy, &args.policy, &args.optim, world, schedule)?;
+        if let Some(decay) = args.ema_decay {
+            policy.keep_average(Average::Ema { decay }, world);
+        }
         let critic = critic
             .map(|c| {
                 let schedule = Schedule {
@@ -568,6 +572,8 @@ impl<'a> Ppo<'a> {
                         .optim
                         .loraplus_lr_ratio
                         .filter(|_| c.options.lora.is_some()),
+                    // The policy's weights are the ones averaged.
+                    bema: Default::default(),
                     ..args.optim.clone()
                 };
                 Trainee::new("value", c, args.critic_source(), &optim, world, schedule)
@@ -595,7 +601,6 @@ impl<'a> Ppo<'a> {
             examples,
             max_prompt_length,
             ptx,
-            ema: None,
             kl_ctl: KlController {
                 value: args.kl_coef,
                 target: args.kl_target,
@@ -629,10 +634,6 @@ impl<'a> Ppo<'a> {
         }
         if let (Some(ptx), Some(state)) = (&mut self.ptx, &state) {
             ptx.sampler.restore(state.ptx_sampler);
-        }
-        self.ema = self.args.ema_decay.map(|d| Ema::new(&self.policy.model, d));
-        if let (Some(ema), Some(dir)) = (&self.ema, &session.resumed_from) {
-            common::checkpoint::load_file(&ema.vars(), &dir.join("ema.safetensors"))?;
         }
         if let (Reference::Frozen(m), Some(dir)) = (&self.reference, &session.resumed_from) {
             common::sync_ref::restore(m, dir)?;
@@ -709,7 +710,6 @@ impl<'a> Ppo<'a> {
             policy: &mut self.policy,
             critic: self.critic.as_mut(),
             ptx: self.ptx.as_mut(),
-            ema: self.ema.as_mut(),
             entropy: &mut self.entropy,
         };
         let stats = update(args, (&ro, &adv), learners, world, (step, beta))?;
@@ -1066,21 +1066,17 @@ impl<'a> Ppo<'a> {
         }
     }
 
-    /// A checkpoint: the policy, the critic, and the EMA beside them.
+    /// A checkpoint: the policy (with its averages) and the critic.
     fn save(&self, session: &mut Session) -> Result<()> {
         let trainees: Vec<&Trainee> = std::iter::once(&self.policy)
             .chain(self.critic.as_ref())
             .collect();
-        let ema = &self.ema;
         // A reference that has moved (--sync-ref-model) is part of the run's state.
         let moved = match &self.reference {
             Reference::Frozen(m) if self.args.sync.has_moved(session.state.step) => Some(m),
             _ => None,
         };
         session.save(&trainees, |dir| {
-            if let Some(e) = ema {
-                common::checkpoint::save_file(&e.weights, &dir.join("ema.safetensors"))?;
-            }
             if let Some(m) = moved {
                 common::sync_ref::save(m, dir)?;
             }
@@ -1089,22 +1085,14 @@ impl<'a> Ppo<'a> {
         Ok(())
     }
 
-    /// `final/` (policy), `final_value/` (the critic) and, with an EMA, `final_ema/`.
-    fn write_finals(&self, session: &Session, device: Device, kind: Kind) -> Result<()> {
+    /// `final/` (policy), `final_value/` (the critic) and the policy's averages
+    /// (`final_ema/` with an EMA, `bema/`).
+    fn write_finals(&self, session: &Session) -> Result<()> {
         session.write_model("final", &self.policy.model, &self.args.policy)?;
         if let Some(critic) = &self.critic {
             session.write_model("final_value", &critic.model, &critic.source)?;
         }
-        if let (Some(e), true) = (&self.ema, session.world.is_main()) {
-            let opts = ModelOptions::new(Head::Lm, device, kind);
-            let (averaged, _) = Model::load(&session.run.final_dir(), &opts)?;
-            let _guard = tch::no_grad_guard();
-            let mut vars = averaged.vs.variables();
-            for (name, weights) in &e.weights {
-                vars.get_mut(name).expect("same model").copy_(weights);
-            }
-            session.write_model("final_ema", &averaged, &self.args.policy)?;
-        }
+        session.write_averages(&self.policy)?;
         Ok(())
     }
 }

@@ -1,8 +1,9 @@
 //! The optimisation half of a PPO iteration: `--ppo-epochs` passes over the rollout batch
 //! in shuffled minibatches, each one clipped policy step (plus entropy bonus and PPO-ptx)
-//! and one clipped value step; and the EMA of the policy.
+//! and one clipped value step (the policy's averages, `--ema-decay` and `--bema`, follow
+//! its steps in the training unit).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 use common::trainee::{micro_batches, StepOutcome};
@@ -20,41 +21,6 @@ use crate::math::{
 };
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
-/// An exponential moving average of the policy's trained weights (with LoRA, of its
-/// adapters: the frozen base never moves).
-pub struct Ema {
-    decay: f64,
-    pub weights: BTreeMap<String, Tensor>,
-}
-
-impl Ema {
-    pub fn new(model: &Model, decay: f64) -> Self {
-        let _guard = tch::no_grad_guard();
-        let weights = model
-            .named_tensors()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .map(|(k, t)| (k, t.detach().copy()))
-            .collect();
-        Ema { decay, weights }
-    }
-
-    pub fn update(&mut self, model: &Model) {
-        let _guard = tch::no_grad_guard();
-        let params = model.named_tensors();
-        for (name, average) in &mut self.weights {
-            let _ = average.lerp_(&params[name], 1.0 - self.decay);
-        }
-    }
-
-    pub fn vars(&self) -> HashMap<String, Tensor> {
-        self.weights
-            .iter()
-            .map(|(k, t)| (k.clone(), t.shallow_clone()))
-            .collect()
-    }
-}
-
 pub use common::rng::derived_seed;
 
 /// PPO-ptx: SFT rows whose language-modelling loss joins the policy loss, and their order.
@@ -71,7 +37,6 @@ pub struct Learners<'a> {
     pub policy: &'a mut Trainee,
     pub critic: Option<&'a mut Trainee>,
     pub ptx: Option<&'a mut Ptx>,
-    pub ema: Option<&'a mut Ema>,
     pub entropy: &'a mut EntropyController,
 }
 
@@ -209,9 +174,6 @@ pub fn update(
             outcome = Some(learners.policy.step(policy_loss));
             if let Some(critic) = learners.critic.as_deref_mut() {
                 critic.step(mb_stats["value"]);
-            }
-            if let Some(ema) = learners.ema.as_deref_mut() {
-                ema.update(&learners.policy.model);
             }
             let tokens = mb_stats["entropy_tokens"];
             if tokens > 0.0 {

@@ -123,21 +123,28 @@ fn the_score_rises_with_kl_bounded_and_the_first_ratio_is_one() {
     assert!(samples.lines().count() >= 4);
 }
 
+/// The run `killed_run_resumes…` kills and resumes: an adaptive KL coefficient, an EMA
+/// and a BEMA of the policy (updated at its optimiser steps 3, 6, …, 15).
+const RESUMED: [&str; 13] = [
+    "--max-steps",
+    "4",
+    "--save-every",
+    "2",
+    "--kl-target",
+    "0.5",
+    "--kl-horizon",
+    "100",
+    "--ema-decay",
+    "0.9",
+    "--bema",
+    "--bema-update-freq",
+    "3",
+];
+
 #[test]
 fn killed_run_resumes_to_the_same_policy_and_kl_coefficient() {
     let f = fixture();
-    let extra = [
-        "--max-steps",
-        "4",
-        "--save-every",
-        "2",
-        "--kl-target",
-        "0.5",
-        "--kl-horizon",
-        "100",
-        "--ema-decay",
-        "0.9",
-    ];
+    let extra = RESUMED;
     let straight = f.root.join("run-straight");
     let a = run_with_reward(&args(&straight, &extra), &TextRule(digit_share)).unwrap();
     // Killed by SIGKILL while writing the second checkpoint, in the middle of the second
@@ -171,7 +178,7 @@ fn killed_run_resumes_to_the_same_policy_and_kl_coefficient() {
         resumed_extra.push("--resume");
         let b = run_with_reward(&args(&killed, &resumed_extra), &TextRule(digit_share)).unwrap();
         assert_eq!(a.kl_coef, b.kl_coef, "{point}");
-        for dir in ["final", "final_ema"] {
+        for dir in ["final", "final_ema", "bema"] {
             let diff = weights_diff(&straight.join(dir), &killed.join(dir));
             assert!(
                 diff < 1e-6,
@@ -194,19 +201,7 @@ fn child_killed_ppo_run() {
     let Some(out) = std::env::var_os("PPO_CHILD_OUT") else {
         return;
     };
-    let extra = [
-        "--max-steps",
-        "4",
-        "--save-every",
-        "2",
-        "--kl-target",
-        "0.5",
-        "--kl-horizon",
-        "100",
-        "--ema-decay",
-        "0.9",
-    ];
-    run_with_reward(&args(Path::new(&out), &extra), &TextRule(digit_share)).unwrap();
+    run_with_reward(&args(Path::new(&out), &RESUMED), &TextRule(digit_share)).unwrap();
 }
 
 #[test]

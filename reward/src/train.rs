@@ -328,13 +328,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         session.report_stop();
         Normalization::of(&trainee.model)
     } else {
-        finish(
-            &session,
-            &mut trainee.model,
-            &normalize_set,
-            shape,
-            &args.model,
-        )?
+        finish(&session, &mut trainee, &normalize_set, shape)?
     };
     session.finish();
     Ok(TrainSummary {
@@ -414,14 +408,15 @@ fn train_step(
 }
 
 /// Centres the rewards on the normalisation set, records the pad id with which
-/// `transformers` finds each sequence's last token, and writes `final/`.
+/// `transformers` finds each sequence's last token, and writes `final/`; an average of the
+/// weights (`--bema`) is a reward model of its own, centred on the same set.
 fn finish(
     session: &Session,
-    model: &mut Model,
+    trainee: &mut Trainee,
     normalize_set: &[Vec<i64>],
     (batch_size, pad_id): (usize, i64),
-    source: &std::path::Path,
 ) -> Result<Normalization> {
+    let model = &mut trainee.model;
     let raw = score_sequences(model, normalize_set, batch_size, pad_id);
     let normalization = Normalization::from_rewards(&raw);
     normalization.store(model);
@@ -435,6 +430,16 @@ fn finish(
         normalization.bias,
         normalization.std.unwrap_or(0.0)
     );
-    session.write_model("final", model, source)?;
+    session.write_model("final", &trainee.model, &trainee.source)?;
+    for average in &trainee.averages {
+        let raw = average.swapped_in(&trainee.model, || {
+            score_sequences(&trainee.model, normalize_set, batch_size, pad_id)
+        });
+        Normalization::from_rewards(&raw).store(&mut trainee.model);
+        average.swapped_in(&trainee.model, || {
+            session.write_model(average.kind.dir_name(), &trainee.model, &trainee.source)
+        })?;
+        normalization.store(&mut trainee.model);
+    }
     Ok(normalization)
 }

@@ -155,6 +155,9 @@ fn learns_the_rule_normalises_and_matches_transformers() {
             f.eval.to_str().unwrap(),
             "--eval-every",
             "50",
+            "--bema",
+            "--bema-update-freq",
+            "25",
         ],
         &[],
     ));
@@ -213,6 +216,31 @@ fn learns_the_rule_normalises_and_matches_transformers() {
     assert!(
         summary["reward_bias"].as_f64().unwrap().abs() > 1e-3,
         "no bias stored"
+    );
+    // `--bema`: the averaged reward model is centred on the same set by itself.
+    let bema_dir = out.join("bema");
+    let scored = ok(&reward(
+        &[
+            "eval",
+            "--model",
+            bema_dir.to_str().unwrap(),
+            "--data",
+            best_path.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        &[],
+    ));
+    let mean = scored["mean_reward"].as_f64().unwrap();
+    assert!(mean.abs() < 1e-4, "bema/'s mean over the set is {mean}");
+    let bias = |d: &Path| -> Value {
+        let text = std::fs::read_to_string(d.join("config.json")).unwrap();
+        serde_json::from_str::<Value>(&text).unwrap()["rlhf_reward_bias"].clone()
+    };
+    assert_ne!(
+        bias(&final_dir),
+        bias(&bema_dir),
+        "bema/ took final/'s bias"
     );
 
     // Raw scores against AutoModelForSequenceClassification on the saved model, right padding.

@@ -470,6 +470,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         session.report_stop();
     } else {
         session.write_model("final", &trainee.model, &args.model)?;
+        session.write_averages(&trainee)?;
         if args.adapter.save_merged && trainee.model.options.lora.is_some() {
             session.write_merged("final_merged", &trainee.model, &args.model)?;
         }

@@ -1352,3 +1352,107 @@ mod packing {
         }
     }
 }
+
+/// `--bema` (TRL's `BEMACallback`): `bema/` equals TRL's callback replayed over the run's
+/// checkpoint of every step (θ_0 and the EMA taken at step 1, updates at steps 3 and 5, none
+/// at the last), 1e-6; `final/` is what the run trains without `--bema`; a run killed in
+/// step 4 resumes to the same `bema/` (TRL would start its average again); with LoRA,
+/// `bema/` is an adapter directory; bad settings are refused in one line.
+#[test]
+fn bema_is_trls_and_resumes_exactly() {
+    let f = fixture();
+    let steps = ["--max-steps", "6", "--save-every", "1"];
+    let bema = [
+        "--bema",
+        "--bema-update-freq",
+        "2",
+        "--bema-update-after",
+        "1",
+        "--bema-lag",
+        "3",
+        "--bema-multiplier",
+        "1.5",
+    ];
+    let with = [&steps[..], &bema[..]].concat();
+    let (plain, full, killed, trl) = (
+        f.root.join("bema-plain"),
+        f.root.join("bema-full"),
+        f.root.join("bema-killed"),
+        f.root.join("bema-trl"),
+    );
+    ok(&train(&plain, &steps, &[]));
+    ok(&train(&full, &with, &[]));
+    assert!(max_weight_diff(&plain.join("final"), &full.join("final")) < 1e-7);
+    let checkpoints: Vec<String> = (1..=6)
+        .map(|s| {
+            full.join(format!("checkpoints/step-{s:06}"))
+                .display()
+                .to_string()
+        })
+        .collect();
+    rlhf_tests::run_python(
+        "bema_reference.py",
+        &[
+            "--model",
+            f.model.to_str().unwrap(),
+            "--checkpoints",
+            &checkpoints.join(","),
+            "--out",
+            trl.to_str().unwrap(),
+            "--kwargs",
+            r#"{"update_freq": 2, "update_after": 1, "lag": 3, "multiplier": 1.5}"#,
+        ],
+    );
+    let diff = max_weight_diff(&full.join("bema"), &trl.join("bema"));
+    assert!(diff < 1e-6, "bema/ differs from TRL's by {diff:e}");
+    let apart = max_weight_diff(&full.join("bema"), &full.join("final"));
+    assert!(apart > 1e-4, "bema/ is final/ ({apart:e})");
+
+    let out = train(&killed, &with, &[("RLHF_CRASH_AT", "mid-step@4")]);
+    assert!(!out.status.success(), "the crash point was not hit");
+    assert!(killed
+        .join("checkpoints/step-000003/bema.safetensors")
+        .exists());
+    let resumed = [&with[..], &["--resume"]].concat();
+    ok(&train(&killed, &resumed, &[]));
+    for dir in ["final", "bema"] {
+        let diff = max_weight_diff(&full.join(dir), &killed.join(dir));
+        assert!(diff < 1e-6, "resumed {dir}/ differs by {diff:e}");
+    }
+
+    let lora = f.root.join("bema-lora");
+    ok(&train(
+        &lora,
+        &[
+            "--max-steps",
+            "2",
+            "--lora-r",
+            "4",
+            "--bema",
+            "--bema-update-freq",
+            "1",
+        ],
+        &[],
+    ));
+    let adapter = lora.join("bema/adapter_model.safetensors");
+    assert!(adapter.exists() && lora.join("bema/adapter_config.json").exists());
+    let read = |p: &Path| -> std::collections::BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(p).unwrap().into_iter().collect()
+    };
+    let (averaged, trained) = (
+        read(&adapter),
+        read(&lora.join("final/adapter_model.safetensors")),
+    );
+    assert_eq!(
+        averaged.keys().collect::<Vec<_>>(),
+        trained.keys().collect::<Vec<_>>()
+    );
+    let apart = averaged
+        .iter()
+        .map(|(k, a)| (a - &trained[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(apart > 0.0, "the LoRA bema/ is final/");
+
+    let refused = train(&f.root.join("bema-bad"), &["--bema-update-freq", "0"], &[]);
+    rlhf_tests::assert_refused(&refused, "--bema-update-freq must be at least 1");
+}
