@@ -93,6 +93,57 @@ impl BemaArgs {
     }
 }
 
+/// TRL's BEMA reference updates (its experimental `BEMACallback(update_ref_model=True)`,
+/// `trl.experimental.bema_for_ref_model`, with its `DPOTrainer`), for `dpo train`.
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize, PartialEq)]
+pub struct BemaRefArgs {
+    /// Every --bema-ref-model-update-freq steps, the frozen reference takes the policy's
+    /// BEMA (`--bema`) as it stands after that step's update: a lagged, smoothed policy as
+    /// the reference. The moved reference is saved in each checkpoint.
+    #[arg(long)]
+    pub bema_update_ref_model: bool,
+    /// Steps between the reference's updates (TRL's `ref_model_update_freq`).
+    #[arg(long, default_value_t = 400)]
+    pub bema_ref_model_update_freq: u64,
+    /// The first update's step (0: the first is at --bema-ref-model-update-freq; TRL's
+    /// `ref_model_update_after`).
+    #[arg(long, default_value_t = 0)]
+    pub bema_ref_model_update_after: u64,
+}
+
+impl BemaRefArgs {
+    pub fn validate(&self, bema: &BemaArgs) -> crate::error::Result<()> {
+        require(&[
+            (
+                !self.bema_update_ref_model || bema.bema,
+                "--bema-update-ref-model needs --bema (the average the reference takes)",
+            ),
+            (
+                self.bema_ref_model_update_freq > 0,
+                "--bema-ref-model-update-freq must be at least 1",
+            ),
+        ])
+    }
+
+    /// Whether the reference takes the average after step `step` (1-based).
+    pub fn due(&self, step: u64) -> bool {
+        let after = self.bema_ref_model_update_after;
+        self.bema_update_ref_model
+            && step >= after.max(1)
+            && (step - after).is_multiple_of(self.bema_ref_model_update_freq)
+    }
+
+    /// Whether the reference has taken the average by step `step`, so a checkpoint must
+    /// keep it.
+    pub fn has_moved(&self, step: u64) -> bool {
+        let first = match self.bema_ref_model_update_after {
+            0 => self.bema_ref_model_update_freq,
+            after => after,
+        };
+        self.bema_update_ref_model && step >= first
+    }
+}
+
 /// Which average of the weights.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Average {

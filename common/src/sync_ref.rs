@@ -2,6 +2,8 @@
 //! `SyncRefModelCallback`): every few steps the frozen reference moves towards the policy,
 //! `reference ← α·policy + (1 − α)·reference`. The moved reference is part of the run's
 //! state, so checkpoints keep it (`ref_model.safetensors`) and `--resume` restores it.
+//! `dpo train --bema-update-ref-model` moves it the other way TRL knows: the reference takes
+//! the policy's BEMA ([`take_average`]), kept and restored the same way.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,6 +11,7 @@ use std::path::Path;
 use crate::checkpoint;
 use crate::error::Result;
 use crate::models::Model;
+use crate::world::World;
 
 /// The reference's weights in a checkpoint directory (once it has moved).
 pub const FILE: &str = "ref_model.safetensors";
@@ -43,6 +46,37 @@ pub fn mix(reference: &Model, policy: &Model, alpha: f64) {
             .get(&name)
             .unwrap_or_else(|| panic!("the policy has no tensor {name} for its reference"));
         let _ = r.lerp_(&p.to_kind(r.kind()), alpha);
+    }
+}
+
+/// The reference takes the policy's BEMA (`dpo train --bema-update-ref-model`): each of
+/// the policy's trained tensors from `average`, which the main rank holds, on every rank.
+/// Tensors the policy does not train stay as they are (with full training: none).
+pub fn take_average(
+    reference: &Model,
+    policy: &Model,
+    average: Option<&crate::averaging::WeightAverage>,
+    world: &World,
+) {
+    let _guard = tch::no_grad_guard();
+    let references = reference.named_tensors();
+    for (name, p) in policy.named_tensors() {
+        if !p.requires_grad() {
+            continue;
+        }
+        let mut r = references[&name].shallow_clone();
+        match average {
+            Some(a) => {
+                r.copy_(&a.weights[&name]);
+            }
+            None => {
+                let _ = r.zero_();
+            }
+        }
+        if world.size() > 1 {
+            // The main rank's average plus zeros: the average, exactly, on every rank.
+            world.sum_(&r);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use common::averaging::BemaRefArgs;
 use common::cli::{
     AdapterArgs, DeviceArgs, MemoryArgs, OptimArgs, RunArgs, SyncRefArgs, TrainDataArgs,
 };
@@ -57,6 +58,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub sync: SyncRefArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub bema_ref: BemaRefArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub adapter: AdapterArgs,
@@ -223,17 +227,25 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     args.memory.validate()?;
     args.loss.validate()?;
     args.sync.validate()?;
+    args.bema_ref.validate(&args.optim.bema)?;
+    let moves = args.sync.sync_ref_model || args.bema_ref.bema_update_ref_model;
     common::cli::require(&[
+        (
+            !(args.sync.sync_ref_model && args.bema_ref.bema_update_ref_model),
+            "--sync-ref-model and --bema-update-ref-model both move the reference: use one of them",
+        ),
         (
             !(args.sync.sync_ref_model && args.precompute_ref_logprobs),
             "--sync-ref-model moves the reference, whose log-probs --precompute-ref-logprobs computes once: use one of them",
         ),
         (
+            !(args.bema_ref.bema_update_ref_model && args.precompute_ref_logprobs),
+            "--bema-update-ref-model moves the reference, whose log-probs --precompute-ref-logprobs computes once: use one of them",
+        ),
+        (
             args.loss.uses_reference()
-                || !(args.ref_model.is_some()
-                    || args.precompute_ref_logprobs
-                    || args.sync.sync_ref_model),
-            "the loss is reference-free (--reference-free, simpo or orpo): --ref-model, --precompute-ref-logprobs and --sync-ref-model do not apply",
+                || !(args.ref_model.is_some() || args.precompute_ref_logprobs || moves),
+            "the loss is reference-free (--reference-free, simpo or orpo): --ref-model, --precompute-ref-logprobs, --sync-ref-model and --bema-update-ref-model do not apply",
         ),
         (
             args.loss.unpaired() != Some(LossType::Kto) || args.data.batch_size > 1,
@@ -242,10 +254,14 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     ])?;
     let world = args.run.world()?;
     let (policy, reference, inputs) = read_inputs(args, &world)?;
-    if args.sync.sync_ref_model {
+    if moves {
+        let option = match args.sync.sync_ref_model {
+            true => "--sync-ref-model",
+            false => "--bema-update-ref-model",
+        };
         match &reference {
             Reference::Model(m) => common::sync_ref::check(m, &policy)?,
-            _ => anyhow::bail!("--sync-ref-model needs a reference copy to move: with a fresh LoRA or prompt-tuning adapter the reference is the policy with its adapter off (TRL refuses it with PEFT too)"),
+            _ => anyhow::bail!("{option} needs a reference copy to move: with a fresh LoRA or prompt-tuning adapter the reference is the policy with its adapter off (TRL refuses it with PEFT too)"),
         }
     }
     let total_steps = args.data.total_steps(
@@ -315,6 +331,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         if let (Reference::Model(m), true) = (&train_ref, args.sync.due(step)) {
             common::sync_ref::mix(m, &trainee.model, args.sync.ref_model_mixup_alpha);
         }
+        if let (Reference::Model(m), true) = (&train_ref, args.bema_ref.due(step)) {
+            let average = trainee.averages.first();
+            common::sync_ref::take_average(m, &trainee.model, average, &session.world);
+        }
         let eval_due = args.data.eval_due(session.state.step, session.at_end());
         if let Some(eval) = inputs.eval.as_ref().filter(|_| eval_due) {
             let reference = eval_ref.as_ref().unwrap_or(&train_ref);
@@ -329,7 +349,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         if session.checkpoint_due() {
             // A reference that has moved is part of the run's state.
             let moved = match &train_ref {
-                Reference::Model(m) if args.sync.has_moved(step) => Some(m),
+                Reference::Model(m)
+                    if args.sync.has_moved(step) || args.bema_ref.has_moved(step) =>
+                {
+                    Some(m)
+                }
                 _ => None,
             };
             session.save(&[&trainee], |dir| match moved {

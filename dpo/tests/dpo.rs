@@ -3,6 +3,7 @@
 //! learnable preference is learned (held-out accuracy, greedy answers), and a killed run
 //! resumes to the same weights with and without precomputed reference log-probs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
@@ -12,6 +13,7 @@ use common::{Head, Model, ModelOptions};
 use data::prompts::collate_left;
 use rlhf_tests::{max_weight_diff, ok, read_jsonl, run_bin, run_python};
 use serde_json::{json, Value};
+use tch::Tensor;
 
 struct Fixture {
     root: PathBuf,
@@ -130,7 +132,8 @@ fn train_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a 
 /// gradient exchange overlapped with the second's backward) train the policy one process
 /// trains with 8, with the same losses and gradient norms. The loss is a weighted list
 /// with WPO's weights, which are per pair, so they too split over micro-batches and ranks;
-/// then the same for KTO.
+/// the reference takes the policy's BEMA after step 1 (`--bema-update-ref-model`: the main
+/// rank's average reaches the other rank's reference); then the same for KTO.
 #[test]
 fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
     let f = fixture();
@@ -141,6 +144,12 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
         "--loss-weights",
         "1,0.5",
         "--use-weighting",
+        "--bema",
+        "--bema-update-freq",
+        "1",
+        "--bema-update-ref-model",
+        "--bema-ref-model-update-freq",
+        "1",
     ];
     ok(&train(
         &one,
@@ -803,12 +812,14 @@ fn simpo_and_orpo_learn_the_preferred_style_without_a_reference() {
 /// A run killed mid-step resumes to the weights of an uninterrupted run (1e-6), with the
 /// reference held, with its log-probs precomputed (read back from the run), with the
 /// reference moved towards the policy at step 2 (`--sync-ref-model`, read back from the
-/// step-2 checkpoint; the moved reference changes the weights), and with KTO on
-/// precomputed log-probs (each completion's and its mismatched completion's).
+/// step-2 checkpoint; the moved reference changes the weights), with the reference
+/// replaced by the policy's BEMA at step 2 (`--bema-update-ref-model`: the step-2
+/// checkpoint's reference is its BEMA; `bema/` resumes too), and with KTO on precomputed
+/// log-probs (each completion's and its mismatched completion's).
 #[test]
 fn killed_run_resumes_to_the_same_weights() {
     let f = fixture();
-    for tag in ["held", "pre", "sync", "kto-pre"] {
+    for tag in ["held", "pre", "sync", "bema", "kto-pre"] {
         let precompute = tag.ends_with("pre");
         let mut args = vec![
             "--max-steps",
@@ -835,6 +846,16 @@ fn killed_run_resumes_to_the_same_weights() {
                 "0.5",
             ]);
         }
+        if tag == "bema" {
+            args.extend([
+                "--bema",
+                "--bema-update-freq",
+                "1",
+                "--bema-update-ref-model",
+                "--bema-ref-model-update-freq",
+                "2",
+            ]);
+        }
         let full = f.root.join(format!("full-{tag}"));
         ok(&train(&full, &args, &[]));
         let out = f.root.join(format!("killed-{tag}"));
@@ -859,11 +880,26 @@ fn killed_run_resumes_to_the_same_weights() {
         assert!(diff < 1e-6, "{tag}: resumed weights differ by {diff:e}");
         assert_eq!(out.join("ref_logps.json").exists(), precompute);
         let moved = out.join("checkpoints/step-000002/ref_model.safetensors");
-        assert_eq!(moved.exists(), tag == "sync");
+        assert_eq!(moved.exists(), tag == "sync" || tag == "bema");
+        if tag == "bema" {
+            let diff = max_weight_diff(&full.join("bema"), &out.join("bema"), Head::Lm);
+            assert!(diff < 1e-6, "resumed bema/ differs by {diff:e}");
+            let read = |p: &Path| -> BTreeMap<String, Tensor> {
+                Tensor::read_safetensors(p).unwrap().into_iter().collect()
+            };
+            let reference = read(&moved);
+            let average = read(&out.join("checkpoints/step-000002/bema.safetensors"));
+            for (name, r) in &reference {
+                assert!(r.equal(&average[name]), "{name} is not the BEMA");
+            }
+        }
     }
     let held = f.root.join("full-held/final");
-    let diff = max_weight_diff(&held, &f.root.join("full-sync/final"), Head::Lm);
-    assert!(diff > 1e-6, "the moved reference changed nothing");
+    for tag in ["sync", "bema"] {
+        let moved = f.root.join(format!("full-{tag}/final"));
+        let diff = max_weight_diff(&held, &moved, Head::Lm);
+        assert!(diff > 1e-6, "{tag}: the moved reference changed nothing");
+    }
 }
 
 /// Bad options and data: exit ≠ 0, one line naming the option or the file and line, no
@@ -900,7 +936,7 @@ fn bad_inputs_are_refused_with_one_line() {
         with_data(&label, &["--loss-type", "kto"]),
         with_data(&f.train, &["--loss-type", "kto", "--batch-size", "1"]),
     );
-    let cases: [(Vec<&str>, String); 10] = [
+    let cases: [(Vec<&str>, String); 13] = [
         (
             label_args.iter().map(String::as_str).collect(),
             format!("{}:1: field 'label': expected true or false", label.display()),
@@ -920,6 +956,18 @@ fn bad_inputs_are_refused_with_one_line() {
         (
             train_with(&["--sync-ref-model", "--lora-r", "4"]),
             "--sync-ref-model needs a reference copy to move".into(),
+        ),
+        (
+            train_with(&["--bema-update-ref-model"]),
+            "--bema-update-ref-model needs --bema".into(),
+        ),
+        (
+            train_with(&["--bema", "--bema-update-ref-model", "--lora-r", "4"]),
+            "--bema-update-ref-model needs a reference copy to move".into(),
+        ),
+        (
+            train_with(&["--bema", "--bema-update-ref-model", "--sync-ref-model"]),
+            "--sync-ref-model and --bema-update-ref-model both move the reference".into(),
         ),
         (
             train_with(&["--label-smoothing", "0.1"]),
