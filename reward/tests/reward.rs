@@ -162,19 +162,16 @@ fn learns_the_rule_normalises_and_matches_transformers() {
         &[],
     ));
     let final_dir = out.join("final");
+    // `reward eval` of a model directory on a data file.
+    let evaluate = |model: &Path, data: &Path| {
+        let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+        ok(&reward(
+            &["eval", "--model", model, "--data", data, "--device", "cpu"],
+            &[],
+        ))
+    };
     // Held-out pairwise accuracy through `reward eval`.
-    let eval = ok(&reward(
-        &[
-            "eval",
-            "--model",
-            final_dir.to_str().unwrap(),
-            "--data",
-            f.eval.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ],
-        &[],
-    ));
+    let eval = evaluate(&final_dir, &f.eval);
     let accuracy = eval["accuracy"].as_f64().unwrap();
     assert!(accuracy >= 0.95, "held-out pairwise accuracy {accuracy}");
     assert_eq!(eval["pairs"], 12 * 3 + 12);
@@ -196,18 +193,7 @@ fn learns_the_rule_normalises_and_matches_transformers() {
         .collect();
     let best_path = f.root.join("best.jsonl");
     std::fs::write(&best_path, best).unwrap();
-    let scored = ok(&reward(
-        &[
-            "eval",
-            "--model",
-            final_dir.to_str().unwrap(),
-            "--data",
-            best_path.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ],
-        &[],
-    ));
+    let scored = evaluate(&final_dir, &best_path);
     let mean = scored["mean_reward"].as_f64().unwrap();
     assert!(
         mean.abs() < 1e-4,
@@ -219,18 +205,7 @@ fn learns_the_rule_normalises_and_matches_transformers() {
     );
     // `--bema`: the averaged reward model is centred on the same set by itself.
     let bema_dir = out.join("bema");
-    let scored = ok(&reward(
-        &[
-            "eval",
-            "--model",
-            bema_dir.to_str().unwrap(),
-            "--data",
-            best_path.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ],
-        &[],
-    ));
+    let scored = evaluate(&bema_dir, &best_path);
     let mean = scored["mean_reward"].as_f64().unwrap();
     assert!(mean.abs() < 1e-4, "bema/'s mean over the set is {mean}");
     let bias = |d: &Path| -> Value {
