@@ -1019,9 +1019,9 @@ pub fn builtin_json(name: &str) -> Option<Value> {
 }
 
 /// TRL's `_validate_tool_calls`: each call's `function` an object with a string `name`,
-/// missing or null `arguments` made `{}`. This version runs calls whose arguments are an
-/// object only; other arguments count as a call that cannot be read (where TRL would call the
-/// tool and report Python's `TypeError`).
+/// missing or null `arguments` made `{}`; arguments that are not an object stay as they are
+/// (TRL calls the tool with them, and a Python tool answers `fn(**arguments)`'s
+/// `TypeError`).
 fn valid_calls(message: &mut Map<String, Value>) -> bool {
     let Some(calls) = message.get_mut("tool_calls") else {
         return true;
@@ -1040,7 +1040,7 @@ fn valid_calls(message: &mut Map<String, Value>) -> bool {
         if arguments.is_null() {
             *arguments = json!({});
         }
-        arguments.is_object()
+        true
     })
 }
 
@@ -1238,12 +1238,19 @@ mod tests {
             json!({"role": "assistant", "reasoning_content": "why", "content": "B",
                 "tool_calls": [call("a", json!({}))]})
         );
-        // Not JSON, cut before its end, no name, arguments that are not an object: plain.
+        // Arguments that are not an object stay as they are: the tool gets them.
+        assert_eq!(
+            m(
+                "",
+                "<tool_call>{\"name\": \"a\", \"arguments\": [1]}</tool_call><|im_end|>"
+            ),
+            json!({"role": "assistant", "content": "", "tool_calls": [call("a", json!([1]))]})
+        );
+        // Not JSON, cut before its end, no name: plain.
         for answer in [
             "<tool_call>{bad}</tool_call><|im_end|>",
             "<tool_call>{\"name\": \"a\"}<|im_end|>",
             "<tool_call>{\"arguments\": {}}</tool_call><|im_end|>",
-            "<tool_call>{\"name\": \"a\", \"arguments\": [1]}</tool_call><|im_end|>",
         ] {
             assert_eq!(
                 m("", answer),

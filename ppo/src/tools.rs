@@ -28,11 +28,13 @@ use crate::program::LineProgram;
 use crate::python_str::python_str;
 use crate::reward_fn::{ask_rewards, RewardFunction, RewardInput};
 
-/// One call the policy made: a function name and its arguments (a JSON object).
+/// One call the policy made: a function name and its arguments — a JSON object, or
+/// whatever else the answer wrote there, passed on as it is (TRL calls the tool with it,
+/// and a Python tool answers `fn(**arguments)`'s `TypeError`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {
     pub name: String,
-    pub arguments: Map<String, Value>,
+    pub arguments: Value,
 }
 
 impl ToolCall {
@@ -77,7 +79,7 @@ impl ToolFormat {
     pub fn of(tok: &Tokenizer) -> Result<ToolFormat> {
         let probe = ToolCall {
             name: "probe_tool".into(),
-            arguments: Map::from_iter([("probe_argument".into(), json!(1))]),
+            arguments: json!({"probe_argument": 1}),
         };
         let messages = vec![
             Message::new("user", "q"),
@@ -179,10 +181,7 @@ pub fn calls_of(message: &Value) -> Option<Vec<ToolCall>> {
         .iter()
         .map(|c| ToolCall {
             name: c["function"]["name"].as_str().unwrap_or_default().into(),
-            arguments: c["function"]["arguments"]
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
+            arguments: c["function"]["arguments"].clone(),
         })
         .collect();
     (!calls.is_empty()).then_some(calls)
@@ -210,7 +209,7 @@ fn tool_message(name: &str, content: &str) -> Message {
 pub fn suffix_ids(tok: &Tokenizer, results: &[(String, String)]) -> Result<Vec<i64>> {
     let call = ToolCall {
         name: results[0].0.clone(),
-        arguments: Map::new(),
+        arguments: json!({}),
     };
     let mut messages = vec![Message::new("user", "dummy"), assistant_calling(&[call])];
     let args = TemplateArgs::default();

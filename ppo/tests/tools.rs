@@ -122,7 +122,7 @@ fn calls_and_results_are_trls() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 351);
+    assert_eq!(checked, 369);
     // Qwen3's own template drops an answer's empty think block once tool results follow
     // it: refused, naming the way out.
     let own = Tokenizer::load(&f.templates.join("qwen3")).unwrap();

@@ -44,6 +44,8 @@ TEXTS = [
     '<tool_call>{"name": "calc", "arguments": {bad}}</tool_call>',
     '<tool_call>{"name": "calc", "arguments": {"expr": "1"}}',
     '<tool_call>{"arguments": {"expr": "1"}}</tool_call>',
+    '<tool_call>\n{"name": "calc", "arguments": "2*3"}\n</tool_call>',
+    '<tool_call>{"name": "calc", "arguments": [1, 2]}</tool_call>',
     '{"name": "calc", "parameters": {"expr": "1+1"}}',
     '{"name": "鸡兔", "parameters": {"heads": 35, "legs": 94}}',
     "23 chickens and 12 rabbits. The answer is 12",
