@@ -82,73 +82,135 @@ impl Delim {
     }
 }
 
-/// The runs of two or more literal characters in a Python pattern.
+/// What one piece of a Python pattern is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PieceKind {
+    /// A character that matches itself: a plain one, an escaped punctuation mark, `\n` or
+    /// `\t`.
+    Literal(char),
+    /// Any other escape (`\d`, `\s`, `\b`, `\Z`, a back-reference): its letter.
+    Escape(char),
+    /// A character class, `[…]`.
+    Class,
+    /// `.`, `^`, `$`, `*`, `+`, `?`, `{`, `}`, `|`, `(` or `)`.
+    Meta(char),
+}
+
+/// A Python pattern cut into its pieces, each with its text as written. The one reading
+/// of the pattern's syntax that [`python_regex`], [`literal_start`] and [`literal_runs`]
+/// share.
+fn pieces(pattern: &str) -> Vec<(PieceKind, &str)> {
+    let mut out = vec![];
+    let mut chars = pattern.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        let kind = match c {
+            '\\' => match chars.next() {
+                Some((_, 'n')) => PieceKind::Literal('\n'),
+                Some((_, 't')) => PieceKind::Literal('\t'),
+                Some((_, e)) if !e.is_alphanumeric() => PieceKind::Literal(e),
+                Some((_, e)) => PieceKind::Escape(e),
+                None => PieceKind::Literal('\\'),
+            },
+            '[' => {
+                // A `^` first negates; a `]` first (after it) is a character of the class.
+                chars.next_if(|&(_, c)| c == '^');
+                chars.next_if(|&(_, c)| c == ']');
+                while let Some((_, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        ']' => break,
+                        _ => {}
+                    }
+                }
+                PieceKind::Class
+            }
+            '.' | '^' | '$' | '*' | '+' | '?' | '{' | '}' | '|' | '(' | ')' => PieceKind::Meta(c),
+            other => PieceKind::Literal(other),
+        };
+        let end = chars.peek().map_or(pattern.len(), |&(i, _)| i);
+        out.push((kind, &pattern[at..end]));
+    }
+    out
+}
+
+/// Whether a piece makes the one before it optional or repeated (`*`, `?`, `{m,n}`; `+`
+/// keeps at least one).
+fn may_drop(next: Option<&(PieceKind, &str)>) -> bool {
+    matches!(next, Some((PieceKind::Meta('*' | '?' | '{'), _)))
+}
+
+/// The runs of two or more literal characters every match of a Python pattern's branch
+/// contains (a character a quantifier may drop left out).
 fn literal_runs(pattern: &str) -> Vec<String> {
-    let (mut runs, mut run, mut class) = (vec![], String::new(), false);
-    let mut chars = pattern.chars();
-    let end = |run: &mut String, runs: &mut Vec<String>| {
+    let pieces = pieces(pattern);
+    let (mut runs, mut run) = (vec![], String::new());
+    let mut end = |run: &mut String| {
         if run.chars().count() >= 2 {
-            runs.push(std::mem::take(run));
+            runs.push(run.clone());
         }
         run.clear();
     };
-    while let Some(c) = chars.next() {
-        match c {
-            _ if class => class = c != ']',
-            '\\' => match chars.next() {
-                Some(e) if !e.is_alphanumeric() => run.push(e),
-                _ => end(&mut run, &mut runs),
-            },
-            '[' => {
-                end(&mut run, &mut runs);
-                class = true;
-            }
-            '.' | '^' | '$' | '*' | '+' | '?' | '{' | '}' | '|' | '(' | ')' | ']' => {
-                end(&mut run, &mut runs)
-            }
-            other => run.push(other),
+    for (i, (kind, _)) in pieces.iter().enumerate() {
+        match kind {
+            PieceKind::Literal(c) if !may_drop(pieces.get(i + 1)) => run.push(*c),
+            _ => end(&mut run),
         }
     }
-    end(&mut run, &mut runs);
+    end(&mut run);
     runs
 }
 
-/// The literal text a Python pattern's matches all begin with (up to its first construct
-/// that is not a plain character; a quantified last character left out).
+/// The literal text a Python pattern's matches all begin with (up to its first piece that
+/// is not a literal character; a character a quantifier may drop left out); nothing where
+/// the pattern is an alternation at its top.
 fn literal_start(pattern: &str) -> String {
-    let mut out = String::new();
-    let mut chars = pattern.chars().peekable();
-    while let Some(c) = chars.next() {
-        let next = match c {
-            '\\' => match chars.next() {
-                Some('n') => '\n',
-                Some('t') => '\t',
-                Some(e) if !e.is_alphanumeric() => e,
-                _ => break,
-            },
-            '.' | '^' | '$' | '*' | '+' | '?' | '{' | '}' | '[' | ']' | '|' | '(' | ')' => break,
-            other => other,
-        };
-        if matches!(chars.peek(), Some('*' | '?' | '{')) {
-            break;
-        }
-        out.push(next);
-    }
-    // An alternation at the top: the alternatives do not share that start.
-    let (mut depth, mut class, mut escaped) = (0, false, false);
-    for c in pattern.chars() {
-        match (escaped, class, c) {
-            (true, ..) => escaped = false,
-            (_, _, '\\') => escaped = true,
-            (_, false, '[') => class = true,
-            (_, true, ']') => class = false,
-            (_, false, '(') => depth += 1,
-            (_, false, ')') => depth -= 1,
-            (_, false, '|') if depth == 0 => return String::new(),
+    let pieces = pieces(pattern);
+    let mut depth = 0;
+    for (kind, _) in &pieces {
+        match kind {
+            PieceKind::Meta('(') => depth += 1,
+            PieceKind::Meta(')') => depth -= 1,
+            PieceKind::Meta('|') if depth == 0 => return String::new(),
             _ => {}
         }
     }
-    out
+    pieces
+        .iter()
+        .enumerate()
+        .map_while(|(i, (kind, _))| match kind {
+            PieceKind::Literal(c) if !may_drop(pieces.get(i + 1)) => Some(*c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A pattern as Python's `re.compile(pattern, re.DOTALL)` reads it: `\Z` is the end of the
+/// text, `$` the end or before a final newline, and a `]` first in a class one of its
+/// characters.
+fn python_regex(pattern: &str) -> Result<Regex, String> {
+    let mut out = String::from("(?s)");
+    for (kind, raw) in pieces(pattern) {
+        match kind {
+            PieceKind::Escape('Z') => out.push_str("\\z"),
+            PieceKind::Meta('$') => out.push_str("(?=\\n?\\z)"),
+            PieceKind::Class => {
+                let negated = raw.starts_with("[^");
+                let body = &raw[1 + usize::from(negated)..];
+                out.push_str(if negated { "[^" } else { "[" });
+                match body.strip_prefix(']') {
+                    Some(rest) => {
+                        out.push_str("\\]");
+                        out.push_str(rest);
+                    }
+                    None => out.push_str(body),
+                }
+            }
+            _ => out.push_str(raw),
+        }
+    }
+    Regex::new(&out).map_err(|e| format!("invalid pattern {pattern:?}: {e}"))
 }
 
 /// How a region's text becomes its value (transformers' content parsers).
@@ -220,43 +282,6 @@ impl std::fmt::Debug for ResponseTemplate {
         let names: Vec<&str> = self.fields.iter().map(|f| f.name.as_str()).collect();
         write!(f, "ResponseTemplate {names:?}")
     }
-}
-
-/// A pattern as Python's `re.compile(pattern, re.DOTALL)` reads it.
-fn python_regex(pattern: &str) -> Result<Regex, String> {
-    let mut out = String::from("(?s)");
-    let (mut chars, mut class) = (pattern.chars().peekable(), false);
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => match chars.next() {
-                Some('Z') => out.push_str("\\z"),
-                Some(n) => {
-                    out.push('\\');
-                    out.push(n);
-                }
-                None => out.push('\\'),
-            },
-            '[' if !class => {
-                class = true;
-                out.push(c);
-                // A `]` first in a class is a character of it.
-                if chars.peek() == Some(&'^') {
-                    out.push(chars.next().expect("peeked"));
-                }
-                if chars.peek() == Some(&']') {
-                    out.push_str("\\]");
-                    chars.next();
-                }
-            }
-            ']' if class => {
-                class = false;
-                out.push(c);
-            }
-            '$' if !class => out.push_str("(?=\\n?\\z)"),
-            _ => out.push(c),
-        }
-    }
-    Regex::new(&out).map_err(|e| format!("invalid pattern {pattern:?}: {e}"))
 }
 
 /// A delimiter from a spec's `KEY` (a literal or a list of them) or `KEY_pattern`.
@@ -1285,6 +1310,10 @@ mod tests {
         assert_eq!(literal_start(r"ab*c"), "a");
         assert_eq!(literal_runs(r"(?=[\s\S]*?</think>)"), ["</think>"]);
         assert_eq!(literal_runs(r"<\|im_end\|>\s*x"), ["<|im_end|>"]);
+        assert_eq!(literal_runs(r"ab*cd\n[xy]zz"), ["cd\n", "zz"]);
+        assert_eq!(literal_start(r"\n\.a+\d"), "\n.a");
+        let class = python_regex(r"[]a][^]b]\Z").unwrap();
+        assert!(class.is_match("]c").unwrap() && !class.is_match("]]").unwrap());
         // Gemma 4: the prefix's stretch of content ends at its final newline, and the
         // answer's replaces it.
         let g = builtin("gemma4");
