@@ -63,13 +63,22 @@ pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Tensor {
     (values * &mask).sum(values.kind()) / mask.sum(values.kind()).clamp_min(1.0)
 }
 
+/// Each row's sum of `values` `[B, N]` where `mask` is 1, in `values`' dtype: `[B]`, or
+/// `[B, 1]` with `keepdim`.
+pub fn row_masked_sum(values: &Tensor, mask: &Tensor, keepdim: bool) -> Tensor {
+    let kind = values.kind();
+    (values * mask.to_kind(kind)).sum_dim_intlist([1].as_slice(), keepdim, kind)
+}
+
 /// Each row's mean of `values` `[B, N]` where `mask` is 1 (0 for a row without any), in
 /// `values`' dtype: `[B]`, or `[B, 1]` with `keepdim`.
 pub fn row_masked_mean(values: &Tensor, mask: &Tensor, keepdim: bool) -> Tensor {
     let kind = values.kind();
     let mask = mask.to_kind(kind);
-    let rows = |t: &Tensor| t.sum_dim_intlist([1].as_slice(), keepdim, kind);
-    rows(&(values * &mask)) / rows(&mask).clamp_min(1.0)
+    row_masked_sum(values, &mask, keepdim)
+        / mask
+            .sum_dim_intlist([1].as_slice(), keepdim, kind)
+            .clamp_min(1.0)
 }
 
 /// Variance of `values` where `mask` is 1; Bessel-corrected, as TRL's `masked_var`.

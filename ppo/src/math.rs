@@ -6,7 +6,7 @@
 //! Ziegler et al. 2019 (per-token KL penalty, adaptive KL controller), and TRL's
 //! `PPOTrainer` whose metric definitions we keep.
 
-use common::ops::{masked_mean, masked_whiten, row_masked_mean};
+use common::ops::{masked_mean, masked_whiten, row_masked_mean, row_masked_sum};
 use common::World;
 use tch::{Kind, Tensor};
 
@@ -453,10 +453,7 @@ pub fn online_dpo_loss(
     beta: f64,
     loss: PairLoss,
 ) -> (Tensor, PairStats) {
-    let mask_f = mask.to_kind(Kind::Float);
-    let rows = |t: &Tensor| {
-        (t.to_kind(Kind::Float) * &mask_f).sum_dim_intlist([1].as_slice(), false, Kind::Float)
-    };
+    let rows = |t: &Tensor| row_masked_sum(&t.to_kind(Kind::Float), mask, false);
     // The preference is ±1 on each of a response's tokens: its first column says which.
     let sign = preference.select(1, 0).view([-1, 2]);
     let chosen_first = sign.select(1, 0).gt(0.0);
@@ -529,8 +526,7 @@ impl LossAggregation {
     /// `per_token` `[B, N]` aggregated over this micro-batch's `mask`; `norm` is the
     /// constant of `SeqMeanTokenSumNorm`.
     pub fn aggregate(self, per_token: &Tensor, mask: &Tensor, norm: f64) -> Tensor {
-        let mask_f = mask.to_kind(per_token.kind());
-        let sums = (per_token * &mask_f).sum_dim_intlist([1].as_slice(), false, per_token.kind());
+        let sums = row_masked_sum(per_token, mask, false);
         match self {
             LossAggregation::TokenMean => masked_mean(per_token, mask),
             LossAggregation::SeqMeanTokenMean => {
@@ -998,9 +994,7 @@ pub fn vespo_phi(
     [(k_pos, lambda_pos), (k_neg, lambda_neg)]: [(f64, f64); 2],
 ) -> Tensor {
     let kind = log_ratio.kind();
-    let mask_f = mask.to_kind(kind);
-    let log_w = (log_ratio.detach().clamp(-20.0, 20.0) * &mask_f)
-        .sum_dim_intlist([1].as_slice(), true, kind)
+    let log_w = row_masked_sum(&log_ratio.detach().clamp(-20.0, 20.0), mask, true)
         .clamp(1e-8f64.ln(), 20.0);
     let nonneg = advantages.ge(0.0).to_kind(kind);
     let by_sign = |pos: f64, neg: f64| &nonneg * (pos - neg) + neg;
