@@ -10,6 +10,8 @@ use crate::formats::{Message, TemplateArgs};
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The template's text.
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -124,6 +126,11 @@ fn json_style(kwargs: &minijinja::value::Kwargs) -> Result<JsonStyle, minijinja:
 }
 
 impl ChatTemplate {
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn new(source: &str) -> Result<Self, String> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
@@ -161,13 +168,16 @@ impl ChatTemplate {
         // transformers' `{% generation %}…{% endgeneration %}` (the assistant-token markers of
         // training templates, TRL's `*_training.jinja`) renders its body as it is.
         let markers = regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}").expect("valid");
-        let source = markers.replace_all(source, |c: &regex::Captures| match c.get(2) {
+        let marked = markers.replace_all(source, |c: &regex::Captures| match c.get(2) {
             None => format!("{{%{} if true {}%}}", &c[1], &c[3]),
             Some(_) => format!("{{%{} endif {}%}}", &c[1], &c[3]),
         });
-        env.add_template_owned("chat", source.into_owned())
+        env.add_template_owned("chat", marked.into_owned())
             .map_err(|e| format!("chat_template does not parse: {e}"))?;
-        Ok(ChatTemplate { env })
+        Ok(ChatTemplate {
+            env,
+            source: source.to_string(),
+        })
     }
 
     /// The conversation as `apply_chat_template` renders it: the row's `args.kwargs` and

@@ -965,8 +965,9 @@ impl ResponseTemplate {
 
 /// The response templates TRL's `add_response_schema` (1.16) gives the chat templates it
 /// knows, by the name of TRL's: `qwen3` (Qwen2.5, Qwen3), `qwen3_5` (Qwen3.5, 3.6, 3.8),
-/// `llama3` (Llama 3.1, 3.2), `glm4moe`, `gemma4`, `gptoss`, `lfm2_2_5`. The same data as
-/// TRL's (the tool test checks they are equal).
+/// `nemotron_3` (Nemotron 3), `llama3` (Llama 3.1, 3.2), `glm4moe`, `gemma4`, `gptoss`,
+/// `lfm2_2_5`, `deepseek_r1_distill` (reasoning and content only). The same data as TRL's
+/// (the tool test checks they are equal).
 pub fn builtin_json(name: &str) -> Option<Value> {
     let think = json!({"open": "<think>", "close_pattern": r"</think>\s*", "content": "text"});
     let call =
@@ -993,6 +994,20 @@ pub fn builtin_json(name: &str) -> Option<Value> {
                     r"<parameter=(?P<key>[^>\n]+)>\s*(?P<value>.*?)\s*</parameter>"),
                 "content": im_end}})
         }
+        "nemotron_3" => {
+            json!({"defaults": {"role": "assistant"},
+            "start_anchor_pattern": r"<\|im_start\|>assistant\n<think>(?:\n|</think>)?",
+            "fields": {"reasoning_content": {"open_pattern": r"(?=[\s\S]*?</think>)",
+                    "close_pattern": r"</think>\s*", "content": "text"},
+                "tool_calls": tagged(r"<tool_call>\s*<function=(?P<name>[^\n>]+)>",
+                    r"<parameter=(?P<key>[^>\n]+)>\s*(?P<value>.*?)\s*</parameter>"),
+                "content": im_end}})
+        }
+        "deepseek_r1_distill" => json!({"defaults": {"role": "assistant"},
+            "start_anchor": "<｜Assistant｜><think>\n",
+            "fields": {"reasoning_content": {"open_pattern": r"(?=[\s\S]*?</think>)",
+                    "close_pattern": r"</think>\s*", "content": "text"},
+                "content": {"close_pattern": r"<｜end▁of▁sentence｜>\s*|$", "content": "text"}}}),
         "llama3" => json!({"defaults": {"role": "assistant"},
             "start_anchor": "<|start_header_id|>assistant<|end_header_id|>\n\n",
             "fields": {"tool_calls": {"open_pattern": r#"\{"name":\s*"(?P<name>[^"]+)",\s*"parameters":\s*"#,

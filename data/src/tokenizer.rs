@@ -194,6 +194,11 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The chat template's text, if there is one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.chat_template.as_ref().map(ChatTemplate::source)
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
     }

@@ -68,6 +68,14 @@ pub enum ToolFormat {
     /// `<|tool_call_start|>[NAME(key=value, …), …]<|tool_call_end|>`, Python-style calls
     /// (LFM2.5; TRL's `lfm2_2_5_template`).
     Lfm2,
+    /// Qwen3.5's blocks in Nemotron 3's templates (Nano, Super, Ultra, 3.5 Lightning: their
+    /// `truncate_history_thinking`), read with TRL's `nemotron_3_template`: the reasoning
+    /// is only what a `</think>` closes.
+    Nemotron3,
+    /// DeepSeek-R1-Distill's template, which writes no calls (it drops an assistant turn's
+    /// `tool_calls`): TRL's `deepseek_r1_distill_template` reads reasoning and content, and
+    /// the answers never call tools, as in TRL.
+    DeepSeekR1,
     /// The tokenizer's own `response_template` (which TRL uses where there is one).
     Native,
 }
@@ -98,7 +106,11 @@ impl ToolFormat {
         let format = if tok.response_template()?.is_some() {
             ToolFormat::Native
         } else if text.contains("<function=probe_tool>") {
-            ToolFormat::QwenXml
+            let source = tok.chat_template_source().unwrap_or_default();
+            match source.contains("truncate_history_thinking") {
+                true => ToolFormat::Nemotron3,
+                false => ToolFormat::QwenXml,
+            }
         } else if text.contains("<|tool_call>call:probe_tool") {
             ToolFormat::Gemma4
         } else if text.contains("to=functions.probe_tool") {
@@ -111,6 +123,8 @@ impl ToolFormat {
             ToolFormat::Hermes
         } else if text.contains("{\"name\": \"probe_tool\", \"parameters\"") {
             ToolFormat::Llama3
+        } else if text.contains("<｜Assistant｜>") && !text.contains("probe_tool") {
+            ToolFormat::DeepSeekR1
         } else {
             bail!("the chat template writes tool calls in a form this version does not parse, and the tokenizer has no response_template of its own (it parses <tool_call>{{…}}</tool_call> as Qwen2.5, Qwen3 and Hermes write them, Qwen3.5's <tool_call><function=…>, Llama 3.1's bare {{\"name\", \"parameters\"}} JSON, GLM-4's <tool_call>NAME<arg_key>…, Gemma 4's <|tool_call>call:NAME{{…}}, gpt-oss's to=functions.NAME and LFM2.5's <|tool_call_start|>[NAME(…)])")
         };
@@ -141,6 +155,8 @@ impl ToolFormat {
                 (Gemma4, "gemma4"),
                 (GptOss, "gptoss"),
                 (Lfm2, "lfm2_2_5"),
+                (Nemotron3, "nemotron_3"),
+                (DeepSeekR1, "deepseek_r1_distill"),
             ]
             .into_iter()
             .map(|(format, name)| {

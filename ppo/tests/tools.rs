@@ -82,6 +82,8 @@ fn calls_and_results_are_trls() {
         ("gemma4", ToolFormat::Gemma4),
         ("gptoss", ToolFormat::GptOss),
         ("lfm2_2_5", ToolFormat::Lfm2),
+        ("nemotron_3_nano", ToolFormat::Nemotron3),
+        ("deepseek_r1_distill", ToolFormat::DeepSeekR1),
         ("nemotron_native", ToolFormat::Native),
     ] {
         let tok = tokenizer(name);
@@ -122,7 +124,7 @@ fn calls_and_results_are_trls() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 369);
+    assert_eq!(checked, 451);
     // Qwen3's own template drops an answer's empty think block once tool results follow
     // it: refused, naming the way out.
     let own = Tokenizer::load(&f.templates.join("qwen3")).unwrap();
@@ -154,13 +156,14 @@ fn calls_and_results_are_trls() {
     assert_eq!(
         formats,
         [
+            ("deepseek_r1_distill", ToolFormat::DeepSeekR1),
             ("gemma4", ToolFormat::Gemma4),
             ("glm4moe", ToolFormat::Glm4),
             ("gptoss", ToolFormat::GptOss),
             ("lfm2_2_5", ToolFormat::Lfm2),
             ("llama3_1", ToolFormat::Llama3),
             ("llama3_2", ToolFormat::Llama3),
-            ("nemotron_3_nano", ToolFormat::QwenXml),
+            ("nemotron_3_nano", ToolFormat::Nemotron3),
             ("nemotron_native", ToolFormat::Native),
             ("qwen2_5", ToolFormat::Hermes),
             ("qwen3_5_nothink", ToolFormat::QwenXml),
@@ -185,7 +188,7 @@ fn calls_and_results_are_trls() {
     assert_eq!(none.unwrap(), None);
     // The response templates built in are TRL's own.
     let trl = f.reference["response_templates"].as_object().unwrap();
-    assert_eq!(trl.len(), 7);
+    assert_eq!(trl.len(), 9);
     for (name, want) in trl {
         assert_eq!(
             data::response::builtin_json(name).as_ref(),

@@ -1,6 +1,7 @@
 """References for the tool-calling test (ppo/tests/tools.rs): TRL 1.16's own functions on
 the chat templates `template_reference.py make` writes (Qwen2.5, Qwen3, Qwen3.5 — its calls
-`<function=…>` blocks —, Llama 3.1, GLM-4-MoE, Gemma 4, gpt-oss and LFM2.5), and Nemotron 3
+`<function=…>` blocks —, Llama 3.1, GLM-4-MoE, Gemma 4, gpt-oss, LFM2.5, Nemotron 3 Nano and
+DeepSeek-R1-Distill, whose template writes no calls), and Nemotron 3
 Nano's with a response template of its own (TRL's `nemotron_3_template` saved into its
 tokenizer_config.json as transformers saves one: DIR/nemotron_native), which the trainer uses
 instead of `add_response_schema`'s. Also TRL's response templates themselves, as JSON.
@@ -33,8 +34,9 @@ from trl.chat_template_utils import (
 from trl.trainer.grpo_trainer import GRPOTrainer
 
 TEMPLATES = ["qwen2_5", "qwen3", "qwen3_5_nothink", "llama3_1", "glm4moe", "gemma4", "gptoss", "lfm2_2_5",
-             "nemotron_native"]
-BUILTIN = ["qwen3", "qwen3_5", "llama3", "glm4moe", "gemma4", "gptoss", "lfm2_2_5"]
+             "nemotron_3_nano", "deepseek_r1_distill", "nemotron_native"]
+BUILTIN = ["qwen3", "qwen3_5", "nemotron_3", "llama3", "glm4moe", "gemma4", "gptoss", "lfm2_2_5",
+           "deepseek_r1_distill"]
 TEXTS = [
     '<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>',
     'Let me see.\n<tool_call>\n{"name": "calc", "arguments": {"expr": "2*3"}}\n</tool_call>\n'
