@@ -4,8 +4,9 @@
 //!
 //! Everything that happens to a trained model happens here, once: the optimiser step
 //! (gradients summed over the world's ranks, global-norm clipping, the non-finite check,
-//! the update at the schedule's rate), the crash and NaN injection points of the
-//! reliability tests, and the checkpoint's save and restore.
+//! the update at the schedule's rate), the averages of its weights that follow each step
+//! (`common::averaging`), the crash and NaN injection points of the reliability tests,
+//! and the checkpoint's save and restore.
 
 use std::path::{Path, PathBuf};
 
@@ -171,7 +172,7 @@ impl Trainee {
 
     /// Restores what [`Trainee::save`] wrote into `checkpoint`. An average the checkpoint
     /// lacks starts at the restored weights; PPO's EMA is also read where checkpoints
-    /// before 2026-12-03 kept it, at the checkpoint's root.
+    /// written before the averages moved here kept it, at the checkpoint's root.
     pub fn load(&mut self, checkpoint: &Path) -> Result<()> {
         let dir = checkpoint.join(self.name);
         self.model.load_weights(&dir)?;
