@@ -25,16 +25,18 @@ pub enum EstimatorName {
     Rloo,
     ReinforcePlusPlus,
     OnlineDpo,
+    A2po,
 }
 
 impl EstimatorName {
-    const ALL: [(&'static str, EstimatorName); 6] = [
+    const ALL: [(&'static str, EstimatorName); 7] = [
         ("gae", EstimatorName::Gae),
         ("grpo", EstimatorName::Grpo),
         ("dr-grpo", EstimatorName::DrGrpo),
         ("rloo", EstimatorName::Rloo),
         ("reinforce-plus-plus", EstimatorName::ReinforcePlusPlus),
         ("online-dpo", EstimatorName::OnlineDpo),
+        ("a2po", EstimatorName::A2po),
     ];
 }
 
@@ -42,7 +44,7 @@ impl std::str::FromStr for EstimatorName {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, e)| *e).ok_or_else(|| {
-            format!("'{s}' is not an advantage estimator (expected gae, grpo, dr-grpo, rloo, reinforce-plus-plus or online-dpo)")
+            format!("'{s}' is not an advantage estimator (expected gae, grpo, dr-grpo, rloo, reinforce-plus-plus, online-dpo or a2po)")
         })
     }
 }
@@ -292,9 +294,25 @@ pub struct TrainArgs {
     /// How advantages are estimated: gae (with a value model), or critic-free: grpo,
     /// dr-grpo, rloo (groups of --num-generations responses per prompt) or
     /// reinforce-plus-plus; or online-dpo (TRL's OnlineDPOTrainer: two responses per
-    /// prompt, the better rewarded chosen, DPO's loss on the pair with β = --kl-coef).
+    /// prompt, the better rewarded chosen, DPO's loss on the pair with β = --kl-coef); or
+    /// a2po (A*-PO, TRL's experimental A2POTrainer: one response per prompt, β·log π/π_ref
+    /// regressed onto r − V*, β = --kl-coef, V* estimated before training from
+    /// --num-value-samples responses of the starting policy to every prompt).
     #[arg(long, default_value = "gae")]
     pub advantage_estimator: EstimatorName,
+    /// A*-PO: responses sampled from the starting policy (the reference) to every training
+    /// prompt before training, whose rewards estimate the prompt's optimal value V*
+    /// (TRL's `num_value_samples`).
+    #[arg(long, default_value_t = 8)]
+    pub num_value_samples: usize,
+    /// A*-PO: the KL temperature of V* = β₁·log mean exp(r/β₁) (TRL's `beta1`); the
+    /// regression's own β (TRL's `beta2`) is --kl-coef.
+    #[arg(long, default_value_t = 0.5)]
+    pub beta1: f64,
+    /// A*-PO: leave out of training the prompts whose --num-value-samples responses all
+    /// scored 0 (true, TRL's `filter_all_incorrect` default) or keep them (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub filter_all_incorrect: bool,
     /// Online DPO's loss on a pair: sigmoid (DPO's) or ipo (TRL's `loss_type`).
     #[arg(long, value_enum, default_value = "sigmoid")]
     pub online_dpo_loss: PairLoss,
@@ -593,6 +611,7 @@ impl TrainArgs {
             EstimatorName::OnlineDpo => AdvantageEstimator::OnlineDpo {
                 loss: self.online_dpo_loss,
             },
+            EstimatorName::A2po => AdvantageEstimator::A2po,
         }
     }
 
@@ -637,9 +656,10 @@ impl TrainArgs {
             level: self.importance_sampling_level,
             aggregation: match self.policy_loss {
                 // A loss per response, averaged over responses (with the KL term); online
-                // DPO's per pair, averaged over pairs (micro-batches weighed by their rows).
+                // DPO's per pair, averaged over pairs, and A*-PO's per response
+                // (micro-batches weighed by their rows).
                 PolicyLossName::Gmpo => LossAggregation::SeqMeanTokenMean,
-                _ if self.advantage_estimator == EstimatorName::OnlineDpo => {
+                _ if self.advantage_estimator().kl_in_objective() => {
                     LossAggregation::SeqMeanTokenMean
                 }
                 _ => self.loss_aggregation,
@@ -671,6 +691,12 @@ impl TrainArgs {
     }
 
     pub fn validate(&self) -> Result<()> {
+        // What shapes a per-token policy loss has nothing to act on in a loss on whole
+        // responses.
+        let whole_responses = match self.advantage_estimator {
+            EstimatorName::A2po => "--advantage-estimator a2po takes its regression on whole responses: --importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction and --mask-truncated-completions shape a per-token policy loss and are refused with it",
+            _ => "--advantage-estimator online-dpo takes DPO's loss on whole responses: --importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction and --mask-truncated-completions shape a per-token policy loss and are refused with it",
+        };
         self.optim.validate()?;
         self.sync.validate()?;
         self.run.validate()?;
@@ -751,14 +777,30 @@ impl TrainArgs {
                 "--advantage-estimator online-dpo compares two responses per prompt under DPO's loss with β = --kl-coef: it needs --num-generations 2, --kl-coef > 0 (not --kl-in-loss), --policy-loss clip and --rollout-batch-size a multiple of --num-minibatches × --grad-accum (pairs stay whole)",
             ),
             (
-                self.advantage_estimator != EstimatorName::OnlineDpo
+                !self.advantage_estimator().kl_in_objective()
                     || (self.importance_sampling_level == ImportanceSampling::Token
                         && self.delta.is_none()
                         && self.top_entropy_quantile == 1.0
                         && self.off_policy_mask_threshold.is_none()
                         && self.sampling_correction.is_none()
                         && !self.mask_truncated_completions),
-                "--advantage-estimator online-dpo takes DPO's loss on whole responses: --importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction and --mask-truncated-completions shape a per-token policy loss and are refused with it",
+                whole_responses,
+            ),
+            (
+                self.advantage_estimator != EstimatorName::A2po
+                    || (self.num_generations == 1
+                        && self.kl_coef > 0.0
+                        && !self.kl_in_loss
+                        && self.policy_loss == PolicyLossName::Clip),
+                "--advantage-estimator a2po regresses β·log π/π_ref of one response per prompt onto r − V* with β = --kl-coef: it needs --num-generations 1, --kl-coef > 0 (not --kl-in-loss) and --policy-loss clip",
+            ),
+            (
+                self.num_value_samples > 0,
+                "--num-value-samples must be at least 1",
+            ),
+            (
+                self.beta1 > 0.0 && self.beta1.is_finite(),
+                "--beta1 must be > 0",
             ),
             (
                 !self.advantage_estimator().needs_critic()

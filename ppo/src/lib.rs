@@ -5,6 +5,7 @@
 //! `train` runs the loop; `rollout`, `math` (rewards, advantage estimators, losses), and
 //! `update` (the minibatch passes over the policy and the optional critic) are its steps.
 
+pub mod a2po;
 pub mod args;
 mod log;
 pub mod math;

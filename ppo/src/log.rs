@@ -174,6 +174,15 @@ pub(crate) fn iteration_scalars(
         let [margin, pairs] = world.sums([margin.double_value(&[]), rows / 2.0]);
         scalars.push(("objective/scores_margin", margin / pairs));
     }
+    if let Some((implicit, advantage)) = it.stats.a2po {
+        // TRL's `A2POTrainer` names: β·Σ(log π − log π_ref), r − V*, and V*.
+        scalars.extend([
+            ("implicit_reward", mean(implicit)),
+            ("advantage", mean(advantage)),
+            ("v_star", it.v_star.unwrap_or(f64::NAN)),
+            ("beta", it.beta),
+        ]);
+    }
     if let Some(batches) = ro.gen_batches {
         // The same on every rank (they decide together).
         scalars.push(("num_gen_batches", batches as f64));

@@ -143,6 +143,11 @@ pub enum AdvantageEstimator {
     /// its tokens and −1 on the other's ([`preferences`]); the policy loss is then DPO's on
     /// the pair ([`online_dpo_loss`]).
     OnlineDpo { loss: PairLoss },
+    /// A*-PO (Brantley et al. 2025, TRL's experimental `A2POTrainer`): one response per
+    /// prompt, its advantage `r − V*(x)` against the optimal value of its prompt, estimated
+    /// before training from the starting policy's samples ([`optimal_value`]); the policy
+    /// loss regresses `β·Σ(log π − log π_ref)` onto it ([`a2po_loss`]).
+    A2po,
 }
 
 /// DPO's loss on a pair's margin `z` (TRL's `OnlineDPOConfig.loss_type`).
@@ -169,6 +174,15 @@ impl AdvantageEstimator {
             AdvantageEstimator::OnlineDpo { loss } => Some(*loss),
             _ => None,
         }
+    }
+
+    /// Whether the policy loss holds the policy to the reference itself (online DPO's and
+    /// A*-PO's, with β = `--kl-coef`): the rewards then carry no KL penalty.
+    pub fn kl_in_objective(&self) -> bool {
+        matches!(
+            self,
+            AdvantageEstimator::OnlineDpo { .. } | AdvantageEstimator::A2po
+        )
     }
 
     /// Whether advantages compare the responses of a group (grpo, dr-grpo, rloo).
@@ -423,7 +437,44 @@ pub fn advantages(
             advantages: broadcast(preferences(&per_sequence())),
             returns: None,
         },
+        AdvantageEstimator::A2po => {
+            let v_star = values.expect("A*-PO needs each prompt's optimal value");
+            Advantages {
+                advantages: broadcast(per_sequence() - v_star.to_kind(Kind::Float)),
+                returns: None,
+            }
+        }
     }
+}
+
+/// A*-PO's optimal value of a prompt from the rewards of `n` responses sampled from the
+/// reference: `V* = β₁·log((1/n)·Σ exp(r_i/β₁))`, taken through the log-sum-exp (TRL's
+/// `_estimate_optimal_values`). Between the mean reward (β₁ → ∞) and the best (β₁ → 0).
+pub fn optimal_value(rewards: &[f64], beta1: f64) -> f64 {
+    let top = rewards
+        .iter()
+        .map(|r| r / beta1)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = rewards.iter().map(|r| (r / beta1 - top).exp()).sum();
+    beta1 * (top + sum.ln() - (rewards.len() as f64).ln())
+}
+
+/// A*-PO's loss over a micro-batch's responses (TRL's `A2POTrainer.compute_loss`): with
+/// `s` = Σ over a response's `mask`ed tokens of log π − log π_ref, its implicit reward
+/// `β·s` regressed onto its target `r − V*` (`advantage`, the same on each of its tokens),
+/// `(β·s − (r − V*))²`, the mean over the responses. Also returns, per response, the
+/// implicit reward and the target, which TRL logs.
+pub fn a2po_loss(
+    (logprobs, ref_logprobs): (&Tensor, &Tensor),
+    advantage: &Tensor,
+    mask: &Tensor,
+    beta: f64,
+) -> (Tensor, (Tensor, Tensor)) {
+    let implicit =
+        row_masked_sum(&(logprobs - ref_logprobs).to_kind(Kind::Float), mask, false) * beta;
+    let target = advantage.select(1, 0).to_kind(Kind::Float);
+    let loss = (&implicit - &target).square().mean(Kind::Float);
+    (loss, (implicit.detach(), target))
 }
 
 /// Rewards `[B]` of consecutive pairs (a prompt's two responses) as +1 for the chosen one,
@@ -2259,6 +2310,77 @@ mod tests {
             assert!((f64::from(logps[0]) - sum(&lp, 0)).abs() < 1e-6);
             assert!((f64::from(logps[1]) - sum(&lp, 3)).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn a2po_regresses_the_implicit_reward_onto_the_optimal_advantage() {
+        // V* = β₁·log mean exp(r/β₁): the mean reward as β₁ grows, the best as it shrinks,
+        // and finite for rewards far beyond exp's range.
+        let r = [0.0, 1.0, 1.0, 0.0];
+        assert!((optimal_value(&r, 1e6) - 0.5).abs() < 1e-6);
+        assert!((optimal_value(&r, 1e-3) - (1.0 + 1e-3 * 0.5f64.ln())).abs() < 1e-9);
+        let far = optimal_value(&[1e4, 1e4], 0.5);
+        assert!((far - 1e4).abs() < 1e-9, "{far}");
+        // Three responses of up to three tokens (padding where the mask is 0), their
+        // targets r − V* on every token, as the estimator gives them.
+        let lp = [
+            [-0.5f32, -1.0, -2.0],
+            [-0.7, -0.2, -0.4],
+            [-1.2, -0.3, -9.0],
+        ];
+        let rf = [
+            [-0.6f32, -1.3, -1.0],
+            [-0.5, -0.3, -0.9],
+            [-1.0, -0.2, -3.0],
+        ];
+        let mask = [[1f32, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]];
+        let rows = |x: &[[f32; 3]; 3]| t(&[&x[0], &x[1], &x[2]]);
+        // Each score on its response's last token.
+        let rewards = rows(&[[0f32, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]);
+        let v_star = Tensor::from_slice(&[0.25f64, 0.5, 0.75]);
+        let adv = advantages(
+            AdvantageEstimator::A2po,
+            &rewards,
+            Some(&v_star),
+            (
+                &rows(&mask),
+                (&Tensor::zeros([1, 3], (Kind::Float, Device::Cpu)), &[1.0]),
+            ),
+            &World::single(),
+        );
+        let targets = [0.75, -0.5, 0.25];
+        for (r, row) in to_vec(&adv.advantages).iter().enumerate() {
+            for i in 0..3 {
+                let want = targets[r] * f64::from(mask[r][i]);
+                assert!((f64::from(row[i]) - want).abs() < 1e-6, "{r} {i}");
+            }
+        }
+        let beta = 0.1;
+        let logprobs = rows(&lp).set_requires_grad(true);
+        let (loss, (implicit, target)) =
+            a2po_loss((&logprobs, &rows(&rf)), &adv.advantages, &rows(&mask), beta);
+        loss.backward();
+        let grad = to_vec(&logprobs.grad());
+        // TRL's `compute_loss`, response by response.
+        let mut want = 0.0;
+        for r in 0..3 {
+            let s: f64 = (0..3)
+                .map(|i| f64::from((lp[r][i] - rf[r][i]) * mask[r][i]))
+                .sum();
+            let e = beta * s - targets[r];
+            want += e * e / 3.0;
+            assert!(
+                (f64::from(Vec::<f32>::try_from(&implicit).unwrap()[r]) - beta * s).abs() < 1e-6
+            );
+            assert!(
+                (f64::from(Vec::<f32>::try_from(&target).unwrap()[r]) - targets[r]).abs() < 1e-6
+            );
+            for i in 0..3 {
+                let g = 2.0 * e * beta / 3.0 * f64::from(mask[r][i]);
+                assert!((f64::from(grad[r][i]) - g).abs() < 1e-6, "{r} {i}");
+            }
+        }
+        assert!((loss.double_value(&[]) - want).abs() < 1e-6);
     }
 
     /// GMPO against TRL's `GMPOTrainer._compute_loss` written out: per response the

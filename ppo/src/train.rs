@@ -24,6 +24,7 @@ use data::Tokenizer;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
+use crate::a2po::OptimalValues;
 pub use crate::args::TrainArgs;
 use crate::log::{iteration_scalars, logged_metrics, twice_named, write_samples, Timings};
 use crate::math::{
@@ -321,6 +322,10 @@ struct Ppo<'a> {
     tools: Option<Tools>,
     /// Prompt and response tokens of every rollout so far, all ranks (`num_tokens`).
     num_tokens: f64,
+    /// A*-PO: each prompt's optimal value (of `prompts`).
+    v_star: Option<Vec<f64>>,
+    /// The prompts (of `prompts`) of the last rollout's rows, in order.
+    batch_rows: Vec<usize>,
 }
 
 /// The reference the KL penalty measures against, as the run holds it.
@@ -375,6 +380,8 @@ pub(crate) struct Iteration {
     pub entropy_coef: Option<f64>,
     /// Mean score over the batch (all ranks).
     pub mean_score: f64,
+    /// A*-PO: the mean optimal value of the batch's prompts (all ranks; TRL's `v_star`).
+    pub v_star: Option<f64>,
     /// Prompt and response tokens of every rollout so far (all ranks).
     pub num_tokens: f64,
     pub stats: UpdateStats,
@@ -397,6 +404,11 @@ fn train(
     }
     args.run.seed_torch();
     let mut ppo = Ppo::load(args, rewards, tool_program, (device, kind), &world)?;
+    // A*-PO's first stage: sampled now, from the starting policy, or read back on --resume.
+    let optimal = match args.advantage_estimator() {
+        AdvantageEstimator::A2po => Some(ppo.optimal_values(&world)?),
+        _ => None,
+    };
     let mut session = Session::start(
         "ppo",
         args,
@@ -406,6 +418,11 @@ fn train(
         &mut ppo.trainees(),
     )
     .context("starting the run")?;
+    if let Some((values, false)) = &optimal {
+        if session.world.is_main() {
+            values.write(args)?;
+        }
+    }
     ppo.resume(&session)?;
     let (mut first_score, mut last_score, mut last_kl) = (None, f64::NAN, None);
     while !session.done() && session.stop_requested().is_none() {
@@ -448,7 +465,8 @@ fn train(
             && (session.state.step % args.sample_every == 0 || session.state.step == 1)
         {
             // One advantage per response where the estimator gives each response one.
-            let per_sequence = args.advantage_estimator().is_group();
+            let estimator = args.advantage_estimator();
+            let per_sequence = estimator.is_group() || estimator == AdvantageEstimator::A2po;
             let advantages = per_sequence.then_some(&it.adv.advantages);
             write_samples(
                 &mut session,
@@ -548,11 +566,7 @@ impl<'a> Ppo<'a> {
             .transpose()?;
         // Both learners' schedules run over every optimiser update of the run; the
         // critic's at --value-lr.
-        let iterations = args
-            .run
-            .max_steps
-            .unwrap_or(args.run.epochs * prompts.len().div_ceil(args.rollout_batch_size) as u64);
-        let updates = iterations * (args.ppo_epochs * args.num_minibatches) as u64;
+        let (iterations, updates) = run_length(args, prompts.len());
         let schedule = args.optim.schedule(updates);
         let mut policy =
             Trainee::new("policy", policy, &args.policy, &args.optim, world, schedule)?;
@@ -609,7 +623,66 @@ impl<'a> Ppo<'a> {
             entropy: args.entropy_controller(),
             tools,
             num_tokens: 0.0,
+            v_star: None,
+            batch_rows: vec![],
         })
+    }
+
+    /// A*-PO's first stage: every training prompt's optimal value, read back from the run
+    /// on `--resume`, or estimated now from `--num-value-samples` responses of the starting
+    /// policy to each (every rank samples a share of each block of --rollout-batch-size
+    /// prompts, as an evaluation does, and the ranks sum their shares). The prompts whose
+    /// responses all scored 0 are then left out (`--filter-all-incorrect`), and the run's
+    /// length is that of the prompts kept. Returns the values and whether they were read
+    /// back (else the run writes them once its directory is prepared).
+    fn optimal_values(&mut self, world: &World) -> Result<(OptimalValues, bool)> {
+        let args = self.args;
+        let n = args.num_value_samples;
+        let started = Instant::now();
+        let (values, read) = match OptimalValues::stored(args, self.prompts.len())? {
+            Some(values) => (values, true),
+            None => {
+                let rewards = self.value_sample_rewards(world);
+                // Every rank learns whether any rank's sampling failed (it has no collective
+                // of its own), so that they all stop here.
+                let failed_anywhere = world.sum(f64::from(u8::from(rewards.is_err()))) > 0.0;
+                let rewards = match rewards {
+                    Err(e) => return Err(e),
+                    Ok(_) if failed_anywhere => bail!(
+                        "A*-PO: sampling the optimal values failed on another rank (see its message)"
+                    ),
+                    Ok(rewards) => rewards,
+                };
+                // Each prompt's rewards come from one rank, zeros from the others: exact.
+                let rewards = world.sum_vec(&rewards);
+                let rewards = rewards.chunks(n).map(<[f64]>::to_vec).collect();
+                (OptimalValues::from_rewards(rewards, args.beta1), false)
+            }
+        };
+        let kept = values.kept(args.filter_all_incorrect);
+        ensure!(
+            !kept.is_empty(),
+            "A*-PO: every prompt's --num-value-samples responses from the starting policy scored 0, so none has anything to teach (--filter-all-incorrect); check the rewards, or keep them with --filter-all-incorrect false"
+        );
+        tracing::info!(
+            "A*-PO: optimal values of {} prompts from {n} responses each ({:.1}s); {} prompts whose responses all scored 0 {}",
+            values.v_star.len(),
+            started.elapsed().as_secs_f64(),
+            values.all_incorrect.len(),
+            if args.filter_all_incorrect { "left out" } else { "kept" }
+        );
+        self.prompts = kept
+            .iter()
+            .map(|&i| std::mem::take(&mut self.prompts[i]))
+            .collect();
+        self.fields = kept.iter().map(|&i| self.fields[i].clone()).collect();
+        self.examples = kept.iter().map(|&i| self.examples[i].clone()).collect();
+        self.v_star = Some(kept.iter().map(|&i| values.v_star[i]).collect());
+        self.sampler = Sampler::new(self.prompts.len(), args.run.seed, true);
+        let (iterations, updates) = run_length(args, self.prompts.len());
+        self.iterations = iterations;
+        self.policy.schedule.total_steps = updates;
+        Ok((values, read))
     }
 
     /// The training units, in checkpoint order.
@@ -679,10 +752,10 @@ impl<'a> Ppo<'a> {
         let beta = self.kl_ctl.value;
         let kl = kl_per_token(&ro.logprobs, &ro.ref_logprobs, &ro.mask, args.kl_estimator);
         // With --kl-in-loss the penalty is a loss term instead of a reward; online DPO's
-        // loss holds the policy to the reference itself (β is DPO's), and its pairs are
-        // judged on their scores alone, as TRL's.
-        let online_dpo = args.advantage_estimator().pair_loss().is_some();
-        let reward_beta = if args.kl_in_loss || online_dpo {
+        // and A*-PO's losses hold the policy to the reference themselves (β is theirs), and
+        // judge the responses on their scores alone, as TRL's.
+        let in_objective = args.advantage_estimator().kl_in_objective();
+        let reward_beta = if args.kl_in_loss || in_objective {
             0.0
         } else {
             beta
@@ -696,11 +769,16 @@ impl<'a> Ppo<'a> {
             world,
         );
         // What TRL's OnlineDPOTrainer logs as the non-score reward all the same: −β·KL.
-        let non_score = if online_dpo { &kl * -beta } else { non_score };
+        let non_score = if in_objective { &kl * -beta } else { non_score };
+        // A*-PO's baseline: the optimal value of each row's prompt.
+        let v_star = self.v_star.as_ref().map(|v| {
+            let rows: Vec<f64> = self.batch_rows.iter().map(|&i| v[i]).collect();
+            tch::Tensor::from_slice(&rows).to_device(ro.scores.device())
+        });
         let adv = advantages(
             args.advantage_estimator(),
             &rewards,
-            ro.values.as_ref(),
+            ro.values.as_ref().or(v_star.as_ref()),
             (&ro.mask, (&ro.source_scores, &ro.source_weights)),
             world,
         );
@@ -715,6 +793,9 @@ impl<'a> Ppo<'a> {
         let stats = update(args, (&ro, &adv), learners, world, (step, beta))?;
         let train_time = train_started.elapsed().as_secs_f64();
 
+        let mean_v_star = v_star
+            .as_ref()
+            .map(|v| world.mean(v.mean(Kind::Double).double_value(&[])));
         // No KL is measured without a reference (and β = 0 never adapts).
         let mean_kl = (!matches!(self.reference, Reference::NotHeld))
             .then(|| world.mean(per_sequence_mean(&kl)));
@@ -753,6 +834,7 @@ impl<'a> Ppo<'a> {
             beta,
             entropy_coef: self.entropy.on().then_some(self.entropy.coef),
             mean_score,
+            v_star: mean_v_star,
             num_tokens: self.num_tokens,
             stats,
             timings: Timings {
@@ -761,6 +843,77 @@ impl<'a> Ppo<'a> {
                 total: started.elapsed().as_secs_f64(),
             },
         })
+    }
+
+    /// A*-PO's first stage on this rank: the rewards of `--num-value-samples` responses of
+    /// the policy to each of this rank's share of the prompts, `[prompt × sample]` (0 for
+    /// the other ranks' prompts).
+    fn value_sample_rewards(&self, world: &World) -> Result<Vec<f64>> {
+        let n = self.args.num_value_samples;
+        let mut rewards = vec![0.0; self.prompts.len() * n];
+        let data = (&self.prompts[..], &self.fields[..], &self.examples[..]);
+        self.sample_prompts(data, n, (u64::MAX - 1, 0), world, |mine, sampled| {
+            for (row, (&prompt, &score)) in mine.iter().zip(&sampled.scores).enumerate() {
+                ensure!(
+                    !score.is_nan(),
+                    "A*-PO: no reward source scored response {} of prompt {prompt} ('{}'): the optimal value needs a reward for each of its --num-value-samples responses",
+                    row % n,
+                    sampled.texts[row].chars().take(60).collect::<String>()
+                );
+                rewards[prompt * n + row % n] = score;
+            }
+            Ok(())
+        })
+        .context("A*-PO: sampling the starting policy's responses for the optimal values")?;
+        Ok(rewards)
+    }
+
+    /// `g` responses sampled to every prompt of `prompts` (their tokens, their rows' other
+    /// fields, the rows as given) as a rollout's are, in blocks of --rollout-batch-size
+    /// prompts of which every rank samples a share, and rewarded; `each` gets a block's
+    /// rows (each prompt's index `g` times) and what they sampled. The seeds come from the
+    /// run's seed and `stream` alone, the same at every call; `step` is what the rewards
+    /// read as the iterations done.
+    fn sample_prompts(
+        &self,
+        (prompts, fields, examples): (&[Vec<i64>], &[PromptFields], &[PromptExample]),
+        g: usize,
+        (stream, step): (u64, u64),
+        world: &World,
+        mut each: impl FnMut(&[usize], Sampled) -> Result<()>,
+    ) -> Result<()> {
+        let args = self.args;
+        let indices: Vec<usize> = (0..prompts.len()).collect();
+        for (block, chunk) in indices.chunks(args.rollout_batch_size).enumerate() {
+            let mine: Vec<usize> = world
+                .shard(chunk)
+                .iter()
+                .flat_map(|&i| std::iter::repeat_n(i, g))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let rows: Vec<&[i64]> = mine.iter().map(|&i| prompts[i].as_slice()).collect();
+            let row_fields: Vec<PromptFields> = mine.iter().map(|&i| fields[i].clone()).collect();
+            let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
+            let (start, _) = common::world::shard_range(chunk.len(), world.rank(), world.size());
+            let seed = derived_seed(args.run.seed, stream, block as u64);
+            let opts = RolloutOptions {
+                reprompt: Some(self.reprompt(examples, &mine)),
+                ..self.rollout_options(seed, ((start * g) as i64, (chunk.len() * g) as i64), step)
+            };
+            let sampled = self.with_models(|models| {
+                sample_and_reward(
+                    models,
+                    &batch.input_ids,
+                    &batch.attention_mask,
+                    &row_fields,
+                    &opts,
+                )
+            })?;
+            each(&mine, sampled)?;
+        }
+        Ok(())
     }
 
     /// Samples `--num-generations` responses to each of the next prompts (consecutive rows:
@@ -810,7 +963,9 @@ impl<'a> Ppo<'a> {
         let rows: Vec<&[i64]> = mine.iter().map(|&i| self.prompts[i].as_slice()).collect();
         let fields: Vec<PromptFields> = mine.iter().map(|&i| self.fields[i].clone()).collect();
         let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
-        (batch, fields, Some(self.reprompt(&self.examples, &mine)))
+        let reprompt = self.reprompt(&self.examples, &mine);
+        self.batch_rows = mine;
+        (batch, fields, Some(reprompt))
     }
 
     /// The prompts of rows `mine` of `examples` as their rows gave them, where an
@@ -946,34 +1101,8 @@ impl<'a> Ppo<'a> {
         // source's responses scored and Σ score); NaN (not scored) left out.
         let mut sums = vec![0.0; 6 + 2 * sources];
         let mut logged = crate::reward_fn::Logged::default();
-        let indices: Vec<usize> = (0..prompts.len()).collect();
-        for (block, chunk) in indices.chunks(args.rollout_batch_size).enumerate() {
-            let mine: Vec<usize> = world
-                .shard(chunk)
-                .iter()
-                .flat_map(|&i| std::iter::repeat_n(i, g))
-                .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let rows: Vec<&[i64]> = mine.iter().map(|&i| prompts[i].as_slice()).collect();
-            let row_fields: Vec<PromptFields> = mine.iter().map(|&i| fields[i].clone()).collect();
-            let batch = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
-            let (start, _) = common::world::shard_range(chunk.len(), world.rank(), world.size());
-            let seed = derived_seed(args.run.seed, u64::MAX, block as u64);
-            let opts = RolloutOptions {
-                reprompt: Some(self.reprompt(examples, &mine)),
-                ..self.rollout_options(seed, ((start * g) as i64, (chunk.len() * g) as i64), step)
-            };
-            let sampled = self.with_models(|models| {
-                sample_and_reward(
-                    models,
-                    &batch.input_ids,
-                    &batch.attention_mask,
-                    &row_fields,
-                    &opts,
-                )
-            })?;
+        let data = (&prompts[..], &fields[..], &examples[..]);
+        self.sample_prompts(data, g, (u64::MAX, step), world, |_, sampled| {
             let lengths = &sampled.generated.lengths;
             let scored = |s: &[f64]| {
                 s.iter()
@@ -994,7 +1123,8 @@ impl<'a> Ppo<'a> {
                 sums[7 + 2 * k] += scores.iter().sum::<f64>();
             }
             logged.add_metrics(sampled.logged.metrics);
-        }
+            Ok(())
+        })?;
         let sums = world.sum_vec(&sums);
         // Means over no response are NaN, as TRL's `nanmean` of nothing.
         let mean = sums[1] / sums[0];
@@ -1098,6 +1228,19 @@ impl<'a> Ppo<'a> {
 }
 
 /// Mean over the batch of each row's sum (`[B, N]` → scalar).
+/// The iterations of a run over `prompts` prompts (--max-steps, else --epochs over them),
+/// and the optimiser updates they take.
+fn run_length(args: &TrainArgs, prompts: usize) -> (u64, u64) {
+    let iterations = args
+        .run
+        .max_steps
+        .unwrap_or(args.run.epochs * prompts.div_ceil(args.rollout_batch_size) as u64);
+    (
+        iterations,
+        iterations * (args.ppo_epochs * args.num_minibatches) as u64,
+    )
+}
+
 pub(crate) fn per_sequence_mean(x: &tch::Tensor) -> f64 {
     x.sum_dim_intlist([1].as_slice(), false, Kind::Float)
         .mean(Kind::Float)

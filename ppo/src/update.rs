@@ -16,8 +16,9 @@ use tch::{Kind, Tensor};
 
 use crate::args::TrainArgs;
 use crate::math::{
-    high_entropy_mask, importance_weight, kl_per_token, off_policy_mask, online_dpo_loss,
-    policy_loss, value_loss, Advantages, EntropyController, KlEstimator, PolicyLoss,
+    a2po_loss, high_entropy_mask, importance_weight, kl_per_token, off_policy_mask,
+    online_dpo_loss, policy_loss, value_loss, AdvantageEstimator, Advantages, EntropyController,
+    KlEstimator, PolicyLoss,
 };
 use crate::rollout::{response_logprobs, response_values, Rollout};
 
@@ -71,6 +72,9 @@ pub struct UpdateStats {
     /// log π_ref) of the chosen and of the rejected responses, the share of pairs where the
     /// first exceeds the second, and the log-prob sums of each.
     pub online_dpo: Option<OnlineDpoStats>,
+    /// A*-PO's means over the responses (`--advantage-estimator a2po`, TRL's
+    /// `implicit_reward` and `advantage`): β·Σ(log π − log π_ref), and the target r − V*.
+    pub a2po: Option<(f64, f64)>,
     /// Max |ratio − 1| on the first minibatch, before any update: 0 unless dropout is on or
     /// the rollout and the training forward disagree.
     pub first_ratio_max_dev: f64,
@@ -211,6 +215,8 @@ pub fn update(
             logps_chosen: avg("logps_chosen"),
             logps_rejected: avg("logps_rejected"),
         }),
+        a2po: (args.advantage_estimator() == AdvantageEstimator::A2po)
+            .then(|| (avg("implicit_reward"), avg("advantage"))),
         first_ratio_max_dev,
         outcome: outcome.expect("at least one minibatch"),
     })
@@ -231,7 +237,8 @@ fn minibatch_backward(
     (beta, entropy_coef): (f64, f64),
 ) -> BTreeMap<&'static str, f64> {
     let device = ro.full_ids.device();
-    let online_dpo = args.advantage_estimator().pair_loss();
+    let estimator = args.advantage_estimator();
+    let online_dpo = estimator.pair_loss();
     let micro = mb.len().div_ceil(args.grad_accum).max(1);
     // Online DPO's micro-batches hold whole pairs.
     let micro = micro + usize::from(online_dpo.is_some()) * (micro % 2);
@@ -294,15 +301,24 @@ fn minibatch_backward(
             *stats.entry("opsm").or_default() +=
                 dropped.sum(Kind::Float).double_value(&[]) / mb_tokens;
         }
-        let pl = match online_dpo {
-            Some(loss) => {
+        let pl = match (online_dpo, estimator) {
+            (Some(loss), _) => {
                 let reference = pick(&ro.ref_logprobs);
                 let pair = (&new_lp, &reference);
                 let (dpo, pairs) = online_dpo_loss(pair, &advantages, &mask, beta, loss);
                 add_pair_stats(&mut stats, &pairs, weight);
                 PolicyLoss::unclipped(dpo, &(&new_lp - &old_lp), &mask)
             }
-            None => policy_loss(
+            (None, AdvantageEstimator::A2po) => {
+                let reference = pick(&ro.ref_logprobs);
+                let (regression, (implicit, target)) =
+                    a2po_loss((&new_lp, &reference), &advantages, &mask, beta);
+                let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
+                *stats.entry("implicit_reward").or_default() += mean(&implicit) * weight;
+                *stats.entry("advantage").or_default() += mean(&target) * weight;
+                PolicyLoss::unclipped(regression, &(&new_lp - &old_lp), &mask)
+            }
+            (None, _) => policy_loss(
                 &new_lp,
                 &old_lp,
                 &advantages,
@@ -446,7 +462,7 @@ fn high_entropy_tokens(
 }
 
 /// The statistics a minibatch's ranks sum.
-const STAT_KEYS: [&str; 18] = [
+const STAT_KEYS: [&str; 20] = [
     "policy",
     "approxkl",
     "clipfrac",
@@ -465,6 +481,8 @@ const STAT_KEYS: [&str; 18] = [
     "dpo_accuracy",
     "logps_chosen",
     "logps_rejected",
+    "implicit_reward",
+    "advantage",
 ];
 
 /// PPO-ptx: the language-modelling loss of the next `rows` SFT rows (this rank's share of

@@ -354,6 +354,159 @@ fn online_dpo_trains_on_the_rollouts_pairs() {
     assert!(!out.exists());
 }
 
+/// A*-PO (`--advantage-estimator a2po`, TRL's experimental `A2POTrainer`): before the first
+/// step every prompt's optimal value is estimated from 4 responses of the starting policy and
+/// kept in `optimal_values.json` (`V* = β₁·log mean exp(r/β₁)`, written out here); the
+/// prompts whose responses all scored 0 are never sampled; each response's advantage is its
+/// score less its prompt's `V*`, and the first pass's loss (policy = reference) is the mean
+/// squared advantage; a second pass over the same responses, after one step, has lowered
+/// it. A resumed run with other A*-PO options, and settings that break the regression, are
+/// refused in one line.
+#[test]
+fn a2po_regresses_on_the_optimal_advantage() {
+    let f = fixture();
+    let digits = digit_command();
+    let a2po = |name: &str, extra: &[&str]| {
+        let out = f.root.join(name);
+        let _ = std::fs::remove_dir_all(&out);
+        let base = [
+            "--reward-command",
+            &digits,
+            "--max-steps",
+            "1",
+            "--num-value-samples",
+            "4",
+        ];
+        let mut a = args(&out, &[&base[..], extra].concat());
+        a.advantage_estimator = "a2po".parse().unwrap();
+        a.num_generations = 1;
+        a.num_minibatches = 1;
+        a.kl_coef = 0.1;
+        (out, a)
+    };
+    let (out, a) = a2po("run-a2po", &["--sample-every", "1", "--num-samples", "8"]);
+    run(&a).unwrap();
+    let stored: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("optimal_values.json")).unwrap())
+            .unwrap();
+    let floats = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let rewards: Vec<Vec<f64>> = stored["rewards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    let v_star = floats(&stored["v_star"]);
+    assert_eq!((rewards.len(), v_star.len()), (16, 16));
+    let mut dropped = vec![];
+    for (p, r) in rewards.iter().enumerate() {
+        assert_eq!(r.len(), 4);
+        let want = 0.5 * (r.iter().map(|x| (x / 0.5).exp()).sum::<f64>() / 4.0).ln();
+        assert!(
+            (v_star[p] - want).abs() < 1e-9,
+            "prompt {p}: {} vs {want}",
+            v_star[p]
+        );
+        if r.iter().sum::<f64>() == 0.0 {
+            dropped.push(p as u64);
+        }
+    }
+    let all_incorrect: Vec<u64> = stored["all_incorrect"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(all_incorrect, dropped);
+    assert!(
+        !dropped.is_empty() && dropped.len() < 16,
+        "this seed's responses should leave some prompts all 0 and some not: {rewards:?}"
+    );
+    let samples = read_jsonl(&out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 8);
+    let prompt_of = |s: &Value| {
+        let text = s["prompt"].as_str().unwrap().trim_end().to_string();
+        (0..16)
+            .find(|p| text.ends_with(&format!("There are {} heads", p + 3)))
+            .unwrap_or_else(|| panic!("{text}"))
+    };
+    let (mut squares, mut advantages, mut values) = (0.0, 0.0, 0.0);
+    for s in &samples {
+        let p = prompt_of(s);
+        assert!(
+            !dropped.contains(&(p as u64)),
+            "prompt {p} was left out, yet sampled"
+        );
+        let (score, advantage) = (
+            s["score"].as_f64().unwrap(),
+            s["advantage"].as_f64().unwrap(),
+        );
+        assert!((advantage - (score - v_star[p])).abs() < 1e-5, "{s}");
+        squares += advantage * advantage / 8.0;
+        advantages += advantage / 8.0;
+        values += v_star[p] / 8.0;
+    }
+    let m = &metrics(&out)[0];
+    let close = |key: &str, want: f64, tol: f64| {
+        let got = m[key].as_f64().unwrap_or(f64::NAN);
+        assert!((got - want).abs() < tol, "{key}: {got} vs {want}: {m}");
+    };
+    close("loss/policy_avg", squares, 1e-5);
+    close("implicit_reward", 0.0, 1e-6);
+    close("advantage", advantages, 1e-5);
+    close("v_star", values, 1e-5);
+    close("beta", 0.1, 1e-12);
+    assert!(!out.join("final_value").exists());
+    // A second pass over the same responses, after one small step: the regression came
+    // closer (at --lr 1e-3 AdamW's first step overshoots on this tiny model).
+    let (twice, mut a) = a2po("run-a2po-twice", &[]);
+    a.optim.lr = 1e-5;
+    a.ppo_epochs = 2;
+    run(&a.clone()).unwrap();
+    let m = &metrics(&twice)[0];
+    let avg = m["loss/policy_avg"].as_f64().unwrap();
+    assert!(
+        avg < squares - 1e-6,
+        "{avg} vs the first pass's {squares}: {m}"
+    );
+    // The run's stored first stage is read back on --resume, with the options it was
+    // estimated with only.
+    a.run.resume = true;
+    a.run.max_steps = Some(2);
+    a.beta1 = 0.25;
+    let e = format!("{:#}", run(&a).unwrap_err());
+    assert!(
+        e.contains("optimal_values.json: estimated with --beta1 0.5"),
+        "{e}"
+    );
+    // One response per prompt, held to the reference by β > 0.
+    for what in [
+        "--num-generations 2",
+        "--kl-coef 0",
+        "--num-value-samples 0",
+    ] {
+        let (out, mut a) = a2po("run-a2po-refused", &[]);
+        match what {
+            "--num-generations 2" => a.num_generations = 2,
+            "--kl-coef 0" => a.kl_coef = 0.0,
+            _ => a.num_value_samples = 0,
+        }
+        let e = format!("{:#}", run(&a).unwrap_err());
+        let want = match what {
+            "--num-value-samples 0" => "--num-value-samples must be at least 1",
+            _ => "--advantage-estimator a2po regresses",
+        };
+        assert!(e.contains(want), "{what}: {e}");
+        assert!(!out.exists(), "{what}");
+    }
+}
+
 /// A reward program's answers may carry metrics (TRL's `log_metric`) and extra columns (TRL's
 /// `log_extra`): each metric is the mean of its values in an iteration (`eval/NAME` from an
 /// evaluation's), the columns go with the response into `samples.jsonl`. Every request line
@@ -732,7 +885,8 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
     let entropy =
         "--use-adaptive-entropy --entropy-coef 0.01 --entropy-coef-delta 0.01 --entropy-target 10";
     // And with DAPO's dynamic sampling, whose extra batches of prompts move the sampler;
-    // and online DPO, whose minibatches are shuffled a pair at a time.
+    // online DPO, whose minibatches are shuffled a pair at a time; and A*-PO, whose
+    // optimal values the resumed run reads back.
     let filter = "--filter-groups --max-num-gen-batches 0";
     for (tag, options) in [
         ("plain", ""),
@@ -740,6 +894,7 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
         ("entropy", entropy),
         ("filter", filter),
         ("online-dpo", "online-dpo"),
+        ("a2po", "a2po"),
     ] {
         let straight = f.root.join(format!("run-grpo-straight-{tag}"));
         let reward = TextRule(digit_share);
@@ -812,12 +967,13 @@ fn child_killed_grpo_run() {
 }
 
 /// A run of `killed_grpo_run_resumes…` (and of its child): 4 iterations, a checkpoint every
-/// 2, with `options`, or online DPO's estimator where they say `online-dpo` (whose
-/// settings the base options hold otherwise).
+/// 2, with `options`, or online DPO's or A*-PO's estimator where they say `online-dpo` or
+/// `a2po` (whose settings the base options hold otherwise).
 fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
     let online = options == "online-dpo";
+    let a2po = options == "a2po";
     let mut extra = vec!["--max-steps", "4", "--save-every", "2"];
-    if !online {
+    if !online && !a2po {
         extra.extend(options.split_whitespace());
     }
     if resume {
@@ -827,6 +983,13 @@ fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
     if online {
         a.advantage_estimator = "online-dpo".parse().unwrap();
         a.num_generations = 2;
+        a.kl_coef = 0.1;
+    }
+    if a2po {
+        // Its first stage's values are read back on --resume.
+        a.advantage_estimator = "a2po".parse().unwrap();
+        a.num_generations = 1;
+        a.num_value_samples = 2;
         a.kl_coef = 0.1;
     }
     a

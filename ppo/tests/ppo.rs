@@ -453,9 +453,19 @@ fn two_ranks_train_what_one_process_trains() {
         "--num-generations",
         "2",
     ];
-    let cases: [(&str, &[&str], Vec<&str>); 5] = [
+    // A*-PO, whose first stage samples every prompt's responses a share per rank.
+    let a2po: &[&str] = &[
+        "--rollout-batch-size",
+        "8",
+        "--advantage-estimator",
+        "a2po",
+        "--num-value-samples",
+        "2",
+    ];
+    let cases: [(&str, &[&str], Vec<&str>); 6] = [
         ("gae", gae, vec!["--zero-stage", "0"]),
         ("online-dpo", online_dpo, vec!["--zero-stage", "0"]),
+        ("a2po", a2po, vec!["--zero-stage", "0"]),
         (
             "gae",
             gae,
@@ -490,6 +500,27 @@ fn two_ranks_train_what_one_process_trains() {
             }
             let diff = rlhf_tests::max_weight_diff(&one.join(dir), &two.join(dir), head);
             assert!(diff < 1e-5, "{name} {dir}: two ranks differ by {diff:e}");
+        }
+        if label == "a2po" {
+            let v_star = |dir: &Path| -> Vec<f64> {
+                let text = std::fs::read_to_string(dir.join("optimal_values.json")).unwrap();
+                let v: Value = serde_json::from_str(&text).unwrap();
+                v["v_star"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            };
+            let (x, y) = (v_star(&one), v_star(&two));
+            assert!(
+                !x.is_empty() && x.len() == y.len(),
+                "{name}: {x:?} vs {y:?}"
+            );
+            assert!(
+                x.iter().zip(&y).all(|(x, y)| (x - y).abs() < 1e-4),
+                "{name}: optimal values {x:?} vs {y:?}"
+            );
         }
         let (a, b) = (metrics(&one), metrics(&two));
         assert_eq!(b.len(), 2, "{name}: each iteration once");
