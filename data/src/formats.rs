@@ -190,6 +190,11 @@ pub struct PreferenceExample {
     pub margin: Option<f64>,
     /// The row's `tools`, `documents` and `chat_template_kwargs`, for conversations.
     pub template: TemplateArgs,
+    /// The row's `reference` column: a gold completion (TRL's TPO triple-preference rows),
+    /// the NLL term of `dpo --tpo-alpha` trains on. Without a `prompt`, the prompt that
+    /// `chosen` and `rejected` share is cut from its start, as TRL's
+    /// `_extract_triple_prompt` does.
+    pub gold: Option<Content>,
 }
 
 fn messages(row: &Row, field: &str, value: &Value) -> Result<Vec<Message>> {
@@ -403,6 +408,34 @@ fn split_shared_prefix<T: PartialEq + Clone>(
     )
 }
 
+/// A row's gold completion (`reference`), the implicit `prompt` cut from its start when
+/// the row has none of its own (TRL's `_extract_triple_prompt`).
+fn gold(row: &Row, implicit: Option<&Content>) -> Result<Option<Content>> {
+    if !row.has("reference") {
+        return Ok(None);
+    }
+    let gold = content(row, "reference")?;
+    let Some(prompt) = implicit else {
+        return Ok(Some(gold));
+    };
+    let cut = match (prompt, &gold) {
+        (Content::Text(p), Content::Text(g)) => g
+            .strip_prefix(p.as_str())
+            .map(|g| Content::Text(g.to_string())),
+        (Content::Messages(p), Content::Messages(g)) if g.starts_with(p) => {
+            Some(Content::Messages(g[p.len()..].to_vec()))
+        }
+        _ => None,
+    };
+    match cut {
+        Some(gold) => Ok(Some(gold)),
+        None => Err(row.error(
+            Some("reference"),
+            "does not start with the prompt that 'chosen' and 'rejected' share: give the row a 'prompt', or start the gold completion with the same prompt",
+        )),
+    }
+}
+
 /// `{"chosen", "rejected"}` with the prompt inside both (Anthropic HH-RLHF's strings, or
 /// whole conversations): the shared prefix becomes the prompt.
 fn implicit_prompt(row: &Row) -> Result<(Content, Vec<Content>)> {
@@ -457,6 +490,7 @@ impl PreferenceExample {
             match implicit_prompt(row) {
                 Ok((prompt, responses)) if !row.has("prompt") || mixed => {
                     return Ok(PreferenceExample {
+                        gold: gold(row, Some(&prompt))?,
                         prompt,
                         responses,
                         margin: row.number("margin")?,
@@ -500,6 +534,7 @@ impl PreferenceExample {
             responses,
             margin: row.number("margin")?,
             template,
+            gold: gold(row, None)?,
         })
     }
 }
@@ -625,6 +660,46 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(&rows[0], SftExample::Messages { messages, .. } if messages.len() == 2));
+    }
+
+    /// A `reference` column is the row's gold completion (TPO's); without a `prompt` the
+    /// shared one is cut from it too (TRL's `_extract_triple_prompt`), and a gold that
+    /// does not start with it is refused naming the field.
+    #[test]
+    fn a_gold_completion_loses_the_implicit_prompt() {
+        let rows = read_one(
+            r#"{"prompt": "q ", "chosen": "a", "rejected": "b", "reference": "g"}"#,
+            PreferenceExample::decode,
+        )
+        .unwrap();
+        assert_eq!(rows[0].gold, Some(Content::Text("g".into())));
+        let rows = read_one(
+            r#"{"chosen": "Q: x A: yes", "rejected": "Q: x A: no", "reference": "Q: x A: yes indeed"}"#,
+            PreferenceExample::decode,
+        )
+        .unwrap();
+        assert_eq!(rows[0].prompt, Content::Text("Q: x A:".into()));
+        assert_eq!(rows[0].gold, Some(Content::Text(" yes indeed".into())));
+        let rows = read_one(
+            r#"{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}], "reference": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "g"}]}"#,
+            PreferenceExample::decode,
+        )
+        .unwrap();
+        let gold = Content::Messages(vec![Message::new("assistant", "g")]);
+        assert_eq!(rows[0].gold, Some(gold));
+        let e = err(read_one(
+            r#"{"chosen": "Q: x A: yes", "rejected": "Q: x A: no", "reference": "yes"}"#,
+            PreferenceExample::decode,
+        ));
+        assert!(
+            e.contains(":2: field 'reference': does not start with the prompt"),
+            "{e}"
+        );
+        let rows = read_one(
+            r#"{"prompt": "q", "chosen": "a", "rejected": "b"}"#,
+            PreferenceExample::decode,
+        );
+        assert_eq!(rows.unwrap()[0].gold, None);
     }
 
     /// TRL's `extract_prompt` on its own examples: HH-RLHF strings (the space before the

@@ -25,12 +25,19 @@ pub struct TokenizedPair {
     pub prompt: Vec<i64>,
     pub chosen: Vec<i64>,
     pub rejected: Vec<i64>,
+    /// The row's gold completion (`reference`, TPO's; empty without one).
+    pub gold: Vec<i64>,
 }
 
 impl TokenizedPair {
-    /// The longer of its two sequences.
+    /// The longest of its sequences.
     pub fn len(&self) -> usize {
-        self.prompt.len() + self.chosen.len().max(self.rejected.len())
+        self.prompt.len()
+            + self
+                .chosen
+                .len()
+                .max(self.rejected.len())
+                .max(self.gold.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -90,19 +97,28 @@ fn encode_row(
     Ok((tok.encode(&prompt, true)?, full))
 }
 
-/// Every pair of a ranking (best first), tokenized.
+/// Every pair of a ranking (best first), tokenized; each with the row's gold completion,
+/// whose start counts in where the completions start (TRL's TPO: the shortest common
+/// prefix of the prompt with the three sequences).
 pub fn tokenize(ex: &PreferenceExample, tok: &Tokenizer) -> Result<Vec<TokenizedPair>> {
-    let responses: Vec<&Content> = ex.responses.iter().collect();
-    let (prompt, full) = encode_row(tok, &ex.prompt, &responses, &ex.template)?;
+    let responses: Vec<&Content> = ex.responses.iter().chain(ex.gold.as_ref()).collect();
+    let (prompt, mut full) = encode_row(tok, &ex.prompt, &responses, &ex.template)?;
+    let gold = ex.gold.as_ref().and_then(|_| full.pop());
+    let gold_len = gold
+        .as_ref()
+        .map_or(usize::MAX, |g| common_prefix_length(&prompt, g));
     let mut pairs = vec![];
     for i in 0..full.len() {
         for j in i + 1..full.len() {
             let (c, r) = (&full[i], &full[j]);
-            let len = common_prefix_length(&prompt, c).min(common_prefix_length(&prompt, r));
+            let len = common_prefix_length(&prompt, c)
+                .min(common_prefix_length(&prompt, r))
+                .min(gold_len);
             pairs.push(TokenizedPair {
                 prompt: prompt[..len].to_vec(),
                 chosen: c[len..].to_vec(),
                 rejected: r[len..].to_vec(),
+                gold: gold.as_ref().map_or(vec![], |g| g[len..].to_vec()),
             });
         }
     }
@@ -139,6 +155,7 @@ pub fn truncate(mut pair: TokenizedPair, limits: PairLimits) -> Option<(Tokenize
     let room = limits.max_length - pair.prompt.len();
     pair.chosen.truncate(room);
     pair.rejected.truncate(room);
+    pair.gold.truncate(room);
     Some((pair, true))
 }
 
@@ -293,6 +310,7 @@ pub fn prepare_unpaired(
                 prompt: prompt.clone(),
                 chosen: completion.clone(),
                 rejected: mismatched.clone(),
+                gold: vec![],
             };
             if out.add(pair, limits, *origin) {
                 out.labels.push(*label);
@@ -335,6 +353,12 @@ pub fn collate_side(
     collate_rows(rows, pad_id, device)
 }
 
+/// `[B, T]`: each pair's `prompt + gold` (its row's gold completion), laid out as
+/// [`collate`] lays out each half.
+pub fn collate_gold(pairs: &[&TokenizedPair], pad_id: i64, device: Device) -> PairBatch {
+    collate_rows(pairs.iter().map(|&p| (p, &p.gold)), pad_id, device)
+}
+
 fn collate_rows<'a>(
     completions: impl Iterator<Item = (&'a TokenizedPair, &'a Vec<i64>)>,
     pad_id: i64,
@@ -366,6 +390,7 @@ mod tests {
             prompt: p.to_vec(),
             chosen: c.to_vec(),
             rejected: r.to_vec(),
+            gold: vec![],
         }
     }
 

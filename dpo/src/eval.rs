@@ -89,7 +89,12 @@ pub fn run(args: &EvalArgs) -> Result<Value> {
         truncation: args.truncation,
     };
     let unpaired = args.loss.unpaired().map(|_| args.batch_size);
-    let prepared = prepare_file(&args.data, &tok, limits, unpaired)?;
+    let prepared = prepare_file(
+        &args.data,
+        &tok,
+        limits,
+        (unpaired, args.loss.tpo_alpha != 0.0),
+    )?;
     let pairs: Vec<_> = prepared.pairs.iter().enumerate().collect();
     let shape = (args.batch_size, tok.pad_id);
     if unpaired.is_some() {

@@ -265,6 +265,7 @@ mod tests {
             f_alpha_divergence_coef: 0.5,
             ld_alpha: None,
             rpo_alpha: 0.0,
+            tpo_alpha: 0.0,
             reference_free: false,
             simpo_gamma: 0.5,
             alpha: 0.0,

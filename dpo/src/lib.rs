@@ -18,7 +18,7 @@ use common::models::adapter::{without_adapters, AdapterDir};
 use common::models::TokenSpec;
 use common::trainee::micro_batches;
 use common::{Head, Model, ModelOptions, Trainee};
-use data::pairs::{collate, PairBatch, TokenizedPair};
+use data::pairs::{collate, collate_gold, PairBatch, TokenizedPair};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -236,16 +236,33 @@ pub struct PairResult {
 }
 
 /// How [`run_pairs`] divides each micro-batch's loss before its backward pass: by the
-/// pairs and the chosen completion tokens of the whole step (all ranks).
+/// pairs, the chosen completion tokens and the gold ones of the whole step (all ranks).
 #[derive(Debug, Clone, Copy)]
 pub struct StepTotals {
     pub pairs: f64,
     pub chosen_tokens: f64,
+    pub gold_tokens: f64,
 }
 
-/// Chosen completion tokens that are scored (RPO's denominator).
-pub fn scored_chosen_tokens(pair: &TokenizedPair) -> usize {
-    pair.chosen.len() - usize::from(pair.prompt.is_empty() && !pair.chosen.is_empty())
+impl StepTotals {
+    /// The totals of `pairs` (this rank's of the step) over every rank of `world`.
+    pub fn of(pairs: &[(usize, &TokenizedPair)], world: &common::World) -> StepTotals {
+        let tokens = |side: fn(&TokenizedPair) -> &Vec<i64>| {
+            let local: usize = pairs.iter().map(|(_, p)| scored_tokens(p, side(p))).sum();
+            world.sum(local as f64)
+        };
+        StepTotals {
+            pairs: world.sum(pairs.len() as f64),
+            chosen_tokens: tokens(|p| &p.chosen),
+            gold_tokens: tokens(|p| &p.gold),
+        }
+    }
+}
+
+/// The tokens of `completion` (a completion of `pair`) that are scored: all but the first
+/// of a sequence without a prompt (RPO's and TPO's denominators).
+fn scored_tokens(pair: &TokenizedPair, completion: &[i64]) -> usize {
+    completion.len() - usize::from(pair.prompt.is_empty() && !completion.is_empty())
 }
 
 /// Forward (policy and reference), loss and metrics over `pairs` (with their indices) in
@@ -297,6 +314,11 @@ pub fn run_pairs(
             let ((sc, sr), (nc, nr)) = (halves(sums), halves(&scored.tokens));
             losses *= wpo_weights((&sc, &sr), (&nc, &nr));
         }
+        // TPO's gold completions, through the policy on their own.
+        let gold = (args.tpo_alpha != 0.0).then(|| {
+            let batch = collate_gold(&refs, pad_id, policy.device());
+            score(policy, &batch, (false, false), None)
+        });
         if let Some((totals, trainee)) = backward {
             let mut loss = losses.sum(Kind::Float) / totals.pairs.max(1.0);
             let nll_weight = args.nll_weight();
@@ -304,9 +326,21 @@ pub fn run_pairs(
                 let nll = -plain_chosen.sum(Kind::Float);
                 loss += nll * (nll_weight / totals.chosen_tokens.max(1.0));
             }
+            if let Some(gold) = &gold {
+                let nll = -gold.plain_logps.sum(Kind::Float);
+                loss += nll * (args.tpo_alpha / totals.gold_tokens.max(1.0));
+            }
             trainee.backward(&loss, last);
         }
         let mut s = Stats::of(args, &lp, &losses);
+        if let Some(gold) = &gold {
+            s.nll_logps_gold = gold
+                .plain_logps
+                .detach()
+                .sum(Kind::Double)
+                .double_value(&[]);
+            s.tokens_gold = gold.tokens.sum(Kind::Double).double_value(&[]);
+        }
         let (logits_c, logits_r) = halves(scored.logit_sums.as_ref().expect("asked for"));
         let (tokens_c, tokens_r) = halves(&scored.tokens);
         let total = |x: &Tensor| x.sum(Kind::Double).double_value(&[]);

@@ -227,6 +227,12 @@ pub struct LossArgs {
     /// --cpo-alpha (TRL's CPOTrainer's name for the same term).
     #[arg(long, visible_alias = "cpo-alpha", default_value_t = 0.0)]
     pub rpo_alpha: f64,
+    /// TPO (Saeidi et al. 2024; TRL's experimental TPOTrainer `tpo_alpha`): add α × the
+    /// mean NLL of each row's gold completion (its `reference` column) (0: off). TRL's TPO
+    /// is this with a reference-free loss: --reference-free --loss-type sigmoid (its
+    /// `sigmoid`), hinge or ipo, or --loss-type simpo (its `tpo-l`, γ = --simpo-gamma).
+    #[arg(long, default_value_t = 0.0)]
+    pub tpo_alpha: f64,
     /// No reference model: its log-probs count as 0, so the implicit reward is β·log π
     /// (TRL's former `reference_free`; `simpo` and `orpo` are reference-free always).
     #[arg(long)]
@@ -363,6 +369,14 @@ impl LossArgs {
                 "--ld-alpha must be in [0, 1]",
             ),
             (self.rpo_alpha >= 0.0, "--rpo-alpha must be ≥ 0"),
+            (
+                self.tpo_alpha >= 0.0 && self.tpo_alpha.is_finite(),
+                "--tpo-alpha must be ≥ 0",
+            ),
+            (
+                self.tpo_alpha == 0.0 || (self.unpaired().is_none() && !self.use_weighting),
+                "--tpo-alpha trains on the gold completions of preference pairs: not with kto or apo_zero_unpaired (unpaired rows have none), nor with --use-weighting (as the NLL term of --rpo-alpha)",
+            ),
             (
                 self.rpo_alpha == 0.0 || !has(LossType::Sft),
                 "--rpo-alpha and sft in --loss-type are the same term: give its weight once (--loss-weights)",
@@ -579,6 +593,9 @@ pub struct Stats {
     /// Σ of the chosen completions' log-probs, every token weighing 1 (RPO's NLL; the
     /// chosen log-probs themselves with --ld-alpha down-weight the tails).
     pub nll_logps_chosen: f64,
+    /// TPO's: Σ of the gold completions' log-probs, and their scored tokens.
+    pub nll_logps_gold: f64,
+    pub tokens_gold: f64,
     /// ORPO's Σ log σ(log odds ratio) and Σ log odds ratio (0 for other losses).
     pub log_odds_ratio: f64,
     pub log_odds_chosen: f64,
@@ -626,6 +643,8 @@ impl Stats {
         self.tokens_chosen += o.tokens_chosen;
         self.tokens_rejected += o.tokens_rejected;
         self.nll_logps_chosen += o.nll_logps_chosen;
+        self.nll_logps_gold += o.nll_logps_gold;
+        self.tokens_gold += o.tokens_gold;
         self.log_odds_ratio += o.log_odds_ratio;
         self.log_odds_chosen += o.log_odds_chosen;
     }
@@ -645,19 +664,30 @@ impl Stats {
             tokens_chosen: world.sum(self.tokens_chosen),
             tokens_rejected: world.sum(self.tokens_rejected),
             nll_logps_chosen: world.sum(self.nll_logps_chosen),
+            nll_logps_gold: world.sum(self.nll_logps_gold),
+            tokens_gold: world.sum(self.tokens_gold),
             log_odds_ratio: world.sum(self.log_odds_ratio),
             log_odds_chosen: world.sum(self.log_odds_chosen),
         }
     }
 
-    /// The whole loss: the mean pair loss plus `nll_weight` (RPO's α, or `sft`'s weight)
-    /// × the chosen tokens' mean NLL.
-    pub fn loss(&self, nll_weight: f64) -> f64 {
+    /// The whole loss: the mean pair loss plus the NLL terms, RPO's α (or `sft`'s weight)
+    /// × the chosen tokens' mean NLL and TPO's α × the gold tokens'.
+    pub fn loss(&self, args: &LossArgs) -> f64 {
         let mut loss = self.loss_sum / self.pairs.max(1.0);
+        let nll_weight = args.nll_weight();
         if nll_weight != 0.0 {
             loss += nll_weight * -self.nll_logps_chosen / self.tokens_chosen.max(1.0);
         }
+        if args.tpo_alpha != 0.0 {
+            loss += args.tpo_alpha * self.gold_nll();
+        }
         loss
+    }
+
+    /// The gold completions' mean NLL per token (TPO's term before its α).
+    fn gold_nll(&self) -> f64 {
+        -self.nll_logps_gold / self.tokens_gold.max(1.0)
     }
 
     /// `(name, value)` with TRL's names: `loss`, `rewards/chosen`, `rewards/rejected`,
@@ -668,7 +698,7 @@ impl Stats {
         let n = self.pairs.max(1.0);
         let nll_weight = args.nll_weight();
         let mut named = vec![
-            ("loss", self.loss(nll_weight)),
+            ("loss", self.loss(args)),
             ("rewards/chosen", self.rewards_chosen / n),
             ("rewards/rejected", self.rewards_rejected / n),
             ("rewards/accuracies", self.correct / n),
@@ -692,6 +722,9 @@ impl Stats {
                 "nll_loss",
                 -self.nll_logps_chosen / self.tokens_chosen.max(1.0),
             ));
+        }
+        if args.tpo_alpha != 0.0 {
+            named.push(("nll_loss/gold", self.gold_nll()));
         }
         if args.orpo() {
             named.push(("log_odds_ratio", self.log_odds_ratio / n));
@@ -717,6 +750,7 @@ mod tests {
             f_alpha_divergence_coef: 0.5,
             ld_alpha: None,
             rpo_alpha: 0.0,
+            tpo_alpha: 0.0,
             reference_free: false,
             simpo_gamma: 0.5,
             alpha: 0.0,

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::kto::{kl_estimate, run_unpaired};
 use crate::loss::{LossArgs, LossType};
-use crate::{run_pairs, scored_chosen_tokens, Reference, StepTotals, StoredRefLogps};
+use crate::{run_pairs, Reference, StepTotals, StoredRefLogps};
 
 /// Where `--precompute-ref-logprobs` keeps the reference's log-probs in the run.
 pub const REF_LOGPS: &str = "ref_logps.json";
@@ -95,10 +95,19 @@ pub fn prepare_file(
     path: &Path,
     tok: &Tokenizer,
     limits: PairLimits,
-    unpaired: Option<usize>,
+    (unpaired, gold): (Option<usize>, bool),
 ) -> Result<PreparedPairs> {
     let prepared = match unpaired {
-        None => prepare(&data::read_preferences(path)?, tok, limits)?,
+        None => {
+            let rows = data::read_preferences(path)?;
+            // --tpo-alpha: every row needs its gold completion.
+            if let Some(i) = rows.iter().position(|row| gold && row.gold.is_none()) {
+                return Err(rows
+                    .error(i, Some("reference"), "missing: --tpo-alpha trains on each row's gold completion (TPO's triple-preference rows: 'chosen', 'rejected' and 'reference')")
+                    .into());
+            }
+            prepare(&rows, tok, limits)?
+        }
         Some(chunk) => prepare_unpaired(&data::read_feedback(path)?, tok, limits, chunk)?,
     };
     if prepared.truncated + prepared.dropped > 0 {
@@ -148,12 +157,18 @@ fn read_inputs(args: &TrainArgs, world: &World) -> Result<(Model, Reference, Inp
         truncation: args.data.truncation,
     };
     let unpaired = args.loss.unpaired().map(|_| args.data.batch_size);
-    let train = prepare_file(args.data.single("dpo train")?, &tok, limits, unpaired)?;
+    let gold = args.loss.tpo_alpha != 0.0;
+    let train = prepare_file(
+        args.data.single("dpo train")?,
+        &tok,
+        limits,
+        (unpaired, gold),
+    )?;
     let eval = args
         .data
         .eval_data
         .as_deref()
-        .map(|p| prepare_file(p, &tok, limits, unpaired))
+        .map(|p| prepare_file(p, &tok, limits, (unpaired, gold)))
         .transpose()?;
     Ok((policy, reference, Inputs { tok, train, eval }))
 }
@@ -397,9 +412,8 @@ fn evaluate(
         return (s.loss(), None, s.named());
     }
     let s = run_pairs(model, reference, &pairs, shape, args, None).0;
-    let nll = args.nll_weight();
     (
-        s.loss(nll),
+        s.loss(args),
         Some(s.correct / s.pairs.max(1.0)),
         s.named(args),
     )
@@ -452,15 +466,7 @@ fn train_step(
         let stats = stats.summed(world);
         (stats.loss(), stats.named())
     } else {
-        let totals = StepTotals {
-            pairs: world.sum(pairs.len() as f64),
-            chosen_tokens: world.sum(
-                pairs
-                    .iter()
-                    .map(|(_, p)| scored_chosen_tokens(p))
-                    .sum::<usize>() as f64,
-            ),
-        };
+        let totals = StepTotals::of(&pairs, world);
         let (stats, _) = run_pairs(
             &trainee.model,
             data.reference,
@@ -470,8 +476,7 @@ fn train_step(
             Some((totals, trainee)),
         );
         let stats = stats.summed(world);
-        let nll = args.loss.nll_weight();
-        (stats.loss(nll), stats.named(&args.loss))
+        (stats.loss(&args.loss), stats.named(&args.loss))
     };
     let outcome = trainee.step(loss);
     let local_tokens: usize = pairs

@@ -902,6 +902,218 @@ fn killed_run_resumes_to_the_same_weights() {
     }
 }
 
+/// TPO (`--tpo-alpha`, TRL's experimental `TPOTrainer`): rows with a gold `reference`
+/// completion, with and without their own `prompt` (the shared one then cut from the gold
+/// too). `dpo eval` of each of TRL's four TPO losses — sigmoid with label smoothing, hinge,
+/// ipo (reference-free here) and tpo-l (`simpo` here) — equals TRL's own `compute_loss`
+/// on the same rows, tokenized and collated by TRL (`tests/python/tpo_reference.py`);
+/// training's first step, in two micro-batches, logs the loss of the whole batch (the gold
+/// NLL is the mean over the step's gold tokens), and the gold NLL falls as it trains.
+#[test]
+fn tpo_is_trls() {
+    let f = fixture();
+    let dir = f.root.join("tpo");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 8 rows of the digits preference with a gold answer; the same 4 with the prompt
+    // inside each completion.
+    let (text, _) = rows(3, 8);
+    let (mut explicit, mut implicit) = (String::new(), String::new());
+    for (i, line) in text.lines().enumerate() {
+        let mut row: Value = serde_json::from_str(line).unwrap();
+        let chosen = row["chosen"].as_str().unwrap().to_string();
+        row["reference"] = json!(format!("{}, all of them.", chosen.trim_end_matches('.')));
+        explicit.push_str(&format!("{row}\n"));
+        if i < 4 {
+            let prompt = row["prompt"].as_str().unwrap().to_string();
+            let whole = |key: &str| json!(format!("{prompt}{}", row[key].as_str().unwrap()));
+            let joined = json!({"chosen": whole("chosen"), "rejected": whole("rejected"),
+                "reference": whole("reference")});
+            implicit.push_str(&format!("{joined}\n"));
+        }
+    }
+    let (explicit_path, implicit_path) = (dir.join("explicit.jsonl"), dir.join("implicit.jsonl"));
+    std::fs::write(&explicit_path, explicit).unwrap();
+    std::fs::write(&implicit_path, implicit).unwrap();
+    let m = f.moved.to_str().unwrap();
+    // (TRL's loss_type, β, label smoothing, α, γ), and our options for it.
+    let configs: [(&str, f64, f64, f64, &[&str]); 4] = [
+        (
+            "sigmoid",
+            0.01,
+            0.1,
+            1.0,
+            &[
+                "--reference-free",
+                "--loss-type",
+                "sigmoid",
+                "--beta",
+                "0.01",
+                "--label-smoothing",
+                "0.1",
+                "--tpo-alpha",
+                "1",
+            ],
+        ),
+        (
+            "hinge",
+            0.01,
+            0.0,
+            1.0,
+            &[
+                "--reference-free",
+                "--loss-type",
+                "hinge",
+                "--beta",
+                "0.01",
+                "--tpo-alpha",
+                "1",
+            ],
+        ),
+        (
+            "ipo",
+            0.01,
+            0.0,
+            1.0,
+            &[
+                "--reference-free",
+                "--loss-type",
+                "ipo",
+                "--beta",
+                "0.01",
+                "--tpo-alpha",
+                "1",
+            ],
+        ),
+        (
+            "tpo-l",
+            2.0,
+            0.1,
+            0.5,
+            &[
+                "--loss-type",
+                "simpo",
+                "--beta",
+                "2",
+                "--label-smoothing",
+                "0.1",
+                "--simpo-gamma",
+                "0.5",
+                "--tpo-alpha",
+                "0.5",
+            ],
+        ),
+    ];
+    let trl_configs: Vec<Value> = configs
+        .iter()
+        .map(|(name, beta, ls, alpha, _)| json!([name, beta, ls, alpha, 0.5]))
+        .collect();
+    let files = format!("{},{}", explicit_path.display(), implicit_path.display());
+    let trl = run_python(
+        "tpo_reference.py",
+        &[
+            "--model",
+            m,
+            "--data",
+            &files,
+            "--configs",
+            &Value::from(trl_configs).to_string(),
+        ],
+    );
+    // `dpo eval` of `data` (one micro-batch), and a `dpo train` run on the explicit rows,
+    // with `options`.
+    let eval = |data: &Path, options: &[&str]| {
+        let data = data.to_str().unwrap();
+        let mut args = vec!["eval", "--model", m, "--data", data, "--batch-size", "8"];
+        args.extend_from_slice(options);
+        ok(&dpo(&args, &[]))
+    };
+    let train = |name: &str, options: &[&str]| {
+        let out = dir.join(name);
+        let (data, out_dir) = (explicit_path.to_str().unwrap(), out.to_str().unwrap());
+        let mut args = vec![
+            "train",
+            "--model",
+            m,
+            "--data",
+            data,
+            "--output-dir",
+            out_dir,
+        ];
+        args.extend([
+            "--overwrite",
+            "--lr",
+            "5e-4",
+            "--seed",
+            "7",
+            "--log-every",
+            "1",
+        ]);
+        args.extend_from_slice(options);
+        ok(&dpo(&args, &[]));
+        out
+    };
+    for (file, data) in [&explicit_path, &implicit_path].into_iter().enumerate() {
+        for (k, (name, _, _, _, options)) in configs.iter().enumerate() {
+            let ours = eval(data, options);
+            let want = &trl["files"][file]["configs"][k];
+            let close = |key: &str| {
+                let (x, y) = (ours[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+                assert!(
+                    (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                    "{} {name} {key}: ours {x}, TRL's {y}",
+                    data.display()
+                );
+            };
+            close("loss");
+            // TRL's TPO logs IPO's rewards on mean token log-probs; the reference-free ipo
+            // here logs β·log π, as DPO's reference-free losses do.
+            if *name != "ipo" {
+                close("rewards/chosen");
+                close("rewards/margins");
+            }
+        }
+    }
+    // Training: step 1 (two micro-batches of 4) logs the whole batch's loss, its gold NLL
+    // the mean over all 8 rows' gold tokens.
+    let options = configs[0].4;
+    let whole = eval(&explicit_path, options);
+    let split = ["--batch-size", "4", "--grad-accum", "2"];
+    let out = train(
+        "run",
+        &[&split[..], &["--max-steps", "4"], options].concat(),
+    );
+    let metrics = read_jsonl(&out.join("metrics.jsonl"));
+    let (first, last) = (&metrics[0], &metrics[3]);
+    let loss = first["train/loss"].as_f64().unwrap();
+    let want = whole["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want).abs() < 1e-5 * want.abs().max(1.0),
+        "{loss} vs {want}: {first}"
+    );
+    let gold = |m: &Value| m["nll_loss/gold"].as_f64().unwrap();
+    assert!(
+        (gold(first) - whole["nll_loss/gold"].as_f64().unwrap()).abs() < 1e-5,
+        "{first}"
+    );
+    assert!(
+        gold(last) < gold(first) - 0.1,
+        "the gold NLL did not fall: {first} then {last}"
+    );
+    // One step in two micro-batches trains what one micro-batch of 8 trains: each weighs
+    // its gold tokens' share of the step's.
+    let one_step = |name: &str, shape: &[&str]| {
+        train(name, &[shape, &["--max-steps", "1"], options].concat()).join("final")
+    };
+    let split = one_step("split", &split);
+    let whole = one_step("whole", &["--batch-size", "8", "--grad-accum", "1"]);
+    let diff = max_weight_diff(&split, &whole, Head::Lm);
+    // (AdamW's first step is about --lr × the gradient's sign: summation-order noise on
+    // gradients near 0 moves a weight by up to ~1e-6; weighing each micro-batch's gold
+    // tokens on their own, 1e-3.)
+    assert!(diff < 1e-5, "split step differs by {diff:e}");
+    assert!(max_weight_diff(&split, &f.moved, Head::Lm) > 1e-4);
+}
+
 /// Bad options and data: exit ≠ 0, one line naming the option or the file and line, no
 /// run directory.
 #[test]
@@ -936,7 +1148,18 @@ fn bad_inputs_are_refused_with_one_line() {
         with_data(&label, &["--loss-type", "kto"]),
         with_data(&f.train, &["--loss-type", "kto", "--batch-size", "1"]),
     );
-    let cases: [(Vec<&str>, String); 13] = [
+    let cases: [(Vec<&str>, String); 15] = [
+        (
+            train_with(&["--tpo-alpha", "1", "--reference-free"]),
+            format!(
+                "{}:1: field 'reference': missing: --tpo-alpha trains on each row's gold completion",
+                f.train.display()
+            ),
+        ),
+        (
+            train_with(&["--tpo-alpha", "1", "--loss-type", "kto"]),
+            "--tpo-alpha trains on the gold completions of preference pairs: not with kto".into(),
+        ),
         (
             label_args.iter().map(String::as_str).collect(),
             format!("{}:1: field 'label': expected true or false", label.display()),
