@@ -9,12 +9,17 @@
 //! (`--lmbda`, drawn once per step from the run's seed) the student's own samples of each
 //! row's prompt (on-policy); otherwise the data's completions, or with `--seq-kd` the
 //! teacher's samples (sequence-level KD).
+//!
+//! With `--distillation-objective iw_opd` the per-token loss is IW-OPD's instead (Xie et al.
+//! 2026, "On the Position Bias of On-Policy Distillation", TRL's experimental
+//! `IWOPDTrainer`): on the completion's own tokens only, see [`iw_opd`].
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use common::generate::{generate_rows, SamplingConfig};
+use common::models::TokenSpec;
 use common::rng::derived_seed;
 use common::{Head, Model, ModelOptions};
 use data::prompts::collate_left;
@@ -52,6 +57,31 @@ pub struct DistillArgs {
     /// Longest sample, in tokens (TRL's `max_new_tokens`).
     #[arg(long, default_value_t = 128, requires = "teacher_model")]
     pub max_new_tokens: usize,
+    /// The loss (TRL's `distillation_objective`): jsd (GKD's generalized JSD over the
+    /// vocabulary, with --beta) or iw_opd (IW-OPD's sampled-token loss: each completion
+    /// token's log-prob times the teacher's log-prob less the student's, weighted towards
+    /// the early tokens by --iw-opd-gamma; log-probs at --temperature).
+    #[arg(long, value_enum, default_value = "jsd", requires = "teacher_model")]
+    pub distillation_objective: Objective,
+    /// IW-OPD's γ ≥ 0: a token weighs 1 + γ·(1 − the share of its row's |advantage| before
+    /// it), so the first weighs 1 + γ and the last about 1 (TRL's `iw_opd_gamma`).
+    #[arg(long, default_value_t = 0.5, requires = "teacher_model")]
+    pub iw_opd_gamma: f64,
+    /// IW-OPD: the least total |advantage| a row's weights are normalised by (TRL's
+    /// `iw_opd_epsilon`).
+    #[arg(long, default_value_t = 1e-8, requires = "teacher_model")]
+    pub iw_opd_epsilon: f64,
+}
+
+/// `--distillation-objective`, under TRL's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// The generalized JSD over the vocabulary (GKD's).
+    Jsd,
+    /// IW-OPD's importance-weighted sampled-token objective.
+    #[value(name = "iw_opd", alias = "iw-opd")]
+    IwOpd,
 }
 
 impl DistillArgs {
@@ -70,6 +100,14 @@ impl DistillArgs {
                 self.max_new_tokens > 0,
                 "--max-new-tokens must be at least 1",
             ),
+            (
+                self.iw_opd_gamma >= 0.0 && self.iw_opd_gamma.is_finite(),
+                "--iw-opd-gamma must be ≥ 0",
+            ),
+            (
+                self.iw_opd_epsilon > 0.0 && self.iw_opd_epsilon.is_finite(),
+                "--iw-opd-epsilon must be > 0",
+            ),
         ])?;
         Ok(())
     }
@@ -78,6 +116,62 @@ impl DistillArgs {
     pub fn samples(&self) -> bool {
         self.lmbda > 0.0 || self.seq_kd
     }
+}
+
+/// The per-token loss `[B, T − 1]` of `batch` (0 off the completion tokens), with the
+/// student's gradient: `--distillation-objective`'s.
+pub fn token_loss(
+    student: &Model,
+    teacher: &Model,
+    batch: &SftBatch,
+    args: &DistillArgs,
+) -> Tensor {
+    match args.distillation_objective {
+        Objective::Jsd => token_jsd(student, teacher, batch, args.beta),
+        Objective::IwOpd => {
+            let t = batch.input_ids.size()[1];
+            let targets = batch.input_ids.narrow(1, 1, t - 1);
+            let spec = TokenSpec {
+                temperature: args.temperature,
+                ..TokenSpec::default()
+            };
+            let logprobs = |m: &Model| {
+                m.token_outputs(&batch_hidden(m, batch), &targets, spec)
+                    .logprobs
+            };
+            let student_lp = logprobs(student);
+            let teacher_lp = tch::no_grad(|| logprobs(teacher));
+            let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+            iw_opd(
+                &student_lp,
+                &teacher_lp,
+                &mask,
+                (args.iw_opd_gamma, args.iw_opd_epsilon),
+            )
+        }
+    }
+}
+
+/// IW-OPD's per-token loss `[B, N]` (TRL's `IWOPDTrainer._compute_iw_opd_loss`): with the
+/// advantage a_t = log π_teacher(x_t) − log π_student(x_t) (no gradient) on each `mask`ed
+/// token x_t of a row, and P_t the sum of |a| over the row's tokens before t,
+/// `−log π_student(x_t) · w_t · a_t` with `w_t = 1 + γ·(1 − P_t / max(Σ|a|, ε))`: the
+/// prefix-discrepancy weight that favours the early tokens, whose teacher signal has not yet
+/// drifted.
+pub fn iw_opd(
+    student: &Tensor,
+    teacher: &Tensor,
+    mask: &Tensor,
+    (gamma, eps): (f64, f64),
+) -> Tensor {
+    let advantage = (teacher - student.detach()) * mask;
+    let abs = advantage.abs();
+    let before = abs.cumsum(1, Kind::Float) - &abs;
+    let total = abs
+        .sum_dim_intlist([1].as_slice(), true, Kind::Float)
+        .clamp_min(eps);
+    let weights = (-(before / total) + 1.0) * gamma + 1.0;
+    -(student * weights * advantage) * mask
 }
 
 /// The per-token generalized JSD `[B, T − 1]` of `batch` (0 off the completion tokens):
@@ -230,6 +324,45 @@ mod tests {
         assert_eq!(prompt_length(&row(&[0, 0])), None);
     }
 
+    /// IW-OPD's loss and gradient against `_compute_iw_opd_loss` written as a loop over
+    /// each row's tokens, with a masked prompt position and padding.
+    #[test]
+    fn iw_opd_weighs_early_tokens_by_the_discrepancy_after_them() {
+        let student = [[-9.0f32, -1.0, -2.0, -0.5], [-9.0, -0.3, -1.5, -9.0]];
+        let teacher = [[-1.0f32, -0.5, -3.0, -0.1], [-2.0, -1.3, -0.5, -4.0]];
+        let mask = [[0f32, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]];
+        let t = |x: &[[f32; 4]; 2]| Tensor::from_slice2(x);
+        let (gamma, eps) = (0.5, 1e-8);
+        let lp = t(&student).set_requires_grad(true);
+        let loss = iw_opd(&lp, &t(&teacher), &t(&mask), (gamma, eps));
+        loss.sum(Kind::Float).backward();
+        let (got, grad) = (
+            Vec::<Vec<f32>>::try_from(&loss.detach()).unwrap(),
+            Vec::<Vec<f32>>::try_from(&lp.grad()).unwrap(),
+        );
+        for r in 0..2 {
+            let a: Vec<f64> = (0..4)
+                .map(|i| f64::from((teacher[r][i] - student[r][i]) * mask[r][i]))
+                .collect();
+            let total = a.iter().map(|x| x.abs()).sum::<f64>().max(eps);
+            let mut before = 0.0;
+            for i in 0..4 {
+                let w = 1.0 + gamma * (1.0 - before / total);
+                before += a[i].abs();
+                let m = f64::from(mask[r][i]);
+                let want = -f64::from(student[r][i]) * w * a[i] * m;
+                assert!((f64::from(got[r][i]) - want).abs() < 1e-5, "{r} {i}");
+                assert!(
+                    (f64::from(grad[r][i]) + w * a[i] * m).abs() < 1e-5,
+                    "{r} {i}"
+                );
+            }
+        }
+        // The first completion token weighs 1 + γ.
+        let a = f64::from(teacher[0][1] - student[0][1]);
+        assert!((f64::from(got[0][1]) + f64::from(student[0][1]) * 1.5 * a).abs() < 1e-5);
+    }
+
     /// λ's draw: never on-policy at 0, always at 1, about λ of the steps between; the
     /// others are the teacher's with --seq-kd.
     #[test]
@@ -241,6 +374,9 @@ mod tests {
             seq_kd,
             temperature: 0.9,
             max_new_tokens: 8,
+            distillation_objective: Objective::Jsd,
+            iw_opd_gamma: 0.5,
+            iw_opd_epsilon: 1e-8,
         };
         let count = |a: &DistillArgs, c: Completions| {
             (0..1000)

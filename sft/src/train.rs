@@ -330,7 +330,7 @@ fn accumulate(
     trainee: &Trainee,
     rows: &[&TokenizedSft],
     (batch_size, pad_id): (usize, i64),
-    (loss_type, teacher): (SftLoss, Option<(&Model, f64)>),
+    (loss_type, teacher): (SftLoss, Option<(&Model, &DistillArgs)>),
     world: &World,
     row_nll: bool,
 ) -> (f64, i64, Vec<f64>) {
@@ -344,7 +344,7 @@ fn accumulate(
     for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let nll = match teacher {
-            Some((teacher, beta)) => distill::token_jsd(model, teacher, &batch, beta),
+            Some((teacher, distill)) => distill::token_loss(model, teacher, &batch, distill),
             None => loss_type.per_token(&token_nll(model, &batch).0),
         };
         if row_nll {
@@ -541,7 +541,7 @@ fn train_step(
     if let Some(sampled) = &sampled {
         rows = sampled.iter().collect();
     }
-    let teacher = batch.teacher.map(|t| (&t.model, args.distill.beta));
+    let teacher = batch.teacher.map(|t| (&t.model, &args.distill));
     let (loss, tokens, per_row) = accumulate(
         trainee,
         &rows,

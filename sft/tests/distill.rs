@@ -86,7 +86,9 @@ fn distill(student: &Path, teacher: &Path, out: &Path, extra: &[&str]) -> Vec<Va
 
 /// Step 1's loss over all 24 rows (one batch, the data's completions: `--lmbda 0`) is
 /// TRL's `generalized_jsd_loss` of the student and the teacher computed by `transformers`
-/// on the same tokens (1e-4), at β = 0 (forward KL), 0.5 and 1 (reverse KL).
+/// on the same tokens (1e-4), at β = 0 (forward KL), 0.5 and 1 (reverse KL); and with
+/// `--distillation-objective iw_opd`, TRL's own `IWOPDTrainer._compute_iw_opd_loss` at
+/// γ 0.5 and temperature 1 (its defaults) and at γ 2 and temperature 0.7.
 #[test]
 fn the_loss_is_trls_generalized_jsd() {
     let f = fixture();
@@ -119,29 +121,50 @@ fn the_loss_is_trls_generalized_jsd() {
             rows_path.to_str().unwrap(),
             "--betas",
             &betas.join(","),
+            "--iw-opd",
+            "0.5:1,2:0.7",
         ],
     );
-    for (beta, want) in betas.iter().zip(expected["losses"].as_array().unwrap()) {
-        let out = f.root.join(format!("jsd-{beta}"));
+    // Step 1 on the data's completions, all 24 rows in one batch, with `options`.
+    let first_loss = |name: String, options: &[&str]| {
+        let step = ["--lmbda", "0", "--batch-size", "24", "--max-steps", "1"];
         let m = distill(
             &f.model,
             &f.noisy,
-            &out,
-            &[
-                "--beta",
-                beta,
-                "--lmbda",
-                "0",
-                "--batch-size",
-                "24",
-                "--max-steps",
-                "1",
-            ],
+            &f.root.join(name),
+            &[options, &step].concat(),
         );
-        let (got, want) = (m[0]["train/loss"].as_f64().unwrap(), want.as_f64().unwrap());
+        assert_eq!(m[0]["train/on_policy"].as_f64(), Some(0.0));
+        m[0]["train/loss"].as_f64().unwrap()
+    };
+    for (beta, want) in betas.iter().zip(expected["losses"].as_array().unwrap()) {
+        let (got, want) = (
+            first_loss(format!("jsd-{beta}"), &["--beta", beta]),
+            want.as_f64().unwrap(),
+        );
         assert!(want > 1e-3, "β {beta}: the teacher hardly differs ({want})");
         assert!((got - want).abs() < 1e-4, "β {beta}: {got} vs {want}");
-        assert_eq!(m[0]["train/on_policy"].as_f64(), Some(0.0));
+    }
+    let iw_opd = expected["iw_opd"].as_array().unwrap();
+    for ((gamma, temperature), want) in [("0.5", "1"), ("2", "0.7")].into_iter().zip(iw_opd) {
+        let options = [
+            "--distillation-objective",
+            "iw_opd",
+            "--iw-opd-gamma",
+            gamma,
+            "--temperature",
+            temperature,
+        ];
+        let got = first_loss(format!("iw-opd-{gamma}"), &options);
+        let want = want.as_f64().unwrap();
+        assert!(
+            want.abs() > 1e-3,
+            "γ {gamma}: the teacher hardly differs ({want})"
+        );
+        assert!(
+            (got - want).abs() < 1e-4 * want.abs().max(1.0),
+            "IW-OPD γ {gamma}, temperature {temperature}: {got} vs {want}"
+        );
     }
 }
 
@@ -241,6 +264,23 @@ fn on_policy_steps_sample_the_student_and_resume_exactly() {
         diff > 1e-5,
         "the teacher's samples trained as the data: {diff:e}"
     );
+    // IW-OPD on the student's samples: the same samples at step 1 (the same seed), another
+    // objective, other weights.
+    let iw_opd = f.root.join("on-policy-iw-opd");
+    let objective = ["--distillation-objective", "iw_opd"];
+    let m = distill(
+        &f.model,
+        &f.noisy,
+        &iw_opd,
+        &[&common[..], &objective].concat(),
+    );
+    assert!(m.iter().all(|r| r["train/on_policy"].as_f64() == Some(1.0)));
+    assert!(m
+        .iter()
+        .all(|r| r["train/loss"].as_f64().is_some_and(f64::is_finite)));
+    let diff =
+        rlhf_tests::max_weight_diff(&straight.join("final"), &iw_opd.join("final"), Head::Lm);
+    assert!(diff > 1e-5, "IW-OPD trained as GKD's JSD: {diff:e}");
 }
 
 /// Data parallel: two torchrun ranks of 4 rows, each sampling its rows with the numbers

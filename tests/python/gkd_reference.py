@@ -8,9 +8,19 @@
         GKDTrainer.compute_loss shifts them), averaged over those tokens; one JSON document
         {"losses": [...]} in the order of --betas.
 
+    gkd_reference.py ... --iw-opd 0.5:1.0,2:0.9
+        also, for each γ:temperature, TRL's own IWOPDTrainer._compute_iw_opd_loss (the
+        sampled-token IW-OPD loss, the row's tokens its samples) summed over every row's
+        completion tokens and divided by their number: {"losses": [...], "iw_opd": [...]}.
+
 Each row is run alone (no padding). The divergence is copied from generalized_jsd_loss
 (F.kl_div with log targets; the mixture by logsumexp).
 """
+import os
+from collections import defaultdict
+from types import SimpleNamespace
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import argparse
 import json
 
@@ -47,6 +57,7 @@ def main():
     ap.add_argument("--teacher")
     ap.add_argument("--rows")
     ap.add_argument("--betas", default="0.5")
+    ap.add_argument("--iw-opd", default="")
     a = ap.parse_args()
     student = tf.AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32).eval()
     teacher = tf.AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).eval()
@@ -66,7 +77,42 @@ def main():
             total += jsd.item()
             tokens += n.item()
         losses.append(total / max(tokens, 1))
-    print(json.dumps({"losses": losses}))
+    out = {"losses": losses}
+    if a.iw_opd:
+        out["iw_opd"] = [iw_opd_loss(student, teacher, rows, c) for c in a.iw_opd.split(",")]
+    print(json.dumps(out))
+
+
+def iw_opd_loss(student, teacher, rows, config):
+    """TRL's IWOPDTrainer._compute_iw_opd_loss over every row, at γ:temperature."""
+    from trl.experimental.iw_opd import IWOPDTrainer
+
+    gamma, temperature = (float(x) for x in config.split(":"))
+    trainer = SimpleNamespace(
+        temperature=temperature,
+        iw_opd_gamma=gamma,
+        iw_opd_epsilon=1e-8,
+        model=SimpleNamespace(training=True),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+    total, tokens = 0.0, 0
+    for row in rows:
+        ids = torch.tensor([row["ids"]])
+        labels = torch.tensor([[t if m else -100 for t, m in zip(row["ids"], row["mask"])]])[:, 1:]
+        completion = ids[:, 1:]
+        teacher_lp = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float() / temperature, dim=-1)
+        teacher_lp = teacher_lp.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        loss_sum = IWOPDTrainer._compute_iw_opd_loss(
+            trainer,
+            student_logits=student(input_ids=ids).logits[:, :-1].float(),
+            completion_tokens=completion,
+            labels=labels,
+            teacher_actual_logprobs=teacher_lp,
+            num_items_in_batch=1,
+        )
+        total += loss_sum.item()
+        tokens += int((labels != -100).sum())
+    return total / max(tokens, 1)
 
 
 if __name__ == "__main__":
