@@ -118,16 +118,77 @@ impl DistillArgs {
     }
 }
 
+/// What IW-OPD logs of a step (TRL's `iw_opd/*`): sums over the completion tokens of the
+/// weighted advantage w·a, of |a| and of the weight w, their count, and the least and
+/// greatest weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IwOpdStats {
+    pub advantage: f64,
+    pub abs_advantage: f64,
+    pub weight: f64,
+    pub tokens: f64,
+    pub min_weight: f64,
+    pub max_weight: f64,
+}
+
+impl Default for IwOpdStats {
+    /// No token.
+    fn default() -> Self {
+        IwOpdStats {
+            advantage: 0.0,
+            abs_advantage: 0.0,
+            weight: 0.0,
+            tokens: 0.0,
+            min_weight: f64::INFINITY,
+            max_weight: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl IwOpdStats {
+    /// Both's sums, and their extremes.
+    pub fn merge(self, o: IwOpdStats) -> IwOpdStats {
+        IwOpdStats {
+            advantage: self.advantage + o.advantage,
+            abs_advantage: self.abs_advantage + o.abs_advantage,
+            weight: self.weight + o.weight,
+            tokens: self.tokens + o.tokens,
+            min_weight: self.min_weight.min(o.min_weight),
+            max_weight: self.max_weight.max(o.max_weight),
+        }
+    }
+
+    /// TRL's `iw_opd/mean_advantage`, `mean_abs_advantage`, `mean_weight`, `min_weight`
+    /// and `max_weight` over every rank's tokens of the step (TRL averages its micro-
+    /// batches' means).
+    pub fn scalars(&self, world: &common::World) -> Vec<(String, f64)> {
+        let [advantage, abs_advantage, weight, tokens] =
+            world.sums([self.advantage, self.abs_advantage, self.weight, self.tokens]);
+        let (lo, hi) = world.min_max((self.min_weight, self.max_weight));
+        let n = tokens.max(1.0);
+        [
+            ("mean_advantage", advantage / n),
+            ("mean_abs_advantage", abs_advantage / n),
+            ("mean_weight", weight / n),
+            ("min_weight", lo),
+            ("max_weight", hi),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("iw_opd/{k}"), v))
+        .collect()
+    }
+}
+
 /// The per-token loss `[B, T − 1]` of `batch` (0 off the completion tokens), with the
-/// student's gradient: `--distillation-objective`'s.
+/// student's gradient: `--distillation-objective`'s; with IW-OPD, what it logs.
 pub fn token_loss(
     student: &Model,
     teacher: &Model,
     batch: &SftBatch,
     args: &DistillArgs,
-) -> Tensor {
+) -> (Tensor, Option<IwOpdStats>) {
     match args.distillation_objective {
-        Objective::Jsd => token_jsd(student, teacher, batch, args.beta),
+        Objective::Jsd => (token_jsd(student, teacher, batch, args.beta), None),
         Objective::IwOpd => {
             let t = batch.input_ids.size()[1];
             let targets = batch.input_ids.narrow(1, 1, t - 1);
@@ -142,12 +203,13 @@ pub fn token_loss(
             let student_lp = logprobs(student);
             let teacher_lp = tch::no_grad(|| logprobs(teacher));
             let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
-            iw_opd(
+            let (loss, stats) = iw_opd(
                 &student_lp,
                 &teacher_lp,
                 &mask,
                 (args.iw_opd_gamma, args.iw_opd_epsilon),
-            )
+            );
+            (loss, Some(stats))
         }
     }
 }
@@ -163,7 +225,7 @@ pub fn iw_opd(
     teacher: &Tensor,
     mask: &Tensor,
     (gamma, eps): (f64, f64),
-) -> Tensor {
+) -> (Tensor, IwOpdStats) {
     let advantage = (teacher - student.detach()) * mask;
     let abs = advantage.abs();
     let before = abs.cumsum(1, Kind::Float) - &abs;
@@ -171,7 +233,24 @@ pub fn iw_opd(
         .sum_dim_intlist([1].as_slice(), true, Kind::Float)
         .clamp_min(eps);
     let weights = (-(before / total) + 1.0) * gamma + 1.0;
-    -(student * weights * advantage) * mask
+    let weighted = &weights * &advantage;
+    let loss = -(student * &weighted) * mask;
+    let sum = |t: &Tensor| (t * mask).sum(Kind::Double).double_value(&[]);
+    let real = mask.to_kind(Kind::Bool);
+    let w = weights.masked_select(&real);
+    let (lo, hi) = match w.numel() {
+        0 => (f64::INFINITY, f64::NEG_INFINITY),
+        _ => (w.min().double_value(&[]), w.max().double_value(&[])),
+    };
+    let stats = IwOpdStats {
+        advantage: sum(&weighted),
+        abs_advantage: sum(&abs),
+        weight: sum(&weights),
+        tokens: mask.sum(Kind::Double).double_value(&[]),
+        min_weight: lo,
+        max_weight: hi,
+    };
+    (loss, stats)
 }
 
 /// The per-token generalized JSD `[B, T − 1]` of `batch` (0 off the completion tokens):
@@ -334,7 +413,7 @@ mod tests {
         let t = |x: &[[f32; 4]; 2]| Tensor::from_slice2(x);
         let (gamma, eps) = (0.5, 1e-8);
         let lp = t(&student).set_requires_grad(true);
-        let loss = iw_opd(&lp, &t(&teacher), &t(&mask), (gamma, eps));
+        let (loss, stats) = iw_opd(&lp, &t(&teacher), &t(&mask), (gamma, eps));
         loss.sum(Kind::Float).backward();
         let (got, grad) = (
             Vec::<Vec<f32>>::try_from(&loss.detach()).unwrap(),
@@ -358,6 +437,13 @@ mod tests {
                 );
             }
         }
+        // What is logged: 5 tokens, the first of each row weighing 1 + γ.
+        assert_eq!(stats.tokens, 5.0);
+        assert!((stats.max_weight - 1.5).abs() < 1e-6, "{stats:?}");
+        assert!(
+            stats.min_weight > 1.0 && stats.min_weight < 1.5,
+            "{stats:?}"
+        );
         // The first completion token weighs 1 + γ.
         let a = f64::from(teacher[0][1] - student[0][1]);
         assert!((f64::from(got[0][1]) + f64::from(student[0][1]) * 1.5 * a).abs() < 1e-5);

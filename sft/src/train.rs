@@ -324,8 +324,9 @@ fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> f
 
 /// Forward and backward over this rank's rows of one step, in micro-batches; the loss is
 /// divided by the target tokens of the whole step on every rank, so it is the same
-/// whatever the split. Returns the step's loss, the tokens seen here, and (with
-/// `row_nll`, for a mixture's per-dataset losses) each row's summed loss (`loss_type`'s).
+/// whatever the split. Returns the step's loss, the tokens seen here, (with `row_nll`, for
+/// a mixture's per-dataset losses) each row's summed loss (`loss_type`'s), and what IW-OPD
+/// logs of this rank's tokens.
 fn accumulate(
     trainee: &Trainee,
     rows: &[&TokenizedSft],
@@ -333,18 +334,23 @@ fn accumulate(
     (loss_type, teacher): (SftLoss, Option<(&Model, &DistillArgs)>),
     world: &World,
     row_nll: bool,
-) -> (f64, i64, Vec<f64>) {
+) -> (f64, i64, Vec<f64>, distill::IwOpdStats) {
     let local_targets: i64 = rows
         .iter()
         .map(|r| r.loss_mask[1..].iter().sum::<i64>())
         .sum();
     let targets = world.sum(local_targets as f64).max(1.0);
     let (mut loss_value, mut tokens, mut per_row) = (0.0, 0i64, vec![]);
+    let mut iw_opd = distill::IwOpdStats::default();
     let model = &trainee.model;
     for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let nll = match teacher {
-            Some((teacher, distill)) => distill::token_loss(model, teacher, &batch, distill),
+            Some((teacher, distill)) => {
+                let (loss, stats) = distill::token_loss(model, teacher, &batch, distill);
+                iw_opd = stats.map_or(iw_opd, |s| iw_opd.merge(s));
+                loss
+            }
             None => loss_type.per_token(&token_nll(model, &batch).0),
         };
         if row_nll {
@@ -359,7 +365,7 @@ fn accumulate(
         loss_value += loss.double_value(&[]);
         tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
     }
-    (world.sum(loss_value), tokens, per_row)
+    (world.sum(loss_value), tokens, per_row, iw_opd)
 }
 
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
@@ -542,7 +548,7 @@ fn train_step(
         rows = sampled.iter().collect();
     }
     let teacher = batch.teacher.map(|t| (&t.model, &args.distill));
-    let (loss, tokens, per_row) = accumulate(
+    let (loss, tokens, per_row, iw_opd) = accumulate(
         trainee,
         &rows,
         (args.data.batch_size, batch.pad_id),
@@ -556,6 +562,12 @@ fn train_step(
         batch.rows.loss_by_dataset(mine, &per_row, world)
     } else {
         vec![]
+    };
+    // IW-OPD's statistics over every rank (each takes part, with tokens of its own or not).
+    let iw_opd_objective = args.distill.distillation_objective == distill::Objective::IwOpd;
+    let iw_opd_scalars = match batch.teacher.is_some() && iw_opd_objective {
+        true => iw_opd.scalars(world),
+        false => vec![],
     };
     session.finish_step(&outcome, loss, batch.order.position())?;
     let mut scalars: Vec<(String, f64)> = vec![
@@ -578,6 +590,7 @@ fn train_step(
             f64::from(u8::from(from == Completions::Student)),
         ));
     }
+    scalars.extend(iw_opd_scalars);
     Ok(scalars)
 }
 

@@ -125,8 +125,8 @@ fn the_loss_is_trls_generalized_jsd() {
             "0.5:1,2:0.7",
         ],
     );
-    // Step 1 on the data's completions, all 24 rows in one batch, with `options`.
-    let first_loss = |name: String, options: &[&str]| {
+    // Step 1's metrics on the data's completions, all 24 rows in one batch, with `options`.
+    let first_step = |name: String, options: &[&str]| {
         let step = ["--lmbda", "0", "--batch-size", "24", "--max-steps", "1"];
         let m = distill(
             &f.model,
@@ -135,13 +135,11 @@ fn the_loss_is_trls_generalized_jsd() {
             &[options, &step].concat(),
         );
         assert_eq!(m[0]["train/on_policy"].as_f64(), Some(0.0));
-        m[0]["train/loss"].as_f64().unwrap()
+        m[0].clone()
     };
     for (beta, want) in betas.iter().zip(expected["losses"].as_array().unwrap()) {
-        let (got, want) = (
-            first_loss(format!("jsd-{beta}"), &["--beta", beta]),
-            want.as_f64().unwrap(),
-        );
+        let m = first_step(format!("jsd-{beta}"), &["--beta", beta]);
+        let (got, want) = (m["train/loss"].as_f64().unwrap(), want.as_f64().unwrap());
         assert!(want > 1e-3, "β {beta}: the teacher hardly differs ({want})");
         assert!((got - want).abs() < 1e-4, "β {beta}: {got} vs {want}");
     }
@@ -155,16 +153,26 @@ fn the_loss_is_trls_generalized_jsd() {
             "--temperature",
             temperature,
         ];
-        let got = first_loss(format!("iw-opd-{gamma}"), &options);
-        let want = want.as_f64().unwrap();
+        let m = first_step(format!("iw-opd-{gamma}"), &options);
         assert!(
-            want.abs() > 1e-3,
+            want["loss"].as_f64().unwrap().abs() > 1e-3,
             "γ {gamma}: the teacher hardly differs ({want})"
         );
-        assert!(
-            (got - want).abs() < 1e-4 * want.abs().max(1.0),
-            "IW-OPD γ {gamma}, temperature {temperature}: {got} vs {want}"
-        );
+        // The loss, and what TRL logs of it.
+        for (ours, theirs) in [
+            ("train/loss", "loss"),
+            ("iw_opd/mean_advantage", "iw_opd/mean_advantage"),
+            ("iw_opd/mean_abs_advantage", "iw_opd/mean_abs_advantage"),
+            ("iw_opd/mean_weight", "iw_opd/mean_weight"),
+            ("iw_opd/min_weight", "iw_opd/min_weight"),
+            ("iw_opd/max_weight", "iw_opd/max_weight"),
+        ] {
+            let (got, want) = (m[ours].as_f64().unwrap(), want[theirs].as_f64().unwrap());
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                "IW-OPD γ {gamma}, temperature {temperature}, {ours}: {got} vs {want}"
+            );
+        }
     }
 }
 

@@ -11,7 +11,9 @@
     gkd_reference.py ... --iw-opd 0.5:1.0,2:0.9
         also, for each γ:temperature, TRL's own IWOPDTrainer._compute_iw_opd_loss (the
         sampled-token IW-OPD loss, the row's tokens its samples) summed over every row's
-        completion tokens and divided by their number: {"losses": [...], "iw_opd": [...]}.
+        completion tokens and divided by their number, with the iw_opd/* metrics it logs
+        (each row's means weighted by its tokens; the extremes over the rows):
+        {"losses": [...], "iw_opd": [{"loss": x, "iw_opd/mean_weight": x, ...}, ...]}.
 
 Each row is run alone (no padding). The divergence is copied from generalized_jsd_loss
 (F.kl_div with log targets; the mixture by logsumexp).
@@ -96,6 +98,7 @@ def iw_opd_loss(student, teacher, rows, config):
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
     )
     total, tokens = 0.0, 0
+    sums = defaultdict(float)
     for row in rows:
         ids = torch.tensor([row["ids"]])
         labels = torch.tensor([[t if m else -100 for t, m in zip(row["ids"], row["mask"])]])[:, 1:]
@@ -111,8 +114,19 @@ def iw_opd_loss(student, teacher, rows, config):
             num_items_in_batch=1,
         )
         total += loss_sum.item()
-        tokens += int((labels != -100).sum())
-    return total / max(tokens, 1)
+        n = int((labels != -100).sum())
+        tokens += n
+        logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        for k in ("mean_advantage", "mean_abs_advantage", "mean_weight"):
+            sums[k] += logged[f"iw_opd/{k}"] * n
+        sums["min_weight"] = min(sums.get("min_weight", float("inf")), logged["iw_opd/min_weight"])
+        sums["max_weight"] = max(sums.get("max_weight", float("-inf")), logged["iw_opd/max_weight"])
+    out = {"loss": total / max(tokens, 1)}
+    for k in ("mean_advantage", "mean_abs_advantage", "mean_weight"):
+        out[f"iw_opd/{k}"] = sums[k] / max(tokens, 1)
+    out["iw_opd/min_weight"] = sums["min_weight"]
+    out["iw_opd/max_weight"] = sums["max_weight"]
+    return out
 
 
 if __name__ == "__main__":
