@@ -163,9 +163,12 @@ pub(crate) struct Scored {
     logps: Tensor,
     /// The same sum with every token weighing 1 (RPO's NLL).
     plain_logps: Tensor,
-    /// Σ over the completion of the mean logit over the vocabulary (detached; with
+    /// Σ over the completion of the mean logit over the vocabulary, of the entropy of the
+    /// next-token distribution, and of the tokens that are its argmax (detached; with
     /// `metrics` only).
     logit_sums: Option<Tensor>,
+    entropy_sums: Option<Tensor>,
+    greedy_counts: Option<Tensor>,
     /// Completion tokens that are scored (the first token of a sequence is not).
     tokens: Tensor,
     /// Σ over the completion of log π(token) − log Σ_v π(v)² (detached; WPO's weights).
@@ -192,6 +195,8 @@ pub(crate) fn score(
         .to_kind(Kind::Float);
     let spec = TokenSpec {
         mean_logit: metrics,
+        entropy: metrics,
+        greedy: metrics,
         log_sum_sq_probs: wpo,
         ..TokenSpec::default()
     };
@@ -219,6 +224,10 @@ pub(crate) fn score(
         logps,
         plain_logps,
         logit_sums: out.mean_logit.map(|m| row_sum(&(m * &mask))),
+        entropy_sums: out.entropy.map(|e| row_sum(&(e.detach() * &mask))),
+        greedy_counts: out
+            .greedy
+            .map(|g| row_sum(&(g.to_kind(Kind::Float) * &mask))),
         aligned_sums: out
             .log_sum_sq_probs
             .map(|sq| row_sum(&((out.logprobs.detach() - sq) * &mask))),
@@ -349,6 +358,9 @@ pub fn run_pairs(
         s.tokens_chosen = total(&tokens_c);
         s.tokens_rejected = total(&tokens_r);
         s.nll_logps_chosen = total(&plain_chosen.detach());
+        s.entropy_sum = total(scored.entropy_sums.as_ref().expect("asked for"));
+        let greedy = scored.greedy_counts.as_ref().expect("asked for");
+        s.greedy_chosen = total(&halves(greedy).0);
         stats.add(&s);
         let cpu = |x: &Tensor| {
             Vec::<f64>::try_from(x.detach().to_kind(Kind::Double).to_device(Device::Cpu))

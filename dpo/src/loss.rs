@@ -593,6 +593,10 @@ pub struct Stats {
     /// Σ of the chosen completions' log-probs, every token weighing 1 (RPO's NLL; the
     /// chosen log-probs themselves with --ld-alpha down-weight the tails).
     pub nll_logps_chosen: f64,
+    /// Σ over the chosen and rejected completion tokens of the policy's entropy, and the
+    /// chosen tokens the policy ranks first (TRL's `entropy`, `mean_token_accuracy`).
+    pub entropy_sum: f64,
+    pub greedy_chosen: f64,
     /// TPO's: Σ of the gold completions' log-probs, and their scored tokens.
     pub nll_logps_gold: f64,
     pub tokens_gold: f64,
@@ -644,6 +648,8 @@ impl Stats {
         self.tokens_rejected += o.tokens_rejected;
         self.nll_logps_chosen += o.nll_logps_chosen;
         self.nll_logps_gold += o.nll_logps_gold;
+        self.entropy_sum += o.entropy_sum;
+        self.greedy_chosen += o.greedy_chosen;
         self.tokens_gold += o.tokens_gold;
         self.log_odds_ratio += o.log_odds_ratio;
         self.log_odds_chosen += o.log_odds_chosen;
@@ -665,6 +671,8 @@ impl Stats {
             tokens_rejected: world.sum(self.tokens_rejected),
             nll_logps_chosen: world.sum(self.nll_logps_chosen),
             nll_logps_gold: world.sum(self.nll_logps_gold),
+            entropy_sum: world.sum(self.entropy_sum),
+            greedy_chosen: world.sum(self.greedy_chosen),
             tokens_gold: world.sum(self.tokens_gold),
             log_odds_ratio: world.sum(self.log_odds_ratio),
             log_odds_chosen: world.sum(self.log_odds_chosen),
@@ -715,6 +723,14 @@ impl Stats {
             (
                 "logits/rejected",
                 self.logits_rejected / self.tokens_rejected.max(1.0),
+            ),
+            (
+                "entropy",
+                self.entropy_sum / (self.tokens_chosen + self.tokens_rejected).max(1.0),
+            ),
+            (
+                "mean_token_accuracy",
+                self.greedy_chosen / self.tokens_chosen.max(1.0),
             ),
         ];
         if nll_weight != 0.0 {

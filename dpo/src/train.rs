@@ -479,11 +479,22 @@ fn train_step(
         (stats.loss(&args.loss), stats.named(&args.loss))
     };
     let outcome = trainee.step(loss);
+    // The tokens of every sequence run (prompt and completion; TPO's gold ones too).
     let local_tokens: usize = pairs
         .iter()
-        .map(|(_, p)| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len())
+        .map(|(_, p)| {
+            let gold = match p.gold.is_empty() {
+                true => 0,
+                false => p.prompt.len() + p.gold.len(),
+            };
+            2 * p.prompt.len() + p.chosen.len() + p.rejected.len() + gold
+        })
         .sum();
     let tokens = world.sum(local_tokens as f64);
+    // TRL's `num_tokens`: every rank's tokens of every step so far, kept with the
+    // checkpoint so that a resumed run counts on.
+    let num_tokens = session.state.extra["num_tokens"].as_f64().unwrap_or(0.0) + tokens;
+    session.state.extra = serde_json::json!({ "num_tokens": num_tokens });
     session.finish_step(&outcome, loss, data.sampler.position())?;
     let mut scalars: Vec<(String, f64)> = named
         .into_iter()
@@ -503,6 +514,7 @@ fn train_step(
             "train/skipped_steps".to_string(),
             session.state.skipped_steps as f64,
         ),
+        ("num_tokens".to_string(), num_tokens),
     ]);
     Ok(scalars)
 }

@@ -878,6 +878,12 @@ fn killed_run_resumes_to_the_same_weights() {
         ok(&train(&out, &resumed, &[]));
         let diff = max_weight_diff(&full.join("final"), &out.join("final"), Head::Lm);
         assert!(diff < 1e-6, "{tag}: resumed weights differ by {diff:e}");
+        // TRL's running token count goes on from the checkpoint.
+        let tokens = |dir: &Path| {
+            let last = read_jsonl(&dir.join("metrics.jsonl")).pop().unwrap();
+            last["num_tokens"].as_f64().unwrap()
+        };
+        assert_eq!(tokens(&full), tokens(&out), "{tag}: num_tokens");
         assert_eq!(out.join("ref_logps.json").exists(), precompute);
         let moved = out.join("checkpoints/step-000002/ref_model.safetensors");
         assert_eq!(moved.exists(), tag == "sync" || tag == "bema");

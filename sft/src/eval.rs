@@ -116,14 +116,45 @@ pub fn batch_hidden(model: &Model, batch: &SftBatch) -> Tensor {
 
 /// Per-token NLL of the targets `[B, T-1]` (0 elsewhere) and the target mask.
 pub fn token_nll(model: &Model, batch: &SftBatch) -> (Tensor, Tensor) {
+    let out = token_nll_with(model, batch, false);
+    (out.nll, out.mask)
+}
+
+/// What one forward of the NLL gives: the per-token NLL of the targets `[B, T-1]` (0
+/// elsewhere) and the target mask; with `metrics`, Σ over the targets of the entropy of
+/// the next-token distribution and the number of targets that are its argmax (TRL's
+/// `entropy` and `mean_token_accuracy`; detached).
+pub struct TokenNll {
+    pub nll: Tensor,
+    pub mask: Tensor,
+    pub entropy_sum: f64,
+    pub top1: f64,
+}
+
+pub fn token_nll_with(model: &Model, batch: &SftBatch, metrics: bool) -> TokenNll {
     let t = batch.input_ids.size()[1];
     let hidden = batch_hidden(model, batch);
     let labels = batch.input_ids.narrow(1, 1, t - 1);
-    let lp = model
-        .token_outputs(&hidden, &labels, TokenSpec::default())
-        .logprobs;
+    let spec = TokenSpec {
+        entropy: metrics,
+        greedy: metrics,
+        ..TokenSpec::default()
+    };
+    let out = model.token_outputs(&hidden, &labels, spec);
     let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
-    (-lp * &mask, mask)
+    let total = |x: Option<Tensor>| {
+        x.map_or(0.0, |x| {
+            (x.detach().to_kind(Kind::Float) * &mask)
+                .sum(Kind::Double)
+                .double_value(&[])
+        })
+    };
+    TokenNll {
+        entropy_sum: total(out.entropy),
+        top1: total(out.greedy),
+        nll: -out.logprobs * &mask,
+        mask,
+    }
 }
 
 /// Token-weighted totals of an evaluation.

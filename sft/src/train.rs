@@ -20,7 +20,7 @@ use serde::Serialize;
 use tch::Kind;
 
 use crate::distill::{self, Completions, DistillArgs};
-use crate::eval::{nll_per_row, token_nll};
+use crate::eval::{nll_per_row, token_nll_with};
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TrainArgs {
@@ -322,11 +322,40 @@ fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> f
     nll / n.max(1) as f64
 }
 
+/// What [`accumulate`] measured of this rank's rows.
+struct Accumulated {
+    /// The step's loss (every rank's).
+    loss: f64,
+    /// This rank's tokens (prompt and completion).
+    tokens: i64,
+    /// With `row_nll`: each row's summed loss.
+    per_row: Vec<f64>,
+    /// IW-OPD's statistics of this rank's tokens.
+    iw_opd: distill::IwOpdStats,
+    /// The NLL's targets here, and Σ over them of the entropy and of the argmax hits
+    /// (TRL's `entropy`, `mean_token_accuracy`; 0 with a teacher).
+    targets: f64,
+    entropy_sum: f64,
+    top1: f64,
+}
+
+impl Accumulated {
+    /// TRL's `entropy` and `mean_token_accuracy` of the step, over every rank's targets.
+    fn token_metrics(&self, world: &World) -> Vec<(String, f64)> {
+        let [entropy, top1, targets] = world.sums([self.entropy_sum, self.top1, self.targets]);
+        let n = targets.max(1.0);
+        vec![
+            ("entropy".into(), entropy / n),
+            ("mean_token_accuracy".into(), top1 / n),
+        ]
+    }
+}
+
 /// Forward and backward over this rank's rows of one step, in micro-batches; the loss is
 /// divided by the target tokens of the whole step on every rank, so it is the same
 /// whatever the split. Returns the step's loss, the tokens seen here, (with `row_nll`, for
-/// a mixture's per-dataset losses) each row's summed loss (`loss_type`'s), and what IW-OPD
-/// logs of this rank's tokens.
+/// a mixture's per-dataset losses) each row's summed loss (`loss_type`'s), and what the
+/// step logs of this rank's tokens.
 fn accumulate(
     trainee: &Trainee,
     rows: &[&TokenizedSft],
@@ -334,38 +363,51 @@ fn accumulate(
     (loss_type, teacher): (SftLoss, Option<(&Model, &DistillArgs)>),
     world: &World,
     row_nll: bool,
-) -> (f64, i64, Vec<f64>, distill::IwOpdStats) {
+) -> Accumulated {
     let local_targets: i64 = rows
         .iter()
         .map(|r| r.loss_mask[1..].iter().sum::<i64>())
         .sum();
     let targets = world.sum(local_targets as f64).max(1.0);
-    let (mut loss_value, mut tokens, mut per_row) = (0.0, 0i64, vec![]);
-    let mut iw_opd = distill::IwOpdStats::default();
+    let mut out = Accumulated {
+        loss: 0.0,
+        tokens: 0,
+        per_row: vec![],
+        iw_opd: distill::IwOpdStats::default(),
+        targets: local_targets as f64,
+        entropy_sum: 0.0,
+        top1: 0.0,
+    };
     let model = &trainee.model;
     for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let nll = match teacher {
             Some((teacher, distill)) => {
                 let (loss, stats) = distill::token_loss(model, teacher, &batch, distill);
-                iw_opd = stats.map_or(iw_opd, |s| iw_opd.merge(s));
+                out.iw_opd = stats.map_or(out.iw_opd, |s| out.iw_opd.merge(s));
                 loss
             }
-            None => loss_type.per_token(&token_nll(model, &batch).0),
+            None => {
+                let nll = token_nll_with(model, &batch, true);
+                out.entropy_sum += nll.entropy_sum;
+                out.top1 += nll.top1;
+                loss_type.per_token(&nll.nll)
+            }
         };
         if row_nll {
             let sums = nll
                 .detach()
                 .sum_dim_intlist([1].as_slice(), false, Kind::Double);
-            per_row
+            out.per_row
                 .extend(Vec::<f64>::try_from(sums.to_device(tch::Device::Cpu)).expect("cpu f64"));
         }
         let loss = nll.sum(Kind::Float) / targets;
         trainee.backward(&loss, last);
-        loss_value += loss.double_value(&[]);
-        tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
+        out.loss += loss.double_value(&[]);
+        out.tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
     }
-    (world.sum(loss_value), tokens, per_row, iw_opd)
+    out.loss = world.sum(out.loss);
+    out
 }
 
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
@@ -548,7 +590,7 @@ fn train_step(
         rows = sampled.iter().collect();
     }
     let teacher = batch.teacher.map(|t| (&t.model, &args.distill));
-    let (loss, tokens, per_row, iw_opd) = accumulate(
+    let step_out = accumulate(
         trainee,
         &rows,
         (args.data.batch_size, batch.pad_id),
@@ -556,19 +598,26 @@ fn train_step(
         world,
         mixed,
     );
+    let loss = step_out.loss;
     let outcome = trainee.step(loss);
-    let tokens = world.sum(tokens as f64);
+    let tokens = world.sum(step_out.tokens as f64);
     let per_dataset = if mixed {
-        batch.rows.loss_by_dataset(mine, &per_row, world)
+        batch.rows.loss_by_dataset(mine, &step_out.per_row, world)
     } else {
         vec![]
     };
-    // IW-OPD's statistics over every rank (each takes part, with tokens of its own or not).
+    // What is measured over every rank (each takes part, with tokens of its own or not):
+    // TRL's token metrics of the NLL, or IW-OPD's.
     let iw_opd_objective = args.distill.distillation_objective == distill::Objective::IwOpd;
-    let iw_opd_scalars = match batch.teacher.is_some() && iw_opd_objective {
-        true => iw_opd.scalars(world),
-        false => vec![],
+    let token_scalars = match batch.teacher {
+        None => step_out.token_metrics(world),
+        Some(_) if iw_opd_objective => step_out.iw_opd.scalars(world),
+        Some(_) => vec![],
     };
+    // TRL's `num_tokens`: every rank's tokens of every step so far, kept with the
+    // checkpoint so that a resumed run counts on.
+    let num_tokens = session.state.extra["num_tokens"].as_f64().unwrap_or(0.0) + tokens;
+    session.state.extra = serde_json::json!({ "num_tokens": num_tokens });
     session.finish_step(&outcome, loss, batch.order.position())?;
     let mut scalars: Vec<(String, f64)> = vec![
         ("train/loss".into(), loss),
@@ -590,7 +639,8 @@ fn train_step(
             f64::from(u8::from(from == Completions::Student)),
         ));
     }
-    scalars.extend(iw_opd_scalars);
+    scalars.extend(token_scalars);
+    scalars.push(("num_tokens".into(), num_tokens));
     Ok(scalars)
 }
 

@@ -143,6 +143,36 @@ fn the_loss_is_trls_generalized_jsd() {
         assert!(want > 1e-3, "β {beta}: the teacher hardly differs ({want})");
         assert!((got - want).abs() < 1e-4, "β {beta}: {got} vs {want}");
     }
+    // Plain SFT on the same rows logs TRL's SFTTrainer token metrics of them, and its
+    // running token count.
+    let out = f.root.join("sft-metrics");
+    let (student, data) = (f.model.to_str().unwrap(), f.train.to_str().unwrap());
+    sft(&[
+        "train",
+        "--model",
+        student,
+        "--data",
+        data,
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--overwrite",
+        "--batch-size",
+        "24",
+        "--max-steps",
+        "1",
+    ]);
+    let m = &read_jsonl(&out.join("metrics.jsonl"))[0];
+    for key in ["entropy", "mean_token_accuracy"] {
+        let (got, want) = (
+            m[key].as_f64().unwrap(),
+            expected["sft"][key].as_f64().unwrap(),
+        );
+        assert!((got - want).abs() < 1e-4, "SFT {key}: {got} vs {want}");
+    }
+    let tokens: usize = prepared.rows.iter().map(|r| r.ids.len()).sum();
+    assert_eq!(m["num_tokens"].as_f64(), Some(tokens as f64));
     let iw_opd = expected["iw_opd"].as_array().unwrap();
     for ((gamma, temperature), want) in [("0.5", "1"), ("2", "0.7")].into_iter().zip(iw_opd) {
         let options = [

@@ -80,8 +80,12 @@ def score(model, prompt_ids, completion_ids):
     tokens = lp[mask.bool()].tolist()  # the scored completion tokens' log-probs, in order
     # WPO (TRL 1.16, use_weighting): exp of the mean aligned log-prob log p - log sum p^2.
     aligned = ((lp - torch.logsumexp(2 * logp, -1)) * mask).sum() / mask.sum().clamp(min=1.0)
+    # TRL 1.16's `entropy` (of the next-token distribution) and `is_top1` (the argmax is the
+    # token) at the scored completion tokens, summed.
+    entropy = -(logp.exp() * logp).sum(-1)
+    top1 = (logits.argmax(-1) == ids[:, 1:]).float()
     return ((lp * mask).sum().item(), (logits.mean(-1) * mask).sum().item(), mask.sum().item(), tokens,
-            math.exp(aligned.item()))
+            math.exp(aligned.item()), (entropy * mask).sum().item(), (top1 * mask).sum().item())
 
 
 def ld_sum(tokens, shared, ld):
@@ -210,7 +214,7 @@ def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.
     mean = any(k in ("simpo", "orpo") for k in kinds)
     ref_free = ref_free or mean
     out = []
-    for p, c, r, (plain_c, gc, tc, xc, wc), (_, gr, tr, xr, wr), ref_c, ref_r in scored:
+    for p, c, r, (plain_c, gc, tc, xc, wc, ec, kc), (_, gr, tr, xr, wr, er, _), ref_c, ref_r in scored:
         shared = min(len(xc), len(xr))
         lc, lr = ld_sum(xc, shared, ld), ld_sum(xr, shared, ld)
         rc, rr = ld_sum(ref_c[3], shared, ld), ld_sum(ref_r[3], shared, ld)
@@ -224,7 +228,7 @@ def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.
             loss *= wc * wr
         out.append(dict(ids=[p, c, r], logps_chosen=lc, logps_rejected=lr, ref_logps_chosen=rc,
                         ref_logps_rejected=rr, loss=loss, logit_sums=[gc, gr], tokens=[tc, tr],
-                        nll_logps_chosen=plain_c))
+                        nll_logps_chosen=plain_c, entropy=ec + er, top1_chosen=kc))
     for k, w in zip(kinds, weights):
         if k in ("aot", "aot_unpaired"):
             for x, l in zip(out, sorted_losses(k, beta, eps, out, batch)):
@@ -246,6 +250,8 @@ def metrics(beta, loss_type, eps, rpo_alpha, scored, fdiv="reverse_kl", alpha=0.
         "logps/rejected": sum(x["logps_rejected"] for x in out) / n,
         "logits/chosen": sum(x["logit_sums"][0] for x in out) / sum(x["tokens"][0] for x in out),
         "logits/rejected": sum(x["logit_sums"][1] for x in out) / sum(x["tokens"][1] for x in out),
+        "entropy": sum(x["entropy"] for x in out) / sum(x["tokens"][0] + x["tokens"][1] for x in out),
+        "mean_token_accuracy": sum(x["top1_chosen"] for x in out) / sum(x["tokens"][0] for x in out),
     }
     if rpo_alpha > 0:
         summary["nll_loss"] = -sum(x["nll_logps_chosen"] for x in out) / sum(x["tokens"][0] for x in out)

@@ -8,6 +8,10 @@
         GKDTrainer.compute_loss shifts them), averaged over those tokens; one JSON document
         {"losses": [...]} in the order of --betas.
 
+    Also, under "sft", TRL's SFTTrainer metrics of the student alone over the same
+    completion tokens: `entropy` (of the next-token distribution) and
+    `mean_token_accuracy` (the token is the argmax), means over every row's tokens.
+
     gkd_reference.py ... --iw-opd 0.5:1.0,2:0.9
         also, for each γ:temperature, TRL's own IWOPDTrainer._compute_iw_opd_loss (the
         sampled-token IW-OPD loss, the row's tokens its samples) summed over every row's
@@ -79,7 +83,17 @@ def main():
             total += jsd.item()
             tokens += n.item()
         losses.append(total / max(tokens, 1))
-    out = {"losses": losses}
+    entropy, top1, tokens = 0.0, 0.0, 0
+    for s, _, labels in logits:
+        mask = labels != -100
+        logp = F.log_softmax(s, dim=-1)
+        entropy += (-(logp.exp() * logp).sum(-1))[mask].sum().item()
+        top1 += (s.argmax(-1) == labels)[mask].sum().item()
+        tokens += mask.sum().item()
+    out = {
+        "losses": losses,
+        "sft": {"entropy": entropy / max(tokens, 1), "mean_token_accuracy": top1 / max(tokens, 1)},
+    }
     if a.iw_opd:
         out["iw_opd"] = [iw_opd_loss(student, teacher, rows, c) for c in a.iw_opd.split(",")]
     print(json.dumps(out))
