@@ -210,6 +210,15 @@ impl Session {
         self.state.step == self.state.total_steps
     }
 
+    /// TRL's `num_tokens`: the run's count of tokens trained on, `tokens` (this step's,
+    /// every rank's) added. The count is the checkpoint's stage state (`trainer_state.json`),
+    /// so a resumed run counts on; for the stages that keep no other (PPO keeps its own).
+    pub fn count_tokens(&mut self, tokens: f64) -> f64 {
+        let count = self.state.extra["num_tokens"].as_f64().unwrap_or(0.0) + tokens;
+        self.state.extra = serde_json::json!({ "num_tokens": count });
+        count
+    }
+
     /// Counts a finished step (its optimiser outcome and loss). Too many consecutive
     /// non-finite steps end the run with an error; the last checkpoint is left as it was.
     pub fn finish_step(

@@ -491,10 +491,7 @@ fn train_step(
         })
         .sum();
     let tokens = world.sum(local_tokens as f64);
-    // TRL's `num_tokens`: every rank's tokens of every step so far, kept with the
-    // checkpoint so that a resumed run counts on.
-    let num_tokens = session.state.extra["num_tokens"].as_f64().unwrap_or(0.0) + tokens;
-    session.state.extra = serde_json::json!({ "num_tokens": num_tokens });
+    let num_tokens = session.count_tokens(tokens);
     session.finish_step(&outcome, loss, data.sampler.position())?;
     let mut scalars: Vec<(String, f64)> = named
         .into_iter()

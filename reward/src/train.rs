@@ -100,8 +100,8 @@ fn prepare_file(
 }
 
 /// Ranking metrics over a set of rows (`prefix/loss`, `/accuracy`, `/margin`,
-/// `/reward_mean`, `/reward_std`).
-#[derive(Debug, Default, Clone, Copy)]
+/// `/reward_mean`, `/reward_std`, `/reward_min`, `/reward_max`).
+#[derive(Debug, Clone, Copy)]
 struct Stats {
     loss_sum: f64,
     elements: usize,
@@ -111,6 +111,26 @@ struct Stats {
     reward_sum: f64,
     reward_sq_sum: f64,
     rewards: usize,
+    reward_min: f64,
+    reward_max: f64,
+}
+
+impl Default for Stats {
+    /// No row.
+    fn default() -> Self {
+        Stats {
+            loss_sum: 0.0,
+            elements: 0,
+            pairs: 0,
+            correct: 0,
+            margin_sum: 0.0,
+            reward_sum: 0.0,
+            reward_sq_sum: 0.0,
+            rewards: 0,
+            reward_min: f64::INFINITY,
+            reward_max: f64::NEG_INFINITY,
+        }
+    }
 }
 
 impl Stats {
@@ -118,6 +138,8 @@ impl Stats {
         for &r in rewards {
             self.reward_sum += f64::from(r);
             self.reward_sq_sum += f64::from(r) * f64::from(r);
+            self.reward_min = self.reward_min.min(f64::from(r));
+            self.reward_max = self.reward_max.max(f64::from(r));
         }
         self.rewards += rewards.len();
     }
@@ -139,6 +161,8 @@ impl Stats {
                 self.margin_sum / self.pairs.max(1) as f64,
             ),
             (format!("{prefix}/reward_mean"), mean),
+            (format!("{prefix}/reward_min"), self.reward_min),
+            (format!("{prefix}/reward_max"), self.reward_max),
             (
                 format!("{prefix}/reward_std"),
                 (self.reward_sq_sum / n - mean * mean).max(0.0).sqrt(),
@@ -182,6 +206,7 @@ fn run_rows(
 impl Stats {
     /// The same statistics summed over the world's ranks.
     fn summed(&self, world: &World) -> Stats {
+        let (reward_min, reward_max) = world.min_max((self.reward_min, self.reward_max));
         Stats {
             loss_sum: world.sum(self.loss_sum),
             elements: world.sum(self.elements as f64) as usize,
@@ -191,6 +216,8 @@ impl Stats {
             reward_sum: world.sum(self.reward_sum),
             reward_sq_sum: world.sum(self.reward_sq_sum),
             rewards: world.sum(self.rewards as f64) as usize,
+            reward_min,
+            reward_max,
         }
     }
 }
@@ -390,8 +417,10 @@ fn train_step(
         .flat_map(|r| r.sequences.iter().map(Vec::len))
         .sum();
     let tokens = world.sum(local_tokens as f64);
+    let num_tokens = session.count_tokens(tokens);
     session.finish_step(&outcome, loss, sampler.position())?;
     let mut scalars = stats.scalars("train");
+    scalars.push(("num_tokens".to_string(), num_tokens));
     scalars.extend([
         ("train/lr".to_string(), outcome.lr),
         ("train/grad_norm".to_string(), outcome.grad_norm),

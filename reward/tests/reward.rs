@@ -272,6 +272,20 @@ fn killed_run_resumes_to_the_same_weights() {
             let diff = (t - &b[name]).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "{point}: {name} differs by {diff:e}");
         }
+        // TRL's running token count goes on from the checkpoint.
+        let last = |d: &Path| read_jsonl(&d.join("metrics.jsonl")).pop().unwrap();
+        assert_eq!(
+            last(&straight)["num_tokens"],
+            last(&out)["num_tokens"],
+            "{point}"
+        );
+    }
+    // TRL's min_reward and max_reward (here train/reward_min and /reward_max) hold the
+    // step's mean between them.
+    for r in read_jsonl(&straight.join("metrics.jsonl")) {
+        let get = |k: &str| r[k].as_f64().unwrap();
+        assert!(get("train/reward_min") < get("train/reward_mean"), "{r}");
+        assert!(get("train/reward_mean") < get("train/reward_max"), "{r}");
     }
     let out = f.root.join("run-killed-mid-step-3");
     let cfg = |d: &Path| -> Value {

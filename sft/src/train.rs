@@ -614,10 +614,7 @@ fn train_step(
         Some(_) if iw_opd_objective => step_out.iw_opd.scalars(world),
         Some(_) => vec![],
     };
-    // TRL's `num_tokens`: every rank's tokens of every step so far, kept with the
-    // checkpoint so that a resumed run counts on.
-    let num_tokens = session.state.extra["num_tokens"].as_f64().unwrap_or(0.0) + tokens;
-    session.state.extra = serde_json::json!({ "num_tokens": num_tokens });
+    let num_tokens = session.count_tokens(tokens);
     session.finish_step(&outcome, loss, batch.order.position())?;
     let mut scalars: Vec<(String, f64)> = vec![
         ("train/loss".into(), loss),
