@@ -60,6 +60,8 @@ pub struct KtoStats {
     /// Σ of the KL estimates used, over the batches counted in `batches`.
     pub kl_sum: f64,
     pub batches: f64,
+    /// Σ over every completion token of the policy's next-token entropy (TRL's `entropy`).
+    pub entropy_sum: f64,
 }
 
 impl KtoStats {
@@ -75,24 +77,27 @@ impl KtoStats {
         }
         self.kl_sum += o.kl_sum;
         self.batches += o.batches;
+        self.entropy_sum += o.entropy_sum;
     }
 
     /// The same sums over every rank (the KL estimate, already global, is kept).
     pub fn summed(&self, world: &World) -> KtoStats {
-        let [completions, loss_sum, c0, c1, r0, r1, l0, l1, g0, g1, t0, t1] = world.sums([
-            self.completions,
-            self.loss_sum,
-            self.count[0],
-            self.count[1],
-            self.rewards[0],
-            self.rewards[1],
-            self.logps[0],
-            self.logps[1],
-            self.logits[0],
-            self.logits[1],
-            self.tokens[0],
-            self.tokens[1],
-        ]);
+        let [completions, loss_sum, c0, c1, r0, r1, l0, l1, g0, g1, t0, t1, entropy_sum] = world
+            .sums([
+                self.completions,
+                self.loss_sum,
+                self.count[0],
+                self.count[1],
+                self.rewards[0],
+                self.rewards[1],
+                self.logps[0],
+                self.logps[1],
+                self.logits[0],
+                self.logits[1],
+                self.tokens[0],
+                self.tokens[1],
+                self.entropy_sum,
+            ]);
         KtoStats {
             completions,
             loss_sum,
@@ -101,6 +106,7 @@ impl KtoStats {
             logps: [l0, l1],
             logits: [g0, g1],
             tokens: [t0, t1],
+            entropy_sum,
             ..*self
         }
     }
@@ -110,13 +116,17 @@ impl KtoStats {
         self.loss_sum / self.completions.max(1.0)
     }
 
-    /// `(name, value)` with TRL's names: `loss`, `kl`, and for each side that has
+    /// `(name, value)` with TRL's names: `loss`, `kl`, `entropy`, and for each side that has
     /// completions `rewards/chosen` (desirable) or `/rejected`, `logps/…`, `logits/…`;
     /// `rewards/margins` when both have.
     pub fn named(&self) -> Vec<(&'static str, f64)> {
         let mut out = vec![
             ("loss", self.loss()),
             ("kl", self.kl_sum / self.batches.max(1.0)),
+            (
+                "entropy",
+                self.entropy_sum / (self.tokens[0] + self.tokens[1]).max(1.0),
+            ),
         ];
         let names = [
             ("rewards/chosen", "logps/chosen", "logits/chosen"),
@@ -207,6 +217,9 @@ pub fn run_unpaired(
         };
         let (lp, rl, l) = (cpu(&scored.logps), cpu(&ref_logps), cpu(&losses));
         let logits = cpu(scored.logit_sums.as_ref().expect("asked for"));
+        stats.entropy_sum += cpu(scored.entropy_sums.as_ref().expect("asked for"))
+            .iter()
+            .sum::<f64>();
         let tokens = cpu(&scored.tokens);
         for (k, &good) in flags.iter().enumerate() {
             let side = usize::from(!good);

@@ -491,7 +491,18 @@ fn train_step(
         })
         .sum();
     let tokens = world.sum(local_tokens as f64);
-    let num_tokens = session.count_tokens(tokens);
+    // TRL's count: the sequences trained on (KTO's: each prompt and completion once, not the
+    // mismatched ones its KL estimate reads).
+    let num_tokens = match args.loss.unpaired() {
+        Some(_) => {
+            let trained: usize = pairs
+                .iter()
+                .map(|(_, p)| p.prompt.len() + p.chosen.len())
+                .sum();
+            session.count_tokens(world.sum(trained as f64))
+        }
+        None => session.count_tokens(tokens),
+    };
     session.finish_step(&outcome, loss, data.sampler.position())?;
     let mut scalars: Vec<(String, f64)> = named
         .into_iter()

@@ -311,7 +311,8 @@ def kto(a):
             kl = 0.0
         kls.append(kl)
         for x in batch:
-            lp, logit_sum, tokens = score(policy, x["p"], x["c"])[:3]
+            scored = score(policy, x["p"], x["c"])
+            lp, logit_sum, tokens, entropy = scored[0], scored[1], scored[2], scored[5]
             rl = score(ref, x["p"], x["c"])[0]
             rho = lp - rl
             if a.loss_type == "kto":
@@ -320,8 +321,9 @@ def kto(a):
                 loss = 1 - sig(a.beta * rho) if x["label"] else sig(a.beta * rho)
             loss *= a.desirable_weight if x["label"] else a.undesirable_weight
             out.append(dict(index=x["index"], response=x["response"], label=x["label"], logps=lp,
-                            ref_logps=rl, loss=loss, logit_sum=logit_sum, tokens=tokens))
-    metrics = {"loss": sum(x["loss"] for x in out) / len(out), "kl": sum(kls) / len(kls)}
+                            ref_logps=rl, loss=loss, logit_sum=logit_sum, tokens=tokens, entropy=entropy))
+    metrics = {"loss": sum(x["loss"] for x in out) / len(out), "kl": sum(kls) / len(kls),
+               "entropy": sum(x["entropy"] for x in out) / sum(x["tokens"] for x in out)}
     for label, name in [(True, "chosen"), (False, "rejected")]:
         side = [x for x in out if x["label"] == label]
         if side:
