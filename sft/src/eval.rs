@@ -75,32 +75,53 @@ pub struct EvalArgs {
     pub device: DeviceArgs,
 }
 
-/// Summed negative log-likelihood of the target tokens and their count, per row.
+/// One row's sums over its target tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowNll {
+    /// Σ of the negative log-likelihood.
+    pub nll: f64,
+    pub tokens: i64,
+    /// Σ of the next-token entropy, and the targets that are the argmax.
+    pub entropy: f64,
+    pub top1: f64,
+}
+
+/// Each row's [`RowNll`].
 pub fn nll_per_row(
     model: &Model,
     rows: &[TokenizedSft],
     batch_size: usize,
     pad_id: i64,
-) -> Vec<(f64, i64)> {
+) -> Vec<RowNll> {
     let _guard = tch::no_grad_guard();
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size) {
         let refs: Vec<_> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, model.device());
-        let (nll, mask) = token_nll(model, &batch);
-        let sums = Vec::<f64>::try_from(
-            nll.sum_dim_intlist([1].as_slice(), false, Kind::Double)
-                .to_device(tch::Device::Cpu),
-        )
-        .expect("cpu f64");
-        let counts = Vec::<i64>::try_from(
-            mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64)
-                .to_device(tch::Device::Cpu),
-        )
-        .expect("cpu i64");
-        out.extend(sums.into_iter().zip(counts));
+        let t = token_nll_with(model, &batch, true);
+        let cpu = |x: &Tensor| {
+            Vec::<f64>::try_from(x.to_kind(Kind::Double).to_device(tch::Device::Cpu))
+                .expect("cpu f64")
+        };
+        let sums = cpu(&t.nll.sum_dim_intlist([1].as_slice(), false, Kind::Double));
+        let counts = cpu(&t.mask.sum_dim_intlist([1].as_slice(), false, Kind::Double));
+        let entropy = cpu(t.entropy.as_ref().expect("asked for"));
+        let top1 = cpu(t.top1.as_ref().expect("asked for"));
+        out.extend((0..sums.len()).map(|i| RowNll {
+            nll: sums[i],
+            tokens: counts[i] as i64,
+            entropy: entropy[i],
+            top1: top1[i],
+        }));
     }
     out
+}
+
+/// Token means over `rows`: the NLL, TRL's `entropy` and `mean_token_accuracy`.
+pub fn token_means(rows: &[RowNll]) -> (f64, f64, f64) {
+    let n = rows.iter().map(|r| r.tokens).sum::<i64>().max(1) as f64;
+    let sum = |f: fn(&RowNll) -> f64| rows.iter().map(f).sum::<f64>() / n;
+    (sum(|r| r.nll), sum(|r| r.entropy), sum(|r| r.top1))
 }
 
 /// The hidden states `[B, T-1, H]` of a batch's positions that predict a next token
@@ -121,14 +142,14 @@ pub fn token_nll(model: &Model, batch: &SftBatch) -> (Tensor, Tensor) {
 }
 
 /// What one forward of the NLL gives: the per-token NLL of the targets `[B, T-1]` (0
-/// elsewhere) and the target mask; with `metrics`, Σ over the targets of the entropy of
-/// the next-token distribution and the number of targets that are its argmax (TRL's
-/// `entropy` and `mean_token_accuracy`; detached).
+/// elsewhere) and the target mask; with `metrics`, each row's Σ over its targets of the
+/// entropy of the next-token distribution and its number of targets that are the argmax
+/// (`[B]`; TRL's `entropy` and `mean_token_accuracy`; detached).
 pub struct TokenNll {
     pub nll: Tensor,
     pub mask: Tensor,
-    pub entropy_sum: f64,
-    pub top1: f64,
+    pub entropy: Option<Tensor>,
+    pub top1: Option<Tensor>,
 }
 
 pub fn token_nll_with(model: &Model, batch: &SftBatch, metrics: bool) -> TokenNll {
@@ -142,16 +163,18 @@ pub fn token_nll_with(model: &Model, batch: &SftBatch, metrics: bool) -> TokenNl
     };
     let out = model.token_outputs(&hidden, &labels, spec);
     let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
-    let total = |x: Option<Tensor>| {
-        x.map_or(0.0, |x| {
-            (x.detach().to_kind(Kind::Float) * &mask)
-                .sum(Kind::Double)
-                .double_value(&[])
+    let rows = |x: Option<Tensor>| {
+        x.map(|x| {
+            (x.detach().to_kind(Kind::Float) * &mask).sum_dim_intlist(
+                [1].as_slice(),
+                false,
+                Kind::Double,
+            )
         })
     };
     TokenNll {
-        entropy_sum: total(out.entropy),
-        top1: total(out.greedy),
+        entropy: rows(out.entropy),
+        top1: rows(out.greedy),
         nll: -out.logprobs * &mask,
         mask,
     }
@@ -163,6 +186,9 @@ pub struct EvalSummary {
     pub rows: usize,
     pub tokens: i64,
     pub loss: f64,
+    /// TRL's `entropy` and `mean_token_accuracy` over the target tokens.
+    pub entropy: f64,
+    pub mean_token_accuracy: f64,
     pub dropped: usize,
 }
 
@@ -237,19 +263,21 @@ fn nll(
     }
     let per_row = nll_per_row(model, &prepared.rows, args.batch_size, tok.pad_id);
     let mut rows = Vec::with_capacity(per_row.len());
-    let (mut total_nll, mut total_tokens) = (0f64, 0i64);
-    for (&index, &(nll, n)) in prepared.kept.iter().zip(&per_row) {
-        total_nll += nll;
-        total_tokens += n;
-        rows.push(json!({"index": index, "nll": nll / n.max(1) as f64, "tokens": n}));
+    for (&index, r) in prepared.kept.iter().zip(&per_row) {
+        let n = r.tokens;
+        rows.push(json!({"index": index, "nll": r.nll / n.max(1) as f64, "tokens": n}));
     }
+    let total_tokens: i64 = per_row.iter().map(|r| r.tokens).sum();
+    let (loss, entropy, mean_token_accuracy) = token_means(&per_row);
     if let Some(out) = &args.output {
         data::io::write_jsonl(out, &rows)?;
     }
     Ok(EvalSummary {
         rows: rows.len(),
         tokens: total_tokens,
-        loss: total_nll / total_tokens.max(1) as f64,
+        loss,
+        entropy,
+        mean_token_accuracy,
         dropped: prepared.dropped,
     })
 }

@@ -36,7 +36,8 @@ fn main() {
         }),
         Command::Eval(args) => sft::eval::run(args).map(|outcome| match outcome {
             sft::eval::EvalOutcome::Nll(s) => json!({"rows": s.rows, "tokens": s.tokens, "loss": s.loss,
-                   "perplexity": s.loss.exp(), "dropped": s.dropped}),
+                   "perplexity": s.loss.exp(), "entropy": s.entropy,
+                   "mean_token_accuracy": s.mean_token_accuracy, "dropped": s.dropped}),
             // One line per task; the last is printed by finish.
             sft::eval::EvalOutcome::Tasks(mut lines) => {
                 let last = lines.pop().unwrap_or_default();

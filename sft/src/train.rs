@@ -20,7 +20,7 @@ use serde::Serialize;
 use tch::Kind;
 
 use crate::distill::{self, Completions, DistillArgs};
-use crate::eval::{nll_per_row, token_nll_with};
+use crate::eval::{nll_per_row, token_means, token_nll_with};
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TrainArgs {
@@ -313,13 +313,9 @@ impl TrainRows {
     }
 }
 
-/// Mean NLL per target token over `eval`'s rows.
-fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> f64 {
-    let per_row = nll_per_row(model, &eval.rows, batch_size, pad_id);
-    let (nll, n) = per_row
-        .iter()
-        .fold((0.0, 0), |(a, b), (x, y)| (a + x, b + y));
-    nll / n.max(1) as f64
+/// Means per target token over `eval`'s rows: the NLL, the entropy and the argmax hits.
+fn evaluate(model: &Model, eval: &Prepared, batch_size: usize, pad_id: i64) -> (f64, f64, f64) {
+    token_means(&nll_per_row(model, &eval.rows, batch_size, pad_id))
 }
 
 /// What [`accumulate`] measured of this rank's rows.
@@ -389,8 +385,14 @@ fn accumulate(
             }
             None => {
                 let nll = token_nll_with(model, &batch, true);
-                out.entropy_sum += nll.entropy_sum;
-                out.top1 += nll.top1;
+                let total = |x: &Option<tch::Tensor>| {
+                    x.as_ref()
+                        .expect("asked for")
+                        .sum(Kind::Double)
+                        .double_value(&[])
+                };
+                out.entropy_sum += total(&nll.entropy);
+                out.top1 += total(&nll.top1);
                 loss_type.per_token(&nll.nll)
             }
         };
@@ -500,11 +502,14 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let mut scalars = train_step(&mut session, &mut trainee, batch, args)?;
         let eval_due = args.data.eval_due(session.state.step, session.at_end());
         if let Some(eval) = eval.as_ref().filter(|_| eval_due) {
-            let loss = evaluate(&trainee.model, eval, args.data.batch_size, tok.pad_id);
+            let (loss, entropy, top1) =
+                evaluate(&trainee.model, eval, args.data.batch_size, tok.pad_id);
             eval_loss = Some(loss);
             scalars.extend([
                 ("eval/loss".into(), loss),
                 ("eval/perplexity".into(), loss.exp()),
+                ("eval/entropy".into(), entropy),
+                ("eval/mean_token_accuracy".into(), top1),
             ]);
         }
         let scalars: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();

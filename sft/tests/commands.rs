@@ -287,8 +287,10 @@ fn eval_nll_matches_transformers() {
     let rows = read_jsonl(&out_path);
     let reference = f.reference["sft"].as_array().unwrap();
     assert_eq!(rows.len(), reference.len());
-    let (mut nll_sum, mut tokens) = (0.0, 0);
+    let (mut nll_sum, mut tokens, mut entropy, mut top1) = (0.0, 0, 0.0, 0.0);
     for (ours, theirs) in rows.iter().zip(reference) {
+        entropy += theirs["entropy"].as_f64().unwrap();
+        top1 += theirs["top1"].as_f64().unwrap();
         let (a, b) = (
             ours["nll"].as_f64().unwrap(),
             theirs["nll"].as_f64().unwrap(),
@@ -307,6 +309,22 @@ fn eval_nll_matches_transformers() {
     let loss = summary["loss"].as_f64().unwrap();
     assert!((loss - nll_sum / tokens as f64).abs() < 1e-4);
     assert!((summary["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-3);
+    // TRL's SFTTrainer token metrics over the same targets.
+    let n = tokens as f64;
+    let (e, a) = (
+        summary["entropy"].as_f64().unwrap(),
+        summary["mean_token_accuracy"].as_f64().unwrap(),
+    );
+    assert!(
+        (e - entropy / n).abs() < 1e-4,
+        "entropy {e} vs {}",
+        entropy / n
+    );
+    assert!(
+        (a - top1 / n).abs() < 1e-9,
+        "mean_token_accuracy {a} vs {}",
+        top1 / n
+    );
 }
 
 /// `sft generate` of the fixture's prompts into `name` with the options `extra`: its summary

@@ -162,8 +162,12 @@ def make(root):
             logp = model(input_ids=t).logits[0, :-1].float().log_softmax(-1)
             lp = logp.gather(-1, t[0, 1:, None]).squeeze(-1)
             m = torch.tensor(mask[1:], dtype=torch.float32)
+            # TRL's SFTTrainer `entropy` and `mean_token_accuracy` sums over the targets.
+            entropy = -(logp.exp() * logp).sum(-1)
+            top1 = (logp.argmax(-1) == t[0, 1:]).float()
             out["sft"].append({"ids": ids, "mask": mask,
-                               "nll": float(-(lp * m).sum() / m.sum()), "tokens": int(m.sum())})
+                               "nll": float(-(lp * m).sum() / m.sum()), "tokens": int(m.sum()),
+                               "entropy": float((entropy * m).sum()), "top1": float((top1 * m).sum())})
         for p in PROMPTS:
             if "messages" in p:
                 ids = tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
