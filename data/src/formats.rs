@@ -338,6 +338,12 @@ fn accepted(stage: &str) -> &'static str {
 
 impl SftExample {
     pub fn decode(row: &Row) -> Result<Self> {
+        Self::decode_with(row, "text")
+    }
+
+    /// A row whose language-modelling text is in the column `text_field` (TRL's
+    /// `dataset_text_field`; `text` by default).
+    pub fn decode_with(row: &Row, text_field: &str) -> Result<Self> {
         refuse_unused_shapes(row, "SFT")?;
         let template = TemplateArgs::decode(row)?;
         if row.has("messages") {
@@ -374,12 +380,16 @@ impl SftExample {
                     "'prompt' and 'completion' must both be text or both be conversations",
                 )),
             }
-        } else if row.has("text") {
-            Ok(SftExample::Text(row.text("text")?))
+        } else if row.has(text_field) {
+            Ok(SftExample::Text(row.text(text_field)?))
         } else {
+            let text = match text_field {
+                "text" => "'text'".to_string(),
+                other => format!("'{other}' (--dataset-text-field)"),
+            };
             Err(row.error(
                 None,
-                "expected fields 'prompt' and 'completion', or 'messages', or 'text'",
+                format!("expected fields 'prompt' and 'completion', or 'messages', or {text}"),
             ))
         }
     }

@@ -30,6 +30,12 @@ pub fn read_sft(path: &Path) -> Result<rows::Rows<SftExample>> {
     rows::read(path, SftExample::decode)
 }
 
+/// Reads an SFT file whose language-modelling rows keep their text in `text_field` (TRL's
+/// `dataset_text_field`).
+pub fn read_sft_with(path: &Path, text_field: &str) -> Result<rows::Rows<SftExample>> {
+    rows::read(path, |row| SftExample::decode_with(row, text_field))
+}
+
 /// Reads a preference file (pairs and rankings, plain or conversational).
 pub fn read_preferences(path: &Path) -> Result<rows::Rows<PreferenceExample>> {
     rows::read(path, PreferenceExample::decode)

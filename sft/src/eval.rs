@@ -11,6 +11,15 @@ use data::sft::{collate, prepare, SftBatch, TokenizedSft, Truncation};
 use serde_json::json;
 use tch::{Kind, Tensor};
 
+/// How `sft` reads its rows beyond their shape (TRL's `SFTConfig` names).
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct RowArgs {
+    /// The column holding a language-modelling row's text (TRL's `dataset_text_field`):
+    /// rows without `prompt` or `messages` are read from it.
+    #[arg(long, default_value = "text")]
+    pub dataset_text_field: String,
+}
+
 /// Which tokens carry the loss (TRL's `completion_only_loss` and `assistant_only_loss`).
 #[derive(Debug, Clone, Copy, Args, serde::Serialize)]
 pub struct LossScopeArgs {
@@ -71,6 +80,8 @@ pub struct EvalArgs {
     pub truncation: Truncation,
     #[command(flatten)]
     pub loss_scope: LossScopeArgs,
+    #[command(flatten)]
+    pub row_args: RowArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -244,7 +255,7 @@ fn nll(
     tok: &data::Tokenizer,
     max_length: usize,
 ) -> Result<EvalSummary> {
-    let examples = data::read_sft(path)?;
+    let examples = data::read_sft_with(path, &args.row_args.dataset_text_field)?;
     let prepared = prepare(
         &examples,
         tok,

@@ -42,6 +42,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub loss_scope: crate::eval::LossScopeArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub row_args: crate::eval::RowArgs,
     /// The per-token loss: nll (the negative log-likelihood) or dft (Dynamic Fine-Tuning,
     /// Wu et al. 2025: each token's NLL weighted by its probability, held constant; TRL's
     /// `loss_type="dft"`). Evaluation always reports the NLL.
@@ -171,7 +174,7 @@ fn prepare_file(
             ..Prepared::default()
         });
     }
-    let examples = data::read_sft(path)?;
+    let examples = data::read_sft_with(path, &args.row_args.dataset_text_field)?;
     let prepared = prepare(
         &examples,
         tok,

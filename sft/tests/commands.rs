@@ -486,6 +486,73 @@ fn several_completions_per_prompt() {
 }
 
 /// Each bad input: exit code ≠ 0, one line naming the file (and line), no panic.
+/// `--dataset-text-field` (TRL's `dataset_text_field`): language-modelling rows whose text
+/// sits in another column read as `text` rows do, in `sft eval` and `sft train`; a row
+/// without it is refused naming the option.
+#[test]
+fn the_text_column_is_named_by_dataset_text_field() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let texts = [
+        "鸡兔同笼: 35 heads, 94 legs.",
+        "12 rabbits and 23 chickens.",
+    ];
+    let write = |name: &str, field: &str| {
+        let path = dir.path().join(name);
+        let rows: String = texts
+            .iter()
+            .map(|t| format!("{}\n", json!({ field: t })))
+            .collect();
+        std::fs::write(&path, rows).unwrap();
+        path
+    };
+    let (text, content) = (
+        write("text.jsonl", "text"),
+        write("content.jsonl", "content"),
+    );
+    let model = f.root.join("model");
+    let eval = |data: &Path, extra: &[&str]| {
+        let mut args = vec!["eval", "--model", model.to_str().unwrap()];
+        args.extend(["--data", data.to_str().unwrap(), "--device", "cpu"]);
+        args.extend_from_slice(extra);
+        sft(&args)
+    };
+    let want = stdout_json(&eval(&text, &[]));
+    let got = stdout_json(&eval(&content, &["--dataset-text-field", "content"]));
+    assert_eq!(got, want);
+    let out = dir.path().join("run");
+    let train = sft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        content.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--max-steps",
+        "1",
+        "--dataset-text-field",
+        "content",
+    ]);
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    let refused = eval(&content, &[]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains(":1: expected fields 'prompt' and 'completion', or 'messages', or 'text'"),
+        "{err}"
+    );
+    let refused = eval(&text, &["--dataset-text-field", "content"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("or 'content' (--dataset-text-field)"), "{err}");
+}
+
 #[test]
 fn bad_data_files_fail_with_one_clear_line() {
     let f = fixture();
