@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use crate::eval::batch_hidden;
+use crate::eval::{batch_hidden, target_outputs};
 
 /// The distillation options of `sft train`, under TRL's `GKDConfig` names.
 #[derive(Debug, Clone, Args, Serialize)]
@@ -190,19 +190,13 @@ pub fn token_loss(
     match args.distillation_objective {
         Objective::Jsd => (token_jsd(student, teacher, batch, args.beta), None),
         Objective::IwOpd => {
-            let t = batch.input_ids.size()[1];
-            let targets = batch.input_ids.narrow(1, 1, t - 1);
             let spec = TokenSpec {
                 temperature: args.temperature,
                 ..TokenSpec::default()
             };
-            let logprobs = |m: &Model| {
-                m.token_outputs(&batch_hidden(m, batch), &targets, spec)
-                    .logprobs
-            };
-            let student_lp = logprobs(student);
-            let teacher_lp = tch::no_grad(|| logprobs(teacher));
-            let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+            let (student_out, mask) = target_outputs(student, batch, spec);
+            let (teacher_out, _) = tch::no_grad(|| target_outputs(teacher, batch, spec));
+            let (student_lp, teacher_lp) = (student_out.logprobs, teacher_out.logprobs);
             let (loss, stats) = iw_opd(
                 &student_lp,
                 &teacher_lp,

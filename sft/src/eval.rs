@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use common::cli::{require, DeviceArgs};
-use common::models::TokenSpec;
+use common::models::{TokenOutputs, TokenSpec};
 use common::{Head, Model, ModelOptions};
 use data::sft::{collate, prepare, SftBatch, TokenizedSft, Truncation};
 use serde_json::json;
@@ -163,17 +163,23 @@ pub struct TokenNll {
     pub top1: Option<Tensor>,
 }
 
-pub fn token_nll_with(model: &Model, batch: &SftBatch, metrics: bool) -> TokenNll {
+/// `model`'s outputs (`spec`'s) at each position for the token that follows it, `[B, T-1]`,
+/// and the mask of the targets (the tokens the loss is on).
+pub fn target_outputs(model: &Model, batch: &SftBatch, spec: TokenSpec) -> (TokenOutputs, Tensor) {
     let t = batch.input_ids.size()[1];
-    let hidden = batch_hidden(model, batch);
     let labels = batch.input_ids.narrow(1, 1, t - 1);
+    let out = model.token_outputs(&batch_hidden(model, batch), &labels, spec);
+    let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+    (out, mask)
+}
+
+pub fn token_nll_with(model: &Model, batch: &SftBatch, metrics: bool) -> TokenNll {
     let spec = TokenSpec {
         entropy: metrics,
         greedy: metrics,
         ..TokenSpec::default()
     };
-    let out = model.token_outputs(&hidden, &labels, spec);
-    let mask = batch.loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+    let (out, mask) = target_outputs(model, batch, spec);
     let rows = |x: Option<Tensor>| {
         x.map(|x| {
             (x.detach().to_kind(Kind::Float) * &mask).sum_dim_intlist(
