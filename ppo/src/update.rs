@@ -301,15 +301,15 @@ fn minibatch_backward(
             *stats.entry("opsm").or_default() +=
                 dropped.sum(Kind::Float).double_value(&[]) / mb_tokens;
         }
-        let pl = match (online_dpo, estimator) {
-            (Some(loss), _) => {
+        let pl = match estimator {
+            AdvantageEstimator::OnlineDpo { loss } => {
                 let reference = pick(&ro.ref_logprobs);
                 let pair = (&new_lp, &reference);
                 let (dpo, pairs) = online_dpo_loss(pair, &advantages, &mask, beta, loss);
                 add_pair_stats(&mut stats, &pairs, weight);
                 PolicyLoss::unclipped(dpo, &(&new_lp - &old_lp), &mask)
             }
-            (None, AdvantageEstimator::A2po) => {
+            AdvantageEstimator::A2po => {
                 let reference = pick(&ro.ref_logprobs);
                 let (regression, (implicit, target)) =
                     a2po_loss((&new_lp, &reference), &advantages, &mask, beta);
@@ -318,7 +318,7 @@ fn minibatch_backward(
                 *stats.entry("advantage").or_default() += mean(&target) * weight;
                 PolicyLoss::unclipped(regression, &(&new_lp - &old_lp), &mask)
             }
-            (None, _) => policy_loss(
+            _ => policy_loss(
                 &new_lp,
                 &old_lp,
                 &advantages,
