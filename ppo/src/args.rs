@@ -26,10 +26,11 @@ pub enum EstimatorName {
     ReinforcePlusPlus,
     OnlineDpo,
     A2po,
+    Sdft,
 }
 
 impl EstimatorName {
-    const ALL: [(&'static str, EstimatorName); 7] = [
+    const ALL: [(&'static str, EstimatorName); 8] = [
         ("gae", EstimatorName::Gae),
         ("grpo", EstimatorName::Grpo),
         ("dr-grpo", EstimatorName::DrGrpo),
@@ -37,6 +38,7 @@ impl EstimatorName {
         ("reinforce-plus-plus", EstimatorName::ReinforcePlusPlus),
         ("online-dpo", EstimatorName::OnlineDpo),
         ("a2po", EstimatorName::A2po),
+        ("sdft", EstimatorName::Sdft),
     ];
 }
 
@@ -44,7 +46,7 @@ impl std::str::FromStr for EstimatorName {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, e)| *e).ok_or_else(|| {
-            format!("'{s}' is not an advantage estimator (expected gae, grpo, dr-grpo, rloo, reinforce-plus-plus, online-dpo or a2po)")
+            format!("'{s}' is not an advantage estimator (expected gae, grpo, dr-grpo, rloo, reinforce-plus-plus, online-dpo, a2po or sdft)")
         })
     }
 }
@@ -297,7 +299,9 @@ pub struct TrainArgs {
     /// prompt, the better rewarded chosen, DPO's loss on the pair with β = --kl-coef); or
     /// a2po (A*-PO, TRL's experimental A2POTrainer: one response per prompt, β·log π/π_ref
     /// regressed onto r − V*, β = --kl-coef, V* estimated before training from
-    /// --num-value-samples responses of the starting policy to every prompt).
+    /// --num-value-samples responses of the starting policy to every prompt); or sdft
+    /// (SDFT, TRL's experimental SDFTTrainer: no reward, the policy distilled on its own
+    /// responses from a teacher shown each row's privileged_context, see --teacher-model-kind).
     #[arg(long, default_value = "gae")]
     pub advantage_estimator: EstimatorName,
     /// A*-PO: responses sampled from the starting policy (the reference) to every training
@@ -531,6 +535,10 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub sync: SyncRefArgs,
+    /// SDFT's teacher and objective (--advantage-estimator sdft).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub sdft: crate::sdft::SdftArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub memory: MemoryArgs,
@@ -612,6 +620,7 @@ impl TrainArgs {
                 loss: self.online_dpo_loss,
             },
             EstimatorName::A2po => AdvantageEstimator::A2po,
+            EstimatorName::Sdft => AdvantageEstimator::Sdft,
         }
     }
 
@@ -659,12 +668,37 @@ impl TrainArgs {
                 // DPO's per pair, averaged over pairs, and A*-PO's per response
                 // (micro-batches weighed by their rows).
                 PolicyLossName::Gmpo => LossAggregation::SeqMeanTokenMean,
-                _ if self.advantage_estimator().kl_in_objective() => {
+                // SDFT's: each response's mean over its tokens, averaged (TRL's).
+                _ if self.advantage_estimator().kl_in_objective()
+                    || self.advantage_estimator == EstimatorName::Sdft =>
+                {
                     LossAggregation::SeqMeanTokenMean
                 }
                 _ => self.loss_aggregation,
             },
             norm: self.response_length as f64,
+        }
+    }
+
+    /// How the frozen reference moves: `--sync-ref-model`'s TR-DPO updates, or SDFT's EMA
+    /// teacher (`--teacher-model-kind ema`: the reference is the teacher).
+    pub fn reference_sync(&self) -> SyncRefArgs {
+        match (self.advantage_estimator, self.sdft.teacher_model_kind) {
+            (EstimatorName::Sdft, crate::sdft::TeacherKind::Ema) => SyncRefArgs {
+                sync_ref_model: true,
+                ref_model_mixup_alpha: self.sdft.teacher_update_rate,
+                ref_model_sync_steps: self.sdft.teacher_sync_steps,
+            },
+            _ => self.sync.clone(),
+        }
+    }
+
+    /// Whether the run holds a reference model: for the KL penalty (`--kl-coef` > 0), or as
+    /// SDFT's base or EMA teacher.
+    pub fn holds_reference(&self) -> bool {
+        match self.advantage_estimator {
+            EstimatorName::Sdft => self.sdft.teacher_model_kind != crate::sdft::TeacherKind::Live,
+            _ => self.kl_coef > 0.0,
         }
     }
 
@@ -702,6 +736,7 @@ impl TrainArgs {
         self.run.validate()?;
         self.adapter.validate()?;
         self.memory.validate()?;
+        require(&self.sdft.problems())?;
         require(&[
             (
                 self.rollout_batch_size > 0,
@@ -793,6 +828,23 @@ impl TrainArgs {
                         && !self.kl_in_loss
                         && self.policy_loss == PolicyLossName::Clip),
                 "--advantage-estimator a2po regresses β·log π/π_ref of one response per prompt onto r − V* with β = --kl-coef: it needs --num-generations 1, --kl-coef > 0 (not --kl-in-loss) and --policy-loss clip",
+            ),
+            (
+                self.advantage_estimator != EstimatorName::Sdft
+                    || (!self.kl_in_loss
+                        && self.entropy_coef == 0.0
+                        && !self.use_adaptive_entropy
+                        && !self.filter_groups
+                        && self.tool_program().is_none()
+                        && !self.sync.sync_ref_model
+                        && self.policy_loss == PolicyLossName::Clip
+                        && self.importance_sampling_level == ImportanceSampling::Token
+                        && self.delta.is_none()
+                        && self.top_entropy_quantile == 1.0
+                        && self.off_policy_mask_threshold.is_none()
+                        && self.sampling_correction.is_none()
+                        && !self.mask_truncated_completions),
+                "--advantage-estimator sdft distils the policy from its teacher on every sampled token: --kl-in-loss, --entropy-coef, --use-adaptive-entropy, --filter-groups, tools, --sync-ref-model (give --teacher-model-kind ema), --policy-loss other than clip and the per-token loss shapers (--importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction, --mask-truncated-completions) are refused with it",
             ),
             (
                 self.num_value_samples > 0,

@@ -13,6 +13,7 @@ mod program;
 pub mod python_str;
 pub mod reward_fn;
 pub mod rollout;
+pub mod sdft;
 mod sources;
 pub mod tools;
 pub mod train;

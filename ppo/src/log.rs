@@ -183,6 +183,11 @@ pub(crate) fn iteration_scalars(
             ("beta", it.beta),
         ]);
     }
+    if let Some(loss) = it.stats.distillation_loss {
+        // TRL's `SDFTTrainer` logs it under both names.
+        scalars.push(("self_distillation/distillation_loss", mean(loss)));
+        scalars.push(("sdft/distillation_loss", mean(loss)));
+    }
     if let Some(batches) = ro.gen_batches {
         // The same on every rank (they decide together).
         scalars.push(("num_gen_batches", batches as f64));
@@ -224,6 +229,10 @@ pub(crate) fn iteration_scalars(
             format!("rewards/{name}/std"),
             var_over(world, moments).sqrt(),
         ));
+    }
+    if ro.source_names.is_empty() {
+        // SDFT without a reward source: no response has a score to average.
+        named.retain(|(_, v)| !v.is_nan());
     }
     named
 }
@@ -336,6 +345,33 @@ pub(crate) fn write_samples(
         let prompt = tok.decode(prompt_ids, true);
         let mut line =
             serde_json::json!({"step": step, "prompt": prompt, "response": text, "score": score});
+        // The sampled tokens exactly (the EOS included), which the text may not give back.
+        let width = ro.response.size()[1];
+        let real = ro.full_mask.get(i as i64).narrow(0, ro.prompt_len, width);
+        let n = real.sum(Kind::Int64).int64_value(&[]);
+        let ids = Vec::<i64>::try_from(
+            ro.response
+                .get(i as i64)
+                .narrow(0, 0, n)
+                .to_device(tch::Device::Cpu),
+        )?;
+        line["completion_ids"] = serde_json::json!(ids);
+        if let Some(teacher) = &ro.teacher {
+            // SDFT: what the teacher read before the response.
+            let row = teacher
+                .full_ids
+                .get(i as i64)
+                .narrow(0, 0, teacher.prompt_len);
+            let keep = teacher
+                .full_mask
+                .get(i as i64)
+                .narrow(0, 0, teacher.prompt_len);
+            let ids = Vec::<i64>::try_from(
+                row.masked_select(&keep.to_kind(Kind::Bool))
+                    .to_device(tch::Device::Cpu),
+            )?;
+            line["teacher_prompt"] = serde_json::json!(tok.decode(&ids, true));
+        }
         let rewards: serde_json::Map<String, serde_json::Value> = ro
             .source_names
             .iter()

@@ -148,6 +148,10 @@ pub enum AdvantageEstimator {
     /// before training from the starting policy's samples ([`optimal_value`]); the policy
     /// loss regresses `β·Σ(log π − log π_ref)` onto it ([`a2po_loss`]).
     A2po,
+    /// SDFT (Shenfeld et al. 2026, TRL's experimental `SDFTTrainer`): no advantage; the
+    /// policy loss is the divergence from a teacher shown each row's privileged context
+    /// ([`crate::sdft`]).
+    Sdft,
 }
 
 /// DPO's loss on a pair's margin `z` (TRL's `OnlineDPOConfig.loss_type`).
@@ -435,6 +439,10 @@ pub fn advantages(
         },
         AdvantageEstimator::OnlineDpo { .. } => Advantages {
             advantages: broadcast(preferences(&per_sequence())),
+            returns: None,
+        },
+        AdvantageEstimator::Sdft => Advantages {
+            advantages: Tensor::zeros_like(mask),
             returns: None,
         },
         AdvantageEstimator::A2po => {

@@ -57,6 +57,8 @@ pub struct Rollout {
     pub gen_batches: Option<usize>,
     /// With tools: how many calls the responses made, and how many failed.
     pub tool_stats: Option<ToolStats>,
+    /// SDFT: the teacher's prompts before the same responses.
+    pub teacher: Option<crate::sdft::TeacherInputs>,
 }
 
 /// `[B, N]` log-probs (at `temperature`) and entropies of the response tokens; the
@@ -852,6 +854,7 @@ pub fn score_sampled(
         logprob_check,
         gen_batches: None,
         tool_stats: sampled.tool_stats,
+        teacher: None,
     }
 }
 

@@ -36,6 +36,7 @@ use crate::rollout::{
     rollout, sample_and_reward, score_sampled, RefModel, Reprompt, Rollout, RolloutModels,
     RolloutOptions, Sampled, Tools,
 };
+use crate::sdft::{Teacher, TeacherInputs, TeacherKind};
 use crate::sources::load_reward_models;
 pub use crate::sources::{rule_functions, Rule, REWARD_COMMAND_NAMES, REWARD_MODEL_NAMES};
 use crate::tools::{EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner};
@@ -101,7 +102,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         !args.reward_model.is_empty()
             || !args.reward_rule.is_empty()
             || !args.reward_command.is_empty()
-            || args.environment_reward,
+            || args.environment_reward
+            || args.advantage_estimator() == AdvantageEstimator::Sdft,
         "no reward: give --reward-model DIR, --reward-rule RULE, --reward-command CMD and/or --environment-reward"
     );
     let world = args.run.world()?;
@@ -326,6 +328,8 @@ struct Ppo<'a> {
     v_star: Option<Vec<f64>>,
     /// The prompts (of `prompts`) of the last rollout's rows, in order.
     batch_rows: Vec<usize>,
+    /// SDFT: each prompt's teacher prompt (of `prompts`).
+    teacher_prompts: Option<Vec<Vec<i64>>>,
 }
 
 /// The reference the KL penalty measures against, as the run holds it.
@@ -349,6 +353,10 @@ fn unscored_responses(ro: Rollout, estimator: AdvantageEstimator) -> Result<Roll
     let Some(&first) = unscored.first() else {
         return Ok(ro);
     };
+    if estimator == AdvantageEstimator::Sdft {
+        // SDFT learns from its teacher: a reward is only logged.
+        return Ok(ro);
+    }
     let shown: String = ro.texts[first].chars().take(60).collect();
     let what = format!("response {first} of the batch ('{shown}')");
     anyhow::ensure!(
@@ -523,9 +531,13 @@ impl<'a> Ppo<'a> {
             !args.sync.sync_ref_model || (args.kl_coef > 0.0 && !fresh_adapter),
             "--sync-ref-model needs a reference copy to move: not with --kl-coef 0 (none is held) nor with a fresh LoRA or prompt-tuning adapter (the reference is the policy with its adapter off)"
         );
-        let reference = if args.kl_coef == 0.0 {
+        anyhow::ensure!(
+            !args.reference_sync().sync_ref_model || !fresh_adapter,
+            "--teacher-model-kind ema moves a copy of the starting policy towards the policy: not with a fresh LoRA or prompt-tuning adapter (the starting policy is the policy with its adapter off); use base or live"
+        );
+        let reference = if !args.holds_reference() {
             tracing::info!(
-                "--kl-coef 0: no reference model is held or run (the KL penalty weighs nothing); objective/kl is not logged"
+                "no reference model is held or run (--kl-coef 0: the KL penalty weighs nothing; or SDFT's live teacher); objective/kl is not logged"
             );
             Reference::NotHeld
         } else if fresh_adapter {
@@ -542,6 +554,13 @@ impl<'a> Ppo<'a> {
             None
         };
         let ((prompts, fields, examples), ptx_rows) = read_data(args, &tok, &policy)?;
+        let teacher_prompts = (args.advantage_estimator() == AdvantageEstimator::Sdft)
+            .then(|| {
+                let room = max_prompt_length(args, &policy)?;
+                let template = &args.sdft.teacher_prompt_template;
+                crate::sdft::teacher_prompts(&args.prompts, template, &tok, room)
+            })
+            .transpose()?;
         // A response template of the tokenizer's own reads the answers (rollout's
         // completion_messages): one that cannot be read stops the run now.
         tok.response_template()?;
@@ -625,6 +644,7 @@ impl<'a> Ppo<'a> {
             num_tokens: 0.0,
             v_star: None,
             batch_rows: vec![],
+            teacher_prompts,
         })
     }
 
@@ -735,6 +755,17 @@ impl<'a> Ppo<'a> {
             }
             Ok(ro) => ro,
         };
+        // SDFT: the teacher reads the same responses after its own prompts.
+        ro.teacher = self.teacher_prompts.as_ref().map(|teacher| {
+            let prompts: Vec<&[i64]> = self
+                .batch_rows
+                .iter()
+                .map(|&i| teacher[i].as_slice())
+                .collect();
+            let n = ro.response.size()[1];
+            let response_mask = ro.full_mask.narrow(1, ro.prompt_len, n);
+            TeacherInputs::new(&prompts, self.tok.pad_id, (&ro.response, &response_mask))
+        });
         ro.correction = args.sampling_correction.map(|mode| {
             sampling_correction(
                 &ro.logprobs,
@@ -784,11 +815,17 @@ impl<'a> Ppo<'a> {
         );
 
         let train_started = Instant::now();
+        let teacher = match (&self.reference, args.sdft.teacher_model_kind) {
+            (_, TeacherKind::Live) => Teacher::Live,
+            (Reference::Frozen(model), _) => Teacher::Copy(model),
+            _ => Teacher::AdapterOff,
+        };
         let learners = Learners {
             policy: &mut self.policy,
             critic: self.critic.as_mut(),
             ptx: self.ptx.as_mut(),
             entropy: &mut self.entropy,
+            teacher: ro.teacher.as_ref().map(|_| teacher),
         };
         let stats = update(args, (&ro, &adv), learners, world, (step, beta))?;
         let train_time = train_started.elapsed().as_secs_f64();
@@ -822,8 +859,9 @@ impl<'a> Ppo<'a> {
         session.state.extra = serde_json::to_value(&state)?;
         let loss = stats.policy_loss + args.vf_coef * stats.value_loss;
         session.finish_step(&stats.outcome, loss, self.sampler.position())?;
-        if let (Reference::Frozen(m), true) = (&self.reference, args.sync.due(step + 1)) {
-            common::sync_ref::mix(m, &self.policy.model, args.sync.ref_model_mixup_alpha);
+        let sync = args.reference_sync();
+        if let (Reference::Frozen(m), true) = (&self.reference, sync.due(step + 1)) {
+            common::sync_ref::mix(m, &self.policy.model, sync.ref_model_mixup_alpha);
         }
         Ok(Iteration {
             ro,
@@ -1203,7 +1241,9 @@ impl<'a> Ppo<'a> {
             .collect();
         // A reference that has moved (--sync-ref-model) is part of the run's state.
         let moved = match &self.reference {
-            Reference::Frozen(m) if self.args.sync.has_moved(session.state.step) => Some(m),
+            Reference::Frozen(m) if self.args.reference_sync().has_moved(session.state.step) => {
+                Some(m)
+            }
             _ => None,
         };
         session.save(&trainees, |dir| {

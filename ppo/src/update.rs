@@ -21,6 +21,7 @@ use crate::math::{
     KlEstimator, PolicyLoss,
 };
 use crate::rollout::{response_logprobs, response_values, Rollout};
+use crate::sdft::{self, Teacher};
 
 pub use common::rng::derived_seed;
 
@@ -39,6 +40,8 @@ pub struct Learners<'a> {
     pub critic: Option<&'a mut Trainee>,
     pub ptx: Option<&'a mut Ptx>,
     pub entropy: &'a mut EntropyController,
+    /// SDFT's teacher (`--advantage-estimator sdft`).
+    pub teacher: Option<Teacher<'a>>,
 }
 
 /// Averages over the minibatches of one iteration.
@@ -75,6 +78,9 @@ pub struct UpdateStats {
     /// A*-PO's means over the responses (`--advantage-estimator a2po`, TRL's
     /// `implicit_reward` and `advantage`): β·Σ(log π − log π_ref), and the target r − V*.
     pub a2po: Option<(f64, f64)>,
+    /// SDFT's per-token loss, the mean over the loss tokens (TRL's
+    /// `self_distillation/distillation_loss`).
+    pub distillation_loss: Option<f64>,
     /// Max |ratio − 1| on the first minibatch, before any update: 0 unless dropout is on or
     /// the rollout and the training forward disagree.
     pub first_ratio_max_dev: f64,
@@ -124,6 +130,16 @@ pub fn update(
         &ro.mask * ended.unsqueeze(1).to_kind(ro.mask.kind())
     } else {
         ro.mask.shallow_clone()
+    };
+    // SDFT leaves the first --num-loss-tokens-to-skip tokens of each response out.
+    let skip = args.sdft.num_loss_tokens_to_skip;
+    let policy_mask = match learners.teacher.is_some() && skip > 0 {
+        true => {
+            let n = policy_mask.size()[1];
+            let at = Tensor::arange(n, (Kind::Int64, policy_mask.device()));
+            &policy_mask * at.ge(skip).to_kind(policy_mask.kind()).unsqueeze(0)
+        }
+        false => policy_mask,
     };
     // Online DPO's pairs stay whole: its minibatches are shuffled a pair at a time.
     let unit = match args.advantage_estimator().pair_loss() {
@@ -217,6 +233,7 @@ pub fn update(
         }),
         a2po: (args.advantage_estimator() == AdvantageEstimator::A2po)
             .then(|| (avg("implicit_reward"), avg("advantage"))),
+        distillation_loss: learners.teacher.is_some().then(|| avg("distillation_loss")),
         first_ratio_max_dev,
         outcome: outcome.expect("at least one minibatch"),
     })
@@ -275,15 +292,33 @@ fn minibatch_backward(
         let weight = aggregation.weight(tokens, mb_tokens, part.len() as f64, mb_rows);
         let value_weight = value_mask.sum(Kind::Float).double_value(&[]) / mb_value_tokens;
         let policy = &learners.policy.model;
-        let (new_lp, ent) = response_logprobs(
-            policy,
-            &ids,
-            &full_mask,
-            ro.prompt_len,
-            (args.temperature, entropy_coef > 0.0),
-        );
-        let keep = keep.as_ref().map(pick);
         let (old_lp, advantages) = (pick(&ro.logprobs), pick(&adv.advantages));
+        // SDFT: the student's and the teacher's logits; the importance weight only where
+        // the rollout feeds more than one optimiser step (as TRL's).
+        let sdft = match (learners.teacher, &ro.teacher) {
+            (Some(teacher), Some(inputs)) => {
+                let reused = args.ppo_epochs * args.num_minibatches > 1;
+                Some(sdft::token_losses(
+                    (policy, teacher),
+                    (&ids, &full_mask, ro.prompt_len),
+                    &inputs.pick(&idx),
+                    (&mask, reused.then_some(&old_lp)),
+                    (&args.sdft, args.temperature),
+                ))
+            }
+            _ => None,
+        };
+        let (new_lp, ent) = match &sdft {
+            Some(s) => (s.logprobs.shallow_clone(), s.entropy.shallow_clone()),
+            None => response_logprobs(
+                policy,
+                &ids,
+                &full_mask,
+                ro.prompt_len,
+                (args.temperature, entropy_coef > 0.0),
+            ),
+        };
+        let keep = keep.as_ref().map(pick);
         // The policy loss's tokens: the high-entropy ones, less the off-policy responses.
         let opsm = args
             .off_policy_mask_threshold
@@ -317,6 +352,14 @@ fn minibatch_backward(
                 *stats.entry("implicit_reward").or_default() += mean(&implicit) * weight;
                 *stats.entry("advantage").or_default() += mean(&target) * weight;
                 PolicyLoss::unclipped(regression, &(&new_lp - &old_lp), &mask)
+            }
+            AdvantageEstimator::Sdft => {
+                let s = sdft.as_ref().expect("SDFT's teacher inputs");
+                let loss = aggregation.aggregate(&s.loss, &mask, norm);
+                // TRL's distillation_loss: the mean over the minibatch's loss tokens.
+                let sum = s.loss.detach().sum(Kind::Double).double_value(&[]);
+                *stats.entry("distillation_loss").or_default() += sum / mb_tokens;
+                PolicyLoss::unclipped(loss, &(&new_lp - &old_lp), &mask)
             }
             _ => policy_loss(
                 &new_lp,
@@ -462,7 +505,7 @@ fn high_entropy_tokens(
 }
 
 /// The statistics a minibatch's ranks sum.
-const STAT_KEYS: [&str; 20] = [
+const STAT_KEYS: [&str; 21] = [
     "policy",
     "approxkl",
     "clipfrac",
@@ -483,6 +526,7 @@ const STAT_KEYS: [&str; 20] = [
     "logps_rejected",
     "implicit_reward",
     "advantage",
+    "distillation_loss",
 ];
 
 /// PPO-ptx: the language-modelling loss of the next `rows` SFT rows (this rank's share of

@@ -38,6 +38,15 @@ fn fixture() -> &'static Fixture {
                 })
                 .collect();
             std::fs::write(&prompts, lines).unwrap();
+            // The same prompts with a privileged context (SDFT's teacher reads it).
+            let lines: String = (0..16)
+                .map(|i| {
+                    let row = serde_json::json!({"prompt": format!("There are {} heads", i + 3),
+                        "privileged_context": format!("{} rabbits", i / 2 + 1)});
+                    format!("{row}\n")
+                })
+                .collect();
+            std::fs::write(root.join("prompts-context.jsonl"), lines).unwrap();
         }
         Fixture {
             root,
@@ -885,8 +894,9 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
     let entropy =
         "--use-adaptive-entropy --entropy-coef 0.01 --entropy-coef-delta 0.01 --entropy-target 10";
     // And with DAPO's dynamic sampling, whose extra batches of prompts move the sampler;
-    // online DPO, whose minibatches are shuffled a pair at a time; and A*-PO, whose
-    // optimal values the resumed run reads back.
+    // online DPO, whose minibatches are shuffled a pair at a time; A*-PO, whose optimal
+    // values the resumed run reads back; and SDFT with an EMA teacher, moved at step 2 and
+    // read back from the checkpoint.
     let filter = "--filter-groups --max-num-gen-batches 0";
     for (tag, options) in [
         ("plain", ""),
@@ -895,6 +905,7 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
         ("filter", filter),
         ("online-dpo", "online-dpo"),
         ("a2po", "a2po"),
+        ("sdft", "sdft"),
     ] {
         let straight = f.root.join(format!("run-grpo-straight-{tag}"));
         let reward = TextRule(digit_share);
@@ -915,7 +926,7 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
         assert!(!status.success(), "{tag}: the child was not killed");
         assert!(!killed.join("final").exists());
         let moved = killed.join("checkpoints/step-000002/ref_model.safetensors");
-        assert_eq!(moved.exists(), tag == "sync");
+        assert_eq!(moved.exists(), tag == "sync" || tag == "sdft", "{tag}");
         run_with_reward(&resumable_args(&killed, options, true), &reward).unwrap();
         let diff =
             rlhf_tests::max_weight_diff(&straight.join("final"), &killed.join("final"), Head::Lm);
@@ -972,8 +983,21 @@ fn child_killed_grpo_run() {
 fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
     let online = options == "online-dpo";
     let a2po = options == "a2po";
+    let sdft = options == "sdft";
     let mut extra = vec!["--max-steps", "4", "--save-every", "2"];
-    if !online && !a2po {
+    if sdft {
+        extra.extend([
+            "--teacher-model-kind",
+            "ema",
+            "--teacher-sync-steps",
+            "2",
+            "--teacher-update-rate",
+            "0.5",
+            "--distillation-topk",
+            "10",
+        ]);
+    }
+    if !online && !a2po && !sdft {
         extra.extend(options.split_whitespace());
     }
     if resume {
@@ -991,6 +1015,11 @@ fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
         a.num_generations = 1;
         a.num_value_samples = 2;
         a.kl_coef = 0.1;
+    }
+    if sdft {
+        // The reward is only logged.
+        a.advantage_estimator = "sdft".parse().unwrap();
+        a.prompts = fixture().root.join("prompts-context.jsonl");
     }
     a
 }

@@ -1,0 +1,600 @@
+//! SDFT, self-distillation fine-tuning (Shenfeld et al. 2026, "Self-Distillation Enables
+//! Continual Learning"; TRL's experimental `SDFTTrainer`): `ppo train
+//! --advantage-estimator sdft`.
+//!
+//! Each prompt row carries a `privileged_context` (a demonstration, the answer, feedback).
+//! The policy samples responses to the plain prompt, as every rollout does; the teacher is
+//! the same kind of model shown the prompt *with* the context (`--teacher-prompt-template`,
+//! `{prompt}\n\n{privileged_context}`) and reading the same response. The loss pulls the
+//! student's next-token distribution at each response token towards the teacher's: a
+//! divergence over the student's top-k tokens (TRL's default), over the whole vocabulary,
+//! or on the sampled token alone. No reward is needed.
+//!
+//! The teacher (`--teacher-model-kind`): `base`, the starting policy (the run's reference:
+//! a frozen copy, or the policy with its fresh adapter off); `ema`, that copy moved towards
+//! the policy by `--teacher-update-rate` every `--teacher-sync-steps` steps (TR-DPO's
+//! update, as the reference's `--sync-ref-model`); `live`, the policy itself, without
+//! gradient.
+//!
+//! The divergences are pure functions here, checked against TRL's `loss_utils` in
+//! `ppo/tests/sdft.rs`; [`token_losses`] runs the two forwards.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use common::models::adapter::without_adapters;
+use common::Model;
+use data::formats::{Content, Message, PromptExample, PromptFields};
+use data::Tokenizer;
+use serde::Serialize;
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+use crate::python_str::python_str;
+
+/// The options of `--advantage-estimator sdft`, under TRL's `SDFTConfig` names.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct SdftArgs {
+    /// SDFT's teacher: base (the starting policy), ema (the starting policy moved towards
+    /// the policy by --teacher-update-rate every --teacher-sync-steps steps) or live (the
+    /// policy itself, without gradient). TRL's `teacher_model_kind`.
+    #[arg(long, value_enum, default_value = "base")]
+    pub teacher_model_kind: TeacherKind,
+    /// SDFT, --teacher-model-kind ema: teacher ← rate·policy + (1 − rate)·teacher.
+    #[arg(long, default_value_t = 0.05)]
+    pub teacher_update_rate: f64,
+    /// SDFT, --teacher-model-kind ema: steps between the teacher's updates.
+    #[arg(long, default_value_t = 1)]
+    pub teacher_sync_steps: u64,
+    /// SDFT: the teacher's prompt, a Python format string over `{prompt}` (the row's
+    /// prompt; of a conversation, its last user turn's text, which the teacher's user turn
+    /// replaces) and `{privileged_context}` (the row's field; a list of messages gives
+    /// their texts a line each).
+    #[arg(long, default_value = "{prompt}\n\n{privileged_context}")]
+    pub teacher_prompt_template: String,
+    /// SDFT's per-token objective: topk_logits (a divergence over the student's
+    /// --distillation-topk likeliest tokens), full_logits (over the vocabulary) or
+    /// sampled_token (reverse KL on the sampled token, as a policy gradient).
+    #[arg(long, value_enum, default_value = "topk_logits")]
+    pub distillation_mode: DistillationMode,
+    /// SDFT: α of the divergence: 0 is KL(teacher‖student), 1 KL(student‖teacher),
+    /// between them (1 − α)·KL(student‖m) + α·KL(teacher‖m) against the mixture
+    /// m = (1 − α)·student + α·teacher.
+    #[arg(long, default_value_t = 0.5)]
+    pub distillation_alpha: f64,
+    /// SDFT, topk_logits: how many of the student's likeliest tokens the divergence covers.
+    #[arg(long, default_value_t = 100)]
+    pub distillation_topk: i64,
+    /// SDFT, topk_logits: add one bucket holding the probability left outside the top k
+    /// (instead of renormalising the top k).
+    #[arg(long)]
+    pub distillation_add_tail: bool,
+    /// SDFT: where a rollout feeds more than one optimiser step (--ppo-epochs or
+    /// --num-minibatches above 1), each token's loss is weighted by π/π_old capped at this
+    /// ("none": no weight). TRL's `distillation_is_clip`.
+    #[arg(long, default_value = "2", value_parser = parse_clip)]
+    pub distillation_is_clip: Clip,
+    /// SDFT: the first response tokens left out of the loss (teacher-prompt artifacts).
+    #[arg(long, default_value_t = 0)]
+    pub num_loss_tokens_to_skip: i64,
+}
+
+/// `--distillation-is-clip`: a cap, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Clip(pub Option<f64>);
+
+fn parse_clip(s: &str) -> Result<Clip, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Clip(None));
+    }
+    let c: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number or none"))?;
+    Ok(Clip(Some(c)))
+}
+
+/// `--teacher-model-kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TeacherKind {
+    Base,
+    Ema,
+    Live,
+}
+
+/// `--distillation-mode`, under TRL's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillationMode {
+    #[value(name = "topk_logits")]
+    TopkLogits,
+    #[value(name = "full_logits")]
+    FullLogits,
+    #[value(name = "sampled_token")]
+    SampledToken,
+}
+
+impl SdftArgs {
+    /// What can be wrong with the options alone, in one line each.
+    pub fn problems(&self) -> Vec<(bool, &'static str)> {
+        vec![
+            (
+                (0.0..=1.0).contains(&self.distillation_alpha),
+                "--distillation-alpha must be in [0, 1]",
+            ),
+            (
+                self.distillation_mode != DistillationMode::SampledToken
+                    || self.distillation_alpha == 1.0,
+                "--distillation-mode sampled_token is the reverse KL on the sampled token: it needs --distillation-alpha 1",
+            ),
+            (
+                self.distillation_topk >= 1,
+                "--distillation-topk must be at least 1",
+            ),
+            (
+                self.distillation_is_clip.0.is_none_or(|c| c > 0.0 && c.is_finite()),
+                "--distillation-is-clip must be > 0 (or none)",
+            ),
+            (
+                self.num_loss_tokens_to_skip >= 0,
+                "--num-loss-tokens-to-skip must be ≥ 0",
+            ),
+            (
+                self.teacher_update_rate > 0.0 && self.teacher_update_rate <= 1.0,
+                "--teacher-update-rate must be in (0, 1]",
+            ),
+            (
+                self.teacher_sync_steps > 0,
+                "--teacher-sync-steps must be at least 1",
+            ),
+            (
+                format_template(&self.teacher_prompt_template, "", "").is_ok(),
+                "--teacher-prompt-template: only {prompt} and {privileged_context} may be filled in (write a literal brace as {{ or }})",
+            ),
+        ]
+    }
+}
+
+/// Python's `template.format(prompt=..., privileged_context=...)`: `{{` and `}}` are
+/// braces, `{prompt}` and `{privileged_context}` the values, in one pass (a value's own
+/// braces are left as they are).
+pub fn format_template(template: &str, prompt: &str, context: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(i) = rest.find(['{', '}']) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if tail.starts_with("{{") || tail.starts_with("}}") {
+            out.push_str(&tail[..1]);
+            rest = &tail[2..];
+            continue;
+        }
+        if tail.starts_with('}') {
+            bail!("a single '}}' in the template");
+        }
+        let end = tail
+            .find('}')
+            .ok_or_else(|| anyhow::anyhow!("a '{{' never closed in the template"))?;
+        match &tail[1..end] {
+            "prompt" => out.push_str(prompt),
+            "privileged_context" => out.push_str(context),
+            other => bail!("the template names '{other}'"),
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A row's `privileged_context` as text, as TRL's `_stringify_privileged_context`: a string
+/// as it is, a list of messages their texts a line each, anything else Python's `str()`.
+pub fn context_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.first().is_some_and(Value::is_object) => items
+            .iter()
+            .map(|m| match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+                    .map(|p| p.get("text").and_then(Value::as_str).unwrap_or(""))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                Some(other) => python_str(other),
+                None => String::new(),
+            })
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        other => python_str(other),
+    }
+}
+
+/// The teacher's prompt for a row (`prompt` as given, `fields` its other fields), as TRL's
+/// `DemonstrationTeacherContextBuilder`: a text prompt through the template; a
+/// conversation with its last turn (which must be the user's) replaced by a user turn of
+/// the template over that turn's text. The error says which field is wrong.
+pub fn teacher_prompt(
+    prompt: &PromptExample,
+    fields: &PromptFields,
+    template: &str,
+) -> std::result::Result<PromptExample, (&'static str, String)> {
+    let context = match fields.get("privileged_context") {
+        None | Some(Value::Null) => {
+            return Err((
+                "privileged_context",
+                "missing: --advantage-estimator sdft shows it to the teacher".into(),
+            ))
+        }
+        Some(v) => context_text(v),
+    };
+    let fill =
+        |text: &str| format_template(template, text, &context).expect("validated with the options");
+    let content = match &prompt.prompt {
+        Content::Text(t) => Content::Text(fill(t)),
+        Content::Messages(m) => {
+            let Some(last) = m.last().filter(|l| l.role == "user") else {
+                return Err((
+                    "messages",
+                    "SDFT's teacher prompt replaces the last user turn: the conversation must end with one".into(),
+                ));
+            };
+            let mut messages = m[..m.len() - 1].to_vec();
+            messages.push(Message::new("user", &fill(&last.content)));
+            Content::Messages(messages)
+        }
+    };
+    Ok(PromptExample {
+        prompt: content,
+        template: prompt.template.clone(),
+    })
+}
+
+/// Every training prompt's teacher prompt, tokenized and cut to its last
+/// `max_prompt_length` tokens as the prompts are. A row without a `privileged_context`
+/// stops the run naming its file, line and field.
+pub fn teacher_prompts(
+    path: &std::path::Path,
+    template: &str,
+    tok: &Tokenizer,
+    max_prompt_length: usize,
+) -> Result<Vec<Vec<i64>>> {
+    let rows = data::read_prompts_with_fields(path)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, (prompt, fields)) in rows.iter().enumerate() {
+        let example =
+            teacher_prompt(prompt, fields, template).map_err(|(f, m)| rows.error(i, Some(f), m))?;
+        let ids = tok.encode_prompt(&example).map_err(|e| rows.locate(i, e))?;
+        out.push(ids[ids.len().saturating_sub(max_prompt_length)..].to_vec());
+    }
+    Ok(out)
+}
+
+/// The teacher's inputs for a rollout: its prompts (left-padded) and the same responses.
+pub struct TeacherInputs {
+    pub full_ids: Tensor,
+    pub full_mask: Tensor,
+    pub prompt_len: i64,
+}
+
+impl TeacherInputs {
+    /// `prompts` (one per rollout row) before the rollout's responses (`response`,
+    /// `response_mask`, right-padded).
+    pub fn new(
+        prompts: &[&[i64]],
+        pad_id: i64,
+        (response, response_mask): (&Tensor, &Tensor),
+    ) -> Self {
+        let batch = data::prompts::collate_left(prompts, pad_id, response.device());
+        let prompt_len = batch.input_ids.size()[1];
+        TeacherInputs {
+            full_ids: Tensor::cat(&[batch.input_ids, response.shallow_clone()], 1),
+            full_mask: Tensor::cat(
+                &[
+                    batch.attention_mask.shallow_clone(),
+                    response_mask.to_kind(batch.attention_mask.kind()),
+                ],
+                1,
+            ),
+            prompt_len,
+        }
+    }
+
+    /// Rows `idx` of the inputs.
+    pub fn pick(&self, idx: &Tensor) -> TeacherInputs {
+        TeacherInputs {
+            full_ids: self.full_ids.index_select(0, idx),
+            full_mask: self.full_mask.index_select(0, idx),
+            prompt_len: self.prompt_len,
+        }
+    }
+}
+
+/// Which weights give the teacher's logits.
+#[derive(Clone, Copy)]
+pub enum Teacher<'a> {
+    /// A frozen (or EMA-moved) copy of the starting policy.
+    Copy(&'a Model),
+    /// The policy with its fresh adapter off: the starting policy.
+    AdapterOff,
+    /// The policy as it is now (`--teacher-model-kind live`).
+    Live,
+}
+
+/// One micro-batch's SDFT loss, `[B, N]` over response tokens.
+pub struct TokenLosses {
+    /// The per-token loss with the student's gradient (0 off `loss_mask`), the
+    /// importance weight applied.
+    pub loss: Tensor,
+    /// The per-token divergence itself, detached (TRL's `distillation_loss` averages it).
+    pub divergence: Tensor,
+    /// The student's log-probs of the sampled tokens and its entropies, detached.
+    pub logprobs: Tensor,
+    pub entropy: Tensor,
+}
+
+/// Logits `[B, N, V]` (f32, over `temperature`) at the response positions of `ids`
+/// (prompt left-padded to `prompt_len`, then the response).
+fn response_logits(
+    model: &Model,
+    (ids, mask, prompt_len): (&Tensor, &Tensor, i64),
+    temperature: f64,
+) -> Tensor {
+    let n = ids.size()[1] - prompt_len;
+    let hidden = model.hidden(ids, mask, None).narrow(1, prompt_len - 1, n);
+    model.head_output(&hidden).to_kind(Kind::Float) / temperature
+}
+
+/// The student's (the policy's, with gradient) and the teacher's (without) logits at the
+/// responses of one micro-batch, and SDFT's per-token loss on `loss_mask`'s tokens.
+/// `old_logprobs`: the rollout's log-probs, for the importance weight, when the rollout
+/// feeds more than one optimiser step.
+pub fn token_losses(
+    (policy, teacher): (&Model, Teacher),
+    student_inputs: (&Tensor, &Tensor, i64),
+    teacher_inputs: &TeacherInputs,
+    (loss_mask, old_logprobs): (&Tensor, Option<&Tensor>),
+    (args, temperature): (&SdftArgs, f64),
+) -> TokenLosses {
+    let student = response_logits(policy, student_inputs, temperature);
+    let t_in = (
+        &teacher_inputs.full_ids,
+        &teacher_inputs.full_mask,
+        teacher_inputs.prompt_len,
+    );
+    let teacher = tch::no_grad(|| match teacher {
+        Teacher::Copy(m) => response_logits(m, t_in, temperature),
+        Teacher::AdapterOff => without_adapters(|| response_logits(policy, t_in, temperature)),
+        Teacher::Live => response_logits(policy, t_in, temperature),
+    });
+    let response = student_inputs
+        .0
+        .narrow(1, student_inputs.2, student.size()[1]);
+    let log_p = student.log_softmax(-1, Kind::Float);
+    let logprobs = log_p
+        .gather(-1, &response.unsqueeze(-1), false)
+        .squeeze_dim(-1);
+    let entropy = tch::no_grad(|| {
+        -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
+    });
+    let divergence = match args.distillation_mode {
+        DistillationMode::TopkLogits => topk_divergence(
+            &student,
+            &teacher,
+            (args.distillation_topk, args.distillation_alpha),
+            args.distillation_add_tail,
+        ),
+        DistillationMode::FullLogits => divergence(
+            &log_p,
+            &teacher.log_softmax(-1, Kind::Float),
+            args.distillation_alpha,
+        ),
+        DistillationMode::SampledToken => {
+            let teacher_lp = teacher
+                .log_softmax(-1, Kind::Float)
+                .gather(-1, &response.unsqueeze(-1), false)
+                .squeeze_dim(-1);
+            sampled_token_loss(&logprobs, &teacher_lp)
+        }
+    };
+    let weight = match (old_logprobs, args.distillation_is_clip.0) {
+        (Some(old), Some(clip)) => importance_weight(&logprobs, old, clip),
+        _ => Tensor::ones_like(&divergence),
+    };
+    let mask = loss_mask.to_kind(Kind::Float);
+    TokenLosses {
+        loss: &divergence * weight * &mask,
+        divergence: divergence.detach() * &mask,
+        logprobs: logprobs.detach(),
+        entropy,
+    }
+}
+
+/// The per-token divergence `[…]` between two distributions given as log-probs over their
+/// last dimension (TRL's `compute_divergence`): at α = 0 KL(teacher‖student), at α = 1
+/// KL(student‖teacher), else (1 − α)·KL(student‖m) + α·KL(teacher‖m) with the mixture
+/// m = (1 − α)·student + α·teacher.
+pub fn divergence(student: &Tensor, teacher: &Tensor, alpha: f64) -> Tensor {
+    // F.kl_div(input, target, log_target=True) summed: Σ e^target·(target − input).
+    let kl = |input: &Tensor, target: &Tensor| {
+        (target.exp() * (target - input)).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
+    };
+    if alpha == 0.0 {
+        return kl(student, teacher);
+    }
+    if alpha == 1.0 {
+        return kl(teacher, student);
+    }
+    let mixture = Tensor::stack(&[student + (1.0 - alpha).ln(), teacher + alpha.ln()], 0)
+        .logsumexp([0].as_slice(), false);
+    (1.0 - alpha) * kl(&mixture, student) + alpha * kl(&mixture, teacher)
+}
+
+/// The divergence on the student's `k` likeliest tokens (TRL's
+/// `compute_topk_self_distillation_loss`): both distributions' log-probs there, then either
+/// renormalised over the k tokens or (`add_tail`) given one more bucket with the
+/// probability left outside them.
+pub fn topk_divergence(
+    student_logits: &Tensor,
+    teacher_logits: &Tensor,
+    (k, alpha): (i64, f64),
+    add_tail: bool,
+) -> Tensor {
+    let k = k.min(*student_logits.size().last().expect("a vocabulary"));
+    let lse = |t: &Tensor| t.logsumexp([-1].as_slice(), true);
+    let (top, index) = student_logits.topk(k, -1, true, true);
+    let student = top - lse(student_logits);
+    let teacher = teacher_logits.gather(-1, &index, false) - lse(teacher_logits);
+    let (student, teacher) = match add_tail {
+        true => (tail_bucket(&student), tail_bucket(&teacher)),
+        false => (
+            student.log_softmax(-1, Kind::Float),
+            teacher.log_softmax(-1, Kind::Float),
+        ),
+    };
+    divergence(&student, &teacher, alpha)
+}
+
+/// `log_probs` over a top-k support with one more entry, log(1 − their mass) (TRL's
+/// `add_tail_bucket`, the mass capped just below 1).
+fn tail_bucket(log_probs: &Tensor) -> Tensor {
+    let mass = log_probs.logsumexp([-1].as_slice(), true).clamp_max(-1e-7);
+    let tail = (-mass.expm1()).log();
+    Tensor::cat(&[log_probs.shallow_clone(), tail], -1)
+}
+
+/// The sampled-token objective (TRL's `compute_sampled_token_self_distillation_loss`):
+/// `sg(log π_s − log π_t)·log π_s` on each sampled token, whose gradient is the reverse
+/// KL's policy gradient.
+pub fn sampled_token_loss(student: &Tensor, teacher: &Tensor) -> Tensor {
+    (student - teacher).detach() * student
+}
+
+/// π/π_old of each token, capped at `clip`, without gradient (TRL's
+/// `apply_importance_sampling_clipping`; the log-ratio held in [−20, 20]).
+pub fn importance_weight(logprobs: &Tensor, old: &Tensor, clip: f64) -> Tensor {
+    (logprobs - old)
+        .detach()
+        .clamp(-20.0, 20.0)
+        .exp()
+        .clamp_max(clip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-6 * b.abs().max(1.0)
+    }
+
+    #[test]
+    fn templates_fill_in_one_pass_as_python_format() {
+        let t = "{prompt}\n\n{privileged_context}";
+        assert_eq!(format_template(t, "a {x}", "b").unwrap(), "a {x}\n\nb");
+        assert_eq!(
+            format_template("{{lit}} {prompt}", "p", "c").unwrap(),
+            "{lit} p"
+        );
+        assert!(format_template("{answer}", "p", "c").is_err());
+        assert!(format_template("{prompt", "p", "c").is_err());
+        assert!(format_template("a } b", "p", "c").is_err());
+    }
+
+    #[test]
+    fn contexts_read_as_trls() {
+        let v: Value = serde_json::json!([
+            {"role": "assistant", "content": "12 rabbits"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+        ]);
+        assert_eq!(context_text(&v), "12 rabbits\na b");
+        assert_eq!(context_text(&serde_json::json!(35)), "35");
+        assert_eq!(context_text(&serde_json::json!({"x": true})), "{'x': True}");
+    }
+
+    #[test]
+    fn conversations_get_their_last_user_turn_replaced() {
+        let prompt = PromptExample {
+            prompt: Content::Messages(vec![
+                Message::new("system", "be brief"),
+                Message::new("user", "heads 35, legs 94?"),
+            ]),
+            template: Default::default(),
+        };
+        let mut fields = PromptFields::new();
+        let t = "{prompt}\n\n{privileged_context}";
+        assert_eq!(
+            teacher_prompt(&prompt, &fields, t).unwrap_err().0,
+            "privileged_context"
+        );
+        fields.insert(
+            "privileged_context".into(),
+            "12 rabbits, 23 chickens".into(),
+        );
+        let got = teacher_prompt(&prompt, &fields, t).unwrap();
+        let Content::Messages(m) = got.prompt else {
+            panic!("a conversation")
+        };
+        assert_eq!(m[0], Message::new("system", "be brief"));
+        assert_eq!(
+            m[1],
+            Message::new("user", "heads 35, legs 94?\n\n12 rabbits, 23 chickens")
+        );
+        let ends_with_assistant = PromptExample {
+            prompt: Content::Messages(vec![Message::new("assistant", "hi")]),
+            template: Default::default(),
+        };
+        assert_eq!(
+            teacher_prompt(&ends_with_assistant, &fields, t)
+                .unwrap_err()
+                .0,
+            "messages"
+        );
+    }
+
+    /// The divergence against its definition on two 3-token distributions.
+    #[test]
+    fn divergences_are_the_kl_and_the_mixture_jsd() {
+        let p = [0.7f64, 0.2, 0.1];
+        let q = [0.3f64, 0.3, 0.4];
+        let lp = |d: &[f64]| Tensor::from_slice(&d.iter().map(|x| x.ln()).collect::<Vec<_>>());
+        let kl =
+            |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * (x / y).ln()).sum() };
+        let (s, t) = (lp(&p), lp(&q));
+        let d = |alpha| divergence(&s, &t, alpha).double_value(&[]);
+        assert!(close(d(0.0), kl(&q, &p)));
+        assert!(close(d(1.0), kl(&p, &q)));
+        for alpha in [0.25, 0.5, 0.9] {
+            let m: Vec<f64> = p
+                .iter()
+                .zip(&q)
+                .map(|(a, b)| (1.0 - alpha) * a + alpha * b)
+                .collect();
+            let want = (1.0 - alpha) * kl(&p, &m) + alpha * kl(&q, &m);
+            assert!(close(d(alpha), want), "α {alpha}: {} vs {want}", d(alpha));
+        }
+        // Top-k on the student's two likeliest tokens, renormalised: p → (7/9, 2/9), q's
+        // same tokens → (1/2, 1/2); with the tail bucket: (0.7, 0.2, 0.1), (0.3, 0.3, 0.4).
+        let logits = |d: &[f64]| lp(d) + 3.0;
+        let top = topk_divergence(&logits(&p), &logits(&q), (2, 1.0), false).double_value(&[]);
+        assert!(close(top, kl(&[7.0 / 9.0, 2.0 / 9.0], &[0.5, 0.5])));
+        let tail = topk_divergence(&logits(&p), &logits(&q), (2, 1.0), true).double_value(&[]);
+        assert!(
+            close(tail, kl(&[0.7, 0.2, 0.1], &[0.3, 0.3, 0.4])),
+            "{tail}"
+        );
+        // k past the vocabulary covers all of it.
+        let all = topk_divergence(&logits(&p), &logits(&q), (50, 0.5), false).double_value(&[]);
+        assert!(close(all, d(0.5)));
+    }
+
+    #[test]
+    fn importance_weights_are_capped_ratios() {
+        let new = Tensor::from_slice(&[0.0f32, 1.0, -30.0]);
+        let old = Tensor::from_slice(&[0.0f32, 0.0, 0.0]);
+        let w = Vec::<f32>::try_from(importance_weight(&new, &old, 2.0)).unwrap();
+        assert_eq!(w[0], 1.0);
+        assert_eq!(w[1], 2.0);
+        assert!((w[2] as f64 - (-20f64).exp()).abs() < 1e-12);
+    }
+}

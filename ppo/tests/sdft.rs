@@ -1,0 +1,297 @@
+//! SDFT (`ppo train --advantage-estimator sdft`, TRL's experimental SDFTTrainer) on a tiny
+//! Llama: the step's loss and TRL's `distillation_loss` equal TRL's own loss functions run
+//! by `transformers` on the same samples (every objective, with and without the tail bucket,
+//! skipped tokens and a temperature); the teacher prompts are TRL's; no reward is needed; the
+//! policy moves towards its teacher; bad options and rows are refused in one line. (A killed
+//! run with an EMA teacher resuming exactly is a case of `grpo.rs`'s resume test.)
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::Head;
+use ppo::train::{run, TrainArgs};
+use rlhf_tests::{read_jsonl, run_python};
+
+struct Fixture {
+    root: PathBuf,
+    policy: PathBuf,
+    prompts: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdft");
+        rlhf_tests::tiny_llama_fixture(&root);
+        let prompts = root.join("prompts.jsonl");
+        // 鸡兔同笼 rows whose privileged context is the worked answer.
+        let lines: String = (0..8)
+            .map(|i| {
+                let (heads, legs) = (i + 10, 2 * (i + 10) + 2 * (i + 1));
+                let row = serde_json::json!({
+                    "prompt": format!("There are {heads} heads and {legs} legs"),
+                    "privileged_context": format!("So {} rabbits", i + 1),
+                });
+                format!("{row}\n")
+            })
+            .collect();
+        std::fs::write(&prompts, lines).unwrap();
+        Fixture {
+            policy: root.join("model"),
+            root,
+            prompts,
+        }
+    })
+}
+
+/// SDFT over 4 prompts × 2 responses an iteration, one optimiser step each, no reward.
+fn args(out: &Path, extra: &[&str]) -> TrainArgs {
+    let f = fixture();
+    let mut argv: Vec<String> = [
+        "--policy",
+        f.policy.to_str().unwrap(),
+        "--prompts",
+        f.prompts.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--overwrite",
+        "--device",
+        "cpu",
+        "--advantage-estimator",
+        "sdft",
+        "--num-generations",
+        "2",
+        "--rollout-batch-size",
+        "4",
+        "--response-length",
+        "10",
+        "--ppo-epochs",
+        "1",
+        "--num-minibatches",
+        "1",
+        "--lr",
+        "1e-3",
+        "--schedule",
+        "constant",
+        "--seed",
+        "7",
+    ]
+    .map(str::to_string)
+    .to_vec();
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    rlhf_tests::parse_args(&argv)
+}
+
+/// Step 1 of each objective: `loss/policy_avg` (each response's mean over its loss tokens,
+/// averaged) and `self_distillation/distillation_loss` (the mean over every loss token)
+/// equal TRL's `loss_utils` on the logged samples, run by `transformers` (1e-4); the
+/// teacher prompts in `samples.jsonl` are TRL's `_compose_teacher_prompt`'s. No reward
+/// source is given, and none is logged.
+#[test]
+fn the_loss_is_trls() {
+    let f = fixture();
+    let cases: [(&str, &[&str], &[&str]); 4] = [
+        (
+            "topk",
+            &["--distillation-topk", "5"],
+            &["--mode", "topk_logits", "--topk", "5", "--alpha", "0.5"],
+        ),
+        (
+            "tail",
+            &[
+                "--distillation-topk",
+                "7",
+                "--distillation-add-tail",
+                "--distillation-alpha",
+                "0.3",
+                "--num-loss-tokens-to-skip",
+                "2",
+                "--temperature",
+                "0.8",
+            ],
+            &[
+                "--mode",
+                "topk_logits",
+                "--topk",
+                "7",
+                "--add-tail",
+                "--alpha",
+                "0.3",
+                "--skip",
+                "2",
+                "--temperature",
+                "0.8",
+            ],
+        ),
+        (
+            "full",
+            &[
+                "--distillation-mode",
+                "full_logits",
+                "--distillation-alpha",
+                "0",
+            ],
+            &["--mode", "full_logits", "--alpha", "0"],
+        ),
+        (
+            "sampled",
+            &[
+                "--distillation-mode",
+                "sampled_token",
+                "--distillation-alpha",
+                "1",
+                "--teacher-prompt-template",
+                "Hint: {privileged_context}. {prompt}",
+            ],
+            &[
+                "--mode",
+                "sampled_token",
+                "--alpha",
+                "1",
+                "--template",
+                "Hint: {privileged_context}. {prompt}",
+            ],
+        ),
+    ];
+    for (tag, ours, theirs) in cases {
+        let out = f.root.join(format!("loss-{tag}"));
+        let step = [
+            "--max-steps",
+            "1",
+            "--sample-every",
+            "1",
+            "--num-samples",
+            "8",
+        ];
+        run(&args(&out, &[ours, &step[..]].concat())).unwrap();
+        let m = &read_jsonl(&out.join("metrics.jsonl"))[0];
+        let samples = out.join("samples.jsonl");
+        let mut reference = vec![
+            "--model",
+            f.policy.to_str().unwrap(),
+            "--prompts",
+            f.prompts.to_str().unwrap(),
+            "--samples",
+            samples.to_str().unwrap(),
+        ];
+        if !theirs.contains(&"--temperature") {
+            // Our default sampling temperature, which the logits are divided by.
+            reference.extend(["--temperature", "1.0"]);
+        }
+        reference.extend_from_slice(theirs);
+        let want = run_python("sdft_reference.py", &reference);
+        for (ours, key) in [
+            ("loss/policy_avg", "loss"),
+            ("self_distillation/distillation_loss", "distillation_loss"),
+            ("sdft/distillation_loss", "distillation_loss"),
+        ] {
+            let (got, want) = (m[ours].as_f64().unwrap(), want[key].as_f64().unwrap());
+            assert!(
+                want.abs() > 1e-3,
+                "{tag}: the teacher hardly differs ({want})"
+            );
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(0.01),
+                "{tag} {ours}: {got} vs TRL's {want}"
+            );
+        }
+        let lines = read_jsonl(&samples);
+        assert_eq!(lines.len(), 8);
+        for (line, teacher) in lines
+            .iter()
+            .zip(want["teacher_prompts"].as_array().unwrap())
+        {
+            assert_eq!(line["teacher_prompt"], *teacher, "{tag}");
+        }
+        assert!(m.get("reward").is_none() && m.get("objective/scores").is_none());
+    }
+}
+
+/// Trained against its base teacher, the policy comes closer to it: on the first step's
+/// samples, TRL's distillation loss of the trained policy (by `transformers`) is well
+/// below the starting policy's. The live teacher (the policy itself) and the EMA teacher
+/// train otherwise than the base one.
+#[test]
+fn the_policy_moves_towards_its_teacher() {
+    let f = fixture();
+    let train = |tag: &str, extra: &[&str]| {
+        let out = f.root.join(format!("train-{tag}"));
+        let common = ["--max-steps", "12", "--distillation-topk", "20"];
+        let mut a = args(&out, &[&common[..], extra].concat());
+        a.optim.lr = 3e-4;
+        run(&a).unwrap();
+        out
+    };
+    let base = train("base", &["--sample-every", "100", "--num-samples", "8"]);
+    let samples = base.join("samples.jsonl");
+    let distance = |student: &Path| {
+        let out = run_python(
+            "sdft_reference.py",
+            &[
+                "--model",
+                f.policy.to_str().unwrap(),
+                "--student",
+                student.to_str().unwrap(),
+                "--prompts",
+                f.prompts.to_str().unwrap(),
+                "--samples",
+                samples.to_str().unwrap(),
+                "--topk",
+                "20",
+            ],
+        );
+        out["distillation_loss"].as_f64().unwrap()
+    };
+    let (before, after) = (distance(&f.policy), distance(&base.join("final")));
+    // (this seed: 0.026 → 0.013)
+    assert!(after < 0.7 * before, "distillation loss {before} → {after}");
+    for kind in ["live", "ema"] {
+        let out = train(
+            kind,
+            &["--teacher-model-kind", kind, "--teacher-update-rate", "0.5"],
+        );
+        let diff = rlhf_tests::max_weight_diff(&base.join("final"), &out.join("final"), Head::Lm);
+        assert!(diff > 1e-6, "the {kind} teacher trained as the base one");
+    }
+}
+
+#[test]
+fn bad_options_and_rows_are_refused_with_one_line() {
+    let f = fixture();
+    let out = f.root.join("bad");
+    let refused = |extra: &[&str], want: &str| {
+        let e = run(&args(&out, extra)).unwrap_err().to_string();
+        assert!(e.contains(want), "{extra:?}: {e}");
+        assert!(!e.contains('\n'), "{e}");
+    };
+    refused(
+        &["--kl-in-loss"],
+        "--advantage-estimator sdft distils the policy from its teacher",
+    );
+    refused(
+        &["--distillation-mode", "sampled_token"],
+        "--distillation-mode sampled_token is the reverse KL on the sampled token: it needs --distillation-alpha 1",
+    );
+    refused(
+        &["--teacher-prompt-template", "{prompt} {answer}"],
+        "--teacher-prompt-template: only {prompt} and {privileged_context}",
+    );
+    refused(
+        &["--teacher-model-kind", "ema", "--lora-r", "4"],
+        "--teacher-model-kind ema moves a copy of the starting policy",
+    );
+    // A row without its privileged context: its file, line and field.
+    let rows = f.root.join("no-context.jsonl");
+    std::fs::write(
+        &rows,
+        "{\"prompt\": \"a\", \"privileged_context\": \"b\"}\n{\"prompt\": \"c\"}\n",
+    )
+    .unwrap();
+    let mut a = args(&out, &[]);
+    a.prompts = rows.clone();
+    let e = format!("{:#}", run(&a).unwrap_err());
+    assert!(
+        e.contains("no-context.jsonl:2: field 'privileged_context'"),
+        "{e}"
+    );
+}
