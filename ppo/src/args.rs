@@ -27,10 +27,11 @@ pub enum EstimatorName {
     OnlineDpo,
     A2po,
     Sdft,
+    Sdpo,
 }
 
 impl EstimatorName {
-    const ALL: [(&'static str, EstimatorName); 8] = [
+    const ALL: [(&'static str, EstimatorName); 9] = [
         ("gae", EstimatorName::Gae),
         ("grpo", EstimatorName::Grpo),
         ("dr-grpo", EstimatorName::DrGrpo),
@@ -39,6 +40,7 @@ impl EstimatorName {
         ("online-dpo", EstimatorName::OnlineDpo),
         ("a2po", EstimatorName::A2po),
         ("sdft", EstimatorName::Sdft),
+        ("sdpo", EstimatorName::Sdpo),
     ];
 }
 
@@ -46,7 +48,7 @@ impl std::str::FromStr for EstimatorName {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, e)| *e).ok_or_else(|| {
-            format!("'{s}' is not an advantage estimator (expected gae, grpo, dr-grpo, rloo, reinforce-plus-plus, online-dpo, a2po or sdft)")
+            format!("'{s}' is not an advantage estimator (expected gae, grpo, dr-grpo, rloo, reinforce-plus-plus, online-dpo, a2po, sdft or sdpo)")
         })
     }
 }
@@ -301,7 +303,9 @@ pub struct TrainArgs {
     /// regressed onto r − V*, β = --kl-coef, V* estimated before training from
     /// --num-value-samples responses of the starting policy to every prompt); or sdft
     /// (SDFT, TRL's experimental SDFTTrainer: no reward, the policy distilled on its own
-    /// responses from a teacher shown each row's privileged_context, see --teacher-model-kind).
+    /// responses from a teacher shown each row's privileged_context, see --teacher-model-kind);
+    /// or sdpo (SDPO, TRL's experimental SDPOTrainer: grpo with the distillation from a
+    /// teacher shown a successful response of the group, see --distillation-weight).
     #[arg(long, default_value = "gae")]
     pub advantage_estimator: EstimatorName,
     /// A*-PO: responses sampled from the starting policy (the reference) to every training
@@ -621,6 +625,10 @@ impl TrainArgs {
             },
             EstimatorName::A2po => AdvantageEstimator::A2po,
             EstimatorName::Sdft => AdvantageEstimator::Sdft,
+            EstimatorName::Sdpo => AdvantageEstimator::Sdpo {
+                group,
+                scale: self.scale_rewards.unwrap_or_default(),
+            },
         }
     }
 
@@ -683,8 +691,8 @@ impl TrainArgs {
     /// How the frozen reference moves: `--sync-ref-model`'s TR-DPO updates, or SDFT's EMA
     /// teacher (`--teacher-model-kind ema`: the reference is the teacher).
     pub fn reference_sync(&self) -> SyncRefArgs {
-        match (self.advantage_estimator, self.sdft.teacher_model_kind) {
-            (EstimatorName::Sdft, crate::sdft::TeacherKind::Ema) => SyncRefArgs {
+        match self.self_distillation().map(|s| s.teacher) {
+            Some(crate::sdft::TeacherKind::Ema) => SyncRefArgs {
                 sync_ref_model: true,
                 ref_model_mixup_alpha: self.sdft.teacher_update_rate,
                 ref_model_sync_steps: self.sdft.teacher_sync_steps,
@@ -696,9 +704,19 @@ impl TrainArgs {
     /// Whether the run holds a reference model: for the KL penalty (`--kl-coef` > 0), or as
     /// SDFT's base or EMA teacher.
     pub fn holds_reference(&self) -> bool {
+        match self.self_distillation() {
+            Some(s) => s.teacher != crate::sdft::TeacherKind::Live,
+            None => self.kl_coef > 0.0,
+        }
+    }
+
+    /// SDFT's or SDPO's self-distillation settings, their defaults filled in; `None` for the
+    /// other estimators.
+    pub fn self_distillation(&self) -> Option<crate::sdft::Resolved> {
         match self.advantage_estimator {
-            EstimatorName::Sdft => self.sdft.teacher_model_kind != crate::sdft::TeacherKind::Live,
-            _ => self.kl_coef > 0.0,
+            EstimatorName::Sdft => Some(self.sdft.resolved(false)),
+            EstimatorName::Sdpo => Some(self.sdft.resolved(true)),
+            _ => None,
         }
     }
 
@@ -736,7 +754,11 @@ impl TrainArgs {
         self.run.validate()?;
         self.adapter.validate()?;
         self.memory.validate()?;
-        require(&self.sdft.problems())?;
+        require(
+            &self
+                .sdft
+                .problems(self.advantage_estimator == EstimatorName::Sdpo),
+        )?;
         require(&[
             (
                 self.rollout_batch_size > 0,
@@ -830,21 +852,29 @@ impl TrainArgs {
                 "--advantage-estimator a2po regresses β·log π/π_ref of one response per prompt onto r − V* with β = --kl-coef: it needs --num-generations 1, --kl-coef > 0 (not --kl-in-loss) and --policy-loss clip",
             ),
             (
-                self.advantage_estimator != EstimatorName::Sdft
+                self.self_distillation().is_none()
                     || (!self.kl_in_loss
                         && self.entropy_coef == 0.0
                         && !self.use_adaptive_entropy
                         && !self.filter_groups
                         && self.tool_program().is_none()
-                        && !self.sync.sync_ref_model
-                        && self.policy_loss == PolicyLossName::Clip
+                        && !self.sync.sync_ref_model),
+                "--advantage-estimator sdft and sdpo distil the policy from a teacher on its sampled tokens: --kl-in-loss, --entropy-coef, --use-adaptive-entropy, --filter-groups, tools and --sync-ref-model (give --teacher-model-kind ema) are refused with them",
+            ),
+            (
+                self.advantage_estimator != EstimatorName::Sdft
+                    || (self.policy_loss == PolicyLossName::Clip
                         && self.importance_sampling_level == ImportanceSampling::Token
                         && self.delta.is_none()
                         && self.top_entropy_quantile == 1.0
                         && self.off_policy_mask_threshold.is_none()
                         && self.sampling_correction.is_none()
                         && !self.mask_truncated_completions),
-                "--advantage-estimator sdft distils the policy from its teacher on every sampled token: --kl-in-loss, --entropy-coef, --use-adaptive-entropy, --filter-groups, tools, --sync-ref-model (give --teacher-model-kind ema), --policy-loss other than clip and the per-token loss shapers (--importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction, --mask-truncated-completions) are refused with it",
+                "--advantage-estimator sdft has no policy gradient: --policy-loss other than clip and the per-token loss shapers (--importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction, --mask-truncated-completions) are refused with it",
+            ),
+            (
+                self.advantage_estimator != EstimatorName::Sdpo || self.num_generations >= 2,
+                "--advantage-estimator sdpo finds each response's demonstration among the other responses of its group: --num-generations must be at least 2",
             ),
             (
                 self.num_value_samples > 0,

@@ -184,9 +184,21 @@ pub(crate) fn iteration_scalars(
         ]);
     }
     if let Some(loss) = it.stats.distillation_loss {
-        // TRL's `SDFTTrainer` logs it under both names.
+        // TRL's `SDFTTrainer` and `SDPOTrainer` log it under both names.
         scalars.push(("self_distillation/distillation_loss", mean(loss)));
-        scalars.push(("sdft/distillation_loss", mean(loss)));
+        let own = match it.stats.sdpo_policy_loss {
+            Some(_) => "sdpo/distillation_loss",
+            None => "sdft/distillation_loss",
+        };
+        scalars.push((own, mean(loss)));
+    }
+    if let Some(loss) = it.stats.sdpo_policy_loss {
+        scalars.push(("self_distillation/policy_loss", mean(loss)));
+    }
+    if let Some(counts) = ro.teacher.as_ref().and_then(|t| t.counts) {
+        scalars.extend(crate::sdft::SdpoCounts::scalars(
+            world.sums(counts.as_array()),
+        ));
     }
     if let Some(batches) = ro.gen_batches {
         // The same on every rank (they decide together).

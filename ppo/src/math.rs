@@ -152,6 +152,10 @@ pub enum AdvantageEstimator {
     /// policy loss is the divergence from a teacher shown each row's privileged context
     /// ([`crate::sdft`]).
     Sdft,
+    /// SDPO (Hübotter et al. 2026, TRL's experimental `SDPOTrainer`): GRPO's advantages;
+    /// the policy loss blends GRPO's with the divergence from a teacher shown a successful
+    /// response of the group ([`crate::sdft`]).
+    Sdpo { group: i64, scale: RewardScale },
 }
 
 /// DPO's loss on a pair's margin `z` (TRL's `OnlineDPOConfig.loss_type`).
@@ -197,6 +201,7 @@ impl AdvantageEstimator {
                 | AdvantageEstimator::DrGrpo { .. }
                 | AdvantageEstimator::Rloo { .. }
                 | AdvantageEstimator::Gdpo { .. }
+                | AdvantageEstimator::Sdpo { .. }
         )
     }
 
@@ -206,7 +211,8 @@ impl AdvantageEstimator {
             AdvantageEstimator::Grpo { group, .. }
             | AdvantageEstimator::DrGrpo { group }
             | AdvantageEstimator::Rloo { group, .. }
-            | AdvantageEstimator::Gdpo { group } => *group,
+            | AdvantageEstimator::Gdpo { group }
+            | AdvantageEstimator::Sdpo { group, .. } => *group,
             AdvantageEstimator::OnlineDpo { .. } => 2,
             _ => 1,
         }
@@ -397,16 +403,18 @@ pub fn advantages(
                 returns: Some(returns),
             }
         }
-        AdvantageEstimator::Grpo { group, scale } => Advantages {
-            advantages: broadcast(group_advantages(
-                &per_sequence(),
-                group,
-                false,
-                scale,
-                world,
-            )),
-            returns: None,
-        },
+        AdvantageEstimator::Grpo { group, scale } | AdvantageEstimator::Sdpo { group, scale } => {
+            Advantages {
+                advantages: broadcast(group_advantages(
+                    &per_sequence(),
+                    group,
+                    false,
+                    scale,
+                    world,
+                )),
+                returns: None,
+            }
+        }
         AdvantageEstimator::DrGrpo { group } => Advantages {
             advantages: broadcast(group_advantages(
                 &per_sequence(),

@@ -16,6 +16,12 @@
 //! update, as the reference's `--sync-ref-model`); `live`, the policy itself, without
 //! gradient.
 //!
+//! SDPO (Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation"; TRL's
+//! experimental `SDPOTrainer`): `--advantage-estimator sdpo` is GRPO whose loss is
+//! blended with the same distillation (`--distillation-weight`), the teacher shown, for each
+//! response, a successful response of its group ([`sdpo_teacher_prompts`]) and, with
+//! `--include-environment-feedback`, the row's `privileged_context` as feedback.
+//!
 //! The divergences are pure functions here, checked against TRL's `loss_utils` in
 //! `ppo/tests/sdft.rs`; [`token_losses`] runs the two forwards.
 
@@ -34,11 +40,12 @@ use crate::python_str::python_str;
 /// The options of `--advantage-estimator sdft`, under TRL's `SDFTConfig` names.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct SdftArgs {
-    /// SDFT's teacher: base (the starting policy), ema (the starting policy moved towards
-    /// the policy by --teacher-update-rate every --teacher-sync-steps steps) or live (the
-    /// policy itself, without gradient). TRL's `teacher_model_kind`.
-    #[arg(long, value_enum, default_value = "base")]
-    pub teacher_model_kind: TeacherKind,
+    /// SDFT's and SDPO's teacher: base (the starting policy), ema (the starting policy
+    /// moved towards the policy by --teacher-update-rate every --teacher-sync-steps steps)
+    /// or live (the policy itself, without gradient). TRL's `teacher_model_kind`; default
+    /// base with sdft, ema with sdpo (TRL's defaults).
+    #[arg(long, value_enum)]
+    pub teacher_model_kind: Option<TeacherKind>,
     /// SDFT, --teacher-model-kind ema: teacher ← rate·policy + (1 − rate)·teacher.
     #[arg(long, default_value_t = 0.05)]
     pub teacher_update_rate: f64,
@@ -51,16 +58,17 @@ pub struct SdftArgs {
     /// their texts a line each).
     #[arg(long, default_value = "{prompt}\n\n{privileged_context}")]
     pub teacher_prompt_template: String,
-    /// SDFT's per-token objective: topk_logits (a divergence over the student's
+    /// The per-token distillation objective: topk_logits (a divergence over the student's
     /// --distillation-topk likeliest tokens), full_logits (over the vocabulary) or
-    /// sampled_token (reverse KL on the sampled token, as a policy gradient).
-    #[arg(long, value_enum, default_value = "topk_logits")]
-    pub distillation_mode: DistillationMode,
-    /// SDFT: α of the divergence: 0 is KL(teacher‖student), 1 KL(student‖teacher),
-    /// between them (1 − α)·KL(student‖m) + α·KL(teacher‖m) against the mixture
-    /// m = (1 − α)·student + α·teacher.
-    #[arg(long, default_value_t = 0.5)]
-    pub distillation_alpha: f64,
+    /// sampled_token (reverse KL on the sampled token, as a policy gradient). Default
+    /// topk_logits with sdft, sampled_token with sdpo (TRL's defaults).
+    #[arg(long, value_enum)]
+    pub distillation_mode: Option<DistillationMode>,
+    /// α of the divergence: 0 is KL(teacher‖student), 1 KL(student‖teacher), between them
+    /// (1 − α)·KL(student‖m) + α·KL(teacher‖m) against the mixture m = (1 − α)·student +
+    /// α·teacher. Default 0.5 with sdft, 1 with sdpo (TRL's defaults).
+    #[arg(long)]
+    pub distillation_alpha: Option<f64>,
     /// SDFT, topk_logits: how many of the student's likeliest tokens the divergence covers.
     #[arg(long, default_value_t = 100)]
     pub distillation_topk: i64,
@@ -76,6 +84,47 @@ pub struct SdftArgs {
     /// SDFT: the first response tokens left out of the loss (teacher-prompt artifacts).
     #[arg(long, default_value_t = 0)]
     pub num_loss_tokens_to_skip: i64,
+    /// SDPO: the loss is (1 − w)·GRPO's policy loss + w·the distillation loss, w in [0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub distillation_weight: f64,
+    /// SDPO: a response scoring at least this is a successful demonstration for the others
+    /// of its group.
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub success_reward_threshold: f64,
+    /// SDPO: whether a response's own success may serve as its demonstration (false, TRL's
+    /// `dont_reprompt_on_self_success=True`: only the others of its group).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub dont_reprompt_on_self_success: bool,
+    /// SDPO: the teacher's prompt kept to its last this many tokens.
+    #[arg(long, default_value_t = 10240)]
+    pub max_reprompt_len: usize,
+    /// SDPO: the teacher's prompt over `{prompt}`, `{solution}` and `{feedback}`.
+    #[arg(
+        long,
+        default_value = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
+    )]
+    pub reprompt_template: String,
+    /// SDPO: how a successful response is shown (`{successful_previous_attempt}`).
+    #[arg(
+        long,
+        default_value = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
+    )]
+    pub solution_template: String,
+    /// SDPO: how the row's feedback is shown (`{feedback_raw}`).
+    #[arg(
+        long,
+        default_value = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n"
+    )]
+    pub feedback_template: String,
+    /// SDPO: show the row's `privileged_context` (a string) to the teacher as feedback.
+    #[arg(long)]
+    pub include_environment_feedback: bool,
+    /// SDPO: the feedback only for responses with no successful demonstration.
+    #[arg(long)]
+    pub environment_feedback_only_without_solution: bool,
+    /// SDPO: take `<think>…</think>` out of a demonstration.
+    #[arg(long)]
+    pub remove_thinking_from_demonstration: bool,
 }
 
 /// `--distillation-is-clip`: a cap, or none.
@@ -113,17 +162,58 @@ pub enum DistillationMode {
     SampledToken,
 }
 
+/// The self-distillation settings of a run, its estimator's defaults filled in.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved {
+    pub teacher: TeacherKind,
+    pub mode: DistillationMode,
+    pub alpha: f64,
+}
+
 impl SdftArgs {
-    /// What can be wrong with the options alone, in one line each.
-    pub fn problems(&self) -> Vec<(bool, &'static str)> {
+    /// The options with SDFT's defaults (`sdpo`: false) or SDPO's.
+    pub fn resolved(&self, sdpo: bool) -> Resolved {
+        Resolved {
+            teacher: self.teacher_model_kind.unwrap_or(match sdpo {
+                true => TeacherKind::Ema,
+                false => TeacherKind::Base,
+            }),
+            mode: self.distillation_mode.unwrap_or(match sdpo {
+                true => DistillationMode::SampledToken,
+                false => DistillationMode::TopkLogits,
+            }),
+            alpha: self
+                .distillation_alpha
+                .unwrap_or(if sdpo { 1.0 } else { 0.5 }),
+        }
+    }
+
+    /// What can be wrong with the options alone, in one line each (`sdpo`: with SDPO's
+    /// defaults).
+    pub fn problems(&self, sdpo: bool) -> Vec<(bool, &'static str)> {
+        let r = self.resolved(sdpo);
+        let fills = |t: &str, names: &[&str]| {
+            let values: Vec<(&str, &str)> = names.iter().map(|n| (*n, "")).collect();
+            format_named(t, &values).is_ok()
+        };
         vec![
             (
-                (0.0..=1.0).contains(&self.distillation_alpha),
+                (0.0..=1.0).contains(&r.alpha),
                 "--distillation-alpha must be in [0, 1]",
             ),
             (
-                self.distillation_mode != DistillationMode::SampledToken
-                    || self.distillation_alpha == 1.0,
+                (0.0..=1.0).contains(&self.distillation_weight),
+                "--distillation-weight must be in [0, 1]",
+            ),
+            (
+                fills(&self.reprompt_template, &["prompt", "solution", "feedback"])
+                    && fills(&self.solution_template, &["successful_previous_attempt"])
+                    && fills(&self.feedback_template, &["feedback_raw"]),
+                "--reprompt-template fills in {prompt}, {solution} and {feedback}, --solution-template {successful_previous_attempt}, --feedback-template {feedback_raw}, nothing else (write a literal brace as {{ or }})",
+            ),
+            (self.max_reprompt_len > 0, "--max-reprompt-len must be at least 1"),
+            (
+                r.mode != DistillationMode::SampledToken || r.alpha == 1.0,
                 "--distillation-mode sampled_token is the reverse KL on the sampled token: it needs --distillation-alpha 1",
             ),
             (
@@ -147,17 +237,25 @@ impl SdftArgs {
                 "--teacher-sync-steps must be at least 1",
             ),
             (
-                format_template(&self.teacher_prompt_template, "", "").is_ok(),
+                fills(&self.teacher_prompt_template, &["prompt", "privileged_context"]),
                 "--teacher-prompt-template: only {prompt} and {privileged_context} may be filled in (write a literal brace as {{ or }})",
             ),
         ]
     }
 }
 
-/// Python's `template.format(prompt=..., privileged_context=...)`: `{{` and `}}` are
-/// braces, `{prompt}` and `{privileged_context}` the values, in one pass (a value's own
-/// braces are left as they are).
+/// Python's `template.format(prompt=..., privileged_context=...)`.
 pub fn format_template(template: &str, prompt: &str, context: &str) -> Result<String> {
+    format_named(
+        template,
+        &[("prompt", prompt), ("privileged_context", context)],
+    )
+}
+
+/// Python's `template.format(**values)`: `{{` and `}}` are braces, `{name}` the value
+/// named, in one pass (a value's own braces are left as they are); any other name is an
+/// error.
+pub fn format_named(template: &str, values: &[(&str, &str)]) -> Result<String> {
     let mut out = String::new();
     let mut rest = template;
     while let Some(i) = rest.find(['{', '}']) {
@@ -174,10 +272,10 @@ pub fn format_template(template: &str, prompt: &str, context: &str) -> Result<St
         let end = tail
             .find('}')
             .ok_or_else(|| anyhow::anyhow!("a '{{' never closed in the template"))?;
-        match &tail[1..end] {
-            "prompt" => out.push_str(prompt),
-            "privileged_context" => out.push_str(context),
-            other => bail!("the template names '{other}'"),
+        let name = &tail[1..end];
+        match values.iter().find(|(n, _)| *n == name) {
+            Some((_, value)) => out.push_str(value),
+            None => bail!("the template names '{name}'"),
         }
         rest = &tail[end + 1..];
     }
@@ -228,26 +326,8 @@ pub fn teacher_prompt(
         }
         Some(v) => context_text(v),
     };
-    let fill =
-        |text: &str| format_template(template, text, &context).expect("validated with the options");
-    let content = match &prompt.prompt {
-        Content::Text(t) => Content::Text(fill(t)),
-        Content::Messages(m) => {
-            let Some(last) = m.last().filter(|l| l.role == "user") else {
-                return Err((
-                    "messages",
-                    "SDFT's teacher prompt replaces the last user turn: the conversation must end with one".into(),
-                ));
-            };
-            let mut messages = m[..m.len() - 1].to_vec();
-            messages.push(Message::new("user", &fill(&last.content)));
-            Content::Messages(messages)
-        }
-    };
-    Ok(PromptExample {
-        prompt: content,
-        template: prompt.template.clone(),
-    })
+    with_user_text(prompt, |text| format_template(template, text, &context))
+        .map_err(|e| ("messages", e.to_string()))
 }
 
 /// Every training prompt's teacher prompt, tokenized and cut to its last
@@ -275,6 +355,11 @@ pub struct TeacherInputs {
     pub full_ids: Tensor,
     pub full_mask: Tensor,
     pub prompt_len: i64,
+    /// SDPO: 1 on the rows the teacher was shown something for (`[B]`, f32); the others
+    /// are left out of the distillation.
+    pub active: Option<Tensor>,
+    /// SDPO: what the prompts were built from, this rank's.
+    pub counts: Option<SdpoCounts>,
 }
 
 impl TeacherInputs {
@@ -297,6 +382,8 @@ impl TeacherInputs {
                 1,
             ),
             prompt_len,
+            active: None,
+            counts: None,
         }
     }
 
@@ -306,8 +393,177 @@ impl TeacherInputs {
             full_ids: self.full_ids.index_select(0, idx),
             full_mask: self.full_mask.index_select(0, idx),
             prompt_len: self.prompt_len,
+            active: self.active.as_ref().map(|a| a.index_select(0, idx)),
+            counts: None,
         }
     }
+
+    /// `mask` `[B, N]` less the rows the teacher was shown nothing for.
+    pub fn loss_mask(&self, mask: &Tensor) -> Tensor {
+        match &self.active {
+            Some(active) => mask * active.unsqueeze(1).to_kind(mask.kind()),
+            None => mask.shallow_clone(),
+        }
+    }
+}
+
+/// What SDPO's teacher prompts of a rollout were built from (TRL's
+/// `self_distillation/*_fraction` metrics, as counts to sum over ranks).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SdpoCounts {
+    pub rows: f64,
+    pub groups: f64,
+    /// Groups with a response at or above the threshold.
+    pub success_groups: f64,
+    /// Responses shown a successful demonstration.
+    pub with_solution: f64,
+    /// Responses whose row has feedback, and those shown it.
+    pub feedback_available: f64,
+    pub feedback_used: f64,
+    /// Responses shown anything: distilled.
+    pub active: f64,
+}
+
+impl SdpoCounts {
+    pub fn as_array(&self) -> [f64; 7] {
+        [
+            self.rows,
+            self.groups,
+            self.success_groups,
+            self.with_solution,
+            self.feedback_available,
+            self.feedback_used,
+            self.active,
+        ]
+    }
+
+    /// TRL's metrics of the counts (summed over ranks).
+    pub fn scalars(c: [f64; 7]) -> Vec<(&'static str, f64)> {
+        let [rows, groups, success_groups, with_solution, available, used, active] = c;
+        let (rows, groups) = (rows.max(1.0), groups.max(1.0));
+        vec![
+            (
+                "self_distillation/success_group_fraction",
+                success_groups / groups,
+            ),
+            (
+                "self_distillation/success_sample_fraction",
+                with_solution / rows,
+            ),
+            (
+                "self_distillation/feedback_available_fraction",
+                available / rows,
+            ),
+            ("self_distillation/feedback_used_fraction", used / rows),
+            ("self_distillation/reprompt_sample_fraction", active / rows),
+        ]
+    }
+}
+
+/// SDPO's teacher prompts for a rollout of `group` responses per prompt (TRL's
+/// `SuccessfulRolloutTeacherContextBuilder`): for each response, the first other response
+/// of its group (or any, with `--dont-reprompt-on-self-success false`) scoring at least
+/// `--success-reward-threshold` is its demonstration (`demos`: the responses' texts), and
+/// with `--include-environment-feedback` its row's `privileged_context` (a non-blank
+/// string) is feedback; the prompt is `--reprompt-template` over them (of a conversation,
+/// its last user turn's text, that turn replaced). A response given neither keeps its own
+/// prompt and is not distilled (`false`).
+pub fn sdpo_teacher_prompts(
+    (prompts, fields): (&[&PromptExample], &[&PromptFields]),
+    (scores, demos): (&[f64], &[String]),
+    group: usize,
+    args: &SdftArgs,
+) -> Result<(Vec<PromptExample>, Vec<bool>, SdpoCounts)> {
+    let n = prompts.len();
+    let group = group.max(1);
+    let success = |j: &usize| scores[*j] >= args.success_reward_threshold;
+    let mut counts = SdpoCounts {
+        rows: n as f64,
+        groups: (n / group) as f64,
+        ..SdpoCounts::default()
+    };
+    let think = regex::Regex::new(r"(?s)<think>.*?</think>").expect("a valid pattern");
+    let (mut out, mut active) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let start = i / group * group;
+        let range = start..(start + group).min(n);
+        if i == start && range.clone().any(|j| success(&j)) {
+            counts.success_groups += 1.0;
+        }
+        let demo = range
+            .filter(|&j| !(args.dont_reprompt_on_self_success && j == i))
+            .find(success);
+        let feedback = match fields[i].get("privileged_context") {
+            Some(Value::String(f)) if !f.trim().is_empty() => Some(f.as_str()),
+            _ => None,
+        };
+        counts.feedback_available += f64::from(u8::from(feedback.is_some()));
+        let feedback = feedback.filter(|_| {
+            args.include_environment_feedback
+                && !(args.environment_feedback_only_without_solution && demo.is_some())
+        });
+        if demo.is_none() && feedback.is_none() {
+            out.push(prompts[i].clone());
+            active.push(false);
+            continue;
+        }
+        counts.with_solution += f64::from(u8::from(demo.is_some()));
+        counts.feedback_used += f64::from(u8::from(feedback.is_some()));
+        counts.active += 1.0;
+        let solution = match demo {
+            Some(j) => {
+                let text = match args.remove_thinking_from_demonstration {
+                    true => think.replace_all(&demos[j], "").trim().to_string(),
+                    false => demos[j].clone(),
+                };
+                format_named(
+                    &args.solution_template,
+                    &[("successful_previous_attempt", &text)],
+                )?
+            }
+            None => String::new(),
+        };
+        let feedback = match feedback {
+            Some(f) => format_named(&args.feedback_template, &[("feedback_raw", f)])?,
+            None => String::new(),
+        };
+        let fill = |prompt: &str| {
+            format_named(
+                &args.reprompt_template,
+                &[
+                    ("prompt", prompt),
+                    ("solution", &solution),
+                    ("feedback", &feedback),
+                ],
+            )
+        };
+        out.push(with_user_text(prompts[i], fill)?);
+        active.push(true);
+    }
+    Ok((out, active, counts))
+}
+
+/// `prompt` with its text through `fill`: a text prompt's whole text; a conversation's last
+/// turn (the user's) replaced by a user turn of its text filled.
+fn with_user_text(
+    prompt: &PromptExample,
+    fill: impl Fn(&str) -> Result<String>,
+) -> Result<PromptExample> {
+    let content = match &prompt.prompt {
+        Content::Text(t) => Content::Text(fill(t)?),
+        Content::Messages(m) => {
+            let Some(last) = m.last().filter(|l| l.role == "user") else {
+                bail!("the teacher's prompt replaces the conversation's last user turn: the conversation must end with one");
+            };
+            let mut messages = m[..m.len() - 1].to_vec();
+            messages.push(Message::new("user", &fill(&last.content)?));
+            Content::Messages(messages)
+        }
+    };
+    Ok(PromptExample {
+        prompt: content,
+        template: prompt.template.clone(),
+    })
 }
 
 /// Which weights give the teacher's logits.
@@ -326,9 +582,8 @@ pub struct TokenLosses {
     /// The per-token loss with the student's gradient (0 off `loss_mask`), the
     /// importance weight applied.
     pub loss: Tensor,
-    /// The per-token divergence itself, detached (TRL's `distillation_loss` averages it).
-    pub divergence: Tensor,
-    /// The student's log-probs of the sampled tokens and its entropies, detached.
+    /// The student's log-probs of the sampled tokens (with the gradient: SDPO's policy loss
+    /// takes them) and its entropies (detached).
     pub logprobs: Tensor,
     pub entropy: Tensor,
 }
@@ -354,7 +609,7 @@ pub fn token_losses(
     student_inputs: (&Tensor, &Tensor, i64),
     teacher_inputs: &TeacherInputs,
     (loss_mask, old_logprobs): (&Tensor, Option<&Tensor>),
-    (args, temperature): (&SdftArgs, f64),
+    (args, settings, temperature): (&SdftArgs, Resolved, f64),
 ) -> TokenLosses {
     let student = response_logits(policy, student_inputs, temperature);
     let t_in = (
@@ -377,18 +632,17 @@ pub fn token_losses(
     let entropy = tch::no_grad(|| {
         -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
     });
-    let divergence = match args.distillation_mode {
+    let alpha = settings.alpha;
+    let divergence = match settings.mode {
         DistillationMode::TopkLogits => topk_divergence(
             &student,
             &teacher,
-            (args.distillation_topk, args.distillation_alpha),
+            (args.distillation_topk, alpha),
             args.distillation_add_tail,
         ),
-        DistillationMode::FullLogits => divergence(
-            &log_p,
-            &teacher.log_softmax(-1, Kind::Float),
-            args.distillation_alpha,
-        ),
+        DistillationMode::FullLogits => {
+            divergence(&log_p, &teacher.log_softmax(-1, Kind::Float), alpha)
+        }
         DistillationMode::SampledToken => {
             let teacher_lp = teacher
                 .log_softmax(-1, Kind::Float)
@@ -404,8 +658,7 @@ pub fn token_losses(
     let mask = loss_mask.to_kind(Kind::Float);
     TokenLosses {
         loss: &divergence * weight * &mask,
-        divergence: divergence.detach() * &mask,
-        logprobs: logprobs.detach(),
+        logprobs,
         entropy,
     }
 }
@@ -586,6 +839,78 @@ mod tests {
         // k past the vocabulary covers all of it.
         let all = topk_divergence(&logits(&p), &logits(&q), (50, 0.5), false).double_value(&[]);
         assert!(close(all, d(0.5)));
+    }
+
+    /// SDPO's prompts: the first other success of the group; none for a group without one
+    /// (or whose only success is the response itself); the feedback only when asked for.
+    #[test]
+    fn sdpo_prompts_show_the_groups_first_other_success() {
+        let text = |t: &str| PromptExample {
+            prompt: Content::Text(t.into()),
+            template: Default::default(),
+        };
+        let (p, q) = (text("P"), text("Q"));
+        let prompts = [&p, &p, &p, &q, &q, &q];
+        let mut with_feedback = PromptFields::new();
+        with_feedback.insert("privileged_context".into(), "too short".into());
+        let none = PromptFields::new();
+        let fields = [
+            &none,
+            &none,
+            &none,
+            &with_feedback,
+            &with_feedback,
+            &with_feedback,
+        ];
+        let scores = [0.0, 1.0, 2.0, 1.0, 0.0, 0.0];
+        let demos: Vec<String> = ["a", "<think>x\ny</think> b ", "c", "d", "e", "f"]
+            .map(String::from)
+            .to_vec();
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: SdftArgs,
+        }
+        let mut args = <Defaults as clap::Parser>::parse_from(["sdpo"]).args;
+        args.reprompt_template = "{prompt}|{solution}|{feedback}".into();
+        args.solution_template = "S:{successful_previous_attempt}".into();
+        args.feedback_template = "F:{feedback_raw}".into();
+        let shown = |args: &SdftArgs| {
+            let (out, active, counts) =
+                sdpo_teacher_prompts((&prompts, &fields), (&scores, &demos), 3, args).unwrap();
+            let texts: Vec<String> = out
+                .iter()
+                .map(|e| match &e.prompt {
+                    Content::Text(t) => t.clone(),
+                    _ => unreachable!(),
+                })
+                .collect();
+            (texts, active, counts)
+        };
+        let (texts, active, counts) = shown(&args);
+        assert_eq!(
+            texts,
+            [
+                "P|S:<think>x\ny</think> b |",
+                "P|S:c|",
+                "P|S:<think>x\ny</think> b |",
+                "Q",
+                "Q|S:d|",
+                "Q|S:d|"
+            ]
+        );
+        assert_eq!(active, [true, true, true, false, true, true]);
+        assert_eq!(counts.as_array(), [6.0, 2.0, 2.0, 5.0, 3.0, 0.0, 5.0]);
+        args.include_environment_feedback = true;
+        args.remove_thinking_from_demonstration = true;
+        args.dont_reprompt_on_self_success = false;
+        let (texts, active, counts) = shown(&args);
+        assert_eq!(texts[0], "P|S:b|");
+        assert_eq!(texts[3], "Q|S:d|F:too short");
+        assert_eq!(active, [true; 6]);
+        assert_eq!(counts.feedback_used, 3.0);
+        args.environment_feedback_only_without_solution = true;
+        assert_eq!(shown(&args).0[3], "Q|S:d|");
     }
 
     #[test]

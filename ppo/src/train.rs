@@ -755,17 +755,20 @@ impl<'a> Ppo<'a> {
             }
             Ok(ro) => ro,
         };
-        // SDFT: the teacher reads the same responses after its own prompts.
-        ro.teacher = self.teacher_prompts.as_ref().map(|teacher| {
-            let prompts: Vec<&[i64]> = self
-                .batch_rows
-                .iter()
-                .map(|&i| teacher[i].as_slice())
-                .collect();
-            let n = ro.response.size()[1];
-            let response_mask = ro.full_mask.narrow(1, ro.prompt_len, n);
-            TeacherInputs::new(&prompts, self.tok.pad_id, (&ro.response, &response_mask))
-        });
+        // SDFT and SDPO: the teacher reads the same responses after its own prompts.
+        ro.teacher = match args.advantage_estimator() {
+            AdvantageEstimator::Sdft => self.teacher_prompts.as_ref().map(|teacher| {
+                let prompts: Vec<&[i64]> = self
+                    .batch_rows
+                    .iter()
+                    .map(|&i| teacher[i].as_slice())
+                    .collect();
+                let (ids, mask) = responses(&ro);
+                TeacherInputs::new(&prompts, self.tok.pad_id, (ids, &mask))
+            }),
+            AdvantageEstimator::Sdpo { group, .. } => Some(self.sdpo_teacher(&ro, group as usize)?),
+            _ => None,
+        };
         ro.correction = args.sampling_correction.map(|mode| {
             sampling_correction(
                 &ro.logprobs,
@@ -786,7 +789,7 @@ impl<'a> Ppo<'a> {
         // and A*-PO's losses hold the policy to the reference themselves (β is theirs), and
         // judge the responses on their scores alone, as TRL's.
         let in_objective = args.advantage_estimator().kl_in_objective();
-        let reward_beta = if args.kl_in_loss || in_objective {
+        let reward_beta = if args.kl_in_loss || in_objective || args.self_distillation().is_some() {
             0.0
         } else {
             beta
@@ -815,8 +818,9 @@ impl<'a> Ppo<'a> {
         );
 
         let train_started = Instant::now();
-        let teacher = match (&self.reference, args.sdft.teacher_model_kind) {
-            (_, TeacherKind::Live) => Teacher::Live,
+        let kind = args.self_distillation().map(|s| s.teacher);
+        let teacher = match (&self.reference, kind) {
+            (_, Some(TeacherKind::Live)) => Teacher::Live,
             (Reference::Frozen(model), _) => Teacher::Copy(model),
             _ => Teacher::AdapterOff,
         };
@@ -880,6 +884,53 @@ impl<'a> Ppo<'a> {
                 train: train_time,
                 total: started.elapsed().as_secs_f64(),
             },
+        })
+    }
+
+    /// SDPO's teacher inputs for rollout `ro` (`group` responses per prompt): each response
+    /// after the prompt [`crate::sdft::sdpo_teacher_prompts`] builds from its group's
+    /// successes and its row's feedback, cut to its last --max-reprompt-len tokens.
+    fn sdpo_teacher(&self, ro: &Rollout, group: usize) -> Result<TeacherInputs> {
+        let rows = &self.batch_rows;
+        let examples: Vec<&PromptExample> = rows.iter().map(|&i| &self.examples[i]).collect();
+        let fields: Vec<&PromptFields> = rows.iter().map(|&i| &self.fields[i]).collect();
+        let scores = Vec::<f64>::try_from(ro.scores.to_kind(Kind::Double).to_device(Device::Cpu))?;
+        // Each response as TRL decodes a demonstration: its sampled tokens, special ones
+        // left out.
+        let (ids, mask) = responses(ro);
+        let lengths = Vec::<i64>::try_from(
+            mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64)
+                .to_device(Device::Cpu),
+        )?;
+        let demos: Vec<String> = (0..lengths.len())
+            .map(|r| -> Result<String> {
+                let row = ids
+                    .get(r as i64)
+                    .narrow(0, 0, lengths[r])
+                    .to_device(Device::Cpu);
+                Ok(self.tok.decode(&Vec::<i64>::try_from(row)?, true))
+            })
+            .collect::<Result<_>>()?;
+        let (prompts, active, counts) = crate::sdft::sdpo_teacher_prompts(
+            (&examples, &fields),
+            (&scores, &demos),
+            group,
+            &self.args.sdft,
+        )?;
+        let keep = self.args.sdft.max_reprompt_len;
+        let tokenized: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| {
+                let ids = self.tok.encode_prompt(p)?;
+                Ok(ids[ids.len().saturating_sub(keep)..].to_vec())
+            })
+            .collect::<data::Result<_>>()?;
+        let refs: Vec<&[i64]> = tokenized.iter().map(Vec::as_slice).collect();
+        let active: Vec<f32> = active.iter().map(|&a| f32::from(u8::from(a))).collect();
+        Ok(TeacherInputs {
+            active: Some(tch::Tensor::from_slice(&active).to_device(ro.response.device())),
+            counts: Some(counts),
+            ..TeacherInputs::new(&refs, self.tok.pad_id, (ids, &mask))
         })
     }
 
@@ -1265,6 +1316,13 @@ impl<'a> Ppo<'a> {
         session.write_averages(&self.policy)?;
         Ok(())
     }
+}
+
+/// A rollout's responses `[B, N]` and their mask (1 on every sampled token and tool
+/// result, the EOS included).
+fn responses(ro: &Rollout) -> (&tch::Tensor, tch::Tensor) {
+    let n = ro.response.size()[1];
+    (&ro.response, ro.full_mask.narrow(1, ro.prompt_len, n))
 }
 
 /// Mean over the batch of each row's sum (`[B, N]` → scalar).

@@ -18,7 +18,7 @@ use crate::args::TrainArgs;
 use crate::math::{
     a2po_loss, high_entropy_mask, importance_weight, kl_per_token, off_policy_mask,
     online_dpo_loss, policy_loss, value_loss, AdvantageEstimator, Advantages, EntropyController,
-    KlEstimator, PolicyLoss,
+    KlEstimator, LossAggregation, PolicyLoss,
 };
 use crate::rollout::{response_logprobs, response_values, Rollout};
 use crate::sdft::{self, Teacher};
@@ -81,6 +81,8 @@ pub struct UpdateStats {
     /// SDFT's per-token loss, the mean over the loss tokens (TRL's
     /// `self_distillation/distillation_loss`).
     pub distillation_loss: Option<f64>,
+    /// SDPO's GRPO policy loss alone (TRL's `self_distillation/policy_loss`).
+    pub sdpo_policy_loss: Option<f64>,
     /// Max |ratio − 1| on the first minibatch, before any update: 0 unless dropout is on or
     /// the rollout and the training forward disagree.
     pub first_ratio_max_dev: f64,
@@ -234,6 +236,8 @@ pub fn update(
         a2po: (args.advantage_estimator() == AdvantageEstimator::A2po)
             .then(|| (avg("implicit_reward"), avg("advantage"))),
         distillation_loss: learners.teacher.is_some().then(|| avg("distillation_loss")),
+        sdpo_policy_loss: matches!(args.advantage_estimator(), AdvantageEstimator::Sdpo { .. })
+            .then(|| avg("sd_policy")),
         first_ratio_max_dev,
         outcome: outcome.expect("at least one minibatch"),
     })
@@ -268,6 +272,11 @@ fn minibatch_backward(
         world.sum(local).max(1.0)
     };
     let (mb_tokens, mb_value_tokens) = (tokens_of(policy_mask), tokens_of(&ro.mask));
+    // The distilled tokens (SDPO's: of the responses whose teacher was shown something).
+    let mb_distilled = ro
+        .teacher
+        .as_ref()
+        .map_or(mb_tokens, |t| tokens_of(&t.loss_mask(policy_mask)));
     let mb_rows = world.sum(mb.len() as f64);
     let surrogate = args.surrogate();
     let (aggregation, norm) = (surrogate.aggregation, surrogate.norm);
@@ -293,17 +302,22 @@ fn minibatch_backward(
         let value_weight = value_mask.sum(Kind::Float).double_value(&[]) / mb_value_tokens;
         let policy = &learners.policy.model;
         let (old_lp, advantages) = (pick(&ro.logprobs), pick(&adv.advantages));
-        // SDFT: the student's and the teacher's logits; the importance weight only where
-        // the rollout feeds more than one optimiser step (as TRL's).
-        let sdft = match (learners.teacher, &ro.teacher) {
-            (Some(teacher), Some(inputs)) => {
+        // SDFT and SDPO: the student's and the teacher's logits (none at SDPO's weight 0);
+        // the importance weight only where the rollout feeds more than one optimiser step
+        // (as TRL's).
+        let distilled = args.advantage_estimator == crate::args::EstimatorName::Sdft
+            || args.sdft.distillation_weight > 0.0;
+        let sdft = match (learners.teacher, &ro.teacher, args.self_distillation()) {
+            (Some(teacher), Some(inputs), Some(settings)) if distilled => {
                 let reused = args.ppo_epochs * args.num_minibatches > 1;
+                let inputs = inputs.pick(&idx);
+                let loss_mask = inputs.loss_mask(&mask);
                 Some(sdft::token_losses(
                     (policy, teacher),
                     (&ids, &full_mask, ro.prompt_len),
-                    &inputs.pick(&idx),
-                    (&mask, reused.then_some(&old_lp)),
-                    (&args.sdft, args.temperature),
+                    &inputs,
+                    (&loss_mask, reused.then_some(&old_lp)),
+                    (&args.sdft, settings, args.temperature),
                 ))
             }
             _ => None,
@@ -370,6 +384,19 @@ fn minibatch_backward(
             ),
         };
         let mut policy_total = &pl.loss * weight;
+        let mut policy_stat = pl.loss.double_value(&[]) * weight;
+        if let (AdvantageEstimator::Sdpo { .. }, Some(s)) = (estimator, &sdft) {
+            // SDPO: (1 − w)·GRPO's loss + w·the distillation's, each response's mean over
+            // its distilled tokens averaged over every response (0 for the undistilled).
+            let w = args.sdft.distillation_weight;
+            let distill = LossAggregation::SeqMeanTokenMean.aggregate(&s.loss, &mask, norm);
+            let row_weight = part.len() as f64 / mb_rows;
+            *stats.entry("sd_policy").or_default() += policy_stat;
+            policy_total = policy_total * (1.0 - w) + &distill * (w * row_weight);
+            policy_stat = (1.0 - w) * policy_stat + w * row_weight * distill.double_value(&[]);
+            let sum = s.loss.detach().sum(Kind::Double).double_value(&[]);
+            *stats.entry("distillation_loss").or_default() += sum / mb_distilled;
+        }
         // The tokens that carry the policy loss: the entropy bonus acts on them, and
         // adaptive entropy control measures their mean entropy over every rank.
         let acting = match &keep {
@@ -402,8 +429,8 @@ fn minibatch_backward(
             (Some((lo, hi)), Some((l, h))) => Some((lo.min(l), hi.max(h))),
             (a, b) => a.or(b),
         };
+        *stats.entry("policy").or_default() += policy_stat;
         let mut add = |k, v: f64| *stats.entry(k).or_default() += v * weight;
-        add("policy", pl.loss.double_value(&[]));
         add("approxkl", pl.approxkl);
         add("clipfrac", pl.clipfrac);
         add("clip_low", pl.clip_low);
@@ -505,7 +532,7 @@ fn high_entropy_tokens(
 }
 
 /// The statistics a minibatch's ranks sum.
-const STAT_KEYS: [&str; 21] = [
+const STAT_KEYS: [&str; 22] = [
     "policy",
     "approxkl",
     "clipfrac",
@@ -527,6 +554,7 @@ const STAT_KEYS: [&str; 21] = [
     "implicit_reward",
     "advantage",
     "distillation_loss",
+    "sd_policy",
 ];
 
 /// PPO-ptx: the language-modelling loss of the next `rows` SFT rows (this rank's share of

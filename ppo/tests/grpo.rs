@@ -896,7 +896,7 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
     // And with DAPO's dynamic sampling, whose extra batches of prompts move the sampler;
     // online DPO, whose minibatches are shuffled a pair at a time; A*-PO, whose optimal
     // values the resumed run reads back; and SDFT with an EMA teacher, moved at step 2 and
-    // read back from the checkpoint.
+    // read back from the checkpoint, and SDPO (its EMA teacher moved every step).
     let filter = "--filter-groups --max-num-gen-batches 0";
     for (tag, options) in [
         ("plain", ""),
@@ -906,6 +906,7 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
         ("online-dpo", "online-dpo"),
         ("a2po", "a2po"),
         ("sdft", "sdft"),
+        ("sdpo", "sdpo"),
     ] {
         let straight = f.root.join(format!("run-grpo-straight-{tag}"));
         let reward = TextRule(digit_share);
@@ -926,7 +927,8 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
         assert!(!status.success(), "{tag}: the child was not killed");
         assert!(!killed.join("final").exists());
         let moved = killed.join("checkpoints/step-000002/ref_model.safetensors");
-        assert_eq!(moved.exists(), tag == "sync" || tag == "sdft", "{tag}");
+        let moves = ["sync", "sdft", "sdpo"].contains(&tag);
+        assert_eq!(moved.exists(), moves, "{tag}");
         run_with_reward(&resumable_args(&killed, options, true), &reward).unwrap();
         let diff =
             rlhf_tests::max_weight_diff(&straight.join("final"), &killed.join("final"), Head::Lm);
@@ -984,7 +986,16 @@ fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
     let online = options == "online-dpo";
     let a2po = options == "a2po";
     let sdft = options == "sdft";
+    let sdpo = options == "sdpo";
     let mut extra = vec!["--max-steps", "4", "--save-every", "2"];
+    if sdpo {
+        extra.extend([
+            "--success-reward-threshold",
+            "0.2",
+            "--distillation-weight",
+            "0.5",
+        ]);
+    }
     if sdft {
         extra.extend([
             "--teacher-model-kind",
@@ -997,7 +1008,7 @@ fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
             "10",
         ]);
     }
-    if !online && !a2po && !sdft {
+    if !online && !a2po && !sdft && !sdpo {
         extra.extend(options.split_whitespace());
     }
     if resume {
@@ -1016,9 +1027,9 @@ fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
         a.num_value_samples = 2;
         a.kl_coef = 0.1;
     }
-    if sdft {
-        // The reward is only logged.
-        a.advantage_estimator = "sdft".parse().unwrap();
+    if sdft || sdpo {
+        // SDFT's reward is only logged.
+        a.advantage_estimator = options.parse().unwrap();
         a.prompts = fixture().root.join("prompts-context.jsonl");
     }
     a

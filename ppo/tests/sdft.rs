@@ -28,9 +28,12 @@ fn fixture() -> &'static Fixture {
         let lines: String = (0..8)
             .map(|i| {
                 let (heads, legs) = (i + 10, 2 * (i + 10) + 2 * (i + 1));
+                // (`answer` and `id` for the reward program of the SDPO test.)
                 let row = serde_json::json!({
                     "prompt": format!("There are {heads} heads and {legs} legs"),
                     "privileged_context": format!("So {} rabbits", i + 1),
+                    "answer": format!("{}", i + 1),
+                    "id": i,
                 });
                 format!("{row}\n")
             })
@@ -255,6 +258,124 @@ fn the_policy_moves_towards_its_teacher() {
     }
 }
 
+/// SDPO (`--advantage-estimator sdpo`, TRL's SDPOTrainer), step 1 of 4 prompts × 4
+/// responses scored by a reward program: the teacher prompts are the ones TRL's own
+/// `SuccessfulRolloutTeacherContextBuilder` builds from the same scores, and the loss, its
+/// GRPO and distillation parts and TRL's `self_distillation/*_fraction` metrics are TRL's
+/// (1e-4): with TRL's defaults (sampled_token, α 1, the distillation alone), and blended
+/// half and half over the full vocabulary with the rows' feedback shown too.
+#[test]
+fn sdpo_is_trls() {
+    let f = fixture();
+    let program = format!(
+        "'{}' '{}'",
+        rlhf_tests::python().display(),
+        rlhf_tests::repo_root()
+            .join("tests/python/digit_reward.py")
+            .display()
+    );
+    let cases: [(&str, &[&str], &[&str]); 2] = [
+        ("sdpo", &[], &[]),
+        (
+            "sdpo-blend",
+            &[
+                "--distillation-weight",
+                "0.5",
+                "--include-environment-feedback",
+                "--distillation-mode",
+                "full_logits",
+                "--distillation-alpha",
+                "0.5",
+            ],
+            &[
+                "--weight",
+                "0.5",
+                "--include-feedback",
+                "--mode",
+                "full_logits",
+                "--alpha",
+                "0.5",
+            ],
+        ),
+    ];
+    for (tag, ours, theirs) in cases {
+        let out = f.root.join(format!("loss-{tag}"));
+        let step = [
+            "--max-steps",
+            "1",
+            "--sample-every",
+            "1",
+            "--num-samples",
+            "16",
+        ];
+        let threshold = ["--success-reward-threshold", "0.3"];
+        let mut a = args(&out, &[ours, &step[..], &threshold[..]].concat());
+        a.advantage_estimator = "sdpo".parse().unwrap();
+        a.num_generations = 4;
+        a.reward_command = vec![program.clone()];
+        run(&a).unwrap();
+        let m = &read_jsonl(&out.join("metrics.jsonl"))[0];
+        let samples = out.join("samples.jsonl");
+        let mut reference = vec![
+            "--sdpo",
+            "--num-generations",
+            "4",
+            "--threshold",
+            "0.3",
+            "--temperature",
+            "1.0",
+            "--model",
+            f.policy.to_str().unwrap(),
+            "--prompts",
+            f.prompts.to_str().unwrap(),
+            "--samples",
+            samples.to_str().unwrap(),
+        ];
+        reference.extend_from_slice(theirs);
+        let want = run_python("sdft_reference.py", &reference);
+        let share = want["self_distillation/success_sample_fraction"]
+            .as_f64()
+            .unwrap();
+        assert!(0.0 < share && share < 1.0, "{tag}: successes {share}");
+        for (ours, key) in [
+            ("loss/policy_avg", "loss"),
+            ("self_distillation/distillation_loss", "distillation_loss"),
+            ("sdpo/distillation_loss", "distillation_loss"),
+            ("self_distillation/policy_loss", "policy_loss"),
+            (
+                "self_distillation/success_group_fraction",
+                "self_distillation/success_group_fraction",
+            ),
+            (
+                "self_distillation/success_sample_fraction",
+                "self_distillation/success_sample_fraction",
+            ),
+            (
+                "self_distillation/feedback_used_fraction",
+                "self_distillation/feedback_used_fraction",
+            ),
+            (
+                "self_distillation/reprompt_sample_fraction",
+                "self_distillation/reprompt_sample_fraction",
+            ),
+        ] {
+            let (got, want) = (m[ours].as_f64().unwrap(), want[key].as_f64().unwrap());
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(0.01),
+                "{tag} {ours}: {got} vs TRL's {want}"
+            );
+        }
+        let lines = read_jsonl(&samples);
+        assert_eq!(lines.len(), 16);
+        for (line, teacher) in lines
+            .iter()
+            .zip(want["teacher_prompts"].as_array().unwrap())
+        {
+            assert_eq!(line["teacher_prompt"], *teacher, "{tag}");
+        }
+    }
+}
+
 #[test]
 fn bad_options_and_rows_are_refused_with_one_line() {
     let f = fixture();
@@ -266,7 +387,7 @@ fn bad_options_and_rows_are_refused_with_one_line() {
     };
     refused(
         &["--kl-in-loss"],
-        "--advantage-estimator sdft distils the policy from its teacher",
+        "--advantage-estimator sdft and sdpo distil the policy",
     );
     refused(
         &["--distillation-mode", "sampled_token"],
@@ -279,6 +400,21 @@ fn bad_options_and_rows_are_refused_with_one_line() {
     refused(
         &["--teacher-model-kind", "ema", "--lora-r", "4"],
         "--teacher-model-kind ema moves a copy of the starting policy",
+    );
+    refused(
+        &["--reprompt-template", "{prompt}{answer}"],
+        "--reprompt-template fills in {prompt}, {solution} and {feedback}",
+    );
+    refused(
+        &["--distillation-weight", "1.5"],
+        "--distillation-weight must be in [0, 1]",
+    );
+    let mut a = args(&out, &["--entropy-coef", "0.01"]);
+    a.advantage_estimator = "sdpo".parse().unwrap();
+    let e = run(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("--advantage-estimator sdft and sdpo distil the policy"),
+        "{e}"
     );
     // A row without its privileged context: its file, line and field.
     let rows = f.root.join("no-context.jsonl");

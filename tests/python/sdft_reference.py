@@ -20,6 +20,19 @@ the loss mask leaves out the first --skip completion tokens. Prints one JSON doc
      "distillation_loss": the mean over every sample's loss tokens,
      "teacher_prompts": [the composed teacher prompt of each sample]}
 
+    sdft_reference.py --sdpo --num-generations K [--weight 1] [--threshold 1]
+                      [--include-feedback] ...
+
+SDPO instead (trl.experimental.sdpo, whose defaults are sampled_token and alpha 1): the
+samples are the whole step's rollout in order (groups of K), each with its `score`; TRL's
+own SuccessfulRolloutTeacherContextBuilder.build (on a stand-in trainer: one process) makes
+the teacher prompts from them and the rows' `privileged_context` (feedback), the GRPO
+advantages are TRL's ((r − group mean) / (group std + 1e-4)), the policy loss TRL's
+default `dapo` one at ratio 1, the distillation loss on the responses given a teacher
+context, and the loss (1 − w)·policy + w·distillation. Prints {"loss", "policy_loss",
+"distillation_loss", "teacher_prompts" (decoded), and TRL's `self_distillation/*_fraction`
+metrics}.
+
 Each sample is run alone (no padding), the model in float32. The step's policy is still the
 starting one, so the student and (base) teacher weights are the model's; --student DIR
 gives the student other weights (a trained policy, against its base teacher).
@@ -44,13 +57,22 @@ def main():
     p.add_argument("--prompts", required=True)
     p.add_argument("--samples", required=True)
     p.add_argument("--template", default="{prompt}\n\n{privileged_context}")
-    p.add_argument("--mode", default="topk_logits")
-    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--mode", help="default topk_logits (SDFT's), sampled_token with --sdpo")
+    p.add_argument("--alpha", type=float, help="default 0.5 (SDFT's), 1 with --sdpo")
     p.add_argument("--topk", type=int, default=100)
     p.add_argument("--add-tail", action="store_true")
     p.add_argument("--skip", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--sdpo", action="store_true")
+    p.add_argument("--num-generations", type=int, default=2)
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--threshold", type=float, default=1.0)
+    p.add_argument("--include-feedback", action="store_true")
     a = p.parse_args()
+    a.mode = a.mode or ("sampled_token" if a.sdpo else "topk_logits")
+    a.alpha = a.alpha if a.alpha is not None else (1.0 if a.sdpo else 0.5)
+    if a.sdpo:
+        return sdpo(a)
 
     tok = tf.AutoTokenizer.from_pretrained(a.model)
     load = lambda d: tf.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
@@ -104,6 +126,106 @@ def main():
                 "loss": sum(per_sample) / len(per_sample),
                 "distillation_loss": token_sum / max(token_count, 1.0),
                 "teacher_prompts": teacher_prompts,
+            }
+        )
+    )
+
+
+def sdpo(a):
+    from trl.experimental.sdpo import loss_utils as sdpo_loss
+    from trl.experimental.sdpo.sdpo_config import SDPOConfig
+    from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder
+
+    tok = tf.AutoTokenizer.from_pretrained(a.model)
+    model = tf.AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32).eval()
+    rows = {r["prompt"]: r for r in (json.loads(l) for l in open(a.prompts) if l.strip())}
+    samples = [json.loads(l) for l in open(a.samples) if l.strip()]
+    config = SDPOConfig(
+        output_dir="/tmp/sdpo-reference",
+        use_cpu=True,
+        bf16=False,
+        success_reward_threshold=a.threshold,
+        include_environment_feedback=a.include_feedback,
+        distillation_weight=a.weight,
+    )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    identity = lambda t, **_: t
+    trainer = SimpleNamespace(
+        args=config,
+        accelerator=SimpleNamespace(
+            device="cpu", process_index=0, gather=identity, pad_across_processes=identity
+        ),
+        model=SimpleNamespace(training=True),
+        num_generations=a.num_generations,
+        _tokenizer=SimpleNamespace(pad_token_id=pad),
+        processing_class=tok,
+        _tokenize_prompts_untruncated=lambda prompts: [tok(text=p)["input_ids"] for p in prompts],
+    )
+    completions = [s["completion_ids"] for s in samples]
+    width = max(len(c) for c in completions)
+    completion_ids = torch.tensor([c + [pad] * (width - len(c)) for c in completions])
+    completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions])
+    prompts = [s["prompt"] for s in samples]
+    rewards = torch.tensor([s["score"] for s in samples], dtype=torch.float32)
+    feedbacks = [rows[p].get("privileged_context") for p in prompts]
+    builder = SuccessfulRolloutTeacherContextBuilder(trainer)
+    out = builder.build(
+        {"completion_ids": completion_ids, "completion_mask": completion_mask},
+        prompts,
+        rewards,
+        feedbacks=feedbacks,
+    )
+    teacher_len = out["teacher_input_ids"].size(1) - width
+    k = a.num_generations
+    grouped = rewards.view(-1, k)
+    advantages = (rewards - grouped.mean(1).repeat_interleave(k)) / (
+        grouped.std(1).repeat_interleave(k) + 1e-4
+    )
+
+    def completion_logits(ids, n):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits
+        return logits[:, :-1, :][:, -n:, :] / a.temperature
+
+    pg_sum, pg_tokens, distill_rows, distill_sum, distill_tokens, teacher_prompts = 0, 0, [], 0, 0, []
+    for i, (s, c) in enumerate(zip(samples, completions)):
+        n = len(c)
+        row_mask = out["teacher_attention_mask"][i, :teacher_len].bool()
+        teacher_prompt = out["teacher_input_ids"][i, :teacher_len][row_mask].tolist()
+        teacher_prompts.append(tok.decode(teacher_prompt, skip_special_tokens=True))
+        # The GRPO part at ratio 1: −A on every token, `dapo`: over every token of the batch.
+        pg_sum += -advantages[i].item() * n
+        pg_tokens += n
+        active = out["self_distillation_mask"][i].item()
+        student = completion_logits(tok(text=s["prompt"])["input_ids"] + c, n)
+        teacher = completion_logits(teacher_prompt + c, n)
+        if a.mode == "topk_logits":
+            loss = sdpo_loss.compute_topk_self_distillation_loss(
+                student, teacher, distillation_topk=a.topk, distillation_alpha=a.alpha,
+                distillation_add_tail=a.add_tail,
+            )
+        elif a.mode == "full_logits":
+            loss = sdpo_loss.compute_full_logit_self_distillation_loss(
+                student, teacher, distillation_alpha=a.alpha
+            )
+        else:
+            loss = sdpo_loss.compute_sampled_token_self_distillation_loss(
+                student, teacher, torch.tensor([c]), distillation_alpha=a.alpha
+            )
+        mask = torch.full((1, n), float(active))
+        distill_rows.append(((loss * mask).sum() / mask.sum().clamp(min=1.0)).item())
+        distill_sum += (loss * mask).sum().item()
+        distill_tokens += mask.sum().item()
+    policy_loss = pg_sum / pg_tokens
+    distillation = sum(distill_rows) / len(distill_rows)
+    print(
+        json.dumps(
+            {
+                "loss": (1 - a.weight) * policy_loss + a.weight * distillation,
+                "policy_loss": policy_loss,
+                "distillation_loss": distill_sum / max(distill_tokens, 1.0),
+                "teacher_prompts": teacher_prompts,
+                **builder.last_metrics,
             }
         )
     )
