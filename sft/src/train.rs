@@ -34,11 +34,20 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub data: TrainDataArgs,
-    /// Pack rows into sequences of up to --max-length tokens (best-fit decreasing, as
-    /// TRL's packing="bfd"): no padding; positions restart at each row and attention never
-    /// crosses rows. --batch-size then counts packed sequences.
+    /// Pack rows into sequences of up to --max-length tokens (--packing-strategy, TRL's
+    /// `packing`): no padding; --batch-size then counts packed sequences.
     #[arg(long)]
     pub packing: bool,
+    /// How rows are packed (TRL's `packing_strategy`): bfd (best-fit decreasing; longer
+    /// rows cut to --max-length; positions restart at each row and attention never crosses
+    /// rows), bfd_split (the same, longer rows first cut into pieces of --max-length, so no
+    /// token is lost) or wrapped (the rows run together and cut every --max-length tokens:
+    /// attention across rows, as pretraining packs).
+    #[arg(long, default_value = "bfd")]
+    pub packing_strategy: packing::Strategy,
+    /// Pack --eval-data too (TRL's `eval_packing`; default: as --packing).
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub eval_packing: Option<bool>,
     #[command(flatten)]
     #[serde(flatten)]
     pub loss_scope: crate::eval::LossScopeArgs,
@@ -136,13 +145,32 @@ impl TrainArgs {
                 "--neftune-noise-alpha must be > 0",
             ),
             (!(self.packing && self.data.group_by_length), "--group-by-length has nothing to group with --packing (packed sequences are all about --max-length long)"),
-            (!(self.packing && (self.adapter.prompt_tuning_tokens.is_some() || self.adapter.prefix_tuning_tokens.is_some())), "--packing with --prompt-tuning-tokens or --prefix-tuning-tokens is not supported (the virtual tokens go before one row, not before each packed row)"),
+            (
+                self.packing_strategy == packing::Strategy::Bfd || self.packing || self.eval_packing(),
+                "--packing-strategy applies with --packing or --eval-packing true",
+            ),
+            (
+                !(self.packing_strategy.cuts_rows() && self.data.truncation == data::sft::Truncation::Drop),
+                "--truncation drop keeps rows whole or not at all: --packing-strategy bfd_split and wrapped cut long rows themselves",
+            ),
+            (!((self.packing || self.eval_packing()) && (self.adapter.prompt_tuning_tokens.is_some() || self.adapter.prefix_tuning_tokens.is_some())), "--packing with --prompt-tuning-tokens or --prefix-tuning-tokens is not supported (the virtual tokens go before one row, not before each packed row)"),
         ])?;
         Ok(())
     }
+
+    /// Whether --eval-data is packed (TRL's `eval_packing`, else as --packing).
+    fn eval_packing(&self) -> bool {
+        self.eval_packing.unwrap_or(self.packing)
+    }
+
+    /// `rows` of one file packed as --packing-strategy says.
+    fn pack(&self, rows: &[TokenizedSft], max_length: usize) -> Vec<TokenizedSft> {
+        packing::pack_with(rows, max_length, self.packing_strategy)
+    }
 }
 
-/// Tokenizes `path`'s rows, cut or dropped at `max_length` tokens. Prompt-only rows
+/// Tokenizes `path`'s rows, cut or dropped at `max_length` tokens (whole with `max_length`
+/// `usize::MAX`: packed by a strategy that cuts them itself). Prompt-only rows
 /// (`{"prompt"}` without a completion, TRL's `DistillationTrainer` data) are read as
 /// prompts without targets where every step samples its completions
 /// (`prompts_allowed`).
@@ -231,9 +259,11 @@ impl TrainRows {
             starts.push(rows.len());
             let samples_all = args.distill.teacher_model.is_some()
                 && (args.distill.lmbda >= 1.0 || args.distill.seq_kd);
-            let prepared = prepare_file(&spec.path, tok, (args, samples_all), max_length)?.rows;
+            let whole = args.packing && args.packing_strategy.cuts_rows();
+            let limit = if whole { usize::MAX } else { max_length };
+            let prepared = prepare_file(&spec.path, tok, (args, samples_all), limit)?.rows;
             if args.packing {
-                let packs = packing::pack(&prepared, max_length);
+                let packs = args.pack(&prepared, max_length);
                 tracing::info!(
                     "{}: {} rows packed into {} sequences of up to {max_length} tokens ({:.1}% full)",
                     spec.path.display(),
@@ -430,7 +460,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     };
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let tok = args.tokenizer.apply(&mut model, tok)?;
-    if args.packing && model.virtual_tokens() > 0 {
+    if (args.packing || args.eval_packing()) && model.virtual_tokens() > 0 {
         bail!("--packing: {} is a prompt- or prefix-tuning adapter, and packing with virtual tokens is not supported (they go before one row, not before each packed row)", args.model.display());
     }
     let max_length = model.cap_length(args.data.max_length, "--max-length");
@@ -458,7 +488,16 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .data
         .eval_data
         .as_deref()
-        .map(|p| prepare_file(p, &tok, (args, false), max_length))
+        .map(|p| -> Result<Prepared> {
+            let packed = args.eval_packing();
+            let whole = packed && args.packing_strategy.cuts_rows();
+            let limit = if whole { usize::MAX } else { max_length };
+            let mut eval = prepare_file(p, &tok, (args, false), limit)?;
+            if packed {
+                eval.rows = args.pack(&eval.rows, max_length);
+            }
+            Ok(eval)
+        })
         .transpose()?;
 
     let (mut order, epoch_rows) = train.order(args);

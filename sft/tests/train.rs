@@ -751,6 +751,170 @@ fn a_mixture_follows_its_rule_logs_each_dataset_and_resumes() {
     );
 }
 
+/// `--packing-strategy` (TRL's `packing_strategy`) on rows up to 4× --max-length: `bfd`
+/// cuts the long rows and `bfd_split` and `wrapped` lose no token (TRL's `num_tokens`);
+/// `wrapped`'s sequences (attention across rows, positions running on) give the step the
+/// loss `transformers` gives them run alone (1e-4); eval rows are packed as the training
+/// rows unless `--eval-packing false`, and `bfd`'s packing leaves the eval loss as it is.
+#[test]
+fn packing_strategies_are_trls() {
+    let f = fixture();
+    let data = f.root.join("long-rows.jsonl");
+    let text: String = (0..12i64)
+        .map(|i| {
+            let answer = format!("{} rabbits and {} chickens. ", i % 7 + 1, i % 5 + 2);
+            json!({"text": format!("There are {} heads. {}", i + 3, answer.repeat((i % 6 + 1) as usize))})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, text).unwrap();
+    let tok = data::Tokenizer::load(&f.model).unwrap();
+    let examples = data::read_sft(&data).unwrap();
+    let whole = data::sft::prepare(
+        &examples,
+        &tok,
+        (usize::MAX, Default::default()),
+        true,
+        Default::default(),
+    )
+    .unwrap()
+    .rows;
+    let tokens: usize = whole.iter().map(|r| r.ids.len()).sum();
+    let longest = whole.iter().map(|r| r.ids.len()).max().unwrap();
+    assert!(longest > 3 * 16, "rows too short to cut: {longest}");
+    let wrapped = data::packing::wrap(&whole, 16);
+    let run = |tag: &str, extra: &[&str]| {
+        let out = f.root.join(format!("strategy-{tag}"));
+        let mut args = vec![
+            "train",
+            "--model",
+            f.model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--eval-data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--max-length",
+            "16",
+            "--max-steps",
+            "1",
+            "--overwrite",
+        ];
+        args.extend_from_slice(extra);
+        let o = sft(&args, &[]);
+        ok(&o);
+        (
+            metrics(&out)[0].clone(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let all = wrapped.len().to_string();
+    let (m, log) = run(
+        "wrapped",
+        &[
+            "--packing",
+            "--packing-strategy",
+            "wrapped",
+            "--batch-size",
+            &all,
+        ],
+    );
+    assert!(
+        log.contains(&format!("12 rows packed into {all} sequences")),
+        "{log}"
+    );
+    assert_eq!(m["num_tokens"].as_f64(), Some(tokens as f64));
+    let rows: Vec<Value> = wrapped
+        .iter()
+        .map(|r| json!({"ids": r.ids, "mask": r.loss_mask}))
+        .collect();
+    let rows_path = f.root.join("wrapped-rows.json");
+    std::fs::write(&rows_path, Value::from(rows).to_string()).unwrap();
+    let model = f.model.to_str().unwrap();
+    let want = rlhf_tests::run_python(
+        "gkd_reference.py",
+        &[
+            "--student",
+            model,
+            "--teacher",
+            model,
+            "--rows",
+            rows_path.to_str().unwrap(),
+        ],
+    )["sft"]["nll"]
+        .as_f64()
+        .unwrap();
+    let got = m["train/loss"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() < 1e-4,
+        "wrapped: {got} vs transformers' {want}"
+    );
+    // Every piece in the step.
+    let pieces = data::packing::pack_with(&whole, 16, data::packing::Strategy::BfdSplit);
+    let pieces = pieces.len().to_string();
+    let (m, _) = run(
+        "split",
+        &[
+            "--packing",
+            "--packing-strategy",
+            "bfd_split",
+            "--batch-size",
+            &pieces,
+        ],
+    );
+    assert_eq!(m["num_tokens"].as_f64(), Some(tokens as f64));
+    let cut = data::sft::prepare(
+        &examples,
+        &tok,
+        (16, Default::default()),
+        true,
+        Default::default(),
+    )
+    .unwrap()
+    .rows;
+    let packs = data::packing::pack(&cut, 16).len().to_string();
+    let (bfd, _) = run("bfd", &["--packing", "--batch-size", &packs]);
+    assert!(bfd["num_tokens"].as_f64().unwrap() < tokens as f64);
+    // The eval rows are packed (fewer, fuller sequences) with the same loss.
+    let (unpacked, _) = run(
+        "bfd-eval-unpacked",
+        &["--packing", "--batch-size", "64", "--eval-packing", "false"],
+    );
+    let (a, b) = (
+        bfd["eval/loss"].as_f64().unwrap(),
+        unpacked["eval/loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-5, "bfd-packed eval {a} vs unpacked {b}");
+    for (extra, want) in [
+        (
+            &["--packing-strategy", "wrapped"][..],
+            "--packing-strategy applies with --packing or --eval-packing true",
+        ),
+        (
+            &[
+                "--packing",
+                "--packing-strategy",
+                "bfd_split",
+                "--truncation",
+                "drop",
+            ][..],
+            "--truncation drop keeps rows whole or not at all",
+        ),
+    ] {
+        let out = f.root.join("strategy-refused");
+        let mut args = train_args(&out, extra);
+        args.push("--overwrite");
+        let o = sft(&args, &[]);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+}
+
 /// `--packing`: with every row in each step, packed and unpacked training see the same
 /// rows, so each step's loss and gradient norm and the final weights agree; the packed
 /// run takes fewer, fuller sequences. Bad combinations are refused.

@@ -9,8 +9,9 @@
         {"losses": [...]} in the order of --betas.
 
     Also, under "sft", TRL's SFTTrainer metrics of the student alone over the same
-    completion tokens: `entropy` (of the next-token distribution) and
-    `mean_token_accuracy` (the token is the argmax), means over every row's tokens.
+    completion tokens: `entropy` (of the next-token distribution),
+    `mean_token_accuracy` (the token is the argmax) and `nll` (the SFT loss), means over
+    every row's tokens.
 
     gkd_reference.py ... --iw-opd 0.5:1.0,2:0.9
         also, for each γ:temperature, TRL's own IWOPDTrainer._compute_iw_opd_loss (the
@@ -83,16 +84,22 @@ def main():
             total += jsd.item()
             tokens += n.item()
         losses.append(total / max(tokens, 1))
-    entropy, top1, tokens = 0.0, 0.0, 0
+    entropy, top1, nll, tokens = 0.0, 0.0, 0.0, 0
     for s, _, labels in logits:
         mask = labels != -100
         logp = F.log_softmax(s, dim=-1)
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        nll += -picked[mask].sum().item()
         entropy += (-(logp.exp() * logp).sum(-1))[mask].sum().item()
         top1 += (s.argmax(-1) == labels)[mask].sum().item()
         tokens += mask.sum().item()
     out = {
         "losses": losses,
-        "sft": {"entropy": entropy / max(tokens, 1), "mean_token_accuracy": top1 / max(tokens, 1)},
+        "sft": {
+            "entropy": entropy / max(tokens, 1),
+            "mean_token_accuracy": top1 / max(tokens, 1),
+            "nll": nll / max(tokens, 1),
+        },
     }
     if a.iw_opd:
         out["iw_opd"] = [iw_opd_loss(student, teacher, rows, c) for c in a.iw_opd.split(",")]
