@@ -328,8 +328,9 @@ struct Ppo<'a> {
     v_star: Option<Vec<f64>>,
     /// The prompts (of `prompts`) of the last rollout's rows, in order.
     batch_rows: Vec<usize>,
-    /// SDFT: each prompt's teacher prompt (of `prompts`).
+    /// SDFT: each prompt's teacher prompt (of `prompts`, and of the eval prompts).
     teacher_prompts: Option<Vec<Vec<i64>>>,
+    eval_teacher_prompts: Option<Vec<Vec<i64>>>,
 }
 
 /// The reference the KL penalty measures against, as the run holds it.
@@ -554,13 +555,19 @@ impl<'a> Ppo<'a> {
             None
         };
         let ((prompts, fields, examples), ptx_rows) = read_data(args, &tok, &policy)?;
-        let teacher_prompts = (args.advantage_estimator() == AdvantageEstimator::Sdft)
-            .then(|| {
-                let room = max_prompt_length(args, &policy)?;
-                let template = &args.sdft.teacher_prompt_template;
-                crate::sdft::teacher_prompts(&args.prompts, template, &tok, room)
-            })
+        let sdft = args.advantage_estimator() == AdvantageEstimator::Sdft;
+        let teacher_prompts_of = |path: &Path| {
+            let room = max_prompt_length(args, &policy)?;
+            let template = &args.sdft.teacher_prompt_template;
+            crate::sdft::teacher_prompts(path, template, &tok, room)
+        };
+        let teacher_prompts = sdft
+            .then(|| teacher_prompts_of(&args.prompts))
             .transpose()?;
+        let eval_teacher_prompts = match (&args.eval_prompts, sdft) {
+            (Some(path), true) => Some(teacher_prompts_of(path)?),
+            _ => None,
+        };
         // A response template of the tokenizer's own reads the answers (rollout's
         // completion_messages): one that cannot be read stops the run now.
         tok.response_template()?;
@@ -645,6 +652,7 @@ impl<'a> Ppo<'a> {
             v_star: None,
             batch_rows: vec![],
             teacher_prompts,
+            eval_teacher_prompts,
         })
     }
 
@@ -818,12 +826,7 @@ impl<'a> Ppo<'a> {
         );
 
         let train_started = Instant::now();
-        let kind = args.self_distillation().map(|s| s.teacher);
-        let teacher = match (&self.reference, kind) {
-            (_, Some(TeacherKind::Live)) => Teacher::Live,
-            (Reference::Frozen(model), _) => Teacher::Copy(model),
-            _ => Teacher::AdapterOff,
-        };
+        let teacher = teacher_of(&self.reference, args);
         let learners = Learners {
             policy: &mut self.policy,
             critic: self.critic.as_mut(),
@@ -895,9 +898,21 @@ impl<'a> Ppo<'a> {
         let examples: Vec<&PromptExample> = rows.iter().map(|&i| &self.examples[i]).collect();
         let fields: Vec<&PromptFields> = rows.iter().map(|&i| &self.fields[i]).collect();
         let scores = Vec::<f64>::try_from(ro.scores.to_kind(Kind::Double).to_device(Device::Cpu))?;
+        let (ids, mask) = responses(ro);
+        self.sdpo_teacher_of((&examples, &fields), &scores, (ids, &mask), group)
+    }
+
+    /// SDPO's teacher inputs for responses `ids` (`mask`: their tokens) to the prompt rows
+    /// `examples` with `fields`, scored `scores`, `group` consecutive ones a prompt's.
+    fn sdpo_teacher_of(
+        &self,
+        rows: (&[&PromptExample], &[&PromptFields]),
+        scores: &[f64],
+        (ids, mask): (&tch::Tensor, &tch::Tensor),
+        group: usize,
+    ) -> Result<TeacherInputs> {
         // Each response as TRL decodes a demonstration: its sampled tokens, special ones
         // left out.
-        let (ids, mask) = responses(ro);
         let lengths = Vec::<i64>::try_from(
             mask.sum_dim_intlist([1].as_slice(), false, Kind::Int64)
                 .to_device(Device::Cpu),
@@ -911,12 +926,8 @@ impl<'a> Ppo<'a> {
                 Ok(self.tok.decode(&Vec::<i64>::try_from(row)?, true))
             })
             .collect::<Result<_>>()?;
-        let (prompts, active, counts) = crate::sdft::sdpo_teacher_prompts(
-            (&examples, &fields),
-            (&scores, &demos),
-            group,
-            &self.args.sdft,
-        )?;
+        let (prompts, active, counts) =
+            crate::sdft::sdpo_teacher_prompts(rows, (scores, &demos), group, &self.args.sdft)?;
         let keep = self.args.sdft.max_reprompt_len;
         let tokenized: Vec<Vec<i64>> = prompts
             .iter()
@@ -928,10 +939,74 @@ impl<'a> Ppo<'a> {
         let refs: Vec<&[i64]> = tokenized.iter().map(Vec::as_slice).collect();
         let active: Vec<f32> = active.iter().map(|&a| f32::from(u8::from(a))).collect();
         Ok(TeacherInputs {
-            active: Some(tch::Tensor::from_slice(&active).to_device(ro.response.device())),
+            active: Some(tch::Tensor::from_slice(&active).to_device(ids.device())),
             counts: Some(counts),
-            ..TeacherInputs::new(&refs, self.tok.pad_id, (ids, &mask))
+            ..TeacherInputs::new(&refs, self.tok.pad_id, (ids, mask))
         })
+    }
+
+    /// SDFT's or SDPO's distillation loss on a block of evaluation responses (`sampled`,
+    /// to the eval prompts `mine`), without gradient: Σ over the distilled tokens and
+    /// their number.
+    fn eval_distillation(&self, mine: &[usize], sampled: &Sampled) -> Result<[f64; 2]> {
+        let (args, policy) = (self.args, &self.policy.model);
+        let settings = args.self_distillation().expect("SDFT or SDPO");
+        let (_, fields, examples) = self.eval_prompts.as_ref().expect("eval prompts");
+        let _guard = tch::no_grad_guard();
+        let g = &sampled.generated;
+        let refs: Vec<&[i64]> = sampled.prompts.iter().map(Vec::as_slice).collect();
+        let batch = collate_left(&refs, self.tok.pad_id, policy.device());
+        let full_ids = tch::Tensor::cat(&[&batch.input_ids, &g.tokens], 1);
+        let full_mask = tch::Tensor::cat(
+            &[
+                &batch.attention_mask,
+                &g.mask.to_kind(batch.attention_mask.kind()),
+            ],
+            1,
+        );
+        let teacher = match args.advantage_estimator() {
+            AdvantageEstimator::Sdpo { .. } => {
+                // An evaluation's groups: --num-generations-eval responses to a prompt.
+                let group = args.num_generations_eval.unwrap_or(args.num_generations);
+                let rows: Vec<&PromptExample> = mine.iter().map(|&i| &examples[i]).collect();
+                let row_fields: Vec<&PromptFields> = mine.iter().map(|&i| &fields[i]).collect();
+                let responses = (&g.tokens, &g.mask);
+                self.sdpo_teacher_of((&rows, &row_fields), &sampled.scores, responses, group)?
+            }
+            _ => {
+                let teacher = self
+                    .eval_teacher_prompts
+                    .as_ref()
+                    .expect("read with the eval prompts");
+                let rows: Vec<&[i64]> = mine.iter().map(|&i| teacher[i].as_slice()).collect();
+                TeacherInputs::new(&rows, self.tok.pad_id, (&g.tokens, &g.mask))
+            }
+        };
+        let mask = teacher.loss_mask(&g.mask.to_kind(Kind::Float));
+        let n = mask.size()[0];
+        let block = args.forward_batch_size.map_or(n, |b| b as i64).max(1);
+        let mut sums = [0.0; 2];
+        for start in (0..n).step_by(block as usize) {
+            let len = block.min(n - start);
+            let idx =
+                tch::Tensor::arange_start(start, start + len, (Kind::Int64, full_ids.device()));
+            let pick = |t: &tch::Tensor| t.index_select(0, &idx);
+            let m = pick(&mask);
+            let losses = crate::sdft::token_losses(
+                (policy, teacher_of(&self.reference, args)),
+                (
+                    &pick(&full_ids),
+                    &pick(&full_mask),
+                    batch.input_ids.size()[1],
+                ),
+                &teacher.pick(&idx),
+                (&m, None),
+                (&args.sdft, settings, args.temperature),
+            );
+            sums[0] += losses.loss.sum(Kind::Double).double_value(&[]);
+            sums[1] += m.sum(Kind::Double).double_value(&[]);
+        }
+        Ok(sums)
     }
 
     /// A*-PO's first stage on this rank: the rewards of `--num-value-samples` responses of
@@ -1189,9 +1264,15 @@ impl<'a> Ppo<'a> {
         // (responses scored, Σ score, Σ score², Σ length, truncated, responses, then each
         // source's responses scored and Σ score); NaN (not scored) left out.
         let mut sums = vec![0.0; 6 + 2 * sources];
+        // SDFT and SDPO: Σ of the distillation loss over the distilled tokens, and theirs.
+        let mut distilled = [0.0; 2];
         let mut logged = crate::reward_fn::Logged::default();
         let data = (&prompts[..], &fields[..], &examples[..]);
-        self.sample_prompts(data, g, (u64::MAX, step), world, |_, sampled| {
+        self.sample_prompts(data, g, (u64::MAX, step), world, |mine, sampled| {
+            if args.self_distillation().is_some() {
+                let [loss, tokens] = self.eval_distillation(mine, &sampled)?;
+                distilled = [distilled[0] + loss, distilled[1] + tokens];
+            }
             let lengths = &sampled.generated.lengths;
             let scored = |s: &[f64]| {
                 s.iter()
@@ -1229,6 +1310,20 @@ impl<'a> Ppo<'a> {
         for (k, name) in names.iter().enumerate() {
             let mean = sums[7 + 2 * k] / sums[6 + 2 * k];
             out.push((format!("eval/rewards/{name}/mean"), mean));
+        }
+        if args.self_distillation().is_some() {
+            let [loss, tokens] = world.sums(distilled);
+            let loss = loss / tokens.max(1.0);
+            let own = match args.advantage_estimator() {
+                AdvantageEstimator::Sdpo { .. } => "eval/sdpo/distillation_loss",
+                _ => "eval/sdft/distillation_loss",
+            };
+            out.push(("eval/self_distillation/distillation_loss".into(), loss));
+            out.push((own.into(), loss));
+        }
+        if sources == 0 {
+            // SDFT without a reward source: no response has a score to average.
+            out.retain(|(k, v)| !v.is_nan() && k != "eval/reward_std");
         }
         out.extend(logged_metrics(world, &logged.metrics, "eval/"));
         Ok(out)
@@ -1315,6 +1410,15 @@ impl<'a> Ppo<'a> {
         }
         session.write_averages(&self.policy)?;
         Ok(())
+    }
+}
+
+/// SDFT's and SDPO's teacher as the run holds `reference`.
+fn teacher_of<'a>(reference: &'a Reference, args: &TrainArgs) -> Teacher<'a> {
+    match (reference, args.self_distillation().map(|s| s.teacher)) {
+        (_, Some(TeacherKind::Live)) => Teacher::Live,
+        (Reference::Frozen(model), _) => Teacher::Copy(model),
+        _ => Teacher::AdapterOff,
     }
 }
 

@@ -212,14 +212,24 @@ fn the_loss_is_trls() {
 
 /// Trained against its base teacher, the policy comes closer to it: on the first step's
 /// samples, TRL's distillation loss of the trained policy (by `transformers`) is well
-/// below the starting policy's. The live teacher (the policy itself) and the EMA teacher
+/// below the starting policy's, and the loss on the evaluation's samples falls. The live teacher (the policy itself) and the EMA teacher
 /// train otherwise than the base one.
 #[test]
 fn the_policy_moves_towards_its_teacher() {
     let f = fixture();
     let train = |tag: &str, extra: &[&str]| {
         let out = f.root.join(format!("train-{tag}"));
-        let common = ["--max-steps", "12", "--distillation-topk", "20"];
+        let prompts = f.prompts.to_str().unwrap();
+        let common = [
+            "--max-steps",
+            "12",
+            "--distillation-topk",
+            "20",
+            "--eval-prompts",
+            prompts,
+            "--eval-every",
+            "1",
+        ];
         let mut a = args(&out, &[&common[..], extra].concat());
         a.optim.lr = 3e-4;
         run(&a).unwrap();
@@ -245,6 +255,18 @@ fn the_policy_moves_towards_its_teacher() {
         );
         out["distillation_loss"].as_f64().unwrap()
     };
+    // The held-out loss (here on the training prompts) falls too, after the first step
+    // and after the last.
+    let held_out: Vec<f64> = read_jsonl(&base.join("metrics.jsonl"))
+        .iter()
+        .map(|r| {
+            r["eval/self_distillation/distillation_loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(held_out.len(), 12);
+    assert!(held_out[11] < held_out[0], "{held_out:?}");
     let (before, after) = (distance(&f.policy), distance(&base.join("final")));
     // (this seed: 0.026 → 0.013)
     assert!(after < 0.7 * before, "distillation loss {before} → {after}");
@@ -286,6 +308,8 @@ fn sdpo_is_trls() {
                 "full_logits",
                 "--distillation-alpha",
                 "0.5",
+                "--eval-prompts",
+                f.prompts.to_str().unwrap(),
             ],
             &[
                 "--weight",
@@ -315,6 +339,12 @@ fn sdpo_is_trls() {
         a.reward_command = vec![program.clone()];
         run(&a).unwrap();
         let m = &read_jsonl(&out.join("metrics.jsonl"))[0];
+        if tag == "sdpo-blend" {
+            // Evaluated too: the distillation on the evaluation's own groups.
+            let held_out = m["eval/sdpo/distillation_loss"].as_f64().unwrap();
+            assert!(held_out.is_finite() && held_out > 0.0, "{held_out}");
+            assert!(m["eval/reward"].as_f64().is_some());
+        }
         let samples = out.join("samples.jsonl");
         let mut reference = vec![
             "--sdpo",
