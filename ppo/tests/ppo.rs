@@ -462,10 +462,25 @@ fn two_ranks_train_what_one_process_trains() {
         "--num-value-samples",
         "2",
     ];
-    let cases: [(&str, &[&str], Vec<&str>); 6] = [
+    // SDPO, whose groups find their demonstrations on the rank that sampled them, with
+    // its EMA teacher moved on each rank alike.
+    let sdpo: &[&str] = &[
+        "--rollout-batch-size",
+        "8",
+        "--advantage-estimator",
+        "sdpo",
+        "--num-generations",
+        "2",
+        "--success-reward-threshold",
+        "0",
+        "--distillation-weight",
+        "0.5",
+    ];
+    let cases: [(&str, &[&str], Vec<&str>); 7] = [
         ("gae", gae, vec!["--zero-stage", "0"]),
         ("online-dpo", online_dpo, vec!["--zero-stage", "0"]),
         ("a2po", a2po, vec!["--zero-stage", "0"]),
+        ("sdpo", sdpo, vec!["--zero-stage", "0"]),
         (
             "gae",
             gae,
