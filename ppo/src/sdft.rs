@@ -28,6 +28,8 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use common::models::adapter::without_adapters;
+use common::models::TokenSpec;
+use common::ops::generalized_jsd;
 use common::Model;
 use data::formats::{Content, Message, PromptExample, PromptFields};
 use data::Tokenizer;
@@ -588,67 +590,92 @@ pub struct TokenLosses {
     pub entropy: Tensor,
 }
 
-/// Logits `[B, N, V]` (f32, over `temperature`) at the response positions of `ids`
-/// (prompt left-padded to `prompt_len`, then the response).
-fn response_logits(
-    model: &Model,
-    (ids, mask, prompt_len): (&Tensor, &Tensor, i64),
-    temperature: f64,
-) -> Tensor {
-    let n = ids.size()[1] - prompt_len;
-    let hidden = model.hidden(ids, mask, None).narrow(1, prompt_len - 1, n);
-    model.head_output(&hidden).to_kind(Kind::Float) / temperature
-}
-
-/// The student's (the policy's, with gradient) and the teacher's (without) logits at the
-/// responses of one micro-batch, and SDFT's per-token loss on `loss_mask`'s tokens.
-/// `old_logprobs`: the rollout's log-probs, for the importance weight, when the rollout
-/// feeds more than one optimiser step.
+/// The student's (the policy's, with gradient) and the teacher's (without) next-token
+/// distributions at the responses of one micro-batch, and the per-token loss on
+/// `loss_mask`'s tokens. `old_logprobs`: the rollout's log-probs, for the importance
+/// weight, when the rollout feeds more than one optimiser step.
+///
+/// The LM heads run a chunk of positions at a time ([`Model::token_outputs`],
+/// [`Model::token_outputs_against`]), no `[B, N, V]` logits kept, for `sampled_token` and
+/// (against a teacher of its own weights, or the live policy) `full_logits`; `topk_logits`,
+/// and `full_logits` against the policy with its adapter off, take the whole `[B, N, V]`.
 pub fn token_losses(
     (policy, teacher): (&Model, Teacher),
-    student_inputs: (&Tensor, &Tensor, i64),
+    (ids, mask, prompt_len): (&Tensor, &Tensor, i64),
     teacher_inputs: &TeacherInputs,
     (loss_mask, old_logprobs): (&Tensor, Option<&Tensor>),
     (args, settings, temperature): (&SdftArgs, Resolved, f64),
 ) -> TokenLosses {
-    let student = response_logits(policy, student_inputs, temperature);
-    let t_in = (
-        &teacher_inputs.full_ids,
-        &teacher_inputs.full_mask,
-        teacher_inputs.prompt_len,
-    );
-    let teacher = tch::no_grad(|| match teacher {
-        Teacher::Copy(m) => response_logits(m, t_in, temperature),
-        Teacher::AdapterOff => without_adapters(|| response_logits(policy, t_in, temperature)),
-        Teacher::Live => response_logits(policy, t_in, temperature),
-    });
-    let response = student_inputs
-        .0
-        .narrow(1, student_inputs.2, student.size()[1]);
-    let log_p = student.log_softmax(-1, Kind::Float);
-    let logprobs = log_p
-        .gather(-1, &response.unsqueeze(-1), false)
-        .squeeze_dim(-1);
-    let entropy = tch::no_grad(|| {
-        -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
-    });
+    let n = ids.size()[1] - prompt_len;
+    let response = ids.narrow(1, prompt_len, n);
+    let student_h = policy.hidden(ids, mask, None).narrow(1, prompt_len - 1, n);
+    let t = teacher_inputs;
+    let hidden_of = |m: &Model| {
+        m.hidden(&t.full_ids, &t.full_mask, None)
+            .narrow(1, t.prompt_len - 1, n)
+    };
+    // What the teacher's weights give, without gradient.
+    let as_teacher = |f: &dyn Fn(&Model) -> Tensor| {
+        tch::no_grad(|| match teacher {
+            Teacher::Copy(m) => f(m),
+            Teacher::AdapterOff => without_adapters(|| f(policy)),
+            Teacher::Live => f(policy),
+        })
+    };
+    let teacher_h = as_teacher(&hidden_of);
+    let spec = TokenSpec {
+        temperature,
+        entropy: true,
+        ..TokenSpec::default()
+    };
     let alpha = settings.alpha;
-    let divergence = match settings.mode {
-        DistillationMode::TopkLogits => topk_divergence(
-            &student,
-            &teacher,
-            (args.distillation_topk, alpha),
-            args.distillation_add_tail,
-        ),
-        DistillationMode::FullLogits => {
-            divergence(&log_p, &teacher.log_softmax(-1, Kind::Float), alpha)
+    let (logprobs, entropy, divergence) = match (settings.mode, teacher) {
+        (DistillationMode::SampledToken, _) => {
+            let out = policy.token_outputs(&student_h, &response, spec);
+            let plain = TokenSpec {
+                temperature,
+                ..TokenSpec::default()
+            };
+            let theirs = as_teacher(&|m| m.token_outputs(&teacher_h, &response, plain).logprobs);
+            let loss = sampled_token_loss(&out.logprobs, &theirs);
+            (out.logprobs, out.entropy.expect("asked for"), loss)
         }
-        DistillationMode::SampledToken => {
-            let teacher_lp = teacher
-                .log_softmax(-1, Kind::Float)
+        (DistillationMode::FullLogits, Teacher::Copy(_) | Teacher::Live) => {
+            let model = match teacher {
+                Teacher::Copy(m) => m,
+                _ => policy,
+            };
+            let spec = TokenSpec {
+                jsd: Some(alpha),
+                ..spec
+            };
+            let out =
+                policy.token_outputs_against((&student_h, &response), (model, &teacher_h), spec);
+            let jsd = out.jsd.expect("asked for");
+            (out.logprobs, out.entropy.expect("asked for"), jsd)
+        }
+        (mode, _) => {
+            let logits =
+                |m: &Model, h: &Tensor| m.head_output(h).to_kind(Kind::Float) / temperature;
+            let student = logits(policy, &student_h);
+            let theirs = as_teacher(&|m| logits(m, &teacher_h));
+            let log_p = student.log_softmax(-1, Kind::Float);
+            let logprobs = log_p
                 .gather(-1, &response.unsqueeze(-1), false)
                 .squeeze_dim(-1);
-            sampled_token_loss(&logprobs, &teacher_lp)
+            let entropy = tch::no_grad(|| {
+                -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
+            });
+            let divergence = match mode {
+                DistillationMode::TopkLogits => topk_divergence(
+                    &student,
+                    &theirs,
+                    (args.distillation_topk, alpha),
+                    args.distillation_add_tail,
+                ),
+                _ => generalized_jsd(&student, &theirs, alpha),
+            };
+            (logprobs, entropy, divergence)
         }
     };
     let weight = match (old_logprobs, args.distillation_is_clip.0) {
@@ -659,28 +686,8 @@ pub fn token_losses(
     TokenLosses {
         loss: &divergence * weight * &mask,
         logprobs,
-        entropy,
+        entropy: entropy.detach(),
     }
-}
-
-/// The per-token divergence `[…]` between two distributions given as log-probs over their
-/// last dimension (TRL's `compute_divergence`): at α = 0 KL(teacher‖student), at α = 1
-/// KL(student‖teacher), else (1 − α)·KL(student‖m) + α·KL(teacher‖m) with the mixture
-/// m = (1 − α)·student + α·teacher.
-pub fn divergence(student: &Tensor, teacher: &Tensor, alpha: f64) -> Tensor {
-    // F.kl_div(input, target, log_target=True) summed: Σ e^target·(target − input).
-    let kl = |input: &Tensor, target: &Tensor| {
-        (target.exp() * (target - input)).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
-    };
-    if alpha == 0.0 {
-        return kl(student, teacher);
-    }
-    if alpha == 1.0 {
-        return kl(teacher, student);
-    }
-    let mixture = Tensor::stack(&[student + (1.0 - alpha).ln(), teacher + alpha.ln()], 0)
-        .logsumexp([0].as_slice(), false);
-    (1.0 - alpha) * kl(&mixture, student) + alpha * kl(&mixture, teacher)
 }
 
 /// The divergence on the student's `k` likeliest tokens (TRL's
@@ -705,7 +712,7 @@ pub fn topk_divergence(
             teacher.log_softmax(-1, Kind::Float),
         ),
     };
-    divergence(&student, &teacher, alpha)
+    generalized_jsd(&student, &teacher, alpha)
 }
 
 /// `log_probs` over a top-k support with one more entry, log(1 − their mass) (TRL's
@@ -805,7 +812,8 @@ mod tests {
         );
     }
 
-    /// The divergence against its definition on two 3-token distributions.
+    /// The divergence (GKD's generalized JSD, which is TRL's `compute_divergence` at α = β)
+    /// against its definition on two 3-token distributions.
     #[test]
     fn divergences_are_the_kl_and_the_mixture_jsd() {
         let p = [0.7f64, 0.2, 0.1];
@@ -814,7 +822,7 @@ mod tests {
         let kl =
             |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * (x / y).ln()).sum() };
         let (s, t) = (lp(&p), lp(&q));
-        let d = |alpha| divergence(&s, &t, alpha).double_value(&[]);
+        let d = |alpha| generalized_jsd(&s, &t, alpha).double_value(&[]);
         assert!(close(d(0.0), kl(&q, &p)));
         assert!(close(d(1.0), kl(&p, &q)));
         for alpha in [0.25, 0.5, 0.9] {

@@ -261,7 +261,7 @@ pub fn token_jsd(student: &Model, teacher: &Model, batch: &SftBatch, beta: f64) 
     let at = mask.reshape([-1]).nonzero().squeeze_dim(1);
     let student_h = rows(student).index_select(0, &at);
     let teacher_h = tch::no_grad(|| rows(teacher).index_select(0, &at));
-    let jsd = student.distill_outputs(&student_h, teacher, &teacher_h, beta);
+    let jsd = student.distill_outputs(&student_h, teacher, &teacher_h, (beta, 1.0));
     Tensor::zeros_like(&mask)
         .reshape([-1])
         .index_put(&[Some(at)], &jsd, false)

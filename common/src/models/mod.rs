@@ -1379,7 +1379,7 @@ impl Model {
 
     /// The generalized JSD (at `beta`, see [`crate::ops::generalized_jsd`]) between this
     /// model's next-token distributions at `hidden` `[R, H]` and `teacher`'s at
-    /// `teacher_hidden` `[R, H']`, per row `[R]`, both heads applied
+    /// `teacher_hidden` `[R, H']`, both at `temperature`, per row `[R]`, both heads applied
     /// [`vocab::POSITIONS_PER_CHUNK`] rows at a time: no `[R, V]` tensor is kept. With grad
     /// the result is a leaf whose gradient [`Model::backward`] carries back through
     /// recomputed chunks into this model (the teacher's side has none).
@@ -1388,13 +1388,14 @@ impl Model {
         hidden: &Tensor,
         teacher: &Model,
         teacher_hidden: &Tensor,
-        beta: f64,
+        (beta, temperature): (f64, f64),
     ) -> Tensor {
         assert_eq!(self.head, Head::Lm, "distillation needs the LM head");
         let rows = hidden.size()[0];
         let labels = Tensor::zeros([1, rows], (Kind::Int64, hidden.device()));
         let spec = TokenSpec {
             jsd: Some(beta),
+            temperature,
             ..TokenSpec::default()
         };
         let target = vocab::Target {
@@ -1403,6 +1404,25 @@ impl Model {
         };
         let outputs = self.chunked_head(&hidden.unsqueeze(0), &labels, (spec, Some(target)));
         outputs.jsd.expect("asked for").squeeze_dim(0)
+    }
+
+    /// [`Model::token_outputs`] at `hidden` `[B, T, H]`, and with `spec.jsd` the
+    /// generalized JSD against `teacher`'s distributions at `teacher_hidden` `[B, T, H']`
+    /// (both at `spec.temperature`), in one chunked pass of both heads: no `[B, T, V]`
+    /// tensor exists, and one recomputed backward serves every output.
+    pub fn token_outputs_against(
+        &self,
+        (hidden, labels): (&Tensor, &Tensor),
+        (teacher, teacher_hidden): (&Model, &Tensor),
+        spec: TokenSpec,
+    ) -> TokenOutputs {
+        assert_eq!(self.head, Head::Lm, "distillation needs the LM head");
+        let h = teacher_hidden.size()[2];
+        let target = vocab::Target {
+            head: teacher.lm_head(),
+            hidden: teacher_hidden.detach().reshape([-1, h]),
+        };
+        self.chunked_head(hidden, labels, (spec, Some(target)))
     }
 
     /// The head's weight in use: a scalar head trained beside adapters falls back to the

@@ -164,7 +164,13 @@ fn chunked(
             sq.push((logp * 2.0).logsumexp([-1].as_slice(), false));
         }
         if let (Some(beta), Some(t)) = (spec.jsd, target) {
+            // At the same temperature as ours.
             let theirs = tch::no_grad(|| t.head.logits(&t.hidden.narrow(0, start, n)));
+            let theirs = if spec.temperature == 1.0 {
+                theirs
+            } else {
+                theirs / spec.temperature
+            };
             jsd.push(generalized_jsd(&logits, &theirs, beta));
         }
     }
