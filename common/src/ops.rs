@@ -52,6 +52,33 @@ pub fn generalized_jsd(student: &Tensor, teacher: &Tensor, beta: f64) -> Tensor 
     kl(&t, &mixture) * beta + kl(&s, &mixture) * (1.0 - beta)
 }
 
+/// [`generalized_jsd`] over the student's `k` likeliest tokens (TRL's SDFT/SDPO
+/// `compute_topk_self_distillation_loss`): both distributions' log-probs there, then
+/// either renormalised over the k tokens or (`add_tail`) given one more bucket with the
+/// probability left outside them, log(1 − mass) with the mass capped just below 1.
+pub fn topk_generalized_jsd(
+    student_logits: &Tensor,
+    teacher_logits: &Tensor,
+    (k, beta): (i64, f64),
+    add_tail: bool,
+) -> Tensor {
+    let k = k.min(*student_logits.size().last().expect("a vocabulary"));
+    let lse = |t: &Tensor| t.logsumexp([-1].as_slice(), true);
+    let (top, index) = student_logits.topk(k, -1, true, true);
+    let student = top - lse(student_logits);
+    let teacher = teacher_logits.gather(-1, &index, false) - lse(teacher_logits);
+    let tail = |log_probs: Tensor| {
+        let mass = log_probs.logsumexp([-1].as_slice(), true).clamp_max(-1e-7);
+        let rest = (-mass.expm1()).log();
+        Tensor::cat(&[log_probs, rest], -1)
+    };
+    match add_tail {
+        // (generalized_jsd normalises its inputs: renormalised over the k tokens.)
+        false => generalized_jsd(&student, &teacher, beta),
+        true => generalized_jsd(&tail(student), &tail(teacher), beta),
+    }
+}
+
 /// Sum of `values` where `mask` is 1.
 pub fn masked_sum(values: &Tensor, mask: &Tensor) -> Tensor {
     (values * mask.to_kind(values.kind())).sum(values.kind())

@@ -29,7 +29,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use common::models::adapter::without_adapters;
 use common::models::TokenSpec;
-use common::ops::generalized_jsd;
+use common::ops::{generalized_jsd, topk_generalized_jsd};
 use common::Model;
 use data::formats::{Content, Message, PromptExample, PromptFields};
 use data::Tokenizer;
@@ -596,9 +596,10 @@ pub struct TokenLosses {
 /// weight, when the rollout feeds more than one optimiser step.
 ///
 /// The LM heads run a chunk of positions at a time ([`Model::token_outputs`],
-/// [`Model::token_outputs_against`]), no `[B, N, V]` logits kept, for `sampled_token` and
-/// (against a teacher of its own weights, or the live policy) `full_logits`; `topk_logits`,
-/// and `full_logits` against the policy with its adapter off, take the whole `[B, N, V]`.
+/// [`Model::token_outputs_against`]), no `[B, N, V]` logits kept, for `sampled_token` and,
+/// against a teacher of its own weights or the live policy, the divergences; against the
+/// policy with its adapter off (whose head is then the other one) they take the whole
+/// `[B, N, V]`.
 pub fn token_losses(
     (policy, teacher): (&Model, Teacher),
     (ids, mask, prompt_len): (&Tensor, &Tensor, i64),
@@ -640,13 +641,18 @@ pub fn token_losses(
             let loss = sampled_token_loss(&out.logprobs, &theirs);
             (out.logprobs, out.entropy.expect("asked for"), loss)
         }
-        (DistillationMode::FullLogits, Teacher::Copy(_) | Teacher::Live) => {
+        (
+            DistillationMode::FullLogits | DistillationMode::TopkLogits,
+            Teacher::Copy(_) | Teacher::Live,
+        ) => {
             let model = match teacher {
                 Teacher::Copy(m) => m,
                 _ => policy,
             };
+            let topk = settings.mode == DistillationMode::TopkLogits;
             let spec = TokenSpec {
                 jsd: Some(alpha),
+                jsd_topk: topk.then_some((args.distillation_topk, args.distillation_add_tail)),
                 ..spec
             };
             let out =
@@ -667,7 +673,7 @@ pub fn token_losses(
                 -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
             });
             let divergence = match mode {
-                DistillationMode::TopkLogits => topk_divergence(
+                DistillationMode::TopkLogits => topk_generalized_jsd(
                     &student,
                     &theirs,
                     (args.distillation_topk, alpha),
@@ -688,39 +694,6 @@ pub fn token_losses(
         logprobs,
         entropy: entropy.detach(),
     }
-}
-
-/// The divergence on the student's `k` likeliest tokens (TRL's
-/// `compute_topk_self_distillation_loss`): both distributions' log-probs there, then either
-/// renormalised over the k tokens or (`add_tail`) given one more bucket with the
-/// probability left outside them.
-pub fn topk_divergence(
-    student_logits: &Tensor,
-    teacher_logits: &Tensor,
-    (k, alpha): (i64, f64),
-    add_tail: bool,
-) -> Tensor {
-    let k = k.min(*student_logits.size().last().expect("a vocabulary"));
-    let lse = |t: &Tensor| t.logsumexp([-1].as_slice(), true);
-    let (top, index) = student_logits.topk(k, -1, true, true);
-    let student = top - lse(student_logits);
-    let teacher = teacher_logits.gather(-1, &index, false) - lse(teacher_logits);
-    let (student, teacher) = match add_tail {
-        true => (tail_bucket(&student), tail_bucket(&teacher)),
-        false => (
-            student.log_softmax(-1, Kind::Float),
-            teacher.log_softmax(-1, Kind::Float),
-        ),
-    };
-    generalized_jsd(&student, &teacher, alpha)
-}
-
-/// `log_probs` over a top-k support with one more entry, log(1 − their mass) (TRL's
-/// `add_tail_bucket`, the mass capped just below 1).
-fn tail_bucket(log_probs: &Tensor) -> Tensor {
-    let mass = log_probs.logsumexp([-1].as_slice(), true).clamp_max(-1e-7);
-    let tail = (-mass.expm1()).log();
-    Tensor::cat(&[log_probs.shallow_clone(), tail], -1)
 }
 
 /// The sampled-token objective (TRL's `compute_sampled_token_self_distillation_loss`):
@@ -837,15 +810,16 @@ mod tests {
         // Top-k on the student's two likeliest tokens, renormalised: p → (7/9, 2/9), q's
         // same tokens → (1/2, 1/2); with the tail bucket: (0.7, 0.2, 0.1), (0.3, 0.3, 0.4).
         let logits = |d: &[f64]| lp(d) + 3.0;
-        let top = topk_divergence(&logits(&p), &logits(&q), (2, 1.0), false).double_value(&[]);
+        let top = topk_generalized_jsd(&logits(&p), &logits(&q), (2, 1.0), false).double_value(&[]);
         assert!(close(top, kl(&[7.0 / 9.0, 2.0 / 9.0], &[0.5, 0.5])));
-        let tail = topk_divergence(&logits(&p), &logits(&q), (2, 1.0), true).double_value(&[]);
+        let tail = topk_generalized_jsd(&logits(&p), &logits(&q), (2, 1.0), true).double_value(&[]);
         assert!(
             close(tail, kl(&[0.7, 0.2, 0.1], &[0.3, 0.3, 0.4])),
             "{tail}"
         );
         // k past the vocabulary covers all of it.
-        let all = topk_divergence(&logits(&p), &logits(&q), (50, 0.5), false).double_value(&[]);
+        let all =
+            topk_generalized_jsd(&logits(&p), &logits(&q), (50, 0.5), false).double_value(&[]);
         assert!(close(all, d(0.5)));
     }
 

@@ -11,7 +11,7 @@
 use tch::{Kind, Tensor};
 
 use super::recompute::pull_back;
-use crate::ops::{entropy, generalized_jsd, logprobs_of};
+use crate::ops::{entropy, generalized_jsd, logprobs_of, topk_generalized_jsd};
 
 /// Positions whose logits exist at once: 1024 × a 152k vocabulary is 0.6 GB in f32.
 pub const POSITIONS_PER_CHUNK: i64 = 1024;
@@ -35,6 +35,9 @@ pub struct TokenSpec {
     /// The generalized JSD at this β against a [`Target`]'s distributions, with its
     /// gradient (knowledge distillation).
     pub jsd: Option<f64>,
+    /// With `jsd`: taken over this model's k likeliest tokens only, renormalised, or with a
+    /// bucket for the rest (`true`), see [`crate::ops::topk_generalized_jsd`].
+    pub jsd_topk: Option<(i64, bool)>,
 }
 
 impl Default for TokenSpec {
@@ -47,6 +50,7 @@ impl Default for TokenSpec {
             greedy: false,
             log_sum_sq_probs: false,
             jsd: None,
+            jsd_topk: None,
         }
     }
 }
@@ -171,7 +175,10 @@ fn chunked(
             } else {
                 theirs / spec.temperature
             };
-            jsd.push(generalized_jsd(&logits, &theirs, beta));
+            jsd.push(match spec.jsd_topk {
+                None => generalized_jsd(&logits, &theirs, beta),
+                Some((k, tail)) => topk_generalized_jsd(&logits, &theirs, (k, beta), tail),
+            });
         }
     }
     let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0));
@@ -353,6 +360,7 @@ mod tests {
             greedy: true,
             log_sum_sq_probs: true,
             jsd: None,
+            jsd_topk: None,
         };
         let loss_of =
             |lp: &Tensor, ent: &Tensor| ((lp * &weights - ent * 0.3) * &mask).sum(Kind::Float);
@@ -404,7 +412,8 @@ mod tests {
     /// The generalized JSD against a teacher, chunked (4 rows at a time over 11) with the
     /// recomputing backward, equals the direct computation on whole logits: values (1e-6),
     /// and the gradients of the student's hidden states and head (1e-5); the teacher gets
-    /// none.
+    /// none. Also over the student's top 5 tokens, renormalised and with the tail bucket, at
+    /// a temperature.
     #[test]
     fn chunked_distillation_gives_the_direct_numbers_and_gradients() {
         tch::manual_seed(2);
@@ -414,21 +423,32 @@ mod tests {
         let teacher_head = Tensor::randn([29, 6], opts).set_requires_grad(true);
         let teacher_hidden = Tensor::randn([11, 6], opts);
         let weights = Tensor::randn([11], opts);
-        for beta in [0.0, 0.3, 1.0] {
+        let cases = [
+            (0.0, None, 1.0),
+            (0.3, None, 1.0),
+            (1.0, None, 1.0),
+            (0.5, Some((5, false)), 0.8),
+            (0.3, Some((5, true)), 1.0),
+        ];
+        for (beta, topk, temperature) in cases {
             let hidden = &base * 2.0;
-            let direct = generalized_jsd(
-                &hidden.linear::<Tensor>(&head, None),
-                &teacher_hidden
-                    .linear::<Tensor>(&teacher_head, None)
-                    .detach(),
-                beta,
-            );
+            let ours = hidden.linear::<Tensor>(&head, None) / temperature;
+            let theirs = teacher_hidden
+                .linear::<Tensor>(&teacher_head, None)
+                .detach()
+                / temperature;
+            let direct = match topk {
+                None => generalized_jsd(&ours, &theirs, beta),
+                Some((k, tail)) => topk_generalized_jsd(&ours, &theirs, (k, beta), tail),
+            };
             (&direct * &weights).sum(Kind::Float).backward();
             let (g_base, g_head) = (base.grad().copy(), head.grad().copy());
             let _ = base.grad().zero_();
             let _ = head.grad().zero_();
             let spec = TokenSpec {
                 jsd: Some(beta),
+                jsd_topk: topk,
+                temperature,
                 ..TokenSpec::default()
             };
             let target = Target {
