@@ -279,6 +279,9 @@ pub struct TrainArgs {
     /// Clip scores to [−c, c].
     #[arg(long)]
     pub score_clip: Option<f64>,
+    /// Clip scores to [MIN, MAX] (TRL's RLOO `reward_clip_range`), e.g. `-1,1`.
+    #[arg(long, value_parser = parse_range, allow_hyphen_values = true)]
+    pub reward_clip_range: Option<(f64, f64)>,
     /// Whiten the per-token rewards over the batch before GAE.
     #[arg(long)]
     pub whiten_rewards: bool,
@@ -560,7 +563,21 @@ pub struct TrainArgs {
     pub decode: DecodeArgs,
 }
 
+/// `MIN,MAX` (`--reward-clip-range`).
+fn parse_range(s: &str) -> Result<(f64, f64), String> {
+    let bad = || format!("'{s}' is not MIN,MAX (two numbers, e.g. -1,1)");
+    let (lo, hi) = s.split_once(',').ok_or_else(bad)?;
+    let num = |x: &str| x.trim().parse::<f64>().map_err(|_| bad());
+    Ok((num(lo)?, num(hi)?))
+}
+
 impl TrainArgs {
+    /// The range scores are clipped to: `--reward-clip-range`, or `--score-clip`'s
+    /// [−c, c].
+    pub fn score_range(&self) -> Option<(f64, f64)> {
+        self.reward_clip_range.or(self.score_clip.map(|c| (-c, c)))
+    }
+
     /// Whether `--reward-rule` names `rule`.
     pub fn has_rule(&self, rule: RewardRule) -> bool {
         self.reward_rule.contains(&rule)
@@ -787,6 +804,14 @@ impl TrainArgs {
             ),
             (self.kl_coef >= 0.0, "--kl-coef must be ≥ 0"),
             (
+                self.score_clip.is_none() || self.reward_clip_range.is_none(),
+                "--score-clip and --reward-clip-range both clip the scores: give one",
+            ),
+            (
+                self.reward_clip_range.is_none_or(|(lo, hi)| lo <= hi),
+                "--reward-clip-range MIN,MAX needs MIN ≤ MAX",
+            ),
+            (
                 self.kl_target.is_none_or(|t| t > 0.0),
                 "--kl-target must be > 0",
             ),
@@ -871,6 +896,10 @@ impl TrainArgs {
                         && self.sampling_correction.is_none()
                         && !self.mask_truncated_completions),
                 "--advantage-estimator sdft has no policy gradient: --policy-loss other than clip and the per-token loss shapers (--importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction, --mask-truncated-completions) are refused with it",
+            ),
+            (
+                !self.sdft.generate_from_teacher || self.advantage_estimator == EstimatorName::Sdft,
+                "--generate-from-teacher applies with --advantage-estimator sdft",
             ),
             (
                 self.advantage_estimator != EstimatorName::Sdpo || self.num_generations >= 2,
@@ -964,8 +993,9 @@ impl TrainArgs {
                         && self.scale_rewards.is_none()
                         && (self.kl_in_loss || self.kl_coef == 0.0)
                         && self.missing_eos_penalty.is_none()
-                        && self.score_clip.is_none()),
-                "--multi-objective-aggregation normalize-then-sum normalises each reward source's own scores: it needs --advantage-estimator grpo, and neither --scale-rewards, a KL penalty in the rewards (use --kl-in-loss or --kl-coef 0), --missing-eos-penalty nor --score-clip (they act on the summed score)",
+                        && self.score_clip.is_none()
+                        && self.reward_clip_range.is_none()),
+                "--multi-objective-aggregation normalize-then-sum normalises each reward source's own scores: it needs --advantage-estimator grpo, and neither --scale-rewards, a KL penalty in the rewards (use --kl-in-loss or --kl-coef 0), --missing-eos-penalty nor --score-clip or --reward-clip-range (they act on the summed score)",
             ),
             (
                 !self.normalize_advantages || self.advantage_estimator == EstimatorName::Rloo,

@@ -176,7 +176,8 @@ pub struct RolloutOptions {
     pub generation_batch: Option<usize>,
     pub forward_batch: Option<usize>,
     pub missing_eos_penalty: Option<f64>,
-    pub score_clip: Option<f64>,
+    /// The range scores are clipped to (`--score-clip`, `--reward-clip-range`).
+    pub score_clip: Option<(f64, f64)>,
     /// These rows' place in the whole rollout batch (offset, rows of all ranks): what
     /// seeds each row's sampling.
     pub rows: (i64, i64),
@@ -735,8 +736,8 @@ pub fn sample_and_reward(
         if let (Some(penalty), false) = (opts.missing_eos_penalty, eos) {
             *s -= penalty;
         }
-        if let Some(c) = opts.score_clip {
-            *s = s.clamp(-c, c);
+        if let Some((lo, hi)) = opts.score_clip {
+            *s = s.clamp(lo, hi);
         }
     }
     Ok(Sampled {

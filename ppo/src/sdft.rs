@@ -83,6 +83,12 @@ pub struct SdftArgs {
     /// ("none": no weight). TRL's `distillation_is_clip`.
     #[arg(long, default_value = "2", value_parser = parse_clip)]
     pub distillation_is_clip: Clip,
+    /// SDFT: sample the responses after the teacher's prompt (the policy shown the
+    /// privileged context) instead of the plain prompt; the student still learns on them
+    /// after the plain prompt, without the importance weight (TRL's
+    /// `generate_from_teacher`). Evaluations sample after the plain prompt.
+    #[arg(long)]
+    pub generate_from_teacher: bool,
     /// SDFT: the first response tokens left out of the loss (teacher-prompt artifacts).
     #[arg(long, default_value_t = 0)]
     pub num_loss_tokens_to_skip: i64,

@@ -1096,6 +1096,37 @@ impl<'a> Ppo<'a> {
                 step,
             )
         };
+        if let (Some(teacher), true) = (&self.teacher_prompts, args.sdft.generate_from_teacher) {
+            // SDFT's `generate_from_teacher`: the policy samples after the teacher's prompt;
+            // the student learns on the responses after its own.
+            let rows: Vec<&[i64]> = self
+                .batch_rows
+                .iter()
+                .map(|&i| teacher[i].as_slice())
+                .collect();
+            let shown = collate_left(&rows, self.tok.pad_id, self.policy.model.device());
+            return self.with_models(|models| {
+                let mut sampled = sample_and_reward(
+                    models,
+                    &shown.input_ids,
+                    &shown.attention_mask,
+                    &fields,
+                    &opts,
+                )?;
+                sampled.prompts = self
+                    .batch_rows
+                    .iter()
+                    .map(|&i| self.prompts[i].clone())
+                    .collect();
+                Ok(score_sampled(
+                    models,
+                    &batch.input_ids,
+                    &batch.attention_mask,
+                    sampled,
+                    &opts,
+                ))
+            });
+        }
         self.with_models(|models| {
             rollout(
                 models,
@@ -1242,7 +1273,7 @@ impl<'a> Ppo<'a> {
             generation_batch: args.generation_batch_size,
             forward_batch: args.forward_batch_size,
             missing_eos_penalty: args.missing_eos_penalty,
-            score_clip: args.score_clip,
+            score_clip: args.score_range(),
             rows,
             reprompt: None,
             step: Some((step, self.iterations)),

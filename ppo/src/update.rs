@@ -309,7 +309,9 @@ fn minibatch_backward(
             || args.sdft.distillation_weight > 0.0;
         let sdft = match (learners.teacher, &ro.teacher, args.self_distillation()) {
             (Some(teacher), Some(inputs), Some(settings)) if distilled => {
-                let reused = args.ppo_epochs * args.num_minibatches > 1;
+                // (No weight for responses sampled from the teacher's prompt, as TRL's.)
+                let reused =
+                    args.ppo_epochs * args.num_minibatches > 1 && !args.sdft.generate_from_teacher;
                 let inputs = inputs.pick(&idx);
                 let loss_mask = inputs.loss_mask(&mask);
                 Some(sdft::token_losses(

@@ -1188,6 +1188,15 @@ fn exact_answer_scores_from_the_rows_answers() {
     assert!(seen.len() >= 2, "every sample scored the same: {seen:?}");
     let m = metrics(&out);
     assert!(m[0]["rewards/exact_answer/mean"].as_f64().is_some());
+    // TRL's RLOO `reward_clip_range`: the summed score clipped, each source's own left be.
+    let clipped = f.root.join("run-exact-clipped");
+    let range = ["--reward-clip-range", "0.2,0.6"];
+    run(&args(&clipped, &[&extra[..], &range].concat())).unwrap();
+    for s in read_jsonl(&clipped.join("samples.jsonl")) {
+        let own = s["rewards"]["exact_answer"].as_f64().unwrap();
+        let score = s["score"].as_f64().unwrap();
+        assert!((score - own.clamp(0.2, 0.6)).abs() < 1e-6, "{s}");
+    }
 }
 
 /// TRL's GRPO options beyond the estimator, end to end. GSPO (`--importance-sampling-level

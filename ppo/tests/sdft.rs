@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use common::Head;
 use ppo::train::{run, TrainArgs};
 use rlhf_tests::{read_jsonl, run_python};
+use serde_json::Value;
 
 struct Fixture {
     root: PathBuf,
@@ -87,16 +88,22 @@ fn args(out: &Path, extra: &[&str]) -> TrainArgs {
 
 /// Step 1 of each objective: `loss/policy_avg` (each response's mean over its loss tokens,
 /// averaged) and `self_distillation/distillation_loss` (the mean over every loss token)
-/// equal TRL's `loss_utils` on the logged samples, run by `transformers` (1e-4); the
+/// equal TRL's `loss_utils` on the logged samples, run by `transformers` (1e-4), also with
+/// the responses sampled after the teacher's prompt (`--generate-from-teacher`); the
 /// teacher prompts in `samples.jsonl` are TRL's `_compose_teacher_prompt`'s. No reward
 /// source is given, and none is logged.
 #[test]
 fn the_loss_is_trls() {
     let f = fixture();
-    let cases: [(&str, &[&str], &[&str]); 4] = [
+    let cases: [(&str, &[&str], &[&str]); 5] = [
         (
             "topk",
             &["--distillation-topk", "5"],
+            &["--mode", "topk_logits", "--topk", "5", "--alpha", "0.5"],
+        ),
+        (
+            "from-teacher",
+            &["--distillation-topk", "5", "--generate-from-teacher"],
             &["--mode", "topk_logits", "--topk", "5", "--alpha", "0.5"],
         ),
         (
@@ -208,6 +215,14 @@ fn the_loss_is_trls() {
         }
         assert!(m.get("reward").is_none() && m.get("objective/scores").is_none());
     }
+    // Sampled after the teacher's prompt, the same seed samples other responses.
+    let responses = |tag: &str| -> Vec<Value> {
+        read_jsonl(&f.root.join(format!("loss-{tag}/samples.jsonl")))
+            .iter()
+            .map(|l| l["completion_ids"].clone())
+            .collect()
+    };
+    assert_ne!(responses("topk"), responses("from-teacher"));
 }
 
 /// Trained against its base teacher, the policy comes closer to it: on the first step's

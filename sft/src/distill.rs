@@ -57,6 +57,20 @@ pub struct DistillArgs {
     /// Longest sample, in tokens (TRL's `max_new_tokens`).
     #[arg(long, default_value_t = 128, requires = "teacher_model")]
     pub max_new_tokens: usize,
+    /// The samples' nucleus: the smallest set of likeliest tokens holding this probability
+    /// (TRL's DistillationTrainer `top_p`; 1: all).
+    #[arg(long, default_value_t = 1.0, requires = "teacher_model")]
+    pub top_p: f64,
+    /// The samples' k likeliest tokens only (TRL's `top_k`; 0: all).
+    #[arg(long, default_value_t = 0, requires = "teacher_model")]
+    pub top_k: i64,
+    /// The samples' tokens at least this share of the likeliest one's probability (TRL's
+    /// `min_p`; 0: all).
+    #[arg(long, default_value_t = 0.0, requires = "teacher_model")]
+    pub min_p: f64,
+    /// The samples' repetition penalty (TRL's `repetition_penalty`; 1: none).
+    #[arg(long, default_value_t = 1.0, requires = "teacher_model")]
+    pub repetition_penalty: f64,
     /// The loss (TRL's `distillation_objective`): jsd (GKD's generalized JSD over the
     /// vocabulary, with --beta) or iw_opd (IW-OPD's sampled-token loss: each completion
     /// token's log-prob times the teacher's log-prob less the student's, weighted towards
@@ -99,6 +113,19 @@ impl DistillArgs {
             (
                 self.max_new_tokens > 0,
                 "--max-new-tokens must be at least 1",
+            ),
+            (
+                self.top_p > 0.0 && self.top_p <= 1.0,
+                "--top-p must be in (0, 1]",
+            ),
+            (self.top_k >= 0, "--top-k must be ≥ 0"),
+            (
+                (0.0..=1.0).contains(&self.min_p),
+                "--min-p must be in [0, 1]",
+            ),
+            (
+                self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
+                "--repetition-penalty must be > 0",
             ),
             (
                 self.iw_opd_gamma >= 0.0 && self.iw_opd_gamma.is_finite(),
@@ -349,10 +376,10 @@ pub fn sampled_rows(
     let cfg = SamplingConfig {
         max_new_tokens: args.max_new_tokens as i64,
         temperature: args.temperature,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repetition_penalty: 1.0,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
         eos_ids: eos_ids.to_vec(),
         pad_id,
         seed,
@@ -454,6 +481,10 @@ mod tests {
             seq_kd,
             temperature: 0.9,
             max_new_tokens: 8,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             distillation_objective: Objective::Jsd,
             iw_opd_gamma: 0.5,
             iw_opd_epsilon: 1e-8,

@@ -432,6 +432,46 @@ fn a_distilled_student_learns_what_the_teacher_knows() {
     );
 }
 
+/// TRL's DistillationTrainer sampling options reach the student's samples: with `--top-k
+/// 1` they are its greedy ones, so two seeds train the same weights (within summation
+/// order); plain sampling at two seeds does not.
+#[test]
+fn sampling_options_reach_the_samples() {
+    let f = fixture();
+    let run = |tag: &str, seed: &'static str, extra: &[&str]| {
+        let out = f.root.join(format!("sampling-{tag}-{seed}"));
+        let mut args = distill_args(&f.model, &f.noisy, &out);
+        let at = args.iter().position(|a| *a == "--seed").unwrap();
+        args[at + 1] = seed;
+        let step = [
+            "--lmbda",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--batch-size",
+            "24",
+        ];
+        args.extend_from_slice(&step);
+        args.extend_from_slice(&["--max-steps", "1", "--overwrite"]);
+        args.extend_from_slice(extra);
+        sft(&args);
+        out.join("final")
+    };
+    let greedy = ["--top-k", "1"];
+    let diff = rlhf_tests::max_weight_diff(
+        &run("greedy", "5", &greedy),
+        &run("greedy", "6", &greedy),
+        Head::Lm,
+    );
+    assert!(diff < 1e-6, "greedy samples differ across seeds: {diff:e}");
+    let diff = rlhf_tests::max_weight_diff(
+        &run("sampled", "5", &[]),
+        &run("sampled", "6", &[]),
+        Head::Lm,
+    );
+    assert!(diff > 1e-5, "sampled runs agree across seeds: {diff:e}");
+}
+
 /// Bad distillation options stop the run with one line before anything is written.
 #[test]
 fn bad_distillation_options_are_refused_with_one_line() {
