@@ -776,6 +776,10 @@ impl TrainArgs {
                 .sdft
                 .problems(self.advantage_estimator == EstimatorName::Sdpo),
         )?;
+        require(&common::generate::filter_problems(
+            (self.top_p, self.top_k),
+            (self.min_p, self.repetition_penalty),
+        ))?;
         require(&[
             (
                 self.rollout_batch_size > 0,
@@ -788,19 +792,6 @@ impl TrainArgs {
             (
                 self.temperature > 0.0,
                 "--temperature must be > 0 (PPO samples)",
-            ),
-            (
-                self.top_p > 0.0 && self.top_p <= 1.0,
-                "--top-p must be in (0, 1]",
-            ),
-            (self.top_k >= 0, "--top-k must be ≥ 0"),
-            (
-                self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
-                "--repetition-penalty must be > 0",
-            ),
-            (
-                (0.0..=1.0).contains(&self.min_p),
-                "--min-p must be in [0, 1]",
             ),
             (self.kl_coef >= 0.0, "--kl-coef must be ≥ 0"),
             (

@@ -115,19 +115,6 @@ impl DistillArgs {
                 "--max-new-tokens must be at least 1",
             ),
             (
-                self.top_p > 0.0 && self.top_p <= 1.0,
-                "--top-p must be in (0, 1]",
-            ),
-            (self.top_k >= 0, "--top-k must be ≥ 0"),
-            (
-                (0.0..=1.0).contains(&self.min_p),
-                "--min-p must be in [0, 1]",
-            ),
-            (
-                self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
-                "--repetition-penalty must be > 0",
-            ),
-            (
                 self.iw_opd_gamma >= 0.0 && self.iw_opd_gamma.is_finite(),
                 "--iw-opd-gamma must be ≥ 0",
             ),
@@ -136,6 +123,10 @@ impl DistillArgs {
                 "--iw-opd-epsilon must be > 0",
             ),
         ])?;
+        common::cli::require(&common::generate::filter_problems(
+            (self.top_p, self.top_k),
+            (self.min_p, self.repetition_penalty),
+        ))?;
         Ok(())
     }
 

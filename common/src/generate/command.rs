@@ -96,23 +96,14 @@ pub fn run(args: &GenerateArgs) -> Result<GenerateSummary> {
         ),
         (args.temperature >= 0.0, "--temperature must be ≥ 0"),
         (
-            args.top_p > 0.0 && args.top_p <= 1.0,
-            "--top-p must be in (0, 1]",
-        ),
-        (args.top_k >= 0, "--top-k must be ≥ 0"),
-        (
-            (0.0..=1.0).contains(&args.min_p),
-            "--min-p must be in [0, 1]",
-        ),
-        (
-            args.repetition_penalty > 0.0 && args.repetition_penalty.is_finite(),
-            "--repetition-penalty must be > 0",
-        ),
-        (
             args.num_return_sequences > 0,
             "--num-return-sequences must be at least 1",
         ),
     ])?;
+    require(&super::filter_problems(
+        (args.top_p, args.top_k),
+        (args.min_p, args.repetition_penalty),
+    ))?;
     args.quant.validate()?;
     let (device, kind) = args.device.resolve();
     let prompts = data::read_prompts(&args.prompts)?;

@@ -21,6 +21,23 @@ use tch::{Kind, Tensor};
 use crate::cuda_graph::{self, CudaGraph};
 use crate::models::{Head, KvCache, Masking, Model};
 
+/// What can be wrong with the sampling filters `--top-p`, `--top-k`, `--min-p` and
+/// `--repetition-penalty`, one line each, as every command that samples names them.
+pub fn filter_problems(
+    (top_p, top_k): (f64, i64),
+    (min_p, repetition_penalty): (f64, f64),
+) -> [(bool, &'static str); 4] {
+    [
+        (top_p > 0.0 && top_p <= 1.0, "--top-p must be in (0, 1]"),
+        (top_k >= 0, "--top-k must be ≥ 0"),
+        ((0.0..=1.0).contains(&min_p), "--min-p must be in [0, 1]"),
+        (
+            repetition_penalty > 0.0 && repetition_penalty.is_finite(),
+            "--repetition-penalty must be > 0",
+        ),
+    ]
+}
+
 #[derive(Debug, Clone)]
 pub struct SamplingConfig {
     pub max_new_tokens: i64,
