@@ -25,6 +25,8 @@
 //! The divergences are pure functions here, checked against TRL's `loss_utils` in
 //! `ppo/tests/sdft.rs`; [`token_losses`] runs the two forwards.
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Result};
 use clap::Args;
 use common::models::adapter::without_adapters;
@@ -581,6 +583,9 @@ pub enum Teacher<'a> {
     Copy(&'a Model),
     /// The policy with its fresh adapter off: the starting policy.
     AdapterOff,
+    /// The policy with its LoRA adapter's EMA in place of the adapter (`ema` with a fresh
+    /// adapter).
+    AdapterEma(&'a AdapterEma),
     /// The policy as it is now (`--teacher-model-kind live`).
     Live,
 }
@@ -604,8 +609,9 @@ pub struct TokenLosses {
 /// The LM heads run a chunk of positions at a time ([`Model::token_outputs`],
 /// [`Model::token_outputs_against`]), no `[B, N, V]` logits kept, for `sampled_token` and,
 /// against a teacher of its own weights or the live policy, the divergences; against the
-/// policy with its adapter off (whose head is then the other one) they take the whole
-/// `[B, N, V]`.
+/// policy with its adapter off or its EMA adapter in (whose head is then the other one, or
+/// whose weights must be back before the student's forward) they take the whole
+/// `[B, N, V]`. The teacher's side runs first, before the student's graph exists.
 pub fn token_losses(
     (policy, teacher): (&Model, Teacher),
     (ids, mask, prompt_len): (&Tensor, &Tensor, i64),
@@ -615,47 +621,53 @@ pub fn token_losses(
 ) -> TokenLosses {
     let n = ids.size()[1] - prompt_len;
     let response = ids.narrow(1, prompt_len, n);
-    let student_h = policy.hidden(ids, mask, None).narrow(1, prompt_len - 1, n);
     let t = teacher_inputs;
-    let hidden_of = |m: &Model| {
-        m.hidden(&t.full_ids, &t.full_mask, None)
-            .narrow(1, t.prompt_len - 1, n)
-    };
     // What the teacher's weights give, without gradient.
     let as_teacher = |f: &dyn Fn(&Model) -> Tensor| {
         tch::no_grad(|| match teacher {
             Teacher::Copy(m) => f(m),
             Teacher::AdapterOff => without_adapters(|| f(policy)),
+            Teacher::AdapterEma(ema) => ema.teaching(policy, || f(policy)),
             Teacher::Live => f(policy),
         })
     };
-    let teacher_h = as_teacher(&hidden_of);
-    let spec = TokenSpec {
+    let teacher_h = as_teacher(&|m| {
+        m.hidden(&t.full_ids, &t.full_mask, None)
+            .narrow(1, t.prompt_len - 1, n)
+    });
+    let logits = |m: &Model, h: &Tensor| m.head_output(h).to_kind(Kind::Float) / temperature;
+    let plain = TokenSpec {
         temperature,
-        entropy: true,
         ..TokenSpec::default()
     };
+    // The teacher's log-probs of the sampled tokens, or (where its head cannot run beside the
+    // student's in chunks) its whole logits.
+    let chunked = matches!(teacher, Teacher::Copy(_) | Teacher::Live);
+    let theirs = match settings.mode {
+        DistillationMode::SampledToken => Some(as_teacher(&|m| {
+            m.token_outputs(&teacher_h, &response, plain).logprobs
+        })),
+        _ if chunked => None,
+        _ => Some(as_teacher(&|m| logits(m, &teacher_h))),
+    };
+    let student_h = policy.hidden(ids, mask, None).narrow(1, prompt_len - 1, n);
+    let spec = TokenSpec {
+        entropy: true,
+        ..plain
+    };
     let alpha = settings.alpha;
-    let (logprobs, entropy, divergence) = match (settings.mode, teacher) {
-        (DistillationMode::SampledToken, _) => {
+    let (logprobs, entropy, divergence) = match (settings.mode, theirs) {
+        (DistillationMode::SampledToken, Some(theirs)) => {
             let out = policy.token_outputs(&student_h, &response, spec);
-            let plain = TokenSpec {
-                temperature,
-                ..TokenSpec::default()
-            };
-            let theirs = as_teacher(&|m| m.token_outputs(&teacher_h, &response, plain).logprobs);
             let loss = sampled_token_loss(&out.logprobs, &theirs);
             (out.logprobs, out.entropy.expect("asked for"), loss)
         }
-        (
-            DistillationMode::FullLogits | DistillationMode::TopkLogits,
-            Teacher::Copy(_) | Teacher::Live,
-        ) => {
+        (mode, None) => {
             let model = match teacher {
                 Teacher::Copy(m) => m,
                 _ => policy,
             };
-            let topk = settings.mode == DistillationMode::TopkLogits;
+            let topk = mode == DistillationMode::TopkLogits;
             let spec = TokenSpec {
                 jsd: Some(alpha),
                 jsd_topk: topk.then_some((args.distillation_topk, args.distillation_add_tail)),
@@ -666,11 +678,8 @@ pub fn token_losses(
             let jsd = out.jsd.expect("asked for");
             (out.logprobs, out.entropy.expect("asked for"), jsd)
         }
-        (mode, _) => {
-            let logits =
-                |m: &Model, h: &Tensor| m.head_output(h).to_kind(Kind::Float) / temperature;
+        (mode, Some(theirs)) => {
             let student = logits(policy, &student_h);
-            let theirs = as_teacher(&|m| logits(m, &teacher_h));
             let log_p = student.log_softmax(-1, Kind::Float);
             let logprobs = log_p
                 .gather(-1, &response.unsqueeze(-1), false)
@@ -699,6 +708,87 @@ pub fn token_losses(
         loss: &divergence * weight * &mask,
         logprobs,
         entropy: entropy.detach(),
+    }
+}
+
+/// SDFT's and SDPO's EMA teacher of a policy trained through LoRA alone (TRL's
+/// `PEFTAdapterEMACallback`): a second set of the adapter's weights, zeros at first (the
+/// teacher starts as the base model), moved towards the policy's as
+/// `teacher ← (1 − rate)·teacher + rate·policy` every --teacher-sync-steps steps. The
+/// teacher is the policy with these weights in place of its adapter's: no second base.
+pub struct AdapterEma {
+    weights: BTreeMap<String, Tensor>,
+}
+
+impl AdapterEma {
+    /// The teacher's adapter in a checkpoint directory.
+    pub const FILE: &'static str = "teacher_adapter.safetensors";
+
+    /// Zeros for each of `policy`'s trained tensors, which must all be LoRA's; else the
+    /// name of one that is not.
+    pub fn new(policy: &Model) -> std::result::Result<Self, String> {
+        let mut weights = BTreeMap::new();
+        for (name, t) in policy.named_tensors() {
+            if !t.requires_grad() {
+                continue;
+            }
+            if !name.contains("lora_") {
+                return Err(name);
+            }
+            weights.insert(name, t.detach().zeros_like());
+        }
+        Ok(AdapterEma { weights })
+    }
+
+    /// `teacher ← (1 − rate)·teacher + rate·policy`.
+    pub fn update(&self, policy: &Model, rate: f64) {
+        let _guard = tch::no_grad_guard();
+        let named = policy.named_tensors();
+        for (name, e) in &self.weights {
+            let _ = e.shallow_clone().lerp_(&named[name], rate);
+        }
+    }
+
+    /// `f` run with the teacher's weights in the policy's adapter (without gradient), the
+    /// policy's put back after. No graph of the policy's may be alive across it.
+    pub fn teaching<T>(&self, policy: &Model, f: impl FnOnce() -> T) -> T {
+        let _guard = tch::no_grad_guard();
+        let named = policy.named_tensors();
+        let kept: Vec<(Tensor, Tensor)> = self
+            .weights
+            .iter()
+            .map(|(name, e)| {
+                let mut p = named[name].shallow_clone();
+                let own = p.copy();
+                p.copy_(e);
+                (p, own)
+            })
+            .collect();
+        let out = f();
+        for (mut p, own) in kept {
+            p.copy_(&own);
+        }
+        out
+    }
+
+    /// Writes the teacher's adapter into checkpoint directory `dir`.
+    pub fn save(&self, dir: &std::path::Path) -> common::Result<()> {
+        common::checkpoint::save_file(&self.weights, &dir.join(Self::FILE))
+    }
+
+    /// Reads the teacher's adapter back from checkpoint directory `dir`, when it holds one.
+    pub fn restore(&self, dir: &std::path::Path) -> common::Result<bool> {
+        let path = dir.join(Self::FILE);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let vars: std::collections::HashMap<String, Tensor> = self
+            .weights
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect();
+        common::checkpoint::load_file(&vars, &path)?;
+        Ok(true)
     }
 }
 

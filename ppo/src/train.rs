@@ -36,7 +36,7 @@ use crate::rollout::{
     rollout, sample_and_reward, score_sampled, RefModel, Reprompt, Rollout, RolloutModels,
     RolloutOptions, Sampled, Tools,
 };
-use crate::sdft::{Teacher, TeacherInputs, TeacherKind};
+use crate::sdft::{AdapterEma, Teacher, TeacherInputs, TeacherKind};
 use crate::sources::load_reward_models;
 pub use crate::sources::{rule_functions, Rule, REWARD_COMMAND_NAMES, REWARD_MODEL_NAMES};
 use crate::tools::{EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner};
@@ -331,6 +331,8 @@ struct Ppo<'a> {
     /// SDFT: each prompt's teacher prompt (of `prompts`, and of the eval prompts).
     teacher_prompts: Option<Vec<Vec<i64>>>,
     eval_teacher_prompts: Option<Vec<Vec<i64>>>,
+    /// SDFT's and SDPO's EMA teacher of a fresh LoRA adapter.
+    teacher_ema: Option<AdapterEma>,
 }
 
 /// The reference the KL penalty measures against, as the run holds it.
@@ -532,10 +534,14 @@ impl<'a> Ppo<'a> {
             !args.sync.sync_ref_model || (args.kl_coef > 0.0 && !fresh_adapter),
             "--sync-ref-model needs a reference copy to move: not with --kl-coef 0 (none is held) nor with a fresh LoRA or prompt-tuning adapter (the reference is the policy with its adapter off)"
         );
-        anyhow::ensure!(
-            !args.reference_sync().sync_ref_model || !fresh_adapter,
-            "--teacher-model-kind ema moves a copy of the starting policy towards the policy: not with a fresh LoRA or prompt-tuning adapter (the starting policy is the policy with its adapter off); use base or live"
-        );
+        // SDFT's and SDPO's EMA teacher of a fresh LoRA adapter: a second set of the
+        // adapter's weights (TRL's PEFTAdapterEMACallback).
+        let teacher_ema = match args.reference_sync().sync_ref_model && fresh_adapter {
+            true => Some(AdapterEma::new(&policy).map_err(|name| {
+                anyhow::anyhow!("--teacher-model-kind ema with an adapter keeps an average of the LoRA weights alone, and {name} trains too (prompt tuning, --lora-modules-to-save, --trainable-token-indices): use base or live")
+            })?),
+            false => None,
+        };
         let reference = if !args.holds_reference() {
             tracing::info!(
                 "no reference model is held or run (--kl-coef 0: the KL penalty weighs nothing; or SDFT's live teacher); objective/kl is not logged"
@@ -653,6 +659,7 @@ impl<'a> Ppo<'a> {
             batch_rows: vec![],
             teacher_prompts,
             eval_teacher_prompts,
+            teacher_ema,
         })
     }
 
@@ -738,6 +745,9 @@ impl<'a> Ppo<'a> {
         }
         if let (Reference::Frozen(m), Some(dir)) = (&self.reference, &session.resumed_from) {
             common::sync_ref::restore(m, dir)?;
+        }
+        if let (Some(ema), Some(dir)) = (&self.teacher_ema, &session.resumed_from) {
+            ema.restore(dir)?;
         }
         Ok(())
     }
@@ -826,7 +836,7 @@ impl<'a> Ppo<'a> {
         );
 
         let train_started = Instant::now();
-        let teacher = teacher_of(&self.reference, args);
+        let teacher = teacher_of((&self.reference, self.teacher_ema.as_ref()), args);
         let learners = Learners {
             policy: &mut self.policy,
             critic: self.critic.as_mut(),
@@ -869,6 +879,9 @@ impl<'a> Ppo<'a> {
         let sync = args.reference_sync();
         if let (Reference::Frozen(m), true) = (&self.reference, sync.due(step + 1)) {
             common::sync_ref::mix(m, &self.policy.model, sync.ref_model_mixup_alpha);
+        }
+        if let (Some(ema), true) = (&self.teacher_ema, sync.due(step + 1)) {
+            ema.update(&self.policy.model, sync.ref_model_mixup_alpha);
         }
         Ok(Iteration {
             ro,
@@ -993,7 +1006,10 @@ impl<'a> Ppo<'a> {
             let pick = |t: &tch::Tensor| t.index_select(0, &idx);
             let m = pick(&mask);
             let losses = crate::sdft::token_losses(
-                (policy, teacher_of(&self.reference, args)),
+                (
+                    policy,
+                    teacher_of((&self.reference, self.teacher_ema.as_ref()), args),
+                ),
                 (
                     &pick(&full_ids),
                     &pick(&full_mask),
@@ -1423,9 +1439,16 @@ impl<'a> Ppo<'a> {
             }
             _ => None,
         };
+        let ema = self
+            .teacher_ema
+            .as_ref()
+            .filter(|_| self.args.reference_sync().has_moved(session.state.step));
         session.save(&trainees, |dir| {
             if let Some(m) = moved {
                 common::sync_ref::save(m, dir)?;
+            }
+            if let Some(ema) = ema {
+                ema.save(dir)?;
             }
             Ok(())
         })?;
@@ -1444,11 +1467,15 @@ impl<'a> Ppo<'a> {
     }
 }
 
-/// SDFT's and SDPO's teacher as the run holds `reference`.
-fn teacher_of<'a>(reference: &'a Reference, args: &TrainArgs) -> Teacher<'a> {
-    match (reference, args.self_distillation().map(|s| s.teacher)) {
-        (_, Some(TeacherKind::Live)) => Teacher::Live,
-        (Reference::Frozen(model), _) => Teacher::Copy(model),
+/// SDFT's and SDPO's teacher as the run holds it: `reference`, or `ema` of its adapter.
+fn teacher_of<'a>(
+    (reference, ema): (&'a Reference, Option<&'a AdapterEma>),
+    args: &TrainArgs,
+) -> Teacher<'a> {
+    match (reference, ema, args.self_distillation().map(|s| s.teacher)) {
+        (_, _, Some(TeacherKind::Live)) => Teacher::Live,
+        (_, Some(ema), _) => Teacher::AdapterEma(ema),
+        (Reference::Frozen(model), _, _) => Teacher::Copy(model),
         _ => Teacher::AdapterOff,
     }
 }

@@ -907,6 +907,7 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
         ("a2po", "a2po"),
         ("sdft", "sdft"),
         ("sdpo", "sdpo"),
+        ("sdpo-lora", "sdpo --lora-r 4"),
     ] {
         let straight = f.root.join(format!("run-grpo-straight-{tag}"));
         let reward = TextRule(digit_share);
@@ -929,6 +930,9 @@ fn killed_grpo_run_resumes_to_the_same_weights() {
         let moved = killed.join("checkpoints/step-000002/ref_model.safetensors");
         let moves = ["sync", "sdft", "sdpo"].contains(&tag);
         assert_eq!(moved.exists(), moves, "{tag}");
+        // A LoRA policy's EMA teacher is an average of its adapter, kept beside it.
+        let adapter = killed.join("checkpoints/step-000002/teacher_adapter.safetensors");
+        assert_eq!(adapter.exists(), tag == "sdpo-lora", "{tag}");
         run_with_reward(&resumable_args(&killed, options, true), &reward).unwrap();
         let diff =
             rlhf_tests::max_weight_diff(&straight.join("final"), &killed.join("final"), Head::Lm);
@@ -986,7 +990,7 @@ fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
     let online = options == "online-dpo";
     let a2po = options == "a2po";
     let sdft = options == "sdft";
-    let sdpo = options == "sdpo";
+    let sdpo = options.starts_with("sdpo");
     let mut extra = vec!["--max-steps", "4", "--save-every", "2"];
     if sdpo {
         extra.extend([
@@ -995,6 +999,7 @@ fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
             "--distillation-weight",
             "0.5",
         ]);
+        extra.extend(options.split_whitespace().skip(1));
     }
     if sdft {
         extra.extend([
@@ -1029,7 +1034,7 @@ fn resumable_args(out: &Path, options: &str, resume: bool) -> TrainArgs {
     }
     if sdft || sdpo {
         // SDFT's reward is only logged.
-        a.advantage_estimator = options.parse().unwrap();
+        a.advantage_estimator = options.split_whitespace().next().unwrap().parse().unwrap();
         a.prompts = fixture().root.join("prompts-context.jsonl");
     }
     a

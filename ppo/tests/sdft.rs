@@ -421,6 +421,51 @@ fn sdpo_is_trls() {
     }
 }
 
+/// The EMA teacher of a LoRA policy (TRL's `PEFTAdapterEMACallback`): an average of the
+/// adapter's weights from zeros, so at step 1 it is the base model (the `base` teacher's
+/// loss, 1e-6) and later another teacher; the checkpoint keeps it.
+#[test]
+fn the_ema_teacher_of_a_lora_policy_averages_its_adapter() {
+    let f = fixture();
+    let run = |kind: &str| {
+        let out = f.root.join(format!("lora-{kind}"));
+        let extra = [
+            "--lora-r",
+            "4",
+            "--teacher-model-kind",
+            kind,
+            "--teacher-update-rate",
+            "0.5",
+            "--max-steps",
+            "3",
+            "--save-every",
+            "2",
+            "--distillation-topk",
+            "10",
+        ];
+        let mut a = args(&out, &extra);
+        a.optim.lr = 1e-2;
+        run(&a).unwrap();
+        let losses: Vec<f64> = read_jsonl(&out.join("metrics.jsonl"))
+            .iter()
+            .map(|r| r["loss/policy_avg"].as_f64().unwrap())
+            .collect();
+        (out, losses)
+    };
+    let (base_out, base) = run("base");
+    let (ema_out, ema) = run("ema");
+    assert!(
+        (base[0] - ema[0]).abs() < 1e-6,
+        "step 1: {base:?} vs {ema:?}"
+    );
+    assert!(
+        (base[2] - ema[2]).abs() > 1e-4,
+        "step 3: {base:?} vs {ema:?}"
+    );
+    let saved = |out: &Path| out.join("checkpoints/step-000002/teacher_adapter.safetensors");
+    assert!(saved(&ema_out).exists() && !saved(&base_out).exists());
+}
+
 #[test]
 fn bad_options_and_rows_are_refused_with_one_line() {
     let f = fixture();
@@ -443,8 +488,8 @@ fn bad_options_and_rows_are_refused_with_one_line() {
         "--teacher-prompt-template: only {prompt} and {privileged_context}",
     );
     refused(
-        &["--teacher-model-kind", "ema", "--lora-r", "4"],
-        "--teacher-model-kind ema moves a copy of the starting policy",
+        &["--teacher-model-kind", "ema", "--prompt-tuning-tokens", "4"],
+        "--teacher-model-kind ema with an adapter keeps an average of the LoRA weights alone",
     );
     refused(
         &["--reprompt-template", "{prompt}{answer}"],
