@@ -889,8 +889,9 @@ impl TrainArgs {
                 "--advantage-estimator sdft has no policy gradient: --policy-loss other than clip and the per-token loss shapers (--importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction, --mask-truncated-completions) are refused with it",
             ),
             (
-                !self.sdft.generate_from_teacher || self.advantage_estimator == EstimatorName::Sdft,
-                "--generate-from-teacher applies with --advantage-estimator sdft",
+                (!self.sdft.generate_from_teacher && self.sdft.num_loss_tokens_to_skip == 0)
+                    || self.advantage_estimator == EstimatorName::Sdft,
+                "--generate-from-teacher and --num-loss-tokens-to-skip apply with --advantage-estimator sdft",
             ),
             (
                 self.advantage_estimator != EstimatorName::Sdpo || self.num_generations >= 2,

@@ -13,7 +13,8 @@
 //! The teacher (`--teacher-model-kind`): `base`, the starting policy (the run's reference:
 //! a frozen copy, or the policy with its fresh adapter off); `ema`, that copy moved towards
 //! the policy by `--teacher-update-rate` every `--teacher-sync-steps` steps (TR-DPO's
-//! update, as the reference's `--sync-ref-model`); `live`, the policy itself, without
+//! update, as the reference's `--sync-ref-model`), or with a fresh LoRA adapter an average
+//! of the adapter's weights alone ([`AdapterEma`]); `live`, the policy itself, without
 //! gradient.
 //!
 //! SDPO (Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation"; TRL's
@@ -22,8 +23,10 @@
 //! response, a successful response of its group ([`sdpo_teacher_prompts`]) and, with
 //! `--include-environment-feedback`, the row's `privileged_context` as feedback.
 //!
-//! The divergences are pure functions here, checked against TRL's `loss_utils` in
-//! `ppo/tests/sdft.rs`; [`token_losses`] runs the two forwards.
+//! The divergence is GKD's generalized JSD (`common::ops`: TRL's `compute_divergence` at
+//! α is it at β = α), over the vocabulary or the student's top k, run through the chunked
+//! LM heads; [`token_losses`] runs the two forwards. The teacher prompts and the losses are
+//! checked against TRL's own code in `ppo/tests/sdft.rs`.
 
 use std::collections::BTreeMap;
 
@@ -41,7 +44,8 @@ use tch::{Kind, Tensor};
 
 use crate::python_str::python_str;
 
-/// The options of `--advantage-estimator sdft`, under TRL's `SDFTConfig` names.
+/// The options of `--advantage-estimator sdft` and `sdpo`, under TRL's `SDFTConfig` and
+/// `SDPOConfig` names.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct SdftArgs {
     /// SDFT's and SDPO's teacher: base (the starting policy), ema (the starting policy
@@ -50,10 +54,10 @@ pub struct SdftArgs {
     /// base with sdft, ema with sdpo (TRL's defaults).
     #[arg(long, value_enum)]
     pub teacher_model_kind: Option<TeacherKind>,
-    /// SDFT, --teacher-model-kind ema: teacher ← rate·policy + (1 − rate)·teacher.
+    /// --teacher-model-kind ema: teacher ← rate·policy + (1 − rate)·teacher.
     #[arg(long, default_value_t = 0.05)]
     pub teacher_update_rate: f64,
-    /// SDFT, --teacher-model-kind ema: steps between the teacher's updates.
+    /// --teacher-model-kind ema: steps between the teacher's updates.
     #[arg(long, default_value_t = 1)]
     pub teacher_sync_steps: u64,
     /// SDFT: the teacher's prompt, a Python format string over `{prompt}` (the row's
@@ -73,14 +77,14 @@ pub struct SdftArgs {
     /// α·teacher. Default 0.5 with sdft, 1 with sdpo (TRL's defaults).
     #[arg(long)]
     pub distillation_alpha: Option<f64>,
-    /// SDFT, topk_logits: how many of the student's likeliest tokens the divergence covers.
+    /// topk_logits: how many of the student's likeliest tokens the divergence covers.
     #[arg(long, default_value_t = 100)]
     pub distillation_topk: i64,
-    /// SDFT, topk_logits: add one bucket holding the probability left outside the top k
+    /// topk_logits: add one bucket holding the probability left outside the top k
     /// (instead of renormalising the top k).
     #[arg(long)]
     pub distillation_add_tail: bool,
-    /// SDFT: where a rollout feeds more than one optimiser step (--ppo-epochs or
+    /// Where a rollout feeds more than one optimiser step (--ppo-epochs or
     /// --num-minibatches above 1), each token's loss is weighted by π/π_old capped at this
     /// ("none": no weight). TRL's `distillation_is_clip`.
     #[arg(long, default_value = "2", value_parser = parse_clip)]

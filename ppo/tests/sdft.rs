@@ -499,6 +499,13 @@ fn bad_options_and_rows_are_refused_with_one_line() {
         &["--distillation-weight", "1.5"],
         "--distillation-weight must be in [0, 1]",
     );
+    let mut a = args(&out, &["--num-loss-tokens-to-skip", "2"]);
+    a.advantage_estimator = "sdpo".parse().unwrap();
+    let e = run(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("--num-loss-tokens-to-skip apply with --advantage-estimator sdft"),
+        "{e}"
+    );
     let mut a = args(&out, &["--entropy-coef", "0.01"]);
     a.advantage_estimator = "sdpo".parse().unwrap();
     let e = run(&a).unwrap_err().to_string();
