@@ -40,6 +40,20 @@ fn fixture() -> &'static Fixture {
             })
             .collect();
         std::fs::write(&prompts, lines).unwrap();
+        // The same as conversations: a system turn, then the user's.
+        let chat: String = read_jsonl(&prompts)
+            .iter()
+            .map(|r| {
+                let messages = serde_json::json!([
+                    {"role": "system", "content": "Count the animals."},
+                    {"role": "user", "content": r["prompt"]},
+                ]);
+                let row = serde_json::json!({"prompt": messages,
+                    "privileged_context": r["privileged_context"]});
+                format!("{row}\n")
+            })
+            .collect();
+        std::fs::write(root.join("chat.jsonl"), chat).unwrap();
         Fixture {
             policy: root.join("model"),
             root,
@@ -95,7 +109,13 @@ fn args(out: &Path, extra: &[&str]) -> TrainArgs {
 #[test]
 fn the_loss_is_trls() {
     let f = fixture();
-    let cases: [(&str, &[&str], &[&str]); 5] = [
+    let chat = f.root.join("chat.jsonl");
+    let cases: [(&str, &[&str], &[&str]); 6] = [
+        (
+            "chat",
+            &["--distillation-topk", "5"],
+            &["--mode", "topk_logits", "--topk", "5", "--alpha", "0.5"],
+        ),
         (
             "topk",
             &["--distillation-topk", "5"],
@@ -173,14 +193,18 @@ fn the_loss_is_trls() {
             "--num-samples",
             "8",
         ];
-        run(&args(&out, &[ours, &step[..]].concat())).unwrap();
+        let mut a = args(&out, &[ours, &step[..]].concat());
+        // Conversations: the teacher's user turn replaces the last one, in the template.
+        let prompts = if tag == "chat" { &chat } else { &f.prompts };
+        a.prompts = prompts.clone();
+        run(&a).unwrap();
         let m = &read_jsonl(&out.join("metrics.jsonl"))[0];
         let samples = out.join("samples.jsonl");
         let mut reference = vec![
             "--model",
             f.policy.to_str().unwrap(),
             "--prompts",
-            f.prompts.to_str().unwrap(),
+            prompts.to_str().unwrap(),
             "--samples",
             samples.to_str().unwrap(),
         ];

@@ -7,7 +7,8 @@
 
 SAMPLES.jsonl: a run's `samples.jsonl` lines of one step (`prompt`, the decoded prompt
 text, and `completion_ids`, the sampled tokens). Each sample's row of PROMPTS.jsonl is the
-one whose `prompt` is that text. As TRL's SDFTTrainer does: the student prompt is the
+one whose prompt, tokenized and decoded, is that text (a conversation through the chat
+template). As TRL's SDFTTrainer does: the student prompt is the
 tokenizer's ids of the row's prompt; the teacher prompt is
 DemonstrationTeacherContextBuilder._compose_teacher_prompt of the prompt and its
 `privileged_context`, tokenized the same way; the logits at the completion's positions
@@ -18,7 +19,7 @@ the loss mask leaves out the first --skip completion tokens. Prints one JSON doc
 
     {"loss": mean over the samples of each one's mean over its loss tokens,
      "distillation_loss": the mean over every sample's loss tokens,
-     "teacher_prompts": [the composed teacher prompt of each sample]}
+     "teacher_prompts": [each sample's teacher prompt, tokenized and decoded]}
 
     sdft_reference.py --sdpo --num-generations K [--weight 1] [--threshold 1]
                       [--include-feedback] ...
@@ -79,7 +80,17 @@ def main():
     model = load(a.model)
     student_model = load(a.student) if a.student else model
     rows = [json.loads(l) for l in open(a.prompts) if l.strip()]
-    by_prompt = {r["prompt"]: r for r in rows}
+    def prompt_ids(prompt):
+        # SDFTTrainer._tokenize_prompts: a conversation through the chat template with the
+        # generation prompt, a text as it is.
+        if isinstance(prompt, list):
+            return tok.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        return tok(text=prompt)["input_ids"]
+
+    # Each sample's row: the one whose prompt decodes to the sample's `prompt`.
+    by_prompt = {tok.decode(prompt_ids(r["prompt"]), skip_special_tokens=True): r for r in rows}
     samples = [json.loads(l) for l in open(a.samples) if l.strip()]
     builder = DemonstrationTeacherContextBuilder(
         SimpleNamespace(args=SimpleNamespace(teacher_prompt_template=a.template))
@@ -96,10 +107,12 @@ def main():
     for s in samples:
         row = by_prompt[s["prompt"]]
         completion = s["completion_ids"]
-        teacher_prompt = builder._compose_teacher_prompt(row["prompt"], row["privileged_context"])
-        teacher_prompts.append(teacher_prompt)
-        student = completion_logits(tok(text=row["prompt"])["input_ids"], completion, student_model)
-        teacher = completion_logits(tok(text=teacher_prompt)["input_ids"], completion, model)
+        teacher_prompt = prompt_ids(
+            builder._compose_teacher_prompt(row["prompt"], row["privileged_context"])
+        )
+        teacher_prompts.append(tok.decode(teacher_prompt, skip_special_tokens=True))
+        student = completion_logits(prompt_ids(row["prompt"]), completion, student_model)
+        teacher = completion_logits(teacher_prompt, completion, model)
         if a.mode == "topk_logits":
             loss = loss_utils.compute_topk_self_distillation_loss(
                 student,
