@@ -258,23 +258,16 @@ fn the_policy_moves_towards_its_teacher() {
     let f = fixture();
     let train = |tag: &str, extra: &[&str]| {
         let out = f.root.join(format!("train-{tag}"));
-        let prompts = f.prompts.to_str().unwrap();
-        let common = [
-            "--max-steps",
-            "12",
-            "--distillation-topk",
-            "20",
-            "--eval-prompts",
-            prompts,
-            "--eval-every",
-            "1",
-        ];
+        let common = ["--max-steps", "12", "--distillation-topk", "20"];
         let mut a = args(&out, &[&common[..], extra].concat());
         a.optim.lr = 3e-4;
         run(&a).unwrap();
         out
     };
-    let base = train("base", &["--sample-every", "100", "--num-samples", "8"]);
+    let prompts = f.prompts.to_str().unwrap();
+    let held_out = ["--eval-prompts", prompts, "--eval-every", "1"];
+    let logged = ["--sample-every", "100", "--num-samples", "8"];
+    let base = train("base", &[&held_out[..], &logged].concat());
     let samples = base.join("samples.jsonl");
     let distance = |student: &Path| {
         let out = run_python(
