@@ -964,10 +964,12 @@ impl<'a> Ppo<'a> {
     fn eval_distillation(&self, mine: &[usize], sampled: &Sampled) -> Result<[f64; 2]> {
         let (args, policy) = (self.args, &self.policy.model);
         let settings = args.self_distillation().expect("SDFT or SDPO");
-        let (_, fields, examples) = self.eval_prompts.as_ref().expect("eval prompts");
+        let (prompts, fields, examples) = self.eval_prompts.as_ref().expect("eval prompts");
         let _guard = tch::no_grad_guard();
         let g = &sampled.generated;
-        let refs: Vec<&[i64]> = sampled.prompts.iter().map(Vec::as_slice).collect();
+        // The student reads the responses after its own prompts (with
+        // --generate-from-teacher they were sampled after the teacher's).
+        let refs: Vec<&[i64]> = mine.iter().map(|&i| prompts[i].as_slice()).collect();
         let batch = collate_left(&refs, self.tok.pad_id, policy.device());
         let full_ids = tch::Tensor::cat(&[&batch.input_ids, &g.tokens], 1);
         let full_mask = tch::Tensor::cat(
@@ -1314,7 +1316,13 @@ impl<'a> Ppo<'a> {
         // SDFT and SDPO: Σ of the distillation loss over the distilled tokens, and theirs.
         let mut distilled = [0.0; 2];
         let mut logged = crate::reward_fn::Logged::default();
-        let data = (&prompts[..], &fields[..], &examples[..]);
+        // SDFT's --generate-from-teacher samples after the teacher's prompts, as TRL's
+        // evaluation does too.
+        let shown = match (&self.eval_teacher_prompts, args.sdft.generate_from_teacher) {
+            (Some(teacher), true) => teacher,
+            _ => prompts,
+        };
+        let data = (&shown[..], &fields[..], &examples[..]);
         self.sample_prompts(data, g, (u64::MAX, step), world, |mine, sampled| {
             if args.self_distillation().is_some() {
                 let [loss, tokens] = self.eval_distillation(mine, &sampled)?;

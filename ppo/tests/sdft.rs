@@ -123,7 +123,13 @@ fn the_loss_is_trls() {
         ),
         (
             "from-teacher",
-            &["--distillation-topk", "5", "--generate-from-teacher"],
+            &[
+                "--distillation-topk",
+                "5",
+                "--generate-from-teacher",
+                "--eval-prompts",
+                f.prompts.to_str().unwrap(),
+            ],
             &["--mode", "topk_logits", "--topk", "5", "--alpha", "0.5"],
         ),
         (
@@ -238,6 +244,11 @@ fn the_loss_is_trls() {
             assert_eq!(line["teacher_prompt"], *teacher, "{tag}");
         }
         assert!(m.get("reward").is_none() && m.get("objective/scores").is_none());
+        if tag == "from-teacher" {
+            // Evaluated on responses sampled after the teacher's prompts, as TRL's.
+            let held_out = m["eval/sdft/distillation_loss"].as_f64().unwrap();
+            assert!(held_out.is_finite() && held_out > 0.0, "{held_out}");
+        }
     }
     // Sampled after the teacher's prompt, the same seed samples other responses.
     let responses = |tag: &str| -> Vec<Value> {
