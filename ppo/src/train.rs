@@ -941,7 +941,13 @@ impl<'a> Ppo<'a> {
             .collect::<Result<_>>()?;
         let (prompts, active, counts) =
             crate::sdft::sdpo_teacher_prompts(rows, (scores, &demos), group, &self.args.sdft)?;
-        let keep = self.args.sdft.max_reprompt_len;
+        // --max-reprompt-len, and no more than the policy's positions hold beside the
+        // responses (the prompt's start goes first, as --max-prompt-length cuts).
+        let room = self
+            .policy
+            .model
+            .prompt_room(self.args.response_length as usize, "--response-length")?;
+        let keep = self.args.sdft.max_reprompt_len.min(room);
         let tokenized: Vec<Vec<i64>> = prompts
             .iter()
             .map(|p| {
