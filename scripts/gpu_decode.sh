@@ -12,7 +12,8 @@
 #   6. issue 15: peak GPU memory of `ppo train` with LoRA on a Llama-3-8B shape and with
 #      full fine-tuning on a Llama-3.2-3B shape; 7. (MEMORY18=1) the LoRA run of 6 on 4-bit
 #      bases (QLoRA), and issue 18: SFT of the Llama-3-8B shape with
-#      --gradient-checkpointing, PPO and GRPO at 1B.
+#      --gradient-checkpointing, PPO and GRPO at 1B; SDPO beside GRPO at 0.5B (its two LM
+#      heads in chunks); SFT with 8-bit AdamW.
 #
 #   GPU_BIN=.gpu OUT=/tmp/out bash scripts/gpu_decode.sh
 #
@@ -108,6 +109,8 @@ memory_run sft-8b-recompute BENCH_DEVICE=cuda BENCH_DTYPE=bf16 BENCH_STAGES=sft 
     BENCH_BATCH=4 BENCH_SEQ=1024 BENCH_MEASURED=2 BENCH_TRAIN_ARGS=--gradient-checkpointing
 memory_run rl-1b-recompute "${memory[@]}" BENCH_STAGES=ppo,grpo BENCH_SHAPES=llama3.2-1b \
     BENCH_TRAIN_ARGS=--gradient-checkpointing
+step "SDPO beside GRPO at 0.5B (a 152k vocabulary: the teacher's and the student's LM heads in chunks)"
+memory_run sdpo-0.5b "${memory[@]}" BENCH_STAGES=grpo,sdpo BENCH_SHAPES=qwen2-0.5b
 step "the SFT run above with 8-bit AdamW moments (--optim adamw_8bit)"
 memory_run sft-8b-adam8 BENCH_DEVICE=cuda BENCH_DTYPE=bf16 BENCH_STAGES=sft BENCH_SHAPES=llama3-8b \
     BENCH_BATCH=4 BENCH_SEQ=1024 BENCH_MEASURED=2 BENCH_TRAIN_ARGS="--gradient-checkpointing --optim adamw_8bit"

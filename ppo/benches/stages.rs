@@ -16,7 +16,9 @@
 //! dense bf16 peak) training rows get a model-FLOPs utilisation, and with
 //! `BENCH_PEAK_GBPS` (its memory bandwidth) generation rows get the bandwidth bound.
 //! `BENCH_KEEP=DIR` keeps the generated models, data and runs in DIR. `BENCH_STAGES` (comma
-//! list of `sft`, `sft-varied`, `sft-packed`, `reward`, `dpo`, `ppo`, `grpo`, `rloo`, `generate`;
+//! list of `sft`, `sft-varied`, `sft-packed`, `reward`, `dpo`, `ppo`, `grpo`, `rloo`, `sdpo`,
+//! `generate`; `sdpo` is not in the default list: SDPO with every response distilled, the
+//! memory of its two LM heads at once;
 //! default all; `sft-varied` and `sft-packed` train on rows of 16 to SEQ tokens, padded to
 //! the longest of each batch or packed (`--packing`, about as many real tokens a step);
 //! `grpo` and `rloo` sample the PPO rollout's rows as half as many prompts × 2 responses)
@@ -478,6 +480,10 @@ impl Bench {
                 ["--advantage-estimator", stage, "--num-generations", "2"].map(str::to_string),
             );
         }
+        if stage == "sdpo" {
+            // Every response has a demonstration in its group: all are distilled.
+            argv.extend(["--success-reward-threshold", "-1e30"].map(str::to_string));
+        }
         // BENCH_PPO_ARGS: more `ppo train` options, e.g. "--lora-r 16".
         argv.extend(
             std::env::var("BENCH_PPO_ARGS")
@@ -617,7 +623,7 @@ impl Bench {
             }
         }
         for &decode in &self.decode_modes {
-            for stage in ["ppo", "grpo", "rloo"] {
+            for stage in ["ppo", "grpo", "rloo", "sdpo"] {
                 if wanted(stage) {
                     rows.push(self.ppo(stage, arch, &lm, &rm, decode));
                 }
