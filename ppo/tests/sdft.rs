@@ -220,29 +220,17 @@ fn the_loss_is_trls() {
         }
         reference.extend_from_slice(theirs);
         let want = run_python("sdft_reference.py", &reference);
-        for (ours, key) in [
+        let loss = want["loss"].as_f64().unwrap();
+        assert!(
+            loss.abs() > 1e-3,
+            "{tag}: the teacher hardly differs ({loss})"
+        );
+        let keys = [
             ("loss/policy_avg", "loss"),
             ("self_distillation/distillation_loss", "distillation_loss"),
             ("sdft/distillation_loss", "distillation_loss"),
-        ] {
-            let (got, want) = (m[ours].as_f64().unwrap(), want[key].as_f64().unwrap());
-            assert!(
-                want.abs() > 1e-3,
-                "{tag}: the teacher hardly differs ({want})"
-            );
-            assert!(
-                (got - want).abs() < 1e-4 * want.abs().max(0.01),
-                "{tag} {ours}: {got} vs TRL's {want}"
-            );
-        }
-        let lines = read_jsonl(&samples);
-        assert_eq!(lines.len(), 8);
-        for (line, teacher) in lines
-            .iter()
-            .zip(want["teacher_prompts"].as_array().unwrap())
-        {
-            assert_eq!(line["teacher_prompt"], *teacher, "{tag}");
-        }
+        ];
+        assert_trls(tag, (m, &want), &keys, (&samples, 8));
         assert!(m.get("reward").is_none() && m.get("objective/scores").is_none());
         if tag == "from-teacher" {
             // Evaluated on responses sampled after the teacher's prompts, as TRL's.
@@ -410,7 +398,7 @@ fn sdpo_is_trls() {
             .as_f64()
             .unwrap();
         assert!(0.0 < share && share < 1.0, "{tag}: successes {share}");
-        for (ours, key) in [
+        let keys = [
             ("loss/policy_avg", "loss"),
             ("self_distillation/distillation_loss", "distillation_loss"),
             ("sdpo/distillation_loss", "distillation_loss"),
@@ -431,21 +419,33 @@ fn sdpo_is_trls() {
                 "self_distillation/reprompt_sample_fraction",
                 "self_distillation/reprompt_sample_fraction",
             ),
-        ] {
-            let (got, want) = (m[ours].as_f64().unwrap(), want[key].as_f64().unwrap());
-            assert!(
-                (got - want).abs() < 1e-4 * want.abs().max(0.01),
-                "{tag} {ours}: {got} vs TRL's {want}"
-            );
-        }
-        let lines = read_jsonl(&samples);
-        assert_eq!(lines.len(), 16);
-        for (line, teacher) in lines
-            .iter()
-            .zip(want["teacher_prompts"].as_array().unwrap())
-        {
-            assert_eq!(line["teacher_prompt"], *teacher, "{tag}");
-        }
+        ];
+        assert_trls(tag, (m, &want), &keys, (&samples, 16));
+    }
+}
+
+/// Our step's metrics `m` equal the reference's `want` (`keys`: ours and its names, 1e-4
+/// relative), and the `rows` lines of `samples` carry the reference's teacher prompts.
+fn assert_trls(
+    tag: &str,
+    (m, want): (&Value, &Value),
+    keys: &[(&str, &str)],
+    (samples, rows): (&Path, usize),
+) {
+    for (ours, key) in keys {
+        let (got, want) = (m[*ours].as_f64().unwrap(), want[*key].as_f64().unwrap());
+        assert!(
+            (got - want).abs() < 1e-4 * want.abs().max(0.01),
+            "{tag} {ours}: {got} vs TRL's {want}"
+        );
+    }
+    let lines = read_jsonl(samples);
+    assert_eq!(lines.len(), rows, "{tag}");
+    for (line, teacher) in lines
+        .iter()
+        .zip(want["teacher_prompts"].as_array().unwrap())
+    {
+        assert_eq!(line["teacher_prompt"], *teacher, "{tag}");
     }
 }
 

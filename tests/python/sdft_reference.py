@@ -51,6 +51,36 @@ from trl.experimental.sdft import loss_utils
 from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder
 
 
+def per_token_loss(losses, a, student, teacher, completion):
+    """The trainer's own `loss_utils` (`losses`: SDFT's or SDPO's module) for --mode."""
+    if a.mode == "topk_logits":
+        return losses.compute_topk_self_distillation_loss(
+            student,
+            teacher,
+            distillation_topk=a.topk,
+            distillation_alpha=a.alpha,
+            distillation_add_tail=a.add_tail,
+        )
+    if a.mode == "full_logits":
+        return losses.compute_full_logit_self_distillation_loss(
+            student, teacher, distillation_alpha=a.alpha
+        )
+    return losses.compute_sampled_token_self_distillation_loss(
+        student, teacher, torch.tensor([completion]), distillation_alpha=a.alpha
+    )
+
+
+def completion_logits(model, ids, n, temperature):
+    """SDFTTrainer._forward_logits on one unpadded row: logits[:, :-1][:, -n:] / temperature."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits
+    return logits[:, :-1, :][:, -n:, :] / temperature
+
+
+def load(path):
+    return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -76,7 +106,6 @@ def main():
         return sdpo(a)
 
     tok = tf.AutoTokenizer.from_pretrained(a.model)
-    load = lambda d: tf.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
     model = load(a.model)
     student_model = load(a.student) if a.student else model
     rows = [json.loads(l) for l in open(a.prompts) if l.strip()]
@@ -96,13 +125,6 @@ def main():
         SimpleNamespace(args=SimpleNamespace(teacher_prompt_template=a.template))
     )
 
-    def completion_logits(prompt_ids, completion, model):
-        ids = torch.tensor([prompt_ids + completion])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-        # SDFTTrainer._forward_logits: logits[:, :-1][:, -len(completion):] / temperature.
-        return logits[:, :-1, :][:, -len(completion) :, :] / a.temperature
-
     per_sample, token_sum, token_count, teacher_prompts = [], 0.0, 0.0, []
     for s in samples:
         row = by_prompt[s["prompt"]]
@@ -111,24 +133,11 @@ def main():
             builder._compose_teacher_prompt(row["prompt"], row["privileged_context"])
         )
         teacher_prompts.append(tok.decode(teacher_prompt, skip_special_tokens=True))
-        student = completion_logits(prompt_ids(row["prompt"]), completion, student_model)
-        teacher = completion_logits(teacher_prompt, completion, model)
-        if a.mode == "topk_logits":
-            loss = loss_utils.compute_topk_self_distillation_loss(
-                student,
-                teacher,
-                distillation_topk=a.topk,
-                distillation_alpha=a.alpha,
-                distillation_add_tail=a.add_tail,
-            )
-        elif a.mode == "full_logits":
-            loss = loss_utils.compute_full_logit_self_distillation_loss(
-                student, teacher, distillation_alpha=a.alpha
-            )
-        else:
-            loss = loss_utils.compute_sampled_token_self_distillation_loss(
-                student, teacher, torch.tensor([completion]), distillation_alpha=a.alpha
-            )
+        n = len(completion)
+        student_ids = prompt_ids(row["prompt"]) + completion
+        student = completion_logits(student_model, student_ids, n, a.temperature)
+        teacher = completion_logits(model, teacher_prompt + completion, n, a.temperature)
+        loss = per_token_loss(loss_utils, a, student, teacher, completion)
         mask = (torch.arange(len(completion)) >= a.skip).float().unsqueeze(0)
         per_sample.append(((loss * mask).sum() / mask.sum().clamp(min=1.0)).item())
         token_sum += (loss * mask).sum().item()
@@ -150,7 +159,7 @@ def sdpo(a):
     from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder
 
     tok = tf.AutoTokenizer.from_pretrained(a.model)
-    model = tf.AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32).eval()
+    model = load(a.model)
     rows = {r["prompt"]: r for r in (json.loads(l) for l in open(a.prompts) if l.strip())}
     samples = [json.loads(l) for l in open(a.samples) if l.strip()]
     config = SDPOConfig(
@@ -195,11 +204,6 @@ def sdpo(a):
         grouped.std(1).repeat_interleave(k) + 1e-4
     )
 
-    def completion_logits(ids, n):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits
-        return logits[:, :-1, :][:, -n:, :] / a.temperature
-
     pg_sum, pg_tokens, distill_rows, distill_sum, distill_tokens, teacher_prompts = 0, 0, [], 0, 0, []
     for i, (s, c) in enumerate(zip(samples, completions)):
         n = len(c)
@@ -210,21 +214,9 @@ def sdpo(a):
         pg_sum += -advantages[i].item() * n
         pg_tokens += n
         active = out["self_distillation_mask"][i].item()
-        student = completion_logits(tok(text=s["prompt"])["input_ids"] + c, n)
-        teacher = completion_logits(teacher_prompt + c, n)
-        if a.mode == "topk_logits":
-            loss = sdpo_loss.compute_topk_self_distillation_loss(
-                student, teacher, distillation_topk=a.topk, distillation_alpha=a.alpha,
-                distillation_add_tail=a.add_tail,
-            )
-        elif a.mode == "full_logits":
-            loss = sdpo_loss.compute_full_logit_self_distillation_loss(
-                student, teacher, distillation_alpha=a.alpha
-            )
-        else:
-            loss = sdpo_loss.compute_sampled_token_self_distillation_loss(
-                student, teacher, torch.tensor([c]), distillation_alpha=a.alpha
-            )
+        student = completion_logits(model, tok(text=s["prompt"])["input_ids"] + c, n, a.temperature)
+        teacher = completion_logits(model, teacher_prompt + c, n, a.temperature)
+        loss = per_token_loss(sdpo_loss, a, student, teacher, c)
         mask = torch.full((1, n), float(active))
         distill_rows.append(((loss * mask).sum() / mask.sum().clamp(min=1.0)).item())
         distill_sum += (loss * mask).sum().item()
