@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// and reused on --resume), so the reference is not held during training.
     #[arg(long)]
     pub precompute_ref_logprobs: bool,
+    /// Rows per forward of that precomputation (TRL's `precompute_ref_batch_size`;
+    /// default --batch-size): a frozen forward holds no gradients, so it can take more.
+    #[arg(long, requires = "precompute_ref_logprobs")]
+    pub precompute_ref_batch_size: Option<usize>,
     #[command(flatten)]
     #[serde(flatten)]
     pub sync: SyncRefArgs,
@@ -263,6 +267,14 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             "the loss is reference-free (--reference-free, simpo or orpo): --ref-model, --precompute-ref-logprobs, --sync-ref-model and --bema-update-ref-model do not apply",
         ),
         (
+            args.precompute_ref_batch_size.is_none_or(|b| b > 0),
+            "--precompute-ref-batch-size must be at least 1",
+        ),
+        (
+            args.precompute_ref_batch_size.is_none() || args.loss.unpaired() != Some(LossType::Kto),
+            "--precompute-ref-batch-size with --loss-type kto: its KL estimate pairs each completion with another of its batch, so the reference is scored in the training batches",
+        ),
+        (
             args.loss.unpaired() != Some(LossType::Kto) || args.data.batch_size > 1,
             "--loss-type kto needs --batch-size ≥ 2: its KL estimate scores each completion after another one's prompt within a batch",
         ),
@@ -302,7 +314,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             reference,
             &inputs,
             &trainee.model,
-            (args.data.batch_size, args.loss.ld_alpha),
+            (
+                args.precompute_ref_batch_size
+                    .unwrap_or(args.data.batch_size),
+                args.loss.ld_alpha,
+            ),
         )?;
         (t, Some(e))
     } else {
