@@ -763,6 +763,7 @@ impl TrainArgs {
         // What shapes a per-token policy loss has nothing to act on in a loss on whole
         // responses.
         let whole_responses = match self.advantage_estimator {
+            EstimatorName::Sdft => "--advantage-estimator sdft has no policy gradient: --importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction and --mask-truncated-completions shape a per-token policy loss and are refused with it",
             EstimatorName::A2po => "--advantage-estimator a2po takes its regression on whole responses: --importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction and --mask-truncated-completions shape a per-token policy loss and are refused with it",
             _ => "--advantage-estimator online-dpo takes DPO's loss on whole responses: --importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction and --mask-truncated-completions shape a per-token policy loss and are refused with it",
         };
@@ -850,7 +851,8 @@ impl TrainArgs {
                 "--advantage-estimator online-dpo compares two responses per prompt under DPO's loss with β = --kl-coef: it needs --num-generations 2, --kl-coef > 0 (not --kl-in-loss), --policy-loss clip and --rollout-batch-size a multiple of --num-minibatches × --grad-accum (pairs stay whole)",
             ),
             (
-                !self.advantage_estimator().kl_in_objective()
+                !(self.advantage_estimator().kl_in_objective()
+                    || self.advantage_estimator == EstimatorName::Sdft)
                     || (self.importance_sampling_level == ImportanceSampling::Token
                         && self.delta.is_none()
                         && self.top_entropy_quantile == 1.0
@@ -879,14 +881,8 @@ impl TrainArgs {
             ),
             (
                 self.advantage_estimator != EstimatorName::Sdft
-                    || (self.policy_loss == PolicyLossName::Clip
-                        && self.importance_sampling_level == ImportanceSampling::Token
-                        && self.delta.is_none()
-                        && self.top_entropy_quantile == 1.0
-                        && self.off_policy_mask_threshold.is_none()
-                        && self.sampling_correction.is_none()
-                        && !self.mask_truncated_completions),
-                "--advantage-estimator sdft has no policy gradient: --policy-loss other than clip and the per-token loss shapers (--importance-sampling-level sequence, --delta, --top-entropy-quantile, --off-policy-mask-threshold, --sampling-correction, --mask-truncated-completions) are refused with it",
+                    || self.policy_loss == PolicyLossName::Clip,
+                "--advantage-estimator sdft has no policy gradient: --policy-loss other than clip is refused with it",
             ),
             (
                 (!self.sdft.generate_from_teacher && self.sdft.num_loss_tokens_to_skip == 0)

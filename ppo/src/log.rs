@@ -358,9 +358,11 @@ pub(crate) fn write_samples(
         let mut line =
             serde_json::json!({"step": step, "prompt": prompt, "response": text, "score": score});
         // The sampled tokens exactly (the EOS included), which the text may not give back.
-        let width = ro.response.size()[1];
-        let real = ro.full_mask.get(i as i64).narrow(0, ro.prompt_len, width);
-        let n = real.sum(Kind::Int64).int64_value(&[]);
+        let n = ro
+            .response_mask()
+            .get(i as i64)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
         let ids = Vec::<i64>::try_from(
             ro.response
                 .get(i as i64)

@@ -61,6 +61,15 @@ pub struct Rollout {
     pub teacher: Option<crate::sdft::TeacherInputs>,
 }
 
+impl Rollout {
+    /// The responses' mask `[B, N]`: 1 on every sampled token and tool result, the EOS
+    /// included (`mask` leaves the tool results out).
+    pub fn response_mask(&self) -> Tensor {
+        let n = self.response.size()[1];
+        self.full_mask.narrow(1, self.prompt_len, n)
+    }
+}
+
 /// `[B, N]` log-probs (at `temperature`) and entropies of the response tokens; the
 /// entropies keep their graph only with `entropy_grad` (an entropy bonus in the loss).
 pub fn response_logprobs(

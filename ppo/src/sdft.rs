@@ -344,16 +344,15 @@ pub fn teacher_prompt(
         .map_err(|e| ("messages", e.to_string()))
 }
 
-/// Every training prompt's teacher prompt, tokenized and cut to its last
-/// `max_prompt_length` tokens as the prompts are. A row without a `privileged_context`
-/// stops the run naming its file, line and field.
+/// The teacher prompt of each prompt row (as read, with its other fields), tokenized and
+/// cut to its last `max_prompt_length` tokens as the prompts are. A row without a
+/// `privileged_context` stops the run naming its file, line and field.
 pub fn teacher_prompts(
-    path: &std::path::Path,
+    rows: &data::rows::Rows<(PromptExample, PromptFields)>,
     template: &str,
     tok: &Tokenizer,
     max_prompt_length: usize,
 ) -> Result<Vec<Vec<i64>>> {
-    let rows = data::read_prompts_with_fields(path)?;
     let mut out = Vec::with_capacity(rows.len());
     for (i, (prompt, fields)) in rows.iter().enumerate() {
         let example =

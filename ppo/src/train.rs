@@ -192,7 +192,14 @@ pub fn run_with_reward(args: &TrainArgs, reward: &dyn RewardFunction) -> Result<
 /// Prompt token ids, one row each, each row's other fields, and each row's prompt as given
 /// (which an environment's observations extend, and a reward model with a tokenizer of its
 /// own reads).
-type Prompts = (Vec<Vec<i64>>, Vec<PromptFields>, Vec<PromptExample>);
+/// Prompt rows: their tokens, their other fields, the prompts as given, and with SDFT each
+/// one's teacher prompt, tokenized.
+type Prompts = (
+    Vec<Vec<i64>>,
+    Vec<PromptFields>,
+    Vec<PromptExample>,
+    Option<Vec<Vec<i64>>>,
+);
 
 /// Prompts (cut to `--max-prompt-length`, keeping their end) and PPO-ptx rows, both also
 /// cut to what the policy's position table holds.
@@ -281,7 +288,13 @@ fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) 
         .into_iter()
         .map(|p| p[p.len().saturating_sub(max_prompt_length)..].to_vec())
         .collect();
-    Ok((prompts, fields, examples))
+    let teacher = (args.advantage_estimator() == AdvantageEstimator::Sdft)
+        .then(|| {
+            let template = &args.sdft.teacher_prompt_template;
+            crate::sdft::teacher_prompts(&rows, template, tok, max_prompt_length)
+        })
+        .transpose()?;
+    Ok((prompts, fields, examples, teacher))
 }
 
 /// The context of an error raised while sampling or scoring a rollout (a reward program
@@ -328,9 +341,8 @@ struct Ppo<'a> {
     v_star: Option<Vec<f64>>,
     /// The prompts (of `prompts`) of the last rollout's rows, in order.
     batch_rows: Vec<usize>,
-    /// SDFT: each prompt's teacher prompt (of `prompts`, and of the eval prompts).
+    /// SDFT: each prompt's teacher prompt (of `prompts`).
     teacher_prompts: Option<Vec<Vec<i64>>>,
-    eval_teacher_prompts: Option<Vec<Vec<i64>>>,
     /// SDFT's and SDPO's EMA teacher of a fresh LoRA adapter.
     teacher_ema: Option<AdapterEma>,
 }
@@ -560,20 +572,8 @@ impl<'a> Ppo<'a> {
         } else {
             None
         };
-        let ((prompts, fields, examples), ptx_rows) = read_data(args, &tok, &policy)?;
-        let sdft = args.advantage_estimator() == AdvantageEstimator::Sdft;
-        let teacher_prompts_of = |path: &Path| {
-            let room = max_prompt_length(args, &policy)?;
-            let template = &args.sdft.teacher_prompt_template;
-            crate::sdft::teacher_prompts(path, template, &tok, room)
-        };
-        let teacher_prompts = sdft
-            .then(|| teacher_prompts_of(&args.prompts))
-            .transpose()?;
-        let eval_teacher_prompts = match (&args.eval_prompts, sdft) {
-            (Some(path), true) => Some(teacher_prompts_of(path)?),
-            _ => None,
-        };
+        let ((prompts, fields, examples, teacher_prompts), ptx_rows) =
+            read_data(args, &tok, &policy)?;
         // A response template of the tokenizer's own reads the answers (rollout's
         // completion_messages): one that cannot be read stops the run now.
         tok.response_template()?;
@@ -658,7 +658,6 @@ impl<'a> Ppo<'a> {
             v_star: None,
             batch_rows: vec![],
             teacher_prompts,
-            eval_teacher_prompts,
             teacher_ema,
         })
     }
@@ -781,8 +780,8 @@ impl<'a> Ppo<'a> {
                     .iter()
                     .map(|&i| teacher[i].as_slice())
                     .collect();
-                let (ids, mask) = responses(&ro);
-                TeacherInputs::new(&prompts, self.tok.pad_id, (ids, &mask))
+                let mask = ro.response_mask();
+                TeacherInputs::new(&prompts, self.tok.pad_id, (&ro.response, &mask))
             }),
             AdvantageEstimator::Sdpo { group, .. } => Some(self.sdpo_teacher(&ro, group as usize)?),
             _ => None,
@@ -911,8 +910,8 @@ impl<'a> Ppo<'a> {
         let examples: Vec<&PromptExample> = rows.iter().map(|&i| &self.examples[i]).collect();
         let fields: Vec<&PromptFields> = rows.iter().map(|&i| &self.fields[i]).collect();
         let scores = Vec::<f64>::try_from(ro.scores.to_kind(Kind::Double).to_device(Device::Cpu))?;
-        let (ids, mask) = responses(ro);
-        self.sdpo_teacher_of((&examples, &fields), &scores, (ids, &mask), group)
+        let responses = (&ro.response, &ro.response_mask());
+        self.sdpo_teacher_of((&examples, &fields), &scores, responses, group)
     }
 
     /// SDPO's teacher inputs for responses `ids` (`mask`: their tokens) to the prompt rows
@@ -970,7 +969,8 @@ impl<'a> Ppo<'a> {
     fn eval_distillation(&self, mine: &[usize], sampled: &Sampled) -> Result<[f64; 2]> {
         let (args, policy) = (self.args, &self.policy.model);
         let settings = args.self_distillation().expect("SDFT or SDPO");
-        let (prompts, fields, examples) = self.eval_prompts.as_ref().expect("eval prompts");
+        let (prompts, fields, examples, teacher) =
+            self.eval_prompts.as_ref().expect("eval prompts");
         let _guard = tch::no_grad_guard();
         let g = &sampled.generated;
         // The student reads the responses after its own prompts (with
@@ -985,7 +985,7 @@ impl<'a> Ppo<'a> {
             ],
             1,
         );
-        let teacher = match args.advantage_estimator() {
+        let inputs = match args.advantage_estimator() {
             AdvantageEstimator::Sdpo { .. } => {
                 // An evaluation's groups: --num-generations-eval responses to a prompt.
                 let group = args.num_generations_eval.unwrap_or(args.num_generations);
@@ -995,15 +995,13 @@ impl<'a> Ppo<'a> {
                 self.sdpo_teacher_of((&rows, &row_fields), &sampled.scores, responses, group)?
             }
             _ => {
-                let teacher = self
-                    .eval_teacher_prompts
-                    .as_ref()
-                    .expect("read with the eval prompts");
+                let teacher = teacher.as_ref().expect("read with the eval prompts");
                 let rows: Vec<&[i64]> = mine.iter().map(|&i| teacher[i].as_slice()).collect();
                 TeacherInputs::new(&rows, self.tok.pad_id, (&g.tokens, &g.mask))
             }
         };
-        let mask = teacher.loss_mask(&g.mask.to_kind(Kind::Float));
+        let teacher = teacher_of((&self.reference, self.teacher_ema.as_ref()), args);
+        let mask = inputs.loss_mask(&g.mask.to_kind(Kind::Float));
         let n = mask.size()[0];
         let block = args.forward_batch_size.map_or(n, |b| b as i64).max(1);
         let mut sums = [0.0; 2];
@@ -1014,16 +1012,13 @@ impl<'a> Ppo<'a> {
             let pick = |t: &tch::Tensor| t.index_select(0, &idx);
             let m = pick(&mask);
             let losses = crate::sdft::token_losses(
-                (
-                    policy,
-                    teacher_of((&self.reference, self.teacher_ema.as_ref()), args),
-                ),
+                (policy, teacher),
                 (
                     &pick(&full_ids),
                     &pick(&full_mask),
                     batch.input_ids.size()[1],
                 ),
-                &teacher.pick(&idx),
+                &inputs.pick(&idx),
                 (&m, None),
                 (&args.sdft, settings, args.temperature),
             );
@@ -1311,7 +1306,7 @@ impl<'a> Ppo<'a> {
     /// policy rather than the draw.
     fn evaluate(&self, world: &World, step: u64) -> Result<Vec<(String, f64)>> {
         let args = self.args;
-        let Some((prompts, fields, examples)) = &self.eval_prompts else {
+        let Some((prompts, fields, examples, teacher)) = &self.eval_prompts else {
             return Ok(vec![]);
         };
         let g = args.num_generations_eval.unwrap_or(args.num_generations);
@@ -1324,7 +1319,7 @@ impl<'a> Ppo<'a> {
         let mut logged = crate::reward_fn::Logged::default();
         // SDFT's --generate-from-teacher samples after the teacher's prompts, as TRL's
         // evaluation does too.
-        let shown = match (&self.eval_teacher_prompts, args.sdft.generate_from_teacher) {
+        let shown = match (teacher, args.sdft.generate_from_teacher) {
             (Some(teacher), true) => teacher,
             _ => prompts,
         };
@@ -1492,13 +1487,6 @@ fn teacher_of<'a>(
         (Reference::Frozen(model), _, _) => Teacher::Copy(model),
         _ => Teacher::AdapterOff,
     }
-}
-
-/// A rollout's responses `[B, N]` and their mask (1 on every sampled token and tool
-/// result, the EOS included).
-fn responses(ro: &Rollout) -> (&tch::Tensor, tch::Tensor) {
-    let n = ro.response.size()[1];
-    (&ro.response, ro.full_mask.narrow(1, ro.prompt_len, n))
 }
 
 /// Mean over the batch of each row's sum (`[B, N]` → scalar).

@@ -40,7 +40,7 @@ pub struct Learners<'a> {
     pub critic: Option<&'a mut Trainee>,
     pub ptx: Option<&'a mut Ptx>,
     pub entropy: &'a mut EntropyController,
-    /// SDFT's teacher (`--advantage-estimator sdft`).
+    /// SDFT's and SDPO's teacher (`--advantage-estimator sdft`, `sdpo`).
     pub teacher: Option<Teacher<'a>>,
 }
 
@@ -387,13 +387,16 @@ fn minibatch_backward(
         };
         let mut policy_total = &pl.loss * weight;
         let mut policy_stat = pl.loss.double_value(&[]) * weight;
+        if let AdvantageEstimator::Sdpo { .. } = estimator {
+            // SDPO's GRPO part alone (also at --distillation-weight 0, where no teacher runs).
+            *stats.entry("sd_policy").or_default() += policy_stat;
+        }
         if let (AdvantageEstimator::Sdpo { .. }, Some(s)) = (estimator, &sdft) {
             // SDPO: (1 − w)·GRPO's loss + w·the distillation's, each response's mean over
             // its distilled tokens averaged over every response (0 for the undistilled).
             let w = args.sdft.distillation_weight;
             let distill = LossAggregation::SeqMeanTokenMean.aggregate(&s.loss, &mask, norm);
             let row_weight = part.len() as f64 / mb_rows;
-            *stats.entry("sd_policy").or_default() += policy_stat;
             policy_total = policy_total * (1.0 - w) + &distill * (w * row_weight);
             policy_stat = (1.0 - w) * policy_stat + w * row_weight * distill.double_value(&[]);
             let sum = s.loss.detach().sum(Kind::Double).double_value(&[]);

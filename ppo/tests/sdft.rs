@@ -320,13 +320,7 @@ fn the_policy_moves_towards_its_teacher() {
 #[test]
 fn sdpo_is_trls() {
     let f = fixture();
-    let program = format!(
-        "'{}' '{}'",
-        rlhf_tests::python().display(),
-        rlhf_tests::repo_root()
-            .join("tests/python/digit_reward.py")
-            .display()
-    );
+    let program = digit_reward();
     let cases: [(&str, &[&str], &[&str]); 2] = [
         ("sdpo", &[], &[]),
         (
@@ -424,6 +418,41 @@ fn sdpo_is_trls() {
     }
 }
 
+/// At `--distillation-weight 0` SDPO is GRPO: no teacher runs, and the logged GRPO part
+/// is the whole loss (over two minibatches, whose rows' advantages do not cancel).
+#[test]
+fn sdpo_at_weight_zero_is_its_policy_loss() {
+    let f = fixture();
+    let out = f.root.join("sdpo-weight-0");
+    let mut a = args(&out, &["--distillation-weight", "0", "--max-steps", "1"]);
+    a.advantage_estimator = "sdpo".parse().unwrap();
+    a.num_minibatches = 2;
+    a.num_generations = 4;
+    a.reward_command = vec![digit_reward()];
+    run(&a).unwrap();
+    let m = &read_jsonl(&out.join("metrics.jsonl"))[0];
+    let (part, total) = (
+        m["self_distillation/policy_loss"].as_f64().unwrap(),
+        m["loss/policy_avg"].as_f64().unwrap(),
+    );
+    assert!(total.abs() > 1e-6, "{total}");
+    assert!(
+        (part - total).abs() < 1e-9 * total.abs(),
+        "{part} vs {total}"
+    );
+}
+
+/// `--reward-command` running `tests/python/digit_reward.py`.
+fn digit_reward() -> String {
+    format!(
+        "'{}' '{}'",
+        rlhf_tests::python().display(),
+        rlhf_tests::repo_root()
+            .join("tests/python/digit_reward.py")
+            .display()
+    )
+}
+
 /// Our step's metrics `m` equal the reference's `want` (`keys`: ours and its names, 1e-4
 /// relative), and the `rows` lines of `samples` carry the reference's teacher prompts.
 fn assert_trls(
@@ -498,11 +527,14 @@ fn the_ema_teacher_of_a_lora_policy_averages_its_adapter() {
 fn bad_options_and_rows_are_refused_with_one_line() {
     let f = fixture();
     let out = f.root.join("bad");
-    let refused = |extra: &[&str], want: &str| {
-        let e = run(&args(&out, extra)).unwrap_err().to_string();
-        assert!(e.contains(want), "{extra:?}: {e}");
+    let refused_with = |estimator: &str, extra: &[&str], want: &str| {
+        let mut a = args(&out, extra);
+        a.advantage_estimator = estimator.parse().unwrap();
+        let e = run(&a).unwrap_err().to_string();
+        assert!(e.contains(want), "{estimator} {extra:?}: {e}");
         assert!(!e.contains('\n'), "{e}");
     };
+    let refused = |extra: &[&str], want: &str| refused_with("sdft", extra, want);
     refused(
         &["--kl-in-loss"],
         "--advantage-estimator sdft and sdpo distil the policy",
@@ -527,19 +559,15 @@ fn bad_options_and_rows_are_refused_with_one_line() {
         &["--distillation-weight", "1.5"],
         "--distillation-weight must be in [0, 1]",
     );
-    let mut a = args(&out, &["--num-loss-tokens-to-skip", "2"]);
-    a.advantage_estimator = "sdpo".parse().unwrap();
-    let e = run(&a).unwrap_err().to_string();
-    assert!(
-        e.contains("--num-loss-tokens-to-skip apply with --advantage-estimator sdft"),
-        "{e}"
+    refused_with(
+        "sdpo",
+        &["--num-loss-tokens-to-skip", "2"],
+        "--num-loss-tokens-to-skip apply with --advantage-estimator sdft",
     );
-    let mut a = args(&out, &["--entropy-coef", "0.01"]);
-    a.advantage_estimator = "sdpo".parse().unwrap();
-    let e = run(&a).unwrap_err().to_string();
-    assert!(
-        e.contains("--advantage-estimator sdft and sdpo distil the policy"),
-        "{e}"
+    refused_with(
+        "sdpo",
+        &["--entropy-coef", "0.01"],
+        "--advantage-estimator sdft and sdpo distil the policy",
     );
     // A row without its privileged context: its file, line and field.
     let rows = f.root.join("no-context.jsonl");

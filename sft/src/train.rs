@@ -163,6 +163,15 @@ impl TrainArgs {
         self.eval_packing.unwrap_or(self.packing)
     }
 
+    /// The longest row a file is tokenized to: `max_length`, or whole (`usize::MAX`) when
+    /// its rows are `packed` by a strategy that cuts them itself.
+    fn row_limit(&self, packed: bool, max_length: usize) -> usize {
+        match packed && self.packing_strategy.cuts_rows() {
+            true => usize::MAX,
+            false => max_length,
+        }
+    }
+
     /// `rows` of one file packed as --packing-strategy says.
     fn pack(&self, rows: &[TokenizedSft], max_length: usize) -> Vec<TokenizedSft> {
         packing::pack_with(rows, max_length, self.packing_strategy)
@@ -259,8 +268,7 @@ impl TrainRows {
             starts.push(rows.len());
             let samples_all = args.distill.teacher_model.is_some()
                 && (args.distill.lmbda >= 1.0 || args.distill.seq_kd);
-            let whole = args.packing && args.packing_strategy.cuts_rows();
-            let limit = if whole { usize::MAX } else { max_length };
+            let limit = args.row_limit(args.packing, max_length);
             let prepared = prepare_file(&spec.path, tok, (args, samples_all), limit)?.rows;
             if args.packing {
                 let packs = args.pack(&prepared, max_length);
@@ -490,8 +498,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .as_deref()
         .map(|p| -> Result<Prepared> {
             let packed = args.eval_packing();
-            let whole = packed && args.packing_strategy.cuts_rows();
-            let limit = if whole { usize::MAX } else { max_length };
+            let limit = args.row_limit(packed, max_length);
             let mut eval = prepare_file(p, &tok, (args, false), limit)?;
             if packed {
                 eval.rows = args.pack(&eval.rows, max_length);
