@@ -556,6 +556,15 @@ pub fn sdpo_teacher_prompts(
     Ok((out, active, counts))
 }
 
+/// Whether a teacher prompt can be made of `prompt`: a text, or a conversation ending with
+/// a user turn (which the teacher's replaces).
+pub fn rewritable(prompt: &PromptExample) -> bool {
+    match &prompt.prompt {
+        Content::Text(_) => true,
+        Content::Messages(m) => m.last().is_some_and(|l| l.role == "user"),
+    }
+}
+
 /// `prompt` with its text through `fill`: a text prompt's whole text; a conversation's last
 /// turn (the user's) replaced by a user turn of its text filled.
 fn with_user_text(

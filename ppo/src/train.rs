@@ -267,6 +267,15 @@ fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) 
                 .into());
         }
     }
+    if matches!(args.advantage_estimator(), AdvantageEstimator::Sdpo { .. }) {
+        // SDPO's teacher prompts are made mid-run: a row they cannot be made of stops the
+        // run now, named.
+        if let Some(i) = rows.iter().position(|(p, _)| !crate::sdft::rewritable(p)) {
+            return Err(rows
+                .error(i, Some("messages"), "SDPO's teacher prompt replaces the conversation's last user turn: it must end with one")
+                .into());
+        }
+    }
     let fields = rows.iter().map(|(_, f)| f.clone()).collect();
     let examples = rows.iter().map(|(p, _)| p.clone()).collect();
     let prompts: Vec<Vec<i64>> = rows

@@ -569,6 +569,19 @@ fn bad_options_and_rows_are_refused_with_one_line() {
         &["--entropy-coef", "0.01"],
         "--advantage-estimator sdft and sdpo distil the policy",
     );
+    // SDPO: a conversation whose last turn is not the user's.
+    let chat = f.root.join("ends-with-assistant.jsonl");
+    let row =
+        r#"{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#;
+    std::fs::write(&chat, format!("{row}\n")).unwrap();
+    let mut a = args(&out, &[]);
+    (a.advantage_estimator, a.prompts) = ("sdpo".parse().unwrap(), chat);
+    a.reward_command = vec![digit_reward()];
+    let e = format!("{:#}", run(&a).unwrap_err());
+    assert!(
+        e.contains("ends-with-assistant.jsonl:1: field 'messages'") && !e.contains('\n'),
+        "{e}"
+    );
     // A row without its privileged context: its file, line and field.
     let rows = f.root.join("no-context.jsonl");
     std::fs::write(
