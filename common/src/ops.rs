@@ -35,21 +35,30 @@ pub fn entropy(logits: &Tensor) -> Tensor {
 /// β·KL(teacher‖M) + (1 − β)·KL(student‖M); KL(teacher‖student) at β = 0 and
 /// KL(student‖teacher) at β = 1.
 pub fn generalized_jsd(student: &Tensor, teacher: &Tensor, beta: f64) -> Tensor {
-    let s = student.log_softmax(-1, Kind::Float);
-    let t = teacher.log_softmax(-1, Kind::Float);
+    generalized_jsd_of_logprobs(
+        &student.log_softmax(-1, Kind::Float),
+        &teacher.log_softmax(-1, Kind::Float),
+        beta,
+    )
+}
+
+/// [`generalized_jsd`] of log-probabilities `[N, V]` as they are (TRL's
+/// `generalized_jsd_loss` with `logits_are_probs`, given the logs of its probabilities:
+/// nothing renormalises them).
+pub fn generalized_jsd_of_logprobs(s: &Tensor, t: &Tensor, beta: f64) -> Tensor {
     // KL(p‖q) of log-probabilities, over the vocabulary.
     let kl = |p: &Tensor, q: &Tensor| {
         (p.exp() * (p - q)).sum_dim_intlist([-1].as_slice(), false, Kind::Float)
     };
     if beta == 0.0 {
-        return kl(&t, &s);
+        return kl(t, s);
     }
     if beta == 1.0 {
-        return kl(&s, &t);
+        return kl(s, t);
     }
-    let mixture = Tensor::stack(&[&s + (1.0 - beta).ln(), &t + beta.ln()], 0)
-        .logsumexp([0].as_slice(), false);
-    kl(&t, &mixture) * beta + kl(&s, &mixture) * (1.0 - beta)
+    let mixture =
+        Tensor::stack(&[s + (1.0 - beta).ln(), t + beta.ln()], 0).logsumexp([0].as_slice(), false);
+    kl(t, &mixture) * beta + kl(s, &mixture) * (1.0 - beta)
 }
 
 /// [`generalized_jsd`] over the student's `k` likeliest tokens (TRL's SDFT/SDPO

@@ -3,6 +3,7 @@
 //! with special tokens and chat templates, loss masks and truncation, collation, and
 //! seeded resumable sampling.
 
+pub mod byte_level;
 pub mod chat;
 pub mod error;
 pub mod formats;

@@ -223,6 +223,64 @@ impl Tokenizer {
         Ok((ids, enc.get_offsets().to_vec()))
     }
 
+    /// Ids and each token's own bytes of `text` (TRL's `encode_with_byte_offsets`, for a
+    /// byte-level tokenizer: the tokens of one multi-byte character split its span).
+    pub fn encode_with_byte_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<i64>, Vec<ByteSpan>)> {
+        let file = || self.dir.join("tokenizer.json");
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| DataError::file(file(), format!("encoding failed: {e}")))?;
+        let ids = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+        let spans =
+            crate::byte_level::normalize_byte_offsets(enc.get_offsets(), enc.get_tokens(), text.as_bytes())
+                .ok_or_else(|| {
+                    DataError::file(
+                        file(),
+                        "the tokenizer's byte offsets overlap where its pieces cannot explain it (cross-tokenizer alignment needs monotonic offsets)",
+                    )
+                })?;
+        Ok((ids, spans))
+    }
+
+    /// Whether this is a byte-level BPE tokenizer (its pre-tokenizer or decoder is
+    /// `ByteLevel`, as TRL's `is_byte_level_tokenizer` asks): its pieces spell the text's
+    /// bytes, one character each.
+    pub fn is_byte_level(&self) -> bool {
+        let names = |v: Option<String>| v.is_some_and(|s| s.contains("\"ByteLevel\""));
+        names(
+            self.inner
+                .get_pre_tokenizer()
+                .and_then(|p| serde_json::to_string(p).ok()),
+        ) || names(
+            self.inner
+                .get_decoder()
+                .and_then(|d| serde_json::to_string(d).ok()),
+        )
+    }
+
+    /// The bytes of text token `id` stands for: an added token's content, a byte-level
+    /// piece's characters (TRL's `piece_byte_len`).
+    pub fn piece_bytes(&self, id: i64) -> usize {
+        let id = id as u32;
+        match self.inner.get_added_tokens_decoder().get(&id) {
+            Some(added) => added.content.len(),
+            None => self
+                .inner
+                .id_to_token(id)
+                .map_or(0, |p| crate::byte_level::piece_len(&p)),
+        }
+    }
+
+    /// Every token's text and id, added tokens included.
+    pub fn vocabulary(&self) -> std::collections::HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+
     pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> String {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         self.inner

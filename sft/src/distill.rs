@@ -85,6 +85,10 @@ pub struct DistillArgs {
     /// `iw_opd_epsilon`).
     #[arg(long, default_value_t = 1e-8, requires = "teacher_model")]
     pub iw_opd_epsilon: f64,
+    /// A teacher with another tokenizer: TRL's GOLD (--use-uld-loss and its options).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub gold: crate::gold::GoldArgs,
 }
 
 /// `--distillation-objective`, under TRL's names.
@@ -127,6 +131,18 @@ impl DistillArgs {
             (self.top_p, self.top_k),
             (self.min_p, self.repetition_penalty),
         ))?;
+        self.gold.validate()?;
+        let uld = self.gold.use_uld_loss;
+        common::cli::require(&[
+            (
+                !(uld && self.distillation_objective == Objective::IwOpd),
+                "--distillation-objective iw_opd reads the teacher's log-prob of each of the student's tokens, which needs a shared tokenizer: not with --use-uld-loss",
+            ),
+            (
+                !(uld && self.seq_kd),
+                "--seq-kd trains on the teacher's samples, which are in its own tokens: not with --use-uld-loss",
+            ),
+        ])?;
         Ok(())
     }
 
@@ -286,16 +302,17 @@ pub fn token_jsd(student: &Model, teacher: &Model, batch: &SftBatch, beta: f64) 
         .reshape(mask.size())
 }
 
-/// The teacher: a frozen model on the student's device that shares its vocabulary.
-pub fn load_teacher(dir: &std::path::Path, student: &Model) -> Result<Model> {
+/// The teacher: a frozen model on the student's device that shares its vocabulary (or,
+/// with `own_tokenizer` (--use-uld-loss), need not).
+pub fn load_teacher(dir: &std::path::Path, student: &Model, own_tokenizer: bool) -> Result<Model> {
     let opts = ModelOptions::new(Head::Lm, student.device(), student.kind()).frozen();
     let teacher = Model::load(dir, &opts)
         .with_context(|| format!("loading --teacher-model {}", dir.display()))?
         .0;
     let (a, b) = (teacher.config.vocab_size(), student.config.vocab_size());
-    if a != b {
+    if a != b && !own_tokenizer {
         bail!(
-            "--teacher-model {}: its vocabulary has {a} tokens, the student's {b}; the teacher must share the student's tokenizer",
+            "--teacher-model {}: its vocabulary has {a} tokens, the student's {b}; the teacher must share the student's tokenizer (or give --use-uld-loss: TRL's GOLD, for a teacher with its own)",
             dir.display()
         );
     }
@@ -465,20 +482,15 @@ mod tests {
     /// others are the teacher's with --seq-kd.
     #[test]
     fn steps_are_on_policy_with_probability_lambda() {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: DistillArgs,
+        }
         let args = |lmbda: f64, seq_kd: bool| DistillArgs {
-            teacher_model: None,
-            beta: 0.5,
             lmbda,
             seq_kd,
-            temperature: 0.9,
-            max_new_tokens: 8,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            distillation_objective: Objective::Jsd,
-            iw_opd_gamma: 0.5,
-            iw_opd_epsilon: 1e-8,
+            ..<Wrapper as clap::Parser>::parse_from(["sft"]).args
         };
         let count = |a: &DistillArgs, c: Completions| {
             (0..1000)

@@ -4,6 +4,7 @@
 
 pub mod distill;
 pub mod eval;
+pub mod gold;
 pub mod tasks;
 pub mod train;
 

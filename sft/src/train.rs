@@ -21,6 +21,7 @@ use tch::Kind;
 
 use crate::distill::{self, Completions, DistillArgs};
 use crate::eval::{nll_per_row, token_means, token_nll_with};
+use crate::gold;
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TrainArgs {
@@ -135,6 +136,10 @@ impl TrainArgs {
             (
                 !teacher || self.loss_type == SftLoss::Nll,
                 "--loss-type dft with --teacher-model: the loss is then the distillation's generalized JSD",
+            ),
+            (
+                !(self.packing && self.distill.gold.use_uld_loss),
+                "--packing with --use-uld-loss is not supported: the teacher reads each row's prompt and completion again in its own tokens, and a packed sequence has several",
             ),
             (
                 !(teacher && self.packing && self.distill.samples()),
@@ -329,11 +334,12 @@ impl TrainRows {
     }
 
     /// `train/loss/<name>` of each dataset with rows in the step: the summed NLL of its
-    /// rows (`row_nll`, of this rank's `indices`) over their target tokens, on all ranks.
+    /// rows (`row_nll`, of this rank's `indices`) over their target tokens, on all ranks
+    /// (`per_row`: each row's loss, over the rows).
     fn loss_by_dataset(
         &self,
         indices: &[usize],
-        row_nll: &[f64],
+        (row_nll, per_row): (&[f64], bool),
         world: &World,
     ) -> Vec<(String, f64)> {
         let mut out = vec![];
@@ -342,7 +348,10 @@ impl TrainRows {
             for (&i, sum) in indices.iter().zip(row_nll) {
                 if self.dataset_of(i) == m {
                     nll += sum;
-                    n += self.rows[i].loss_mask[1..].iter().sum::<i64>() as f64;
+                    n += match per_row {
+                        true => 1.0,
+                        false => self.rows[i].loss_mask[1..].iter().sum::<i64>() as f64,
+                    };
                 }
             }
             let (nll, n) = (world.sum(nll), world.sum(n));
@@ -365,10 +374,14 @@ struct Accumulated {
     loss: f64,
     /// This rank's tokens (prompt and completion).
     tokens: i64,
-    /// With `row_nll`: each row's summed loss.
+    /// With `row_nll`: each row's summed loss (with --use-uld-loss, its loss).
     per_row: Vec<f64>,
     /// IW-OPD's statistics of this rank's tokens.
     iw_opd: distill::IwOpdStats,
+    /// GOLD's hybrid loss: Σ over this rank's rows of its matched and unmatched parts.
+    uld_parts: (f64, f64),
+    /// This rank's rows.
+    rows: f64,
     /// The NLL's targets here, and Σ over them of the entropy and of the argmax hits
     /// (TRL's `entropy`, `mean_token_accuracy`; 0 with a teacher).
     targets: f64,
@@ -386,6 +399,27 @@ impl Accumulated {
             ("mean_token_accuracy".into(), top1 / n),
         ]
     }
+
+    /// TRL's GOLD `matched_loss` and `unmatched_loss` of the hybrid loss: means over every
+    /// rank's rows.
+    fn uld_metrics(&self, world: &World) -> Vec<(String, f64)> {
+        let [matched, unmatched, rows] =
+            world.sums([self.uld_parts.0, self.uld_parts.1, self.rows]);
+        let n = rows.max(1.0);
+        vec![
+            ("matched_loss".into(), matched / n),
+            ("unmatched_loss".into(), unmatched / n),
+        ]
+    }
+}
+
+/// A per-token loss `[B, T − 1]`'s share of a step of `targets` target tokens, and each
+/// row's sum.
+fn per_token(loss: &tch::Tensor, targets: f64) -> (tch::Tensor, tch::Tensor) {
+    (
+        loss.sum(Kind::Float) / targets,
+        loss.sum_dim_intlist([1].as_slice(), false, Kind::Float),
+    )
 }
 
 /// Forward and backward over this rank's rows of one step, in micro-batches; the loss is
@@ -396,34 +430,52 @@ impl Accumulated {
 fn accumulate(
     trainee: &Trainee,
     rows: &[&TokenizedSft],
-    (batch_size, pad_id): (usize, i64),
-    (loss_type, teacher): (SftLoss, Option<(&Model, &DistillArgs)>),
+    (batch_size, tok): (usize, &data::Tokenizer),
+    (loss_type, teacher): (SftLoss, Option<(&Teacher, &DistillArgs)>),
     world: &World,
     row_nll: bool,
-) -> Accumulated {
+) -> Result<Accumulated> {
     let local_targets: i64 = rows
         .iter()
         .map(|r| r.loss_mask[1..].iter().sum::<i64>())
         .sum();
     let targets = world.sum(local_targets as f64).max(1.0);
+    let all_rows = world.sum(rows.len() as f64).max(1.0);
     let mut out = Accumulated {
         loss: 0.0,
         tokens: 0,
         per_row: vec![],
         iw_opd: distill::IwOpdStats::default(),
+        uld_parts: (0.0, 0.0),
+        rows: rows.len() as f64,
         targets: local_targets as f64,
         entropy_sum: 0.0,
         top1: 0.0,
     };
     let model = &trainee.model;
     for (micro, last) in micro_batches(rows, batch_size) {
-        let batch = collate(micro, pad_id, model.device());
-        let nll = match teacher {
-            Some((teacher, distill)) => {
-                let (loss, stats) = distill::token_loss(model, teacher, &batch, distill);
-                out.iw_opd = stats.map_or(out.iw_opd, |s| out.iw_opd.merge(s));
-                loss
-            }
+        let batch = collate(micro, tok.pad_id, model.device());
+        // The micro-batch's share of the step's loss, and each row's (summed) loss. GOLD's
+        // is the mean of the step's rows' (and the NLL's share over the targets); every
+        // other loss is a mean over the step's target tokens.
+        let (loss, row_losses) = match teacher {
+            Some((teacher, distill)) => match &teacher.uld {
+                Some(uld) => {
+                    let l = uld.losses((model, tok), &teacher.model, micro, &batch)?;
+                    out.uld_parts.0 += l.matched;
+                    out.uld_parts.1 += l.unmatched;
+                    let mut loss = l.rows.sum(Kind::Float) / all_rows;
+                    if let Some(nll) = l.nll_sum {
+                        loss += nll * (distill.gold.uld_crossentropy_weight / targets);
+                    }
+                    (loss, l.rows)
+                }
+                None => {
+                    let (loss, stats) = distill::token_loss(model, &teacher.model, &batch, distill);
+                    out.iw_opd = stats.map_or(out.iw_opd, |s| out.iw_opd.merge(s));
+                    per_token(&loss, targets)
+                }
+            },
             None => {
                 let nll = token_nll_with(model, &batch, true);
                 let total = |x: &Option<tch::Tensor>| {
@@ -434,23 +486,20 @@ fn accumulate(
                 };
                 out.entropy_sum += total(&nll.entropy);
                 out.top1 += total(&nll.top1);
-                loss_type.per_token(&nll.nll)
+                per_token(&loss_type.per_token(&nll.nll), targets)
             }
         };
         if row_nll {
-            let sums = nll
-                .detach()
-                .sum_dim_intlist([1].as_slice(), false, Kind::Double);
+            let sums = row_losses.detach().to_kind(Kind::Double);
             out.per_row
                 .extend(Vec::<f64>::try_from(sums.to_device(tch::Device::Cpu)).expect("cpu f64"));
         }
-        let loss = nll.sum(Kind::Float) / targets;
         trainee.backward(&loss, last);
         out.loss += loss.double_value(&[]);
         out.tokens += micro.iter().map(|r| r.ids.len() as i64).sum::<i64>();
     }
     out.loss = world.sum(out.loss);
-    out
+    Ok(out)
 }
 
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
@@ -474,7 +523,12 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let max_length = model.cap_length(args.data.max_length, "--max-length");
     let teacher = match &args.distill.teacher_model {
         Some(dir) => {
-            let teacher = distill::load_teacher(dir, &model)?;
+            let gold = &args.distill.gold;
+            let teacher = distill::load_teacher(dir, &model, gold.use_uld_loss)?;
+            let uld = gold
+                .use_uld_loss
+                .then(|| gold::Uld::load(gold, args.distill.beta, dir, (&tok, &model, &teacher)))
+                .transpose()?;
             // What sampling the prompts needs (nothing when no step samples).
             let (eos_ids, room) = match args.distill.samples() {
                 true => (
@@ -485,6 +539,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             };
             Some(Teacher {
                 model: teacher,
+                uld,
                 eos_ids,
                 room,
             })
@@ -545,7 +600,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let batch = Batch {
             order: &mut order,
             rows: &train,
-            pad_id: tok.pad_id,
+            tok: &tok,
             teacher: teacher.as_ref(),
         };
         let mut scalars = train_step(&mut session, &mut trainee, batch, args)?;
@@ -593,13 +648,15 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
 struct Batch<'a> {
     order: &'a mut RowOrder,
     rows: &'a TrainRows,
-    pad_id: i64,
+    tok: &'a data::Tokenizer,
     teacher: Option<&'a Teacher>,
 }
 
 /// `--teacher-model`: the teacher, and what sampling the prompts needs.
 struct Teacher {
     model: Model,
+    /// With --use-uld-loss: GOLD's view of the teacher's tokens.
+    uld: Option<gold::Uld>,
     /// Where a sample ends.
     eos_ids: Vec<i64>,
     /// The longest prompt that leaves room for --max-new-tokens.
@@ -635,7 +692,7 @@ fn train_step(
     };
     let sampled = sampler.map(|(t, sampler)| {
         let seed = distill::sample_seed(args.run.seed, step);
-        let shape = (args.data.batch_size, batch.pad_id, &t.eos_ids[..]);
+        let shape = (args.data.batch_size, batch.tok.pad_id, &t.eos_ids[..]);
         let (offset, _) = world.shard_of(indices.len() as i64);
         let share = (offset as usize, indices.len());
         distill::sampled_rows(sampler, &rows, shape, &args.distill, (t.room, seed), share)
@@ -643,29 +700,33 @@ fn train_step(
     if let Some(sampled) = &sampled {
         rows = sampled.iter().collect();
     }
-    let teacher = batch.teacher.map(|t| (&t.model, &args.distill));
+    let teacher = batch.teacher.map(|t| (t, &args.distill));
     let step_out = accumulate(
         trainee,
         &rows,
-        (args.data.batch_size, batch.pad_id),
+        (args.data.batch_size, batch.tok),
         (args.loss_type, teacher),
         world,
         mixed,
-    );
+    )?;
     let loss = step_out.loss;
     let outcome = trainee.step(loss);
     let tokens = world.sum(step_out.tokens as f64);
     let per_dataset = if mixed {
-        batch.rows.loss_by_dataset(mine, &step_out.per_row, world)
+        let uld = args.distill.gold.use_uld_loss;
+        batch
+            .rows
+            .loss_by_dataset(mine, (&step_out.per_row, uld), world)
     } else {
         vec![]
     };
     // What is measured over every rank (each takes part, with tokens of its own or not):
-    // TRL's token metrics of the NLL, or IW-OPD's.
+    // TRL's token metrics of the NLL, IW-OPD's, or GOLD's hybrid loss's parts.
     let iw_opd_objective = args.distill.distillation_objective == distill::Objective::IwOpd;
     let token_scalars = match batch.teacher {
         None => step_out.token_metrics(world),
         Some(_) if iw_opd_objective => step_out.iw_opd.scalars(world),
+        Some(_) if args.distill.gold.uld_use_hybrid_loss => step_out.uld_metrics(world),
         Some(_) => vec![],
     };
     let num_tokens = session.count_tokens(tokens);

@@ -355,17 +355,7 @@ fn two_ranks_distill_what_one_process_distills() {
 
 /// Held-out NLL (eval/loss) of `model` on the fixture's eval rows.
 fn eval_nll(model: &Path) -> f64 {
-    let f = fixture();
-    let summary = sft(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        f.eval.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
-    summary["loss"].as_f64().unwrap()
+    rlhf_tests::sft_eval_loss(env!("CARGO_BIN_EXE_sft"), model, &fixture().eval)
 }
 
 /// A teacher fine-tuned on the task, and a student distilled from it with TRL's defaults
@@ -374,28 +364,12 @@ fn eval_nll(model: &Path) -> f64 {
 #[test]
 fn a_distilled_student_learns_what_the_teacher_knows() {
     let f = fixture();
-    let teacher = f.root.join("teacher");
-    sft(&[
-        "train",
-        "--model",
-        f.model.to_str().unwrap(),
-        "--data",
-        f.train.to_str().unwrap(),
-        "--output-dir",
-        teacher.to_str().unwrap(),
-        "--overwrite",
-        "--device",
-        "cpu",
-        "--lr",
-        "3e-3",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "8",
-        "--seed",
-        "1",
-    ]);
-    let teacher = teacher.join("final");
+    let teacher = rlhf_tests::sft_teacher(
+        env!("CARGO_BIN_EXE_sft"),
+        &f.model,
+        &f.train,
+        &f.root.join("teacher"),
+    );
     let out = f.root.join("student");
     let m = distill(
         &f.model,

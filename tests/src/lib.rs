@@ -201,6 +201,45 @@ pub fn assert_trains_like(
     assert_same_metrics(&a, &b, keys, (1e-5, floor));
 }
 
+/// A teacher for the distillation tests: `model` fine-tuned by the `sft` binary `exe` on
+/// `data` (8 epochs of batches of 8 at lr 3e-3, CPU, seed 1) into `out`; its `final/`.
+pub fn sft_teacher(exe: &str, model: &Path, data: &Path, out: &Path) -> PathBuf {
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let args = [
+        "train".into(),
+        "--model".into(),
+        path(model),
+        "--data".into(),
+        path(data),
+        "--output-dir".into(),
+        path(out),
+    ];
+    let rest = [
+        "--overwrite",
+        "--device",
+        "cpu",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "8",
+        "--seed",
+        "1",
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).chain(rest).collect();
+    ok(&run_bin(exe, &args, &[]));
+    out.join("final")
+}
+
+/// The held-out NLL (`sft eval`'s `loss`, CPU) of `model` on `data`, by the `sft` binary
+/// `exe`.
+pub fn sft_eval_loss(exe: &str, model: &Path, data: &Path) -> f64 {
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let args = ["eval", "--model", model, "--data", data, "--device", "cpu"];
+    ok(&run_bin(exe, &args, &[]))["loss"].as_f64().unwrap()
+}
+
 /// Every line of a JSON Lines file.
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
