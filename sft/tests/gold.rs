@@ -96,8 +96,8 @@ fn gold(student: &Path, teacher: &Path, out: &Path, extra: &[&str]) -> Vec<Value
     read_jsonl(&out.join("metrics.jsonl"))
 }
 
-/// Step 1's loss over all 24 rows (one batch of the data's completions, `--lmbda 0`) is
-/// TRL's: its GOLD data path tokenizes the rows as SFT does here, its
+/// Step 1's loss over 24 rows and two conversations (one batch of the data's completions,
+/// `--lmbda 0`) is TRL's: its GOLD data path tokenizes the rows as SFT does here, its
 /// `build_teacher_inputs_from_texts` gives the teacher's tokens, and its `ULDLoss` the
 /// loss, 1e-4 apart, for: the defaults (byte-aligned, observed merging, sorted L1); the
 /// Bayesian merge with the hybrid loss at adaptive weights, the cross-entropy added and
@@ -107,6 +107,18 @@ fn gold(student: &Path, teacher: &Path, out: &Path, extra: &[&str]) -> Vec<Value
 #[test]
 fn the_loss_is_trls_uld_on_the_teachers_own_tokens() {
     let f = fixture();
+    // The training rows and two conversations (the ChatML template's end of turn is text the
+    // teacher reads).
+    let data = f.root.join("parity.jsonl");
+    let conversations = [
+        json!({"messages": [{"role": "user", "content": "鸡兔同笼: 3 heads and 10 legs."},
+                            {"role": "assistant", "content": "2 rabbits and 1 chicken."}]}),
+        json!({"messages": [{"role": "system", "content": "Count legs."},
+                            {"role": "user", "content": "5 heads, 14 legs?"},
+                            {"role": "assistant", "content": "2 rabbits, 3 chickens (兔 2)."}]}),
+    ];
+    let text = rows(0..24) + &conversations.map(|c| c.to_string() + "\n").concat();
+    std::fs::write(&data, text).unwrap();
     let configs: Vec<(Value, Vec<&str>)> = vec![
         (json!({}), vec![]),
         (
@@ -163,14 +175,14 @@ fn the_loss_is_trls_uld_on_the_teachers_own_tokens() {
             "--teacher",
             f.teacher.to_str().unwrap(),
             "--rows",
-            f.train.to_str().unwrap(),
+            data.to_str().unwrap(),
             "--configs",
             &reference_configs.to_string(),
         ],
     );
     // TRL's GOLD data path reads the rows into the tokens SFT reads here.
     let tok = data::Tokenizer::load(&f.model).unwrap();
-    let examples = data::read_sft(&f.train).unwrap();
+    let examples = data::read_sft(&data).unwrap();
     let prepared = data::sft::prepare(
         &examples,
         &tok,
@@ -188,9 +200,13 @@ fn the_loss_is_trls_uld_on_the_teachers_own_tokens() {
         );
     }
     for (i, (_, options)) in configs.iter().enumerate() {
-        let step = ["--lmbda", "0", "--batch-size", "24", "--max-steps", "1"];
+        let step = ["--lmbda", "0", "--batch-size", "26", "--max-steps", "1"];
         let out = f.root.join(format!("parity-{i}"));
-        let m = &gold(&f.model, &f.teacher, &out, &[&options[..], &step].concat())[0];
+        let mut args = gold_args(&f.model, &f.teacher, &out);
+        args[7] = data.to_str().unwrap();
+        args.extend_from_slice(&[&options[..], &step].concat());
+        sft(&args);
+        let m = &read_jsonl(&out.join("metrics.jsonl"))[0];
         assert_eq!(m["train/on_policy"].as_f64(), Some(0.0));
         let want = &expected["configs"][i];
         for key in ["loss", "matched_loss", "unmatched_loss"] {

@@ -74,9 +74,11 @@ def student_rows(student_tok, rows, use_extended_uld):
     datasets.disable_progress_bars()
     args = SimpleNamespace(dataset_num_proc=None, dataset_text_field="text", max_length=None,
                            use_extended_uld=use_extended_uld)
-    ds = GOLDTrainer._prepare_dataset_with_original_text(
-        None, datasets.Dataset.from_list(rows), student_tok, args, False, None, "train")
-    return list(ds)
+    # One row at a time: a table of several takes its columns from all of them, so a
+    # conversation would have a `prompt` of None.
+    return [next(iter(GOLDTrainer._prepare_dataset_with_original_text(
+        None, datasets.Dataset.from_list([row]), student_tok, args, False, None, "train")))
+        for row in rows]
 
 
 def loss(a):
