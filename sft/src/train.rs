@@ -138,8 +138,8 @@ impl TrainArgs {
                 "--loss-type dft with --teacher-model: the loss is then the distillation's generalized JSD",
             ),
             (
-                !(self.packing && self.distill.gold.use_uld_loss),
-                "--packing with --use-uld-loss is not supported: the teacher reads each row's prompt and completion again in its own tokens, and a packed sequence has several",
+                !((self.packing || self.eval_packing()) && self.distill.gold.use_uld_loss),
+                "--packing or --eval-packing with --use-uld-loss is not supported: the teacher reads each row's prompt and completion again in its own tokens, and a packed sequence has several",
             ),
             (
                 !(teacher && self.packing && self.distill.samples()),
@@ -390,6 +390,21 @@ struct Accumulated {
 }
 
 impl Accumulated {
+    /// Nothing yet, of `rows` rows holding `targets` target tokens.
+    fn new(rows: usize, targets: f64) -> Accumulated {
+        Accumulated {
+            loss: 0.0,
+            tokens: 0,
+            per_row: vec![],
+            iw_opd: distill::IwOpdStats::default(),
+            uld_parts: (0.0, 0.0),
+            rows: rows as f64,
+            targets,
+            entropy_sum: 0.0,
+            top1: 0.0,
+        }
+    }
+
     /// TRL's `entropy` and `mean_token_accuracy` of the step, over every rank's targets.
     fn token_metrics(&self, world: &World) -> Vec<(String, f64)> {
         let [entropy, top1, targets] = world.sums([self.entropy_sum, self.top1, self.targets]);
@@ -441,54 +456,16 @@ fn accumulate(
         .sum();
     let targets = world.sum(local_targets as f64).max(1.0);
     let all_rows = world.sum(rows.len() as f64).max(1.0);
-    let mut out = Accumulated {
-        loss: 0.0,
-        tokens: 0,
-        per_row: vec![],
-        iw_opd: distill::IwOpdStats::default(),
-        uld_parts: (0.0, 0.0),
-        rows: rows.len() as f64,
-        targets: local_targets as f64,
-        entropy_sum: 0.0,
-        top1: 0.0,
-    };
+    let mut out = Accumulated::new(rows.len(), local_targets as f64);
     let model = &trainee.model;
     for (micro, last) in micro_batches(rows, batch_size) {
-        let batch = collate(micro, tok.pad_id, model.device());
-        // The micro-batch's share of the step's loss, and each row's (summed) loss. GOLD's
-        // is the mean of the step's rows' (and the NLL's share over the targets); every
-        // other loss is a mean over the step's target tokens.
-        let (loss, row_losses) = match teacher {
-            Some((teacher, distill)) => match &teacher.uld {
-                Some(uld) => {
-                    let l = uld.losses((model, tok), &teacher.model, micro, &batch)?;
-                    out.uld_parts.0 += l.matched;
-                    out.uld_parts.1 += l.unmatched;
-                    let mut loss = l.rows.sum(Kind::Float) / all_rows;
-                    if let Some(nll) = l.nll_sum {
-                        loss += nll * (distill.gold.uld_crossentropy_weight / targets);
-                    }
-                    (loss, l.rows)
-                }
-                None => {
-                    let (loss, stats) = distill::token_loss(model, &teacher.model, &batch, distill);
-                    out.iw_opd = stats.map_or(out.iw_opd, |s| out.iw_opd.merge(s));
-                    per_token(&loss, targets)
-                }
-            },
-            None => {
-                let nll = token_nll_with(model, &batch, true);
-                let total = |x: &Option<tch::Tensor>| {
-                    x.as_ref()
-                        .expect("asked for")
-                        .sum(Kind::Double)
-                        .double_value(&[])
-                };
-                out.entropy_sum += total(&nll.entropy);
-                out.top1 += total(&nll.top1);
-                per_token(&loss_type.per_token(&nll.nll), targets)
-            }
-        };
+        let (loss, row_losses) = micro_loss(
+            model,
+            (micro, tok),
+            (loss_type, teacher),
+            (targets, all_rows),
+            &mut out,
+        )?;
         if row_nll {
             let sums = row_losses.detach().to_kind(Kind::Double);
             out.per_row
@@ -500,6 +477,76 @@ fn accumulate(
     }
     out.loss = world.sum(out.loss);
     Ok(out)
+}
+
+/// The loss of one micro-batch `micro` of a step of `targets` target tokens in `all_rows`
+/// rows: its share of the step's loss, and each row's (summed) loss; what the step logs of
+/// it goes to `out`. GOLD's is the mean of the step's rows' (and the NLL's share over the
+/// targets); every other loss is a mean over the step's target tokens.
+fn micro_loss(
+    model: &Model,
+    (micro, tok): (&[&TokenizedSft], &data::Tokenizer),
+    (loss_type, teacher): (SftLoss, Option<(&Teacher, &DistillArgs)>),
+    (targets, all_rows): (f64, f64),
+    out: &mut Accumulated,
+) -> Result<(tch::Tensor, tch::Tensor)> {
+    let batch = collate(micro, tok.pad_id, model.device());
+    Ok(match teacher {
+        Some((teacher, distill)) => match &teacher.uld {
+            Some(uld) => {
+                let l = uld.losses((model, tok), &teacher.model, micro, &batch)?;
+                out.uld_parts.0 += l.matched;
+                out.uld_parts.1 += l.unmatched;
+                let mut loss = l.rows.sum(Kind::Float) / all_rows;
+                if let Some(nll) = l.nll_sum {
+                    loss += nll * (distill.gold.uld_crossentropy_weight / targets);
+                }
+                (loss, l.rows)
+            }
+            None => {
+                let (loss, stats) = distill::token_loss(model, &teacher.model, &batch, distill);
+                out.iw_opd = stats.map_or(out.iw_opd, |s| out.iw_opd.merge(s));
+                per_token(&loss, targets)
+            }
+        },
+        None => {
+            let nll = token_nll_with(model, &batch, true);
+            let total = |x: &Option<tch::Tensor>| {
+                x.as_ref()
+                    .expect("asked for")
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            };
+            out.entropy_sum += total(&nll.entropy);
+            out.top1 += total(&nll.top1);
+            per_token(&loss_type.per_token(&nll.nll), targets)
+        }
+    })
+}
+
+/// The distillation loss of `eval`'s rows (their data's completions), as a step of all of
+/// them would have it (TRL's `eval_loss` of GKD and GOLD): `eval/distillation_loss`.
+fn evaluate_distillation(
+    model: &Model,
+    eval: &Prepared,
+    (batch_size, tok): (usize, &data::Tokenizer),
+    teacher: (&Teacher, &DistillArgs),
+) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let rows: Vec<&TokenizedSft> = eval.rows.iter().collect();
+    let targets: i64 = rows
+        .iter()
+        .map(|r| r.loss_mask[1..].iter().sum::<i64>())
+        .sum();
+    let mut out = Accumulated::new(rows.len(), targets as f64);
+    let mut loss = 0.0;
+    for (micro, _) in micro_batches(&rows, batch_size) {
+        let denominators = ((targets as f64).max(1.0), (rows.len() as f64).max(1.0));
+        let shape = (SftLoss::Nll, Some(teacher));
+        let (l, _) = micro_loss(model, (micro, tok), shape, denominators, &mut out)?;
+        loss += l.double_value(&[]);
+    }
+    Ok(loss)
 }
 
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
@@ -615,6 +662,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
                 ("eval/entropy".into(), entropy),
                 ("eval/mean_token_accuracy".into(), top1),
             ]);
+            if let Some(t) = teacher.as_ref() {
+                let shape = (args.data.batch_size, &tok);
+                let d = evaluate_distillation(&trainee.model, eval, shape, (t, &args.distill))?;
+                scalars.push(("eval/distillation_loss".into(), d));
+            }
         }
         let scalars: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         session.log(session.state.step, &scalars)?;

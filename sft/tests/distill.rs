@@ -88,7 +88,8 @@ fn distill(student: &Path, teacher: &Path, out: &Path, extra: &[&str]) -> Vec<Va
 /// TRL's `generalized_jsd_loss` of the student and the teacher computed by `transformers`
 /// on the same tokens (1e-4), at β = 0 (forward KL), 0.5 and 1 (reverse KL); and with
 /// `--distillation-objective iw_opd`, TRL's own `IWOPDTrainer._compute_iw_opd_loss` at
-/// γ 0.5 and temperature 1 (its defaults) and at γ 2 and temperature 0.7.
+/// γ 0.5 and temperature 1 (its defaults) and at γ 2 and temperature 0.7. The same rows
+/// as eval data get the JSD as `eval/distillation_loss`.
 #[test]
 fn the_loss_is_trls_generalized_jsd() {
     let f = fixture();
@@ -126,8 +127,15 @@ fn the_loss_is_trls_generalized_jsd() {
         ],
     );
     // Step 1's metrics on the data's completions, all 24 rows in one batch, with `options`.
+    // The step at a negligible learning rate, then the same rows as eval data: their
+    // `eval/distillation_loss` is the loss the step had.
+    let eval = ["--eval-data", f.train.to_str().unwrap(), "--lr", "1e-12"];
     let first_step = |name: String, options: &[&str]| {
-        let step = ["--lmbda", "0", "--batch-size", "24", "--max-steps", "1"];
+        let step = [
+            &["--lmbda", "0", "--batch-size", "24", "--max-steps", "1"][..],
+            &eval,
+        ]
+        .concat();
         let m = distill(
             &f.model,
             &f.noisy,
@@ -142,6 +150,11 @@ fn the_loss_is_trls_generalized_jsd() {
         let (got, want) = (m["train/loss"].as_f64().unwrap(), want.as_f64().unwrap());
         assert!(want > 1e-3, "β {beta}: the teacher hardly differs ({want})");
         assert!((got - want).abs() < 1e-4, "β {beta}: {got} vs {want}");
+        let eval = m["eval/distillation_loss"].as_f64().unwrap();
+        assert!(
+            (eval - want).abs() < 1e-4,
+            "β {beta} eval: {eval} vs {want}"
+        );
     }
     // Plain SFT on the same rows logs TRL's SFTTrainer token metrics of them, and its
     // running token count.

@@ -103,7 +103,8 @@ fn gold(student: &Path, teacher: &Path, out: &Path, extra: &[&str]) -> Vec<Value
 /// Bayesian merge with the hybrid loss at adaptive weights, the cross-entropy added and
 /// other temperatures; the positional alignment; and the hybrid loss at fixed weights
 /// with both EOS kept. The hybrid loss's parts are logged as TRL's
-/// `matched_loss`/`unmatched_loss`.
+/// `matched_loss`/`unmatched_loss`, and the same rows as eval data get the same loss as
+/// `eval/distillation_loss` (TRL's `eval_loss`).
 #[test]
 fn the_loss_is_trls_uld_on_the_teachers_own_tokens() {
     let f = fixture();
@@ -200,7 +201,20 @@ fn the_loss_is_trls_uld_on_the_teachers_own_tokens() {
         );
     }
     for (i, (_, options)) in configs.iter().enumerate() {
-        let step = ["--lmbda", "0", "--batch-size", "26", "--max-steps", "1"];
+        // At a negligible learning rate, then the same rows as eval data: their
+        // `eval/distillation_loss` is the step's loss.
+        let step = [
+            "--lmbda",
+            "0",
+            "--batch-size",
+            "26",
+            "--max-steps",
+            "1",
+            "--eval-data",
+            data.to_str().unwrap(),
+            "--lr",
+            "1e-12",
+        ];
         let out = f.root.join(format!("parity-{i}"));
         let mut args = gold_args(&f.model, &f.teacher, &out);
         args[7] = data.to_str().unwrap();
@@ -222,6 +236,11 @@ fn the_loss_is_trls_uld_on_the_teachers_own_tokens() {
             );
             assert!((got - w).abs() < 1e-4, "config {i} {key}: {got} vs {w}");
         }
+        let (eval, w) = (
+            m["eval/distillation_loss"].as_f64().unwrap(),
+            want["loss"].as_f64().unwrap(),
+        );
+        assert!((eval - w).abs() < 1e-4, "config {i} eval: {eval} vs {w}");
     }
 }
 
@@ -344,7 +363,8 @@ fn what_cannot_work_is_refused_with_one_line() {
         (&[][..], "its vocabulary has 400 tokens, the student's 320; the teacher must share the student's tokenizer (or give --use-uld-loss"),
         (&[uld, "--seq-kd"][..], "--seq-kd trains on the teacher's samples"),
         (&[uld, "--distillation-objective", "iw_opd"][..], "--distillation-objective iw_opd reads the teacher's log-prob"),
-        (&[uld, "--packing", "--lmbda", "0"][..], "--packing with --use-uld-loss is not supported"),
+        (&[uld, "--packing", "--lmbda", "0"][..], "--packing or --eval-packing with --use-uld-loss is not supported"),
+        (&[uld, "--eval-packing", "true"][..], "--packing or --eval-packing with --use-uld-loss is not supported"),
         (&[uld, "--uld-use-hybrid-loss", "--uld-hybrid-matched-weight", "1"][..], "--uld-hybrid-matched-weight and --uld-hybrid-unmatched-weight go together"),
         (&[uld, "--uld-hybrid-matched-weight", "1", "--uld-hybrid-unmatched-weight", "1"][..], "apply with --uld-use-hybrid-loss"),
         (&[uld, "--uld-teacher-temperature", "0"][..], "must be > 0"),
