@@ -39,7 +39,7 @@ use data::formats::{Content, Message, PromptExample, PromptFields, TemplateArgs}
 use data::Tokenizer;
 use regex::Regex;
 
-use crate::program::LineProgram;
+use common::program::LineProgram;
 
 /// One rollout batch as the reward sees it.
 pub struct RewardInput<'a> {

@@ -11,7 +11,9 @@ use data::Tokenizer;
 use tch::{Kind, Tensor};
 
 use crate::reward_fn::{Logged, RewardInput, RewardSource};
-use crate::tools::{Segment, ToolFormat, ToolLoop, ToolResponse, ToolRunner, ToolStats};
+use crate::tools::{
+    continuation_seed, segments, ToolFormat, ToolLoop, ToolResponse, ToolRunner, ToolStats,
+};
 use data::formats::{Content, PromptExample, PromptFields};
 
 /// Everything PPO needs of one batch, `[B, N]` over response tokens unless noted.
@@ -295,28 +297,6 @@ fn unpadded(ids: &Tensor, mask: &Tensor) -> Result<Vec<Vec<i64>>> {
                 .collect()
         })
         .collect())
-}
-
-/// Each row of a generation as a segment: its tokens and log-probs up to its length.
-fn segments(g: &Generation) -> Result<Vec<Segment>> {
-    let tokens = Vec::<Vec<i64>>::try_from(g.tokens.to_device(tch::Device::Cpu))?;
-    let logprobs =
-        Vec::<Vec<f32>>::try_from(g.logprobs.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;
-    Ok(tokens
-        .into_iter()
-        .zip(logprobs)
-        .zip(g.lengths.iter().zip(&g.finish))
-        .map(|((t, lp), (&len, finish))| Segment {
-            ids: t[..len as usize].to_vec(),
-            logprobs: lp[..len as usize].to_vec(),
-            eos: *finish == FinishReason::Eos,
-        })
-        .collect())
-}
-
-/// The seed of a tool loop's `iteration`-th round of continuations.
-fn continuation_seed(seed: u64, iteration: usize) -> u64 {
-    seed.wrapping_add((iteration as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// What the tool loop made of a generation: the whole responses (tool results included)

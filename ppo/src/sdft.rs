@@ -42,7 +42,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
-use crate::python_str::python_str;
+use common::python_str::python_str;
 
 /// The options of `--advantage-estimator sdft` and `sdpo`, under TRL's `SDFTConfig` and
 /// `SDPOConfig` names.

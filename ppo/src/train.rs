@@ -39,7 +39,7 @@ use crate::rollout::{
 use crate::sdft::{AdapterEma, Teacher, TeacherInputs, TeacherKind};
 use crate::sources::load_reward_models;
 pub use crate::sources::{rule_functions, Rule, REWARD_COMMAND_NAMES, REWARD_MODEL_NAMES};
-use crate::tools::{EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner};
+use crate::tools::{read_schemas, EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner};
 use crate::update::{derived_seed, update, Learners, Ptx, UpdateStats};
 use data::formats::{PromptExample, PromptFields};
 
@@ -238,24 +238,13 @@ fn max_prompt_length(args: &TrainArgs, policy: &Model) -> Result<usize> {
     Ok(args.max_prompt_length.min(room))
 }
 
-/// `--tools FILE`: a JSON list of tool schemas.
-fn read_tools(file: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("--tools {}: cannot read it", file.display()))?;
-    match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(v @ serde_json::Value::Array(_)) => Ok(v),
-        Ok(_) => bail!("--tools {}: not a JSON list of tool schemas ([{{\"type\": \"function\", \"function\": {{…}}}}, …])", file.display()),
-        Err(e) => bail!("--tools {}: invalid JSON: {e}", file.display()),
-    }
-}
-
 /// The prompts of `path` (`--prompts`, `--eval-prompts`), cut to `--max-prompt-length`
 /// (keeping their end) and to what the policy's position table holds.
 fn read_prompts(path: &Path, args: &TrainArgs, tok: &Tokenizer, policy: &Model) -> Result<Prompts> {
     let max_prompt_length = max_prompt_length(args, policy)?;
     let mut rows = data::read_prompts_with_fields(path)?;
     if let Some(file) = &args.tools {
-        let tools = read_tools(file)?;
+        let tools = read_schemas(file)?;
         for (prompt, _) in rows.iter_mut() {
             prompt.template.tools.get_or_insert_with(|| tools.clone());
         }

@@ -393,32 +393,6 @@ fn the_loop_splices_results_between_sampled_stretches() {
     );
 }
 
-/// Writes the Python `source` to `root/name`; the command that runs it with `args`.
-fn program(root: &Path, name: &str, source: &str, args: &[&Path]) -> String {
-    let script = root.join(name);
-    std::fs::write(&script, source).unwrap();
-    let quoted = |p: &Path| format!("'{}'", p.display());
-    let mut words = vec![quoted(&rlhf_tests::python()), quoted(&script)];
-    words.extend(args.iter().map(|a| quoted(a)));
-    words.join(" ")
-}
-
-/// A tool program: `calc` evaluates its `expr` (digits, + - * / and brackets), anything else is an
-/// error; every call is appended to `log`.
-const CALC: &str = r#"
-import json, re, sys
-log = open(sys.argv[1], "a")
-for line in sys.stdin:
-    call = json.loads(line)
-    log.write(line); log.flush()
-    expr = str(call["arguments"].get("expr", ""))
-    if call["name"] == "calc" and re.fullmatch(r"[0-9+*/() -]+", expr):
-        answer = {"result": str(eval(expr))}
-    else:
-        answer = {"error": f"Tool {call['name']} cannot do that."}
-    print(json.dumps(answer), flush=True)
-"#;
-
 /// A reward program that appends each completion it is given to `log` (the first argument)
 /// and scores none.
 const KEEP_COMPLETIONS: &str = r#"
@@ -509,7 +483,7 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
     ]))
     .unwrap();
     let log = root.join("calls.jsonl");
-    let command = program(&root, "calc.py", CALC, &[&log]);
+    let command = rlhf_tests::python_program(&root, "calc.py", rlhf_tests::CALC_PROGRAM, &[&log]);
     let out = root.join("grpo");
     let ppo_args = |estimator: &str, out: &Path, extra: &[&str]| -> ppo::train::TrainArgs {
         let mut argv: Vec<String> = [
@@ -555,7 +529,7 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
     let kept = root.join("completions.jsonl");
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_file(&kept);
-    let keep = program(&root, "keep.py", KEEP_COMPLETIONS, &[&kept]);
+    let keep = rlhf_tests::python_program(&root, "keep.py", KEEP_COMPLETIONS, &[&kept]);
     let tool_command = [
         "--tool-command",
         command.as_str(),
@@ -708,7 +682,7 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
     // (1 for exactly one call).
     let env_log = root.join("env.jsonl");
     let _ = std::fs::remove_file(&env_log);
-    let environment = program(&root, "env.py", ENVIRONMENT, &[&env_log]);
+    let environment = rlhf_tests::python_program(&root, "env.py", ENVIRONMENT, &[&env_log]);
     let env_out = root.join("grpo-env");
     ppo::train::run(&ppo_args(
         "grpo",
@@ -787,7 +761,7 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
         );
     }
     // An observation that is not text ends the run in one line.
-    let observing = program(&root, "observing.py", OBSERVING, &[]);
+    let observing = rlhf_tests::python_program(&root, "observing.py", OBSERVING, &[]);
     let e = ppo::train::run(&ppo_args(
         "grpo",
         &root.join("grpo-observing"),

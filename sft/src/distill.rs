@@ -18,9 +18,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::generate::{generate_rows, SamplingConfig};
+use common::generate::{generate_picked, generate_rows, SamplingConfig};
 use common::models::TokenSpec;
 use common::rng::derived_seed;
+use common::tools::{
+    continuation_seed, read_schemas, segments, ToolCommand, ToolFormat, ToolLoop, ToolStats,
+};
 use common::{Head, Model, ModelOptions};
 use data::prompts::collate_left;
 use data::sft::{SftBatch, TokenizedSft};
@@ -89,6 +92,72 @@ pub struct DistillArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub gold: crate::gold::GoldArgs,
+    /// Tools the samples may call (TRL's `DistillationTrainer(tools=…)`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub tools: ToolArgs,
+    /// Write each sampled step's samples to OUT/samples.jsonl (TRL's `log_completions`):
+    /// prompt and completion, text and token ids.
+    #[arg(long, requires = "teacher_model")]
+    pub log_completions: bool,
+    /// How many samples of each sampled step --log-completions writes (TRL's
+    /// `num_completions_to_print`; default: all of the main process's).
+    #[arg(long, requires = "log_completions")]
+    pub num_completions_to_print: Option<usize>,
+}
+
+/// Tools in the distillation's samples, with `ppo train`'s options: TRL 1.16's
+/// `DistillationTrainer(tools=…)`. A sample that calls tools (in its chat template's own
+/// tool-call form) gets their results appended as `tool` messages and is continued; the
+/// results' tokens are in the sequence both models read but out of the loss (TRL's
+/// `tool_mask`).
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ToolArgs {
+    /// The program that runs the samples' tool calls: `sh -c CMD` started once, one
+    /// {"name", "arguments"} line in per call, one {"result": …} or {"error": "…"} line
+    /// back (as `ppo train --tool-command`).
+    #[arg(long, requires = "teacher_model")]
+    pub tool_command: Option<String>,
+    /// The tools' schemas, a JSON list as `apply_chat_template(tools=…)` takes them,
+    /// rendered into every prompt-only row that has no `tools` of its own; a call's text
+    /// arguments are typed by them.
+    #[arg(long, requires = "tool_command")]
+    pub tools: Option<PathBuf>,
+    /// Most rounds of tool calls in one sample (TRL's `max_tool_calling_iterations`;
+    /// default: only --max-new-tokens bounds them).
+    #[arg(long, requires = "tool_command")]
+    pub max_tool_calling_iterations: Option<usize>,
+    /// Seconds to wait for each answer of --tool-command.
+    #[arg(long, default_value_t = 60.0)]
+    pub tool_timeout: f64,
+}
+
+/// `--tool-command` started, with what the tool loop needs.
+pub struct SampleTools {
+    pub format: ToolFormat,
+    pub runner: ToolCommand,
+    pub max_iterations: usize,
+    /// `--tools`, for typing the calls' arguments.
+    pub schemas: Option<serde_json::Value>,
+}
+
+impl SampleTools {
+    /// The program of `args` started, the tool-call form read from `tok`'s template; `None`
+    /// without --tool-command.
+    pub fn start(args: &ToolArgs, tok: &data::Tokenizer) -> Result<Option<SampleTools>> {
+        let Some(command) = &args.tool_command else {
+            return Ok(None);
+        };
+        let format = ToolFormat::of(tok).map_err(|e| anyhow::anyhow!("--tool-command: {e}"))?;
+        let schemas = args.tools.as_deref().map(read_schemas).transpose()?;
+        let timeout = std::time::Duration::from_secs_f64(args.tool_timeout);
+        Ok(Some(SampleTools {
+            format,
+            runner: ToolCommand::start(command, timeout)?,
+            max_iterations: args.max_tool_calling_iterations.unwrap_or(usize::MAX),
+            schemas,
+        }))
+    }
 }
 
 /// `--distillation-objective`, under TRL's names.
@@ -133,7 +202,20 @@ impl DistillArgs {
         ))?;
         self.gold.validate()?;
         let uld = self.gold.use_uld_loss;
+        let tools = self.tools.tool_command.is_some();
         common::cli::require(&[
+            (
+                self.tools.tool_timeout > 0.0 && self.tools.tool_timeout.is_finite(),
+                "--tool-timeout must be > 0",
+            ),
+            (
+                !tools || self.samples(),
+                "--tool-command runs the tool calls of sampled completions: give --lmbda > 0 or --seq-kd",
+            ),
+            (
+                !(uld && tools),
+                "--tool-command with --use-uld-loss is not supported: GOLD reads one completion per row again in the teacher's tokens, and tool results split it",
+            ),
             (
                 !(uld && self.distillation_objective == Objective::IwOpd),
                 "--distillation-objective iw_opd reads the teacher's log-prob of each of the student's tokens, which needs a shared tokenizer: not with --use-uld-loss",
@@ -360,7 +442,9 @@ pub fn prompt_length(row: &TokenizedSft) -> Option<usize> {
 /// prompt cut to its last `room` tokens where it is longer), `batch_size` rows at a time:
 /// the prompt's tokens are not in the loss, the sample's are (its EOS included). The rows
 /// are `offset..` of the step's `total` (a rank's share): each samples with the numbers it
-/// has in the whole step, so the ranks together sample what one process samples.
+/// has in the whole step, so the ranks together sample what one process samples. With
+/// `tools`, the samples go through the tool loop (TRL's `_tool_call_loop`), the results'
+/// tokens out of the loss; what the loop did is returned.
 pub fn sampled_rows(
     sampler: &Model,
     rows: &[&TokenizedSft],
@@ -368,19 +452,21 @@ pub fn sampled_rows(
     args: &DistillArgs,
     (room, seed): (usize, u64),
     (offset, total): (usize, usize),
-) -> Vec<TokenizedSft> {
+    tools: Option<(&SampleTools, &data::Tokenizer)>,
+) -> Result<Sampled> {
     if rows.is_empty() {
-        return vec![];
+        return Ok(Sampled::default());
     }
     let _guard = tch::no_grad_guard();
-    let prompts: Vec<&[i64]> = rows
+    let prompts: Vec<Vec<i64>> = rows
         .iter()
         .map(|r| {
             let p = &r.ids[..prompt_length(r).unwrap_or(r.ids.len())];
-            &p[p.len().saturating_sub(room)..]
+            p[p.len().saturating_sub(room)..].to_vec()
         })
         .collect();
-    let batch = collate_left(&prompts, pad_id, sampler.device());
+    let refs: Vec<&[i64]> = prompts.iter().map(Vec::as_slice).collect();
+    let batch = collate_left(&refs, pad_id, sampler.device());
     let cfg = SamplingConfig {
         max_new_tokens: args.max_new_tokens as i64,
         temperature: args.temperature,
@@ -401,16 +487,106 @@ pub fn sampled_rows(
         batch_size,
         (offset as i64, total as i64),
     );
-    let tokens =
-        Vec::<Vec<i64>>::try_from(g.tokens.to_device(tch::Device::Cpu)).expect("sampled token ids");
-    (prompts.iter().zip(tokens).zip(&g.lengths))
-        .map(|((prompt, sample), &len)| {
-            let sample = &sample[..len as usize];
-            let ids = [*prompt, sample].concat();
-            let mask = [vec![0; prompt.len()], vec![1; sample.len()]].concat();
+    // Each sample's tokens, and which of them it sampled (the rest: tool results).
+    let (samples, stats): (Vec<Sample>, ToolStats) = match tools {
+        None => {
+            let samples = segments(&g)?
+                .into_iter()
+                .map(|s| {
+                    let n = s.ids.len();
+                    (s.ids, vec![true; n])
+                })
+                .collect();
+            (samples, ToolStats::default())
+        }
+        Some((t, tok)) => {
+            let schemas = vec![t.schemas.clone(); rows.len()];
+            let looped = ToolLoop {
+                format: t.format,
+                tokenizer: tok,
+                runner: &t.runner,
+                budget: args.max_new_tokens,
+                max_len: sampler.max_positions().unwrap_or(usize::MAX),
+                max_iterations: t.max_iterations,
+                schemas: &schemas,
+            };
+            let mut continue_rows =
+                |picked: &[usize], continued: &[Vec<i64>], iteration, max_new| {
+                    let refs: Vec<&[i64]> = continued.iter().map(Vec::as_slice).collect();
+                    let batch = collate_left(&refs, pad_id, sampler.device());
+                    let cfg = SamplingConfig {
+                        max_new_tokens: max_new as i64,
+                        seed: continuation_seed(seed, iteration),
+                        ..cfg.clone()
+                    };
+                    let global: Vec<i64> = picked.iter().map(|&r| (offset + r) as i64).collect();
+                    let g = generate_picked(
+                        sampler,
+                        &batch.input_ids,
+                        &batch.attention_mask,
+                        &cfg,
+                        batch_size,
+                        (&global, total as i64),
+                    );
+                    segments(&g)
+                };
+            let (responses, stats) = looped.run(&prompts, segments(&g)?, &mut continue_rows)?;
+            let samples = responses.into_iter().map(|r| (r.ids, r.sampled)).collect();
+            (samples, stats)
+        }
+    };
+    let rows = prompts
+        .iter()
+        .zip(samples)
+        .map(|(prompt, (sample, sampled))| {
+            let ids = [prompt.as_slice(), &sample].concat();
+            let mask = std::iter::repeat_n(0, prompt.len())
+                .chain(sampled.iter().map(|&s| i64::from(s)))
+                .collect();
             TokenizedSft::new(ids, mask)
         })
-        .collect()
+        .collect();
+    Ok(Sampled {
+        rows,
+        prompt_lengths: prompts.iter().map(Vec::len).collect(),
+        stats,
+    })
+}
+
+/// A sample's tokens and which of them were sampled (the rest: tool results).
+type Sample = (Vec<i64>, Vec<bool>);
+
+/// A step's samples: rows of prompt and sample (the loss on the sampled tokens only), where
+/// each sample starts, and what the tool loop did.
+#[derive(Default)]
+pub struct Sampled {
+    pub rows: Vec<TokenizedSft>,
+    pub prompt_lengths: Vec<usize>,
+    pub stats: ToolStats,
+}
+
+impl Sampled {
+    /// `samples.jsonl`'s lines of the first `n` (TRL's `log_completions`): the step, the
+    /// prompt's and the completion's text and token ids, and with tools the completion's
+    /// tool mask (1 on sampled tokens, 0 on tool results: out of the loss).
+    pub fn lines(&self, step: u64, tok: &data::Tokenizer, (n, tools): (usize, bool)) -> String {
+        let mut out = String::new();
+        for (row, &p) in self.rows.iter().zip(&self.prompt_lengths).take(n) {
+            let (prompt, completion) = row.ids.split_at(p);
+            let mut line = serde_json::json!({
+                "step": step,
+                "prompt": tok.decode(prompt, false),
+                "completion": tok.decode(completion, false),
+                "prompt_ids": prompt,
+                "completion_ids": completion,
+            });
+            if tools {
+                line["tool_mask"] = serde_json::json!(row.loss_mask[p..]);
+            }
+            out.push_str(&format!("{line}\n"));
+        }
+        out
+    }
 }
 
 /// The seed of step `step`'s samples.

@@ -200,7 +200,13 @@ fn prepare_file(
             "{}: prompt-only rows (\"prompt\" without \"completion\") have nothing to learn from unless every step samples its completions: give --teacher-model with --lmbda 1 or --seq-kd (TRL's DistillationTrainer), as training data",
             path.display()
         );
-        let prompts = data::read_prompts(path)?;
+        let mut prompts = data::read_prompts(path)?;
+        if let Some(file) = &args.distill.tools.tools {
+            let schemas = common::tools::read_schemas(file)?;
+            for p in prompts.iter_mut() {
+                p.template.tools.get_or_insert_with(|| schemas.clone());
+            }
+        }
         let rows = prompts
             .iter()
             .enumerate()
@@ -587,6 +593,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             Some(Teacher {
                 model: teacher,
                 uld,
+                tools: distill::SampleTools::start(&args.distill.tools, &tok)?,
                 eos_ids,
                 room,
             })
@@ -709,6 +716,8 @@ struct Teacher {
     model: Model,
     /// With --use-uld-loss: GOLD's view of the teacher's tokens.
     uld: Option<gold::Uld>,
+    /// With --tool-command: the tools the samples may call.
+    tools: Option<distill::SampleTools>,
     /// Where a sample ends.
     eos_ids: Vec<i64>,
     /// The longest prompt that leaves room for --max-new-tokens.
@@ -742,15 +751,42 @@ fn train_step(
         Some((t, Completions::Teacher)) => Some((t, &t.model)),
         _ => None,
     };
-    let sampled = sampler.map(|(t, sampler)| {
-        let seed = distill::sample_seed(args.run.seed, step);
-        let shape = (args.data.batch_size, batch.tok.pad_id, &t.eos_ids[..]);
-        let (offset, _) = world.shard_of(indices.len() as i64);
-        let share = (offset as usize, indices.len());
-        distill::sampled_rows(sampler, &rows, shape, &args.distill, (t.room, seed), share)
-    });
-    if let Some(sampled) = &sampled {
-        rows = sampled.iter().collect();
+    let sampled = sampler
+        .map(|(t, sampler)| {
+            let seed = distill::sample_seed(args.run.seed, step);
+            let shape = (args.data.batch_size, batch.tok.pad_id, &t.eos_ids[..]);
+            let (offset, _) = world.shard_of(indices.len() as i64);
+            let share = (offset as usize, indices.len());
+            let tools = t.tools.as_ref().map(|tools| (tools, batch.tok));
+            let seeds = (t.room, seed);
+            distill::sampled_rows(sampler, &rows, shape, &args.distill, seeds, share, tools)
+        })
+        .transpose()?;
+    // TRL's tool metrics of the step's samples: calls per sample, the failed share of the
+    // calls, over every rank.
+    let tools = batch.teacher.and_then(|t| t.tools.as_ref()).is_some();
+    let tool_scalars = match &sampled {
+        Some(s) if tools => {
+            let [calls, failures, samples] = world.sums([
+                s.stats.calls as f64,
+                s.stats.failures as f64,
+                s.rows.len() as f64,
+            ]);
+            let failed = if calls > 0.0 { failures / calls } else { 0.0 };
+            vec![
+                ("tools/call_frequency".to_string(), calls / samples.max(1.0)),
+                ("tools/failure_frequency".to_string(), failed),
+            ]
+        }
+        _ => vec![],
+    };
+    if let Some(s) = sampled.as_ref().filter(|_| args.distill.log_completions) {
+        let n = args.distill.num_completions_to_print.unwrap_or(usize::MAX);
+        // Logged with the step's number, as its metrics are.
+        session.append("samples.jsonl", &s.lines(step + 1, batch.tok, (n, tools)))?;
+    }
+    if let Some(s) = &sampled {
+        rows = s.rows.iter().collect();
     }
     let teacher = batch.teacher.map(|t| (t, &args.distill));
     let step_out = accumulate(
@@ -804,6 +840,7 @@ fn train_step(
         ));
     }
     scalars.extend(token_scalars);
+    scalars.extend(tool_scalars);
     scalars.push(("num_tokens".into(), num_tokens));
     Ok(scalars)
 }

@@ -473,6 +473,14 @@ fn bad_distillation_options_are_refused_with_one_line() {
             "--loss-type dft with --teacher-model",
         ),
         (&["--packing"][..], "--packing with sampled completions"),
+        (
+            &["--tool-command", "cat", "--lmbda", "0"][..],
+            "--tool-command runs the tool calls of sampled completions",
+        ),
+        (
+            &["--tool-timeout", "0", "--tool-command", "cat"][..],
+            "--tool-timeout must be > 0",
+        ),
     ] {
         let mut args = distill_args(&f.model, &f.noisy, &out);
         args.extend_from_slice(extra);
@@ -505,4 +513,148 @@ fn bad_distillation_options_are_refused_with_one_line() {
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("--teacher-model"));
     assert!(!out.exists(), "a refused run created its output directory");
+}
+
+/// A Hermes-style ChatML template with tool calls (`<tool_call>` JSON blocks, results as
+/// `<tool_response>` in a user turn, as Qwen2.5's), prefix-preserving.
+const TOOL_TEMPLATE: &str = r#"{%- for message in messages %}
+{%- if message.role == 'assistant' and message.tool_calls %}
+{{- '<|im_start|>assistant' }}
+{%- for tc in message.tool_calls %}
+{{- '\n<tool_call>\n{"name": "' + tc.function.name + '", "arguments": ' + (tc.function.arguments | tojson) + '}\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\n' }}
+{%- elif message.role == 'tool' %}
+{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}
+{%- else %}
+{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\n' }}
+{%- endif %}"#;
+
+/// Tools in on-policy samples (TRL's `DistillationTrainer(tools=…)`): a student taught (by
+/// SFT on one conversation) to call `calc` samples calls, the tool program runs them, the
+/// results are spliced in and the student continues; `--log-completions` writes the samples
+/// with their tool masks, and step 1's loss is TRL's generalized JSD over the sampled
+/// tokens only (the results' tokens read by both models but out of the loss), 1e-4.
+#[test]
+fn on_policy_samples_call_tools_whose_results_stay_out_of_the_loss() {
+    let f = fixture();
+    let root = f.root.join("tools");
+    std::fs::create_dir_all(&root).unwrap();
+    let template = root.join("hermes.jinja");
+    std::fs::write(&template, TOOL_TEMPLATE).unwrap();
+    let conversation = json!({"messages": [
+        {"role": "user", "content": "35 heads, 94 legs: rabbits?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+            "function": {"name": "calc", "arguments": {"expr": "(94-70)/2"}}}]},
+        {"role": "tool", "name": "calc", "content": "12.0"},
+        {"role": "assistant", "content": "12"}]});
+    let sft_rows: String = (0..16).map(|_| format!("{conversation}\n")).collect();
+    std::fs::write(root.join("sft.jsonl"), sft_rows).unwrap();
+    let prompt = json!({"prompt": [{"role": "user", "content": "35 heads, 94 legs: rabbits?"}]});
+    let prompts: String = (0..4).map(|_| format!("{prompt}\n")).collect();
+    std::fs::write(root.join("prompts.jsonl"), prompts).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let taught = root.join("taught");
+    sft(&[
+        "train",
+        "--model",
+        &s(&f.model),
+        "--data",
+        &s(&root.join("sft.jsonl")),
+        "--output-dir",
+        &s(&taught),
+        "--chat-template-path",
+        &s(&template),
+        "--overwrite",
+        "--device",
+        "cpu",
+        "--max-steps",
+        "60",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--schedule",
+        "constant",
+        "--seed",
+        "3",
+    ]);
+    let student = taught.join("final");
+    let log = root.join("calls.jsonl");
+    let _ = std::fs::remove_file(&log);
+    let command = rlhf_tests::python_program(&root, "calc.py", rlhf_tests::CALC_PROGRAM, &[&log]);
+    let out = root.join("distilled");
+    let prompts = root.join("prompts.jsonl");
+    let mut args = distill_args(&student, &f.noisy, &out);
+    args[6] = prompts.to_str().unwrap();
+    args.extend([
+        "--overwrite",
+        "--lmbda",
+        "1",
+        "--tool-command",
+        &command,
+        "--log-completions",
+        "--max-new-tokens",
+        "128",
+        "--eos-token",
+        "<|im_end|>",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+    ]);
+    sft(&args);
+    let m = &read_jsonl(&out.join("metrics.jsonl"))[0];
+    assert!(m["tools/call_frequency"].as_f64().unwrap() >= 0.5, "{m}");
+    assert_eq!(m["tools/failure_frequency"].as_f64(), Some(0.0), "{m}");
+    let calls = read_jsonl(&log);
+    assert_eq!(
+        calls[0],
+        json!({"name": "calc", "arguments": {"expr": "(94-70)/2"}})
+    );
+    // The samples as written, each a row whose loss is on its sampled tokens only.
+    let samples = read_jsonl(&out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 4);
+    let mut spliced = 0;
+    let rows: Vec<Value> = samples
+        .iter()
+        .map(|x| {
+            let ids = |k: &str| -> Vec<i64> { serde_json::from_value(x[k].clone()).unwrap() };
+            let (prompt, completion, mask) =
+                (ids("prompt_ids"), ids("completion_ids"), ids("tool_mask"));
+            assert_eq!(completion.len(), mask.len());
+            spliced += usize::from(mask.windows(2).any(|w| w == [1, 0]));
+            let full_mask: Vec<i64> = std::iter::repeat_n(0, prompt.len()).chain(mask).collect();
+            let all = [prompt, completion].concat();
+            json!({"ids": all, "mask": full_mask})
+        })
+        .collect();
+    assert!(
+        spliced > 0,
+        "no sample has a tool result inside: {samples:?}"
+    );
+    let rows_path = root.join("rows.json");
+    std::fs::write(&rows_path, Value::from(rows).to_string()).unwrap();
+    let expected = run_python(
+        "gkd_reference.py",
+        &[
+            "--student",
+            &s(&student),
+            "--teacher",
+            &s(&f.noisy),
+            "--rows",
+            &s(&rows_path),
+            "--betas",
+            "0.5",
+        ],
+    );
+    let (got, want) = (
+        m["train/loss"].as_f64().unwrap(),
+        expected["losses"][0].as_f64().unwrap(),
+    );
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
 }

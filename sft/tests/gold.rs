@@ -362,6 +362,7 @@ fn what_cannot_work_is_refused_with_one_line() {
     for (extra, want) in [
         (&[][..], "its vocabulary has 400 tokens, the student's 320; the teacher must share the student's tokenizer (or give --use-uld-loss"),
         (&[uld, "--seq-kd"][..], "--seq-kd trains on the teacher's samples"),
+        (&[uld, "--tool-command", "cat"][..], "--tool-command with --use-uld-loss is not supported"),
         (&[uld, "--distillation-objective", "iw_opd"][..], "--distillation-objective iw_opd reads the teacher's log-prob"),
         (&[uld, "--packing", "--lmbda", "0"][..], "--packing or --eval-packing with --use-uld-loss is not supported"),
         (&[uld, "--eval-packing", "true"][..], "--packing or --eval-packing with --use-uld-loss is not supported"),

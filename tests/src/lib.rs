@@ -240,6 +240,33 @@ pub fn sft_eval_loss(exe: &str, model: &Path, data: &Path) -> f64 {
     ok(&run_bin(exe, &args, &[]))["loss"].as_f64().unwrap()
 }
 
+/// Writes the Python `source` to `root/name`; the command that runs it with `args` (for
+/// the `--tool-command` and `--reward-command` tests).
+pub fn python_program(root: &Path, name: &str, source: &str, args: &[&Path]) -> String {
+    let script = root.join(name);
+    std::fs::write(&script, source).unwrap();
+    let quoted = |p: &Path| format!("'{}'", p.display());
+    let mut words = vec![quoted(&python()), quoted(&script)];
+    words.extend(args.iter().map(|a| quoted(a)));
+    words.join(" ")
+}
+
+/// A tool program: `calc` evaluates its `expr` (digits, + - * / and brackets), anything
+/// else is an error; every call is appended to the log (its first argument).
+pub const CALC_PROGRAM: &str = r#"
+import json, re, sys
+log = open(sys.argv[1], "a")
+for line in sys.stdin:
+    call = json.loads(line)
+    log.write(line); log.flush()
+    expr = str(call["arguments"].get("expr", ""))
+    if call["name"] == "calc" and re.fullmatch(r"[0-9+*/() -]+", expr):
+        answer = {"result": str(eval(expr))}
+    else:
+        answer = {"error": f"Tool {call['name']} cannot do that."}
+    print(json.dumps(answer), flush=True)
+"#;
+
 /// Every line of a JSON Lines file.
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
