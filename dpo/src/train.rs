@@ -52,8 +52,9 @@ pub struct TrainArgs {
     #[serde(flatten)]
     pub loss: LossArgs,
     /// Compute the reference's log-probs once before training (kept in OUT/ref_logps.json
-    /// and reused on --resume), so the reference is not held during training.
-    #[arg(long)]
+    /// and reused on --resume), so the reference is not held during training (also
+    /// --precompute-ref-log-probs, TRL's `precompute_ref_log_probs`).
+    #[arg(long, alias = "precompute-ref-log-probs")]
     pub precompute_ref_logprobs: bool,
     /// Rows per forward of that precomputation (TRL's `precompute_ref_batch_size`;
     /// default --batch-size): a frozen forward holds no gradients, so it can take more.

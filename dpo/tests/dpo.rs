@@ -832,7 +832,11 @@ fn killed_run_resumes_to_the_same_weights() {
             "2",
         ];
         if precompute {
-            args.push("--precompute-ref-logprobs");
+            // TRL's spelling of the option, in one of the runs.
+            args.push(match tag {
+                "pre" => "--precompute-ref-log-probs",
+                _ => "--precompute-ref-logprobs",
+            });
         }
         if tag == "pre" {
             // Scored in forwards of 3 rows, not the training batch's.

@@ -319,6 +319,21 @@ fn a_student_learns_from_a_teacher_with_another_tokenizer() {
     assert!(m[0].get("matched_loss").is_none());
     let moved = rlhf_tests::max_weight_diff(&f.model, &out.join("final"), common::Head::Lm);
     assert!(moved > 1e-5, "on-policy ULD trained nothing");
+    // Samples of one token leave nothing to compare once the EOS is skipped: the step's
+    // loss is 0, and the step runs.
+    let out = f.root.join("one-token");
+    let one = [
+        "--lmbda",
+        "1",
+        "--max-new-tokens",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+    ];
+    let m = gold(&f.model, &taught, &out, &one);
+    assert_eq!(m[0]["train/loss"].as_f64(), Some(0.0));
 }
 
 /// What GOLD cannot do stops the run with one line, before anything is written.
