@@ -57,6 +57,11 @@ pub struct DistillArgs {
     /// Sampling temperature of the student's and the teacher's samples (TRL's 0.9).
     #[arg(long, default_value_t = 0.9, requires = "teacher_model")]
     pub temperature: f64,
+    /// Both distributions of the generalized JSD are taken at this temperature (default 1,
+    /// as TRL's GKDTrainer; TRL 1.16's DistillationTrainer divides by its sampling
+    /// `temperature` here too: give the same value as --temperature).
+    #[arg(long, default_value_t = 1.0, requires = "teacher_model")]
+    pub distillation_temperature: f64,
     /// Longest sample, in tokens (TRL's `max_new_tokens`).
     #[arg(long, default_value_t = 128, requires = "teacher_model")]
     pub max_new_tokens: usize,
@@ -184,6 +189,10 @@ impl DistillArgs {
                 "--temperature must be > 0",
             ),
             (
+                self.distillation_temperature > 0.0 && self.distillation_temperature.is_finite(),
+                "--distillation-temperature must be > 0",
+            ),
+            (
                 self.max_new_tokens > 0,
                 "--max-new-tokens must be at least 1",
             ),
@@ -211,6 +220,11 @@ impl DistillArgs {
             (
                 !tools || self.samples(),
                 "--tool-command runs the tool calls of sampled completions: give --lmbda > 0 or --seq-kd",
+            ),
+            (
+                self.distillation_temperature == 1.0
+                    || (self.distillation_objective == Objective::Jsd && !uld),
+                "--distillation-temperature applies to the generalized JSD: IW-OPD's log-probs are at --temperature, and GOLD has --uld-student-temperature and --uld-teacher-temperature",
             ),
             (
                 !(uld && tools),
@@ -304,7 +318,10 @@ pub fn token_loss(
     args: &DistillArgs,
 ) -> (Tensor, Option<IwOpdStats>) {
     match args.distillation_objective {
-        Objective::Jsd => (token_jsd(student, teacher, batch, args.beta), None),
+        Objective::Jsd => {
+            let at = (args.beta, args.distillation_temperature);
+            (token_jsd(student, teacher, batch, at), None)
+        }
         Objective::IwOpd => {
             let spec = TokenSpec {
                 temperature: args.temperature,
@@ -366,7 +383,12 @@ pub fn iw_opd(
 /// The per-token generalized JSD `[B, T − 1]` of `batch` (0 off the completion tokens):
 /// only completion positions reach the two heads, chunk by chunk (see
 /// [`Model::distill_outputs`]), the student's with its gradient.
-pub fn token_jsd(student: &Model, teacher: &Model, batch: &SftBatch, beta: f64) -> Tensor {
+pub fn token_jsd(
+    student: &Model,
+    teacher: &Model,
+    batch: &SftBatch,
+    (beta, temperature): (f64, f64),
+) -> Tensor {
     let t = batch.input_ids.size()[1];
     let rows = |m: &Model| {
         let h = batch_hidden(m, batch);
@@ -377,7 +399,7 @@ pub fn token_jsd(student: &Model, teacher: &Model, batch: &SftBatch, beta: f64) 
     let at = mask.reshape([-1]).nonzero().squeeze_dim(1);
     let student_h = rows(student).index_select(0, &at);
     let teacher_h = tch::no_grad(|| rows(teacher).index_select(0, &at));
-    let jsd = student.distill_outputs(&student_h, teacher, &teacher_h, (beta, 1.0));
+    let jsd = student.distill_outputs(&student_h, teacher, &teacher_h, (beta, temperature));
     Tensor::zeros_like(&mask)
         .reshape([-1])
         .index_put(&[Some(at)], &jsd, false)

@@ -110,7 +110,9 @@ fn the_loss_is_trls_generalized_jsd() {
         .collect();
     let rows_path = f.root.join("rows.json");
     std::fs::write(&rows_path, Value::from(rows).to_string()).unwrap();
-    let betas = ["0", "0.5", "1"];
+    // β, and β 0.5 with both distributions at temperature 0.7 (`--distillation-temperature`,
+    // TRL's DistillationTrainer's divergence at its `temperature`).
+    let betas = ["0", "0.5", "1", "0.5@0.7"];
     let expected = run_python(
         "gkd_reference.py",
         &[
@@ -146,7 +148,9 @@ fn the_loss_is_trls_generalized_jsd() {
         m[0].clone()
     };
     for (beta, want) in betas.iter().zip(expected["losses"].as_array().unwrap()) {
-        let m = first_step(format!("jsd-{beta}"), &["--beta", beta]);
+        let (b, temperature) = beta.split_once('@').unwrap_or((beta, "1"));
+        let options = ["--beta", b, "--distillation-temperature", temperature];
+        let m = first_step(format!("jsd-{beta}"), &options);
         let (got, want) = (m["train/loss"].as_f64().unwrap(), want.as_f64().unwrap());
         assert!(want > 1e-3, "β {beta}: the teacher hardly differs ({want})");
         assert!((got - want).abs() < 1e-4, "β {beta}: {got} vs {want}");

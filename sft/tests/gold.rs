@@ -384,6 +384,7 @@ fn what_cannot_work_is_refused_with_one_line() {
         (&[uld, "--uld-use-hybrid-loss", "--uld-hybrid-matched-weight", "1"][..], "--uld-hybrid-matched-weight and --uld-hybrid-unmatched-weight go together"),
         (&[uld, "--uld-hybrid-matched-weight", "1", "--uld-hybrid-unmatched-weight", "1"][..], "apply with --uld-use-hybrid-loss"),
         (&[uld, "--uld-teacher-temperature", "0"][..], "must be > 0"),
+        (&[uld, "--distillation-temperature", "0.7"][..], "--distillation-temperature applies to the generalized JSD"),
         (&["--uld-use-hybrid-loss"][..], "the --uld-* and --use-extended-uld options apply with --use-uld-loss"),
         (&[uld, "--teacher-tokenizer-name-or-path", whitespace.to_str().unwrap()][..], "the teacher's tokenizer is not a byte-level BPE tokenizer"),
     ] {

@@ -1,12 +1,13 @@
 """TRL 1.16's GKD loss (trl.experimental.gkd.GKDTrainer.generalized_jsd_loss) with
 `transformers`, for the `sft train --teacher-model` parity test.
 
-    gkd_reference.py --student DIR --teacher DIR --rows ROWS.json --betas 0,0.5,1
+    gkd_reference.py --student DIR --teacher DIR --rows ROWS.json --betas 0,0.5,1,0.5@0.7
         ROWS.json: [{"ids": [...], "mask": [...]}] (token ids and the loss mask, 1 on the
         completion tokens). For each β: the generalized JSD summed over the vocabulary at
         every completion token (the logits at position i against the token at i + 1, as
         GKDTrainer.compute_loss shifts them), averaged over those tokens; one JSON document
-        {"losses": [...]} in the order of --betas.
+        {"losses": [...]} in the order of --betas. β@T: both distributions at temperature T
+        (TRL's DistillationTrainer applies its `temperature` to the divergence).
 
     Also, under "sft", TRL's SFTTrainer metrics of the student alone over the same
     completion tokens: `entropy` (of the next-token distribution),
@@ -36,10 +37,11 @@ import torch.nn.functional as F
 import transformers as tf
 
 
-def generalized_jsd_loss(student_logits, teacher_logits, labels, beta):
-    """GKDTrainer.generalized_jsd_loss at temperature 1, reduction "batchmean"."""
-    student_log_probs = F.log_softmax(student_logits, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+def generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature=1.0):
+    """GKDTrainer.generalized_jsd_loss at `temperature` (both logits divided by it, as
+    DistillationTrainer's divergence does), reduction "batchmean"."""
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
     if beta == 0:
         jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
     elif beta == 1:
@@ -69,7 +71,8 @@ def main():
     student = tf.AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32).eval()
     teacher = tf.AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).eval()
     rows = json.load(open(a.rows))
-    betas = [float(b) for b in a.betas.split(",")]
+    # β, or β@temperature.
+    betas = [tuple(float(x) for x in (b.split("@") + ["1"])[:2]) for b in a.betas.split(",")]
     logits = []
     for row in rows:
         ids = torch.tensor([row["ids"]])
@@ -77,10 +80,10 @@ def main():
         logits.append((student(input_ids=ids).logits[:, :-1].float(),
                        teacher(input_ids=ids).logits[:, :-1].float(), labels[:, 1:]))
     losses = []
-    for beta in betas:
+    for beta, temperature in betas:
         total, tokens = 0.0, 0
         for s, t, labels in logits:
-            jsd, n = generalized_jsd_loss(s, t, labels, beta)
+            jsd, n = generalized_jsd_loss(s, t, labels, beta, temperature)
             total += jsd.item()
             tokens += n.item()
         losses.append(total / max(tokens, 1))
