@@ -309,18 +309,27 @@ impl IwOpdStats {
     }
 }
 
+/// What a distillation loss logs of a micro-batch: IW-OPD's statistics, or (the JSD) Σ
+/// over the completion tokens of the student's entropy (TRL's DistillationTrainer
+/// `entropy`).
+pub enum TokenStats {
+    IwOpd(IwOpdStats),
+    Entropy(f64),
+}
+
 /// The per-token loss `[B, T − 1]` of `batch` (0 off the completion tokens), with the
-/// student's gradient: `--distillation-objective`'s; with IW-OPD, what it logs.
+/// student's gradient: `--distillation-objective`'s; and what it logs.
 pub fn token_loss(
     student: &Model,
     teacher: &Model,
     batch: &SftBatch,
     args: &DistillArgs,
-) -> (Tensor, Option<IwOpdStats>) {
+) -> (Tensor, TokenStats) {
     match args.distillation_objective {
         Objective::Jsd => {
             let at = (args.beta, args.distillation_temperature);
-            (token_jsd(student, teacher, batch, at), None)
+            let (jsd, entropy) = token_jsd(student, teacher, batch, at);
+            (jsd, TokenStats::Entropy(entropy))
         }
         Objective::IwOpd => {
             let spec = TokenSpec {
@@ -336,7 +345,7 @@ pub fn token_loss(
                 &mask,
                 (args.iw_opd_gamma, args.iw_opd_epsilon),
             );
-            (loss, Some(stats))
+            (loss, TokenStats::IwOpd(stats))
         }
     }
 }
@@ -382,13 +391,14 @@ pub fn iw_opd(
 
 /// The per-token generalized JSD `[B, T − 1]` of `batch` (0 off the completion tokens):
 /// only completion positions reach the two heads, chunk by chunk (see
-/// [`Model::distill_outputs`]), the student's with its gradient.
+/// [`Model::distill_outputs`]), the student's with its gradient; and the student's entropy
+/// summed over those positions.
 pub fn token_jsd(
     student: &Model,
     teacher: &Model,
     batch: &SftBatch,
     (beta, temperature): (f64, f64),
-) -> Tensor {
+) -> (Tensor, f64) {
     let t = batch.input_ids.size()[1];
     let rows = |m: &Model| {
         let h = batch_hidden(m, batch);
@@ -399,11 +409,13 @@ pub fn token_jsd(
     let at = mask.reshape([-1]).nonzero().squeeze_dim(1);
     let student_h = rows(student).index_select(0, &at);
     let teacher_h = tch::no_grad(|| rows(teacher).index_select(0, &at));
-    let jsd = student.distill_outputs(&student_h, teacher, &teacher_h, (beta, temperature));
-    Tensor::zeros_like(&mask)
+    let (jsd, entropy) =
+        student.distill_outputs(&student_h, teacher, &teacher_h, (beta, temperature));
+    let loss = Tensor::zeros_like(&mask)
         .reshape([-1])
         .index_put(&[Some(at)], &jsd, false)
-        .reshape(mask.size())
+        .reshape(mask.size());
+    (loss, entropy.sum(Kind::Double).double_value(&[]))
 }
 
 /// The teacher: a frozen model on the student's device that shares its vocabulary (or,

@@ -511,7 +511,10 @@ fn micro_loss(
             }
             None => {
                 let (loss, stats) = distill::token_loss(model, &teacher.model, &batch, distill);
-                out.iw_opd = stats.map_or(out.iw_opd, |s| out.iw_opd.merge(s));
+                match stats {
+                    distill::TokenStats::IwOpd(s) => out.iw_opd = out.iw_opd.merge(s),
+                    distill::TokenStats::Entropy(e) => out.entropy_sum += e,
+                }
                 per_token(&loss, targets)
             }
         },
@@ -815,7 +818,9 @@ fn train_step(
         None => step_out.token_metrics(world),
         Some(_) if iw_opd_objective => step_out.iw_opd.scalars(world),
         Some(_) if args.distill.gold.uld_use_hybrid_loss => step_out.uld_metrics(world),
-        Some(_) => vec![],
+        Some(_) if args.distill.gold.use_uld_loss => vec![],
+        // The generalized JSD: TRL's DistillationTrainer `entropy`.
+        Some(_) => step_out.token_metrics(world)[..1].to_vec(),
     };
     let num_tokens = session.count_tokens(tokens);
     session.finish_step(&outcome, loss, batch.order.position())?;

@@ -159,6 +159,17 @@ fn the_loss_is_trls_generalized_jsd() {
             (eval - want).abs() < 1e-4,
             "β {beta} eval: {eval} vs {want}"
         );
+        if temperature == "1" {
+            // TRL's DistillationTrainer `entropy`: the student's, over the same tokens.
+            let (got, want) = (
+                m["entropy"].as_f64().unwrap(),
+                expected["sft"]["entropy"].as_f64().unwrap(),
+            );
+            assert!(
+                (got - want).abs() < 1e-4,
+                "β {beta} entropy: {got} vs {want}"
+            );
+        }
     }
     // Plain SFT on the same rows logs TRL's SFTTrainer token metrics of them, and its
     // running token count.

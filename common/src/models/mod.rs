@@ -1382,19 +1382,21 @@ impl Model {
     /// `teacher_hidden` `[R, H']`, both at `temperature`, per row `[R]`, both heads applied
     /// [`vocab::POSITIONS_PER_CHUNK`] rows at a time: no `[R, V]` tensor is kept. With grad
     /// the result is a leaf whose gradient [`Model::backward`] carries back through
-    /// recomputed chunks into this model (the teacher's side has none).
+    /// recomputed chunks into this model (the teacher's side has none). Also the entropy of
+    /// this model's distributions (at `temperature`, detached), per row.
     pub fn distill_outputs(
         &self,
         hidden: &Tensor,
         teacher: &Model,
         teacher_hidden: &Tensor,
         (beta, temperature): (f64, f64),
-    ) -> Tensor {
+    ) -> (Tensor, Tensor) {
         assert_eq!(self.head, Head::Lm, "distillation needs the LM head");
         let rows = hidden.size()[0];
         let labels = Tensor::zeros([1, rows], (Kind::Int64, hidden.device()));
         let spec = TokenSpec {
             jsd: Some(beta),
+            entropy: true,
             temperature,
             ..TokenSpec::default()
         };
@@ -1403,7 +1405,8 @@ impl Model {
             hidden: teacher_hidden.detach(),
         };
         let outputs = self.chunked_head(&hidden.unsqueeze(0), &labels, (spec, Some(target)));
-        outputs.jsd.expect("asked for").squeeze_dim(0)
+        let entropy = outputs.entropy.expect("asked for").squeeze_dim(0);
+        (outputs.jsd.expect("asked for").squeeze_dim(0), entropy)
     }
 
     /// [`Model::token_outputs`] at `hidden` `[B, T, H]`, and with `spec.jsd` the
