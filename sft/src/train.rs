@@ -389,7 +389,7 @@ struct Accumulated {
     /// This rank's rows.
     rows: f64,
     /// The NLL's targets here, and Σ over them of the entropy and of the argmax hits
-    /// (TRL's `entropy`, `mean_token_accuracy`; 0 with a teacher).
+    /// (TRL's `entropy`, `mean_token_accuracy`; with a teacher, the JSD's entropy only).
     targets: f64,
     entropy_sum: f64,
     top1: f64,
