@@ -740,6 +740,21 @@ pub struct TrainDataArgs {
     /// vary), as transformers' `group_by_length`; batches are still shuffled.
     #[arg(long)]
     pub group_by_length: bool,
+    /// The order rows are trained in (transformers' `train_sampling_strategy`): random
+    /// (shuffled anew each epoch), sequential (the file's order every epoch: a curriculum)
+    /// or group_by_length (as --group-by-length).
+    #[arg(long, value_enum, default_value = "random")]
+    pub train_sampling_strategy: SamplingStrategy,
+}
+
+/// `--train-sampling-strategy`, under transformers' names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplingStrategy {
+    Random,
+    Sequential,
+    #[value(name = "group_by_length", alias = "group-by-length")]
+    GroupByLength,
 }
 
 impl TrainDataArgs {
@@ -753,8 +768,16 @@ impl TrainDataArgs {
             (weighted == 0 || weighted == self.data.len(), "--data: give a weight (FILE:WEIGHT) for every file of the mixture, or for none"),
             (weighted == 0 || self.max_examples_per_dataset.is_none(), "--max-examples-per-dataset caps size-proportional mixing; with weights (FILE:WEIGHT) leave it out"),
             (self.max_examples_per_dataset != Some(0), "--max-examples-per-dataset must be at least 1"),
-            (!(mixture && self.group_by_length), "--group-by-length works on one dataset; a mixture of several --data files cannot use it"),
+            (!(mixture && self.grouped()), "--group-by-length works on one dataset; a mixture of several --data files cannot use it"),
+            (!(self.group_by_length && self.train_sampling_strategy == SamplingStrategy::Sequential), "--group-by-length shuffles its batches: not with --train-sampling-strategy sequential"),
+            (!(mixture && self.train_sampling_strategy == SamplingStrategy::Sequential), "--train-sampling-strategy sequential reads one dataset in its order; a mixture of several --data files draws from them by its own seeded order"),
         ])
+    }
+
+    /// Whether rows of similar length are batched together (--group-by-length, or
+    /// --train-sampling-strategy group_by_length).
+    pub fn grouped(&self) -> bool {
+        self.group_by_length || self.train_sampling_strategy == SamplingStrategy::GroupByLength
     }
 
     /// The one training file of a stage that does not mix datasets.
@@ -773,13 +796,15 @@ impl TrainDataArgs {
         data::sampler::mixture_counts(sizes, weights.as_deref(), self.max_examples_per_dataset)
     }
 
-    /// The training order over rows of these `lengths` (in tokens): shuffled, and grouped
-    /// by length with `--group-by-length`.
+    /// The training order over rows of these `lengths` (in tokens): shuffled (grouped by
+    /// length with `--group-by-length`), or the file's (`--train-sampling-strategy
+    /// sequential`).
     pub fn sampler(&self, lengths: Vec<usize>, seed: u64) -> Sampler {
-        if self.group_by_length {
+        if self.grouped() {
             Sampler::grouped_by_length(lengths, self.batch_size, seed)
         } else {
-            Sampler::new(lengths.len(), seed, true)
+            let shuffle = self.train_sampling_strategy == SamplingStrategy::Random;
+            Sampler::new(lengths.len(), seed, shuffle)
         }
     }
 
@@ -819,5 +844,47 @@ pub fn finish<E: std::fmt::Display>(result: std::result::Result<serde_json::Valu
             eprintln!("error: {e:#}");
             std::process::exit(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        data: TrainDataArgs,
+    }
+
+    fn data_args(extra: &[&str]) -> TrainDataArgs {
+        let argv = [&["sft", "--data", "rows.jsonl"][..], extra].concat();
+        <Wrapper as clap::Parser>::parse_from(argv).data
+    }
+
+    /// `--train-sampling-strategy sequential` trains the rows in the file's order every
+    /// epoch; random shuffles each epoch anew; group_by_length is --group-by-length.
+    #[test]
+    fn the_sampling_strategy_sets_the_training_order() {
+        let lengths = vec![4, 9, 2, 7, 5, 3];
+        let order = |args: &TrainDataArgs| {
+            let mut s = args.sampler(lengths.clone(), 3);
+            [s.next_batch(6), s.next_batch(6)]
+        };
+        let sequential = data_args(&["--train-sampling-strategy", "sequential"]);
+        let file: Vec<usize> = (0..6).collect();
+        assert_eq!(order(&sequential), [file.clone(), file.clone()]);
+        let random = order(&data_args(&[]));
+        assert!(random[0] != file && random[0] != random[1], "{random:?}");
+        let grouped = data_args(&["--train-sampling-strategy", "group_by_length"]);
+        assert!(grouped.grouped());
+        assert_eq!(order(&grouped), order(&data_args(&["--group-by-length"])));
+        assert!(grouped.validate().is_ok() && sequential.validate().is_ok());
+        let both = data_args(&[
+            "--group-by-length",
+            "--train-sampling-strategy",
+            "sequential",
+        ]);
+        assert!(both.validate().is_err());
     }
 }

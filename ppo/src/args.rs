@@ -237,6 +237,10 @@ pub struct TrainArgs {
     /// Prompts: {"prompt"} or {"messages"} per line.
     #[arg(long)]
     pub prompts: PathBuf,
+    /// Draw the prompts in a new random order each epoch (TRL's `shuffle_dataset`,
+    /// default true); false: in the file's order every epoch (a curriculum).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub shuffle_dataset: bool,
     /// Prompts per iteration (rollout batch).
     #[arg(long, default_value_t = 16)]
     pub rollout_batch_size: usize,

@@ -633,7 +633,7 @@ impl<'a> Ppo<'a> {
             args,
             iterations,
             eos_ids: tok.generation_eos_ids()?,
-            sampler: Sampler::new(prompts.len(), args.run.seed, true),
+            sampler: Sampler::new(prompts.len(), args.run.seed, args.shuffle_dataset),
             tok,
             policy,
             critic,
@@ -710,7 +710,7 @@ impl<'a> Ppo<'a> {
         self.fields = kept.iter().map(|&i| self.fields[i].clone()).collect();
         self.examples = kept.iter().map(|&i| self.examples[i].clone()).collect();
         self.v_star = Some(kept.iter().map(|&i| values.v_star[i]).collect());
-        self.sampler = Sampler::new(self.prompts.len(), args.run.seed, true);
+        self.sampler = Sampler::new(self.prompts.len(), args.run.seed, args.shuffle_dataset);
         let (iterations, updates) = run_length(args, self.prompts.len());
         self.iterations = iterations;
         self.policy.schedule.total_steps = updates;

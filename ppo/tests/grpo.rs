@@ -1152,6 +1152,41 @@ fn eval_prompts_are_scored_and_leave_training_alone() {
     assert_eq!(diff, 0.0, "evaluation changed the trained weights");
 }
 
+/// `--shuffle-dataset false` (TRL's `shuffle_dataset`): the prompts come in the file's
+/// order, 8 per iteration (each with its 4 responses in a row); shuffled, they do not.
+#[test]
+fn prompts_follow_the_file_order_without_shuffling() {
+    let f = fixture();
+    let file: Vec<String> = read_jsonl(&f.prompts)
+        .iter()
+        .map(|r| r["prompt"].as_str().unwrap().to_string())
+        .collect();
+    let order = |name: &str, shuffle: &str| {
+        let out = f.root.join(name);
+        let options = [
+            "--num-samples",
+            "32",
+            "--sample-every",
+            "1",
+            "--shuffle-dataset",
+            shuffle,
+        ];
+        run(&args(&out, &[&EXACT_ANSWER_RUN[..], &options].concat())).unwrap();
+        let samples = read_jsonl(&out.join("samples.jsonl"));
+        let mut prompts: Vec<String> = vec![];
+        for s in &samples {
+            let p = s["prompt"].as_str().unwrap();
+            let row = file.iter().find(|r| p.ends_with(r.as_str())).unwrap();
+            if prompts.last() != Some(row) {
+                prompts.push(row.clone());
+            }
+        }
+        prompts
+    };
+    assert_eq!(order("run-in-order", "false"), file);
+    assert_ne!(order("run-shuffled", "true"), file);
+}
+
 /// `--reward-rule exact-answer` from the command line's options, no reward model: every
 /// logged sample's score is the rule's verdict on its response against its row's answer.
 #[test]

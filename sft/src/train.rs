@@ -149,7 +149,7 @@ impl TrainArgs {
                 self.neftune_noise_alpha.is_none_or(|a| a > 0.0 && a.is_finite()),
                 "--neftune-noise-alpha must be > 0",
             ),
-            (!(self.packing && self.data.group_by_length), "--group-by-length has nothing to group with --packing (packed sequences are all about --max-length long)"),
+            (!(self.packing && self.data.grouped()), "--group-by-length has nothing to group with --packing (packed sequences are all about --max-length long)"),
             (
                 self.packing_strategy == packing::Strategy::Bfd || self.packing || self.eval_packing(),
                 "--packing-strategy applies with --packing or --eval-packing true",

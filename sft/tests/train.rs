@@ -1191,6 +1191,41 @@ fn two_ranks_train_what_one_process_trains_with_twice_the_batch() {
 /// `--loss-type dft` (TRL's): each token's NLL weighted by its probability. At step 1 (the
 /// same weights and rows) its loss is below the NLL's, since every p < 1, and the two runs
 /// train different weights.
+/// `--train-sampling-strategy sequential` (transformers'): step 1 trains the file's first
+/// batch of rows, the weights a run on just those rows trains (1e-5: the same rows, summed
+/// in another order); the default random
+/// order trains other rows.
+#[test]
+fn sequential_sampling_trains_the_rows_in_the_files_order() {
+    let f = fixture();
+    let first = f.root.join("first-batch.jsonl");
+    let text = std::fs::read_to_string(&f.train).unwrap();
+    let lines: String = text.lines().take(8).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&first, lines).unwrap();
+    let run = |name: &str, data: &Path, extra: &[&str]| {
+        let out = f.root.join(name);
+        let mut args = train_args(&out, extra);
+        args[4] = data.to_str().unwrap();
+        args.extend(["--max-steps", "1", "--overwrite"]);
+        ok(&sft(&args, &[]));
+        out.join("final")
+    };
+    let sequential = ["--train-sampling-strategy", "sequential"];
+    let in_order = run("order-sequential", &f.train, &sequential);
+    let alone = run("order-first-batch", &first, &[]);
+    let diff = max_weight_diff(&in_order, &alone);
+    assert!(
+        diff < 1e-5,
+        "sequential step 1 trained other rows ({diff:e})"
+    );
+    let shuffled = run("order-random", &f.train, &[]);
+    let diff = max_weight_diff(&in_order, &shuffled);
+    assert!(
+        diff > 1e-4,
+        "the random order trained the first rows ({diff:e})"
+    );
+}
+
 #[test]
 fn dft_loss_trains_differently_from_nll() {
     let f = fixture();
