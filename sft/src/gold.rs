@@ -154,8 +154,8 @@ pub struct Uld {
     args: GoldArgs,
     /// The generalized JSD's β of the hybrid loss (--beta).
     beta: f64,
-    /// Hybrid: the matched tokens' teacher ids and (in the same order) student ids.
-    matched: Option<(Tensor, Tensor)>,
+    /// Hybrid: which tokens the vocabularies spell alike.
+    matched: Option<Matched>,
 }
 
 /// What [`Uld::losses`] gives of a micro-batch.
@@ -232,16 +232,12 @@ impl Uld {
                 .collect();
             pairs.sort_unstable();
             let (t, s): (Vec<i64>, Vec<i64>) = pairs.into_iter().unzip();
-            let device = student.device();
-            (
-                Tensor::from_slice(&t).to_device(device),
-                Tensor::from_slice(&s).to_device(device),
-            )
+            Matched::new((&s, vs), (&t, vt), student.device())
         });
-        if let Some((t, _)) = &matched {
+        if let Some(m) = &matched {
             tracing::info!(
                 "GOLD: {} of the teacher's {} tokens are spelled alike in the student's vocabulary",
-                t.size()[0],
+                m.teacher.size()[0],
                 teacher.config.vocab_size()
             );
         }
@@ -328,7 +324,7 @@ impl Uld {
         let (student_probs, hidden) =
             probs_at(student, batch, student_at, a.uld_student_temperature);
 
-        let (mut losses, mut matched, mut unmatched) = (vec![], 0.0, 0.0);
+        let (mut losses, mut parts) = (vec![], vec![]);
         let (mut s_at, mut t_at) = (0, 0);
         for r in &reads {
             let Some((s, t)) = r else {
@@ -352,13 +348,12 @@ impl Uld {
                 }
             };
             let loss = match &self.matched {
-                Some(ids) => {
+                Some(m) => {
                     let weights = a
                         .uld_hybrid_matched_weight
                         .zip(a.uld_hybrid_unmatched_weight);
-                    let h = hybrid(&sa, &ta, (&ids.1, &ids.0), weights, self.beta);
-                    matched += h.matched.double_value(&[]);
-                    unmatched += h.unmatched.double_value(&[]);
+                    let h = hybrid(&sa, &ta, m, weights, self.beta);
+                    parts.push(Tensor::stack(&[h.matched, h.unmatched], 0));
                     h.loss
                 }
                 None => sorted_l1(&sa, &ta),
@@ -367,6 +362,15 @@ impl Uld {
         }
         let nll_sum =
             (a.uld_crossentropy_weight > 0.0).then(|| completion_nll(student, &hidden, batch));
+        // The hybrid parts' sums, read from the device once.
+        let (matched, unmatched) = match parts.is_empty() {
+            true => (0.0, 0.0),
+            false => {
+                let sums =
+                    Tensor::stack(&parts, 0).sum_dim_intlist([0].as_slice(), false, Kind::Double);
+                (sums.double_value(&[0]), sums.double_value(&[1]))
+            }
+        };
         Ok(UldLosses {
             rows: Tensor::stack(&losses, 0),
             nll_sum,
@@ -597,6 +601,39 @@ pub fn sorted_l1(student: &Tensor, teacher: &Tensor) -> Tensor {
     (pad(s, vs) - pad(t, vt)).abs().sum(Kind::Float) / groups
 }
 
+/// The tokens two vocabularies spell alike: their ids in each (in pairs), and each side's
+/// other ids.
+pub struct Matched {
+    pub student: Tensor,
+    pub teacher: Tensor,
+    student_rest: Tensor,
+    teacher_rest: Tensor,
+}
+
+impl Matched {
+    /// Pairs `student[i]`, `teacher[i]` of vocabularies of `vs` and `vt` tokens, on `device`.
+    pub fn new(
+        (student, vs): (&[i64], i64),
+        (teacher, vt): (&[i64], i64),
+        device: tch::Device,
+    ) -> Matched {
+        let rest = |ids: &[i64], v: i64| {
+            let mut keep = vec![true; v as usize];
+            for &i in ids {
+                keep[i as usize] = false;
+            }
+            let rest: Vec<i64> = (0..v).filter(|&i| keep[i as usize]).collect();
+            Tensor::from_slice(&rest).to_device(device)
+        };
+        Matched {
+            student: Tensor::from_slice(student).to_device(device),
+            teacher: Tensor::from_slice(teacher).to_device(device),
+            student_rest: rest(student, vs),
+            teacher_rest: rest(teacher, vt),
+        }
+    }
+}
+
 /// TRL's `_compute_hybrid_uld_loss`'s parts.
 pub struct Hybrid {
     pub loss: Tensor,
@@ -605,18 +642,18 @@ pub struct Hybrid {
 }
 
 /// TRL's `_compute_hybrid_uld_loss`: over the tokens both vocabularies spell alike
-/// (`matched`: student ids, teacher ids, in pairs), the generalized JSD at `beta` of the
+/// (`matched`), the generalized JSD at `beta` of the
 /// (merged, unnormalised) probabilities' logs, summed over them and averaged over the
 /// groups; over the other tokens of each side, [`sorted_l1`]. Weighted by `weights`
 /// (matched, unmatched), else by the share of the teacher's vocabulary matched.
 pub fn hybrid(
     student: &Tensor,
     teacher: &Tensor,
-    matched: (&Tensor, &Tensor),
+    matched: &Matched,
     weights: Option<(f64, f64)>,
     beta: f64,
 ) -> Hybrid {
-    let (s_ids, t_ids) = matched;
+    let (s_ids, t_ids) = (&matched.student, &matched.teacher);
     let groups = student.size()[0].max(1) as f64;
     let log = |p: Tensor| p.clamp_min(1e-8).log();
     let count = t_ids.size()[0];
@@ -633,11 +670,8 @@ pub fn hybrid(
                 / groups
         }
     };
-    let rest = |p: &Tensor, ids: &Tensor| {
-        let keep = Tensor::ones([p.size()[1]], (Kind::Bool, p.device())).index_fill(0, ids, 0);
-        p.index_select(1, &keep.nonzero().squeeze_dim(1))
-    };
-    let (s_rest, t_rest) = (rest(student, s_ids), rest(teacher, t_ids));
+    let s_rest = student.index_select(1, &matched.student_rest);
+    let t_rest = teacher.index_select(1, &matched.teacher_rest);
     let unmatched_loss = match s_rest.size()[1] > 0 && t_rest.size()[1] > 0 {
         true => sorted_l1(&s_rest, &t_rest),
         false => zero(),
@@ -735,15 +769,15 @@ mod tests {
     fn the_hybrid_loss_compares_matched_tokens_directly() {
         let s = Tensor::from_slice2(&[[0.6f32, 0.3, 0.1]]);
         let t = Tensor::from_slice2(&[[0.2f32, 0.6, 0.2]]);
-        let ids = (Tensor::from_slice(&[0i64]), Tensor::from_slice(&[1i64]));
-        let h = hybrid(&s, &t, (&ids.0, &ids.1), None, 0.5);
+        let m = Matched::new((&[0], 3), (&[1], 3), tch::Device::Cpu);
+        let h = hybrid(&s, &t, &m, None, 0.5);
         // p = 0.6 on both sides: the JSD of single equal entries is 0.
         assert!(h.matched.double_value(&[]).abs() < 1e-7);
         // The rest: [0.3, 0.1] against [0.2, 0.2] sorted: 0.1 + 0.1.
         assert!((h.unmatched.double_value(&[]) - 0.2).abs() < 1e-6);
         // Adaptive weights: 1 of the teacher's 3 tokens matched.
         assert!((h.loss.double_value(&[]) - 0.2 * 2.0 / 3.0).abs() < 1e-6);
-        let fixed = hybrid(&s, &t, (&ids.0, &ids.1), Some((1.0, 0.5)), 0.5);
+        let fixed = hybrid(&s, &t, &m, Some((1.0, 0.5)), 0.5);
         assert!((fixed.loss.double_value(&[]) - 0.1).abs() < 1e-6);
     }
 }
