@@ -315,14 +315,21 @@ fn the_policy_moves_towards_its_teacher() {
 /// responses scored by a reward program: the teacher prompts are the ones TRL's own
 /// `SuccessfulRolloutTeacherContextBuilder` builds from the same scores, and the loss, its
 /// GRPO and distillation parts and TRL's `self_distillation/*_fraction` metrics are TRL's
-/// (1e-4): with TRL's defaults (sampled_token, α 1, the distillation alone), and blended
-/// half and half over the full vocabulary with the rows' feedback shown too.
+/// (1e-4): with TRL's defaults (sampled_token, α 1, the distillation alone), with the
+/// teacher prompts cut to their last 12 tokens (`--max-reprompt-len`), and blended half
+/// and half over the full vocabulary with the rows' feedback shown too.
 #[test]
 fn sdpo_is_trls() {
     let f = fixture();
     let program = digit_reward();
-    let cases: [(&str, &[&str], &[&str]); 2] = [
+    let cases: [(&str, &[&str], &[&str]); 3] = [
         ("sdpo", &[], &[]),
+        // Teacher prompts cut to their last 12 tokens (TRL's `max_reprompt_len`).
+        (
+            "sdpo-capped",
+            &["--max-reprompt-len", "12"],
+            &["--max-reprompt-len", "12"],
+        ),
         (
             "sdpo-blend",
             &[

@@ -99,6 +99,7 @@ def main():
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--threshold", type=float, default=1.0)
     p.add_argument("--include-feedback", action="store_true")
+    p.add_argument("--max-reprompt-len", type=int, default=10240)
     a = p.parse_args()
     a.mode = a.mode or ("sampled_token" if a.sdpo else "topk_logits")
     a.alpha = a.alpha if a.alpha is not None else (1.0 if a.sdpo else 0.5)
@@ -169,6 +170,7 @@ def sdpo(a):
         success_reward_threshold=a.threshold,
         include_environment_feedback=a.include_feedback,
         distillation_weight=a.weight,
+        max_reprompt_len=a.max_reprompt_len,
     )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     identity = lambda t, **_: t
