@@ -16,9 +16,12 @@
 //! dense bf16 peak) training rows get a model-FLOPs utilisation, and with
 //! `BENCH_PEAK_GBPS` (its memory bandwidth) generation rows get the bandwidth bound.
 //! `BENCH_KEEP=DIR` keeps the generated models, data and runs in DIR. `BENCH_STAGES` (comma
-//! list of `sft`, `sft-varied`, `sft-packed`, `reward`, `dpo`, `ppo`, `grpo`, `rloo`, `sdpo`,
-//! `generate`; `sdpo` is not in the default list: SDPO with every response distilled, the
-//! memory of its two LM heads at once;
+//! list of `sft`, `sft-varied`, `sft-packed`, `sft-distill`, `reward`, `dpo`, `ppo`, `grpo`,
+//! `rloo`, `sdpo`, `generate`; `sdpo` and `sft-distill` are not in the default list: SDPO
+//! with every response distilled, the memory of its two LM heads at once, and `sft train
+//! --teacher-model` (GKD's generalized JSD on the SFT rows' completions, `--lmbda 0`, the
+//! teacher a copy of the model: the student's forward and backward, the teacher's forward,
+//! both heads chunked);
 //! default all; `sft-varied` and `sft-packed` train on rows of 16 to SEQ tokens, padded to
 //! the longest of each batch or packed (`--packing`, about as many real tokens a step);
 //! `grpo` and `rloo` sample the PPO rollout's rows as half as many prompts × 2 responses)
@@ -379,7 +382,7 @@ impl Bench {
         reset_peak_rss();
         let out = self.root.join(format!("{arch}-{stage}"));
         let (data, batch) = match stage {
-            "sft" => (&self.sft_data, self.batch),
+            "sft" | "sft-distill" => (&self.sft_data, self.batch),
             _ => (&self.pairs, self.batch / 2),
         };
         let mut argv = vec![
@@ -390,12 +393,16 @@ impl Bench {
             "--batch-size".into(),
             batch.to_string(),
         ];
-        if stage == "sft" {
+        if stage.starts_with("sft") {
             argv.extend(["--max-length".into(), self.seq.to_string()]);
+        }
+        if stage == "sft-distill" {
+            let teacher = ["--teacher-model", &lm.display().to_string(), "--lmbda", "0"];
+            argv.extend(teacher.map(str::to_string));
         }
         argv.extend(self.common_args(&out, measured_steps()));
         match stage {
-            "sft" => sft::train::run(&rlhf_tests::parse_args(&argv)).map(drop),
+            "sft" | "sft-distill" => sft::train::run(&rlhf_tests::parse_args(&argv)).map(drop),
             "reward" => reward::train::run(&rlhf_tests::parse_args(&argv)).map(drop),
             _ => dpo::train::run(&rlhf_tests::parse_args(&argv)).map(drop),
         }
@@ -590,7 +597,14 @@ impl Bench {
         };
         let wanted = |stage: &str| self.stages.iter().any(|s| s == stage);
         let mut rows = vec![];
-        let supervised = ["sft", "sft-varied", "sft-packed", "reward", "dpo"];
+        let supervised = [
+            "sft",
+            "sft-varied",
+            "sft-packed",
+            "sft-distill",
+            "reward",
+            "dpo",
+        ];
         if supervised.iter().any(|s| wanted(s)) {
             // Training FLOPs per token: 6 per matrix parameter plus attention (PaLM's
             // 12·L·d·T); the reward model has a one-output score head instead of the
@@ -610,6 +624,12 @@ impl Bench {
                 if wanted(stage) {
                     rows.push(self.sft_varied(stage, arch, &lm, &lm_flops));
                 }
+            }
+            // Distillation: the student's forward and backward and the teacher's forward.
+            let distill_flops =
+                move |t: usize| lm_flops(t) + (2.0 * d.matmul_params + attention / 3.0 * t as f64);
+            if wanted("sft-distill") {
+                rows.push(self.supervised("sft-distill", arch, &lm, &distill_flops));
             }
             if wanted("reward") {
                 rows.push(self.supervised("reward", arch, &lm, &rm_flops));
