@@ -13,6 +13,10 @@
 //! With `--distillation-objective iw_opd` the per-token loss is IW-OPD's instead (Xie et al.
 //! 2026, "On the Position Bias of On-Policy Distillation", TRL's experimental
 //! `IWOPDTrainer`): on the completion's own tokens only, see [`iw_opd`].
+//!
+//! With `--use-uld-loss` the teacher may have its own tokenizer and the loss is GOLD's
+//! ([`crate::gold`]); with `--tool-command` the samples may call tools, whose results are
+//! read by both models and left out of the loss ([`SampleTools`]).
 
 use std::path::PathBuf;
 
@@ -38,7 +42,7 @@ use crate::eval::{batch_hidden, target_outputs};
 pub struct DistillArgs {
     /// A teacher: the loss becomes the generalized JSD between the student's and the
     /// teacher's next-token distributions on the completion tokens (TRL's GKDTrainer). It
-    /// must share the student's tokenizer.
+    /// must share the student's tokenizer, unless --use-uld-loss (TRL's GOLD).
     #[arg(long)]
     pub teacher_model: Option<PathBuf>,
     /// β of the generalized JSD, in [0, 1]: 0 is KL(teacher‖student) (forward KL, word-level
