@@ -27,9 +27,10 @@ use data::response::{self, ResponseTemplate};
 use data::Tokenizer;
 use serde_json::{json, Value};
 
-use crate::generate::{FinishReason, Generation};
+use crate::generate::{generate_picked, FinishReason, Generation, SamplingConfig};
 use crate::program::LineProgram;
 use crate::python_str::python_str;
+use crate::Model;
 
 /// One call the policy made: a function name and its arguments — a JSON object, or
 /// whatever else the answer wrote there, passed on as it is (TRL calls the tool with it,
@@ -380,8 +381,64 @@ pub fn segments(g: &Generation) -> Result<Vec<Segment>> {
 }
 
 /// The seed of a tool loop's `iteration`-th round of continuations.
-pub fn continuation_seed(seed: u64, iteration: usize) -> u64 {
+fn continuation_seed(seed: u64, iteration: usize) -> u64 {
     seed.wrapping_add((iteration as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// A run's tools: the form its chat template writes calls in, the program that runs them,
+/// and the most rounds of calls in one response (`--max-tool-calling-iterations`).
+pub struct Tools {
+    pub format: ToolFormat,
+    /// `--tool-command`'s program (or `ppo train --environment-command`'s, shared with its
+    /// reward source).
+    pub runner: std::sync::Arc<dyn ToolRunner>,
+    pub max_iterations: usize,
+}
+
+impl Tools {
+    /// `first`, `model`'s answers to `prompts` (unpadded), through [`ToolLoop::run`]: the
+    /// continuations are sampled by `model` with `cfg` (a round's own seed, at most
+    /// `cfg.max_new_tokens` tokens a whole response, tool results included, and no more
+    /// than its positions hold), `chunk` rows at a time, each row with the random numbers
+    /// of its number among `rows` (`offset..` of `total`), so a resumed run or another
+    /// split over ranks samples the same. `schemas`: each row's tool schemas.
+    pub fn run(
+        &self,
+        (model, tok): (&Model, &Tokenizer),
+        (prompts, first): (&[Vec<i64>], &Generation),
+        (cfg, chunk, (offset, total)): (&SamplingConfig, usize, (i64, i64)),
+        schemas: &[Option<Value>],
+    ) -> Result<(Vec<ToolResponse>, ToolStats)> {
+        let looped = ToolLoop {
+            format: self.format,
+            tokenizer: tok,
+            runner: &*self.runner,
+            budget: cfg.max_new_tokens as usize,
+            max_len: model.max_positions().unwrap_or(usize::MAX),
+            max_iterations: self.max_iterations,
+            schemas,
+        };
+        let mut continue_rows = |rows: &[usize], continued: &[Vec<i64>], iteration, max_new| {
+            let refs: Vec<&[i64]> = continued.iter().map(Vec::as_slice).collect();
+            let batch = data::prompts::collate_left(&refs, cfg.pad_id, model.device());
+            let cfg = SamplingConfig {
+                max_new_tokens: max_new as i64,
+                seed: continuation_seed(cfg.seed, iteration),
+                ..cfg.clone()
+            };
+            let global: Vec<i64> = rows.iter().map(|&r| offset + r as i64).collect();
+            let g = generate_picked(
+                model,
+                &batch.input_ids,
+                &batch.attention_mask,
+                &cfg,
+                chunk,
+                (&global, total),
+            );
+            segments(&g)
+        };
+        looped.run(prompts, segments(first)?, &mut continue_rows)
+    }
 }
 
 /// What the loop needs to know of the run.

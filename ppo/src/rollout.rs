@@ -3,7 +3,7 @@
 //! (no gradient), and the whole response under the reward.
 
 use anyhow::{Context, Result};
-use common::generate::{generate_picked, generate_rows, FinishReason, Generation, SamplingConfig};
+use common::generate::{generate_rows, FinishReason, Generation, SamplingConfig};
 use common::models::adapter::without_adapters;
 use common::models::TokenSpec;
 use common::Model;
@@ -11,9 +11,7 @@ use data::Tokenizer;
 use tch::{Kind, Tensor};
 
 use crate::reward_fn::{Logged, RewardInput, RewardSource};
-use crate::tools::{
-    continuation_seed, segments, ToolFormat, ToolLoop, ToolResponse, ToolRunner, ToolStats,
-};
+use crate::tools::{ToolResponse, ToolStats, Tools};
 use data::formats::{Content, PromptExample, PromptFields};
 
 /// Everything PPO needs of one batch, `[B, N]` over response tokens unless noted.
@@ -131,18 +129,6 @@ pub struct RolloutModels<'a> {
     /// `--tool-command` or `--environment-command`: responses may call tools
     /// ([`crate::tools`]).
     pub tools: Option<&'a Tools>,
-}
-
-/// The tools responses may call, and how.
-pub struct Tools {
-    pub format: ToolFormat,
-    /// `--tool-command`'s or `--environment-command`'s program (the latter shared with its
-    /// reward source).
-    pub runner: std::sync::Arc<dyn ToolRunner>,
-    /// `--max-tool-calling-iterations`.
-    pub max_iterations: usize,
-    /// The longest sequence the policy's positions hold.
-    pub max_len: usize,
 }
 
 /// The weighted sum of every source's scores, and each source's scores (`[source][row]`),
@@ -316,35 +302,12 @@ fn with_tools(
     let device = generated.tokens.device();
     let (mask_kind, pad_id) = (generated.mask.kind(), opts.sampling.pad_id);
     let chunk = opts.generation_batch.unwrap_or(prompts.len());
-    let looped = ToolLoop {
-        format: tools.format,
-        tokenizer: models.tokenizer,
-        runner: &*tools.runner,
-        budget: opts.sampling.max_new_tokens as usize,
-        max_len: tools.max_len,
-        max_iterations: tools.max_iterations,
+    let (responses, stats) = tools.run(
+        (models.policy, models.tokenizer),
+        (&prompts, &generated),
+        (&opts.sampling, chunk, opts.rows),
         schemas,
-    };
-    let mut continue_rows = |rows: &[usize], continued: &[Vec<i64>], iteration, max_new| {
-        let refs: Vec<&[i64]> = continued.iter().map(Vec::as_slice).collect();
-        let batch = data::prompts::collate_left(&refs, pad_id, device);
-        let cfg = SamplingConfig {
-            max_new_tokens: max_new as i64,
-            seed: continuation_seed(opts.sampling.seed, iteration),
-            ..opts.sampling.clone()
-        };
-        let global: Vec<i64> = rows.iter().map(|&r| opts.rows.0 + r as i64).collect();
-        let g = generate_picked(
-            models.policy,
-            &batch.input_ids,
-            &batch.attention_mask,
-            &cfg,
-            chunk,
-            (&global, opts.rows.1),
-        );
-        segments(&g)
-    };
-    let (responses, stats) = looped.run(&prompts, segments(&generated)?, &mut continue_rows)?;
+    )?;
     let width = responses
         .iter()
         .map(|r| r.ids.len())

@@ -34,12 +34,12 @@ use crate::math::{
 use crate::reward_fn::{row_answer, RewardCommand, RewardFunction, RewardModel, RewardSource};
 use crate::rollout::{
     rollout, sample_and_reward, score_sampled, RefModel, Reprompt, Rollout, RolloutModels,
-    RolloutOptions, Sampled, Tools,
+    RolloutOptions, Sampled,
 };
 use crate::sdft::{AdapterEma, Teacher, TeacherInputs, TeacherKind};
 use crate::sources::load_reward_models;
 pub use crate::sources::{rule_functions, Rule, REWARD_COMMAND_NAMES, REWARD_MODEL_NAMES};
-use crate::tools::{read_schemas, EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner};
+use crate::tools::{read_schemas, EnvironmentCommand, ToolCommand, ToolFormat, ToolRunner, Tools};
 use crate::update::{derived_seed, update, Learners, Ptx, UpdateStats};
 use data::formats::{PromptExample, PromptFields};
 
@@ -585,7 +585,6 @@ impl<'a> Ppo<'a> {
                     })?,
                     runner,
                     max_iterations: args.max_tool_calling_iterations.unwrap_or(usize::MAX),
-                    max_len: policy.max_positions().unwrap_or(usize::MAX),
                 })
             })
             .transpose()?;

@@ -22,12 +22,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use common::generate::{generate_picked, generate_rows, SamplingConfig};
+use common::generate::{generate_rows, SamplingConfig};
 use common::models::TokenSpec;
 use common::rng::derived_seed;
-use common::tools::{
-    continuation_seed, read_schemas, segments, ToolCommand, ToolFormat, ToolLoop, ToolStats,
-};
+use common::tools::{read_schemas, segments, ToolCommand, ToolFormat, ToolStats, Tools};
 use common::{Head, Model, ModelOptions};
 use data::prompts::collate_left;
 use data::sft::{SftBatch, TokenizedSft};
@@ -141,12 +139,9 @@ pub struct ToolArgs {
     pub tool_timeout: f64,
 }
 
-/// `--tool-command` started, with what the tool loop needs.
+/// `--tool-command` started, and `--tools` (which types the calls' arguments).
 pub struct SampleTools {
-    pub format: ToolFormat,
-    pub runner: ToolCommand,
-    pub max_iterations: usize,
-    /// `--tools`, for typing the calls' arguments.
+    pub tools: Tools,
     pub schemas: Option<serde_json::Value>,
 }
 
@@ -160,12 +155,12 @@ impl SampleTools {
         let format = ToolFormat::of(tok).map_err(|e| anyhow::anyhow!("--tool-command: {e}"))?;
         let schemas = args.tools.as_deref().map(read_schemas).transpose()?;
         let timeout = std::time::Duration::from_secs_f64(args.tool_timeout);
-        Ok(Some(SampleTools {
+        let tools = Tools {
             format,
-            runner: ToolCommand::start(command, timeout)?,
+            runner: std::sync::Arc::new(ToolCommand::start(command, timeout)?),
             max_iterations: args.max_tool_calling_iterations.unwrap_or(usize::MAX),
-            schemas,
-        }))
+        };
+        Ok(Some(SampleTools { tools, schemas }))
     }
 }
 
@@ -539,36 +534,12 @@ pub fn sampled_rows(
         }
         Some((t, tok)) => {
             let schemas = vec![t.schemas.clone(); rows.len()];
-            let looped = ToolLoop {
-                format: t.format,
-                tokenizer: tok,
-                runner: &t.runner,
-                budget: args.max_new_tokens,
-                max_len: sampler.max_positions().unwrap_or(usize::MAX),
-                max_iterations: t.max_iterations,
-                schemas: &schemas,
-            };
-            let mut continue_rows =
-                |picked: &[usize], continued: &[Vec<i64>], iteration, max_new| {
-                    let refs: Vec<&[i64]> = continued.iter().map(Vec::as_slice).collect();
-                    let batch = collate_left(&refs, pad_id, sampler.device());
-                    let cfg = SamplingConfig {
-                        max_new_tokens: max_new as i64,
-                        seed: continuation_seed(seed, iteration),
-                        ..cfg.clone()
-                    };
-                    let global: Vec<i64> = picked.iter().map(|&r| (offset + r) as i64).collect();
-                    let g = generate_picked(
-                        sampler,
-                        &batch.input_ids,
-                        &batch.attention_mask,
-                        &cfg,
-                        batch_size,
-                        (&global, total as i64),
-                    );
-                    segments(&g)
-                };
-            let (responses, stats) = looped.run(&prompts, segments(&g)?, &mut continue_rows)?;
+            let (responses, stats) = t.tools.run(
+                (sampler, tok),
+                (&prompts, &g),
+                (&cfg, batch_size, (offset as i64, total as i64)),
+                &schemas,
+            )?;
             let samples = responses.into_iter().map(|r| (r.ids, r.sampled)).collect();
             (samples, stats)
         }
