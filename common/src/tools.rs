@@ -360,6 +360,20 @@ pub struct ToolStats {
     pub failures: usize,
 }
 
+impl ToolStats {
+    /// TRL's `tools/call_frequency` (calls per response) and `tools/failure_frequency` (the
+    /// failed share of the calls) of these counts over `responses`, over every rank.
+    pub fn frequencies(&self, responses: f64, world: &crate::World) -> [(&'static str, f64); 2] {
+        let [calls, failures, responses] =
+            world.sums([self.calls as f64, self.failures as f64, responses]);
+        let failed = if calls > 0.0 { failures / calls } else { 0.0 };
+        [
+            ("tools/call_frequency", calls / responses.max(1.0)),
+            ("tools/failure_frequency", failed),
+        ]
+    }
+}
+
 /// Each row of a generation as a segment: its tokens and log-probs up to its length.
 pub fn segments(g: &Generation) -> Result<Vec<Segment>> {
     let tokens = Vec::<Vec<i64>>::try_from(g.tokens.to_device(tch::Device::Cpu))?;

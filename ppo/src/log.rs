@@ -205,11 +205,7 @@ pub(crate) fn iteration_scalars(
         scalars.push(("num_gen_batches", batches as f64));
     }
     if let Some(t) = ro.tool_stats {
-        // TRL's: calls per response, and the failed share of the calls, over every rank.
-        let [calls, failures, responses] = world.sums([t.calls as f64, t.failures as f64, rows]);
-        scalars.push(("tools/call_frequency", calls / responses.max(1.0)));
-        let failed = if calls > 0.0 { failures / calls } else { 0.0 };
-        scalars.push(("tools/failure_frequency", failed));
+        scalars.extend(t.frequencies(rows, world));
     }
     let mut named: Vec<(String, f64)> = scalars
         .into_iter()

@@ -548,9 +548,9 @@ fn evaluate_distillation(
         .map(|r| r.loss_mask[1..].iter().sum::<i64>())
         .sum();
     let mut out = Accumulated::new(rows.len(), targets as f64);
+    let denominators = ((targets as f64).max(1.0), (rows.len() as f64).max(1.0));
     let mut loss = 0.0;
     for (micro, _) in micro_batches(&rows, batch_size) {
-        let denominators = ((targets as f64).max(1.0), (rows.len() as f64).max(1.0));
         let shape = (SftLoss::Nll, Some(teacher));
         let (l, _) = micro_loss(model, (micro, tok), shape, denominators, &mut out)?;
         loss += l.double_value(&[]);
@@ -765,22 +765,12 @@ fn train_step(
             distill::sampled_rows(sampler, &rows, shape, &args.distill, seeds, share, tools)
         })
         .transpose()?;
-    // TRL's tool metrics of the step's samples: calls per sample, the failed share of the
-    // calls, over every rank.
+    // TRL's tool metrics of the step's samples.
     let tools = batch.teacher.and_then(|t| t.tools.as_ref()).is_some();
-    let tool_scalars = match &sampled {
-        Some(s) if tools => {
-            let [calls, failures, samples] = world.sums([
-                s.stats.calls as f64,
-                s.stats.failures as f64,
-                s.rows.len() as f64,
-            ]);
-            let failed = if calls > 0.0 { failures / calls } else { 0.0 };
-            vec![
-                ("tools/call_frequency".to_string(), calls / samples.max(1.0)),
-                ("tools/failure_frequency".to_string(), failed),
-            ]
-        }
+    let tool_scalars: Vec<(String, f64)> = match &sampled {
+        Some(s) if tools => (s.stats.frequencies(s.rows.len() as f64, world).into_iter())
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
         _ => vec![],
     };
     if let Some(s) = sampled.as_ref().filter(|_| args.distill.log_completions) {
