@@ -207,18 +207,23 @@ impl Tokenizer {
         Ok(self.encode_with_offsets(text, add_special_tokens)?.0)
     }
 
+    /// The encoding of `text`; a failure names the tokenizer's file.
+    fn encoding(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
+        self.inner.encode(text, add_special_tokens).map_err(|e| {
+            DataError::file(
+                self.dir.join("tokenizer.json"),
+                format!("encoding failed: {e}"),
+            )
+        })
+    }
+
     /// Ids and the byte span of `text` each token came from.
     pub fn encode_with_offsets(
         &self,
         text: &str,
         add_special_tokens: bool,
     ) -> Result<(Vec<i64>, Vec<ByteSpan>)> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| {
-            DataError::file(
-                self.dir.join("tokenizer.json"),
-                format!("encoding failed: {e}"),
-            )
-        })?;
+        let enc = self.encoding(text, add_special_tokens)?;
         let ids = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
         Ok((ids, enc.get_offsets().to_vec()))
     }
@@ -230,17 +235,13 @@ impl Tokenizer {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<(Vec<i64>, Vec<ByteSpan>)> {
-        let file = || self.dir.join("tokenizer.json");
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| DataError::file(file(), format!("encoding failed: {e}")))?;
+        let enc = self.encoding(text, add_special_tokens)?;
         let ids = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
         let spans =
             crate::byte_level::normalize_byte_offsets(enc.get_offsets(), enc.get_tokens(), text.as_bytes())
                 .ok_or_else(|| {
                     DataError::file(
-                        file(),
+                        self.dir.join("tokenizer.json"),
                         "the tokenizer's byte offsets overlap where its pieces cannot explain it (cross-tokenizer alignment needs monotonic offsets)",
                     )
                 })?;
@@ -267,8 +268,10 @@ impl Tokenizer {
     /// piece's characters (TRL's `piece_byte_len`).
     pub fn piece_bytes(&self, id: i64) -> usize {
         let id = id as u32;
-        match self.inner.get_added_tokens_decoder().get(&id) {
-            Some(added) => added.content.len(),
+        // The added tokens looked up where they are kept (the tokenizer's own accessor
+        // copies them all).
+        match self.inner.get_added_vocabulary().simple_id_to_token(id) {
+            Some(content) => content.len(),
             None => self
                 .inner
                 .id_to_token(id)
