@@ -93,18 +93,8 @@ fn distill(student: &Path, teacher: &Path, out: &Path, extra: &[&str]) -> Vec<Va
 #[test]
 fn the_loss_is_trls_generalized_jsd() {
     let f = fixture();
-    let tok = data::Tokenizer::load(&f.model).unwrap();
-    let examples = data::read_sft(&f.train).unwrap();
-    let prepared = data::sft::prepare(
-        &examples,
-        &tok,
-        (1024, Default::default()),
-        true,
-        Default::default(),
-    )
-    .unwrap();
+    let prepared = rlhf_tests::sft_rows(&f.model, &f.train, 1024);
     let rows: Vec<Value> = prepared
-        .rows
         .iter()
         .map(|r| json!({"ids": r.ids, "mask": r.loss_mask}))
         .collect();
@@ -199,7 +189,7 @@ fn the_loss_is_trls_generalized_jsd() {
         );
         assert!((got - want).abs() < 1e-4, "SFT {key}: {got} vs {want}");
     }
-    let tokens: usize = prepared.rows.iter().map(|r| r.ids.len()).sum();
+    let tokens: usize = prepared.iter().map(|r| r.ids.len()).sum();
     assert_eq!(m["num_tokens"].as_f64(), Some(tokens as f64));
     let iw_opd = expected["iw_opd"].as_array().unwrap();
     for ((gamma, temperature), want) in [("0.5", "1"), ("2", "0.7")].into_iter().zip(iw_opd) {

@@ -182,17 +182,8 @@ fn the_loss_is_trls_uld_on_the_teachers_own_tokens() {
         ],
     );
     // TRL's GOLD data path reads the rows into the tokens SFT reads here.
-    let tok = data::Tokenizer::load(&f.model).unwrap();
-    let examples = data::read_sft(&data).unwrap();
-    let prepared = data::sft::prepare(
-        &examples,
-        &tok,
-        (1024, Default::default()),
-        true,
-        Default::default(),
-    )
-    .unwrap();
-    for (i, row) in prepared.rows.iter().enumerate() {
+    let prepared = rlhf_tests::sft_rows(&f.model, &data, 1024);
+    for (i, row) in prepared.iter().enumerate() {
         assert_eq!(Value::from(row.ids.clone()), expected["ids"][i], "row {i}");
         assert_eq!(
             Value::from(row.loss_mask.clone()),

@@ -769,17 +769,7 @@ fn packing_strategies_are_trls() {
         })
         .collect();
     std::fs::write(&data, text).unwrap();
-    let tok = data::Tokenizer::load(&f.model).unwrap();
-    let examples = data::read_sft(&data).unwrap();
-    let whole = data::sft::prepare(
-        &examples,
-        &tok,
-        (usize::MAX, Default::default()),
-        true,
-        Default::default(),
-    )
-    .unwrap()
-    .rows;
+    let whole = rlhf_tests::sft_rows(&f.model, &data, usize::MAX);
     let tokens: usize = whole.iter().map(|r| r.ids.len()).sum();
     let longest = whole.iter().map(|r| r.ids.len()).max().unwrap();
     assert!(longest > 3 * 16, "rows too short to cut: {longest}");
@@ -867,15 +857,7 @@ fn packing_strategies_are_trls() {
         ],
     );
     assert_eq!(m["num_tokens"].as_f64(), Some(tokens as f64));
-    let cut = data::sft::prepare(
-        &examples,
-        &tok,
-        (16, Default::default()),
-        true,
-        Default::default(),
-    )
-    .unwrap()
-    .rows;
+    let cut = rlhf_tests::sft_rows(&f.model, &data, 16);
     let packs = data::packing::pack(&cut, 16).len().to_string();
     let (bfd, _) = run("bfd", &["--packing", "--batch-size", &packs]);
     assert!(bfd["num_tokens"].as_f64().unwrap() < tokens as f64);
@@ -935,17 +917,8 @@ fn packed_training_equals_unpacked_training() {
         .collect();
     std::fs::write(&data, text).unwrap();
     // Every pack in each step too: the packed run's batch is the number of packs.
-    let tok = data::Tokenizer::load(&f.model).unwrap();
-    let examples = data::read_sft(&data).unwrap();
-    let prepared = data::sft::prepare(
-        &examples,
-        &tok,
-        (160, Default::default()),
-        true,
-        Default::default(),
-    )
-    .unwrap();
-    let packs = data::packing::pack(&prepared.rows, 160).len().to_string();
+    let prepared = rlhf_tests::sft_rows(&f.model, &data, 160);
+    let packs = data::packing::pack(&prepared, 160).len().to_string();
     let run = |out: &Path, extra: &[&str]| {
         let mut args = vec![
             "train",

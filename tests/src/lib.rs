@@ -267,6 +267,17 @@ for line in sys.stdin:
     print(json.dumps(answer), flush=True)
 "#;
 
+/// `data`'s SFT rows as `sft train` reads them with `model`'s tokenizer by default: cut at
+/// `max_length` tokens, an EOS appended, the loss on the completions.
+pub fn sft_rows(model: &Path, data: &Path, max_length: usize) -> Vec<data::sft::TokenizedSft> {
+    let tok = data::Tokenizer::load(model).unwrap();
+    let examples = data::read_sft(data).unwrap();
+    let limits = (max_length, Default::default());
+    data::sft::prepare(&examples, &tok, limits, true, Default::default())
+        .unwrap()
+        .rows
+}
+
 /// Every line of a JSON Lines file.
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
