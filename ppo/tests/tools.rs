@@ -446,42 +446,14 @@ fn grpo_runs_the_tool_program_and_logs_its_use() {
     rlhf_tests::tiny_llama_fixture(&root);
     let template = root.join("qwen2_5.jinja");
     std::fs::copy(f.templates.join("qwen2_5/chat_template.jinja"), &template).unwrap();
-    let conversation = json!({"messages": [
-        {"role": "user", "content": "35 heads, 94 legs: rabbits?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
-            "function": {"name": "calc", "arguments": {"expr": "(94-70)/2"}}}]},
-        {"role": "tool", "name": "calc", "content": "12.0"},
-        {"role": "assistant", "content": "12"}]});
-    let sft_rows: String = (0..16).map(|_| format!("{conversation}\n")).collect();
-    std::fs::write(root.join("sft.jsonl"), sft_rows).unwrap();
     let prompt = json!({"prompt": [{"role": "user", "content": "35 heads, 94 legs: rabbits?"}],
         "answer": "12"});
     let prompts: String = (0..4).map(|_| format!("{prompt}\n")).collect();
     std::fs::write(root.join("prompts.jsonl"), prompts).unwrap();
     let s = |p: PathBuf| p.to_str().unwrap().to_string();
-    sft::train::run(&rlhf_tests::parse_args(&[
-        "--model",
-        &s(root.join("model")),
-        "--data",
-        &s(root.join("sft.jsonl")),
-        "--output-dir",
-        &s(root.join("sft")),
-        "--chat-template-path",
-        &s(template),
-        "--device",
-        "cpu",
-        "--max-steps",
-        "60",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--schedule",
-        "constant",
-        "--seed",
-        "3",
-    ]))
-    .unwrap();
+    let teaching =
+        rlhf_tests::calc_teaching_args(&root, &root.join("model"), &template, &root.join("sft"));
+    sft::train::run(&rlhf_tests::parse_args(&teaching)).unwrap();
     let log = root.join("calls.jsonl");
     let command = rlhf_tests::python_program(&root, "calc.py", rlhf_tests::CALC_PROGRAM, &[&log]);
     let out = root.join("grpo");

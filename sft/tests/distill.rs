@@ -551,43 +551,16 @@ fn on_policy_samples_call_tools_whose_results_stay_out_of_the_loss() {
     std::fs::create_dir_all(&root).unwrap();
     let template = root.join("hermes.jinja");
     std::fs::write(&template, TOOL_TEMPLATE).unwrap();
-    let conversation = json!({"messages": [
-        {"role": "user", "content": "35 heads, 94 legs: rabbits?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
-            "function": {"name": "calc", "arguments": {"expr": "(94-70)/2"}}}]},
-        {"role": "tool", "name": "calc", "content": "12.0"},
-        {"role": "assistant", "content": "12"}]});
-    let sft_rows: String = (0..16).map(|_| format!("{conversation}\n")).collect();
-    std::fs::write(root.join("sft.jsonl"), sft_rows).unwrap();
     let prompt = json!({"prompt": [{"role": "user", "content": "35 heads, 94 legs: rabbits?"}]});
     let prompts: String = (0..4).map(|_| format!("{prompt}\n")).collect();
     std::fs::write(root.join("prompts.jsonl"), prompts).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let taught = root.join("taught");
-    sft(&[
-        "train",
-        "--model",
-        &s(&f.model),
-        "--data",
-        &s(&root.join("sft.jsonl")),
-        "--output-dir",
-        &s(&taught),
-        "--chat-template-path",
-        &s(&template),
-        "--overwrite",
-        "--device",
-        "cpu",
-        "--max-steps",
-        "60",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--schedule",
-        "constant",
-        "--seed",
-        "3",
-    ]);
+    let mut teaching = vec!["train".to_string()];
+    teaching.extend(rlhf_tests::calc_teaching_args(
+        &root, &f.model, &template, &taught,
+    ));
+    sft(&teaching.iter().map(String::as_str).collect::<Vec<_>>());
     let student = taught.join("final");
     let log = root.join("calls.jsonl");
     let _ = std::fs::remove_file(&log);

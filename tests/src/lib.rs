@@ -278,6 +278,50 @@ pub fn sft_rows(model: &Path, data: &Path, max_length: usize) -> Vec<data::sft::
         .rows
 }
 
+/// `sft train`'s arguments (after `train`) that teach `model` to call `calc`
+/// ([`CALC_PROGRAM`]) under the chat template `template`: 16 copies of one conversation (the
+/// call, its result 12.0, the answer 12) written to `root/sft.jsonl`, 60 steps of 4 at lr
+/// 1e-2 into `out`, on the CPU.
+pub fn calc_teaching_args(root: &Path, model: &Path, template: &Path, out: &Path) -> Vec<String> {
+    let conversation = serde_json::json!({"messages": [
+        {"role": "user", "content": "35 heads, 94 legs: rabbits?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+            "function": {"name": "calc", "arguments": {"expr": "(94-70)/2"}}}]},
+        {"role": "tool", "name": "calc", "content": "12.0"},
+        {"role": "assistant", "content": "12"}]});
+    let rows: String = (0..16).map(|_| format!("{conversation}\n")).collect();
+    let data = root.join("sft.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let mut args = vec![
+        "--model".to_string(),
+        path(model),
+        "--data".into(),
+        path(&data),
+        "--output-dir".into(),
+        path(out),
+        "--chat-template-path".into(),
+        path(template),
+    ];
+    let rest = [
+        "--overwrite",
+        "--device",
+        "cpu",
+        "--max-steps",
+        "60",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--schedule",
+        "constant",
+        "--seed",
+        "3",
+    ];
+    args.extend(rest.map(str::to_string));
+    args
+}
+
 /// Every line of a JSON Lines file.
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
