@@ -127,6 +127,13 @@ pub struct OptimArgs {
     /// per parameter instead of 8.
     #[arg(long, value_enum, default_value_t = OptimName::AdamwTorch)]
     pub optim: OptimName,
+    /// Mixture-of-Experts models (Mixtral, Qwen3-MoE): the weight of the routers'
+    /// load-balancing loss (Switch Transformer's, as transformers computes it) added to
+    /// every micro-batch's loss, divided by the step's micro-batches (TRL's
+    /// router_aux_loss_coef). Default: the model config's router_aux_loss_coef (0.001 in
+    /// both); 0 turns it off. Refused above 0 for a model without experts.
+    #[arg(long)]
+    pub router_aux_loss_coef: Option<f64>,
     /// A BEMA of the trained weights beside them (`--bema`, TRL's `BEMACallback`).
     #[command(flatten)]
     #[serde(flatten)]
@@ -196,6 +203,11 @@ impl OptimArgs {
                 self.loraplus_lr_ratio
                     .is_none_or(|r| r > 0.0 && r.is_finite()),
                 "--loraplus-lr-ratio must be > 0",
+            ),
+            (
+                self.router_aux_loss_coef
+                    .is_none_or(|c| c >= 0.0 && c.is_finite()),
+                "--router-aux-loss-coef must be ≥ 0",
             ),
             (
                 self.optim == OptimName::AdamwTorch || self.zero_stage == 0,

@@ -9,6 +9,8 @@
 //! and the checkpoint's save and restore.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crate::averaging::{Average, WeightAverage};
 use crate::cli::OptimArgs;
@@ -42,6 +44,12 @@ pub struct Trainee {
     /// Averages of the weights updated after every step (`--bema`, PPO's `--ema-decay`);
     /// kept on the main rank only.
     pub averages: Vec<WeightAverage>,
+    /// MoE models: the load-balancing loss's weight (`--router-aux-loss-coef`; 0: off).
+    router_aux_loss_coef: f64,
+    /// The micro-batches of a step on this rank, over which that weight is spread.
+    micro_batches: AtomicUsize,
+    /// The load-balancing losses of the backward passes since [`Trainee::take_aux_loss`].
+    aux_losses: Mutex<Vec<f64>>,
 }
 
 impl Trainee {
@@ -73,6 +81,8 @@ impl Trainee {
             world,
             optim.grad_exchange(),
         );
+        let router_aux_loss_coef = router_aux_loss_coef(&model, source, optim)?;
+        model.record_router_logits(router_aux_loss_coef > 0.0);
         let (trained, total) = parameter_counts(&model);
         tracing::info!(
             "{}: training {trained} of {total} parameters",
@@ -86,6 +96,9 @@ impl Trainee {
             max_grad_norm: optim.max_grad_norm,
             source: source.to_path_buf(),
             averages: vec![],
+            router_aux_loss_coef,
+            micro_batches: AtomicUsize::new(1),
+            aux_losses: Mutex::new(vec![]),
         };
         if let Some(bema) = optim.bema.average() {
             trainee.keep_average(bema, world);
@@ -106,11 +119,43 @@ impl Trainee {
     /// overlap; passing `true` before another backward stops the run at the step.) Every
     /// rank must reach its `last` backward at the same point among its other collectives:
     /// a rank with nothing to backpropagate there calls [`Trainee::skip_backward`].
+    ///
+    /// A MoE model's load-balancing loss over the micro-batch's forwards is added here,
+    /// weighted by `--router-aux-loss-coef` over the step's micro-batches
+    /// ([`Trainee::set_micro_batches`]).
     pub fn backward(&self, loss: &tch::Tensor, last: bool) {
+        if self.router_aux_loss_coef > 0.0 {
+            let weight = self.router_aux_loss_coef
+                / self.micro_batches.load(Ordering::Relaxed).max(1) as f64;
+            // Before the loss's backward, outside the overlapped exchange (which watches
+            // the loss's backward).
+            if let Some(value) = self.model.backward_router_aux_loss(weight) {
+                self.aux_losses.lock().expect("not poisoned").push(value);
+            }
+        }
         match last {
             true => self.optimizer.last_backward(|| self.model.backward(loss)),
             false => self.model.backward(loss),
         }
+    }
+
+    /// How many micro-batches (backward passes) this rank's steps have: the
+    /// load-balancing loss is spread over them, as TRL divides it by the gradient
+    /// accumulation steps.
+    pub fn set_micro_batches(&self, n: usize) {
+        self.micro_batches.store(n, Ordering::Relaxed);
+    }
+
+    /// The mean load-balancing loss of the backward passes since the last call, over
+    /// every rank (TRL's `aux_loss`); `None` when the loss is off. Every rank must call it
+    /// at the same point.
+    pub fn take_aux_loss(&self, world: &World) -> Option<f64> {
+        if self.router_aux_loss_coef == 0.0 {
+            return None;
+        }
+        let losses = std::mem::take(&mut *self.aux_losses.lock().expect("not poisoned"));
+        let [sum, n] = world.sums([losses.iter().sum(), losses.len() as f64]);
+        Some(sum / n.max(1.0))
     }
 
     /// Where the other ranks run a backward and this one has no rows to: with `last`, its
@@ -143,6 +188,8 @@ impl Trainee {
             self.optimizer.step(lr);
         }
         self.optimizer.zero_grad();
+        // Router logits of forwards no backward used (none in the stages' loops).
+        drop(self.model.take_router_aux_loss());
         for average in &mut self.averages {
             average.update(&self.model);
         }
@@ -211,6 +258,25 @@ pub fn micro_batches<T>(rows: &[T], size: usize) -> impl Iterator<Item = (&[T], 
     rows.chunks(size)
         .enumerate()
         .map(move |(i, micro)| (micro, i + 1 == count))
+}
+
+/// The load-balancing loss's weight: `--router-aux-loss-coef`, else the MoE model's own
+/// (its config's). Refused above 0 for a model without experts.
+fn router_aux_loss_coef(model: &Model, source: &Path, optim: &OptimArgs) -> Result<f64> {
+    match (optim.router_aux_loss_coef, model.config_router_aux_loss_coef()) {
+        (Some(c), None) if c > 0.0 => Err(Error::InvalidArgument(format!(
+            "--router-aux-loss-coef: {} is not a Mixture-of-Experts model (it has no router to balance)",
+            source.display()
+        ))),
+        (Some(c), _) => Ok(c),
+        (None, Some(c)) => {
+            if c > 0.0 {
+                tracing::info!("MoE: the routers' load-balancing loss weighs {c} (router_aux_loss_coef; --router-aux-loss-coef 0 turns it off)");
+            }
+            Ok(c)
+        }
+        (None, None) => Ok(0.0),
+    }
 }
 
 fn parameter_counts(model: &Model) -> (i64, i64) {

@@ -199,6 +199,9 @@ pub fn run_unpaired(
         ..KtoStats::default()
     };
     let mut results = Vec::with_capacity(items.len());
+    if let Some((_, trainee)) = backward {
+        trainee.set_micro_batches(items.len().div_ceil(batch_size));
+    }
     for (micro, last) in micro_batches(items, batch_size) {
         let (indices, pairs): (Vec<usize>, Vec<&TokenizedPair>) = micro.iter().copied().unzip();
         let batch = collate_side(&pairs, false, pad_id, policy.device());

@@ -496,6 +496,7 @@ fn train_step(
         (stats.loss(&args.loss), stats.named(&args.loss))
     };
     let outcome = trainee.step(loss);
+    let aux_loss = trainee.take_aux_loss(world);
     // The tokens of every sequence run (prompt and completion; TPO's gold ones too).
     let local_tokens: usize = pairs
         .iter()
@@ -541,5 +542,6 @@ fn train_step(
         ),
         ("num_tokens".to_string(), num_tokens),
     ]);
+    scalars.extend(aux_loss.map(|a| ("aux_loss".to_string(), a)));
     Ok(scalars)
 }

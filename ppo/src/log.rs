@@ -195,6 +195,9 @@ pub(crate) fn iteration_scalars(
     if let Some(loss) = it.stats.sdpo_policy_loss {
         scalars.push(("self_distillation/policy_loss", mean(loss)));
     }
+    if let Some(aux) = it.stats.aux_loss {
+        scalars.push(("aux_loss", aux));
+    }
     if let Some(counts) = ro.teacher.as_ref().and_then(|t| t.counts) {
         scalars.extend(crate::sdft::SdpoCounts::scalars(
             world.sums(counts.as_array()),

@@ -83,6 +83,9 @@ pub struct UpdateStats {
     pub distillation_loss: Option<f64>,
     /// SDPO's GRPO policy loss alone (TRL's `self_distillation/policy_loss`).
     pub sdpo_policy_loss: Option<f64>,
+    /// A MoE policy's load-balancing loss, the mean over the update's backward passes and
+    /// every rank (TRL's `aux_loss`; `--router-aux-loss-coef`).
+    pub aux_loss: Option<f64>,
     /// Max |ratio − 1| on the first minibatch, before any update: 0 unless dropout is on or
     /// the rollout and the training forward disagree.
     pub first_ratio_max_dev: f64,
@@ -238,6 +241,7 @@ pub fn update(
         distillation_loss: learners.teacher.is_some().then(|| avg("distillation_loss")),
         sdpo_policy_loss: matches!(args.advantage_estimator(), AdvantageEstimator::Sdpo { .. })
             .then(|| avg("sd_policy")),
+        aux_loss: learners.policy.take_aux_loss(world),
         first_ratio_max_dev,
         outcome: outcome.expect("at least one minibatch"),
     })
@@ -292,6 +296,10 @@ fn minibatch_backward(
     let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
     let mut ratio_max_dev = 0f64;
     let mut seq_clip: Option<(f64, f64)> = None;
+    learners.policy.set_micro_batches(mb.len().div_ceil(micro));
+    if let Some(critic) = &learners.critic {
+        critic.set_micro_batches(mb.len().div_ceil(micro));
+    }
     for (part, last) in micro_batches(mb, micro) {
         let idx = Tensor::from_slice(part).to_device(device);
         let pick = |t: &Tensor| t.index_select(0, &idx);

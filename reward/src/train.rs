@@ -183,6 +183,9 @@ fn run_rows(
     elements_total: f64,
 ) -> Stats {
     let mut stats = Stats::default();
+    if let Some(trainee) = train {
+        trainee.set_micro_batches(rows.len().div_ceil(batch_size));
+    }
     for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());
         let rewards = last_token_scores(model, &batch.input_ids, &batch.attention_mask);
@@ -412,6 +415,7 @@ fn train_step(
     .summed(world);
     let loss = stats.loss_sum / stats.elements.max(1) as f64;
     let outcome = trainee.step(loss);
+    let aux_loss = trainee.take_aux_loss(world);
     let local_tokens: usize = rows
         .iter()
         .flat_map(|r| r.sequences.iter().map(Vec::len))
@@ -421,6 +425,7 @@ fn train_step(
     session.finish_step(&outcome, loss, sampler.position())?;
     let mut scalars = stats.scalars("train");
     scalars.push(("num_tokens".to_string(), num_tokens));
+    scalars.extend(aux_loss.map(|a| ("aux_loss".to_string(), a)));
     scalars.extend([
         ("train/lr".to_string(), outcome.lr),
         ("train/grad_norm".to_string(), outcome.grad_norm),

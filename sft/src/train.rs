@@ -464,6 +464,7 @@ fn accumulate(
     let all_rows = world.sum(rows.len() as f64).max(1.0);
     let mut out = Accumulated::new(rows.len(), local_targets as f64);
     let model = &trainee.model;
+    trainee.set_micro_batches(rows.len().div_ceil(batch_size));
     for (micro, last) in micro_batches(rows, batch_size) {
         let (loss, row_losses) = micro_loss(
             model,
@@ -792,6 +793,7 @@ fn train_step(
     )?;
     let loss = step_out.loss;
     let outcome = trainee.step(loss);
+    let aux_loss = trainee.take_aux_loss(world);
     let tokens = world.sum(step_out.tokens as f64);
     let per_dataset = if mixed {
         let uld = args.distill.gold.use_uld_loss;
@@ -836,6 +838,7 @@ fn train_step(
     }
     scalars.extend(token_scalars);
     scalars.extend(tool_scalars);
+    scalars.extend(aux_loss.map(|a| ("aux_loss".into(), a)));
     scalars.push(("num_tokens".into(), num_tokens));
     Ok(scalars)
 }

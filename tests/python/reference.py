@@ -88,7 +88,22 @@ def configs():
             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
             **common),
+        # Mixtral: 4 experts, top 2 renormalised, a sliding window shorter than the inputs.
+        "mixtral": tf.MixtralConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=7,
+            tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1, **common),
+        # Qwen3-MoE: q/k norms, 6 experts of their own width, top 3 not renormalised, the
+        # second layer a dense MLP (mlp_only_layers).
+        "qwen3_moe": tf.Qwen3MoeConfig(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=6,
+            num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[1],
+            tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1, **common),
     }
+
+
+MOE = ("mixtral", "qwen3_moe")
 
 
 def positions(mask):
@@ -116,12 +131,31 @@ def make(root, cases):
             for pname, p in model.named_parameters():
                 if pname.endswith("bias") or "norm" in pname or "ln_" in pname:
                     p.add_(torch.randn_like(p) * 0.2)
+                if pname.endswith("gate.weight"):  # MoE routers: decisive top-k choices
+                    p.copy_(torch.randn_like(p))
         model.save_pretrained(f"{root}/{name}")
         res = {"logprobs": {}}
         with torch.no_grad():
             for bname, case in cases["batches"].items():
                 ids, mask = batch(case)
                 res["logprobs"][bname] = token_logprobs(model, ids, mask).tolist()
+            if name in MOE:
+                # transformers' load_balancing_loss_func over the padded batch's real tokens.
+                ids, mask = batch(cases["batches"]["right"])
+                out_ = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                             output_router_logits=True)
+                res["aux_loss"] = out_.aux_loss.item()
+                # The gradient of the first router for the next-token NLL (mean over real
+                # targets) plus 0.5 × aux_loss.
+                with torch.enable_grad():
+                    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                   output_router_logits=True)
+                    logp = logits.logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                    valid = (mask[:, :-1] * mask[:, 1:]).float()
+                    total = -(logp * valid).sum() / valid.sum() + 0.5 * logits.aux_loss
+                    router = next(p for n, p in model.named_parameters()
+                                  if ".layers.0." in n and n.endswith("gate.weight"))
+                    res["router_grad"] = torch.autograd.grad(total, router)[0].tolist()
             ids, mask = batch(cases["prompts"])
             gen = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=False,

@@ -24,6 +24,8 @@ const ARCHS: &[&str] = &[
     "gemma",
     "gemma2",
     "gemma3_text",
+    "mixtral",
+    "qwen3_moe",
 ];
 const MAX_NEW_TOKENS: i64 = 24;
 
@@ -133,6 +135,61 @@ fn logprobs_match_transformers() {
             assert!(diff < 1e-4, "{arch}/{name}: max |Δ log-prob| = {diff:e}");
         }
     }
+}
+
+/// The MoE routers' load-balancing loss of a right-padded batch, recorded by a training
+/// forward, is transformers' `aux_loss` (padding left out); forwards without grad, or
+/// without recording, keep nothing.
+#[test]
+fn moe_load_balancing_loss_matches_transformers() {
+    let f = fixture();
+    let (ids, mask) = batch(&f.cases["batches"]["right"]);
+    for arch in ["mixtral", "qwen3_moe"] {
+        let model = load(&f.root.join(arch), Head::Lm);
+        assert!(model.is_moe());
+        assert_eq!(model.config_router_aux_loss_coef(), Some(0.001));
+        let _ = model.hidden(&ids, &mask, None);
+        assert!(
+            model.take_router_aux_loss().is_none(),
+            "{arch}: recorded while off"
+        );
+        model.record_router_logits(true);
+        let _ = tch::no_grad(|| model.hidden(&ids, &mask, None));
+        assert!(
+            model.take_router_aux_loss().is_none(),
+            "{arch}: recorded without grad"
+        );
+        let h = model.hidden(&ids, &mask, None);
+        let aux = model.take_router_aux_loss().expect("recorded");
+        let theirs = f.reference[arch]["aux_loss"].as_f64().unwrap();
+        let diff = (aux.double_value(&[]) - theirs).abs();
+        assert!(
+            diff < 1e-5,
+            "{arch}: aux loss {} vs transformers {theirs}",
+            aux.double_value(&[])
+        );
+        drop(h);
+        // The gradient of the NLL plus 0.5 × the loss reaches the first router as in
+        // transformers (through its probabilities, and the experts' weighting).
+        let (lp, valid) = next_token_logprobs(&model, &ids, &mask);
+        let valid = valid.to_kind(Kind::Float);
+        let nll = -(lp * &valid).sum(Kind::Float) / valid.sum(Kind::Float);
+        let aux = model.take_router_aux_loss().expect("recorded");
+        (nll + aux * 0.5).backward();
+        let (_, router) = model
+            .named_tensors()
+            .into_iter()
+            .find(|(n, _)| n.contains(".layers.0.") && n.ends_with("gate.weight"))
+            .expect("a router");
+        let theirs = tensor_2d_f32(&f.reference[arch]["router_grad"]);
+        let diff = (router.grad() - &theirs).abs().max().double_value(&[]);
+        let scale = theirs.abs().max().double_value(&[]);
+        assert!(
+            scale > 1e-4 && diff < 1e-5 * scale.max(1.0),
+            "{arch}: router gradient off by {diff:e} (of {scale:e})"
+        );
+    }
+    assert!(!load(&f.root.join("llama"), Head::Lm).is_moe());
 }
 
 #[test]

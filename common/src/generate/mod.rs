@@ -249,7 +249,9 @@ fn generate_checking_every(
     // which it does every step on the CPU (where it is free) and every STOP_CHECK steps on
     // a GPU (so kernel launches run ahead). Steps after the last row finished only add pad
     // columns, which are trimmed: the result is the same either way.
-    let use_graph = cfg.cuda_graph && model.device().is_cuda() && cuda_graph::available();
+    // MoE layers find each expert's tokens on the host, which a captured graph cannot.
+    let use_graph =
+        cfg.cuda_graph && model.device().is_cuda() && cuda_graph::available() && !model.is_moe();
     let mut graph: Option<CudaGraph> = None;
     // Capture once, and once more after a restart (the graph holds the old cache).
     let mut capture = use_graph;

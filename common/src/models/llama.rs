@@ -5,7 +5,8 @@
 //! `qwen3` copies): RMSNorm, rotary embeddings (default, linear or llama3 frequencies),
 //! SwiGLU, grouped-query attention, optional q/k/v bias, tied or untied embeddings, and
 //! Qwen3's per-head RMSNorm of queries and keys before rotary; Phi-3's fused `qkv_proj` and
-//! `gate_up_proj` (kept as stored, split after the product) and partial rotary.
+//! `gate_up_proj` (kept as stored, split after the product) and partial rotary; Mixtral's
+//! and Qwen3-MoE's sparse expert blocks in place of the MLP ([`super::moe`]).
 
 use std::path::Path;
 
@@ -16,13 +17,14 @@ use tch::{Kind, Tensor};
 
 use super::attention::{KvCache, Masking};
 use super::layers::{param, Activation, Embedding, Linear};
+use super::moe::{MoeShape, SparseMoe};
 use super::options::ModelOptions;
-use super::recompute::{backward_blocks, run_blocks, Saved};
+use super::recompute::{backward_blocks_with, run_blocks, RouterSaved, Saved};
 use super::ModelType;
 use crate::error::{Error, Result};
 
-/// `config.json` of `llama`, `mistral`, `qwen2`, `qwen3` and `phi3`, with Hugging Face's field
-/// names.
+/// `config.json` of `llama`, `mistral`, `qwen2`, `qwen3`, `phi3`, `mixtral` and `qwen3_moe`,
+/// with Hugging Face's field names.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub model_type: ModelType,
@@ -71,6 +73,32 @@ pub struct Config {
     /// the one in `rope_scaling`, as in `transformers`).
     #[serde(default)]
     pub original_max_position_embeddings: Option<f64>,
+    /// Mixture of experts: experts per MoE layer (Qwen3-MoE's `num_experts`; Mixtral's,
+    /// and what transformers 5 saves for both, `num_local_experts`).
+    #[serde(default)]
+    pub num_experts: Option<i64>,
+    #[serde(default)]
+    pub num_local_experts: Option<i64>,
+    /// Experts each token goes to (top k).
+    #[serde(default)]
+    pub num_experts_per_tok: Option<i64>,
+    /// Qwen3-MoE's expert width (Mixtral's experts use `intermediate_size`).
+    #[serde(default)]
+    pub moe_intermediate_size: Option<i64>,
+    /// Qwen3-MoE: renormalise the top-k probabilities (Mixtral always does).
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    /// Qwen3-MoE: every this-many layers is sparse, except `mlp_only_layers` (dense MLPs of
+    /// `intermediate_size`).
+    #[serde(default)]
+    pub decoder_sparse_step: Option<i64>,
+    #[serde(default)]
+    pub mlp_only_layers: Option<Vec<i64>>,
+    /// The load-balancing loss's weight the architecture declares (0.001 in both).
+    #[serde(default)]
+    pub router_aux_loss_coef: Option<f64>,
+    #[serde(default)]
+    pub router_jitter_noise: Option<f64>,
 }
 
 mod defaults {
@@ -152,13 +180,60 @@ impl Config {
 
     /// Qwen3 normalises each head's queries and keys (`q_norm`, `k_norm`) before rotary.
     pub fn qk_norm(&self) -> bool {
-        self.model_type == ModelType::Qwen3
+        matches!(self.model_type, ModelType::Qwen3 | ModelType::Qwen3Moe)
+    }
+
+    /// Whether the architecture puts sparse MoE blocks in its layers.
+    pub fn is_moe(&self) -> bool {
+        matches!(self.model_type, ModelType::Mixtral | ModelType::Qwen3Moe)
+    }
+
+    /// Experts per MoE layer and experts per token (transformers' defaults when absent).
+    pub fn experts(&self) -> (i64, i64) {
+        match self.model_type {
+            ModelType::Mixtral => (
+                self.num_local_experts.or(self.num_experts).unwrap_or(8),
+                self.num_experts_per_tok.unwrap_or(2),
+            ),
+            _ => (
+                self.num_experts.or(self.num_local_experts).unwrap_or(128),
+                self.num_experts_per_tok.unwrap_or(8),
+            ),
+        }
+    }
+
+    /// The MoE block of layer `i`, when it has one (Qwen3-MoE's `mlp_only_layers` and
+    /// `decoder_sparse_step` leave some layers dense).
+    pub fn moe_shape(&self, i: i64) -> Option<MoeShape> {
+        let (experts, top_k) = self.experts();
+        let sparse = match self.model_type {
+            ModelType::Mixtral => true,
+            ModelType::Qwen3Moe => {
+                let step = self.decoder_sparse_step.unwrap_or(1);
+                !self.mlp_only_layers.as_deref().unwrap_or(&[]).contains(&i)
+                    && experts > 0
+                    && (i + 1) % step == 0
+            }
+            _ => false,
+        };
+        sparse.then(|| MoeShape {
+            hidden: self.hidden_size,
+            intermediate: match self.model_type {
+                ModelType::Mixtral => self.intermediate_size,
+                _ => self.moe_intermediate_size.unwrap_or(768),
+            },
+            experts,
+            top_k,
+            norm_topk_prob: self.norm_topk_prob || self.model_type == ModelType::Mixtral,
+            jitter: self.router_jitter_noise.unwrap_or(0.0),
+            std: self.initializer_range,
+        })
     }
 
     /// The attention window, where the architecture uses one.
     pub fn sliding_window(&self) -> Option<i64> {
         match self.model_type {
-            ModelType::Mistral | ModelType::Phi3 => self.sliding_window,
+            ModelType::Mistral | ModelType::Phi3 | ModelType::Mixtral => self.sliding_window,
             _ => None,
         }
     }
@@ -217,12 +292,23 @@ impl Config {
                 self.num_attention_heads,
                 self.num_kv_heads()
             ))
-        } else if matches!(self.model_type, ModelType::Qwen2 | ModelType::Qwen3)
-            && self.use_sliding_window == Some(true)
+        } else if matches!(
+            self.model_type,
+            ModelType::Qwen2 | ModelType::Qwen3 | ModelType::Qwen3Moe
+        ) && self.use_sliding_window == Some(true)
         {
             Some(format!(
                 "use_sliding_window true is not supported for {}",
                 self.model_type.name()
+            ))
+        } else if self.is_moe()
+            && self.experts().0 > 0
+            && (self.experts().1 < 1 || self.experts().1 > self.experts().0)
+        {
+            Some(format!(
+                "num_experts_per_tok {} must be between 1 and the {} experts",
+                self.experts().1,
+                self.experts().0
             ))
         } else {
             self.rope().err()
@@ -436,6 +522,15 @@ enum GateUp {
     Fused(Linear),
 }
 
+/// The feed-forward part of a layer: an MLP, or a sparse MoE block. (One per layer: the
+/// variants' sizes do not matter.)
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Mlp {
+    Dense { gate_up: GateUp, down_proj: Linear },
+    Sparse(SparseMoe),
+}
+
 #[derive(Debug)]
 struct Layer {
     input_layernorm: RmsNorm,
@@ -444,8 +539,7 @@ struct Layer {
     /// Qwen3's per-head norms of queries and keys (over `head_dim`).
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     post_attention_layernorm: RmsNorm,
-    gate_up: GateUp,
-    down_proj: Linear,
+    mlp: Mlp,
     n_heads: i64,
     n_kv_heads: i64,
     head_dim: i64,
@@ -453,7 +547,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(p: nn::Path, cfg: &Config, opts: &ModelOptions) -> Self {
+    fn new(p: nn::Path, index: i64, cfg: &Config, opts: &ModelOptions) -> Self {
         let (h, d, std) = (cfg.hidden_size, cfg.head_dim(), cfg.initializer_range);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
         let attn = &p / "self_attn";
@@ -478,15 +572,26 @@ impl Layer {
                 (per_head(&attn / "q_norm"), per_head(&attn / "k_norm"))
             }),
             post_attention_layernorm: norm(&p / "post_attention_layernorm"),
-            gate_up: if cfg.fused() {
-                GateUp::Fused(linear(&mlp / "gate_up_proj", (h, 2 * i), false))
-            } else {
-                GateUp::Separate {
-                    gate: linear(&mlp / "gate_proj", (h, i), cfg.mlp_bias),
-                    up: linear(&mlp / "up_proj", (h, i), cfg.mlp_bias),
-                }
+            mlp: match cfg.moe_shape(index) {
+                Some(shape) if cfg.model_type == ModelType::Mixtral => Mlp::Sparse(SparseMoe::new(
+                    &p / "block_sparse_moe",
+                    cfg.model_type,
+                    shape,
+                    opts,
+                )),
+                Some(shape) => Mlp::Sparse(SparseMoe::new(mlp, cfg.model_type, shape, opts)),
+                None => Mlp::Dense {
+                    gate_up: if cfg.fused() {
+                        GateUp::Fused(linear(&mlp / "gate_up_proj", (h, 2 * i), false))
+                    } else {
+                        GateUp::Separate {
+                            gate: linear(&mlp / "gate_proj", (h, i), cfg.mlp_bias),
+                            up: linear(&mlp / "up_proj", (h, i), cfg.mlp_bias),
+                        }
+                    },
+                    down_proj: linear(&mlp / "down_proj", (i, h), cfg.mlp_bias),
+                },
             },
-            down_proj: linear(&mlp / "down_proj", (i, h), cfg.mlp_bias),
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: d,
@@ -494,12 +599,14 @@ impl Layer {
         }
     }
 
+    /// The layer's output; a MoE layer's router logits go to `router` when given.
     fn forward(
         &self,
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         masking: &Masking,
         cache: Option<(&mut KvCache, usize)>,
+        router: Option<&mut Vec<Tensor>>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let normed = self.input_layernorm.forward(x);
@@ -542,14 +649,24 @@ impl Layer {
         ]);
         let x = x + self.o_proj.forward(&attn);
         let normed = self.post_attention_layernorm.forward(&x);
-        let (gate, up) = match &self.gate_up {
+        let (gate_up, down_proj) = match &self.mlp {
+            Mlp::Dense { gate_up, down_proj } => (gate_up, down_proj),
+            Mlp::Sparse(moe) => {
+                let (y, logits) = moe.forward(&normed, super::grad_enabled());
+                if let Some(router) = router {
+                    router.push(logits);
+                }
+                return x + y;
+            }
+        };
+        let (gate, up) = match gate_up {
             GateUp::Separate { gate, up } => (gate.forward(&normed), up.forward(&normed)),
             GateUp::Fused(gate_up) => {
                 let both = gate_up.forward(&normed).chunk(2, -1);
                 (both[0].shallow_clone(), both[1].shallow_clone())
             }
         };
-        x + self.down_proj.forward(&(gate.silu() * up))
+        x + down_proj.forward(&(gate.silu() * up))
     }
 }
 
@@ -585,7 +702,7 @@ impl Llama {
                 opts,
             ),
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| Layer::new(&p / "layers" / i, cfg, opts))
+                .map(|i| Layer::new(&p / "layers" / i, i, cfg, opts))
                 .collect(),
             norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.rms_norm_eps, opts),
             inv_freq: f32s(inv_freq(&rope, cfg.rotary_dim())),
@@ -608,19 +725,27 @@ impl Llama {
         Tensor::embedding(weight, ids, -1, false, false)
     }
 
-    /// Final hidden states `[B, T, H]` of token embeddings `embeds` at `positions`.
+    /// Final hidden states `[B, T, H]` of token embeddings `embeds` at `positions`; the
+    /// MoE layers' router logits `[B·T, E]` go to `router` when given.
     pub fn forward(
         &self,
         embeds: &Tensor,
         positions: &Tensor,
         masking: &Masking,
         mut cache: Option<&mut KvCache>,
+        mut router: Option<&mut Vec<Tensor>>,
     ) -> Tensor {
         let mut x = embeds.shallow_clone();
         let (cos, sin) = self.rotary(positions, x.kind());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(&x, (&cos, &sin), masking, layer_cache);
+            x = layer.forward(
+                &x,
+                (&cos, &sin),
+                masking,
+                layer_cache,
+                router.as_deref_mut(),
+            );
         }
         self.norm.forward(&x)
     }
@@ -642,29 +767,59 @@ impl Llama {
     }
 
     /// [`Llama::forward`] keeping only each layer's input (activation recomputation);
-    /// [`Llama::backward_saved`] is its backward.
+    /// [`Llama::backward_saved`] is its backward. With `router` (the `[B·T]` mask of real
+    /// tokens) the MoE layers' router logits are kept too, for the load-balancing loss.
     pub(crate) fn forward_saving(
         &self,
         embeds: &Tensor,
         positions: &Tensor,
         masking: Masking,
+        router: Option<&Tensor>,
     ) -> (Tensor, Saved) {
         let (cos, sin) = self.rotary(positions, embeds.kind());
         let first_input = embeds.shallow_clone();
-        let saved = run_blocks(
+        let logits = std::cell::RefCell::new(vec![]);
+        let mut saved = run_blocks(
             first_input,
             positions,
             masking,
             self.layers.len(),
-            |i, x, m| self.layers[i].forward(x, (&cos, &sin), m, None),
+            |i, x, m| {
+                let mut sink = logits.borrow_mut();
+                let sink = router.is_some().then_some(&mut *sink);
+                self.layers[i].forward(x, (&cos, &sin), m, None, sink)
+            },
         );
+        let logits = logits.into_inner();
+        if let (Some(real), false) = (router, logits.is_empty()) {
+            saved.router = Some(RouterSaved {
+                logits,
+                real: real.shallow_clone(),
+                coefficients: None,
+            });
+        }
         (self.norm.forward(&saved.output), saved)
     }
 
-    pub(crate) fn backward_saved(&self, saved: Saved) {
+    /// The backward of [`Llama::forward_saving`]: each MoE block recomputed adds its share
+    /// of the weighed load-balancing loss, Σ_tokens Σ_e c_e·p_e·m, to its backward.
+    pub(crate) fn backward_saved(&self, mut saved: Saved) {
         let (cos, sin) = self.rotary(&saved.positions, saved.first_input.kind());
-        backward_blocks(saved, |i, x, masking| {
-            self.layers[i].forward(x, (&cos, &sin), masking, None)
+        let balance = saved
+            .router
+            .take()
+            .and_then(|r| Some((r.coefficients?, r.real)));
+        backward_blocks_with(saved, |i, x, masking| {
+            let mut logits = vec![];
+            let router = balance.is_some().then_some(&mut logits);
+            let y = self.layers[i].forward(x, (&cos, &sin), masking, None, router);
+            let term = match (&balance, logits.pop()) {
+                (Some((c, real)), Some(logits)) => {
+                    Some(super::moe::load_balancing_share(&logits, real, c))
+                }
+                _ => None,
+            };
+            (y, term)
         });
     }
 

@@ -198,6 +198,8 @@ pub fn default_targets(model_type: ModelType) -> Vec<String> {
         | ModelType::Mistral
         | ModelType::Qwen2
         | ModelType::Qwen3
+        | ModelType::Mixtral
+        | ModelType::Qwen3Moe
         | ModelType::Gemma
         | ModelType::Gemma2
         | ModelType::Gemma3Text => {

@@ -9,6 +9,7 @@ pub mod gpt2;
 mod layers;
 pub mod llama;
 pub mod lora;
+pub mod moe;
 mod options;
 pub mod prompt_tuning;
 pub mod quant;
@@ -48,10 +49,13 @@ pub enum ModelType {
     Gemma2,
     #[serde(rename = "gemma3_text")]
     Gemma3Text,
+    Mixtral,
+    #[serde(rename = "qwen3_moe")]
+    Qwen3Moe,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 9] = [
+    pub const ALL: [ModelType; 11] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
@@ -61,6 +65,8 @@ impl ModelType {
         ModelType::Gemma,
         ModelType::Gemma2,
         ModelType::Gemma3Text,
+        ModelType::Mixtral,
+        ModelType::Qwen3Moe,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +80,8 @@ impl ModelType {
             ModelType::Gemma => "gemma",
             ModelType::Gemma2 => "gemma2",
             ModelType::Gemma3Text => "gemma3_text",
+            ModelType::Mixtral => "mixtral",
+            ModelType::Qwen3Moe => "qwen3_moe",
         }
     }
 
@@ -90,6 +98,8 @@ impl ModelType {
             ModelType::Gemma => ("GemmaForCausalLM", "GemmaForSequenceClassification"),
             ModelType::Gemma2 => ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
             ModelType::Gemma3Text => ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+            ModelType::Mixtral => ("MixtralForCausalLM", "MixtralForSequenceClassification"),
+            ModelType::Qwen3Moe => ("Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
         }
     }
 }
@@ -155,7 +165,9 @@ impl ModelConfig {
             | ModelType::Mistral
             | ModelType::Qwen2
             | ModelType::Qwen3
-            | ModelType::Phi3 => {
+            | ModelType::Phi3
+            | ModelType::Mixtral
+            | ModelType::Qwen3Moe => {
                 let c: llama::Config = serde_json::from_value(json).map_err(invalid)?;
                 c.validate(path)?;
                 Arch::Llama(c)
@@ -313,9 +325,35 @@ pub struct Model {
     /// What forwards with grad since the last backward kept for recomputing: their
     /// head's chunks and (with gradient checkpointing) their blocks.
     pending: std::sync::Mutex<Pending>,
+    /// Whether forwards with grad keep their MoE router logits for
+    /// [`Model::take_router_aux_loss`] (set by the training unit when the load-balancing
+    /// loss applies).
+    record_router: std::sync::atomic::AtomicBool,
 }
 
 const SCORE_WEIGHT: &str = "score.weight";
+
+/// `term.backward()` keeping the graph: a term of the loss whose graph the loss's own
+/// backward then runs through again (the MoE load-balancing loss, computed from the
+/// blocks' router logits, shares the blocks with the chunked head's recomputed backward).
+pub fn backward_keeping_graph(term: &Tensor) {
+    let mut term = term.shallow_clone();
+    #[allow(unsafe_code)]
+    // SAFETY: `term` is a live tensor for the call; at_backward reports failure through
+    // torch's last-error slot, read at once.
+    let error = unsafe {
+        torch_sys::at_backward(term.as_mut_ptr(), 1, 0);
+        torch_sys::get_and_reset_last_err()
+    };
+    if !error.is_null() {
+        #[allow(unsafe_code)]
+        // SAFETY: a non-null error is a C string torch allocated for us.
+        let message = unsafe { std::ffi::CStr::from_ptr(error) }
+            .to_string_lossy()
+            .into_owned();
+        panic!("backward: {message}");
+    }
+}
 
 /// Whether autograd is recording: training passes (LoRA dropout is active only then, as
 /// in PyTorch's train mode; forwards keep what their backward recomputes); evaluation
@@ -369,6 +407,9 @@ fn check_quantized(opts: &ModelOptions, dir: &Path, stored: bool) -> Result<()> 
 struct Pending {
     heads: Vec<vocab::HeadSaved>,
     blocks: Vec<recompute::Saved>,
+    /// Each recorded forward's router logits (one `[B·T, E]` per MoE layer) and which of
+    /// its `B·T` tokens are real.
+    routers: Vec<(Vec<Tensor>, Tensor)>,
 }
 
 impl Model {
@@ -525,6 +566,7 @@ impl Model {
             tokenizer_overrides: Default::default(),
             prompt,
             pending: Default::default(),
+            record_router: Default::default(),
         }
     }
 
@@ -625,6 +667,15 @@ impl Model {
             .start_moved()
             .map_err(|m| Error::config(dir.join("config.json"), m))?;
         model.start_dora();
+        if let Arch::Llama(c) = &model.config.arch {
+            let jitter = c.router_jitter_noise.unwrap_or(0.0);
+            if c.is_moe() && jitter > 0.0 && opts.gradient_checkpointing && opts.trainable {
+                return Err(Error::config(
+                    dir.join("config.json"),
+                    format!("router_jitter_noise {jitter} with --gradient-checkpointing is not supported (the recomputed blocks would draw other noise); set it to 0 or leave checkpointing off"),
+                ));
+            }
+        }
         if model.options.has_adapter() {
             model.base_dir = Some(std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf()));
             if let Some(cfg) = &model.options.lora {
@@ -1144,7 +1195,8 @@ impl Model {
             None => Masking::has_padding(&mask),
         };
         let masking = self.masking(|w| Masking::new(&mask, t, w, Some(padded)));
-        let h = self.blocks(&x, &positions, masking, cache);
+        let real = mask.narrow(1, s - t, t);
+        let h = self.blocks(&x, &positions, masking, cache, &real);
         match virtual_tokens {
             0 => h,
             n => h.narrow(1, n, t - n),
@@ -1159,25 +1211,45 @@ impl Model {
         assert_eq!(self.virtual_tokens(), 0, "packed rows with prompt tuning");
         let positions = positions_from_segments(segment_ids);
         let masking = self.masking(|w| Masking::packed(segment_ids, w));
-        self.blocks(&self.embed_input(ids), &positions, masking, None)
+        let real = segment_ids.gt(0);
+        self.blocks(&self.embed_input(ids), &positions, masking, None, &real)
     }
 
     /// The transformer blocks (and final norm) over embeddings `x`, keeping only the
-    /// blocks' inputs when gradient checkpointing applies to this forward.
+    /// blocks' inputs when gradient checkpointing applies to this forward, and the MoE
+    /// router logits when they are recorded (`real`: `[B, T]`, nonzero at real tokens).
     fn blocks(
         &self,
         x: &Tensor,
         positions: &Tensor,
         masking: Masking,
         cache: Option<&mut KvCache>,
+        real: &Tensor,
     ) -> Tensor {
         let recompute = self.options.gradient_checkpointing && self.options.trainable;
+        let record = self
+            .record_router
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && cache.is_none()
+            && grad_enabled();
         if !(recompute && cache.is_none() && grad_enabled()) {
-            return self.backbone_forward(x, positions, &masking, cache);
+            let Backbone::Llama(b) = &self.backbone else {
+                return self.backbone_forward(x, positions, &masking, cache);
+            };
+            let mut router = vec![];
+            let h = b.forward(x, positions, &masking, cache, record.then_some(&mut router));
+            if !router.is_empty() {
+                let mut pending = self.pending.lock().expect("not poisoned");
+                pending.routers.push((router, real.reshape([-1])));
+            }
+            return h;
         }
         let (h, saved) = match &self.backbone {
             Backbone::Gpt2(b) => b.forward_saving(x, positions, masking),
-            Backbone::Llama(b) => b.forward_saving(x, positions, masking),
+            Backbone::Llama(b) => {
+                let real = real.reshape([-1]);
+                b.forward_saving(x, positions, masking, record.then_some(&real))
+            }
             Backbone::Gemma(b) => b.forward_saving(x, positions, masking),
         };
         self.pending
@@ -1231,7 +1303,7 @@ impl Model {
     ) -> Tensor {
         match &self.backbone {
             Backbone::Gpt2(b) => b.forward(x, positions, masking, cache),
-            Backbone::Llama(b) => b.forward(x, positions, masking, cache),
+            Backbone::Llama(b) => b.forward(x, positions, masking, cache, None),
             Backbone::Gemma(b) => b.forward(x, positions, masking, cache),
         }
     }
@@ -1313,6 +1385,90 @@ impl Model {
             weight: self.head_weight_in_use(),
             softcap,
         }
+    }
+
+    /// Whether the model has sparse MoE layers (Mixtral, Qwen3-MoE).
+    pub fn is_moe(&self) -> bool {
+        matches!(&self.config.arch, Arch::Llama(c) if c.is_moe())
+    }
+
+    /// The load-balancing loss's weight the model's `config.json` declares (MoE models).
+    pub fn config_router_aux_loss_coef(&self) -> Option<f64> {
+        match &self.config.arch {
+            Arch::Llama(c) if c.is_moe() => Some(c.router_aux_loss_coef.unwrap_or(0.001)),
+            _ => None,
+        }
+    }
+
+    /// From now on, forwards with grad keep their router logits (MoE models) until
+    /// [`Model::take_router_aux_loss`].
+    pub fn record_router_logits(&self, on: bool) {
+        self.record_router
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Backpropagates `weight` × the load-balancing loss of the forwards recorded since
+    /// the last backward (averaged over them), and returns that loss (`None` when none was
+    /// recorded). Call it before [`Model::backward`]: forwards that kept their graph
+    /// backpropagate now, keeping it for the loss's backward through the same blocks;
+    /// checkpointed forwards get their coefficients, and each recomputed MoE block adds
+    /// its share during [`Model::backward`].
+    pub fn backward_router_aux_loss(&self, weight: f64) -> Option<f64> {
+        let Arch::Llama(c) = &self.config.arch else {
+            return None;
+        };
+        let top_k = c.experts().1;
+        let mut pending = self.pending.lock().expect("not poisoned");
+        let graphs = std::mem::take(&mut pending.routers);
+        let saved: Vec<&mut recompute::RouterSaved> = pending
+            .blocks
+            .iter_mut()
+            .filter_map(|s| s.router.as_mut().filter(|r| r.coefficients.is_none()))
+            .collect();
+        let n = graphs.len() + saved.len();
+        if n == 0 {
+            return None;
+        }
+        let share = weight / n as f64;
+        let mut total = 0.0;
+        for r in saved {
+            let coefficients = moe::load_balancing_coefficients(&r.logits, &r.real, top_k);
+            let loss: f64 = r
+                .logits
+                .iter()
+                .map(|l| moe::load_balancing_share(l, &r.real, &coefficients).double_value(&[]))
+                .sum();
+            total += loss;
+            r.coefficients = Some(coefficients * share);
+        }
+        drop(pending);
+        if !graphs.is_empty() {
+            let losses: Vec<Tensor> = graphs
+                .iter()
+                .map(|(logits, real)| moe::load_balancing_loss(logits, real, top_k))
+                .collect();
+            let sum = Tensor::stack(&losses, 0).sum(Kind::Float);
+            total += sum.double_value(&[]);
+            backward_keeping_graph(&(sum * share));
+        }
+        Some(total / n as f64)
+    }
+
+    /// The load-balancing loss ([`moe::load_balancing_loss`]) of the forwards recorded
+    /// since the last call that kept their graph, averaged over them (`None` when none
+    /// was recorded).
+    pub fn take_router_aux_loss(&self) -> Option<Tensor> {
+        let routers = std::mem::take(&mut self.pending.lock().expect("not poisoned").routers);
+        let Arch::Llama(c) = &self.config.arch else {
+            return None;
+        };
+        let top_k = c.experts().1;
+        let n = routers.len();
+        routers
+            .into_iter()
+            .map(|(logits, real)| moe::load_balancing_loss(&logits, &real, top_k))
+            .reduce(|a, b| a + b)
+            .map(|sum| sum / n as f64)
     }
 
     /// Backpropagates `loss` through this model: `loss.backward()`, then the parts the
@@ -1719,7 +1875,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text)"
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe)"
         );
         // LongRoPE needs one factor per rotary frequency (head_dim 4: two).
         let mut phi3 = tiny_llama();
@@ -1741,6 +1897,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing field `vocab_size`"), "{e}");
+        let mut moe = tiny_llama();
+        moe["model_type"] = json!("mixtral");
+        moe["num_local_experts"] = json!(2);
+        moe["num_experts_per_tok"] = json!(3);
+        let e = ModelConfig::from_json(moe, p).unwrap_err().to_string();
+        assert!(
+            e.contains("num_experts_per_tok 3 must be between 1 and the 2 experts"),
+            "{e}"
+        );
     }
 
     /// NEFTune: uniform noise of magnitude α/√(T·H) on the input embeddings of training

@@ -24,6 +24,20 @@ pub(crate) struct Saved {
     pub output: Tensor,
     pub positions: Tensor,
     pub masking: Masking,
+    /// MoE models whose load-balancing loss applies: the forward's router logits.
+    pub router: Option<RouterSaved>,
+}
+
+/// A checkpointed forward's router logits (no graph) and, once the load-balancing loss
+/// has been weighed ([`super::Model::backward_router_aux_loss`]), the per-expert
+/// coefficients c (with the token mask m) that make Σ_layers Σ_tokens Σ_e c_e·p_e·m the
+/// weighted loss to the first order: the term each recomputed MoE block adds to its
+/// backward.
+#[derive(Debug)]
+pub(crate) struct RouterSaved {
+    pub logits: Vec<Tensor>,
+    pub real: Tensor,
+    pub coefficients: Option<Tensor>,
 }
 
 /// Runs `n` blocks (`block(i, x, masking)`) from `first_input` without keeping their
@@ -53,20 +67,33 @@ pub(crate) fn run_blocks(
         output,
         positions: positions.shallow_clone(),
         masking,
+        router: None,
     }
 }
 
 /// Backpropagates the gradient on `saved.output` through the recomputed blocks into the
 /// first input's graph. Nothing happens when the loss did not depend on this forward.
 pub(crate) fn backward_blocks(saved: Saved, block: impl Fn(usize, &Tensor, &Masking) -> Tensor) {
+    backward_blocks_with(saved, |i, x, masking| (block(i, x, masking), None));
+}
+
+/// [`backward_blocks`] where a recomputed block may also give a scalar of its own graph
+/// that joins the loss (a MoE block's share of the load-balancing loss).
+pub(crate) fn backward_blocks_with(
+    saved: Saved,
+    block: impl Fn(usize, &Tensor, &Masking) -> (Tensor, Option<Tensor>),
+) {
     let mut grad = saved.output.grad();
     if !grad.defined() {
         return;
     }
     for (i, input) in saved.inputs.into_iter().enumerate().rev() {
         let x = input.set_requires_grad(true);
-        let y = block(i, &x, &saved.masking);
-        pull_back(&y, &grad);
+        let (y, term) = block(i, &x, &saved.masking);
+        match term {
+            Some(term) => ((&y * grad.detach()).sum(Kind::Float) + term).backward(),
+            None => pull_back(&y, &grad),
+        }
         grad = x.grad();
     }
     pull_back(&saved.first_input, &grad);

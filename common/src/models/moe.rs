@@ -1,0 +1,241 @@
+//! Sparse Mixture-of-Experts feed-forward blocks: Mixtral (Jiang et al. 2024) and
+//! Qwen3-MoE, which put them in the Llama family's decoder layer in place of the MLP.
+//!
+//! Mirrors `transformers/models/mixtral/modeling_mixtral.py` and `qwen3_moe`: a router
+//! (`gate`, a bias-free `[E, H]` weight) scores each token's experts; the softmax (in f32)
+//! picks the top k, whose probabilities are renormalised to sum to one (always in
+//! Mixtral, with `norm_topk_prob` in Qwen3-MoE); each expert is a SwiGLU MLP and a token's
+//! output is its experts' outputs weighted by those probabilities. Experts keep the
+//! checkpoints' per-expert names (`experts.{i}.gate_proj`, or Mixtral's `w1`, `w3`, `w2`),
+//! as `transformers` saves them. Neither LoRA nor 4-bit loading touches the router or the
+//! experts: transformers 5 holds the experts fused in 3-D parameters, which bitsandbytes
+//! leaves unquantized and PEFT adapts only through `target_parameters` in a layout of its
+//! own; adapters go on the attention projections (and the dense layers' MLPs), and the
+//! experts train or stay frozen with the rest of the base.
+//!
+//! [`load_balancing_loss`] is the Switch Transformer auxiliary loss as `transformers`'
+//! `load_balancing_loss_func` computes it, which the training stages add with
+//! `--router-aux-loss-coef` (TRL's `router_aux_loss_coef`).
+
+use tch::nn;
+use tch::{Kind, Tensor};
+
+use super::layers::{param, Linear};
+use super::options::ModelOptions;
+use super::ModelType;
+
+/// What a MoE layer needs from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeShape {
+    pub hidden: i64,
+    pub intermediate: i64,
+    pub experts: i64,
+    pub top_k: i64,
+    /// Renormalise the top-k probabilities to sum to one.
+    pub norm_topk_prob: bool,
+    /// Mixtral's `router_jitter_noise`: in training forwards the block's input is scaled
+    /// by uniform noise in [1 − j, 1 + j] before routing (experts see it too).
+    pub jitter: f64,
+    pub std: f64,
+}
+
+#[derive(Debug)]
+struct Expert {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// One sparse MoE block (`mlp` in Qwen3-MoE, `block_sparse_moe` in Mixtral).
+#[derive(Debug)]
+pub struct SparseMoe {
+    /// The router's `[E, H]` weight (`gate.weight`), never adapted or quantized.
+    router: Tensor,
+    experts: Vec<Expert>,
+    shape: MoeShape,
+    /// Qwen3-MoE casts the routing weights to the activations' dtype before weighting the
+    /// experts' outputs; Mixtral keeps them in f32 until the sum.
+    weights_in_activation_kind: bool,
+}
+
+impl SparseMoe {
+    pub fn new(p: nn::Path, model_type: ModelType, shape: MoeShape, opts: &ModelOptions) -> Self {
+        let (h, i) = (shape.hidden, shape.intermediate);
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: shape.std,
+        };
+        // The base's own options, without adapters or quantization.
+        let opts = &ModelOptions {
+            trainable: opts.base_trains(),
+            lora: None,
+            prompt_tuning: None,
+            quantization: None,
+            ..opts.clone()
+        };
+        let router = param(&(&p / "gate"), "weight", &[shape.experts, h], init, opts);
+        let names = match model_type {
+            ModelType::Mixtral => ["w1", "w3", "w2"],
+            _ => ["gate_proj", "up_proj", "down_proj"],
+        };
+        let experts = (0..shape.experts)
+            .map(|e| {
+                let q = &p / "experts" / e;
+                let linear =
+                    |name: &str, dims| Linear::new(&q / name, dims, false, shape.std, opts);
+                Expert {
+                    gate: linear(names[0], (h, i)),
+                    up: linear(names[1], (h, i)),
+                    down: linear(names[2], (i, h)),
+                }
+            })
+            .collect();
+        SparseMoe {
+            router,
+            experts,
+            shape,
+            weights_in_activation_kind: model_type != ModelType::Mixtral,
+        }
+    }
+
+    /// The block's output `[B, T, H]` for its input `x`, and the router logits `[B·T, E]`
+    /// (in the activations' dtype, as `transformers` returns them).
+    pub fn forward(&self, x: &Tensor, training: bool) -> (Tensor, Tensor) {
+        let size = x.size();
+        let h = self.shape.hidden;
+        let mut flat = x.reshape([-1, h]);
+        if training && self.shape.jitter > 0.0 {
+            let j = self.shape.jitter;
+            flat = &flat * flat.empty_like().uniform_(1.0 - j, 1.0 + j);
+        }
+        let logits = flat.linear::<&Tensor>(&self.router.to_kind(flat.kind()), None);
+        let probs = logits.softmax(-1, Kind::Float);
+        let (mut top, chosen) = probs.topk(self.shape.top_k, -1, true, true);
+        if self.shape.norm_topk_prob {
+            top = &top / top.sum_dim_intlist(-1, true, Kind::Float);
+        }
+        if self.weights_in_activation_kind {
+            top = top.to_kind(flat.kind());
+        }
+        // The (token, slot) choices sorted by expert on the device; only the experts'
+        // counts come to the host, once per forward (transformers' loop over the experts
+        // hit reads them too).
+        let choices = chosen.reshape([-1]);
+        let order = choices.argsort_stable(true, 0, false);
+        let counts: Vec<i64> = Vec::try_from(choices.bincount::<Tensor>(None, self.shape.experts))
+            .expect("int64 counts");
+        let k = self.shape.top_k;
+        let (all_tokens, all_slots) = (order.divide_scalar_mode(k, "floor"), order.remainder(k));
+        let mut out = flat.zeros_like();
+        let mut offset = 0;
+        for (expert, &count) in self.experts.iter().zip(&counts) {
+            if count == 0 {
+                continue;
+            }
+            let tokens = all_tokens.narrow(0, offset, count);
+            let slots = all_slots.narrow(0, offset, count);
+            offset += count;
+            let input = flat.index_select(0, &tokens);
+            let y = expert
+                .down
+                .forward(&(expert.gate.forward(&input).silu() * expert.up.forward(&input)));
+            let weight = top.index(&[Some(&tokens), Some(&slots)]).unsqueeze(-1);
+            out = out.index_add(0, &tokens, &(y * weight).to_kind(out.kind()));
+        }
+        (out.reshape(size), logits)
+    }
+}
+
+/// `transformers`' `load_balancing_loss_func` over one forward's MoE layers: with f_e the
+/// share of top-k choices that went to expert e and P_e its mean router probability, both
+/// over every layer's tokens where `mask` (`[B·T]`, 1 for a real token) is set,
+/// E · Σ_e f_e·P_e (k when routing is uniform: the shares f sum to k; only P_e carries a
+/// gradient).
+pub fn load_balancing_loss(router_logits: &[Tensor], mask: &Tensor, top_k: i64) -> Tensor {
+    let experts = router_logits[0].size()[1];
+    let device = router_logits[0].device();
+    let mask = mask.reshape([-1]).to_kind(Kind::Float).to_device(device);
+    let mut counts = Tensor::zeros([experts], (Kind::Float, device));
+    let mut prob_sum = Tensor::zeros([experts], (Kind::Float, device));
+    let mut rows = Tensor::zeros([], (Kind::Float, device));
+    for logits in router_logits {
+        let probs = logits.softmax(-1, Kind::Float);
+        let (_, chosen) = probs.topk(top_k, -1, true, true);
+        let weights = mask.unsqueeze(-1).expand_as(&chosen).reshape([-1]);
+        counts = counts.scatter_add(0, &chosen.reshape([-1]), &weights);
+        prob_sum += (&probs * mask.unsqueeze(-1)).sum_dim_intlist(0, false, Kind::Float);
+        rows += mask.sum(Kind::Float);
+    }
+    (counts / &rows * (prob_sum / &rows)).sum(Kind::Float) * experts as f64
+}
+
+/// The coefficients c_e = E·f_e/R of [`load_balancing_loss`] (R: the real tokens of all
+/// layers), without gradient: Σ_layers Σ_tokens Σ_e c_e·p_e·m is the loss, and its
+/// gradient, so that each MoE layer's share can be backpropagated on its own (activation
+/// recomputation backpropagates one layer at a time).
+pub fn load_balancing_coefficients(router_logits: &[Tensor], mask: &Tensor, top_k: i64) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let experts = router_logits[0].size()[1];
+    let device = router_logits[0].device();
+    let mask = mask.reshape([-1]).to_kind(Kind::Float).to_device(device);
+    let mut counts = Tensor::zeros([experts], (Kind::Float, device));
+    for logits in router_logits {
+        let (_, chosen) = logits.softmax(-1, Kind::Float).topk(top_k, -1, true, true);
+        let weights = mask.unsqueeze(-1).expand_as(&chosen).reshape([-1]);
+        counts = counts.scatter_add(0, &chosen.reshape([-1]), &weights);
+    }
+    let rows = mask.sum(Kind::Float) * router_logits.len() as f64;
+    counts / (&rows * &rows) * experts as f64
+}
+
+/// One layer's share of the loss for coefficients `c` (see
+/// [`load_balancing_coefficients`]): Σ_tokens Σ_e c_e·p_e·m.
+pub fn load_balancing_share(logits: &Tensor, mask: &Tensor, c: &Tensor) -> Tensor {
+    let m = mask.reshape([-1, 1]).to_kind(Kind::Float);
+    (logits.softmax(-1, Kind::Float) * m * c).sum(Kind::Float)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_routing_scores_one_and_masked_tokens_do_not_count() {
+        // Equal logits: every probability is 1/E = 1/4 and topk takes two experts for
+        // every token, so f = (1, 1, 0, 0) in some order and E·Σ f·P = 4 · 2/4 = 2 = k.
+        let logits = Tensor::zeros([6, 4], (Kind::Float, tch::Device::Cpu));
+        let mask = Tensor::ones([6], (Kind::Int64, tch::Device::Cpu));
+        let loss = load_balancing_loss(&[logits.shallow_clone()], &mask, 2).double_value(&[]);
+        assert!((loss - 2.0).abs() < 1e-6, "{loss}");
+        // A token routed elsewhere, masked out, changes nothing.
+        let skewed = Tensor::cat(
+            &[logits, Tensor::from_slice(&[0f32, 0., 9., 9.]).view([1, 4])],
+            0,
+        );
+        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 0]);
+        let masked = load_balancing_loss(&[skewed], &mask, 2).double_value(&[]);
+        assert!((masked - 2.0).abs() < 1e-6, "{masked}");
+    }
+
+    #[test]
+    fn layer_shares_add_up_to_the_loss_and_its_gradient() {
+        tch::manual_seed(3);
+        let layers: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn([5, 4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true))
+            .collect();
+        let mask = Tensor::from_slice(&[1i64, 1, 0, 1, 1]);
+        let loss = load_balancing_loss(&layers, &mask, 2);
+        let direct = Tensor::run_backward(&[&loss], &layers, false, false);
+        let c = load_balancing_coefficients(&layers, &mask, 2);
+        let shares: Vec<Tensor> = layers
+            .iter()
+            .map(|l| load_balancing_share(l, &mask, &c))
+            .collect();
+        let total = Tensor::stack(&shares, 0).sum(Kind::Float);
+        assert!((total.double_value(&[]) - loss.double_value(&[])).abs() < 1e-6);
+        let split = Tensor::run_backward(&[&total], &layers, false, false);
+        for (a, b) in direct.iter().zip(&split) {
+            assert!((a - b).abs().max().double_value(&[]) < 1e-6);
+        }
+    }
+}

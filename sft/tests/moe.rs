@@ -1,0 +1,317 @@
+//! `sft train` on a tiny Mixture-of-Experts model (Qwen3-MoE's layout, with the tiny Llama
+//! fixture's tokenizer): the routers' load-balancing loss is added and logged as TRL's
+//! `aux_loss`, a large weight balances the routing that plain training leaves unbalanced,
+//! and the option is refused where it cannot apply.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::models::ModelConfig;
+use common::{Head, Model, ModelOptions};
+use rlhf_tests::{assert_refused, cage_rows, ok, read_jsonl, run_bin};
+use serde_json::json;
+use tch::Kind;
+
+struct Fixture {
+    root: PathBuf,
+    /// The tiny Llama (no experts).
+    llama: PathBuf,
+    moe: PathBuf,
+    train: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sft-moe");
+        rlhf_tests::tiny_llama_fixture(&root);
+        let llama = root.join("model");
+        let base: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(llama.join("config.json")).unwrap())
+                .unwrap();
+        let config = json!({
+            "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+            "vocab_size": base["vocab_size"], "hidden_size": 64, "intermediate_size": 128,
+            "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
+            "num_experts_per_tok": 2, "norm_topk_prob": true, "tie_word_embeddings": false,
+            "router_aux_loss_coef": 0.001, "max_position_embeddings": 256,
+            "initializer_range": 0.1, "bos_token_id": base["bos_token_id"],
+            "eos_token_id": base["eos_token_id"], "pad_token_id": base["pad_token_id"],
+        });
+        tch::manual_seed(0);
+        let config = ModelConfig::from_json(config, Path::new("config.json")).unwrap();
+        let model = Model::new(config, &ModelOptions::cpu(Head::Lm));
+        // Decisive routers, so that some experts start out favoured.
+        tch::no_grad(|| {
+            for (name, mut t) in model.named_tensors() {
+                if name.ends_with("gate.weight") {
+                    t.copy_(&(t.randn_like() * 0.5));
+                }
+            }
+        });
+        let moe = root.join("moe");
+        model.save(&moe, Some(&llama)).unwrap();
+        let train = root.join("train.jsonl");
+        std::fs::write(&train, cage_rows(0..24)).unwrap();
+        Fixture {
+            root,
+            llama,
+            moe,
+            train,
+        }
+    })
+}
+
+fn sft(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let f = fixture();
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        f.train.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--seed",
+        "7",
+    ];
+    args.extend_from_slice(extra);
+    run_bin(env!("CARGO_BIN_EXE_sft"), &args, &[])
+}
+
+/// The first `n` training rows, right-padded with 0: ids and mask.
+fn first_rows(n: usize) -> (Vec<Vec<i64>>, Vec<Vec<i64>>) {
+    let f = fixture();
+    let rows = rlhf_tests::sft_rows(&f.moe, &f.train, 128);
+    let t = rows.iter().take(n).map(|r| r.ids.len()).max().unwrap();
+    rows.iter()
+        .take(n)
+        .map(|r| {
+            let pad = t - r.ids.len();
+            let ids = r.ids.iter().copied().chain(std::iter::repeat_n(0, pad));
+            let mask = std::iter::repeat_n(1i64, r.ids.len()).chain(std::iter::repeat_n(0, pad));
+            (ids.collect(), mask.collect())
+        })
+        .unzip()
+}
+
+/// The load-balancing loss of `dir`'s routers on the first training rows.
+fn balance(dir: &Path) -> f64 {
+    let model = Model::load(dir, &ModelOptions::cpu(Head::Lm)).unwrap().0;
+    let (ids, mask) = first_rows(8);
+    model.record_router_logits(true);
+    let _ = model.hidden(
+        &rlhf_tests::tensor_2d_i64(&json!(ids)),
+        &rlhf_tests::tensor_2d_i64(&json!(mask)),
+        None,
+    );
+    let aux = model.take_router_aux_loss().unwrap();
+    aux.to_kind(Kind::Double).double_value(&[])
+}
+
+#[test]
+fn load_balancing_loss_is_logged_and_balances_the_routers() {
+    let f = fixture();
+    let steps = "12";
+    let (plain, balanced, default) = (
+        f.root.join("run-plain"),
+        f.root.join("run-balanced"),
+        f.root.join("run-default"),
+    );
+    ok(&sft(
+        &f.moe,
+        &plain,
+        &["--max-steps", steps, "--router-aux-loss-coef", "0"],
+    ));
+    ok(&sft(
+        &f.moe,
+        &balanced,
+        &["--max-steps", steps, "--router-aux-loss-coef", "1"],
+    ));
+    ok(&sft(&f.moe, &default, &["--max-steps", "2"]));
+    let plain_metrics = read_jsonl(&plain.join("metrics.jsonl"));
+    assert!(plain_metrics.iter().all(|m| m.get("aux_loss").is_none()));
+    // TRL's aux_loss every step: E·Σ f·P, between k = 2 (balanced) and E = 4.
+    for run in [&balanced, &default] {
+        for m in read_jsonl(&run.join("metrics.jsonl")) {
+            let aux = m["aux_loss"].as_f64().expect("aux_loss logged");
+            assert!((2.0..=4.0).contains(&aux), "aux_loss {aux}");
+        }
+    }
+    let (start, after_plain, after_balanced) = (
+        balance(&f.moe),
+        balance(&plain.join("final")),
+        balance(&balanced.join("final")),
+    );
+    eprintln!("balance: start {start:.4}, plain {after_plain:.4}, balanced {after_balanced:.4}");
+    assert!(
+        after_balanced < start - 0.1 && after_balanced < after_plain - 0.1,
+        "load-balancing loss: start {start}, after plain SFT {after_plain}, with weight 1 {after_balanced}"
+    );
+    // The task still learns with it.
+    let loss = |run: &Path| {
+        let m = read_jsonl(&run.join("metrics.jsonl"));
+        (
+            m[0]["train/loss"].as_f64().unwrap(),
+            m[m.len() - 1]["train/loss"].as_f64().unwrap(),
+        )
+    };
+    let (first, last) = loss(&balanced);
+    assert!(
+        last < first / 2.0,
+        "train loss {first} → {last} with the balancing loss"
+    );
+}
+
+#[test]
+fn router_aux_loss_coef_is_refused_where_it_cannot_apply() {
+    let f = fixture();
+    assert_refused(
+        &sft(
+            &f.llama,
+            &f.root.join("run-dense"),
+            &["--router-aux-loss-coef", "0.01"],
+        ),
+        "--router-aux-loss-coef: ",
+    );
+    assert_refused(
+        &sft(
+            &f.moe,
+            &f.root.join("run-negative"),
+            &["--router-aux-loss-coef=-1"],
+        ),
+        "--router-aux-loss-coef must be ≥ 0",
+    );
+}
+
+/// Activation recomputation backpropagates each MoE block's share of the loss in its
+/// recomputed backward: the weights and the logged losses are those of the run that keeps
+/// its activations.
+#[test]
+fn gradient_checkpointing_keeps_the_load_balancing_gradient() {
+    let f = fixture();
+    let (kept, recomputed) = (f.root.join("run-kept"), f.root.join("run-recomputed"));
+    let extra = ["--max-steps", "3", "--router-aux-loss-coef", "0.5"];
+    ok(&sft(&f.moe, &kept, &extra));
+    ok(&sft(
+        &f.moe,
+        &recomputed,
+        &[&extra[..], &["--gradient-checkpointing"]].concat(),
+    ));
+    let diff =
+        rlhf_tests::max_weight_diff(&kept.join("final"), &recomputed.join("final"), Head::Lm);
+    assert!(
+        diff < 1e-5,
+        "recomputed vs kept activations: weights differ by {diff:e}"
+    );
+    let (a, b) = (
+        read_jsonl(&kept.join("metrics.jsonl")),
+        read_jsonl(&recomputed.join("metrics.jsonl")),
+    );
+    for (a, b) in a.iter().zip(&b) {
+        let (x, y) = (
+            a["aux_loss"].as_f64().unwrap(),
+            b["aux_loss"].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() < 1e-5, "aux_loss {x} vs {y}");
+    }
+    // Without the loss the runs differ: it acts.
+    let plain = f.root.join("run-kept-plain");
+    ok(&sft(
+        &f.moe,
+        &plain,
+        &["--max-steps", "3", "--router-aux-loss-coef", "0"],
+    ));
+    let acts = rlhf_tests::max_weight_diff(&kept.join("final"), &plain.join("final"), Head::Lm);
+    assert!(
+        acts > 1e-4,
+        "the load-balancing loss changed the weights by {acts:e} only"
+    );
+}
+
+/// LoRA on a MoE model adapts the attention (the experts and routers stay as they are):
+/// PEFT loads the adapter on transformers' Qwen3-MoE, and transformers the merged model,
+/// with our log-probs.
+#[test]
+fn lora_on_a_moe_model_loads_in_peft() {
+    let f = fixture();
+    let out = f.root.join("run-lora");
+    let targets = "q_proj,k_proj,v_proj,o_proj";
+    let extra = [
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--lora-target-modules",
+        targets,
+        "--save-merged",
+    ];
+    ok(&sft(&f.moe, &out, &extra));
+    let (ids, mask) = first_rows(3);
+    let t = ids[0].len();
+    let ids_path = f.root.join("lora-ids.json");
+    std::fs::write(&ids_path, json!({"ids": ids, "mask": mask}).to_string()).unwrap();
+    let (adapter, merged) = (out.join("final"), out.join("final_merged"));
+    let theirs = rlhf_tests::run_python(
+        "peft_reference.py",
+        &[
+            "check",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--merged",
+            merged.to_str().unwrap(),
+            "--ids",
+            ids_path.to_str().unwrap(),
+        ],
+    );
+    let ids = rlhf_tests::tensor_2d_i64(&json!(ids));
+    let mask = rlhf_tests::tensor_2d_i64(&json!(mask));
+    let model = Model::load(&adapter, &ModelOptions::cpu(Head::Lm))
+        .unwrap()
+        .0;
+    let logits = tch::no_grad(|| model.forward(&ids, &mask));
+    let n = t as i64 - 1;
+    let ours = common::ops::logprobs_of(&logits.narrow(1, 0, n), &ids.narrow(1, 1, n));
+    let valid = mask.narrow(1, 0, n) * mask.narrow(1, 1, n);
+    let base = Model::load(&f.moe, &ModelOptions::cpu(Head::Lm)).unwrap().0;
+    let base_logits = tch::no_grad(|| base.forward(&ids, &mask));
+    let before = common::ops::logprobs_of(&base_logits.narrow(1, 0, n), &ids.narrow(1, 1, n));
+    assert!(
+        rlhf_tests::max_masked_diff(&ours, &before, &valid) > 1e-3,
+        "the adapter changed nothing"
+    );
+    for key in ["adapter", "merged"] {
+        let diff =
+            rlhf_tests::max_masked_diff(&ours, &rlhf_tests::tensor_2d_f32(&theirs[key]), &valid);
+        assert!(diff < 1e-4, "{key}: PEFT/transformers differ by {diff:e}");
+    }
+    let stored = safetensors_keys(&adapter.join("adapter_model.safetensors"));
+    assert!(
+        stored.iter().all(|k| k.contains(".self_attn.")),
+        "{stored:?}"
+    );
+}
+
+fn safetensors_keys(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect()
+}
