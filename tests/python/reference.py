@@ -100,10 +100,25 @@ def configs():
             num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=6,
             num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[1],
             tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1, **common),
+        # Qwen2-MoE: q/k/v biases, 4 experts of their own width, top 2 renormalised, a
+        # gated shared expert, the first layer dense (decoder_sparse_step 2).
+        "qwen2_moe": tf.Qwen2MoeConfig(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=40,
+            shared_expert_intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+            decoder_sparse_step=2, tie_word_embeddings=False, max_position_embeddings=64,
+            initializer_range=0.1, **common),
+        # OLMoE: q/k norms over all heads, clipped q/k/v, 5 experts, top 2 not renormalised.
+        "olmoe": tf.OlmoeConfig(
+            hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=5, num_experts_per_tok=2, clip_qkv=0.5,
+            tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1, **common),
     }
 
 
-MOE = ("mixtral", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+# transformers has no sequence-classification class for these.
+NO_SCORE = ("olmoe",)
 
 
 def positions(mask):
@@ -145,7 +160,7 @@ def make(root, cases):
                 out_ = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                              output_router_logits=True)
                 res["aux_loss"] = out_.aux_loss.item()
-                # The gradient of the first router for the next-token NLL (mean over real
+                # The gradient of the first layer's router for the next-token NLL (mean over real
                 # targets) plus 0.5 × aux_loss.
                 with torch.enable_grad():
                     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
@@ -153,8 +168,7 @@ def make(root, cases):
                     logp = logits.logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
                     valid = (mask[:, :-1] * mask[:, 1:]).float()
                     total = -(logp * valid).sum() / valid.sum() + 0.5 * logits.aux_loss
-                    router = next(p for n, p in model.named_parameters()
-                                  if ".layers.0." in n and n.endswith("gate.weight"))
+                    router = next(p for n, p in model.named_parameters() if n.endswith(".gate.weight"))
                     res["router_grad"] = torch.autograd.grad(total, router)[0].tolist()
             ids, mask = batch(cases["prompts"])
             gen = model.generate(
@@ -182,6 +196,11 @@ def check(root, cases):
     out = {}
     for name in configs():
         lm = tf.AutoModelForCausalLM.from_pretrained(f"{root}/{name}-saved-lm").eval()
+        if name in NO_SCORE:
+            ids, mask = batch(cases["batches"]["right"])
+            with torch.no_grad():
+                out[name] = {"logprobs": token_logprobs(lm, ids, mask).tolist()}
+            continue
         score = tf.AutoModelForSequenceClassification.from_pretrained(f"{root}/{name}-saved-score").eval()
         # `architectures` must name the class transformers itself would (vLLM looks it up).
         for model in (lm, score):

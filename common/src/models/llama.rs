@@ -99,6 +99,14 @@ pub struct Config {
     pub router_aux_loss_coef: Option<f64>,
     #[serde(default)]
     pub router_jitter_noise: Option<f64>,
+    /// Qwen2-MoE: q/k/v biases (default true) and the shared expert's width.
+    #[serde(default)]
+    pub qkv_bias: Option<bool>,
+    #[serde(default)]
+    pub shared_expert_intermediate_size: Option<i64>,
+    /// OLMoE: queries, keys and values clamped to ±this after their projections.
+    #[serde(default)]
+    pub clip_qkv: Option<f64>,
 }
 
 mod defaults {
@@ -163,9 +171,19 @@ impl Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.
+    /// Qwen2 always has q/k/v biases, Qwen2-MoE unless `qkv_bias` is false; Llama has them
+    /// when `attention_bias` is set.
     pub fn qkv_bias(&self) -> bool {
-        self.model_type == ModelType::Qwen2 || self.attention_bias
+        match self.model_type {
+            ModelType::Qwen2 => true,
+            ModelType::Qwen2Moe => self.qkv_bias.unwrap_or(true),
+            _ => self.attention_bias,
+        }
+    }
+
+    /// OLMoE biases its output projection too when `attention_bias` is set.
+    pub fn o_bias(&self) -> bool {
+        self.model_type == ModelType::Olmoe && self.attention_bias
     }
 
     /// Phi-3 stores q, k and v as one `qkv_proj`, and gate and up as one `gate_up_proj`.
@@ -178,14 +196,22 @@ impl Config {
         (self.head_dim() as f64 * self.partial_rotary_factor) as i64
     }
 
-    /// Qwen3 normalises each head's queries and keys (`q_norm`, `k_norm`) before rotary.
-    pub fn qk_norm(&self) -> bool {
-        matches!(self.model_type, ModelType::Qwen3 | ModelType::Qwen3Moe)
+    /// Qwen3 normalises each head's queries and keys (`q_norm`, `k_norm`) before rotary;
+    /// OLMoE all of them at once, right after their projections.
+    pub fn qk_norm(&self) -> Option<QkNormKind> {
+        match self.model_type {
+            ModelType::Qwen3 | ModelType::Qwen3Moe => Some(QkNormKind::PerHead),
+            ModelType::Olmoe => Some(QkNormKind::Whole),
+            _ => None,
+        }
     }
 
     /// Whether the architecture puts sparse MoE blocks in its layers.
     pub fn is_moe(&self) -> bool {
-        matches!(self.model_type, ModelType::Mixtral | ModelType::Qwen3Moe)
+        matches!(
+            self.model_type,
+            ModelType::Mixtral | ModelType::Qwen2Moe | ModelType::Qwen3Moe | ModelType::Olmoe
+        )
     }
 
     /// Experts per MoE layer and experts per token (transformers' defaults when absent).
@@ -194,6 +220,14 @@ impl Config {
             ModelType::Mixtral => (
                 self.num_local_experts.or(self.num_experts).unwrap_or(8),
                 self.num_experts_per_tok.unwrap_or(2),
+            ),
+            ModelType::Qwen2Moe => (
+                self.num_experts.or(self.num_local_experts).unwrap_or(60),
+                self.num_experts_per_tok.unwrap_or(4),
+            ),
+            ModelType::Olmoe => (
+                self.num_experts.or(self.num_local_experts).unwrap_or(64),
+                self.num_experts_per_tok.unwrap_or(8),
             ),
             _ => (
                 self.num_experts.or(self.num_local_experts).unwrap_or(128),
@@ -207,8 +241,8 @@ impl Config {
     pub fn moe_shape(&self, i: i64) -> Option<MoeShape> {
         let (experts, top_k) = self.experts();
         let sparse = match self.model_type {
-            ModelType::Mixtral => true,
-            ModelType::Qwen3Moe => {
+            ModelType::Mixtral | ModelType::Olmoe => true,
+            ModelType::Qwen2Moe | ModelType::Qwen3Moe => {
                 let step = self.decoder_sparse_step.unwrap_or(1);
                 !self.mlp_only_layers.as_deref().unwrap_or(&[]).contains(&i)
                     && experts > 0
@@ -219,9 +253,12 @@ impl Config {
         sparse.then(|| MoeShape {
             hidden: self.hidden_size,
             intermediate: match self.model_type {
-                ModelType::Mixtral => self.intermediate_size,
+                ModelType::Mixtral | ModelType::Olmoe => self.intermediate_size,
+                ModelType::Qwen2Moe => self.moe_intermediate_size.unwrap_or(1408),
                 _ => self.moe_intermediate_size.unwrap_or(768),
             },
+            shared_intermediate: (self.model_type == ModelType::Qwen2Moe)
+                .then(|| self.shared_expert_intermediate_size.unwrap_or(5632)),
             experts,
             top_k,
             norm_topk_prob: self.norm_topk_prob || self.model_type == ModelType::Mixtral,
@@ -294,7 +331,7 @@ impl Config {
             ))
         } else if matches!(
             self.model_type,
-            ModelType::Qwen2 | ModelType::Qwen3 | ModelType::Qwen3Moe
+            ModelType::Qwen2 | ModelType::Qwen3 | ModelType::Qwen2Moe | ModelType::Qwen3Moe
         ) && self.use_sliding_window == Some(true)
         {
             Some(format!(
@@ -522,6 +559,15 @@ enum GateUp {
     Fused(Linear),
 }
 
+/// Where a layer normalises its queries and keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNormKind {
+    /// Each head over `head_dim`, after the split into heads (Qwen3).
+    PerHead,
+    /// All heads at once, right after the projection (OLMoE).
+    Whole,
+}
+
 /// The feed-forward part of a layer: an MLP, or a sparse MoE block. (One per layer: the
 /// variants' sizes do not matter.)
 #[derive(Debug)]
@@ -536,8 +582,11 @@ struct Layer {
     input_layernorm: RmsNorm,
     qkv: Qkv,
     o_proj: Linear,
-    /// Qwen3's per-head norms of queries and keys (over `head_dim`).
-    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    /// The norms of queries and keys: Qwen3's per head (over `head_dim`), OLMoE's over
+    /// all of them.
+    qk_norm: Option<(QkNormKind, RmsNorm, RmsNorm)>,
+    /// OLMoE's `clip_qkv`.
+    clip_qkv: Option<f64>,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
     n_heads: i64,
@@ -566,11 +615,20 @@ impl Layer {
                     v: linear(&attn / "v_proj", (h, nkv * d), cfg.qkv_bias()),
                 }
             },
-            o_proj: linear(&attn / "o_proj", (nh * d, h), cfg.attention_bias),
-            qk_norm: cfg.qk_norm().then(|| {
-                let per_head = |path: nn::Path| RmsNorm::new(path, d, cfg.rms_norm_eps, opts);
-                (per_head(&attn / "q_norm"), per_head(&attn / "k_norm"))
+            o_proj: linear(&attn / "o_proj", (nh * d, h), cfg.o_bias()),
+            qk_norm: cfg.qk_norm().map(|kind| {
+                let norm = |path: nn::Path, dim| RmsNorm::new(path, dim, cfg.rms_norm_eps, opts);
+                let (q_dim, k_dim) = match kind {
+                    QkNormKind::PerHead => (d, d),
+                    QkNormKind::Whole => (nh * d, nkv * d),
+                };
+                (
+                    kind,
+                    norm(&attn / "q_norm", q_dim),
+                    norm(&attn / "k_norm", k_dim),
+                )
             }),
+            clip_qkv: cfg.clip_qkv,
             post_attention_layernorm: norm(&p / "post_attention_layernorm"),
             mlp: match cfg.moe_shape(index) {
                 Some(shape) if cfg.model_type == ModelType::Mixtral => Mlp::Sparse(SparseMoe::new(
@@ -632,8 +690,15 @@ impl Layer {
                 (next(), next(), next())
             }
         };
+        let (mut q, mut k, mut v) = (q, k, v);
+        if let Some((QkNormKind::Whole, q_norm, k_norm)) = &self.qk_norm {
+            (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
+        }
+        if let Some(c) = self.clip_qkv {
+            (q, k, v) = (q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c));
+        }
         let (mut q, mut k) = (heads(q, self.n_heads), heads(k, self.n_kv_heads));
-        if let Some((q_norm, k_norm)) = &self.qk_norm {
+        if let Some((QkNormKind::PerHead, q_norm, k_norm)) = &self.qk_norm {
             (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
         }
         let (q, k) = (rope(q), rope(k));

@@ -199,7 +199,9 @@ pub fn default_targets(model_type: ModelType) -> Vec<String> {
         | ModelType::Qwen2
         | ModelType::Qwen3
         | ModelType::Mixtral
+        | ModelType::Qwen2Moe
         | ModelType::Qwen3Moe
+        | ModelType::Olmoe
         | ModelType::Gemma
         | ModelType::Gemma2
         | ModelType::Gemma3Text => {

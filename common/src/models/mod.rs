@@ -50,12 +50,15 @@ pub enum ModelType {
     #[serde(rename = "gemma3_text")]
     Gemma3Text,
     Mixtral,
+    #[serde(rename = "qwen2_moe")]
+    Qwen2Moe,
     #[serde(rename = "qwen3_moe")]
     Qwen3Moe,
+    Olmoe,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 11] = [
+    pub const ALL: [ModelType; 13] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
@@ -66,7 +69,9 @@ impl ModelType {
         ModelType::Gemma2,
         ModelType::Gemma3Text,
         ModelType::Mixtral,
+        ModelType::Qwen2Moe,
         ModelType::Qwen3Moe,
+        ModelType::Olmoe,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,12 +86,15 @@ impl ModelType {
             ModelType::Gemma2 => "gemma2",
             ModelType::Gemma3Text => "gemma3_text",
             ModelType::Mixtral => "mixtral",
+            ModelType::Qwen2Moe => "qwen2_moe",
             ModelType::Qwen3Moe => "qwen3_moe",
+            ModelType::Olmoe => "olmoe",
         }
     }
 
-    /// `transformers`' class names (also what vLLM looks up): causal LM and scalar head.
-    /// GPT-2's LM class is the historical `GPT2LMHeadModel`.
+    /// `transformers`' class names (also what vLLM looks up): causal LM and scalar head
+    /// (empty where transformers has none). GPT-2's LM class is the historical
+    /// `GPT2LMHeadModel`.
     fn classes(self) -> (&'static str, &'static str) {
         match self {
             ModelType::Gpt2 => ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
@@ -99,7 +107,10 @@ impl ModelType {
             ModelType::Gemma2 => ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
             ModelType::Gemma3Text => ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
             ModelType::Mixtral => ("MixtralForCausalLM", "MixtralForSequenceClassification"),
+            ModelType::Qwen2Moe => ("Qwen2MoeForCausalLM", "Qwen2MoeForSequenceClassification"),
             ModelType::Qwen3Moe => ("Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
+            // transformers has no OlmoeForSequenceClassification: no scalar head.
+            ModelType::Olmoe => ("OlmoeForCausalLM", ""),
         }
     }
 }
@@ -167,7 +178,9 @@ impl ModelConfig {
             | ModelType::Qwen3
             | ModelType::Phi3
             | ModelType::Mixtral
-            | ModelType::Qwen3Moe => {
+            | ModelType::Qwen2Moe
+            | ModelType::Qwen3Moe
+            | ModelType::Olmoe => {
                 let c: llama::Config = serde_json::from_value(json).map_err(invalid)?;
                 c.validate(path)?;
                 Arch::Llama(c)
@@ -611,6 +624,12 @@ impl Model {
             *ids = Tokenizer::load(dir)?.encode(text, true)?;
         }
         let config = ModelConfig::load(dir)?;
+        if opts.head == Head::Score && config.model_type.classes().1.is_empty() {
+            return Err(Error::config(
+                dir.join("config.json"),
+                format!("model_type '{}' has no sequence-classification class in transformers, so it cannot be a reward or value model (a scalar head) here", config.model_type.name()),
+            ));
+        }
         let stored = quant::Bnb4bit::from_config(&config.raw)
             .map_err(|m| Error::config(dir.join("config.json"), m))?;
         if let (Some(stored), Some(asked)) = (&stored, &opts.quantization) {
@@ -1395,7 +1414,12 @@ impl Model {
     /// The load-balancing loss's weight the model's `config.json` declares (MoE models).
     pub fn config_router_aux_loss_coef(&self) -> Option<f64> {
         match &self.config.arch {
-            Arch::Llama(c) if c.is_moe() => Some(c.router_aux_loss_coef.unwrap_or(0.001)),
+            Arch::Llama(c) if c.is_moe() => {
+                Some(c.router_aux_loss_coef.unwrap_or(match c.model_type {
+                    ModelType::Olmoe => 0.01,
+                    _ => 0.001,
+                }))
+            }
             _ => None,
         }
     }
@@ -1875,7 +1899,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe)"
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, olmoe)"
         );
         // LongRoPE needs one factor per rotary frequency (head_dim 4: two).
         let mut phi3 = tiny_llama();

@@ -1,17 +1,21 @@
-//! Sparse Mixture-of-Experts feed-forward blocks: Mixtral (Jiang et al. 2024) and
-//! Qwen3-MoE, which put them in the Llama family's decoder layer in place of the MLP.
+//! Sparse Mixture-of-Experts feed-forward blocks: Mixtral (Jiang et al. 2024), Qwen2-MoE,
+//! Qwen3-MoE and OLMoE (Muennighoff et al. 2024), which put them in the Llama family's
+//! decoder layer in place of the MLP.
 //!
-//! Mirrors `transformers/models/mixtral/modeling_mixtral.py` and `qwen3_moe`: a router
+//! Mirrors `transformers/models/mixtral/modeling_mixtral.py` (and `qwen2_moe`, `qwen3_moe`,
+//! `olmoe`): a router
 //! (`gate`, a bias-free `[E, H]` weight) scores each token's experts; the softmax (in f32)
 //! picks the top k, whose probabilities are renormalised to sum to one (always in
-//! Mixtral, with `norm_topk_prob` in Qwen3-MoE); each expert is a SwiGLU MLP and a token's
-//! output is its experts' outputs weighted by those probabilities. Experts keep the
+//! Mixtral, with `norm_topk_prob` in the others); each expert is a SwiGLU MLP and a token's
+//! output is its experts' outputs weighted by those probabilities, plus, in Qwen2-MoE, a
+//! shared expert (a SwiGLU MLP every token goes through) scaled by σ(`shared_expert_gate`). Experts keep the
 //! checkpoints' per-expert names (`experts.{i}.gate_proj`, or Mixtral's `w1`, `w3`, `w2`),
 //! as `transformers` saves them. Neither LoRA nor 4-bit loading touches the router or the
 //! experts: transformers 5 holds the experts fused in 3-D parameters, which bitsandbytes
 //! leaves unquantized and PEFT adapts only through `target_parameters` in a layout of its
-//! own; adapters go on the attention projections (and the dense layers' MLPs), and the
-//! experts train or stay frozen with the rest of the base.
+//! own; adapters go on the attention projections (and the dense layers' MLPs, and Qwen2-MoE's
+//! shared expert, plain linear layers in transformers too), and the experts train or stay
+//! frozen with the rest of the base.
 //!
 //! [`load_balancing_loss`] is the Switch Transformer auxiliary loss as `transformers`'
 //! `load_balancing_loss_func` computes it, which the training stages add with
@@ -36,6 +40,8 @@ pub struct MoeShape {
     /// Mixtral's `router_jitter_noise`: in training forwards the block's input is scaled
     /// by uniform noise in [1 − j, 1 + j] before routing (experts see it too).
     pub jitter: f64,
+    /// Qwen2-MoE's shared expert's width.
+    pub shared_intermediate: Option<i64>,
     pub std: f64,
 }
 
@@ -46,12 +52,37 @@ struct Expert {
     down: Linear,
 }
 
+impl Expert {
+    /// `p/{names}` (gate, up, down) of a SwiGLU MLP `h → i → h`.
+    fn new(
+        p: &nn::Path,
+        names: [&str; 3],
+        (h, i): (i64, i64),
+        std: f64,
+        opts: &ModelOptions,
+    ) -> Self {
+        let linear = |name: &str, dims| Linear::new(p / name, dims, false, std, opts);
+        Expert {
+            gate: linear(names[0], (h, i)),
+            up: linear(names[1], (h, i)),
+            down: linear(names[2], (i, h)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down
+            .forward(&(self.gate.forward(x).silu() * self.up.forward(x)))
+    }
+}
+
 /// One sparse MoE block (`mlp` in Qwen3-MoE, `block_sparse_moe` in Mixtral).
 #[derive(Debug)]
 pub struct SparseMoe {
     /// The router's `[E, H]` weight (`gate.weight`), never adapted or quantized.
     router: Tensor,
     experts: Vec<Expert>,
+    /// Qwen2-MoE's shared expert and its gate (`shared_expert`, `shared_expert_gate`).
+    shared: Option<(Expert, Linear)>,
     shape: MoeShape,
     /// Qwen3-MoE casts the routing weights to the activations' dtype before weighting the
     /// experts' outputs; Mixtral keeps them in f32 until the sum.
@@ -65,6 +96,12 @@ impl SparseMoe {
             mean: 0.0,
             stdev: shape.std,
         };
+        let shared = shape.shared_intermediate.map(|s| {
+            let names = ["gate_proj", "up_proj", "down_proj"];
+            let expert = Expert::new(&(&p / "shared_expert"), names, (h, s), shape.std, opts);
+            let gate = Linear::new(&p / "shared_expert_gate", (h, 1), false, shape.std, opts);
+            (expert, gate)
+        });
         // The base's own options, without adapters or quantization.
         let opts = &ModelOptions {
             trainable: opts.base_trains(),
@@ -79,20 +116,12 @@ impl SparseMoe {
             _ => ["gate_proj", "up_proj", "down_proj"],
         };
         let experts = (0..shape.experts)
-            .map(|e| {
-                let q = &p / "experts" / e;
-                let linear =
-                    |name: &str, dims| Linear::new(&q / name, dims, false, shape.std, opts);
-                Expert {
-                    gate: linear(names[0], (h, i)),
-                    up: linear(names[1], (h, i)),
-                    down: linear(names[2], (i, h)),
-                }
-            })
+            .map(|e| Expert::new(&(&p / "experts" / e), names, (h, i), shape.std, opts))
             .collect();
         SparseMoe {
             router,
             experts,
+            shared,
             shape,
             weights_in_activation_kind: model_type != ModelType::Mixtral,
         }
@@ -135,12 +164,12 @@ impl SparseMoe {
             let tokens = all_tokens.narrow(0, offset, count);
             let slots = all_slots.narrow(0, offset, count);
             offset += count;
-            let input = flat.index_select(0, &tokens);
-            let y = expert
-                .down
-                .forward(&(expert.gate.forward(&input).silu() * expert.up.forward(&input)));
+            let y = expert.forward(&flat.index_select(0, &tokens));
             let weight = top.index(&[Some(&tokens), Some(&slots)]).unsqueeze(-1);
             out = out.index_add(0, &tokens, &(y * weight).to_kind(out.kind()));
+        }
+        if let Some((expert, gate)) = &self.shared {
+            out = &out + gate.forward(&flat).sigmoid() * expert.forward(&flat);
         }
         (out.reshape(size), logits)
     }
