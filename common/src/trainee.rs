@@ -189,7 +189,7 @@ impl Trainee {
         }
         self.optimizer.zero_grad();
         // Router logits of forwards no backward used (none in the stages' loops).
-        drop(self.model.take_router_aux_loss());
+        self.model.forget_router_logits();
         for average in &mut self.averages {
             average.update(&self.model);
         }

@@ -72,6 +72,10 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub memory: MemoryArgs,
+    /// Turn off LoRA's dropout in training (TRL's disable_dropout, true by default in
+    /// DPOConfig and KTOConfig; the adapter's lora_dropout stays in its files).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub disable_dropout: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -146,10 +150,13 @@ struct Inputs {
 fn read_inputs(args: &TrainArgs, world: &World) -> Result<(Model, Reference, Inputs)> {
     let (device, kind) = args.device.resolve_for(world);
     args.run.seed_torch();
-    let opts = args.memory.apply(
-        args.adapter
-            .apply(ModelOptions::new(Head::Lm, device, kind)),
-    );
+    let opts = ModelOptions {
+        disable_dropout: args.disable_dropout,
+        ..args.memory.apply(
+            args.adapter
+                .apply(ModelOptions::new(Head::Lm, device, kind)),
+        )
+    };
     let (mut policy, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let tok = args.tokenizer.apply(&mut policy, tok)?;
     let reference = match args.loss.uses_reference() {

@@ -624,6 +624,37 @@ fn at_the_reference_the_loss_is_ln2() {
 }
 
 /// The greedy answers to `prompts`.
+/// TRL's `disable_dropout` (true in DPOConfig): LoRA's dropout is off in training unless
+/// `--disable-dropout false`, and the adapter's files keep its `lora_dropout`.
+#[test]
+fn lora_dropout_is_disabled_as_trl_disables_it() {
+    let f = fixture();
+    let run = |name: &str, extra: &[&str]| {
+        let out = f.root.join(name);
+        let args = [
+            &["--max-steps", "2", "--lora-r", "4", "--lr", "1e-2"][..],
+            extra,
+        ]
+        .concat();
+        ok(&train(&out, &args, &[]));
+        out.join("final")
+    };
+    let none = run("dropout-none", &[]);
+    let disabled = run("dropout-disabled", &["--lora-dropout", "0.5"]);
+    let kept = run(
+        "dropout-kept",
+        &["--lora-dropout", "0.5", "--disable-dropout", "false"],
+    );
+    let diff = |a: &Path, b: &Path| rlhf_tests::max_weight_diff(a, b, Head::Lm);
+    assert!(diff(&none, &disabled) < 1e-7, "{}", diff(&none, &disabled));
+    assert!(diff(&none, &kept) > 1e-4, "{}", diff(&none, &kept));
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(disabled.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["lora_dropout"], json!(0.5));
+}
+
 fn greedy_answers(model_dir: &Path, prompts: &[String]) -> Vec<String> {
     let (model, tok) = Model::load_with_tokenizer(model_dir, &ModelOptions::cpu(Head::Lm)).unwrap();
     let ids: Vec<Vec<i64>> = prompts

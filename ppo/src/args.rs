@@ -553,6 +553,10 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub memory: MemoryArgs,
+    /// Turn off LoRA's dropout in training (TRL's disable_dropout: false by default in
+    /// GRPOConfig and RLOOConfig; the adapter's lora_dropout stays in its files).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub disable_dropout: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,

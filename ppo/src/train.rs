@@ -530,10 +530,13 @@ impl<'a> Ppo<'a> {
         (device, kind): (Device, Kind),
         world: &World,
     ) -> Result<Self> {
-        let lm = args.memory.apply(
-            args.adapter
-                .apply(ModelOptions::new(Head::Lm, device, kind)),
-        );
+        let lm = ModelOptions {
+            disable_dropout: args.disable_dropout,
+            ..args.memory.apply(
+                args.adapter
+                    .apply(ModelOptions::new(Head::Lm, device, kind)),
+            )
+        };
         let (mut policy, tok) = Model::load_with_tokenizer(&args.policy, &lm)?;
         let tok = args.tokenizer.apply(&mut policy, tok)?;
         // A fresh adapter on a full model switched off is the SFT policy; an adapter

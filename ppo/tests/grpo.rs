@@ -1152,6 +1152,54 @@ fn eval_prompts_are_scored_and_leave_training_alone() {
     assert_eq!(diff, 0.0, "evaluation changed the trained weights");
 }
 
+/// A Mixture-of-Experts policy (a tiny Qwen3-MoE): GRPO adds the routers' load-balancing
+/// loss (`--router-aux-loss-coef`) and logs TRL's `aux_loss` each iteration; with
+/// `--gradient-checkpointing` (each recomputed MoE block adds its share) the weights and
+/// the logged losses are the same, and without the loss the weights differ.
+#[test]
+fn moe_policy_trains_with_the_load_balancing_loss() {
+    let f = fixture();
+    let moe = f.root.join("moe");
+    rlhf_tests::tiny_moe(&f.policy, &moe);
+    let moe_args = |out: &Path, extra: &[&str]| {
+        let mut argv = argv(out, &[&EXACT_ANSWER_RUN[..], extra].concat());
+        argv[1] = moe.to_str().unwrap().to_string();
+        rlhf_tests::parse_args::<TrainArgs, _>(&argv)
+    };
+    let (kept, recomputed, plain) = (
+        f.root.join("run-moe"),
+        f.root.join("run-moe-recomputed"),
+        f.root.join("run-moe-plain"),
+    );
+    run(&moe_args(&kept, &["--router-aux-loss-coef", "0.5"])).unwrap();
+    let extra = ["--router-aux-loss-coef", "0.5", "--gradient-checkpointing"];
+    run(&moe_args(&recomputed, &extra)).unwrap();
+    run(&moe_args(&plain, &["--router-aux-loss-coef", "0"])).unwrap();
+    let (a, b) = (metrics(&kept), metrics(&recomputed));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        let (u, v) = (
+            x["aux_loss"].as_f64().unwrap(),
+            y["aux_loss"].as_f64().unwrap(),
+        );
+        // E·Σ f·P: about k = 2 when balanced, at most E = 4.
+        assert!(
+            (1.0..=4.0).contains(&u) && (u - v).abs() < 1e-5,
+            "aux_loss {u} vs {v}"
+        );
+    }
+    assert!(metrics(&plain).iter().all(|m| m.get("aux_loss").is_none()));
+    let diff = |a: &Path, b: &Path| {
+        rlhf_tests::max_weight_diff(&a.join("final"), &b.join("final"), Head::Lm)
+    };
+    assert!(
+        diff(&kept, &recomputed) < 1e-5,
+        "{}",
+        diff(&kept, &recomputed)
+    );
+    assert!(diff(&kept, &plain) > 1e-4, "{}", diff(&kept, &plain));
+}
+
 /// `--shuffle-dataset false` (TRL's `shuffle_dataset`): the prompts come in the file's
 /// order, 8 per iteration (each with its 4 responses in a row); shuffled, they do not.
 #[test]

@@ -50,6 +50,10 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub memory: MemoryArgs,
+    /// Turn off LoRA's dropout in training (TRL's disable_dropout, true by default in
+    /// RewardConfig; the adapter's lora_dropout stays in its files).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub disable_dropout: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -238,10 +242,13 @@ struct Inputs {
 fn read_inputs(args: &TrainArgs, world: &World) -> Result<Inputs> {
     let (device, kind) = args.device.resolve_for(world);
     args.run.seed_torch();
-    let opts = args.memory.apply(
-        args.adapter
-            .apply(ModelOptions::new(Head::Score, device, kind)),
-    );
+    let opts = ModelOptions {
+        disable_dropout: args.disable_dropout,
+        ..args.memory.apply(
+            args.adapter
+                .apply(ModelOptions::new(Head::Score, device, kind)),
+        )
+    };
     let (mut model, tok) = Model::load_with_tokenizer(&args.model, &opts)?;
     let tok = args.tokenizer.apply(&mut model, tok)?;
     let max_length = model.cap_length(args.data.max_length, "--max-length");

@@ -100,6 +100,27 @@ def configs():
             num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=6,
             num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[1],
             tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1, **common),
+        # YaRN on Qwen3: factor 4 over an original length of 16, inside the batches and
+        # inside greedy generation, partial truncation of the ramp, the default attention
+        # factor (0.1·ln 4 + 1).
+        "qwen3_yarn": tf.Qwen3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+            max_position_embeddings=64, initializer_range=0.1,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 16},
+            **common),
+        # YaRN with DeepSeek's mscale / mscale_all_dim attention factor and other betas,
+        # untruncated (the ramp runs over dimensions 0 to 4.03, fractional ends), on Llama.
+        "llama_yarn": tf.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64,
+            initializer_range=0.1,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, "factor": 8.0,
+                             "original_max_position_embeddings": 32, "mscale": 1.0,
+                             "mscale_all_dim": 0.5, "beta_fast": 16.0, "beta_slow": 0.5,
+                             "truncate": False},
+            **common),
         # Qwen2-MoE: q/k/v biases, 4 experts of their own width, top 2 renormalised, a
         # gated shared expert, the first layer dense (decoder_sparse_step 2).
         "qwen2_moe": tf.Qwen2MoeConfig(

@@ -395,6 +395,54 @@ pub fn tiny_llama_fixture(root: &Path) -> serde_json::Value {
     serde_json::from_str(&reference).unwrap()
 }
 
+/// A tiny Mixture-of-Experts model in `dir` (Qwen3-MoE's layout: 2 layers, 4 experts, top
+/// 2 renormalised, the config's router_aux_loss_coef 0.001) with the tokenizer of the tiny
+/// Llama in `llama` ([`tiny_llama_fixture`]), the same weights every time; its routers
+/// are decisive (std 0.5), so that some experts start out favoured.
+pub fn tiny_moe(llama: &Path, dir: &Path) {
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(llama.join("config.json")).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+        "vocab_size": base["vocab_size"], "hidden_size": 64, "intermediate_size": 128,
+        "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
+        "num_experts_per_tok": 2, "norm_topk_prob": true, "tie_word_embeddings": false,
+        "router_aux_loss_coef": 0.001, "max_position_embeddings": 256,
+        "initializer_range": 0.1, "bos_token_id": base["bos_token_id"],
+        "eos_token_id": base["eos_token_id"], "pad_token_id": base["pad_token_id"],
+    });
+    let config = common::models::ModelConfig::from_json(config, Path::new("config.json")).unwrap();
+    let model = common::Model::new(config, &common::ModelOptions::cpu(common::Head::Lm));
+    // The weights from a seeded generator of our own, not torch's global one (which the
+    // tests running beside draw from too): uniform with std 0.1, the routers' 0.5, the
+    // norms left at 1.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut uniform = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    };
+    tch::no_grad(|| {
+        for (name, mut t) in model.named_tensors() {
+            if name.contains("norm") {
+                continue;
+            }
+            let std = if name.ends_with(".gate.weight") {
+                0.5
+            } else {
+                0.1
+            };
+            let values: Vec<f32> = (0..t.numel())
+                .map(|_| (uniform() * std * 3f64.sqrt()) as f32)
+                .collect();
+            t.copy_(&Tensor::from_slice(&values).view(t.size().as_slice()));
+        }
+    });
+    model.save(dir, Some(llama)).unwrap();
+}
+
 /// Copies the tree `from` into `to` (created).
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

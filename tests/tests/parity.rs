@@ -28,6 +28,8 @@ const ARCHS: &[&str] = &[
     "qwen3_moe",
     "qwen2_moe",
     "olmoe",
+    "qwen3_yarn",
+    "llama_yarn",
 ];
 /// Architectures transformers has no sequence-classification class for.
 const NO_SCORE: &[&str] = &["olmoe"];

@@ -206,11 +206,16 @@ impl Config {
                 lengths,
             )?,
         );
-        if [&ropes.0, &ropes.1]
-            .iter()
-            .any(|r| matches!(r.scaling, RopeScaling::LongRope { .. }))
-        {
-            return Err("rope_type 'longrope' is not supported for Gemma".into());
+        for r in [&ropes.0, &ropes.1] {
+            match r.scaling {
+                RopeScaling::LongRope { .. } => {
+                    return Err("rope_type 'longrope' is not supported for Gemma".into())
+                }
+                RopeScaling::Yarn { .. } => {
+                    return Err("rope_type 'yarn' is not supported for Gemma".into())
+                }
+                _ => {}
+            }
         }
         Ok(ropes)
     }

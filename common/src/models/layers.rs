@@ -6,7 +6,7 @@ use serde::{Deserialize, Deserializer};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
-use super::lora::LoraAdapter;
+use super::lora::{LoraAdapter, LoraConfig};
 use super::options::ModelOptions;
 use super::quant::Quantized;
 
@@ -34,6 +34,17 @@ fn adapter(
     if !cfg.targets(&module) {
         return None;
     }
+    let without_dropout;
+    let cfg = match opts.disable_dropout && cfg.dropout > 0.0 {
+        true => {
+            without_dropout = LoraConfig {
+                dropout: 0.0,
+                ..cfg.clone()
+            };
+            &without_dropout
+        }
+        false => cfg,
+    };
     let adapter = LoraAdapter::new(p, &module, (in_dim, out_dim), cfg, fan_in_fan_out);
     if !opts.trainable {
         for t in [

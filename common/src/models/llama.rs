@@ -153,12 +153,38 @@ pub enum RopeScaling {
         original_max_position_embeddings: f64,
         attention_factor: f64,
     },
+    /// YaRN (Peng et al. 2023; Qwen3's and DeepSeek's long-context configs): each frequency
+    /// between its original value (fast ones, past `beta_fast` rotations over the original
+    /// length) and its interpolation by `factor` (slow ones, under `beta_slow`), along a
+    /// linear ramp, and cos and sin scaled by `attention_factor` (transformers'
+    /// `_compute_yarn_parameters`).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
     pub theta: f64,
     pub scaling: RopeScaling,
+}
+
+impl Rope {
+    /// The constant scale of cos and sin: YaRN's attention factor, else 1 (LongRoPE's
+    /// comes with its long frequencies, [`long_inv_freq`]).
+    pub fn attention_scale(&self) -> f64 {
+        match &self.scaling {
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => *attention_factor,
+            _ => 1.0,
+        }
+    }
 }
 
 impl Config {
@@ -421,9 +447,42 @@ pub fn parse_rope(
                 attention_factor,
             }
         }
+        "yarn" => {
+            let original = original
+                .or(lengths.max)
+                .ok_or("rope yarn scaling needs 'original_max_position_embeddings'")?;
+            let factor = match get("factor") {
+                Some(f) => f,
+                None => lengths.max.ok_or("rope yarn scaling needs 'factor'")? / original,
+            };
+            let mscale = |scale: f64, m: f64| match scale <= 1.0 {
+                true => 1.0,
+                false => 0.1 * m * scale.ln() + 1.0,
+            };
+            let attention_factor = match (get("attention_factor"), get("mscale"), get("mscale_all_dim")) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    mscale(factor, m) / mscale(factor, all)
+                }
+                _ => mscale(factor, 1.0),
+            };
+            // transformers' `or`: a missing or zero beta takes the default.
+            let nonzero = |key: &str, default: f64| get(key).filter(|b| *b != 0.0).unwrap_or(default);
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+                beta_fast: nonzero("beta_fast", 32.0),
+                beta_slow: nonzero("beta_slow", 1.0),
+                truncate: params
+                    .and_then(|p| p.get("truncate"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true),
+            }
+        }
         other => {
             return Err(format!(
-            "rope_type '{other}' is not supported (supported: default, linear, llama3, longrope)"
+            "rope_type '{other}' is not supported (supported: default, linear, llama3, longrope, yarn)"
         ))
         }
     };
@@ -442,6 +501,38 @@ pub fn inv_freq(rope: &Rope, head_dim: i64) -> Vec<f64> {
             base.iter().zip(short_factor).map(|(f, s)| f / s).collect()
         }
         RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => {
+            let dim = head_dim as f64;
+            // The dimension whose frequency turns `rotations` times over the original length.
+            let correction = |rotations: f64| {
+                dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                    / (2.0 * rope.theta.ln())
+            };
+            let (mut low, mut high) = (correction(*beta_fast), correction(*beta_slow));
+            if *truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            base.into_iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    // The share of the original frequency: 1 below the ramp, 0 above it.
+                    let extrapolation = 1.0 - ramp;
+                    f / factor * (1.0 - extrapolation) + f * extrapolation
+                })
+                .collect()
+        }
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -745,6 +836,8 @@ pub struct Llama {
     /// LongRoPE: the long-factor frequencies, the length past which a forward uses them,
     /// and the cos/sin scale.
     long_rope: Option<(Tensor, f64, f64)>,
+    /// The cos/sin scale of the other scalings (YaRN's attention factor; else 1).
+    rope_scale: f64,
     sliding_window: Option<i64>,
 }
 
@@ -772,6 +865,7 @@ impl Llama {
             norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.rms_norm_eps, opts),
             inv_freq: f32s(inv_freq(&rope, cfg.rotary_dim())),
             long_rope,
+            rope_scale: rope.attention_scale(),
             sliding_window: cfg.sliding_window(),
         }
     }
@@ -826,7 +920,7 @@ impl Llama {
                 let past = (positions.max() + 1).to_kind(Kind::Float).gt(*original);
                 (long.where_self(&past, &self.inv_freq), *scale)
             }
-            None => (self.inv_freq.shallow_clone(), 1.0),
+            None => (self.inv_freq.shallow_clone(), self.rope_scale),
         };
         cos_sin(positions, &inv_freq, scale, kind)
     }
@@ -929,9 +1023,12 @@ mod tests {
         assert_eq!(v4.rope().unwrap().theta, 500000.0);
         let plain = config(serde_json::json!({}));
         assert_eq!(plain.rope().unwrap().scaling, RopeScaling::None);
+        let bad = config(serde_json::json!({"rope_parameters": {"rope_type": "dynamic"}}));
+        let e = bad.validate(Path::new("c.json")).unwrap_err().to_string();
+        assert!(e.starts_with("c.json: rope_type 'dynamic'"), "{e}");
         let bad = config(serde_json::json!({"rope_parameters": {"rope_type": "yarn"}}));
         let e = bad.validate(Path::new("c.json")).unwrap_err().to_string();
-        assert!(e.starts_with("c.json: rope_type 'yarn'"), "{e}");
+        assert!(e.contains("rope yarn scaling needs 'original_max_position_embeddings'"), "{e}");
     }
 
     #[test]

@@ -699,7 +699,7 @@ impl Model {
             model.base_dir = Some(std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf()));
             if let Some(cfg) = &model.options.lora {
                 model.check_targets(cfg, dir)?;
-                if cfg.dropout > 0.0 && opts.gradient_checkpointing {
+                if cfg.dropout > 0.0 && opts.gradient_checkpointing && !opts.disable_dropout {
                     return Err(Error::config(
                         dir,
                         format!("LoRA dropout {} with --gradient-checkpointing is not supported (the recomputed blocks would draw other dropout masks); set the dropout to 0 or leave checkpointing off", cfg.dropout),
@@ -1406,7 +1406,7 @@ impl Model {
         }
     }
 
-    /// Whether the model has sparse MoE layers (Mixtral, Qwen3-MoE).
+    /// Whether the model has sparse MoE layers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
     pub fn is_moe(&self) -> bool {
         matches!(&self.config.arch, Arch::Llama(c) if c.is_moe())
     }
@@ -1476,6 +1476,12 @@ impl Model {
             backward_keeping_graph(&(sum * share));
         }
         Some(total / n as f64)
+    }
+
+    /// Drops the router logits recorded by forwards that kept their graph (no backward
+    /// will use them).
+    pub fn forget_router_logits(&self) {
+        self.pending.lock().expect("not poisoned").routers.clear();
     }
 
     /// The load-balancing loss ([`moe::load_balancing_loss`]) of the forwards recorded
@@ -1909,10 +1915,17 @@ mod tests {
             json!({"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]});
         let e = ModelConfig::from_json(phi3, p).unwrap_err().to_string();
         assert!(e.contains("need 2 entries each"), "{e}");
+        let mut dynamic = tiny_llama();
+        dynamic["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 4.0});
+        let e = ModelConfig::from_json(dynamic, p).unwrap_err().to_string();
+        assert!(e.contains("rope_type 'dynamic' is not supported (supported: default, linear, llama3, longrope, yarn)"), "{e}");
         let mut yarn = tiny_llama();
         yarn["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
         let e = ModelConfig::from_json(yarn, p).unwrap_err().to_string();
-        assert!(e.contains("rope_type 'yarn' is not supported"), "{e}");
+        assert!(
+            e.contains("rope yarn scaling needs 'original_max_position_embeddings'"),
+            "{e}"
+        );
         let mut bad = tiny_llama();
         bad["hidden_act"] = json!("gelu");
         let e = ModelConfig::from_json(bad, p).unwrap_err().to_string();

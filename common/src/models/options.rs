@@ -40,6 +40,9 @@ pub struct ModelOptions {
     /// QLoRA: the linear layers' weights held in 4 bits (bitsandbytes' format), frozen
     /// (`--load-in-4bit`); a checkpoint stored quantized sets it from its `config.json`.
     pub quantization: Option<Bnb4bit>,
+    /// TRL's `disable_dropout`: LoRA's dropout is not applied (the adapter's
+    /// `lora_dropout` is kept as it is in its files, as PEFT's config keeps it).
+    pub disable_dropout: bool,
 }
 
 impl ModelOptions {
@@ -56,6 +59,7 @@ impl ModelOptions {
             gradient_checkpointing: false,
             neftune_noise_alpha: None,
             quantization: None,
+            disable_dropout: false,
         }
     }
 
