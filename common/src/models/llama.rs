@@ -1028,7 +1028,10 @@ mod tests {
         assert!(e.starts_with("c.json: rope_type 'dynamic'"), "{e}");
         let bad = config(serde_json::json!({"rope_parameters": {"rope_type": "yarn"}}));
         let e = bad.validate(Path::new("c.json")).unwrap_err().to_string();
-        assert!(e.contains("rope yarn scaling needs 'original_max_position_embeddings'"), "{e}");
+        assert!(
+            e.contains("rope yarn scaling needs 'original_max_position_embeddings'"),
+            "{e}"
+        );
     }
 
     #[test]
