@@ -557,6 +557,11 @@ pub struct TrainArgs {
     /// GRPOConfig and RLOOConfig; the adapter's lora_dropout stays in its files).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub disable_dropout: bool,
+    /// Hold and apply the policy's and the reference's LM head in f32 (TRL's
+    /// cast_lm_head_to_fp32, the ScaleRL recipe: fewer mismatches between the sampler's
+    /// and the trainer's log-probs in bf16). Not with tied embeddings, as TRL documents.
+    #[arg(long)]
+    pub cast_lm_head_to_fp32: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,

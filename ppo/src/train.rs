@@ -532,6 +532,7 @@ impl<'a> Ppo<'a> {
     ) -> Result<Self> {
         let lm = ModelOptions {
             disable_dropout: args.disable_dropout,
+            cast_lm_head_to_fp32: args.cast_lm_head_to_fp32,
             ..args.memory.apply(
                 args.adapter
                     .apply(ModelOptions::new(Head::Lm, device, kind)),

@@ -1200,6 +1200,96 @@ fn moe_policy_trains_with_the_load_balancing_loss() {
     assert!(diff(&kept, &plain) > 1e-4, "{}", diff(&kept, &plain));
 }
 
+/// The dtypes of a safetensors file's tensors, by name.
+fn stored_dtypes(path: &Path) -> std::collections::BTreeMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| (k.clone(), v["dtype"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// `--cast-lm-head-to-fp32` (TRL's `cast_lm_head_to_fp32`, the ScaleRL recipe) in bf16: the
+/// logits are the bf16 hidden states cast up times the head's f32 weights as stored (a bf16
+/// head's differ from those by rounding); a GRPO run trains and saves the head in f32 and
+/// the rest in bf16; a head tied to the input embedding is refused with one line, as TRL
+/// documents.
+#[test]
+fn cast_lm_head_to_fp32_keeps_the_head_in_f32() {
+    use common::{Model, ModelOptions};
+    use tch::{Device, Kind, Tensor};
+    let f = fixture();
+    let row = rlhf_tests::sft_rows(&f.policy, &f.root.join("sft.jsonl"), 64)[0]
+        .ids
+        .clone();
+    let ids = Tensor::from_slice(&row).unsqueeze(0);
+    let load = |cast: bool| {
+        let opts = ModelOptions {
+            cast_lm_head_to_fp32: cast,
+            ..ModelOptions::new(Head::Lm, Device::Cpu, Kind::BFloat16)
+        };
+        Model::load(&f.policy, &opts).unwrap().0
+    };
+    let (cast, plain) = (load(true), load(false));
+    let stored = Model::load(&f.policy, &ModelOptions::cpu(Head::Lm))
+        .unwrap()
+        .0;
+    let head = stored.named_tensors()["lm_head.weight"].shallow_clone();
+    assert_eq!(cast.named_tensors()["lm_head.weight"].kind(), Kind::Float);
+    assert!(
+        cast.named_tensors()["lm_head.weight"].equal(&head),
+        "the f32 head lost precision"
+    );
+    let hidden = tch::no_grad(|| cast.hidden(&ids, &ids.ones_like(), None));
+    assert_eq!(hidden.kind(), Kind::BFloat16);
+    let want = hidden.to_kind(Kind::Float).linear::<Tensor>(&head, None);
+    let logits = tch::no_grad(|| cast.head_output(&hidden));
+    assert_eq!(logits.kind(), Kind::Float);
+    let diff = |x: &Tensor| {
+        (x.to_kind(Kind::Float) - &want)
+            .abs()
+            .max()
+            .double_value(&[])
+    };
+    assert!(diff(&logits) < 1e-5, "f32 head: {:e}", diff(&logits));
+    let rounded = tch::no_grad(|| plain.head_output(&hidden));
+    assert!(diff(&rounded) > 1e-3, "bf16 head: {:e}", diff(&rounded));
+
+    let out = f.root.join("run-cast-head");
+    let extra = ["--dtype", "bf16", "--cast-lm-head-to-fp32"];
+    run(&args(&out, &[&EXACT_ANSWER_RUN[..], &extra].concat())).unwrap();
+    let dtypes = stored_dtypes(&out.join("final").join("model.safetensors"));
+    assert_eq!(dtypes["lm_head.weight"], "F32");
+    assert_eq!(dtypes["model.layers.0.self_attn.q_proj.weight"], "BF16");
+    let moved = rlhf_tests::max_weight_diff(&f.policy, &out.join("final"), Head::Lm);
+    assert!(moved > 1e-5, "the policy did not move");
+
+    // A tied head is refused.
+    let tied = f.root.join("tied");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(f.policy.join("config.json")).unwrap())
+            .unwrap();
+    config["tie_word_embeddings"] = Value::from(true);
+    let config = common::models::ModelConfig::from_json(config, Path::new("config.json")).unwrap();
+    Model::new(config, &ModelOptions::cpu(Head::Lm))
+        .save(&tied, Some(&f.policy))
+        .unwrap();
+    let opts = ModelOptions {
+        cast_lm_head_to_fp32: true,
+        ..ModelOptions::cpu(Head::Lm)
+    };
+    let e = Model::load(&tied, &opts).unwrap_err().to_string();
+    assert!(
+        e.contains("--cast-lm-head-to-fp32: the LM head is tied"),
+        "{e}"
+    );
+}
+
 /// `--shuffle-dataset false` (TRL's `shuffle_dataset`): the prompts come in the file's
 /// order, 8 per iteration (each with its 4 responses in a row); shuffled, they do not.
 #[test]

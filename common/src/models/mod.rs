@@ -665,6 +665,10 @@ impl Model {
             ));
         }
         let mut model = Model::build(config, opts);
+        // Before the weights are read, so that a head stored in f32 keeps its precision.
+        if opts.cast_lm_head_to_fp32 && model.head == Head::Lm {
+            model.cast_lm_head_to_fp32(dir)?;
+        }
         let adapters: Vec<String> = model.adapter_tensors().into_keys().collect();
         let mut optional: Vec<&str> = adapters.iter().map(String::as_str).collect();
         if opts.head == Head::Score {
@@ -719,6 +723,30 @@ impl Model {
             );
         }
         Ok((model, report))
+    }
+
+    /// TRL's `cast_lm_head_to_fp32`: the LM head's weight becomes f32 (the optimiser then
+    /// keeps it in f32 too, and checkpoints store it so) and [`vocab::LmHead::logits`]
+    /// applies it to the hidden states cast up. Refused, as TRL documents it, for a head tied to the input
+    /// embedding, and for a head an adapter carries (`modules_to_save`).
+    fn cast_lm_head_to_fp32(&self, dir: &Path) -> Result<()> {
+        let problem = if self.config.tie_word_embeddings() {
+            Some("the LM head is tied to the input embedding (tie_word_embeddings), which TRL does not support")
+        } else if self.original_head.is_some() {
+            Some("the adapter carries the LM head (lm_head in modules_to_save)")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(Error::config(
+                dir.join("config.json"),
+                format!("--cast-lm-head-to-fp32: {problem}"),
+            ));
+        }
+        let _guard = tch::no_grad_guard();
+        let mut head = self.head_weight.shallow_clone();
+        head.set_data(&self.head_weight.to_kind(Kind::Float));
+        Ok(())
     }
 
     /// The quantized layers, by module path.

@@ -43,6 +43,9 @@ pub struct ModelOptions {
     /// TRL's `disable_dropout`: LoRA's dropout is not applied (the adapter's
     /// `lora_dropout` is kept as it is in its files, as PEFT's config keeps it).
     pub disable_dropout: bool,
+    /// TRL's `cast_lm_head_to_fp32` (the ScaleRL recipe): the LM head's weight held, trained
+    /// and applied in f32 whatever `kind` is (untied heads only).
+    pub cast_lm_head_to_fp32: bool,
 }
 
 impl ModelOptions {
@@ -60,6 +63,7 @@ impl ModelOptions {
             neftune_noise_alpha: None,
             quantization: None,
             disable_dropout: false,
+            cast_lm_head_to_fp32: false,
         }
     }
 
