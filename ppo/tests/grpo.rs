@@ -1200,20 +1200,6 @@ fn moe_policy_trains_with_the_load_balancing_loss() {
     assert!(diff(&kept, &plain) > 1e-4, "{}", diff(&kept, &plain));
 }
 
-/// The dtypes of a safetensors file's tensors, by name.
-fn stored_dtypes(path: &Path) -> std::collections::BTreeMap<String, String> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, v)| (k.clone(), v["dtype"].as_str().unwrap().to_string()))
-        .collect()
-}
-
 /// `--cast-lm-head-to-fp32` (TRL's `cast_lm_head_to_fp32`, the ScaleRL recipe) in bf16: the
 /// logits are the bf16 hidden states cast up times the head's f32 weights as stored (a bf16
 /// head's differ from those by rounding); a GRPO run trains and saves the head in f32 and
@@ -1263,9 +1249,16 @@ fn cast_lm_head_to_fp32_keeps_the_head_in_f32() {
     let out = f.root.join("run-cast-head");
     let extra = ["--dtype", "bf16", "--cast-lm-head-to-fp32"];
     run(&args(&out, &[&EXACT_ANSWER_RUN[..], &extra].concat())).unwrap();
-    let dtypes = stored_dtypes(&out.join("final").join("model.safetensors"));
-    assert_eq!(dtypes["lm_head.weight"], "F32");
-    assert_eq!(dtypes["model.layers.0.self_attn.q_proj.weight"], "BF16");
+    let saved: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(out.join("final").join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(saved["lm_head.weight"].kind(), Kind::Float);
+    assert_eq!(
+        saved["model.layers.0.self_attn.q_proj.weight"].kind(),
+        Kind::BFloat16
+    );
     let moved = rlhf_tests::max_weight_diff(&f.policy, &out.join("final"), Head::Lm);
     assert!(moved > 1e-5, "the policy did not move");
 
