@@ -2,11 +2,12 @@
 //! which differ only in configuration.
 //!
 //! Mirrors `transformers/models/llama/modeling_llama.py` (and the `mistral`, `qwen2`,
-//! `qwen3` copies): RMSNorm, rotary embeddings (default, linear or llama3 frequencies),
+//! `qwen3` copies): RMSNorm, rotary embeddings (default, linear, llama3 or YaRN frequencies),
 //! SwiGLU, grouped-query attention, optional q/k/v bias, tied or untied embeddings, and
 //! Qwen3's per-head RMSNorm of queries and keys before rotary; Phi-3's fused `qkv_proj` and
-//! `gate_up_proj` (kept as stored, split after the product) and partial rotary; Mixtral's
-//! and Qwen3-MoE's sparse expert blocks in place of the MLP ([`super::moe`]).
+//! `gate_up_proj` (kept as stored, split after the product) and partial rotary; the sparse
+//! expert blocks of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE in place of the MLP
+//! ([`super::moe`]), with OLMoE's q/k norms over whole projections and `clip_qkv`.
 
 use std::path::Path;
 
@@ -23,8 +24,8 @@ use super::recompute::{backward_blocks_with, run_blocks, RouterSaved, Saved};
 use super::ModelType;
 use crate::error::{Error, Result};
 
-/// `config.json` of `llama`, `mistral`, `qwen2`, `qwen3`, `phi3`, `mixtral` and `qwen3_moe`,
-/// with Hugging Face's field names.
+/// `config.json` of `llama`, `mistral`, `qwen2`, `qwen3`, `phi3`, `mixtral`, `qwen2_moe`,
+/// `qwen3_moe` and `olmoe`, with Hugging Face's field names.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub model_type: ModelType,

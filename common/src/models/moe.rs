@@ -3,19 +3,20 @@
 //! decoder layer in place of the MLP.
 //!
 //! Mirrors `transformers/models/mixtral/modeling_mixtral.py` (and `qwen2_moe`, `qwen3_moe`,
-//! `olmoe`): a router
-//! (`gate`, a bias-free `[E, H]` weight) scores each token's experts; the softmax (in f32)
-//! picks the top k, whose probabilities are renormalised to sum to one (always in
-//! Mixtral, with `norm_topk_prob` in the others); each expert is a SwiGLU MLP and a token's
-//! output is its experts' outputs weighted by those probabilities, plus, in Qwen2-MoE, a
-//! shared expert (a SwiGLU MLP every token goes through) scaled by σ(`shared_expert_gate`). Experts keep the
-//! checkpoints' per-expert names (`experts.{i}.gate_proj`, or Mixtral's `w1`, `w3`, `w2`),
-//! as `transformers` saves them. Neither LoRA nor 4-bit loading touches the router or the
-//! experts: transformers 5 holds the experts fused in 3-D parameters, which bitsandbytes
-//! leaves unquantized and PEFT adapts only through `target_parameters` in a layout of its
-//! own; adapters go on the attention projections (and the dense layers' MLPs, and Qwen2-MoE's
-//! shared expert, plain linear layers in transformers too), and the experts train or stay
-//! frozen with the rest of the base.
+//! `olmoe`): a router (`gate`, a bias-free `[E, H]` weight) scores each token's experts;
+//! the softmax (in f32) picks the top k, whose probabilities are renormalised to sum to one
+//! (always in Mixtral, with `norm_topk_prob` in the others); each expert is a SwiGLU MLP
+//! and a token's output is its experts' outputs weighted by those probabilities, plus, in
+//! Qwen2-MoE, a shared expert (a SwiGLU MLP every token goes through) scaled by
+//! σ(`shared_expert_gate`).
+//!
+//! Experts keep the checkpoints' per-expert names (`experts.{i}.gate_proj`, or Mixtral's
+//! `w1`, `w3`, `w2`), as `transformers` saves them. Neither LoRA nor 4-bit loading touches
+//! the router or the experts: transformers 5 holds the experts fused in 3-D parameters,
+//! which bitsandbytes leaves unquantized and PEFT adapts only through `target_parameters`
+//! in a layout of its own. Adapters go on the attention projections (and the dense layers'
+//! MLPs, and Qwen2-MoE's shared expert, plain linear layers in transformers too), and the
+//! experts train or stay frozen with the rest of the base.
 //!
 //! [`load_balancing_loss`] is the Switch Transformer auxiliary loss as `transformers`'
 //! `load_balancing_loss_func` computes it, which the training stages add with
