@@ -127,11 +127,12 @@ pub struct OptimArgs {
     /// per parameter instead of 8.
     #[arg(long, value_enum, default_value_t = OptimName::AdamwTorch)]
     pub optim: OptimName,
-    /// Mixture-of-Experts models (Mixtral, Qwen3-MoE): the weight of the routers'
-    /// load-balancing loss (Switch Transformer's, as transformers computes it) added to
-    /// every micro-batch's loss, divided by the step's micro-batches (TRL's
-    /// router_aux_loss_coef). Default: the model config's router_aux_loss_coef (0.001 in
-    /// both); 0 turns it off. Refused above 0 for a model without experts.
+    /// Mixture-of-Experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): the weight of the
+    /// routers' load-balancing loss (Switch Transformer's, as transformers computes it)
+    /// added to every micro-batch's loss, divided by the step's micro-batches (TRL's
+    /// router_aux_loss_coef). Default: the model config's router_aux_loss_coef
+    /// (transformers' defaults 0.001, OLMoE's 0.01); 0 turns it off. Refused above 0 for a
+    /// model without experts.
     #[arg(long)]
     pub router_aux_loss_coef: Option<f64>,
     /// A BEMA of the trained weights beside them (`--bema`, TRL's `BEMACallback`).

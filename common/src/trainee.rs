@@ -139,11 +139,12 @@ impl Trainee {
         }
     }
 
-    /// How many micro-batches (backward passes) this rank's steps have: the
-    /// load-balancing loss is spread over them, as TRL divides it by the gradient
-    /// accumulation steps.
-    pub fn set_micro_batches(&self, n: usize) {
-        self.micro_batches.store(n, Ordering::Relaxed);
+    /// The step's `rows` on this rank, in micro-batches of `size` ([`micro_batches`]): the
+    /// load-balancing loss is spread over its backward passes, as TRL divides it by the
+    /// gradient accumulation steps.
+    pub fn set_micro_batches(&self, rows: usize, size: usize) {
+        self.micro_batches
+            .store(rows.div_ceil(size), Ordering::Relaxed);
     }
 
     /// The mean load-balancing loss of the backward passes since the last call, over

@@ -200,7 +200,7 @@ pub fn run_unpaired(
     };
     let mut results = Vec::with_capacity(items.len());
     if let Some((_, trainee)) = backward {
-        trainee.set_micro_batches(items.len().div_ceil(batch_size));
+        trainee.set_micro_batches(items.len(), batch_size);
     }
     for (micro, last) in micro_batches(items, batch_size) {
         let (indices, pairs): (Vec<usize>, Vec<&TokenizedPair>) = micro.iter().copied().unzip();

@@ -288,7 +288,7 @@ pub fn run_pairs(
     let mut stats = Stats::default();
     let mut results = Vec::with_capacity(pairs.len());
     if let Some((_, trainee)) = &backward {
-        trainee.set_micro_batches(pairs.len().div_ceil(batch_size));
+        trainee.set_micro_batches(pairs.len(), batch_size);
     }
     for (micro, last) in micro_batches(pairs, batch_size) {
         let (indices, refs): (Vec<usize>, Vec<&TokenizedPair>) = micro.iter().copied().unzip();

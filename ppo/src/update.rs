@@ -296,9 +296,9 @@ fn minibatch_backward(
     let mut stats: BTreeMap<&str, f64> = BTreeMap::new();
     let mut ratio_max_dev = 0f64;
     let mut seq_clip: Option<(f64, f64)> = None;
-    learners.policy.set_micro_batches(mb.len().div_ceil(micro));
+    learners.policy.set_micro_batches(mb.len(), micro);
     if let Some(critic) = &learners.critic {
-        critic.set_micro_batches(mb.len().div_ceil(micro));
+        critic.set_micro_batches(mb.len(), micro);
     }
     for (part, last) in micro_batches(mb, micro) {
         let idx = Tensor::from_slice(part).to_device(device);

@@ -188,7 +188,7 @@ fn run_rows(
 ) -> Stats {
     let mut stats = Stats::default();
     if let Some(trainee) = train {
-        trainee.set_micro_batches(rows.len().div_ceil(batch_size));
+        trainee.set_micro_batches(rows.len(), batch_size);
     }
     for (micro, last) in micro_batches(rows, batch_size) {
         let batch = collate(micro, pad_id, model.device());

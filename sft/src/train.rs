@@ -464,7 +464,7 @@ fn accumulate(
     let all_rows = world.sum(rows.len() as f64).max(1.0);
     let mut out = Accumulated::new(rows.len(), local_targets as f64);
     let model = &trainee.model;
-    trainee.set_micro_batches(rows.len().div_ceil(batch_size));
+    trainee.set_micro_batches(rows.len(), batch_size);
     for (micro, last) in micro_batches(rows, batch_size) {
         let (loss, row_losses) = micro_loss(
             model,

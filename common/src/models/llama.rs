@@ -83,19 +83,19 @@ pub struct Config {
     /// Experts each token goes to (top k).
     #[serde(default)]
     pub num_experts_per_tok: Option<i64>,
-    /// Qwen3-MoE's expert width (Mixtral's experts use `intermediate_size`).
+    /// The Qwens' expert width (Mixtral's and OLMoE's experts use `intermediate_size`).
     #[serde(default)]
     pub moe_intermediate_size: Option<i64>,
-    /// Qwen3-MoE: renormalise the top-k probabilities (Mixtral always does).
+    /// Renormalise the top-k probabilities (Mixtral always does).
     #[serde(default)]
     pub norm_topk_prob: bool,
-    /// Qwen3-MoE: every this-many layers is sparse, except `mlp_only_layers` (dense MLPs of
+    /// The Qwens: every this-many layers is sparse, except `mlp_only_layers` (dense MLPs of
     /// `intermediate_size`).
     #[serde(default)]
     pub decoder_sparse_step: Option<i64>,
     #[serde(default)]
     pub mlp_only_layers: Option<Vec<i64>>,
-    /// The load-balancing loss's weight the architecture declares (0.001 in both).
+    /// The load-balancing loss's weight the architecture declares ([`Config::aux_loss_coef`]).
     #[serde(default)]
     pub router_aux_loss_coef: Option<f64>,
     #[serde(default)]
@@ -231,6 +231,16 @@ impl Config {
             ModelType::Olmoe => Some(QkNormKind::Whole),
             _ => None,
         }
+    }
+
+    /// The load-balancing loss's weight the config declares (transformers' defaults when
+    /// absent: 0.001, OLMoE's 0.01).
+    pub fn aux_loss_coef(&self) -> f64 {
+        let default = match self.model_type {
+            ModelType::Olmoe => 0.01,
+            _ => 0.001,
+        };
+        self.router_aux_loss_coef.unwrap_or(default)
     }
 
     /// Whether the architecture puts sparse MoE blocks in its layers.
@@ -651,6 +661,45 @@ enum GateUp {
     Fused(Linear),
 }
 
+/// A SwiGLU MLP, `down(silu(gate(x)) · up(x))`: a dense layer's, and each MoE expert's.
+#[derive(Debug)]
+pub(crate) struct SwiGlu {
+    gate_up: GateUp,
+    down: Linear,
+}
+
+impl SwiGlu {
+    /// Separate projections `p/{gate}`, `p/{up}`, `p/{down}` (the names as stored) of
+    /// `h → i → h`.
+    pub(crate) fn separate(
+        p: &nn::Path,
+        [gate, up, down]: [&str; 3],
+        (h, i): (i64, i64),
+        (bias, std): (bool, f64),
+        opts: &ModelOptions,
+    ) -> Self {
+        let linear = |name: &str, dims| Linear::new(p / name, dims, bias, std, opts);
+        SwiGlu {
+            gate_up: GateUp::Separate {
+                gate: linear(gate, (h, i)),
+                up: linear(up, (h, i)),
+            },
+            down: linear(down, (i, h)),
+        }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate, up } => (gate.forward(x), up.forward(x)),
+            GateUp::Fused(gate_up) => {
+                let both = gate_up.forward(x).chunk(2, -1);
+                (both[0].shallow_clone(), both[1].shallow_clone())
+            }
+        };
+        self.down.forward(&(gate.silu() * up))
+    }
+}
+
 /// Where a layer normalises its queries and keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QkNormKind {
@@ -665,7 +714,7 @@ pub enum QkNormKind {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
 enum Mlp {
-    Dense { gate_up: GateUp, down_proj: Linear },
+    Dense(SwiGlu),
     Sparse(SparseMoe),
 }
 
@@ -730,17 +779,17 @@ impl Layer {
                     opts,
                 )),
                 Some(shape) => Mlp::Sparse(SparseMoe::new(mlp, cfg.model_type, shape, opts)),
-                None => Mlp::Dense {
-                    gate_up: if cfg.fused() {
-                        GateUp::Fused(linear(&mlp / "gate_up_proj", (h, 2 * i), false))
-                    } else {
-                        GateUp::Separate {
-                            gate: linear(&mlp / "gate_proj", (h, i), cfg.mlp_bias),
-                            up: linear(&mlp / "up_proj", (h, i), cfg.mlp_bias),
-                        }
-                    },
-                    down_proj: linear(&mlp / "down_proj", (i, h), cfg.mlp_bias),
-                },
+                None if cfg.fused() => Mlp::Dense(SwiGlu {
+                    gate_up: GateUp::Fused(linear(&mlp / "gate_up_proj", (h, 2 * i), false)),
+                    down: linear(&mlp / "down_proj", (i, h), cfg.mlp_bias),
+                }),
+                None => Mlp::Dense(SwiGlu::separate(
+                    &mlp,
+                    ["gate_proj", "up_proj", "down_proj"],
+                    (h, i),
+                    (cfg.mlp_bias, std),
+                    opts,
+                )),
             },
             n_heads: nh,
             n_kv_heads: nkv,
@@ -806,24 +855,16 @@ impl Layer {
         ]);
         let x = x + self.o_proj.forward(&attn);
         let normed = self.post_attention_layernorm.forward(&x);
-        let (gate_up, down_proj) = match &self.mlp {
-            Mlp::Dense { gate_up, down_proj } => (gate_up, down_proj),
+        match &self.mlp {
+            Mlp::Dense(mlp) => x + mlp.forward(&normed),
             Mlp::Sparse(moe) => {
                 let (y, logits) = moe.forward(&normed, super::grad_enabled());
                 if let Some(router) = router {
                     router.push(logits);
                 }
-                return x + y;
+                x + y
             }
-        };
-        let (gate, up) = match gate_up {
-            GateUp::Separate { gate, up } => (gate.forward(&normed), up.forward(&normed)),
-            GateUp::Fused(gate_up) => {
-                let both = gate_up.forward(&normed).chunk(2, -1);
-                (both[0].shallow_clone(), both[1].shallow_clone())
-            }
-        };
-        x + down_proj.forward(&(gate.silu() * up))
+        }
     }
 }
 

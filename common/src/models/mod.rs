@@ -727,8 +727,8 @@ impl Model {
 
     /// TRL's `cast_lm_head_to_fp32`: the LM head's weight becomes f32 (the optimiser then
     /// keeps it in f32 too, and checkpoints store it so) and [`vocab::LmHead::logits`]
-    /// applies it to the hidden states cast up. Refused, as TRL documents it, for a head tied to the input
-    /// embedding, and for a head an adapter carries (`modules_to_save`).
+    /// applies it to the hidden states cast up. Refused, as TRL documents it, for a head
+    /// tied to the input embedding, and for a head an adapter carries (`modules_to_save`).
     fn cast_lm_head_to_fp32(&self, dir: &Path) -> Result<()> {
         let problem = if self.config.tie_word_embeddings() {
             Some("the LM head is tied to the input embedding (tie_word_embeddings), which TRL does not support")
@@ -1242,8 +1242,8 @@ impl Model {
             None => Masking::has_padding(&mask),
         };
         let masking = self.masking(|w| Masking::new(&mask, t, w, Some(padded)));
-        let real = mask.narrow(1, s - t, t);
-        let h = self.blocks(&x, &positions, masking, cache, &real);
+        let real = self.recording_router().then(|| mask.narrow(1, s - t, t));
+        let h = self.blocks(&x, &positions, masking, cache, real);
         match virtual_tokens {
             0 => h,
             n => h.narrow(1, n, t - n),
@@ -1258,45 +1258,46 @@ impl Model {
         assert_eq!(self.virtual_tokens(), 0, "packed rows with prompt tuning");
         let positions = positions_from_segments(segment_ids);
         let masking = self.masking(|w| Masking::packed(segment_ids, w));
-        let real = segment_ids.gt(0);
-        self.blocks(&self.embed_input(ids), &positions, masking, None, &real)
+        let real = self.recording_router().then(|| segment_ids.gt(0));
+        self.blocks(&self.embed_input(ids), &positions, masking, None, real)
     }
 
     /// The transformer blocks (and final norm) over embeddings `x`, keeping only the
     /// blocks' inputs when gradient checkpointing applies to this forward, and the MoE
-    /// router logits when they are recorded (`real`: `[B, T]`, nonzero at real tokens).
+    /// router logits of a training forward while they are recorded (`real`: `[B, T]`,
+    /// nonzero at real tokens; given only while recording).
     fn blocks(
         &self,
         x: &Tensor,
         positions: &Tensor,
         masking: Masking,
         cache: Option<&mut KvCache>,
-        real: &Tensor,
+        real: Option<Tensor>,
     ) -> Tensor {
         let recompute = self.options.gradient_checkpointing && self.options.trainable;
-        let record = self
-            .record_router
-            .load(std::sync::atomic::Ordering::Relaxed)
-            && cache.is_none()
-            && grad_enabled();
-        if !(recompute && cache.is_none() && grad_enabled()) {
+        let training = cache.is_none() && grad_enabled();
+        let real = real.filter(|_| training).map(|r| r.reshape([-1]));
+        if !(recompute && training) {
             let Backbone::Llama(b) = &self.backbone else {
                 return self.backbone_forward(x, positions, &masking, cache);
             };
             let mut router = vec![];
-            let h = b.forward(x, positions, &masking, cache, record.then_some(&mut router));
-            if !router.is_empty() {
+            let h = b.forward(
+                x,
+                positions,
+                &masking,
+                cache,
+                real.is_some().then_some(&mut router),
+            );
+            if let (Some(real), false) = (real, router.is_empty()) {
                 let mut pending = self.pending.lock().expect("not poisoned");
-                pending.routers.push((router, real.reshape([-1])));
+                pending.routers.push((router, real));
             }
             return h;
         }
         let (h, saved) = match &self.backbone {
             Backbone::Gpt2(b) => b.forward_saving(x, positions, masking),
-            Backbone::Llama(b) => {
-                let real = real.reshape([-1]);
-                b.forward_saving(x, positions, masking, record.then_some(&real))
-            }
+            Backbone::Llama(b) => b.forward_saving(x, positions, masking, real.as_ref()),
             Backbone::Gemma(b) => b.forward_saving(x, positions, masking),
         };
         self.pending
@@ -1442,21 +1443,21 @@ impl Model {
     /// The load-balancing loss's weight the model's `config.json` declares (MoE models).
     pub fn config_router_aux_loss_coef(&self) -> Option<f64> {
         match &self.config.arch {
-            Arch::Llama(c) if c.is_moe() => {
-                Some(c.router_aux_loss_coef.unwrap_or(match c.model_type {
-                    ModelType::Olmoe => 0.01,
-                    _ => 0.001,
-                }))
-            }
+            Arch::Llama(c) if c.is_moe() => Some(c.aux_loss_coef()),
             _ => None,
         }
     }
 
     /// From now on, forwards with grad keep their router logits (MoE models) until
-    /// [`Model::take_router_aux_loss`].
+    /// [`Model::backward_router_aux_loss`].
     pub fn record_router_logits(&self, on: bool) {
         self.record_router
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn recording_router(&self) -> bool {
+        self.record_router
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Backpropagates `weight` × the load-balancing loss of the forwards recorded since
@@ -1470,14 +1471,14 @@ impl Model {
             return None;
         };
         let top_k = c.experts().1;
+        let graphs = self.graph_router_losses(top_k);
         let mut pending = self.pending.lock().expect("not poisoned");
-        let graphs = std::mem::take(&mut pending.routers);
         let saved: Vec<&mut recompute::RouterSaved> = pending
             .blocks
             .iter_mut()
             .filter_map(|s| s.router.as_mut().filter(|r| r.coefficients.is_none()))
             .collect();
-        let n = graphs.len() + saved.len();
+        let n = graphs.as_ref().map_or(0, |(_, n)| *n) + saved.len();
         if n == 0 {
             return None;
         }
@@ -1494,16 +1495,23 @@ impl Model {
             r.coefficients = Some(coefficients * share);
         }
         drop(pending);
-        if !graphs.is_empty() {
-            let losses: Vec<Tensor> = graphs
-                .iter()
-                .map(|(logits, real)| moe::load_balancing_loss(logits, real, top_k))
-                .collect();
-            let sum = Tensor::stack(&losses, 0).sum(Kind::Float);
+        if let Some((sum, _)) = graphs {
             total += sum.double_value(&[]);
             backward_keeping_graph(&(sum * share));
         }
         Some(total / n as f64)
+    }
+
+    /// The summed load-balancing losses of the recorded forwards that kept their graph,
+    /// and how many they were (`None`: none); the records are taken.
+    fn graph_router_losses(&self, top_k: i64) -> Option<(Tensor, usize)> {
+        let routers = std::mem::take(&mut self.pending.lock().expect("not poisoned").routers);
+        let n = routers.len();
+        routers
+            .iter()
+            .map(|(logits, real)| moe::load_balancing_loss(logits, real, top_k))
+            .reduce(|a, b| a + b)
+            .map(|sum| (sum, n))
     }
 
     /// Drops the router logits recorded by forwards that kept their graph (no backward
@@ -1516,17 +1524,11 @@ impl Model {
     /// since the last call that kept their graph, averaged over them (`None` when none
     /// was recorded).
     pub fn take_router_aux_loss(&self) -> Option<Tensor> {
-        let routers = std::mem::take(&mut self.pending.lock().expect("not poisoned").routers);
         let Arch::Llama(c) = &self.config.arch else {
             return None;
         };
-        let top_k = c.experts().1;
-        let n = routers.len();
-        routers
-            .into_iter()
-            .map(|(logits, real)| moe::load_balancing_loss(&logits, &real, top_k))
-            .reduce(|a, b| a + b)
-            .map(|sum| sum / n as f64)
+        self.graph_router_losses(c.experts().1)
+            .map(|(sum, n)| sum / n as f64)
     }
 
     /// Backpropagates `loss` through this model: `loss.backward()`, then the parts the

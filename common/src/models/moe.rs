@@ -26,6 +26,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::layers::{param, Linear};
+use super::llama::SwiGlu;
 use super::options::ModelOptions;
 use super::ModelType;
 
@@ -46,44 +47,14 @@ pub struct MoeShape {
     pub std: f64,
 }
 
-#[derive(Debug)]
-struct Expert {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-}
-
-impl Expert {
-    /// `p/{names}` (gate, up, down) of a SwiGLU MLP `h → i → h`.
-    fn new(
-        p: &nn::Path,
-        names: [&str; 3],
-        (h, i): (i64, i64),
-        std: f64,
-        opts: &ModelOptions,
-    ) -> Self {
-        let linear = |name: &str, dims| Linear::new(p / name, dims, false, std, opts);
-        Expert {
-            gate: linear(names[0], (h, i)),
-            up: linear(names[1], (h, i)),
-            down: linear(names[2], (i, h)),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.down
-            .forward(&(self.gate.forward(x).silu() * self.up.forward(x)))
-    }
-}
-
 /// One sparse MoE block (`mlp` in Qwen3-MoE, `block_sparse_moe` in Mixtral).
 #[derive(Debug)]
 pub struct SparseMoe {
     /// The router's `[E, H]` weight (`gate.weight`), never adapted or quantized.
     router: Tensor,
-    experts: Vec<Expert>,
+    experts: Vec<SwiGlu>,
     /// Qwen2-MoE's shared expert and its gate (`shared_expert`, `shared_expert_gate`).
-    shared: Option<(Expert, Linear)>,
+    shared: Option<(SwiGlu, Linear)>,
     shape: MoeShape,
     /// Qwen3-MoE casts the routing weights to the activations' dtype before weighting the
     /// experts' outputs; Mixtral keeps them in f32 until the sum.
@@ -99,7 +70,8 @@ impl SparseMoe {
         };
         let shared = shape.shared_intermediate.map(|s| {
             let names = ["gate_proj", "up_proj", "down_proj"];
-            let expert = Expert::new(&(&p / "shared_expert"), names, (h, s), shape.std, opts);
+            let path = &p / "shared_expert";
+            let expert = SwiGlu::separate(&path, names, (h, s), (false, shape.std), opts);
             let gate = Linear::new(&p / "shared_expert_gate", (h, 1), false, shape.std, opts);
             (expert, gate)
         });
@@ -117,7 +89,15 @@ impl SparseMoe {
             _ => ["gate_proj", "up_proj", "down_proj"],
         };
         let experts = (0..shape.experts)
-            .map(|e| Expert::new(&(&p / "experts" / e), names, (h, i), shape.std, opts))
+            .map(|e| {
+                SwiGlu::separate(
+                    &(&p / "experts" / e),
+                    names,
+                    (h, i),
+                    (false, shape.std),
+                    opts,
+                )
+            })
             .collect();
         SparseMoe {
             router,
@@ -182,19 +162,16 @@ impl SparseMoe {
 /// E · Σ_e f_e·P_e (k when routing is uniform: the shares f sum to k; only P_e carries a
 /// gradient).
 pub fn load_balancing_loss(router_logits: &[Tensor], mask: &Tensor, top_k: i64) -> Tensor {
-    let experts = router_logits[0].size()[1];
-    let device = router_logits[0].device();
-    let mask = mask.reshape([-1]).to_kind(Kind::Float).to_device(device);
-    let mut counts = Tensor::zeros([experts], (Kind::Float, device));
-    let mut prob_sum = Tensor::zeros([experts], (Kind::Float, device));
-    let mut rows = Tensor::zeros([], (Kind::Float, device));
-    for logits in router_logits {
-        let probs = logits.softmax(-1, Kind::Float);
-        let (_, chosen) = probs.topk(top_k, -1, true, true);
-        let weights = mask.unsqueeze(-1).expand_as(&chosen).reshape([-1]);
-        counts = counts.scatter_add(0, &chosen.reshape([-1]), &weights);
-        prob_sum += (&probs * mask.unsqueeze(-1)).sum_dim_intlist(0, false, Kind::Float);
-        rows += mask.sum(Kind::Float);
+    let Routing {
+        probs,
+        mask,
+        counts,
+        rows,
+    } = Routing::new(router_logits, mask, top_k);
+    let experts = counts.size()[0];
+    let mut prob_sum = counts.zeros_like();
+    for p in &probs {
+        prob_sum += (p * mask.unsqueeze(-1)).sum_dim_intlist(0, false, Kind::Float);
     }
     (counts / &rows * (prob_sum / &rows)).sum(Kind::Float) * experts as f64
 }
@@ -205,23 +182,60 @@ pub fn load_balancing_loss(router_logits: &[Tensor], mask: &Tensor, top_k: i64) 
 /// recomputation backpropagates one layer at a time).
 pub fn load_balancing_coefficients(router_logits: &[Tensor], mask: &Tensor, top_k: i64) -> Tensor {
     let _guard = tch::no_grad_guard();
-    let experts = router_logits[0].size()[1];
-    let device = router_logits[0].device();
-    let mask = mask.reshape([-1]).to_kind(Kind::Float).to_device(device);
-    let mut counts = Tensor::zeros([experts], (Kind::Float, device));
-    for logits in router_logits {
-        let (_, chosen) = logits.softmax(-1, Kind::Float).topk(top_k, -1, true, true);
-        let weights = mask.unsqueeze(-1).expand_as(&chosen).reshape([-1]);
-        counts = counts.scatter_add(0, &chosen.reshape([-1]), &weights);
-    }
-    let rows = mask.sum(Kind::Float) * router_logits.len() as f64;
+    let Routing { counts, rows, .. } = Routing::new(router_logits, mask, top_k);
+    let experts = counts.size()[0];
     counts / (&rows * &rows) * experts as f64
+}
+
+/// One forward's routing, as the loss reads it.
+struct Routing {
+    /// Every MoE layer's router probabilities `[B·T, E]` (f32).
+    probs: Vec<Tensor>,
+    /// `[B·T]` f32, 1 at real tokens.
+    mask: Tensor,
+    /// How many of every layer's top-k choices at real tokens went to each expert (`[E]`,
+    /// no gradient).
+    counts: Tensor,
+    /// The real tokens of all layers, R.
+    rows: Tensor,
+}
+
+impl Routing {
+    fn new(router_logits: &[Tensor], mask: &Tensor, top_k: i64) -> Self {
+        let mask = real_tokens(mask, &router_logits[0]);
+        let probs: Vec<Tensor> = router_logits
+            .iter()
+            .map(|l| l.softmax(-1, Kind::Float))
+            .collect();
+        let _guard = tch::no_grad_guard();
+        let experts = probs[0].size()[1];
+        let mut counts = Tensor::zeros([experts], (Kind::Float, mask.device()));
+        for p in &probs {
+            let (_, chosen) = p.topk(top_k, -1, true, true);
+            let weights = mask.unsqueeze(-1).expand_as(&chosen).reshape([-1]);
+            counts = counts.scatter_add(0, &chosen.reshape([-1]), &weights);
+        }
+        let rows = mask.sum(Kind::Float) * probs.len() as f64;
+        Routing {
+            probs,
+            mask,
+            counts,
+            rows,
+        }
+    }
+}
+
+/// `mask` (`[B·T]`, nonzero at real tokens) as f32 on the device of `logits`.
+fn real_tokens(mask: &Tensor, logits: &Tensor) -> Tensor {
+    mask.reshape([-1])
+        .to_kind(Kind::Float)
+        .to_device(logits.device())
 }
 
 /// One layer's share of the loss for coefficients `c` (see
 /// [`load_balancing_coefficients`]): Σ_tokens Σ_e c_e·p_e·m.
 pub fn load_balancing_share(logits: &Tensor, mask: &Tensor, c: &Tensor) -> Tensor {
-    let m = mask.reshape([-1, 1]).to_kind(Kind::Float);
+    let m = real_tokens(mask, logits).unsqueeze(-1);
     (logits.softmax(-1, Kind::Float) * m * c).sum(Kind::Float)
 }
 

@@ -88,12 +88,9 @@ impl LmHead {
     /// Logits in the weight's dtype (an f32 head, `cast_lm_head_to_fp32`, takes the hidden
     /// states cast up to f32).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        let logits = match hidden.kind() == self.weight.kind() {
-            true => hidden.linear::<Tensor>(&self.weight, None),
-            false => hidden
-                .to_kind(self.weight.kind())
-                .linear::<Tensor>(&self.weight, None),
-        };
+        let logits = hidden
+            .to_kind(self.weight.kind())
+            .linear::<Tensor>(&self.weight, None);
         match self.softcap {
             Some(cap) => (logits / cap).tanh() * cap,
             None => logits,
