@@ -355,6 +355,10 @@ impl Config {
 
     /// Values this implementation cannot honour, named with `path`.
     pub fn validate(&self, path: &Path) -> Result<()> {
+        let (experts, top_k) = self.experts();
+        // The Qwens' num_experts 0 makes every layer a dense MLP.
+        let all_dense =
+            experts == 0 && matches!(self.model_type, ModelType::Qwen2Moe | ModelType::Qwen3Moe);
         let problem = if self.hidden_act != Activation::Silu {
             Some(format!(
                 "hidden_act '{}' is not supported (supported: silu)",
@@ -375,15 +379,12 @@ impl Config {
                 "use_sliding_window true is not supported for {}",
                 self.model_type.name()
             ))
-        } else if self.is_moe()
-            && self.experts().0 > 0
-            && (self.experts().1 < 1 || self.experts().1 > self.experts().0)
-        {
+        } else if self.is_moe() && (top_k < 1 || top_k > experts) && !all_dense {
             Some(format!(
-                "num_experts_per_tok {} must be between 1 and the {} experts",
-                self.experts().1,
-                self.experts().0
+                "num_experts_per_tok {top_k} must be between 1 and the {experts} experts"
             ))
+        } else if self.decoder_sparse_step.is_some_and(|s| s < 1) {
+            Some("decoder_sparse_step must be at least 1".to_string())
         } else {
             self.rope().err()
         };

@@ -1973,6 +1973,21 @@ mod tests {
             e.contains("num_experts_per_tok 3 must be between 1 and the 2 experts"),
             "{e}"
         );
+        let mut step = tiny_llama();
+        step["model_type"] = json!("qwen3_moe");
+        step["num_experts"] = json!(2);
+        step["num_experts_per_tok"] = json!(1);
+        step["decoder_sparse_step"] = json!(0);
+        let e = ModelConfig::from_json(step, p).unwrap_err().to_string();
+        assert_eq!(e, "m/config.json: decoder_sparse_step must be at least 1");
+        let mut none = tiny_llama();
+        none["model_type"] = json!("mixtral");
+        none["num_local_experts"] = json!(0);
+        let e = ModelConfig::from_json(none, p).unwrap_err().to_string();
+        assert!(
+            e.contains("num_experts_per_tok 2 must be between 1 and the 0 experts"),
+            "{e}"
+        );
     }
 
     /// NEFTune: uniform noise of magnitude α/√(T·H) on the input embeddings of training
