@@ -16,6 +16,8 @@ struct Fixture {
     /// The tiny Llama (no experts).
     llama: PathBuf,
     moe: PathBuf,
+    /// The same in gpt-oss's layout.
+    gpt_oss: PathBuf,
     train: PathBuf,
 }
 
@@ -27,12 +29,15 @@ fn fixture() -> &'static Fixture {
         let llama = root.join("model");
         let moe = root.join("moe");
         rlhf_tests::tiny_moe(&llama, &moe);
+        let gpt_oss = root.join("gpt-oss");
+        rlhf_tests::tiny_gpt_oss(&llama, &gpt_oss);
         let train = root.join("train.jsonl");
         std::fs::write(&train, cage_rows(0..24)).unwrap();
         Fixture {
             root,
             llama,
             moe,
+            gpt_oss,
             train,
         }
     })
@@ -233,9 +238,76 @@ fn lora_on_a_moe_model_loads_in_peft() {
         "--save-merged",
     ];
     ok(&sft(&f.moe, &out, &extra));
+    check_in_peft(&f.moe, &out);
+    let stored =
+        tch::Tensor::read_safetensors(out.join("final/adapter_model.safetensors")).unwrap();
+    let names: Vec<&String> = stored.iter().map(|(name, _)| name).collect();
+    assert!(names.iter().all(|k| k.contains(".self_attn.")), "{names:?}");
+}
+
+/// gpt-oss (attention sinks, a sliding and a full layer, a biased router, fused experts
+/// with biases and the clamped SwiGLU) trains with LoRA on every linear layer, the
+/// routers' load-balancing loss and activation recomputation: the adapter of the run that
+/// keeps its activations, `aux_loss` logged, and PEFT loads it on transformers' GptOss with
+/// our log-probs (transformers the merged model too). PEFT has no default LoRA targets for
+/// gpt-oss, and neither do we.
+#[test]
+fn gpt_oss_trains_with_lora_and_loads_in_peft() {
+    let f = fixture();
+    let (kept, recomputed) = (f.root.join("run-oss"), f.root.join("run-oss-recomputed"));
+    let extra = [
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--lora-target-modules",
+        "all-linear",
+        "--router-aux-loss-coef",
+        "0.5",
+        "--save-merged",
+    ];
+    ok(&sft(&f.gpt_oss, &kept, &extra));
+    ok(&sft(
+        &f.gpt_oss,
+        &recomputed,
+        &[&extra[..], &["--gradient-checkpointing"]].concat(),
+    ));
+    let diff =
+        rlhf_tests::max_weight_diff(&kept.join("final"), &recomputed.join("final"), Head::Lm);
+    assert!(diff < 1e-5, "recomputed vs kept activations: {diff:e}");
+    for m in read_jsonl(&kept.join("metrics.jsonl")) {
+        let aux = m["aux_loss"].as_f64().expect("aux_loss logged");
+        assert!((1.0..=4.0).contains(&aux), "aux_loss {aux}");
+    }
+    check_in_peft(&f.gpt_oss, &kept);
+    let stored =
+        tch::Tensor::read_safetensors(kept.join("final/adapter_model.safetensors")).unwrap();
+    let names: Vec<&String> = stored.iter().map(|(name, _)| name).collect();
+    for module in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        assert!(
+            names.iter().any(|k| k.contains(module)),
+            "{module}: {names:?}"
+        );
+    }
+    assert!(names.iter().all(|k| k.contains(".self_attn.")), "{names:?}");
+    assert_refused(
+        &sft(
+            &f.gpt_oss,
+            &f.root.join("run-oss-default"),
+            &["--lora-r", "4"],
+        ),
+        "--lora-target-modules: PEFT has no default LoRA targets for gpt_oss models",
+    );
+}
+
+/// The adapter in `out/final` on `base`, and `out/final_merged`: PEFT and transformers give
+/// our log-probs (1e-4) on the first training rows, which the adapter changed.
+fn check_in_peft(base: &Path, out: &Path) {
     let (ids, mask) = first_rows(3);
     let t = ids[0].len();
-    let ids_path = f.root.join("lora-ids.json");
+    let ids_path = out.join("lora-ids.json");
     std::fs::write(&ids_path, json!({"ids": ids, "mask": mask}).to_string()).unwrap();
     let (adapter, merged) = (out.join("final"), out.join("final_merged"));
     let theirs = rlhf_tests::run_python(
@@ -259,7 +331,7 @@ fn lora_on_a_moe_model_loads_in_peft() {
     let n = t as i64 - 1;
     let ours = common::ops::logprobs_of(&logits.narrow(1, 0, n), &ids.narrow(1, 1, n));
     let valid = mask.narrow(1, 0, n) * mask.narrow(1, 1, n);
-    let base = Model::load(&f.moe, &ModelOptions::cpu(Head::Lm)).unwrap().0;
+    let base = Model::load(base, &ModelOptions::cpu(Head::Lm)).unwrap().0;
     let base_logits = tch::no_grad(|| base.forward(&ids, &mask));
     let before = common::ops::logprobs_of(&base_logits.narrow(1, 0, n), &ids.narrow(1, 1, n));
     assert!(
@@ -271,7 +343,4 @@ fn lora_on_a_moe_model_loads_in_peft() {
             rlhf_tests::max_masked_diff(&ours, &rlhf_tests::tensor_2d_f32(&theirs[key]), &valid);
         assert!(diff < 1e-4, "{key}: PEFT/transformers differ by {diff:e}");
     }
-    let stored = tch::Tensor::read_safetensors(adapter.join("adapter_model.safetensors")).unwrap();
-    let names: Vec<&String> = stored.iter().map(|(name, _)| name).collect();
-    assert!(names.iter().all(|k| k.contains(".self_attn.")), "{names:?}");
 }

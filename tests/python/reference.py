@@ -134,10 +134,23 @@ def configs():
             hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_experts=5, num_experts_per_tok=2, clip_qkv=0.5,
             tie_word_embeddings=False, max_position_embeddings=64, initializer_range=0.1, **common),
+        # gpt-oss: attention sinks, q/k/v/o biases, sliding (even) and full layers with a
+        # window shorter than the inputs, a biased router over 4 fused experts (top 2), the
+        # clamped SwiGLU with a limit that bites, YaRN (untruncated), f32-scaled norms.
+        "gpt_oss": tf.GptOssConfig(
+            hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=5, swiglu_limit=1.0, tie_word_embeddings=False,
+            max_position_embeddings=64, initializer_range=0.1,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 16},
+            **common),
     }
 
 
-MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss")
+ROUTERS = (".gate.weight", ".router.weight")
 # transformers has no sequence-classification class for these.
 NO_SCORE = ("olmoe",)
 
@@ -167,7 +180,9 @@ def make(root, cases):
             for pname, p in model.named_parameters():
                 if pname.endswith("bias") or "norm" in pname or "ln_" in pname:
                     p.add_(torch.randn_like(p) * 0.2)
-                if pname.endswith("gate.weight"):  # MoE routers: decisive top-k choices
+                if pname.endswith(ROUTERS):  # MoE routers: decisive top-k choices
+                    p.copy_(torch.randn_like(p))
+                if pname.endswith("sinks"):  # gpt-oss's sinks: a share that matters
                     p.copy_(torch.randn_like(p))
         model.save_pretrained(f"{root}/{name}")
         res = {"logprobs": {}}
@@ -189,7 +204,7 @@ def make(root, cases):
                     logp = logits.logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
                     valid = (mask[:, :-1] * mask[:, 1:]).float()
                     total = -(logp * valid).sum() / valid.sum() + 0.5 * logits.aux_loss
-                    router = next(p for n, p in model.named_parameters() if n.endswith(".gate.weight"))
+                    router = next(p for n, p in model.named_parameters() if n.endswith(ROUTERS))
                     res["router_grad"] = torch.autograd.grad(total, router)[0].tolist()
             ids, mask = batch(cases["prompts"])
             gen = model.generate(
@@ -210,7 +225,39 @@ def make(root, cases):
                     eos_token_id=None, pad_token_id=0)
                 res["greedy_repetition_penalty"].append(gen[0, real.shape[1]:].tolist())
         out[name] = res
+    out["gpt_oss_mxfp4"] = mxfp4_variant(root, cases)
     return out
+
+
+def mxfp4_variant(root, cases):
+    """gpt-oss with its experts stored as MXFP4 (random codes, scales near 1/16), as the
+    released checkpoints are: transformers dequantizes them on the CPU. The log-probs of
+    that model."""
+    import os
+    import safetensors.torch as st
+
+    g = torch.Generator().manual_seed(5)
+    stored = {}
+    for key, t in st.load_file(f"{root}/gpt_oss/model.safetensors").items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, cols, rows = t.shape
+            stored[key + "_blocks"] = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+            stored[key + "_scales"] = torch.randint(121, 126, (experts, rows, cols // 32), generator=g, dtype=torch.uint8)
+        else:
+            stored[key] = t
+    out_dir = f"{root}/gpt_oss_mxfp4"
+    os.makedirs(out_dir, exist_ok=True)
+    st.save_file(stored, f"{out_dir}/model.safetensors", metadata={"format": "pt"})
+    config = json.load(open(f"{root}/gpt_oss/config.json"))
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    }
+    json.dump(config, open(f"{out_dir}/config.json", "w"))
+    model = tf.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    ids, mask = batch(cases["batches"]["right"])
+    with torch.no_grad():
+        return {"logprobs": {"right": token_logprobs(model, ids, mask).tolist()}}
 
 
 def check(root, cases):

@@ -400,18 +400,49 @@ pub fn tiny_llama_fixture(root: &Path) -> serde_json::Value {
 /// Llama in `llama` ([`tiny_llama_fixture`]), the same weights every time; its routers
 /// are decisive (std 0.5), so that some experts start out favoured.
 pub fn tiny_moe(llama: &Path, dir: &Path) {
+    tiny_sparse(
+        llama,
+        dir,
+        serde_json::json!({
+            "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+            "intermediate_size": 128, "moe_intermediate_size": 32, "num_experts": 4,
+            "norm_topk_prob": true,
+        }),
+    );
+}
+
+/// [`tiny_moe`] in gpt-oss's layout: attention sinks, biased projections and router,
+/// fused experts with the clamped SwiGLU, a sliding layer (window 8) and a full one, YaRN.
+pub fn tiny_gpt_oss(llama: &Path, dir: &Path) {
+    tiny_sparse(
+        llama,
+        dir,
+        serde_json::json!({
+            "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"],
+            "intermediate_size": 32, "num_local_experts": 4, "sliding_window": 8,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": false,
+                "original_max_position_embeddings": 64},
+        }),
+    );
+}
+
+/// A two-layer MoE model of 4 experts (top 2) with `arch`'s fields, on the tiny Llama
+/// fixture's tokenizer.
+fn tiny_sparse(llama: &Path, dir: &Path, arch: serde_json::Value) {
     let base: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(llama.join("config.json")).unwrap()).unwrap();
-    let config = serde_json::json!({
-        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
-        "vocab_size": base["vocab_size"], "hidden_size": 64, "intermediate_size": 128,
-        "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
-        "num_experts_per_tok": 2, "norm_topk_prob": true, "tie_word_embeddings": false,
+    let mut config = serde_json::json!({
+        "vocab_size": base["vocab_size"], "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "num_experts_per_tok": 2, "tie_word_embeddings": false,
         "router_aux_loss_coef": 0.001, "max_position_embeddings": 256,
         "initializer_range": 0.1, "bos_token_id": base["bos_token_id"],
         "eos_token_id": base["eos_token_id"], "pad_token_id": base["pad_token_id"],
     });
+    for (k, v) in arch.as_object().unwrap() {
+        config[k] = v.clone();
+    }
     let config = common::models::ModelConfig::from_json(config, Path::new("config.json")).unwrap();
     let model = common::Model::new(config, &common::ModelOptions::cpu(common::Head::Lm));
     // The weights from a seeded generator of our own, not torch's global one (which the
@@ -429,7 +460,7 @@ pub fn tiny_moe(llama: &Path, dir: &Path) {
             if name.contains("norm") {
                 continue;
             }
-            let std = if name.ends_with(".gate.weight") {
+            let std = if name.ends_with(".gate.weight") || name.ends_with(".router.weight") {
                 0.5
             } else {
                 0.1

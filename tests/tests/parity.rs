@@ -30,6 +30,7 @@ const ARCHS: &[&str] = &[
     "olmoe",
     "qwen3_yarn",
     "llama_yarn",
+    "gpt_oss",
 ];
 /// Architectures transformers has no sequence-classification class for.
 const NO_SCORE: &[&str] = &["olmoe"];
@@ -143,6 +144,33 @@ fn logprobs_match_transformers() {
     }
 }
 
+/// gpt-oss's experts stored in MXFP4, as the released checkpoints store them, are
+/// dequantized as they are read: the log-probs of transformers' dequantized model; saved,
+/// they are plain parameters (no `quantization_config`, no blocks) that load back alike.
+#[test]
+fn mxfp4_experts_load_as_transformers_dequantizes_them() {
+    let f = fixture();
+    let dir = f.root.join("gpt_oss_mxfp4");
+    let model = load(&dir, Head::Lm);
+    let (ids, mask) = batch(&f.cases["batches"]["right"]);
+    let (ours, valid) = next_token_logprobs(&model, &ids, &mask);
+    let theirs = tensor_2d_f32(&f.reference["gpt_oss_mxfp4"]["logprobs"]["right"]);
+    let diff = max_masked_diff(&ours, &theirs, &valid);
+    assert!(diff < 1e-4, "max |Δ log-prob| = {diff:e}");
+    // Not the plain checkpoint's experts: the codes were read.
+    let plain = load(&f.root.join("gpt_oss"), Head::Lm);
+    let (plain_lp, _) = next_token_logprobs(&plain, &ids, &mask);
+    assert!(max_masked_diff(&plain_lp, &theirs, &valid) > 1e-2);
+    let saved = f.root.join("gpt_oss_mxfp4-saved");
+    model.save(&saved, Some(&dir)).unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("config.json")).unwrap()).unwrap();
+    assert!(config.get("quantization_config").is_none());
+    let again = load(&saved, Head::Lm);
+    let (again_lp, _) = next_token_logprobs(&again, &ids, &mask);
+    assert!(max_masked_diff(&again_lp, &ours, &valid) < 1e-6);
+}
+
 /// The MoE routers' load-balancing loss of a right-padded batch, recorded by a training
 /// forward, is transformers' `aux_loss` (padding left out); forwards without grad, or
 /// without recording, keep nothing.
@@ -150,7 +178,7 @@ fn logprobs_match_transformers() {
 fn moe_load_balancing_loss_matches_transformers() {
     let f = fixture();
     let (ids, mask) = batch(&f.cases["batches"]["right"]);
-    for arch in ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"] {
+    for arch in ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"] {
         let model = load(&f.root.join(arch), Head::Lm);
         assert!(model.is_moe());
         let coef = if arch == "olmoe" { 0.01 } else { 0.001 };
@@ -186,7 +214,7 @@ fn moe_load_balancing_loss_matches_transformers() {
         let (_, router) = model
             .named_tensors()
             .into_iter()
-            .find(|(n, _)| n.ends_with(".gate.weight"))
+            .find(|(n, _)| n.ends_with(".gate.weight") || n.ends_with(".router.weight"))
             .expect("a router");
         let theirs = tensor_2d_f32(&f.reference[arch]["router_grad"]);
         let diff = (router.grad() - &theirs).abs().max().double_value(&[]);

@@ -328,18 +328,21 @@ impl Masking {
 }
 
 impl Masking {
-    /// Attention written out, for Gemma 2's soft-capped logits (`cap · tanh(s / cap)`
-    /// before the mask), which `scaled_dot_product_attention` cannot apply: scores in the
-    /// activations' dtype as `transformers`' eager attention, softmax in f32.
-    pub fn attend_softcapped(
+    /// Attention written out, for what `scaled_dot_product_attention` cannot apply: Gemma
+    /// 2's soft-capped logits (`cap · tanh(s / cap)` before the mask), and gpt-oss's sinks
+    /// (one learned logit per head `[H]` joining each query's softmax, with no value: the
+    /// keys' weights sum to less than one). Scores in the activations' dtype as
+    /// `transformers`' eager attention, softmax in f32.
+    pub fn attend_written_out(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         scale: f64,
-        cap: f64,
+        softcap: Option<f64>,
+        sinks: Option<&Tensor>,
     ) -> Tensor {
-        let (h, t) = (q.size()[1], q.size()[2]);
+        let (b, h, t) = (q.size()[0], q.size()[1], q.size()[2]);
         let (h_kv, s) = (k.size()[1], k.size()[2]);
         let repeat = |x: &Tensor| {
             if h_kv == h {
@@ -349,8 +352,10 @@ impl Masking {
             }
         };
         let (k, v) = (repeat(k), repeat(v));
-        let scores = q.matmul(&k.transpose(2, 3)) * scale;
-        let scores = (scores / cap).tanh() * cap;
+        let mut scores = q.matmul(&k.transpose(2, 3)) * scale;
+        if let Some(cap) = softcap {
+            scores = (scores / cap).tanh() * cap;
+        }
         let scores = match (&self.mask, self.causal) {
             (Some(m), _) if m.kind() == Kind::Bool => {
                 scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY)
@@ -362,7 +367,19 @@ impl Masking {
             }
             (None, false) => scores,
         };
-        scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+        let probs = match sinks {
+            Some(sinks) => {
+                let sink = sinks
+                    .to_kind(scores.kind())
+                    .view([1, h, 1, 1])
+                    .expand([b, h, t, 1], false);
+                Tensor::cat(&[scores, sink], -1)
+                    .softmax(-1, Kind::Float)
+                    .narrow(-1, 0, s)
+            }
+            None => scores.softmax(-1, Kind::Float),
+        };
+        probs.to_kind(q.kind()).matmul(&v)
     }
 }
 

@@ -370,7 +370,7 @@ impl Layer {
         };
         let masking = masking.for_layer(self.sliding);
         let attn = match self.softcap {
-            Some(cap) => masking.attend_softcapped(&q, &k, &v, self.scale, cap),
+            Some(cap) => masking.attend_written_out(&q, &k, &v, self.scale, Some(cap), None),
             None => masking.attend(&q, &k, &v, Some(self.scale)),
         };
         let attn = attn

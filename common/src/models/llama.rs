@@ -6,8 +6,9 @@
 //! SwiGLU, grouped-query attention, optional q/k/v bias, tied or untied embeddings, and
 //! Qwen3's per-head RMSNorm of queries and keys before rotary; Phi-3's fused `qkv_proj` and
 //! `gate_up_proj` (kept as stored, split after the product) and partial rotary; the sparse
-//! expert blocks of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE in place of the MLP
-//! ([`super::moe`]), with OLMoE's q/k norms over whole projections and `clip_qkv`.
+//! expert blocks of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss in place of the MLP
+//! ([`super::moe`]), with OLMoE's q/k norms over whole projections and `clip_qkv`, and
+//! gpt-oss's attention sinks, biased projections and sliding layers beside full ones.
 
 use std::path::Path;
 
@@ -25,7 +26,7 @@ use super::ModelType;
 use crate::error::{Error, Result};
 
 /// `config.json` of `llama`, `mistral`, `qwen2`, `qwen3`, `phi3`, `mixtral`, `qwen2_moe`,
-/// `qwen3_moe` and `olmoe`, with Hugging Face's field names.
+/// `qwen3_moe`, `olmoe` and `gpt_oss`, with Hugging Face's field names.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub model_type: ModelType,
@@ -38,8 +39,9 @@ pub struct Config {
     pub num_key_value_heads: Option<i64>,
     #[serde(default)]
     pub head_dim: Option<i64>,
-    #[serde(default = "defaults::rms_norm_eps")]
-    pub rms_norm_eps: f64,
+    /// See [`Config::norm_eps`] for the architectures' defaults.
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
     #[serde(
         default = "defaults::hidden_act",
         deserialize_with = "defaults::hidden_act_field"
@@ -47,8 +49,9 @@ pub struct Config {
     pub hidden_act: Activation,
     #[serde(default = "defaults::init_range")]
     pub initializer_range: f64,
+    /// Biases on the attention projections (gpt-oss's default true, the others' false).
     #[serde(default)]
-    pub attention_bias: bool,
+    pub attention_bias: Option<bool>,
     #[serde(default)]
     pub mlp_bias: bool,
     #[serde(default)]
@@ -108,12 +111,18 @@ pub struct Config {
     /// OLMoE: queries, keys and values clamped to ±this after their projections.
     #[serde(default)]
     pub clip_qkv: Option<f64>,
+    /// gpt-oss: the experts' clamped SwiGLU (`σ(α·gate)` gain, clamp limit).
+    #[serde(default)]
+    pub swiglu_alpha: Option<f64>,
+    #[serde(default)]
+    pub swiglu_limit: Option<f64>,
+    /// gpt-oss: `sliding_attention` or `full_attention` per layer (default: the even
+    /// layers slide).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
 }
 
 mod defaults {
-    pub fn rms_norm_eps() -> f64 {
-        1e-6
-    }
     pub fn hidden_act() -> super::Activation {
         super::Activation::Silu
     }
@@ -193,6 +202,16 @@ impl Config {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// `rms_norm_eps`, or transformers' default for the architecture (1e-5 for Phi-3,
+    /// Mixtral, OLMoE and gpt-oss, 1e-6 for the others).
+    pub fn norm_eps(&self) -> f64 {
+        let default = match self.model_type {
+            ModelType::Phi3 | ModelType::Mixtral | ModelType::Olmoe | ModelType::GptOss => 1e-5,
+            _ => 1e-6,
+        };
+        self.rms_norm_eps.unwrap_or(default)
+    }
+
     pub fn head_dim(&self) -> i64 {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
@@ -204,13 +223,66 @@ impl Config {
         match self.model_type {
             ModelType::Qwen2 => true,
             ModelType::Qwen2Moe => self.qkv_bias.unwrap_or(true),
-            _ => self.attention_bias,
+            _ => self.attention_bias(),
         }
     }
 
-    /// OLMoE biases its output projection too when `attention_bias` is set.
+    /// `attention_bias`, gpt-oss's default true.
+    fn attention_bias(&self) -> bool {
+        self.attention_bias
+            .unwrap_or(self.model_type == ModelType::GptOss)
+    }
+
+    /// OLMoE and gpt-oss bias their output projection too when `attention_bias` is set.
     pub fn o_bias(&self) -> bool {
-        self.model_type == ModelType::Olmoe && self.attention_bias
+        matches!(self.model_type, ModelType::Olmoe | ModelType::GptOss) && self.attention_bias()
+    }
+
+    /// gpt-oss's learned attention sinks: one logit per head beside the keys', which takes
+    /// a share of the softmax and no value.
+    pub fn attention_sinks(&self) -> bool {
+        self.model_type == ModelType::GptOss
+    }
+
+    /// Which layers attend within [`Config::local_window`] (gpt-oss's `layer_types`); the
+    /// others attend over everything (or Mistral's window, [`Config::sliding_window`]).
+    pub fn sliding_layers(&self) -> Vec<bool> {
+        let n = self.num_hidden_layers as usize;
+        if self.model_type != ModelType::GptOss {
+            return vec![false; n];
+        }
+        match &self.layer_types {
+            Some(types) => types.iter().map(|t| t == "sliding_attention").collect(),
+            None => (0..n).map(|i| i % 2 == 0).collect(),
+        }
+    }
+
+    /// gpt-oss's `layer_types` must name each layer's attention.
+    fn layer_types_problem(&self) -> Option<String> {
+        let types = self.layer_types.as_ref()?;
+        if self.model_type != ModelType::GptOss {
+            return None;
+        }
+        if types.len() != self.num_hidden_layers as usize {
+            return Some(format!(
+                "layer_types has {} entries for {} layers",
+                types.len(),
+                self.num_hidden_layers
+            ));
+        }
+        types
+            .iter()
+            .find(|t| !matches!(t.as_str(), "sliding_attention" | "full_attention"))
+            .map(|t| format!("layer_types: '{t}' is not sliding_attention or full_attention"))
+    }
+
+    /// The window of the sliding layers of [`Config::sliding_layers`], when some slide.
+    pub fn local_window(&self) -> Option<i64> {
+        let w = match self.model_type {
+            ModelType::GptOss => self.sliding_window.or(Some(128)),
+            _ => None,
+        };
+        w.filter(|_| self.sliding_layers().contains(&true))
     }
 
     /// Phi-3 stores q, k and v as one `qkv_proj`, and gate and up as one `gate_up_proj`.
@@ -247,7 +319,11 @@ impl Config {
     pub fn is_moe(&self) -> bool {
         matches!(
             self.model_type,
-            ModelType::Mixtral | ModelType::Qwen2Moe | ModelType::Qwen3Moe | ModelType::Olmoe
+            ModelType::Mixtral
+                | ModelType::Qwen2Moe
+                | ModelType::Qwen3Moe
+                | ModelType::Olmoe
+                | ModelType::GptOss
         )
     }
 
@@ -266,6 +342,10 @@ impl Config {
                 self.num_experts.or(self.num_local_experts).unwrap_or(64),
                 self.num_experts_per_tok.unwrap_or(8),
             ),
+            ModelType::GptOss => (
+                self.num_local_experts.or(self.num_experts).unwrap_or(128),
+                self.num_experts_per_tok.unwrap_or(4),
+            ),
             _ => (
                 self.num_experts.or(self.num_local_experts).unwrap_or(128),
                 self.num_experts_per_tok.unwrap_or(8),
@@ -278,7 +358,7 @@ impl Config {
     pub fn moe_shape(&self, i: i64) -> Option<MoeShape> {
         let (experts, top_k) = self.experts();
         let sparse = match self.model_type {
-            ModelType::Mixtral | ModelType::Olmoe => true,
+            ModelType::Mixtral | ModelType::Olmoe | ModelType::GptOss => true,
             ModelType::Qwen2Moe | ModelType::Qwen3Moe => {
                 let step = self.decoder_sparse_step.unwrap_or(1);
                 !self.mlp_only_layers.as_deref().unwrap_or(&[]).contains(&i)
@@ -290,7 +370,7 @@ impl Config {
         sparse.then(|| MoeShape {
             hidden: self.hidden_size,
             intermediate: match self.model_type {
-                ModelType::Mixtral | ModelType::Olmoe => self.intermediate_size,
+                ModelType::Mixtral | ModelType::Olmoe | ModelType::GptOss => self.intermediate_size,
                 ModelType::Qwen2Moe => self.moe_intermediate_size.unwrap_or(1408),
                 _ => self.moe_intermediate_size.unwrap_or(768),
             },
@@ -298,7 +378,15 @@ impl Config {
                 .then(|| self.shared_expert_intermediate_size.unwrap_or(5632)),
             experts,
             top_k,
-            norm_topk_prob: self.norm_topk_prob || self.model_type == ModelType::Mixtral,
+            // gpt-oss's softmax over the top k logits is the renormalised top k.
+            norm_topk_prob: self.norm_topk_prob
+                || matches!(self.model_type, ModelType::Mixtral | ModelType::GptOss),
+            clamped_swiglu: (self.model_type == ModelType::GptOss).then(|| {
+                (
+                    self.swiglu_alpha.unwrap_or(1.702),
+                    self.swiglu_limit.unwrap_or(7.0),
+                )
+            }),
             jitter: self.router_jitter_noise.unwrap_or(0.0),
             std: self.initializer_range,
         })
@@ -334,9 +422,20 @@ impl Config {
             max: self.max_position_embeddings,
             original: self.original_max_position_embeddings,
         };
+        // gpt-oss's default: YaRN by 32 over 4096 positions.
+        let default = (self.model_type == ModelType::GptOss && params.is_none()).then(|| {
+            serde_json::json!({"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096})
+        });
+        // transformers' `default_theta`s.
+        let theta = match self.model_type {
+            ModelType::GptOss => 150000.0,
+            ModelType::Mixtral => 1e6,
+            _ => 10000.0,
+        };
         let rope = parse_rope(
-            renamed.as_ref().or(params),
-            self.rope_theta.unwrap_or(10000.0),
+            renamed.as_ref().or(params).or(default.as_ref()),
+            self.rope_theta.unwrap_or(theta),
             lengths,
         )?;
         if let RopeScaling::LongRope {
@@ -385,6 +484,8 @@ impl Config {
             ))
         } else if self.decoder_sparse_step.is_some_and(|s| s < 1) {
             Some("decoder_sparse_step must be at least 1".to_string())
+        } else if let Some(problem) = self.layer_types_problem() {
+            Some(problem)
         } else {
             self.rope().err()
         };
@@ -616,11 +717,13 @@ pub(crate) fn cos_sin(
     }
 }
 
-/// `LlamaRMSNorm`: normalise in f32, scale in the input dtype.
+/// `LlamaRMSNorm`: normalise in f32, scale in the input dtype (gpt-oss's, whose weights
+/// transformers keeps in f32, scales in f32 and casts after).
 #[derive(Debug)]
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    scale_in_f32: bool,
 }
 
 impl RmsNorm {
@@ -628,6 +731,7 @@ impl RmsNorm {
         RmsNorm {
             weight: param(&p, "weight", &[dim], Init::Const(1.0), opts),
             eps,
+            scale_in_f32: false,
         }
     }
 
@@ -635,7 +739,12 @@ impl RmsNorm {
         let kind = x.kind();
         let xf = x.to_kind(Kind::Float);
         let var = xf.square().mean_dim([-1].as_slice(), true, Kind::Float);
-        &self.weight * (xf * (var + self.eps).rsqrt()).to_kind(kind)
+        let normed = xf * (var + self.eps).rsqrt();
+        if self.scale_in_f32 {
+            (self.weight.to_kind(Kind::Float) * normed).to_kind(kind)
+        } else {
+            &self.weight * normed.to_kind(kind)
+        }
     }
 }
 
@@ -729,6 +838,10 @@ struct Layer {
     qk_norm: Option<(QkNormKind, RmsNorm, RmsNorm)>,
     /// OLMoE's `clip_qkv`.
     clip_qkv: Option<f64>,
+    /// gpt-oss's attention sinks (`[heads]`, `self_attn.sinks`).
+    sinks: Option<Tensor>,
+    /// Attends within the local window ([`Masking::for_layer`]).
+    sliding: bool,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
     n_heads: i64,
@@ -745,7 +858,14 @@ impl Layer {
         let mlp = &p / "mlp";
         let i = cfg.intermediate_size;
         let linear = |path: nn::Path, dims, bias| Linear::new(path, dims, bias, std, opts);
-        let norm = |path: nn::Path| RmsNorm::new(path, h, cfg.rms_norm_eps, opts);
+        let norm = |path: nn::Path| RmsNorm {
+            scale_in_f32: cfg.model_type == ModelType::GptOss,
+            ..RmsNorm::new(path, h, cfg.norm_eps(), opts)
+        };
+        let sink_init = Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        };
         Layer {
             input_layernorm: norm(&p / "input_layernorm"),
             qkv: if cfg.fused() {
@@ -759,7 +879,7 @@ impl Layer {
             },
             o_proj: linear(&attn / "o_proj", (nh * d, h), cfg.o_bias()),
             qk_norm: cfg.qk_norm().map(|kind| {
-                let norm = |path: nn::Path, dim| RmsNorm::new(path, dim, cfg.rms_norm_eps, opts);
+                let norm = |path: nn::Path, dim| RmsNorm::new(path, dim, cfg.norm_eps(), opts);
                 let (q_dim, k_dim) = match kind {
                     QkNormKind::PerHead => (d, d),
                     QkNormKind::Whole => (nh * d, nkv * d),
@@ -771,6 +891,10 @@ impl Layer {
                 )
             }),
             clip_qkv: cfg.clip_qkv,
+            sinks: cfg
+                .attention_sinks()
+                .then(|| param(&attn, "sinks", &[nh], sink_init, opts)),
+            sliding: cfg.sliding_layers()[index as usize],
             post_attention_layernorm: norm(&p / "post_attention_layernorm"),
             mlp: match cfg.moe_shape(index) {
                 Some(shape) if cfg.model_type == ModelType::Mixtral => Mlp::Sparse(SparseMoe::new(
@@ -849,11 +973,17 @@ impl Layer {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let attn = masking.attend(&q, &k, &v, None).transpose(1, 2).reshape([
-            b,
-            t,
-            self.n_heads * self.head_dim,
-        ]);
+        let masking = masking.for_layer(self.sliding);
+        let attn = match &self.sinks {
+            Some(sinks) => {
+                let scale = (self.head_dim as f64).powf(-0.5);
+                masking.attend_written_out(&q, &k, &v, scale, None, Some(sinks))
+            }
+            None => masking.attend(&q, &k, &v, None),
+        };
+        let attn = attn
+            .transpose(1, 2)
+            .reshape([b, t, self.n_heads * self.head_dim]);
         let x = x + self.o_proj.forward(&attn);
         let normed = self.post_attention_layernorm.forward(&x);
         match &self.mlp {
@@ -882,6 +1012,8 @@ pub struct Llama {
     /// The cos/sin scale of the other scalings (YaRN's attention factor; else 1).
     rope_scale: f64,
     sliding_window: Option<i64>,
+    /// gpt-oss: the window of its sliding layers.
+    local_window: Option<i64>,
 }
 
 impl Llama {
@@ -905,11 +1037,12 @@ impl Llama {
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| Layer::new(&p / "layers" / i, i, cfg, opts))
                 .collect(),
-            norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.rms_norm_eps, opts),
+            norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.norm_eps(), opts),
             inv_freq: f32s(inv_freq(&rope, cfg.rotary_dim())),
             long_rope,
             rope_scale: rope.attention_scale(),
             sliding_window: cfg.sliding_window(),
+            local_window: cfg.local_window(),
         }
     }
 
@@ -1029,6 +1162,11 @@ impl Llama {
         self.sliding_window
     }
 
+    /// The window of the sliding layers when only some slide (gpt-oss).
+    pub fn local_window(&self) -> Option<i64> {
+        self.local_window
+    }
+
     /// LongRoPE's switch length (`original_max_position_embeddings`).
     pub fn long_rope_length(&self) -> Option<i64> {
         self.long_rope
@@ -1050,6 +1188,47 @@ mod tests {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         serde_json::from_value(v).unwrap()
+    }
+
+    /// Fields a config leaves out take transformers' default for its architecture.
+    #[test]
+    fn absent_fields_take_the_architectures_defaults() {
+        let llama = config(serde_json::json!({}));
+        assert_eq!(llama.norm_eps(), 1e-6);
+        assert_eq!(llama.rope().unwrap().theta, 10000.0);
+        assert!(!llama.qkv_bias() && !llama.o_bias());
+        let mixtral = config(serde_json::json!({"model_type": "mixtral"}));
+        assert_eq!(mixtral.norm_eps(), 1e-5);
+        assert_eq!(mixtral.rope().unwrap().theta, 1e6);
+        let oss = config(serde_json::json!({"model_type": "gpt_oss", "num_hidden_layers": 3}));
+        assert_eq!(oss.norm_eps(), 1e-5);
+        assert!(oss.qkv_bias() && oss.o_bias() && oss.attention_sinks());
+        assert_eq!(oss.experts(), (128, 4));
+        assert_eq!(oss.sliding_layers(), [true, false, true]);
+        assert_eq!(oss.local_window(), Some(128));
+        let rope = oss.rope().unwrap();
+        assert_eq!(rope.theta, 150000.0);
+        assert!(matches!(rope.scaling, RopeScaling::Yarn { factor, .. } if factor == 32.0));
+        let full = config(serde_json::json!({"model_type": "gpt_oss",
+            "layer_types": ["full_attention"], "attention_bias": false}));
+        assert_eq!(full.local_window(), None);
+        assert!(!full.qkv_bias() && !full.o_bias());
+        let bad = config(serde_json::json!({"model_type": "gpt_oss",
+            "layer_types": ["global"]}));
+        let e = bad
+            .validate(Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'global' is not sliding_attention"), "{e}");
+        let short = config(
+            serde_json::json!({"model_type": "gpt_oss", "num_hidden_layers": 2,
+            "layer_types": ["full_attention"]}),
+        );
+        let e = short
+            .validate(Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layer_types has 1 entries for 2 layers"), "{e}");
     }
 
     #[test]

@@ -208,6 +208,8 @@ pub fn default_targets(model_type: ModelType) -> Vec<String> {
             vec!["q_proj".into(), "v_proj".into()]
         }
         ModelType::Phi3 => vec!["qkv_proj".into()],
+        // PEFT has no default for gpt-oss: targets must be named.
+        ModelType::GptOss => vec![],
     }
 }
 

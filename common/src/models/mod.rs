@@ -10,6 +10,7 @@ mod layers;
 pub mod llama;
 pub mod lora;
 pub mod moe;
+pub mod mxfp4;
 mod options;
 pub mod prompt_tuning;
 pub mod quant;
@@ -55,10 +56,12 @@ pub enum ModelType {
     #[serde(rename = "qwen3_moe")]
     Qwen3Moe,
     Olmoe,
+    #[serde(rename = "gpt_oss")]
+    GptOss,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 13] = [
+    pub const ALL: [ModelType; 14] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
@@ -72,6 +75,7 @@ impl ModelType {
         ModelType::Qwen2Moe,
         ModelType::Qwen3Moe,
         ModelType::Olmoe,
+        ModelType::GptOss,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +93,7 @@ impl ModelType {
             ModelType::Qwen2Moe => "qwen2_moe",
             ModelType::Qwen3Moe => "qwen3_moe",
             ModelType::Olmoe => "olmoe",
+            ModelType::GptOss => "gpt_oss",
         }
     }
 
@@ -111,6 +116,7 @@ impl ModelType {
             ModelType::Qwen3Moe => ("Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
             // transformers has no OlmoeForSequenceClassification: no scalar head.
             ModelType::Olmoe => ("OlmoeForCausalLM", ""),
+            ModelType::GptOss => ("GptOssForCausalLM", "GptOssForSequenceClassification"),
         }
     }
 }
@@ -180,7 +186,8 @@ impl ModelConfig {
             | ModelType::Mixtral
             | ModelType::Qwen2Moe
             | ModelType::Qwen3Moe
-            | ModelType::Olmoe => {
+            | ModelType::Olmoe
+            | ModelType::GptOss => {
                 let c: llama::Config = serde_json::from_value(json).map_err(invalid)?;
                 c.validate(path)?;
                 Arch::Llama(c)
@@ -624,14 +631,29 @@ impl Model {
             *ids = Tokenizer::load(dir)?.encode(text, true)?;
         }
         let config = ModelConfig::load(dir)?;
+        let default_targets = opts
+            .lora
+            .as_ref()
+            .is_some_and(|l| matches!(l.target_modules, lora::TargetModules::Default));
+        if default_targets && lora::default_targets(config.model_type).is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "--lora-target-modules: PEFT has no default LoRA targets for {} models; name them (e.g. all-linear, or q_proj,k_proj,v_proj,o_proj)",
+                config.model_type.name()
+            )));
+        }
         if opts.head == Head::Score && config.model_type.classes().1.is_empty() {
             return Err(Error::config(
                 dir.join("config.json"),
                 format!("model_type '{}' has no sequence-classification class in transformers, so it cannot be a reward or value model (a scalar head) here", config.model_type.name()),
             ));
         }
-        let stored = quant::Bnb4bit::from_config(&config.raw)
-            .map_err(|m| Error::config(dir.join("config.json"), m))?;
+        // gpt-oss's MXFP4 experts are dequantized as they are read (below).
+        let mxfp4 = mxfp4::stored(&config.raw);
+        let stored = match mxfp4 {
+            true => None,
+            false => quant::Bnb4bit::from_config(&config.raw)
+                .map_err(|m| Error::config(dir.join("config.json"), m))?,
+        };
         if let (Some(stored), Some(asked)) = (&stored, &opts.quantization) {
             if stored.quant_type != asked.quant_type || stored.double_quant != asked.double_quant {
                 tracing::warn!(
@@ -675,7 +697,10 @@ impl Model {
             optional.push(SCORE_WEIGHT);
         }
         let mut vars = model.vs.variables();
-        let takes = model.quantized_takes(&mut vars, stored.is_some());
+        let mut takes = model.quantized_takes(&mut vars, stored.is_some());
+        if mxfp4 {
+            takes.extend(mxfp4::takes(&mut vars));
+        }
         let report = checkpoint::load_into_taking(
             &vars,
             dir,
@@ -1361,7 +1386,10 @@ impl Model {
     /// second masking with their window ([`Masking::for_layer`]).
     pub fn masking(&self, build: impl Fn(Option<i64>) -> Masking) -> Masking {
         match &self.backbone {
-            Backbone::Llama(b) => build(b.sliding_window()),
+            Backbone::Llama(b) => match b.local_window() {
+                Some(w) => build(b.sliding_window()).with_local(build(Some(w))),
+                None => build(b.sliding_window()),
+            },
             Backbone::Gpt2(_) => build(None),
             Backbone::Gemma(b) => match b.local_window() {
                 Some(w) => build(None).with_local(build(Some(w))),
@@ -1935,7 +1963,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, olmoe)"
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss)"
         );
         // LongRoPE needs one factor per rotary frequency (head_dim 4: two).
         let mut phi3 = tiny_llama();

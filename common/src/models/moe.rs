@@ -1,6 +1,6 @@
 //! Sparse Mixture-of-Experts feed-forward blocks: Mixtral (Jiang et al. 2024), Qwen2-MoE,
-//! Qwen3-MoE and OLMoE (Muennighoff et al. 2024), which put them in the Llama family's
-//! decoder layer in place of the MLP.
+//! Qwen3-MoE, OLMoE (Muennighoff et al. 2024) and gpt-oss (OpenAI 2025), which put them in
+//! the Llama family's decoder layer in place of the MLP.
 //!
 //! Mirrors `transformers/models/mixtral/modeling_mixtral.py` (and `qwen2_moe`, `qwen3_moe`,
 //! `olmoe`): a router (`gate`, a bias-free `[E, H]` weight) scores each token's experts;
@@ -11,7 +11,10 @@
 //! σ(`shared_expert_gate`).
 //!
 //! Experts keep the checkpoints' per-expert names (`experts.{i}.gate_proj`, or Mixtral's
-//! `w1`, `w3`, `w2`), as `transformers` saves them. Neither LoRA nor 4-bit loading touches
+//! `w1`, `w3`, `w2`), as `transformers` saves them; gpt-oss's are stored fused
+//! ([`FusedExperts`]), with a biased router whose softmax over the top k logits is the
+//! renormalised top k of the others, and its checkpoints' MXFP4 experts are dequantized as
+//! they are read ([`super::mxfp4`]). Neither LoRA nor 4-bit loading touches
 //! the router or the experts: transformers 5 holds the experts fused in 3-D parameters,
 //! which bitsandbytes leaves unquantized and PEFT adapts only through `target_parameters`
 //! in a layout of its own. Adapters go on the attention projections (and the dense layers'
@@ -44,15 +47,19 @@ pub struct MoeShape {
     pub jitter: f64,
     /// Qwen2-MoE's shared expert's width.
     pub shared_intermediate: Option<i64>,
+    /// gpt-oss's experts (`α`, limit): see [`FusedExperts`].
+    pub clamped_swiglu: Option<(f64, f64)>,
     pub std: f64,
 }
 
-/// One sparse MoE block (`mlp` in Qwen3-MoE, `block_sparse_moe` in Mixtral).
+/// One sparse MoE block (`mlp` in Qwen3-MoE and gpt-oss, `block_sparse_moe` in Mixtral).
 #[derive(Debug)]
 pub struct SparseMoe {
-    /// The router's `[E, H]` weight (`gate.weight`), never adapted or quantized.
+    /// The router's `[E, H]` weight (`gate.weight`; gpt-oss's `router.weight`, with a
+    /// bias), never adapted or quantized.
     router: Tensor,
-    experts: Vec<SwiGlu>,
+    router_bias: Option<Tensor>,
+    experts: Experts,
     /// Qwen2-MoE's shared expert and its gate (`shared_expert`, `shared_expert_gate`).
     shared: Option<(SwiGlu, Linear)>,
     shape: MoeShape,
@@ -83,24 +90,35 @@ impl SparseMoe {
             quantization: None,
             ..opts.clone()
         };
-        let router = param(&(&p / "gate"), "weight", &[shape.experts, h], init, opts);
+        let fused = shape.clamped_swiglu.is_some();
+        let router_path = &p / if fused { "router" } else { "gate" };
+        let router = param(&router_path, "weight", &[shape.experts, h], init, opts);
+        let router_bias = fused.then(|| param(&router_path, "bias", &[shape.experts], init, opts));
         let names = match model_type {
             ModelType::Mixtral => ["w1", "w3", "w2"],
             _ => ["gate_proj", "up_proj", "down_proj"],
         };
-        let experts = (0..shape.experts)
-            .map(|e| {
-                SwiGlu::separate(
-                    &(&p / "experts" / e),
-                    names,
-                    (h, i),
-                    (false, shape.std),
-                    opts,
-                )
-            })
-            .collect();
+        let experts = match shape.clamped_swiglu {
+            Some(swiglu) => {
+                Experts::Fused(FusedExperts::new(&(&p / "experts"), shape, swiglu, opts))
+            }
+            None => Experts::Separate(
+                (0..shape.experts)
+                    .map(|e| {
+                        SwiGlu::separate(
+                            &(&p / "experts" / e),
+                            names,
+                            (h, i),
+                            (false, shape.std),
+                            opts,
+                        )
+                    })
+                    .collect(),
+            ),
+        };
         SparseMoe {
             router,
+            router_bias,
             experts,
             shared,
             shape,
@@ -118,7 +136,8 @@ impl SparseMoe {
             let j = self.shape.jitter;
             flat = &flat * flat.empty_like().uniform_(1.0 - j, 1.0 + j);
         }
-        let logits = flat.linear::<&Tensor>(&self.router.to_kind(flat.kind()), None);
+        let bias = self.router_bias.as_ref().map(|b| b.to_kind(flat.kind()));
+        let logits = flat.linear(&self.router.to_kind(flat.kind()), bias.as_ref());
         let probs = logits.softmax(-1, Kind::Float);
         let (mut top, chosen) = probs.topk(self.shape.top_k, -1, true, true);
         if self.shape.norm_topk_prob {
@@ -138,14 +157,14 @@ impl SparseMoe {
         let (all_tokens, all_slots) = (order.divide_scalar_mode(k, "floor"), order.remainder(k));
         let mut out = flat.zeros_like();
         let mut offset = 0;
-        for (expert, &count) in self.experts.iter().zip(&counts) {
+        for (expert, &count) in counts.iter().enumerate() {
             if count == 0 {
                 continue;
             }
             let tokens = all_tokens.narrow(0, offset, count);
             let slots = all_slots.narrow(0, offset, count);
             offset += count;
-            let y = expert.forward(&flat.index_select(0, &tokens));
+            let y = self.experts.forward(expert, &flat.index_select(0, &tokens));
             let weight = top.index(&[Some(&tokens), Some(&slots)]).unsqueeze(-1);
             out = out.index_add(0, &tokens, &(y * weight).to_kind(out.kind()));
         }
@@ -153,6 +172,70 @@ impl SparseMoe {
             out = &out + gate.forward(&flat).sigmoid() * expert.forward(&flat);
         }
         (out.reshape(size), logits)
+    }
+}
+
+/// The experts of one block.
+#[derive(Debug)]
+enum Experts {
+    /// One SwiGLU MLP per expert, under its own names.
+    Separate(Vec<SwiGlu>),
+    /// All in 3-D parameters (gpt-oss).
+    Fused(FusedExperts),
+}
+
+impl Experts {
+    fn forward(&self, expert: usize, x: &Tensor) -> Tensor {
+        match self {
+            Experts::Separate(experts) => experts[expert].forward(x),
+            Experts::Fused(experts) => experts.forward(expert as i64, x),
+        }
+    }
+}
+
+/// gpt-oss's experts, as stored: `gate_up_proj` `[E, H, 2I]` (gate and up interleaved
+/// along the last dimension) and `down_proj` `[E, I, H]`, each with a bias; each expert is
+/// `down((up + 1) · g·σ(α·g))` with the gate g clamped above at the limit and up clamped
+/// to ±limit (`GptOssExperts`).
+#[derive(Debug)]
+struct FusedExperts {
+    gate_up: Tensor,
+    gate_up_bias: Tensor,
+    down: Tensor,
+    down_bias: Tensor,
+    alpha: f64,
+    limit: f64,
+}
+
+impl FusedExperts {
+    fn new(p: &nn::Path, shape: MoeShape, (alpha, limit): (f64, f64), opts: &ModelOptions) -> Self {
+        let (e, h, i) = (shape.experts, shape.hidden, shape.intermediate);
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: shape.std,
+        };
+        FusedExperts {
+            gate_up: param(p, "gate_up_proj", &[e, h, 2 * i], init, opts),
+            gate_up_bias: param(
+                p,
+                "gate_up_proj_bias",
+                &[e, 2 * i],
+                nn::Init::Const(0.0),
+                opts,
+            ),
+            down: param(p, "down_proj", &[e, i, h], init, opts),
+            down_bias: param(p, "down_proj_bias", &[e, h], nn::Init::Const(0.0), opts),
+            alpha,
+            limit,
+        }
+    }
+
+    fn forward(&self, expert: i64, x: &Tensor) -> Tensor {
+        let gate_up = x.matmul(&self.gate_up.get(expert)) + self.gate_up_bias.get(expert);
+        let gate = gate_up.slice(-1, 0, None, 2).clamp_max(self.limit);
+        let up = gate_up.slice(-1, 1, None, 2).clamp(-self.limit, self.limit);
+        let glu = &gate * (&gate * self.alpha).sigmoid();
+        ((up + 1.0) * glu).matmul(&self.down.get(expert)) + self.down_bias.get(expert)
     }
 }
 
