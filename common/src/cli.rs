@@ -363,6 +363,12 @@ pub struct AdapterArgs {
     /// for GPT-2, q_proj,v_proj for the Llama family).
     #[arg(long)]
     pub lora_target_modules: Option<String>,
+    /// Parameters that get adapters (PEFT's target_parameters), comma-separated, matched
+    /// like module names: gpt-oss's fused experts, e.g.
+    /// mlp.experts.gate_up_proj,mlp.experts.down_proj (or 7.mlp.experts.gate_up_proj for
+    /// layer 7's). Without --lora-target-modules, no module gets one.
+    #[arg(long)]
+    pub lora_target_parameters: Option<String>,
     /// rsLoRA: scale by α / √r instead of α / r.
     #[arg(long)]
     pub use_rslora: bool,
@@ -473,13 +479,14 @@ impl AdapterArgs {
                 self.lora_r.is_some()
                     || (self.lora_alpha.is_none()
                         && self.lora_target_modules.is_none()
+                        && self.lora_target_parameters.is_none()
                         && !self.use_rslora
                         && self.lora_modules_to_save.is_none()
                         && self.trainable_token_indices.is_none()
                         && !self.use_dora
                         && self.init_lora_weights == LoraInit::Kaiming
                         && self.lora_dropout == 0.0),
-                "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-modules-to-save, --trainable-token-indices, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
+                "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-target-parameters, --lora-modules-to-save, --trainable-token-indices, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
             ),
         ])
     }
@@ -499,17 +506,9 @@ impl AdapterArgs {
             use_dora: self.use_dora,
             patterns: Default::default(),
             init: self.init_lora_weights,
-            modules_to_save: self
-                .lora_modules_to_save
-                .clone()
-                .map(|s| {
-                    s.split(',')
-                        .map(|n| n.trim().to_string())
-                        .filter(|n| !n.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            modules_to_save: comma_list(self.lora_modules_to_save.as_deref()),
             trainable_token_indices: self.trainable_token_indices.clone().unwrap_or_default(),
+            target_parameters: comma_list(self.lora_target_parameters.as_deref()),
         })
     }
 
@@ -858,6 +857,15 @@ pub fn finish<E: std::fmt::Display>(result: std::result::Result<serde_json::Valu
             std::process::exit(1)
         }
     }
+}
+
+/// The names of a comma-separated option (none when absent).
+fn comma_list(s: Option<&str>) -> Vec<String> {
+    s.into_iter()
+        .flat_map(|s| s.split(','))
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
 }
 
 #[cfg(test)]

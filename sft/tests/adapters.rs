@@ -557,6 +557,7 @@ fn step_zero_is_the_base_and_only_the_adapters_train() {
             init,
             modules_to_save: vec![],
             trainable_token_indices: vec![],
+            target_parameters: vec![],
         };
         let opts = ModelOptions::cpu(Head::Lm).with_lora(Some(lora));
         let (model, _) = Model::load(&dir, &opts).unwrap();

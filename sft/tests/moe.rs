@@ -246,11 +246,14 @@ fn lora_on_a_moe_model_loads_in_peft() {
 }
 
 /// gpt-oss (attention sinks, a sliding and a full layer, a biased router, fused experts
-/// with biases and the clamped SwiGLU) trains with LoRA on every linear layer, the
-/// routers' load-balancing loss and activation recomputation: the adapter of the run that
-/// keeps its activations, `aux_loss` logged, and PEFT loads it on transformers' GptOss with
-/// our log-probs (transformers the merged model too). PEFT has no default LoRA targets for
-/// gpt-oss, and neither do we.
+/// with biases and the clamped SwiGLU) trains with LoRA on every linear layer and on the
+/// fused experts' parameters (PEFT's `target_parameters`, as the gpt-oss recipes set it:
+/// `gate_up_proj` in both layers, `down_proj` in layer 1 only, so layer 1 nests two
+/// `ParamWrapper`s), the routers' load-balancing loss and activation recomputation: the
+/// adapter of the run that keeps its activations, `aux_loss` logged, and PEFT loads it on
+/// transformers' GptOss with our log-probs (transformers the merged model too). PEFT has
+/// no default LoRA targets for gpt-oss, and neither do we; target parameters that match
+/// nothing, or with LoRA dropout, are refused as PEFT refuses them.
 #[test]
 fn gpt_oss_trains_with_lora_and_loads_in_peft() {
     let f = fixture();
@@ -264,6 +267,8 @@ fn gpt_oss_trains_with_lora_and_loads_in_peft() {
         "4",
         "--lora-target-modules",
         "all-linear",
+        "--lora-target-parameters",
+        "mlp.experts.gate_up_proj,1.mlp.experts.down_proj",
         "--router-aux-loss-coef",
         "0.5",
         "--save-merged",
@@ -291,7 +296,42 @@ fn gpt_oss_trains_with_lora_and_loads_in_peft() {
             "{module}: {names:?}"
         );
     }
-    assert!(names.iter().all(|k| k.contains(".self_attn.")), "{names:?}");
+    let key =
+        |path: &str, ab: &str| format!("base_model.model.model.layers.{path}.lora_{ab}.weight");
+    let mut expected: Vec<String> = ["0.mlp.experts", "1.mlp.experts.base_layer", "1.mlp.experts"]
+        .iter()
+        .flat_map(|p| [key(p, "A"), key(p, "B")])
+        .collect();
+    expected.sort();
+    let mut found: Vec<String> = names
+        .iter()
+        .filter(|k| !k.contains(".self_attn."))
+        .map(|k| k.to_string())
+        .collect();
+    found.sort();
+    assert_eq!(found, expected);
+    // The experts' adapters trained.
+    let (_, b) = stored
+        .iter()
+        .find(|(k, _)| *k == key("1.mlp.experts", "B"))
+        .unwrap();
+    assert!(b.abs().max().double_value(&[]) > 0.0);
+    assert_refused(
+        &sft(
+            &f.moe,
+            &f.root.join("run-moe-params"),
+            &["--lora-r", "4", "--lora-target-parameters", "mlp.experts.gate_up_proj"],
+        ),
+        "LoRA target parameters [\"mlp.experts.gate_up_proj\"] match no parameter of this qwen3_moe model",
+    );
+    assert_refused(
+        &sft(
+            &f.gpt_oss,
+            &f.root.join("run-oss-dropout"),
+            &[&extra[..10], &["--lora-dropout", "0.1"]].concat(),
+        ),
+        "LoRA dropout 0.1 with target parameters is not supported",
+    );
     assert_refused(
         &sft(
             &f.gpt_oss,

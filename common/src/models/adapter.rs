@@ -143,7 +143,6 @@ impl AdapterDir {
 const UNSUPPORTED_LORA_KEYS: &[&str] = &[
     "lora_bias",
     "layer_replication",
-    "target_parameters",
     "use_qalora",
     "use_bdlora",
     "alora_invocation_tokens",
@@ -304,6 +303,15 @@ fn lora_config(v: &Value) -> std::result::Result<LoraConfig, String> {
         init: LoraInit::from_peft(get("init_lora_weights"))?,
         modules_to_save,
         trainable_token_indices,
+        target_parameters: match get("target_parameters") {
+            Value::Null => vec![],
+            Value::Array(a) => a
+                .iter()
+                .map(|n| n.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or("target_parameters must be a list of strings")?,
+            _ => return Err("target_parameters must be a list of strings".into()),
+        },
         patterns: LayerPatterns {
             exclude_modules,
             layers_to_transform,

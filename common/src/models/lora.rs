@@ -290,6 +290,9 @@ pub struct LoraConfig {
     /// PEFT's `trainable_token_indices`: these rows of the input embedding (and of a head
     /// tied to it) train, as a `[n, H]` tensor that replaces them while adapters are on.
     pub trainable_token_indices: Vec<i64>,
+    /// PEFT's `target_parameters`: parameters (not modules) adapted by name, PEFT's
+    /// `ParamWrapper` ([`ExpertsLora`]): gpt-oss's fused experts.
+    pub target_parameters: Vec<String>,
 }
 
 /// The trainable rows' tensor under the embedding's path (PEFT's name).
@@ -345,9 +348,13 @@ impl LoraConfig {
         }
     }
 
-    /// The same config with `Default` targets spelled out for `model_type`.
+    /// The same config with `Default` targets spelled out for `model_type` (none beside
+    /// `target_parameters`, as PEFT leaves `target_modules` unset then).
     pub fn resolved(&self, model_type: ModelType) -> Self {
         let target_modules = match &self.target_modules {
+            TargetModules::Default if !self.target_parameters.is_empty() => {
+                TargetModules::Names(vec![])
+            }
             TargetModules::Default => TargetModules::Names(default_targets(model_type)),
             other => other.clone(),
         };
@@ -428,6 +435,7 @@ impl LoraConfig {
     ) -> Value {
         let p = &self.patterns;
         let target_modules = match &self.target_modules {
+            TargetModules::Names(names) if names.is_empty() => Value::Null,
             TargetModules::Names(names) => json!(names),
             TargetModules::Regex(re) => json!(re),
             TargetModules::Default | TargetModules::AllLinear => json!(targets),
@@ -459,6 +467,8 @@ impl LoraConfig {
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
             "modules_to_save": modules_to_save,
+            "target_parameters": (!self.target_parameters.is_empty())
+                .then_some(&self.target_parameters),
             "trainable_token_indices": (!self.trainable_token_indices.is_empty())
                 .then_some(&self.trainable_token_indices),
             "init_lora_weights": match self.init {
@@ -473,6 +483,109 @@ impl LoraConfig {
             "revision": null,
         })
     }
+}
+
+impl LoraConfig {
+    /// Whether `target_parameters` names the parameter `param` (its dotted path): PEFT's
+    /// rule, the path or a suffix after a dot.
+    pub fn targets_parameter(&self, param: &str) -> bool {
+        self.target_parameters.iter().any(|t| matches(param, t))
+    }
+
+    /// The targeted ones of `params` (a module's parameters, in their order) with the
+    /// paths of their adapters, as PEFT nests its `ParamWrapper`s: each targeted parameter
+    /// wraps the module again, the first innermost, so with n targeted the k-th adapter
+    /// sits under `base_layer.` n − 1 − k times (`mlp.experts.base_layer.lora_A` for
+    /// `gate_up_proj` beside `mlp.experts.lora_A` for `down_proj`).
+    pub fn parameter_adapters(&self, module: &str, params: &[&str]) -> Vec<(String, String)> {
+        let targeted: Vec<&&str> = params
+            .iter()
+            .filter(|p| self.targets_parameter(&format!("{module}.{p}")))
+            .collect();
+        let n = targeted.len();
+        targeted
+            .into_iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let path = format!("{module}{}", ".base_layer".repeat(n - 1 - k));
+                (format!("{module}.{p}"), path)
+            })
+            .collect()
+    }
+}
+
+/// LoRA on a 3-D expert parameter `W` `[E, in, out]` (PEFT's `ParamWrapper` on gpt-oss's
+/// `gate_up_proj` and `down_proj`): `A` `[r·E, in]` and `B` `[out, r·E]` (initialised as
+/// a layer's: Kaiming-uniform and zeros), expert e's update `scaling · A_eᵀ·B_eᵀ` with
+/// `A_e` = `A` viewed `[E, r, in]` at e and `B_e` = `B` viewed `[out, r, E]` at e (PEFT's
+/// `get_delta_weight`).
+#[derive(Debug)]
+pub struct ExpertsLora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scaling: f64,
+    experts: i64,
+}
+
+impl ExpertsLora {
+    /// `lora_A.weight` and `lora_B.weight` under `p`, for the parameter `param`.
+    pub fn new(
+        p: &nn::Path,
+        param: &str,
+        (experts, in_dim, out_dim): (i64, i64, i64),
+        cfg: &LoraConfig,
+    ) -> Self {
+        let r = cfg.rank(param);
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let init = match cfg.init {
+            LoraInit::Gaussian => Init::Randn {
+                mean: 0.0,
+                stdev: 1.0 / r as f64,
+            },
+            _ => Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        };
+        ExpertsLora {
+            a: (p / "lora_A").var("weight", &[r * experts, in_dim], init),
+            b: (p / "lora_B").var("weight", &[out_dim, r * experts], Init::Const(0.0)),
+            scaling: cfg.scaling(param),
+            experts,
+        }
+    }
+
+    /// Expert `e`'s update of its output for inputs `x` `[n, in]` (zero while adapters
+    /// are switched off): `scaling · (x·A_eᵀ)·B_eᵀ`, in `x`'s dtype.
+    pub fn delta(&self, e: i64, x: &Tensor) -> Option<Tensor> {
+        if !adapters_enabled() {
+            return None;
+        }
+        let (a, b) = factors(&self.a, &self.b, self.experts);
+        let y = x
+            .to_kind(self.a.kind())
+            .linear::<Tensor>(&a.get(e), None)
+            .linear::<Tensor>(&b.select(2, e), None)
+            * self.scaling;
+        Some(y.to_kind(x.kind()))
+    }
+}
+
+/// `A` `[r·E, in]` as `[E, r, in]` and `B` `[out, r·E]` as `[out, r, E]`.
+fn factors(a: &Tensor, b: &Tensor, experts: i64) -> (Tensor, Tensor) {
+    let (in_dim, out_dim) = (a.size()[1], b.size()[0]);
+    (
+        a.view([experts, -1, in_dim]),
+        b.view([out_dim, -1, experts]),
+    )
+}
+
+/// A 3-D expert parameter `[E, in, out]` with its [`ExpertsLora`] update folded in.
+pub fn merged_experts(weight: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Tensor {
+    let experts = weight.size()[0];
+    let (a, b) = factors(&a.to_kind(Kind::Float), &b.to_kind(Kind::Float), experts);
+    let delta = Tensor::einsum("ore,eri->eio", &[b, a], None::<&[i64]>) * scaling;
+    (weight.to_kind(Kind::Float) + delta).to_kind(weight.kind())
 }
 
 /// One adapted layer's low-rank update (and DoRA's magnitude).
@@ -702,6 +815,68 @@ pub fn merged_weight(
 mod tests {
     use super::*;
 
+    /// `target_parameters` nest as PEFT's `ParamWrapper`s (the first of a module's targeted
+    /// parameters innermost), a layer's digits match whole, and an expert's update applied
+    /// on the fly is the merged parameter's.
+    #[test]
+    fn parameter_adapters_nest_as_peft_and_merge_as_they_apply() {
+        let cfg = LoraConfig {
+            r: 2,
+            alpha: 3.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Names(vec![]),
+            use_rslora: false,
+            use_dora: false,
+            patterns: Default::default(),
+            init: LoraInit::Kaiming,
+            modules_to_save: vec![],
+            trainable_token_indices: vec![],
+            target_parameters: vec![
+                "mlp.experts.gate_up_proj".into(),
+                "1.mlp.experts.down_proj".into(),
+            ],
+        };
+        let params = ["gate_up_proj", "down_proj"];
+        let at = |layer: &str| {
+            cfg.parameter_adapters(&format!("model.layers.{layer}.mlp.experts"), &params)
+        };
+        let m = |layer: &str, rest: &str| format!("model.layers.{layer}.mlp.experts{rest}");
+        assert_eq!(at("0"), [(m("0", ".gate_up_proj"), m("0", ""))]);
+        assert_eq!(
+            at("1"),
+            [
+                (m("1", ".gate_up_proj"), m("1", ".base_layer")),
+                (m("1", ".down_proj"), m("1", ""))
+            ]
+        );
+        assert_eq!(at("11").len(), 1);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let lora = ExpertsLora::new(&vs.root(), "x.down_proj", (3, 5, 4), &cfg);
+        tch::no_grad(|| {
+            lora.b.shallow_clone().copy_(
+                &Tensor::arange(24, (Kind::Float, tch::Device::Cpu))
+                    .view([4, 6])
+                    .sin(),
+            );
+        });
+        let w = Tensor::arange(60, (Kind::Float, tch::Device::Cpu))
+            .view([3, 5, 4])
+            .cos();
+        let merged = merged_experts(&w, &lora.a, &lora.b, lora.scaling);
+        let x = Tensor::arange(10, (Kind::Float, tch::Device::Cpu))
+            .view([2, 5])
+            .tan();
+        for e in 0..3 {
+            let direct = x.matmul(&w.get(e)) + lora.delta(e, &x).unwrap();
+            let diff = (direct - x.matmul(&merged.get(e)))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 1e-5, "expert {e}: {diff}");
+        }
+        assert!((lora.scaling - 1.5).abs() < 1e-12);
+    }
+
     #[test]
     fn targets_match_whole_names_and_suffixes() {
         let cfg = LoraConfig {
@@ -715,6 +890,7 @@ mod tests {
             init: Default::default(),
             modules_to_save: vec![],
             trainable_token_indices: vec![],
+            target_parameters: vec![],
         };
         assert!(cfg.targets("model.layers.0.self_attn.q_proj"));
         assert!(cfg.targets("model.layers.1.mlp.down_proj"));
@@ -796,6 +972,7 @@ mod tests {
                 init: LoraInit::Pissa,
                 modules_to_save: vec![],
                 trainable_token_indices: vec![],
+                target_parameters: vec![],
             };
             let converted = cfg.converted();
             assert_eq!(converted.init, LoraInit::Kaiming);

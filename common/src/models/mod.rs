@@ -631,10 +631,10 @@ impl Model {
             *ids = Tokenizer::load(dir)?.encode(text, true)?;
         }
         let config = ModelConfig::load(dir)?;
-        let default_targets = opts
-            .lora
-            .as_ref()
-            .is_some_and(|l| matches!(l.target_modules, lora::TargetModules::Default));
+        let default_targets = opts.lora.as_ref().is_some_and(|l| {
+            matches!(l.target_modules, lora::TargetModules::Default)
+                && l.target_parameters.is_empty()
+        });
         if default_targets && lora::default_targets(config.model_type).is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "--lora-target-modules: PEFT has no default LoRA targets for {} models; name them (e.g. all-linear, or q_proj,k_proj,v_proj,o_proj)",
@@ -1162,9 +1162,32 @@ impl Model {
         self.modules_with(lora::INITIAL_A).into_iter().collect()
     }
 
-    /// The modules that carry an adapter, by path.
+    /// The modules that carry an adapter, by path (not the parameters' adapters,
+    /// [`Model::parameter_adapters`]).
     pub fn adapted_modules(&self) -> Vec<String> {
+        let params: BTreeSet<String> = self
+            .parameter_adapters()
+            .into_iter()
+            .map(|(_, path)| path)
+            .collect();
         self.modules_with("lora_A.weight")
+            .into_iter()
+            .filter(|m| !params.contains(m))
+            .collect()
+    }
+
+    /// The parameters LoRA adapts (`target_parameters`: gpt-oss's fused experts) and the
+    /// paths of their adapters.
+    pub fn parameter_adapters(&self) -> Vec<(String, String)> {
+        let Some(cfg) = self.options.lora.as_ref() else {
+            return vec![];
+        };
+        let first = format!(".{}", moe::FUSED_EXPERT_PARAMS[0]);
+        self.named_tensors()
+            .into_keys()
+            .filter_map(|n| n.strip_suffix(&first).map(str::to_string))
+            .flat_map(|module| cfg.parameter_adapters(&module, &moe::FUSED_EXPERT_PARAMS))
+            .collect()
     }
 
     /// The paths of the modules holding a variable named `name` (dotted, within the
@@ -1185,6 +1208,33 @@ impl Model {
     /// Every target name must name at least one layer (PEFT refuses a config whose targets
     /// match nothing; a name that matches nothing is a typo).
     fn check_targets(&self, cfg: &lora::LoraConfig, dir: &Path) -> Result<()> {
+        let params: Vec<String> = self
+            .parameter_adapters()
+            .into_iter()
+            .map(|(param, _)| param)
+            .collect();
+        let unmatched: Vec<&String> = cfg
+            .target_parameters
+            .iter()
+            .filter(|t| !params.iter().any(|p| lora::matches(p, t)))
+            .collect();
+        let problem = if !unmatched.is_empty() {
+            Some(format!("LoRA target parameters {unmatched:?} match no parameter of this {} model (only gpt-oss's fused experts, mlp.experts.gate_up_proj and mlp.experts.down_proj, are held as parameters here)", self.config.model_type.name()))
+        } else if params.is_empty() {
+            None
+        } else if cfg.dropout > 0.0 {
+            Some(format!("LoRA dropout {} with target parameters is not supported (PEFT cannot drop out the input of a parameter's update either)", cfg.dropout))
+        } else if cfg.use_dora || cfg.init.moves_base() {
+            Some(
+                "DoRA, PiSSA and OLoRA with target parameters are not supported (nor in PEFT)"
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        if let Some(message) = problem {
+            return Err(Error::config(dir.join("config.json"), message));
+        }
         let adapted = self.adapted_modules();
         let missing: Vec<&String> = match &cfg.target_modules {
             lora::TargetModules::Names(names) => names
@@ -1194,7 +1244,7 @@ impl Model {
             lora::TargetModules::Regex(re) if adapted.is_empty() => vec![re],
             _ => vec![],
         };
-        if !missing.is_empty() || adapted.is_empty() {
+        if !missing.is_empty() || (adapted.is_empty() && params.is_empty()) {
             return Err(Error::config(
                 dir.join("config.json"),
                 format!(
@@ -1825,6 +1875,17 @@ impl Model {
         let _guard = tch::no_grad_guard();
         let mut tensors = self.plain_tensors();
         let fan_in_fan_out = self.fan_in_fan_out();
+        for (param, path) in self.parameter_adapters() {
+            let a = tensors.remove(&format!("{path}.lora_A.weight")).unwrap();
+            let b = tensors.remove(&format!("{path}.lora_B.weight")).unwrap();
+            let scaling = self
+                .options
+                .lora
+                .as_ref()
+                .map_or(1.0, |l| l.scaling(&param));
+            let w = tensors[&param].to_device(a.device());
+            tensors.insert(param, lora::merged_experts(&w, &a, &b, scaling));
+        }
         for module in self.adapted_modules() {
             let a = tensors.remove(&format!("{module}.lora_A.weight")).unwrap();
             let b = tensors.remove(&format!("{module}.lora_B.weight")).unwrap();
@@ -1936,6 +1997,7 @@ mod tests {
             init,
             modules_to_save: vec![],
             trainable_token_indices: vec![],
+            target_parameters: vec![],
         };
         let plain = Model::new(
             config.clone(),

@@ -14,12 +14,14 @@
 //! `w1`, `w3`, `w2`), as `transformers` saves them; gpt-oss's are stored fused
 //! ([`FusedExperts`]), with a biased router whose softmax over the top k logits is the
 //! renormalised top k of the others, and its checkpoints' MXFP4 experts are dequantized as
-//! they are read ([`super::mxfp4`]). Neither LoRA nor 4-bit loading touches
-//! the router or the experts: transformers 5 holds the experts fused in 3-D parameters,
-//! which bitsandbytes leaves unquantized and PEFT adapts only through `target_parameters`
-//! in a layout of its own. Adapters go on the attention projections (and the dense layers'
-//! MLPs, and Qwen2-MoE's shared expert, plain linear layers in transformers too), and the
-//! experts train or stay frozen with the rest of the base.
+//! they are read ([`super::mxfp4`]). 4-bit loading never touches the router or the
+//! experts, nor does module-targeted LoRA: transformers 5 holds the experts fused in 3-D
+//! parameters, which bitsandbytes leaves unquantized and PEFT adapts only through
+//! `target_parameters`, which here reaches gpt-oss's fused experts
+//! ([`super::lora::ExpertsLora`]; the others' per-expert layers are not held in its
+//! layout). Adapters go on the attention projections (and the dense layers' MLPs, and
+//! Qwen2-MoE's shared expert, plain linear layers in transformers too), and the experts
+//! train or stay frozen with the rest of the base.
 //!
 //! [`load_balancing_loss`] is the Switch Transformer auxiliary loss as `transformers`'
 //! `load_balancing_loss_func` computes it, which the training stages add with
@@ -30,6 +32,7 @@ use tch::{Kind, Tensor};
 
 use super::layers::{param, Linear};
 use super::llama::SwiGlu;
+use super::lora::{ExpertsLora, LoraConfig};
 use super::options::ModelOptions;
 use super::ModelType;
 
@@ -82,6 +85,8 @@ impl SparseMoe {
             let gate = Linear::new(&p / "shared_expert_gate", (h, 1), false, shape.std, opts);
             (expert, gate)
         });
+        // LoRA on the fused experts' parameters (PEFT's target_parameters).
+        let adapters = (opts.lora.as_ref(), opts.trainable);
         // The base's own options, without adapters or quantization.
         let opts = &ModelOptions {
             trainable: opts.base_trains(),
@@ -99,9 +104,13 @@ impl SparseMoe {
             _ => ["gate_proj", "up_proj", "down_proj"],
         };
         let experts = match shape.clamped_swiglu {
-            Some(swiglu) => {
-                Experts::Fused(FusedExperts::new(&(&p / "experts"), shape, swiglu, opts))
-            }
+            Some(swiglu) => Experts::Fused(FusedExperts::new(
+                &(&p / "experts"),
+                shape,
+                swiglu,
+                opts,
+                adapters,
+            )),
             None => Experts::Separate(
                 (0..shape.experts)
                     .map(|e| {
@@ -193,6 +202,9 @@ impl Experts {
     }
 }
 
+/// The parameters of [`FusedExperts`] LoRA may adapt, in the module's order.
+pub const FUSED_EXPERT_PARAMS: [&str; 2] = ["gate_up_proj", "down_proj"];
+
 /// gpt-oss's experts, as stored: `gate_up_proj` `[E, H, 2I]` (gate and up interleaved
 /// along the last dimension) and `down_proj` `[E, I, H]`, each with a bias; each expert is
 /// `down((up + 1) · g·σ(α·g))` with the gate g clamped above at the limit and up clamped
@@ -205,16 +217,51 @@ struct FusedExperts {
     down_bias: Tensor,
     alpha: f64,
     limit: f64,
+    /// LoRA on `gate_up_proj` and `down_proj` (PEFT's `target_parameters`).
+    gate_up_lora: Option<ExpertsLora>,
+    down_lora: Option<ExpertsLora>,
 }
 
 impl FusedExperts {
-    fn new(p: &nn::Path, shape: MoeShape, (alpha, limit): (f64, f64), opts: &ModelOptions) -> Self {
+    /// `adapters`: the LoRA config, and whether the adapters train.
+    fn new(
+        p: &nn::Path,
+        shape: MoeShape,
+        (alpha, limit): (f64, f64),
+        opts: &ModelOptions,
+        adapters: (Option<&LoraConfig>, bool),
+    ) -> Self {
         let (e, h, i) = (shape.experts, shape.hidden, shape.intermediate);
         let init = nn::Init::Randn {
             mean: 0.0,
             stdev: shape.std,
         };
+        let module = p.components().collect::<Vec<_>>().join(".");
+        let (mut gate_up_lora, mut down_lora) = (None, None);
+        if let (Some(cfg), trainable) = adapters {
+            for (param, path) in cfg.parameter_adapters(&module, &FUSED_EXPERT_PARAMS) {
+                let depth = path.matches(".base_layer").count();
+                let nested = (0..depth).fold(None::<nn::Path>, |q, _| match q {
+                    None => Some(p / "base_layer"),
+                    Some(q) => Some(&q / "base_layer"),
+                });
+                let at = nested.as_ref().unwrap_or(p);
+                let gate_up = param.ends_with(".gate_up_proj");
+                let dims = if gate_up { (e, h, 2 * i) } else { (e, i, h) };
+                let lora = ExpertsLora::new(at, &param, dims, cfg);
+                if !trainable {
+                    let _ = lora.a.set_requires_grad(false);
+                    let _ = lora.b.set_requires_grad(false);
+                }
+                match gate_up {
+                    true => gate_up_lora = Some(lora),
+                    false => down_lora = Some(lora),
+                }
+            }
+        }
         FusedExperts {
+            gate_up_lora,
+            down_lora,
             gate_up: param(p, "gate_up_proj", &[e, h, 2 * i], init, opts),
             gate_up_bias: param(
                 p,
@@ -231,11 +278,23 @@ impl FusedExperts {
     }
 
     fn forward(&self, expert: i64, x: &Tensor) -> Tensor {
-        let gate_up = x.matmul(&self.gate_up.get(expert)) + self.gate_up_bias.get(expert);
+        let mut gate_up = x.matmul(&self.gate_up.get(expert)) + self.gate_up_bias.get(expert);
+        if let Some(delta) = self.gate_up_lora.as_ref().and_then(|l| l.delta(expert, x)) {
+            gate_up += delta;
+        }
         let gate = gate_up.slice(-1, 0, None, 2).clamp_max(self.limit);
         let up = gate_up.slice(-1, 1, None, 2).clamp(-self.limit, self.limit);
         let glu = &gate * (&gate * self.alpha).sigmoid();
-        ((up + 1.0) * glu).matmul(&self.down.get(expert)) + self.down_bias.get(expert)
+        let hidden = (up + 1.0) * glu;
+        let out = hidden.matmul(&self.down.get(expert)) + self.down_bias.get(expert);
+        match self
+            .down_lora
+            .as_ref()
+            .and_then(|l| l.delta(expert, &hidden))
+        {
+            Some(delta) => out + delta,
+            None => out,
+        }
     }
 }
 

@@ -189,6 +189,7 @@ mod tests {
             init: Default::default(),
             modules_to_save: vec![],
             trainable_token_indices: vec![],
+            target_parameters: vec![],
         }
     }
 
@@ -201,6 +202,7 @@ mod tests {
         config["tie_word_embeddings"] = json!(true);
         let lora = LoraConfig {
             trainable_token_indices: vec![3, 5, 7],
+            target_parameters: vec![],
             ..all_linear_lora()
         };
         let m = model(
