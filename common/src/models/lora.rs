@@ -536,19 +536,12 @@ impl ExpertsLora {
         cfg: &LoraConfig,
     ) -> Self {
         let r = cfg.rank(param);
-        let bound = 1.0 / (in_dim as f64).sqrt();
-        let init = match cfg.init {
-            LoraInit::Gaussian => Init::Randn {
-                mean: 0.0,
-                stdev: 1.0 / r as f64,
-            },
-            _ => Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        };
         ExpertsLora {
-            a: (p / "lora_A").var("weight", &[r * experts, in_dim], init),
+            a: (p / "lora_A").var(
+                "weight",
+                &[r * experts, in_dim],
+                a_init(cfg.init, r, in_dim),
+            ),
             b: (p / "lora_B").var("weight", &[out_dim, r * experts], Init::Const(0.0)),
             scaling: cfg.scaling(param),
             experts,
@@ -568,6 +561,25 @@ impl ExpertsLora {
             .linear::<Tensor>(&b.select(2, e), None)
             * self.scaling;
         Some(y.to_kind(x.kind()))
+    }
+}
+
+/// How `A` starts for rank `r` and `in_dim` inputs: Gaussian with std 1/r, else
+/// `kaiming_uniform_(a=√5)`, whose bound √(6 / ((1 + a²)·fan_in)) is 1/√in (PiSSA and
+/// OLoRA overwrite it once the base is loaded).
+fn a_init(init: LoraInit, r: i64, in_dim: i64) -> Init {
+    match init {
+        LoraInit::Gaussian => Init::Randn {
+            mean: 0.0,
+            stdev: 1.0 / r as f64,
+        },
+        _ => {
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            }
+        }
     }
 }
 
@@ -616,20 +628,7 @@ impl LoraAdapter {
         fan_in_fan_out: bool,
     ) -> Self {
         let r = cfg.rank(module);
-        // kaiming_uniform_(a=√5) on [r, in]: bound = √(6 / ((1 + a²)·fan_in)) = 1/√in.
-        let bound = 1.0 / (in_dim as f64).sqrt();
-        let init = match cfg.init {
-            LoraInit::Gaussian => Init::Randn {
-                mean: 0.0,
-                stdev: 1.0 / r as f64,
-            },
-            // PiSSA and OLoRA overwrite it once the base is loaded.
-            _ => Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        };
-        let a = (p / "lora_A").var("weight", &[r, in_dim], init);
+        let a = (p / "lora_A").var("weight", &[r, in_dim], a_init(cfg.init, r, in_dim));
         let b = (p / "lora_B").var("weight", &[out_dim, r], Init::Const(0.0));
         let magnitude = cfg
             .use_dora
