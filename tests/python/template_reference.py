@@ -157,6 +157,14 @@ def rows_for(name):
     if name in ("qwen2_5", "chatml"):
         # Conversational prompt-completion: the completion's turns only are targets.
         rows.append({"prompt": TURNS[:3], "completion": TURNS[3:]})
+    if name == "gptoss":
+        # TRL's gpt-oss recipe data (HuggingFaceH4/Multilingual-Thinking): the reasoning in
+        # the assistant turn's `thinking` (its analysis channel, a target), a developer
+        # turn, and the template's reasoning_effort through chat_template_kwargs.
+        thought = dict(TURNS[1], thinking="35*2 = 70, 94-70 = 24, 24/2 = 12.")
+        developer = {"role": "developer", "content": "reasoning language: 中文"}
+        rows.append({"messages": [developer, TURNS[0], thought],
+                     "chat_template_kwargs": {"reasoning_effort": "high"}})
     if name == "gemma":
         rows.append({"messages": [SYSTEM] + TURNS})  # System role not supported
     if name == "llama3_1":
