@@ -639,17 +639,9 @@ fn lora_dropout_is_disabled_as_trl_disables_it() {
         ok(&train(&out, &args, &[]));
         out.join("final")
     };
-    let none = run("dropout-none", &[]);
-    let disabled = run("dropout-disabled", &["--lora-dropout", "0.5"]);
-    let kept = run(
-        "dropout-kept",
-        &["--lora-dropout", "0.5", "--disable-dropout", "false"],
-    );
-    let diff = |a: &Path, b: &Path| rlhf_tests::max_weight_diff(a, b, Head::Lm);
-    assert!(diff(&none, &disabled) < 1e-7, "{}", diff(&none, &disabled));
-    assert!(diff(&none, &kept) > 1e-4, "{}", diff(&none, &kept));
+    rlhf_tests::check_dropout_default(run, Head::Lm, true);
     let config: Value = serde_json::from_str(
-        &std::fs::read_to_string(disabled.join("adapter_config.json")).unwrap(),
+        &std::fs::read_to_string(f.root.join("dropout-default/final/adapter_config.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(config["lora_dropout"], json!(0.5));

@@ -1210,11 +1210,27 @@ fn moe_policy_trains_with_the_load_balancing_loss() {
     }
 }
 
+/// TRL's `disable_dropout` is false in GRPOConfig and RLOOConfig: LoRA's dropout trains by
+/// default (other weights than dropout 0), and `--disable-dropout true` turns it off (the
+/// weights of dropout 0).
+#[test]
+fn lora_dropout_stays_on_as_in_trls_grpo() {
+    let f = fixture();
+    let train = |name: &str, extra: &[&str]| {
+        let out = f.root.join(name);
+        let lora = ["--lora-r", "4"];
+        let args = argv(&out, &[&EXACT_ANSWER_RUN[..], &lora, extra].concat());
+        run(&rlhf_tests::parse_args::<TrainArgs, _>(&args)).unwrap();
+        out.join("final")
+    };
+    rlhf_tests::check_dropout_default(train, Head::Lm, false);
+}
+
 /// `--cast-lm-head-to-fp32` (TRL's `cast_lm_head_to_fp32`, the ScaleRL recipe) in bf16: the
 /// logits are the bf16 hidden states cast up times the head's f32 weights as stored (a bf16
 /// head's differ from those by rounding); a GRPO run trains and saves the head in f32 and
 /// the rest in bf16; a head tied to the input embedding is refused with one line, as TRL
-/// documents.
+/// documents, and so is one an adapter carries (`lm_head` in `modules_to_save`).
 #[test]
 fn cast_lm_head_to_fp32_keeps_the_head_in_f32() {
     use common::{Model, ModelOptions};
@@ -1289,6 +1305,27 @@ fn cast_lm_head_to_fp32_keeps_the_head_in_f32() {
     let e = Model::load(&tied, &opts).unwrap_err().to_string();
     assert!(
         e.contains("--cast-lm-head-to-fp32: the LM head is tied"),
+        "{e}"
+    );
+    // So is a head an adapter carries (its trained copy would stay in the base's dtype).
+    let lora = common::models::lora::LoraConfig {
+        r: 2,
+        alpha: 2.0,
+        dropout: 0.0,
+        target_modules: common::models::lora::TargetModules::Default,
+        use_rslora: false,
+        use_dora: false,
+        patterns: Default::default(),
+        init: Default::default(),
+        modules_to_save: vec!["lm_head".into()],
+        trainable_token_indices: vec![],
+        target_parameters: vec![],
+    };
+    let e = Model::load(&f.policy, &opts.with_lora(Some(lora)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--cast-lm-head-to-fp32: the adapter carries the LM head"),
         "{e}"
     );
 }

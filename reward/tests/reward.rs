@@ -427,3 +427,21 @@ fn bad_inputs_are_refused_with_one_line() {
         assert!(!out.exists());
     }
 }
+
+/// TRL's `disable_dropout` (true in RewardConfig): LoRA's dropout is off in training unless
+/// `--disable-dropout false`.
+#[test]
+fn lora_dropout_is_disabled_as_trl_disables_it() {
+    let f = fixture();
+    let run = |name: &str, extra: &[&str]| {
+        let out = f.root.join(name);
+        let args = [
+            &["--max-steps", "2", "--lora-r", "4", "--lr", "1e-2"][..],
+            extra,
+        ]
+        .concat();
+        ok(&train(&out, &args, &[]));
+        out.join("final")
+    };
+    rlhf_tests::check_dropout_default(run, Head::Score, true);
+}

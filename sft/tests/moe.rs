@@ -173,6 +173,42 @@ fn router_aux_loss_coef_is_refused_where_it_cannot_apply() {
     );
 }
 
+/// Mixtral's `router_jitter_noise` scales each training forward's router input by fresh
+/// noise, which recomputed blocks would draw again, differently: with
+/// `--gradient-checkpointing` it is refused with one line naming config.json; without,
+/// it trains. The same field on Qwen3-MoE, whose routers have no jitter in transformers, is
+/// ignored (checkpointing allowed, weights as without it).
+#[test]
+fn router_jitter_is_mixtrals_and_refused_with_checkpointing() {
+    let f = fixture();
+    let mixtral = f.root.join("mixtral-jitter");
+    rlhf_tests::tiny_mixtral(&f.llama, &mixtral, 0.1);
+    let steps = ["--max-steps", "1"];
+    assert_refused(
+        &sft(
+            &mixtral,
+            &f.root.join("run-jitter-gc"),
+            &[&steps[..], &["--gradient-checkpointing"]].concat(),
+        ),
+        "router_jitter_noise 0.1 with --gradient-checkpointing is not supported",
+    );
+    ok(&sft(&mixtral, &f.root.join("run-jitter"), &steps));
+    let qwen = f.root.join("moe-jitter-field");
+    rlhf_tests::tiny_moe(&f.llama, &qwen);
+    let config_path = qwen.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["router_jitter_noise"] = json!(0.1);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (with_field, without) = (f.root.join("run-field-gc"), f.root.join("run-nofield-gc"));
+    let extra = [&steps[..], &["--gradient-checkpointing"]].concat();
+    ok(&sft(&qwen, &with_field, &extra));
+    ok(&sft(&f.moe, &without, &extra));
+    let diff =
+        rlhf_tests::max_weight_diff(&with_field.join("final"), &without.join("final"), Head::Lm);
+    assert_eq!(diff, 0.0, "the field changed training");
+}
+
 /// Activation recomputation backpropagates each MoE block's share of the loss in its
 /// recomputed backward: the weights and the logged losses are those of the run that keeps
 /// its activations.

@@ -427,6 +427,45 @@ pub fn tiny_gpt_oss(llama: &Path, dir: &Path) {
     );
 }
 
+/// [`tiny_moe`] in Mixtral's layout (`block_sparse_moe`, experts' `w1`/`w3`/`w2`) with
+/// `router_jitter_noise` `jitter`.
+pub fn tiny_mixtral(llama: &Path, dir: &Path, jitter: f64) {
+    tiny_sparse(
+        llama,
+        dir,
+        serde_json::json!({
+            "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+            "intermediate_size": 32, "num_local_experts": 4, "router_jitter_noise": jitter,
+        }),
+    );
+}
+
+/// A stage's default for TRL's `disable_dropout`, checked: `train(name, extra)` trains a
+/// short LoRA run under `name` with `extra` options and returns its final directory. When
+/// the stage disables dropout by default, LoRA dropout 0.5 trains exactly the weights of
+/// dropout 0 and `--disable-dropout false` other ones; otherwise the other way round.
+pub fn check_dropout_default(
+    train: impl Fn(&str, &[&str]) -> std::path::PathBuf,
+    head: common::Head,
+    disabled_by_default: bool,
+) {
+    let none = train("dropout-none", &[]);
+    let flip = if disabled_by_default { "false" } else { "true" };
+    let default = train("dropout-default", &["--lora-dropout", "0.5"]);
+    let flipped = train(
+        "dropout-flipped",
+        &["--lora-dropout", "0.5", "--disable-dropout", flip],
+    );
+    let (off, on) = match disabled_by_default {
+        true => (default, flipped),
+        false => (flipped, default),
+    };
+    let off_diff = max_weight_diff(&none, &off, head);
+    let on_diff = max_weight_diff(&none, &on, head);
+    assert!(off_diff < 1e-7, "dropout off: {off_diff}");
+    assert!(on_diff > 1e-4, "dropout on: {on_diff}");
+}
+
 /// A two-layer MoE model of 4 experts (top 2) with `arch`'s fields, on the tiny Llama
 /// fixture's tokenizer.
 fn tiny_sparse(llama: &Path, dir: &Path, arch: serde_json::Value) {

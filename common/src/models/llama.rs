@@ -315,6 +315,15 @@ impl Config {
         self.router_aux_loss_coef.unwrap_or(default)
     }
 
+    /// Mixtral's `router_jitter_noise` (the others' routers have none: transformers
+    /// ignores the field there).
+    pub fn router_jitter(&self) -> f64 {
+        match self.model_type {
+            ModelType::Mixtral => self.router_jitter_noise.unwrap_or(0.0),
+            _ => 0.0,
+        }
+    }
+
     /// Whether the architecture puts sparse MoE blocks in its layers.
     pub fn is_moe(&self) -> bool {
         matches!(
@@ -387,7 +396,7 @@ impl Config {
                     self.swiglu_limit.unwrap_or(7.0),
                 )
             }),
-            jitter: self.router_jitter_noise.unwrap_or(0.0),
+            jitter: self.router_jitter(),
             std: self.initializer_range,
         })
     }

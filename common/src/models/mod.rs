@@ -716,7 +716,7 @@ impl Model {
             .map_err(|m| Error::config(dir.join("config.json"), m))?;
         model.start_dora();
         if let Arch::Llama(c) = &model.config.arch {
-            let jitter = c.router_jitter_noise.unwrap_or(0.0);
+            let jitter = c.router_jitter();
             if c.is_moe() && jitter > 0.0 && opts.gradient_checkpointing && opts.trainable {
                 return Err(Error::config(
                     dir.join("config.json"),
