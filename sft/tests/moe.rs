@@ -287,9 +287,8 @@ fn lora_on_a_moe_model_loads_in_peft() {
 /// `gate_up_proj` in both layers, `down_proj` in layer 1 only, so layer 1 nests two
 /// `ParamWrapper`s), the routers' load-balancing loss and activation recomputation: the
 /// adapter of the run that keeps its activations, `aux_loss` logged, and PEFT loads it on
-/// transformers' GptOss with our log-probs (transformers the merged model too). PEFT has
-/// no default LoRA targets for gpt-oss, and neither do we; target parameters that match
-/// nothing, or with LoRA dropout, are refused as PEFT refuses them.
+/// transformers' GptOss with our log-probs (transformers the merged model too); target
+/// parameters that match nothing, or with LoRA dropout, are refused as PEFT refuses them.
 #[test]
 fn gpt_oss_trains_with_lora_and_loads_in_peft() {
     let f = fixture();
@@ -367,14 +366,6 @@ fn gpt_oss_trains_with_lora_and_loads_in_peft() {
             &[&extra[..10], &["--lora-dropout", "0.1"]].concat(),
         ),
         "LoRA dropout 0.1 with target parameters is not supported",
-    );
-    assert_refused(
-        &sft(
-            &f.gpt_oss,
-            &f.root.join("run-oss-default"),
-            &["--lora-r", "4"],
-        ),
-        "--lora-target-modules: PEFT has no default LoRA targets for gpt_oss models",
     );
 }
 

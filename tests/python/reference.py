@@ -23,10 +23,11 @@ def configs():
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return {
         "gpt2": tf.GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, initializer_range=0.1, **common),
+        # Llama with attention_bias (q/k/v and o biases) and mlp_bias.
         "llama": tf.LlamaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64,
-            initializer_range=0.1,
+            initializer_range=0.1, attention_bias=True, mlp_bias=True,
             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 16},
@@ -146,6 +147,19 @@ def configs():
                              "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                              "original_max_position_embeddings": 16},
             **common),
+        # SmolLM3: every 2nd layer without rotary (NoPE), those sliding with a window of 5
+        # (use_sliding_window), tied embeddings by default, attention and MLP biases.
+        "smollm3": tf.SmolLM3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, no_rope_layer_interval=2, use_sliding_window=True,
+            sliding_window=5, attention_bias=True, mlp_bias=True, max_position_embeddings=64,
+            initializer_range=0.1, **common),
+        # OLMo 2: norms after the attention and the MLP (none before), q/k norms over all
+        # heads, biases with attention_bias.
+        "olmo2": tf.Olmo2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False,
+            max_position_embeddings=64, initializer_range=0.1, **common),
     }
 
 

@@ -31,6 +31,8 @@ const ARCHS: &[&str] = &[
     "qwen3_yarn",
     "llama_yarn",
     "gpt_oss",
+    "smollm3",
+    "olmo2",
 ];
 /// Architectures transformers has no sequence-classification class for.
 const NO_SCORE: &[&str] = &["olmoe"];

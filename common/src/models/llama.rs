@@ -54,8 +54,9 @@ pub struct Config {
     pub attention_bias: Option<bool>,
     #[serde(default)]
     pub mlp_bias: bool,
+    /// See [`Config::tied`] for the architectures' defaults.
     #[serde(default)]
-    pub tie_word_embeddings: bool,
+    pub tie_word_embeddings: Option<bool>,
     /// transformers 4 layout: `rope_theta` and `rope_scaling` at the top level.
     #[serde(default)]
     pub rope_theta: Option<f64>,
@@ -116,10 +117,17 @@ pub struct Config {
     pub swiglu_alpha: Option<f64>,
     #[serde(default)]
     pub swiglu_limit: Option<f64>,
-    /// gpt-oss: `sliding_attention` or `full_attention` per layer (default: the even
-    /// layers slide).
+    /// gpt-oss and SmolLM3: `sliding_attention` or `full_attention` per layer (gpt-oss's
+    /// default: the even layers slide; SmolLM3's: the layers without rotary, with
+    /// `use_sliding_window`).
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
+    /// SmolLM3: 1 where a layer applies rotary embeddings, 0 where it has none (NoPE);
+    /// default every `no_rope_layer_interval`-th (4) layer has none.
+    #[serde(default)]
+    pub no_rope_layers: Option<Vec<i64>>,
+    #[serde(default)]
+    pub no_rope_layer_interval: Option<i64>,
 }
 
 mod defaults {
@@ -203,10 +211,14 @@ impl Config {
     }
 
     /// `rms_norm_eps`, or transformers' default for the architecture (1e-5 for Phi-3,
-    /// Mixtral, OLMoE and gpt-oss, 1e-6 for the others).
+    /// Mixtral, OLMoE, gpt-oss and OLMo 2, 1e-6 for the others).
     pub fn norm_eps(&self) -> f64 {
         let default = match self.model_type {
-            ModelType::Phi3 | ModelType::Mixtral | ModelType::Olmoe | ModelType::GptOss => 1e-5,
+            ModelType::Phi3
+            | ModelType::Mixtral
+            | ModelType::Olmoe
+            | ModelType::GptOss
+            | ModelType::Olmo2 => 1e-5,
             _ => 1e-6,
         };
         self.rms_norm_eps.unwrap_or(default)
@@ -223,6 +235,7 @@ impl Config {
         match self.model_type {
             ModelType::Qwen2 => true,
             ModelType::Qwen2Moe => self.qkv_bias.unwrap_or(true),
+            ModelType::Mistral | ModelType::Mixtral | ModelType::Phi3 => false,
             _ => self.attention_bias(),
         }
     }
@@ -233,9 +246,50 @@ impl Config {
             .unwrap_or(self.model_type == ModelType::GptOss)
     }
 
-    /// OLMoE and gpt-oss bias their output projection too when `attention_bias` is set.
+    /// The output projection's bias: with `attention_bias` wherever q/k/v follow it too
+    /// (Llama, Qwen3, Qwen3-MoE, OLMoE, OLMo 2, SmolLM3, gpt-oss); never in Qwen2, Qwen2-MoE,
+    /// Mistral, Mixtral and Phi-3.
     pub fn o_bias(&self) -> bool {
-        matches!(self.model_type, ModelType::Olmoe | ModelType::GptOss) && self.attention_bias()
+        !matches!(
+            self.model_type,
+            ModelType::Qwen2
+                | ModelType::Qwen2Moe
+                | ModelType::Mistral
+                | ModelType::Mixtral
+                | ModelType::Phi3
+        ) && self.attention_bias()
+    }
+
+    /// The dense MLP's biases: `mlp_bias` in Llama and SmolLM3, none in the others.
+    pub fn mlp_bias(&self) -> bool {
+        matches!(self.model_type, ModelType::Llama | ModelType::Smollm3) && self.mlp_bias
+    }
+
+    /// `tie_word_embeddings`, or transformers' default (SmolLM3's true, the others' false).
+    pub fn tied(&self) -> bool {
+        self.tie_word_embeddings
+            .unwrap_or(self.model_type == ModelType::Smollm3)
+    }
+
+    /// Which layers apply rotary embeddings: all, but SmolLM3's `no_rope_layers` (NoPE).
+    pub fn rope_layers(&self) -> Vec<bool> {
+        let n = self.num_hidden_layers;
+        if self.model_type != ModelType::Smollm3 {
+            return vec![true; n as usize];
+        }
+        match &self.no_rope_layers {
+            Some(flags) => flags.iter().map(|&f| f != 0).collect(),
+            None => {
+                let interval = self.no_rope_layer_interval.unwrap_or(4).max(1);
+                (0..n).map(|i| (i + 1) % interval != 0).collect()
+            }
+        }
+    }
+
+    /// OLMo 2 normalises each block's output (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`) instead of its input.
+    pub fn post_norms(&self) -> bool {
+        self.model_type == ModelType::Olmo2
     }
 
     /// gpt-oss's learned attention sinks: one logit per head beside the keys', which takes
@@ -248,19 +302,34 @@ impl Config {
     /// others attend over everything (or Mistral's window, [`Config::sliding_window`]).
     pub fn sliding_layers(&self) -> Vec<bool> {
         let n = self.num_hidden_layers as usize;
-        if self.model_type != ModelType::GptOss {
-            return vec![false; n];
-        }
+        let derived: Vec<bool> = match self.model_type {
+            ModelType::GptOss => (0..n).map(|i| i % 2 == 0).collect(),
+            // SmolLM3 slides only with use_sliding_window, on its NoPE layers by default.
+            ModelType::Smollm3 if self.use_sliding_window == Some(true) => {
+                self.rope_layers().iter().map(|rope| !rope).collect()
+            }
+            _ => return vec![false; n],
+        };
         match &self.layer_types {
             Some(types) => types.iter().map(|t| t == "sliding_attention").collect(),
-            None => (0..n).map(|i| i % 2 == 0).collect(),
+            None => derived,
         }
     }
 
-    /// gpt-oss's `layer_types` must name each layer's attention.
+    /// gpt-oss's and SmolLM3's `layer_types` must name each layer's attention, and
+    /// SmolLM3's `no_rope_layers` each layer's rotary.
     fn layer_types_problem(&self) -> Option<String> {
+        let n = self.num_hidden_layers as usize;
+        if let Some(flags) = self.no_rope_layers.as_ref() {
+            if self.model_type == ModelType::Smollm3 && flags.len() != n {
+                return Some(format!(
+                    "no_rope_layers has {} entries for {n} layers",
+                    flags.len()
+                ));
+            }
+        }
         let types = self.layer_types.as_ref()?;
-        if self.model_type != ModelType::GptOss {
+        if !matches!(self.model_type, ModelType::GptOss | ModelType::Smollm3) {
             return None;
         }
         if types.len() != self.num_hidden_layers as usize {
@@ -280,6 +349,7 @@ impl Config {
     pub fn local_window(&self) -> Option<i64> {
         let w = match self.model_type {
             ModelType::GptOss => self.sliding_window.or(Some(128)),
+            ModelType::Smollm3 if self.use_sliding_window == Some(true) => self.sliding_window,
             _ => None,
         };
         w.filter(|_| self.sliding_layers().contains(&true))
@@ -300,7 +370,7 @@ impl Config {
     pub fn qk_norm(&self) -> Option<QkNormKind> {
         match self.model_type {
             ModelType::Qwen3 | ModelType::Qwen3Moe => Some(QkNormKind::PerHead),
-            ModelType::Olmoe => Some(QkNormKind::Whole),
+            ModelType::Olmoe | ModelType::Olmo2 => Some(QkNormKind::Whole),
             _ => None,
         }
     }
@@ -440,6 +510,7 @@ impl Config {
         let theta = match self.model_type {
             ModelType::GptOss => 150000.0,
             ModelType::Mixtral => 1e6,
+            ModelType::Smollm3 => 2e6,
             _ => 10000.0,
         };
         let rope = parse_rope(
@@ -736,11 +807,12 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(p: nn::Path, dim: i64, eps: f64, opts: &ModelOptions) -> Self {
+    /// A norm of `dim` features as `cfg`'s architecture computes it.
+    fn new(p: nn::Path, dim: i64, cfg: &Config, opts: &ModelOptions) -> Self {
         RmsNorm {
             weight: param(&p, "weight", &[dim], Init::Const(1.0), opts),
-            eps,
-            scale_in_f32: false,
+            eps: cfg.norm_eps(),
+            scale_in_f32: matches!(cfg.model_type, ModelType::GptOss | ModelType::Olmo2),
         }
     }
 
@@ -828,6 +900,20 @@ pub enum QkNormKind {
     Whole,
 }
 
+/// Where a layer normalises: each block's input (the Llama family), or each block's
+/// output before the residual sum (OLMo 2).
+#[derive(Debug)]
+enum Norms {
+    Pre {
+        input: RmsNorm,
+        post_attention: RmsNorm,
+    },
+    Post {
+        attention: RmsNorm,
+        feedforward: RmsNorm,
+    },
+}
+
 /// The feed-forward part of a layer: an MLP, or a sparse MoE block. (One per layer: the
 /// variants' sizes do not matter.)
 #[derive(Debug)]
@@ -839,7 +925,7 @@ enum Mlp {
 
 #[derive(Debug)]
 struct Layer {
-    input_layernorm: RmsNorm,
+    norms: Norms,
     qkv: Qkv,
     o_proj: Linear,
     /// The norms of queries and keys: Qwen3's per head (over `head_dim`), OLMoE's over
@@ -851,7 +937,8 @@ struct Layer {
     sinks: Option<Tensor>,
     /// Attends within the local window ([`Masking::for_layer`]).
     sliding: bool,
-    post_attention_layernorm: RmsNorm,
+    /// Applies rotary embeddings (SmolLM3's NoPE layers do not).
+    rope: bool,
     mlp: Mlp,
     n_heads: i64,
     n_kv_heads: i64,
@@ -867,16 +954,23 @@ impl Layer {
         let mlp = &p / "mlp";
         let i = cfg.intermediate_size;
         let linear = |path: nn::Path, dims, bias| Linear::new(path, dims, bias, std, opts);
-        let norm = |path: nn::Path| RmsNorm {
-            scale_in_f32: cfg.model_type == ModelType::GptOss,
-            ..RmsNorm::new(path, h, cfg.norm_eps(), opts)
-        };
+        let norm = |path: nn::Path| RmsNorm::new(path, h, cfg, opts);
         let sink_init = Init::Randn {
             mean: 0.0,
             stdev: std,
         };
         Layer {
-            input_layernorm: norm(&p / "input_layernorm"),
+            norms: if cfg.post_norms() {
+                Norms::Post {
+                    attention: norm(&p / "post_attention_layernorm"),
+                    feedforward: norm(&p / "post_feedforward_layernorm"),
+                }
+            } else {
+                Norms::Pre {
+                    input: norm(&p / "input_layernorm"),
+                    post_attention: norm(&p / "post_attention_layernorm"),
+                }
+            },
             qkv: if cfg.fused() {
                 Qkv::Fused(linear(&attn / "qkv_proj", (h, (nh + 2 * nkv) * d), false))
             } else {
@@ -888,7 +982,7 @@ impl Layer {
             },
             o_proj: linear(&attn / "o_proj", (nh * d, h), cfg.o_bias()),
             qk_norm: cfg.qk_norm().map(|kind| {
-                let norm = |path: nn::Path, dim| RmsNorm::new(path, dim, cfg.norm_eps(), opts);
+                let norm = |path: nn::Path, dim| RmsNorm::new(path, dim, cfg, opts);
                 let (q_dim, k_dim) = match kind {
                     QkNormKind::PerHead => (d, d),
                     QkNormKind::Whole => (nh * d, nkv * d),
@@ -904,7 +998,7 @@ impl Layer {
                 .attention_sinks()
                 .then(|| param(&attn, "sinks", &[nh], sink_init, opts)),
             sliding: cfg.sliding_layers()[index as usize],
-            post_attention_layernorm: norm(&p / "post_attention_layernorm"),
+            rope: cfg.rope_layers()[index as usize],
             mlp: match cfg.moe_shape(index) {
                 Some(shape) if cfg.model_type == ModelType::Mixtral => Mlp::Sparse(SparseMoe::new(
                     &p / "block_sparse_moe",
@@ -915,13 +1009,13 @@ impl Layer {
                 Some(shape) => Mlp::Sparse(SparseMoe::new(mlp, cfg.model_type, shape, opts)),
                 None if cfg.fused() => Mlp::Dense(SwiGlu {
                     gate_up: GateUp::Fused(linear(&mlp / "gate_up_proj", (h, 2 * i), false)),
-                    down: linear(&mlp / "down_proj", (i, h), cfg.mlp_bias),
+                    down: linear(&mlp / "down_proj", (i, h), cfg.mlp_bias()),
                 }),
                 None => Mlp::Dense(SwiGlu::separate(
                     &mlp,
                     ["gate_proj", "up_proj", "down_proj"],
                     (h, i),
-                    (cfg.mlp_bias, std),
+                    (cfg.mlp_bias(), std),
                     opts,
                 )),
             },
@@ -942,7 +1036,10 @@ impl Layer {
         router: Option<&mut Vec<Tensor>>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
-        let normed = self.input_layernorm.forward(x);
+        let normed = match &self.norms {
+            Norms::Pre { input, .. } => input.forward(x),
+            Norms::Post { .. } => x.shallow_clone(),
+        };
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
         // Partial rotary: the first `rotary_dim` dimensions turn, the rest pass.
         let (rd, d) = (self.rotary_dim, self.head_dim);
@@ -976,7 +1073,10 @@ impl Layer {
         if let Some((QkNormKind::PerHead, q_norm, k_norm)) = &self.qk_norm {
             (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
         }
-        let (q, k) = (rope(q), rope(k));
+        let (q, k) = match self.rope {
+            true => (rope(q), rope(k)),
+            false => (q, k),
+        };
         let v = heads(v, self.n_kv_heads);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
@@ -993,17 +1093,31 @@ impl Layer {
         let attn = attn
             .transpose(1, 2)
             .reshape([b, t, self.n_heads * self.head_dim]);
-        let x = x + self.o_proj.forward(&attn);
-        let normed = self.post_attention_layernorm.forward(&x);
-        match &self.mlp {
-            Mlp::Dense(mlp) => x + mlp.forward(&normed),
+        let attn = self.o_proj.forward(&attn);
+        let (x, normed) = match &self.norms {
+            Norms::Pre { post_attention, .. } => {
+                let x = x + attn;
+                let normed = post_attention.forward(&x);
+                (x, normed)
+            }
+            Norms::Post { attention, .. } => {
+                let x = x + attention.forward(&attn);
+                (x.shallow_clone(), x)
+            }
+        };
+        let y = match &self.mlp {
+            Mlp::Dense(mlp) => mlp.forward(&normed),
             Mlp::Sparse(moe) => {
                 let (y, logits) = moe.forward(&normed, super::grad_enabled());
                 if let Some(router) = router {
                     router.push(logits);
                 }
-                x + y
+                y
             }
+        };
+        match &self.norms {
+            Norms::Pre { .. } => x + y,
+            Norms::Post { feedforward, .. } => x + feedforward.forward(&y),
         }
     }
 }
@@ -1046,7 +1160,7 @@ impl Llama {
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| Layer::new(&p / "layers" / i, i, cfg, opts))
                 .collect(),
-            norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg.norm_eps(), opts),
+            norm: RmsNorm::new(&p / "norm", cfg.hidden_size, cfg, opts),
             inv_freq: f32s(inv_freq(&rope, cfg.rotary_dim())),
             long_rope,
             rope_scale: rope.attention_scale(),
@@ -1238,6 +1352,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("layer_types has 1 entries for 2 layers"), "{e}");
+        let smol = config(serde_json::json!({"model_type": "smollm3", "num_hidden_layers": 8}));
+        assert!(smol.tied());
+        assert_eq!(smol.rope().unwrap().theta, 2e6);
+        let nope: Vec<usize> = (0..8).filter(|&i| !smol.rope_layers()[i]).collect();
+        assert_eq!(nope, [3, 7]);
+        assert_eq!(smol.local_window(), None);
+        let sliding = config(
+            serde_json::json!({"model_type": "smollm3", "num_hidden_layers": 4,
+            "use_sliding_window": true, "sliding_window": 16}),
+        );
+        assert_eq!(sliding.sliding_layers(), [false, false, false, true]);
+        assert_eq!(sliding.local_window(), Some(16));
+        let flags = config(
+            serde_json::json!({"model_type": "smollm3", "num_hidden_layers": 2,
+            "no_rope_layers": [1]}),
+        );
+        let e = flags
+            .validate(Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no_rope_layers has 1 entries for 2 layers"),
+            "{e}"
+        );
+        let olmo = config(serde_json::json!({"model_type": "olmo2", "attention_bias": true}));
+        assert_eq!(olmo.norm_eps(), 1e-5);
+        assert!(olmo.post_norms() && olmo.qkv_bias() && olmo.o_bias() && !olmo.tied());
+        // Mistral's projections have no biases whatever the config says; Llama's MLP has.
+        let mistral = config(
+            serde_json::json!({"model_type": "mistral", "attention_bias": true,
+            "mlp_bias": true}),
+        );
+        assert!(!mistral.qkv_bias() && !mistral.o_bias() && !mistral.mlp_bias());
+        let biased = config(serde_json::json!({"attention_bias": true, "mlp_bias": true}));
+        assert!(biased.qkv_bias() && biased.o_bias() && biased.mlp_bias());
     }
 
     #[test]

@@ -190,7 +190,9 @@ pub fn matches(module: &str, name: &str) -> bool {
     module == name || module.ends_with(&format!(".{name}"))
 }
 
-/// PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for our architectures.
+/// PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for our architectures; where
+/// it has none (PEFT then asks for `target_modules`: Phi-3, the MoE models but Mixtral,
+/// SmolLM3, OLMo 2), the Llama family's, or Phi-3's fused projection.
 pub fn default_targets(model_type: ModelType) -> Vec<String> {
     match model_type {
         ModelType::Gpt2 => vec!["c_attn".into()],
@@ -202,14 +204,15 @@ pub fn default_targets(model_type: ModelType) -> Vec<String> {
         | ModelType::Qwen2Moe
         | ModelType::Qwen3Moe
         | ModelType::Olmoe
+        | ModelType::GptOss
+        | ModelType::Smollm3
+        | ModelType::Olmo2
         | ModelType::Gemma
         | ModelType::Gemma2
         | ModelType::Gemma3Text => {
             vec!["q_proj".into(), "v_proj".into()]
         }
         ModelType::Phi3 => vec!["qkv_proj".into()],
-        // PEFT has no default for gpt-oss: targets must be named.
-        ModelType::GptOss => vec![],
     }
 }
 

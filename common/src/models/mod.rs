@@ -58,10 +58,12 @@ pub enum ModelType {
     Olmoe,
     #[serde(rename = "gpt_oss")]
     GptOss,
+    Smollm3,
+    Olmo2,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 14] = [
+    pub const ALL: [ModelType; 16] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
@@ -76,6 +78,8 @@ impl ModelType {
         ModelType::Qwen3Moe,
         ModelType::Olmoe,
         ModelType::GptOss,
+        ModelType::Smollm3,
+        ModelType::Olmo2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -94,6 +98,8 @@ impl ModelType {
             ModelType::Qwen3Moe => "qwen3_moe",
             ModelType::Olmoe => "olmoe",
             ModelType::GptOss => "gpt_oss",
+            ModelType::Smollm3 => "smollm3",
+            ModelType::Olmo2 => "olmo2",
         }
     }
 
@@ -117,6 +123,8 @@ impl ModelType {
             // transformers has no OlmoeForSequenceClassification: no scalar head.
             ModelType::Olmoe => ("OlmoeForCausalLM", ""),
             ModelType::GptOss => ("GptOssForCausalLM", "GptOssForSequenceClassification"),
+            ModelType::Smollm3 => ("SmolLM3ForCausalLM", "SmolLM3ForSequenceClassification"),
+            ModelType::Olmo2 => ("Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
         }
     }
 }
@@ -187,7 +195,9 @@ impl ModelConfig {
             | ModelType::Qwen2Moe
             | ModelType::Qwen3Moe
             | ModelType::Olmoe
-            | ModelType::GptOss => {
+            | ModelType::GptOss
+            | ModelType::Smollm3
+            | ModelType::Olmo2 => {
                 let c: llama::Config = serde_json::from_value(json).map_err(invalid)?;
                 c.validate(path)?;
                 Arch::Llama(c)
@@ -242,7 +252,7 @@ impl ModelConfig {
     pub fn tie_word_embeddings(&self) -> bool {
         match &self.arch {
             Arch::Gpt2(c) => c.tie_word_embeddings,
-            Arch::Llama(c) => c.tie_word_embeddings,
+            Arch::Llama(c) => c.tied(),
             Arch::Gemma(c) => c.tie_word_embeddings,
         }
     }
@@ -631,16 +641,6 @@ impl Model {
             *ids = Tokenizer::load(dir)?.encode(text, true)?;
         }
         let config = ModelConfig::load(dir)?;
-        let default_targets = opts.lora.as_ref().is_some_and(|l| {
-            matches!(l.target_modules, lora::TargetModules::Default)
-                && l.target_parameters.is_empty()
-        });
-        if default_targets && lora::default_targets(config.model_type).is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "--lora-target-modules: PEFT has no default LoRA targets for {} models; name them (e.g. all-linear, or q_proj,k_proj,v_proj,o_proj)",
-                config.model_type.name()
-            )));
-        }
         if opts.head == Head::Score && config.model_type.classes().1.is_empty() {
             return Err(Error::config(
                 dir.join("config.json"),
@@ -2025,7 +2025,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss)"
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, smollm3, olmo2)"
         );
         // LongRoPE needs one factor per rotary frequency (head_dim 4: two).
         let mut phi3 = tiny_llama();
