@@ -659,6 +659,40 @@ fn bad_data_files_fail_with_one_clear_line() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no chat_template"));
+    // A stored weight the model has no place for (here a bias Llama's output projection
+    // only has with attention_bias) is named in a warning, as transformers warns of it.
+    let extra = dir.path().join("extra-weight");
+    std::fs::create_dir(&extra).unwrap();
+    for file in std::fs::read_dir(&model).unwrap() {
+        let file = file.unwrap().path();
+        if file.is_file() {
+            std::fs::copy(&file, extra.join(file.file_name().unwrap())).unwrap();
+        }
+    }
+    let weights = extra.join("model.safetensors");
+    let mut tensors = tch::Tensor::read_safetensors(&weights).unwrap();
+    tensors.push((
+        "model.layers.0.self_attn.o_proj.bias".into(),
+        tch::Tensor::zeros([4], (tch::Kind::Float, tch::Device::Cpu)),
+    ));
+    tch::Tensor::write_safetensors(&tensors, &weights).unwrap();
+    let out = sft(&[
+        "eval",
+        "--model",
+        extra.to_str().unwrap(),
+        "--data",
+        f.root.join("sft.jsonl").to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "1 stored tensors this llama model has no place for, ignored: model.layers.0.self_attn.o_proj.bias"
+        ),
+        "{stderr}"
+    );
 }
 
 /// Parquet as `datasets` writes it: the SFT rows as a Hub dataset's shards, read through

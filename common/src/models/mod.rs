@@ -739,12 +739,34 @@ impl Model {
                 model.original_head = Some(model.head_weight.detach().copy());
             }
         }
-        if !report.unexpected.is_empty() {
-            tracing::debug!(
-                "{}: {} stored tensors unused: {}",
+        // The other head's weights and old checkpoints' buffers are expected leftovers;
+        // anything else is a weight this model does not use, which transformers would warn
+        // of too (a bias the architecture has no place for, a layer too many).
+        let (expected, surprising): (Vec<&String>, Vec<&String>) =
+            report.unexpected.iter().partition(|name| {
+                let other_head = match model.head {
+                    Head::Lm => name.as_str() == SCORE_WEIGHT,
+                    Head::Score => name.starts_with("lm_head."),
+                };
+                other_head
+                    || name.ends_with(".inv_freq")
+                    || name.ends_with(".attn.bias")
+                    || name.ends_with(".attn.masked_bias")
+            });
+        if !expected.is_empty() {
+            tracing::debug!("{}: stored tensors unused: {expected:?}", dir.display());
+        }
+        if !surprising.is_empty() {
+            tracing::warn!(
+                "{}: {} stored tensors this {} model has no place for, ignored: {}",
                 dir.display(),
-                report.unexpected.len(),
-                report.unexpected.join(", ")
+                surprising.len(),
+                model.config.model_type.name(),
+                surprising
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         Ok((model, report))
