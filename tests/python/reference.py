@@ -160,6 +160,18 @@ def configs():
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False,
             max_position_embeddings=64, initializer_range=0.1, **common),
+        # OLMo 3: OLMo 2's layer, three sliding layers (window 5) then a full one, each
+        # kind with its own rotary set (YaRN on the full layers, another base on the
+        # sliding ones).
+        "olmo3": tf.Olmo3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False,
+            max_position_embeddings=64, initializer_range=0.1,
+            rope_parameters={
+                "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 16},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+            **common),
     }
 
 

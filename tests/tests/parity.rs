@@ -33,6 +33,7 @@ const ARCHS: &[&str] = &[
     "gpt_oss",
     "smollm3",
     "olmo2",
+    "olmo3",
 ];
 /// Architectures transformers has no sequence-classification class for.
 const NO_SCORE: &[&str] = &["olmoe"];

@@ -218,7 +218,8 @@ impl Config {
             | ModelType::Mixtral
             | ModelType::Olmoe
             | ModelType::GptOss
-            | ModelType::Olmo2 => 1e-5,
+            | ModelType::Olmo2
+            | ModelType::Olmo3 => 1e-5,
             _ => 1e-6,
         };
         self.rms_norm_eps.unwrap_or(default)
@@ -286,10 +287,10 @@ impl Config {
         }
     }
 
-    /// OLMo 2 normalises each block's output (`post_attention_layernorm`,
+    /// OLMo 2 and 3 normalise each block's output (`post_attention_layernorm`,
     /// `post_feedforward_layernorm`) instead of its input.
     pub fn post_norms(&self) -> bool {
-        self.model_type == ModelType::Olmo2
+        matches!(self.model_type, ModelType::Olmo2 | ModelType::Olmo3)
     }
 
     /// gpt-oss's learned attention sinks: one logit per head beside the keys', which takes
@@ -304,6 +305,8 @@ impl Config {
         let n = self.num_hidden_layers as usize;
         let derived: Vec<bool> = match self.model_type {
             ModelType::GptOss => (0..n).map(|i| i % 2 == 0).collect(),
+            // OLMo 3: three sliding layers, then a full one.
+            ModelType::Olmo3 => (0..n).map(|i| (i + 1) % 4 != 0).collect(),
             // SmolLM3 slides only with use_sliding_window, on its NoPE layers by default.
             ModelType::Smollm3 if self.use_sliding_window == Some(true) => {
                 self.rope_layers().iter().map(|rope| !rope).collect()
@@ -329,7 +332,10 @@ impl Config {
             }
         }
         let types = self.layer_types.as_ref()?;
-        if !matches!(self.model_type, ModelType::GptOss | ModelType::Smollm3) {
+        if !matches!(
+            self.model_type,
+            ModelType::GptOss | ModelType::Smollm3 | ModelType::Olmo3
+        ) {
             return None;
         }
         if types.len() != self.num_hidden_layers as usize {
@@ -350,6 +356,7 @@ impl Config {
         let w = match self.model_type {
             ModelType::GptOss => self.sliding_window.or(Some(128)),
             ModelType::Smollm3 if self.use_sliding_window == Some(true) => self.sliding_window,
+            ModelType::Olmo3 => self.sliding_window.or(Some(4096)),
             _ => None,
         };
         w.filter(|_| self.sliding_layers().contains(&true))
@@ -370,7 +377,7 @@ impl Config {
     pub fn qk_norm(&self) -> Option<QkNormKind> {
         match self.model_type {
             ModelType::Qwen3 | ModelType::Qwen3Moe => Some(QkNormKind::PerHead),
-            ModelType::Olmoe | ModelType::Olmo2 => Some(QkNormKind::Whole),
+            ModelType::Olmoe | ModelType::Olmo2 | ModelType::Olmo3 => Some(QkNormKind::Whole),
             _ => None,
         }
     }
@@ -481,11 +488,14 @@ impl Config {
 
     /// Rotary parameters from either config layout.
     pub fn rope(&self) -> Result<Rope, String> {
-        let params = self
-            .rope_parameters
-            .as_ref()
-            .or(self.rope_scaling.as_ref())
-            .filter(|v| !v.is_null());
+        // OLMo 3 keeps one set per layer type (transformers 4's rope_scaling is the full
+        // layers'); see Config::local_rope.
+        let params = match self.model_type {
+            ModelType::Olmo3 => self.layer_type_rope("full_attention"),
+            _ => self.rope_parameters.as_ref(),
+        }
+        .or(self.rope_scaling.as_ref())
+        .filter(|v| !v.is_null());
         // Phi-3's configs call LongRoPE "su" or "yarn" too (transformers renames them).
         let renamed = params
             .filter(|_| self.model_type == ModelType::Phi3)
@@ -511,6 +521,7 @@ impl Config {
             ModelType::GptOss => 150000.0,
             ModelType::Mixtral => 1e6,
             ModelType::Smollm3 => 2e6,
+            ModelType::Olmo3 => 500000.0,
             _ => 10000.0,
         };
         let rope = parse_rope(
@@ -530,6 +541,29 @@ impl Config {
             }
         }
         Ok(rope)
+    }
+
+    /// OLMo 3's rotary parameters under `rope_parameters[layer_type]` (transformers 5).
+    fn layer_type_rope(&self, layer_type: &str) -> Option<&Value> {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.get(layer_type))
+            .filter(|v| !v.is_null())
+    }
+
+    /// The rotary parameters of OLMo 3's sliding layers, when it has some: their own set
+    /// (transformers 4: the default rotation at `rope_theta`, no scaling).
+    pub fn local_rope(&self) -> Result<Option<Rope>, String> {
+        if self.model_type != ModelType::Olmo3 || self.local_window().is_none() {
+            return Ok(None);
+        }
+        let theta = self.rope_theta.unwrap_or(500000.0);
+        parse_rope(
+            self.layer_type_rope("sliding_attention"),
+            theta,
+            RopeLengths::default(),
+        )
+        .map(Some)
     }
 
     /// Values this implementation cannot honour, named with `path`.
@@ -567,7 +601,7 @@ impl Config {
         } else if let Some(problem) = self.layer_types_problem() {
             Some(problem)
         } else {
-            self.rope().err()
+            self.rope().err().or(self.local_rope().err())
         };
         match problem {
             Some(message) => Err(Error::config(path, message)),
@@ -812,7 +846,10 @@ impl RmsNorm {
         RmsNorm {
             weight: param(&p, "weight", &[dim], Init::Const(1.0), opts),
             eps: cfg.norm_eps(),
-            scale_in_f32: matches!(cfg.model_type, ModelType::GptOss | ModelType::Olmo2),
+            scale_in_f32: matches!(
+                cfg.model_type,
+                ModelType::GptOss | ModelType::Olmo2 | ModelType::Olmo3
+            ),
         }
     }
 
@@ -1122,6 +1159,22 @@ impl Layer {
     }
 }
 
+/// cos/sin `[B, 1, T, D]` of one forward: every layer's, and OLMo 3's sliding layers' own.
+struct Rotary {
+    global: (Tensor, Tensor),
+    local: Option<(Tensor, Tensor)>,
+}
+
+impl Rotary {
+    fn for_layer(&self, sliding: bool) -> (&Tensor, &Tensor) {
+        let (cos, sin) = match (&self.local, sliding) {
+            (Some(local), true) => local,
+            _ => &self.global,
+        };
+        (cos, sin)
+    }
+}
+
 /// `LlamaModel`: embeddings, decoder layers and the final norm, under `model.`.
 #[derive(Debug)]
 pub struct Llama {
@@ -1137,6 +1190,8 @@ pub struct Llama {
     sliding_window: Option<i64>,
     /// gpt-oss: the window of its sliding layers.
     local_window: Option<i64>,
+    /// OLMo 3: its sliding layers' own rotary frequencies and cos/sin scale.
+    local_rope: Option<(Tensor, f64)>,
 }
 
 impl Llama {
@@ -1166,6 +1221,10 @@ impl Llama {
             rope_scale: rope.attention_scale(),
             sliding_window: cfg.sliding_window(),
             local_window: cfg.local_window(),
+            local_rope: cfg.local_rope().expect("validated config").map(|rope| {
+                let scale = rope.attention_scale();
+                (f32s(inv_freq(&rope, cfg.rotary_dim())), scale)
+            }),
         }
     }
 
@@ -1194,12 +1253,12 @@ impl Llama {
         mut router: Option<&mut Vec<Tensor>>,
     ) -> Tensor {
         let mut x = embeds.shallow_clone();
-        let (cos, sin) = self.rotary(positions, x.kind());
+        let rotary = self.rotary(positions, x.kind());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(
                 &x,
-                (&cos, &sin),
+                rotary.for_layer(layer.sliding),
                 masking,
                 layer_cache,
                 router.as_deref_mut(),
@@ -1213,7 +1272,7 @@ impl Llama {
     /// LongRoPE picks its short or long frequencies for the whole forward from the
     /// largest position in it, on the device (no host sync; a cached prompt keeps the
     /// rotation it was cached with, as in `transformers`).
-    fn rotary(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+    fn rotary(&self, positions: &Tensor, kind: Kind) -> Rotary {
         let (inv_freq, scale) = match &self.long_rope {
             Some((long, original, scale)) => {
                 let past = (positions.max() + 1).to_kind(Kind::Float).gt(*original);
@@ -1221,7 +1280,13 @@ impl Llama {
             }
             None => (self.inv_freq.shallow_clone(), self.rope_scale),
         };
-        cos_sin(positions, &inv_freq, scale, kind)
+        Rotary {
+            global: cos_sin(positions, &inv_freq, scale, kind),
+            local: self
+                .local_rope
+                .as_ref()
+                .map(|(freq, scale)| cos_sin(positions, freq, *scale, kind)),
+        }
     }
 
     /// [`Llama::forward`] keeping only each layer's input (activation recomputation);
@@ -1234,7 +1299,7 @@ impl Llama {
         masking: Masking,
         router: Option<&Tensor>,
     ) -> (Tensor, Saved) {
-        let (cos, sin) = self.rotary(positions, embeds.kind());
+        let rotary = self.rotary(positions, embeds.kind());
         let first_input = embeds.shallow_clone();
         let logits = std::cell::RefCell::new(vec![]);
         let mut saved = run_blocks(
@@ -1245,7 +1310,8 @@ impl Llama {
             |i, x, m| {
                 let mut sink = logits.borrow_mut();
                 let sink = router.is_some().then_some(&mut *sink);
-                self.layers[i].forward(x, (&cos, &sin), m, None, sink)
+                let layer = &self.layers[i];
+                layer.forward(x, rotary.for_layer(layer.sliding), m, None, sink)
             },
         );
         let logits = logits.into_inner();
@@ -1262,7 +1328,7 @@ impl Llama {
     /// The backward of [`Llama::forward_saving`]: each MoE block recomputed adds its share
     /// of the weighed load-balancing loss, Σ_tokens Σ_e c_e·p_e·m, to its backward.
     pub(crate) fn backward_saved(&self, mut saved: Saved) {
-        let (cos, sin) = self.rotary(&saved.positions, saved.first_input.kind());
+        let rotary = self.rotary(&saved.positions, saved.first_input.kind());
         let balance = saved
             .router
             .take()
@@ -1270,7 +1336,8 @@ impl Llama {
         backward_blocks_with(saved, |i, x, masking| {
             let mut logits = vec![];
             let router = balance.is_some().then_some(&mut logits);
-            let y = self.layers[i].forward(x, (&cos, &sin), masking, None, router);
+            let layer = &self.layers[i];
+            let y = layer.forward(x, rotary.for_layer(layer.sliding), masking, None, router);
             let term = match (&balance, logits.pop()) {
                 (Some((c, real)), Some(logits)) => {
                     Some(super::moe::load_balancing_share(&logits, real, c))
@@ -1387,6 +1454,23 @@ mod tests {
         assert!(!mistral.qkv_bias() && !mistral.o_bias() && !mistral.mlp_bias());
         let biased = config(serde_json::json!({"attention_bias": true, "mlp_bias": true}));
         assert!(biased.qkv_bias() && biased.o_bias() && biased.mlp_bias());
+        // OLMo 3, transformers 4's layout: rope_scaling is the full layers', the sliding
+        // ones rotate by default at rope_theta; three sliding layers, then a full one.
+        let olmo3 = config(
+            serde_json::json!({"model_type": "olmo3", "num_hidden_layers": 4,
+            "rope_theta": 1e4, "rope_scaling": {"rope_type": "yarn", "factor": 8.0,
+            "original_max_position_embeddings": 8192}}),
+        );
+        assert_eq!(olmo3.sliding_layers(), [true, true, true, false]);
+        assert_eq!(olmo3.local_window(), Some(4096));
+        assert!(matches!(
+            olmo3.rope().unwrap().scaling,
+            RopeScaling::Yarn { .. }
+        ));
+        let local = olmo3.local_rope().unwrap().unwrap();
+        assert_eq!((local.theta, local.scaling), (1e4, RopeScaling::None));
+        let plain = config(serde_json::json!({"model_type": "olmo3"}));
+        assert_eq!(plain.rope().unwrap().theta, 500000.0);
     }
 
     #[test]

@@ -60,10 +60,11 @@ pub enum ModelType {
     GptOss,
     Smollm3,
     Olmo2,
+    Olmo3,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 16] = [
+    pub const ALL: [ModelType; 17] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
@@ -80,6 +81,7 @@ impl ModelType {
         ModelType::GptOss,
         ModelType::Smollm3,
         ModelType::Olmo2,
+        ModelType::Olmo3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -100,6 +102,7 @@ impl ModelType {
             ModelType::GptOss => "gpt_oss",
             ModelType::Smollm3 => "smollm3",
             ModelType::Olmo2 => "olmo2",
+            ModelType::Olmo3 => "olmo3",
         }
     }
 
@@ -125,6 +128,7 @@ impl ModelType {
             ModelType::GptOss => ("GptOssForCausalLM", "GptOssForSequenceClassification"),
             ModelType::Smollm3 => ("SmolLM3ForCausalLM", "SmolLM3ForSequenceClassification"),
             ModelType::Olmo2 => ("Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
+            ModelType::Olmo3 => ("Olmo3ForCausalLM", "Olmo3ForSequenceClassification"),
         }
     }
 }
@@ -197,7 +201,8 @@ impl ModelConfig {
             | ModelType::Olmoe
             | ModelType::GptOss
             | ModelType::Smollm3
-            | ModelType::Olmo2 => {
+            | ModelType::Olmo2
+            | ModelType::Olmo3 => {
                 let c: llama::Config = serde_json::from_value(json).map_err(invalid)?;
                 c.validate(path)?;
                 Arch::Llama(c)
@@ -2047,7 +2052,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, smollm3, olmo2)"
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, smollm3, olmo2, olmo3)"
         );
         // LongRoPE needs one factor per rotary frequency (head_dim 4: two).
         let mut phi3 = tiny_llama();
