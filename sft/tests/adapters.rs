@@ -752,7 +752,7 @@ fn bad_adapter_inputs_end_in_one_line() {
         ),
         (
             train_plain(&["--init-lora-weights", "olora"]),
-            "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-modules-to-save, --trainable-token-indices, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
+            "--lora-alpha, --lora-dropout, --lora-target-modules, --lora-target-parameters, --lora-modules-to-save, --trainable-token-indices, --use-rslora, --use-dora and --init-lora-weights need --lora-r",
         ),
         (
             train_adapter("llama", &out, &["--lora-target-modules", "q_proj,nope"], &[]),

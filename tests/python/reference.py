@@ -172,13 +172,20 @@ def configs():
                                    "original_max_position_embeddings": 16},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
             **common),
+        # Granite: its four multipliers (embeddings, block outputs, attention scores, and
+        # the logits' divisor), tied embeddings, attention and MLP biases.
+        "granite": tf.GraniteConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, embedding_multiplier=3.0, residual_multiplier=0.5,
+            attention_multiplier=0.1, logits_scaling=2.5, attention_bias=True, mlp_bias=True,
+            tie_word_embeddings=True, max_position_embeddings=64, initializer_range=0.1, **common),
     }
 
 
 MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss")
 ROUTERS = (".gate.weight", ".router.weight")
 # transformers has no sequence-classification class for these.
-NO_SCORE = ("olmoe",)
+NO_SCORE = ("olmoe", "granite")
 
 
 def positions(mask):

@@ -34,9 +34,10 @@ const ARCHS: &[&str] = &[
     "smollm3",
     "olmo2",
     "olmo3",
+    "granite",
 ];
 /// Architectures transformers has no sequence-classification class for.
-const NO_SCORE: &[&str] = &["olmoe"];
+const NO_SCORE: &[&str] = &["olmoe", "granite"];
 const MAX_NEW_TOKENS: i64 = 24;
 
 struct Fixture {

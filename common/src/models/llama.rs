@@ -1,14 +1,17 @@
-//! The Llama family: Llama 2/3 (Touvron et al. 2023), Mistral, Qwen2, Qwen3 and Phi-3,
-//! which differ only in configuration.
+//! The Llama family: Llama 2/3 (Touvron et al. 2023), Mistral, Qwen2, Qwen3, Phi-3,
+//! SmolLM3, OLMo 2 and 3, Granite, and the MoE models below, which differ only in
+//! configuration.
 //!
 //! Mirrors `transformers/models/llama/modeling_llama.py` (and the `mistral`, `qwen2`,
 //! `qwen3` copies): RMSNorm, rotary embeddings (default, linear, llama3 or YaRN frequencies),
-//! SwiGLU, grouped-query attention, optional q/k/v bias, tied or untied embeddings, and
+//! SwiGLU, grouped-query attention, optional q/k/v/o biases, tied or untied embeddings, and
 //! Qwen3's per-head RMSNorm of queries and keys before rotary; Phi-3's fused `qkv_proj` and
-//! `gate_up_proj` (kept as stored, split after the product) and partial rotary; the sparse
-//! expert blocks of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss in place of the MLP
-//! ([`super::moe`]), with OLMoE's q/k norms over whole projections and `clip_qkv`, and
-//! gpt-oss's attention sinks, biased projections and sliding layers beside full ones.
+//! `gate_up_proj` (kept as stored, split after the product) and partial rotary; SmolLM3's
+//! layers without rotary (NoPE); OLMo 2's and 3's norms after each block ([`Norms`]) and
+//! q/k norms over whole projections, OLMo 3's sliding layers with their own rotary set;
+//! Granite's multipliers; the sparse expert blocks of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE
+//! and gpt-oss in place of the MLP ([`super::moe`]), with OLMoE's `clip_qkv`, and gpt-oss's
+//! attention sinks and sliding layers beside full ones.
 
 use std::path::Path;
 
@@ -26,7 +29,8 @@ use super::ModelType;
 use crate::error::{Error, Result};
 
 /// `config.json` of `llama`, `mistral`, `qwen2`, `qwen3`, `phi3`, `mixtral`, `qwen2_moe`,
-/// `qwen3_moe`, `olmoe` and `gpt_oss`, with Hugging Face's field names.
+/// `qwen3_moe`, `olmoe`, `gpt_oss`, `smollm3`, `olmo2`, `olmo3` and `granite`, with Hugging
+/// Face's field names.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub model_type: ModelType,
@@ -128,6 +132,18 @@ pub struct Config {
     pub no_rope_layers: Option<Vec<i64>>,
     #[serde(default)]
     pub no_rope_layer_interval: Option<i64>,
+    /// Granite: the embeddings scaled by `embedding_multiplier`, each block's output by
+    /// `residual_multiplier` before the residual sum, the attention scores by
+    /// `attention_multiplier` (in place of 1/√head_dim), the logits divided by
+    /// `logits_scaling`.
+    #[serde(default)]
+    pub embedding_multiplier: Option<f64>,
+    #[serde(default)]
+    pub residual_multiplier: Option<f64>,
+    #[serde(default)]
+    pub attention_multiplier: Option<f64>,
+    #[serde(default)]
+    pub logits_scaling: Option<f64>,
 }
 
 mod defaults {
@@ -261,9 +277,34 @@ impl Config {
         ) && self.attention_bias()
     }
 
-    /// The dense MLP's biases: `mlp_bias` in Llama and SmolLM3, none in the others.
+    /// The dense MLP's biases: `mlp_bias` in Llama, SmolLM3 and Granite, none in the others.
     pub fn mlp_bias(&self) -> bool {
-        matches!(self.model_type, ModelType::Llama | ModelType::Smollm3) && self.mlp_bias
+        matches!(
+            self.model_type,
+            ModelType::Llama | ModelType::Smollm3 | ModelType::Granite
+        ) && self.mlp_bias
+    }
+
+    /// Granite's multipliers (1 elsewhere): embeddings, block outputs, and the logits'
+    /// divisor.
+    pub fn multipliers(&self) -> (f64, f64, f64) {
+        if self.model_type != ModelType::Granite {
+            return (1.0, 1.0, 1.0);
+        }
+        (
+            self.embedding_multiplier.unwrap_or(1.0),
+            self.residual_multiplier.unwrap_or(1.0),
+            self.logits_scaling.unwrap_or(1.0),
+        )
+    }
+
+    /// The attention scores' scale: Granite's `attention_multiplier`, else 1/√head_dim.
+    pub fn attention_scale(&self) -> f64 {
+        match (self.model_type, self.attention_multiplier) {
+            (ModelType::Granite, Some(m)) => m,
+            (ModelType::Granite, None) => 1.0,
+            _ => (self.head_dim() as f64).powf(-0.5),
+        }
     }
 
     /// `tie_word_embeddings`, or transformers' default (SmolLM3's true, the others' false).
@@ -976,6 +1017,11 @@ struct Layer {
     sliding: bool,
     /// Applies rotary embeddings (SmolLM3's NoPE layers do not).
     rope: bool,
+    /// The attention scores' scale ([`Config::attention_scale`]).
+    attention_scale: f64,
+    /// Granite's `residual_multiplier`: each block's output scaled before the residual
+    /// sum.
+    residual: f64,
     mlp: Mlp,
     n_heads: i64,
     n_kv_heads: i64,
@@ -1036,6 +1082,8 @@ impl Layer {
                 .then(|| param(&attn, "sinks", &[nh], sink_init, opts)),
             sliding: cfg.sliding_layers()[index as usize],
             rope: cfg.rope_layers()[index as usize],
+            attention_scale: cfg.attention_scale(),
+            residual: cfg.multipliers().1,
             mlp: match cfg.moe_shape(index) {
                 Some(shape) if cfg.model_type == ModelType::Mixtral => Mlp::Sparse(SparseMoe::new(
                     &p / "block_sparse_moe",
@@ -1120,17 +1168,22 @@ impl Layer {
             None => (k, v),
         };
         let masking = masking.for_layer(self.sliding);
+        let scale = self.attention_scale;
         let attn = match &self.sinks {
-            Some(sinks) => {
-                let scale = (self.head_dim as f64).powf(-0.5);
-                masking.attend_written_out(&q, &k, &v, scale, None, Some(sinks))
-            }
-            None => masking.attend(&q, &k, &v, None),
+            Some(sinks) => masking.attend_written_out(&q, &k, &v, scale, None, Some(sinks)),
+            None => masking.attend(&q, &k, &v, Some(scale)),
         };
         let attn = attn
             .transpose(1, 2)
             .reshape([b, t, self.n_heads * self.head_dim]);
-        let attn = self.o_proj.forward(&attn);
+        let residual = |y: Tensor| {
+            if self.residual == 1.0 {
+                y
+            } else {
+                y * self.residual
+            }
+        };
+        let attn = residual(self.o_proj.forward(&attn));
         let (x, normed) = match &self.norms {
             Norms::Pre { post_attention, .. } => {
                 let x = x + attn;
@@ -1153,7 +1206,7 @@ impl Layer {
             }
         };
         match &self.norms {
-            Norms::Pre { .. } => x + y,
+            Norms::Pre { .. } => x + residual(y),
             Norms::Post { feedforward, .. } => x + feedforward.forward(&y),
         }
     }
@@ -1192,6 +1245,9 @@ pub struct Llama {
     local_window: Option<i64>,
     /// OLMo 3: its sliding layers' own rotary frequencies and cos/sin scale.
     local_rope: Option<(Tensor, f64)>,
+    /// Granite's `embedding_multiplier` (1 elsewhere), applied to every input embedding,
+    /// prompt tuning's virtual tokens too, as `transformers` scales `inputs_embeds`.
+    embedding_multiplier: f64,
 }
 
 impl Llama {
@@ -1221,6 +1277,7 @@ impl Llama {
             rope_scale: rope.attention_scale(),
             sliding_window: cfg.sliding_window(),
             local_window: cfg.local_window(),
+            embedding_multiplier: cfg.multipliers().0,
             local_rope: cfg.local_rope().expect("validated config").map(|rope| {
                 let scale = rope.attention_scale();
                 (f32s(inv_freq(&rope, cfg.rotary_dim())), scale)
@@ -1252,7 +1309,7 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         mut router: Option<&mut Vec<Tensor>>,
     ) -> Tensor {
-        let mut x = embeds.shallow_clone();
+        let mut x = self.scaled(embeds);
         let rotary = self.rotary(positions, x.kind());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
@@ -1265,6 +1322,15 @@ impl Llama {
             );
         }
         self.norm.forward(&x)
+    }
+
+    /// The input embeddings times Granite's `embedding_multiplier`.
+    fn scaled(&self, embeds: &Tensor) -> Tensor {
+        if self.embedding_multiplier == 1.0 {
+            embeds.shallow_clone()
+        } else {
+            embeds * self.embedding_multiplier
+        }
     }
 
     /// cos/sin of the rotary embedding, in f32 like transformers, then in `kind`:
@@ -1300,7 +1366,7 @@ impl Llama {
         router: Option<&Tensor>,
     ) -> (Tensor, Saved) {
         let rotary = self.rotary(positions, embeds.kind());
-        let first_input = embeds.shallow_clone();
+        let first_input = self.scaled(embeds);
         let logits = std::cell::RefCell::new(vec![]);
         let mut saved = run_blocks(
             first_input,

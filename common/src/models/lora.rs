@@ -192,7 +192,7 @@ pub fn matches(module: &str, name: &str) -> bool {
 
 /// PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for our architectures; where
 /// it has none (PEFT then asks for `target_modules`: Phi-3, the MoE models but Mixtral,
-/// SmolLM3, OLMo 2 and 3), the Llama family's, or Phi-3's fused projection.
+/// SmolLM3, OLMo 2 and 3, Granite), the Llama family's, or Phi-3's fused projection.
 pub fn default_targets(model_type: ModelType) -> Vec<String> {
     match model_type {
         ModelType::Gpt2 => vec!["c_attn".into()],
@@ -208,6 +208,7 @@ pub fn default_targets(model_type: ModelType) -> Vec<String> {
         | ModelType::Smollm3
         | ModelType::Olmo2
         | ModelType::Olmo3
+        | ModelType::Granite
         | ModelType::Gemma
         | ModelType::Gemma2
         | ModelType::Gemma3Text => {

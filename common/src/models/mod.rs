@@ -61,10 +61,11 @@ pub enum ModelType {
     Smollm3,
     Olmo2,
     Olmo3,
+    Granite,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 17] = [
+    pub const ALL: [ModelType; 18] = [
         ModelType::Gpt2,
         ModelType::Llama,
         ModelType::Mistral,
@@ -82,6 +83,7 @@ impl ModelType {
         ModelType::Smollm3,
         ModelType::Olmo2,
         ModelType::Olmo3,
+        ModelType::Granite,
     ];
 
     pub fn name(self) -> &'static str {
@@ -103,6 +105,7 @@ impl ModelType {
             ModelType::Smollm3 => "smollm3",
             ModelType::Olmo2 => "olmo2",
             ModelType::Olmo3 => "olmo3",
+            ModelType::Granite => "granite",
         }
     }
 
@@ -129,6 +132,8 @@ impl ModelType {
             ModelType::Smollm3 => ("SmolLM3ForCausalLM", "SmolLM3ForSequenceClassification"),
             ModelType::Olmo2 => ("Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
             ModelType::Olmo3 => ("Olmo3ForCausalLM", "Olmo3ForSequenceClassification"),
+            // transformers has no GraniteForSequenceClassification: no scalar head.
+            ModelType::Granite => ("GraniteForCausalLM", ""),
         }
     }
 }
@@ -202,7 +207,8 @@ impl ModelConfig {
             | ModelType::GptOss
             | ModelType::Smollm3
             | ModelType::Olmo2
-            | ModelType::Olmo3 => {
+            | ModelType::Olmo3
+            | ModelType::Granite => {
                 let c: llama::Config = serde_json::from_value(json).map_err(invalid)?;
                 c.validate(path)?;
                 Arch::Llama(c)
@@ -1528,15 +1534,17 @@ impl Model {
     }
 
     /// The LM head in use, with Gemma 2's final-logit soft-capping
-    /// (`final_logit_softcapping`; none elsewhere).
+    /// (`final_logit_softcapping`) and Granite's `logits_scaling` (none elsewhere).
     fn lm_head(&self) -> vocab::LmHead {
-        let softcap = match &self.config.arch {
-            Arch::Gemma(c) => c.final_logit_softcapping(),
-            _ => None,
+        let (softcap, divisor) = match &self.config.arch {
+            Arch::Gemma(c) => (c.final_logit_softcapping(), 1.0),
+            Arch::Llama(c) => (None, c.multipliers().2),
+            Arch::Gpt2(_) => (None, 1.0),
         };
         vocab::LmHead {
             weight: self.head_weight_in_use(),
             softcap,
+            divisor,
         }
     }
 
@@ -2052,7 +2060,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, smollm3, olmo2, olmo3)"
+            "m/config.json: model_type 'bert' is not supported (supported: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, smollm3, olmo2, olmo3, granite)"
         );
         // LongRoPE needs one factor per rotary frequency (head_dim 4: two).
         let mut phi3 = tiny_llama();

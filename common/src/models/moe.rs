@@ -240,6 +240,7 @@ impl FusedExperts {
         let (mut gate_up_lora, mut down_lora) = (None, None);
         if let (Some(cfg), trainable) = adapters {
             for (param, path) in cfg.parameter_adapters(&module, &FUSED_EXPERT_PARAMS) {
+                // `path` is this module's, under `base_layer` as many times as PEFT nests it.
                 let depth = path.matches(".base_layer").count();
                 let nested = (0..depth).fold(None::<nn::Path>, |q, _| match q {
                     None => Some(p / "base_layer"),

@@ -69,28 +69,33 @@ impl Target {
         Target {
             head: LmHead {
                 weight: self.head.weight.shallow_clone(),
-                softcap: self.head.softcap,
+                ..self.head
             },
             hidden: self.hidden.narrow(0, start, n),
         }
     }
 }
 
-/// The LM head: a bias-free linear map, then Gemma 2's final-logit soft-capping
-/// (`cap · tanh(logits / cap)`) where the model has it.
+/// The LM head: a bias-free linear map, Granite's division by `logits_scaling`, then Gemma
+/// 2's final-logit soft-capping (`cap · tanh(logits / cap)`) where the model has them.
 #[derive(Debug)]
 pub(crate) struct LmHead {
     pub weight: Tensor,
     pub softcap: Option<f64>,
+    /// Granite's `logits_scaling` (1 elsewhere).
+    pub divisor: f64,
 }
 
 impl LmHead {
     /// Logits in the weight's dtype (an f32 head, `cast_lm_head_to_fp32`, takes the hidden
     /// states cast up to f32).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        let logits = hidden
+        let mut logits = hidden
             .to_kind(self.weight.kind())
             .linear::<Tensor>(&self.weight, None);
+        if self.divisor != 1.0 {
+            logits /= self.divisor;
+        }
         match self.softcap {
             Some(cap) => (logits / cap).tanh() * cap,
             None => logits,
@@ -382,6 +387,7 @@ mod tests {
         let lm = |softcap| LmHead {
             weight: head.shallow_clone(),
             softcap,
+            divisor: 1.0,
         };
         let (out, saved) = token_outputs(lm(None), &hidden, &labels, (spec, None), 5);
         // Relative above 1: f32's spacing at a log-prob of −30 is 2e-6.
@@ -459,12 +465,14 @@ mod tests {
                 head: LmHead {
                     weight: teacher_head.shallow_clone(),
                     softcap: None,
+                    divisor: 1.0,
                 },
                 hidden: teacher_hidden.shallow_clone(),
             };
             let lm = LmHead {
                 weight: head.shallow_clone(),
                 softcap: None,
+                divisor: 1.0,
             };
             let hidden = &base * 2.0;
             let labels = Tensor::zeros([1, 11], (Kind::Int64, Device::Cpu));
