@@ -11,7 +11,7 @@ use tch::{Device, Kind};
 
 use crate::device::{self, DeviceChoice, DtypeChoice};
 use crate::error::{Error, Result};
-use crate::models::lora::{LoraConfig, LoraInit, TargetModules};
+use crate::models::lora::{self, LoraConfig, LoraInit, TargetModules};
 use crate::models::prompt_tuning::{PromptInit, PromptKind, PromptTuningConfig};
 use crate::models::quant::{Bnb4bit, QuantType};
 use crate::models::ModelOptions;
@@ -506,9 +506,17 @@ impl AdapterArgs {
             use_dora: self.use_dora,
             patterns: Default::default(),
             init: self.init_lora_weights,
-            modules_to_save: comma_list(self.lora_modules_to_save.as_deref()),
+            modules_to_save: self
+                .lora_modules_to_save
+                .as_deref()
+                .map(lora::names)
+                .unwrap_or_default(),
             trainable_token_indices: self.trainable_token_indices.clone().unwrap_or_default(),
-            target_parameters: comma_list(self.lora_target_parameters.as_deref()),
+            target_parameters: self
+                .lora_target_parameters
+                .as_deref()
+                .map(lora::names)
+                .unwrap_or_default(),
         })
     }
 
@@ -857,15 +865,6 @@ pub fn finish<E: std::fmt::Display>(result: std::result::Result<serde_json::Valu
             std::process::exit(1)
         }
     }
-}
-
-/// The names of a comma-separated option (none when absent).
-fn comma_list(s: Option<&str>) -> Vec<String> {
-    s.into_iter()
-        .flat_map(|s| s.split(','))
-        .map(|n| n.trim().to_string())
-        .filter(|n| !n.is_empty())
-        .collect()
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@ use tch::{Kind, Tensor};
 
 use super::attention::{KvCache, Masking};
 use super::layers::{param, Activation, Embedding, Linear};
-use super::llama::{cos_sin, inv_freq, parse_rope, rotate_half, Rope, RopeLengths, RopeScaling};
+use super::llama::{
+    cos_sin, inv_freq, parse_rope, rotate_half, Rope, RopeLengths, RopeScaling, Rotary,
+};
 use super::options::ModelOptions;
 use super::recompute::{backward_blocks, run_blocks, Saved};
 use super::ModelType;
@@ -277,9 +279,6 @@ impl RmsNorm {
     }
 }
 
-/// cos/sin `[B, 1, T, D]` of one rotary set.
-type Rotary = (Tensor, Tensor);
-
 #[derive(Debug)]
 struct Layer {
     input_layernorm: RmsNorm,
@@ -467,15 +466,18 @@ impl Gemma {
         let mut x = embeds.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(&x, pick(&rotary, layer.sliding), masking, layer_cache);
+            x = layer.forward(&x, rotary.for_layer(layer.sliding), masking, layer_cache);
         }
         self.norm.forward(&x)
     }
 
     /// cos/sin of the global and the local rotary sets, in f32 then in `kind`.
-    fn rotary(&self, positions: &Tensor, kind: Kind) -> (Rotary, Rotary) {
+    fn rotary(&self, positions: &Tensor, kind: Kind) -> Rotary {
         let one = |inv_freq: &Tensor| cos_sin(positions, inv_freq, 1.0, kind);
-        (one(&self.inv_freq.0), one(&self.inv_freq.1))
+        Rotary {
+            global: one(&self.inv_freq.0),
+            local: Some(one(&self.inv_freq.1)),
+        }
     }
 
     /// [`Gemma::forward`] keeping only each layer's input (activation recomputation);
@@ -495,7 +497,7 @@ impl Gemma {
             self.layers.len(),
             |i, x, m| {
                 let layer = &self.layers[i];
-                layer.forward(x, pick(&rotary, layer.sliding), m, None)
+                layer.forward(x, rotary.for_layer(layer.sliding), m, None)
             },
         );
         (self.norm.forward(&saved.output), saved)
@@ -505,7 +507,7 @@ impl Gemma {
         let rotary = self.rotary(&saved.positions, saved.first_input.kind());
         backward_blocks(saved, |i, x, masking| {
             let layer = &self.layers[i];
-            layer.forward(x, pick(&rotary, layer.sliding), masking, None)
+            layer.forward(x, rotary.for_layer(layer.sliding), masking, None)
         });
     }
 
@@ -517,12 +519,6 @@ impl Gemma {
             .then_some(self.sliding_window)
             .flatten()
     }
-}
-
-/// The rotary set of a layer.
-fn pick((global, local): &(Rotary, Rotary), sliding: bool) -> (&Tensor, &Tensor) {
-    let (cos, sin) = if sliding { local } else { global };
-    (cos, sin)
 }
 
 #[cfg(test)]

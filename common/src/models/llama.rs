@@ -379,11 +379,10 @@ impl Config {
         ) {
             return None;
         }
-        if types.len() != self.num_hidden_layers as usize {
+        if types.len() != n {
             return Some(format!(
-                "layer_types has {} entries for {} layers",
-                types.len(),
-                self.num_hidden_layers
+                "layer_types has {} entries for {n} layers",
+                types.len()
             ));
         }
         types
@@ -1212,14 +1211,15 @@ impl Layer {
     }
 }
 
-/// cos/sin `[B, 1, T, D]` of one forward: every layer's, and OLMo 3's sliding layers' own.
-struct Rotary {
-    global: (Tensor, Tensor),
-    local: Option<(Tensor, Tensor)>,
+/// cos/sin `[B, 1, T, D]` of one forward: every layer's, and the sliding layers' own where
+/// they rotate by another set (OLMo 3, Gemma 3).
+pub(crate) struct Rotary {
+    pub global: (Tensor, Tensor),
+    pub local: Option<(Tensor, Tensor)>,
 }
 
 impl Rotary {
-    fn for_layer(&self, sliding: bool) -> (&Tensor, &Tensor) {
+    pub fn for_layer(&self, sliding: bool) -> (&Tensor, &Tensor) {
         let (cos, sin) = match (&self.local, sliding) {
             (Some(local), true) => local,
             _ => &self.global,

@@ -58,12 +58,7 @@ impl TargetModules {
         if s.eq_ignore_ascii_case("all-linear") {
             TargetModules::AllLinear
         } else {
-            TargetModules::Names(
-                s.split(',')
-                    .map(|n| n.trim().to_string())
-                    .filter(|n| !n.is_empty())
-                    .collect(),
-            )
+            TargetModules::Names(names(s))
         }
     }
 
@@ -106,6 +101,15 @@ impl TargetModules {
             }
         }
     }
+}
+
+/// The names of a comma-separated option value (`--lora-target-modules`,
+/// `--lora-target-parameters`, `--lora-modules-to-save`), trimmed, empty ones dropped.
+pub fn names(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
 }
 
 /// `pattern` anchored at both ends, as Python's `re.fullmatch`.

@@ -16,6 +16,7 @@ use std::rc::Rc;
 use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 
+use super::moe::FUSED_EXPERT_PARAMS;
 use crate::checkpoint::Takes;
 use crate::error::{Error, Result};
 
@@ -76,7 +77,11 @@ pub fn takes(vars: &mut HashMap<String, Tensor>) -> Takes<'static> {
     let mut takes = Takes::new();
     let names: Vec<String> = vars
         .keys()
-        .filter(|n| n.ends_with(".experts.gate_up_proj") || n.ends_with(".experts.down_proj"))
+        .filter(|n| {
+            FUSED_EXPERT_PARAMS
+                .iter()
+                .any(|p| n.ends_with(&format!(".experts.{p}")))
+        })
         .cloned()
         .collect();
     for name in names {
